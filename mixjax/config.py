@@ -1,0 +1,166 @@
+"""Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, SmolLM2).
+
+`LlamaConfig` is a frozen, hashable dataclass: pass it as a static argument to jitted functions.
+`LlamaConfig.from_hf(d)` reads a Hugging Face `config.json` dict and refuses architectures the
+model code does not implement, naming the field and what is supported.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Literal
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm2")
+_UNSUPPORTED_HINTS = {
+    "mixtral": "mixture-of-experts models are not supported",
+    "qwen2_moe": "mixture-of-experts models are not supported",
+    "deepseek_v2": "mixture-of-experts models are not supported",
+    "gemma": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",
+    "gemma2": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",
+    "phi3": "Phi-3 fuses qkv projections; convert it to Llama layout first",
+}
+
+
+class ConfigError(ValueError):
+    """A model configuration that mixjax cannot run; the message names the field and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style frequency-dependent RoPE scaling (`rope_type == "llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+    rope_type: Literal["llama3"] = "llama3"
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-family decoder.
+
+    Dimension legend used across mixjax: B batch, T time, D hidden size, H query heads,
+    KVH key/value heads, Dh head dim, F feed-forward size, V vocabulary, L layers, S cache length.
+    """
+
+    vocab_size: int
+    hidden_size: int  # D
+    intermediate_size: int  # F
+    num_hidden_layers: int  # L
+    num_attention_heads: int  # H
+    num_key_value_heads: int  # KVH
+    head_dim: int  # Dh
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (Qwen2); o_proj never has one
+    model_type: str = "llama"
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    sliding_window: int | None = None  # Mistral: keys older than this many positions are masked
+
+    def __post_init__(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+
+    @property
+    def q_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf(cls, d: dict[str, Any], *, source: str = "config.json") -> "LlamaConfig":
+        """Builds a config from a Hugging Face config dict; raises ConfigError naming `source`."""
+        model_type = d.get("model_type", "llama")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            hint = _UNSUPPORTED_HINTS.get(model_type, "")
+            raise ConfigError(
+                f"{source}: model_type={model_type!r} is not supported"
+                + (f" ({hint})" if hint else "")
+                + f"; mixjax runs {', '.join(SUPPORTED_MODEL_TYPES)}."
+            )
+        if d.get("num_local_experts") or d.get("num_experts"):
+            raise ConfigError(f"{source}: mixture-of-experts models are not supported")
+        act = d.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"{source}: hidden_act={act!r} is not supported; Llama-family models use 'silu'")
+        if d.get("mlp_bias"):
+            raise ConfigError(f"{source}: mlp_bias=true is not supported")
+        try:
+            hidden = int(d["hidden_size"])
+            heads = int(d["num_attention_heads"])
+            cfg = dict(
+                vocab_size=int(d["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(d["intermediate_size"]),
+                num_hidden_layers=int(d["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(d.get("num_key_value_heads") or heads),
+                head_dim=int(d.get("head_dim") or hidden // heads),
+            )
+        except KeyError as e:
+            raise ConfigError(f"{source}: required field {e.args[0]!r} is missing") from None
+        scaling = d.get("rope_scaling") or (d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None)
+        rope_theta = d.get("rope_theta")
+        if rope_theta is None and isinstance(d.get("rope_parameters"), dict):
+            rope_theta = d["rope_parameters"].get("rope_theta")
+        rope = None
+        if scaling:
+            kind = scaling.get("rope_type", scaling.get("type", "default"))
+            if kind == "llama3":
+                rope = RopeScaling(
+                    factor=float(scaling["factor"]),
+                    low_freq_factor=float(scaling["low_freq_factor"]),
+                    high_freq_factor=float(scaling["high_freq_factor"]),
+                    original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
+                )
+            elif kind != "default":
+                raise ConfigError(
+                    f"{source}: rope_scaling type {kind!r} is not supported; mixjax implements "
+                    "'default' and 'llama3'"
+                )
+        eos = d.get("eos_token_id")
+        eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
+        window = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+        return cls(
+            **cfg,
+            rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
+            rope_theta=float(rope_theta if rope_theta is not None else 10000.0),
+            rope_scaling=rope,
+            max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
+            attention_bias=bool(d.get("attention_bias", model_type == "qwen2")),
+            model_type=model_type,
+            bos_token_id=d.get("bos_token_id"),
+            eos_token_ids=eos_ids,
+            sliding_window=int(window) if window else None,
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "LlamaConfig":
+        d = dict(d)
+        if d.get("rope_scaling") is not None:
+            d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
+        d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ConfigError(f"unknown LlamaConfig fields {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self, path: str | os.PathLike) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
