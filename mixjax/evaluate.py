@@ -1,0 +1,72 @@
+"""Perplexity of a model over token windows.
+
+Each window [T] contributes its T-1 next-token predictions; perplexity = exp(mean NLL over all
+predictions of all windows), the same quantity as `exp(loss)` of a Hugging Face causal LM run on each
+window with `labels = input_ids`. Each batch runs as one jitted call returning the NLL sum in f32;
+sums are accumulated on the host in float64.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from mixjax.linear import Implementation
+
+
+def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
+               implementation: Implementation = "auto", progress: bool = False) -> float:
+    """exp(mean next-token NLL) of `params` over `windows` int [N, T] (T ≥ 2)."""
+    windows = np.asarray(windows)
+    _check_windows(windows, cfg, batch_size)
+    n, T = windows.shape
+    total = 0.0
+    batches = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="perplexity", unit="batch")
+    for start in batches:
+        chunk = windows[start : start + batch_size]  # [b, T]
+        weight = np.ones(batch_size, np.float32)
+        if len(chunk) < batch_size:  # pad the last batch to keep one compiled shape
+            weight[len(chunk):] = 0.0
+            chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), T), chunk.dtype)])
+        total += float(_batch_nll(params, jnp.asarray(chunk, jnp.int32), jnp.asarray(weight), cfg=cfg,
+                                  implementation=implementation))
+    return math.exp(total / (n * (T - 1)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
+def _batch_nll(params, tokens, weight, *, cfg, implementation):
+    """Sum of next-token NLL over tokens [B, T], rows weighted by weight [B] → f32 scalar."""
+    logits = model.forward(params, tokens, cfg, implementation=implementation)[:, :-1]  # [B, T-1, V]
+    targets = tokens[:, 1:]  # [B, T-1]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T-1]
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]  # [B, T-1]
+    return jnp.sum((lse - picked).sum(axis=-1) * weight)
+
+
+def _check_windows(windows: np.ndarray, cfg: LlamaConfig, batch_size: int) -> None:
+    if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
+        raise ValueError(f"windows must be int [N, T] with N ≥ 1 and T ≥ 2; got shape {windows.shape}")
+    if not np.issubdtype(windows.dtype, np.integer):
+        raise ValueError(f"windows must hold integer token ids; got dtype {windows.dtype}")
+    if windows.min() < 0 or windows.max() >= cfg.vocab_size:
+        raise ValueError(
+            f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got [{windows.min()}, {windows.max()}]"
+            " (was the data tokenized with this model's tokenizer?)"
+        )
+    if windows.shape[1] > cfg.max_position_embeddings:
+        raise ValueError(
+            f"window length {windows.shape[1]} exceeds the model context "
+            f"max_position_embeddings={cfg.max_position_embeddings}; use a shorter seq_len"
+        )
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")

@@ -1,0 +1,209 @@
+"""Jitted text generation with a KV cache: one prefill call, then a `lax.while_loop` of decode steps.
+
+Prefill runs every prompt of the batch in one `forward_step`: prompts are right-padded to the longest
+and `num_valid` holds their true lengths, so each row continues from its own position. Decoding then
+feeds one token per row per iteration of a `lax.while_loop` (no Python loop per token), stopping when
+every row has produced an end-of-sequence token or `max_new_tokens` tokens. The whole of prefill and
+decode is a single compiled function.
+
+Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, optionally restricted to
+the `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`, then a
+categorical draw with a key derived from `seed` and the step number (deterministic per seed).
+
+Streaming: `on_token(tokens)` is called on the host, in order, with the int32 [B] tokens of each step
+(-1 for rows that have already finished), through an ordered `jax.debug.callback`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from mixjax.linear import Implementation
+
+PAD = -1  # placeholder in the output buffer for rows that have finished
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """How the next token is picked from the logits (static: a new config compiles anew)."""
+
+    temperature: float = 0.0  # 0 → greedy
+    top_k: int = 0  # 0 → no top-k restriction
+    top_p: float = 1.0  # 1 → no nucleus restriction
+
+    def __post_init__(self):
+        if not self.temperature >= 0:
+            raise ValueError(f"temperature={self.temperature} must be ≥ 0 (0 means greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k={self.top_k!r} must be an integer ≥ 0 (0 disables top-k)")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p={self.top_p} must lie in (0, 1] (1 disables nucleus sampling)")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SamplerState:
+    """The carry of the decode loop.
+
+    step:   int32 scalar, the number of tokens generated so far (the output column written next).
+    last:   int32 [B], the token each row feeds into the next decode step.
+    done:   bool [B], rows that have emitted an end-of-sequence token.
+    tokens: int32 [B, max_new_tokens], generated tokens; PAD after a row is done.
+    cache:  the KV cache (`mixjax.model.KVCache`), prompts plus generated tokens.
+    key:    PRNG key of the run; step s samples with `fold_in(key, s)`.
+    """
+
+    step: jax.Array
+    last: jax.Array
+    done: jax.Array
+    tokens: jax.Array
+    cache: model.KVCache
+    key: jax.Array
+
+
+def generate(
+    params,
+    cfg: LlamaConfig,
+    prompt_tokens: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    eos_token_ids: Sequence[int] | None = None,
+    seed: int = 0,
+    implementation: Implementation = "auto",
+    on_token: Callable[[np.ndarray], None] | None = None,
+    cache_dtype=None,
+) -> list[list[int]]:
+    """Continues each prompt; returns the new tokens of each row (ending with its EOS token, if any).
+
+    eos_token_ids: defaults to `cfg.eos_token_ids`; pass () to never stop early.
+    cache_dtype: defaults to the dtype of the embedding table.
+    """
+    sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
+    prompts, lengths = _pad_prompts(prompt_tokens, cfg, max_new_tokens)  # [B, P], [B]
+    eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
+    dtype = jnp.dtype(cache_dtype or params["embed_tokens"].dtype)
+    out, steps = _generate_jit(
+        params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+        cfg=cfg, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
+        implementation=implementation, cache_dtype=dtype, on_token=on_token,
+    )
+    out = np.asarray(out)[:, : int(steps)]  # [B, steps]
+    return [[int(t) for t in row if t != PAD] for row in out]
+
+
+def _pad_prompts(prompt_tokens, cfg: LlamaConfig, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """Validates the request and right-pads the prompts → int32 [B, P], lengths int32 [B]."""
+    if not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
+    if isinstance(prompt_tokens, (str, bytes)) or not len(prompt_tokens):
+        raise ValueError("prompt_tokens must be a non-empty list of token-id lists (one per prompt)")
+    rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompt_tokens]
+    for i, row in enumerate(rows):
+        if row.size == 0:
+            raise ValueError(f"prompt {i} is empty; every prompt needs at least one token")
+        if row.min() < 0 or row.max() >= cfg.vocab_size:
+            raise ValueError(f"prompt {i} holds token ids outside [0, vocab_size={cfg.vocab_size})")
+        if row.size + max_new_tokens > cfg.max_position_embeddings:
+            raise ValueError(
+                f"prompt {i} has {row.size} tokens; with max_new_tokens={max_new_tokens} that is "
+                f"{row.size + max_new_tokens} positions, more than the model context "
+                f"max_position_embeddings={cfg.max_position_embeddings}; shorten the prompt or max_new_tokens"
+            )
+    lengths = np.array([r.size for r in rows], np.int32)
+    width = _bucket(int(lengths.max()))
+    padded = np.zeros((len(rows), width), np.int32)
+    for i, row in enumerate(rows):
+        padded[i, : row.size] = row
+    return padded, lengths
+
+
+def _bucket(n: int) -> int:
+    """Prompt width rounded up to a multiple of 16, so nearby prompt lengths share one compilation."""
+    return -(-n // 16) * 16
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("cfg", "max_new_tokens", "sampling", "eos", "implementation", "cache_dtype", "on_token"),
+)
+def _generate_jit(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos, implementation,
+                  cache_dtype, on_token):
+    """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken)."""
+    B, P = prompts.shape
+    cache = model.init_cache(cfg, B, P + max_new_tokens, cache_dtype)
+    logits, cache = model.forward_step(params, prompts, cfg, cache, num_valid=lengths,
+                                       implementation=implementation)  # [B, P, V]
+    last_logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    state = SamplerState(
+        step=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
+        tokens=jnp.full((B, max_new_tokens), PAD, jnp.int32), cache=cache, key=key,
+    )
+    state = _emit(state, last_logits, sampling, eos, on_token)
+
+    def cond(s: SamplerState):
+        return (s.step < max_new_tokens) & ~jnp.all(s.done)
+
+    def body(s: SamplerState):
+        logits, cache = model.forward_step(params, s.last[:, None], cfg, s.cache,
+                                           implementation=implementation)  # [B, 1, V]
+        return _emit(dataclasses.replace(s, cache=cache), logits[:, 0], sampling, eos, on_token)
+
+    state = jax.lax.while_loop(cond, body, state)
+    return state.tokens, state.step
+
+
+def _emit(s: SamplerState, logits, sampling: SamplingConfig, eos: tuple[int, ...], on_token) -> SamplerState:
+    """Samples one token per row from logits [B, V] and records it (PAD for finished rows)."""
+    token = sample(logits, jax.random.fold_in(s.key, s.step), sampling)  # [B]
+    token = jnp.where(s.done, PAD, token)
+    if on_token is not None:
+        jax.debug.callback(lambda t: on_token(np.asarray(t)), token, ordered=True)
+    done = s.done | jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else s.done
+    return dataclasses.replace(
+        s,
+        step=s.step + 1,
+        last=jnp.maximum(token, 0),  # finished rows keep feeding a valid id; their output is ignored
+        done=done,
+        tokens=s.tokens.at[:, s.step].set(token),
+    )
+
+
+def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
+    """logits [B, V] → int32 [B] next tokens."""
+    logits = logits.astype(jnp.float32)
+    if sampling.greedy:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / sampling.temperature
+    neg = jnp.finfo(jnp.float32).min
+    if sampling.top_k:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]  # [B, 1]
+        logits = jnp.where(logits < kth, neg, logits)
+    if sampling.top_p < 1:
+        logits = _top_p_mask(logits, sampling.top_p, neg)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def _top_p_mask(logits: jax.Array, top_p: float, neg) -> jax.Array:
+    """Keeps the most likely tokens whose probabilities first reach top_p (at least one)."""
+    order = jnp.argsort(-logits, axis=-1)  # [B, V]
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass ranked above each token
+    keep_sorted = before < top_p  # [B, V]; the top token always has before == 0
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    return jnp.where(keep, logits, neg)
