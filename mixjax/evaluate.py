@@ -70,3 +70,24 @@ def _check_windows(windows: np.ndarray, cfg: LlamaConfig, batch_size: int) -> No
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+
+
+def evaluate_model(*, model_path=None, data: str = "wikipedia", seq_len: int = 2048,
+                   max_tokens: int | None = None, batch_size: int = 4, dtype=jnp.float32,
+                   implementation: Implementation = "auto", progress: bool = False) -> dict:
+    """Loads a model (default: the embedded one) and measures its perplexity on `data`.
+
+    Returns {"perplexity", "windows", "seq_len", "data", "model"}.
+    """
+    import convert
+    from mixjax import assets, data as data_lib
+
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    path = assets.resolve_model_path(model_path)
+    tokenizer = convert.load_tokenizer(path)
+    windows = data_lib.eval_windows(tokenizer, data, seq_len, max_tokens)  # [N, T]
+    cfg, params = convert.load(path, dtype=dtype)
+    ppl = perplexity(params, cfg, windows, batch_size=batch_size, implementation=implementation, progress=progress)
+    return {"perplexity": ppl, "windows": int(windows.shape[0]), "seq_len": seq_len, "data": str(data),
+            "model": str(path)}

@@ -207,3 +207,62 @@ def _top_p_mask(logits: jax.Array, top_p: float, neg) -> jax.Array:
     keep_sorted = before < top_p  # [B, V]; the top token always has before == 0
     keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
     return jnp.where(keep, logits, neg)
+
+
+def encode_prompt(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
+    """Token ids of `prompt`; with `chat`, wrapped in the tokenizer's chat template as a user turn."""
+    if not isinstance(prompt, str) or not prompt.strip():
+        raise ValueError("the prompt is empty; pass some text with --prompt")
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("this model's tokenizer has no chat template; drop --chat")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return list(tokenizer.encode(prompt))
+
+
+class TextStream:
+    """Turns the token stream of row 0 into text pieces: `on_token` for `generate`, `on_text` for output."""
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None]):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        if tokens[0] == PAD:
+            return
+        self.ids.append(int(tokens[0]))
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
+            return
+        self.on_text(text[len(self.emitted):])
+        self.emitted = text
+
+
+def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_tokens: int = 64,
+                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                  dtype=jnp.float32, implementation: Implementation = "auto",
+                  on_text: Callable[[str], None] | None = None) -> str:
+    """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
+
+    on_text: called with each new piece of text as it is generated (streaming).
+    """
+    import convert
+    from mixjax import assets
+
+    SamplingConfig(float(temperature), int(top_k), float(top_p))  # validates before any loading
+    path = assets.resolve_model_path(model_path)
+    tokenizer = convert.load_tokenizer(path)
+    ids = encode_prompt(tokenizer, prompt, chat=chat)
+    cfg, params = convert.load(path, dtype=dtype)
+    _pad_prompts([ids], cfg, max_new_tokens)  # context check before compiling
+    eos = set(cfg.eos_token_ids)
+    if getattr(tokenizer, "eos_token_id", None) is not None:
+        eos.add(int(tokenizer.eos_token_id))
+    stream = TextStream(tokenizer, on_text) if on_text is not None else None
+    (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                      top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
+                      on_token=stream)
+    return tokenizer.decode(new, skip_special_tokens=True)

@@ -1,0 +1,193 @@
+"""The `mixjax` command line: each subcommand parses its arguments into one keyword-only library call.
+
+    mixjax demo                                   # embedded model: perplexity + a generated sample
+    mixjax eval --model PATH [--data NAME|FILE] [--seq-len T] [--max-tokens N] [--batch-size B]
+    mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
+
+`--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
+values, unusable data or checkpoints) print one message on stderr and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable
+
+from mixjax.assets import AssetError
+
+USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, AssetError)
+DTYPES = ("float32", "bfloat16")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.run(args)
+    except USER_ERRORS as e:  # ConfigError, ConvertError and DataError are ValueErrors
+        print(f"mixjax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"mixjax {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mixjax", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in COMMANDS:
+        register(sub)
+    return parser
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared options
+
+
+def _model_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="Hugging Face directory, .gguf file or mixjax checkpoint (default: the embedded model)")
+    p.add_argument("--dtype", choices=DTYPES, default="float32", help="parameter dtype (default: float32)")
+    p.add_argument("--implementation", choices=("auto", "xla", "pallas"), default="auto",
+                   help="linear-layer implementation (default: auto = Pallas on GPU, XLA elsewhere)")
+    p.add_argument("--quiet", action="store_true", help="print only the result")
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer")
+    return value
+
+
+def _jnp_dtype(name: str):
+    import jax.numpy as jnp
+
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+# ------------------------------------------------------------------------------------------------
+# eval
+
+
+def _register_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a model on a text corpus")
+    _model_options(p)
+    p.add_argument("--data", default="wikipedia", metavar="NAME|FILE",
+                   help="wikipedia (default), owt, wikitext2, c4 (online), or a .txt/.jsonl file")
+    p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per window (default 2048)")
+    p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
+    p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> None:
+    from mixjax.evaluate import evaluate_model
+
+    result = evaluate_model(model_path=args.model, data=args.data, seq_len=args.seq_len,
+                            max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=_jnp_dtype(args.dtype),
+                            implementation=args.implementation, progress=not args.quiet)
+    if args.quiet:
+        print(f"{result['perplexity']:.4f}")
+    else:
+        print(f"perplexity {result['perplexity']:.4f} on {result['windows']} windows of {result['seq_len']} "
+              f"tokens of {result['data']} ({result['model']})")
+
+
+# ------------------------------------------------------------------------------------------------
+# generate
+
+
+def _register_generate(sub) -> None:
+    p = sub.add_parser("generate", help="continue a prompt, streaming the text")
+    _model_options(p)
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt in the tokenizer's chat template")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_generate)
+
+
+def _run_generate(args) -> None:
+    from mixjax.generate import generate_text
+
+    stream = _stdout_stream()
+    generate_text(model_path=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
+                  dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream)
+    print(flush=True)
+
+
+def _stdout_stream() -> Callable[[str], None]:
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    return write
+
+
+# ------------------------------------------------------------------------------------------------
+# demo
+
+
+def _register_demo(sub) -> None:
+    p = sub.add_parser("demo", help="embedded model: perplexity on Wikipedia passages and a generated sample")
+    _model_options(p)
+    p.add_argument("--seq-len", type=_positive_int, default=512)
+    p.add_argument("--max-tokens", type=_positive_int, default=4096)
+    p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    p.set_defaults(run=_run_demo)
+
+
+def _run_demo(args) -> None:
+    demo(model_path=args.model, seq_len=args.seq_len, max_tokens=args.max_tokens, prompt=args.prompt,
+         max_new_tokens=args.max_new_tokens, dtype=_jnp_dtype(args.dtype), implementation=args.implementation,
+         quiet=args.quiet)
+
+
+def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt: str,
+         max_new_tokens: int = 48, dtype=None, implementation="auto", quiet: bool = False) -> dict:
+    """Loads the model once, prints its perplexity on the Wikipedia passages and one chat answer."""
+    import jax
+    import jax.numpy as jnp
+
+    import convert
+    from mixjax import assets, data
+    from mixjax.evaluate import perplexity
+    from mixjax.generate import TextStream, encode_prompt, generate
+
+    log = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    path = assets.resolve_model_path(model_path)
+    log(f"model: {path}  (jax {jax.__version__}, {jax.devices()[0].device_kind})")
+    tokenizer = convert.load_tokenizer(path)
+    windows = data.eval_windows(tokenizer, "wikipedia", seq_len, max_tokens)  # [N, T]
+    ids = encode_prompt(tokenizer, prompt, chat=bool(getattr(tokenizer, "chat_template", None)))
+    cfg, params = convert.load(path, dtype=dtype or jnp.float32)
+    log(f"loaded: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, vocab {cfg.vocab_size}")
+    ppl = perplexity(params, cfg, windows, batch_size=2, implementation=implementation, progress=not quiet)
+    log(f"perplexity on {windows.shape[0]}×{seq_len} tokens of Wikipedia passages: {ppl:.3f}")
+    log(f"prompt: {prompt}")
+    eos = sorted(set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
+    write = _stdout_stream() if not quiet else (lambda s: None)
+    new = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, eos_token_ids=eos,
+                   implementation=implementation, on_token=TextStream(tokenizer, write))[0]
+    log("")
+    return {"perplexity": ppl, "sample": tokenizer.decode(new, skip_special_tokens=True)}
+
+
+# Subcommands, in help order. Later commands (quantize, convert) add their register function here, one line each.
+COMMANDS: tuple[Callable, ...] = (
+    _register_demo,
+    _register_eval,
+    _register_generate,
+)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
