@@ -1,0 +1,22 @@
+"""Pallas GPU kernels for MixLLM mixed W4/W8 × A8 linears, with pure-JAX references.
+
+Format: `pallas_kernels.format` (layout and nibble order documented there). References:
+`pallas_kernels.reference`. Kernels: `pallas_kernels.kernels`. Entry points: `pallas_kernels.api`.
+"""
+
+from pallas_kernels.api import mixed_matmul, quantize_activations
+from pallas_kernels.format import MixedWeight, dequantize, pack_mixed, pack_rtn, quantize_rtn
+from pallas_kernels.reference import dequant_matmul_ref, mixed_matmul_ref, quantize_activations_ref
+
+__all__ = [
+    "MixedWeight",
+    "dequant_matmul_ref",
+    "dequantize",
+    "mixed_matmul",
+    "mixed_matmul_ref",
+    "pack_mixed",
+    "pack_rtn",
+    "quantize_activations",
+    "quantize_activations_ref",
+    "quantize_rtn",
+]

@@ -1,0 +1,51 @@
+"""Public entry points: `mixed_matmul` and `quantize_activations`, dispatching on `implementation`.
+
+"xla" runs the pure-JAX reference (the numerical spec, and the CPU fallback); "pallas" runs the
+Pallas-Triton kernels (`pallas_kernels.kernels`); "auto" picks Pallas on an NVIDIA GPU, XLA elsewhere.
+A future Mosaic GPU kernel plugs in as another implementation name here.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from mixjax.linear import Implementation, resolve_implementation
+from pallas_kernels import reference
+from pallas_kernels.format import MixedWeight
+
+
+def _check_x(x: jax.Array, qw: MixedWeight) -> None:
+    if x.ndim != 2 or x.shape[1] != qw.k:
+        raise ValueError(f"mixed_matmul: x must be [M, {qw.k}] (the weight's in_features), got {x.shape}")
+    if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
+        raise TypeError(f"mixed_matmul: x must be floating point, got {x.dtype}")
+
+
+def mixed_matmul(
+    x: jax.Array,  # [M, K] float
+    qw: MixedWeight,
+    *,
+    implementation: Implementation = "auto",
+    interpret: bool = False,
+) -> jax.Array:  # [M, N] x.dtype, channel order
+    """y = x @ W.T with W8A8/W4A8 per-group integer arithmetic (see `pallas_kernels.reference`)."""
+    _check_x(x, qw)
+    impl = "pallas" if interpret else resolve_implementation(implementation)
+    if impl == "xla":
+        return reference.mixed_matmul_ref(x, qw)
+    from pallas_kernels import kernels
+
+    return kernels.mixed_matmul_pallas(x, qw, interpret=interpret)
+
+
+def quantize_activations(
+    x: jax.Array, *, implementation: Implementation = "auto", interpret: bool = False
+) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] float → (x_q int8 [M, Kp], a_scale f32 [M, G]): int8 sym per (token, group of 128)."""
+    impl = "pallas" if interpret else resolve_implementation(implementation)
+    if impl == "xla":
+        return reference.quantize_activations_ref(x)
+    from pallas_kernels import kernels
+
+    x_q, a_scale_t, _ = kernels.quantize_activations_pallas(x, interpret=interpret)
+    return x_q[: x.shape[0]], a_scale_t[:, : x.shape[0]].T

@@ -1,0 +1,221 @@
+"""The packed weight format of one mixed-precision (W4/W8) linear, and packing into it.
+
+A linear weight is [N, K] (out_features, in_features), `y = x @ w.T`. MixLLM gives each output channel
+(row) either 8 bits or 4 bits. `MixedWeight` stores the two channel sets as two sub-matrices, both
+K-contiguous (row-major [rows, K]) because Triton's 8-bit MMA needs K-major operands:
+
+- `q8`  int8 [N8p, Kp]     8-bit codes, symmetric: w ≈ q · s, q ∈ [-127, 127].
+- `q4`  int8 [N4p, Kp/2]   4-bit codes, asymmetric: w ≈ (u − z) · s, u ∈ [0, 15], two per byte (below).
+- `scale8` f32 [G, N8p], `scale4` f32 [G, N4p], `zero4` int8 [G, N4p]: per group of 128 along K,
+  stored group-major (N-contiguous) so one K step of a kernel reads its scales in one coalesced row.
+- `channel` int32 [N8p + N4p]: the output channel of each packed row (8-bit rows first); padding rows
+  hold N (out of range: kernels mask them, `.at[].set` drops them).
+- `row_of_channel` int32 [N]: the inverse, position of channel c in the concatenation [q8 rows; q4 rows].
+
+Padding: K is zero-padded to Kp = G·128 (e.g. 576 → 640); each sub-matrix's rows are zero-padded to a
+multiple of `ROW_ALIGN` = 128 so kernel tiles never need row masks on weight loads (zero codes, zero
+scales: padding rows compute 0 and are never stored).
+
+Nibble order (signed-nibble layout): within each group of 128 along K, byte j (0 ≤ j < 64) of a 4-bit row
+holds k = 128·g + j in its low nibble and k = 128·g + 64 + j in its high nibble, each stored as the signed
+value u − 8 ∈ [-8, 7] in two's complement. A kernel unpacks with two int8 ops and no zero point:
+`lo = b << 4` and `hi = b & -16` are exactly 16·(u − 8) as int8, fed to two K=64 int8 dots against
+x[:, k..k+63] and x[:, k+64..k+127]; the zero point is restored per group with
+x·(u − z) = x·(u − 8) + (8 − z)·Σx.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+GROUP_SIZE = 128
+ROW_ALIGN = 128
+HALF_GROUP = GROUP_SIZE // 2
+
+
+@dataclasses.dataclass(frozen=True)
+class MixedWeight:
+    """One linear's mixed W8/W4 weight, logical shape (N, K) = (out_features, in_features).
+
+    Invariants: for an 8-bit channel c at packed row r, w[c, k] ≈ q8[r, k] · scale8[k // 128, r];
+    for a 4-bit channel at packed 4-bit row r, w[c, k] ≈ (u[r, k] − zero4[g, r]) · scale4[g, r]
+    with g = k // 128 and u unpacked from `q4` by the nibble order in the module docstring
+    (byte j of group g: low nibble k = 128g + j, high nibble k = 128g + 64 + j, each stored as u − 8).
+    All code arrays are K-contiguous; scales and zeros are group-major [G, rows].
+    """
+
+    q8: jax.Array  # int8 [N8p, Kp]
+    scale8: jax.Array  # f32 [G, N8p]
+    q4: jax.Array  # int8 [N4p, Kp // 2]
+    scale4: jax.Array  # f32 [G, N4p]
+    zero4: jax.Array  # int8 [G, N4p]
+    channel: jax.Array  # int32 [N8p + N4p], N for padding rows
+    row_of_channel: jax.Array  # int32 [N]
+    n: int  # out_features N
+    k: int  # in_features K (true, unpadded)
+    n8: int  # number of 8-bit channels (unpadded)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.n, self.k)
+
+    @property
+    def n4(self) -> int:
+        return self.n - self.n8
+
+    @property
+    def k_padded(self) -> int:
+        return self.q8.shape[1] if self.q8.shape[0] else self.q4.shape[1] * 2
+
+    @property
+    def num_groups(self) -> int:
+        return self.k_padded // GROUP_SIZE
+
+    def dequantize(self) -> jax.Array:  # f32 [N, k]
+        return dequantize(self)
+
+    def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
+        """x [..., K] float → [..., N] in x's dtype (leading dims flattened for the kernel)."""
+        from pallas_kernels.api import mixed_matmul
+
+        lead = x.shape[:-1]
+        y = mixed_matmul(x.reshape(-1, x.shape[-1]), self, implementation=implementation)
+        return y.reshape(*lead, self.n)
+
+
+jax.tree_util.register_dataclass(
+    MixedWeight,
+    data_fields=["q8", "scale8", "q4", "scale4", "zero4", "channel", "row_of_channel"],
+    meta_fields=["n", "k", "n8"],
+)
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def _concrete(name: str, value) -> np.ndarray:
+    if isinstance(value, jax.core.Tracer):
+        raise TypeError(f"pack_mixed: {name} must be a concrete array (pack outside jit), got a tracer")
+    return np.asarray(value)
+
+
+def _check_pack_inputs(q, scale, zero, is_int8, k, group_size) -> None:
+    if group_size != GROUP_SIZE:
+        raise ValueError(f"pack_mixed: group_size={group_size}; the kernels support only {GROUP_SIZE}")
+    if q.ndim != 2 or q.shape[1] % GROUP_SIZE:
+        raise ValueError(f"pack_mixed: q must be [N, Kp] with Kp a multiple of {GROUP_SIZE}, got {q.shape}")
+    n, kp = q.shape
+    g = kp // GROUP_SIZE
+    if not 0 < k <= kp or kp - k >= GROUP_SIZE:
+        raise ValueError(f"pack_mixed: k={k} must satisfy Kp - 128 < k <= Kp for q of shape {q.shape}")
+    if scale.shape != (n, g) or zero.shape != (n, g):
+        raise ValueError(f"pack_mixed: scale and zero must be [N, G] = {(n, g)}, got {scale.shape}, {zero.shape}")
+    if is_int8.shape != (n,) or is_int8.dtype != np.bool_:
+        raise ValueError(f"pack_mixed: is_int8 must be bool [{n}], got {is_int8.dtype} {is_int8.shape}")
+    q8, q4 = q[is_int8], q[~is_int8]
+    if q8.size and (q8.min() < -127 or q8.max() > 127):
+        raise ValueError("pack_mixed: 8-bit codes must lie in [-127, 127] (symmetric, w ≈ q·s)")
+    if q4.size and (q4.min() < 0 or q4.max() > 15):
+        raise ValueError("pack_mixed: 4-bit codes must lie in [0, 15] (asymmetric, w ≈ (q − z)·s)")
+    z4 = zero[~is_int8]
+    if z4.size and (z4.min() < 0 or z4.max() > 15):
+        raise ValueError("pack_mixed: 4-bit zero points must lie in [0, 15]")
+    if np.any(q[:, k:] != 0):
+        raise ValueError(f"pack_mixed: codes in the K padding (columns {k}..{kp - 1}) must be zero")
+
+
+def pack_nibbles(u: np.ndarray) -> np.ndarray:
+    """u int [R, Kp] in [0, 15] → int8 [R, Kp/2] in the signed-nibble order of the module docstring."""
+    r, kp = u.shape
+    s = u.astype(np.int16).reshape(r, kp // GROUP_SIZE, 2, HALF_GROUP) - 8  # [R, G, lo|hi, 64]
+    byte = (s[:, :, 0] & 0xF) | ((s[:, :, 1] & 0xF) << 4)  # [R, G, 64]
+    return byte.astype(np.uint8).view(np.int8).reshape(r, kp // 2)
+
+
+def unpack_nibbles(b: jax.Array) -> jax.Array:
+    """int8 [R, Kp/2] → int32 [R, Kp] codes u ∈ [0, 15] (inverse of `pack_nibbles`)."""
+    r, half = b.shape
+    b = b.reshape(r, half // HALF_GROUP, 1, HALF_GROUP)
+    lo = jnp.left_shift(b, 4) >> 4  # [R, G, 1, 64] signed u - 8 (arithmetic shift)
+    hi = b >> 4
+    return (jnp.concatenate([lo, hi], axis=2).astype(jnp.int32) + 8).reshape(r, half * 2)
+
+
+def _pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    return np.pad(a, [(0, rows - a.shape[0])] + [(0, 0)] * (a.ndim - 1))
+
+
+def pack_mixed(q, scale, zero, is_int8, *, k: int, group_size: int = GROUP_SIZE) -> MixedWeight:
+    """Packs quantizer output into a `MixedWeight`.
+
+    q int [N, Kp] codes (Kp = G·128 ≥ k, zero-padded), 8-bit channels in [-127, 127] (w ≈ q·s),
+    4-bit channels in [0, 15] (w ≈ (q − z)·s); scale f32 [N, G]; zero int [N, G] (ignored on 8-bit
+    channels); is_int8 bool [N]; k the true in_features. Runs on concrete (host) arrays.
+    """
+    q, scale, zero, is_int8 = (
+        _concrete(name, v) for name, v in (("q", q), ("scale", scale), ("zero", zero), ("is_int8", is_int8))
+    )
+    _check_pack_inputs(q, scale, zero, is_int8, k, group_size)
+    n = q.shape[0]
+    rows8 = np.flatnonzero(is_int8)
+    rows4 = np.flatnonzero(~is_int8)
+    n8p, n4p = _round_up(len(rows8), ROW_ALIGN), _round_up(len(rows4), ROW_ALIGN)
+    q8 = _pad_rows(q[rows8].astype(np.int8), n8p)  # [N8p, Kp]
+    q4 = _pad_rows(pack_nibbles(q[rows4]), n4p)  # [N4p, Kp/2]
+    scale8 = _pad_rows(scale[rows8].astype(np.float32), n8p).T  # [G, N8p]
+    scale4 = _pad_rows(scale[rows4].astype(np.float32), n4p).T  # [G, N4p]
+    zero4 = _pad_rows(zero[rows4].astype(np.int8), n4p).T  # [G, N4p]
+    channel = np.full(n8p + n4p, n, np.int32)
+    channel[: len(rows8)] = rows8
+    channel[n8p : n8p + len(rows4)] = rows4
+    row_of_channel = np.empty(n, np.int32)
+    row_of_channel[rows8] = np.arange(len(rows8))
+    row_of_channel[rows4] = n8p + np.arange(len(rows4))
+    arrays = (q8, scale8, q4, scale4, zero4, channel, row_of_channel)
+    return MixedWeight(*(jnp.asarray(np.ascontiguousarray(a)) for a in arrays), n=n, k=k, n8=len(rows8))
+
+
+def quantize_rtn(w, is_int8, *, group_size: int = GROUP_SIZE):
+    """Round-to-nearest codes for `pack_mixed`: w f32 [N, K] → (q [N, Kp], scale [N, G], zero [N, G])."""
+    w = np.asarray(w, np.float32)
+    is_int8 = np.asarray(is_int8, bool)
+    n, k = w.shape
+    kp = _round_up(k, group_size)
+    wg = np.pad(w, [(0, 0), (0, kp - k)]).reshape(n, kp // group_size, group_size)  # [N, G, 128]
+    amax = np.abs(wg).max(-1)
+    s8 = np.where(amax > 0, amax / 127, 1.0)
+    q8 = np.clip(np.rint(wg / s8[..., None]), -127, 127)
+    lo, hi = np.minimum(wg.min(-1), 0), np.maximum(wg.max(-1), 0)
+    s4 = np.where(hi > lo, (hi - lo) / 15, 1.0)
+    z4 = np.clip(np.rint(-lo / s4), 0, 15)
+    q4 = np.clip(np.rint(wg / s4[..., None]) + z4[..., None], 0, 15)
+    sel = is_int8[:, None, None]
+    q = np.where(sel, q8, q4).reshape(n, kp).astype(np.int32)
+    q[:, k:] = 0
+    scale = np.where(is_int8[:, None], s8, s4).astype(np.float32)
+    zero = np.where(is_int8[:, None], 0, z4).astype(np.int32)
+    return q, scale, zero
+
+
+def pack_rtn(w, is_int8, *, group_size: int = GROUP_SIZE) -> MixedWeight:
+    """RTN-quantizes a float weight w [N, K] (8-bit sym where is_int8 [N], else 4-bit asym) and packs it."""
+    w = np.asarray(w, np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"pack_rtn: w must be [N, K], got shape {w.shape}")
+    q, scale, zero = quantize_rtn(w, is_int8, group_size=group_size)
+    return pack_mixed(q, scale, zero, np.asarray(is_int8, bool), k=w.shape[1], group_size=group_size)
+
+
+def dequantize(qw: MixedWeight) -> jax.Array:  # f32 [N, k]
+    """Reference dequantization into channel order."""
+    g = qw.num_groups
+    w8 = qw.q8.astype(jnp.float32).reshape(-1, g, GROUP_SIZE) * qw.scale8.T[..., None]  # [N8p, G, 128]
+    u4 = unpack_nibbles(qw.q4).reshape(-1, g, GROUP_SIZE)  # [N4p, G, 128]
+    w4 = (u4 - qw.zero4.T[..., None].astype(jnp.int32)).astype(jnp.float32) * qw.scale4.T[..., None]
+    w = jnp.concatenate([w8, w4]).reshape(-1, g * GROUP_SIZE)  # [N8p + N4p, Kp]
+    return w[qw.row_of_channel, : qw.k]

@@ -1,0 +1,167 @@
+"""pallas_kernels: packing format, references, and the Pallas kernels in interpret mode (CPU).
+
+Tolerances: kernel vs reference compare f32 outputs whose integer partials are exact, so only the order
+of f32 accumulation differs (rel 1e-5); reference vs float matmul is bounded by the quantization error
+budget (int8 activations g128: rel < 2e-2 against the dequantized weight; 4-bit RTN weights: < 0.15
+against the float weight).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from mixjax.linear import QuantizedLinear, linear
+from pallas_kernels import format as fmt
+from pallas_kernels import reference as ref
+
+
+def _rng():
+    return np.random.default_rng()
+
+
+def _weight(rng, n, k, share8):
+    w = rng.normal(size=(n, k)).astype(np.float32) * 0.05
+    is_int8 = np.zeros(n, bool)
+    is_int8[rng.permutation(n)[: int(round(share8 * n))]] = True
+    return w, is_int8
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+# ----------------------------------------------------------------------------------------------- format
+
+
+def test_nibble_roundtrip():
+    u = _rng().integers(0, 16, size=(8, 384))
+    packed = fmt.pack_nibbles(u)
+    assert packed.dtype == np.int8 and packed.shape == (8, 192)
+    np.testing.assert_array_equal(np.asarray(fmt.unpack_nibbles(jnp.asarray(packed))), u)
+
+
+def test_nibble_unpack_trick_gives_16x_signed_codes():
+    u = _rng().integers(0, 16, size=(4, 128))
+    b = jnp.asarray(fmt.pack_nibbles(u))  # [4, 64]
+    lo = np.asarray(jnp.left_shift(b, 4)).astype(np.int32)
+    hi = np.asarray(b & jnp.int8(-16)).astype(np.int32)
+    np.testing.assert_array_equal(lo, 16 * (u[:, :64] - 8))
+    np.testing.assert_array_equal(hi, 16 * (u[:, 64:] - 8))
+
+
+@pytest.mark.parametrize("share8", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("k", [128, 576])
+def test_pack_dequantize_matches_codes(share8, k):
+    rng = _rng()
+    w, is_int8 = _weight(rng, 96, k, share8)
+    q, scale, zero = pk.quantize_rtn(w, is_int8)
+    qw = pk.pack_mixed(q, scale, zero, is_int8, k=k)
+    assert qw.shape == (96, k) and isinstance(qw, QuantizedLinear)
+    assert qw.q8.shape[0] % fmt.ROW_ALIGN == 0 and qw.q4.shape[0] % fmt.ROW_ALIGN == 0
+    g = q.shape[1] // 128
+    expect = ((q.reshape(96, g, 128) - np.where(is_int8[:, None], 0, zero)[..., None]) * scale[..., None])
+    np.testing.assert_allclose(np.asarray(qw.dequantize()), expect.reshape(96, -1)[:, :k], rtol=1e-6, atol=1e-7)
+    err = np.abs(np.asarray(qw.dequantize()) - w)
+    step = np.abs(w).max(1) / np.where(is_int8, 127, 7.5)  # ≥ half a quantization step
+    assert np.all(err.max(1) <= step * 1.01)
+
+
+def test_pack_is_a_pytree_and_jits():
+    rng = _rng()
+    w, is_int8 = _weight(rng, 40, 256, 0.1)
+    qw = pk.pack_rtn(w, is_int8)
+    leaves, tree = jax.tree_util.tree_flatten(qw)
+    assert len(leaves) == 7
+    x = jnp.asarray(rng.normal(size=(3, 256)), jnp.float32)
+    y = jax.jit(lambda x, qw: qw.matmul(x, implementation="xla"))(x, qw)
+    assert y.shape == (3, 40)
+
+
+@pytest.mark.parametrize(
+    "change, match",
+    [
+        (lambda a: {**a, "q": a["q"][:, :100]}, "multiple of 128"),
+        (lambda a: {**a, "k": 100}, "k=100"),
+        (lambda a: {**a, "scale": a["scale"][:, :1]}, "scale and zero"),
+        (lambda a: {**a, "is_int8": a["is_int8"].astype(np.int32)}, "is_int8 must be bool"),
+        (lambda a: {**a, "q": np.where(a["is_int8"][:, None], 200, a["q"])}, "8-bit codes"),
+        (lambda a: {**a, "q": np.where(a["is_int8"][:, None], a["q"], 16)}, "4-bit codes"),
+        (lambda a: {**a, "group_size": 64}, "group_size=64"),
+    ],
+)
+def test_pack_rejects_bad_input(change, match):
+    rng = _rng()
+    w, is_int8 = _weight(rng, 16, 256, 0.25)
+    q, scale, zero = pk.quantize_rtn(w, is_int8)
+    args = change(dict(q=q, scale=scale, zero=zero, is_int8=is_int8, k=256, group_size=128))
+    with pytest.raises(ValueError, match=match):
+        pk.pack_mixed(args.pop("q"), args.pop("scale"), args.pop("zero"), args.pop("is_int8"), **args)
+
+
+# ------------------------------------------------------------------------------------------- references
+
+
+def _int_reference(x, w, is_int8):
+    """Independent int64 numpy computation of the spec (per-group integer partial, then float scales)."""
+    x_q, a_scale = (np.asarray(a) for a in pk.quantize_activations_ref(x))
+    q, scale, zero = pk.quantize_rtn(w, is_int8)
+    n, g = w.shape[0], a_scale.shape[1]
+    wq = (q - np.where(is_int8[:, None], 0, np.repeat(zero, 128, axis=1))).astype(np.int64)  # [N, Kp]
+    part = np.einsum("mgk,ngk->mgn", x_q.astype(np.int64).reshape(-1, g, 128), wq.reshape(n, g, 128))
+    return np.einsum("mgn,mg,ng->mn", part.astype(np.float64), a_scale, scale)  # [M, N]
+
+
+@pytest.mark.parametrize("share8", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("m, k, n", [(3, 576, 96), (17, 128, 96)])
+def test_reference_is_the_integer_spec(m, k, n, share8):
+    rng = _rng()
+    w, is_int8 = _weight(rng, n, k, share8)
+    qw = pk.pack_rtn(w, is_int8)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    y = pk.mixed_matmul(x, qw, implementation="xla")
+    assert _rel(y, _int_reference(x, w, is_int8)) < 1e-6
+
+
+def test_activation_quantization_error_and_zero_rows():
+    rng = _rng()
+    x = rng.normal(size=(5, 300)).astype(np.float32)
+    x[2] = 0.0
+    x_q, a_scale = (np.asarray(a) for a in pk.quantize_activations_ref(jnp.asarray(x)))
+    assert x_q.shape == (5, 384) and a_scale.shape == (5, 3)
+    assert np.all(x_q[2] == 0) and np.all(x_q[:, 300:] == 0)
+    deq = (x_q.reshape(5, 3, 128) * a_scale[..., None]).reshape(5, 384)[:, :300]
+    assert np.all(np.abs(deq - x) <= np.repeat(a_scale, 128, 1)[:, :300] * 0.5 + 1e-7)
+
+
+@pytest.mark.parametrize("share8", [0.0, 0.1, 1.0])
+@pytest.mark.parametrize("m, k, n", [(1, 4096, 4096), (16, 4096, 96), (300, 576, 4096)])
+def test_reference_within_quantization_budget(m, k, n, share8):
+    rng = _rng()
+    w, is_int8 = _weight(rng, n, k, share8)
+    qw = pk.pack_rtn(w, is_int8)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    y = pk.mixed_matmul(x, qw, implementation="xla")
+    assert y.dtype == jnp.bfloat16 and y.shape == (m, n)
+    xf = np.asarray(x, np.float32)
+    assert _rel(y, xf @ np.asarray(qw.dequantize()).T) < 2e-2  # activation quantization only
+    assert _rel(y, xf @ w.T) < (0.15 if share8 < 1 else 2e-2)  # plus weight quantization
+
+
+def test_linear_dispatch_flattens_batch_dims():
+    rng = _rng()
+    w, is_int8 = _weight(rng, 64, 256, 0.1)
+    qw = pk.pack_rtn(w, is_int8)
+    x = jnp.asarray(rng.normal(size=(2, 3, 256)), jnp.float32)
+    y = linear(x, qw, implementation="xla")
+    assert y.shape == (2, 3, 64)
+    np.testing.assert_allclose(np.asarray(y[1]), np.asarray(pk.mixed_matmul(x[1], qw, implementation="xla")), rtol=1e-6)
+
+
+def test_mixed_matmul_rejects_wrong_k():
+    rng = _rng()
+    qw = pk.pack_rtn(rng.normal(size=(8, 256)).astype(np.float32), np.zeros(8, bool))
+    with pytest.raises(ValueError, match=r"x must be \[M, 256\]"):
+        pk.mixed_matmul(jnp.zeros((2, 128)), qw, implementation="xla")
