@@ -1,0 +1,70 @@
+"""Checkpoints into mixjax: Hugging Face directories, GGUF files and mixjax's own Orbax checkpoints.
+
+    cfg, params = convert.load(path, dtype=jnp.float32)
+    tokenizer = convert.load_tokenizer(path)
+    convert.save_checkpoint(directory, params, cfg)
+    cfg, params = convert.restore_checkpoint(directory)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+
+from convert.layout import NAME_TABLE, ConvertError
+from mixjax.config import LlamaConfig
+
+
+def _existing(path: str | os.PathLike) -> Path:
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise FileNotFoundError(f"{p}: no such file or directory; pass a Hugging Face model directory or a .gguf file")
+    return p
+
+
+def load(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
+    """Loads a model as (cfg, float params with stacked layers) from a Hugging Face directory, a .gguf
+    file, or a float checkpoint written by `save_checkpoint`."""
+    p = _existing(path)
+    if p.is_dir():
+        from convert import orbax_io
+
+        if orbax_io.is_checkpoint(p):
+            return orbax_io.restore_checkpoint(p, dtype=dtype)
+        from convert.hf import load_hf
+
+        return load_hf(p, dtype)
+    if p.suffix == ".gguf":
+        from convert.gguf import load_gguf
+
+        return load_gguf(p, dtype)
+    raise ConvertError(
+        f"{p}: not a model; pass a Hugging Face directory (config.json + weights), a .gguf file, "
+        "or a mixjax checkpoint directory"
+    )
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """The Hugging Face tokenizer of a model directory, a .gguf file, or a mixjax checkpoint."""
+    from convert.tokenizer import load_tokenizer as _load
+
+    return _load(_existing(path))
+
+
+def save_checkpoint(directory, params, cfg, *, extra_metadata=None, files=None, force=False) -> Path:
+    """Writes params + config (Orbax) atomically; see `convert.orbax_io.save_checkpoint`."""
+    from convert import orbax_io
+
+    return orbax_io.save_checkpoint(directory, params, cfg, extra_metadata=extra_metadata, files=files, force=force)
+
+
+def restore_checkpoint(directory, *, abstract_params=None, dtype=None):
+    """Reads a checkpoint written by `save_checkpoint` → (cfg, params); see `convert.orbax_io`."""
+    from convert import orbax_io
+
+    return orbax_io.restore_checkpoint(_existing(directory), abstract_params=abstract_params, dtype=dtype)
+
+
+__all__ = ["NAME_TABLE", "ConvertError", "load", "load_tokenizer", "restore_checkpoint", "save_checkpoint"]

@@ -2,5 +2,9 @@
 
 from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.linear import linear
+from mixjax.model import LINEAR_NAMES, KVCache, forward, forward_step, init_cache, init_params
 
-__all__ = ["ConfigError", "LlamaConfig", "RopeScaling", "linear"]
+__all__ = [
+    "ConfigError", "LlamaConfig", "RopeScaling", "linear",
+    "LINEAR_NAMES", "KVCache", "forward", "forward_step", "init_cache", "init_params",
+]

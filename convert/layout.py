@@ -1,0 +1,160 @@
+"""The one name table between checkpoint formats and mixjax params, and the buffer converters fill.
+
+`NAME_TABLE` rows are (params path, Hugging Face name, GGUF name); `{i}` marks the layer index of a
+per-layer tensor. Shapes are never written here: they come from `mixjax.model.param_shapes(cfg)`.
+
+`ParamBuffer` preallocates one numpy array per params leaf (stacked layers: [L, ...]) and is filled one
+tensor at a time, so a converter holds the checkpoint once (plus the tensor being copied).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax.config import LlamaConfig
+from mixjax.model import param_shapes
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file or tensor and the fix."""
+
+
+# (params path, Hugging Face name, GGUF name)
+NAME_TABLE: tuple[tuple[str, str, str], ...] = (
+    ("embed_tokens", "model.embed_tokens.weight", "token_embd.weight"),
+    ("norm", "model.norm.weight", "output_norm.weight"),
+    ("lm_head", "lm_head.weight", "output.weight"),
+    ("layers.input_layernorm", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
+    ("layers.post_attention_layernorm", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
+    ("layers.self_attn.q_proj.bias", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
+    ("layers.self_attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
+    ("layers.self_attn.k_proj.bias", "model.layers.{i}.self_attn.k_proj.bias", "blk.{i}.attn_k.bias"),
+    ("layers.self_attn.v_proj.weight", "model.layers.{i}.self_attn.v_proj.weight", "blk.{i}.attn_v.weight"),
+    ("layers.self_attn.v_proj.bias", "model.layers.{i}.self_attn.v_proj.bias", "blk.{i}.attn_v.bias"),
+    ("layers.self_attn.o_proj.weight", "model.layers.{i}.self_attn.o_proj.weight", "blk.{i}.attn_output.weight"),
+    ("layers.mlp.gate_proj.weight", "model.layers.{i}.mlp.gate_proj.weight", "blk.{i}.ffn_gate.weight"),
+    ("layers.mlp.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
+    ("layers.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
+)
+
+# Checkpoint entries that are not parameters (recomputed buffers) and are skipped.
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope_freqs.weight")
+
+
+def _compile(column: int) -> tuple[dict[str, str], dict[str, str]]:
+    globals_, per_layer = {}, {}
+    for row in NAME_TABLE:
+        name = row[column]
+        if "{i}" in name:
+            prefix, suffix = name.split("{i}")
+            per_layer[(prefix, suffix)] = row[0]
+        else:
+            globals_[name] = row[0]
+    return globals_, per_layer
+
+
+class NameMap:
+    """Resolves a checkpoint tensor name to (params path, layer index or None), or None if unknown."""
+
+    def __init__(self, column: int):
+        self._globals, self._per_layer = _compile(column)
+
+    def resolve(self, name: str) -> tuple[str, int | None] | None:
+        if name in self._globals:
+            return self._globals[name], None
+        for (prefix, suffix), path in self._per_layer.items():
+            if name.startswith(prefix) and name.endswith(suffix):
+                index = name[len(prefix) : len(name) - len(suffix)]
+                if index.isdigit():
+                    return path, int(index)
+        return None
+
+    def source_name(self, path: str, layer: int | None) -> str:
+        for name, p in self._globals.items():
+            if p == path:
+                return name
+        for (prefix, suffix), p in self._per_layer.items():
+            if p == path:
+                return f"{prefix}{layer}{suffix}"
+        return path
+
+
+HF_NAMES = NameMap(1)
+GGUF_NAMES = NameMap(2)
+
+
+def _flat_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_shape)[0]
+    return {".".join(k.key for k in path): shape for path, shape in flat}
+
+
+def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        *parents, leaf = path.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return tree
+
+
+class ParamBuffer:
+    """Preallocated numpy params of `cfg`, filled tensor by tensor; `finish()` returns jax params."""
+
+    def __init__(self, cfg: LlamaConfig, dtype, names: NameMap, source: str):
+        self.cfg, self.names, self.source = cfg, names, source
+        self.np_dtype = np.dtype(jnp.dtype(dtype))
+        if self.np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
+            raise ConvertError(f"dtype={dtype} is not supported; use jnp.float32 or jnp.bfloat16")
+        self.shapes = _flat_shapes(cfg)
+        self.arrays = {p: np.empty(s, self.np_dtype) for p, s in self.shapes.items()}
+        self.filled = {p: np.zeros(s[0] if p.startswith("layers.") else 1, bool) for p, s in self.shapes.items()}
+
+    def expected_shape(self, path: str) -> tuple[int, ...]:
+        shape = self.shapes[path]
+        return shape[1:] if path.startswith("layers.") else shape
+
+    def wants(self, path: str) -> bool:
+        return path in self.shapes
+
+    def put(self, name: str, path: str, layer: int | None, value: np.ndarray) -> None:
+        """Copies checkpoint tensor `name` (numpy, any float dtype) into its slot."""
+        if path.startswith("layers.") and not 0 <= layer < self.cfg.num_hidden_layers:
+            raise ConvertError(
+                f"{self.source}: tensor {name!r} is for layer {layer}, but the config has "
+                f"num_hidden_layers={self.cfg.num_hidden_layers}"
+            )
+        expected = self.expected_shape(path)
+        if tuple(value.shape) != expected:
+            raise ConvertError(
+                f"{self.source}: tensor {name!r} has shape {tuple(value.shape)}, but the config implies "
+                f"{expected}; the weights do not match the config"
+            )
+        if path.startswith("layers."):
+            self.arrays[path][layer] = value
+            self.filled[path][layer] = True
+        else:
+            self.arrays[path][...] = value
+            self.filled[path][0] = True
+
+    def finish(self) -> dict[str, Any]:
+        """Checks every tensor arrived, then moves the arrays to jax one leaf at a time."""
+        missing = [
+            self.names.source_name(p, int(i) if p.startswith("layers.") else None)
+            for p, done in self.filled.items()
+            for i in np.flatnonzero(~done)
+        ]
+        if missing:
+            shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+            raise ConvertError(f"{self.source}: missing tensors {shown}; the checkpoint is incomplete")
+        flat = {}
+        for path in list(self.arrays):
+            flat[path] = jnp.asarray(self.arrays.pop(path))
+        return _unflatten(flat)

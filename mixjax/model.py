@@ -1,0 +1,372 @@
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, SmolLM2) as pure functions over a params pytree.
+
+Dimension legend: B batch, T new tokens, S key positions (cache length), D hidden size, H query heads,
+KVH key/value heads, G = H // KVH query heads per key/value head, Dh head dim, F feed-forward size,
+V vocabulary, L layers.
+
+Params follow DESIGN.md: a nested dict with Hugging Face-derived names. Float layers are stacked on a
+leading L axis and run under `lax.scan`; quantized layers are a tuple of per-layer dicts run by a Python
+loop. Both paths share one layer body, `_decoder_layer`. Every projection goes through
+`mixjax.linear.linear`, so a weight leaf may be any `QuantizedLinear`.
+
+Numerics: matmuls run in the params' dtype (f32 or bf16); RMSNorm, RoPE angles and softmax run in f32;
+logits are returned in f32. RoPE uses Hugging Face's rotate-half layout (the first Dh/2 features of a
+head pair with the last Dh/2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax.config import LlamaConfig
+from mixjax.linear import Implementation, linear
+
+LINEAR_NAMES = (
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.down_proj",
+)
+_BIASED = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")  # when cfg.attention_bias
+
+
+# ----------------------------------------------------------------------------------------------------
+# Parameter layout
+
+
+def param_shapes(cfg: LlamaConfig) -> dict[str, Any]:
+    """The float params tree of `cfg` with shape tuples as leaves (stacked layers: leading L)."""
+    L, D, F, V = cfg.num_hidden_layers, cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    q_dim = cfg.num_attention_heads * cfg.head_dim
+    kv_dim = cfg.num_key_value_heads * cfg.head_dim
+    linear_nk = {
+        "self_attn.q_proj": (q_dim, D),
+        "self_attn.k_proj": (kv_dim, D),
+        "self_attn.v_proj": (kv_dim, D),
+        "self_attn.o_proj": (D, q_dim),
+        "mlp.gate_proj": (F, D),
+        "mlp.up_proj": (F, D),
+        "mlp.down_proj": (D, F),
+    }
+    layers: dict[str, Any] = {"input_layernorm": (L, D), "post_attention_layernorm": (L, D)}
+    for name in LINEAR_NAMES:
+        group, proj = name.split(".")
+        n, k = linear_nk[name]
+        entry = {"weight": (L, n, k)}
+        if cfg.attention_bias and name in _BIASED:
+            entry["bias"] = (L, n)
+        layers.setdefault(group, {})[proj] = entry
+    shapes = {"embed_tokens": (V, D), "layers": layers, "norm": (D,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head"] = (V, D)
+    return shapes
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(i, int) for i in x)
+
+
+def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict[str, Any]:
+    """Random params of `cfg` (normal, std 0.02; norms at 1), generated leaf by leaf in `dtype`.
+
+    Each leaf is created by its own jitted call directly in `dtype`, so peak memory is the params plus
+    one leaf's temporaries (an 8B-shaped model fits where the bf16 params fit).
+    """
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
+    paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)[0]]
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for path, shape, k in zip(paths, leaves, keys):
+        if "norm" in path:
+            out.append(jnp.ones(shape, dtype))
+        else:
+            out.append(_normal(k, shape, jnp.dtype(dtype)))
+    return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape, dtype):
+    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+
+def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """Stacked float layers ([L, ...] leaves) → a tuple of L per-layer dicts (the quantized layout)."""
+    layers = params["layers"]
+    if isinstance(layers, (tuple, list)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
+
+
+def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
+    """A tuple of per-layer float dicts → stacked [L, ...] leaves (inverse of `unstack_layers`)."""
+    layers = params["layers"]
+    if not isinstance(layers, (tuple, list)):
+        return params
+    for i, layer in enumerate(layers):
+        bad = [l for l in jax.tree.leaves(layer) if not hasattr(l, "dtype")]
+        if bad:
+            raise TypeError(f"stack_layers: layer {i} holds a {type(bad[0]).__name__}; only float layers stack")
+    return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
+
+
+def _get(tree: dict, dotted: str):
+    for part in dotted.split("."):
+        tree = tree[part]
+    return tree
+
+
+# ----------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
+    """x [..., D] normalized in f32, cast back to x's dtype, then scaled by w [D] (Hugging Face order)."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+    """[Dh/2] f32 inverse frequencies, with Llama-3 scaling applied when `cfg.rope_scaling` is set."""
+    dh = cfg.head_dim
+    inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
+    s = cfg.rope_scaling
+    if s is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor
+    )
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half layout); angles in f32."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
+    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [B, T, N, Dh]
+    return x * cos + rotated * sin
+
+
+def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
+    """q_pos [B, T], k_pos [B, S] → bool [B, T, S]: causal, and within the sliding window if any."""
+    diff = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
+    mask = diff >= 0
+    if sliding_window is not None:
+        mask &= diff < sliding_window
+    return mask
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, KVH, Dh], mask [B, T, S] → [B, T, H, Dh]."""
+    B, T, H, Dh = q.shape
+    KVH = k.shape[2]
+    q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
+    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = scores / math.sqrt(Dh)  # [B, KVH, G, T, S]
+    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
+    return out.astype(q.dtype).reshape(B, T, H, Dh)
+
+
+# ----------------------------------------------------------------------------------------------------
+# KV cache
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    """Keys/values of every layer for decoding.
+
+    k, v: [L, B, S, KVH, Dh] (the cache dtype; RoPE already applied to k). length: [B] int32, the number
+    of valid positions of each row. k_scale/v_scale: None for float caches (reserved for an int8 cache).
+    """
+
+    k: jax.Array
+    v: jax.Array
+    length: jax.Array
+    k_scale: jax.Array | None = None
+    v_scale: jax.Array | None = None
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[2]
+
+
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions."""
+    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
+    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
+
+
+def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache [B, S, KVH, Dh] with new [B, T, KVH, Dh] written at positions [B, T] (past S dropped)."""
+    rows = jnp.arange(cache.shape[0])[:, None]  # [B, 1]
+    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+
+
+# ----------------------------------------------------------------------------------------------------
+# The decoder
+
+
+def _decoder_layer(
+    layer: dict[str, Any],
+    x: jax.Array,  # [B, T, D]
+    positions: jax.Array,  # [B, T] int32
+    layer_cache: tuple[jax.Array, jax.Array] | None,  # k, v [B, S, KVH, Dh], or None (no cache)
+    cfg: LlamaConfig,
+    inv_freq: np.ndarray,
+    implementation: Implementation,
+):
+    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v) or None)."""
+    B, T, _ = x.shape
+    H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+
+    def proj(name, h):
+        p = _get(layer, name)
+        return linear(h, p["weight"], p.get("bias"), implementation=implementation)
+
+    h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
+    q = apply_rope(proj("self_attn.q_proj", h).reshape(B, T, H, Dh), positions, inv_freq)
+    k = apply_rope(proj("self_attn.k_proj", h).reshape(B, T, KVH, Dh), positions, inv_freq)
+    v = proj("self_attn.v_proj", h).reshape(B, T, KVH, Dh)
+    if layer_cache is None:
+        keys, values, k_pos = k, v, positions  # [B, T, KVH, Dh], [B, T]
+        new_cache = None
+    else:
+        keys = _write_cache(layer_cache[0], k, positions)  # [B, S, KVH, Dh]
+        values = _write_cache(layer_cache[1], v, positions)
+        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (B, keys.shape[1]))  # [B, S]
+        new_cache = (keys, values)
+    mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
+    attn = _attend(q, keys, values, mask).reshape(B, T, H * Dh)
+    x = x + proj("self_attn.o_proj", attn)
+
+    h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
+    gated = jax.nn.silu(proj("mlp.gate_proj", h)) * proj("mlp.up_proj", h)  # [B, T, F]
+    x = x + proj("mlp.down_proj", gated)
+    return x, new_cache
+
+
+def _run_layers(params, x, positions, cache_kv, cfg, implementation):
+    """All decoder layers: `lax.scan` over stacked layers, a Python loop over a tuple of layers.
+
+    cache_kv: (k, v) each [L, B, S, KVH, Dh], or None. Returns (x, new (k, v) or None).
+    """
+    inv_freq = rope_inv_freq(cfg)
+    layers = params["layers"]
+
+    def body(x, layer, layer_cache):
+        return _decoder_layer(layer, x, positions, layer_cache, cfg, inv_freq, implementation)
+
+    if isinstance(layers, (tuple, list)):
+        new_k, new_v = [], []
+        for i, layer in enumerate(layers):
+            layer_cache = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
+            x, out = body(x, layer, layer_cache)
+            if out is not None:
+                new_k.append(out[0])
+                new_v.append(out[1])
+        return x, (None if cache_kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+
+    if cache_kv is None:
+        x, _ = jax.lax.scan(lambda x, layer: (body(x, layer, None)[0], None), x, layers)
+        return x, None
+    x, (k, v) = jax.lax.scan(lambda x, xs: body(x, xs[0], (xs[1], xs[2])), x, (layers, *cache_kv))
+    return x, (k, v)
+
+
+def _embed(params, tokens):
+    return jnp.take(params["embed_tokens"], tokens, axis=0)  # [B, T, D]
+
+
+def _logits(params, x, cfg, implementation):
+    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
+    head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    return linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]
+
+
+def _check_tokens(tokens, cfg: LlamaConfig) -> None:
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [B, T]; got shape {tokens.shape}")
+    if not jnp.issubdtype(tokens.dtype, jnp.integer):
+        raise TypeError(f"tokens must be integer token ids; got dtype {tokens.dtype}")
+    if not isinstance(tokens, jax.core.Tracer) and tokens.size:
+        lo, hi = int(jnp.min(tokens)), int(jnp.max(tokens))
+        if lo < 0 or hi >= cfg.vocab_size:
+            raise ValueError(
+                f"token ids must lie in [0, vocab_size={cfg.vocab_size}); got min {lo}, max {hi} "
+                "(is the tokenizer the model's own?)"
+            )
+
+
+def forward(params, tokens: jax.Array, cfg: LlamaConfig, *, implementation: Implementation = "auto") -> jax.Array:
+    """tokens [B, T] int → logits [B, T, V] f32 (positions 0..T-1, causal)."""
+    tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+    _check_tokens(tokens, cfg)
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    x, _ = _run_layers(params, _embed(params, tokens), positions, None, cfg, implementation)
+    return _logits(params, x, cfg, implementation)
+
+
+def forward_step(
+    params,
+    tokens: jax.Array,
+    cfg: LlamaConfig,
+    cache: KVCache,
+    *,
+    num_valid: jax.Array | None = None,
+    implementation: Implementation = "auto",
+) -> tuple[jax.Array, KVCache]:
+    """Runs tokens [B, T] at positions cache.length[b] + t; returns (logits [B, T, V] f32, new cache).
+
+    num_valid [B] (default T): the first num_valid[b] tokens of row b are real, the rest right padding;
+    the new length is length + num_valid. Logits at padded positions are meaningless.
+    """
+    tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
+    _check_tokens(tokens, cfg)
+    B, T = tokens.shape
+    if cache.k.shape[1] != B:
+        raise ValueError(f"tokens have batch {B} but the cache was built for batch {cache.k.shape[1]}")
+    if T > cache.max_len:
+        raise ValueError(f"{T} tokens do not fit a cache of max_len={cache.max_len}; build a longer cache")
+    num_valid = jnp.full((B,), T, jnp.int32) if num_valid is None else jnp.asarray(num_valid, jnp.int32)
+    _check_fits(cache, num_valid, T)
+    positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
+    x, (k, v) = _run_layers(params, _embed(params, tokens), positions, (cache.k, cache.v), cfg, implementation)
+    logits = _logits(params, x, cfg, implementation)
+    return logits, dataclasses.replace(cache, k=k, v=v, length=cache.length + num_valid)
+
+
+def _check_fits(cache: KVCache, num_valid: jax.Array, T: int) -> None:
+    if isinstance(cache.length, jax.core.Tracer) or isinstance(num_valid, jax.core.Tracer):
+        return
+    if num_valid.size and (int(jnp.min(num_valid)) < 0 or int(jnp.max(num_valid)) > T):
+        raise ValueError(f"num_valid must lie in [0, T={T}]; got {np.asarray(num_valid).tolist()}")
+    end = int(jnp.max(cache.length + num_valid)) if num_valid.size else 0
+    if end > cache.max_len:
+        raise ValueError(
+            f"sequence of {end} positions does not fit the cache (max_len={cache.max_len}); "
+            "shorten the prompt or build a longer cache with init_cache(..., max_len=...)"
+        )

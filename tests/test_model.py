@@ -1,0 +1,213 @@
+"""mixjax.model: cached decoding equals the full forward, tuple layers equal scanned layers, bad input."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixjax.config import LlamaConfig, RopeScaling
+from mixjax.model import (
+    LINEAR_NAMES,
+    KVCache,
+    forward,
+    forward_step,
+    init_cache,
+    init_params,
+    param_shapes,
+    stack_layers,
+    unstack_layers,
+)
+
+# Same f32 maths with different reduction shapes (cache length vs prompt length, scan vs loop): errors
+# of a few ulps of the largest logit. Compared as max-abs error relative to the reference's max-abs.
+F32_RTOL = 1e-5
+
+
+def assert_close(actual, desired, rtol=F32_RTOL):
+    actual, desired = np.asarray(actual), np.asarray(desired)
+    assert actual.shape == desired.shape
+    err = np.max(np.abs(actual - desired)) / np.max(np.abs(desired))
+    assert err <= rtol, f"relative max-abs error {err:.2e} > {rtol:.0e}"
+
+CFG = LlamaConfig(
+    vocab_size=97,
+    hidden_size=48,
+    intermediate_size=80,
+    num_hidden_layers=3,
+    num_attention_heads=6,
+    num_key_value_heads=2,
+    head_dim=8,
+    rope_theta=10000.0,
+    attention_bias=True,
+)
+
+
+@pytest.fixture(scope="module")
+def params():
+    return init_params(CFG, jax.random.key(0), jnp.float32)
+
+
+def _tokens(seed, shape, vocab=CFG.vocab_size):
+    return jax.random.randint(jax.random.key(seed), shape, 0, vocab, dtype=jnp.int32)
+
+
+def _scale_up(params):
+    """Random init has std 0.02; larger weights make attention patterns non-trivial."""
+    return jax.tree.map(lambda a: a * 10.0 if a.ndim >= 2 else a, params)
+
+
+def test_param_shapes_follow_design():
+    shapes = param_shapes(CFG)
+    layers = shapes["layers"]
+    assert layers["self_attn"]["q_proj"] == {"weight": (3, 48, 48), "bias": (3, 48)}
+    assert layers["self_attn"]["k_proj"]["weight"] == (3, 16, 48)
+    assert layers["mlp"]["down_proj"] == {"weight": (3, 48, 80)}
+    assert "lm_head" in shapes and len(LINEAR_NAMES) == 7
+
+
+def test_forward_shape_dtype_and_causality(params):
+    p = _scale_up(params)
+    tokens = _tokens(1, (2, 9))
+    logits = forward(p, tokens, CFG, implementation="xla")
+    assert logits.shape == (2, 9, CFG.vocab_size) and logits.dtype == jnp.float32
+    # Changing the last token must leave every earlier position's logits unchanged.
+    changed = tokens.at[:, -1].set((tokens[:, -1] + 1) % CFG.vocab_size)
+    logits2 = forward(p, changed, CFG, implementation="xla")
+    assert_close(logits2[:, :-1], logits[:, :-1])
+    assert float(jnp.max(jnp.abs(logits2[:, -1] - logits[:, -1]))) > 1e-3
+
+
+def test_tuple_layers_equal_scanned_layers(params):
+    p = _scale_up(params)
+    tokens = _tokens(2, (2, 7))
+    unstacked = unstack_layers(p)
+    assert isinstance(unstacked["layers"], tuple) and len(unstacked["layers"]) == CFG.num_hidden_layers
+    assert_close(forward(unstacked, tokens, CFG), forward(p, tokens, CFG))
+    restacked = stack_layers(unstacked)
+    assert jax.tree.structure(restacked) == jax.tree.structure(p)
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(p)))
+
+
+@pytest.mark.parametrize("layers", ["stacked", "tuple"])
+def test_prefill_then_decode_equals_forward(params, layers):
+    p = _scale_up(params)
+    if layers == "tuple":
+        p = unstack_layers(p)
+    tokens = _tokens(3, (2, 10))
+    full = forward(p, tokens, CFG)
+    cache = init_cache(CFG, batch=2, max_len=16, dtype=jnp.float32)
+    step = jax.jit(forward_step, static_argnames=("cfg", "implementation"))
+    logits, cache = step(p, tokens[:, :6], CFG, cache)
+    pieces = [logits]
+    for t in range(6, 10):
+        logits, cache = step(p, tokens[:, t : t + 1], CFG, cache)
+        pieces.append(logits)
+    assert_close(jnp.concatenate(pieces, axis=1), full)
+    assert cache.length.tolist() == [10, 10]
+
+
+def test_ragged_prefill_with_num_valid(params):
+    """Prompts of lengths 7 and 4 in one right-padded prefill, then 3 decode steps each."""
+    p = _scale_up(params)
+    lengths = [7, 4]
+    seqs = [_tokens(10 + i, (1, n + 3))[0] for i, n in enumerate(lengths)]
+    padded = jnp.zeros((2, 7), jnp.int32)
+    for b, n in enumerate(lengths):
+        padded = padded.at[b, :n].set(seqs[b][:n])
+    cache = init_cache(CFG, batch=2, max_len=12, dtype=jnp.float32)
+    logits, cache = forward_step(p, padded, CFG, cache, num_valid=jnp.array(lengths))
+    assert cache.length.tolist() == lengths
+    got = [[logits[b, n - 1]] for b, n in enumerate(lengths)]
+    for t in range(3):
+        nxt = jnp.stack([seqs[b][n + t] for b, n in enumerate(lengths)])[:, None]
+        logits, cache = forward_step(p, nxt, CFG, cache)
+        for b in range(2):
+            got[b].append(logits[b, 0])
+    for b, n in enumerate(lengths):
+        ref = forward(p, seqs[b][None], CFG)[0, n - 1 :]  # [4, V]
+        assert_close(jnp.stack(got[b]), ref)
+
+
+def test_sliding_window_masks_old_keys(params):
+    p = _scale_up(params)
+    windowed = dataclasses.replace(CFG, sliding_window=3)
+    tokens = _tokens(4, (1, 8))
+    a = forward(p, tokens, windowed)
+    # Within the window nothing changes; beyond it the first token no longer influences the output.
+    assert_close(a[:, :3], forward(p, tokens, CFG)[:, :3])
+    changed = tokens.at[0, 0].set((tokens[0, 0] + 1) % CFG.vocab_size)
+    b = forward(p, changed, windowed)
+    # With L=3 layers and window 3, token 0 reaches positions < 0 + 3 * (3 - 1) + 1 = 7.
+    assert_close(b[:, 7:], a[:, 7:])
+    assert float(jnp.max(jnp.abs(b[:, 1] - a[:, 1]))) > 1e-3
+    cache = init_cache(windowed, 1, 8, jnp.float32)
+    step_logits, _ = forward_step(p, tokens, windowed, cache)
+    assert_close(step_logits, a)
+
+
+def test_llama3_rope_scaling_changes_long_positions(params):
+    scaled = dataclasses.replace(
+        CFG, rope_scaling=RopeScaling(factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                                      original_max_position_embeddings=8)
+    )
+    p = _scale_up(params)
+    tokens = _tokens(5, (1, 6))
+    diff = jnp.max(jnp.abs(forward(p, tokens, scaled) - forward(p, tokens, CFG)))
+    assert float(diff) > 1e-3
+
+
+def test_bf16_params_track_f32(params):
+    """bf16 params compute in bf16; compared with f32 maths on the same (bf16-rounded) weights."""
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    tokens = _tokens(6, (2, 8))
+    ref = forward(jax.tree.map(lambda a: a.astype(jnp.float32), low), tokens, CFG)
+    logits = forward(low, tokens, CFG)
+    assert logits.dtype == jnp.float32
+    # bf16 activations carry 8 mantissa bits (relative rounding 2^-9 per op); a few percent overall.
+    assert_close(logits, ref, rtol=3e-2)
+    cache = init_cache(CFG, 2, 8)
+    assert cache.k.dtype == jnp.bfloat16 and cache.k_scale is None
+    step_logits, _ = forward_step(low, tokens, CFG, cache)
+    assert_close(step_logits, ref, rtol=3e-2)
+
+
+def test_init_params_dtype_and_tied():
+    tied = dataclasses.replace(CFG, tie_word_embeddings=True, attention_bias=False)
+    p = init_params(tied, jax.random.key(1), jnp.bfloat16)
+    assert "lm_head" not in p and "bias" not in p["layers"]["self_attn"]["q_proj"]
+    assert {a.dtype for a in jax.tree.leaves(p)} == {jnp.dtype(jnp.bfloat16)}
+    assert forward(p, _tokens(7, (1, 4)), tied).shape == (1, 4, CFG.vocab_size)
+
+
+def test_kvcache_is_a_pytree():
+    cache = init_cache(CFG, 2, 5, jnp.float32)
+    leaves, treedef = jax.tree.flatten(cache)
+    assert len(leaves) == 3  # k, v, length; the scales are None
+    rebuilt = jax.tree.unflatten(treedef, leaves)
+    assert isinstance(rebuilt, KVCache) and rebuilt.k.shape == (3, 2, 5, 2, 8)
+
+
+def test_bad_tokens_raise(params):
+    with pytest.raises(ValueError, match=r"vocab_size=97"):
+        forward(params, jnp.array([[1, 97]]), CFG)
+    with pytest.raises(ValueError, match=r"min -1"):
+        forward(params, jnp.array([[-1, 3]]), CFG)
+    with pytest.raises(TypeError, match="integer"):
+        forward(params, jnp.ones((1, 3), jnp.float32), CFG)
+    with pytest.raises(ValueError, match=r"\[B, T\]"):
+        forward(params, jnp.ones((3,), jnp.int32), CFG)
+
+
+def test_prompt_longer_than_cache_raises(params):
+    cache = init_cache(CFG, 1, 4, jnp.float32)
+    with pytest.raises(ValueError, match="max_len=4"):
+        forward_step(params, _tokens(8, (1, 5)), CFG, cache)
+    _, cache = forward_step(params, _tokens(8, (1, 3)), CFG, cache)
+    with pytest.raises(ValueError, match="does not fit the cache"):
+        forward_step(params, _tokens(9, (1, 2)), CFG, cache)
+    with pytest.raises(ValueError, match="batch"):
+        forward_step(params, _tokens(9, (2, 1)), CFG, cache)
