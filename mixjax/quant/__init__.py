@@ -1,0 +1,29 @@
+"""MixLLM quantizer: salience, global 8-bit channel allocation, GPTQ/clipping, activation fake-quant."""
+
+from mixjax.quant.activations import ActFormat, fake_quant_act
+from mixjax.quant.allocate import allocate, average_bits
+from mixjax.quant.api import QuantConfig, quantize, salience
+from mixjax.quant.fakequant import FakeQuantWeight
+from mixjax.quant.gptq import gptq_quantize
+from mixjax.quant.report import QuantReport
+from mixjax.quant.rtn import QuantizedRows, WeightFormat, dequantize_rows, quantize_rows
+from mixjax.quant.salience import ProbeWeight, compute_salience
+
+__all__ = [
+    "ActFormat",
+    "FakeQuantWeight",
+    "ProbeWeight",
+    "QuantConfig",
+    "QuantReport",
+    "QuantizedRows",
+    "WeightFormat",
+    "allocate",
+    "average_bits",
+    "compute_salience",
+    "dequantize_rows",
+    "fake_quant_act",
+    "gptq_quantize",
+    "quantize",
+    "quantize_rows",
+    "salience",
+]

@@ -1,0 +1,324 @@
+"""`mixjax.quantize` and `mixjax.salience`: MixLLM global mixed-precision post-training quantization.
+
+Pipeline (`quantize`):
+1. salience of every output channel of every decoder linear on the float model (`salience.py`);
+2. one global ranking → the 8-bit channels within the bit budget (`allocate.py`);
+3. layer by layer, as GPTQ does: run decoder layer i on the calibration hidden states (which come out
+   of the already quantized layers < i), accumulate H = 2·XᵀX of each linear's input over the
+   calibration batches (memory: one [K, K] per linear of one layer, never all inputs), quantize the
+   layer's linears (GPTQ and/or clipping search, or RTN), then run the quantized layer to produce the
+   next layer's inputs;
+4. pack: kernel-compatible configurations (int4 asym / int8 sym groups of 128, int8 dynamic activations
+   per (token, group of 128)) give `pallas_kernels.MixedWeight`s; every other configuration gives
+   `FakeQuantWeight`s (dequantized float weight + activation fake-quant). Both are `QuantizedLinear`s.
+
+The returned params keep the float embedding, norms, biases and lm_head; `"layers"` is a tuple of
+per-layer dicts (DESIGN.md's quantized layout).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Any, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from mixjax.linear import Implementation
+from mixjax.quant.activations import ActFormat, group_absmax
+from mixjax.quant.allocate import Budget, allocate, average_bits
+from mixjax.quant.clip import clip_grid
+from mixjax.quant.fakequant import FakeQuantWeight
+from mixjax.quant.gptq import gptq_quantize, rtn_clip_quantize
+from mixjax.quant.report import QuantReport, build_report
+from mixjax.quant.rtn import QuantizedRows, WeightFormat, dequantize_rows, quantize_rows
+from mixjax.quant.salience import SALIENCE_KINDS, SalienceKind, compute_salience, linear_weight, with_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantConfig:
+    """How to quantize. The defaults are MixLLM W4.4A8.
+
+    bits: average weight-code bits per element over all decoder linears, in [4, 8] (4.4 ≈ 10 % of the
+      elements at 8 bits); `budget="channels"` counts channels instead, like the official code.
+    salience: "fisher" (first order + full-channel empirical Fisher), "diag", "first-order-off", "hvp".
+    local: choose the 8-bit channels inside each (layer, linear) instead of globally.
+    gptq / group_reorder / clip / damp: the weight quantizer (RTN when gptq and clip are off).
+    weight: int4 format and group size (int8 channels: symmetric, same group size).
+    act: activation quantization of every decoder linear's input (bits=None: float, W·A16).
+    batch_size: calibration samples per forward/backward (memory vs speed).
+    """
+
+    bits: float = 4.4
+    budget: Budget = "elements"
+    salience: SalienceKind = "fisher"
+    local: bool = False
+    gptq: bool = True
+    group_reorder: bool = True
+    clip: bool = True
+    damp: float = 0.01
+    weight: WeightFormat = WeightFormat()
+    act: ActFormat = ActFormat()
+    batch_size: int = 4
+
+    def __post_init__(self):
+        if not isinstance(self.bits, (int, float)) or not 4.0 <= float(self.bits) <= 8.0:
+            raise ValueError(f"QuantConfig.bits={self.bits!r} must lie in [4, 8] (average weight bits, e.g. 4.4)")
+        if self.budget not in ("elements", "channels"):
+            raise ValueError(f"QuantConfig.budget={self.budget!r}; expected 'elements' or 'channels'")
+        if self.salience not in SALIENCE_KINDS:
+            raise ValueError(f"QuantConfig.salience={self.salience!r}; expected one of {SALIENCE_KINDS}")
+        if not 0.0 <= self.damp < 1.0:
+            raise ValueError(f"QuantConfig.damp={self.damp} must lie in [0, 1) (GPTQ uses 0.01)")
+        if self.batch_size < 1:
+            raise ValueError(f"QuantConfig.batch_size={self.batch_size} must be ≥ 1")
+
+    @property
+    def kernel_compatible(self) -> bool:
+        """True when `pallas_kernels.MixedWeight` + `mixed_matmul` compute exactly this configuration."""
+        return self.weight == WeightFormat(128, False) and self.act == ActFormat(8, "group", 128, False)
+
+    @property
+    def needs_calibration_inputs(self) -> bool:
+        return self.gptq or self.clip or (self.act.bits is not None and self.act.static)
+
+
+def salience(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: QuantConfig = QuantConfig(),
+             progress: bool = False) -> dict[str, np.ndarray]:
+    """Salience of every decoder-linear output channel: {linear name: float64 [L, N]} (see salience.py)."""
+    batches = check_calibration(calib_batches, cfg)
+    params = model.unstack_layers(params)
+    check_weights(params, cfg)
+    return compute_salience(params, _rebatch(batches, config.batch_size), cfg, kind=config.salience,
+                            progress=progress)
+
+
+def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: QuantConfig = QuantConfig(),
+             return_report: bool = False, progress: bool = False):
+    """Float params → quantized params (tuple of layers of `MixedWeight`/`FakeQuantWeight` linears).
+
+    calib_batches: an iterable of int [B, T] token arrays (T ≥ 2, ids < vocab_size). With
+    `return_report=True` returns (qparams, QuantReport).
+    """
+    t_start = time.perf_counter()
+    batches = check_calibration(calib_batches, cfg)
+    params = model.unstack_layers(params)
+    check_weights(params, cfg)
+    batches = _rebatch(batches, config.batch_size)
+    in_features = {n: linear_weight(params["layers"][0], n).shape[1] for n in model.LINEAR_NAMES}
+    n_layers = len(params["layers"])
+    scores = None
+    if 4.0 < config.bits < 8.0:
+        scores = compute_salience(params, batches, cfg, kind=config.salience, progress=progress)
+        is_int8 = allocate(scores, in_features, config.bits, budget=config.budget, local=config.local)
+    else:
+        n_out = {n: linear_weight(params["layers"][0], n).shape[0] for n in model.LINEAR_NAMES}
+        is_int8 = {n: np.full((n_layers, n_out[n]), config.bits >= 8.0) for n in model.LINEAR_NAMES}
+    t_salience = time.perf_counter()
+    layers = quantize_layers(params, batches, cfg, config, is_int8, progress=progress)
+    qparams = {**params, "layers": layers}
+    t_end = time.perf_counter()
+    if not return_report:
+        return qparams
+    report = build_report(
+        is_int8=is_int8, scores=scores, in_features=in_features, bits_target=config.bits,
+        bits_achieved=average_bits(is_int8, in_features), budget=config.budget, salience=config.salience,
+        local=config.local, calib_tokens=sum(int(b.size) for b in batches),
+        seconds={"salience": t_salience - t_start, "quantize": t_end - t_salience, "total": t_end - t_start},
+    )
+    return qparams, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Layer-by-layer quantization
+
+
+def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str, np.ndarray], *,
+                    progress: bool = False) -> tuple:
+    """Quantizes every decoder layer; with calibration inputs when GPTQ/clipping/static scales need them."""
+    layers = params["layers"]
+    steps = range(len(layers))
+    if progress:
+        from tqdm.auto import tqdm
+
+        steps = tqdm(steps, desc="quantize layers", unit="layer")
+    if not config.needs_calibration_inputs:
+        return tuple(_quantize_layer(layers[i], i, None, None, config, is_int8) for i in steps)
+    hidden = [model._embed(params, jnp.asarray(b, jnp.int32)) for b in batches]  # [B, T, D] each
+    out = []
+    for i in steps:
+        hess, absmax = _accumulate_stats(layers[i], hidden, cfg, config.act)
+        qlayer = _quantize_layer(layers[i], i, hess, absmax, config, is_int8)
+        out.append(qlayer)
+        if i + 1 < len(layers):
+            sim = _simulation_layer(qlayer, layers[i], config)
+            hidden = [_run_layer(sim, h, cfg=cfg) for h in hidden]
+    return tuple(out)
+
+
+def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8) -> dict:
+    new = {}
+    for name in model.LINEAR_NAMES:
+        w = linear_weight(layer, name)
+        mask = jnp.asarray(is_int8[name][i])
+        h = None if hess is None else hess[name]
+        qr = _quantize_linear(w, h, mask, config)
+        _check_finite_codes(qr, f"layers.{i}.{name}")
+        new[name] = _to_weight(qr, w.dtype, None if absmax is None else absmax[name], config)
+    return with_weights(layer, new)
+
+
+def _quantize_linear(w, h, is_int8, config: QuantConfig) -> QuantizedRows:
+    if config.gptq:
+        return gptq_quantize(w, h, is_int8, fmt=config.weight, damp=config.damp, reorder=config.group_reorder,
+                             clip=config.clip, grid=clip_grid())
+    if config.clip:
+        return rtn_clip_quantize(w, h, is_int8, fmt=config.weight, grid=clip_grid())
+    return _rtn(w, is_int8, fmt=config.weight)
+
+
+@functools.partial(jax.jit, static_argnames=("fmt",))
+def _rtn(w, is_int8, *, fmt):
+    return quantize_rows(w, is_int8, fmt)
+
+
+def _to_weight(qr: QuantizedRows, dtype, absmax, config: QuantConfig):
+    if config.kernel_compatible:
+        from pallas_kernels import pack_mixed
+
+        return pack_mixed(np.asarray(qr.q), np.asarray(qr.scale), np.asarray(qr.zero), np.asarray(qr.is_int8),
+                          k=qr.k, group_size=128)
+    w = dequantize_rows(qr, config.weight).astype(dtype)
+    return FakeQuantWeight(w=w, a_absmax=absmax if config.act.static else None, act=config.act)
+
+
+def _simulation_layer(qlayer, layer, config: QuantConfig):
+    """The quantized layer as the next layer's calibration sees it (FakeQuantWeight: fast on any backend)."""
+    if not config.kernel_compatible:
+        return qlayer
+    sim = {n: FakeQuantWeight(w=linear_weight(qlayer, n).dequantize().astype(linear_weight(layer, n).dtype),
+                              act=config.act) for n in model.LINEAR_NAMES}
+    return with_weights(layer, sim)
+
+
+class _Tap:
+    """A float weight that records its input while the layer is traced (inside one jitted function)."""
+
+    def __init__(self, w, name: str, sink: dict):
+        self.w, self.name, self.sink = w, name, sink
+
+    @property
+    def shape(self):
+        return tuple(self.w.shape)
+
+    def matmul(self, x, *, implementation: Implementation = "auto"):
+        self.sink[self.name] = x
+        return jnp.einsum("...k,nk->...n", x, self.w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "act"))
+def _layer_stats(layer, x, *, cfg: LlamaConfig, act: ActFormat):
+    """H = 2·XᵀX [K, K] f32 and per-group max |X| [G] of each linear's input X over x [B, T, D]."""
+    B, T, _ = x.shape
+    sink: dict[str, jax.Array] = {}
+    tapped = with_weights(layer, {n: _Tap(linear_weight(layer, n), n, sink) for n in model.LINEAR_NAMES})
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    model._decoder_layer(tapped, x, positions, None, cfg, model.rope_inv_freq(cfg), "xla")
+    hess, absmax, seen = {}, {}, {}
+    for name in model.LINEAR_NAMES:
+        xin = sink[name]
+        if id(xin) not in seen:
+            xf = xin.reshape(-1, xin.shape[-1]).astype(jnp.float32)  # [B·T, K]
+            amax = group_absmax(xf, act) if act.bits is not None else jnp.zeros((1,), jnp.float32)
+            seen[id(xin)] = (2.0 * xf.T @ xf, amax)
+        hess[name], absmax[name] = seen[id(xin)]
+    return hess, absmax
+
+
+def _accumulate_stats(layer, hidden, cfg, act):
+    hess, absmax = None, None
+    for h in hidden:
+        hb, ab = _layer_stats(layer, h, cfg=cfg, act=act)
+        hess = hb if hess is None else jax.tree.map(jnp.add, hess, hb)
+        absmax = ab if absmax is None else jax.tree.map(jnp.maximum, absmax, ab)
+    return hess, absmax
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _run_layer(layer, x, *, cfg: LlamaConfig):
+    B, T, _ = x.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    return model._decoder_layer(layer, x, positions, None, cfg, model.rope_inv_freq(cfg), "xla")[0]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Input checks (all raised before any work starts)
+
+
+def check_calibration(calib_batches: Iterable, cfg: LlamaConfig) -> list[np.ndarray]:
+    """Materialises and checks the calibration batches: non-empty, int [B, T] with T ≥ 2, ids < vocab."""
+    if calib_batches is None:
+        raise ValueError("calibration set is missing: pass an iterable of int [B, T] token arrays")
+    batches = []
+    for i, b in enumerate(calib_batches):
+        a = np.asarray(b)
+        if a.ndim == 1:
+            a = a[None]
+        if a.ndim != 2 or a.shape[0] == 0:
+            raise ValueError(f"calibration batch {i} has shape {a.shape}; expected int [B, T] token ids")
+        if not np.issubdtype(a.dtype, np.integer):
+            raise ValueError(f"calibration batch {i} has dtype {a.dtype}; expected integer token ids")
+        if a.shape[1] < 2:
+            raise ValueError(
+                f"calibration batch {i} has sequences of {a.shape[1]} token(s); the LM loss needs T ≥ 2 "
+                "(use longer calibration samples, e.g. --seq-len 512)"
+            )
+        if a.min() < 0 or a.max() >= cfg.vocab_size:
+            raise ValueError(
+                f"calibration batch {i} holds token ids in [{a.min()}, {a.max()}], outside the vocabulary "
+                f"[0, {cfg.vocab_size}): tokenize the calibration text with this model's tokenizer"
+            )
+        batches.append(a.astype(np.int32))
+    if not batches:
+        raise ValueError("the calibration set is empty: pass at least one int [B, T] batch of token ids")
+    return batches
+
+
+def _rebatch(batches: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
+    """Regroups samples into batches of ≤ batch_size (samples of equal length only are merged)."""
+    out = []
+    for b in batches:
+        out.extend(b[s : s + batch_size] for s in range(0, b.shape[0], batch_size))
+    return out
+
+
+def check_weights(params, cfg: LlamaConfig) -> None:
+    """Every decoder linear has the shape cfg implies and only finite values; errors name the layer."""
+    expected = model.param_shapes(cfg)["layers"]
+    layers = params["layers"]
+    if len(layers) != cfg.num_hidden_layers:
+        raise ValueError(f"params hold {len(layers)} layers but cfg.num_hidden_layers={cfg.num_hidden_layers}")
+    for i, layer in enumerate(layers):
+        for name in model.LINEAR_NAMES:
+            path = f"layers.{i}.{name}.weight"
+            try:
+                w = linear_weight(layer, name)
+            except (KeyError, TypeError):
+                raise ValueError(f"params are missing {path}") from None
+            if not hasattr(w, "dtype") or not jnp.issubdtype(w.dtype, jnp.floating):
+                raise ValueError(f"{path} is {type(w).__name__}; quantize expects float params (already quantized?)")
+            want = tuple(linear_weight(expected, name)[1:])
+            if tuple(w.shape) != want:
+                raise ValueError(f"{path} has shape {tuple(w.shape)}; the config implies {want} [N, K]")
+            if not bool(jnp.all(jnp.isfinite(w))):
+                raise ValueError(f"{path} contains NaN or Inf: fix the checkpoint before quantizing")
+
+
+def _check_finite_codes(qr: QuantizedRows, path: str) -> None:
+    if not bool(jnp.all(jnp.isfinite(qr.scale))):
+        raise FloatingPointError(f"{path}: non-finite quantization scales (check its calibration inputs)")

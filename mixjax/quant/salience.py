@@ -1,0 +1,216 @@
+"""MixLLM output-channel salience: the estimated loss increase of quantizing one channel to 4 bits.
+
+For a channel c (row of a linear weight) with Δ_c = RTN4(w_c) − w_c and g_d the LM-loss gradient of
+calibration sample d (labels = inputs, mean over its tokens), MixLLM scores
+
+    S_c = mean_d |g_dᵀΔ_c + ½ (g_dᵀΔ_c)²|          ("fisher": first order + full-channel empirical Fisher)
+
+Variants (ablations):
+- "first-order-off": S_c = mean_d ½ (g_dᵀΔ_c)².
+- "diag" (the official code's `use_diagnal` switch): S_c = mean_d Σ_k |e_k + ½ e_k²| with e_k = g_dk Δ_ck,
+  the absolute value taken per element before the sum over K. Needs per-sample weight gradients, so it
+  runs one sample at a time.
+- "hvp": S_c = mean_d |g_dᵀΔ_c + ½ Δ_cᵀ(H_d Δ)_c| with H_d the loss Hessian in the weights and Δ the
+  whole model's RTN4 perturbation (a Hessian-vector product; the terms over c sum to ½ ΔᵀH_dΔ).
+
+How g_dᵀΔ_c is computed without per-sample weight gradients: every decoder linear becomes a probe
+`y = x Wᵀ + α ⊙ (x Δᵀ)` with α [B, N] zeros (one α per sample and channel). With the loss
+Σ_b L_b, ∂/∂α[b, c] = Σ_t δy[b, t, c]·(x_b Δᵀ)[t, c] = g_bᵀΔ_c exactly, for all channels of all linears of
+all layers in one backward pass. The HVP is `jax.jvp` of that gradient with tangent α = 1. Each decoder
+layer is rematerialised (`jax.checkpoint`), so activation memory is one layer's worth plus the layer
+inputs: long sequences stay bounded. Scores are float64 on the host, `dict[linear name → [L, N]]`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, Iterable, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from mixjax.linear import Implementation
+from mixjax.quant.rtn import rtn4_delta
+
+SalienceKind = Literal["fisher", "diag", "first-order-off", "hvp"]
+SALIENCE_KINDS = ("fisher", "diag", "first-order-off", "hvp")
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "delta", "alpha"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class ProbeWeight:
+    """w [N, K] float, delta [N, K] = RTN4(w) − w, alpha [B, N]: y = x Wᵀ + α ⊙ (x Δᵀ)."""
+
+    w: jax.Array
+    delta: jax.Array
+    alpha: jax.Array
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)
+
+    def matmul(self, x: jax.Array, *, implementation: Implementation = "auto") -> jax.Array:
+        """x [B, T, K] → [B, T, N]."""
+        y = jnp.einsum("btk,nk->btn", x, self.w.astype(x.dtype), preferred_element_type=jnp.float32)
+        yd = jnp.einsum("btk,nk->btn", x, self.delta.astype(x.dtype), preferred_element_type=jnp.float32)
+        return (y + self.alpha[:, None, :] * yd).astype(x.dtype)
+
+
+def linear_weight(layer: dict, name: str):
+    group, proj = name.split(".")
+    return layer[group][proj]["weight"]
+
+
+def with_weights(layer: dict, weights: dict[str, Any]) -> dict:
+    """A copy of a per-layer dict with the given linears' weights replaced."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in layer.items()}
+    for name, w in weights.items():
+        group, proj = name.split(".")
+        out[group][proj] = {**out[group][proj], "weight": w}
+    return out
+
+
+def rtn4_deltas(layers: tuple) -> tuple[dict[str, jax.Array], ...]:
+    """Δ = RTN4(w) − w per linear per layer (f32)."""
+    return tuple({n: rtn4_delta(linear_weight(layer, n)) for n in model.LINEAR_NAMES} for layer in layers)
+
+
+def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
+    """Σ_b mean_t CE(b, t) with labels = inputs; each decoder layer rematerialised. tokens [B, T]."""
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    inv_freq = model.rope_inv_freq(cfg)
+
+    @jax.checkpoint
+    def run_layer(x, layer):
+        return model._decoder_layer(layer, x, positions, None, cfg, inv_freq, "xla")[0]
+
+    x = model._embed(params, tokens)  # [B, T, D]
+    for layer in layers:
+        x = run_layer(x, layer)
+    logits = model._logits(params, x, cfg, "xla")[:, :-1]  # [B, T-1, V]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
+    return jnp.sum(jnp.mean(lse - picked, axis=-1))
+
+
+def _probe_layers(layers, deltas, alphas):
+    return tuple(
+        with_weights(layer, {n: ProbeWeight(linear_weight(layer, n), d[n], a[n]) for n in model.LINEAR_NAMES})
+        for layer, d, a in zip(layers, deltas, alphas)
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "hvp"))
+def probe_terms(params, layers, deltas, tokens, *, cfg: LlamaConfig, hvp: bool = False):
+    """Per sample and channel: u = g_bᵀΔ_c, and (hvp) v = Δ_cᵀ(H_b Δ)_c. Each a tuple of dicts of [B, N]."""
+    B = tokens.shape[0]
+    alphas = tuple({n: jnp.zeros((B, d[n].shape[0]), jnp.float32) for n in model.LINEAR_NAMES} for d in deltas)
+
+    def loss(alphas):
+        return per_sample_loss(params, _probe_layers(layers, deltas, alphas), tokens, cfg)
+
+    grad = jax.grad(loss)
+    if not hvp:
+        return grad(alphas), None
+    ones = jax.tree.map(jnp.ones_like, alphas)
+    return jax.jvp(grad, (alphas,), (ones,))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "first_order"))
+def diag_terms(params, layers, deltas, tokens, *, cfg: LlamaConfig, first_order: bool = True):
+    """Official "diagonal Fisher" per channel for one sample: Σ_k |e + ½e²|, e = g ⊙ Δ. tokens [1, T]."""
+    weights = tuple({n: linear_weight(layer, n) for n in model.LINEAR_NAMES} for layer in layers)
+
+    def loss(weights):
+        return per_sample_loss(params, tuple(with_weights(l, w) for l, w in zip(layers, weights)), tokens, cfg)
+
+    grads = jax.grad(loss)(weights)
+
+    def score(g, d):
+        e = g.astype(jnp.float32) * d  # [N, K]
+        s = 0.5 * e * e + (e if first_order else 0.0)
+        return jnp.sum(jnp.abs(s), axis=-1)  # [N]
+
+    return jax.tree.map(score, grads, deltas)
+
+
+def combine(u: np.ndarray, v: np.ndarray | None, kind: SalienceKind) -> np.ndarray:
+    """Per-sample terms [B, N] → per-sample scores [B, N]."""
+    if kind == "fisher":
+        return np.abs(u + 0.5 * u * u)
+    if kind == "first-order-off":
+        return 0.5 * u * u
+    if kind == "hvp":
+        return np.abs(u + 0.5 * v)
+    raise ValueError(f"salience kind {kind!r} has no per-sample probe terms")
+
+
+def compute_salience(
+    params: dict,
+    batches: Iterable[np.ndarray],
+    cfg: LlamaConfig,
+    *,
+    kind: SalienceKind = "fisher",
+    progress: bool = False,
+) -> dict[str, np.ndarray]:
+    """Salience of every output channel of every decoder linear: {linear name: float64 [L, N]}.
+
+    `params` are float params (stacked or a tuple of layers); `batches` yields int [B, T] token arrays.
+    Checks every gradient term for NaN/Inf and names the layer.
+    """
+    if kind not in SALIENCE_KINDS:
+        raise ValueError(f"salience kind={kind!r}; expected one of {SALIENCE_KINDS}")
+    params = model.unstack_layers(params)
+    layers = params["layers"]
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    deltas = rtn4_deltas(layers)
+    totals = [{n: 0.0 for n in model.LINEAR_NAMES} for _ in layers]
+    count = 0
+    for tokens in _progress(batches, progress, "salience"):
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if kind == "diag":
+            for b in range(tokens.shape[0]):
+                terms = jax.device_get(diag_terms(rest, layers, deltas, tokens[b : b + 1], cfg=cfg))
+                _check_finite(terms, "diagonal-Fisher salience")
+                _accumulate(totals, terms, lambda t: t)
+        else:
+            u, v = jax.device_get(probe_terms(rest, layers, deltas, tokens, cfg=cfg, hvp=kind == "hvp"))
+            _check_finite(u, "loss gradient (g·Δ)")
+            if v is not None:
+                _check_finite(v, "Hessian-vector product (ΔᵀHΔ)")
+            for i, layer_u in enumerate(u):
+                for n in model.LINEAR_NAMES:
+                    s = combine(np.asarray(layer_u[n], np.float64), None if v is None else np.asarray(v[i][n], np.float64), kind)
+                    totals[i][n] = totals[i][n] + s.sum(axis=0)
+        count += tokens.shape[0]
+    if count == 0:
+        raise ValueError("salience needs at least one calibration sample; the calibration set is empty")
+    return {n: np.stack([np.asarray(t[n], np.float64) for t in totals]) / count for n in model.LINEAR_NAMES}
+
+
+def _accumulate(totals, terms, f):
+    for i, layer_terms in enumerate(terms):
+        for n in model.LINEAR_NAMES:
+            totals[i][n] = totals[i][n] + np.asarray(f(layer_terms[n]), np.float64)
+
+
+def _check_finite(terms, what: str) -> None:
+    for i, layer_terms in enumerate(terms):
+        for n in model.LINEAR_NAMES:
+            if not np.all(np.isfinite(np.asarray(layer_terms[n]))):
+                raise FloatingPointError(
+                    f"non-finite {what} in layers.{i}.{n}: check that layer's weights and the calibration tokens"
+                )
+
+
+def _progress(it, enabled: bool, desc: str):
+    if not enabled:
+        return it
+    from tqdm.auto import tqdm
+
+    return tqdm(it, desc=desc, unit="batch")
