@@ -1,0 +1,122 @@
+"""GGUF files (llama.cpp) → (LlamaConfig, params).
+
+Read with `gguf.GGUFReader` (memory-mapped), each tensor dequantized to f32 with
+`gguf.quants.dequantize` as it is copied into the `ParamBuffer`. GGML stores a [N, K] weight with its
+dimensions listed as (K, N); the numpy view is already [N, K]. llama.cpp's converter interleaves the
+rows of q_proj / k_proj of `llama` models for GGML's adjacent-pair RoPE; `_unpermute_rows` restores
+Hugging Face's rotate-half order. `qwen2` files are stored unpermuted (GGML runs them with NeoX RoPE).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from convert.layout import GGUF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuffer
+from mixjax.config import ConfigError, LlamaConfig
+
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+
+
+def _open(path: Path):
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(str(path))
+    except (ValueError, IndexError, KeyError, OSError, TypeError) as e:
+        raise ConvertError(f"{path}: truncated or corrupt GGUF file ({type(e).__name__}: {e}); re-download it") from None
+
+
+def _field(reader, key: str, default=None):
+    field = reader.fields.get(key)
+    if field is None:
+        return default
+    return field.contents()
+
+
+def read_config(reader, path: Path) -> LlamaConfig:
+    """Maps GGUF metadata to a LlamaConfig; refuses architectures and RoPE variants mixjax lacks."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ConfigError(
+            f"{path}: general.architecture={arch!r} is not supported; mixjax reads GGUF files of "
+            f"{', '.join(SUPPORTED_ARCHITECTURES)} models"
+        )
+    names = {t.name for t in reader.tensors}
+    scaling = _field(reader, f"{arch}.rope.scaling.type")
+    if "rope_freqs.weight" in names or scaling not in (None, "none"):
+        raise ConfigError(
+            f"{path}: RoPE scaling stored in GGUF (rope_freqs / {arch}.rope.scaling.type) is not supported; "
+            "convert from the Hugging Face directory instead"
+        )
+
+    def need(key):
+        value = _field(reader, f"{arch}.{key}")
+        if value is None:
+            raise ConfigError(f"{path}: required GGUF metadata {arch}.{key!s} is missing")
+        return value
+
+    hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    vocab = _field(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        vocab = len(tokens.data) if tokens is not None else None
+    if vocab is None:
+        raise ConfigError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
+    eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(need("feed_forward_length")),
+        num_hidden_layers=int(need("block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
+        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        attention_bias="blk.0.attn_q.bias" in names,
+        model_type=arch,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_ids=() if eos is None else (int(eos),),
+    )
+
+
+def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """[n_heads*Dh, ...] rows (GGML pairs (0,1),(2,3)... per head) → rotate-half order (i, i + Dh/2)."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize(tensor) -> np.ndarray:
+    from gguf.quants import dequantize
+
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # GGML lists dims fastest-first
+    return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
+
+
+def load_gguf(path: Path, dtype) -> tuple[LlamaConfig, dict]:
+    reader = _open(path)
+    cfg = read_config(reader, path)
+    buffer = ParamBuffer(cfg, dtype, GGUF_NAMES, source=str(path))
+    permute = cfg.model_type == "llama"
+    for tensor in reader.tensors:
+        if tensor.name.endswith(IGNORED_SUFFIXES):
+            continue
+        target = GGUF_NAMES.resolve(tensor.name)
+        if target is None or not buffer.wants(target[0]):
+            raise ConvertError(f"{path}: unexpected tensor {tensor.name!r} for a {cfg.model_type} model")
+        try:
+            value = _dequantize(tensor)
+        except (ValueError, NotImplementedError) as e:
+            raise ConvertError(
+                f"{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be dequantized: {e}"
+            ) from None
+        if permute and target[0].startswith("layers.self_attn.q_proj"):
+            value = _unpermute_rows(value, cfg.num_attention_heads)
+        elif permute and target[0].startswith("layers.self_attn.k_proj"):
+            value = _unpermute_rows(value, cfg.num_key_value_heads)
+        buffer.put(tensor.name, *target, value)
+    return cfg, buffer.finish()

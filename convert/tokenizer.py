@@ -1,0 +1,36 @@
+"""Hugging Face tokenizers for every model source convert.load accepts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from convert.layout import ConvertError
+
+TOKENIZER_DIR = "tokenizer"  # inside a mixjax checkpoint: the files saved by `tokenizer.save_pretrained`
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+
+
+def load_tokenizer(path: Path):
+    """AutoTokenizer of a Hugging Face directory, of a .gguf file (its embedded vocabulary), or of a
+    mixjax checkpoint (its `tokenizer/` folder)."""
+    from transformers import AutoTokenizer
+
+    from convert import orbax_io
+
+    if path.is_file() and path.suffix == ".gguf":
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    if path.is_dir() and orbax_io.is_checkpoint(path):
+        path = path / TOKENIZER_DIR
+        if not path.is_dir():
+            raise ConvertError(
+                f"{path.parent}: this mixjax checkpoint holds no tokenizer; pass the original model path "
+                "as the tokenizer"
+            )
+    if path.is_dir():
+        if not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            raise ConvertError(
+                f"{path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer next to "
+                "the weights or pass a .gguf file"
+            )
+        return AutoTokenizer.from_pretrained(str(path))
+    raise ConvertError(f"{path}: cannot find a tokenizer; pass a model directory or a .gguf file")
