@@ -1,0 +1,243 @@
+"""Benchmark the mixed W4/W8 × A8 kernels against XLA on Llama-3-8B linear shapes, side by side, one run.
+
+    python benchmarks/bench_matmul.py                       # full grid
+    python benchmarks/bench_matmul.py --shapes 4096x14336 --ms 1,16 --variants mixed,xla_bf16
+    python benchmarks/bench_matmul.py --sweep               # also time alternative kernel configs
+
+Every variant is first checked against its reference on the same inputs (rel. error printed), then
+timed: R copies of the weights and activations (R·weight bytes > 100 MB, beyond the 50 MB L2) are run
+inside one jitted program, the median over repeats of the whole program divided by R is reported.
+The weight-read floor is the bytes a variant must read (weights in their format, scales, activations,
+output) over the measured device-to-device copy bandwidth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from pallas_kernels import format as fmt  # noqa: E402
+from pallas_kernels import kernels, reference  # noqa: E402
+
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
+MS = (1, 16, 64, 256, 1024, 4096)
+VARIANTS = ("xla_bf16", "xla_int8", "xla_ref", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant")
+SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1}
+ROTATE_BYTES = 100e6
+
+
+def random_packed(rng, n: int, k: int, share8: float) -> fmt.MixedWeight:
+    """Random codes/scales (content is irrelevant to speed; the references check the numbers)."""
+    g = -(-k // 128)
+    is_int8 = np.zeros(n, bool)
+    is_int8[rng.permutation(n)[: int(round(share8 * n))]] = True
+    q = np.where(is_int8[:, None], rng.integers(-127, 128, (n, g * 128)), rng.integers(0, 16, (n, g * 128)))
+    scale = np.where(is_int8[:, None], 1 / 127, 1 / 7.5) * rng.uniform(0.5, 1.5, (n, g)) * 0.05
+    zero = rng.integers(5, 11, (n, g))
+    return fmt.pack_mixed(q.astype(np.int32), scale.astype(np.float32), zero, is_int8, k=k)
+
+
+def packed_bytes(qw: fmt.MixedWeight) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(qw))
+
+
+def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bool = False):
+    """→ (fn(x, w) → y, weight builder(rng, n, k) → w, reference fn or None, tolerance)."""
+    if name == "xla_bf16":
+        fn = lambda x, w: jnp.einsum("mk,nk->mn", x, w, preferred_element_type=jnp.float32).astype(x.dtype)
+        build = lambda rng, n, k: jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
+        return fn, build, None, None
+    if name == "xla_int8":
+        fn = lambda x, w: jax.lax.dot_general(
+            x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
+        build = lambda rng, n, k: jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+        return fn, build, None, None
+    share = SHARE[name]
+    build = lambda rng, n, k: random_packed(rng, n, k, share)
+    if name == "xla_ref":
+        return reference.mixed_matmul_ref, build, None, None
+    if name == "xla_dequant":
+        return reference.dequant_matmul_ref, build, None, None
+    if name == "float_dequant":
+        fn = lambda x, w: kernels.dequant_matmul_pallas(x, w, config=cfg, interpret=interpret)
+        return fn, build, reference.dequant_matmul_ref, 1e-2
+    fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, interpret=interpret)
+    return fn, build, reference.mixed_matmul_ref, 5e-3
+
+
+def rel_err(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    if not np.all(np.isfinite(a)):
+        return float("nan")
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def time_variant(fn, ws, xs, repeats: int) -> float:
+    """Median seconds per call: len(xs) calls cycling over the R weight copies in one jitted program
+    (distinct x per call, so nothing is merged or CSE'd), median over repeats, / len(xs)."""
+    many = jax.jit(lambda xs, ws: [fn(x, ws[i % len(ws)]) for i, x in enumerate(xs)])
+    jax.block_until_ready(many(xs, ws))
+    jax.block_until_ready(many(xs, ws))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(many(xs, ws))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(xs)
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device bytes/s (read + write) of a 1 GiB elementwise pass."""
+    a = jnp.ones((1 << 29,), jnp.bfloat16)
+    f = jax.jit(lambda a: a + 1)
+    jax.block_until_ready(f(a))
+    ts = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        jax.block_until_ready(f(a))
+        ts.append(time.perf_counter() - t0)
+    return 2 * a.nbytes / statistics.median(ts)
+
+
+def floor_bytes(name: str, w, m: int, k: int, n: int) -> int:
+    if name in ("xla_bf16",):
+        return 2 * (n * k + m * k + m * n)
+    if name == "xla_int8":
+        return n * k + m * k + 4 * m * n
+    return packed_bytes(w) + 2 * (m * k + m * n)
+
+
+def bench_one(name, k, n, m, args, bandwidth, cfg=None):
+    rng = np.random.default_rng(m * 7 + n)
+    fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
+    w0 = build(rng, n, k)
+    if name == "xla_int8":
+        x0 = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+    else:
+        x0 = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    row = {"variant": name, "m": m, "k": k, "n": n, "config": dataclasses.asdict(cfg) if cfg else None}
+    if ref_fn is not None:
+        y = jax.jit(fn)(x0, w0)
+        row["rel_err"] = rel_err(y, jax.jit(ref_fn)(x0, w0))
+        row["ok"] = bool(row["rel_err"] < tol)
+    wbytes = packed_bytes(w0) if isinstance(w0, fmt.MixedWeight) else w0.nbytes
+    r = int(min(args.max_rotate, max(args.min_rotate, math.ceil(ROTATE_BYTES / wbytes))))
+    ws = [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), w0) for _ in range(r)]
+    calls = max(r, args.min_calls) if m <= 256 else r  # amortize the program's dispatch over many calls
+    xs = [jnp.array(x0, copy=True) for _ in range(calls)]
+    sec = time_variant(fn, ws, xs, args.repeats)
+    fb = floor_bytes(name, w0, m, k, n)
+    row.update(us=sec * 1e6, floor_us=fb / bandwidth * 1e6, rotate=r, calls=calls, tops=2 * m * n * k / sec / 1e12)
+    row["pct_floor"] = 100 * row["floor_us"] / row["us"]
+    return row
+
+
+def default_sweep(m: int, g: int):
+    """Alternative configurations tried with --sweep for the mixed kernel."""
+    C = kernels.GemmConfig
+    if m <= 16:
+        cands = [C(16, bn, s, 4, st, True) for bn in (32, 64, 128) for s in (1, 4, 8, 16) for st in (3, 5)]
+    elif m < 256:
+        cands = [C(64, bn, s, 4, st, False) for bn in (64, 128) for s in (1, 2, 4) for st in (3, 4)]
+    else:
+        cands = [C(128, 128, 1, 8, 3, False), C(128, 128, 1, 8, 4, False), C(128, 128, 1, 4, 3, False),
+                 C(128, 64, 1, 4, 4, False), C(64, 128, 1, 4, 4, False), C(256, 128, 1, 8, 3, False),
+                 C(128, 128, 2, 8, 3, False)]
+    return [c for c in cands if g % c.split_k == 0]
+
+
+def parse(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,KxN,...")
+    p.add_argument("--ms", default=",".join(map(str, MS)))
+    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--min-rotate", type=int, default=4)
+    p.add_argument("--max-rotate", type=int, default=16)
+    p.add_argument("--min-calls", type=int, default=48, help="calls per timed program for M <= 256")
+    p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
+    p.add_argument("--sweep-shapes", default="4096x14336")
+    p.add_argument("--sweep-ms", default="1,16,64,4096")
+    p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
+    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    return p.parse_args(argv)
+
+
+def emit(row, log):
+    log.write(json.dumps(row) + "\n")
+    log.flush()
+    cfg = row.get("config")
+    cfg_s = "" if not cfg else "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
+    err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
+    print(f"{row['variant']:>13} M={row['m']:<5} K={row['k']:<6} N={row['n']:<6} {row.get('us', 0):9.1f} us "
+          f"floor {row.get('floor_us', 0):7.1f} ({row.get('pct_floor', 0):5.1f}%) {cfg_s} {err} {row.get('error', '')}",
+          flush=True)
+
+
+def run_row(name, k, n, m, args, bandwidth, log, cfg=None):
+    try:
+        row = bench_one(name, k, n, m, args, bandwidth, cfg)
+    except Exception as e:  # a variant that fails to compile is reported, the run goes on
+        row = {"variant": name, "m": m, "k": k, "n": n, "error": f"{type(e).__name__}: {str(e)[:300]}",
+               "config": dataclasses.asdict(cfg) if cfg else None}
+    emit(row, log)
+    return row
+
+
+def summary(rows):
+    by = {(r["variant"], r["m"], r["k"], r["n"]): r for r in rows if "us" in r and r.get("config") is None}
+    lines = ["| M | K | N | bf16 µs | int8 µs | mixed µs | mixed floor % | ×bf16 | ×int8 | w4a8 ×bf16 | w8a8 ×bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (v, m, k, n), r in sorted(by.items(), key=lambda t: (t[0][2], t[0][3], t[0][1])):
+        if v != "mixed":
+            continue
+        get = lambda name: by.get((name, m, k, n), {}).get("us", float("nan"))
+        bf, i8 = get("xla_bf16"), get("xla_int8")
+        lines.append(f"| {m} | {k} | {n} | {bf:.1f} | {i8:.1f} | {r['us']:.1f} | {r['pct_floor']:.0f} | "
+                     f"{bf / r['us']:.2f} | {i8 / r['us']:.2f} | {bf / get('w4a8'):.2f} | {bf / get('w8a8'):.2f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    args = parse(argv)
+    os.makedirs(args.out, exist_ok=True)
+    dev = jax.devices()[0]
+    print(f"device {dev.device_kind} ({dev.platform}), jax {jax.__version__}", flush=True)
+    bandwidth = copy_bandwidth()
+    print(f"copy bandwidth {bandwidth / 1e12:.2f} TB/s (read + write)", flush=True)
+    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
+    ms = [int(m) for m in args.ms.split(",") if m]
+    variants = [v for v in args.variants.split(",") if v]
+    rows = []
+    with open(os.path.join(args.out, "bench.jsonl"), "a") as log:
+        log.write(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "bandwidth": bandwidth}) + "\n")
+        for k, n in shapes:
+            for m in ms:
+                for v in variants:
+                    rows.append(run_row(v, k, n, m, args, bandwidth, log))
+        if args.sweep:
+            for s in args.sweep_shapes.split(","):
+                k, n = map(int, s.split("x"))
+                for m in (int(v) for v in args.sweep_ms.split(",")):
+                    for cfg in default_sweep(m, -(-k // 128)):
+                        rows.append(run_row("mixed", k, n, m, args, bandwidth, log, cfg=cfg))
+    table = summary(rows)
+    with open(os.path.join(args.out, "summary.md"), "w") as f:
+        f.write(f"device {dev.device_kind}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

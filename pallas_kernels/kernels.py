@@ -1,0 +1,290 @@
+"""Pallas-Triton kernels for mixed W8/W4 × A8 GEMMs, beside their references in `reference.py`.
+
+Tiling. One `pallas_call` computes the whole mixed linear. Its grid is (M tiles, N tiles, K splits); the
+N tiles cover the packed rows [q8 rows; q4 rows] (`format.py`), so the first `n8_tiles` programs along
+axis 1 run the 8-bit branch and the rest the 4-bit branch, in parallel — MixLLM's two sub-problems in one
+launch. Each program loops (`fori_loop`, unroll 1, software-pipelined by Triton over `num_stages`) over
+its share of the K groups of 128. Per group it issues two K=64 int8 dots against the two halves of the
+activation group, so the 8-bit and 4-bit branches share one activation schedule:
+
+  8-bit:  P = x_q[:, :64]·w[:, :64]ᵀ + x_q[:, 64:]·w[:, 64:]ᵀ                        (int32)
+  4-bit:  P = x_q[:, :64]·(b << 4)ᵀ + x_q[:, 64:]·(b & -16)ᵀ = 16·Σ x_q·(u − 8)        (int32)
+          I = P/16 + (8 − z)·Σx_q  — the exact Σ x_q·(u − z), all integers < 2^24 in f32
+
+Two-step dequantization: step 1 turns 4-bit codes into int8 operands with two bit ops (no zero point
+in the loop: it is folded per group through Σx_q, which the activation quantizer emits), the MMA runs
+int8 × int8 → int32; step 2 scales each group's integer partial by s_a·s_w in f32 and accumulates.
+Weights are loaded `evict_first` (read once); scales are group-major so each group reads one row.
+
+Epilogue: each tile scatters its columns to channel order through `channel` (padding rows point past
+N and are masked), so the output comes out in channel order from the one call. With `split_k > 1` the
+programs of one tile `atomic_add` their f32 partials into a zeroed output (decode: many programs for a
+small M); with `split_k == 1` they store x's dtype directly.
+
+Configurations (`choose_config`): decode (M ≤ 16) quantizes the activations inside the GEMM (no extra
+launch) with block_m = 16 and split-K; larger M quantizes first with `quantize_activations_pallas` and
+uses 64- or 128-row tiles with 4/8 warps (wgmma needs block_m % 64 == 0, num_warps % 4 == 0).
+
+The float-dequantization ablation (`mode="float"`) keeps the same tiling but dequantizes each weight
+tile to bf16 and runs a bf16 MMA against unquantized bf16 activations (`reference.dequant_matmul_ref`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, MixedWeight
+
+Mode = Literal["int", "float"]
+
+
+@dataclasses.dataclass(frozen=True)
+class GemmConfig:
+    """Static tiling of one mixed GEMM call."""
+
+    block_m: int
+    block_n: int
+    split_k: int  # K groups split over this many programs (>1: f32 atomic_add epilogue)
+    num_warps: int
+    num_stages: int
+    fuse_quant: bool  # quantize activations inside the GEMM (decode)
+
+    def check(self, m: int, num_groups: int) -> None:
+        if ROW_ALIGN % self.block_n:
+            raise ValueError(f"block_n={self.block_n} must divide the row padding {ROW_ALIGN}")
+        if num_groups % self.split_k:
+            raise ValueError(f"split_k={self.split_k} must divide the number of K groups {num_groups}")
+        if self.block_m % 16:
+            raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
+
+
+def _largest_split(num_groups: int, target: int) -> int:
+    return max(d for d in range(1, min(num_groups, target) + 1) if num_groups % d == 0)
+
+
+def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int") -> GemmConfig:
+    """Decode (M ≤ 16), medium and prefill (M ≥ 256) configurations from M, K (groups) and N (rows)."""
+    if m <= 16:
+        tiles = rows // 64
+        split = _largest_split(num_groups, max(1, -(-512 // tiles)))
+        return GemmConfig(16, 64, split, 4, 4, fuse_quant=mode == "int")
+    if m < 256:
+        block_m = 64
+        tiles = -(-m // block_m) * (rows // 128)
+        split = _largest_split(num_groups, max(1, -(-264 // tiles)))
+        return GemmConfig(block_m, 128, split, 4, 4, fuse_quant=False)
+    return GemmConfig(128, 128, 1, 8, 3, fuse_quant=False)
+
+
+# ------------------------------------------------------------------------------ activation quantization
+
+
+def _quantize_halves(xa, xb):
+    """Two halves [bm, 64] f32 of one group → (x_q halves int8, s_a f32 [bm], Σx_q int32 [bm]).
+
+    Same arithmetic as `reference.quantize_groups`."""
+    amax = jnp.maximum(jnp.max(jnp.abs(xa), axis=1), jnp.max(jnp.abs(xb), axis=1))  # [bm]
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    qa = jnp.clip(jnp.floor(xa * inv[:, None] + 0.5), -127.0, 127.0)
+    qb = jnp.clip(jnp.floor(xb * inv[:, None] + 0.5), -127.0, 127.0)
+    x_sum = (jnp.sum(qa, axis=1) + jnp.sum(qb, axis=1)).astype(jnp.int32)  # exact: |Σ| ≤ 16256
+    return qa.astype(jnp.int8), qb.astype(jnp.int8), amax / 127.0, x_sum
+
+
+def _load_x_halves(x_ref, m0, g, *, block_m, m, k):
+    """Masked loads of one activation group as two halves [block_m, 64] f32 (rows ≥ M, cols ≥ K → 0)."""
+    rows = m0 + jnp.arange(block_m)
+    halves = []
+    for h in range(2):
+        cols = g * GROUP_SIZE + h * HALF_GROUP + jnp.arange(HALF_GROUP)
+        mask = (rows < m)[:, None] & (cols < k)[None, :]
+        tile = plgpu.load(x_ref.at[pl.ds(m0, block_m), pl.ds(g * GROUP_SIZE + h * HALF_GROUP, HALF_GROUP)],
+                          mask=mask, other=0.0)
+        halves.append(tile.astype(jnp.float32))  # [block_m, 64]
+    return halves
+
+
+def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *, block_m, m, k):
+    m0 = pl.program_id(0) * block_m
+    g = pl.program_id(1)
+    xa, xb = _load_x_halves(x_ref, m0, g, block_m=block_m, m=m, k=k)
+    qa, qb, a_scale, x_sum = _quantize_halves(xa, xb)
+    xq_ref[pl.ds(m0, block_m), pl.ds(g * GROUP_SIZE, HALF_GROUP)] = qa
+    xq_ref[pl.ds(m0, block_m), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)] = qb
+    scale_ref[g, pl.ds(m0, block_m)] = a_scale
+    sum_ref[g, pl.ds(m0, block_m)] = x_sum
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "interpret"))
+def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, interpret: bool = False):
+    """x [M, K] float → (x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp]), Mp = ⌈M/block_m⌉·block_m.
+
+    Scales and sums are group-major (the GEMM reads one row of them per K step)."""
+    m, k = x.shape
+    g = -(-k // GROUP_SIZE)
+    mp = -(-m // block_m) * block_m
+    out_shape = (
+        jax.ShapeDtypeStruct((mp, g * GROUP_SIZE), jnp.int8),
+        jax.ShapeDtypeStruct((g, mp), jnp.float32),
+        jax.ShapeDtypeStruct((g, mp), jnp.int32),
+    )
+    kernel = functools.partial(_quant_kernel, block_m=block_m, m=m, k=k)
+    return pl.pallas_call(
+        kernel, out_shape=out_shape, grid=(mp // block_m, g), interpret=interpret, name="quantize_activations",
+        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+    )(x)
+
+
+# ------------------------------------------------------------------------------------------ mixed GEMM
+
+
+def _w8_group(xs, g, n0, q8_ref, s8_ref, *, block_n, evict, mode):
+    """One K group of the 8-bit branch → f32 [bm, bn] contribution."""
+    rows = pl.ds(n0, block_n)
+    wa = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
+    wb = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
+    w_scale = plgpu.load(s8_ref.at[g, rows])  # [bn]
+    if mode == "float":
+        xa, xb = xs
+        wa = (wa.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16)
+        wb = (wb.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16)
+        return pl.dot(xa, wa, trans_b=True) + pl.dot(xb, wb, trans_b=True)
+    xa, xb, a_scale, _ = xs
+    partial = pl.dot(xa, wa, trans_b=True) + pl.dot(xb, wb, trans_b=True)  # int32 [bm, bn]
+    return partial.astype(jnp.float32) * (a_scale[:, None] * w_scale[None, :])
+
+
+def _w4_group(xs, g, n0, q4_ref, s4_ref, z4_ref, *, block_n, evict, mode):
+    """One K group of the 4-bit branch → f32 [bm, bn] contribution."""
+    rows = pl.ds(n0, block_n)
+    packed = plgpu.load(q4_ref.at[rows, pl.ds(g * HALF_GROUP, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
+    lo = jnp.left_shift(packed, jnp.int8(4))  # 16·(u − 8) for k in [0, 64)
+    hi = packed & jnp.int8(-16)  # 16·(u − 8) for k in [64, 128)
+    w_scale = plgpu.load(s4_ref.at[g, rows])  # [bn]
+    zero_off = 8.0 - plgpu.load(z4_ref.at[g, rows]).astype(jnp.float32)  # [bn] 8 − z
+    if mode == "float":
+        xa, xb = xs
+        scale16 = w_scale * (1.0 / 16.0)
+
+        def deq(w16):  # ((u − 8) + (8 − z))·s in bf16
+            return (w16.astype(jnp.float32) * scale16[:, None] + (zero_off * w_scale)[:, None]).astype(jnp.bfloat16)
+
+        return pl.dot(xa, deq(lo), trans_b=True) + pl.dot(xb, deq(hi), trans_b=True)
+    xa, xb, a_scale, x_sum = xs
+    partial16 = pl.dot(xa, lo, trans_b=True) + pl.dot(xb, hi, trans_b=True)  # int32 [bm, bn]
+    exact = partial16.astype(jnp.float32) * (1.0 / 16.0) + x_sum.astype(jnp.float32)[:, None] * zero_off[None, :]
+    return exact * (a_scale[:, None] * w_scale[None, :])
+
+
+def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
+                  m: int, k: int, n_out: int, atomic: bool, interpret: bool):
+    if cfg.fuse_quant or mode == "float":
+        x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
+    else:
+        xq_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
+    o_ref = o_refs[-1]
+    bm, bn = cfg.block_m, cfg.block_n
+    m0 = pl.program_id(0) * bm
+    tile = pl.program_id(1)
+    g0 = pl.program_id(2) * groups_per_split
+    evict = "evict_first"
+
+    def load_x(g):
+        if mode == "float":
+            xa, xb = _load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k)
+            return xa.astype(jnp.bfloat16), xb.astype(jnp.bfloat16)
+        if cfg.fuse_quant:
+            return _quantize_halves(*_load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k))
+        xa = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE, HALF_GROUP)]  # [bm, 64] int8
+        xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
+        return xa, xb, as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]
+
+    def run(group_fn, n0):
+        def body(g, acc):
+            return acc + group_fn(load_x(g), g, n0)
+
+        acc = lax.fori_loop(g0, g0 + groups_per_split, body, jnp.zeros((bm, bn), jnp.float32))
+        rows = m0 + jnp.arange(bm)  # [bm]
+        cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows
+        mask = (rows < m)[:, None] & (cols < n_out)[None, :]
+        idx = (rows[:, None], cols[None, :])
+        if atomic:
+            plgpu.atomic_add(o_ref, idx, acc, mask=None if interpret else mask)
+        else:
+            plgpu.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=mask)
+
+    if n8_tiles:
+        @pl.when(tile < n8_tiles)
+        def _():
+            fn = functools.partial(_w8_group, q8_ref=q8_ref, s8_ref=s8_ref, block_n=bn, evict=evict, mode=mode)
+            run(fn, tile * bn)
+
+    if n4_tiles:
+        @pl.when(tile >= n8_tiles)
+        def _():
+            fn = functools.partial(_w4_group, q4_ref=q4_ref, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn,
+                                   evict=evict, mode=mode)
+            run(fn, (tile - n8_tiles) * bn)
+
+
+def _nonempty(*arrays):
+    """A channel set with no rows is passed as (1, 1) placeholders: its branch is never traced."""
+    return tuple(a if a.size else jnp.zeros((1, 1), a.dtype) for a in arrays)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "mode", "interpret"))
+def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: bool):
+    m = x.shape[0]
+    g = qw.num_groups
+    cfg.check(m, g)
+    n8_tiles = qw.q8.shape[0] // cfg.block_n
+    n4_tiles = qw.q4.shape[0] // cfg.block_n
+    atomic = cfg.split_k > 1
+    weights = (*_nonempty(qw.q8, qw.scale8), *_nonempty(qw.q4, qw.scale4, qw.zero4), qw.channel)
+    if cfg.fuse_quant or mode == "float":
+        args = (x, *weights)
+    else:
+        x_q, a_scale, x_sum = quantize_activations_pallas(x, block_m=cfg.block_m, interpret=interpret)
+        args = (x_q, a_scale, x_sum, *weights)
+    out_dtype = jnp.float32 if atomic else x.dtype
+    aliases = {}
+    if atomic:
+        args = (*args, jnp.zeros((m, qw.n), jnp.float32))
+        aliases = {len(args) - 1: 0}
+    kernel = functools.partial(
+        _mixed_kernel, cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,
+        k=qw.k, n_out=qw.n, atomic=atomic, interpret=interpret,
+    )
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((m, qw.n), out_dtype),
+        grid=(-(-m // cfg.block_m), n8_tiles + n4_tiles, cfg.split_k),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        name=f"mixed_gemm_{mode}",
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(*args)
+    return y.astype(x.dtype)
+
+
+def mixed_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,
+                        interpret: bool = False) -> jax.Array:
+    """x [M, K] float → [M, N] x.dtype in channel order (W8A8 + W4A8, two-step dequantization)."""
+    cfg = config or choose_config(x.shape[0], qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0])
+    return _mixed_gemm(x, qw, cfg=cfg, mode="int", interpret=interpret)
+
+
+def dequant_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,
+                          interpret: bool = False) -> jax.Array:
+    """The ablation: dequantize weight tiles to bf16, bf16 MMA with bf16 activations (no int8 path)."""
+    rows = qw.q8.shape[0] + qw.q4.shape[0]
+    cfg = config or choose_config(x.shape[0], qw.num_groups, rows, mode="float")
+    return _mixed_gemm(x, qw, cfg=dataclasses.replace(cfg, fuse_quant=False), mode="float", interpret=interpret)
