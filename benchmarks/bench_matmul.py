@@ -148,9 +148,9 @@ def default_sweep(m: int, g: int):
     """Alternative configurations tried with --sweep for the mixed kernel."""
     C = kernels.GemmConfig
     if m <= 16:
-        cands = [C(16, bn, s, 4, st, True) for bn in (32, 64, 128) for s in (1, 4, 8, 16) for st in (3, 5)]
+        cands = [C(16, bn, s, 4, 4, True) for bn in (32, 64, 128) for s in (1, 4, 8, 16)]
     elif m < 256:
-        cands = [C(64, bn, s, 4, st, False) for bn in (64, 128) for s in (1, 2, 4) for st in (3, 4)]
+        cands = [C(64, bn, s, 4, 4, False) for bn in (64, 128) for s in (1, 2, 4)]
     else:
         cands = [C(128, 128, 1, 8, 3, False), C(128, 128, 1, 8, 4, False), C(128, 128, 1, 4, 3, False),
                  C(128, 64, 1, 4, 4, False), C(64, 128, 1, 4, 4, False), C(256, 128, 1, 8, 3, False),
@@ -169,7 +169,7 @@ def parse(argv):
     p.add_argument("--min-calls", type=int, default=48, help="calls per timed program for M <= 256")
     p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
     p.add_argument("--sweep-shapes", default="4096x14336")
-    p.add_argument("--sweep-ms", default="1,16,64,4096")
+    p.add_argument("--sweep-ms", default="1,64,4096")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args(argv)
