@@ -133,16 +133,18 @@ def test_greedy_matches_transformers_on_embedded_model(embedded_model_path):
     import convert
 
     path = embedded_model_path
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    tok = convert.load_tokenizer(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     cfg, params = convert.load(path, dtype=jnp.float32)
     prompts = ["The capital of France is", "In 1905, Albert Einstein published a paper on"]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    n = 32
-    ours = generate(params, cfg, ids, max_new_tokens=n, eos_token_ids=())
+    n = 40
+    ours = generate(params, cfg, ids, max_new_tokens=n, eos_token_ids=[tok.eos_token_id])  # one batch
     for prompt_ids, got in zip(ids, ours):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                              pad_token_id=tok.eos_token_id)
-        assert got == ref[0, len(prompt_ids):].tolist()
+            ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+        assert got == ref[0, len(prompt_ids):].tolist()  # both stop after the same EOS, if any
     assert "Paris" in tok.decode(ours[0])
+    assert ours[0][-1] == tok.eos_token_id and len(ours[0]) < n  # this prompt ends early with EOS
+    assert len(ours[1]) == n  # at least 32 new tokens compared
