@@ -112,7 +112,7 @@ class ParamBuffer:
         self.cfg, self.names, self.source = cfg, names, source
         self.np_dtype = np.dtype(jnp.dtype(dtype))
         if self.np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
-            raise ConvertError(f"dtype={dtype} is not supported; use jnp.float32 or jnp.bfloat16")
+            raise ConvertError(f"dtype={self.np_dtype} is not supported; use jnp.float32 or jnp.bfloat16")
         self.shapes = _flat_shapes(cfg)
         self.arrays = {p: np.empty(s, self.np_dtype) for p, s in self.shapes.items()}
         self.filled = {p: np.zeros(s[0] if p.startswith("layers.") else 1, bool) for p, s in self.shapes.items()}

@@ -1,9 +1,194 @@
-"""mixjax checkpoints (Orbax) — placeholder, filled in next."""
+"""mixjax checkpoints: params (Orbax) + config and metadata (JSON), written atomically.
 
+Layout of a checkpoint directory:
+
+    mixjax.json   {"format_version": 1, "config": LlamaConfig fields, "dtype": ..., "layers": "stacked" |
+                   "tuple", "extra": caller metadata}
+    params/       the params pytree, saved by `orbax.checkpoint.StandardCheckpointer`
+    tokenizer/    optional extra files (e.g. a tokenizer's save_pretrained output)
+
+Everything is written into a temporary directory beside the target and renamed into place at the end, so
+a failed save leaves nothing behind and an existing checkpoint is replaced only with `force=True`.
+
+Float params restore against an abstract tree derived from the config. Trees with other leaves (the
+quantized checkpoint's `MixedWeight`s) pass `abstract_params` — a tree of `jax.ShapeDtypeStruct`s in the
+same pytree structure — to `restore_checkpoint`, and record what they need to rebuild it in `extra`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import jax
+import jax.numpy as jnp
+
+from convert.layout import ConvertError
+from mixjax.config import LlamaConfig
+from mixjax.model import param_shapes
+
+FORMAT_VERSION = 1
 METADATA_FILE = "mixjax.json"
+PARAMS_DIR = "params"
 
 
 def is_checkpoint(directory: Path) -> bool:
     return (Path(directory) / METADATA_FILE).is_file()
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+    """The parsed mixjax.json of a checkpoint; checks its format_version."""
+    path = Path(directory) / METADATA_FILE
+    if not path.is_file():
+        raise ConvertError(f"{directory}: not a mixjax checkpoint (no {METADATA_FILE})")
+    try:
+        meta = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: corrupt metadata ({e}); re-create the checkpoint") from None
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ConvertError(
+            f"{path}: format_version={version!r}, this mixjax reads format_version={FORMAT_VERSION}; "
+            "re-create the checkpoint with this version"
+        )
+    return meta
+
+
+def _float_dtype(params, cfg: LlamaConfig) -> str | None:
+    """The dtype of float params laid out as `cfg` implies (stacked or tuple layers); None for any other
+    tree (e.g. quantized weights), which then needs `abstract_params` to restore."""
+    layers = "tuple" if isinstance(params.get("layers"), (tuple, list)) else "stacked"
+    expected = abstract_float_params(cfg, jnp.float32, layers)
+    if jax.tree.structure(params) != jax.tree.structure(expected):
+        return None
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, leaf), want in zip(flat, jax.tree.leaves(expected)):
+        if tuple(leaf.shape) != want.shape:
+            raise ConvertError(
+                f"params{jax.tree_util.keystr(path)} has shape {tuple(leaf.shape)} but the config implies "
+                f"{want.shape}; save the cfg the params were built with"
+            )
+    dtypes = {str(leaf.dtype) for _, leaf in flat}
+    if len(dtypes) != 1 or not jnp.issubdtype(jnp.dtype(dtypes.copy().pop()), jnp.floating):
+        raise ConvertError(f"float params mix dtypes {sorted(dtypes)}; cast them to one float dtype before saving")
+    return dtypes.pop()
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    params,
+    cfg: LlamaConfig,
+    *,
+    extra_metadata: Mapping[str, Any] | None = None,
+    files: Mapping[str, str | os.PathLike] | None = None,
+    force: bool = False,
+) -> Path:
+    """Saves params + cfg to `directory` atomically and returns its path.
+
+    extra_metadata: JSON-serializable, stored under "extra" (quantization config, provenance...).
+    files: {relative name: source path} copied into the checkpoint (a file, or a directory copied whole),
+    e.g. {"tokenizer": dir_with_tokenizer_files}.
+    force: replace an existing directory; without it an existing target is an error.
+    """
+    target = Path(directory).expanduser().absolute()
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
+    dtype = _float_dtype(params, cfg)
+    layers = "tuple" if isinstance(params.get("layers"), (tuple, list)) else "stacked"
+    meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "dtype": dtype, "layers": layers,
+            "extra": dict(extra_metadata or {})}
+    try:
+        meta_text = json.dumps(meta, indent=2)
+    except TypeError as e:
+        raise ConvertError(f"extra_metadata is not JSON-serializable ({e})") from None
+    sources = {name: Path(src) for name, src in (files or {}).items()}
+    missing = [str(p) for p in sources.values() if not p.exists()]
+    if missing:
+        raise FileNotFoundError(f"files to store in the checkpoint do not exist: {missing}")
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write(tmp, params, meta_text, sources)
+        _replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def _write(tmp: Path, params, meta_text: str, sources: Mapping[str, Path]) -> None:
+    import orbax.checkpoint as ocp
+
+    with ocp.StandardCheckpointer() as checkpointer:
+        checkpointer.save(tmp / PARAMS_DIR, params)
+        checkpointer.wait_until_finished()
+    for name, src in sources.items():
+        dst = tmp / name
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst)
+        else:
+            shutil.copy2(src, dst)
+    (tmp / METADATA_FILE).write_text(meta_text)  # last: its presence marks a complete checkpoint
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    old = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+
+def abstract_float_params(cfg: LlamaConfig, dtype, layers: str = "stacked"):
+    """A tree of ShapeDtypeStructs (on the default device) for float params of `cfg`."""
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)  # noqa: E731
+    tree = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s, jnp.dtype(dtype), sharding=sharding), param_shapes(cfg), is_leaf=is_shape)
+    if layers == "tuple":
+        n = cfg.num_hidden_layers
+        tree = {**tree, "layers": tuple(
+            jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape[1:], s.dtype, sharding=sharding), tree["layers"])
+            for _ in range(n)
+        )}
+    return tree
+
+
+def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dtype=None):
+    """Reads a checkpoint → (cfg, params).
+
+    abstract_params: the target tree of ShapeDtypeStructs; required for checkpoints whose params are not
+    plain float arrays (e.g. quantized ones). dtype: cast float params after reading (default: as saved).
+    """
+    directory = Path(directory).expanduser().absolute()
+    meta = read_metadata(directory)
+    cfg = LlamaConfig.from_dict(meta["config"])
+    if abstract_params is None:
+        if meta.get("dtype") is None:
+            raise ConvertError(
+                f"{directory}: params are not plain float arrays (a quantized checkpoint?); restore it "
+                "with the loader that wrote it (abstract_params=...)"
+            )
+        abstract_params = abstract_float_params(cfg, meta["dtype"], meta.get("layers", "stacked"))
+    import orbax.checkpoint as ocp
+
+    params_dir = directory / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise ConvertError(f"{directory}: the {PARAMS_DIR}/ folder is missing; the checkpoint is incomplete")
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            params = checkpointer.restore(params_dir, abstract_params)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        raise ConvertError(f"{params_dir}: cannot restore params ({type(e).__name__}: {e})") from None
+    if dtype is not None:
+        params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
+    return cfg, params

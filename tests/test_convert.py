@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import json
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import convert
+from mixjax.config import ConfigError, LlamaConfig
 from mixjax.model import forward
 
 HF_RTOL = 1e-4  # f32 on both sides: only summation order differs
@@ -163,3 +168,202 @@ def test_embedded_smollm2_matches_transformers(smollm2):
     ref = _hf_logits(model, tokens)
     assert _rel_err(ours, ref) < HF_RTOL
     assert np.array_equal(np.argmax(ours, -1), np.argmax(ref, -1))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Orbax checkpoints
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    from mixjax.model import init_params
+
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, attention_bias=True)
+    return cfg, init_params(cfg, jax.random.key(3), jnp.float32)
+
+
+def _same_tree(a, b) -> bool:
+    return jax.tree.structure(a) == jax.tree.structure(b) and all(
+        x.dtype == y.dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
+
+
+@pytest.mark.parametrize("layers", ["stacked", "tuple"])
+def test_orbax_round_trip(tiny_params, tmp_path, layers):
+    from mixjax.model import unstack_layers
+
+    cfg, params = tiny_params
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    if layers == "tuple":
+        params = unstack_layers(params)
+    note = tmp_path / "note.txt"
+    note.write_text("hello")
+    out = convert.save_checkpoint(tmp_path / "ckpt", params, cfg, extra_metadata={"source": "test"},
+                                  files={"tokenizer/note.txt": note})
+    assert (out / "tokenizer" / "note.txt").read_text() == "hello"
+    cfg2, restored = convert.restore_checkpoint(out)
+    assert cfg2 == cfg and _same_tree(restored, params)
+    from convert.orbax_io import read_metadata
+
+    meta = read_metadata(out)
+    assert meta["format_version"] == 1 and meta["extra"] == {"source": "test"} and meta["layers"] == layers
+    # convert.load reads checkpoints too, casting to the requested dtype.
+    cfg3, as_f32 = convert.load(out, dtype=jnp.float32)
+    assert cfg3 == cfg and {a.dtype for a in jax.tree.leaves(as_f32)} == {jnp.dtype(jnp.float32)}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
+
+
+def test_orbax_refuses_overwrite_and_bad_params(tiny_params, tmp_path):
+    cfg, params = tiny_params
+    target = convert.save_checkpoint(tmp_path / "ckpt", params, cfg)
+    with pytest.raises(FileExistsError, match="force=True"):
+        convert.save_checkpoint(target, params, cfg)
+    as_bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    convert.save_checkpoint(target, as_bf16, cfg, force=True)
+    assert _same_tree(convert.restore_checkpoint(target)[1], as_bf16)
+    bad = {**params, "norm": jnp.ones((3,))}
+    with pytest.raises(ValueError, match=r"\['norm'\].*\(3,\).*\(16,\)"):
+        convert.save_checkpoint(tmp_path / "bad", bad, cfg)
+    with pytest.raises(ValueError, match="JSON"):
+        convert.save_checkpoint(tmp_path / "bad", params, cfg, extra_metadata={"x": object()})
+    assert not (tmp_path / "bad").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_orbax_rejects_foreign_format_version(tiny_params, tmp_path):
+    cfg, params = tiny_params
+    target = convert.save_checkpoint(tmp_path / "ckpt", params, cfg)
+    meta = json.loads((target / "mixjax.json").read_text())
+    (target / "mixjax.json").write_text(json.dumps({**meta, "format_version": 99}))
+    with pytest.raises(ValueError, match="format_version=99"):
+        convert.restore_checkpoint(target)
+
+
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one clear error naming the file or tensor, raised before anything is built
+
+
+@pytest.fixture
+def tiny_llama_dir(make_tiny_hf):
+    directory, _ = make_tiny_hf("llama", num_hidden_layers=1)
+    return directory
+
+
+def test_missing_path_and_non_model_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        convert.load(tmp_path / "nowhere")
+    text = tmp_path / "notes.txt"
+    text.write_text("hi")
+    with pytest.raises(convert.ConvertError, match="notes.txt: not a model"):
+        convert.load(text)
+
+
+def test_directory_without_config_or_weights(tiny_llama_dir, tmp_path):
+    with pytest.raises(convert.ConvertError, match="no config.json"):
+        convert.load(tmp_path)
+    (tmp_path / "config.json").write_text((tiny_llama_dir / "config.json").read_text())
+    with pytest.raises(convert.ConvertError, match="no weights found"):
+        convert.load(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(convert.ConvertError, match="config.json: not valid JSON"):
+        convert.load(tmp_path)
+
+
+def test_truncated_safetensors(tiny_llama_dir):
+    weights = tiny_llama_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2])
+    with pytest.raises(convert.ConvertError, match="model.safetensors: truncated or corrupt"):
+        convert.load(tiny_llama_dir)
+
+
+def test_corrupt_bin(make_tiny_hf):
+    directory, _ = make_tiny_hf("llama", num_hidden_layers=1, save_kwargs=dict(bin=True))
+    (directory / "pytorch_model.bin").write_bytes(b"\x00garbage" * 50)
+    with pytest.raises(convert.ConvertError, match="pytorch_model.bin: truncated or corrupt"):
+        convert.load(directory)
+
+
+def test_missing_shard(make_tiny_hf):
+    directory, _ = make_tiny_hf("llama", save_kwargs=dict(max_shard_size="40KB"))
+    shard = sorted(directory.glob("*.safetensors"))[-1]
+    shard.unlink()
+    with pytest.raises(convert.ConvertError, match=f"missing.*{shard.name}"):
+        convert.load(directory)
+
+
+def _edit_config(directory, **changes):
+    path = directory / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_shape_mismatch_names_tensor(tiny_llama_dir):
+    _edit_config(tiny_llama_dir, intermediate_size=100)
+    with pytest.raises(convert.ConvertError, match=r"'model.layers.0.mlp.\w+_proj.weight' has shape \((96, 64|64, 96)\), but the config implies \((100, 64|64, 100)\)"):
+        convert.load(tiny_llama_dir)
+
+
+def test_missing_tensors_named(tiny_llama_dir):
+    from safetensors.numpy import load_file, save_file
+
+    weights = tiny_llama_dir / "model.safetensors"
+    tensors = load_file(weights)
+    del tensors["model.layers.0.mlp.up_proj.weight"]
+    save_file(tensors, weights)
+    with pytest.raises(convert.ConvertError, match="missing tensors 'model.layers.0.mlp.up_proj.weight'"):
+        convert.load(tiny_llama_dir)
+    _edit_config(tiny_llama_dir, num_hidden_layers=2)
+    with pytest.raises(convert.ConvertError, match="model.layers.1.input_layernorm.weight.* and \\d+ more"):
+        convert.load(tiny_llama_dir)
+
+
+def test_unexpected_tensor_named(tiny_llama_dir):
+    from safetensors.numpy import load_file, save_file
+
+    weights = tiny_llama_dir / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.0.mlp.gate_proj.bias"] = np.zeros(96, np.float32)
+    save_file(tensors, weights)
+    with pytest.raises(convert.ConvertError, match="unexpected tensor 'model.layers.0.mlp.gate_proj.bias'"):
+        convert.load(tiny_llama_dir)
+
+
+@pytest.mark.parametrize("model_type", ["gemma", "mixtral", "bert"])
+def test_unsupported_hf_architecture(tiny_llama_dir, model_type):
+    _edit_config(tiny_llama_dir, model_type=model_type)
+    with pytest.raises(ConfigError, match=f"model_type='{model_type}' is not supported"):
+        convert.load(tiny_llama_dir)
+
+
+def test_bad_gguf_files(make_tiny_hf, tmp_path):
+    _, model = make_tiny_hf("llama", num_hidden_layers=1)
+    path = write_tiny_gguf(tmp_path / "tiny.gguf", model)
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(data[: len(data) - 100])
+    with pytest.raises(convert.ConvertError, match="truncated.gguf: truncated or corrupt GGUF"):
+        convert.load(truncated)
+    garbage = tmp_path / "garbage.gguf"
+    garbage.write_bytes(b"not a gguf file at all" * 10)
+    with pytest.raises(convert.ConvertError, match="garbage.gguf: truncated or corrupt GGUF"):
+        convert.load(garbage)
+    gemma = write_tiny_gguf(tmp_path / "gemma.gguf", model, arch="gemma")
+    with pytest.raises(ConfigError, match="general.architecture='gemma' is not supported"):
+        convert.load(gemma)
+    missing = write_tiny_gguf(tmp_path / "missing.gguf", model, drop=("blk.0.ffn_up.weight",))
+    with pytest.raises(convert.ConvertError, match="missing tensors 'blk.0.ffn_up.weight'"):
+        convert.load(missing)
+
+
+def test_bad_dtype(tiny_llama_dir):
+    with pytest.raises(convert.ConvertError, match="dtype=int8"):
+        convert.load(tiny_llama_dir, dtype=jnp.int8)
+
+
+def test_load_tokenizer_errors(tiny_llama_dir):
+    with pytest.raises(convert.ConvertError, match="no tokenizer files"):
+        convert.load_tokenizer(tiny_llama_dir)
