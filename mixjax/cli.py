@@ -175,8 +175,10 @@ def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt:
     log(f"prompt: {prompt}")
     eos = sorted(set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
     write = _stdout_stream() if not quiet else (lambda s: None)
+    stream = TextStream(tokenizer, write)
     new = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, eos_token_ids=eos,
-                   implementation=implementation, on_token=TextStream(tokenizer, write))[0]
+                   implementation=implementation, on_token=stream)[0]
+    stream.flush()
     log("")
     return {"perplexity": ppl, "sample": tokenizer.decode(new, skip_special_tokens=True)}
 

@@ -237,7 +237,15 @@ class TextStream:
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete multi-byte character: wait for the next token
             return
-        self.on_text(text[len(self.emitted):])
+        self._emit(text)
+
+    def flush(self) -> None:
+        """Emits whatever is still held back (a trailing incomplete character at the end)."""
+        self._emit(self.tokenizer.decode(self.ids, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> None:
+        if len(text) > len(self.emitted):
+            self.on_text(text[len(self.emitted):])
         self.emitted = text
 
 
@@ -265,4 +273,6 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
                       on_token=stream)
+    if stream is not None:
+        stream.flush()
     return tokenizer.decode(new, skip_special_tokens=True)

@@ -1,0 +1,157 @@
+"""The `mixjax` command line: results equal transformers on a tiny saved model, user errors exit with
+status 2 and one message (no traceback), and failed commands write nothing."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import pytest
+
+from mixjax import cli
+
+VOCAB = 260
+EOS = 256
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama with a byte-level tokenizer, saved as a Hugging Face directory."""
+    torch = pytest.importorskip("torch")
+    import transformers
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))}
+    vocab["<eos>"] = EOS
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>")
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=96,
+                                      eos_token_id=EOS, bos_token_id=None, tie_word_embeddings=False)
+    model = transformers.LlamaForCausalLM(config)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5 * torch.randn_like(p))  # decisive logits: greedy ties are impossible
+    model.eval()
+    directory = tmp_path_factory.mktemp("tiny_cli_model")
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory, model, tokenizer
+
+
+@pytest.fixture
+def sandbox(tmp_path, monkeypatch):
+    """Runs in an empty working directory with an empty cache; returns a snapshot function."""
+    work, cache = tmp_path / "work", tmp_path / "cache"
+    work.mkdir()
+    cache.mkdir()
+    monkeypatch.chdir(work)
+    monkeypatch.setenv("MIXJAX_CACHE", str(cache))
+
+    def snapshot():
+        return sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+
+    return snapshot
+
+
+def _text(tmp_path, n_words=400, seed=0):
+    rng = np.random.default_rng(seed)
+    words = ["the", "model", "river", "quiet", "stone", "light", "over", "and", "a", "north"]
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(rng.choice(words, n_words)))
+    return path
+
+
+def test_eval_prints_transformers_perplexity(tiny_model, tmp_path, capsys):
+    import torch
+
+    from mixjax import data
+
+    directory, model, tokenizer = tiny_model
+    corpus = _text(tmp_path)
+    assert cli.main(["eval", "--model", str(directory), "--data", str(corpus), "--seq-len", "32",
+                     "--max-tokens", "96", "--batch-size", "2", "--quiet"]) == 0
+    printed = float(capsys.readouterr().out.strip())
+    windows = data.eval_windows(tokenizer, corpus, 32, 96)  # [3, 32]
+    with torch.no_grad():
+        ids = torch.tensor(windows, dtype=torch.long)
+        loss = model(input_ids=ids, labels=ids).loss.item()
+    assert printed == pytest.approx(math.exp(loss), rel=1e-3)  # printed with 4 decimals
+
+
+def test_generate_streams_transformers_greedy_text(tiny_model, capsys):
+    import torch
+
+    directory, model, tokenizer = tiny_model
+    prompt = "the quiet river"
+    assert cli.main(["generate", "--model", str(directory), "--prompt", prompt, "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    ids = tokenizer(prompt)["input_ids"]
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=EOS,
+                             pad_token_id=EOS)
+    assert out == tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True) + "\n"
+
+
+@pytest.mark.parametrize(
+    "argv, match",
+    [
+        (["eval", "--model", "{tmp}/no-such-model"], "no-such-model' does not exist"),
+        (["generate", "--model", "{tmp}/no-such-model", "--prompt", "hi"], "no-such-model' does not exist"),
+        (["eval", "--model", "{model}", "--data", "{tmp}/empty.txt"], "empty.txt' holds no text"),
+        (["eval", "--model", "{model}", "--data", "{tmp}/missing.jsonl"], "neither a known name"),
+        (["eval", "--model", "{model}", "--data", "{tmp}/empty.txt", "--seq-len", "4096"], "holds no text"),
+        (["generate", "--model", "{model}", "--prompt", "   "], "prompt is empty"),
+        (["generate", "--model", "{model}", "--prompt", "{long}"], "max_position_embeddings=96"),
+        (["generate", "--model", "{model}", "--prompt", "hi", "--max-new-tokens", "200"], "max_position_embeddings"),
+        (["generate", "--model", "{model}", "--prompt", "hi", "--top-p", "1.5"], "top_p=1.5"),
+        (["generate", "--model", "{model}", "--prompt", "hi", "--chat"], "no chat template"),
+        (["eval", "--model", "{tmp}/not-a-model.txt"], "not-a-model.txt: "),
+    ],
+)
+def test_user_errors_exit_2_with_one_message_and_write_nothing(tiny_model, sandbox, tmp_path, capsys, argv, match):
+    (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "not-a-model.txt").write_text("hello")
+    fill = {"tmp": str(tmp_path), "model": str(tiny_model[0]), "long": "word " * 100}
+    before = sandbox()
+    assert cli.main([a.format(**fill) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"mixjax {argv[0]}: error: ") and match in err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert sandbox() == before
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [["eval", "--seq-len", "0"], ["eval", "--max-tokens", "-5"], ["generate"], ["frobnicate"], []],
+)
+def test_bad_arguments_exit_2_before_loading(argv, sandbox, capsys):
+    before = sandbox()
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert "usage: mixjax" in capsys.readouterr().err
+    assert sandbox() == before
+
+
+def test_later_commands_register_in_one_line():
+    names = [r.__name__ for r in cli.COMMANDS]
+    assert names == ["_register_demo", "_register_eval", "_register_generate"]
+    parser = cli.build_parser()
+    assert {"demo", "eval", "generate"} <= set(parser._subparsers._group_actions[0].choices)
+
+
+@pytest.mark.slow
+def test_demo_runs_on_embedded_model(embedded_model_path, capsys, monkeypatch):
+    monkeypatch.setenv("MIXJAX_MODEL", str(embedded_model_path))
+    assert cli.main(["demo", "--seq-len", "128", "--max-tokens", "256", "--max-new-tokens", "12"]) == 0
+    out = capsys.readouterr().out
+    ppl = float(out.split("Wikipedia passages: ")[1].split()[0])
+    assert 5 < ppl < 80
+    assert "Paris" in out
+    assert os.fspath(embedded_model_path) in out
