@@ -4,9 +4,15 @@ from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.linear import linear
 from mixjax.model import LINEAR_NAMES, KVCache, forward, forward_step, init_cache, init_params
 from mixjax.quant import FakeQuantWeight, QuantConfig, QuantReport, quantize, salience
+from mixjax.assets import embedded_model_path
+from mixjax.data import calibration_batches, eval_windows
+from mixjax.evaluate import evaluate_model, perplexity
+from mixjax.generate import SamplingConfig, generate, generate_text  # `mixjax.generate` is the function
 
 __all__ = [
     "ConfigError", "LlamaConfig", "RopeScaling", "linear",
     "LINEAR_NAMES", "KVCache", "forward", "forward_step", "init_cache", "init_params",
     "FakeQuantWeight", "QuantConfig", "QuantReport", "quantize", "salience",
+    "embedded_model_path", "calibration_batches", "eval_windows", "evaluate_model", "perplexity",
+    "SamplingConfig", "generate", "generate_text",
 ]
