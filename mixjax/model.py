@@ -219,10 +219,14 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -
     return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
 
 
-def _write_cache(cache: jax.Array, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache [B, S, KVH, Dh] with new [B, T, KVH, Dh] written at positions [B, T] (past S dropped)."""
-    rows = jnp.arange(cache.shape[0])[:, None]  # [B, 1]
-    return cache.at[rows, positions].set(new.astype(cache.dtype), mode="drop")
+def _write_cache(cache: jax.Array, layer: jax.Array | int, new: jax.Array, positions: jax.Array) -> jax.Array:
+    """cache [L, B, S, KVH, Dh] with new [B, T, KVH, Dh] written into `layer` at positions [B, T].
+
+    Only the T new positions are written (a scatter XLA performs in place on a donated or carried
+    buffer); positions past S are dropped.
+    """
+    rows = jnp.arange(cache.shape[1])[:, None]  # [B, 1]
+    return cache.at[layer, rows, positions].set(new.astype(cache.dtype), mode="drop")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -233,12 +237,12 @@ def _decoder_layer(
     layer: dict[str, Any],
     x: jax.Array,  # [B, T, D]
     positions: jax.Array,  # [B, T] int32
-    layer_cache: tuple[jax.Array, jax.Array] | None,  # k, v [B, S, KVH, Dh], or None (no cache)
+    cache_kv: tuple[jax.Array, jax.Array, jax.Array | int] | None,  # (k, v [L, B, S, KVH, Dh], layer) or None
     cfg: LlamaConfig,
     inv_freq: np.ndarray,
     implementation: Implementation,
 ):
-    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v) or None)."""
+    """One pre-norm decoder layer. Returns (x [B, T, D], (k, v) of all layers updated, or None)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -250,14 +254,15 @@ def _decoder_layer(
     q = apply_rope(proj("self_attn.q_proj", h).reshape(B, T, H, Dh), positions, inv_freq)
     k = apply_rope(proj("self_attn.k_proj", h).reshape(B, T, KVH, Dh), positions, inv_freq)
     v = proj("self_attn.v_proj", h).reshape(B, T, KVH, Dh)
-    if layer_cache is None:
+    if cache_kv is None:
         keys, values, k_pos = k, v, positions  # [B, T, KVH, Dh], [B, T]
         new_cache = None
     else:
-        keys = _write_cache(layer_cache[0], k, positions)  # [B, S, KVH, Dh]
-        values = _write_cache(layer_cache[1], v, positions)
+        k_all, v_all, index = cache_kv
+        k_all, v_all = _write_cache(k_all, index, k, positions), _write_cache(v_all, index, v, positions)
+        keys, values = k_all[index], v_all[index]  # [B, S, KVH, Dh]
         k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (B, keys.shape[1]))  # [B, S]
-        new_cache = (keys, values)
+        new_cache = (k_all, v_all)
     mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
     attn = _attend(q, keys, values, mask).reshape(B, T, H * Dh)
     x = x + proj("self_attn.o_proj", attn)
@@ -271,28 +276,33 @@ def _decoder_layer(
 def _run_layers(params, x, positions, cache_kv, cfg, implementation):
     """All decoder layers: `lax.scan` over stacked layers, a Python loop over a tuple of layers.
 
-    cache_kv: (k, v) each [L, B, S, KVH, Dh], or None. Returns (x, new (k, v) or None).
+    cache_kv: (k, v) each [L, B, S, KVH, Dh], carried through the layers and updated in place; or None.
+    Returns (x, new (k, v) or None).
     """
     inv_freq = rope_inv_freq(cfg)
     layers = params["layers"]
 
-    def body(x, layer, layer_cache):
-        return _decoder_layer(layer, x, positions, layer_cache, cfg, inv_freq, implementation)
+    def body(x, layer, kv):
+        return _decoder_layer(layer, x, positions, kv, cfg, inv_freq, implementation)
 
     if isinstance(layers, (tuple, list)):
-        new_k, new_v = [], []
         for i, layer in enumerate(layers):
-            layer_cache = None if cache_kv is None else (cache_kv[0][i], cache_kv[1][i])
-            x, out = body(x, layer, layer_cache)
-            if out is not None:
-                new_k.append(out[0])
-                new_v.append(out[1])
-        return x, (None if cache_kv is None else (jnp.stack(new_k), jnp.stack(new_v)))
+            x, new = body(x, layer, None if cache_kv is None else (*cache_kv, i))
+            cache_kv = cache_kv if new is None else new
+        return x, cache_kv
 
     if cache_kv is None:
         x, _ = jax.lax.scan(lambda x, layer: (body(x, layer, None)[0], None), x, layers)
         return x, None
-    x, (k, v) = jax.lax.scan(lambda x, xs: body(x, xs[0], (xs[1], xs[2])), x, (layers, *cache_kv))
+
+    def cached_body(carry, xs):
+        x, k_all, v_all = carry
+        layer, index = xs
+        x, (k_all, v_all) = body(x, layer, (k_all, v_all, index))
+        return (x, k_all, v_all), None
+
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
+    (x, k, v), _ = jax.lax.scan(cached_body, (x, *cache_kv), (layers, jnp.arange(n_layers)))
     return x, (k, v)
 
 

@@ -64,6 +64,17 @@ def test_hf_logits_match_transformers(case, make_tiny_hf):
     assert _rel_err(ours, _hf_logits(model, tokens)) < HF_RTOL
 
 
+def test_hf_load_bf16(make_tiny_hf):
+    """dtype=bf16 rounds each f32 weight to the nearest bf16."""
+    directory, model = make_tiny_hf("llama")
+    cfg, params = convert.load(directory, dtype=jnp.bfloat16)
+    assert {a.dtype for a in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    w = np.asarray(params["layers"]["self_attn"]["k_proj"]["weight"][1], np.float32)
+    ref = model.state_dict()["model.layers.1.self_attn.k_proj.weight"].numpy()
+    assert np.array_equal(w, ref.astype(jnp.bfloat16).astype(np.float32))
+    assert forward(params, _tokens(np.random.default_rng(2), cfg.vocab_size), cfg).dtype == jnp.float32
+
+
 # ----------------------------------------------------------------------------------------------------
 # GGUF
 
