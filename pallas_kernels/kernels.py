@@ -146,6 +146,14 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, interpret: b
 # ------------------------------------------------------------------------------------------ mixed GEMM
 
 
+def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a [m, k] · b [n, k]ᵀ with both operands K-contiguous (the layout 8-bit wgmma needs).
+
+    int8 × int8 → int32; bf16 × bf16 → f32. (`lax.dot_general`: `pl.dot` is gone in jax 0.11.)"""
+    out = jnp.int32 if jnp.issubdtype(a.dtype, jnp.integer) else jnp.float32
+    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=out)
+
+
 def _w8_group(xs, g, n0, q8_ref, s8_ref, *, block_n, evict, mode):
     """One K group of the 8-bit branch → f32 [bm, bn] contribution."""
     rows = pl.ds(n0, block_n)
@@ -156,9 +164,9 @@ def _w8_group(xs, g, n0, q8_ref, s8_ref, *, block_n, evict, mode):
         xa, xb = xs
         wa = (wa.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16)
         wb = (wb.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16)
-        return pl.dot(xa, wa, trans_b=True) + pl.dot(xb, wb, trans_b=True)
+        return _dot_nt(xa, wa) + _dot_nt(xb, wb)
     xa, xb, a_scale, _ = xs
-    partial = pl.dot(xa, wa, trans_b=True) + pl.dot(xb, wb, trans_b=True)  # int32 [bm, bn]
+    partial = _dot_nt(xa, wa) + _dot_nt(xb, wb)  # int32 [bm, bn]
     return partial.astype(jnp.float32) * (a_scale[:, None] * w_scale[None, :])
 
 
@@ -177,9 +185,9 @@ def _w4_group(xs, g, n0, q4_ref, s4_ref, z4_ref, *, block_n, evict, mode):
         def deq(w16):  # ((u − 8) + (8 − z))·s in bf16
             return (w16.astype(jnp.float32) * scale16[:, None] + (zero_off * w_scale)[:, None]).astype(jnp.bfloat16)
 
-        return pl.dot(xa, deq(lo), trans_b=True) + pl.dot(xb, deq(hi), trans_b=True)
+        return _dot_nt(xa, deq(lo)) + _dot_nt(xb, deq(hi))
     xa, xb, a_scale, x_sum = xs
-    partial16 = pl.dot(xa, lo, trans_b=True) + pl.dot(xb, hi, trans_b=True)  # int32 [bm, bn]
+    partial16 = _dot_nt(xa, lo) + _dot_nt(xb, hi)  # int32 [bm, bn]
     exact = partial16.astype(jnp.float32) * (1.0 / 16.0) + x_sum.astype(jnp.float32)[:, None] * zero_off[None, :]
     return exact * (a_scale[:, None] * w_scale[None, :])
 
