@@ -155,3 +155,12 @@ def test_demo_runs_on_embedded_model(embedded_model_path, capsys, monkeypatch):
     assert 5 < ppl < 80
     assert "Paris" in out
     assert os.fspath(embedded_model_path) in out
+
+
+def test_readme_commands_and_ci_agree():
+    root = os.path.join(os.path.dirname(__file__), "..")
+    readme = open(os.path.join(root, "README.md")).read()
+    ci = open(os.path.join(root, ".ci", "run")).read()
+    test_command = 'pip install -e ".[test]" && pytest -q'
+    assert f"\n{test_command}\n" in readme and f"\n{test_command}\n" in ci
+    assert "\npip install -e . && mixjax demo\n" in readme
