@@ -165,3 +165,97 @@ def test_mixed_matmul_rejects_wrong_k():
     qw = pk.pack_rtn(rng.normal(size=(8, 256)).astype(np.float32), np.zeros(8, bool))
     with pytest.raises(ValueError, match=r"x must be \[M, 256\]"):
         pk.mixed_matmul(jnp.zeros((2, 128)), qw, implementation="xla")
+
+
+# ------------------------------------------------------------------------- Pallas kernels, interpret mode
+
+from pallas_kernels import kernels  # noqa: E402
+
+INTERPRET = True  # the same checks run on a GPU with INTERPRET = False
+
+# (M, K, N, 8-bit share): every M of the grid, both small K (576 is padded to 640), N = 96,
+# 0% / 10% / 100% 8-bit; decode (M ≤ 16, fused quantization, split-K atomics) and the quantize-first path.
+KERNEL_CASES = [
+    (1, 576, 96, 0.1),
+    (3, 128, 96, 0.0),
+    (16, 576, 96, 1.0),
+    (17, 128, 96, 0.1),
+    (128, 576, 96, 0.0),
+    (300, 128, 96, 1.0),
+    (300, 576, 96, 0.1),
+]
+
+
+def _case(m, k, n, share8, dtype=jnp.bfloat16):
+    rng = _rng()
+    w, is_int8 = _weight(rng, n, k, share8)
+    return jnp.asarray(rng.normal(size=(m, k)), dtype), pk.pack_rtn(w, is_int8)
+
+
+@pytest.mark.parametrize("m, k, n, share8", KERNEL_CASES)
+def test_mixed_kernel_matches_reference(m, k, n, share8):
+    x, qw = _case(m, k, n, share8, jnp.float32)
+    y = pk.mixed_matmul(x, qw, implementation="pallas", interpret=INTERPRET)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "cfg",
+    [
+        kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=False),  # quantize-first with split-K atomics
+        kernels.GemmConfig(32, 128, 1, 4, 2, fuse_quant=True),  # fused quantization, direct store
+    ],
+)
+def test_mixed_kernel_other_configs(cfg):
+    x, qw = _case(20, 576, 96, 0.1, jnp.float32)
+    y = kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-5
+
+
+def test_mixed_kernel_bf16_output():
+    x, qw = _case(5, 576, 96, 0.1)
+    y = pk.mixed_matmul(x, qw, implementation="pallas", interpret=INTERPRET)
+    assert y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-2 / 2  # both rounded to bf16 once
+
+
+@pytest.mark.parametrize("m, share8", [(2, 0.1), (130, 0.0)])
+def test_float_dequant_kernel_matches_reference(m, share8):
+    x, qw = _case(m, 576, 96, share8)
+    y = kernels.dequant_matmul_pallas(x, qw, interpret=INTERPRET)
+    assert y.dtype == jnp.bfloat16
+    assert _rel(y, ref.dequant_matmul_ref(x, qw)) < 5e-3
+
+
+def test_activation_quant_kernel_matches_reference():
+    x = jnp.asarray(_rng().normal(size=(70, 576)), jnp.bfloat16)
+    x = x.at[3].set(0)
+    x_q, a_scale = pk.quantize_activations(x, implementation="pallas", interpret=INTERPRET)
+    x_q_ref, a_scale_ref = pk.quantize_activations_ref(x)
+    np.testing.assert_array_equal(np.asarray(x_q), np.asarray(x_q_ref))
+    np.testing.assert_array_equal(np.asarray(a_scale), np.asarray(a_scale_ref))
+    _, _, x_sum = kernels.quantize_activations_pallas(x, interpret=INTERPRET)
+    expect = np.asarray(x_q_ref, np.int32).reshape(70, 5, 128).sum(-1).T  # [G, M]
+    np.testing.assert_array_equal(np.asarray(x_sum)[:, :70], expect)
+
+
+def test_choose_config_decode_and_prefill():
+    decode = kernels.choose_config(1, 32, 14464)
+    assert decode.block_m == 16 and decode.fuse_quant and decode.split_k > 1
+    prefill = kernels.choose_config(4096, 32, 14464)
+    assert prefill.block_m % 64 == 0 and prefill.num_warps % 4 == 0 and prefill.split_k == 1
+
+
+@pytest.mark.parametrize(
+    "cfg, match",
+    [
+        (kernels.GemmConfig(16, 96, 1, 4, 2, fuse_quant=True), "block_n=96"),
+        (kernels.GemmConfig(16, 64, 3, 4, 2, fuse_quant=True), "split_k=3"),
+        (kernels.GemmConfig(8, 64, 1, 4, 2, fuse_quant=True), "block_m=8"),
+    ],
+)
+def test_kernel_rejects_configs_it_cannot_take(cfg, match):
+    x, qw = _case(4, 256, 96, 0.1)
+    with pytest.raises(ValueError, match=match):
+        kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
