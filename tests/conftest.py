@@ -63,3 +63,25 @@ def make_tiny_hf(tmp_path_factory):
         return directory, model
 
     return make
+
+
+@pytest.fixture(scope="session")
+def embedded_hf_model(embedded_model_path):
+    """transformers' float32 model of the embedded GGUF (the real-model reference), loaded once."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    path = embedded_model_path
+    model = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def embedded_mixjax(embedded_model_path):
+    """(cfg, float32 params, tokenizer) of the embedded model through mixjax's loaders, loaded once."""
+    import jax.numpy as jnp
+
+    import convert
+
+    cfg, params = convert.load(embedded_model_path, dtype=jnp.float32)
+    return cfg, params, convert.load_tokenizer(embedded_model_path)

@@ -66,22 +66,16 @@ def test_bad_windows_are_refused(params, windows, kwargs, match):
 
 
 @pytest.mark.slow
-def test_perplexity_matches_transformers_loss_on_embedded_model(embedded_model_path):
-    torch = pytest.importorskip("torch")
-    import transformers
+def test_perplexity_matches_transformers_loss_on_embedded_model(embedded_mixjax, embedded_hf_model):
+    import torch
 
-    import convert
     from mixjax import data
 
-    path = embedded_model_path
-    tokenizer = convert.load_tokenizer(path)
+    cfg, params, tokenizer = embedded_mixjax
     windows = data.eval_windows(tokenizer, "wikipedia", seq_len=256, max_tokens=512)  # [2, 256]
-    cfg, params = convert.load(path, dtype=jnp.float32)
     ours = perplexity(params, cfg, windows, batch_size=2)
-
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
     with torch.no_grad():
         ids = torch.tensor(windows, dtype=torch.long)
-        loss = hf(input_ids=ids, labels=ids).loss.item()  # mean NLL over all N·(T-1) predictions
+        loss = embedded_hf_model(input_ids=ids, labels=ids).loss.item()  # mean NLL of all N·(T-1) predictions
     assert ours == pytest.approx(math.exp(loss), rel=5e-3)
     assert 5 < ours < 60  # a real model on real English text

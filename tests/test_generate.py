@@ -126,24 +126,18 @@ def test_bad_requests_are_refused_before_running(params, prompts, kwargs, match)
 
 
 @pytest.mark.slow
-def test_greedy_matches_transformers_on_embedded_model(embedded_model_path):
-    torch = pytest.importorskip("torch")
-    import transformers
+def test_greedy_matches_transformers_on_embedded_model(embedded_mixjax, embedded_hf_model):
+    import torch
 
-    import convert
-
-    path = embedded_model_path
-    tok = convert.load_tokenizer(path)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
-    cfg, params = convert.load(path, dtype=jnp.float32)
+    cfg, params, tok = embedded_mixjax
     prompts = ["The capital of France is", "In 1905, Albert Einstein published a paper on"]
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     n = 40
     ours = generate(params, cfg, ids, max_new_tokens=n, eos_token_ids=[tok.eos_token_id])  # one batch
     for prompt_ids, got in zip(ids, ours):
         with torch.no_grad():
-            ref = hf.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
+            ref = embedded_hf_model.generate(torch.tensor([prompt_ids]), max_new_tokens=n, do_sample=False,
+                                             eos_token_id=tok.eos_token_id, pad_token_id=tok.eos_token_id)
         assert got == ref[0, len(prompt_ids):].tolist()  # both stop after the same EOS, if any
     assert "Paris" in tok.decode(ours[0])
     assert ours[0][-1] == tok.eos_token_id and len(ours[0]) < n  # this prompt ends early with EOS
