@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mixjax", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="mixjax", description="MixLLM mixed-precision quantization of Llama-family models in JAX.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in COMMANDS:
         register(sub)
