@@ -9,7 +9,9 @@ Measures, for each weight variant (`--variants`, default bf16):
   256 greedy new tokens, no EOS stop; the prefill of the same batch is timed separately and subtracted,
   so decode tokens/s = batch · new tokens / (generate time − prefill time).
 Every program is compiled and run once before timing (warm-up); the median of `--repeats` runs is
-reported. The device and jax version head the table. A variant maps the float params to the params
+reported. The device and jax version head the table. Prefill also reports TFLOP/s (2 · matmul params ·
+tokens); decode reports % of the weight-read floor: batch / (bytes of all params / measured
+device-to-device copy bandwidth) tokens/s, i.e. every step reads every weight once (KV cache ignored). A variant maps the float params to the params
 it runs (e.g. a quantizer); add one entry to VARIANTS.
 """
 
@@ -62,6 +64,24 @@ def median_seconds(fn: Callable[[], object], repeats: int) -> float:
     return statistics.median(times)
 
 
+def copy_bandwidth(nbytes: int, repeats: int) -> float:
+    """Bytes/s of a device-to-device copy (read + write counted) of an nbytes buffer."""
+    x = jnp.zeros((nbytes // 4,), jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    return 2 * x.nbytes / median_seconds(lambda: copy(x), repeats)
+
+
+def tree_bytes(tree) -> int:
+    return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+
+
+def matmul_params(cfg: LlamaConfig) -> int:
+    """Weights multiplied per token: decoder linears and the LM head (embedding lookup excluded)."""
+    D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return L * (D * q + 2 * D * kv + q * D + 3 * D * F) + V * D
+
+
 def prefill_seconds(params, cfg: LlamaConfig, batch: int, length: int, repeats: int, implementation: str) -> float:
     """Median time of one forward_step of [batch, length] tokens into an empty cache."""
     step = jax.jit(lambda p, t: model.forward_step(p, t, cfg, model.init_cache(cfg, batch, length),
@@ -86,38 +106,47 @@ def generate_seconds(params, cfg: LlamaConfig, batch: int, prompt_len: int, new_
     return median_seconds(run, repeats)
 
 
-def bench_variant(name: str, params, cfg: LlamaConfig, args) -> list[dict]:
+def bench_variant(name: str, params, cfg: LlamaConfig, args, bandwidth: float) -> list[dict]:
     rows = []
+    floor_s = tree_bytes(params) / bandwidth  # one decode step reads every weight once
     t = prefill_seconds(params, cfg, 1, args.prefill_len, args.repeats, args.implementation)
     rows.append(dict(variant=name, phase="prefill", batch=1, tokens=args.prefill_len, seconds=t,
-                     tok_s=args.prefill_len / t, ms_per_step=float("nan")))
+                     tok_s=args.prefill_len / t, ms_per_step=float("nan"),
+                     tflops=2 * matmul_params(cfg) * args.prefill_len / t / 1e12, floor=float("nan")))
+    print(f"  {name} prefill {args.prefill_len}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
     for batch in args.batches:
         t_prefill = prefill_seconds(params, cfg, batch, args.prompt_len, args.repeats, args.implementation)
         t_total = generate_seconds(params, cfg, batch, args.prompt_len, args.new_tokens, args.repeats,
                                    args.implementation)
         t_decode = max(t_total - t_prefill, 1e-9)
         rows.append(dict(variant=name, phase="decode", batch=batch, tokens=batch * args.new_tokens, seconds=t_decode,
-                         tok_s=batch * args.new_tokens / t_decode, ms_per_step=1e3 * t_decode / args.new_tokens))
+                         tok_s=batch * args.new_tokens / t_decode, ms_per_step=1e3 * t_decode / args.new_tokens,
+                         tflops=float("nan"), floor=100 * floor_s * args.new_tokens / t_decode))
         print(f"  {name} decode batch {batch}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
     return rows
 
 
-def markdown(rows: list[dict], cfg_name: str, args) -> str:
+def _fmt(x: float, spec: str) -> str:
+    return "" if np.isnan(x) else format(x, spec)
+
+
+def markdown(rows: list[dict], cfg_name: str, args, bandwidth: float) -> str:
     dev = jax.devices()[0]
     lines = [
         f"# Generation speed, {cfg_name}, random weights ({datetime.date.today().isoformat()})",
         "",
         f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, implementation={args.implementation}; "
         f"median of {args.repeats} runs after warm-up. Prefill: batch 1 × {args.prefill_len} tokens. "
-        f"Decode: {args.prompt_len}-token prompts, {args.new_tokens} greedy new tokens, prefill subtracted.",
+        f"Decode: {args.prompt_len}-token prompts, {args.new_tokens} greedy new tokens, prefill subtracted. "
+        f"Copy bandwidth {bandwidth / 1e9:.0f} GB/s.",
         "",
-        "| variant | phase | batch | tokens | seconds | tokens/s | ms/step |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | phase | batch | tokens | seconds | tokens/s | ms/step | TFLOP/s | % of weight-read floor |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        step = "" if np.isnan(r["ms_per_step"]) else f"{r['ms_per_step']:.2f}"
         lines.append(f"| {r['variant']} | {r['phase']} | {r['batch']} | {r['tokens']} | {r['seconds']:.4f} | "
-                     f"{r['tok_s']:.1f} | {step} |")
+                     f"{r['tok_s']:.1f} | {_fmt(r['ms_per_step'], '.2f')} | {_fmt(r['tflops'], '.1f')} | "
+                     f"{_fmt(r['floor'], '.0f')} |")
     return "\n".join(lines) + "\n"
 
 
@@ -151,10 +180,11 @@ def main(argv=None) -> int:
     cfg, cfg_name = (SMALL, "small test model") if args.small else (LLAMA3_8B, "Llama-3-8B shape")
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: building {cfg_name} in bf16", flush=True)
     params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    bandwidth = copy_bandwidth(16 << 20 if args.small else 1 << 30, args.repeats)
     rows = []
     for name in args.variants:
-        rows += bench_variant(name, VARIANTS[name](params, cfg), cfg, args)
-    table = markdown(rows, cfg_name, args)
+        rows += bench_variant(name, VARIANTS[name](params, cfg), cfg, args, bandwidth)
+    table = markdown(rows, cfg_name, args, bandwidth)
     print(table)
     if args.out:
         with open(args.out, "w") as f:
