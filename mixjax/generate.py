@@ -94,6 +94,8 @@ def generate(
     cache_dtype: defaults to the dtype of the embedding table.
     """
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
+    if sampling.top_k > cfg.vocab_size:
+        raise ValueError(f"top_k={top_k} exceeds vocab_size={cfg.vocab_size}; use 0 to disable top-k")
     prompts, lengths = _pad_prompts(prompt_tokens, cfg, max_new_tokens)  # [B, P], [B]
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
     dtype = jnp.dtype(cache_dtype or params["embed_tokens"].dtype)

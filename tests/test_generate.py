@@ -70,6 +70,19 @@ def test_eos_stops_each_row_and_the_loop(params):
     assert both == [free[0][: cut + 1]] * 2
 
 
+def test_decode_is_one_compiled_while_loop(params):
+    from mixjax.generate import _generate_jit
+
+    prompts = jnp.zeros((2, 16), jnp.int32)
+    jaxpr = jax.make_jaxpr(
+        lambda p, t, n, k: _generate_jit(p, t, n, k, cfg=CFG, max_new_tokens=20, sampling=SamplingConfig(), eos=(2,),
+                                         implementation="xla", cache_dtype=jnp.float32, on_token=None)
+    )(params, prompts, jnp.array([3, 16], jnp.int32), jax.random.PRNGKey(0))
+    text = str(jaxpr)
+    assert "while[" in text
+    assert 1 <= text.count("scan[") < 20  # layer scans of prefill and of one decode step, not 20 unrolled steps
+
+
 def test_streaming_callback_sees_every_step_in_order(params):
     prompts = _prompts(3, [4, 6])
     seen = []
@@ -118,6 +131,7 @@ def test_top_k_and_top_p_restrict_the_support():
         ([[1, 2]], dict(max_new_tokens=4, temperature=-1.0), "temperature"),
         ([[1, 2]], dict(max_new_tokens=4, top_p=0.0), "top_p"),
         ([[1, 2]], dict(max_new_tokens=4, top_k=-2), "top_k"),
+        ([[1, 2]], dict(max_new_tokens=4, top_k=500), "top_k=500 exceeds vocab_size=101"),
     ],
 )
 def test_bad_requests_are_refused_before_running(params, prompts, kwargs, match):
