@@ -98,7 +98,7 @@ def generate_seconds(params, cfg: LlamaConfig, batch: int, prompt_len: int, new_
     dtype = params["embed_tokens"].dtype
 
     def run():
-        out, steps = _generate_jit(params, prompts, lengths, jax.random.PRNGKey(0), cfg=cfg,
+        out, steps = _generate_jit(params, prompts, lengths, jax.random.key(0), cfg=cfg,
                                    max_new_tokens=new_tokens, sampling=SamplingConfig(), eos=(),
                                    implementation=implementation, cache_dtype=dtype, on_token=None)
         return out
@@ -179,7 +179,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     cfg, cfg_name = (SMALL, "small test model") if args.small else (LLAMA3_8B, "Llama-3-8B shape")
     print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: building {cfg_name} in bf16", flush=True)
-    params = model.init_params(cfg, jax.random.PRNGKey(0), jnp.bfloat16)
+    params = model.init_params(cfg, jax.random.key(0), jnp.bfloat16)
     bandwidth = copy_bandwidth(16 << 20 if args.small else 1 << 30, args.repeats)
     rows = []
     for name in args.variants:

@@ -100,7 +100,7 @@ def generate(
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
     dtype = jnp.dtype(cache_dtype or params["embed_tokens"].dtype)
     out, steps = _generate_jit(
-        params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.PRNGKey(seed),
+        params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
         implementation=implementation, cache_dtype=dtype, on_token=on_token,
     )

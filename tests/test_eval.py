@@ -21,7 +21,7 @@ CFG = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidde
 
 @pytest.fixture(scope="module")
 def params():
-    p = model.init_params(CFG, jax.random.PRNGKey(3), jnp.float32)
+    p = model.init_params(CFG, jax.random.key(3), jnp.float32)
     return jax.tree.map(lambda a: a * 10.0 if a.ndim > 1 else a, p)
 
 

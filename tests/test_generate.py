@@ -19,7 +19,7 @@ CFG = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidd
 
 @pytest.fixture(scope="module")
 def params():
-    p = model.init_params(CFG, jax.random.PRNGKey(7), jnp.float32)
+    p = model.init_params(CFG, jax.random.key(7), jnp.float32)
     # std 0.02 weights give near-uniform logits; larger ones give decisive, input-dependent ones
     return jax.tree.map(lambda a: a * 15.0 if a.ndim > 1 and a.shape[-1] != 1 else a, p)
 
@@ -77,7 +77,7 @@ def test_decode_is_one_compiled_while_loop(params):
     jaxpr = jax.make_jaxpr(
         lambda p, t, n, k: _generate_jit(p, t, n, k, cfg=CFG, max_new_tokens=20, sampling=SamplingConfig(), eos=(2,),
                                          implementation="xla", cache_dtype=jnp.float32, on_token=None)
-    )(params, prompts, jnp.array([3, 16], jnp.int32), jax.random.PRNGKey(0))
+    )(params, prompts, jnp.array([3, 16], jnp.int32), jax.random.key(0))
     text = str(jaxpr)
     assert "while[" in text
     assert 1 <= text.count("scan[") < 20  # layer scans of prefill and of one decode step, not 20 unrolled steps
@@ -106,7 +106,7 @@ def test_sampling_is_deterministic_per_seed_and_top_k_1_is_greedy(params):
 def test_top_k_and_top_p_restrict_the_support():
     rng = np.random.default_rng(0)
     logits = jnp.asarray(rng.normal(size=(2, 50)) * 3, jnp.float32)  # [B, V]
-    keys = jax.random.split(jax.random.PRNGKey(0), 300)
+    keys = jax.random.split(jax.random.key(0), 300)
     draws = np.stack([sample(logits, k, SamplingConfig(1.0, 3, 1.0)) for k in keys])  # [300, B]
     top3 = np.argsort(-np.asarray(logits), axis=-1)[:, :3]
     for b in range(2):
