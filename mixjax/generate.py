@@ -90,8 +90,13 @@ def generate(
 ) -> list[list[int]]:
     """Continues each prompt; returns the new tokens of each row (ending with its EOS token, if any).
 
+    prompt_tokens: one list of token ids per prompt; lengths may differ (one batch, right-padded).
+    temperature / top_k / top_p: see `SamplingConfig`; seed: the PRNG seed of sampling.
     eos_token_ids: defaults to `cfg.eos_token_ids`; pass () to never stop early.
+    on_token: called on the host, in order, with each step's int32 [B] tokens (PAD = -1 for finished rows).
     cache_dtype: defaults to the dtype of the embedding table.
+    Raises ValueError before any compilation for empty prompts, ids outside the vocabulary, or
+    prompt + max_new_tokens beyond `cfg.max_position_embeddings`.
     """
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     if sampling.top_k > cfg.vocab_size:
