@@ -177,16 +177,16 @@ def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | No
 
 
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, Dh], k/v [B, S, KVH, Dh], mask [B, T, S] → [B, T, H, Dh]."""
+    """Grouped-query attention. q [B, T, H, Dh], k/v [B, KVH, S, Dh], mask [B, T, S] → [B, T, H, Dh]."""
     B, T, H, Dh = q.shape
-    KVH = k.shape[2]
+    KVH = k.shape[1]
     q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
-    scores = jnp.einsum("btkgd,bskd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(Dh)  # [B, KVH, G, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
-    return out.astype(q.dtype).reshape(B, T, H, Dh)
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
+    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(q.dtype))  # in q's dtype, as Hugging Face does
+    return out.reshape(B, T, H, Dh)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,35 +198,71 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Ar
 class KVCache:
     """Keys/values of every layer for decoding.
 
-    k, v: [L, B, S, KVH, Dh] (the cache dtype; RoPE already applied to k). length: [B] int32, the number
-    of valid positions of each row. k_scale/v_scale: None for float caches (reserved for an int8 cache).
+    k, v: per layer [B, KVH, S, Dh] in the cache dtype (RoPE already applied to k), held either as a
+    tuple of L arrays (the default; pairs with tuple layers and a Python loop) or stacked into one
+    [L, B, KVH, S, Dh] array (pairs with stacked layers and `lax.scan`). `forward_step` converts a cache
+    whose form does not match the params once and returns it in the matching form. Per-layer arrays
+    with heads before positions let XLA update and read each layer in place: on an H100, a batch-32
+    decode step's attention takes 5 ms this way against 22 ms for a stacked [L, B, S, KVH, Dh] cache.
+    length: [B] int32, the number of valid positions of each row.
+    k_scale/v_scale: None for float caches (reserved for an int8 cache).
     """
 
-    k: jax.Array
-    v: jax.Array
+    k: jax.Array | tuple[jax.Array, ...]
+    v: jax.Array | tuple[jax.Array, ...]
     length: jax.Array
-    k_scale: jax.Array | None = None
-    v_scale: jax.Array | None = None
+    k_scale: jax.Array | tuple[jax.Array, ...] | None = None
+    v_scale: jax.Array | tuple[jax.Array, ...] | None = None
+
+    @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, (tuple, list))
+
+    def _first(self) -> jax.Array:
+        return self.k if self.stacked else self.k[0]
 
     @property
     def max_len(self) -> int:
-        return self.k.shape[2]
+        return self._first().shape[-2]
+
+    @property
+    def batch(self) -> int:
+        return self._first().shape[-4]
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> KVCache:
-    """An empty cache for `batch` sequences of up to `max_len` positions."""
-    shape = (cfg.num_hidden_layers, batch, max_len, cfg.num_key_value_heads, cfg.head_dim)
-    return KVCache(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32))
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *, stacked: bool = False) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions (per-layer tuple by default)."""
+    shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # [B, KVH, S, Dh]
+    if stacked:
+        zeros = lambda: jnp.zeros((cfg.num_hidden_layers, *shape), dtype)  # noqa: E731
+    else:
+        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))  # noqa: E731
+    return KVCache(k=zeros(), v=zeros(), length=jnp.zeros((batch,), jnp.int32))
 
 
-def _write_cache(cache: jax.Array, layer: jax.Array | int, new: jax.Array, positions: jax.Array) -> jax.Array:
-    """cache [L, B, S, KVH, Dh] with new [B, T, KVH, Dh] written into `layer` at positions [B, T].
+def _cache_as(cache: KVCache, stacked: bool) -> KVCache:
+    """The same cache stacked into [L, ...] arrays or split into per-layer tuples."""
+    if cache.stacked == stacked:
+        return cache
+    convert = (lambda a: jnp.stack(a)) if stacked else (lambda a: tuple(a))  # noqa: E731
+    fields = {f: getattr(cache, f) for f in ("k", "v", "k_scale", "v_scale")}
+    return dataclasses.replace(cache, **{f: None if a is None else convert(a) for f, a in fields.items()})
 
-    Only the T new positions are written (a scatter XLA performs in place on a donated or carried
-    buffer); positions past S are dropped.
+
+def _write_cache(store: jax.Array, index: jax.Array | None, new: jax.Array, positions: jax.Array):
+    """Writes new [B, T, KVH, Dh] at positions [B, T] into one layer of the cache.
+
+    store: that layer's [B, KVH, S, Dh] (index None) or the stacked [L, B, KVH, S, Dh] (index = layer).
+    Only the T new positions are written, in place on a carried or donated buffer; positions past S are
+    dropped. Returns (updated store, the layer's [B, KVH, S, Dh] view).
     """
-    rows = jnp.arange(cache.shape[1])[:, None]  # [B, 1]
-    return cache.at[layer, rows, positions].set(new.astype(cache.dtype), mode="drop")
+    rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
+    new = new.astype(store.dtype)
+    if index is None:
+        store = store.at[rows, :, positions].set(new, mode="drop")
+        return store, store
+    store = store.at[index, rows, :, positions].set(new, mode="drop")
+    return store, store[index]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -237,12 +273,12 @@ def _decoder_layer(
     layer: dict[str, Any],
     x: jax.Array,  # [B, T, D]
     positions: jax.Array,  # [B, T] int32
-    cache_kv: tuple[jax.Array, jax.Array, jax.Array | int] | None,  # (k, v [L, B, S, KVH, Dh], layer) or None
+    cache_kv: tuple[jax.Array, jax.Array, jax.Array | None] | None,  # (k store, v store, index), see _write_cache
     cfg: LlamaConfig,
     inv_freq: np.ndarray,
     implementation: Implementation,
 ):
-    """One pre-norm decoder layer. Returns (x [B, T, D], (k, v) of all layers updated, or None)."""
+    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k store, v store) or None)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -255,14 +291,15 @@ def _decoder_layer(
     k = apply_rope(proj("self_attn.k_proj", h).reshape(B, T, KVH, Dh), positions, inv_freq)
     v = proj("self_attn.v_proj", h).reshape(B, T, KVH, Dh)
     if cache_kv is None:
-        keys, values, k_pos = k, v, positions  # [B, T, KVH, Dh], [B, T]
-        new_cache = None
+        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
+        k_pos, new_cache = positions, None  # [B, T]
     else:
-        k_all, v_all, index = cache_kv
-        k_all, v_all = _write_cache(k_all, index, k, positions), _write_cache(v_all, index, v, positions)
-        keys, values = k_all[index], v_all[index]  # [B, S, KVH, Dh]
-        k_pos = jnp.broadcast_to(jnp.arange(keys.shape[1], dtype=jnp.int32), (B, keys.shape[1]))  # [B, S]
-        new_cache = (k_all, v_all)
+        k_store, v_store, index = cache_kv
+        k_store, keys = _write_cache(k_store, index, k, positions)  # keys [B, KVH, S, Dh]
+        v_store, values = _write_cache(v_store, index, v, positions)
+        S = keys.shape[2]
+        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
+        new_cache = (k_store, v_store)
     mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
     attn = _attend(q, keys, values, mask).reshape(B, T, H * Dh)
     x = x + proj("self_attn.o_proj", attn)
@@ -273,11 +310,11 @@ def _decoder_layer(
     return x, new_cache
 
 
-def _run_layers(params, x, positions, cache_kv, cfg, implementation):
+def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation):
     """All decoder layers: `lax.scan` over stacked layers, a Python loop over a tuple of layers.
 
-    cache_kv: (k, v) each [L, B, S, KVH, Dh], carried through the layers and updated in place; or None.
-    Returns (x, new (k, v) or None).
+    The cache (already in the params' form) is updated in place: per-layer arrays in the loop, the
+    stacked arrays carried through the scan. Returns (x, (k, v) or None).
     """
     inv_freq = rope_inv_freq(cfg)
     layers = params["layers"]
@@ -286,12 +323,14 @@ def _run_layers(params, x, positions, cache_kv, cfg, implementation):
         return _decoder_layer(layer, x, positions, kv, cfg, inv_freq, implementation)
 
     if isinstance(layers, (tuple, list)):
+        ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
         for i, layer in enumerate(layers):
-            x, new = body(x, layer, None if cache_kv is None else (*cache_kv, i))
-            cache_kv = cache_kv if new is None else new
-        return x, cache_kv
+            x, new = body(x, layer, None if cache is None else (ks[i], vs[i], None))
+            if new is not None:
+                ks[i], vs[i] = new
+        return x, (None if cache is None else (tuple(ks), tuple(vs)))
 
-    if cache_kv is None:
+    if cache is None:
         x, _ = jax.lax.scan(lambda x, layer: (body(x, layer, None)[0], None), x, layers)
         return x, None
 
@@ -302,7 +341,7 @@ def _run_layers(params, x, positions, cache_kv, cfg, implementation):
         return (x, k_all, v_all), None
 
     n_layers = jax.tree.leaves(layers)[0].shape[0]
-    (x, k, v), _ = jax.lax.scan(cached_body, (x, *cache_kv), (layers, jnp.arange(n_layers)))
+    (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (layers, jnp.arange(n_layers)))
     return x, (k, v)
 
 
@@ -352,19 +391,21 @@ def forward_step(
     """Runs tokens [B, T] at positions cache.length[b] + t; returns (logits [B, T, V] f32, new cache).
 
     num_valid [B] (default T): the first num_valid[b] tokens of row b are real, the rest right padding;
-    the new length is length + num_valid. Logits at padded positions are meaningless.
+    the new length is length + num_valid. Logits at padded positions are meaningless. The returned
+    cache has the params' form (stacked or per-layer tuple; see `KVCache`).
     """
     tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
-    if cache.k.shape[1] != B:
-        raise ValueError(f"tokens have batch {B} but the cache was built for batch {cache.k.shape[1]}")
+    if cache.batch != B:
+        raise ValueError(f"tokens have batch {B} but the cache was built for batch {cache.batch}")
     if T > cache.max_len:
         raise ValueError(f"{T} tokens do not fit a cache of max_len={cache.max_len}; build a longer cache")
     num_valid = jnp.full((B,), T, jnp.int32) if num_valid is None else jnp.asarray(num_valid, jnp.int32)
     _check_fits(cache, num_valid, T)
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
-    x, (k, v) = _run_layers(params, _embed(params, tokens), positions, (cache.k, cache.v), cfg, implementation)
+    cache = _cache_as(cache, stacked=not isinstance(params["layers"], (tuple, list)))
+    x, (k, v) = _run_layers(params, _embed(params, tokens), positions, cache, cfg, implementation)
     logits = _logits(params, x, cfg, implementation)
     return logits, dataclasses.replace(cache, k=k, v=v, length=cache.length + num_valid)
 

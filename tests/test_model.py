@@ -92,14 +92,15 @@ def test_tuple_layers_equal_scanned_layers(params):
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(p)))
 
 
-@pytest.mark.parametrize("layers", ["stacked", "tuple"])
-def test_prefill_then_decode_equals_forward(params, layers):
+@pytest.mark.parametrize("layers,stacked_cache", [("stacked", False), ("stacked", True), ("tuple", True)])
+def test_prefill_then_decode_equals_forward(params, layers, stacked_cache):
+    """Also covers a cache whose form differs from the params' (converted once, returned converted)."""
     p = _scale_up(params)
     if layers == "tuple":
         p = unstack_layers(p)
     tokens = _tokens(3, (2, 10))
     full = forward(p, tokens, CFG)
-    cache = init_cache(CFG, batch=2, max_len=16, dtype=jnp.float32)
+    cache = init_cache(CFG, batch=2, max_len=16, dtype=jnp.float32, stacked=stacked_cache)
     step = jax.jit(forward_step, static_argnames=("cfg", "implementation"))
     logits, cache = step(p, tokens[:, :6], CFG, cache)
     pieces = [logits]
@@ -107,7 +108,7 @@ def test_prefill_then_decode_equals_forward(params, layers):
         logits, cache = step(p, tokens[:, t : t + 1], CFG, cache)
         pieces.append(logits)
     assert_close(jnp.concatenate(pieces, axis=1), full)
-    assert cache.length.tolist() == [10, 10]
+    assert cache.length.tolist() == [10, 10] and cache.stacked == (layers == "stacked")
 
 
 def test_ragged_prefill_with_num_valid(params):
@@ -170,7 +171,7 @@ def test_bf16_params_track_f32(params):
     # bf16 activations carry 8 mantissa bits (relative rounding 2^-9 per op); a few percent overall.
     assert_close(logits, ref, rtol=3e-2)
     cache = init_cache(CFG, 2, 8)
-    assert cache.k.dtype == jnp.bfloat16 and cache.k_scale is None
+    assert cache.k[0].dtype == jnp.bfloat16 and cache.k_scale is None
     step_logits, _ = forward_step(low, tokens, CFG, cache)
     assert_close(step_logits, ref, rtol=3e-2)
 
@@ -186,9 +187,12 @@ def test_init_params_dtype_and_tied():
 def test_kvcache_is_a_pytree():
     cache = init_cache(CFG, 2, 5, jnp.float32)
     leaves, treedef = jax.tree.flatten(cache)
-    assert len(leaves) == 3  # k, v, length; the scales are None
+    assert len(leaves) == 2 * CFG.num_hidden_layers + 1  # per-layer k and v, length; the scales are None
     rebuilt = jax.tree.unflatten(treedef, leaves)
-    assert isinstance(rebuilt, KVCache) and rebuilt.k.shape == (3, 2, 5, 2, 8)
+    assert isinstance(rebuilt, KVCache) and rebuilt.k[2].shape == (2, 2, 5, 8)  # [B, KVH, S, Dh]
+    stacked = init_cache(CFG, 2, 5, jnp.float32, stacked=True)
+    assert stacked.stacked and stacked.k.shape == (3, 2, 2, 5, 8) and len(jax.tree.leaves(stacked)) == 3
+    assert (stacked.max_len, stacked.batch) == (cache.max_len, cache.batch) == (5, 2)
 
 
 def test_bad_tokens_raise(params):
