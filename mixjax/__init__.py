@@ -3,7 +3,8 @@
 from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.linear import linear
 from mixjax.model import LINEAR_NAMES, KVCache, forward, forward_step, init_cache, init_params
-from mixjax.quant import FakeQuantWeight, QuantConfig, QuantReport, quantize, salience
+from mixjax.quant import FakeQuantWeight, QuantConfig, QuantReport, quantize
+from mixjax.quant.api import salience
 from mixjax.assets import embedded_model_path
 from mixjax.data import calibration_batches, eval_windows
 from mixjax.evaluate import evaluate_model, perplexity

@@ -1,8 +1,11 @@
-"""MixLLM quantizer: salience, global 8-bit channel allocation, GPTQ/clipping, activation fake-quant."""
+"""MixLLM quantizer: salience, global 8-bit channel allocation, GPTQ/clipping, activation fake-quant.
+
+The salience *function* is `mixjax.salience` (`mixjax.quant.api.salience`); `mixjax.quant.salience` is its module.
+"""
 
 from mixjax.quant.activations import ActFormat, fake_quant_act
 from mixjax.quant.allocate import allocate, average_bits
-from mixjax.quant.api import QuantConfig, quantize, salience
+from mixjax.quant.api import QuantConfig, quantize
 from mixjax.quant.fakequant import FakeQuantWeight
 from mixjax.quant.gptq import gptq_quantize
 from mixjax.quant.report import QuantReport
@@ -25,5 +28,4 @@ __all__ = [
     "gptq_quantize",
     "quantize",
     "quantize_rows",
-    "salience",
 ]

@@ -66,6 +66,8 @@ def fake_quant_act(x: jax.Array, fmt: ActFormat, static_absmax: jax.Array | None
         amax = static_absmax.astype(jnp.float32)[:, None]  # [G, 1]
     else:
         amax = jnp.max(jnp.abs(xg), axis=-1, keepdims=True)  # [..., G, 1]
-    scale = jnp.where(amax > 0, amax / fmt.qmax, 1.0)
-    q = jnp.clip(jnp.round(xg / scale), -fmt.qmax, fmt.qmax)
+    # Same arithmetic as pallas_kernels' activation quantizer: q = floor(x·(qmax/amax) + ½), s = amax/qmax.
+    inv = jnp.where(amax > 0, fmt.qmax / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.floor(xg * inv + 0.5), -fmt.qmax, fmt.qmax)
+    scale = amax / fmt.qmax
     return (q * scale).reshape(*x.shape[:-1], -1)[..., :k].astype(x.dtype)

@@ -148,29 +148,31 @@ def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str
 
         steps = tqdm(steps, desc="quantize layers", unit="layer")
     if not config.needs_calibration_inputs:
-        return tuple(_quantize_layer(layers[i], i, None, None, config, is_int8) for i in steps)
+        return tuple(_quantize_layer(layers[i], i, None, None, config, is_int8)[0] for i in steps)
     hidden = [model._embed(params, jnp.asarray(b, jnp.int32)) for b in batches]  # [B, T, D] each
     out = []
     for i in steps:
         hess, absmax = _accumulate_stats(layers[i], hidden, cfg, config.act)
-        qlayer = _quantize_layer(layers[i], i, hess, absmax, config, is_int8)
+        qlayer, sim = _quantize_layer(layers[i], i, hess, absmax, config, is_int8)
         out.append(qlayer)
         if i + 1 < len(layers):
-            sim = _simulation_layer(qlayer, layers[i], config)
             hidden = [_run_layer(sim, h, cfg=cfg) for h in hidden]
     return tuple(out)
 
 
-def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8) -> dict:
-    new = {}
+def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8) -> tuple[dict, dict]:
+    """→ (the quantized layer, the same layer with FakeQuantWeights for calibration propagation)."""
+    final, sim = {}, {}
     for name in model.LINEAR_NAMES:
         w = linear_weight(layer, name)
         mask = jnp.asarray(is_int8[name][i])
         h = None if hess is None else hess[name]
         qr = _quantize_linear(w, h, mask, config)
         _check_finite_codes(qr, f"layers.{i}.{name}")
-        new[name] = _to_weight(qr, w.dtype, None if absmax is None else absmax[name], config)
-    return with_weights(layer, new)
+        a = absmax[name] if absmax is not None and config.act.static else None
+        sim[name] = FakeQuantWeight(w=_dequantize(qr, fmt=config.weight).astype(w.dtype), a_absmax=a, act=config.act)
+        final[name] = _pack(qr) if config.kernel_compatible else sim[name]
+    return with_weights(layer, final), with_weights(layer, sim)
 
 
 def _quantize_linear(w, h, is_int8, config: QuantConfig) -> QuantizedRows:
@@ -187,23 +189,16 @@ def _rtn(w, is_int8, *, fmt):
     return quantize_rows(w, is_int8, fmt)
 
 
-def _to_weight(qr: QuantizedRows, dtype, absmax, config: QuantConfig):
-    if config.kernel_compatible:
-        from pallas_kernels import pack_mixed
-
-        return pack_mixed(np.asarray(qr.q), np.asarray(qr.scale), np.asarray(qr.zero), np.asarray(qr.is_int8),
-                          k=qr.k, group_size=128)
-    w = dequantize_rows(qr, config.weight).astype(dtype)
-    return FakeQuantWeight(w=w, a_absmax=absmax if config.act.static else None, act=config.act)
+@functools.partial(jax.jit, static_argnames=("fmt",))
+def _dequantize(qr: QuantizedRows, *, fmt: WeightFormat) -> jax.Array:
+    return dequantize_rows(qr, fmt)
 
 
-def _simulation_layer(qlayer, layer, config: QuantConfig):
-    """The quantized layer as the next layer's calibration sees it (FakeQuantWeight: fast on any backend)."""
-    if not config.kernel_compatible:
-        return qlayer
-    sim = {n: FakeQuantWeight(w=linear_weight(qlayer, n).dequantize().astype(linear_weight(layer, n).dtype),
-                              act=config.act) for n in model.LINEAR_NAMES}
-    return with_weights(layer, sim)
+def _pack(qr: QuantizedRows):
+    from pallas_kernels import pack_mixed
+
+    return pack_mixed(np.asarray(qr.q), np.asarray(qr.scale), np.asarray(qr.zero), np.asarray(qr.is_int8),
+                      k=qr.k, group_size=128)
 
 
 class _Tap:

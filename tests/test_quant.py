@@ -1,0 +1,344 @@
+"""MixLLM quantizer: quantizer invariants, GPTQ, clipping, salience, allocation, API and bad input."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from mixjax.quant import (
+    ActFormat,
+    FakeQuantWeight,
+    QuantConfig,
+    WeightFormat,
+    allocate,
+    average_bits,
+    dequantize_rows,
+    fake_quant_act,
+    gptq_quantize,
+    quantize,
+    quantize_rows,
+)
+from mixjax.quant import salience as sal
+from mixjax.quant.api import salience
+from mixjax.quant.gptq import rtn_clip_quantize
+
+TINY = LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=10000.0)
+
+
+def _key(seed):
+    return jax.random.PRNGKey(seed)
+
+
+@pytest.fixture(scope="module")
+def tiny_params():
+    params = model.init_params(TINY, _key(0), jnp.float32)
+    # Larger weights than the 0.02 default, so the output depends visibly on every channel.
+    return jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, params)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokens():
+    return np.asarray(jax.random.randint(_key(1), (4, 16), 0, TINY.vocab_size), np.int32)
+
+
+def _correlated_inputs(key, t, k):
+    mix = jax.random.normal(key, (k, k)) / np.sqrt(k) + jnp.eye(k)
+    return jax.random.normal(jax.random.fold_in(key, 1), (t, k)) @ mix * (1.0 + jnp.arange(k) / k)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weight quantizers
+
+
+@pytest.mark.parametrize("k", [128, 200, 576])
+def test_rtn_invariants(k):
+    n = 40
+    w = jax.random.normal(_key(k), (n, k)) * 0.1
+    is_int8 = jax.random.uniform(_key(k + 1), (n,)) < 0.3
+    qr = quantize_rows(w, is_int8, WeightFormat())
+    g = -(-k // 128)
+    assert qr.q.shape == (n, g * 128) and qr.scale.shape == (n, g) and qr.zero.shape == (n, g)
+    q = np.asarray(qr.q, np.int32)
+    m8 = np.asarray(is_int8)
+    assert q[m8].min() >= -127 and q[m8].max() <= 127
+    assert q[~m8].min() >= 0 and q[~m8].max() <= 15
+    assert np.all(np.asarray(qr.zero)[m8] == 0)
+    assert np.all(q[:, k:] == 0)  # K padding holds zero codes
+    # w ≈ (q − z)·s to within half a step, element by element
+    z = np.repeat(np.asarray(qr.zero, np.int32), 128, axis=1)[:, :k]
+    s = np.repeat(np.asarray(qr.scale), 128, axis=1)[:, :k]
+    deq = (q[:, :k] - z) * s
+    np.testing.assert_allclose(deq, np.asarray(dequantize_rows(qr)), rtol=1e-6, atol=1e-7)
+    assert np.all(np.abs(deq - np.asarray(w)) <= 0.5 * s * (1 + 1e-5))
+
+
+def test_padded_group_is_exact():
+    """The last, padded group quantizes exactly like a short group of its real elements."""
+    n, k = 24, 200  # last group: 72 real columns + 56 padding
+    w = jax.random.normal(_key(3), (n, k))
+    is_int8 = jnp.arange(n) % 3 == 0
+    full = quantize_rows(w, is_int8, WeightFormat())
+    tail = quantize_rows(w[:, 128:], is_int8, WeightFormat(group_size=72))
+    np.testing.assert_allclose(np.asarray(full.scale[:, 1]), np.asarray(tail.scale[:, 0]), rtol=1e-6)
+    np.testing.assert_array_equal(np.asarray(full.zero[:, 1]), np.asarray(tail.zero[:, 0]))
+    np.testing.assert_array_equal(np.asarray(full.q[:, 128:200]), np.asarray(tail.q))
+    # A weight already on the grid (padded group included) round-trips exactly.
+    on_grid = dequantize_rows(full)
+    again = quantize_rows(on_grid, is_int8, WeightFormat())
+    np.testing.assert_allclose(np.asarray(dequantize_rows(again)), np.asarray(on_grid), rtol=0, atol=1e-6)
+
+
+def test_pack_mixed_round_trip():
+    from pallas_kernels import pack_mixed
+
+    n, k = 200, 576
+    w = jax.random.normal(_key(4), (n, k)) * 0.05
+    is_int8 = np.asarray(jax.random.uniform(_key(5), (n,)) < 0.15)
+    qr = quantize_rows(w, jnp.asarray(is_int8))
+    mw = pack_mixed(np.asarray(qr.q), np.asarray(qr.scale), np.asarray(qr.zero), is_int8, k=k)
+    np.testing.assert_array_equal(np.asarray(mw.dequantize()), np.asarray(dequantize_rows(qr)))
+
+
+def test_per_channel_and_symmetric4_formats():
+    w = jax.random.normal(_key(6), (16, 96))
+    fmt = WeightFormat(group_size=None, symmetric4=True)
+    qr = quantize_rows(w, jnp.zeros(16, bool), fmt)
+    assert qr.scale.shape == (16, 1)
+    q = np.asarray(qr.q)
+    assert q.min() >= -7 and q.max() <= 7 and np.all(np.asarray(qr.zero) == 0)
+    err = np.abs(np.asarray(dequantize_rows(qr, fmt) - w))
+    assert np.all(err <= 0.5 * np.asarray(qr.scale) * (1 + 1e-5))
+
+
+def test_gptq_lowers_output_error_vs_rtn():
+    n, k, t = 96, 256, 2048
+    w = jax.random.normal(_key(7), (n, k)) * 0.05
+    x = _correlated_inputs(_key(8), t, k)  # [T, K]
+    h = 2.0 * x.T @ x
+    is_int8 = jnp.arange(n) < 10
+
+    def out_err(qr):
+        return float(jnp.sum((x @ (dequantize_rows(qr) - w).T) ** 2))
+
+    rtn = out_err(quantize_rows(w, is_int8))
+    gptq = out_err(gptq_quantize(w, h, is_int8))
+    gptq_clip = out_err(gptq_quantize(w, h, is_int8, clip=True))
+    assert gptq < 0.9 * rtn
+    assert gptq_clip < rtn
+    # clipping search never loses to no clipping on its own criterion
+    assert out_err(rtn_clip_quantize(w, h, is_int8)) <= rtn * (1 + 1e-6)
+
+
+def test_gptq_subsets_equal_separate_runs():
+    """Running GPTQ once on mixed rows equals running it on the 4-bit and the 8-bit subsets separately."""
+    n, k = 32, 256
+    w = jax.random.normal(_key(9), (n, k))
+    x = _correlated_inputs(_key(10), 512, k)
+    h = 2.0 * x.T @ x
+    is_int8 = jnp.arange(n) % 4 == 0
+    both = gptq_quantize(w, h, is_int8)
+    only8 = gptq_quantize(w[is_int8], h, is_int8[is_int8])
+    only4 = gptq_quantize(w[~is_int8], h, is_int8[~is_int8])
+    np.testing.assert_array_equal(np.asarray(both.q)[np.asarray(is_int8)], np.asarray(only8.q))
+    np.testing.assert_array_equal(np.asarray(both.q)[~np.asarray(is_int8)], np.asarray(only4.q))
+
+
+# --------------------------------------------------------------------------------------------------
+# Activations
+
+
+def test_activation_fake_quant_per_token_group():
+    x = jax.random.normal(_key(11), (3, 5, 200)) * 4
+    xq = fake_quant_act(x, ActFormat())
+    xg = np.pad(np.asarray(x), ((0, 0), (0, 0), (0, 56))).reshape(3, 5, 2, 128)
+    step = np.abs(xg).max(-1, keepdims=True) / 127
+    err = np.abs(np.pad(np.asarray(xq - x), ((0, 0), (0, 0), (0, 56))).reshape(3, 5, 2, 128))
+    assert np.all(err <= 0.5 * step * (1 + 1e-5))
+    # each (token, group) keeps its max exactly
+    np.testing.assert_allclose(np.abs(np.asarray(xq)).max(-1), np.abs(np.asarray(x)).max(-1), rtol=1e-6)
+    tok = fake_quant_act(x, ActFormat(granularity="token"))
+    assert float(jnp.abs(tok - x).max()) <= float(jnp.abs(x).max()) / 127 * 0.5 * (1 + 1e-5)
+    amax = jnp.full((2,), 1.0)
+    static = fake_quant_act(x, ActFormat(static=True), amax)
+    assert float(jnp.abs(static).max()) <= 1.0 + 1e-6  # clipped to the calibrated range
+
+
+# --------------------------------------------------------------------------------------------------
+# Allocation
+
+
+def test_allocation_element_budget_is_exact():
+    rng = np.random.default_rng(0)
+    scores = {"a": rng.random((3, 50)), "b": rng.random((3, 20)), "c": rng.random((3, 30))}
+    k = {"a": 64, "b": 256, "c": 100}
+    elements = sum(scores[n].size * k[n] for n in scores)
+    for bits in (4.0, 4.2, 4.4, 4.8, 6.3, 8.0):
+        chosen = allocate(scores, k, bits)
+        got = average_bits(chosen, k)
+        assert got <= bits + 1e-12
+        assert bits - got < 4 * max(k.values()) / elements + 1e-12
+        # the chosen set is a prefix of the global ranking
+        flat_s = np.concatenate([scores[n].ravel() for n in scores])
+        flat_c = np.concatenate([chosen[n].ravel() for n in scores])
+        if flat_c.any() and not flat_c.all():
+            assert flat_s[flat_c].min() >= flat_s[~flat_c].max()
+    chans = allocate(scores, k, 4.4, budget="channels")
+    assert sum(int(m.sum()) for m in chans.values()) == int(300 * 0.1)
+    local = allocate(scores, k, 4.4, local=True)
+    for n in scores:
+        assert np.all(local[n].sum(-1) == int(scores[n].shape[1] * 0.1))
+
+
+# --------------------------------------------------------------------------------------------------
+# Salience
+
+
+def _split(params):
+    p = model.unstack_layers(params)
+    return {k: v for k, v in p.items() if k != "layers"}, p["layers"]
+
+
+def _spearman(a, b):
+    ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def test_salience_ranks_like_brute_force(tiny_params, tiny_tokens):
+    rest, layers = _split(tiny_params)
+    deltas = sal.rtn4_deltas(layers)
+    tokens = jnp.asarray(tiny_tokens)
+
+    def sample_losses(layers_):
+        return jax.vmap(lambda t: sal.per_sample_loss(rest, layers_, t[None], TINY))(tokens)  # [B]
+
+    base = sample_losses(layers)
+    scores = salience(tiny_params, [tiny_tokens], TINY)
+    for i, name in [(0, "self_attn.v_proj"), (1, "mlp.down_proj"), (1, "mlp.gate_proj")]:
+        w = sal.linear_weight(layers[i], name)
+
+        def brute(c, i=i, name=name, w=w):
+            w_c = w + jnp.zeros_like(w).at[c].set(deltas[i][name][c])
+            new = tuple(sal.with_weights(l, {name: w_c}) if j == i else l for j, l in enumerate(layers))
+            return jnp.mean(jnp.abs(sample_losses(new) - base))
+
+        truth = np.asarray(jax.jit(jax.vmap(brute))(jnp.arange(w.shape[0])))
+        assert _spearman(scores[name][i], truth) > 0.8, name
+
+
+def test_probe_gradient_and_hvp_match_autodiff(tiny_params, tiny_tokens):
+    """g_bᵀΔ_c from the α-probe equals the weight gradient; Δ_cᵀ(HΔ)_c equals jax.hessian's."""
+    cfg = dataclasses.replace(TINY, num_hidden_layers=1, hidden_size=8, intermediate_size=12,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=4)
+    params = model.init_params(cfg, _key(12), jnp.float32)
+    params = jax.tree.map(lambda a: a * 10.0 if a.ndim == 3 else a, params)
+    rest, layers = _split(params)
+    deltas = sal.rtn4_deltas(layers)
+    tokens = jnp.asarray(tiny_tokens[:2, :6])
+    u, v = sal.probe_terms(rest, layers, deltas, tokens, cfg=cfg, hvp=True)
+
+    names = model.LINEAR_NAMES
+    shapes = [sal.linear_weight(layers[0], n).shape for n in names]
+    sizes = [a * b for a, b in shapes]
+
+    def unflat(theta):
+        parts = jnp.split(theta, np.cumsum(sizes)[:-1])
+        return {n: p.reshape(s) for n, p, s in zip(names, parts, shapes)}
+
+    theta0 = jnp.concatenate([sal.linear_weight(layers[0], n).ravel() for n in names])
+    delta = jnp.concatenate([deltas[0][n].ravel() for n in names])
+    for b in range(1):
+        def loss(theta, b=b):
+            new = (sal.with_weights(layers[0], unflat(theta)),)
+            return sal.per_sample_loss(rest, new, tokens[b : b + 1], cfg)
+
+        g = unflat(jax.jit(jax.grad(loss))(theta0))
+        hd = unflat(jax.jit(jax.hessian(loss))(theta0) @ delta)  # H Δ
+        for n in names:
+            np.testing.assert_allclose(np.asarray(u[0][n][b]), np.asarray(jnp.sum(g[n] * deltas[0][n], -1)),
+                                       rtol=1e-3, atol=1e-7)
+            np.testing.assert_allclose(np.asarray(v[0][n][b]), np.asarray(jnp.sum(hd[n] * deltas[0][n], -1)),
+                                       rtol=2e-3, atol=1e-7)
+
+
+def test_salience_variants(tiny_params, tiny_tokens):
+    out = {}
+    for kind in ("fisher", "first-order-off", "diag", "hvp"):
+        s = salience(tiny_params, [tiny_tokens[:2]], TINY, config=QuantConfig(salience=kind))
+        assert set(s) == set(model.LINEAR_NAMES)
+        for n, arr in s.items():
+            n_out = sal.linear_weight(model.unstack_layers(tiny_params)["layers"][0], n).shape[0]
+            assert arr.shape == (2, n_out) and np.all(np.isfinite(arr)) and np.all(arr >= 0)
+        out[kind] = np.concatenate([a.ravel() for a in s.values()])
+    assert _spearman(out["fisher"], out["first-order-off"]) > 0.5
+    assert not np.allclose(out["fisher"], out["diag"])
+
+
+# --------------------------------------------------------------------------------------------------
+# End to end on the tiny model
+
+
+def test_quantize_kernel_format_matches_simulation(tiny_params, tiny_tokens):
+    from pallas_kernels import MixedWeight
+
+    qp, report = quantize(tiny_params, [tiny_tokens], TINY, config=QuantConfig(), return_report=True)
+    w = qp["layers"][1]["mlp"]["down_proj"]["weight"]
+    assert isinstance(w, MixedWeight) and len(qp["layers"]) == 2
+    assert abs(report.bits_achieved - 4.4) < 4 * 80 / report.num_channels
+    sim = {**qp, "layers": tuple(
+        sal.with_weights(l, {n: FakeQuantWeight(sal.linear_weight(l, n).dequantize()) for n in model.LINEAR_NAMES})
+        for l in qp["layers"])}
+    a = model.forward(qp, jnp.asarray(tiny_tokens), TINY, implementation="xla")
+    b = model.forward(sim, jnp.asarray(tiny_tokens), TINY)
+    fp = model.forward(tiny_params, jnp.asarray(tiny_tokens), TINY)
+    # Same codes and the same activation rounding rule: only float summation order differs (rare
+    # rounding-boundary flips), far below the quantization error itself.
+    assert float(jnp.mean(jnp.abs(a - b))) < 0.05 * float(jnp.mean(jnp.abs(a - fp)))
+    assert "8-bit share" in report.to_markdown()
+
+
+def test_quantize_ablation_configs_give_fake_quant(tiny_params, tiny_tokens):
+    fp = model.forward(tiny_params, jnp.asarray(tiny_tokens), TINY)
+    errs = {}
+    for name, cfg in {
+        "w8a16": QuantConfig(bits=8, act=ActFormat(bits=None), gptq=False, clip=False),
+        "w4a16": QuantConfig(bits=4, act=ActFormat(bits=None), gptq=False, clip=False),
+        "w4a4": QuantConfig(bits=4, act=ActFormat(bits=4, granularity="token"), gptq=False, clip=False,
+                            weight=WeightFormat(group_size=None, symmetric4=True)),
+        "static": QuantConfig(bits=4.4, act=ActFormat(static=True), local=True),
+    }.items():
+        qp = quantize(tiny_params, [tiny_tokens], TINY, config=cfg)
+        assert isinstance(qp["layers"][0]["self_attn"]["q_proj"]["weight"], FakeQuantWeight)
+        errs[name] = float(jnp.mean(jnp.abs(model.forward(qp, jnp.asarray(tiny_tokens), TINY) - fp)))
+    assert errs["w8a16"] < errs["w4a16"] < errs["w4a4"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Bad input
+
+
+def test_bad_inputs(tiny_params, tiny_tokens):
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(bits=3.5)
+    with pytest.raises(ValueError, match="bits"):
+        QuantConfig(bits=8.5)
+    with pytest.raises(ValueError, match="empty"):
+        quantize(tiny_params, [], TINY)
+    with pytest.raises(ValueError, match="T ≥ 2"):
+        quantize(tiny_params, [tiny_tokens[:, :1]], TINY)
+    with pytest.raises(ValueError, match="vocabulary"):
+        quantize(tiny_params, [tiny_tokens + TINY.vocab_size], TINY)
+    bad = jax.tree_util.tree_map_with_path(
+        lambda p, a: a.at[1, 0, 0].set(jnp.nan) if "down_proj" in jax.tree_util.keystr(p) else a, tiny_params)
+    with pytest.raises(ValueError, match=r"layers\.1\.mlp\.down_proj"):
+        quantize(bad, [tiny_tokens], TINY)
+    wrong = dataclasses.replace(TINY, intermediate_size=64)
+    with pytest.raises(ValueError, match="shape"):
+        quantize(tiny_params, [tiny_tokens], wrong)
+    nan_embed = {**tiny_params, "embed_tokens": tiny_params["embed_tokens"].at[:].set(jnp.inf)}
+    with pytest.raises(FloatingPointError, match=r"layers\.\d+\."):
+        salience(nan_embed, [tiny_tokens], TINY)
