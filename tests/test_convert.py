@@ -226,6 +226,28 @@ def test_orbax_round_trip(tiny_params, tmp_path, layers):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp dirs left
 
 
+def test_orbax_round_trip_quantized_tree(tiny_params, tmp_path):
+    """The quantized layout (tuple layers, MixedWeight leaves) saves through the same path and restores
+    against an abstract tree supplied by the caller."""
+    from pallas_kernels import MixedWeight, pack_rtn
+
+    from mixjax.model import unstack_layers
+
+    cfg, params = tiny_params
+    qparams = unstack_layers(params)
+    w = np.asarray(qparams["layers"][1]["mlp"]["down_proj"]["weight"])
+    is_int8 = np.arange(w.shape[0]) % 3 == 0
+    qparams["layers"][1]["mlp"]["down_proj"]["weight"] = pack_rtn(w, is_int8)
+    target = convert.save_checkpoint(tmp_path / "q", qparams, cfg, extra_metadata={"quant": {"bits": 4.4}})
+    with pytest.raises(ValueError, match="abstract_params"):
+        convert.restore_checkpoint(target)
+    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=device), qparams)
+    cfg2, restored = convert.restore_checkpoint(target, abstract_params=abstract)
+    assert cfg2 == cfg and isinstance(restored["layers"][1]["mlp"]["down_proj"]["weight"], MixedWeight)
+    assert _same_tree(restored, qparams)
+
+
 def test_orbax_refuses_overwrite_and_bad_params(tiny_params, tmp_path):
     cfg, params = tiny_params
     target = convert.save_checkpoint(tmp_path / "ckpt", params, cfg)
