@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax.config import LlamaConfig
-from mixjax.linear import Implementation, linear
+from mixjax.linear import Implementation, QuantizedLinear, linear
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -77,10 +77,10 @@ def _is_shape(x) -> bool:
 
 
 def init_params(cfg: LlamaConfig, key: jax.Array, dtype=jnp.bfloat16) -> dict[str, Any]:
-    """Random params of `cfg` (normal, std 0.02; norms at 1), generated leaf by leaf in `dtype`.
+    """Random params of `cfg` (normal, std 0.02; norms at 1) in `dtype`, for tests and benchmarks.
 
-    Each leaf is created by its own jitted call directly in `dtype`, so peak memory is the params plus
-    one leaf's temporaries (an 8B-shaped model fits where the bf16 params fit).
+    Each leaf is created by its own jitted call, so peak memory is the params plus one leaf's f32
+    temporaries (measured on an H100: a Llama-3-8B shape in bf16 peaks at 16.06 GB, the params' size).
     """
     shapes = param_shapes(cfg)
     leaves, treedef = jax.tree.flatten(shapes, is_leaf=_is_shape)
@@ -101,7 +101,12 @@ def _normal(key, shape, dtype):
 
 
 def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
-    """Stacked float layers ([L, ...] leaves) → a tuple of L per-layer dicts (the quantized layout)."""
+    """Stacked float layers ([L, ...] leaves) → a tuple of L per-layer dicts (the quantized layout).
+
+    The per-layer arrays are copies: drop the stacked params afterwards. On GPU the tuple layout also
+    decodes faster, because XLA copies each layer's weight slice out of a stacked array (H100, Llama-3-8B
+    shape, bf16, batch 1: 9.5 ms per token unstacked against 16.5 ms stacked).
+    """
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):
         return params
@@ -115,7 +120,8 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     if not isinstance(layers, (tuple, list)):
         return params
     for i, layer in enumerate(layers):
-        bad = [l for l in jax.tree.leaves(layer) if not hasattr(l, "dtype")]
+        leaves = jax.tree.leaves(layer, is_leaf=lambda x: isinstance(x, QuantizedLinear))
+        bad = [leaf for leaf in leaves if isinstance(leaf, QuantizedLinear) or not hasattr(leaf, "dtype")]
         if bad:
             raise TypeError(f"stack_layers: layer {i} holds a {type(bad[0]).__name__}; only float layers stack")
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}

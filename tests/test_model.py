@@ -92,6 +92,16 @@ def test_tuple_layers_equal_scanned_layers(params):
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(p)))
 
 
+def test_stack_layers_refuses_quantized_layers(params):
+    from pallas_kernels import pack_rtn
+
+    unstacked = unstack_layers(params)
+    w = unstacked["layers"][1]["mlp"]["up_proj"]["weight"]
+    unstacked["layers"][1]["mlp"]["up_proj"]["weight"] = pack_rtn(w, np.zeros(w.shape[0], bool))
+    with pytest.raises(TypeError, match="layer 1 holds a MixedWeight"):
+        stack_layers(unstacked)
+
+
 @pytest.mark.parametrize("layers,stacked_cache", [("stacked", False), ("stacked", True), ("tuple", True)])
 def test_prefill_then_decode_equals_forward(params, layers, stacked_cache):
     """Also covers a cache whose form differs from the params' (converted once, returned converted)."""
