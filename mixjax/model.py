@@ -105,7 +105,7 @@ def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
 
     The per-layer arrays are copies: drop the stacked params afterwards. On GPU the tuple layout also
     decodes faster, because XLA copies each layer's weight slice out of a stacked array (H100, Llama-3-8B
-    shape, bf16, batch 1: 9.5 ms per token unstacked against 16.5 ms stacked).
+    shape, bf16, 2048-position cache: 9.3 ms per decode step at batch 1 unstacked against 17.3 ms stacked).
     """
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):
@@ -208,8 +208,9 @@ class KVCache:
     tuple of L arrays (the default; pairs with tuple layers and a Python loop) or stacked into one
     [L, B, KVH, S, Dh] array (pairs with stacked layers and `lax.scan`). `forward_step` converts a cache
     whose form does not match the params once and returns it in the matching form. Per-layer arrays
-    with heads before positions let XLA update and read each layer in place: on an H100, a batch-32
-    decode step's attention takes 5 ms this way against 22 ms for a stacked [L, B, S, KVH, Dh] cache.
+    with heads before positions let XLA update and read each layer in place: on an H100 (Llama-3-8B
+    shape, bf16, tuple layers, 2048 positions) a batch-32 decode step takes 11.9 ms against 38.3 ms with
+    a stacked [L, B, S, KVH, Dh] cache.
     length: [B] int32, the number of valid positions of each row.
     k_scale/v_scale: None for float caches (reserved for an int8 cache).
     """
