@@ -84,8 +84,9 @@ def _permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_tiny_gguf(path, model, arch="llama", *, drop=(), quantize_linears=False):
-    """Writes a tiny HF model as a GGUF file the way llama.cpp lays it out (F32, or Q8_0 linears)."""
+def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
+    """Writes a tiny HF model as a GGUF file the way llama.cpp lays it out; decoder linears stored as
+    `linear_type` (a GGMLQuantizationType name), everything else F32."""
     import gguf
 
     from convert.layout import NAME_TABLE
@@ -116,9 +117,10 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), quantize_linears=Fals
             w = _permute_like_llama_cpp(w, c.num_attention_heads)
         elif arch == "llama" and ".attn_k." in gguf_name:
             w = _permute_like_llama_cpp(w, c.num_key_value_heads)
-        if quantize_linears and w.ndim == 2 and gguf_name.startswith("blk."):
-            q = gguf.quants.quantize(w, gguf.GGMLQuantizationType.Q8_0)
-            writer.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        if linear_type != "F32" and w.ndim == 2 and gguf_name.startswith("blk."):
+            qtype = gguf.GGMLQuantizationType[linear_type]
+            q = gguf.quants.quantize(w, qtype)
+            writer.add_tensor(gguf_name, q, raw_shape=q.shape, raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, w)
     writer.write_header_to_file()
@@ -144,11 +146,47 @@ def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
 def test_gguf_q8_0_dequantized(make_tiny_hf, tmp_path):
     """Q8_0 linears dequantize to within half an int8 step of each block of 32 (+ f16 rounding of the scale)."""
     _, model = make_tiny_hf("llama")
-    cfg, params = convert.load(write_tiny_gguf(tmp_path / "q8.gguf", model, quantize_linears=True))
+    cfg, params = convert.load(write_tiny_gguf(tmp_path / "q8.gguf", model, linear_type="Q8_0"))
     w = params["layers"]["mlp"]["up_proj"]["weight"][1]
     ref = model.state_dict()["model.layers.1.mlp.up_proj.weight"].numpy()
     step = np.abs(ref).reshape(ref.shape[0], -1, 32).max(-1, keepdims=True) / 127  # Q8_0: blocks of 32
     assert np.all(np.abs(np.asarray(w) - ref).reshape(step.shape[0], -1, 32) <= step * 0.6)
+
+
+@pytest.mark.parametrize("linear_type", ["F16", "Q4_1", "Q8_0"])
+def test_gguf_quant_types_land_in_place(make_tiny_hf, tmp_path, linear_type):
+    """Each stored type reaches its params slot as gguf's own dequantization of it, un-permuted for q/k."""
+    import gguf
+
+    _, model = make_tiny_hf("llama")
+    _, params = convert.load(write_tiny_gguf(tmp_path / "t.gguf", model, linear_type=linear_type))
+    qtype = gguf.GGMLQuantizationType[linear_type]
+    state = model.state_dict()
+    for hf_name, ours in [
+        ("model.layers.1.mlp.down_proj.weight", params["layers"]["mlp"]["down_proj"]["weight"][1]),
+        ("model.layers.0.self_attn.k_proj.weight", params["layers"]["self_attn"]["k_proj"]["weight"][0]),
+    ]:
+        w = state[hf_name].numpy()
+        heads = model.config.num_key_value_heads
+        stored = w if "k_proj" not in hf_name else _permute_like_llama_cpp(w, heads)
+        ref = gguf.quants.dequantize(gguf.quants.quantize(stored, qtype), qtype).reshape(w.shape)
+        if "k_proj" in hf_name:
+            from convert.gguf import _unpermute_rows
+
+            ref = _unpermute_rows(ref, heads)
+        np.testing.assert_array_equal(np.asarray(ours), ref)
+
+
+def test_hf_bf16_checkpoint_loads_exactly(make_tiny_hf, tmp_path):
+    """Real checkpoints are usually bf16 safetensors: they widen to f32 exactly."""
+    from safetensors.numpy import load_file
+
+    _, model = make_tiny_hf("llama")
+    model.to(torch.bfloat16).save_pretrained(tmp_path)
+    _, params = convert.load(tmp_path)
+    stored = load_file(tmp_path / "model.safetensors")["model.layers.1.mlp.gate_proj.weight"]
+    assert str(stored.dtype) == "bfloat16"
+    np.testing.assert_array_equal(np.asarray(params["layers"]["mlp"]["gate_proj"]["weight"][1]), stored.astype(np.float32))
 
 
 @pytest.fixture(scope="module")
