@@ -8,8 +8,13 @@ its share of the K groups of 128. Per group it issues two K=64 int8 dots against
 activation group, so the 8-bit and 4-bit branches share one activation schedule:
 
   8-bit:  P = x_q[:, :64]·w[:, :64]ᵀ + x_q[:, 64:]·w[:, 64:]ᵀ                        (int32)
+          y += P · (s_a ⊗ s_w)
   4-bit:  P = x_q[:, :64]·(b << 4)ᵀ + x_q[:, 64:]·(b & -16)ᵀ = 16·Σ x_q·(u − 8)        (int32)
-          I = P/16 + (8 − z)·Σx_q  — the exact Σ x_q·(u − z), all integers < 2^24 in f32
+          y += P · (s_a ⊗ s_w/16) + (s_a·Σx_q) ⊗ ((8 − z)·s_w)   — i.e. Σ x_q·(u − z) · s_a·s_w
+
+The int32 partials reach f32 through MixLLM's seed trick (`_seeded_partial`): the MMA accumulator
+starts at the bits of 1.5·2^23, so the result's bits read as a float are 1.5·2^23 + P exactly and one
+subtract replaces the slow int→float conversion that otherwise costs as much as the MMA.
 
 Two-step dequantization: step 1 turns 4-bit codes into int8 operands with two bit ops (no zero point
 in the loop: it is folded per group through Σx_q, which the activation quantizer emits), the MMA runs
@@ -154,6 +159,21 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
     return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=out)
 
 
+_MAGIC = 0x4B400000  # the bits of 12582912.0 = 1.5·2^23: float ulp 1 for |offset| < 2^22
+
+
+def _seeded_partial(xa, wa, xb, wb) -> jax.Array:
+    """Σ of two int8 K=64 dots as f32, without an int→float conversion (a quarter-rate instruction).
+
+    The int32 accumulator is seeded with the bits of 1.5·2^23, so seed + P reinterpreted as f32 is
+    exactly 1.5·2^23 + P while |P| < 2^22 (a group of 128 int8×int8 products stays ≤ 2.1e6): one
+    subtract recovers P. Triton folds `dot + seed` into the MMA's accumulator input."""
+    seed = jnp.full((xa.shape[0], wa.shape[0]), _MAGIC, jnp.int32)
+    acc = _dot_nt(xa, wa) + seed
+    acc = _dot_nt(xb, wb) + acc  # int32 [bm, bn]
+    return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
+
+
 def _w8_group(xs, g, n0, q8_ref, s8_ref, *, block_n, evict, mode):
     """One K group of the 8-bit branch → f32 [bm, bn] contribution."""
     rows = pl.ds(n0, block_n)
@@ -166,8 +186,8 @@ def _w8_group(xs, g, n0, q8_ref, s8_ref, *, block_n, evict, mode):
         wb = (wb.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16)
         return _dot_nt(xa, wa) + _dot_nt(xb, wb)
     xa, xb, a_scale, _ = xs
-    partial = _dot_nt(xa, wa) + _dot_nt(xb, wb)  # int32 [bm, bn]
-    return partial.astype(jnp.float32) * (a_scale[:, None] * w_scale[None, :])
+    partial = _seeded_partial(xa, wa, xb, wb)  # f32 [bm, bn], exact integers
+    return partial * (a_scale[:, None] * w_scale[None, :])
 
 
 def _w4_group(xs, g, n0, q4_ref, s4_ref, z4_ref, *, block_n, evict, mode):
@@ -187,9 +207,9 @@ def _w4_group(xs, g, n0, q4_ref, s4_ref, z4_ref, *, block_n, evict, mode):
 
         return _dot_nt(xa, deq(lo)) + _dot_nt(xb, deq(hi))
     xa, xb, a_scale, x_sum = xs
-    partial16 = _dot_nt(xa, lo) + _dot_nt(xb, hi)  # int32 [bm, bn]
-    exact = partial16.astype(jnp.float32) * (1.0 / 16.0) + x_sum.astype(jnp.float32)[:, None] * zero_off[None, :]
-    return exact * (a_scale[:, None] * w_scale[None, :])
+    partial16 = _seeded_partial(xa, lo, xb, hi)  # f32 [bm, bn] = 16·Σ x_q·(u − 8), exact
+    zero_term = (a_scale * x_sum.astype(jnp.float32))[:, None] * (zero_off * w_scale)[None, :]  # (8 − z)·Σx_q·s
+    return partial16 * (a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :]) + zero_term
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
