@@ -9,12 +9,14 @@ Hugging Face's rotate-half order. `qwen2` files are stored unpermuted (GGML runs
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
 
 from convert.layout import GGUF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuffer
-from mixjax.config import ConfigError, LlamaConfig
+from mixjax.config import ConfigError, LlamaConfig, RopeScaling
+from mixjax.model import rope_inv_freq
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
 
@@ -45,10 +47,10 @@ def read_config(reader, path: Path) -> LlamaConfig:
         )
     names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type")
-    if "rope_freqs.weight" in names or scaling not in (None, "none"):
+    if scaling not in (None, "none"):
         raise ConfigError(
-            f"{path}: RoPE scaling stored in GGUF (rope_freqs / {arch}.rope.scaling.type) is not supported; "
-            "convert from the Hugging Face directory instead"
+            f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported; mixjax implements default RoPE "
+            "and Llama-3 scaling (stored as rope_freqs)"
         )
 
     def need(key):
@@ -65,7 +67,7 @@ def read_config(reader, path: Path) -> LlamaConfig:
     if vocab is None:
         raise ConfigError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    return LlamaConfig(
+    cfg = LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
         intermediate_size=int(need("feed_forward_length")),
@@ -82,6 +84,33 @@ def read_config(reader, path: Path) -> LlamaConfig:
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
+    rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
+    if rope_freqs is not None:
+        cfg = dataclasses.replace(cfg, rope_scaling=_llama3_scaling(reader, arch, cfg, _dequantize(rope_freqs), path))
+    return cfg
+
+
+def _llama3_scaling(reader, arch: str, cfg: LlamaConfig, rope_freqs: np.ndarray, path: Path) -> RopeScaling:
+    """Recovers Llama-3 RoPE scaling from llama.cpp's `rope_freqs` (per-frequency divisors of inv_freq).
+
+    llama.cpp stores the divisors, not the parameters. The factor is the largest divisor; the other
+    parameters take Llama 3.x's published values unless the file records them, and the candidate must
+    reproduce every divisor.
+    """
+    orig = _field(reader, f"{arch}.rope.scaling.original_context_length", 8192)
+    candidate = RopeScaling(
+        factor=float(rope_freqs.max()), low_freq_factor=1.0, high_freq_factor=4.0,
+        original_max_position_embeddings=int(orig),
+    )
+    unscaled = rope_inv_freq(cfg)
+    scaled = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=candidate))
+    expected = unscaled / rope_freqs.reshape(-1)
+    if expected.shape != scaled.shape or not np.allclose(scaled, expected, rtol=1e-4, atol=0):
+        raise ConfigError(
+            f"{path}: rope_freqs.weight is not a Llama-3 RoPE scaling mixjax recognizes; convert from the "
+            "Hugging Face directory instead"
+        )
+    return candidate
 
 
 def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

@@ -30,19 +30,14 @@ def _tokens(rng, vocab, shape=(2, 11)):
     return rng.integers(0, vocab, size=shape).astype(np.int32)
 
 
+LLAMA3_ROPE = dict(
+    rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+    original_max_position_embeddings=8,
+)
+
 HF_CASES = {
     "llama_gqa_untied": ("llama", {}, {}),
-    "llama3_rope_tied": (
-        "llama",
-        dict(
-            tie_word_embeddings=True,
-            rope_parameters=dict(
-                rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0,
-                high_freq_factor=4.0, original_max_position_embeddings=8,
-            ),
-        ),
-        {},
-    ),
+    "llama3_rope_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), {}),
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
@@ -84,6 +79,27 @@ def _permute_like_llama_cpp(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+def _llama_cpp_rope_factors(c) -> np.ndarray:
+    """llama.cpp's per-frequency divisors for Llama-3 RoPE scaling (its convert_hf_to_gguf rule)."""
+    r = c.rope_parameters
+    dim = c.head_dim
+    freqs = 1.0 / (r["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    low_wavelen = r["original_max_position_embeddings"] / r["low_freq_factor"]
+    high_wavelen = r["original_max_position_embeddings"] / r["high_freq_factor"]
+    factors = []
+    for freq in freqs:
+        wavelen = 2 * np.pi / freq
+        if wavelen < high_wavelen:
+            factors.append(1.0)
+        elif wavelen > low_wavelen:
+            factors.append(r["factor"])
+        else:
+            smooth = (r["original_max_position_embeddings"] / wavelen - r["low_freq_factor"]) / (
+                r["high_freq_factor"] - r["low_freq_factor"])
+            factors.append(1 / ((1 - smooth) / r["factor"] + smooth))
+    return np.asarray(factors, np.float32)
+
+
 def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     """Writes a tiny HF model as a GGUF file the way llama.cpp lays it out; decoder linears stored as
     `linear_type` (a GGMLQuantizationType name), everything else F32."""
@@ -106,6 +122,9 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_vocab_size(c.vocab_size)
+    if c.rope_parameters.get("rope_type") == "llama3":
+        writer.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
+        writer.add_tensor("rope_freqs.weight", _llama_cpp_rope_factors(c))
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
@@ -130,14 +149,18 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3"])
 def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
-    """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation and qwen2's biases."""
-    _, model = make_tiny_hf(arch, tie_word_embeddings=(arch == "llama"))
+    """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation, qwen2's biases, and
+    Llama-3 RoPE scaling recovered from llama.cpp's rope_freqs."""
+    extra = dict(rope_parameters=LLAMA3_ROPE) if arch == "llama3" else {}
+    arch = arch.replace("llama3", "llama")
+    _, model = make_tiny_hf(arch, tie_word_embeddings=(arch == "llama"), **extra)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", model, arch)
     cfg, params = convert.load(path)
     assert cfg.model_type == arch and cfg.tie_word_embeddings == (arch == "llama")
-    assert cfg.attention_bias == (arch == "qwen2") and "lm_head" not in params or arch == "qwen2"
+    assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (arch == "qwen2")
+    assert (cfg.rope_scaling is not None) == bool(extra)
     tokens = _tokens(np.random.default_rng(1), cfg.vocab_size)
     ours = forward(params, tokens, cfg, implementation="xla")
     assert _rel_err(ours, _hf_logits(model, tokens)) < HF_RTOL
