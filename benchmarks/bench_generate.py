@@ -3,7 +3,7 @@
     python benchmarks/bench_generate.py --out benchmarks/results/generate_bf16.md     # GPU
     python benchmarks/bench_generate.py --small --out /tmp/generate_small.md          # CPU smoke run
 
-Measures, for each weight variant (`--variants`, default bf16):
+Measures, for each weight variant (`--variants`, default bf16 with stacked and with unstacked layers):
 - prefill: one `forward_step` over a 2048-token prompt (batch 1) into an empty KV cache → tokens/s;
 - decode: `mixjax.generate`'s compiled prefill + `lax.while_loop` for batch 1/8/32, 128-token prompts,
   256 greedy new tokens, no EOS stop; the prefill of the same batch is timed separately and subtracted,
@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mixjax import model  # noqa: E402
 from mixjax.config import LlamaConfig, RopeScaling  # noqa: E402
-from mixjax.generate import SamplingConfig, _generate_jit  # noqa: E402
+from mixjax.generate import SamplingConfig, _bucket, _generate_jit  # noqa: E402
 
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -49,7 +49,8 @@ SMALL = LlamaConfig(
 
 # name → function(float params, cfg) → params to run. Quantized variants register here.
 VARIANTS: dict[str, Callable] = {
-    "bf16": lambda params, cfg: params,
+    "bf16": lambda params, cfg: params,  # stacked layers, lax.scan
+    "bf16-unstacked": lambda params, cfg: model.unstack_layers(params),  # tuple of layers, Python loop
 }
 
 
@@ -82,10 +83,14 @@ def matmul_params(cfg: LlamaConfig) -> int:
     return L * (D * q + 2 * D * kv + q * D + 3 * D * F) + V * D
 
 
-def prefill_seconds(params, cfg: LlamaConfig, batch: int, length: int, repeats: int, implementation: str) -> float:
-    """Median time of one forward_step of [batch, length] tokens into an empty cache."""
-    step = jax.jit(lambda p, t: model.forward_step(p, t, cfg, model.init_cache(cfg, batch, length),
-                                                   implementation=implementation))
+def prefill_seconds(params, cfg: LlamaConfig, batch: int, length: int, max_len: int, repeats: int,
+                    implementation: str) -> float:
+    """Median time of one forward_step of [batch, length] tokens into an empty cache of max_len positions
+    (in the layers' form and dtype, as `generate` builds it)."""
+    stacked = not isinstance(params["layers"], (tuple, list))
+    dtype = params["embed_tokens"].dtype
+    step = jax.jit(lambda p, t: model.forward_step(
+        p, t, cfg, model.init_cache(cfg, batch, max_len, dtype, stacked=stacked), implementation=implementation))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length)), jnp.int32)
     return median_seconds(lambda: step(params, tokens), repeats)
 
@@ -109,13 +114,14 @@ def generate_seconds(params, cfg: LlamaConfig, batch: int, prompt_len: int, new_
 def bench_variant(name: str, params, cfg: LlamaConfig, args, bandwidth: float) -> list[dict]:
     rows = []
     floor_s = tree_bytes(params) / bandwidth  # one decode step reads every weight once
-    t = prefill_seconds(params, cfg, 1, args.prefill_len, args.repeats, args.implementation)
+    t = prefill_seconds(params, cfg, 1, args.prefill_len, args.prefill_len, args.repeats, args.implementation)
     rows.append(dict(variant=name, phase="prefill", batch=1, tokens=args.prefill_len, seconds=t,
                      tok_s=args.prefill_len / t, ms_per_step=float("nan"),
                      tflops=2 * matmul_params(cfg) * args.prefill_len / t / 1e12, floor=float("nan")))
     print(f"  {name} prefill {args.prefill_len}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
     for batch in args.batches:
-        t_prefill = prefill_seconds(params, cfg, batch, args.prompt_len, args.repeats, args.implementation)
+        max_len = _bucket(args.prompt_len) + args.new_tokens  # the cache generate builds
+        t_prefill = prefill_seconds(params, cfg, batch, args.prompt_len, max_len, args.repeats, args.implementation)
         t_total = generate_seconds(params, cfg, batch, args.prompt_len, args.new_tokens, args.repeats,
                                    args.implementation)
         t_decode = max(t_total - t_prefill, 1e-9)
@@ -152,7 +158,7 @@ def markdown(rows: list[dict], cfg_name: str, args, bandwidth: float) -> str:
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="bf16", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="bf16,bf16-unstacked", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--small", action="store_true", help="a tiny model and short runs (CPU smoke test)")
     p.add_argument("--out", default=None, help="write the markdown table here")
     p.add_argument("--repeats", type=int, default=5)

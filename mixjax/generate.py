@@ -152,7 +152,8 @@ def _generate_jit(params, prompts, lengths, key, *, cfg, max_new_tokens, samplin
                   cache_dtype, on_token):
     """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken)."""
     B, P = prompts.shape
-    cache = model.init_cache(cfg, B, P + max_new_tokens, cache_dtype)
+    stacked = not isinstance(params["layers"], (tuple, list))  # the cache takes the layers' form
+    cache = model.init_cache(cfg, B, P + max_new_tokens, cache_dtype, stacked=stacked)
     logits, cache = model.forward_step(params, prompts, cfg, cache, num_valid=lengths,
                                        implementation=implementation)  # [B, P, V]
     last_logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]

@@ -46,6 +46,12 @@ def test_greedy_with_cache_equals_full_recomputation(params):
     assert len(set(out[0])) > 1  # the test model is not degenerate
 
 
+def test_tuple_layers_generate_the_same_tokens(params):
+    prompts = _prompts(5, [4, 9])
+    stacked = generate(params, CFG, prompts, max_new_tokens=8, eos_token_ids=())
+    assert generate(model.unstack_layers(params), CFG, prompts, max_new_tokens=8, eos_token_ids=()) == stacked
+
+
 def test_batch_of_different_lengths_equals_each_prompt_alone(params):
     prompts = _prompts(1, [3, 17, 8])
     batched = generate(params, CFG, prompts, max_new_tokens=10, eos_token_ids=())
