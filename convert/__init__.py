@@ -32,6 +32,11 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[LlamaConfig, di
         from convert import orbax_io
 
         if orbax_io.is_checkpoint(p):
+            from mixjax.quant.checkpoint import is_quantized_checkpoint, load_quantized
+
+            if is_quantized_checkpoint(p):  # quantized params: the quantizer rebuilds their tree
+                cfg, qparams, _ = load_quantized(p)
+                return cfg, qparams
             return orbax_io.restore_checkpoint(p, dtype=dtype)
         from convert.hf import load_hf
 

@@ -3,6 +3,7 @@
     mixjax demo                                   # embedded model: perplexity + a generated sample
     mixjax eval --model PATH [--data NAME|FILE] [--seq-len T] [--max-tokens N] [--batch-size B]
     mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
+    mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
 
 `--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
 values, unusable data or checkpoints) print one message on stderr and exit with status 2.
@@ -184,11 +185,18 @@ def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt:
     return {"perplexity": ppl, "sample": tokenizer.decode(new, skip_special_tokens=True)}
 
 
+def _register_quantize(sub) -> None:
+    from mixjax.quant.cli import register  # `mixjax quantize` lives with the quantizer
+
+    register(sub)
+
+
 # Subcommands, in help order. Later commands (quantize, convert) add their register function here, one line each.
 COMMANDS: tuple[Callable, ...] = (
     _register_demo,
     _register_eval,
     _register_generate,
+    _register_quantize,
 )
 
 

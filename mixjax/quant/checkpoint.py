@@ -1,0 +1,132 @@
+"""Saving and loading quantized params through `convert.save_checkpoint` / `convert.restore_checkpoint`.
+
+A quantized checkpoint is an ordinary mixjax checkpoint (Orbax params + mixjax.json) whose
+`extra["quantization"]` records what is needed to rebuild the abstract tree for restoring:
+
+    {"config": QuantConfig as a dict, "dtype": float dtype of the unquantized leaves,
+     "n8": {linear name: [8-bit channel count of each layer]}, "a_groups": {linear name: G or 0}}
+
+`MixedWeight` array shapes follow from (N, K, n8) and the format's alignment; `FakeQuantWeight`s hold
+a float [N, K] weight and, for static activation scales, a [G] calibrated max.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from mixjax.quant.activations import ActFormat
+from mixjax.quant.api import QuantConfig
+from mixjax.quant.fakequant import FakeQuantWeight
+from mixjax.quant.rtn import WeightFormat
+from mixjax.quant.salience import linear_weight, with_weights
+
+
+def config_to_dict(config: QuantConfig) -> dict:
+    return dataclasses.asdict(config)
+
+
+def config_from_dict(d: dict) -> QuantConfig:
+    d = dict(d)
+    d["weight"] = WeightFormat(**d["weight"])
+    d["act"] = ActFormat(**d["act"])
+    return QuantConfig(**d)
+
+
+def quantization_metadata(qparams, config: QuantConfig) -> dict:
+    """The `extra["quantization"]` record of quantized params (layers: a tuple of dicts)."""
+    layers = qparams["layers"]
+    n8, a_groups = {}, {}
+    for name in model.LINEAR_NAMES:
+        ws = [linear_weight(layer, name) for layer in layers]
+        n8[name] = [int(getattr(w, "n8", 0)) for w in ws]
+        absmax = getattr(ws[0], "a_absmax", None)
+        a_groups[name] = 0 if absmax is None else int(absmax.shape[0])
+    return {"config": config_to_dict(config), "dtype": str(jnp.dtype(qparams["embed_tokens"].dtype)),
+            "n8": n8, "a_groups": a_groups}
+
+
+def save_quantized(directory: str | os.PathLike, qparams, cfg: LlamaConfig, *, config: QuantConfig,
+                   files=None, force: bool = False, extra: dict | None = None) -> Path:
+    """Writes quantized params + cfg + quantization metadata atomically (see `convert.save_checkpoint`)."""
+    import convert
+
+    meta = {"quantization": quantization_metadata(qparams, config), **(extra or {})}
+    # Orbax cannot store zero-size arrays (e.g. the 8-bit part of an all-4-bit linear): store None there.
+    stored = jax.tree.map(lambda a: None if a.size == 0 else a, qparams)
+    return convert.save_checkpoint(directory, stored, cfg, extra_metadata=meta, files=files, force=force)
+
+
+def is_quantized_checkpoint(directory: str | os.PathLike) -> bool:
+    from convert import orbax_io
+
+    p = Path(directory)
+    return p.is_dir() and orbax_io.is_checkpoint(p) and "quantization" in orbax_io.read_metadata(p).get("extra", {})
+
+
+def load_quantized(directory: str | os.PathLike) -> tuple[LlamaConfig, dict, QuantConfig]:
+    """Reads a checkpoint written by `save_quantized` → (cfg, qparams, QuantConfig)."""
+    import convert
+    from convert import orbax_io
+
+    meta = orbax_io.read_metadata(Path(directory).expanduser())
+    q = meta.get("extra", {}).get("quantization")
+    if q is None:
+        raise ValueError(f"{directory}: not a quantized mixjax checkpoint (no extra.quantization in mixjax.json)")
+    cfg = LlamaConfig.from_dict(meta["config"])
+    config = config_from_dict(q["config"])
+    abstract = abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"])
+    stored = jax.tree.map(lambda s: None if s.size == 0 else s, abstract)
+    _, qparams = convert.restore_checkpoint(directory, abstract_params=stored)
+    return cfg, _refill_empty(qparams, abstract), config
+
+
+def _refill_empty(tree, abstract):
+    """Puts back the zero-size arrays that were stored as None."""
+    is_none = lambda x: x is None  # noqa: E731
+    leaves, treedef = jax.tree.flatten(tree, is_leaf=is_none)
+    full = jax.tree.leaves(abstract, is_leaf=is_none)
+    if len(leaves) != len(full):
+        raise ValueError("quantized checkpoint does not match its metadata; re-create it")
+    filled = [jnp.zeros(a.shape, a.dtype) if (x is None and a is not None) else x for x, a in zip(leaves, full)]
+    return jax.tree.unflatten(treedef, filled)
+
+
+def abstract_quantized_params(cfg: LlamaConfig, config: QuantConfig, dtype: str, n8: dict, a_groups: dict):
+    from convert.orbax_io import abstract_float_params
+
+    tree = abstract_float_params(cfg, dtype, "tuple")
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    sds = lambda shape, dt: jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dt), sharding=sharding)  # noqa: E731
+    layers = []
+    for i, layer in enumerate(tree["layers"]):
+        new = {}
+        for name in model.LINEAR_NAMES:
+            n, k = linear_weight(layer, name).shape
+            if config.kernel_compatible:
+                new[name] = _abstract_mixed(n, k, n8[name][i], sds)
+            else:
+                g = a_groups.get(name, 0)
+                new[name] = FakeQuantWeight(w=sds((n, k), dtype), a_absmax=sds((g,), "float32") if g else None,
+                                            act=config.act)
+        layers.append(with_weights(layer, new))
+    return {**tree, "layers": tuple(layers)}
+
+
+def _abstract_mixed(n: int, k: int, n8: int, sds):
+    from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight
+
+    up = lambda v, m: -(-v // m) * m  # noqa: E731
+    kp, n8p, n4p = up(k, GROUP_SIZE), up(n8, ROW_ALIGN), up(n - n8, ROW_ALIGN)
+    g = kp // GROUP_SIZE
+    return MixedWeight(
+        q8=sds((n8p, kp), "int8"), scale8=sds((g, n8p), "float32"), q4=sds((n4p, kp // 2), "int8"),
+        scale4=sds((g, n4p), "float32"), zero4=sds((g, n4p), "int8"), channel=sds((n8p + n4p,), "int32"),
+        row_of_channel=sds((n,), "int32"), n=n, k=k, n8=n8,
+    )
