@@ -141,9 +141,10 @@ def test_bad_arguments_exit_2_before_loading(argv, sandbox, capsys):
 
 def test_later_commands_register_in_one_line():
     names = [r.__name__ for r in cli.COMMANDS]
-    assert names == ["_register_demo", "_register_eval", "_register_generate"]
+    assert names[:3] == ["_register_demo", "_register_eval", "_register_generate"]
     parser = cli.build_parser()
-    assert {"demo", "eval", "generate"} <= set(parser._subparsers._group_actions[0].choices)
+    commands = set(parser._subparsers._group_actions[0].choices)
+    assert {"demo", "eval", "generate"} <= commands and len(commands) == len(names)
 
 
 @pytest.mark.slow
