@@ -163,14 +163,18 @@ def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
-    """x [B, T, N, Dh] rotated by positions [B, T] (rotate-half layout); angles in f32."""
+def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, jax.Array]:
+    """positions [B, T] → (cos, sin), each f32 [B, T, 1, Dh], shared by every layer."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, Dh/2]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]  # [B, T, 1, Dh]
-    cos, sin = jnp.cos(angles).astype(x.dtype), jnp.sin(angles).astype(x.dtype)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """x [B, T, N, Dh] rotated by the tables of `rope_tables` (rotate-half layout, in x's dtype)."""
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [B, T, N, Dh]
-    return x * cos + rotated * sin
+    return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
 
 
 def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -280,9 +284,10 @@ def _decoder_layer(
     layer: dict[str, Any],
     x: jax.Array,  # [B, T, D]
     positions: jax.Array,  # [B, T] int32
+    rope: tuple[jax.Array, jax.Array],  # cos, sin [B, T, 1, Dh]
+    mask: jax.Array,  # [B, T, S] bool, S = T without a cache
     cache_kv: tuple[jax.Array, jax.Array, jax.Array | None] | None,  # (k store, v store, index), see _write_cache
     cfg: LlamaConfig,
-    inv_freq: np.ndarray,
     implementation: Implementation,
 ):
     """One pre-norm decoder layer. Returns (x [B, T, D], updated (k store, v store) or None)."""
@@ -294,20 +299,17 @@ def _decoder_layer(
         return linear(h, p["weight"], p.get("bias"), implementation=implementation)
 
     h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
-    q = apply_rope(proj("self_attn.q_proj", h).reshape(B, T, H, Dh), positions, inv_freq)
-    k = apply_rope(proj("self_attn.k_proj", h).reshape(B, T, KVH, Dh), positions, inv_freq)
+    q = apply_rope(proj("self_attn.q_proj", h).reshape(B, T, H, Dh), *rope)
+    k = apply_rope(proj("self_attn.k_proj", h).reshape(B, T, KVH, Dh), *rope)
     v = proj("self_attn.v_proj", h).reshape(B, T, KVH, Dh)
     if cache_kv is None:
         keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
-        k_pos, new_cache = positions, None  # [B, T]
+        new_cache = None
     else:
         k_store, v_store, index = cache_kv
         k_store, keys = _write_cache(k_store, index, k, positions)  # keys [B, KVH, S, Dh]
         v_store, values = _write_cache(v_store, index, v, positions)
-        S = keys.shape[2]
-        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
         new_cache = (k_store, v_store)
-    mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
     attn = _attend(q, keys, values, mask).reshape(B, T, H * Dh)
     x = x + proj("self_attn.o_proj", attn)
 
@@ -323,11 +325,17 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     The cache (already in the params' form) is updated in place: per-layer arrays in the loop, the
     stacked arrays carried through the scan. Returns (x, (k, v) or None).
     """
-    inv_freq = rope_inv_freq(cfg)
     layers = params["layers"]
+    rope = rope_tables(positions, rope_inv_freq(cfg))
+    if cache is None:
+        k_pos = positions  # [B, T]
+    else:
+        B, S = positions.shape[0], cache.max_len
+        k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
+    mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
 
     def body(x, layer, kv):
-        return _decoder_layer(layer, x, positions, kv, cfg, inv_freq, implementation)
+        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation)
 
     if isinstance(layers, (tuple, list)):
         ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
