@@ -6,7 +6,7 @@ The salience *function* is `mixjax.salience` (`mixjax.quant.api.salience`); `mix
 from mixjax.quant.activations import ActFormat, fake_quant_act
 from mixjax.quant.allocate import allocate, average_bits
 from mixjax.quant.api import QuantConfig, quantize
-from mixjax.quant.fakequant import FakeQuantWeight
+from mixjax.quant.fakequant import FakeQuantWeight, as_fake_quant
 from mixjax.quant.gptq import gptq_quantize
 from mixjax.quant.report import QuantReport
 from mixjax.quant.rtn import QuantizedRows, WeightFormat, dequantize_rows, quantize_rows
@@ -21,6 +21,7 @@ __all__ = [
     "QuantizedRows",
     "WeightFormat",
     "allocate",
+    "as_fake_quant",
     "average_bits",
     "compute_salience",
     "dequantize_rows",

@@ -99,11 +99,12 @@ def salience(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
 
 
 def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: QuantConfig = QuantConfig(),
-             return_report: bool = False, progress: bool = False):
+             scores: dict[str, np.ndarray] | None = None, return_report: bool = False, progress: bool = False):
     """Float params → quantized params (tuple of layers of `MixedWeight`/`FakeQuantWeight` linears).
 
-    calib_batches: an iterable of int [B, T] token arrays (T ≥ 2, ids < vocab_size). With
-    `return_report=True` returns (qparams, QuantReport).
+    calib_batches: an iterable of int [B, T] token arrays (T ≥ 2, ids < vocab_size).
+    scores: salience from `mixjax.salience` (same params), to reuse across budgets; computed if None.
+    With `return_report=True` returns (qparams, QuantReport).
     """
     t_start = time.perf_counter()
     batches = check_calibration(calib_batches, cfg)
@@ -112,9 +113,11 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     batches = _rebatch(batches, config.batch_size)
     in_features = {n: linear_weight(params["layers"][0], n).shape[1] for n in model.LINEAR_NAMES}
     n_layers = len(params["layers"])
-    scores = None
+    if scores is not None:
+        _check_scores(scores, params)
     if 4.0 < config.bits < 8.0:
-        scores = compute_salience(params, batches, cfg, kind=config.salience, progress=progress)
+        if scores is None:
+            scores = compute_salience(params, batches, cfg, kind=config.salience, progress=progress)
         is_int8 = allocate(scores, in_features, config.bits, budget=config.budget, local=config.local)
     else:
         n_out = {n: linear_weight(params["layers"][0], n).shape[0] for n in model.LINEAR_NAMES}
@@ -312,6 +315,15 @@ def check_weights(params, cfg: LlamaConfig) -> None:
                 raise ValueError(f"{path} has shape {tuple(w.shape)}; the config implies {want} [N, K]")
             if not bool(jnp.all(jnp.isfinite(w))):
                 raise ValueError(f"{path} contains NaN or Inf: fix the checkpoint before quantizing")
+
+
+def _check_scores(scores, params) -> None:
+    layers = params["layers"]
+    for name in model.LINEAR_NAMES:
+        want = (len(layers), linear_weight(layers[0], name).shape[0])
+        got = np.shape(scores.get(name)) if isinstance(scores, dict) else None
+        if got != want:
+            raise ValueError(f"scores[{name!r}] has shape {got}; expected {want} [L, N] (from mixjax.salience)")
 
 
 def _check_finite_codes(qr: QuantizedRows, path: str) -> None:

@@ -38,3 +38,17 @@ class FakeQuantWeight:
         xq = fake_quant_act(x, self.act, self.a_absmax)
         y = jnp.einsum("...k,nk->...n", xq, self.w.astype(x.dtype), preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
+
+
+def as_fake_quant(qparams, act: ActFormat = ActFormat()):
+    """Replaces every `MixedWeight` leaf by the equivalent `FakeQuantWeight` (same codes, same int8
+    per-(token, group 128) activation rounding; only the float summation order differs). Useful where
+    the kernels' XLA reference is slow (CPU perplexity sweeps)."""
+    from pallas_kernels import MixedWeight
+
+    def convert(leaf):
+        if isinstance(leaf, MixedWeight):
+            return FakeQuantWeight(w=leaf.dequantize(), act=act)
+        return leaf
+
+    return jax.tree.map(convert, qparams, is_leaf=lambda x: isinstance(x, MixedWeight))
