@@ -319,6 +319,20 @@ def _decoder_layer(
     return x, new_cache
 
 
+def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *,
+                  implementation: Implementation = "auto") -> jax.Array:
+    """One decoder layer on full causal sequences at positions 0..T-1, no cache: x [B, T, D] → [B, T, D].
+
+    The layer-by-layer entry point for tools that run the model one block at a time (quantization
+    calibration, salience with per-layer rematerialisation).
+    """
+    B, T, _ = x.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    rope = rope_tables(positions, rope_inv_freq(cfg))
+    mask = _attention_mask(positions, positions, cfg.sliding_window)  # [B, T, T]
+    return _decoder_layer(layer, x, positions, rope, mask, None, cfg, implementation)[0]
+
+
 def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation):
     """All decoder layers: `lax.scan` over stacked layers, a Python loop over a tuple of layers.
 
