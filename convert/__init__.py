@@ -45,6 +45,8 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[LlamaConfig, di
         from convert.gguf import load_gguf
 
         return load_gguf(p, dtype)
+    if p.suffix in (".safetensors", ".bin", ".json"):
+        raise ConvertError(f"{p}: pass the model directory that holds it and config.json ({p.parent}), not one file")
     raise ConvertError(
         f"{p}: not a model; pass a Hugging Face directory (config.json + weights), a .gguf file, "
         "or a mixjax checkpoint directory"

@@ -356,6 +356,11 @@ def test_missing_path_and_non_model_file(tmp_path):
         convert.load(text)
 
 
+def test_single_weight_file_points_to_its_directory(tiny_llama_dir):
+    with pytest.raises(convert.ConvertError, match="pass the model directory that holds it"):
+        convert.load(tiny_llama_dir / "model.safetensors")
+
+
 def test_directory_without_config_or_weights(tiny_llama_dir, tmp_path):
     with pytest.raises(convert.ConvertError, match="no config.json"):
         convert.load(tmp_path)
