@@ -106,6 +106,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.md"))
+    p.add_argument("--rows", default="", help="only rows whose name contains one of these comma-separated strings")
     p.add_argument("--measure-one", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.measure_one:
@@ -126,7 +127,10 @@ def main(argv=None) -> None:
     results: dict[QuantConfig, tuple[float, float]] = {}
     rows_out = []
     extra = {}
+    wanted = [w for w in args.rows.split(",") if w]
     for section, name, c in ROWS:
+        if wanted and not any(w in name for w in wanted):
+            continue
         c = dataclasses.replace(c, batch_size=args.batch_size)
         if c not in results:
             s = None

@@ -222,11 +222,9 @@ class _Tap:
 @functools.partial(jax.jit, static_argnames=("cfg", "act"))
 def _layer_stats(layer, x, *, cfg: LlamaConfig, act: ActFormat):
     """H = 2·XᵀX [K, K] f32 and per-group max |X| [G] of each linear's input X over x [B, T, D]."""
-    B, T, _ = x.shape
     sink: dict[str, jax.Array] = {}
     tapped = with_weights(layer, {n: _Tap(linear_weight(layer, n), n, sink) for n in model.LINEAR_NAMES})
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    model._decoder_layer(tapped, x, positions, None, cfg, model.rope_inv_freq(cfg), "xla")
+    model.decoder_layer(tapped, x, cfg, implementation="xla")
     hess, absmax, seen = {}, {}, {}
     for name in model.LINEAR_NAMES:
         xin = sink[name]
@@ -249,9 +247,7 @@ def _accumulate_stats(layer, hidden, cfg, act):
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _run_layer(layer, x, *, cfg: LlamaConfig):
-    B, T, _ = x.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    return model._decoder_layer(layer, x, positions, None, cfg, model.rope_inv_freq(cfg), "xla")[0]
+    return model.decoder_layer(layer, x, cfg, implementation="xla")
 
 
 # ----------------------------------------------------------------------------------------------------

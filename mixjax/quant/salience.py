@@ -81,13 +81,9 @@ def rtn4_deltas(layers: tuple) -> tuple[dict[str, jax.Array], ...]:
 
 def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
     """Σ_b mean_t CE(b, t) with labels = inputs; each decoder layer rematerialised. tokens [B, T]."""
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    inv_freq = model.rope_inv_freq(cfg)
-
     @jax.checkpoint
     def run_layer(x, layer):
-        return model._decoder_layer(layer, x, positions, None, cfg, inv_freq, "xla")[0]
+        return model.decoder_layer(layer, x, cfg, implementation="xla")
 
     x = model._embed(params, tokens)  # [B, T, D]
     for layer in layers:
