@@ -149,16 +149,13 @@ def bench_one(name, k, n, m, args, bandwidth, cfg=None):
 def default_sweep(m: int, g: int):
     """Alternative configurations tried with --sweep for the mixed kernel."""
     C = kernels.GemmConfig
+    base = kernels.choose_config(m, g, 1 << 14)
+    cands = [dataclasses.replace(base, groups_per_iter=u) for u in (2, 4)]
     if m <= 16:
-        cands = [C(16, bn, s, w, st, f) for f in (True, False) for bn, s in ((64, 8), (128, 8), (64, 4))
-                 for w, st in ((4, 4), (2, 4), (4, 6))]
-    elif m < 256:
-        cands = [C(64, bn, s, 4, st, False) for bn in (64, 128) for s in (1, 2) for st in (3, 5)]
+        cands += [dataclasses.replace(base, fuse_quant=True, groups_per_iter=2), C(16, 64, 8, 4, 3, False, 2)]
     else:
-        cands = [C(128, 128, 1, 8, 3, False), C(128, 128, 1, 8, 4, False), C(128, 128, 1, 4, 4, False),
-                 C(128, 64, 1, 4, 4, False), C(128, 64, 1, 4, 5, False), C(64, 128, 1, 4, 4, False),
-                 C(256, 64, 1, 8, 3, False), C(64, 64, 1, 4, 4, False)]
-    return [c for c in cands if g % c.split_k == 0]
+        cands += [dataclasses.replace(base, num_stages=3, groups_per_iter=2), C(128, 128, 1, 8, 3, False, 2)]
+    return [c for c in cands if g % c.split_k == 0 and (g // c.split_k) % c.groups_per_iter == 0]
 
 
 def parse(argv):
@@ -182,7 +179,8 @@ def emit(row, log):
     log.write(json.dumps(row) + "\n")
     log.flush()
     cfg = row.get("config")
-    cfg_s = "" if not cfg else "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
+    cfg_s = "" if not cfg else "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{f}".format(
+        f=" fused" if cfg["fuse_quant"] else "", **cfg)
     err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
     print(f"{row['variant']:>13} M={row['m']:<5} K={row['k']:<6} N={row['n']:<6} {row.get('us', 0):9.1f} us "
           f"floor {row.get('floor_us', 0):7.1f} ({row.get('pct_floor', 0):5.1f}%) {cfg_s} {err} {row.get('error', '')}",

@@ -61,12 +61,16 @@ class GemmConfig:
     num_warps: int
     num_stages: int
     fuse_quant: bool  # quantize activations inside the GEMM (decode)
+    groups_per_iter: int = 1  # K groups per loop iteration (their MMAs are in flight together)
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
             raise ValueError(f"block_n={self.block_n} must divide the row padding {ROW_ALIGN}")
         if num_groups % self.split_k:
             raise ValueError(f"split_k={self.split_k} must divide the number of K groups {num_groups}")
+        if (num_groups // self.split_k) % self.groups_per_iter:
+            raise ValueError(f"groups_per_iter={self.groups_per_iter} must divide the groups per split "
+                             f"{num_groups // self.split_k}")
         if self.block_m % 16:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
 
@@ -76,17 +80,20 @@ def _largest_split(num_groups: int, target: int) -> int:
 
 
 def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int") -> GemmConfig:
-    """Decode (M ≤ 16), medium and prefill (M ≥ 256) configurations from M, K (groups) and N (rows)."""
+    """Decode (M ≤ 16), medium and prefill (M ≥ 256) configurations from M, K (groups) and N (rows).
+
+    Picked from the sweep on the H100 (benchmarks/NOTES-kernels.md): decode wants ~1000 programs
+    (split-K) of 16×64 tiles and quantizing first beat quantizing inside the GEMM; from M = 64 on, no
+    split (atomics of large tiles cost more than the idle SMs) unless the grid would not fill the chip."""
     if m <= 16:
         tiles = rows // 64
-        split = _largest_split(num_groups, max(1, -(-512 // tiles)))
-        return GemmConfig(16, 64, split, 4, 4, fuse_quant=mode == "int")
+        split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
+        return GemmConfig(16, 64, split, 4, 4, fuse_quant=False)
     if m < 256:
-        block_m = 64
-        tiles = -(-m // block_m) * (rows // 128)
-        split = _largest_split(num_groups, max(1, -(-264 // tiles)))
-        return GemmConfig(block_m, 128, split, 4, 4, fuse_quant=False)
-    return GemmConfig(128, 128, 1, 8, 3, fuse_quant=False)
+        tiles = -(-m // 64) * (rows // 64)
+        split = 1 if tiles >= 132 else _largest_split(num_groups, 2)
+        return GemmConfig(64, 64, split, 4, 4, fuse_quant=False)
+    return GemmConfig(128, 64, 1, 4, 4, fuse_quant=False)
 
 
 # ------------------------------------------------------------------------------ activation quantization
@@ -162,54 +169,66 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
 _MAGIC = 0x4B400000  # the bits of 12582912.0 = 1.5·2^23: float ulp 1 for |offset| < 2^22
 
 
-def _seeded_partial(xa, wa, xb, wb) -> jax.Array:
-    """Σ of two int8 K=64 dots as f32, without an int→float conversion (a quarter-rate instruction).
+def _seeded_mma(xa, wa, xb, wb) -> jax.Array:
+    """Σ of two int8 K=64 dots, int32 [bm, bn], seeded with the bits of 1.5·2^23 (MixLLM's trick).
 
-    The int32 accumulator is seeded with the bits of 1.5·2^23, so seed + P reinterpreted as f32 is
-    exactly 1.5·2^23 + P while |P| < 2^22 (a group of 128 int8×int8 products stays ≤ 2.1e6): one
-    subtract recovers P. Triton folds `dot + seed` into the MMA's accumulator input."""
+    seed + P read as f32 is exactly 1.5·2^23 + P while |P| < 2^22 (a group of 128 int8×int8 products
+    stays ≤ 2.1e6), so `_unseed` recovers P with one subtract instead of an int→float conversion (a
+    quarter-rate instruction). Triton folds `dot + seed` into the MMA's accumulator input."""
     seed = jnp.full((xa.shape[0], wa.shape[0]), _MAGIC, jnp.int32)
     acc = _dot_nt(xa, wa) + seed
-    acc = _dot_nt(xb, wb) + acc  # int32 [bm, bn]
+    return _dot_nt(xb, wb) + acc
+
+
+def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact integer
     return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
 
 
-def _w8_group(xs, g, n0, q8_ref, s8_ref, *, block_n, evict, mode):
-    """One K group of the 8-bit branch → f32 [bm, bn] contribution."""
+def _w8_mma(xs, g, n0, q8_ref, *, block_n, evict, mode):
+    """Phase 1 of one K group of the 8-bit branch: the MMAs (int32 seeded, or f32 in float mode)."""
     rows = pl.ds(n0, block_n)
     wa = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
     wb = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
-    w_scale = plgpu.load(s8_ref.at[g, rows])  # [bn]
     if mode == "float":
-        xa, xb = xs
-        wa = (wa.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16)
-        wb = (wb.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16)
-        return _dot_nt(xa, wa) + _dot_nt(xb, wb)
-    xa, xb, a_scale, _ = xs
-    partial = _seeded_partial(xa, wa, xb, wb)  # f32 [bm, bn], exact integers
-    return partial * (a_scale[:, None] * w_scale[None, :])
+        return wa, wb  # dequantized in phase 2 (needs the scales)
+    return _seeded_mma(xs[0], wa, xs[1], wb)
 
 
-def _w4_group(xs, g, n0, q4_ref, s4_ref, z4_ref, *, block_n, evict, mode):
-    """One K group of the 4-bit branch → f32 [bm, bn] contribution."""
-    rows = pl.ds(n0, block_n)
-    packed = plgpu.load(q4_ref.at[rows, pl.ds(g * HALF_GROUP, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
+def _w8_scale(partial, xs, g, n0, s8_ref, *, block_n, mode):
+    """Phase 2: f32 [bm, bn] contribution of the group."""
+    w_scale = plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)])  # [bn]
+    if mode == "float":
+        wa, wb = ((w.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16) for w in partial)
+        return _dot_nt(xs[0], wa) + _dot_nt(xs[1], wb)
+    return _unseed(partial) * (xs[2][:, None] * w_scale[None, :])
+
+
+def _w4_mma(xs, g, n0, q4_ref, *, block_n, evict, mode):
+    """Phase 1 of one K group of the 4-bit branch: unpack with two bit ops, then the MMAs."""
+    packed = plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)],
+                        eviction_policy=evict)  # [bn, 64]
     lo = jnp.left_shift(packed, jnp.int8(4))  # 16·(u − 8) for k in [0, 64)
     hi = packed & jnp.int8(-16)  # 16·(u − 8) for k in [64, 128)
+    if mode == "float":
+        return lo, hi
+    return _seeded_mma(xs[0], lo, xs[1], hi)  # 16·Σ x_q·(u − 8)
+
+
+def _w4_scale(partial, xs, g, n0, s4_ref, z4_ref, *, block_n, mode):
+    """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q."""
+    rows = pl.ds(n0, block_n)
     w_scale = plgpu.load(s4_ref.at[g, rows])  # [bn]
     zero_off = 8.0 - plgpu.load(z4_ref.at[g, rows]).astype(jnp.float32)  # [bn] 8 − z
     if mode == "float":
-        xa, xb = xs
-        scale16 = w_scale * (1.0 / 16.0)
+        scale16, shift = w_scale * (1.0 / 16.0), zero_off * w_scale
 
         def deq(w16):  # ((u − 8) + (8 − z))·s in bf16
-            return (w16.astype(jnp.float32) * scale16[:, None] + (zero_off * w_scale)[:, None]).astype(jnp.bfloat16)
+            return (w16.astype(jnp.float32) * scale16[:, None] + shift[:, None]).astype(jnp.bfloat16)
 
-        return _dot_nt(xa, deq(lo)) + _dot_nt(xb, deq(hi))
-    xa, xb, a_scale, x_sum = xs
-    partial16 = _seeded_partial(xa, lo, xb, hi)  # f32 [bm, bn] = 16·Σ x_q·(u − 8), exact
-    zero_term = (a_scale * x_sum.astype(jnp.float32))[:, None] * (zero_off * w_scale)[None, :]  # (8 − z)·Σx_q·s
-    return partial16 * (a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :]) + zero_term
+        return _dot_nt(xs[0], deq(partial[0])) + _dot_nt(xs[1], deq(partial[1]))
+    a_scale, x_sum = xs[2], xs[3]
+    zero_term = (a_scale * x_sum.astype(jnp.float32))[:, None] * (zero_off * w_scale)[None, :]
+    return _unseed(partial) * (a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :]) + zero_term
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
@@ -235,11 +254,18 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
         return xa, xb, as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]
 
-    def run(group_fn, n0):
-        def body(g, acc):
-            return acc + group_fn(load_x(g), g, n0)
+    def run(mma_fn, scale_fn, n0):
+        unroll = cfg.groups_per_iter
 
-        acc = lax.fori_loop(g0, g0 + groups_per_split, body, jnp.zeros((bm, bn), jnp.float32))
+        def body(i, acc):  # all MMAs of the iteration's groups are issued before any is waited on
+            groups = [g0 + i * unroll + j for j in range(unroll)]
+            xs = [load_x(g) for g in groups]
+            partials = [mma_fn(x, g, n0) for x, g in zip(xs, groups)]
+            for partial, x, g in zip(partials, xs, groups):
+                acc = acc + scale_fn(partial, x, g, n0)
+            return acc
+
+        acc = lax.fori_loop(0, groups_per_split // unroll, body, jnp.zeros((bm, bn), jnp.float32))
         rows = m0 + jnp.arange(bm)  # [bm]
         cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
@@ -252,15 +278,16 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
     if n8_tiles:
         @pl.when(tile < n8_tiles)
         def _():
-            fn = functools.partial(_w8_group, q8_ref=q8_ref, s8_ref=s8_ref, block_n=bn, evict=evict, mode=mode)
-            run(fn, tile * bn)
+            mma = functools.partial(_w8_mma, q8_ref=q8_ref, block_n=bn, evict=evict, mode=mode)
+            scale = functools.partial(_w8_scale, s8_ref=s8_ref, block_n=bn, mode=mode)
+            run(mma, scale, tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
         def _():
-            fn = functools.partial(_w4_group, q4_ref=q4_ref, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn,
-                                   evict=evict, mode=mode)
-            run(fn, (tile - n8_tiles) * bn)
+            mma = functools.partial(_w4_mma, q4_ref=q4_ref, block_n=bn, evict=evict, mode=mode)
+            scale = functools.partial(_w4_scale, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn, mode=mode)
+            run(mma, scale, (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):

@@ -205,6 +205,7 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
     [
         kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=False),  # quantize-first with split-K atomics
         kernels.GemmConfig(32, 128, 1, 4, 2, fuse_quant=True),  # fused quantization, direct store
+        kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5),  # 5 groups' MMAs in flight
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
@@ -242,7 +243,7 @@ def test_activation_quant_kernel_matches_reference():
 
 def test_choose_config_decode_and_prefill():
     decode = kernels.choose_config(1, 32, 14464)
-    assert decode.block_m == 16 and decode.fuse_quant and decode.split_k > 1
+    assert decode.block_m == 16 and decode.split_k > 1
     prefill = kernels.choose_config(4096, 32, 14464)
     assert prefill.block_m % 64 == 0 and prefill.num_warps % 4 == 0 and prefill.split_k == 1
 
@@ -253,6 +254,7 @@ def test_choose_config_decode_and_prefill():
         (kernels.GemmConfig(16, 96, 1, 4, 2, fuse_quant=True), "block_n=96"),
         (kernels.GemmConfig(16, 64, 3, 4, 2, fuse_quant=True), "split_k=3"),
         (kernels.GemmConfig(8, 64, 1, 4, 2, fuse_quant=True), "block_m=8"),
+        (kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=3), "groups_per_iter=3"),
     ],
 )
 def test_kernel_rejects_configs_it_cannot_take(cfg, match):
