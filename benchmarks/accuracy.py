@@ -181,7 +181,8 @@ def write(path, fp, rows, settings, measured, extra, score_time) -> None:
     lines += ["", "## Ablation ladder (paper Fig. 8 order; paper numbers: Llama-3.1-8B WikiText2)", "",
               "| rung | configuration | perplexity | paper | quantization time (s) |", "|---|---|---|---|---|"]
     ladder = [r for r in rows if r[0] == "ladder"]
-    for (section, name, c, ppl, secs), paper in zip(ladder, PAPER_LADDER):
+    for section, name, c, ppl, secs in ladder:
+        paper = PAPER_LADDER[int(name.split(".")[0]) - 1]
         lines.append(f"| {name} | {describe(c)} | {ppl:.3f} | {paper} | {secs:.0f} |")
     lines += ["", "Time of a row = its salience computation (shared by rows with the same salience kind: "
               + ", ".join(f"{k} {v:.0f} s" for k, v in score_time.items())
