@@ -224,16 +224,16 @@ def main(argv=None):
     rows = []
     with open(os.path.join(args.out, "bench.jsonl"), "a") as log:
         log.write(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "bandwidth": bandwidth}) + "\n")
-        for k, n in shapes:
-            for m in ms:
-                for v in variants:
-                    rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep:
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
                     for cfg in default_sweep(m, -(-k // 128)):
                         rows.append(run_row("mixed", k, n, m, args, bandwidth, log, cfg=cfg))
+        for k, n in shapes:
+            for m in ms:
+                for v in variants:
+                    rows.append(run_row(v, k, n, m, args, bandwidth, log))
     bandwidth_end = copy_bandwidth()
     print(f"copy bandwidth at the end {bandwidth_end / 1e12:.2f} TB/s", flush=True)
     table = summary(rows)
