@@ -431,6 +431,8 @@ def forward_step(
     if T > cache.max_len:
         raise ValueError(f"{T} tokens do not fit a cache of max_len={cache.max_len}; build a longer cache")
     num_valid = jnp.full((B,), T, jnp.int32) if num_valid is None else jnp.asarray(num_valid, jnp.int32)
+    if num_valid.shape != (B,):
+        raise ValueError(f"num_valid must have shape (B,) = ({B},); got {num_valid.shape}")
     _check_fits(cache, num_valid, T)
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     cache = _cache_as(cache, stacked=not isinstance(params["layers"], (tuple, list)))

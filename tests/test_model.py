@@ -225,3 +225,7 @@ def test_prompt_longer_than_cache_raises(params):
         forward_step(params, _tokens(9, (1, 2)), CFG, cache)
     with pytest.raises(ValueError, match="batch"):
         forward_step(params, _tokens(9, (2, 1)), CFG, cache)
+    with pytest.raises(ValueError, match=r"num_valid must have shape \(B,\)"):
+        forward_step(params, _tokens(9, (1, 1)), CFG, cache, num_valid=jnp.array([1, 1]))
+    with pytest.raises(ValueError, match=r"num_valid must lie in \[0, T=1\]"):
+        forward_step(params, _tokens(9, (1, 1)), CFG, cache, num_valid=jnp.array([2]))
