@@ -1,7 +1,8 @@
 """Jitted text generation with a KV cache: one prefill call, then a `lax.while_loop` of decode steps.
 
 Prefill runs every prompt of the batch in one `forward_step`: prompts are right-padded to the longest
-and `num_valid` holds their true lengths, so each row continues from its own position. Decoding then
+and `num_valid` holds their true lengths, so each row continues from its own position; the LM head runs
+only at each row's last prompt token (`logits_at="last"`). Decoding then
 feeds one token per row per iteration of a `lax.while_loop` (no Python loop per token), stopping when
 every row has produced an end-of-sequence token or `max_new_tokens` tokens. The whole of prefill and
 decode is a single compiled function.
@@ -94,7 +95,8 @@ def generate(
     temperature / top_k / top_p: see `SamplingConfig`; seed: the PRNG seed of sampling.
     eos_token_ids: defaults to `cfg.eos_token_ids`; pass () to never stop early.
     on_token: called on the host, in order, with each step's int32 [B] tokens (PAD = -1 for finished rows).
-    cache_dtype: defaults to the dtype of the embedding table.
+    cache_dtype: defaults to the dtype of the embedding table; jnp.int8 stores keys/values as int8 with a
+      scale per (row, head, position) (half the cache memory of bf16; see `mixjax.model.KVCache`).
     Raises ValueError before any compilation for empty prompts, ids outside the vocabulary, or
     prompt + max_new_tokens beyond `cfg.max_position_embeddings`.
     """
@@ -151,17 +153,31 @@ def _bucket(n: int) -> int:
 def _generate_jit(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos, implementation,
                   cache_dtype, on_token):
     """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken)."""
+    state = _prefill(params, prompts, lengths, key, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
+                     eos=eos, implementation=implementation, cache_dtype=cache_dtype, on_token=on_token)
+    state = _decode_loop(params, state, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos,
+                         implementation=implementation, on_token=on_token)
+    return state.tokens, state.step
+
+
+def _prefill(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos, implementation, cache_dtype,
+             on_token) -> SamplerState:
+    """One forward_step over the padded prompts (LM head only at each row's last token), first token sampled."""
     B, P = prompts.shape
     stacked = not isinstance(params["layers"], (tuple, list))  # the cache takes the layers' form
     cache = model.init_cache(cfg, B, P + max_new_tokens, cache_dtype, stacked=stacked)
-    logits, cache = model.forward_step(params, prompts, cfg, cache, num_valid=lengths,
-                                       implementation=implementation)  # [B, P, V]
-    last_logits = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]  # [B, V]
+    logits, cache = model.forward_step(params, prompts, cfg, cache, num_valid=lengths, logits_at="last",
+                                       implementation=implementation)  # [B, 1, V]
     state = SamplerState(
         step=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
         tokens=jnp.full((B, max_new_tokens), PAD, jnp.int32), cache=cache, key=key,
     )
-    state = _emit(state, last_logits, sampling, eos, on_token)
+    return _emit(state, logits[:, 0], sampling, eos, on_token)
+
+
+def _decode_loop(params, state: SamplerState, *, cfg, max_new_tokens, sampling, eos, implementation,
+                 on_token) -> SamplerState:
+    """The `lax.while_loop` of one-token decode steps until max_new_tokens or every row is done."""
 
     def cond(s: SamplerState):
         return (s.step < max_new_tokens) & ~jnp.all(s.done)
@@ -171,8 +187,7 @@ def _generate_jit(params, prompts, lengths, key, *, cfg, max_new_tokens, samplin
                                            implementation=implementation)  # [B, 1, V]
         return _emit(dataclasses.replace(s, cache=cache), logits[:, 0], sampling, eos, on_token)
 
-    state = jax.lax.while_loop(cond, body, state)
-    return state.tokens, state.step
+    return jax.lax.while_loop(cond, body, state)
 
 
 def _emit(s: SamplerState, logits, sampling: SamplingConfig, eos: tuple[int, ...], on_token) -> SamplerState:

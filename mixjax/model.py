@@ -186,16 +186,26 @@ def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | No
     return mask
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, Dh], k/v [B, KVH, S, Dh], mask [B, T, S] → [B, T, H, Dh]."""
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
+            k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
+    """Grouped-query attention. q [B, T, H, Dh], k/v [B, KVH, S, Dh], mask [B, T, S] → [B, T, H, Dh].
+
+    With an int8 cache, k/v hold codes and k_scale/v_scale [B, KVH, S] their per-position scales: the
+    key scale multiplies the f32 scores and the value scale the probabilities, so the dequantized
+    cache is never materialised.
+    """
     B, T, H, Dh = q.shape
     KVH = k.shape[1]
     q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
+    if k_scale is not None:
+        scores = scores * k_scale.astype(jnp.float32)[:, :, None, None, :]
     scores = scores / math.sqrt(Dh)  # [B, KVH, G, T, S]
     scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(q.dtype))  # in q's dtype, as Hugging Face does
+    probs = jax.nn.softmax(scores, axis=-1)
+    if v_scale is not None:
+        probs = probs * v_scale.astype(jnp.float32)[:, :, None, None, :]
+    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))  # in q's dtype, as HF does
     return out.reshape(B, T, H, Dh)
 
 
@@ -216,7 +226,10 @@ class KVCache:
     shape, bf16, tuple layers, 2048 positions) a batch-32 decode step takes 11.9 ms against 38.3 ms with
     a stacked [L, B, S, KVH, Dh] cache.
     length: [B] int32, the number of valid positions of each row.
-    k_scale/v_scale: None for float caches (reserved for an int8 cache).
+    k_scale/v_scale: None for float caches. For an int8 cache (`init_cache(..., dtype=jnp.int8)`, MixLLM's
+    Table 8 KV8), per layer [B, KVH, S] symmetric scales, one per (row, head, position), in the form of
+    k/v: keys and values are quantized as they are written (w ≈ q·s, q ∈ [-127, 127], s = max |x| / 127
+    over the head dim) and dequantized inside attention.
     """
 
     k: jax.Array | tuple[jax.Array, ...]
@@ -241,14 +254,29 @@ class KVCache:
         return self._first().shape[-4]
 
 
-def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *, stacked: bool = False) -> KVCache:
-    """An empty cache for `batch` sequences of up to `max_len` positions (per-layer tuple by default)."""
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *, stacked: bool = False,
+               scale_dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch` sequences of up to `max_len` positions (per-layer tuple by default).
+
+    dtype: a float dtype, or jnp.int8 for an int8 cache with per-(row, head, position) scales in
+    `scale_dtype` (f32 or bf16; half the cache memory of bf16 plus 4/Dh or 2/Dh for the scales).
+    """
+    dtype, scale_dtype = jnp.dtype(dtype), jnp.dtype(scale_dtype)
+    quantized = dtype == jnp.int8
+    if not (quantized or jnp.issubdtype(dtype, jnp.floating)):
+        raise ValueError(f"init_cache: dtype={dtype} is not supported; use a float dtype or jnp.int8")
+    if quantized and scale_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+        raise ValueError(f"init_cache: scale_dtype={scale_dtype} is not supported; use jnp.float32 or jnp.bfloat16")
     shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)  # [B, KVH, S, Dh]
-    if stacked:
-        zeros = lambda: jnp.zeros((cfg.num_hidden_layers, *shape), dtype)  # noqa: E731
-    else:
-        zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))  # noqa: E731
-    return KVCache(k=zeros(), v=zeros(), length=jnp.zeros((batch,), jnp.int32))
+
+    def zeros(shape, dtype):
+        if stacked:
+            return jnp.zeros((cfg.num_hidden_layers, *shape), dtype)
+        return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
+
+    scales = (lambda: zeros(shape[:3], scale_dtype)) if quantized else (lambda: None)  # noqa: E731
+    return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32),
+                   k_scale=scales(), v_scale=scales())
 
 
 def _cache_as(cache: KVCache, stacked: bool) -> KVCache:
@@ -260,20 +288,38 @@ def _cache_as(cache: KVCache, stacked: bool) -> KVCache:
     return dataclasses.replace(cache, **{f: None if a is None else convert(a) for f, a in fields.items()})
 
 
-def _write_cache(store: jax.Array, index: jax.Array | None, new: jax.Array, positions: jax.Array):
+def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, KVH, Dh] → (int8 codes [B, T, KVH, Dh], scales [B, T, KVH]): symmetric, x ≈ q·s."""
+    amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)  # [B, T, KVH]
+    scale = (amax / 127.0).astype(scale_dtype)
+    s = scale.astype(jnp.float32)
+    q = jnp.round(x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0)[..., None])
+    return jnp.clip(q, -127, 127).astype(jnp.int8), scale
+
+
+def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Array | None, new: jax.Array,
+                 positions: jax.Array):
     """Writes new [B, T, KVH, Dh] at positions [B, T] into one layer of the cache.
 
-    store: that layer's [B, KVH, S, Dh] (index None) or the stacked [L, B, KVH, S, Dh] (index = layer).
-    Only the T new positions are written, in place on a carried or donated buffer; positions past S are
-    dropped. Returns (updated store, the layer's [B, KVH, S, Dh] view).
+    store: that layer's [B, KVH, S, Dh] (index None) or the stacked [L, B, KVH, S, Dh] (index = layer);
+    scale_store: None for a float cache, else the matching [B, KVH, S] / [L, B, KVH, S] scales (the new
+    keys/values are quantized to int8 first). Only the T new positions are written, in place on a carried
+    or donated buffer; positions past S are dropped. Returns (store, scale_store, the layer's
+    [B, KVH, S, Dh] view, the layer's [B, KVH, S] scales or None).
     """
     rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
-    new = new.astype(store.dtype)
+    scale = None
+    if scale_store is None:
+        new = new.astype(store.dtype)
+    else:
+        new, scale = _quantize_kv(new, scale_store.dtype)  # [B, T, KVH, Dh], [B, T, KVH]
+    at = (rows, slice(None), positions) if index is None else (index, rows, slice(None), positions)
+    store = store.at[at].set(new, mode="drop")
+    if scale_store is not None:
+        scale_store = scale_store.at[at].set(scale, mode="drop")
     if index is None:
-        store = store.at[rows, :, positions].set(new, mode="drop")
-        return store, store
-    store = store.at[index, rows, :, positions].set(new, mode="drop")
-    return store, store[index]
+        return store, scale_store, store, scale_store
+    return store, scale_store, store[index], None if scale_store is None else scale_store[index]
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -286,11 +332,11 @@ def _decoder_layer(
     positions: jax.Array,  # [B, T] int32
     rope: tuple[jax.Array, jax.Array],  # cos, sin [B, T, 1, Dh]
     mask: jax.Array,  # [B, T, S] bool, S = T without a cache
-    cache_kv: tuple[jax.Array, jax.Array, jax.Array | None] | None,  # (k store, v store, index), see _write_cache
+    cache_kv: tuple | None,  # (k store, v store, k scales, v scales, index), see _write_cache
     cfg: LlamaConfig,
     implementation: Implementation,
 ):
-    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k store, v store) or None)."""
+    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -304,13 +350,13 @@ def _decoder_layer(
     v = proj("self_attn.v_proj", h).reshape(B, T, KVH, Dh)
     if cache_kv is None:
         keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
-        new_cache = None
+        k_scale = v_scale = new_cache = None
     else:
-        k_store, v_store, index = cache_kv
-        k_store, keys = _write_cache(k_store, index, k, positions)  # keys [B, KVH, S, Dh]
-        v_store, values = _write_cache(v_store, index, v, positions)
-        new_cache = (k_store, v_store)
-    attn = _attend(q, keys, values, mask).reshape(B, T, H * Dh)
+        k_store, v_store, ks_store, vs_store, index = cache_kv
+        k_store, ks_store, keys, k_scale = _write_cache(k_store, ks_store, index, k, positions)  # [B, KVH, S, Dh]
+        v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
+        new_cache = (k_store, v_store, ks_store, vs_store)
+    attn = _attend(q, keys, values, mask, k_scale, v_scale).reshape(B, T, H * Dh)
     x = x + proj("self_attn.o_proj", attn)
 
     h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
@@ -337,7 +383,7 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     """All decoder layers: `lax.scan` over stacked layers, a Python loop over a tuple of layers.
 
     The cache (already in the params' form) is updated in place: per-layer arrays in the loop, the
-    stacked arrays carried through the scan. Returns (x, (k, v) or None).
+    stacked arrays carried through the scan. Returns (x, (k, v, k_scale, v_scale) or None).
     """
     layers = params["layers"]
     rope = rope_tables(positions, rope_inv_freq(cfg))
@@ -352,26 +398,33 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation)
 
     if isinstance(layers, (tuple, list)):
-        ks, vs = (None, None) if cache is None else (list(cache.k), list(cache.v))
+        if cache is None:
+            for layer in layers:
+                x, _ = body(x, layer, None)
+            return x, None
+        n = len(layers)
+        stores = [list(a) if a is not None else [None] * n for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
         for i, layer in enumerate(layers):
-            x, new = body(x, layer, None if cache is None else (ks[i], vs[i], None))
-            if new is not None:
-                ks[i], vs[i] = new
-        return x, (None if cache is None else (tuple(ks), tuple(vs)))
+            x, new = body(x, layer, (*(s[i] for s in stores), None))
+            for s, a in zip(stores, new):
+                s[i] = a
+        return x, tuple(None if a is None else tuple(s) for a, s in
+                        zip((cache.k, cache.v, cache.k_scale, cache.v_scale), stores))
 
     if cache is None:
         x, _ = jax.lax.scan(lambda x, layer: (body(x, layer, None)[0], None), x, layers)
         return x, None
 
     def cached_body(carry, xs):
-        x, k_all, v_all = carry
+        x, stores = carry
         layer, index = xs
-        x, (k_all, v_all) = body(x, layer, (k_all, v_all, index))
-        return (x, k_all, v_all), None
+        x, stores = body(x, layer, (*stores, index))
+        return (x, stores), None
 
     n_layers = jax.tree.leaves(layers)[0].shape[0]
-    (x, k, v), _ = jax.lax.scan(cached_body, (x, cache.k, cache.v), (layers, jnp.arange(n_layers)))
-    return x, (k, v)
+    stores = (cache.k, cache.v, cache.k_scale, cache.v_scale)
+    (x, stores), _ = jax.lax.scan(cached_body, (x, stores), (layers, jnp.arange(n_layers)))
+    return x, stores
 
 
 def _embed(params, tokens):
@@ -382,6 +435,9 @@ def _logits(params, x, cfg, implementation):
     x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
     return linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]
+
+
+LOGITS_AT = ("all", "last")
 
 
 def _check_tokens(tokens, cfg: LlamaConfig) -> None:
@@ -415,14 +471,20 @@ def forward_step(
     cache: KVCache,
     *,
     num_valid: jax.Array | None = None,
+    logits_at: str = "all",
     implementation: Implementation = "auto",
 ) -> tuple[jax.Array, KVCache]:
-    """Runs tokens [B, T] at positions cache.length[b] + t; returns (logits [B, T, V] f32, new cache).
+    """Runs tokens [B, T] at positions cache.length[b] + t; returns (logits f32, new cache).
 
     num_valid [B] (default T): the first num_valid[b] tokens of row b are real, the rest right padding;
-    the new length is length + num_valid. Logits at padded positions are meaningless. The returned
-    cache has the params' form (stacked or per-layer tuple; see `KVCache`).
+    the new length is length + num_valid. Logits at padded positions are meaningless.
+    logits_at: "all" → logits [B, T, V]; "last" → [B, 1, V], only at each row's last real token
+    (position num_valid[b] - 1; 0 when num_valid[b] is 0), so a prefill never materialises [B, T, V]
+    (Llama-3-8B, 2048 tokens: 1 GB of f32 logits). The returned cache has the params' form (stacked or
+    per-layer tuple; see `KVCache`).
     """
+    if logits_at not in LOGITS_AT:
+        raise ValueError(f"logits_at={logits_at!r}; expected one of {LOGITS_AT}")
     tokens = jnp.asarray(tokens) if not isinstance(tokens, jax.Array) else tokens
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
@@ -436,9 +498,13 @@ def forward_step(
     _check_fits(cache, num_valid, T)
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     cache = _cache_as(cache, stacked=not isinstance(params["layers"], (tuple, list)))
-    x, (k, v) = _run_layers(params, _embed(params, tokens), positions, cache, cfg, implementation)
+    x, (k, v, k_scale, v_scale) = _run_layers(params, _embed(params, tokens), positions, cache, cfg, implementation)
+    if logits_at == "last":
+        last = jnp.maximum(num_valid - 1, 0)[:, None, None]  # [B, 1, 1]
+        x = jnp.take_along_axis(x, last, axis=1)  # [B, 1, D]
     logits = _logits(params, x, cfg, implementation)
-    return logits, dataclasses.replace(cache, k=k, v=v, length=cache.length + num_valid)
+    new_cache = dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale, length=cache.length + num_valid)
+    return logits, new_cache
 
 
 def _check_fits(cache: KVCache, num_valid: jax.Array, T: int) -> None:

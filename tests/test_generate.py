@@ -162,3 +162,17 @@ def test_greedy_matches_transformers_on_embedded_model(embedded_mixjax, embedded
     assert "Paris" in tok.decode(ours[0])
     assert ours[0][-1] == tok.eos_token_id and len(ours[0]) < n  # this prompt ends early with EOS
     assert len(ours[1]) == n  # at least 32 new tokens compared
+
+
+def test_int8_cache_generation_mostly_agrees_with_float_cache(params):
+    """Greedy decoding with an int8 KV cache: quantization noise may flip a near-tie late in a sequence,
+    so we require ≥ 80 % of the tokens to agree and the first token of each row to match."""
+    prompts = _prompts(9, [5, 12, 8, 3])
+    ref = generate(params, CFG, prompts, max_new_tokens=12, eos_token_ids=())
+    out = generate(params, CFG, prompts, max_new_tokens=12, eos_token_ids=(), cache_dtype=jnp.int8)
+    agree = np.mean(np.asarray(out) == np.asarray(ref))
+    assert agree >= 0.8, f"only {agree:.0%} of tokens agree"
+    assert [r[0] for r in out] == [r[0] for r in ref]
+    tuple_layers = generate(model.unstack_layers(params), CFG, prompts, max_new_tokens=12, eos_token_ids=(),
+                            cache_dtype=jnp.int8)
+    assert tuple_layers == out

@@ -229,3 +229,68 @@ def test_prompt_longer_than_cache_raises(params):
         forward_step(params, _tokens(9, (1, 1)), CFG, cache, num_valid=jnp.array([1, 1]))
     with pytest.raises(ValueError, match=r"num_valid must lie in \[0, T=1\]"):
         forward_step(params, _tokens(9, (1, 1)), CFG, cache, num_valid=jnp.array([2]))
+
+
+# An int8 cache rounds every cached key/value to 1/254 of its head's max |x|. On the std-0.02 test
+# model the logits move by 2-5e-3 of their largest magnitude (8 seeds measured; a bf16 cache: 1-2e-3),
+# so 2e-2 leaves room. (On the ×10 scaled-up model the float maths itself is chaotic: bf16 caches
+# differ by up to 16 %, so it is no yardstick here.)
+INT8_CACHE_RTOL = 2e-2
+
+
+@pytest.mark.parametrize("layers,stacked_cache", [("stacked", True), ("tuple", False), ("tuple", True)])
+def test_int8_cache_tracks_float_cache(params, layers, stacked_cache):
+    p = params
+    if layers == "tuple":
+        p = unstack_layers(p)
+    tokens = _tokens(12, (2, 9))
+    step = jax.jit(forward_step, static_argnames=("cfg", "implementation", "logits_at"))
+    out = {}
+    for dtype in (jnp.float32, jnp.int8):
+        cache = init_cache(CFG, batch=2, max_len=12, dtype=dtype, stacked=stacked_cache)
+        logits, cache = step(p, tokens[:, :6], CFG, cache, num_valid=jnp.array([6, 4]))
+        pieces = [logits[:, :4]]
+        for t in range(6, 9):
+            logits, cache = step(p, tokens[:, t : t + 1], CFG, cache)
+            pieces.append(logits)
+        out[dtype] = jnp.concatenate(pieces, axis=1)
+        if dtype == jnp.int8:
+            first = cache.k if cache.stacked else cache.k[0]
+            scales = cache.k_scale if cache.stacked else cache.k_scale[0]
+            assert first.dtype == jnp.int8 and scales.dtype == jnp.float32
+            assert scales.shape == first.shape[:-1]
+    assert_close(out[jnp.int8], out[jnp.float32], rtol=INT8_CACHE_RTOL)
+    assert not np.array_equal(np.asarray(out[jnp.int8]), np.asarray(out[jnp.float32]))  # really quantized
+
+
+def test_int8_cache_codes_reconstruct_the_float_keys(params):
+    """Layer 0's stored codes times their scales equal the float cache within half a quantization step
+    (later layers see attention over the quantized cache, so their inputs differ)."""
+    p = _scale_up(params)
+    tokens = _tokens(13, (2, 5))
+    _, fc = forward_step(p, tokens, CFG, init_cache(CFG, 2, 5, jnp.float32))
+    _, qc = forward_step(p, tokens, CFG, init_cache(CFG, 2, 5, jnp.int8, scale_dtype=jnp.bfloat16))
+    for q, s, f in ((qc.k[0], qc.k_scale[0], fc.k[0]), (qc.v[0], qc.v_scale[0], fc.v[0])):
+        assert s.dtype == jnp.bfloat16 and int(jnp.max(jnp.abs(q.astype(jnp.int32)))) == 127
+        s32 = s.astype(jnp.float32)[..., None]  # [B, KVH, S, 1]
+        assert float(jnp.max(jnp.abs(q * s32 - f) - 0.5 * s32 * (1 + 1e-5))) <= 1e-6
+
+
+def test_logits_at_last_equals_the_gathered_full_logits(params):
+    p = unstack_layers(_scale_up(params))
+    tokens = _tokens(14, (3, 7))
+    lengths = jnp.array([7, 2, 5])
+    full, c1 = forward_step(p, tokens, CFG, init_cache(CFG, 3, 9, jnp.float32), num_valid=lengths)
+    last, c2 = forward_step(p, tokens, CFG, init_cache(CFG, 3, 9, jnp.float32), num_valid=lengths, logits_at="last")
+    assert last.shape == (3, 1, CFG.vocab_size)
+    assert_close(last[:, 0], full[jnp.arange(3), lengths - 1])
+    assert_close(jnp.stack(c2.k), jnp.stack(c1.k), rtol=0)
+
+
+def test_bad_cache_options_raise(params):
+    with pytest.raises(ValueError, match="dtype=int32 is not supported"):
+        init_cache(CFG, 1, 4, jnp.int32)
+    with pytest.raises(ValueError, match="scale_dtype=float16"):
+        init_cache(CFG, 1, 4, jnp.int8, scale_dtype=jnp.float16)
+    with pytest.raises(ValueError, match="logits_at='first'"):
+        forward_step(params, _tokens(15, (1, 2)), CFG, init_cache(CFG, 1, 4, jnp.float32), logits_at="first")
