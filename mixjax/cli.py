@@ -144,18 +144,24 @@ def _register_demo(sub) -> None:
     p.add_argument("--max-tokens", type=_positive_int, default=4096)
     p.add_argument("--prompt", default="What is the capital of France? Answer in one sentence.")
     p.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    p.add_argument("--calib-samples", type=int, default=8, help="W4.4A8 calibration samples (0: no quantization)")
+    p.add_argument("--calib-seq-len", type=_positive_int, default=256, help="tokens per calibration sample")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> None:
     demo(model_path=args.model, seq_len=args.seq_len, max_tokens=args.max_tokens, prompt=args.prompt,
          max_new_tokens=args.max_new_tokens, dtype=_jnp_dtype(args.dtype), implementation=args.implementation,
-         quiet=args.quiet)
+         quiet=args.quiet, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
 
 
 def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt: str,
-         max_new_tokens: int = 48, dtype=None, implementation="auto", quiet: bool = False) -> dict:
-    """Loads the model once, prints its perplexity on the Wikipedia passages and one chat answer."""
+         max_new_tokens: int = 48, dtype=None, implementation="auto", quiet: bool = False,
+         calib_samples: int = 8, calib_seq_len: int = 256) -> dict:
+    """Loads the model once, prints its perplexity on the Wikipedia passages and one chat answer.
+
+    With calib_samples > 0 it also quantizes (RTN W4A8 and MixLLM W4.4A8, perplexities printed) and
+    generates from the W4.4A8 model."""
     import jax
     import jax.numpy as jnp
 
@@ -174,6 +180,13 @@ def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt:
     log(f"loaded: {cfg.num_hidden_layers} layers, d={cfg.hidden_size}, vocab {cfg.vocab_size}")
     ppl = perplexity(params, cfg, windows, batch_size=2, implementation=implementation, progress=not quiet)
     log(f"perplexity on {windows.shape[0]}×{seq_len} tokens of Wikipedia passages: {ppl:.3f}")
+    quantized = {}
+    if calib_samples > 0:
+        from mixjax.quant.demo import quantized_demo
+
+        params, quantized = quantized_demo(params, cfg, tokenizer, windows, samples=calib_samples,
+                                           seq_len=calib_seq_len, implementation=implementation,
+                                           progress=not quiet, log=log)
     log(f"prompt: {prompt}")
     eos = sorted(set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
     write = _stdout_stream() if not quiet else (lambda s: None)
@@ -182,7 +195,7 @@ def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt:
                    implementation=implementation, on_token=stream)[0]
     stream.flush()
     log("")
-    return {"perplexity": ppl, "sample": tokenizer.decode(new, skip_special_tokens=True)}
+    return {"perplexity": ppl, "sample": tokenizer.decode(new, skip_special_tokens=True), **quantized}
 
 
 def _register_quantize(sub) -> None:

@@ -150,7 +150,8 @@ def test_later_commands_register_in_one_line():
 @pytest.mark.slow
 def test_demo_runs_on_embedded_model(embedded_model_path, capsys, monkeypatch):
     monkeypatch.setenv("MIXJAX_MODEL", str(embedded_model_path))
-    assert cli.main(["demo", "--seq-len", "128", "--max-tokens", "256", "--max-new-tokens", "12"]) == 0
+    assert cli.main(["demo", "--seq-len", "128", "--max-tokens", "256", "--max-new-tokens", "12",
+                     "--calib-samples", "0"]) == 0  # quantization: tests/test_quant*.py
     out = capsys.readouterr().out
     ppl = float(out.split("Wikipedia passages: ")[1].split()[0])
     assert 5 < ppl < 80
