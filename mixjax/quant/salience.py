@@ -75,8 +75,9 @@ def with_weights(layer: dict, weights: dict[str, Any]) -> dict:
 
 
 def rtn4_deltas(layers: tuple) -> tuple[dict[str, jax.Array], ...]:
-    """Δ = RTN4(w) − w per linear per layer (f32)."""
-    return tuple({n: rtn4_delta(linear_weight(layer, n)) for n in model.LINEAR_NAMES} for layer in layers)
+    """Δ = RTN4(w) − w per linear per layer, in the weight dtype (bf16 weights: bf16 Δ, half the memory)."""
+    return tuple({n: rtn4_delta(linear_weight(layer, n)).astype(linear_weight(layer, n).dtype)
+                  for n in model.LINEAR_NAMES} for layer in layers)
 
 
 def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:

@@ -1,0 +1,60 @@
+"""Wall time and peak memory of a full MixLLM W4.4A8 quantization of a random-weight model.
+
+    python benchmarks/quant_speed.py --shape llama3-8b --samples 128 --seq-len 2048   # on one GPU
+    python benchmarks/quant_speed.py --shape tiny                                    # smoke test
+
+Random weights (std 0.02, bf16) and random calibration tokens: the cost does not depend on the values.
+Prints the QuantReport (wall time per phase includes JIT compilation; peak device memory).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from mixjax.quant import QuantConfig, quantize
+
+SHAPES = {
+    "llama3-8b": LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
+                             max_position_embeddings=8192),
+    "tiny": LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=704, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, head_dim=64),
+}
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama3-8b")
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=2048)
+    p.add_argument("--batch-size", type=int, default=2)
+    p.add_argument("--bits", type=float, default=4.4)
+    args = p.parse_args(argv)
+    cfg = SHAPES[args.shape]
+    dev = jax.devices()[0]
+    print(f"jax {jax.__version__}, {dev.device_kind}; shape {args.shape}; "
+          f"calibration {args.samples}×{args.seq_len}, batch {args.batch_size}", flush=True)
+    t = time.perf_counter()
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    jax.block_until_ready(params)
+    print(f"random bf16 params in {time.perf_counter() - t:.0f} s", flush=True)
+    rng = np.random.default_rng(0)
+    calib = [rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len), dtype=np.int32)
+             for _ in range(args.samples // args.batch_size)]
+    config = QuantConfig(bits=args.bits, batch_size=args.batch_size)
+    t = time.perf_counter()
+    qparams, report = quantize(params, calib, cfg, config=config, return_report=True, progress=True)
+    jax.block_until_ready(qparams)
+    print(f"W{args.bits:g}A8 quantization wall time {time.perf_counter() - t:.1f} s", flush=True)
+    print(report, flush=True)
+
+
+if __name__ == "__main__":
+    main()
