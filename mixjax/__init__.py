@@ -9,6 +9,7 @@ from mixjax.assets import embedded_model_path
 from mixjax.data import calibration_batches, eval_windows
 from mixjax.evaluate import evaluate_model, perplexity
 from mixjax.generate import SamplingConfig, generate, generate_text  # `mixjax.generate` is the function
+from pallas_kernels import MixedWeight, mixed_matmul, pack_mixed, pack_rtn
 
 __all__ = [
     "ConfigError", "LlamaConfig", "RopeScaling", "linear",
@@ -16,4 +17,5 @@ __all__ = [
     "FakeQuantWeight", "QuantConfig", "QuantReport", "quantize", "salience",
     "embedded_model_path", "calibration_batches", "eval_windows", "evaluate_model", "perplexity",
     "SamplingConfig", "generate", "generate_text",
+    "MixedWeight", "mixed_matmul", "pack_mixed", "pack_rtn",
 ]

@@ -7,11 +7,21 @@ A future Mosaic GPU kernel plugs in as another implementation name here.
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 
-from mixjax.linear import Implementation, resolve_implementation
 from pallas_kernels import reference
 from pallas_kernels.format import MixedWeight
+
+Implementation = Literal["auto", "xla", "pallas"]  # as mixjax.linear.Implementation
+
+
+def _resolve(implementation: Implementation) -> str:
+    # Imported here: mixjax re-exports this package, so importing mixjax at module level would be circular.
+    from mixjax.linear import resolve_implementation
+
+    return resolve_implementation(implementation)
 
 
 def _check_x(x: jax.Array, qw: MixedWeight) -> None:
@@ -30,7 +40,7 @@ def mixed_matmul(
 ) -> jax.Array:  # [M, N] x.dtype, channel order
     """y = x @ W.T with W8A8/W4A8 per-group integer arithmetic (see `pallas_kernels.reference`)."""
     _check_x(x, qw)
-    impl = "pallas" if interpret else resolve_implementation(implementation)
+    impl = "pallas" if interpret else _resolve(implementation)
     if impl == "xla":
         return reference.mixed_matmul_ref(x, qw)
     from pallas_kernels import kernels
@@ -42,7 +52,7 @@ def quantize_activations(
     x: jax.Array, *, implementation: Implementation = "auto", interpret: bool = False
 ) -> tuple[jax.Array, jax.Array]:
     """x [M, K] float → (x_q int8 [M, Kp], a_scale f32 [M, G]): int8 sym per (token, group of 128)."""
-    impl = "pallas" if interpret else resolve_implementation(implementation)
+    impl = "pallas" if interpret else _resolve(implementation)
     if impl == "xla":
         return reference.quantize_activations_ref(x)
     from pallas_kernels import kernels

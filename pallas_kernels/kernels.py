@@ -26,9 +26,13 @@ N and are masked), so the output comes out in channel order from the one call. W
 programs of one tile `atomic_add` their f32 partials into a zeroed output (decode: many programs for a
 small M); with `split_k == 1` they store x's dtype directly.
 
-Configurations (`choose_config`): decode (M ≤ 16) quantizes the activations inside the GEMM (no extra
-launch) with block_m = 16 and split-K; larger M quantizes first with `quantize_activations_pallas` and
-uses 64- or 128-row tiles with 4/8 warps (wgmma needs block_m % 64 == 0, num_warps % 4 == 0).
+Configurations (`choose_config`, from the H100 sweep in benchmarks/NOTES-kernels.md): activations are
+quantized first by `quantize_activations_pallas` (int8 codes, group-major scales and Σx_q); decode
+(M ≤ 16) uses 16×64 tiles and split-K for ~1000 programs; M < 256 64×64 tiles, split only when the grid
+would not fill the chip; prefill 128×64 tiles, 4 warps (wgmma needs block_m % 64 == 0 and
+num_warps % 4 == 0). `fuse_quant=True` quantizes inside the GEMM instead (one launch fewer; measured
+no faster at N = 14336), and `groups_per_iter > 1` issues several groups' MMAs before their rescale
+(measured slower: more registers, fewer programs in flight).
 
 The float-dequantization ablation (`mode="float"`) keeps the same tiling but dequantizes each weight
 tile to bf16 and runs a bf16 MMA against unquantized bf16 activations (`reference.dequant_matmul_ref`).
@@ -93,6 +97,8 @@ def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int") -> 
         tiles = -(-m // 64) * (rows // 64)
         split = 1 if tiles >= 132 else _largest_split(num_groups, 2)
         return GemmConfig(64, 64, split, 4, 4, fuse_quant=False)
+    if mode == "float":  # bf16 MMA: the wider tile measured faster (call 3: 1997 vs 3343 µs at M=4096)
+        return GemmConfig(128, 128, 1, 8, 3, fuse_quant=False)
     return GemmConfig(128, 64, 1, 4, 4, fuse_quant=False)
 
 

@@ -171,7 +171,8 @@ def test_mixed_matmul_rejects_wrong_k():
 
 from pallas_kernels import kernels  # noqa: E402
 
-INTERPRET = True  # the same checks run on a GPU with INTERPRET = False
+INTERPRET = jax.default_backend() != "gpu"  # CPU: interpret mode; on a GPU the same tests run the kernels
+KERNEL_RTOL = 1e-5 if INTERPRET else 1e-4  # Triton's f32 division may flip a rare activation code
 
 # (M, K, N, 8-bit share): every M of the grid, both small K (576 is padded to 640), N = 96,
 # 0% / 10% / 100% 8-bit; decode (M ≤ 16, fused quantization, split-K atomics) and the quantize-first path.
@@ -197,7 +198,7 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
     x, qw = _case(m, k, n, share8, jnp.float32)
     y = pk.mixed_matmul(x, qw, implementation="pallas", interpret=INTERPRET)
     assert y.shape == (m, n) and y.dtype == jnp.float32
-    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-5
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
 @pytest.mark.parametrize(
@@ -211,7 +212,7 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
 def test_mixed_kernel_other_configs(cfg):
     x, qw = _case(20, 576, 96, 0.1, jnp.float32)
     y = kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
-    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-5
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
 def test_mixed_kernel_bf16_output():
