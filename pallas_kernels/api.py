@@ -31,6 +31,14 @@ def _check_x(x: jax.Array, qw: MixedWeight) -> None:
         raise TypeError(f"mixed_matmul: x must be floating point, got {x.dtype}")
 
 
+def _check_backend(impl: str, interpret: bool) -> None:
+    if impl == "pallas" and not interpret and jax.default_backend() != "gpu":
+        raise ValueError(
+            f"implementation='pallas' runs Triton kernels on an NVIDIA GPU, but the backend is "
+            f"{jax.default_backend()!r}: use implementation='xla' (or 'auto'), or interpret=True to emulate"
+        )
+
+
 def mixed_matmul(
     x: jax.Array,  # [M, K] float
     qw: MixedWeight,
@@ -41,6 +49,9 @@ def mixed_matmul(
     """y = x @ W.T with W8A8/W4A8 per-group integer arithmetic (see `pallas_kernels.reference`)."""
     _check_x(x, qw)
     impl = "pallas" if interpret else _resolve(implementation)
+    _check_backend(impl, interpret)
+    if x.shape[0] == 0:
+        return jax.numpy.zeros((0, qw.n), x.dtype)
     if impl == "xla":
         return reference.mixed_matmul_ref(x, qw)
     from pallas_kernels import kernels
@@ -53,6 +64,7 @@ def quantize_activations(
 ) -> tuple[jax.Array, jax.Array]:
     """x [M, K] float → (x_q int8 [M, Kp], a_scale f32 [M, G]): int8 sym per (token, group of 128)."""
     impl = "pallas" if interpret else _resolve(implementation)
+    _check_backend(impl, interpret)
     if impl == "xla":
         return reference.quantize_activations_ref(x)
     from pallas_kernels import kernels

@@ -262,3 +262,15 @@ def test_kernel_rejects_configs_it_cannot_take(cfg, match):
     x, qw = _case(4, 256, 96, 0.1)
     with pytest.raises(ValueError, match=match):
         kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="checks the CPU error")
+def test_pallas_without_gpu_is_a_clear_error():
+    x, qw = _case(2, 256, 96, 0.1)
+    with pytest.raises(ValueError, match="implementation='xla'"):
+        pk.mixed_matmul(x, qw, implementation="pallas")
+
+
+def test_empty_batch():
+    x, qw = _case(1, 256, 96, 0.1)
+    assert pk.mixed_matmul(x[:0], qw, implementation="xla").shape == (0, 96)
