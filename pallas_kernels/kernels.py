@@ -12,9 +12,10 @@ activation group, so the 8-bit and 4-bit branches share one activation schedule:
   4-bit:  P = x_q[:, :64]·(b << 4)ᵀ + x_q[:, 64:]·(b & -16)ᵀ = 16·Σ x_q·(u − 8)        (int32)
           y += P · (s_a ⊗ s_w/16) + (s_a·Σx_q) ⊗ ((8 − z)·s_w)   — i.e. Σ x_q·(u − z) · s_a·s_w
 
-The int32 partials reach f32 through MixLLM's seed trick (`_seeded_partial`): the MMA accumulator
-starts at the bits of 1.5·2^23, so the result's bits read as a float are 1.5·2^23 + P exactly and one
-subtract replaces the slow int→float conversion that otherwise costs as much as the MMA.
+The int32 partials reach f32 through MixLLM's seed trick (`_seeded_mma`, `_unseed`): the MMA
+accumulator starts at the bits of 1.5·2^23, so the result's bits read as a float are 1.5·2^23 + P
+exactly and one subtract replaces the quarter-rate int→float conversion (exact either way; on the H100
+it measured no faster, the per-group wait on the MMA dominates — see benchmarks/NOTES-kernels.md).
 
 Two-step dequantization: step 1 turns 4-bit codes into int8 operands with two bit ops (no zero point
 in the loop: it is folded per group through Σx_q, which the activation quantizer emits), the MMA runs
