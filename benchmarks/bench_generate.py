@@ -1,26 +1,45 @@
-"""End-to-end generation speed of a Llama-3-8B-shaped model with random weights (nothing downloaded).
+"""End-to-end generation speed of a Llama-3-8B-shaped model with random weights: bf16 vs W4.4A8 vs W8A8.
 
-    python benchmarks/bench_generate.py --out benchmarks/results/generate_bf16.md     # GPU
+    python benchmarks/bench_generate.py --out benchmarks/results/generation.md        # GPU, < 8 min on an H100
+    python benchmarks/bench_generate.py --full-quant --budget-s 1500 --out ...        # + mixjax.quantize timing
     python benchmarks/bench_generate.py --small --out /tmp/generate_small.md          # CPU smoke run
 
-Measures, for each weight variant (`--variants`, default bf16 with stacked and with unstacked layers):
-- prefill: one `forward_step` over a 2048-token prompt (batch 1) into an empty KV cache → tokens/s;
-- decode: `mixjax.generate`'s compiled prefill + `lax.while_loop` for batch 1/8/32, 128-token prompts,
-  256 greedy new tokens, no EOS stop; the prefill of the same batch is timed separately and subtracted,
-  so decode tokens/s = batch · new tokens / (generate time − prefill time).
-Every program is compiled and run once before timing (warm-up); the median of `--repeats` runs is
-reported. The device and jax version head the table. Prefill also reports TFLOP/s (2 · matmul params ·
-tokens); decode reports % of the weight-read floor: batch / (bytes of all params / measured
-device-to-device copy bandwidth) tokens/s, i.e. every step reads every weight once (KV cache ignored). A variant maps the float params to the params
-it runs (e.g. a quantizer); add one entry to VARIANTS.
+Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layers, the fast form on GPU):
+- bf16: random bf16 weights (std 0.02), built layer by layer.
+- w4.4a8 / w8a8: decoder linears as `pallas_kernels.MixedWeight` (int4 asym / int8 sym groups of 128,
+  int8 activations per (token, group of 128)); embeddings, norms and lm_head stay bf16.
+  Default (speed only): each linear type's random weight is RTN-packed once by `pallas_kernels.pack_rtn`
+  with a random 8-bit channel mask of 10 % of its channels (= 10 % of its elements: W4.4) or all channels
+  (W8A8), and every layer gets its own device copy (distinct buffers, so nothing stays cached in L2).
+  `--full-quant`: the whole `mixjax.quantize` pipeline (salience, global allocation, GPTQ, clipping) on
+  random calibration tokens (`--calib-samples` × `--calib-len`); its wall time and the peak device memory
+  reached during quantization are reported (issue 4's "8B-shaped quantization ≤ 5 min on one H100").
+- bf16-stacked: the float layers stacked for `lax.scan` (not in the default list).
+
+Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
+belongs to that variant, an out-of-memory or a kernel failure costs only that variant (reported, then
+the next one runs), and a per-variant deadline keeps the whole run within `--budget-s` (measurements
+finished before a deadline are kept). Inside a variant, in this order:
+- decode: `mixjax.generate`'s compiled decode loop (`lax.while_loop` of one-token steps, greedy, no EOS
+  stop) for `--new-tokens` steps from a cache already holding a `--prompt-len` prompt (the cache contents do
+  not change the work), batch 1, 32, then 8 → tokens/s = batch · new tokens / time;
+- prefill: one `forward_step` of batch 1 × `--prefill-len` tokens into an empty cache, LM head at the last
+  token only (as `generate` prefills) → tokens/s and TFLOP/s (2 · multiplied weights · tokens).
+Every program is compiled and run once before timing (compile time printed); the median of `--repeats` runs
+is reported. Decode also reports % of the weight-read floor: batch · copy bandwidth / params bytes
+tokens/s (every step reads every weight once; KV cache ignored). The device and jax version head the table.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
+import functools
+import json
 import os
 import statistics
+import subprocess
 import sys
 import time
 from typing import Callable
@@ -33,7 +52,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mixjax import model  # noqa: E402
 from mixjax.config import LlamaConfig, RopeScaling  # noqa: E402
-from mixjax.generate import SamplingConfig, _bucket, _generate_jit  # noqa: E402
+from mixjax.generate import SamplerState, SamplingConfig, _bucket, _decode_loop  # noqa: E402
 
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -46,156 +65,406 @@ SMALL = LlamaConfig(
     vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
 )
-
-# name → function(float params, cfg) → params to run. Quantized variants register here.
-VARIANTS: dict[str, Callable] = {
-    "bf16": lambda params, cfg: params,  # stacked layers, lax.scan
-    "bf16-unstacked": lambda params, cfg: model.unstack_layers(params),  # tuple of layers, Python loop
-}
+VARIANTS = ("bf16", "w4.4a8", "w8a8", "bf16-stacked")
+QUANT_BITS = {"w4.4a8": 4.4, "w8a8": 8.0}
+RESULT = "RESULT "  # prefix of the JSON lines a variant's subprocess reports on stdout
 
 
-def median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of fn() (results blocked on), after one warm-up call that also compiles."""
+# ----------------------------------------------------------------------------------------------------
+# Building the variants' params (layer by layer: the peak memory is the params, not a float copy of them)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _normal(key, shape, dtype):
+    return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
+
+
+def _linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
+    shapes = model.param_shapes(cfg)["layers"]
+    return {name: model._get(shapes, name)["weight"][1:] for name in model.LINEAR_NAMES}
+
+
+def _layer(cfg: LlamaConfig, weights: dict) -> dict:
+    """One decoder layer's dict from {linear name: weight leaf} (norms at 1, biases at 0 if any)."""
+    D = cfg.hidden_size
+    layer = {"input_layernorm": jnp.ones((D,), jnp.bfloat16), "post_attention_layernorm": jnp.ones((D,), jnp.bfloat16)}
+    for name, w in weights.items():
+        group, proj = name.split(".")
+        entry = {"weight": w}
+        if cfg.attention_bias and name in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):
+            entry["bias"] = jnp.zeros((w.shape[0],), jnp.bfloat16)
+        layer.setdefault(group, {})[proj] = entry
+    return layer
+
+
+def _outer(cfg: LlamaConfig, key) -> dict:
+    k1, k2 = jax.random.split(key)
+    out = {"embed_tokens": _normal(k1, (cfg.vocab_size, cfg.hidden_size), jnp.bfloat16),
+           "norm": jnp.ones((cfg.hidden_size,), jnp.bfloat16)}
+    if not cfg.tie_word_embeddings:
+        out["lm_head"] = _normal(k2, (cfg.vocab_size, cfg.hidden_size), jnp.bfloat16)
+    return out
+
+
+def build_bf16(cfg: LlamaConfig, seed: int = 0) -> dict:
+    shapes = _linear_shapes(cfg)
+    layers = []
+    for i in range(cfg.num_hidden_layers):
+        keys = jax.random.split(jax.random.key(seed * 1000 + i + 1), len(shapes))
+        layers.append(_layer(cfg, {n: _normal(k, shapes[n], jnp.bfloat16) for k, n in zip(keys, shapes)}))
+    return {**_outer(cfg, jax.random.key(seed)), "layers": tuple(layers)}
+
+
+def build_rtn(cfg: LlamaConfig, int8_fraction: float, seed: int = 0) -> dict:
+    """Quick MixedWeight params: one pack_rtn per linear type (random 8-bit channel mask), copied per layer."""
+    from pallas_kernels import pack_rtn
+
+    rng = np.random.default_rng(seed)
+    templates = {}
+    for i, (name, (n, k)) in enumerate(_linear_shapes(cfg).items()):
+        w = np.asarray(_normal(jax.random.key(seed * 1000 + 500 + i), (n, k), jnp.float32))
+        is_int8 = np.zeros(n, bool)
+        is_int8[rng.choice(n, int(round(int8_fraction * n)), replace=False)] = True
+        templates[name] = pack_rtn(w, is_int8)
+    layers = tuple(_layer(cfg, {n: jax.tree.map(jnp.copy, t) for n, t in templates.items()})
+                   for _ in range(cfg.num_hidden_layers))
+    return {**_outer(cfg, jax.random.key(seed)), "layers": layers}
+
+
+def build_full_quant(cfg: LlamaConfig, bits: float, args, log: Callable) -> dict:
+    """The mixjax.quantize pipeline on random calibration tokens; logs its wall time and peak memory."""
+    from mixjax.quant import QuantConfig, quantize
+
+    params = model.init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    rng = np.random.default_rng(2)
+    calib = [rng.integers(0, cfg.vocab_size, (1, args.calib_len)).astype(np.int32) for _ in range(args.calib_samples)]
+    jax.block_until_ready(params)
+    start = time.perf_counter()
+    qparams = quantize(params, calib, cfg, config=QuantConfig(bits=bits))
+    jax.block_until_ready(qparams)
+    seconds = time.perf_counter() - start
+    del params
+    log(dict(kind="quantize", seconds=seconds, peak_bytes=peak_bytes(), calib=f"{args.calib_samples}x{args.calib_len}"))
+    return qparams
+
+
+def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
+    if name == "bf16":
+        return build_bf16(cfg)
+    if name == "bf16-stacked":
+        return model.init_params(cfg, jax.random.key(0), jnp.bfloat16)
+    if args.full_quant:
+        return build_full_quant(cfg, QUANT_BITS[name], args, log)
+    return build_rtn(cfg, 0.1 if name == "w4.4a8" else 1.0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Measurements
+
+
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
+    """(median wall seconds of fn() with results blocked on, seconds of the first call incl. compile)."""
+    start = time.perf_counter()
     jax.block_until_ready(fn())
+    first = time.perf_counter() - start
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         jax.block_until_ready(fn())
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(times), first
 
 
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
     """Bytes/s of a device-to-device copy (read + write counted) of an nbytes buffer."""
     x = jnp.zeros((nbytes // 4,), jnp.float32)
     copy = jax.jit(lambda a: a + 1.0)
-    return 2 * x.nbytes / median_seconds(lambda: copy(x), repeats)
+    return 2 * x.nbytes / timed(lambda: copy(x), repeats)[0]
 
 
 def tree_bytes(tree) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
 
 
-def matmul_params(cfg: LlamaConfig) -> int:
-    """Weights multiplied per token: decoder linears and the LM head (embedding lookup excluded)."""
+def linear_bytes(params) -> int:
+    layers = params["layers"]
+    layers = layers if isinstance(layers, (tuple, list)) else (layers,)
+    return sum(tree_bytes(model._get(layer, name)["weight"]) for layer in layers for name in model.LINEAR_NAMES)
+
+
+def peak_bytes() -> int | None:
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def prefill_flops(cfg: LlamaConfig, tokens: int) -> float:
+    """2 · multiplied weights · tokens for the decoder linears, plus the LM head at one token."""
     D, F, L, V = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers, cfg.vocab_size
     q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    return L * (D * q + 2 * D * kv + q * D + 3 * D * F) + V * D
+    return 2.0 * (L * (D * q + 2 * D * kv + q * D + 3 * D * F) * tokens + V * D)
 
 
-def prefill_seconds(params, cfg: LlamaConfig, batch: int, length: int, max_len: int, repeats: int,
-                    implementation: str) -> float:
-    """Median time of one forward_step of [batch, length] tokens into an empty cache of max_len positions
-    (in the layers' form and dtype, as `generate` builds it)."""
+def prefill(params, cfg: LlamaConfig, args) -> dict:
     stacked = not isinstance(params["layers"], (tuple, list))
-    dtype = params["embed_tokens"].dtype
-    step = jax.jit(lambda p, t: model.forward_step(
-        p, t, cfg, model.init_cache(cfg, batch, max_len, dtype, stacked=stacked), implementation=implementation))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (batch, length)), jnp.int32)
-    return median_seconds(lambda: step(params, tokens), repeats)
+    n = args.prefill_len
+
+    @jax.jit
+    def step(p, t):
+        cache = model.init_cache(cfg, 1, n, args.cache_dtype, stacked=stacked)
+        return model.forward_step(p, t, cfg, cache, logits_at="last", implementation=args.implementation)
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
+    t, first = timed(lambda: step(params, tokens), args.repeats)
+    return dict(kind="prefill", batch=1, tokens=n, seconds=t, compile_s=first - t, tok_s=n / t,
+                tflops=prefill_flops(cfg, n) / t / 1e12)
 
 
-def generate_seconds(params, cfg: LlamaConfig, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                     implementation: str) -> float:
-    """Median time of the compiled generate (prefill + greedy decode loop of new_tokens steps)."""
-    prompts = jnp.asarray(np.random.default_rng(1).integers(0, cfg.vocab_size, (batch, prompt_len)), jnp.int32)
-    lengths = jnp.full((batch,), prompt_len, jnp.int32)
-    dtype = params["embed_tokens"].dtype
+def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict:
+    stacked = not isinstance(params["layers"], (tuple, list))
+    max_len = _bucket(args.prompt_len) + args.new_tokens  # the cache generate builds
+    cache = model.init_cache(cfg, batch, max_len, args.cache_dtype, stacked=stacked)
+    cache = dataclasses.replace(cache, length=jnp.full((batch,), args.prompt_len, jnp.int32))
+    state = SamplerState(step=jnp.int32(0), last=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+                         tokens=jnp.zeros((batch, args.new_tokens), jnp.int32), cache=cache, key=jax.random.key(0))
+    loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, max_new_tokens=args.new_tokens, sampling=SamplingConfig(),
+                                     eos=(), implementation=args.implementation, on_token=None))
 
     def run():
-        out, steps = _generate_jit(params, prompts, lengths, jax.random.key(0), cfg=cfg,
-                                   max_new_tokens=new_tokens, sampling=SamplingConfig(), eos=(),
-                                   implementation=implementation, cache_dtype=dtype, on_token=None)
-        return out
+        out = loop(params, state)
+        return out.tokens
 
-    return median_seconds(run, repeats)
-
-
-def bench_variant(name: str, params, cfg: LlamaConfig, args, bandwidth: float) -> list[dict]:
-    rows = []
-    floor_s = tree_bytes(params) / bandwidth  # one decode step reads every weight once
-    t = prefill_seconds(params, cfg, 1, args.prefill_len, args.prefill_len, args.repeats, args.implementation)
-    rows.append(dict(variant=name, phase="prefill", batch=1, tokens=args.prefill_len, seconds=t,
-                     tok_s=args.prefill_len / t, ms_per_step=float("nan"),
-                     tflops=2 * matmul_params(cfg) * args.prefill_len / t / 1e12, floor=float("nan")))
-    print(f"  {name} prefill {args.prefill_len}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
-    for batch in args.batches:
-        max_len = _bucket(args.prompt_len) + args.new_tokens  # the cache generate builds
-        t_prefill = prefill_seconds(params, cfg, batch, args.prompt_len, max_len, args.repeats, args.implementation)
-        t_total = generate_seconds(params, cfg, batch, args.prompt_len, args.new_tokens, args.repeats,
-                                   args.implementation)
-        t_decode = max(t_total - t_prefill, 1e-9)
-        rows.append(dict(variant=name, phase="decode", batch=batch, tokens=batch * args.new_tokens, seconds=t_decode,
-                         tok_s=batch * args.new_tokens / t_decode, ms_per_step=1e3 * t_decode / args.new_tokens,
-                         tflops=float("nan"), floor=100 * floor_s * args.new_tokens / t_decode))
-        print(f"  {name} decode batch {batch}: {rows[-1]['tok_s']:.1f} tok/s", flush=True)
-    return rows
+    t, first = timed(run, args.repeats)
+    floor_s = tree_bytes(params) / bandwidth  # one step reads every weight once
+    return dict(kind="decode", batch=batch, tokens=batch * args.new_tokens, seconds=t, compile_s=first - t,
+                tok_s=batch * args.new_tokens / t, ms_per_step=1e3 * t / args.new_tokens,
+                floor=100 * floor_s * args.new_tokens / t)
 
 
-def _fmt(x: float, spec: str) -> str:
-    return "" if np.isnan(x) else format(x, spec)
+def run_variant(name: str, args) -> int:
+    """The subprocess body: build one variant, measure, print RESULT lines as they come."""
 
+    def log(row):
+        print(RESULT + json.dumps({"variant": name, **row}), flush=True)
 
-def markdown(rows: list[dict], cfg_name: str, args, bandwidth: float) -> str:
     dev = jax.devices()[0]
+    cfg = SMALL if args.small else LLAMA3_8B
+    log(dict(kind="device", device=f"{dev.device_kind} ({dev.platform})", jax=jax.__version__))
+    start = time.perf_counter()
+    params = build_variant(name, cfg, args, log)
+    jax.block_until_ready(params)
+    log(dict(kind="weights", total_bytes=tree_bytes(params), linear_bytes=linear_bytes(params),
+             build_s=time.perf_counter() - start))
+    bandwidth = copy_bandwidth(16 << 20 if args.small else 1 << 30, args.repeats)
+    log(dict(kind="bandwidth", bytes_s=bandwidth))
+    order = sorted(args.batches, key=lambda b: (b != min(args.batches), -b))  # 1, 32, then 8
+    jobs = [(f"decode batch {b}", functools.partial(decode, params, cfg, b, args, bandwidth)) for b in order[:2]]
+    jobs += [(f"prefill {args.prefill_len}", functools.partial(prefill, params, cfg, args))]
+    jobs += [(f"decode batch {b}", functools.partial(decode, params, cfg, b, args, bandwidth)) for b in order[2:]]
+    failed = 0
+    for what, job in jobs:
+        try:
+            row = job()
+        except Exception as e:  # report and go on with the next measurement
+            failed += 1
+            log(dict(kind="error", what=what, error=f"{type(e).__name__}: {str(e)[:300]}"))
+            continue
+        log({**row, "peak_bytes": peak_bytes()})
+    return 1 if failed else 0
+
+
+# ----------------------------------------------------------------------------------------------------
+# The parent: one subprocess per variant, then the table
+
+
+def run_children(args, argv: list[str]) -> tuple[list[dict], list[str]]:
+    rows, failures = [], []
+    deadline = time.monotonic() + args.budget_s
+    env = {**os.environ}
+    env.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
+    for i, name in enumerate(args.variants):
+        reserve = 90.0 * (len(args.variants) - i - 1)  # keep some time for the variants after this one
+        timeout = max(60.0, deadline - time.monotonic() - reserve)
+        print(f"== {name} (deadline {timeout:.0f} s)", flush=True)
+        cmd = [sys.executable, os.path.abspath(__file__), *argv, "--child", name]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        got, tail = [], []
+        start = time.monotonic()
+        try:
+            for line in _lines_until(proc, start + timeout):
+                if line.startswith(RESULT):
+                    got.append(json.loads(line[len(RESULT):]))
+                    print(f"  {_describe(got[-1])}", flush=True)
+                else:
+                    tail = (tail + [line.rstrip()])[-20:]
+            proc.wait(timeout=max(1.0, start + timeout - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+            failures.append(f"{name}: stopped after {timeout:.0f} s (budget); measurements before that are kept")
+        rows += got
+        errors = [r for r in got if r["kind"] == "error"]
+        failures += [f"{name}: {r['what']} failed: {r['error']}" for r in errors]
+        if proc.returncode not in (0, None) and not errors and not any(f.startswith(name + ":") for f in failures):
+            failures.append(f"{name}: exited with status {proc.returncode}: " + " | ".join(tail[-5:]))
+        if proc.returncode not in (0, None):
+            print("\n".join("    " + t for t in tail[-12:]), flush=True)
+    return rows, failures
+
+
+def _lines_until(proc, deadline: float):
+    """Lines of proc's stdout (read by a thread, so nothing buffered is lost); raises TimeoutExpired once
+    the deadline has passed."""
+    import queue
+    import threading
+
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=pump, daemon=True).start()
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise subprocess.TimeoutExpired(proc.args, 0)
+        try:
+            line = lines.get(timeout=min(left, 5.0))
+        except queue.Empty:
+            continue
+        if line is None:
+            return
+        yield line
+
+
+def _describe(r: dict) -> str:
+    if r["kind"] in ("prefill", "decode"):
+        return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
+                f"peak {_gb(r.get('peak_bytes')) or '?'} GB)")
+    if r["kind"] == "error":
+        return f"{r['variant']} {r['what']} FAILED: {r['error']}"
+    return f"{r['variant']} {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant", "kind"))
+
+
+def _gb(x) -> str:
+    return "" if x is None else f"{x / 1e9:.3g}"
+
+
+def _ratio(a, b) -> str:
+    return "" if a is None or b is None or not b else f"{a / b:.2f}×"
+
+
+def markdown(rows: list[dict], failures: list[str], args) -> str:
+    by = {}  # variant → {"weights": row, ("decode", b): row, ...}
+    for r in rows:
+        key = (r["kind"], r["batch"]) if r["kind"] in ("prefill", "decode") else r["kind"]
+        by.setdefault(r["variant"], {})[key] = r
+        if r.get("peak_bytes") is not None:
+            by[r["variant"]]["peak"] = r["peak_bytes"]
+    info = next((r for r in rows if r["kind"] == "device"), {"device": "?", "jax": jax.__version__})
+    base = by.get("bf16", {})
+    cfg_name = "small test model" if args.small else "Llama-3-8B shape"
     lines = [
         f"# Generation speed, {cfg_name}, random weights ({datetime.date.today().isoformat()})",
         "",
-        f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, implementation={args.implementation}; "
-        f"median of {args.repeats} runs after warm-up. Prefill: batch 1 × {args.prefill_len} tokens. "
-        f"Decode: {args.prompt_len}-token prompts, {args.new_tokens} greedy new tokens, prefill subtracted. "
-        f"Copy bandwidth {bandwidth / 1e9:.0f} GB/s.",
+        f"device: {info['device']}, jax {info['jax']}, implementation={args.implementation}, KV cache "
+        f"{jnp.dtype(args.cache_dtype).name}; median of {args.repeats} runs after warm-up. "
+        f"Prefill: batch 1 × {args.prefill_len} tokens. Decode: {args.new_tokens} greedy steps after a "
+        f"{args.prompt_len}-token prompt. Quantized weights: "
+        + (f"`mixjax.quantize` on {args.calib_samples}×{args.calib_len} random calibration tokens."
+           if args.full_quant else "RTN (`pallas_kernels.pack_rtn`), random 8-bit channels (10 % for W4.4A8).")
+        + " Ratios are against bf16 (unstacked layers). Peak GB: the device's peak_bytes_in_use in the "
+        "variant's own process (blank where the backend does not report it, e.g. CPU).",
         "",
-        "| variant | phase | batch | tokens | seconds | tokens/s | ms/step | TFLOP/s | % of weight-read floor |",
-        "|---|---|---|---|---|---|---|---|---|",
     ]
+    batches = sorted(args.batches)
+    head = ["variant", "weight GB", "× bf16", "peak GB", f"prefill {args.prefill_len} tok/s", "× bf16"]
+    for b in batches:
+        head += [f"decode b{b} tok/s", "× bf16"]
+    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for v, d in by.items():
+        w = d.get("weights", {}).get("total_bytes")
+        cells = [v, _gb(w), _ratio(w, base.get("weights", {}).get("total_bytes")), _gb(d.get("peak"))]
+        for key in [("prefill", 1)] + [("decode", b) for b in batches]:
+            tok = d.get(key, {}).get("tok_s")
+            cells += ["" if tok is None else f"{tok:.1f}", _ratio(tok, base.get(key, {}).get("tok_s"))]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "| variant | phase | batch | seconds | tokens/s | ms/step | TFLOP/s | % of weight-read floor | compile s |",
+              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['phase']} | {r['batch']} | {r['tokens']} | {r['seconds']:.4f} | "
-                     f"{r['tok_s']:.1f} | {_fmt(r['ms_per_step'], '.2f')} | {_fmt(r['tflops'], '.1f')} | "
-                     f"{_fmt(r['floor'], '.0f')} |")
+        if r["kind"] in ("prefill", "decode"):
+            lines.append(f"| {r['variant']} | {r['kind']} | {r['batch']} | {r['seconds']:.4f} | {r['tok_s']:.1f} | "
+                         f"{r.get('ms_per_step', float('nan')):.2f} | {r.get('tflops', float('nan')):.1f} | "
+                         f"{r.get('floor', float('nan')):.0f} | {r['compile_s']:.1f} |".replace("nan", ""))
+    extra = [r for r in rows if r["kind"] in ("weights", "quantize", "bandwidth")]
+    if extra:
+        lines += [""]
+        for r in extra:
+            if r["kind"] == "weights":
+                lines.append(f"- {r['variant']}: decoder linears {_gb(r['linear_bytes'])} GB of {_gb(r['total_bytes'])} GB "
+                             f"(built in {r['build_s']:.1f} s)")
+            elif r["kind"] == "quantize":
+                lines.append(f"- {r['variant']}: `mixjax.quantize` took {r['seconds']:.1f} s on {r['calib']} calibration "
+                             f"tokens, peak device memory {_gb(r['peak_bytes'])} GB (the peak GB above includes it)")
+            elif r["kind"] == "bandwidth":
+                lines.append(f"- {r['variant']}: measured copy bandwidth {r['bytes_s'] / 1e9:.0f} GB/s")
+    if failures:
+        lines += ["", "Failures:"] + [f"- {f}" for f in failures]
     return "\n".join(lines) + "\n"
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variants", default="bf16,bf16-unstacked", help=f"comma-separated, of {', '.join(VARIANTS)}")
+    p.add_argument("--variants", default="bf16,w4.4a8,w8a8", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--small", action="store_true", help="a tiny model and short runs (CPU smoke test)")
+    p.add_argument("--full-quant", action="store_true", help="quantize with the full mixjax.quantize pipeline")
+    p.add_argument("--calib-samples", type=int, default=16, help="--full-quant: random calibration sequences")
+    p.add_argument("--calib-len", type=int, default=2048, help="--full-quant: tokens per calibration sequence")
+    p.add_argument("--kv-int8", action="store_true", help="decode and prefill with an int8 KV cache")
     p.add_argument("--out", default=None, help="write the markdown table here")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--prefill-len", type=int, default=2048)
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--implementation", default="auto", choices=("auto", "xla", "pallas"))
+    p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of all variants together")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     args = p.parse_args(argv)
-    args.batches = [int(b) for b in args.batches.split(",")]
+    try:
+        args.batches = [int(b) for b in args.batches.split(",")]
+    except ValueError:
+        p.error(f"--batches {args.batches!r}: expected comma-separated integers such as 1,8,32")
     args.variants = args.variants.split(",")
     unknown = [v for v in args.variants if v not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.small:
         args.prefill_len, args.prompt_len, args.new_tokens = min(args.prefill_len, 256), min(args.prompt_len, 32), min(args.new_tokens, 16)
+        args.calib_samples, args.calib_len = min(args.calib_samples, 2), min(args.calib_len, 64)
         args.repeats = min(args.repeats, 2)
+    args.cache_dtype = jnp.int8 if args.kv_int8 else jnp.bfloat16
     if args.out and os.path.dirname(args.out) and not os.path.isdir(os.path.dirname(args.out)):
         p.error(f"--out {args.out}: directory {os.path.dirname(args.out)} does not exist")
     return args
 
 
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    cfg, cfg_name = (SMALL, "small test model") if args.small else (LLAMA3_8B, "Llama-3-8B shape")
-    print(f"{jax.devices()[0].device_kind}, jax {jax.__version__}: building {cfg_name} in bf16", flush=True)
-    params = model.init_params(cfg, jax.random.key(0), jnp.bfloat16)
-    bandwidth = copy_bandwidth(16 << 20 if args.small else 1 << 30, args.repeats)
-    rows = []
-    for name in args.variants:
-        rows += bench_variant(name, VARIANTS[name](params, cfg), cfg, args, bandwidth)
-    table = markdown(rows, cfg_name, args, bandwidth)
+    if args.child:
+        return run_variant(args.child, args)
+    start = time.monotonic()
+    print(f"jax {jax.__version__}; variants {', '.join(args.variants)}, one subprocess each", flush=True)
+    rows, failures = run_children(args, argv)
+    table = markdown(rows, failures, args)
     print(table)
+    print(f"total wall {time.monotonic() - start:.0f} s", flush=True)
     if args.out:
         with open(args.out, "w") as f:
             f.write(table)
-    return 0
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
