@@ -21,7 +21,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +35,7 @@ from mixjax.quant.allocate import Budget, allocate, average_bits
 from mixjax.quant.clip import clip_grid
 from mixjax.quant.fakequant import FakeQuantWeight
 from mixjax.quant.gptq import gptq_quantize, rtn_clip_quantize
-from mixjax.quant.report import QuantReport, build_report
+from mixjax.quant.report import build_report
 from mixjax.quant.rtn import QuantizedRows, WeightFormat, dequantize_rows, quantize_rows
 from mixjax.quant.salience import SALIENCE_KINDS, SalienceKind, compute_salience, linear_weight, with_weights
 
