@@ -275,10 +275,11 @@ class TextStream:
 def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   dtype=jnp.float32, implementation: Implementation = "auto",
-                  on_text: Callable[[str], None] | None = None) -> str:
+                  on_text: Callable[[str], None] | None = None, cache_dtype=None) -> str:
     """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
 
     on_text: called with each new piece of text as it is generated (streaming).
+    cache_dtype: see `generate` (jnp.int8: int8 KV cache, the CLI's `--kv-int8`).
     """
     import convert
     from mixjax import assets
@@ -295,7 +296,7 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     stream = TextStream(tokenizer, on_text) if on_text is not None else None
     (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
-                      on_token=stream)
+                      on_token=stream, cache_dtype=cache_dtype)
     if stream is not None:
         stream.flush()
     return tokenizer.decode(new, skip_special_tokens=True)
