@@ -13,7 +13,9 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   (W8A8), and every layer gets its own device copy (distinct buffers, so nothing stays cached in L2).
   `--full-quant`: the whole `mixjax.quantize` pipeline (salience, global allocation, GPTQ, clipping) on
   random calibration tokens (`--calib-samples` × `--calib-len`); its wall time and the peak device memory
-  reached during quantization are reported (issue 4's "8B-shaped quantization ≤ 5 min on one H100").
+  reached during quantization are reported (issue 4's "8B-shaped quantization ≤ 5 min on one H100";
+  `benchmarks/quant_speed.py` measures that alone). Real allocations give every layer its own 8-bit
+  channel count, hence more distinct kernel shapes to compile than the quick path: give it a larger budget.
 - bf16-stacked: the float layers stacked for `lax.scan` (not in the default list).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
