@@ -68,12 +68,12 @@ def needs_salience(c: QuantConfig) -> bool:
 
 def describe(c: QuantConfig) -> str:
     w = "per-channel" if c.weight.group_size is None else f"g{c.weight.group_size}"
-    w += " sym" if c.weight.symmetric4 else " asym"
+    w = f"int8 {w} sym (all channels)" if c.bits >= 8 else f"int4 {w}" + (" sym" if c.weight.symmetric4 else " asym")
     a = "A16" if c.act.bits is None else f"A{c.act.bits} " + ("per-token" if c.act.granularity == "token" else "g128")
     q = "GPTQ" + ("" if c.group_reorder else " (no reorder)") if c.gptq else "RTN"
     q += " + clip" if c.clip else ""
     sel = f", {c.salience} {'local' if c.local else 'global'}" if needs_salience(c) else ""
-    return f"int4 {w}, {a}, {q}{sel}"
+    return f"{w}, {a}, {q}{sel}"
 
 
 def load(args):
@@ -202,7 +202,8 @@ def write(path, fp, rows, settings, measured, extra, score_time) -> None:
         checks.append(f"- W4.4A8 through the `MixedWeight` XLA reference (kernel arithmetic): "
                       f"{extra['mixed_ref_ppl']:.3f}")
     lines += ["", "## Targets", ""] + checks
-    lines += ["", "## One W4.4A8 quantization, measured alone in a fresh process", "",
+    lines += ["", "Llama-3-8B-shaped model on one H100: see [quant_speed.md](quant_speed.md).", "",
+              "## One W4.4A8 quantization, measured alone in a fresh process", "",
               f"Wall time {measured['wall_s']:.0f} s ("
               + ", ".join(f"{k} {v:.0f} s" for k, v in measured["seconds"].items())
               + f"), peak memory {measured['peak_bytes'] / 2**30:.2f} GiB ({measured['peak_kind']}, "
