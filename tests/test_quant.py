@@ -342,3 +342,30 @@ def test_bad_inputs(tiny_params, tiny_tokens):
     nan_embed = {**tiny_params, "embed_tokens": tiny_params["embed_tokens"].at[:].set(jnp.inf)}
     with pytest.raises(FloatingPointError, match=r"layers\.\d+\."):
         salience(nan_embed, [tiny_tokens], TINY)
+
+
+def test_quantize_cli_bad_input_writes_nothing(tmp_path, capsys):
+    from mixjax import cli
+
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--out", str(out), "--bits", "9"]) == 2
+    assert "bits" in capsys.readouterr().err and not out.exists()
+    assert cli.main(["quantize", "--out", str(out), "--samples", "0"]) == 2
+    assert not out.exists()
+    out.mkdir()
+    assert cli.main(["quantize", "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and not any(out.iterdir())
+
+
+def test_quantized_checkpoint_round_trip(tiny_params, tiny_tokens, tmp_path):
+    from mixjax.quant.checkpoint import load_quantized, save_quantized
+
+    for i, config in enumerate([QuantConfig(bits=4.0, gptq=False, clip=False),
+                                QuantConfig(bits=4.4, gptq=False, clip=False, act=ActFormat(static=True))]):
+        qp = quantize(tiny_params, [tiny_tokens], TINY, config=config)
+        save_quantized(tmp_path / f"ck{i}", qp, TINY, config=config)
+        cfg, restored, config2 = load_quantized(tmp_path / f"ck{i}")
+        assert cfg == TINY and config2 == config
+        a = model.forward(qp, jnp.asarray(tiny_tokens), TINY, implementation="xla")
+        b = model.forward(restored, jnp.asarray(tiny_tokens), cfg, implementation="xla")
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
