@@ -1,8 +1,18 @@
 """Public entry points: `mixed_matmul` and `quantize_activations`, dispatching on `implementation`.
 
-"xla" runs the pure-JAX reference (the numerical spec, and the CPU fallback); "pallas" runs the
-Pallas-Triton kernels (`pallas_kernels.kernels`); "auto" picks Pallas on an NVIDIA GPU, XLA elsewhere.
-A future Mosaic GPU kernel plugs in as another implementation name here.
+"xla" runs the pure-JAX reference (the numerical spec, and the CPU fallback); "pallas" runs the GPU
+fast path; "auto" picks it on an NVIDIA GPU, XLA elsewhere. The GPU fast path picks per call by
+measured speed (`select_gpu_path`, H100 numbers in benchmarks/results/kernels.md):
+
+- "kernel": the Pallas-Triton integer kernel (`kernels.mixed_matmul_pallas`): decode and medium M,
+  where the packed weight's bytes dominate; exact integer partials (rel. ≤ 1e-4 vs the reference).
+- "dequant_dot": for 16-bit activations and M ≥ `DEQUANT_DOT_MIN_M` (prefill), int8-fake-quantized
+  activations × the weight dequantized to bf16, one XLA dot (`dequant_dot.dequant_dot_matmul`): the
+  same quantization, products rounded to bf16 (rel. ≤ 5e-3 vs the reference, the bound of every
+  bf16-output kernel). f32 activations always take the kernel.
+
+The per-path entry points stay public for benchmarks and ablations. A future Mosaic GPU kernel plugs
+in as another path here.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from typing import Literal
 import jax
 
 from pallas_kernels import reference
+from pallas_kernels.dequant_dot import DEQUANT_DOT_MIN_M
 from pallas_kernels.format import MixedWeight
 
 Implementation = Literal["auto", "xla", "pallas"]  # as mixjax.linear.Implementation
@@ -39,14 +50,25 @@ def _check_backend(impl: str, interpret: bool) -> None:
         )
 
 
+def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M) -> str:
+    """"kernel" or "dequant_dot" for M rows of `dtype` activations (None: always the kernel)."""
+    wide = jax.numpy.dtype(dtype).itemsize > 2  # f32 callers keep the exact integer kernel
+    if dequant_dot_min_m is None or wide or m < dequant_dot_min_m:
+        return "kernel"
+    return "dequant_dot"
+
+
 def mixed_matmul(
     x: jax.Array,  # [M, K] float
     qw: MixedWeight,
     *,
     implementation: Implementation = "auto",
     interpret: bool = False,
+    dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M,
 ) -> jax.Array:  # [M, N] x.dtype, channel order
-    """y = x @ W.T with W8A8/W4A8 per-group integer arithmetic (see `pallas_kernels.reference`)."""
+    """y = x @ W.T with W8A8/W4A8 per-group quantization (see `pallas_kernels.reference`).
+
+    On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel."""
     _check_x(x, qw)
     impl = "pallas" if interpret else _resolve(implementation)
     _check_backend(impl, interpret)
@@ -54,6 +76,10 @@ def mixed_matmul(
         return jax.numpy.zeros((0, qw.n), x.dtype)
     if impl == "xla":
         return reference.mixed_matmul_ref(x, qw)
+    if not interpret and select_gpu_path(x.shape[0], x.dtype, dequant_dot_min_m=dequant_dot_min_m) == "dequant_dot":
+        from pallas_kernels.dequant_dot import dequant_dot_matmul
+
+        return dequant_dot_matmul(x, qw)
     from pallas_kernels import kernels
 
     return kernels.mixed_matmul_pallas(x, qw, interpret=interpret)

@@ -67,6 +67,7 @@ class GemmConfig:
     num_stages: int
     fuse_quant: bool  # quantize activations inside the GEMM (decode)
     groups_per_iter: int = 1  # K groups per loop iteration (their MMAs are in flight together)
+    zero_in_quant: bool = True  # split-K: the quantization kernel also zeroes the f32 output (−1 launch)
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -131,7 +132,20 @@ def _load_x_halves(x_ref, m0, g, *, block_m, m, k):
     return halves
 
 
-def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *, block_m, m, k):
+_ZERO_COLS = 128  # columns per masked store of the fused output zero fill
+
+
+def _zero_fill(o_ref, m0, g, *, block_m, m, n, pieces):
+    """Zeroes rows [m0, m0 + block_m) × columns [g·pieces·128, (g + 1)·pieces·128) of o_ref (masked to [m, n])."""
+    rows = m0 + jnp.arange(block_m)  # [bm]
+    for j in range(pieces):
+        cols = (g * pieces + j) * _ZERO_COLS + jnp.arange(_ZERO_COLS)  # [128]
+        mask = (rows < m)[:, None] & (cols < n)[None, :]
+        plgpu.store(o_ref.at[rows[:, None], cols[None, :]], jnp.zeros((block_m, _ZERO_COLS), o_ref.dtype),
+                    mask=mask)
+
+
+def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *o_refs, block_m, m, k, n_zero, pieces):
     m0 = pl.program_id(0) * block_m
     g = pl.program_id(1)
     xa, xb = _load_x_halves(x_ref, m0, g, block_m=block_m, m=m, k=k)
@@ -140,25 +154,32 @@ def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *, block_m, m, k):
     xq_ref[pl.ds(m0, block_m), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)] = qb
     scale_ref[g, pl.ds(m0, block_m)] = a_scale
     sum_ref[g, pl.ds(m0, block_m)] = x_sum
+    if n_zero:
+        _zero_fill(o_refs[0], m0, g, block_m=block_m, m=m, n=n_zero, pieces=pieces)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "interpret"))
-def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("block_m", "zero_n", "interpret"))
+def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, zero_n: int = 0, interpret: bool = False):
     """x [M, K] float → (x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp]), Mp = ⌈M/block_m⌉·block_m.
 
-    Scales and sums are group-major (the GEMM reads one row of them per K step)."""
+    Scales and sums are group-major (the GEMM reads one row of them per K step). With `zero_n > 0` a
+    fourth output, f32 zeros [M, zero_n], is written by the same launch (the split-K GEMM's accumulator:
+    the G programs of each row block zero one column slice each, so no separate fill kernel runs)."""
     m, k = x.shape
     g = -(-k // GROUP_SIZE)
     mp = -(-m // block_m) * block_m
-    out_shape = (
+    out_shape = [
         jax.ShapeDtypeStruct((mp, g * GROUP_SIZE), jnp.int8),
         jax.ShapeDtypeStruct((g, mp), jnp.float32),
         jax.ShapeDtypeStruct((g, mp), jnp.int32),
-    )
-    kernel = functools.partial(_quant_kernel, block_m=block_m, m=m, k=k)
+    ]
+    if zero_n:
+        out_shape.append(jax.ShapeDtypeStruct((m, zero_n), jnp.float32))
+    pieces = -(-zero_n // (g * _ZERO_COLS))  # 128-column stores per program
+    kernel = functools.partial(_quant_kernel, block_m=block_m, m=m, k=k, n_zero=zero_n, pieces=pieces)
     return pl.pallas_call(
-        kernel, out_shape=out_shape, grid=(mp // block_m, g), interpret=interpret, name="quantize_activations",
-        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
+        kernel, out_shape=tuple(out_shape), grid=(mp // block_m, g), interpret=interpret,
+        name="quantize_activations", compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
     )(x)
 
 
@@ -311,15 +332,18 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     n4_tiles = qw.q4.shape[0] // cfg.block_n
     atomic = cfg.split_k > 1
     weights = (*_nonempty(qw.q8, qw.scale8), *_nonempty(qw.q4, qw.scale4, qw.zero4), qw.channel)
+    zeros = []  # the split-K accumulator, [M, N] f32 zeros
     if cfg.fuse_quant or mode == "float":
         args = (x, *weights)
     else:
-        x_q, a_scale, x_sum = quantize_activations_pallas(x, block_m=cfg.block_m, interpret=interpret)
+        zero_n = qw.n if atomic and cfg.zero_in_quant else 0
+        x_q, a_scale, x_sum, *zeros = quantize_activations_pallas(x, block_m=cfg.block_m, zero_n=zero_n,
+                                                                  interpret=interpret)
         args = (x_q, a_scale, x_sum, *weights)
     out_dtype = jnp.float32 if atomic else x.dtype
     aliases = {}
     if atomic:
-        args = (*args, jnp.zeros((m, qw.n), jnp.float32))
+        args = (*args, zeros[0] if zeros else jnp.zeros((m, qw.n), jnp.float32))
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(
         _mixed_kernel, cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,

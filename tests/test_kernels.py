@@ -207,6 +207,7 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=False),  # quantize-first with split-K atomics
         kernels.GemmConfig(32, 128, 1, 4, 2, fuse_quant=True),  # fused quantization, direct store
         kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5),  # 5 groups' MMAs in flight
+        kernels.GemmConfig(16, 64, 5, 4, 2, fuse_quant=False, zero_in_quant=False),  # separate zero fill
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
@@ -242,6 +243,50 @@ def test_activation_quant_kernel_matches_reference():
     x_q_k, _, x_sum = kernels.quantize_activations_pallas(x, interpret=INTERPRET)
     expect = np.asarray(x_q_k, np.int32)[:70].reshape(70, 5, 128).sum(-1).T  # [G, M] of the kernel's codes
     np.testing.assert_array_equal(np.asarray(x_sum)[:, :70], expect)
+
+
+def test_quant_kernel_zeroes_the_split_k_output():
+    x = jnp.asarray(_rng().normal(size=(20, 384)), jnp.bfloat16)
+    *_, zeros = kernels.quantize_activations_pallas(x, block_m=16, zero_n=300, interpret=INTERPRET)
+    assert zeros.shape == (20, 300) and zeros.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(zeros), 0)
+
+
+# ------------------------------------------------------------------------ prefill path: dequantize + dot
+
+from pallas_kernels import dequant_dot  # noqa: E402
+
+
+def test_dequantize_bf16_is_the_reference_dequantization_rounded():
+    _, qw = _case(1, 576, 200, 0.3)
+    w = np.asarray(dequant_dot.dequantize_bf16(qw), np.float32)[:, :576]
+    np.testing.assert_allclose(w, np.asarray(qw.dequantize()), rtol=2**-8, atol=0)
+
+
+@pytest.mark.parametrize("m, share8", [(40, 0.1), (9, 0.0), (9, 1.0)])
+def test_dequant_dot_path_within_bf16_bound_of_reference(m, share8):
+    x, qw = _case(m, 576, 96, share8)
+    y = dequant_dot.dequant_dot_matmul(x, qw)
+    assert y.shape == (m, 96) and y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-2 / 2  # same bound as the bf16-output kernel
+
+
+def test_gpu_path_selection():
+    from pallas_kernels.api import select_gpu_path
+
+    m0 = dequant_dot.DEQUANT_DOT_MIN_M
+    assert select_gpu_path(1, jnp.bfloat16) == "kernel"
+    assert select_gpu_path(m0 - 1, jnp.bfloat16) == "kernel"
+    assert select_gpu_path(m0, jnp.bfloat16) == "dequant_dot"
+    assert select_gpu_path(4 * m0, jnp.float32) == "kernel"  # exact path for f32 callers
+    assert select_gpu_path(4 * m0, jnp.bfloat16, dequant_dot_min_m=None) == "kernel"
+
+
+@pytest.mark.skipif(INTERPRET, reason="the dispatch to the dequantize + dot path runs on a GPU only")
+def test_pallas_dispatch_prefill_within_bf16_bound():
+    x, qw = _case(dequant_dot.DEQUANT_DOT_MIN_M, 576, 96, 0.1)
+    y = pk.mixed_matmul(x, qw, implementation="pallas")
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-2 / 2
 
 
 def test_choose_config_decode_and_prefill():
