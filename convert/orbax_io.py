@@ -3,12 +3,17 @@
 Layout of a checkpoint directory:
 
     mixjax.json   {"format_version": 1, "config": LlamaConfig fields, "dtype": ..., "layers": "stacked" |
-                   "tuple", "extra": caller metadata}
+                   "tuple", "params_sha256": digest of every array, "extra": caller metadata}
     params/       the params pytree, saved by `orbax.checkpoint.StandardCheckpointer`
     tokenizer/    optional extra files (e.g. a tokenizer's save_pretrained output)
 
 Everything is written into a temporary directory beside the target and renamed into place at the end, so
 a failed save leaves nothing behind and an existing checkpoint is replaced only with `force=True`.
+
+Orbax's container files hold temporary paths and random ids, so two saves of the same params differ in
+bytes; `params_sha256` (paths, dtypes, shapes and bytes of every leaf in tree order) is what makes a
+checkpoint reproducible and checkable: a re-run writes the same digest, and a restore that reads back
+different bytes (a damaged file) is refused.
 
 Float params restore against an abstract tree derived from the config. Trees with other leaves (the
 quantized checkpoint's `MixedWeight`s) pass `abstract_params` — a tree of `jax.ShapeDtypeStruct`s in the
@@ -17,6 +22,7 @@ same pytree structure — to `restore_checkpoint`, and record what they need to 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -28,6 +34,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from convert.layout import ConvertError
 from mixjax.config import LlamaConfig
@@ -36,6 +43,16 @@ from mixjax.model import param_shapes
 FORMAT_VERSION = 1
 METADATA_FILE = "mixjax.json"
 PARAMS_DIR = "params"
+
+
+def params_digest(params) -> str:
+    """sha256 over the key path, dtype, shape and bytes of every array leaf, in tree order."""
+    h = hashlib.sha256()
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        a = np.asarray(leaf)
+        h.update(f"{jax.tree_util.keystr(path)}|{a.dtype}|{a.shape}|".encode())
+        h.update(np.ascontiguousarray(a).tobytes())
+    return h.hexdigest()
 
 
 def is_checkpoint(directory: Path) -> bool:
@@ -102,7 +119,7 @@ def save_checkpoint(
     dtype = _float_dtype(params, cfg)
     layers = "tuple" if isinstance(params.get("layers"), (tuple, list)) else "stacked"
     meta = {"format_version": FORMAT_VERSION, "config": cfg.to_dict(), "dtype": dtype, "layers": layers,
-            "extra": dict(extra_metadata or {})}
+            "params_sha256": params_digest(params), "extra": dict(extra_metadata or {})}
     try:
         meta_text = json.dumps(meta, indent=2)
     except TypeError as e:
@@ -189,6 +206,12 @@ def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dt
             params = checkpointer.restore(params_dir, abstract_params)
     except (ValueError, KeyError, FileNotFoundError, OSError) as e:
         raise ConvertError(f"{params_dir}: cannot restore params ({type(e).__name__}: {e})") from None
+    expected = meta.get("params_sha256")
+    if expected is not None and params_digest(params) != expected:
+        raise ConvertError(
+            f"{params_dir}: the restored arrays do not match the digest in {METADATA_FILE} (a damaged or "
+            "partly replaced checkpoint); re-create it"
+        )
     if dtype is not None:
         params = jax.tree.map(lambda a: a.astype(dtype) if jnp.issubdtype(a.dtype, jnp.floating) else a, params)
     return cfg, params

@@ -25,6 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        _check_implementation(getattr(args, "implementation", "auto"))
         args.run(args)
     except USER_ERRORS as e:  # ConfigError, ConvertError and DataError are ValueErrors
         print(f"mixjax {args.command}: error: {e}", file=sys.stderr)
@@ -33,6 +34,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"mixjax {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _check_implementation(implementation: str) -> None:
+    """Refuses a GPU-only setting before any loading, so the user learns it in a second, not after minutes."""
+    if implementation != "pallas":
+        return
+    import jax
+
+    if jax.default_backend() != "gpu":
+        raise ValueError(
+            f"--implementation pallas runs the Pallas GPU kernels, but JAX's backend here is "
+            f"{jax.default_backend()!r}: use --implementation auto (XLA on CPU), or install jax with CUDA "
+            "(pip install -e '.[cuda]') on a machine with an NVIDIA GPU"
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -67,7 +82,7 @@ def _positive_int(text: str) -> int:
 def _jnp_dtype(name: str):
     import jax.numpy as jnp
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -112,6 +127,7 @@ def _register_generate(sub) -> None:
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0 = all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--kv-int8", action="store_true", help="int8 KV cache (one scale per row, head and position)")
     p.set_defaults(run=_run_generate)
 
 
@@ -121,7 +137,8 @@ def _run_generate(args) -> None:
     stream = _stdout_stream()
     generate_text(model_path=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                  dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream)
+                  dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream,
+                  cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None)
     print(flush=True)
 
 
@@ -204,12 +221,19 @@ def _register_quantize(sub) -> None:
     register(sub)
 
 
+def _register_convert(sub) -> None:
+    from mixjax.quant.cli import register_convert  # `mixjax convert SRC OUT` = quantize + save
+
+    register_convert(sub)
+
+
 # Subcommands, in help order. Later commands (quantize, convert) add their register function here, one line each.
 COMMANDS: tuple[Callable, ...] = (
     _register_demo,
     _register_eval,
     _register_generate,
     _register_quantize,
+    _register_convert,
 )
 
 

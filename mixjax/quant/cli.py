@@ -12,6 +12,19 @@ def register(sub) -> None:
     p.add_argument("--model", default=None, metavar="PATH",
                    help="Hugging Face directory, .gguf file or mixjax checkpoint (default: the embedded model)")
     p.add_argument("--out", required=True, metavar="DIR", help="directory of the quantized checkpoint")
+    _quant_options(p)
+    p.set_defaults(run=run)
+
+
+def register_convert(sub) -> None:
+    p = sub.add_parser("convert", help="Hugging Face directory or .gguf → quantized mixjax checkpoint (Orbax)")
+    p.add_argument("src", metavar="SRC", help="Hugging Face directory or .gguf file")
+    p.add_argument("out", metavar="OUT", help="directory of the quantized checkpoint (not overwritten without --force)")
+    _quant_options(p)
+    p.set_defaults(run=lambda args: run(argparse.Namespace(**{**vars(args), "model": args.src})))
+
+
+def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bits", type=float, default=4.4,
                    help="average weight bits in [4, 8] over the decoder linears (default 4.4)")
     p.add_argument("--budget", choices=("elements", "channels"), default="elements",
@@ -29,8 +42,7 @@ def register(sub) -> None:
                    help="clipping search (default on)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out directory")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.set_defaults(run=run)
+    p.add_argument("--quiet", action="store_true", help="no progress bars, no report")
 
 
 def run(args) -> None:
@@ -46,4 +58,5 @@ def run(args) -> None:
     config = QuantConfig(bits=args.bits, budget=args.budget, salience="fisher" if local else args.salience,
                          local=local, gptq=args.gptq, clip=args.clip, batch_size=args.batch_size)
     quantize_model(model_path=args.model, out=args.out, config=config, data=args.data, samples=args.samples,
-                   seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet)
+                   seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
+                   log=(lambda *_: None) if args.quiet else print)
