@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Callable
 
 from mixjax.assets import AssetError
@@ -163,22 +164,24 @@ def _register_demo(sub) -> None:
     p.add_argument("--max-new-tokens", type=_positive_int, default=48)
     p.add_argument("--calib-samples", type=int, default=8, help="W4.4A8 calibration samples (0: no quantization)")
     p.add_argument("--calib-seq-len", type=_positive_int, default=256, help="tokens per calibration sample")
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help="where the demo saves its W4.4A8 checkpoint (default: $MIXJAX_CACHE/demo/MODEL-w4.4a8)")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> None:
     demo(model_path=args.model, seq_len=args.seq_len, max_tokens=args.max_tokens, prompt=args.prompt,
          max_new_tokens=args.max_new_tokens, dtype=_jnp_dtype(args.dtype), implementation=args.implementation,
-         quiet=args.quiet, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len)
+         quiet=args.quiet, calib_samples=args.calib_samples, calib_seq_len=args.calib_seq_len, out=args.out)
 
 
 def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt: str,
          max_new_tokens: int = 48, dtype=None, implementation="auto", quiet: bool = False,
-         calib_samples: int = 8, calib_seq_len: int = 256) -> dict:
+         calib_samples: int = 8, calib_seq_len: int = 256, out=None) -> dict:
     """Loads the model once, prints its perplexity on the Wikipedia passages and one chat answer.
 
-    With calib_samples > 0 it also quantizes (RTN W4A8 and MixLLM W4.4A8, perplexities printed) and
-    generates from the W4.4A8 model."""
+    With calib_samples > 0 it also quantizes (RTN W4A8 and MixLLM W4.4A8, perplexities printed), saves the
+    W4.4A8 checkpoint to `out` (default: the cache's demo folder) and generates from the checkpoint."""
     import jax
     import jax.numpy as jnp
 
@@ -201,8 +204,9 @@ def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt:
     if calib_samples > 0:
         from mixjax.quant.demo import quantized_demo
 
+        out = out or assets.cache_dir() / "demo" / f"{Path(path).stem}-w4.4a8"
         params, quantized = quantized_demo(params, cfg, tokenizer, windows, samples=calib_samples,
-                                           seq_len=calib_seq_len, implementation=implementation,
+                                           seq_len=calib_seq_len, out=out, implementation=implementation,
                                            progress=not quiet, log=log)
     log(f"prompt: {prompt}")
     eos = sorted(set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))

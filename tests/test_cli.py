@@ -223,3 +223,18 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
     (a / "mixjax.json").write_text(json.dumps({**meta, "params_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="digest"):
         convert.load(a)
+
+
+def test_demo_quantizes_saves_and_generates_from_the_checkpoint(tiny_model, tmp_path, capsys):
+    import convert
+    from pallas_kernels import MixedWeight
+
+    out = tmp_path / "demo-ckpt"
+    assert cli.main(["demo", "--model", str(tiny_model[0]), "--seq-len", "32", "--max-tokens", "256",
+                     "--max-new-tokens", "4", "--calib-samples", "2", "--calib-seq-len", "32",
+                     "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "RTN W4A8 perplexity" in printed and "MixLLM W4.4A8 perplexity" in printed
+    assert f"saved the W4.4A8 checkpoint to {out}" in printed
+    _, qparams = convert.load(out)
+    assert isinstance(qparams["layers"][0]["mlp"]["down_proj"]["weight"], MixedWeight)

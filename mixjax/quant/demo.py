@@ -6,9 +6,10 @@ import time
 
 
 def quantized_demo(params, cfg, tokenizer, windows, *, bits: float = 4.4, samples: int = 8, seq_len: int = 256,
-                   implementation="auto", progress: bool = True, log=print):
+                   out=None, implementation="auto", progress: bool = True, log=print):
     """Quantizes `params` (RTN W4A8, then MixLLM W{bits}A8 on `samples`×`seq_len` OpenWebText tokens),
-    logs both perplexities on `windows`, and returns (MixLLM qparams, results dict)."""
+    logs both perplexities on `windows`, saves the W{bits}A8 checkpoint to `out` (replacing the demo's
+    previous one) and returns (the MixLLM qparams read back from `out`, results dict)."""
     from mixjax import data
     from mixjax.evaluate import perplexity
     from mixjax.quant.api import QuantConfig, quantize
@@ -27,4 +28,20 @@ def quantized_demo(params, cfg, tokenizer, windows, *, bits: float = 4.4, sample
     log(f"quantized in {seconds:.0f} s; 8-bit channels per linear: {shares}")
     ppl = perplexity(qparams, cfg, windows, batch_size=2, implementation=implementation, progress=progress)
     log(f"MixLLM W{bits:g}A8 perplexity: {ppl:.3f}")
+    if out is not None:
+        qparams = _save_and_reload(out, qparams, cfg, tokenizer, QuantConfig(bits=bits))
+        log(f"saved the W{bits:g}A8 checkpoint to {out} (`mixjax generate --model {out}` uses it); generating from it")
     return qparams, {"perplexity_rtn_w4a8": ppl_rtn, "perplexity_quantized": ppl, "quantize_seconds": seconds}
+
+
+def _save_and_reload(out, qparams, cfg, tokenizer, config):
+    import tempfile
+
+    import convert
+    from mixjax.quant.checkpoint import save_quantized
+
+    with tempfile.TemporaryDirectory() as tok_dir:
+        tokenizer.save_pretrained(tok_dir)
+        save_quantized(out, qparams, cfg, config=config, files={"tokenizer": tok_dir}, force=True,
+                       extra={"source": "mixjax demo"})
+    return convert.load(out)[1]
