@@ -3,6 +3,14 @@
     python benchmarks/bench_matmul.py                       # full grid
     python benchmarks/bench_matmul.py --shapes 4096x14336 --ms 1,16 --variants mixed,xla_bf16
     python benchmarks/bench_matmul.py --sweep               # also time alternative kernel configs
+    python benchmarks/bench_matmul.py --ms 1,16,2048 --variants xla_bf16,mixed_v4,mixed,api \
+        --large-m-variants xla_bf16,mixed,xla_dequant,api   # old vs new paths, side by side
+
+Variants: xla_bf16 / xla_int8 (plain XLA dots), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
+0% / 10% 8-bit channels), mixed_v4 (the kernel as of call 4: separate zero-fill launch), mixed_f32out
+(the kernel returning its f32 accumulator, no convert launch), api (`pallas_kernels.mixed_matmul`,
+implementation="pallas": the dispatched GPU path), dequant_dot (fake-quant activations × bf16-dequantized
+weight, XLA dot), xla_dequant (bf16 x × `reference.dequant_matmul_ref`), float_dequant (Pallas ablation).
 
 Every variant is first checked against its reference on the same inputs (rel. error printed), then
 timed: R copies of the weights and activations (R·weight bytes > 100 MB, beyond the 50 MB L2) are run
@@ -29,12 +37,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import format as fmt  # noqa: E402
-from pallas_kernels import kernels, reference  # noqa: E402
+from pallas_kernels import api, dequant_dot, kernels, reference  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
 MS = (1, 16, 64, 256, 1024, 4096)
-VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant")
-SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1}
+VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
+SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
+         "mixed_v4": 0.1, "mixed_f32out": 0.1, "api": 0.1, "dequant_dot": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -73,7 +82,18 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "float_dequant":
         fn = lambda x, w: kernels.dequant_matmul_pallas(x, w, config=cfg, interpret=interpret)
         return fn, build, reference.dequant_matmul_ref, 1e-2
-    fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, interpret=interpret)
+    if name == "dequant_dot":
+        return dequant_dot.dequant_dot_matmul, build, reference.mixed_matmul_ref, 5e-3
+    if name == "api":
+        fn = lambda x, w: api.mixed_matmul(x, w, implementation="pallas", interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "mixed_v4":  # the call-4 kernel: zero fill as its own launch
+        old = lambda m, w: dataclasses.replace(kernels.choose_config(m, w.num_groups, w.q8.shape[0] + w.q4.shape[0]),
+                                               zero_in_quant=False)
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or old(x.shape[0], w), interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    out = jnp.float32 if name == "mixed_f32out" else None
+    fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, interpret=interpret, out_dtype=out)
     return fn, build, reference.mixed_matmul_ref, 5e-3
 
 
@@ -146,15 +166,18 @@ def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     return row
 
 
-def default_sweep(m: int, g: int):
-    """Alternative configurations tried with --sweep for the mixed kernel."""
+def default_sweep(m: int, g: int, rows: int):
+    """Alternative configurations tried with --sweep for the mixed kernel (calls 1–4 swept tile shapes,
+    stages and groups per iteration; this sweep asks whether decode needs split-K at all, and whether
+    M = 32 is better served by the decode tiles)."""
     C = kernels.GemmConfig
-    base = kernels.choose_config(m, g, 1 << 14)
-    cands = [dataclasses.replace(base, groups_per_iter=u) for u in (2, 4)]
-    if m <= 16:
-        cands += [dataclasses.replace(base, fuse_quant=True, groups_per_iter=2), C(16, 64, 8, 4, 3, False, 2)]
+    decode = kernels.choose_config(1, g, rows)
+    if m <= 16:  # no split-K: no zero fill, no atomics, no convert; 1 program per 64 or 32 columns
+        cands = [C(16, 64, 1, 4, 4, False), C(16, 32, 1, 4, 4, False)]
+    elif m <= 64:  # decode tiles (16 rows, split-K) for a few rows more
+        cands = [dataclasses.replace(decode), C(32, 64, decode.split_k, 4, 4, False)]
     else:
-        cands += [dataclasses.replace(base, num_stages=3, groups_per_iter=2), C(128, 128, 1, 8, 3, False, 2)]
+        cands = [C(128, 128, 1, 8, 3, False)]
     return [c for c in cands if g % c.split_k == 0 and (g // c.split_k) % c.groups_per_iter == 0]
 
 
@@ -163,13 +186,14 @@ def parse(argv):
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,KxN,...")
     p.add_argument("--ms", default=",".join(map(str, MS)))
     p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--large-m-variants", default=None, help="variants for M >= 256 (default: --variants)")
     p.add_argument("--repeats", type=int, default=10)
     p.add_argument("--min-rotate", type=int, default=4)
     p.add_argument("--max-rotate", type=int, default=16)
     p.add_argument("--min-calls", type=int, default=32, help="calls per timed program for M <= 256")
     p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
     p.add_argument("--sweep-shapes", default="4096x14336")
-    p.add_argument("--sweep-ms", default="1,16,64,256,4096")
+    p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args(argv)
@@ -197,17 +221,20 @@ def run_row(name, k, n, m, args, bandwidth, log, cfg=None):
     return row
 
 
+SUMMARY_COLS = ("xla_bf16", "xla_int8", "xla_dequant", "mixed_v4", "mixed", "mixed_f32out", "dequant_dot", "api")
+
+
 def summary(rows):
-    by = {(r["variant"], r["m"], r["k"], r["n"]): r for r in rows if "us" in r and r.get("config") is None}
-    lines = ["| M | K | N | bf16 µs | int8 µs | mixed µs | mixed floor % | ×bf16 | ×int8 | w4a8 ×bf16 | w8a8 ×bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for (v, m, k, n), r in sorted(by.items(), key=lambda t: (t[0][2], t[0][3], t[0][1])):
-        if v != "mixed":
-            continue
-        get = lambda name: by.get((name, m, k, n), {}).get("us", float("nan"))
-        bf, i8 = get("xla_bf16"), get("xla_int8")
-        lines.append(f"| {m} | {k} | {n} | {bf:.1f} | {i8:.1f} | {r['us']:.1f} | {r['pct_floor']:.0f} | "
-                     f"{bf / r['us']:.2f} | {i8 / r['us']:.2f} | {bf / get('w4a8'):.2f} | {bf / get('w8a8'):.2f} |")
+    """One line per shape: µs of every default-config variant run, and bf16 / µs of the kernel and the api."""
+    by = {(r["variant"], r["m"], r["k"], r["n"]): r["us"] for r in rows if "us" in r and r.get("config") is None}
+    cols = [c for c in SUMMARY_COLS if any(v == c for v, *_ in by)]
+    lines = ["| M | K | N | " + " | ".join(f"{c} µs" for c in cols) + " | mixed_v4 ×bf16 | api ×bf16 | api × mixed_v4 |",
+             "|---" * (3 + len(cols) + 3) + "|"]
+    for m, k, n in sorted({key[1:] for key in by}, key=lambda t: (t[1], t[2], t[0])):
+        get = lambda name: by.get((name, m, k, n), float("nan"))
+        vals = " | ".join(f"{get(c):.1f}" for c in cols)
+        bf, old, new = get("xla_bf16"), get("mixed_v4"), get("api")
+        lines.append(f"| {m} | {k} | {n} | {vals} | {bf / old:.2f} | {bf / new:.2f} | {old / new:.2f} |")
     return "\n".join(lines)
 
 
@@ -221,19 +248,20 @@ def main(argv=None):
     shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",") if s]
     ms = [int(m) for m in args.ms.split(",") if m]
     variants = [v for v in args.variants.split(",") if v]
+    large_variants = [v for v in (args.large_m_variants or args.variants).split(",") if v]
     rows = []
     with open(os.path.join(args.out, "bench.jsonl"), "a") as log:
         log.write(json.dumps({"device": dev.device_kind, "jax": jax.__version__, "bandwidth": bandwidth}) + "\n")
+        for k, n in shapes:
+            for m in ms:
+                for v in (large_variants if m >= 256 else variants):
+                    rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep:
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
-                    for cfg in default_sweep(m, -(-k // 128)):
+                    for cfg in default_sweep(m, -(-k // 128), n + 256):
                         rows.append(run_row("mixed", k, n, m, args, bandwidth, log, cfg=cfg))
-        for k, n in shapes:
-            for m in ms:
-                for v in variants:
-                    rows.append(run_row(v, k, n, m, args, bandwidth, log))
     bandwidth_end = copy_bandwidth()
     print(f"copy bandwidth at the end {bandwidth_end / 1e12:.2f} TB/s", flush=True)
     table = summary(rows)

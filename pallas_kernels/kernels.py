@@ -323,8 +323,8 @@ def _nonempty(*arrays):
     return tuple(a if a.size else jnp.zeros((1, 1), a.dtype) for a in arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mode", "interpret"))
-def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("cfg", "mode", "interpret", "out_dtype"))
+def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: bool, out_dtype=None):
     m = x.shape[0]
     g = qw.num_groups
     cfg.check(m, g)
@@ -340,7 +340,8 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
         x_q, a_scale, x_sum, *zeros = quantize_activations_pallas(x, block_m=cfg.block_m, zero_n=zero_n,
                                                                   interpret=interpret)
         args = (x_q, a_scale, x_sum, *weights)
-    out_dtype = jnp.float32 if atomic else x.dtype
+    out_dtype = out_dtype or x.dtype
+    acc_dtype = jnp.float32 if atomic else out_dtype
     aliases = {}
     if atomic:
         args = (*args, zeros[0] if zeros else jnp.zeros((m, qw.n), jnp.float32))
@@ -351,21 +352,23 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     )
     y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, qw.n), out_dtype),
+        out_shape=jax.ShapeDtypeStruct((m, qw.n), acc_dtype),
         grid=(-(-m // cfg.block_m), n8_tiles + n4_tiles, cfg.split_k),
         input_output_aliases=aliases,
         interpret=interpret,
         name=f"mixed_gemm_{mode}",
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(*args)
-    return y.astype(x.dtype)
+    return y.astype(out_dtype)  # split-K: f32 → x.dtype, fused into the consumer when inside a jitted model
 
 
 def mixed_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,
-                        interpret: bool = False) -> jax.Array:
-    """x [M, K] float → [M, N] x.dtype in channel order (W8A8 + W4A8, two-step dequantization)."""
+                        interpret: bool = False, out_dtype=None) -> jax.Array:
+    """x [M, K] float → [M, N] in channel order (W8A8 + W4A8, two-step dequantization), x.dtype unless
+    `out_dtype` (e.g. f32: the split-K accumulator itself, no conversion)."""
     cfg = config or choose_config(x.shape[0], qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0])
-    return _mixed_gemm(x, qw, cfg=cfg, mode="int", interpret=interpret)
+    return _mixed_gemm(x, qw, cfg=cfg, mode="int", interpret=interpret,
+                       out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
 
 
 def dequant_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,
