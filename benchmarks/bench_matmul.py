@@ -7,7 +7,8 @@
         --large-m-variants xla_bf16,mixed,xla_dequant,api   # old vs new paths, side by side
 
 Variants: xla_bf16 / xla_int8 (plain XLA dots), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
-0% / 10% 8-bit channels), mixed_v4 (the kernel as of call 4: separate zero-fill launch), mixed_f32out
+0% / 10% 8-bit channels), mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
+fill of the split-K output done by the activation-quantization kernel), mixed_f32out
 (the kernel returning its f32 accumulator, no convert launch), api (`pallas_kernels.mixed_matmul`,
 implementation="pallas": the dispatched GPU path), dequant_dot (fake-quant activations × bf16-dequantized
 weight, XLA dot), xla_dequant (bf16 x × `reference.dequant_matmul_ref`), float_dequant (Pallas ablation).
@@ -43,7 +44,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "mixed_f32out": 0.1, "api": 0.1, "dequant_dot": 0.1}
+         "mixed_v4": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -60,6 +61,18 @@ def random_packed(rng, n: int, k: int, share8: float) -> fmt.MixedWeight:
 
 def packed_bytes(qw: fmt.MixedWeight) -> int:
     return sum(a.size * a.dtype.itemsize for a in jax.tree_util.tree_leaves(qw))
+
+
+def _rows(w: fmt.MixedWeight) -> int:
+    return w.q8.shape[0] + w.q4.shape[0]
+
+
+def v4_config(m: int, w: fmt.MixedWeight) -> kernels.GemmConfig:
+    """`kernels.choose_config` as of device call 4 (64×64 tiles from M = 17, zero fill as its own launch)."""
+    if m <= 16 or m >= 256:
+        return dataclasses.replace(kernels.choose_config(m, w.num_groups, _rows(w)), zero_in_quant=False)
+    split = 1 if -(-m // 64) * (_rows(w) // 64) >= 132 else kernels._largest_split(w.num_groups, 2)
+    return kernels.GemmConfig(64, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
 
 
 def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bool = False):
@@ -87,10 +100,13 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "api":
         fn = lambda x, w: api.mixed_matmul(x, w, implementation="pallas", interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "mixed_v4":  # the call-4 kernel: zero fill as its own launch
-        old = lambda m, w: dataclasses.replace(kernels.choose_config(m, w.num_groups, w.q8.shape[0] + w.q4.shape[0]),
-                                               zero_in_quant=False)
-        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or old(x.shape[0], w), interpret=interpret)
+    if name == "mixed_v4":  # the kernel as configured at call 4
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or v4_config(x.shape[0], w), interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "mixed_fused_zero":  # default config, zero fill done by the activation-quantization kernel
+        fn = lambda x, w: kernels.mixed_matmul_pallas(
+            x, w, config=dataclasses.replace(cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)),
+                                             zero_in_quant=True), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     out = jnp.float32 if name == "mixed_f32out" else None
     fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, interpret=interpret, out_dtype=out)
@@ -221,7 +237,7 @@ def run_row(name, k, n, m, args, bandwidth, log, cfg=None):
     return row
 
 
-SUMMARY_COLS = ("xla_bf16", "xla_int8", "xla_dequant", "mixed_v4", "mixed", "mixed_f32out", "dequant_dot", "api")
+SUMMARY_COLS = ("xla_bf16", "xla_int8", "xla_dequant", "mixed_v4", "mixed", "mixed_fused_zero", "mixed_f32out", "dequant_dot", "api")
 
 
 def summary(rows):

@@ -29,11 +29,14 @@ small M); with `split_k == 1` they store x's dtype directly.
 
 Configurations (`choose_config`, from the H100 sweep in benchmarks/NOTES-kernels.md): activations are
 quantized first by `quantize_activations_pallas` (int8 codes, group-major scales and Σx_q); decode
-(M ≤ 16) uses 16×64 tiles and split-K for ~1000 programs; M < 256 64×64 tiles, split only when the grid
+(M ≤ 32) uses 16×64 tiles and split-K for ~1000 programs; M < 256 64×64 tiles, split only when the grid
 would not fill the chip; prefill 128×64 tiles, 4 warps (wgmma needs block_m % 64 == 0 and
 num_warps % 4 == 0). `fuse_quant=True` quantizes inside the GEMM instead (one launch fewer; measured
 no faster at N = 14336), and `groups_per_iter > 1` issues several groups' MMAs before their rescale
-(measured slower: more registers, fewer programs in flight).
+(measured slower: more registers, fewer programs in flight). `zero_in_quant=True` lets the
+activation-quantization kernel zero the split-K output instead of XLA's fill (one launch fewer;
+measured no faster, call 5). On GPU, `api.mixed_matmul` sends 16-bit prefill (M ≥ 512) to
+`dequant_dot` instead of this kernel: faster there (benchmarks/results/kernels.md).
 
 The float-dequantization ablation (`mode="float"`) keeps the same tiling but dequantizes each weight
 tile to bf16 and runs a bf16 MMA against unquantized bf16 activations (`reference.dequant_matmul_ref`).
@@ -67,7 +70,8 @@ class GemmConfig:
     num_stages: int
     fuse_quant: bool  # quantize activations inside the GEMM (decode)
     groups_per_iter: int = 1  # K groups per loop iteration (their MMAs are in flight together)
-    zero_in_quant: bool = True  # split-K: the quantization kernel also zeroes the f32 output (−1 launch)
+    zero_in_quant: bool = False  # split-K: the quantization kernel also zeroes the f32 output (−1 launch;
+    # measured no faster on the H100, call 5: XLA's zero fill is a cheap memset, the fused stores are not)
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -91,14 +95,14 @@ def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int") -> 
     Picked from the sweep on the H100 (benchmarks/NOTES-kernels.md): decode wants ~1000 programs
     (split-K) of 16×64 tiles and quantizing first beat quantizing inside the GEMM; from M = 64 on, no
     split (atomics of large tiles cost more than the idle SMs) unless the grid would not fill the chip."""
-    if m <= 16:
-        tiles = rows // 64
+    if m <= 32:  # decode tiles up to M = 32 (call 5: M=32 at K=14336, N=4096 took 119 µs with 64×64 tiles)
+        tiles = -(-m // 16) * (rows // 64)
         split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
-        return GemmConfig(16, 64, split, 4, 4, fuse_quant=False)
+        return GemmConfig(16, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
     if m < 256:
         tiles = -(-m // 64) * (rows // 64)
         split = 1 if tiles >= 132 else _largest_split(num_groups, 2)
-        return GemmConfig(64, 64, split, 4, 4, fuse_quant=False)
+        return GemmConfig(64, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
     if mode == "float":  # bf16 MMA: the wider tile measured faster (call 3: 1997 vs 3343 µs at M=4096)
         return GemmConfig(128, 128, 1, 8, 3, fuse_quant=False)
     return GemmConfig(128, 64, 1, 4, 4, fuse_quant=False)

@@ -207,7 +207,7 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=False),  # quantize-first with split-K atomics
         kernels.GemmConfig(32, 128, 1, 4, 2, fuse_quant=True),  # fused quantization, direct store
         kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5),  # 5 groups' MMAs in flight
-        kernels.GemmConfig(16, 64, 5, 4, 2, fuse_quant=False, zero_in_quant=False),  # separate zero fill
+        kernels.GemmConfig(16, 64, 5, 4, 2, fuse_quant=False, zero_in_quant=True),  # zero fill in the quantizer
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
@@ -292,6 +292,7 @@ def test_pallas_dispatch_prefill_within_bf16_bound():
 def test_choose_config_decode_and_prefill():
     decode = kernels.choose_config(1, 32, 14464)
     assert decode.block_m == 16 and decode.split_k > 1
+    assert kernels.choose_config(32, 112, 4224).block_m == 16  # decode tiles up to M = 32
     prefill = kernels.choose_config(4096, 32, 14464)
     assert prefill.block_m % 64 == 0 and prefill.num_warps % 4 == 0 and prefill.split_k == 1
 
