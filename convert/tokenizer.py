@@ -18,7 +18,7 @@ def load_tokenizer(path: Path):
     from convert import orbax_io
 
     if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+        return _gguf_tokenizer(path)
     if path.is_dir() and orbax_io.is_checkpoint(path):
         path = path / TOKENIZER_DIR
         if not path.is_dir():
@@ -34,3 +34,21 @@ def load_tokenizer(path: Path):
             )
         return AutoTokenizer.from_pretrained(str(path))
     raise ConvertError(f"{path}: cannot find a tokenizer; pass a model directory or a .gguf file")
+
+
+def _gguf_tokenizer(path: Path):
+    """Byte-level BPE vocabularies are built here (no torch); others go through transformers (needs torch)."""
+    from transformers import AutoTokenizer
+
+    from convert import gguf, gguf_tokenizer
+
+    fields = gguf_tokenizer.read_tokenizer_fields(gguf._open(path))
+    if gguf_tokenizer.can_build(fields):
+        return gguf_tokenizer.build_tokenizer(fields, source=path)
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except ImportError as e:
+        raise ConvertError(
+            f"{path}: its {fields.get('tokenizer.ggml.model')!r} vocabulary is converted by transformers, which "
+            f"needs torch here ({e}); pip install torch, or pass a Hugging Face directory with tokenizer files"
+        ) from None

@@ -454,3 +454,29 @@ def test_bad_dtype(tiny_llama_dir):
 def test_load_tokenizer_errors(tiny_llama_dir):
     with pytest.raises(convert.ConvertError, match="no tokenizer files"):
         convert.load_tokenizer(tiny_llama_dir)
+
+
+def test_gguf_tokenizer_is_built_without_torch_and_matches_transformers(embedded_model_path):
+    """The embedded GGUF's byte-level BPE tokenizer is built from its metadata (transformers' GGUF path
+    needs torch). It equals transformers' on text without digits; digits are split one by one, as the
+    GGUF's `smollm` pre-tokenizer says (transformers' conversion drops that split)."""
+    import json
+
+    from transformers import AutoTokenizer
+
+    from mixjax import assets
+
+    ours = convert.load_tokenizer(embedded_model_path)
+    ref = AutoTokenizer.from_pretrained(str(embedded_model_path.parent), gguf_file=embedded_model_path.name)
+    with open(assets.evals_data_file("wikipedia_5.jsonl")) as f:
+        texts = [json.loads(line)["0"] for _, line in zip(range(200), f)]
+    texts = ["".join(c for c in t if not c.isdigit()) for t in texts] + ["naïve café — “quotes”\n\n  x\ty"]
+    assert [ours.encode(t) for t in texts] == [ref.encode(t) for t in texts]
+    assert ours.encode("in 1906") == ours.encode("in ") + [ours.convert_tokens_to_ids(d) for d in "1906"]
+    assert (ours.bos_token_id, ours.eos_token_id, ours.pad_token_id) == (ref.bos_token_id, ref.eos_token_id,
+                                                                         ref.pad_token_id)
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True) == ref.apply_chat_template(
+        chat, add_generation_prompt=True)
+    ids = ours.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == ours.convert_tokens_to_ids("<|im_start|>") and ours.decode(ids, skip_special_tokens=True) == "user\nhi"
