@@ -83,7 +83,7 @@ def _normal(key, shape, dtype):
 
 def _linear_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, int]]:
     shapes = model.param_shapes(cfg)["layers"]
-    return {name: model._get(shapes, name)["weight"][1:] for name in model.LINEAR_NAMES}
+    return {name: model.get_path(shapes, name)["weight"][1:] for name in model.LINEAR_NAMES}
 
 
 def _layer(cfg: LlamaConfig, weights: dict) -> dict:
@@ -191,7 +191,7 @@ def tree_bytes(tree) -> int:
 def linear_bytes(params) -> int:
     layers = params["layers"]
     layers = layers if isinstance(layers, (tuple, list)) else (layers,)
-    return sum(tree_bytes(model._get(layer, name)["weight"]) for layer in layers for name in model.LINEAR_NAMES)
+    return sum(tree_bytes(model.get_path(layer, name)["weight"]) for layer in layers for name in model.LINEAR_NAMES)
 
 
 def peak_bytes() -> int | None:

@@ -127,7 +127,8 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
-def _get(tree: dict, dotted: str):
+def get_path(tree: dict, dotted: str):
+    """tree["self_attn"]["q_proj"] for dotted = "self_attn.q_proj"."""
     for part in dotted.split("."):
         tree = tree[part]
     return tree
@@ -341,7 +342,7 @@ def _decoder_layer(
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
     def proj(name, h):
-        p = _get(layer, name)
+        p = get_path(layer, name)
         return linear(h, p["weight"], p.get("bias"), implementation=implementation)
 
     h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
@@ -427,11 +428,13 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     return x, stores
 
 
-def _embed(params, tokens):
+def embed(params, tokens):
+    """tokens [B, T] → embeddings [B, T, D]."""
     return jnp.take(params["embed_tokens"], tokens, axis=0)  # [B, T, D]
 
 
-def _logits(params, x, cfg, implementation):
+def final_logits(params, x, cfg, implementation):
+    """Final norm + LM head: hidden states [B, T, D] → f32 logits [B, T, V]."""
     x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
     return linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]
@@ -460,8 +463,8 @@ def forward(params, tokens: jax.Array, cfg: LlamaConfig, *, implementation: Impl
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x, _ = _run_layers(params, _embed(params, tokens), positions, None, cfg, implementation)
-    return _logits(params, x, cfg, implementation)
+    x, _ = _run_layers(params, embed(params, tokens), positions, None, cfg, implementation)
+    return final_logits(params, x, cfg, implementation)
 
 
 def forward_step(
@@ -498,11 +501,11 @@ def forward_step(
     _check_fits(cache, num_valid, T)
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     cache = _cache_as(cache, stacked=not isinstance(params["layers"], (tuple, list)))
-    x, (k, v, k_scale, v_scale) = _run_layers(params, _embed(params, tokens), positions, cache, cfg, implementation)
+    x, (k, v, k_scale, v_scale) = _run_layers(params, embed(params, tokens), positions, cache, cfg, implementation)
     if logits_at == "last":
         last = jnp.maximum(num_valid - 1, 0)[:, None, None]  # [B, 1, 1]
         x = jnp.take_along_axis(x, last, axis=1)  # [B, 1, D]
-    logits = _logits(params, x, cfg, implementation)
+    logits = final_logits(params, x, cfg, implementation)
     new_cache = dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale, length=cache.length + num_valid)
     return logits, new_cache
 

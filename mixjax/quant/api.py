@@ -152,7 +152,7 @@ def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str
         steps = tqdm(steps, desc="quantize layers", unit="layer")
     if not config.needs_calibration_inputs:
         return tuple(_quantize_layer(layers[i], i, None, None, config, is_int8)[0] for i in steps)
-    hidden = [model._embed(params, jnp.asarray(b, jnp.int32)) for b in batches]  # [B, T, D] each
+    hidden = [model.embed(params, jnp.asarray(b, jnp.int32)) for b in batches]  # [B, T, D] each
     out = []
     for i in steps:
         hess, absmax = _accumulate_stats(layers[i], hidden, cfg, config.act)

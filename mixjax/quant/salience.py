@@ -86,10 +86,10 @@ def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
     def run_layer(x, layer):
         return model.decoder_layer(layer, x, cfg, implementation="xla")
 
-    x = model._embed(params, tokens)  # [B, T, D]
+    x = model.embed(params, tokens)  # [B, T, D]
     for layer in layers:
         x = run_layer(x, layer)
-    logits = model._logits(params, x, cfg, "xla")[:, :-1]  # [B, T-1, V]
+    logits = model.final_logits(params, x, cfg, "xla")[:, :-1]  # [B, T-1, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
     return jnp.sum(jnp.mean(lse - picked, axis=-1))
