@@ -127,6 +127,58 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
+# Linears that share their input, and the name of their fused weight (`fuse_projections`).
+_FUSED = {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "qkv_proj",
+          ("mlp.gate_proj", "mlp.up_proj"): "gate_up_proj"}
+
+
+def _out_features(name: str, cfg: LlamaConfig) -> int:
+    heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads,
+             "self_attn.v_proj": cfg.num_key_value_heads}
+    return heads[name] * cfg.head_dim if name in heads else cfg.intermediate_size
+
+
+def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
+    """q/k/v → one `self_attn.qkv_proj`, gate/up → one `mlp.gate_up_proj` (weights concatenated along N).
+
+    Same outputs, fewer and larger matmuls: each fused linear quantizes its input once and runs as one
+    kernel launch, which is what decode time is made of (benchmarks/results/generation.md). Float weights
+    (stacked or per layer) are concatenated along N; `MixedWeight`s through `pallas_kernels.concat_mixed`
+    (exact). Groups mixing weight kinds (e.g. fake-quant simulation) stay unfused. Do it once after
+    loading, for inference; checkpoints, salience and quantization use the unfused names. Idempotent.
+    """
+    from pallas_kernels import MixedWeight
+    from pallas_kernels.fuse import concat_mixed
+
+    stacked = not isinstance(params["layers"], (tuple, list))
+
+    def fuse_layer(layer):
+        layer = {**layer}
+        for names, fused in _FUSED.items():
+            group = names[0].split(".")[0]
+            parts = [get_path(layer, name) for name in names] if names[0].split(".")[1] in layer[group] else None
+            if parts is None:
+                continue
+            ws = [p["weight"] for p in parts]
+            if all(isinstance(w, MixedWeight) for w in ws):
+                w = concat_mixed(ws)
+            elif all(hasattr(w, "dtype") and not isinstance(w, QuantizedLinear) for w in ws):
+                w = jnp.concatenate(ws, axis=1 if stacked else 0)
+            else:
+                continue
+            entry = {"weight": w}
+            if any("bias" in p for p in parts):  # a part without one contributes zeros
+                shapes = [w.shape[:-1] for w in ws]
+                entry["bias"] = jnp.concatenate([p.get("bias", jnp.zeros(shape)) for p, shape in zip(parts, shapes)],
+                                                axis=-1)
+            sub = {key: val for key, val in layer[group].items() if f"{group}.{key}" not in names}
+            layer[group] = {**sub, fused: entry}
+        return layer
+
+    layers = fuse_layer(params["layers"]) if stacked else tuple(fuse_layer(layer) for layer in params["layers"])
+    return {**params, "layers": layers}
+
+
 def get_path(tree: dict, dotted: str):
     """tree["self_attn"]["q_proj"] for dotted = "self_attn.q_proj"."""
     for part in dotted.split("."):
@@ -345,10 +397,19 @@ def _decoder_layer(
         p = get_path(layer, name)
         return linear(h, p["weight"], p.get("bias"), implementation=implementation)
 
+    def projs(names, h):  # linears sharing the input h: one call on their fused weight when present
+        fused = _FUSED.get(names)
+        if fused is not None and fused in layer[names[0].split(".")[0]]:
+            out = proj(names[0].split(".")[0] + "." + fused, h)
+            sizes = [_out_features(name, cfg) for name in names]
+            return jnp.split(out, np.cumsum(sizes)[:-1].tolist(), axis=-1)
+        return [proj(name, h) for name in names]
+
     h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
-    q = apply_rope(proj("self_attn.q_proj", h).reshape(B, T, H, Dh), *rope)
-    k = apply_rope(proj("self_attn.k_proj", h).reshape(B, T, KVH, Dh), *rope)
-    v = proj("self_attn.v_proj", h).reshape(B, T, KVH, Dh)
+    q, k, v = projs(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h)
+    q = apply_rope(q.reshape(B, T, H, Dh), *rope)
+    k = apply_rope(k.reshape(B, T, KVH, Dh), *rope)
+    v = v.reshape(B, T, KVH, Dh)
     if cache_kv is None:
         keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
         k_scale = v_scale = new_cache = None
@@ -361,7 +422,8 @@ def _decoder_layer(
     x = x + proj("self_attn.o_proj", attn)
 
     h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
-    gated = jax.nn.silu(proj("mlp.gate_proj", h)) * proj("mlp.up_proj", h)  # [B, T, F]
+    gate, up = projs(("mlp.gate_proj", "mlp.up_proj"), h)
+    gated = jax.nn.silu(gate) * up  # [B, T, F]
     x = x + proj("mlp.down_proj", gated)
     return x, new_cache
 
