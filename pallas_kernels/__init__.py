@@ -6,7 +6,7 @@ bf16-dequantized weight): `pallas_kernels.dequant_dot`. Entry points and GPU dis
 """
 
 from pallas_kernels.api import mixed_matmul, quantize_activations
-from pallas_kernels.format import MixedWeight, dequantize, pack_mixed, pack_rtn, quantize_rtn
+from pallas_kernels.format import MixedWeight, dequantize, pack_mixed, pack_rtn, quantize_rtn, take_rows
 from pallas_kernels.reference import dequant_matmul_ref, mixed_matmul_ref, quantize_activations_ref
 
 __all__ = [
@@ -20,4 +20,5 @@ __all__ = [
     "quantize_activations",
     "quantize_activations_ref",
     "quantize_rtn",
+    "take_rows",
 ]

@@ -78,6 +78,9 @@ class MixedWeight:
     def dequantize(self) -> jax.Array:  # f32 [N, k]
         return dequantize(self)
 
+    def take_rows(self, ids: jax.Array) -> jax.Array:  # f32 [..., k]
+        return take_rows(self, ids)
+
     def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
         """x [..., K] float → [..., N] in x's dtype (leading dims flattened for the kernel)."""
         from pallas_kernels.api import mixed_matmul
@@ -219,3 +222,30 @@ def dequantize(qw: MixedWeight) -> jax.Array:  # f32 [N, k]
     w4 = (u4 - qw.zero4.T[..., None].astype(jnp.int32)).astype(jnp.float32) * qw.scale4.T[..., None]
     w = jnp.concatenate([w8, w4]).reshape(-1, g * GROUP_SIZE)  # [N8p + N4p, Kp]
     return w[qw.row_of_channel, : qw.k]
+
+
+def take_rows(qw: MixedWeight, ids: jax.Array) -> jax.Array:  # f32 [*ids.shape, k]
+    """Dequantized rows (output channels) `ids` (int, any shape) of qw: `dequantize(qw)[ids]`, reading only
+    those rows. With qw of shape (V, D) it is a quantized embedding table (and `.matmul` its tied LM head).
+
+    Channel c sits at packed row r = row_of_channel[c]: 8-bit when r < N8p, else 4-bit row r − N8p. Both
+    branches gather with clipped row indices (a few wasted rows) and `jnp.where` picks per id.
+    """
+    ids = jnp.asarray(ids)
+    g, kp = qw.num_groups, qw.k_padded
+    n8p, n4p = qw.q8.shape[0], qw.q4.shape[0]
+    row = qw.row_of_channel[ids]  # [...] int32
+    parts = []
+    if n8p:
+        r8 = jnp.clip(row, 0, n8p - 1)
+        s8 = jnp.moveaxis(jnp.take(qw.scale8, r8, axis=1), 0, -1)  # [..., G]
+        q8 = qw.q8[r8].astype(jnp.float32).reshape(*ids.shape, g, GROUP_SIZE)  # [..., G, 128]
+        parts.append(q8 * s8[..., None])
+    if n4p:
+        r4 = jnp.clip(row - n8p, 0, n4p - 1)
+        u4 = unpack_nibbles(qw.q4[r4].reshape(-1, kp // 2)).reshape(*ids.shape, g, GROUP_SIZE)  # [..., G, 128]
+        z4 = jnp.moveaxis(jnp.take(qw.zero4, r4, axis=1), 0, -1).astype(jnp.int32)  # [..., G]
+        s4 = jnp.moveaxis(jnp.take(qw.scale4, r4, axis=1), 0, -1)  # [..., G]
+        parts.append((u4 - z4[..., None]).astype(jnp.float32) * s4[..., None])
+    w = parts[0] if len(parts) == 1 else jnp.where((row < n8p)[..., None, None], parts[0], parts[1])
+    return w.reshape(*ids.shape, kp)[..., : qw.k]
