@@ -72,6 +72,12 @@ class GemmConfig:
     groups_per_iter: int = 1  # K groups per loop iteration (their MMAs are in flight together)
     zero_in_quant: bool = False  # split-K: the quantization kernel also zeroes the f32 output (−1 launch;
     # measured no faster on the H100, call 5: XLA's zero fill is a cheap memset, the fused stores are not)
+    split_partials: bool = False  # split-K: each split stores its own f32 partial [S·M, N] and XLA sums
+    # them (the sum fuses into the consumer) instead of atomics into a zero-filled output
+
+    @property
+    def atomic(self) -> bool:
+        return self.split_k > 1 and not self.split_partials
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -89,13 +95,38 @@ def _largest_split(num_groups: int, target: int) -> int:
     return max(d for d in range(1, min(num_groups, target) + 1) if num_groups % d == 0)
 
 
-def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int") -> GemmConfig:
-    """Decode (M ≤ 16), medium and prefill (M ≥ 256) configurations from M, K (groups) and N (rows).
+DecodeStrategy = Literal["quantize_first", "fused_atomic", "fused_partials", "fused_single"]
+DECODE_STRATEGIES = ("quantize_first", "fused_atomic", "fused_partials", "fused_single")
+DEFAULT_DECODE: DecodeStrategy = "quantize_first"
+
+
+def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -> GemmConfig:
+    """M ≤ 32. Launches per call: quantize_first = quantization + zero fill + GEMM (split-K atomics);
+    fused_atomic = zero fill + GEMM quantizing its own activation tiles; fused_partials = one GEMM
+    storing per-split partials (XLA sums them into the consumer); fused_single = one GEMM, no split
+    (narrow N tiles for parallelism instead)."""
+    if decode not in DECODE_STRATEGIES:
+        raise ValueError(f"decode={decode!r}; expected one of {DECODE_STRATEGIES}")
+    block_m = 16 if m <= 16 else 32  # one M tile: every weight tile is read once
+    if decode == "fused_single":
+        block_n = next((bn for bn in (64, 32) if rows // bn >= 2 * 132), 16)  # ≥ 2 programs per SM
+        return GemmConfig(block_m, block_n, 1, 4, 4, fuse_quant=True)
+    tiles = rows // 64
+    split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
+    fused = decode != "quantize_first"
+    return GemmConfig(block_m, 64, split, 4, 4, fuse_quant=fused, split_partials=decode == "fused_partials")
+
+
+def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
+                  decode: DecodeStrategy = DEFAULT_DECODE) -> GemmConfig:
+    """Decode (M ≤ 32), medium and prefill (M ≥ 256) configurations from M, K (groups) and N (rows).
 
     Picked from the sweep on the H100 (benchmarks/NOTES-kernels.md): decode wants ~1000 programs
-    (split-K) of 16×64 tiles and quantizing first beat quantizing inside the GEMM; from M = 64 on, no
+    (split-K) of 64-wide tiles (`_decode_config` for the launch strategies); from M = 64 on, no
     split (atomics of large tiles cost more than the idle SMs) unless the grid would not fill the chip."""
-    if m <= 32:  # decode tiles up to M = 32 (call 5: M=32 at K=14336, N=4096 took 119 µs with 64×64 tiles)
+    if m <= 32 and mode == "int":  # decode tiles up to M = 32 (call 5: 64×64 tiles took 119 µs at K=14336)
+        return _decode_config(m, num_groups, rows, decode)
+    if m <= 32:
         tiles = -(-m // 16) * (rows // 64)
         split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
         return GemmConfig(16, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
@@ -264,7 +295,7 @@ def _w4_scale(partial, xs, g, n0, s4_ref, z4_ref, *, block_n, mode):
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
-                  m: int, k: int, n_out: int, atomic: bool, interpret: bool):
+                  m: int, k: int, n_out: int, interpret: bool):
     if cfg.fuse_quant or mode == "float":
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
     else:
@@ -273,7 +304,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
     bm, bn = cfg.block_m, cfg.block_n
     m0 = pl.program_id(0) * bm
     tile = pl.program_id(1)
-    g0 = pl.program_id(2) * groups_per_split
+    split = pl.program_id(2)
+    g0 = split * groups_per_split
     evict = "evict_first"
 
     def load_x(g):
@@ -301,8 +333,9 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         rows = m0 + jnp.arange(bm)  # [bm]
         cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
-        idx = (rows[:, None], cols[None, :])
-        if atomic:
+        out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
+        idx = (out_rows[:, None], cols[None, :])
+        if cfg.atomic:
             plgpu.atomic_add(o_ref, idx, acc, mask=None if interpret else mask)
         else:
             plgpu.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=mask)
@@ -334,7 +367,7 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     cfg.check(m, g)
     n8_tiles = qw.q8.shape[0] // cfg.block_n
     n4_tiles = qw.q4.shape[0] // cfg.block_n
-    atomic = cfg.split_k > 1
+    atomic = cfg.atomic
     weights = (*_nonempty(qw.q8, qw.scale8), *_nonempty(qw.q4, qw.scale4, qw.zero4), qw.channel)
     zeros = []  # the split-K accumulator, [M, N] f32 zeros
     if cfg.fuse_quant or mode == "float":
@@ -345,32 +378,37 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
                                                                   interpret=interpret)
         args = (x_q, a_scale, x_sum, *weights)
     out_dtype = out_dtype or x.dtype
-    acc_dtype = jnp.float32 if atomic else out_dtype
+    acc_dtype = jnp.float32 if cfg.split_k > 1 else out_dtype
+    out_rows = m * cfg.split_k if cfg.split_partials else m
     aliases = {}
     if atomic:
         args = (*args, zeros[0] if zeros else jnp.zeros((m, qw.n), jnp.float32))
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(
         _mixed_kernel, cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,
-        k=qw.k, n_out=qw.n, atomic=atomic, interpret=interpret,
+        k=qw.k, n_out=qw.n, interpret=interpret,
     )
     y = pl.pallas_call(
         kernel,
-        out_shape=jax.ShapeDtypeStruct((m, qw.n), acc_dtype),
+        out_shape=jax.ShapeDtypeStruct((out_rows, qw.n), acc_dtype),
         grid=(-(-m // cfg.block_m), n8_tiles + n4_tiles, cfg.split_k),
         input_output_aliases=aliases,
         interpret=interpret,
         name=f"mixed_gemm_{mode}",
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(*args)
+    if cfg.split_partials:
+        y = y.reshape(cfg.split_k, m, qw.n).sum(0)  # fused by XLA into the consumer of y
     return y.astype(out_dtype)  # split-K: f32 → x.dtype, fused into the consumer when inside a jitted model
 
 
 def mixed_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,
-                        interpret: bool = False, out_dtype=None) -> jax.Array:
+                        decode: DecodeStrategy = DEFAULT_DECODE, interpret: bool = False,
+                        out_dtype=None) -> jax.Array:
     """x [M, K] float → [M, N] in channel order (W8A8 + W4A8, two-step dequantization), x.dtype unless
-    `out_dtype` (e.g. f32: the split-K accumulator itself, no conversion)."""
-    cfg = config or choose_config(x.shape[0], qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0])
+    `out_dtype` (e.g. f32: the split-K accumulator itself, no conversion). `decode` picks the launch
+    strategy for M ≤ 32 when no `config` is given (`_decode_config`)."""
+    cfg = config or choose_config(x.shape[0], qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode)
     return _mixed_gemm(x, qw, cfg=cfg, mode="int", interpret=interpret,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
 

@@ -216,6 +216,25 @@ def test_mixed_kernel_other_configs(cfg):
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
+@pytest.mark.parametrize("decode", kernels.DECODE_STRATEGIES)
+@pytest.mark.parametrize("m", [1, 17])
+def test_decode_strategies_match_reference(decode, m):
+    x, qw = _case(m, 1000, 200, 0.1, jnp.float32)  # K padded to 8 groups: split-K 2
+    cfg = kernels.choose_config(m, qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode)
+    assert cfg.fuse_quant == (decode != "quantize_first") and (cfg.split_k == 1) == (decode == "fused_single")
+    y = kernels.mixed_matmul_pallas(x, qw, decode=decode, interpret=INTERPRET)
+    assert y.shape == (m, 200) and y.dtype == jnp.float32
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
+
+
+def test_split_partials_epilogue_with_bf16_output():
+    x, qw = _case(3, 640, 96, 0.3)  # 5 groups, split 5: every split stores its own partial
+    cfg = kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=True, split_partials=True)
+    y = kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
+    assert y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-2 / 2
+
+
 def test_mixed_kernel_bf16_output():
     x, qw = _case(5, 576, 96, 0.1)
     y = pk.mixed_matmul(x, qw, implementation="pallas", interpret=INTERPRET)
@@ -292,7 +311,10 @@ def test_pallas_dispatch_prefill_within_bf16_bound():
 def test_choose_config_decode_and_prefill():
     decode = kernels.choose_config(1, 32, 14464)
     assert decode.block_m == 16 and decode.split_k > 1
-    assert kernels.choose_config(32, 112, 4224).block_m == 16  # decode tiles up to M = 32
+    assert kernels.choose_config(16, 112, 4224).block_m == 16  # decode tiles up to M = 32
+    assert kernels.choose_config(32, 112, 4224).block_m == 32  # one M tile: the weight is read once
+    with pytest.raises(ValueError, match="decode="):
+        kernels.choose_config(1, 32, 4224, decode="fastest")
     prefill = kernels.choose_config(4096, 32, 14464)
     assert prefill.block_m % 64 == 0 and prefill.num_warps % 4 == 0 and prefill.split_k == 1
 
