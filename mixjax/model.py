@@ -491,12 +491,26 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
 
 
 def embed(params, tokens):
-    """tokens [B, T] → embeddings [B, T, D]."""
-    return jnp.take(params["embed_tokens"], tokens, axis=0)  # [B, T, D]
+    """tokens [B, T] → embeddings [B, T, D].
+
+    A quantized table (`MixedWeight`, from `QuantConfig.head_bits`) dequantizes only the looked-up rows
+    (`pallas_kernels.take_rows`); any other `QuantizedLinear` table (e.g. its `FakeQuantWeight`) its
+    dequantized rows. Either comes out in the params' float dtype (that of the final norm).
+    """
+    table = params["embed_tokens"]
+    if not isinstance(table, QuantizedLinear):
+        return jnp.take(table, tokens, axis=0)  # [B, T, D]
+    from pallas_kernels.format import MixedWeight, take_rows
+
+    rows = take_rows(table, tokens) if isinstance(table, MixedWeight) else jnp.take(table.dequantize(), tokens, axis=0)
+    return rows.astype(params["norm"].dtype)  # [B, T, D]
 
 
 def final_logits(params, x, cfg, implementation):
-    """Final norm + LM head: hidden states [B, T, D] → f32 logits [B, T, V]."""
+    """Final norm + LM head: hidden states [B, T, D] → f32 logits [B, T, V].
+
+    The head may be a `QuantizedLinear` (a `MixedWeight` from `QuantConfig.head_bits`, shared with the
+    embedding when tied): it then runs through `linear` like a decoder linear (int8 activations)."""
     x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
     return linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]

@@ -12,8 +12,10 @@ Pipeline (`quantize`):
    per (token, group of 128)) give `pallas_kernels.MixedWeight`s; every other configuration gives
    `FakeQuantWeight`s (dequantized float weight + activation fake-quant). Both are `QuantizedLinear`s.
 
-The returned params keep the float embedding, norms, biases and lm_head; `"layers"` is a tuple of
-per-layer dicts (DESIGN.md's quantized layout).
+The returned params keep the float norms and biases; `"layers"` is a tuple of per-layer dicts (DESIGN.md's
+quantized layout). The token embedding table and the LM head stay float unless `QuantConfig.head_bits` is
+set (`quantize_head`): then they become `MixedWeight`s (every row int8, or every row int4), one shared
+`MixedWeight` when the embeddings are tied.
 """
 
 from __future__ import annotations
@@ -35,9 +37,12 @@ from mixjax.quant.allocate import Budget, allocate, average_bits
 from mixjax.quant.clip import clip_grid
 from mixjax.quant.fakequant import FakeQuantWeight
 from mixjax.quant.gptq import gptq_quantize, rtn_clip_quantize
-from mixjax.quant.report import build_report
+from mixjax.quant.report import build_report, weight_bytes
 from mixjax.quant.rtn import QuantizedRows, WeightFormat, dequantize_rows, quantize_rows
 from mixjax.quant.salience import SALIENCE_KINDS, SalienceKind, compute_salience, linear_weight, with_weights
+
+
+HEAD_BITS = (4, 8)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +57,9 @@ class QuantConfig:
     weight: int4 format and group size (int8 channels: symmetric, same group size).
     act: activation quantization of every decoder linear's input (bits=None: float, W·A16).
     batch_size: calibration samples per forward/backward (memory vs speed).
+    head_bits: None keeps the token embedding table and the LM head in the float dtype; 8 quantizes every
+      row to int8 symmetric g128, 4 to int4 asymmetric g128 (`quantize_head`; kernel-format configs only).
+      The LM head then runs like every decoder linear (int8 activations per token and group of 128).
     """
 
     bits: float = 4.4
@@ -65,6 +73,7 @@ class QuantConfig:
     weight: WeightFormat = WeightFormat()
     act: ActFormat = ActFormat()
     batch_size: int = 4
+    head_bits: int | None = None
 
     def __post_init__(self):
         if not isinstance(self.bits, (int, float)) or not 4.0 <= float(self.bits) <= 8.0:
@@ -77,6 +86,13 @@ class QuantConfig:
             raise ValueError(f"QuantConfig.damp={self.damp} must lie in [0, 1) (GPTQ uses 0.01)")
         if self.batch_size < 1:
             raise ValueError(f"QuantConfig.batch_size={self.batch_size} must be ≥ 1")
+        if self.head_bits is not None:
+            if type(self.head_bits) is not int or self.head_bits not in HEAD_BITS:
+                raise ValueError(f"QuantConfig.head_bits={self.head_bits!r}; expected None (float embedding and "
+                                 f"LM head), 8 (int8 symmetric g128) or 4 (int4 asymmetric g128)")
+            if not self.kernel_compatible:
+                raise ValueError("QuantConfig.head_bits needs the kernel format (weight=WeightFormat(128, False), "
+                                 "act=ActFormat(8, 'group', 128, False)); use head_bits=None with ablation formats")
 
     @property
     def kernel_compatible(self) -> bool:
@@ -125,6 +141,8 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     t_salience = time.perf_counter()
     layers = quantize_layers(params, batches, cfg, config, is_int8, progress=progress)
     qparams = {**params, "layers": layers}
+    if config.head_bits is not None:
+        qparams.update(quantize_head(params, cfg, bits=config.head_bits, clip=config.clip))
     t_end = time.perf_counter()
     if not return_report:
         return qparams
@@ -133,8 +151,67 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
         bits_achieved=average_bits(is_int8, in_features), budget=config.budget, salience=config.salience,
         local=config.local, calib_tokens=sum(int(b.size) for b in batches),
         seconds={"salience": t_salience - t_start, "quantize": t_end - t_salience, "total": t_end - t_start},
+        head_bits=config.head_bits, weight_bytes=weight_bytes(qparams),
     )
     return qparams, report
+
+
+# ----------------------------------------------------------------------------------------------------
+# Token embedding table and LM head
+
+HEAD_NAMES = ("embed_tokens", "lm_head")
+_HEAD_CHUNK = 4096  # rows per jitted call: bounds the clipping search's [rows, G, 128] temporaries
+
+
+def quantize_head(params, cfg: LlamaConfig, *, bits: int, clip: bool = True) -> dict:
+    """The float embedding table (and the untied LM head), each [V, D] → {name: MixedWeight} to merge into
+    the quantized params. Tied embeddings give one entry, "embed_tokens", serving both.
+
+    bits: 8 (every row int8 symmetric g128) or 4 (int4 asymmetric g128). Codes are round-to-nearest; with
+    `clip`, each (row, group) first takes the clip ratio on the 80–100 % grid minimising the weight's squared
+    error (the decoder's clipping search with H = I: an embedding row has no input activations, and the
+    head's would need a pass through the whole quantized model). Independent of the calibration data, so
+    the decoder's quantization is the same with or without a quantized head.
+    """
+    if type(bits) is not int or bits not in HEAD_BITS:
+        raise ValueError(f"quantize_head: bits={bits!r}; expected 8 or 4")
+    names = HEAD_NAMES[:1] if cfg.tie_word_embeddings else HEAD_NAMES
+    shape = (cfg.vocab_size, cfg.hidden_size)
+    for name in names:
+        _check_head_weight(params.get(name), name, shape)
+    return {name: _quantize_rows_packed(params[name], bits, clip) for name in names}
+
+
+def _check_head_weight(w, name: str, shape: tuple[int, int]) -> None:
+    if w is None:
+        raise ValueError(f"params are missing {name} (cfg.tie_word_embeddings says it is needed)")
+    if not hasattr(w, "dtype") or not jnp.issubdtype(w.dtype, jnp.floating):
+        raise ValueError(f"{name} is {type(w).__name__}; quantize expects float params (already quantized?)")
+    if tuple(w.shape) != shape:
+        raise ValueError(f"{name} has shape {tuple(w.shape)}; the config implies {shape} [V, D]")
+    if not bool(jnp.all(jnp.isfinite(w))):
+        raise ValueError(f"{name} contains NaN or Inf: fix the checkpoint before quantizing")
+
+
+def _quantize_rows_packed(w, bits: int, clip: bool):
+    """w [V, D] → MixedWeight, every row at `bits`, quantized in chunks of rows (rows are independent)."""
+    from pallas_kernels import pack_mixed
+
+    v, d = w.shape
+    fmt = WeightFormat()
+    chunk = min(_HEAD_CHUNK, v)
+    eye = jnp.eye(d, dtype=jnp.float32)  # H = I: the clipping search minimises ‖ΔW‖² per (row, group)
+    is_int8 = jnp.full((chunk,), bits == 8)
+    parts = []
+    for start in range(0, v, chunk):
+        rows = w[start : start + chunk].astype(jnp.float32)
+        rows = jnp.pad(rows, ((0, chunk - rows.shape[0]), (0, 0)))  # one compiled shape for every chunk
+        qr = rtn_clip_quantize(rows, eye, is_int8, fmt=fmt, grid=clip_grid()) if clip else _rtn(rows, is_int8, fmt=fmt)
+        parts.append(jax.tree.map(np.asarray, (qr.q, qr.scale, qr.zero)))
+    q, scale, zero = (np.concatenate(a)[:v] for a in zip(*parts))
+    if not np.all(np.isfinite(scale)):
+        raise FloatingPointError("non-finite quantization scales in the embedding table / LM head")
+    return pack_mixed(q, scale, zero, np.full(v, bits == 8), k=d, group_size=fmt.group_size)
 
 
 # ----------------------------------------------------------------------------------------------------

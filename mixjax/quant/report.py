@@ -33,6 +33,8 @@ class QuantReport:
     peak_memory_bytes: int
     peak_memory_kind: str
     calib_tokens: int
+    head_bits: int | None = None
+    weight_bytes: int = 0
 
     def to_markdown(self) -> str:
         lines = [
@@ -40,6 +42,8 @@ class QuantReport:
             f"(budget counted in {self.budget}; salience {self.salience}, {'local' if self.local else 'global'} selection)",
             f"- 8-bit channels: {self.num_int8_channels} of {self.num_channels} "
             f"({100 * self.num_int8_channels / max(self.num_channels, 1):.2f} %)",
+            f"- embedding table / LM head: {HEAD_FORMATS[self.head_bits]}",
+            f"- weight bytes: {self.weight_bytes / 1e9:.4g} GB (codes, scales, zeros, indices, norms and biases)",
             f"- calibration tokens: {self.calib_tokens}",
             "- wall time: " + ", ".join(f"{k} {v:.1f} s" for k, v in self.seconds.items()),
             f"- peak memory ({self.peak_memory_kind}): {self.peak_memory_bytes / 2**30:.2f} GiB",
@@ -57,6 +61,14 @@ class QuantReport:
         return self.to_markdown()
 
 
+HEAD_FORMATS = {None: "float (not quantized)", 8: "int8 symmetric g128 (A8 head)", 4: "int4 asymmetric g128 (A8 head)"}
+
+
+def weight_bytes(params) -> int:
+    """Bytes of every array (or ShapeDtypeStruct) leaf of a params tree, quantized weights included."""
+    return int(sum(int(np.prod(a.shape)) * np.dtype(a.dtype).itemsize for a in jax.tree.leaves(params)))
+
+
 def peak_memory() -> tuple[int, str]:
     """Peak accelerator memory in bytes if the backend reports it, else the process's peak RSS."""
     dev = jax.devices()[0]
@@ -68,7 +80,7 @@ def peak_memory() -> tuple[int, str]:
 
 
 def build_report(*, is_int8, scores, in_features, bits_target, bits_achieved, budget, salience, local,
-                 seconds, calib_tokens) -> QuantReport:
+                 seconds, calib_tokens, head_bits=None, weight_bytes=0) -> QuantReport:
     names = list(is_int8)
     n_layers = next(iter(is_int8.values())).shape[0]
     per_layer = np.zeros(n_layers)
@@ -95,4 +107,6 @@ def build_report(*, is_int8, scores, in_features, bits_target, bits_achieved, bu
         peak_memory_bytes=peak,
         peak_memory_kind=kind,
         calib_tokens=int(calib_tokens),
+        head_bits=head_bits,
+        weight_bytes=int(weight_bytes),
     )
