@@ -150,7 +150,43 @@ def build_full_quant(cfg: LlamaConfig, bits: float, args, log: Callable) -> dict
     return qparams
 
 
+def split_variant(name: str) -> tuple[str, str | None, int | None]:
+    """"w4.4a8@fused_partials+h4" → ("w4.4a8", "fused_partials", 4): base, decode strategy, head bits."""
+    base, head = (name.split("+h") + [None])[:2]
+    base, strategy = (base.split("@") + [None])[:2]
+    return base, strategy, None if head is None else int(head)
+
+
+def quantize_head(params: dict, bits: int) -> dict:
+    """Embedding table and LM head → MixedWeight, RTN, every row 8-bit (bits=8) or 4-bit (bits=4)."""
+    from pallas_kernels import pack_rtn
+
+    out = dict(params)
+    for name in ("embed_tokens", "lm_head"):
+        if name in params:
+            w = np.asarray(params[name], np.float32)
+            out[name] = pack_rtn(w, np.full(w.shape[0], bits == 8))
+            del w
+    return out
+
+
 def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
+    name, _, head_bits = split_variant(name)
+    params = _build_base(name, cfg, args, log)
+    if head_bits:
+        params = quantize_head(params, head_bits)
+    if args.fuse:  # layer by layer, so the unfused copy of only one layer is alive at a time
+        stacked = not isinstance(params["layers"], (tuple, list))
+        if stacked:
+            return model.fuse_projections(params)
+        layers = list(params.pop("layers"))
+        for i in range(len(layers)):
+            layers[i] = model.fuse_projections({"layers": (layers[i],)})["layers"][0]
+        params["layers"] = tuple(layers)
+    return params
+
+
+def _build_base(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
     if name == "bf16":
         return build_bf16(cfg)
     if name == "bf16-stacked":
@@ -189,9 +225,11 @@ def tree_bytes(tree) -> int:
 
 
 def linear_bytes(params) -> int:
+    """Bytes of the decoder linears' weights (fused or not)."""
     layers = params["layers"]
     layers = layers if isinstance(layers, (tuple, list)) else (layers,)
-    return sum(tree_bytes(model.get_path(layer, name)["weight"]) for layer in layers for name in model.LINEAR_NAMES)
+    return sum(tree_bytes(entry["weight"]) for layer in layers for group in ("self_attn", "mlp")
+               for entry in layer[group].values())
 
 
 def peak_bytes() -> int | None:
@@ -236,10 +274,19 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
         return out.tokens
 
     t, first = timed(run, args.repeats)
-    floor_s = tree_bytes(params) / bandwidth  # one step reads every weight once
-    return dict(kind="decode", batch=batch, tokens=batch * args.new_tokens, seconds=t, compile_s=first - t,
-                tok_s=batch * args.new_tokens / t, ms_per_step=1e3 * t / args.new_tokens,
-                floor=100 * floor_s * args.new_tokens / t)
+    floor_s = (tree_bytes(params) - tree_bytes(params["embed_tokens"])) / bandwidth  # a step reads every weight
+    row = dict(kind="decode", batch=batch, tokens=batch * args.new_tokens, seconds=t, compile_s=first - t,
+               tok_s=batch * args.new_tokens / t, ms_per_step=1e3 * t / args.new_tokens,
+               floor=100 * floor_s * args.new_tokens / t)
+    if args.profile:  # device busy / span per step and kernels per step (benchmarks/devtime.py)
+        import devtime
+
+        dt = devtime.device_times(run, runs=1)
+        steps = args.new_tokens
+        row["profile"] = ({"error": dt["error"]} if "error" in dt else
+                          {"busy_ms": dt["busy_us"] / steps / 1e3, "span_ms": dt["span_us"] / steps / 1e3,
+                           "kernels": dt["kernels"] / steps, "top": [(n, us / steps) for n, us in dt["top"]]})
+    return row
 
 
 def run_variant(name: str, args) -> int:
@@ -250,6 +297,11 @@ def run_variant(name: str, args) -> int:
 
     dev = jax.devices()[0]
     cfg = SMALL if args.small else LLAMA3_8B
+    strategy = split_variant(name)[1]
+    if strategy:  # the decode launch strategy under test, for every quantized linear of this process
+        from pallas_kernels import kernels
+
+        kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
     log(dict(kind="device", device=f"{dev.device_kind} ({dev.platform})", jax=jax.__version__))
     start = time.perf_counter()
     params = build_variant(name, cfg, args, log)
@@ -342,8 +394,12 @@ def _lines_until(proc, deadline: float):
 
 def _describe(r: dict) -> str:
     if r["kind"] in ("prefill", "decode"):
+        prof = r.get("profile")
+        prof = "" if not prof else (f"; device {prof['busy_ms']:.2f} busy / {prof['span_ms']:.2f} span ms, "
+                                    f"{prof['kernels']:.0f} kernels per step; top {prof['top'][:4]}"
+                                    if "busy_ms" in prof else f"; profile: {prof['error']}")
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
-                f"peak {_gb(r.get('peak_bytes')) or '?'} GB)")
+                f"peak {_gb(r.get('peak_bytes')) or '?'} GB){prof}")
     if r["kind"] == "error":
         return f"{r['variant']} {r['what']} FAILED: {r['error']}"
     return f"{r['variant']} {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant", "kind"))
@@ -432,6 +488,9 @@ def parse_args(argv=None):
     p.add_argument("--batches", default="1,8,32")
     p.add_argument("--implementation", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of all variants together")
+    p.add_argument("--no-fuse", dest="fuse", action="store_false",
+                   help="keep q/k/v and gate/up as separate linears (default: model.fuse_projections)")
+    p.add_argument("--profile", action="store_true", help="decode: device busy/span ms and kernels per step")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     args = p.parse_args(argv)
     try:
@@ -439,7 +498,7 @@ def parse_args(argv=None):
     except ValueError:
         p.error(f"--batches {args.batches!r}: expected comma-separated integers such as 1,8,32")
     args.variants = args.variants.split(",")
-    unknown = [v for v in args.variants if v not in VARIANTS]
+    unknown = [v for v in args.variants if split_variant(v)[0] not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     if args.small:

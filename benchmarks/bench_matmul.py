@@ -86,8 +86,12 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
             x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         build = lambda rng, n, k: jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
         return fn, build, None, None
-    share = SHARE[name]
+    share = SHARE[name.split("@")[0]]
     build = lambda rng, n, k: random_packed(rng, n, k, share)
+    if "@" in name:  # mixed@<decode strategy>: the kernel with that launch strategy for M ≤ 32
+        strategy = name.split("@")[1]
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, decode=strategy, interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_ref":
         return reference.mixed_matmul_ref, build, None, None
     if name == "xla_dequant":
@@ -120,9 +124,10 @@ def rel_err(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def time_variant(fn, ws, xs, repeats: int) -> float:
+def time_variant(fn, ws, xs, repeats: int, device_timers: bool = False):
     """Median seconds per call: len(xs) calls in one jitted program, each on its own x and weight copy
-    (a shared operand would let XLA merge the dots), median over repeats, / len(xs)."""
+    (a shared operand would let XLA merge the dots), median over repeats, / len(xs). With device_timers
+    also (busy µs, span µs, kernels) per call from a profiler trace (benchmarks/devtime.py)."""
     many = jax.jit(lambda xs, ws: [fn(x, w) for x, w in zip(xs, ws)])
     jax.block_until_ready(many(xs, ws))
     jax.block_until_ready(many(xs, ws))
@@ -131,7 +136,16 @@ def time_variant(fn, ws, xs, repeats: int) -> float:
         t0 = time.perf_counter()
         jax.block_until_ready(many(xs, ws))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(xs)
+    sec = statistics.median(times) / len(xs)
+    if not device_timers:
+        return sec
+    import devtime
+
+    dt = devtime.device_times(lambda: many(xs, ws), runs=3)
+    if "error" in dt:
+        return sec, dt
+    return sec, {"busy_us": dt["busy_us"] / len(xs), "span_us": dt["span_us"] / len(xs),
+                 "kernels": dt["kernels"] / len(xs), "top": dt["top"][:3]}
 
 
 def copy_bandwidth() -> float:
@@ -155,7 +169,7 @@ _WEIGHTS: dict = {}
 def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     rng = np.random.default_rng(m * 7 + n)
     fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
-    key = (name if name.startswith("xla_") and name not in SHARE else SHARE[name], n, k)
+    key = (name if name.startswith("xla_") and name not in SHARE else SHARE[name.split("@")[0]], n, k)
     if key not in _WEIGHTS:  # packing 58M codes takes seconds: reuse across M and configs
         if any(kk[1:] != (n, k) for kk in _WEIGHTS):
             _WEIGHTS.clear()
@@ -175,7 +189,10 @@ def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     calls = max(r, args.min_calls) if m <= 256 else r  # amortize the program's dispatch over many calls
     ws = [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), w0) for _ in range(calls)]
     xs = [jnp.array(x0, copy=True) for _ in range(calls)]
-    sec = time_variant(fn, ws, xs, args.repeats)
+    sec = time_variant(fn, ws, xs, args.repeats, args.device_timers)
+    if args.device_timers:
+        sec, dt = sec
+        row["device"] = dt
     fb = floor_bytes(name, w0, m, k, n)
     row.update(us=sec * 1e6, floor_us=fb / bandwidth * 1e6, rotate=r, calls=calls, tops=2 * m * n * k / sec / 1e12)
     row["pct_floor"] = 100 * row["floor_us"] / row["us"]
@@ -211,6 +228,8 @@ def parse(argv):
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
+    p.add_argument("--device-timers", action="store_true",
+                   help="also report device busy/span µs per call from a profiler trace (GPU)")
     p.add_argument("--out", default=os.environ.get("OUT", "."))
     return p.parse_args(argv)
 
@@ -222,6 +241,10 @@ def emit(row, log):
     cfg_s = "" if not cfg else "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{f}".format(
         f=" fused" if cfg["fuse_quant"] else "", **cfg)
     err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
+    dev = row.get("device")
+    if dev:
+        err += (f" | device busy {dev['busy_us']:.1f} span {dev['span_us']:.1f} us, {dev['kernels']:.1f} kernels"
+                if "busy_us" in dev else f" | device timers: {dev.get('error')}")
     print(f"{row['variant']:>13} M={row['m']:<5} K={row['k']:<6} N={row['n']:<6} {row.get('us', 0):9.1f} us "
           f"floor {row.get('floor_us', 0):7.1f} ({row.get('pct_floor', 0):5.1f}%) {cfg_s} {err} {row.get('error', '')}",
           flush=True)
@@ -254,6 +277,23 @@ def summary(rows):
     return "\n".join(lines)
 
 
+def device_summary(rows):
+    """Device-timer table: per (M, K, N), span µs per call of every variant, and bf16 span / variant span."""
+    by = {(r["variant"], r["m"], r["k"], r["n"]): r["device"] for r in rows
+          if "busy_us" in r.get("device", {}) and r.get("config") is None}
+    cols = list(dict.fromkeys(v for v, *_ in by))
+    lines = ["| M | K | N | " + " | ".join(f"{c} span (busy) µs" for c in cols) + " | "
+             + " | ".join(f"{c} ×bf16" for c in cols if c != "xla_bf16") + " |",
+             "|---" * (3 + 2 * len(cols) - ("xla_bf16" in cols)) + "|"]
+    for m, k, n in sorted({key[1:] for key in by}, key=lambda t: (t[1], t[2], t[0])):
+        get = lambda c: by.get((c, m, k, n))  # noqa: E731
+        cells = [f"{d['span_us']:.1f} ({d['busy_us']:.1f})" if d else "" for d in map(get, cols)]
+        bf = get("xla_bf16")
+        ratios = [f"{bf['span_us'] / get(c)['span_us']:.2f}" if bf and get(c) else "" for c in cols if c != "xla_bf16"]
+        lines.append(f"| {m} | {k} | {n} | " + " | ".join(cells + ratios) + " |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = parse(argv)
     os.makedirs(args.out, exist_ok=True)
@@ -281,6 +321,9 @@ def main(argv=None):
     bandwidth_end = copy_bandwidth()
     print(f"copy bandwidth at the end {bandwidth_end / 1e12:.2f} TB/s", flush=True)
     table = summary(rows)
+    if args.device_timers:
+        table += "\n\nDevice timers (profiler): span = first kernel start to last kernel end per call, busy = " \
+                 "summed kernel time per call\n\n" + device_summary(rows)
     with open(os.path.join(args.out, "summary.md"), "w") as f:
         f.write(f"device {dev.device_kind}, jax {jax.__version__}, copy {bandwidth / 1e12:.2f} TB/s\n\n{table}\n")
     print(table)
