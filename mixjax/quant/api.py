@@ -126,6 +126,8 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     batches = check_calibration(calib_batches, cfg)
     params = model.unstack_layers(params)
     check_weights(params, cfg)
+    if config.head_bits is not None:
+        check_head_weights(params, cfg)
     batches = _rebatch(batches, config.batch_size)
     in_features = {n: linear_weight(params["layers"][0], n).shape[1] for n in model.LINEAR_NAMES}
     n_layers = len(params["layers"])
@@ -175,22 +177,28 @@ def quantize_head(params, cfg: LlamaConfig, *, bits: int, clip: bool = True) -> 
     """
     if type(bits) is not int or bits not in HEAD_BITS:
         raise ValueError(f"quantize_head: bits={bits!r}; expected 8 or 4")
-    names = HEAD_NAMES[:1] if cfg.tie_word_embeddings else HEAD_NAMES
+    check_head_weights(params, cfg)
+    return {name: _quantize_rows_packed(params[name], bits, clip) for name in head_names(cfg)}
+
+
+def head_names(cfg: LlamaConfig) -> tuple[str, ...]:
+    """("embed_tokens",) when the embeddings are tied, else ("embed_tokens", "lm_head")."""
+    return HEAD_NAMES[:1] if cfg.tie_word_embeddings else HEAD_NAMES
+
+
+def check_head_weights(params, cfg: LlamaConfig) -> None:
+    """The embedding table (and untied LM head) are float [V, D] with only finite values."""
     shape = (cfg.vocab_size, cfg.hidden_size)
-    for name in names:
-        _check_head_weight(params.get(name), name, shape)
-    return {name: _quantize_rows_packed(params[name], bits, clip) for name in names}
-
-
-def _check_head_weight(w, name: str, shape: tuple[int, int]) -> None:
-    if w is None:
-        raise ValueError(f"params are missing {name} (cfg.tie_word_embeddings says it is needed)")
-    if not hasattr(w, "dtype") or not jnp.issubdtype(w.dtype, jnp.floating):
-        raise ValueError(f"{name} is {type(w).__name__}; quantize expects float params (already quantized?)")
-    if tuple(w.shape) != shape:
-        raise ValueError(f"{name} has shape {tuple(w.shape)}; the config implies {shape} [V, D]")
-    if not bool(jnp.all(jnp.isfinite(w))):
-        raise ValueError(f"{name} contains NaN or Inf: fix the checkpoint before quantizing")
+    for name in head_names(cfg):
+        w = params.get(name)
+        if w is None:
+            raise ValueError(f"params are missing {name} (cfg.tie_word_embeddings={cfg.tie_word_embeddings})")
+        if not hasattr(w, "dtype") or not jnp.issubdtype(w.dtype, jnp.floating):
+            raise ValueError(f"{name} is {type(w).__name__}; quantize expects float params (already quantized?)")
+        if tuple(w.shape) != shape:
+            raise ValueError(f"{name} has shape {tuple(w.shape)}; the config implies {shape} [V, D]")
+        if not bool(jnp.all(jnp.isfinite(w))):
+            raise ValueError(f"{name} contains NaN or Inf: fix the checkpoint before quantizing")
 
 
 def _quantize_rows_packed(w, bits: int, clip: bool):

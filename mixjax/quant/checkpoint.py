@@ -4,10 +4,13 @@ A quantized checkpoint is an ordinary mixjax checkpoint (Orbax params + mixjax.j
 `extra["quantization"]` records what is needed to rebuild the abstract tree for restoring:
 
     {"config": QuantConfig as a dict, "dtype": float dtype of the unquantized leaves,
-     "n8": {linear name: [8-bit channel count of each layer]}, "a_groups": {linear name: G or 0}}
+     "n8": {linear name: [8-bit channel count of each layer]}, "a_groups": {linear name: G or 0},
+     "head_n8": {"embed_tokens": 0 or V, "lm_head": 0 or V}}   # head_n8 only when config.head_bits is set
 
 `MixedWeight` array shapes follow from (N, K, n8) and the format's alignment; `FakeQuantWeight`s hold
-a float [N, K] weight and, for static activation scales, a [G] calibrated max.
+a float [N, K] weight and, for static activation scales, a [G] calibrated max. A quantized embedding table /
+LM head is one more `MixedWeight` of shape (V, D) ("lm_head" absent when tied). Checkpoints written before
+head_bits existed have no such key in their config and load with float heads (head_bits=None).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.quant.activations import ActFormat
-from mixjax.quant.api import QuantConfig
+from mixjax.quant.api import HEAD_NAMES, QuantConfig
 from mixjax.quant.fakequant import FakeQuantWeight
 from mixjax.quant.rtn import WeightFormat
 from mixjax.quant.salience import linear_weight, with_weights
@@ -48,8 +51,11 @@ def quantization_metadata(qparams, config: QuantConfig) -> dict:
         n8[name] = [int(getattr(w, "n8", 0)) for w in ws]
         absmax = getattr(ws[0], "a_absmax", None)
         a_groups[name] = 0 if absmax is None else int(absmax.shape[0])
-    return {"config": config_to_dict(config), "dtype": str(jnp.dtype(qparams["embed_tokens"].dtype)),
+    meta = {"config": config_to_dict(config), "dtype": str(jnp.dtype(qparams["norm"].dtype)),
             "n8": n8, "a_groups": a_groups}
+    if config.head_bits is not None:
+        meta["head_n8"] = {name: int(qparams[name].n8) for name in HEAD_NAMES if name in qparams}
+    return meta
 
 
 def save_quantized(directory: str | os.PathLike, qparams, cfg: LlamaConfig, *, config: QuantConfig,
@@ -81,7 +87,7 @@ def load_quantized(directory: str | os.PathLike) -> tuple[LlamaConfig, dict, Qua
         raise ValueError(f"{directory}: not a quantized mixjax checkpoint (no extra.quantization in mixjax.json)")
     cfg = LlamaConfig.from_dict(meta["config"])
     config = config_from_dict(q["config"])
-    abstract = abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"])
+    abstract = abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"], q.get("head_n8"))
     stored = jax.tree.map(lambda s: None if s.size == 0 else s, abstract)
     _, qparams = convert.restore_checkpoint(directory, abstract_params=stored)
     return cfg, _refill_empty(qparams, abstract), config
@@ -98,7 +104,9 @@ def _refill_empty(tree, abstract):
     return jax.tree.unflatten(treedef, filled)
 
 
-def abstract_quantized_params(cfg: LlamaConfig, config: QuantConfig, dtype: str, n8: dict, a_groups: dict):
+def abstract_quantized_params(cfg: LlamaConfig, config: QuantConfig, dtype: str, n8: dict, a_groups: dict,
+                              head_n8: dict | None = None):
+    """The tree of ShapeDtypeStructs (MixedWeight/FakeQuantWeight leaves included) of quantized params."""
     from convert.orbax_io import abstract_float_params
 
     tree = abstract_float_params(cfg, dtype, "tuple")
@@ -116,7 +124,12 @@ def abstract_quantized_params(cfg: LlamaConfig, config: QuantConfig, dtype: str,
                 new[name] = FakeQuantWeight(w=sds((n, k), dtype), a_absmax=sds((g,), "float32") if g else None,
                                             act=config.act)
         layers.append(with_weights(layer, new))
-    return {**tree, "layers": tuple(layers)}
+    heads = {}
+    if config.head_bits is not None:
+        if head_n8 is None:
+            raise ValueError("quantized checkpoint: config.head_bits is set but head_n8 is missing; re-create it")
+        heads = {name: _abstract_mixed(*tree[name].shape, int(n), sds) for name, n in head_n8.items()}
+    return {**tree, "layers": tuple(layers), **heads}
 
 
 def _abstract_mixed(n: int, k: int, n8: int, sds):

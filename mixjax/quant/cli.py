@@ -40,6 +40,9 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True, help="GPTQ (default on)")
     p.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
                    help="clipping search (default on)")
+    p.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
+                   help="also quantize the token embedding table and the LM head: 8 (int8 g128) or 4 (int4 asym "
+                        "g128); the head then takes int8 activations like every linear (default: keep them float)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report")
@@ -56,7 +59,8 @@ def run(args) -> None:
         raise ValueError("--seq-len must be at least 2 (the LM loss needs a next token)")
     local = args.salience == "local"
     config = QuantConfig(bits=args.bits, budget=args.budget, salience="fisher" if local else args.salience,
-                         local=local, gptq=args.gptq, clip=args.clip, batch_size=args.batch_size)
+                         local=local, gptq=args.gptq, clip=args.clip, batch_size=args.batch_size,
+                         head_bits=args.head_bits)
     quantize_model(model_path=args.model, out=args.out, config=config, data=args.data, samples=args.samples,
                    seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
                    log=(lambda *_: None) if args.quiet else print)
