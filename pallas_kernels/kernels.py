@@ -95,14 +95,14 @@ def _largest_split(num_groups: int, target: int) -> int:
     return max(d for d in range(1, min(num_groups, target) + 1) if num_groups % d == 0)
 
 
-DecodeStrategy = Literal["quantize_first", "fused_atomic", "fused_partials", "fused_single"]
-DECODE_STRATEGIES = ("quantize_first", "fused_atomic", "fused_partials", "fused_single")
+DecodeStrategy = Literal["quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single"]
+DECODE_STRATEGIES = ("quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single")
 DEFAULT_DECODE: DecodeStrategy = "quantize_first"
 
 
 def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -> GemmConfig:
     """M ≤ 32. Launches per call: quantize_first = quantization + zero fill + GEMM (split-K atomics);
-    fused_atomic = zero fill + GEMM quantizing its own activation tiles; fused_partials = one GEMM
+    quantize_partials = quantization + GEMM storing per-split partials (XLA sums them); fused_atomic = zero fill + GEMM quantizing its own activation tiles; fused_partials = one GEMM
     storing per-split partials (XLA sums them into the consumer); fused_single = one GEMM, no split
     (narrow N tiles for parallelism instead)."""
     if decode not in DECODE_STRATEGIES:
@@ -113,8 +113,8 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -
         return GemmConfig(block_m, block_n, 1, 4, 4, fuse_quant=True)
     tiles = rows // 64
     split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
-    fused = decode != "quantize_first"
-    return GemmConfig(block_m, 64, split, 4, 4, fuse_quant=fused, split_partials=decode == "fused_partials")
+    return GemmConfig(block_m, 64, split, 4, 4, fuse_quant=decode.startswith("fused"),
+                      split_partials=decode.endswith("partials"))
 
 
 def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",

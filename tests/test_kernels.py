@@ -221,7 +221,8 @@ def test_mixed_kernel_other_configs(cfg):
 def test_decode_strategies_match_reference(decode, m):
     x, qw = _case(m, 1000, 200, 0.1, jnp.float32)  # K padded to 8 groups: split-K 2
     cfg = kernels.choose_config(m, qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode)
-    assert cfg.fuse_quant == (decode != "quantize_first") and (cfg.split_k == 1) == (decode == "fused_single")
+    assert cfg.fuse_quant == decode.startswith("fused") and (cfg.split_k == 1) == (decode == "fused_single")
+    assert cfg.split_partials == decode.endswith("partials")
     y = kernels.mixed_matmul_pallas(x, qw, decode=decode, interpret=INTERPRET)
     assert y.shape == (m, 200) and y.dtype == jnp.float32
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
