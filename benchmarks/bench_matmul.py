@@ -214,6 +214,21 @@ def default_sweep(m: int, g: int, rows: int):
     return [c for c in cands if g % c.split_k == 0 and (g // c.split_k) % c.groups_per_iter == 0]
 
 
+def decode_sweep(m: int, g: int, rows: int):
+    """--sweep-decode: the quantize_partials decode kernel over tile width, pipeline depth, warps and the
+    number of programs that split-K aims for."""
+    C = kernels.GemmConfig
+    cands = []
+    for block_n in (64, 128):
+        for stages in (4, 6):
+            for warps in (4, 8):
+                for programs in (512, 1024, 2048):
+                    split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
+                    cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
+                                   split_partials=split > 1))
+    return list(dict.fromkeys(cands))
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,KxN,...")
@@ -225,6 +240,7 @@ def parse(argv):
     p.add_argument("--max-rotate", type=int, default=16)
     p.add_argument("--min-calls", type=int, default=32, help="calls per timed program for M <= 256")
     p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
+    p.add_argument("--sweep-decode", action="store_true", help="sweep the decode kernel's tiles (decode_sweep)")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -312,11 +328,12 @@ def main(argv=None):
             for m in ms:
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
-        if args.sweep:
+        if args.sweep or args.sweep_decode:
+            sweep = decode_sweep if args.sweep_decode else default_sweep
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
-                    for cfg in default_sweep(m, -(-k // 128), n + 256):
+                    for cfg in sweep(m, -(-k // 128), n + 256):
                         rows.append(run_row("mixed", k, n, m, args, bandwidth, log, cfg=cfg))
     bandwidth_end = copy_bandwidth()
     print(f"copy bandwidth at the end {bandwidth_end / 1e12:.2f} TB/s", flush=True)

@@ -97,7 +97,7 @@ def _largest_split(num_groups: int, target: int) -> int:
 
 DecodeStrategy = Literal["quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single"]
 DECODE_STRATEGIES = ("quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single")
-DEFAULT_DECODE: DecodeStrategy = "quantize_first"
+DEFAULT_DECODE: DecodeStrategy = "quantize_partials"  # fastest at M = 1, 16, 32 on the H100 (device call 8)
 
 
 def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -> GemmConfig:
