@@ -8,6 +8,8 @@ through the `MixedWeight` XLA reference itself to show the two agree.
 
     python benchmarks/accuracy.py                      # writes benchmarks/results/accuracy.md
     python benchmarks/accuracy.py --samples 128 --seq-len 2048   # the paper's calibration
+    python benchmarks/accuracy.py --head-sweep         # appends a section: W4.4A8 with the embedding / LM head
+                                                       # float, int8, int4 (QuantConfig.head_bits)
 """
 
 from __future__ import annotations
@@ -107,9 +109,13 @@ def main(argv=None) -> None:
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "accuracy.md"))
     p.add_argument("--rows", default="", help="only rows whose name contains one of these comma-separated strings")
     p.add_argument("--measure-one", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--head-sweep", action="store_true",
+                   help="only W4.4A8 with head_bits None/8/4 (and 4 without clipping); appends a section to --out")
     args = p.parse_args(argv)
     if args.measure_one:
         return measure_one(args)
+    if args.head_sweep:
+        return head_sweep(args)
 
     child = [sys.executable, __file__, "--measure-one", "--samples", str(args.samples), "--seq-len",
              str(args.seq_len), "--batch-size", str(args.batch_size)]
@@ -149,6 +155,54 @@ def main(argv=None) -> None:
         rows_out.append((section, name, c, ppl, secs))
         print(f"{name}: {ppl:.3f} ({secs:.0f} s)", flush=True)
         write(args.out, fp, rows_out, settings, measured, extra, score_time)
+
+
+HEAD_ROWS = [("float (default)", None, False), ("int8 g128 RTN (head_bits=8)", 8, False),
+             ("int8 g128, weight-MSE clip search", 8, True), ("int4 g128 asym RTN (head_bits=4)", 4, False),
+             ("int4 g128 asym, weight-MSE clip search", 4, True)]
+
+
+def head_sweep(args) -> None:
+    """W4.4A8 (GPTQ + clip, global Fisher) quantized once; its embedding table / LM head then float or
+    quantized by `quantize_head`. That equals `quantize(..., config=QuantConfig(head_bits=b))`: the decoder
+    is calibrated on the float embeddings whatever head_bits is (tests/test_head_quant.py checks it)."""
+    from mixjax.quant.api import quantize_head
+    from mixjax.quant.report import weight_bytes
+
+    cfg, params, calib, windows = load(args)
+    t = time.perf_counter()
+    qp = quantize(params, calib, cfg, config=QuantConfig(batch_size=args.batch_size))
+    t_decoder = time.perf_counter() - t
+    table_bf16 = cfg.vocab_size * cfg.hidden_size * 2
+    fp = perplexity(params, cfg, windows, batch_size=4)
+    print(f"fp {fp:.3f}; W4.4A8 decoder quantized in {t_decoder:.0f} s", flush=True)
+    lines = ["| embedding table / LM head | perplexity | Δ vs fp | Δ vs float head | head bytes (one table; bf16 "
+             f"{table_bf16 / 1e6:.1f} MB) | head quantization time (s) |", "|---|---|---|---|---|---|"]
+    base = None
+    for name, bits, clip in HEAD_ROWS:
+        t = time.perf_counter()
+        heads = {} if bits is None else quantize_head(params, cfg, bits=bits, clip=clip)
+        secs = time.perf_counter() - t
+        ppl = perplexity(as_fake_quant({**qp, **heads}), cfg, windows, batch_size=4)
+        base = ppl if base is None else base
+        size = table_bf16 if bits is None else weight_bytes(heads["embed_tokens"])
+        lines.append(f"| {name} | {ppl:.3f} | {ppl - fp:+.3f} | {ppl - base:+.3f} | {size / 1e6:.1f} MB | {secs:.1f} |")
+        print(lines[-1], flush=True)
+    cmd = "PYTHONPATH=. python benchmarks/accuracy.py --head-sweep" + "".join(
+        f" --{k.replace('_', '-')} {getattr(args, k)}" for k in ("samples", "seq_len", "eval_seq_len", "eval_tokens"))
+    text = [
+        "", f"## Quantized embedding table / LM head (`--head-bits`), {time.strftime('%Y-%m-%d')}", "",
+        f"`{cmd}`: MixLLM W4.4A8 (GPTQ + clip, global Fisher; decoder quantized once, {t_decoder:.0f} s) with the "
+        f"tied {cfg.vocab_size} × {cfg.hidden_size} embedding table / LM head kept float or quantized "
+        "(`QuantConfig.head_bits`: every row int8 symmetric or int4 asymmetric, groups of 128, round to nearest; "
+        "the head then takes int8 activations per (token, group of 128)); the clip-search rows are "
+        "`quantize_head(..., clip=True)` (per (row, group), the clip ratio on the 80–100 % grid minimising the "
+        f"weight's squared error). Calibration {args.samples} × {args.seq_len} OpenWebText tokens, evaluation "
+        f"{windows.shape[0]} × {windows.shape[1]} Wikipedia tokens, as above; fp (f32) in this run {fp:.3f} "
+        "(compare rows within this section: the tables above may predate a tokenizer change). Head bytes: "
+        "codes + f32 scales (+ int8 zeros) + the int32 channel indices.", "", *lines, ""]
+    with open(args.out, "a") as f:
+        f.write("\n".join(text))
 
 
 def write(path, fp, rows, settings, measured, extra, score_time) -> None:

@@ -58,7 +58,7 @@ class QuantConfig:
     act: activation quantization of every decoder linear's input (bits=None: float, W·A16).
     batch_size: calibration samples per forward/backward (memory vs speed).
     head_bits: None keeps the token embedding table and the LM head in the float dtype; 8 quantizes every
-      row to int8 symmetric g128, 4 to int4 asymmetric g128 (`quantize_head`; kernel-format configs only).
+      row to int8 symmetric g128, 4 to int4 asymmetric g128 (RTN, `quantize_head`; kernel-format configs only).
       The LM head then runs like every decoder linear (int8 activations per token and group of 128).
     """
 
@@ -144,7 +144,7 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     layers = quantize_layers(params, batches, cfg, config, is_int8, progress=progress)
     qparams = {**params, "layers": layers}
     if config.head_bits is not None:
-        qparams.update(quantize_head(params, cfg, bits=config.head_bits, clip=config.clip))
+        qparams.update(quantize_head(params, cfg, bits=config.head_bits))
     t_end = time.perf_counter()
     if not return_report:
         return qparams
@@ -165,15 +165,16 @@ HEAD_NAMES = ("embed_tokens", "lm_head")
 _HEAD_CHUNK = 4096  # rows per jitted call: bounds the clipping search's [rows, G, 128] temporaries
 
 
-def quantize_head(params, cfg: LlamaConfig, *, bits: int, clip: bool = True) -> dict:
+def quantize_head(params, cfg: LlamaConfig, *, bits: int, clip: bool = False) -> dict:
     """The float embedding table (and the untied LM head), each [V, D] → {name: MixedWeight} to merge into
     the quantized params. Tied embeddings give one entry, "embed_tokens", serving both.
 
-    bits: 8 (every row int8 symmetric g128) or 4 (int4 asymmetric g128). Codes are round-to-nearest; with
-    `clip`, each (row, group) first takes the clip ratio on the 80–100 % grid minimising the weight's squared
-    error (the decoder's clipping search with H = I: an embedding row has no input activations, and the
-    head's would need a pass through the whole quantized model). Independent of the calibration data, so
-    the decoder's quantization is the same with or without a quantized head.
+    bits: 8 (every row int8 symmetric g128) or 4 (int4 asymmetric g128). Codes are round-to-nearest
+    (what `quantize` uses). `clip=True` first picks each (row, group)'s clip ratio on the 80–100 % grid
+    minimising the weight's squared error (the decoder's clipping search with H = I: an embedding row has
+    no input activations); it lowers that error but raised the embedded SmolLM2's int4 perplexity (34.79 →
+    35.15, benchmarks/results/accuracy.md), so it is an ablation only. Needs no calibration data: the
+    decoder's quantization is the same with or without a quantized head.
     """
     if type(bits) is not int or bits not in HEAD_BITS:
         raise ValueError(f"quantize_head: bits={bits!r}; expected 8 or 4")
