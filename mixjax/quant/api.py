@@ -209,7 +209,7 @@ def _quantize_rows_packed(w, bits: int, clip: bool):
     v, d = w.shape
     fmt = WeightFormat()
     chunk = min(_HEAD_CHUNK, v)
-    eye = jnp.eye(d, dtype=jnp.float32)  # H = I: the clipping search minimises ‖ΔW‖² per (row, group)
+    eye = jnp.eye(d, dtype=jnp.float32) if clip else None  # H = I: the search minimises ‖ΔW‖² per (row, group)
     is_int8 = jnp.full((chunk,), bits == 8)
     parts = []
     for start in range(0, v, chunk):
