@@ -289,6 +289,7 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     tokenizer = convert.load_tokenizer(path)
     ids = encode_prompt(tokenizer, prompt, chat=chat)
     cfg, params = convert.load(path, dtype=dtype)
+    params = model.fuse_projections(params)  # q/k/v and gate/up as one matmul each: fewer decode launches
     _pad_prompts([ids], cfg, max_new_tokens)  # context check before compiling
     eos = set(cfg.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
