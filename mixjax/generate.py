@@ -105,7 +105,7 @@ def generate(
         raise ValueError(f"top_k={top_k} exceeds vocab_size={cfg.vocab_size}; use 0 to disable top-k")
     prompts, lengths = _pad_prompts(prompt_tokens, cfg, max_new_tokens)  # [B, P], [B]
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
-    dtype = jnp.dtype(cache_dtype or params["embed_tokens"].dtype)
+    dtype = jnp.dtype(cache_dtype or params["norm"].dtype)
     out, steps = _generate_jit(
         params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,

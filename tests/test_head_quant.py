@@ -229,9 +229,6 @@ def test_generate_with_quantized_head(quantized):
     assert [len(r) for r in new] == [3, 3] and all(0 <= t < cfg.vocab_size for r in new for t in r)
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=True,
-                   reason="mixjax/generate.py takes the default cache dtype from params['embed_tokens'].dtype; "
-                          "params['norm'].dtype is the params' float dtype (DESIGN.md). Drop this mark once fixed.")
 def test_generate_default_cache_dtype_with_quantized_head(quantized):
     from mixjax.generate import generate
 
