@@ -32,6 +32,7 @@ def main(path=None, out=None):
         tokenizer.save_pretrained(tok_dir)
         save_quantized(out, qparams, cfg, config=config, files={"tokenizer": tok_dir}, force=True)
     cfg, qparams = convert.load(out)  # tuple layers of pallas_kernels.MixedWeight linears
+    qparams = mixjax.model.fuse_projections(qparams)  # q/k/v and gate/up as one kernel call each
     tokenizer = convert.load_tokenizer(out)
 
     prompts = ["The capital of France is", "The three primary colours are"]
