@@ -214,15 +214,19 @@ def default_sweep(m: int, g: int, rows: int):
     return [c for c in cands if g % c.split_k == 0 and (g // c.split_k) % c.groups_per_iter == 0]
 
 
-def decode_sweep(m: int, g: int, rows: int):
+DECODE_SWEEP = {"block_n": (64, 128), "stages": (4, 6), "warps": (4, 8), "programs": (512, 1024, 2048)}  # call 8
+DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "programs": (1024, 2048)}  # call 11
+
+
+def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     """--sweep-decode: the quantize_partials decode kernel over tile width, pipeline depth, warps and the
     number of programs that split-K aims for."""
     C = kernels.GemmConfig
     cands = []
-    for block_n in (64, 128):
-        for stages in (4, 6):
-            for warps in (4, 8):
-                for programs in (512, 1024, 2048):
+    for block_n in grid["block_n"]:
+        for stages in grid["stages"]:
+            for warps in grid["warps"]:
+                for programs in grid["programs"]:
                     split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
                     cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
                                    split_partials=split > 1))
@@ -241,6 +245,7 @@ def parse(argv):
     p.add_argument("--min-calls", type=int, default=32, help="calls per timed program for M <= 256")
     p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
     p.add_argument("--sweep-decode", action="store_true", help="sweep the decode kernel's tiles (decode_sweep)")
+    p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -328,8 +333,10 @@ def main(argv=None):
             for m in ms:
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
-        if args.sweep or args.sweep_decode:
+        if args.sweep or args.sweep_decode or args.sweep_decode_small:
             sweep = decode_sweep if args.sweep_decode else default_sweep
+            if args.sweep_decode_small:
+                sweep = lambda m, g, rows: decode_sweep(m, g, rows, DECODE_SWEEP_SMALL)  # noqa: E731
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):

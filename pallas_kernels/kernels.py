@@ -113,7 +113,8 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -
         return GemmConfig(block_m, block_n, 1, 4, 4, fuse_quant=True)
     tiles = rows // 64
     split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
-    return GemmConfig(block_m, 64, split, 4, 4, fuse_quant=decode.startswith("fused"),
+    # 3 stages: more blocks per SM (call 11: 5–18 % faster than 4 stages at M = 1 and 16)
+    return GemmConfig(block_m, 64, split, 4, 3, fuse_quant=decode.startswith("fused"),
                       split_partials=decode.endswith("partials"))
 
 
