@@ -157,24 +157,13 @@ def split_variant(name: str) -> tuple[str, str | None, int | None]:
     return base, strategy, None if head is None else int(head)
 
 
-def quantize_head(params: dict, bits: int) -> dict:
-    """Embedding table and LM head → MixedWeight, RTN, every row 8-bit (bits=8) or 4-bit (bits=4)."""
-    from pallas_kernels import pack_rtn
-
-    out = dict(params)
-    for name in ("embed_tokens", "lm_head"):
-        if name in params:
-            w = np.asarray(params[name], np.float32)
-            out[name] = pack_rtn(w, np.full(w.shape[0], bits == 8))
-            del w
-    return out
-
-
 def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
     name, _, head_bits = split_variant(name)
     params = _build_base(name, cfg, args, log)
-    if head_bits:
-        params = quantize_head(params, head_bits)
+    if head_bits:  # RTN, every row of the embedding table and the LM head at head_bits
+        from mixjax.quant.api import quantize_head
+
+        params = {**params, **quantize_head(params, cfg, bits=head_bits)}
     if args.fuse:  # layer by layer, so the unfused copy of only one layer is alive at a time
         stacked = not isinstance(params["layers"], (tuple, list))
         if stacked:

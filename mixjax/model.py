@@ -127,15 +127,13 @@ def stack_layers(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *layers)}
 
 
-# Linears that share their input, and the name of their fused weight (`fuse_projections`).
-_FUSED = {("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"): "qkv_proj",
-          ("mlp.gate_proj", "mlp.up_proj"): "gate_up_proj"}
+# Linears that share their input: {group: (member projections, name of their fused weight)}.
+_FUSED = {"self_attn": (("q_proj", "k_proj", "v_proj"), "qkv_proj"), "mlp": (("gate_proj", "up_proj"), "gate_up_proj")}
 
 
-def _out_features(name: str, cfg: LlamaConfig) -> int:
-    heads = {"self_attn.q_proj": cfg.num_attention_heads, "self_attn.k_proj": cfg.num_key_value_heads,
-             "self_attn.v_proj": cfg.num_key_value_heads}
-    return heads[name] * cfg.head_dim if name in heads else cfg.intermediate_size
+def _out_features(proj: str, cfg: LlamaConfig) -> int:
+    heads = {"q_proj": cfg.num_attention_heads, "k_proj": cfg.num_key_value_heads, "v_proj": cfg.num_key_value_heads}
+    return heads[proj] * cfg.head_dim if proj in heads else cfg.intermediate_size
 
 
 def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
@@ -152,27 +150,28 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
 
     stacked = not isinstance(params["layers"], (tuple, list))
 
+    def fuse_group(entries: dict, members: tuple[str, ...]) -> dict | None:
+        ws = [entries[name]["weight"] for name in members]
+        if all(isinstance(w, MixedWeight) for w in ws):
+            fused = {"weight": concat_mixed(ws)}
+        elif all(hasattr(w, "dtype") and not isinstance(w, QuantizedLinear) for w in ws):
+            fused = {"weight": jnp.concatenate(ws, axis=1 if stacked else 0)}
+        else:
+            return None
+        if any("bias" in entries[name] for name in members):  # a part without one contributes zeros
+            fused["bias"] = jnp.concatenate([entries[name].get("bias", jnp.zeros(w.shape[:-1]))
+                                             for name, w in zip(members, ws)], axis=-1)
+        return fused
+
     def fuse_layer(layer):
         layer = {**layer}
-        for names, fused in _FUSED.items():
-            group = names[0].split(".")[0]
-            parts = [get_path(layer, name) for name in names] if names[0].split(".")[1] in layer[group] else None
-            if parts is None:
-                continue
-            ws = [p["weight"] for p in parts]
-            if all(isinstance(w, MixedWeight) for w in ws):
-                w = concat_mixed(ws)
-            elif all(hasattr(w, "dtype") and not isinstance(w, QuantizedLinear) for w in ws):
-                w = jnp.concatenate(ws, axis=1 if stacked else 0)
-            else:
-                continue
-            entry = {"weight": w}
-            if any("bias" in p for p in parts):  # a part without one contributes zeros
-                shapes = [w.shape[:-1] for w in ws]
-                entry["bias"] = jnp.concatenate([p.get("bias", jnp.zeros(shape)) for p, shape in zip(parts, shapes)],
-                                                axis=-1)
-            sub = {key: val for key, val in layer[group].items() if f"{group}.{key}" not in names}
-            layer[group] = {**sub, fused: entry}
+        for group, (members, fused_name) in _FUSED.items():
+            if not all(name in layer[group] for name in members):
+                continue  # already fused
+            fused = fuse_group(layer[group], members)
+            if fused is not None:
+                rest = {key: val for key, val in layer[group].items() if key not in members}
+                layer[group] = {**rest, fused_name: fused}
         return layer
 
     layers = fuse_layer(params["layers"]) if stacked else tuple(fuse_layer(layer) for layer in params["layers"])
@@ -397,16 +396,15 @@ def _decoder_layer(
         p = get_path(layer, name)
         return linear(h, p["weight"], p.get("bias"), implementation=implementation)
 
-    def projs(names, h):  # linears sharing the input h: one call on their fused weight when present
-        fused = _FUSED.get(names)
-        if fused is not None and fused in layer[names[0].split(".")[0]]:
-            out = proj(names[0].split(".")[0] + "." + fused, h)
-            sizes = [_out_features(name, cfg) for name in names]
-            return jnp.split(out, np.cumsum(sizes)[:-1].tolist(), axis=-1)
-        return [proj(name, h) for name in names]
+    def projs(group, h):  # the group's linears sharing the input h: one call on their fused weight if present
+        members, fused_name = _FUSED[group]
+        if fused_name in layer[group]:
+            sizes = [_out_features(name, cfg) for name in members]
+            return jnp.split(proj(f"{group}.{fused_name}", h), np.cumsum(sizes)[:-1].tolist(), axis=-1)
+        return [proj(f"{group}.{name}", h) for name in members]
 
     h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
-    q, k, v = projs(("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), h)
+    q, k, v = projs("self_attn", h)
     q = apply_rope(q.reshape(B, T, H, Dh), *rope)
     k = apply_rope(k.reshape(B, T, KVH, Dh), *rope)
     v = v.reshape(B, T, KVH, Dh)
@@ -422,7 +420,7 @@ def _decoder_layer(
     x = x + proj("self_attn.o_proj", attn)
 
     h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
-    gate, up = projs(("mlp.gate_proj", "mlp.up_proj"), h)
+    gate, up = projs("mlp", h)
     gated = jax.nn.silu(gate) * up  # [B, T, F]
     x = x + proj("mlp.down_proj", gated)
     return x, new_cache

@@ -95,6 +95,11 @@ def _largest_split(num_groups: int, target: int) -> int:
     return max(d for d in range(1, min(num_groups, target) + 1) if num_groups % d == 0)
 
 
+def _decode_split(num_groups: int, tiles: int) -> int:
+    """Split-K for `tiles` output tiles: ~1000 programs, each with at least 4 K groups."""
+    return _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
+
+
 DecodeStrategy = Literal["quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single"]
 DECODE_STRATEGIES = ("quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single")
 DEFAULT_DECODE: DecodeStrategy = "quantize_partials"  # fastest at M = 1, 16, 32 on the H100 (device call 8)
@@ -111,8 +116,7 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -
     if decode == "fused_single":
         block_n = next((bn for bn in (64, 32) if rows // bn >= 2 * 132), 16)  # ≥ 2 programs per SM
         return GemmConfig(block_m, block_n, 1, 4, 4, fuse_quant=True)
-    tiles = rows // 64
-    split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
+    split = _decode_split(num_groups, rows // 64)
     # 3 stages: more blocks per SM (call 11: 5–18 % faster than 4 stages at M = 1 and 16)
     return GemmConfig(block_m, 64, split, 4, 3, fuse_quant=decode.startswith("fused"),
                       split_partials=decode.endswith("partials"))
@@ -128,8 +132,7 @@ def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
     if m <= 32 and mode == "int":  # decode tiles up to M = 32 (call 5: 64×64 tiles took 119 µs at K=14336)
         return _decode_config(m, num_groups, rows, decode)
     if m <= 32:
-        tiles = -(-m // 16) * (rows // 64)
-        split = _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
+        split = _decode_split(num_groups, -(-m // 16) * (rows // 64))
         return GemmConfig(16, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
     if m < 256:
         tiles = -(-m // 64) * (rows // 64)
