@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -216,6 +217,8 @@ def default_sweep(m: int, g: int, rows: int):
 
 DECODE_SWEEP = {"block_n": (64, 128), "stages": (4, 6), "warps": (4, 8), "programs": (512, 1024, 2048)}  # call 8
 DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "programs": (1024, 2048)}  # call 11
+DECODE_SWEEP_PREFETCH = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
+                         "prefetch": (0, 1, 2, 3)}  # session 3: small operands loaded ahead
 
 
 def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
@@ -223,13 +226,11 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     number of programs that split-K aims for."""
     C = kernels.GemmConfig
     cands = []
-    for block_n in grid["block_n"]:
-        for stages in grid["stages"]:
-            for warps in grid["warps"]:
-                for programs in grid["programs"]:
-                    split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
-                    cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
-                                   split_partials=split > 1))
+    for block_n, stages, warps, programs, prefetch in itertools.product(
+            grid["block_n"], grid["stages"], grid["warps"], grid["programs"], grid.get("prefetch", (0,))):
+        split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
+        cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
+                       split_partials=split > 1, prefetch=prefetch))
     return list(dict.fromkeys(cands))
 
 
@@ -246,6 +247,7 @@ def parse(argv):
     p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
     p.add_argument("--sweep-decode", action="store_true", help="sweep the decode kernel's tiles (decode_sweep)")
     p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
+    p.add_argument("--sweep-decode-prefetch", action="store_true", help="the grid DECODE_SWEEP_PREFETCH")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -259,7 +261,7 @@ def emit(row, log):
     log.write(json.dumps(row) + "\n")
     log.flush()
     cfg = row.get("config")
-    cfg_s = "" if not cfg else "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{f}".format(
+    cfg_s = "" if not cfg else "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter} p{prefetch}{f}".format(
         f=" fused" if cfg["fuse_quant"] else "", **cfg)
     err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
     dev = row.get("device")
@@ -333,10 +335,11 @@ def main(argv=None):
             for m in ms:
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
-        if args.sweep or args.sweep_decode or args.sweep_decode_small:
+        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_prefetch:
             sweep = decode_sweep if args.sweep_decode else default_sweep
-            if args.sweep_decode_small:
-                sweep = lambda m, g, rows: decode_sweep(m, g, rows, DECODE_SWEEP_SMALL)  # noqa: E731
+            if args.sweep_decode_small or args.sweep_decode_prefetch:
+                grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PREFETCH
+                sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):

@@ -74,6 +74,9 @@ class GemmConfig:
     # measured no faster on the H100, call 5: XLA's zero fill is a cheap memset, the fused stores are not)
     split_partials: bool = False  # split-K: each split stores its own f32 partial [S·M, N] and XLA sums
     # them (the sum fuses into the consumer) instead of atomics into a zero-filled output
+    prefetch: int = 0  # load each group's small operands (weight scales and zeros, activation scales and
+    # sums) this many loop iterations ahead, carried in registers: Triton's pipeliner does not stage loads
+    # narrower than 32 bits per thread (the int8 zeros), so without it every group waits on a load
 
     @property
     def atomic(self) -> bool:
@@ -89,6 +92,8 @@ class GemmConfig:
                              f"{num_groups // self.split_k}")
         if self.block_m % 16:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch={self.prefetch} must be ≥ 0 (loop iterations ahead)")
 
 
 def _largest_split(num_groups: int, target: int) -> int:
@@ -251,26 +256,31 @@ def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact 
     return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
 
 
-def _w8_mma(xs, g, n0, q8_ref, *, block_n, evict, mode):
+def _w8_mma(xh, g, n0, q8_ref, *, block_n, evict, mode):
     """Phase 1 of one K group of the 8-bit branch: the MMAs (int32 seeded, or f32 in float mode)."""
     rows = pl.ds(n0, block_n)
     wa = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
     wb = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
     if mode == "float":
         return wa, wb  # dequantized in phase 2 (needs the scales)
-    return _seeded_mma(xs[0], wa, xs[1], wb)
+    return _seeded_mma(xh[0], wa, xh[1], wb)
 
 
-def _w8_scale(partial, xs, g, n0, s8_ref, *, block_n, mode):
+def _w8_meta(g, n0, s8_ref, *, block_n):
+    """The group's small weight operands, as loaded (no arithmetic: they may be prefetched)."""
+    return (plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)]),)  # [bn] f32 scales
+
+
+def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
     """Phase 2: f32 [bm, bn] contribution of the group."""
-    w_scale = plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)])  # [bn]
+    (w_scale,) = w_meta
     if mode == "float":
         wa, wb = ((w.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16) for w in partial)
-        return _dot_nt(xs[0], wa) + _dot_nt(xs[1], wb)
-    return _unseed(partial) * (xs[2][:, None] * w_scale[None, :])
+        return _dot_nt(xh[0], wa) + _dot_nt(xh[1], wb)
+    return _unseed(partial) * (a_meta[0][:, None] * w_scale[None, :])
 
 
-def _w4_mma(xs, g, n0, q4_ref, *, block_n, evict, mode):
+def _w4_mma(xh, g, n0, q4_ref, *, block_n, evict, mode):
     """Phase 1 of one K group of the 4-bit branch: unpack with two bit ops, then the MMAs."""
     packed = plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)],
                         eviction_policy=evict)  # [bn, 64]
@@ -278,22 +288,27 @@ def _w4_mma(xs, g, n0, q4_ref, *, block_n, evict, mode):
     hi = packed & jnp.int8(-16)  # 16·(u − 8) for k in [64, 128)
     if mode == "float":
         return lo, hi
-    return _seeded_mma(xs[0], lo, xs[1], hi)  # 16·Σ x_q·(u − 8)
+    return _seeded_mma(xh[0], lo, xh[1], hi)  # 16·Σ x_q·(u − 8)
 
 
-def _w4_scale(partial, xs, g, n0, s4_ref, z4_ref, *, block_n, mode):
-    """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q."""
+def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n):
+    """The group's scales [bn] f32 and zero points [bn] int8, as loaded."""
     rows = pl.ds(n0, block_n)
-    w_scale = plgpu.load(s4_ref.at[g, rows])  # [bn]
-    zero_off = 8.0 - plgpu.load(z4_ref.at[g, rows]).astype(jnp.float32)  # [bn] 8 − z
+    return plgpu.load(s4_ref.at[g, rows]), plgpu.load(z4_ref.at[g, rows])
+
+
+def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
+    """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q."""
+    w_scale, zero = w_meta
+    zero_off = 8.0 - zero.astype(jnp.float32)  # [bn] 8 − z
     if mode == "float":
         scale16, shift = w_scale * (1.0 / 16.0), zero_off * w_scale
 
         def deq(w16):  # ((u − 8) + (8 − z))·s in bf16
             return (w16.astype(jnp.float32) * scale16[:, None] + shift[:, None]).astype(jnp.bfloat16)
 
-        return _dot_nt(xs[0], deq(partial[0])) + _dot_nt(xs[1], deq(partial[1]))
-    a_scale, x_sum = xs[2], xs[3]
+        return _dot_nt(xh[0], deq(partial[0])) + _dot_nt(xh[1], deq(partial[1]))
+    a_scale, x_sum = a_meta
     zero_term = (a_scale * x_sum.astype(jnp.float32))[:, None] * (zero_off * w_scale)[None, :]
     return _unseed(partial) * (a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :]) + zero_term
 
@@ -312,30 +327,44 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
     g0 = split * groups_per_split
     evict = "evict_first"
 
-    def load_x(g):
+    def load_x(g):  # → (operand halves, activation meta): meta = (a_scale [bm], Σx_q [bm]) or ()
         if mode == "float":
             xa, xb = _load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k)
-            return xa.astype(jnp.bfloat16), xb.astype(jnp.bfloat16)
+            return (xa.astype(jnp.bfloat16), xb.astype(jnp.bfloat16)), ()
         if cfg.fuse_quant:
-            return _quantize_halves(*_load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k))
+            qa, qb, a_scale, x_sum = _quantize_halves(*_load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k))
+            return (qa, qb), (a_scale, x_sum)
         xa = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE, HALF_GROUP)]  # [bm, 64] int8
         xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
-        return xa, xb, as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]
+        return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
 
-    def run(mma_fn, scale_fn, n0):
+    def run(mma_fn, meta_fn, scale_fn, n0):
         unroll = cfg.groups_per_iter
-
-        def body(i, acc):  # all MMAs of the iteration's groups are issued before any is waited on
-            groups = [g0 + i * unroll + j for j in range(unroll)]
-            xs = [load_x(g) for g in groups]
-            partials = [mma_fn(x, g, n0) for x, g in zip(xs, groups)]
-            for partial, x, g in zip(partials, xs, groups):
-                acc = acc + scale_fn(partial, x, g, n0)
-            return acc
-
-        acc = lax.fori_loop(0, groups_per_split // unroll, body, jnp.zeros((bm, bn), jnp.float32))
+        iters = groups_per_split // unroll
+        with_a_meta = not cfg.fuse_quant and mode != "float"
         rows = m0 + jnp.arange(bm)  # [bm]
-        cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows
+        cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows (read first)
+
+        def load_meta(i):  # small operands of iteration i's groups (clamped: the tail re-reads the last)
+            gs = [g0 + jnp.minimum(i, iters - 1) * unroll + j for j in range(unroll)]
+            a = [(as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]) if with_a_meta else () for g in gs]
+            return tuple(a), tuple(meta_fn(g, n0) for g in gs)
+
+        def body(i, carry):  # all MMAs of the iteration's groups are issued before any is waited on
+            acc, ahead = carry
+            groups = [g0 + i * unroll + j for j in range(unroll)]
+            if cfg.prefetch:  # this iteration's meta was loaded `prefetch` iterations ago
+                (a_metas, w_metas), ahead = ahead[0], (*ahead[1:], load_meta(i + cfg.prefetch))
+            else:
+                a_metas, w_metas = load_meta(i)
+            xs = [load_x(g) for g in groups]
+            partials = [mma_fn(xh, g, n0) for (xh, _), g in zip(xs, groups)]
+            for partial, (xh, a_in), a_meta, w_meta in zip(partials, xs, a_metas, w_metas):
+                acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
+            return acc, ahead
+
+        ahead = tuple(load_meta(i) for i in range(cfg.prefetch))
+        acc, _ = lax.fori_loop(0, iters, body, (jnp.zeros((bm, bn), jnp.float32), ahead))
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])
@@ -348,15 +377,15 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         @pl.when(tile < n8_tiles)
         def _():
             mma = functools.partial(_w8_mma, q8_ref=q8_ref, block_n=bn, evict=evict, mode=mode)
-            scale = functools.partial(_w8_scale, s8_ref=s8_ref, block_n=bn, mode=mode)
-            run(mma, scale, tile * bn)
+            meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
+            run(mma, meta, functools.partial(_w8_scale, mode=mode), tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
         def _():
             mma = functools.partial(_w4_mma, q4_ref=q4_ref, block_n=bn, evict=evict, mode=mode)
-            scale = functools.partial(_w4_scale, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn, mode=mode)
-            run(mma, scale, (tile - n8_tiles) * bn)
+            meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn)
+            run(mma, meta, functools.partial(_w4_scale, mode=mode), (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):

@@ -208,6 +208,9 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(32, 128, 1, 4, 2, fuse_quant=True),  # fused quantization, direct store
         kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5),  # 5 groups' MMAs in flight
         kernels.GemmConfig(16, 64, 5, 4, 2, fuse_quant=False, zero_in_quant=True),  # zero fill in the quantizer
+        kernels.GemmConfig(16, 32, 1, 4, 2, fuse_quant=False, prefetch=2),  # small operands 2 groups ahead
+        kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=False, split_partials=True, prefetch=3),  # > groups/split
+        kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5, prefetch=1),
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
@@ -327,6 +330,7 @@ def test_choose_config_decode_and_prefill():
         (kernels.GemmConfig(16, 64, 3, 4, 2, fuse_quant=True), "split_k=3"),
         (kernels.GemmConfig(8, 64, 1, 4, 2, fuse_quant=True), "block_m=8"),
         (kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=3), "groups_per_iter=3"),
+        (kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, prefetch=-1), "prefetch=-1"),
     ],
 )
 def test_kernel_rejects_configs_it_cannot_take(cfg, match):
