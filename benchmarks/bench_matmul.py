@@ -39,13 +39,13 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import format as fmt  # noqa: E402
-from pallas_kernels import api, dequant_dot, kernels, reference  # noqa: E402
+from pallas_kernels import api, dequant_dot, gemv, kernels, reference  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1}
+         "mixed_v4": 0.1, "gemv": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -95,6 +95,9 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_ref":
         return reference.mixed_matmul_ref, build, None, None
+    if name == "gemv":  # the CUDA-core dp4a decode kernel (pallas_kernels/gemv.py), one launch
+        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg, interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_dequant":
         return reference.dequant_matmul_ref, build, None, None
     if name == "float_dequant":
@@ -234,6 +237,19 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     return list(dict.fromkeys(cands))
 
 
+GEMV_SWEEP = {"block_n": (32, 64, 128), "programs": (512, 1024, 2048), "warps": (4, 8), "stages": (3,)}
+
+
+def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
+    """--sweep-gemv: the dp4a GEMV over tile height, program count and warps."""
+    cands = []
+    for block_n, programs, warps, stages in itertools.product(
+            grid["block_n"], grid["programs"], grid["warps"], grid["stages"]):
+        split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
+        cands.append(gemv.GemvConfig(block_n, split, warps, stages))
+    return list(dict.fromkeys(cands))
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,KxN,...")
@@ -248,6 +264,7 @@ def parse(argv):
     p.add_argument("--sweep-decode", action="store_true", help="sweep the decode kernel's tiles (decode_sweep)")
     p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
     p.add_argument("--sweep-decode-prefetch", action="store_true", help="the grid DECODE_SWEEP_PREFETCH")
+    p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -261,8 +278,13 @@ def emit(row, log):
     log.write(json.dumps(row) + "\n")
     log.flush()
     cfg = row.get("config")
-    cfg_s = "" if not cfg else "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter} p{prefetch}{f}".format(
-        f=" fused" if cfg["fuse_quant"] else "", **cfg)
+    if not cfg:
+        cfg_s = ""
+    elif "block_m" not in cfg:  # GemvConfig
+        cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
+    else:
+        cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter} p{prefetch}{f}".format(
+            f=" fused" if cfg["fuse_quant"] else "", **cfg)
     err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
     dev = row.get("device")
     if dev:
@@ -335,7 +357,7 @@ def main(argv=None):
             for m in ms:
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
-        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_prefetch:
+        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_prefetch or args.sweep_gemv:
             sweep = decode_sweep if args.sweep_decode else default_sweep
             if args.sweep_decode_small or args.sweep_decode_prefetch:
                 grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PREFETCH
@@ -343,8 +365,9 @@ def main(argv=None):
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
-                    for cfg in sweep(m, -(-k // 128), n + 256):
-                        rows.append(run_row("mixed", k, n, m, args, bandwidth, log, cfg=cfg))
+                    for cfg in (gemv_sweep if args.sweep_gemv else sweep)(m, -(-k // 128), n + 256):
+                        name = "gemv" if args.sweep_gemv else "mixed"
+                        rows.append(run_row(name, k, n, m, args, bandwidth, log, cfg=cfg))
     bandwidth_end = copy_bandwidth()
     print(f"copy bandwidth at the end {bandwidth_end / 1e12:.2f} TB/s", flush=True)
     table = summary(rows)

@@ -1,0 +1,191 @@
+"""Decode GEMV for a few activation rows (M ≤ `GEMV_MAX_M`): integer dot products on the CUDA cores.
+
+At M = 1 the MMA kernel (`kernels.py`) pads the activation to a 16-row tile: 15/16 of its tensor-core work
+and of its per-group f32 rescale tile are padding, and it needs a separate activation-quantization launch.
+This kernel reads the same packed weight (`format.MixedWeight`) as 32-bit words and runs `dp4a` (4 int8
+products summed into int32, one instruction) per word and activation row:
+
+- 4-bit word = 4 bytes = the low nibbles of k = 4c..4c+3 and the high nibbles of k = 64+4c..64+4c+3
+  (signed-nibble layout, `format.py`). `(w << 4) & 0xF0F0F0F0` and `w & 0xF0F0F0F0` are four int8 values
+  16·(u − 8) each: three integer ops unpack eight weights, two `dp4a` multiply them with the activation
+  words of k = 4c.. and k = 64+4c.. .
+- 8-bit word = four int8 codes, one `dp4a`.
+
+Each program quantizes its activation groups itself (int8 symmetric per (row, group of 128), the same
+arithmetic as `reference.quantize_groups`, packed into words), so one launch does the whole product; the
+per-group step 2 (× s_a·s_w, the zero point through Σx_q) runs on [rows] vectors, not on a padded tile.
+Split-K programs store f32 partials [S·M, N] that XLA sums in the consumer (as `kernels`' partials
+epilogue). The integer partial of a group is exact, so the result matches the reference up to f32
+summation order. In interpret mode `dp4a` is emulated with shifts (Pallas has no CPU rule for inline PTX).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight
+
+GEMV_MAX_M = 4  # rows up to which the GEMV path is the default (CUDA-core work grows with M)
+_WORDS = GROUP_SIZE // 8  # 16 words of 4 bytes per half group of activations / per 4-bit group row
+
+
+@dataclasses.dataclass(frozen=True)
+class GemvConfig:
+    block_n: int = 64  # packed rows per program
+    split_k: int = 1  # K groups split over this many programs (f32 partials summed by XLA)
+    num_warps: int = 4
+    num_stages: int = 3
+
+    def check(self, m: int, num_groups: int) -> None:
+        if ROW_ALIGN % self.block_n:
+            raise ValueError(f"block_n={self.block_n} must divide the row padding {ROW_ALIGN}")
+        if num_groups % self.split_k:
+            raise ValueError(f"split_k={self.split_k} must divide the number of K groups {num_groups}")
+        if not 1 <= m <= 16:
+            raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
+
+
+def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 1024) -> GemvConfig:
+    """64-row tiles, split-K for about `programs` programs with ≥ 4 groups each."""
+    from pallas_kernels.kernels import _largest_split
+
+    tiles = rows // 64
+    return GemvConfig(64, _largest_split(num_groups, min(max(1, -(-programs // tiles)), max(1, num_groups // 4))))
+
+
+def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:
+    """Elementwise Σ_j int8(a)_j · int8(b)_j + c over the 4 bytes of int32 words (PTX dp4a.s32.s32)."""
+    if not interpret:
+        return plgpu.elementwise_inline_asm(
+            "dp4a.s32.s32 $0, $1, $2, $3;", args=[a, b, c], constraints="=r,r,r,r", pack=1,
+            result_shape_dtypes=[jax.ShapeDtypeStruct(a.shape, jnp.int32)])[0]
+    for j in range(4):  # byte j sign-extended: shift it to the top, arithmetic shift back
+        up = 24 - 8 * j
+        c = c + ((a << up) >> 24) * ((b << up) >> 24)
+    return c
+
+
+def _quantize_words(x_ref, row, g):
+    """Row `row`, group g of x [M, Kp/4, 4] → (lo words [16], hi words [16] int32, s_a, Σx_q f32 scalars).
+
+    Same arithmetic as `reference.quantize_groups`: s_a = amax/127, codes clip(floor(x·127/amax + ½))."""
+    lo = x_ref[row, pl.ds(g * 2 * _WORDS, _WORDS), :].astype(jnp.float32)  # [16, 4]: k = 4c + j
+    hi = x_ref[row, pl.ds(g * 2 * _WORDS + _WORDS, _WORDS), :].astype(jnp.float32)  # k = 64 + 4c + j
+    amax = jnp.maximum(jnp.max(jnp.abs(lo)), jnp.max(jnp.abs(hi)))
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    shifts = 8 * lax.broadcasted_iota(jnp.int32, (1, 4), 1)
+
+    def words(v):
+        q = jnp.clip(jnp.floor(v * inv + 0.5), -127.0, 127.0).astype(jnp.int32)  # [16, 4]
+        return jnp.sum((q & 255) << shifts, axis=1), jnp.sum(q)  # disjoint bytes: the sum is the OR
+
+    (w_lo, s_lo), (w_hi, s_hi) = words(lo), words(hi)
+    return w_lo, w_hi, amax / 127.0, (s_lo + s_hi).astype(jnp.float32)
+
+
+def _gemv_kernel(x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref, *, cfg: GemvConfig, m: int,
+                 n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int, interpret: bool):
+    bn = cfg.block_n
+    tile, split = pl.program_id(0), pl.program_id(1)
+    g0 = split * groups_per_split
+    cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels (≥ n_out on padding rows)
+    dp4a = functools.partial(_dp4a, interpret=interpret)
+    zero = jnp.zeros((bn, _WORDS), jnp.int32)
+
+    def run(partial_fn, scale_fn, n0):
+        def body(i, accs):
+            g = g0 + i
+            xs = [_quantize_words(x_ref, r, g) for r in range(m)]
+            parts = partial_fn(g, n0, xs)  # per row: [bn] int32 exact group partial
+            w_meta = scale_fn(g, n0)
+            return tuple(acc + step2(p, x, w_meta) for acc, p, x in zip(accs, parts, xs))
+
+        accs = lax.fori_loop(0, groups_per_split, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
+        for r, acc in enumerate(accs):
+            plgpu.store(o_ref.at[split * m + r, cols], acc, mask=cols < n_out)
+
+    def step2(p, x, w_meta):
+        _, _, a_scale, x_sum = x
+        w_scale, zero_off = w_meta  # zero_off None for 8-bit rows
+        y = p.astype(jnp.float32) * (a_scale * w_scale)
+        return y if zero_off is None else y + (a_scale * x_sum) * zero_off
+
+    def w8_partial(g, n0, xs):
+        rows = pl.ds(n0, bn)
+        wa = plgpu.load(q8_ref.at[rows, pl.ds(g * 2 * _WORDS, _WORDS)], eviction_policy="evict_first")  # [bn, 16]
+        wb = plgpu.load(q8_ref.at[rows, pl.ds(g * 2 * _WORDS + _WORDS, _WORDS)], eviction_policy="evict_first")
+        return [jnp.sum(dp4a(wb, jnp.broadcast_to(hi[None, :], wb.shape),
+                             dp4a(wa, jnp.broadcast_to(lo[None, :], wa.shape), zero)), axis=1)
+                for lo, hi, _, _ in xs]
+
+    def w8_scale(g, n0):
+        return plgpu.load(s8_ref.at[g, pl.ds(n0, bn)]), None
+
+    def w4_partial(g, n0, xs):
+        w = plgpu.load(q4_ref.at[pl.ds(n0, bn), pl.ds(g * _WORDS, _WORDS)], eviction_policy="evict_first")
+        mask = jnp.int32(-252645136)  # 0xF0F0F0F0
+        lo_w, hi_w = (w << 4) & mask, w & mask  # four int8 16·(u − 8) each
+        return [jnp.sum(dp4a(hi_w, jnp.broadcast_to(hi[None, :], w.shape),
+                             dp4a(lo_w, jnp.broadcast_to(lo[None, :], w.shape), zero)), axis=1)
+                for lo, hi, _, _ in xs]
+
+    def w4_scale(g, n0):
+        rows = pl.ds(n0, bn)
+        w_scale = plgpu.load(s4_ref.at[g, rows])
+        zero_off = (8.0 - plgpu.load(z4_ref.at[g, rows]).astype(jnp.float32)) * w_scale
+        return w_scale * (1.0 / 16.0), zero_off
+
+    if n8_tiles:  # an empty channel set's placeholders are never traced
+        @pl.when(tile < n8_tiles)
+        def _():
+            run(w8_partial, w8_scale, tile * bn)
+
+    if n4_tiles:
+        @pl.when(tile >= n8_tiles)
+        def _():
+            run(w4_partial, w4_scale, (tile - n8_tiles) * bn)
+
+
+def _words(a: jax.Array) -> jax.Array:
+    """int8 [R, C] → int32 [R, C/4] (little-endian: byte j of a word is column 4c + j)."""
+    return lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 4), jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "out_dtype"))
+def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
+    m, k = x.shape
+    g = qw.num_groups
+    cfg.check(m, g)
+    if k != g * GROUP_SIZE:
+        x = jnp.pad(x, ((0, 0), (0, g * GROUP_SIZE - k)))
+    x4 = x.reshape(m, g * GROUP_SIZE // 4, 4)
+    n8_tiles, n4_tiles = qw.q8.shape[0] // cfg.block_n, qw.q4.shape[0] // cfg.block_n
+    q8 = _words(qw.q8) if qw.q8.size else jnp.zeros((1, 1), jnp.int32)
+    q4 = _words(qw.q4) if qw.q4.size else jnp.zeros((1, 1), jnp.int32)
+    s8 = qw.scale8 if qw.scale8.size else jnp.zeros((1, 1), jnp.float32)
+    s4, z4 = (qw.scale4, qw.zero4) if qw.q4.size else (jnp.zeros((1, 1), jnp.float32), jnp.zeros((1, 1), jnp.int8))
+    kernel = functools.partial(_gemv_kernel, cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
+                               n_out=qw.n, interpret=interpret)
+    y = pl.pallas_call(
+        kernel,
+        out_shape=jax.ShapeDtypeStruct((cfg.split_k * m, qw.n), jnp.float32),
+        grid=(n8_tiles + n4_tiles, cfg.split_k),
+        interpret=interpret,
+        name="mixed_gemv",
+        compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
+    )(x4, q8, s8, q4, s4, z4, qw.channel)
+    return y.reshape(cfg.split_k, m, qw.n).sum(0).astype(out_dtype)  # the sum fuses into the consumer
+
+
+def mixed_gemv_pallas(x: jax.Array, qw: MixedWeight, *, config: GemvConfig | None = None,
+                      interpret: bool = False, out_dtype=None) -> jax.Array:
+    """x [M, K] float (M ≤ 16; fastest for M ≤ `GEMV_MAX_M`) → [M, N] in channel order, one launch."""
+    cfg = config or choose_gemv_config(qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0])
+    return _gemv(x, qw, cfg=cfg, interpret=interpret, out_dtype=jnp.dtype(out_dtype or x.dtype))
