@@ -4,6 +4,9 @@
         --section MemoryWorkloadAnalysis --section WarpStateStats --section Occupancy --section LaunchStats \
         python3 benchmarks/ncu_decode.py --m 1 --k 4096 --n 14336
 
+Per-instruction stall samples (where a kernel waits): `--set full --export R` then
+`ncu --import R.ncu-rep --page source --csv --print-source sass`. `--kernel gemv` profiles mixed_gemv.
+
 Runs the default decode configuration three times on one packed weight (random codes, 10 % 8-bit rows)
 so that ncu can skip the compile-time launches and profile a warm one.
 """
@@ -21,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import random_packed  # noqa: E402
-from pallas_kernels import kernels  # noqa: E402
+from pallas_kernels import gemv, kernels  # noqa: E402
 
 
 def main(argv=None):
@@ -30,10 +33,13 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=14336)
     p.add_argument("--decode", default=kernels.DEFAULT_DECODE, choices=kernels.DECODE_STRATEGIES)
+    p.add_argument("--kernel", default="mma", choices=("mma", "gemv"), help="mixed_gemm or mixed_gemv")
     args = p.parse_args(argv)
     w = random_packed(np.random.default_rng(0), args.n, args.k, 0.1)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(args.m, args.k)), jnp.bfloat16)
     fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, decode=args.decode))
+    if args.kernel == "gemv":
+        fn = jax.jit(lambda x, w: gemv.mixed_gemv_pallas(x, w))
     for _ in range(3):
         jax.block_until_ready(fn(x, w))
     print("config", kernels.choose_config(args.m, w.num_groups, w.q8.shape[0] + w.q4.shape[0], decode=args.decode))
