@@ -237,6 +237,25 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     return list(dict.fromkeys(cands))
 
 
+def unrolled_sweep(m: int, g: int, rows: int):
+    """--sweep-decode-unrolled: the small per-group loads (scales, zeros, activation scales) are plain loads
+    that Triton does not pipeline (ncu, session 3: 54 % of stall samples wait on the zeros every group).
+    Here every program issues all its groups at once (groups_per_iter = groups per split, one loop
+    iteration): one memory latency per program instead of one per group, more programs."""
+    C = kernels.GemmConfig
+    cands = []
+    for programs, stages, warps in itertools.product((1024, 2048, 4096, 8192), (1,), (4, 8)):
+        split = kernels._largest_split(g, max(1, -(-programs // (rows // 64))))
+        cands.append(C(16 if m <= 16 else 32, 64, split, warps, stages, fuse_quant=False,
+                       split_partials=split > 1, groups_per_iter=g // split))
+    for programs in (1024, 2048):  # two groups per pipelined iteration
+        split = kernels._largest_split(g, min(max(1, -(-programs // (rows // 64))), max(1, g // 4)))
+        if (g // split) % 2 == 0:
+            cands.append(C(16 if m <= 16 else 32, 64, split, 4, 3, fuse_quant=False,
+                           split_partials=split > 1, groups_per_iter=2))
+    return list(dict.fromkeys(cands))
+
+
 GEMV_SWEEP = {"block_n": (32, 64, 128), "programs": (512, 1024, 2048), "warps": (4, 8), "stages": (3,)}
 
 
@@ -265,6 +284,7 @@ def parse(argv):
     p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
     p.add_argument("--sweep-decode-prefetch", action="store_true", help="the grid DECODE_SWEEP_PREFETCH")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
+    p.add_argument("--sweep-decode-unrolled", action="store_true", help="all groups of a split at once (unrolled_sweep)")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -357,11 +377,14 @@ def main(argv=None):
             for m in ms:
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
-        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_prefetch or args.sweep_gemv:
+        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_prefetch or args.sweep_gemv \
+                or args.sweep_decode_unrolled:
             sweep = decode_sweep if args.sweep_decode else default_sweep
             if args.sweep_decode_small or args.sweep_decode_prefetch:
                 grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PREFETCH
                 sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
+            if args.sweep_decode_unrolled:
+                sweep = unrolled_sweep
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):

@@ -256,11 +256,17 @@ def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact 
     return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
 
 
-def _w8_mma(xh, g, n0, q8_ref, *, block_n, evict, mode):
-    """Phase 1 of one K group of the 8-bit branch: the MMAs (int32 seeded, or f32 in float mode)."""
+def _w8_load(g, n0, q8_ref, *, block_n, evict):
+    """The group's 8-bit weight tile as two K halves [bn, 64] int8."""
     rows = pl.ds(n0, block_n)
     wa = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
     wb = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
+    return wa, wb
+
+
+def _w8_mma(xh, w, *, mode):
+    """Phase 1 of one K group of the 8-bit branch: the MMAs (int32 seeded, or f32 in float mode)."""
+    wa, wb = w
     if mode == "float":
         return wa, wb  # dequantized in phase 2 (needs the scales)
     return _seeded_mma(xh[0], wa, xh[1], wb)
@@ -280,10 +286,13 @@ def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
     return _unseed(partial) * (a_meta[0][:, None] * w_scale[None, :])
 
 
-def _w4_mma(xh, g, n0, q4_ref, *, block_n, evict, mode):
+def _w4_load(g, n0, q4_ref, *, block_n, evict):
+    """The group's packed 4-bit tile [bn, 64] int8 (two codes per byte)."""
+    return plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
+
+
+def _w4_mma(xh, packed, *, mode):
     """Phase 1 of one K group of the 4-bit branch: unpack with two bit ops, then the MMAs."""
-    packed = plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)],
-                        eviction_policy=evict)  # [bn, 64]
     lo = jnp.left_shift(packed, jnp.int8(4))  # 16·(u − 8) for k in [0, 64)
     hi = packed & jnp.int8(-16)  # 16·(u − 8) for k in [64, 128)
     if mode == "float":
@@ -338,7 +347,7 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
         return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
 
-    def run(mma_fn, meta_fn, scale_fn, n0):
+    def run(load_fn, mma_fn, meta_fn, scale_fn, n0):
         unroll = cfg.groups_per_iter
         iters = groups_per_split // unroll
         with_a_meta = not cfg.fuse_quant and mode != "float"
@@ -358,7 +367,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             else:
                 a_metas, w_metas = load_meta(i)
             xs = [load_x(g) for g in groups]
-            partials = [mma_fn(xh, g, n0) for (xh, _), g in zip(xs, groups)]
+            ws = [load_fn(g, n0) for g in groups]  # every load of the iteration is issued before any MMA
+            partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
             for partial, (xh, a_in), a_meta, w_meta in zip(partials, xs, a_metas, w_metas):
                 acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
             return acc, ahead
@@ -376,16 +386,17 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
     if n8_tiles:
         @pl.when(tile < n8_tiles)
         def _():
-            mma = functools.partial(_w8_mma, q8_ref=q8_ref, block_n=bn, evict=evict, mode=mode)
+            load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
-            run(mma, meta, functools.partial(_w8_scale, mode=mode), tile * bn)
+            run(load, functools.partial(_w8_mma, mode=mode), meta, functools.partial(_w8_scale, mode=mode), tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
         def _():
-            mma = functools.partial(_w4_mma, q4_ref=q4_ref, block_n=bn, evict=evict, mode=mode)
+            load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn)
-            run(mma, meta, functools.partial(_w4_scale, mode=mode), (tile - n8_tiles) * bn)
+            run(load, functools.partial(_w4_mma, mode=mode), meta, functools.partial(_w4_scale, mode=mode),
+                (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):
