@@ -220,8 +220,8 @@ def default_sweep(m: int, g: int, rows: int):
 
 DECODE_SWEEP = {"block_n": (64, 128), "stages": (4, 6), "warps": (4, 8), "programs": (512, 1024, 2048)}  # call 8
 DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "programs": (1024, 2048)}  # call 11
-DECODE_SWEEP_PREFETCH = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
-                         "prefetch": (0, 1, 2, 3)}  # session 3: small operands loaded ahead
+DECODE_SWEEP_PRELOAD = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
+                        "preload": (False, True)}  # session 3: the split's small operands loaded before the loop
 
 
 def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
@@ -229,11 +229,13 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     number of programs that split-K aims for."""
     C = kernels.GemmConfig
     cands = []
-    for block_n, stages, warps, programs, prefetch in itertools.product(
-            grid["block_n"], grid["stages"], grid["warps"], grid["programs"], grid.get("prefetch", (0,))):
+    for block_n, stages, warps, programs, preload in itertools.product(
+            grid["block_n"], grid["stages"], grid["warps"], grid["programs"], grid.get("preload", (False,))):
         split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
+        if preload and g // split > kernels._MAX_PRELOAD:
+            continue
         cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
-                       split_partials=split > 1, prefetch=prefetch))
+                       split_partials=split > 1, preload=preload))
     return list(dict.fromkeys(cands))
 
 
@@ -282,7 +284,7 @@ def parse(argv):
     p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
     p.add_argument("--sweep-decode", action="store_true", help="sweep the decode kernel's tiles (decode_sweep)")
     p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
-    p.add_argument("--sweep-decode-prefetch", action="store_true", help="the grid DECODE_SWEEP_PREFETCH")
+    p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-decode-unrolled", action="store_true", help="all groups of a split at once (unrolled_sweep)")
     p.add_argument("--sweep-shapes", default="4096x14336")
@@ -303,8 +305,8 @@ def emit(row, log):
     elif "block_m" not in cfg:  # GemvConfig
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
     else:
-        cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter} p{prefetch}{f}".format(
-            f=" fused" if cfg["fuse_quant"] else "", **cfg)
+        cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{p}{f}".format(
+            f=" fused" if cfg["fuse_quant"] else "", p=" preload" if cfg.get("preload") else "", **cfg)
     err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
     dev = row.get("device")
     if dev:
@@ -377,11 +379,11 @@ def main(argv=None):
             for m in ms:
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
-        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_prefetch or args.sweep_gemv \
+        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
                 or args.sweep_decode_unrolled:
             sweep = decode_sweep if args.sweep_decode else default_sweep
-            if args.sweep_decode_small or args.sweep_decode_prefetch:
-                grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PREFETCH
+            if args.sweep_decode_small or args.sweep_decode_preload:
+                grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PRELOAD
                 sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep

@@ -74,9 +74,10 @@ class GemmConfig:
     # measured no faster on the H100, call 5: XLA's zero fill is a cheap memset, the fused stores are not)
     split_partials: bool = False  # split-K: each split stores its own f32 partial [S·M, N] and XLA sums
     # them (the sum fuses into the consumer) instead of atomics into a zero-filled output
-    prefetch: int = 0  # load each group's small operands (weight scales and zeros, activation scales and
-    # sums) this many loop iterations ahead, carried in registers: Triton's pipeliner does not stage loads
-    # narrower than 32 bits per thread (the int8 zeros), so without it every group waits on a load
+    preload: bool = False  # load the small operands (weight scales and zeros, activation scales and sums)
+    # of all the split's groups before the K loop as [P, ·] tiles and pick row i per group: Triton does
+    # not pipeline these loads, so otherwise every group waits on one (ncu, session 3: 54 % of stall
+    # samples on the zeros)
 
     @property
     def atomic(self) -> bool:
@@ -92,8 +93,12 @@ class GemmConfig:
                              f"{num_groups // self.split_k}")
         if self.block_m % 16:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch={self.prefetch} must be ≥ 0 (loop iterations ahead)")
+        if self.preload and num_groups // self.split_k > _MAX_PRELOAD:
+            raise ValueError(f"preload holds at most {_MAX_PRELOAD} groups per split, got "
+                             f"{num_groups // self.split_k}: raise split_k or set preload=False")
+
+
+_MAX_PRELOAD = 32  # groups per split whose small operands `preload` keeps in registers
 
 
 def _largest_split(num_groups: int, target: int) -> int:
@@ -272,9 +277,9 @@ def _w8_mma(xh, w, *, mode):
     return _seeded_mma(xh[0], wa, xh[1], wb)
 
 
-def _w8_meta(g, n0, s8_ref, *, block_n):
-    """The group's small weight operands, as loaded (no arithmetic: they may be prefetched)."""
-    return (plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)]),)  # [bn] f32 scales
+def _w8_meta(g, n0, s8_ref, *, block_n, mask=None):
+    """The group's small weight operands [bn] (g an index), or [P, bn] tiles (g a pl.ds, rows masked)."""
+    return (plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)], mask=mask, other=0.0),)  # f32 scales
 
 
 def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
@@ -300,10 +305,18 @@ def _w4_mma(xh, packed, *, mode):
     return _seeded_mma(xh[0], lo, xh[1], hi)  # 16·Σ x_q·(u − 8)
 
 
-def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n):
-    """The group's scales [bn] f32 and zero points [bn] int8, as loaded."""
+def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n, mask=None):
+    """The group's scales f32 and zero points int8, [bn] or [P, bn] (as `_w8_meta`)."""
     rows = pl.ds(n0, block_n)
-    return plgpu.load(s4_ref.at[g, rows]), plgpu.load(z4_ref.at[g, rows])
+    return (plgpu.load(s4_ref.at[g, rows], mask=mask, other=0.0),
+            plgpu.load(z4_ref.at[g, rows], mask=mask, other=0))
+
+
+def _pick_row(tile: jax.Array, i) -> jax.Array:
+    """Row i (traced) of a register tile [P, C] → [C], by a masked sum over P (no dynamic indexing)."""
+    hit = lax.broadcasted_iota(jnp.int32, tile.shape, 0) == i
+    wide = tile.astype(jnp.int32) if jnp.issubdtype(tile.dtype, jnp.integer) else tile
+    return jnp.sum(jnp.where(hit, wide, jnp.zeros_like(wide)), axis=0).astype(tile.dtype)
 
 
 def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
@@ -354,27 +367,38 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         rows = m0 + jnp.arange(bm)  # [bm]
         cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows (read first)
 
-        def load_meta(i):  # small operands of iteration i's groups (clamped: the tail re-reads the last)
-            gs = [g0 + jnp.minimum(i, iters - 1) * unroll + j for j in range(unroll)]
+        def load_meta(i):  # small operands of iteration i's groups
+            gs = [g0 + i * unroll + j for j in range(unroll)]
             a = [(as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]) if with_a_meta else () for g in gs]
             return tuple(a), tuple(meta_fn(g, n0) for g in gs)
 
-        def body(i, carry):  # all MMAs of the iteration's groups are issued before any is waited on
-            acc, ahead = carry
+        tiles = None
+        if cfg.preload:  # [P, ·] tiles of the split's groups, loaded once; P a power of two ≥ groups
+            p = pl.next_power_of_2(groups_per_split)
+            live = (lax.broadcasted_iota(jnp.int32, (p, 1), 0) < groups_per_split)
+            a_t = ()
+            if with_a_meta:
+                mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
+                a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0) for r in (as_ref, ax_ref))
+            tiles = a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
+
+        def pick_meta(i):
+            a_t, w_t = tiles
+            js = [i * unroll + j for j in range(unroll)]
+            return (tuple(tuple(_pick_row(t, j) for t in a_t) for j in js),
+                    tuple(tuple(_pick_row(t, j) for t in w_t) for j in js))
+
+        def body(i, acc):  # all loads of the iteration's groups are issued before any MMA
             groups = [g0 + i * unroll + j for j in range(unroll)]
-            if cfg.prefetch:  # this iteration's meta was loaded `prefetch` iterations ago
-                (a_metas, w_metas), ahead = ahead[0], (*ahead[1:], load_meta(i + cfg.prefetch))
-            else:
-                a_metas, w_metas = load_meta(i)
+            a_metas, w_metas = pick_meta(i) if cfg.preload else load_meta(i)
             xs = [load_x(g) for g in groups]
-            ws = [load_fn(g, n0) for g in groups]  # every load of the iteration is issued before any MMA
+            ws = [load_fn(g, n0) for g in groups]
             partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
             for partial, (xh, a_in), a_meta, w_meta in zip(partials, xs, a_metas, w_metas):
                 acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
-            return acc, ahead
+            return acc
 
-        ahead = tuple(load_meta(i) for i in range(cfg.prefetch))
-        acc, _ = lax.fori_loop(0, iters, body, (jnp.zeros((bm, bn), jnp.float32), ahead))
+        acc = lax.fori_loop(0, iters, body, jnp.zeros((bm, bn), jnp.float32))
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])

@@ -208,9 +208,9 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(32, 128, 1, 4, 2, fuse_quant=True),  # fused quantization, direct store
         kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5),  # 5 groups' MMAs in flight
         kernels.GemmConfig(16, 64, 5, 4, 2, fuse_quant=False, zero_in_quant=True),  # zero fill in the quantizer
-        kernels.GemmConfig(16, 32, 1, 4, 2, fuse_quant=False, prefetch=2),  # small operands 2 groups ahead
-        kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=False, split_partials=True, prefetch=3),  # > groups/split
-        kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5, prefetch=1),
+        kernels.GemmConfig(16, 32, 1, 4, 2, fuse_quant=False, preload=True),  # 5 groups' scales in a [8, ·] tile
+        kernels.GemmConfig(32, 32, 5, 4, 2, fuse_quant=False, split_partials=True, preload=True),  # 1 group
+        kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5, preload=True),
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
@@ -330,13 +330,21 @@ def test_choose_config_decode_and_prefill():
         (kernels.GemmConfig(16, 64, 3, 4, 2, fuse_quant=True), "split_k=3"),
         (kernels.GemmConfig(8, 64, 1, 4, 2, fuse_quant=True), "block_m=8"),
         (kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=3), "groups_per_iter=3"),
-        (kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, prefetch=-1), "prefetch=-1"),
     ],
 )
 def test_kernel_rejects_configs_it_cannot_take(cfg, match):
     x, qw = _case(4, 256, 96, 0.1)
     with pytest.raises(ValueError, match=match):
         kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
+
+
+def test_preload_rejects_more_groups_than_it_holds():
+    x, qw = _case(1, 33 * 128, 96, 0.1)  # 33 groups in one split
+    with pytest.raises(ValueError, match="preload holds at most 32 groups.*raise split_k"):
+        kernels.mixed_matmul_pallas(x, qw, config=kernels.GemmConfig(16, 64, 1, 4, 2, False, preload=True),
+                                    interpret=INTERPRET)
+    cfg = kernels.GemmConfig(16, 64, 3, 4, 2, False, split_partials=True, preload=True)  # 11 per split: fine
+    assert _rel(kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET), ref.mixed_matmul_ref(x, qw)) < 1e-2
 
 
 @pytest.mark.skipif(not INTERPRET, reason="checks the CPU error")
