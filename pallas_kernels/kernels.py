@@ -279,7 +279,7 @@ def _w8_mma(xh, w, *, mode):
 
 def _w8_meta(g, n0, s8_ref, *, block_n, mask=None):
     """The group's small weight operands [bn] (g an index), or [P, bn] tiles (g a pl.ds, rows masked)."""
-    return (plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)], mask=mask, other=0.0),)  # f32 scales
+    return (_load(s8_ref.at[g, pl.ds(n0, block_n)], mask, 0.0),)  # f32 scales
 
 
 def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
@@ -308,8 +308,11 @@ def _w4_mma(xh, packed, *, mode):
 def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n, mask=None):
     """The group's scales f32 and zero points int8, [bn] or [P, bn] (as `_w8_meta`)."""
     rows = pl.ds(n0, block_n)
-    return (plgpu.load(s4_ref.at[g, rows], mask=mask, other=0.0),
-            plgpu.load(z4_ref.at[g, rows], mask=mask, other=0))
+    return _load(s4_ref.at[g, rows], mask, 0.0), _load(z4_ref.at[g, rows], mask, 0)
+
+
+def _load(ref, mask, other):  # jax 0.11 rejects `other` without a mask
+    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
 
 
 def _pick_row(tile: jax.Array, i) -> jax.Array:
