@@ -4,6 +4,10 @@
 fast path; "auto" picks it on an NVIDIA GPU, XLA elsewhere. The GPU fast path picks per call by
 measured speed (`select_gpu_path`, H100 numbers in benchmarks/results/kernels.md):
 
+- "gemv": one activation row on a layer of at most `GEMV_MAX_ROWS` packed rows: the dp4a GEMV
+  (`gemv.mixed_gemv_pallas`, one launch, quantizes its own activations); exact integer partials.
+  H100 (session 3): 5–14 % less device time than the kernel at 4096→4096/6144 and 14336→4096;
+  slower on wider layers (4096→28672) and from M = 2 on, where its CUDA-core work grows with M.
 - "kernel": the Pallas-Triton integer kernel (`kernels.mixed_matmul_pallas`): decode and medium M,
   where the packed weight's bytes dominate; exact integer partials (rel. ≤ 1e-4 vs the reference).
 - "dequant_dot": for 16-bit activations and M ≥ `DEQUANT_DOT_MIN_M` (prefill), int8-fake-quantized
@@ -50,8 +54,15 @@ def _check_backend(impl: str, interpret: bool) -> None:
         )
 
 
-def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M) -> str:
-    """"kernel" or "dequant_dot" for M rows of `dtype` activations (None: always the kernel)."""
+GEMV_MAX_ROWS = 16384  # packed rows up to which M = 1 takes the GEMV (measured faster up to 6400 rows)
+
+
+def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M,
+                    rows: int | None = None) -> str:
+    """"gemv", "kernel" or "dequant_dot" for M rows of `dtype` activations on a weight of `rows` packed
+    rows (None: not the GEMV); dequant_dot_min_m None: never dequant_dot."""
+    if m == 1 and rows is not None and rows <= GEMV_MAX_ROWS:
+        return "gemv"
     wide = jax.numpy.dtype(dtype).itemsize > 2  # f32 callers keep the exact integer kernel
     if dequant_dot_min_m is None or wide or m < dequant_dot_min_m:
         return "kernel"
@@ -76,7 +87,13 @@ def mixed_matmul(
         return jax.numpy.zeros((0, qw.n), x.dtype)
     if impl == "xla":
         return reference.mixed_matmul_ref(x, qw)
-    if not interpret and select_gpu_path(x.shape[0], x.dtype, dequant_dot_min_m=dequant_dot_min_m) == "dequant_dot":
+    path = select_gpu_path(x.shape[0], x.dtype, dequant_dot_min_m=dequant_dot_min_m,
+                           rows=qw.q8.shape[0] + qw.q4.shape[0])
+    if path == "gemv":
+        from pallas_kernels import gemv
+
+        return gemv.mixed_gemv_pallas(x, qw, interpret=interpret)
+    if not interpret and path == "dequant_dot":
         from pallas_kernels.dequant_dot import dequant_dot_matmul
 
         return dequant_dot_matmul(x, qw)

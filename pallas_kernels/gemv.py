@@ -1,4 +1,4 @@
-"""Decode GEMV for a few activation rows (M ≤ `GEMV_MAX_M`): integer dot products on the CUDA cores.
+"""Decode GEMV for one activation row (`api` sends M = 1 here): integer dot products on the CUDA cores.
 
 At M = 1 the MMA kernel (`kernels.py`) pads the activation to a 16-row tile: 15/16 of its tensor-core work
 and of its per-group f32 rescale tile are padding, and it needs a separate activation-quantization launch.
@@ -17,6 +17,10 @@ per-group step 2 (× s_a·s_w, the zero point through Σx_q) runs on [rows] vect
 Split-K programs store f32 partials [S·M, N] that XLA sums in the consumer (as `kernels`' partials
 epilogue). The integer partial of a group is exact, so the result matches the reference up to f32
 summation order. In interpret mode `dp4a` is emulated with shifts (Pallas has no CPU rule for inline PTX).
+
+Measured (H100, session 3, benchmarks/results/kernels.md): at M = 1 5–14 % faster than the MMA kernel on
+4096→4096/6144 and 14336→4096, 10 % slower on 4096→28672; each further row adds its dp4a and its
+in-kernel quantization (block-wide reductions per group), so M = 2 is already slower than the MMA kernel.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight
 
-GEMV_MAX_M = 4  # rows up to which the GEMV path is the default (CUDA-core work grows with M)
 _WORDS = GROUP_SIZE // 8  # 16 words of 4 bytes per half group of activations / per 4-bit group row
 
 
@@ -186,6 +189,6 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
 
 def mixed_gemv_pallas(x: jax.Array, qw: MixedWeight, *, config: GemvConfig | None = None,
                       interpret: bool = False, out_dtype=None) -> jax.Array:
-    """x [M, K] float (M ≤ 16; fastest for M ≤ `GEMV_MAX_M`) → [M, N] in channel order, one launch."""
+    """x [M, K] float (M ≤ 16; faster than the MMA kernel only at M = 1) → [M, N] in channel order, one launch."""
     cfg = config or choose_gemv_config(qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0])
     return _gemv(x, qw, cfg=cfg, interpret=interpret, out_dtype=jnp.dtype(out_dtype or x.dtype))

@@ -299,6 +299,10 @@ def test_gpu_path_selection():
 
     m0 = dequant_dot.DEQUANT_DOT_MIN_M
     assert select_gpu_path(1, jnp.bfloat16) == "kernel"
+    assert select_gpu_path(1, jnp.bfloat16, rows=4352) == "gemv"  # one row, a layer up to GEMV_MAX_ROWS
+    assert select_gpu_path(1, jnp.float32, rows=16384) == "gemv"
+    assert select_gpu_path(1, jnp.bfloat16, rows=28928) == "kernel"  # wide layer: the MMA kernel
+    assert select_gpu_path(2, jnp.bfloat16, rows=4352) == "kernel"
     assert select_gpu_path(m0 - 1, jnp.bfloat16) == "kernel"
     assert select_gpu_path(m0, jnp.bfloat16) == "dequant_dot"
     assert select_gpu_path(4 * m0, jnp.float32) == "kernel"  # exact path for f32 callers

@@ -1,0 +1,80 @@
+"""The dp4a decode GEMV (pallas_kernels/gemv.py) in interpret mode (CPU) or on a GPU, against the reference.
+
+Fresh random inputs each run; the integer partials are exact, so only the f32 summation order differs from
+the reference (the MMA kernel's tolerance).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+from pallas_kernels import gemv
+from pallas_kernels import reference as ref
+
+INTERPRET = jax.default_backend() != "gpu"
+RTOL = 1e-5 if INTERPRET else 1e-4  # Triton's f32 division may flip a rare activation code
+
+
+def _case(m, k, n, share8, dtype=jnp.float32):
+    rng = np.random.default_rng()
+    w = rng.normal(size=(n, k)).astype(np.float32) * 0.05
+    is_int8 = np.zeros(n, bool)
+    is_int8[rng.permutation(n)[: int(round(share8 * n))]] = True
+    x = rng.normal(size=(m, k)) * rng.uniform(0.1, 3.0, size=(1, k))  # uneven group ranges
+    return jnp.asarray(x, dtype), pk.pack_rtn(w, is_int8)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def test_dp4a_emulation_is_the_byte_dot_product():
+    rng = np.random.default_rng()
+    a, b = (rng.integers(-128, 128, size=(64, 4)).astype(np.int8) for _ in range(2))
+    c = rng.integers(-1000, 1000, size=64).astype(np.int32)
+    words = [jnp.asarray(v.view(np.int32).reshape(64)) for v in (a, b)]
+    got = gemv._dp4a(*words, jnp.asarray(c), interpret=True)
+    np.testing.assert_array_equal(np.asarray(got), (a.astype(np.int32) * b.astype(np.int32)).sum(1) + c)
+
+
+@pytest.mark.parametrize("m, k, n, share8", [(1, 4096, 96, 0.1), (1, 576, 200, 0.0), (1, 640, 130, 1.0),
+                                             (3, 1000, 96, 0.3), (1, 128, 40, 0.5)])
+def test_gemv_matches_reference(m, k, n, share8):
+    x, qw = _case(m, k, n, share8)
+    y = gemv.mixed_gemv_pallas(x, qw, interpret=INTERPRET)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < RTOL
+
+
+@pytest.mark.parametrize("cfg", [gemv.GemvConfig(32, 5), gemv.GemvConfig(128, 1, 8), gemv.GemvConfig(64, 1, 4, 1)])
+def test_gemv_other_configs(cfg):
+    x, qw = _case(2, 576, 150, 0.1)  # 5 groups (K padded), 150 channels
+    assert _rel(gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET), ref.mixed_matmul_ref(x, qw)) < RTOL
+
+
+def test_gemv_bf16_and_zero_rows():
+    x, qw = _case(1, 384, 96, 0.1, jnp.bfloat16)
+    x = x.at[0, :128].set(0)  # an all-zero group: scale 0, codes 0
+    y = gemv.mixed_gemv_pallas(x, qw, interpret=INTERPRET)
+    assert y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-2 / 2  # both rounded to bf16 once
+
+
+def test_api_sends_one_row_to_the_gemv(monkeypatch):
+    x, qw = _case(1, 256, 96, 0.1)
+    calls = []
+    monkeypatch.setattr(gemv, "mixed_gemv_pallas", lambda *a, **kw: calls.append(1) or jnp.zeros((1, 96)))
+    pk.mixed_matmul(x, qw, implementation="pallas", interpret=True)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize("cfg, m, match", [(gemv.GemvConfig(96, 1), 1, "block_n=96"),
+                                           (gemv.GemvConfig(64, 3), 1, "split_k=3"),
+                                           (gemv.GemvConfig(64, 1), 17, "1–16 activation rows")])
+def test_gemv_rejects_what_it_cannot_take(cfg, m, match):
+    x, qw = _case(m, 256, 96, 0.1)
+    with pytest.raises(ValueError, match=match):
+        gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET)
