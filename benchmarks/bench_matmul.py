@@ -45,7 +45,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1}
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -97,6 +97,10 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return reference.mixed_matmul_ref, build, None, None
     if name == "gemv":  # the CUDA-core dp4a decode kernel (pallas_kernels/gemv.py), one launch
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg, interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "gemv_qf":  # the GEMV on codes from the activation-quantization kernel (two launches)
+        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
+            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), quantize_first=True), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_dequant":
         return reference.dequant_matmul_ref, build, None, None

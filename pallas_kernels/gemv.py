@@ -45,6 +45,8 @@ class GemvConfig:
     split_k: int = 1  # K groups split over this many programs (f32 partials summed by XLA)
     num_warps: int = 4
     num_stages: int = 3
+    quantize_first: bool = False  # take the activation codes from `kernels.quantize_activations_pallas`
+    # (one more launch) instead of quantizing every group in every program (block-wide reductions)
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -93,8 +95,21 @@ def _quantize_words(x_ref, row, g):
     return w_lo, w_hi, amax / 127.0, (s_lo + s_hi).astype(jnp.float32)
 
 
-def _gemv_kernel(x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref, *, cfg: GemvConfig, m: int,
+def _load_words(xw_ref, as_ref, ax_ref, row, g):
+    """Row `row`, group g of pre-quantized activations: words [16] lo / hi int32, s_a, Σx_q f32 scalars."""
+    lo = xw_ref[row, pl.ds(g * 2 * _WORDS, _WORDS)]
+    hi = xw_ref[row, pl.ds(g * 2 * _WORDS + _WORDS, _WORDS)]
+    return lo, hi, as_ref[g, row], ax_ref[g, row].astype(jnp.float32)
+
+
+def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
                  n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int, interpret: bool):
+    if cfg.quantize_first:
+        xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
+        load_x = functools.partial(_load_words, xw_ref, as_ref, ax_ref)
+    else:
+        x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
+        load_x = functools.partial(_quantize_words, x_ref)
     bn = cfg.block_n
     tile, split = pl.program_id(0), pl.program_id(1)
     g0 = split * groups_per_split
@@ -105,7 +120,7 @@ def _gemv_kernel(x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref,
     def run(partial_fn, scale_fn, n0):
         def body(i, accs):
             g = g0 + i
-            xs = [_quantize_words(x_ref, r, g) for r in range(m)]
+            xs = [load_x(r, g) for r in range(m)]
             parts = partial_fn(g, n0, xs)  # per row: [bn] int32 exact group partial
             w_meta = scale_fn(g, n0)
             return tuple(acc + step2(p, x, w_meta) for acc, p, x in zip(accs, parts, xs))
@@ -166,9 +181,15 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
     m, k = x.shape
     g = qw.num_groups
     cfg.check(m, g)
-    if k != g * GROUP_SIZE:
-        x = jnp.pad(x, ((0, 0), (0, g * GROUP_SIZE - k)))
-    x4 = x.reshape(m, g * GROUP_SIZE // 4, 4)
+    if cfg.quantize_first:
+        from pallas_kernels.kernels import quantize_activations_pallas
+
+        x_q, a_scale, x_sum = quantize_activations_pallas(x, block_m=16, interpret=interpret)  # [Mp, Kp] int8
+        x_in = (_words(x_q), a_scale, x_sum)
+    else:
+        if k != g * GROUP_SIZE:
+            x = jnp.pad(x, ((0, 0), (0, g * GROUP_SIZE - k)))
+        x_in = (x.reshape(m, g * GROUP_SIZE // 4, 4),)
     n8_tiles, n4_tiles = qw.q8.shape[0] // cfg.block_n, qw.q4.shape[0] // cfg.block_n
     q8 = _words(qw.q8) if qw.q8.size else jnp.zeros((1, 1), jnp.int32)
     q4 = _words(qw.q4) if qw.q4.size else jnp.zeros((1, 1), jnp.int32)
@@ -183,7 +204,7 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
         interpret=interpret,
         name="mixed_gemv",
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
-    )(x4, q8, s8, q4, s4, z4, qw.channel)
+    )(*x_in, q8, s8, q4, s4, z4, qw.channel)
     return y.reshape(cfg.split_k, m, qw.n).sum(0).astype(out_dtype)  # the sum fuses into the consumer
 
 

@@ -49,7 +49,8 @@ def test_gemv_matches_reference(m, k, n, share8):
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < RTOL
 
 
-@pytest.mark.parametrize("cfg", [gemv.GemvConfig(32, 5), gemv.GemvConfig(128, 1, 8), gemv.GemvConfig(64, 1, 4, 1)])
+@pytest.mark.parametrize("cfg", [gemv.GemvConfig(32, 5), gemv.GemvConfig(128, 1, 8), gemv.GemvConfig(64, 1, 4, 1),
+                                 gemv.GemvConfig(64, 5, quantize_first=True)])
 def test_gemv_other_configs(cfg):
     x, qw = _case(2, 576, 150, 0.1)  # 5 groups (K padded), 150 channels
     assert _rel(gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET), ref.mixed_matmul_ref(x, qw)) < RTOL
