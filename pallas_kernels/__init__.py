@@ -1,7 +1,8 @@
 """Pallas GPU kernels for MixLLM mixed W4/W8 × A8 linears, with pure-JAX references.
 
 Format: `pallas_kernels.format` (layout and nibble order documented there). References:
-`pallas_kernels.reference`. Kernels: `pallas_kernels.kernels`. Prefill fast path (XLA dot on the
+`pallas_kernels.reference`. Kernels: `pallas_kernels.kernels` (MMA, every M) and `pallas_kernels.gemv`
+(dp4a on the CUDA cores, one activation row). Prefill fast path (XLA dot on the
 bf16-dequantized weight): `pallas_kernels.dequant_dot`. Entry points and GPU dispatch: `pallas_kernels.api`.
 """
 
