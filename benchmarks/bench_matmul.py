@@ -235,7 +235,7 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     cands = []
     for block_n, stages, warps, programs, preload in itertools.product(
             grid["block_n"], grid["stages"], grid["warps"], grid["programs"], grid.get("preload", (False,))):
-        split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
+        split = kernels._decode_split(g, rows // block_n, programs)
         if preload and g // split > kernels._MAX_PRELOAD:
             continue
         cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
@@ -255,7 +255,7 @@ def unrolled_sweep(m: int, g: int, rows: int):
         cands.append(C(16 if m <= 16 else 32, 64, split, warps, stages, fuse_quant=False,
                        split_partials=split > 1, groups_per_iter=g // split))
     for programs in (1024, 2048):  # two groups per pipelined iteration
-        split = kernels._largest_split(g, min(max(1, -(-programs // (rows // 64))), max(1, g // 4)))
+        split = kernels._decode_split(g, rows // 64, programs)
         if (g // split) % 2 == 0:
             cands.append(C(16 if m <= 16 else 32, 64, split, 4, 3, fuse_quant=False,
                            split_partials=split > 1, groups_per_iter=2))
@@ -270,7 +270,7 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     cands = []
     for block_n, programs, warps, stages in itertools.product(
             grid["block_n"], grid["programs"], grid["warps"], grid["stages"]):
-        split = kernels._largest_split(g, min(max(1, -(-programs // (rows // block_n))), max(1, g // 4)))
+        split = kernels._decode_split(g, rows // block_n, programs)
         cands.append(gemv.GemvConfig(block_n, split, warps, stages))
     return list(dict.fromkeys(cands))
 

@@ -59,10 +59,9 @@ class GemvConfig:
 
 def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 1024) -> GemvConfig:
     """64-row tiles, split-K for about `programs` programs with ≥ 4 groups each."""
-    from pallas_kernels.kernels import _largest_split
+    from pallas_kernels.kernels import _decode_split
 
-    tiles = rows // 64
-    return GemvConfig(64, _largest_split(num_groups, min(max(1, -(-programs // tiles)), max(1, num_groups // 4))))
+    return GemvConfig(64, _decode_split(num_groups, rows // 64, programs))
 
 
 def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:
@@ -135,13 +134,16 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
         y = p.astype(jnp.float32) * (a_scale * w_scale)
         return y if zero_off is None else y + (a_scale * x_sum) * zero_off
 
+    def group_dots(w_lo, w_hi, xs):  # per row: Σ over the group's words of dp4a with the lo / hi activations
+        return [jnp.sum(dp4a(w_hi, jnp.broadcast_to(hi[None, :], w_hi.shape),
+                             dp4a(w_lo, jnp.broadcast_to(lo[None, :], w_lo.shape), zero)), axis=1)
+                for lo, hi, _, _ in xs]
+
     def w8_partial(g, n0, xs):
         rows = pl.ds(n0, bn)
         wa = plgpu.load(q8_ref.at[rows, pl.ds(g * 2 * _WORDS, _WORDS)], eviction_policy="evict_first")  # [bn, 16]
         wb = plgpu.load(q8_ref.at[rows, pl.ds(g * 2 * _WORDS + _WORDS, _WORDS)], eviction_policy="evict_first")
-        return [jnp.sum(dp4a(wb, jnp.broadcast_to(hi[None, :], wb.shape),
-                             dp4a(wa, jnp.broadcast_to(lo[None, :], wa.shape), zero)), axis=1)
-                for lo, hi, _, _ in xs]
+        return group_dots(wa, wb, xs)
 
     def w8_scale(g, n0):
         return plgpu.load(s8_ref.at[g, pl.ds(n0, bn)]), None
@@ -149,10 +151,7 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
     def w4_partial(g, n0, xs):
         w = plgpu.load(q4_ref.at[pl.ds(n0, bn), pl.ds(g * _WORDS, _WORDS)], eviction_policy="evict_first")
         mask = jnp.int32(-252645136)  # 0xF0F0F0F0
-        lo_w, hi_w = (w << 4) & mask, w & mask  # four int8 16·(u − 8) each
-        return [jnp.sum(dp4a(hi_w, jnp.broadcast_to(hi[None, :], w.shape),
-                             dp4a(lo_w, jnp.broadcast_to(lo[None, :], w.shape), zero)), axis=1)
-                for lo, hi, _, _ in xs]
+        return group_dots((w << 4) & mask, w & mask, xs)  # four int8 16·(u − 8) in each word
 
     def w4_scale(g, n0):
         rows = pl.ds(n0, bn)
@@ -191,10 +190,10 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
             x = jnp.pad(x, ((0, 0), (0, g * GROUP_SIZE - k)))
         x_in = (x.reshape(m, g * GROUP_SIZE // 4, 4),)
     n8_tiles, n4_tiles = qw.q8.shape[0] // cfg.block_n, qw.q4.shape[0] // cfg.block_n
-    q8 = _words(qw.q8) if qw.q8.size else jnp.zeros((1, 1), jnp.int32)
-    q4 = _words(qw.q4) if qw.q4.size else jnp.zeros((1, 1), jnp.int32)
-    s8 = qw.scale8 if qw.scale8.size else jnp.zeros((1, 1), jnp.float32)
-    s4, z4 = (qw.scale4, qw.zero4) if qw.q4.size else (jnp.zeros((1, 1), jnp.float32), jnp.zeros((1, 1), jnp.int8))
+    from pallas_kernels.kernels import _nonempty
+
+    q8, q4 = (_words(q) if q.size else jnp.zeros((1, 1), jnp.int32) for q in (qw.q8, qw.q4))
+    s8, s4, z4 = _nonempty(qw.scale8, qw.scale4, qw.zero4)
     kernel = functools.partial(_gemv_kernel, cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
                                n_out=qw.n, interpret=interpret)
     y = pl.pallas_call(

@@ -107,9 +107,9 @@ def _largest_split(num_groups: int, target: int) -> int:
     return max(d for d in range(1, min(num_groups, target) + 1) if num_groups % d == 0)
 
 
-def _decode_split(num_groups: int, tiles: int) -> int:
-    """Split-K for `tiles` output tiles: ~1000 programs, each with at least 4 K groups."""
-    return _largest_split(num_groups, min(max(1, -(-1024 // tiles)), max(1, num_groups // 4)))
+def _decode_split(num_groups: int, tiles: int, programs: int = 1024) -> int:
+    """Split-K for `tiles` output tiles: about `programs` programs, each with at least 4 K groups."""
+    return _largest_split(num_groups, min(max(1, -(-programs // tiles)), max(1, num_groups // 4)))
 
 
 DecodeStrategy = Literal["quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single"]
