@@ -39,13 +39,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import format as fmt  # noqa: E402
-from pallas_kernels import api, dequant_dot, gemv, kernels, reference  # noqa: E402
+from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, reference  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1}
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mgpu": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -87,6 +88,18 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
             x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         build = lambda rng, n, k: jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
         return fn, build, None, None
+    if name == "mgpu_core":  # the Mosaic GPU int8 GEMM alone: int8 x, int8 weight [N, K] + group scales
+        def core(x, w):
+            w8, sw = w
+            sa = jnp.full((sw.shape[0], x.shape[0]), 1e-3, jnp.float32)
+            return mgpu.w8a8_group_matmul(x, sa, w8, sw, config=cfg or mgpu.DEFAULT_CONFIG, interpret=interpret)
+
+        def build_core(rng, n, k):
+            return (jnp.asarray(rng.integers(-15, 16, (n, k)), jnp.int8),
+                    jnp.asarray(rng.uniform(1e-3, 2e-3, (k // 128, n)), jnp.float32))
+
+        ref = lambda x, w: reference.w8a8_ref(x, jnp.full((x.shape[0], w[1].shape[0]), 1e-3, jnp.float32), *w)
+        return core, build_core, ref, 5e-3
     share = SHARE[name.split("@")[0]]
     build = lambda rng, n, k: random_packed(rng, n, k, share)
     if "@" in name:  # mixed@<decode strategy>: the kernel with that launch strategy for M ≤ 32
@@ -104,6 +117,9 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_dequant":
         return reference.dequant_matmul_ref, build, None, None
+    if name == "mgpu":  # prefill on Hopper: int8 weight unpack + Mosaic GPU wgmma GEMM (pallas_kernels/mgpu.py)
+        fn = lambda x, w: mgpu.mixed_matmul_mgpu(x, w, config=cfg or mgpu.DEFAULT_CONFIG, interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "float_dequant":
         fn = lambda x, w: kernels.dequant_matmul_pallas(x, w, config=cfg, interpret=interpret)
         return fn, build, reference.dequant_matmul_ref, 1e-2
@@ -168,6 +184,8 @@ def floor_bytes(name: str, w, m: int, k: int, n: int) -> int:
         return 2 * (n * k + m * k + m * n)
     if name == "xla_int8":
         return n * k + m * k + 4 * m * n
+    if name == "mgpu_core":
+        return n * k + m * k + 2 * m * n
     return packed_bytes(w) + 2 * (m * k + m * n)
 
 
@@ -177,13 +195,13 @@ _WEIGHTS: dict = {}
 def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     rng = np.random.default_rng(m * 7 + n)
     fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
-    key = (name if name.startswith("xla_") and name not in SHARE else SHARE[name.split("@")[0]], n, k)
+    key = (SHARE.get(name.split("@")[0], name), n, k)
     if key not in _WEIGHTS:  # packing 58M codes takes seconds: reuse across M and configs
         if any(kk[1:] != (n, k) for kk in _WEIGHTS):
             _WEIGHTS.clear()
         _WEIGHTS[key] = build(rng, n, k)
     w0 = _WEIGHTS[key]
-    if name == "xla_int8":
+    if name in ("xla_int8", "mgpu_core"):
         x0 = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
     else:
         x0 = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
@@ -192,7 +210,7 @@ def bench_one(name, k, n, m, args, bandwidth, cfg=None):
         y = jax.jit(fn)(x0, w0)
         row["rel_err"] = rel_err(y, jax.jit(ref_fn)(x0, w0))
         row["ok"] = bool(row["rel_err"] < tol)
-    wbytes = packed_bytes(w0) if isinstance(w0, fmt.MixedWeight) else w0.nbytes
+    wbytes = sum(a.nbytes for a in jax.tree_util.tree_leaves(w0))
     r = int(min(args.max_rotate, max(args.min_rotate, math.ceil(ROTATE_BYTES / wbytes))))
     calls = max(r, args.min_calls) if m <= 256 else r  # amortize the program's dispatch over many calls
     ws = [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), w0) for _ in range(calls)]
@@ -275,6 +293,17 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
+MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=sn) for st in (3, 4, 5) for sn in (4, 8, 16)] + [
+    dict(tile_m=64, tile_n=128, wg_along="n", stages=4, snake=8),
+    dict(tile_m=128, tile_n=64, wg_along="n", stages=4, snake=8),
+    dict(tile_m=128, tile_n=64, wg_along="m", stages=4, snake=8, epi_n=64),
+] + [dict(tile_m=64, tile_n=128, wg_along=wg, stages=4, snake=8, overlap=True) for wg in ("m", "n")]
+
+
+def mgpu_sweep(m: int, g: int, rows: int):
+    return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP]
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,KxN,...")
@@ -291,6 +320,8 @@ def parse(argv):
     p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-decode-unrolled", action="store_true", help="all groups of a split at once (unrolled_sweep)")
+    p.add_argument("--sweep-mgpu", action="store_true", help="sweep the Mosaic GPU prefill kernel (mgpu_sweep)")
+    p.add_argument("--sweep-mgpu-variant", default="mgpu", help="mgpu or mgpu_core for --sweep-mgpu")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -306,6 +337,8 @@ def emit(row, log):
     cfg = row.get("config")
     if not cfg:
         cfg_s = ""
+    elif "wg_along" in cfg:  # MgpuConfig
+        cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}".format(**cfg)
     elif "block_m" not in cfg:  # GemvConfig
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
     else:
@@ -331,7 +364,7 @@ def run_row(name, k, n, m, args, bandwidth, log, cfg=None):
     return row
 
 
-SUMMARY_COLS = ("xla_bf16", "xla_int8", "xla_dequant", "mixed_v4", "mixed", "mixed_fused_zero", "mixed_f32out", "dequant_dot", "api")
+SUMMARY_COLS = ("xla_bf16", "xla_int8", "xla_dequant", "mixed_v4", "mixed", "mixed_fused_zero", "mixed_f32out", "dequant_dot", "api", "mgpu", "mgpu_core")
 
 
 def summary(rows):
@@ -384,18 +417,20 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
-                or args.sweep_decode_unrolled:
+                or args.sweep_decode_unrolled or args.sweep_mgpu:
             sweep = decode_sweep if args.sweep_decode else default_sweep
             if args.sweep_decode_small or args.sweep_decode_preload:
                 grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PRELOAD
                 sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep
+            if args.sweep_mgpu:
+                sweep = mgpu_sweep
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
                     for cfg in (gemv_sweep if args.sweep_gemv else sweep)(m, -(-k // 128), n + 256):
-                        name = "gemv" if args.sweep_gemv else "mixed"
+                        name = "gemv" if args.sweep_gemv else args.sweep_mgpu_variant if args.sweep_mgpu else "mixed"
                         rows.append(run_row(name, k, n, m, args, bandwidth, log, cfg=cfg))
     bandwidth_end = copy_bandwidth()
     print(f"copy bandwidth at the end {bandwidth_end / 1e12:.2f} TB/s", flush=True)

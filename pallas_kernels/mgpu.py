@@ -1,0 +1,303 @@
+"""Prefill on Hopper through Mosaic GPU: int8 wgmma with per-group float rescale (two-step dequantization).
+
+Why a second backend: the Pallas-Triton kernel cannot keep the tensor cores busy at prefill — its
+per-group rescale waits on the MMA of the same group, and Triton has no warp specialisation
+(benchmarks/NOTES-kernels.md, items 3–4). Mosaic GPU gives the pieces by name: TMA copies into
+shared-memory stages filled by a memory warpgroup, `wgmma` on int8 operands into an int32 accumulator,
+and two compute warpgroups whose rescales interleave with each other's MMAs.
+
+Data flow for y = x @ W.T (M ≥ a few hundred rows; the weight is read once per row tile):
+
+1. `int8_weight(qw)`: the packed MixedWeight → one int8 matrix in channel order, [Np, Kp]:
+   8-bit rows keep their codes q, 4-bit rows become u − z ∈ [-15, 15] (exact in int8), with their
+   scales [G, Np]. One XLA pass over the weight (reads the packed bytes, writes 1 byte per weight):
+   at M = 2048 and K = 4096 it is ≈ 1/30 of the GEMM's work and keeps the kernel a single int8 GEMM.
+2. Activations: int8 symmetric per (token, group of 128), scales group-major [G, Mp]
+   (`kernels.quantize_activations_pallas`, or the reference formula under interpret mode).
+3. `w8a8_group_matmul`: per CTA output tile, each K step of 128 (one quantization group) runs four
+   K=32 int8 wgmmas into a fresh int32 accumulator, then `acc += f32(P) · (s_a ⊗ s_w)` — exactly the
+   reference's order (`reference.w8a8_ref`): the integer partial P of a group is exact, so the kernel
+   matches the reference to f32 rounding of the accumulate.
+
+Tiles: each of the two compute warpgroups owns a `tile_m × tile_n` block (int32 partial and f32
+accumulator both in registers: 64×128 keeps them at 128 registers a thread), split along M or N.
+The grid is persistent (one CTA per SM, a planar-snake walk over output tiles). Shapes must tile:
+`mixed_matmul_mgpu` pads M and N to the CTA tile and K is already padded to 128 by the format.
+
+Requires an sm_90 GPU (wgmma) with jax's Mosaic GPU backend; on CPU it runs in Mosaic GPU interpret
+mode (`interpret=True`), which the tests use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight
+
+_SWIZZLE = 128  # bytes: one 128-wide int8 group row is exactly one swizzle span
+_INT8_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
+
+
+@dataclasses.dataclass(frozen=True)
+class MgpuConfig:
+    """Tile and pipeline shape of `w8a8_group_matmul`.
+
+    tile_m × tile_n: one compute warpgroup's output block (tile_m % 64 == 0, tile_n % 8 == 0, ≤ 256);
+    wg_along: "m" or "n", how the two compute warpgroups split the CTA tile;
+    stages: shared-memory stages the memory warpgroup keeps in flight;
+    snake: width of the planar-snake walk over output tiles (L2 reuse of weight columns);
+    epi_n: columns per epilogue store (shared memory → global by TMA);
+    programs: CTAs of the persistent grid (None: one per SM of the device);
+    overlap: issue a group's MMAs, then rescale the previous group's partial while they run (one more
+    int32 tile of registers) instead of waiting first."""
+
+    tile_m: int = 64
+    tile_n: int = 128
+    wg_along: str = "m"
+    stages: int = 4
+    snake: int = 8
+    epi_n: int = 64
+    programs: int | None = None
+    overlap: bool = False
+
+    def __post_init__(self):
+        if self.tile_m % 64 or self.tile_m <= 0:
+            raise ValueError(f"MgpuConfig: tile_m={self.tile_m} must be a positive multiple of 64 (wgmma M)")
+        if self.tile_n % 8 or not 0 < self.tile_n <= 256:
+            raise ValueError(f"MgpuConfig: tile_n={self.tile_n} must be a multiple of 8 in (0, 256] (wgmma N)")
+        if self.wg_along not in ("m", "n"):
+            raise ValueError(f"MgpuConfig: wg_along={self.wg_along!r} must be 'm' or 'n'")
+        if self.stages < 2:
+            raise ValueError(f"MgpuConfig: stages={self.stages} must be ≥ 2")
+        if self.tile_n % self.epi_n or self.epi_n % 8:
+            raise ValueError(f"MgpuConfig: epi_n={self.epi_n} must divide tile_n={self.tile_n} and be a multiple of 8")
+
+    @property
+    def cta_m(self) -> int:
+        return self.tile_m * (2 if self.wg_along == "m" else 1)
+
+    @property
+    def cta_n(self) -> int:
+        return self.tile_n * (2 if self.wg_along == "n" else 1)
+
+
+DEFAULT_CONFIG = MgpuConfig()
+
+
+def _num_sms() -> int:
+    dev = jax.devices()[0]
+    return (getattr(dev, "core_count", None) or 132) if dev.platform == "gpu" else 4
+
+
+def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale: jax.Array, *,
+                      out_dtype=jnp.bfloat16, config: MgpuConfig = DEFAULT_CONFIG,
+                      interpret: bool = False) -> jax.Array:
+    """x_q int8 [Mp, Kp], a_scale f32 [G, Mp], w int8 [Np, Kp], w_scale f32 [G, Np] → out_dtype [Mp, Np].
+
+    y[m, n] = Σ_g f32(Σ_{k∈g} x_q[m, k]·w[n, k]) · a_scale[g, m] · w_scale[g, n]; Mp and Np must be
+    multiples of the CTA tile (`config.cta_m`, `config.cta_n`), Kp of 128."""
+    mp, kp = x_q.shape
+    np_, kp2 = w.shape
+    g = kp // GROUP_SIZE
+    cfg = config
+    if x_q.dtype != jnp.int8 or w.dtype != jnp.int8:
+        raise TypeError(f"w8a8_group_matmul: x_q and w must be int8, got {x_q.dtype}, {w.dtype}")
+    if kp != kp2 or kp % GROUP_SIZE:
+        raise ValueError(f"w8a8_group_matmul: K mismatch or not a multiple of 128: x_q {x_q.shape}, w {w.shape}")
+    if a_scale.shape != (g, mp) or w_scale.shape != (g, np_):
+        raise ValueError(f"w8a8_group_matmul: scales must be [G, Mp] = {(g, mp)} and [G, Np] = {(g, np_)}, "
+                         f"got {a_scale.shape}, {w_scale.shape}")
+    if mp % cfg.cta_m or np_ % cfg.cta_n:
+        raise ValueError(f"w8a8_group_matmul: Mp={mp} and Np={np_} must be multiples of the CTA tile "
+                         f"{cfg.cta_m}×{cfg.cta_n} (pad them, as mixed_matmul_mgpu does)")
+    m_iters, n_iters = mp // cfg.cta_m, np_ // cfg.cta_n
+    tm, tn, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_n
+    out_dtype = jnp.dtype(out_dtype)
+    programs = min(cfg.programs or _num_sms(), m_iters * n_iters)
+
+    def kernel(x_gmem, sa_gmem, w_gmem, sw_gmem, out_gmem, out_smem):
+        def pipeline(body, compute_context):
+            return plgpu.emit_pipeline_warp_specialized(
+                body,
+                grid=(g,),
+                memory_registers=40,
+                in_specs=[
+                    plgpu.BlockSpec((cfg.cta_m, GROUP_SIZE), lambda k: (0, k), transforms=_INT8_TRANSFORMS),
+                    plgpu.BlockSpec((1, cfg.cta_m), lambda k: (k, 0)),
+                    plgpu.BlockSpec((cfg.cta_n, GROUP_SIZE), lambda k: (0, k), transforms=_INT8_TRANSFORMS),
+                    plgpu.BlockSpec((1, cfg.cta_n), lambda k: (k, 0)),
+                ],
+                wg_axis="wg",
+                num_compute_wgs=2,
+                max_concurrent_steps=cfg.stages,
+                compute_context=compute_context,
+            )
+
+        def no_op(*_, **__):
+            return None
+
+        @functools.partial(
+            pl.run_scoped,
+            allocs=pipeline(no_op, no_op).get_allocations(x_gmem, sa_gmem, w_gmem, sw_gmem),
+            collective_axes="wg",
+        )
+        def _scope(allocs):
+            wg = lax.axis_index("wg")
+
+            @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
+            def _tile_loop(info):
+                (lin,) = info.index
+                mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, cfg.snake)
+                cta_m = pl.ds(mi * cfg.cta_m, cfg.cta_m)
+                cta_n = pl.ds(ni * cfg.cta_n, cfg.cta_n)
+                if cfg.wg_along == "m":
+                    wg_m, wg_n = pl.ds(wg * tm, tm), pl.ds(0, tn)
+                else:
+                    wg_m, wg_n = pl.ds(0, tm), pl.ds(wg * tn, tn)
+
+                def scaled(partial, sa, sw):  # f32(P) · (s_a ⊗ s_w)
+                    scale = lax.broadcast_in_dim(sa, (tm, tn), [0]) * lax.broadcast_in_dim(sw, (tm, tn), [1])
+                    return partial.astype(jnp.float32) * scale
+
+                def body(_, x_smem, sa_smem, w_smem, sw_smem, carry):
+                    def group_mma(p_ref):
+                        plgpu.wgmma(p_ref, x_smem.at[wg_m], plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
+                        if cfg.overlap:  # rescale the previous group while this group's MMAs run
+                            acc, prev, prev_sa, prev_sw = carry
+                            acc = acc + scaled(prev, prev_sa, prev_sw)
+                        else:
+                            acc = carry
+                        return acc, p_ref[...]  # p_ref[...] waits for this warpgroup's MMAs
+
+                    if interpret:  # the interpreter's wgmma takes no transposed operand: same product
+                        acc = carry[0] + scaled(*carry[1:]) if cfg.overlap else carry
+                        partial = lax.dot_general(x_smem[wg_m], w_smem[wg_n], (((1,), (1,)), ((), ())),
+                                                  preferred_element_type=jnp.int32)
+                    else:
+                        acc, partial = pl.run_scoped(group_mma, plgpu.ACC((tm, tn), jnp.int32))
+                    sa = _load_vector(sa_smem.at[0], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret)
+                    sw = _load_vector(sw_smem.at[0], wg_n, plgpu.Layout.WGMMA.reduce(0), interpret)
+                    if cfg.overlap:
+                        return acc, partial, sa, sw
+                    return acc + scaled(partial, sa, sw)
+
+                def compute_context(run):
+                    acc0 = jnp.full((tm, tn), 0, jnp.float32)
+                    if not interpret:  # the interpreter has no layouts (nor rules for layout_cast)
+                        acc0 = plgpu.layout_cast(acc0, plgpu.Layout.WGMMA)
+                    if cfg.overlap:
+                        p0 = jnp.full((tm, tn), 0, jnp.int32)
+                        sa0, sw0 = jnp.full((tm,), 0, jnp.float32), jnp.full((tn,), 0, jnp.float32)
+                        if not interpret:
+                            p0 = plgpu.layout_cast(p0, plgpu.Layout.WGMMA)
+                            sa0 = plgpu.layout_cast(sa0, plgpu.Layout.WGMMA.reduce(1))
+                            sw0 = plgpu.layout_cast(sw0, plgpu.Layout.WGMMA.reduce(0))
+                        acc, last, last_sa, last_sw = run((acc0, p0, sa0, sw0))
+                        acc = acc + scaled(last, last_sa, last_sw)
+                    else:
+                        acc = run(acc0)
+                    acc = acc.astype(out_dtype)
+                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    for e in range(tn // epi_n):
+                        slot = e % 2
+                        plgpu.wait_smem_to_gmem(1, wait_read_only=True)
+                        out_smem[wg, slot] = acc[:, e * epi_n:(e + 1) * epi_n]
+                        plgpu.commit_smem()
+                        plgpu.copy_smem_to_gmem(
+                            out_smem.at[wg, slot],
+                            out_gmem.at[cta_m, cta_n].at[wg_m, wg_n].at[:, pl.ds(e * epi_n, epi_n)],
+                        )
+
+                pipeline(body, compute_context)(
+                    x_gmem.at[cta_m, :], sa_gmem.at[:, cta_m], w_gmem.at[cta_n, :], sw_gmem.at[:, cta_n],
+                    allocations=allocs,
+                )
+
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+    out_bits = out_dtype.itemsize * 8
+    out_swizzle = plgpu.find_swizzle(epi_n * out_bits)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle * 8 // out_bits)), plgpu.SwizzleTransform(out_swizzle))
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
+        grid=(programs,),
+        grid_names=("sm",),
+        num_threads=3,
+        thread_name="wg",
+        scratch_types=dict(out_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype, transforms=out_transforms)),
+        interpret=_interpret_params() if interpret else None,
+    )
+    return call(x_q, a_scale, w, w_scale)
+
+
+def _load_vector(ref, idx, layout, interpret: bool):
+    """A row or column of scales in the accumulator's broadcast layout. The Mosaic GPU interpreter has
+    no rule for `plgpu.load` (jax 0.10–0.11); layouts do not exist there, so a plain read is the same."""
+    return ref[idx] if interpret else plgpu.load(ref, idx, layout=layout)
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def _round_up(v: int, mult: int) -> int:
+    return -(-v // mult) * mult
+
+
+def int8_weight(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Array, jax.Array]:
+    """The packed weight as one int8 matrix in channel order: (w int8 [Np, Kp], scale f32 [G, Np]).
+
+    8-bit channels keep q; 4-bit channels become u − z ∈ [-15, 15], so w[n]·s[g, n] is the same
+    dequantized weight as `qw.dequantize()`. Np = `rows` (≥ N; padding rows are zero with zero scale)."""
+    g = qw.num_groups
+    np_ = qw.n if rows is None else rows
+    if np_ < qw.n:
+        raise ValueError(f"int8_weight: rows={rows} < N={qw.n}")
+    codes, scales = [], []
+    if qw.q8.shape[0]:
+        codes.append(qw.q8)
+        scales.append(qw.scale8)
+    if qw.q4.shape[0]:
+        b = qw.q4.reshape(-1, g, 1, HALF_GROUP)  # signed nibbles u − 8
+        u8 = jnp.concatenate([jnp.left_shift(b, 4) >> 4, b >> 4], axis=2).reshape(-1, g, GROUP_SIZE)
+        off = (8 - qw.zero4.T.astype(jnp.int8))[..., None]  # [N4p, G, 1] 8 − z
+        codes.append((u8 + off).reshape(-1, g * GROUP_SIZE))
+        scales.append(qw.scale4)
+    w = jnp.concatenate(codes)[qw.row_of_channel]  # [N, Kp] channel order
+    s = jnp.concatenate(scales, axis=1)[:, qw.row_of_channel]  # [G, N]
+    if np_ > qw.n:
+        w = jnp.pad(w, [(0, np_ - qw.n), (0, 0)])
+        s = jnp.pad(s, [(0, 0), (0, np_ - qw.n)])
+    return w, s
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def mixed_matmul_mgpu(x: jax.Array, qw: MixedWeight, *, config: MgpuConfig = DEFAULT_CONFIG,
+                      interpret: bool = False) -> jax.Array:
+    """x [M, K] float → [M, N] x.dtype in channel order: quantize activations, unpack the weight to
+    int8 (`int8_weight`), one Mosaic GPU int8 GEMM with per-group rescale. Pads M and N to the tile."""
+    from pallas_kernels.reference import quantize_activations_ref
+
+    m = x.shape[0]
+    mp = _round_up(m, config.cta_m)
+    np_ = _round_up(qw.n, config.cta_n)
+    if interpret:
+        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, mp - m), (0, 0)]))
+        sa = sa.T
+    else:
+        from pallas_kernels.kernels import quantize_activations_pallas
+
+        x_q, sa, _ = quantize_activations_pallas(x, block_m=config.cta_m)
+    w, sw = int8_weight(qw, rows=np_)
+    y = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=x.dtype, config=config, interpret=interpret)
+    return y[:m, : qw.n]
