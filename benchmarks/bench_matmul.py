@@ -293,11 +293,9 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
-MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=sn) for st in (3, 4, 5) for sn in (4, 8, 16)] + [
-    dict(tile_m=64, tile_n=128, wg_along="n", stages=4, snake=8),
-    dict(tile_m=128, tile_n=64, wg_along="n", stages=4, snake=8),
-    dict(tile_m=128, tile_n=64, wg_along="m", stages=4, snake=8, epi_n=64),
-] + [dict(tile_m=64, tile_n=128, wg_along=wg, stages=4, snake=8, overlap=True) for wg in ("m", "n")]
+MGPU_SWEEP = [dict(tile_m=tm, tile_n=tn, wg_along=wg, stages=4, snake=8, seed=seed, overlap=ov)
+              for seed in (True, False) for ov in (False, True) for tm, tn, wg in ((64, 128, "m"), (64, 128, "n"))] + [
+    dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=sn, seed=True) for st, sn in ((3, 8), (5, 8), (4, 16))]
 
 
 def mgpu_sweep(m: int, g: int, rows: int):
@@ -338,7 +336,8 @@ def emit(row, log):
     if not cfg:
         cfg_s = ""
     elif "wg_along" in cfg:  # MgpuConfig
-        cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}".format(**cfg)
+        cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}".format(
+            s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "", **cfg)
     elif "block_m" not in cfg:  # GemvConfig
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
     else:
