@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import random_packed  # noqa: E402
-from pallas_kernels import gemv, kernels  # noqa: E402
+from pallas_kernels import gemv, kernels, mgpu  # noqa: E402
 
 
 def main(argv=None):
@@ -33,8 +33,24 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=14336)
     p.add_argument("--decode", default=kernels.DEFAULT_DECODE, choices=kernels.DECODE_STRATEGIES)
-    p.add_argument("--kernel", default="mma", choices=("mma", "gemv"), help="mixed_gemm or mixed_gemv")
+    p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "mgpu"),
+                   help="mixed_gemm, mixed_gemv, or the Mosaic GPU prefill GEMM on int8 operands")
+    p.add_argument("--mgpu", default="", help="MgpuConfig overrides for --kernel mgpu, e.g. seed=0,overlap=1")
     args = p.parse_args(argv)
+    if args.kernel == "mgpu":
+        over = dict(kv.split("=") for kv in args.mgpu.split(",") if kv)
+        fields = {f.name: f.type for f in __import__("dataclasses").fields(mgpu.MgpuConfig)}
+        cfg = mgpu.MgpuConfig(**{k: (v if "str" in str(fields[k]) else int(v)) for k, v in over.items()})
+        rng = np.random.default_rng(0)
+        x = jnp.asarray(rng.integers(-127, 128, (args.m, args.k)), jnp.int8)
+        w = jnp.asarray(rng.integers(-15, 16, (args.n, args.k)), jnp.int8)
+        sa = jnp.full((args.k // 128, args.m), 1e-3, jnp.float32)
+        sw = jnp.full((args.k // 128, args.n), 1e-3, jnp.float32)
+        fn = jax.jit(lambda *a: mgpu.w8a8_group_matmul(*a, config=cfg))
+        for _ in range(3):
+            jax.block_until_ready(fn(x, sa, w, sw))
+        print("config", cfg)
+        return
     w = random_packed(np.random.default_rng(0), args.n, args.k, 0.1)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(args.m, args.k)), jnp.bfloat16)
     fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, decode=args.decode))
