@@ -293,9 +293,10 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
-MGPU_SWEEP = [dict(tile_m=tm, tile_n=tn, wg_along=wg, stages=4, snake=8, seed=seed, overlap=ov)
-              for seed in (True, False) for ov in (False, True) for tm, tn, wg in ((64, 128, "m"), (64, 128, "n"))] + [
-    dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=sn, seed=True) for st, sn in ((3, 8), (5, 8), (4, 16))]
+MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along=wg, stages=st, snake=8, seed=seed, overlap=ov)
+              for ov, seed in ((False, False), (True, False), (True, True)) for wg in ("m", "n") for st in (4,)] + [
+    dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=8, overlap=True) for st in (3, 5)] + [
+    dict(tile_m=64, tile_n=64, wg_along="m", stages=4, snake=8, overlap=True, epi_n=64)]
 
 
 def mgpu_sweep(m: int, g: int, rows: int):

@@ -10,13 +10,17 @@ measured speed (`select_gpu_path`, H100 numbers in benchmarks/results/kernels.md
   slower on wider layers (4096→28672) and from M = 2 on, where its CUDA-core work grows with M.
 - "kernel": the Pallas-Triton integer kernel (`kernels.mixed_matmul_pallas`): decode and medium M,
   where the packed weight's bytes dominate; exact integer partials (rel. ≤ 1e-4 vs the reference).
-- "dequant_dot": for 16-bit activations and M ≥ `DEQUANT_DOT_MIN_M` (prefill), int8-fake-quantized
-  activations × the weight dequantized to bf16, one XLA dot (`dequant_dot.dequant_dot_matmul`): the
-  same quantization, products rounded to bf16 (rel. ≤ 5e-3 vs the reference, the bound of every
-  bf16-output kernel). f32 activations always take the kernel.
+- "mgpu": for 16-bit activations and M ≥ `PREFILL_MIN_M` on a Hopper GPU (sm_90, wgmma): the weight
+  unpacked to int8 in one pass, then a Mosaic GPU int8 wgmma GEMM with the per-group rescale
+  (`mgpu.mixed_matmul_mgpu`); exact integer partials, bf16 output (rel. ≤ 1e-3 vs the reference).
+  H100 (session 4): 1.0–1.2× the device time of XLA's bf16 dot at M = 2048–4096 with the unpack,
+  against 0.64–0.84× for "dequant_dot".
+- "dequant_dot": the same M on other GPUs: int8-fake-quantized activations × the weight dequantized
+  to bf16, one XLA dot (`dequant_dot.dequant_dot_matmul`): the same quantization, products rounded to
+  bf16 (rel. ≤ 5e-3 vs the reference, the bound of every bf16-output kernel).
+  f32 activations always take the exact integer kernel.
 
-The per-path entry points stay public for benchmarks and ablations. A future Mosaic GPU kernel plugs
-in as another path here.
+The per-path entry points stay public for benchmarks and ablations.
 """
 
 from __future__ import annotations
@@ -57,16 +61,26 @@ def _check_backend(impl: str, interpret: bool) -> None:
 GEMV_MAX_ROWS = 16384  # packed rows up to which M = 1 takes the GEMV (measured faster up to 6400 rows)
 
 
-def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M,
-                    rows: int | None = None) -> str:
-    """"gemv", "kernel" or "dequant_dot" for M rows of `dtype` activations on a weight of `rows` packed
-    rows (None: not the GEMV); dequant_dot_min_m None: never dequant_dot."""
+PREFILL_MIN_M = DEQUANT_DOT_MIN_M  # rows from which 16-bit activations take a prefill path
+
+
+def has_wgmma(device=None) -> bool:
+    """True on a Hopper GPU (compute capability 9.x), where the Mosaic GPU wgmma kernel runs."""
+    device = device or jax.devices()[0]
+    return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
+
+
+def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = PREFILL_MIN_M,
+                    rows: int | None = None, wgmma: bool = False) -> str:
+    """"gemv", "kernel", "mgpu" or "dequant_dot" for M rows of `dtype` activations on a weight of `rows`
+    packed rows (None: not the GEMV); `wgmma`: the GPU is a Hopper (`has_wgmma`); dequant_dot_min_m
+    None: never a prefill path."""
     if m == 1 and rows is not None and rows <= GEMV_MAX_ROWS:
         return "gemv"
     wide = jax.numpy.dtype(dtype).itemsize > 2  # f32 callers keep the exact integer kernel
     if dequant_dot_min_m is None or wide or m < dequant_dot_min_m:
         return "kernel"
-    return "dequant_dot"
+    return "mgpu" if wgmma else "dequant_dot"
 
 
 def mixed_matmul(
@@ -88,11 +102,15 @@ def mixed_matmul(
     if impl == "xla":
         return reference.mixed_matmul_ref(x, qw)
     path = select_gpu_path(x.shape[0], x.dtype, dequant_dot_min_m=dequant_dot_min_m,
-                           rows=qw.q8.shape[0] + qw.q4.shape[0])
+                           rows=qw.q8.shape[0] + qw.q4.shape[0], wgmma=not interpret and has_wgmma())
     if path == "gemv":
         from pallas_kernels import gemv
 
         return gemv.mixed_gemv_pallas(x, qw, interpret=interpret)
+    if path == "mgpu":
+        from pallas_kernels.mgpu import mixed_matmul_mgpu
+
+        return mixed_matmul_mgpu(x, qw)
     if not interpret and path == "dequant_dot":
         from pallas_kernels.dequant_dot import dequant_dot_matmul
 

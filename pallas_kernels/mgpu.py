@@ -184,7 +184,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         plgpu.wgmma(p_ref, x_smem.at[wg_m], plgpu.transpose_ref(w_smem.at[wg_n], (1, 0)))
                         if cfg.overlap:  # rescale the previous group while this group's MMAs run
                             acc, prev, prev_sa, prev_sw = carry
-                            acc = accumulate(acc, prev, prev_sa, prev_sw)
+                            # the barrier pins the rescale before the wait below (LLVM may sink it past)
+                            acc = lax.optimization_barrier(accumulate(acc, prev, prev_sa, prev_sw))
                         else:
                             acc = carry
                         return acc, p_ref[...]  # p_ref[...] waits for this warpgroup's MMAs

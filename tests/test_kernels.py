@@ -305,6 +305,9 @@ def test_gpu_path_selection():
     assert select_gpu_path(2, jnp.bfloat16, rows=4352) == "kernel"
     assert select_gpu_path(m0 - 1, jnp.bfloat16) == "kernel"
     assert select_gpu_path(m0, jnp.bfloat16) == "dequant_dot"
+    assert select_gpu_path(m0, jnp.bfloat16, wgmma=True) == "mgpu"  # Hopper: the Mosaic GPU kernel
+    assert select_gpu_path(m0 - 1, jnp.bfloat16, wgmma=True) == "kernel"
+    assert select_gpu_path(4 * m0, jnp.float32, wgmma=True) == "kernel"
     assert select_gpu_path(4 * m0, jnp.float32) == "kernel"  # exact path for f32 callers
     assert select_gpu_path(4 * m0, jnp.bfloat16, dequant_dot_min_m=None) == "kernel"
 

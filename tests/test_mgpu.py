@@ -1,0 +1,113 @@
+"""The Mosaic GPU prefill path (pallas_kernels/mgpu.py): the int8 weight unpack, the wgmma GEMM against
+its reference (Mosaic GPU interpret mode on CPU; the real kernel where a Hopper GPU is present), and
+its errors. Fresh random data each run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from pallas_kernels import mgpu
+from pallas_kernels import reference as ref
+from pallas_kernels.api import has_wgmma
+
+ON_HOPPER = has_wgmma()
+INTERPRET = not ON_HOPPER
+
+
+def _rng():
+    return np.random.default_rng()
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _weight(rng, n, k, share8):
+    w = rng.normal(size=(n, k)).astype(np.float32) * 0.05
+    is_int8 = np.zeros(n, bool)
+    is_int8[rng.permutation(n)[: int(round(share8 * n))]] = True
+    return pk.pack_rtn(jnp.asarray(w), jnp.asarray(is_int8))
+
+
+def _operands(rng, m, k, n):
+    g = k // 128
+    x_q = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
+    w = jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+    sa = jnp.asarray(rng.uniform(1e-3, 1e-2, (g, m)), jnp.float32)
+    sw = jnp.asarray(rng.uniform(1e-3, 1e-2, (g, n)), jnp.float32)
+    return x_q, sa, w, sw
+
+
+@pytest.mark.parametrize("n, k, share8, rows", [(300, 576, 0.1, 384), (256, 256, 0.0, None), (130, 384, 1.0, 256)])
+def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
+    qw = _weight(_rng(), n, k, share8)
+    w, s = mgpu.int8_weight(qw, rows=rows)
+    np_ = rows or n
+    assert w.shape == (np_, qw.k_padded) and w.dtype == jnp.int8 and s.shape == (qw.num_groups, np_)
+    deq = np.asarray(w[:n], np.float32).reshape(n, -1, 128) * np.asarray(s[:, :n]).T[..., None]
+    assert np.array_equal(deq.reshape(n, -1)[:, :k], np.asarray(qw.dequantize()))  # bit-exact, channel order
+    assert not np.any(np.asarray(w[n:])) and not np.any(np.asarray(s[:, n:]))  # padding rows are zero
+    if share8 < 1:  # 4-bit channels hold u − z ∈ [-15, 15]
+        four = ~np.isin(np.arange(n), np.asarray(qw.channel[: qw.n8]))
+        assert np.abs(np.asarray(w[:n])[four]).max() <= 15
+
+
+@pytest.mark.parametrize("cfg", [
+    mgpu.MgpuConfig(programs=2),
+    mgpu.MgpuConfig(wg_along="n", programs=3, stages=2),
+    mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True),
+    mgpu.MgpuConfig(programs=2, seed=True, overlap=True),
+])
+def test_group_matmul_matches_reference(cfg):
+    rng = _rng()
+    m, n = 2 * cfg.cta_m, 2 * cfg.cta_n
+    x_q, sa, w, sw = _operands(rng, m, 384, n)
+    y = mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
+    want = ref.w8a8_ref(x_q, sa.T, w, sw)
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    # exact integer partials; the seeded rescale adds one f32 rounding of 1.5·2^23·s_w per group
+    assert _rel(y, want) < (1e-4 if cfg.seed else 1e-6)
+
+
+@pytest.mark.parametrize("m, k, n, share8", [(130, 576, 300, 0.1), (128, 256, 96, 0.0), (1, 128, 128, 1.0)])
+def test_mixed_matmul_mgpu_within_bf16_bound(m, k, n, share8):
+    rng = _rng()
+    qw = _weight(rng, n, k, share8)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    y = mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3  # the bound of every bf16-output path
+
+
+def test_bad_configs_and_shapes_are_named():
+    with pytest.raises(ValueError, match="tile_m"):
+        mgpu.MgpuConfig(tile_m=96)
+    with pytest.raises(ValueError, match="tile_n"):
+        mgpu.MgpuConfig(tile_n=512)
+    with pytest.raises(ValueError, match="wg_along"):
+        mgpu.MgpuConfig(wg_along="k")
+    with pytest.raises(ValueError, match="epi_n"):
+        mgpu.MgpuConfig(epi_n=48)
+    x_q, sa, w, sw = _operands(_rng(), 100, 256, 128)
+    with pytest.raises(ValueError, match="multiples of the CTA tile"):
+        mgpu.w8a8_group_matmul(x_q, sa, w, sw, interpret=True)
+    with pytest.raises(TypeError, match="int8"):
+        mgpu.w8a8_group_matmul(x_q.astype(jnp.int32), sa, w, sw, interpret=True)
+    with pytest.raises(ValueError, match="scales"):
+        mgpu.w8a8_group_matmul(x_q, sa.T, w, sw, interpret=True)
+    with pytest.raises(ValueError, match="rows"):
+        mgpu.int8_weight(_weight(_rng(), 256, 128, 0.1), rows=128)
+
+
+@pytest.mark.skipif(not ON_HOPPER, reason="the dispatch to the wgmma kernel needs a Hopper GPU")
+def test_api_sends_prefill_to_mgpu_on_hopper():
+    rng = _rng()
+    qw = _weight(rng, 256, 512, 0.1)
+    x = jnp.asarray(rng.normal(size=(pk.api.PREFILL_MIN_M, 512)), jnp.bfloat16)
+    y = pk.mixed_matmul(x, qw, implementation="pallas")
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3
