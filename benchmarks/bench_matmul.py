@@ -293,10 +293,9 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
-MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along=wg, stages=st, snake=8, seed=seed, overlap=ov)
-              for ov, seed in ((False, False), (True, False), (True, True)) for wg in ("m", "n") for st in (4,)] + [
-    dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=8, overlap=True) for st in (3, 5)] + [
-    dict(tile_m=64, tile_n=64, wg_along="m", stages=4, snake=8, overlap=True, epi_n=64)]
+MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along=wg, stages=4, snake=8, pingpong=pp, overlap=ov)
+              for pp, ov in ((True, False), (False, False), (True, True)) for wg in ("m", "n")] + [
+    dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=sn) for st, sn in ((3, 8), (5, 8), (4, 4), (4, 16))]
 
 
 def mgpu_sweep(m: int, g: int, rows: int):
@@ -337,8 +336,9 @@ def emit(row, log):
     if not cfg:
         cfg_s = ""
     elif "wg_along" in cfg:  # MgpuConfig
-        cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}".format(
-            s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "", **cfg)
+        cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}{p}".format(
+            s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "",
+            p=" pingpong" if cfg.get("pingpong") else "", **cfg)
     elif "block_m" not in cfg:  # GemvConfig
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
     else:

@@ -61,7 +61,10 @@ class MgpuConfig:
     int32 tile of registers) instead of waiting first;
     seed: start each group's int32 accumulator at the bits of 1.5·2^23 (MixLLM's trick, as in
     `kernels._seeded_mma`), so the partial becomes a float with one FMA that also applies s_w,
-    and a second FMA applies s_a: 2 instructions per element per group instead of a conversion and 3."""
+    and a second FMA applies s_a (measured slower on the H100: seeding costs a move per element);
+    pingpong: the two compute warpgroups take turns on the tensor cores (a pair of barriers): one
+    warpgroup's MMAs run while the other rescales, instead of both issuing together, sharing the
+    tensor cores, and then both rescaling while the tensor cores idle."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -71,7 +74,8 @@ class MgpuConfig:
     epi_n: int = 64
     programs: int | None = None
     overlap: bool = False
-    seed: bool = True
+    seed: bool = False
+    pingpong: bool = True
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_m <= 0:
@@ -152,10 +156,16 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
         @functools.partial(
             pl.run_scoped,
             allocs=pipeline(no_op, no_op).get_allocations(x_gmem, sa_gmem, w_gmem, sw_gmem),
+            turn=plgpu.Barrier(num_arrivals=1, num_barriers=2),
             collective_axes="wg",
         )
-        def _scope(allocs):
+        def _scope(allocs, turn):
             wg = lax.axis_index("wg")
+            if cfg.pingpong:  # warpgroup 0 goes first: its first wait finds warpgroup 1's turn done
+
+                @pl.when(wg == 1)
+                def _():
+                    plgpu.barrier_arrive(turn.at[1])
 
             @plgpu.nd_loop((m_iters * n_iters,), collective_axes="sm")
             def _tile_loop(info):
@@ -190,6 +200,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                             acc = carry
                         return acc, p_ref[...]  # p_ref[...] waits for this warpgroup's MMAs
 
+                    if cfg.pingpong:  # wait until the other warpgroup's MMAs of its turn are done
+                        plgpu.barrier_wait(turn.at[1 - wg])
                     if interpret:  # the interpreter's wgmma takes no transposed operand: same product
                         acc = accumulate(*carry) if cfg.overlap else carry
                         partial = lax.dot_general(x_smem[wg_m], w_smem[wg_n], (((1,), (1,)), ((), ())),
@@ -198,6 +210,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                             partial = partial + _MAGIC
                     else:
                         acc, partial = pl.run_scoped(group_mma, plgpu.ACC((tm, tn), jnp.int32))
+                    if cfg.pingpong:  # the tensor cores are free: the other warpgroup's turn
+                        plgpu.barrier_arrive(turn.at[wg])
                     sa = _load_vector(sa_smem.at[0], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret)
                     sw = _load_vector(sw_smem.at[0], wg_n, plgpu.Layout.WGMMA.reduce(0), interpret)
                     if cfg.overlap:
@@ -230,6 +244,12 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                     x_gmem.at[cta_m, :], sa_gmem.at[:, cta_m], w_gmem.at[cta_n, :], sw_gmem.at[:, cta_n],
                     allocations=allocs,
                 )
+
+            if cfg.pingpong:  # consume warpgroup 1's last turn (every arrival is waited for)
+
+                @pl.when(wg == 0)
+                def _():
+                    plgpu.barrier_wait(turn.at[1])
 
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
