@@ -10,11 +10,12 @@ measured speed (`select_gpu_path`, H100 numbers in benchmarks/results/kernels.md
   slower on wider layers (4096→28672) and from M = 2 on, where its CUDA-core work grows with M.
 - "kernel": the Pallas-Triton integer kernel (`kernels.mixed_matmul_pallas`): decode and medium M,
   where the packed weight's bytes dominate; exact integer partials (rel. ≤ 1e-4 vs the reference).
-- "mgpu": for 16-bit activations and M ≥ `PREFILL_MIN_M` on a Hopper GPU (sm_90, wgmma): the weight
+- "mgpu": for 16-bit activations and M ≥ `MGPU_MIN_M` on a Hopper GPU (sm_90, wgmma): the weight
   unpacked to int8 in one pass, then a Mosaic GPU int8 wgmma GEMM with the per-group rescale
   (`mgpu.mixed_matmul_mgpu`); exact integer partials, bf16 output (rel. ≤ 1e-3 vs the reference).
-  H100 (session 4): 1.0–1.2× the device time of XLA's bf16 dot at M = 2048–4096 with the unpack,
-  against 0.64–0.84× for "dequant_dot".
+  H100 (session 4, device spans, results/kernels.md): 0.80–1.03× XLA's bf16 dot at M = 2048–4096
+  including the unpack (the GEMM alone 0.98–1.12×), against 0.64–0.84× for "dequant_dot"; from
+  M = 256 it beats both the Triton kernel and "dequant_dot".
 - "dequant_dot": the same M on other GPUs: int8-fake-quantized activations × the weight dequantized
   to bf16, one XLA dot (`dequant_dot.dequant_dot_matmul`): the same quantization, products rounded to
   bf16 (rel. ≤ 5e-3 vs the reference, the bound of every bf16-output kernel).
@@ -61,7 +62,8 @@ def _check_backend(impl: str, interpret: bool) -> None:
 GEMV_MAX_ROWS = 16384  # packed rows up to which M = 1 takes the GEMV (measured faster up to 6400 rows)
 
 
-PREFILL_MIN_M = DEQUANT_DOT_MIN_M  # rows from which 16-bit activations take a prefill path
+MGPU_MIN_M = 256  # rows from which 16-bit activations take the wgmma path on a Hopper (H100 crossover)
+PREFILL_MIN_M = MGPU_MIN_M  # kept for callers: the smallest M of any prefill path
 
 
 def has_wgmma(device=None) -> bool:
@@ -70,17 +72,20 @@ def has_wgmma(device=None) -> bool:
     return device.platform == "gpu" and str(getattr(device, "compute_capability", "")).startswith("9.")
 
 
-def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = PREFILL_MIN_M,
-                    rows: int | None = None, wgmma: bool = False) -> str:
+def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M,
+                    rows: int | None = None, wgmma: bool = False, mgpu_min_m: int = MGPU_MIN_M) -> str:
     """"gemv", "kernel", "mgpu" or "dequant_dot" for M rows of `dtype` activations on a weight of `rows`
-    packed rows (None: not the GEMV); `wgmma`: the GPU is a Hopper (`has_wgmma`); dequant_dot_min_m
-    None: never a prefill path."""
+    packed rows (None: not the GEMV); `wgmma`: the GPU is a Hopper (`has_wgmma`), where M ≥ `mgpu_min_m`
+    takes "mgpu"; elsewhere M ≥ `dequant_dot_min_m` takes "dequant_dot"; dequant_dot_min_m None: no
+    prefill path at all (the integer kernel for every M > 1)."""
     if m == 1 and rows is not None and rows <= GEMV_MAX_ROWS:
         return "gemv"
     wide = jax.numpy.dtype(dtype).itemsize > 2  # f32 callers keep the exact integer kernel
-    if dequant_dot_min_m is None or wide or m < dequant_dot_min_m:
+    if dequant_dot_min_m is None or wide:
         return "kernel"
-    return "mgpu" if wgmma else "dequant_dot"
+    if wgmma:
+        return "mgpu" if m >= mgpu_min_m else "kernel"
+    return "dequant_dot" if m >= dequant_dot_min_m else "kernel"
 
 
 def mixed_matmul(

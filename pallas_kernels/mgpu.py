@@ -62,9 +62,9 @@ class MgpuConfig:
     seed: start each group's int32 accumulator at the bits of 1.5·2^23 (MixLLM's trick, as in
     `kernels._seeded_mma`), so the partial becomes a float with one FMA that also applies s_w,
     and a second FMA applies s_a (measured slower on the H100: seeding costs a move per element);
-    pingpong: the two compute warpgroups take turns on the tensor cores (a pair of barriers): one
-    warpgroup's MMAs run while the other rescales, instead of both issuing together, sharing the
-    tensor cores, and then both rescaling while the tensor cores idle."""
+    pingpong: the two compute warpgroups take turns on the tensor cores (a pair of barriers) so that
+    one warpgroup's MMAs run while the other rescales (measured 5–14 % slower on the H100: the
+    default lets both issue together)."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -75,7 +75,7 @@ class MgpuConfig:
     programs: int | None = None
     overlap: bool = False
     seed: bool = False
-    pingpong: bool = True
+    pingpong: bool = False
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_m <= 0:

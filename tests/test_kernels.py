@@ -295,7 +295,7 @@ def test_dequant_dot_path_within_bf16_bound_of_reference(m, share8):
 
 
 def test_gpu_path_selection():
-    from pallas_kernels.api import select_gpu_path
+    from pallas_kernels.api import MGPU_MIN_M, select_gpu_path
 
     m0 = dequant_dot.DEQUANT_DOT_MIN_M
     assert select_gpu_path(1, jnp.bfloat16) == "kernel"
@@ -305,9 +305,11 @@ def test_gpu_path_selection():
     assert select_gpu_path(2, jnp.bfloat16, rows=4352) == "kernel"
     assert select_gpu_path(m0 - 1, jnp.bfloat16) == "kernel"
     assert select_gpu_path(m0, jnp.bfloat16) == "dequant_dot"
-    assert select_gpu_path(m0, jnp.bfloat16, wgmma=True) == "mgpu"  # Hopper: the Mosaic GPU kernel
-    assert select_gpu_path(m0 - 1, jnp.bfloat16, wgmma=True) == "kernel"
+    mg = MGPU_MIN_M
+    assert select_gpu_path(mg, jnp.bfloat16, wgmma=True) == "mgpu"  # Hopper: the Mosaic GPU kernel
+    assert select_gpu_path(mg - 1, jnp.bfloat16, wgmma=True) == "kernel"
     assert select_gpu_path(4 * m0, jnp.float32, wgmma=True) == "kernel"
+    assert select_gpu_path(4 * m0, jnp.bfloat16, wgmma=True, dequant_dot_min_m=None) == "kernel"
     assert select_gpu_path(4 * m0, jnp.float32) == "kernel"  # exact path for f32 callers
     assert select_gpu_path(4 * m0, jnp.bfloat16, dequant_dot_min_m=None) == "kernel"
 

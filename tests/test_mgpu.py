@@ -62,6 +62,7 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
     mgpu.MgpuConfig(wg_along="n", programs=3, stages=2),
     mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True),
     mgpu.MgpuConfig(programs=2, seed=True, overlap=True),
+    mgpu.MgpuConfig(programs=3, pingpong=True),  # turn barriers: every arrival waited for, no deadlock
 ])
 def test_group_matmul_matches_reference(cfg):
     rng = _rng()
@@ -108,6 +109,6 @@ def test_bad_configs_and_shapes_are_named():
 def test_api_sends_prefill_to_mgpu_on_hopper():
     rng = _rng()
     qw = _weight(rng, 256, 512, 0.1)
-    x = jnp.asarray(rng.normal(size=(pk.api.PREFILL_MIN_M, 512)), jnp.bfloat16)
+    x = jnp.asarray(rng.normal(size=(pk.api.MGPU_MIN_M, 512)), jnp.bfloat16)
     y = pk.mixed_matmul(x, qw, implementation="pallas")
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3
