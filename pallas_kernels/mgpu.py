@@ -352,6 +352,9 @@ def mixed_matmul_mgpu(x: jax.Array, qw: MixedWeight, *, config: MgpuConfig = DEF
         from pallas_kernels.kernels import quantize_activations_pallas
 
         x_q, sa, _ = quantize_activations_pallas(x, block_m=config.cta_m)
+    # Tie the unpack to this call's activations: without it XLA may hoist the (activation-independent)
+    # unpacks of every layer of a model to the program's start and hold all their int8 copies at once.
+    x_q, qw = lax.optimization_barrier((x_q, qw))
     w, sw = int8_weight(qw, rows=np_)
     y = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=x.dtype, config=config, interpret=interpret)
     return y[:m, : qw.n]
