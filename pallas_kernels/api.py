@@ -63,7 +63,6 @@ GEMV_MAX_ROWS = 16384  # packed rows up to which M = 1 takes the GEMV (measured 
 
 
 MGPU_MIN_M = 256  # rows from which 16-bit activations take the wgmma path on a Hopper (H100 crossover)
-PREFILL_MIN_M = MGPU_MIN_M  # kept for callers: the smallest M of any prefill path
 
 
 def has_wgmma(device=None) -> bool:

@@ -41,10 +41,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, _round_up
+from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed + P = 1.5·2^23 + P, |P| < 2^22
 
-_MAGIC = 0x4B400000  # bits of 12582912.0 = 1.5·2^23; as a float, seed + P = 1.5·2^23 + P while |P| < 2^22
-_MAGIC_F = 12582912.0
+_MAGIC_F = 1.5 * 2**23
 _SWIZZLE = 128  # bytes: one 128-wide int8 group row is exactly one swizzle span
 _INT8_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
 
@@ -182,11 +182,12 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
 
                 def accumulate(acc, partial, sa, sw):  # acc + f32(P) · (s_a ⊗ s_w)
                     sa_b = lax.broadcast_in_dim(sa, (tm, tn), [0])
+                    sw_b = lax.broadcast_in_dim(sw, (tm, tn), [1])
                     if cfg.seed:  # P arrives as the bits of 1.5·2^23 + P: two FMAs per element
-                        q = (lax.bitcast_convert_type(partial, jnp.float32) * lax.broadcast_in_dim(sw, (tm, tn), [1])
+                        q = (lax.bitcast_convert_type(partial, jnp.float32) * sw_b
                              + lax.broadcast_in_dim(sw * -_MAGIC_F, (tm, tn), [1]))
                         return acc + q * sa_b
-                    return acc + partial.astype(jnp.float32) * (sa_b * lax.broadcast_in_dim(sw, (tm, tn), [1]))
+                    return acc + partial.astype(jnp.float32) * (sa_b * sw_b)
 
                 def body(_, x_smem, sa_smem, w_smem, sw_smem, carry):
                     def group_mma(p_ref):
@@ -286,10 +287,6 @@ def _interpret_params():
     from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
 
     return InterpretGPUParams()
-
-
-def _round_up(v: int, mult: int) -> int:
-    return -(-v // mult) * mult
 
 
 def _words(a: jax.Array) -> jax.Array:  # int8 [R, C] → uint32 [R, C/4] (little-endian: byte 0 lowest)

@@ -314,7 +314,7 @@ def test_gpu_path_selection():
     assert select_gpu_path(4 * m0, jnp.bfloat16, dequant_dot_min_m=None) == "kernel"
 
 
-@pytest.mark.skipif(INTERPRET, reason="the dispatch to the dequantize + dot path runs on a GPU only")
+@pytest.mark.skipif(INTERPRET, reason="the GPU prefill dispatch (mgpu on a Hopper, dequant_dot elsewhere) needs a GPU")
 def test_pallas_dispatch_prefill_within_bf16_bound():
     x, qw = _case(dequant_dot.DEQUANT_DOT_MIN_M, 576, 96, 0.1)
     y = pk.mixed_matmul(x, qw, implementation="pallas")
