@@ -39,14 +39,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import format as fmt  # noqa: E402
-from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, reference  # noqa: E402
+from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, mgpu_decode, reference  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
          "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
-         "mgpu": 0.1}
+         "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -119,6 +119,10 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return reference.dequant_matmul_ref, build, None, None
     if name == "mgpu":  # prefill on Hopper: int8 weight unpack + Mosaic GPU wgmma GEMM (pallas_kernels/mgpu.py)
         fn = lambda x, w: mgpu.mixed_matmul_mgpu(x, w, config=cfg or mgpu.DEFAULT_CONFIG, interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "mgpu_decode":  # decode on Hopper: TMA-streamed packed weight, swapped-operand wgmma
+        fn = lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(
+            x, w, config=cfg or mgpu_decode.DEFAULT_DECODE_CONFIG, interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "float_dequant":
         fn = lambda x, w: kernels.dequant_matmul_pallas(x, w, config=cfg, interpret=interpret)
@@ -302,6 +306,15 @@ def mgpu_sweep(m: int, g: int, rows: int):
     return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP]
 
 
+MGPU_DECODE_SWEEP = {"stages": (3, 4, 6, 8), "ctas": (264, 528, 1056)}
+
+
+def mgpu_decode_sweep(m: int, g: int, rows: int):
+    """--sweep-mgpu-decode: pipeline depth × the CTA count that picks split-K."""
+    return [mgpu_decode.DecodeConfig(stages=s, ctas=c)
+            for s, c in itertools.product(MGPU_DECODE_SWEEP["stages"], MGPU_DECODE_SWEEP["ctas"])]
+
+
 def parse(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES), help="KxN,KxN,...")
@@ -319,6 +332,7 @@ def parse(argv):
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-decode-unrolled", action="store_true", help="all groups of a split at once (unrolled_sweep)")
     p.add_argument("--sweep-mgpu", action="store_true", help="sweep the Mosaic GPU prefill kernel (mgpu_sweep)")
+    p.add_argument("--sweep-mgpu-decode", action="store_true", help="sweep the Mosaic GPU decode kernel")
     p.add_argument("--sweep-mgpu-variant", default="mgpu", help="mgpu or mgpu_core for --sweep-mgpu")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
@@ -417,7 +431,7 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
-                or args.sweep_decode_unrolled or args.sweep_mgpu:
+                or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
             if args.sweep_decode_small or args.sweep_decode_preload:
                 grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PRELOAD
@@ -426,11 +440,14 @@ def main(argv=None):
                 sweep = unrolled_sweep
             if args.sweep_mgpu:
                 sweep = mgpu_sweep
+            if args.sweep_mgpu_decode:
+                sweep = mgpu_decode_sweep
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
                     for cfg in (gemv_sweep if args.sweep_gemv else sweep)(m, -(-k // 128), n + 256):
-                        name = "gemv" if args.sweep_gemv else args.sweep_mgpu_variant if args.sweep_mgpu else "mixed"
+                        name = ("gemv" if args.sweep_gemv else args.sweep_mgpu_variant if args.sweep_mgpu
+                                else "mgpu_decode" if args.sweep_mgpu_decode else "mixed")
                         rows.append(run_row(name, k, n, m, args, bandwidth, log, cfg=cfg))
     bandwidth_end = copy_bandwidth()
     print(f"copy bandwidth at the end {bandwidth_end / 1e12:.2f} TB/s", flush=True)

@@ -1,0 +1,255 @@
+"""Decode on Hopper through Mosaic GPU: the packed weight streamed by TMA, int4 unpacked in registers.
+
+Why: at decode (a few activation rows) the GEMM is a stream of the packed weight, so its speed is the
+fraction of DRAM bandwidth it sustains. The Pallas-Triton kernel stalls on the small per-group operands
+(scales, zeros), which Triton loads with plain loads in the iteration that uses them
+(benchmarks/NOTES-kernels.md, items 13–14). Here every operand of a K step — weight tile, weight scales
+and zeros, activation codes, scales and sums — travels in the same TMA stage of an `emit_pipeline`.
+
+Swapped operands (y.T = W · x.T): the weight rows are the wgmma's M side (64 rows per CTA), the few
+activation rows its N side (`mt` = 8 or 16, … up to 64 columns), so no MMA work is wasted on padding
+rows of the activations. Per K step of 128 (one quantization group), for a 64-row tile:
+
+- 4-bit rows: the packed tile [64, 64] (byte j = k j in its low nibble, k 64 + j in its high nibble, each
+  the signed value u − 8; `format` docstring) is loaded from shared memory into registers in the wgmma
+  A-fragment layout for 8-bit operands; `b << 4` and `b & -16` are exactly 16·(u − 8) as int8, the A
+  operands of two K = 64 wgmmas (A from registers) against the two halves of the activation codes. The
+  zero point comes back per group through the activation sums:
+  x·(u − z)·s = s/16 · P + s·(8 − z)·Σx, P = Σ x·16(u − 8) (int32, exact).
+- 8-bit rows: the int8 tile [64, 128] is the wgmma's A operand straight from shared memory.
+- then, in f32 (two-step dequantization): acc += P · (s_w ⊗ s_a) [+ s_w(8 − z) ⊗ s_a Σx for 4-bit].
+
+Split-K across the grid: CTA (tile, split) covers G / split groups and writes an f32 partial
+[split, rows, mt]; `mixed_matmul_mgpu_decode` sums the partials, gathers rows into channel order and
+transposes in one XLA fusion. Many small CTAs (≈ 26 KB of shared memory at 4 stages) share each SM, so
+one CTA's pipeline fill overlaps another's stream.
+
+Requires an sm_90 GPU; on CPU it runs in Mosaic GPU interpret mode (`interpret=True`), where the
+register-A wgmma and the layouts are replaced by the same products in XLA (the tests' CPU twin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, _round_up
+from pallas_kernels.mgpu import _interpret_params, _load_vector, _num_sms, _with_layout
+
+TILE_ROWS = 64  # weight rows per CTA: the wgmma M
+MAX_COLS = 64  # activation rows one call takes (wgmma N; the accumulators stay small in registers)
+_SWIZZLE = 64  # bytes: one half group (64 int8) per swizzle span
+_HALF_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeConfig:
+    """stages: TMA stages in flight per CTA; split: K splits over the grid (None: `_pick_split`);
+    ctas: the number of CTAs `_pick_split` aims for (None: 4 per SM)."""
+
+    stages: int = 4
+    split: int | None = None
+    ctas: int | None = None
+
+    def __post_init__(self):
+        if self.stages < 1:
+            raise ValueError(f"DecodeConfig: stages={self.stages} must be ≥ 1")
+        if self.split is not None and self.split < 1:
+            raise ValueError(f"DecodeConfig: split={self.split} must be ≥ 1")
+
+
+DEFAULT_DECODE_CONFIG = DecodeConfig()
+
+
+def _pick_split(tiles: int, groups: int, ctas: int) -> int:
+    """The largest divisor of `groups` keeping tiles·split ≤ ctas and ≥ 4 groups per split (else 1)."""
+    fits = [d for d in range(1, groups + 1)
+            if groups % d == 0 and tiles * d <= max(ctas, tiles) and (groups // d >= 4 or d == 1)]
+    return max(fits)
+
+
+def _cols(m: int) -> int:  # wgmma N for m activation rows
+    return max(8, _round_up(m, 8))
+
+
+def _act_rows(cols: int) -> int:  # rows of the quantized activations (scale rows of ≥ 128 bytes)
+    return _round_up(cols, 32)
+
+
+def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Array, w_scale: jax.Array,
+                zero: jax.Array | None, *, cols: int, split: int, stages: int = 4,
+                interpret: bool = False) -> jax.Array:
+    """One channel set of a MixedWeight times the first `cols` activation rows → f32 [split, R, cols].
+
+    x_q int8 [Mp, Kp] (Mp ≥ cols, a multiple of 32), a_scale f32 [G, Mp], x_sum int32 [G, Mp] (Σ of each group's codes);
+    w int8 [R, Kp] (8-bit codes, zero None) or int8 [R, Kp/2] (packed 4-bit, zero int8 [G, R]);
+    w_scale f32 [G, R]. The sum over the first axis is y.T restricted to these rows (packed row order)."""
+    mp, kp = x_q.shape
+    g = kp // GROUP_SIZE
+    r = w.shape[0]
+    four = zero is not None
+    if x_q.dtype != jnp.int8 or w.dtype != jnp.int8:
+        raise TypeError(f"rows_matmul: x_q and w must be int8, got {x_q.dtype}, {w.dtype}")
+    if w.shape[1] != (kp // 2 if four else kp) or kp % GROUP_SIZE:
+        raise ValueError(f"rows_matmul: w {w.shape} does not match x_q {x_q.shape} ({'4' if four else '8'}-bit)")
+    if r % TILE_ROWS:
+        raise ValueError(f"rows_matmul: R={r} must be a multiple of {TILE_ROWS} (the format pads to 128)")
+    if cols % 8 or not 8 <= cols <= min(mp, MAX_COLS):
+        raise ValueError(f"rows_matmul: cols={cols} must be a multiple of 8 in [8, min(Mp={mp}, {MAX_COLS})]")
+    if mp % 32:
+        raise ValueError(f"rows_matmul: Mp={mp} must be a multiple of 32 (128-byte copies of the scale rows)")
+    if g % split:
+        raise ValueError(f"rows_matmul: split={split} must divide the number of groups G={g}")
+    if a_scale.shape != (g, mp) or x_sum.shape != (g, mp) or w_scale.shape != (g, r):
+        raise ValueError(f"rows_matmul: scales must be [G, Mp] = {(g, mp)} and [G, R] = {(g, r)}, got "
+                         f"{a_scale.shape}, {x_sum.shape}, {w_scale.shape}")
+    if four and zero.shape != (g, r):
+        raise ValueError(f"rows_matmul: zero must be [G, R] = {(g, r)}, got {zero.shape}")
+    gs = g // split  # groups per CTA
+    tiles = r // TILE_ROWS
+    row_layout = plgpu.Layout.WGMMA.reduce(1)  # a value per weight row (the accumulator's dim 0)
+    col_layout = plgpu.Layout.WGMMA.reduce(0)  # a value per activation row
+
+    def group_partials(x_lo, x_hi, w_refs):
+        """int32 [64, cols] partials of one group. 8-bit: (Σ_k w·x, None). 4-bit, from the packed bytes b
+        with bitwise ops only (Mosaic GPU has no 8-bit shifts): u_lo = (b & 15) ^ 8 (the low nibble's
+        code), b & -16 = 16·(u_hi − 8) (the high nibble's signed value, in place), so
+        P1 = Σ_lo x·u_lo + 8·Σ_hi x (a third wgmma against a constant 8), P2 = 16·Σ_hi x·(u_hi − 8),
+        and Σ_k x·(u − z) = P1 + P2/16 − z·Σx."""
+        if four:
+            b = w_refs[0][...] if interpret else plgpu.load(w_refs[0], (), layout=plgpu.Layout.WGMMA_8BIT)
+            a_lo = (b & jnp.int8(15)) ^ jnp.int8(8)  # [64, 64] u_lo ∈ [0, 15]
+            a_hi = b & jnp.int8(-16)  # [64, 64] 16·(u_hi − 8)
+            eight = _with_layout(jnp.full((TILE_ROWS, HALF_GROUP), 8, jnp.int8), plgpu.Layout.WGMMA_8BIT,
+                                 interpret)
+        if interpret:  # the interpreter has no register-A or transposed wgmma: the same integer products
+            dims = (((1,), (1,)), ((), ()))
+
+            def dot(a, x_ref):
+                return lax.dot_general(a, x_ref[...], dims, preferred_element_type=jnp.int32)
+
+            if not four:
+                return dot(w_refs[0][...], x_lo) + dot(w_refs[1][...], x_hi), None
+            return dot(a_lo, x_lo) + dot(eight, x_hi), dot(a_hi, x_hi)
+
+        x_lo_t, x_hi_t = plgpu.transpose_ref(x_lo, (1, 0)), plgpu.transpose_ref(x_hi, (1, 0))
+
+        def mma(p1_ref, p2_ref):
+            if four:
+                plgpu.wgmma(p1_ref, a_lo, x_lo_t)
+                plgpu.wgmma(p1_ref, eight, x_hi_t)
+                plgpu.wgmma(p2_ref, a_hi, x_hi_t)
+                return p1_ref[...], p2_ref[...]  # waits for the MMAs
+            plgpu.wgmma(p1_ref, w_refs[0], x_lo_t)
+            plgpu.wgmma(p1_ref, w_refs[1], x_hi_t)
+            return p1_ref[...], None
+
+        acc_type = plgpu.ACC((TILE_ROWS, cols), jnp.int32)
+        if four:
+            return pl.run_scoped(mma, acc_type, acc_type)
+        return pl.run_scoped(lambda p1_ref: mma(p1_ref, None), acc_type)
+
+    def kernel(x_gmem, sa_gmem, xs_gmem, w_gmem, sw_gmem, *rest, out_smem):
+        z_gmem, out_gmem = rest if four else (None, *rest)
+        ti, si = lax.axis_index("tile"), lax.axis_index("split")
+        rows = pl.ds(ti * TILE_ROWS, TILE_ROWS)
+        grp = pl.ds(si * gs, gs)
+
+        def body(_, x_lo, x_hi, *refs):
+            *w_refs, sw_ref, z_ref, sa_ref, xs_ref, acc = refs if four else (*refs[:-3], None, *refs[-3:])
+            p1, p2 = group_partials(x_lo, x_hi, w_refs)
+            sw = _load_vector(sw_ref.at[0], pl.ds(0, TILE_ROWS), row_layout, interpret)  # [64]
+            sa = _load_vector(sa_ref.at[0], pl.ds(0, cols), col_layout, interpret)  # [cols]
+            shape = (TILE_ROWS, cols)
+            scale = lax.broadcast_in_dim(sw, shape, [0]) * lax.broadcast_in_dim(sa, shape, [1])  # s_w ⊗ s_a
+            if not four:
+                return acc + p1.astype(jnp.float32) * scale
+            z_rows = pl.ds((ti % 2) * TILE_ROWS, TILE_ROWS)  # this tile's half of the 128-row zero block
+            z = _load_vector(z_ref.at[0], z_rows, row_layout, interpret).astype(jnp.float32)
+            xs = _load_vector(xs_ref.at[0], pl.ds(0, cols), col_layout, interpret).astype(jnp.float32)
+            p = p1.astype(jnp.float32) + p2.astype(jnp.float32) * (1.0 / 16.0)  # exact: |P| < 2^24
+            shift = lax.broadcast_in_dim(sw * z, shape, [0]) * lax.broadcast_in_dim(sa * xs, shape, [1])
+            return acc + (p * scale - shift)
+
+        half = plgpu.BlockSpec((cols, HALF_GROUP), lambda k: (0, 2 * k), transforms=_HALF_TRANSFORMS)
+        half_hi = plgpu.BlockSpec((cols, HALF_GROUP), lambda k: (0, 2 * k + 1), transforms=_HALF_TRANSFORMS)
+        if four:
+            w_specs = [plgpu.BlockSpec((TILE_ROWS, HALF_GROUP), lambda k: (0, k), transforms=_HALF_TRANSFORMS)]
+            w_args = [w_gmem.at[rows, pl.ds(si * gs * HALF_GROUP, gs * HALF_GROUP)]]
+        else:
+            w_specs = [plgpu.BlockSpec((TILE_ROWS, HALF_GROUP), lambda k: (0, 2 * k), transforms=_HALF_TRANSFORMS),
+                       plgpu.BlockSpec((TILE_ROWS, HALF_GROUP), lambda k: (0, 2 * k + 1),
+                                       transforms=_HALF_TRANSFORMS)]
+            w_slice = w_gmem.at[rows, pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)]
+            w_args = [w_slice, w_slice]
+        row_spec = plgpu.BlockSpec((1, TILE_ROWS), lambda k: (k, 0))
+        # TMA copies are whole multiples of 128 bytes: zeros come as 128-row blocks, activation scales
+        # and sums as all Mp (≥ 32) rows
+        zero_spec = plgpu.BlockSpec((1, 2 * TILE_ROWS), lambda k: (k, 0))
+        col_spec = plgpu.BlockSpec((1, mp), lambda k: (k, 0))
+        x_slice = x_gmem.at[pl.ds(0, cols), pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)]
+        acc0 = _with_layout(jnp.zeros((TILE_ROWS, cols), jnp.float32), plgpu.Layout.WGMMA, interpret)
+        acc = plgpu.emit_pipeline(
+            body,
+            grid=(gs,),
+            in_specs=[half, half_hi, *w_specs, row_spec, *([zero_spec] if four else []), col_spec, col_spec],
+            max_concurrent_steps=stages,
+            init_carry=acc0,
+        )(x_slice, x_slice, *w_args, sw_gmem.at[grp, rows],
+          *([z_gmem.at[grp, pl.ds((ti // 2) * 2 * TILE_ROWS, 2 * TILE_ROWS)]] if four else []),
+          sa_gmem.at[grp], xs_gmem.at[grp])
+        out_smem[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, rows, :])
+        plgpu.wait_smem_to_gmem(0)
+
+    out_swizzle = plgpu.find_swizzle(cols * 32)
+    out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((split, r, cols), jnp.float32),
+        grid=(tiles, split),
+        grid_names=("tile", "split"),
+        scratch_types=dict(out_smem=plgpu.SMEM((TILE_ROWS, cols), jnp.float32, transforms=out_transforms)),
+        interpret=_interpret_params() if interpret else None,
+    )
+    return call(x_q, a_scale, x_sum, w, w_scale, *([zero] if four else []))
+
+
+@functools.partial(jax.jit, static_argnames=("config", "interpret"))
+def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeConfig = DEFAULT_DECODE_CONFIG,
+                             interpret: bool = False) -> jax.Array:
+    """x [M, K] float (M ≤ 64) → [M, N] x.dtype in channel order: quantize activations, one swapped-operand
+    wgmma kernel per channel set (8-bit, 4-bit), partial sums gathered into channel order."""
+    from pallas_kernels.reference import quantize_activations_ref
+
+    m = x.shape[0]
+    if not 0 < m <= MAX_COLS:
+        raise ValueError(f"mixed_matmul_mgpu_decode: M={m} activation rows; this kernel takes 1..{MAX_COLS}")
+    cols = _cols(m)
+    if interpret:
+        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, _act_rows(cols) - m), (0, 0)]))
+        x_sum = x_q.astype(jnp.int32).reshape(x_q.shape[0], -1, GROUP_SIZE).sum(-1).T  # [G, Mp]
+        sa = sa.T
+    else:
+        from pallas_kernels.kernels import quantize_activations_pallas
+
+        x_q, sa, x_sum = quantize_activations_pallas(x, block_m=_act_rows(cols))
+    g = qw.num_groups
+    ctas = config.ctas or 4 * _num_sms()
+    parts = []
+    for w, sw, z in ((qw.q8, qw.scale8, None), (qw.q4, qw.scale4, qw.zero4)):
+        if not w.shape[0]:
+            continue
+        split = config.split or _pick_split(w.shape[0] // TILE_ROWS, g, ctas)
+        part = rows_matmul(x_q, sa, x_sum, w, sw, z, cols=cols, split=split, stages=config.stages,
+                           interpret=interpret)
+        parts.append(part.sum(0))  # [R, cols]
+    y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [N8p + N4p, cols], packed row order
+    return y[qw.row_of_channel, :m].T.astype(x.dtype)

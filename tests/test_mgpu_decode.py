@@ -1,0 +1,115 @@
+"""The Mosaic GPU decode path (pallas_kernels/mgpu_decode.py): the per-channel-set kernel against an
+integer reference written from the format, the full path against the reference on awkward shapes,
+split-K and pipeline depths, and its errors. Mosaic GPU interpret mode on CPU; the real kernel where a
+Hopper GPU is present. Fresh random data each run."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import jax.numpy as jnp
+
+import pallas_kernels as pk
+from pallas_kernels import mgpu_decode as md
+from pallas_kernels import reference as ref
+from pallas_kernels.api import has_wgmma
+from pallas_kernels.format import unpack_nibbles
+
+ON_HOPPER = has_wgmma()
+INTERPRET = not ON_HOPPER
+
+
+def _rng():
+    return np.random.default_rng()
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _weight(rng, n, k, share8):
+    w = rng.normal(size=(n, k)).astype(np.float32) * 0.05
+    is_int8 = np.zeros(n, bool)
+    is_int8[rng.permutation(n)[: int(round(share8 * n))]] = True
+    return pk.pack_rtn(jnp.asarray(w), jnp.asarray(is_int8))
+
+
+def _activations(rng, mp, kp):
+    x_q = rng.integers(-127, 128, (mp, kp)).astype(np.int8)
+    sa = rng.uniform(1e-3, 1e-2, (kp // 128, mp)).astype(np.float32)
+    x_sum = x_q.astype(np.int64).reshape(mp, -1, 128).sum(-1).T.astype(np.int32)  # [G, Mp]
+    return x_q, sa, x_sum
+
+
+def _rows_reference(x_q, sa, codes, sw, zero, cols):
+    """f64 [R, cols]: Σ_g s_w·s_a·Σ_k (code − z)·x over each group, codes int [R, Kp] (z = 0 for 8-bit)."""
+    r, kp = codes.shape
+    g = kp // 128
+    z = np.zeros((g, r)) if zero is None else np.asarray(zero, np.float64)
+    w = (codes.reshape(r, g, 128) - z.T[..., None]) * np.asarray(sw, np.float64).T[..., None]  # [R, G, 128]
+    x = x_q[:cols].astype(np.float64).reshape(cols, g, 128) * sa[:, :cols].T[..., None]  # [cols, G, 128]
+    return np.einsum("rgk,cgk->rc", w, x)
+
+
+@pytest.mark.parametrize("four, cols, split, stages", [(True, 8, 2, 2), (True, 16, 1, 4), (False, 8, 4, 3),
+                                                       (False, 32, 1, 1), (True, 24, 4, 2)])
+def test_rows_matmul_matches_integer_reference(four, cols, split, stages):
+    rng = _rng()
+    qw = _weight(rng, 256, 512, 0.0 if four else 1.0)
+    x_q, sa, x_sum = _activations(rng, 32, qw.k_padded)
+    if four:
+        w, sw, zero = qw.q4, qw.scale4, qw.zero4
+        codes = np.asarray(unpack_nibbles(qw.q4))
+    else:
+        w, sw, zero = qw.q8, qw.scale8, None
+        codes = np.asarray(qw.q8, np.int64)
+    part = md.rows_matmul(jnp.asarray(x_q), jnp.asarray(sa), jnp.asarray(x_sum), w, sw, zero, cols=cols,
+                          split=split, stages=stages, interpret=INTERPRET)
+    assert part.shape == (split, w.shape[0], cols) and part.dtype == jnp.float32
+    want = _rows_reference(x_q, sa, codes, np.asarray(sw), zero, cols)
+    assert _rel(np.asarray(part).sum(0), want) < 1e-6  # exact integer partials, f32 accumulate
+
+
+@pytest.mark.parametrize("m, k, n, share8", [(1, 4096, 256, 0.1), (3, 576, 300, 0.1), (16, 256, 96, 0.0),
+                                             (17, 384, 130, 1.0), (64, 128, 128, 0.5)])
+def test_mixed_matmul_mgpu_decode_within_bound(m, k, n, share8):
+    rng = _rng()
+    qw = _weight(rng, n, k, share8)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    y = md.mixed_matmul_mgpu_decode(x, qw, interpret=INTERPRET)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3  # the bound of every bf16-output path
+
+
+def test_pick_split_divides_and_keeps_groups_per_split():
+    assert md._pick_split(56, 32, 528) == 8  # 4096 → 4096, 4-bit rows: 448 CTAs of 4 groups
+    assert md._pick_split(202, 32, 528) == 2
+    assert md._pick_split(56, 112, 528) == 8  # 14336 → 4096: 448 CTAs of 14 groups
+    assert md._pick_split(300, 5, 528) == 1  # more tiles than the target: no split
+    for tiles, groups in [(8, 32), (56, 112), (3, 5), (1, 1)]:
+        s = md._pick_split(tiles, groups, 528)
+        assert groups % s == 0 and (groups // s >= 4 or s == 1)
+
+
+def test_bad_configs_and_shapes_are_named():
+    with pytest.raises(ValueError, match="stages"):
+        md.DecodeConfig(stages=0)
+    with pytest.raises(ValueError, match="split"):
+        md.DecodeConfig(split=0)
+    rng = _rng()
+    qw = _weight(rng, 128, 256, 0.0)
+    x_q, sa, x_sum = (jnp.asarray(a) for a in _activations(rng, 32, 256))
+    args = (qw.q4, qw.scale4, qw.zero4)
+    with pytest.raises(ValueError, match="cols"):
+        md.rows_matmul(x_q, sa, x_sum, *args, cols=12, split=1, interpret=True)
+    with pytest.raises(ValueError, match="split"):
+        md.rows_matmul(x_q, sa, x_sum, *args, cols=8, split=3, interpret=True)
+    with pytest.raises(ValueError, match="multiple of 32"):
+        md.rows_matmul(x_q[:16], sa[:, :16], x_sum[:, :16], *args, cols=8, split=1, interpret=True)
+    with pytest.raises(ValueError, match="does not match"):
+        md.rows_matmul(x_q, sa, x_sum, qw.q4[:, :64], qw.scale4, qw.zero4, cols=8, split=1, interpret=True)
+    with pytest.raises(TypeError, match="int8"):
+        md.rows_matmul(x_q.astype(jnp.int32), sa, x_sum, *args, cols=8, split=1, interpret=True)
+    with pytest.raises(ValueError, match="M=65"):
+        md.mixed_matmul_mgpu_decode(jnp.zeros((65, 256), jnp.bfloat16), qw, interpret=True)
