@@ -353,6 +353,8 @@ def emit(row, log):
         cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}{p}".format(
             s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "",
             p=" pingpong" if cfg.get("pingpong") else "", **cfg)
+    elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
+        cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas}".format(**cfg)
     elif "block_m" not in cfg:  # GemvConfig
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
     else:

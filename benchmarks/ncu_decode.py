@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import random_packed  # noqa: E402
-from pallas_kernels import gemv, kernels, mgpu  # noqa: E402
+from pallas_kernels import gemv, kernels, mgpu, mgpu_decode  # noqa: E402
 
 
 def main(argv=None):
@@ -33,8 +33,9 @@ def main(argv=None):
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=14336)
     p.add_argument("--decode", default=kernels.DEFAULT_DECODE, choices=kernels.DECODE_STRATEGIES)
-    p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "mgpu"),
-                   help="mixed_gemm, mixed_gemv, or the Mosaic GPU prefill GEMM on int8 operands")
+    p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "mgpu", "mgpu_decode"),
+                   help="mixed_gemm, mixed_gemv, the Mosaic GPU prefill GEMM on int8 operands, or the Mosaic "
+                        "GPU decode path (two kernels a call: 8-bit rows, then 4-bit rows)")
     p.add_argument("--mgpu", default="", help="MgpuConfig overrides for --kernel mgpu, e.g. seed=0,overlap=1")
     args = p.parse_args(argv)
     if args.kernel == "mgpu":
@@ -56,6 +57,8 @@ def main(argv=None):
     fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, decode=args.decode))
     if args.kernel == "gemv":
         fn = jax.jit(lambda x, w: gemv.mixed_gemv_pallas(x, w))
+    if args.kernel == "mgpu_decode":
+        fn = jax.jit(lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(x, w))
     for _ in range(3):
         jax.block_until_ready(fn(x, w))
     print("config", kernels.choose_config(args.m, w.num_groups, w.q8.shape[0] + w.q4.shape[0], decode=args.decode))
