@@ -51,17 +51,21 @@ _HALF_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """stages: TMA stages in flight per CTA; split: K splits over the grid (None: `_pick_split`);
-    ctas: the number of CTAs `_pick_split` aims for (None: 4 per SM)."""
+    ctas: the number of CTAs `_pick_split` aims for (None: 2 per SM); wgs: compute warpgroups per CTA
+    (64 weight rows each; one more warpgroup issues the copies)."""
 
     stages: int = 4
     split: int | None = None
     ctas: int | None = None
+    wgs: int = 2
 
     def __post_init__(self):
         if self.stages < 1:
             raise ValueError(f"DecodeConfig: stages={self.stages} must be ≥ 1")
         if self.split is not None and self.split < 1:
             raise ValueError(f"DecodeConfig: split={self.split} must be ≥ 1")
+        if self.wgs not in (1, 2):
+            raise ValueError(f"DecodeConfig: wgs={self.wgs} must be 1 or 2")
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()
@@ -83,7 +87,7 @@ def _act_rows(cols: int) -> int:  # rows of the quantized activations (scale row
 
 
 def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Array, w_scale: jax.Array,
-                zero: jax.Array | None, *, cols: int, split: int, stages: int = 4,
+                zero: jax.Array | None, *, cols: int, split: int, stages: int = 4, wgs: int = 2,
                 interpret: bool = False) -> jax.Array:
     """One channel set of a MixedWeight times the first `cols` activation rows → f32 [split, R, cols].
 
@@ -98,8 +102,6 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         raise TypeError(f"rows_matmul: x_q and w must be int8, got {x_q.dtype}, {w.dtype}")
     if w.shape[1] != (kp // 2 if four else kp) or kp % GROUP_SIZE:
         raise ValueError(f"rows_matmul: w {w.shape} does not match x_q {x_q.shape} ({'4' if four else '8'}-bit)")
-    if r % TILE_ROWS:
-        raise ValueError(f"rows_matmul: R={r} must be a multiple of {TILE_ROWS} (the format pads to 128)")
     if cols % 8 or not 8 <= cols <= min(mp, MAX_COLS):
         raise ValueError(f"rows_matmul: cols={cols} must be a multiple of 8 in [8, min(Mp={mp}, {MAX_COLS})]")
     if mp % 32:
@@ -112,7 +114,12 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
     if four and zero.shape != (g, r):
         raise ValueError(f"rows_matmul: zero must be [G, R] = {(g, r)}, got {zero.shape}")
     gs = g // split  # groups per CTA
-    tiles = r // TILE_ROWS
+    cta_rows = wgs * TILE_ROWS
+    zero_rows = 2 * TILE_ROWS  # rows per copy of the int8 zeros (128 bytes)
+    if r % cta_rows or (four and r % zero_rows):
+        raise ValueError(f"rows_matmul: R={r} must be a multiple of {max(cta_rows, zero_rows if four else 0)} "
+                         f"(wgs={wgs} warpgroups of {TILE_ROWS} rows; the format pads to 128)")
+    tiles = r // cta_rows
     row_layout = plgpu.Layout.WGMMA.reduce(1)  # a value per weight row (the accumulator's dim 0)
     col_layout = plgpu.Layout.WGMMA.reduce(0)  # a value per activation row
 
@@ -158,56 +165,66 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
     def kernel(x_gmem, sa_gmem, xs_gmem, w_gmem, sw_gmem, *rest, out_smem):
         z_gmem, out_gmem = rest if four else (None, *rest)
         ti, si = lax.axis_index("tile"), lax.axis_index("split")
-        rows = pl.ds(ti * TILE_ROWS, TILE_ROWS)
+        wg = lax.axis_index("wg")  # compute warpgroups 0 .. wgs-1; the last one issues the copies
+        r0 = ti * cta_rows
         grp = pl.ds(si * gs, gs)
+        wg_rows = pl.ds(wg * TILE_ROWS, TILE_ROWS)  # this warpgroup's rows of the CTA tile
 
         def body(_, x_lo, x_hi, *refs):
             *w_refs, sw_ref, z_ref, sa_ref, xs_ref, acc = refs if four else (*refs[:-3], None, *refs[-3:])
-            p1, p2 = group_partials(x_lo, x_hi, w_refs)
-            sw = _load_vector(sw_ref.at[0], pl.ds(0, TILE_ROWS), row_layout, interpret)  # [64]
+            p1, p2 = group_partials(x_lo, x_hi, [ref.at[wg_rows] for ref in w_refs])
+            sw = _load_vector(sw_ref.at[0], wg_rows, row_layout, interpret)  # [64]
             sa = _load_vector(sa_ref.at[0], pl.ds(0, cols), col_layout, interpret)  # [cols]
             shape = (TILE_ROWS, cols)
             scale = lax.broadcast_in_dim(sw, shape, [0]) * lax.broadcast_in_dim(sa, shape, [1])  # s_w ⊗ s_a
             if not four:
                 return acc + p1.astype(jnp.float32) * scale
-            z_rows = pl.ds((ti % 2) * TILE_ROWS, TILE_ROWS)  # this tile's half of the 128-row zero block
+            z_rows = pl.ds(r0 % zero_rows + wg * TILE_ROWS, TILE_ROWS)  # within the 128-row zero block
             z = _load_vector(z_ref.at[0], z_rows, row_layout, interpret).astype(jnp.float32)
             xs = _load_vector(xs_ref.at[0], pl.ds(0, cols), col_layout, interpret).astype(jnp.float32)
             p = p1.astype(jnp.float32) + p2.astype(jnp.float32) * (1.0 / 16.0)  # exact: |P| < 2^24
             shift = lax.broadcast_in_dim(sw * z, shape, [0]) * lax.broadcast_in_dim(sa * xs, shape, [1])
             return acc + (p * scale - shift)
 
-        half = plgpu.BlockSpec((cols, HALF_GROUP), lambda k: (0, 2 * k), transforms=_HALF_TRANSFORMS)
-        half_hi = plgpu.BlockSpec((cols, HALF_GROUP), lambda k: (0, 2 * k + 1), transforms=_HALF_TRANSFORMS)
+        def compute_context(run):
+            acc = run(_with_layout(jnp.zeros((TILE_ROWS, cols), jnp.float32), plgpu.Layout.WGMMA, interpret))
+            out_smem[wg] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[si, pl.ds(r0, cta_rows)].at[wg_rows])
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+
+        def spec(shape, index_map, transforms=()):
+            return plgpu.BlockSpec(shape, index_map, transforms=transforms)
+
+        half = HALF_GROUP
+        x_specs = [spec((cols, half), lambda k: (0, 2 * k), _HALF_TRANSFORMS),
+                   spec((cols, half), lambda k: (0, 2 * k + 1), _HALF_TRANSFORMS)]
+        cta = pl.ds(r0, cta_rows)
         if four:
-            w_specs = [plgpu.BlockSpec((TILE_ROWS, HALF_GROUP), lambda k: (0, k), transforms=_HALF_TRANSFORMS)]
-            w_args = [w_gmem.at[rows, pl.ds(si * gs * HALF_GROUP, gs * HALF_GROUP)]]
+            w_specs = [spec((cta_rows, half), lambda k: (0, k), _HALF_TRANSFORMS)]
+            w_args = [w_gmem.at[cta, pl.ds(si * gs * half, gs * half)]]
         else:
-            w_specs = [plgpu.BlockSpec((TILE_ROWS, HALF_GROUP), lambda k: (0, 2 * k), transforms=_HALF_TRANSFORMS),
-                       plgpu.BlockSpec((TILE_ROWS, HALF_GROUP), lambda k: (0, 2 * k + 1),
-                                       transforms=_HALF_TRANSFORMS)]
-            w_slice = w_gmem.at[rows, pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)]
-            w_args = [w_slice, w_slice]
-        row_spec = plgpu.BlockSpec((1, TILE_ROWS), lambda k: (k, 0))
+            w_specs = [spec((cta_rows, half), lambda k: (0, 2 * k), _HALF_TRANSFORMS),
+                       spec((cta_rows, half), lambda k: (0, 2 * k + 1), _HALF_TRANSFORMS)]
+            w_args = [w_gmem.at[cta, pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)]] * 2
         # TMA copies are whole multiples of 128 bytes: zeros come as 128-row blocks, activation scales
         # and sums as all Mp (≥ 32) rows
-        zero_spec = plgpu.BlockSpec((1, 2 * TILE_ROWS), lambda k: (k, 0))
-        col_spec = plgpu.BlockSpec((1, mp), lambda k: (k, 0))
+        z_specs, z_args = [], []
+        if four:
+            z_specs = [spec((1, zero_rows), lambda k: (k, 0))]
+            z_args = [z_gmem.at[grp, pl.ds((r0 // zero_rows) * zero_rows, zero_rows)]]
         x_slice = x_gmem.at[pl.ds(0, cols), pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)]
-        acc0 = _with_layout(jnp.zeros((TILE_ROWS, cols), jnp.float32), plgpu.Layout.WGMMA, interpret)
-        acc = plgpu.emit_pipeline(
+        plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(gs,),
-            in_specs=[half, half_hi, *w_specs, row_spec, *([zero_spec] if four else []), col_spec, col_spec],
+            memory_registers=40,
+            in_specs=[*x_specs, *w_specs, spec((1, cta_rows), lambda k: (k, 0)), *z_specs,
+                      spec((1, mp), lambda k: (k, 0)), spec((1, mp), lambda k: (k, 0))],
+            wg_axis="wg",
+            num_compute_wgs=wgs,
             max_concurrent_steps=stages,
-            init_carry=acc0,
-        )(x_slice, x_slice, *w_args, sw_gmem.at[grp, rows],
-          *([z_gmem.at[grp, pl.ds((ti // 2) * 2 * TILE_ROWS, 2 * TILE_ROWS)]] if four else []),
-          sa_gmem.at[grp], xs_gmem.at[grp])
-        out_smem[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[si, rows, :])
-        plgpu.wait_smem_to_gmem(0)
+            compute_context=compute_context,
+        )(x_slice, x_slice, *w_args, sw_gmem.at[grp, cta], *z_args, sa_gmem.at[grp], xs_gmem.at[grp])
 
     out_swizzle = plgpu.find_swizzle(cols * 32)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
@@ -216,7 +233,9 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         out_type=jax.ShapeDtypeStruct((split, r, cols), jnp.float32),
         grid=(tiles, split),
         grid_names=("tile", "split"),
-        scratch_types=dict(out_smem=plgpu.SMEM((TILE_ROWS, cols), jnp.float32, transforms=out_transforms)),
+        num_threads=wgs + 1,
+        thread_name="wg",
+        scratch_types=dict(out_smem=plgpu.SMEM((wgs, TILE_ROWS, cols), jnp.float32, transforms=out_transforms)),
         interpret=_interpret_params() if interpret else None,
     )
     return call(x_q, a_scale, x_sum, w, w_scale, *([zero] if four else []))
@@ -242,14 +261,14 @@ def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeCon
 
         x_q, sa, x_sum = quantize_activations_pallas(x, block_m=_act_rows(cols))
     g = qw.num_groups
-    ctas = config.ctas or 4 * _num_sms()
+    ctas = config.ctas or 2 * _num_sms()
     parts = []
     for w, sw, z in ((qw.q8, qw.scale8, None), (qw.q4, qw.scale4, qw.zero4)):
         if not w.shape[0]:
             continue
-        split = config.split or _pick_split(w.shape[0] // TILE_ROWS, g, ctas)
+        split = config.split or _pick_split(w.shape[0] // (config.wgs * TILE_ROWS), g, ctas)
         part = rows_matmul(x_q, sa, x_sum, w, sw, z, cols=cols, split=split, stages=config.stages,
-                           interpret=interpret)
+                           wgs=config.wgs, interpret=interpret)
         parts.append(part.sum(0))  # [R, cols]
     y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [N8p + N4p, cols], packed row order
     return y[qw.row_of_channel, :m].T.astype(x.dtype)
