@@ -306,14 +306,14 @@ def mgpu_sweep(m: int, g: int, rows: int):
     return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP]
 
 
-MGPU_DECODE_SWEEP = {"stages": (4, 6), "ctas": (132, 264, 528), "wgs": (1, 2)}  # session 5, call 3
+MGPU_DECODE_SWEEP = {"stages": (2, 3, 4), "ctas": (132, 264), "wgs": (2,), "gps": (1, 2, 4)}  # session 5, call 4
 
 
 def mgpu_decode_sweep(m: int, g: int, rows: int):
     """--sweep-mgpu-decode: pipeline depth × the CTA count that picks split-K × compute warpgroups."""
     grid = MGPU_DECODE_SWEEP
-    return [mgpu_decode.DecodeConfig(stages=s, ctas=c, wgs=w)
-            for s, c, w in itertools.product(grid["stages"], grid["ctas"], grid["wgs"])]
+    return [mgpu_decode.DecodeConfig(stages=s, ctas=c, wgs=w, gps=q)
+            for s, c, w, q in itertools.product(grid["stages"], grid["ctas"], grid["wgs"], grid["gps"])]
 
 
 def parse(argv):
@@ -355,7 +355,7 @@ def emit(row, log):
             s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "",
             p=" pingpong" if cfg.get("pingpong") else "", **cfg)
     elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
-        cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs}".format(**cfg)
+        cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps}".format(**cfg)
     elif "block_m" not in cfg:  # GemvConfig
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
     else:

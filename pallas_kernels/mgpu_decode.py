@@ -52,12 +52,14 @@ _HALF_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform
 class DecodeConfig:
     """stages: TMA stages in flight per CTA; split: K splits over the grid (None: `_pick_split`);
     ctas: the number of CTAs `_pick_split` aims for (None: 2 per SM); wgs: compute warpgroups per CTA
-    (64 weight rows each; one more warpgroup issues the copies)."""
+    (64 weight rows each; one more warpgroup issues the copies); gps: quantization groups per pipeline
+    step (None: `_plan`; all their wgmmas are issued before one wait)."""
 
     stages: int = 4
     split: int | None = None
     ctas: int | None = None
     wgs: int = 2
+    gps: int | None = None
 
     def __post_init__(self):
         if self.stages < 1:
@@ -66,16 +68,36 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig: split={self.split} must be ≥ 1")
         if self.wgs not in (1, 2):
             raise ValueError(f"DecodeConfig: wgs={self.wgs} must be 1 or 2")
+        if self.gps is not None and self.gps not in (1, 2, 4):
+            raise ValueError(f"DecodeConfig: gps={self.gps} must be 1, 2 or 4")
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()
 
 
-def _pick_split(tiles: int, groups: int, ctas: int) -> int:
-    """The largest divisor of `groups` keeping tiles·split ≤ ctas and ≥ 4 groups per split (else 1)."""
+def _pick_split(tiles: int, groups: int, ctas: int, gps: int = 1) -> int:
+    """The largest divisor of `groups` keeping tiles·split ≤ ctas, whole steps of `gps` groups and ≥ 4
+    steps per split (split 1 always fits when gps divides groups)."""
     fits = [d for d in range(1, groups + 1)
-            if groups % d == 0 and tiles * d <= max(ctas, tiles) and (groups // d >= 4 or d == 1)]
+            if groups % d == 0 and (groups // d) % gps == 0 and tiles * d <= max(ctas, tiles)
+            and (groups // d >= 4 * gps or d == 1)]
     return max(fits)
+
+
+def _plan(rows: int, groups: int, cols: int, config: "DecodeConfig", ctas: int, eight_bit: bool) -> tuple[int, int]:
+    """(split, gps) for one channel set: gps as configured, else the most groups per step whose int32
+    partials fit in registers (2·gps accumulators of cols/2 registers a thread) and divide the groups."""
+    if config.gps:
+        gps = config.gps
+    else:  # ≤ 32 KB of weight per step (8-bit rows take twice the bytes of 4-bit rows)
+        row_bytes = GROUP_SIZE if eight_bit else HALF_GROUP
+        gps = next(q for q in (4, 2, 1) if (q * cols <= 64 and groups % q == 0
+                                           and config.wgs * TILE_ROWS * q * row_bytes <= 32768))
+    if groups % gps:
+        raise ValueError(f"DecodeConfig: gps={gps} must divide the number of groups G={groups}")
+    tiles = rows // (config.wgs * TILE_ROWS)
+    split = config.split or _pick_split(tiles, groups, ctas, gps)
+    return split, gps
 
 
 def _cols(m: int) -> int:  # wgmma N for m activation rows
@@ -88,7 +110,7 @@ def _act_rows(cols: int) -> int:  # rows of the quantized activations (scale row
 
 def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Array, w_scale: jax.Array,
                 zero: jax.Array | None, *, cols: int, split: int, stages: int = 4, wgs: int = 2,
-                interpret: bool = False) -> jax.Array:
+                gps: int = 1, interpret: bool = False) -> jax.Array:
     """One channel set of a MixedWeight times the first `cols` activation rows → f32 [split, R, cols].
 
     x_q int8 [Mp, Kp] (Mp ≥ cols, a multiple of 32), a_scale f32 [G, Mp], x_sum int32 [G, Mp] (Σ of each group's codes);
@@ -106,14 +128,17 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         raise ValueError(f"rows_matmul: cols={cols} must be a multiple of 8 in [8, min(Mp={mp}, {MAX_COLS})]")
     if mp % 32:
         raise ValueError(f"rows_matmul: Mp={mp} must be a multiple of 32 (128-byte copies of the scale rows)")
-    if g % split:
-        raise ValueError(f"rows_matmul: split={split} must divide the number of groups G={g}")
+    if g % split or (g // split) % gps:
+        raise ValueError(f"rows_matmul: split={split} must divide the number of groups G={g}, and "
+                         f"gps={gps} (groups per pipeline step) the groups of a split")
     if a_scale.shape != (g, mp) or x_sum.shape != (g, mp) or w_scale.shape != (g, r):
         raise ValueError(f"rows_matmul: scales must be [G, Mp] = {(g, mp)} and [G, R] = {(g, r)}, got "
                          f"{a_scale.shape}, {x_sum.shape}, {w_scale.shape}")
     if four and zero.shape != (g, r):
         raise ValueError(f"rows_matmul: zero must be [G, R] = {(g, r)}, got {zero.shape}")
     gs = g // split  # groups per CTA
+    if interpret:  # the CPU interpreter can deadlock with 3 simulated warpgroups on 2 cores; the math is per row
+        wgs = 1
     cta_rows = wgs * TILE_ROWS
     zero_rows = 2 * TILE_ROWS  # rows per copy of the int8 zeros (128 bytes)
     if r % cta_rows or (four and r % zero_rows):
@@ -123,44 +148,49 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
     row_layout = plgpu.Layout.WGMMA.reduce(1)  # a value per weight row (the accumulator's dim 0)
     col_layout = plgpu.Layout.WGMMA.reduce(0)  # a value per activation row
 
-    def group_partials(x_lo, x_hi, w_refs):
-        """int32 [64, cols] partials of one group. 8-bit: (Σ_k w·x, None). 4-bit, from the packed bytes b
-        with bitwise ops only (Mosaic GPU has no 8-bit shifts): u_lo = (b & 15) ^ 8 (the low nibble's
-        code), b & -16 = 16·(u_hi − 8) (the high nibble's signed value, in place), so
+    def group_partials(x_ref, w_ref):
+        """int32 [64, cols] partials (P1, P2) of each of the step's `gps` groups; all wgmmas are issued
+        before the one wait. x_ref [cols, gps·128]; w_ref this warpgroup's rows, [64, gps·64] packed 4-bit
+        or [64, gps·128] 8-bit. 8-bit: P1 = Σ_k w·x, P2 None. 4-bit, from the packed bytes b with bitwise
+        ops only (Mosaic GPU has no 8-bit shifts): u_lo = (b & 15) ^ 8 (the low nibble's code),
+        b & -16 = 16·(u_hi − 8) (the high nibble's signed value, in place), so
         P1 = Σ_lo x·u_lo + 8·Σ_hi x (a third wgmma against a constant 8), P2 = 16·Σ_hi x·(u_hi − 8),
         and Σ_k x·(u − z) = P1 + P2/16 − z·Σx."""
-        if four:
-            b = w_refs[0][...] if interpret else plgpu.load(w_refs[0], (), layout=plgpu.Layout.WGMMA_8BIT)
-            a_lo = (b & jnp.int8(15)) ^ jnp.int8(8)  # [64, 64] u_lo ∈ [0, 15]
-            a_hi = b & jnp.int8(-16)  # [64, 64] 16·(u_hi − 8)
-            eight = _with_layout(jnp.full((TILE_ROWS, HALF_GROUP), 8, jnp.int8), plgpu.Layout.WGMMA_8BIT,
-                                 interpret)
-        if interpret:  # the interpreter has no register-A or transposed wgmma: the same integer products
-            dims = (((1,), (1,)), ((), ()))
+        def x_half(j, h):  # [cols, 64]: half h of group j
+            return x_ref.at[:, pl.ds((2 * j + h) * HALF_GROUP, HALF_GROUP)]
 
-            def dot(a, x_ref):
-                return lax.dot_general(a, x_ref[...], dims, preferred_element_type=jnp.int32)
-
-            if not four:
-                return dot(w_refs[0][...], x_lo) + dot(w_refs[1][...], x_hi), None
-            return dot(a_lo, x_lo) + dot(eight, x_hi), dot(a_hi, x_hi)
-
-        x_lo_t, x_hi_t = plgpu.transpose_ref(x_lo, (1, 0)), plgpu.transpose_ref(x_hi, (1, 0))
-
-        def mma(p1_ref, p2_ref):
+        ops = []  # per group: [(accumulator index, A operand, x half ref)]
+        for j in range(gps):
             if four:
-                plgpu.wgmma(p1_ref, a_lo, x_lo_t)
-                plgpu.wgmma(p1_ref, eight, x_hi_t)
-                plgpu.wgmma(p2_ref, a_hi, x_hi_t)
-                return p1_ref[...], p2_ref[...]  # waits for the MMAs
-            plgpu.wgmma(p1_ref, w_refs[0], x_lo_t)
-            plgpu.wgmma(p1_ref, w_refs[1], x_hi_t)
-            return p1_ref[...], None
+                w_j = w_ref.at[:, pl.ds(j * HALF_GROUP, HALF_GROUP)]
+                b = w_j[...] if interpret else plgpu.load(w_j, (), layout=plgpu.Layout.WGMMA_8BIT)
+                a_lo = (b & jnp.int8(15)) ^ jnp.int8(8)  # [64, 64] u_lo ∈ [0, 15]
+                a_hi = b & jnp.int8(-16)  # [64, 64] 16·(u_hi − 8)
+                eight = _with_layout(jnp.full((TILE_ROWS, HALF_GROUP), 8, jnp.int8), plgpu.Layout.WGMMA_8BIT,
+                                     interpret)
+                ops.append([(2 * j, a_lo, x_half(j, 0)), (2 * j, eight, x_half(j, 1)), (2 * j + 1, a_hi, x_half(j, 1))])
+            else:
+                ops.append([(j, w_ref.at[:, pl.ds((2 * j + h) * HALF_GROUP, HALF_GROUP)], x_half(j, h))
+                            for h in range(2)])
+        n_acc = 2 * gps if four else gps
+        if interpret:  # the interpreter has no register-A or transposed wgmma: the same integer products
+            accs = [jnp.zeros((TILE_ROWS, cols), jnp.int32) for _ in range(n_acc)]
+            for group in ops:
+                for i, a, x_h in group:
+                    a = a if isinstance(a, jax.Array) else a[...]
+                    accs[i] = accs[i] + lax.dot_general(a, x_h[...], (((1,), (1,)), ((), ())),
+                                                        preferred_element_type=jnp.int32)
+        else:
+            def mma(*acc_refs):
+                for group in ops:
+                    for i, a, x_h in group:
+                        plgpu.wgmma(acc_refs[i], a, plgpu.transpose_ref(x_h, (1, 0)))
+                return [ref[...] for ref in acc_refs]  # the first read waits for all MMAs
 
-        acc_type = plgpu.ACC((TILE_ROWS, cols), jnp.int32)
+            accs = pl.run_scoped(mma, *[plgpu.ACC((TILE_ROWS, cols), jnp.int32)] * n_acc)
         if four:
-            return pl.run_scoped(mma, acc_type, acc_type)
-        return pl.run_scoped(lambda p1_ref: mma(p1_ref, None), acc_type)
+            return [(accs[2 * j], accs[2 * j + 1]) for j in range(gps)]
+        return [(accs[j], None) for j in range(gps)]
 
     def kernel(x_gmem, sa_gmem, xs_gmem, w_gmem, sw_gmem, *rest, out_smem):
         z_gmem, out_gmem = rest if four else (None, *rest)
@@ -170,21 +200,23 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         grp = pl.ds(si * gs, gs)
         wg_rows = pl.ds(wg * TILE_ROWS, TILE_ROWS)  # this warpgroup's rows of the CTA tile
 
-        def body(_, x_lo, x_hi, *refs):
-            *w_refs, sw_ref, z_ref, sa_ref, xs_ref, acc = refs if four else (*refs[:-3], None, *refs[-3:])
-            p1, p2 = group_partials(x_lo, x_hi, [ref.at[wg_rows] for ref in w_refs])
-            sw = _load_vector(sw_ref.at[0], wg_rows, row_layout, interpret)  # [64]
-            sa = _load_vector(sa_ref.at[0], pl.ds(0, cols), col_layout, interpret)  # [cols]
+        def body(_, x_ref, w_ref, sw_ref, *refs):
+            z_ref, sa_ref, xs_ref, acc = refs if four else (None, *refs)
             shape = (TILE_ROWS, cols)
-            scale = lax.broadcast_in_dim(sw, shape, [0]) * lax.broadcast_in_dim(sa, shape, [1])  # s_w ⊗ s_a
-            if not four:
-                return acc + p1.astype(jnp.float32) * scale
-            z_rows = pl.ds(r0 % zero_rows + wg * TILE_ROWS, TILE_ROWS)  # within the 128-row zero block
-            z = _load_vector(z_ref.at[0], z_rows, row_layout, interpret).astype(jnp.float32)
-            xs = _load_vector(xs_ref.at[0], pl.ds(0, cols), col_layout, interpret).astype(jnp.float32)
-            p = p1.astype(jnp.float32) + p2.astype(jnp.float32) * (1.0 / 16.0)  # exact: |P| < 2^24
-            shift = lax.broadcast_in_dim(sw * z, shape, [0]) * lax.broadcast_in_dim(sa * xs, shape, [1])
-            return acc + (p * scale - shift)
+            for j, (p1, p2) in enumerate(group_partials(x_ref, w_ref.at[wg_rows])):
+                sw = _load_vector(sw_ref.at[j], wg_rows, row_layout, interpret)  # [64]
+                sa = _load_vector(sa_ref.at[j], pl.ds(0, cols), col_layout, interpret)  # [cols]
+                scale = lax.broadcast_in_dim(sw, shape, [0]) * lax.broadcast_in_dim(sa, shape, [1])  # s_w ⊗ s_a
+                if not four:
+                    acc = acc + p1.astype(jnp.float32) * scale
+                    continue
+                z_rows = pl.ds(r0 % zero_rows + wg * TILE_ROWS, TILE_ROWS)  # within the 128-row zero block
+                z = _load_vector(z_ref.at[j], z_rows, row_layout, interpret).astype(jnp.float32)
+                xs = _load_vector(xs_ref.at[j], pl.ds(0, cols), col_layout, interpret).astype(jnp.float32)
+                p = p1.astype(jnp.float32) + p2.astype(jnp.float32) * (1.0 / 16.0)  # exact: |P| < 2^24
+                shift = lax.broadcast_in_dim(sw * z, shape, [0]) * lax.broadcast_in_dim(sa * xs, shape, [1])
+                acc = acc + (p * scale - shift)
+            return acc
 
         def compute_context(run):
             acc = run(_with_layout(jnp.zeros((TILE_ROWS, cols), jnp.float32), plgpu.Layout.WGMMA, interpret))
@@ -193,38 +225,33 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
             plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[si, pl.ds(r0, cta_rows)].at[wg_rows])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
-        def spec(shape, index_map, transforms=()):
-            return plgpu.BlockSpec(shape, index_map, transforms=transforms)
+        def spec(shape, transforms=()):  # one block per step along K, rows fixed
+            return plgpu.BlockSpec(shape, lambda k: (0, k), transforms=transforms)
 
-        half = HALF_GROUP
-        x_specs = [spec((cols, half), lambda k: (0, 2 * k), _HALF_TRANSFORMS),
-                   spec((cols, half), lambda k: (0, 2 * k + 1), _HALF_TRANSFORMS)]
+        def row_spec(width):  # gps rows of a group-major [G, width] array per step
+            return plgpu.BlockSpec((gps, width), lambda k: (k, 0))
+
         cta = pl.ds(r0, cta_rows)
-        if four:
-            w_specs = [spec((cta_rows, half), lambda k: (0, k), _HALF_TRANSFORMS)]
-            w_args = [w_gmem.at[cta, pl.ds(si * gs * half, gs * half)]]
-        else:
-            w_specs = [spec((cta_rows, half), lambda k: (0, 2 * k), _HALF_TRANSFORMS),
-                       spec((cta_rows, half), lambda k: (0, 2 * k + 1), _HALF_TRANSFORMS)]
-            w_args = [w_gmem.at[cta, pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)]] * 2
+        w_cols = gps * (HALF_GROUP if four else GROUP_SIZE)  # bytes of a row per step
+        w_k = pl.ds(si * gs * w_cols // gps, gs * w_cols // gps)
         # TMA copies are whole multiples of 128 bytes: zeros come as 128-row blocks, activation scales
         # and sums as all Mp (≥ 32) rows
         z_specs, z_args = [], []
         if four:
-            z_specs = [spec((1, zero_rows), lambda k: (k, 0))]
+            z_specs = [row_spec(zero_rows)]
             z_args = [z_gmem.at[grp, pl.ds((r0 // zero_rows) * zero_rows, zero_rows)]]
-        x_slice = x_gmem.at[pl.ds(0, cols), pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)]
         plgpu.emit_pipeline_warp_specialized(
             body,
-            grid=(gs,),
+            grid=(gs // gps,),
             memory_registers=40,
-            in_specs=[*x_specs, *w_specs, spec((1, cta_rows), lambda k: (k, 0)), *z_specs,
-                      spec((1, mp), lambda k: (k, 0)), spec((1, mp), lambda k: (k, 0))],
+            in_specs=[spec((cols, gps * GROUP_SIZE), _HALF_TRANSFORMS), spec((cta_rows, w_cols), _HALF_TRANSFORMS),
+                      row_spec(cta_rows), *z_specs, row_spec(mp), row_spec(mp)],
             wg_axis="wg",
             num_compute_wgs=wgs,
             max_concurrent_steps=stages,
             compute_context=compute_context,
-        )(x_slice, x_slice, *w_args, sw_gmem.at[grp, cta], *z_args, sa_gmem.at[grp], xs_gmem.at[grp])
+        )(x_gmem.at[pl.ds(0, cols), pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)], w_gmem.at[cta, w_k],
+          sw_gmem.at[grp, cta], *z_args, sa_gmem.at[grp], xs_gmem.at[grp])
 
     out_swizzle = plgpu.find_swizzle(cols * 32)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
@@ -266,9 +293,9 @@ def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeCon
     for w, sw, z in ((qw.q8, qw.scale8, None), (qw.q4, qw.scale4, qw.zero4)):
         if not w.shape[0]:
             continue
-        split = config.split or _pick_split(w.shape[0] // (config.wgs * TILE_ROWS), g, ctas)
+        split, gps = _plan(w.shape[0], g, cols, config, ctas, eight_bit=z is None)
         part = rows_matmul(x_q, sa, x_sum, w, sw, z, cols=cols, split=split, stages=config.stages,
-                           wgs=config.wgs, interpret=interpret)
+                           wgs=config.wgs, gps=gps, interpret=interpret)
         parts.append(part.sum(0))  # [R, cols]
     y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [N8p + N4p, cols], packed row order
     return y[qw.row_of_channel, :m].T.astype(x.dtype)
