@@ -198,7 +198,9 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         wg = lax.axis_index("wg")  # compute warpgroups 0 .. wgs-1; the last one issues the copies
         r0 = ti * cta_rows
         grp = pl.ds(si * gs, gs)
-        wg_rows = pl.ds(wg * TILE_ROWS, TILE_ROWS)  # this warpgroup's rows of the CTA tile
+        # this warpgroup's rows of the CTA tile (multiple_of: Mosaic GPU's layout inference must see the
+        # dynamic offset is tile-aligned, jax 0.11)
+        wg_rows = pl.ds(pl.multiple_of(wg * TILE_ROWS, TILE_ROWS), TILE_ROWS)
 
         def body(_, x_ref, w_ref, sw_ref, *refs):
             z_ref, sa_ref, xs_ref, acc = refs if four else (None, *refs)
@@ -210,7 +212,7 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
                 if not four:
                     acc = acc + p1.astype(jnp.float32) * scale
                     continue
-                z_rows = pl.ds(r0 % zero_rows + wg * TILE_ROWS, TILE_ROWS)  # within the 128-row zero block
+                z_rows = pl.ds(pl.multiple_of(r0 % zero_rows + wg * TILE_ROWS, TILE_ROWS), TILE_ROWS)  # in the block
                 z = _load_vector(z_ref.at[j], z_rows, row_layout, interpret).astype(jnp.float32)
                 xs = _load_vector(xs_ref.at[j], pl.ds(0, cols), col_layout, interpret).astype(jnp.float32)
                 p = p1.astype(jnp.float32) + p2.astype(jnp.float32) * (1.0 / 16.0)  # exact: |P| < 2^24
