@@ -3,7 +3,9 @@
 Format: `pallas_kernels.format` (layout and nibble order documented there). References:
 `pallas_kernels.reference`. Kernels: `pallas_kernels.kernels` (MMA, every M) and `pallas_kernels.gemv`
 (dp4a on the CUDA cores, one activation row). Prefill: `pallas_kernels.mgpu` (Mosaic GPU int8 wgmma on
-Hopper) and `pallas_kernels.dequant_dot` (XLA dot on the bf16-dequantized weight, other GPUs). Entry points and GPU dispatch: `pallas_kernels.api`.
+Hopper) and `pallas_kernels.dequant_dot` (XLA dot on the bf16-dequantized weight, other GPUs). A Mosaic GPU
+decode kernel (`pallas_kernels.mgpu_decode`, TMA-streamed packed weight) is an entry point of its own, not
+yet dispatched (measured slower than the GEMV at M = 1). Entry points and GPU dispatch: `pallas_kernels.api`.
 """
 
 from pallas_kernels.api import mixed_matmul, quantize_activations

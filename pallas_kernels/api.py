@@ -21,6 +21,9 @@ measured speed (`select_gpu_path`, H100 numbers in benchmarks/results/kernels.md
   bf16 (rel. ≤ 5e-3 vs the reference, the bound of every bf16-output kernel).
   f32 activations always take the exact integer kernel.
 
+Not dispatched: `mgpu_decode.mixed_matmul_mgpu_decode` (Mosaic GPU decode, H100 session 5: 23–25 µs
+against the GEMV's 21–22 µs at M = 1 on the 8B shapes; faster than "kernel" at M = 64 on 2 of 3 shapes).
+
 The per-path entry points stay public for benchmarks and ablations.
 """
 

@@ -4,25 +4,31 @@ Why: at decode (a few activation rows) the GEMM is a stream of the packed weight
 fraction of DRAM bandwidth it sustains. The Pallas-Triton kernel stalls on the small per-group operands
 (scales, zeros), which Triton loads with plain loads in the iteration that uses them
 (benchmarks/NOTES-kernels.md, items 13–14). Here every operand of a K step — weight tile, weight scales
-and zeros, activation codes, scales and sums — travels in the same TMA stage of an `emit_pipeline`.
+and zeros, activation codes, scales and sums — travels in the same TMA stage of a warp-specialised
+pipeline (one warpgroup issues the copies, `wgs` compute warpgroups of 64 weight rows consume them).
 
-Swapped operands (y.T = W · x.T): the weight rows are the wgmma's M side (64 rows per CTA), the few
-activation rows its N side (`mt` = 8 or 16, … up to 64 columns), so no MMA work is wasted on padding
-rows of the activations. Per K step of 128 (one quantization group), for a 64-row tile:
+Swapped operands (y.T = W · x.T): the weight rows are the wgmma's M side (64 rows per warpgroup), the
+few activation rows its N side (`cols` = M rounded up to 8, at most 64), so no MMA work is spent on
+padding rows of the activations. Per quantization group of 128 along K, for one warpgroup's 64 rows:
 
-- 4-bit rows: the packed tile [64, 64] (byte j = k j in its low nibble, k 64 + j in its high nibble, each
-  the signed value u − 8; `format` docstring) is loaded from shared memory into registers in the wgmma
-  A-fragment layout for 8-bit operands; `b << 4` and `b & -16` are exactly 16·(u − 8) as int8, the A
-  operands of two K = 64 wgmmas (A from registers) against the two halves of the activation codes. The
-  zero point comes back per group through the activation sums:
-  x·(u − z)·s = s/16 · P + s·(8 − z)·Σx, P = Σ x·16(u − 8) (int32, exact).
+- 4-bit rows: the packed tile [64, 64] (byte j holds k = j in its low nibble and k = 64 + j in its high
+  nibble, each the signed value u − 8; `format` docstring) is loaded from shared memory into registers
+  in the wgmma A-fragment layout for 8-bit operands. Mosaic GPU has no 8-bit shifts, so the unpack uses
+  bitwise ops only: (b & 15) ^ 8 = u_lo, b & -16 = 16·(u_hi − 8). Three wgmmas with A from registers:
+  P1 = Σ_lo x·u_lo + Σ_hi 8·x (the second against a constant 8), P2 = Σ_hi x·16(u_hi − 8); then
+  Σ_k x·(u − z) = P1 + P2/16 − z·Σx, with Σx per (token, group) from the activation quantization.
 - 8-bit rows: the int8 tile [64, 128] is the wgmma's A operand straight from shared memory.
-- then, in f32 (two-step dequantization): acc += P · (s_w ⊗ s_a) [+ s_w(8 − z) ⊗ s_a Σx for 4-bit].
+- then, in f32 (two-step dequantization): acc += (P1 + P2/16) · (s_w ⊗ s_a) − (s_w z) ⊗ (s_a Σx).
 
 Split-K across the grid: CTA (tile, split) covers G / split groups and writes an f32 partial
-[split, rows, mt]; `mixed_matmul_mgpu_decode` sums the partials, gathers rows into channel order and
-transposes in one XLA fusion. Many small CTAs (≈ 26 KB of shared memory at 4 stages) share each SM, so
-one CTA's pipeline fill overlaps another's stream.
+[split, rows, cols]; `mixed_matmul_mgpu_decode` sums the partials, gathers rows into channel order and
+transposes in one XLA fusion. `gps` groups per pipeline step issue all their wgmmas before one wait.
+
+Measured (H100, jax 0.11.2, session 5, results/kernels.md): correct on the device; 23–25 µs per call at
+M = 1 on 4096×14336 and 14336×4096, against 21–22 µs for the Triton GEMV path and 44–46 µs for XLA's bf16
+dot, so `api` does not dispatch to it yet. Nsight Compute: 50 % of DRAM bandwidth, the compute
+warpgroups spend their time on the per-step chain (barrier wait, fragment load, wgmma, wait, rescale)
+rather than on bytes — the reason for `gps`. From M = 64 it beat the Triton kernel on 2 of 3 shapes.
 
 Requires an sm_90 GPU; on CPU it runs in Mosaic GPU interpret mode (`interpret=True`), where the
 register-A wgmma and the layouts are replaced by the same products in XLA (the tests' CPU twin).
@@ -51,15 +57,17 @@ _HALF_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform
 @dataclasses.dataclass(frozen=True)
 class DecodeConfig:
     """stages: TMA stages in flight per CTA; split: K splits over the grid (None: `_pick_split`);
-    ctas: the number of CTAs `_pick_split` aims for (None: 2 per SM); wgs: compute warpgroups per CTA
+    ctas: the number of CTAs `_pick_split` aims for (None: one per SM); wgs: compute warpgroups per CTA
     (64 weight rows each; one more warpgroup issues the copies); gps: quantization groups per pipeline
-    step (None: `_plan`; all their wgmmas are issued before one wait)."""
+    step (all their wgmmas are issued before one wait). Defaults: the best of the H100 sweeps (session 5,
+    calls 3–4). gps > 1 lowers on jax 0.10 and runs in interpret mode but is not yet measured on a GPU
+    (jax 0.11.2's layout inference rejected it before the `pl.multiple_of` row offsets were added)."""
 
-    stages: int = 4
+    stages: int = 6
     split: int | None = None
     ctas: int | None = None
     wgs: int = 2
-    gps: int | None = None
+    gps: int = 1
 
     def __post_init__(self):
         if self.stages < 1:
@@ -68,7 +76,7 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig: split={self.split} must be ≥ 1")
         if self.wgs not in (1, 2):
             raise ValueError(f"DecodeConfig: wgs={self.wgs} must be 1 or 2")
-        if self.gps is not None and self.gps not in (1, 2, 4):
+        if self.gps not in (1, 2, 4):
             raise ValueError(f"DecodeConfig: gps={self.gps} must be 1, 2 or 4")
 
 
@@ -84,17 +92,10 @@ def _pick_split(tiles: int, groups: int, ctas: int, gps: int = 1) -> int:
     return max(fits)
 
 
-def _plan(rows: int, groups: int, cols: int, config: "DecodeConfig", ctas: int, eight_bit: bool) -> tuple[int, int]:
-    """(split, gps) for one channel set: gps as configured, else the most groups per step whose int32
-    partials fit in registers (2·gps accumulators of cols/2 registers a thread) and divide the groups."""
-    if config.gps:
-        gps = config.gps
-    else:  # ≤ 32 KB of weight per step (8-bit rows take twice the bytes of 4-bit rows)
-        row_bytes = GROUP_SIZE if eight_bit else HALF_GROUP
-        gps = next(q for q in (4, 2, 1) if (q * cols <= 64 and groups % q == 0
-                                           and config.wgs * TILE_ROWS * q * row_bytes <= 32768))
-    if groups % gps:
-        raise ValueError(f"DecodeConfig: gps={gps} must divide the number of groups G={groups}")
+def _plan(rows: int, groups: int, config: "DecodeConfig", ctas: int) -> tuple[int, int]:
+    """(split, gps) for one channel set: the configured groups per step where they divide the groups
+    (else 1), and the split `_pick_split` finds for them."""
+    gps = config.gps if groups % config.gps == 0 else 1
     tiles = rows // (config.wgs * TILE_ROWS)
     split = config.split or _pick_split(tiles, groups, ctas, gps)
     return split, gps
@@ -290,12 +291,12 @@ def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeCon
 
         x_q, sa, x_sum = quantize_activations_pallas(x, block_m=_act_rows(cols))
     g = qw.num_groups
-    ctas = config.ctas or 2 * _num_sms()
+    ctas = config.ctas or _num_sms()
     parts = []
     for w, sw, z in ((qw.q8, qw.scale8, None), (qw.q4, qw.scale4, qw.zero4)):
         if not w.shape[0]:
             continue
-        split, gps = _plan(w.shape[0], g, cols, config, ctas, eight_bit=z is None)
+        split, gps = _plan(w.shape[0], g, config, ctas)
         part = rows_matmul(x_q, sa, x_sum, w, sw, z, cols=cols, split=split, stages=config.stages,
                            wgs=config.wgs, gps=gps, interpret=interpret)
         parts.append(part.sum(0))  # [R, cols]

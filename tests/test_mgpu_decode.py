@@ -52,9 +52,12 @@ def _rows_reference(x_q, sa, codes, sw, zero, cols):
     return np.einsum("rgk,cgk->rc", w, x)
 
 
-@pytest.mark.parametrize("four, cols, split, stages", [(True, 8, 2, 2), (True, 16, 1, 4), (False, 8, 4, 3),
-                                                       (False, 32, 1, 1), (True, 24, 4, 2)])
-def test_rows_matmul_matches_integer_reference(four, cols, split, stages):
+@pytest.mark.parametrize("four, cols, split, stages, gps", [
+    (True, 8, 2, 2, 1), (True, 16, 1, 4, 1), (False, 8, 4, 3, 1), (False, 32, 1, 1, 1), (True, 24, 4, 2, 1),
+    pytest.param(True, 8, 1, 2, 4, marks=pytest.mark.skipif(ON_HOPPER, reason="gps > 1 not yet run on a GPU")),
+    pytest.param(False, 16, 2, 2, 2, marks=pytest.mark.skipif(ON_HOPPER, reason="gps > 1 not yet run on a GPU")),
+])
+def test_rows_matmul_matches_integer_reference(four, cols, split, stages, gps):
     rng = _rng()
     qw = _weight(rng, 256, 512, 0.0 if four else 1.0)
     x_q, sa, x_sum = _activations(rng, 32, qw.k_padded)
@@ -65,7 +68,7 @@ def test_rows_matmul_matches_integer_reference(four, cols, split, stages):
         w, sw, zero = qw.q8, qw.scale8, None
         codes = np.asarray(qw.q8, np.int64)
     part = md.rows_matmul(jnp.asarray(x_q), jnp.asarray(sa), jnp.asarray(x_sum), w, sw, zero, cols=cols,
-                          split=split, stages=stages, interpret=INTERPRET)
+                          split=split, stages=stages, gps=gps, interpret=INTERPRET)
     assert part.shape == (split, w.shape[0], cols) and part.dtype == jnp.float32
     want = _rows_reference(x_q, sa, codes, np.asarray(sw), zero, cols)
     assert _rel(np.asarray(part).sum(0), want) < 1e-6  # exact integer partials, f32 accumulate
@@ -87,6 +90,7 @@ def test_pick_split_divides_and_keeps_groups_per_split():
     assert md._pick_split(202, 32, 528) == 2
     assert md._pick_split(56, 112, 528) == 8  # 14336 → 4096: 448 CTAs of 14 groups
     assert md._pick_split(300, 5, 528) == 1  # more tiles than the target: no split
+    assert md._pick_split(56, 32, 528, gps=4) == 2  # whole steps of 4 groups, ≥ 4 steps per split
     for tiles, groups in [(8, 32), (56, 112), (3, 5), (1, 1)]:
         s = md._pick_split(tiles, groups, 528)
         assert groups % s == 0 and (groups // s >= 4 or s == 1)
@@ -97,6 +101,8 @@ def test_bad_configs_and_shapes_are_named():
         md.DecodeConfig(stages=0)
     with pytest.raises(ValueError, match="split"):
         md.DecodeConfig(split=0)
+    with pytest.raises(ValueError, match="gps"):
+        md.DecodeConfig(gps=3)
     rng = _rng()
     qw = _weight(rng, 128, 256, 0.0)
     x_q, sa, x_sum = (jnp.asarray(a) for a in _activations(rng, 32, 256))
