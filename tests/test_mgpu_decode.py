@@ -9,30 +9,10 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-import pallas_kernels as pk
 from pallas_kernels import mgpu_decode as md
 from pallas_kernels import reference as ref
-from pallas_kernels.api import has_wgmma
 from pallas_kernels.format import unpack_nibbles
-
-ON_HOPPER = has_wgmma()
-INTERPRET = not ON_HOPPER
-
-
-def _rng():
-    return np.random.default_rng()
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def _weight(rng, n, k, share8):
-    w = rng.normal(size=(n, k)).astype(np.float32) * 0.05
-    is_int8 = np.zeros(n, bool)
-    is_int8[rng.permutation(n)[: int(round(share8 * n))]] = True
-    return pk.pack_rtn(jnp.asarray(w), jnp.asarray(is_int8))
+from test_mgpu import INTERPRET, ON_HOPPER, _rel, _rng, _weight  # shared with the prefill kernel's tests
 
 
 def _activations(rng, mp, kp):
