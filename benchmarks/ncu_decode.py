@@ -61,6 +61,9 @@ def main(argv=None):
         fn = jax.jit(lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(x, w))
     for _ in range(3):
         jax.block_until_ready(fn(x, w))
+    if args.kernel == "mgpu_decode":
+        print("config", mgpu_decode.DEFAULT_DECODE_CONFIG)
+        return
     print("config", kernels.choose_config(args.m, w.num_groups, w.q8.shape[0] + w.q4.shape[0], decode=args.decode))
 
 

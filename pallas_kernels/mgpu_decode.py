@@ -110,8 +110,8 @@ def _act_rows(cols: int) -> int:  # rows of the quantized activations (scale row
 
 
 def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Array, w_scale: jax.Array,
-                zero: jax.Array | None, *, cols: int, split: int, stages: int = 4, wgs: int = 2,
-                gps: int = 1, interpret: bool = False) -> jax.Array:
+                zero: jax.Array | None, *, cols: int, split: int, stages: int = DEFAULT_DECODE_CONFIG.stages,
+                wgs: int = DEFAULT_DECODE_CONFIG.wgs, gps: int = 1, interpret: bool = False) -> jax.Array:
     """One channel set of a MixedWeight times the first `cols` activation rows → f32 [split, R, cols].
 
     x_q int8 [Mp, Kp] (Mp ≥ cols, a multiple of 32), a_scale f32 [G, Mp], x_sum int32 [G, Mp] (Σ of each group's codes);
@@ -157,22 +157,23 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         b & -16 = 16·(u_hi − 8) (the high nibble's signed value, in place), so
         P1 = Σ_lo x·u_lo + 8·Σ_hi x (a third wgmma against a constant 8), P2 = 16·Σ_hi x·(u_hi − 8),
         and Σ_k x·(u − z) = P1 + P2/16 − z·Σx."""
-        def x_half(j, h):  # [cols, 64]: half h of group j
-            return x_ref.at[:, pl.ds((2 * j + h) * HALF_GROUP, HALF_GROUP)]
+        def half(ref, i):  # columns [64·i, 64·i + 64): half i % 2 of group i // 2 (or packed group i)
+            return ref.at[:, pl.ds(i * HALF_GROUP, HALF_GROUP)]
 
+        if four:  # the A operand of the Σ_hi 8·x wgmma, shared by the step's groups
+            eight = _with_layout(jnp.full((TILE_ROWS, HALF_GROUP), 8, jnp.int8), plgpu.Layout.WGMMA_8BIT,
+                                 interpret)
         ops = []  # per group: [(accumulator index, A operand, x half ref)]
         for j in range(gps):
+            x_lo, x_hi = half(x_ref, 2 * j), half(x_ref, 2 * j + 1)
             if four:
-                w_j = w_ref.at[:, pl.ds(j * HALF_GROUP, HALF_GROUP)]
+                w_j = half(w_ref, j)
                 b = w_j[...] if interpret else plgpu.load(w_j, (), layout=plgpu.Layout.WGMMA_8BIT)
                 a_lo = (b & jnp.int8(15)) ^ jnp.int8(8)  # [64, 64] u_lo ∈ [0, 15]
                 a_hi = b & jnp.int8(-16)  # [64, 64] 16·(u_hi − 8)
-                eight = _with_layout(jnp.full((TILE_ROWS, HALF_GROUP), 8, jnp.int8), plgpu.Layout.WGMMA_8BIT,
-                                     interpret)
-                ops.append([(2 * j, a_lo, x_half(j, 0)), (2 * j, eight, x_half(j, 1)), (2 * j + 1, a_hi, x_half(j, 1))])
+                ops.append([(2 * j, a_lo, x_lo), (2 * j, eight, x_hi), (2 * j + 1, a_hi, x_hi)])
             else:
-                ops.append([(j, w_ref.at[:, pl.ds((2 * j + h) * HALF_GROUP, HALF_GROUP)], x_half(j, h))
-                            for h in range(2)])
+                ops.append([(j, half(w_ref, 2 * j), x_lo), (j, half(w_ref, 2 * j + 1), x_hi)])
         n_acc = 2 * gps if four else gps
         if interpret:  # the interpreter has no register-A or transposed wgmma: the same integer products
             accs = [jnp.zeros((TILE_ROWS, cols), jnp.int32) for _ in range(n_acc)]
@@ -235,8 +236,8 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
             return plgpu.BlockSpec((gps, width), lambda k: (k, 0))
 
         cta = pl.ds(r0, cta_rows)
-        w_cols = gps * (HALF_GROUP if four else GROUP_SIZE)  # bytes of a row per step
-        w_k = pl.ds(si * gs * w_cols // gps, gs * w_cols // gps)
+        group_bytes = HALF_GROUP if four else GROUP_SIZE  # bytes of a weight row per group
+        w_k = pl.ds(si * gs * group_bytes, gs * group_bytes)
         # TMA copies are whole multiples of 128 bytes: zeros come as 128-row blocks, activation scales
         # and sums as all Mp (≥ 32) rows
         z_specs, z_args = [], []
@@ -247,7 +248,7 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
             body,
             grid=(gs // gps,),
             memory_registers=40,
-            in_specs=[spec((cols, gps * GROUP_SIZE), _HALF_TRANSFORMS), spec((cta_rows, w_cols), _HALF_TRANSFORMS),
+            in_specs=[spec((cols, gps * GROUP_SIZE), _HALF_TRANSFORMS), spec((cta_rows, gps * group_bytes), _HALF_TRANSFORMS),
                       row_spec(cta_rows), *z_specs, row_spec(mp), row_spec(mp)],
             wg_axis="wg",
             num_compute_wgs=wgs,
