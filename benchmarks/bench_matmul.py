@@ -306,7 +306,7 @@ def mgpu_sweep(m: int, g: int, rows: int):
     return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP]
 
 
-MGPU_DECODE_SWEEP = {"stages": (2, 3, 4), "ctas": (132, 264), "wgs": (2,), "gps": (2, 4)}  # session 5, call 5
+MGPU_DECODE_SWEEP = {"stages": (4, 6), "ctas": (132, 264), "wgs": (2,), "gps": (1, 2, 4)}  # session 6, call 1
 
 
 def mgpu_decode_sweep(m: int, g: int, rows: int):
