@@ -39,14 +39,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import format as fmt  # noqa: E402
-from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, mgpu_decode, reference  # noqa: E402
+from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, mgpu_decode, reference, xla_fused  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
          "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
-         "mgpu": 0.1, "mgpu_decode": 0.1}
+         "mgpu": 0.1, "mgpu_decode": 0.1, "xla_fused_reduce": 0.1, "xla_fused_float": 0.1, "xla_fused_dot": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -123,6 +123,10 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "mgpu_decode":  # decode on Hopper: TMA-streamed packed weight, swapped-operand wgmma
         fn = lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(
             x, w, config=cfg or mgpu_decode.DEFAULT_DECODE_CONFIG, interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name.startswith("xla_fused_"):  # decode in plain XLA: unpack + integer partials in fusions
+        form = name[len("xla_fused_"):]
+        fn = lambda x, w: xla_fused.mixed_matmul_xla_fused(x, w, form=form)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "float_dequant":
         fn = lambda x, w: kernels.dequant_matmul_pallas(x, w, config=cfg, interpret=interpret)
