@@ -46,7 +46,7 @@ MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
          "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
-         "mgpu": 0.1, "mgpu_decode": 0.1, "xla_fused_reduce": 0.1, "xla_fused_float": 0.1, "xla_fused_dot": 0.1}
+         "mgpu": 0.1, "mgpu_decode": 0.1, "xla_fused_reduce": 0.1, "xla_fused_float": 0.1, "xla_fused_dot": 0.1, "xla_fused_dequant": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -87,6 +87,10 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         fn = lambda x, w: jax.lax.dot_general(
             x, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
         build = lambda rng, n, k: jnp.asarray(rng.integers(-127, 128, (n, k)), jnp.int8)
+        return fn, build, None, None
+    if name == "xla_int4":  # anchor: XLA's dot on a native int4 weight (no group scales), bf16 activations
+        fn = lambda x, w: jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        build = lambda rng, n, k: jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int4)
         return fn, build, None, None
     if name == "mgpu_core":  # the Mosaic GPU int8 GEMM alone: int8 x, int8 weight [N, K] + group scales
         def core(x, w):
@@ -188,10 +192,16 @@ def copy_bandwidth() -> float:
 
 
 def floor_bytes(name: str, w, m: int, k: int, n: int) -> int:
+    if name == "xla_int4":
+        return n * k // 2 + 2 * (m * k + m * n)
     if name in ("xla_bf16",):
         return 2 * (n * k + m * k + m * n)
     if name == "xla_int8":
         return n * k + m * k + 4 * m * n
+    if name == "xla_int4":  # anchor: XLA's dot on a native int4 weight (no group scales), bf16 activations
+        fn = lambda x, w: jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
+        build = lambda rng, n, k: jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int4)
+        return fn, build, None, None
     if name == "mgpu_core":
         return n * k + m * k + 2 * m * n
     return packed_bytes(w) + 2 * (m * k + m * n)

@@ -27,7 +27,7 @@ from jax import lax
 from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight
 from pallas_kernels.reference import quantize_activations_ref
 
-FORMS = ("reduce", "float", "dot")
+FORMS = ("reduce", "float", "dot", "dequant")
 
 
 def _partials(x_lo, x_hi, lo, hi, form: str):
@@ -51,6 +51,27 @@ def _rescale(i, sa, sw):
     return (i * (sa[:, None, :] * sw.T[None])).sum(-1)
 
 
+def _dequant_form(x_q, sa, qw: MixedWeight) -> jax.Array:
+    """One row reduction over K per output: Σ_k (s_a x_q)[k] · (s_w (u − z))[k] in f32 — the two-step
+    result up to f32 rounding (the products are not integer partials any more)."""
+    m, g = sa.shape
+    xd = (x_q.reshape(m, g, 2, HALF_GROUP).astype(jnp.float32) * sa[:, :, None, None])  # [M, G, 2, 64]
+    x_lo, x_hi = xd[:, None, :, 0], xd[:, None, :, 1]  # [M, 1, G, 64]
+    parts = []
+    if qw.q8.shape[0]:
+        q8 = qw.q8.reshape(-1, g, 2, HALF_GROUP).astype(jnp.float32) * qw.scale8.T[:, :, None, None]
+        parts.append((q8[None, :, :, 0] * x_lo + q8[None, :, :, 1] * x_hi).sum((2, 3)))
+    if qw.q4.shape[0]:
+        b = qw.q4.reshape(-1, g, HALF_GROUP)
+        sw = qw.scale4.T[:, :, None]  # [R, G, 1]
+        off = (8.0 - qw.zero4.T.astype(jnp.float32))[:, :, None] * sw  # s_w (8 − z)
+        lo = ((b << 4) >> 4).astype(jnp.float32) * sw + off  # s_w (u − z), k = 128g + j
+        hi = (b >> 4).astype(jnp.float32) * sw + off  # k = 128g + 64 + j
+        parts.append((lo[None] * x_lo + hi[None] * x_hi).sum((2, 3)))
+    y = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return y[:, qw.row_of_channel]
+
+
 @functools.partial(jax.jit, static_argnames=("form",))
 def mixed_matmul_xla_fused(x: jax.Array, qw: MixedWeight, *, form: str = "reduce") -> jax.Array:
     """x [M, K] float (small M) → [M, N] x.dtype, channel order; the reference's integer arithmetic."""
@@ -59,6 +80,8 @@ def mixed_matmul_xla_fused(x: jax.Array, qw: MixedWeight, *, form: str = "reduce
     m = x.shape[0]
     g = qw.num_groups
     x_q, sa = quantize_activations_ref(x)  # [M, Kp] int8, [M, G]
+    if form == "dequant":
+        return _dequant_form(x_q, sa, qw).astype(x.dtype)
     xg = x_q.reshape(m, g, 2, HALF_GROUP)
     xs = x_q.reshape(m, g, GROUP_SIZE).astype(jnp.int32).sum(-1)  # [M, G]
     parts = []
