@@ -46,7 +46,7 @@ MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
          "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
-         "mgpu": 0.1, "mgpu_decode": 0.1, "xla_fused_reduce": 0.1, "xla_fused_float": 0.1, "xla_fused_dot": 0.1, "xla_fused_dequant": 0.1}
+         "mgpu": 0.1, "mgpu_decode": 0.1, "xla_fused_reduce": 0.1, "xla_fused_float": 0.1, "xla_fused_dot": 0.1, "xla_fused_dequant": 0.1, "int4dot": 0.1, "int4dot_pre": 0.1, "int4dot_m1": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -132,6 +132,15 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         form = name[len("xla_fused_"):]
         fn = lambda x, w: xla_fused.mixed_matmul_xla_fused(x, w, form=form)
         return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name in ("int4dot", "int4dot_m1"):  # XLA's int4 GEMM fusion on the packed bytes (xla_fused.int4_dot_matmul)
+        rows = 1 if name == "int4dot_m1" else 2
+        fn = lambda x, w: xla_fused.int4_dot_matmul(x, w, min_rows=rows)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "int4dot_pre":  # the same with the int4 view made once (a format storing int4)
+        fn = lambda x, w: xla_fused.int4_dot_matmul(x, w[0], w[1])
+        ref = lambda x, w: reference.mixed_matmul_ref(x, w[0])
+        build4 = lambda rng, n, k: (lambda qw: (qw, xla_fused.int4_view(qw.q4)))(build(rng, n, k))
+        return fn, build4, ref, 5e-3
     if name == "float_dequant":
         fn = lambda x, w: kernels.dequant_matmul_pallas(x, w, config=cfg, interpret=interpret)
         return fn, build, reference.dequant_matmul_ref, 1e-2
@@ -213,7 +222,7 @@ _WEIGHTS: dict = {}
 def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     rng = np.random.default_rng(m * 7 + n)
     fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
-    key = (SHARE.get(name.split("@")[0], name), n, k)
+    key = (name if name == "int4dot_pre" else SHARE.get(name.split("@")[0], name), n, k)  # its own weight type
     if key not in _WEIGHTS:  # packing 58M codes takes seconds: reuse across M and configs
         if any(kk[1:] != (n, k) for kk in _WEIGHTS):
             _WEIGHTS.clear()

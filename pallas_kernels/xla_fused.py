@@ -97,3 +97,41 @@ def mixed_matmul_xla_fused(x: jax.Array, qw: MixedWeight, *, form: str = "reduce
         parts.append(_rescale(i4, sa, qw.scale4))
     y = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
     return y[:, qw.row_of_channel].astype(x.dtype)
+
+
+def int4_view(q4: jax.Array) -> jax.Array:
+    """Packed 4-bit rows int8 [R, Kp/2] → int4 [R, G, 128] (the same bytes): element 2j of group g is byte
+    j's low nibble (k = 128g + j), element 2j + 1 its high nibble (k = 128g + 64 + j), each u − 8."""
+    r, half = q4.shape
+    return lax.bitcast_convert_type(q4, jnp.int4).reshape(r, half // HALF_GROUP, GROUP_SIZE)
+
+
+def _interleave(xd: jax.Array) -> jax.Array:  # [M, G, 128] → element 2j = k j, 2j + 1 = k 64 + j
+    m, g, _ = xd.shape
+    return xd.reshape(m, g, 2, HALF_GROUP).transpose(0, 1, 3, 2).reshape(m, g, GROUP_SIZE)
+
+
+@functools.partial(jax.jit, static_argnames=("min_rows",))
+def int4_dot_matmul(x: jax.Array, qw: MixedWeight, q4_int4: jax.Array | None = None, *,
+                    min_rows: int = 2) -> jax.Array:
+    """x [M, K] float → [M, N] x.dtype: int8-fake-quantized activations (bf16) × the packed weight
+    dequantized inside XLA's GEMM fusion (the int4 bytes as XLA int4, group scale and zero applied to the
+    operand), one dot per channel set; the numerics of `dequant_dot`. M is padded to `min_rows` (XLA turns
+    an M = 1 dot into a reduction that reads int4 slowly). `q4_int4`: `int4_view(qw.q4)` made beforehand."""
+    m = x.shape[0]
+    mp = max(m, min_rows)
+    x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, mp - m), (0, 0)]))
+    g = qw.num_groups
+    xd = (x_q.reshape(mp, g, GROUP_SIZE).astype(jnp.float32) * sa[..., None]).astype(jnp.bfloat16)
+    dims = (((1, 2), (1, 2)), ((), ()))
+    parts = []
+    if qw.q8.shape[0]:
+        w8 = (qw.q8.reshape(-1, g, GROUP_SIZE).astype(jnp.float32) * qw.scale8.T[..., None]).astype(jnp.bfloat16)
+        parts.append(lax.dot_general(xd, w8, dims, preferred_element_type=jnp.float32))
+    if qw.q4.shape[0]:
+        w4 = int4_view(qw.q4) if q4_int4 is None else q4_int4
+        off = 8.0 - qw.zero4.T.astype(jnp.float32)  # [R, G]
+        w4 = ((w4.astype(jnp.float32) + off[..., None]) * qw.scale4.T[..., None]).astype(jnp.bfloat16)
+        parts.append(lax.dot_general(_interleave(xd), w4, dims, preferred_element_type=jnp.float32))
+    y = jnp.concatenate(parts, axis=1) if len(parts) > 1 else parts[0]
+    return y[:m, qw.row_of_channel].astype(x.dtype)
