@@ -320,6 +320,21 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
+GEMV_GROUPED_SWEEP = {"block_n": (32, 64), "programs": (256, 512, 1024), "gpi": (1, 2, 4, 8), "stages": (3,)}
+
+
+def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
+    """--sweep-gemv-grouped: the GEMV on pre-quantized codes with `groups_per_iter` groups an iteration."""
+    cands = []
+    for block_n, programs, gpi, stages in itertools.product(
+            grid["block_n"], grid["programs"], grid["gpi"], grid["stages"]):
+        tiles = rows // block_n
+        split = max(d for d in range(1, g + 1) if g % d == 0 and (g // d) % gpi == 0
+                    and tiles * d <= max(programs, tiles) and (g // d >= 2 * gpi or d == 1))
+        cands.append(gemv.GemvConfig(block_n, split, 4, stages, quantize_first=True, groups_per_iter=gpi))
+    return list(dict.fromkeys(cands))
+
+
 MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along=wg, stages=4, snake=8, pingpong=pp, overlap=ov)
               for pp, ov in ((True, False), (False, False), (True, True)) for wg in ("m", "n")] + [
     dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=sn) for st, sn in ((3, 8), (5, 8), (4, 4), (4, 16))]
@@ -354,6 +369,7 @@ def parse(argv):
     p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
     p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
+    p.add_argument("--sweep-gemv-grouped", action="store_true", help="GEMV, groups per iteration (gemv_grouped_sweep)")
     p.add_argument("--sweep-decode-unrolled", action="store_true", help="all groups of a split at once (unrolled_sweep)")
     p.add_argument("--sweep-mgpu", action="store_true", help="sweep the Mosaic GPU prefill kernel (mgpu_sweep)")
     p.add_argument("--sweep-mgpu-decode", action="store_true", help="sweep the Mosaic GPU decode kernel")
@@ -380,7 +396,8 @@ def emit(row, log):
     elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
         cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps}".format(**cfg)
     elif "block_m" not in cfg:  # GemvConfig
-        cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages}".format(**cfg)
+        cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages} gpi{groups_per_iter}{q}".format(
+            q=" qf" if cfg.get("quantize_first") else "", **cfg)
     else:
         cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{p}{f}".format(
             f=" fused" if cfg["fuse_quant"] else "", p=" preload" if cfg.get("preload") else "", **cfg)
@@ -457,6 +474,7 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
+                or args.sweep_gemv_grouped \
                 or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
             if args.sweep_decode_small or args.sweep_decode_preload:
@@ -471,8 +489,10 @@ def main(argv=None):
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
-                    for cfg in (gemv_sweep if args.sweep_gemv else sweep)(m, -(-k // 128), n + 256):
-                        name = ("gemv" if args.sweep_gemv else args.sweep_mgpu_variant if args.sweep_mgpu
+                    gem = args.sweep_gemv or args.sweep_gemv_grouped
+                    for cfg in (gemv_grouped_sweep if args.sweep_gemv_grouped else gemv_sweep if args.sweep_gemv
+                                else sweep)(m, -(-k // 128), n + 256):
+                        name = ("gemv" if gem else args.sweep_mgpu_variant if args.sweep_mgpu
                                 else "mgpu_decode" if args.sweep_mgpu_decode else "mixed")
                         rows.append(run_row(name, k, n, m, args, bandwidth, log, cfg=cfg))
     bandwidth_end = copy_bandwidth()

@@ -47,12 +47,21 @@ class GemvConfig:
     num_stages: int = 3
     quantize_first: bool = False  # take the activation codes from `kernels.quantize_activations_pallas`
     # (one more launch) instead of quantizing every group in every program (block-wide reductions)
+    groups_per_iter: int = 1  # K groups per loop iteration (quantize_first only): each row's bytes of
+    # all of them in one load (64·gpi contiguous bytes of a 4-bit row), one wait on the small per-group
+    # operands per iteration instead of per group
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
             raise ValueError(f"block_n={self.block_n} must divide the row padding {ROW_ALIGN}")
         if num_groups % self.split_k:
             raise ValueError(f"split_k={self.split_k} must divide the number of K groups {num_groups}")
+        gpi = self.groups_per_iter
+        if gpi not in (1, 2, 4, 8) or (num_groups // self.split_k) % gpi:
+            raise ValueError(f"groups_per_iter={gpi} must be 1, 2, 4 or 8 and divide the {num_groups // self.split_k} "
+                             f"K groups of a split (split_k={self.split_k})")
+        if gpi > 1 and not self.quantize_first:
+            raise ValueError(f"groups_per_iter={gpi} needs quantize_first=True (codes from the quantization kernel)")
         if not 1 <= m <= 16:
             raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
 
@@ -170,6 +179,74 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
             run(w4_partial, w4_scale, (tile - n8_tiles) * bn)
 
 
+def _grouped_kernel(xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref, *,
+                    cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int,
+                    interpret: bool):
+    """`groups_per_iter` groups a loop iteration, on pre-quantized codes. Refs: xw int32 [Mp, G, 2, 16]
+    (activation words, lo / hi half of each group), as / ax [G, Mp] (scales, Σ codes), q8 int32
+    [N8p, G, 2, 16], q4 int32 [N4p, G, 16], scales / zeros [G, rows]. Per iteration every operand is a
+    [bn, gpi, 16] or [gpi, bn] block; group partials [bn, gpi] are rescaled and summed over the gpi groups."""
+    bn, gpi = cfg.block_n, cfg.groups_per_iter
+    tile, split = pl.program_id(0), pl.program_id(1)
+    g0 = split * groups_per_split
+    cols = chan_ref[pl.ds(tile * bn, bn)]
+    dp4a = functools.partial(_dp4a, interpret=interpret)
+    zero = jnp.zeros((bn, gpi, _WORDS), jnp.int32)
+    first = dict(eviction_policy="evict_first")
+
+    def acts(gs):  # per row: lo, hi words [gpi, 16], s_a, Σx_q [gpi]
+        return [(xw_ref[r, gs, 0, :], xw_ref[r, gs, 1, :], as_ref[gs, r], ax_ref[gs, r].astype(jnp.float32))
+                for r in range(m)]
+
+    def run(load_w, load_meta, n0):
+        rows = pl.ds(n0, bn)
+
+        def body(i, accs):
+            gs = pl.ds(g0 + i * gpi, gpi)
+            w_lo, w_hi = load_w(gs, rows)  # [bn, gpi, 16] int32 words of int8 values
+            w_scale, zero_off = load_meta(gs, rows)  # [bn, gpi] (zero_off None: 8-bit rows)
+            out = []
+            for acc, (lo, hi, a_scale, x_sum) in zip(accs, acts(gs)):
+                p = jnp.sum(dp4a(w_hi, jnp.broadcast_to(hi[None], w_hi.shape),
+                                 dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), zero)), axis=2)  # [bn, gpi]
+                y = p.astype(jnp.float32) * (w_scale * a_scale[None, :])
+                if zero_off is not None:
+                    y = y + zero_off * (a_scale * x_sum)[None, :]
+                out.append(acc + jnp.sum(y, axis=1))
+            return tuple(out)
+
+        accs = lax.fori_loop(0, groups_per_split // gpi, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
+        for r, acc in enumerate(accs):
+            plgpu.store(o_ref.at[split * m + r, cols], acc, mask=cols < n_out)
+
+    def w8(gs, rows):
+        half = lambda h: plgpu.load(q8_ref.at[rows, gs, pl.ds(h, 1), :], **first).reshape(-1, gpi, _WORDS)  # noqa: E731
+        return half(0), half(1)
+
+    def w8_meta(gs, rows):
+        return plgpu.load(s8_ref.at[gs, rows]).T, None
+
+    def w4(gs, rows):
+        w = plgpu.load(q4_ref.at[rows, gs, :], **first)
+        mask = jnp.int32(-252645136)  # 0xF0F0F0F0
+        return (w << 4) & mask, w & mask  # four int8 16·(u − 8) in each word
+
+    def w4_meta(gs, rows):
+        w_scale = plgpu.load(s4_ref.at[gs, rows]).T  # [bn, gpi]
+        zero_off = (8.0 - plgpu.load(z4_ref.at[gs, rows]).astype(jnp.float32)).T * w_scale
+        return w_scale * (1.0 / 16.0), zero_off
+
+    if n8_tiles:
+        @pl.when(tile < n8_tiles)
+        def _():
+            run(w8, w8_meta, tile * bn)
+
+    if n4_tiles:
+        @pl.when(tile >= n8_tiles)
+        def _():
+            run(w4, w4_meta, (tile - n8_tiles) * bn)
+
+
 def _words(a: jax.Array) -> jax.Array:
     """int8 [R, C] → int32 [R, C/4] (little-endian: byte j of a word is column 4c + j)."""
     return lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 4), jnp.int32)
@@ -194,7 +271,12 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
 
     q8, q4 = (_words(q) if q.size else jnp.zeros((1, 1), jnp.int32) for q in (qw.q8, qw.q4))
     s8, s4, z4 = _nonempty(qw.scale8, qw.scale4, qw.zero4)
-    kernel = functools.partial(_gemv_kernel, cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
+    if cfg.groups_per_iter > 1:  # free reshapes: group-major views of the words
+        x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS), *x_in[1:])
+        q8 = q8.reshape(q8.shape[0], g, 2, _WORDS) if qw.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)
+        q4 = q4.reshape(q4.shape[0], g, _WORDS) if qw.q4.size else jnp.zeros((1, 1, _WORDS), jnp.int32)
+    body = _grouped_kernel if cfg.groups_per_iter > 1 else _gemv_kernel
+    kernel = functools.partial(body, cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
                                n_out=qw.n, interpret=interpret)
     y = pl.pallas_call(
         kernel,
