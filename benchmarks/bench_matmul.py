@@ -320,7 +320,7 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
-GEMV_GROUPED_SWEEP = {"block_n": (32, 64), "programs": (256, 512, 1024), "gpi": (1, 2, 4, 8), "stages": (3,)}
+GEMV_GROUPED_SWEEP = {"block_n": (32, 64), "programs": (1024, 2048, 4096), "gpi": (4, 8), "stages": (3,)}  # session 6, call 8
 
 
 def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
