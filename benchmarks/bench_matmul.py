@@ -320,7 +320,7 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
-GEMV_GROUPED_SWEEP = {"block_n": (32, 64), "programs": (1024, 2048, 4096), "gpi": (4, 8), "stages": (3,)}  # session 6, call 8
+GEMV_GROUPED_SWEEP = {"block_n": (32, 64), "programs": (1024, 2048, 4096), "gpi": (2, 4, 8), "stages": (3,)}  # session 6, call 8
 
 
 def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
@@ -330,7 +330,7 @@ def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
             grid["block_n"], grid["programs"], grid["gpi"], grid["stages"]):
         tiles = rows // block_n
         split = max(d for d in range(1, g + 1) if g % d == 0 and (g // d) % gpi == 0
-                    and tiles * d <= max(programs, tiles) and (g // d >= 2 * gpi or d == 1))
+                    and tiles * d <= max(programs, tiles) and g // d >= gpi)
         cands.append(gemv.GemvConfig(block_n, split, 4, stages, quantize_first=True, groups_per_iter=gpi))
     return list(dict.fromkeys(cands))
 
