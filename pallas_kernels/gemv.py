@@ -66,11 +66,17 @@ class GemvConfig:
             raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
 
 
-def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 1024) -> GemvConfig:
-    """64-row tiles, split-K for about `programs` programs with ≥ 4 groups each."""
-    from pallas_kernels.kernels import _decode_split
-
-    return GemvConfig(64, _decode_split(num_groups, rows // 64, programs))
+def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096) -> GemvConfig:
+    """32-row tiles on pre-quantized codes, 4 groups an iteration (2 or 1 where the groups do not divide),
+    and the largest split-K that keeps whole iterations and at most `programs` programs — so most
+    programs run one iteration. H100 sweep (session 6, call 8, results/kernels.md): within 0.5 µs of the
+    best of 10–17 configurations on every Llama-3-8B shape, 6–18 % less span than the previous default
+    (64-row tiles, one group an iteration, in-kernel quantization)."""
+    gpi = 4 if num_groups % 4 == 0 else 2 if num_groups % 2 == 0 else 1
+    tiles = max(1, rows // 32)
+    split = max(d for d in range(1, num_groups + 1)
+                if num_groups % d == 0 and (num_groups // d) % gpi == 0 and (tiles * d <= programs or d == 1))
+    return GemvConfig(32, split, quantize_first=True, groups_per_iter=gpi)
 
 
 def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:

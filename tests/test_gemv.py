@@ -79,3 +79,28 @@ def test_gemv_rejects_what_it_cannot_take(cfg, m, match):
     x, qw = _case(m, 256, 96, 0.1)
     with pytest.raises(ValueError, match=match):
         gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("m, k, n, share8, cfg", [
+    (1, 1024, 256, 0.1, gemv.GemvConfig(32, 2, quantize_first=True, groups_per_iter=4)),
+    (3, 2048, 200, 0.3, gemv.GemvConfig(64, 2, quantize_first=True, groups_per_iter=8)),
+    (2, 600, 96, 0.0, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=1)),  # K padded, G = 5
+    (1, 512, 130, 1.0, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=2)),
+])
+def test_gemv_groups_per_iteration(m, k, n, share8, cfg):
+    """Several groups a loop iteration (one [rows, gpi, 16] load of weight words, rescale on [rows, gpi])."""
+    x, qw = _case(m, k, n, share8)
+    assert _rel(gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET), ref.mixed_matmul_ref(x, qw)) < RTOL
+
+
+def test_default_gemv_config_groups():
+    """The default: 32-row tiles, 4 groups an iteration where they divide, most programs one iteration."""
+    cfg = gemv.choose_gemv_config(32, 14592)
+    assert (cfg.block_n, cfg.groups_per_iter, cfg.quantize_first) == (32, 4, True)
+    assert 32 // cfg.split_k == 4 and 14592 // 32 * cfg.split_k <= 4096
+    assert gemv.choose_gemv_config(5, 256).groups_per_iter == 1  # 5 groups: one at a time
+    cfg.check(1, 32)
+    with pytest.raises(ValueError, match="groups_per_iter=4"):
+        gemv.GemvConfig(32, 4, quantize_first=True, groups_per_iter=4).check(1, 8)
+    with pytest.raises(ValueError, match="quantize_first"):
+        gemv.GemvConfig(32, 1, groups_per_iter=2).check(1, 8)

@@ -301,7 +301,8 @@ def test_gpu_path_selection():
     assert select_gpu_path(1, jnp.bfloat16) == "kernel"
     assert select_gpu_path(1, jnp.bfloat16, rows=4352) == "gemv"  # one row, a layer up to GEMV_MAX_ROWS
     assert select_gpu_path(1, jnp.float32, rows=16384) == "gemv"
-    assert select_gpu_path(1, jnp.bfloat16, rows=28928) == "kernel"  # wide layer: the MMA kernel
+    assert select_gpu_path(1, jnp.bfloat16, rows=28928) == "gemv"  # gate+up of an 8B layer too
+    assert select_gpu_path(1, jnp.bfloat16, rows=128384) == "kernel"  # wider (an int4 head): the MMA kernel
     assert select_gpu_path(2, jnp.bfloat16, rows=4352) == "kernel"
     assert select_gpu_path(m0 - 1, jnp.bfloat16) == "kernel"
     assert select_gpu_path(m0, jnp.bfloat16) == "dequant_dot"
