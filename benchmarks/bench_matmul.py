@@ -6,7 +6,7 @@
     python benchmarks/bench_matmul.py --ms 1,16,2048 --variants xla_bf16,mixed_v4,mixed,api \
         --large-m-variants xla_bf16,mixed,xla_dequant,api   # old vs new paths, side by side
 
-Variants: xla_bf16 / xla_int8 (plain XLA dots), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
+Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
 0% / 10% 8-bit channels), mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
 fill of the split-K output done by the activation-quantization kernel), mixed_f32out
 (the kernel returning its f32 accumulator, no convert launch), api (`pallas_kernels.mixed_matmul`,
@@ -39,14 +39,14 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from pallas_kernels import format as fmt  # noqa: E402
-from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, mgpu_decode, reference, xla_fused  # noqa: E402
+from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, mgpu_decode, reference  # noqa: E402
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
          "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
-         "mgpu": 0.1, "mgpu_decode": 0.1, "xla_fused_reduce": 0.1, "xla_fused_float": 0.1, "xla_fused_dot": 0.1, "xla_fused_dequant": 0.1, "int4dot": 0.1, "int4dot_pre": 0.1, "int4dot_m1": 0.1}
+         "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
 
@@ -128,19 +128,6 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         fn = lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(
             x, w, config=cfg or mgpu_decode.DEFAULT_DECODE_CONFIG, interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name.startswith("xla_fused_"):  # decode in plain XLA: unpack + integer partials in fusions
-        form = name[len("xla_fused_"):]
-        fn = lambda x, w: xla_fused.mixed_matmul_xla_fused(x, w, form=form)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name in ("int4dot", "int4dot_m1"):  # XLA's int4 GEMM fusion on the packed bytes (xla_fused.int4_dot_matmul)
-        rows = 1 if name == "int4dot_m1" else 2
-        fn = lambda x, w: xla_fused.int4_dot_matmul(x, w, min_rows=rows)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "int4dot_pre":  # the same with the int4 view made once (a format storing int4)
-        fn = lambda x, w: xla_fused.int4_dot_matmul(x, w[0], w[1])
-        ref = lambda x, w: reference.mixed_matmul_ref(x, w[0])
-        build4 = lambda rng, n, k: (lambda qw: (qw, xla_fused.int4_view(qw.q4)))(build(rng, n, k))
-        return fn, build4, ref, 5e-3
     if name == "float_dequant":
         fn = lambda x, w: kernels.dequant_matmul_pallas(x, w, config=cfg, interpret=interpret)
         return fn, build, reference.dequant_matmul_ref, 1e-2
@@ -222,7 +209,7 @@ _WEIGHTS: dict = {}
 def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     rng = np.random.default_rng(m * 7 + n)
     fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
-    key = (name if name == "int4dot_pre" else SHARE.get(name.split("@")[0], name), n, k)  # its own weight type
+    key = (SHARE.get(name.split("@")[0], name), n, k)
     if key not in _WEIGHTS:  # packing 58M codes takes seconds: reuse across M and configs
         if any(kk[1:] != (n, k) for kk in _WEIGHTS):
             _WEIGHTS.clear()
