@@ -124,6 +124,20 @@ def _load_words(xw_ref, as_ref, ax_ref, row, g):
     return lo, hi, as_ref[g, row], ax_ref[g, row].astype(jnp.float32)
 
 
+def _by_channel_set(tile, bn: int, n8_tiles: int, n4_tiles: int, run8, run4) -> None:
+    """Tiles [0, n8_tiles) are 8-bit rows, the rest 4-bit: run8 / run4 (first packed row); an empty channel
+    set's placeholders are never traced."""
+    if n8_tiles:
+        @pl.when(tile < n8_tiles)
+        def _():
+            run8(tile * bn)
+
+    if n4_tiles:
+        @pl.when(tile >= n8_tiles)
+        def _():
+            run4((tile - n8_tiles) * bn)
+
+
 def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
                  n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int, interpret: bool):
     if cfg.quantize_first:
@@ -182,15 +196,8 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
         zero_off = (8.0 - plgpu.load(z4_ref.at[g, rows]).astype(jnp.float32)) * w_scale
         return w_scale * (1.0 / 16.0), zero_off
 
-    if n8_tiles:  # an empty channel set's placeholders are never traced
-        @pl.when(tile < n8_tiles)
-        def _():
-            run(w8_partial, w8_scale, tile * bn)
-
-    if n4_tiles:
-        @pl.when(tile >= n8_tiles)
-        def _():
-            run(w4_partial, w4_scale, (tile - n8_tiles) * bn)
+    _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8_partial, w8_scale, n0),
+                    lambda n0: run(w4_partial, w4_scale, n0))
 
 
 def _grouped_kernel(xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref, *,
@@ -250,15 +257,7 @@ def _grouped_kernel(xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_r
         zero_off = (8.0 - plgpu.load(z4_ref.at[gs, rows]).astype(jnp.float32)).T * w_scale
         return w_scale * (1.0 / 16.0), zero_off
 
-    if n8_tiles:
-        @pl.when(tile < n8_tiles)
-        def _():
-            run(w8, w8_meta, tile * bn)
-
-    if n4_tiles:
-        @pl.when(tile >= n8_tiles)
-        def _():
-            run(w4, w4_meta, (tile - n8_tiles) * bn)
+    _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8, w8_meta, n0), lambda n0: run(w4, w4_meta, n0))
 
 
 def _words(a: jax.Array) -> jax.Array:
