@@ -6,7 +6,9 @@
     python benchmarks/bench_matmul.py --ms 1,16,2048 --variants xla_bf16,mixed_v4,mixed,api \
         --large-m-variants xla_bf16,mixed,xla_dequant,api   # old vs new paths, side by side
 
-Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
+Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), gemv /
+gemv_qf / gemv_1l (the M = 1 GEMV: its default; on codes from the quantization kernel; quantizing in every
+program, one launch), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
 0% / 10% 8-bit channels), mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
 fill of the split-K output done by the activation-quantization kernel), mixed_f32out
 (the kernel returning its f32 accumulator, no convert launch), api (`pallas_kernels.mixed_matmul`,
@@ -45,7 +47,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
@@ -115,9 +117,11 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "gemv":  # the CUDA-core dp4a decode kernel (pallas_kernels/gemv.py), one launch
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg, interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "gemv_qf":  # the GEMV on codes from the activation-quantization kernel (two launches)
+    if name in ("gemv_qf", "gemv_1l"):  # the default GEMV tiling on codes from the activation-quantization
+        # kernel (two launches) / quantizing in every program (one launch)
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
-            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), quantize_first=True), interpret=interpret)
+            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), quantize_first=name == "gemv_qf"),
+            interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_dequant":
         return reference.dequant_matmul_ref, build, None, None
@@ -194,10 +198,6 @@ def floor_bytes(name: str, w, m: int, k: int, n: int) -> int:
         return 2 * (n * k + m * k + m * n)
     if name == "xla_int8":
         return n * k + m * k + 4 * m * n
-    if name == "xla_int4":  # anchor: XLA's dot on a native int4 weight (no group scales), bf16 activations
-        fn = lambda x, w: jnp.einsum("mk,nk->mn", x, w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
-        build = lambda rng, n, k: jnp.asarray(rng.integers(-8, 8, (n, k)), jnp.int4)
-        return fn, build, None, None
     if name == "mgpu_core":
         return n * k + m * k + 2 * m * n
     return packed_bytes(w) + 2 * (m * k + m * n)
@@ -307,18 +307,22 @@ def gemv_sweep(m: int, g: int, rows: int, grid=GEMV_SWEEP):
     return list(dict.fromkeys(cands))
 
 
-GEMV_GROUPED_SWEEP = {"block_n": (32, 64), "programs": (1024, 2048, 4096), "gpi": (2, 4, 8), "stages": (3,)}  # session 6, call 8
+GEMV_GROUPED_SWEEP = {"block_n": (32, 64), "programs": (1024, 2048, 4096), "gpi": (2, 4, 8), "stages": (3,),
+                      "quantize_first": (True,)}  # session 6, call 8
+GEMV_ONE_LAUNCH_SWEEP = {"block_n": (32, 64), "programs": (2048, 4096), "gpi": (2, 4), "stages": (3,),
+                         "quantize_first": (True, False)}  # in-kernel quantization against the two-launch form
 
 
 def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
-    """--sweep-gemv-grouped: the GEMV on pre-quantized codes with `groups_per_iter` groups an iteration."""
+    """--sweep-gemv-grouped: the GEMV with `groups_per_iter` groups an iteration (on pre-quantized codes,
+    or, --sweep-gemv-one-launch, also quantizing in every program)."""
     cands = []
-    for block_n, programs, gpi, stages in itertools.product(
-            grid["block_n"], grid["programs"], grid["gpi"], grid["stages"]):
+    for block_n, programs, gpi, stages, qf in itertools.product(
+            grid["block_n"], grid["programs"], grid["gpi"], grid["stages"], grid["quantize_first"]):
         tiles = rows // block_n
         split = max(d for d in range(1, g + 1) if g % d == 0 and (g // d) % gpi == 0
                     and tiles * d <= max(programs, tiles) and g // d >= gpi)
-        cands.append(gemv.GemvConfig(block_n, split, 4, stages, quantize_first=True, groups_per_iter=gpi))
+        cands.append(gemv.GemvConfig(block_n, split, 4, stages, quantize_first=qf, groups_per_iter=gpi))
     return list(dict.fromkeys(cands))
 
 
@@ -357,6 +361,8 @@ def parse(argv):
     p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-gemv-grouped", action="store_true", help="GEMV, groups per iteration (gemv_grouped_sweep)")
+    p.add_argument("--sweep-gemv-one-launch", action="store_true",
+                   help="GEMV, in-kernel quantization vs pre-quantized codes (GEMV_ONE_LAUNCH_SWEEP)")
     p.add_argument("--sweep-decode-unrolled", action="store_true", help="all groups of a split at once (unrolled_sweep)")
     p.add_argument("--sweep-mgpu", action="store_true", help="sweep the Mosaic GPU prefill kernel (mgpu_sweep)")
     p.add_argument("--sweep-mgpu-decode", action="store_true", help="sweep the Mosaic GPU decode kernel")
@@ -461,7 +467,7 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
-                or args.sweep_gemv_grouped \
+                or args.sweep_gemv_grouped or args.sweep_gemv_one_launch \
                 or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
             if args.sweep_decode_small or args.sweep_decode_preload:
@@ -476,9 +482,14 @@ def main(argv=None):
             for s in args.sweep_shapes.split(","):
                 k, n = map(int, s.split("x"))
                 for m in (int(v) for v in args.sweep_ms.split(",")):
-                    gem = args.sweep_gemv or args.sweep_gemv_grouped
-                    for cfg in (gemv_grouped_sweep if args.sweep_gemv_grouped else gemv_sweep if args.sweep_gemv
-                                else sweep)(m, -(-k // 128), n + 256):
+                    gem = args.sweep_gemv or args.sweep_gemv_grouped or args.sweep_gemv_one_launch
+                    if args.sweep_gemv_one_launch:
+                        sweep = lambda m, g, rows: gemv_grouped_sweep(m, g, rows, GEMV_ONE_LAUNCH_SWEEP)  # noqa: E731
+                    elif args.sweep_gemv_grouped:
+                        sweep = gemv_grouped_sweep
+                    elif args.sweep_gemv:
+                        sweep = gemv_sweep
+                    for cfg in sweep(m, -(-k // 128), n + 256):
                         name = ("gemv" if gem else args.sweep_mgpu_variant if args.sweep_mgpu
                                 else "mgpu_decode" if args.sweep_mgpu_decode else "mixed")
                         rows.append(run_row(name, k, n, m, args, bandwidth, log, cfg=cfg))

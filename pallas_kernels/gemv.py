@@ -55,9 +55,9 @@ class GemvConfig:
     num_stages: int = 3
     quantize_first: bool = False  # take the activation codes from `kernels.quantize_activations_pallas`
     # (one more launch) instead of quantizing every group in every program (block-wide reductions)
-    groups_per_iter: int = 1  # K groups per loop iteration (quantize_first only): each row's bytes of
-    # all of them in one load (64·gpi contiguous bytes of a 4-bit row), one wait on the small per-group
-    # operands per iteration instead of per group
+    groups_per_iter: int = 1  # K groups per loop iteration: each row's bytes of all of them in one load
+    # (64·gpi contiguous bytes of a 4-bit row), one wait on the small per-group operands per iteration
+    # instead of per group; without quantize_first each program quantizes its gpi groups of x itself
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -68,23 +68,23 @@ class GemvConfig:
         if gpi not in (1, 2, 4, 8) or (num_groups // self.split_k) % gpi:
             raise ValueError(f"groups_per_iter={gpi} must be 1, 2, 4 or 8 and divide the {num_groups // self.split_k} "
                              f"K groups of a split (split_k={self.split_k})")
-        if gpi > 1 and not self.quantize_first:
-            raise ValueError(f"groups_per_iter={gpi} needs quantize_first=True (codes from the quantization kernel)")
         if not 1 <= m <= 16:
             raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
 
 
-def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096) -> GemvConfig:
+def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096,
+                       quantize_first: bool = True) -> GemvConfig:
     """32-row tiles on pre-quantized codes, 4 groups an iteration (2 or 1 where the groups do not divide),
     and the largest split-K that keeps whole iterations and at most `programs` programs — so most
     programs run one iteration. H100 sweep (session 6, call 8, results/kernels.md): within 0.5 µs of the
     best of 10–17 configurations on every Llama-3-8B shape, 6–18 % less span than the previous default
-    (64-row tiles, one group an iteration, in-kernel quantization)."""
+    (64-row tiles, one group an iteration, in-kernel quantization). `quantize_first=False`: the same
+    tiling with each program quantizing its own groups (one launch; not yet measured on a GPU)."""
     gpi = 4 if num_groups % 4 == 0 else 2 if num_groups % 2 == 0 else 1
     tiles = max(1, rows // 32)
     split = max(d for d in range(1, num_groups + 1)
                 if num_groups % d == 0 and (num_groups // d) % gpi == 0 and (tiles * d <= programs or d == 1))
-    return GemvConfig(32, split, quantize_first=True, groups_per_iter=gpi)
+    return GemvConfig(32, split, quantize_first=quantize_first, groups_per_iter=gpi)
 
 
 def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:
@@ -100,18 +100,25 @@ def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.A
 
 
 def _quantize_words(x_ref, row, g):
-    """Row `row`, group g of x [M, Kp/4, 4] → (lo words [16], hi words [16] int32, s_a, Σx_q f32 scalars).
+    """Row `row`, group g of x [M, Kp/4, 4] → (lo words [16], hi words [16] int32, s_a, Σx_q f32 scalars)."""
+    lo = x_ref[row, pl.ds(g * 2 * _WORDS, _WORDS), :]  # [16, 4]: k = 4c + j
+    hi = x_ref[row, pl.ds(g * 2 * _WORDS + _WORDS, _WORDS), :]  # k = 64 + 4c + j
+    return _pack_codes(lo, hi)
+
+
+def _pack_codes(lo, hi):
+    """The two halves [..., 16, 4] of groups of x (any float) → their int8 codes as lo / hi words [..., 16]
+    int32, s_a and Σx_q [...] f32 (one group per leading index).
 
     Same arithmetic as `reference.quantize_groups`: s_a = amax/127, codes clip(floor(x·127/amax + ½))."""
-    lo = x_ref[row, pl.ds(g * 2 * _WORDS, _WORDS), :].astype(jnp.float32)  # [16, 4]: k = 4c + j
-    hi = x_ref[row, pl.ds(g * 2 * _WORDS + _WORDS, _WORDS), :].astype(jnp.float32)  # k = 64 + 4c + j
-    amax = jnp.maximum(jnp.max(jnp.abs(lo)), jnp.max(jnp.abs(hi)))
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    shifts = 8 * lax.broadcasted_iota(jnp.int32, (1, 4), 1)
+    lo, hi = lo.astype(jnp.float32), hi.astype(jnp.float32)
+    amax = jnp.maximum(jnp.max(jnp.abs(lo), axis=(-2, -1)), jnp.max(jnp.abs(hi), axis=(-2, -1)))
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)[..., None, None]
+    shifts = 8 * lax.broadcasted_iota(jnp.int32, (1,) * (lo.ndim - 1) + (4,), lo.ndim - 1)
 
     def words(v):
-        q = jnp.clip(jnp.floor(v * inv + 0.5), -127.0, 127.0).astype(jnp.int32)  # [16, 4]
-        return jnp.sum((q & 255) << shifts, axis=1), jnp.sum(q)  # disjoint bytes: the sum is the OR
+        q = jnp.clip(jnp.floor(v * inv + 0.5), -127.0, 127.0).astype(jnp.int32)  # [..., 16, 4]
+        return jnp.sum((q & 255) << shifts, axis=-1), jnp.sum(q, axis=(-2, -1))  # disjoint bytes: the sum is the OR
 
     (w_lo, s_lo), (w_hi, s_hi) = words(lo), words(hi)
     return w_lo, w_hi, amax / 127.0, (s_lo + s_hi).astype(jnp.float32)
@@ -200,13 +207,32 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
                     lambda n0: run(w4_partial, w4_scale, n0))
 
 
-def _grouped_kernel(xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref, *,
-                    cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int,
-                    interpret: bool):
-    """`groups_per_iter` groups a loop iteration, on pre-quantized codes. Refs: xw int32 [Mp, G, 2, 16]
-    (activation words, lo / hi half of each group), as / ax [G, Mp] (scales, Σ codes), q8 int32
-    [N8p, G, 2, 16], q4 int32 [N4p, G, 16], scales / zeros [G, rows]. Per iteration every operand is a
-    [bn, gpi, 16] or [gpi, bn] block; group partials [bn, gpi] are rescaled and summed over the gpi groups."""
+def _quantize_group_words(x_ref, row, gs):
+    """Row `row`, groups `gs` (gpi of them) of x [M, G, 2, 16, 4] float → lo / hi words [gpi, 16] int32,
+    s_a and Σx_q [gpi] f32: `_quantize_words` for gpi groups at once."""
+    return _pack_codes(x_ref[row, gs, 0, :, :], x_ref[row, gs, 1, :, :])  # halves [gpi, 16, 4]
+
+
+def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int, groups_per_split: int,
+                    n_out: int, interpret: bool):
+    """`groups_per_iter` groups a loop iteration. Activation refs: with `quantize_first`, xw int32
+    [Mp, G, 2, 16] (words, lo / hi half of each group) and as / ax [G, Mp] (scales, Σ codes); without,
+    x [M, G, 2, 16, 4] float, quantized group by group in every program (one launch in all). Weight refs:
+    q8 int32 [N8p, G, 2, 16], q4 int32 [N4p, G, 16], scales / zeros [G, rows]. Per iteration every
+    operand is a [bn, gpi, 16] or [gpi, bn] block; group partials [bn, gpi] are rescaled and summed over
+    the gpi groups."""
+    if cfg.quantize_first:
+        xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
+
+        def acts(gs):  # per row: lo, hi words [gpi, 16], s_a, Σx_q [gpi]
+            return [(xw_ref[r, gs, 0, :], xw_ref[r, gs, 1, :], as_ref[gs, r], ax_ref[gs, r].astype(jnp.float32))
+                    for r in range(m)]
+    else:
+        x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
+
+        def acts(gs):
+            return [_quantize_group_words(x_ref, r, gs) for r in range(m)]
+
     bn, gpi = cfg.block_n, cfg.groups_per_iter
     tile, split = pl.program_id(0), pl.program_id(1)
     g0 = split * groups_per_split
@@ -214,10 +240,6 @@ def _grouped_kernel(xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_r
     dp4a = functools.partial(_dp4a, interpret=interpret)
     zero = jnp.zeros((bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
-
-    def acts(gs):  # per row: lo, hi words [gpi, 16], s_a, Σx_q [gpi]
-        return [(xw_ref[r, gs, 0, :], xw_ref[r, gs, 1, :], as_ref[gs, r], ax_ref[gs, r].astype(jnp.float32))
-                for r in range(m)]
 
     def run(load_w, load_meta, n0):
         rows = pl.ds(n0, bn)
@@ -284,8 +306,8 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
 
     q8, q4 = (_words(q) if q.size else jnp.zeros((1, 1), jnp.int32) for q in (qw.q8, qw.q4))
     s8, s4, z4 = _nonempty(qw.scale8, qw.scale4, qw.zero4)
-    if cfg.groups_per_iter > 1:  # free reshapes: group-major views of the words
-        x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS), *x_in[1:])
+    if cfg.groups_per_iter > 1:  # free reshapes: group-major views of the words (or of x)
+        x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS, *x_in[0].shape[2:]), *x_in[1:])
         q8 = q8.reshape(q8.shape[0], g, 2, _WORDS) if qw.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)
         q4 = q4.reshape(q4.shape[0], g, _WORDS) if qw.q4.size else jnp.zeros((1, 1, _WORDS), jnp.int32)
     body = _grouped_kernel if cfg.groups_per_iter > 1 else _gemv_kernel

@@ -86,11 +86,29 @@ def test_gemv_rejects_what_it_cannot_take(cfg, m, match):
     (3, 2048, 200, 0.3, gemv.GemvConfig(64, 2, quantize_first=True, groups_per_iter=8)),
     (2, 600, 96, 0.0, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=1)),  # K padded, G = 5
     (1, 512, 130, 1.0, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=2)),
+    # the same programs quantizing their own groups of x (one launch)
+    (1, 1024, 256, 0.1, gemv.GemvConfig(32, 2, groups_per_iter=4)),
+    (3, 2048, 200, 0.3, gemv.GemvConfig(64, 2, groups_per_iter=8)),
+    (2, 600, 96, 0.0, gemv.GemvConfig(32, 5, groups_per_iter=1)),  # K padded, G = 5
+    (1, 768, 130, 1.0, gemv.GemvConfig(32, 3, groups_per_iter=2)),
 ])
 def test_gemv_groups_per_iteration(m, k, n, share8, cfg):
     """Several groups a loop iteration (one [rows, gpi, 16] load of weight words, rescale on [rows, gpi])."""
     x, qw = _case(m, k, n, share8)
     assert _rel(gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET), ref.mixed_matmul_ref(x, qw)) < RTOL
+
+
+def test_gemv_groups_quantized_in_kernel_bf16_and_zero_groups():
+    """In-kernel quantization of gpi groups at once: an all-zero group (scale 0) and bf16 x give the
+    reference's codes; the codes equal the quantization kernel's (same result either way)."""
+    x, qw = _case(2, 1024, 96, 0.1, jnp.bfloat16)
+    x = x.at[1, 256:384].set(0)
+    fused = gemv.mixed_gemv_pallas(x, qw, config=gemv.GemvConfig(32, 2, groups_per_iter=4), interpret=INTERPRET,
+                                   out_dtype=jnp.float32)
+    first = gemv.mixed_gemv_pallas(x, qw, config=gemv.GemvConfig(32, 2, quantize_first=True, groups_per_iter=4),
+                                   interpret=INTERPRET, out_dtype=jnp.float32)
+    assert _rel(fused, ref.mixed_matmul_ref(x, qw).astype(jnp.float32)) < 1e-2 / 2
+    assert _rel(fused, first) < RTOL
 
 
 def test_default_gemv_config_groups():
@@ -102,5 +120,5 @@ def test_default_gemv_config_groups():
     cfg.check(1, 32)
     with pytest.raises(ValueError, match="groups_per_iter=4"):
         gemv.GemvConfig(32, 4, quantize_first=True, groups_per_iter=4).check(1, 8)
-    with pytest.raises(ValueError, match="quantize_first"):
-        gemv.GemvConfig(32, 1, groups_per_iter=2).check(1, 8)
+    with pytest.raises(ValueError, match="groups_per_iter=3"):
+        gemv.GemvConfig(32, 1, groups_per_iter=3).check(1, 6)
