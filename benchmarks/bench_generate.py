@@ -17,6 +17,9 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   `benchmarks/quant_speed.py` measures that alone). Real allocations give every layer its own 8-bit
   channel count, hence more distinct kernel shapes to compile than the quick path: give it a larger budget.
 - bf16-stacked: the float layers stacked for `lax.scan` (not in the default list).
+- `NAME@STRATEGY`: a quantized variant with the M ≤ 32 launch strategy STRATEGY of `kernels.DECODE_STRATEGIES`,
+  or `@gemv_1l` (the M = 1 GEMV quantizing in every program, one launch per linear); `NAME+h4` / `+h8`: the
+  embedding table and LM head quantized too (`w4.4a8@gemv_1l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
 belongs to that variant, an out-of-memory or a kernel failure costs only that variant (reported, then
@@ -287,7 +290,11 @@ def run_variant(name: str, args) -> int:
     dev = jax.devices()[0]
     cfg = SMALL if args.small else LLAMA3_8B
     strategy = split_variant(name)[1]
-    if strategy:  # the decode launch strategy under test, for every quantized linear of this process
+    if strategy == "gemv_1l":  # the M = 1 GEMV quantizing in every program (one launch per linear)
+        from pallas_kernels import gemv
+
+        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=False)
+    elif strategy:  # the decode launch strategy under test, for every quantized linear of this process
         from pallas_kernels import kernels
 
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# The device calls that re-measure mixjax on a lent GPU, one part per call (each well inside the tool's
+# 10-minute limit), logs and tables under $OUT (default ./out):
+#
+#   bash benchmarks/device_session.sh tests     # the kernel tests on the GPU (real kernels, not interpret)
+#   bash benchmarks/device_session.sh kernels   # per-GEMM table: decode M = 1..16 (GEMV forms vs the api),
+#                                               # M = 32 and prefill M = 4096 vs XLA bf16 / int8
+#   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
+#                                               # with the two-launch and the one-launch M = 1 GEMV
+#
+# Shapes are the Llama-3-8B linears as the model runs them (q/k/v and gate/up fused). Every number is a
+# device-timer span (profiler), every row is checked against its reference first; the device name, jax
+# version and the measured copy bandwidth head each table (at most 7 files come back, as the device tool
+# allows). Copy the tables into benchmarks/results/.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out="${OUT:-./out}"
+mkdir -p "$out"
+export PYTHONUNBUFFERED=1
+part="${1:-}"
+
+header() {
+  nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,driver_version --format=csv,noheader || true
+  python3 -c 'import jax; print("jax", jax.__version__, jax.devices())'
+}
+
+case "$part" in
+  tests)
+    header
+    timeout 540 python3 -m pytest -q -x tests/test_gemv.py tests/test_kernels.py tests/test_mgpu.py \
+      tests/test_mgpu_decode.py tests/test_fuse.py 2>&1 | tee "$out/tests.log"
+    ;;
+  kernels)
+    header
+    shapes=4096x6144,4096x4096,4096x28672,14336x4096  # qkv, o, gate+up, down
+    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 1 \
+      --variants xla_bf16,api,gemv_1l --out "$out/m1" 2>&1 | tee -a "$out/kernels.log"
+    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 2,4,8,16 \
+      --variants xla_bf16,api,gemv --out "$out/m2_16" 2>&1 | tee -a "$out/kernels.log"
+    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 32,4096 \
+      --variants xla_bf16,xla_int8,api --out "$out/m32_4096" 2>&1 | tee -a "$out/kernels.log"
+    ;;
+  e2e)
+    header
+    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@gemv_1l+h4 --profile \
+      --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+    ;;
+  *)
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e" >&2
+    exit 2
+    ;;
+esac
