@@ -9,7 +9,8 @@
 Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), gemv /
 gemv_qf / gemv_1l (the M = 1 GEMV: its default; on codes from the quantization kernel; quantizing in every
 program, one launch), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
-0% / 10% 8-bit channels), mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
+0% / 10% 8-bit channels), mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
+mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
 fill of the split-K output done by the activation-quantization kernel), mixed_f32out
 (the kernel returning its f32 accumulator, no convert launch), api (`pallas_kernels.mixed_matmul`,
 implementation="pallas": the dispatched GPU path), dequant_dot (fake-quant activations × bf16-dequantized
@@ -47,7 +48,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
@@ -139,6 +140,9 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return dequant_dot.dequant_dot_matmul, build, reference.mixed_matmul_ref, 5e-3
     if name == "api":
         fn = lambda x, w: api.mixed_matmul(x, w, implementation="pallas", interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "mixed_dt":  # the decode tiles (32 rows, split-K partials) up to M = 256 (`decode_max_m`)
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, decode_max_m=256, interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "mixed_v4":  # the kernel as configured at call 4
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or v4_config(x.shape[0], w), interpret=interpret)

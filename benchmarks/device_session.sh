@@ -3,8 +3,9 @@
 # 10-minute limit), logs and tables under $OUT (default ./out):
 #
 #   bash benchmarks/device_session.sh tests     # the kernel tests on the GPU (real kernels, not interpret)
-#   bash benchmarks/device_session.sh kernels   # per-GEMM table: decode M = 1..16 (GEMV forms vs the api),
-#                                               # M = 32 and prefill M = 4096 vs XLA bf16 / int8
+#   bash benchmarks/device_session.sh kernels   # per-GEMM table: decode M = 1..8 (GEMV forms vs the api),
+#                                               # M = 32..256 (the api vs decode tiles up to 256 rows) and
+#                                               # prefill M = 4096, against XLA bf16 (and int8)
 #   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
 #                                               # with the two-launch and the one-launch M = 1 GEMV
 #
@@ -35,10 +36,11 @@ case "$part" in
     shapes=4096x6144,4096x4096,4096x28672,14336x4096  # qkv, o, gate+up, down
     python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 1 \
       --variants xla_bf16,api,gemv_1l --out "$out/m1" 2>&1 | tee -a "$out/kernels.log"
-    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 2,4,8,16 \
+    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 2,4,8 \
       --variants xla_bf16,api,gemv --out "$out/m2_16" 2>&1 | tee -a "$out/kernels.log"
-    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 32,4096 \
-      --variants xla_bf16,xla_int8,api --out "$out/m32_4096" 2>&1 | tee -a "$out/kernels.log"
+    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 32,64,256,4096 \
+      --variants xla_bf16,api,mixed_dt --large-m-variants xla_bf16,xla_int8,api,mixed_dt \
+      --out "$out/m32_4096" 2>&1 | tee -a "$out/kernels.log"
     ;;
   e2e)
     header

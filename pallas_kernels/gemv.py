@@ -29,6 +29,12 @@ instead of per group; with 32-row tiles and split-K to ≈ 4096 programs most pr
 Default since then (`choose_gemv_config`): 6–18 % less span than before on every Llama-3-8B layer,
 17.2 µs at 4096→14336 (2.71× XLA's bf16 dot), 30.1 µs at 4096→28672 (2.73×, now faster than the MMA
 kernel there).
+
+Session 7 (no device time): `groups_per_iter > 1` also without `quantize_first` — every program quantizes
+its own gpi groups of x (`_pack_codes`, the same codes as the quantization kernel) and the call is one
+launch instead of two (the quantization kernel cost ≈ 1.9 µs of span per call on the H100). Tested in
+interpret mode and lowered for CUDA on a CPU; not yet measured on a GPU, so not the default
+(`choose_gemv_config(..., quantize_first=False)`, bench variant `gemv_1l`).
 """
 
 from __future__ import annotations

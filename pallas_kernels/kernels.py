@@ -124,24 +124,31 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -
     (narrow N tiles for parallelism instead)."""
     if decode not in DECODE_STRATEGIES:
         raise ValueError(f"decode={decode!r}; expected one of {DECODE_STRATEGIES}")
-    block_m = 16 if m <= 16 else 32  # one M tile: every weight tile is read once
+    block_m = 16 if m <= 16 else 32  # M ≤ 32: one M tile, every weight tile is read once
     if decode == "fused_single":
         block_n = next((bn for bn in (64, 32) if rows // bn >= 2 * 132), 16)  # ≥ 2 programs per SM
         return GemmConfig(block_m, block_n, 1, 4, 4, fuse_quant=True)
-    split = _decode_split(num_groups, rows // 64)
+    split = _decode_split(num_groups, -(-m // block_m) * (rows // 64))
     # 3 stages: more blocks per SM (call 11: 5–18 % faster than 4 stages at M = 1 and 16)
     return GemmConfig(block_m, 64, split, 4, 3, fuse_quant=decode.startswith("fused"),
                       split_partials=decode.endswith("partials"))
 
 
+DECODE_MAX_M = 32  # rows up to which `choose_config` takes the decode tiles (call 5: 64×64 tiles took
+# 119 µs at K=14336, M=32); beyond, 64×64 tiles without split-K (H100 session 5: 0.40–1.03× XLA bf16 at M=64)
+
+
 def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
-                  decode: DecodeStrategy = DEFAULT_DECODE) -> GemmConfig:
-    """Decode (M ≤ 32), medium and prefill (M ≥ 256) configurations from M, K (groups) and N (rows).
+                  decode: DecodeStrategy = DEFAULT_DECODE, decode_max_m: int = DECODE_MAX_M) -> GemmConfig:
+    """Decode (M ≤ `decode_max_m`), medium and prefill (M ≥ 256) configurations from M, K (groups) and
+    N (rows).
 
     Picked from the sweep on the H100 (benchmarks/NOTES-kernels.md): decode wants ~1000 programs
     (split-K) of 64-wide tiles (`_decode_config` for the launch strategies); from M = 64 on, no
-    split (atomics of large tiles cost more than the idle SMs) unless the grid would not fill the chip."""
-    if m <= 32 and mode == "int":  # decode tiles up to M = 32 (call 5: 64×64 tiles took 119 µs at K=14336)
+    split (atomics of large tiles cost more than the idle SMs) unless the grid would not fill the chip.
+    `decode_max_m` > 32 runs several 32-row decode tiles over the same weight tiles with split-K partials
+    instead (an option until measured: the 32-row tiles ran 2–3× faster than the 64×64 ones at M = 32)."""
+    if m <= decode_max_m and mode == "int":
         return _decode_config(m, num_groups, rows, decode)
     if m <= 32:
         split = _decode_split(num_groups, -(-m // 16) * (rows // 64))
@@ -476,12 +483,13 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
 
 
 def mixed_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,
-                        decode: DecodeStrategy = DEFAULT_DECODE, interpret: bool = False,
-                        out_dtype=None) -> jax.Array:
+                        decode: DecodeStrategy = DEFAULT_DECODE, decode_max_m: int = DECODE_MAX_M,
+                        interpret: bool = False, out_dtype=None) -> jax.Array:
     """x [M, K] float → [M, N] in channel order (W8A8 + W4A8, two-step dequantization), x.dtype unless
     `out_dtype` (e.g. f32: the split-K accumulator itself, no conversion). `decode` picks the launch
-    strategy for M ≤ 32 when no `config` is given (`_decode_config`)."""
-    cfg = config or choose_config(x.shape[0], qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode)
+    strategy for M ≤ `decode_max_m` when no `config` is given (`_decode_config`)."""
+    cfg = config or choose_config(x.shape[0], qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode,
+                                  decode_max_m=decode_max_m)
     return _mixed_gemm(x, qw, cfg=cfg, mode="int", interpret=interpret,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
 

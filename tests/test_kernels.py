@@ -231,6 +231,18 @@ def test_decode_strategies_match_reference(decode, m):
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
+@pytest.mark.parametrize("decode", ["quantize_partials", "quantize_first"])
+def test_decode_tiles_beyond_32_rows(decode):
+    """`decode_max_m` > 32: several 32-row decode tiles (the last one ragged) over the same split-K weight
+    tiles, partials or atomics, equal the reference."""
+    x, qw = _case(70, 1000, 200, 0.1, jnp.float32)
+    cfg = kernels.choose_config(70, qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode, decode_max_m=128)
+    assert (cfg.block_m, cfg.block_n) == (32, 64) and cfg.split_k > 1
+    y = kernels.mixed_matmul_pallas(x, qw, decode=decode, decode_max_m=128, interpret=INTERPRET)
+    assert y.shape == (70, 200)
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
+
+
 def test_split_partials_epilogue_with_bf16_output():
     x, qw = _case(3, 640, 96, 0.3)  # 5 groups, split 5: every split stores its own partial
     cfg = kernels.GemmConfig(16, 32, 5, 4, 2, fuse_quant=True, split_partials=True)
@@ -327,6 +339,10 @@ def test_choose_config_decode_and_prefill():
     assert decode.block_m == 16 and decode.split_k > 1
     assert kernels.choose_config(16, 112, 4224).block_m == 16  # decode tiles up to M = 32
     assert kernels.choose_config(32, 112, 4224).block_m == 32  # one M tile: the weight is read once
+    assert kernels.choose_config(64, 112, 4224).block_m == 64  # beyond DECODE_MAX_M: 64×64 tiles, no split
+    wide = kernels.choose_config(64, 112, 4224, decode_max_m=64)  # the option: two 32-row decode tiles
+    assert (wide.block_m, wide.split_partials) == (32, True)
+    assert wide.split_k == kernels._decode_split(112, 2 * 4224 // 64)  # the M tiles count toward the programs
     with pytest.raises(ValueError, match="decode="):
         kernels.choose_config(1, 32, 4224, decode="fastest")
     prefill = kernels.choose_config(4096, 32, 14464)
