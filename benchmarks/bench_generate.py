@@ -18,8 +18,9 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   channel count, hence more distinct kernel shapes to compile than the quick path: give it a larger budget.
 - bf16-stacked: the float layers stacked for `lax.scan` (not in the default list).
 - `NAME@STRATEGY`: a quantized variant with the M ≤ 32 launch strategy STRATEGY of `kernels.DECODE_STRATEGIES`,
-  or `@gemv_1l` (the M = 1 GEMV quantizing in every program, one launch per linear); `NAME+h4` / `+h8`: the
-  embedding table and LM head quantized too (`w4.4a8@gemv_1l+h4`).
+  or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
+  default; the default since session 8 is one launch); `NAME+h4` / `+h8`: the
+  embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
 belongs to that variant, an out-of-memory or a kernel failure costs only that variant (reported, then
@@ -290,10 +291,10 @@ def run_variant(name: str, args) -> int:
     dev = jax.devices()[0]
     cfg = SMALL if args.small else LLAMA3_8B
     strategy = split_variant(name)[1]
-    if strategy == "gemv_1l":  # the M = 1 GEMV quantizing in every program (one launch per linear)
+    if strategy == "gemv_2l":  # the M = 1 GEMV on codes from the quantization kernel (two launches a linear)
         from pallas_kernels import gemv
 
-        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=False)
+        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=True)
     elif strategy:  # the decode launch strategy under test, for every quantized linear of this process
         from pallas_kernels import kernels
 

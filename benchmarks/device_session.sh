@@ -7,7 +7,7 @@
 #                                               # M = 32..256 (the api vs decode tiles up to 256 rows) and
 #                                               # prefill M = 4096, against XLA bf16 (and int8)
 #   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
-#                                               # with the two-launch and the one-launch M = 1 GEMV
+#                                               # with the one-launch (default) and the two-launch M = 1 GEMV
 #
 # Shapes are the Llama-3-8B linears as the model runs them (q/k/v and gate/up fused). Every number is a
 # device-timer span (profiler), every row is checked against its reference first; the device name, jax
@@ -35,16 +35,16 @@ case "$part" in
     header
     shapes=4096x6144,4096x4096,4096x28672,14336x4096  # qkv, o, gate+up, down
     python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 1 \
-      --variants xla_bf16,api,gemv_1l --out "$out/m1" 2>&1 | tee -a "$out/kernels.log"
+      --variants xla_bf16,api,gemv_qf --out "$out/m1" 2>&1 | tee -a "$out/kernels.log"
     python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 2,4,8 \
-      --variants xla_bf16,api,gemv --out "$out/m2_16" 2>&1 | tee -a "$out/kernels.log"
+      --variants xla_bf16,api,gemv_1l --out "$out/m2_16" 2>&1 | tee -a "$out/kernels.log"
     python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 32,64,256,4096 \
       --variants xla_bf16,api,mixed_dt --large-m-variants xla_bf16,xla_int8,api,mixed_dt \
       --out "$out/m32_4096" 2>&1 | tee -a "$out/kernels.log"
     ;;
   e2e)
     header
-    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@gemv_1l+h4 --profile \
+    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@gemv_2l+h4 --profile \
       --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   *)

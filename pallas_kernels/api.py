@@ -4,11 +4,12 @@
 fast path; "auto" picks it on an NVIDIA GPU, XLA elsewhere. The GPU fast path picks per call by
 measured speed (`select_gpu_path`, H100 numbers in benchmarks/results/kernels.md):
 
-- "gemv": one activation row on a layer of at most `GEMV_MAX_ROWS` packed rows: the dp4a GEMV
-  (`gemv.mixed_gemv_pallas` on codes from the activation-quantization kernel, 4 groups an iteration);
-  exact integer partials. H100 (session 6, device spans): 1.83–2.73× XLA's bf16 dot on the Llama-3-8B
-  layers (8.4 µs at 4096→4096 … 30.1 µs at 4096→28672), faster than the kernel on all of them; from
-  M = 2 on the kernel wins (the GEMV's CUDA-core work grows with M).
+- "gemv": one or two activation rows (`GEMV_MAX_M`) on a layer of at most `GEMV_MAX_ROWS` packed rows:
+  the dp4a GEMV (`gemv.mixed_gemv_pallas`, 4 groups an iteration; at M = 1 one launch that quantizes in
+  every program, at M = 2 on codes from the activation-quantization kernel); exact integer partials.
+  H200 (session 8, device spans): 1.86–2.51× XLA's bf16 dot at M = 1 on the Llama-3-8B layers (6.7 µs
+  at 4096→4096 … 23.3 µs at 4096→28672), 1.31–2.21× at M = 2, faster than the kernel on all of them;
+  from M = 4 on the kernel ties or wins (the GEMV's CUDA-core work grows with M).
 - "kernel": the Pallas-Triton integer kernel (`kernels.mixed_matmul_pallas`): decode and medium M,
   where the packed weight's bytes dominate; exact integer partials (rel. ≤ 1e-4 vs the reference).
 - "mgpu": for 16-bit activations and M ≥ `MGPU_MIN_M` on a Hopper GPU (sm_90, wgmma): the weight
@@ -63,8 +64,10 @@ def _check_backend(impl: str, interpret: bool) -> None:
         )
 
 
-GEMV_MAX_ROWS = 32768  # packed rows up to which M = 1 takes the GEMV (H100, session 6: faster than the
-# MMA kernel on every Llama-3-8B layer, 4096→28672 included: 29.6 vs 36.2 µs)
+GEMV_MAX_ROWS = 32768  # packed rows up to which M ≤ GEMV_MAX_M takes the GEMV (H100, session 6: faster than
+# the MMA kernel on every Llama-3-8B layer, 4096→28672 included: 29.6 vs 36.2 µs)
+GEMV_MAX_M = 2  # H200 (session 8): at M = 2 the GEMV beat the kernel on all four 8B layers (1.31–2.21× XLA
+# bf16 against 1.14–1.69×), at M = 4 they tie (±7 %), at M = 8 the kernel wins (0.84–0.97× vs 1.11–1.69×)
 
 
 MGPU_MIN_M = 256  # rows from which 16-bit activations take the wgmma path on a Hopper (H100 crossover)
@@ -82,7 +85,7 @@ def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DO
     packed rows (None: not the GEMV); `wgmma`: the GPU is a Hopper (`has_wgmma`), where M ≥ `mgpu_min_m`
     takes "mgpu"; elsewhere M ≥ `dequant_dot_min_m` takes "dequant_dot"; dequant_dot_min_m None: no
     prefill path at all (the integer kernel for every M > 1)."""
-    if m == 1 and rows is not None and rows <= GEMV_MAX_ROWS:
+    if m <= GEMV_MAX_M and rows is not None and rows <= GEMV_MAX_ROWS:
         return "gemv"
     wide = jax.numpy.dtype(dtype).itemsize > 2  # f32 callers keep the exact integer kernel
     if dequant_dot_min_m is None or wide:

@@ -30,11 +30,12 @@ Default since then (`choose_gemv_config`): 6–18 % less span than before on eve
 17.2 µs at 4096→14336 (2.71× XLA's bf16 dot), 30.1 µs at 4096→28672 (2.73×, now faster than the MMA
 kernel there).
 
-Session 7 (no device time): `groups_per_iter > 1` also without `quantize_first` — every program quantizes
-its own gpi groups of x (`_pack_codes`, the same codes as the quantization kernel) and the call is one
-launch instead of two (the quantization kernel cost ≈ 1.9 µs of span per call on the H100). Tested in
-interpret mode and lowered for CUDA on a CPU; not yet measured on a GPU, so not the default
-(`choose_gemv_config(..., quantize_first=False)`, bench variant `gemv_1l`).
+Session 7: `groups_per_iter > 1` also without `quantize_first` — every program quantizes its own gpi
+groups of x (`_pack_codes`, the same codes as the quantization kernel) and the call is one launch
+instead of two. H200 (session 8, results/kernels.md): 3–16 % less span at M = 1 on the four 8B layers
+(6.7 µs at 4096→4096 … 23.3 µs at 4096→28672, 1.86–2.51× XLA's bf16 dot), so the M = 1 default; at
+M = 2 the two-launch form beat the MMA kernel on every layer (1.31–2.21× XLA bf16), so the API takes the
+GEMV for M ≤ 2 (`api.GEMV_MAX_M`).
 """
 
 from __future__ import annotations
@@ -78,19 +79,22 @@ class GemvConfig:
             raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
 
 
-def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096,
-                       quantize_first: bool = True) -> GemvConfig:
+def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096, m: int = 1,
+                       quantize_first: bool | None = None) -> GemvConfig:
     """32-row tiles on pre-quantized codes, 4 groups an iteration (2 or 1 where the groups do not divide),
     and the largest split-K that keeps whole iterations and at most `programs` programs — so most
     programs run one iteration. H100 sweep (session 6, call 8, results/kernels.md): within 0.5 µs of the
     best of 10–17 configurations on every Llama-3-8B shape, 6–18 % less span than the previous default
-    (64-row tiles, one group an iteration, in-kernel quantization). `quantize_first=False`: the same
-    tiling with each program quantizing its own groups (one launch; not yet measured on a GPU)."""
+    (64-row tiles, one group an iteration, in-kernel quantization). `quantize_first` None picks by `m`:
+    one launch (each program quantizes its own groups) at M = 1 — H200 (session 8): 3–16 % less span than
+    the two launches on the four 8B layers — and the codes from the quantization kernel from M = 2 (the
+    form measured there: with M rows every program would quantize M rows of its groups)."""
     gpi = 4 if num_groups % 4 == 0 else 2 if num_groups % 2 == 0 else 1
     tiles = max(1, rows // 32)
     split = max(d for d in range(1, num_groups + 1)
                 if num_groups % d == 0 and (num_groups // d) % gpi == 0 and (tiles * d <= programs or d == 1))
-    return GemvConfig(32, split, quantize_first=quantize_first, groups_per_iter=gpi)
+    qf = m > 1 if quantize_first is None else quantize_first
+    return GemvConfig(32, split, quantize_first=qf, groups_per_iter=gpi)
 
 
 def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:
@@ -332,6 +336,7 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
 
 def mixed_gemv_pallas(x: jax.Array, qw: MixedWeight, *, config: GemvConfig | None = None,
                       interpret: bool = False, out_dtype=None) -> jax.Array:
-    """x [M, K] float (M ≤ 16; faster than the MMA kernel only at M = 1) → [M, N] in channel order, one launch."""
-    cfg = config or choose_gemv_config(qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0])
+    """x [M, K] float (M ≤ 16; faster than the MMA kernel at M ≤ 2, `api.GEMV_MAX_M`) → [M, N] in channel
+    order; one launch at M = 1, two from M = 2 (`choose_gemv_config`)."""
+    cfg = config or choose_gemv_config(qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], m=x.shape[0])
     return _gemv(x, qw, cfg=cfg, interpret=interpret, out_dtype=jnp.dtype(out_dtype or x.dtype))

@@ -134,8 +134,9 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -
                       split_partials=decode.endswith("partials"))
 
 
-DECODE_MAX_M = 32  # rows up to which `choose_config` takes the decode tiles (call 5: 64×64 tiles took
-# 119 µs at K=14336, M=32); beyond, 64×64 tiles without split-K (H100 session 5: 0.40–1.03× XLA bf16 at M=64)
+DECODE_MAX_M = 64  # rows up to which `choose_config` takes the 32-row split-K decode tiles. H200 (session 8,
+# results/kernels.md): at M = 64 they ran 0.70–0.83× XLA bf16 against 0.34–0.64× for the 64×64 tiles without
+# split that took M = 33..255 before; at M = 256 the 64×64 tiles win again (0.45–0.75× vs 0.33–0.42×).
 
 
 def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
@@ -146,8 +147,8 @@ def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
     Picked from the sweep on the H100 (benchmarks/NOTES-kernels.md): decode wants ~1000 programs
     (split-K) of 64-wide tiles (`_decode_config` for the launch strategies); from M = 64 on, no
     split (atomics of large tiles cost more than the idle SMs) unless the grid would not fill the chip.
-    `decode_max_m` > 32 runs several 32-row decode tiles over the same weight tiles with split-K partials
-    instead (an option until measured: the 32-row tiles ran 2–3× faster than the 64×64 ones at M = 32)."""
+    Beyond 32 rows the decode tiles run several 32-row tiles over the same weight tiles with split-K
+    partials (`DECODE_MAX_M`, measured on the H200)."""
     if m <= decode_max_m and mode == "int":
         return _decode_config(m, num_groups, rows, decode)
     if m <= 32:

@@ -64,12 +64,24 @@ def test_gemv_bf16_and_zero_rows():
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-2 / 2  # both rounded to bf16 once
 
 
-def test_api_sends_one_row_to_the_gemv(monkeypatch):
-    x, qw = _case(1, 256, 96, 0.1)
+@pytest.mark.parametrize("m, to_gemv", [(1, True), (2, True), (3, False)])
+def test_api_sends_up_to_two_rows_to_the_gemv(monkeypatch, m, to_gemv):
+    x, qw = _case(m, 256, 96, 0.1)
     calls = []
-    monkeypatch.setattr(gemv, "mixed_gemv_pallas", lambda *a, **kw: calls.append(1) or jnp.zeros((1, 96)))
+    monkeypatch.setattr(gemv, "mixed_gemv_pallas", lambda *a, **kw: calls.append(1) or jnp.zeros((m, 96)))
     pk.mixed_matmul(x, qw, implementation="pallas", interpret=True)
-    assert calls == [1]
+    assert calls == ([1] if to_gemv else [])
+
+
+@pytest.mark.parametrize("m", [1, 2])
+def test_default_gemv_matches_reference_one_and_two_rows(m):
+    """The defaults the API runs: one launch (in-kernel quantization) at M = 1, two launches at M = 2;
+    12 groups, 4 an iteration, 200 channels (ragged 32-row tiles)."""
+    x, qw = _case(m, 1500, 200, 0.1, jnp.bfloat16)
+    assert gemv.choose_gemv_config(qw.num_groups, 256, m=m).quantize_first == (m > 1)
+    y = pk.mixed_matmul(x, qw, implementation="pallas", interpret=True)
+    assert y.shape == (m, 200) and y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 1e-2 / 2
 
 
 @pytest.mark.parametrize("cfg, m, match", [(gemv.GemvConfig(96, 1), 1, "block_n=96"),
@@ -113,8 +125,10 @@ def test_gemv_groups_quantized_in_kernel_bf16_and_zero_groups():
 
 def test_default_gemv_config_groups():
     """The default: 32-row tiles, 4 groups an iteration where they divide, most programs one iteration."""
-    cfg = gemv.choose_gemv_config(32, 14592)
-    assert (cfg.block_n, cfg.groups_per_iter, cfg.quantize_first) == (32, 4, True)
+    cfg = gemv.choose_gemv_config(32, 14592, m=2)
+    assert (cfg.block_n, cfg.groups_per_iter, cfg.quantize_first) == (32, 4, True)  # M = 2: two launches
+    assert not gemv.choose_gemv_config(32, 14592).quantize_first  # M = 1: one launch, quantizing in-kernel
+    assert gemv.choose_gemv_config(32, 14592, quantize_first=True).quantize_first
     assert 32 // cfg.split_k == 4 and 14592 // 32 * cfg.split_k <= 4096
     assert gemv.choose_gemv_config(5, 256).groups_per_iter == 1  # 5 groups: one at a time
     cfg.check(1, 32)

@@ -315,7 +315,8 @@ def test_gpu_path_selection():
     assert select_gpu_path(1, jnp.float32, rows=16384) == "gemv"
     assert select_gpu_path(1, jnp.bfloat16, rows=28928) == "gemv"  # gate+up of an 8B layer too
     assert select_gpu_path(1, jnp.bfloat16, rows=128384) == "kernel"  # wider (an int4 head): the MMA kernel
-    assert select_gpu_path(2, jnp.bfloat16, rows=4352) == "kernel"
+    assert select_gpu_path(2, jnp.bfloat16, rows=4352) == "gemv"  # M ≤ GEMV_MAX_M = 2
+    assert select_gpu_path(3, jnp.bfloat16, rows=4352) == "kernel"
     assert select_gpu_path(m0 - 1, jnp.bfloat16) == "kernel"
     assert select_gpu_path(m0, jnp.bfloat16) == "dequant_dot"
     mg = MGPU_MIN_M
@@ -339,10 +340,11 @@ def test_choose_config_decode_and_prefill():
     assert decode.block_m == 16 and decode.split_k > 1
     assert kernels.choose_config(16, 112, 4224).block_m == 16  # decode tiles up to M = 32
     assert kernels.choose_config(32, 112, 4224).block_m == 32  # one M tile: the weight is read once
-    assert kernels.choose_config(64, 112, 4224).block_m == 64  # beyond DECODE_MAX_M: 64×64 tiles, no split
-    wide = kernels.choose_config(64, 112, 4224, decode_max_m=64)  # the option: two 32-row decode tiles
-    assert (wide.block_m, wide.split_partials) == (32, True)
+    wide = kernels.choose_config(64, 112, 4224)  # up to DECODE_MAX_M = 64: two 32-row decode tiles
+    assert kernels.DECODE_MAX_M == 64 and (wide.block_m, wide.split_partials) == (32, True)
     assert wide.split_k == kernels._decode_split(112, 2 * 4224 // 64)  # the M tiles count toward the programs
+    assert kernels.choose_config(65, 112, 4224).block_m == 64  # beyond: 64×64 tiles, no split
+    assert kernels.choose_config(64, 112, 4224, decode_max_m=32).block_m == 64  # the session-6 dispatch
     with pytest.raises(ValueError, match="decode="):
         kernels.choose_config(1, 32, 4224, decode="fastest")
     prefill = kernels.choose_config(4096, 32, 14464)
