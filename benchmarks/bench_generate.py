@@ -274,11 +274,12 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     if args.profile:  # device busy / span per step and kernels per step (benchmarks/devtime.py)
         import devtime
 
-        dt = devtime.device_times(run, runs=1)
+        dt = devtime.device_times(run, runs=1, top=max(8, args.profile_top))
         steps = args.new_tokens
         row["profile"] = ({"error": dt["error"]} if "error" in dt else
                           {"busy_ms": dt["busy_us"] / steps / 1e3, "span_ms": dt["span_us"] / steps / 1e3,
-                           "kernels": dt["kernels"] / steps, "top": [(n, us / steps) for n, us in dt["top"]]})
+                           "kernels": dt["kernels"] / steps, "shown": args.profile_top,
+                           "top": [(n, us / steps, c / steps) for (n, us), c in zip(dt["top"], dt["top_calls"])]})
     return row
 
 
@@ -393,7 +394,9 @@ def _describe(r: dict) -> str:
     if r["kind"] in ("prefill", "decode"):
         prof = r.get("profile")
         prof = "" if not prof else (f"; device {prof['busy_ms']:.2f} busy / {prof['span_ms']:.2f} span ms, "
-                                    f"{prof['kernels']:.0f} kernels per step; top {prof['top'][:4]}"
+                                    f"{prof['kernels']:.0f} kernels per step; top (µs, launches per step): "
+                                    + ", ".join(f"{t[0]} {t[1]:.1f} µs ×{t[2]:g}" if len(t) > 2 else f"{t[0]} {t[1]:.1f} µs"
+                                                for t in prof["top"][:prof.get("shown", 4)])
                                     if "busy_ms" in prof else f"; profile: {prof['error']}")
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
                 f"peak {_gb(r.get('peak_bytes')) or '?'} GB){prof}")
@@ -488,6 +491,7 @@ def parse_args(argv=None):
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep q/k/v and gate/up as separate linears (default: model.fuse_projections)")
     p.add_argument("--profile", action="store_true", help="decode: device busy/span ms and kernels per step")
+    p.add_argument("--profile-top", type=int, default=4, help="--profile: list this many kernels by time per step")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     args = p.parse_args(argv)
     try:

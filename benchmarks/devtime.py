@@ -60,12 +60,14 @@ def device_times(fn: Callable[[], object], runs: int = 3, *, top: int = 8) -> di
             first = start
         last = max(last, end)
     span += last - first
-    by_name = collections.Counter()
+    by_name, calls = collections.Counter(), collections.Counter()
     for (_, name), dur in events.items():
         by_name[name] += dur
+        calls[name] += 1
     return {
         "busy_us": sum(events.values()) / 1e3 / runs,
         "span_us": span / 1e3 / runs,
         "kernels": len(events) / runs,
         "top": [(name[:80], dur / 1e3 / runs) for name, dur in by_name.most_common(top)],
+        "top_calls": [calls[name] / runs for name, _ in by_name.most_common(top)],  # launches per run, as "top"
     }
