@@ -64,8 +64,9 @@ def _check_backend(impl: str, interpret: bool) -> None:
         )
 
 
-GEMV_MAX_ROWS = 32768  # packed rows up to which M ≤ GEMV_MAX_M takes the GEMV (H100, session 6: faster than
-# the MMA kernel on every Llama-3-8B layer, 4096→28672 included: 29.6 vs 36.2 µs)
+GEMV_MAX_ROWS = 262144  # packed rows up to which M ≤ GEMV_MAX_M takes the GEMV (H100, session 6: faster than
+# the MMA kernel on every Llama-3-8B layer, 4096→28672 included: 29.6 vs 36.2 µs; H200, session 8: the int4
+# LM head 4096→128256 too, 85.7 vs 128.3 µs at M = 1 and 100.1 vs 129.1 at M = 2). Beyond, the kernel.
 GEMV_MAX_M = 2  # H200 (session 8): at M = 2 the GEMV beat the kernel on all four 8B layers (1.31–2.21× XLA
 # bf16 against 1.14–1.69×), at M = 4 they tie (±7 %), at M = 8 the kernel wins (0.84–0.97× vs 1.11–1.69×)
 

@@ -307,14 +307,15 @@ def test_dequant_dot_path_within_bf16_bound_of_reference(m, share8):
 
 
 def test_gpu_path_selection():
-    from pallas_kernels.api import MGPU_MIN_M, select_gpu_path
+    from pallas_kernels.api import GEMV_MAX_ROWS, MGPU_MIN_M, select_gpu_path
 
     m0 = dequant_dot.DEQUANT_DOT_MIN_M
     assert select_gpu_path(1, jnp.bfloat16) == "kernel"
     assert select_gpu_path(1, jnp.bfloat16, rows=4352) == "gemv"  # one row, a layer up to GEMV_MAX_ROWS
     assert select_gpu_path(1, jnp.float32, rows=16384) == "gemv"
     assert select_gpu_path(1, jnp.bfloat16, rows=28928) == "gemv"  # gate+up of an 8B layer too
-    assert select_gpu_path(1, jnp.bfloat16, rows=128384) == "kernel"  # wider (an int4 head): the MMA kernel
+    assert select_gpu_path(1, jnp.bfloat16, rows=128384) == "gemv"  # an 8B model's int4 LM head too
+    assert select_gpu_path(1, jnp.bfloat16, rows=GEMV_MAX_ROWS + 128) == "kernel"  # wider: the MMA kernel
     assert select_gpu_path(2, jnp.bfloat16, rows=4352) == "gemv"  # M ≤ GEMV_MAX_M = 2
     assert select_gpu_path(3, jnp.bfloat16, rows=4352) == "kernel"
     assert select_gpu_path(m0 - 1, jnp.bfloat16) == "kernel"
