@@ -14,6 +14,8 @@ from pallas_kernels import reference as ref
 from pallas_kernels.format import unpack_nibbles
 from test_mgpu import INTERPRET, ON_HOPPER, _rel, _rng, _weight  # shared with the prefill kernel's tests
 
+pytestmark = pytest.mark.isolated if INTERPRET else []  # as in test_mgpu.py
+
 
 def _activations(rng, mp, kp):
     x_q = rng.integers(-127, 128, (mp, kp)).astype(np.int8)
