@@ -7,7 +7,7 @@
 #                                               # M = 32..256 (the api vs decode tiles up to 256 rows) and
 #                                               # prefill M = 4096, against XLA bf16 (and int8)
 #   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
-#                                               # with the one-launch (default) and the two-launch M = 1 GEMV
+#                                               # with and without the fused add + RMSNorm kernel
 #
 # Shapes are the Llama-3-8B linears as the model runs them (q/k/v and gate/up fused). Every number is a
 # device-timer span (profiler), every row is checked against its reference first; the device name, jax
@@ -29,7 +29,7 @@ case "$part" in
   tests)
     header
     timeout 540 python3 -m pytest -q -x tests/test_gemv.py tests/test_kernels.py tests/test_mgpu.py \
-      tests/test_mgpu_decode.py tests/test_fuse.py 2>&1 | tee "$out/tests.log"
+      tests/test_mgpu_decode.py tests/test_fuse.py tests/test_norm.py 2>&1 | tee "$out/tests.log"
     ;;
   kernels)
     header
@@ -44,7 +44,7 @@ case "$part" in
     ;;
   e2e)
     header
-    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@gemv_2l+h4 --profile \
+    python3 benchmarks/bench_generate.py --variants bf16,bf16@pnorm,w4.4a8+h4,w4.4a8@xnorm+h4 --profile \
       --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   *)
