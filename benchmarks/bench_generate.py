@@ -19,9 +19,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
 - bf16-stacked: the float layers stacked for `lax.scan` (not in the default list).
 - `NAME@STRATEGY`: a quantized variant with the M ≤ 32 launch strategy STRATEGY of `kernels.DECODE_STRATEGIES`,
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
-  default; the default since session 8 is one launch), `@xnorm` (the residual add + RMSNorm as XLA ops instead
-  of the fused Pallas kernel; "bf16" always runs so: plain XLA bf16, the baseline of every ratio) or `@pnorm`
-  (bf16 with the fused kernel); `NAME+h4` / `+h8`: the
+  default; the default since session 8 is one launch) or `@pnorm` (the residual add + RMSNorm through the
+  fused Pallas kernel, `model.FUSED_NORM`); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -293,14 +292,9 @@ def run_variant(name: str, args) -> int:
 
     dev = jax.devices()[0]
     cfg = SMALL if args.small else LLAMA3_8B
-    base, strategy, _ = split_variant(name)
-    if strategy == "xnorm" or (base.startswith("bf16") and strategy != "pnorm"):
-        # The norms as XLA ops: "bf16" is plain XLA bf16, the baseline the targets name; `@pnorm` runs
-        # bf16 through mixjax's fused add + RMSNorm kernel instead, `@xnorm` a quantized variant without it.
-        orig_add_norm = model.add_norm
-        model.add_norm = lambda x, d, w, eps, implementation="auto": orig_add_norm(x, d, w, eps, "xla")
-    if strategy in ("xnorm", "pnorm"):
-        pass
+    strategy = split_variant(name)[1]
+    if strategy == "pnorm":  # the fused add + RMSNorm kernel (off by default, `model.FUSED_NORM`)
+        model.FUSED_NORM = True
     elif strategy == "gemv_2l":  # the M = 1 GEMV on codes from the quantization kernel (two launches a linear)
         from pallas_kernels import gemv
 

@@ -44,7 +44,7 @@ case "$part" in
     ;;
   e2e)
     header
-    python3 benchmarks/bench_generate.py --variants bf16,bf16@pnorm,w4.4a8+h4,w4.4a8@xnorm+h4 --profile \
+    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@pnorm+h4 --profile \
       --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   *)

@@ -196,14 +196,20 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
+FUSED_NORM = False  # add_norm through the fused Pallas kernel on the GPU fast path. Off: H200 (session 8,
+# results/generation.md) it cut 64 of 690 launches of a W4.4A8 b1 decode step but not the time (2.31 vs
+# 2.33 ms span, 433.9 vs 434.1 tok/s): its launch takes ≈ 2 µs, and the GEMV's split-K sum, which XLA had
+# fused into the residual add, became a launch of its own. Worth turning on once that sum moves into it.
+
+
 def add_norm(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float,
              implementation: Implementation = "auto") -> tuple[jax.Array, jax.Array]:
     """(s, h): the residual stream s = x + δ (x when δ is None) and h = `rms_norm(s, w, eps)`.
 
-    On the GPU fast path (implementation resolving to "pallas" on a GPU) one Pallas launch instead of
-    XLA's three (add, mean-square reduction, normalising multiply; `pallas_kernels.norm`); h may then
-    differ by one rounding of the dtype (the f32 sum's order). Elsewhere exactly the XLA ops."""
-    if resolve_implementation(implementation) == "pallas" and jax.default_backend() == "gpu":
+    With `FUSED_NORM` on the GPU fast path (implementation resolving to "pallas" on a GPU): one Pallas
+    launch instead of XLA's three (add, mean-square reduction, normalising multiply;
+    `pallas_kernels.norm`); h may then differ by one rounding of the dtype. Otherwise exactly the XLA ops."""
+    if FUSED_NORM and resolve_implementation(implementation) == "pallas" and jax.default_backend() == "gpu":
         from pallas_kernels.norm import MAX_WIDTH, add_rms_norm_pallas
 
         if x.shape[-1] <= MAX_WIDTH:
