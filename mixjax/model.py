@@ -7,7 +7,8 @@ V vocabulary, L layers.
 Params follow DESIGN.md: a nested dict with Hugging Face-derived names. Float layers are stacked on a
 leading L axis and run under `lax.scan`; quantized layers are a tuple of per-layer dicts run by a Python
 loop. Both paths share one layer body, `_decoder_layer`. Every projection goes through
-`mixjax.linear.linear`, so a weight leaf may be any `QuantizedLinear`.
+`mixjax.linear.linear`, so a weight leaf may be any `QuantizedLinear`. A layer returns its MLP output
+unadded; the next layer's input norm adds it (`add_norm`: one fused kernel when `FUSED_NORM` is on).
 
 Numerics: matmuls run in the params' dtype (f32 or bf16); RMSNorm, RoPE angles and softmax run in f32;
 logits are returned in f32. RoPE uses Hugging Face's rotate-half layout (the first Dh/2 features of a
