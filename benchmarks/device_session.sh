@@ -8,6 +8,9 @@
 #                                               # prefill M = 4096, against XLA bf16 (and int8)
 #   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
 #                                               # with and without the fused add + RMSNorm kernel
+#   bash benchmarks/device_session.sh profile   # b1 and b32 decode steps: the 45 kernels by time, launches each
+#   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
+#                                               # (sets kernels.DECODE_MAX_M; only 64 and 256 are measured)
 #
 # Shapes are the Llama-3-8B linears as the model runs them (q/k/v and gate/up fused). Every number is a
 # device-timer span (profiler), every row is checked against its reference first; the device name, jax
@@ -47,8 +50,18 @@ case "$part" in
     python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@pnorm+h4 --profile \
       --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
+  profile)
+    header
+    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --batches 1,32 --profile --profile-top 45 \
+      --new-tokens 128 --repeats 2 --budget-s 330 --out "$out/gen_profile.md" 2>&1 | tee "$out/profile.log"
+    ;;
+  crossover)
+    header
+    python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
+      --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
+    ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|crossover" >&2
     exit 2
     ;;
 esac
