@@ -19,8 +19,7 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
 - bf16-stacked: the float layers stacked for `lax.scan` (not in the default list).
 - `NAME@STRATEGY`: a quantized variant with the M ≤ 32 launch strategy STRATEGY of `kernels.DECODE_STRATEGIES`,
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
-  default; the default since session 8 is one launch) or `@pnorm` (the residual add + RMSNorm through the
-  fused Pallas kernel, `model.FUSED_NORM`); `NAME+h4` / `+h8`: the
+  default; the default since session 8 is one launch); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -293,9 +292,7 @@ def run_variant(name: str, args) -> int:
     dev = jax.devices()[0]
     cfg = SMALL if args.small else LLAMA3_8B
     strategy = split_variant(name)[1]
-    if strategy == "pnorm":  # the fused add + RMSNorm kernel (off by default, `model.FUSED_NORM`)
-        model.FUSED_NORM = True
-    elif strategy == "gemv_2l":  # the M = 1 GEMV on codes from the quantization kernel (two launches a linear)
+    if strategy == "gemv_2l":  # the M = 1 GEMV on codes from the quantization kernel (two launches a linear)
         from pallas_kernels import gemv
 
         gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=True)

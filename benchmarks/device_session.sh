@@ -7,7 +7,7 @@
 #                                               # M = 32..256 (the api vs decode tiles up to 256 rows) and
 #                                               # prefill M = 4096, against XLA bf16 (and int8)
 #   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
-#                                               # with and without the fused add + RMSNorm kernel
+#                                               # with the one-launch (default) and the two-launch M = 1 GEMV
 #   bash benchmarks/device_session.sh profile   # b1 and b32 decode steps: the 45 kernels by time, launches each
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
 #                                               # (sets kernels.DECODE_MAX_M; only 64 and 256 are measured)
@@ -47,7 +47,7 @@ case "$part" in
     ;;
   e2e)
     header
-    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@pnorm+h4 --profile \
+    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@gemv_2l+h4 --profile \
       --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   profile)

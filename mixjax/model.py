@@ -7,8 +7,7 @@ V vocabulary, L layers.
 Params follow DESIGN.md: a nested dict with Hugging Face-derived names. Float layers are stacked on a
 leading L axis and run under `lax.scan`; quantized layers are a tuple of per-layer dicts run by a Python
 loop. Both paths share one layer body, `_decoder_layer`. Every projection goes through
-`mixjax.linear.linear`, so a weight leaf may be any `QuantizedLinear`. A layer returns its MLP output
-unadded; the next layer's input norm adds it (`add_norm`: one fused kernel when `FUSED_NORM` is on).
+`mixjax.linear.linear`, so a weight leaf may be any `QuantizedLinear`.
 
 Numerics: matmuls run in the params' dtype (f32 or bf16); RMSNorm, RoPE angles and softmax run in f32;
 logits are returned in f32. RoPE uses Hugging Face's rotate-half layout (the first Dh/2 features of a
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax.config import LlamaConfig
-from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
+from mixjax.linear import Implementation, QuantizedLinear, linear
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -195,28 +194,6 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return w.astype(x.dtype) * y.astype(x.dtype)
-
-
-FUSED_NORM = False  # add_norm through the fused Pallas kernel on the GPU fast path. Off: H200 (session 8,
-# results/generation.md) it cut 64 of 690 launches of a W4.4A8 b1 decode step but not the time (2.31 vs
-# 2.33 ms span, 433.9 vs 434.1 tok/s): its launch takes ≈ 2 µs, and the GEMV's split-K sum, which XLA had
-# fused into the residual add, became a launch of its own. Worth turning on once that sum moves into it.
-
-
-def add_norm(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float,
-             implementation: Implementation = "auto") -> tuple[jax.Array, jax.Array]:
-    """(s, h): the residual stream s = x + δ (x when δ is None) and h = `rms_norm(s, w, eps)`.
-
-    With `FUSED_NORM` on the GPU fast path (implementation resolving to "pallas" on a GPU): one Pallas
-    launch instead of XLA's three (add, mean-square reduction, normalising multiply;
-    `pallas_kernels.norm`); h may then differ by one rounding of the dtype. Otherwise exactly the XLA ops."""
-    if FUSED_NORM and resolve_implementation(implementation) == "pallas" and jax.default_backend() == "gpu":
-        from pallas_kernels.norm import MAX_WIDTH, add_rms_norm_pallas
-
-        if x.shape[-1] <= MAX_WIDTH:
-            return add_rms_norm_pallas(x, delta, w, eps)
-    s = x if delta is None else x + delta
-    return s, rms_norm(s, w, eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -410,12 +387,8 @@ def _decoder_layer(
     cache_kv: tuple | None,  # (k store, v store, k scales, v scales, index), see _write_cache
     cfg: LlamaConfig,
     implementation: Implementation,
-    pending: jax.Array | None = None,  # [B, T, D]: the previous layer's MLP output, not yet added to x
 ):
-    """One pre-norm decoder layer on the residual stream x + `pending`. Returns (x, δ, stores): the stream
-    after attention, this layer's MLP output δ — the layer's output is x + δ, left for the next layer's
-    input norm to add in its launch (`add_norm`) — and the updated (k, v, k scales, v scales) stores or
-    None."""
+    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -430,7 +403,7 @@ def _decoder_layer(
             return jnp.split(proj(f"{group}.{fused_name}", h), np.cumsum(sizes)[:-1].tolist(), axis=-1)
         return [proj(f"{group}.{name}", h) for name in members]
 
-    x, h = add_norm(x, pending, layer["input_layernorm"], cfg.rms_norm_eps, implementation)
+    h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
     q, k, v = projs("self_attn", h)
     q = apply_rope(q.reshape(B, T, H, Dh), *rope)
     k = apply_rope(k.reshape(B, T, KVH, Dh), *rope)
@@ -444,11 +417,13 @@ def _decoder_layer(
         v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
         new_cache = (k_store, v_store, ks_store, vs_store)
     attn = _attend(q, keys, values, mask, k_scale, v_scale).reshape(B, T, H * Dh)
-    x, h = add_norm(x, proj("self_attn.o_proj", attn), layer["post_attention_layernorm"], cfg.rms_norm_eps,
-                    implementation)
+    x = x + proj("self_attn.o_proj", attn)
+
+    h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
     gate, up = projs("mlp", h)
     gated = jax.nn.silu(gate) * up  # [B, T, F]
-    return x, proj("mlp.down_proj", gated), new_cache
+    x = x + proj("mlp.down_proj", gated)
+    return x, new_cache
 
 
 def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *,
@@ -462,8 +437,7 @@ def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *,
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     rope = rope_tables(positions, rope_inv_freq(cfg))
     mask = _attention_mask(positions, positions, cfg.sliding_window)  # [B, T, T]
-    x, delta, _ = _decoder_layer(layer, x, positions, rope, mask, None, cfg, implementation)
-    return x + delta
+    return _decoder_layer(layer, x, positions, rope, mask, None, cfg, implementation)[0]
 
 
 def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation):
@@ -481,43 +455,37 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
     mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
 
-    def body(x, pending, layer, kv):
-        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending)
+    def body(x, layer, kv):
+        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation)
 
-    # Each layer hands its MLP output on as `pending`; the next layer's input norm adds it (`add_norm`).
     if isinstance(layers, (tuple, list)):
-        pending = None
         if cache is None:
             for layer in layers:
-                x, pending, _ = body(x, pending, layer, None)
-            return _settle(x, pending), None
+                x, _ = body(x, layer, None)
+            return x, None
         n = len(layers)
         stores = [list(a) if a is not None else [None] * n for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
         for i, layer in enumerate(layers):
-            x, pending, new = body(x, pending, layer, (*(s[i] for s in stores), None))
+            x, new = body(x, layer, (*(s[i] for s in stores), None))
             for s, a in zip(stores, new):
                 s[i] = a
-        return _settle(x, pending), tuple(None if a is None else tuple(s) for a, s in
-                                          zip((cache.k, cache.v, cache.k_scale, cache.v_scale), stores))
+        return x, tuple(None if a is None else tuple(s) for a, s in
+                        zip((cache.k, cache.v, cache.k_scale, cache.v_scale), stores))
 
-    zero = jnp.zeros_like(x)  # the scan carries a fixed structure: the first layer adds zeros
     if cache is None:
-        (x, pending), _ = jax.lax.scan(lambda c, layer: (body(*c, layer, None)[:2], None), (x, zero), layers)
-        return _settle(x, pending), None
+        x, _ = jax.lax.scan(lambda x, layer: (body(x, layer, None)[0], None), x, layers)
+        return x, None
 
     def cached_body(carry, xs):
-        x, pending, stores = carry
+        x, stores = carry
         layer, index = xs
-        return body(x, pending, layer, (*stores, index)), None
+        x, stores = body(x, layer, (*stores, index))
+        return (x, stores), None
 
     n_layers = jax.tree.leaves(layers)[0].shape[0]
     stores = (cache.k, cache.v, cache.k_scale, cache.v_scale)
-    (x, pending, stores), _ = jax.lax.scan(cached_body, (x, zero, stores), (layers, jnp.arange(n_layers)))
-    return _settle(x, pending), stores
-
-
-def _settle(x, pending):
-    return x if pending is None else x + pending
+    (x, stores), _ = jax.lax.scan(cached_body, (x, stores), (layers, jnp.arange(n_layers)))
+    return x, stores
 
 
 def embed(params, tokens):

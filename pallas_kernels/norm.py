@@ -5,7 +5,9 @@ the residual stream — per layer the residual add, the mean-square reduction an
 twice (H200, session 8, `bench_generate.py --profile-top`: ≈ 255 µs of a 2.37 ms W4.4A8 b1 step in 190
 launches of 1–1.5 µs). XLA does not fuse a row reduction with the broadcast multiply that consumes it, so
 each norm costs three launches. This kernel does s = x + δ and h = RMSNorm(s)·w for one row per program:
-one launch, the row read once.
+one launch, the row read once. Measured wired into the model (session 8, results/generation.md): 64 fewer
+launches but no time saved — the GEMV's split-K sum, fused by XLA into the residual add before, became a
+launch of its own. So the model does not use it yet; the next step is a form that sums those partials too.
 
 Arithmetic as `mixjax.model.rms_norm` after the add in the activations' dtype: s = x + δ rounded to the
 dtype; the mean of s² in f32; y = s·rsqrt(mean + eps) rounded to the dtype; h = w·y in the dtype. Only the
