@@ -395,8 +395,7 @@ def _describe(r: dict) -> str:
         prof = r.get("profile")
         prof = "" if not prof else (f"; device {prof['busy_ms']:.2f} busy / {prof['span_ms']:.2f} span ms, "
                                     f"{prof['kernels']:.0f} kernels per step; top (µs, launches per step): "
-                                    + ", ".join(f"{t[0]} {t[1]:.1f} µs ×{t[2]:g}" if len(t) > 2 else f"{t[0]} {t[1]:.1f} µs"
-                                                for t in prof["top"][:prof.get("shown", 4)])
+                                    + ", ".join(f"{n} {us:.1f} µs ×{c:g}" for n, us, c in prof["top"][:prof["shown"]])
                                     if "busy_ms" in prof else f"; profile: {prof['error']}")
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
                 f"peak {_gb(r.get('peak_bytes')) or '?'} GB){prof}")
