@@ -9,7 +9,8 @@
 Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), gemv /
 gemv_qf / gemv_1l (the M = 1 GEMV: its default; on codes from the quantization kernel; quantizing in every
 program, one launch), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
-0% / 10% 8-bit channels), mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
+0% / 10% 8-bit channels), mixed_b8 (mixed with the 4-bit unpack as Triton's 8-bit shift, as before session 9),
+mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
 mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
 fill of the split-K output done by the activation-quantization kernel), mixed_f32out
 (the kernel returning its f32 accumulator, no convert launch), api (`pallas_kernels.mixed_matmul`,
@@ -48,7 +49,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
@@ -143,6 +144,10 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "mixed_dt":  # the decode tiles (32 rows, split-K partials) up to M = 256 (`decode_max_m`)
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, decode_max_m=256, interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "mixed_b8":  # the kernel's default config with the 4-bit unpack as Triton's 8-bit shift (before session 9)
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
+            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), word_unpack=False), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "mixed_v4":  # the kernel as configured at call 4
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or v4_config(x.shape[0], w), interpret=interpret)
@@ -260,6 +265,8 @@ def default_sweep(m: int, g: int, rows: int):
 
 DECODE_SWEEP = {"block_n": (64, 128), "stages": (4, 6), "warps": (4, 8), "programs": (512, 1024, 2048)}  # call 8
 DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "programs": (1024, 2048)}  # call 11
+DECODE_SWEEP_WORDS = {"block_n": (32, 64, 128), "stages": (3, 4), "warps": (4,), "programs": (1024, 2048)}  # session 9:
+# tiles again once the 4-bit unpack runs on 32-bit words (fewer instructions per group)
 DECODE_SWEEP_PRELOAD = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
                         "preload": (False, True)}  # session 3: the split's small operands loaded before the loop
 
@@ -363,6 +370,7 @@ def parse(argv):
     p.add_argument("--sweep-decode", action="store_true", help="sweep the decode kernel's tiles (decode_sweep)")
     p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
     p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
+    p.add_argument("--sweep-decode-words", action="store_true", help="the grid DECODE_SWEEP_WORDS")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-gemv-grouped", action="store_true", help="GEMV, groups per iteration (gemv_grouped_sweep)")
     p.add_argument("--sweep-gemv-one-launch", action="store_true",
@@ -471,11 +479,13 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
+                or args.sweep_decode_words \
                 or args.sweep_gemv_grouped or args.sweep_gemv_one_launch \
                 or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
-            if args.sweep_decode_small or args.sweep_decode_preload:
-                grid = DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_PRELOAD
+            if args.sweep_decode_small or args.sweep_decode_preload or args.sweep_decode_words:
+                grid = (DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_WORDS if args.sweep_decode_words
+                        else DECODE_SWEEP_PRELOAD)
                 sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep

@@ -9,6 +9,8 @@
 #   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
 #                                               # with the one-launch (default) and the two-launch M = 1 GEMV
 #   bash benchmarks/device_session.sh profile   # b1 and b32 decode steps: the 45 kernels by time, launches each
+#   bash benchmarks/device_session.sh words     # session 9: the 4-bit unpack on 32-bit words (mixed) against the
+#                                               # 8-bit shift (mixed_b8), M = 2..256, plus the GPU kernel tests
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
 #                                               # (sets kernels.DECODE_MAX_M; only 64 and 256 are measured)
 #
@@ -55,13 +57,22 @@ case "$part" in
     python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --batches 1,32 --profile --profile-top 45 \
       --new-tokens 128 --repeats 2 --budget-s 330 --out "$out/gen_profile.md" 2>&1 | tee "$out/profile.log"
     ;;
+  words)
+    header
+    timeout 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_gemv.py 2>&1 | tail -5 | tee "$out/tests.log"
+    shapes=4096x6144,4096x4096,4096x28672,14336x4096
+    b="python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes $shapes"
+    timeout 200 $b --ms 2,4,8 --variants xla_bf16,mixed,mixed_b8,gemv_qf --out "$out/w2_8" 2>&1 | tee -a "$out/words.log"
+    timeout 150 $b --ms 16,32,64 --variants xla_bf16,mixed,mixed_b8 --out "$out/w16_64" 2>&1 | tee -a "$out/words.log"
+    timeout 120 $b --ms 128,256 --variants xla_bf16,mixed,mixed_dt,api --out "$out/w128" 2>&1 | tee -a "$out/words.log"
+    ;;
   crossover)
     header
     python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|crossover" >&2
     exit 2
     ;;
 esac

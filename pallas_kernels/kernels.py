@@ -80,6 +80,7 @@ class GemmConfig:
     # of all the split's groups before the K loop as [P, ·] tiles and pick row i per group: Triton does
     # not pipeline these loads, so otherwise every group waits on one (ncu, session 3: 54 % of stall
     # samples on the zeros)
+    word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
 
     @property
     def atomic(self) -> bool:
@@ -306,9 +307,23 @@ def _w4_load(g, n0, q4_ref, *, block_n, evict):
     return plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
 
 
-def _w4_mma(xh, packed, *, mode):
+def _shift_nibbles(packed: jax.Array, *, word_ops: bool) -> jax.Array:
+    """packed << 4 on int8 [bn, 64]: the low nibbles as 16·(u − 8).
+
+    word_ops: on 32-bit words, four bytes per shl + and (inline PTX, `pack=4`). Triton lowers an 8-bit
+    shift byte by byte (PTX per byte: prmt, cvt, shl.b16, cvt — ≈ 150 of the 4-bit loop's ≈ 525
+    instructions per thread at 32×64 tiles, compiled offline with `benchmarks/ptx_stats.py`); bitwise
+    and/or stay 32-bit either way. Off in interpret mode (no CPU rule for inline PTX)."""
+    if not word_ops:
+        return jnp.left_shift(packed, jnp.int8(4))
+    return plgpu.elementwise_inline_asm(
+        "{ .reg .b32 t; shl.b32 t, $1, 4; and.b32 $0, t, 0xF0F0F0F0; }", args=[packed], constraints="=r,r",
+        pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int8)])[0]
+
+
+def _w4_mma(xh, packed, *, mode, word_ops=False):
     """Phase 1 of one K group of the 4-bit branch: unpack with two bit ops, then the MMAs."""
-    lo = jnp.left_shift(packed, jnp.int8(4))  # 16·(u − 8) for k in [0, 64)
+    lo = _shift_nibbles(packed, word_ops=word_ops)  # 16·(u − 8) for k in [0, 64)
     hi = packed & jnp.int8(-16)  # 16·(u − 8) for k in [64, 128)
     if mode == "float":
         return lo, hi
@@ -344,8 +359,11 @@ def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
 
         return _dot_nt(xh[0], deq(partial[0])) + _dot_nt(xh[1], deq(partial[1]))
     a_scale, x_sum = a_meta
-    zero_term = (a_scale * x_sum.astype(jnp.float32))[:, None] * (zero_off * w_scale)[None, :]
-    return _unseed(partial) * (a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :]) + zero_term
+    # the zero point in the integer domain: 16·Σ x_q·(u − 8) + 16·Σx_q·(8 − z) = 16·Σ x_q·(u − z), one
+    # integer multiply-add per element on the seeded partial; exact (|16·Σ x_q·(u − z)| ≤ 16·127·15·128 <
+    # 2^22, the seed's range), then one rounding instead of two f32 terms
+    shift = (16 * x_sum.astype(jnp.int32))[:, None] * (8 - zero.astype(jnp.int32))[None, :]
+    return _unseed(partial + shift) * (a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :])
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
@@ -432,7 +450,7 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         def _():
             load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn)
-            run(load, functools.partial(_w4_mma, mode=mode), meta, functools.partial(_w4_scale, mode=mode),
+            run(load, functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret), meta, functools.partial(_w4_scale, mode=mode),
                 (tile - n8_tiles) * bn)
 
 

@@ -6,6 +6,8 @@ budget (int8 activations g128: rel < 2e-2 against the dequantized weight; 4-bit 
 against the float weight).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -211,12 +213,40 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(16, 32, 1, 4, 2, fuse_quant=False, preload=True),  # 5 groups' scales in a [8, ·] tile
         kernels.GemmConfig(32, 32, 5, 4, 2, fuse_quant=False, split_partials=True, preload=True),  # 1 group
         kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5, preload=True),
+        kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, word_unpack=False),  # 8-bit shift
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
     x, qw = _case(20, 576, 96, 0.1, jnp.float32)
     y = kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
+
+
+@pytest.mark.parametrize("word_unpack", [True, False])
+def test_4bit_unpack_on_words_in_the_cuda_lowering(word_unpack):
+    """The kernel lowered for CUDA (no GPU needed) unpacks the 4-bit tile with one inline-PTX op per 32-bit
+    word (`_shift_nibbles`, packed 4 int8 a register) unless `word_unpack=False`. Interpret mode cannot run
+    inline PTX, so the GPU run of this file checks its numbers; this checks it is in the kernel at all."""
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    x, qw = _case(8, 256, 128, 0.0)
+    cfg = dataclasses.replace(kernels.choose_config(8, qw.num_groups, qw.q4.shape[0]), word_unpack=word_unpack)
+    modules, orig = [], reg.lowering.lower_jaxpr_to_triton_module
+
+    def hook(*a, **k):
+        out = orig(*a, **k)
+        modules.append(out.module.operation.get_asm())
+        return out
+
+    reg.lowering.lower_jaxpr_to_triton_module = hook
+    try:
+        jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg)).trace(x, qw).lower(
+            lowering_platforms=("cuda",))
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = orig
+    gemm = [m for m in modules if "mixed_gemm_int" in m]
+    assert len(gemm) == 1
+    assert ("shl.b32 t, $1, 4" in gemm[0] and "packed_element = 4" in gemm[0]) == word_unpack
 
 
 @pytest.mark.parametrize("decode", kernels.DECODE_STRATEGIES)

@@ -1,0 +1,143 @@
+"""Instruction counts of our Pallas-Triton kernels, on a machine without a GPU.
+
+    python benchmarks/ptx_stats.py --kernel mma --m 32 --k 4096 --n 28672
+    python benchmarks/ptx_stats.py --kernel mma --m 16 --set word_unpack=False     # a GemmConfig field
+    python benchmarks/ptx_stats.py --kernel gemv --m 1 --triton-python /tmp/tvenv/bin/python
+
+The kernels are lowered for CUDA (`lowering_platforms=("cuda",)`, which works on a CPU machine); the
+Triton IR that Pallas hands to XLA is captured and compiled to PTX for sm_90 by the `triton` package
+(`triton.compile` on an IR file; no GPU or driver needed). Install it apart from the project, e.g.
+`python -m venv /tmp/tvenv && /tmp/tvenv/bin/pip install triton`, and pass that interpreter as
+`--triton-python`. The pip Triton is newer than the one inside the device's XLA, so the PTX is an
+estimate of the device's, not a copy; it answers "how many instructions does one loop iteration cost
+per thread, and which ones" before a device call is spent (session 9: it showed Triton lowering an int8
+shift byte by byte, ≈ 150 of the 4-bit loop's 525 instructions).
+
+Prints, per kernel, the basic blocks with more than 20 instructions (a loop body is one block) and
+their opcode mix; inline-asm blocks count their instructions. The PTX files stay in --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_matmul import random_packed  # noqa: E402
+from pallas_kernels import gemv, kernels  # noqa: E402
+
+_COMPILE = r"""
+import sys, triton
+from triton.backends.compiler import GPUTarget
+path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+c = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+open(path[:-5] + ".ptx", "w").write(c.asm["ptx"])
+print(c.metadata.shared)
+"""
+
+_OPCODE = re.compile(r"^\s+(?:@!?%p\d+\s+)?([a-z][a-z0-9._]*)", re.M)
+_ASM = re.compile(r"^\s*\{(.*)\}\s*$", re.M)
+
+
+def capture_ttir(fn, *args) -> list[str]:
+    """The Triton IR of every pallas_call in jit(fn)(*args), lowered for CUDA."""
+    from jax._src.pallas.triton import pallas_call_registration as reg
+
+    captured, orig = [], reg.lowering.lower_jaxpr_to_triton_module
+
+    def hook(*a, **k):
+        result = orig(*a, **k)
+        captured.append(result.module.operation.get_asm(enable_debug_info=False))
+        return result
+
+    reg.lowering.lower_jaxpr_to_triton_module = hook
+    try:
+        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    finally:
+        reg.lowering.lower_jaxpr_to_triton_module = orig
+    # syntax the newer Triton parser does not take; an eviction hint does not change the instruction mix
+    return [t.replace(" evictionPolicy = evict_first", "") for t in captured]
+
+
+def block_stats(ptx: str, min_size: int = 20) -> list[tuple[str, int, collections.Counter]]:
+    """(label, instructions, opcode counts) of each basic block of the kernel with > min_size instructions."""
+    body = ptx[ptx.index("{", ptx.index(".entry")):]
+    parts = re.split(r"^(\$L__BB\d+_\d+):", body, flags=re.M)
+    out, label = [], "entry"
+    for part in parts:
+        if part.startswith("$L__BB"):
+            label = part
+            continue
+        ops = [op.split(".")[0] for op in _OPCODE.findall(part)]
+        for asm in _ASM.findall(part):  # inline asm: `{ .reg ...; op a, b; op c, d; }` on one line
+            ops += [s.split()[0].split(".")[0] for s in asm.split(";") if s.strip() and not s.strip().startswith(".")]
+        if len(ops) > min_size:
+            out.append((label, len(ops), collections.Counter(ops)))
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--kernel", default="mma", choices=("mma", "gemv"))
+    p.add_argument("--m", type=int, default=32)
+    p.add_argument("--k", type=int, default=4096)
+    p.add_argument("--n", type=int, default=28672)
+    p.add_argument("--share8", type=float, default=0.1, help="8-bit share of the rows (0: only the 4-bit branch)")
+    p.add_argument("--set", default="", help="config overrides, e.g. block_n=32,word_unpack=False")
+    p.add_argument("--triton-python", default=sys.executable, help="a python with the `triton` package")
+    p.add_argument("--out", default=None, help="folder for the .ttir / .ptx files (default: a temp folder)")
+    args = p.parse_args(argv)
+
+    w = random_packed(np.random.default_rng(0), args.n, args.k, args.share8)
+    x = jnp.zeros((args.m, args.k), jnp.bfloat16)
+    rows = w.q8.shape[0] + w.q4.shape[0]
+    if args.kernel == "mma":
+        cfg = kernels.choose_config(args.m, w.num_groups, rows)
+    else:
+        cfg = gemv.choose_gemv_config(w.num_groups, rows, m=args.m)
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
+    over = {}
+    for kv in filter(None, args.set.split(",")):
+        key, value = kv.split("=")
+        if key not in types:
+            raise SystemExit(f"--set: {key!r} is not a field of {type(cfg).__name__} ({', '.join(types)})")
+        over[key] = value in ("1", "True", "true") if "bool" in str(types[key]) else int(value)
+    cfg = dataclasses.replace(cfg, **over)
+    print("config", cfg)
+    if args.kernel == "mma":
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg)  # noqa: E731
+    else:
+        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg)  # noqa: E731
+    out = args.out or tempfile.mkdtemp(prefix="ptx_stats_")
+    os.makedirs(out, exist_ok=True)
+    for i, ttir in enumerate(capture_ttir(fn, x, w)):
+        name = re.search(r"module @(\w+)", ttir).group(1)
+        path = os.path.join(out, f"{i}_{name}.ttir")
+        with open(path, "w") as f:
+            f.write(ttir)
+        stages = 1 if name == "quantize_activations" else cfg.num_stages
+        res = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(cfg.num_warps), str(stages)],
+                             capture_output=True, text=True, env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})
+        if res.returncode:
+            tail = res.stderr.strip().splitlines()[-3:]
+            raise SystemExit(f"compiling {path} with {args.triton_python} failed (is `triton` installed there?):\n"
+                             + "\n".join(tail))
+        ptx = open(path[:-5] + ".ptx").read()
+        print(f"\n{name}: shared memory {res.stdout.strip()} B, PTX {path[:-5]}.ptx")
+        for label, n, ops in block_stats(ptx):
+            print(f"  {label:>12} {n:4d} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+
+
+if __name__ == "__main__":
+    main()
