@@ -39,10 +39,26 @@ from pallas_kernels import gemv, kernels  # noqa: E402
 
 _COMPILE = r"""
 import sys, triton
+from triton._C.libtriton import ir, passes
 from triton.backends.compiler import GPUTarget
 path, warps, stages = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+# a .ttir file enters triton.compile after its TTIR passes; run them first (XLA's pipeline does: they fold
+# `dot + acc` into the MMA's accumulator, among others)
+ctx = ir.context()
+ir.load_dialects(ctx)
+mod = ir.parse_mlir_module(path, ctx)
+pm = ir.pass_manager(ctx)
+passes.common.add_inliner(pm)
+passes.common.add_canonicalizer(pm)
+passes.ttir.add_combine(pm)
+passes.ttir.add_reorder_broadcast(pm)
+passes.common.add_cse(pm)
+passes.common.add_symbol_dce(pm)
+pm.run(mod, "make_ttir")
+path = path[:-5] + ".opt.ttir"
+open(path, "w").write(str(mod))
 c = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
-open(path[:-5] + ".ptx", "w").write(c.asm["ptx"])
+open(path[:-9] + ".ptx", "w").write(c.asm["ptx"])
 print(c.metadata.shared)
 """
 
