@@ -265,7 +265,7 @@ def default_sweep(m: int, g: int, rows: int):
 
 DECODE_SWEEP = {"block_n": (64, 128), "stages": (4, 6), "warps": (4, 8), "programs": (512, 1024, 2048)}  # call 8
 DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "programs": (1024, 2048)}  # call 11
-DECODE_SWEEP_WORDS = {"block_n": (32, 64, 128), "stages": (3, 4), "warps": (4,), "programs": (1024, 2048)}  # session 9:
+DECODE_SWEEP_WORDS = {"block_n": (32, 64), "stages": (3, 4), "warps": (4,), "programs": (1024, 2048, 4096)}  # session 9:
 # tiles again once the 4-bit unpack runs on 32-bit words (fewer instructions per group)
 DECODE_SWEEP_PRELOAD = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
                         "preload": (False, True)}  # session 3: the split's small operands loaded before the loop

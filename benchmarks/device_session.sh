@@ -6,11 +6,11 @@
 #   bash benchmarks/device_session.sh kernels   # per-GEMM table: decode M = 1..8 (GEMV forms vs the api),
 #                                               # M = 32..256 (the api vs decode tiles up to 256 rows) and
 #                                               # prefill M = 4096, against XLA bf16 (and int8)
-#   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head),
-#                                               # with the one-launch (default) and the two-launch M = 1 GEMV
+#   bash benchmarks/device_session.sh e2e       # Llama-3-8B-shaped generation: bf16 vs W4.4A8 (+ int4 head)
 #   bash benchmarks/device_session.sh profile   # b1 and b32 decode steps: the 45 kernels by time, launches each
 #   bash benchmarks/device_session.sh words     # session 9: the 4-bit unpack on 32-bit words (mixed) against the
 #                                               # 8-bit shift (mixed_b8), M = 2..256, plus the GPU kernel tests
+#   bash benchmarks/device_session.sh words_sweep  # decode tiles again at M = 16, 32 (DECODE_SWEEP_WORDS)
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
 #                                               # (sets kernels.DECODE_MAX_M; only 64 and 256 are measured)
 #
@@ -49,7 +49,7 @@ case "$part" in
     ;;
   e2e)
     header
-    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@gemv_2l+h4 --profile \
+    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --profile \
       --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   profile)
@@ -66,13 +66,19 @@ case "$part" in
     timeout 150 $b --ms 16,32,64 --variants xla_bf16,mixed,mixed_b8 --out "$out/w16_64" 2>&1 | tee -a "$out/words.log"
     timeout 120 $b --ms 128,256 --variants xla_bf16,mixed,mixed_dt,api --out "$out/w128" 2>&1 | tee -a "$out/words.log"
     ;;
+  words_sweep)
+    header
+    timeout 280 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 16 \
+      --variants xla_bf16,mixed --sweep-decode-words --sweep-shapes 4096x28672,14336x4096 --sweep-ms 16,32 \
+      --out "$out/wsweep" 2>&1 | tee "$out/wsweep.log"
+    ;;
   crossover)
     header
     python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|crossover" >&2
     exit 2
     ;;
 esac
