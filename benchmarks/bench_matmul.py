@@ -10,6 +10,7 @@ Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int
 gemv_qf / gemv_1l (the M = 1 GEMV: its default; on codes from the quantization kernel; quantizing in every
 program, one launch), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
 0% / 10% 8-bit channels), mixed_b8 (mixed with the 4-bit unpack as Triton's 8-bit shift, as before session 9),
+mixed_pf (mixed with the small per-group operands loaded an iteration ahead),
 mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
 mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
 fill of the split-K output done by the activation-quantization kernel), mixed_f32out
@@ -49,7 +50,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_pf": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
@@ -148,6 +149,10 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "mixed_b8":  # the kernel's default config with the 4-bit unpack as Triton's 8-bit shift (before session 9)
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
             cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), word_unpack=False), interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "mixed_pf":  # the kernel's default config, small operands prefetched an iteration ahead
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
+            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), prefetch_meta=True), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "mixed_v4":  # the kernel as configured at call 4
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or v4_config(x.shape[0], w), interpret=interpret)
@@ -265,8 +270,9 @@ def default_sweep(m: int, g: int, rows: int):
 
 DECODE_SWEEP = {"block_n": (64, 128), "stages": (4, 6), "warps": (4, 8), "programs": (512, 1024, 2048)}  # call 8
 DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "programs": (1024, 2048)}  # call 11
-DECODE_SWEEP_WORDS = {"block_n": (32, 64), "stages": (3, 4), "warps": (4,), "programs": (1024, 2048, 4096)}  # session 9:
-# tiles again once the 4-bit unpack runs on 32-bit words (fewer instructions per group)
+DECODE_SWEEP_WORDS = {"block_n": (32, 64), "stages": (3, 4), "warps": (4,), "programs": (1024, 4096),
+                      "prefetch_meta": (False, True)}  # session 9: tiles again once the 4-bit unpack runs on
+# 32-bit words (fewer instructions per group), with and without the small operands an iteration ahead
 DECODE_SWEEP_PRELOAD = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
                         "preload": (False, True)}  # session 3: the split's small operands loaded before the loop
 
@@ -276,13 +282,14 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     number of programs that split-K aims for."""
     C = kernels.GemmConfig
     cands = []
-    for block_n, stages, warps, programs, preload in itertools.product(
-            grid["block_n"], grid["stages"], grid["warps"], grid["programs"], grid.get("preload", (False,))):
+    for block_n, stages, warps, programs, preload, prefetch in itertools.product(
+            grid["block_n"], grid["stages"], grid["warps"], grid["programs"], grid.get("preload", (False,)),
+            grid.get("prefetch_meta", (False,))):
         split = kernels._decode_split(g, rows // block_n, programs)
         if preload and g // split > kernels._MAX_PRELOAD:
             continue
         cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
-                       split_partials=split > 1, preload=preload))
+                       split_partials=split > 1, preload=preload, prefetch_meta=prefetch))
     return list(dict.fromkeys(cands))
 
 

@@ -10,7 +10,7 @@
 #   bash benchmarks/device_session.sh profile   # b1 and b32 decode steps: the 45 kernels by time, launches each
 #   bash benchmarks/device_session.sh words     # session 9: the 4-bit unpack on 32-bit words (mixed) against the
 #                                               # 8-bit shift (mixed_b8), M = 2..256, plus the GPU kernel tests
-#   bash benchmarks/device_session.sh words_sweep  # decode tiles again at M = 16, 32 (DECODE_SWEEP_WORDS)
+#   bash benchmarks/device_session.sh words_sweep  # decode tiles again at M = 16, 32 (DECODE_SWEEP_WORDS), M = 128–256 paths
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
 #                                               # (sets kernels.DECODE_MAX_M; only 64 and 256 are measured)
 #
@@ -62,15 +62,16 @@ case "$part" in
     timeout 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_gemv.py 2>&1 | tail -5 | tee "$out/tests.log"
     shapes=4096x6144,4096x4096,4096x28672,14336x4096
     b="python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes $shapes"
-    timeout 200 $b --ms 2,4,8 --variants xla_bf16,mixed,mixed_b8,gemv_qf --out "$out/w2_8" 2>&1 | tee -a "$out/words.log"
-    timeout 150 $b --ms 16,32,64 --variants xla_bf16,mixed,mixed_b8 --out "$out/w16_64" 2>&1 | tee -a "$out/words.log"
-    timeout 120 $b --ms 128,256 --variants xla_bf16,mixed,mixed_dt,api --out "$out/w128" 2>&1 | tee -a "$out/words.log"
+    timeout 230 $b --ms 2,4,8 --variants xla_bf16,mixed,mixed_b8,mixed_pf,gemv_qf --out "$out/w2_8" 2>&1 | tee -a "$out/words.log"
+    timeout 200 $b --ms 16,32,64 --variants xla_bf16,mixed,mixed_b8,mixed_pf --out "$out/w16_64" 2>&1 | tee -a "$out/words.log"
     ;;
   words_sweep)
     header
     timeout 280 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 16 \
       --variants xla_bf16,mixed --sweep-decode-words --sweep-shapes 4096x28672,14336x4096 --sweep-ms 16,32 \
       --out "$out/wsweep" 2>&1 | tee "$out/wsweep.log"
+    timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
+      --ms 128,256 --variants xla_bf16,mixed,mixed_dt,api --out "$out/w128" 2>&1 | tee "$out/w128.log"
     ;;
   crossover)
     header

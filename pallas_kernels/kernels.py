@@ -80,6 +80,9 @@ class GemmConfig:
     # of all the split's groups before the K loop as [P, ·] tiles and pick row i per group: Triton does
     # not pipeline these loads, so otherwise every group waits on one (ncu, session 3: 54 % of stall
     # samples on the zeros)
+    prefetch_meta: bool = False  # load the next iteration's small operands in this one, carried in registers
+    # (session 3 measured such a prefetch 0–50 % slower: Triton converted the carried values' layout in
+    # the loading iteration; re-tried with the lighter session-9 loop)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
 
     @property
@@ -429,7 +432,20 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
                 acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
             return acc
 
-        acc = lax.fori_loop(0, iters, body, jnp.zeros((bm, bn), jnp.float32))
+        if cfg.prefetch_meta and not cfg.preload:  # the next iteration's small operands carried in registers
+            def carried(i, state):
+                acc, metas = state
+                nxt = load_meta(jnp.minimum(i + 1, iters - 1))  # issued before this iteration's MMAs
+                groups = [g0 + i * unroll + j for j in range(unroll)]
+                xs = [load_x(g) for g in groups]
+                partials = [mma_fn(xh, load_fn(g, n0)) for (xh, _), g in zip(xs, groups)]
+                for partial, (xh, a_in), a_meta, w_meta in zip(partials, xs, *metas):
+                    acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
+                return acc, nxt
+
+            acc, _ = lax.fori_loop(0, iters, carried, (jnp.zeros((bm, bn), jnp.float32), load_meta(0)))
+        else:
+            acc = lax.fori_loop(0, iters, body, jnp.zeros((bm, bn), jnp.float32))
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])

@@ -214,6 +214,8 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(32, 32, 5, 4, 2, fuse_quant=False, split_partials=True, preload=True),  # 1 group
         kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True, groups_per_iter=5, preload=True),
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, word_unpack=False),  # 8-bit shift
+        kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, prefetch_meta=True),  # next group's scales carried
+        kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=True, prefetch_meta=True, split_partials=True),  # 1 group a split
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
