@@ -12,7 +12,7 @@
 #                                               # 8-bit shift (mixed_b8), M = 2..256, plus the GPU kernel tests
 #   bash benchmarks/device_session.sh words_sweep  # decode tiles again at M = 16, 32 (DECODE_SWEEP_WORDS), M = 128–256 paths
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
-#                                               # (sets kernels.DECODE_MAX_M; only 64 and 256 are measured)
+#                                               # (sets kernels.DECODE_MAX_M; 64, 128 and 256 are measured)
 #
 # Shapes are the Llama-3-8B linears as the model runs them (q/k/v and gate/up fused). Every number is a
 # device-timer span (profiler), every row is checked against its reference first; the device name, jax

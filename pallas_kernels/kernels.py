@@ -17,9 +17,12 @@ accumulator starts at the bits of 1.5·2^23, so the result's bits read as a floa
 exactly and one subtract replaces the quarter-rate int→float conversion (exact either way; on the H100
 it measured no faster, the per-group wait on the MMA dominates — see benchmarks/NOTES-kernels.md).
 
-Two-step dequantization: step 1 turns 4-bit codes into int8 operands with two bit ops (no zero point
-in the loop: it is folded per group through Σx_q, which the activation quantizer emits), the MMA runs
-int8 × int8 → int32; step 2 scales each group's integer partial by s_a·s_w in f32 and accumulates.
+Two-step dequantization: step 1 turns 4-bit codes into int8 operands with two bit ops on 32-bit words
+(`_shift_nibbles`: Triton would shift the bytes one by one), the MMA runs int8 × int8 → int32, and the
+zero point joins the integer partial as 16·Σx_q·(8 − z) (one integer multiply-add per element; Σx_q comes
+from the activation quantizer); step 2 scales each group's integer partial by s_a·s_w in f32 and
+accumulates. H200 (session 9, results/kernels.md): the word unpack took 2–12 % off the decode tiles'
+span at M = 2–64 and b8 decode from 1.40× to 1.50× XLA bf16.
 Weights are loaded `evict_first` (read once); scales are group-major so each group reads one row.
 
 Epilogue: each tile scatters its columns to channel order through `channel` (padding rows point past
@@ -138,9 +141,10 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -
                       split_partials=decode.endswith("partials"))
 
 
-DECODE_MAX_M = 64  # rows up to which `choose_config` takes the 32-row split-K decode tiles. H200 (session 8,
+DECODE_MAX_M = 128  # rows up to which `choose_config` takes the 32-row split-K decode tiles. H200 (session 8,
 # results/kernels.md): at M = 64 they ran 0.70–0.83× XLA bf16 against 0.34–0.64× for the 64×64 tiles without
-# split that took M = 33..255 before; at M = 256 the 64×64 tiles win again (0.45–0.75× vs 0.33–0.42×).
+# split that took M = 33..255 before; session 9: at M = 128 0.60–0.64× against 0.35–0.58×, at M = 256 the
+# 64×64 tiles and the Mosaic GPU path win again (0.43–0.54× vs 0.42–0.59× and 0.44–0.73×).
 
 
 def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",

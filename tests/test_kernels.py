@@ -373,10 +373,10 @@ def test_choose_config_decode_and_prefill():
     assert decode.block_m == 16 and decode.split_k > 1
     assert kernels.choose_config(16, 112, 4224).block_m == 16  # decode tiles up to M = 32
     assert kernels.choose_config(32, 112, 4224).block_m == 32  # one M tile: the weight is read once
-    wide = kernels.choose_config(64, 112, 4224)  # up to DECODE_MAX_M = 64: two 32-row decode tiles
-    assert kernels.DECODE_MAX_M == 64 and (wide.block_m, wide.split_partials) == (32, True)
-    assert wide.split_k == kernels._decode_split(112, 2 * 4224 // 64)  # the M tiles count toward the programs
-    assert kernels.choose_config(65, 112, 4224).block_m == 64  # beyond: 64×64 tiles, no split
+    wide = kernels.choose_config(128, 112, 4224)  # up to DECODE_MAX_M = 128: four 32-row decode tiles
+    assert kernels.DECODE_MAX_M == 128 and (wide.block_m, wide.split_partials) == (32, True)
+    assert wide.split_k == kernels._decode_split(112, 4 * 4224 // 64)  # the M tiles count toward the programs
+    assert kernels.choose_config(129, 112, 4224).block_m == 64  # beyond: 64×64 tiles, no split
     assert kernels.choose_config(64, 112, 4224, decode_max_m=32).block_m == 64  # the session-6 dispatch
     with pytest.raises(ValueError, match="decode="):
         kernels.choose_config(1, 32, 4224, decode="fastest")
