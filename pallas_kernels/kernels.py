@@ -21,7 +21,7 @@ Two-step dequantization: step 1 turns 4-bit codes into int8 operands with two bi
 (`_shift_nibbles`: Triton would shift the bytes one by one), the MMA runs int8 × int8 → int32, and the
 zero point joins the integer partial as 16·Σx_q·(8 − z) (one integer multiply-add per element; Σx_q comes
 from the activation quantizer); step 2 scales each group's integer partial by s_a·s_w in f32 and
-accumulates. H200 (session 9, results/kernels.md): the word unpack took 2–12 % off the decode tiles'
+accumulates. H200 (session 9, results/kernels.md): the word unpack took 0–12 % off the decode tiles'
 span at M = 2–64 and b8 decode from 1.40× to 1.50× XLA bf16.
 Weights are loaded `evict_first` (read once); scales are group-major so each group reads one row.
 
@@ -357,8 +357,8 @@ def _pick_row(tile: jax.Array, i) -> jax.Array:
 def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
     """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q."""
     w_scale, zero = w_meta
-    zero_off = 8.0 - zero.astype(jnp.float32)  # [bn] 8 − z
     if mode == "float":
+        zero_off = 8.0 - zero.astype(jnp.float32)  # [bn] 8 − z
         scale16, shift = w_scale * (1.0 / 16.0), zero_off * w_scale
 
         def deq(w16):  # ((u − 8) + (8 − z))·s in bf16
@@ -426,9 +426,9 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             return (tuple(tuple(_pick_row(t, j) for t in a_t) for j in js),
                     tuple(tuple(_pick_row(t, j) for t in w_t) for j in js))
 
-        def body(i, acc):  # all loads of the iteration's groups are issued before any MMA
+        def step(i, acc, metas):  # all loads of the iteration's groups are issued before any MMA
+            a_metas, w_metas = metas
             groups = [g0 + i * unroll + j for j in range(unroll)]
-            a_metas, w_metas = pick_meta(i) if cfg.preload else load_meta(i)
             xs = [load_x(g) for g in groups]
             ws = [load_fn(g, n0) for g in groups]
             partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
@@ -436,20 +436,19 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
                 acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
             return acc
 
-        if cfg.prefetch_meta and not cfg.preload:  # the next iteration's small operands carried in registers
-            def carried(i, state):
-                acc, metas = state
-                nxt = load_meta(jnp.minimum(i + 1, iters - 1))  # issued before this iteration's MMAs
-                groups = [g0 + i * unroll + j for j in range(unroll)]
-                xs = [load_x(g) for g in groups]
-                partials = [mma_fn(xh, load_fn(g, n0)) for (xh, _), g in zip(xs, groups)]
-                for partial, (xh, a_in), a_meta, w_meta in zip(partials, xs, *metas):
-                    acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
-                return acc, nxt
+        def body(i, acc):
+            return step(i, acc, pick_meta(i) if cfg.preload else load_meta(i))
 
-            acc, _ = lax.fori_loop(0, iters, carried, (jnp.zeros((bm, bn), jnp.float32), load_meta(0)))
+        def carried(i, state):  # prefetch_meta: the next iteration's small operands, issued first, carried
+            acc, metas = state
+            nxt = load_meta(jnp.minimum(i + 1, iters - 1))
+            return step(i, acc, metas), nxt
+
+        zero = jnp.zeros((bm, bn), jnp.float32)
+        if cfg.prefetch_meta and not cfg.preload:
+            acc, _ = lax.fori_loop(0, iters, carried, (zero, load_meta(0)))
         else:
-            acc = lax.fori_loop(0, iters, body, jnp.zeros((bm, bn), jnp.float32))
+            acc = lax.fori_loop(0, iters, body, zero)
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])
@@ -470,7 +469,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         def _():
             load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn)
-            run(load, functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret), meta, functools.partial(_w4_scale, mode=mode),
+            mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret)
+            run(load, mma, meta, functools.partial(_w4_scale, mode=mode),
                 (tile - n8_tiles) * bn)
 
 
