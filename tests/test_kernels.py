@@ -7,6 +7,8 @@ against the float weight).
 """
 
 import dataclasses
+import pathlib
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -173,6 +175,9 @@ def test_mixed_matmul_rejects_wrong_k():
 
 from pallas_kernels import kernels  # noqa: E402
 
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import ptx_stats  # noqa: E402  (the Triton-IR capture; compiling to PTX needs `triton`, not used here)
+
 INTERPRET = jax.default_backend() != "gpu"  # CPU: interpret mode; on a GPU the same tests run the kernels
 KERNEL_RTOL = 1e-5 if INTERPRET else 1e-4  # Triton's f32 division may flip a rare activation code
 
@@ -226,26 +231,13 @@ def test_mixed_kernel_other_configs(cfg):
 
 @pytest.mark.parametrize("word_unpack", [True, False])
 def test_4bit_unpack_on_words_in_the_cuda_lowering(word_unpack):
-    """The kernel lowered for CUDA (no GPU needed) unpacks the 4-bit tile with one inline-PTX op per 32-bit
-    word (`_shift_nibbles`, packed 4 int8 a register) unless `word_unpack=False`. Interpret mode cannot run
-    inline PTX, so the GPU run of this file checks its numbers; this checks it is in the kernel at all."""
-    from jax._src.pallas.triton import pallas_call_registration as reg
-
+    """The kernel lowered for CUDA (no GPU needed; Triton IR captured by `benchmarks/ptx_stats.py`) unpacks
+    the 4-bit tile with one inline-PTX op per 32-bit word (`_shift_nibbles`, packed 4 int8 a register)
+    unless `word_unpack=False`. Interpret mode cannot run inline PTX, so the GPU run of this file checks its
+    numbers; this checks it is in the kernel at all."""
     x, qw = _case(8, 256, 128, 0.0)
     cfg = dataclasses.replace(kernels.choose_config(8, qw.num_groups, qw.q4.shape[0]), word_unpack=word_unpack)
-    modules, orig = [], reg.lowering.lower_jaxpr_to_triton_module
-
-    def hook(*a, **k):
-        out = orig(*a, **k)
-        modules.append(out.module.operation.get_asm())
-        return out
-
-    reg.lowering.lower_jaxpr_to_triton_module = hook
-    try:
-        jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg)).trace(x, qw).lower(
-            lowering_platforms=("cuda",))
-    finally:
-        reg.lowering.lower_jaxpr_to_triton_module = orig
+    modules = ptx_stats.capture_ttir(lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg), x, qw)
     gemm = [m for m in modules if "mixed_gemm_int" in m]
     assert len(gemm) == 1
     assert ("shl.b32 t, $1, 4" in gemm[0] and "packed_element = 4" in gemm[0]) == word_unpack
