@@ -36,6 +36,7 @@ def main(argv=None):
     p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "mgpu", "mgpu_decode"),
                    help="mixed_gemm, mixed_gemv, the Mosaic GPU prefill GEMM on int8 operands, or the Mosaic "
                         "GPU decode path (two kernels a call: 8-bit rows, then 4-bit rows)")
+    p.add_argument("--set", default="", help="GemmConfig overrides for --kernel mma, e.g. prefetch_meta=1")
     p.add_argument("--mgpu", default="", help="MgpuConfig overrides for --kernel mgpu, e.g. seed=0,overlap=1")
     args = p.parse_args(argv)
     if args.kernel == "mgpu":
@@ -54,7 +55,10 @@ def main(argv=None):
         return
     w = random_packed(np.random.default_rng(0), args.n, args.k, 0.1)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(args.m, args.k)), jnp.bfloat16)
-    fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, decode=args.decode))
+    from ptx_stats import config_overrides
+    cfg = config_overrides(kernels.choose_config(args.m, w.num_groups, w.q8.shape[0] + w.q4.shape[0],
+                                                 decode=args.decode), args.set)
+    fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg))
     if args.kernel == "gemv":
         fn = jax.jit(lambda x, w: gemv.mixed_gemv_pallas(x, w))
     if args.kernel == "mgpu_decode":
@@ -64,7 +68,7 @@ def main(argv=None):
     if args.kernel == "mgpu_decode":
         print("config", mgpu_decode.DEFAULT_DECODE_CONFIG)
         return
-    print("config", kernels.choose_config(args.m, w.num_groups, w.q8.shape[0] + w.q4.shape[0], decode=args.decode))
+    print("config", cfg)
 
 
 if __name__ == "__main__":

@@ -103,6 +103,18 @@ def block_stats(ptx: str, min_size: int = 20) -> list[tuple[str, int, collection
     return out
 
 
+def config_overrides(cfg, text: str):
+    """`cfg` with "field=value,..." applied (ints and bools; the --set option of the bench scripts)."""
+    types = {f.name: f.type for f in dataclasses.fields(cfg)}
+    over = {}
+    for kv in filter(None, text.split(",")):
+        key, value = kv.split("=")
+        if key not in types:
+            raise SystemExit(f"--set: {key!r} is not a field of {type(cfg).__name__} ({', '.join(types)})")
+        over[key] = value in ("1", "True", "true") if "bool" in str(types[key]) else int(value)
+    return dataclasses.replace(cfg, **over)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", default="mma", choices=("mma", "gemv"))
@@ -122,14 +134,7 @@ def main(argv=None):
         cfg = kernels.choose_config(args.m, w.num_groups, rows)
     else:
         cfg = gemv.choose_gemv_config(w.num_groups, rows, m=args.m)
-    types = {f.name: f.type for f in dataclasses.fields(cfg)}
-    over = {}
-    for kv in filter(None, args.set.split(",")):
-        key, value = kv.split("=")
-        if key not in types:
-            raise SystemExit(f"--set: {key!r} is not a field of {type(cfg).__name__} ({', '.join(types)})")
-        over[key] = value in ("1", "True", "true") if "bool" in str(types[key]) else int(value)
-    cfg = dataclasses.replace(cfg, **over)
+    cfg = config_overrides(cfg, args.set)
     print("config", cfg)
     if args.kernel == "mma":
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg)  # noqa: E731

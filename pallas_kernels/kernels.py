@@ -83,7 +83,10 @@ class GemmConfig:
     # of all the split's groups before the K loop as [P, ·] tiles and pick row i per group: Triton does
     # not pipeline these loads, so otherwise every group waits on one (ncu, session 3: 54 % of stall
     # samples on the zeros)
-    prefetch_meta: bool = False  # load the next iteration's small operands in this one, carried in registers
+    prefetch_meta: int = 0  # 1: load the next iteration's small operands at the start of this one, carried in
+    # registers; 2: at its end, after the rescale (ncu, session 10: with 1, ptxas moves the new values into
+    # the carried registers at the back edge while the old ones are still live, and that move waits on
+    # the loads in the same iteration; loaded after the old values' last use they can take their registers)
     # (session 3 measured such a prefetch 0–50 % slower: Triton converted the carried values' layout in
     # the loading iteration; re-tried with the lighter session-9 loop)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
@@ -107,6 +110,8 @@ class GemmConfig:
                              f"{num_groups // self.split_k}")
         if self.block_m % 16:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
+        if int(self.prefetch_meta) not in (0, 1, 2):
+            raise ValueError(f"prefetch_meta={self.prefetch_meta} must be 0 (off), 1 or 2")
         if self.warm_meta not in (0, 1, 2):
             raise ValueError(f"warm_meta={self.warm_meta} must be 0 (off), 1 or 2")
         if self.preload and num_groups // self.split_k > _MAX_PRELOAD:
@@ -470,10 +475,14 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         def body(i, acc):
             return step(i, acc, pick_meta(i) if cfg.preload else load_meta(i))
 
-        def carried(i, state):  # prefetch_meta: the next iteration's small operands, issued first, carried
+        def carried(i, state):  # prefetch_meta: the next iteration's small operands, carried
             acc, metas = state
-            nxt = load_meta(jnp.minimum(i + 1, iters - 1))
-            return step(i, acc, metas), nxt
+            nxt = jnp.minimum(i + 1, iters - 1)
+            if cfg.prefetch_meta == 2:  # issued after this iteration's last use of the carried ones
+                acc = step(i, acc, metas)
+                return acc, load_meta(nxt)
+            ahead = load_meta(nxt)  # issued first
+            return step(i, acc, metas), ahead
 
         zero = jnp.zeros((bm, bn), jnp.float32)
         warm = warm_loads() if cfg.warm_meta and not cfg.preload else None
