@@ -36,7 +36,8 @@ def main(argv=None):
     p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "mgpu", "mgpu_decode"),
                    help="mixed_gemm, mixed_gemv, the Mosaic GPU prefill GEMM on int8 operands, or the Mosaic "
                         "GPU decode path (two kernels a call: 8-bit rows, then 4-bit rows)")
-    p.add_argument("--set", default="", help="GemmConfig overrides for --kernel mma, e.g. prefetch_meta=1")
+    p.add_argument("--set", default="", help="GemmConfig / GemvConfig overrides for --kernel mma / gemv, "
+                                             "e.g. prefetch_meta=2")
     p.add_argument("--mgpu", default="", help="MgpuConfig overrides for --kernel mgpu, e.g. seed=0,overlap=1")
     args = p.parse_args(argv)
     if args.kernel == "mgpu":
@@ -60,7 +61,9 @@ def main(argv=None):
                                                  decode=args.decode), args.set)
     fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg))
     if args.kernel == "gemv":
-        fn = jax.jit(lambda x, w: gemv.mixed_gemv_pallas(x, w))
+        cfg = config_overrides(gemv.choose_gemv_config(w.num_groups, w.q8.shape[0] + w.q4.shape[0], m=args.m),
+                               args.set)
+        fn = jax.jit(lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg))
     if args.kernel == "mgpu_decode":
         fn = jax.jit(lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(x, w))
     for _ in range(3):
