@@ -11,7 +11,9 @@ gemv_qf / gemv_1l (the M = 1 GEMV: its default; on codes from the quantization k
 program, one launch), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
 0% / 10% 8-bit channels), mixed_b8 (mixed with the 4-bit unpack as Triton's 8-bit shift, as before session 9),
 mixed_pf / mixed_pf2 (mixed with the small per-group operands loaded an iteration ahead, at the start / at the
-end of the iteration),
+end of the iteration), mixed_wm1 / mixed_wm2 (mixed
+with the split's small operands loaded into the caches before the K loop, `warm_meta` 1 / 2), mixed_wpf1 /
+mixed_wpf2 (the same with `prefetch_meta=2`),
 mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
 mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
 fill of the split-K output done by the activation-quantization kernel), mixed_f32out
@@ -51,7 +53,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_pf": 0.1, "mixed_pf2": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_pf": 0.1, "mixed_pf2": 0.1, "mixed_wm1": 0.1, "mixed_wm2": 0.1, "mixed_wpf1": 0.1, "mixed_wpf2": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
@@ -158,6 +160,12 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "mixed_pf2":  # the kernel's default config, next small operands loaded after the rescale
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
             cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), prefetch_meta=2), interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name in ("mixed_wm1", "mixed_wm2", "mixed_wpf1", "mixed_wpf2"):  # default config, small operands warmed
+        # into the caches before the loop (warm_meta 1 / 2); wpf: and each group's loaded an iteration ahead
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
+            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), warm_meta=int(name[-1]),
+            prefetch_meta=2 if "wpf" in name else 0), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "mixed_v4":  # the kernel as configured at call 4
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or v4_config(x.shape[0], w), interpret=interpret)

@@ -11,6 +11,9 @@
 #   bash benchmarks/device_session.sh words     # session 9: the 4-bit unpack on 32-bit words (mixed) against the
 #                                               # 8-bit shift (mixed_b8), M = 2..256, plus the GPU kernel tests
 #   bash benchmarks/device_session.sh words_sweep  # decode tiles again at M = 16, 32 (DECODE_SWEEP_WORDS), M = 128–256 paths
+#   bash benchmarks/device_session.sh warm      # session 10: the small operands warmed into the caches before
+#                                               # the K loop (warm_meta 1, 2) against the default, M = 4..128
+#                                               # (MS=..., VARIANTS=... override; mixed_wpf1/2 add prefetch_meta=2)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
 #                                               # before their use (prefetch_meta=2) against the default
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
@@ -75,6 +78,13 @@ case "$part" in
     timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
       --ms 128,256 --variants xla_bf16,mixed,mixed_dt,api --out "$out/w128" 2>&1 | tee "$out/w128.log"
     ;;
+  warm)
+    header
+    timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs or mixed_kernel" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
+      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms "${MS:-4,16,32,64,128}" \
+      --variants "${VARIANTS:-xla_bf16,mixed,mixed_wm1,mixed_wm2}" --out "$out/warm" 2>&1 | tee "$out/warm.log"
+    ;;
   prefetch)
     header
     timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs" 2>&1 | tail -3 | tee "$out/tests.log"
@@ -88,7 +98,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|prefetch|crossover" >&2
     exit 2
     ;;
 esac

@@ -83,12 +83,18 @@ class GemmConfig:
     # of all the split's groups before the K loop as [P, ·] tiles and pick row i per group: Triton does
     # not pipeline these loads, so otherwise every group waits on one (ncu, session 3: 54 % of stall
     # samples on the zeros)
-    prefetch_meta: int = 0  # load the next iteration's small operands in this one, carried in registers: 1 at
-    # its start (ncu, session 10: ptxas then moves them into the carried registers at the back edge, and
-    # that move waits on the loads within the iteration), 2 at its end, after the rescale (no move; the
-    # first use still waits an iteration later: these loads outlast an iteration). Neither measured
-    # faster than 0 on the H200 (results/kernels.md, sessions 9–10)
+    prefetch_meta: int = 0  # 1: load the next iteration's small operands at the start of this one, carried in
+    # registers; 2: at its end, after the rescale (ncu, session 10: with 1, ptxas moves the new values into
+    # the carried registers at the back edge while the old ones are still live, and that move waits on
+    # the loads in the same iteration; loaded after the old values' last use they can take their registers)
+    # (session 3 measured such a prefetch 0–50 % slower: Triton converted the carried values' layout in
+    # the loading iteration; re-tried with the lighter session-9 loop)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
+    warm_meta: int = 0  # 1, 2: before the loop, load the split's small operands as [P, ·] tiles only to
+    # bring them into the caches (their values feed a zero the compiler cannot prove), so the per-group
+    # loads that Triton leaves unpipelined hit L1 instead of DRAM: one latency per program instead of one
+    # per group. 1 folds the tiles into the accumulator's initial zeros (waits before the loop), 2 into
+    # the result after the loop (the tiles stay in registers through it)
 
     @property
     def atomic(self) -> bool:
@@ -106,6 +112,8 @@ class GemmConfig:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
         if int(self.prefetch_meta) not in (0, 1, 2):
             raise ValueError(f"prefetch_meta={self.prefetch_meta} must be 0 (off), 1 or 2")
+        if self.warm_meta not in (0, 1, 2):
+            raise ValueError(f"warm_meta={self.warm_meta} must be 0 (off), 1 or 2")
         if self.preload and num_groups // self.split_k > _MAX_PRELOAD:
             raise ValueError(f"preload holds at most {_MAX_PRELOAD} groups per split, got "
                              f"{num_groups // self.split_k}: raise split_k or set preload=False")
@@ -279,6 +287,10 @@ def _seeded_mma(xa, wa, xb, wb) -> jax.Array:
     return _dot_nt(xb, wb) + acc
 
 
+def _bits(v: jax.Array) -> jax.Array:  # int32 view of a small operand (values or f32 bits)
+    return v.astype(jnp.int32) if jnp.issubdtype(v.dtype, jnp.integer) else lax.bitcast_convert_type(v, jnp.int32)
+
+
 def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact integer
     return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
 
@@ -424,6 +436,26 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
                 a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0) for r in (as_ref, ax_ref))
             tiles = a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
 
+        def warm_loads():  # [P, ·] tiles of the first ≤ _MAX_PRELOAD groups' small operands
+            q = min(groups_per_split, _MAX_PRELOAD)
+            p = pl.next_power_of_2(q)
+            live = lax.broadcasted_iota(jnp.int32, (p, 1), 0) < q
+            ts = [meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))]
+            if with_a_meta:
+                mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
+                ts.append(tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0)
+                                for r in (as_ref, ax_ref)))
+            return ts
+
+        def warm_zero(ts):  # f32 zeros [1, bn] that depend on every element of the tiles
+            # times zeros at run time (channel indices < 2^30) that no compiler can prove zero: the loads stay
+            nil = cols >> 30  # [bn]
+            total = jnp.zeros((bn,), jnp.int32)
+            for i, group in enumerate(ts):
+                for t in group:
+                    total = total + (jnp.sum(_bits(t) * nil[None, :], axis=0) if i == 0 else jnp.sum(_bits(t)) * nil)
+            return total.astype(jnp.float32)[None, :]  # [1, bn]
+
         def pick_meta(i):
             a_t, w_t = tiles
             js = [i * unroll + j for j in range(unroll)]
@@ -453,10 +485,15 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             return step(i, acc, metas), ahead
 
         zero = jnp.zeros((bm, bn), jnp.float32)
+        warm = warm_loads() if cfg.warm_meta and not cfg.preload else None
+        if warm is not None and cfg.warm_meta == 1:
+            zero = zero + warm_zero(warm)
         if cfg.prefetch_meta and not cfg.preload:
             acc, _ = lax.fori_loop(0, iters, carried, (zero, load_meta(0)))
         else:
             acc = lax.fori_loop(0, iters, body, zero)
+        if warm is not None and cfg.warm_meta == 2:
+            acc = acc + warm_zero(warm)
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])

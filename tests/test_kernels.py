@@ -222,6 +222,10 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, prefetch_meta=True),  # next group's scales carried
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=True, prefetch_meta=True, split_partials=True),  # 1 group a split
         kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, prefetch_meta=2),  # loaded after the rescale
+        kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, warm_meta=1),  # 5 groups warmed as [8, ·] tiles
+        kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, warm_meta=2),  # 1 group a split
+        kernels.GemmConfig(16, 64, 1, 4, 3, fuse_quant=True, warm_meta=2),  # no activation meta to warm
+        kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, warm_meta=1, prefetch_meta=2),
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
