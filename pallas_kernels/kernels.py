@@ -94,7 +94,8 @@ class GemmConfig:
     # bring them into the caches (their values feed a zero the compiler cannot prove), so the per-group
     # loads that Triton leaves unpipelined hit L1 instead of DRAM: one latency per program instead of one
     # per group. 1 folds the tiles into the accumulator's initial zeros (waits before the loop), 2 into
-    # the result after the loop (the tiles stay in registers through it)
+    # the result after the loop (the tiles stay in registers through it). Alone 0–25 % slower on the H200
+    # (session 10); with prefetch_meta=2 not yet measured (benchmarks/NOTES-kernels.md, item 42)
 
     @property
     def atomic(self) -> bool:
