@@ -18,6 +18,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   channel count, hence more distinct kernel shapes to compile than the quick path: give it a larger budget.
 - bf16-stacked: the float layers stacked for `lax.scan` (not in the default list).
 - `NAME@STRATEGY`: a quantized variant with the M ≤ 32 launch strategy STRATEGY of `kernels.DECODE_STRATEGIES`,
+  or `@xq` (the activations of every quantized linear quantized by XLA ops, which XLA may fuse into the
+  norm or SiLU·mul before them, instead of a Pallas launch or the GEMV's in-program quantization),
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
   default; the default since session 8 is one launch); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -296,6 +298,12 @@ def run_variant(name: str, args) -> int:
         from pallas_kernels import gemv
 
         gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=True)
+    elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
+        from pallas_kernels import gemv, kernels
+
+        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, xla_quant=True)
+        choose = kernels.choose_config
+        kernels.choose_config = lambda *a, **k: dataclasses.replace(choose(*a, **k), xla_quant=True)
     elif strategy:  # the decode launch strategy under test, for every quantized linear of this process
         from pallas_kernels import kernels
 

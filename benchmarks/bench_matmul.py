@@ -10,7 +10,8 @@ Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int
 gemv_qf / gemv_1l (the M = 1 GEMV: its default; on codes from the quantization kernel; quantizing in every
 program, one launch), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
 0% / 10% 8-bit channels), mixed_b8 (mixed with the 4-bit unpack as Triton's 8-bit shift, as before session 9),
-mixed_pf / mixed_pf2 (mixed with the small per-group operands loaded an iteration ahead, at the start / at the
+mixed_xq / gemv_xq (the kernel / the GEMV on codes from XLA ops instead of the quantization kernel;
+unfused here, where x is an input), mixed_pf / mixed_pf2 (mixed with the small per-group operands loaded an iteration ahead, at the start / at the
 end of the iteration), mixed_wm1 / mixed_wm2 (mixed
 with the split's small operands loaded into the caches before the K loop, `warm_meta` 1 / 2), mixed_wpf1 /
 mixed_wpf2 (the same with `prefetch_meta=2`),
@@ -53,7 +54,7 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_pf": 0.1, "mixed_pf2": 0.1, "mixed_wm1": 0.1, "mixed_wm2": 0.1, "mixed_wpf1": 0.1, "mixed_wpf2": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_xq": 0.1, "mixed_xq": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_pf": 0.1, "mixed_pf2": 0.1, "mixed_wm1": 0.1, "mixed_wm2": 0.1, "mixed_wpf1": 0.1, "mixed_wpf2": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
 
@@ -128,6 +129,15 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
             cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), quantize_first=name == "gemv_qf"),
             interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "gemv_xq":  # the default GEMV tiling on codes quantized by XLA ops (unfused here: x is an input)
+        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
+            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), quantize_first=True, xla_quant=True),
+            interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name == "mixed_xq":  # the kernel's default config on codes quantized by XLA ops (unfused here)
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
+            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), xla_quant=True), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_dequant":
         return reference.dequant_matmul_ref, build, None, None

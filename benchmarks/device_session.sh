@@ -14,6 +14,8 @@
 #   bash benchmarks/device_session.sh warm      # session 10: the small operands warmed into the caches before
 #                                               # the K loop (warm_meta 1, 2) against the default, M = 4..128
 #                                               # (MS=..., VARIANTS=... override; mixed_wpf1/2 add prefetch_meta=2)
+#   bash benchmarks/device_session.sh xq        # session 10 (not yet run): end to end with the activations
+#                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
 #                                               # before their use (prefetch_meta=2) against the default
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
@@ -85,6 +87,13 @@ case "$part" in
       --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms "${MS:-4,16,32,64,128}" \
       --variants "${VARIANTS:-xla_bf16,mixed,mixed_wm1,mixed_wm2}" --out "$out/warm" 2>&1 | tee "$out/warm.log"
     ;;
+  xq)
+    header
+    timeout 90 python3 -m pytest -q -x tests/test_kernels.py tests/test_gemv.py \
+      -k "xla_activation or other_configs or groups_per_iteration" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 480 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@xq+h4 --profile \
+      --budget-s 470 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+    ;;
   prefetch)
     header
     timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs" 2>&1 | tail -3 | tee "$out/tests.log"
@@ -98,7 +107,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|prefetch|crossover" >&2
     exit 2
     ;;
 esac

@@ -65,6 +65,8 @@ class GemvConfig:
     groups_per_iter: int = 1  # K groups per loop iteration: each row's bytes of all of them in one load
     # (64·gpi contiguous bytes of a 4-bit row), one wait on the small per-group operands per iteration
     # instead of per group; without quantize_first each program quantizes its gpi groups of x itself
+    xla_quant: bool = False  # with quantize_first: the codes from `kernels.quantize_activations_xla` (XLA
+    # ops that a jitted model can fuse into the producer of x) instead of the Pallas quantization kernel
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -77,10 +79,12 @@ class GemvConfig:
                              f"K groups of a split (split_k={self.split_k})")
         if not 1 <= m <= 16:
             raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
+        if self.xla_quant and not self.quantize_first:
+            raise ValueError("xla_quant=True quantizes x before the GEMV: set quantize_first=True as well")
 
 
 def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096, m: int = 1,
-                       quantize_first: bool | None = None) -> GemvConfig:
+                       quantize_first: bool | None = None, xla_quant: bool = False) -> GemvConfig:
     """32-row tiles on pre-quantized codes, 4 groups an iteration (2 or 1 where the groups do not divide),
     and the largest split-K that keeps whole iterations and at most `programs` programs — so most
     programs run one iteration. H100 sweep (session 6, call 8, results/kernels.md): within 0.5 µs of the
@@ -88,13 +92,14 @@ def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096, m: i
     (64-row tiles, one group an iteration, in-kernel quantization). `quantize_first` None picks by `m`:
     one launch (each program quantizes its own groups) at M = 1 — H200 (session 8): 3–16 % less span than
     the two launches on the four 8B layers — and the codes from the quantization kernel from M = 2 (the
-    form measured there: with M rows every program would quantize M rows of its groups)."""
+    form measured there: with M rows every program would quantize M rows of its groups). `xla_quant`
+    takes the codes from XLA ops (implies quantize_first)."""
     gpi = 4 if num_groups % 4 == 0 else 2 if num_groups % 2 == 0 else 1
     tiles = max(1, rows // 32)
     split = max(d for d in range(1, num_groups + 1)
                 if num_groups % d == 0 and (num_groups // d) % gpi == 0 and (tiles * d <= programs or d == 1))
-    qf = m > 1 if quantize_first is None else quantize_first
-    return GemvConfig(32, split, quantize_first=qf, groups_per_iter=gpi)
+    qf = xla_quant or (m > 1 if quantize_first is None else quantize_first)
+    return GemvConfig(32, split, quantize_first=qf, groups_per_iter=gpi, xla_quant=xla_quant)
 
 
 def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:
@@ -303,9 +308,12 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
     g = qw.num_groups
     cfg.check(m, g)
     if cfg.quantize_first:
-        from pallas_kernels.kernels import quantize_activations_pallas
+        from pallas_kernels.kernels import quantize_activations_pallas, quantize_activations_xla
 
-        x_q, a_scale, x_sum = quantize_activations_pallas(x, block_m=16, interpret=interpret)  # [Mp, Kp] int8
+        if cfg.xla_quant:
+            x_q, a_scale, x_sum = quantize_activations_xla(x, block_m=16)  # [Mp, Kp] int8
+        else:
+            x_q, a_scale, x_sum = quantize_activations_pallas(x, block_m=16, interpret=interpret)
         x_in = (_words(x_q), a_scale, x_sum)
     else:
         if k != g * GROUP_SIZE:

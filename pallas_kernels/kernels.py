@@ -90,6 +90,9 @@ class GemmConfig:
     # (session 3 measured such a prefetch 0–50 % slower: Triton converted the carried values' layout in
     # the loading iteration; re-tried with the lighter session-9 loop)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
+    xla_quant: bool = False  # quantize the activations with XLA ops (`quantize_activations_xla`) instead of
+    # the Pallas quantization kernel: same codes, and inside a jitted model XLA may fuse them into the
+    # producer of x (the norm, SiLU·mul), one launch fewer per linear
     warm_meta: int = 0  # 1, 2: before the loop, load the split's small operands as [P, ·] tiles only to
     # bring them into the caches (their values feed a zero the compiler cannot prove), so the per-group
     # loads that Triton leaves unpipelined hit L1 instead of DRAM: one latency per program instead of one
@@ -261,6 +264,21 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, zero_n: int 
         kernel, out_shape=tuple(out_shape), grid=(mp // block_m, g), interpret=interpret,
         name="quantize_activations", compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
     )(x)
+
+
+def quantize_activations_xla(x: jax.Array, *, block_m: int = 64):
+    """`quantize_activations_pallas` (without `zero_n`) in XLA ops: the same outputs, bit for bit —
+    x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp], rows ≥ M and columns ≥ K zero. Inside a
+    jitted model XLA can fuse it into the producer of x, which a Pallas call cannot."""
+    from pallas_kernels.reference import quantize_groups
+
+    m, k = x.shape
+    g = -(-k // GROUP_SIZE)
+    mp = -(-m // block_m) * block_m
+    xp = jnp.pad(x, ((0, mp - m), (0, g * GROUP_SIZE - k)))
+    x_q, a_scale = quantize_groups(xp.reshape(mp, g, GROUP_SIZE))  # [Mp, G, 128], [Mp, G]
+    x_sum = jnp.sum(x_q.astype(jnp.int32), axis=-1)  # [Mp, G]
+    return x_q.reshape(mp, g * GROUP_SIZE), a_scale.T, x_sum.T
 
 
 # ------------------------------------------------------------------------------------------ mixed GEMM
@@ -537,9 +555,12 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     if cfg.fuse_quant or mode == "float":
         args = (x, *weights)
     else:
-        zero_n = qw.n if atomic and cfg.zero_in_quant else 0
-        x_q, a_scale, x_sum, *zeros = quantize_activations_pallas(x, block_m=cfg.block_m, zero_n=zero_n,
-                                                                  interpret=interpret)
+        if cfg.xla_quant:
+            x_q, a_scale, x_sum = quantize_activations_xla(x, block_m=cfg.block_m)
+        else:
+            zero_n = qw.n if atomic and cfg.zero_in_quant else 0
+            x_q, a_scale, x_sum, *zeros = quantize_activations_pallas(x, block_m=cfg.block_m, zero_n=zero_n,
+                                                                      interpret=interpret)
         args = (x_q, a_scale, x_sum, *weights)
     out_dtype = out_dtype or x.dtype
     acc_dtype = jnp.float32 if cfg.split_k > 1 else out_dtype

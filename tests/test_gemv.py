@@ -98,6 +98,8 @@ def test_gemv_rejects_what_it_cannot_take(cfg, m, match):
     (3, 2048, 200, 0.3, gemv.GemvConfig(64, 2, quantize_first=True, groups_per_iter=8)),
     (2, 600, 96, 0.0, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=1)),  # K padded, G = 5
     (1, 512, 130, 1.0, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=2)),
+    (1, 600, 96, 0.1, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=1, xla_quant=True)),  # XLA codes
+    (2, 1024, 256, 0.1, gemv.GemvConfig(32, 2, quantize_first=True, groups_per_iter=4, xla_quant=True)),
     # the same programs quantizing their own groups of x (one launch)
     (1, 1024, 256, 0.1, gemv.GemvConfig(32, 2, groups_per_iter=4)),
     (3, 2048, 200, 0.3, gemv.GemvConfig(64, 2, groups_per_iter=8)),
@@ -129,6 +131,9 @@ def test_default_gemv_config_groups():
     assert (cfg.block_n, cfg.groups_per_iter, cfg.quantize_first) == (32, 4, True)  # M = 2: two launches
     assert not gemv.choose_gemv_config(32, 14592).quantize_first  # M = 1: one launch, quantizing in-kernel
     assert gemv.choose_gemv_config(32, 14592, quantize_first=True).quantize_first
+    assert gemv.choose_gemv_config(32, 14592, xla_quant=True).quantize_first  # XLA codes: quantized first
+    with pytest.raises(ValueError, match="quantize_first=True as well"):
+        gemv.GemvConfig(32, 1, xla_quant=True).check(1, 32)
     assert 32 // cfg.split_k == 4 and 14592 // 32 * cfg.split_k <= 4096
     assert gemv.choose_gemv_config(5, 256).groups_per_iter == 1  # 5 groups: one at a time
     cfg.check(1, 32)

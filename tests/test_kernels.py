@@ -226,6 +226,7 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, warm_meta=2),  # 1 group a split
         kernels.GemmConfig(16, 64, 1, 4, 3, fuse_quant=True, warm_meta=2),  # no activation meta to warm
         kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, warm_meta=1, prefetch_meta=2),
+        kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, xla_quant=True),  # XLA codes
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
@@ -307,6 +308,25 @@ def test_activation_quant_kernel_matches_reference():
     x_q_k, _, x_sum = kernels.quantize_activations_pallas(x, interpret=INTERPRET)
     expect = np.asarray(x_q_k, np.int32)[:70].reshape(70, 5, 128).sum(-1).T  # [G, M] of the kernel's codes
     np.testing.assert_array_equal(np.asarray(x_sum)[:, :70], expect)
+
+
+@pytest.mark.parametrize("m, k, block_m", [(70, 576, 64), (1, 128, 16), (33, 300, 32)])
+def test_xla_activation_quant_equals_the_kernel(m, k, block_m):
+    """`quantize_activations_xla` (XLA ops, fusable into the producer of x) returns the quantization
+    kernel's outputs: codes, scales and Σx_q, padded rows and columns zero; an all-zero row has scale 0."""
+    x = jnp.asarray(_rng().normal(size=(m, k)) * 3, jnp.bfloat16)
+    x = x.at[m // 2].set(0)
+    got = kernels.quantize_activations_xla(x, block_m=block_m)
+    want = kernels.quantize_activations_pallas(x, block_m=block_m, interpret=INTERPRET)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    diff = np.abs(np.asarray(got[0], np.int32) - np.asarray(want[0], np.int32))
+    assert diff.max() <= (0 if INTERPRET else 1)  # Triton's approximate division may move a rare code by one
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=0 if INTERPRET else 1e-6)
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(got[0], np.int32).reshape(
+        got[0].shape[0], -1, 128).sum(-1).T)
+    assert not np.asarray(got[0])[m:].any() and not np.asarray(got[1])[:, m:].any()
+    assert not np.asarray(got[1])[:, m // 2].any()
 
 
 def test_quant_kernel_zeroes_the_split_k_output():
