@@ -38,7 +38,8 @@ num_warps % 4 == 0). `fuse_quant=True` quantizes inside the GEMM instead (one la
 no faster at N = 14336), and `groups_per_iter > 1` issues several groups' MMAs before their rescale
 (measured slower: more registers, fewer programs in flight). `zero_in_quant=True` lets the
 activation-quantization kernel zero the split-K output instead of XLA's fill (one launch fewer;
-measured no faster, call 5). `preload=True` loads the small per-group operands of a whole split before
+measured no faster, call 5). `xla_quant=True` quantizes with XLA ops instead (`quantize_activations_xla`,
+the same codes), which XLA can fuse into the producer of x inside a jitted model (not yet measured). `preload=True` loads the small per-group operands of a whole split before
 the loop (Triton leaves them as plain loads that every group waits on; measured slower, session 3). On
 GPU, `api.mixed_matmul` sends 16-bit prefill (M ≥ 512) to `dequant_dot` and one-row decode on layers up to
 16384 rows to `gemv` instead of this kernel: faster there (benchmarks/results/kernels.md).
