@@ -414,7 +414,8 @@ def parse(argv):
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
     p.add_argument("--device-timers", action="store_true",
                    help="also report device busy/span µs per call from a profiler trace (GPU)")
-    p.add_argument("--out", default=os.environ.get("OUT", "."))
+    p.add_argument("--out", default=os.environ.get("OUT", "out"), help="folder for bench.jsonl and summary.md "
+                   "(default $OUT, else ./out, which git ignores)")
     return p.parse_args(argv)
 
 

@@ -39,8 +39,10 @@ no faster at N = 14336), and `groups_per_iter > 1` issues several groups' MMAs b
 (measured slower: more registers, fewer programs in flight). `zero_in_quant=True` lets the
 activation-quantization kernel zero the split-K output instead of XLA's fill (one launch fewer;
 measured no faster, call 5). `xla_quant=True` quantizes with XLA ops instead (`quantize_activations_xla`,
-the same codes), which XLA can fuse into the producer of x inside a jitted model (not yet measured). `preload=True` loads the small per-group operands of a whole split before
-the loop (Triton leaves them as plain loads that every group waits on; measured slower, session 3). On
+the same codes), which XLA can fuse into the producer of x inside a jitted model (not yet measured).
+`preload=True` loads the small per-group operands of a whole split before the loop (Triton leaves them
+as plain loads that every group waits on; measured slower, session 3); `warm_meta` loads them only to
+warm the caches, `prefetch_meta` an iteration ahead (both measured no faster, session 10). On
 GPU, `api.mixed_matmul` sends 16-bit prefill (M ≥ 512) to `dequant_dot` and one-row decode on layers up to
 16384 rows to `gemv` instead of this kernel: faster there (benchmarks/results/kernels.md).
 
@@ -84,12 +86,11 @@ class GemmConfig:
     # of all the split's groups before the K loop as [P, ·] tiles and pick row i per group: Triton does
     # not pipeline these loads, so otherwise every group waits on one (ncu, session 3: 54 % of stall
     # samples on the zeros)
-    prefetch_meta: int = 0  # 1: load the next iteration's small operands at the start of this one, carried in
-    # registers; 2: at its end, after the rescale (ncu, session 10: with 1, ptxas moves the new values into
-    # the carried registers at the back edge while the old ones are still live, and that move waits on
-    # the loads in the same iteration; loaded after the old values' last use they can take their registers)
-    # (session 3 measured such a prefetch 0–50 % slower: Triton converted the carried values' layout in
-    # the loading iteration; re-tried with the lighter session-9 loop)
+    prefetch_meta: int = 0  # load the next iteration's small operands in this one, carried in registers: 1 at
+    # its start (ncu, session 10: ptxas then moves them into the carried registers at the back edge, and
+    # that move waits on the loads within the iteration), 2 at its end, after the rescale (no move; the
+    # first use still waits an iteration later: these loads outlast an iteration). Neither measured
+    # faster than 0 on the H200 (results/kernels.md, sessions 9–10)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
     xla_quant: bool = False  # quantize the activations with XLA ops (`quantize_activations_xla`) instead of
     # the Pallas quantization kernel: same codes, and inside a jitted model XLA may fuse them into the
