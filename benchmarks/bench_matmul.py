@@ -6,21 +6,15 @@
     python benchmarks/bench_matmul.py --ms 1,16,2048 --variants xla_bf16,mixed_v4,mixed,api \
         --large-m-variants xla_bf16,mixed,xla_dequant,api   # old vs new paths, side by side
 
-Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), gemv /
-gemv_qf / gemv_1l (the M = 1 GEMV: its default; on codes from the quantization kernel; quantizing in every
-program, one launch), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% /
-0% / 10% 8-bit channels), mixed_b8 (mixed with the 4-bit unpack as Triton's 8-bit shift, as before session 9),
-mixed_xq / gemv_xq (the kernel / the GEMV on codes from XLA ops instead of the quantization kernel;
-unfused here, where x is an input), mixed_pf / mixed_pf2 (mixed with the small per-group operands loaded an iteration ahead, at the start / at the
-end of the iteration), mixed_wm1 / mixed_wm2 (mixed
-with the split's small operands loaded into the caches before the K loop, `warm_meta` 1 / 2), mixed_wpf1 /
-mixed_wpf2 (the same with `prefetch_meta=2`),
-mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
-mixed_v4 (the kernel as configured at call 4), mixed_fused_zero (the zero
-fill of the split-K output done by the activation-quantization kernel), mixed_f32out
-(the kernel returning its f32 accumulator, no convert launch), api (`pallas_kernels.mixed_matmul`,
-implementation="pallas": the dispatched GPU path), dequant_dot (fake-quant activations × bf16-dequantized
-weight, XLA dot), xla_dequant (bf16 x × `reference.dequant_matmul_ref`), float_dequant (Pallas ablation).
+Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), gemv
+(the M = 1 GEMV, its default), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% / 0% / 10% 8-bit
+channels), the GEMV's and the kernel's default configurations with some fields changed (`GEMV_OVERRIDES`,
+`MIXED_OVERRIDES`: gemv_qf, gemv_1l, gemv_xq, mixed_b8, mixed_pf, mixed_pf2, mixed_wm1/2, mixed_wpf1/2,
+mixed_xq, mixed_fused_zero), mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
+mixed_v4 (the kernel as configured at call 4), mixed_f32out (the kernel returning its f32 accumulator, no
+convert launch), api (`pallas_kernels.mixed_matmul`, implementation="pallas": the dispatched GPU path),
+dequant_dot (fake-quant activations × bf16-dequantized weight, XLA dot), xla_dequant (bf16 x ×
+`reference.dequant_matmul_ref`), float_dequant (Pallas ablation), mgpu / mgpu_decode (Mosaic GPU).
 
 Every variant is first checked against its reference on the same inputs (rel. error printed), then
 timed: R copies of the weights and activations (R·weight bytes > 100 MB, beyond the 50 MB L2) are run
@@ -54,9 +48,26 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B li
 MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "gemv_qf": 0.1, "gemv_xq": 0.1, "mixed_xq": 0.1, "gemv_1l": 0.1, "mixed_dt": 0.1, "mixed_b8": 0.1, "mixed_pf": 0.1, "mixed_pf2": 0.1, "mixed_wm1": 0.1, "mixed_wm2": 0.1, "mixed_wpf1": 0.1, "mixed_wpf2": 0.1, "mixed_f32out": 0.1, "mixed_fused_zero": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "mixed_dt": 0.1, "mixed_f32out": 0.1, "api": 0.1, "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1}
 ROTATE_BYTES = 100e6
+GEMV_OVERRIDES = {  # variant → GemvConfig fields changed from `gemv.choose_gemv_config`'s default
+    "gemv_qf": dict(quantize_first=True),  # on codes from the quantization kernel (two launches)
+    "gemv_1l": dict(quantize_first=False),  # quantizing in every program (one launch)
+    "gemv_xq": dict(quantize_first=True, xla_quant=True),  # on codes from XLA ops (unfused here: x is an input)
+}
+MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choose_config`'s default
+    "mixed_b8": dict(word_unpack=False),  # the 4-bit unpack as Triton's 8-bit shift (before session 9)
+    "mixed_pf": dict(prefetch_meta=1),  # small per-group operands loaded an iteration ahead, at its start
+    "mixed_pf2": dict(prefetch_meta=2),  # … at its end, after the rescale
+    "mixed_wm1": dict(warm_meta=1),  # the split's small operands loaded into the caches before the K loop
+    "mixed_wm2": dict(warm_meta=2),
+    "mixed_wpf1": dict(warm_meta=1, prefetch_meta=2),  # both
+    "mixed_wpf2": dict(warm_meta=2, prefetch_meta=2),
+    "mixed_xq": dict(xla_quant=True),  # on codes from XLA ops (unfused here: x is an input)
+    "mixed_fused_zero": dict(zero_in_quant=True),  # split-K zero fill by the quantization kernel
+}
+SHARE.update({v: 0.1 for v in (*GEMV_OVERRIDES, *MIXED_OVERRIDES)})
 
 
 def random_packed(rng, n: int, k: int, share8: float) -> fmt.MixedWeight:
@@ -121,23 +132,18 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_ref":
         return reference.mixed_matmul_ref, build, None, None
+    if name in GEMV_OVERRIDES:  # the default GEMV tiling with some fields changed
+        over = GEMV_OVERRIDES[name]
+        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
+            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), **over), interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
+    if name in MIXED_OVERRIDES:  # the kernel's default config with some fields changed
+        over = MIXED_OVERRIDES[name]
+        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
+            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), **over), interpret=interpret)
+        return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "gemv":  # the CUDA-core dp4a decode kernel (pallas_kernels/gemv.py), one launch
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg, interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name in ("gemv_qf", "gemv_1l"):  # the default GEMV tiling on codes from the activation-quantization
-        # kernel (two launches) / quantizing in every program (one launch)
-        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
-            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), quantize_first=name == "gemv_qf"),
-            interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "gemv_xq":  # the default GEMV tiling on codes quantized by XLA ops (unfused here: x is an input)
-        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
-            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), quantize_first=True, xla_quant=True),
-            interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "mixed_xq":  # the kernel's default config on codes quantized by XLA ops (unfused here)
-        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
-            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), xla_quant=True), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "xla_dequant":
         return reference.dequant_matmul_ref, build, None, None
@@ -159,31 +165,8 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "mixed_dt":  # the decode tiles (32 rows, split-K partials) up to M = 256 (`decode_max_m`)
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, decode_max_m=256, interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "mixed_b8":  # the kernel's default config with the 4-bit unpack as Triton's 8-bit shift (before session 9)
-        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
-            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), word_unpack=False), interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "mixed_pf":  # the kernel's default config, small operands prefetched an iteration ahead
-        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
-            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), prefetch_meta=True), interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "mixed_pf2":  # the kernel's default config, next small operands loaded after the rescale
-        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
-            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), prefetch_meta=2), interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name in ("mixed_wm1", "mixed_wm2", "mixed_wpf1", "mixed_wpf2"):  # default config, small operands warmed
-        # into the caches before the loop (warm_meta 1 / 2); wpf: and each group's loaded an iteration ahead
-        fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
-            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), warm_meta=int(name[-1]),
-            prefetch_meta=2 if "wpf" in name else 0), interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "mixed_v4":  # the kernel as configured at call 4
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg or v4_config(x.shape[0], w), interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name == "mixed_fused_zero":  # default config, zero fill done by the activation-quantization kernel
-        fn = lambda x, w: kernels.mixed_matmul_pallas(
-            x, w, config=dataclasses.replace(cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)),
-                                             zero_in_quant=True), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     out = jnp.float32 if name == "mixed_f32out" else None
     fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, interpret=interpret, out_dtype=out)
