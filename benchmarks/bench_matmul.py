@@ -279,6 +279,9 @@ DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "p
 DECODE_SWEEP_WORDS = {"block_n": (32, 64), "stages": (3, 4), "warps": (4,), "programs": (1024, 4096),
                       "prefetch_meta": (False, True)}  # session 9: tiles again once the 4-bit unpack runs on
 # 32-bit words (fewer instructions per group), with and without the small operands an iteration ahead
+DECODE_SWEEP_TALL = {"block_m": (32, 64), "block_n": (64,), "stages": (3,), "warps": (4, 8), "programs": (512, 1024)}
+# session 10 (not yet run): at M = 64–128 the 32-row tiles read each weight tile once per 32 rows; 64-row
+# tiles with split-K read it once (offline: 128 registers with 4 warps, 108 with 8; Triton takes wgmma there)
 DECODE_SWEEP_PRELOAD = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
                         "preload": (False, True)}  # session 3: the split's small operands loaded before the loop
 
@@ -288,13 +291,13 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     number of programs that split-K aims for."""
     C = kernels.GemmConfig
     cands = []
-    for block_n, stages, warps, programs, preload, prefetch in itertools.product(
-            grid["block_n"], grid["stages"], grid["warps"], grid["programs"], grid.get("preload", (False,)),
-            grid.get("prefetch_meta", (False,))):
-        split = kernels._decode_split(g, rows // block_n, programs)
+    for block_m, block_n, stages, warps, programs, preload, prefetch in itertools.product(
+            grid.get("block_m", (16 if m <= 16 else 32,)), grid["block_n"], grid["stages"], grid["warps"],
+            grid["programs"], grid.get("preload", (False,)), grid.get("prefetch_meta", (False,))):
+        split = kernels._decode_split(g, -(-m // block_m) * (rows // block_n), programs)
         if preload and g // split > kernels._MAX_PRELOAD:
             continue
-        cands.append(C(16 if m <= 16 else 32, block_n, split, warps, stages, fuse_quant=False,
+        cands.append(C(block_m, block_n, split, warps, stages, fuse_quant=False,
                        split_partials=split > 1, preload=preload, prefetch_meta=prefetch))
     return list(dict.fromkeys(cands))
 
@@ -384,6 +387,7 @@ def parse(argv):
     p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
     p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
     p.add_argument("--sweep-decode-words", action="store_true", help="the grid DECODE_SWEEP_WORDS")
+    p.add_argument("--sweep-decode-tall", action="store_true", help="the grid DECODE_SWEEP_TALL (block_m 32 / 64)")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-gemv-grouped", action="store_true", help="GEMV, groups per iteration (gemv_grouped_sweep)")
     p.add_argument("--sweep-gemv-one-launch", action="store_true",
@@ -493,13 +497,13 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
-                or args.sweep_decode_words \
+                or args.sweep_decode_words or args.sweep_decode_tall \
                 or args.sweep_gemv_grouped or args.sweep_gemv_one_launch \
                 or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
-            if args.sweep_decode_small or args.sweep_decode_preload or args.sweep_decode_words:
+            if args.sweep_decode_small or args.sweep_decode_preload or args.sweep_decode_words or args.sweep_decode_tall:
                 grid = (DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_WORDS if args.sweep_decode_words
-                        else DECODE_SWEEP_PRELOAD)
+                        else DECODE_SWEEP_TALL if args.sweep_decode_tall else DECODE_SWEEP_PRELOAD)
                 sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep

@@ -16,6 +16,8 @@
 #                                               # (MS=..., VARIANTS=... override; mixed_wpf1/2 add prefetch_meta=2)
 #   bash benchmarks/device_session.sh xq        # session 10 (not yet run): end to end with the activations
 #                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
+#   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
+#                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
 #                                               # before their use (prefetch_meta=2) against the default
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
@@ -94,6 +96,12 @@ case "$part" in
     timeout 480 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@xq+h4 --profile \
       --budget-s 470 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
+  tall)
+    header
+    timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
+      --variants xla_bf16,mixed --sweep-decode-tall --sweep-shapes 4096x28672,14336x4096,4096x6144 \
+      --sweep-ms 64,128 --out "$out/tall" 2>&1 | tee "$out/tall.log"
+    ;;
   prefetch)
     header
     timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs" 2>&1 | tail -3 | tee "$out/tests.log"
@@ -107,7 +115,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac
