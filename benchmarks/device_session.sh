@@ -82,12 +82,13 @@ case "$part" in
     timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
       --ms 128,256 --variants xla_bf16,mixed,mixed_dt,api --out "$out/w128" 2>&1 | tee "$out/w128.log"
     ;;
-  warm)
+  warm|prefetch)  # decode-tile variants side by side; prefetch: the session-10 prefetch_meta=2 comparison
     header
+    [ "$part" = prefetch ] && default=xla_bf16,mixed,mixed_pf2 || default=xla_bf16,mixed,mixed_wm1,mixed_wm2
     timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs or mixed_kernel" 2>&1 | tail -3 | tee "$out/tests.log"
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
       --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms "${MS:-4,16,32,64,128}" \
-      --variants "${VARIANTS:-xla_bf16,mixed,mixed_wm1,mixed_wm2}" --out "$out/warm" 2>&1 | tee "$out/warm.log"
+      --variants "${VARIANTS:-$default}" --out "$out/$part" 2>&1 | tee "$out/$part.log"
     ;;
   xq)
     header
@@ -101,13 +102,6 @@ case "$part" in
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
       --variants xla_bf16,mixed --sweep-decode-tall --sweep-shapes 4096x28672,14336x4096,4096x6144 \
       --sweep-ms 64,128 --out "$out/tall" 2>&1 | tee "$out/tall.log"
-    ;;
-  prefetch)
-    header
-    timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs" 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
-      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 4,16,32,64,128 \
-      --variants xla_bf16,mixed,mixed_pf2 --out "$out/prefetch" 2>&1 | tee "$out/prefetch.log"
     ;;
   crossover)
     header

@@ -57,13 +57,14 @@ def main(argv=None):
     w = random_packed(np.random.default_rng(0), args.n, args.k, 0.1)
     x = jnp.asarray(np.random.default_rng(1).normal(size=(args.m, args.k)), jnp.bfloat16)
     from ptx_stats import config_overrides
-    cfg = config_overrides(kernels.choose_config(args.m, w.num_groups, w.q8.shape[0] + w.q4.shape[0],
-                                                 decode=args.decode), args.set)
-    fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg))
+
+    rows = w.q8.shape[0] + w.q4.shape[0]
     if args.kernel == "gemv":
-        cfg = config_overrides(gemv.choose_gemv_config(w.num_groups, w.q8.shape[0] + w.q4.shape[0], m=args.m),
-                               args.set)
+        cfg = config_overrides(gemv.choose_gemv_config(w.num_groups, rows, m=args.m), args.set)
         fn = jax.jit(lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg))
+    else:
+        cfg = config_overrides(kernels.choose_config(args.m, w.num_groups, rows, decode=args.decode), args.set)
+        fn = jax.jit(lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg))
     if args.kernel == "mgpu_decode":
         fn = jax.jit(lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(x, w))
     for _ in range(3):

@@ -447,34 +447,25 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             a = [(as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]) if with_a_meta else () for g in gs]
             return tuple(a), tuple(meta_fn(g, n0) for g in gs)
 
-        tiles = None
-        if cfg.preload:  # [P, ·] tiles of the split's groups, loaded once; P a power of two ≥ groups
-            p = pl.next_power_of_2(groups_per_split)
-            live = (lax.broadcasted_iota(jnp.int32, (p, 1), 0) < groups_per_split)
+        def meta_tiles(q):  # (activation, weight) small operands of the split's first q groups as [P, ·] tiles
+            p = pl.next_power_of_2(q)  # a power of two ≥ q; rows ≥ q masked
+            live = lax.broadcasted_iota(jnp.int32, (p, 1), 0) < q
             a_t = ()
             if with_a_meta:
                 mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
                 a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0) for r in (as_ref, ax_ref))
-            tiles = a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
+            return a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
 
-        def warm_loads():  # [P, ·] tiles of the first ≤ _MAX_PRELOAD groups' small operands
-            q = min(groups_per_split, _MAX_PRELOAD)
-            p = pl.next_power_of_2(q)
-            live = lax.broadcasted_iota(jnp.int32, (p, 1), 0) < q
-            ts = [meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))]
-            if with_a_meta:
-                mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
-                ts.append(tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0)
-                                for r in (as_ref, ax_ref)))
-            return ts
+        tiles = meta_tiles(groups_per_split) if cfg.preload else None  # loaded once, a row picked per group
 
-        def warm_zero(ts):  # f32 zeros [1, bn] that depend on every element of the tiles
+        def warm_zero(a_t, w_t):  # f32 zeros [1, bn] that depend on every element of the tiles
             # times zeros at run time (channel indices < 2^30) that no compiler can prove zero: the loads stay
             nil = cols >> 30  # [bn]
             total = jnp.zeros((bn,), jnp.int32)
-            for i, group in enumerate(ts):
-                for t in group:
-                    total = total + (jnp.sum(_bits(t) * nil[None, :], axis=0) if i == 0 else jnp.sum(_bits(t)) * nil)
+            for t in w_t:
+                total = total + jnp.sum(_bits(t) * nil[None, :], axis=0)
+            for t in a_t:
+                total = total + jnp.sum(_bits(t)) * nil
             return total.astype(jnp.float32)[None, :]  # [1, bn]
 
         def pick_meta(i):
@@ -506,15 +497,15 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             return step(i, acc, metas), ahead
 
         zero = jnp.zeros((bm, bn), jnp.float32)
-        warm = warm_loads() if cfg.warm_meta and not cfg.preload else None
+        warm = meta_tiles(min(groups_per_split, _MAX_PRELOAD)) if cfg.warm_meta and not cfg.preload else None
         if warm is not None and cfg.warm_meta == 1:
-            zero = zero + warm_zero(warm)
+            zero = zero + warm_zero(*warm)
         if cfg.prefetch_meta and not cfg.preload:
             acc, _ = lax.fori_loop(0, iters, carried, (zero, load_meta(0)))
         else:
             acc = lax.fori_loop(0, iters, body, zero)
         if warm is not None and cfg.warm_meta == 2:
-            acc = acc + warm_zero(warm)
+            acc = acc + warm_zero(*warm)
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])
