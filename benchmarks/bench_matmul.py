@@ -10,7 +10,7 @@ Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int
 (the M = 1 GEMV, its default), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% / 0% / 10% 8-bit
 channels), the GEMV's and the kernel's default configurations with some fields changed (`GEMV_OVERRIDES`,
 `MIXED_OVERRIDES`: gemv_qf, gemv_1l, gemv_xq, mixed_b8, mixed_pf, mixed_pf2, mixed_wm1/2, mixed_wpf1/2,
-mixed_xq, mixed_fused_zero), mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
+mixed_xq, mixed_fused_zero, mixed_mm, mixed_zs, mixed_mmz), mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
 mixed_v4 (the kernel as configured at call 4), mixed_f32out (the kernel returning its f32 accumulator, no
 convert launch), api (`pallas_kernels.mixed_matmul`, implementation="pallas": the dispatched GPU path),
 dequant_dot (fake-quant activations × bf16-dequantized weight, XLA dot), xla_dequant (bf16 x ×
@@ -66,6 +66,11 @@ MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choos
     "mixed_wpf2": dict(warm_meta=2, prefetch_meta=2),
     "mixed_xq": dict(xla_quant=True),  # on codes from XLA ops (unfused here: x is an input)
     "mixed_fused_zero": dict(zero_in_quant=True),  # split-K zero fill by the quantization kernel
+    # session 11: the small operands through Triton's pipeliner (outer products on the tensor cores), the
+    # 4-bit zero point carried in the scale's low mantissa bits (one 4-byte load), and both
+    "mixed_mm": dict(meta_mma=True),
+    "mixed_zs": dict(zero_in_scale=True),
+    "mixed_mmz": dict(meta_mma=True, zero_in_scale=True),
 }
 SHARE.update({v: 0.1 for v in (*GEMV_OVERRIDES, *MIXED_OVERRIDES)})
 
@@ -139,6 +144,8 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name in MIXED_OVERRIDES:  # the kernel's default config with some fields changed
         over = MIXED_OVERRIDES[name]
+        if over.get("zero_in_scale"):
+            build = lambda rng, n, k: kernels.embed_zero_in_scale(random_packed(rng, n, k, share))
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
             cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), **over), interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
@@ -229,9 +236,10 @@ _WEIGHTS: dict = {}
 def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     rng = np.random.default_rng(m * 7 + n)
     fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
-    key = (SHARE.get(name.split("@")[0], name), n, k)
+    embedded = MIXED_OVERRIDES.get(name, {}).get("zero_in_scale", False)  # a weight of its own
+    key = (SHARE.get(name.split("@")[0], name), n, k, embedded)
     if key not in _WEIGHTS:  # packing 58M codes takes seconds: reuse across M and configs
-        if any(kk[1:] != (n, k) for kk in _WEIGHTS):
+        if any(kk[1:3] != (n, k) for kk in _WEIGHTS):
             _WEIGHTS.clear()
         _WEIGHTS[key] = build(rng, n, k)
     w0 = _WEIGHTS[key]

@@ -100,7 +100,16 @@ class GemmConfig:
     # loads that Triton leaves unpipelined hit L1 instead of DRAM: one latency per program instead of one
     # per group. 1 folds the tiles into the accumulator's initial zeros (waits before the loop), 2 into
     # the result after the loop (the tiles stay in registers through it). Alone 0–25 % slower on the H200
-    # (session 10); with prefetch_meta=2 not yet measured (benchmarks/NOTES-kernels.md, item 42)
+    # (session 10); with prefetch_meta=2 not faster either (session 11, benchmarks/NOTES-kernels.md, item 42)
+    meta_mma: bool = False  # int mode: the rescale factors s_a·s_w/16 and the zero-point term 16·Σx_q·(8 − z)
+    # as [bm, bn] outer products on the tensor cores (bf16 parts, exact; `_outer`). Triton's pipeliner
+    # only follows loads that feed a dot's A or B operand, so the small operands' loads then travel
+    # `num_stages` − 1 iterations ahead through shared memory with the weight tiles, instead of being
+    # plain loads each group waits on (ncu, sessions 3 and 10). Offline (session 11): tying them into the
+    # codes with a zero instead made Triton load each twice (a rematerialized plain load for the rescale)
+    zero_in_scale: bool = False  # experiment (session 11): the 4-bit scales carry the zero point in their
+    # low 4 mantissa bits (`embed_zero_in_scale`; z4 is not read): one 4-byte load per channel and group,
+    # which the pipeliner can take (cp.async moves ≥ 4 bytes; the int8 zeros stay plain loads)
 
     @property
     def atomic(self) -> bool:
@@ -120,6 +129,9 @@ class GemmConfig:
             raise ValueError(f"prefetch_meta={self.prefetch_meta} must be 0 (off), 1 or 2")
         if self.warm_meta not in (0, 1, 2):
             raise ValueError(f"warm_meta={self.warm_meta} must be 0 (off), 1 or 2")
+        if self.meta_mma and (self.preload or self.prefetch_meta or self.fuse_quant):
+            raise ValueError("meta_mma pipelines the in-loop loads of the small operands: it excludes preload, "
+                             "prefetch_meta and fuse_quant")
         if self.preload and num_groups // self.split_k > _MAX_PRELOAD:
             raise ValueError(f"preload holds at most {_MAX_PRELOAD} groups per split, got "
                              f"{num_groups // self.split_k}: raise split_k or set preload=False")
@@ -337,13 +349,19 @@ def _w8_meta(g, n0, s8_ref, *, block_n, mask=None):
     return (_load(s8_ref.at[g, pl.ds(n0, block_n)], mask, 0.0),)  # f32 scales
 
 
-def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
-    """Phase 2: f32 [bm, bn] contribution of the group."""
-    (w_scale,) = w_meta
+def _w8_factors(a_meta, w_meta):
+    """Int mode: the group's [bm, bn] rescale factor s_a·s_w."""
+    return (a_meta[0][:, None] * w_meta[0][None, :],)
+
+
+def _w8_scale(partial, xh, a_meta, w_meta, *, mode, factors=None):
+    """Phase 2: f32 [bm, bn] contribution of the group (factors: `_w8_factors`, when computed earlier)."""
     if mode == "float":
+        (w_scale,) = w_meta
         wa, wb = ((w.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16) for w in partial)
         return _dot_nt(xh[0], wa) + _dot_nt(xh[1], wb)
-    return _unseed(partial) * (a_meta[0][:, None] * w_scale[None, :])
+    (f,) = factors or _w8_factors(a_meta, w_meta)
+    return _unseed(partial) * f
 
 
 def _w4_load(g, n0, q4_ref, *, block_n, evict):
@@ -374,6 +392,20 @@ def _w4_mma(xh, packed, *, mode, word_ops=False):
     return _seeded_mma(xh[0], lo, xh[1], hi)  # 16·Σ x_q·(u − 8)
 
 
+def embed_zero_in_scale(qw: MixedWeight) -> MixedWeight:
+    """`zero_in_scale`: scale4 with its low 4 mantissa bits replaced by the zero point (relative change
+    of the scale < 2^-19)."""
+    bits = lax.bitcast_convert_type(qw.scale4, jnp.int32)
+    bits = (bits & ~15) | qw.zero4.astype(jnp.int32)
+    return dataclasses.replace(qw, scale4=lax.bitcast_convert_type(bits, jnp.float32))
+
+
+def _w4_meta_embedded(g, n0, s4_ref, *, block_n, mask=None):
+    """`_w4_meta` for `zero_in_scale`: scale and zero point from one f32 load."""
+    bits = _bits(_load(s4_ref.at[g, pl.ds(n0, block_n)], mask, 0.0))
+    return lax.bitcast_convert_type(bits & ~15, jnp.float32), bits & 15
+
+
 def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n, mask=None):
     """The group's scales f32 and zero points int8, [bn] or [P, bn] (as `_w8_meta`)."""
     rows = pl.ds(n0, block_n)
@@ -384,6 +416,55 @@ def _load(ref, mask, other):  # jax 0.11 rejects `other` without a mask
     return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
 
 
+# `meta_mma`: a [rows] f32 vector v as three bf16 parts (v = v1 + v2 + v3 exactly for normal values), and
+# the columns of the K = 16 operands that multiply them: Σ_j A[m, j]·B[n, j] = Σ of v_i·w_j for
+# i + j ≤ 4, the product up to ≈ 2^-24 relative (the three dropped terms).
+_PARTS_A = (0, 0, 1, 0, 1, 2)
+_PARTS_B = (0, 1, 0, 2, 1, 0)
+
+
+def _bf16_parts(v: jax.Array):
+    p1 = v.astype(jnp.bfloat16)
+    r = v - p1.astype(jnp.float32)
+    p2 = r.astype(jnp.bfloat16)
+    return p1, p2, (r - p2.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _columns(parts, picks) -> jax.Array:
+    """[rows, 16] bf16 operand whose column j is parts[picks[j]] (zero past len(picks))."""
+    rows = parts[0].shape[0]
+    col = lax.broadcasted_iota(jnp.int32, (1, 16), 1)
+    pick = jnp.full((1, 16), -1, jnp.int32)
+    for j, p in enumerate(picks):
+        pick = jnp.where(col == j, p, pick)  # the part each column takes (loop-invariant)
+    out = jnp.zeros((rows, 16), jnp.bfloat16)
+    for i, part in enumerate(parts):  # one select per part and element
+        out = jnp.where(pick == i, part[:, None], out)
+    return out
+
+
+def _outer(u: jax.Array, v: jax.Array) -> jax.Array:
+    """u ⊗ v, f32 [len(u), len(v)], as one bf16 MMA with K = 16 (`meta_mma`)."""
+    return _dot_nt(_columns(_bf16_parts(u), _PARTS_A), _columns(_bf16_parts(v), _PARTS_B))
+
+
+def _w8_factors_mma(a_meta, w_meta):
+    return (_outer(a_meta[0], w_meta[0]),)
+
+
+def _w4_factors_mma(a_meta, w_meta):
+    """As `_w4_factors`, on the tensor cores; the zero-point term exact in f32: 16·Σx_q·(8 − z) =
+    h·2048·(8 − z) + l·16·(8 − z) with Σx_q = 128·h + l, every factor a bf16 integer, every product and
+    the sum below 2^24."""
+    (a_scale, x_sum), (w_scale, zero) = a_meta, w_meta
+    f = _outer(a_scale, w_scale * (1.0 / 16.0))
+    xs = x_sum.astype(jnp.int32)
+    z8 = (8 - zero.astype(jnp.int32)).astype(jnp.float32)
+    a = _columns(((xs >> 7).astype(jnp.bfloat16), (xs & 127).astype(jnp.bfloat16)), (0, 1))
+    b = _columns(((z8 * 2048.0).astype(jnp.bfloat16), (z8 * 16.0).astype(jnp.bfloat16)), (0, 1))
+    return f, _dot_nt(a, b)
+
+
 def _pick_row(tile: jax.Array, i) -> jax.Array:
     """Row i (traced) of a register tile [P, C] → [C], by a masked sum over P (no dynamic indexing)."""
     hit = lax.broadcasted_iota(jnp.int32, tile.shape, 0) == i
@@ -391,10 +472,21 @@ def _pick_row(tile: jax.Array, i) -> jax.Array:
     return jnp.sum(jnp.where(hit, wide, jnp.zeros_like(wide)), axis=0).astype(tile.dtype)
 
 
-def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
-    """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q."""
-    w_scale, zero = w_meta
+def _w4_factors(a_meta, w_meta):
+    """Int mode: the group's rescale factor s_a·s_w/16 and zero-point term 16·Σx_q·(8 − z), [bm, bn] each.
+
+    The zero point goes in the integer domain: 16·Σ x_q·(u − 8) + 16·Σx_q·(8 − z) = 16·Σ x_q·(u − z), one
+    integer multiply-add per element on the seeded partial; exact (|16·Σ x_q·(u − z)| ≤ 16·127·15·128 <
+    2^22, the seed's range), then one rounding instead of two f32 terms."""
+    (a_scale, x_sum), (w_scale, zero) = a_meta, w_meta
+    shift = (16 * x_sum.astype(jnp.int32))[:, None] * (8 - zero.astype(jnp.int32))[None, :]
+    return a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :], shift
+
+
+def _w4_scale(partial, xh, a_meta, w_meta, *, mode, factors=None):
+    """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q (factors: `_w4_factors`)."""
     if mode == "float":
+        w_scale, zero = w_meta
         zero_off = 8.0 - zero.astype(jnp.float32)  # [bn] 8 − z
         scale16, shift = w_scale * (1.0 / 16.0), zero_off * w_scale
 
@@ -402,12 +494,10 @@ def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
             return (w16.astype(jnp.float32) * scale16[:, None] + shift[:, None]).astype(jnp.bfloat16)
 
         return _dot_nt(xh[0], deq(partial[0])) + _dot_nt(xh[1], deq(partial[1]))
-    a_scale, x_sum = a_meta
-    # the zero point in the integer domain: 16·Σ x_q·(u − 8) + 16·Σx_q·(8 − z) = 16·Σ x_q·(u − z), one
-    # integer multiply-add per element on the seeded partial; exact (|16·Σ x_q·(u − z)| ≤ 16·127·15·128 <
-    # 2^22, the seed's range), then one rounding instead of two f32 terms
-    shift = (16 * x_sum.astype(jnp.int32))[:, None] * (8 - zero.astype(jnp.int32))[None, :]
-    return _unseed(partial + shift) * (a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :])
+    f, shift = factors or _w4_factors(a_meta, w_meta)
+    if shift.dtype == jnp.float32:  # `_w4_factors_mma`: exact, so the same value as the integer add
+        return (_unseed(partial) + shift) * f
+    return _unseed(partial + shift) * f
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
@@ -435,7 +525,7 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
         return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
 
-    def run(load_fn, mma_fn, meta_fn, scale_fn, n0):
+    def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, n0):
         unroll = cfg.groups_per_iter
         iters = groups_per_split // unroll
         with_a_meta = not cfg.fuse_quant and mode != "float"
@@ -479,9 +569,12 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             groups = [g0 + i * unroll + j for j in range(unroll)]
             xs = [load_x(g) for g in groups]
             ws = [load_fn(g, n0) for g in groups]
+            factors = [None] * unroll
+            if cfg.meta_mma and with_a_meta:  # the small operands feed MMAs: Triton pipelines their loads
+                factors = [factors_fn(a, w) for a, w in zip(a_metas, w_metas)]
             partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
-            for partial, (xh, a_in), a_meta, w_meta in zip(partials, xs, a_metas, w_metas):
-                acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
+            for partial, (xh, a_in), a_meta, w_meta, f in zip(partials, xs, a_metas, w_metas, factors):
+                acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta, factors=f)
             return acc
 
         def body(i, acc):
@@ -519,15 +612,17 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         def _():
             load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
-            run(load, functools.partial(_w8_mma, mode=mode), meta, functools.partial(_w8_scale, mode=mode), tile * bn)
+            run(load, functools.partial(_w8_mma, mode=mode), meta, functools.partial(_w8_scale, mode=mode),
+                _w8_factors_mma, tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
         def _():
             load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
-            meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn)
+            meta = (functools.partial(_w4_meta_embedded, s4_ref=s4_ref, block_n=bn) if cfg.zero_in_scale else
+                    functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn))
             mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret)
-            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), (tile - n8_tiles) * bn)
+            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), _w4_factors_mma, (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):

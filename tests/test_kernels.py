@@ -227,12 +227,31 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(16, 64, 1, 4, 3, fuse_quant=True, warm_meta=2),  # no activation meta to warm
         kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, warm_meta=1, prefetch_meta=2),
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, xla_quant=True),  # XLA codes
+        kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, meta_mma=True),  # scales as MMA outer products
+        kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, meta_mma=True, groups_per_iter=1),
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
     x, qw = _case(20, 576, 96, 0.1, jnp.float32)
     y = kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
+
+
+def test_meta_mma_matches_the_f32_rescale():
+    """`meta_mma` forms s_a·s_w/16 from bf16 parts on the tensor cores and the zero-point term as an
+    exact f32 product: the result is the default kernel's up to a few f32 roundings, on scales spanning
+    many binades and zero points at both ends of [0, 15]."""
+    x, qw = _case(24, 640, 136, 0.3, jnp.float32)
+    rng = np.random.default_rng(7)
+    spread = lambda s: s * jnp.asarray(2.0 ** rng.integers(-20, 6, s.shape), jnp.float32)  # noqa: E731
+    zero4 = jnp.asarray(rng.choice([0, 1, 7, 8, 14, 15], qw.zero4.shape), qw.zero4.dtype)
+    qw = dataclasses.replace(qw, scale8=spread(qw.scale8), scale4=spread(qw.scale4), zero4=zero4)
+    x = x * jnp.asarray(2.0 ** rng.integers(-8, 8, (x.shape[0], 1)), jnp.float32)
+    base = kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False)
+    want = kernels.mixed_matmul_pallas(x, qw, config=base, interpret=INTERPRET)
+    got = kernels.mixed_matmul_pallas(x, qw, config=dataclasses.replace(base, meta_mma=True), interpret=INTERPRET)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-6, atol=1e-6 * float(jnp.abs(want).max()))
+    assert _rel(want, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
 @pytest.mark.parametrize("word_unpack", [True, False])
