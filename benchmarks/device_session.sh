@@ -16,6 +16,8 @@
 #                                               # (MS=..., VARIANTS=... override; mixed_wpf1/2 add prefetch_meta=2)
 #   bash benchmarks/device_session.sh xq        # session 10 (not yet run): end to end with the activations
 #                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
+#   bash benchmarks/device_session.sh nq        # session 11: norms emitting int8 codes (rms_norm_quant) end to
+#                                               # end against plain norms (w4.4a8@nq+h4)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -97,6 +99,12 @@ case "$part" in
     timeout 480 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@xq+h4 --profile \
       --budget-s 470 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
+  nq)  # session 11: the norms before mixed linears emit int8 codes (default) against plain norms (@nq)
+    header
+    timeout 70 python3 -m pytest -q -x tests/test_norm.py -k "quant" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 450 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@nq+h4 --profile \
+      --budget-s 440 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -109,7 +117,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac

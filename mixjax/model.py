@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax.config import LlamaConfig
-from mixjax.linear import Implementation, QuantizedLinear, linear
+from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -194,6 +194,33 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(jnp.float32)
     y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return w.astype(x.dtype) * y.astype(x.dtype)
+
+
+NORM_QUANT = "auto"  # "auto": norms feeding mixed linears quantize their output in one Pallas launch
+# (`pallas_kernels.rms_norm_quant`) on the Pallas path at ≤ MAX_QUANT_ROWS tokens (decode); "always": also
+# on the XLA path, through its reference (tests); "never": plain `rms_norm`, each linear quantizes itself
+
+
+def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> bool:
+    """Whether the norm before `weights` (the linears sharing its output) should hand them int8 codes."""
+    from pallas_kernels.format import MixedWeight
+    from pallas_kernels.norm import MAX_QUANT_ROWS
+
+    if NORM_QUANT == "never" or not weights or not all(isinstance(w, MixedWeight) for w in weights):
+        return False
+    if math.prod(x.shape[:-1]) > MAX_QUANT_ROWS:
+        return False
+    return NORM_QUANT == "always" or resolve_implementation(implementation) == "pallas"
+
+
+def norm_quant(x, delta, w, eps: float, implementation: Implementation):
+    """(x + Σ delta, QuantizedActivations of rms_norm(x + Σ delta, w)): delta None, x-shaped, or a mixed
+    linear's f32 split-K partials [S, *x.shape] (`MixedWeight.matmul(..., partials=True)`)."""
+    from pallas_kernels import norm
+
+    if resolve_implementation(implementation) == "pallas":
+        return norm.rms_norm_quant_pallas(x, delta, w, eps)
+    return norm.rms_norm_quant_ref(x, delta, w, eps)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -403,7 +430,18 @@ def _decoder_layer(
             return jnp.split(proj(f"{group}.{fused_name}", h), np.cumsum(sizes)[:-1].tolist(), axis=-1)
         return [proj(f"{group}.{name}", h) for name in members]
 
-    h = rms_norm(x, layer["input_layernorm"], cfg.rms_norm_eps)
+    from pallas_kernels.format import MixedWeight
+
+    def consumers(group):  # the weights that read the norm's output
+        members, fused_name = _FUSED[group]
+        names = [fused_name] if fused_name in layer[group] else members
+        return [layer[group][name]["weight"] for name in names]
+
+    eps = cfg.rms_norm_eps
+    if _norm_quant_on(consumers("self_attn"), x, implementation):
+        _, h = norm_quant(x, None, layer["input_layernorm"], eps, implementation)  # int8 codes for q/k/v
+    else:
+        h = rms_norm(x, layer["input_layernorm"], eps)
     q, k, v = projs("self_attn", h)
     q = apply_rope(q.reshape(B, T, H, Dh), *rope)
     k = apply_rope(k.reshape(B, T, KVH, Dh), *rope)
@@ -417,9 +455,16 @@ def _decoder_layer(
         v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
         new_cache = (k_store, v_store, ks_store, vs_store)
     attn = _attend(q, keys, values, mask, k_scale, v_scale).reshape(B, T, H * Dh)
-    x = x + proj("self_attn.o_proj", attn)
-
-    h = rms_norm(x, layer["post_attention_layernorm"], cfg.rms_norm_eps)
+    o_proj = layer["self_attn"]["o_proj"]
+    if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
+        if isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # its split-K partials
+            delta = o_proj["weight"].matmul(attn, implementation=implementation, partials=True)  # [S, B, T, D]
+        else:
+            delta = proj("self_attn.o_proj", attn)
+        x, h = norm_quant(x, delta, layer["post_attention_layernorm"], eps, implementation)
+    else:
+        x = x + proj("self_attn.o_proj", attn)
+        h = rms_norm(x, layer["post_attention_layernorm"], eps)
     gate, up = projs("mlp", h)
     gated = jax.nn.silu(gate) * up  # [B, T, F]
     x = x + proj("mlp.down_proj", gated)
@@ -509,8 +554,11 @@ def final_logits(params, x, cfg, implementation):
 
     The head may be a `QuantizedLinear` (a `MixedWeight` from `QuantConfig.head_bits`, shared with the
     embedding when tied): it then runs through `linear` like a decoder linear (int8 activations)."""
-    x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
+    if _norm_quant_on([head], x, implementation):
+        _, x = norm_quant(x, None, params["norm"], cfg.rms_norm_eps, implementation)
+    else:
+        x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     return linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]
 
 

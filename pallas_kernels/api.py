@@ -37,7 +37,7 @@ import jax
 
 from pallas_kernels import reference
 from pallas_kernels.dequant_dot import DEQUANT_DOT_MIN_M
-from pallas_kernels.format import MixedWeight
+from pallas_kernels.format import MixedWeight, QuantizedActivations
 
 Implementation = Literal["auto", "xla", "pallas"]  # as mixjax.linear.Implementation
 
@@ -49,7 +49,12 @@ def _resolve(implementation: Implementation) -> str:
     return resolve_implementation(implementation)
 
 
-def _check_x(x: jax.Array, qw: MixedWeight) -> None:
+def _check_x(x, qw: MixedWeight) -> None:
+    if isinstance(x, QuantizedActivations):
+        if x.k != qw.k or x.x_q.shape[1] != qw.k_padded:
+            raise ValueError(f"mixed_matmul: quantized activations of {x.k} features (codes {x.x_q.shape}) for a "
+                             f"weight of in_features {qw.k} ({qw.k_padded} padded)")
+        return
     if x.ndim != 2 or x.shape[1] != qw.k:
         raise ValueError(f"mixed_matmul: x must be [M, {qw.k}] (the weight's in_features), got {x.shape}")
     if not jax.numpy.issubdtype(x.dtype, jax.numpy.floating):
@@ -97,40 +102,54 @@ def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DO
 
 
 def mixed_matmul(
-    x: jax.Array,  # [M, K] float
+    x,  # [M, K] float, or QuantizedActivations of such an x
     qw: MixedWeight,
     *,
     implementation: Implementation = "auto",
     interpret: bool = False,
     dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M,
-) -> jax.Array:  # [M, N] x.dtype, channel order
+    partials: bool = False,
+) -> jax.Array:  # [M, N] x.dtype, channel order; partials: f32 [S, M, N]
     """y = x @ W.T with W8A8/W4A8 per-group quantization (see `pallas_kernels.reference`).
 
-    On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel."""
+    On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel.
+    `QuantizedActivations` (codes from the producer of x) go to the integer kernels without their
+    quantization step; the XLA path and the prefill paths take their dequantized values (the same
+    codes again: the largest code of a group is ±127). `partials=True` returns the split-K kernels'
+    unsummed f32 partials [S, M, N] (S = 1 on the other paths)."""
+    pre = isinstance(x, QuantizedActivations)
     _check_x(x, qw)
     impl = "pallas" if interpret else _resolve(implementation)
     _check_backend(impl, interpret)
-    if x.shape[0] == 0:
-        return jax.numpy.zeros((0, qw.n), x.dtype)
+    m = x.m if pre else x.shape[0]
+    dtype = jax.numpy.dtype(x.dtype)
+    if m == 0:
+        return jax.numpy.zeros((1, 0, qw.n), jax.numpy.float32) if partials else jax.numpy.zeros((0, qw.n), dtype)
+
+    def whole(y):
+        return y.astype(jax.numpy.float32)[None] if partials else y
+
     if impl == "xla":
-        return reference.mixed_matmul_ref(x, qw)
-    path = select_gpu_path(x.shape[0], x.dtype, dequant_dot_min_m=dequant_dot_min_m,
+        return whole(reference.mixed_matmul_ref(x.dequantize().reshape(m, qw.k) if pre else x, qw))
+    path = select_gpu_path(m, dtype, dequant_dot_min_m=dequant_dot_min_m,
                            rows=qw.q8.shape[0] + qw.q4.shape[0], wgmma=not interpret and has_wgmma())
     if path == "gemv":
         from pallas_kernels import gemv
 
-        return gemv.mixed_gemv_pallas(x, qw, interpret=interpret)
+        return gemv.mixed_gemv_pallas(x, qw, interpret=interpret, partials=partials)
+    if pre and path in ("mgpu", "dequant_dot"):
+        x = x.dequantize().reshape(m, qw.k)
     if path == "mgpu":
         from pallas_kernels.mgpu import mixed_matmul_mgpu
 
-        return mixed_matmul_mgpu(x, qw)
+        return whole(mixed_matmul_mgpu(x, qw))
     if not interpret and path == "dequant_dot":
         from pallas_kernels.dequant_dot import dequant_dot_matmul
 
-        return dequant_dot_matmul(x, qw)
+        return whole(dequant_dot_matmul(x, qw))
     from pallas_kernels import kernels
 
-    return kernels.mixed_matmul_pallas(x, qw, interpret=interpret)
+    return kernels.mixed_matmul_pallas(x, qw, interpret=interpret, partials=partials)
 
 
 def quantize_activations(

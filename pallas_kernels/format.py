@@ -81,13 +81,19 @@ class MixedWeight:
     def take_rows(self, ids: jax.Array) -> jax.Array:  # f32 [..., k]
         return take_rows(self, ids)
 
-    def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
-        """x [..., K] float → [..., N] in x's dtype (leading dims flattened for the kernel)."""
+    def matmul(self, x, *, implementation: str = "auto", partials: bool = False) -> jax.Array:
+        """x [..., K] float, or `QuantizedActivations` of such an x → [..., N] in x's dtype (leading dims
+        flattened for the kernel). partials: f32 [S, ..., N] whose sum over S is the result before its
+        rounding to x's dtype (a split-K kernel's unsummed partials, S = 1 otherwise), for a consumer that
+        sums them itself (`pallas_kernels.rms_norm_quant`)."""
         from pallas_kernels.api import mixed_matmul
 
-        lead = x.shape[:-1]
-        y = mixed_matmul(x.reshape(-1, x.shape[-1]), self, implementation=implementation)
-        return y.reshape(*lead, self.n)
+        if isinstance(x, QuantizedActivations):
+            lead, x2 = x.lead, x
+        else:
+            lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
+        y = mixed_matmul(x2, self, implementation=implementation, partials=partials)
+        return y.reshape(-1, *lead, self.n) if partials else y.reshape(*lead, self.n)
 
 
 jax.tree_util.register_dataclass(
@@ -95,6 +101,50 @@ jax.tree_util.register_dataclass(
     data_fields=["q8", "scale8", "q4", "scale4", "zero4", "channel", "row_of_channel"],
     meta_fields=["n", "k", "n8"],
 )
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedActivations:
+    """Activations quantized ahead of a mixed linear, as `kernels.quantize_activations_pallas` lays them
+    out: int8 codes per (row, group of 128), symmetric, with group-major scales and code sums. Made by a
+    producer that quantizes while it writes (`pallas_kernels.rms_norm_quant`), so the linear's kernel
+    skips its own quantization. Rows [0, M) hold the input's M = prod(lead) rows; rows ≥ M and columns
+    ≥ k are zero."""
+
+    x_q: jax.Array  # int8 [Mp, Kp]
+    a_scale: jax.Array  # f32 [G, Mp]
+    x_sum: jax.Array  # int32 [G, Mp], Σ of each group's codes
+    lead: tuple[int, ...]  # the input's leading shape
+    k: int  # in_features (unpadded)
+    dtype: str  # the float dtype the input had: outputs come back in it
+
+    @property
+    def m(self) -> int:
+        return int(np.prod(self.lead, dtype=np.int64))
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.lead, self.k)
+
+    def rows(self, block_m: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(x_q, a_scale, x_sum) with a multiple of `block_m` rows covering M (zero rows appended if needed)."""
+        mp = self.x_q.shape[0]
+        want = _round_up(max(self.m, 1), block_m)
+        if mp % block_m == 0 and mp >= want:
+            return self.x_q, self.a_scale, self.x_sum
+        pad = _round_up(max(mp, want), block_m) - mp
+        return (jnp.pad(self.x_q, ((0, pad), (0, 0))), jnp.pad(self.a_scale, ((0, 0), (0, pad))),
+                jnp.pad(self.x_sum, ((0, 0), (0, pad))))
+
+    def dequantize(self) -> jax.Array:  # [*lead, k] in `dtype`: codes × scales (the XLA path's input)
+        g = self.a_scale.shape[0]
+        xq = self.x_q[: self.m].reshape(self.m, g, GROUP_SIZE).astype(jnp.float32)
+        x = (xq * self.a_scale[:, : self.m].T[..., None]).reshape(self.m, g * GROUP_SIZE)[:, : self.k]
+        return x.astype(self.dtype).reshape(self.shape)
+
+
+jax.tree_util.register_dataclass(
+    QuantizedActivations, data_fields=["x_q", "a_scale", "x_sum"], meta_fields=["lead", "k", "dtype"])
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight
+from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight, QuantizedActivations
 
 _WORDS = GROUP_SIZE // 8  # 16 words of 4 bytes per half group of activations / per 4-bit group row
 
@@ -302,15 +302,18 @@ def _words(a: jax.Array) -> jax.Array:
     return lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 4), jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "out_dtype"))
-def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
-    m, k = x.shape
+@functools.partial(jax.jit, static_argnames=("cfg", "interpret", "out_dtype", "partials"))
+def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, partials: bool = False):
+    pre = isinstance(x, QuantizedActivations)
+    m, k = (x.m, x.k) if pre else x.shape
     g = qw.num_groups
     cfg.check(m, g)
     if cfg.quantize_first:
         from pallas_kernels.kernels import quantize_activations_pallas, quantize_activations_xla
 
-        if cfg.xla_quant:
+        if pre:  # codes from the producer of x
+            x_q, a_scale, x_sum = x.rows(16)
+        elif cfg.xla_quant:
             x_q, a_scale, x_sum = quantize_activations_xla(x, block_m=16)  # [Mp, Kp] int8
         else:
             x_q, a_scale, x_sum = quantize_activations_pallas(x, block_m=16, interpret=interpret)
@@ -339,12 +342,20 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype):
         name="mixed_gemv",
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(*x_in, q8, s8, q4, s4, z4, qw.channel)
+    if partials:  # f32 [S, M, N] for a consumer that sums them itself
+        return y.reshape(cfg.split_k, m, qw.n)
     return y.reshape(cfg.split_k, m, qw.n).sum(0).astype(out_dtype)  # the sum fuses into the consumer
 
 
-def mixed_gemv_pallas(x: jax.Array, qw: MixedWeight, *, config: GemvConfig | None = None,
-                      interpret: bool = False, out_dtype=None) -> jax.Array:
+def mixed_gemv_pallas(x, qw: MixedWeight, *, config: GemvConfig | None = None,
+                      interpret: bool = False, out_dtype=None, partials: bool = False) -> jax.Array:
     """x [M, K] float (M ≤ 16; faster than the MMA kernel at M ≤ 2, `api.GEMV_MAX_M`) → [M, N] in channel
-    order; one launch at M = 1, two from M = 2 (`choose_gemv_config`)."""
-    cfg = config or choose_gemv_config(qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], m=x.shape[0])
-    return _gemv(x, qw, cfg=cfg, interpret=interpret, out_dtype=jnp.dtype(out_dtype or x.dtype))
+    order; one launch at M = 1, two from M = 2 (`choose_gemv_config`). x may be `QuantizedActivations`
+    (the GEMV then runs on those codes, one launch at any M). partials: f32 [S, M, N] unsummed."""
+    pre = isinstance(x, QuantizedActivations)
+    m = x.m if pre else x.shape[0]
+    rows = qw.q8.shape[0] + qw.q4.shape[0]
+    cfg = config or choose_gemv_config(qw.num_groups, rows, m=m, quantize_first=True if pre else None)
+    if pre:
+        cfg = dataclasses.replace(cfg, quantize_first=True, xla_quant=False)
+    return _gemv(x, qw, cfg=cfg, interpret=interpret, out_dtype=jnp.dtype(out_dtype or x.dtype), partials=partials)

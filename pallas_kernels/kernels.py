@@ -62,7 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, MixedWeight
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, MixedWeight, QuantizedActivations
 
 Mode = Literal["int", "float"]
 
@@ -630,9 +630,11 @@ def _nonempty(*arrays):
     return tuple(a if a.size else jnp.zeros((1, 1), a.dtype) for a in arrays)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "mode", "interpret", "out_dtype"))
-def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: bool, out_dtype=None):
-    m = x.shape[0]
+@functools.partial(jax.jit, static_argnames=("cfg", "mode", "interpret", "out_dtype", "partials"))
+def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: bool, out_dtype=None,
+                partials: bool = False):
+    pre = isinstance(x, QuantizedActivations)  # codes from the producer of x (int mode, quantize-first configs)
+    m = x.m if pre else x.shape[0]
     g = qw.num_groups
     cfg.check(m, g)
     n8_tiles = qw.q8.shape[0] // cfg.block_n
@@ -643,15 +645,17 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     if cfg.fuse_quant or mode == "float":
         args = (x, *weights)
     else:
-        if cfg.xla_quant:
+        if pre:
+            x_q, a_scale, x_sum = x.rows(cfg.block_m)
+        elif cfg.xla_quant:
             x_q, a_scale, x_sum = quantize_activations_xla(x, block_m=cfg.block_m)
         else:
             zero_n = qw.n if atomic and cfg.zero_in_quant else 0
             x_q, a_scale, x_sum, *zeros = quantize_activations_pallas(x, block_m=cfg.block_m, zero_n=zero_n,
                                                                       interpret=interpret)
         args = (x_q, a_scale, x_sum, *weights)
-    out_dtype = out_dtype or x.dtype
-    acc_dtype = jnp.float32 if cfg.split_k > 1 else out_dtype
+    out_dtype = out_dtype or jnp.dtype(x.dtype)
+    acc_dtype = jnp.float32 if cfg.split_k > 1 or partials else out_dtype
     out_rows = m * cfg.split_k if cfg.split_partials else m
     aliases = {}
     if atomic:
@@ -670,21 +674,29 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
         name=f"mixed_gemm_{mode}",
         compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
     )(*args)
+    if partials:  # f32 [S, M, N] for a consumer that sums them itself
+        return y.reshape(cfg.split_k, m, qw.n) if cfg.split_partials else y[None]
     if cfg.split_partials:
         y = y.reshape(cfg.split_k, m, qw.n).sum(0)  # fused by XLA into the consumer of y
     return y.astype(out_dtype)  # split-K: f32 → x.dtype, fused into the consumer when inside a jitted model
 
 
-def mixed_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,
+def mixed_matmul_pallas(x, qw: MixedWeight, *, config: GemmConfig | None = None,
                         decode: DecodeStrategy = DEFAULT_DECODE, decode_max_m: int = DECODE_MAX_M,
-                        interpret: bool = False, out_dtype=None) -> jax.Array:
+                        interpret: bool = False, out_dtype=None, partials: bool = False) -> jax.Array:
     """x [M, K] float → [M, N] in channel order (W8A8 + W4A8, two-step dequantization), x.dtype unless
     `out_dtype` (e.g. f32: the split-K accumulator itself, no conversion). `decode` picks the launch
-    strategy for M ≤ `decode_max_m` when no `config` is given (`_decode_config`)."""
-    cfg = config or choose_config(x.shape[0], qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode,
+    strategy for M ≤ `decode_max_m` when no `config` is given (`_decode_config`). x may be
+    `QuantizedActivations`: the kernel then runs on those codes (no quantization launch). partials: the
+    split-K partials f32 [S, M, N] unsummed (S = 1 without split)."""
+    pre = isinstance(x, QuantizedActivations)
+    m = x.m if pre else x.shape[0]
+    cfg = config or choose_config(m, qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode,
                                   decode_max_m=decode_max_m)
+    if pre:  # the codes exist: no in-kernel or XLA quantization, no zero fill by the quantizer
+        cfg = dataclasses.replace(cfg, fuse_quant=False, xla_quant=False, zero_in_quant=False)
     return _mixed_gemm(x, qw, cfg=cfg, mode="int", interpret=interpret,
-                       out_dtype=None if out_dtype is None else jnp.dtype(out_dtype))
+                       out_dtype=None if out_dtype is None else jnp.dtype(out_dtype), partials=partials)
 
 
 def dequant_matmul_pallas(x: jax.Array, qw: MixedWeight, *, config: GemmConfig | None = None,

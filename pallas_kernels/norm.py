@@ -24,6 +24,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels.format import GROUP_SIZE
+
 MAX_WIDTH = 65536  # widest row one program takes (the row lives in registers; Llama-3-405B is 16384)
 
 
@@ -88,3 +90,112 @@ def add_rms_norm_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps
     if x.size == 0:
         return add_rms_norm_ref(x, delta, w, eps)
     return _add_rms_norm(x, delta, w, eps=float(eps), interpret=interpret)
+
+
+# ------------------------------------------------------------------ residual add + RMSNorm + quantization
+#
+# Why (session 11): in a quantized decode step every RMSNorm feeds a mixed linear, which quantizes the
+# norm's output again (one launch per linear, or inside every GEMV program). This kernel does the residual
+# add (summing the previous linear's split-K partials itself, so that sum is not a launch of its own —
+# the reason `add_rms_norm_pallas` saved nothing, session 8), the norm and the int8 quantization per
+# group of 128 in one launch, one program per row; the linear then runs on the codes.
+
+MAX_QUANT_ROWS = 64  # rows (tokens) up to which the model takes this kernel: decode batches
+
+
+def quant_rows(m: int) -> int:
+    """Rows of the codes for M input rows: a multiple of the decode kernels' row tiles (16, 32, 64)."""
+    return 16 if m <= 16 else 32 if m <= 32 else -(-m // 64) * 64
+
+
+def rms_norm_quant_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float):
+    """(s, QuantizedActivations of h) with (s, h) = `add_rms_norm_ref(x, Σ_S delta, w)`: delta is None, an
+    x-shaped array or f32 partials [S, *x.shape] summed in f32 and rounded to x's dtype before the add."""
+    from pallas_kernels.format import QuantizedActivations
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    if delta is not None and delta.ndim == x.ndim + 1:
+        delta = jnp.sum(delta.astype(jnp.float32), axis=0).astype(x.dtype)
+    s, h = add_rms_norm_ref(x, delta, w, eps)
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = h.reshape(-1, d)
+    x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(rows.shape[0]))
+    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
+
+
+def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: int, eps: float, dtype):
+    if parts:
+        x_ref, d_ref, w_ref, s_ref, q_ref, sc_ref, sum_ref = refs
+    else:
+        x_ref, w_ref, q_ref, sc_ref, sum_ref = refs
+    r = pl.program_id(0)
+    live_row = r < m
+    src = jnp.minimum(r, m - 1)  # rows ≥ M (padding of the codes) read row M − 1, masked to zero
+    gi = lax.broadcasted_iota(jnp.int32, (gp, GROUP_SIZE), 0)
+    col = gi * GROUP_SIZE + lax.broadcasted_iota(jnp.int32, (gp, GROUP_SIZE), 1)  # [gp, 128] feature index
+    valid = (col < width) & live_row
+    s = plgpu.load(x_ref.at[src, col], mask=valid, other=0.0)
+    if parts:
+        total = jnp.zeros((gp, GROUP_SIZE), jnp.float32)
+        for j in range(parts):  # the previous linear's split-K partials, summed here
+            total = total + plgpu.load(d_ref.at[j, src, col], mask=valid, other=0.0).astype(jnp.float32)
+        s = (s + total.astype(dtype)).astype(dtype)
+        plgpu.store(s_ref.at[src, col], s, mask=valid)
+    sf = s.astype(jnp.float32)
+    mean = jnp.sum(sf * sf) / width
+    y = (sf * lax.rsqrt(mean + eps)).astype(dtype)
+    h = (plgpu.load(w_ref.at[col], mask=col < width, other=0.0).astype(dtype) * y).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(h), axis=1)  # [gp]; the arithmetic of `reference.quantize_groups`
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
+    g1 = jnp.arange(gp)
+    plgpu.store(q_ref.at[r, col], q.astype(jnp.int8), mask=gi < groups)
+    plgpu.store(sc_ref.at[g1, r], amax / 127.0, mask=g1 < groups)
+    plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
+
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def _rms_norm_quant(x, delta, w, *, eps: float, interpret: bool):
+    from pallas_kernels.format import QuantizedActivations
+
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    m = rows.shape[0]
+    mp, groups = quant_rows(m), -(-d // GROUP_SIZE)
+    gp = pl.next_power_of_2(groups)
+    parts = 0 if delta is None else delta.shape[0]
+    args = (rows,) if delta is None else (rows, delta.reshape(parts, m, d))
+    codes = (jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8), jax.ShapeDtypeStruct((groups, mp), jnp.float32),
+             jax.ShapeDtypeStruct((groups, mp), jnp.int32))
+    out_shape = codes if delta is None else (jax.ShapeDtypeStruct(rows.shape, x.dtype), *codes)
+    res = pl.pallas_call(
+        functools.partial(_norm_quant_kernel, m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype),
+        out_shape=out_shape,
+        grid=(mp,),
+        interpret=interpret,
+        name="rms_norm_quant",
+        compiler_params=plgpu.CompilerParams(num_warps=4 if gp * GROUP_SIZE <= 4096 else 8, num_stages=1),
+    )(*args, w)
+    s = x if delta is None else res[0].reshape(x.shape)
+    x_q, a_scale, x_sum = res[-3:]
+    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
+
+
+def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *,
+                          interpret: bool = False):
+    """`rms_norm_quant_ref` in one launch: x [..., D] (the residual stream), delta None, x-shaped, or f32
+    split-K partials [S, *x.shape] of the previous linear; w [D] → (s = x + Σ delta, QuantizedActivations
+    of RMSNorm(s)·w) for a mixed linear to consume. The norm's f32 sum runs in another order than XLA's,
+    so h (and a code) can differ from the reference by one rounding of x's dtype."""
+    if x.ndim < 1 or w.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm_quant: w must be [D] with D = x.shape[-1]; got x {x.shape}, w {w.shape}")
+    if delta is not None and delta.shape not in (x.shape, (delta.shape[0], *x.shape)):
+        raise ValueError(f"rms_norm_quant: delta must be x's shape {x.shape} or [S, *{x.shape}], got {delta.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"rms_norm_quant: x must be floating point, got {x.dtype}")
+    if x.shape[-1] > MAX_WIDTH or x.size == 0:
+        return rms_norm_quant_ref(x, delta, w, eps)
+    if delta is not None and delta.ndim == x.ndim:
+        delta = delta[None]
+    return _rms_norm_quant(x, delta, w, eps=float(eps), interpret=interpret)

@@ -51,3 +51,114 @@ def test_zero_rows_and_bad_inputs_are_named():
         norm.add_rms_norm_pallas(jnp.ones((2, 64)), jnp.ones((1, 64)), jnp.ones(64), 1e-5, interpret=True)
     with pytest.raises(TypeError, match="floating"):
         norm.add_rms_norm_pallas(jnp.ones((2, 64), jnp.int32), None, jnp.ones(64), 1e-5, interpret=True)
+
+
+# ------------------------------------------------------------------ residual add + RMSNorm + quantization
+
+
+def _norm_quant_case(shape, dtype, delta_kind, rng):
+    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.1, 10), dtype)
+    w = jnp.asarray(rng.normal(size=shape[-1]), jnp.float32)
+    delta = {"none": None, "same": jnp.asarray(rng.normal(size=shape), dtype),
+             "parts": jnp.asarray(rng.normal(size=(3, *shape)), jnp.float32)}[delta_kind]
+    return x, delta, w
+
+
+@pytest.mark.parametrize("shape, dtype", [((1, 4096), jnp.bfloat16), ((3, 576), jnp.bfloat16),
+                                          ((2, 9, 200), jnp.float32), ((17, 640), jnp.bfloat16)])
+@pytest.mark.parametrize("delta_kind", ["none", "same", "parts"])
+def test_rms_norm_quant_matches_reference(shape, dtype, delta_kind):
+    """The one-launch add + norm + int8 quantization against add_rms_norm_ref → quantize_activations_xla, on
+    widths that are not a multiple of 128 and row counts that need padding (codes for 16, 32 rows)."""
+    x, delta, w = _norm_quant_case(shape, dtype, delta_kind, np.random.default_rng())
+    s, qa = norm.rms_norm_quant_pallas(x, delta, w, 1e-5, interpret=INTERPRET)
+    s_ref, qa_ref = norm.rms_norm_quant_ref(x, delta, w, 1e-5)
+    m, d = int(np.prod(shape[:-1])), shape[-1]
+    mp, g = norm.quant_rows(m), -(-d // 128)
+    assert (qa.x_q.shape, qa.a_scale.shape, qa.x_sum.shape) == ((mp, g * 128), (g, mp), (g, mp))
+    assert (qa.lead, qa.k, qa.dtype) == (shape[:-1], d, jnp.dtype(dtype).name) == (qa_ref.lead, qa_ref.k, qa_ref.dtype)
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))  # the same add
+    codes, codes_ref = np.asarray(qa.x_q, np.int32), np.asarray(qa_ref.x_q, np.int32)
+    # padding rows and the columns past D are zero; the sums are the codes' own
+    assert not codes[m:].any() and not codes[:, d:].any() and not np.asarray(qa.a_scale)[:, m:].any()
+    np.testing.assert_array_equal(np.asarray(qa.x_sum).T, codes.reshape(mp, g, 128).sum(-1))
+    # h may round once differently (the f32 sum's order, see above): a bf16 ulp moves h·127/amax by up to
+    # 0.5, so codes may flip by one at rounding boundaries (two where the group's amax moved an ulp too),
+    # and a group's scale by an ulp of h
+    assert np.abs(codes - codes_ref).max() <= 2 and np.mean(codes != codes_ref) < 0.1
+    np.testing.assert_allclose(np.asarray(qa.a_scale), np.asarray(qa_ref.a_scale),
+                               rtol=2 * float(jnp.finfo(dtype).eps), atol=0)
+    # and the codes reproduce the normalized rows to within half a step
+    h = norm.add_rms_norm_ref(x, None if delta is None else s - x if delta_kind == "parts" else delta, w, 1e-5)[1]
+    err = np.abs(np.asarray(qa.dequantize(), np.float32) - np.asarray(h, np.float32))
+    step = np.repeat(np.asarray(qa.a_scale)[:, :m].T, 128, axis=1)[:, :d].reshape(err.shape)
+    assert np.all(err <= 0.5 * step + 4 * float(jnp.finfo(dtype).eps) * np.abs(np.asarray(h, np.float32)) + 1e-30)
+
+
+def test_rms_norm_quant_rejects_bad_shapes():
+    x = jnp.zeros((2, 256), jnp.bfloat16)
+    with pytest.raises(ValueError, match="w must be"):
+        norm.rms_norm_quant_pallas(x, None, jnp.ones(255), 1e-5, interpret=True)
+    with pytest.raises(ValueError, match="delta must be"):
+        norm.rms_norm_quant_pallas(x, jnp.zeros((2, 3, 256)), jnp.ones(256), 1e-5, interpret=True)
+    with pytest.raises(TypeError, match="floating point"):
+        norm.rms_norm_quant_pallas(x.astype(jnp.int32), None, jnp.ones(256), 1e-5, interpret=True)
+
+
+@pytest.mark.parametrize("m", [1, 2, 5, 20])
+def test_mixed_linear_on_quantized_activations(m):
+    """A mixed linear handed codes (GEMV at M ≤ 2, the integer kernel above) gives the result of the same
+    linear quantizing those activations itself, bit for bit; its split-K partials sum to it."""
+    import pallas_kernels as pk
+
+    rng = np.random.default_rng()
+    k, n = 576, 200
+    qw = pk.pack_rtn(rng.normal(size=(n, k)).astype(np.float32) * 0.05, rng.random(n) < 0.1)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.float32)
+    _, qa = norm.rms_norm_quant_ref(x, None, jnp.ones(k), 1e-5)
+    h = norm.add_rms_norm_ref(x, None, jnp.ones(k), 1e-5)[1]
+    want = pk.mixed_matmul(h, qw, interpret=INTERPRET)
+    got = pk.mixed_matmul(qa, qw, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    parts = pk.mixed_matmul(qa, qw, interpret=INTERPRET, partials=True)
+    assert parts.ndim == 3 and parts.shape[1:] == (m, n) and parts.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(parts.sum(0)), np.asarray(want), rtol=1e-6, atol=1e-6)
+    xla = pk.mixed_matmul(qa, qw, implementation="xla")  # the reference path re-derives the same codes
+    np.testing.assert_allclose(np.asarray(xla), np.asarray(want), rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    with pytest.raises(ValueError, match="quantized activations of 576"):
+        pk.mixed_matmul(qa, pk.pack_rtn(np.ones((8, 640), np.float32), np.zeros(8, bool)), interpret=INTERPRET)
+
+
+def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
+    """The decoder with every norm before a mixed linear emitting codes (`model.NORM_QUANT`, the decode
+    path on a GPU; here through the references) gives the logits of the plain norms + quantizing linears,
+    prefill and a cached decode step alike; the o_proj's partials go into the post-attention norm."""
+    import pallas_kernels as pk
+    from mixjax.config import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(3), jnp.float32))
+    params = model.unstack_layers(params)  # per-layer dicts: each linear its own MixedWeight
+    rng = np.random.default_rng(0)
+
+    def mixed(w):
+        return {"weight": pk.pack_rtn(np.asarray(w["weight"]), rng.random(w["weight"].shape[0]) < 0.1)}
+
+    for layer in params["layers"]:
+        for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                             ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+            for name in names:
+                layer[group][name] = mixed(layer[group][name])
+    params["lm_head"] = pk.pack_rtn(np.asarray(params["lm_head"]), np.zeros(cfg.vocab_size, bool))
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
+
+    def run(mode):
+        monkeypatch.setattr(model, "NORM_QUANT", mode)
+        cache = model.init_cache(cfg, 2, 8, jnp.float32)
+        first, cache = model.forward_step(params, tokens, cfg, cache, implementation="xla")
+        step, _ = model.forward_step(params, tokens[:, :1], cfg, cache, implementation="xla")
+        return np.asarray(first), np.asarray(step)
+
+    for got, want in zip(run("always"), run("never")):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
