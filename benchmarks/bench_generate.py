@@ -21,9 +21,9 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   or `@xq` (the activations of every quantized linear quantized by XLA ops, which XLA may fuse into the
   norm or SiLU·mul before them, instead of a Pallas launch or the GEMV's in-program quantization),
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
-  default; the default since session 8 is one launch), or `@nq` (norms hand plain activations to the
-  linears, each quantizing them itself: the default before session 11, `model.NORM_QUANT = "never"`;
-  since then the norms before mixed linears emit their int8 codes at decode); `NAME+h4` / `+h8`: the
+  default; the default since session 8 is one launch), or `@normq` (the norms before mixed linears emit
+  their int8 codes at decode, `model.NORM_QUANT = "auto"`; measured 1–2 % slower in session 11, so off by
+  default) or `@nq` (plain norms, the default, named for side-by-side runs); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -300,10 +300,10 @@ def run_variant(name: str, args) -> int:
         from pallas_kernels import gemv
 
         gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=True)
-    elif strategy == "nq":  # norms hand plain activations to the linears (before session 11)
+    elif strategy in ("nq", "normq"):  # plain norms (the default) / norms emitting codes
         from mixjax import model as model_module
 
-        model_module.NORM_QUANT = "never"
+        model_module.NORM_QUANT = "never" if strategy == "nq" else "auto"
     elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
         from pallas_kernels import gemv, kernels
 

@@ -16,8 +16,8 @@
 #                                               # (MS=..., VARIANTS=... override; mixed_wpf1/2 add prefetch_meta=2)
 #   bash benchmarks/device_session.sh xq        # session 10 (not yet run): end to end with the activations
 #                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
-#   bash benchmarks/device_session.sh nq        # session 11: norms emitting int8 codes (rms_norm_quant) end to
-#                                               # end against plain norms (w4.4a8@nq+h4)
+#   bash benchmarks/device_session.sh nq        # session 11: norms emitting int8 codes (rms_norm_quant,
+#                                               # w4.4a8@normq+h4) end to end against plain norms
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -99,10 +99,10 @@ case "$part" in
     timeout 480 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@xq+h4 --profile \
       --budget-s 470 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
-  nq)  # session 11: the norms before mixed linears emit int8 codes (default) against plain norms (@nq)
+  nq)  # session 11: the norms before mixed linears emit int8 codes (@normq) against plain norms (default)
     header
     timeout 70 python3 -m pytest -q -x tests/test_norm.py -k "quant" 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 450 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@nq+h4 --profile \
+    timeout 450 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq+h4 --profile \
       --budget-s 440 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   tall)

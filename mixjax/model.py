@@ -196,9 +196,11 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-NORM_QUANT = "auto"  # "auto": norms feeding mixed linears quantize their output in one Pallas launch
+NORM_QUANT = "never"  # "auto": norms feeding mixed linears quantize their output in one Pallas launch
 # (`pallas_kernels.rms_norm_quant`) on the Pallas path at ≤ MAX_QUANT_ROWS tokens (decode); "always": also
-# on the XLA path, through its reference (tests); "never": plain `rms_norm`, each linear quantizes itself
+# on the XLA path, through its reference (tests); "never" (default): plain `rms_norm`, each linear
+# quantizes itself. "auto" removes 97 launches a decode step but measured 1–2 % slower end to end (H200,
+# session 11, benchmarks/NOTES-kernels.md item 48), so it is off until the norm kernel is faster
 
 
 def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> bool:
