@@ -82,12 +82,14 @@ def test_rms_norm_quant_matches_reference(shape, dtype, delta_kind):
     # padding rows and the columns past D are zero; the sums are the codes' own
     assert not codes[m:].any() and not codes[:, d:].any() and not np.asarray(qa.a_scale)[:, m:].any()
     np.testing.assert_array_equal(np.asarray(qa.x_sum).T, codes.reshape(mp, g, 128).sum(-1))
-    # h may round once differently (the f32 sum's order, see above): a bf16 ulp moves h·127/amax by up to
-    # 0.5, so codes may flip by one at rounding boundaries (two where the group's amax moved an ulp too),
-    # and a group's scale by an ulp of h
+    # h may round differently (the f32 sum's order, see above): a bf16 ulp moves h·127/amax by up to 0.5, so
+    # codes may flip by one at rounding boundaries (two where the group's amax moved an ulp too). A group's
+    # scale follows its amax: y = x·r moves an ulp and w·y rounds again, so up to about two ulps of h (2 eps);
+    # in f32 the mean's sum order moves r by a few ulps more. Worst over 1200 seeded cases: bf16 1.38 eps,
+    # f32 2.73 eps (2.3 eps failed CI when the bound was 2 eps), hence 3 and 4 eps
     assert np.abs(codes - codes_ref).max() <= 2 and np.mean(codes != codes_ref) < 0.1
     np.testing.assert_allclose(np.asarray(qa.a_scale), np.asarray(qa_ref.a_scale),
-                               rtol=2 * float(jnp.finfo(dtype).eps), atol=0)
+                               rtol=(3 if dtype == jnp.bfloat16 else 4) * float(jnp.finfo(dtype).eps), atol=0)
     # and the codes reproduce the normalized rows to within half a step
     h = norm.add_rms_norm_ref(x, None if delta is None else s - x if delta_kind == "parts" else delta, w, 1e-5)[1]
     err = np.abs(np.asarray(qa.dequantize(), np.float32) - np.asarray(h, np.float32))
