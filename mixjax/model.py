@@ -27,6 +27,7 @@ import numpy as np
 
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
+from pallas_kernels.attention import attend_ref, decode_attention_pallas
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -267,27 +268,21 @@ def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | No
     return mask
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-            k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
-    """Grouped-query attention. q [B, T, H, Dh], k/v [B, KVH, S, Dh], mask [B, T, S] → [B, T, H, Dh].
+ATTENTION = "xla"  # "auto": cached steps of ≤ attention.MAX_ROWS query rows per KV head (decode) attend in
+# one Pallas launch (`pallas_kernels.decode_attention_pallas`) on the Pallas path; "always": that kernel on
+# every path (interpret mode off the GPU; tests); "xla" (default): `attend_ref`, XLA's dots and softmax.
+# Off by default until measured end to end (benchmarks/NOTES-kernels.md item 49)
 
-    With an int8 cache, k/v hold codes and k_scale/v_scale [B, KVH, S] their per-position scales: the
-    key scale multiplies the f32 scores and the value scale the probabilities, so the dequantized
-    cache is never materialised.
-    """
-    B, T, H, Dh = q.shape
-    KVH = k.shape[1]
-    q = q.reshape(B, T, KVH, H // KVH, Dh)  # [B, T, KVH, G, Dh]
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
-    if k_scale is not None:
-        scores = scores * k_scale.astype(jnp.float32)[:, :, None, None, :]
-    scores = scores / math.sqrt(Dh)  # [B, KVH, G, T, S]
-    scores = jnp.where(mask[:, None, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=-1)
-    if v_scale is not None:
-        probs = probs * v_scale.astype(jnp.float32)[:, :, None, None, :]
-    out = jnp.einsum("bkgts,bksd->btkgd", probs.astype(q.dtype), v.astype(q.dtype))  # in q's dtype, as HF does
-    return out.reshape(B, T, H, Dh)
+
+def _attention_kernel_on(T: int, cfg: LlamaConfig, implementation: Implementation) -> bool:
+    from pallas_kernels.attention import MAX_ROWS
+
+    dh = cfg.head_dim
+    if ATTENTION == "xla" or T * (cfg.num_attention_heads // cfg.num_key_value_heads) > MAX_ROWS:
+        return False
+    if dh < 16 or dh & (dh - 1):  # the kernel's tiles are powers of two
+        return False
+    return ATTENTION == "always" or resolve_implementation(implementation) == "pallas"
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -456,7 +451,12 @@ def _decoder_layer(
         k_store, ks_store, keys, k_scale = _write_cache(k_store, ks_store, index, k, positions)  # [B, KVH, S, Dh]
         v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
         new_cache = (k_store, v_store, ks_store, vs_store)
-    attn = _attend(q, keys, values, mask, k_scale, v_scale).reshape(B, T, H * Dh)
+    if cache_kv is not None and _attention_kernel_on(T, cfg, implementation):
+        attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window, k_scale=k_scale,
+                                       v_scale=v_scale, interpret=resolve_implementation(implementation) != "pallas")
+    else:
+        attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
+    attn = attn.reshape(B, T, H * Dh)
     o_proj = layer["self_attn"]["o_proj"]
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
         if isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # its split-K partials

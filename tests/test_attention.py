@@ -1,0 +1,138 @@
+"""The decode-attention kernel (pallas_kernels/attention.py) against its reference and inside the model, on
+fresh random caches of awkward sizes; Pallas interpret mode on CPU, the real kernel on a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from pallas_kernels import attention
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+def _case(rng, B, T, H, KVH, S, Dh, dtype, int8=False, scale_dtype=jnp.float32):
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), dtype)
+    if not int8:
+        return (q, jnp.asarray(rng.normal(size=(B, KVH, S, Dh)), dtype), jnp.asarray(rng.normal(size=(B, KVH, S, Dh)), dtype),
+                None, None)
+    codes = [jnp.asarray(rng.integers(-127, 128, (B, KVH, S, Dh)), jnp.int8) for _ in range(2)]
+    scales = [jnp.asarray(rng.uniform(0.002, 0.03, (B, KVH, S)), scale_dtype) for _ in range(2)]
+    return q, codes[0], codes[1], scales[0], scales[1]
+
+
+def _positions(rng, B, T, S):
+    """Each row's new tokens at consecutive positions: the last row's end the cache (every block, every
+    split in use), the first row's (if B > 1) start at 0, the others anywhere."""
+    start = rng.integers(0, S - T + 1, B)
+    start[0] = 0
+    start[-1] = S - T
+    return jnp.asarray(start[:, None] + np.arange(T)[None, :], jnp.int32)
+
+
+# B, T, H, KVH, S, Dh, window, int8, splits: Llama-3 GQA (G = 4), SmolLM2 (G = 3), MQA, several new tokens, a
+# sliding window, int8 caches, caches that are not a multiple of the 64-position block, one and several splits
+CASES = [
+    (1, 1, 32, 8, 256, 128, None, False, None),
+    (2, 1, 9, 3, 200, 64, None, False, 1),
+    (3, 2, 8, 1, 130, 32, None, False, 2),
+    (2, 5, 9, 3, 97, 64, 23, False, None),
+    (2, 1, 8, 2, 300, 64, None, True, 1),
+    (1, 1, 16, 4, 1000, 64, None, False, None),  # choose_splits gives several
+    (3, 4, 12, 4, 333, 16, 50, True, 3),
+]
+
+
+@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, splits", CASES)
+def test_decode_attention_matches_reference(B, T, H, KVH, S, Dh, window, int8, splits):
+    """bf16: within the rounding of bf16 probabilities and outputs; f32 (float caches): near-exact, so an
+    off-by-one position or a stale running max would show."""
+    rng = np.random.default_rng()
+    pos = _positions(rng, B, T, S)
+    for dtype in (jnp.bfloat16,) if int8 else (jnp.bfloat16, jnp.float32):
+        q, k, v, ks, vs = _case(rng, B, T, H, KVH, S, Dh, dtype, int8, jnp.bfloat16 if window else jnp.float32)
+        got = attention.decode_attention_pallas(q, k, v, pos, sliding_window=window, k_scale=ks, v_scale=vs,
+                                                splits=splits, interpret=INTERPRET)
+        ref = attention.decode_attention_ref(q, k, v, pos, sliding_window=window, k_scale=ks, v_scale=vs)
+        assert got.shape == ref.shape == q.shape and got.dtype == q.dtype
+        got, ref = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+        size = np.abs(ref).max(axis=-1, keepdims=True)  # each head's largest output
+        # bf16: probabilities and outputs each round once (2^-8 relative); f32 on a GPU: TF32 dots
+        rel = 2 ** -6 if dtype == jnp.bfloat16 else 1e-5 if INTERPRET else 2e-3
+        assert np.all(np.abs(got - ref) <= rel * size + 1e-6), np.abs(got - ref).max()
+
+
+def test_masked_positions_are_never_seen():
+    """A key that matches the query strongly right after the token's position (a future token), and one just
+    outside the sliding window, carry values of 1000: if either leaked into the softmax, the output would
+    be ≈ 1000 instead of ≈ the visible values' average."""
+    rng = np.random.default_rng()
+    B, H, KVH, S, Dh, window = 2, 4, 2, 150, 64, 40
+    q = jnp.asarray(rng.normal(size=(B, 1, H, Dh)), jnp.bfloat16)
+    k = np.asarray(rng.normal(size=(B, KVH, S, Dh)) * 0.1, np.float32)
+    v = np.asarray(rng.uniform(-1, 1, size=(B, KVH, S, Dh)), np.float32)
+    pos = np.array([[70], [149]], np.int32)
+    for b, p in enumerate(pos[:, 0]):
+        for hidden in (p + 1, p - window):  # a future position (past the cache for row 1) and one past the window
+            if 0 <= hidden < S:
+                k[b, :, hidden] = 50 * np.asarray(q[b, 0, ::H // KVH], np.float32)  # one query head per KV head
+                v[b, :, hidden] = 1000.0
+    out = attention.decode_attention_pallas(q, jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16),
+                                            jnp.asarray(pos), sliding_window=window, interpret=INTERPRET)
+    assert np.abs(np.asarray(out, np.float32)).max() < 1.5
+    # without the window the planted key at p − window is visible and dominates its head
+    out = attention.decode_attention_pallas(q, jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16),
+                                            jnp.asarray(pos), interpret=INTERPRET)
+    assert np.asarray(out, np.float32)[:, 0, 0].min() > 900
+
+
+def test_bad_inputs_are_named():
+    q, k = jnp.zeros((1, 1, 8, 64)), jnp.zeros((1, 2, 32, 64))
+    pos = jnp.zeros((1, 1), jnp.int32)
+    with pytest.raises(ValueError, match="same"):
+        attention.decode_attention_pallas(q, k, jnp.zeros((1, 2, 16, 64)), pos)
+    with pytest.raises(ValueError, match="dividing"):
+        attention.decode_attention_pallas(jnp.zeros((1, 1, 7, 64)), k, k, pos)
+    with pytest.raises(ValueError, match="q_pos"):
+        attention.decode_attention_pallas(q, k, k, jnp.zeros((1, 2), jnp.int32))
+    with pytest.raises(ValueError, match="int8 cache"):
+        attention.decode_attention_pallas(q, k, k, pos, k_scale=jnp.ones((1, 2, 32)), v_scale=jnp.ones((1, 2, 32)))
+    with pytest.raises(ValueError, match="query rows"):
+        attention.decode_attention_pallas(jnp.zeros((1, 20, 8, 64)), k, k, jnp.zeros((1, 20), jnp.int32))
+    with pytest.raises(ValueError, match="powers of two"):
+        attention.decode_attention_pallas(jnp.zeros((1, 1, 8, 48)), jnp.zeros((1, 2, 32, 48)),
+                                          jnp.zeros((1, 2, 32, 48)), pos)
+
+
+@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8])
+def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
+    """`model.ATTENTION = "always"`: the cached steps that fit the kernel (here 2 and 1 new tokens; the 25-token
+    prefill, 75 query rows per KV head, stays on XLA) give the logits of the XLA attention, float and int8
+    caches alike."""
+    cfg = LlamaConfig(vocab_size=97, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=6, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(1), jnp.float32))
+    tokens = jnp.asarray(np.random.default_rng().integers(0, cfg.vocab_size, (2, 28)), jnp.int32)
+    calls = []
+    real = attention.decode_attention_pallas
+    monkeypatch.setattr(model, "decode_attention_pallas", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+
+    def run(mode):
+        monkeypatch.setattr(model, "ATTENTION", mode)
+        cache = model.init_cache(cfg, 2, 80, cache_dtype)
+        out = []
+        for chunk in (tokens[:, :25], tokens[:, 25:27], tokens[:, 27:]):
+            logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
+            out.append(np.asarray(logits))
+        return out
+
+    want = run("xla")
+    assert not calls
+    got = run("always")
+    assert [s[1] for s in calls] == [2, 1]  # the stacked layers' scan body: the 2-token and the 1-token step
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
