@@ -23,7 +23,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
   default; the default since session 8 is one launch), or `@normq` (the norms before mixed linears emit
   their int8 codes at decode, `model.NORM_QUANT = "auto"`; measured 1–2 % slower in session 11, so off by
-  default) or `@nq` (plain norms, the default, named for side-by-side runs); `NAME+h4` / `+h8`: the
+  default) or `@nq` (plain norms, the default, named for side-by-side runs), or `@attn` (cached steps attend in
+  one Pallas launch, `model.ATTENTION = "auto"`; any variant, bf16 too); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -304,6 +305,10 @@ def run_variant(name: str, args) -> int:
         from mixjax import model as model_module
 
         model_module.NORM_QUANT = "never" if strategy == "nq" else "auto"
+    elif strategy == "attn":  # the one-launch decode attention (pallas_kernels/attention.py)
+        from mixjax import model as model_module
+
+        model_module.ATTENTION = "auto"
     elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
         from pallas_kernels import gemv, kernels
 

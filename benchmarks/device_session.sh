@@ -18,6 +18,8 @@
 #                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
 #   bash benchmarks/device_session.sh nq        # session 11: norms emitting int8 codes (rms_norm_quant,
 #                                               # w4.4a8@normq+h4) end to end against plain norms
+#   bash benchmarks/device_session.sh attn      # session 12 (not yet run): the one-launch decode attention,
+#                                               # alone (bench_attention.py) and end to end (@attn, bf16 too)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -45,7 +47,7 @@ case "$part" in
   tests)
     header
     timeout 540 python3 -m pytest -q -x tests/test_gemv.py tests/test_kernels.py tests/test_mgpu.py \
-      tests/test_mgpu_decode.py tests/test_fuse.py tests/test_norm.py 2>&1 | tee "$out/tests.log"
+      tests/test_mgpu_decode.py tests/test_fuse.py tests/test_norm.py tests/test_attention.py 2>&1 | tee "$out/tests.log"
     ;;
   kernels)
     header
@@ -105,6 +107,14 @@ case "$part" in
     timeout 450 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq+h4 --profile \
       --budget-s 440 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
+  attn)  # session 12: pallas_kernels.attention (model.ATTENTION = "auto") against XLA's dots and softmax
+    header
+    timeout 100 python3 -m pytest -q -x tests/test_attention.py 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 150 python3 benchmarks/bench_attention.py --batches 1,32 --lengths 384,4096 \
+      --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
+    timeout 330 python3 benchmarks/bench_generate.py --variants bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4 \
+      --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 320 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -117,7 +127,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac

@@ -3,6 +3,10 @@ fresh random caches of awkward sizes; Pallas interpret mode on CPU, the real ker
 
 from __future__ import annotations
 
+import pathlib
+import re
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +17,9 @@ from mixjax.config import LlamaConfig
 from pallas_kernels import attention
 
 INTERPRET = jax.default_backend() != "gpu"
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
+import ptx_stats  # noqa: E402  (the Triton-IR capture of a CUDA lowering; no GPU needed)
 
 
 def _case(rng, B, T, H, KVH, S, Dh, dtype, int8=False, scale_dtype=jnp.float32):
@@ -88,6 +95,20 @@ def test_masked_positions_are_never_seen():
     out = attention.decode_attention_pallas(q, jnp.asarray(k, jnp.bfloat16), jnp.asarray(v, jnp.bfloat16),
                                             jnp.asarray(pos), interpret=INTERPRET)
     assert np.asarray(out, np.float32)[:, 0, 0].min() > 900
+
+
+def test_cuda_lowering_loops_over_a_dynamic_block_range():
+    """Lowered for CUDA (Triton IR, no GPU): one kernel, the block loop an `scf.for` whose bounds come from the
+    positions (not the cache size: a while loop or a fixed trip count would mean the dynamic range was
+    lost), two tensor-core dots in it."""
+    q, k = jnp.zeros((2, 1, 32, 128), jnp.bfloat16), jnp.zeros((2, 8, 512, 128), jnp.bfloat16)
+    modules = ptx_stats.capture_ttir(
+        lambda q, k, pos: attention.decode_attention_pallas(q, k, k, pos, splits=1), q, k, jnp.zeros((2, 1), jnp.int32))
+    assert len(modules) == 1 and "decode_attention" in modules[0]
+    ir = modules[0]
+    assert ir.count("scf.for") == 1 and "scf.while" not in ir and ir.count("tt.dot") == 2
+    upper = re.search(r"scf\.for %\w+ = %\w+ to (%\w+) step", ir).group(1)
+    assert not re.search(rf"{upper} = arith\.constant", ir)  # 512 positions / 64 would be a constant 8
 
 
 def test_bad_inputs_are_named():
