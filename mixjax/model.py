@@ -27,7 +27,7 @@ import numpy as np
 
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
-from pallas_kernels.attention import attend_ref, decode_attention_pallas
+from pallas_kernels.attention import attend_new_tokens_pallas, attend_ref, decode_attention_pallas
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -269,9 +269,12 @@ def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | No
 
 
 ATTENTION = "xla"  # "auto": cached steps of ≤ attention.MAX_ROWS query rows per KV head (decode) attend in
-# one Pallas launch (`pallas_kernels.decode_attention_pallas`) on the Pallas path; "always": that kernel on
-# every path (interpret mode off the GPU; tests); "xla" (default): `attend_ref`, XLA's dots and softmax.
-# Off by default until measured end to end (benchmarks/NOTES-kernels.md item 49)
+# one Pallas launch on the Pallas path; "always": the kernels on every path (interpret mode off the GPU;
+# tests); "xla" (default): `attend_ref`, XLA's dots and softmax. Off by default until measured end to end
+# (benchmarks/NOTES-kernels.md item 49)
+ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per-layer cache take
+# `attend_new_tokens_pallas` (RoPE, the cache write and attention in one launch on the projection's split-K
+# partials); False, or a stacked cache or separate q/k/v: `decode_attention_pallas` after XLA's RoPE and write
 
 
 def _attention_kernel_on(T: int, cfg: LlamaConfig, implementation: Implementation) -> bool:
@@ -439,23 +442,37 @@ def _decoder_layer(
         _, h = norm_quant(x, None, layer["input_layernorm"], eps, implementation)  # int8 codes for q/k/v
     else:
         h = rms_norm(x, layer["input_layernorm"], eps)
-    q, k, v = projs("self_attn", h)
-    q = apply_rope(q.reshape(B, T, H, Dh), *rope)
-    k = apply_rope(k.reshape(B, T, KVH, Dh), *rope)
-    v = v.reshape(B, T, KVH, Dh)
-    if cache_kv is None:
-        keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
-        k_scale = v_scale = new_cache = None
+    interpret = resolve_implementation(implementation) != "pallas"
+    kernel = cache_kv is not None and _attention_kernel_on(T, cfg, implementation)
+    qkv = layer["self_attn"].get(_FUSED["self_attn"][1])
+    if kernel and ATTENTION_FUSED and qkv is not None and cache_kv[4] is None:
+        # projection → RoPE → cache write → attention in one launch, on the projection's split-K partials
+        k_store, v_store, ks_store, vs_store, _ = cache_kv
+        w = qkv["weight"]
+        src = w.matmul(h, implementation=implementation, partials=True) if isinstance(w, MixedWeight) else \
+            linear(h, w, implementation=implementation)  # [S, B, T, W] f32 or [B, T, W]
+        attn, *new_cache = attend_new_tokens_pallas(
+            src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
+            k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, interpret=interpret)
+        new_cache = tuple(new_cache)
     else:
-        k_store, v_store, ks_store, vs_store, index = cache_kv
-        k_store, ks_store, keys, k_scale = _write_cache(k_store, ks_store, index, k, positions)  # [B, KVH, S, Dh]
-        v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
-        new_cache = (k_store, v_store, ks_store, vs_store)
-    if cache_kv is not None and _attention_kernel_on(T, cfg, implementation):
-        attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window, k_scale=k_scale,
-                                       v_scale=v_scale, interpret=resolve_implementation(implementation) != "pallas")
-    else:
-        attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
+        q, k, v = projs("self_attn", h)
+        q = apply_rope(q.reshape(B, T, H, Dh), *rope)
+        k = apply_rope(k.reshape(B, T, KVH, Dh), *rope)
+        v = v.reshape(B, T, KVH, Dh)
+        if cache_kv is None:
+            keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
+            k_scale = v_scale = new_cache = None
+        else:
+            k_store, v_store, ks_store, vs_store, index = cache_kv
+            k_store, ks_store, keys, k_scale = _write_cache(k_store, ks_store, index, k, positions)  # [B, KVH, S, Dh]
+            v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
+            new_cache = (k_store, v_store, ks_store, vs_store)
+        if kernel:
+            attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window,
+                                           k_scale=k_scale, v_scale=v_scale, interpret=interpret)
+        else:
+            attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
     attn = attn.reshape(B, T, H * Dh)
     o_proj = layer["self_attn"]["o_proj"]
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch

@@ -81,26 +81,103 @@ def _dot_nn(a, b):  # a [m, s] · b [s, d] in f32
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _kernel(*refs, t: int, g: int, heads: int, rows: int, dh: int, s_len: int, block_s: int, per_split: int,
-            window: int | None, scaled: bool, splits: int, dtype):
-    if scaled:
-        q_ref, k_ref, v_ref, pos_ref, ks_ref, vs_ref, *outs = refs
-    else:
-        q_ref, k_ref, v_ref, pos_ref, *outs = refs
+def _rint(y):
+    """Round half to even, as jnp.round (which has no Triton lowering). Not (y + 1.5·2^23) − 1.5·2^23: XLA's
+    CPU compiler folds that back to y, so interpret mode would not round at all."""
+    r = jnp.floor(y + 0.5)
+    odd = jnp.floor(r * 0.5) * 2.0 != r
+    return jnp.where((r - y == 0.5) & odd, r - 1.0, r)
+
+
+def _quantize_rows(x, scale_dtype):
+    """x [R, Dh] → (int8 codes, scales [R] in scale_dtype): the arithmetic of `mixjax.model._quantize_kv`."""
+    xf = x.astype(jnp.float32)
+    scale = (jnp.max(jnp.abs(xf), axis=1) / 127.0).astype(scale_dtype)
+    sf = scale.astype(jnp.float32)
+    codes = jnp.clip(_rint(xf / jnp.where(sf > 0, sf, 1.0)[:, None]), -127.0, 127.0)
+    return codes.astype(jnp.int8), scale
+
+
+def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
+            per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
+            parts: int = 0, has_bias: bool = False):
+    refs = list(refs)
+
+    def take(n):
+        return [refs.pop(0) for _ in range(n)]
+
     b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     r = jnp.arange(rows)
     # rows past T·G (the MMA takes ≥ 16) repeat the live rows: they compute the same values and store them
-    # to the same places, so no store needs a mask (a masked store with repeated addresses would write the
-    # old value back in interpret mode)
+    # to the same places, so no store needs a row mask (a masked store with repeated addresses would write
+    # the old value back in interpret mode)
     src = r % (t * g)
     ti = src // g
     head = h * g + src % g
     d = jnp.arange(dh)
     q_off = (ti * heads + head)[:, None] * dh + d[None, :]  # into the flat [T·H·Dh] row of batch b
-    q = plgpu.load(q_ref.at[b, q_off])  # [rows, Dh]
+    ks_ref = vs_ref = None
+    if fused:  # the projection's output (or its split-K partials) → RoPE → q, and the new keys/values
+        (x_ref,) = take(1)
+        bias_ref = take(1)[0] if has_bias else None
+        pos_ref, cos_ref, sin_ref, k_ref, v_ref = take(5)
+        if scaled:
+            ks_ref, vs_ref = take(2)
+        outs = refs
+        k_out, v_out = outs[len(outs) - (4 if scaled else 2):][:2]
+        width = (heads + 2 * kv_heads) * dh
+
+        def columns(tok, col):  # tok [R], col [R, C] → [R, C]: Σ partials rounded to the dtype, + bias
+            off = tok[:, None] * width + col
+            if parts:
+                acc = plgpu.load(x_ref.at[0, b, off]).astype(jnp.float32)
+                for j in range(1, parts):
+                    acc = acc + plgpu.load(x_ref.at[j, b, off]).astype(jnp.float32)
+                val = acc.astype(dtype)
+            else:
+                val = plgpu.load(x_ref.at[b, off]).astype(dtype)
+            if has_bias:
+                val = (val + plgpu.load(bias_ref.at[col]).astype(dtype)).astype(dtype)
+            return val
+
+        def rotated(tok, first):  # the head starting at column first [R, 1] of tokens tok, RoPE'd (rotate-half)
+            x = columns(tok, first + d[None, :])
+            partner = columns(tok, first + ((d + dh // 2) % dh)[None, :])
+            rot = jnp.where(d[None, :] < dh // 2, -partner, partner)
+            tab = tok[:, None] * dh + d[None, :]
+            cos = plgpu.load(cos_ref.at[b, tab]).astype(dtype)
+            sin = plgpu.load(sin_ref.at[b, tab]).astype(dtype)
+            return ((x * cos).astype(dtype) + (rot * sin).astype(dtype)).astype(dtype)
+
+        q = rotated(ti, head[:, None] * dh)
+        nr = max(16, pl.next_power_of_2(t))
+        tn = jnp.arange(nr) % t  # the new tokens (rows past T repeat them)
+        npos = plgpu.load(pos_ref.at[b, tn])
+        first = jnp.zeros((nr, 1), jnp.int32)
+        k_new = rotated(tn, first + (heads + h) * dh)
+        v_new = columns(tn, first + (heads + kv_heads + h) * dh + d[None, :])
+        write = (npos < s_len) & (p == 0)  # positions past the cache are dropped, as `_write_cache` does
+        new_off = npos[:, None] * dh + d[None, :]
+        if scaled:
+            k_eff, k_sc = _quantize_rows(k_new, outs[-2].dtype)
+            v_eff, v_sc = _quantize_rows(v_new, outs[-1].dtype)
+            plgpu.store(outs[-2].at[b, h, npos], k_sc, mask=write)
+            plgpu.store(outs[-1].at[b, h, npos], v_sc, mask=write)
+        else:
+            k_eff, v_eff = k_new.astype(k_out.dtype), v_new.astype(v_out.dtype)
+        plgpu.store(k_out.at[b, h, new_off], k_eff, mask=write[:, None])
+        plgpu.store(v_out.at[b, h, new_off], v_eff, mask=write[:, None])
+        old_end = jnp.min(npos)  # the cache holds the positions before the new tokens; those come from registers
+    else:
+        q_ref, k_ref, v_ref, pos_ref = take(4)
+        if scaled:
+            ks_ref, vs_ref = take(2)
+        outs = refs
+        q = plgpu.load(q_ref.at[b, q_off])  # [rows, Dh]
+        old_end = s_len
     qpos = plgpu.load(pos_ref.at[b, ti])  # [rows]
-    # the blocks some row may see: up to the largest position, from the window's start
-    hi = jnp.minimum(jnp.max(qpos) + 1, s_len)
+    # the cached blocks some row may see: up to the largest position, from the window's start
+    hi = jnp.minimum(jnp.minimum(jnp.max(qpos) + 1, s_len), old_end)
     stop = jnp.minimum((p + 1) * per_split, (hi + block_s - 1) // block_s)
     start = p * per_split
     if window is not None:
@@ -108,38 +185,49 @@ def _kernel(*refs, t: int, g: int, heads: int, rows: int, dh: int, s_len: int, b
     scale = 1.0 / math.sqrt(dh)
     kd = jnp.arange(block_s)
 
-    def body(j, carry):
-        m, l, acc = carry
-        kp = j * block_s + kd  # [block_s] cache positions
-        inb = kp < s_len
-        off = kp[:, None] * dh + d[None, :]
-        keys = plgpu.load(k_ref.at[b, h, off], mask=inb[:, None], other=0)
-        s = _dot_nt(q, keys.astype(dtype))  # [rows, block_s] f32
-        if scaled:
-            s = s * plgpu.load(ks_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32)[None, :]
-        s = s * scale
-        seen = (kp[None, :] <= qpos[:, None]) & inb[None, :]
+    def seen_by(kpos):  # [rows, n]: causal and inside the window
+        seen = kpos[None, :] <= qpos[:, None]
         if window is not None:
-            seen &= qpos[:, None] - kp[None, :] < window
+            seen &= qpos[:, None] - kpos[None, :] < window
+        return seen
+
+    def update(carry, s, seen, vals, v_scale):  # the online softmax over one more block of keys
+        m, l, acc = carry
         s = jnp.where(seen, s, _NEG)
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
         alpha = jnp.exp(m - m_new)
         e = jnp.where(seen, jnp.exp(s - m_new[:, None]), 0.0)
         l = l * alpha + jnp.sum(e, axis=1)
+        if v_scale is not None:
+            e = e * v_scale[None, :]
+        return m_new, l, acc * alpha[:, None] + _dot_nn(e.astype(dtype), vals.astype(dtype))
+
+    def body(j, carry):
+        kp = j * block_s + kd  # [block_s] cache positions
+        inb = kp < hi
+        off = kp[:, None] * dh + d[None, :]
+        keys = plgpu.load(k_ref.at[b, h, off], mask=inb[:, None], other=0)
+        s = _dot_nt(q, keys.astype(dtype))  # [rows, block_s] f32
         if scaled:
-            e = e * plgpu.load(vs_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32)[None, :]
+            s = s * plgpu.load(ks_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32)[None, :]
+        vs = plgpu.load(vs_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32) if scaled else None
         vals = plgpu.load(v_ref.at[b, h, off], mask=inb[:, None], other=0)
-        acc = acc * alpha[:, None] + _dot_nn(e.astype(dtype), vals.astype(dtype))
-        return m_new, l, acc
+        return update(carry, s * scale, seen_by(kp) & inb[None, :], vals, vs)
 
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dh), jnp.float32))
-    m, l, acc = lax.fori_loop(start, jnp.maximum(stop, start), body, init)
+    carry = lax.fori_loop(start, jnp.maximum(stop, start), body, init)
+    if fused:  # the new tokens' keys and values, straight from registers (split 0 only)
+        s = _dot_nt(q, k_eff.astype(dtype))
+        if scaled:
+            s = s * k_sc.astype(jnp.float32)[None, :]
+        seen = seen_by(npos) & (write & (jnp.arange(nr) < t))[None, :]
+        carry = update(carry, s * scale, seen, v_eff, v_sc.astype(jnp.float32) if scaled else None)
+    m, l, acc = carry
     if splits == 1:  # normalized, in q's dtype; a row that sees no position (only past the cache) gives 0
-        (o_ref,) = outs
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
-        plgpu.store(o_ref.at[b, q_off], out.astype(dtype))
+        plgpu.store(outs[0].at[b, q_off], out.astype(dtype))
     else:  # this split's unnormalized sum with its max and sum, merged by `_merge`
-        o_ref, m_ref, l_ref = outs
+        o_ref, m_ref, l_ref = outs[:3]
         plgpu.store(o_ref.at[p, b, h, r[:, None] * dh + d[None, :]], acc)
         plgpu.store(m_ref.at[p, b, h, r], m)
         plgpu.store(l_ref.at[p, b, h, r], l)
@@ -178,7 +266,7 @@ def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block
                      jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32),
                      jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32))
     res = pl.pallas_call(
-        functools.partial(_kernel, t=T, g=g, heads=H, rows=rows, dh=Dh, s_len=S, block_s=block_s,
+        functools.partial(_kernel, t=T, g=g, heads=H, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=q.dtype),
         out_shape=out_shape,
         grid=(B, KVH, splits),
@@ -230,3 +318,137 @@ def decode_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax
     splits = max(1, min(int(splits), -(-k.shape[2] // block_s)))
     return _decode_attention(q, k, v, q_pos, k_scale, v_scale, sliding_window=sliding_window, block_s=block_s,
                              splits=splits, num_warps=num_warps, interpret=interpret)
+
+
+# ------------------------------------------------------------------ projection → RoPE → cache write → attention
+#
+# One step further for a decode step: the same launch takes the fused q/k/v projection's output (or its
+# split-K partials, whose sum XLA would otherwise fuse into the RoPE), applies RoPE to the queries and the
+# new keys, writes the new keys and values into the cache in place (quantized for an int8 cache) and
+# attends to them from registers, so the split, the two RoPE fusions and the two cache scatters of
+# `mixjax.model._decoder_layer` are not launches of their own.
+
+
+def _split_qkv(y, heads: int, kv_heads: int):
+    B, T = y.shape[-3], y.shape[-2]
+    dh = y.shape[-1] // (heads + 2 * kv_heads)
+    q, k, v = jnp.split(y, [heads * dh, (heads + kv_heads) * dh], axis=-1)
+    return q.reshape(B, T, heads, dh), k.reshape(B, T, kv_heads, dh), v.reshape(B, T, kv_heads, dh)
+
+
+def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin: jax.Array, k_store: jax.Array,
+                          v_store: jax.Array, *, heads: int, kv_heads: int, dtype=None, bias: jax.Array | None = None,
+                          k_scale_store: jax.Array | None = None, v_scale_store: jax.Array | None = None,
+                          sliding_window: int | None = None):
+    """What mixjax's decoder layer does between the q/k/v projection and o_proj, for one layer's cache:
+    qkv [B, T, (H + 2·KVH)·Dh] in the activations' dtype, or f32 split-K partials [P, B, T, ...] summed and
+    rounded to `dtype`; + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k, v written
+    at q_pos [B, T] into k_store/v_store [B, KVH, S, Dh] (int8 with scale stores [B, KVH, S]: quantized
+    first); `attend_ref` over the cache. Returns (out [B, T, H, Dh], k_store, v_store, k_scale_store,
+    v_scale_store)."""
+    from mixjax import model
+
+    dtype = jnp.dtype(dtype or qkv.dtype)
+    y = jnp.sum(qkv.astype(jnp.float32), axis=0).astype(dtype) if qkv.ndim == 4 else qkv.astype(dtype)
+    if bias is not None:
+        y = y + bias.astype(dtype)
+    q, k, v = _split_qkv(y, heads, kv_heads)
+    q, k = model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin)
+    k_store, k_scale_store, _, k_scale = model._write_cache(k_store, k_scale_store, None, k, q_pos)
+    v_store, v_scale_store, _, v_scale = model._write_cache(v_store, v_scale_store, None, v, q_pos)
+    out = attend_ref(q, k_store, v_store, cache_mask(q_pos, k_store.shape[2], sliding_window), k_scale, v_scale)
+    return out, k_store, v_store, k_scale_store, v_scale_store
+
+
+@functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
+                                             "num_warps", "interpret"))
+def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, *, heads, kv_heads, dtype,
+                       sliding_window, block_s, splits, num_warps, interpret):
+    parts = qkv.shape[0] if qkv.ndim == 4 else 0
+    B, T, width = qkv.shape[-3:]
+    KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
+    g = heads // KVH
+    rows = max(16, pl.next_power_of_2(T * g))
+    per_split = -(-(-(-S // block_s)) // splits)
+    scaled = ks_store is not None
+    x = qkv.reshape(parts, B, T * width) if parts else qkv.reshape(B, T * width)
+    args = [x] + ([bias] if bias is not None else []) + [q_pos.astype(jnp.int32), cos.reshape(B, T * Dh),
+                                                          sin.reshape(B, T * Dh)]
+    first_store = len(args)
+    args += [k_store.reshape(B, KVH, S * Dh), v_store.reshape(B, KVH, S * Dh)]
+    if scaled:
+        args += [ks_store, vs_store]
+    if splits == 1:
+        o_shape = [jax.ShapeDtypeStruct((B, T * heads * Dh), dtype)]
+    else:
+        o_shape = [jax.ShapeDtypeStruct((splits, B, KVH, rows * Dh), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32)]
+    stores = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[first_store:]]
+    aliases = {first_store + i: len(o_shape) + i for i in range(len(stores))}  # the cache is written in place
+    res = pl.pallas_call(
+        functools.partial(_kernel, t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
+                          per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
+                          fused=True, parts=parts, has_bias=bias is not None),
+        out_shape=(*o_shape, *stores),
+        grid=(B, KVH, splits),
+        input_output_aliases=aliases,
+        interpret=interpret,
+        name="attend_new_tokens",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=2),
+    )(*args)
+    res = list(res)
+    k_new, v_new = res[len(o_shape)].reshape(k_store.shape), res[len(o_shape) + 1].reshape(v_store.shape)
+    ks_new, vs_new = (res[len(o_shape) + 2], res[len(o_shape) + 3]) if scaled else (None, None)
+    if splits == 1:
+        out = res[0].reshape(B, T, heads, Dh)
+    else:
+        out = _merge(res[0].reshape(splits, B, KVH, rows, Dh), res[1], res[2])[:, :, : T * g]
+        out = out.reshape(B, KVH, T, g, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, heads, Dh).astype(dtype)
+    return out, k_new, v_new, ks_new, vs_new
+
+
+def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin: jax.Array, k_store: jax.Array,
+                             v_store: jax.Array, *, heads: int, kv_heads: int, dtype=None,
+                             bias: jax.Array | None = None, k_scale_store: jax.Array | None = None,
+                             v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
+                             block_s: int = 64, splits: int | None = None, num_warps: int = 4,
+                             interpret: bool = False):
+    """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
+    (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS."""
+    if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
+        raise ValueError(f"attend_new_tokens: qkv must be [B, T, W] or f32 partials [P, B, T, W]; got {qkv.shape} "
+                         f"{qkv.dtype}")
+    B, T, width = qkv.shape[-3:]
+    if k_store.ndim != 4 or v_store.shape != k_store.shape or k_store.shape[:2] != (B, kv_heads):
+        raise ValueError(f"attend_new_tokens: k_store/v_store must be the same [B, KVH, S, Dh] = [{B}, {kv_heads}, S, Dh]; "
+                         f"got {k_store.shape}, {v_store.shape}")
+    dh = k_store.shape[3]
+    if heads % kv_heads or width != (heads + 2 * kv_heads) * dh:
+        raise ValueError(f"attend_new_tokens: qkv's last dim {width} is not (H + 2·KVH)·Dh = ({heads} + 2·{kv_heads})·{dh} "
+                         "(q, k, v fused in that order), or KVH does not divide H")
+    if q_pos.shape != (B, T) or cos.shape != (B, T, 1, dh) or sin.shape != cos.shape:
+        raise ValueError(f"attend_new_tokens: q_pos must be [B, T] = {(B, T)} and cos/sin [B, T, 1, Dh]; got "
+                         f"{q_pos.shape}, {cos.shape}, {sin.shape}")
+    if bias is not None and bias.shape != (width,):
+        raise ValueError(f"attend_new_tokens: bias must be [{width}]; got {bias.shape}")
+    if (k_scale_store is None) != (v_scale_store is None) or (k_scale_store is None) != (k_store.dtype != jnp.int8):
+        raise ValueError("attend_new_tokens: an int8 cache needs both scale stores, a float cache neither")
+    if k_scale_store is not None and (k_scale_store.shape != k_store.shape[:3] or v_scale_store.shape != k_store.shape[:3]):
+        raise ValueError(f"attend_new_tokens: scale stores must be [B, KVH, S] = {k_store.shape[:3]}")
+    if T * (heads // kv_heads) > MAX_ROWS:
+        raise ValueError(f"attend_new_tokens: {T} tokens × {heads // kv_heads} heads per KV head > {MAX_ROWS} query rows; "
+                         "use attend_new_tokens_ref (XLA) for prefill-sized chunks")
+    if block_s < 16 or block_s & (block_s - 1) or dh < 16 or dh & (dh - 1):
+        raise ValueError(f"attend_new_tokens: block_s ({block_s}) and the head dim ({dh}) must be powers of two ≥ 16")
+    dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))
+    kw = dict(heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias, k_scale_store=k_scale_store,
+              v_scale_store=v_scale_store, sliding_window=sliding_window)
+    if qkv.size == 0 or k_store.shape[2] == 0:
+        return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
+    if splits is None:
+        splits = choose_splits(B, kv_heads, k_store.shape[2], block_s)
+    splits = max(1, min(int(splits), -(-k_store.shape[2] // block_s)))
+    return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, heads=heads,
+                              kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
+                              splits=splits, num_warps=num_warps, interpret=interpret)

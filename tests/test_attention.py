@@ -111,6 +111,65 @@ def test_cuda_lowering_loops_over_a_dynamic_block_range():
     assert not re.search(rf"{upper} = arith\.constant", ir)  # 512 positions / 64 would be a constant 8
 
 
+# B, T, H, KVH, S, Dh, window, int8 (scale dtype), partials, bias, splits, dtype
+FUSED_CASES = [
+    (1, 1, 32, 8, 256, 128, None, None, 4, False, None, jnp.bfloat16),
+    (2, 1, 9, 3, 200, 64, None, None, 3, True, 1, jnp.bfloat16),
+    (2, 3, 9, 3, 200, 64, 37, None, 0, False, None, jnp.bfloat16),
+    (2, 1, 8, 2, 300, 64, None, jnp.float32, 2, False, 1, jnp.bfloat16),
+    (3, 2, 8, 8, 512, 32, 100, jnp.bfloat16, 0, True, 3, jnp.bfloat16),
+    (2, 2, 4, 2, 100, 32, None, None, 0, True, 2, jnp.float32),
+]
+
+
+@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype", FUSED_CASES)
+def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype):
+    """Projection output (or split-K partials) + bias → RoPE → cache write → attention in one launch against the
+    decoder layer's own steps (`attend_new_tokens_ref`): the same attention output; the new positions written
+    as the model writes them (a float cache to within an ulp: RoPE's products may round differently; an int8
+    cache's codes to within one step); every other position of the cache untouched."""
+    from mixjax import model
+
+    rng = np.random.default_rng()
+    W = (H + 2 * KVH) * Dh
+    qkv = jnp.asarray(rng.normal(size=(parts, B, T, W) if parts else (B, T, W)), jnp.float32 if parts else dtype)
+    b = jnp.asarray(rng.normal(size=W), dtype) if bias else None
+    _, k, v, ks, vs = _case(rng, B, 1, H, KVH, S, Dh, dtype, int8 is not None, int8 or jnp.float32)
+    pos = _positions(rng, B, T, S)
+    cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
+    kw = dict(heads=H, kv_heads=KVH, dtype=dtype, bias=b, k_scale_store=ks, v_scale_store=vs, sliding_window=window)
+    got = attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, splits=splits, interpret=INTERPRET, **kw)
+    want = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, **kw)
+    out, ref = np.asarray(got[0], np.float32), np.asarray(want[0], np.float32)
+    assert got[0].shape == (B, T, H, Dh) and got[0].dtype == dtype
+    rel = 2 ** -6 if dtype == jnp.bfloat16 else 1e-5 if INTERPRET else 2e-3
+    assert np.all(np.abs(out - ref) <= rel * np.abs(ref).max(axis=-1, keepdims=True) + 1e-6), np.abs(out - ref).max()
+    new = np.zeros((B, S), bool)
+    new[np.arange(B)[:, None], np.asarray(pos)] = True
+    stores = [[np.asarray(t, np.float32) if t is not None else None for t in group]
+              for group in (got[1:], want[1:], (k, v, ks, vs))]
+    for i in range(4):  # positions no step wrote are untouched
+        a, before = stores[0][i], stores[2][i]
+        if before is None:
+            assert a is None and stores[1][i] is None
+            continue
+        for bi in range(B):
+            np.testing.assert_array_equal(a[bi][:, ~new[bi]], before[bi][:, ~new[bi]])
+    for i, bi in np.ndindex(2, B):  # the written keys/values, dequantized for an int8 cache
+        a, w0 = stores[0][i][bi][:, new[bi]], stores[1][i][bi][:, new[bi]]  # [KVH, T, Dh]
+        if int8 is None:
+            np.testing.assert_allclose(a, w0, rtol=float(jnp.finfo(dtype).eps), atol=1e-6)
+            continue
+        sa, sw = stores[0][i + 2][bi][:, new[bi]], stores[1][i + 2][bi][:, new[bi]]  # [KVH, T]
+        # a scale follows its head's amax: an ulp of the activations' dtype, plus the scale dtype's rounding
+        np.testing.assert_allclose(sa, sw, rtol=2 * float(jnp.finfo(dtype).eps))
+        # each side within half a step of its value; the values themselves an ulp apart (XLA may keep the RoPE
+        # of the reference in f32 on its way to the quantizer)
+        da, dw = a * sa[..., None], w0 * sw[..., None]
+        slack = np.maximum(sa, sw)[..., None] + float(jnp.finfo(dtype).eps) * np.abs(dw)
+        assert np.all(np.abs(da - dw) <= slack), np.max(np.abs(da - dw) / slack)
+
+
 def test_bad_inputs_are_named():
     q, k = jnp.zeros((1, 1, 8, 64)), jnp.zeros((1, 2, 32, 64))
     pos = jnp.zeros((1, 1), jnp.int32)
@@ -127,6 +186,18 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="powers of two"):
         attention.decode_attention_pallas(jnp.zeros((1, 1, 8, 48)), jnp.zeros((1, 2, 32, 48)),
                                           jnp.zeros((1, 2, 32, 48)), pos)
+    cos = jnp.zeros((1, 1, 1, 64))
+    with pytest.raises(ValueError, match="fused in that order"):
+        attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 700)), pos, cos, cos, k, k, heads=8, kv_heads=2)
+    with pytest.raises(ValueError, match="partials"):
+        attention.attend_new_tokens_pallas(jnp.zeros((2, 1, 1, 768), jnp.bfloat16), pos, cos, cos, k, k, heads=8,
+                                           kv_heads=2)
+    with pytest.raises(ValueError, match="bias"):
+        attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k, k, heads=8, kv_heads=2,
+                                           bias=jnp.zeros(700))
+    with pytest.raises(ValueError, match="scale stores"):
+        attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k.astype(jnp.int8),
+                                           k.astype(jnp.int8), heads=8, kv_heads=2)
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8])
@@ -157,3 +228,57 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
     assert [s[1] for s in calls] == [2, 1]  # the stacked layers' scan body: the 2-token and the 1-token step
     for g, w in zip(got, want):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("weights, cache_dtype", [("float", jnp.int8), ("mixed", jnp.float32), ("mixed", jnp.int8)])
+def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
+    """Per-layer params with q/k/v fused (as `generate` runs a quantized model on a GPU) and q/k/v biases: the
+    decode steps take `attend_new_tokens_pallas`, on the projection's split-K partials for mixed weights,
+    and give the XLA path's logits and cache."""
+    import pallas_kernels as pk
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
+                      attention_bias=True, sliding_window=20)
+    params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(2), jnp.float32))
+    params = model.unstack_layers(params)
+    rng = np.random.default_rng()
+    for layer in params["layers"]:
+        layer["self_attn"] = {name: {**p, "bias": jnp.asarray(rng.normal(size=p["weight"].shape[0]), jnp.float32)}
+                              if name != "o_proj" else p for name, p in layer["self_attn"].items()}
+        if weights == "mixed":
+            for group in ("self_attn", "mlp"):
+                for name, p in layer[group].items():
+                    p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), rng.random(p["weight"].shape[0]) < 0.1)
+    params = model.fuse_projections(params)
+    assert "qkv_proj" in params["layers"][0]["self_attn"]
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 28)), jnp.int32)
+    calls = []
+    real = attention.attend_new_tokens_pallas
+    monkeypatch.setattr(model, "attend_new_tokens_pallas",
+                        lambda *a, **k: calls.append((a[0].ndim, a[0].shape[-2])) or real(*a, **k))
+
+    def run(mode):
+        monkeypatch.setattr(model, "ATTENTION", mode)
+        cache = model.init_cache(cfg, 2, 40, cache_dtype)
+        out = []
+        for chunk in (tokens[:, :25], tokens[:, 25:27], tokens[:, 27:]):
+            logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
+            out.append(np.asarray(logits))
+        return out, cache
+
+    want, want_cache = run("xla")
+    got, got_cache = run("always")
+    parts = 4 if weights == "mixed" else 3  # split-K partials [S, B, T, W] or the projection's [B, T, W]
+    assert [c[1] for c in calls] == [2, 2, 1, 1] and all(c[0] == parts for c in calls)
+    for g, w in zip(got, want):
+        err = np.abs(g - w) / float(np.abs(w).max())
+        if weights == "float":
+            assert err.max() <= 2e-4
+        else:  # an attention output an ulp off can flip an int8 activation code of o_proj at a rounding
+            # boundary (one step ≈ 1/127 of its group's max), which moves some logits by ≈ 1 %
+            assert err.max() <= 3e-2 and err.mean() <= 2e-3
+    for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
+        a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+        tol = 1.0 if cache_dtype == jnp.int8 and a.ndim == 4 else 1e-5 * float(np.abs(b).max())  # a code may move by one
+        assert np.abs(a - b).max() <= tol
