@@ -89,12 +89,12 @@ def _rint(y):
     return jnp.where((r - y == 0.5) & odd, r - 1.0, r)
 
 
-def _quantize_rows(x, scale_dtype):
-    """x [R, Dh] → (int8 codes, scales [R] in scale_dtype): the arithmetic of `mixjax.model._quantize_kv`."""
+def _quantize_vec(x, scale_dtype):
+    """x [Dh] → (int8 codes, scale in scale_dtype): `mixjax.model._quantize_kv`'s arithmetic for one row."""
     xf = x.astype(jnp.float32)
-    scale = (jnp.max(jnp.abs(xf), axis=1) / 127.0).astype(scale_dtype)
+    scale = (jnp.max(jnp.abs(xf)) / 127.0).astype(scale_dtype)
     sf = scale.astype(jnp.float32)
-    codes = jnp.clip(_rint(xf / jnp.where(sf > 0, sf, 1.0)[:, None]), -127.0, 127.0)
+    codes = jnp.clip(_rint(xf / jnp.where(sf > 0, sf, 1.0)), -127.0, 127.0)
     return codes.astype(jnp.int8), scale
 
 
@@ -127,8 +127,8 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         k_out, v_out = outs[len(outs) - (4 if scaled else 2):][:2]
         width = (heads + 2 * kv_heads) * dh
 
-        def columns(tok, col):  # tok [R], col [R, C] → [R, C]: Σ partials rounded to the dtype, + bias
-            off = tok[:, None] * width + col
+        def columns(tok, col):  # token(s) tok, columns col (broadcastable) → Σ partials in the dtype, + bias
+            off = tok * width + col
             if parts:
                 acc = plgpu.load(x_ref.at[0, b, off]).astype(jnp.float32)
                 for j in range(1, parts):
@@ -140,34 +140,39 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
                 val = (val + plgpu.load(bias_ref.at[col]).astype(dtype)).astype(dtype)
             return val
 
-        def rotated(tok, first):  # the head starting at column first [R, 1] of tokens tok, RoPE'd (rotate-half)
-            x = columns(tok, first + d[None, :])
-            partner = columns(tok, first + ((d + dh // 2) % dh)[None, :])
-            rot = jnp.where(d[None, :] < dh // 2, -partner, partner)
-            tab = tok[:, None] * dh + d[None, :]
+        def rotated(tok, first):  # the head whose features start at column `first`, RoPE'd (rotate-half)
+            x = columns(tok, first + d)
+            partner = columns(tok, first + (d + dh // 2) % dh)
+            rot = jnp.where(d < dh // 2, -partner, partner)
+            tab = tok * dh + d
             cos = plgpu.load(cos_ref.at[b, tab]).astype(dtype)
             sin = plgpu.load(sin_ref.at[b, tab]).astype(dtype)
             return ((x * cos).astype(dtype) + (rot * sin).astype(dtype)).astype(dtype)
 
-        q = rotated(ti, head[:, None] * dh)
-        nr = max(16, pl.next_power_of_2(t))
-        tn = jnp.arange(nr) % t  # the new tokens (rows past T repeat them)
-        npos = plgpu.load(pos_ref.at[b, tn])
-        first = jnp.zeros((nr, 1), jnp.int32)
-        k_new = rotated(tn, first + (heads + h) * dh)
-        v_new = columns(tn, first + (heads + kv_heads + h) * dh + d[None, :])
-        write = (npos < s_len) & (p == 0)  # positions past the cache are dropped, as `_write_cache` does
-        new_off = npos[:, None] * dh + d[None, :]
-        if scaled:
-            k_eff, k_sc = _quantize_rows(k_new, outs[-2].dtype)
-            v_eff, v_sc = _quantize_rows(v_new, outs[-1].dtype)
-            plgpu.store(outs[-2].at[b, h, npos], k_sc, mask=write)
-            plgpu.store(outs[-1].at[b, h, npos], v_sc, mask=write)
+        if 2 * t * g <= rows:  # mostly padding (decode: T·G = 4 of 16 rows): each live row once, then repeated
+            q = jnp.zeros((rows, dh), dtype)
+            for i in range(t * g):
+                q = jnp.where((src == i)[:, None], rotated(i // g, (h * g + i % g) * dh)[None, :], q)
         else:
-            k_eff, v_eff = k_new.astype(k_out.dtype), v_new.astype(v_out.dtype)
-        plgpu.store(k_out.at[b, h, new_off], k_eff, mask=write[:, None])
-        plgpu.store(v_out.at[b, h, new_off], v_eff, mask=write[:, None])
-        old_end = jnp.min(npos)  # the cache holds the positions before the new tokens; those come from registers
+            q = rotated(ti[:, None], head[:, None] * dh)  # [rows, Dh]
+        # the new tokens' keys and values of this KV head, one [Dh] vector each (T is small: decode)
+        new = []
+        for tt in range(t):
+            pos_t = pos_ref[b, tt]
+            k_t = rotated(tt, (heads + h) * dh)
+            v_t = columns(tt, (heads + kv_heads + h) * dh + d)
+            write = (pos_t < s_len) & (p == 0)  # positions past the cache are dropped, as `_write_cache` does
+            if scaled:
+                (k_t, k_sc), (v_t, v_sc) = _quantize_vec(k_t, outs[-2].dtype), _quantize_vec(v_t, outs[-1].dtype)
+                plgpu.store(outs[-2].at[b, h, pos_t], k_sc, mask=write)
+                plgpu.store(outs[-1].at[b, h, pos_t], v_sc, mask=write)
+                k_sc, v_sc = k_sc.astype(jnp.float32), v_sc.astype(jnp.float32)
+            else:
+                k_t, v_t, k_sc, v_sc = k_t.astype(k_out.dtype), v_t.astype(v_out.dtype), None, None
+            plgpu.store(k_out.at[b, h, pos_t * dh + d], k_t, mask=(d < dh) & write)
+            plgpu.store(v_out.at[b, h, pos_t * dh + d], v_t, mask=(d < dh) & write)
+            new.append((pos_t, write, k_t, v_t, k_sc, v_sc))
+        old_end = new[0][0]  # the cache holds the positions before the new tokens; those come from registers
     else:
         q_ref, k_ref, v_ref, pos_ref = take(4)
         if scaled:
@@ -216,12 +221,24 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
 
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dh), jnp.float32))
     carry = lax.fori_loop(start, jnp.maximum(stop, start), body, init)
-    if fused:  # the new tokens' keys and values, straight from registers (split 0 only)
-        s = _dot_nt(q, k_eff.astype(dtype))
-        if scaled:
-            s = s * k_sc.astype(jnp.float32)[None, :]
-        seen = seen_by(npos) & (write & (jnp.arange(nr) < t))[None, :]
-        carry = update(carry, s * scale, seen, v_eff, v_sc.astype(jnp.float32) if scaled else None)
+    if fused:  # the new tokens' keys and values, straight from registers (split 0 only), one at a time
+        for pos_t, write, k_t, v_t, k_sc, v_sc in new:
+            m, l, acc = carry
+            s_t = jnp.sum(q.astype(jnp.float32) * k_t.astype(dtype).astype(jnp.float32)[None, :], axis=1)  # [rows]
+            if scaled:
+                s_t = s_t * k_sc
+            seen = (pos_t <= qpos) & write
+            if window is not None:
+                seen &= qpos - pos_t < window
+            s_t = jnp.where(seen, s_t * scale, _NEG)
+            m_new = jnp.maximum(m, s_t)
+            alpha = jnp.exp(m - m_new)
+            e = jnp.where(seen, jnp.exp(s_t - m_new), 0.0)
+            l = l * alpha + e
+            if scaled:
+                e = e * v_sc
+            pv = e.astype(dtype).astype(jnp.float32)[:, None] * v_t.astype(dtype).astype(jnp.float32)[None, :]
+            carry = (m_new, l, acc * alpha[:, None] + pv)
     m, l, acc = carry
     if splits == 1:  # normalized, in q's dtype; a row that sees no position (only past the cache) gives 0
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
