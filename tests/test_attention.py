@@ -230,7 +230,7 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
         np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
 
 
-@pytest.mark.parametrize("weights, cache_dtype", [("float", jnp.int8), ("mixed", jnp.float32), ("mixed", jnp.int8)])
+@pytest.mark.parametrize("weights, cache_dtype", [("float", jnp.int8), ("mixed", jnp.float32)])
 def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
     """Per-layer params with q/k/v fused (as `generate` runs a quantized model on a GPU) and q/k/v biases: the
     decode steps take `attend_new_tokens_pallas`, on the projection's split-K partials for mixed weights,
@@ -252,7 +252,7 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
                     p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), rng.random(p["weight"].shape[0]) < 0.1)
     params = model.fuse_projections(params)
     assert "qkv_proj" in params["layers"][0]["self_attn"]
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 28)), jnp.int32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 20)), jnp.int32)
     calls = []
     real = attention.attend_new_tokens_pallas
     monkeypatch.setattr(model, "attend_new_tokens_pallas",
@@ -262,7 +262,7 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         monkeypatch.setattr(model, "ATTENTION", mode)
         cache = model.init_cache(cfg, 2, 40, cache_dtype)
         out = []
-        for chunk in (tokens[:, :25], tokens[:, 25:27], tokens[:, 27:]):
+        for chunk in (tokens[:, :17], tokens[:, 17:19], tokens[:, 19:]):  # 17 × 4 rows > 64: XLA
             logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
             out.append(np.asarray(logits))
         return out, cache
