@@ -1,14 +1,20 @@
-"""Decode attention over a KV cache: XLA (`attend_ref`, the model's default) against the one-launch Pallas
-kernel (`pallas_kernels.decode_attention_pallas`), Llama-3-8B heads (32 query, 8 KV, Dh 128).
+"""Decode attention over a KV cache: XLA (the model's default) against the one-launch Pallas kernels,
+Llama-3-8B heads (32 query, 8 KV, Dh 128), one new token per row.
 
-    python benchmarks/bench_attention.py --out /tmp/attention.md        # GPU, < 2 min
+    python benchmarks/bench_attention.py --out /tmp/attention.md        # GPU, ≈ 2 min
     python benchmarks/bench_attention.py --small                        # CPU smoke run (interpret mode)
 
-For each batch B, cache size S and cache dtype: one new token per row at position S − 1 (the whole cache
-visible), and at S/4 (the kernel skips the blocks past it; XLA masks them). Each variant is checked against
-the reference first (max |error| / max |reference| printed), then timed as `--calls` calls on distinct
-caches inside one jit (device-timer busy and span µs per call, benchmarks/devtime.py). The floor is the
-visible keys and values read once at the measured copy bandwidth.
+Two comparisons, each at batch B and cache size S (`--int8` adds int8 caches):
+- attention alone, the new token at position S − 1 (the whole cache visible) and at S/4 (the kernel skips
+  the blocks past it; XLA masks them): `xla` (`attend_ref`), `pallas` (`decode_attention_pallas`, splits by
+  `choose_splits`), `pallas_s1` (one program per row and KV head);
+- the whole step from the fused q/k/v projection's output to the attention output, at S − 1: `xla_step`
+  (`attend_new_tokens_ref`: split, RoPE, cache scatter, attention — what the model runs today) and `fused`
+  (`attend_new_tokens_pallas`), each on the bf16 output [B, 1, W] and on 8 f32 split-K partials (`_p8`,
+  what the GEMV hands over). The caches are donated and carried, so both update them in place.
+Every variant is checked against XLA first (max |error| / max |reference|), then timed as `--calls` calls on
+distinct caches inside one jit: device-timer busy and span µs per call (benchmarks/devtime.py). The floor
+is the visible keys and values read once at the measured copy bandwidth.
 """
 
 from __future__ import annotations
@@ -25,28 +31,48 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from mixjax import model  # noqa: E402
 from pallas_kernels import attention  # noqa: E402
 
 H, KVH, DH = 32, 8, 128
+W = (H + 2 * KVH) * DH
 
 
-def _inputs(rng, B, S, calls, int8):
-    qs = [jnp.asarray(rng.normal(size=(B, 1, H, DH)), jnp.bfloat16) for _ in range(calls)]
+def _caches(rng, B, S, calls, int8):
     if int8:
-        caches = [(jnp.asarray(rng.integers(-127, 128, (B, KVH, S, DH)), jnp.int8),
-                   jnp.asarray(rng.integers(-127, 128, (B, KVH, S, DH)), jnp.int8),
-                   jnp.asarray(rng.uniform(0.002, 0.03, (B, KVH, S)), jnp.float32),
-                   jnp.asarray(rng.uniform(0.002, 0.03, (B, KVH, S)), jnp.float32)) for _ in range(calls)]
-    else:
-        caches = [(jnp.asarray(rng.normal(size=(B, KVH, S, DH)), jnp.bfloat16),
-                   jnp.asarray(rng.normal(size=(B, KVH, S, DH)), jnp.bfloat16), None, None) for _ in range(calls)]
-    return qs, caches
+        return [(jnp.asarray(rng.integers(-127, 128, (B, KVH, S, DH)), jnp.int8),
+                 jnp.asarray(rng.integers(-127, 128, (B, KVH, S, DH)), jnp.int8),
+                 jnp.asarray(rng.uniform(0.002, 0.03, (B, KVH, S)), jnp.float32),
+                 jnp.asarray(rng.uniform(0.002, 0.03, (B, KVH, S)), jnp.float32)) for _ in range(calls)]
+    return [(jnp.asarray(rng.normal(size=(B, KVH, S, DH)), jnp.bfloat16),
+             jnp.asarray(rng.normal(size=(B, KVH, S, DH)), jnp.bfloat16), None, None) for _ in range(calls)]
+
+
+def _timed(many, args, calls, interpret, carry=None):
+    """(busy, span, kernels) per call of many(*args) (× carry: the donated caches it returns, fed back)."""
+    if interpret:
+        return float("nan"), float("nan"), float("nan")
+    import devtime
+
+    state = {"c": carry}
+
+    def run():
+        if carry is None:
+            return many(*args)
+        outs, state["c"] = many(*args, state["c"])
+        return outs
+
+    jax.block_until_ready(run())
+    dt = devtime.device_times(run, runs=3)
+    return (dt.get("busy_us", float("nan")) / calls, dt.get("span_us", float("nan")) / calls,
+            dt.get("kernels", float("nan")) / calls)
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--batches", default="1,8,32")
-    p.add_argument("--lengths", default="384,2048,8192")
+    p.add_argument("--batches", default="1,32")
+    p.add_argument("--lengths", default="384,4096")
+    p.add_argument("--int8", action="store_true", help="int8 caches too")
     p.add_argument("--calls", type=int, default=8, help="calls per jitted program, each on its own cache")
     p.add_argument("--small", action="store_true", help="tiny sizes, interpret mode (CPU smoke run)")
     p.add_argument("--out", default=None)
@@ -64,42 +90,80 @@ def main(argv=None) -> int:
         import bench_matmul
 
         bandwidth = bench_matmul.copy_bandwidth()
-    import devtime
 
-    variants = {
+    attend = {
         "xla": lambda q, c, pos: attention.decode_attention_ref(q, c[0], c[1], pos, k_scale=c[2], v_scale=c[3]),
         "pallas": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2], v_scale=c[3],
                                                                        interpret=interpret),
         "pallas_s1": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2], v_scale=c[3],
                                                                           splits=1, interpret=interpret),
     }
+
+    def step(fused):
+        def fn(x, c, pos, rope):
+            kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, k_scale_store=c[2], v_scale_store=c[3])
+            if fused:
+                out = attention.attend_new_tokens_pallas(x, pos, *rope, c[0], c[1], interpret=interpret, **kw)
+            else:
+                out = attention.attend_new_tokens_ref(x, pos, *rope, c[0], c[1], **kw)
+            return out[0], tuple(out[1:])
+        return fn
+
     rows = ["| cache | B | S | position | variant | splits | rel. error | busy µs | span µs | kernels | floor µs | vs xla (span) |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def row(cache, B, S, at, name, splits, err, timing, floor_us, base):
+        busy, span, kern = timing
+        rows.append(f"| {cache} | {B} | {S} | {at} | {name} | {splits} | {err:.1e} | {busy:.1f} | {span:.1f} | {kern:.1f} "
+                    f"| {floor_us:.1f} | {base / span:.2f}× |")
+        print(rows[-1], flush=True)
+
     rng = np.random.default_rng(0)
-    for int8 in (False, True):
+    for int8 in (False, True) if args.int8 else (False,):
+        cache = "int8" if int8 else "bf16"
         for B in batches:
             for S in lengths:
-                qs, caches = _inputs(rng, B, S, args.calls, int8)
+                caches = _caches(rng, B, S, args.calls, int8)
+                qs = [jnp.asarray(rng.normal(size=(B, 1, H, DH)), jnp.bfloat16) for _ in range(args.calls)]
                 for at in (S - 1, S // 4):
                     pos = jnp.full((B, 1), at, jnp.int32)
-                    ref = np.asarray(variants["xla"](qs[0], caches[0], pos), np.float32)
                     visible = (at + 1) * B * KVH * DH * 2 * (1 if int8 else 2)
                     floor_us = 1e6 * visible / bandwidth if bandwidth else float("nan")
+                    ref = np.asarray(attend["xla"](qs[0], caches[0], pos), np.float32)
                     base = None
-                    for name, fn in variants.items():
-                        got = np.asarray(fn(qs[0], caches[0], pos), np.float32)
-                        err = float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-30))
-                        splits = "-" if name == "xla" else 1 if name == "pallas_s1" else \
-                            attention.choose_splits(B, KVH, S, 64)
+                    for name, fn in attend.items():
+                        err = float(np.abs(np.asarray(fn(qs[0], caches[0], pos), np.float32) - ref).max() / np.abs(ref).max())
                         many = jax.jit(lambda qs, cs, pos, fn=fn: [fn(q, c, pos) for q, c in zip(qs, cs)])
-                        jax.block_until_ready(many(qs, caches, pos))
-                        dt = devtime.device_times(lambda: many(qs, caches, pos), runs=3) if not interpret else {}
-                        busy, span = dt.get("busy_us", float("nan")) / args.calls, dt.get("span_us", float("nan")) / args.calls
-                        kern = dt.get("kernels", float("nan")) / args.calls
-                        base = span if name == "xla" else base
-                        rows.append(f"| {'int8' if int8 else 'bf16'} | {B} | {S} | {at} | {name} | {splits} | {err:.1e} "
-                                    f"| {busy:.1f} | {span:.1f} | {kern:.1f} | {floor_us:.1f} | {base / span:.2f}× |")
-                        print(rows[-1], flush=True)
+                        timing = _timed(many, (qs, caches, pos), args.calls, interpret)
+                        base = timing[1] if name == "xla" else base
+                        splits = "-" if name == "xla" else 1 if name == "pallas_s1" else \
+                            min(attention.choose_splits(B, KVH, S, 64), -(-S // 64))
+                        row(cache, B, S, at, name, splits, err, timing, floor_us, base)
+                # the whole step, new token at S − 1, caches donated and carried
+                at = S - 1
+                pos = jnp.full((B, 1), at, jnp.int32)
+                rope = model.rope_tables(pos, model.rope_inv_freq(model.LlamaConfig(
+                    vocab_size=8, hidden_size=H * DH, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
+                    num_key_value_heads=KVH, head_dim=DH, rope_theta=500000.0)))
+                floor_us = 1e6 * (at + 1) * B * KVH * DH * 2 * (1 if int8 else 2) / bandwidth if bandwidth else float("nan")
+                for parts in (0, 8):
+                    shape = (parts, B, 1, W) if parts else (B, 1, W)
+                    xs = [jnp.asarray(rng.normal(size=shape) / (parts or 1), jnp.float32 if parts else jnp.bfloat16)
+                          for _ in range(args.calls)]
+                    ref = np.asarray(step(False)(xs[0], caches[0], pos, rope)[0], np.float32)
+                    base = None
+                    for name, fused in (("xla_step", False), ("fused", True)):
+                        fn = step(fused)
+                        err = float(np.abs(np.asarray(fn(xs[0], caches[0], pos, rope)[0], np.float32) - ref).max()
+                                    / np.abs(ref).max())
+                        many = jax.jit(lambda xs, pos, rope, cs, fn=fn: tuple(zip(*[fn(x, c, pos, rope) for x, c in zip(xs, cs)])),
+                                       donate_argnums=3)
+                        carried = [tuple(jnp.copy(a) if a is not None else None for a in c) for c in caches]
+                        timing = _timed(lambda *a, many=many: (lambda o: (list(o[0]), list(o[1])))(many(*a)),
+                                        (xs, pos, rope), args.calls, interpret, carry=carried)
+                        base = timing[1] if not fused else base
+                        row(cache, B, S, at, name + (f"_p{parts}" if parts else ""), "-" if not fused else
+                            min(attention.choose_splits(B, KVH, S, 64), -(-S // 64)), err, timing, floor_us, base)
     table = head + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else "") + "\n\n" + "\n".join(rows) + "\n"
     if args.out:
         with open(args.out, "w") as f:

@@ -23,8 +23,10 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
   default; the default since session 8 is one launch), or `@normq` (the norms before mixed linears emit
   their int8 codes at decode, `model.NORM_QUANT = "auto"`; measured 1–2 % slower in session 11, so off by
-  default) or `@nq` (plain norms, the default, named for side-by-side runs), or `@attn` (cached steps attend in
-  one Pallas launch, `model.ATTENTION = "auto"`; any variant, bf16 too); `NAME+h4` / `+h8`: the
+  default) or `@nq` (plain norms, the default, named for side-by-side runs), or `@attn` (decode steps run
+  RoPE, the cache write and attention in one Pallas launch on the q/k/v projection's output,
+  `model.ATTENTION = "auto"`; any variant, bf16 too) or `@attnu` (the attention-only kernel after XLA's RoPE
+  and cache write, `model.ATTENTION_FUSED = False`); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -305,10 +307,11 @@ def run_variant(name: str, args) -> int:
         from mixjax import model as model_module
 
         model_module.NORM_QUANT = "never" if strategy == "nq" else "auto"
-    elif strategy == "attn":  # the one-launch decode attention (pallas_kernels/attention.py)
+    elif strategy in ("attn", "attnu"):  # the one-launch decode attention (pallas_kernels/attention.py)
         from mixjax import model as model_module
 
         model_module.ATTENTION = "auto"
+        model_module.ATTENTION_FUSED = strategy == "attn"
     elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
         from pallas_kernels import gemv, kernels
 

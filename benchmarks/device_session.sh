@@ -18,8 +18,9 @@
 #                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
 #   bash benchmarks/device_session.sh nq        # session 11: norms emitting int8 codes (rms_norm_quant,
 #                                               # w4.4a8@normq+h4) end to end against plain norms
-#   bash benchmarks/device_session.sh attn      # session 12 (not yet run): the one-launch decode attention,
-#                                               # alone (bench_attention.py) and end to end (@attn, bf16 too)
+#   bash benchmarks/device_session.sh attn      # session 12 (not yet run): decode attention in one launch
+#                                               # (with RoPE and the cache write: attend_new_tokens), alone
+#                                               # (bench_attention.py) and end to end (@attn, bf16 too)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -110,8 +111,7 @@ case "$part" in
   attn)  # session 12: pallas_kernels.attention (model.ATTENTION = "auto") against XLA's dots and softmax
     header
     timeout 100 python3 -m pytest -q -x tests/test_attention.py 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 150 python3 benchmarks/bench_attention.py --batches 1,32 --lengths 384,4096 \
-      --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
+    timeout 150 python3 benchmarks/bench_attention.py --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
     timeout 330 python3 benchmarks/bench_generate.py --variants bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4 \
       --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 320 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
