@@ -3,6 +3,7 @@
     python benchmarks/ptx_stats.py --kernel mma --m 32 --k 4096 --n 28672
     python benchmarks/ptx_stats.py --kernel mma --m 16 --set word_unpack=False     # a GemmConfig field
     python benchmarks/ptx_stats.py --kernel gemv --m 1 --triton-python /tmp/tvenv/bin/python
+    python benchmarks/ptx_stats.py --kernel attend_new --m 1 --k 384 --set parts=8     # B 1, a 384-position cache
 
 The kernels are lowered for CUDA (`lowering_platforms=("cuda",)`, which works on a CPU machine); the
 Triton IR that Pallas hands to XLA is captured and compiled to PTX for sm_90 by the `triton` package
@@ -117,7 +118,9 @@ def config_overrides(cfg, text: str):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--kernel", default="mma", choices=("mma", "gemv"))
+    p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "attention", "attend_new"),
+                   help="attention / attend_new (pallas_kernels/attention.py): --m is the batch, --k the cache "
+                        "positions, Llama-3-8B heads; --set takes block_s, splits, parts (split-K partials), int8")
     p.add_argument("--m", type=int, default=32)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=28672)
@@ -127,6 +130,8 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="folder for the .ttir / .ptx files (default: a temp folder)")
     args = p.parse_args(argv)
 
+    if args.kernel in ("attention", "attend_new"):
+        return _attention_stats(args)
     w = random_packed(np.random.default_rng(0), args.n, args.k, args.share8)
     x = jnp.zeros((args.m, args.k), jnp.bfloat16)
     rows = w.q8.shape[0] + w.q4.shape[0]
@@ -140,15 +145,19 @@ def main(argv=None):
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg)  # noqa: E731
     else:
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg)  # noqa: E731
+    _report(capture_ttir(fn, x, w), args, cfg.num_warps, lambda name: 1 if name == "quantize_activations" else cfg.num_stages)
+
+
+def _report(modules, args, warps: int, stages) -> None:
+    """Compiles each captured module to PTX with --triton-python and prints its large basic blocks."""
     out = args.out or tempfile.mkdtemp(prefix="ptx_stats_")
     os.makedirs(out, exist_ok=True)
-    for i, ttir in enumerate(capture_ttir(fn, x, w)):
+    for i, ttir in enumerate(modules):
         name = re.search(r"module @(\w+)", ttir).group(1)
         path = os.path.join(out, f"{i}_{name}.ttir")
         with open(path, "w") as f:
             f.write(ttir)
-        stages = 1 if name == "quantize_activations" else cfg.num_stages
-        res = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(cfg.num_warps), str(stages)],
+        res = subprocess.run([args.triton_python, "-c", _COMPILE, path, str(warps), str(stages(name))],
                              capture_output=True, text=True, env={**os.environ, "TRITON_DEFAULT_FP_FUSION": "1"})
         if res.returncode:
             tail = res.stderr.strip().splitlines()[-3:]
@@ -158,6 +167,34 @@ def main(argv=None):
         print(f"\n{name}: shared memory {res.stdout.strip()} B, PTX {path[:-5]}.ptx")
         for label, n, ops in block_stats(ptx):
             print(f"  {label:>12} {n:4d} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
+
+
+def _attention_stats(args) -> None:
+    from pallas_kernels import attention
+
+    over = dict(block_s=64, splits=1, parts=0, int8=0)
+    for kv in filter(None, args.set.split(",")):
+        key, value = kv.split("=")
+        if key not in over:
+            raise SystemExit(f"--set: {key!r} is not one of {', '.join(over)} for --kernel {args.kernel}")
+        over[key] = int(value)
+    B, S, H, KVH, Dh = args.m, args.k, 32, 8, 128
+    cache = jnp.zeros((B, KVH, S, Dh), jnp.int8 if over["int8"] else jnp.bfloat16)
+    scales = jnp.zeros((B, KVH, S), jnp.float32) if over["int8"] else None
+    pos = jnp.zeros((B, 1), jnp.int32)
+    kw = dict(k_scale=scales, v_scale=scales, block_s=over["block_s"], splits=over["splits"])
+    print("config", over)
+    if args.kernel == "attention":
+        q = jnp.zeros((B, 1, H, Dh), jnp.bfloat16)
+        modules = capture_ttir(lambda q, c, pos: attention.decode_attention_pallas(q, c, c, pos, **kw), q, cache, pos)
+    else:
+        width = (H + 2 * KVH) * Dh
+        x = jnp.zeros((over["parts"], B, 1, width), jnp.float32) if over["parts"] else jnp.zeros((B, 1, width), jnp.bfloat16)
+        rope = jnp.zeros((B, 1, 1, Dh), jnp.float32)
+        modules = capture_ttir(lambda x, c, pos, r: attention.attend_new_tokens_pallas(
+            x, pos, r, r, c, c, heads=H, kv_heads=KVH, dtype=jnp.bfloat16, k_scale_store=kw.pop("k_scale"),
+            v_scale_store=kw.pop("v_scale"), **kw), x, cache, pos, rope)
+    _report(modules, args, 4, lambda name: 2)
 
 
 if __name__ == "__main__":
