@@ -21,6 +21,8 @@
 #   bash benchmarks/device_session.sh attn      # session 12 (not yet run): decode attention in one launch
 #                                               # (with RoPE and the cache write: attend_new_tokens), alone
 #                                               # (bench_attention.py) and end to end (@attn, bf16 too)
+#   bash benchmarks/device_session.sh norm      # session 12 (not yet run): the norm before a mixed linear,
+#                                               # XLA fusions vs rms_norm_quant at 4/8/16 warps (bench_norm.py)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -115,6 +117,10 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --variants bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4 \
       --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 320 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
+  norm)
+    header
+    timeout 150 python3 benchmarks/bench_norm.py --out "$out/norm.md" 2>&1 | tee "$out/norm.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -127,7 +133,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac

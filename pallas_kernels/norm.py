@@ -155,8 +155,8 @@ def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: i
 
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
-def _rms_norm_quant(x, delta, w, *, eps: float, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
+def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     lead, d = x.shape[:-1], x.shape[-1]
@@ -175,7 +175,7 @@ def _rms_norm_quant(x, delta, w, *, eps: float, interpret: bool):
         grid=(mp,),
         interpret=interpret,
         name="rms_norm_quant",
-        compiler_params=plgpu.CompilerParams(num_warps=4 if gp * GROUP_SIZE <= 4096 else 8, num_stages=1),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or (4 if gp * GROUP_SIZE <= 4096 else 8), num_stages=1),
     )(*args, w)
     s = x if delta is None else res[0].reshape(x.shape)
     x_q, a_scale, x_sum = res[-3:]
@@ -183,11 +183,12 @@ def _rms_norm_quant(x, delta, w, *, eps: float, interpret: bool):
 
 
 def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *,
-                          interpret: bool = False):
+                          num_warps: int | None = None, interpret: bool = False):
     """`rms_norm_quant_ref` in one launch: x [..., D] (the residual stream), delta None, x-shaped, or f32
     split-K partials [S, *x.shape] of the previous linear; w [D] → (s = x + Σ delta, QuantizedActivations
     of RMSNorm(s)·w) for a mixed linear to consume. The norm's f32 sum runs in another order than XLA's,
-    so h (and a code) can differ from the reference by one rounding of x's dtype."""
+    so h (and a code) can differ from the reference by one rounding of x's dtype. num_warps: of the one
+    program per row (None: 4 up to 4096 features, else 8)."""
     if x.ndim < 1 or w.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm_quant: w must be [D] with D = x.shape[-1]; got x {x.shape}, w {w.shape}")
     if delta is not None and delta.shape not in (x.shape, (delta.shape[0], *x.shape)):
@@ -198,4 +199,4 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
         return rms_norm_quant_ref(x, delta, w, eps)
     if delta is not None and delta.ndim == x.ndim:
         delta = delta[None]
-    return _rms_norm_quant(x, delta, w, eps=float(eps), interpret=interpret)
+    return _rms_norm_quant(x, delta, w, eps=float(eps), num_warps=num_warps, interpret=interpret)

@@ -1,0 +1,103 @@
+"""The norm before a mixed linear at decode: XLA's fusions against `rms_norm_quant_pallas`, D = 4096.
+
+    python benchmarks/bench_norm.py --out /tmp/norm.md        # GPU, < 1 min
+    python benchmarks/bench_norm.py --small                   # CPU smoke run (interpret mode)
+
+Why (NOTES-kernels.md items 31, 48): the one-launch residual add + RMSNorm + int8 quantization removed 97
+launches a decode step but ran 1–2 % slower end to end; this times the pieces apart. For M rows and P
+split-K partials of the previous linear (P = 0: the input norm, x alone; P = 8: after o_proj at M = 1;
+P = 28: after a down_proj GEMV with that split):
+- `xla_norm`: what the model runs by default — x + Σ partials, RMSNorm (XLA fusions; the linear after it
+  then quantizes inside its own kernel);
+- `xla_quant`: the same plus the quantization as XLA ops (`quantize_activations_xla`);
+- `pallas_wN`: `rms_norm_quant_pallas` with N warps per row.
+Every variant is checked against the reference first, then timed as `--calls` calls on distinct inputs in
+one jit (device-timer busy/span µs and kernels per call, benchmarks/devtime.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mixjax import model  # noqa: E402
+from pallas_kernels import norm  # noqa: E402
+from pallas_kernels.kernels import quantize_activations_xla  # noqa: E402
+
+D, EPS = 4096, 1e-5
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default="1,8,32")
+    p.add_argument("--parts", default="0,8,28")
+    p.add_argument("--warps", default="4,8,16")
+    p.add_argument("--calls", type=int, default=32)
+    p.add_argument("--small", action="store_true")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    ms, partses, warps = ([int(v) for v in a.split(",")] for a in (args.ms, args.parts, args.warps))
+    if args.small:
+        ms, partses, warps, args.calls = [1, 3], [0, 2], [4], 2
+    dev = jax.devices()[0]
+    head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
+    print(head, flush=True)
+
+    def xla_norm(x, delta, w):
+        s = x if delta is None else x + jnp.sum(delta, axis=0).astype(x.dtype)
+        return s, model.rms_norm(s, w, EPS)
+
+    def xla_quant(x, delta, w):
+        s, h = xla_norm(x, delta, w)
+        return s, quantize_activations_xla(h, block_m=norm.quant_rows(x.shape[0]))
+
+    variants = {"xla_norm": xla_norm, "xla_quant": xla_quant}
+    for nw in warps:
+        variants[f"pallas_w{nw}"] = lambda x, d, w, nw=nw: norm.rms_norm_quant_pallas(x, d, w, EPS, num_warps=nw,
+                                                                                     interpret=interpret)
+    rows = ["| M | partials | variant | codes = reference | busy µs | span µs | kernels | vs xla_norm (span) |",
+            "|---|---|---|---|---|---|---|---|"]
+    rng = np.random.default_rng(0)
+    w = jnp.asarray(rng.normal(size=D), jnp.bfloat16)
+    for m in ms:
+        for parts in partses:
+            xs = [jnp.asarray(rng.normal(size=(m, D)), jnp.bfloat16) for _ in range(args.calls)]
+            ds = [None if not parts else jnp.asarray(rng.normal(size=(parts, m, D)) / parts, jnp.float32)
+                  for _ in range(args.calls)]
+            _, ref = norm.rms_norm_quant_ref(xs[0], ds[0], w, EPS)
+            base = None
+            for name, fn in variants.items():
+                out = fn(xs[0], ds[0], w)[1]
+                same = "-" if name == "xla_norm" else \
+                    f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0]) == np.asarray(ref.x_q))):.4f}"
+                many = jax.jit(lambda xs, ds, fn=fn: [fn(x, d, w) for x, d in zip(xs, ds)])
+                jax.block_until_ready(many(xs, ds))
+                if interpret:
+                    busy = span = kern = float("nan")
+                else:
+                    import devtime
+
+                    dt = devtime.device_times(lambda: many(xs, ds), runs=3)
+                    busy, span, kern = (dt.get(k, float("nan")) / args.calls for k in ("busy_us", "span_us", "kernels"))
+                base = span if name == "xla_norm" else base
+                rows.append(f"| {m} | {parts} | {name} | {same} | {busy:.2f} | {span:.2f} | {kern:.1f} | {base / span:.2f}× |")
+                print(rows[-1], flush=True)
+    table = head + "\n\n" + "\n".join(rows) + "\n"
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
