@@ -8,7 +8,9 @@ scores of its G = H/KVH heads (× the T new tokens) against a block of cached ke
 online softmax (running max and sum, the flash-decoding recurrence), and the value dot, looping only over
 the blocks that some row may see (up to the largest query position, and from the sliding window's start),
 not over the whole cache. Long caches with few programs split the positions over `splits` programs per head;
-XLA then merges their partial results.
+XLA then merges their partial results. `attend_new_tokens_pallas` goes one step further: it starts from the
+fused q/k/v projection's output (or its split-K partials), applies RoPE, writes the new keys and values into
+the cache in place and attends to them from registers — one launch where the decoder layer had ≈ 10.
 
 `attend_ref` is the arithmetic mixjax's model uses everywhere (and the kernel's reference): f32 scores of
 q·k in q's dtype, × the int8 cache's key scales, / √Dh, masked with the f32 minimum, softmax in f32, × the
@@ -101,6 +103,10 @@ def _quantize_vec(x, scale_dtype):
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
             parts: int = 0, has_bias: bool = False):
+    """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
+    [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
+    [P, B, T·W], (bias [W]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the outputs: the attention
+    [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores (aliased to k, v, scales)."""
     refs = list(refs)
 
     def take(n):
