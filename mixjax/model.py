@@ -280,6 +280,8 @@ ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per
 def _attention_kernel_on(T: int, cfg: LlamaConfig, implementation: Implementation) -> bool:
     from pallas_kernels.attention import MAX_ROWS
 
+    if ATTENTION not in ("xla", "auto", "always"):
+        raise ValueError(f"mixjax.model.ATTENTION = {ATTENTION!r}; expected 'xla', 'auto' or 'always'")
     dh = cfg.head_dim
     if ATTENTION == "xla" or T * (cfg.num_attention_heads // cfg.num_key_value_heads) > MAX_ROWS:
         return False

@@ -282,3 +282,12 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         tol = 1.0 if cache_dtype == jnp.int8 and a.ndim == 4 else 1e-5 * float(np.abs(b).max())  # a code may move by one
         assert np.abs(a - b).max() <= tol
+
+
+def test_unknown_attention_setting_is_named(monkeypatch):
+    cfg = LlamaConfig(vocab_size=11, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    params = model.init_params(cfg, jax.random.key(0), jnp.float32)
+    monkeypatch.setattr(model, "ATTENTION", "pallas")
+    with pytest.raises(ValueError, match="'xla', 'auto' or 'always'"):
+        model.forward_step(params, jnp.zeros((1, 1), jnp.int32), cfg, model.init_cache(cfg, 1, 4, jnp.float32))
