@@ -23,10 +23,12 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
   default; the default since session 8 is one launch), or `@normq` (the norms before mixed linears emit
   their int8 codes at decode, `model.NORM_QUANT = "auto"`; measured 1–2 % slower in session 11, so off by
-  default) or `@nq` (plain norms, the default, named for side-by-side runs), or `@attn` (decode steps run
+  default; `@normq2`: the same in two launches over (row, 2-group chunk), `NORM_QUANT_CHUNK_GROUPS = 2`) or
+  `@nq` (plain norms, the default, named for side-by-side runs), or `@attn` (decode steps run
   RoPE, the cache write and attention in one Pallas launch on the q/k/v projection's output,
   `model.ATTENTION = "auto"`; any variant, bf16 too) or `@attnu` (the attention-only kernel after XLA's RoPE
-  and cache write, `model.ATTENTION_FUSED = False`); `NAME+h4` / `+h8`: the
+  and cache write, `model.ATTENTION_FUSED = False`); strategies chain (`w4.4a8@attn@normq2+h4`);
+  `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -162,10 +164,11 @@ def build_full_quant(cfg: LlamaConfig, bits: float, args, log: Callable) -> dict
 
 
 def split_variant(name: str) -> tuple[str, str | None, int | None]:
-    """"w4.4a8@fused_partials+h4" → ("w4.4a8", "fused_partials", 4): base, decode strategy, head bits."""
+    """"w4.4a8@fused_partials+h4" → ("w4.4a8", "fused_partials", 4): base, strategies ("a@b" when chained),
+    head bits."""
     base, head = (name.split("+h") + [None])[:2]
-    base, strategy = (base.split("@") + [None])[:2]
-    return base, strategy, None if head is None else int(head)
+    base, *strategies = base.split("@")
+    return base, "@".join(strategies) or None, None if head is None else int(head)
 
 
 def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
@@ -290,6 +293,32 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     return row
 
 
+STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xq")
+
+
+def _apply_strategy(strategy: str) -> None:
+    """Sets one `@STRATEGY` of a variant name for this (child) process; several may be chained (`@attn@normq2`)."""
+    from mixjax import model as model_module
+    from pallas_kernels import gemv, kernels
+
+    if strategy == "gemv_2l":  # the M = 1 GEMV on codes from the quantization kernel (two launches a linear)
+        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=True)
+    elif strategy in ("nq", "normq", "normq2"):  # plain norms (the default) / norms emitting codes
+        model_module.NORM_QUANT = "never" if strategy == "nq" else "auto"
+        model_module.NORM_QUANT_CHUNK_GROUPS = 2 if strategy == "normq2" else None
+    elif strategy in ("attn", "attnu"):  # the one-launch decode attention (pallas_kernels/attention.py)
+        model_module.ATTENTION = "auto"
+        model_module.ATTENTION_FUSED = strategy == "attn"
+    elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
+        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, xla_quant=True)
+        choose = kernels.choose_config
+        kernels.choose_config = lambda *a, **k: dataclasses.replace(choose(*a, **k), xla_quant=True)
+    elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
+        kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
+    else:
+        raise ValueError(f"unknown strategy @{strategy}")
+
+
 def run_variant(name: str, args) -> int:
     """The subprocess body: build one variant, measure, print RESULT lines as they come."""
 
@@ -298,30 +327,9 @@ def run_variant(name: str, args) -> int:
 
     dev = jax.devices()[0]
     cfg = SMALL if args.small else LLAMA3_8B
-    strategy = split_variant(name)[1]
-    if strategy == "gemv_2l":  # the M = 1 GEMV on codes from the quantization kernel (two launches a linear)
-        from pallas_kernels import gemv
-
-        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, quantize_first=True)
-    elif strategy in ("nq", "normq"):  # plain norms (the default) / norms emitting codes
-        from mixjax import model as model_module
-
-        model_module.NORM_QUANT = "never" if strategy == "nq" else "auto"
-    elif strategy in ("attn", "attnu"):  # the one-launch decode attention (pallas_kernels/attention.py)
-        from mixjax import model as model_module
-
-        model_module.ATTENTION = "auto"
-        model_module.ATTENTION_FUSED = strategy == "attn"
-    elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
-        from pallas_kernels import gemv, kernels
-
-        gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, xla_quant=True)
-        choose = kernels.choose_config
-        kernels.choose_config = lambda *a, **k: dataclasses.replace(choose(*a, **k), xla_quant=True)
-    elif strategy:  # the decode launch strategy under test, for every quantized linear of this process
-        from pallas_kernels import kernels
-
-        kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
+    for strategy in (split_variant(name)[1] or "").split("@"):
+        if strategy:
+            _apply_strategy(strategy)
     log(dict(kind="device", device=f"{dev.device_kind} ({dev.platform})", jax=jax.__version__))
     start = time.perf_counter()
     params = build_variant(name, cfg, args, log)
@@ -523,6 +531,12 @@ def parse_args(argv=None):
     unknown = [v for v in args.variants if split_variant(v)[0] not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
+    from pallas_kernels.kernels import DECODE_STRATEGIES
+
+    known = STRATEGIES + DECODE_STRATEGIES
+    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@") if st and st not in known]
+    if bad:
+        p.error(f"unknown strategies {bad}; known: {', '.join(known)}")
     if args.small:
         args.prefill_len, args.prompt_len, args.new_tokens = min(args.prefill_len, 256), min(args.prompt_len, 32), min(args.new_tokens, 16)
         args.calib_samples, args.calib_len = min(args.calib_samples, 2), min(args.calib_len, 64)

@@ -10,7 +10,8 @@ P = 28: after a down_proj GEMV with that split):
 - `xla_norm`: what the model runs by default — x + Σ partials, RMSNorm (XLA fusions; the linear after it
   then quantizes inside its own kernel);
 - `xla_quant`: the same plus the quantization as XLA ops (`quantize_activations_xla`);
-- `pallas_wN`: `rms_norm_quant_pallas` with N warps per row.
+- `pallas_wN`: `rms_norm_quant_pallas` with N warps per row (one launch, one program per row);
+- `pallas_2l_cN`: its two-launch form, programs over (row, chunk of N groups of 128).
 Every variant is checked against the reference first, then timed as `--calls` calls on distinct inputs in
 one jit (device-timer busy/span µs and kernels per call, benchmarks/devtime.py).
 """
@@ -41,14 +42,15 @@ def main(argv=None) -> int:
     p.add_argument("--ms", default="1,8,32")
     p.add_argument("--parts", default="0,8,28")
     p.add_argument("--warps", default="4,8,16")
+    p.add_argument("--chunks", default="1,2,4", help="groups per program of the two-launch form")
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--small", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
-    ms, partses, warps = ([int(v) for v in a.split(",")] for a in (args.ms, args.parts, args.warps))
+    ms, partses, warps, chunks = ([int(v) for v in a.split(",")] for a in (args.ms, args.parts, args.warps, args.chunks))
     if args.small:
-        ms, partses, warps, args.calls = [1, 3], [0, 2], [4], 2
+        ms, partses, warps, chunks, args.calls = [1, 3], [0, 2], [4], [2], 2
     dev = jax.devices()[0]
     head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
     print(head, flush=True)
@@ -65,6 +67,9 @@ def main(argv=None) -> int:
     for nw in warps:
         variants[f"pallas_w{nw}"] = lambda x, d, w, nw=nw: norm.rms_norm_quant_pallas(x, d, w, EPS, num_warps=nw,
                                                                                      interpret=interpret)
+    for cg in chunks:
+        variants[f"pallas_2l_c{cg}"] = lambda x, d, w, cg=cg: norm.rms_norm_quant_pallas(x, d, w, EPS, chunk_groups=cg,
+                                                                                        interpret=interpret)
     rows = ["| M | partials | variant | codes = reference | busy µs | span µs | kernels | vs xla_norm (span) |",
             "|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)

@@ -22,7 +22,8 @@
 #                                               # (with RoPE and the cache write: attend_new_tokens), alone
 #                                               # (bench_attention.py) and end to end (@attn, bf16 too)
 #   bash benchmarks/device_session.sh norm      # session 12 (not yet run): the norm before a mixed linear,
-#                                               # XLA fusions vs rms_norm_quant at 4/8/16 warps (bench_norm.py)
+#                                               # XLA fusions vs rms_norm_quant (4/8/16 warps; two launches over
+#                                               # chunks), then end to end @normq2 and @attn@normq2
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -117,9 +118,12 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --variants bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4 \
       --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 320 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
-  norm)
+  norm)  # session 12: the norms emitting codes, one launch per row or two over (row, chunk); with attn
     header
-    timeout 150 python3 benchmarks/bench_norm.py --out "$out/norm.md" 2>&1 | tee "$out/norm.log"
+    timeout 60 python3 -m pytest -q -x tests/test_norm.py -k "quant" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 120 python3 benchmarks/bench_norm.py --out "$out/norm.md" 2>&1 | tee "$out/norm.log"
+    timeout 380 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq2+h4,w4.4a8@attn@normq2+h4 \
+      --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 370 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   tall)
     header

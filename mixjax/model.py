@@ -204,6 +204,10 @@ NORM_QUANT = "never"  # "auto": norms feeding mixed linears quantize their outpu
 # session 11, benchmarks/NOTES-kernels.md item 48), so it is off until the norm kernel is faster
 
 
+NORM_QUANT_CHUNK_GROUPS = None  # with NORM_QUANT on the Pallas path: None — one program per row (one launch);
+# an int — `rms_norm_quant_pallas(chunk_groups=...)`, two launches over (row, chunk of that many groups)
+
+
 def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> bool:
     """Whether the norm before `weights` (the linears sharing its output) should hand them int8 codes."""
     from pallas_kernels.format import MixedWeight
@@ -222,7 +226,7 @@ def norm_quant(x, delta, w, eps: float, implementation: Implementation):
     from pallas_kernels import norm
 
     if resolve_implementation(implementation) == "pallas":
-        return norm.rms_norm_quant_pallas(x, delta, w, eps)
+        return norm.rms_norm_quant_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS)
     return norm.rms_norm_quant_ref(x, delta, w, eps)
 
 

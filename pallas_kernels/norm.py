@@ -155,6 +155,84 @@ def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: i
 
 
 
+def _chunk_cols(c, chunk: int):
+    gi = lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 0)
+    col = (c * chunk + gi) * GROUP_SIZE + lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 1)
+    return gi, col  # [chunk, 128]: group within the chunk, feature index
+
+
+def _residual_kernel(*refs, width: int, chunk: int, parts: int, dtype):
+    """Two-launch form, first launch: program (row, chunk of groups) adds the partials to the residual and
+    writes the chunk's sum of squares."""
+    if parts:
+        x_ref, d_ref, s_ref, ssq_ref = refs
+    else:
+        x_ref, ssq_ref = refs
+    r, c = pl.program_id(0), pl.program_id(1)
+    _, col = _chunk_cols(c, chunk)
+    valid = col < width
+    s = plgpu.load(x_ref.at[r, col], mask=valid, other=0.0)
+    if parts:
+        total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
+        for j in range(parts):
+            total = total + plgpu.load(d_ref.at[j, r, col], mask=valid, other=0.0).astype(jnp.float32)
+        s = (s + total.astype(dtype)).astype(dtype)
+        plgpu.store(s_ref.at[r, col], s, mask=valid)
+    sf = s.astype(jnp.float32)
+    ssq_ref[r, c] = jnp.sum(sf * sf)
+
+
+def _quant_chunk_kernel(s_ref, ssq_ref, w_ref, q_ref, sc_ref, sum_ref, *, m: int, width: int, chunk: int,
+                        groups: int, chunks: int, eps: float, dtype):
+    """Second launch: program (row of the codes, chunk) normalizes its groups with the row's summed squares
+    and quantizes them (the arithmetic of `_norm_quant_kernel`); rows ≥ M are the codes' zero padding."""
+    r, c = pl.program_id(0), pl.program_id(1)
+    live_row = r < m
+    src = jnp.minimum(r, m - 1)
+    gi, col = _chunk_cols(c, chunk)
+    valid = (col < width) & live_row
+    ci = jnp.arange(pl.next_power_of_2(chunks))
+    mean = jnp.sum(plgpu.load(ssq_ref.at[src, ci], mask=ci < chunks, other=0.0)) / width
+    sf = plgpu.load(s_ref.at[src, col], mask=valid, other=0.0).astype(jnp.float32)
+    y = (sf * lax.rsqrt(mean + eps)).astype(dtype)
+    h = (plgpu.load(w_ref.at[col], mask=col < width, other=0.0).astype(dtype) * y).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(h), axis=1)  # [chunk]
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
+    g1 = c * chunk + jnp.arange(chunk)
+    plgpu.store(q_ref.at[r, col], q.astype(jnp.int8), mask=(c * chunk + gi) < groups)
+    plgpu.store(sc_ref.at[g1, r], amax / 127.0, mask=g1 < groups)
+    plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "chunk", "num_warps", "interpret"))
+def _rms_norm_quant_2l(x, delta, w, *, eps: float, chunk: int, num_warps: int | None, interpret: bool):
+    from pallas_kernels.format import QuantizedActivations
+
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    m = rows.shape[0]
+    mp, groups = quant_rows(m), -(-d // GROUP_SIZE)
+    chunks = -(-groups // chunk)
+    parts = 0 if delta is None else delta.shape[0]
+    params = plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1)
+    ssq = jax.ShapeDtypeStruct((m, chunks), jnp.float32)
+    first = pl.pallas_call(
+        functools.partial(_residual_kernel, width=d, chunk=chunk, parts=parts, dtype=x.dtype),
+        out_shape=ssq if delta is None else (jax.ShapeDtypeStruct(rows.shape, x.dtype), ssq),
+        grid=(m, chunks), interpret=interpret, name="residual_sumsq", compiler_params=params,
+    )(*((rows,) if delta is None else (rows, delta.reshape(parts, m, d))))
+    s, ssq = (rows, first) if delta is None else first
+    x_q, a_scale, x_sum = pl.pallas_call(
+        functools.partial(_quant_chunk_kernel, m=m, width=d, chunk=chunk, groups=groups, chunks=chunks, eps=eps,
+                          dtype=x.dtype),
+        out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
+                   jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
+        grid=(mp, chunks), interpret=interpret, name="norm_quant_chunks", compiler_params=params,
+    )(s, ssq, w)
+    return s.reshape(x.shape), QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
 def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
@@ -183,12 +261,16 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret
 
 
 def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *,
-                          num_warps: int | None = None, interpret: bool = False):
+                          num_warps: int | None = None, chunk_groups: int | None = None, interpret: bool = False):
     """`rms_norm_quant_ref` in one launch: x [..., D] (the residual stream), delta None, x-shaped, or f32
     split-K partials [S, *x.shape] of the previous linear; w [D] → (s = x + Σ delta, QuantizedActivations
     of RMSNorm(s)·w) for a mixed linear to consume. The norm's f32 sum runs in another order than XLA's,
     so h (and a code) can differ from the reference by one rounding of x's dtype. num_warps: of the one
-    program per row (None: 4 up to 4096 features, else 8)."""
+    program per row (None: 4 up to 4096 features, else 8).
+
+    chunk_groups: None — one program per row does everything (a decode row's 8–28 partials are then read
+    by one program); an int — two launches over (row, chunk of that many groups of 128): the residual add
+    with each chunk's sum of squares, then the normalization and quantization of each chunk."""
     if x.ndim < 1 or w.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm_quant: w must be [D] with D = x.shape[-1]; got x {x.shape}, w {w.shape}")
     if delta is not None and delta.shape not in (x.shape, (delta.shape[0], *x.shape)):
@@ -199,4 +281,9 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
         return rms_norm_quant_ref(x, delta, w, eps)
     if delta is not None and delta.ndim == x.ndim:
         delta = delta[None]
+    if chunk_groups is not None:
+        if chunk_groups < 1 or chunk_groups & (chunk_groups - 1):
+            raise ValueError(f"rms_norm_quant: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
+        return _rms_norm_quant_2l(x, delta, w, eps=float(eps), chunk=int(chunk_groups), num_warps=num_warps,
+                                  interpret=interpret)
     return _rms_norm_quant(x, delta, w, eps=float(eps), num_warps=num_warps, interpret=interpret)

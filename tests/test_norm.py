@@ -70,8 +70,21 @@ def _norm_quant_case(shape, dtype, delta_kind, rng):
 def test_rms_norm_quant_matches_reference(shape, dtype, delta_kind):
     """The one-launch add + norm + int8 quantization against add_rms_norm_ref → quantize_activations_xla, on
     widths that are not a multiple of 128 and row counts that need padding (codes for 16, 32 rows)."""
+    _check_norm_quant(shape, dtype, delta_kind)
+
+
+@pytest.mark.parametrize("shape, dtype, delta_kind, chunk_groups", [
+    ((1, 4096), jnp.bfloat16, "parts", 1), ((3, 576), jnp.bfloat16, "none", 2), ((2, 9, 200), jnp.float32, "parts", 2),
+    ((17, 640), jnp.bfloat16, "same", 4)])
+def test_rms_norm_quant_in_two_launches(shape, dtype, delta_kind, chunk_groups):
+    """`chunk_groups`: the residual add with per-chunk sums of squares, then the chunks' normalization and
+    quantization, as two launches over (row, chunk); the same checks (chunks that overrun the width too)."""
+    _check_norm_quant(shape, dtype, delta_kind, chunk_groups=chunk_groups)
+
+
+def _check_norm_quant(shape, dtype, delta_kind, **kw):
     x, delta, w = _norm_quant_case(shape, dtype, delta_kind, np.random.default_rng())
-    s, qa = norm.rms_norm_quant_pallas(x, delta, w, 1e-5, interpret=INTERPRET)
+    s, qa = norm.rms_norm_quant_pallas(x, delta, w, 1e-5, interpret=INTERPRET, **kw)
     s_ref, qa_ref = norm.rms_norm_quant_ref(x, delta, w, 1e-5)
     m, d = int(np.prod(shape[:-1])), shape[-1]
     mp, g = norm.quant_rows(m), -(-d // 128)
@@ -105,6 +118,8 @@ def test_rms_norm_quant_rejects_bad_shapes():
         norm.rms_norm_quant_pallas(x, jnp.zeros((2, 3, 256)), jnp.ones(256), 1e-5, interpret=True)
     with pytest.raises(TypeError, match="floating point"):
         norm.rms_norm_quant_pallas(x.astype(jnp.int32), None, jnp.ones(256), 1e-5, interpret=True)
+    with pytest.raises(ValueError, match="chunk_groups must be a power of two"):
+        norm.rms_norm_quant_pallas(x, None, jnp.ones(256), 1e-5, chunk_groups=3, interpret=True)
 
 
 @pytest.mark.parametrize("m", [1, 2, 5, 20])
