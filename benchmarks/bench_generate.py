@@ -27,7 +27,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   `@nq` (plain norms, the default, named for side-by-side runs), or `@attn` (decode steps run
   RoPE, the cache write and attention in one Pallas launch on the q/k/v projection's output,
   `model.ATTENTION = "auto"`; any variant, bf16 too) or `@attnu` (the attention-only kernel after XLA's RoPE
-  and cache write, `model.ATTENTION_FUSED = False`); strategies chain (`w4.4a8@attn@normq2+h4`);
+  and cache write, `model.ATTENTION_FUSED = False`), or `@swq` (SwiGLU hands down_proj int8 codes,
+  `model.SWIGLU_QUANT = "auto"`); strategies chain (`w4.4a8@attn@normq2@swq+h4`);
   `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -293,7 +294,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     return row
 
 
-STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xq")
+STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "swq", "xq")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -309,6 +310,8 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("attn", "attnu"):  # the one-launch decode attention (pallas_kernels/attention.py)
         model_module.ATTENTION = "auto"
         model_module.ATTENTION_FUSED = strategy == "attn"
+    elif strategy == "swq":  # SwiGLU emits down_proj's int8 codes (pallas_kernels/swiglu.py)
+        model_module.SWIGLU_QUANT = "auto"
     elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
         gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, xla_quant=True)
         choose = kernels.choose_config

@@ -1,4 +1,5 @@
-"""The norm before a mixed linear at decode: XLA's fusions against `rms_norm_quant_pallas`, D = 4096.
+"""The producers of a mixed linear's input at decode: XLA's fusions against the Pallas kernels that emit
+int8 codes — the norm (`rms_norm_quant_pallas`, D = 4096) and SwiGLU (`silu_mul_quant_pallas`, F = 14336).
 
     python benchmarks/bench_norm.py --out /tmp/norm.md        # GPU, < 1 min
     python benchmarks/bench_norm.py --small                   # CPU smoke run (interpret mode)
@@ -12,6 +13,9 @@ P = 28: after a down_proj GEMV with that split):
 - `xla_quant`: the same plus the quantization as XLA ops (`quantize_activations_xla`);
 - `pallas_wN`: `rms_norm_quant_pallas` with N warps per row (one launch, one program per row);
 - `pallas_2l_cN`: its two-launch form, programs over (row, chunk of N groups of 128).
+Then SwiGLU before down_proj, on the gate/up linear's output (P = 0) or its 8 split-K partials: `xla_silu`
+(XLA's Σ + SiLU(gate)·up, the default: down_proj then quantizes inside its kernel), `xla_silu_quant` (+ the
+quantization as XLA ops), `swiglu_cN` (`silu_mul_quant_pallas`, N groups a program).
 Every variant is checked against the reference first, then timed as `--calls` calls on distinct inputs in
 one jit (device-timer busy/span µs and kernels per call, benchmarks/devtime.py).
 """
@@ -95,6 +99,44 @@ def main(argv=None) -> int:
                     dt = devtime.device_times(lambda: many(xs, ds), runs=3)
                     busy, span, kern = (dt.get(k, float("nan")) / args.calls for k in ("busy_us", "span_us", "kernels"))
                 base = span if name == "xla_norm" else base
+                rows.append(f"| {m} | {parts} | {name} | {same} | {busy:.2f} | {span:.2f} | {kern:.1f} | {base / span:.2f}× |")
+                print(rows[-1], flush=True)
+    # SwiGLU before down_proj
+    from pallas_kernels import swiglu
+
+    f = 64 if args.small else 14336
+
+    def xla_silu(x, parts):
+        y = jnp.sum(x, 0).astype(jnp.bfloat16) if parts else x
+        return jax.nn.silu(y[..., :f]) * y[..., f:]
+
+    sw = {"xla_silu": xla_silu,
+          "xla_silu_quant": lambda x, parts: quantize_activations_xla(xla_silu(x, parts), block_m=norm.quant_rows(x.shape[-2]))}
+    for cg in chunks:
+        sw[f"swiglu_c{cg}"] = lambda x, parts, cg=cg: swiglu.silu_mul_quant_pallas(
+            x, jnp.bfloat16, partials=bool(parts), chunk_groups=cg, interpret=interpret)
+    rows += ["", "| M | partials | SwiGLU variant | codes = reference | busy µs | span µs | kernels | vs xla_silu (span) |",
+             "|---|---|---|---|---|---|---|---|"]
+    for m in ms:
+        for parts in sorted({0, min(8, max(partses))}):
+            shape = (parts, m, 2 * f) if parts else (m, 2 * f)
+            xs = [jnp.asarray(rng.normal(size=shape), jnp.float32 if parts else jnp.bfloat16) for _ in range(args.calls)]
+            ref = swiglu.silu_mul_quant_ref(xs[0], jnp.bfloat16, partials=bool(parts))
+            base = None
+            for name, fn in sw.items():
+                out = fn(xs[0], parts)
+                same = "-" if name == "xla_silu" else \
+                    f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0]) == np.asarray(ref.x_q))):.4f}"
+                many = jax.jit(lambda xs, fn=fn, parts=parts: [fn(x, parts) for x in xs])
+                jax.block_until_ready(many(xs))
+                if interpret:
+                    busy = span = kern = float("nan")
+                else:
+                    import devtime
+
+                    dt = devtime.device_times(lambda: many(xs), runs=3)
+                    busy, span, kern = (dt.get(k, float("nan")) / args.calls for k in ("busy_us", "span_us", "kernels"))
+                base = span if name == "xla_silu" else base
                 rows.append(f"| {m} | {parts} | {name} | {same} | {busy:.2f} | {span:.2f} | {kern:.1f} | {base / span:.2f}× |")
                 print(rows[-1], flush=True)
     table = head + "\n\n" + "\n".join(rows) + "\n"

@@ -22,8 +22,8 @@
 #                                               # (with RoPE and the cache write: attend_new_tokens), alone
 #                                               # (bench_attention.py) and end to end (@attn, bf16 too)
 #   bash benchmarks/device_session.sh norm      # session 12 (not yet run): the norm before a mixed linear,
-#                                               # XLA fusions vs rms_norm_quant (4/8/16 warps; two launches over
-#                                               # chunks), then end to end @normq2 and @attn@normq2
+#                                               # and SwiGLU: XLA fusions vs the kernels emitting codes (bench_norm.py),
+#                                               # then end to end @normq2@swq and @attn@normq2@swq
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -51,7 +51,7 @@ case "$part" in
   tests)
     header
     timeout 540 python3 -m pytest -q -x tests/test_gemv.py tests/test_kernels.py tests/test_mgpu.py \
-      tests/test_mgpu_decode.py tests/test_fuse.py tests/test_norm.py tests/test_attention.py 2>&1 | tee "$out/tests.log"
+      tests/test_mgpu_decode.py tests/test_fuse.py tests/test_norm.py tests/test_attention.py tests/test_swiglu.py 2>&1 | tee "$out/tests.log"
     ;;
   kernels)
     header
@@ -120,9 +120,9 @@ case "$part" in
     ;;
   norm)  # session 12: the norms emitting codes, one launch per row or two over (row, chunk); with attn
     header
-    timeout 60 python3 -m pytest -q -x tests/test_norm.py -k "quant" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 60 python3 -m pytest -q -x tests/test_norm.py tests/test_swiglu.py -k "quant" 2>&1 | tail -3 | tee "$out/tests.log"
     timeout 120 python3 benchmarks/bench_norm.py --out "$out/norm.md" 2>&1 | tee "$out/norm.log"
-    timeout 380 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq2+h4,w4.4a8@attn@normq2+h4 \
+    timeout 380 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq2@swq+h4,w4.4a8@attn@normq2@swq+h4 \
       --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 370 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   tall)

@@ -220,6 +220,28 @@ def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> boo
     return NORM_QUANT == "always" or resolve_implementation(implementation) == "pallas"
 
 
+SWIGLU_QUANT = "never"  # "auto": at ≤ swiglu.MAX_ROWS tokens on the Pallas path, a fused gate/up and a down
+# projection that are both mixed weights exchange int8 codes: `pallas_kernels.swiglu.silu_mul_quant_pallas`
+# sums the gate/up partials, applies SiLU(gate)·up and quantizes in one launch, and down_proj skips its own
+# quantization; "always": also on the XLA path through the reference (tests); "never" (default): XLA's
+# fusion, down_proj quantizes. Off until measured (benchmarks/NOTES-kernels.md item 51)
+
+
+def _swiglu_quant_on(gate_up: dict, down: dict, x: jax.Array, implementation: Implementation) -> bool:
+    from pallas_kernels.format import MixedWeight
+    from pallas_kernels.swiglu import MAX_ROWS
+
+    if SWIGLU_QUANT not in ("never", "auto", "always"):
+        raise ValueError(f"mixjax.model.SWIGLU_QUANT = {SWIGLU_QUANT!r}; expected 'never', 'auto' or 'always'")
+    if SWIGLU_QUANT == "never" or math.prod(x.shape[:-1]) > MAX_ROWS:
+        return False
+    if not (isinstance(gate_up["weight"], MixedWeight) and isinstance(down["weight"], MixedWeight)):
+        return False
+    if gate_up.get("bias") is not None:
+        return False
+    return SWIGLU_QUANT == "always" or resolve_implementation(implementation) == "pallas"
+
+
 def norm_quant(x, delta, w, eps: float, implementation: Implementation):
     """(x + Σ delta, QuantizedActivations of rms_norm(x + Σ delta, w)): delta None, x-shaped, or a mixed
     linear's f32 split-K partials [S, *x.shape] (`MixedWeight.matmul(..., partials=True)`)."""
@@ -490,8 +512,18 @@ def _decoder_layer(
     else:
         x = x + proj("self_attn.o_proj", attn)
         h = rms_norm(x, layer["post_attention_layernorm"], eps)
-    gate, up = projs("mlp", h)
-    gated = jax.nn.silu(gate) * up  # [B, T, F]
+    gate_up = layer["mlp"].get(_FUSED["mlp"][1])
+    if gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation):
+        # the gate/up partials → SiLU(gate)·up → int8 codes for down_proj, one launch
+        from pallas_kernels import swiglu
+
+        parts = gate_up["weight"].matmul(h, implementation=implementation, partials=True)  # [S, B, T, 2F] f32
+        quant = swiglu.silu_mul_quant_pallas if resolve_implementation(implementation) == "pallas" else \
+            swiglu.silu_mul_quant_ref
+        gated = quant(parts, x.dtype, partials=True)
+    else:
+        gate, up = projs("mlp", h)
+        gated = jax.nn.silu(gate) * up  # [B, T, F]
     x = x + proj("mlp.down_proj", gated)
     return x, new_cache
 

@@ -1,0 +1,117 @@
+"""SwiGLU that hands int8 codes to the down projection (Pallas-Triton), beside its pure-JAX reference.
+
+Why: in a quantized decode step the fused gate/up linear returns f32 split-K partials; XLA sums them into
+SiLU(gate)·up (one fusion), and the down projection's GEMV then quantizes that row again inside every one
+of its programs (block-wide reductions: the GEMV's main stall, benchmarks/NOTES-kernels.md item 41; on
+codes its loop is 214 PTX instructions instead of 309). This kernel does the partial sum, SiLU(gate)·up in
+the activations' dtype and the int8 quantization per group of 128 in the one launch that XLA's fusion
+was: every group is independent, so a row spreads over many programs (program = row × chunk of groups).
+The output is a `QuantizedActivations` that `mixed_matmul` consumes without quantizing.
+
+Arithmetic as `mixjax.model`: gate and up are the linear's output rounded to the dtype (Σ partials in f32),
+h = silu(gate)·up in the dtype (silu(x) = x·sigmoid(x), computed in f32 and rounded once — XLA may keep
+more precision inside its fusion, so h can differ from the reference by a rounding of the dtype), then
+`reference.quantize_groups`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels.format import GROUP_SIZE
+from pallas_kernels.norm import quant_rows
+
+MAX_ROWS = 64  # tokens up to which the model takes this kernel (decode batches)
+
+
+def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False):
+    """gate_up [..., 2F] in the activations' dtype, or (partials=True) f32 split-K partials [S, ..., 2F]
+    summed and rounded to `dtype` → QuantizedActivations of silu(gate)·up [..., F] (gate: the first F)."""
+    from pallas_kernels.format import QuantizedActivations
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    dtype = jnp.dtype(dtype or gate_up.dtype)
+    y = jnp.sum(gate_up.astype(jnp.float32), axis=0).astype(dtype) if partials else gate_up.astype(dtype)
+    f = y.shape[-1] // 2
+    h = jax.nn.silu(y[..., :f]) * y[..., f:]
+    lead = h.shape[:-1]
+    rows = h.reshape(-1, f)
+    x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(rows.shape[0]))
+    return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, dtype.name)
+
+
+def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype):
+    x_ref, q_ref, sc_ref, sum_ref = refs
+    r, c = pl.program_id(0), pl.program_id(1)
+    live_row = r < m
+    src = jnp.minimum(r, m - 1)  # rows ≥ M (the codes' padding) read row M − 1, masked to zero
+    gi = lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 0)
+    col = (c * chunk + gi) * GROUP_SIZE + lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 1)  # [chunk, 128]
+    valid = (col < f) & live_row
+
+    def load(cols):  # the linear's output at these columns, in the dtype
+        if not parts:
+            return plgpu.load(x_ref.at[src, cols], mask=valid, other=0.0).astype(dtype)
+        total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
+        for j in range(parts):
+            total = total + plgpu.load(x_ref.at[j, src, cols], mask=valid, other=0.0).astype(jnp.float32)
+        return total.astype(dtype)
+
+    gate, up = load(col).astype(jnp.float32), load(col + f)
+    silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
+    h = (silu * up).astype(dtype).astype(jnp.float32)
+    amax = jnp.max(jnp.abs(h), axis=1)  # the arithmetic of `reference.quantize_groups`
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
+    g1 = c * chunk + jnp.arange(chunk)
+    plgpu.store(q_ref.at[r, col], q.astype(jnp.int8), mask=(c * chunk + gi) < groups)
+    plgpu.store(sc_ref.at[g1, r], amax / 127.0, mask=g1 < groups)
+    plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "interpret"))
+def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: int, interpret: bool):
+    from pallas_kernels.format import QuantizedActivations
+
+    parts = gate_up.shape[0] if partials else 0
+    lead = gate_up.shape[1:-1] if parts else gate_up.shape[:-1]
+    f = gate_up.shape[-1] // 2
+    m = 1
+    for n in lead:
+        m *= n
+    x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
+    mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
+    x_q, a_scale, x_sum = pl.pallas_call(
+        functools.partial(_kernel, m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype),
+        out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
+                   jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
+        grid=(mp, -(-groups // chunk)),
+        interpret=interpret,
+        name="silu_mul_quant",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
+    )(x)
+    return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, jnp.dtype(dtype).name)
+
+
+def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
+                          num_warps: int = 4, interpret: bool = False):
+    """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128)."""
+    dtype = jnp.dtype(dtype or gate_up.dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"silu_mul_quant: the activations' dtype must be floating point, got {dtype}")
+    if partials and (gate_up.dtype != jnp.float32 or gate_up.ndim < 2):
+        raise ValueError(f"silu_mul_quant: partials must be f32 [S, ..., 2F]; got {gate_up.dtype} {gate_up.shape}")
+    if gate_up.ndim < 1 or gate_up.shape[-1] % 2:
+        raise ValueError(f"silu_mul_quant: gate_up must be [..., 2F] (gate, then up); got {gate_up.shape}")
+    if chunk_groups < 1 or chunk_groups & (chunk_groups - 1):
+        raise ValueError(f"silu_mul_quant: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
+    if gate_up.size == 0:
+        return silu_mul_quant_ref(gate_up, dtype, partials=partials)
+    return _silu_mul_quant(gate_up, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
+                           num_warps=int(num_warps), interpret=interpret)

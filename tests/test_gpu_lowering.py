@@ -1,0 +1,45 @@
+"""The GPU decode path lowers for CUDA on a machine without one: a quantized model's decode step with every
+Pallas option of the model on (fused decode attention, norms and SwiGLU emitting int8 codes) traced and
+lowered with `lowering_platforms=("cuda",)`, which builds every Pallas-Triton kernel's IR. Interpret mode
+runs the kernels' arithmetic; this catches what only the GPU path does (shapes, dispatch, Triton lowering)."""
+
+from __future__ import annotations
+
+import collections
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pallas_kernels as pk
+import pallas_kernels.api as api
+from mixjax import model
+from mixjax.config import LlamaConfig
+
+
+@pytest.mark.parametrize("batch, chunk_groups", [(1, 2), (4, None)])
+def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups):
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    rng = np.random.default_rng(0)
+    for layer in params["layers"]:
+        for group in ("self_attn", "mlp"):
+            for p in layer[group].values():
+                p["weight"] = pk.pack_rtn(np.asarray(p["weight"], np.float32), rng.random(p["weight"].shape[0]) < 0.1)
+    params = model.fuse_projections(params)
+    monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
+    for name, value in (("ATTENTION", "auto"), ("NORM_QUANT", "auto"), ("NORM_QUANT_CHUNK_GROUPS", chunk_groups),
+                        ("SWIGLU_QUANT", "auto")):
+        monkeypatch.setattr(model, name, value)
+    cache = model.init_cache(cfg, batch, 64, jnp.bfloat16)
+    step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation="pallas"))
+    text = step.trace(params, jnp.zeros((batch, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
+    assert kernels["attend_new_tokens"] and kernels["silu_mul_quant"]
+    assert kernels["residual_sumsq" if chunk_groups else "rms_norm_quant"]
+    # the linears run on the codes: only o_proj (fed by attention) quantizes its own input, beyond the GEMV
+    assert kernels["mixed_gemv" if batch == 1 else "mixed_gemm_int"] >= 2 * 4
+    assert kernels["quantize_activations"] == (0 if batch == 1 else 1)

@@ -1,0 +1,97 @@
+"""SwiGLU that emits int8 codes for the down projection (pallas_kernels/swiglu.py) against its reference and
+inside the model, on fresh random inputs of awkward widths; Pallas interpret mode on CPU, the kernel on a GPU."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mixjax import model
+from mixjax.config import LlamaConfig
+from pallas_kernels import swiglu
+from pallas_kernels.norm import quant_rows
+
+INTERPRET = jax.default_backend() != "gpu"
+
+
+@pytest.mark.parametrize("lead, f, parts, dtype, chunk", [
+    ((1,), 4096, 8, jnp.bfloat16, 2), ((3,), 576, 0, jnp.bfloat16, 1), ((2, 9), 200, 3, jnp.float32, 4),
+    ((17,), 640, 2, jnp.bfloat16, 2)])
+def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk):
+    """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32), split-K
+    partials or the linear's output: the codes, scales and sums of the reference (to a rounding of the
+    dtype in h), zero padding, and codes that reproduce silu(gate)·up within half a step."""
+    rng = np.random.default_rng()
+    shape = (parts, *lead, 2 * f) if parts else (*lead, 2 * f)
+    x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 4), jnp.float32 if parts else dtype)
+    got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk, interpret=INTERPRET)
+    ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts))
+    m, g = int(np.prod(lead)), -(-f // 128)
+    mp = quant_rows(m)
+    assert (got.x_q.shape, got.a_scale.shape, got.x_sum.shape) == ((mp, g * 128), (g, mp), (g, mp))
+    assert (got.lead, got.k, got.dtype) == (lead, f, jnp.dtype(dtype).name) == (ref.lead, ref.k, ref.dtype)
+    codes, codes_ref = np.asarray(got.x_q, np.int32), np.asarray(ref.x_q, np.int32)
+    assert not codes[m:].any() and not codes[:, f:].any() and not np.asarray(got.a_scale)[:, m:].any()
+    np.testing.assert_array_equal(np.asarray(got.x_sum).T, codes.reshape(mp, g, 128).sum(-1))
+    # h may round differently once (XLA's fusion may keep f32 inside silu): codes move by one at a rounding
+    # boundary, two where the group's amax moved too; a scale by about an ulp of h
+    assert np.abs(codes - codes_ref).max() <= 2 and np.mean(codes != codes_ref) < 0.1
+    eps = float(jnp.finfo(dtype).eps)
+    np.testing.assert_allclose(np.asarray(got.a_scale), np.asarray(ref.a_scale), rtol=(3 if dtype == jnp.bfloat16 else 4) * eps)
+    y = np.asarray(jnp.sum(x.astype(jnp.float32), 0).astype(dtype) if parts else x, np.float64).reshape(m, 2 * f)
+    h = y[:, :f] / (1 + np.exp(-y[:, :f])) * y[:, f:]
+    step = np.repeat(np.asarray(got.a_scale)[:, :m].T, 128, axis=1)[:, :f]
+    err = np.abs(np.asarray(got.dequantize(), np.float64).reshape(m, f) - h)
+    assert np.all(err <= 0.5 * step + 3 * eps * np.abs(h) + 1e-30)
+
+
+def test_bad_inputs_are_named():
+    with pytest.raises(ValueError, match="partials must be f32"):
+        swiglu.silu_mul_quant_pallas(jnp.zeros((2, 1, 256), jnp.bfloat16), jnp.bfloat16, partials=True)
+    with pytest.raises(ValueError, match=r"\[\.\.\., 2F\]"):
+        swiglu.silu_mul_quant_pallas(jnp.zeros((1, 255)), interpret=True)
+    with pytest.raises(ValueError, match="chunk_groups"):
+        swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256)), chunk_groups=3, interpret=True)
+    with pytest.raises(TypeError, match="floating point"):
+        swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256), jnp.int32))
+
+
+def test_model_swiglu_hands_codes_to_down_proj(monkeypatch):
+    """`model.SWIGLU_QUANT = "always"` (here through the reference): the fused gate/up partials become
+    down_proj's int8 codes without a float round trip, and the logits equal those of XLA's SiLU·mul followed by
+    down_proj's own quantization, prefill and cached steps alike."""
+    import pallas_kernels as pk
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(5), jnp.float32))
+    params = model.unstack_layers(params)
+    rng = np.random.default_rng()
+    for layer in params["layers"]:
+        for group in ("self_attn", "mlp"):
+            for p in layer[group].values():
+                p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), rng.random(p["weight"].shape[0]) < 0.1)
+    params = model.fuse_projections(params)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
+    calls = []
+    real = swiglu.silu_mul_quant_ref
+    monkeypatch.setattr(swiglu, "silu_mul_quant_ref", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+
+    def run(mode):
+        monkeypatch.setattr(model, "SWIGLU_QUANT", mode)
+        cache = model.init_cache(cfg, 2, 8, jnp.float32)
+        first, cache = model.forward_step(params, tokens[:, :5], cfg, cache, implementation="xla")
+        step, _ = model.forward_step(params, tokens[:, 5:], cfg, cache, implementation="xla")
+        return np.asarray(first), np.asarray(step)
+
+    want = run("never")
+    assert not calls
+    got = run("always")
+    assert len(calls) == 4 and all(c[-1] == 2 * cfg.intermediate_size for c in calls)  # 2 layers × 2 steps
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+    monkeypatch.setattr(model, "SWIGLU_QUANT", "sometimes")
+    with pytest.raises(ValueError, match="'never', 'auto' or 'always'"):
+        model.forward_step(params, tokens[:, :1], cfg, model.init_cache(cfg, 2, 8, jnp.float32), implementation="xla")
