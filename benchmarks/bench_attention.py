@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pathlib
 import sys
 
 import jax
@@ -171,8 +172,7 @@ def main(argv=None) -> int:
                             min(attention.choose_splits(B, KVH, S, block_s), -(-S // block_s)), err, timing, floor_us, base)
     table = head + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else "") + "\n\n" + "\n".join(rows) + "\n"
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+        pathlib.Path(args.out).write_text(table)
     return 0
 
 

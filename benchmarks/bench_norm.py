@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import pathlib
 import sys
 
 import jax
@@ -141,8 +142,7 @@ def main(argv=None) -> int:
                 print(rows[-1], flush=True)
     table = head + "\n\n" + "\n".join(rows) + "\n"
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(table)
+        pathlib.Path(args.out).write_text(table)
     return 0
 
 

@@ -123,6 +123,19 @@ def rms_norm_quant_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps:
     return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
 
 
+def store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, first: int, groups: int) -> None:
+    """Quantizes h [n, 128] f32 (groups first … first + n − 1 of row r, at feature indices col) as
+    `reference.quantize_groups` does and stores codes, scales and code sums where the groups exist
+    (< groups): the layout of `QuantizedActivations`."""
+    amax = jnp.max(jnp.abs(h), axis=1)  # [n]
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
+    g1 = first + jnp.arange(h.shape[0])
+    plgpu.store(q_ref.at[r, col], q.astype(jnp.int8), mask=jnp.broadcast_to((g1 < groups)[:, None], h.shape))
+    plgpu.store(sc_ref.at[g1, r], amax / 127.0, mask=g1 < groups)
+    plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
+
+
 def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: int, eps: float, dtype):
     if parts:
         x_ref, d_ref, w_ref, s_ref, q_ref, sc_ref, sum_ref = refs
@@ -145,17 +158,11 @@ def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: i
     mean = jnp.sum(sf * sf) / width
     y = (sf * lax.rsqrt(mean + eps)).astype(dtype)
     h = (plgpu.load(w_ref.at[col], mask=col < width, other=0.0).astype(dtype) * y).astype(jnp.float32)
-    amax = jnp.max(jnp.abs(h), axis=1)  # [gp]; the arithmetic of `reference.quantize_groups`
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
-    g1 = jnp.arange(gp)
-    plgpu.store(q_ref.at[r, col], q.astype(jnp.int8), mask=gi < groups)
-    plgpu.store(sc_ref.at[g1, r], amax / 127.0, mask=g1 < groups)
-    plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
+    store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, 0, groups)
 
 
 
-def _chunk_cols(c, chunk: int):
+def chunk_cols(c, chunk: int):
     gi = lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 0)
     col = (c * chunk + gi) * GROUP_SIZE + lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 1)
     return gi, col  # [chunk, 128]: group within the chunk, feature index
@@ -169,7 +176,7 @@ def _residual_kernel(*refs, width: int, chunk: int, parts: int, dtype):
     else:
         x_ref, ssq_ref = refs
     r, c = pl.program_id(0), pl.program_id(1)
-    _, col = _chunk_cols(c, chunk)
+    _, col = chunk_cols(c, chunk)
     valid = col < width
     s = plgpu.load(x_ref.at[r, col], mask=valid, other=0.0)
     if parts:
@@ -189,20 +196,14 @@ def _quant_chunk_kernel(s_ref, ssq_ref, w_ref, q_ref, sc_ref, sum_ref, *, m: int
     r, c = pl.program_id(0), pl.program_id(1)
     live_row = r < m
     src = jnp.minimum(r, m - 1)
-    gi, col = _chunk_cols(c, chunk)
+    _, col = chunk_cols(c, chunk)
     valid = (col < width) & live_row
     ci = jnp.arange(pl.next_power_of_2(chunks))
     mean = jnp.sum(plgpu.load(ssq_ref.at[src, ci], mask=ci < chunks, other=0.0)) / width
     sf = plgpu.load(s_ref.at[src, col], mask=valid, other=0.0).astype(jnp.float32)
     y = (sf * lax.rsqrt(mean + eps)).astype(dtype)
     h = (plgpu.load(w_ref.at[col], mask=col < width, other=0.0).astype(dtype) * y).astype(jnp.float32)
-    amax = jnp.max(jnp.abs(h), axis=1)  # [chunk]
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
-    g1 = c * chunk + jnp.arange(chunk)
-    plgpu.store(q_ref.at[r, col], q.astype(jnp.int8), mask=(c * chunk + gi) < groups)
-    plgpu.store(sc_ref.at[g1, r], amax / 127.0, mask=g1 < groups)
-    plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
+    store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "chunk", "num_warps", "interpret"))

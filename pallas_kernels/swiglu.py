@@ -25,7 +25,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.format import GROUP_SIZE
-from pallas_kernels.norm import quant_rows
+from pallas_kernels.norm import chunk_cols, quant_rows, store_group_codes
 
 MAX_ROWS = 64  # tokens up to which the model takes this kernel (decode batches)
 
@@ -51,8 +51,7 @@ def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype):
     r, c = pl.program_id(0), pl.program_id(1)
     live_row = r < m
     src = jnp.minimum(r, m - 1)  # rows ≥ M (the codes' padding) read row M − 1, masked to zero
-    gi = lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 0)
-    col = (c * chunk + gi) * GROUP_SIZE + lax.broadcasted_iota(jnp.int32, (chunk, GROUP_SIZE), 1)  # [chunk, 128]
+    _, col = chunk_cols(c, chunk)  # [chunk, 128] feature indices
     valid = (col < f) & live_row
 
     def load(cols):  # the linear's output at these columns, in the dtype
@@ -66,13 +65,7 @@ def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype):
     gate, up = load(col).astype(jnp.float32), load(col + f)
     silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
     h = (silu * up).astype(dtype).astype(jnp.float32)
-    amax = jnp.max(jnp.abs(h), axis=1)  # the arithmetic of `reference.quantize_groups`
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
-    g1 = c * chunk + jnp.arange(chunk)
-    plgpu.store(q_ref.at[r, col], q.astype(jnp.int8), mask=(c * chunk + gi) < groups)
-    plgpu.store(sc_ref.at[g1, r], amax / 127.0, mask=g1 < groups)
-    plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
+    store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "interpret"))
