@@ -7,7 +7,8 @@ Llama-3-8B heads (32 query, 8 KV, Dh 128), one new token per row.
 Two comparisons, each at batch B and cache size S (`--int8` adds int8 caches):
 - attention alone, the new token at position S − 1 (the whole cache visible) and at S/4 (the kernel skips
   the blocks past it; XLA masks them): `xla` (`attend_ref`), `pallas` (`decode_attention_pallas`, splits by
-  `choose_splits`), `pallas_s1` (one program per row and KV head), `pallas_b128` (128-position blocks);
+  `choose_splits`), `pallas_s1` (one program per row and KV head), `pallas_s4` (4 splits
+  merged by XLA), `pallas_b128` (128-position blocks);
 - the whole step from the fused q/k/v projection's output to the attention output, at S − 1: `xla_step`
   (`attend_new_tokens_ref`: split, RoPE, cache scatter, attention — what the model runs today) and `fused`
   (`attend_new_tokens_pallas`; `fused_b128`: 128-position blocks), each on the bf16 output [B, 1, W] and on
@@ -101,6 +102,8 @@ def main(argv=None) -> int:
                                                                           splits=1, interpret=interpret),
         "pallas_b128": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2],
                                                                             v_scale=c[3], block_s=128, interpret=interpret),
+        "pallas_s4": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2], v_scale=c[3],
+                                                                          splits=4, interpret=interpret),
     }
 
     def step(fused, block_s=64):
@@ -142,7 +145,7 @@ def main(argv=None) -> int:
                         timing = _timed(many, (qs, caches, pos), args.calls, interpret)
                         base = timing[1] if name == "xla" else base
                         bs = 128 if name.endswith("b128") else 64
-                        splits = "-" if name == "xla" else 1 if name == "pallas_s1" else \
+                        splits = "-" if name == "xla" else 1 if name == "pallas_s1" else 4 if name == "pallas_s4" else \
                             min(attention.choose_splits(B, KVH, S, bs), -(-S // bs))
                         row(cache, B, S, at, name, splits, err, timing, floor_us, base)
                 # the whole step, new token at S − 1, caches donated and carried
