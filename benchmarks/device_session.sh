@@ -113,10 +113,10 @@ case "$part" in
     ;;
   attn)  # session 12: pallas_kernels.attention (model.ATTENTION = "auto") against XLA's dots and softmax
     header
-    timeout 100 python3 -m pytest -q -x tests/test_attention.py 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 150 python3 benchmarks/bench_attention.py --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
-    timeout 330 python3 benchmarks/bench_generate.py --variants bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4 \
-      --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 320 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+    timeout 80 python3 -m pytest -q -x tests/test_attention.py 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 180 python3 benchmarks/bench_attention.py --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
+    timeout 320 python3 benchmarks/bench_generate.py --variants bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4 \
+      --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 310 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   norm)  # session 12: the norms emitting codes, one launch per row or two over (row, chunk); with attn
     header
