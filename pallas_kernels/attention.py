@@ -163,15 +163,19 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
             q = rotated(ti[:, None], head[:, None] * dh)  # [rows, Dh]
         # the new tokens' keys and values of this KV head, one [Dh] vector each (T is small: decode)
         new = []
+        tp = pl.next_power_of_2(t)
+        ts = jnp.arange(tp)
+        tpos = plgpu.load(pos_ref.at[b, ts], mask=ts < t, other=0)  # (vector loads only: no scalar ref access)
+        one = jnp.arange(1)  # scalar stores as one-element vectors
         for tt in range(t):
-            pos_t = pos_ref[b, tt]
+            pos_t = jnp.sum(jnp.where(ts == tt, tpos, 0))
             k_t = rotated(tt, (heads + h) * dh)
             v_t = columns(tt, (heads + kv_heads + h) * dh + d)
             write = (pos_t < s_len) & (p == 0)  # positions past the cache are dropped, as `_write_cache` does
             if scaled:
                 (k_t, k_sc), (v_t, v_sc) = _quantize_vec(k_t, outs[-2].dtype), _quantize_vec(v_t, outs[-1].dtype)
-                plgpu.store(outs[-2].at[b, h, pos_t], k_sc, mask=write)
-                plgpu.store(outs[-1].at[b, h, pos_t], v_sc, mask=write)
+                plgpu.store(outs[-2].at[b, h, pos_t + one], jnp.broadcast_to(k_sc, (1,)), mask=write & (one == 0))
+                plgpu.store(outs[-1].at[b, h, pos_t + one], jnp.broadcast_to(v_sc, (1,)), mask=write & (one == 0))
                 k_sc, v_sc = k_sc.astype(jnp.float32), v_sc.astype(jnp.float32)
             else:
                 k_t, v_t, k_sc, v_sc = k_t.astype(k_out.dtype), v_t.astype(v_out.dtype), None, None
