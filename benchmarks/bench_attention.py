@@ -165,11 +165,13 @@ def main(argv=None) -> int:
                         fn = step(fused, block_s)
                         err = float(np.abs(np.asarray(fn(xs[0], caches[0], pos, rope)[0], np.float32) - ref).max()
                                     / np.abs(ref).max())
-                        many = jax.jit(lambda xs, pos, rope, cs, fn=fn: tuple(zip(*[fn(x, c, pos, rope) for x, c in zip(xs, cs)])),
-                                       donate_argnums=3)
+                        def calls(xs, pos, rope, cs, fn=fn):  # → (outputs, the updated caches, fed back)
+                            outs = [fn(x, c, pos, rope) for x, c in zip(xs, cs)]
+                            return [o[0] for o in outs], [o[1] for o in outs]
+
                         carried = [tuple(jnp.copy(a) if a is not None else None for a in c) for c in caches]
-                        timing = _timed(lambda *a, many=many: (lambda o: (list(o[0]), list(o[1])))(many(*a)),
-                                        (xs, pos, rope), args.calls, interpret, carry=carried)
+                        timing = _timed(jax.jit(calls, donate_argnums=3), (xs, pos, rope), args.calls, interpret,
+                                        carry=carried)
                         base = timing[1] if not fused else base
                         row(cache, B, S, at, name + (f"_p{parts}" if parts else ""), "-" if not fused else
                             min(attention.choose_splits(B, KVH, S, block_s), -(-S // block_s)), err, timing, floor_us, base)
