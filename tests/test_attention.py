@@ -310,10 +310,10 @@ def test_embedded_model_generates_the_same_through_the_fused_kernel(monkeypatch,
     calls = []
     real = attention.attend_new_tokens_pallas
     monkeypatch.setattr(model, "attend_new_tokens_pallas", lambda *a, **k: calls.append(1) or real(*a, **k))
+    # generate's compiled loop is cached on its static arguments, not on model.ATTENTION: the two runs differ
+    # in `implementation` (the same XLA linears on a CPU) so that each traces its own
     monkeypatch.setattr(model, "ATTENTION", "xla")
-    want = generate(params, cfg, ids, max_new_tokens=8, eos_token_ids=[])
+    want = generate(params, cfg, ids, max_new_tokens=8, eos_token_ids=[], implementation="xla")
     monkeypatch.setattr(model, "ATTENTION", "always")
-    jax.clear_caches()  # generate's compiled decode loop was traced with the other setting
-    got = generate(params, cfg, ids, max_new_tokens=8, eos_token_ids=[])
-    jax.clear_caches()
+    got = generate(params, cfg, ids, max_new_tokens=8, eos_token_ids=[], implementation="auto")
     assert calls and got == want
