@@ -292,28 +292,3 @@ def test_unknown_attention_setting_is_named(monkeypatch):
     with pytest.raises(ValueError, match="'xla', 'auto' or 'always'"):
         model.forward_step(params, jnp.zeros((1, 1), jnp.int32), cfg, model.init_cache(cfg, 1, 4, jnp.float32))
 
-
-@pytest.mark.slow
-def test_embedded_model_generates_the_same_through_the_fused_kernel(monkeypatch, embedded_mixjax):
-    """The real model's weights and heads (SmolLM2-135M: 9 query heads on 3 KV heads, Dh 64; its first 6 of
-    30 layers, to keep interpret mode quick), per-layer and fused as `generate_text` runs it, so every decode
-    step takes `attend_new_tokens_pallas`: greedy tokens equal XLA's attention."""
-    import dataclasses
-
-    from mixjax.generate import generate
-
-    cfg, params, tok = embedded_mixjax
-    params = model.fuse_projections(model.unstack_layers(params))
-    params = {**params, "layers": tuple(params["layers"][:6])}
-    cfg = dataclasses.replace(cfg, num_hidden_layers=6)
-    ids = [tok(p, add_special_tokens=False)["input_ids"] for p in ("The capital of France is", "Water boils at")]
-    calls = []
-    real = attention.attend_new_tokens_pallas
-    monkeypatch.setattr(model, "attend_new_tokens_pallas", lambda *a, **k: calls.append(1) or real(*a, **k))
-    # generate's compiled loop is cached on its static arguments, not on model.ATTENTION: the two runs differ
-    # in `implementation` (the same XLA linears on a CPU) so that each traces its own
-    monkeypatch.setattr(model, "ATTENTION", "xla")
-    want = generate(params, cfg, ids, max_new_tokens=8, eos_token_ids=[], implementation="xla")
-    monkeypatch.setattr(model, "ATTENTION", "always")
-    got = generate(params, cfg, ids, max_new_tokens=8, eos_token_ids=[], implementation="auto")
-    assert calls and got == want
