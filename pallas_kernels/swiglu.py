@@ -17,10 +17,10 @@ more precision inside its fusion, so h can differ from the reference by a roundi
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -75,9 +75,7 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
     parts = gate_up.shape[0] if partials else 0
     lead = gate_up.shape[1:-1] if parts else gate_up.shape[:-1]
     f = gate_up.shape[-1] // 2
-    m = 1
-    for n in lead:
-        m *= n
+    m = math.prod(lead)
     x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
     mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
     x_q, a_scale, x_sum = pl.pallas_call(
