@@ -24,6 +24,8 @@
 #   bash benchmarks/device_session.sh norm      # session 12 (not yet run): the norm before a mixed linear,
 #                                               # and SwiGLU: XLA fusions vs the kernels emitting codes (bench_norm.py),
 #                                               # then end to end @normq2@swq and @attn@normq2@swq
+#   bash benchmarks/device_session.sh micro     # session 13: the attention, norm and SwiGLU tests and benchmarks
+#   bash benchmarks/device_session.sh e2e12     # session 13: end to end, bf16 beside VARIANTS (BATCHES)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -125,6 +127,20 @@ case "$part" in
     timeout 380 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq2@swq+h4,w4.4a8@attn@normq2@swq+h4 \
       --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 370 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
+  micro)  # session 13: the session-12 kernels alone first (GPU tests, bench_attention, bench_norm), so the
+           # end-to-end call (e2e12) runs only the options that win
+    header
+    timeout 120 python3 -m pytest -q -x tests/test_attention.py tests/test_norm.py tests/test_swiglu.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 200 python3 benchmarks/bench_attention.py --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
+    timeout 150 python3 benchmarks/bench_norm.py --out "$out/norm.md" 2>&1 | tee "$out/norm.log"
+    ;;
+  e2e12)  # session 13: end to end, bf16 beside the chosen options (VARIANTS=..., BATCHES=...)
+    header
+    timeout 560 python3 benchmarks/bench_generate.py \
+      --variants "${VARIANTS:-bf16,w4.4a8+h4,w4.4a8@attn+h4,w4.4a8@attn@normq2@swq+h4}" \
+      --batches "${BATCHES:-1,32}" --repeats 2 --prefill-len 256 --profile --budget-s 550 \
+      --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -137,7 +153,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|micro|e2e12|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac
