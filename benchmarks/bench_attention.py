@@ -8,10 +8,10 @@ Two comparisons, each at batch B and cache size S (`--int8` adds int8 caches):
 - attention alone, the new token at position S − 1 (the whole cache visible) and at S/4 (the kernel skips
   the blocks past it; XLA masks them): `xla` (`attend_ref`), `pallas` (`decode_attention_pallas`, splits by
   `choose_splits`), `pallas_s1` (one program per row and KV head), `pallas_s4` (4 splits
-  merged by XLA), `pallas_b128` (128-position blocks);
+  merged by XLA), `pallas_b64` (64-position blocks; the default is `choose_block`: 128 for bf16 at Dh 128);
 - the whole step from the fused q/k/v projection's output to the attention output, at S − 1: `xla_step`
   (`attend_new_tokens_ref`: split, RoPE, cache scatter, attention — what the model runs today) and `fused`
-  (`attend_new_tokens_pallas`; `fused_b128`: 128-position blocks), each on the bf16 output [B, 1, W] and on
+  (`attend_new_tokens_pallas`; `fused_b64`: 64-position blocks), each on the bf16 output [B, 1, W] and on
   8 f32 split-K partials (`_p8`, what the GEMV hands over). The caches are donated and carried, so every
   variant updates them in place.
 Every variant is checked against XLA first (max |error| / max |reference|), then timed as `--calls` calls on
@@ -100,13 +100,13 @@ def main(argv=None) -> int:
                                                                        interpret=interpret),
         "pallas_s1": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2], v_scale=c[3],
                                                                           splits=1, interpret=interpret),
-        "pallas_b128": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2],
-                                                                            v_scale=c[3], block_s=128, interpret=interpret),
+        "pallas_b64": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2],
+                                                                           v_scale=c[3], block_s=64, interpret=interpret),
         "pallas_s4": lambda q, c, pos: attention.decode_attention_pallas(q, c[0], c[1], pos, k_scale=c[2], v_scale=c[3],
                                                                           splits=4, interpret=interpret),
     }
 
-    def step(fused, block_s=64):
+    def step(fused, block_s=None):
         def fn(x, c, pos, rope):
             kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, k_scale_store=c[2], v_scale_store=c[3])
             if fused:
@@ -144,7 +144,7 @@ def main(argv=None) -> int:
                         many = jax.jit(lambda qs, cs, pos, fn=fn: [fn(q, c, pos) for q, c in zip(qs, cs)])
                         timing = _timed(many, (qs, caches, pos), args.calls, interpret)
                         base = timing[1] if name == "xla" else base
-                        bs = 128 if name.endswith("b128") else 64
+                        bs = 64 if name.endswith("b64") else attention.choose_block(qs[0].shape[-1], caches[0][0].dtype.itemsize)
                         splits = "-" if name == "xla" else 1 if name == "pallas_s1" else 4 if name == "pallas_s4" else \
                             min(attention.choose_splits(B, KVH, S, bs), -(-S // bs))
                         row(cache, B, S, at, name, splits, err, timing, floor_us, base)
@@ -161,7 +161,7 @@ def main(argv=None) -> int:
                           for _ in range(args.calls)]
                     ref = np.asarray(step(False)(xs[0], caches[0], pos, rope)[0], np.float32)
                     base = None
-                    for name, fused, block_s in (("xla_step", False, 64), ("fused", True, 64), ("fused_b128", True, 128)):
+                    for name, fused, block_s in (("xla_step", False, None), ("fused", True, None), ("fused_b64", True, 64)):
                         fn = step(fused, block_s)
                         err = float(np.abs(np.asarray(fn(xs[0], caches[0], pos, rope)[0], np.float32) - ref).max()
                                     / np.abs(ref).max())
@@ -173,8 +173,9 @@ def main(argv=None) -> int:
                         timing = _timed(jax.jit(calls, donate_argnums=3), (xs, pos, rope), args.calls, interpret,
                                         carry=carried)
                         base = timing[1] if not fused else base
+                        bs = block_s or attention.choose_block(caches[0][0].shape[-1], caches[0][0].dtype.itemsize)
                         row(cache, B, S, at, name + (f"_p{parts}" if parts else ""), "-" if not fused else
-                            min(attention.choose_splits(B, KVH, S, block_s), -(-S // block_s)), err, timing, floor_us, base)
+                            min(attention.choose_splits(B, KVH, S, bs), -(-S // bs)), err, timing, floor_us, base)
     table = head + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else "") + "\n\n" + "\n".join(rows) + "\n"
     if args.out:
         pathlib.Path(args.out).write_text(table)

@@ -134,11 +134,14 @@ case "$part" in
     timeout 200 python3 benchmarks/bench_attention.py --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
     timeout 150 python3 benchmarks/bench_norm.py --out "$out/norm.md" 2>&1 | tee "$out/norm.log"
     ;;
-  e2e12)  # session 13: end to end, bf16 beside the chosen options (VARIANTS=..., BATCHES=...)
+  e2e12)  # session 13: the model-level GPU tests of the session-12 kernels, then end to end, bf16 beside the
+          # chosen options (VARIANTS=..., BATCHES=...)
     header
-    timeout 560 python3 benchmarks/bench_generate.py \
-      --variants "${VARIANTS:-bf16,w4.4a8+h4,w4.4a8@attn+h4,w4.4a8@attn@normq2@swq+h4}" \
-      --batches "${BATCHES:-1,32}" --repeats 2 --prefill-len 256 --profile --budget-s 550 \
+    timeout 90 python3 -m pytest -q tests/test_attention.py tests/test_norm.py tests/test_swiglu.py \
+      -k "model or quant or swiglu" 2>&1 | tail -12 | tee "$out/tests.log"
+    timeout 470 python3 benchmarks/bench_generate.py \
+      --variants "${VARIANTS:-bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4,w4.4a8@attn@normq2@swq+h4}" \
+      --batches "${BATCHES:-1,32}" --repeats 2 --prefill-len 256 --profile --budget-s 460 \
       --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   tall)

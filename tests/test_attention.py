@@ -217,9 +217,10 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
         monkeypatch.setattr(model, "ATTENTION", mode)
         cache = model.init_cache(cfg, 2, 80, cache_dtype)
         out = []
-        for chunk in (tokens[:, :25], tokens[:, 25:27], tokens[:, 27:]):
-            logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
-            out.append(np.asarray(logits))
+        with jax.default_matmul_precision("float32"):  # f32 dots on a GPU: IEEE in both paths, not TF32
+            for chunk in (tokens[:, :25], tokens[:, 25:27], tokens[:, 27:]):
+                logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
+                out.append(np.asarray(logits))
         return out
 
     want = run("xla")
@@ -262,9 +263,10 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         monkeypatch.setattr(model, "ATTENTION", mode)
         cache = model.init_cache(cfg, 2, 40, cache_dtype)
         out = []
-        for chunk in (tokens[:, :17], tokens[:, 17:19], tokens[:, 19:]):  # 17 × 4 rows > 64: XLA
-            logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
-            out.append(np.asarray(logits))
+        with jax.default_matmul_precision("float32"):  # f32 dots on a GPU: IEEE in both paths, not TF32
+            for chunk in (tokens[:, :17], tokens[:, 17:19], tokens[:, 19:]):  # 17 × 4 rows > 64: XLA
+                logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
+                out.append(np.asarray(logits))
         return out, cache
 
     want, want_cache = run("xla")
