@@ -24,11 +24,13 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   default; the default since session 8 is one launch), or `@normq` (the norms before mixed linears emit
   their int8 codes at decode, `model.NORM_QUANT = "auto"`; measured 1–2 % slower in session 11, so off by
   default; `@normq2`: the same in two launches over (row, 2-group chunk), `NORM_QUANT_CHUNK_GROUPS = 2`) or
-  `@nq` (plain norms, the default, named for side-by-side runs), or `@attn` (decode steps run
+  `@nq` (plain norms), or `@attn` (decode steps run
   RoPE, the cache write and attention in one Pallas launch on the q/k/v projection's output,
   `model.ATTENTION = "auto"`; any variant, bf16 too) or `@attnu` (the attention-only kernel after XLA's RoPE
-  and cache write, `model.ATTENTION_FUSED = False`), or `@swq` (SwiGLU hands down_proj int8 codes,
-  `model.SWIGLU_QUANT = "auto"`); strategies chain (`w4.4a8@attn@normq2@swq+h4`);
+  and cache write, `model.ATTENTION_FUSED = False`) or `@xattn` (XLA's attention), or `@swq` (SwiGLU hands
+  down_proj int8 codes, `model.SWIGLU_QUANT = "auto"`) or `@xswiglu` (XLA's fusion); strategies chain
+  (`w4.4a8@xattn@nq+h4`). Since session 13 the model's defaults are `@attn@normq2@swq`; `@plain` turns all
+  three off (`bf16@plain` is XLA's bf16 step: when run, the ratios are against it);
   `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -294,7 +296,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     return row
 
 
-STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "swq", "xq")
+STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -310,8 +312,15 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("attn", "attnu"):  # the one-launch decode attention (pallas_kernels/attention.py)
         model_module.ATTENTION = "auto"
         model_module.ATTENTION_FUSED = strategy == "attn"
+    elif strategy == "xattn":  # XLA's attention (RoPE, cache scatter, dots, softmax)
+        model_module.ATTENTION = "xla"
     elif strategy == "swq":  # SwiGLU emits down_proj's int8 codes (pallas_kernels/swiglu.py)
         model_module.SWIGLU_QUANT = "auto"
+    elif strategy == "xswiglu":  # XLA's SiLU·mul fusion, down_proj quantizes its input
+        model_module.SWIGLU_QUANT = "never"
+    elif strategy == "plain":  # none of the decode kernels beside the linears (the session-11 default): the
+        # pure-XLA step for bf16, the ratio base when run
+        model_module.ATTENTION, model_module.NORM_QUANT, model_module.SWIGLU_QUANT = "xla", "never", "never"
     elif strategy == "xq":  # activations quantized by XLA ops (fusable into their producers), every path
         gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, xla_quant=True)
         choose = kernels.choose_config
@@ -453,7 +462,8 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
         if r.get("peak_bytes") is not None:
             by[r["variant"]]["peak"] = r["peak_bytes"]
     info = next((r for r in rows if r["kind"] == "device"), {"device": "?", "jax": jax.__version__})
-    base = by.get("bf16", {})
+    base_name = "bf16@plain" if "bf16@plain" in by else "bf16"  # XLA's bf16 step when it was run
+    base = by.get(base_name, {})
     cfg_name = "small test model" if args.small else "Llama-3-8B shape"
     lines = [
         f"# Generation speed, {cfg_name}, random weights ({datetime.date.today().isoformat()})",
@@ -464,7 +474,7 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
         f"{args.prompt_len}-token prompt. Quantized weights: "
         + (f"`mixjax.quantize` on {args.calib_samples}×{args.calib_len} random calibration tokens."
            if args.full_quant else "RTN (`pallas_kernels.pack_rtn`), random 8-bit channels (10 % for W4.4A8).")
-        + " Ratios are against bf16 (unstacked layers). Peak GB: the device's peak_bytes_in_use in the "
+        + f" Ratios are against {base_name} (unstacked layers). Peak GB: the device's peak_bytes_in_use in the "
         "variant's own process (blank where the backend does not report it, e.g. CPU).",
         "",
     ]

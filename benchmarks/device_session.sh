@@ -68,7 +68,7 @@ case "$part" in
     ;;
   e2e)
     header
-    python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --profile \
+    python3 benchmarks/bench_generate.py --variants bf16@plain,bf16,w4.4a8+h4 --profile \
       --budget-s 540 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
   profile)
@@ -144,6 +144,10 @@ case "$part" in
       --batches "${BATCHES:-1,32}" --repeats 2 --prefill-len 256 --profile --budget-s 460 \
       --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
+  gputests)  # session 13: the attention, norm and SwiGLU tests on the GPU with the new defaults
+    header
+    timeout 300 python3 -m pytest -q tests/test_attention.py tests/test_swiglu.py tests/test_norm.py 2>&1 | tail -15 | tee "$out/tests.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -156,7 +160,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|micro|e2e12|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|micro|e2e12|gputests|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac

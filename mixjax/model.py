@@ -197,14 +197,14 @@ def rms_norm(x: jax.Array, w: jax.Array, eps: float) -> jax.Array:
     return w.astype(x.dtype) * y.astype(x.dtype)
 
 
-NORM_QUANT = "never"  # "auto": norms feeding mixed linears quantize their output in one Pallas launch
+NORM_QUANT = "auto"  # "auto" (default): norms feeding mixed linears quantize their output
 # (`pallas_kernels.rms_norm_quant`) on the Pallas path at ≤ MAX_QUANT_ROWS tokens (decode); "always": also
-# on the XLA path, through its reference (tests); "never" (default): plain `rms_norm`, each linear
-# quantizes itself. "auto" removes 97 launches a decode step but measured 1–2 % slower end to end (H200,
-# session 11, benchmarks/NOTES-kernels.md item 48), so it is off until the norm kernel is faster
+# on the XLA path, through its reference (tests); "never": plain `rms_norm`, each linear quantizes itself.
+# One launch per row measured 1–2 % slower end to end (session 11); two launches (chunks of 2 groups) with
+# the attention and SwiGLU kernels: +1.2 % at b1, +2.7 % at b32 (H200, 2026-12-03, NOTES-kernels.md item 52)
 
 
-NORM_QUANT_CHUNK_GROUPS = None  # with NORM_QUANT on the Pallas path: None — one program per row (one launch);
+NORM_QUANT_CHUNK_GROUPS = 2  # with NORM_QUANT on the Pallas path: None — one program per row (one launch);
 # an int — `rms_norm_quant_pallas(chunk_groups=...)`, two launches over (row, chunk of that many groups)
 
 
@@ -220,11 +220,11 @@ def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> boo
     return NORM_QUANT == "always" or resolve_implementation(implementation) == "pallas"
 
 
-SWIGLU_QUANT = "never"  # "auto": at ≤ swiglu.MAX_ROWS tokens on the Pallas path, a fused gate/up and a down
-# projection that are both mixed weights exchange int8 codes: `pallas_kernels.swiglu.silu_mul_quant_pallas`
+SWIGLU_QUANT = "auto"  # "auto" (default): at ≤ swiglu.MAX_ROWS tokens on the Pallas path, a fused gate/up and
+# a down projection that are both mixed weights exchange int8 codes: `pallas_kernels.swiglu.silu_mul_quant_pallas`
 # sums the gate/up partials, applies SiLU(gate)·up and quantizes in one launch, and down_proj skips its own
-# quantization; "always": also on the XLA path through the reference (tests); "never" (default): XLA's
-# fusion, down_proj quantizes. Off until measured (benchmarks/NOTES-kernels.md item 51)
+# quantization; "always": also on the XLA path through the reference (tests); "never": XLA's fusion,
+# down_proj quantizes (benchmarks/NOTES-kernels.md items 51–52)
 
 
 def _swiglu_quant_on(gate_up: dict, down: dict, x: jax.Array, implementation: Implementation) -> bool:
@@ -294,10 +294,10 @@ def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | No
     return mask
 
 
-ATTENTION = "xla"  # "auto": cached steps of ≤ attention.MAX_ROWS query rows per KV head (decode) attend in
-# one Pallas launch on the Pallas path; "always": the kernels on every path (interpret mode off the GPU;
-# tests); "xla" (default): `attend_ref`, XLA's dots and softmax. Off by default until measured end to end
-# (benchmarks/NOTES-kernels.md item 49)
+ATTENTION = "auto"  # "auto" (default): cached steps of ≤ attention.MAX_ROWS query rows per KV head (decode)
+# attend in one Pallas launch on the Pallas path; "always": the kernels on every path (interpret mode off the
+# GPU; tests); "xla": `attend_ref`, XLA's dots and softmax. W4.4A8 decode +8 % at b1, +13 % at b32, bf16
+# +4 % / +8 % (H200, 2026-12-03, benchmarks/NOTES-kernels.md items 49, 52)
 ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per-layer cache take
 # `attend_new_tokens_pallas` (RoPE, the cache write and attention in one launch on the projection's split-K
 # partials); False, or a stacked cache or separate q/k/v: `decode_attention_pallas` after XLA's RoPE and write
