@@ -261,8 +261,23 @@ def prefill(params, cfg: LlamaConfig, args) -> dict:
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
     t, first = timed(lambda: step(params, tokens), args.repeats)
-    return dict(kind="prefill", batch=1, tokens=n, seconds=t, compile_s=first - t, tok_s=n / t,
-                tflops=prefill_flops(cfg, n) / t / 1e12)
+    row = dict(kind="prefill", batch=1, tokens=n, seconds=t, compile_s=first - t, tok_s=n / t,
+               tflops=prefill_flops(cfg, n) / t / 1e12)
+    if args.profile:  # busy and span against the wall time: a span well under it means host launch gaps
+        row["profile"] = _profile(lambda: step(params, tokens), 1, args.profile_top)
+    return row
+
+
+def _profile(run: Callable, steps: int, shown: int) -> dict:
+    """Device busy / span ms, kernels and the top kernels per step of `run()` (benchmarks/devtime.py)."""
+    import devtime
+
+    dt = devtime.device_times(run, runs=1, top=max(8, shown))
+    if "error" in dt:
+        return {"error": dt["error"]}
+    return {"busy_ms": dt["busy_us"] / steps / 1e3, "span_ms": dt["span_us"] / steps / 1e3,
+            "kernels": dt["kernels"] / steps, "shown": shown,
+            "top": [(n, us / steps, c / steps) for (n, us), c in zip(dt["top"], dt["top_calls"])]}
 
 
 def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict:
@@ -284,15 +299,8 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     row = dict(kind="decode", batch=batch, tokens=batch * args.new_tokens, seconds=t, compile_s=first - t,
                tok_s=batch * args.new_tokens / t, ms_per_step=1e3 * t / args.new_tokens,
                floor=100 * floor_s * args.new_tokens / t)
-    if args.profile:  # device busy / span per step and kernels per step (benchmarks/devtime.py)
-        import devtime
-
-        dt = devtime.device_times(run, runs=1, top=max(8, args.profile_top))
-        steps = args.new_tokens
-        row["profile"] = ({"error": dt["error"]} if "error" in dt else
-                          {"busy_ms": dt["busy_us"] / steps / 1e3, "span_ms": dt["span_us"] / steps / 1e3,
-                           "kernels": dt["kernels"] / steps, "shown": args.profile_top,
-                           "top": [(n, us / steps, c / steps) for (n, us), c in zip(dt["top"], dt["top_calls"])]})
+    if args.profile:  # device busy / span per step and kernels per step
+        row["profile"] = _profile(run, args.new_tokens, args.profile_top)
     return row
 
 
@@ -435,8 +443,9 @@ def _lines_until(proc, deadline: float):
 def _describe(r: dict) -> str:
     if r["kind"] in ("prefill", "decode"):
         prof = r.get("profile")
+        per = "per step" if r["kind"] == "decode" else f"per prefill ({1e3 * r['seconds']:.2f} ms wall)"
         prof = "" if not prof else (f"; device {prof['busy_ms']:.2f} busy / {prof['span_ms']:.2f} span ms, "
-                                    f"{prof['kernels']:.0f} kernels per step; top (µs, launches per step): "
+                                    f"{prof['kernels']:.0f} kernels {per}; top (µs, launches): "
                                     + ", ".join(f"{n} {us:.1f} µs ×{c:g}" for n, us, c in prof["top"][:prof["shown"]])
                                     if "busy_ms" in prof else f"; profile: {prof['error']}")
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
@@ -532,7 +541,8 @@ def parse_args(argv=None):
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of all variants together")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep q/k/v and gate/up as separate linears (default: model.fuse_projections)")
-    p.add_argument("--profile", action="store_true", help="decode: device busy/span ms and kernels per step")
+    p.add_argument("--profile", action="store_true",
+                   help="device busy/span ms and kernels per decode step and per prefill")
     p.add_argument("--profile-top", type=int, default=4, help="--profile: list this many kernels by time per step")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     args = p.parse_args(argv)

@@ -26,6 +26,8 @@
 #                                               # then end to end @normq2@swq and @attn@normq2@swq
 #   bash benchmarks/device_session.sh micro     # session 13: the attention, norm and SwiGLU tests and benchmarks
 #   bash benchmarks/device_session.sh e2e12     # session 13: end to end, bf16 beside VARIANTS (BATCHES)
+#   bash benchmarks/device_session.sh gputests  # session 13: the attention, SwiGLU and norm tests on the GPU
+#   bash benchmarks/device_session.sh prefill   # session 13 (not yet run): prefill 256 / 2048 profiled, b8
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -148,6 +150,15 @@ case "$part" in
     header
     timeout 300 python3 -m pytest -q tests/test_attention.py tests/test_swiglu.py tests/test_norm.py 2>&1 | tail -15 | tee "$out/tests.log"
     ;;
+  prefill)  # session 13 (not yet run): where a short prefill goes (256 tokens: 0.42x bf16 end to end, below
+            # the per-GEMM 0.44-0.73x; --profile shows busy / span against the wall time), b8 with the
+            # session-13 defaults, and 2048 tokens again
+    header
+    timeout 290 python3 benchmarks/bench_generate.py --variants bf16@plain,bf16,w4.4a8+h4 --batches 8 --repeats 2 \
+      --prefill-len 256 --profile --profile-top 12 --budget-s 280 --out "$out/prefill256.md" 2>&1 | tee "$out/prefill256.log"
+    timeout 270 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1 --repeats 2 \
+      --prefill-len 2048 --profile --profile-top 12 --budget-s 260 --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -160,7 +171,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|micro|e2e12|gputests|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|micro|e2e12|gputests|prefill|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac
