@@ -10,7 +10,7 @@ Two comparisons, each at batch B and cache size S (`--int8` adds int8 caches):
   `choose_splits`), `pallas_s1` (one program per row and KV head), `pallas_s4` (4 splits
   merged by XLA), `pallas_b64` (64-position blocks; the default is `choose_block`: 128 for bf16 at Dh 128);
 - the whole step from the fused q/k/v projection's output to the attention output, at S − 1: `xla_step`
-  (`attend_new_tokens_ref`: split, RoPE, cache scatter, attention — what the model runs today) and `fused`
+  (`attend_new_tokens_ref`: split, RoPE, cache scatter, attention — the model with `ATTENTION = "xla"`) and `fused`
   (`attend_new_tokens_pallas`; `fused_b64`: 64-position blocks), each on the bf16 output [B, 1, W] and on
   8 f32 split-K partials (`_p8`, what the GEMV hands over). The caches are donated and carried, so every
   variant updates them in place.
@@ -133,6 +133,7 @@ def main(argv=None) -> int:
             for S in lengths:
                 caches = _caches(rng, B, S, args.calls, int8)
                 qs = [jnp.asarray(rng.normal(size=(B, 1, H, DH)), jnp.bfloat16) for _ in range(args.calls)]
+                default_bs = attention.choose_block(DH, caches[0][0].dtype.itemsize)  # the kernels' default block
                 for at in (S - 1, S // 4):
                     pos = jnp.full((B, 1), at, jnp.int32)
                     visible = (at + 1) * B * KVH * DH * 2 * (1 if int8 else 2)
@@ -144,7 +145,7 @@ def main(argv=None) -> int:
                         many = jax.jit(lambda qs, cs, pos, fn=fn: [fn(q, c, pos) for q, c in zip(qs, cs)])
                         timing = _timed(many, (qs, caches, pos), args.calls, interpret)
                         base = timing[1] if name == "xla" else base
-                        bs = 64 if name.endswith("b64") else attention.choose_block(qs[0].shape[-1], caches[0][0].dtype.itemsize)
+                        bs = 64 if name.endswith("b64") else default_bs
                         splits = "-" if name == "xla" else 1 if name == "pallas_s1" else 4 if name == "pallas_s4" else \
                             min(attention.choose_splits(B, KVH, S, bs), -(-S // bs))
                         row(cache, B, S, at, name, splits, err, timing, floor_us, base)
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
                         timing = _timed(jax.jit(calls, donate_argnums=3), (xs, pos, rope), args.calls, interpret,
                                         carry=carried)
                         base = timing[1] if not fused else base
-                        bs = block_s or attention.choose_block(caches[0][0].shape[-1], caches[0][0].dtype.itemsize)
+                        bs = block_s or default_bs
                         row(cache, B, S, at, name + (f"_p{parts}" if parts else ""), "-" if not fused else
                             min(attention.choose_splits(B, KVH, S, bs), -(-S // bs)), err, timing, floor_us, base)
     table = head + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else "") + "\n\n" + "\n".join(rows) + "\n"

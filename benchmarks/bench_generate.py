@@ -22,8 +22,9 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   norm or SiLU·mul before them, instead of a Pallas launch or the GEMV's in-program quantization),
   or `@gemv_2l` (the M = 1 GEMV on codes from the quantization kernel, two launches a linear: the session-6
   default; the default since session 8 is one launch), or `@normq` (the norms before mixed linears emit
-  their int8 codes at decode, `model.NORM_QUANT = "auto"`; measured 1–2 % slower in session 11, so off by
-  default; `@normq2`: the same in two launches over (row, 2-group chunk), `NORM_QUANT_CHUNK_GROUPS = 2`) or
+  their int8 codes at decode in one launch per row, `model.NORM_QUANT = "auto"` with
+  `NORM_QUANT_CHUNK_GROUPS = None`: measured 1–2 % slower in session 11; `@normq2`: the same in two launches
+  over (row, 2-group chunk), `NORM_QUANT_CHUNK_GROUPS = 2`, the default since session 13) or
   `@nq` (plain norms), or `@attn` (decode steps run
   RoPE, the cache write and attention in one Pallas launch on the q/k/v projection's output,
   `model.ATTENTION = "auto"`; any variant, bf16 too) or `@attnu` (the attention-only kernel after XLA's RoPE
