@@ -18,12 +18,6 @@
 #                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
 #   bash benchmarks/device_session.sh nq        # session 11: norms emitting int8 codes (rms_norm_quant,
 #                                               # w4.4a8@normq+h4) end to end against plain norms
-#   bash benchmarks/device_session.sh attn      # session 12 (not yet run): decode attention in one launch
-#                                               # (with RoPE and the cache write: attend_new_tokens), alone
-#                                               # (bench_attention.py) and end to end (@attn, bf16 too)
-#   bash benchmarks/device_session.sh norm      # session 12 (not yet run): the norm before a mixed linear,
-#                                               # and SwiGLU: XLA fusions vs the kernels emitting codes (bench_norm.py),
-#                                               # then end to end @normq2@swq and @attn@normq2@swq
 #   bash benchmarks/device_session.sh micro     # session 13: the attention, norm and SwiGLU tests and benchmarks
 #   bash benchmarks/device_session.sh e2e12     # session 13: end to end, bf16 beside VARIANTS (BATCHES)
 #   bash benchmarks/device_session.sh gputests  # session 13: the attention, SwiGLU and norm tests on the GPU
@@ -115,20 +109,6 @@ case "$part" in
     timeout 450 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq+h4 --profile \
       --budget-s 440 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
-  attn)  # session 12: pallas_kernels.attention (model.ATTENTION = "auto") against XLA's dots and softmax
-    header
-    timeout 80 python3 -m pytest -q -x tests/test_attention.py 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 180 python3 benchmarks/bench_attention.py --out "$out/attention.md" 2>&1 | tee "$out/attention.log"
-    timeout 320 python3 benchmarks/bench_generate.py --variants bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4 \
-      --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 310 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
-    ;;
-  norm)  # session 12: the norms emitting codes, one launch per row or two over (row, chunk); with attn
-    header
-    timeout 60 python3 -m pytest -q -x tests/test_norm.py tests/test_swiglu.py -k "quant" 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 120 python3 benchmarks/bench_norm.py --out "$out/norm.md" 2>&1 | tee "$out/norm.log"
-    timeout 380 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@normq2@swq+h4,w4.4a8@attn@normq2@swq+h4 \
-      --batches 1,32 --repeats 2 --prefill-len 256 --profile --budget-s 370 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
-    ;;
   micro)  # session 13: the session-12 kernels alone first (GPU tests, bench_attention, bench_norm), so the
            # end-to-end call (e2e12) runs only the options that win
     header
@@ -142,7 +122,7 @@ case "$part" in
     timeout 90 python3 -m pytest -q tests/test_attention.py tests/test_norm.py tests/test_swiglu.py \
       -k "model or quant or swiglu" 2>&1 | tail -12 | tee "$out/tests.log"
     timeout 470 python3 benchmarks/bench_generate.py \
-      --variants "${VARIANTS:-bf16,bf16@attn,w4.4a8+h4,w4.4a8@attn+h4,w4.4a8@attn@normq2@swq+h4}" \
+      --variants "${VARIANTS:-bf16@plain,bf16,w4.4a8@plain+h4,w4.4a8+h4}" \
       --batches "${BATCHES:-1,32}" --repeats 2 --prefill-len 256 --profile --budget-s 460 \
       --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
     ;;
@@ -171,7 +151,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|attn|norm|micro|e2e12|gputests|prefill|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac
