@@ -78,6 +78,9 @@ def main(argv=None) -> int:
     p.add_argument("--int8", action="store_true", help="int8 caches too")
     p.add_argument("--calls", type=int, default=8, help="calls per jitted program, each on its own cache")
     p.add_argument("--small", action="store_true", help="tiny sizes, interpret mode (CPU smoke run)")
+    p.add_argument("--step-only", action="store_true", help="only the whole step (skip attention alone)")
+    p.add_argument("--parts", default="0,8", help="the step's input: 0 = bf16 output, N = N f32 split-K partials")
+    p.add_argument("--fused-splits", default="", help="extra fused variants fused_sK with K splits, e.g. 2,3,8")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
@@ -106,11 +109,11 @@ def main(argv=None) -> int:
                                                                           splits=4, interpret=interpret),
     }
 
-    def step(fused, block_s=None):
+    def step(fused, block_s=None, splits=None):
         def fn(x, c, pos, rope):
             kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, k_scale_store=c[2], v_scale_store=c[3])
             if fused:
-                out = attention.attend_new_tokens_pallas(x, pos, *rope, c[0], c[1], block_s=block_s,
+                out = attention.attend_new_tokens_pallas(x, pos, *rope, c[0], c[1], block_s=block_s, splits=splits,
                                                          interpret=interpret, **kw)
             else:
                 out = attention.attend_new_tokens_ref(x, pos, *rope, c[0], c[1], **kw)
@@ -134,7 +137,7 @@ def main(argv=None) -> int:
                 caches = _caches(rng, B, S, args.calls, int8)
                 qs = [jnp.asarray(rng.normal(size=(B, 1, H, DH)), jnp.bfloat16) for _ in range(args.calls)]
                 default_bs = attention.choose_block(DH, caches[0][0].dtype.itemsize)  # the kernels' default block
-                for at in (S - 1, S // 4):
+                for at in () if args.step_only else (S - 1, S // 4):
                     pos = jnp.full((B, 1), at, jnp.int32)
                     visible = (at + 1) * B * KVH * DH * 2 * (1 if int8 else 2)
                     floor_us = 1e6 * visible / bandwidth if bandwidth else float("nan")
@@ -156,14 +159,16 @@ def main(argv=None) -> int:
                     vocab_size=8, hidden_size=H * DH, intermediate_size=8, num_hidden_layers=1, num_attention_heads=H,
                     num_key_value_heads=KVH, head_dim=DH, rope_theta=500000.0)))
                 floor_us = 1e6 * (at + 1) * B * KVH * DH * 2 * (1 if int8 else 2) / bandwidth if bandwidth else float("nan")
-                for parts in (0, 8):
+                for parts in [int(p) for p in args.parts.split(",")]:
                     shape = (parts, B, 1, W) if parts else (B, 1, W)
                     xs = [jnp.asarray(rng.normal(size=shape) / (parts or 1), jnp.float32 if parts else jnp.bfloat16)
                           for _ in range(args.calls)]
                     ref = np.asarray(step(False)(xs[0], caches[0], pos, rope)[0], np.float32)
                     base = None
-                    for name, fused, block_s in (("xla_step", False, None), ("fused", True, None), ("fused_b64", True, 64)):
-                        fn = step(fused, block_s)
+                    extra = [(f"fused_s{k}", True, None, int(k)) for k in args.fused_splits.split(",") if k]
+                    for name, fused, block_s, splits in (("xla_step", False, None, None), ("fused", True, None, None),
+                                                         ("fused_b64", True, 64, None), *extra):
+                        fn = step(fused, block_s, splits)
                         err = float(np.abs(np.asarray(fn(xs[0], caches[0], pos, rope)[0], np.float32) - ref).max()
                                     / np.abs(ref).max())
                         def calls(xs, pos, rope, cs, fn=fn):  # → (outputs, the updated caches, fed back)
@@ -176,7 +181,8 @@ def main(argv=None) -> int:
                         base = timing[1] if not fused else base
                         bs = block_s or default_bs
                         row(cache, B, S, at, name + (f"_p{parts}" if parts else ""), "-" if not fused else
-                            min(attention.choose_splits(B, KVH, S, bs), -(-S // bs)), err, timing, floor_us, base)
+                            min(splits or attention.choose_splits(B, KVH, S, bs), -(-S // bs)), err, timing, floor_us,
+                            base)
     table = head + (f", copy bandwidth {bandwidth / 1e12:.2f} TB/s" if bandwidth else "") + "\n\n" + "\n".join(rows) + "\n"
     if args.out:
         pathlib.Path(args.out).write_text(table)

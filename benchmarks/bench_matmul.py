@@ -55,6 +55,25 @@ GEMV_OVERRIDES = {  # variant → GemvConfig fields changed from `gemv.choose_ge
     "gemv_qf": dict(quantize_first=True),  # on codes from the quantization kernel (two launches)
     "gemv_1l": dict(quantize_first=False),  # quantizing in every program (one launch)
     "gemv_xq": dict(quantize_first=True, xla_quant=True),  # on codes from XLA ops (unfused here: x is an input)
+    # session 14: fed codes made outside the timed program (`QuantizedActivations`, as the model's norm and
+    # SwiGLU kernels hand them over at M = 1); `programs` re-picks split-K for at most that many programs
+    "gemvc": dict(),  # the default on codes
+    "gemvc_wr": dict(word_rescale=True),  # every word rescaled in f32, one reduction (no layout round trips)
+    "gemvc_pf": dict(prefetch=True),  # the next iteration's loads before this one's arithmetic
+    "gemvc_pf2k": dict(prefetch=True, programs=2048),
+    "gemvc_pf1k": dict(prefetch=True, programs=1024),
+    "gemvc_wrpf2k": dict(word_rescale=True, prefetch=True, programs=2048),
+    "gemvc_wrpf1k": dict(word_rescale=True, prefetch=True, programs=1024),
+    "gemvc_2k": dict(programs=2048),  # fewer programs without prefetch (the loop then waits per iteration)
+    # 8 warps: the [bn, gpi] scale loads have fewer elements than threads, so Triton reloads them in the
+    # partials' layout instead of converting through shared memory (offline PTX: no bar.sync in the loop)
+    "gemvc_w8": dict(num_warps=8),
+    "gemvc_w8b64": dict(num_warps=8, block_n=64),
+    "gemvc_w8pf2k": dict(num_warps=8, prefetch=True, programs=2048),
+    "gemvc_w8b64pf2k": dict(num_warps=8, block_n=64, prefetch=True, programs=2048),
+    "gemvc_b16": dict(block_n=16),  # 4 warps on 16-row tiles: the same effect (64 scale elements)
+    "gemvc_b16pf": dict(block_n=16, prefetch=True, programs=2048),
+    "gemv_1l_w8": dict(quantize_first=False, num_warps=8),  # o_proj's form (x float, quantized per program)
 }
 MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choose_config`'s default
     "mixed_b8": dict(word_unpack=False),  # the 4-bit unpack as Triton's 8-bit shift (before session 9)
@@ -138,10 +157,17 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "xla_ref":
         return reference.mixed_matmul_ref, build, None, None
     if name in GEMV_OVERRIDES:  # the default GEMV tiling with some fields changed
-        over = GEMV_OVERRIDES[name]
-        fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(
-            cfg or gemv.choose_gemv_config(w.num_groups, _rows(w)), **over), interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
+        over = dict(GEMV_OVERRIDES[name])
+        programs, block_n = over.pop("programs", 4096), over.pop("block_n", 32)
+        codes = name.startswith("gemvc")
+
+        def fn(x, w):
+            base = cfg or gemv.choose_gemv_config(w.num_groups, _rows(w), programs=programs, m=x_rows(x),
+                                                  quantize_first=codes or None, block_n=block_n)
+            return gemv.mixed_gemv_pallas(x, w, config=dataclasses.replace(base, **over), interpret=interpret)
+
+        ref = (lambda x, w: reference.mixed_matmul_ref(x.dequantize(), w)) if codes else reference.mixed_matmul_ref
+        return fn, build, ref, 5e-3
     if name in MIXED_OVERRIDES:  # the kernel's default config with some fields changed
         over = MIXED_OVERRIDES[name]
         if over.get("zero_in_scale"):
@@ -185,6 +211,16 @@ def rel_err(a, b) -> float:
     if not np.all(np.isfinite(a)):
         return float("nan")
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def x_rows(x) -> int:
+    return x.m if isinstance(x, fmt.QuantizedActivations) else x.shape[0]
+
+
+def as_codes(x: jax.Array) -> fmt.QuantizedActivations:
+    """x [M, K] → its int8 codes as the model's norm / SwiGLU kernels hand them to a linear."""
+    x_q, a_scale, x_sum = kernels.quantize_activations_xla(x, block_m=16)
+    return fmt.QuantizedActivations(x_q, a_scale, x_sum, (x.shape[0],), x.shape[1], jnp.dtype(x.dtype).name)
 
 
 def time_variant(fn, ws, xs, repeats: int, device_timers: bool = False):
@@ -247,6 +283,8 @@ def bench_one(name, k, n, m, args, bandwidth, cfg=None):
         x0 = jnp.asarray(rng.integers(-127, 128, (m, k)), jnp.int8)
     else:
         x0 = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    if name.startswith("gemvc"):  # codes made here, outside the timed program
+        x0 = as_codes(x0)
     row = {"variant": name, "m": m, "k": k, "n": n, "config": dataclasses.asdict(cfg) if cfg else None}
     if ref_fn is not None:
         y = jax.jit(fn)(x0, w0)
@@ -256,7 +294,7 @@ def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     r = int(min(args.max_rotate, max(args.min_rotate, math.ceil(ROTATE_BYTES / wbytes))))
     calls = max(r, args.min_calls) if m <= 256 else r  # amortize the program's dispatch over many calls
     ws = [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), w0) for _ in range(calls)]
-    xs = [jnp.array(x0, copy=True) for _ in range(calls)]
+    xs = [jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), x0) for _ in range(calls)]
     sec = time_variant(fn, ws, xs, args.repeats, args.device_timers)
     if args.device_timers:
         sec, dt = sec

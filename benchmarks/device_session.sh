@@ -22,6 +22,9 @@
 #   bash benchmarks/device_session.sh e2e12     # session 13: end to end, bf16 beside VARIANTS (BATCHES)
 #   bash benchmarks/device_session.sh gputests  # session 13: the attention, SwiGLU and norm tests on the GPU
 #   bash benchmarks/device_session.sh prefill   # session 13 (not yet run): prefill 256 / 2048 profiled, b8
+#   bash benchmarks/device_session.sh gemv14    # session 14: the M = 1 GEMV on codes (the model's form): per-word
+#                                               # rescale, prefetched iterations, 8 warps, 16/64-row tiles; the
+#                                               # fused attention step with more splits (b1, b32)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -139,6 +142,16 @@ case "$part" in
     timeout 270 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1 --repeats 2 \
       --prefill-len 2048 --profile --profile-top 12 --budget-s 260 --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
     ;;
+  gemv14)  # session 14: GEMV variants at M = 1 on codes, then the attention step's splits
+    header
+    timeout 100 python3 -m pytest -q -x tests/test_gemv.py -k "groups_per_iteration" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 330 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
+      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 1 \
+      --variants "${VARIANTS:-xla_bf16,gemv_1l,gemv_1l_w8,gemvc,gemvc_wr,gemvc_pf,gemvc_pf2k,gemvc_pf1k,gemvc_w8,gemvc_w8b64,gemvc_w8pf2k,gemvc_w8b64pf2k,gemvc_b16,gemvc_b16pf}" \
+      --out "$out/gemv14" 2>&1 | tee "$out/gemv14.log"
+    timeout 120 python3 benchmarks/bench_attention.py --step-only --parts 8 --fused-splits 2,3,4,8,16 \
+      --out "$out/attention14.md" 2>&1 | tee "$out/attention14.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -151,7 +164,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac

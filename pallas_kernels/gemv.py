@@ -67,6 +67,11 @@ class GemvConfig:
     # instead of per group; without quantize_first each program quantizes its gpi groups of x itself
     xla_quant: bool = False  # with quantize_first: the codes from `kernels.quantize_activations_xla` (XLA
     # ops that a jitted model can fuse into the producer of x) instead of the Pallas quantization kernel
+    word_rescale: bool = False  # (groups_per_iter > 1) rescale every word's dp4a sum in f32, then reduce the
+    # [bn, gpi, 16] tile once: the group partials never change layout (offline PTX: no shared-memory round
+    # trips), for 4× the conversions and FMAs
+    prefetch: bool = False  # (groups_per_iter > 1) load iteration i + 1's words and small operands before
+    # computing iteration i (carried in registers): programs of several iterations keep loads in flight
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -84,7 +89,7 @@ class GemvConfig:
 
 
 def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096, m: int = 1,
-                       quantize_first: bool | None = None, xla_quant: bool = False) -> GemvConfig:
+                       quantize_first: bool | None = None, xla_quant: bool = False, block_n: int = 32) -> GemvConfig:
     """32-row tiles on pre-quantized codes, 4 groups an iteration (2 or 1 where the groups do not divide),
     and the largest split-K that keeps whole iterations and at most `programs` programs — so most
     programs run one iteration. H100 sweep (session 6, call 8, results/kernels.md): within 0.5 µs of the
@@ -95,11 +100,11 @@ def choose_gemv_config(num_groups: int, rows: int, *, programs: int = 4096, m: i
     form measured there: with M rows every program would quantize M rows of its groups). `xla_quant`
     takes the codes from XLA ops (implies quantize_first)."""
     gpi = 4 if num_groups % 4 == 0 else 2 if num_groups % 2 == 0 else 1
-    tiles = max(1, rows // 32)
+    tiles = max(1, rows // block_n)
     split = max(d for d in range(1, num_groups + 1)
                 if num_groups % d == 0 and (num_groups // d) % gpi == 0 and (tiles * d <= programs or d == 1))
     qf = xla_quant or (m > 1 if quantize_first is None else quantize_first)
-    return GemvConfig(32, split, quantize_first=qf, groups_per_iter=gpi, xla_quant=xla_quant)
+    return GemvConfig(block_n, split, quantize_first=qf, groups_per_iter=gpi, xla_quant=xla_quant)
 
 
 def _dp4a(a: jax.Array, b: jax.Array, c: jax.Array, *, interpret: bool) -> jax.Array:
@@ -240,8 +245,7 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
         xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
 
         def acts(gs):  # per row: lo, hi words [gpi, 16], s_a, Σx_q [gpi]
-            return [(xw_ref[r, gs, 0, :], xw_ref[r, gs, 1, :], as_ref[gs, r], ax_ref[gs, r].astype(jnp.float32))
-                    for r in range(m)]
+            return [(xw_ref[r, gs, 0, :], xw_ref[r, gs, 1, :], as_ref[gs, r], ax_ref[gs, r]) for r in range(m)]
     else:
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
 
@@ -256,45 +260,83 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     zero = jnp.zeros((bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
 
-    def run(load_w, load_meta, n0):
+    def run(load_w, load_meta, prep, n0):
         rows = pl.ds(n0, bn)
+        iters = groups_per_split // gpi
 
-        def body(i, accs):
+        def fetch(i):  # everything iteration i reads
             gs = pl.ds(g0 + i * gpi, gpi)
-            w_lo, w_hi = load_w(gs, rows)  # [bn, gpi, 16] int32 words of int8 values
-            w_scale, zero_off = load_meta(gs, rows)  # [bn, gpi] (zero_off None: 8-bit rows)
-            out = []
-            for acc, (lo, hi, a_scale, x_sum) in zip(accs, acts(gs)):
-                p = jnp.sum(dp4a(w_hi, jnp.broadcast_to(hi[None], w_hi.shape),
-                                 dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), zero)), axis=2)  # [bn, gpi]
+            return load_w(gs, rows), load_meta(gs, rows), acts(gs)
+
+        def compute(data, accs):
+            (w_lo, w_hi), (w_scale, zero_off) = prep(data[0], data[1])  # words [bn, gpi, 16]; meta [bn, gpi]
+            out = []  # (zero_off None: 8-bit rows)
+            for acc, (lo, hi, a_scale, x_sum) in zip(accs, data[2]):
+                x_sum = x_sum.astype(jnp.float32)
+                d = dp4a(w_hi, jnp.broadcast_to(hi[None], w_hi.shape),
+                         dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), zero))  # [bn, gpi, 16]
+                if cfg.word_rescale:  # f32 per word, one reduction of the tile
+                    y = d.astype(jnp.float32) * (w_scale * a_scale[None, :])[:, :, None]
+                    if zero_off is not None:  # 1/16 of the group's zero term on each of its 16 words
+                        y = y + (zero_off * (a_scale * x_sum * (1.0 / _WORDS))[None, :])[:, :, None]
+                    out.append(acc + jnp.sum(jnp.sum(y, axis=2), axis=1))
+                    continue
+                p = jnp.sum(d, axis=2)  # [bn, gpi]
                 y = p.astype(jnp.float32) * (w_scale * a_scale[None, :])
                 if zero_off is not None:
                     y = y + zero_off * (a_scale * x_sum)[None, :]
                 out.append(acc + jnp.sum(y, axis=1))
             return tuple(out)
 
-        accs = lax.fori_loop(0, groups_per_split // gpi, body, tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m)))
+        accs = tuple(jnp.zeros((bn,), jnp.float32) for _ in range(m))
+        if cfg.prefetch and iters > 1:
+            # Two register sets, a pair of iterations a loop step: b's loads are issued before a's arithmetic,
+            # the next a's after a's last use (so they can land in a's registers: a single carried set
+            # would need a copy at the back edge, which waits on the load — session 10, item 39).
+            def pair(j, carry):
+                a, accs = carry
+                b = fetch(2 * j + 1)
+                accs = compute(a, accs)
+                a = fetch(2 * j + 2)
+                return a, compute(b, accs)
+
+            pairs = (iters - 1) // 2
+            a, accs = lax.fori_loop(0, pairs, pair, (fetch(0), accs))
+            if iters - 2 * pairs == 2:  # one more pair, without a next fetch
+                b = fetch(iters - 1)
+                accs = compute(b, compute(a, accs))
+            else:
+                accs = compute(a, accs)
+        else:
+            accs = lax.fori_loop(0, iters, lambda i, a: compute(fetch(i), a), accs)
         for r, acc in enumerate(accs):
             plgpu.store(o_ref.at[split * m + r, cols], acc, mask=cols < n_out)
 
+    # Loads (raw, so a prefetched load is not waited on where it is issued) and what compute derives from them.
     def w8(gs, rows):
         half = lambda h: plgpu.load(q8_ref.at[rows, gs, pl.ds(h, 1), :], **first).reshape(-1, gpi, _WORDS)  # noqa: E731
         return half(0), half(1)
 
     def w8_meta(gs, rows):
-        return plgpu.load(s8_ref.at[gs, rows]).T, None
+        return plgpu.load(s8_ref.at[gs, rows]), None
+
+    def w8_prep(words, meta):
+        return words, (meta[0].T, None)
 
     def w4(gs, rows):
-        w = plgpu.load(q4_ref.at[rows, gs, :], **first)
-        mask = jnp.int32(-252645136)  # 0xF0F0F0F0
-        return (w << 4) & mask, w & mask  # four int8 16·(u − 8) in each word
+        return plgpu.load(q4_ref.at[rows, gs, :], **first)
 
     def w4_meta(gs, rows):
-        w_scale = plgpu.load(s4_ref.at[gs, rows]).T  # [bn, gpi]
-        zero_off = (8.0 - plgpu.load(z4_ref.at[gs, rows]).astype(jnp.float32)).T * w_scale
-        return w_scale * (1.0 / 16.0), zero_off
+        return plgpu.load(s4_ref.at[gs, rows]), plgpu.load(z4_ref.at[gs, rows])  # [gpi, bn]
 
-    _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8, w8_meta, n0), lambda n0: run(w4, w4_meta, n0))
+    def w4_prep(w, meta):
+        mask = jnp.int32(-252645136)  # 0xF0F0F0F0: four int8 16·(u − 8) in each word
+        w_scale = meta[0].T  # [bn, gpi]
+        zero_off = (8.0 - meta[1].astype(jnp.float32)).T * w_scale
+        return ((w << 4) & mask, w & mask), (w_scale * (1.0 / 16.0), zero_off)
+
+    _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8, w8_meta, w8_prep, n0),
+                    lambda n0: run(w4, w4_meta, w4_prep, n0))
 
 
 def _words(a: jax.Array) -> jax.Array:

@@ -105,6 +105,14 @@ def test_gemv_rejects_what_it_cannot_take(cfg, m, match):
     (3, 2048, 200, 0.3, gemv.GemvConfig(64, 2, groups_per_iter=8)),
     (2, 600, 96, 0.0, gemv.GemvConfig(32, 5, groups_per_iter=1)),  # K padded, G = 5
     (1, 768, 130, 1.0, gemv.GemvConfig(32, 3, groups_per_iter=2)),
+    # per-word rescale, prefetched iterations (even, odd and single counts), 8 warps, 16-row tiles
+    (1, 1024, 256, 0.1, gemv.GemvConfig(32, 2, quantize_first=True, groups_per_iter=4, word_rescale=True)),
+    (2, 2048, 200, 0.3, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=4, prefetch=True)),  # 4 its
+    (1, 1536, 130, 1.0, gemv.GemvConfig(32, 1, quantize_first=True, groups_per_iter=4, prefetch=True)),  # 3 its
+    (1, 2560, 96, 0.0, gemv.GemvConfig(32, 1, 8, quantize_first=True, groups_per_iter=4, prefetch=True,
+                                       word_rescale=True)),  # 5 iterations, all 4-bit
+    (1, 1024, 256, 0.1, gemv.GemvConfig(16, 2, quantize_first=True, groups_per_iter=4, prefetch=True)),  # 1 it
+    (2, 1024, 256, 0.1, gemv.GemvConfig(32, 1, 8, groups_per_iter=2, prefetch=True)),  # quantizing in programs
 ])
 def test_gemv_groups_per_iteration(m, k, n, share8, cfg):
     """Several groups a loop iteration (one [rows, gpi, 16] load of weight words, rescale on [rows, gpi])."""
