@@ -146,7 +146,7 @@ case "$part" in
     header
     timeout 100 python3 -m pytest -q -x tests/test_gemv.py -k "groups_per_iteration" 2>&1 | tail -3 | tee "$out/tests.log"
     timeout 330 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
-      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 1 \
+      --shapes 4096x28672,14336x4096,4096x6144,4096x4096 --ms 1 \
       --variants "${VARIANTS:-xla_bf16,gemv_1l,gemv_1l_w8,gemvc,gemvc_wr,gemvc_pf,gemvc_pf2k,gemvc_pf1k,gemvc_w8,gemvc_w8b64,gemvc_w8pf2k,gemvc_w8b64pf2k,gemvc_b16,gemvc_b16pf}" \
       --out "$out/gemv14" 2>&1 | tee "$out/gemv14.log"
     timeout 120 python3 benchmarks/bench_attention.py --step-only --parts 8 --fused-splits 2,3,4,8,16 \
