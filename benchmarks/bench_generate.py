@@ -31,7 +31,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   and cache write, `model.ATTENTION_FUSED = False`) or `@xattn` (XLA's attention), or `@swq` (SwiGLU hands
   down_proj int8 codes, `model.SWIGLU_QUANT = "auto"`) or `@xswiglu` (XLA's fusion); strategies chain
   (`w4.4a8@xattn@nq+h4`). Since session 13 the model's defaults are `@attn@normq2@swq`; `@plain` turns all
-  three off (`bf16@plain` is XLA's bf16 step: when run, the ratios are against it);
+  three off (`bf16@plain` is XLA's bf16 step: when run, the ratios are against it); `@s13`: session 13's
+  attention splits (only past 4 blocks a split) and GEMV without prefetch, for attributing session 14's;
   `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -305,7 +306,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     return row
 
 
-STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq")
+STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -334,6 +335,13 @@ def _apply_strategy(strategy: str) -> None:
         gemv.choose_gemv_config = functools.partial(gemv.choose_gemv_config, xla_quant=True)
         choose = kernels.choose_config
         kernels.choose_config = lambda *a, **k: dataclasses.replace(choose(*a, **k), xla_quant=True)
+    elif strategy == "s13":  # session 13's choices: attention splits only past 4 blocks each, no GEMV prefetch
+        from pallas_kernels import attention
+
+        attention.choose_splits = lambda b, kvh, positions, block_s: max(
+            1, min(-(-128 // (b * kvh)), -(-positions // block_s) // 4))
+        choose_gemv = gemv.choose_gemv_config
+        gemv.choose_gemv_config = lambda *a, **k: dataclasses.replace(choose_gemv(*a, **k), prefetch=False)
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
     else:

@@ -306,3 +306,14 @@ def test_block_keeps_a_key_block_within_32_kb():
         for itemsize in (1, 2, 4):
             block = attention.choose_block(dh, itemsize)
             assert block & (block - 1) == 0 and 16 <= block <= 128 and block * dh * itemsize <= 32768
+
+
+def test_splits_fill_about_128_programs_with_a_block_each():
+    """Few (row, KV head) programs split the positions, one block a split at most as many splits as blocks
+    (b1, 8 KV heads: 3 splits on a 3-block cache, 16 on a 32-block one); 128 programs or more never split."""
+    assert attention.choose_splits(1, 8, 384, 128) == 3 and attention.choose_splits(1, 8, 4096, 128) == 16
+    assert attention.choose_splits(8, 8, 384, 128) == 2 and attention.choose_splits(32, 8, 4096, 128) == 1
+    assert attention.choose_splits(1, 8, 100, 128) == 1 and attention.choose_splits(16, 8, 4096, 64) == 1
+    for b, kvh, s, blk in [(1, 1, 5000, 64), (2, 4, 700, 128), (3, 2, 129, 16)]:
+        splits = attention.choose_splits(b, kvh, s, blk)
+        assert 1 <= splits <= -(-s // blk) and b * kvh * splits <= 127 + b * kvh
