@@ -25,6 +25,8 @@
 #   bash benchmarks/device_session.sh gemv14    # session 14: the M = 1 GEMV on codes (the model's form): per-word
 #                                               # rescale, prefetched iterations, 8 warps, 16/64-row tiles; the
 #                                               # fused attention step with more splits (b1, b32)
+#   bash benchmarks/device_session.sh gputests14  # session 14: the GEMV, attention, SwiGLU and norm tests on the
+#                                               # GPU with the session-14 defaults, then a b1 step's 45 kernels
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -152,6 +154,14 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_attention.py --step-only --parts 8 --fused-splits 2,3,4,8,16 \
       --out "$out/attention14.md" 2>&1 | tee "$out/attention14.log"
     ;;
+  gputests14)  # session 14: the new defaults (attention splits, GEMV prefetch) under the GPU tests, then where
+              # a b1 step goes kernel by kernel
+    header
+    timeout 380 python3 -m pytest -q tests/test_gemv.py tests/test_attention.py tests/test_swiglu.py tests/test_norm.py \
+      2>&1 | tail -15 | tee "$out/tests.log"
+    timeout 170 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --batches 1 --new-tokens 128 --repeats 1 \
+      --prefill-len 256 --profile --profile-top 45 --budget-s 160 --out "$out/profile14.md" 2>&1 | tee "$out/profile14.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -164,7 +174,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac
