@@ -27,6 +27,7 @@
 #                                               # fused attention step with more splits (b1, b32)
 #   bash benchmarks/device_session.sh gputests14  # session 14: the GEMV, attention, SwiGLU and norm tests on the
 #                                               # GPU with the session-14 defaults, then a b1 step's 45 kernels
+#   bash benchmarks/device_session.sh e2e14     # session 14: end to end, no tests first (VARIANTS, BATCHES)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -162,6 +163,12 @@ case "$part" in
     timeout 170 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --batches 1 --new-tokens 128 --repeats 1 \
       --prefill-len 256 --profile --profile-top 45 --budget-s 160 --out "$out/profile14.md" 2>&1 | tee "$out/profile14.log"
     ;;
+  e2e14)  # session 14: end to end only (the GPU tests ran in gputests14), bf16 beside VARIANTS
+    header
+    timeout 250 python3 benchmarks/bench_generate.py \
+      --variants "${VARIANTS:-bf16@plain,w4.4a8+h4,w4.4a8@nodefer+h4}" --batches "${BATCHES:-1,8,32}" \
+      --repeats 2 --prefill-len 256 --profile --budget-s 240 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -174,7 +181,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac

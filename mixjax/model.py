@@ -442,8 +442,13 @@ def _decoder_layer(
     cache_kv: tuple | None,  # (k store, v store, k scales, v scales, index), see _write_cache
     cfg: LlamaConfig,
     implementation: Implementation,
+    pending: jax.Array | None = None,
+    defer: bool = False,
 ):
-    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None)."""
+    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None,
+    deferred): `pending`, the previous layer's deferred down_proj partials f32 [S, B, T, D], is added to x
+    here (by the input norm's kernel when it takes partials); with `defer`, this layer's own down_proj
+    partials come back as `deferred` instead of being added (None when they were added)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
 
@@ -466,9 +471,10 @@ def _decoder_layer(
         return [layer[group][name]["weight"] for name in names]
 
     eps = cfg.rms_norm_eps
-    if _norm_quant_on(consumers("self_attn"), x, implementation):
-        _, h = norm_quant(x, None, layer["input_layernorm"], eps, implementation)  # int8 codes for q/k/v
+    if _norm_quant_on(consumers("self_attn"), x, implementation):  # int8 codes for q/k/v
+        x, h = norm_quant(x, pending, layer["input_layernorm"], eps, implementation)
     else:
+        x = x if pending is None else add_partials(x, pending)
         h = rms_norm(x, layer["input_layernorm"], eps)
     interpret = resolve_implementation(implementation) != "pallas"
     kernel = cache_kv is not None and _attention_kernel_on(T, cfg, implementation)
@@ -524,8 +530,27 @@ def _decoder_layer(
     else:
         gate, up = projs("mlp", h)
         gated = jax.nn.silu(gate) * up  # [B, T, F]
+    down = layer["mlp"]["down_proj"]
+    if defer and isinstance(down["weight"], MixedWeight) and down.get("bias") is None:
+        return x, new_cache, down["weight"].matmul(gated, implementation=implementation, partials=True)
     x = x + proj("mlp.down_proj", gated)
-    return x, new_cache
+    return x, new_cache, None
+
+
+def add_partials(x: jax.Array, partials: jax.Array) -> jax.Array:
+    """x + Σ_S partials (f32 [S, *x.shape] summed in f32, rounded to x's dtype before the add: what the
+    norm kernels do with them)."""
+    return x + jnp.sum(partials, axis=0).astype(x.dtype)
+
+
+DEFER_DOWN = True  # decode on the Pallas path (norms emitting codes, ≤ norm.MAX_QUANT_ROWS tokens, unstacked
+# layers): down_proj's split-K partials go to the next layer's input norm kernel, which adds them to the
+# residual, instead of an XLA fusion summing them into x (one launch a layer fewer)
+
+
+def _defer_down(layers, x, implementation) -> bool:
+    return DEFER_DOWN and NORM_QUANT != "never" and len(layers) > 1 and _norm_quant_on(
+        [layers[1]["mlp"]["down_proj"]["weight"]], x, implementation)
 
 
 def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *,
@@ -557,20 +582,25 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
     mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
 
-    def body(x, layer, kv):
-        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation)
+    def body(x, layer, kv, pending=None, defer=False):
+        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending, defer)
 
     if isinstance(layers, (tuple, list)):
-        if cache is None:
-            for layer in layers:
-                x, _ = body(x, layer, None)
-            return x, None
+        defer = _defer_down(layers, x, implementation)
         n = len(layers)
-        stores = [list(a) if a is not None else [None] * n for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
+        stores = None if cache is None else [list(a) if a is not None else [None] * n
+                                             for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
+        pending = None
         for i, layer in enumerate(layers):
-            x, new = body(x, layer, (*(s[i] for s in stores), None))
-            for s, a in zip(stores, new):
-                s[i] = a
+            kv = None if cache is None else (*(s[i] for s in stores), None)
+            x, new, pending = body(x, layer, kv, pending, defer and i + 1 < n)
+            if cache is not None:
+                for s, a in zip(stores, new):
+                    s[i] = a
+        if pending is not None:
+            x = add_partials(x, pending)
+        if cache is None:
+            return x, None
         return x, tuple(None if a is None else tuple(s) for a, s in
                         zip((cache.k, cache.v, cache.k_scale, cache.v_scale), stores))
 
@@ -581,7 +611,7 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     def cached_body(carry, xs):
         x, stores = carry
         layer, index = xs
-        x, stores = body(x, layer, (*stores, index))
+        x, stores, _ = body(x, layer, (*stores, index))
         return (x, stores), None
 
     n_layers = jax.tree.leaves(layers)[0].shape[0]

@@ -170,6 +170,15 @@ def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
     params["lm_head"] = pk.pack_rtn(np.asarray(params["lm_head"]), np.zeros(cfg.vocab_size, bool))
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
 
+    with_partials = []
+    norm_quant = model.norm_quant
+
+    def spy(x, delta, *args):  # which norms take a linear's split-K partials
+        with_partials.append(delta is not None and delta.ndim == x.ndim + 1)
+        return norm_quant(x, delta, *args)
+
+    monkeypatch.setattr(model, "norm_quant", spy)
+
     def run(mode):
         monkeypatch.setattr(model, "NORM_QUANT", mode)
         cache = model.init_cache(cfg, 2, 8, jnp.float32)
@@ -179,3 +188,6 @@ def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
 
     for got, want in zip(run("always"), run("never")):
         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+    # per forward: layer 0's input norm (nothing pending), its post-attention norm (o_proj's partials), layer
+    # 1's input norm (layer 0's deferred down_proj partials), its post-attention norm, the final norm
+    assert with_partials == [False, True, True, True, False] * 2
