@@ -33,7 +33,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   (`w4.4a8@xattn@nq+h4`). Since session 13 the model's defaults are `@attn@normq2@swq`; `@plain` turns all
   three off (`bf16@plain` is XLA's bf16 step: when run, the ratios are against it); `@s13`: session 13's
   attention splits (only past 4 blocks a split) and GEMV without prefetch, for attributing session 14's;
-  `@nodefer`: down_proj's partials summed into the residual by XLA (`model.DEFER_DOWN = False`);
+  `@nodefer`: down_proj's partials summed into the residual by XLA (`model.DEFER_DOWN = False`); `@ngemv`:
+  the GEMVs after a norm normalize and quantize their own groups (`model.NORM_IN_GEMV = "auto"`);
   `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -307,7 +308,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     return row
 
 
-STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer")
+STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer", "ngemv")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -343,6 +344,8 @@ def _apply_strategy(strategy: str) -> None:
             1, min(-(-128 // (b * kvh)), -(-positions // block_s) // 4))
         choose_gemv = gemv.choose_gemv_config
         gemv.choose_gemv_config = lambda *a, **k: dataclasses.replace(choose_gemv(*a, **k), prefetch=False)
+    elif strategy == "ngemv":  # the norms leave their second launch to the M ≤ 2 GEMVs (model.NORM_IN_GEMV)
+        model_module.NORM_IN_GEMV = "auto"
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

@@ -166,8 +166,9 @@ case "$part" in
   e2e14)  # session 14: end to end only (the GPU tests ran in gputests14), bf16 beside VARIANTS
     header
     timeout 250 python3 benchmarks/bench_generate.py \
-      --variants "${VARIANTS:-bf16@plain,w4.4a8+h4,w4.4a8@nodefer+h4}" --batches "${BATCHES:-1,8,32}" \
-      --repeats 2 --prefill-len 256 --profile --budget-s 240 --out "$out/generation.md" 2>&1 | tee "$out/e2e.log"
+      --variants "${VARIANTS:-w4.4a8+h4,w4.4a8@ngemv+h4}" --batches "${BATCHES:-1}" \
+      --repeats 2 --prefill-len 256 --profile --profile-top 12 --budget-s 240 --out "$out/generation.md" \
+      2>&1 | tee "$out/e2e.log"
     ;;
   tall)
     header

@@ -242,12 +242,36 @@ def _swiglu_quant_on(gate_up: dict, down: dict, x: jax.Array, implementation: Im
     return SWIGLU_QUANT == "always" or resolve_implementation(implementation) == "pallas"
 
 
+NORM_IN_GEMV = "never"  # "auto": with the two-launch norm (NORM_QUANT_CHUNK_GROUPS) on the Pallas path and
+# ≤ api.GEMV_MAX_M rows, the norm's second launch is left out: it hands the linears `NormedActivations` and
+# every GEMV program normalizes and quantizes its own groups (other paths make the codes first); "always":
+# also on the XLA path (kernels in interpret mode; tests); "never": the norm makes the codes. Off until
+# measured on a GPU (session 14 prediction: −2 µs a norm before q/k/v and gate/up at b1)
+
+
+def _norm_in_gemv(x, implementation: Implementation) -> bool:
+    from pallas_kernels.api import GEMV_MAX_M
+
+    if NORM_IN_GEMV not in ("never", "auto", "always"):
+        raise ValueError(f"mixjax.model.NORM_IN_GEMV = {NORM_IN_GEMV!r}; expected 'never', 'auto' or 'always'")
+    if NORM_IN_GEMV == "never" or NORM_QUANT_CHUNK_GROUPS is None or x.shape[-1] % 128:
+        return False
+    if math.prod(x.shape[:-1]) > GEMV_MAX_M:
+        return False
+    return NORM_IN_GEMV == "always" or resolve_implementation(implementation) == "pallas"
+
+
 def norm_quant(x, delta, w, eps: float, implementation: Implementation):
     """(x + Σ delta, QuantizedActivations of rms_norm(x + Σ delta, w)): delta None, x-shaped, or a mixed
-    linear's f32 split-K partials [S, *x.shape] (`MixedWeight.matmul(..., partials=True)`)."""
+    linear's f32 split-K partials [S, *x.shape] (`MixedWeight.matmul(..., partials=True)`). With
+    `NORM_IN_GEMV` on, `NormedActivations` instead (the linears' GEMV normalizes its own groups)."""
     from pallas_kernels import norm
 
-    if resolve_implementation(implementation) == "pallas":
+    pallas = resolve_implementation(implementation) == "pallas"
+    if _norm_in_gemv(x, implementation):
+        return norm.rms_norm_defer_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS,
+                                          interpret=not pallas)
+    if pallas:
         return norm.rms_norm_quant_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS)
     return norm.rms_norm_quant_ref(x, delta, w, eps)
 

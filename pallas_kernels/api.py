@@ -37,7 +37,7 @@ import jax
 
 from pallas_kernels import reference
 from pallas_kernels.dequant_dot import DEQUANT_DOT_MIN_M
-from pallas_kernels.format import MixedWeight, QuantizedActivations
+from pallas_kernels.format import MixedWeight, NormedActivations, QuantizedActivations
 
 Implementation = Literal["auto", "xla", "pallas"]  # as mixjax.linear.Implementation
 
@@ -50,6 +50,11 @@ def _resolve(implementation: Implementation) -> str:
 
 
 def _check_x(x, qw: MixedWeight) -> None:
+    if isinstance(x, NormedActivations):
+        if x.k != qw.k_padded or x.k != qw.k:
+            raise ValueError(f"mixed_matmul: normed activations of {x.k} features for a weight of in_features "
+                             f"{qw.k} ({qw.k_padded} padded)")
+        return
     if isinstance(x, QuantizedActivations):
         if x.k != qw.k or x.x_q.shape[1] != qw.k_padded:
             raise ValueError(f"mixed_matmul: quantized activations of {x.k} features (codes {x.x_q.shape}) for a "
@@ -117,10 +122,17 @@ def mixed_matmul(
     quantization step; the XLA path and the prefill paths take their dequantized values (the same
     codes again: the largest code of a group is ±127). `partials=True` returns the split-K kernels'
     unsummed f32 partials [S, M, N] (S = 1 on the other paths)."""
-    pre = isinstance(x, QuantizedActivations)
     _check_x(x, qw)
     impl = "pallas" if interpret else _resolve(implementation)
     _check_backend(impl, interpret)
+    if isinstance(x, NormedActivations):  # the GEMV normalizes and quantizes in its programs; else the codes
+        from pallas_kernels import norm
+
+        if impl == "xla":
+            x = norm.normed_codes_ref(x)
+        elif select_gpu_path(x.m, x.s.dtype, rows=qw.q8.shape[0] + qw.q4.shape[0]) != "gemv":
+            x = norm.normed_codes(x, interpret=interpret)
+    pre = isinstance(x, (QuantizedActivations, NormedActivations))
     m = x.m if pre else x.shape[0]
     dtype = jax.numpy.dtype(x.dtype)
     if m == 0:

@@ -88,7 +88,7 @@ class MixedWeight:
         sums them itself (`pallas_kernels.rms_norm_quant`)."""
         from pallas_kernels.api import mixed_matmul
 
-        if isinstance(x, QuantizedActivations):
+        if isinstance(x, (QuantizedActivations, NormedActivations)):
             lead, x2 = x.lead, x
         else:
             lead, x2 = x.shape[:-1], x.reshape(-1, x.shape[-1])
@@ -145,6 +145,42 @@ class QuantizedActivations:
 
 jax.tree_util.register_dataclass(
     QuantizedActivations, data_fields=["x_q", "a_scale", "x_sum"], meta_fields=["lead", "k", "dtype"])
+
+
+@dataclasses.dataclass(frozen=True)
+class NormedActivations:
+    """RMSNorm(s)·w not yet computed, for a linear that normalizes and quantizes its own groups: the residual
+    stream s, its sums of squares per chunk of `chunk` groups (the first launch of the two-launch norm,
+    `pallas_kernels.norm.rms_norm_defer_pallas`) and the norm's weight. The GEMV at M ≤ 2 reads it directly
+    (each program normalizes and quantizes its groups: the norm's second launch disappears); every other
+    path first makes the codes with that launch (`norm.normed_codes`)."""
+
+    s: jax.Array  # [M, K] in `dtype`, the residual stream after the add
+    ssq: jax.Array  # f32 [M, C] sums of squares of s per chunk of `chunk` groups of 128
+    w: jax.Array  # [K] the norm's weight
+    eps: float
+    chunk: int
+    lead: tuple[int, ...]
+
+    @property
+    def m(self) -> int:
+        return int(np.prod(self.lead, dtype=np.int64))
+
+    @property
+    def k(self) -> int:
+        return self.s.shape[-1]
+
+    @property
+    def dtype(self) -> str:
+        return jnp.dtype(self.s.dtype).name
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (*self.lead, self.k)
+
+
+jax.tree_util.register_dataclass(
+    NormedActivations, data_fields=["s", "ssq", "w"], meta_fields=["eps", "chunk", "lead"])
 
 
 def _round_up(value: int, multiple: int) -> int:

@@ -49,7 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight, QuantizedActivations
+from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight, NormedActivations, QuantizedActivations
 
 _WORDS = GROUP_SIZE // 8  # 16 words of 4 bytes per half group of activations / per 4-bit group row
 
@@ -238,7 +238,7 @@ def _quantize_group_words(x_ref, row, gs):
 
 
 def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int, groups_per_split: int,
-                    n_out: int, interpret: bool):
+                    n_out: int, interpret: bool, normed: tuple | None = None):
     """`groups_per_iter` groups a loop iteration. Activation refs: with `quantize_first`, xw int32
     [Mp, G, 2, 16] (words, lo / hi half of each group) and as / ax [G, Mp] (scales, Σ codes); without,
     x [M, G, 2, 16, 4] float, quantized group by group in every program (one launch in all). Weight refs:
@@ -250,6 +250,23 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
         def acts(gs):  # per row: lo, hi words [gpi, 16], s_a, Σx_q [gpi]
             return [(xw_ref[r, gs, 0, :], xw_ref[r, gs, 1, :], as_ref[gs, r], ax_ref[gs, r]) for r in range(m)]
+    elif normed is not None:  # RMSNorm(s)·w of the program's groups, then their codes (`NormedActivations`)
+        x_ref, ssq_ref, nw_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
+        eps, width, chunks, dtype = normed
+
+        def acts(gs):  # the arithmetic of `norm._quant_chunk_kernel`, so the codes are the norm kernel's
+            ci = jnp.arange(pl.next_power_of_2(chunks))
+            out = []
+            for r in range(m):
+                mean = jnp.sum(plgpu.load(ssq_ref.at[r, ci], mask=ci < chunks, other=0.0)) / width
+                inv = lax.rsqrt(mean + eps)
+
+                def half(h):
+                    y = (x_ref[r, gs, h, :, :].astype(jnp.float32) * inv).astype(dtype)
+                    return (nw_ref[gs, h, :, :].astype(dtype) * y).astype(jnp.float32)
+
+                out.append(_pack_codes(half(0), half(1)))
+            return out
     else:
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
 
@@ -351,6 +368,14 @@ def _words(a: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("cfg", "interpret", "out_dtype", "partials"))
 def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, partials: bool = False):
     pre = isinstance(x, QuantizedActivations)
+    normed = None
+    if isinstance(x, NormedActivations):  # each program normalizes and quantizes its groups of s
+        if cfg.quantize_first or cfg.groups_per_iter == 1:
+            raise ValueError("normed activations take the one-launch grouped GEMV: quantize_first=False, "
+                             "groups_per_iter > 1")
+        normed = (x.eps, x.k, x.ssq.shape[1], jnp.dtype(x.dtype))
+        x_normed = x
+        x = x.s
     m, k = (x.m, x.k) if pre else x.shape
     g = qw.num_groups
     cfg.check(m, g)
@@ -378,8 +403,12 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
         q8 = q8.reshape(q8.shape[0], g, 2, _WORDS) if qw.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)
         q4 = q4.reshape(q4.shape[0], g, _WORDS) if qw.q4.size else jnp.zeros((1, 1, _WORDS), jnp.int32)
     body = _grouped_kernel if cfg.groups_per_iter > 1 else _gemv_kernel
+    extra = {}
+    if normed is not None:  # + the chunks' sums of squares and the norm's weight, group-major like x
+        x_in = (*x_in, x_normed.ssq, x_normed.w.reshape(g, 2, _WORDS, 4))
+        extra = dict(normed=normed)
     kernel = functools.partial(body, cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
-                               n_out=qw.n, interpret=interpret)
+                               n_out=qw.n, interpret=interpret, **extra)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((cfg.split_k * m, qw.n), jnp.float32),
@@ -399,9 +428,18 @@ def mixed_gemv_pallas(x, qw: MixedWeight, *, config: GemvConfig | None = None,
     order; one launch at M = 1, two from M = 2 (`choose_gemv_config`). x may be `QuantizedActivations`
     (the GEMV then runs on those codes, one launch at any M). partials: f32 [S, M, N] unsummed."""
     pre = isinstance(x, QuantizedActivations)
-    m = x.m if pre else x.shape[0]
+    normed = isinstance(x, NormedActivations)
+    m = x.m if pre or normed else x.shape[0]
     rows = qw.q8.shape[0] + qw.q4.shape[0]
-    cfg = config or choose_gemv_config(qw.num_groups, rows, m=m, quantize_first=True if pre else None)
+    cfg = config or choose_gemv_config(qw.num_groups, rows, m=m, quantize_first=True if pre else False if normed else None)
     if pre:
         cfg = dataclasses.replace(cfg, quantize_first=True, xla_quant=False)
-    return _gemv(x, qw, cfg=cfg, interpret=interpret, out_dtype=jnp.dtype(out_dtype or x.dtype), partials=partials)
+    if normed and cfg.groups_per_iter == 1:  # the per-group kernel has no norm prologue: the codes first
+        from pallas_kernels.norm import normed_codes
+
+        x = normed_codes(x, interpret=interpret)
+        cfg = dataclasses.replace(cfg, quantize_first=True, xla_quant=False)
+    elif normed:
+        cfg = dataclasses.replace(cfg, quantize_first=False, xla_quant=False)
+    dtype = x.s.dtype if isinstance(x, NormedActivations) else x.dtype
+    return _gemv(x, qw, cfg=cfg, interpret=interpret, out_dtype=jnp.dtype(out_dtype or dtype), partials=partials)

@@ -207,32 +207,95 @@ def _quant_chunk_kernel(s_ref, ssq_ref, w_ref, q_ref, sc_ref, sum_ref, *, m: int
     store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
 
 
+def _residual_sumsq(rows, delta, *, chunk: int, num_warps: int | None, interpret: bool):
+    """Two-launch form, first launch: rows [M, D] (+ Σ delta [S, M, D]) → (s [M, D], sums of squares f32
+    [M, chunks])."""
+    m, d = rows.shape
+    chunks = -(-(-(-d // GROUP_SIZE)) // chunk)
+    parts = 0 if delta is None else delta.shape[0]
+    ssq = jax.ShapeDtypeStruct((m, chunks), jnp.float32)
+    first = pl.pallas_call(
+        functools.partial(_residual_kernel, width=d, chunk=chunk, parts=parts, dtype=rows.dtype),
+        out_shape=ssq if delta is None else (jax.ShapeDtypeStruct(rows.shape, rows.dtype), ssq),
+        grid=(m, chunks), interpret=interpret, name="residual_sumsq",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1),
+    )(*((rows,) if delta is None else (rows, delta.reshape(parts, m, d))))
+    return (rows, first) if delta is None else first
+
+
+def _chunk_codes(s, ssq, w, *, eps: float, chunk: int, num_warps: int | None, interpret: bool):
+    """Second launch: s [M, D], ssq [M, chunks], w [D] → codes, scales, sums (`QuantizedActivations` layout)."""
+    m, d = s.shape
+    mp, groups = quant_rows(m), -(-d // GROUP_SIZE)
+    chunks = ssq.shape[1]
+    return pl.pallas_call(
+        functools.partial(_quant_chunk_kernel, m=m, width=d, chunk=chunk, groups=groups, chunks=chunks, eps=eps,
+                          dtype=s.dtype),
+        out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
+                   jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
+        grid=(mp, chunks), interpret=interpret, name="norm_quant_chunks",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1),
+    )(s, ssq, w)
+
+
 @functools.partial(jax.jit, static_argnames=("eps", "chunk", "num_warps", "interpret"))
 def _rms_norm_quant_2l(x, delta, w, *, eps: float, chunk: int, num_warps: int | None, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     lead, d = x.shape[:-1], x.shape[-1]
-    rows = x.reshape(-1, d)
-    m = rows.shape[0]
-    mp, groups = quant_rows(m), -(-d // GROUP_SIZE)
-    chunks = -(-groups // chunk)
-    parts = 0 if delta is None else delta.shape[0]
-    params = plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1)
-    ssq = jax.ShapeDtypeStruct((m, chunks), jnp.float32)
-    first = pl.pallas_call(
-        functools.partial(_residual_kernel, width=d, chunk=chunk, parts=parts, dtype=x.dtype),
-        out_shape=ssq if delta is None else (jax.ShapeDtypeStruct(rows.shape, x.dtype), ssq),
-        grid=(m, chunks), interpret=interpret, name="residual_sumsq", compiler_params=params,
-    )(*((rows,) if delta is None else (rows, delta.reshape(parts, m, d))))
-    s, ssq = (rows, first) if delta is None else first
-    x_q, a_scale, x_sum = pl.pallas_call(
-        functools.partial(_quant_chunk_kernel, m=m, width=d, chunk=chunk, groups=groups, chunks=chunks, eps=eps,
-                          dtype=x.dtype),
-        out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
-                   jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
-        grid=(mp, chunks), interpret=interpret, name="norm_quant_chunks", compiler_params=params,
-    )(s, ssq, w)
+    kw = dict(chunk=chunk, num_warps=num_warps, interpret=interpret)
+    s, ssq = _residual_sumsq(x.reshape(-1, d), delta, **kw)
+    x_q, a_scale, x_sum = _chunk_codes(s, ssq, w, eps=eps, **kw)
     return s.reshape(x.shape), QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "chunk", "interpret"))
+def _rms_norm_defer(x, delta, w, *, eps: float, chunk: int, interpret: bool):
+    from pallas_kernels.format import NormedActivations
+
+    lead, d = x.shape[:-1], x.shape[-1]
+    s, ssq = _residual_sumsq(x.reshape(-1, d), delta, chunk=chunk, num_warps=None, interpret=interpret)
+    return s.reshape(x.shape), NormedActivations(s, ssq, w, eps, chunk, tuple(lead))
+
+
+def rms_norm_defer_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *,
+                          chunk_groups: int = 2, interpret: bool = False):
+    """The two-launch `rms_norm_quant_pallas` without its second launch: (s = x + Σ delta, `NormedActivations`)
+    for a linear that normalizes and quantizes its own groups (the M ≤ 2 GEMV); other consumers make the
+    codes with `normed_codes` (the second launch, the same codes as `rms_norm_quant_pallas`)."""
+    if w.shape != (x.shape[-1],) or x.shape[-1] % GROUP_SIZE or x.size == 0 or x.shape[-1] > MAX_WIDTH:
+        raise ValueError(f"rms_norm_defer: x [..., D] with D a multiple of {GROUP_SIZE} (≤ {MAX_WIDTH}) and w [D]; "
+                         f"got x {x.shape}, w {w.shape}: use rms_norm_quant_pallas")
+    if delta is not None and delta.shape not in (x.shape, (delta.shape[0], *x.shape)):
+        raise ValueError(f"rms_norm_defer: delta must be x's shape {x.shape} or [S, *{x.shape}], got {delta.shape}")
+    if chunk_groups < 1 or chunk_groups & (chunk_groups - 1):
+        raise ValueError(f"rms_norm_defer: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
+    if delta is not None and delta.ndim == x.ndim:
+        delta = delta[None]
+    return _rms_norm_defer(x, delta, w, eps=float(eps), chunk=int(chunk_groups), interpret=interpret)
+
+
+def normed_codes(x, *, interpret: bool = False):
+    """`NormedActivations` → `QuantizedActivations` (the two-launch norm's second launch)."""
+    return _normed_codes(x, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("interpret",))
+def _normed_codes(x, *, interpret: bool):
+    from pallas_kernels.format import QuantizedActivations
+
+    x_q, a_scale, x_sum = _chunk_codes(x.s, x.ssq, x.w, eps=x.eps, chunk=x.chunk, num_warps=None, interpret=interpret)
+    return QuantizedActivations(x_q, a_scale, x_sum, x.lead, x.k, x.dtype)
+
+
+def normed_codes_ref(x):
+    """`NormedActivations` → `QuantizedActivations` through the reference (the XLA path)."""
+    from pallas_kernels.format import QuantizedActivations
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    _, h = add_rms_norm_ref(x.s, None, x.w, x.eps)
+    x_q, a_scale, x_sum = quantize_activations_xla(h, block_m=quant_rows(x.s.shape[0]))
+    return QuantizedActivations(x_q, a_scale, x_sum, x.lead, x.k, x.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))

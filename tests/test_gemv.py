@@ -4,6 +4,8 @@ Fresh random inputs each run; the integer partials are exact, so only the f32 su
 the reference (the MMA kernel's tolerance).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -149,3 +151,53 @@ def test_default_gemv_config_groups():
         gemv.GemvConfig(32, 4, quantize_first=True, groups_per_iter=4).check(1, 8)
     with pytest.raises(ValueError, match="groups_per_iter=3"):
         gemv.GemvConfig(32, 1, groups_per_iter=3).check(1, 6)
+
+
+@pytest.mark.parametrize("m, k, n, share8, parts, chunk, cfg", [
+    (1, 1024, 256, 0.1, 8, 2, None),  # the decode default, o_proj's partials pending
+    (2, 2048, 200, 0.3, 0, 4, None),
+    (1, 1536, 130, 1.0, 3, 1, gemv.GemvConfig(32, 1, groups_per_iter=4, prefetch=True)),  # 3 prefetched its
+    (1, 640, 96, 0.0, 0, 2, gemv.GemvConfig(32, 1, groups_per_iter=1)),  # one group an iteration: codes first
+])
+def test_gemv_normalizes_its_own_groups(m, k, n, share8, parts, chunk, cfg):
+    """`NormedActivations` (the two-launch norm without its second launch): every GEMV program normalizes
+    and quantizes its groups with the norm kernel's arithmetic, so the product equals the GEMV on the norm
+    kernel's codes (bit for bit in interpret mode) and the reference norm + product; `api.mixed_matmul`
+    gives the same on the GPU path (GEMV) and on XLA (codes through the reference)."""
+    from pallas_kernels import norm
+    from pallas_kernels.api import mixed_matmul
+
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.normal(size=(m, k)) * 3, jnp.bfloat16)
+    delta = jnp.asarray(rng.normal(size=(parts, m, k)), jnp.float32) if parts else None
+    w = jnp.asarray(rng.uniform(0.5, 1.5, size=k), jnp.bfloat16)
+    qw = pk.pack_rtn(rng.normal(size=(n, k)).astype(np.float32) * 0.05, rng.random(n) < share8)
+    s, normed = norm.rms_norm_defer_pallas(x, delta, w, 1e-5, chunk_groups=chunk, interpret=INTERPRET)
+    s2, codes = norm.rms_norm_quant_pallas(x, delta, w, 1e-5, chunk_groups=chunk, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s2, np.float32))
+    got = gemv.mixed_gemv_pallas(normed, qw, config=cfg, interpret=INTERPRET, out_dtype=jnp.float32)
+    on_codes = gemv.mixed_gemv_pallas(codes, qw, config=cfg and dataclasses.replace(cfg, quantize_first=True),
+                                      interpret=INTERPRET, out_dtype=jnp.float32)
+    if INTERPRET:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(on_codes))
+    assert _rel(got, on_codes) < RTOL
+    _, ref_codes = norm.rms_norm_quant_ref(x, delta, w, 1e-5)
+    want = ref.mixed_matmul_ref(ref_codes.dequantize(), qw).astype(jnp.float32)
+    assert _rel(got, want) < 1e-2  # a code may move by one where the norm's f32 sum differs from XLA's
+    api_gpu = mixed_matmul(normed, qw, interpret=True) if INTERPRET else mixed_matmul(normed, qw, implementation="pallas")
+    assert api_gpu.dtype == jnp.bfloat16 and _rel(api_gpu, got) < 1e-2
+    assert _rel(mixed_matmul(normed, qw, implementation="xla"), want) < 1e-2
+    assert _rel(norm.normed_codes(normed, interpret=INTERPRET).dequantize(), codes.dequantize()) == 0
+
+
+def test_normed_activations_reject_what_they_cannot_take():
+    from pallas_kernels import norm
+
+    x = jnp.ones((1, 200), jnp.float32)
+    with pytest.raises(ValueError, match="multiple of 128"):
+        norm.rms_norm_defer_pallas(x, None, jnp.ones(200), 1e-5, interpret=True)
+    with pytest.raises(ValueError, match="power of two"):
+        norm.rms_norm_defer_pallas(jnp.ones((1, 256)), None, jnp.ones(256), 1e-5, chunk_groups=3, interpret=True)
+    _, normed = norm.rms_norm_defer_pallas(jnp.ones((1, 256)), None, jnp.ones(256), 1e-5, interpret=True)
+    with pytest.raises(ValueError, match="in_features 384"):
+        pk.mixed_matmul(normed, pk.pack_rtn(np.ones((64, 384), np.float32), np.zeros(64, bool)), interpret=True)

@@ -19,8 +19,8 @@ from mixjax import model
 from mixjax.config import LlamaConfig
 
 
-@pytest.mark.parametrize("batch, chunk_groups", [(1, 2), (4, None)])
-def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups):
+@pytest.mark.parametrize("batch, chunk_groups, in_gemv", [(1, 2, "never"), (4, None, "never"), (1, 2, "auto")])
+def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups, in_gemv):
     cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
     params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
@@ -32,7 +32,7 @@ def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups)
     params = model.fuse_projections(params)
     monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
     for name, value in (("ATTENTION", "auto"), ("NORM_QUANT", "auto"), ("NORM_QUANT_CHUNK_GROUPS", chunk_groups),
-                        ("SWIGLU_QUANT", "auto")):
+                        ("SWIGLU_QUANT", "auto"), ("NORM_IN_GEMV", in_gemv)):
         monkeypatch.setattr(model, name, value)
     cache = model.init_cache(cfg, batch, 64, jnp.bfloat16)
     step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation="pallas"))
@@ -43,3 +43,6 @@ def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups)
     # the linears run on the codes: only o_proj (fed by attention) quantizes its own input, beyond the GEMV
     assert kernels["mixed_gemv" if batch == 1 else "mixed_gemm_int"] >= 2 * 4
     assert kernels["quantize_activations"] == (0 if batch == 1 else 1)
+    # NORM_IN_GEMV: the GEMVs after the norms normalize their own groups, no second norm launch is left
+    if chunk_groups:
+        assert (kernels["norm_quant_chunks"] == 0) == (in_gemv == "auto")

@@ -146,10 +146,15 @@ def test_mixed_linear_on_quantized_activations(m):
         pk.mixed_matmul(qa, pk.pack_rtn(np.ones((8, 640), np.float32), np.zeros(8, bool)), interpret=INTERPRET)
 
 
-def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
+@pytest.mark.parametrize("in_gemv", ["never", "always"])
+def test_model_norms_hand_codes_to_mixed_linears(monkeypatch, in_gemv):
     """The decoder with every norm before a mixed linear emitting codes (`model.NORM_QUANT`, the decode
     path on a GPU; here through the references) gives the logits of the plain norms + quantizing linears,
-    prefill and a cached decode step alike; the o_proj's partials go into the post-attention norm."""
+    prefill and a cached decode step alike; the o_proj's partials go into the post-attention norm, the down
+    projection's into the next layer's input norm. `NORM_IN_GEMV`: the norms hand `NormedActivations` to the
+    linears at ≤ 2 rows (the decode step here: 2 rows), the same logits."""
+    monkeypatch.setattr(model, "NORM_IN_GEMV", in_gemv)
+    monkeypatch.setattr(model, "NORM_QUANT_CHUNK_GROUPS", 2)
     import pallas_kernels as pk
     from mixjax.config import LlamaConfig
 
@@ -173,9 +178,13 @@ def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
     with_partials = []
     norm_quant = model.norm_quant
 
-    def spy(x, delta, *args):  # which norms take a linear's split-K partials
+    handed = []
+
+    def spy(x, delta, *args):  # which norms take a linear's split-K partials, what they hand on
         with_partials.append(delta is not None and delta.ndim == x.ndim + 1)
-        return norm_quant(x, delta, *args)
+        out = norm_quant(x, delta, *args)
+        handed.append(type(out[1]).__name__)
+        return out
 
     monkeypatch.setattr(model, "norm_quant", spy)
 
@@ -191,3 +200,5 @@ def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
     # per forward: layer 0's input norm (nothing pending), its post-attention norm (o_proj's partials), layer
     # 1's input norm (layer 0's deferred down_proj partials), its post-attention norm, the final norm
     assert with_partials == [False, True, True, True, False] * 2
+    step = "NormedActivations" if in_gemv == "always" else "QuantizedActivations"
+    assert handed == ["QuantizedActivations"] * 5 + [step] * 5  # prefill (10 rows), then the step (2 rows)
