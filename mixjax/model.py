@@ -245,8 +245,9 @@ def _swiglu_quant_on(gate_up: dict, down: dict, x: jax.Array, implementation: Im
 NORM_IN_GEMV = "never"  # "auto": with the two-launch norm (NORM_QUANT_CHUNK_GROUPS) on the Pallas path and
 # ≤ api.GEMV_MAX_M rows, the norm's second launch is left out: it hands the linears `NormedActivations` and
 # every GEMV program normalizes and quantizes its own groups (other paths make the codes first); "always":
-# also on the XLA path (kernels in interpret mode; tests); "never": the norm makes the codes. Off until
-# measured on a GPU (session 14 prediction: −2 µs a norm before q/k/v and gate/up at b1)
+# also on the XLA path (kernels in interpret mode; tests); "never": the norm makes the codes. Measured (H200,
+# 2026-12-03, b1, Llama-3-8B shape): the 65 second launches (133 µs a step) go, but the GEMVs after the norms
+# slow by as much (gate/up 659 → 757, q/k/v 230 → 263 µs a step): 491.0 vs 490.5 tok/s, so off
 
 
 def _norm_in_gemv(x, implementation: Implementation) -> bool:
@@ -569,7 +570,8 @@ def add_partials(x: jax.Array, partials: jax.Array) -> jax.Array:
 
 DEFER_DOWN = True  # decode on the Pallas path (norms emitting codes, ≤ norm.MAX_QUANT_ROWS tokens, unstacked
 # layers): down_proj's split-K partials go to the next layer's input norm kernel, which adds them to the
-# residual, instead of an XLA fusion summing them into x (one launch a layer fewer)
+# residual, instead of an XLA fusion summing them into x (one launch a layer fewer). H200, b1, 2026-12-03:
+# 400 → 369 launches a step, 485.9 → 490.5 tok/s
 
 
 def _defer_down(layers, x, implementation) -> bool:
