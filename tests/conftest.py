@@ -49,6 +49,36 @@ def pytest_pyfunc_call(pyfuncitem):
                 f"(hung in attempts {hung})", pytrace=False)
 
 
+MAX_MAPPINGS = 20000  # memory mappings of this process past which a finished test module's programs are freed
+
+
+def _mappings() -> int:
+    try:
+        with open("/proc/self/maps", "rb") as f:
+            return sum(1 for _ in f)
+    except OSError:  # not Linux: no limit to watch
+        return 0
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Every program XLA compiles for the CPU keeps its own memory mappings, and jax's caches keep the
+    programs alive. The whole suite in one process reached Linux's default limit of 65530 mappings
+    (`vm.max_map_count`; session 14: about 5000 more every minute). Past that, the next compilation's
+    mmap fails and XLA's compiler crashes with a segfault (twice in local full runs, in different tests).
+    When a module finishes with more than `MAX_MAPPINGS`, the caches are cleared so those programs can go.
+    Later modules then recompile what they share with earlier ones; below the threshold nothing is
+    cleared."""
+    yield
+    if _mappings() > MAX_MAPPINGS:
+        import gc
+
+        import jax
+
+        jax.clear_caches()
+        gc.collect()
+
+
 @pytest.fixture(scope="session")
 def embedded_model_path():
     from mixjax.assets import embedded_model_path as _embedded_model_path
