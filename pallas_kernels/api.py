@@ -107,7 +107,7 @@ def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DO
 
 
 def mixed_matmul(
-    x,  # [M, K] float, or QuantizedActivations of such an x
+    x,  # [M, K] float, or QuantizedActivations / NormedActivations of such an x
     qw: MixedWeight,
     *,
     implementation: Implementation = "auto",
@@ -120,7 +120,9 @@ def mixed_matmul(
     On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel.
     `QuantizedActivations` (codes from the producer of x) go to the integer kernels without their
     quantization step; the XLA path and the prefill paths take their dequantized values (the same
-    codes again: the largest code of a group is ±127). `partials=True` returns the split-K kernels'
+    codes again: the largest code of a group is ±127). `NormedActivations` (a norm's first launch only)
+    go to the GEMV, which normalizes and quantizes its own groups; other paths make the codes first
+    (`norm.normed_codes`, the reference on XLA). `partials=True` returns the split-K kernels'
     unsummed f32 partials [S, M, N] (S = 1 on the other paths)."""
     _check_x(x, qw)
     impl = "pallas" if interpret else _resolve(implementation)
