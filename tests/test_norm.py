@@ -146,14 +146,12 @@ def test_mixed_linear_on_quantized_activations(m):
         pk.mixed_matmul(qa, pk.pack_rtn(np.ones((8, 640), np.float32), np.zeros(8, bool)), interpret=INTERPRET)
 
 
-@pytest.mark.parametrize("in_gemv", ["never", "always"])
-def test_model_norms_hand_codes_to_mixed_linears(monkeypatch, in_gemv):
+def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
     """The decoder with every norm before a mixed linear emitting codes (`model.NORM_QUANT`, the decode
     path on a GPU; here through the references) gives the logits of the plain norms + quantizing linears,
     prefill and a cached decode step alike; the o_proj's partials go into the post-attention norm, the down
-    projection's into the next layer's input norm. `NORM_IN_GEMV`: the norms hand `NormedActivations` to the
-    linears at ≤ 2 rows (the decode step here: 2 rows), the same logits."""
-    monkeypatch.setattr(model, "NORM_IN_GEMV", in_gemv)
+    projection's into the next layer's input norm. With `NORM_IN_GEMV` the norms hand `NormedActivations`
+    to the linears at ≤ 2 rows (the decode step here: 2 rows), with the same logits."""
     monkeypatch.setattr(model, "NORM_QUANT_CHUNK_GROUPS", 2)
     import pallas_kernels as pk
     from mixjax.config import LlamaConfig
@@ -188,17 +186,23 @@ def test_model_norms_hand_codes_to_mixed_linears(monkeypatch, in_gemv):
 
     monkeypatch.setattr(model, "norm_quant", spy)
 
-    def run(mode):
+    def run(mode, in_gemv="never"):
         monkeypatch.setattr(model, "NORM_QUANT", mode)
+        monkeypatch.setattr(model, "NORM_IN_GEMV", in_gemv)
         cache = model.init_cache(cfg, 2, 8, jnp.float32)
         first, cache = model.forward_step(params, tokens, cfg, cache, implementation="xla")
         step, _ = model.forward_step(params, tokens[:, :1], cfg, cache, implementation="xla")
         return np.asarray(first), np.asarray(step)
 
-    for got, want in zip(run("always"), run("never")):
-        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
-    # per forward: layer 0's input norm (nothing pending), its post-attention norm (o_proj's partials), layer
-    # 1's input norm (layer 0's deferred down_proj partials), its post-attention norm, the final norm
-    assert with_partials == [False, True, True, True, False] * 2
-    step = "NormedActivations" if in_gemv == "always" else "QuantizedActivations"
-    assert handed == ["QuantizedActivations"] * 5 + [step] * 5  # prefill (10 rows), then the step (2 rows)
+    want = run("never")
+    assert not handed
+    for in_gemv in ("never", "always"):
+        with_partials.clear()
+        handed.clear()
+        for got, w in zip(run("always", in_gemv), want):
+            np.testing.assert_allclose(got, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
+        # per forward: layer 0's input norm (nothing pending), its post-attention norm (o_proj's partials),
+        # layer 1's input norm (layer 0's deferred down_proj partials), its post-attention norm, the final norm
+        assert with_partials == [False, True, True, True, False] * 2
+        step = "NormedActivations" if in_gemv == "always" else "QuantizedActivations"
+        assert handed == ["QuantizedActivations"] * 5 + [step] * 5  # prefill (10 rows), then the step (2 rows)
