@@ -28,6 +28,9 @@
 #   bash benchmarks/device_session.sh gputests14  # session 14: the GEMV, attention, SwiGLU and norm tests on the
 #                                               # GPU with the session-14 defaults, then a b1 step's 45 kernels
 #   bash benchmarks/device_session.sh e2e14     # session 14: end to end, no tests first (VARIANTS, BATCHES)
+#   bash benchmarks/device_session.sh pdl       # session 14 (not yet run): XLA's programmatic dependent launch
+#                                               # (--xla_gpu_enable_pdl) off / on: does it reach the Pallas
+#                                               # kernels (probe_pdl.py), and the b1 step end to end
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -170,6 +173,19 @@ case "$part" in
       --repeats 2 --prefill-len 256 --profile --profile-top 12 --budget-s 240 --out "$out/generation.md" \
       2>&1 | tee "$out/e2e.log"
     ;;
+  pdl)  # session 14 (not yet run): each GEMV pays ≈ 4 µs of fixed cost a launch (NOTES item 53); PDL overlaps
+        # a kernel's start with the previous one's end
+    header
+    for v in false true; do
+      XLA_FLAGS="--xla_gpu_enable_pdl=$v --xla_dump_to=/tmp/pdl_$v" timeout 100 python3 benchmarks/probe_pdl.py \
+        /tmp/pdl_$v 2>&1 | tee -a "$out/pdl.log"
+    done
+    for v in false true; do
+      XLA_FLAGS="--xla_gpu_enable_pdl=$v" timeout 200 python3 benchmarks/bench_generate.py \
+        --variants bf16@plain,w4.4a8+h4 --batches 1 --repeats 2 --prefill-len 256 --profile --budget-s 190 \
+        --out "$out/generation_pdl_$v.md" 2>&1 | tee -a "$out/pdl.log"
+    done
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -182,7 +198,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover" >&2
     exit 2
     ;;
 esac
