@@ -36,8 +36,9 @@ def _gpu_events(xspace_path: str):
     return events, lines_seen
 
 
-def device_times(fn: Callable[[], object], runs: int = 3, *, top: int = 8) -> dict:
-    """Per-run device busy µs, span µs, kernel count and top kernels of `fn()` (results blocked on)."""
+def trace_events(fn: Callable[[], object], runs: int):
+    """GPU kernel events {(start ns, name): duration ns} and the trace lines seen, of `runs` calls of `fn()`
+    after a warm-up call; or an error string when the profiler wrote no trace."""
     jax.block_until_ready(fn())  # compiled and warm before the trace
     with tempfile.TemporaryDirectory() as d:
         jax.profiler.start_trace(d)
@@ -48,8 +49,16 @@ def device_times(fn: Callable[[], object], runs: int = 3, *, top: int = 8) -> di
             jax.profiler.stop_trace()
         paths = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)
         if not paths:
-            return {"error": "the profiler wrote no .xplane.pb"}
-        events, lines_seen = _gpu_events(paths[0])
+            return "the profiler wrote no .xplane.pb"
+        return _gpu_events(paths[0])
+
+
+def device_times(fn: Callable[[], object], runs: int = 3, *, top: int = 8) -> dict:
+    """Per-run device busy µs, span µs, kernel count and top kernels of `fn()` (results blocked on)."""
+    traced = trace_events(fn, runs)
+    if isinstance(traced, str):
+        return {"error": traced}
+    events, lines_seen = traced
     if not events:
         return {"error": "no GPU kernel events in the trace (CUPTI unavailable?)", "lines": dict(lines_seen)}
     spans = sorted((s, s + d) for (s, _), d in events.items())

@@ -21,7 +21,6 @@ import glob
 import os
 import re
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -37,15 +36,10 @@ from pallas_kernels import gemv  # noqa: E402
 
 def overlaps(fn, runs: int = 3) -> dict:
     """Kernel starts before the previous kernel's end, over consecutive GPU kernels of `runs` runs."""
-    jax.block_until_ready(fn())
-    with tempfile.TemporaryDirectory() as d:
-        jax.profiler.start_trace(d)
-        try:
-            for _ in range(runs):
-                jax.block_until_ready(fn())
-        finally:
-            jax.profiler.stop_trace()
-        events, _ = devtime._gpu_events(glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0])
+    traced = devtime.trace_events(fn, runs)
+    if isinstance(traced, str):
+        return {"error": traced}
+    events, _ = traced
     spans = sorted((s, s + dur, name) for (s, name), dur in events.items())
     early = [(b[2][:40], (a[1] - b[0]) / 1e3) for a, b in zip(spans, spans[1:]) if b[0] < a[1]]
     gaps = [(b[0] - a[1]) / 1e3 for a, b in zip(spans, spans[1:]) if b[0] >= a[1] and b[0] - a[1] < 100_000]
