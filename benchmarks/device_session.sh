@@ -186,6 +186,15 @@ case "$part" in
         --out "$out/generation_pdl_$v.md" 2>&1 | tee -a "$out/pdl.log"
     done
     ;;
+  s15a)  # session 15: the whole decode path on the GPU against the XLA reference (tests/test_gpu_model.py,
+         # DEFER_DOWN included) and the norm kernels, then the PDL probe with the flag off / on
+    header
+    timeout 260 python3 -m pytest -q tests/test_gpu_model.py tests/test_norm.py 2>&1 | tail -15 | tee "$out/tests.log"
+    for v in false true; do
+      XLA_FLAGS="--xla_gpu_enable_pdl=$v --xla_dump_to=/tmp/pdl_$v" timeout 120 python3 benchmarks/probe_pdl.py \
+        /tmp/pdl_$v 2>&1 | tee -a "$out/pdl.log"
+    done
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
