@@ -195,6 +195,10 @@ case "$part" in
         /tmp/pdl_$v 2>&1 | tee -a "$out/pdl.log"
     done
     ;;
+  parity)  # session 15: the Pallas decode path against the XLA reference, kernel by kernel, bf16 and f32
+    header
+    timeout 500 python3 benchmarks/check_decode_parity.py 2>&1 | tee "$out/parity.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \

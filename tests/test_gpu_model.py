@@ -24,7 +24,9 @@ CFG = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_
 RTOL = 2e-2
 
 
-def _params(seed: int):
+def params_for(seed: int, dtype=jnp.bfloat16):
+    """The test's W4.4A8 model: RTN mixed weights (10 % int8 rows), int4 head, fused, unstacked; norms and
+    residual stream in `dtype`."""
     import pallas_kernels as pk
     from mixjax.quant.api import quantize_head
 
@@ -40,15 +42,15 @@ def _params(seed: int):
                 layer[group][name] = {"weight": pk.pack_rtn(w, rng.random(w.shape[0]) < 0.1)}
     params = {**params, **quantize_head(params, CFG, bits=4)}
     layers = tuple(model.fuse_projections({"layers": (layer,)})["layers"][0] for layer in params.pop("layers"))
-    return jax.tree.map(lambda a: a if isinstance(a, pk.MixedWeight) else a.astype(jnp.bfloat16),
+    return jax.tree.map(lambda a: a if isinstance(a, pk.MixedWeight) else a.astype(dtype),
                         {**params, "layers": layers}, is_leaf=lambda a: isinstance(a, pk.MixedWeight))
 
 
-def _run(params, tokens, feed, implementation: str):
+def run_steps(params, tokens, feed, implementation: str):
     """Logits of the prefill's last position, then of one cached step per token of `feed` ([B, 1] each;
     the same inputs for both implementations)."""
     B = tokens.shape[0]
-    cache = model.init_cache(CFG, B, 128, jnp.bfloat16)
+    cache = model.init_cache(CFG, B, 128, params["norm"].dtype)
     step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c, implementation=implementation))
     logits, cache = step(params, tokens, cache)
     out = [np.asarray(logits[:, -1])]
@@ -60,15 +62,15 @@ def _run(params, tokens, feed, implementation: str):
 
 @pytest.mark.parametrize("batch", [1, 5])
 def test_pallas_decode_path_equals_xla_reference(batch, monkeypatch):
-    params = _params(batch)
+    params = params_for(batch)
     rng = np.random.default_rng(batch + 10)
     prompt = jnp.asarray(rng.integers(0, CFG.vocab_size, (batch, 37)), jnp.int32)
     feed = [jnp.asarray(rng.integers(0, CFG.vocab_size, (batch, 1)), jnp.int32) for _ in range(6)]
-    want = _run(params, prompt, feed, "xla")
-    got = _run(params, prompt, feed, "pallas")
+    want = run_steps(params, prompt, feed, "xla")
+    got = run_steps(params, prompt, feed, "pallas")
     err = np.max(np.abs(got - want), -1) / np.max(np.abs(want))  # [B, steps]
     assert np.mean(err <= RTOL) >= 0.9 and err.max() < 0.1, np.round(err, 4)
     # deferring down_proj's partials into the next norm only reorders float sums
     monkeypatch.setattr(model, "DEFER_DOWN", False)
-    undeferred = _run(params, prompt, feed, "pallas")
+    undeferred = run_steps(params, prompt, feed, "pallas")
     np.testing.assert_allclose(got, undeferred, rtol=0, atol=RTOL * np.abs(want).max())
