@@ -199,6 +199,12 @@ case "$part" in
     header
     timeout 500 python3 benchmarks/check_decode_parity.py 2>&1 | tee "$out/parity.log"
     ;;
+  l2)  # session 15: the decode GEMVs with their weight in L2 (hot), prefetched by l2_prefetch first, or cold;
+      # then the GPU tests of the new pieces
+    header
+    timeout 330 python3 benchmarks/probe_l2.py 2>&1 | tee "$out/l2.log"
+    timeout 200 python3 -m pytest -q tests/test_l2.py tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/tests.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
