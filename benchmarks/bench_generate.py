@@ -34,7 +34,9 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   three off (`bf16@plain` is XLA's bf16 step: when run, the ratios are against it); `@s13`: session 13's
   attention splits (only past 4 blocks a split) and GEMV without prefetch, for attributing session 14's;
   `@nodefer`: down_proj's partials summed into the residual by XLA (`model.DEFER_DOWN = False`); `@ngemv`:
-  the GEMVs after a norm normalize and quantize their own groups (`model.NORM_IN_GEMV = "auto"`);
+  the GEMVs after a norm normalize and quantize their own groups (`model.NORM_IN_GEMV = "auto"`); `@pdl` /
+  `@pdlw`: our kernels emit programmatic-dependent-launch instructions (`pallas_kernels.pdl`; run with
+  XLA_FLAGS=--xla_gpu_enable_pdl=true), `@pdlw` with the GEMV's wait after its first weight loads;
   `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -308,7 +310,8 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     return row
 
 
-STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer", "ngemv")
+STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
+              "ngemv", "pdl", "pdlw")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -349,6 +352,12 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False
+    elif strategy in ("pdl", "pdlw"):  # our kernels emit griddepcontrol (pallas_kernels/pdl.py; needs XLA's
+        # --xla_gpu_enable_pdl=true): the small kernels trigger at their start, every kernel waits before
+        # reading its inputs; pdlw: the GEMV issues its first weight loads before its wait
+        from pallas_kernels import pdl
+
+        pdl.ENABLED, pdl.WEIGHTS_FIRST = True, strategy == "pdlw"
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
     else:

@@ -205,6 +205,18 @@ case "$part" in
     timeout 330 python3 benchmarks/probe_l2.py 2>&1 | tee "$out/l2.log"
     timeout 200 python3 -m pytest -q tests/test_l2.py tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/tests.log"
     ;;
+  pdl15)  # session 15: our kernels with griddepcontrol (pallas_kernels/pdl.py) under XLA's PDL flag: the whole
+          # decode path against the XLA reference with it on (a missing wait would show as a race), then b1
+          # end to end: flag off (today's default), flag on alone, on + our waits/triggers, + weights first
+    header
+    MIXJAX_PDL=2 XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 150 python3 -m pytest -q tests/test_gpu_model.py \
+      2>&1 | tail -6 | tee "$out/tests.log"
+    timeout 140 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --batches 1 --repeats 2 \
+      --prefill-len 256 --profile --budget-s 130 --out "$out/generation_off.md" 2>&1 | tail -25 | tee "$out/e2e_off.log"
+    XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 280 python3 benchmarks/bench_generate.py \
+      --variants w4.4a8+h4,w4.4a8@pdl+h4,w4.4a8@pdlw+h4 --batches 1 --repeats 2 --prefill-len 256 --profile \
+      --budget-s 270 --out "$out/generation_on.md" 2>&1 | tail -40 | tee "$out/e2e_on.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \

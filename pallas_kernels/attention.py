@@ -30,6 +30,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import pdl
+
 MAX_ROWS = 64  # query rows (T new tokens × G heads per KV head) one program holds: decode, not prefill
 _NEG = float(jnp.finfo(jnp.float32).min)
 
@@ -102,7 +104,7 @@ def _quantize_vec(x, scale_dtype):
 
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
-            parts: int = 0, has_bias: bool = False):
+            parts: int = 0, has_bias: bool = False, pdl_on: bool = False):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
     [P, B, T·W], (bias [W]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the outputs: the attention
@@ -112,7 +114,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
     def take(n):
         return [refs.pop(0) for _ in range(n)]
 
-    b, h, p = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    b, h, p = pdl.program_ids(3, pdl_on, trigger=True)
     r = jnp.arange(rows)
     # rows past T·G (the MMA takes ≥ 16) repeat the live rows: they compute the same values and store them
     # to the same places, so no store needs a row mask (a masked store with repeated addresses would write
@@ -308,7 +310,7 @@ def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block
                      jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32),
                      jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32))
     res = pl.pallas_call(
-        functools.partial(_kernel, t=T, g=g, heads=H, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
+        functools.partial(_kernel, pdl_on=pdl.active(interpret), t=T, g=g, heads=H, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=q.dtype),
         out_shape=out_shape,
         grid=(B, KVH, splits),
@@ -431,7 +433,7 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     stores = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[first_store:]]
     aliases = {first_store + i: len(o_shape) + i for i in range(len(stores))}  # the cache is written in place
     res = pl.pallas_call(
-        functools.partial(_kernel, t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
+        functools.partial(_kernel, pdl_on=pdl.active(interpret), t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None),
         out_shape=(*o_shape, *stores),

@@ -49,6 +49,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import pdl
 from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight, NormedActivations, QuantizedActivations
 
 _WORDS = GROUP_SIZE // 8  # 16 words of 4 bytes per half group of activations / per 4-bit group row
@@ -170,7 +171,8 @@ def _by_channel_set(tile, bn: int, n8_tiles: int, n4_tiles: int, run8, run4) -> 
 
 
 def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
-                 n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int, interpret: bool):
+                 n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int, interpret: bool,
+                 pdl_on: bool = False):
     if cfg.quantize_first:
         xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
         load_x = functools.partial(_load_words, xw_ref, as_ref, ax_ref)
@@ -178,7 +180,7 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
         load_x = functools.partial(_quantize_words, x_ref)
     bn = cfg.block_n
-    tile, split = pl.program_id(0), pl.program_id(1)
+    tile, split = pdl.program_ids(2, pdl_on)
     g0 = split * groups_per_split
     cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels (≥ n_out on padding rows)
     dp4a = functools.partial(_dp4a, interpret=interpret)
@@ -238,7 +240,7 @@ def _quantize_group_words(x_ref, row, gs):
 
 
 def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int, groups_per_split: int,
-                    n_out: int, interpret: bool, normed: tuple | None = None):
+                    n_out: int, interpret: bool, normed: tuple | None = None, pdl_on: bool = False):
     """`groups_per_iter` groups a loop iteration. Activation refs: with `quantize_first`, xw int32
     [Mp, G, 2, 16] (words, lo / hi half of each group) and as / ax [G, Mp] (scales, Σ codes); without,
     x [M, G, 2, 16, 4] float, quantized group by group in every program (one launch in all). Weight refs:
@@ -248,17 +250,17 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     if cfg.quantize_first:
         xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
 
-        def acts(gs):  # per row: lo, hi words [gpi, 16], s_a, Σx_q [gpi]
+        def acts(gs, off):  # per row: lo, hi words [gpi, 16], s_a, Σx_q [gpi]
             return [(xw_ref[r, gs, 0, :], xw_ref[r, gs, 1, :], as_ref[gs, r], ax_ref[gs, r]) for r in range(m)]
     elif normed is not None:  # RMSNorm(s)·w of the program's groups, then their codes (`NormedActivations`)
         x_ref, ssq_ref, nw_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
         eps, width, chunks, dtype = normed
 
-        def acts(gs):  # the arithmetic of `norm._quant_chunk_kernel`, so the codes are the norm kernel's
+        def acts(gs, off):  # the arithmetic of `norm._quant_chunk_kernel`, so the codes are the norm kernel's
             ci = jnp.arange(pl.next_power_of_2(chunks))
             out = []
             for r in range(m):
-                mean = jnp.sum(plgpu.load(ssq_ref.at[r, ci], mask=ci < chunks, other=0.0)) / width
+                mean = jnp.sum(plgpu.load(ssq_ref.at[r, ci + off], mask=ci < chunks, other=0.0)) / width
                 inv = lax.rsqrt(mean + eps)
 
                 def half(h):
@@ -270,12 +272,15 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     else:
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
 
-        def acts(gs):
+        def acts(gs, off):
             return [_quantize_group_words(x_ref, r, gs) for r in range(m)]
 
     bn, gpi = cfg.block_n, cfg.groups_per_iter
     tile, split = pl.program_id(0), pl.program_id(1)
     g0 = split * groups_per_split
+    # PDL: every activation address derives from g0 passed through griddepcontrol.wait; the weights need
+    # nothing from the previous kernel. WEIGHTS_FIRST moves the wait after the first iteration's weight loads.
+    g0_waited = None if pdl.WEIGHTS_FIRST else pdl.wait_then(g0, pdl_on)
     cols = chan_ref[pl.ds(tile * bn, bn)]
     dp4a = functools.partial(_dp4a, interpret=interpret)
     zero = jnp.zeros((bn, gpi, _WORDS), jnp.int32)
@@ -284,10 +289,15 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     def run(load_w, load_meta, prep, n0):
         rows = pl.ds(n0, bn)
         iters = groups_per_split // gpi
+        waited = [g0_waited]
 
         def fetch(i):  # everything iteration i reads
             gs = pl.ds(g0 + i * gpi, gpi)
-            return load_w(gs, rows), load_meta(gs, rows), acts(gs)
+            w, meta = load_w(gs, rows), load_meta(gs, rows)
+            if waited[0] is None:  # WEIGHTS_FIRST: after this first fetch's weight loads
+                waited[0] = pdl.wait_then(g0, pdl_on)
+            g0x = waited[0]
+            return w, meta, acts(pl.ds(g0x + i * gpi, gpi), g0x - g0)  # (g0x - g0: 0, not foldable)
 
         def compute(data, accs):
             (w_lo, w_hi), (w_scale, zero_off) = prep(data[0], data[1])  # words [bn, gpi, 16]; meta [bn, gpi]
@@ -407,7 +417,7 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
     if normed is not None:  # + the chunks' sums of squares and the norm's weight, group-major like x
         x_in = (*x_in, x_normed.ssq, x_normed.w.reshape(g, 2, _WORDS, 4))
         extra = dict(normed=normed)
-    kernel = functools.partial(body, cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
+    kernel = functools.partial(body, pdl_on=pdl.active(interpret), cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
                                n_out=qw.n, interpret=interpret, **extra)
     y = pl.pallas_call(
         kernel,

@@ -62,6 +62,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import pdl
 from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, MixedWeight, QuantizedActivations
 
 Mode = Literal["int", "float"]
@@ -242,9 +243,9 @@ def _zero_fill(o_ref, m0, g, *, block_m, m, n, pieces):
                     mask=mask)
 
 
-def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *o_refs, block_m, m, k, n_zero, pieces):
-    m0 = pl.program_id(0) * block_m
-    g = pl.program_id(1)
+def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *o_refs, block_m, m, k, n_zero, pieces, pdl_on=False):
+    m0, g = pdl.program_ids(2, pdl_on)
+    m0 = m0 * block_m
     xa, xb = _load_x_halves(x_ref, m0, g, block_m=block_m, m=m, k=k)
     qa, qb, a_scale, x_sum = _quantize_halves(xa, xb)
     xq_ref[pl.ds(m0, block_m), pl.ds(g * GROUP_SIZE, HALF_GROUP)] = qa
@@ -273,7 +274,7 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, zero_n: int 
     if zero_n:
         out_shape.append(jax.ShapeDtypeStruct((m, zero_n), jnp.float32))
     pieces = -(-zero_n // (g * _ZERO_COLS))  # 128-column stores per program
-    kernel = functools.partial(_quant_kernel, block_m=block_m, m=m, k=k, n_zero=zero_n, pieces=pieces)
+    kernel = functools.partial(_quant_kernel, pdl_on=pdl.active(interpret), block_m=block_m, m=m, k=k, n_zero=zero_n, pieces=pieces)
     return pl.pallas_call(
         kernel, out_shape=tuple(out_shape), grid=(mp // block_m, g), interpret=interpret,
         name="quantize_activations", compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
@@ -501,16 +502,15 @@ def _w4_scale(partial, xh, a_meta, w_meta, *, mode, factors=None):
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
-                  m: int, k: int, n_out: int, interpret: bool):
+                  m: int, k: int, n_out: int, interpret: bool, pdl_on: bool = False):
     if cfg.fuse_quant or mode == "float":
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
     else:
         xq_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
     o_ref = o_refs[-1]
     bm, bn = cfg.block_m, cfg.block_n
-    m0 = pl.program_id(0) * bm
-    tile = pl.program_id(1)
-    split = pl.program_id(2)
+    m0, tile, split = pdl.program_ids(3, pdl_on)
+    m0 = m0 * bm
     g0 = split * groups_per_split
     evict = "evict_first"
 
@@ -662,7 +662,7 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
         args = (*args, zeros[0] if zeros else jnp.zeros((m, qw.n), jnp.float32))
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(
-        _mixed_kernel, cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,
+        _mixed_kernel, pdl_on=pdl.active(interpret), cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,
         k=qw.k, n_out=qw.n, interpret=interpret,
     )
     y = pl.pallas_call(

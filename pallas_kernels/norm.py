@@ -24,6 +24,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import pdl
 from pallas_kernels.format import GROUP_SIZE
 
 MAX_WIDTH = 65536  # widest row one program takes (the row lives in registers; Llama-3-405B is 16384)
@@ -37,12 +38,12 @@ def add_rms_norm_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: f
     return s, w.astype(x.dtype) * y.astype(x.dtype)
 
 
-def _kernel(*refs, width: int, block: int, eps: float, has_delta: bool, dtype):
+def _kernel(*refs, width: int, block: int, eps: float, has_delta: bool, dtype, pdl_on: bool = False):
     if has_delta:
         x_ref, d_ref, w_ref, s_ref, h_ref = refs
     else:
         x_ref, w_ref, h_ref = refs
-    r = pl.program_id(0)
+    (r,) = pdl.program_ids(1, pdl_on, trigger=True)
     cols = jnp.arange(block)
     mask = cols < width
     s = plgpu.load(x_ref.at[r, cols], mask=mask, other=0.0)
@@ -64,7 +65,7 @@ def _add_rms_norm(x, delta, w, *, eps: float, interpret: bool):
     args = (rows,) if delta is None else (rows, delta.reshape(-1, d).astype(x.dtype))
     out = jax.ShapeDtypeStruct(rows.shape, x.dtype)
     res = pl.pallas_call(
-        functools.partial(_kernel, width=d, block=block, eps=eps, has_delta=delta is not None, dtype=x.dtype),
+        functools.partial(_kernel, pdl_on=pdl.active(interpret), width=d, block=block, eps=eps, has_delta=delta is not None, dtype=x.dtype),
         out_shape=out if delta is None else (out, out),
         grid=(rows.shape[0],),
         interpret=interpret,
@@ -136,12 +137,13 @@ def store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, first: int, groups: int
     plgpu.store(sum_ref.at[g1, r], jnp.sum(q, axis=1).astype(jnp.int32), mask=g1 < groups)
 
 
-def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: int, eps: float, dtype):
+def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: int, eps: float, dtype,
+                       pdl_on: bool = False):
     if parts:
         x_ref, d_ref, w_ref, s_ref, q_ref, sc_ref, sum_ref = refs
     else:
         x_ref, w_ref, q_ref, sc_ref, sum_ref = refs
-    r = pl.program_id(0)
+    (r,) = pdl.program_ids(1, pdl_on, trigger=True)
     live_row = r < m
     src = jnp.minimum(r, m - 1)  # rows ≥ M (padding of the codes) read row M − 1, masked to zero
     gi = lax.broadcasted_iota(jnp.int32, (gp, GROUP_SIZE), 0)
@@ -168,14 +170,14 @@ def chunk_cols(c, chunk: int):
     return gi, col  # [chunk, 128]: group within the chunk, feature index
 
 
-def _residual_kernel(*refs, width: int, chunk: int, parts: int, dtype):
+def _residual_kernel(*refs, width: int, chunk: int, parts: int, dtype, pdl_on: bool = False):
     """Two-launch form, first launch: program (row, chunk of groups) adds the partials to the residual and
     writes the chunk's sum of squares."""
     if parts:
         x_ref, d_ref, s_ref, ssq_ref = refs
     else:
         x_ref, ssq_ref = refs
-    r, c = pl.program_id(0), pl.program_id(1)
+    r, c = pdl.program_ids(2, pdl_on, trigger=True)
     _, col = chunk_cols(c, chunk)
     valid = col < width
     s = plgpu.load(x_ref.at[r, col], mask=valid, other=0.0)
@@ -191,10 +193,10 @@ def _residual_kernel(*refs, width: int, chunk: int, parts: int, dtype):
 
 
 def _quant_chunk_kernel(s_ref, ssq_ref, w_ref, q_ref, sc_ref, sum_ref, *, m: int, width: int, chunk: int,
-                        groups: int, chunks: int, eps: float, dtype):
+                        groups: int, chunks: int, eps: float, dtype, pdl_on: bool = False):
     """Second launch: program (row of the codes, chunk) normalizes its groups with the row's summed squares
     and quantizes them (the arithmetic of `_norm_quant_kernel`); rows ≥ M are the codes' zero padding."""
-    r, c = pl.program_id(0), pl.program_id(1)
+    r, c = pdl.program_ids(2, pdl_on, trigger=True)
     live_row = r < m
     src = jnp.minimum(r, m - 1)
     _, col = chunk_cols(c, chunk)
@@ -215,7 +217,7 @@ def _residual_sumsq(rows, delta, *, chunk: int, num_warps: int | None, interpret
     parts = 0 if delta is None else delta.shape[0]
     ssq = jax.ShapeDtypeStruct((m, chunks), jnp.float32)
     first = pl.pallas_call(
-        functools.partial(_residual_kernel, width=d, chunk=chunk, parts=parts, dtype=rows.dtype),
+        functools.partial(_residual_kernel, pdl_on=pdl.active(interpret), width=d, chunk=chunk, parts=parts, dtype=rows.dtype),
         out_shape=ssq if delta is None else (jax.ShapeDtypeStruct(rows.shape, rows.dtype), ssq),
         grid=(m, chunks), interpret=interpret, name="residual_sumsq",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1),
@@ -229,7 +231,7 @@ def _chunk_codes(s, ssq, w, *, eps: float, chunk: int, num_warps: int | None, in
     mp, groups = quant_rows(m), -(-d // GROUP_SIZE)
     chunks = ssq.shape[1]
     return pl.pallas_call(
-        functools.partial(_quant_chunk_kernel, m=m, width=d, chunk=chunk, groups=groups, chunks=chunks, eps=eps,
+        functools.partial(_quant_chunk_kernel, pdl_on=pdl.active(interpret), m=m, width=d, chunk=chunk, groups=groups, chunks=chunks, eps=eps,
                           dtype=s.dtype),
         out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
                    jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
@@ -313,7 +315,7 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret
              jax.ShapeDtypeStruct((groups, mp), jnp.int32))
     out_shape = codes if delta is None else (jax.ShapeDtypeStruct(rows.shape, x.dtype), *codes)
     res = pl.pallas_call(
-        functools.partial(_norm_quant_kernel, m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype),
+        functools.partial(_norm_quant_kernel, pdl_on=pdl.active(interpret), m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype),
         out_shape=out_shape,
         grid=(mp,),
         interpret=interpret,

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import pdl
 from pallas_kernels.format import GROUP_SIZE
 from pallas_kernels.norm import chunk_cols, quant_rows, store_group_codes
 
@@ -46,9 +47,9 @@ def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False
     return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, dtype.name)
 
 
-def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype):
+def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, pdl_on: bool = False):
     x_ref, q_ref, sc_ref, sum_ref = refs
-    r, c = pl.program_id(0), pl.program_id(1)
+    r, c = pdl.program_ids(2, pdl_on, trigger=True)
     live_row = r < m
     src = jnp.minimum(r, m - 1)  # rows ≥ M (the codes' padding) read row M − 1, masked to zero
     _, col = chunk_cols(c, chunk)  # [chunk, 128] feature indices
@@ -79,7 +80,7 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
     x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
     mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
     x_q, a_scale, x_sum = pl.pallas_call(
-        functools.partial(_kernel, m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype),
+        functools.partial(_kernel, pdl_on=pdl.active(interpret), m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype),
         out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
                    jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
         grid=(mp, -(-groups // chunk)),

@@ -46,3 +46,43 @@ def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups,
     # NORM_IN_GEMV: the GEMVs after the norms normalize their own groups, no second norm launch is left
     if chunk_groups:
         assert (kernels["norm_quant_chunks"] == 0) == (in_gemv == "auto")
+
+
+@pytest.mark.parametrize("weights_first", [False, True])
+def test_pdl_instructions_reach_every_decode_kernel(monkeypatch, weights_first):
+    """With `pallas_kernels.pdl.ENABLED` every Pallas kernel of the b1 decode step waits (griddepcontrol.wait)
+    before reading its inputs, and the small kernels between the GEMVs trigger their dependents; off, none
+    of it is emitted."""
+    from pallas_kernels import pdl
+
+    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    rng = np.random.default_rng(0)
+    for layer in params["layers"]:
+        for group in ("self_attn", "mlp"):
+            for p in layer[group].values():
+                p["weight"] = pk.pack_rtn(np.asarray(p["weight"], np.float32), rng.random(p["weight"].shape[0]) < 0.1)
+    params = model.fuse_projections(params)
+    monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)
+    cache = model.init_cache(cfg, 1, 64, jnp.bfloat16)
+
+    def kernels_with(op):
+        jax.clear_caches()  # the kernels are traced again with the flag as it is now
+        step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation="pallas"))
+        text = step.trace(params, jnp.zeros((1, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
+        calls = re.split(r"(?=__gpu\$xla\.gpu\.triton)", text)[1:]
+        names = [m.group(1) if (m := re.search(r'name = "([a-z_0-9]+)"', c)) else "?" for c in calls]
+        return names, [op in c for c in calls]
+
+    names, _ = kernels_with("griddepcontrol")
+    assert len(names) >= 10 and not any(kernels_with("griddepcontrol")[1])
+    monkeypatch.setattr(pdl, "ENABLED", True)
+    monkeypatch.setattr(pdl, "WEIGHTS_FIRST", weights_first)
+    names, waits = kernels_with("griddepcontrol.wait")
+    assert all(waits), [n for n, w in zip(names, waits) if not w]
+    _, triggers = kernels_with("griddepcontrol.launch_dependents")
+    triggered = {n for n, t in zip(names, triggers) if t}
+    assert {"attend_new_tokens", "silu_mul_quant", "residual_sumsq", "norm_quant_chunks"} <= triggered
+    assert "mixed_gemv" not in triggered  # its dependents (the small kernels) have nothing to start on
+    jax.clear_caches()
