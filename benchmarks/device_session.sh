@@ -209,13 +209,13 @@ case "$part" in
           # decode path against the XLA reference with it on (a missing wait would show as a race), then b1
           # end to end: flag off (today's default), flag on alone, on + our waits/triggers, + weights first
     header
-    MIXJAX_PDL=2 XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 150 python3 -m pytest -q tests/test_gpu_model.py \
+    MIXJAX_PDL=2 XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 120 python3 -m pytest -q tests/test_gpu_model.py \
       2>&1 | tail -6 | tee "$out/tests.log"
-    timeout 140 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --batches 1 --repeats 2 \
-      --prefill-len 256 --profile --budget-s 130 --out "$out/generation_off.md" 2>&1 | tail -25 | tee "$out/e2e_off.log"
-    XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 280 python3 benchmarks/bench_generate.py \
-      --variants w4.4a8+h4,w4.4a8@pdl+h4,w4.4a8@pdlw+h4 --batches 1 --repeats 2 --prefill-len 256 --profile \
-      --budget-s 270 --out "$out/generation_on.md" 2>&1 | tail -40 | tee "$out/e2e_on.log"
+    timeout 110 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --batches 1 --repeats 2 \
+      --prefill-len 256 --profile --budget-s 100 --out "$out/generation_off.md" 2>&1 | tail -25 | tee "$out/e2e_off.log"
+    XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 260 python3 benchmarks/bench_generate.py \
+      --variants w4.4a8@pdlw+h4,w4.4a8@pdl+h4,w4.4a8+h4 --batches 1 --repeats 2 --prefill-len 256 --profile \
+      --budget-s 250 --out "$out/generation_on.md" 2>&1 | tail -40 | tee "$out/e2e_on.log"
     ;;
   tall)
     header
