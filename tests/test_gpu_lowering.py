@@ -19,23 +19,30 @@ from mixjax import model
 from mixjax.config import LlamaConfig
 
 
-@pytest.mark.parametrize("batch, chunk_groups, in_gemv", [(1, 2, "never"), (4, None, "never"), (1, 2, "auto")])
-def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups, in_gemv):
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
-    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+CFG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                  num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
+
+
+def _quantized_params():
+    """A small W4.4A8 model (10 % 8-bit rows, RTN), per-layer and fused: the decode step's inference form."""
+    params = model.unstack_layers(model.init_params(CFG, jax.random.key(0), jnp.bfloat16))
     rng = np.random.default_rng(0)
     for layer in params["layers"]:
         for group in ("self_attn", "mlp"):
             for p in layer[group].values():
                 p["weight"] = pk.pack_rtn(np.asarray(p["weight"], np.float32), rng.random(p["weight"].shape[0]) < 0.1)
-    params = model.fuse_projections(params)
+    return model.fuse_projections(params)
+
+
+@pytest.mark.parametrize("batch, chunk_groups, in_gemv", [(1, 2, "never"), (4, None, "never"), (1, 2, "auto")])
+def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups, in_gemv):
+    params = _quantized_params()
     monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
     for name, value in (("ATTENTION", "auto"), ("NORM_QUANT", "auto"), ("NORM_QUANT_CHUNK_GROUPS", chunk_groups),
                         ("SWIGLU_QUANT", "auto"), ("NORM_IN_GEMV", in_gemv)):
         monkeypatch.setattr(model, name, value)
-    cache = model.init_cache(cfg, batch, 64, jnp.bfloat16)
-    step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation="pallas"))
+    cache = model.init_cache(CFG, batch, 64, jnp.bfloat16)
+    step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c, implementation="pallas"))
     text = step.trace(params, jnp.zeros((batch, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
     kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
     assert kernels["attend_new_tokens"] and kernels["silu_mul_quant"]
@@ -55,21 +62,13 @@ def test_pdl_instructions_reach_every_decode_kernel(monkeypatch, weights_first):
     of it is emitted."""
     from pallas_kernels import pdl
 
-    cfg = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
-    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
-    rng = np.random.default_rng(0)
-    for layer in params["layers"]:
-        for group in ("self_attn", "mlp"):
-            for p in layer[group].values():
-                p["weight"] = pk.pack_rtn(np.asarray(p["weight"], np.float32), rng.random(p["weight"].shape[0]) < 0.1)
-    params = model.fuse_projections(params)
+    params = _quantized_params()
     monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)
-    cache = model.init_cache(cfg, 1, 64, jnp.bfloat16)
+    cache = model.init_cache(CFG, 1, 64, jnp.bfloat16)
 
     def kernels_with(op):
         jax.clear_caches()  # the kernels are traced again with the flag as it is now
-        step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation="pallas"))
+        step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c, implementation="pallas"))
         text = step.trace(params, jnp.zeros((1, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
         calls = re.split(r"(?=__gpu\$xla\.gpu\.triton)", text)[1:]
         names = [m.group(1) if (m := re.search(r'name = "([a-z_0-9]+)"', c)) else "?" for c in calls]
