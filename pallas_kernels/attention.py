@@ -310,7 +310,8 @@ def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block
                      jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32),
                      jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32))
     res = pl.pallas_call(
-        functools.partial(_kernel, pdl_on=pdl.active(interpret), t=T, g=g, heads=H, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
+        functools.partial(_kernel, pdl_on=pdl.active(interpret),
+                          t=T, g=g, heads=H, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=q.dtype),
         out_shape=out_shape,
         grid=(B, KVH, splits),
@@ -433,7 +434,8 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     stores = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[first_store:]]
     aliases = {first_store + i: len(o_shape) + i for i in range(len(stores))}  # the cache is written in place
     res = pl.pallas_call(
-        functools.partial(_kernel, pdl_on=pdl.active(interpret), t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
+        functools.partial(_kernel, pdl_on=pdl.active(interpret),
+                          t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None),
         out_shape=(*o_shape, *stores),

@@ -417,7 +417,8 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
     if normed is not None:  # + the chunks' sums of squares and the norm's weight, group-major like x
         x_in = (*x_in, x_normed.ssq, x_normed.w.reshape(g, 2, _WORDS, 4))
         extra = dict(normed=normed)
-    kernel = functools.partial(body, pdl_on=pdl.active(interpret), cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
+    kernel = functools.partial(body, pdl_on=pdl.active(interpret),
+                               cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
                                n_out=qw.n, interpret=interpret, **extra)
     y = pl.pallas_call(
         kernel,

@@ -274,7 +274,8 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, zero_n: int 
     if zero_n:
         out_shape.append(jax.ShapeDtypeStruct((m, zero_n), jnp.float32))
     pieces = -(-zero_n // (g * _ZERO_COLS))  # 128-column stores per program
-    kernel = functools.partial(_quant_kernel, pdl_on=pdl.active(interpret), block_m=block_m, m=m, k=k, n_zero=zero_n, pieces=pieces)
+    kernel = functools.partial(_quant_kernel, pdl_on=pdl.active(interpret),
+                               block_m=block_m, m=m, k=k, n_zero=zero_n, pieces=pieces)
     return pl.pallas_call(
         kernel, out_shape=tuple(out_shape), grid=(mp // block_m, g), interpret=interpret,
         name="quantize_activations", compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
@@ -662,7 +663,8 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
         args = (*args, zeros[0] if zeros else jnp.zeros((m, qw.n), jnp.float32))
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(
-        _mixed_kernel, pdl_on=pdl.active(interpret), cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,
+        _mixed_kernel, pdl_on=pdl.active(interpret),
+        cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,
         k=qw.k, n_out=qw.n, interpret=interpret,
     )
     y = pl.pallas_call(

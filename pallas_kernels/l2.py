@@ -1,19 +1,21 @@
-"""Reading a weight into the GPU's L2 cache ahead of the kernel that needs it.
+"""Reading arrays into the GPU's L2 cache ahead of the kernel that needs them: a probe kernel.
 
-At decode a step alternates weight-streaming GEMVs with small kernels (norms, attention, SwiGLU) that
-leave DRAM idle. Bytes read by extra programs of those small kernels are in L2 when the next GEMV starts,
-so it reads them at L2 speed and skips its ramp-up on DRAM latency (benchmarks/NOTES-kernels.md item 57).
-Pallas-Triton has no prefetch instruction and drops loads whose values go unused, so each program folds
-the words it reads into one int32 that it stores: the store keeps the loads alive.
+The question it answered (benchmarks/NOTES-kernels.md item 57): at decode the small kernels between the
+GEMVs leave DRAM idle; would a GEMV whose weight is already in L2 lose its ≈ 4 µs fixed cost? Measured on
+the H200 (2026-12-03, `benchmarks/probe_l2.py`): no. A weight read twice in a row gains at most 1.5 µs
+(o_proj), one read into L2 by this kernel first gains nothing measurable, and the kernel itself streams at
+only 0.6–1.2 TB/s. It is not used by the model.
 
-`prefetch_words` is the part another kernel's extra programs call; `l2_prefetch_pallas` is the same as a
-kernel of its own (a probe, and the reference the tests hold the byte count against). `as_rows` views any
-array as the [R, ROW_WORDS] int32 rows these read.
+Pallas-Triton has no prefetch instruction and drops loads whose values go unused, so each program folds the
+words it reads into one int32 that it stores: the store keeps the loads alive. `prefetch_words` is that
+loop (for a kernel's extra programs), `l2_prefetch_pallas` a kernel of its own, `l2_prefetch_ref` what it
+returns, and `as_rows` the [R, ROW_WORDS] int32 view of any array these read.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -41,8 +43,8 @@ def as_rows(a: jax.Array) -> jax.Array:
     return flat.reshape(-1, ROW_WORDS)
 
 
-def _limit(total: int, share: float) -> int:
-    return min(total, max(1, -(-int(total * share * 1024) // 1024)))
+def _limit(total: int, share: float) -> int:  # rows in the first `share` of `total`, at least one
+    return min(total, max(1, math.ceil(total * share)))
 
 
 def prefetch_words(rows_ref, program, programs: int, share: float = 1.0) -> jax.Array:

@@ -65,7 +65,8 @@ def _add_rms_norm(x, delta, w, *, eps: float, interpret: bool):
     args = (rows,) if delta is None else (rows, delta.reshape(-1, d).astype(x.dtype))
     out = jax.ShapeDtypeStruct(rows.shape, x.dtype)
     res = pl.pallas_call(
-        functools.partial(_kernel, pdl_on=pdl.active(interpret), width=d, block=block, eps=eps, has_delta=delta is not None, dtype=x.dtype),
+        functools.partial(_kernel, pdl_on=pdl.active(interpret),
+                          width=d, block=block, eps=eps, has_delta=delta is not None, dtype=x.dtype),
         out_shape=out if delta is None else (out, out),
         grid=(rows.shape[0],),
         interpret=interpret,
@@ -217,7 +218,8 @@ def _residual_sumsq(rows, delta, *, chunk: int, num_warps: int | None, interpret
     parts = 0 if delta is None else delta.shape[0]
     ssq = jax.ShapeDtypeStruct((m, chunks), jnp.float32)
     first = pl.pallas_call(
-        functools.partial(_residual_kernel, pdl_on=pdl.active(interpret), width=d, chunk=chunk, parts=parts, dtype=rows.dtype),
+        functools.partial(_residual_kernel, pdl_on=pdl.active(interpret),
+                          width=d, chunk=chunk, parts=parts, dtype=rows.dtype),
         out_shape=ssq if delta is None else (jax.ShapeDtypeStruct(rows.shape, rows.dtype), ssq),
         grid=(m, chunks), interpret=interpret, name="residual_sumsq",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1),
@@ -231,7 +233,8 @@ def _chunk_codes(s, ssq, w, *, eps: float, chunk: int, num_warps: int | None, in
     mp, groups = quant_rows(m), -(-d // GROUP_SIZE)
     chunks = ssq.shape[1]
     return pl.pallas_call(
-        functools.partial(_quant_chunk_kernel, pdl_on=pdl.active(interpret), m=m, width=d, chunk=chunk, groups=groups, chunks=chunks, eps=eps,
+        functools.partial(_quant_chunk_kernel, pdl_on=pdl.active(interpret),
+                          m=m, width=d, chunk=chunk, groups=groups, chunks=chunks, eps=eps,
                           dtype=s.dtype),
         out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
                    jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
@@ -315,7 +318,8 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret
              jax.ShapeDtypeStruct((groups, mp), jnp.int32))
     out_shape = codes if delta is None else (jax.ShapeDtypeStruct(rows.shape, x.dtype), *codes)
     res = pl.pallas_call(
-        functools.partial(_norm_quant_kernel, pdl_on=pdl.active(interpret), m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype),
+        functools.partial(_norm_quant_kernel, pdl_on=pdl.active(interpret),
+                          m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype),
         out_shape=out_shape,
         grid=(mp,),
         interpret=interpret,

@@ -80,7 +80,8 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
     x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
     mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
     x_q, a_scale, x_sum = pl.pallas_call(
-        functools.partial(_kernel, pdl_on=pdl.active(interpret), m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype),
+        functools.partial(_kernel, pdl_on=pdl.active(interpret),
+                          m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype),
         out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
                    jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
         grid=(mp, -(-groups // chunk)),
