@@ -217,6 +217,14 @@ case "$part" in
       --variants w4.4a8@pdlw+h4,w4.4a8@pdl+h4,w4.4a8+h4 --batches 1 --repeats 2 --prefill-len 256 --profile \
       --budget-s 250 --out "$out/generation_on.md" 2>&1 | tail -40 | tee "$out/e2e_on.log"
     ;;
+  pdl15b)  # session 15: @pdl at b8 and b32 against the default, each in its own process (flag on / off)
+    header
+    timeout 95 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --batches 8,32 --repeats 2 \
+      --prefill-len 256 --budget-s 90 --out "$out/generation_off.md" 2>&1 | grep "decode batch" | tee "$out/e2e_off.log"
+    XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 95 python3 benchmarks/bench_generate.py --variants w4.4a8@pdl+h4 \
+      --batches 8,32 --repeats 2 --prefill-len 256 --budget-s 90 --out "$out/generation_on.md" 2>&1 \
+      | grep "decode batch" | tee "$out/e2e_on.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
