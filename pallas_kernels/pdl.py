@@ -70,7 +70,6 @@ def program_ids(n: int, on: bool, *, trigger: bool = False) -> list[jax.Array]:
     ids = [pl.program_id(i) for i in range(n)]
     if not on:
         return ids
-    first = _through("griddepcontrol.launch_dependents;", ids[0]) if trigger else ids[0]
-    first = _through("griddepcontrol.wait;", first)
+    first = wait_then(trigger_then(ids[0], trigger), True)
     zero = first - ids[0]  # 0, but only after the wait: the compiler cannot fold it
     return [first, *(i + zero for i in ids[1:])]
