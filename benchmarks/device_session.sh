@@ -27,6 +27,7 @@
 #                                               # fused attention step with more splits (b1, b32)
 #   bash benchmarks/device_session.sh gputests14  # session 14: the GEMV, attention, SwiGLU and norm tests on the
 #                                               # GPU with the session-14 defaults, then a b1 step's 45 kernels
+#   bash benchmarks/device_session.sh persist   # session 16: GEMV chains in one persistent launch (probe_persist.py)
 #   bash benchmarks/device_session.sh e2e14     # session 14: end to end, no tests first (VARIANTS, BATCHES)
 #   bash benchmarks/device_session.sh pdl       # session 14 (not yet run): XLA's programmatic dependent launch
 #                                               # (--xla_gpu_enable_pdl) off / on: does it reach the Pallas
@@ -225,6 +226,13 @@ case "$part" in
       --batches 8,32 --repeats 2 --prefill-len 256 --budget-s 90 --out "$out/generation_on.md" 2>&1 \
       | grep "decode batch" | tee "$out/e2e_on.log"
     ;;
+  persist)  # session 16: a chain of dependent M = 1 GEMVs in one persistent launch with grid barriers
+            # (pallas_kernels/persistent.py) against one launch a GEMV and XLA bf16; its tests on the GPU first
+    header
+    timeout 100 python3 -m pytest -q tests/test_persistent.py 2>&1 | tail -6 | tee "$out/tests.log"
+    timeout 420 python3 benchmarks/probe_persist.py --chains ${CHAINS:-square,mlp} --programs ${PROGRAMS:-264,528} \
+      --warps ${WARPS:-4,8} 2>&1 | tee "$out/persist.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -237,7 +245,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist" >&2
     exit 2
     ;;
 esac
