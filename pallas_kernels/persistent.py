@@ -75,56 +75,89 @@ class ChainConfig:
                                  f"of {GROUP_SIZE}")
 
 
-def _barrier(cnt_ref, target, token, *, spin_limit: int):
-    """Wait until `target` programs have arrived at the counter (this one included); returns (token after
-    the fence, polls done)."""
+_FLAG = 32  # the barrier's flag sits 128 bytes after its counter: polls and arrivals on different L2 lines
+
+
+def _barrier(sync_ref, phase_no: int, programs: int, token, *, spin_limit: int):
+    """Grid barrier number `phase_no` (1, 2, …): every program adds 1 to the counter sync[0]; the one that
+    brings it to phase_no · programs sets the flag sync[_FLAG] to phase_no; all poll the flag. Returns (token
+    after the fence, polls done)."""
     t = pdl._through("bar.sync 0;", token)  # the CTA's stores before this point are done
     zero = t - token  # 0, only after the bar.sync
-    old = plgpu.atomic_add(cnt_ref, zero, jnp.int32(1))  # one atomic a CTA (Triton: scalar → one thread)
+    old = plgpu.atomic_add(sync_ref, zero, jnp.int32(1))  # one atomic a CTA (Triton: scalar → one thread)
+    last = old + 1 == phase_no * programs
+    plgpu.atomic_xchg(sync_ref, zero + _FLAG, jnp.int32(phase_no), mask=last)
 
     def cond(c):
-        return (c[0] < target) & (c[1] < spin_limit)
+        return (c[0] < phase_no) & (c[1] < spin_limit)
 
     def body(c):
-        return plgpu.load(cnt_ref.at[zero], volatile=True), c[1] + 1
+        return plgpu.load(sync_ref.at[zero + _FLAG], volatile=True), c[1] + 1
 
-    count, polls = lax.while_loop(cond, body, (old + 1, jnp.int32(0)))
-    f = pdl._through("fence.acq_rel.gpu;", count)
-    return token + (f - count), polls
+    init = old + 1 - phase_no * programs + phase_no  # phase_no for the last arrival (it set the flag), less before
+    flag, polls = lax.while_loop(cond, body, (init, jnp.int32(0)))
+    f = pdl._through("fence.acq_rel.gpu;", flag)
+    return token + (f - flag), polls
+
+
+def _classes(phase) -> list[tuple[bool, int, int, int, int]]:
+    """(four, first program, programs, tiles, items a program) of the phase's 8-bit and 4-bit tiles."""
+    out, base = [], 0
+    for four, programs, tiles in ((False, phase["p8"], phase["n8t"]), (True, phase["p4"], phase["n4t"])):
+        if programs:
+            out.append((four, base, programs, tiles, -(-tiles * phase["s"] // programs)))
+            base += programs
+    return out
 
 
 def _chain_kernel(*refs, cfg: ChainConfig, phases: tuple, act: str, x_dtype, interpret: bool):
-    """refs: x [G0, 2, 16, 4]; per phase q8 [N8p, G, 2, 16], s8, q4 [N4p, G, 16], s4, z4, channel; cnt [1]
-    (aliased); outputs: per phase partials f32 [S·N], cnt, spins int32 [P·L]."""
+    """refs: x [G0, 2, 16, 4]; per phase q8 [N8p, G, 2, 16], s8, q4 [N4p, G, 16], s4, z4, channel; sync [64]
+    (aliased); outputs: per phase partials f32 [S·N], sync, spins int32 [P·L]."""
     n_ph = len(phases)
     x_ref = refs[0]
     w_refs = [refs[1 + 6 * i: 7 + 6 * i] for i in range(n_ph)]
     part_refs = refs[2 + 6 * n_ph: 2 + 7 * n_ph]
-    cnt_ref, spins_ref = refs[2 + 7 * n_ph], refs[3 + 7 * n_ph]
+    sync_ref, spins_ref = refs[2 + 7 * n_ph], refs[3 + 7 * n_ph]
     bn, gpi, big_p = cfg.block_n, cfg.groups_per_iter, cfg.programs
     fn = ACTIVATIONS[act]
-    first = dict(eviction_policy="evict_first")
     dp4a = functools.partial(_dp4a, interpret=interpret)
     mask = jnp.int32(-252645136)  # 0xF0F0F0F0
 
-    def load4(l, t, split):  # 4-bit tile t's words [bn, gpi, 16] and meta [gpi, bn]
-        _, _, q4, s4, z4, _ = w_refs[l]
-        gs, rows = pl.ds(split * gpi, gpi), pl.ds(t * bn, bn)
-        return plgpu.load(q4.at[rows, gs, :], **first), plgpu.load(s4.at[gs, rows]), plgpu.load(z4.at[gs, rows])
+    def fetch(l, four, q, p_c, tiles, count):
+        """This program's `count` items of a channel set: (tile, valid, loaded operands) each; items past
+        the last tile load nothing (masked) and store nothing."""
+        q8, s8, q4, s4, z4, _ = w_refs[l]
+        s = phases[l]["s"]
+        gs = pl.ds((q % s) * gpi, gpi)
+        out = []
+        for j in range(count):
+            t = q // s + j * (p_c // s)
+            valid = t < tiles
+            rows = pl.ds(jnp.minimum(t, tiles - 1) * bn, bn)
+            ld = functools.partial(plgpu.load, mask=valid, other=0)
+            if four:
+                data = (ld(q4.at[rows, gs, :], eviction_policy="evict_first"), ld(s4.at[gs, rows]), ld(z4.at[gs, rows]))
+            else:
+                data = tuple(ld(q8.at[rows, gs, pl.ds(h, 1), :], eviction_policy="evict_first").reshape(bn, gpi, _WORDS)
+                             for h in (0, 1)) + (ld(s8.at[gs, rows]),)
+            out.append((t, valid, data))
+        return out
 
     def codes(l, split):  # this split's activation groups: lo / hi words [gpi, 16], s_a, Σx_q [gpi]
         if l == 0:
             gs = pl.ds(split * gpi, gpi)
             return _pack_codes(x_ref[gs, 0, :, :], x_ref[gs, 1, :, :])
-        s_prev, k = phases[l - 1][0], phases[l][1]
-        shape = (s_prev, gpi, _WORDS, 4)  # (split of the previous phase, group, word, byte) of one half
+        s_prev, k = phases[l - 1]["s"], phases[l]["kp"]
+        s_pow = pl.next_power_of_2(s_prev)  # Triton blocks are powers of two: extra splits masked
+        shape = (s_pow, gpi, _WORDS, 4)  # (split of the previous phase, group, word, byte) of one half
         iota = functools.partial(lax.broadcasted_iota, jnp.int32, shape)
 
         def half(h):  # split derives from the barrier's token: these loads come after it
-            idx = (split * gpi * GROUP_SIZE + h * (GROUP_SIZE // 2) + iota(0) * k + iota(1) * GROUP_SIZE
-                   + iota(2) * 4 + iota(3))
-            y = jnp.sum(plgpu.load(part_refs[l - 1].at[idx], volatile=True), axis=0)  # [gpi, 16, 4]
-            return fn(y).astype(x_dtype)
+            sp = iota(0)
+            idx = (split * gpi * GROUP_SIZE + h * (GROUP_SIZE // 2) + jnp.minimum(sp, s_prev - 1) * k
+                   + iota(1) * GROUP_SIZE + iota(2) * 4 + iota(3))
+            y = jnp.sum(plgpu.load(part_refs[l - 1].at[idx], mask=sp < s_prev, other=0.0, volatile=True), axis=0)
+            return fn(y).astype(x_dtype)  # [gpi, 16, 4]
 
         return _pack_codes(half(0), half(1))
 
@@ -140,72 +173,46 @@ def _chain_kernel(*refs, cfg: ChainConfig, phases: tuple, act: str, x_dtype, int
         return dp4a(w_hi, jnp.broadcast_to(hi[None], w_hi.shape),
                     dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), jnp.zeros(w_lo.shape, jnp.int32)))
 
-    def do4(l, t, split, a, data):
-        n, n8p = phases[l][2], phases[l][5]
-        w, s4, z4 = data
-        w_scale = s4.T
-        zero_off = (8.0 - z4.astype(jnp.float32)).T * w_scale
-        acc = rescale(dots((w << 4) & mask, w & mask, a), w_scale * (1.0 / 16.0), zero_off, a)
-        cols = w_refs[l][5][pl.ds(n8p + t * bn, bn)]
-        plgpu.store(part_refs[l].at[split * n + cols], acc, mask=cols < n)
-
-    def do8(l, t, split, a):
-        q8, s8 = w_refs[l][0], w_refs[l][1]
-        n = phases[l][2]
-        gs, rows = pl.ds(split * gpi, gpi), pl.ds(t * bn, bn)
-        half = lambda h: plgpu.load(q8.at[rows, gs, pl.ds(h, 1), :], **first).reshape(bn, gpi, _WORDS)  # noqa: E731
-        acc = rescale(dots(half(0), half(1), a), plgpu.load(s8.at[gs, rows]).T, None, a)
-        cols = w_refs[l][5][pl.ds(t * bn, bn)]
-        plgpu.store(part_refs[l].at[split * n + cols], acc, mask=cols < n)
-
-    def phase(l, pid, pre):
-        s, _, _, n8t, n4t, _ = phases[l]
-        items = (n8t + n4t) * s
-        split = pid % s
-        a = codes(l, split)
-        t0 = pid // s
-
-        def item(t):
-            if n4t:
-                @pl.when(t < n4t)
-                def _():
-                    do4(l, t, split, a, load4(l, t, split))
-            if n8t:
-                @pl.when(t >= n4t)
-                def _():
-                    do8(l, t - n4t, split, a)
-
-        count = (items - pid + big_p - 1) // big_p  # this program's items
-        if pre is not None:  # item 0 is a 4-bit tile whose words are already loaded
-            do4(l, t0, split, a, pre)
-            lax.fori_loop(1, count, lambda j, c: (item(t0 + j * (big_p // s)), c)[1], 0)
+    def compute(l, four, split, a, item):
+        t, valid, data = item
+        n, n8p = phases[l]["n"], phases[l]["n8p"]
+        if four:
+            w, s4, z4 = data
+            w_scale = s4.T
+            zero_off = (8.0 - z4.astype(jnp.float32)).T * w_scale
+            acc = rescale(dots((w << 4) & mask, w & mask, a), w_scale * (1.0 / 16.0), zero_off, a)
+            first_row = n8p
         else:
-            lax.fori_loop(0, count, lambda j, c: (item(t0 + j * (big_p // s)), c)[1], 0)
+            acc = rescale(dots(data[0], data[1], a), data[2].T, None, a)
+            first_row = 0
+        cols = w_refs[l][5][pl.ds(first_row + jnp.minimum(t, phases[l]["n4t" if four else "n8t"] - 1) * bn, bn)]
+        plgpu.store(part_refs[l].at[split * n + cols], acc, mask=(cols < n) & valid)
 
-    def can_prefetch(l):
-        s, _, _, _, n4t, _ = phases[l]
-        return cfg.prefetch and big_p // s <= n4t
+    def program(l, pid, barrier: bool):
+        """Phase l of program pid: its channel set's items, fetched before the barrier when prefetching."""
+        s = phases[l]["s"]
+        for four, base, p_c, tiles, count in _classes(phases[l]):
+            @pl.when((pid >= base) & (pid < base + p_c))
+            def _(four=four, base=base, p_c=p_c, tiles=tiles, count=count):
+                items = fetch(l, four, pid - base, p_c, tiles, count) if cfg.prefetch else None
+                tok, polls = pid, jnp.int32(0)
+                if barrier:
+                    tok, polls = _barrier(sync_ref, l, big_p, pid, spin_limit=cfg.spin_limit)
+                q = tok - base  # every index below derives from the token (after the barrier)
+                if items is None:
+                    items = fetch(l, four, q, p_c, tiles, count)
+                a = codes(l, q % s)
+                for item in items:
+                    compute(l, four, q % s, a, item)
+                plgpu.store(spins_ref.at[pid * n_ph + l], polls)
 
     if interpret:  # one program, the P virtual ones in turn, phase by phase
         for l in range(n_ph):
-            def virtual(pid, c, l=l):
-                pre = load4(l, pid // phases[l][0], pid % phases[l][0]) if can_prefetch(l) else None
-                phase(l, pid, pre)
-                plgpu.store(spins_ref.at[pid * n_ph + l], jnp.int32(0))
-                return c
-
-            lax.fori_loop(0, big_p, virtual, 0)
+            lax.fori_loop(0, big_p, lambda pid, c, l=l: (program(l, pid, False), c)[1], 0)
         return
-
     pid = pl.program_id(0)
-    tok = pid
     for l in range(n_ph):
-        pre = load4(l, pid // phases[l][0], pid % phases[l][0]) if can_prefetch(l) else None
-        polls = jnp.int32(0)
-        if l and cfg.barrier:
-            tok, polls = _barrier(cnt_ref, l * big_p, tok, spin_limit=cfg.spin_limit)
-        phase(l, tok, pre)  # every index of the phase derives from the token
-        plgpu.store(spins_ref.at[pid * n_ph + l], polls)
+        program(l, pid, bool(l) and cfg.barrier)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "act", "interpret"))
@@ -225,30 +232,45 @@ def chain_gemv(x: jax.Array, weights: tuple, *, config: ChainConfig = ChainConfi
     g0 = weights[0].num_groups
     x_in = jnp.pad(x, (0, g0 * GROUP_SIZE - x.shape[0])).reshape(g0, 2, _WORDS, 4)
     args, phases = [x_in], []
-    for w in weights:
+    for i, w in enumerate(weights):
         g = w.num_groups
         q8 = _words(w.q8).reshape(-1, g, 2, _WORDS) if w.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)
         q4 = _words(w.q4).reshape(-1, g, _WORDS) if w.q4.size else jnp.zeros((1, 1, _WORDS), jnp.int32)
         s8 = w.scale8 if w.scale8.size else jnp.zeros((1, 1), jnp.float32)
         s4, z4 = (w.scale4, w.zero4) if w.scale4.size else (jnp.zeros((1, 1), jnp.float32), jnp.zeros((1, 1), jnp.int8))
         args += [q8, s8, q4, s4, z4, w.channel]
-        n8p = w.q8.shape[0]
-        phases.append((g // config.groups_per_iter, w.k_padded, w.n, n8p // config.block_n,
-                       w.q4.shape[0] // config.block_n, n8p))
+        s = g // config.groups_per_iter
+        n8t, n4t = w.q8.shape[0] // config.block_n, w.q4.shape[0] // config.block_n
+        p8 = _split_programs(config.programs, s, n8t, n4t, i)
+        phases.append(dict(s=s, kp=w.k_padded, n=w.n, n8t=n8t, n4t=n4t, n8p=w.q8.shape[0], p8=p8,
+                           p4=config.programs - p8 if n4t else 0))
     n_ph = len(phases)
-    cnt_index = len(args)
-    args.append(jnp.zeros((1,), jnp.int32))
-    out_shape = [jax.ShapeDtypeStruct((s * n,), jnp.float32) for s, _, n, _, _, _ in phases]
-    out_shape += [jax.ShapeDtypeStruct((1,), jnp.int32), jax.ShapeDtypeStruct((config.programs * n_ph,), jnp.int32)]
+    sync_index = len(args)
+    args.append(jnp.zeros((2 * _FLAG,), jnp.int32))
+    out_shape = [jax.ShapeDtypeStruct((ph["s"] * ph["n"],), jnp.float32) for ph in phases]
+    out_shape += [jax.ShapeDtypeStruct((2 * _FLAG,), jnp.int32),
+                  jax.ShapeDtypeStruct((config.programs * n_ph,), jnp.int32)]
     kernel = functools.partial(_chain_kernel, cfg=config, phases=tuple(phases), act=act, x_dtype=x.dtype,
                                interpret=interpret)
     outs = pl.pallas_call(
         kernel, out_shape=out_shape, grid=(1 if interpret else config.programs,),
-        input_output_aliases={cnt_index: n_ph}, interpret=interpret, name="chain_gemv",
+        input_output_aliases={sync_index: n_ph}, interpret=interpret, name="chain_gemv",
         compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=1),
     )(*args)
-    s_last, _, n_last, _, _, _ = phases[-1]
+    s_last, n_last = phases[-1]["s"], phases[-1]["n"]
     return outs[n_ph - 1].reshape(s_last, n_last).sum(0), outs[-1].reshape(config.programs, n_ph)
+
+
+def _split_programs(programs: int, s: int, n8t: int, n4t: int, i: int) -> int:
+    """Programs for the 8-bit tiles (a multiple of the split count s), by their share of the bytes (an 8-bit
+    tile has twice a 4-bit tile's); the rest take the 4-bit tiles."""
+    if not n8t or not n4t:
+        return programs if n8t else 0
+    if programs < 2 * s:
+        raise ValueError(f"chain_gemv: programs={programs} must be at least 2 × weight {i}'s {s} K splits "
+                         f"(8-bit and 4-bit tiles take separate programs)")
+    share = 2 * n8t / (2 * n8t + n4t)
+    return min(max(s, round(programs * share / s) * s), programs - s)
 
 
 def chain_ref(x: jax.Array, weights, *, act: str = "tanh") -> jax.Array:

@@ -93,6 +93,8 @@ def test_cuda_lowering_has_the_barrier():
     finally:
         reg.lowering.lower_jaxpr_to_triton_module = orig
     (ttir,) = captured
-    assert ttir.count("tt.atomic_rmw") == 2  # one arrival per barrier, two barriers for three phases
-    assert ttir.count("bar.sync 0;") == 2 and ttir.count("fence.acq_rel.gpu;") == 2
-    assert ttir.count("isVolatile = true") >= 2 + 2 * 2  # the polls, and each phase's reads of partials
+    # two barriers (three phases), written once in the 8-bit and once in the 4-bit programs' branch: an
+    # arrival (add) and the last arrival's flag (exchange) each
+    assert ttir.count("tt.atomic_rmw") == 2 * 2 * 2
+    assert ttir.count("bar.sync 0;") == 2 * 2 and ttir.count("fence.acq_rel.gpu;") == 2 * 2
+    assert ttir.count("isVolatile = true") >= 2 * 2 * (1 + 2)  # the polls; the two halves of the partials read
