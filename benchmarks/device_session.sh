@@ -230,7 +230,7 @@ case "$part" in
             # (pallas_kernels/persistent.py) against one launch a GEMV and XLA bf16; its tests on the GPU first
     header
     timeout 100 python3 -m pytest -q tests/test_persistent.py 2>&1 | tail -6 | tee "$out/tests.log"
-    timeout 420 python3 benchmarks/probe_persist.py --chains ${CHAINS:-square,mlp} --programs ${PROGRAMS:-264,528} \
+    timeout 420 python3 benchmarks/probe_persist.py --chains ${CHAINS:-square} --programs ${PROGRAMS:-264,528} \
       --warps ${WARPS:-4,8} 2>&1 | tee "$out/persist.log"
     ;;
   tall)

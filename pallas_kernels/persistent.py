@@ -25,6 +25,12 @@ L1 (volatile loads; jax 0.10.2 cannot lower `.cg`). Every program of the grid mu
 must not exceed what the GPU holds, and the poll gives up after `spin_limit` reads (the `spins` output
 says whether any barrier gave up, in which case the result is wrong, not hung).
 
+Measured (H200, jax 0.11.2, 2026-12-04, results/kernels_decode_extras.md Session 16): 8 dependent
+4096→4096 GEMVs in 62.6–101.9 µs of device busy time. One launch a GEMV takes 56.5 µs, so this is 1.2–1.7×
+slower. Without barriers it takes 48 µs (6 µs a phase, what a launch costs), and each barrier adds 2–3 µs.
+The launch is not where a decode GEMV's fixed cost lies (NOTES item 59). Kept as the probe's kernel, not
+dispatched.
+
 In interpret mode (CPU) the programs run one after another, so a barrier could never open: the kernel
 then runs as one program that loops over the P virtual program ids phase by phase (same items, same
 arithmetic), and the barrier is left out.
