@@ -36,7 +36,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import random_packed  # noqa: E402
-from pallas_kernels import gemv, kernels  # noqa: E402
+from pallas_kernels import gemv, kernels, triton_ir  # noqa: E402
 
 _COMPILE = r"""
 import sys, triton
@@ -68,21 +68,8 @@ _ASM = re.compile(r"^\s*\{(.*)\}\s*$", re.M)
 
 
 def capture_ttir(fn, *args) -> list[str]:
-    """The Triton IR of every pallas_call in jit(fn)(*args), lowered for CUDA."""
-    from jax._src.pallas.triton import pallas_call_registration as reg
-
-    captured, orig = [], reg.lowering.lower_jaxpr_to_triton_module
-
-    def hook(*a, **k):
-        result = orig(*a, **k)
-        captured.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    reg.lowering.lower_jaxpr_to_triton_module = hook
-    try:
-        jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
-    finally:
-        reg.lowering.lower_jaxpr_to_triton_module = orig
+    """The Triton IR of every pallas_call in jit(fn)(*args), lowered for CUDA, for the pip Triton."""
+    captured = triton_ir.capture_ttir(fn, *args)
     # syntax the newer Triton parser does not take; an eviction hint does not change the instruction mix
     return [t.replace(" evictionPolicy = evict_first", "") for t in captured]
 

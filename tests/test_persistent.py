@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import format as fmt
-from pallas_kernels import gemv, persistent
+from pallas_kernels import gemv, persistent, triton_ir
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -74,25 +74,11 @@ def test_bad_chains_are_refused():
 
 
 def test_cuda_lowering_has_the_barrier():
-    from jax._src.pallas.triton import pallas_call_registration as reg
-
     rng = np.random.default_rng(0)
     ws = (_weight(rng, 1024, 512, 0.1), _weight(rng, 512, 1024, 0.1), _weight(rng, 512, 512, 0.1))
     x = jnp.zeros((512,), jnp.bfloat16)
-    captured, orig = [], reg.lowering.lower_jaxpr_to_triton_module
-
-    def hook(*a, **k):
-        result = orig(*a, **k)
-        captured.append(result.module.operation.get_asm(enable_debug_info=False))
-        return result
-
-    reg.lowering.lower_jaxpr_to_triton_module = hook
-    try:
-        jax.jit(lambda x, ws: persistent.chain_gemv(x, ws, config=persistent.ChainConfig(programs=264))) \
-            .trace(x, ws).lower(lowering_platforms=("cuda",))
-    finally:
-        reg.lowering.lower_jaxpr_to_triton_module = orig
-    (ttir,) = captured
+    (ttir,) = triton_ir.capture_ttir(
+        lambda x, ws: persistent.chain_gemv(x, ws, config=persistent.ChainConfig(programs=264)), x, ws)
     # two barriers (three phases), written once in the 8-bit and once in the 4-bit programs' branch: an
     # arrival (add) and the last arrival's flag (exchange) each
     assert ttir.count("tt.atomic_rmw") == 2 * 2 * 2
