@@ -10,20 +10,21 @@ activation row, with the one-launch GEMV's arithmetic (`gemv._grouped_kernel`): 
 its groups of the previous phase's output itself (int8 per group of 128, `reference.quantize_groups`),
 dp4a on the packed words, the per-group rescale in f32.
 
-Work of phase l: (tile of `block_n` packed rows, K split of `groups_per_iter` groups) items, handed out
-round robin: program p takes items p, p + P, … With P a multiple of every phase's split count, a
-program's split (and so its activation groups) is fixed within a phase, so it quantizes them once. Tiles
-are walked 4-bit first, so every program's first item is a 4-bit tile when P / S ≤ the 4-bit tiles; with
-`prefetch` its words, scales and zeros are loaded before the barrier. Each phase writes f32 split
-partials [S, N]; the next phase sums them while it reads its groups.
+Work of phase l: (tile of `block_n` packed rows, K split of `groups_per_iter` groups) items. The 8-bit and
+the 4-bit tiles go to separate programs (shares by bytes, `_split_programs`); within a set, program q takes
+items q, q + P_set, … With each set's size a multiple of the phase's split count S, a program's split (and
+so its activation groups) is fixed within a phase, so it quantizes them once. All of a program's items
+are loaded at once, before the barrier with `prefetch`. Each phase writes f32 split partials [S, N]; the
+next phase sums them while it reads its groups.
 
 The barrier: `bar.sync` (the CTA's stores of the phase are done), one `atom.add.acq_rel.gpu` a program on a
-counter that only grows, then every thread polls the counter with volatile loads until it reaches
-phase · P, then `fence.acq_rel.gpu`. Every address that reads another program's output derives from a
-value passed through that fence (Pallas's inline asm is pure: `pdl._through`), and those loads bypass
-L1 (volatile loads; jax 0.10.2 cannot lower `.cg`). Every program of the grid must be resident at once, or the barrier never opens: `programs`
-must not exceed what the GPU holds, and the poll gives up after `spin_limit` reads (the `spins` output
-says whether any barrier gave up, in which case the result is wrong, not hung).
+counter that only grows; the program that brings it to phase · P writes the phase number into a flag
+128 bytes away (`atom.exch`), and every thread polls the flag with volatile loads, then
+`fence.acq_rel.gpu`. Every address that reads another program's output derives from a value passed
+through that fence (Pallas's inline asm is pure: `pdl._through`), and those loads bypass L1 (volatile
+loads; jax 0.10.2 cannot lower `.cg`). Every program of the grid must be resident at once, or the barrier
+never opens: `programs` must not exceed what the GPU holds, and the poll gives up after `spin_limit` reads
+(the `spins` output says whether any barrier gave up, in which case the result is wrong, not hung).
 
 Measured (H200, jax 0.11.2, 2026-12-04, results/kernels_decode_extras.md Session 16): 8 dependent
 4096→4096 GEMVs in 62.6–101.9 µs of device busy time. One launch a GEMV takes 56.5 µs, so this is 1.2–1.7×
@@ -60,7 +61,7 @@ class ChainConfig:
     block_n: int = 32  # packed rows per item
     groups_per_iter: int = 4  # K groups per item (a phase splits K into G / groups_per_iter)
     num_warps: int = 4
-    prefetch: bool = True  # the first item's weights before the barrier
+    prefetch: bool = True  # the program's weights of a phase loaded before its barrier
     barrier: bool = True  # False: no barrier (wrong results; the bound without synchronization)
     spin_limit: int = 1 << 22  # polls before a barrier gives up
 
