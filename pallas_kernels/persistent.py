@@ -131,8 +131,8 @@ def _chain_kernel(*refs, cfg: ChainConfig, phases: tuple, act: str, x_dtype, int
     mask = jnp.int32(-252645136)  # 0xF0F0F0F0
 
     def fetch(l, four, q, p_c, tiles, count):
-        """This program's `count` items of a channel set: (tile, valid, loaded operands) each; items past
-        the last tile load nothing (masked) and store nothing."""
+        """This program's `count` items of a channel set: (first packed row, valid, loaded operands) each;
+        items past the last tile load nothing (masked) and store nothing."""
         q8, s8, q4, s4, z4, _ = w_refs[l]
         s = phases[l]["s"]
         gs = pl.ds((q % s) * gpi, gpi)
@@ -140,14 +140,15 @@ def _chain_kernel(*refs, cfg: ChainConfig, phases: tuple, act: str, x_dtype, int
         for j in range(count):
             t = q // s + j * (p_c // s)
             valid = t < tiles
-            rows = pl.ds(jnp.minimum(t, tiles - 1) * bn, bn)
+            row0 = jnp.minimum(t, tiles - 1) * bn  # in bounds for the masked items too
+            rows = pl.ds(row0, bn)
             ld = functools.partial(plgpu.load, mask=valid, other=0)
             if four:
                 data = (ld(q4.at[rows, gs, :], eviction_policy="evict_first"), ld(s4.at[gs, rows]), ld(z4.at[gs, rows]))
             else:
                 data = tuple(ld(q8.at[rows, gs, pl.ds(h, 1), :], eviction_policy="evict_first").reshape(bn, gpi, _WORDS)
                              for h in (0, 1)) + (ld(s8.at[gs, rows]),)
-            out.append((t, valid, data))
+            out.append((row0, valid, data))
         return out
 
     def codes(l, split):  # this split's activation groups: lo / hi words [gpi, 16], s_a, Σx_q [gpi]
@@ -181,18 +182,17 @@ def _chain_kernel(*refs, cfg: ChainConfig, phases: tuple, act: str, x_dtype, int
                     dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), jnp.zeros(w_lo.shape, jnp.int32)))
 
     def compute(l, four, split, a, item):
-        t, valid, data = item
-        n, n8p = phases[l]["n"], phases[l]["n8p"]
+        row0, valid, data = item
+        n = phases[l]["n"]
         if four:
             w, s4, z4 = data
             w_scale = s4.T
             zero_off = (8.0 - z4.astype(jnp.float32)).T * w_scale
             acc = rescale(dots((w << 4) & mask, w & mask, a), w_scale * (1.0 / 16.0), zero_off, a)
-            first_row = n8p
+            row0 = row0 + phases[l]["n8p"]  # the 4-bit rows' channels follow the 8-bit rows'
         else:
             acc = rescale(dots(data[0], data[1], a), data[2].T, None, a)
-            first_row = 0
-        cols = w_refs[l][5][pl.ds(first_row + jnp.minimum(t, phases[l]["n4t" if four else "n8t"] - 1) * bn, bn)]
+        cols = w_refs[l][5][pl.ds(row0, bn)]
         plgpu.store(part_refs[l].at[split * n + cols], acc, mask=(cols < n) & valid)
 
     def program(l, pid, barrier: bool):
