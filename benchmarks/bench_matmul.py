@@ -399,9 +399,12 @@ def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
     return list(dict.fromkeys(cands))
 
 
-MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along=wg, stages=4, snake=8, pingpong=pp, overlap=ov)
-              for pp, ov in ((True, False), (False, False), (True, True)) for wg in ("m", "n")] + [
-    dict(tile_m=64, tile_n=128, wg_along="m", stages=st, snake=sn) for st, sn in ((3, 8), (5, 8), (4, 4), (4, 16))]
+# session 4's sweep (pingpong, overlap, stages, snake: results/kernels.md Session 4) gave way to
+# session 17: two groups a pipeline step, the first rescaled while the second multiplies (MgpuConfig.gps);
+# 3 stages of two groups fit in shared memory only along M with the smaller epilogue buffer (epi_n 32)
+MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along="m")] + [
+    dict(tile_m=64, tile_n=128, wg_along=wg, gps=2, stages=st, epi_n=ep)
+    for wg, st, ep in (("m", 2, 64), ("m", 3, 32), ("n", 2, 64))]
 
 
 def mgpu_sweep(m: int, g: int, rows: int):
@@ -459,9 +462,10 @@ def emit(row, log):
     if not cfg:
         cfg_s = ""
     elif "wg_along" in cfg:  # MgpuConfig
-        cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}{p}".format(
+        cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}{p}{q}".format(
             s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "",
-            p=" pingpong" if cfg.get("pingpong") else "", **cfg)
+            p=" pingpong" if cfg.get("pingpong") else "", q=f" gps{cfg['gps']}" if cfg.get("gps", 1) > 1 else "",
+            **cfg)
     elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
         cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps}".format(**cfg)
     elif "block_m" not in cfg:  # GemvConfig

@@ -32,6 +32,7 @@
 #   bash benchmarks/device_session.sh pdl       # session 14 (not yet run): XLA's programmatic dependent launch
 #                                               # (--xla_gpu_enable_pdl) off / on: does it reach the Pallas
 #                                               # kernels (probe_pdl.py), and the b1 step end to end
+#   bash benchmarks/device_session.sh gps       # session 17: the prefill GEMM with two groups a step (MgpuConfig.gps)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -233,6 +234,15 @@ case "$part" in
     timeout 420 python3 benchmarks/probe_persist.py --chains ${CHAINS:-square} --programs ${PROGRAMS:-264,528} \
       --warps ${WARPS:-4,8} 2>&1 | tee "$out/persist.log"
     ;;
+  gps)  # session 17: the Mosaic GPU prefill GEMM with two groups a pipeline step (MgpuConfig.gps), M = 2048 and
+        # 4096, against XLA bf16 / int8 and the default; its tests on the GPU first
+    header
+    timeout 120 python3 -m pytest -q tests/test_mgpu.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 440 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
+      --shapes ${SHAPES:-4096x28672,14336x4096,4096x6144,4096x4096} --ms 4096 --variants xla_bf16,xla_int8,mgpu_core,api \
+      --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-shapes ${SWEEP_SHAPES:-4096x28672,14336x4096} \
+      --sweep-ms ${SWEEP_MS:-2048,4096} --out "$out/gps" 2>&1 | tee "$out/gps.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -245,7 +255,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps" >&2
     exit 2
     ;;
 esac

@@ -66,7 +66,11 @@ class MgpuConfig:
     and a second FMA applies s_a (measured slower on the H100: seeding costs a move per element);
     pingpong: the two compute warpgroups take turns on the tensor cores (a pair of barriers) so that
     one warpgroup's MMAs run while the other rescales (measured 5–14 % slower on the H100: the
-    default lets both issue together)."""
+    default lets both issue together);
+    gps: quantization groups per pipeline step. With 2, a step issues both groups' MMAs into two int32
+    partials, waits for the first only, and rescales it while the second group's MMAs run; nothing is
+    carried across steps (unlike `overlap`, whose carried partial costs a register copy). K/128 must
+    be a multiple of gps."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -78,6 +82,7 @@ class MgpuConfig:
     overlap: bool = False
     seed: bool = False
     pingpong: bool = False
+    gps: int = 1
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_m <= 0:
@@ -90,6 +95,9 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: stages={self.stages} must be ≥ 2")
         if self.tile_n % self.epi_n or self.epi_n % 8:
             raise ValueError(f"MgpuConfig: epi_n={self.epi_n} must divide tile_n={self.tile_n} and be a multiple of 8")
+        if self.gps not in (1, 2) or (self.gps > 1 and (self.overlap or self.seed or self.pingpong)):
+            raise ValueError(f"MgpuConfig: gps={self.gps} must be 1 or 2, and 2 goes without overlap, seed "
+                             "and pingpong")
 
     @property
     def cta_m(self) -> int:
@@ -126,11 +134,15 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     if a_scale.shape != (g, mp) or w_scale.shape != (g, np_):
         raise ValueError(f"w8a8_group_matmul: scales must be [G, Mp] = {(g, mp)} and [G, Np] = {(g, np_)}, "
                          f"got {a_scale.shape}, {w_scale.shape}")
+    if g % cfg.gps:
+        raise ValueError(f"w8a8_group_matmul: K/128 = {g} groups is not a multiple of config.gps={cfg.gps}")
     if mp % cfg.cta_m or np_ % cfg.cta_n:
         raise ValueError(f"w8a8_group_matmul: Mp={mp} and Np={np_} must be multiples of the CTA tile "
                          f"{cfg.cta_m}×{cfg.cta_n} (pad them, as mixed_matmul_mgpu does)")
     m_iters, n_iters = mp // cfg.cta_m, np_ // cfg.cta_n
     tm, tn, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_n
+    gps = cfg.gps
+    kstep = gps * GROUP_SIZE
     out_dtype = jnp.dtype(out_dtype)
     programs = min(cfg.programs or _num_sms(), m_iters * n_iters)
 
@@ -138,13 +150,13 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
         def pipeline(body, compute_context):
             return plgpu.emit_pipeline_warp_specialized(
                 body,
-                grid=(g,),
+                grid=(g // gps,),
                 memory_registers=40,
                 in_specs=[
-                    plgpu.BlockSpec((cfg.cta_m, GROUP_SIZE), lambda k: (0, k), transforms=_INT8_TRANSFORMS),
-                    plgpu.BlockSpec((1, cfg.cta_m), lambda k: (k, 0)),
-                    plgpu.BlockSpec((cfg.cta_n, GROUP_SIZE), lambda k: (0, k), transforms=_INT8_TRANSFORMS),
-                    plgpu.BlockSpec((1, cfg.cta_n), lambda k: (k, 0)),
+                    plgpu.BlockSpec((cfg.cta_m, kstep), lambda k: (0, k), transforms=_INT8_TRANSFORMS),
+                    plgpu.BlockSpec((gps, cfg.cta_m), lambda k: (k, 0)),
+                    plgpu.BlockSpec((cfg.cta_n, kstep), lambda k: (0, k), transforms=_INT8_TRANSFORMS),
+                    plgpu.BlockSpec((gps, cfg.cta_n), lambda k: (k, 0)),
                 ],
                 wg_axis="wg",
                 num_compute_wgs=2,
@@ -188,6 +200,35 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                              + lax.broadcast_in_dim(sw * -_MAGIC_F, (tm, tn), [1]))
                         return acc + q * sa_b
                     return acc + partial.astype(jnp.float32) * (sa_b * sw_b)
+
+                def body_gps(_, x_smem, sa_smem, w_smem, sw_smem, acc):
+                    def operands(j):
+                        cols = pl.ds(j * GROUP_SIZE, GROUP_SIZE)
+                        return x_smem.at[wg_m, cols], w_smem.at[wg_n, cols]
+
+                    def scales(j):
+                        return (_load_vector(sa_smem.at[j], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret),
+                                _load_vector(sw_smem.at[j], wg_n, plgpu.Layout.WGMMA.reduce(0), interpret))
+
+                    if interpret:  # the interpreter's wgmma takes no transposed operand: same product
+                        for j in range(gps):
+                            xs, ws = operands(j)
+                            partial = lax.dot_general(xs[...], ws[...], (((1,), (1,)), ((), ())),
+                                                      preferred_element_type=jnp.int32)
+                            acc = accumulate(acc, partial, *scales(j))
+                        return acc
+
+                    def group_mmas(*p_refs):
+                        for p_ref, j in zip(p_refs, range(gps)):
+                            xs, ws = operands(j)
+                            plgpu.wgmma(p_ref, xs, plgpu.transpose_ref(ws, (1, 0)))
+                        out = acc
+                        for j, p_ref in enumerate(p_refs):  # group j's partial while later groups' MMAs run
+                            partial = plgpu.wgmma_accumulator_load(p_ref, wait_n=gps - 1 - j)
+                            out = accumulate(out, partial, *scales(j))
+                        return out
+
+                    return pl.run_scoped(group_mmas, *[plgpu.ACC((tm, tn), jnp.int32)] * gps)
 
                 def body(_, x_smem, sa_smem, w_smem, sw_smem, carry):
                     def group_mma(p_ref):
@@ -243,7 +284,7 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                             out_gmem.at[cta_m, cta_n].at[wg_m, wg_n].at[:, pl.ds(e * epi_n, epi_n)],
                         )
 
-                pipeline(body, compute_context)(
+                pipeline(body_gps if gps > 1 else body, compute_context)(
                     x_gmem.at[cta_m, :], sa_gmem.at[:, cta_m], w_gmem.at[cta_n, :], sw_gmem.at[:, cta_n],
                     allocations=allocs,
                 )
@@ -342,6 +383,8 @@ def mixed_matmul_mgpu(x: jax.Array, qw: MixedWeight, *, config: MgpuConfig = DEF
     from pallas_kernels.reference import quantize_activations_ref
 
     m = x.shape[0]
+    if qw.num_groups % config.gps:  # an odd number of groups: one group a step
+        config = dataclasses.replace(config, gps=1)
     mp = _round_up(m, config.cta_m)
     np_ = _round_up(qw.n, config.cta_n)
     if interpret:

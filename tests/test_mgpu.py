@@ -65,11 +65,12 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
     mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True),
     mgpu.MgpuConfig(programs=2, seed=True, overlap=True),
     mgpu.MgpuConfig(programs=3, pingpong=True),  # turn barriers: every arrival waited for, no deadlock
+    mgpu.MgpuConfig(programs=3, gps=2, stages=2),  # two groups a step, the first rescaled while the second multiplies
 ])
 def test_group_matmul_matches_reference(cfg):
     rng = _rng()
     m, n = 2 * cfg.cta_m, 2 * cfg.cta_n
-    x_q, sa, w, sw = _operands(rng, m, 384, n)
+    x_q, sa, w, sw = _operands(rng, m, 384 * cfg.gps, n)
     y = mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
     want = ref.w8a8_ref(x_q, sa.T, w, sw)
     assert y.shape == (m, n) and y.dtype == jnp.float32
