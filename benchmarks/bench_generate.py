@@ -572,7 +572,7 @@ def parse_args(argv=None):
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     args = p.parse_args(argv)
     try:
-        args.batches = [int(b) for b in args.batches.split(",")]
+        args.batches = [int(b) for b in args.batches.split(",") if b.strip()]  # "" = prefill only
     except ValueError:
         p.error(f"--batches {args.batches!r}: expected comma-separated integers such as 1,8,32")
     args.variants = args.variants.split(",")

@@ -33,6 +33,7 @@
 #                                               # (--xla_gpu_enable_pdl) off / on: does it reach the Pallas
 #                                               # kernels (probe_pdl.py), and the b1 step end to end
 #   bash benchmarks/device_session.sh gps       # session 17: the prefill GEMM with two groups a step (MgpuConfig.gps)
+#   bash benchmarks/device_session.sh prefill17 # session 17: ncu on the two-groups-a-step GEMM, prefill 2048 / 256
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -243,6 +244,15 @@ case "$part" in
       --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-shapes ${SWEEP_SHAPES:-4096x28672,14336x4096} \
       --sweep-ms ${SWEEP_MS:-2048,4096} --out "$out/gps" 2>&1 | tee "$out/gps.log"
     ;;
+  prefill17)  # session 17: Nsight Compute on the prefill GEMM with two groups a step (the new default), then
+              # prefill end to end, 2048 and 256 tokens, bf16 beside W4.4A8 (prefill only: --batches "")
+    header
+    OUT="$out" timeout 150 bash benchmarks/ncu_mgpu.sh gps=2 2>&1 | tee "$out/ncu.log"
+    for n in 2048 256; do
+      timeout 200 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --batches "" --repeats 3 \
+        --prefill-len $n --profile --profile-top 12 --budget-s 190 --out "$out/prefill$n.md" 2>&1 | tee "$out/prefill$n.log"
+    done
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -255,7 +265,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17" >&2
     exit 2
     ;;
 esac

@@ -60,12 +60,12 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
 
 
 @pytest.mark.parametrize("cfg", [
-    mgpu.MgpuConfig(programs=2),
-    mgpu.MgpuConfig(wg_along="n", programs=3, stages=2),
-    mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True),
-    mgpu.MgpuConfig(programs=2, seed=True, overlap=True),
-    mgpu.MgpuConfig(programs=3, pingpong=True),  # turn barriers: every arrival waited for, no deadlock
-    mgpu.MgpuConfig(programs=3, gps=2, stages=2),  # two groups a step, the first rescaled while the second multiplies
+    mgpu.MgpuConfig(programs=3),  # two groups a step, the first rescaled while the second multiplies
+    mgpu.MgpuConfig(wg_along="n", programs=2),
+    mgpu.MgpuConfig(programs=2, gps=1, stages=4),  # one group a step (session 4's default)
+    mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True, gps=1),
+    mgpu.MgpuConfig(programs=2, seed=True, overlap=True, gps=1),
+    mgpu.MgpuConfig(programs=3, pingpong=True, gps=1),  # turn barriers: every arrival waited for, no deadlock
 ])
 def test_group_matmul_matches_reference(cfg):
     rng = _rng()
@@ -97,6 +97,10 @@ def test_bad_configs_and_shapes_are_named():
         mgpu.MgpuConfig(wg_along="k")
     with pytest.raises(ValueError, match="epi_n"):
         mgpu.MgpuConfig(epi_n=48)
+    with pytest.raises(ValueError, match="gps"):
+        mgpu.MgpuConfig(gps=2, overlap=True)
+    with pytest.raises(ValueError, match="multiple of config.gps"):
+        mgpu.w8a8_group_matmul(*_operands(_rng(), 128, 384, 128), interpret=True)
     x_q, sa, w, sw = _operands(_rng(), 100, 256, 128)
     with pytest.raises(ValueError, match="multiples of the CTA tile"):
         mgpu.w8a8_group_matmul(x_q, sa, w, sw, interpret=True)
