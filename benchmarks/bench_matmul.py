@@ -403,8 +403,8 @@ def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
 # session 17: two groups a pipeline step, the first rescaled while the second multiplies (MgpuConfig.gps);
 # 3 stages of two groups fit in shared memory only along M with the smaller epilogue buffer (epi_n 32)
 MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along="m", gps=1, stages=4)] + [
-    dict(tile_m=64, tile_n=128, wg_along=wg, gps=2, stages=st, epi_n=ep)
-    for wg, st, ep in (("m", 2, 64), ("m", 3, 32), ("n", 2, 64))]
+    dict(tile_m=64, tile_n=128, wg_along="m", gps=2, stages=st, epi_n=ep, pingpong=pp)
+    for pp in (False, True) for st, ep in ((2, 64), (3, 32))]
 
 
 def mgpu_sweep(m: int, g: int, rows: int):

@@ -34,6 +34,7 @@
 #                                               # kernels (probe_pdl.py), and the b1 step end to end
 #   bash benchmarks/device_session.sh gps       # session 17: the prefill GEMM with two groups a step (MgpuConfig.gps)
 #   bash benchmarks/device_session.sh prefill17 # session 17: ncu on the two-groups-a-step GEMM, prefill 2048 / 256
+#   bash benchmarks/device_session.sh s17c      # session 17: cuDNN prefill attention, GEMM turns of two groups
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -253,6 +254,16 @@ case "$part" in
         --prefill-len $n --profile --profile-top 12 --budget-s 190 --out "$out/prefill$n.md" 2>&1 | tee "$out/prefill$n.log"
     done
     ;;
+  s17c)  # session 17: cuDNN flash attention for prefill (model.PREFILL_ATTENTION) and the prefill GEMM's turns
+         # of two groups (gps=2 + pingpong): GPU tests, the GEMM sweep at M = 4096, prefill 2048 end to end
+    header
+    timeout 150 python3 -m pytest -q tests/test_attention.py -k prefill tests/test_mgpu.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 200 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 4096 \
+      --variants xla_bf16 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-shapes 4096x28672,14336x4096 \
+      --sweep-ms 4096 --out "$out/pp" 2>&1 | grep -v "^ *$" | tail -14 | tee "$out/pp.log"
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --batches "" --repeats 3 \
+      --prefill-len 2048 --profile --profile-top 12 --budget-s 190 --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -265,7 +276,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c" >&2
     exit 2
     ;;
 esac

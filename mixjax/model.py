@@ -27,7 +27,7 @@ import numpy as np
 
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
-from pallas_kernels.attention import attend_new_tokens_pallas, attend_ref, decode_attention_pallas
+from pallas_kernels.attention import attend_new_tokens_pallas, attend_ref, decode_attention_pallas, prefill_attention
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -328,6 +328,21 @@ ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per
 # partials); False, or a stacked cache or separate q/k/v: `decode_attention_pallas` after XLA's RoPE and write
 
 
+PREFILL_ATTENTION = "auto"  # attention of chunks the decode kernel does not take (prefill): "auto" (default)
+# runs cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) on an NVIDIA GPU
+# when the queries are bf16/f16 and the cache is float, the same for float and quantized weights; "xla":
+# `attend_ref` always (it materialises the [B, H, T, S] f32 scores: ≈ a third of a 2048-token prefill on the
+# H200, benchmarks/NOTES-kernels.md item 60)
+
+
+def _cudnn_attention_on(q: jax.Array, k_scale, implementation: Implementation) -> bool:
+    if PREFILL_ATTENTION not in ("auto", "xla"):
+        raise ValueError(f"mixjax.model.PREFILL_ATTENTION = {PREFILL_ATTENTION!r}; expected 'auto' or 'xla'")
+    return (PREFILL_ATTENTION == "auto" and k_scale is None and q.dtype in (jnp.bfloat16, jnp.float16)
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and jax.default_backend() == "gpu"
+            and resolve_implementation(implementation) == "pallas")
+
+
 def _attention_kernel_on(T: int, cfg: LlamaConfig, implementation: Implementation) -> bool:
     from pallas_kernels.attention import MAX_ROWS
 
@@ -530,6 +545,8 @@ def _decoder_layer(
         if kernel:
             attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window,
                                            k_scale=k_scale, v_scale=v_scale, interpret=interpret)
+        elif _cudnn_attention_on(q, k_scale, implementation):
+            attn = prefill_attention(q, keys, values, mask)
         else:
             attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
     attn = attn.reshape(B, T, H * Dh)

@@ -59,6 +59,16 @@ def attend_ref(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(B, T, H, Dh)
 
 
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """`attend_ref` for a float cache through cuDNN's fused flash attention (`jax.nn.dot_product_attention`,
+    implementation "cudnn": NVIDIA GPUs, bf16/f16, head dim ≤ 128): q [B, T, H, Dh], k/v [B, KVH, S, Dh],
+    mask [B, T, S] → [B, T, H, Dh] in q's dtype. The mask goes in whole (cuDNN adds it as a bias), so
+    causality, sliding windows and ragged rows are exactly `attend_ref`'s; the scores are never written
+    to memory. Rounding differs from `attend_ref` by q's dtype (the probabilities are rounded to it there too)."""
+    keys, values = (a.astype(q.dtype).transpose(0, 2, 1, 3) for a in (k, v))  # [B, S, KVH, Dh]
+    return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="cudnn")
+
+
 def cache_mask(q_pos: jax.Array, num_positions: int, sliding_window: int | None) -> jax.Array:
     """q_pos [B, T] (the new tokens' positions) → bool [B, T, S]: cache position s is visible to the token at
     position p when s ≤ p, and p − s < sliding_window if there is a window."""

@@ -67,8 +67,8 @@ class MgpuConfig:
     `kernels._seeded_mma`), so the partial becomes a float with one FMA that also applies s_w,
     and a second FMA applies s_a (measured slower on the H100: seeding costs a move per element);
     pingpong: the two compute warpgroups take turns on the tensor cores (a pair of barriers) so that
-    one warpgroup's MMAs run while the other rescales (measured 5–14 % slower on the H100: the
-    default lets both issue together);
+    one warpgroup's MMAs run while the other rescales (one group a step: measured 5–14 % slower on
+    the H100, the default lets both issue together; with gps=2 a turn is both groups' MMAs);
     gps: quantization groups per pipeline step. With 2, a step issues both groups' MMAs into two int32
     partials, waits for the first only, and rescales it while the second group's MMAs run; nothing is
     carried across steps (unlike `overlap`, whose carried partial costs a register copy). K/128 must
@@ -97,9 +97,8 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: stages={self.stages} must be ≥ 2")
         if self.tile_n % self.epi_n or self.epi_n % 8:
             raise ValueError(f"MgpuConfig: epi_n={self.epi_n} must divide tile_n={self.tile_n} and be a multiple of 8")
-        if self.gps not in (1, 2) or (self.gps > 1 and (self.overlap or self.seed or self.pingpong)):
-            raise ValueError(f"MgpuConfig: gps={self.gps} must be 1 or 2, and 2 goes without overlap, seed "
-                             "and pingpong")
+        if self.gps not in (1, 2) or (self.gps > 1 and (self.overlap or self.seed)):
+            raise ValueError(f"MgpuConfig: gps={self.gps} must be 1 or 2, and 2 goes without overlap and seed")
 
     @property
     def cta_m(self) -> int:
@@ -213,6 +212,9 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                                 _load_vector(sw_smem.at[j], wg_n, plgpu.Layout.WGMMA.reduce(0), interpret))
 
                     if interpret:  # the interpreter's wgmma takes no transposed operand: same product
+                        if cfg.pingpong:
+                            plgpu.barrier_wait(turn.at[1 - wg])
+                            plgpu.barrier_arrive(turn.at[wg])
                         for j in range(gps):
                             xs, ws = operands(j)
                             partial = lax.dot_general(xs[...], ws[...], (((1,), (1,)), ((), ())),
@@ -221,12 +223,16 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         return acc
 
                     def group_mmas(*p_refs):
+                        if cfg.pingpong:  # the other warpgroup's MMAs of its turn are done
+                            plgpu.barrier_wait(turn.at[1 - wg])
                         for p_ref, j in zip(p_refs, range(gps)):
                             xs, ws = operands(j)
                             plgpu.wgmma(p_ref, xs, plgpu.transpose_ref(ws, (1, 0)))
                         out = acc
                         for j, p_ref in enumerate(p_refs):  # group j's partial while later groups' MMAs run
                             partial = plgpu.wgmma_accumulator_load(p_ref, wait_n=gps - 1 - j)
+                            if cfg.pingpong and j == gps - 1:  # this turn's MMAs are done: the other's turn
+                                plgpu.barrier_arrive(turn.at[wg])
                             out = accumulate(out, partial, *scales(j))
                         return out
 

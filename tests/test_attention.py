@@ -296,6 +296,49 @@ def test_unknown_attention_setting_is_named(monkeypatch):
 
 
 
+def test_unknown_prefill_attention_setting_is_named(monkeypatch):
+    cfg = LlamaConfig(vocab_size=11, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
+    params = model.init_params(cfg, jax.random.key(0), jnp.float32)
+    monkeypatch.setattr(model, "PREFILL_ATTENTION", "flash")
+    with pytest.raises(ValueError, match="PREFILL_ATTENTION = 'flash'; expected 'auto' or 'xla'"):
+        model.forward_step(params, jnp.zeros((1, 100), jnp.int32), cfg, model.init_cache(cfg, 1, 128, jnp.float32))
+
+
+@pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
+@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, start", [
+    (2, 37, 8, 2, 64, 64, None, (0, 5)),  # GQA, ragged starts
+    (1, 200, 4, 4, 256, 128, 48, (0,)),  # sliding window, a partial last block
+    (3, 16, 6, 3, 40, 32, None, (0, 10, 24)),
+])
+def test_prefill_attention_matches_reference(B, T, H, KVH, S, Dh, window, start):
+    """cuDNN's fused attention on the whole mask gives `attend_ref`'s result to bf16 rounding."""
+    rng = np.random.default_rng()
+    q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), jnp.bfloat16)
+    k, v = (jnp.asarray(rng.normal(size=(B, KVH, S, Dh)), jnp.bfloat16) for _ in range(2))
+    q_pos = jnp.asarray(np.array(start)[:, None] + np.arange(T)[None], jnp.int32)
+    mask = attention.cache_mask(q_pos, S, window)
+    got = np.asarray(jax.jit(attention.prefill_attention)(q, k, v, mask), np.float32)
+    want = np.asarray(attention.attend_ref(q.astype(jnp.float32), k, v, mask), np.float32)
+    assert got.shape == (B, T, H, Dh)
+    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+
+
+@pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
+def test_model_prefills_through_cudnn_attention(monkeypatch):
+    """A bf16 prefill with PREFILL_ATTENTION 'auto' (cuDNN) gives the logits of 'xla' (`attend_ref`)."""
+    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    params = model.init_params(cfg, jax.random.key(1), jnp.bfloat16)
+    tokens = jnp.asarray(np.random.default_rng().integers(0, 97, (2, 150)), jnp.int32)
+    out = {}
+    for mode in ("xla", "auto"):
+        monkeypatch.setattr(model, "PREFILL_ATTENTION", mode)
+        logits, _ = model.forward_step(params, tokens, cfg, model.init_cache(cfg, 2, 160, jnp.bfloat16))
+        out[mode] = np.asarray(logits, np.float32)
+    assert np.abs(out["auto"] - out["xla"]).max() <= 5e-2 * np.abs(out["xla"]).max()
+
+
 def test_block_keeps_a_key_block_within_32_kb():
     """The default block: 128 positions where 128 keys fit 32 KB (bf16 and int8 caches at head dim 128, the
     measured winner), smaller for wide entries, so keys and values in two stages stay within shared memory."""

@@ -62,6 +62,7 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
 @pytest.mark.parametrize("cfg", [
     mgpu.MgpuConfig(programs=3),  # two groups a step, the first rescaled while the second multiplies
     mgpu.MgpuConfig(wg_along="n", programs=2),
+    mgpu.MgpuConfig(programs=3, pingpong=True),  # turns of two groups' MMAs
     mgpu.MgpuConfig(programs=2, gps=1, stages=4),  # one group a step (session 4's default)
     mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True, gps=1),
     mgpu.MgpuConfig(programs=2, seed=True, overlap=True, gps=1),
