@@ -35,6 +35,7 @@
 #   bash benchmarks/device_session.sh gps       # session 17: the prefill GEMM with two groups a step (MgpuConfig.gps)
 #   bash benchmarks/device_session.sh prefill17 # session 17: ncu on the two-groups-a-step GEMM, prefill 2048 / 256
 #   bash benchmarks/device_session.sh s17c      # session 17: cuDNN prefill attention, GEMM turns of two groups
+#   bash benchmarks/device_session.sh s17d      # session 17: GPU tests of the session's changes, prefill 2048 / 256
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -264,6 +265,16 @@ case "$part" in
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --batches "" --repeats 3 \
       --prefill-len 2048 --profile --profile-top 12 --budget-s 190 --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
     ;;
+  s17d)  # session 17: the GPU tests of the session's changes (cuDNN prefill attention with its causal fast path,
+         # two groups a step, the decode path's model test), then prefill 2048 and 256 end to end
+    header
+    timeout 200 python3 -m pytest -q tests/test_attention.py tests/test_mgpu.py tests/test_gpu_model.py \
+      -k "prefill or mgpu or matmul or weight or gpu_model or decode_path or bad" 2>&1 | tail -5 | tee "$out/tests.log"
+    for n in 2048 256; do
+      timeout 130 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 --batches "" --repeats 3 \
+        --prefill-len $n --profile --profile-top 8 --budget-s 120 --out "$out/prefill$n.md" 2>&1 | tee "$out/prefill$n.log"
+    done
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -276,7 +287,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d" >&2
     exit 2
     ;;
 esac

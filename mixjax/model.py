@@ -546,7 +546,7 @@ def _decoder_layer(
             attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window,
                                            k_scale=k_scale, v_scale=v_scale, interpret=interpret)
         elif _cudnn_attention_on(q, k_scale, implementation):
-            attn = prefill_attention(q, keys, values, mask)
+            attn = prefill_attention(q, keys, values, mask, positions, cfg.sliding_window)
         else:
             attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
     attn = attn.reshape(B, T, H * Dh)

@@ -59,14 +59,33 @@ def attend_ref(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(B, T, H, Dh)
 
 
-def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, q_pos: jax.Array | None = None,
+                      sliding_window: int | None = None) -> jax.Array:
     """`attend_ref` for a float cache through cuDNN's fused flash attention (`jax.nn.dot_product_attention`,
     implementation "cudnn": NVIDIA GPUs, bf16/f16, head dim ≤ 128): q [B, T, H, Dh], k/v [B, KVH, S, Dh],
-    mask [B, T, S] → [B, T, H, Dh] in q's dtype. The mask goes in whole (cuDNN adds it as a bias), so
-    causality, sliding windows and ragged rows are exactly `attend_ref`'s; the scores are never written
-    to memory. Rounding differs from `attend_ref` by q's dtype (the probabilities are rounded to it there too)."""
+    mask [B, T, S] → [B, T, H, Dh] in q's dtype; the scores are never written to memory.
+
+    The general case hands cuDNN the whole mask (added as a bias), so causality, sliding windows and
+    ragged rows are exactly `attend_ref`'s. Given q_pos [B, T] (and the mask's sliding_window), a chunk
+    whose rows all sit at positions 0 … T − 1 — a prompt into an empty cache — takes cuDNN's own causal
+    mask instead, which skips the blocks above the diagonal (the same visible keys: cache position s ≤
+    query row t, and t − s < sliding_window); the choice is made on the device (`lax.cond`). Rounding
+    differs from `attend_ref` by q's dtype (the probabilities are rounded to it there too)."""
     keys, values = (a.astype(q.dtype).transpose(0, 2, 1, 3) for a in (k, v))  # [B, S, KVH, Dh]
-    return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="cudnn")
+
+    def masked():
+        return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="cudnn")
+
+    if q_pos is None:
+        return masked()
+
+    def causal():
+        window = None if sliding_window is None else (sliding_window - 1, 0)
+        return jax.nn.dot_product_attention(q, keys, values, is_causal=True, local_window_size=window,
+                                            implementation="cudnn")
+
+    fresh = jnp.all(q_pos == jnp.arange(q.shape[1], dtype=q_pos.dtype)[None])
+    return lax.cond(fresh, causal, masked)
 
 
 def cache_mask(q_pos: jax.Array, num_positions: int, sliding_window: int | None) -> jax.Array:

@@ -307,8 +307,9 @@ def test_unknown_prefill_attention_setting_is_named(monkeypatch):
 
 @pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, start", [
-    (2, 37, 8, 2, 64, 64, None, (0, 5)),  # GQA, ragged starts
-    (1, 200, 4, 4, 256, 128, 48, (0,)),  # sliding window, a partial last block
+    (2, 37, 8, 2, 64, 64, None, (0, 5)),  # GQA, ragged starts: the whole mask
+    (1, 200, 4, 4, 256, 128, 48, (0,)),  # a fresh prompt (cuDNN's causal mask), sliding window, partial block
+    (2, 130, 8, 2, 160, 128, None, (0, 0)),  # fresh prompts, no window
     (3, 16, 6, 3, 40, 32, None, (0, 10, 24)),
 ])
 def test_prefill_attention_matches_reference(B, T, H, KVH, S, Dh, window, start):
@@ -318,10 +319,14 @@ def test_prefill_attention_matches_reference(B, T, H, KVH, S, Dh, window, start)
     k, v = (jnp.asarray(rng.normal(size=(B, KVH, S, Dh)), jnp.bfloat16) for _ in range(2))
     q_pos = jnp.asarray(np.array(start)[:, None] + np.arange(T)[None], jnp.int32)
     mask = attention.cache_mask(q_pos, S, window)
-    got = np.asarray(jax.jit(attention.prefill_attention)(q, k, v, mask), np.float32)
     want = np.asarray(attention.attend_ref(q.astype(jnp.float32), k, v, mask), np.float32)
-    assert got.shape == (B, T, H, Dh)
-    assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
+    masked = jax.jit(attention.prefill_attention)(q, k, v, mask)
+    # given the positions: cuDNN's causal mask where every row starts at 0, the whole mask elsewhere
+    chosen = jax.jit(attention.prefill_attention, static_argnums=5)(q, k, v, mask, q_pos, window)
+    for got in (masked, chosen):
+        got = np.asarray(got, np.float32)
+        assert got.shape == (B, T, H, Dh)
+        assert np.abs(got - want).max() <= 2e-2 * np.abs(want).max()
 
 
 @pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
