@@ -47,6 +47,7 @@ from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, _round_up
 from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed + P = 1.5·2^23 + P, |P| < 2^22
 
 _MAGIC_F = 1.5 * 2**23
+_SMEM_BYTES = 232448  # shared memory a CTA may use on sm_90 (227 KB)
 _SWIZZLE = 128  # bytes: one 128-wide int8 group row is exactly one swizzle span
 _INT8_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
 
@@ -140,6 +141,13 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     if mp % cfg.cta_m or np_ % cfg.cta_n:
         raise ValueError(f"w8a8_group_matmul: Mp={mp} and Np={np_} must be multiples of the CTA tile "
                          f"{cfg.cta_m}×{cfg.cta_n} (pad them, as mixed_matmul_mgpu does)")
+    out_dtype_ = jnp.dtype(out_dtype)
+    smem = (cfg.stages * (cfg.cta_m + cfg.cta_n) * (cfg.gps * GROUP_SIZE + 4 * cfg.gps)  # x, w and scale stages
+            + 4 * cfg.tile_m * cfg.epi_n * out_dtype_.itemsize)  # two epilogue slots per warpgroup
+    if smem > _SMEM_BYTES:
+        raise ValueError(f"w8a8_group_matmul: config {cfg} with {out_dtype_.name} output needs ≈ {smem // 1024} KB "
+                         f"of shared memory, more than the {_SMEM_BYTES // 1024} KB of a Hopper SM; lower stages, "
+                         "gps or epi_n")
     m_iters, n_iters = mp // cfg.cta_m, np_ // cfg.cta_n
     tm, tn, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_n
     gps = cfg.gps
