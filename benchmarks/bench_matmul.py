@@ -403,8 +403,8 @@ def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
 # session 17: two groups a pipeline step, the first rescaled while the second multiplies (MgpuConfig.gps);
 # 3 stages of two groups fit in shared memory only along M with the smaller epilogue buffer (epi_n 32)
 MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along="m", gps=1, stages=4)] + [
-    dict(tile_m=64, tile_n=128, wg_along="m", gps=2, stages=st, epi_n=ep, stagger=sg)
-    for sg in (False, True) for st, ep in ((2, 64), (3, 32))]
+    dict(tile_m=64, tile_n=128, wg_along="m", gps=2, stages=st, epi_n=ep, pingpong=pp)
+    for pp in (False, True) for st, ep in ((2, 64), (3, 32))]
 
 
 def mgpu_sweep(m: int, g: int, rows: int):
@@ -464,8 +464,7 @@ def emit(row, log):
     elif "wg_along" in cfg:  # MgpuConfig
         cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}{p}{q}".format(
             s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "",
-            p=" pingpong" if cfg.get("pingpong") else "", q=(f" gps{cfg['gps']}" if cfg.get("gps", 1) > 1 else "")
-            + (" stagger" if cfg.get("stagger") else ""),
+            p=" pingpong" if cfg.get("pingpong") else "", q=f" gps{cfg['gps']}" if cfg.get("gps", 1) > 1 else "",
             **cfg)
     elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
         cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps}".format(**cfg)

@@ -36,7 +36,6 @@
 #   bash benchmarks/device_session.sh prefill17 # session 17: ncu on the two-groups-a-step GEMM, prefill 2048 / 256
 #   bash benchmarks/device_session.sh s17c      # session 17: cuDNN prefill attention, GEMM turns of two groups
 #   bash benchmarks/device_session.sh s17d      # session 17: GPU tests of the session's changes, prefill 2048 / 256
-#   bash benchmarks/device_session.sh stagger   # session 17: warpgroup 1 a group behind warpgroup 0 in the prefill GEMM
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -276,13 +275,6 @@ case "$part" in
         --prefill-len $n --profile --profile-top 8 --budget-s 120 --out "$out/prefill$n.md" 2>&1 | tee "$out/prefill$n.log"
     done
     ;;
-  stagger)  # session 17: the prefill GEMM with warpgroup 1 a group behind warpgroup 0 (MgpuConfig.stagger)
-    header
-    timeout 60 python3 -m pytest -q tests/test_mgpu.py -k "group_matmul" 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 240 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 4096 \
-      --variants xla_bf16 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-shapes 4096x28672,14336x4096 \
-      --sweep-ms 4096 --out "$out/stagger" 2>&1 | grep "mgpu_core\|xla" | tee "$out/stagger.log"
-    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -295,7 +287,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|stagger" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d" >&2
     exit 2
     ;;
 esac

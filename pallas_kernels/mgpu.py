@@ -73,10 +73,7 @@ class MgpuConfig:
     gps: quantization groups per pipeline step. With 2, a step issues both groups' MMAs into two int32
     partials, waits for the first only, and rescales it while the second group's MMAs run; nothing is
     carried across steps (unlike `overlap`, whose carried partial costs a register copy). K/128 must
-    be a multiple of gps;
-    stagger: at the first step of every output tile, warpgroup 1 issues its MMAs only once warpgroup 0's
-    first group is done (one barrier a tile, not a step), so that from then on one warpgroup rescales while
-    the other's MMAs run (gps=2, without pingpong)."""
+    be a multiple of gps."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -89,7 +86,6 @@ class MgpuConfig:
     seed: bool = False
     pingpong: bool = False
     gps: int = 2
-    stagger: bool = False
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_m <= 0:
@@ -104,8 +100,6 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: epi_n={self.epi_n} must divide tile_n={self.tile_n} and be a multiple of 8")
         if self.gps not in (1, 2) or (self.gps > 1 and (self.overlap or self.seed)):
             raise ValueError(f"MgpuConfig: gps={self.gps} must be 1 or 2, and 2 goes without overlap and seed")
-        if self.stagger and (self.gps < 2 or self.pingpong):
-            raise ValueError("MgpuConfig: stagger needs gps=2 and no pingpong")
 
     @property
     def cta_m(self) -> int:
@@ -216,8 +210,7 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         return acc + q * sa_b
                     return acc + partial.astype(jnp.float32) * (sa_b * sw_b)
 
-                def body_gps(idx, x_smem, sa_smem, w_smem, sw_smem, acc):
-                    first = idx[0] == 0  # the tile's first step
+                def body_gps(_, x_smem, sa_smem, w_smem, sw_smem, acc):
                     def operands(j):
                         cols = pl.ds(j * GROUP_SIZE, GROUP_SIZE)
                         return x_smem.at[wg_m, cols], w_smem.at[wg_n, cols]
@@ -226,24 +219,10 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         return (_load_vector(sa_smem.at[j], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret),
                                 _load_vector(sw_smem.at[j], wg_n, plgpu.Layout.WGMMA.reduce(0), interpret))
 
-                    def stagger_wait():  # warpgroup 1 starts a tile after warpgroup 0's first group
-                        if cfg.stagger:
-                            @pl.when(jnp.logical_and(first, wg == 1))
-                            def _():
-                                plgpu.barrier_wait(turn.at[0])
-
-                    def stagger_arrive():
-                        if cfg.stagger:
-                            @pl.when(jnp.logical_and(first, wg == 0))
-                            def _():
-                                plgpu.barrier_arrive(turn.at[0])
-
                     if interpret:  # the interpreter's wgmma takes no transposed operand: same product
                         if cfg.pingpong:
                             plgpu.barrier_wait(turn.at[1 - wg])
                             plgpu.barrier_arrive(turn.at[wg])
-                        stagger_arrive()
-                        stagger_wait()
                         for j in range(gps):
                             xs, ws = operands(j)
                             partial = lax.dot_general(xs[...], ws[...], (((1,), (1,)), ((), ())),
@@ -254,7 +233,6 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                     def group_mmas(*p_refs):
                         if cfg.pingpong:  # the other warpgroup's MMAs of its turn are done
                             plgpu.barrier_wait(turn.at[1 - wg])
-                        stagger_wait()
                         for p_ref, j in zip(p_refs, range(gps)):
                             xs, ws = operands(j)
                             plgpu.wgmma(p_ref, xs, plgpu.transpose_ref(ws, (1, 0)))
@@ -263,8 +241,6 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                             partial = plgpu.wgmma_accumulator_load(p_ref, wait_n=gps - 1 - j)
                             if cfg.pingpong and j == gps - 1:  # this turn's MMAs are done: the other's turn
                                 plgpu.barrier_arrive(turn.at[wg])
-                            if j == 0:
-                                stagger_arrive()
                             out = accumulate(out, partial, *scales(j))
                         return out
 

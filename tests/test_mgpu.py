@@ -63,7 +63,6 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
     mgpu.MgpuConfig(programs=3),  # two groups a step, the first rescaled while the second multiplies
     mgpu.MgpuConfig(wg_along="n", programs=2, epi_n=32),  # f32 output: 64-column slots would not fit
     mgpu.MgpuConfig(programs=3, pingpong=True),  # turns of two groups' MMAs
-    mgpu.MgpuConfig(programs=3, stagger=True),  # one barrier a tile: every arrival waited for, no deadlock
     mgpu.MgpuConfig(programs=2, gps=1, stages=4),  # one group a step (session 4's default)
     mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True, gps=1),
     mgpu.MgpuConfig(programs=2, seed=True, overlap=True, gps=1),
@@ -101,8 +100,6 @@ def test_bad_configs_and_shapes_are_named():
         mgpu.MgpuConfig(epi_n=48)
     with pytest.raises(ValueError, match="gps"):
         mgpu.MgpuConfig(gps=2, overlap=True)
-    with pytest.raises(ValueError, match="stagger"):
-        mgpu.MgpuConfig(stagger=True, pingpong=True)
     with pytest.raises(ValueError, match="shared memory.*lower stages, gps or epi_n"):  # found on the H200
         mgpu.w8a8_group_matmul(*_operands(_rng(), 128, 512, 256), out_dtype=jnp.float32,
                                config=mgpu.MgpuConfig(wg_along="n"), interpret=True)
