@@ -3,6 +3,8 @@ fresh random caches of awkward sizes; Pallas interpret mode on CPU, the real ker
 
 from __future__ import annotations
 
+import functools
+
 import pathlib
 import re
 import sys
@@ -20,6 +22,13 @@ INTERPRET = jax.default_backend() != "gpu"
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1] / "benchmarks"))
 import ptx_stats  # noqa: E402  (the Triton-IR capture of a CUDA lowering; no GPU needed)
+from helpers import tenth
+
+
+def _fresh_jit(cfg):
+    """`model.forward_step` jitted anew: the module flags a test sets are read while tracing, and one
+    compilation of the model costs less than running it op by op."""
+    return jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
 
 
 def _case(rng, B, T, H, KVH, S, Dh, dtype, int8=False, scale_dtype=jnp.float32):
@@ -217,9 +226,10 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
         monkeypatch.setattr(model, "ATTENTION", mode)
         cache = model.init_cache(cfg, 2, 80, cache_dtype)
         out = []
+        forward = _fresh_jit(cfg)
         with jax.default_matmul_precision("float32"):  # f32 dots on a GPU: IEEE in both paths, not TF32
             for chunk in (tokens[:, :25], tokens[:, 25:27], tokens[:, 27:]):
-                logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
+                logits, cache = forward(params, chunk, cache=cache)
                 out.append(np.asarray(logits))
         return out
 
@@ -250,7 +260,7 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         if weights == "mixed":
             for group in ("self_attn", "mlp"):
                 for name, p in layer[group].items():
-                    p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), rng.random(p["weight"].shape[0]) < 0.1)
+                    p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), tenth(rng, p["weight"].shape[0]))
     params = model.fuse_projections(params)
     assert "qkv_proj" in params["layers"][0]["self_attn"]
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 20)), jnp.int32)
@@ -263,9 +273,10 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         monkeypatch.setattr(model, "ATTENTION", mode)
         cache = model.init_cache(cfg, 2, 40, cache_dtype)
         out = []
+        forward = _fresh_jit(cfg)
         with jax.default_matmul_precision("float32"):  # f32 dots on a GPU: IEEE in both paths, not TF32
             for chunk in (tokens[:, :17], tokens[:, 17:19], tokens[:, 19:]):  # 17 × 4 rows > 64: XLA
-                logits, cache = model.forward_step(params, chunk, cfg, cache, implementation="xla")
+                logits, cache = forward(params, chunk, cache=cache)
                 out.append(np.asarray(logits))
         return out, cache
 

@@ -155,7 +155,7 @@ def test_default_gemv_config_groups():
 
 @pytest.mark.parametrize("m, k, n, share8, parts, chunk, cfg", [
     (1, 1024, 256, 0.1, 8, 2, None),  # the decode default, o_proj's partials pending
-    (2, 2048, 200, 0.3, 0, 4, None),
+    (2, 1024, 200, 0.3, 0, 4, None),
     (1, 1536, 130, 1.0, 3, 1, gemv.GemvConfig(32, 1, groups_per_iter=4, prefetch=True)),  # 3 prefetched its
     (1, 640, 96, 0.0, 0, 2, gemv.GemvConfig(32, 1, groups_per_iter=1)),  # one group an iteration: codes first
 ])

@@ -13,6 +13,7 @@ import pytest
 
 from mixjax import model
 from mixjax.config import LlamaConfig
+from helpers import tenth
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled Pallas kernels: needs a GPU")
 
@@ -40,7 +41,7 @@ def params_for(seed: int, dtype=jnp.bfloat16):
                              ("mlp", ("gate_proj", "up_proj", "down_proj"))):
             for name in names:  # this order: the masks the bound was measured with (H200, 2026-12-03)
                 w = np.asarray(layer[group][name]["weight"])
-                layer[group][name] = {"weight": pk.pack_rtn(w, rng.random(w.shape[0]) < 0.1)}
+                layer[group][name] = {"weight": pk.pack_rtn(w, tenth(rng, w.shape[0]))}
     params = model.fuse_projections({**params, **quantize_head(params, CFG, bits=4)})
     return jax.tree.map(lambda a: a if isinstance(a, pk.MixedWeight) else a.astype(dtype), params,
                         is_leaf=lambda a: isinstance(a, pk.MixedWeight))

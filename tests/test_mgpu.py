@@ -16,8 +16,16 @@ from pallas_kernels.api import has_wgmma
 
 ON_HOPPER = has_wgmma()
 INTERPRET = not ON_HOPPER
-# Interpret mode can deadlock on small machines: each test in its own subprocess, timed out and retried.
-pytestmark = pytest.mark.isolated if INTERPRET else []
+
+
+def isolated(test):
+    """Interpret mode can deadlock on small machines: a test that runs a kernel goes in its own subprocess,
+    timed out and retried (tests/conftest.py); on a GPU it runs in place."""
+    return pytest.mark.isolated(test) if INTERPRET else test
+
+
+def gpu_only(*case):  # interpret mode takes 7–15 s a case on 2 CPU cores: the CPU suite runs a subset
+    return pytest.param(*case, marks=pytest.mark.skipif(INTERPRET, reason="interpret mode: the subset runs"))
 
 
 def _rng():
@@ -62,12 +70,15 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
 @pytest.mark.parametrize("cfg", [
     mgpu.MgpuConfig(programs=3),  # two groups a step, the first rescaled while the second multiplies
     mgpu.MgpuConfig(wg_along="n", programs=2, epi_n=32),  # f32 output: 64-column slots would not fit
-    mgpu.MgpuConfig(programs=3, pingpong=True),  # turns of two groups' MMAs
-    mgpu.MgpuConfig(programs=2, gps=1, stages=4),  # one group a step (session 4's default)
-    mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True, gps=1),
-    mgpu.MgpuConfig(programs=2, seed=True, overlap=True, gps=1),
-    mgpu.MgpuConfig(programs=3, pingpong=True, gps=1),  # turn barriers: every arrival waited for, no deadlock
+    mgpu.MgpuConfig(programs=3, pingpong=True),  # turns of two groups' MMAs: every arrival waited for
+    gpu_only(mgpu.MgpuConfig(programs=2, gps=1, stages=4)),  # one group a step (session 4's default)
+    gpu_only(mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True, gps=1)),
+    gpu_only(mgpu.MgpuConfig(programs=2, seed=True, overlap=True, gps=1)),
+    # one group a step with every option of its path at once: turns, the carried partial, the seeded partial
+    mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=3, pingpong=True, overlap=True,
+                    seed=True, gps=1),
 ])
+@isolated
 def test_group_matmul_matches_reference(cfg):
     rng = _rng()
     m, n = 2 * cfg.cta_m, 2 * cfg.cta_n
@@ -79,7 +90,9 @@ def test_group_matmul_matches_reference(cfg):
     assert _rel(y, want) < (1e-4 if cfg.seed else 1e-6)
 
 
-@pytest.mark.parametrize("m, k, n, share8", [(130, 576, 300, 0.1), (128, 256, 96, 0.0), (1, 128, 128, 1.0)])
+@pytest.mark.parametrize("m, k, n, share8", [(130, 576, 300, 0.1),  # 5 groups: one group a step
+                                             (128, 256, 96, 0.0), gpu_only(1, 128, 128, 1.0)])
+@isolated
 def test_mixed_matmul_mgpu_within_bf16_bound(m, k, n, share8):
     rng = _rng()
     qw = _weight(rng, n, k, share8)

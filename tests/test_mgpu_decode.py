@@ -12,9 +12,8 @@ import jax.numpy as jnp
 from pallas_kernels import mgpu_decode as md
 from pallas_kernels import reference as ref
 from pallas_kernels.format import unpack_nibbles
-from test_mgpu import INTERPRET, ON_HOPPER, _rel, _rng, _weight  # shared with the prefill kernel's tests
+from test_mgpu import INTERPRET, ON_HOPPER, _rel, _rng, _weight, isolated  # shared with the prefill kernel's tests
 
-pytestmark = pytest.mark.isolated if INTERPRET else []  # as in test_mgpu.py
 
 
 def _activations(rng, mp, kp):
@@ -41,12 +40,13 @@ def _gpu_only(*case):  # interpret mode takes 7–13 s a case on 2 CPU cores: th
 
 
 @pytest.mark.parametrize("four, cols, split, stages, gps", [
-    _gpu_only(True, 8, 2, 2, 1), _gpu_only(True, 16, 1, 4, 1), _gpu_only(False, 8, 4, 3, 1), (False, 32, 1, 1, 1),
+    _gpu_only(True, 8, 2, 2, 1), _gpu_only(True, 16, 1, 4, 1), _gpu_only(False, 8, 4, 3, 1), _gpu_only(False, 32, 1, 1, 1),
     _gpu_only(True, 24, 4, 2, 1),
     pytest.param(True, 8, 1, 2, 4, marks=pytest.mark.skipif(
         ON_HOPPER, reason="gps = 4 exceeded shared memory at 4–6 stages on the H100 (session 6); 2 stages not run")),
     (False, 16, 2, 2, 2),  # gps = 2 ran correctly on the H100 (session 6, bench rel. err 2e-8)
 ])
+@isolated
 def test_rows_matmul_matches_integer_reference(four, cols, split, stages, gps):
     rng = _rng()
     qw = _weight(rng, 256, 512, 0.0 if four else 1.0)
@@ -64,8 +64,9 @@ def test_rows_matmul_matches_integer_reference(four, cols, split, stages, gps):
     assert _rel(np.asarray(part).sum(0), want) < 1e-6  # exact integer partials, f32 accumulate
 
 
-@pytest.mark.parametrize("m, k, n, share8", [_gpu_only(1, 4096, 256, 0.1), (3, 576, 300, 0.1), (16, 256, 96, 0.0),
-                                             (17, 384, 130, 1.0), _gpu_only(64, 128, 128, 0.5)])
+@pytest.mark.parametrize("m, k, n, share8", [_gpu_only(1, 4096, 256, 0.1), (3, 576, 300, 0.1), _gpu_only(16, 256, 96, 0.0),
+                                             _gpu_only(17, 384, 130, 1.0), _gpu_only(64, 128, 128, 0.5)])
+@isolated
 def test_mixed_matmul_mgpu_decode_within_bound(m, k, n, share8):
     rng = _rng()
     qw = _weight(rng, n, k, share8)
