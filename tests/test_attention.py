@@ -297,23 +297,17 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         assert np.abs(a - b).max() <= tol
 
 
-def test_unknown_attention_setting_is_named(monkeypatch):
+@pytest.mark.parametrize("flag, value, tokens, match", [
+    ("ATTENTION", "pallas", 1, "'xla', 'auto' or 'always'"),  # a decode step
+    ("PREFILL_ATTENTION", "flash", 100, "PREFILL_ATTENTION = 'flash'; expected 'auto' or 'xla'"),  # a prompt
+])
+def test_unknown_attention_setting_is_named(monkeypatch, flag, value, tokens, match):
     cfg = LlamaConfig(vocab_size=11, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, num_key_value_heads=1, head_dim=32)
     params = model.init_params(cfg, jax.random.key(0), jnp.float32)
-    monkeypatch.setattr(model, "ATTENTION", "pallas")
-    with pytest.raises(ValueError, match="'xla', 'auto' or 'always'"):
-        model.forward_step(params, jnp.zeros((1, 1), jnp.int32), cfg, model.init_cache(cfg, 1, 4, jnp.float32))
-
-
-
-def test_unknown_prefill_attention_setting_is_named(monkeypatch):
-    cfg = LlamaConfig(vocab_size=11, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=32)
-    params = model.init_params(cfg, jax.random.key(0), jnp.float32)
-    monkeypatch.setattr(model, "PREFILL_ATTENTION", "flash")
-    with pytest.raises(ValueError, match="PREFILL_ATTENTION = 'flash'; expected 'auto' or 'xla'"):
-        model.forward_step(params, jnp.zeros((1, 100), jnp.int32), cfg, model.init_cache(cfg, 1, 128, jnp.float32))
+    monkeypatch.setattr(model, flag, value)
+    with pytest.raises(ValueError, match=match):
+        model.forward_step(params, jnp.zeros((1, tokens), jnp.int32), cfg, model.init_cache(cfg, 1, 128, jnp.float32))
 
 
 @pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
