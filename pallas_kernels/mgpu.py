@@ -141,18 +141,17 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     if mp % cfg.cta_m or np_ % cfg.cta_n:
         raise ValueError(f"w8a8_group_matmul: Mp={mp} and Np={np_} must be multiples of the CTA tile "
                          f"{cfg.cta_m}×{cfg.cta_n} (pad them, as mixed_matmul_mgpu does)")
-    out_dtype_ = jnp.dtype(out_dtype)
+    out_dtype = jnp.dtype(out_dtype)
     smem = (cfg.stages * (cfg.cta_m + cfg.cta_n) * (cfg.gps * GROUP_SIZE + 4 * cfg.gps)  # x, w and scale stages
-            + 4 * cfg.tile_m * cfg.epi_n * out_dtype_.itemsize)  # two epilogue slots per warpgroup
+            + 4 * cfg.tile_m * cfg.epi_n * out_dtype.itemsize)  # two epilogue slots per warpgroup
     if smem > _SMEM_BYTES:
-        raise ValueError(f"w8a8_group_matmul: config {cfg} with {out_dtype_.name} output needs ≈ {smem // 1024} KB "
+        raise ValueError(f"w8a8_group_matmul: config {cfg} with {out_dtype.name} output needs ≈ {smem // 1024} KB "
                          f"of shared memory, more than the {_SMEM_BYTES // 1024} KB of a Hopper SM; lower stages, "
                          "gps or epi_n")
     m_iters, n_iters = mp // cfg.cta_m, np_ // cfg.cta_n
     tm, tn, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_n
     gps = cfg.gps
     kstep = gps * GROUP_SIZE
-    out_dtype = jnp.dtype(out_dtype)
     programs = min(cfg.programs or _num_sms(), m_iters * n_iters)
 
     def kernel(x_gmem, sa_gmem, w_gmem, sw_gmem, out_gmem, out_smem):
