@@ -27,7 +27,8 @@ import numpy as np
 
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
-from pallas_kernels.attention import attend_new_tokens_pallas, attend_ref, decode_attention_pallas, prefill_attention
+from pallas_kernels.attention import (attend_new_tokens_pallas, attend_ref, cudnn_attention_available,
+                                      decode_attention_pallas, prefill_attention)
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -330,7 +331,7 @@ ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per
 
 PREFILL_ATTENTION = "auto"  # attention of chunks the decode kernel does not take (prefill): "auto" (default)
 # runs cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) on an NVIDIA GPU
-# when the queries are bf16/f16 and the cache is float, the same for float and quantized weights; "xla":
+# of compute capability ≥ 8.0 when the queries are bf16/f16 and the cache is float, the same for float and quantized weights; "xla":
 # `attend_ref` always (it materialises the [B, H, T, S] f32 scores: ≈ a third of a 2048-token prefill on the
 # H200, benchmarks/NOTES-kernels.md item 61)
 
@@ -339,7 +340,7 @@ def _cudnn_attention_on(q: jax.Array, k_scale, implementation: Implementation) -
     if PREFILL_ATTENTION not in ("auto", "xla"):
         raise ValueError(f"mixjax.model.PREFILL_ATTENTION = {PREFILL_ATTENTION!r}; expected 'auto' or 'xla'")
     return (PREFILL_ATTENTION == "auto" and k_scale is None and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and jax.default_backend() == "gpu"
+            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and cudnn_attention_available()
             and resolve_implementation(implementation) == "pallas")
 
 

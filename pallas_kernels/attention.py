@@ -59,6 +59,16 @@ def attend_ref(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     return out.reshape(B, T, H, Dh)
 
 
+def cudnn_attention_available(device=None) -> bool:
+    """True on an NVIDIA GPU of compute capability ≥ 8.0, where jax's cuDNN fused attention runs (ROCm
+    devices report no compute capability)."""
+    device = device or jax.devices()[0]
+    try:
+        return device.platform == "gpu" and float(getattr(device, "compute_capability", "0")) >= 8.0
+    except ValueError:
+        return False
+
+
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, q_pos: jax.Array | None = None,
                       sliding_window: int | None = None) -> jax.Array:
     """`attend_ref` for a float cache through cuDNN's fused flash attention (`jax.nn.dot_product_attention`,

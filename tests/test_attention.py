@@ -310,6 +310,21 @@ def test_unknown_attention_setting_is_named(monkeypatch, flag, value, tokens, ma
         model.forward_step(params, jnp.zeros((1, tokens), jnp.int32), cfg, model.init_cache(cfg, 1, 128, jnp.float32))
 
 
+class _Device:
+    def __init__(self, platform, cc=None):
+        self.platform = platform
+        if cc is not None:
+            self.compute_capability = cc
+
+
+def test_cudnn_attention_needs_an_nvidia_gpu_of_ampere_or_later():
+    assert attention.cudnn_attention_available(_Device("gpu", "9.0"))
+    assert attention.cudnn_attention_available(_Device("gpu", "8.6"))
+    assert not attention.cudnn_attention_available(_Device("gpu", "7.5"))  # Turing: no fused attention
+    assert not attention.cudnn_attention_available(_Device("gpu"))  # ROCm: no compute capability
+    assert not attention.cudnn_attention_available(_Device("cpu"))
+
+
 @pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
 @pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, start", [
     (2, 37, 8, 2, 64, 64, None, (0, 5)),  # GQA, ragged starts: the whole mask
