@@ -331,9 +331,9 @@ ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per
 
 PREFILL_ATTENTION = "auto"  # attention of chunks the decode kernel does not take (prefill): "auto" (default)
 # runs cuDNN's fused flash attention (`jax.nn.dot_product_attention(implementation="cudnn")`) on an NVIDIA GPU
-# of compute capability ≥ 8.0 when the queries are bf16/f16 and the cache is float, the same for float and quantized weights; "xla":
-# `attend_ref` always (it materialises the [B, H, T, S] f32 scores: ≈ a third of a 2048-token prefill on the
-# H200, benchmarks/NOTES-kernels.md item 61)
+# of compute capability ≥ 8.0 when the queries are bf16/f16 and the cache is float, the same for float and
+# quantized weights; "xla": `attend_ref` always (it materialises the [B, H, T, S] f32 scores: ≈ a third of a
+# 2048-token prefill on the H200, benchmarks/NOTES-kernels.md item 61)
 
 
 def _cudnn_attention_on(q: jax.Array, k_scale, implementation: Implementation) -> bool:
