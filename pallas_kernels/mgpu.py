@@ -73,7 +73,13 @@ class MgpuConfig:
     gps: quantization groups per pipeline step. With 2, a step issues both groups' MMAs into two int32
     partials, waits for the first only, and rescales it while the second group's MMAs run; nothing is
     carried across steps (unlike `overlap`, whose carried partial costs a register copy). K/128 must
-    be a multiple of gps."""
+    be a multiple of gps;
+    convert: how a group's int32 partial P becomes f32 in the rescale. "i2f": one int→float conversion
+    (I2FP, which Hopper issues at a quarter of the FP32 rate or less: ncu, session 17, counted one per
+    element and group, 58.7 M at 4096×4096×14336); "magic": an integer add of the bits of 1.5·2^23 and
+    one float subtract of 1.5·2^23 (exact: |P| ≤ 128·128·128 < 2^22, and the subtract of two floats
+    within a factor of two is exact), the same f32 value from full-rate integer and FP32 instructions.
+    Unlike `seed`, the accumulator of the wgmma starts at zero (no move per element before the MMAs)."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -86,6 +92,7 @@ class MgpuConfig:
     seed: bool = False
     pingpong: bool = False
     gps: int = 2
+    convert: str = "i2f"
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_m <= 0:
@@ -100,6 +107,9 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: epi_n={self.epi_n} must divide tile_n={self.tile_n} and be a multiple of 8")
         if self.gps not in (1, 2) or (self.gps > 1 and (self.overlap or self.seed)):
             raise ValueError(f"MgpuConfig: gps={self.gps} must be 1 or 2, and 2 goes without overlap and seed")
+        if self.convert not in ("i2f", "magic") or (self.convert == "magic" and self.seed):
+            raise ValueError(f"MgpuConfig: convert={self.convert!r} must be 'i2f' or 'magic', and 'magic' goes "
+                             "without seed (a seeded partial is converted by its seed already)")
 
     @property
     def cta_m(self) -> int:
@@ -207,7 +217,11 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         q = (lax.bitcast_convert_type(partial, jnp.float32) * sw_b
                              + lax.broadcast_in_dim(sw * -_MAGIC_F, (tm, tn), [1]))
                         return acc + q * sa_b
-                    return acc + partial.astype(jnp.float32) * (sa_b * sw_b)
+                    if cfg.convert == "magic":  # 1.5·2^23 + P, read as a float, less 1.5·2^23: exactly P
+                        p = lax.bitcast_convert_type(partial + _MAGIC, jnp.float32) - _MAGIC_F
+                    else:
+                        p = partial.astype(jnp.float32)
+                    return acc + p * (sa_b * sw_b)
 
                 def body_gps(_, x_smem, sa_smem, w_smem, sw_smem, acc):
                     def operands(j):

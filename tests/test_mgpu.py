@@ -4,6 +4,8 @@ its errors. Fresh random data each run."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import jax
@@ -70,7 +72,9 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
 @pytest.mark.parametrize("cfg", [
     mgpu.MgpuConfig(programs=3),  # two groups a step, the first rescaled while the second multiplies
     mgpu.MgpuConfig(wg_along="n", programs=2, epi_n=32),  # f32 output: 64-column slots would not fit
-    mgpu.MgpuConfig(programs=3, pingpong=True),  # turns of two groups' MMAs: every arrival waited for
+    # turns of two groups' MMAs (every arrival waited for), partials to f32 by the integer add of 1.5·2^23
+    mgpu.MgpuConfig(programs=3, pingpong=True, convert="magic"),
+    gpu_only(mgpu.MgpuConfig(programs=3, convert="magic")),
     gpu_only(mgpu.MgpuConfig(programs=2, gps=1, stages=4)),  # one group a step (session 4's default)
     gpu_only(mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True, gps=1)),
     gpu_only(mgpu.MgpuConfig(programs=2, seed=True, overlap=True, gps=1)),
@@ -88,6 +92,22 @@ def test_group_matmul_matches_reference(cfg):
     assert y.shape == (m, n) and y.dtype == jnp.float32
     # exact integer partials; the seeded rescale adds one f32 rounding of 1.5·2^23·s_w per group
     assert _rel(y, want) < (1e-4 if cfg.seed else 1e-6)
+    if cfg.convert == "magic":  # the same f32 partials as the conversion's, so the same bits
+        same = dataclasses.replace(cfg, convert="i2f")
+        assert np.array_equal(y, mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=same,
+                                                        interpret=INTERPRET))
+
+
+def test_magic_conversion_lowers_without_int_to_float():
+    """Lowered for CUDA (no GPU needed): convert="magic" leaves no `arith.sitofp` in the kernel, the default
+    has one (the rescale's conversion, the instruction Nsight Compute counted once per element and group)."""
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
+              (((128, 256), jnp.int8), ((2, 128), jnp.float32), ((128, 256), jnp.int8), ((2, 128), jnp.float32))]
+    for convert, count in (("i2f", 1), ("magic", 0)):
+        cfg = mgpu.MgpuConfig(convert=convert)
+        text = jax.jit(lambda *a: mgpu.w8a8_group_matmul(*a, config=cfg)).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "wgmma" in text and text.count("arith.sitofp") == count, convert
 
 
 @pytest.mark.parametrize("m, k, n, share8", [(130, 576, 300, 0.1),  # 5 groups: one group a step
@@ -113,6 +133,10 @@ def test_bad_configs_and_shapes_are_named():
         mgpu.MgpuConfig(epi_n=48)
     with pytest.raises(ValueError, match="gps"):
         mgpu.MgpuConfig(gps=2, overlap=True)
+    with pytest.raises(ValueError, match="convert"):
+        mgpu.MgpuConfig(convert="fast")
+    with pytest.raises(ValueError, match="without seed"):
+        mgpu.MgpuConfig(gps=1, seed=True, convert="magic")
     with pytest.raises(ValueError, match="shared memory.*lower stages, gps or epi_n"):  # found on the H200
         mgpu.w8a8_group_matmul(*_operands(_rng(), 128, 512, 256), out_dtype=jnp.float32,
                                config=mgpu.MgpuConfig(wg_along="n"), interpret=True)
