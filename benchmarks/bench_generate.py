@@ -37,7 +37,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   the GEMVs after a norm normalize and quantize their own groups (`model.NORM_IN_GEMV = "auto"`); `@pdl` /
   `@pdlw`: our kernels emit programmatic-dependent-launch instructions (`pallas_kernels.pdl`; run with
   XLA_FLAGS=--xla_gpu_enable_pdl=true), `@pdlw` with the GEMV's wait after its first weight loads;
-  `NAME+h4` / `+h8`: the
+  `@magic` / `@magicfma`: the prefill GEMM's int32 partials reach f32 without the int→float conversion
+  (`MgpuConfig.convert`); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -311,7 +312,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
-              "ngemv", "pdl", "pdlw")
+              "ngemv", "pdl", "pdlw", "magic", "magicfma")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -358,6 +359,11 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import pdl
 
         pdl.ENABLED, pdl.WEIGHTS_FIRST = True, strategy == "pdlw"
+    elif strategy in ("magic", "magicfma"):  # the Mosaic GPU prefill GEMM's conversion (MgpuConfig.convert)
+        from pallas_kernels import mgpu
+
+        cfg = dataclasses.replace(mgpu.DEFAULT_CONFIG, convert="magic" if strategy == "magic" else "magic_fma")
+        mgpu.mixed_matmul_mgpu = functools.partial(mgpu.mixed_matmul_mgpu, config=cfg)
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
     else:

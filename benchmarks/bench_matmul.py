@@ -405,10 +405,18 @@ def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
 MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along="m", gps=1, stages=4)] + [
     dict(tile_m=64, tile_n=128, wg_along="m", gps=2, stages=st, epi_n=ep, pingpong=pp)
     for pp in (False, True) for st, ep in ((2, 64), (3, 32))]
+# session 18: the rescale without the int→float conversion (MgpuConfig.convert), with the default tiles and
+# with one group a step, where the conversion was a larger share
+MGPU_SWEEP_CONVERT = [dict(tile_m=64, tile_n=128, wg_along="m", gps=g, stages=st, convert=c)
+                      for g, st in ((2, 2), (1, 4)) for c in ("i2f", "magic", "magic_fma")]
 
 
 def mgpu_sweep(m: int, g: int, rows: int):
     return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP]
+
+
+def mgpu_convert_sweep(m: int, g: int, rows: int):
+    return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP_CONVERT]
 
 
 MGPU_DECODE_SWEEP = {"stages": (4, 6), "ctas": (132, 264), "wgs": (2,), "gps": (1, 2, 4)}  # session 6, call 1
@@ -445,6 +453,8 @@ def parse(argv):
     p.add_argument("--sweep-mgpu", action="store_true", help="sweep the Mosaic GPU prefill kernel (mgpu_sweep)")
     p.add_argument("--sweep-mgpu-decode", action="store_true", help="sweep the Mosaic GPU decode kernel")
     p.add_argument("--sweep-mgpu-variant", default="mgpu", help="mgpu or mgpu_core for --sweep-mgpu")
+    p.add_argument("--sweep-mgpu-grid", default="tiles", choices=("tiles", "convert"),
+                   help="--sweep-mgpu's configs: MGPU_SWEEP (tiles, stages, turns) or MGPU_SWEEP_CONVERT")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -464,7 +474,9 @@ def emit(row, log):
     elif "wg_along" in cfg:  # MgpuConfig
         cfg_s = "mgpu {tile_m}x{tile_n} wg-{wg_along} st{stages} snake{snake} epi{epi_n}{s}{o}{p}{q}".format(
             s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "",
-            p=" pingpong" if cfg.get("pingpong") else "", q=f" gps{cfg['gps']}" if cfg.get("gps", 1) > 1 else "",
+            p=" pingpong" if cfg.get("pingpong") else "",
+            q=(f" gps{cfg['gps']}" if cfg.get("gps", 1) > 1 else "")
+            + (f" {cfg['convert']}" if cfg.get("convert", "i2f") != "i2f" else ""),
             **cfg)
     elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
         cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps}".format(**cfg)
@@ -558,7 +570,7 @@ def main(argv=None):
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep
             if args.sweep_mgpu:
-                sweep = mgpu_sweep
+                sweep = mgpu_convert_sweep if args.sweep_mgpu_grid == "convert" else mgpu_sweep
             if args.sweep_mgpu_decode:
                 sweep = mgpu_decode_sweep
             for s in args.sweep_shapes.split(","):

@@ -71,7 +71,8 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
 
 @pytest.mark.parametrize("cfg", [
     mgpu.MgpuConfig(programs=3),  # two groups a step, the first rescaled while the second multiplies
-    mgpu.MgpuConfig(wg_along="n", programs=2, epi_n=32),  # f32 output: 64-column slots would not fit
+    # f32 output (64-column slots would not fit), partials to f32 by the integer add and two FMAs
+    mgpu.MgpuConfig(wg_along="n", programs=2, epi_n=32, convert="magic_fma"),
     # turns of two groups' MMAs (every arrival waited for), partials to f32 by the integer add of 1.5·2^23
     mgpu.MgpuConfig(programs=3, pingpong=True, convert="magic"),
     gpu_only(mgpu.MgpuConfig(programs=3, convert="magic")),
@@ -90,8 +91,8 @@ def test_group_matmul_matches_reference(cfg):
     y = mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
     want = ref.w8a8_ref(x_q, sa.T, w, sw)
     assert y.shape == (m, n) and y.dtype == jnp.float32
-    # exact integer partials; the seeded rescale adds one f32 rounding of 1.5·2^23·s_w per group
-    assert _rel(y, want) < (1e-4 if cfg.seed else 1e-6)
+    # exact integer partials; the seeded rescales add one f32 rounding of 1.5·2^23·s_w per group
+    assert _rel(y, want) < (1e-4 if cfg.seed or cfg.convert == "magic_fma" else 1e-6)
     if cfg.convert == "magic":  # the same f32 partials as the conversion's, so the same bits
         same = dataclasses.replace(cfg, convert="i2f")
         assert np.array_equal(y, mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=same,
@@ -99,11 +100,11 @@ def test_group_matmul_matches_reference(cfg):
 
 
 def test_magic_conversion_lowers_without_int_to_float():
-    """Lowered for CUDA (no GPU needed): convert="magic" leaves no `arith.sitofp` in the kernel, the default
+    """Lowered for CUDA (no GPU needed): the magic conversions leave no `arith.sitofp` in the kernel, the default
     has one (the rescale's conversion, the instruction Nsight Compute counted once per element and group)."""
     shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
               (((128, 256), jnp.int8), ((2, 128), jnp.float32), ((128, 256), jnp.int8), ((2, 128), jnp.float32))]
-    for convert, count in (("i2f", 1), ("magic", 0)):
+    for convert, count in (("i2f", 1), ("magic", 0), ("magic_fma", 0)):
         cfg = mgpu.MgpuConfig(convert=convert)
         text = jax.jit(lambda *a: mgpu.w8a8_group_matmul(*a, config=cfg)).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
