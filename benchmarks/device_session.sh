@@ -276,17 +276,21 @@ case "$part" in
         --prefill-len $n --profile --profile-top 8 --budget-s 120 --out "$out/prefill$n.md" 2>&1 | tee "$out/prefill$n.log"
     done
     ;;
-  s18)  # session 18 (not yet run): the prefill GEMM's int32 partials to f32 without I2FP (MgpuConfig.convert):
-        # its GPU tests, then the GEMM at M = 4096 and 2048 (i2f / magic / magic_fma, two groups a step and
-        # one) beside XLA bf16 and int8, then prefill 2048 end to end, bf16 beside W4.4A8 with each conversion
+  s18a)  # session 18 (not yet run): the prefill GEMM's int32 partials to f32 without I2FP (MgpuConfig.convert):
+         # the Mosaic GPU tests (with the codes input), then the GEMM at M = 4096 and 2048 (i2f / magic /
+         # magic_fma, two groups a step and one) beside XLA bf16 and int8
     header
-    timeout 120 python3 -m pytest -q tests/test_mgpu.py 2>&1 | tail -4 | tee "$out/tests.log"
-    timeout 260 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672,14336x4096 \
+    timeout 150 python3 -m pytest -q tests/test_mgpu.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 400 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672,14336x4096 \
       --ms 4096 --variants xla_bf16,xla_int8 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid convert \
       --sweep-shapes 4096x28672,14336x4096 --sweep-ms ${SWEEP_MS:-4096,2048} --out "$out/convert" 2>&1 \
       | grep -v "^ *$" | tail -40 | tee "$out/convert.log"
-    timeout 230 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@magic+h4,w4.4a8@magicfma+h4 \
-      --batches "" --repeats 3 --prefill-len 2048 --profile --profile-top 8 --budget-s 220 \
+    ;;
+  s18b)  # session 18 (not yet run): prefill 2048 end to end, bf16 beside W4.4A8 with each conversion, and with
+         # the norms and SwiGLU handing the GEMMs codes (model.PREFILL_CODES)
+    header
+    timeout 560 python3 benchmarks/bench_generate.py --variants ${VARIANTS:-bf16,w4.4a8+h4,w4.4a8@magic+h4,w4.4a8@magicfma+h4,w4.4a8@magic@pcodes+h4} \
+      --batches "" --repeats 3 --prefill-len 2048 --profile --profile-top 8 --budget-s 540 \
       --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
     ;;
   tall)
@@ -301,7 +305,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b" >&2
     exit 2
     ;;
 esac

@@ -216,9 +216,27 @@ def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> boo
 
     if NORM_QUANT == "never" or not weights or not all(isinstance(w, MixedWeight) for w in weights):
         return False
-    if math.prod(x.shape[:-1]) > MAX_QUANT_ROWS:
+    if math.prod(x.shape[:-1]) > MAX_QUANT_ROWS and not _prefill_codes_on(x, implementation):
         return False
     return NORM_QUANT == "always" or resolve_implementation(implementation) == "pallas"
+
+
+PREFILL_CODES = "never"  # "auto": at prefill on a Hopper GPU (≥ api.MGPU_MIN_M tokens, the Mosaic GPU GEMM's
+# rows), the norms (NORM_QUANT) and SwiGLU (SWIGLU_QUANT) before mixed linears hand them int8 codes as at
+# decode, so the GEMM skips its own quantization pass; "always": at any row count, on the XLA path through
+# the references (tests); "never": prefill linears quantize their float inputs. Not yet measured (session 18)
+
+
+def _prefill_codes_on(x: jax.Array, implementation: Implementation) -> bool:
+    """Whether more rows than the decode kernels' limit still get codes from their producers."""
+    if PREFILL_CODES not in ("never", "auto", "always"):
+        raise ValueError(f"mixjax.model.PREFILL_CODES = {PREFILL_CODES!r}; expected 'never', 'auto' or 'always'")
+    if PREFILL_CODES != "auto":
+        return PREFILL_CODES == "always"
+    from pallas_kernels.api import MGPU_MIN_M, has_wgmma
+
+    return (resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M
+            and has_wgmma())
 
 
 SWIGLU_QUANT = "auto"  # "auto" (default): at ≤ swiglu.MAX_ROWS tokens on the Pallas path, a fused gate/up and
@@ -234,7 +252,7 @@ def _swiglu_quant_on(gate_up: dict, down: dict, x: jax.Array, implementation: Im
 
     if SWIGLU_QUANT not in ("never", "auto", "always"):
         raise ValueError(f"mixjax.model.SWIGLU_QUANT = {SWIGLU_QUANT!r}; expected 'never', 'auto' or 'always'")
-    if SWIGLU_QUANT == "never" or math.prod(x.shape[:-1]) > MAX_ROWS:
+    if SWIGLU_QUANT == "never" or (math.prod(x.shape[:-1]) > MAX_ROWS and not _prefill_codes_on(x, implementation)):
         return False
     if not (isinstance(gate_up["weight"], MixedWeight) and isinstance(down["weight"], MixedWeight)):
         return False
@@ -505,6 +523,7 @@ def _decoder_layer(
         return [proj(f"{group}.{name}", h) for name in members]
 
     from pallas_kernels.format import MixedWeight
+    from pallas_kernels.norm import MAX_QUANT_ROWS
 
     def consumers(group):  # the weights that read the norm's output
         members, fused_name = _FUSED[group]
@@ -552,8 +571,9 @@ def _decoder_layer(
             attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
     attn = attn.reshape(B, T, H * Dh)
     o_proj = layer["self_attn"]["o_proj"]
+    decode_rows = B * T <= MAX_QUANT_ROWS  # more rows (prefill codes): outputs in x's dtype, not f32 partials
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
-        if isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # its split-K partials
+        if decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials
             delta = o_proj["weight"].matmul(attn, implementation=implementation, partials=True)  # [S, B, T, D]
         else:
             delta = proj("self_attn.o_proj", attn)
@@ -566,10 +586,10 @@ def _decoder_layer(
         # the gate/up partials → SiLU(gate)·up → int8 codes for down_proj, one launch
         from pallas_kernels import swiglu
 
-        parts = gate_up["weight"].matmul(h, implementation=implementation, partials=True)  # [S, B, T, 2F] f32
+        parts = gate_up["weight"].matmul(h, implementation=implementation, partials=decode_rows)  # [S, B, T, 2F] f32
         quant = swiglu.silu_mul_quant_pallas if resolve_implementation(implementation) == "pallas" else \
             swiglu.silu_mul_quant_ref
-        gated = quant(parts, x.dtype, partials=True)
+        gated = quant(parts, x.dtype, partials=decode_rows)
     else:
         gate, up = projs("mlp", h)
         gated = jax.nn.silu(gate) * up  # [B, T, F]
@@ -593,7 +613,10 @@ DEFER_DOWN = True  # decode on the Pallas path (norms emitting codes, ≤ norm.M
 
 
 def _defer_down(layers, x, implementation) -> bool:
-    return DEFER_DOWN and NORM_QUANT != "never" and len(layers) > 1 and _norm_quant_on(
+    from pallas_kernels.norm import MAX_QUANT_ROWS
+
+    return DEFER_DOWN and NORM_QUANT != "never" and len(layers) > 1 and math.prod(x.shape[:-1]) <= MAX_QUANT_ROWS \
+        and _norm_quant_on(
         [layers[1]["mlp"]["down_proj"]["weight"]], x, implementation)
 
 

@@ -119,8 +119,8 @@ def mixed_matmul(
 
     On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel.
     `QuantizedActivations` (codes from the producer of x) go to the integer kernels without their
-    quantization step; the XLA path and the prefill paths take their dequantized values (the same
-    codes again: the largest code of a group is ±127). `NormedActivations` (a norm's first launch only)
+    quantization step (the Mosaic GPU prefill GEMM too); the XLA path and "dequant_dot" take their
+    dequantized values (the same codes again: the largest code of a group is ±127). `NormedActivations` (a norm's first launch only)
     go to the GEMV, which normalizes and quantizes its own groups; other paths make the codes first
     (`norm.normed_codes`, the reference on XLA). `partials=True` returns the split-K kernels'
     unsummed f32 partials [S, M, N] (S = 1 on the other paths)."""
@@ -151,7 +151,7 @@ def mixed_matmul(
         from pallas_kernels import gemv
 
         return gemv.mixed_gemv_pallas(x, qw, interpret=interpret, partials=partials)
-    if pre and path in ("mgpu", "dequant_dot"):
+    if pre and path == "dequant_dot":
         x = x.dequantize().reshape(m, qw.k)
     if path == "mgpu":
         from pallas_kernels.mgpu import mixed_matmul_mgpu

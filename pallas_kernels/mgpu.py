@@ -43,7 +43,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, _round_up
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, QuantizedActivations, _round_up
 from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed + P = 1.5·2^23 + P, |P| < 2^22
 
 _MAGIC_F = 1.5 * 2**23
@@ -410,27 +410,35 @@ def int8_weight(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def mixed_matmul_mgpu(x: jax.Array, qw: MixedWeight, *, config: MgpuConfig = DEFAULT_CONFIG,
+def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, config: MgpuConfig = DEFAULT_CONFIG,
                       interpret: bool = False) -> jax.Array:
     """x [M, K] float → [M, N] x.dtype in channel order: quantize activations, unpack the weight to
-    int8 (`int8_weight`), one Mosaic GPU int8 GEMM with per-group rescale. Pads M and N to the tile."""
+    int8 (`int8_weight`), one Mosaic GPU int8 GEMM with per-group rescale. Pads M and N to the tile.
+    x may also be `QuantizedActivations` from its producer (a norm or SwiGLU kernel): its codes and
+    scales go to the GEMM as they are (rows padded to the tile), no quantization step."""
     from pallas_kernels.reference import quantize_activations_ref
 
-    m = x.shape[0]
     if qw.num_groups % config.gps:  # an odd number of groups: one group a step, as many groups in flight
         config = dataclasses.replace(config, gps=1, stages=config.stages * config.gps)
-    mp = _round_up(m, config.cta_m)
     np_ = _round_up(qw.n, config.cta_n)
-    if interpret:
-        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, mp - m), (0, 0)]))
+    if isinstance(x, QuantizedActivations):
+        if x.x_q.shape[1] != qw.k_padded:
+            raise ValueError(f"mixed_matmul_mgpu: codes of {x.x_q.shape[1]} columns for a weight of "
+                             f"K = {qw.k_padded} (padded)")
+        m, dtype = x.m, jnp.dtype(x.dtype)
+        x_q, sa, _ = x.rows(config.cta_m)
+    elif interpret:
+        m, dtype = x.shape[0], x.dtype
+        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, _round_up(m, config.cta_m) - m), (0, 0)]))
         sa = sa.T
     else:
         from pallas_kernels.kernels import quantize_activations_pallas
 
+        m, dtype = x.shape[0], x.dtype
         x_q, sa, _ = quantize_activations_pallas(x, block_m=config.cta_m)
     # Tie the unpack to this call's activations: without it XLA may hoist the (activation-independent)
     # unpacks of every layer of a model to the program's start and hold all their int8 copies at once.
     x_q, qw = lax.optimization_barrier((x_q, qw))
     w, sw = int8_weight(qw, rows=np_)
-    y = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=x.dtype, config=config, interpret=interpret)
+    y = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=dtype, config=config, interpret=interpret)
     return y[:m, : qw.n]

@@ -123,6 +123,27 @@ def test_mixed_matmul_mgpu_within_bf16_bound(m, k, n, share8):
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3  # the bound of every bf16-output path
 
 
+@isolated
+def test_mixed_matmul_mgpu_takes_codes():
+    """`QuantizedActivations` from a producer (a norm or SwiGLU kernel at prefill, `model.PREFILL_CODES`) go
+    to the GEMM as they are: with the codes the float path would make, the same bits; rows that do not
+    fill the tile are padded."""
+    from pallas_kernels.format import QuantizedActivations
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    rng = _rng()
+    m, k, n = 130, 256, 96
+    qw = _weight(rng, n, k, 0.1)
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    codes = QuantizedActivations(*quantize_activations_xla(x, block_m=64), (m,), k, "bfloat16")
+    y = mgpu.mixed_matmul_mgpu(codes, qw, interpret=INTERPRET)
+    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(y, np.float32), np.asarray(mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET),
+                                                                 np.float32))
+    with pytest.raises(ValueError, match="codes of 256 columns for a weight of K = 384"):
+        mgpu.mixed_matmul_mgpu(codes, _weight(rng, n, 384, 0.1), interpret=True)
+
+
 def test_bad_configs_and_shapes_are_named():
     with pytest.raises(ValueError, match="tile_m"):
         mgpu.MgpuConfig(tile_m=96)

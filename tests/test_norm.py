@@ -211,3 +211,66 @@ def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
         assert with_partials == [False, True, True, True, False] * 2
         step = "NormedActivations" if in_gemv == "always" else "QuantizedActivations"
         assert handed == ["QuantizedActivations"] * 5 + [step] * 5  # prefill (10 rows), then the step (2 rows)
+
+
+def test_model_prefill_codes(monkeypatch):
+    """`model.PREFILL_CODES` (a Hopper's prefill; here "always", through the references): past the decode
+    kernels' 64 rows the norms and SwiGLU still hand the mixed linears int8 codes, taking the previous
+    linear's output in the activations' dtype (no f32 partials, no deferred down_proj at prefill), with
+    the logits of plain norms and quantizing linears; off, the prefill's norms are plain again."""
+    from mixjax.config import LlamaConfig
+    from pallas_kernels import swiglu
+
+    import pallas_kernels as pk
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(6), jnp.float32))
+    params = model.unstack_layers(params)
+    rng = np.random.default_rng()
+    for layer in params["layers"]:
+        for group in ("self_attn", "mlp"):
+            for p in layer[group].values():
+                p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), tenth(rng, p["weight"].shape[0]))
+    params = model.fuse_projections(params)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 41)), jnp.int32)  # a prefill of 80 rows, a step
+    deltas, gated = [], []
+    norm_quant, silu_mul_quant = model.norm_quant, swiglu.silu_mul_quant_ref
+
+    def spy_norm(x, delta, *args):
+        deltas.append(None if delta is None else (delta.ndim - x.ndim, delta.dtype.name))
+        return norm_quant(x, delta, *args)
+
+    def spy_swiglu(gate_up, *args, **kw):
+        gated.append((gate_up.ndim, kw.get("partials")))
+        return silu_mul_quant(gate_up, *args, **kw)
+
+    monkeypatch.setattr(model, "norm_quant", spy_norm)
+    monkeypatch.setattr(swiglu, "silu_mul_quant_ref", spy_swiglu)
+    monkeypatch.setattr(model, "NORM_QUANT", "always")
+    monkeypatch.setattr(model, "SWIGLU_QUANT", "always")
+
+    def run(mode):
+        monkeypatch.setattr(model, "PREFILL_CODES", mode)
+        deltas.clear()
+        gated.clear()
+        cache = model.init_cache(cfg, 2, 48, jnp.float32)
+        forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
+        first, cache = forward(params, tokens[:, :40], cache=cache)
+        step, _ = forward(params, tokens[:, 40:], cache=cache)
+        return np.asarray(first), np.asarray(step)
+
+    want = run("never")
+    # prefill: plain norms and XLA's SiLU·mul; the step (2 rows): codes, partials and the deferred down_proj
+    assert deltas == [None, (1, "float32"), (1, "float32"), (1, "float32")]  # (the float head: a plain final norm)
+    assert gated == [(4, True)] * 2
+    got = run("always")
+    # prefill: codes from every norm, o_proj's output added in the dtype, layer 1's input norm without a
+    # deferred down_proj; SwiGLU on the whole gate/up output [B, T, 2F]
+    assert deltas == [None, (0, "float32"), None, (0, "float32")] + [None, (1, "float32"), (1, "float32"), (1, "float32")]
+    assert gated == [(3, False)] * 2 + [(4, True)] * 2
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+    monkeypatch.setattr(model, "PREFILL_CODES", "sometimes")
+    with pytest.raises(ValueError, match="PREFILL_CODES = 'sometimes'"):
+        model.forward_step(params, tokens, cfg, model.init_cache(cfg, 2, 48, jnp.float32), implementation="xla")
