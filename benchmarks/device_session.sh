@@ -293,6 +293,11 @@ case "$part" in
       --batches "" --repeats 3 --prefill-len 2048 --profile --profile-top 8 --budget-s 540 \
       --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
     ;;
+  s18c)  # session 18 (not yet run): Nsight Compute on the prefill GEMM with each conversion (is the I2FP pipe
+         # what held the tensor pipe at 46 %? item 63)
+    header
+    OUT="$out" timeout 300 bash benchmarks/ncu_mgpu.sh convert=i2f convert=magic convert=magic_fma 2>&1 | tee "$out/ncu.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -305,7 +310,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c" >&2
     exit 2
     ;;
 esac
