@@ -11,10 +11,9 @@ import numpy as np
 import pytest
 
 from mixjax import model
-from mixjax.config import LlamaConfig
 from pallas_kernels import swiglu
 from pallas_kernels.norm import quant_rows
-from helpers import tenth
+from helpers import prefill_then_step, tiny_mixed_model
 
 INTERPRET = jax.default_backend() != "gpu"
 
@@ -65,18 +64,8 @@ def test_model_swiglu_hands_codes_to_down_proj(monkeypatch):
     """`model.SWIGLU_QUANT = "always"` (here through the reference): the fused gate/up partials become
     down_proj's int8 codes without a float round trip, and the logits equal those of XLA's SiLU·mul followed by
     down_proj's own quantization, prefill and cached steps alike."""
-    import pallas_kernels as pk
-
-    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0)
-    params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(5), jnp.float32))
-    params = model.unstack_layers(params)
     rng = np.random.default_rng()
-    for layer in params["layers"]:
-        for group in ("self_attn", "mlp"):
-            for p in layer[group].values():
-                p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), tenth(rng, p["weight"].shape[0]))
-    params = model.fuse_projections(params)
+    cfg, params = tiny_mixed_model(5, rng)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 6)), jnp.int32)
     calls = []
     real = swiglu.silu_mul_quant_ref
@@ -84,12 +73,7 @@ def test_model_swiglu_hands_codes_to_down_proj(monkeypatch):
 
     def run(mode):
         monkeypatch.setattr(model, "SWIGLU_QUANT", mode)
-        cache = model.init_cache(cfg, 2, 8, jnp.float32)
-        # a fresh jit per run: the module flags are read while tracing (one compilation beats op-by-op)
-        forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
-        first, cache = forward(params, tokens[:, :5], cache=cache)
-        step, _ = forward(params, tokens[:, 5:], cache=cache)
-        return np.asarray(first), np.asarray(step)
+        return prefill_then_step(params, cfg, tokens, prompt=5, cache_len=8)
 
     want = run("never")
     assert not calls
