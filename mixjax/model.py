@@ -615,9 +615,9 @@ DEFER_DOWN = True  # decode on the Pallas path (norms emitting codes, ≤ norm.M
 def _defer_down(layers, x, implementation) -> bool:
     from pallas_kernels.norm import MAX_QUANT_ROWS
 
-    return DEFER_DOWN and NORM_QUANT != "never" and len(layers) > 1 and math.prod(x.shape[:-1]) <= MAX_QUANT_ROWS \
-        and _norm_quant_on(
-        [layers[1]["mlp"]["down_proj"]["weight"]], x, implementation)
+    if not DEFER_DOWN or NORM_QUANT == "never" or len(layers) < 2 or math.prod(x.shape[:-1]) > MAX_QUANT_ROWS:
+        return False  # (at prefill the next norm takes down_proj's output in the activations' dtype instead)
+    return _norm_quant_on([layers[1]["mlp"]["down_proj"]["weight"]], x, implementation)
 
 
 def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *,

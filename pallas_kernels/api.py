@@ -120,7 +120,8 @@ def mixed_matmul(
     On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel.
     `QuantizedActivations` (codes from the producer of x) go to the integer kernels without their
     quantization step (the Mosaic GPU prefill GEMM too); the XLA path and "dequant_dot" take their
-    dequantized values (the same codes again: the largest code of a group is ±127). `NormedActivations` (a norm's first launch only)
+    dequantized values (the same codes again: the largest code of a group is ±127).
+    `NormedActivations` (a norm's first launch only)
     go to the GEMV, which normalizes and quantizes its own groups; other paths make the codes first
     (`norm.normed_codes`, the reference on XLA). `partials=True` returns the split-K kernels'
     unsummed f32 partials [S, M, N] (S = 1 on the other paths)."""

@@ -75,14 +75,15 @@ class MgpuConfig:
     carried across steps (unlike `overlap`, whose carried partial costs a register copy). K/128 must
     be a multiple of gps;
     convert: how a group's int32 partial P becomes f32 in the rescale. "i2f": one int→float conversion
-    (I2FP, which Hopper issues at a quarter of the FP32 rate or less: ncu, session 17, counted one per
-    element and group, 58.7 M at 4096×4096×14336); "magic": an integer add of the bits of 1.5·2^23 and
+    (I2FP: 16 results a clock an SM on sm_90 by the CUDA guide's throughput table, an eighth of FP32's
+    128; ncu, session 17, counted one per element and group, 58.7 M at 4096×4096×14336, NOTES item 63);
+    "magic": an integer add of the bits of 1.5·2^23 and
     one float subtract of 1.5·2^23 (exact: |P| ≤ 128·128·128 < 2^22, and the subtract of two floats
     within a factor of two is exact), the same f32 value from full-rate integer and FP32 instructions.
     Unlike `seed`, the accumulator of the wgmma starts at zero (no move per element before the MMAs).
     "magic_fma": the same integer add, then `seed`'s two FMAs (P·s_w as (1.5·2^23 + P)·s_w − 1.5·2^23·s_w,
     then · s_a into the accumulator): three instructions an element instead of four, at `seed`'s
-    precision (one f32 rounding of 1.5·2^23·s_w a group: ≈ 1e-5 relative to a group's P·s_w)."""
+    precision (one f32 rounding of 1.5·2^23·s_w a group: at most about one unit of P, times s_w)."""
 
     tile_m: int = 64
     tile_n: int = 128
