@@ -419,6 +419,15 @@ def mgpu_convert_sweep(m: int, g: int, rows: int):
     return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP_CONVERT]
 
 
+# session 18: CTA tiles for short prompts (M = 256–512), where the default 128×128 CTA leaves SMs idle (64 CTAs
+# for 256×4096 on 132 SMs): along N, and with 64-wide warpgroup tiles, up to 128–256 CTAs
+MGPU_SWEEP_MEDIUM = [dict(tile_m=64, tile_n=tn, wg_along=wg, epi_n=min(64, tn)) for wg in ("m", "n") for tn in (128, 64)]
+
+
+def mgpu_medium_sweep(m: int, g: int, rows: int):
+    return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP_MEDIUM]
+
+
 MGPU_DECODE_SWEEP = {"stages": (4, 6), "ctas": (132, 264), "wgs": (2,), "gps": (1, 2, 4)}  # session 6, call 1
 
 
@@ -453,8 +462,9 @@ def parse(argv):
     p.add_argument("--sweep-mgpu", action="store_true", help="sweep the Mosaic GPU prefill kernel (mgpu_sweep)")
     p.add_argument("--sweep-mgpu-decode", action="store_true", help="sweep the Mosaic GPU decode kernel")
     p.add_argument("--sweep-mgpu-variant", default="mgpu", help="mgpu or mgpu_core for --sweep-mgpu")
-    p.add_argument("--sweep-mgpu-grid", default="tiles", choices=("tiles", "convert"),
-                   help="--sweep-mgpu's configs: MGPU_SWEEP (tiles, stages, turns) or MGPU_SWEEP_CONVERT")
+    p.add_argument("--sweep-mgpu-grid", default="tiles", choices=("tiles", "convert", "medium"),
+                   help="--sweep-mgpu's configs: MGPU_SWEEP (tiles, stages, turns), MGPU_SWEEP_CONVERT or "
+                        "MGPU_SWEEP_MEDIUM (CTA tiles for short prompts)")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -570,7 +580,8 @@ def main(argv=None):
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep
             if args.sweep_mgpu:
-                sweep = mgpu_convert_sweep if args.sweep_mgpu_grid == "convert" else mgpu_sweep
+                sweep = {"convert": mgpu_convert_sweep, "medium": mgpu_medium_sweep}.get(args.sweep_mgpu_grid,
+                                                                                           mgpu_sweep)
             if args.sweep_mgpu_decode:
                 sweep = mgpu_decode_sweep
             for s in args.sweep_shapes.split(","):

@@ -294,9 +294,14 @@ case "$part" in
       --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
     ;;
   s18c)  # session 18 (not yet run): Nsight Compute on the prefill GEMM with each conversion (is the I2FP pipe
-         # what held the tensor pipe at 46 %? item 63)
+         # what held the tensor pipe at 46 %? item 63), then CTA tiles for short prompts (M = 256, 512: the
+         # default 128×128 CTA gives 64 CTAs for N = 4096 on 132 SMs) beside XLA bf16 and the whole api path
     header
     OUT="$out" timeout 300 bash benchmarks/ncu_mgpu.sh convert=i2f convert=magic convert=magic_fma 2>&1 | tee "$out/ncu.log"
+    timeout 240 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096,4096x6144,4096x28672,14336x4096 \
+      --ms 256,512 --variants xla_bf16,api --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid medium \
+      --sweep-shapes 4096x4096,4096x6144,4096x28672,14336x4096 --sweep-ms 256,512 --out "$out/medium" 2>&1 \
+      | grep -v "^ *$" | tail -50 | tee "$out/medium.log"
     ;;
   tall)
     header
