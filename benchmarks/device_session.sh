@@ -293,12 +293,15 @@ case "$part" in
       --batches "" --repeats 3 --prefill-len 2048 --profile --profile-top 8 --budget-s 540 \
       --out "$out/prefill2048.md" 2>&1 | tee "$out/prefill2048.log"
     ;;
-  s18c)  # session 18 (not yet run): Nsight Compute on the prefill GEMM with each conversion (is the I2FP pipe
-         # what held the tensor pipe at 46 %? item 63), then CTA tiles for short prompts (M = 256, 512: the
-         # default 128×128 CTA gives 64 CTAs for N = 4096 on 132 SMs) beside XLA bf16 and the whole api path
+  s18c)  # session 18 (not yet run): Nsight Compute on the prefill GEMM with each magic conversion (is the
+         # I2FP pipe what held the tensor pipe at 46 %? item 63; the i2f baseline is item 60's report)
     header
-    OUT="$out" timeout 300 bash benchmarks/ncu_mgpu.sh convert=i2f convert=magic convert=magic_fma 2>&1 | tee "$out/ncu.log"
-    timeout 240 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096,4096x6144,4096x28672,14336x4096 \
+    OUT="$out" timeout 330 bash benchmarks/ncu_mgpu.sh convert=magic convert=magic_fma 2>&1 | tee "$out/ncu.log"
+    ;;
+  s18d)  # session 18 (not yet run): CTA tiles for short prompts (M = 256, 512: the default 128×128 CTA gives 64
+         # CTAs for N = 4096 on 132 SMs) beside XLA bf16 and the whole api path
+    header
+    timeout 300 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096,4096x6144,4096x28672,14336x4096 \
       --ms 256,512 --variants xla_bf16,api --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid medium \
       --sweep-shapes 4096x4096,4096x6144,4096x28672,14336x4096 --sweep-ms 256,512 --out "$out/medium" 2>&1 \
       | grep -v "^ *$" | tail -50 | tee "$out/medium.log"
@@ -315,7 +318,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d" >&2
     exit 2
     ;;
 esac
