@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -405,27 +406,20 @@ def gemv_grouped_sweep(m: int, g: int, rows: int, grid=GEMV_GROUPED_SWEEP):
 MGPU_SWEEP = [dict(tile_m=64, tile_n=128, wg_along="m", gps=1, stages=4)] + [
     dict(tile_m=64, tile_n=128, wg_along="m", gps=2, stages=st, epi_n=ep, pingpong=pp)
     for pp in (False, True) for st, ep in ((2, 64), (3, 32))]
+
+
 # session 18: the rescale without the int→float conversion (MgpuConfig.convert), with the default tiles and
 # with one group a step, where the conversion was a larger share
 MGPU_SWEEP_CONVERT = [dict(tile_m=64, tile_n=128, wg_along="m", gps=g, stages=st, convert=c)
                       for g, st in ((2, 2), (1, 4)) for c in ("i2f", "magic", "magic_fma")]
-
-
-def mgpu_sweep(m: int, g: int, rows: int):
-    return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP]
-
-
-def mgpu_convert_sweep(m: int, g: int, rows: int):
-    return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP_CONVERT]
-
-
 # session 18: CTA tiles for short prompts (M = 256–512), where the default 128×128 CTA leaves SMs idle (64 CTAs
 # for 256×4096 on 132 SMs): along N, and with 64-wide warpgroup tiles, up to 128–256 CTAs
 MGPU_SWEEP_MEDIUM = [dict(tile_m=64, tile_n=tn, wg_along=wg, epi_n=min(64, tn)) for wg in ("m", "n") for tn in (128, 64)]
+MGPU_GRIDS = {"tiles": MGPU_SWEEP, "convert": MGPU_SWEEP_CONVERT, "medium": MGPU_SWEEP_MEDIUM}
 
 
-def mgpu_medium_sweep(m: int, g: int, rows: int):
-    return [mgpu.MgpuConfig(**c) for c in MGPU_SWEEP_MEDIUM]
+def mgpu_sweep(m: int, g: int, rows: int, grid: str = "tiles"):
+    return [mgpu.MgpuConfig(**c) for c in MGPU_GRIDS[grid]]
 
 
 MGPU_DECODE_SWEEP = {"stages": (4, 6), "ctas": (132, 264), "wgs": (2,), "gps": (1, 2, 4)}  # session 6, call 1
@@ -462,7 +456,7 @@ def parse(argv):
     p.add_argument("--sweep-mgpu", action="store_true", help="sweep the Mosaic GPU prefill kernel (mgpu_sweep)")
     p.add_argument("--sweep-mgpu-decode", action="store_true", help="sweep the Mosaic GPU decode kernel")
     p.add_argument("--sweep-mgpu-variant", default="mgpu", help="mgpu or mgpu_core for --sweep-mgpu")
-    p.add_argument("--sweep-mgpu-grid", default="tiles", choices=("tiles", "convert", "medium"),
+    p.add_argument("--sweep-mgpu-grid", default="tiles", choices=tuple(MGPU_GRIDS),
                    help="--sweep-mgpu's configs: MGPU_SWEEP (tiles, stages, turns), MGPU_SWEEP_CONVERT or "
                         "MGPU_SWEEP_MEDIUM (CTA tiles for short prompts)")
     p.add_argument("--sweep-shapes", default="4096x14336")
@@ -580,8 +574,7 @@ def main(argv=None):
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep
             if args.sweep_mgpu:
-                sweep = {"convert": mgpu_convert_sweep, "medium": mgpu_medium_sweep}.get(args.sweep_mgpu_grid,
-                                                                                           mgpu_sweep)
+                sweep = functools.partial(mgpu_sweep, grid=args.sweep_mgpu_grid)
             if args.sweep_mgpu_decode:
                 sweep = mgpu_decode_sweep
             for s in args.sweep_shapes.split(","):
