@@ -15,7 +15,11 @@ P = 28: after a down_proj GEMV with that split):
 - `pallas_2l_cN`: its two-launch form, programs over (row, chunk of N groups of 128).
 Then SwiGLU before down_proj, on the gate/up linear's output (P = 0) or its 8 split-K partials: `xla_silu`
 (XLA's Σ + SiLU(gate)·up, the default: down_proj then quantizes inside its kernel), `xla_silu_quant` (+ the
-quantization as XLA ops), `swiglu_cN` (`silu_mul_quant_pallas`, N groups a program).
+quantization as XLA ops), `xla_silu_qpallas` (+ `quantize_activations_pallas`: the prefill default, where the
+Mosaic GPU GEMM quantizes its input in a launch of its own), `swiglu_cN` (`silu_mul_quant_pallas`, N groups
+a program), `swiglu_blocked` (its blocked form: 64 rows × one group a program, the model's at prefill).
+
+    python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --swiglu-only   # prefill shapes
 Every variant is checked against the reference first, then timed as `--calls` calls on distinct inputs in
 one jit (device-timer busy/span µs and kernels per call, benchmarks/devtime.py).
 """
@@ -37,7 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mixjax import model  # noqa: E402
 from pallas_kernels import norm  # noqa: E402
-from pallas_kernels.kernels import quantize_activations_xla  # noqa: E402
+from pallas_kernels.kernels import quantize_activations_pallas, quantize_activations_xla  # noqa: E402
 
 D, EPS = 4096, 1e-5
 
@@ -50,6 +54,7 @@ def main(argv=None) -> int:
     p.add_argument("--chunks", default="1,2,4", help="groups per program of the two-launch form")
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--small", action="store_true")
+    p.add_argument("--swiglu-only", action="store_true", help="time SwiGLU only (not the norms)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
@@ -79,7 +84,7 @@ def main(argv=None) -> int:
             "|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
     w = jnp.asarray(rng.normal(size=D), jnp.bfloat16)
-    for m in ms:
+    for m in ([] if args.swiglu_only else ms):
         for parts in partses:
             xs = [jnp.asarray(rng.normal(size=(m, D)), jnp.bfloat16) for _ in range(args.calls)]
             ds = [None if not parts else jnp.asarray(rng.normal(size=(parts, m, D)) / parts, jnp.float32)
@@ -112,10 +117,13 @@ def main(argv=None) -> int:
         return jax.nn.silu(y[..., :f]) * y[..., f:]
 
     sw = {"xla_silu": xla_silu,
-          "xla_silu_quant": lambda x, parts: quantize_activations_xla(xla_silu(x, parts), block_m=norm.quant_rows(x.shape[-2]))}
+          "xla_silu_quant": lambda x, parts: quantize_activations_xla(xla_silu(x, parts), block_m=norm.quant_rows(x.shape[-2])),
+          "xla_silu_qpallas": lambda x, parts: quantize_activations_pallas(xla_silu(x, parts), interpret=interpret)}
     for cg in chunks:
         sw[f"swiglu_c{cg}"] = lambda x, parts, cg=cg: swiglu.silu_mul_quant_pallas(
-            x, jnp.bfloat16, partials=bool(parts), chunk_groups=cg, interpret=interpret)
+            x, jnp.bfloat16, partials=bool(parts), chunk_groups=cg, blocked=False, interpret=interpret)
+    sw["swiglu_blocked"] = lambda x, parts: swiglu.silu_mul_quant_pallas(x, jnp.bfloat16, partials=bool(parts),
+                                                                         blocked=True, interpret=interpret)
     rows += ["", "| M | partials | SwiGLU variant | codes = reference | busy µs | span µs | kernels | vs xla_silu (span) |",
              "|---|---|---|---|---|---|---|---|"]
     for m in ms:
@@ -127,7 +135,7 @@ def main(argv=None) -> int:
             for name, fn in sw.items():
                 out = fn(xs[0], parts)
                 same = "-" if name == "xla_silu" else \
-                    f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0]) == np.asarray(ref.x_q))):.4f}"
+                    f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0])[:m] == np.asarray(ref.x_q)[:m])):.4f}"
                 many = jax.jit(lambda xs, fn=fn, parts=parts: [fn(x, parts) for x in xs])
                 jax.block_until_ready(many(xs))
                 if interpret:

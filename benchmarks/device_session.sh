@@ -36,6 +36,11 @@
 #   bash benchmarks/device_session.sh prefill17 # session 17: ncu on the two-groups-a-step GEMM, prefill 2048 / 256
 #   bash benchmarks/device_session.sh s17c      # session 17: cuDNN prefill attention, GEMM turns of two groups
 #   bash benchmarks/device_session.sh s17d      # session 17: GPU tests of the session's changes, prefill 2048 / 256
+#   bash benchmarks/device_session.sh s18a      # session 18: the prefill GEMM's conversion (i2f / magic / magic_fma)
+#   bash benchmarks/device_session.sh s18b      # session 18: prefill 2048 end to end with the conversions, @pcodes
+#   bash benchmarks/device_session.sh s18c      # session 18 (not yet run): ncu on the magic conversions
+#   bash benchmarks/device_session.sh s18d      # session 18: CTA tiles for 256–512-token prompts
+#   bash benchmarks/device_session.sh s19a      # session 19: SwiGLU's blocked form at prefill (@pswiglu)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -306,6 +311,19 @@ case "$part" in
       --sweep-shapes 4096x4096,4096x6144,4096x28672,14336x4096 --sweep-ms 256,512 --out "$out/medium" 2>&1 \
       | grep -v "^ *$" | tail -50 | tee "$out/medium.log"
     ;;
+  s19a)  # session 19: SwiGLU's blocked form handing down_proj codes at prefill (model.PREFILL_CODES = "auto"):
+         # the GPU tests, the kernel against XLA's SiLU·mul + the GEMM's quantization launch at 256 / 2048 rows,
+         # then prefill 2048 and 256 end to end, bf16 beside the default and @pswiglu
+    header
+    timeout 150 python3 -m pytest -q tests/test_swiglu.py tests/test_norm.py -k "swiglu or prefill_codes" 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 120 python3 benchmarks/bench_norm.py --swiglu-only --ms 256,2048 --parts 0 --chunks 2 --calls 16 \
+      --out "$out/swiglu.md" 2>&1 | tee "$out/swiglu.log"
+    for len in 2048 256; do
+      timeout 200 python3 benchmarks/bench_generate.py --variants ${VARIANTS:-bf16,w4.4a8+h4,w4.4a8@pswiglu+h4} \
+        --batches "" --repeats 3 --prefill-len $len --profile --profile-top 8 --budget-s 190 \
+        --out "$out/prefill$len.md" 2>&1 | grep -v "^ *$" | tail -30 | tee "$out/prefill$len.log"
+    done
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -318,7 +336,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a" >&2
     exit 2
     ;;
 esac

@@ -216,23 +216,28 @@ def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> boo
 
     if NORM_QUANT == "never" or not weights or not all(isinstance(w, MixedWeight) for w in weights):
         return False
-    if math.prod(x.shape[:-1]) > MAX_QUANT_ROWS and not _prefill_codes_on(x, implementation):
+    if math.prod(x.shape[:-1]) > MAX_QUANT_ROWS and not _prefill_codes_on(x, implementation, "norm"):
         return False
     return NORM_QUANT == "always" or resolve_implementation(implementation) == "pallas"
 
 
-PREFILL_CODES = "never"  # "auto": at prefill on a Hopper GPU (≥ api.MGPU_MIN_M tokens, the Mosaic GPU GEMM's
-# rows), the norms (NORM_QUANT) and SwiGLU (SWIGLU_QUANT) before mixed linears hand them int8 codes as at
-# decode, so the GEMM skips its own quantization pass; "always": at any row count, on the XLA path through
-# the references (tests); "never": prefill linears quantize their float inputs. Not yet measured (session 18)
+PREFILL_CODES = "never"  # at prefill (≥ api.MGPU_MIN_M tokens on a Hopper GPU, the Mosaic GPU GEMM's rows):
+# "auto": SwiGLU (SWIGLU_QUANT, its blocked form) hands down_proj int8 codes, so that GEMM skips its own
+# quantization pass; "all": the norms (NORM_QUANT) before the other mixed linears as well; "always": both, at any
+# row count, on the XLA path through the references (tests); "never": prefill linears quantize their inputs.
+# Measured (H200, 2026-12-04, prefill 2048): "all" with the per-row SwiGLU kernel 0.91× the default's tokens/s
 
 
-def _prefill_codes_on(x: jax.Array, implementation: Implementation) -> bool:
-    """Whether more rows than the decode kernels' limit still get codes from their producers."""
-    if PREFILL_CODES not in ("never", "auto", "always"):
-        raise ValueError(f"mixjax.model.PREFILL_CODES = {PREFILL_CODES!r}; expected 'never', 'auto' or 'always'")
-    if PREFILL_CODES != "auto":
+def _prefill_codes_on(x: jax.Array, implementation: Implementation, producer: str) -> bool:
+    """Whether more rows than the decode kernels' limit still get codes from their producer ("norm" or
+    "swiglu")."""
+    if PREFILL_CODES not in ("never", "auto", "all", "always"):
+        raise ValueError(f"mixjax.model.PREFILL_CODES = {PREFILL_CODES!r}; expected 'never', 'auto', 'all' or "
+                         "'always'")
+    if PREFILL_CODES in ("never", "always"):
         return PREFILL_CODES == "always"
+    if PREFILL_CODES == "auto" and producer != "swiglu":
+        return False
     from pallas_kernels.api import MGPU_MIN_M, has_wgmma
 
     return (resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M
@@ -252,7 +257,7 @@ def _swiglu_quant_on(gate_up: dict, down: dict, x: jax.Array, implementation: Im
 
     if SWIGLU_QUANT not in ("never", "auto", "always"):
         raise ValueError(f"mixjax.model.SWIGLU_QUANT = {SWIGLU_QUANT!r}; expected 'never', 'auto' or 'always'")
-    if SWIGLU_QUANT == "never" or (math.prod(x.shape[:-1]) > MAX_ROWS and not _prefill_codes_on(x, implementation)):
+    if SWIGLU_QUANT == "never" or (math.prod(x.shape[:-1]) > MAX_ROWS and not _prefill_codes_on(x, implementation, "swiglu")):
         return False
     if not (isinstance(gate_up["weight"], MixedWeight) and isinstance(down["weight"], MixedWeight)):
         return False

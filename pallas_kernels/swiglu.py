@@ -25,10 +25,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import pdl
-from pallas_kernels.format import GROUP_SIZE
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP
 from pallas_kernels.norm import chunk_cols, quant_rows, store_group_codes
 
-MAX_ROWS = 64  # tokens up to which the model takes this kernel (decode batches)
+MAX_ROWS = 64  # tokens up to which the model takes this kernel at decode (one program per row and chunk)
+BLOCK_ROWS = 64  # rows a program of the blocked form (prefill, `model.PREFILL_CODES`) covers
 
 
 def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False):
@@ -69,8 +70,41 @@ def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, p
     store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "interpret"))
-def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: int, interpret: bool):
+def _block_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, block: int, parts: int, dtype,
+                  pdl_on: bool = False):
+    """One program per (block of rows, group): `_kernel`'s arithmetic on [block, 64] halves, stored as
+    `kernels.quantize_activations_pallas` stores its codes (prefill: thousands of rows)."""
+    from pallas_kernels.kernels import _quantize_halves
+
+    r, g = pdl.program_ids(2, pdl_on, trigger=True)
+    rows = r * block + jnp.arange(block)
+    halves = []
+    for h in range(2):
+        cols = g * GROUP_SIZE + h * HALF_GROUP + jnp.arange(HALF_GROUP)
+        mask = (rows < m)[:, None] & (cols < f)[None, :]
+
+        def load(c):  # the linear's output at columns c of these rows, in the dtype (rows ≥ M, cols ≥ F → 0)
+            src = jnp.minimum(rows, m - 1)[:, None], c[None, :]
+            if not parts:
+                return plgpu.load(x_ref.at[src], mask=mask, other=0.0).astype(dtype)
+            total = jnp.zeros((block, HALF_GROUP), jnp.float32)
+            for j in range(parts):
+                total = total + plgpu.load(x_ref.at[(j, *src)], mask=mask, other=0.0).astype(jnp.float32)
+            return total.astype(dtype)
+
+        gate, up = load(cols).astype(jnp.float32), load(cols + f)
+        silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
+        halves.append((silu * up).astype(dtype).astype(jnp.float32))
+    qa, qb, a_scale, x_sum = _quantize_halves(*halves)
+    r0 = r * block
+    q_ref[pl.ds(r0, block), pl.ds(g * GROUP_SIZE, HALF_GROUP)] = qa
+    q_ref[pl.ds(r0, block), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)] = qb
+    sc_ref[g, pl.ds(r0, block)] = a_scale
+    sum_ref[g, pl.ds(r0, block)] = x_sum
+
+
+@functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "blocked", "interpret"))
+def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: bool, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     parts = gate_up.shape[0] if partials else 0
@@ -79,12 +113,20 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
     m = math.prod(lead)
     x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
     mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
+    if blocked:
+        block = min(BLOCK_ROWS, mp)  # mp is a multiple of it (`quant_rows`)
+        kernel = functools.partial(_block_kernel, pdl_on=pdl.active(interpret), m=m, f=f, block=block,
+                                   parts=parts, dtype=dtype)
+        grid = (mp // block, groups)
+    else:
+        kernel = functools.partial(_kernel, pdl_on=pdl.active(interpret),
+                                   m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype)
+        grid = (mp, -(-groups // chunk))
     x_q, a_scale, x_sum = pl.pallas_call(
-        functools.partial(_kernel, pdl_on=pdl.active(interpret),
-                          m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype),
+        kernel,
         out_shape=(jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
                    jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
-        grid=(mp, -(-groups // chunk)),
+        grid=grid,
         interpret=interpret,
         name="silu_mul_quant",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
@@ -93,8 +135,9 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
 
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
-                          num_warps: int = 4, interpret: bool = False):
-    """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128)."""
+                          num_warps: int = 4, blocked: bool | None = None, interpret: bool = False):
+    """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
+    `blocked` over (block of `BLOCK_ROWS` rows, group). None: blocked past `MAX_ROWS` rows (prefill)."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"silu_mul_quant: the activations' dtype must be floating point, got {dtype}")
@@ -106,5 +149,8 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
         raise ValueError(f"silu_mul_quant: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
     if gate_up.size == 0:
         return silu_mul_quant_ref(gate_up, dtype, partials=partials)
+    if blocked is None:
+        rows = math.prod(gate_up.shape[1:-1] if partials else gate_up.shape[:-1])
+        blocked = rows > MAX_ROWS
     return _silu_mul_quant(gate_up, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
-                           num_warps=int(num_warps), interpret=interpret)
+                           num_warps=int(num_warps), blocked=bool(blocked), interpret=interpret)

@@ -261,3 +261,24 @@ def test_model_prefill_codes(monkeypatch):
     monkeypatch.setattr(model, "PREFILL_CODES", "sometimes")
     with pytest.raises(ValueError, match="PREFILL_CODES = 'sometimes'"):
         model.forward_step(params, tokens, cfg, model.init_cache(cfg, 2, 48, jnp.float32), implementation="xla")
+
+
+def test_prefill_codes_modes(monkeypatch):
+    """Which producers hand codes at prefill, per `model.PREFILL_CODES`: "auto" only SwiGLU (its blocked
+    form; the norms measured slower than XLA's fusion plus the GEMM's quantization), "all" the norms too —
+    both only from the Mosaic GPU GEMM's rows on a Hopper and on the Pallas path."""
+    from pallas_kernels import api
+
+    monkeypatch.setattr(api, "has_wgmma", lambda: True)
+    prefill, short = jnp.zeros((1, api.MGPU_MIN_M, 8)), jnp.zeros((1, api.MGPU_MIN_M - 1, 8))
+    for mode, swiglu_on, norm_on in [("never", False, False), ("auto", True, False), ("all", True, True),
+                                     ("always", True, True)]:
+        monkeypatch.setattr(model, "PREFILL_CODES", mode)
+        assert model._prefill_codes_on(prefill, "pallas", "swiglu") == swiglu_on, mode
+        assert model._prefill_codes_on(prefill, "pallas", "norm") == norm_on, mode
+        hopper_only = mode in ("auto", "all")
+        assert model._prefill_codes_on(prefill, "xla", "swiglu") == (not hopper_only and swiglu_on), mode
+        assert model._prefill_codes_on(short, "pallas", "swiglu") == (not hopper_only and swiglu_on), mode
+    monkeypatch.setattr(api, "has_wgmma", lambda: False)
+    monkeypatch.setattr(model, "PREFILL_CODES", "auto")
+    assert not model._prefill_codes_on(prefill, "pallas", "swiglu")

@@ -18,17 +18,20 @@ from helpers import prefill_then_step, tiny_mixed_model
 INTERPRET = jax.default_backend() != "gpu"
 
 
-@pytest.mark.parametrize("lead, f, parts, dtype, chunk", [
-    ((1,), 4096, 8, jnp.bfloat16, 2), ((3,), 576, 0, jnp.bfloat16, 1), ((2, 9), 200, 3, jnp.float32, 4),
-    ((17,), 640, 2, jnp.bfloat16, 2)])
-def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk):
-    """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32), split-K
-    partials or the linear's output: the codes, scales and sums of the reference (to a rounding of the
-    dtype in h), zero padding, and codes that reproduce silu(gate)·up within half a step."""
+@pytest.mark.parametrize("lead, f, parts, dtype, chunk, blocked", [
+    ((1,), 4096, 8, jnp.bfloat16, 2, None), ((3,), 576, 0, jnp.bfloat16, 1, None),
+    ((2, 9), 200, 3, jnp.float32, 4, None), ((17,), 640, 2, jnp.bfloat16, 2, None),
+    ((70,), 328, 0, jnp.bfloat16, 2, None),  # past MAX_ROWS: the blocked (prefill) form, a ragged last block
+    ((5,), 256, 2, jnp.float32, 2, True), ((2, 20), 136, 0, jnp.bfloat16, 2, True)])
+def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked):
+    """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32, 64), split-K
+    partials or the linear's output, per row or in blocks of rows: the codes, scales and sums of the reference
+    (to a rounding of the dtype in h), zero padding, and codes that reproduce silu(gate)·up within half a step."""
     rng = np.random.default_rng()
     shape = (parts, *lead, 2 * f) if parts else (*lead, 2 * f)
     x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 4), jnp.float32 if parts else dtype)
-    got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk, interpret=INTERPRET)
+    got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk, blocked=blocked,
+                                       interpret=INTERPRET)
     ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts))
     m, g = int(np.prod(lead)), -(-f // 128)
     mp = quant_rows(m)
