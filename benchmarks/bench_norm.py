@@ -17,7 +17,7 @@ Then SwiGLU before down_proj, on the gate/up linear's output (P = 0) or its 8 sp
 (XLA's Σ + SiLU(gate)·up, the default: down_proj then quantizes inside its kernel), `xla_silu_quant` (+ the
 quantization as XLA ops), `xla_silu_qpallas` (+ `quantize_activations_pallas`: the prefill default, where the
 Mosaic GPU GEMM quantizes its input in a launch of its own), `swiglu_cN` (`silu_mul_quant_pallas`, N groups
-a program), `swiglu_blocked` (its blocked form: 64 rows × one group a program, the model's at prefill).
+a program), `swiglu_bRwW` (its blocked form, the model's at prefill: R rows × one group a program, W warps).
 
     python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --swiglu-only   # prefill shapes
 Every variant is checked against the reference first, then timed as `--calls` calls on distinct inputs in
@@ -122,8 +122,9 @@ def main(argv=None) -> int:
     for cg in chunks:
         sw[f"swiglu_c{cg}"] = lambda x, parts, cg=cg: swiglu.silu_mul_quant_pallas(
             x, jnp.bfloat16, partials=bool(parts), chunk_groups=cg, blocked=False, interpret=interpret)
-    sw["swiglu_blocked"] = lambda x, parts: swiglu.silu_mul_quant_pallas(x, jnp.bfloat16, partials=bool(parts),
-                                                                         blocked=True, interpret=interpret)
+    for rows, nw in [(64, 4), (64, 8), (32, 4), (16, 4)][:1 if args.small else None]:
+        sw[f"swiglu_b{rows}w{nw}"] = lambda x, parts, rows=rows, nw=nw: swiglu.silu_mul_quant_pallas(
+            x, jnp.bfloat16, partials=bool(parts), blocked=rows, num_warps=nw, interpret=interpret)
     rows += ["", "| M | partials | SwiGLU variant | codes = reference | busy µs | span µs | kernels | vs xla_silu (span) |",
              "|---|---|---|---|---|---|---|---|"]
     for m in ms:

@@ -41,6 +41,7 @@
 #   bash benchmarks/device_session.sh s18c      # session 18 (not yet run): ncu on the magic conversions
 #   bash benchmarks/device_session.sh s18d      # session 18: CTA tiles for 256–512-token prompts
 #   bash benchmarks/device_session.sh s19a      # session 19: SwiGLU's blocked form at prefill (@pswiglu)
+#   bash benchmarks/device_session.sh s19b      # session 19: its rows and warps, GPU tests, the rest of s18d
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -324,6 +325,17 @@ case "$part" in
         --out "$out/prefill$len.md" 2>&1 | grep -v "^ *$" | tail -30 | tee "$out/prefill$len.log"
     done
     ;;
+  s19b)  # session 19: the GPU tests of the blocked SwiGLU and PREFILL_CODES, the blocked form's rows and warps at
+         # 256 / 2048 rows, and the rest of s18d's CTA tiles (4096→28672, 14336→4096 at M = 256, 512)
+    header
+    timeout 150 python3 -m pytest -q tests/test_swiglu.py tests/test_norm.py -k "swiglu or prefill_codes" 2>&1 | tail -25 | tee "$out/tests.log"
+    timeout 120 python3 benchmarks/bench_norm.py --swiglu-only --ms 256,2048 --parts 0 --chunks 2 --calls 16 \
+      --out "$out/swiglu.md" 2>&1 | tee "$out/swiglu.log"
+    timeout 260 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \
+      --variants xla_bf16 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid medium \
+      --sweep-shapes 4096x28672,14336x4096 --sweep-ms 256,512 --out "$out/medium" 2>&1 \
+      | grep -v "^ *$" | tail -30 | tee "$out/medium.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -336,7 +348,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b" >&2
     exit 2
     ;;
 esac

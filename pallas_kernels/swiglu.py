@@ -104,7 +104,7 @@ def _block_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, block: int, 
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "blocked", "interpret"))
-def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: bool, interpret: bool):
+def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: int, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     parts = gate_up.shape[0] if partials else 0
@@ -114,7 +114,7 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
     x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
     mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
     if blocked:
-        block = min(BLOCK_ROWS, mp)  # mp is a multiple of it (`quant_rows`)
+        block = min(blocked, mp)  # mp is a multiple of it (`quant_rows`)
         kernel = functools.partial(_block_kernel, pdl_on=pdl.active(interpret), m=m, f=f, block=block,
                                    parts=parts, dtype=dtype)
         grid = (mp // block, groups)
@@ -135,9 +135,10 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
 
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
-                          num_warps: int = 4, blocked: bool | None = None, interpret: bool = False):
+                          num_warps: int = 4, blocked: bool | int | None = None, interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
-    `blocked` over (block of `BLOCK_ROWS` rows, group). None: blocked past `MAX_ROWS` rows (prefill)."""
+    `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (16, 32 or 64).
+    None: blocked past `MAX_ROWS` rows (prefill)."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"silu_mul_quant: the activations' dtype must be floating point, got {dtype}")
@@ -152,5 +153,9 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
     if blocked is None:
         rows = math.prod(gate_up.shape[1:-1] if partials else gate_up.shape[:-1])
         blocked = rows > MAX_ROWS
+    if blocked is True:
+        blocked = BLOCK_ROWS
+    if blocked not in (False, 16, 32, 64):
+        raise ValueError(f"silu_mul_quant: blocked must be a bool, None or 16, 32, 64 rows, got {blocked!r}")
     return _silu_mul_quant(gate_up, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
-                           num_warps=int(num_warps), blocked=bool(blocked), interpret=interpret)
+                           num_warps=int(num_warps), blocked=int(blocked), interpret=interpret)

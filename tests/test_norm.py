@@ -256,8 +256,10 @@ def test_model_prefill_codes(monkeypatch):
     # deferred down_proj; SwiGLU on the whole gate/up output [B, T, 2F]
     assert deltas == [None, (0, "float32"), None, (0, "float32")] + [None, (1, "float32"), (1, "float32"), (1, "float32")]
     assert gated == [(3, False)] * 2 + [(4, True)] * 2
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+    for g, w in zip(got, want):  # the same logits up to a code flip (≈ 1 % of the largest; on CPU seed 6 has
+        # none, on a GPU XLA's f32 dots round differently): a wiring fault moves them by tens of %
+        np.testing.assert_allclose(g, w, rtol=0, atol=(1e-5 if jax.default_backend() == "cpu" else 2e-2)
+                                   * float(np.abs(w).max()))
     monkeypatch.setattr(model, "PREFILL_CODES", "sometimes")
     with pytest.raises(ValueError, match="PREFILL_CODES = 'sometimes'"):
         model.forward_step(params, tokens, cfg, model.init_cache(cfg, 2, 48, jnp.float32), implementation="xla")
