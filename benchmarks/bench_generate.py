@@ -39,7 +39,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   XLA_FLAGS=--xla_gpu_enable_pdl=true), `@pdlw` with the GEMV's wait after its first weight loads;
   `@magic` / `@magicfma`: the prefill GEMM's int32 partials reach f32 without the int→float conversion
   (`MgpuConfig.convert`); `@pswiglu`: at prefill SwiGLU hands down_proj int8 codes (`model.PREFILL_CODES =
-  "auto"`); `@pcodes`: the norms as well (`"all"`); `NAME+h4` / `+h8`: the
+  "auto"`, the default); `@pcodes`: the norms as well (`"all"`); `@nopcodes`: neither (`"never"`); `@wide`:
+  the prefill GEMM's default 128 × 128 CTAs at every M (no `mgpu.pick_config`); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -314,7 +315,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
-              "pcodes", "pswiglu")
+              "pcodes", "pswiglu", "nopcodes", "wide")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -361,8 +362,12 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import pdl
 
         pdl.ENABLED, pdl.WEIGHTS_FIRST = True, strategy == "pdlw"
-    elif strategy in ("pcodes", "pswiglu"):  # prefill GEMMs on codes from SwiGLU (and the norms: pcodes)
-        model_module.PREFILL_CODES = "all" if strategy == "pcodes" else "auto"
+    elif strategy in ("pcodes", "pswiglu", "nopcodes"):  # prefill GEMMs on codes from SwiGLU (and the norms)
+        model_module.PREFILL_CODES = {"pcodes": "all", "pswiglu": "auto", "nopcodes": "never"}[strategy]
+    elif strategy == "wide":  # session 18's tiles: 128 × 128 CTAs for every prefill GEMM
+        from pallas_kernels import mgpu
+
+        mgpu.pick_config = lambda m, n, sms=None: mgpu.DEFAULT_CONFIG
     elif strategy in ("magic", "magicfma"):  # the Mosaic GPU prefill GEMM's conversion (MgpuConfig.convert)
         from pallas_kernels import mgpu
 

@@ -141,7 +141,8 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         def core(x, w):
             w8, sw = w
             sa = jnp.full((sw.shape[0], x.shape[0]), 1e-3, jnp.float32)
-            return mgpu.w8a8_group_matmul(x, sa, w8, sw, config=cfg or mgpu.DEFAULT_CONFIG, interpret=interpret)
+            return mgpu.w8a8_group_matmul(x, sa, w8, sw, config=cfg or mgpu.pick_config(x.shape[0], w8.shape[0]),
+                                          interpret=interpret)
 
         def build_core(rng, n, k):
             return (jnp.asarray(rng.integers(-15, 16, (n, k)), jnp.int8),
@@ -182,7 +183,7 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "xla_dequant":
         return reference.dequant_matmul_ref, build, None, None
     if name == "mgpu":  # prefill on Hopper: int8 weight unpack + Mosaic GPU wgmma GEMM (pallas_kernels/mgpu.py)
-        fn = lambda x, w: mgpu.mixed_matmul_mgpu(x, w, config=cfg or mgpu.DEFAULT_CONFIG, interpret=interpret)
+        fn = lambda x, w: mgpu.mixed_matmul_mgpu(x, w, config=cfg, interpret=interpret)  # None: pick_config
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "mgpu_decode":  # decode on Hopper: TMA-streamed packed weight, swapped-operand wgmma
         fn = lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(

@@ -42,6 +42,7 @@
 #   bash benchmarks/device_session.sh s18d      # session 18: CTA tiles for 256–512-token prompts
 #   bash benchmarks/device_session.sh s19a      # session 19: SwiGLU's blocked form at prefill (@pswiglu)
 #   bash benchmarks/device_session.sh s19b      # session 19: its rows and warps, GPU tests, the rest of s18d
+#   bash benchmarks/device_session.sh s19c      # session 19: the new defaults (pick_config, PREFILL_CODES auto)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -336,6 +337,17 @@ case "$part" in
       --sweep-shapes 4096x28672,14336x4096 --sweep-ms 256,512 --out "$out/medium" 2>&1 \
       | grep -v "^ *$" | tail -30 | tee "$out/medium.log"
     ;;
+  s19c)  # session 19: the new defaults (narrow CTAs at short prompts, SwiGLU codes at prefill): the Mosaic
+         # GPU tests, prefill 256 (beside @wide) and 2048 end to end against bf16
+    header
+    timeout 90 python3 -m pytest -q tests/test_mgpu.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 90 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@wide+h4 \
+      --batches "" --repeats 3 --prefill-len 256 --profile --profile-top 6 --budget-s 85 \
+      --out "$out/prefill256.md" 2>&1 | grep -v "^ *$" | tail -24 | tee "$out/prefill256.log"
+    timeout 65 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 \
+      --batches "" --repeats 3 --prefill-len 2048 --profile --profile-top 6 --budget-s 60 \
+      --out "$out/prefill2048.md" 2>&1 | grep -v "^ *$" | tail -20 | tee "$out/prefill2048.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -348,7 +360,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c" >&2
     exit 2
     ;;
 esac

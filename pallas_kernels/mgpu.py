@@ -125,6 +125,18 @@ class MgpuConfig:
 
 
 DEFAULT_CONFIG = MgpuConfig()
+NARROW_CONFIG = MgpuConfig(tile_n=64)  # CTAs of 128 × 64: twice the CTAs of the default, for short prompts
+
+
+def pick_config(m: int, n: int, sms: int | None = None) -> MgpuConfig:
+    """The CTA tile for M rows and N columns: 128 × 64 (`NARROW_CONFIG`) when those CTAs still fit one wave
+    on the device's `sms` SMs, else the default 128 × 128. Measured (H200, 2026-12-04, results/kernels.md
+    Session 19): at M = 256 the narrow CTAs take 4096→4096 from 21.5 to 16.2 µs and 14336→4096 from 66.0 to
+    47.3 (64 CTAs of the default leave half the SMs idle); where they need a second wave (4096→6144 at
+    M = 256, any N at M = 512) or the default already fills the device (4096→28672) they were slower."""
+    sms = sms or _num_sms()
+    cta_m = NARROW_CONFIG.cta_m
+    return NARROW_CONFIG if -(-m // cta_m) * -(-n // NARROW_CONFIG.cta_n) <= sms else DEFAULT_CONFIG
 
 
 def _num_sms() -> int:
@@ -411,13 +423,17 @@ def int8_weight(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Array,
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, config: MgpuConfig = DEFAULT_CONFIG,
+def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, config: MgpuConfig | None = None,
                       interpret: bool = False) -> jax.Array:
     """x [M, K] float → [M, N] x.dtype in channel order: quantize activations, unpack the weight to
     int8 (`int8_weight`), one Mosaic GPU int8 GEMM with per-group rescale. Pads M and N to the tile.
     x may also be `QuantizedActivations` from its producer (a norm or SwiGLU kernel): its codes and
-    scales go to the GEMM as they are (rows padded to the tile), no quantization step."""
+    scales go to the GEMM as they are (rows padded to the tile), no quantization step. config None:
+    `pick_config` for this M and N."""
     from pallas_kernels.reference import quantize_activations_ref
+
+    if config is None:
+        config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n)
 
     if qw.num_groups % config.gps:  # an odd number of groups: one group a step, as many groups in flight
         config = dataclasses.replace(config, gps=1, stages=config.stages * config.gps)

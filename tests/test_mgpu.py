@@ -123,6 +123,16 @@ def test_mixed_matmul_mgpu_within_bf16_bound(m, k, n, share8):
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3  # the bound of every bf16-output path
 
 
+def test_pick_config_narrows_the_cta_while_one_wave_fits():
+    """128 × 64 CTAs where they fit one wave (short prompts onto 4096 outputs on 132 SMs), else the default;
+    on this CPU (4 virtual SMs) the (128, 256, 96) case above takes the narrow tile in interpret mode."""
+    assert mgpu.pick_config(256, 4096, sms=132) == mgpu.NARROW_CONFIG  # 2 × 64 = 128 CTAs
+    assert mgpu.pick_config(200, 4096, sms=132).cta_n == 64
+    for m, n in [(256, 6144), (512, 4096), (256, 28672), (2048, 4096)]:  # a second wave, or plenty of CTAs
+        assert mgpu.pick_config(m, n, sms=132) == mgpu.DEFAULT_CONFIG, (m, n)
+    assert mgpu.pick_config(128, 96, sms=4).cta_n == 64 and mgpu.pick_config(130, 300, sms=4).cta_n == 128
+
+
 @isolated
 def test_mixed_matmul_mgpu_takes_codes():
     """`QuantizedActivations` from a producer (a norm or SwiGLU kernel at prefill, `model.PREFILL_CODES`) go
