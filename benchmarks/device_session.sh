@@ -43,6 +43,8 @@
 #   bash benchmarks/device_session.sh s19a      # session 19: SwiGLU's blocked form at prefill (@pswiglu)
 #   bash benchmarks/device_session.sh s19b      # session 19: its rows and warps, GPU tests, the rest of s18d
 #   bash benchmarks/device_session.sh s19c      # session 19: the new defaults (pick_config, PREFILL_CODES auto)
+#   bash benchmarks/device_session.sh s20a      # prepared in session 19: the Mosaic decode kernel at M = 16–64,
+#                                               # prefill 256 ± narrow CTAs, the blocked SwiGLU's sweep
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -348,6 +350,22 @@ case "$part" in
       --batches "" --repeats 3 --prefill-len 2048 --profile --profile-top 6 --budget-s 60 \
       --out "$out/prefill2048.md" 2>&1 | grep -v "^ *$" | tail -20 | tee "$out/prefill2048.log"
     ;;
+  s20a)  # prepared in session 19 (not yet run): (1) the Mosaic GPU decode kernel (swapped operands, the int4
+         # unpacked in registers, never timed on the H200 past M = 1) at M = 16–64 beside the api's Triton tiles
+         # and XLA bf16 — the b32 target needs the M = 32 GEMMs near the weight-read floor; (2) prefill 256 with
+         # and without item 67's narrow CTAs, device split kept; (3) the blocked SwiGLU's rows and warps
+    header
+    timeout 90 python3 -m pytest -q tests/test_mgpu_decode.py 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 240 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
+      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms ${MS:-16,32,64} \
+      --variants ${VARIANTS:-xla_bf16,api,mgpu_decode,mgpu_decode_fold} --out "$out/decode" 2>&1 \
+      | grep -v "^ *$" | tail -60 | tee "$out/decode.log"
+    timeout 100 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@wide+h4 \
+      --batches "" --repeats 3 --prefill-len 256 --profile --profile-top 10 --budget-s 95 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    timeout 60 python3 benchmarks/bench_norm.py --swiglu-only --ms 2048 --parts 0 --chunks 2 --calls 8 \
+      --out "$out/swiglu.md" 2>&1 | tail -8 | tee "$out/swiglu.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -360,7 +378,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a" >&2
     exit 2
     ;;
 esac

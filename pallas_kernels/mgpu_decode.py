@@ -19,6 +19,10 @@ padding rows of the activations. Per quantization group of 128 along K, for one 
   Σ_k x·(u − z) = P1 + P2/16 − z·Σx, with Σx per (token, group) from the activation quantization.
 - 8-bit rows: the int8 tile [64, 128] is the wgmma's A operand straight from shared memory.
 - then, in f32 (two-step dequantization): acc += (P1 + P2/16) · (s_w ⊗ s_a) − (s_w z) ⊗ (s_a Σx).
+- `DecodeConfig(fold=True)` (session 19, not yet timed): both zero-point terms, 8·Σ_hi x and z·Σx, are
+  rank one per group, so they leave the kernel: two wgmmas a group (no constant-8 one), no zero or code-sum
+  copies, acc += (P1 + P2/16)·(s_w ⊗ s_a); `zero_point_terms` adds Σ_g s_w s_a (8·Σ_hi x − z·Σx) after it as
+  two [R, G] × [G, cols] products.
 
 Split-K across the grid: CTA (tile, split) covers G / split groups and writes an f32 partial
 [split, rows, cols]; `mixed_matmul_mgpu_decode` sums the partials, gathers rows into channel order and
@@ -59,7 +63,9 @@ class DecodeConfig:
     """stages: TMA stages in flight per CTA; split: K splits over the grid (None: `_pick_split`);
     ctas: the number of CTAs `_pick_split` aims for (None: one per SM); wgs: compute warpgroups per CTA
     (64 weight rows each; one more warpgroup issues the copies); gps: quantization groups per pipeline
-    step (all their wgmmas are issued before one wait). Defaults: the best of the H100 sweeps (session 5,
+    step (all their wgmmas are issued before one wait); fold: the 4-bit rows' zero-point terms
+    (8·Σ_hi x − z·Σx, both rank-one per group) leave the kernel for one small XLA product after it, so a
+    group costs two wgmmas instead of three and no zero or code-sum copies (`rows_matmul`). Defaults: the best of the H100 sweeps (session 5,
     calls 3–4). Session 6 (H100): gps = 2 is correct and within ±7 % of gps = 1 (22.7–24.7 vs 23.2–25.4 µs
     at M = 1); gps = 4 needs more shared memory than the H100 has at 4–6 stages."""
 
@@ -68,6 +74,7 @@ class DecodeConfig:
     ctas: int | None = None
     wgs: int = 2
     gps: int = 1
+    fold: bool = False
 
     def __post_init__(self):
         if self.stages < 1:
@@ -111,8 +118,12 @@ def _act_rows(cols: int) -> int:  # rows of the quantized activations (scale row
 
 def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Array, w_scale: jax.Array,
                 zero: jax.Array | None, *, cols: int, split: int, stages: int = DEFAULT_DECODE_CONFIG.stages,
-                wgs: int = DEFAULT_DECODE_CONFIG.wgs, gps: int = 1, interpret: bool = False) -> jax.Array:
+                wgs: int = DEFAULT_DECODE_CONFIG.wgs, gps: int = 1, fold: bool = False,
+                interpret: bool = False) -> jax.Array:
     """One channel set of a MixedWeight times the first `cols` activation rows → f32 [split, R, cols].
+
+    fold (4-bit rows): the kernel accumulates Σ_g s_w·s_a·Σ_k x·(u − 8 on the high nibble only), i.e.
+    without 8·Σ_hi x − z·Σx; `zero_point_terms` is what the caller adds to the split sum.
 
     x_q int8 [Mp, Kp] (Mp ≥ cols, a multiple of 32), a_scale f32 [G, Mp], x_sum int32 [G, Mp] (Σ of each group's codes);
     w int8 [R, Kp] (8-bit codes, zero None) or int8 [R, Kp/2] (packed 4-bit, zero int8 [G, R]);
@@ -160,7 +171,7 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         def half(ref, i):  # columns [64·i, 64·i + 64): half i % 2 of group i // 2 (or packed group i)
             return ref.at[:, pl.ds(i * HALF_GROUP, HALF_GROUP)]
 
-        if four:  # the A operand of the Σ_hi 8·x wgmma, shared by the step's groups
+        if four and not fold:  # the A operand of the Σ_hi 8·x wgmma, shared by the step's groups
             eight = _with_layout(jnp.full((TILE_ROWS, HALF_GROUP), 8, jnp.int8), plgpu.Layout.WGMMA_8BIT,
                                  interpret)
         ops = []  # per group: [(accumulator index, A operand, x half ref)]
@@ -171,7 +182,8 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
                 b = w_j[...] if interpret else plgpu.load(w_j, (), layout=plgpu.Layout.WGMMA_8BIT)
                 a_lo = (b & jnp.int8(15)) ^ jnp.int8(8)  # [64, 64] u_lo ∈ [0, 15]
                 a_hi = b & jnp.int8(-16)  # [64, 64] 16·(u_hi − 8)
-                ops.append([(2 * j, a_lo, x_lo), (2 * j, eight, x_hi), (2 * j + 1, a_hi, x_hi)])
+                ops.append([(2 * j, a_lo, x_lo), (2 * j + 1, a_hi, x_hi)] if fold else
+                           [(2 * j, a_lo, x_lo), (2 * j, eight, x_hi), (2 * j + 1, a_hi, x_hi)])
             else:
                 ops.append([(j, half(w_ref, 2 * j), x_lo), (j, half(w_ref, 2 * j + 1), x_hi)])
         n_acc = 2 * gps if four else gps
@@ -205,7 +217,10 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         wg_rows = pl.ds(pl.multiple_of(wg * TILE_ROWS, TILE_ROWS), TILE_ROWS)
 
         def body(_, x_ref, w_ref, sw_ref, *refs):
-            z_ref, sa_ref, xs_ref, acc = refs if four else (None, *refs)
+            if fold:
+                (sa_ref, acc), z_ref, xs_ref = refs, None, None
+            else:
+                z_ref, sa_ref, xs_ref, acc = refs if four else (None, *refs)
             shape = (TILE_ROWS, cols)
             for j, (p1, p2) in enumerate(group_partials(x_ref, w_ref.at[wg_rows])):
                 sw = _load_vector(sw_ref.at[j], wg_rows, row_layout, interpret)  # [64]
@@ -213,6 +228,9 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
                 scale = lax.broadcast_in_dim(sw, shape, [0]) * lax.broadcast_in_dim(sa, shape, [1])  # s_w ⊗ s_a
                 if not four:
                     acc = acc + p1.astype(jnp.float32) * scale
+                    continue
+                if fold:  # P1 = Σ_lo x·u_lo, P2 = 16·Σ_hi x·(u_hi − 8): exact in f32 (|P| < 2^24)
+                    acc = acc + (p1.astype(jnp.float32) + p2.astype(jnp.float32) * (1.0 / 16.0)) * scale
                     continue
                 z_rows = pl.ds(pl.multiple_of(r0 % zero_rows + wg * TILE_ROWS, TILE_ROWS), TILE_ROWS)  # in the block
                 z = _load_vector(z_ref.at[j], z_rows, row_layout, interpret).astype(jnp.float32)
@@ -241,21 +259,22 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         # TMA copies are whole multiples of 128 bytes: zeros come as 128-row blocks, activation scales
         # and sums as all Mp (≥ 32) rows
         z_specs, z_args = [], []
-        if four:
+        if four and not fold:
             z_specs = [row_spec(zero_rows)]
             z_args = [z_gmem.at[grp, pl.ds((r0 // zero_rows) * zero_rows, zero_rows)]]
+        xs_specs, xs_args = ([], []) if fold else ([row_spec(mp)], [xs_gmem.at[grp]])
         plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(gs // gps,),
             memory_registers=40,
             in_specs=[spec((cols, gps * GROUP_SIZE), _HALF_TRANSFORMS), spec((cta_rows, gps * group_bytes), _HALF_TRANSFORMS),
-                      row_spec(cta_rows), *z_specs, row_spec(mp), row_spec(mp)],
+                      row_spec(cta_rows), *z_specs, row_spec(mp), *xs_specs],
             wg_axis="wg",
             num_compute_wgs=wgs,
             max_concurrent_steps=stages,
             compute_context=compute_context,
         )(x_gmem.at[pl.ds(0, cols), pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)], w_gmem.at[cta, w_k],
-          sw_gmem.at[grp, cta], *z_args, sa_gmem.at[grp], xs_gmem.at[grp])
+          sw_gmem.at[grp, cta], *z_args, sa_gmem.at[grp], *xs_args)
 
     out_swizzle = plgpu.find_swizzle(cols * 32)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
@@ -270,6 +289,22 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         interpret=_interpret_params() if interpret else None,
     )
     return call(x_q, a_scale, x_sum, w, w_scale, *([zero] if four else []))
+
+
+def zero_point_terms(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w_scale: jax.Array, zero: jax.Array,
+                     cols: int) -> jax.Array:
+    """What `rows_matmul(fold=True)` leaves out for the 4-bit rows, f32 [R, cols]:
+    Σ_g s_w[g, r]·s_a[g, m]·(8·Σ_hi x[m, g] − z[g, r]·Σx[g, m]), Σ_hi over each group's high-nibble half (its
+    last 64 columns). Two [R, G] × [G, cols] products in f32."""
+    g = a_scale.shape[0]
+    x = x_q[:cols].astype(jnp.int32).reshape(cols, g, 2, HALF_GROUP)
+    hi = jnp.sum(x[:, :, 1], axis=-1).T  # [G, cols] Σ_hi x
+    sa = a_scale[:, :cols]
+    eight = (8.0 * hi.astype(jnp.float32)) * sa  # [G, cols]
+    zsum = x_sum[:, :cols].astype(jnp.float32) * sa  # [G, cols]
+    hp = lax.Precision.HIGHEST
+    return (jnp.einsum("gr,gm->rm", w_scale, eight, precision=hp)
+            - jnp.einsum("gr,gm->rm", w_scale * zero.astype(jnp.float32), zsum, precision=hp))
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
@@ -298,8 +333,10 @@ def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeCon
         if not w.shape[0]:
             continue
         split, gps = _plan(w.shape[0], g, config, ctas)
+        fold = config.fold and z is not None
         part = rows_matmul(x_q, sa, x_sum, w, sw, z, cols=cols, split=split, stages=config.stages,
-                           wgs=config.wgs, gps=gps, interpret=interpret)
-        parts.append(part.sum(0))  # [R, cols]
+                           wgs=config.wgs, gps=gps, fold=fold, interpret=interpret)
+        part = part.sum(0)  # [R, cols]
+        parts.append(part + zero_point_terms(x_q, sa, x_sum, sw, z, cols) if fold else part)
     y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [N8p + N4p, cols], packed row order
     return y[qw.row_of_channel, :m].T.astype(x.dtype)

@@ -39,15 +39,16 @@ def _gpu_only(*case):  # interpret mode takes 7–13 s a case on 2 CPU cores: th
     return pytest.param(*case, marks=pytest.mark.skipif(INTERPRET, reason="interpret mode: the subset runs"))
 
 
-@pytest.mark.parametrize("four, cols, split, stages, gps", [
-    _gpu_only(True, 8, 2, 2, 1), _gpu_only(True, 16, 1, 4, 1), _gpu_only(False, 8, 4, 3, 1), _gpu_only(False, 32, 1, 1, 1),
-    _gpu_only(True, 24, 4, 2, 1),
-    pytest.param(True, 8, 1, 2, 4, marks=pytest.mark.skipif(
+@pytest.mark.parametrize("four, cols, split, stages, gps, fold", [
+    _gpu_only(True, 8, 2, 2, 1, False), _gpu_only(True, 16, 1, 4, 1, False), _gpu_only(False, 8, 4, 3, 1, False),
+    _gpu_only(False, 32, 1, 1, 1, False), _gpu_only(True, 24, 4, 2, 1, False),
+    pytest.param(True, 8, 1, 2, 4, False, marks=pytest.mark.skipif(
         ON_HOPPER, reason="gps = 4 exceeded shared memory at 4–6 stages on the H100 (session 6); 2 stages not run")),
-    (False, 16, 2, 2, 2),  # gps = 2 ran correctly on the H100 (session 6, bench rel. err 2e-8)
+    (False, 16, 2, 2, 2, False),  # gps = 2 ran correctly on the H100 (session 6, bench rel. err 2e-8)
+    (True, 8, 2, 2, 1, True), _gpu_only(True, 32, 1, 4, 2, True),  # zero-point terms folded out (session 19)
 ])
 @isolated
-def test_rows_matmul_matches_integer_reference(four, cols, split, stages, gps):
+def test_rows_matmul_matches_integer_reference(four, cols, split, stages, gps, fold):
     rng = _rng()
     qw = _weight(rng, 256, 512, 0.0 if four else 1.0)
     x_q, sa, x_sum = _activations(rng, 32, qw.k_padded)
@@ -58,10 +59,15 @@ def test_rows_matmul_matches_integer_reference(four, cols, split, stages, gps):
         w, sw, zero = qw.q8, qw.scale8, None
         codes = np.asarray(qw.q8, np.int64)
     part = md.rows_matmul(jnp.asarray(x_q), jnp.asarray(sa), jnp.asarray(x_sum), w, sw, zero, cols=cols,
-                          split=split, stages=stages, gps=gps, interpret=INTERPRET)
+                          split=split, stages=stages, gps=gps, fold=fold, interpret=INTERPRET)
     assert part.shape == (split, w.shape[0], cols) and part.dtype == jnp.float32
     want = _rows_reference(x_q, sa, codes, np.asarray(sw), zero, cols)
-    assert _rel(np.asarray(part).sum(0), want) < 1e-6  # exact integer partials, f32 accumulate
+    got = np.asarray(part).sum(0)
+    if fold:  # the kernel's part alone misses the zero-point terms by far; with them, the reference
+        terms = md.zero_point_terms(jnp.asarray(x_q), jnp.asarray(sa), jnp.asarray(x_sum), sw, zero, cols)
+        assert _rel(got, want) > 1e-2
+        got = got + np.asarray(terms)
+    assert _rel(got, want) < 1e-6  # exact integer partials, f32 accumulate
 
 
 @pytest.mark.parametrize("m, k, n, share8", [_gpu_only(1, 4096, 256, 0.1), (3, 576, 300, 0.1), _gpu_only(16, 256, 96, 0.0),
@@ -71,9 +77,21 @@ def test_mixed_matmul_mgpu_decode_within_bound(m, k, n, share8):
     rng = _rng()
     qw = _weight(rng, n, k, share8)
     x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-    y = md.mixed_matmul_mgpu_decode(x, qw, interpret=INTERPRET)
-    assert y.shape == (m, n) and y.dtype == jnp.bfloat16
-    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3  # the bound of every bf16-output path
+    want = ref.mixed_matmul_ref(x, qw)
+    for config in ([md.DEFAULT_DECODE_CONFIG] if INTERPRET else [md.DEFAULT_DECODE_CONFIG, md.DecodeConfig(fold=True)]):
+        y = md.mixed_matmul_mgpu_decode(x, qw, config=config, interpret=INTERPRET)
+        assert y.shape == (m, n) and y.dtype == jnp.bfloat16
+        assert _rel(y, want) < 5e-3, config  # the bound of every bf16-output path
+
+
+@isolated
+def test_mixed_matmul_mgpu_decode_folded_within_bound():
+    """`DecodeConfig(fold=True)`: the 4-bit rows' zero-point terms added after the kernel (both channel sets)."""
+    rng = _rng()
+    qw = _weight(rng, 300, 576, 0.1)
+    x = jnp.asarray(rng.normal(size=(3, 576)), jnp.bfloat16)
+    y = md.mixed_matmul_mgpu_decode(x, qw, config=md.DecodeConfig(fold=True), interpret=INTERPRET)
+    assert y.shape == (3, 300) and _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3
 
 
 def test_pick_split_divides_and_keeps_groups_per_split():
