@@ -266,14 +266,19 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
             for chunk in (tokens[:, :25], tokens[:, 25:27], tokens[:, 27:]):
                 logits, cache = forward(params, chunk, cache=cache)
                 out.append(np.asarray(logits))
-        return out
+        return out, cache
 
-    want = run("xla")
+    want, want_cache = run("xla")
     assert not calls
-    got = run("always")
+    got, got_cache = run("always")
     assert [s[1] for s in calls] == [2, 1]  # the stacked layers' scan body: the 2-token and the 1-token step
+    # an int8 cache code the kernel writes may sit one step from XLA's at a rounding boundary (the key or
+    # value an ulp apart); that moves the later logits by up to ≈ 1 % of the largest, so only then the bound
+    # is a code's step (seen in ≈ 1 of 15 runs; otherwise the two agree to ≈ 4e-6)
+    flipped = any(np.any(np.asarray(a) != np.asarray(b)) for a, b in
+                  zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)) if np.asarray(a).dtype == np.int8)
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
+        np.testing.assert_allclose(g, w, rtol=0, atol=(3e-2 if flipped else 1e-4) * float(np.abs(w).max()))
 
 
 @pytest.mark.parametrize("weights, cache_dtype", [("float", jnp.int8), ("mixed", jnp.float32)])
@@ -324,8 +329,10 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         if weights == "float":
             assert err.max() <= 2e-4
         else:  # an attention output an ulp off can flip an int8 activation code of o_proj at a rounding
-            # boundary (one step ≈ 1/127 of its group's max), which moves some logits by ≈ 1 %
-            assert err.max() <= 3e-2 and err.mean() <= 2e-3
+            # boundary (one step ≈ 1/127 of its group's max), which moves that token's logits by ≈ 1 % (seen:
+            # max 1.5e-2, mean 2.7e-3 over a 2-token chunk; a 1-token chunk doubles the mean); without a flip
+            # the paths agree to ≈ 3e-7, and a wiring fault moves every token by tens of %
+            assert err.max() <= 3e-2 and err.mean() <= 1e-2
     for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         tol = 1.0 if cache_dtype == jnp.int8 and a.ndim == 4 else 1e-5 * float(np.abs(b).max())  # a code may move by one
