@@ -134,9 +134,8 @@ def pick_config(m: int, n: int, sms: int | None = None) -> MgpuConfig:
     Session 19): at M = 256 the narrow CTAs take 4096→4096 from 21.5 to 16.2 µs and 14336→4096 from 66.0 to
     47.3 (64 CTAs of the default leave half the SMs idle); where they need a second wave (4096→6144 at
     M = 256, any N at M = 512) or the default already fills the device (4096→28672) they were slower."""
-    sms = sms or _num_sms()
-    cta_m = NARROW_CONFIG.cta_m
-    return NARROW_CONFIG if -(-m // cta_m) * -(-n // NARROW_CONFIG.cta_n) <= sms else DEFAULT_CONFIG
+    ctas = -(-m // NARROW_CONFIG.cta_m) * -(-n // NARROW_CONFIG.cta_n)
+    return NARROW_CONFIG if ctas <= (sms or _num_sms()) else DEFAULT_CONFIG
 
 
 def _num_sms() -> int:
