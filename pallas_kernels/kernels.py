@@ -243,15 +243,21 @@ def _zero_fill(o_ref, m0, g, *, block_m, m, n, pieces):
                     mask=mask)
 
 
-def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *o_refs, block_m, m, k, n_zero, pieces, pdl_on=False):
-    m0, g = pdl.program_ids(2, pdl_on)
-    m0 = m0 * block_m
-    xa, xb = _load_x_halves(x_ref, m0, g, block_m=block_m, m=m, k=k)
+def store_quantized_halves(xq_ref, scale_ref, sum_ref, m0, g, block_m, xa, xb) -> None:
+    """Quantizes group g of rows [m0, m0 + block_m) from its two halves [block_m, 64] f32 (`_quantize_halves`)
+    and stores codes, scale and code sum as `quantize_activations_pallas` lays them out."""
     qa, qb, a_scale, x_sum = _quantize_halves(xa, xb)
     xq_ref[pl.ds(m0, block_m), pl.ds(g * GROUP_SIZE, HALF_GROUP)] = qa
     xq_ref[pl.ds(m0, block_m), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)] = qb
     scale_ref[g, pl.ds(m0, block_m)] = a_scale
     sum_ref[g, pl.ds(m0, block_m)] = x_sum
+
+
+def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *o_refs, block_m, m, k, n_zero, pieces, pdl_on=False):
+    m0, g = pdl.program_ids(2, pdl_on)
+    m0 = m0 * block_m
+    xa, xb = _load_x_halves(x_ref, m0, g, block_m=block_m, m=m, k=k)
+    store_quantized_halves(xq_ref, scale_ref, sum_ref, m0, g, block_m, xa, xb)
     if n_zero:
         _zero_fill(o_refs[0], m0, g, block_m=block_m, m=m, n=n_zero, pieces=pieces)
 

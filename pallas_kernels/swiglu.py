@@ -78,7 +78,7 @@ def _block_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, block: int, 
                   pdl_on: bool = False):
     """One program per (block of rows, group): `_kernel`'s arithmetic on [block, 64] halves, stored as
     `kernels.quantize_activations_pallas` stores its codes (prefill: thousands of rows)."""
-    from pallas_kernels.kernels import _quantize_halves
+    from pallas_kernels.kernels import store_quantized_halves
 
     r, g = pdl.program_ids(2, pdl_on, trigger=True)
     rows = r * block + jnp.arange(block)
@@ -99,12 +99,7 @@ def _block_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, block: int, 
         gate, up = load(cols).astype(jnp.float32), load(cols + f)
         silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
         halves.append((silu * up).astype(dtype).astype(jnp.float32))
-    qa, qb, a_scale, x_sum = _quantize_halves(*halves)
-    r0 = r * block
-    q_ref[pl.ds(r0, block), pl.ds(g * GROUP_SIZE, HALF_GROUP)] = qa
-    q_ref[pl.ds(r0, block), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)] = qb
-    sc_ref[g, pl.ds(r0, block)] = a_scale
-    sum_ref[g, pl.ds(r0, block)] = x_sum
+    store_quantized_halves(q_ref, sc_ref, sum_ref, r * block, g, block, *halves)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "blocked", "interpret"))
