@@ -40,7 +40,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   `@magic` / `@magicfma`: the prefill GEMM's int32 partials reach f32 without the int→float conversion
   (`MgpuConfig.convert`); `@pswiglu`: at prefill SwiGLU hands down_proj int8 codes (`model.PREFILL_CODES =
   "auto"`, the default); `@pcodes`: the norms as well (`"all"`); `@nopcodes`: neither (`"never"`); `@wide`:
-  the prefill GEMM's default 128 × 128 CTAs at every M (no `mgpu.pick_config`); `NAME+h4` / `+h8`: the
+  the prefill GEMM's default 128 × 128 CTAs at every M (no `mgpu.pick_config`); `@swbR`: the blocked SwiGLU
+  at prefill covers R rows a program (`swiglu.BLOCK_ROWS`, 8–64); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -228,6 +229,15 @@ def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float]:
     return statistics.median(times), first
 
 
+def pipelined(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call of `calls` calls of fn() dispatched back to back, blocked on once at the end."""
+    jax.block_until_ready(fn())
+    start = time.perf_counter()
+    results = [fn() for _ in range(calls)]
+    jax.block_until_ready(results)
+    return (time.perf_counter() - start) / calls
+
+
 def copy_bandwidth(nbytes: int, repeats: int) -> float:
     """Bytes/s of a device-to-device copy (read + write counted) of an nbytes buffer."""
     x = jnp.zeros((nbytes // 4,), jnp.float32)
@@ -271,7 +281,13 @@ def prefill(params, cfg: LlamaConfig, args) -> dict:
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
     t, first = timed(lambda: step(params, tokens), args.repeats)
     row = dict(kind="prefill", batch=1, tokens=n, seconds=t, compile_s=first - t, tok_s=n / t,
-               tflops=prefill_flops(cfg, n) / t / 1e12)
+               tflops=prefill_flops(cfg, n) / t / 1e12, leaves=len(jax.tree.leaves(params)))
+    # Where wall time beyond the device's goes: per call when calls queue back to back (host work hidden
+    # behind the device), and one call of a jit that takes the same params and does nothing with them
+    # (the per-argument dispatch cost of the params pytree).
+    row["pipelined_s"] = pipelined(lambda: step(params, tokens), max(args.repeats, 5))
+    touch = jax.jit(lambda p, t: t + 1)
+    row["dispatch_s"] = timed(lambda: touch(params, tokens), max(args.repeats, 5))[0]
     if args.profile:  # busy and span against the wall time: a span well under it means host launch gaps
         row["profile"] = _profile(lambda: step(params, tokens), 1, args.profile_top)
     return row
@@ -315,7 +331,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
-              "pcodes", "pswiglu", "nopcodes", "wide")
+              "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -364,6 +380,10 @@ def _apply_strategy(strategy: str) -> None:
         pdl.ENABLED, pdl.WEIGHTS_FIRST = True, strategy == "pdlw"
     elif strategy in ("pcodes", "pswiglu", "nopcodes"):  # prefill GEMMs on codes from SwiGLU (and the norms)
         model_module.PREFILL_CODES = {"pcodes": "all", "pswiglu": "auto", "nopcodes": "never"}[strategy]
+    elif strategy.startswith("swb"):  # the blocked SwiGLU's rows a program at prefill
+        from pallas_kernels import swiglu
+
+        swiglu.BLOCK_ROWS = int(strategy[3:])
     elif strategy == "wide":  # session 18's tiles: 128 × 128 CTAs for every prefill GEMM
         from pallas_kernels import mgpu
 
@@ -483,13 +503,16 @@ def _lines_until(proc, deadline: float):
 def _describe(r: dict) -> str:
     if r["kind"] in ("prefill", "decode"):
         prof = r.get("profile")
-        per = "per step" if r["kind"] == "decode" else f"per prefill ({1e3 * r['seconds']:.2f} ms wall)"
+        per = "per step" if r["kind"] == "decode" else "per prefill"
+        host = "" if "pipelined_s" not in r else (
+            f"; {1e3 * r['seconds']:.2f} ms wall, {1e3 * r['pipelined_s']:.2f} pipelined, dispatch of its "
+            f"{r['leaves']} param leaves {1e3 * r['dispatch_s']:.2f} ms")
         prof = "" if not prof else (f"; device {prof['busy_ms']:.2f} busy / {prof['span_ms']:.2f} span ms, "
                                     f"{prof['kernels']:.0f} kernels {per}; top (µs, launches): "
                                     + ", ".join(f"{n} {us:.1f} µs ×{c:g}" for n, us, c in prof["top"][:prof["shown"]])
                                     if "busy_ms" in prof else f"; profile: {prof['error']}")
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
-                f"peak {_gb(r.get('peak_bytes')) or '?'} GB){prof}")
+                f"peak {_gb(r.get('peak_bytes')) or '?'} GB){host}{prof}")
     if r["kind"] == "error":
         return f"{r['variant']} {r['what']} FAILED: {r['error']}"
     return f"{r['variant']} {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant", "kind"))

@@ -122,7 +122,7 @@ def main(argv=None) -> int:
     for cg in chunks:
         sw[f"swiglu_c{cg}"] = lambda x, parts, cg=cg: swiglu.silu_mul_quant_pallas(
             x, jnp.bfloat16, partials=bool(parts), chunk_groups=cg, blocked=False, interpret=interpret)
-    for block, nw in [(64, 4), (64, 8), (32, 4), (16, 4)][:1 if args.small else None]:
+    for block, nw in [(64, 4), (32, 4), (16, 4), (16, 2), (8, 4), (8, 2)][:1 if args.small else None]:
         sw[f"swiglu_b{block}w{nw}"] = lambda x, parts, block=block, nw=nw: swiglu.silu_mul_quant_pallas(
             x, jnp.bfloat16, partials=bool(parts), blocked=block, num_warps=nw, interpret=interpret)
     rows += ["", "| M | partials | SwiGLU variant | codes = reference | busy µs | span µs | kernels | vs xla_silu (span) |",

@@ -45,6 +45,7 @@
 #   bash benchmarks/device_session.sh s19c      # session 19: the new defaults (pick_config, PREFILL_CODES auto)
 #   bash benchmarks/device_session.sh s20a      # prepared in session 19: the Mosaic decode kernel at M = 16–64,
 #                                               # prefill 256 ± narrow CTAs, the blocked SwiGLU's sweep
+#   bash benchmarks/device_session.sh s20b      # session 20: prefill's wall time beyond the device's, SwiGLU 8/16 rows
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -365,6 +366,19 @@ case "$part" in
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     timeout 60 python3 benchmarks/bench_norm.py --swiglu-only --ms 2048 --parts 0 --chunks 2 --calls 8 \
       --out "$out/swiglu.md" 2>&1 | tail -8 | tee "$out/swiglu.log"
+    ;;
+  s20b)  # session 20: where prefill's wall time beyond the device's goes (pipelined calls, the params'
+         # dispatch), 256 and 2048 tokens; the blocked SwiGLU at 8 and 16 rows a program (kernel and end to end)
+    header
+    timeout 60 python3 -m pytest -q tests/test_swiglu.py 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 60 python3 benchmarks/bench_norm.py --swiglu-only --ms 256,2048 --parts 0 --chunks 2 --calls 8 \
+      --out "$out/swiglu.md" 2>&1 | tail -14 | tee "$out/swiglu.log"
+    timeout 110 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4 \
+      --batches "" --repeats 5 --prefill-len 256 --profile --profile-top 4 --budget-s 100 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@swb16+h4 \
+      --batches "" --repeats 5 --prefill-len 2048 --profile --profile-top 4 --budget-s 190 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;
   tall)
     header

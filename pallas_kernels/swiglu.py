@@ -136,7 +136,7 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
                           num_warps: int = 4, blocked: bool | int | None = None, interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
-    `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (16, 32 or 64).
+    `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (8, 16, 32 or 64).
     None: blocked past `MAX_ROWS` rows (prefill)."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -154,7 +154,7 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
         blocked = rows > MAX_ROWS
     if blocked is True:
         blocked = BLOCK_ROWS
-    if blocked not in (False, 16, 32, 64):
-        raise ValueError(f"silu_mul_quant: blocked must be a bool, None or 16, 32, 64 rows, got {blocked!r}")
+    if blocked not in (False, 8, 16, 32, 64):
+        raise ValueError(f"silu_mul_quant: blocked must be a bool, None or 8, 16, 32, 64 rows, got {blocked!r}")
     return _silu_mul_quant(gate_up, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
                            num_warps=int(num_warps), blocked=int(blocked), interpret=interpret)

@@ -22,7 +22,8 @@ INTERPRET = jax.default_backend() != "gpu"
     ((1,), 4096, 8, jnp.bfloat16, 2, None), ((3,), 576, 0, jnp.bfloat16, 1, None),
     ((2, 9), 200, 3, jnp.float32, 4, None), ((17,), 640, 2, jnp.bfloat16, 2, None),
     ((70,), 328, 0, jnp.bfloat16, 2, None),  # past MAX_ROWS: the blocked (prefill) form, a ragged last block
-    ((5,), 256, 2, jnp.float32, 2, True), ((2, 20), 136, 0, jnp.bfloat16, 2, 32), ((40,), 200, 0, jnp.float32, 2, 16)])
+    ((5,), 256, 2, jnp.float32, 2, True), ((2, 20), 136, 0, jnp.bfloat16, 2, 32), ((40,), 200, 0, jnp.float32, 2, 16),
+    ((24,), 136, 2, jnp.bfloat16, 2, 8)])
 def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked):
     """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32, 64), split-K
     partials or the linear's output, per row or in blocks of rows: the codes, scales and sums of the reference
@@ -58,7 +59,7 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match=r"\[\.\.\., 2F\]"):
         swiglu.silu_mul_quant_pallas(jnp.zeros((1, 255)), interpret=True)
     with pytest.raises(ValueError, match="blocked must be"):
-        swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256)), blocked=8, interpret=True)
+        swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256)), blocked=12, interpret=True)
     with pytest.raises(ValueError, match="chunk_groups"):
         swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256)), chunk_groups=3, interpret=True)
     with pytest.raises(TypeError, match="floating point"):
