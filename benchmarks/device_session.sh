@@ -46,6 +46,7 @@
 #   bash benchmarks/device_session.sh s20a      # prepared in session 19: the Mosaic decode kernel at M = 16–64,
 #                                               # prefill 256 ± narrow CTAs, the blocked SwiGLU's sweep
 #   bash benchmarks/device_session.sh s20b      # session 20: prefill's wall time beyond the device's, SwiGLU 8/16 rows
+#   bash benchmarks/device_session.sh s20c      # session 20: the host's side of a prefill call (probe_host.py)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -379,6 +380,18 @@ case "$part" in
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16,w4.4a8+h4,w4.4a8@swb16+h4 \
       --batches "" --repeats 5 --prefill-len 2048 --profile --profile-top 4 --budget-s 190 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    ;;
+  s20c)  # session 20: the host's side of one blocked prefill call (probe_host.py), bf16 and W4.4A8 at 256 tokens;
+         # W4.4A8 with XLA's command buffers (CUDA graphs) off; the SwiGLU tests with BLOCK_ROWS = 16
+    header
+    timeout 60 python3 -m pytest -q tests/test_swiglu.py 2>&1 | tail -3 | tee "$out/tests.log"
+    for v in bf16 w4.4a8+h4; do
+      timeout 90 python3 benchmarks/probe_host.py --variant $v --prefill-len 256 > "$out/host_$v.log" 2>&1
+      head -5 "$out/host_$v.log"
+    done
+    XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 130 python3 benchmarks/bench_generate.py \
+      --variants bf16,w4.4a8+h4 --batches "" --repeats 5 --prefill-len 256 --budget-s 120 \
+      --out "$out/nocmdbuf.md" 2>&1 | grep "prefill batch" | tee "$out/nocmdbuf.log"
     ;;
   tall)
     header

@@ -85,8 +85,11 @@ def test_model_swiglu_hands_codes_to_down_proj(monkeypatch):
     assert not calls
     got = run("always")
     assert len(calls) == 4 and all(c[-1] == 2 * cfg.intermediate_size for c in calls)  # 2 layers × 2 steps
+    # on a GPU XLA's SiLU·mul fusion may keep f32 where the reference rounds h to the dtype, so an int8 code
+    # at a rounding boundary can flip (≈ 1 % of the largest logit; seen on the H200, session 20)
+    tol = 1e-5 if jax.default_backend() == "cpu" else 2e-2
     for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5 * float(np.abs(w).max()))
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=tol * float(np.abs(w).max()))
     monkeypatch.setattr(model, "SWIGLU_QUANT", "sometimes")
     with pytest.raises(ValueError, match="'never', 'auto' or 'always'"):
         model.forward_step(params, tokens[:, :1], cfg, model.init_cache(cfg, 2, 8, jnp.float32), implementation="xla")
