@@ -47,6 +47,7 @@
 #                                               # prefill 256 ± narrow CTAs, the blocked SwiGLU's sweep
 #   bash benchmarks/device_session.sh s20b      # session 20: prefill's wall time beyond the device's, SwiGLU 8/16 rows
 #   bash benchmarks/device_session.sh s20c      # session 20: the host's side of a prefill call (probe_host.py)
+#   bash benchmarks/device_session.sh s20d      # session 20: the standing table (prefill 2048 / 256, decode b1 / b8 / b32)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -392,6 +393,16 @@ case "$part" in
     XLA_FLAGS=--xla_gpu_enable_command_buffer= timeout 130 python3 benchmarks/bench_generate.py \
       --variants bf16,w4.4a8+h4 --batches "" --repeats 5 --prefill-len 256 --budget-s 120 \
       --out "$out/nocmdbuf.md" 2>&1 | grep "prefill batch" | tee "$out/nocmdbuf.log"
+    ;;
+  s20d)  # session 20: the standing end-to-end table with this version's defaults: XLA's bf16 beside W4.4A8 (+ int4
+         # head), prefill 2048 and decode b1 / b8 / b32 in one call, then prefill 256
+    header
+    timeout 400 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --profile --profile-top 3 --budget-s 390 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    timeout 110 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 \
+      --batches "" --repeats 5 --prefill-len 256 --budget-s 100 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
   tall)
     header
