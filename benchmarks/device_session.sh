@@ -48,6 +48,7 @@
 #   bash benchmarks/device_session.sh s20b      # session 20: prefill's wall time beyond the device's, SwiGLU 8/16 rows
 #   bash benchmarks/device_session.sh s20c      # session 20: the host's side of a prefill call (probe_host.py)
 #   bash benchmarks/device_session.sh s20d      # session 20: the standing table (prefill 2048 / 256, decode b1 / b8 / b32)
+#   bash benchmarks/device_session.sh s20e      # session 20: s20d again with cuDNN attention for prompts only, bf16 too
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -403,6 +404,13 @@ case "$part" in
     timeout 110 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 \
       --batches "" --repeats 5 --prefill-len 256 --budget-s 100 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
+  s20e)  # session 20: decode with cuDNN attention gated to prompt-shaped chunks (XLA's bf16 step had taken it at
+         # every decode step since session 17): bf16@plain and bf16 beside W4.4A8, prefill 2048 and b1 / b8 / b32
+    header
+    timeout 420 python3 benchmarks/bench_generate.py --variants bf16@plain,bf16,w4.4a8+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --profile --profile-top 3 --budget-s 410 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
     ;;
   tall)
     header

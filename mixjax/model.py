@@ -361,12 +361,18 @@ PREFILL_ATTENTION = "auto"  # attention of chunks the decode kernel does not tak
 # 2048-token prefill on the H200, benchmarks/NOTES-kernels.md item 61)
 
 
-def _cudnn_attention_on(q: jax.Array, k_scale, implementation: Implementation) -> bool:
+def _cudnn_attention_on(q: jax.Array, kv_heads: int, k_scale, implementation: Implementation) -> bool:
+    """cuDNN for prompt-shaped chunks only (q [B, T, H, Dh]): more query rows a KV head than the decode kernel
+    holds (`attention.MAX_ROWS`). Decode-shaped chunks on XLA's path (`ATTENTION = "xla"`) keep `attend_ref`:
+    cuDNN at one token a step made XLA's bf16 decode 16 % slower at b1 and 10 % at b32 (H200, session 20)."""
+    from pallas_kernels.attention import MAX_ROWS
+
     if PREFILL_ATTENTION not in ("auto", "xla"):
         raise ValueError(f"mixjax.model.PREFILL_ATTENTION = {PREFILL_ATTENTION!r}; expected 'auto' or 'xla'")
-    return (PREFILL_ATTENTION == "auto" and k_scale is None and q.dtype in (jnp.bfloat16, jnp.float16)
-            and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128 and cudnn_attention_available()
-            and resolve_implementation(implementation) == "pallas")
+    rows = q.shape[1] * (q.shape[2] // kv_heads)
+    return (PREFILL_ATTENTION == "auto" and rows > MAX_ROWS and k_scale is None
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
+            and cudnn_attention_available() and resolve_implementation(implementation) == "pallas")
 
 
 def _attention_kernel_on(T: int, cfg: LlamaConfig, implementation: Implementation) -> bool:
@@ -572,7 +578,7 @@ def _decoder_layer(
         if kernel:
             attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window,
                                            k_scale=k_scale, v_scale=v_scale, interpret=interpret)
-        elif _cudnn_attention_on(q, k_scale, implementation):
+        elif _cudnn_attention_on(q, KVH, k_scale, implementation):
             attn = prefill_attention(q, keys, values, mask, positions, cfg.sliding_window)
         else:
             attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
