@@ -54,7 +54,8 @@ finished before a deadline are kept). Inside a variant, in this order:
 - prefill: one `forward_step` of batch 1 × `--prefill-len` tokens into an empty cache, LM head at the last
   token only (as `generate` prefills) → tokens/s and TFLOP/s (2 · multiplied weights · tokens).
 Every program is compiled and run once before timing (compile time printed); the median of `--repeats` runs
-is reported. Decode also reports % of the weight-read floor: batch · copy bandwidth / params bytes
+is reported (of at least 7 for prefill, whose blocked wall time varied by up to 15 % over two runs in session
+20; prefill also reports the time a call when calls queue back to back, and the params' dispatch cost). Decode also reports % of the weight-read floor: batch · copy bandwidth / params bytes
 tokens/s (every step reads every weight once; KV cache ignored). The device and jax version head the table.
 """
 
@@ -279,7 +280,7 @@ def prefill(params, cfg: LlamaConfig, args) -> dict:
         return model.forward_step(p, t, cfg, cache, logits_at="last", implementation=args.implementation)
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
-    t, first = timed(lambda: step(params, tokens), args.repeats)
+    t, first = timed(lambda: step(params, tokens), max(args.repeats, 7))  # one call is ~50 ms: a steadier median
     row = dict(kind="prefill", batch=1, tokens=n, seconds=t, compile_s=first - t, tok_s=n / t,
                tflops=prefill_flops(cfg, n) / t / 1e12, leaves=len(jax.tree.leaves(params)))
     # Where wall time beyond the device's goes: per call when calls queue back to back (host work hidden
@@ -541,7 +542,8 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
         f"# Generation speed, {cfg_name}, random weights ({datetime.date.today().isoformat()})",
         "",
         f"device: {info['device']}, jax {info['jax']}, implementation={args.implementation}, KV cache "
-        f"{jnp.dtype(args.cache_dtype).name}; median of {args.repeats} runs after warm-up. "
+        f"{jnp.dtype(args.cache_dtype).name}; median of {args.repeats} runs after warm-up "
+        f"({max(args.repeats, 7)} for prefill). "
         f"Prefill: batch 1 × {args.prefill_len} tokens. Decode: {args.new_tokens} greedy steps after a "
         f"{args.prompt_len}-token prompt. Quantized weights: "
         + (f"`mixjax.quantize` on {args.calib_samples}×{args.calib_len} random calibration tokens."
