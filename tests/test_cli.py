@@ -164,8 +164,9 @@ def test_readme_commands_and_ci_agree():
     root = os.path.join(os.path.dirname(__file__), "..")
     readme = open(os.path.join(root, "README.md")).read()
     ci = open(os.path.join(root, ".ci", "run")).read()
-    test_command = 'pip install -e ".[test]" && pytest -q'
+    test_command = 'pip install -e ".[test]" && pytest -q -n 2 --dist loadfile'  # two workers, a file each
     assert f"\n{test_command}\n" in readme and f"\n{test_command}\n" in ci
+    assert "pytest-xdist" in open(os.path.join(root, "pyproject.toml")).read()  # what `-n` needs
     assert "\npip install -e . && mixjax demo\n" in readme
 
 
