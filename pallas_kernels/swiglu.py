@@ -9,8 +9,9 @@ was: every group is independent, so a row spreads over many programs (program = 
 The output is a `QuantizedActivations` that `mixed_matmul` consumes without quantizing.
 
 At prefill (thousands of rows, `model.PREFILL_CODES`) a program of the per-row form holds too little work; the
-blocked form gives one 64 rows × one group. At 2048 rows × F = 14336 on an H200: 57 µs, against 95 µs per
-row and 72 µs for XLA's fusion plus the prefill GEMM's own quantization launch (NOTES-kernels.md item 66).
+blocked form gives one `BLOCK_ROWS` (16) rows × one group. At 2048 rows × F = 14336 on an H200: 49 µs (57 with
+64 rows), against 95 µs per row and 72 µs for XLA's fusion plus the prefill GEMM's own quantization launch
+(NOTES-kernels.md items 66, 70).
 
 Arithmetic as `mixjax.model`: gate and up are the linear's output rounded to the dtype (Σ partials in f32),
 h = silu(gate)·up in the dtype (silu(x) = x·sigmoid(x), computed in f32 and rounded once — XLA may keep
