@@ -270,7 +270,9 @@ def prefill_flops(cfg: LlamaConfig, tokens: int) -> float:
     return 2.0 * (L * (D * q + 2 * D * kv + q * D + 3 * D * F) * tokens + V * D)
 
 
-def prefill(params, cfg: LlamaConfig, args) -> dict:
+def prefill_step(params, cfg: LlamaConfig, args) -> tuple[Callable, jax.Array]:
+    """(jitted step(params, tokens), random tokens [1, --prefill-len]): one prefill into an empty cache, the LM
+    head at the last token only, as `generate` prefills."""
     stacked = not isinstance(params["layers"], (tuple, list))
     n = args.prefill_len
 
@@ -279,7 +281,12 @@ def prefill(params, cfg: LlamaConfig, args) -> dict:
         cache = model.init_cache(cfg, 1, n, args.cache_dtype, stacked=stacked)
         return model.forward_step(p, t, cfg, cache, logits_at="last", implementation=args.implementation)
 
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
+    return step, jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
+
+
+def prefill(params, cfg: LlamaConfig, args) -> dict:
+    n = args.prefill_len
+    step, tokens = prefill_step(params, cfg, args)
     t, first = timed(lambda: step(params, tokens), max(args.repeats, 7))  # one call is ~50 ms: a steadier median
     row = dict(kind="prefill", batch=1, tokens=n, seconds=t, compile_s=first - t, tok_s=n / t,
                tflops=prefill_flops(cfg, n) / t / 1e12, leaves=len(jax.tree.leaves(params)))

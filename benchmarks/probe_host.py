@@ -19,12 +19,9 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_generate  # noqa: E402
-from mixjax import model  # noqa: E402
 
 
 def trace_planes(fn):
@@ -60,15 +57,8 @@ def main() -> int:
                                      + (["--small"] if a.small else []))
     cfg = bench_generate.SMALL if a.small else bench_generate.LLAMA3_8B
     params = bench_generate.build_variant(a.variant, cfg, args, lambda row: None)
-    stacked = not isinstance(params["layers"], (tuple, list))
     n = a.prefill_len
-
-    @jax.jit
-    def step(p, t):
-        cache = model.init_cache(cfg, 1, n, args.cache_dtype, stacked=stacked)
-        return model.forward_step(p, t, cfg, cache, logits_at="last", implementation=args.implementation)
-
-    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
+    step, tokens = bench_generate.prefill_step(params, cfg, args)
     host, gpu = trace_planes(lambda: step(params, tokens))
     print(f"device {jax.devices()[0].device_kind}, jax {jax.__version__}, {a.variant}, prefill {n}, "
           f"{len(jax.tree.leaves(params))} param leaves")
