@@ -34,7 +34,7 @@ from pallas_kernels.format import GROUP_SIZE, HALF_GROUP
 from pallas_kernels.norm import chunk_cols, quant_rows, store_group_codes
 
 MAX_ROWS = 64  # tokens up to which the model takes this kernel at decode (one program per row and chunk)
-BLOCK_ROWS = 16  # rows a program of the blocked form (prefill, `model.PREFILL_CODES`) covers; 8–64 measured (NOTES-kernels.md item 70)
+BLOCK_ROWS = 16  # rows a program of the blocked form (prefill, `model.PREFILL_CODES`); NOTES-kernels.md item 70
 
 
 def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False):
