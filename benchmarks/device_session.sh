@@ -49,6 +49,8 @@
 #   bash benchmarks/device_session.sh s20c      # session 20: the host's side of a prefill call (probe_host.py)
 #   bash benchmarks/device_session.sh s20d      # session 20: the standing table (prefill 2048 / 256, decode b1 / b8 / b32)
 #   bash benchmarks/device_session.sh s20e      # session 20: s20d again with cuDNN attention for prompts only, bf16 too
+#   bash benchmarks/device_session.sh s21a      # session 21: GPU tests of the W8A8 prefill, the GEMV's copy-only twin
+#   bash benchmarks/device_session.sh s21b      # session 21: the standing table with W8A8 (bf16, W4.4A8, W8A8)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -412,6 +414,18 @@ case "$part" in
       --repeats 2 --prefill-len 2048 --profile --profile-top 3 --budget-s 410 \
       --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
     ;;
+  s21a)  # session 21: the W8A8 prefill without its copy pass (GPU tests), then the M = 1 GEMV's copy-only twin
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py tests/test_fuse.py 2>&1 | tail -5 \
+      | tee "$out/tests.log"
+    timeout 300 python3 benchmarks/probe_twin.py 2>&1 | tee "$out/twin.log"
+    ;;
+  s21b)  # session 21: the standing end-to-end table with W8A8 beside it (the three variants)
+    header
+    timeout 440 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w8a8+h8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --profile --profile-top 3 --budget-s 430 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -424,7 +438,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b" >&2
     exit 2
     ;;
 esac

@@ -45,7 +45,10 @@ class MixedWeight:
     for a 4-bit channel at packed 4-bit row r, w[c, k] ≈ (u[r, k] − zero4[g, r]) · scale4[g, r]
     with g = k // 128 and u unpacked from `q4` by the nibble order in the module docstring
     (byte j of group g: low nibble k = 128g + j, high nibble k = 128g + 64 + j, each stored as u − 8).
-    All code arrays are K-contiguous; scales and zeros are group-major [G, rows].
+    All code arrays are K-contiguous; scales and zeros are group-major [G, rows]. Each channel set holds
+    its channels in ascending order, and a weight whose channels are all 8-bit (n8 == n) holds channel c
+    at row c of `q8`, its padding rows last: `pack_mixed` and `fuse.concat_mixed` keep this, and the
+    Mosaic GPU prefill GEMM reads such a `q8` as it is (`mgpu.mixed_matmul_mgpu`).
     """
 
     q8: jax.Array  # int8 [N8p, Kp]

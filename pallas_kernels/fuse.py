@@ -6,7 +6,9 @@ where every launch and every partly filled wave shows, that is most of the gain 
 
 The concatenation keeps each part's packed rows as they are (each part's 8-bit and 4-bit blocks are
 already padded to `ROW_ALIGN`), so it is exact: the fused weight computes bit for bit what the parts
-compute, in channel order [part 0 channels; part 1 channels; ...].
+compute, in channel order [part 0 channels; part 1 channels; ...]. When every channel of every part is
+8-bit, the parts' padding rows are dropped and one padding block ends the result, so that its rows stay in
+channel order (`MixedWeight`'s invariant, which the prefill GEMM relies on to skip its unpack pass).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels.format import MixedWeight
+from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight
 
 
 def concat_mixed(weights: list[MixedWeight] | tuple[MixedWeight, ...]) -> MixedWeight:
@@ -29,6 +31,8 @@ def concat_mixed(weights: list[MixedWeight] | tuple[MixedWeight, ...]) -> MixedW
             raise ValueError(f"concat_mixed: parts must share in_features; got K={w.k} (padded {w.k_padded}) "
                              f"and K={k} (padded {kp})")
     n_total = sum(w.n for w in weights)
+    if all(w.n8 == w.n for w in weights):
+        return _concat_all_8bit(weights, n_total, k, kp)
     n8p_total = sum(w.q8.shape[0] for w in weights)
     channel, row_of_channel = [], []
     off_n = off8 = off4 = 0
@@ -50,3 +54,17 @@ def concat_mixed(weights: list[MixedWeight] | tuple[MixedWeight, ...]) -> MixedW
         channel=jnp.asarray(channel), row_of_channel=jnp.asarray(np.concatenate(row_of_channel).astype(np.int32)),
         n=n_total, k=k, n8=sum(w.n8 for w in weights),
     )
+
+
+def _concat_all_8bit(weights, n_total: int, k: int, kp: int) -> MixedWeight:
+    """All parts 8-bit: their channel rows back to back, one block of zero padding rows at the end."""
+    n8p = -(-n_total // ROW_ALIGN) * ROW_ALIGN
+    pad = n8p - n_total
+    q8 = jnp.concatenate([w.q8[: w.n] for w in weights] + [jnp.zeros((pad, kp), jnp.int8)])
+    scale8 = jnp.concatenate([w.scale8[:, : w.n] for w in weights]
+                             + [jnp.zeros((kp // GROUP_SIZE, pad), jnp.float32)], axis=1)
+    empty = weights[0]  # every part's 4-bit set is empty: [0, Kp/2] codes, [G, 0] scales and zeros
+    channel = np.concatenate([np.arange(n_total), np.full(pad, n_total)]).astype(np.int32)
+    return MixedWeight(q8=q8, scale8=scale8, q4=empty.q4, scale4=empty.scale4, zero4=empty.zero4,
+                       channel=jnp.asarray(channel), row_of_channel=jnp.arange(n_total, dtype=jnp.int32),
+                       n=n_total, k=k, n8=n_total)

@@ -14,6 +14,7 @@ Data flow for y = x @ W.T (M ≥ a few hundred rows; the weight is read once per
    8-bit rows keep their codes q, 4-bit rows become u − z ∈ [-15, 15] (exact in int8), with their
    scales [G, Np]. One XLA pass over the weight (reads the packed bytes, writes 1 byte per weight;
    ≈ 45 µs for 4096×14336 on the H100, ≈ 1/8 of the GEMM at M = 2048) keeps the kernel one int8 GEMM.
+   A weight with every channel 8-bit (W8A8) skips the pass: its stored codes are that matrix already.
 2. Activations: int8 symmetric per (token, group of 128), scales group-major [G, Mp]
    (`kernels.quantize_activations_pallas`, or the reference formula under interpret mode).
 3. `w8a8_group_matmul`: per CTA output tile, each pipeline step of 256 along K (two quantization
@@ -421,6 +422,13 @@ def int8_weight(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Array,
     return lax.bitcast_convert_type(words, jnp.int8).reshape(np_, kp), scales
 
 
+def _rows_in_channel_order(qw: MixedWeight, cta_n: int) -> bool:
+    """True when `qw.q8` with `qw.scale8` already is `int8_weight`'s matrix for a CTA width of cta_n: every
+    channel 8-bit (rows in channel order, `MixedWeight`'s invariant; zero padding rows at the end) and the
+    padded rows a whole number of CTA tiles. The GEMM then reads the stored codes and no copy is made."""
+    return qw.n8 == qw.n and qw.q8.shape[0] % cta_n == 0
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, config: MgpuConfig | None = None,
                       interpret: bool = False) -> jax.Array:
@@ -436,7 +444,6 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
 
     if qw.num_groups % config.gps:  # an odd number of groups: one group a step, as many groups in flight
         config = dataclasses.replace(config, gps=1, stages=config.stages * config.gps)
-    np_ = _round_up(qw.n, config.cta_n)
     if isinstance(x, QuantizedActivations):
         if x.x_q.shape[1] != qw.k_padded:
             raise ValueError(f"mixed_matmul_mgpu: codes of {x.x_q.shape[1]} columns for a weight of "
@@ -452,9 +459,12 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
 
         m, dtype = x.shape[0], x.dtype
         x_q, sa, _ = quantize_activations_pallas(x, block_m=config.cta_m)
-    # Tie the unpack to this call's activations: without it XLA may hoist the (activation-independent)
-    # unpacks of every layer of a model to the program's start and hold all their int8 copies at once.
-    x_q, qw = lax.optimization_barrier((x_q, qw))
-    w, sw = int8_weight(qw, rows=np_)
+    if _rows_in_channel_order(qw, config.cta_n):  # W8A8: the stored codes are already the int8 matrix
+        w, sw = qw.q8, qw.scale8
+    else:
+        # Tie the unpack to this call's activations: without it XLA may hoist the (activation-independent)
+        # unpacks of every layer of a model to the program's start and hold all their int8 copies at once.
+        x_q, qw = lax.optimization_barrier((x_q, qw))
+        w, sw = int8_weight(qw, rows=_round_up(qw.n, config.cta_n))
     y = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=dtype, config=config, interpret=interpret)
     return y[:m, : qw.n]

@@ -42,6 +42,26 @@ def test_concat_mixed_equals_the_parts(k):
     np.testing.assert_allclose(np.asarray(y_kernel), np.asarray(expect), rtol=1e-4, atol=1e-4)
 
 
+def test_concat_all_8bit_parts_keeps_channel_order():
+    """Every channel 8-bit: the parts' padding rows go, so the fused weight holds channel c at row c of q8
+    (MixedWeight's invariant, read as it is by the Mosaic GPU prefill GEMM), and computes what the parts do."""
+    rng = _rng()
+    k = 200
+    parts = [_random_mixed(rng, n, k, 1.0) for n in (96, 40, 130)]
+    fused = concat_mixed(parts)
+    n = sum(p.n for p in parts)
+    assert fused.n8 == fused.n == n and fused.q8.shape == (384, 256) and fused.q4.shape[0] == 0
+    assert np.array_equal(np.asarray(fused.row_of_channel), np.arange(n))
+    assert np.array_equal(np.asarray(fused.channel), np.concatenate([np.arange(n), np.full(384 - n, n)]))
+    assert not np.any(np.asarray(fused.q8[n:])) and not np.any(np.asarray(fused.scale8[:, n:]))
+    np.testing.assert_array_equal(np.asarray(dequantize(fused)),
+                                  np.concatenate([np.asarray(dequantize(p)) for p in parts]))
+    x = jnp.asarray(rng.standard_normal((3, k)), jnp.float32)
+    expect = jnp.concatenate([mixed_matmul(x, p, implementation="xla") for p in parts], axis=1)
+    np.testing.assert_allclose(np.asarray(mixed_matmul(x, fused, interpret=True)), np.asarray(expect),
+                               rtol=1e-4, atol=1e-4)
+
+
 def test_concat_mixed_refuses_different_in_features():
     rng = _rng()
     with pytest.raises(ValueError, match="share in_features"):

@@ -123,6 +123,39 @@ def test_mixed_matmul_mgpu_within_bf16_bound(m, k, n, share8):
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3  # the bound of every bf16-output path
 
 
+def test_all_8bit_weight_skips_the_unpack():
+    """W8A8 (every channel 8-bit, fused parts included): the GEMM reads the stored codes, so the lowered call
+    has none of the unpack's gathers, which a mixed weight still needs; the result stays within the bound."""
+    from pallas_kernels.fuse import concat_mixed
+
+    rng = _rng()
+    k = 256
+    fused = concat_mixed([_weight(rng, 120, k, 1.0), _weight(rng, 100, k, 1.0)])  # 220 rows, padded to 256
+    mixed = _weight(rng, 220, k, 0.5)
+
+    def gathers(qw):
+        x = jax.ShapeDtypeStruct((256, k), jnp.bfloat16)
+        return jax.jit(mgpu.mixed_matmul_mgpu).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text().count(
+            "stablehlo.gather")
+
+    assert gathers(fused) == 0 and gathers(mixed) > 0
+    assert mgpu._rows_in_channel_order(fused, 128) and not mgpu._rows_in_channel_order(mixed, 128)
+    assert not mgpu._rows_in_channel_order(_weight(rng, 100, k, 1.0), 256)  # 128 padded rows: not whole CTAs
+
+
+@isolated
+def test_all_8bit_weight_within_bf16_bound():
+    from pallas_kernels.fuse import concat_mixed
+
+    rng = _rng()
+    m, k = 70, 384
+    qw = concat_mixed([_weight(rng, 120, k, 1.0), _weight(rng, 40, k, 1.0)])
+    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+    y = mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
+    assert y.shape == (m, 160) and y.dtype == jnp.bfloat16
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3
+
+
 def test_pick_config_narrows_the_cta_while_one_wave_fits():
     """128 × 64 CTAs where they fit one wave (short prompts onto 4096 outputs on 132 SMs), else the default;
     on this CPU (4 virtual SMs) the (128, 256, 96) case above takes the narrow tile in interpret mode."""
