@@ -51,6 +51,7 @@
 #   bash benchmarks/device_session.sh s20e      # session 20: s20d again with cuDNN attention for prompts only, bf16 too
 #   bash benchmarks/device_session.sh s21a      # session 21: GPU tests of the W8A8 prefill, the GEMV's copy-only twin
 #   bash benchmarks/device_session.sh s21b      # session 21: the standing table with W8A8 (bf16, W4.4A8, W8A8)
+#   bash benchmarks/device_session.sh s21c      # session 21: 256-token prompts, bf16 / W4.4A8 / W8A8
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -426,6 +427,12 @@ case "$part" in
       --repeats 2 --prefill-len 2048 --profile --profile-top 3 --budget-s 430 \
       --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
     ;;
+  s21c)  # session 21: 256-token prompts, the three variants (W8A8 now without its copy pass)
+    header
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w8a8+h8 \
+      --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 4 --budget-s 190 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -438,7 +445,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c" >&2
     exit 2
     ;;
 esac
