@@ -41,7 +41,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   (`MgpuConfig.convert`); `@pswiglu`: at prefill SwiGLU hands down_proj int8 codes (`model.PREFILL_CODES =
   "auto"`, the default); `@pcodes`: the norms as well (`"all"`); `@nopcodes`: neither (`"never"`); `@wide`:
   the prefill GEMM's default 128 × 128 CTAs at every M (no `mgpu.pick_config`); `@swbR`: the blocked SwiGLU
-  at prefill covers R rows a program (`swiglu.BLOCK_ROWS`, 8–64); `NAME+h4` / `+h8`: the
+  at prefill covers R rows a program (`swiglu.BLOCK_ROWS`, 8–64); `@pint8`: the quantized linears also hold
+  their weights as int8 for the prefill GEMM (`model.int8_prefill`, one more byte a weight); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -186,8 +187,8 @@ def split_variant(name: str) -> tuple[str, str | None, int | None]:
 
 
 def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
-    name, _, head_bits = split_variant(name)
-    params = _build_base(name, cfg, args, log)
+    base, _, head_bits = split_variant(name)
+    params = _build_base(base, cfg, args, log)
     if head_bits:  # RTN, every row of the embedding table and the LM head at head_bits
         from mixjax.quant.api import quantize_head
 
@@ -200,6 +201,8 @@ def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
         for i in range(len(layers)):
             layers[i] = model.fuse_projections({"layers": (layers[i],)})["layers"][0]
         params["layers"] = tuple(layers)
+    if "pint8" in (split_variant(name)[1] or "").split("@"):  # after fusing, as `generate_text` does
+        params = model.int8_prefill(params)
     return params
 
 
@@ -339,7 +342,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
-              "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64")
+              "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -388,6 +391,8 @@ def _apply_strategy(strategy: str) -> None:
         pdl.ENABLED, pdl.WEIGHTS_FIRST = True, strategy == "pdlw"
     elif strategy in ("pcodes", "pswiglu", "nopcodes"):  # prefill GEMMs on codes from SwiGLU (and the norms)
         model_module.PREFILL_CODES = {"pcodes": "all", "pswiglu": "auto", "nopcodes": "never"}[strategy]
+    elif strategy == "pint8":  # params-level: `build_variant` adds the int8 prefill matrices (model.int8_prefill)
+        pass
     elif strategy.startswith("swb"):  # the blocked SwiGLU's rows a program at prefill
         from pallas_kernels import swiglu
 

@@ -52,6 +52,7 @@
 #   bash benchmarks/device_session.sh s21a      # session 21: GPU tests of the W8A8 prefill, the GEMV's copy-only twin
 #   bash benchmarks/device_session.sh s21b      # session 21: the standing table with W8A8 (bf16, W4.4A8, W8A8)
 #   bash benchmarks/device_session.sh s21c      # session 21: 256-token prompts, bf16 / W4.4A8 / W8A8
+#   bash benchmarks/device_session.sh s21d      # session 21: W4.4A8 with int8 prefill matrices, 2048 / 256 tokens
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -433,6 +434,17 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 4 --budget-s 190 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
+  s21d)  # session 21: W4.4A8 holding int8 prefill matrices (`@pint8`) beside W4.4A8 and bf16, 2048 and 256 tokens
+    header
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py -k "int8_prefill or all_8bit" 2>&1 \
+      | tail -3 | tee "$out/tests.log"
+    timeout 260 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@pint8+h4 --batches 1 \
+      --repeats 2 --prefill-len 2048 --profile --profile-top 3 --budget-s 250 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@pint8+h4 \
+      --batches "" --repeats 7 --prefill-len 256 --budget-s 140 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -445,7 +457,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d" >&2
     exit 2
     ;;
 esac

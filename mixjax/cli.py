@@ -129,6 +129,9 @@ def _register_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--kv-int8", action="store_true", help="int8 KV cache (one scale per row, head and position)")
+    p.add_argument("--int8-prefill", action="store_true",
+                   help="quantized model on a Hopper GPU: also hold the weights as int8 for the prompt (one more byte "
+                        "a weight, no unpack pass before the first token)")
     p.set_defaults(run=_run_generate)
 
 
@@ -139,7 +142,7 @@ def _run_generate(args) -> None:
     generate_text(model_path=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream,
-                  cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None)
+                  cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None, int8_prefill=args.int8_prefill)
     print(flush=True)
 
 

@@ -275,11 +275,14 @@ class TextStream:
 def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   dtype=jnp.float32, implementation: Implementation = "auto",
-                  on_text: Callable[[str], None] | None = None, cache_dtype=None) -> str:
+                  on_text: Callable[[str], None] | None = None, cache_dtype=None, int8_prefill: bool = False) -> str:
     """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
 
     on_text: called with each new piece of text as it is generated (streaming).
     cache_dtype: see `generate` (jnp.int8: int8 KV cache, the CLI's `--kv-int8`).
+    int8_prefill: a quantized model on a Hopper GPU also holds its weights as int8 for the prompt's GEMMs
+      (`model.int8_prefill`, the CLI's `--int8-prefill`): one more byte a weight for a shorter time to the
+      first token. Raises ValueError for a float model or where the Hopper prefill GEMM does not run.
     """
     import convert
     from mixjax import assets
@@ -290,6 +293,9 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     ids = encode_prompt(tokenizer, prompt, chat=chat)
     cfg, params = convert.load(path, dtype=dtype)
     params = model.fuse_projections(params)  # q/k/v and gate/up as one matmul each: fewer decode launches
+    if int8_prefill:
+        _check_int8_prefill(params, implementation)
+        params = model.int8_prefill(params)
     _pad_prompts([ids], cfg, max_new_tokens)  # context check before compiling
     eos = set(cfg.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
@@ -301,3 +307,18 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     if stream is not None:
         stream.flush()
     return tokenizer.decode(new, skip_special_tokens=True)
+
+
+def _check_int8_prefill(params, implementation: Implementation) -> None:
+    """The int8 prefill matrices help only a quantized model whose prompts run the Hopper wgmma GEMM."""
+    from pallas_kernels import MixedWeight
+    from pallas_kernels.api import has_wgmma
+
+    if not any(isinstance(leaf, MixedWeight) for leaf in
+               jax.tree.leaves(params["layers"], is_leaf=lambda x: isinstance(x, MixedWeight))):
+        raise ValueError("int8_prefill (--int8-prefill) needs a quantized model (`mixjax convert SRC OUT --bits "
+                         "4.4`); this one has float linears")
+    if implementation == "xla" or not has_wgmma():
+        where = "implementation='xla'" if implementation == "xla" else f"a {jax.devices()[0].platform} device"
+        raise ValueError(f"int8_prefill (--int8-prefill) speeds up the prefill GEMM of a Hopper GPU (sm_90); with "
+                         f"{where} it would only hold a second copy of the weights: drop the option")

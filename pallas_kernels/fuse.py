@@ -27,6 +27,10 @@ def concat_mixed(weights: list[MixedWeight] | tuple[MixedWeight, ...]) -> MixedW
     for w in weights:
         if not isinstance(w, MixedWeight):
             raise TypeError(f"concat_mixed: expected MixedWeight parts, got {type(w).__name__}")
+        if w.prefill_w is not None:
+            raise ValueError("concat_mixed: a part holds its int8 prefill matrix (`with_int8_prefill`); fuse first, "
+                             "then add the matrices to the fused weight (`mixjax.model.int8_prefill` after "
+                             "`fuse_projections`)")
         if (w.k, w.k_padded) != (k, kp):
             raise ValueError(f"concat_mixed: parts must share in_features; got K={w.k} (padded {w.k_padded}) "
                              f"and K={k} (padded {kp})")

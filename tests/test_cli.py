@@ -208,6 +208,13 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
     assert abs(math.log(ppl["quantized"] / ppl["fp"])) < 0.2  # measured 0.035 (this random model's fp ppl is huge)
     assert cli.main(["generate", "--model", str(a), "--prompt", "the river", "--max-new-tokens", "4",
                      "--kv-int8", "--quiet"]) == 0
+    capsys.readouterr()
+    # the int8 prefill matrices need the Hopper GEMM: refused by name on this CPU, and for a float model
+    assert cli.main(["generate", "--model", str(a), "--prompt", "the river", "--int8-prefill", "--quiet"]) == 2
+    assert "drop the option" in capsys.readouterr().err
+    assert cli.main(["generate", "--model", str(directory), "--prompt", "the river", "--int8-prefill",
+                     "--quiet"]) == 2
+    assert "needs a quantized model" in capsys.readouterr().err
 
     assert cli.main(["convert", str(directory), str(a), *opts]) == 2
     assert "--force" in capsys.readouterr().err and _tree_bytes(a) == files_a

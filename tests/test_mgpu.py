@@ -156,6 +156,41 @@ def test_all_8bit_weight_within_bf16_bound():
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3
 
 
+def test_int8_prefill_matrix_is_read_instead_of_the_unpack():
+    """`with_int8_prefill`: the weight holds `int8_weight`'s matrix (rows rounded up to 128), the lowered GEMM
+    call has no unpack gathers left, an all-8-bit weight is returned as it is, and fusing refuses held parts."""
+    from pallas_kernels.fuse import concat_mixed
+
+    rng = _rng()
+    qw = _weight(rng, 200, 384, 0.1)
+    held = mgpu.with_int8_prefill(qw)
+    w, s = mgpu.int8_weight(qw, rows=256)
+    assert np.array_equal(held.prefill_w, w) and np.array_equal(held.prefill_s, s)
+    x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16)
+
+    def gathers(weight):
+        return jax.jit(mgpu.mixed_matmul_mgpu).trace(x, weight).lower(lowering_platforms=("cuda",)).as_text().count(
+            "stablehlo.gather")
+
+    assert gathers(held) == 0 < gathers(qw) and gathers(mgpu.without_int8_prefill(held)) == gathers(qw)
+    eight = _weight(rng, 130, 384, 1.0)
+    assert mgpu.with_int8_prefill(eight) is eight
+    with pytest.raises(ValueError, match="fuse first"):
+        concat_mixed([held, qw])
+    with pytest.raises(TypeError, match="MixedWeight"):
+        mgpu.with_int8_prefill(jnp.zeros((4, 4)))
+
+
+@isolated
+def test_int8_prefill_matrix_gives_the_same_bits():
+    rng = _rng()
+    qw = _weight(rng, 200, 256, 0.1)
+    x = jnp.asarray(rng.normal(size=(70, 256)), jnp.bfloat16)
+    y = mgpu.mixed_matmul_mgpu(x, mgpu.with_int8_prefill(qw), interpret=INTERPRET)
+    assert np.array_equal(np.asarray(y, np.float32), np.asarray(mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET),
+                                                                 np.float32))
+
+
 def test_pick_config_narrows_the_cta_while_one_wave_fits():
     """128 × 64 CTAs where they fit one wave (short prompts onto 4096 outputs on 132 SMs), else the default;
     on this CPU (4 virtual SMs) the (128, 256, 96) case above takes the narrow tile in interpret mode."""

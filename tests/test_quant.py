@@ -369,3 +369,17 @@ def test_quantized_checkpoint_round_trip(tiny_params, tiny_tokens, tmp_path):
         a = model.forward(qp, jnp.asarray(tiny_tokens), TINY, implementation="xla")
         b = model.forward(restored, jnp.asarray(tiny_tokens), cfg, implementation="xla")
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # the runtime-only int8 prefill matrices are not saved: the checkpoint is the one without them
+    from pallas_kernels import MixedWeight
+
+    qp = quantize(tiny_params, [tiny_tokens], TINY, config=QuantConfig(bits=4.4, gptq=False, clip=False))
+    held = model.int8_prefill(qp)
+    mixed = [w for w in jax.tree.leaves(held["layers"], is_leaf=lambda x: isinstance(x, MixedWeight))
+             if isinstance(w, MixedWeight)]
+    assert mixed and all(w.prefill_w is not None or w.n8 == w.n for w in mixed)
+    save_quantized(tmp_path / "held", held, TINY, config=QuantConfig(bits=4.4, gptq=False, clip=False))
+    save_quantized(tmp_path / "plain", qp, TINY, config=QuantConfig(bits=4.4, gptq=False, clip=False))
+    _, restored, _ = load_quantized(tmp_path / "held")
+    assert len(jax.tree.leaves(restored)) == len(jax.tree.leaves(qp))
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(qp)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

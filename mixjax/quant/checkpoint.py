@@ -63,6 +63,7 @@ def save_quantized(directory: str | os.PathLike, qparams, cfg: LlamaConfig, *, c
     """Writes quantized params + cfg + quantization metadata atomically (see `convert.save_checkpoint`)."""
     import convert
 
+    qparams = model.int8_prefill(qparams, enable=False)  # runtime-only matrices are not part of the format
     meta = {"quantization": quantization_metadata(qparams, config), **(extra or {})}
     # Orbax cannot store zero-size arrays (e.g. the 8-bit part of an all-4-bit linear): store None there.
     stored = jax.tree.map(lambda a: None if a.size == 0 else a, qparams)
