@@ -42,7 +42,8 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   "auto"`, the default); `@pcodes`: the norms as well (`"all"`); `@nopcodes`: neither (`"never"`); `@wide`:
   the prefill GEMM's default 128 × 128 CTAs at every M (no `mgpu.pick_config`); `@swbR`: the blocked SwiGLU
   at prefill covers R rows a program (`swiglu.BLOCK_ROWS`, 8–64); `@pint8`: the quantized linears also hold
-  their weights as int8 for the prefill GEMM (`model.int8_prefill`, one more byte a weight); `NAME+h4` / `+h8`: the
+  their weights as int8 for the prefill GEMM (`model.int8_prefill`, one more byte a weight); `@qrR`: the prefill
+  GEMM's activation quantization takes R rows a program (`mgpu.QUANT_ROWS`, 8–128); `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -342,7 +343,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
-              "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8")
+              "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -391,6 +392,10 @@ def _apply_strategy(strategy: str) -> None:
         pdl.ENABLED, pdl.WEIGHTS_FIRST = True, strategy == "pdlw"
     elif strategy in ("pcodes", "pswiglu", "nopcodes"):  # prefill GEMMs on codes from SwiGLU (and the norms)
         model_module.PREFILL_CODES = {"pcodes": "all", "pswiglu": "auto", "nopcodes": "never"}[strategy]
+    elif strategy.startswith("qr"):  # rows a program of the prefill GEMM's activation quantization (mgpu.QUANT_ROWS)
+        from pallas_kernels import mgpu
+
+        mgpu.QUANT_ROWS = int(strategy[2:])
     elif strategy == "pint8":  # params-level: `build_variant` adds the int8 prefill matrices (model.int8_prefill)
         pass
     elif strategy.startswith("swb"):  # the blocked SwiGLU's rows a program at prefill

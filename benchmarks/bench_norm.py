@@ -20,6 +20,7 @@ Mosaic GPU GEMM quantizes its input in a launch of its own), `swiglu_cN` (`silu_
 a program), `swiglu_bRwW` (its blocked form, the model's at prefill: R rows × one group a program, W warps).
 
     python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --swiglu-only   # prefill shapes
+    python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --prefill-quant 128,64,32,16   # the GEMM's input
 Every variant is checked against the reference first, then timed as `--calls` calls on distinct inputs in
 one jit (device-timer busy/span µs and kernels per call, benchmarks/devtime.py).
 """
@@ -55,6 +56,10 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--small", action="store_true")
     p.add_argument("--swiglu-only", action="store_true", help="time SwiGLU only (not the norms)")
+    p.add_argument("--prefill-quant", default=None,
+                   help="rows a program to sweep, e.g. 128,64,32,16: the norm as XLA's fusion, then "
+                        "`quantize_activations_pallas(block_m=128, block_rows=R)` as the prefill GEMM's input "
+                        "(`mgpu.QUANT_ROWS`); only these variants and xla_quant, no SwiGLU")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
@@ -74,6 +79,14 @@ def main(argv=None) -> int:
         return s, quantize_activations_xla(h, block_m=norm.quant_rows(x.shape[0]))
 
     variants = {"xla_norm": xla_norm, "xla_quant": xla_quant}
+    if args.prefill_quant:  # the prefill path: XLA's norm fusion, then the GEMM's quantization launch
+        warps, chunks = [], []
+        for r in (int(v) for v in args.prefill_quant.split(",")):
+            def qpallas(x, d, w, r=r):
+                s, h = xla_norm(x, d, w)
+                return s, quantize_activations_pallas(h, block_m=128, block_rows=r, interpret=interpret)
+
+            variants[f"xla_norm_qpallas_b{r}"] = qpallas
     for nw in warps:
         variants[f"pallas_w{nw}"] = lambda x, d, w, nw=nw: norm.rms_norm_quant_pallas(x, d, w, EPS, num_warps=nw,
                                                                                      interpret=interpret)
@@ -94,7 +107,7 @@ def main(argv=None) -> int:
             for name, fn in variants.items():
                 out = fn(xs[0], ds[0], w)[1]
                 same = "-" if name == "xla_norm" else \
-                    f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0]) == np.asarray(ref.x_q))):.4f}"
+                    f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0])[:m] == np.asarray(ref.x_q)[:m])):.4f}"
                 many = jax.jit(lambda xs, ds, fn=fn: [fn(x, d, w) for x, d in zip(xs, ds)])
                 jax.block_until_ready(many(xs, ds))
                 if interpret:
@@ -107,6 +120,8 @@ def main(argv=None) -> int:
                 base = span if name == "xla_norm" else base
                 rows.append(f"| {m} | {parts} | {name} | {same} | {busy:.2f} | {span:.2f} | {kern:.1f} | {base / span:.2f}× |")
                 print(rows[-1], flush=True)
+    if args.prefill_quant:
+        ms = []  # no SwiGLU rows
     # SwiGLU before down_proj
     from pallas_kernels import swiglu
 

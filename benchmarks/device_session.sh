@@ -53,6 +53,7 @@
 #   bash benchmarks/device_session.sh s21b      # session 21: the standing table with W8A8 (bf16, W4.4A8, W8A8)
 #   bash benchmarks/device_session.sh s21c      # session 21: 256-token prompts, bf16 / W4.4A8 / W8A8
 #   bash benchmarks/device_session.sh s21d      # session 21: W4.4A8 with int8 prefill matrices, 2048 / 256 tokens
+#   bash benchmarks/device_session.sh s21e      # session 21: rows a program of the prefill activation quantization
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -445,6 +446,16 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --budget-s 140 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
+  s21e)  # session 21: rows a program of the prefill GEMM's activation quantization (mgpu.QUANT_ROWS)
+    header
+    timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -k "activation_quant or quant_kernel" \
+      2>&1 | tail -2 | tee "$out/tests.log"
+    timeout 120 python3 benchmarks/bench_norm.py --ms 256,2048 --parts 0 --prefill-quant 128,64,32,16 \
+      --out "$out/quant_rows.md" 2>&1 | tee "$out/quant_rows.log"
+    timeout 230 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@qr32+h4,w4.4a8@qr16+h4 \
+      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 6 --budget-s 220 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -457,7 +468,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e" >&2
     exit 2
     ;;
 esac

@@ -262,16 +262,22 @@ def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *o_refs, block_m, m, k, n_z
         _zero_fill(o_refs[0], m0, g, block_m=block_m, m=m, n=n_zero, pieces=pieces)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "zero_n", "interpret"))
-def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, zero_n: int = 0, interpret: bool = False):
+@functools.partial(jax.jit, static_argnames=("block_m", "block_rows", "zero_n", "interpret"))
+def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, block_rows: int | None = None, zero_n: int = 0,
+                                interpret: bool = False):
     """x [M, K] float → (x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp]), Mp = ⌈M/block_m⌉·block_m.
 
-    Scales and sums are group-major (the GEMM reads one row of them per K step). With `zero_n > 0` a
-    fourth output, f32 zeros [M, zero_n], is written by the same launch (the split-K GEMM's accumulator:
-    the G programs of each row block zero one column slice each, so no separate fill kernel runs)."""
+    Scales and sums are group-major (the GEMM reads one row of them per K step). A program quantizes one
+    group of `block_rows` rows (None: block_m; it must divide block_m). With `zero_n > 0` a fourth output,
+    f32 zeros [M, zero_n], is written by the same launch (the split-K GEMM's accumulator: the G programs of
+    each row block zero one column slice each, so no separate fill kernel runs)."""
     m, k = x.shape
     g = -(-k // GROUP_SIZE)
     mp = -(-m // block_m) * block_m
+    rows = block_rows or block_m
+    if block_m % rows or rows % 8:
+        raise ValueError(f"quantize_activations_pallas: block_rows={block_rows} must be a multiple of 8 dividing "
+                         f"block_m={block_m}")
     out_shape = [
         jax.ShapeDtypeStruct((mp, g * GROUP_SIZE), jnp.int8),
         jax.ShapeDtypeStruct((g, mp), jnp.float32),
@@ -281,9 +287,9 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, zero_n: int 
         out_shape.append(jax.ShapeDtypeStruct((m, zero_n), jnp.float32))
     pieces = -(-zero_n // (g * _ZERO_COLS))  # 128-column stores per program
     kernel = functools.partial(_quant_kernel, pdl_on=pdl.active(interpret),
-                               block_m=block_m, m=m, k=k, n_zero=zero_n, pieces=pieces)
+                               block_m=rows, m=m, k=k, n_zero=zero_n, pieces=pieces)
     return pl.pallas_call(
-        kernel, out_shape=tuple(out_shape), grid=(mp // block_m, g), interpret=interpret,
+        kernel, out_shape=tuple(out_shape), grid=(mp // rows, g), interpret=interpret,
         name="quantize_activations", compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
     )(x)
 

@@ -49,6 +49,7 @@ from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, MixedWeight
 from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed + P = 1.5·2^23 + P, |P| < 2^22
 
 _MAGIC_F = 1.5 * 2**23
+QUANT_ROWS = None  # rows a program of the activation quantization before the GEMM (None: the CTA's cta_m)
 _SMEM_BYTES = 232448  # shared memory a CTA may use on sm_90 (227 KB)
 _SWIZZLE = 128  # bytes: one 128-wide int8 group row is exactly one swizzle span
 _INT8_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
@@ -478,7 +479,7 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
         from pallas_kernels.kernels import quantize_activations_pallas
 
         m, dtype = x.shape[0], x.dtype
-        x_q, sa, _ = quantize_activations_pallas(x, block_m=config.cta_m)
+        x_q, sa, _ = quantize_activations_pallas(x, block_m=config.cta_m, block_rows=QUANT_ROWS)
     if _rows_in_channel_order(qw, config.cta_n):  # W8A8: the stored codes are already the int8 matrix
         w, sw = qw.q8, qw.scale8
     elif qw.prefill_w is not None and qw.prefill_w.shape[0] % config.cta_n == 0:  # held since `with_int8_prefill`

@@ -348,6 +348,20 @@ def test_xla_activation_quant_equals_the_kernel(m, k, block_m):
     assert not np.asarray(got[1])[:, m // 2].any()
 
 
+@pytest.mark.parametrize("block_rows", [8, 32])
+def test_activation_quant_rows_a_program_change_nothing(block_rows):
+    """Fewer rows a program (the prefill GEMM's `mgpu.QUANT_ROWS`): the same outputs in the same layout, the
+    block_m padding rows zero; rows that do not divide block_m are refused."""
+    x = jnp.asarray(_rng().normal(size=(70, 300)) * 2, jnp.bfloat16)
+    want = kernels.quantize_activations_pallas(x, block_m=64, interpret=INTERPRET)
+    got = kernels.quantize_activations_pallas(x, block_m=64, block_rows=block_rows, interpret=INTERPRET)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="block_rows=24"):
+        kernels.quantize_activations_pallas(x, block_m=64, block_rows=24, interpret=INTERPRET)
+
+
 def test_quant_kernel_zeroes_the_split_k_output():
     x = jnp.asarray(_rng().normal(size=(20, 384)), jnp.bfloat16)
     *_, zeros = kernels.quantize_activations_pallas(x, block_m=16, zero_n=300, interpret=INTERPRET)
