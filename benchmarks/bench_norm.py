@@ -50,7 +50,8 @@ D, EPS = 4096, 1e-5
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ms", default="1,8,32")
-    p.add_argument("--parts", default="0,8,28")
+    p.add_argument("--parts", default="0,8,28", help="0: x alone; P > 0: P f32 split-K partials; -1: one x-shaped "
+                   "delta in x's dtype (prefill: the residual add of the linear's output)")
     p.add_argument("--warps", default="4,8,16")
     p.add_argument("--chunks", default="1,2,4", help="groups per program of the two-launch form")
     p.add_argument("--calls", type=int, default=32)
@@ -59,7 +60,7 @@ def main(argv=None) -> int:
     p.add_argument("--prefill-quant", default=None,
                    help="rows a program to sweep, e.g. 128,64,32,16: the norm as XLA's fusion, then "
                         "`quantize_activations_pallas(block_m=128, block_rows=R)` as the prefill GEMM's input "
-                        "(`mgpu.QUANT_ROWS`); only these variants and xla_quant, no SwiGLU")
+                        "(`mgpu.QUANT_ROWS`); only these, xla_quant and the one-launch norm (pallas_wN), no SwiGLU")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
@@ -71,7 +72,10 @@ def main(argv=None) -> int:
     print(head, flush=True)
 
     def xla_norm(x, delta, w):
-        s = x if delta is None else x + jnp.sum(delta, axis=0).astype(x.dtype)
+        if delta is None:
+            s = x
+        else:  # x-shaped (prefill: the linear's output in x's dtype) or f32 split-K partials
+            s = x + (delta if delta.ndim == x.ndim else jnp.sum(delta, axis=0).astype(x.dtype))
         return s, model.rms_norm(s, w, EPS)
 
     def xla_quant(x, delta, w):
@@ -80,7 +84,7 @@ def main(argv=None) -> int:
 
     variants = {"xla_norm": xla_norm, "xla_quant": xla_quant}
     if args.prefill_quant:  # the prefill path: XLA's norm fusion, then the GEMM's quantization launch
-        warps, chunks = [], []
+        chunks = []  # the one-launch norm kernel (pallas_wN) stays: `PREFILL_CODES = "all"`'s prefill form
         for r in (int(v) for v in args.prefill_quant.split(",")):
             def qpallas(x, d, w, r=r):
                 s, h = xla_norm(x, d, w)
@@ -100,8 +104,8 @@ def main(argv=None) -> int:
     for m in ([] if args.swiglu_only else ms):
         for parts in partses:
             xs = [jnp.asarray(rng.normal(size=(m, D)), jnp.bfloat16) for _ in range(args.calls)]
-            ds = [None if not parts else jnp.asarray(rng.normal(size=(parts, m, D)) / parts, jnp.float32)
-                  for _ in range(args.calls)]
+            ds = [None if not parts else jnp.asarray(rng.normal(size=(m, D)), jnp.bfloat16) if parts < 0 else
+                  jnp.asarray(rng.normal(size=(parts, m, D)) / parts, jnp.float32) for _ in range(args.calls)]
             _, ref = norm.rms_norm_quant_ref(xs[0], ds[0], w, EPS)
             base = None
             for name, fn in variants.items():

@@ -54,6 +54,7 @@
 #   bash benchmarks/device_session.sh s21c      # session 21: 256-token prompts, bf16 / W4.4A8 / W8A8
 #   bash benchmarks/device_session.sh s21d      # session 21: W4.4A8 with int8 prefill matrices, 2048 / 256 tokens
 #   bash benchmarks/device_session.sh s21e      # session 21: rows a program of the prefill activation quantization
+#   bash benchmarks/device_session.sh s21f      # session 21: the one-launch norm kernel at prefill ("all" codes)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -456,6 +457,17 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 6 --budget-s 220 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;
+  s21f)  # session 21: the one-launch norm kernel at prefill (PREFILL_CODES = "all", one program per row)
+    header
+    timeout 100 python3 benchmarks/bench_norm.py --ms 256,2048 --parts 0,-1 --prefill-quant 32 --warps 4,8 \
+      --out "$out/prefill_norm.md" 2>&1 | tee "$out/prefill_norm.log"
+    timeout 130 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@pcodes+h4 \
+      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 8 --budget-s 125 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    timeout 100 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@pcodes+h4 \
+      --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 8 --budget-s 95 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -468,7 +480,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f" >&2
     exit 2
     ;;
 esac

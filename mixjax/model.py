@@ -229,6 +229,8 @@ NORM_QUANT = "auto"  # "auto" (default): norms feeding mixed linears quantize th
 
 NORM_QUANT_CHUNK_GROUPS = 2  # with NORM_QUANT on the Pallas path: None — one program per row (one launch);
 # an int — `rms_norm_quant_pallas(chunk_groups=...)`, two launches over (row, chunk of that many groups)
+PREFILL_NORM_CHUNK_GROUPS = None  # the same choice for prefill rows, where `PREFILL_CODES = "all"` has the norms
+# emit codes: one program per row (session 19 measured the two-launch form there: 0.91×)
 
 
 def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> bool:
@@ -321,7 +323,9 @@ def norm_quant(x, delta, w, eps: float, implementation: Implementation):
         return norm.rms_norm_defer_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS,
                                           interpret=not pallas)
     if pallas:
-        return norm.rms_norm_quant_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS)
+        prefill = math.prod(x.shape[:-1]) > norm.MAX_QUANT_ROWS  # `PREFILL_CODES = "all"` sends these here
+        return norm.rms_norm_quant_pallas(x, delta, w, eps, chunk_groups=PREFILL_NORM_CHUNK_GROUPS if prefill
+                                          else NORM_QUANT_CHUNK_GROUPS)
     return norm.rms_norm_quant_ref(x, delta, w, eps)
 
 

@@ -284,3 +284,17 @@ def test_prefill_codes_modes(monkeypatch):
     monkeypatch.setattr(api, "has_wgmma", lambda: False)
     monkeypatch.setattr(model, "PREFILL_CODES", "auto")
     assert not model._prefill_codes_on(prefill, "pallas", "swiglu")
+
+
+def test_norm_kernel_form_follows_the_rows(monkeypatch):
+    """On the Pallas path the norm takes `NORM_QUANT_CHUNK_GROUPS` for decode rows and
+    `PREFILL_NORM_CHUNK_GROUPS` (one program per row by default) past `norm.MAX_QUANT_ROWS`."""
+    from pallas_kernels import norm
+
+    seen = []
+    monkeypatch.setattr(norm, "rms_norm_quant_pallas", lambda *a, chunk_groups=None, **k: seen.append(chunk_groups))
+    monkeypatch.setattr(model, "NORM_IN_GEMV", "never")
+    w = jnp.ones((256,), jnp.bfloat16)
+    for rows in (8, norm.MAX_QUANT_ROWS + 1):
+        model.norm_quant(jnp.zeros((1, rows, 256), jnp.bfloat16), None, w, 1e-5, "pallas")
+    assert seen == [model.NORM_QUANT_CHUNK_GROUPS, model.PREFILL_NORM_CHUNK_GROUPS]
