@@ -39,7 +39,7 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   XLA_FLAGS=--xla_gpu_enable_pdl=true), `@pdlw` with the GEMV's wait after its first weight loads;
   `@magic` / `@magicfma`: the prefill GEMM's int32 partials reach f32 without the int→float conversion
   (`MgpuConfig.convert`); `@pswiglu`: at prefill SwiGLU hands down_proj int8 codes (`model.PREFILL_CODES =
-  "auto"`, the default); `@pcodes`: the norms as well (`"all"`); `@nopcodes`: neither (`"never"`); `@wide`:
+  "auto"`); `@pcodes`: the norms as well (`"all"`, the default since session 21); `@nopcodes`: neither (`"never"`); `@wide`:
   the prefill GEMM's default 128 × 128 CTAs at every M (no `mgpu.pick_config`); `@swbR`: the blocked SwiGLU
   at prefill covers R rows a program (`swiglu.BLOCK_ROWS`, 8–64); `@pint8`: the quantized linears also hold
   their weights as int8 for the prefill GEMM (`model.int8_prefill`, one more byte a weight); `@qrR`: the prefill

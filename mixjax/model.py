@@ -245,13 +245,15 @@ def _norm_quant_on(weights, x: jax.Array, implementation: Implementation) -> boo
     return NORM_QUANT == "always" or resolve_implementation(implementation) == "pallas"
 
 
-PREFILL_CODES = "auto"  # at prefill (≥ api.MGPU_MIN_M tokens on a Hopper GPU, the Mosaic GPU GEMM's rows):
-# "auto" (default): SwiGLU (SWIGLU_QUANT, its blocked form) hands down_proj int8 codes, so that GEMM skips its
-# own quantization pass; "all": the norms (NORM_QUANT) before the other mixed linears as well; "always": both,
-# at any row count, on the XLA path through the references (tests); "never": prefill linears quantize their
-# inputs. Measured (H200, 2026-12-04, Llama-3-8B shape, prefill 2048): "auto" 57 µs a layer for SiLU·mul and the
-# codes against 72 for XLA's fusion and the quantization launch, +1.1 % tokens/s ("never" 42.4k, "auto"
-# 42.9k); "all" 0.91× "never" (the norms' kernels are slower than XLA's fusion plus the quantization)
+PREFILL_CODES = "all"  # at prefill (≥ api.MGPU_MIN_M tokens on a Hopper GPU, the Mosaic GPU GEMM's rows):
+# "all" (default): the norms (NORM_QUANT, one program a row: PREFILL_NORM_CHUNK_GROUPS) and SwiGLU (SWIGLU_QUANT,
+# its blocked form) hand their mixed linears int8 codes, so those GEMMs skip their own quantization pass;
+# "auto": SwiGLU only; "always": both, at any row count, on the XLA path through the references (tests);
+# "never": prefill linears quantize their inputs. Measured (H200, 2026-12-04, Llama-3-8B shape, prefill 2048):
+# "auto" 57 µs a layer for SiLU·mul and the codes against 72 for XLA's fusion and the quantization launch,
+# +1.1 % tokens/s over "never"; "all" with the norms' two-launch form 0.91× "never" (session 19), with the
+# one-launch form (session 21) 20.3 µs a norm against 30.3 for XLA's residual add and norm plus the
+# quantization launch, −0.65 ms busy a 2048-token prefill against "auto" (−0.1 ms at 256 tokens)
 
 
 def _prefill_codes_on(x: jax.Array, implementation: Implementation, producer: str) -> bool:
