@@ -37,10 +37,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import devtime  # noqa: E402
-from bench_matmul import as_codes, random_packed  # noqa: E402
+from probe_l2 import LAYERS, rotated_copies  # noqa: E402
 from pallas_kernels import gemv  # noqa: E402
 
-LAYERS = {"o": (4096, 4096), "qkv": (6144, 4096), "down": (4096, 14336), "gate_up": (28672, 4096)}  # N, K
 _WORDS = gemv._WORDS
 
 
@@ -114,11 +113,8 @@ def main(argv=None) -> int:
         f"twin{p}b{b} µs" for b in args.block_n.split(",") for p in args.programs.split(",")) + " |")
     for layer in args.layers.split(","):
         n, k = LAYERS[layer]
-        w0 = random_packed(rng, n, k, 0.1)
-        wbytes = sum(a.nbytes for a in jax.tree.leaves(w0))
-        copies = max(4, -(-150_000_000 // wbytes))
-        ws = [jax.tree.map(lambda a: jnp.array(a, copy=True), w0) for _ in range(copies)]
-        xs = [as_codes(jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)) for _ in range(copies)]
+        wbytes, ws, xs = rotated_copies(rng, n, k)
+        copies, w0 = len(ws), ws[0]
         bf = [jnp.asarray(rng.normal(size=(n, k)), jnp.bfloat16) for _ in range(max(2, -(-150_000_000 // (2 * n * k))))]
         xb = jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)
         row = {}
