@@ -150,8 +150,7 @@ def int8_prefill(params: dict[str, Any], enable: bool = True) -> dict[str, Any]:
     if enable:
         from pallas_kernels.mgpu import with_int8_prefill as change
     else:
-        def change(w):
-            return dataclasses.replace(w, prefill_w=None, prefill_s=None)
+        change = MixedWeight.without_int8_prefill
 
     def convert(leaf):
         return change(leaf) if isinstance(leaf, MixedWeight) else leaf

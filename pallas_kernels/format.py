@@ -87,6 +87,10 @@ class MixedWeight:
     def dequantize(self) -> jax.Array:  # f32 [N, k]
         return dequantize(self)
 
+    def without_int8_prefill(self) -> "MixedWeight":
+        """The stored form: this weight without the runtime-only int8 prefill matrix (`prefill_w`, `prefill_s`)."""
+        return dataclasses.replace(self, prefill_w=None, prefill_s=None)
+
     def take_rows(self, ids: jax.Array) -> jax.Array:  # f32 [..., k]
         return take_rows(self, ids)
 

@@ -440,11 +440,6 @@ def with_int8_prefill(qw: MixedWeight) -> MixedWeight:
     return dataclasses.replace(qw, prefill_w=w, prefill_s=s)
 
 
-def without_int8_prefill(qw: MixedWeight) -> MixedWeight:
-    """qw without the matrix `with_int8_prefill` added (the stored format)."""
-    return dataclasses.replace(qw, prefill_w=None, prefill_s=None)
-
-
 def _rows_in_channel_order(qw: MixedWeight, cta_n: int) -> bool:
     """True when `qw.q8` with `qw.scale8` already is `int8_weight`'s matrix for a CTA width of cta_n: every
     channel 8-bit (rows in channel order, `MixedWeight`'s invariant; zero padding rows at the end) and the
