@@ -55,6 +55,8 @@
 #   bash benchmarks/device_session.sh s21d      # session 21: W4.4A8 with int8 prefill matrices, 2048 / 256 tokens
 #   bash benchmarks/device_session.sh s21e      # session 21: rows a program of the prefill activation quantization
 #   bash benchmarks/device_session.sh s21f      # session 21: the one-launch norm kernel at prefill ("all" codes)
+#   bash benchmarks/device_session.sh s22a      # prepared: the standing table with session 21's defaults
+#   bash benchmarks/device_session.sh s22b      # prepared: prefill 2048 / 256 with and without int8 prefill matrices
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -468,6 +470,21 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 8 --budget-s 95 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
+  s22a)  # next session: the standing table with session 21's defaults (norm codes at prefill, 32-row quantization)
+    header
+    timeout 440 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w8a8+h8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --profile --profile-top 3 --budget-s 430 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
+  s22b)  # next session: prompts of 2048 and 256 tokens with the int8 prefill matrices beside the defaults
+    header
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@pint8+h4,w8a8+h8 \
+      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 190 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    timeout 180 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@pint8+h4,w8a8+h8 \
+      --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 170 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -480,7 +497,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b" >&2
     exit 2
     ;;
 esac
