@@ -57,6 +57,7 @@
 #   bash benchmarks/device_session.sh s21f      # session 21: the one-launch norm kernel at prefill ("all" codes)
 #   bash benchmarks/device_session.sh s22a      # prepared: the standing table with session 21's defaults
 #   bash benchmarks/device_session.sh s22b      # prepared: prefill 2048 / 256 with and without int8 prefill matrices
+#   bash benchmarks/device_session.sh s22c      # prepared: the GEMV and its twin over a 4 GB footprint
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -485,6 +486,10 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 170 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
+  s22c)  # next session: the GEMV and its twin with the weight copies spread over 4 GB (the model's footprint)
+    header
+    timeout 400 python3 benchmarks/probe_twin.py --programs 4096 --block-n 32 --mb 4000 2>&1 | tee "$out/twin4g.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -497,7 +502,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c" >&2
     exit 2
     ;;
 esac

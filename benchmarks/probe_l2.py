@@ -39,12 +39,13 @@ def _arrays(w):
     return [a for a in (w.q4, w.q8, w.scale4, w.zero4, w.scale8) if a.size]
 
 
-def rotated_copies(rng, n: int, k: int) -> tuple[int, list, list]:
+def rotated_copies(rng, n: int, k: int, total_mb: int = 150) -> tuple[int, list, list]:
     """(bytes of one packed [N, K] weight with 10 % 8-bit rows, its copies, one M = 1 input of codes a copy):
-    enough copies (≥ 4) to pass 150 MB, beyond the 50 MB L2, so each call reads its weight from DRAM."""
+    enough copies (≥ 4) to pass `total_mb` (default 150 MB, beyond the 50 MB L2), so each call reads its
+    weight from DRAM."""
     w0 = random_packed(rng, n, k, 0.1)
     wbytes = sum(a.nbytes for a in jax.tree.leaves(w0))
-    copies = max(4, -(-150_000_000 // wbytes))
+    copies = max(4, -(-total_mb * 1_000_000 // wbytes))
     ws = [jax.tree.map(lambda a: jnp.array(a, copy=True), w0) for _ in range(copies)]
     xs = [as_codes(jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)) for _ in range(copies)]
     return wbytes, ws, xs

@@ -15,7 +15,9 @@ in all, device-timer µs a call, median of 3 runs):
 - `xla_bf16`: XLA's dot of a bf16 weight of the same shape.
 
 If the default twin's sum over a step's GEMVs is near 1.3 ms or above, the goal is out of reach of this grid
-whatever the arithmetic; a twin structure far below it says which structure the GEMV should take.
+whatever the arithmetic; a twin structure far below it says which structure the GEMV should take. `--mb 4000`
+spreads each layer's copies over as many bytes as the model's step reads: in the model the GEMVs take 5–15 %
+longer than here (session 21), and the page footprint is one candidate cause.
 Needs a GPU.
 """
 
@@ -102,6 +104,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", default="o,qkv,down,gate_up")
     ap.add_argument("--programs", default="4096,2048,1024")
     ap.add_argument("--block-n", default="32,64")
+    ap.add_argument("--mb", type=int, default=150,
+                    help="MB of weight copies a layer's calls rotate over (the model's b1 step reads 4 210 MB; "
+                         "more spreads the reads over more pages, as the model does)")
     args = ap.parse_args(argv)
     if jax.default_backend() != "gpu":
         print("probe_twin: needs a GPU")
@@ -113,7 +118,7 @@ def main(argv=None) -> int:
         f"twin{p}b{b} µs" for b in args.block_n.split(",") for p in args.programs.split(",")) + " |")
     for layer in args.layers.split(","):
         n, k = LAYERS[layer]
-        wbytes, ws, xs = rotated_copies(rng, n, k)
+        wbytes, ws, xs = rotated_copies(rng, n, k, args.mb)
         copies, w0 = len(ws), ws[0]
         bf = [jnp.asarray(rng.normal(size=(n, k)), jnp.bfloat16) for _ in range(max(2, -(-150_000_000 // (2 * n * k))))]
         xb = jnp.asarray(rng.normal(size=(1, k)), jnp.bfloat16)
