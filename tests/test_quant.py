@@ -383,3 +383,40 @@ def test_quantized_checkpoint_round_trip(tiny_params, tiny_tokens, tmp_path):
     assert len(jax.tree.leaves(restored)) == len(jax.tree.leaves(qp))
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(qp)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_checkpoints_in_the_seven_array_layout_still_load(tiny_params, tiny_tokens, tmp_path):
+    """Every quantized checkpoint so far stores a `MixedWeight` as its seven arrays (q8 … row_of_channel), the
+    layout `MixedWeight` had before it gained runtime-only fields. A checkpoint written with exactly that
+    layout must load, bit for bit (session 21: the new fields had made Orbax refuse such checkpoints)."""
+    import convert
+    from mixjax.quant.checkpoint import load_quantized, quantization_metadata
+    from pallas_kernels import MixedWeight
+
+    fields = ["q8", "scale8", "q4", "scale4", "zero4", "channel", "row_of_channel"]
+
+    @dataclasses.dataclass(frozen=True)
+    class SevenArrays:
+        q8: object
+        scale8: object
+        q4: object
+        scale4: object
+        zero4: object
+        channel: object
+        row_of_channel: object
+        n: int
+        k: int
+        n8: int
+
+    jax.tree_util.register_dataclass(SevenArrays, data_fields=fields, meta_fields=["n", "k", "n8"])
+    config = QuantConfig(bits=4.4, gptq=False, clip=False)
+    qp = quantize(tiny_params, [tiny_tokens], TINY, config=config)
+    old = jax.tree.map(lambda w: SevenArrays(*(getattr(w, f) for f in fields), n=w.n, k=w.k, n8=w.n8)
+                       if isinstance(w, MixedWeight) else w, qp, is_leaf=lambda x: isinstance(x, MixedWeight))
+    stored = jax.tree.map(lambda a: None if a.size == 0 else a, old)
+    convert.save_checkpoint(tmp_path / "old", stored, TINY,
+                            extra_metadata={"quantization": quantization_metadata(qp, config)})
+    _, restored, _ = load_quantized(tmp_path / "old")
+    assert jax.tree.structure(restored) == jax.tree.structure(qp)
+    for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(qp)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

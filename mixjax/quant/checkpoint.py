@@ -7,7 +7,9 @@ A quantized checkpoint is an ordinary mixjax checkpoint (Orbax params + mixjax.j
      "n8": {linear name: [8-bit channel count of each layer]}, "a_groups": {linear name: G or 0},
      "head_n8": {"embed_tokens": 0 or V, "lm_head": 0 or V}}   # head_n8 only when config.head_bits is set
 
-`MixedWeight` array shapes follow from (N, K, n8) and the format's alignment; `FakeQuantWeight`s hold
+`MixedWeight` array shapes follow from (N, K, n8) and the format's alignment. A `MixedWeight` is stored as its
+seven arrays (`_StoredMixedWeight`), whatever runtime-only fields it holds (the int8 prefill matrix is never
+written), so the stored tree is the same for checkpoints of every version; `FakeQuantWeight`s hold
 a float [N, K] weight and, for static activation scales, a [G] calibrated max. A quantized embedding table /
 LM head is one more `MixedWeight` of shape (V, D) ("lm_head" absent when tied). Checkpoints written before
 head_bits existed have no such key in their config and load with float heads (head_bits=None).
@@ -63,11 +65,53 @@ def save_quantized(directory: str | os.PathLike, qparams, cfg: LlamaConfig, *, c
     """Writes quantized params + cfg + quantization metadata atomically (see `convert.save_checkpoint`)."""
     import convert
 
-    qparams = model.int8_prefill(qparams, enable=False)  # runtime-only matrices are not part of the format
     meta = {"quantization": quantization_metadata(qparams, config), **(extra or {})}
     # Orbax cannot store zero-size arrays (e.g. the 8-bit part of an all-4-bit linear): store None there.
-    stored = jax.tree.map(lambda a: None if a.size == 0 else a, qparams)
+    stored = jax.tree.map(lambda a: None if a.size == 0 else a, _to_stored(qparams))
     return convert.save_checkpoint(directory, stored, cfg, extra_metadata=meta, files=files, force=force)
+
+
+@dataclasses.dataclass(frozen=True)
+class _StoredMixedWeight:
+    """A `MixedWeight` as checkpoints hold it: its seven arrays under their names, without the runtime-only
+    int8 prefill matrix, so that the stored tree is the one every mixjax version wrote and reads."""
+
+    q8: object
+    scale8: object
+    q4: object
+    scale4: object
+    zero4: object
+    channel: object
+    row_of_channel: object
+    n: int
+    k: int
+    n8: int
+
+
+_STORED_ARRAYS = ["q8", "scale8", "q4", "scale4", "zero4", "channel", "row_of_channel"]
+jax.tree_util.register_dataclass(_StoredMixedWeight, data_fields=_STORED_ARRAYS, meta_fields=["n", "k", "n8"])
+
+
+def _to_stored(tree):
+    from pallas_kernels import MixedWeight
+
+    def convert(x):
+        if not isinstance(x, MixedWeight):
+            return x
+        return _StoredMixedWeight(*(getattr(x, f) for f in _STORED_ARRAYS), n=x.n, k=x.k, n8=x.n8)
+
+    return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, MixedWeight))
+
+
+def _from_stored(tree):
+    from pallas_kernels import MixedWeight
+
+    def convert(x):
+        if not isinstance(x, _StoredMixedWeight):
+            return x
+        return MixedWeight(*(getattr(x, f) for f in _STORED_ARRAYS), n=x.n, k=x.k, n8=x.n8)
+
+    return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, _StoredMixedWeight))
 
 
 def is_quantized_checkpoint(directory: str | os.PathLike) -> bool:
@@ -88,10 +132,10 @@ def load_quantized(directory: str | os.PathLike) -> tuple[LlamaConfig, dict, Qua
         raise ValueError(f"{directory}: not a quantized mixjax checkpoint (no extra.quantization in mixjax.json)")
     cfg = LlamaConfig.from_dict(meta["config"])
     config = config_from_dict(q["config"])
-    abstract = abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"], q.get("head_n8"))
+    abstract = _to_stored(abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"], q.get("head_n8")))
     stored = jax.tree.map(lambda s: None if s.size == 0 else s, abstract)
     _, qparams = convert.restore_checkpoint(directory, abstract_params=stored)
-    return cfg, _refill_empty(qparams, abstract), config
+    return cfg, _from_stored(_refill_empty(qparams, abstract)), config
 
 
 def _refill_empty(tree, abstract):
