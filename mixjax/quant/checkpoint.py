@@ -92,26 +92,24 @@ _STORED_ARRAYS = ["q8", "scale8", "q4", "scale4", "zero4", "channel", "row_of_ch
 jax.tree_util.register_dataclass(_StoredMixedWeight, data_fields=_STORED_ARRAYS, meta_fields=["n", "k", "n8"])
 
 
+def _recast(tree, src: type, dst: type):
+    """Every `src` node of tree (MixedWeight or _StoredMixedWeight) as a `dst` with the same seven arrays."""
+    def convert(x):
+        return dst(*(getattr(x, f) for f in _STORED_ARRAYS), n=x.n, k=x.k, n8=x.n8) if isinstance(x, src) else x
+
+    return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, src))
+
+
 def _to_stored(tree):
     from pallas_kernels import MixedWeight
 
-    def convert(x):
-        if not isinstance(x, MixedWeight):
-            return x
-        return _StoredMixedWeight(*(getattr(x, f) for f in _STORED_ARRAYS), n=x.n, k=x.k, n8=x.n8)
-
-    return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, MixedWeight))
+    return _recast(tree, MixedWeight, _StoredMixedWeight)
 
 
 def _from_stored(tree):
     from pallas_kernels import MixedWeight
 
-    def convert(x):
-        if not isinstance(x, _StoredMixedWeight):
-            return x
-        return MixedWeight(*(getattr(x, f) for f in _STORED_ARRAYS), n=x.n, k=x.k, n8=x.n8)
-
-    return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, _StoredMixedWeight))
+    return _recast(tree, _StoredMixedWeight, MixedWeight)
 
 
 def is_quantized_checkpoint(directory: str | os.PathLike) -> bool:
