@@ -138,22 +138,19 @@ def _out_features(proj: str, cfg: LlamaConfig) -> int:
     return heads[proj] * cfg.head_dim if proj in heads else cfg.intermediate_size
 
 
-def int8_prefill(params: dict[str, Any], enable: bool = True) -> dict[str, Any]:
+def int8_prefill(params: dict[str, Any]) -> dict[str, Any]:
     """Every decoder-layer `MixedWeight` holding its weight as one int8 matrix (`mgpu.with_int8_prefill`), so
     prefill on a Hopper GPU skips unpacking the 4-bit rows at every call: one more byte a weight of memory for
     shorter prompts' time to first token (H200, Llama-3-8B: W4.4A8 4.8 → ≈ 12 GB; the unpack is ≈ 3.4 ms of a
-    2048-token prefill and 2.6 of a 256-token one). Decode does not read the matrices. `enable=False` drops
-    them. Runtime only: call it after `fuse_projections`; `save_quantized` drops the matrices. Other leaves (the
-    embedding table, the LM head, float weights) are returned as they are."""
+    2048-token prefill and 2.6 of a 256-token one). Decode does not read the matrices; a weight's
+    `.without_int8_prefill()` drops them. Runtime only: call it after `fuse_projections`; `save_quantized`
+    never writes the matrices. Other leaves (the embedding table, the LM head, float weights) are returned as
+    they are."""
     from pallas_kernels import MixedWeight
-
-    if enable:
-        from pallas_kernels.mgpu import with_int8_prefill as change
-    else:
-        change = MixedWeight.without_int8_prefill
+    from pallas_kernels.mgpu import with_int8_prefill
 
     def convert(leaf):
-        return change(leaf) if isinstance(leaf, MixedWeight) else leaf
+        return with_int8_prefill(leaf) if isinstance(leaf, MixedWeight) else leaf
 
     layers = jax.tree.map(convert, params["layers"], is_leaf=lambda x: isinstance(x, MixedWeight))
     return {**params, "layers": layers}
