@@ -43,7 +43,10 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
   the prefill GEMM's default 128 × 128 CTAs at every M (no `mgpu.pick_config`); `@swbR`: the blocked SwiGLU
   at prefill covers R rows a program (`swiglu.BLOCK_ROWS`, 8–64); `@pint8`: the quantized linears also hold
   their weights as int8 for the prefill GEMM (`model.int8_prefill`, one more byte a weight); `@qrR`: the prefill
-  GEMM's activation quantization takes R rows a program (`mgpu.QUANT_ROWS`, 8–128); `NAME+h4` / `+h8`: the
+  GEMM's activation quantization takes R rows a program (`mgpu.QUANT_ROWS`, 8–128); `@norm2l`: the decode norms
+before q/k/v and gate/up in their two-launch form (`model.NORM_DEFER_RMS = "never"`, the default before session
+22; since then one launch hands the codes of w·s and the attention and SwiGLU kernels apply the row's rsqrt);
+`NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
@@ -343,7 +346,8 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
-              "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128")
+              "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
+              "norm2l")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -381,6 +385,9 @@ def _apply_strategy(strategy: str) -> None:
         gemv.choose_gemv_config = lambda *a, **k: dataclasses.replace(choose_gemv(*a, **k), prefetch=False)
     elif strategy == "ngemv":  # the norms leave their second launch to the M ≤ 2 GEMVs (model.NORM_IN_GEMV)
         model_module.NORM_IN_GEMV = "auto"
+    elif strategy == "norm2l":  # the decode norms before q/k/v and gate/up normalize in their second launch
+        # (before session 22), instead of handing w·s and leaving the row's rsqrt to the consumer kernels
+        model_module.NORM_DEFER_RMS = "never"
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

@@ -310,6 +310,37 @@ def _norm_in_gemv(x, implementation: Implementation) -> bool:
     return NORM_IN_GEMV == "always" or resolve_implementation(implementation) == "pallas"
 
 
+NORM_DEFER_RMS = "auto"  # "auto" (default): at decode (≤ norm.MAX_QUANT_ROWS tokens) on the Pallas path with the
+# two-launch norm (NORM_QUANT_CHUNK_GROUPS), a norm whose linear's output goes to the fused attention kernel
+# (q/k/v) or the SwiGLU kernel (gate/up) runs in one launch: it hands the codes of w·s and the chunks' sums of
+# squares (`norm.rms_norm_codes_pallas`), and that consumer multiplies the linear's output by the row's
+# rsqrt(mean(s²) + eps) (`format.RowRms`); "always": also on the XLA path, through the references (tests);
+# "never": the norm's second launch normalizes first
+
+
+def _defer_rms(x, implementation: Implementation) -> bool:
+    from pallas_kernels.norm import MAX_QUANT_ROWS
+
+    if NORM_DEFER_RMS not in ("never", "auto", "always"):
+        raise ValueError(f"mixjax.model.NORM_DEFER_RMS = {NORM_DEFER_RMS!r}; expected 'never', 'auto' or 'always'")
+    if NORM_DEFER_RMS == "never" or _norm_in_gemv(x, implementation) or math.prod(x.shape[:-1]) > MAX_QUANT_ROWS:
+        return False
+    if NORM_DEFER_RMS == "always":
+        return True
+    return NORM_QUANT_CHUNK_GROUPS is not None and resolve_implementation(implementation) == "pallas"
+
+
+def norm_codes(x, delta, w, eps: float, implementation: Implementation):
+    """(x + Σ delta, QuantizedActivations of w·(x + Σ delta), RowRms): `norm_quant` with the row's rsqrt left
+    to the consumer of the linear's output (`NORM_DEFER_RMS`)."""
+    from pallas_kernels import norm
+
+    chunk = NORM_QUANT_CHUNK_GROUPS or 2
+    if resolve_implementation(implementation) == "pallas":
+        return norm.rms_norm_codes_pallas(x, delta, w, eps, chunk_groups=chunk)
+    return norm.rms_norm_codes_ref(x, delta, w, eps, chunk_groups=chunk)
+
+
 def norm_quant(x, delta, w, eps: float, implementation: Implementation):
     """(x + Σ delta, QuantizedActivations of rms_norm(x + Σ delta, w)): delta None, x-shaped, or a mixed
     linear's f32 split-K partials [S, *x.shape] (`MixedWeight.matmul(..., partials=True)`). With
@@ -568,15 +599,20 @@ def _decoder_layer(
         return [layer[group][name]["weight"] for name in names]
 
     eps = cfg.rms_norm_eps
-    if _norm_quant_on(consumers("self_attn"), x, implementation):  # int8 codes for q/k/v
-        x, h = norm_quant(x, pending, layer["input_layernorm"], eps, implementation)
-    else:
-        x = x if pending is None else add_partials(x, pending)
-        h = rms_norm(x, layer["input_layernorm"], eps)
     interpret = resolve_implementation(implementation) != "pallas"
     kernel = cache_kv is not None and _attention_kernel_on(T, cfg, implementation)
     qkv = layer["self_attn"].get(_FUSED["self_attn"][1])
-    if kernel and ATTENTION_FUSED and qkv is not None and cache_kv[4] is None:
+    fused_attention = kernel and ATTENTION_FUSED and qkv is not None and cache_kv[4] is None
+    rms = None  # with NORM_DEFER_RMS: the input norm's r, applied by the attention kernel
+    if _norm_quant_on(consumers("self_attn"), x, implementation):  # int8 codes for q/k/v
+        if fused_attention and _defer_rms(x, implementation):
+            x, h, rms = norm_codes(x, pending, layer["input_layernorm"], eps, implementation)
+        else:
+            x, h = norm_quant(x, pending, layer["input_layernorm"], eps, implementation)
+    else:
+        x = x if pending is None else add_partials(x, pending)
+        h = rms_norm(x, layer["input_layernorm"], eps)
+    if fused_attention:
         # projection → RoPE → cache write → attention in one launch, on the projection's split-K partials
         k_store, v_store, ks_store, vs_store, _ = cache_kv
         w = qkv["weight"]
@@ -584,7 +620,8 @@ def _decoder_layer(
             linear(h, w, implementation=implementation)  # [S, B, T, W] f32 or [B, T, W]
         attn, *new_cache = attend_new_tokens_pallas(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
-            k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, interpret=interpret)
+            k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, rms=rms,
+            interpret=interpret)
         new_cache = tuple(new_cache)
     else:
         q, k, v = projs("self_attn", h)
@@ -609,24 +646,29 @@ def _decoder_layer(
     attn = attn.reshape(B, T, H * Dh)
     o_proj = layer["self_attn"]["o_proj"]
     decode_rows = B * T <= MAX_QUANT_ROWS  # more rows (prefill codes): outputs in x's dtype, not f32 partials
+    gate_up = layer["mlp"].get(_FUSED["mlp"][1])
+    swiglu_codes = gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation)
+    rms = None  # with NORM_DEFER_RMS: the post-attention norm's r, applied by the SwiGLU kernel
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
         if decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials
             delta = o_proj["weight"].matmul(attn, implementation=implementation, partials=True)  # [S, B, T, D]
         else:
             delta = proj("self_attn.o_proj", attn)
-        x, h = norm_quant(x, delta, layer["post_attention_layernorm"], eps, implementation)
+        if swiglu_codes and _defer_rms(x, implementation):
+            x, h, rms = norm_codes(x, delta, layer["post_attention_layernorm"], eps, implementation)
+        else:
+            x, h = norm_quant(x, delta, layer["post_attention_layernorm"], eps, implementation)
     else:
         x = x + proj("self_attn.o_proj", attn)
         h = rms_norm(x, layer["post_attention_layernorm"], eps)
-    gate_up = layer["mlp"].get(_FUSED["mlp"][1])
-    if gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation):
+    if swiglu_codes:
         # the gate/up partials → SiLU(gate)·up → int8 codes for down_proj, one launch
         from pallas_kernels import swiglu
 
         parts = gate_up["weight"].matmul(h, implementation=implementation, partials=decode_rows)  # [S, B, T, 2F] f32
         quant = swiglu.silu_mul_quant_pallas if resolve_implementation(implementation) == "pallas" else \
             swiglu.silu_mul_quant_ref
-        gated = quant(parts, x.dtype, partials=decode_rows)
+        gated = quant(parts, x.dtype, partials=decode_rows, rms=rms)
     else:
         gate, up = projs("mlp", h)
         gated = jax.nn.silu(gate) * up  # [B, T, F]

@@ -31,6 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import pdl
+from pallas_kernels.format import RowRms
+from pallas_kernels.norm import load_inv_rms
 
 MAX_ROWS = 64  # query rows (T new tokens × G heads per KV head) one program holds: decode, not prefill
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -143,10 +145,11 @@ def _quantize_vec(x, scale_dtype):
 
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
-            parts: int = 0, has_bias: bool = False, pdl_on: bool = False):
+            parts: int = 0, has_bias: bool = False, rms: tuple | None = None, pdl_on: bool = False):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
-    [P, B, T·W], (bias [W]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the outputs: the attention
+    [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
+    outputs: the attention
     [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores (aliased to k, v, scales)."""
     refs = list(refs)
 
@@ -167,6 +170,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
     if fused:  # the projection's output (or its split-K partials) → RoPE → q, and the new keys/values
         (x_ref,) = take(1)
         bias_ref = take(1)[0] if has_bias else None
+        ssq_ref = take(1)[0] if rms else None
         pos_ref, cos_ref, sin_ref, k_ref, v_ref = take(5)
         if scaled:
             ks_ref, vs_ref = take(2)
@@ -174,15 +178,25 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         k_out, v_out = outs[len(outs) - (4 if scaled else 2):][:2]
         width = (heads + 2 * kv_heads) * dh
 
-        def columns(tok, col):  # token(s) tok, columns col (broadcastable) → Σ partials in the dtype, + bias
+        inv_rms = {}
+
+        def row_inv(tok):  # r of token(s) tok: an int, or the [rows, 1] token of every query row (`ti`)
+            key = tok if isinstance(tok, int) else "rows"
+            if key not in inv_rms:
+                inv_rms[key] = load_inv_rms(ssq_ref, b * t + tok, *rms)
+            return inv_rms[key]
+
+        def columns(tok, col):  # token(s) tok, columns col (broadcastable) → Σ partials (× r) in the dtype, + bias
             off = tok * width + col
             if parts:
                 acc = plgpu.load(x_ref.at[0, b, off]).astype(jnp.float32)
                 for j in range(1, parts):
                     acc = acc + plgpu.load(x_ref.at[j, b, off]).astype(jnp.float32)
-                val = acc.astype(dtype)
             else:
-                val = plgpu.load(x_ref.at[b, off]).astype(dtype)
+                acc = plgpu.load(x_ref.at[b, off])
+            if rms:
+                acc = acc.astype(jnp.float32) * row_inv(tok)
+            val = acc.astype(dtype)
             if has_bias:
                 val = (val + plgpu.load(bias_ref.at[col]).astype(dtype)).astype(dtype)
             return val
@@ -425,17 +439,21 @@ def _split_qkv(y, heads: int, kv_heads: int):
 def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin: jax.Array, k_store: jax.Array,
                           v_store: jax.Array, *, heads: int, kv_heads: int, dtype=None, bias: jax.Array | None = None,
                           k_scale_store: jax.Array | None = None, v_scale_store: jax.Array | None = None,
-                          sliding_window: int | None = None):
+                          sliding_window: int | None = None, rms: RowRms | None = None):
     """What mixjax's decoder layer does between the q/k/v projection and o_proj, for one layer's cache:
     qkv [B, T, (H + 2·KVH)·Dh] in the activations' dtype, or f32 split-K partials [P, B, T, ...] summed and
-    rounded to `dtype`; + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k, v written
+    rounded to `dtype` (first multiplied per token by `rms`'s r when given: the projection ran on the codes of
+    `norm.rms_norm_codes_pallas`); + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k, v written
     at q_pos [B, T] into k_store/v_store [B, KVH, S, Dh] (int8 with scale stores [B, KVH, S]: quantized
     first); `attend_ref` over the cache. Returns (out [B, T, H, Dh], k_store, v_store, k_scale_store,
     v_scale_store)."""
     from mixjax import model
 
     dtype = jnp.dtype(dtype or qkv.dtype)
-    y = jnp.sum(qkv.astype(jnp.float32), axis=0).astype(dtype) if qkv.ndim == 4 else qkv.astype(dtype)
+    y = jnp.sum(qkv.astype(jnp.float32), axis=0) if qkv.ndim == 4 else qkv
+    if rms is not None:
+        y = y.astype(jnp.float32) * rms.inv().reshape(y.shape[:-1])[..., None]
+    y = y.astype(dtype)
     if bias is not None:
         y = y + bias.astype(dtype)
     q, k, v = _split_qkv(y, heads, kv_heads)
@@ -448,8 +466,8 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
                                              "num_warps", "interpret"))
-def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, *, heads, kv_heads, dtype,
-                       sliding_window, block_s, splits, num_warps, interpret):
+def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, *, heads, kv_heads,
+                       dtype, sliding_window, block_s, splits, num_warps, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -458,7 +476,8 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     per_split = -(-(-(-S // block_s)) // splits)
     scaled = ks_store is not None
     x = qkv.reshape(parts, B, T * width) if parts else qkv.reshape(B, T * width)
-    args = [x] + ([bias] if bias is not None else []) + [q_pos.astype(jnp.int32), cos.reshape(B, T * Dh),
+    args = [x] + ([bias] if bias is not None else []) + ([rms.ssq] if rms is not None else []) + [
+        q_pos.astype(jnp.int32), cos.reshape(B, T * Dh),
                                                           sin.reshape(B, T * Dh)]
     first_store = len(args)
     args += [k_store.reshape(B, KVH, S * Dh), v_store.reshape(B, KVH, S * Dh)]
@@ -476,7 +495,8 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
         functools.partial(_kernel, pdl_on=pdl.active(interpret),
                           t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
-                          fused=True, parts=parts, has_bias=bias is not None),
+                          fused=True, parts=parts, has_bias=bias is not None,
+                          rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps)),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -500,7 +520,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              bias: jax.Array | None = None, k_scale_store: jax.Array | None = None,
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
-                             interpret: bool = False):
+                             rms: RowRms | None = None, interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS."""
     if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
@@ -523,6 +543,9 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError("attend_new_tokens: an int8 cache needs both scale stores, a float cache neither")
     if k_scale_store is not None and (k_scale_store.shape != k_store.shape[:3] or v_scale_store.shape != k_store.shape[:3]):
         raise ValueError(f"attend_new_tokens: scale stores must be [B, KVH, S] = {k_store.shape[:3]}")
+    if rms is not None and (rms.ssq.ndim != 2 or rms.ssq.shape[0] != B * T):
+        raise ValueError(f"attend_new_tokens: rms must hold one row of sums of squares per token, [B·T, C] = "
+                         f"[{B * T}, C]; got {rms.ssq.shape}")
     if T * (heads // kv_heads) > MAX_ROWS:
         raise ValueError(f"attend_new_tokens: {T} tokens × {heads // kv_heads} heads per KV head > {MAX_ROWS} query rows; "
                          "use attend_new_tokens_ref (XLA) for prefill-sized chunks")
@@ -532,12 +555,12 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError(f"attend_new_tokens: block_s ({block_s}) and the head dim ({dh}) must be powers of two ≥ 16")
     dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))
     kw = dict(heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias, k_scale_store=k_scale_store,
-              v_scale_store=v_scale_store, sliding_window=sliding_window)
+              v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms)
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     if splits is None:
         splits = choose_splits(B, kv_heads, k_store.shape[2], block_s)
     splits = max(1, min(int(splits), -(-k_store.shape[2] // block_s)))
-    return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, heads=heads,
+    return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms, heads=heads,
                               kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps, interpret=interpret)

@@ -196,6 +196,26 @@ jax.tree_util.register_dataclass(
     NormedActivations, data_fields=["s", "ssq", "w"], meta_fields=["eps", "chunk", "lead"])
 
 
+@dataclasses.dataclass(frozen=True)
+class RowRms:
+    """The one factor of RMSNorm(s)·w that needs the whole row: r = rsqrt(Σ s² / width + eps), one per row
+    (token), as sums of squares per chunk of the row that the consumer adds up. `norm.rms_norm_codes_pallas`
+    hands a linear the codes of w·s and this; since the linear commutes with a per-row factor, the
+    consumer of the linear's output (the attention kernel after q/k/v, SwiGLU after gate/up) multiplies by
+    r: W·(r·(w·s)) = r·(W·(w·s)). So the norm needs no second launch to wait for the row's sum."""
+
+    ssq: jax.Array  # f32 [M, C]: sums of squares of s over C chunks of each of the M rows
+    width: int  # the row's features D (the mean's divisor)
+    eps: float
+
+    def inv(self) -> jax.Array:
+        """r f32 [M] (the reference; kernels add the chunks themselves)."""
+        return jax.lax.rsqrt(jnp.sum(self.ssq, axis=-1) / self.width + self.eps)
+
+
+jax.tree_util.register_dataclass(RowRms, data_fields=["ssq"], meta_fields=["width", "eps"])
+
+
 def _round_up(value: int, multiple: int) -> int:
     return -(-value // multiple) * multiple
 

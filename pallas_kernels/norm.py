@@ -358,3 +358,124 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
         return _rms_norm_quant_2l(x, delta, w, eps=float(eps), chunk=int(chunk_groups), num_warps=num_warps,
                                   interpret=interpret)
     return _rms_norm_quant(x, delta, w, eps=float(eps), num_warps=num_warps, interpret=interpret)
+
+
+# ------------------------------------------------------------------ the norm's codes in one decode launch
+#
+# Why (session 22): at decode the two-launch form spends its second launch waiting for the row's sum of
+# squares before it can normalize (65 launches, ≈ 133 µs of a 2.03 ms b1 step, NOTES-kernels.md item 56).
+# RMSNorm(s)·w = r·(w·s) with r = rsqrt(mean(s²) + eps) one number per row, and a linear commutes with it.
+# So one launch over (row, chunk) adds the partials, writes each chunk's sum of squares and quantizes w·s,
+# whose groups need nothing from the rest of the row; the consumer of the linear's output multiplies by r
+# (`format.RowRms`). Codes of w·s equal those of r·(w·s) in exact arithmetic (the group scale absorbs r);
+# here w·s is exact in f32 (a product of two bf16 values), where the two-launch form rounds s·r and
+# then w·(s·r) to the dtype, so a code can differ from it by one step.
+
+
+def _rms_chunks(d: int, chunk: int) -> int:
+    return -(-(-(-d // GROUP_SIZE)) // chunk)
+
+
+def rms_norm_codes_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *, chunk_groups: int = 2):
+    """(s, QuantizedActivations of w·s, RowRms of s) for s = x + Σ delta as `rms_norm_quant_ref`: the linear
+    fed these codes returns its output on RMSNorm(s)·w divided by r = `RowRms.inv()`. w·s in f32; the sums of
+    squares per chunk of `chunk_groups` groups of 128."""
+    from pallas_kernels.format import QuantizedActivations, RowRms
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    if delta is not None and delta.ndim == x.ndim + 1:
+        delta = jnp.sum(delta.astype(jnp.float32), axis=0).astype(x.dtype)
+    s = x if delta is None else x + delta.astype(x.dtype)
+    lead, d = x.shape[:-1], x.shape[-1]
+    sf = s.reshape(-1, d).astype(jnp.float32)
+    chunks = _rms_chunks(d, chunk_groups)
+    sq = jnp.pad(sf * sf, ((0, 0), (0, chunks * chunk_groups * GROUP_SIZE - d)))
+    ssq = jnp.sum(sq.reshape(sf.shape[0], chunks, -1), axis=-1)
+    h = w.astype(jnp.float32) * sf
+    x_q, a_scale, x_sum = quantize_activations_xla(h, block_m=quant_rows(h.shape[0]))
+    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name), RowRms(ssq, d, float(eps))
+
+
+def _residual_codes_kernel(*refs, m: int, width: int, chunk: int, groups: int, parts: int, dtype,
+                           pdl_on: bool = False):
+    """Program (row of the codes, chunk): the residual add, the chunk's sum of squares and the codes of w·s
+    for its groups; rows ≥ M are the codes' zero padding (they store neither s nor a sum)."""
+    if parts:
+        x_ref, d_ref, w_ref, s_ref, ssq_ref, q_ref, sc_ref, sum_ref = refs
+    else:
+        x_ref, w_ref, ssq_ref, q_ref, sc_ref, sum_ref = refs
+    r, c = pdl.program_ids(2, pdl_on, trigger=True)
+    live_row = r < m
+    src = jnp.minimum(r, m - 1)
+    _, col = chunk_cols(c, chunk)
+    valid = (col < width) & live_row
+    s = plgpu.load(x_ref.at[src, col], mask=valid, other=0.0)
+    if parts:
+        total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
+        for j in range(parts):
+            total = total + plgpu.load(d_ref.at[j, src, col], mask=valid, other=0.0).astype(jnp.float32)
+        s = (s + total.astype(dtype)).astype(dtype)
+        plgpu.store(s_ref.at[src, col], s, mask=valid)
+    sf = s.astype(jnp.float32)
+    one = jnp.arange(1)
+    plgpu.store(ssq_ref.at[src, c + one], jnp.broadcast_to(jnp.sum(sf * sf), (1,)), mask=(one == 0) & live_row)
+    h = plgpu.load(w_ref.at[col], mask=col < width, other=0.0).astype(jnp.float32) * sf
+    store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "chunk", "num_warps", "interpret"))
+def _rms_norm_codes(x, delta, w, *, eps: float, chunk: int, num_warps: int | None, interpret: bool):
+    from pallas_kernels.format import QuantizedActivations, RowRms
+
+    lead, d = x.shape[:-1], x.shape[-1]
+    rows = x.reshape(-1, d)
+    m = rows.shape[0]
+    mp, groups = quant_rows(m), -(-d // GROUP_SIZE)
+    chunks = _rms_chunks(d, chunk)
+    parts = 0 if delta is None else delta.shape[0]
+    args = (rows, w) if delta is None else (rows, delta.reshape(parts, m, d), w)
+    outs = (jax.ShapeDtypeStruct((m, chunks), jnp.float32), jax.ShapeDtypeStruct((mp, groups * GROUP_SIZE), jnp.int8),
+            jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32))
+    if delta is not None:
+        outs = (jax.ShapeDtypeStruct(rows.shape, x.dtype), *outs)
+    res = pl.pallas_call(
+        functools.partial(_residual_codes_kernel, pdl_on=pdl.active(interpret), m=m, width=d, chunk=chunk,
+                          groups=groups, parts=parts, dtype=x.dtype),
+        out_shape=outs, grid=(mp, chunks), interpret=interpret, name="rms_norm_codes",
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps or 4, num_stages=1),
+    )(*args)
+    s = x if delta is None else res[0].reshape(x.shape)
+    ssq, x_q, a_scale, x_sum = res[-4:]
+    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name), RowRms(ssq, d, eps)
+
+
+def rms_norm_codes_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *, chunk_groups: int = 2,
+                          num_warps: int | None = None, interpret: bool = False):
+    """`rms_norm_codes_ref` in one launch over (row, chunk of `chunk_groups` groups of 128): x [..., D] (the
+    residual stream), delta None, x-shaped or f32 split-K partials [S, *x.shape], w [D] → (s, the codes of
+    w·s, `RowRms`). The consumer of the linear fed these codes multiplies its output by `RowRms`'s r
+    (`attend_new_tokens_pallas(rms=...)`, `silu_mul_quant_pallas(rms=...)`)."""
+    if x.ndim < 1 or w.shape != (x.shape[-1],):
+        raise ValueError(f"rms_norm_codes: w must be [D] with D = x.shape[-1]; got x {x.shape}, w {w.shape}")
+    if delta is not None and delta.shape not in (x.shape, (delta.shape[0], *x.shape)):
+        raise ValueError(f"rms_norm_codes: delta must be x's shape {x.shape} or [S, *{x.shape}], got {delta.shape}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise TypeError(f"rms_norm_codes: x must be floating point, got {x.dtype}")
+    if chunk_groups < 1 or chunk_groups & (chunk_groups - 1):
+        raise ValueError(f"rms_norm_codes: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
+    if x.size == 0:
+        return rms_norm_codes_ref(x, delta, w, eps, chunk_groups=chunk_groups)
+    if delta is not None and delta.ndim == x.ndim:
+        delta = delta[None]
+    return _rms_norm_codes(x, delta, w, eps=float(eps), chunk=int(chunk_groups), num_warps=num_warps,
+                           interpret=interpret)
+
+
+def load_inv_rms(ssq_ref, rows, chunks: int, width: int, eps: float) -> jax.Array:
+    """Inside a kernel: r = rsqrt(Σ_c ssq[rows, c] / width + eps) for `rows` (an int or an int array; the
+    result has its shape) from a `RowRms`'s ssq [M, C] ref."""
+    ci = jnp.arange(pl.next_power_of_2(chunks))
+    rows = jnp.asarray(rows)
+    idx = rows[..., None], ci.reshape((1,) * rows.ndim + (-1,))
+    total = jnp.sum(plgpu.load(ssq_ref.at[idx], mask=idx[1] < chunks, other=0.0), axis=-1)
+    return lax.rsqrt(total / width + eps)

@@ -31,20 +31,25 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import pdl
 from pallas_kernels.format import GROUP_SIZE, HALF_GROUP
-from pallas_kernels.norm import chunk_cols, quant_rows, store_group_codes
+from pallas_kernels.norm import chunk_cols, load_inv_rms, quant_rows, store_group_codes
 
 MAX_ROWS = 64  # tokens up to which the model takes this kernel at decode (one program per row and chunk)
 BLOCK_ROWS = 16  # rows a program of the blocked form (prefill, `model.PREFILL_CODES`); NOTES-kernels.md item 70
 
 
-def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False):
+def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False, rms=None):
     """gate_up [..., 2F] in the activations' dtype, or (partials=True) f32 split-K partials [S, ..., 2F]
-    summed and rounded to `dtype` → QuantizedActivations of silu(gate)·up [..., F] (gate: the first F)."""
+    summed and rounded to `dtype` → QuantizedActivations of silu(gate)·up [..., F] (gate: the first F).
+    rms (`format.RowRms`, one row per token): gate and up are first multiplied by its r in f32 (the linear ran
+    on the codes of `norm.rms_norm_codes_pallas`)."""
     from pallas_kernels.format import QuantizedActivations
     from pallas_kernels.kernels import quantize_activations_xla
 
     dtype = jnp.dtype(dtype or gate_up.dtype)
-    y = jnp.sum(gate_up.astype(jnp.float32), axis=0).astype(dtype) if partials else gate_up.astype(dtype)
+    y = jnp.sum(gate_up.astype(jnp.float32), axis=0) if partials else gate_up
+    if rms is not None:
+        y = y.astype(jnp.float32) * rms.inv().reshape(y.shape[:-1])[..., None]
+    y = y.astype(dtype)
     f = y.shape[-1] // 2
     h = jax.nn.silu(y[..., :f]) * y[..., f:]
     lead = h.shape[:-1]
@@ -53,20 +58,26 @@ def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False
     return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, dtype.name)
 
 
-def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, pdl_on: bool = False):
-    x_ref, q_ref, sc_ref, sum_ref = refs
+def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, rms: tuple | None = None,
+            pdl_on: bool = False):
+    x_ref, *ssq_ref, q_ref, sc_ref, sum_ref = refs
     r, c = pdl.program_ids(2, pdl_on, trigger=True)
     live_row = r < m
     src = jnp.minimum(r, m - 1)  # rows ≥ M (the codes' padding) read row M − 1, masked to zero
     _, col = chunk_cols(c, chunk)  # [chunk, 128] feature indices
     valid = (col < f) & live_row
 
-    def load(cols):  # the linear's output at these columns, in the dtype
+    inv = load_inv_rms(ssq_ref[0], src, *rms) if rms else None
+
+    def load(cols):  # the linear's output at these columns (× r), in the dtype
         if not parts:
-            return plgpu.load(x_ref.at[src, cols], mask=valid, other=0.0).astype(dtype)
-        total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
-        for j in range(parts):
-            total = total + plgpu.load(x_ref.at[j, src, cols], mask=valid, other=0.0).astype(jnp.float32)
+            total = plgpu.load(x_ref.at[src, cols], mask=valid, other=0.0)
+        else:
+            total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
+            for j in range(parts):
+                total = total + plgpu.load(x_ref.at[j, src, cols], mask=valid, other=0.0).astype(jnp.float32)
+        if rms:
+            total = total.astype(jnp.float32) * inv
         return total.astype(dtype)
 
     gate, up = load(col).astype(jnp.float32), load(col + f)
@@ -75,14 +86,16 @@ def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, p
     store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
 
 
-def _block_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, block: int, parts: int, dtype,
+def _block_kernel(x_ref, *refs, m: int, f: int, block: int, parts: int, dtype, rms: tuple | None = None,
                   pdl_on: bool = False):
     """One program per (block of rows, group): `_kernel`'s arithmetic on [block, 64] halves, stored as
     `kernels.quantize_activations_pallas` stores its codes (prefill: thousands of rows)."""
     from pallas_kernels.kernels import store_quantized_halves
 
+    *ssq_ref, q_ref, sc_ref, sum_ref = refs
     r, g = pdl.program_ids(2, pdl_on, trigger=True)
     rows = r * block + jnp.arange(block)
+    inv = load_inv_rms(ssq_ref[0], jnp.minimum(rows, m - 1), *rms)[:, None] if rms else None
     halves = []
     for h in range(2):
         cols = g * GROUP_SIZE + h * HALF_GROUP + jnp.arange(HALF_GROUP)
@@ -91,10 +104,13 @@ def _block_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, block: int, 
         def load(c):  # the linear's output at columns c of these rows, in the dtype (rows ≥ M, cols ≥ F → 0)
             src = jnp.minimum(rows, m - 1)[:, None], c[None, :]
             if not parts:
-                return plgpu.load(x_ref.at[src], mask=mask, other=0.0).astype(dtype)
-            total = jnp.zeros((block, HALF_GROUP), jnp.float32)
-            for j in range(parts):
-                total = total + plgpu.load(x_ref.at[(j, *src)], mask=mask, other=0.0).astype(jnp.float32)
+                total = plgpu.load(x_ref.at[src], mask=mask, other=0.0)
+            else:
+                total = jnp.zeros((block, HALF_GROUP), jnp.float32)
+                for j in range(parts):
+                    total = total + plgpu.load(x_ref.at[(j, *src)], mask=mask, other=0.0).astype(jnp.float32)
+            if rms:
+                total = total.astype(jnp.float32) * inv
             return total.astype(dtype)
 
         gate, up = load(cols).astype(jnp.float32), load(cols + f)
@@ -104,7 +120,7 @@ def _block_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, block: int, 
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "blocked", "interpret"))
-def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: int, interpret: bool):
+def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: int, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     parts = gate_up.shape[0] if partials else 0
@@ -113,14 +129,15 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
     m = math.prod(lead)
     x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
     mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
+    static_rms = None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps)
     if blocked:
         block = min(blocked, mp)  # mp is a multiple of it (`quant_rows`)
         kernel = functools.partial(_block_kernel, pdl_on=pdl.active(interpret), m=m, f=f, block=block,
-                                   parts=parts, dtype=dtype)
+                                   parts=parts, dtype=dtype, rms=static_rms)
         grid = (mp // block, groups)
     else:
         kernel = functools.partial(_kernel, pdl_on=pdl.active(interpret),
-                                   m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype)
+                                   m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype, rms=static_rms)
         grid = (mp, -(-groups // chunk))
     x_q, a_scale, x_sum = pl.pallas_call(
         kernel,
@@ -130,15 +147,16 @@ def _silu_mul_quant(gate_up, *, dtype, partials: bool, chunk: int, num_warps: in
         interpret=interpret,
         name="silu_mul_quant",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-    )(x)
+    )(x, *(() if rms is None else (rms.ssq,)))
     return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, jnp.dtype(dtype).name)
 
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
-                          num_warps: int = 4, blocked: bool | int | None = None, interpret: bool = False):
+                          num_warps: int = 4, blocked: bool | int | None = None, rms=None, interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
     `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (8, 16, 32 or 64).
-    None: blocked past `MAX_ROWS` rows (prefill)."""
+    None: blocked past `MAX_ROWS` rows (prefill). rms: a `format.RowRms` with one row per token (see the
+    reference)."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"silu_mul_quant: the activations' dtype must be floating point, got {dtype}")
@@ -148,14 +166,17 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
         raise ValueError(f"silu_mul_quant: gate_up must be [..., 2F] (gate, then up); got {gate_up.shape}")
     if chunk_groups < 1 or chunk_groups & (chunk_groups - 1):
         raise ValueError(f"silu_mul_quant: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
+    rows = math.prod(gate_up.shape[1:-1] if partials else gate_up.shape[:-1])
+    if rms is not None and (rms.ssq.ndim != 2 or rms.ssq.shape[0] != rows):
+        raise ValueError(f"silu_mul_quant: rms must hold one row of sums of squares per token, [{rows}, C]; got "
+                         f"{rms.ssq.shape}")
     if gate_up.size == 0:
-        return silu_mul_quant_ref(gate_up, dtype, partials=partials)
+        return silu_mul_quant_ref(gate_up, dtype, partials=partials, rms=rms)
     if blocked is None:
-        rows = math.prod(gate_up.shape[1:-1] if partials else gate_up.shape[:-1])
         blocked = rows > MAX_ROWS
     if blocked is True:
         blocked = BLOCK_ROWS
     if blocked not in (False, 8, 16, 32, 64):
         raise ValueError(f"silu_mul_quant: blocked must be a bool, None or 8, 16, 32, 64 rows, got {blocked!r}")
-    return _silu_mul_quant(gate_up, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
+    return _silu_mul_quant(gate_up, rms, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
                            num_warps=int(num_warps), blocked=int(blocked), interpret=interpret)

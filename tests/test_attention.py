@@ -120,26 +120,30 @@ def test_cuda_lowering_loops_over_a_dynamic_block_range():
     assert not re.search(rf"{upper} = arith\.constant", ir)  # 512 positions / 64 would be a constant 8
 
 
-# B, T, H, KVH, S, Dh, window, int8 (scale dtype), partials, bias, splits, dtype
+# B, T, H, KVH, S, Dh, window, int8 (scale dtype), partials, bias, splits, dtype, rms (the norm's deferred rsqrt)
 FUSED_CASES = [
-    (1, 1, 32, 8, 256, 128, None, None, 4, False, None, jnp.bfloat16),
-    (2, 1, 9, 3, 200, 64, None, None, 3, True, 1, jnp.bfloat16),
-    (2, 3, 9, 3, 200, 64, 37, None, 0, False, None, jnp.bfloat16),
-    (2, 1, 8, 2, 300, 64, None, jnp.float32, 2, False, 1, jnp.bfloat16),
-    (3, 2, 8, 8, 512, 32, 100, jnp.bfloat16, 0, True, 3, jnp.bfloat16),
-    (2, 2, 4, 2, 100, 32, None, None, 0, True, 2, jnp.float32),
+    (1, 1, 32, 8, 256, 128, None, None, 4, False, None, jnp.bfloat16, True),
+    (2, 1, 9, 3, 200, 64, None, None, 3, True, 1, jnp.bfloat16, True),
+    (2, 3, 9, 3, 200, 64, 37, None, 0, False, None, jnp.bfloat16, False),
+    (2, 1, 8, 2, 300, 64, None, jnp.float32, 2, False, 1, jnp.bfloat16, False),
+    (2, 3, 8, 2, 300, 64, None, jnp.float32, 2, True, 2, jnp.bfloat16, True),
+    (3, 2, 8, 8, 512, 32, 100, jnp.bfloat16, 0, True, 3, jnp.bfloat16, False),
+    (2, 2, 4, 2, 100, 32, None, None, 0, True, 2, jnp.float32, True),
 ]
 
 
-def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype):
+def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
     """The new tokens' queries [B, T, H, Dh] with every rounding the fused kernel states: split-K partials
-    summed in order in f32 and rounded to `dtype`, + bias rounded, RoPE with each product and the sum rounded."""
+    summed in order in f32 (× the row's r of `rms`) and rounded to `dtype`, + bias rounded, RoPE with each
+    product and the sum rounded."""
     def rnd(a):
         return np.asarray(jnp.asarray(a, dtype), np.float32)
 
     x = np.asarray(qkv, np.float32)
     if x.ndim == 4:
         x = functools.reduce(np.add, x)
+    if rms is not None:
+        x = x * np.asarray(rms.inv(), np.float32).reshape(*x.shape[:-1], 1)
     y = rnd(x) if bias is None else rnd(rnd(x) + np.asarray(bias, np.float32))
     q = y[..., :heads * dh].reshape(*y.shape[:2], heads, dh)
     rot = np.concatenate([-q[..., dh // 2:], q[..., :dh // 2]], axis=-1)
@@ -151,19 +155,22 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype):
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
 @functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window"),
                    compiler_options={"xla_allow_excess_precision": False})
-def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, **kw):
+def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
-                                              v_scale_store=vs, interpret=INTERPRET, **kw)
+                                              v_scale_store=vs, rms=rms, interpret=INTERPRET, **kw)
 
 
-@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype", FUSED_CASES)
-def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype):
+@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms", FUSED_CASES)
+def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms):
     """Projection output (or split-K partials) + bias → RoPE → cache write → attention in one launch: the new
     positions written as the decoder layer writes them (`attend_new_tokens_ref`; a float cache to within an
     ulp: RoPE's products may round differently; an int8 cache's codes to within one step), every other
     position of the cache untouched, and the attention output that of `attend_ref` over the cache the kernel
-    wrote, with the queries rounded as the kernel states (so a code one step off is not counted twice)."""
+    wrote, with the queries rounded as the kernel states (so a code one step off is not counted twice).
+    `rms`: the projection ran on the codes of `norm.rms_norm_codes_pallas`, and its output is first multiplied
+    by each token's r (sums of squares over 3 chunks)."""
     from mixjax import model
+    from pallas_kernels.format import RowRms
 
     rng = np.random.default_rng()
     W = (H + 2 * KVH) * Dh
@@ -173,11 +180,12 @@ def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, 
     pos = _positions(rng, B, T, S)
     cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
     kw = dict(heads=H, kv_heads=KVH, dtype=dtype, sliding_window=window)
-    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, splits=splits, **kw)
+    rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(B * T, 3)), jnp.float32), 384, 1e-5) if rms else None
+    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, **kw)
     want = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, bias=b, k_scale_store=ks, v_scale_store=vs,
-                                           **kw)
+                                           rms=rms, **kw)
     assert got[0].shape == (B, T, H, Dh) and got[0].dtype == dtype
-    q = _queries_as_rounded(qkv, b, cos, sin, H, Dh, dtype)
+    q = _queries_as_rounded(qkv, b, cos, sin, H, Dh, dtype, rms)
     mask = attention.cache_mask(pos, S, window)
     ref = np.asarray(attention.attend_ref(q, got[1], got[2], mask, got[3], got[4]), np.float32)
     # the scale of each output's rounding: Σ p·|v| (f32), which bounds |out| and what a p's rounding moves
@@ -242,6 +250,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="scale stores"):
         attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k.astype(jnp.int8),
                                            k.astype(jnp.int8), heads=8, kv_heads=2)
+    from pallas_kernels.format import RowRms
+
+    with pytest.raises(ValueError, match="one row of sums of squares per token"):
+        attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k, k, heads=8, kv_heads=2,
+                                           rms=RowRms(jnp.ones((2, 4)), 512, 1e-5))
 
 
 @pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8])

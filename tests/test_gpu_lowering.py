@@ -34,25 +34,33 @@ def _quantized_params():
     return model.fuse_projections(params)
 
 
-@pytest.mark.parametrize("batch, chunk_groups, in_gemv", [(1, 2, "never"), (4, None, "never"), (1, 2, "auto")])
-def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups, in_gemv):
+@pytest.mark.parametrize("batch, chunk_groups, in_gemv, defer_rms", [
+    (1, 2, "never", "auto"), (4, 2, "never", "auto"), (1, 2, "never", "never"), (4, None, "never", "auto"),
+    (1, 2, "auto", "auto")])
+def test_quantized_decode_step_lowers_for_cuda(monkeypatch, batch, chunk_groups, in_gemv, defer_rms):
     params = _quantized_params()
     monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
     for name, value in (("ATTENTION", "auto"), ("NORM_QUANT", "auto"), ("NORM_QUANT_CHUNK_GROUPS", chunk_groups),
-                        ("SWIGLU_QUANT", "auto"), ("NORM_IN_GEMV", in_gemv)):
+                        ("SWIGLU_QUANT", "auto"), ("NORM_IN_GEMV", in_gemv), ("NORM_DEFER_RMS", defer_rms)):
         monkeypatch.setattr(model, name, value)
     cache = model.init_cache(CFG, batch, 64, jnp.bfloat16)
     step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c, implementation="pallas"))
     text = step.trace(params, jnp.zeros((batch, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
     kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
     assert kernels["attend_new_tokens"] and kernels["silu_mul_quant"]
-    assert kernels["residual_sumsq" if chunk_groups else "rms_norm_quant"]
+    # the norms before q/k/v and gate/up (the head here is float: its norm is XLA's): with NORM_DEFER_RMS each
+    # is one launch of codes of w·s (the attention and SwiGLU kernels apply the row's rsqrt); otherwise the
+    # two-launch form, or one program a row without chunks
+    # (a jitted kernel called twice with the same shapes appears once in the text: count kinds, not calls)
+    deferred = chunk_groups is not None and in_gemv == "never" and defer_rms == "auto"
+    assert bool(kernels["rms_norm_codes"]) == deferred
+    assert bool(kernels["residual_sumsq"]) == (chunk_groups is not None and not deferred)
+    assert bool(kernels["rms_norm_quant"]) == (chunk_groups is None)
     # the linears run on the codes: only o_proj (fed by attention) quantizes its own input, beyond the GEMV
     assert kernels["mixed_gemv" if batch == 1 else "mixed_gemm_int"] >= 2 * 4
     assert kernels["quantize_activations"] == (0 if batch == 1 else 1)
     # NORM_IN_GEMV: the GEMVs after the norms normalize their own groups, no second norm launch is left
-    if chunk_groups:
-        assert (kernels["norm_quant_chunks"] == 0) == (in_gemv == "auto")
+    assert bool(kernels["norm_quant_chunks"]) == (chunk_groups is not None and not deferred and in_gemv == "never")
 
 
 @pytest.mark.parametrize("weights_first", [False, True])
@@ -82,6 +90,6 @@ def test_pdl_instructions_reach_every_decode_kernel(monkeypatch, weights_first):
     assert all(waits), [n for n, w in zip(names, waits) if not w]
     _, triggers = kernels_with("griddepcontrol.launch_dependents")
     triggered = {n for n, t in zip(names, triggers) if t}
-    assert {"attend_new_tokens", "silu_mul_quant", "residual_sumsq", "norm_quant_chunks"} <= triggered
+    assert {"attend_new_tokens", "silu_mul_quant", "rms_norm_codes"} <= triggered
     assert "mixed_gemv" not in triggered  # its dependents (the small kernels) have nothing to start on
     jax.clear_caches()

@@ -298,3 +298,82 @@ def test_norm_kernel_form_follows_the_rows(monkeypatch):
     for rows in (8, norm.MAX_QUANT_ROWS + 1):
         model.norm_quant(jnp.zeros((1, rows, 256), jnp.bfloat16), None, w, 1e-5, "pallas")
     assert seen == [model.NORM_QUANT_CHUNK_GROUPS, model.PREFILL_NORM_CHUNK_GROUPS]
+
+
+# XLA's CPU compiler may keep the residual add's bf16 sum in f32 inside the interpreted kernel ("excess
+# precision"); the kernel states (and Triton keeps) the rounding to the dtype before the squares and w·s
+@functools.partial(jax.jit, static_argnames=("chunk_groups",), compiler_options={"xla_allow_excess_precision": False})
+def _norm_codes_as_stated(x, delta, w, *, chunk_groups):
+    return norm.rms_norm_codes_pallas(x, delta, w, 1e-5, chunk_groups=chunk_groups, interpret=INTERPRET)
+
+
+@pytest.mark.parametrize("shape, dtype, delta_kind, chunk_groups", [
+    ((1, 4096), jnp.bfloat16, "parts", 2), ((3, 576), jnp.bfloat16, "none", 2), ((2, 9, 200), jnp.float32, "parts", 1),
+    ((17, 640), jnp.bfloat16, "same", 4), ((40, 384), jnp.bfloat16, "parts", 2)])
+def test_rms_norm_codes_matches_reference(shape, dtype, delta_kind, chunk_groups):
+    """The one-launch norm that leaves the row's rsqrt to the consumer: the residual add of the two-launch
+    form, each chunk's sum of squares, and the codes of w·s (the reference's, up to the f32 sum's order in
+    the sums); with r = `RowRms.inv()`, r × the dequantized codes reproduce RMSNorm(s)·w to within half a
+    step of r·(w·s) plus a rounding of the dtype (the model's norm rounds s·r, then w·(s·r))."""
+    x, delta, w = _norm_quant_case(shape, dtype, delta_kind, np.random.default_rng())
+    s, qa, rms = _norm_codes_as_stated(x, delta, w, chunk_groups=chunk_groups)
+    s_ref, qa_ref, rms_ref = norm.rms_norm_codes_ref(x, delta, w, 1e-5, chunk_groups=chunk_groups)
+    m, d = int(np.prod(shape[:-1])), shape[-1]
+    mp, g = norm.quant_rows(m), -(-d // 128)
+    chunks = -(-g // chunk_groups)
+    assert (qa.x_q.shape, qa.a_scale.shape, qa.x_sum.shape, rms.ssq.shape) == ((mp, g * 128), (g, mp), (g, mp), (m, chunks))
+    assert (qa.lead, qa.k, qa.dtype, rms.width, rms.eps) == (shape[:-1], d, jnp.dtype(dtype).name, d, 1e-5)
+    np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))
+    np.testing.assert_allclose(np.asarray(rms.ssq), np.asarray(rms_ref.ssq), rtol=1e-5)
+    codes, codes_ref = np.asarray(qa.x_q, np.int32), np.asarray(qa_ref.x_q, np.int32)
+    assert not codes[m:].any() and not codes[:, d:].any() and not np.asarray(qa.a_scale)[:, m:].any()
+    np.testing.assert_array_equal(np.asarray(qa.x_sum).T, codes.reshape(mp, g, 128).sum(-1))
+    # w·s is exact in f32 on both sides and the quantization the same arithmetic: codes equal but where
+    # XLA's vectorized h·(127/amax) rounds a last bit differently at a .5 boundary
+    assert np.abs(codes - codes_ref).max() <= 1 and np.mean(codes != codes_ref) < 1e-3
+    np.testing.assert_allclose(np.asarray(qa.a_scale), np.asarray(qa_ref.a_scale), rtol=1e-6)
+    r = np.asarray(rms.inv(), np.float64)
+    h = np.asarray(norm.add_rms_norm_ref(s_ref, None, w, 1e-5)[1], np.float64).reshape(m, d)
+    err = np.abs(np.asarray(qa.dequantize(), np.float64).reshape(m, d) * r[:, None] - h)
+    step = np.repeat(np.asarray(qa.a_scale, np.float64)[:, :m].T, 128, axis=1)[:, :d] * r[:, None]
+    assert np.all(err <= 0.5 * step + 2 * float(jnp.finfo(dtype).eps) * np.abs(h) + 1e-30)
+    with pytest.raises(ValueError, match="chunk_groups must be a power of two"):
+        norm.rms_norm_codes_pallas(x, delta, w, 1e-5, chunk_groups=3, interpret=True)
+
+
+def test_model_norms_defer_their_rms(monkeypatch):
+    """`model.NORM_DEFER_RMS` (the decode path on a GPU; here "always", through the references, with the
+    fused attention kernel and SwiGLU's codes): the norms before q/k/v and gate/up hand the codes of w·s
+    and their sums of squares, the attention and SwiGLU kernels apply the row's rsqrt, and the logits are
+    the two-launch norm's; a consumer that forgot r would move every token by tens of %."""
+    monkeypatch.setattr(model, "NORM_QUANT_CHUNK_GROUPS", 2)
+    for flag in ("NORM_QUANT", "SWIGLU_QUANT", "ATTENTION"):
+        monkeypatch.setattr(model, flag, "always")
+    rng = np.random.default_rng(7)
+    cfg, params = tiny_mixed_model(7, rng)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 6)), jnp.int32)
+    deferred, real = [], model.norm_codes
+
+    def spy(x, delta, *args):
+        deferred.append(None if delta is None else delta.ndim - x.ndim)
+        return real(x, delta, *args)
+
+    monkeypatch.setattr(model, "norm_codes", spy)
+
+    def run(mode):
+        monkeypatch.setattr(model, "NORM_DEFER_RMS", mode)
+        deferred.clear()
+        return prefill_then_step(params, cfg, tokens, prompt=5, cache_len=8)
+
+    want = run("never")
+    assert not deferred
+    got = run("always")
+    # prefill (15 rows) and the step (3 rows): layer 0's input norm (nothing pending), then o_proj's or
+    # the deferred down_proj's split-K partials
+    assert deferred == [None, 1, 1, 1] * 2
+    for g, w in zip(got, want):  # up to a code flip at a rounding boundary (≈ 1 % of the largest logit)
+        err = np.abs(g - w) / float(np.abs(w).max())
+        assert err.max() <= 2e-2 and err.mean() <= 5e-3, (err.max(), err.mean())
+    monkeypatch.setattr(model, "NORM_DEFER_RMS", "later")
+    with pytest.raises(ValueError, match="NORM_DEFER_RMS = 'later'"):
+        run("later")

@@ -18,23 +18,28 @@ from helpers import prefill_then_step, tiny_mixed_model
 INTERPRET = jax.default_backend() != "gpu"
 
 
-@pytest.mark.parametrize("lead, f, parts, dtype, chunk, blocked", [
-    ((1,), 4096, 8, jnp.bfloat16, 2, None), ((3,), 576, 0, jnp.bfloat16, 1, None),
-    ((2, 9), 200, 3, jnp.float32, 4, None), ((17,), 640, 2, jnp.bfloat16, 2, None),
-    ((70,), 328, 0, jnp.bfloat16, 2, None),  # past MAX_ROWS: the blocked (prefill) form, a ragged last block
-    ((5,), 256, 2, jnp.float32, 2, True), ((2, 20), 136, 0, jnp.bfloat16, 2, 32), ((40,), 200, 0, jnp.float32, 2, 16),
-    ((24,), 136, 2, jnp.bfloat16, 2, 8)])
-def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked):
+@pytest.mark.parametrize("lead, f, parts, dtype, chunk, blocked, rms", [
+    ((1,), 4096, 8, jnp.bfloat16, 2, None, True), ((3,), 576, 0, jnp.bfloat16, 1, None, False),
+    ((2, 9), 200, 3, jnp.float32, 4, None, True), ((17,), 640, 2, jnp.bfloat16, 2, None, False),
+    ((70,), 328, 0, jnp.bfloat16, 2, None, True),  # past MAX_ROWS: the blocked (prefill) form, a ragged last block
+    ((5,), 256, 2, jnp.float32, 2, True, False), ((2, 20), 136, 0, jnp.bfloat16, 2, 32, False),
+    ((40,), 200, 0, jnp.float32, 2, 16, True), ((24,), 136, 2, jnp.bfloat16, 2, 8, False)])
+def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked, rms):
     """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32, 64), split-K
     partials or the linear's output, per row or in blocks of rows: the codes, scales and sums of the reference
-    (to a rounding of the dtype in h), zero padding, and codes that reproduce silu(gate)·up within half a step."""
+    (to a rounding of the dtype in h), zero padding, and codes that reproduce silu(gate)·up within half a step.
+    `rms`: gate and up are first multiplied by each row's r (the norm before the linear deferred it)."""
+    from pallas_kernels.format import RowRms
+
     rng = np.random.default_rng()
     shape = (parts, *lead, 2 * f) if parts else (*lead, 2 * f)
     x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 4), jnp.float32 if parts else dtype)
+    m = int(np.prod(lead))
+    rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(m, 3)), jnp.float32), 384, 1e-5) if rms else None
     got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk, blocked=blocked,
-                                       interpret=INTERPRET)
-    ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts))
-    m, g = int(np.prod(lead)), -(-f // 128)
+                                       rms=rms, interpret=INTERPRET)
+    ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts), rms=rms)
+    g = -(-f // 128)
     mp = quant_rows(m)
     assert (got.x_q.shape, got.a_scale.shape, got.x_sum.shape) == ((mp, g * 128), (g, mp), (g, mp))
     assert (got.lead, got.k, got.dtype) == (lead, f, jnp.dtype(dtype).name) == (ref.lead, ref.k, ref.dtype)
@@ -46,7 +51,10 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked)
     assert np.abs(codes - codes_ref).max() <= 2 and np.mean(codes != codes_ref) < 0.1
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(np.asarray(got.a_scale), np.asarray(ref.a_scale), rtol=(3 if dtype == jnp.bfloat16 else 4) * eps)
-    y = np.asarray(jnp.sum(x.astype(jnp.float32), 0).astype(dtype) if parts else x, np.float64).reshape(m, 2 * f)
+    y = jnp.sum(x.astype(jnp.float32), 0) if parts else x
+    if rms is not None:
+        y = y.astype(jnp.float32) * rms.inv().reshape(*lead, 1)
+    y = np.asarray(y.astype(dtype), np.float64).reshape(m, 2 * f)
     h = y[:, :f] / (1 + np.exp(-y[:, :f])) * y[:, f:]
     step = np.repeat(np.asarray(got.a_scale)[:, :m].T, 128, axis=1)[:, :f]
     err = np.abs(np.asarray(got.dequantize(), np.float64).reshape(m, f) - h)
@@ -54,6 +62,10 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked)
 
 
 def test_bad_inputs_are_named():
+    from pallas_kernels.format import RowRms
+
+    with pytest.raises(ValueError, match=r"one row of sums of squares per token, \[3, C\]"):
+        swiglu.silu_mul_quant_pallas(jnp.zeros((3, 256)), rms=RowRms(jnp.ones((16, 2)), 256, 1e-5), interpret=True)
     with pytest.raises(ValueError, match="partials must be f32"):
         swiglu.silu_mul_quant_pallas(jnp.zeros((2, 1, 256), jnp.bfloat16), jnp.bfloat16, partials=True)
     with pytest.raises(ValueError, match=r"\[\.\.\., 2F\]"):
