@@ -58,6 +58,7 @@
 #   bash benchmarks/device_session.sh s22a      # prepared: the standing table with session 21's defaults
 #   bash benchmarks/device_session.sh s22b      # prepared: prefill 2048 / 256 with and without int8 prefill matrices
 #   bash benchmarks/device_session.sh s22c      # prepared: the GEMV and its twin over a 4 GB footprint
+#   bash benchmarks/device_session.sh s22d      # session 22: norms leaving the rsqrt to their consumers, GPU tests + b1/b8/b32
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -490,6 +491,16 @@ case "$part" in
     header
     timeout 400 python3 benchmarks/probe_twin.py --programs 4096 --block-n 32 --mb 4000 2>&1 | tee "$out/twin4g.log"
     ;;
+  s22d)  # session 22: the norms that leave the row's rsqrt to the attention / SwiGLU kernels (GPU tests), then
+    # b1 / b8 / b32 against the two-launch norms (`@norm2l`) and bf16
+    header
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_norm.py tests/test_swiglu.py tests/test_gpu_model.py \
+      tests/test_attention.py -k "codes or defer or silu or attend_new_tokens or gpu or decode" 2>&1 | tail -4 \
+      | tee "$out/tests.log"
+    timeout 400 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@norm2l+h4 --batches 1,8,32 \
+      --repeats 3 --prefill-len 2048 --profile --profile-top 4 --budget-s 390 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -502,7 +513,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d" >&2
     exit 2
     ;;
 esac
