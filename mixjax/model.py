@@ -315,7 +315,8 @@ NORM_DEFER_RMS = "auto"  # "auto" (default): at decode (≤ norm.MAX_QUANT_ROWS 
 # (q/k/v) or the SwiGLU kernel (gate/up) runs in one launch: it hands the codes of w·s and the chunks' sums of
 # squares (`norm.rms_norm_codes_pallas`), and that consumer multiplies the linear's output by the row's
 # rsqrt(mean(s²) + eps) (`format.RowRms`); "always": also on the XLA path, through the references (tests);
-# "never": the norm's second launch normalizes first
+# "never": the norm's second launch normalizes first. Measured (H200, 2026-12-04, Llama-3-8B shape, W4.4A8 +
+# int4 head): b1 492.8 → 509.0 tok/s (2.03 → 1.96 ms a step, 369 → 305 launches), b8 +1.1 %, b32 +1.9 %
 
 
 def _defer_rms(x, implementation: Implementation) -> bool:
