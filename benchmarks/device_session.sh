@@ -60,6 +60,7 @@
 #   bash benchmarks/device_session.sh s22c      # prepared: the GEMV and its twin over a 4 GB footprint
 #   bash benchmarks/device_session.sh s22d      # session 22: norms leaving the rsqrt to their consumers, GPU tests + b1/b8/b32
 #   bash benchmarks/device_session.sh s22e      # session 22: W8A8 beside bf16 with them, then s22c's twin probe
+#   bash benchmarks/device_session.sh s22f      # session 22: opt-in PDL on top of them (tests under the flag, b1/b8/b32)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -510,6 +511,17 @@ case "$part" in
       --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
     timeout 300 python3 benchmarks/probe_twin.py --programs 4096 --block-n 32 --mb 4000 2>&1 | tee "$out/twin4g.log"
     ;;
+  s22f)  # session 22: the opt-in PDL (item 58) on top of the one-launch norms: the decode path against XLA under
+    # the flag (a missing wait would show as a race), then b1 / b8 / b32 with it, bf16 without it
+    header
+    MIXJAX_PDL=1 XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 120 python3 -m pytest -q -p no:cacheprovider \
+      tests/test_gpu_model.py 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 110 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,8,32 --repeats 3 \
+      --prefill-len 256 --budget-s 100 --out "$out/bf16.md" 2>&1 | grep "decode batch" | tee "$out/bf16.log"
+    XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 200 python3 benchmarks/bench_generate.py \
+      --variants w4.4a8+h4,w4.4a8@pdl+h4 --batches 1,8,32 --repeats 3 --prefill-len 256 --profile --budget-s 190 \
+      --out "$out/pdl.md" 2>&1 | grep "decode batch" | tee "$out/pdl.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -522,7 +534,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f" >&2
     exit 2
     ;;
 esac
