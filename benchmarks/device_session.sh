@@ -61,6 +61,7 @@
 #   bash benchmarks/device_session.sh s22d      # session 22: norms leaving the rsqrt to their consumers, GPU tests + b1/b8/b32
 #   bash benchmarks/device_session.sh s22e      # session 22: W8A8 beside bf16 with them, then s22c's twin probe
 #   bash benchmarks/device_session.sh s22f      # session 22: opt-in PDL on top of them (tests under the flag, b1/b8/b32)
+#   bash benchmarks/device_session.sh s22g      # session 22: attention splits merged in the kernel, GPU tests + b1/b8
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -522,6 +523,15 @@ case "$part" in
       --variants w4.4a8+h4,w4.4a8@pdl+h4 --batches 1,8,32 --repeats 3 --prefill-len 256 --profile --budget-s 190 \
       --out "$out/pdl.md" 2>&1 | grep "decode batch" | tee "$out/pdl.log"
     ;;
+  s22g)  # session 22: the fused attention merging its splits in the launch (GPU tests: the kernel against XLA's
+    # merge, again and again, and the whole decode path), then b1 / b8 against `@xmerge` (XLA's merge)
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_gpu_model.py \
+      -k "merge or attend_new_tokens or gpu or decode" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 300 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@xmerge+h4 --batches 1,8 \
+      --repeats 3 --prefill-len 256 --profile --profile-top 4 --budget-s 290 \
+      --out "$out/generation.md" 2>&1 | grep "decode batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -534,7 +544,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g" >&2
     exit 2
     ;;
 esac
