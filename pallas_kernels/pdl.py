@@ -14,6 +14,8 @@ kernel that reads another kernel's output waits first, so enabling this is safe 
 
 Measured end to end (H200, b1, 2026-12-03): 2.03 → 1.98 ms a decode step with the flag and these
 instructions, 488 → 499 tok/s (results/generation.md, session 15): within reach of noise, so off by default.
+Session 22, once the norms ran in one launch (`norm.rms_norm_codes_pallas`): no gain left (1.96 ms span with and
+without, 510 → 502 tok/s); the overlap it found had been with the norms' second launches.
 
 Both instructions are no-ops when the kernel was not launched with the attribute. `ENABLED` (default off,
 or `MIXJAX_PDL=1`) makes the kernels emit them; they are left out in interpret mode. Pallas's inline asm
