@@ -171,23 +171,29 @@ def chunk_cols(c, chunk: int):
     return gi, col  # [chunk, 128]: group within the chunk, feature index
 
 
+def _chunk_residual(x_ref, d_ref, s_ref, row, col, valid, *, chunk: int, parts: int, dtype):
+    """s = x + Σ partials at (row, col) [chunk, 128] in the dtype, stored to s_ref where `valid` (x alone
+    without partials: nothing stored)."""
+    s = plgpu.load(x_ref.at[row, col], mask=valid, other=0.0)
+    if parts:
+        total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
+        for j in range(parts):
+            total = total + plgpu.load(d_ref.at[j, row, col], mask=valid, other=0.0).astype(jnp.float32)
+        s = (s + total.astype(dtype)).astype(dtype)
+        plgpu.store(s_ref.at[row, col], s, mask=valid)
+    return s
+
+
 def _residual_kernel(*refs, width: int, chunk: int, parts: int, dtype, pdl_on: bool = False):
     """Two-launch form, first launch: program (row, chunk of groups) adds the partials to the residual and
     writes the chunk's sum of squares."""
     if parts:
         x_ref, d_ref, s_ref, ssq_ref = refs
     else:
-        x_ref, ssq_ref = refs
+        (x_ref, ssq_ref), d_ref, s_ref = refs, None, None
     r, c = pdl.program_ids(2, pdl_on, trigger=True)
     _, col = chunk_cols(c, chunk)
-    valid = col < width
-    s = plgpu.load(x_ref.at[r, col], mask=valid, other=0.0)
-    if parts:
-        total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
-        for j in range(parts):
-            total = total + plgpu.load(d_ref.at[j, r, col], mask=valid, other=0.0).astype(jnp.float32)
-        s = (s + total.astype(dtype)).astype(dtype)
-        plgpu.store(s_ref.at[r, col], s, mask=valid)
+    s = _chunk_residual(x_ref, d_ref, s_ref, r, col, col < width, chunk=chunk, parts=parts, dtype=dtype)
     sf = s.astype(jnp.float32)
     one = jnp.arange(1)  # a one-element vector store (no scalar ref access)
     plgpu.store(ssq_ref.at[r, c + one], jnp.broadcast_to(jnp.sum(sf * sf), (1,)))
@@ -403,19 +409,13 @@ def _residual_codes_kernel(*refs, m: int, width: int, chunk: int, groups: int, p
     if parts:
         x_ref, d_ref, w_ref, s_ref, ssq_ref, q_ref, sc_ref, sum_ref = refs
     else:
-        x_ref, w_ref, ssq_ref, q_ref, sc_ref, sum_ref = refs
+        (x_ref, w_ref, ssq_ref, q_ref, sc_ref, sum_ref), d_ref, s_ref = refs, None, None
     r, c = pdl.program_ids(2, pdl_on, trigger=True)
     live_row = r < m
     src = jnp.minimum(r, m - 1)
     _, col = chunk_cols(c, chunk)
-    valid = (col < width) & live_row
-    s = plgpu.load(x_ref.at[src, col], mask=valid, other=0.0)
-    if parts:
-        total = jnp.zeros((chunk, GROUP_SIZE), jnp.float32)
-        for j in range(parts):
-            total = total + plgpu.load(d_ref.at[j, src, col], mask=valid, other=0.0).astype(jnp.float32)
-        s = (s + total.astype(dtype)).astype(dtype)
-        plgpu.store(s_ref.at[src, col], s, mask=valid)
+    s = _chunk_residual(x_ref, d_ref, s_ref, src, col, (col < width) & live_row, chunk=chunk, parts=parts,
+                        dtype=dtype)
     sf = s.astype(jnp.float32)
     one = jnp.arange(1)
     plgpu.store(ssq_ref.at[src, c + one], jnp.broadcast_to(jnp.sum(sf * sf), (1,)), mask=(one == 0) & live_row)
