@@ -465,10 +465,6 @@ class KVCache:
     Table 8 KV8), per layer [B, KVH, S] symmetric scales, one per (row, head, position), in the form of
     k/v: keys and values are quantized as they are written (w ≈ q·s, q ∈ [-127, 127], s = max |x| / 127
     over the head dim) and dequantized inside attention.
-    sync: per layer [B, KVH] int32, zero between steps: counters with which the splits of the fused decode
-    attention kernel find the last of them, which merges them inside the launch
-    (`attend_new_tokens_pallas(sync=...)`, one launch a layer fewer). None (a cache built without it): XLA
-    merges the splits.
     """
 
     k: jax.Array | tuple[jax.Array, ...]
@@ -476,7 +472,6 @@ class KVCache:
     length: jax.Array
     k_scale: jax.Array | tuple[jax.Array, ...] | None = None
     v_scale: jax.Array | tuple[jax.Array, ...] | None = None
-    sync: jax.Array | tuple[jax.Array, ...] | None = None
 
     @property
     def stacked(self) -> bool:
@@ -516,7 +511,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *
 
     scales = (lambda: zeros(shape[:3], scale_dtype)) if quantized else (lambda: None)  # noqa: E731
     return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32),
-                   k_scale=scales(), v_scale=scales(), sync=zeros(shape[:2], jnp.int32))
+                   k_scale=scales(), v_scale=scales())
 
 
 def _cache_as(cache: KVCache, stacked: bool) -> KVCache:
@@ -524,7 +519,7 @@ def _cache_as(cache: KVCache, stacked: bool) -> KVCache:
     if cache.stacked == stacked:
         return cache
     convert = (lambda a: jnp.stack(a)) if stacked else (lambda a: tuple(a))  # noqa: E731
-    fields = {f: getattr(cache, f) for f in ("k", "v", "k_scale", "v_scale", "sync")}
+    fields = {f: getattr(cache, f) for f in ("k", "v", "k_scale", "v_scale")}
     return dataclasses.replace(cache, **{f: None if a is None else convert(a) for f, a in fields.items()})
 
 
@@ -572,13 +567,13 @@ def _decoder_layer(
     positions: jax.Array,  # [B, T] int32
     rope: tuple[jax.Array, jax.Array],  # cos, sin [B, T, 1, Dh]
     mask: jax.Array,  # [B, T, S] bool, S = T without a cache
-    cache_kv: tuple | None,  # (k store, v store, k scales, v scales, split counters, index), see _write_cache
+    cache_kv: tuple | None,  # (k store, v store, k scales, v scales, index), see _write_cache
     cfg: LlamaConfig,
     implementation: Implementation,
     pending: jax.Array | None = None,
     defer: bool = False,
 ):
-    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales, counters) or None,
+    """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None,
     deferred): `pending`, the previous layer's deferred down_proj partials f32 [S, B, T, D], is added to x
     here (by the input norm's kernel when it takes partials); with `defer`, this layer's own down_proj
     partials come back as `deferred` instead of being added (None when they were added)."""
@@ -608,7 +603,7 @@ def _decoder_layer(
     interpret = resolve_implementation(implementation) != "pallas"
     kernel = cache_kv is not None and _attention_kernel_on(T, cfg, implementation)
     qkv = layer["self_attn"].get(_FUSED["self_attn"][1])
-    fused_attention = kernel and ATTENTION_FUSED and qkv is not None and cache_kv[5] is None
+    fused_attention = kernel and ATTENTION_FUSED and qkv is not None and cache_kv[4] is None
     rms = None  # with NORM_DEFER_RMS: the input norm's r, applied by the attention kernel
     if _norm_quant_on(consumers("self_attn"), x, implementation):  # int8 codes for q/k/v
         if fused_attention and _defer_rms(x, implementation):
@@ -620,15 +615,15 @@ def _decoder_layer(
         h = rms_norm(x, layer["input_layernorm"], eps)
     if fused_attention:
         # projection → RoPE → cache write → attention in one launch, on the projection's split-K partials
-        k_store, v_store, ks_store, vs_store, sync, _ = cache_kv
+        k_store, v_store, ks_store, vs_store, _ = cache_kv
         w = qkv["weight"]
         src = w.matmul(h, implementation=implementation, partials=True) if isinstance(w, MixedWeight) else \
             linear(h, w, implementation=implementation)  # [S, B, T, W] f32 or [B, T, W]
         attn, *new_cache = attend_new_tokens_pallas(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
             k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, rms=rms,
-            sync=sync, interpret=interpret)
-        new_cache = (*new_cache, sync) if sync is None else tuple(new_cache)
+            interpret=interpret)
+        new_cache = tuple(new_cache)
     else:
         q, k, v = projs("self_attn", h)
         q = apply_rope(q.reshape(B, T, H, Dh), *rope)
@@ -638,10 +633,10 @@ def _decoder_layer(
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]
             k_scale = v_scale = new_cache = None
         else:
-            k_store, v_store, ks_store, vs_store, sync, index = cache_kv
+            k_store, v_store, ks_store, vs_store, index = cache_kv
             k_store, ks_store, keys, k_scale = _write_cache(k_store, ks_store, index, k, positions)  # [B, KVH, S, Dh]
             v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
-            new_cache = (k_store, v_store, ks_store, vs_store, sync)
+            new_cache = (k_store, v_store, ks_store, vs_store)
         if kernel:
             attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window,
                                            k_scale=k_scale, v_scale=v_scale, interpret=interpret)
@@ -723,7 +718,7 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     """All decoder layers: `lax.scan` over stacked layers, a Python loop over a tuple of layers.
 
     The cache (already in the params' form) is updated in place: per-layer arrays in the loop, the
-    stacked arrays carried through the scan. Returns (x, (k, v, k_scale, v_scale, sync) or None).
+    stacked arrays carried through the scan. Returns (x, (k, v, k_scale, v_scale) or None).
     """
     layers = params["layers"]
     rope = rope_tables(positions, rope_inv_freq(cfg))
@@ -741,7 +736,7 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         defer = _defer_down(layers, x, implementation)
         n = len(layers)
         stores = None if cache is None else [list(a) if a is not None else [None] * n
-                                             for a in (cache.k, cache.v, cache.k_scale, cache.v_scale, cache.sync)]
+                                             for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
         pending = None
         for i, layer in enumerate(layers):
             kv = None if cache is None else (*(s[i] for s in stores), None)
@@ -754,7 +749,7 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         if cache is None:
             return x, None
         return x, tuple(None if a is None else tuple(s) for a, s in
-                        zip((cache.k, cache.v, cache.k_scale, cache.v_scale, cache.sync), stores))
+                        zip((cache.k, cache.v, cache.k_scale, cache.v_scale), stores))
 
     if cache is None:
         x, _ = jax.lax.scan(lambda x, layer: (body(x, layer, None)[0], None), x, layers)
@@ -767,7 +762,7 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         return (x, stores), None
 
     n_layers = jax.tree.leaves(layers)[0].shape[0]
-    stores = (cache.k, cache.v, cache.k_scale, cache.v_scale, cache.sync)
+    stores = (cache.k, cache.v, cache.k_scale, cache.v_scale)
     (x, stores), _ = jax.lax.scan(cached_body, (x, stores), (layers, jnp.arange(n_layers)))
     return x, stores
 
@@ -862,14 +857,12 @@ def forward_step(
     _check_fits(cache, num_valid, T)
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     cache = _cache_as(cache, stacked=not isinstance(params["layers"], (tuple, list)))
-    x, (k, v, k_scale, v_scale, sync) = _run_layers(params, embed(params, tokens), positions, cache, cfg,
-                                                    implementation)
+    x, (k, v, k_scale, v_scale) = _run_layers(params, embed(params, tokens), positions, cache, cfg, implementation)
     if logits_at == "last":
         last = jnp.maximum(num_valid - 1, 0)[:, None, None]  # [B, 1, 1]
         x = jnp.take_along_axis(x, last, axis=1)  # [B, 1, D]
     logits = final_logits(params, x, cfg, implementation)
-    new_cache = dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale, sync=sync,
-                                    length=cache.length + num_valid)
+    new_cache = dataclasses.replace(cache, k=k, v=v, k_scale=k_scale, v_scale=v_scale, length=cache.length + num_valid)
     return logits, new_cache
 
 

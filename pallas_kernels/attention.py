@@ -145,20 +145,12 @@ def _quantize_vec(x, scale_dtype):
 
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
-            parts: int = 0, has_bias: bool = False, rms: tuple | None = None, merge: bool = False,
-            fence_asm: bool = False, pdl_on: bool = False):
+            parts: int = 0, has_bias: bool = False, rms: tuple | None = None, pdl_on: bool = False):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
-    [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales), (with
-    `merge` the split counters [B·KVH]); then the outputs: the attention [B, T·H·Dh] (splits = 1, or `merge`)
-    and/or this split's o/m/l, and for fused the cache stores (aliased to k, v, scales) and the counters.
-
-    `merge` (splits > 1): each program stores its split's o/m/l, then adds 1 to the counter of its (b, h); the
-    one that brings it to `splits` merges the splits as `_merge` does, stores the attention and sets the counter
-    back to 0. Ordering (Hopper, as `persistent._barrier`, item 59): `bar.sync` (the CTA's stores are done)
-    before the counter's atomic (acq_rel, gpu scope, one thread); `fence.acq_rel.gpu` after it in the merging
-    program, whose loads of the other programs' partials are volatile and take addresses derived from the
-    fence's result (`fence_asm`; interpret mode runs the programs one after another and needs neither)."""
+    [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
+    outputs: the attention
+    [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores (aliased to k, v, scales)."""
     refs = list(refs)
 
     def take(n):
@@ -182,9 +174,6 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         pos_ref, cos_ref, sin_ref, k_ref, v_ref = take(5)
         if scaled:
             ks_ref, vs_ref = take(2)
-        if merge:
-            take(1)  # the counters, read and written through their aliased output
-            sync_out = refs.pop()
         outs = refs
         k_out, v_out = outs[len(outs) - (4 if scaled else 2):][:2]
         width = (heads + 2 * kv_heads) * dh
@@ -319,37 +308,11 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
     if splits == 1:  # normalized, in q's dtype; a row that sees no position (only past the cache) gives 0
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
         plgpu.store(outs[0].at[b, q_off], out.astype(dtype))
-    else:  # this split's unnormalized sum with its max and sum, merged by `_merge` (or below, with `merge`)
-        o_ref, m_ref, l_ref = outs[1:4] if merge else outs[:3]
+    else:  # this split's unnormalized sum with its max and sum, merged by `_merge`
+        o_ref, m_ref, l_ref = outs[:3]
         plgpu.store(o_ref.at[p, b, h, r[:, None] * dh + d[None, :]], acc)
         plgpu.store(m_ref.at[p, b, h, r], m)
         plgpu.store(l_ref.at[p, b, h, r], l)
-        if merge:
-            token = p + 0
-            done = pdl._through("bar.sync 0;", token) if fence_asm else token  # the CTA's stores are done
-            counter = b * kv_heads + h + (done - token)
-            old = plgpu.atomic_add(sync_out, counter, jnp.int32(1))
-
-            @pl.when(old == splits - 1)
-            def _():  # the last split of (b, h) to finish: every split's partials are stored
-                seen = pdl._through("fence.acq_rel.gpu;", old) if fence_asm else old
-                zero = seen - old  # 0, only after the fence: every load below derives from it
-
-                def part(ref, q, idx):
-                    return plgpu.load(ref.at[q + zero, b, h, idx], volatile=True)
-
-                ms = [part(m_ref, q, r) for q in range(splits)]
-                top = functools.reduce(jnp.maximum, ms)
-                total = jnp.zeros((rows,), jnp.float32)
-                out = jnp.zeros((rows, dh), jnp.float32)
-                for q in range(splits):
-                    lq = part(l_ref, q, r)
-                    w = jnp.where(lq > 0, jnp.exp(ms[q] - top), 0.0)
-                    total = total + w * lq
-                    out = out + w[:, None] * part(o_ref, q, r[:, None] * dh + d[None, :])
-                out = out / jnp.where(total > 0, total, 1.0)[:, None]
-                plgpu.store(outs[0].at[b, q_off], out.astype(dtype))
-                plgpu.atomic_add(sync_out, counter + zero, jnp.int32(-splits))  # back to 0 (no one else adds now)
 
 
 def _merge(o, m, l):
@@ -503,8 +466,8 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
                                              "num_warps", "interpret"))
-def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, sync, *, heads,
-                       kv_heads, dtype, sliding_window, block_s, splits, num_warps, interpret):
+def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, *, heads, kv_heads,
+                       dtype, sliding_window, block_s, splits, num_warps, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -520,14 +483,12 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     args += [k_store.reshape(B, KVH, S * Dh), v_store.reshape(B, KVH, S * Dh)]
     if scaled:
         args += [ks_store, vs_store]
-    merge = splits > 1 and sync is not None
-    if merge:
-        args += [sync.reshape(B * KVH)]
-    o_shape = [jax.ShapeDtypeStruct((B, T * heads * Dh), dtype)] if splits == 1 or merge else []
-    if splits > 1:
-        o_shape += [jax.ShapeDtypeStruct((splits, B, KVH, rows * Dh), jnp.float32),
-                    jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32),
-                    jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32)]
+    if splits == 1:
+        o_shape = [jax.ShapeDtypeStruct((B, T * heads * Dh), dtype)]
+    else:
+        o_shape = [jax.ShapeDtypeStruct((splits, B, KVH, rows * Dh), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, B, KVH, rows), jnp.float32)]
     stores = [jax.ShapeDtypeStruct(a.shape, a.dtype) for a in args[first_store:]]
     aliases = {first_store + i: len(o_shape) + i for i in range(len(stores))}  # the cache is written in place
     res = pl.pallas_call(
@@ -535,8 +496,7 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
                           t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None,
-                          rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps), merge=merge,
-                          fence_asm=not interpret),
+                          rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps)),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -547,15 +507,11 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     res = list(res)
     k_new, v_new = res[len(o_shape)].reshape(k_store.shape), res[len(o_shape) + 1].reshape(v_store.shape)
     ks_new, vs_new = (res[len(o_shape) + 2], res[len(o_shape) + 3]) if scaled else (None, None)
-    if merge:
-        sync = res[-1].reshape(B, KVH)
-    if splits == 1 or merge:
+    if splits == 1:
         out = res[0].reshape(B, T, heads, Dh)
     else:
         out = _merge(res[0].reshape(splits, B, KVH, rows, Dh), res[1], res[2])[:, :, : T * g]
         out = out.reshape(B, KVH, T, g, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, heads, Dh).astype(dtype)
-    if sync is not None:
-        return out, k_new, v_new, ks_new, vs_new, sync
     return out, k_new, v_new, ks_new, vs_new
 
 
@@ -564,13 +520,9 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              bias: jax.Array | None = None, k_scale_store: jax.Array | None = None,
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
-                             rms: RowRms | None = None, sync: jax.Array | None = None, interpret: bool = False):
-    """`attend_new_tokens_ref` in one launch (two with splits > 1 unless `sync` is given); the cache stores are
-    updated in place (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS.
-
-    sync: int32 [B, KVH], all zero (`model.KVCache.sync`): with splits > 1 the last split of each (b, KV head)
-    to finish merges the splits inside the launch, counting on these, and leaves them zero again; the result
-    then has a sixth element, the counters (aliased: a loop-carried buffer is not copied)."""
+                             rms: RowRms | None = None, interpret: bool = False):
+    """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
+    (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS."""
     if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
         raise ValueError(f"attend_new_tokens: qkv must be [B, T, W] or f32 partials [P, B, T, W]; got {qkv.shape} "
                          f"{qkv.dtype}")
@@ -591,9 +543,6 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError("attend_new_tokens: an int8 cache needs both scale stores, a float cache neither")
     if k_scale_store is not None and (k_scale_store.shape != k_store.shape[:3] or v_scale_store.shape != k_store.shape[:3]):
         raise ValueError(f"attend_new_tokens: scale stores must be [B, KVH, S] = {k_store.shape[:3]}")
-    if sync is not None and (sync.shape != (B, kv_heads) or sync.dtype != jnp.int32):
-        raise ValueError(f"attend_new_tokens: sync must be int32 [B, KVH] = [{B}, {kv_heads}] (zeros); got {sync.shape} "
-                         f"{sync.dtype}")
     if rms is not None and (rms.ssq.ndim != 2 or rms.ssq.shape[0] != B * T):
         raise ValueError(f"attend_new_tokens: rms must hold one row of sums of squares per token, [B·T, C] = "
                          f"[{B * T}, C]; got {rms.ssq.shape}")
@@ -608,11 +557,10 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     kw = dict(heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias, k_scale_store=k_scale_store,
               v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms)
     if qkv.size == 0 or k_store.shape[2] == 0:
-        res = attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
-        return res if sync is None else (*res, sync)
+        return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     if splits is None:
         splits = choose_splits(B, kv_heads, k_store.shape[2], block_s)
     splits = max(1, min(int(splits), -(-k_store.shape[2] // block_s)))
-    return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms, sync,
-                              heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
+    return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms, heads=heads,
+                              kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps, interpret=interpret)

@@ -3,7 +3,6 @@ fresh random caches of awkward sizes; Pallas interpret mode on CPU, the real ker
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import pathlib
@@ -156,9 +155,9 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
 @functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window"),
                    compiler_options={"xla_allow_excess_precision": False})
-def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, sync=None, **kw):
+def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
-                                              v_scale_store=vs, rms=rms, sync=sync, interpret=INTERPRET, **kw)
+                                              v_scale_store=vs, rms=rms, interpret=INTERPRET, **kw)
 
 
 @pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms", FUSED_CASES)
@@ -221,43 +220,6 @@ def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, 
         da, dw = a * sa[..., None], w0 * sw[..., None]
         slack = np.maximum(sa, sw)[..., None] + float(jnp.finfo(dtype).eps) * np.abs(dw)
         assert np.all(np.abs(da - dw) <= slack), np.max(np.abs(da - dw) / slack)
-    if (splits or 0) > 1:  # the same call merging its splits in the kernel (split counters)
-        merged = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms,
-                                              jnp.zeros((B, KVH), jnp.int32), splits=splits, **kw)
-        _check_merged_in_kernel(got, merged, dtype)
-
-
-def _check_merged_in_kernel(xla_merged, merged, dtype):
-    """`sync` given: the last split of each (row, KV head) merges inside the launch. Same cache writes, the
-    counters back at zero, the attention that of XLA's merge (`_merge`, the same arithmetic; XLA's fusion may
-    sum the splits in another order, so the f32 result may round to a neighbouring value of the dtype)."""
-    assert len(merged) == 6
-    for a, w in zip(merged[1:5], xla_merged[1:]):
-        assert (a is None) == (w is None)
-        if a is not None:
-            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(w, np.float32))
-    np.testing.assert_array_equal(np.asarray(merged[5]), 0)
-    got, want = np.asarray(merged[0], np.float32), np.asarray(xla_merged[0], np.float32)
-    np.testing.assert_allclose(got, want, rtol=float(jnp.finfo(dtype).eps), atol=1e-6)
-
-
-def test_splits_merge_in_the_kernel_again_and_again():
-    """The split counters stay zero after every call, so a loop-carried buffer serves every step: ten calls on
-    fresh random inputs (b1 with Llama-3-8B heads, 3 splits; b2 with 4 splits), each against XLA's merge."""
-    from mixjax import model
-
-    rng = np.random.default_rng()
-    for B, H, KVH, S, Dh, splits in [(1, 32, 8, 384, 128, 3), (2, 8, 2, 300, 64, 4)] * 5:
-        W = (H + 2 * KVH) * Dh
-        qkv = jnp.asarray(rng.normal(size=(4, B, 1, W)), jnp.float32)
-        _, k, v, _, _ = _case(rng, B, 1, H, KVH, S, Dh, jnp.bfloat16, False, jnp.float32)
-        pos = _positions(rng, B, 1, S)
-        cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
-        kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, sliding_window=None, splits=splits)
-        sync = jnp.zeros((B, KVH), jnp.int32)
-        xla = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, None, None, **kw)
-        merged = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, None, None, None, sync, **kw)
-        _check_merged_in_kernel(xla, merged, jnp.bfloat16)
 
 
 def test_bad_inputs_are_named():
@@ -290,9 +252,6 @@ def test_bad_inputs_are_named():
                                            k.astype(jnp.int8), heads=8, kv_heads=2)
     from pallas_kernels.format import RowRms
 
-    with pytest.raises(ValueError, match=r"sync must be int32 \[B, KVH\] = \[1, 2\]"):
-        attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k, k, heads=8, kv_heads=2,
-                                           sync=jnp.zeros((1, 8), jnp.int32))
     with pytest.raises(ValueError, match="one row of sums of squares per token"):
         attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k, k, heads=8, kv_heads=2,
                                            rms=RowRms(jnp.ones((2, 4)), 512, 1e-5))
@@ -391,47 +350,6 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
         tol = 1.0 if cache_dtype == jnp.int8 and a.ndim == 4 else 1e-5 * float(np.abs(b).max())  # a code may move by one
         assert np.abs(a - b).max() <= tol
-
-
-def test_model_merges_attention_splits_in_the_kernel(monkeypatch):
-    """A cache from `init_cache` carries split counters: decode steps whose attention splits the cache merge
-    the splits inside the fused kernel, with the logits and cache of a cache without counters (XLA's merge),
-    and the counters come back zero."""
-    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
-    params = model.fuse_projections(model.unstack_layers(model.init_params(cfg, jax.random.key(4), jnp.float32)))
-    rng = np.random.default_rng()
-    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 202)), jnp.int32)
-    monkeypatch.setattr(model, "ATTENTION", "always")
-    calls = []
-    real = attention.attend_new_tokens_pallas
-    monkeypatch.setattr(model, "attend_new_tokens_pallas",
-                        lambda *a, **k: calls.append(k.get("sync") is not None) or real(*a, **k))
-
-    def run(counters):
-        cache = model.init_cache(cfg, 2, 256, jnp.float32)  # two blocks of 128 positions, a split each, both seen
-        if not counters:
-            cache = dataclasses.replace(cache, sync=None)
-        forward = _fresh_jit(cfg)
-        out = []
-        with jax.default_matmul_precision("float32"):
-            _, cache = forward(params, tokens[:, :200], cache=cache)  # prefill: XLA's attention
-            for t in (200, 201):
-                logits, cache = forward(params, tokens[:, t:t + 1], cache=cache)
-                out.append(np.asarray(logits))
-        return out, cache
-
-    want, want_cache = run(False)
-    assert calls == [False] * 2  # the step, traced once: its two layers
-    calls.clear()
-    got, got_cache = run(True)
-    assert calls == [True] * 2
-    assert attention.choose_splits(2, 2, 256, attention.choose_block(32, 4)) == 2
-    for g, w in zip(got, want):
-        np.testing.assert_allclose(g, w, rtol=0, atol=1e-5 * float(np.abs(w).max()))
-    for a, b in zip(jax.tree.leaves(dataclasses.replace(got_cache, sync=None)), jax.tree.leaves(want_cache)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=1e-5 * float(np.abs(b).max() or 1))
-    assert all(not np.asarray(s).any() for s in got_cache.sync)
 
 
 @pytest.mark.parametrize("flag, value, tokens, match", [

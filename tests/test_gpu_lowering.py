@@ -93,26 +93,3 @@ def test_pdl_instructions_reach_every_decode_kernel(monkeypatch, weights_first):
     assert {"attend_new_tokens", "silu_mul_quant", "rms_norm_codes"} <= triggered
     assert "mixed_gemv" not in triggered  # its dependents (the small kernels) have nothing to start on
     jax.clear_caches()
-
-
-def test_attention_splits_merge_inside_the_kernel_for_cuda(monkeypatch):
-    """A decode step on a long cache splits the fused attention's positions; with the cache's split counters
-    the kernel's last split merges them: its CUDA lowering carries the counter's atomic and the fence (and
-    none without counters, where XLA merges)."""
-    import dataclasses
-
-    params = _quantized_params()
-    monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)
-
-    def attention_ir(cache):
-        jax.clear_caches()
-        step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c, implementation="pallas"))
-        text = step.trace(params, jnp.zeros((1, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
-        calls = re.split(r"(?=__gpu\$xla\.gpu\.triton)", text)[1:]
-        return "".join(c for c in calls if 'name = "attend_new_tokens"' in c)
-
-    cache = model.init_cache(CFG, 1, 1024, jnp.bfloat16)  # 8 blocks of 128 positions: 8 splits at b1
-    merged = attention_ir(cache)
-    assert merged and "fence.acq_rel.gpu" in merged and "bar.sync 0" in merged
-    assert "fence.acq_rel.gpu" not in attention_ir(dataclasses.replace(cache, sync=None))
-    jax.clear_caches()

@@ -197,14 +197,11 @@ def test_init_params_dtype_and_tied():
 def test_kvcache_is_a_pytree():
     cache = init_cache(CFG, 2, 5, jnp.float32)
     leaves, treedef = jax.tree.flatten(cache)
-    # per-layer k, v and split counters, length; the scales are None
-    assert len(leaves) == 3 * CFG.num_hidden_layers + 1
+    assert len(leaves) == 2 * CFG.num_hidden_layers + 1  # per-layer k and v, length; the scales are None
     rebuilt = jax.tree.unflatten(treedef, leaves)
     assert isinstance(rebuilt, KVCache) and rebuilt.k[2].shape == (2, 2, 5, 8)  # [B, KVH, S, Dh]
-    assert rebuilt.sync[2].shape == (2, 2) and rebuilt.sync[2].dtype == jnp.int32 and not rebuilt.sync[2].any()
     stacked = init_cache(CFG, 2, 5, jnp.float32, stacked=True)
-    assert stacked.stacked and stacked.k.shape == (3, 2, 2, 5, 8) and len(jax.tree.leaves(stacked)) == 4
-    assert stacked.sync.shape == (3, 2, 2)
+    assert stacked.stacked and stacked.k.shape == (3, 2, 2, 5, 8) and len(jax.tree.leaves(stacked)) == 3
     assert (stacked.max_len, stacked.batch) == (cache.max_len, cache.batch) == (5, 2)
 
 
