@@ -524,7 +524,8 @@ case "$part" in
       --out "$out/pdl.md" 2>&1 | grep "decode batch" | tee "$out/pdl.log"
     ;;
   s22g)  # session 22: the fused attention merging its splits in the launch (GPU tests: the kernel against XLA's
-    # merge, again and again, and the whole decode path), then b1 / b8 against `@xmerge` (XLA's merge)
+    # merge, again and again, and the whole decode path), then b1 / b8 against `@xmerge` (XLA's merge).
+    # Ran on commit 7d77180; the merge was slower (NOTES item 81) and is reverted (f902334): this no longer runs
     header
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_gpu_model.py \
       -k "merge or attend_new_tokens or gpu or decode" 2>&1 | tail -3 | tee "$out/tests.log"
