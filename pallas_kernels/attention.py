@@ -149,8 +149,8 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
     [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
-    outputs: the attention
-    [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores (aliased to k, v, scales)."""
+    outputs: the attention [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores
+    (aliased to k, v, scales)."""
     refs = list(refs)
 
     def take(n):
@@ -443,8 +443,8 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
     """What mixjax's decoder layer does between the q/k/v projection and o_proj, for one layer's cache:
     qkv [B, T, (H + 2·KVH)·Dh] in the activations' dtype, or f32 split-K partials [P, B, T, ...] summed and
     rounded to `dtype` (first multiplied per token by `rms`'s r when given: the projection ran on the codes of
-    `norm.rms_norm_codes_pallas`); + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k, v written
-    at q_pos [B, T] into k_store/v_store [B, KVH, S, Dh] (int8 with scale stores [B, KVH, S]: quantized
+    `norm.rms_norm_codes_pallas`); + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k,
+    v written at q_pos [B, T] into k_store/v_store [B, KVH, S, Dh] (int8 with scale stores [B, KVH, S]: quantized
     first); `attend_ref` over the cache. Returns (out [B, T, H, Dh], k_store, v_store, k_scale_store,
     v_scale_store)."""
     from mixjax import model
@@ -476,9 +476,8 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     per_split = -(-(-(-S // block_s)) // splits)
     scaled = ks_store is not None
     x = qkv.reshape(parts, B, T * width) if parts else qkv.reshape(B, T * width)
-    args = [x] + ([bias] if bias is not None else []) + ([rms.ssq] if rms is not None else []) + [
-        q_pos.astype(jnp.int32), cos.reshape(B, T * Dh),
-                                                          sin.reshape(B, T * Dh)]
+    args = [x] + ([bias] if bias is not None else []) + ([rms.ssq] if rms is not None else [])
+    args += [q_pos.astype(jnp.int32), cos.reshape(B, T * Dh), sin.reshape(B, T * Dh)]
     first_store = len(args)
     args += [k_store.reshape(B, KVH, S * Dh), v_store.reshape(B, KVH, S * Dh)]
     if scaled:
@@ -561,6 +560,6 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     if splits is None:
         splits = choose_splits(B, kv_heads, k_store.shape[2], block_s)
     splits = max(1, min(int(splits), -(-k_store.shape[2] // block_s)))
-    return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms, heads=heads,
-                              kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
+    return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
+                              heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps, interpret=interpret)

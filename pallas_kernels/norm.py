@@ -171,6 +171,11 @@ def chunk_cols(c, chunk: int):
     return gi, col  # [chunk, 128]: group within the chunk, feature index
 
 
+def _rms_chunks(d: int, chunk: int) -> int:
+    """Chunks of `chunk` groups of 128 covering d features."""
+    return -(-(-(-d // GROUP_SIZE)) // chunk)
+
+
 def _chunk_residual(x_ref, d_ref, s_ref, row, col, valid, *, chunk: int, parts: int, dtype):
     """s = x + Σ partials at (row, col) [chunk, 128] in the dtype, stored to s_ref where `valid` (x alone
     without partials: nothing stored)."""
@@ -220,7 +225,7 @@ def _residual_sumsq(rows, delta, *, chunk: int, num_warps: int | None, interpret
     """Two-launch form, first launch: rows [M, D] (+ Σ delta [S, M, D]) → (s [M, D], sums of squares f32
     [M, chunks])."""
     m, d = rows.shape
-    chunks = -(-(-(-d // GROUP_SIZE)) // chunk)
+    chunks = _rms_chunks(d, chunk)
     parts = 0 if delta is None else delta.shape[0]
     ssq = jax.ShapeDtypeStruct((m, chunks), jnp.float32)
     first = pl.pallas_call(
@@ -378,10 +383,6 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
 # then w·(s·r) to the dtype, so a code can differ from it by one step.
 
 
-def _rms_chunks(d: int, chunk: int) -> int:
-    return -(-(-(-d // GROUP_SIZE)) // chunk)
-
-
 def rms_norm_codes_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *, chunk_groups: int = 2):
     """(s, QuantizedActivations of w·s, RowRms of s) for s = x + Σ delta as `rms_norm_quant_ref`: the linear
     fed these codes returns its output on RMSNorm(s)·w divided by r = `RowRms.inv()`. w·s in f32; the sums of
@@ -399,7 +400,8 @@ def rms_norm_codes_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps:
     ssq = jnp.sum(sq.reshape(sf.shape[0], chunks, -1), axis=-1)
     h = w.astype(jnp.float32) * sf
     x_q, a_scale, x_sum = quantize_activations_xla(h, block_m=quant_rows(h.shape[0]))
-    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name), RowRms(ssq, d, float(eps))
+    codes = QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
+    return s, codes, RowRms(ssq, d, float(eps))
 
 
 def _residual_codes_kernel(*refs, m: int, width: int, chunk: int, groups: int, parts: int, dtype,
