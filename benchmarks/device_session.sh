@@ -62,6 +62,7 @@
 #   bash benchmarks/device_session.sh s22e      # session 22: W8A8 beside bf16 with them, then s22c's twin probe
 #   bash benchmarks/device_session.sh s22f      # session 22: opt-in PDL on top of them (tests under the flag, b1/b8/b32)
 #   bash benchmarks/device_session.sh s22g      # session 22: attention splits merged in the kernel, GPU tests + b1/b8
+#   bash benchmarks/device_session.sh s23a      # session 23: the unpack kernel (tests, per layer vs XLA) + prefill 2048/256
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -533,6 +534,19 @@ case "$part" in
       --repeats 3 --prefill-len 256 --profile --profile-top 4 --budget-s 290 \
       --out "$out/generation.md" 2>&1 | grep "decode batch\|tok/s |" | tee "$out/e2e.log"
     ;;
+  s23a)  # session 23: the int4 → int8 unpack as a Pallas kernel (pallas_kernels/unpack.py): its tests and the
+    # prefill GEMM's on the GPU, the kernel against XLA's pass per layer, then prefill 2048 / 256 against `@xunpack`
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_unpack.py tests/test_mgpu.py 2>&1 | tail -3 \
+      | tee "$out/tests.log"
+    timeout 150 python3 benchmarks/bench_unpack.py --out "$out/unpack.md" 2>&1 | tee "$out/unpack.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@xunpack+h4 \
+      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 4 --budget-s 140 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@xunpack+h4 \
+      --batches "" --repeats 7 --prefill-len 256 --budget-s 110 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -545,7 +559,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a" >&2
     exit 2
     ;;
 esac

@@ -10,10 +10,10 @@ element and group) is what holds it there.
 
 Data flow for y = x @ W.T (M ≥ a few hundred rows; the weight is read once per row tile):
 
-1. `int8_weight(qw)`: the packed MixedWeight → one int8 matrix in channel order, [Np, Kp]:
+1. `unpack.int8_weight(qw)`: the packed MixedWeight → one int8 matrix in channel order, [Np, Kp]:
    8-bit rows keep their codes q, 4-bit rows become u − z ∈ [-15, 15] (exact in int8), with their
-   scales [G, Np]. One XLA pass over the weight (reads the packed bytes, writes 1 byte per weight;
-   ≈ 45 µs for 4096×14336 on the H100, ≈ 1/8 of the GEMM at M = 2048) keeps the kernel one int8 GEMM.
+   scales [G, Np]. One pass over the weight (reads the packed bytes, writes 1 byte per weight; a
+   Pallas-Triton kernel, `UNPACK`, or its XLA reference) keeps the GEMM one int8 GEMM.
    A weight with every channel 8-bit (W8A8) skips the pass: its stored codes are that matrix already; so does
    a weight that holds the matrix (`with_int8_prefill`: one more byte a weight, for prefill-heavy use).
 2. Activations: int8 symmetric per (token, group of 128), scales group-major [G, Mp]
@@ -45,10 +45,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, MixedWeight, QuantizedActivations, _round_up
+from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight, QuantizedActivations, _round_up
+from pallas_kernels.unpack import int8_weight
 from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed + P = 1.5·2^23 + P, |P| < 2^22
 
 _MAGIC_F = 1.5 * 2**23
+UNPACK = "pallas"  # the int4 → int8 unpack before the GEMM: `unpack.int8_weight_pallas`, or "xla" (its reference)
 QUANT_ROWS = 32  # rows a program of the activation quantization before the GEMM (None: the CTA's cta_m). H200
 # (session 21, bench_norm --prefill-quant): 32 rows 1.9 µs a launch at 256 rows against 3.8 for 128, the same
 # 7.0 µs at 2048 rows (at the copy rate); a 256-token W4.4A8 prefill −0.16 ms busy (96 launches)
@@ -381,51 +383,6 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-def _words(a: jax.Array) -> jax.Array:  # int8 [R, C] → uint32 [R, C/4] (little-endian: byte 0 lowest)
-    return lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 4), jnp.uint32)
-
-
-def _bytes_add(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Per-byte a + b mod 256 of uint32 words (no carry between bytes): SWAR on 4 codes at once."""
-    low7 = jnp.uint32(0x7F7F7F7F)
-    return ((a & low7) + (b & low7)) ^ ((a ^ b) & jnp.uint32(0x80808080))
-
-
-def int8_weight(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Array, jax.Array]:
-    """The packed weight as one int8 matrix in channel order: (w int8 [Np, Kp], scale f32 [G, Np]).
-
-    8-bit channels keep q; 4-bit channels become u − z ∈ [-15, 15], so w[n]·s[g, n] is the same
-    dequantized weight as `qw.dequantize()`. Np = `rows` (≥ N; padding rows are zero with zero scale).
-    Written as one XLA gather-and-unpack pass on 32-bit words (4 codes per operation): a signed nibble
-    u − 8 becomes u by flipping its top bit, and u − z is a per-byte add of 256 − z."""
-    g, kp = qw.num_groups, qw.k_padded
-    np_ = qw.n if rows is None else rows
-    if np_ < qw.n:
-        raise ValueError(f"int8_weight: rows={rows} < N={qw.n}")
-    n8p = qw.q8.shape[0]
-    src = jnp.concatenate([qw.row_of_channel, jnp.zeros((np_ - qw.n,), jnp.int32)])  # packed row per output row
-    valid = jnp.arange(np_) < qw.n
-    is8 = src < n8p
-    r8, r4 = jnp.where(is8, src, 0), jnp.where(is8, 0, src - n8p)
-    words, scales = jnp.zeros((np_, kp // 4), jnp.uint32), jnp.zeros((g, np_), jnp.float32)
-    if qw.q4.shape[0]:
-        packed = _words(qw.q4)[r4].reshape(np_, g, HALF_GROUP // 4)  # 16 words = 64 bytes per group
-        nib = jnp.uint32(0x0F0F0F0F)
-        flip = jnp.uint32(0x08080808)  # (u − 8) mod 16 → u
-        z = qw.zero4[:, r4].T.astype(jnp.uint32)  # [Np, G]
-        zb = (((256 - z) & 0xFF) * jnp.uint32(0x01010101))[..., None]  # 256 − z in every byte
-        lo = _bytes_add((packed & nib) ^ flip, zb)  # k = 128g + 4i + b
-        hi = _bytes_add(((packed >> 4) & nib) ^ flip, zb)  # k = 128g + 64 + 4i + b
-        words = jnp.concatenate([lo, hi], axis=2).reshape(np_, kp // 4)
-        scales = qw.scale4[:, r4]
-    if n8p:
-        words = jnp.where(is8[:, None], _words(qw.q8)[r8], words)
-        scales = jnp.where(is8[None, :], qw.scale8[:, r8], scales)
-    words = jnp.where(valid[:, None], words, 0)
-    scales = jnp.where(valid[None, :], scales, 0.0)
-    return lax.bitcast_convert_type(words, jnp.int8).reshape(np_, kp), scales
-
-
 def with_int8_prefill(qw: MixedWeight) -> MixedWeight:
     """qw holding its `int8_weight` matrix (rows rounded up to 128) for the prefill GEMM to read, so a prefill
     call skips the unpack pass (≈ 3.4 ms of a 2048-token Llama-3-8B prefill, 2.6 of a 256-token one on the H200)
@@ -485,6 +442,6 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
         # Tie the unpack to this call's activations: without it XLA may hoist the (activation-independent)
         # unpacks of every layer of a model to the program's start and hold all their int8 copies at once.
         x_q, qw = lax.optimization_barrier((x_q, qw))
-        w, sw = int8_weight(qw, rows=_round_up(qw.n, config.cta_n))
+        w, sw = int8_weight(qw, rows=_round_up(qw.n, config.cta_n), implementation="xla" if interpret else UNPACK)
     y = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=dtype, config=config, interpret=interpret)
     return y[:m, : qw.n]

@@ -123,9 +123,26 @@ def test_mixed_matmul_mgpu_within_bf16_bound(m, k, n, share8):
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3  # the bound of every bf16-output path
 
 
+def _unpacks(x, qw) -> int:
+    """Unpack passes in the CUDA lowering of the prefill GEMM call: the kernel (`unpack.int8_weight_pallas`,
+    `mgpu.UNPACK`) or the gathers of its XLA reference."""
+    text = jax.jit(mgpu.mixed_matmul_mgpu).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+    return text.count('name = "unpack_int8"') + text.count("stablehlo.gather")
+
+
+@pytest.mark.parametrize("unpack", ["pallas", "xla"])
+def test_mixed_weight_unpacks_once_by_the_chosen_pass(monkeypatch, unpack):
+    monkeypatch.setattr(mgpu, "UNPACK", unpack)
+    mgpu.mixed_matmul_mgpu.clear_cache()  # UNPACK is read when the call is traced
+    text = mgpu.mixed_matmul_mgpu.trace(jax.ShapeDtypeStruct((256, 256), jnp.bfloat16),
+                                        _weight(_rng(), 200, 256, 0.1)).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count('name = "unpack_int8"') == (unpack == "pallas")
+    assert ("stablehlo.gather" in text) == (unpack == "xla")
+
+
 def test_all_8bit_weight_skips_the_unpack():
     """W8A8 (every channel 8-bit, fused parts included): the GEMM reads the stored codes, so the lowered call
-    has none of the unpack's gathers, which a mixed weight still needs; the result stays within the bound."""
+    has no unpack pass, which a mixed weight still needs; the result stays within the bound."""
     from pallas_kernels.fuse import concat_mixed
 
     rng = _rng()
@@ -133,12 +150,8 @@ def test_all_8bit_weight_skips_the_unpack():
     fused = concat_mixed([_weight(rng, 120, k, 1.0), _weight(rng, 100, k, 1.0)])  # 220 rows, padded to 256
     mixed = _weight(rng, 220, k, 0.5)
 
-    def gathers(qw):
-        x = jax.ShapeDtypeStruct((256, k), jnp.bfloat16)
-        return jax.jit(mgpu.mixed_matmul_mgpu).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text().count(
-            "stablehlo.gather")
-
-    assert gathers(fused) == 0 and gathers(mixed) > 0
+    x = jax.ShapeDtypeStruct((256, k), jnp.bfloat16)
+    assert _unpacks(x, fused) == 0 and _unpacks(x, mixed) > 0
     assert mgpu._rows_in_channel_order(fused, 128) and not mgpu._rows_in_channel_order(mixed, 128)
     assert not mgpu._rows_in_channel_order(_weight(rng, 100, k, 1.0), 256)  # 128 padded rows: not whole CTAs
 
@@ -158,7 +171,7 @@ def test_all_8bit_weight_within_bf16_bound():
 
 def test_int8_prefill_matrix_is_read_instead_of_the_unpack():
     """`with_int8_prefill`: the weight holds `int8_weight`'s matrix (rows rounded up to 128), the lowered GEMM
-    call has no unpack gathers left, an all-8-bit weight is returned as it is, and fusing refuses held parts."""
+    call has no unpack pass left, an all-8-bit weight is returned as it is, and fusing refuses held parts."""
     from pallas_kernels.fuse import concat_mixed
 
     rng = _rng()
@@ -168,11 +181,7 @@ def test_int8_prefill_matrix_is_read_instead_of_the_unpack():
     assert np.array_equal(held.prefill_w, w) and np.array_equal(held.prefill_s, s)
     x = jax.ShapeDtypeStruct((256, 384), jnp.bfloat16)
 
-    def gathers(weight):
-        return jax.jit(mgpu.mixed_matmul_mgpu).trace(x, weight).lower(lowering_platforms=("cuda",)).as_text().count(
-            "stablehlo.gather")
-
-    assert gathers(held) == 0 < gathers(qw) and gathers(held.without_int8_prefill()) == gathers(qw)
+    assert _unpacks(x, held) == 0 < _unpacks(x, qw) and _unpacks(x, held.without_int8_prefill()) == _unpacks(x, qw)
     eight = _weight(rng, 130, 384, 1.0)
     assert mgpu.with_int8_prefill(eight) is eight
     with pytest.raises(ValueError, match="fuse first"):
