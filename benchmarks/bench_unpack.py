@@ -30,7 +30,8 @@ import pallas_kernels as pk  # noqa: E402
 from pallas_kernels import unpack  # noqa: E402
 
 SHAPES = {"q/k/v": (4096, 6144), "o": (4096, 4096), "gate+up": (4096, 28672), "down": (14336, 4096)}  # K, N
-BLOCKS = [(32, 4, 4), (16, 4, 4), (64, 2, 4), (32, 8, 4), (32, 2, 4), (64, 4, 8), (32, 4, 8), (128, 2, 8), (16, 8, 4)]
+BLOCKS = [(16, 4, 4), (32, 2, 4), (32, 4, 8), (16, 2, 4), (8, 4, 4), (8, 8, 4), (16, 4, 2), (16, 2, 2), (8, 4, 2),
+          (16, 8, 8), (32, 4, 4)]  # (rows, groups, warps); session 23's first sweep also had 64 and 128 rows: slower
 
 
 def _bytes(qw, rows: int) -> int:

@@ -63,6 +63,7 @@
 #   bash benchmarks/device_session.sh s22f      # session 22: opt-in PDL on top of them (tests under the flag, b1/b8/b32)
 #   bash benchmarks/device_session.sh s22g      # session 22: attention splits merged in the kernel, GPU tests + b1/b8
 #   bash benchmarks/device_session.sh s23a      # session 23: the unpack kernel (tests, per layer vs XLA) + prefill 2048/256
+#   bash benchmarks/device_session.sh s23b      # session 23: its block sizes again, prefill 2048/256 profiled (top 16)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -547,6 +548,16 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --budget-s 110 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
+  s23b)  # session 23: the unpack's block sizes around 16 rows, then prefill 2048 / 256 with the new default
+    # (16 rows × 4 groups) against `@xunpack`, each profiled (the top 16 kernels: where a short prompt's time goes)
+    header
+    timeout 120 python3 benchmarks/bench_unpack.py --out "$out/unpack.md" 2>&1 | tee "$out/unpack.log"
+    for len in 2048 256; do
+      timeout 170 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@xunpack+h4 \
+        --batches "" --repeats 7 --prefill-len $len --profile --profile-top 16 --budget-s 160 \
+        --out "$out/prefill$len.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill$len.log"
+    done
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -559,7 +570,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b" >&2
     exit 2
     ;;
 esac

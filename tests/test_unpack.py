@@ -61,7 +61,7 @@ def test_bad_input_named():
     qw = _weight(np.random.default_rng(), 100, 256, 0.1)
     with pytest.raises(ValueError, match="rows=64 < N=100"):
         unpack.int8_weight_pallas(qw, rows=64)
-    with pytest.raises(ValueError, match="multiple of block_rows=32"):
+    with pytest.raises(ValueError, match="multiple of block_rows=16"):
         unpack.int8_weight_pallas(qw, rows=100)
     with pytest.raises(ValueError, match="power of two"):
         unpack.int8_weight_pallas(qw, rows=128, block_rows=24)
