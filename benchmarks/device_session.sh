@@ -64,6 +64,7 @@
 #   bash benchmarks/device_session.sh s22g      # session 22: attention splits merged in the kernel, GPU tests + b1/b8
 #   bash benchmarks/device_session.sh s23a      # session 23: the unpack kernel (tests, per layer vs XLA) + prefill 2048/256
 #   bash benchmarks/device_session.sh s23b      # session 23: its block sizes again, prefill 2048/256 profiled (top 16)
+#   bash benchmarks/device_session.sh s23c      # session 23: the prompt's cache write as one slice, prefill 2048/256
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -558,6 +559,18 @@ case "$part" in
         --out "$out/prefill$len.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill$len.log"
     done
     ;;
+  s23c)  # session 23: a prompt's keys and values written by one dynamic-update-slice (model.CACHE_WRITE_SLICE):
+    # the cache tests and the GPU model test, then prefill 2048 / 256 against `@scatterkv`, bf16 and W4.4A8
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_gpu_model.py 2>&1 | tail -3 \
+      | tee "$out/tests.log"
+    for len in 2048 256; do
+      timeout 200 python3 benchmarks/bench_generate.py \
+        --variants bf16@plain,bf16@plain@scatterkv,w4.4a8+h4,w4.4a8@scatterkv+h4 \
+        --batches "" --repeats 7 --prefill-len $len --profile --profile-top 12 --budget-s 190 \
+        --out "$out/prefill$len.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill$len.log"
+    done
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -570,7 +583,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c" >&2
     exit 2
     ;;
 esac

@@ -532,6 +532,37 @@ def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
+CACHE_WRITE_SLICE = True  # a one-prompt chunk at consecutive positions is written with one dynamic-update-slice
+# per store instead of XLA's scatter (H200, 2048 tokens: the scatters took 1.2 ms of every prefill, bf16 and
+# quantized alike, session 23)
+
+
+def _one_run(positions: jax.Array, s: int) -> jax.Array:
+    """True (traced) when the one row of positions [1, T] is start, start + 1, …, start + T − 1 inside [0, S)."""
+    start = positions[0, 0]
+    t = positions.shape[1]
+    return jnp.all(positions[0] == start + jnp.arange(t, dtype=positions.dtype)) & (start >= 0) & (start + t <= s)
+
+
+def _slice_write(new: jax.Array, scale: jax.Array | None, index: jax.Array | None, positions: jax.Array):
+    """`lax.cond` branch: new [1, T, KVH, Dh] (and scale [1, T, KVH]) written at positions[0, 0] of the
+    [.., 1, KVH, S, Dh] store (and [.., 1, KVH, S] scales) as one slice each, `_write_cache`'s scatter otherwise."""
+    lead = () if index is None else (index,)
+
+    def write(stores):
+        store, scale_store = stores
+        zero = jnp.zeros((), positions.dtype)
+        start = (*lead, zero, zero, positions[0, 0], zero)
+        upd = new.transpose(0, 2, 1, 3)  # [1, KVH, T, Dh]
+        store = jax.lax.dynamic_update_slice(store, upd[None] if lead else upd, start)
+        if scale_store is not None:
+            upd = scale.transpose(0, 2, 1)  # [1, KVH, T]
+            scale_store = jax.lax.dynamic_update_slice(scale_store, upd[None] if lead else upd, start[:-1])
+        return store, scale_store
+
+    return write
+
+
 def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Array | None, new: jax.Array,
                  positions: jax.Array):
     """Writes new [B, T, KVH, Dh] at positions [B, T] into one layer of the cache.
@@ -549,9 +580,20 @@ def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Arr
     else:
         new, scale = _quantize_kv(new, scale_store.dtype)  # [B, T, KVH, Dh], [B, T, KVH]
     at = (rows, slice(None), positions) if index is None else (index, rows, slice(None), positions)
-    store = store.at[at].set(new, mode="drop")
-    if scale_store is not None:
-        scale_store = scale_store.at[at].set(scale, mode="drop")
+
+    def scatter(stores):
+        store, scale_store = stores
+        store = store.at[at].set(new, mode="drop")
+        if scale_store is not None:
+            scale_store = scale_store.at[at].set(scale, mode="drop")
+        return store, scale_store
+
+    B, T = positions.shape
+    if B == 1 and T > 1 and CACHE_WRITE_SLICE:  # one prompt: its positions are usually one run start … start + T − 1
+        store, scale_store = jax.lax.cond(_one_run(positions, store.shape[-2]), _slice_write(new, scale, index, positions),
+                                      scatter, (store, scale_store))
+    else:
+        store, scale_store = scatter((store, scale_store))
     if index is None:
         return store, scale_store, store, scale_store
     return store, scale_store, store[index], None if scale_store is None else scale_store[index]

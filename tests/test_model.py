@@ -294,3 +294,40 @@ def test_bad_cache_options_raise(params):
         init_cache(CFG, 1, 4, jnp.int8, scale_dtype=jnp.float16)
     with pytest.raises(ValueError, match="logits_at='first'"):
         forward_step(params, _tokens(15, (1, 2)), CFG, init_cache(CFG, 1, 4, jnp.float32), logits_at="first")
+
+
+@pytest.mark.parametrize("positions, stacked, int8, one_run", [
+    (np.arange(3, 9), False, False, True),  # one run inside the cache: the slice write
+    (np.arange(3, 9), True, True, True),  # stacked layers, int8 codes and their scales
+    (np.arange(10, 16), False, True, True),  # ends at S exactly
+    (np.arange(12, 18), False, False, False),  # runs past S: the scatter drops the tail
+    (np.array([0, 1, 2, 5, 6, 7]), True, False, False),  # not one run: the scatter
+])
+def test_cache_write_by_slice_equals_the_scatter(monkeypatch, positions, stacked, int8, one_run):
+    """A one-prompt chunk goes into the cache by dynamic-update-slice when its positions are one run inside
+    the cache (`model.CACHE_WRITE_SLICE`), else by the scatter: the same stores, bit for bit, either way."""
+    from mixjax import model
+
+    rng = np.random.default_rng()
+    L, KVH, S, Dh, T = 3, 2, 16, 8, len(positions)
+    shape = (L, 1, KVH, S, Dh) if stacked else (1, KVH, S, Dh)
+    store = jnp.asarray(rng.integers(-127, 128, shape), jnp.int8) if int8 else jnp.asarray(rng.normal(size=shape),
+                                                                                           jnp.float32)
+    scales = jnp.asarray(rng.uniform(0.1, 1, shape[:-1]), jnp.float32) if int8 else None
+    new = jnp.asarray(rng.normal(size=(1, T, KVH, Dh)), jnp.float32)
+    index = jnp.asarray(1) if stacked else None
+    pos = jnp.asarray(positions, jnp.int32)[None]
+    assert bool(model._one_run(pos, S)) == one_run
+    write = jax.jit(lambda st, sc, n, p: model._write_cache(st, sc, index, n, p)[:2])
+    monkeypatch.setattr(model, "CACHE_WRITE_SLICE", True)
+    got = write(store, scales, new, pos)
+    assert "dynamic-update-slice" in write.lower(store, scales, new, pos).as_text(dialect="hlo")
+    monkeypatch.setattr(model, "CACHE_WRITE_SLICE", False)
+    ref = jax.jit(lambda st, sc, n, p: model._write_cache(st, sc, index, n, p)[:2])(store, scales, new, pos)
+    for a, b in zip(got, ref):
+        if b is not None:
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    before, after = (np.asarray(a)[1] if stacked else np.asarray(a) for a in (store, ref[0]))  # [1, KVH, S, Dh]
+    kept = np.setdiff1d(np.arange(S), positions)
+    assert np.array_equal(after[0][:, kept], before[0][:, kept])  # only the chunk's positions changed
+    assert not np.array_equal(after[0][:, positions[positions < S]], before[0][:, positions[positions < S]])
