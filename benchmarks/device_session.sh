@@ -65,6 +65,7 @@
 #   bash benchmarks/device_session.sh s23a      # session 23: the unpack kernel (tests, per layer vs XLA) + prefill 2048/256
 #   bash benchmarks/device_session.sh s23b      # session 23: its block sizes again, prefill 2048/256 profiled (top 16)
 #   bash benchmarks/device_session.sh s23c      # session 23: the prompt's cache write as one slice, prefill 2048/256
+#   bash benchmarks/device_session.sh s23d      # session 23: the cache write as a scatter in the store's order
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -559,7 +560,8 @@ case "$part" in
         --out "$out/prefill$len.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill$len.log"
     done
     ;;
-  s23c)  # session 23: a prompt's keys and values written by one dynamic-update-slice (model.CACHE_WRITE_SLICE):
+  s23c)  # session 23: a prompt's keys and values written by one dynamic-update-slice (CACHE_WRITE "slice", then the
+    # default as CACHE_WRITE_SLICE; ran on 3c7e822: 129 launches more, the cond's host round trips; now @kvslice):
     # the cache tests and the GPU model test, then prefill 2048 / 256 against `@scatterkv`, bf16 and W4.4A8
     header
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_gpu_model.py 2>&1 | tail -3 \
@@ -568,6 +570,18 @@ case "$part" in
       timeout 200 python3 benchmarks/bench_generate.py \
         --variants bf16@plain,bf16@plain@scatterkv,w4.4a8+h4,w4.4a8@scatterkv+h4 \
         --batches "" --repeats 7 --prefill-len $len --profile --profile-top 12 --budget-s 190 \
+        --out "$out/prefill$len.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill$len.log"
+    done
+    ;;
+  s23d)  # session 23: the chunk's cache write as a scatter in the store's order (`@kvt`, CACHE_WRITE "scatter_t")
+    # against XLA's scatter (`@scatterkv`), bf16 and W4.4A8, prefill 2048 / 256 profiled
+    header
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k cache_write 2>&1 | tail -2 \
+      | tee "$out/tests.log"
+    for len in 2048 256; do
+      timeout 220 python3 benchmarks/bench_generate.py \
+        --variants bf16@plain@scatterkv,bf16@plain@kvt,w4.4a8@scatterkv+h4,w4.4a8@kvt+h4 \
+        --batches "" --repeats 7 --prefill-len $len --profile --profile-top 12 --budget-s 210 \
         --out "$out/prefill$len.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill$len.log"
     done
     ;;
@@ -583,7 +597,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d" >&2
     exit 2
     ;;
 esac

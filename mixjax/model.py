@@ -532,9 +532,12 @@ def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
-CACHE_WRITE_SLICE = True  # a one-prompt chunk at consecutive positions is written with one dynamic-update-slice
-# per store instead of XLA's scatter (H200, 2048 tokens: the scatters took 1.2 ms of every prefill, bf16 and
-# quantized alike, session 23)
+CACHE_WRITE = "scatter"  # how a chunk's keys and values go into the cache: "scatter" (XLA's scatter of [B, T]
+# positions, windows [KVH, Dh]; positions past S dropped), "scatter_t" (the same after transposing the chunk to
+# the store's [B, KVH, T, Dh] order, one index per (row, head, position), indices declared unique and sorted),
+# or "slice" (a one-prompt chunk whose positions are one run inside the cache by dynamic-update-slice under a
+# `lax.cond`, else the scatter). H200, 2048 tokens (session 23): the scatter took 1.2 ms of every prefill,
+# bf16 and quantized alike; "slice" removed it but its conditional added 129 launches and host round trips
 
 
 def _one_run(positions: jax.Array, s: int) -> jax.Array:
@@ -589,9 +592,17 @@ def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Arr
         return store, scale_store
 
     B, T = positions.shape
-    if B == 1 and T > 1 and CACHE_WRITE_SLICE:  # one prompt: its positions are usually one run start … start + T − 1
+    if CACHE_WRITE == "slice" and B == 1 and T > 1:  # one prompt: its positions are one run start … start + T − 1
         store, scale_store = jax.lax.cond(_one_run(positions, store.shape[-2]), _slice_write(new, scale, index, positions),
-                                      scatter, (store, scale_store))
+                                          scatter, (store, scale_store))
+    elif CACHE_WRITE == "scatter_t" and T > 1:  # in the store's order: [B, KVH, T, Dh] windows of Dh
+        heads = jnp.arange(new.shape[2])[None, :, None]  # [1, KVH, 1]
+        at_t = (rows[:, :, None], heads, positions[:, None, :])  # → [B, KVH, T]
+        at_t = at_t if index is None else (index, *at_t)
+        flags = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
+        store = store.at[at_t].set(new.transpose(0, 2, 1, 3), **flags)
+        if scale_store is not None:
+            scale_store = scale_store.at[at_t].set(scale.transpose(0, 2, 1), **flags)
     else:
         store, scale_store = scatter((store, scale_store))
     if index is None:

@@ -296,16 +296,18 @@ def test_bad_cache_options_raise(params):
         forward_step(params, _tokens(15, (1, 2)), CFG, init_cache(CFG, 1, 4, jnp.float32), logits_at="first")
 
 
+@pytest.mark.parametrize("mode", ["slice", "scatter_t"])
 @pytest.mark.parametrize("positions, stacked, int8, one_run", [
     (np.arange(3, 9), False, False, True),  # one run inside the cache: the slice write
     (np.arange(3, 9), True, True, True),  # stacked layers, int8 codes and their scales
     (np.arange(10, 16), False, True, True),  # ends at S exactly
-    (np.arange(12, 18), False, False, False),  # runs past S: the scatter drops the tail
-    (np.array([0, 1, 2, 5, 6, 7]), True, False, False),  # not one run: the scatter
+    (np.arange(12, 18), False, False, False),  # runs past S: the tail is dropped
+    (np.array([0, 1, 2, 5, 6, 7]), True, False, False),  # not one run: "slice" falls back to the scatter
 ])
-def test_cache_write_by_slice_equals_the_scatter(monkeypatch, positions, stacked, int8, one_run):
-    """A one-prompt chunk goes into the cache by dynamic-update-slice when its positions are one run inside
-    the cache (`model.CACHE_WRITE_SLICE`), else by the scatter: the same stores, bit for bit, either way."""
+def test_cache_write_modes_equal_the_scatter(monkeypatch, mode, positions, stacked, int8, one_run):
+    """`model.CACHE_WRITE`: a one-prompt chunk written by dynamic-update-slice when its positions are one run
+    inside the cache ("slice"), or by the scatter in the store's order ("scatter_t"), gives the stores of
+    XLA's scatter ("scatter"), bit for bit; positions past S are dropped by all three."""
     from mixjax import model
 
     rng = np.random.default_rng()
@@ -318,12 +320,16 @@ def test_cache_write_by_slice_equals_the_scatter(monkeypatch, positions, stacked
     index = jnp.asarray(1) if stacked else None
     pos = jnp.asarray(positions, jnp.int32)[None]
     assert bool(model._one_run(pos, S)) == one_run
-    write = jax.jit(lambda st, sc, n, p: model._write_cache(st, sc, index, n, p)[:2])
-    monkeypatch.setattr(model, "CACHE_WRITE_SLICE", True)
-    got = write(store, scales, new, pos)
-    assert "dynamic-update-slice" in write.lower(store, scales, new, pos).as_text(dialect="hlo")
-    monkeypatch.setattr(model, "CACHE_WRITE_SLICE", False)
-    ref = jax.jit(lambda st, sc, n, p: model._write_cache(st, sc, index, n, p)[:2])(store, scales, new, pos)
+
+    def write(st, sc, n, p):
+        return model._write_cache(st, sc, index, n, p)[:2]
+
+    monkeypatch.setattr(model, "CACHE_WRITE", mode)
+    got = jax.jit(write)(store, scales, new, pos)
+    hlo = jax.jit(write).lower(store, scales, new, pos).as_text(dialect="hlo")
+    assert ("dynamic-update-slice" in hlo) == (mode == "slice")
+    monkeypatch.setattr(model, "CACHE_WRITE", "scatter")
+    ref = jax.jit(write)(store, scales, new, pos)
     for a, b in zip(got, ref):
         if b is not None:
             assert np.array_equal(np.asarray(a), np.asarray(b))
