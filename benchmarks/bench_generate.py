@@ -48,8 +48,9 @@ before q/k/v and gate/up in their two-launch form (`model.NORM_DEFER_RMS = "neve
 22; since then one launch hands the codes of w·s and the attention and SwiGLU kernels apply the row's rsqrt);
 `@xunpack`: the prefill GEMM's int4 → int8 unpack as one XLA pass (`mgpu.UNPACK = "xla"`, the default before
 session 23; since then a Pallas kernel, `pallas_kernels/unpack.py`); `@scatterkv` / `@kvt` / `@kvslice`: a chunk's keys
-and values go into the cache by XLA's scatter, by the scatter in the store's order, or by one slice under a
-`lax.cond` (`model.CACHE_WRITE` = "scatter", "scatter_t", "slice"; session 23), any variant;
+and values go into the cache by XLA's scatter (before session 23), by the scatter in the store's order (the
+default since), or by one slice under a `lax.cond` (`model.CACHE_WRITE` = "scatter", "scatter_t", "slice"), any
+variant;
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 

@@ -532,12 +532,13 @@ def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
 
-CACHE_WRITE = "scatter"  # how a chunk's keys and values go into the cache: "scatter" (XLA's scatter of [B, T]
-# positions, windows [KVH, Dh]; positions past S dropped), "scatter_t" (the same after transposing the chunk to
-# the store's [B, KVH, T, Dh] order, one index per (row, head, position), indices declared unique and sorted),
-# or "slice" (a one-prompt chunk whose positions are one run inside the cache by dynamic-update-slice under a
-# `lax.cond`, else the scatter). H200, 2048 tokens (session 23): the scatter took 1.2 ms of every prefill,
-# bf16 and quantized alike; "slice" removed it but its conditional added 129 launches and host round trips
+CACHE_WRITE = "scatter_t"  # how a chunk of T > 1 tokens' keys and values go into the cache: "scatter_t" (the
+# chunk transposed to the store's [B, KVH, T, Dh] order, one index per (row, head, position), declared unique and
+# sorted), "scatter" (XLA's scatter of [B, T] positions with [KVH, Dh] windows, the form before session 23), or
+# "slice" (a one-prompt chunk whose positions are one run inside the cache by dynamic-update-slice under a
+# `lax.cond`, else the scatter). Positions past S are dropped by all three. H200, 2048 tokens (session 23): the
+# "scatter" form took 1.2 ms of every prefill, bf16 and quantized alike; "scatter_t" −0.6 to −1.0 ms a prefill;
+# "slice" removed the scatter but its conditional added 129 launches and host round trips (+1 ms span at 256)
 
 
 def _one_run(positions: jax.Array, s: int) -> jax.Array:

@@ -27,6 +27,14 @@ from mixjax.model import (
 F32_RTOL = 1e-5
 
 
+@pytest.fixture(autouse=True)
+def _f32_matmuls():
+    """f32 dots in full precision on any backend (a GPU's default rounds their inputs to TF32): the tolerances
+    here are for f32 arithmetic."""
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 def assert_close(actual, desired, rtol=F32_RTOL):
     actual, desired = np.asarray(actual), np.asarray(desired)
     assert actual.shape == desired.shape
