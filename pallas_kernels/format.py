@@ -62,7 +62,7 @@ class MixedWeight:
     k: int  # in_features K (true, unpadded)
     n8: int  # number of 8-bit channels (unpadded)
     # Optional, runtime only (never saved): the whole weight as one int8 matrix in channel order, [Np, Kp]
-    # with Np = N rounded up to ROW_ALIGN, and its scales f32 [G, Np] (`mgpu.int8_weight`: 4-bit rows as
+    # with Np = N rounded up to ROW_ALIGN, and its scales f32 [G, Np] (`unpack.int8_weight`: 4-bit rows as
     # u − z). The Hopper prefill GEMM then reads it instead of unpacking the 4-bit rows at every call, for
     # one more byte a weight held (`mgpu.with_int8_prefill`, `mixjax.model.int8_prefill`).
     prefill_w: jax.Array | None = None
