@@ -47,10 +47,9 @@ Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layer
 before q/k/v and gate/up in their two-launch form (`model.NORM_DEFER_RMS = "never"`, the default before session
 22; since then one launch hands the codes of w·s and the attention and SwiGLU kernels apply the row's rsqrt);
 `@xunpack`: the prefill GEMM's int4 → int8 unpack as one XLA pass (`mgpu.UNPACK = "xla"`, the default before
-session 23; since then a Pallas kernel, `pallas_kernels/unpack.py`); `@scatterkv` / `@kvt` / `@kvslice`: a chunk's keys
-and values go into the cache by XLA's scatter (before session 23), by the scatter in the store's order (the
-default since), or by one slice under a `lax.cond` (`model.CACHE_WRITE` = "scatter", "scatter_t", "slice"), any
-variant;
+session 23; since then a Pallas kernel, `pallas_kernels/unpack.py`); `@scatterkv` / `@kvt`: a chunk's keys and values go
+into the cache by XLA's scatter in the tokens' order (before session 23) or by the scatter in the store's order
+(the default since; `model.CACHE_WRITE` = "scatter", "scatter_t"), any variant;
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -352,7 +351,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
-              "norm2l", "xunpack", "scatterkv", "kvt", "kvslice")
+              "norm2l", "xunpack", "scatterkv", "kvt")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -398,9 +397,9 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import mgpu
 
         mgpu.UNPACK = "xla"
-    elif strategy in ("scatterkv", "kvt", "kvslice"):  # how a chunk's keys and values go into the cache
-        # (model.CACHE_WRITE): XLA's scatter, the scatter in the store's order, or one slice under a cond; bf16 too
-        model_module.CACHE_WRITE = {"scatterkv": "scatter", "kvt": "scatter_t", "kvslice": "slice"}[strategy]
+    elif strategy in ("scatterkv", "kvt"):  # how a chunk's keys and values go into the cache (model.CACHE_WRITE):
+        # XLA's scatter in the tokens' order, or the scatter in the store's order (the default); bf16 too
+        model_module.CACHE_WRITE = {"scatterkv": "scatter", "kvt": "scatter_t"}[strategy]
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

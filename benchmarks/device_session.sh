@@ -562,7 +562,8 @@ case "$part" in
     done
     ;;
   s23c)  # session 23: a prompt's keys and values written by one dynamic-update-slice (CACHE_WRITE "slice", then the
-    # default as CACHE_WRITE_SLICE; ran on 3c7e822: 129 launches more, the cond's host round trips; now @kvslice):
+    # default as CACHE_WRITE_SLICE; ran on 3c7e822: 129 launches more, the cond's host round trips; removed, so
+    # this no longer runs as written):
     # the cache tests and the GPU model test, then prefill 2048 / 256 against `@scatterkv`, bf16 and W4.4A8
     header
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_gpu_model.py 2>&1 | tail -3 \

@@ -534,37 +534,9 @@ def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
 
 CACHE_WRITE = "scatter_t"  # how a chunk of T > 1 tokens' keys and values go into the cache: "scatter_t" (the
 # chunk transposed to the store's [B, KVH, T, Dh] order, one index per (row, head, position), declared unique and
-# sorted), "scatter" (XLA's scatter of [B, T] positions with [KVH, Dh] windows, the form before session 23), or
-# "slice" (a one-prompt chunk whose positions are one run inside the cache by dynamic-update-slice under a
-# `lax.cond`, else the scatter). Positions past S are dropped by all three. H200, 2048 tokens (session 23): the
-# "scatter" form took 1.2 ms of every prefill, bf16 and quantized alike; "scatter_t" −0.6 to −1.0 ms a prefill;
-# "slice" removed the scatter but its conditional added 129 launches and host round trips (+1 ms span at 256)
-
-
-def _one_run(positions: jax.Array, s: int) -> jax.Array:
-    """True (traced) when the one row of positions [1, T] is start, start + 1, …, start + T − 1 inside [0, S)."""
-    start = positions[0, 0]
-    t = positions.shape[1]
-    return jnp.all(positions[0] == start + jnp.arange(t, dtype=positions.dtype)) & (start >= 0) & (start + t <= s)
-
-
-def _slice_write(new: jax.Array, scale: jax.Array | None, index: jax.Array | None, positions: jax.Array):
-    """`lax.cond` branch: new [1, T, KVH, Dh] (and scale [1, T, KVH]) written at positions[0, 0] of the
-    [.., 1, KVH, S, Dh] store (and [.., 1, KVH, S] scales) as one slice each, `_write_cache`'s scatter otherwise."""
-    lead = () if index is None else (index,)
-
-    def write(stores):
-        store, scale_store = stores
-        zero = jnp.zeros((), positions.dtype)
-        start = (*lead, zero, zero, positions[0, 0], zero)
-        upd = new.transpose(0, 2, 1, 3)  # [1, KVH, T, Dh]
-        store = jax.lax.dynamic_update_slice(store, upd[None] if lead else upd, start)
-        if scale_store is not None:
-            upd = scale.transpose(0, 2, 1)  # [1, KVH, T]
-            scale_store = jax.lax.dynamic_update_slice(scale_store, upd[None] if lead else upd, start[:-1])
-        return store, scale_store
-
-    return write
+# sorted) or "scatter" (XLA's scatter of [B, T] positions with [KVH, Dh] windows, the form before session 23);
+# positions past S are dropped by both. H200, 2048 tokens (session 23, NOTES-kernels.md item 83): "scatter" took
+# 1.2 ms of every prefill, bf16 and quantized alike; "scatter_t" −0.6 to −1.0 ms a prefill
 
 
 def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Array | None, new: jax.Array,
@@ -583,29 +555,18 @@ def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Arr
         new = new.astype(store.dtype)
     else:
         new, scale = _quantize_kv(new, scale_store.dtype)  # [B, T, KVH, Dh], [B, T, KVH]
-    at = (rows, slice(None), positions) if index is None else (index, rows, slice(None), positions)
-
-    def scatter(stores):
-        store, scale_store = stores
-        store = store.at[at].set(new, mode="drop")
-        if scale_store is not None:
-            scale_store = scale_store.at[at].set(scale, mode="drop")
-        return store, scale_store
-
-    B, T = positions.shape
-    if CACHE_WRITE == "slice" and B == 1 and T > 1:  # one prompt: its positions are one run start … start + T − 1
-        store, scale_store = jax.lax.cond(_one_run(positions, store.shape[-2]), _slice_write(new, scale, index, positions),
-                                          scatter, (store, scale_store))
-    elif CACHE_WRITE == "scatter_t" and T > 1:  # in the store's order: [B, KVH, T, Dh] windows of Dh
+    if CACHE_WRITE == "scatter_t" and new.shape[1] > 1:  # in the store's order: [B, KVH, T, Dh] windows of Dh
         heads = jnp.arange(new.shape[2])[None, :, None]  # [1, KVH, 1]
-        at_t = (rows[:, :, None], heads, positions[:, None, :])  # → [B, KVH, T]
-        at_t = at_t if index is None else (index, *at_t)
+        at = (rows[:, :, None], heads, positions[:, None, :])  # → [B, KVH, T]
+        at = at if index is None else (index, *at)
         flags = dict(mode="drop", unique_indices=True, indices_are_sorted=True)
-        store = store.at[at_t].set(new.transpose(0, 2, 1, 3), **flags)
-        if scale_store is not None:
-            scale_store = scale_store.at[at_t].set(scale.transpose(0, 2, 1), **flags)
+        new, scale = new.transpose(0, 2, 1, 3), None if scale is None else scale.transpose(0, 2, 1)
     else:
-        store, scale_store = scatter((store, scale_store))
+        at = (rows, slice(None), positions) if index is None else (index, rows, slice(None), positions)
+        flags = dict(mode="drop")
+    store = store.at[at].set(new, **flags)
+    if scale_store is not None:
+        scale_store = scale_store.at[at].set(scale, **flags)
     if index is None:
         return store, scale_store, store, scale_store
     return store, scale_store, store[index], None if scale_store is None else scale_store[index]

@@ -3,7 +3,8 @@
 Format: `pallas_kernels.format` (layout and nibble order documented there). References:
 `pallas_kernels.reference`. Kernels: `pallas_kernels.kernels` (MMA, every M) and `pallas_kernels.gemv`
 (dp4a on the CUDA cores, one activation row). Prefill: `pallas_kernels.mgpu` (Mosaic GPU int8 wgmma on
-Hopper, after `pallas_kernels.unpack` builds the int8 matrix) and `pallas_kernels.dequant_dot` (XLA dot on the bf16-dequantized weight, other GPUs). A Mosaic GPU
+Hopper, after `pallas_kernels.unpack` builds the int8 matrix) and `pallas_kernels.dequant_dot` (XLA dot on
+the bf16-dequantized weight, other GPUs). A Mosaic GPU
 decode kernel (`pallas_kernels.mgpu_decode`, TMA-streamed packed weight) is an entry point of its own, not
 yet dispatched (measured slower than the GEMV at M = 1). Entry points and GPU dispatch: `pallas_kernels.api`.
 Beside the linears: `pallas_kernels.norm` (residual add + RMSNorm, optionally emitting int8 codes) and
