@@ -278,10 +278,15 @@ def test_int8_cache_codes_reconstruct_the_float_keys(params):
     tokens = _tokens(13, (2, 5))
     _, fc = forward_step(p, tokens, CFG, init_cache(CFG, 2, 5, jnp.float32))
     _, qc = forward_step(p, tokens, CFG, init_cache(CFG, 2, 5, jnp.int8, scale_dtype=jnp.bfloat16))
-    for q, s, f in ((qc.k[0], qc.k_scale[0], fc.k[0]), (qc.v[0], qc.v_scale[0], fc.v[0])):
+    for name, q, s, f in (("k", qc.k[0], qc.k_scale[0], fc.k[0]), ("v", qc.v[0], qc.v_scale[0], fc.v[0])):
         assert s.dtype == jnp.bfloat16 and int(jnp.max(jnp.abs(q.astype(jnp.int32)))) == 127
-        s32 = s.astype(jnp.float32)[..., None]  # [B, KVH, S, 1]
-        assert float(jnp.max(jnp.abs(q * s32 - f) - 0.5 * s32 * (1 + 1e-5))) <= 1e-6
+        s32 = np.asarray(s.astype(jnp.float32))[..., None]  # [B, KVH, S, 1]
+        q, f = np.asarray(q, np.float32), np.asarray(f)
+        excess = np.abs(q * s32 - f) - 0.5 * s32 * (1 + 1e-5)
+        at = tuple(int(i) for i in np.unravel_index(np.argmax(excess), excess.shape))  # [B, KVH, S, Dh]
+        assert excess[at] <= 1e-6, (f"{name}{list(at)}: code {q[at]:.0f} × scale {s32[at[:3]][0]:.6g} against the float "
+                                    f"cache's {f[at]:.6g} ({f[at] / s32[at[:3]][0]:.3f} steps; the row's largest "
+                                    f"|value| {np.abs(f[at[:3]]).max():.6g})")
 
 
 def test_logits_at_last_equals_the_gathered_full_logits(params):
