@@ -57,7 +57,8 @@ def main(argv=None) -> int:
     for br, bg, nw in blocks:
         variants[f"pallas_r{br}g{bg}w{nw}"] = lambda qw, rows, br=br, bg=bg, nw=nw: unpack.int8_weight_pallas(
             qw, rows=rows, block_rows=br, block_groups=bg, num_warps=nw, interpret=interpret)
-    rows_out = ["| layer | K × N | MB moved | variant | = reference | busy µs | GB/s | vs xla |", "|---|---|---|---|---|---|---|---|"]
+    rows_out = ["| layer | K × N | MB moved | variant | = reference | busy µs | GB/s | vs xla |",
+                "|---|---|---|---|---|---|---|---|"]
     rng = np.random.default_rng(0)
     for name, (k, n) in shapes.items():
         is8 = jnp.asarray(rng.random(n) < args.share8)
@@ -82,8 +83,8 @@ def main(argv=None) -> int:
 
                 busy = devtime.device_times(lambda: many(qws), runs=3).get("busy_us", float("nan")) / args.calls
             base = busy if vname == "xla" else base
-            rows_out.append(f"| {name} | {k} × {n} | {mb:.1f} | {vname} | {same} | {busy:.2f} | {mb * 1e3 / busy:.0f} | "
-                            f"{base / busy:.2f}× |")
+            rows_out.append(f"| {name} | {k} × {n} | {mb:.1f} | {vname} | {same} | {busy:.2f} | "
+                            f"{mb * 1e3 / busy:.0f} | {base / busy:.2f}× |")
             print(rows_out[-1], flush=True)
     table = head + "\n\n" + "\n".join(rows_out) + "\n"
     if args.out:

@@ -141,8 +141,8 @@ def _out_features(proj: str, cfg: LlamaConfig) -> int:
 def int8_prefill(params: dict[str, Any]) -> dict[str, Any]:
     """Every decoder-layer `MixedWeight` holding its weight as one int8 matrix (`mgpu.with_int8_prefill`), so
     prefill on a Hopper GPU skips unpacking the 4-bit rows at every call: one more byte a weight of memory for
-    shorter prompts' time to first token (H200, Llama-3-8B: W4.4A8 4.8 → ≈ 12 GB; the unpack is ≈ 3.4 ms of a
-    2048-token prefill and 2.6 of a 256-token one). Decode does not read the matrices; a weight's
+    shorter prompts' time to first token (H200, Llama-3-8B: W4.4A8 4.8 → ≈ 12 GB; the unpack,
+    `pallas_kernels.unpack`, takes ≈ 3.1 ms of every prefill, 2048 tokens or 256). Decode does not read the matrices; a weight's
     `.without_int8_prefill()` drops them. Runtime only: call it after `fuse_projections`; `save_quantized`
     never writes the matrices. Other leaves (the embedding table, the LM head, float weights) are returned as
     they are."""

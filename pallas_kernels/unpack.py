@@ -119,8 +119,8 @@ def _kernel(src_ref, q4_ref, z4_ref, s4_ref, q8_ref, s8_ref, w_ref, sc_ref, *, n
         m4 = jnp.broadcast_to(is4[:, None, None], lo.shape)
         packed = plgpu.load(q4_ref.at[r4[:, None, None], gg, ww], mask=m4, other=0,
                             eviction_policy="evict_first")  # [bn, bg, 16]
-        zero = plgpu.load(z4_ref.at[gg, r4[:, None, None]], mask=jnp.broadcast_to(is4[:, None, None], (block_rows, block_groups, 1)),
-                          other=0)  # [bn, bg, 1]
+        zero = plgpu.load(z4_ref.at[gg, r4[:, None, None]], other=0,
+                          mask=jnp.broadcast_to(is4[:, None, None], (block_rows, block_groups, 1)))  # [bn, bg, 1]
         lo4, hi4 = _unpack_words(packed, zero.astype(jnp.int32))
         lo, hi = jnp.where(m4, lo4, 0), jnp.where(m4, hi4, 0)
         scale = plgpu.load(s4_ref.at[groups[:, None], r4[None, :]], mask=jnp.broadcast_to(is4[None, :], scale.shape),
@@ -155,7 +155,8 @@ def _int8_weight_pallas(qw: MixedWeight, *, rows: int, block_rows: int, block_gr
     kernel = functools.partial(_kernel, n=qw.n, n8p=n8p, n4p=n4p, block_rows=block_rows, block_groups=block_groups)
     w, scale = pl.pallas_call(
         kernel,
-        out_shape=(jax.ShapeDtypeStruct((rows, 2 * g, _WORDS), jnp.int32), jax.ShapeDtypeStruct((g, rows), jnp.float32)),
+        out_shape=(jax.ShapeDtypeStruct((rows, 2 * g, _WORDS), jnp.int32),
+                   jax.ShapeDtypeStruct((g, rows), jnp.float32)),
         grid=(rows // block_rows, g // block_groups),
         interpret=interpret,
         name="unpack_int8",

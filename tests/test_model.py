@@ -284,9 +284,10 @@ def test_int8_cache_codes_reconstruct_the_float_keys(params):
         q, f = np.asarray(q, np.float32), np.asarray(f)
         excess = np.abs(q * s32 - f) - 0.5 * s32 * (1 + 1e-5)
         at = tuple(int(i) for i in np.unravel_index(np.argmax(excess), excess.shape))  # [B, KVH, S, Dh]
-        assert excess[at] <= 1e-6, (f"{name}{list(at)}: code {q[at]:.0f} × scale {s32[at[:3]][0]:.6g} against the float "
-                                    f"cache's {f[at]:.6g} ({f[at] / s32[at[:3]][0]:.3f} steps; the row's largest "
-                                    f"|value| {np.abs(f[at[:3]]).max():.6g})")
+        step = s32[at[:3]][0]
+        assert excess[at] <= 1e-6, (f"{name}{list(at)}: code {q[at]:.0f} × scale {step:.6g} against the float cache's "
+                                    f"{f[at]:.6g} ({f[at] / step:.3f} steps; the row's largest |value| "
+                                    f"{np.abs(f[at[:3]]).max():.6g})")
 
 
 def test_logits_at_last_equals_the_gathered_full_logits(params):
