@@ -418,7 +418,12 @@ MGPU_SWEEP_CONVERT = [dict(tile_m=64, tile_n=128, wg_along="m", gps=g, stages=st
 # session 18: CTA tiles for short prompts (M = 256–512), where the default 128×128 CTA leaves SMs idle (64 CTAs
 # for 256×4096 on 132 SMs): along N, and with 64-wide warpgroup tiles, up to 128–256 CTAs
 MGPU_SWEEP_MEDIUM = [dict(tile_m=64, tile_n=tn, wg_along=wg, epi_n=min(64, tn)) for wg in ("m", "n") for tn in (128, 64)]
-MGPU_GRIDS = {"tiles": MGPU_SWEEP, "convert": MGPU_SWEEP_CONVERT, "medium": MGPU_SWEEP_MEDIUM}
+# session 23 (prepared): three compute warpgroups along M, so each scheduler has a third compute warp to issue while
+# the others rescale (NOTES item 86); 152 registers a thread then: 64×64 tiles with two groups a step, or 64×128
+# with one. CTAs of 192 rows: M = 2048 and 4096 are padded by 3 %
+MGPU_SWEEP_WGS = [dict()] + [dict(tile_n=tn, epi_n=32, wgs=3, gps=g, stages=st)
+                             for tn, g, st in ((64, 2, 2), (64, 2, 3), (128, 1, 3), (128, 1, 4))]
+MGPU_GRIDS = {"tiles": MGPU_SWEEP, "convert": MGPU_SWEEP_CONVERT, "medium": MGPU_SWEEP_MEDIUM, "wgs": MGPU_SWEEP_WGS}
 
 
 def mgpu_sweep(m: int, g: int, rows: int, grid: str = "tiles"):
@@ -460,8 +465,8 @@ def parse(argv):
     p.add_argument("--sweep-mgpu-decode", action="store_true", help="sweep the Mosaic GPU decode kernel")
     p.add_argument("--sweep-mgpu-variant", default="mgpu", help="mgpu or mgpu_core for --sweep-mgpu")
     p.add_argument("--sweep-mgpu-grid", default="tiles", choices=tuple(MGPU_GRIDS),
-                   help="--sweep-mgpu's configs: MGPU_SWEEP (tiles, stages, turns), MGPU_SWEEP_CONVERT or "
-                        "MGPU_SWEEP_MEDIUM (CTA tiles for short prompts)")
+                   help="--sweep-mgpu's configs: MGPU_SWEEP (tiles, stages, turns), MGPU_SWEEP_CONVERT, "
+                        "MGPU_SWEEP_MEDIUM (CTA tiles for short prompts) or MGPU_SWEEP_WGS (three compute warpgroups)")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")
@@ -483,7 +488,8 @@ def emit(row, log):
             s=" seed" if cfg.get("seed") else "", o=" overlap" if cfg.get("overlap") else "",
             p=" pingpong" if cfg.get("pingpong") else "",
             q=(f" gps{cfg['gps']}" if cfg.get("gps", 1) > 1 else "")
-            + (f" {cfg['convert']}" if cfg.get("convert", "i2f") != "i2f" else ""),
+            + (f" {cfg['convert']}" if cfg.get("convert", "i2f") != "i2f" else "")
+            + (f" wgs{cfg['wgs']}" if cfg.get("wgs", 2) != 2 else ""),
             **cfg)
     elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
         cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps}".format(**cfg)

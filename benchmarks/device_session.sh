@@ -68,6 +68,7 @@
 #   bash benchmarks/device_session.sh s23d      # session 23: the cache write as a scatter in the store's order
 #   bash benchmarks/device_session.sh s23e      # session 23: GPU tests of the session's defaults
 #   bash benchmarks/device_session.sh s23f      # prepared: the int8-cache GPU test, prefill rows with session 23's defaults
+#   bash benchmarks/device_session.sh s24a      # prepared: three compute warpgroups in the prefill GEMM (tests, sweep)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
@@ -606,6 +607,16 @@ case "$part" in
         --out "$out/prefill$len.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill$len.log"
     done
     ;;
+  s24a)  # prepared (session 23): three compute warpgroups in the prefill GEMM (MgpuConfig.wgs = 3, NOTES item 86):
+    # the Mosaic GPU tests (two wgs = 3 cases run only on the GPU), then the GEMM alone at M = 3072 and 1536
+    # (multiples of both 128- and 192-row CTAs) beside XLA bf16 and int8
+    header
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 360 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672,14336x4096 \
+      --ms 3072 --variants xla_bf16,xla_int8 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid wgs \
+      --sweep-shapes 4096x28672,14336x4096,4096x6144,4096x4096 --sweep-ms 3072,1536 --out "$out/wgs" 2>&1 \
+      | grep -v "^ *$" | tail -40 | tee "$out/wgs.log"
+    ;;
   tall)
     header
     timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x28672 --ms 64 \
@@ -618,7 +629,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a" >&2
     exit 2
     ;;
 esac

@@ -64,7 +64,10 @@ class MgpuConfig:
     """Tile and pipeline shape of `w8a8_group_matmul`.
 
     tile_m × tile_n: one compute warpgroup's output block (tile_m % 64 == 0, tile_n % 8 == 0, ≤ 256);
-    wg_along: "m" or "n", how the two compute warpgroups split the CTA tile;
+    wg_along: "m" or "n", how the compute warpgroups split the CTA tile;
+    wgs: compute warpgroups a CTA (2; 3 gives each scheduler a third compute warp to interleave with the
+    rescales, but leaves each thread (512 − 40) / 3 → 152 registers instead of 232: 64×64 tiles with two
+    groups a step, or 64×128 with one, fit; not yet measured);
     stages: shared-memory stages the memory warpgroup keeps in flight;
     snake: width of the planar-snake walk over output tiles (L2 reuse of weight columns);
     epi_n: columns per epilogue store (shared memory → global by TMA);
@@ -104,6 +107,7 @@ class MgpuConfig:
     pingpong: bool = False
     gps: int = 2
     convert: str = "i2f"
+    wgs: int = 2
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_m <= 0:
@@ -112,6 +116,8 @@ class MgpuConfig:
             raise ValueError(f"MgpuConfig: tile_n={self.tile_n} must be a multiple of 8 in (0, 256] (wgmma N)")
         if self.wg_along not in ("m", "n"):
             raise ValueError(f"MgpuConfig: wg_along={self.wg_along!r} must be 'm' or 'n'")
+        if self.wgs not in (2, 3) or (self.pingpong and self.wgs != 2):
+            raise ValueError(f"MgpuConfig: wgs={self.wgs} must be 2 or 3, and pingpong needs 2")
         if self.stages < 2:
             raise ValueError(f"MgpuConfig: stages={self.stages} must be ≥ 2")
         if self.tile_n % self.epi_n or self.epi_n % 8:
@@ -124,11 +130,11 @@ class MgpuConfig:
 
     @property
     def cta_m(self) -> int:
-        return self.tile_m * (2 if self.wg_along == "m" else 1)
+        return self.tile_m * (self.wgs if self.wg_along == "m" else 1)
 
     @property
     def cta_n(self) -> int:
-        return self.tile_n * (2 if self.wg_along == "n" else 1)
+        return self.tile_n * (self.wgs if self.wg_along == "n" else 1)
 
 
 DEFAULT_CONFIG = MgpuConfig()
@@ -175,7 +181,7 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                          f"{cfg.cta_m}×{cfg.cta_n} (pad them, as mixed_matmul_mgpu does)")
     out_dtype = jnp.dtype(out_dtype)
     smem = (cfg.stages * (cfg.cta_m + cfg.cta_n) * (cfg.gps * GROUP_SIZE + 4 * cfg.gps)  # x, w and scale stages
-            + 4 * cfg.tile_m * cfg.epi_n * out_dtype.itemsize)  # two epilogue slots per warpgroup
+            + 2 * cfg.wgs * cfg.tile_m * cfg.epi_n * out_dtype.itemsize)  # two epilogue slots per warpgroup
     if smem > _SMEM_BYTES:
         raise ValueError(f"w8a8_group_matmul: config {cfg} with {out_dtype.name} output needs ≈ {smem // 1024} KB "
                          f"of shared memory, more than the {_SMEM_BYTES // 1024} KB of a Hopper SM; lower stages, "
@@ -199,7 +205,7 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                     plgpu.BlockSpec((gps, cfg.cta_n), lambda k: (k, 0)),
                 ],
                 wg_axis="wg",
-                num_compute_wgs=2,
+                num_compute_wgs=cfg.wgs,
                 max_concurrent_steps=cfg.stages,
                 compute_context=compute_context,
             )
@@ -358,9 +364,9 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
         out_type=jax.ShapeDtypeStruct((mp, np_), out_dtype),
         grid=(programs,),
         grid_names=("sm",),
-        num_threads=3,
+        num_threads=cfg.wgs + 1,
         thread_name="wg",
-        scratch_types=dict(out_smem=plgpu.SMEM((2, 2, tm, epi_n), out_dtype, transforms=out_transforms)),
+        scratch_types=dict(out_smem=plgpu.SMEM((cfg.wgs, 2, tm, epi_n), out_dtype, transforms=out_transforms)),
         interpret=_interpret_params() if interpret else None,
     )
     return call(x_q, a_scale, w, w_scale)

@@ -79,6 +79,10 @@ def test_int8_weight_is_the_dequantized_weight(n, k, share8, rows):
     gpu_only(mgpu.MgpuConfig(programs=2, gps=1, stages=4)),  # one group a step (session 4's default)
     gpu_only(mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=1, overlap=True, gps=1)),
     gpu_only(mgpu.MgpuConfig(programs=2, seed=True, overlap=True, gps=1)),
+    # three compute warpgroups along M (CTA 192 × 64, two groups a step; 192 × 128, one group). Not in interpret
+    # mode: its four warpgroup threads hang on a 2-core machine (test_three_warpgroups_lower_for_cuda instead)
+    gpu_only(mgpu.MgpuConfig(tile_n=64, epi_n=32, wgs=3, programs=2)),
+    gpu_only(mgpu.MgpuConfig(tile_n=128, wgs=3, gps=1, stages=3, epi_n=32, programs=3)),
     # one group a step with every option of its path at once: turns, the carried partial, the seeded partial
     mgpu.MgpuConfig(tile_m=128, tile_n=64, wg_along="n", epi_n=32, programs=3, pingpong=True, overlap=True,
                     seed=True, gps=1),
@@ -109,6 +113,22 @@ def test_magic_conversion_lowers_without_int_to_float():
         text = jax.jit(lambda *a: mgpu.w8a8_group_matmul(*a, config=cfg)).trace(*shapes).lower(
             lowering_platforms=("cuda",)).as_text()
         assert "wgmma" in text and text.count("arith.sitofp") == count, convert
+
+
+def test_three_warpgroups_lower_for_cuda():
+    """`MgpuConfig(wgs=3)` (no GPU needed): the CTA covers 192 rows, the kernel lowers with its three compute
+    warpgroups; configurations it cannot take are refused by name."""
+    cfg = mgpu.MgpuConfig(tile_n=64, epi_n=32, wgs=3)
+    assert (cfg.cta_m, cfg.cta_n) == (192, 64)
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
+              (((384, 256), jnp.int8), ((2, 384), jnp.float32), ((128, 256), jnp.int8), ((2, 128), jnp.float32))]
+    text = jax.jit(lambda *a: mgpu.w8a8_group_matmul(*a, config=cfg)).trace(*shapes).lower(
+        lowering_platforms=("cuda",)).as_text()
+    assert "wgmma" in text
+    with pytest.raises(ValueError, match="pingpong needs 2"):
+        mgpu.MgpuConfig(wgs=3, pingpong=True)
+    with pytest.raises(ValueError, match="wgs=4"):
+        mgpu.MgpuConfig(wgs=4)
 
 
 @pytest.mark.parametrize("m, k, n, share8", [(130, 576, 300, 0.1),  # 5 groups: one group a step
