@@ -571,7 +571,9 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
         if r.get("peak_bytes") is not None:
             by[r["variant"]]["peak"] = r["peak_bytes"]
     info = next((r for r in rows if r["kind"] == "device"), {"device": "?", "jax": jax.__version__})
-    base_name = "bf16@plain" if "bf16@plain" in by else "bf16"  # XLA's bf16 step when it was run
+    # XLA's bf16 step when it was run, else plain bf16, else the first bf16 variant run (e.g. `bf16@plain@kvt`)
+    first_bf16 = next((v for v in by if v.startswith("bf16")), "bf16")
+    base_name = next((v for v in ("bf16@plain", "bf16") if v in by), first_bf16)
     base = by.get(base_name, {})
     cfg_name = "small test model" if args.small else "Llama-3-8B shape"
     lines = [
