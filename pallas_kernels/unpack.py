@@ -40,8 +40,8 @@ BLOCK_ROWS = 16  # rows a program. H200 (session 23, benchmarks/bench_unpack.py)
 BLOCK_GROUPS = 4  # 2–5 % faster than XLA's pass on Llama-3-8B's four linears; 32 × 4 was 9–19 % slower
 
 
-def _words(a: jax.Array) -> jax.Array:  # int8 [R, C] → uint32 [R, C/4] (little-endian: byte 0 lowest)
-    return lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 4), jnp.uint32)
+def _words(a: jax.Array, dtype=jnp.uint32) -> jax.Array:  # int8 [R, C] → [R, C/4] (little-endian: byte 0 lowest)
+    return lax.bitcast_convert_type(a.reshape(a.shape[0], -1, 4), dtype)
 
 
 def _const(bits: int, dtype) -> np.generic:
@@ -146,7 +146,7 @@ def _int8_weight_pallas(qw: MixedWeight, *, rows: int, block_rows: int, block_gr
     def words(a, per_row):  # int8 [R, C] → int32 [R, per_row, 16]; a dummy word for an empty channel set
         if not a.shape[0]:
             return jnp.zeros((1, per_row, _WORDS), jnp.int32)
-        return lax.bitcast_convert_type(a.reshape(a.shape[0], per_row, _WORDS, 4), jnp.int32)
+        return _words(a, jnp.int32).reshape(a.shape[0], per_row, _WORDS)
 
     def group_major(a, dtype):
         return a if a.shape[1] else jnp.zeros((g, 1), dtype)
