@@ -423,7 +423,10 @@ MGPU_SWEEP_MEDIUM = [dict(tile_m=64, tile_n=tn, wg_along=wg, epi_n=min(64, tn)) 
 # with one. CTAs of 192 rows: M = 2048 and 4096 are padded by 3 %
 MGPU_SWEEP_WGS = [dict()] + [dict(tile_n=tn, epi_n=32, wgs=3, gps=g, stages=st)
                              for tn, g, st in ((64, 2, 2), (64, 2, 3), (128, 1, 3), (128, 1, 4))]
-MGPU_GRIDS = {"tiles": MGPU_SWEEP, "convert": MGPU_SWEEP_CONVERT, "medium": MGPU_SWEEP_MEDIUM, "wgs": MGPU_SWEEP_WGS}
+# session 24: the default against the chosen three-warpgroup tile (mgpu.THREE_WG_CONFIG) where pick_config decides
+MGPU_SWEEP_PICK = [dict(), {f.name: getattr(mgpu.THREE_WG_CONFIG, f.name) for f in dataclasses.fields(mgpu.MgpuConfig)}]
+MGPU_GRIDS = {"tiles": MGPU_SWEEP, "convert": MGPU_SWEEP_CONVERT, "medium": MGPU_SWEEP_MEDIUM, "wgs": MGPU_SWEEP_WGS,
+              "pick": MGPU_SWEEP_PICK}
 
 
 def mgpu_sweep(m: int, g: int, rows: int, grid: str = "tiles"):
@@ -466,7 +469,8 @@ def parse(argv):
     p.add_argument("--sweep-mgpu-variant", default="mgpu", help="mgpu or mgpu_core for --sweep-mgpu")
     p.add_argument("--sweep-mgpu-grid", default="tiles", choices=tuple(MGPU_GRIDS),
                    help="--sweep-mgpu's configs: MGPU_SWEEP (tiles, stages, turns), MGPU_SWEEP_CONVERT, "
-                        "MGPU_SWEEP_MEDIUM (CTA tiles for short prompts) or MGPU_SWEEP_WGS (three compute warpgroups)")
+                        "MGPU_SWEEP_MEDIUM (CTA tiles for short prompts), MGPU_SWEEP_WGS (three compute warpgroups) or "
+                        "MGPU_SWEEP_PICK (the default against THREE_WG_CONFIG)")
     p.add_argument("--sweep-shapes", default="4096x14336")
     p.add_argument("--sweep-ms", default="1,32")
     p.add_argument("--interpret", action="store_true", help="Pallas interpret mode (CPU smoke test)")

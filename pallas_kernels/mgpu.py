@@ -56,6 +56,7 @@ QUANT_ROWS = 32  # rows a program of the activation quantization before the GEMM
 # 7.0 µs at 2048 rows (at the copy rate); a 256-token W4.4A8 prefill −0.16 ms busy (96 launches)
 _SMEM_BYTES = 232448  # shared memory a CTA may use on sm_90 (227 KB)
 _SWIZZLE = 128  # bytes: one 128-wide int8 group row is exactly one swizzle span
+ROW_ALIGN = 64  # the GEMM's activation rows are a multiple of this (one warpgroup's wgmma M), at least a CTA's
 _INT8_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
 
 
@@ -139,16 +140,37 @@ class MgpuConfig:
 
 DEFAULT_CONFIG = MgpuConfig()
 NARROW_CONFIG = MgpuConfig(tile_n=64)  # CTAs of 128 × 64: twice the CTAs of the default, for short prompts
+# three compute warpgroups (NOTES-kernels.md items 86, 87): CTAs of 192 × 128, one group a step (152 registers a
+# thread leave no room for gps=2's second partial at 64 × 128), three stages (four measured 0–8 % slower)
+THREE_WG_CONFIG = MgpuConfig(tile_n=128, epi_n=32, wgs=3, gps=1, stages=3)
+THREE_WG_SPEED = 0.96  # its time a row against the default's, same tile count; H200, session 24: 0.958–0.963
 
 
-def pick_config(m: int, n: int, sms: int | None = None) -> MgpuConfig:
-    """The CTA tile for M rows and N columns: 128 × 64 (`NARROW_CONFIG`) when those CTAs still fit one wave
-    on the device's `sms` SMs, else the default 128 × 128. Measured (H200, 2026-12-04, results/kernels.md
+def pick_config(m: int, n: int, sms: int | None = None, three_wgs: bool = True) -> MgpuConfig:
+    """The CTA tile for M rows and N columns on a device of `sms` SMs.
+
+    128 × 64 (`NARROW_CONFIG`) when those CTAs still fit one wave. Measured (H200, 2026-12-04, results/kernels.md
     Session 19): at M = 256 the narrow CTAs take 4096→4096 from 21.5 to 16.2 µs and 14336→4096 from 66.0 to
     47.3 (64 CTAs of the default leave half the SMs idle); where they need a second wave (4096→6144 at
-    M = 256, any N at M = 512) or the default already fills the device (4096→28672) they were slower."""
+    M = 256, any N at M = 512) or the default already fills the device (4096→28672) they were slower.
+
+    Otherwise the default 128 × 128 or `THREE_WG_CONFIG`'s 192 × 128, whichever has the smaller estimated
+    time: a persistent CTA's tiles (⌈CTAs / SMs⌉) times a tile's rows, the three-warpgroup tile's rows weighted
+    by `THREE_WG_SPEED`. Session 24 (H200, results/kernels.md): that estimate matched every measured pair at
+    M = 1536 and 3072 on the four Llama-3-8B linears within 2 %; the three warpgroups won all eight, by 1.7–13 %.
+    `three_wgs=False` leaves them out (Pallas's interpreter hangs running their four threads on two cores)."""
+    sms = sms or _num_sms()
+
+    def tiles(cfg):  # tiles of the busiest CTA of the persistent grid; M rows padded to ROW_ALIGN
+        return -(-(-(-max(_round_up(m, ROW_ALIGN), cfg.cta_m) // cfg.cta_m) * -(-n // cfg.cta_n)) // sms)
+
     ctas = -(-m // NARROW_CONFIG.cta_m) * -(-n // NARROW_CONFIG.cta_n)
-    return NARROW_CONFIG if ctas <= (sms or _num_sms()) else DEFAULT_CONFIG
+    if ctas <= sms:
+        return NARROW_CONFIG
+    if not three_wgs:
+        return DEFAULT_CONFIG
+    three = tiles(THREE_WG_CONFIG) * THREE_WG_CONFIG.cta_m * THREE_WG_SPEED
+    return THREE_WG_CONFIG if three < tiles(DEFAULT_CONFIG) * DEFAULT_CONFIG.cta_m else DEFAULT_CONFIG
 
 
 def _num_sms() -> int:
@@ -161,8 +183,10 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                       interpret: bool = False) -> jax.Array:
     """x_q int8 [Mp, Kp], a_scale f32 [G, Mp], w int8 [Np, Kp], w_scale f32 [G, Np] → out_dtype [Mp, Np].
 
-    y[m, n] = Σ_g f32(Σ_{k∈g} x_q[m, k]·w[n, k]) · a_scale[g, m] · w_scale[g, n]; Mp and Np must be
-    multiples of the CTA tile (`config.cta_m`, `config.cta_n`), Kp of 128."""
+    y[m, n] = Σ_g f32(Σ_{k∈g} x_q[m, k]·w[n, k]) · a_scale[g, m] · w_scale[g, n]; Np must be a multiple of
+    `config.cta_n` and Kp of 128. Mp must be a multiple of 64 and at least `config.cta_m`: where it is not a
+    multiple of cta_m, the last row tile starts at Mp − cta_m and recomputes rows of the one before it (the
+    same values written twice), so 192-row CTAs (`wgs=3`) take 2048 rows without padding them."""
     mp, kp = x_q.shape
     np_, kp2 = w.shape
     g = kp // GROUP_SIZE
@@ -176,9 +200,10 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                          f"got {a_scale.shape}, {w_scale.shape}")
     if g % cfg.gps:
         raise ValueError(f"w8a8_group_matmul: K/128 = {g} groups is not a multiple of config.gps={cfg.gps}")
-    if mp % cfg.cta_m or np_ % cfg.cta_n:
-        raise ValueError(f"w8a8_group_matmul: Mp={mp} and Np={np_} must be multiples of the CTA tile "
-                         f"{cfg.cta_m}×{cfg.cta_n} (pad them, as mixed_matmul_mgpu does)")
+    if mp % ROW_ALIGN or mp < cfg.cta_m or np_ % cfg.cta_n:
+        raise ValueError(f"w8a8_group_matmul: Mp={mp} must be a multiple of {ROW_ALIGN} and at least the CTA's "
+                         f"{cfg.cta_m} rows, and Np={np_} a multiple of its {cfg.cta_n} columns (pad them, as "
+                         "mixed_matmul_mgpu does)")
     out_dtype = jnp.dtype(out_dtype)
     smem = (cfg.stages * (cfg.cta_m + cfg.cta_n) * (cfg.gps * GROUP_SIZE + 4 * cfg.gps)  # x, w and scale stages
             + 2 * cfg.wgs * cfg.tile_m * cfg.epi_n * out_dtype.itemsize)  # two epilogue slots per warpgroup
@@ -186,7 +211,7 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
         raise ValueError(f"w8a8_group_matmul: config {cfg} with {out_dtype.name} output needs ≈ {smem // 1024} KB "
                          f"of shared memory, more than the {_SMEM_BYTES // 1024} KB of a Hopper SM; lower stages, "
                          "gps or epi_n")
-    m_iters, n_iters = mp // cfg.cta_m, np_ // cfg.cta_n
+    m_iters, n_iters = -(-mp // cfg.cta_m), np_ // cfg.cta_n
     tm, tn, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_n
     gps = cfg.gps
     kstep = gps * GROUP_SIZE
@@ -231,7 +256,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
             def _tile_loop(info):
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, cfg.snake)
-                cta_m = pl.ds(mi * cfg.cta_m, cfg.cta_m)
+                # the last row tile ends at Mp (overlapping the one before it when cta_m does not divide Mp)
+                cta_m = pl.ds(jnp.minimum(mi * cfg.cta_m, mp - cfg.cta_m), cfg.cta_m)
                 cta_n = pl.ds(ni * cfg.cta_n, cfg.cta_n)
                 if cfg.wg_along == "m":
                     wg_m, wg_n = pl.ds(wg * tm, tm), pl.ds(0, tn)
@@ -403,6 +429,12 @@ def with_int8_prefill(qw: MixedWeight) -> MixedWeight:
     return dataclasses.replace(qw, prefill_w=w, prefill_s=s)
 
 
+def _row_block(m: int, config: MgpuConfig) -> int:
+    """The multiple the GEMM's M rows are padded to: `ROW_ALIGN` once they fill a CTA (the last row tile then
+    overlaps the one before it, `w8a8_group_matmul`), else one CTA's rows."""
+    return ROW_ALIGN if m >= config.cta_m else config.cta_m
+
+
 def _rows_in_channel_order(qw: MixedWeight, cta_n: int) -> bool:
     """True when `qw.q8` with `qw.scale8` already is `int8_weight`'s matrix for a CTA width of cta_n: every
     channel 8-bit (rows in channel order, `MixedWeight`'s invariant; zero padding rows at the end) and the
@@ -421,7 +453,7 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
     from pallas_kernels.reference import quantize_activations_ref
 
     if config is None:
-        config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n)
+        config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n, three_wgs=not interpret)
 
     if qw.num_groups % config.gps:  # an odd number of groups: one group a step, as many groups in flight
         config = dataclasses.replace(config, gps=1, stages=config.stages * config.gps)
@@ -430,16 +462,16 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
             raise ValueError(f"mixed_matmul_mgpu: codes of {x.x_q.shape[1]} columns for a weight of "
                              f"K = {qw.k_padded} (padded)")
         m, dtype = x.m, jnp.dtype(x.dtype)
-        x_q, sa, _ = x.rows(config.cta_m)
+        x_q, sa, _ = x.rows(_row_block(m, config))
     elif interpret:
         m, dtype = x.shape[0], x.dtype
-        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, _round_up(m, config.cta_m) - m), (0, 0)]))
+        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, _round_up(m, _row_block(m, config)) - m), (0, 0)]))
         sa = sa.T
     else:
         from pallas_kernels.kernels import quantize_activations_pallas
 
         m, dtype = x.shape[0], x.dtype
-        x_q, sa, _ = quantize_activations_pallas(x, block_m=config.cta_m, block_rows=QUANT_ROWS)
+        x_q, sa, _ = quantize_activations_pallas(x, block_m=_row_block(m, config), block_rows=QUANT_ROWS)
     if _rows_in_channel_order(qw, config.cta_n):  # W8A8: the stored codes are already the int8 matrix
         w, sw = qw.q8, qw.scale8
     elif qw.prefill_w is not None and qw.prefill_w.shape[0] % config.cta_n == 0:  # held since `with_int8_prefill`

@@ -103,6 +103,23 @@ def test_group_matmul_matches_reference(cfg):
                                                         interpret=INTERPRET))
 
 
+@pytest.mark.parametrize("cfg, m", [
+    (mgpu.MgpuConfig(programs=2), 192),  # two row tiles: [0, 128) and [64, 192)
+    (mgpu.MgpuConfig(programs=2, gps=1), 320),  # three: the last, [192, 320), overlaps the second
+    gpu_only(mgpu.THREE_WG_CONFIG, 2048),  # the prefill's shape: 11 tiles of 192 rows, the last from row 1856
+    gpu_only(dataclasses.replace(mgpu.THREE_WG_CONFIG, programs=3), 448),
+])
+@isolated
+def test_group_matmul_rows_not_a_multiple_of_the_cta(cfg, m):
+    """Rows a multiple of 64 but not of the CTA's: the last row tile ends at M and recomputes rows of the one
+    before it; every row equals the reference (no padding rows needed)."""
+    rng = _rng()
+    x_q, sa, w, sw = _operands(rng, m, 256, cfg.cta_n)
+    y = mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
+    assert y.shape == (m, cfg.cta_n) and m % cfg.cta_m
+    assert _rel(y, ref.w8a8_ref(x_q, sa.T, w, sw)) < 1e-6
+
+
 def test_magic_conversion_lowers_without_int_to_float():
     """Lowered for CUDA (no GPU needed): the magic conversions leave no `arith.sitofp` in the kernel, the default
     has one (the rescale's conversion, the instruction Nsight Compute counted once per element and group)."""
@@ -225,9 +242,23 @@ def test_pick_config_narrows_the_cta_while_one_wave_fits():
     on this CPU (4 virtual SMs) the (128, 256, 96) case above takes the narrow tile in interpret mode."""
     assert mgpu.pick_config(256, 4096, sms=132) == mgpu.NARROW_CONFIG  # 2 × 64 = 128 CTAs
     assert mgpu.pick_config(200, 4096, sms=132).cta_n == 64
-    for m, n in [(256, 6144), (512, 4096), (256, 28672), (2048, 4096)]:  # a second wave, or plenty of CTAs
+    for m, n in [(256, 6144), (512, 4096), (256, 28672), (1024, 28672)]:  # a second wave, or plenty of CTAs
         assert mgpu.pick_config(m, n, sms=132) == mgpu.DEFAULT_CONFIG, (m, n)
     assert mgpu.pick_config(128, 96, sms=4).cta_n == 64 and mgpu.pick_config(130, 300, sms=4).cta_n == 128
+
+
+@pytest.mark.parametrize("m, n, three", [
+    (3072, 4096, True),  # 512 CTAs of 192 rows: 4 tiles a CTA × 192 × 0.96 against 768 of 128: 6 × 128
+    (1536, 6144, True),  # 3 tiles × 192 against 5 × 128 (measured 13 % faster)
+    (2048, 28672, True),  # 19 × 192 × 0.96 = 3502 against 28 × 128 = 3584
+    (2048, 4096, False),  # 3 × 192 × 0.96 = 553 against 4 × 128 = 512: the 192-row tiles leave a third wave
+    (512, 28672, False),
+])
+def test_pick_config_weighs_three_warpgroups_by_tiles_a_cta(m, n, three):
+    """192-row CTAs of three compute warpgroups where a CTA's tiles times their rows, weighted by the measured
+    speed a row, undercut the default's."""
+    assert mgpu.pick_config(m, n, sms=132) == (mgpu.THREE_WG_CONFIG if three else mgpu.DEFAULT_CONFIG)
+    assert mgpu.pick_config(m, n, sms=132, three_wgs=False) == mgpu.DEFAULT_CONFIG  # what interpret mode takes
 
 
 @isolated
@@ -272,8 +303,12 @@ def test_bad_configs_and_shapes_are_named():
     with pytest.raises(ValueError, match="multiple of config.gps"):
         mgpu.w8a8_group_matmul(*_operands(_rng(), 128, 384, 128), interpret=True)
     x_q, sa, w, sw = _operands(_rng(), 100, 256, 128)
-    with pytest.raises(ValueError, match="multiples of the CTA tile"):
+    with pytest.raises(ValueError, match="Mp=100 must be a multiple of 64"):
         mgpu.w8a8_group_matmul(x_q, sa, w, sw, interpret=True)
+    with pytest.raises(ValueError, match="at least the CTA's 192 rows"):
+        mgpu.w8a8_group_matmul(*_operands(_rng(), 128, 256, 128), config=mgpu.THREE_WG_CONFIG, interpret=True)
+    with pytest.raises(ValueError, match="Np=96 a multiple of its 128 columns"):
+        mgpu.w8a8_group_matmul(*_operands(_rng(), 128, 256, 96), interpret=True)
     with pytest.raises(TypeError, match="int8"):
         mgpu.w8a8_group_matmul(x_q.astype(jnp.int32), sa, w, sw, interpret=True)
     with pytest.raises(ValueError, match="scales"):
