@@ -56,7 +56,7 @@ QUANT_ROWS = 32  # rows a program of the activation quantization before the GEMM
 # 7.0 µs at 2048 rows (at the copy rate); a 256-token W4.4A8 prefill −0.16 ms busy (96 launches)
 _SMEM_BYTES = 232448  # shared memory a CTA may use on sm_90 (227 KB)
 _SWIZZLE = 128  # bytes: one 128-wide int8 group row is exactly one swizzle span
-ROW_ALIGN = 64  # the GEMM's activation rows are a multiple of this (one warpgroup's wgmma M), at least a CTA's
+M_ALIGN = 64  # the GEMM's activation rows are a multiple of this (one warpgroup's wgmma M), at least a CTA's
 _INT8_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
 
 
@@ -161,8 +161,8 @@ def pick_config(m: int, n: int, sms: int | None = None, three_wgs: bool = True) 
     `three_wgs=False` leaves them out (Pallas's interpreter hangs running their four threads on two cores)."""
     sms = sms or _num_sms()
 
-    def tiles(cfg):  # tiles of the busiest CTA of the persistent grid; M rows padded to ROW_ALIGN
-        return -(-(-(-max(_round_up(m, ROW_ALIGN), cfg.cta_m) // cfg.cta_m) * -(-n // cfg.cta_n)) // sms)
+    def tiles(cfg):  # tiles of the busiest CTA of the persistent grid; M rows padded to M_ALIGN
+        return -(-(-(-max(_round_up(m, M_ALIGN), cfg.cta_m) // cfg.cta_m) * -(-n // cfg.cta_n)) // sms)
 
     ctas = -(-m // NARROW_CONFIG.cta_m) * -(-n // NARROW_CONFIG.cta_n)
     if ctas <= sms:
@@ -200,8 +200,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                          f"got {a_scale.shape}, {w_scale.shape}")
     if g % cfg.gps:
         raise ValueError(f"w8a8_group_matmul: K/128 = {g} groups is not a multiple of config.gps={cfg.gps}")
-    if mp % ROW_ALIGN or mp < cfg.cta_m or np_ % cfg.cta_n:
-        raise ValueError(f"w8a8_group_matmul: Mp={mp} must be a multiple of {ROW_ALIGN} and at least the CTA's "
+    if mp % M_ALIGN or mp < cfg.cta_m or np_ % cfg.cta_n:
+        raise ValueError(f"w8a8_group_matmul: Mp={mp} must be a multiple of {M_ALIGN} and at least the CTA's "
                          f"{cfg.cta_m} rows, and Np={np_} a multiple of its {cfg.cta_n} columns (pad them, as "
                          "mixed_matmul_mgpu does)")
     out_dtype = jnp.dtype(out_dtype)
@@ -430,9 +430,9 @@ def with_int8_prefill(qw: MixedWeight) -> MixedWeight:
 
 
 def _row_block(m: int, config: MgpuConfig) -> int:
-    """The multiple the GEMM's M rows are padded to: `ROW_ALIGN` once they fill a CTA (the last row tile then
+    """The multiple the GEMM's M rows are padded to: `M_ALIGN` once they fill a CTA (the last row tile then
     overlaps the one before it, `w8a8_group_matmul`), else one CTA's rows."""
-    return ROW_ALIGN if m >= config.cta_m else config.cta_m
+    return M_ALIGN if m >= config.cta_m else config.cta_m
 
 
 def _rows_in_channel_order(qw: MixedWeight, cta_n: int) -> bool:
