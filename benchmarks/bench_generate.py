@@ -49,8 +49,8 @@ before q/k/v and gate/up in their two-launch form (`model.NORM_DEFER_RMS = "neve
 `@xunpack`: the prefill GEMM's int4 → int8 unpack as one XLA pass (`mgpu.UNPACK = "xla"`, the default before
 session 23; since then a Pallas kernel, `pallas_kernels/unpack.py`); `@scatterkv` / `@kvt`: a chunk's keys and values go
 into the cache by XLA's scatter in the tokens' order (before session 23) or by the scatter in the store's order
-(the default since; `model.CACHE_WRITE` = "scatter", "scatter_t"), any variant; `@wg2`: the prefill GEMM never takes
-`mgpu.THREE_WG_CONFIG`'s 192-row CTAs (`pick_config(three_wgs=False)`, the tiles before session 24);
+(the default since; `model.CACHE_WRITE` = "scatter", "scatter_t"), any variant; `@wg3`: the prefill GEMM takes
+`mgpu.THREE_WG_CONFIG`'s 192-row CTAs where `pick_config`'s estimate prefers them (`mgpu.THREE_WGS = True`);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -352,7 +352,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
-              "norm2l", "xunpack", "scatterkv", "kvt", "wg2")
+              "norm2l", "xunpack", "scatterkv", "kvt", "wg3")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -426,11 +426,10 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import mgpu
 
         mgpu.pick_config = lambda m, n, sms=None: mgpu.DEFAULT_CONFIG
-    elif strategy == "wg2":  # two compute warpgroups at every M (the tiles before session 24)
+    elif strategy == "wg3":  # three compute warpgroups where pick_config's estimate prefers them (session 24)
         from pallas_kernels import mgpu
 
-        pick = mgpu.pick_config
-        mgpu.pick_config = lambda m, n, sms=None, three_wgs=True: pick(m, n, sms, three_wgs=False)
+        mgpu.THREE_WGS = True
     elif strategy in ("magic", "magicfma"):  # the Mosaic GPU prefill GEMM's conversion (MgpuConfig.convert)
         from pallas_kernels import mgpu
 

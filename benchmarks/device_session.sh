@@ -619,8 +619,9 @@ case "$part" in
     ;;
   s24b)  # session 24: the 192-row CTAs where pick_config's estimate prefers them (THREE_WG_CONFIG), the last row
     # tile overlapping instead of padding; the int8 cache test that fails on the H200 only (its message names the
-    # element); the GEMM at M = 2048 default against THREE_WG_CONFIG; prefill 2048 with the new tiles (default),
-    # without them (@wg2), with the int8 matrices and W8A8
+    # element); the GEMM at M = 2048 default against THREE_WG_CONFIG; prefill 2048 without and with the new tiles
+    # (@wg3; if faster, set mgpu.THREE_WGS = True), with the int8 matrices and W8A8. Prepared in session 24, whose
+    # device loans were paused before this call
     header
     timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k int8_cache_codes 2>&1 | tail -8 \
       | tee "$out/tests.log"
@@ -630,7 +631,7 @@ case "$part" in
       --variants xla_bf16 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid pick \
       --sweep-shapes 4096x28672,14336x4096,4096x6144,4096x4096 --sweep-ms 2048 --out "$out/pick" 2>&1 \
       | grep "mgpu_core\|xla_bf16" | tee "$out/pick.log"
-    timeout 280 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@wg2+h4,w4.4a8@pint8+h4,w8a8+h8 \
+    timeout 280 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@wg3+h4,w4.4a8@pint8+h4,w8a8+h8 \
       --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 270 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;

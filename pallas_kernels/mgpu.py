@@ -144,9 +144,12 @@ NARROW_CONFIG = MgpuConfig(tile_n=64)  # CTAs of 128 × 64: twice the CTAs of th
 # thread leave no room for gps=2's second partial at 64 × 128), three stages (four measured 0–8 % slower)
 THREE_WG_CONFIG = MgpuConfig(tile_n=128, epi_n=32, wgs=3, gps=1, stages=3)
 THREE_WG_SPEED = 0.96  # its time a row against the default's, same tile count; H200, session 24: 0.958–0.963
+THREE_WGS = False  # whether `pick_config` may choose them. Off until measured in the model: session 24 measured the
+# GEMM alone at M = 1536 and 3072 (2–13 % faster), not yet a prefill nor the overlapping last row tile on the GPU
+# (`bash benchmarks/device_session.sh s24b`; bench_generate's `@wg3` turns it on)
 
 
-def pick_config(m: int, n: int, sms: int | None = None, three_wgs: bool = True) -> MgpuConfig:
+def pick_config(m: int, n: int, sms: int | None = None, three_wgs: bool | None = None) -> MgpuConfig:
     """The CTA tile for M rows and N columns on a device of `sms` SMs.
 
     128 × 64 (`NARROW_CONFIG`) when those CTAs still fit one wave. Measured (H200, 2026-12-04, results/kernels.md
@@ -158,7 +161,8 @@ def pick_config(m: int, n: int, sms: int | None = None, three_wgs: bool = True) 
     time: a persistent CTA's tiles (⌈CTAs / SMs⌉) times a tile's rows, the three-warpgroup tile's rows weighted
     by `THREE_WG_SPEED`. Session 24 (H200, results/kernels.md): that estimate matched every measured pair at
     M = 1536 and 3072 on the four Llama-3-8B linears within 2 %; the three warpgroups won all eight, by 1.7–13 %.
-    `three_wgs=False` leaves them out (Pallas's interpreter hangs running their four threads on two cores)."""
+    `three_wgs` (None: `THREE_WGS`) False leaves them out (Pallas's interpreter hangs running their four threads
+    on two cores)."""
     sms = sms or _num_sms()
 
     def tiles(cfg):  # tiles of the busiest CTA of the persistent grid; M rows padded to M_ALIGN
@@ -167,7 +171,7 @@ def pick_config(m: int, n: int, sms: int | None = None, three_wgs: bool = True) 
     ctas = -(-m // NARROW_CONFIG.cta_m) * -(-n // NARROW_CONFIG.cta_n)
     if ctas <= sms:
         return NARROW_CONFIG
-    if not three_wgs:
+    if not (THREE_WGS if three_wgs is None else three_wgs):
         return DEFAULT_CONFIG
     three = tiles(THREE_WG_CONFIG) * THREE_WG_CONFIG.cta_m * THREE_WG_SPEED
     return THREE_WG_CONFIG if three < tiles(DEFAULT_CONFIG) * DEFAULT_CONFIG.cta_m else DEFAULT_CONFIG
@@ -430,9 +434,10 @@ def with_int8_prefill(qw: MixedWeight) -> MixedWeight:
 
 
 def _row_block(m: int, config: MgpuConfig) -> int:
-    """The multiple the GEMM's M rows are padded to: `M_ALIGN` once they fill a CTA (the last row tile then
-    overlaps the one before it, `w8a8_group_matmul`), else one CTA's rows."""
-    return M_ALIGN if m >= config.cta_m else config.cta_m
+    """The multiple the GEMM's M rows are padded to: for 192-row CTAs `M_ALIGN` once they fill one (the last row
+    tile then overlaps the one before it, `w8a8_group_matmul`: 2048 rows are not padded to 2112), else whole CTAs
+    (128-row CTAs keep the padding they had before session 24: the overlap is not yet checked on the GPU)."""
+    return M_ALIGN if m >= config.cta_m and config.cta_m % 128 else config.cta_m
 
 
 def _rows_in_channel_order(qw: MixedWeight, cta_n: int) -> bool:
@@ -453,7 +458,8 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
     from pallas_kernels.reference import quantize_activations_ref
 
     if config is None:
-        config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n, three_wgs=not interpret)
+        config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n,
+                             three_wgs=THREE_WGS and not interpret)
 
     if qw.num_groups % config.gps:  # an odd number of groups: one group a step, as many groups in flight
         config = dataclasses.replace(config, gps=1, stages=config.stages * config.gps)

@@ -257,7 +257,7 @@ def test_pick_config_narrows_the_cta_while_one_wave_fits():
 def test_pick_config_weighs_three_warpgroups_by_tiles_a_cta(m, n, three):
     """192-row CTAs of three compute warpgroups where a CTA's tiles times their rows, weighted by the measured
     speed a row, undercut the default's."""
-    assert mgpu.pick_config(m, n, sms=132) == (mgpu.THREE_WG_CONFIG if three else mgpu.DEFAULT_CONFIG)
+    assert mgpu.pick_config(m, n, sms=132, three_wgs=True) == (mgpu.THREE_WG_CONFIG if three else mgpu.DEFAULT_CONFIG)
     assert mgpu.pick_config(m, n, sms=132, three_wgs=False) == mgpu.DEFAULT_CONFIG  # what interpret mode takes
 
 
