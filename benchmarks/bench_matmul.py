@@ -436,8 +436,18 @@ def mgpu_sweep(m: int, g: int, rows: int, grid: str = "tiles"):
 MGPU_DECODE_SWEEP = {"stages": (4, 6), "ctas": (132, 264), "wgs": (2,), "gps": (1, 2, 4)}  # session 6, call 1
 
 
+# session 24 (prepared): short prompts in column tiles (M > mgpu_decode.MAX_COLS): the packed weight unpacked in
+# registers by each tile of 64 or 128 activation rows, no int8 copy (stages beyond what fits are cut by the kernel)
+MGPU_SHORT_SWEEP = {"tile_cols": (64, 128), "stages": (3, 6), "fold": (False, True)}
+
+
 def mgpu_decode_sweep(m: int, g: int, rows: int):
-    """--sweep-mgpu-decode: pipeline depth × the CTA count that picks split-K × compute warpgroups."""
+    """--sweep-mgpu-decode: pipeline depth × the CTA count that picks split-K × compute warpgroups; for
+    M > MAX_COLS (column tiles) the tile width × pipeline depth × the zero-point fold."""
+    if m > mgpu_decode.MAX_COLS:
+        grid = MGPU_SHORT_SWEEP
+        return [mgpu_decode.DecodeConfig(tile_cols=c, stages=s, fold=f)
+                for c, s, f in itertools.product(grid["tile_cols"], grid["stages"], grid["fold"])]
     grid = MGPU_DECODE_SWEEP
     return [mgpu_decode.DecodeConfig(stages=s, ctas=c, wgs=w, gps=q)
             for s, c, w, q in itertools.product(grid["stages"], grid["ctas"], grid["wgs"], grid["gps"])]
@@ -496,7 +506,8 @@ def emit(row, log):
             + (f" wgs{cfg['wgs']}" if cfg.get("wgs", 2) != 2 else ""),
             **cfg)
     elif "ctas" in cfg:  # mgpu_decode.DecodeConfig
-        cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps}".format(**cfg)
+        cfg_s = "mgpu_decode st{stages} split{split} ctas{ctas} wgs{wgs} gps{gps} cols{tile_cols} fold{fold:d}".format(
+            **cfg)
     elif "block_m" not in cfg:  # GemvConfig
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages} gpi{groups_per_iter}{q}".format(
             q=" qf" if cfg.get("quantize_first") else "", **cfg)

@@ -24,6 +24,13 @@ padding rows of the activations. Per quantization group of 128 along K, for one 
   copies, acc += (P1 + P2/16)·(s_w ⊗ s_a); `zero_point_terms` adds Σ_g s_w s_a (8·Σ_hi x − z·Σx) after it as
   two [R, G] × [G, cols] products.
 
+Short prompts (M up to `MAX_SHORT_M`, session 24, prepared, not yet measured): the activation rows come in column
+tiles of `DecodeConfig.tile_cols` (≤ 128: two int32 partials and the f32 accumulator of 64 × 128 fit a compute
+thread's registers), a third grid axis. Every column tile unpacks its weight tile in registers again, so the
+packed weight is read once per column tile (mostly from L2, the column tiles of a weight tile run side by side)
+and no int8 copy of it is written first, the pass that costs the Mosaic GPU prefill path ≈ 3.1 ms of every
+Llama-3-8B prompt (NOTES-kernels.md item 84). Pipeline stages beyond what fits shared memory are cut.
+
 Split-K across the grid: CTA (tile, split) covers G / split groups and writes an f32 partial
 [split, rows, cols]; `mixed_matmul_mgpu_decode` sums the partials, gathers rows into channel order and
 transposes in one XLA fusion. `gps` groups per pipeline step issue all their wgmmas before one wait.
@@ -54,6 +61,7 @@ from pallas_kernels.mgpu import _interpret_params, _load_vector, _num_sms, _with
 
 TILE_ROWS = 64  # weight rows per CTA: the wgmma M
 MAX_COLS = 64  # activation rows one call takes (wgmma N; the accumulators stay small in registers)
+MAX_TILE_COLS = 128  # activation rows a CTA takes when they come in column tiles (`rows_matmul(col_tiles=...)`)
 _SWIZZLE = 64  # bytes: one half group (64 int8) per swizzle span
 _HALF_TRANSFORMS = (plgpu.TilingTransform((8, _SWIZZLE)), plgpu.SwizzleTransform(_SWIZZLE))
 
@@ -65,7 +73,9 @@ class DecodeConfig:
     (64 weight rows each; one more warpgroup issues the copies); gps: quantization groups per pipeline
     step (all their wgmmas are issued before one wait); fold: the 4-bit rows' zero-point terms
     (8·Σ_hi x − z·Σx, both rank-one per group) leave the kernel for one small XLA product after it, so a
-    group costs two wgmmas instead of three and no zero or code-sum copies (`rows_matmul`). Defaults: the best of the H100 sweeps (session 5,
+    group costs two wgmmas instead of three and no zero or code-sum copies (`rows_matmul`); tile_cols: activation
+    rows a CTA takes when M > `MAX_COLS` (short prompts, `col_tiles`; a multiple of 32 up to `MAX_TILE_COLS`).
+    Defaults: the best of the H100 sweeps (session 5,
     calls 3–4). Session 6 (H100): gps = 2 is correct and within ±7 % of gps = 1 (22.7–24.7 vs 23.2–25.4 µs
     at M = 1); gps = 4 needs more shared memory than the H100 has at 4–6 stages."""
 
@@ -75,6 +85,7 @@ class DecodeConfig:
     wgs: int = 2
     gps: int = 1
     fold: bool = False
+    tile_cols: int = 128
 
     def __post_init__(self):
         if self.stages < 1:
@@ -85,6 +96,8 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig: wgs={self.wgs} must be 1 or 2")
         if self.gps not in (1, 2, 4):
             raise ValueError(f"DecodeConfig: gps={self.gps} must be 1, 2 or 4")
+        if self.tile_cols % 32 or not 32 <= self.tile_cols <= MAX_TILE_COLS:
+            raise ValueError(f"DecodeConfig: tile_cols={self.tile_cols} must be a multiple of 32 up to {MAX_TILE_COLS}")
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()
@@ -99,11 +112,11 @@ def _pick_split(tiles: int, groups: int, ctas: int, gps: int = 1) -> int:
     return max(fits)
 
 
-def _plan(rows: int, groups: int, config: "DecodeConfig", ctas: int) -> tuple[int, int]:
+def _plan(rows: int, groups: int, config: "DecodeConfig", ctas: int, col_tiles: int = 1) -> tuple[int, int]:
     """(split, gps) for one channel set: the configured groups per step where they divide the groups
-    (else 1), and the split `_pick_split` finds for them."""
+    (else 1), and the split `_pick_split` finds for them (each row tile counted once per column tile)."""
     gps = config.gps if groups % config.gps == 0 else 1
-    tiles = rows // (config.wgs * TILE_ROWS)
+    tiles = rows // (config.wgs * TILE_ROWS) * col_tiles
     split = config.split or _pick_split(tiles, groups, ctas, gps)
     return split, gps
 
@@ -118,9 +131,15 @@ def _act_rows(cols: int) -> int:  # rows of the quantized activations (scale row
 
 def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Array, w_scale: jax.Array,
                 zero: jax.Array | None, *, cols: int, split: int, stages: int = DEFAULT_DECODE_CONFIG.stages,
-                wgs: int = DEFAULT_DECODE_CONFIG.wgs, gps: int = 1, fold: bool = False,
+                wgs: int = DEFAULT_DECODE_CONFIG.wgs, gps: int = 1, fold: bool = False, col_tiles: int = 1,
                 interpret: bool = False) -> jax.Array:
-    """One channel set of a MixedWeight times the first `cols` activation rows → f32 [split, R, cols].
+    """One channel set of a MixedWeight times the first `cols`·`col_tiles` activation rows → f32
+    [split, R, cols·col_tiles].
+
+    col_tiles > 1 (short prompts): the grid gets a third axis, CTA (c, tile, split) taking activation rows
+    [c·cols, (c + 1)·cols); each CTA unpacks its weight tile in registers again, so the packed weight is read
+    by the column tiles of a row tile (mostly from L2) instead of being unpacked to an int8 copy first.
+    cols is then a multiple of 32 up to `MAX_TILE_COLS` (its scale copies are whole multiples of 128 bytes).
 
     fold (4-bit rows): the kernel accumulates Σ_g s_w·s_a·Σ_k x·(u − 8 on the high nibble only), i.e.
     without 8·Σ_hi x − z·Σx; `zero_point_terms` is what the caller adds to the split sum.
@@ -136,8 +155,12 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         raise TypeError(f"rows_matmul: x_q and w must be int8, got {x_q.dtype}, {w.dtype}")
     if w.shape[1] != (kp // 2 if four else kp) or kp % GROUP_SIZE:
         raise ValueError(f"rows_matmul: w {w.shape} does not match x_q {x_q.shape} ({'4' if four else '8'}-bit)")
-    if cols % 8 or not 8 <= cols <= min(mp, MAX_COLS):
-        raise ValueError(f"rows_matmul: cols={cols} must be a multiple of 8 in [8, min(Mp={mp}, {MAX_COLS})]")
+    if col_tiles < 1 or (col_tiles > 1 and (cols % 32 or not 32 <= cols <= MAX_TILE_COLS)):
+        raise ValueError(f"rows_matmul: col_tiles={col_tiles} must be ≥ 1, and with more than one, cols={cols} a "
+                         f"multiple of 32 up to {MAX_TILE_COLS}")
+    if cols % 8 or not 8 <= cols <= MAX_TILE_COLS or cols * col_tiles > mp:
+        raise ValueError(f"rows_matmul: cols={cols} must be a multiple of 8 in [8, {MAX_TILE_COLS}] and "
+                         f"cols·col_tiles = {cols * col_tiles} at most Mp={mp}")
     if mp % 32:
         raise ValueError(f"rows_matmul: Mp={mp} must be a multiple of 32 (128-byte copies of the scale rows)")
     if g % split or (g // split) % gps:
@@ -157,6 +180,7 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         raise ValueError(f"rows_matmul: R={r} must be a multiple of {max(cta_rows, zero_rows if four else 0)} "
                          f"(wgs={wgs} warpgroups of {TILE_ROWS} rows; the format pads to 128)")
     tiles = r // cta_rows
+    span = mp if col_tiles == 1 else cols  # activation scale and sum columns a CTA copies each step
     row_layout = plgpu.Layout.WGMMA.reduce(1)  # a value per weight row (the accumulator's dim 0)
     col_layout = plgpu.Layout.WGMMA.reduce(0)  # a value per activation row
 
@@ -208,7 +232,8 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
 
     def kernel(x_gmem, sa_gmem, xs_gmem, w_gmem, sw_gmem, *rest, out_smem):
         z_gmem, out_gmem = rest if four else (None, *rest)
-        ti, si = lax.axis_index("tile"), lax.axis_index("split")
+        ti, si, ci = lax.axis_index("tile"), lax.axis_index("split"), lax.axis_index("col")
+        c0 = ci * cols  # this CTA's first activation row
         wg = lax.axis_index("wg")  # compute warpgroups 0 .. wgs-1; the last one issues the copies
         r0 = ti * cta_rows
         grp = pl.ds(si * gs, gs)
@@ -244,7 +269,7 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
             acc = run(_with_layout(jnp.zeros((TILE_ROWS, cols), jnp.float32), plgpu.Layout.WGMMA, interpret))
             out_smem[wg] = acc
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[si, pl.ds(r0, cta_rows)].at[wg_rows])
+            plgpu.copy_smem_to_gmem(out_smem.at[wg], out_gmem.at[si, pl.ds(r0, cta_rows), pl.ds(c0, cols)].at[wg_rows])
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
 
         def spec(shape, transforms=()):  # one block per step along K, rows fixed
@@ -262,27 +287,28 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         if four and not fold:
             z_specs = [row_spec(zero_rows)]
             z_args = [z_gmem.at[grp, pl.ds((r0 // zero_rows) * zero_rows, zero_rows)]]
-        xs_specs, xs_args = ([], []) if fold else ([row_spec(mp)], [xs_gmem.at[grp]])
+        act = pl.ds(0, mp) if col_tiles == 1 else pl.ds(c0, cols)  # the scale and sum columns copied
+        xs_specs, xs_args = ([], []) if fold else ([row_spec(span)], [xs_gmem.at[grp, act]])
         plgpu.emit_pipeline_warp_specialized(
             body,
             grid=(gs // gps,),
             memory_registers=40,
             in_specs=[spec((cols, gps * GROUP_SIZE), _HALF_TRANSFORMS), spec((cta_rows, gps * group_bytes), _HALF_TRANSFORMS),
-                      row_spec(cta_rows), *z_specs, row_spec(mp), *xs_specs],
+                      row_spec(cta_rows), *z_specs, row_spec(span), *xs_specs],
             wg_axis="wg",
             num_compute_wgs=wgs,
             max_concurrent_steps=stages,
             compute_context=compute_context,
-        )(x_gmem.at[pl.ds(0, cols), pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)], w_gmem.at[cta, w_k],
-          sw_gmem.at[grp, cta], *z_args, sa_gmem.at[grp], *xs_args)
+        )(x_gmem.at[pl.ds(c0, cols), pl.ds(si * gs * GROUP_SIZE, gs * GROUP_SIZE)], w_gmem.at[cta, w_k],
+          sw_gmem.at[grp, cta], *z_args, sa_gmem.at[grp, act], *xs_args)
 
     out_swizzle = plgpu.find_swizzle(cols * 32)
     out_transforms = (plgpu.TilingTransform((8, out_swizzle // 4)), plgpu.SwizzleTransform(out_swizzle))
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((split, r, cols), jnp.float32),
-        grid=(tiles, split),
-        grid_names=("tile", "split"),
+        out_type=jax.ShapeDtypeStruct((split, r, cols * col_tiles), jnp.float32),
+        grid=(col_tiles, tiles, split),  # the column tiles of a weight tile side by side (its reads from L2)
+        grid_names=("col", "tile", "split"),
         num_threads=wgs + 1,
         thread_name="wg",
         scratch_types=dict(out_smem=plgpu.SMEM((wgs, TILE_ROWS, cols), jnp.float32, transforms=out_transforms)),
@@ -307,36 +333,70 @@ def zero_point_terms(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w_sca
             - jnp.einsum("gr,gm->rm", w_scale * zero.astype(jnp.float32), zsum, precision=hp))
 
 
+MAX_SHORT_M = 1024  # activation rows `mixed_matmul_mgpu_decode` takes in column tiles (short prompts)
+_SMEM_BYTES = 232448  # shared memory a CTA may use on sm_90 (227 KB)
+
+
+def _smem_bytes(cols: int, span: int, wgs: int, gps: int, stages: int, four: bool, fold: bool) -> int:
+    """Estimated shared memory of `rows_matmul`: `stages` copies of a step's operands (each buffer rounded up to
+    1 KB, the 128-byte swizzle's alignment) and the f32 epilogue tile of every compute warpgroup."""
+    def kb(n):
+        return -(-n // 1024) * 1024
+
+    rows = wgs * TILE_ROWS
+    step = (kb(cols * gps * GROUP_SIZE) + kb(rows * gps * (HALF_GROUP if four else GROUP_SIZE)) + kb(gps * rows * 4)
+            + (kb(gps * 2 * TILE_ROWS) if four and not fold else 0) + kb(gps * span * 4)
+            + (0 if fold else kb(gps * span * 4)))
+    return stages * step + wgs * TILE_ROWS * cols * 4
+
+
+def _fit_stages(stages: int, **shape) -> int:
+    """The most pipeline stages, up to `stages`, whose estimated shared memory fits a CTA (at least 1)."""
+    while stages > 1 and _smem_bytes(stages=stages, **shape) > _SMEM_BYTES:
+        stages -= 1
+    return stages
+
+
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeConfig = DEFAULT_DECODE_CONFIG,
                              interpret: bool = False) -> jax.Array:
-    """x [M, K] float (M ≤ 64) → [M, N] x.dtype in channel order: quantize activations, one swapped-operand
-    wgmma kernel per channel set (8-bit, 4-bit), partial sums gathered into channel order."""
+    """x [M, K] float → [M, N] x.dtype in channel order: quantize activations, one swapped-operand wgmma kernel
+    per channel set (8-bit, 4-bit), partial sums gathered into channel order. M ≤ `MAX_COLS`: one column tile
+    (decode); up to `MAX_SHORT_M`: tiles of `config.tile_cols` activation rows (short prompts: the packed
+    weight unpacked in registers by every column tile, no int8 copy of it; not yet measured)."""
     from pallas_kernels.reference import quantize_activations_ref
 
     m = x.shape[0]
-    if not 0 < m <= MAX_COLS:
-        raise ValueError(f"mixed_matmul_mgpu_decode: M={m} activation rows; this kernel takes 1..{MAX_COLS}")
-    cols = _cols(m)
+    if not 0 < m <= MAX_SHORT_M:
+        raise ValueError(f"mixed_matmul_mgpu_decode: M={m} activation rows; this kernel takes 1..{MAX_SHORT_M}")
+    if m <= MAX_COLS:
+        cols, col_tiles, rows = _cols(m), 1, _act_rows(_cols(m))
+    else:
+        cols = config.tile_cols
+        col_tiles = -(-m // cols)
+        rows = cols * col_tiles
     if interpret:
-        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, _act_rows(cols) - m), (0, 0)]))
+        x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, rows - m), (0, 0)]))
         x_sum = x_q.astype(jnp.int32).reshape(x_q.shape[0], -1, GROUP_SIZE).sum(-1).T  # [G, Mp]
         sa = sa.T
     else:
         from pallas_kernels.kernels import quantize_activations_pallas
 
-        x_q, sa, x_sum = quantize_activations_pallas(x, block_m=_act_rows(cols))
+        x_q, sa, x_sum = quantize_activations_pallas(x, block_m=rows)
     g = qw.num_groups
     ctas = config.ctas or _num_sms()
     parts = []
     for w, sw, z in ((qw.q8, qw.scale8, None), (qw.q4, qw.scale4, qw.zero4)):
         if not w.shape[0]:
             continue
-        split, gps = _plan(w.shape[0], g, config, ctas)
+        split, gps = _plan(w.shape[0], g, config, ctas, col_tiles)
         fold = config.fold and z is not None
-        part = rows_matmul(x_q, sa, x_sum, w, sw, z, cols=cols, split=split, stages=config.stages,
-                           wgs=config.wgs, gps=gps, fold=fold, interpret=interpret)
-        part = part.sum(0)  # [R, cols]
-        parts.append(part + zero_point_terms(x_q, sa, x_sum, sw, z, cols) if fold else part)
-    y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [N8p + N4p, cols], packed row order
+        stages = config.stages if col_tiles == 1 else _fit_stages(  # 128 columns: fewer stages fit
+            config.stages, cols=cols, span=cols, wgs=1 if interpret else config.wgs, gps=gps, four=z is not None,
+            fold=fold)
+        part = rows_matmul(x_q, sa, x_sum, w, sw, z, cols=cols, split=split, stages=stages,
+                           wgs=config.wgs, gps=gps, fold=fold, col_tiles=col_tiles, interpret=interpret)
+        part = part.sum(0)  # [R, cols·col_tiles]
+        parts.append(part + zero_point_terms(x_q, sa, x_sum, sw, z, cols * col_tiles) if fold else part)
+    y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [N8p + N4p, cols·col_tiles], packed row order
     return y[qw.row_of_channel, :m].T.astype(x.dtype)

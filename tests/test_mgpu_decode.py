@@ -23,7 +23,7 @@ def _activations(rng, mp, kp):
     return x_q, sa, x_sum
 
 
-def _rows_reference(x_q, sa, codes, sw, zero, cols):
+def _rows_reference(x_q, sa, codes, sw, zero, cols):  # cols: the first activation rows
     """f64 [R, cols]: Σ_g s_w·s_a·Σ_k (code − z)·x over each group, codes int [R, Kp] (z = 0 for 8-bit)."""
     r, kp = codes.shape
     g = kp // 128
@@ -70,8 +70,34 @@ def test_rows_matmul_matches_integer_reference(four, cols, split, stages, gps, f
     assert _rel(got, want) < 1e-6  # exact integer partials, f32 accumulate
 
 
+@pytest.mark.parametrize("four, cols, col_tiles, fold", [
+    (True, 32, 3, False),  # 96 activation rows in three column tiles, each CTA unpacking its tile again
+    _gpu_only(False, 32, 2, False), _gpu_only(True, 64, 2, True),
+    _gpu_only(True, 128, 2, False), _gpu_only(False, 128, 3, False), _gpu_only(True, 128, 2, True),
+])
+@isolated
+def test_rows_matmul_column_tiles_match_integer_reference(four, cols, col_tiles, fold):
+    """Short prompts (`col_tiles` > 1): CTA (c, tile, split) takes activation rows [c·cols, (c + 1)·cols) and
+    copies only their scales and sums; every column equals the reference."""
+    rng = _rng()
+    qw = _weight(rng, 256, 384, 0.0 if four else 1.0)
+    x_q, sa, x_sum = _activations(rng, cols * col_tiles + 32, qw.k_padded)  # spare rows the kernel must not take
+    w, sw, zero = (qw.q4, qw.scale4, qw.zero4) if four else (qw.q8, qw.scale8, None)
+    codes = np.asarray(unpack_nibbles(qw.q4)) if four else np.asarray(qw.q8, np.int64)
+    part = md.rows_matmul(jnp.asarray(x_q), jnp.asarray(sa), jnp.asarray(x_sum), w, sw, zero, cols=cols, split=1,
+                          stages=2, fold=fold, col_tiles=col_tiles, interpret=INTERPRET)
+    total = cols * col_tiles
+    assert part.shape == (1, w.shape[0], total)
+    got = np.asarray(part)[0]
+    if fold:
+        got = got + np.asarray(md.zero_point_terms(jnp.asarray(x_q), jnp.asarray(sa), jnp.asarray(x_sum), sw, zero,
+                                                   total))
+    assert _rel(got, _rows_reference(x_q, sa, codes, np.asarray(sw), zero, total)) < 1e-6
+
+
 @pytest.mark.parametrize("m, k, n, share8", [_gpu_only(1, 4096, 256, 0.1), (3, 576, 300, 0.1), _gpu_only(16, 256, 96, 0.0),
-                                             _gpu_only(17, 384, 130, 1.0), _gpu_only(64, 128, 128, 0.5)])
+                                             _gpu_only(17, 384, 130, 1.0), _gpu_only(64, 128, 128, 0.5),
+                                             _gpu_only(200, 576, 300, 0.1), _gpu_only(256, 4096, 512, 0.1)])
 @isolated
 def test_mixed_matmul_mgpu_decode_within_bound(m, k, n, share8):
     rng = _rng()
@@ -82,6 +108,42 @@ def test_mixed_matmul_mgpu_decode_within_bound(m, k, n, share8):
         y = md.mixed_matmul_mgpu_decode(x, qw, config=config, interpret=INTERPRET)
         assert y.shape == (m, n) and y.dtype == jnp.bfloat16
         assert _rel(y, want) < 5e-3, config  # the bound of every bf16-output path
+
+
+@pytest.mark.parametrize("four, fold", [(True, False), (False, False), (True, True)])
+def test_column_tiles_lower_for_cuda(four, fold):
+    """Lowered for CUDA (no GPU needed): 128 activation rows a CTA in two column tiles, two compute warpgroups,
+    the stages `mixed_matmul_mgpu_decode` would fit; the register-A wgmmas are there."""
+    import jax
+
+    mp, kp, r = 256, 512, 256
+    g = kp // 128
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in (((mp, kp), jnp.int8), ((g, mp), jnp.float32),
+                                                      ((g, mp), jnp.int32), ((r, kp // 2 if four else kp), jnp.int8),
+                                                      ((g, r), jnp.float32))]
+    stages = md._fit_stages(6, cols=128, span=128, wgs=2, gps=1, four=four, fold=fold)
+    assert 3 <= stages <= 6
+
+    def call(*a, zero=None):
+        return md.rows_matmul(*a, zero, cols=128, split=1, stages=stages, fold=fold, col_tiles=2)
+
+    if four:
+        shapes.append(jax.ShapeDtypeStruct((g, r), jnp.int8))
+        fn = lambda *a: call(*a[:5], zero=a[5])  # noqa: E731
+    else:
+        fn = call
+    text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("wgmma") >= 1
+
+
+@isolated
+def test_short_prompt_in_column_tiles_within_bound():
+    """M > `MAX_COLS` rows in tiles of `DecodeConfig.tile_cols` (the last one padded), both channel sets."""
+    rng = _rng()
+    qw = _weight(rng, 130, 256, 0.1)
+    x = jnp.asarray(rng.normal(size=(70, 256)), jnp.bfloat16)
+    y = md.mixed_matmul_mgpu_decode(x, qw, config=md.DecodeConfig(tile_cols=32), interpret=INTERPRET)
+    assert y.shape == (70, 130) and _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3
 
 
 @isolated
@@ -112,6 +174,8 @@ def test_bad_configs_and_shapes_are_named():
         md.DecodeConfig(split=0)
     with pytest.raises(ValueError, match="gps"):
         md.DecodeConfig(gps=3)
+    with pytest.raises(ValueError, match="tile_cols=48"):
+        md.DecodeConfig(tile_cols=48)
     rng = _rng()
     qw = _weight(rng, 128, 256, 0.0)
     x_q, sa, x_sum = (jnp.asarray(a) for a in _activations(rng, 32, 256))
@@ -126,5 +190,9 @@ def test_bad_configs_and_shapes_are_named():
         md.rows_matmul(x_q, sa, x_sum, qw.q4[:, :64], qw.scale4, qw.zero4, cols=8, split=1, interpret=True)
     with pytest.raises(TypeError, match="int8"):
         md.rows_matmul(x_q.astype(jnp.int32), sa, x_sum, *args, cols=8, split=1, interpret=True)
-    with pytest.raises(ValueError, match="M=65"):
-        md.mixed_matmul_mgpu_decode(jnp.zeros((65, 256), jnp.bfloat16), qw, interpret=True)
+    with pytest.raises(ValueError, match="col_tiles=2 must be ≥ 1, and with more than one, cols=16"):
+        md.rows_matmul(x_q, sa, x_sum, *args, cols=16, split=1, col_tiles=2, interpret=True)
+    with pytest.raises(ValueError, match="cols·col_tiles = 64 at most Mp=32"):
+        md.rows_matmul(x_q, sa, x_sum, *args, cols=32, split=1, col_tiles=2, interpret=True)
+    with pytest.raises(ValueError, match="M=1025"):
+        md.mixed_matmul_mgpu_decode(jnp.zeros((1025, 256), jnp.bfloat16), qw, interpret=True)
