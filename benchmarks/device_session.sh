@@ -637,14 +637,22 @@ case "$part" in
     ;;
   s24c)  # prepared in session 24: short prompts through the swapped-operand kernel in column tiles
     # (mgpu_decode, M > 64: the packed weight unpacked in registers by each tile of 64 or 128 activation rows, no
-    # int8 copy of the weight first), against today's prefill path (unpack + Mosaic GEMM), the api and XLA bf16
+    # int8 copy of the weight first), against today's prefill path (unpack + Mosaic GEMM) and XLA bf16; then a
+    # 256-token prefill with it (@short; @shortf folds the zero-point terms out). If it wins, set
+    # api.MGPU_SHORT_M and run s24d (tile widths and stages)
     header
-    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu_decode.py 2>&1 | tail -4 | tee "$out/tests.log"
-    timeout 200 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
-      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 128,256,512 \
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu_decode.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
+      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 256,512 \
       --variants xla_bf16,mgpu,mgpu_decode,mgpu_decode_fold --out "$out/short" 2>&1 | grep -v "^ *$" | tail -30 \
       | tee "$out/short.log"
-    timeout 220 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \
+    timeout 280 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@short+h4,w4.4a8@shortf+h4 \
+      --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 270 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
+  s24d)  # after s24c: the column-tiled kernel's tile width × stages × fold at M = 256 on the four linears
+    header
+    timeout 400 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \
       --variants xla_bf16 --sweep-mgpu-decode --sweep-shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
       --sweep-ms 256 --out "$out/sweep" 2>&1 | grep "mgpu_decode" | tee "$out/sweep.log"
     ;;
@@ -660,7 +668,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d" >&2
     exit 2
     ;;
 esac

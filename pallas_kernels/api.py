@@ -82,6 +82,9 @@ GEMV_MAX_M = 2  # H200 (session 8): at M = 2 the GEMV beat the kernel on all fou
 
 
 MGPU_MIN_M = 256  # rows from which 16-bit activations take the wgmma path on a Hopper (H100 crossover)
+MGPU_SHORT_M: tuple[int, int] | None = None  # (lo, hi): on a Hopper, 16-bit activations of lo..hi rows take
+# the swapped-operand kernel in column tiles (`mgpu_decode`, the packed weight unpacked in registers, no int8
+# copy of it). None (default) until measured: `bash benchmarks/device_session.sh s24c`, NOTES-kernels.md item 88
 
 
 def has_wgmma(device=None) -> bool:
@@ -91,17 +94,21 @@ def has_wgmma(device=None) -> bool:
 
 
 def select_gpu_path(m: int, dtype, *, dequant_dot_min_m: int | None = DEQUANT_DOT_MIN_M,
-                    rows: int | None = None, wgmma: bool = False, mgpu_min_m: int = MGPU_MIN_M) -> str:
-    """"gemv", "kernel", "mgpu" or "dequant_dot" for M rows of `dtype` activations on a weight of `rows`
-    packed rows (None: not the GEMV); `wgmma`: the GPU is a Hopper (`has_wgmma`), where M ≥ `mgpu_min_m`
-    takes "mgpu"; elsewhere M ≥ `dequant_dot_min_m` takes "dequant_dot"; dequant_dot_min_m None: no
-    prefill path at all (the integer kernel for every M > 1)."""
+                    rows: int | None = None, wgmma: bool = False, mgpu_min_m: int = MGPU_MIN_M,
+                    short_m: tuple[int, int] | None = None) -> str:
+    """"gemv", "kernel", "mgpu_short", "mgpu" or "dequant_dot" for M rows of `dtype` activations on a weight of
+    `rows` packed rows (None: not the GEMV); `wgmma`: the GPU is a Hopper (`has_wgmma`), where M within
+    `short_m` (lo, hi) takes "mgpu_short" and other M ≥ `mgpu_min_m` "mgpu"; elsewhere M ≥
+    `dequant_dot_min_m` takes "dequant_dot"; dequant_dot_min_m None: no prefill path at all (the integer
+    kernel for every M > 1)."""
     if m <= GEMV_MAX_M and rows is not None and rows <= GEMV_MAX_ROWS:
         return "gemv"
     wide = jax.numpy.dtype(dtype).itemsize > 2  # f32 callers keep the exact integer kernel
     if dequant_dot_min_m is None or wide:
         return "kernel"
     if wgmma:
+        if short_m is not None and short_m[0] <= m <= short_m[1]:
+            return "mgpu_short"
         return "mgpu" if m >= mgpu_min_m else "kernel"
     return "dequant_dot" if m >= dequant_dot_min_m else "kernel"
 
@@ -147,7 +154,8 @@ def mixed_matmul(
     if impl == "xla":
         return whole(reference.mixed_matmul_ref(x.dequantize().reshape(m, qw.k) if pre else x, qw))
     path = select_gpu_path(m, dtype, dequant_dot_min_m=dequant_dot_min_m,
-                           rows=qw.q8.shape[0] + qw.q4.shape[0], wgmma=not interpret and has_wgmma())
+                           rows=qw.q8.shape[0] + qw.q4.shape[0], wgmma=not interpret and has_wgmma(),
+                           short_m=MGPU_SHORT_M)
     if path == "gemv":
         from pallas_kernels import gemv
 
@@ -158,6 +166,10 @@ def mixed_matmul(
         from pallas_kernels.mgpu import mixed_matmul_mgpu
 
         return whole(mixed_matmul_mgpu(x, qw))
+    if path == "mgpu_short":
+        from pallas_kernels.mgpu_decode import mixed_matmul_mgpu_decode
+
+        return whole(mixed_matmul_mgpu_decode(x, qw))
     if not interpret and path == "dequant_dot":
         from pallas_kernels.dequant_dot import dequant_dot_matmul
 

@@ -56,7 +56,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, _round_up
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, QuantizedActivations, _round_up
 from pallas_kernels.mgpu import _interpret_params, _load_vector, _num_sms, _with_layout
 
 TILE_ROWS = 64  # weight rows per CTA: the wgmma M
@@ -358,15 +358,17 @@ def _fit_stages(stages: int, **shape) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
-def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeConfig = DEFAULT_DECODE_CONFIG,
-                             interpret: bool = False) -> jax.Array:
+def mixed_matmul_mgpu_decode(x: jax.Array | QuantizedActivations, qw: MixedWeight, *,
+                             config: DecodeConfig = DEFAULT_DECODE_CONFIG, interpret: bool = False) -> jax.Array:
     """x [M, K] float → [M, N] x.dtype in channel order: quantize activations, one swapped-operand wgmma kernel
     per channel set (8-bit, 4-bit), partial sums gathered into channel order. M ≤ `MAX_COLS`: one column tile
     (decode); up to `MAX_SHORT_M`: tiles of `config.tile_cols` activation rows (short prompts: the packed
-    weight unpacked in registers by every column tile, no int8 copy of it; not yet measured)."""
+    weight unpacked in registers by every column tile, no int8 copy of it; not yet measured). x may also be
+    `QuantizedActivations` from its producer (a norm or SwiGLU kernel at prefill): its codes, scales and sums
+    are taken as they are (rows padded to the column tiles if needed)."""
     from pallas_kernels.reference import quantize_activations_ref
 
-    m = x.shape[0]
+    m = x.m if isinstance(x, QuantizedActivations) else x.shape[0]
     if not 0 < m <= MAX_SHORT_M:
         raise ValueError(f"mixed_matmul_mgpu_decode: M={m} activation rows; this kernel takes 1..{MAX_SHORT_M}")
     if m <= MAX_COLS:
@@ -375,13 +377,21 @@ def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeCon
         cols = config.tile_cols
         col_tiles = -(-m // cols)
         rows = cols * col_tiles
-    if interpret:
+    if isinstance(x, QuantizedActivations):
+        if x.x_q.shape[1] != qw.k_padded:
+            raise ValueError(f"mixed_matmul_mgpu_decode: codes of {x.x_q.shape[1]} columns for a weight of "
+                             f"K = {qw.k_padded} (padded)")
+        dtype = jnp.dtype(x.dtype)
+        x_q, sa, x_sum = x.rows(rows if col_tiles == 1 else cols)
+    elif interpret:
+        dtype = x.dtype
         x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, rows - m), (0, 0)]))
         x_sum = x_q.astype(jnp.int32).reshape(x_q.shape[0], -1, GROUP_SIZE).sum(-1).T  # [G, Mp]
         sa = sa.T
     else:
         from pallas_kernels.kernels import quantize_activations_pallas
 
+        dtype = x.dtype
         x_q, sa, x_sum = quantize_activations_pallas(x, block_m=rows)
     g = qw.num_groups
     ctas = config.ctas or _num_sms()
@@ -399,4 +409,4 @@ def mixed_matmul_mgpu_decode(x: jax.Array, qw: MixedWeight, *, config: DecodeCon
         part = part.sum(0)  # [R, cols·col_tiles]
         parts.append(part + zero_point_terms(x_q, sa, x_sum, sw, z, cols * col_tiles) if fold else part)
     y = jnp.concatenate(parts) if len(parts) > 1 else parts[0]  # [N8p + N4p, cols·col_tiles], packed row order
-    return y[qw.row_of_channel, :m].T.astype(x.dtype)
+    return y[qw.row_of_channel, :m].T.astype(dtype)

@@ -409,6 +409,11 @@ def test_gpu_path_selection():
     assert select_gpu_path(4 * m0, jnp.bfloat16, wgmma=True, dequant_dot_min_m=None) == "kernel"
     assert select_gpu_path(4 * m0, jnp.float32) == "kernel"  # exact path for f32 callers
     assert select_gpu_path(4 * m0, jnp.bfloat16, dequant_dot_min_m=None) == "kernel"
+    short = (65, 512)  # the column-tiled swapped-operand kernel, opt-in (api.MGPU_SHORT_M), on a Hopper only
+    assert [select_gpu_path(m, jnp.bfloat16, wgmma=True, short_m=short) for m in (64, 65, 512, 513)] == \
+        ["kernel", "mgpu_short", "mgpu_short", "mgpu"]
+    assert select_gpu_path(200, jnp.bfloat16, short_m=short) == "kernel"  # other GPUs: unchanged
+    assert select_gpu_path(200, jnp.float32, wgmma=True, short_m=short) == "kernel"  # f32: the exact kernel
 
 
 @pytest.mark.skipif(INTERPRET, reason="the GPU prefill dispatch (mgpu on a Hopper, dequant_dot elsewhere) needs a GPU")

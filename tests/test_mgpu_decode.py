@@ -147,6 +147,26 @@ def test_short_prompt_in_column_tiles_within_bound():
 
 
 @isolated
+def test_short_prompt_takes_codes():
+    """`QuantizedActivations` from a producer (a norm or SwiGLU kernel at prefill) go in as they are: with the
+    codes the float path makes, the same bits; 64-row padded codes are padded again to whole column tiles."""
+    from pallas_kernels.format import QuantizedActivations
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    rng = _rng()
+    qw = _weight(rng, 130, 256, 0.1)
+    x = jnp.asarray(rng.normal(size=(70, 256)), jnp.bfloat16)
+    codes = QuantizedActivations(*quantize_activations_xla(x, block_m=64), (70,), 256, "bfloat16")  # 128 rows
+    config = md.DecodeConfig(tile_cols=96)  # 70 rows: one tile of 96, the codes' 128 rows taken as they are
+    y = md.mixed_matmul_mgpu_decode(codes, qw, config=config, interpret=INTERPRET)
+    assert y.shape == (70, 130) and y.dtype == jnp.bfloat16
+    assert np.array_equal(np.asarray(y, np.float32),
+                          np.asarray(md.mixed_matmul_mgpu_decode(x, qw, config=config, interpret=INTERPRET), np.float32))
+    with pytest.raises(ValueError, match="codes of 256 columns for a weight of K = 384"):
+        md.mixed_matmul_mgpu_decode(codes, _weight(rng, 130, 384, 0.1), interpret=True)
+
+
+@isolated
 def test_mixed_matmul_mgpu_decode_folded_within_bound():
     """`DecodeConfig(fold=True)`: the 4-bit rows' zero-point terms added after the kernel (both channel sets)."""
     rng = _rng()
