@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -215,6 +216,10 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
         raise ValueError(f"w8a8_group_matmul: config {cfg} with {out_dtype.name} output needs ≈ {smem // 1024} KB "
                          f"of shared memory, more than the {_SMEM_BYTES // 1024} KB of a Hopper SM; lower stages, "
                          "gps or epi_n")
+    if interpret and cfg.wgs > 2 and (os.cpu_count() or 1) < 4:
+        raise ValueError(f"w8a8_group_matmul: config.wgs={cfg.wgs} in interpret mode on {os.cpu_count()} CPU cores: "
+                         "Pallas's Mosaic GPU interpreter hangs running its four warpgroup threads on two cores; "
+                         "run it on a Hopper GPU, or interpret a config with wgs=2")
     m_iters, n_iters = -(-mp // cfg.cta_m), np_ // cfg.cta_n
     tm, tn, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_n
     gps = cfg.gps
