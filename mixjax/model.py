@@ -526,8 +526,12 @@ def _cache_as(cache: KVCache, stacked: bool) -> KVCache:
 def _quantize_kv(x: jax.Array, scale_dtype) -> tuple[jax.Array, jax.Array]:
     """x [B, T, KVH, Dh] → (int8 codes [B, T, KVH, Dh], scales [B, T, KVH]): symmetric, x ≈ q·s."""
     amax = jnp.max(jnp.abs(x.astype(jnp.float32)), axis=-1)  # [B, T, KVH]
-    scale = (amax / 127.0).astype(scale_dtype)
-    s = scale.astype(jnp.float32)
+    # the stored scale's rounding, as an op XLA keeps: with its default excess precision, XLA on the GPU may drop
+    # a convert to bf16 and back, so the codes would be made against the unrounded scale (up to 127 × 2^-8 of a
+    # step off the stored one; H200, sessions 23–24: the int8-cache test's code ≈ 1.1 steps from the float key)
+    fi = jnp.finfo(scale_dtype)
+    s = jax.lax.reduce_precision(amax / 127.0, exponent_bits=fi.nexp, mantissa_bits=fi.nmant)
+    scale = s.astype(scale_dtype)  # exact: s is representable in scale_dtype
     q = jnp.round(x.astype(jnp.float32) / jnp.where(s > 0, s, 1.0)[..., None])
     return jnp.clip(q, -127, 127).astype(jnp.int8), scale
 
