@@ -166,6 +166,24 @@ def test_short_prompt_takes_codes():
         md.mixed_matmul_mgpu_decode(codes, _weight(rng, 130, 384, 0.1), interpret=True)
 
 
+@pytest.mark.skipif(not ON_HOPPER, reason="the dispatch to the wgmma kernels needs a Hopper GPU")
+def test_api_sends_short_prompts_here_when_asked(monkeypatch):
+    """`api.MGPU_SHORT_M = (lo, hi)`: lo..hi rows through `pallas_kernels.mixed_matmul` take this kernel, within
+    the bf16 bound of the reference."""
+    import pallas_kernels as pk
+    from pallas_kernels import api
+
+    rng = _rng()
+    qw = _weight(rng, 300, 576, 0.1)
+    x = jnp.asarray(rng.normal(size=(200, 576)), jnp.bfloat16)
+    monkeypatch.setattr(api, "MGPU_SHORT_M", (65, 512))
+    calls = []
+    real = md.mixed_matmul_mgpu_decode
+    monkeypatch.setattr(md, "mixed_matmul_mgpu_decode", lambda *a, **k: calls.append(1) or real(*a, **k))
+    y = pk.mixed_matmul(x, qw, implementation="pallas")
+    assert calls and y.shape == (200, 300) and _rel(y, ref.mixed_matmul_ref(x, qw)) < 5e-3
+
+
 @isolated
 def test_mixed_matmul_mgpu_decode_folded_within_bound():
     """`DecodeConfig(fold=True)`: the 4-bit rows' zero-point terms added after the kernel (both channel sets)."""
