@@ -52,7 +52,8 @@ into the cache by XLA's scatter in the tokens' order (before session 23) or by t
 (the default since; `model.CACHE_WRITE` = "scatter", "scatter_t"), any variant; `@wg3`: the prefill GEMM takes
 `mgpu.THREE_WG_CONFIG`'s 192-row CTAs where `pick_config`'s estimate prefers them (`mgpu.THREE_WGS = True`);
 `@short`: linears of 65–512 rows take the swapped-operand kernel in column tiles (`api.MGPU_SHORT_M = (65, 512)`,
-the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out);
+the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out, `@short64` in
+column tiles of 64 rows instead of 128);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -354,7 +355,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
-              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "short", "shortf")
+              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "short", "shortf", "short64")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -428,13 +429,13 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import mgpu
 
         mgpu.pick_config = lambda m, n, sms=None: mgpu.DEFAULT_CONFIG
-    elif strategy in ("short", "shortf"):  # short prompts without the unpack pass (session 24, NOTES item 88)
+    elif strategy in ("short", "shortf", "short64"):  # short prompts without the unpack pass (session 24, item 88)
         from pallas_kernels import api, mgpu_decode
 
         api.MGPU_SHORT_M = (65, 512)
-        if strategy == "shortf":
-            mgpu_decode.mixed_matmul_mgpu_decode = functools.partial(
-                mgpu_decode.mixed_matmul_mgpu_decode, config=mgpu_decode.DecodeConfig(fold=True))
+        if strategy != "short":
+            config = mgpu_decode.DecodeConfig(fold=strategy == "shortf", tile_cols=64 if strategy == "short64" else 128)
+            mgpu_decode.mixed_matmul_mgpu_decode = functools.partial(mgpu_decode.mixed_matmul_mgpu_decode, config=config)
     elif strategy == "wg3":  # three compute warpgroups where pick_config's estimate prefers them (session 24)
         from pallas_kernels import mgpu
 

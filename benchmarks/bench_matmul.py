@@ -51,7 +51,7 @@ MS = (1, 16, 64, 256, 1024, 4096)
 VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
          "mixed_v4": 0.1, "gemv": 0.1, "mixed_dt": 0.1, "mixed_f32out": 0.1, "api": 0.1, "dequant_dot": 0.1,
-         "mgpu": 0.1, "mgpu_decode": 0.1, "mgpu_decode_fold": 0.1}
+         "mgpu": 0.1, "mgpu_decode": 0.1, "mgpu_decode_fold": 0.1, "mgpu_decode64": 0.1}
 ROTATE_BYTES = 100e6
 GEMV_OVERRIDES = {  # variant → GemvConfig fields changed from `gemv.choose_gemv_config`'s default
     "gemv_qf": dict(quantize_first=True),  # on codes from the quantization kernel (two launches)
@@ -186,9 +186,10 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name == "mgpu":  # prefill on Hopper: int8 weight unpack + Mosaic GPU wgmma GEMM (pallas_kernels/mgpu.py)
         fn = lambda x, w: mgpu.mixed_matmul_mgpu(x, w, config=cfg, interpret=interpret)  # None: pick_config
         return fn, build, reference.mixed_matmul_ref, 5e-3
-    if name in ("mgpu_decode", "mgpu_decode_fold"):  # decode on Hopper: TMA-streamed packed weight, swapped-
-        # operand wgmma; _fold: the 4-bit rows' zero-point terms after the kernel (two wgmmas a group, not three)
-        default = mgpu_decode.DecodeConfig(fold=name.endswith("fold"))
+    if name in ("mgpu_decode", "mgpu_decode_fold", "mgpu_decode64"):  # decode on Hopper: TMA-streamed packed
+        # weight, swapped-operand wgmma; _fold: the 4-bit rows' zero-point terms after the kernel (two wgmmas a
+        # group, not three); 64: column tiles of 64 activation rows beyond M = 64 (the default takes 128)
+        default = mgpu_decode.DecodeConfig(fold=name.endswith("fold"), tile_cols=64 if name.endswith("64") else 128)
         fn = lambda x, w: mgpu_decode.mixed_matmul_mgpu_decode(x, w, config=cfg or default, interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "float_dequant":

@@ -638,15 +638,16 @@ case "$part" in
   s24c)  # prepared in session 24: short prompts through the swapped-operand kernel in column tiles
     # (mgpu_decode, M > 64: the packed weight unpacked in registers by each tile of 64 or 128 activation rows, no
     # int8 copy of the weight first), against today's prefill path (unpack + Mosaic GEMM) and XLA bf16; then a
-    # 256-token prefill with it (@short; @shortf folds the zero-point terms out). If it wins, set
+    # 256-token prefill with it (@short: column tiles of 128 rows, @short64: of 64). If it wins, set
     # api.MGPU_SHORT_M and run s24d (tile widths and stages)
     header
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu_decode.py 2>&1 | tail -4 | tee "$out/tests.log"
     timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
       --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 256,512 \
-      --variants xla_bf16,mgpu,mgpu_decode,mgpu_decode_fold --out "$out/short" 2>&1 | grep -v "^ *$" | tail -30 \
+      --variants xla_bf16,mgpu,mgpu_decode,mgpu_decode_fold,mgpu_decode64 --out "$out/short" 2>&1 | grep -v "^ *$" \
+      | tail -30 \
       | tee "$out/short.log"
-    timeout 280 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@short+h4,w4.4a8@shortf+h4 \
+    timeout 280 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@short+h4,w4.4a8@short64+h4 \
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 270 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
