@@ -265,9 +265,11 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
             def _tile_loop(info):
                 (lin,) = info.index
                 mi, ni = plgpu.planar_snake(lin, (m_iters, n_iters), 1, cfg.snake)
-                # the last row tile ends at Mp (overlapping the one before it when cta_m does not divide Mp);
-                # multiple_of: the offset stays visibly aligned to the tiled layouts (Mp and cta_m are multiples)
-                cta_m = pl.ds(pl.multiple_of(jnp.minimum(mi * cfg.cta_m, mp - cfg.cta_m), M_ALIGN), cfg.cta_m)
+                if mp % cfg.cta_m:  # the last row tile ends at Mp, overlapping the one before it; multiple_of:
+                    # the offset stays visibly aligned to the tiled layouts (Mp and cta_m are multiples of it)
+                    cta_m = pl.ds(pl.multiple_of(jnp.minimum(mi * cfg.cta_m, mp - cfg.cta_m), M_ALIGN), cfg.cta_m)
+                else:
+                    cta_m = pl.ds(mi * cfg.cta_m, cfg.cta_m)
                 cta_n = pl.ds(ni * cfg.cta_n, cfg.cta_n)
                 if cfg.wg_along == "m":
                     wg_m, wg_n = pl.ds(wg * tm, tm), pl.ds(0, tn)
