@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, QuantizedActivations, _round_up
-from pallas_kernels.mgpu import _interpret_params, _load_vector, _num_sms, _with_layout
+from pallas_kernels.mgpu import _SMEM_BYTES, _interpret_params, _load_vector, _num_sms, _with_layout
 
 TILE_ROWS = 64  # weight rows per CTA: the wgmma M
 MAX_COLS = 64  # activation rows one call takes (wgmma N; the accumulators stay small in registers)
@@ -287,7 +287,7 @@ def rows_matmul(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w: jax.Arr
         if four and not fold:
             z_specs = [row_spec(zero_rows)]
             z_args = [z_gmem.at[grp, pl.ds((r0 // zero_rows) * zero_rows, zero_rows)]]
-        act = pl.ds(0, mp) if col_tiles == 1 else pl.ds(c0, cols)  # the scale and sum columns copied
+        act = pl.ds(0 if col_tiles == 1 else c0, span)  # the scale and sum columns copied
         xs_specs, xs_args = ([], []) if fold else ([row_spec(span)], [xs_gmem.at[grp, act]])
         plgpu.emit_pipeline_warp_specialized(
             body,
@@ -334,7 +334,6 @@ def zero_point_terms(x_q: jax.Array, a_scale: jax.Array, x_sum: jax.Array, w_sca
 
 
 MAX_SHORT_M = 1024  # activation rows `mixed_matmul_mgpu_decode` takes in column tiles (short prompts)
-_SMEM_BYTES = 232448  # shared memory a CTA may use on sm_90 (227 KB)
 
 
 def _smem_bytes(cols: int, span: int, wgs: int, gps: int, stages: int, four: bool, fold: bool) -> int:
@@ -369,6 +368,7 @@ def mixed_matmul_mgpu_decode(x: jax.Array | QuantizedActivations, qw: MixedWeigh
     from pallas_kernels.reference import quantize_activations_ref
 
     m = x.m if isinstance(x, QuantizedActivations) else x.shape[0]
+    dtype = jnp.dtype(x.dtype)
     if not 0 < m <= MAX_SHORT_M:
         raise ValueError(f"mixed_matmul_mgpu_decode: M={m} activation rows; this kernel takes 1..{MAX_SHORT_M}")
     if m <= MAX_COLS:
@@ -381,17 +381,14 @@ def mixed_matmul_mgpu_decode(x: jax.Array | QuantizedActivations, qw: MixedWeigh
         if x.x_q.shape[1] != qw.k_padded:
             raise ValueError(f"mixed_matmul_mgpu_decode: codes of {x.x_q.shape[1]} columns for a weight of "
                              f"K = {qw.k_padded} (padded)")
-        dtype = jnp.dtype(x.dtype)
         x_q, sa, x_sum = x.rows(rows if col_tiles == 1 else cols)
     elif interpret:
-        dtype = x.dtype
         x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, rows - m), (0, 0)]))
         x_sum = x_q.astype(jnp.int32).reshape(x_q.shape[0], -1, GROUP_SIZE).sum(-1).T  # [G, Mp]
         sa = sa.T
     else:
         from pallas_kernels.kernels import quantize_activations_pallas
 
-        dtype = x.dtype
         x_q, sa, x_sum = quantize_activations_pallas(x, block_m=rows)
     g = qw.num_groups
     ctas = config.ctas or _num_sms()

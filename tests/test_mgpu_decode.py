@@ -123,15 +123,12 @@ def test_column_tiles_lower_for_cuda(four, fold):
                                                       ((g, r), jnp.float32))]
     stages = md._fit_stages(6, cols=128, span=128, wgs=2, gps=1, four=four, fold=fold)
     assert 3 <= stages <= 6
-
-    def call(*a, zero=None):
-        return md.rows_matmul(*a, zero, cols=128, split=1, stages=stages, fold=fold, col_tiles=2)
-
     if four:
         shapes.append(jax.ShapeDtypeStruct((g, r), jnp.int8))
-        fn = lambda *a: call(*a[:5], zero=a[5])  # noqa: E731
-    else:
-        fn = call
+
+    def fn(x_q, sa, x_sum, w, sw, zero=None):
+        return md.rows_matmul(x_q, sa, x_sum, w, sw, zero, cols=128, split=1, stages=stages, fold=fold, col_tiles=2)
+
     text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("wgmma") >= 1
 
