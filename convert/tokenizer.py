@@ -2,17 +2,34 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 from convert.layout import ConvertError
 
 TOKENIZER_DIR = "tokenizer"  # inside a mixjax checkpoint: the files saved by `tokenizer.save_pretrained`
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
+_NO_TORCH_ADVICE = "PyTorch was not found"  # transformers logs this when imported without torch
+
+
+class _DropNoTorchAdvice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(_NO_TORCH_ADVICE)
+
+
+def quiet_no_torch_advice() -> None:
+    """Drops the one line transformers logs at import when torch is absent ("PyTorch was not found. Models won't
+    be available..."): mixjax uses transformers only for tokenizers, which need no torch, so the line would
+    only alarm the user. Other transformers messages pass. Idempotent; call it before importing transformers."""
+    logger = logging.getLogger("transformers")
+    if not any(isinstance(f, _DropNoTorchAdvice) for f in logger.filters):
+        logger.addFilter(_DropNoTorchAdvice())
 
 
 def load_tokenizer(path: Path):
     """AutoTokenizer of a Hugging Face directory, of a .gguf file (its embedded vocabulary), or of a
     mixjax checkpoint (its `tokenizer/` folder)."""
+    quiet_no_torch_advice()
     from transformers import AutoTokenizer
 
     from convert import orbax_io

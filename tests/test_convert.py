@@ -456,6 +456,34 @@ def test_load_tokenizer_errors(tiny_llama_dir):
         convert.load_tokenizer(tiny_llama_dir)
 
 
+def test_no_torch_advice_is_dropped_and_other_transformers_messages_pass():
+    """transformers logs "PyTorch was not found..." at import on machines without torch (the demo's); mixjax
+    needs no torch for tokenizers, so `load_tokenizer` drops that one record and nothing else."""
+    import logging
+
+    from convert.tokenizer import _DropNoTorchAdvice, quiet_no_torch_advice
+
+    logger = logging.getLogger("transformers")
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger.addHandler(handler)
+    before = list(logger.filters)
+    logger.filters[:] = [f for f in before if not isinstance(f, _DropNoTorchAdvice)]  # an earlier test's load
+    try:
+        logger.warning("PyTorch was not found (before)")
+        quiet_no_torch_advice()
+        quiet_no_torch_advice()
+        assert sum(isinstance(f, _DropNoTorchAdvice) for f in logger.filters) == 1
+        logger.warning("PyTorch was not found. Models won't be available and only tokenizers, configuration and "
+                       "file/data utilities can be used.")
+        logger.warning("something else")
+        assert seen == ["PyTorch was not found (before)", "something else"]
+    finally:
+        logger.removeHandler(handler)
+        logger.filters[:] = before
+
+
 def test_gguf_tokenizer_is_built_without_torch_and_matches_transformers(embedded_model_path):
     """The embedded GGUF's byte-level BPE tokenizer is built from its metadata (transformers' GGUF path
     needs torch). It equals transformers' on text without digits; digits are split one by one, as the
