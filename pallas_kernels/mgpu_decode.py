@@ -57,7 +57,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, QuantizedActivations, _round_up
-from pallas_kernels.mgpu import _SMEM_BYTES, _interpret_params, _load_vector, _num_sms, _with_layout
+from pallas_kernels.mgpu import QUANT_ROWS, _SMEM_BYTES, _interpret_params, _load_vector, _num_sms, _with_layout
 
 TILE_ROWS = 64  # weight rows per CTA: the wgmma M
 MAX_COLS = 64  # activation rows one call takes (wgmma N; the accumulators stay small in registers)
@@ -389,7 +389,9 @@ def mixed_matmul_mgpu_decode(x: jax.Array | QuantizedActivations, qw: MixedWeigh
     else:
         from pallas_kernels.kernels import quantize_activations_pallas
 
-        x_q, sa, x_sum = quantize_activations_pallas(x, block_m=rows)
+        # column tiles: `mgpu.QUANT_ROWS` rows a program, as before the prefill GEMM (item 77: at 256 rows half the
+        # time of 128-row programs); one decode tile (≤ 64 rows) stays one program a group
+        x_q, sa, x_sum = quantize_activations_pallas(x, block_m=rows, block_rows=QUANT_ROWS if col_tiles > 1 else None)
     g = qw.num_groups
     ctas = config.ctas or _num_sms()
     parts = []

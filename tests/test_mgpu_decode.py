@@ -5,6 +5,8 @@ Hopper GPU is present. Fresh random data each run."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
 import jax.numpy as jnp
@@ -131,6 +133,18 @@ def test_column_tiles_lower_for_cuda(four, fold):
 
     text = jax.jit(fn).trace(*shapes).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("wgmma") >= 1
+
+
+def test_short_prompt_path_lowers_for_cuda():
+    """The whole short-prompt call from bf16 rows, lowered for CUDA (no GPU needed): the activation quantization
+    (Pallas-Triton, 32 rows a program) and both channel sets' column-tiled kernels of 128 rows."""
+    import jax
+
+    qw = _weight(_rng(), 256, 512, 0.1)
+    x = jax.ShapeDtypeStruct((200, 512), jnp.bfloat16)
+    fn = functools.partial(md.mixed_matmul_mgpu_decode, config=md.DecodeConfig(tile_cols=128))
+    text = jax.jit(fn).trace(x, qw).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("wgmma") >= 2 and 'name = "quantize_activations"' in text
 
 
 @isolated
