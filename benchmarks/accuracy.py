@@ -72,8 +72,8 @@ def needs_salience(c: QuantConfig) -> bool:
 def describe(c: QuantConfig) -> str:
     w = "per-channel" if c.weight.group_size is None else f"g{c.weight.group_size}"
     w = f"int8 {w} sym (all channels)" if c.bits >= 8 else f"int4 {w}" + (" sym" if c.weight.symmetric4 else " asym")
-    a = "A16" if c.act.bits is None else f"A{c.act.bits} " + ("per-token" if c.act.granularity == "token" else "g128") \
-        + (" static" if c.act.bits is not None and c.act.static else "")
+    a = "A16" if c.act.bits is None else (f"A{c.act.bits} " + ("per-token" if c.act.granularity == "token" else "g128")
+                                          + (" static" if c.act.static else ""))
     q = "GPTQ" + ("" if c.group_reorder else " (no reorder)") if c.gptq else "RTN"
     q += " + clip" if c.clip else ""
     sel = f", {c.salience} {'local' if c.local else 'global'}" if needs_salience(c) else ""
