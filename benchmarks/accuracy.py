@@ -49,6 +49,7 @@ ROWS = [
     ("main", "MixLLM W4.8A8 global", QuantConfig(bits=4.8)),
     ("main", "MixLLM W4.4A8 local", QuantConfig(bits=4.4, local=True)),
     ("main", "MixLLM W4.4A8, static activation scales", QuantConfig(bits=4.4, act=ActFormat(static=True))),
+    ("main", "MixLLM W4.4A8, per-token activation scales", QuantConfig(bits=4.4, act=A8_TOKEN)),
     ("main", "W8A8 (GPTQ + clip)", QuantConfig(bits=8)),
     ("ladder", "1. W4A4 per-channel sym / per-token RTN",
      QuantConfig(bits=4, weight=PER_CHANNEL_SYM, act=ActFormat(bits=4, granularity="token"), **RTN)),

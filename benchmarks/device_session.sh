@@ -621,14 +621,16 @@ case "$part" in
     # tile overlapping instead of padding; the int8 cache test that fails on the H200 only (its message names the
     # element); the GEMM at M = 2048 default against THREE_WG_CONFIG; prefill 2048 without and with the new tiles
     # (@wg3; if faster, set mgpu.THREE_WGS = True), with the int8 matrices and W8A8. Prepared in session 24, whose
-    # device loans were paused before this call
+    # device loans were paused before this call. Session 26 added the per-token activation scales to the GEMM sweep
+    # (MgpuConfig.act_scale="token": what MixLLM's per-group activation scales cost in the rescale)
     header
     timeout 45 python3 -m pytest -q -p no:cacheprovider tests/test_model.py -k int8_cache_codes 2>&1 | tail -8 \
       | tee "$out/tests.log"
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py -k "rows_not or pick_config or takes_codes \
-      or within_bf16 or group_matmul_matches" 2>&1 | tail -4 | tee -a "$out/tests.log"
-    timeout 110 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144 --ms 2048 \
-      --variants xla_bf16 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid pick \
+      or within_bf16 or group_matmul_matches or token" 2>&1 | tail -4 | tee -a "$out/tests.log"
+    # session 26: the grid "token" is "pick" with each tile also at one activation scale a row (act_scale="token")
+    timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144 --ms 2048 \
+      --variants xla_bf16 --sweep-mgpu --sweep-mgpu-variant mgpu_core --sweep-mgpu-grid token \
       --sweep-shapes 4096x28672,14336x4096,4096x6144,4096x4096 --sweep-ms 2048 --out "$out/pick" 2>&1 \
       | grep "mgpu_core\|xla_bf16" | tee "$out/pick.log"
     timeout 280 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@wg3+h4,w4.4a8@pint8+h4,w8a8+h8 \

@@ -95,7 +95,11 @@ class MgpuConfig:
     Unlike `seed`, the accumulator of the wgmma starts at zero (no move per element before the MMAs).
     "magic_fma": the same integer add, then `seed`'s two FMAs (P·s_w as (1.5·2^23 + P)·s_w − 1.5·2^23·s_w,
     then · s_a into the accumulator): three instructions an element instead of four, at `seed`'s
-    precision (one f32 rounding of 1.5·2^23·s_w a group: at most about one unit of P, times s_w)."""
+    precision (one f32 rounding of 1.5·2^23·s_w a group: at most about one unit of P, times s_w);
+    act_scale: "group" (MixLLM: one activation scale per token and group of 128, a_scale [G, Mp]) or "token"
+    (one scale per token, a_scale [1, Mp]; not MixLLM's format, a speed ablation). Per token, the scale factors
+    out of the sum over groups: the rescale is acc + f32(P)·s_w, two instructions an element and group instead
+    of three, and s_a multiplies the tile once before the epilogue."""
 
     tile_m: int = 64
     tile_n: int = 128
@@ -110,6 +114,7 @@ class MgpuConfig:
     gps: int = 2
     convert: str = "i2f"
     wgs: int = 2
+    act_scale: str = "group"
 
     def __post_init__(self):
         if self.tile_m % 64 or self.tile_m <= 0:
@@ -129,6 +134,10 @@ class MgpuConfig:
         if self.convert not in ("i2f", "magic", "magic_fma") or (self.convert != "i2f" and self.seed):
             raise ValueError(f"MgpuConfig: convert={self.convert!r} must be 'i2f', 'magic' or 'magic_fma', and "
                              "the magic ones go without seed (a seeded partial is converted by its seed already)")
+        if self.act_scale not in ("group", "token") or (
+                self.act_scale == "token" and (self.seed or self.overlap or self.convert == "magic_fma")):
+            raise ValueError(f"MgpuConfig: act_scale={self.act_scale!r} must be 'group' or 'token', and 'token' goes "
+                             "without seed, overlap and convert='magic_fma' (their rescales apply s_a per group)")
 
     @property
     def cta_m(self) -> int:
@@ -188,7 +197,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                       interpret: bool = False) -> jax.Array:
     """x_q int8 [Mp, Kp], a_scale f32 [G, Mp], w int8 [Np, Kp], w_scale f32 [G, Np] → out_dtype [Mp, Np].
 
-    y[m, n] = Σ_g f32(Σ_{k∈g} x_q[m, k]·w[n, k]) · a_scale[g, m] · w_scale[g, n]; Np must be a multiple of
+    y[m, n] = Σ_g f32(Σ_{k∈g} x_q[m, k]·w[n, k]) · a_scale[g, m] · w_scale[g, n] (`config.act_scale="token"`:
+    a_scale [1, Mp], y[m, n] = a_scale[0, m] · Σ_g f32(...) · w_scale[g, n]); Np must be a multiple of
     `config.cta_n` and Kp of 128. Mp must be a multiple of 64 and at least `config.cta_m`: where it is not a
     multiple of cta_m, the last row tile starts at Mp − cta_m and recomputes rows of the one before it (the
     same values written twice), so 192-row CTAs (`wgs=3`) take 2048 rows without padding them."""
@@ -200,9 +210,11 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
         raise TypeError(f"w8a8_group_matmul: x_q and w must be int8, got {x_q.dtype}, {w.dtype}")
     if kp != kp2 or kp % GROUP_SIZE:
         raise ValueError(f"w8a8_group_matmul: K mismatch or not a multiple of 128: x_q {x_q.shape}, w {w.shape}")
-    if a_scale.shape != (g, mp) or w_scale.shape != (g, np_):
-        raise ValueError(f"w8a8_group_matmul: scales must be [G, Mp] = {(g, mp)} and [G, Np] = {(g, np_)}, "
-                         f"got {a_scale.shape}, {w_scale.shape}")
+    token = cfg.act_scale == "token"
+    sa_rows = 1 if token else g
+    if a_scale.shape != (sa_rows, mp) or w_scale.shape != (g, np_):
+        raise ValueError(f"w8a8_group_matmul: scales must be [{'1' if token else 'G'}, Mp] = {(sa_rows, mp)} "
+                         f"(act_scale={cfg.act_scale!r}) and [G, Np] = {(g, np_)}, got {a_scale.shape}, {w_scale.shape}")
     if g % cfg.gps:
         raise ValueError(f"w8a8_group_matmul: K/128 = {g} groups is not a multiple of config.gps={cfg.gps}")
     if mp % M_ALIGN or mp < cfg.cta_m or np_ % cfg.cta_n:
@@ -220,6 +232,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
         raise ValueError(f"w8a8_group_matmul: config.wgs={cfg.wgs} in interpret mode on {os.cpu_count()} CPU cores: "
                          "Pallas's Mosaic GPU interpreter hangs running its four warpgroup threads on two cores; "
                          "run it on a Hopper GPU, or interpret a config with wgs=2")
+    if token:  # the pipeline takes only inputs that move with its K steps: the row scales repeated per group
+        a_scale = jnp.broadcast_to(a_scale, (g, mp))
     m_iters, n_iters = -(-mp // cfg.cta_m), np_ // cfg.cta_n
     tm, tn, epi_n = cfg.tile_m, cfg.tile_n, cfg.epi_n
     gps = cfg.gps
@@ -276,9 +290,13 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                 else:
                     wg_m, wg_n = pl.ds(0, tm), pl.ds(wg * tn, tn)
 
-                def accumulate(acc, partial, sa, sw):  # acc + f32(P) · (s_a ⊗ s_w)
-                    sa_b = lax.broadcast_in_dim(sa, (tm, tn), [0])
+                def accumulate(acc, partial, sa, sw):  # acc + f32(P) · (s_a ⊗ s_w); token: acc + f32(P) · s_w
                     sw_b = lax.broadcast_in_dim(sw, (tm, tn), [1])
+                    if token:
+                        p = (lax.bitcast_convert_type(partial + _MAGIC, jnp.float32) - _MAGIC_F
+                             if cfg.convert == "magic" else partial.astype(jnp.float32))
+                        return acc + p * sw_b
+                    sa_b = lax.broadcast_in_dim(sa, (tm, tn), [0])
                     if cfg.convert == "magic_fma":  # seed it here, then as `seed`
                         partial = partial + _MAGIC
                     if cfg.seed or cfg.convert == "magic_fma":  # the bits of 1.5·2^23 + P: two FMAs an element
@@ -291,13 +309,21 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         p = partial.astype(jnp.float32)
                     return acc + p * (sa_b * sw_b)
 
-                def body_gps(_, x_smem, sa_smem, w_smem, sw_smem, acc):
+                def load_sa(sa_smem, j):
+                    return _load_vector(sa_smem.at[j], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret)
+
+                def body_gps(step, x_smem, sa_smem, w_smem, sw_smem, carry):
+                    if token:  # the row scales ride along in the carry to the epilogue, applied once
+                        return (body_gps_acc(step, x_smem, sa_smem, w_smem, sw_smem, carry[0]), load_sa(sa_smem, 0))
+                    return body_gps_acc(step, x_smem, sa_smem, w_smem, sw_smem, carry)
+
+                def body_gps_acc(_, x_smem, sa_smem, w_smem, sw_smem, acc):
                     def operands(j):
                         cols = pl.ds(j * GROUP_SIZE, GROUP_SIZE)
                         return x_smem.at[wg_m, cols], w_smem.at[wg_n, cols]
 
                     def scales(j):
-                        return (_load_vector(sa_smem.at[j], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret),
+                        return (None if token else load_sa(sa_smem, j),
                                 _load_vector(sw_smem.at[j], wg_n, plgpu.Layout.WGMMA.reduce(0), interpret))
 
                     if interpret:  # the interpreter's wgmma takes no transposed operand: same product
@@ -353,10 +379,12 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         acc, partial = pl.run_scoped(group_mma, plgpu.ACC((tm, tn), jnp.int32))
                     if cfg.pingpong:  # the tensor cores are free: the other warpgroup's turn
                         plgpu.barrier_arrive(turn.at[wg])
-                    sa = _load_vector(sa_smem.at[0], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret)
+                    sa = load_sa(sa_smem, 0)
                     sw = _load_vector(sw_smem.at[0], wg_n, plgpu.Layout.WGMMA.reduce(0), interpret)
                     if cfg.overlap:
                         return acc, partial, sa, sw
+                    if token:  # acc is (acc, s_a of the rows): the scales ride along to the epilogue
+                        return accumulate(acc[0], partial, None, sw), sa
                     return accumulate(acc, partial, sa, sw)
 
                 def compute_context(run):
@@ -367,6 +395,10 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
                         sa0 = _with_layout(jnp.full((tm,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
                         sw0 = _with_layout(jnp.full((tn,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(0), interpret)
                         acc = accumulate(*run((acc0, p0, sa0, sw0)))
+                    elif token:
+                        sa0 = _with_layout(jnp.full((tm,), 0, jnp.float32), plgpu.Layout.WGMMA.reduce(1), interpret)
+                        acc, sa = run((acc0, sa0))
+                        acc = acc * lax.broadcast_in_dim(sa, (tm, tn), [0])
                     else:
                         acc = run(acc0)
                     acc = acc.astype(out_dtype)

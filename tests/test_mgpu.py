@@ -121,6 +121,36 @@ def test_group_matmul_rows_not_a_multiple_of_the_cta(cfg, m):
     assert _rel(y, ref.w8a8_ref(x_q, sa.T, w, sw)) < 1e-6
 
 
+@pytest.mark.parametrize("cfg", [
+    mgpu.MgpuConfig(programs=3, act_scale="token"),  # two groups a step
+    mgpu.MgpuConfig(tile_n=64, wg_along="n", epi_n=32, programs=2, gps=1, convert="magic", act_scale="token"),
+    gpu_only(dataclasses.replace(mgpu.THREE_WG_CONFIG, programs=3, act_scale="token")),
+])
+@isolated
+def test_token_activation_scales_match_reference(cfg):
+    """`act_scale="token"` (one activation scale a row, applied once after the K loop) equals the per-group
+    reference whose activation scales are the same in every group, to f32 rounding."""
+    rng = _rng()
+    m, n = 2 * cfg.cta_m, 2 * cfg.cta_n
+    x_q, sa, w, sw = _operands(rng, m, 512, n)
+    sa = sa[:1]  # [1, M]
+    y = mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
+    assert _rel(y, ref.w8a8_ref(x_q, jnp.repeat(sa, 4, axis=0).T, w, sw)) < 1e-6
+    with pytest.raises(ValueError, match=r"\[1, Mp\].*act_scale='token'"):
+        mgpu.w8a8_group_matmul(x_q, jnp.repeat(sa, 4, axis=0), w, sw, config=cfg, interpret=INTERPRET)
+
+
+def test_token_activation_scales_lower_for_cuda():
+    """Lowered for CUDA (no GPU needed): the row scales carried through the K loop to the epilogue, one group a
+    step and two."""
+    shapes = [jax.ShapeDtypeStruct(s, t) for s, t in
+              (((128, 512), jnp.int8), ((1, 128), jnp.float32), ((128, 512), jnp.int8), ((4, 128), jnp.float32))]
+    for cfg in (mgpu.MgpuConfig(act_scale="token"), mgpu.MgpuConfig(gps=1, stages=4, act_scale="token")):
+        text = jax.jit(lambda *a: mgpu.w8a8_group_matmul(*a, config=cfg)).trace(*shapes).lower(
+            lowering_platforms=("cuda",)).as_text()
+        assert "wgmma" in text and "load_sa" in text, cfg
+
+
 def test_magic_conversion_lowers_without_int_to_float():
     """Lowered for CUDA (no GPU needed): the magic conversions leave no `arith.sitofp` in the kernel, the default
     has one (the rescale's conversion, the instruction Nsight Compute counted once per element and group)."""
@@ -298,6 +328,10 @@ def test_bad_configs_and_shapes_are_named():
         mgpu.MgpuConfig(convert="fast")
     with pytest.raises(ValueError, match="without seed"):
         mgpu.MgpuConfig(gps=1, seed=True, convert="magic")
+    with pytest.raises(ValueError, match="act_scale"):
+        mgpu.MgpuConfig(act_scale="row")
+    with pytest.raises(ValueError, match="'token' goes without seed"):
+        mgpu.MgpuConfig(gps=1, seed=True, act_scale="token")
     with pytest.raises(ValueError, match="shared memory.*lower stages, gps or epi_n"):  # found on the H200
         mgpu.w8a8_group_matmul(*_operands(_rng(), 128, 512, 256), out_dtype=jnp.float32,
                                config=mgpu.MgpuConfig(wg_along="n"), interpret=True)
