@@ -4,6 +4,7 @@
     mixjax eval --model PATH [--data NAME|FILE] [--seq-len T] [--max-tokens N] [--batch-size B]
     mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
+    mixjax ablate salience|activations [--model PATH] [--bits 4.4] [--out FILE.json]
 
 `--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
 values, unusable data or checkpoints) print one message on stderr and exit with status 2.
@@ -236,6 +237,12 @@ def _register_convert(sub) -> None:
     register_convert(sub)
 
 
+def _register_ablate(sub) -> None:
+    from mixjax.quant.cli import register_ablate  # `mixjax ablate STUDY`: MixLLM's choices against alternatives
+
+    register_ablate(sub)
+
+
 # Subcommands, in help order. Later commands (quantize, convert) add their register function here, one line each.
 COMMANDS: tuple[Callable, ...] = (
     _register_demo,
@@ -243,6 +250,7 @@ COMMANDS: tuple[Callable, ...] = (
     _register_generate,
     _register_quantize,
     _register_convert,
+    _register_ablate,
 )
 
 

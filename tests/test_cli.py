@@ -246,3 +246,70 @@ def test_demo_quantizes_saves_and_generates_from_the_checkpoint(tiny_model, tmp_
     assert f"saved the W4.4A8 checkpoint to {out}" in printed
     _, qparams = convert.load(out)
     assert isinstance(qparams["layers"][0]["mlp"]["down_proj"]["weight"], MixedWeight)
+
+
+def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
+    """`mixjax ablate salience`: the global row is exactly `quantize` with MixLLM's config (same data, same
+    perplexity path), the local row chooses the same number of 8-bit channels elsewhere, and --out holds the table's
+    numbers; an existing --out is kept without --force."""
+    import convert
+    from mixjax import data
+    from mixjax.evaluate import perplexity
+    from mixjax.quant import QuantConfig, as_fake_quant, quantize
+
+    directory = tiny_model[0]
+    corpus = _text(tmp_path, n_words=3000)
+    out = tmp_path / "salience.json"
+    opts = ["--model", str(directory), "--data", str(corpus), "--eval-data", str(corpus), "--samples", "4",
+            "--seq-len", "32", "--eval-seq-len", "32", "--eval-tokens", "256", "--batch-size", "2", "--quiet"]
+    assert cli.main(["ablate", "salience", *opts, "--out", str(out)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    global_, local = result["rows"]
+    assert global_["name"].startswith("global") and local["name"].startswith("local")
+    assert f"| {global_['perplexity']:.3f} |" in table and f"| {local['perplexity']:.3f} |" in table
+
+    tok = convert.load_tokenizer(directory)
+    cfg, params = convert.load(directory)
+    calib = data.calibration_batches(tok, str(corpus), n_samples=4, seq_len=32, seed=0, batch_size=2)
+    windows = data.eval_windows(tok, str(corpus), 32, 256)
+    assert result["fp"] == pytest.approx(perplexity(params, cfg, windows, batch_size=2), rel=1e-6)
+    qp = quantize(params, calib, cfg, config=QuantConfig(bits=4.4, batch_size=2))
+    assert global_["perplexity"] == pytest.approx(perplexity(as_fake_quant(qp), cfg, windows, batch_size=2), rel=1e-6)
+    assert 0 < global_["int8_share"] < 0.5 and local["perplexity"] != global_["perplexity"]
+
+    before = out.read_bytes()
+    assert cli.main(["ablate", "salience", *opts, "--out", str(out)]) == 2
+    assert "--force" in capsys.readouterr().err and out.read_bytes() == before
+
+    # the activations study's first row is the same configuration as the global row: the same perplexity
+    acts = tmp_path / "activations.json"
+    assert cli.main(["ablate", "activations", *opts, "--out", str(acts)]) == 0
+    rows = json.loads(acts.read_text())["rows"]
+    assert [r["config"].split(", ")[1] for r in rows] == ["A8 g128", "A8 per token", "A8 g128 static"]
+    assert rows[0]["perplexity"] == pytest.approx(global_["perplexity"], rel=1e-6)
+    # K ≤ 128 in this model: one group a row, so per token is per group; static scales differ
+    assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-6)
+    assert rows[2]["perplexity"] != pytest.approx(rows[0]["perplexity"], rel=1e-3)
+
+    quantized = tmp_path / "q"
+    assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "2",
+                     "--seq-len", "32", "--quiet"]) == 0
+    capsys.readouterr()
+    assert cli.main(["ablate", "salience", *opts, "--model", str(quantized)]) == 2
+    assert "is a quantized mixjax checkpoint" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["ablate", "salience", "--bits", "4"], "leaves none to choose"),
+    (["ablate", "activations", "--bits", "9"], "must lie in [4, 8]"),
+    (["ablate", "salience", "--samples", "0"], "--samples must be a positive integer"),
+    (["ablate", "salience", "--out", "{tmp}/no-dir/x.json"], "does not exist"),
+    (["ablate", "salience", "--model", "{tmp}/no-such-model"], "no-such-model' does not exist"),
+])
+def test_ablate_refuses_bad_input_before_any_work(argv, match, sandbox, tmp_path, capsys):
+    before = sandbox()
+    assert cli.main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mixjax ablate: error: ") and match in err and err.count("\n") == 1
+    assert sandbox() == before

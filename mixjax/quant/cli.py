@@ -64,3 +64,86 @@ def run(args) -> None:
     quantize_model(model_path=args.model, out=args.out, config=config, data=args.data, samples=args.samples,
                    seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
                    log=(lambda *_: None) if args.quiet else print)
+
+
+def register_ablate(sub) -> None:
+    from mixjax.quant.ablate import STUDIES
+
+    p = sub.add_parser("ablate", help="one of MixLLM's design choices against its alternatives (perplexity table)",
+                       description="Quantizes the model once per alternative and prints their perplexities beside "
+                                   "the float model's. Studies: " + "; ".join(f"{k}: {v.title}" for k, v in STUDIES.items()))
+    p.add_argument("study", choices=tuple(STUDIES), metavar="STUDY", help=" | ".join(STUDIES))
+    p.add_argument("--model", default=None, metavar="PATH",
+                   help="Hugging Face directory or .gguf file of a float model (default: the embedded model)")
+    p.add_argument("--bits", type=float, default=4.4, help="average weight bits in [4, 8] (default 4.4)")
+    p.add_argument("--data", default="owt", metavar="NAME|FILE", help="calibration text (default owt)")
+    p.add_argument("--samples", type=int, default=16,
+                   help="calibration samples (default 16; the paper uses 128 × 2048 tokens)")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sample (default 512)")
+    p.add_argument("--eval-data", default="wikipedia", metavar="NAME|FILE", help="evaluation text (default wikipedia)")
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per evaluation window (default 512)")
+    p.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens at most (default 16384)")
+    p.add_argument("--batch-size", type=int, default=4, help="samples per forward/backward and per evaluation pass")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
+    p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    p.add_argument("--quiet", action="store_true", help="print only the table")
+    p.set_defaults(run=run_ablate)
+
+
+def run_ablate(args) -> dict:
+    import json
+    import os
+    from pathlib import Path
+
+    import jax
+    import jax.numpy as jnp
+
+    import convert
+    from mixjax import assets, data
+    from mixjax.quant.ablate import ablate, check_study, to_markdown
+    from pallas_kernels import MixedWeight
+
+    for name in ("samples", "seq_len", "eval_seq_len", "eval_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    if args.seq_len < 2 or args.eval_seq_len < 2:
+        raise ValueError("--seq-len and --eval-seq-len must be at least 2 (the LM loss needs a next token)")
+    check_study(args.study, args.bits)
+    out = Path(args.out).expanduser() if args.out else None
+    if out is not None:
+        if out.exists() and not args.force:
+            raise ValueError(f"{out} already exists; pass --force to overwrite it or choose another --out")
+        if not out.parent.is_dir():
+            raise ValueError(f"--out {out}: the directory {out.parent} does not exist")
+    log = (lambda *_: None) if args.quiet else (lambda s: print(s, flush=True))
+    path = assets.resolve_model_path(args.model)
+    tokenizer = convert.load_tokenizer(path)
+    calib = data.calibration_batches(tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
+                                     seed=args.seed, batch_size=args.batch_size)
+    windows = data.eval_windows(tokenizer, args.eval_data, args.eval_seq_len, args.eval_tokens)
+    cfg, params = convert.load(path, dtype=jnp.float32)
+    if any(isinstance(leaf, MixedWeight)
+           for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, MixedWeight))):
+        raise ValueError(f"{path} is a quantized mixjax checkpoint; ablate quantizes a float model itself: pass its "
+                         "Hugging Face directory or .gguf file")
+    for what, n in (("--seq-len", args.seq_len), ("--eval-seq-len", args.eval_seq_len)):
+        if n > cfg.max_position_embeddings:
+            raise ValueError(f"{what} {n} exceeds the model context {cfg.max_position_embeddings}")
+    log(f"ablate {args.study} on {path}: calibration {args.samples}×{args.seq_len} tokens of {args.data}, "
+        f"evaluation {windows.shape[0]}×{windows.shape[1]} tokens of {args.eval_data}")
+    result = ablate(params, cfg, calib, windows, study=args.study, bits=args.bits, batch_size=args.batch_size,
+                    eval_batch_size=args.batch_size, progress=not args.quiet, log=log)
+    result["settings"] = {"model": str(path), "data": str(args.data), "samples": args.samples,
+                          "seq_len": args.seq_len, "seed": args.seed, "eval_data": str(args.eval_data),
+                          "eval_windows": int(windows.shape[0]), "eval_seq_len": int(windows.shape[1])}
+    print(to_markdown(result), flush=True)
+    if out is not None:  # whole or not at all: a temporary file beside it, then one rename
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text(json.dumps(result, indent=1) + "\n")
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        log(f"wrote {out}")
+    return result
