@@ -26,7 +26,7 @@ class Study:
 STUDIES: dict[str, Study] = {
     "salience": Study(
         "global vs local salience: the 8-bit channels ranked over all layers at once, or within each linear",
-        (("global (MixLLM)", {}), ("local: the same share within each (layer, linear)", {"local": True})),
+        (("global (MixLLM)", {}), ("local: the bit budget met within each (layer, linear)", {"local": True})),
         needs_mixed=True),
     "activations": Study(
         "activation quantization: int8, dynamic per (token, group of 128), per token, or static per group",
