@@ -53,6 +53,55 @@ def _batch_nll(params, tokens, weight, *, cfg, implementation):
     return jnp.sum((lse - picked).sum(axis=-1) * weight)
 
 
+def phased_perplexity(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: int = 4,
+                      implementation: Implementation = "auto", progress: bool = False) -> float:
+    """exp(mean NLL) of each window's tokens after its first `prompt`, the model run in phases through the KV
+    cache as generation runs it: `phases` = [(params, end), ...], each params running positions [previous end,
+    end) of every window (ends increasing, the last = T). A token is predicted by the phase that ran the
+    position before it: the first scored token (position `prompt`) by the phase that ran the prompt's last
+    position. With one phase this is `perplexity` over the predictions after the prompt (progressive precision
+    switching during decoding, `mixjax ablate progressive`, runs several)."""
+    windows = np.asarray(windows)
+    _check_windows(windows, cfg, batch_size)
+    n, T = windows.shape
+    ends = tuple(int(end) for _, end in phases)
+    if not phases or any(b <= a for a, b in zip((0,) + ends, ends)) or ends[-1] != T:
+        raise ValueError(f"phase ends {list(ends)} must increase from above 0 to the window length T={T}")
+    if not 1 <= prompt < T:
+        raise ValueError(f"prompt={prompt} must lie in [1, T={T}): at least one token to condition on and one to score")
+    total = 0.0
+    batches = range(0, n, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="perplexity", unit="batch")
+    for start in batches:
+        chunk = windows[start : start + batch_size]
+        weight = np.ones(batch_size, np.float32)
+        if len(chunk) < batch_size:  # pad the last batch to keep one compiled shape
+            weight[len(chunk):] = 0.0
+            chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), T), chunk.dtype)])
+        total += float(_phased_nll(tuple(p for p, _ in phases), jnp.asarray(chunk, jnp.int32), jnp.asarray(weight),
+                                   cfg=cfg, ends=ends, prompt=prompt, implementation=implementation))
+    return math.exp(total / (n * (T - prompt)))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "ends", "prompt", "implementation"))
+def _phased_nll(phase_params, tokens, weight, *, cfg, ends, prompt, implementation):
+    """Sum of the NLL of tokens [B, T] at positions ≥ prompt, phase i's params running [ends[i-1], ends[i])."""
+    cache = model.init_cache(cfg, tokens.shape[0], tokens.shape[1], jnp.float32)
+    logits, begin = [], 0
+    for params, end in zip(phase_params, ends):
+        out, cache = model.forward_step(params, tokens[:, begin:end], cfg, cache, implementation=implementation)
+        logits.append(out)
+        begin = end
+    logits = jnp.concatenate(logits, axis=1)[:, prompt - 1 : -1]  # the predictions of positions prompt … T-1
+    targets = tokens[:, prompt:]
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.sum((lse - picked).sum(axis=-1) * weight)
+
+
 def _check_windows(windows: np.ndarray, cfg: LlamaConfig, batch_size: int) -> None:
     if windows.ndim != 2 or windows.shape[0] == 0 or windows.shape[1] < 2:
         raise ValueError(f"windows must be int [N, T] with N ≥ 1 and T ≥ 2; got shape {windows.shape}")

@@ -292,6 +292,22 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-6)
     assert rows[2]["perplexity"] != pytest.approx(rows[0]["perplexity"], rel=1e-3)
 
+    # progressive: the prompt (8 tokens) and 4 decoded tokens at W8A8, then W4.4A8; the low-precision row is the
+    # W4.4A8 model above on the tokens after the prompt
+    from mixjax.evaluate import phased_perplexity
+
+    prog = tmp_path / "progressive.json"
+    assert cli.main(["ablate", "progressive", *opts, "--prompt-len", "8", "--switch-after", "4", "--out",
+                     str(prog)]) == 0
+    result = json.loads(prog.read_text())
+    names = [r["name"] for r in result["rows"]]
+    assert names == ["W4.4A8 throughout (MixLLM)", "prompt at W8A8, every decoded token at W4.4A8",
+                     "prompt and the first 4 decoded tokens at W8A8, then W4.4A8", "W8A8 throughout"]
+    assert result["rows"][0]["perplexity"] == pytest.approx(
+        phased_perplexity([(as_fake_quant(qp), 32)], cfg, windows, prompt=8, batch_size=2), rel=1e-6)
+    assert result["fp"] == pytest.approx(phased_perplexity([(params, 32)], cfg, windows, prompt=8), rel=1e-6)
+    assert len({round(r["perplexity"], 6) for r in result["rows"]}) == 4
+
     quantized = tmp_path / "q"
     assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "2",
                      "--seq-len", "32", "--quiet"]) == 0
@@ -306,6 +322,10 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     (["ablate", "salience", "--samples", "0"], "--samples must be a positive integer"),
     (["ablate", "salience", "--out", "{tmp}/no-dir/x.json"], "does not exist"),
     (["ablate", "salience", "--model", "{tmp}/no-such-model"], "no-such-model' does not exist"),
+    (["ablate", "progressive", "--high-bits", "4.4"], "--high-bits 4.4 must lie in (--bits 4.4, 8]"),
+    (["ablate", "progressive", "--prompt-len", "512"], "--prompt-len 512 must lie in [1, --eval-seq-len 512)"),
+    (["ablate", "progressive", "--switch-after", "32,400"], "a switch point must fall inside"),
+    (["ablate", "progressive", "--switch-after", "a,b"], "comma-separated integers"),
 ])
 def test_ablate_refuses_bad_input_before_any_work(argv, match, sandbox, tmp_path, capsys):
     before = sandbox()

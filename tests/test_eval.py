@@ -12,7 +12,7 @@ import pytest
 
 from mixjax import model
 from mixjax.config import LlamaConfig
-from mixjax.evaluate import perplexity
+from mixjax.evaluate import perplexity, phased_perplexity
 
 CFG = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
@@ -46,6 +46,41 @@ def test_uniform_model_has_perplexity_vocab_size(params):
     zero = {**params, "embed_tokens": jnp.zeros_like(params["embed_tokens"])}  # tied head → logits 0
     windows = np.random.default_rng(1).integers(0, CFG.vocab_size, (3, 9))
     assert perplexity(zero, CFG, windows, batch_size=2) == pytest.approx(CFG.vocab_size, rel=1e-5)
+
+
+def _nll_after(params_at, windows, prompt):
+    """Reference for phased_perplexity: the windows run one token at a time through the KV cache, position t by
+    params_at(t); the NLL of every token after the prompt from the step before it."""
+    T = windows.shape[1]
+    step = jax.jit(lambda p, tok, cache: model.forward_step(p, tok, CFG, cache))
+    cache = model.init_cache(CFG, windows.shape[0], T, jnp.float32)
+    total = 0.0
+    for t in range(T - 1):
+        out, cache = step(params_at(t), jnp.asarray(windows[:, t : t + 1]), cache)
+        if t >= prompt - 1:  # the prediction of token t + 1
+            logits = np.asarray(out, np.float64)[:, -1]
+            shifted = logits - logits.max(-1, keepdims=True)
+            logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+            total += -np.take_along_axis(logp, windows[:, t + 1, None], axis=-1).sum()
+    return math.exp(total / (windows.shape[0] * (T - prompt)))
+
+
+def test_phased_perplexity_switches_params_where_asked(params):
+    rng = np.random.default_rng()
+    windows = rng.integers(0, CFG.vocab_size, (3, 12)).astype(np.int32)
+    other = jax.tree.map(lambda a: a * 0.7 if a.ndim > 1 else a, params)
+    # one phase: the predictions after the prompt; prompt 1 is all of them, as perplexity counts
+    assert phased_perplexity([(params, 12)], CFG, windows, prompt=1, batch_size=2) == pytest.approx(
+        perplexity(params, CFG, windows, batch_size=2), rel=1e-5)
+    # three phases against the token-by-token reference: prompt on `params`, 3 tokens more, then `other`
+    got = phased_perplexity([(params, 4), (params, 7), (other, 12)], CFG, windows, prompt=4, batch_size=2)
+    want = _nll_after(lambda t: params if t < 7 else other, windows, prompt=4)
+    assert got == pytest.approx(want, rel=1e-4)
+    assert got != pytest.approx(phased_perplexity([(params, 12)], CFG, windows, prompt=4), rel=1e-3)
+    with pytest.raises(ValueError, match="must increase"):
+        phased_perplexity([(params, 7), (other, 4)], CFG, windows, prompt=4)
+    with pytest.raises(ValueError, match="prompt=12"):
+        phased_perplexity([(params, 12)], CFG, windows, prompt=12)
 
 
 @pytest.mark.parametrize(

@@ -5,6 +5,13 @@ Each study is a list of `QuantConfig` overrides; its first row is MixLLM's choic
 computed once and shared by every row (they do not depend on how the 8-bit channels are then chosen or on the
 activation format). Perplexity is measured through `as_fake_quant` (the kernels' codes and activation rounding in
 float XLA ops), so a study runs the same on a CPU and a GPU. Adding a study is one entry in `STUDIES`.
+
+`progressive` is the one study of another shape: two quantized models (W{bits}A8 and W{high_bits}A8) and
+progressive precision switching during decoding. Each evaluation window is a prompt of `prompt` tokens followed
+by the tokens "decoded" after it (teacher-forced). The prompt and the first n decoded tokens run on the high
+precision model, and the rest on the low precision one, through one KV cache (`evaluate.phased_perplexity`).
+Perplexity counts only the decoded tokens. Only accuracy is measured: generation with two parameter sets is not
+built (DESIGN.md, roadmap).
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ class Study:
     title: str
     rows: tuple[tuple[str, dict], ...]  # (name, QuantConfig overrides); the first row is MixLLM's choice
     needs_mixed: bool  # only meaningful with 8-bit channels to choose: 4 < bits < 8
+    progressive: bool = False  # rows built from the switch points instead (`ablate`'s high_bits, prompt, switch_after)
 
 
 STUDIES: dict[str, Study] = {
@@ -34,11 +42,16 @@ STUDIES: dict[str, Study] = {
          ("dynamic, per token", {"act": ActFormat(granularity="token")}),
          ("static, per group of 128 (calibrated maximum)", {"act": ActFormat(static=True)})),
         needs_mixed=False),
+    "progressive": Study(
+        "progressive precision switching during decoding: the prompt and the first decoded tokens at higher "
+        "precision, the rest at MixLLM's", (), needs_mixed=False, progressive=True),
 }
 
 
-def check_study(study: str, bits: float) -> Study:
-    """The study named `study`, or a ValueError naming the choices / the bits it needs."""
+def check_study(study: str, bits: float, *, high_bits: float = 8.0, prompt: int = 128, seq_len: int | None = None,
+                switch_after: tuple[int, ...] = (32, 128)) -> Study:
+    """The study named `study`, or a ValueError naming the choices / the bits it needs (and, for `progressive`,
+    the switch points an evaluation window of `seq_len` tokens can hold)."""
     if study not in STUDIES:
         raise ValueError(f"unknown study {study!r}; choose one of {', '.join(STUDIES)}")
     spec = STUDIES[study]
@@ -47,30 +60,55 @@ def check_study(study: str, bits: float) -> Study:
     if spec.needs_mixed and not 4.0 < bits < 8.0:
         raise ValueError(f"the {study} study compares ways of choosing the 8-bit channels, and --bits {bits:g} leaves "
                          "none to choose (all 4-bit or all 8-bit): use --bits between 4 and 8, e.g. 4.4")
+    if spec.progressive:
+        if not bits < high_bits <= 8.0:
+            raise ValueError(f"--high-bits {high_bits:g} must lie in (--bits {bits:g}, 8]: the model decoding starts on")
+        if seq_len is not None and not 1 <= prompt < seq_len:
+            raise ValueError(f"--prompt-len {prompt} must lie in [1, --eval-seq-len {seq_len}): tokens are decoded "
+                             "after the prompt, inside each evaluation window")
+        if any(n < 1 for n in switch_after):
+            raise ValueError(f"--switch-after {','.join(map(str, switch_after))}: each switch point must be ≥ 1 token")
+        if seq_len is not None and any(prompt + n >= seq_len for n in switch_after):
+            raise ValueError(f"--switch-after {','.join(map(str, switch_after))} with --prompt-len {prompt}: a switch "
+                             f"point must fall inside the evaluation window of {seq_len} tokens")
     return spec
 
 
 def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4, batch_size: int = 4,
-           eval_batch_size: int = 4, progress: bool = False, log=print) -> dict:
-    """Quantizes float `params` once per row of `STUDIES[study]` and measures each row's perplexity on `windows`.
+           eval_batch_size: int = 4, high_bits: float = 8.0, prompt: int = 128, switch_after: tuple[int, ...] = (32, 128),
+           progress: bool = False, log=print) -> dict:
+    """Quantizes float `params` once per row of `STUDIES[study]` and measures each row's perplexity on `windows`
+    (`progressive`: two models, and each row a switch point; perplexity of the tokens after `prompt`).
 
     Returns {"study", "title", "bits", "fp", "salience_seconds", "rows": [{"name", "config", "perplexity",
     "delta", "int8_share", "seconds"}]}; "delta" is the perplexity increase over the float model."""
-    from mixjax.evaluate import perplexity
+    from mixjax.evaluate import perplexity, phased_perplexity
     from mixjax.quant.api import quantize, salience
     from mixjax.quant.fakequant import as_fake_quant
 
-    spec = check_study(study, bits)
+    T = int(windows.shape[1])
+    spec = check_study(study, bits, high_bits=high_bits, prompt=prompt, seq_len=T, switch_after=switch_after)
     calib_batches = list(calib_batches)
-    fp = perplexity(params, cfg, windows, batch_size=eval_batch_size, progress=progress)
-    log(f"float model: perplexity {fp:.3f}")
+    if spec.progressive:
+        fp = phased_perplexity([(params, T)], cfg, windows, prompt=prompt, batch_size=eval_batch_size,
+                               progress=progress)
+        log(f"float model: perplexity {fp:.3f} on the {T - prompt} tokens after each {prompt}-token prompt")
+    else:
+        fp = perplexity(params, cfg, windows, batch_size=eval_batch_size, progress=progress)
+        log(f"float model: perplexity {fp:.3f}")
     scores, salience_seconds = None, 0.0
-    if 4.0 < bits < 8.0:
+    if any(4.0 < b < 8.0 for b in ((bits, high_bits) if spec.progressive else (bits,))):
         t = time.perf_counter()
         scores = salience(params, calib_batches, cfg, config=QuantConfig(bits=bits, batch_size=batch_size),
                           progress=progress)
         salience_seconds = time.perf_counter() - t
         log(f"salience: {salience_seconds:.0f} s (shared by the rows)")
+    result = {"study": study, "title": spec.title, "bits": bits, "fp": fp, "salience_seconds": salience_seconds}
+    if spec.progressive:
+        return {**result, "high_bits": high_bits, "prompt": prompt,
+                "rows": _progressive_rows(params, cfg, calib_batches, windows, scores, bits=bits, high_bits=high_bits,
+                                          prompt=prompt, switch_after=switch_after, fp=fp, batch_size=batch_size,
+                                          eval_batch_size=eval_batch_size, progress=progress, log=log)}
     rows = []
     for name, overrides in spec.rows:
         config = QuantConfig(bits=bits, batch_size=batch_size, **overrides)
@@ -82,8 +120,38 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
         rows.append({"name": name, "config": describe(config), "perplexity": ppl, "delta": ppl - fp,
                      "int8_share": report.num_int8_channels / max(report.num_channels, 1), "seconds": seconds})
         log(f"{name}: perplexity {ppl:.3f} ({seconds:.0f} s)")
-    return {"study": study, "title": spec.title, "bits": bits, "fp": fp, "salience_seconds": salience_seconds,
-            "rows": rows}
+    return {**result, "rows": rows}
+
+
+def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high_bits, prompt, switch_after, fp,
+                      batch_size, eval_batch_size, progress, log) -> list[dict]:
+    from mixjax.evaluate import phased_perplexity
+    from mixjax.quant.api import quantize
+    from mixjax.quant.fakequant import as_fake_quant
+
+    models = {}
+    for b in (bits, high_bits):
+        t = time.perf_counter()
+        config = QuantConfig(bits=b, batch_size=batch_size)
+        models[b] = (as_fake_quant(quantize(params, calib_batches, cfg, config=config, scores=scores,
+                                            progress=progress)), describe(config))
+        log(f"W{b:g}A8 quantized in {time.perf_counter() - t:.0f} s")
+    (lo, lo_desc), (hi, hi_desc) = models[bits], models[high_bits]
+    T = int(windows.shape[1])
+    plans = [(f"W{bits:g}A8 throughout (MixLLM)", lo_desc, [(lo, T)]),
+             (f"prompt at W{high_bits:g}A8, every decoded token at W{bits:g}A8", "switch after 0 decoded tokens",
+              [(hi, prompt), (lo, T)])]
+    plans += [(f"prompt and the first {n} decoded tokens at W{high_bits:g}A8, then W{bits:g}A8",
+               f"switch after {n} decoded tokens", [(hi, prompt + n), (lo, T)]) for n in sorted(switch_after)]
+    plans.append((f"W{high_bits:g}A8 throughout", hi_desc, [(hi, T)]))
+    rows = []
+    for name, desc, phases in plans:
+        t = time.perf_counter()
+        ppl = phased_perplexity(phases, cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress)
+        rows.append({"name": name, "config": desc, "perplexity": ppl, "delta": ppl - fp, "int8_share": None,
+                     "seconds": time.perf_counter() - t})
+        log(f"{name}: perplexity {ppl:.3f}")
+    return rows
 
 
 def describe(c: QuantConfig) -> str:
@@ -99,14 +167,17 @@ def to_markdown(result: dict) -> str:
     """The study as a table: each row's perplexity, its increase over float and that increase against the first
     (MixLLM's) row's."""
     base = result["rows"][0]["delta"]
-    lines = [f"{result['title']} (W{result['bits']:g}); float model perplexity {result['fp']:.3f}", "",
-             "| row | configuration | perplexity | increase over float | × MixLLM's increase | 8-bit channels | "
-             "quantization (s) |",
-             "|---|---|---|---|---|---|---|"]
+    progressive = "prompt" in result
+    scope = (f"; perplexity of the {result.get('prompt')}-token prompts' continuations" if progressive else "")
+    lines = [f"{result['title']} (W{result['bits']:g}); float model perplexity {result['fp']:.3f}{scope}", "",
+             "| row | configuration | perplexity | increase over float | × MixLLM's increase | "
+             + ("evaluation (s) |" if progressive else "8-bit channels | quantization (s) |"),
+             "|---|---|---|---|---|---|" + ("" if progressive else "---|")]
     for r in result["rows"]:
         ratio = r["delta"] / base if base > 0 else float("nan")
+        share = "" if progressive else f"{100 * r['int8_share']:.1f} % | "
         lines.append(f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {r['delta']:+.3f} | {ratio:.2f} | "
-                     f"{100 * r['int8_share']:.1f} % | {r['seconds']:.0f} |")
+                     f"{share}{r['seconds']:.0f} |")
     if result["salience_seconds"]:
         lines += ["", f"Salience computed once in {result['salience_seconds']:.0f} s and shared by the rows."]
     return "\n".join(lines)

@@ -85,6 +85,12 @@ def register_ablate(sub) -> None:
     p.add_argument("--eval-tokens", type=int, default=16384, help="evaluation tokens at most (default 16384)")
     p.add_argument("--batch-size", type=int, default=4, help="samples per forward/backward and per evaluation pass")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--high-bits", type=float, default=8.0,
+                   help="progressive: the precision decoding starts at (default 8: W8A8)")
+    p.add_argument("--prompt-len", type=int, default=128,
+                   help="progressive: tokens of each evaluation window taken as the prompt (default 128)")
+    p.add_argument("--switch-after", default="32,128", metavar="N,N",
+                   help="progressive: decoded tokens before the switch to --bits, one row each (default 32,128)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--quiet", action="store_true", help="print only the table")
@@ -109,7 +115,12 @@ def run_ablate(args) -> dict:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
     if args.seq_len < 2 or args.eval_seq_len < 2:
         raise ValueError("--seq-len and --eval-seq-len must be at least 2 (the LM loss needs a next token)")
-    check_study(args.study, args.bits)
+    try:
+        switch_after = tuple(int(n) for n in args.switch_after.split(",") if n.strip())
+    except ValueError:
+        raise ValueError(f"--switch-after {args.switch_after!r} must be comma-separated integers, e.g. 32,128") from None
+    check_study(args.study, args.bits, high_bits=args.high_bits, prompt=args.prompt_len, seq_len=args.eval_seq_len,
+                switch_after=switch_after)
     out = Path(args.out).expanduser() if args.out else None
     if out is not None:
         if out.exists() and not args.force:
@@ -133,7 +144,8 @@ def run_ablate(args) -> dict:
     log(f"ablate {args.study} on {path}: calibration {args.samples}×{args.seq_len} tokens of {args.data}, "
         f"evaluation {windows.shape[0]}×{windows.shape[1]} tokens of {args.eval_data}")
     result = ablate(params, cfg, calib, windows, study=args.study, bits=args.bits, batch_size=args.batch_size,
-                    eval_batch_size=args.batch_size, progress=not args.quiet, log=log)
+                    eval_batch_size=args.batch_size, high_bits=args.high_bits, prompt=args.prompt_len,
+                    switch_after=switch_after, progress=not args.quiet, log=log)
     result["settings"] = {"model": str(path), "data": str(args.data), "samples": args.samples,
                           "seq_len": args.seq_len, "seed": args.seed, "eval_data": str(args.eval_data),
                           "eval_windows": int(windows.shape[0]), "eval_seq_len": int(windows.shape[1])}
