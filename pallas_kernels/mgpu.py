@@ -214,7 +214,8 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
     sa_rows = 1 if token else g
     if a_scale.shape != (sa_rows, mp) or w_scale.shape != (g, np_):
         raise ValueError(f"w8a8_group_matmul: scales must be [{'1' if token else 'G'}, Mp] = {(sa_rows, mp)} "
-                         f"(act_scale={cfg.act_scale!r}) and [G, Np] = {(g, np_)}, got {a_scale.shape}, {w_scale.shape}")
+                         f"(act_scale={cfg.act_scale!r}) and [G, Np] = {(g, np_)}, got {a_scale.shape}, "
+                         f"{w_scale.shape}")
     if g % cfg.gps:
         raise ValueError(f"w8a8_group_matmul: K/128 = {g} groups is not a multiple of config.gps={cfg.gps}")
     if mp % M_ALIGN or mp < cfg.cta_m or np_ % cfg.cta_n:

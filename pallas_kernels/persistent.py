@@ -49,7 +49,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import pdl
-from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight
+from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN
 from pallas_kernels.gemv import _WORDS, _dp4a, _pack_codes, _words
 
 ACTIVATIONS = {"tanh": jnp.tanh, "none": lambda v: v}

@@ -3,7 +3,6 @@ inside the model, on fresh random inputs of awkward widths; Pallas interpret mod
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp

@@ -62,12 +62,14 @@ def check_study(study: str, bits: float, *, high_bits: float = 8.0, prompt: int 
                          "none to choose (all 4-bit or all 8-bit): use --bits between 4 and 8, e.g. 4.4")
     if spec.progressive:
         if not bits < high_bits <= 8.0:
-            raise ValueError(f"--high-bits {high_bits:g} must lie in (--bits {bits:g}, 8]: the model decoding starts on")
+            raise ValueError(f"--high-bits {high_bits:g} must lie in (--bits {bits:g}, 8]: the model decoding "
+                             "starts on")
         if seq_len is not None and not 1 <= prompt < seq_len:
             raise ValueError(f"--prompt-len {prompt} must lie in [1, --eval-seq-len {seq_len}): tokens are decoded "
                              "after the prompt, inside each evaluation window")
         if any(n < 1 for n in switch_after):
-            raise ValueError(f"--switch-after {','.join(map(str, switch_after))}: each switch point must be ≥ 1 token")
+            raise ValueError(f"--switch-after {','.join(map(str, switch_after))}: each switch point must be "
+                             "≥ 1 token")
         if seq_len is not None and any(prompt + n >= seq_len for n in switch_after):
             raise ValueError(f"--switch-after {','.join(map(str, switch_after))} with --prompt-len {prompt}: a switch "
                              f"point must fall inside the evaluation window of {seq_len} tokens")
@@ -75,8 +77,8 @@ def check_study(study: str, bits: float, *, high_bits: float = 8.0, prompt: int 
 
 
 def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4, batch_size: int = 4,
-           eval_batch_size: int = 4, high_bits: float = 8.0, prompt: int = 128, switch_after: tuple[int, ...] = (32, 128),
-           progress: bool = False, log=print) -> dict:
+           eval_batch_size: int = 4, high_bits: float = 8.0, prompt: int = 128,
+           switch_after: tuple[int, ...] = (32, 128), progress: bool = False, log=print) -> dict:
     """Quantizes float `params` once per row of `STUDIES[study]` and measures each row's perplexity on `windows`
     (`progressive`: two models, and each row a switch point; perplexity of the tokens after `prompt`).
 
@@ -156,8 +158,8 @@ def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high
 
 def describe(c: QuantConfig) -> str:
     a = c.act
-    acts = ("A16" if a.bits is None else
-            f"A{a.bits} {'per token' if a.granularity == 'token' else f'g{a.group_size}'}{' static' if a.static else ''}")
+    scales = "per token" if a.granularity == "token" else f"g{a.group_size}"
+    acts = "A16" if a.bits is None else f"A{a.bits} {scales}{' static' if a.static else ''}"
     weights = "GPTQ + clip" if c.gptq and c.clip else "GPTQ" if c.gptq else "clip" if c.clip else "RTN"
     chosen = f", {c.salience} {'local' if c.local else 'global'}" if 4.0 < c.bits < 8.0 else ""
     return f"W{c.bits:g} ({weights}), {acts}{chosen}"

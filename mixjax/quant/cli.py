@@ -71,7 +71,8 @@ def register_ablate(sub) -> None:
 
     p = sub.add_parser("ablate", help="one of MixLLM's design choices against its alternatives (perplexity table)",
                        description="Quantizes the model once per alternative and prints their perplexities beside "
-                                   "the float model's. Studies: " + "; ".join(f"{k}: {v.title}" for k, v in STUDIES.items()))
+                                   "the float model's. Studies: "
+                                   + "; ".join(f"{k}: {v.title}" for k, v in STUDIES.items()))
     p.add_argument("study", choices=tuple(STUDIES), metavar="STUDY", help=" | ".join(STUDIES))
     p.add_argument("--model", default=None, metavar="PATH",
                    help="Hugging Face directory or .gguf file of a float model (default: the embedded model)")
@@ -118,7 +119,8 @@ def run_ablate(args) -> dict:
     try:
         switch_after = tuple(int(n) for n in args.switch_after.split(",") if n.strip())
     except ValueError:
-        raise ValueError(f"--switch-after {args.switch_after!r} must be comma-separated integers, e.g. 32,128") from None
+        raise ValueError(f"--switch-after {args.switch_after!r} must be comma-separated integers, "
+                         "e.g. 32,128") from None
     check_study(args.study, args.bits, high_bits=args.high_bits, prompt=args.prompt_len, seq_len=args.eval_seq_len,
                 switch_after=switch_after)
     out = Path(args.out).expanduser() if args.out else None
