@@ -61,6 +61,14 @@ def phased_perplexity(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_s
     position before it: the first scored token (position `prompt`) by the phase that ran the prompt's last
     position. With one phase this is `perplexity` over the predictions after the prompt (progressive precision
     switching during decoding, `mixjax ablate progressive`, runs several)."""
+    return math.exp(float(np.mean(phased_nll(phases, cfg, windows, prompt=prompt, batch_size=batch_size,
+                                             implementation=implementation, progress=progress))))
+
+
+def phased_nll(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: int = 4,
+               implementation: Implementation = "auto", progress: bool = False) -> np.ndarray:
+    """`phased_perplexity`'s NLL per position: float64 [T − prompt], entry i the mean over windows of the NLL of
+    the token at position prompt + i (so a later range's perplexity is exp of a slice's mean)."""
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
     n, T = windows.shape
@@ -69,7 +77,7 @@ def phased_perplexity(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_s
         raise ValueError(f"phase ends {list(ends)} must increase from above 0 to the window length T={T}")
     if not 1 <= prompt < T:
         raise ValueError(f"prompt={prompt} must lie in [1, T={T}): at least one token to condition on and one to score")
-    total = 0.0
+    total = np.zeros(T - prompt, np.float64)
     batches = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
@@ -81,14 +89,16 @@ def phased_perplexity(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_s
         if len(chunk) < batch_size:  # pad the last batch to keep one compiled shape
             weight[len(chunk):] = 0.0
             chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), T), chunk.dtype)])
-        total += float(_phased_nll(tuple(p for p, _ in phases), jnp.asarray(chunk, jnp.int32), jnp.asarray(weight),
-                                   cfg=cfg, ends=ends, prompt=prompt, implementation=implementation))
-    return math.exp(total / (n * (T - prompt)))
+        total += np.asarray(_phased_nll(tuple(p for p, _ in phases), jnp.asarray(chunk, jnp.int32),
+                                        jnp.asarray(weight), cfg=cfg, ends=ends, prompt=prompt,
+                                        implementation=implementation), np.float64)
+    return total / n
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "ends", "prompt", "implementation"))
 def _phased_nll(phase_params, tokens, weight, *, cfg, ends, prompt, implementation):
-    """Sum of the NLL of tokens [B, T] at positions ≥ prompt, phase i's params running [ends[i-1], ends[i])."""
+    """NLL of tokens [B, T] at positions prompt … T-1 summed over the weighted rows → f32 [T − prompt]; phase i's
+    params run positions [ends[i-1], ends[i])."""
     cache = model.init_cache(cfg, tokens.shape[0], tokens.shape[1], jnp.float32)
     logits, begin = [], 0
     for params, end in zip(phase_params, ends):
@@ -99,7 +109,7 @@ def _phased_nll(phase_params, tokens, weight, *, cfg, ends, prompt, implementati
     targets = tokens[:, prompt:]
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.sum((lse - picked).sum(axis=-1) * weight)
+    return jnp.sum((lse - picked) * weight[:, None], axis=0)
 
 
 def _check_windows(windows: np.ndarray, cfg: LlamaConfig, batch_size: int) -> None:

@@ -294,7 +294,7 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
 
     # progressive: the prompt (8 tokens) and 4 decoded tokens at W8A8, then W4.4A8; the low-precision row is the
     # W4.4A8 model above on the tokens after the prompt
-    from mixjax.evaluate import phased_perplexity
+    from mixjax.evaluate import phased_nll, phased_perplexity
 
     prog = tmp_path / "progressive.json"
     assert cli.main(["ablate", "progressive", *opts, "--prompt-len", "8", "--switch-after", "4", "--out",
@@ -303,8 +303,10 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     names = [r["name"] for r in result["rows"]]
     assert names == ["W4.4A8 throughout (MixLLM)", "prompt at W8A8, every decoded token at W4.4A8",
                      "prompt and the first 4 decoded tokens at W8A8, then W4.4A8", "W8A8 throughout"]
-    assert result["rows"][0]["perplexity"] == pytest.approx(
-        phased_perplexity([(as_fake_quant(qp), 32)], cfg, windows, prompt=8, batch_size=2), rel=1e-6)
+    nll = phased_nll([(as_fake_quant(qp), 32)], cfg, windows, prompt=8, batch_size=2)
+    assert result["rows"][0]["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-6)
+    assert result["late_from"] == 12 and result["rows"][0]["late_perplexity"] == pytest.approx(
+        math.exp(nll[4:].mean()), rel=1e-6)
     assert result["fp"] == pytest.approx(phased_perplexity([(params, 32)], cfg, windows, prompt=8), rel=1e-6)
     assert len({round(r["perplexity"], 6) for r in result["rows"]}) == 4
 

@@ -12,7 +12,7 @@ import pytest
 
 from mixjax import model
 from mixjax.config import LlamaConfig
-from mixjax.evaluate import perplexity, phased_perplexity
+from mixjax.evaluate import perplexity, phased_nll, phased_perplexity
 
 CFG = LlamaConfig(vocab_size=67, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=1, head_dim=8, max_position_embeddings=32,
@@ -49,20 +49,20 @@ def test_uniform_model_has_perplexity_vocab_size(params):
 
 
 def _nll_after(params_at, windows, prompt):
-    """Reference for phased_perplexity: the windows run one token at a time through the KV cache, position t by
-    params_at(t); the NLL of every token after the prompt from the step before it."""
+    """Reference for phased_nll: the windows run one token at a time through the KV cache, position t by
+    params_at(t); the mean NLL over windows of every token after the prompt, from the step before it."""
     T = windows.shape[1]
     step = jax.jit(lambda p, tok, cache: model.forward_step(p, tok, CFG, cache))
     cache = model.init_cache(CFG, windows.shape[0], T, jnp.float32)
-    total = 0.0
+    nll = []
     for t in range(T - 1):
         out, cache = step(params_at(t), jnp.asarray(windows[:, t : t + 1]), cache)
         if t >= prompt - 1:  # the prediction of token t + 1
             logits = np.asarray(out, np.float64)[:, -1]
             shifted = logits - logits.max(-1, keepdims=True)
             logp = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-            total += -np.take_along_axis(logp, windows[:, t + 1, None], axis=-1).sum()
-    return math.exp(total / (windows.shape[0] * (T - prompt)))
+            nll.append(-np.take_along_axis(logp, windows[:, t + 1, None], axis=-1).mean())
+    return np.array(nll)
 
 
 def test_phased_perplexity_switches_params_where_asked(params):
@@ -73,9 +73,11 @@ def test_phased_perplexity_switches_params_where_asked(params):
     assert phased_perplexity([(params, 12)], CFG, windows, prompt=1, batch_size=2) == pytest.approx(
         perplexity(params, CFG, windows, batch_size=2), rel=1e-5)
     # three phases against the token-by-token reference: prompt on `params`, 3 tokens more, then `other`
-    got = phased_perplexity([(params, 4), (params, 7), (other, 12)], CFG, windows, prompt=4, batch_size=2)
-    want = _nll_after(lambda t: params if t < 7 else other, windows, prompt=4)
-    assert got == pytest.approx(want, rel=1e-4)
+    phases = [(params, 4), (params, 7), (other, 12)]
+    want = _nll_after(lambda t: params if t < 7 else other, windows, prompt=4)  # [8]: positions 4 … 11
+    np.testing.assert_allclose(phased_nll(phases, CFG, windows, prompt=4, batch_size=2), want, rtol=1e-4)
+    got = phased_perplexity(phases, CFG, windows, prompt=4, batch_size=2)
+    assert got == pytest.approx(math.exp(want.mean()), rel=1e-4)
     assert got != pytest.approx(phased_perplexity([(params, 12)], CFG, windows, prompt=4), rel=1e-3)
     with pytest.raises(ValueError, match="must increase"):
         phased_perplexity([(params, 7), (other, 4)], CFG, windows, prompt=4)

@@ -9,14 +9,16 @@ float XLA ops), so a study runs the same on a CPU and a GPU. Adding a study is o
 `progressive` is the one study of another shape: two quantized models (W{bits}A8 and W{high_bits}A8) and
 progressive precision switching during decoding. Each evaluation window is a prompt of `prompt` tokens followed
 by the tokens "decoded" after it (teacher-forced). The prompt and the first n decoded tokens run on the high
-precision model, and the rest on the low precision one, through one KV cache (`evaluate.phased_perplexity`).
-Perplexity counts only the decoded tokens. Only accuracy is measured: generation with two parameter sets is not
-built (DESIGN.md, roadmap).
+precision model, and the rest on the low precision one, through one KV cache (`evaluate.phased_nll`).
+Perplexity counts only the decoded tokens: all of them, and (`late_perplexity`) those after the latest switch
+point, which every switching row decodes at low precision: what a high-precision start leaves behind in the
+cache. Only accuracy is measured: generation with two parameter sets is not built (DESIGN.md, roadmap).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 
 from mixjax.quant.activations import ActFormat
@@ -84,17 +86,19 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
 
     Returns {"study", "title", "bits", "fp", "salience_seconds", "rows": [{"name", "config", "perplexity",
     "delta", "int8_share", "seconds"}]}; "delta" is the perplexity increase over the float model."""
-    from mixjax.evaluate import perplexity, phased_perplexity
+    from mixjax.evaluate import perplexity, phased_nll
     from mixjax.quant.api import quantize, salience
     from mixjax.quant.fakequant import as_fake_quant
 
     T = int(windows.shape[1])
     spec = check_study(study, bits, high_bits=high_bits, prompt=prompt, seq_len=T, switch_after=switch_after)
     calib_batches = list(calib_batches)
+    late = max(switch_after, default=0)  # progressive: perplexity also of the tokens decoded after this many
     if spec.progressive:
-        fp = phased_perplexity([(params, T)], cfg, windows, prompt=prompt, batch_size=eval_batch_size,
-                               progress=progress)
-        log(f"float model: perplexity {fp:.3f} on the {T - prompt} tokens after each {prompt}-token prompt")
+        nll = phased_nll([(params, T)], cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress)
+        fp, fp_late = math.exp(nll.mean()), math.exp(nll[late:].mean())
+        log(f"float model: perplexity {fp:.3f} on the {T - prompt} tokens after each {prompt}-token prompt, "
+            f"{fp_late:.3f} on the last {T - prompt - late}")
     else:
         fp = perplexity(params, cfg, windows, batch_size=eval_batch_size, progress=progress)
         log(f"float model: perplexity {fp:.3f}")
@@ -107,10 +111,11 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
         log(f"salience: {salience_seconds:.0f} s (shared by the rows)")
     result = {"study": study, "title": spec.title, "bits": bits, "fp": fp, "salience_seconds": salience_seconds}
     if spec.progressive:
-        return {**result, "high_bits": high_bits, "prompt": prompt,
+        return {**result, "high_bits": high_bits, "prompt": prompt, "late_from": prompt + late, "fp_late": fp_late,
                 "rows": _progressive_rows(params, cfg, calib_batches, windows, scores, bits=bits, high_bits=high_bits,
-                                          prompt=prompt, switch_after=switch_after, fp=fp, batch_size=batch_size,
-                                          eval_batch_size=eval_batch_size, progress=progress, log=log)}
+                                          prompt=prompt, switch_after=switch_after, fp=fp, fp_late=fp_late,
+                                          batch_size=batch_size, eval_batch_size=eval_batch_size, progress=progress,
+                                          log=log)}
     rows = []
     for name, overrides in spec.rows:
         config = QuantConfig(bits=bits, batch_size=batch_size, **overrides)
@@ -126,8 +131,8 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
 
 
 def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high_bits, prompt, switch_after, fp,
-                      batch_size, eval_batch_size, progress, log) -> list[dict]:
-    from mixjax.evaluate import phased_perplexity
+                      fp_late, batch_size, eval_batch_size, progress, log) -> list[dict]:
+    from mixjax.evaluate import phased_nll
     from mixjax.quant.api import quantize
     from mixjax.quant.fakequant import as_fake_quant
 
@@ -146,13 +151,15 @@ def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high
     plans += [(f"prompt and the first {n} decoded tokens at W{high_bits:g}A8, then W{bits:g}A8",
                f"switch after {n} decoded tokens", [(hi, prompt + n), (lo, T)]) for n in sorted(switch_after)]
     plans.append((f"W{high_bits:g}A8 throughout", hi_desc, [(hi, T)]))
+    late = max(switch_after, default=0)
     rows = []
     for name, desc, phases in plans:
         t = time.perf_counter()
-        ppl = phased_perplexity(phases, cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress)
-        rows.append({"name": name, "config": desc, "perplexity": ppl, "delta": ppl - fp, "int8_share": None,
-                     "seconds": time.perf_counter() - t})
-        log(f"{name}: perplexity {ppl:.3f}")
+        nll = phased_nll(phases, cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress)
+        ppl, ppl_late = math.exp(nll.mean()), math.exp(nll[late:].mean())
+        rows.append({"name": name, "config": desc, "perplexity": ppl, "delta": ppl - fp, "late_perplexity": ppl_late,
+                     "late_delta": ppl_late - fp_late, "int8_share": None, "seconds": time.perf_counter() - t})
+        log(f"{name}: perplexity {ppl:.3f} ({ppl_late:.3f} after decoded token {late})")
     return rows
 
 
@@ -169,17 +176,35 @@ def to_markdown(result: dict) -> str:
     """The study as a table: each row's perplexity, its increase over float and that increase against the first
     (MixLLM's) row's."""
     base = result["rows"][0]["delta"]
-    progressive = "prompt" in result
-    scope = (f"; perplexity of the {result.get('prompt')}-token prompts' continuations" if progressive else "")
-    lines = [f"{result['title']} (W{result['bits']:g}); float model perplexity {result['fp']:.3f}{scope}", "",
-             "| row | configuration | perplexity | increase over float | × MixLLM's increase | "
-             + ("evaluation (s) |" if progressive else "8-bit channels | quantization (s) |"),
-             "|---|---|---|---|---|---|" + ("" if progressive else "---|")]
+    if "prompt" in result:
+        return _progressive_markdown(result)
+    lines = [f"{result['title']} (W{result['bits']:g}); float model perplexity {result['fp']:.3f}", "",
+             "| row | configuration | perplexity | increase over float | × MixLLM's increase | 8-bit channels | "
+             "quantization (s) |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         ratio = r["delta"] / base if base > 0 else float("nan")
-        share = "" if progressive else f"{100 * r['int8_share']:.1f} % | "
         lines.append(f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {r['delta']:+.3f} | {ratio:.2f} | "
-                     f"{share}{r['seconds']:.0f} |")
+                     f"{100 * r['int8_share']:.1f} % | {r['seconds']:.0f} |")
     if result["salience_seconds"]:
         lines += ["", f"Salience computed once in {result['salience_seconds']:.0f} s and shared by the rows."]
+    return "\n".join(lines)
+
+
+def _progressive_markdown(result: dict) -> str:
+    rows, (base, base_late) = result["rows"], (result["rows"][0]["delta"], result["rows"][0]["late_delta"])
+    late = result["late_from"] - result["prompt"]
+    lines = [f"{result['title']} (W{result['bits']:g}). Perplexity of the tokens after each {result['prompt']}-token "
+             f"prompt (float model {result['fp']:.3f}), and of those after decoded token {late} (float model "
+             f"{result['fp_late']:.3f}), which every switching row decodes at W{result['bits']:g}A8.", "",
+             "| row | configuration | perplexity, decoded tokens | × MixLLM's increase | after token "
+             f"{late} | × MixLLM's increase | evaluation (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = r["delta"] / base if base > 0 else float("nan")
+        ratio_late = r["late_delta"] / base_late if base_late > 0 else float("nan")
+        lines.append(f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {ratio:.2f} | "
+                     f"{r['late_perplexity']:.3f} | {ratio_late:.2f} | {r['seconds']:.0f} |")
+    if result["salience_seconds"]:
+        lines += ["", f"Salience computed once in {result['salience_seconds']:.0f} s."]
     return "\n".join(lines)
