@@ -182,10 +182,18 @@ def to_markdown(result: dict) -> str:
              "| row | configuration | perplexity | increase over float | × MixLLM's increase | 8-bit channels | "
              "quantization (s) |",
              "|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        ratio = r["delta"] / base if base > 0 else float("nan")
-        lines.append(f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {r['delta']:+.3f} | {ratio:.2f} | "
-                     f"{100 * r['int8_share']:.1f} % | {r['seconds']:.0f} |")
+    lines += [f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {r['delta']:+.3f} | "
+              f"{_ratio(r['delta'], base):.2f} | {100 * r['int8_share']:.1f} % | {r['seconds']:.0f} |"
+              for r in result["rows"]]
+    return _with_salience_time(lines, result)
+
+
+def _ratio(delta: float, base: float) -> float:
+    """An increase over float against the first row's (nan where that one is not an increase)."""
+    return delta / base if base > 0 else float("nan")
+
+
+def _with_salience_time(lines: list[str], result: dict) -> str:
     if result["salience_seconds"]:
         lines += ["", f"Salience computed once in {result['salience_seconds']:.0f} s and shared by the rows."]
     return "\n".join(lines)
@@ -200,11 +208,7 @@ def _progressive_markdown(result: dict) -> str:
              "| row | configuration | perplexity, decoded tokens | × MixLLM's increase | after token "
              f"{late} | × MixLLM's increase | evaluation (s) |",
              "|---|---|---|---|---|---|---|"]
-    for r in rows:
-        ratio = r["delta"] / base if base > 0 else float("nan")
-        ratio_late = r["late_delta"] / base_late if base_late > 0 else float("nan")
-        lines.append(f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {ratio:.2f} | "
-                     f"{r['late_perplexity']:.3f} | {ratio_late:.2f} | {r['seconds']:.0f} |")
-    if result["salience_seconds"]:
-        lines += ["", f"Salience computed once in {result['salience_seconds']:.0f} s."]
-    return "\n".join(lines)
+    lines += [f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {_ratio(r['delta'], base):.2f} | "
+              f"{r['late_perplexity']:.3f} | {_ratio(r['late_delta'], base_late):.2f} | {r['seconds']:.0f} |"
+              for r in rows]
+    return _with_salience_time(lines, result)
