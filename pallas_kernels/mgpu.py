@@ -293,22 +293,19 @@ def w8a8_group_matmul(x_q: jax.Array, a_scale: jax.Array, w: jax.Array, w_scale:
 
                 def accumulate(acc, partial, sa, sw):  # acc + f32(P) · (s_a ⊗ s_w); token: acc + f32(P) · s_w
                     sw_b = lax.broadcast_in_dim(sw, (tm, tn), [1])
-                    if token:
-                        p = (lax.bitcast_convert_type(partial + _MAGIC, jnp.float32) - _MAGIC_F
-                             if cfg.convert == "magic" else partial.astype(jnp.float32))
-                        return acc + p * sw_b
-                    sa_b = lax.broadcast_in_dim(sa, (tm, tn), [0])
                     if cfg.convert == "magic_fma":  # seed it here, then as `seed`
                         partial = partial + _MAGIC
                     if cfg.seed or cfg.convert == "magic_fma":  # the bits of 1.5·2^23 + P: two FMAs an element
                         q = (lax.bitcast_convert_type(partial, jnp.float32) * sw_b
                              + lax.broadcast_in_dim(sw * -_MAGIC_F, (tm, tn), [1]))
-                        return acc + q * sa_b
+                        return acc + q * lax.broadcast_in_dim(sa, (tm, tn), [0])
                     if cfg.convert == "magic":  # 1.5·2^23 + P, read as a float, less 1.5·2^23: exactly P
                         p = lax.bitcast_convert_type(partial + _MAGIC, jnp.float32) - _MAGIC_F
                     else:
                         p = partial.astype(jnp.float32)
-                    return acc + p * (sa_b * sw_b)
+                    if token:  # s_a waits for the epilogue (MgpuConfig refuses token with seed or magic_fma)
+                        return acc + p * sw_b
+                    return acc + p * (lax.broadcast_in_dim(sa, (tm, tn), [0]) * sw_b)
 
                 def load_sa(sa_smem, j):
                     return _load_vector(sa_smem.at[j], wg_m, plgpu.Layout.WGMMA.reduce(1), interpret)
