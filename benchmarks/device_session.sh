@@ -653,6 +653,14 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 270 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
+  s26c)  # session 26: s24c without its 256-token prefill (≈ 270 s at most), for what budget is left after s24b
+    header
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu_decode.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
+      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 256,512 \
+      --variants xla_bf16,mgpu,mgpu_decode,mgpu_decode_fold,mgpu_decode64 --out "$out/short" 2>&1 | grep -v "^ *$" \
+      | tail -30 | tee "$out/short.log"
+    ;;
   s24d)  # after s24c: the column-tiled kernel's tile width × stages × fold at M = 256 on the four linears
     header
     timeout 400 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \
