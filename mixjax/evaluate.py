@@ -27,20 +27,27 @@ def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
     _check_windows(windows, cfg, batch_size)
     n, T = windows.shape
     total = 0.0
-    batches = range(0, n, batch_size)
+    for chunk, weight in _padded_batches(windows, batch_size, progress):
+        total += float(_batch_nll(params, chunk, weight, cfg=cfg, implementation=implementation))
+    return math.exp(total / (n * (T - 1)))
+
+
+def _padded_batches(windows: np.ndarray, batch_size: int, progress: bool):
+    """(tokens int32 [batch_size, T], row weights f32 [batch_size]) per batch of windows; the last batch is padded
+    with zero-weight rows to keep one compiled shape."""
+    n, T = windows.shape
+    starts = range(0, n, batch_size)
     if progress:
         from tqdm.auto import tqdm
 
-        batches = tqdm(batches, desc="perplexity", unit="batch")
-    for start in batches:
+        starts = tqdm(starts, desc="perplexity", unit="batch")
+    for start in starts:
         chunk = windows[start : start + batch_size]  # [b, T]
         weight = np.ones(batch_size, np.float32)
-        if len(chunk) < batch_size:  # pad the last batch to keep one compiled shape
+        if len(chunk) < batch_size:
             weight[len(chunk):] = 0.0
             chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), T), chunk.dtype)])
-        total += float(_batch_nll(params, jnp.asarray(chunk, jnp.int32), jnp.asarray(weight), cfg=cfg,
-                                  implementation=implementation))
-    return math.exp(total / (n * (T - 1)))
+        yield jnp.asarray(chunk, jnp.int32), jnp.asarray(weight)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
@@ -78,20 +85,9 @@ def phased_nll(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: in
     if not 1 <= prompt < T:
         raise ValueError(f"prompt={prompt} must lie in [1, T={T}): at least one token to condition on and one to score")
     total = np.zeros(T - prompt, np.float64)
-    batches = range(0, n, batch_size)
-    if progress:
-        from tqdm.auto import tqdm
-
-        batches = tqdm(batches, desc="perplexity", unit="batch")
-    for start in batches:
-        chunk = windows[start : start + batch_size]
-        weight = np.ones(batch_size, np.float32)
-        if len(chunk) < batch_size:  # pad the last batch to keep one compiled shape
-            weight[len(chunk):] = 0.0
-            chunk = np.concatenate([chunk, np.zeros((batch_size - len(chunk), T), chunk.dtype)])
-        total += np.asarray(_phased_nll(tuple(p for p, _ in phases), jnp.asarray(chunk, jnp.int32),
-                                        jnp.asarray(weight), cfg=cfg, ends=ends, prompt=prompt,
-                                        implementation=implementation), np.float64)
+    for chunk, weight in _padded_batches(windows, batch_size, progress):
+        total += np.asarray(_phased_nll(tuple(p for p, _ in phases), chunk, weight, cfg=cfg, ends=ends,
+                                        prompt=prompt, implementation=implementation), np.float64)
     return total / n
 
 
