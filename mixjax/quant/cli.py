@@ -48,15 +48,21 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report")
 
 
+def _check_counts(args, names, *, windows) -> None:
+    """Each option in `names` a positive integer, and each in `windows` (tokens a window) at least 2."""
+    for name in names:
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+    for name in windows:
+        if getattr(args, name) < 2:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 2 (the LM loss needs a next token)")
+
+
 def run(args) -> None:
     from mixjax.quant.api import QuantConfig
     from mixjax.quant.pipeline import quantize_model
 
-    for name in ("samples", "seq_len", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.seq_len < 2:
-        raise ValueError("--seq-len must be at least 2 (the LM loss needs a next token)")
+    _check_counts(args, ("samples", "seq_len", "batch_size"), windows=("seq_len",))
     local = args.salience == "local"
     config = QuantConfig(bits=args.bits, budget=args.budget, salience="fisher" if local else args.salience,
                          local=local, gptq=args.gptq, clip=args.clip, batch_size=args.batch_size,
@@ -111,11 +117,8 @@ def run_ablate(args) -> dict:
     from mixjax.quant.ablate import ablate, check_study, to_markdown
     from pallas_kernels import MixedWeight
 
-    for name in ("samples", "seq_len", "eval_seq_len", "eval_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-    if args.seq_len < 2 or args.eval_seq_len < 2:
-        raise ValueError("--seq-len and --eval-seq-len must be at least 2 (the LM loss needs a next token)")
+    _check_counts(args, ("samples", "seq_len", "eval_seq_len", "eval_tokens", "batch_size"),
+                  windows=("seq_len", "eval_seq_len"))
     try:
         switch_after = tuple(int(n) for n in args.switch_after.split(",") if n.strip())
     except ValueError:
