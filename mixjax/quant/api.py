@@ -28,10 +28,12 @@ from typing import Iterable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
+from mixjax.parallel import check_mesh, replicate, shard_samples
 from mixjax.quant.activations import ActFormat, group_absmax
 from mixjax.quant.allocate import Budget, allocate, average_bits
 from mixjax.quant.clip import clip_grid
@@ -105,23 +107,31 @@ class QuantConfig:
 
 
 def salience(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: QuantConfig = QuantConfig(),
-             progress: bool = False) -> dict[str, np.ndarray]:
-    """Salience of every decoder-linear output channel: {linear name: float64 [L, N]} (see salience.py)."""
+             progress: bool = False, mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+    """Salience of every decoder-linear output channel: {linear name: float64 [L, N]} (see salience.py).
+
+    mesh: a one-axis "data" mesh (`mixjax.data_mesh()`) splits the calibration samples over its devices.
+    """
+    check_mesh(mesh)
     batches = check_calibration(calib_batches, cfg)
     params = model.unstack_layers(params)
     check_weights(params, cfg)
     return compute_salience(params, _rebatch(batches, config.batch_size), cfg, kind=config.salience,
-                            progress=progress)
+                            progress=progress, mesh=mesh)
 
 
 def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: QuantConfig = QuantConfig(),
-             scores: dict[str, np.ndarray] | None = None, return_report: bool = False, progress: bool = False):
+             scores: dict[str, np.ndarray] | None = None, return_report: bool = False, progress: bool = False,
+             mesh: Mesh | None = None):
     """Float params → quantized params (tuple of layers of `MixedWeight`/`FakeQuantWeight` linears).
 
     calib_batches: an iterable of int [B, T] token arrays (T ≥ 2, ids < vocab_size).
     scores: salience from `mixjax.salience` (same params), to reuse across budgets; computed if None.
     With `return_report=True` returns (qparams, QuantReport).
+    mesh: a one-axis "data" mesh (`mixjax.data_mesh()`) splits the calibration samples of the salience pass
+    and of the layer statistics over its devices, the params replicated (`mixjax.parallel`).
     """
+    check_mesh(mesh)
     t_start = time.perf_counter()
     batches = check_calibration(calib_batches, cfg)
     params = model.unstack_layers(params)
@@ -135,13 +145,13 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
         _check_scores(scores, params)
     if 4.0 < config.bits < 8.0:
         if scores is None:
-            scores = compute_salience(params, batches, cfg, kind=config.salience, progress=progress)
+            scores = compute_salience(params, batches, cfg, kind=config.salience, progress=progress, mesh=mesh)
         is_int8 = allocate(scores, in_features, config.bits, budget=config.budget, local=config.local)
     else:
         n_out = {n: linear_weight(params["layers"][0], n).shape[0] for n in model.LINEAR_NAMES}
         is_int8 = {n: np.full((n_layers, n_out[n]), config.bits >= 8.0) for n in model.LINEAR_NAMES}
     t_salience = time.perf_counter()
-    layers = quantize_layers(params, batches, cfg, config, is_int8, progress=progress)
+    layers = quantize_layers(params, batches, cfg, config, is_int8, progress=progress, mesh=mesh)
     qparams = {**params, "layers": layers}
     if config.head_bits is not None:
         qparams.update(quantize_head(params, cfg, bits=config.head_bits))
@@ -228,8 +238,11 @@ def _quantize_rows_packed(w, bits: int, clip: bool):
 
 
 def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str, np.ndarray], *,
-                    progress: bool = False) -> tuple:
-    """Quantizes every decoder layer; with calibration inputs when GPTQ/clipping/static scales need them."""
+                    progress: bool = False, mesh: Mesh | None = None) -> tuple:
+    """Quantizes every decoder layer; with calibration inputs when GPTQ/clipping/static scales need them.
+
+    mesh: a "data" mesh splits the calibration samples (and the H = 2·XᵀX sums) over its devices.
+    """
     layers = params["layers"]
     steps = range(len(layers))
     if progress:
@@ -238,11 +251,15 @@ def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str
         steps = tqdm(steps, desc="quantize layers", unit="layer")
     if not config.needs_calibration_inputs:
         return tuple(_quantize_layer(layers[i], i, None, None, config, is_int8)[0] for i in steps)
-    hidden = [model.embed(params, jnp.asarray(b, jnp.int32)) for b in batches]  # [B, T, D] each
+    sharded = [shard_samples(b, mesh)[:2] for b in batches]
+    masks = [m for _, m in sharded]  # None, or f32 [Bp]: 0 on the padding samples
+    embed = replicate({k: params[k] for k in ("embed_tokens", "norm")}, mesh)
+    hidden = [model.embed(embed, t) for t, _ in sharded]  # [Bp, T, D] each
     out = []
     for i in steps:
-        hess, absmax = _accumulate_stats(layers[i], hidden, cfg, config.act)
-        qlayer, sim = _quantize_layer(layers[i], i, hess, absmax, config, is_int8)
+        layer = replicate(layers[i], mesh)  # GPTQ then runs on the mesh's devices too, beside H
+        hess, absmax = _accumulate_stats(layer, hidden, masks, cfg, config.act)
+        qlayer, sim = _quantize_layer(layer, i, hess, absmax, config, is_int8)
         out.append(qlayer)
         if i + 1 < len(layers):
             hidden = [_run_layer(sim, h, cfg=cfg) for h in hidden]
@@ -306,26 +323,32 @@ class _Tap:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "act"))
-def _layer_stats(layer, x, *, cfg: LlamaConfig, act: ActFormat):
-    """H = 2·XᵀX [K, K] f32 and per-group max |X| [G] of each linear's input X over x [B, T, D]."""
+def _layer_stats(layer, x, mask, *, cfg: LlamaConfig, act: ActFormat):
+    """H = 2·XᵀX [K, K] f32 and per-group max |X| [G] of each linear's input X over x [B, T, D].
+
+    mask: None, or f32 [B] with 0 on padding samples, whose rows are left out of both.
+    """
     sink: dict[str, jax.Array] = {}
     tapped = with_weights(layer, {n: _Tap(linear_weight(layer, n), n, sink) for n in model.LINEAR_NAMES})
     model.decoder_layer(tapped, x, cfg, implementation="xla")
     hess, absmax, seen = {}, {}, {}
     for name in model.LINEAR_NAMES:
         xin = sink[name]
-        if id(xin) not in seen:
+        key = id(xin)
+        if key not in seen:
+            if mask is not None:
+                xin = xin.astype(jnp.float32) * mask[:, None, None]
             xf = xin.reshape(-1, xin.shape[-1]).astype(jnp.float32)  # [B·T, K]
             amax = group_absmax(xf, act) if act.bits is not None else jnp.zeros((1,), jnp.float32)
-            seen[id(xin)] = (2.0 * xf.T @ xf, amax)
-        hess[name], absmax[name] = seen[id(xin)]
+            seen[key] = (2.0 * xf.T @ xf, amax)
+        hess[name], absmax[name] = seen[key]
     return hess, absmax
 
 
-def _accumulate_stats(layer, hidden, cfg, act):
+def _accumulate_stats(layer, hidden, masks, cfg, act):
     hess, absmax = None, None
-    for h in hidden:
-        hb, ab = _layer_stats(layer, h, cfg=cfg, act=act)
+    for h, m in zip(hidden, masks):
+        hb, ab = _layer_stats(layer, h, m, cfg=cfg, act=act)
         hess = hb if hess is None else jax.tree.map(jnp.add, hess, hb)
         absmax = ab if absmax is None else jax.tree.map(jnp.maximum, absmax, ab)
     return hess, absmax

@@ -30,10 +30,12 @@ from typing import Any, Iterable, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
+from mixjax.parallel import check_mesh, replicate, shard_samples
 from mixjax.quant.rtn import rtn4_delta
 
 SalienceKind = Literal["fisher", "diag", "first-order-off", "hvp"]
@@ -154,29 +156,38 @@ def compute_salience(
     *,
     kind: SalienceKind = "fisher",
     progress: bool = False,
+    mesh: Mesh | None = None,
 ) -> dict[str, np.ndarray]:
     """Salience of every output channel of every decoder linear: {linear name: float64 [L, N]}.
 
     `params` are float params (stacked or a tuple of layers); `batches` yields int [B, T] token arrays.
+    mesh: a one-axis "data" mesh (`mixjax.data_mesh`) splits each batch's samples over its devices, the
+    params replicated (see `mixjax.parallel`); "diag", one sample at a time, runs on one device.
     Checks every gradient term for NaN/Inf and names the layer.
     """
     if kind not in SALIENCE_KINDS:
         raise ValueError(f"salience kind={kind!r}; expected one of {SALIENCE_KINDS}")
-    params = model.unstack_layers(params)
+    check_mesh(mesh)
+    if kind == "diag":
+        mesh = None
+    params = replicate(model.unstack_layers(params), mesh)
     layers = params["layers"]
     rest = {k: v for k, v in params.items() if k != "layers"}
     deltas = rtn4_deltas(layers)
     totals = [{n: 0.0 for n in model.LINEAR_NAMES} for _ in layers]
     count = 0
-    for tokens in _progress(batches, progress, "salience"):
-        tokens = jnp.asarray(tokens, jnp.int32)
+    for batch in _progress(batches, progress, "salience"):
+        batch = np.asarray(batch)
         if kind == "diag":
+            tokens = jnp.asarray(batch, jnp.int32)
             for b in range(tokens.shape[0]):
                 terms = jax.device_get(diag_terms(rest, layers, deltas, tokens[b : b + 1], cfg=cfg))
                 _check_finite(terms, "diagonal-Fisher salience")
                 _accumulate(totals, terms, lambda t: t)
         else:
+            tokens, _, n = shard_samples(batch, mesh)
             u, v = jax.device_get(probe_terms(rest, layers, deltas, tokens, cfg=cfg, hvp=kind == "hvp"))
+            u, v = jax.tree.map(lambda t: t[:n], (u, v))  # drop the padding samples
             _check_finite(u, "loss gradient (g·Δ)")
             if v is not None:
                 _check_finite(v, "Hessian-vector product (ΔᵀHΔ)")
@@ -184,7 +195,7 @@ def compute_salience(
                 for n in model.LINEAR_NAMES:
                     s = combine(np.asarray(layer_u[n], np.float64), None if v is None else np.asarray(v[i][n], np.float64), kind)
                     totals[i][n] = totals[i][n] + s.sum(axis=0)
-        count += tokens.shape[0]
+        count += batch.shape[0]
     if count == 0:
         raise ValueError("salience needs at least one calibration sample; the calibration set is empty")
     return {n: np.stack([np.asarray(t[n], np.float64) for t in totals]) / count for n in model.LINEAR_NAMES}
