@@ -26,7 +26,7 @@ def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
         chosen = local
     elif isinstance(devices, int):
         if not 1 <= devices <= len(local):
-            raise ValueError(f"devices={devices}, but this process sees {len(local)} local device(s) "
+            raise ValueError(f"asked for {devices} devices, but this process sees {len(local)} local device(s) "
                              f"({local[0].platform}); ask for 1..{len(local)}")
         chosen = local[:devices]
     else:

@@ -44,6 +44,9 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
                    help="also quantize the token embedding table and the LM head: 8 (int8 g128) or 4 (int4 asym "
                         "g128); the head then takes int8 activations like every linear (default: keep them float)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--devices", default="all", metavar="N|all",
+                   help="local devices the calibration samples are split over (default all; the params are "
+                        "replicated on each, so each needs the memory one device would)")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report")
 
@@ -63,13 +66,27 @@ def run(args) -> None:
     from mixjax.quant.pipeline import quantize_model
 
     _check_counts(args, ("samples", "seq_len", "batch_size"), windows=("seq_len",))
+    devices = _devices(args.devices)
     local = args.salience == "local"
     config = QuantConfig(bits=args.bits, budget=args.budget, salience="fisher" if local else args.salience,
                          local=local, gptq=args.gptq, clip=args.clip, batch_size=args.batch_size,
                          head_bits=args.head_bits)
     quantize_model(model_path=args.model, out=args.out, config=config, data=args.data, samples=args.samples,
                    seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
-                   log=(lambda *_: None) if args.quiet else print)
+                   log=(lambda *_: None) if args.quiet else print, devices=devices)
+
+
+def _devices(text: str) -> int | None:
+    """--devices: "all" → None (every local device), else a positive integer."""
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--devices {text!r} must be 'all' or a positive integer (local devices to split over)")
+    return n
 
 
 def register_ablate(sub) -> None:

@@ -1,0 +1,106 @@
+"""Calibration over several devices (`mixjax.parallel`): the same salience and the same quantized weights as on
+one device, padding samples counted nowhere, and bad meshes or device counts refused with the fix named.
+
+Several devices on a CPU need XLA's host device count before jax starts, so the comparison runs in a
+subprocess with three CPU devices (five samples in batches of four: both batches padded)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from mixjax import cli
+from mixjax.parallel import data_mesh, shard_samples
+from mixjax.quant import QuantConfig
+from mixjax.quant.api import salience
+
+THREE_DEVICES = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from mixjax import model
+    from mixjax.config import LlamaConfig
+    from mixjax.parallel import data_mesh, shard_samples
+    from mixjax.quant import QuantConfig, quantize
+    from mixjax.quant.api import salience
+    from mixjax.quant.salience import linear_weight
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32))
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (5, 16), 0, cfg.vocab_size), np.int32)
+    mesh = data_mesh()
+    out = {"devices": mesh.size}
+    sharded, mask, n = shard_samples(tokens[:4], mesh)
+    out["shard"] = [len(sharded.sharding.device_set), list(sharded.shape), np.asarray(mask).tolist(), n]
+    for kind in ("fisher", "hvp"):
+        one = salience(params, [tokens], cfg, config=QuantConfig(salience=kind))
+        many = salience(params, [tokens], cfg, config=QuantConfig(salience=kind), mesh=mesh)
+        out[kind] = max(float(np.max(np.abs(one[k] - many[k]) / np.max(one[k]))) for k in one)
+    one, many = quantize(params, [tokens], cfg), quantize(params, [tokens], cfg, mesh=mesh)
+    out["weights"] = max(
+        float(np.max(np.abs(np.asarray(linear_weight(a, k).dequantize()) - np.asarray(linear_weight(b, k).dequantize()))))
+        for a, b in zip(one["layers"], many["layers"]) for k in model.LINEAR_NAMES)
+    print("RESULT", json.dumps(out))
+""")
+
+
+def test_three_devices_give_one_devices_salience_and_weights():
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", THREE_DEVICES], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.split("RESULT ", 1)[1])
+    assert out["devices"] == 3
+    # four samples over three devices: padded to six, split over all three, the two copies masked out
+    assert out["shard"] == [3, [6, 16], [1, 1, 1, 1, 0, 0], 4]
+    assert out["fisher"] < 1e-5 and out["hvp"] < 1e-5  # summation order only
+    # the same codes: H = 2·XᵀX without the padding samples (counting them moves ≈ 30 % of the codes)
+    assert out["weights"] < 1e-6
+
+
+def test_one_device_mesh_is_the_plain_path():
+    from mixjax import model
+    from mixjax.config import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=12, rope_theta=10000.0)
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (3, 8), 0, cfg.vocab_size), np.int32)
+    plain = salience(params, [tokens], cfg)
+    meshed = salience(params, [tokens], cfg, mesh=data_mesh(1))
+    for k in plain:
+        np.testing.assert_allclose(meshed[k], plain[k], rtol=1e-6)
+    t, mask, n = shard_samples(tokens, None)
+    assert mask is None and n == 3 and t.shape == (3, 8)
+
+
+def test_bad_meshes_and_device_counts_are_refused():
+    n = len(jax.local_devices())
+    with pytest.raises(ValueError, match=f"ask for 1..{n}"):
+        data_mesh(n + 1)
+    with pytest.raises(ValueError, match="ask for"):
+        data_mesh(0)
+    with pytest.raises(ValueError, match="names no device"):
+        data_mesh([])
+    wrong_axis = Mesh(np.array(jax.local_devices()[:1]), ("model",))
+    with pytest.raises(ValueError, match="named 'data'"):
+        salience({}, [np.zeros((1, 4), np.int32)], None, mesh=wrong_axis)
+    with pytest.raises(TypeError, match="jax.sharding.Mesh"):
+        salience({}, [np.zeros((1, 4), np.int32)], None, mesh="gpu:0,1")
+
+
+@pytest.mark.parametrize("value", ["0", "two", str(len(jax.local_devices()) + 1)])
+def test_quantize_cli_refuses_bad_device_counts(value, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert cli.main(["quantize", "--out", str(out), "--devices", value]) == 2
+    err = capsys.readouterr().err
+    assert "--devices" in err or "local device" in err
+    assert not out.exists()
