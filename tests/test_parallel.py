@@ -19,7 +19,6 @@ from jax.sharding import Mesh
 
 from mixjax import cli
 from mixjax.parallel import data_mesh, shard_samples
-from mixjax.quant import QuantConfig
 from mixjax.quant.api import salience
 
 THREE_DEVICES = textwrap.dedent("""
