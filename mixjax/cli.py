@@ -1,7 +1,7 @@
 """The `mixjax` command line: each subcommand parses its arguments into one keyword-only library call.
 
     mixjax demo                                   # embedded model: perplexity + a generated sample
-    mixjax eval --model PATH [--data NAME|FILE] [--seq-len T] [--max-tokens N] [--batch-size B]
+    mixjax eval --model PATH [--data NAME|FILE] [--seq-len T] [--max-tokens N] [--batch-size B] [--devices N]
     mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
     mixjax ablate salience|activations [--model PATH] [--bits 4.4] [--out FILE.json]
@@ -99,15 +99,19 @@ def _register_eval(sub) -> None:
     p.add_argument("--seq-len", type=_positive_int, default=2048, help="tokens per window (default 2048)")
     p.add_argument("--max-tokens", type=_positive_int, default=None, help="evaluate at most this many tokens")
     p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
+    p.add_argument("--devices", default="all", metavar="N|all",
+                   help="local devices each batch is split over, the model replicated on each (default all)")
     p.set_defaults(run=_run_eval)
 
 
 def _run_eval(args) -> None:
     from mixjax.evaluate import evaluate_model
+    from mixjax.parallel import parse_devices
 
     result = evaluate_model(model_path=args.model, data=args.data, seq_len=args.seq_len,
                             max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=_jnp_dtype(args.dtype),
-                            implementation=args.implementation, progress=not args.quiet)
+                            implementation=args.implementation, progress=not args.quiet,
+                            devices=parse_devices(args.devices))
     if args.quiet:
         print(f"{result['perplexity']:.4f}")
     else:

@@ -14,22 +14,47 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
+from mixjax.parallel import DATA_AXIS, check_mesh, mesh_or_none, replicate
 
 
 def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
-               implementation: Implementation = "auto", progress: bool = False) -> float:
-    """exp(mean next-token NLL) of `params` over `windows` int [N, T] (T ≥ 2)."""
+               implementation: Implementation = "auto", progress: bool = False, mesh: Mesh | None = None) -> float:
+    """exp(mean next-token NLL) of `params` over `windows` int [N, T] (T ≥ 2).
+
+    mesh: a one-axis "data" mesh (`mixjax.data_mesh()`): each batch (`batch_size` rounded up to a multiple of
+    the device count) is split over its devices, the params replicated; every device runs the model as one
+    device does (`shard_map`, so the Pallas kernels too) and the NLL sums are added across them.
+    """
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
+    check_mesh(mesh)
     n, T = windows.shape
+    nll = functools.partial(_batch_nll, cfg=cfg, implementation=implementation)
+    if mesh is not None:
+        batch_size = -(-batch_size // mesh.size) * mesh.size
+        params, nll = replicate(params, mesh), _sharded_nll(mesh, cfg, implementation)
     total = 0.0
     for chunk, weight in _padded_batches(windows, batch_size, progress):
-        total += float(_batch_nll(params, chunk, weight, cfg=cfg, implementation=implementation))
+        if mesh is not None:
+            chunk, weight = jax.device_put((chunk, weight), NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
+        total += float(nll(params, chunk, weight))
     return math.exp(total / (n * (T - 1)))
+
+
+@functools.lru_cache(maxsize=8)
+def _sharded_nll(mesh: Mesh, cfg: LlamaConfig, implementation: Implementation):
+    """`_batch_nll` with its rows split over the mesh's "data" axis; the per-device sums psum'd."""
+    def local(params, tokens, weight):  # tokens [B / devices, T] on each device
+        return jax.lax.psum(_nll_sum(params, tokens, weight, cfg, implementation), DATA_AXIS)
+
+    spec = PartitionSpec(DATA_AXIS)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), spec, spec),
+                                 out_specs=PartitionSpec(), check_vma=False))
 
 
 def _padded_batches(windows: np.ndarray, batch_size: int, progress: bool):
@@ -53,6 +78,10 @@ def _padded_batches(windows: np.ndarray, batch_size: int, progress: bool):
 @functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
 def _batch_nll(params, tokens, weight, *, cfg, implementation):
     """Sum of next-token NLL over tokens [B, T], rows weighted by weight [B] → f32 scalar."""
+    return _nll_sum(params, tokens, weight, cfg, implementation)
+
+
+def _nll_sum(params, tokens, weight, cfg, implementation):
     logits = model.forward(params, tokens, cfg, implementation=implementation)[:, :-1]  # [B, T-1, V]
     targets = tokens[:, 1:]  # [B, T-1]
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T-1]
@@ -129,21 +158,25 @@ def _check_windows(windows: np.ndarray, cfg: LlamaConfig, batch_size: int) -> No
 
 def evaluate_model(*, model_path=None, data: str = "wikipedia", seq_len: int = 2048,
                    max_tokens: int | None = None, batch_size: int = 4, dtype=jnp.float32,
-                   implementation: Implementation = "auto", progress: bool = False) -> dict:
+                   implementation: Implementation = "auto", progress: bool = False,
+                   devices: int | None = None) -> dict:
     """Loads a model (default: the embedded one) and measures its perplexity on `data`.
 
-    Returns {"perplexity", "windows", "seq_len", "data", "model"}.
+    devices: local devices each batch is split over (None: all; `perplexity(mesh=...)`).
+    Returns {"perplexity", "windows", "seq_len", "data", "model", "devices"}.
     """
     import convert
     from mixjax import assets, data as data_lib
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+    mesh = mesh_or_none(devices)
     path = assets.resolve_model_path(model_path)
     tokenizer = convert.load_tokenizer(path)
     windows = data_lib.eval_windows(tokenizer, data, seq_len, max_tokens)  # [N, T]
     cfg, params = convert.load(path, dtype=dtype)
     params = model.fuse_projections(params)  # same outputs, fewer launches
-    ppl = perplexity(params, cfg, windows, batch_size=batch_size, implementation=implementation, progress=progress)
+    ppl = perplexity(params, cfg, windows, batch_size=batch_size, implementation=implementation, progress=progress,
+                     mesh=mesh)
     return {"perplexity": ppl, "windows": int(windows.shape[0]), "seq_len": seq_len, "data": str(data),
-            "model": str(path)}
+            "model": str(path), "devices": 1 if mesh is None else mesh.size}

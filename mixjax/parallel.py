@@ -36,6 +36,25 @@ def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(chosen), (DATA_AXIS,))
 
 
+def parse_devices(text: str) -> int | None:
+    """A command line's --devices: "all" → None (every local device), else a positive integer."""
+    if text == "all":
+        return None
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"--devices {text!r} must be 'all' or a positive integer (local devices to split over)")
+    return n
+
+
+def mesh_or_none(devices: int | None) -> Mesh | None:
+    """`data_mesh(devices)`, or None where that is one device (the plain single-device path)."""
+    mesh = data_mesh(devices)
+    return mesh if mesh.size > 1 else None
+
+
 def check_mesh(mesh: Mesh | None) -> None:
     if mesh is None:
         return

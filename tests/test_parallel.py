@@ -1,5 +1,5 @@
-"""Calibration over several devices (`mixjax.parallel`): the same salience and the same quantized weights as on
-one device, padding samples counted nowhere, and bad meshes or device counts refused with the fix named.
+"""Several devices (`mixjax.parallel`): the same salience, quantized weights and perplexity as on one device,
+padding samples counted nowhere, and bad meshes or device counts refused with the fix named.
 
 Several devices on a CPU need XLA's host device count before jax starts, so the comparison runs in a
 subprocess with three CPU devices (five samples in batches of four: both batches padded)."""
@@ -47,6 +47,9 @@ THREE_DEVICES = textwrap.dedent("""
     out["weights"] = max(
         float(np.max(np.abs(np.asarray(linear_weight(a, k).dequantize()) - np.asarray(linear_weight(b, k).dequantize()))))
         for a, b in zip(one["layers"], many["layers"]) for k in model.LINEAR_NAMES)
+    from mixjax.evaluate import perplexity
+    windows = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (7, 16), 0, cfg.vocab_size), np.int32)
+    out["ppl"] = [[perplexity(p, cfg, windows), perplexity(p, cfg, windows, mesh=mesh)] for p in (params, one)]
     print("RESULT", json.dumps(out))
 """)
 
@@ -63,6 +66,9 @@ def test_three_devices_give_one_devices_salience_and_weights():
     assert out["fisher"] < 1e-5 and out["hvp"] < 1e-5  # summation order only
     # the same codes: H = 2·XᵀX without the padding samples (counting them moves ≈ 30 % of the codes)
     assert out["weights"] < 1e-6
+    # seven windows in batches of four (six over three devices): float and quantized model, the same perplexity
+    for single, split in out["ppl"]:
+        assert split == pytest.approx(single, rel=1e-5)
 
 
 def test_one_device_mesh_is_the_plain_path():
@@ -97,9 +103,12 @@ def test_bad_meshes_and_device_counts_are_refused():
 
 
 @pytest.mark.parametrize("value", ["0", "two", str(len(jax.local_devices()) + 1)])
-def test_quantize_cli_refuses_bad_device_counts(value, tmp_path, capsys):
+def test_clis_refuse_bad_device_counts(value, tmp_path, capsys):
     out = tmp_path / "q"
     assert cli.main(["quantize", "--out", str(out), "--devices", value]) == 2
     err = capsys.readouterr().err
     assert "--devices" in err or "local device" in err
     assert not out.exists()
+    assert cli.main(["eval", "--devices", value]) == 2
+    err = capsys.readouterr().err
+    assert "--devices" in err or "local device" in err

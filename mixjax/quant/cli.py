@@ -62,11 +62,12 @@ def _check_counts(args, names, *, windows) -> None:
 
 
 def run(args) -> None:
+    from mixjax.parallel import parse_devices
     from mixjax.quant.api import QuantConfig
     from mixjax.quant.pipeline import quantize_model
 
     _check_counts(args, ("samples", "seq_len", "batch_size"), windows=("seq_len",))
-    devices = _devices(args.devices)
+    devices = parse_devices(args.devices)
     local = args.salience == "local"
     config = QuantConfig(bits=args.bits, budget=args.budget, salience="fisher" if local else args.salience,
                          local=local, gptq=args.gptq, clip=args.clip, batch_size=args.batch_size,
@@ -75,18 +76,6 @@ def run(args) -> None:
                    seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
                    log=(lambda *_: None) if args.quiet else print, devices=devices)
 
-
-def _devices(text: str) -> int | None:
-    """--devices: "all" → None (every local device), else a positive integer."""
-    if text == "all":
-        return None
-    try:
-        n = int(text)
-    except ValueError:
-        n = 0
-    if n < 1:
-        raise ValueError(f"--devices {text!r} must be 'all' or a positive integer (local devices to split over)")
-    return n
 
 
 def register_ablate(sub) -> None:

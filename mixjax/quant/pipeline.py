@@ -21,7 +21,7 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
     """
     import jax.numpy as jnp
 
-    from mixjax.parallel import data_mesh
+    from mixjax.parallel import mesh_or_none
 
     import convert
     from mixjax import assets
@@ -31,8 +31,7 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
     target = Path(out).expanduser()
     if target.exists() and not force:
         raise ValueError(f"{target} already exists; pass --force to overwrite it or choose another --out")
-    mesh = data_mesh(devices)
-    mesh = mesh if mesh.size > 1 else None
+    mesh = mesh_or_none(devices)
     path = assets.resolve_model_path(model_path)
     tokenizer = convert.load_tokenizer(path)
     calib = data_mod.calibration_batches(tokenizer, data, n_samples=samples, seq_len=seq_len, seed=seed,
