@@ -34,27 +34,43 @@ def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
     _check_windows(windows, cfg, batch_size)
     check_mesh(mesh)
     n, T = windows.shape
-    nll = functools.partial(_batch_nll, cfg=cfg, implementation=implementation)
-    if mesh is not None:
+    total = _sum_over_batches(_nll_sum, params, windows, batch_size, progress, mesh, cfg=cfg,
+                              implementation=implementation)
+    return math.exp(float(total) / (n * (T - 1)))
+
+
+def _sum_over_batches(body, params, windows, batch_size, progress, mesh, **static):
+    """Σ over batches of body(params, tokens [B, T], weight [B], **static) (a weighted sum over the rows), in
+    float64 on the host. With a mesh, each batch (its size rounded up to a multiple of the device count) is split
+    over the devices and the params replicated; each device runs `body` on its rows (`shard_map`, so the Pallas
+    kernels run as on one device) and the sums are psum'd."""
+    if mesh is None:
+        call = functools.partial(_jitted(body, tuple(static)), **static)
+    else:
         batch_size = -(-batch_size // mesh.size) * mesh.size
-        params, nll = replicate(params, mesh), _sharded_nll(mesh, cfg, implementation)
+        params, call = replicate(params, mesh), _split(body, mesh, tuple(sorted(static.items())))
+        rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     total = 0.0
     for chunk, weight in _padded_batches(windows, batch_size, progress):
         if mesh is not None:
-            chunk, weight = jax.device_put((chunk, weight), NamedSharding(mesh, PartitionSpec(DATA_AXIS)))
-        total += float(nll(params, chunk, weight))
-    return math.exp(total / (n * (T - 1)))
+            chunk, weight = jax.device_put((chunk, weight), rows)
+        total = total + np.asarray(call(params, chunk, weight), np.float64)
+    return total
 
 
-@functools.lru_cache(maxsize=8)
-def _sharded_nll(mesh: Mesh, cfg: LlamaConfig, implementation: Implementation):
-    """`_batch_nll` with its rows split over the mesh's "data" axis; the per-device sums psum'd."""
+@functools.cache
+def _jitted(body, static_names: tuple):
+    return jax.jit(body, static_argnames=static_names)
+
+
+@functools.lru_cache(maxsize=16)
+def _split(body, mesh: Mesh, static: tuple):
     def local(params, tokens, weight):  # tokens [B / devices, T] on each device
-        return jax.lax.psum(_nll_sum(params, tokens, weight, cfg, implementation), DATA_AXIS)
+        return jax.lax.psum(body(params, tokens, weight, **dict(static)), DATA_AXIS)
 
-    spec = PartitionSpec(DATA_AXIS)
-    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), spec, spec),
-                                 out_specs=PartitionSpec(), check_vma=False))
+    rows = PartitionSpec(DATA_AXIS)
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(PartitionSpec(), rows, rows), out_specs=PartitionSpec(),
+                                 check_vma=False))
 
 
 def _padded_batches(windows: np.ndarray, batch_size: int, progress: bool):
@@ -75,13 +91,8 @@ def _padded_batches(windows: np.ndarray, batch_size: int, progress: bool):
         yield jnp.asarray(chunk, jnp.int32), jnp.asarray(weight)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "implementation"))
-def _batch_nll(params, tokens, weight, *, cfg, implementation):
+def _nll_sum(params, tokens, weight, *, cfg, implementation):
     """Sum of next-token NLL over tokens [B, T], rows weighted by weight [B] → f32 scalar."""
-    return _nll_sum(params, tokens, weight, cfg, implementation)
-
-
-def _nll_sum(params, tokens, weight, cfg, implementation):
     logits = model.forward(params, tokens, cfg, implementation=implementation)[:, :-1]  # [B, T-1, V]
     targets = tokens[:, 1:]  # [B, T-1]
     lse = jax.nn.logsumexp(logits, axis=-1)  # [B, T-1]
@@ -90,7 +101,8 @@ def _nll_sum(params, tokens, weight, cfg, implementation):
 
 
 def phased_perplexity(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: int = 4,
-                      implementation: Implementation = "auto", progress: bool = False) -> float:
+                      implementation: Implementation = "auto", progress: bool = False,
+                      mesh: Mesh | None = None) -> float:
     """exp(mean NLL) of each window's tokens after its first `prompt`, the model run in phases through the KV
     cache as generation runs it: `phases` = [(params, end), ...], each params running positions [previous end,
     end) of every window (ends increasing, the last = T). A token is predicted by the phase that ran the
@@ -98,30 +110,29 @@ def phased_perplexity(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_s
     position. With one phase this is `perplexity` over the predictions after the prompt (progressive precision
     switching during decoding, `mixjax ablate progressive`, runs several)."""
     return math.exp(float(np.mean(phased_nll(phases, cfg, windows, prompt=prompt, batch_size=batch_size,
-                                             implementation=implementation, progress=progress))))
+                                             implementation=implementation, progress=progress, mesh=mesh))))
 
 
 def phased_nll(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: int = 4,
-               implementation: Implementation = "auto", progress: bool = False) -> np.ndarray:
+               implementation: Implementation = "auto", progress: bool = False,
+               mesh: Mesh | None = None) -> np.ndarray:
     """`phased_perplexity`'s NLL per position: float64 [T − prompt], entry i the mean over windows of the NLL of
     the token at position prompt + i (so a later range's perplexity is exp of a slice's mean)."""
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
+    check_mesh(mesh)
     n, T = windows.shape
     ends = tuple(int(end) for _, end in phases)
     if not phases or any(b <= a for a, b in zip((0,) + ends, ends)) or ends[-1] != T:
         raise ValueError(f"phase ends {list(ends)} must increase from above 0 to the window length T={T}")
     if not 1 <= prompt < T:
         raise ValueError(f"prompt={prompt} must lie in [1, T={T}): at least one token to condition on and one to score")
-    total = np.zeros(T - prompt, np.float64)
-    for chunk, weight in _padded_batches(windows, batch_size, progress):
-        total += np.asarray(_phased_nll(tuple(p for p, _ in phases), chunk, weight, cfg=cfg, ends=ends,
-                                        prompt=prompt, implementation=implementation), np.float64)
+    total = _sum_over_batches(_phased_nll_sum, tuple(p for p, _ in phases), windows, batch_size, progress, mesh,
+                              cfg=cfg, ends=ends, prompt=prompt, implementation=implementation)
     return total / n
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "ends", "prompt", "implementation"))
-def _phased_nll(phase_params, tokens, weight, *, cfg, ends, prompt, implementation):
+def _phased_nll_sum(phase_params, tokens, weight, *, cfg, ends, prompt, implementation):
     """NLL of tokens [B, T] at positions prompt … T-1 summed over the weighted rows → f32 [T − prompt]; phase i's
     params run positions [ends[i-1], ends[i])."""
     cache = model.init_cache(cfg, tokens.shape[0], tokens.shape[1], jnp.float32)

@@ -50,6 +50,10 @@ THREE_DEVICES = textwrap.dedent("""
     from mixjax.evaluate import perplexity
     windows = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (7, 16), 0, cfg.vocab_size), np.int32)
     out["ppl"] = [[perplexity(p, cfg, windows), perplexity(p, cfg, windows, mesh=mesh)] for p in (params, one)]
+    from mixjax.evaluate import phased_nll
+    phases = [(params, 9), (one, 16)]
+    out["phased"] = float(np.max(np.abs(phased_nll(phases, cfg, windows, prompt=5)
+                                        - phased_nll(phases, cfg, windows, prompt=5, mesh=mesh))))
     print("RESULT", json.dumps(out))
 """)
 
@@ -69,6 +73,7 @@ def test_three_devices_give_one_devices_salience_and_weights():
     # seven windows in batches of four (six over three devices): float and quantized model, the same perplexity
     for single, split in out["ppl"]:
         assert split == pytest.approx(single, rel=1e-5)
+    assert out["phased"] < 1e-4  # per-position NLL through the KV cache, two models (`ablate progressive`)
 
 
 def test_one_device_mesh_is_the_plain_path():

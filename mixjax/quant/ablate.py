@@ -80,12 +80,13 @@ def check_study(study: str, bits: float, *, high_bits: float = 8.0, prompt: int 
 
 def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4, batch_size: int = 4,
            eval_batch_size: int = 4, high_bits: float = 8.0, prompt: int = 128,
-           switch_after: tuple[int, ...] = (32, 128), progress: bool = False, log=print) -> dict:
+           switch_after: tuple[int, ...] = (32, 128), progress: bool = False, log=print, mesh=None) -> dict:
     """Quantizes float `params` once per row of `STUDIES[study]` and measures each row's perplexity on `windows`
     (`progressive`: two models, and each row a switch point; perplexity of the tokens after `prompt`).
 
     Returns {"study", "title", "bits", "fp", "salience_seconds", "rows": [{"name", "config", "perplexity",
-    "delta", "int8_share", "seconds"}]}; "delta" is the perplexity increase over the float model."""
+    "delta", "int8_share", "seconds"}]}; "delta" is the perplexity increase over the float model.
+    mesh: a "data" mesh (`mixjax.data_mesh()`) splits calibration and evaluation samples over its devices."""
     from mixjax.evaluate import perplexity, phased_nll
     from mixjax.quant.api import quantize, salience
     from mixjax.quant.fakequant import as_fake_quant
@@ -95,18 +96,19 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
     calib_batches = list(calib_batches)
     late = max(switch_after, default=0)  # progressive: perplexity also of the tokens decoded after this many
     if spec.progressive:
-        nll = phased_nll([(params, T)], cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress)
+        nll = phased_nll([(params, T)], cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress,
+                         mesh=mesh)
         fp, fp_late = math.exp(nll.mean()), math.exp(nll[late:].mean())
         log(f"float model: perplexity {fp:.3f} on the {T - prompt} tokens after each {prompt}-token prompt, "
             f"{fp_late:.3f} on the last {T - prompt - late}")
     else:
-        fp = perplexity(params, cfg, windows, batch_size=eval_batch_size, progress=progress)
+        fp = perplexity(params, cfg, windows, batch_size=eval_batch_size, progress=progress, mesh=mesh)
         log(f"float model: perplexity {fp:.3f}")
     scores, salience_seconds = None, 0.0
     if any(4.0 < b < 8.0 for b in ((bits, high_bits) if spec.progressive else (bits,))):
         t = time.perf_counter()
         scores = salience(params, calib_batches, cfg, config=QuantConfig(bits=bits, batch_size=batch_size),
-                          progress=progress)
+                          progress=progress, mesh=mesh)
         salience_seconds = time.perf_counter() - t
         log(f"salience: {salience_seconds:.0f} s (shared by the rows)")
     result = {"study": study, "title": spec.title, "bits": bits, "fp": fp, "salience_seconds": salience_seconds}
@@ -115,15 +117,16 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
                 "rows": _progressive_rows(params, cfg, calib_batches, windows, scores, bits=bits, high_bits=high_bits,
                                           prompt=prompt, switch_after=switch_after, fp=fp, fp_late=fp_late,
                                           batch_size=batch_size, eval_batch_size=eval_batch_size, progress=progress,
-                                          log=log)}
+                                          log=log, mesh=mesh)}
     rows = []
     for name, overrides in spec.rows:
         config = QuantConfig(bits=bits, batch_size=batch_size, **overrides)
         t = time.perf_counter()
         qparams, report = quantize(params, calib_batches, cfg, config=config, scores=scores, return_report=True,
-                                   progress=progress)
+                                   progress=progress, mesh=mesh)
         seconds = time.perf_counter() - t
-        ppl = perplexity(as_fake_quant(qparams), cfg, windows, batch_size=eval_batch_size, progress=progress)
+        ppl = perplexity(as_fake_quant(qparams), cfg, windows, batch_size=eval_batch_size, progress=progress,
+                         mesh=mesh)
         rows.append({"name": name, "config": describe(config), "perplexity": ppl, "delta": ppl - fp,
                      "int8_share": report.num_int8_channels / max(report.num_channels, 1), "seconds": seconds})
         log(f"{name}: perplexity {ppl:.3f} ({seconds:.0f} s)")
@@ -131,7 +134,7 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
 
 
 def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high_bits, prompt, switch_after, fp,
-                      fp_late, batch_size, eval_batch_size, progress, log) -> list[dict]:
+                      fp_late, batch_size, eval_batch_size, progress, log, mesh) -> list[dict]:
     from mixjax.evaluate import phased_nll
     from mixjax.quant.api import quantize
     from mixjax.quant.fakequant import as_fake_quant
@@ -141,7 +144,7 @@ def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high
         t = time.perf_counter()
         config = QuantConfig(bits=b, batch_size=batch_size)
         models[b] = (as_fake_quant(quantize(params, calib_batches, cfg, config=config, scores=scores,
-                                            progress=progress)), describe(config))
+                                            progress=progress, mesh=mesh)), describe(config))
         log(f"W{b:g}A8 quantized in {time.perf_counter() - t:.0f} s")
     (lo, lo_desc), (hi, hi_desc) = models[bits], models[high_bits]
     T = int(windows.shape[1])
@@ -155,7 +158,8 @@ def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high
     rows = []
     for name, desc, phases in plans:
         t = time.perf_counter()
-        nll = phased_nll(phases, cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress)
+        nll = phased_nll(phases, cfg, windows, prompt=prompt, batch_size=eval_batch_size, progress=progress,
+                         mesh=mesh)
         ppl, ppl_late = math.exp(nll.mean()), math.exp(nll[late:].mean())
         rows.append({"name": name, "config": desc, "perplexity": ppl, "delta": ppl - fp, "late_perplexity": ppl_late,
                      "late_delta": ppl_late - fp_late, "int8_share": None, "seconds": time.perf_counter() - t})

@@ -104,6 +104,8 @@ def register_ablate(sub) -> None:
                    help="progressive: tokens of each evaluation window taken as the prompt (default 128)")
     p.add_argument("--switch-after", default="32,128", metavar="N,N",
                    help="progressive: decoded tokens before the switch to --bits, one row each (default 32,128)")
+    p.add_argument("--devices", default="all", metavar="N|all",
+                   help="local devices the calibration and evaluation samples are split over (default all)")
     p.add_argument("--out", default=None, metavar="FILE.json", help="also write the results as JSON")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
     p.add_argument("--quiet", action="store_true", help="print only the table")
@@ -120,6 +122,7 @@ def run_ablate(args) -> dict:
 
     import convert
     from mixjax import assets, data
+    from mixjax.parallel import mesh_or_none, parse_devices
     from mixjax.quant.ablate import ablate, check_study, to_markdown
     from pallas_kernels import MixedWeight
 
@@ -132,6 +135,7 @@ def run_ablate(args) -> dict:
                          "e.g. 32,128") from None
     check_study(args.study, args.bits, high_bits=args.high_bits, prompt=args.prompt_len, seq_len=args.eval_seq_len,
                 switch_after=switch_after)
+    mesh = mesh_or_none(parse_devices(args.devices))
     out = Path(args.out).expanduser() if args.out else None
     if out is not None:
         if out.exists() and not args.force:
@@ -156,7 +160,7 @@ def run_ablate(args) -> dict:
         f"evaluation {windows.shape[0]}×{windows.shape[1]} tokens of {args.eval_data}")
     result = ablate(params, cfg, calib, windows, study=args.study, bits=args.bits, batch_size=args.batch_size,
                     eval_batch_size=args.batch_size, high_bits=args.high_bits, prompt=args.prompt_len,
-                    switch_after=switch_after, progress=not args.quiet, log=log)
+                    switch_after=switch_after, progress=not args.quiet, log=log, mesh=mesh)
     result["settings"] = {"model": str(path), "data": str(args.data), "samples": args.samples,
                           "seq_len": args.seq_len, "seed": args.seed, "eval_data": str(args.eval_data),
                           "eval_windows": int(windows.shape[0]), "eval_seq_len": int(windows.shape[1])}
