@@ -653,9 +653,12 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 270 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
-  s26c)  # session 26: s24c without its 256-token prefill (≈ 270 s at most), for what budget is left after s24b
+  s26c)  # session 26: s24c without its 256-token prefill (≈ 270 s at most), for what budget is left after s24b;
+    # session 27 added the Pallas kernels under shard_map (what several GPUs run) on a one-GPU mesh
     header
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu_decode.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_parallel.py -k "shard_map or one_device" 2>&1 \
+      | tail -4 | tee -a "$out/tests.log"
     timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
       --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms 256,512 \
       --variants xla_bf16,mgpu,mgpu_decode,mgpu_decode_fold,mgpu_decode64 --out "$out/short" 2>&1 | grep -v "^ *$" \

@@ -117,3 +117,18 @@ def test_clis_refuse_bad_device_counts(value, tmp_path, capsys):
     assert cli.main(["eval", "--devices", value]) == 2
     err = capsys.readouterr().err
     assert "--devices" in err or "local device" in err
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Pallas kernels under shard_map need an NVIDIA GPU")
+def test_pallas_kernels_run_under_shard_map_on_a_gpu():
+    """The kernels' custom calls inside `shard_map` (what several GPUs run), on a one-GPU mesh: the same
+    perplexity as the plain jitted call. Shapes: prompt-sized and decode-sized rows both go through."""
+    from helpers import tiny_mixed_model
+
+    from mixjax.evaluate import perplexity
+
+    cfg, params = tiny_mixed_model(11, np.random.default_rng(11))
+    windows = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (3, 64), 0, cfg.vocab_size), np.int32)
+    plain = perplexity(params, cfg, windows, batch_size=2, implementation="pallas")
+    split = perplexity(params, cfg, windows, batch_size=2, implementation="pallas", mesh=data_mesh(1))
+    assert split == pytest.approx(plain, rel=1e-5)
