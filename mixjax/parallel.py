@@ -72,6 +72,21 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def shard_rows(x: jax.Array, mesh: Mesh | None) -> tuple[jax.Array, int]:
+    """(x with its leading axis, a weight's output channels, split over the mesh, that axis's length).
+
+    A length the device count does not divide is padded with copies of row 0; slice results to [:n].
+    Unchanged for mesh=None.
+    """
+    n = x.shape[0]
+    if mesh is None:
+        return x, n
+    pad = -n % mesh.size
+    if pad:
+        x = jnp.concatenate([x, jnp.repeat(x[:1], pad, axis=0)])
+    return jax.device_put(x, NamedSharding(mesh, PartitionSpec(DATA_AXIS))), n
+
+
 def shard_samples(tokens: np.ndarray, mesh: Mesh | None) -> tuple[jax.Array, jax.Array | None, int]:
     """int [B, T] → (tokens [Bp, T] split along Bp over the mesh, sample_mask f32 [Bp] or None, B).
 

@@ -33,7 +33,7 @@ from jax.sharding import Mesh
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import check_mesh, replicate, shard_samples
+from mixjax.parallel import check_mesh, replicate, shard_rows, shard_samples
 from mixjax.quant.activations import ActFormat, group_absmax
 from mixjax.quant.allocate import Budget, allocate, average_bits
 from mixjax.quant.clip import clip_grid
@@ -250,30 +250,37 @@ def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str
 
         steps = tqdm(steps, desc="quantize layers", unit="layer")
     if not config.needs_calibration_inputs:
-        return tuple(_quantize_layer(layers[i], i, None, None, config, is_int8)[0] for i in steps)
+        return tuple(_quantize_layer(replicate(layers[i], mesh), i, None, None, config, is_int8, mesh)[0]
+                     for i in steps)
     sharded = [shard_samples(b, mesh)[:2] for b in batches]
     masks = [m for _, m in sharded]  # None, or f32 [Bp]: 0 on the padding samples
     embed = replicate({k: params[k] for k in ("embed_tokens", "norm")}, mesh)
     hidden = [model.embed(embed, t) for t, _ in sharded]  # [Bp, T, D] each
     out = []
     for i in steps:
-        layer = replicate(layers[i], mesh)  # GPTQ then runs on the mesh's devices too, beside H
+        layer = replicate(layers[i], mesh)
         hess, absmax = _accumulate_stats(layer, hidden, masks, cfg, config.act)
-        qlayer, sim = _quantize_layer(layer, i, hess, absmax, config, is_int8)
+        qlayer, sim = _quantize_layer(layer, i, hess, absmax, config, is_int8, mesh)
         out.append(qlayer)
         if i + 1 < len(layers):
             hidden = [_run_layer(sim, h, cfg=cfg) for h in hidden]
     return tuple(out)
 
 
-def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8) -> tuple[dict, dict]:
-    """→ (the quantized layer, the same layer with FakeQuantWeights for calibration propagation)."""
+def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8, mesh=None) -> tuple[dict, dict]:
+    """→ (the quantized layer, the same layer with FakeQuantWeights for calibration propagation).
+
+    mesh: each linear's rows (output channels, independent in GPTQ and the clip search) split over its devices.
+    """
     final, sim = {}, {}
     for name in model.LINEAR_NAMES:
         w = linear_weight(layer, name)
-        mask = jnp.asarray(is_int8[name][i])
+        rows, n = shard_rows(w, mesh)
+        mask, _ = shard_rows(jnp.asarray(is_int8[name][i]), mesh)
         h = None if hess is None else hess[name]
-        qr = _quantize_linear(w, h, mask, config)
+        qr = _quantize_linear(rows, h, mask, config)
+        if qr.q.shape[0] != n:  # drop the padding rows
+            qr = dataclasses.replace(qr, q=qr.q[:n], scale=qr.scale[:n], zero=qr.zero[:n], is_int8=qr.is_int8[:n])
         _check_finite_codes(qr, f"layers.{i}.{name}")
         a = absmax[name] if absmax is not None and config.act.static else None
         sim[name] = FakeQuantWeight(w=_dequantize(qr, fmt=config.weight).astype(w.dtype), a_absmax=a, act=config.act)
