@@ -3,6 +3,7 @@
     mixjax demo                                   # embedded model: perplexity + a generated sample
     mixjax eval --model PATH [--data NAME|FILE] [--seq-len T] [--max-tokens N] [--batch-size B] [--devices N]
     mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
+                    [--prefill-model PATH --switch-after N]       # progressive precision
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
     mixjax ablate salience|activations [--model PATH] [--bits 4.4] [--out FILE.json]
 
@@ -81,6 +82,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _nonnegative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} is a negative count")
+    return value
+
+
 def _jnp_dtype(name: str):
     import jax.numpy as jnp
 
@@ -137,6 +145,11 @@ def _register_generate(sub) -> None:
     p.add_argument("--int8-prefill", action="store_true",
                    help="quantized model on a Hopper GPU: also hold the weights as int8 for the prompt (one more byte "
                         "a weight, no unpack pass before the first token)")
+    p.add_argument("--prefill-model", default=None, metavar="PATH",
+                   help="progressive precision: another quantization of the same model (e.g. W8A8) that runs the "
+                        "prompt and the first --switch-after decoded tokens; --model runs the rest")
+    p.add_argument("--switch-after", type=_nonnegative_int, default=0, metavar="N",
+                   help="with --prefill-model: decoded tokens it runs before --model takes over (default 0)")
     p.set_defaults(run=_run_generate)
 
 
@@ -147,7 +160,8 @@ def _run_generate(args) -> None:
     generate_text(model_path=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream,
-                  cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None, int8_prefill=args.int8_prefill)
+                  cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None, int8_prefill=args.int8_prefill,
+                  prefill_model_path=args.prefill_model, switch_after=args.switch_after)
     print(flush=True)
 
 

@@ -88,6 +88,8 @@ def generate(
     implementation: Implementation = "auto",
     on_token: Callable[[np.ndarray], None] | None = None,
     cache_dtype=None,
+    prefill_params=None,
+    switch_after: int = 0,
 ) -> list[list[int]]:
     """Continues each prompt; returns the new tokens of each row (ending with its EOS token, if any).
 
@@ -97,19 +99,25 @@ def generate(
     on_token: called on the host, in order, with each step's int32 [B] tokens (PAD = -1 for finished rows).
     cache_dtype: defaults to the dtype of the embedding table; jnp.int8 stores keys/values as int8 with a
       scale per (row, head, position) (half the cache memory of bf16; see `mixjax.model.KVCache`).
+    prefill_params / switch_after: progressive precision. A second parameter set of the same model (e.g. its
+      W8A8 quantization beside W4.4A8 `params`) runs the prompt and the first `switch_after` decoded tokens;
+      `params` runs the rest, reading the cache the first one wrote. Both are resident. In `mixjax ablate
+      progressive` a W8A8 prompt kept 0.78× of W4.4A8's perplexity increase on the later tokens.
     Raises ValueError before any compilation for empty prompts, ids outside the vocabulary, or
     prompt + max_new_tokens beyond `cfg.max_position_embeddings`.
     """
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
+    _check_phases(params, prefill_params, switch_after)
     if sampling.top_k > cfg.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds vocab_size={cfg.vocab_size}; use 0 to disable top-k")
     prompts, lengths = _pad_prompts(prompt_tokens, cfg, max_new_tokens)  # [B, P], [B]
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
     dtype = jnp.dtype(cache_dtype or params["norm"].dtype)
     out, steps = _generate_jit(
-        params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
+        params, prefill_params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
         cfg=cfg, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
         implementation=implementation, cache_dtype=dtype, on_token=on_token,
+        switch_after=int(switch_after) if prefill_params is not None else 0,
     )
     out = np.asarray(out)[:, : int(steps)]  # [B, steps]
     return [[int(t) for t in row if t != PAD] for row in out]
@@ -146,17 +154,48 @@ def _bucket(n: int) -> int:
     return -(-n // 16) * 16
 
 
+def _check_phases(params, prefill_params, switch_after) -> None:
+    """prefill_params must be a parameter set of the same model; switch_after a count of decoded tokens."""
+    if not isinstance(switch_after, (int, np.integer)) or switch_after < 0:
+        raise ValueError(f"switch_after={switch_after!r} must be an integer ≥ 0 (decoded tokens run by prefill_params)")
+    if prefill_params is None:
+        if switch_after:
+            raise ValueError(f"switch_after={switch_after} needs prefill_params, the model that runs those tokens")
+        return
+
+    def outline(p):
+        layers = p["layers"]
+        n = len(layers) if isinstance(layers, (tuple, list)) else jax.tree.leaves(layers)[0].shape[0]
+        return n, tuple(np.shape(p["norm"])), tuple(p["embed_tokens"].shape)
+
+    def stacked(p):
+        return not isinstance(p["layers"], (tuple, list))
+
+    if stacked(prefill_params) != stacked(params):
+        raise ValueError("prefill_params and params hold their layers in different forms (one stacked, one a tuple); "
+                         "pass both through model.unstack_layers (a quantized checkpoint loads unstacked)")
+    if outline(prefill_params) != outline(params):
+        raise ValueError(f"prefill_params (layers, norm, embedding shapes {outline(prefill_params)}) are not the "
+                         f"same model as params ({outline(params)}): quantize one float model twice")
+
+
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "sampling", "eos", "implementation", "cache_dtype", "on_token"),
+    static_argnames=("cfg", "max_new_tokens", "sampling", "eos", "implementation", "cache_dtype", "on_token",
+                     "switch_after"),
 )
-def _generate_jit(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos, implementation,
-                  cache_dtype, on_token):
-    """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken)."""
-    state = _prefill(params, prompts, lengths, key, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
+def _generate_jit(params, prefill_params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos,
+                  implementation, cache_dtype, on_token, switch_after):
+    """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken). With prefill_params,
+    those run the prompt and the first `switch_after` decoded tokens, in a loop of their own."""
+    first = params if prefill_params is None else prefill_params
+    state = _prefill(first, prompts, lengths, key, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
                      eos=eos, implementation=implementation, cache_dtype=cache_dtype, on_token=on_token)
-    state = _decode_loop(params, state, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling, eos=eos,
-                         implementation=implementation, on_token=on_token)
+    loop = functools.partial(_decode_loop, cfg=cfg, sampling=sampling, eos=eos, implementation=implementation,
+                             on_token=on_token)
+    if switch_after:  # step s feeds the token emitted at s - 1: steps 1 … switch_after feed the first decoded ones
+        state = loop(first, state, max_new_tokens=min(max_new_tokens, switch_after + 1))
+    state = loop(params, state, max_new_tokens=max_new_tokens)
     return state.tokens, state.step
 
 
@@ -275,7 +314,8 @@ class TextStream:
 def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_tokens: int = 64,
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   dtype=jnp.float32, implementation: Implementation = "auto",
-                  on_text: Callable[[str], None] | None = None, cache_dtype=None, int8_prefill: bool = False) -> str:
+                  on_text: Callable[[str], None] | None = None, cache_dtype=None, int8_prefill: bool = False,
+                  prefill_model_path=None, switch_after: int = 0) -> str:
     """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
 
     on_text: called with each new piece of text as it is generated (streaming).
@@ -283,16 +323,30 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     int8_prefill: a quantized model on a Hopper GPU also holds its weights as int8 for the prompt's GEMMs
       (`model.int8_prefill`, the CLI's `--int8-prefill`): one more byte a weight for a shorter time to the
       first token. Raises ValueError for a float model or where the Hopper prefill GEMM does not run.
+    prefill_model_path / switch_after: a second checkpoint of the same model (e.g. W8A8 beside W4.4A8) that runs
+      the prompt and the first `switch_after` decoded tokens (`generate(prefill_params=...)`).
     """
     import convert
     from mixjax import assets
 
     SamplingConfig(float(temperature), int(top_k), float(top_p))  # validates before any loading
+    if prefill_model_path is None and switch_after:
+        raise ValueError(f"--switch-after {switch_after} needs --prefill-model, the model that runs those tokens")
+    if prefill_model_path is not None and int8_prefill:
+        raise ValueError("--int8-prefill and --prefill-model both choose the weights the prompt runs on: pick one")
     path = assets.resolve_model_path(model_path)
+    first_path = None if prefill_model_path is None else assets.resolve_model_path(prefill_model_path)
     tokenizer = convert.load_tokenizer(path)
     ids = encode_prompt(tokenizer, prompt, chat=chat)
     cfg, params = convert.load(path, dtype=dtype)
     params = model.fuse_projections(params)  # q/k/v and gate/up as one matmul each: fewer decode launches
+    prefill_params = None
+    if first_path is not None:
+        first_cfg, prefill_params = convert.load(first_path, dtype=dtype)
+        if first_cfg != cfg:
+            raise ValueError(f"--prefill-model {first_path} is another model than --model {path} (their configs "
+                             "differ): quantize the same float model twice, e.g. --bits 8 and --bits 4.4")
+        prefill_params = model.fuse_projections(prefill_params)
     if int8_prefill:
         _check_int8_prefill(params, implementation)
         params = model.int8_prefill(params)
@@ -303,7 +357,8 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     stream = TextStream(tokenizer, on_text) if on_text is not None else None
     (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
-                      on_token=stream, cache_dtype=cache_dtype)
+                      on_token=stream, cache_dtype=cache_dtype, prefill_params=prefill_params,
+                      switch_after=switch_after)
     if stream is not None:
         stream.flush()
     return tokenizer.decode(new, skip_special_tokens=True)

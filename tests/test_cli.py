@@ -97,6 +97,10 @@ def test_generate_streams_transformers_greedy_text(tiny_model, capsys):
         ref = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False, eos_token_id=EOS,
                              pad_token_id=EOS)
     assert out == tokenizer.decode(ref[0, len(ids):], skip_special_tokens=True) + "\n"
+    # progressive precision with the same model on both sides changes nothing
+    assert cli.main(["generate", "--model", str(directory), "--prompt", prompt, "--max-new-tokens", "12",
+                     "--prefill-model", str(directory), "--switch-after", "4"]) == 0
+    assert capsys.readouterr().out == out
 
 
 @pytest.mark.parametrize(
@@ -113,6 +117,11 @@ def test_generate_streams_transformers_greedy_text(tiny_model, capsys):
         (["generate", "--model", "{model}", "--prompt", "hi", "--top-p", "1.5"], "top_p=1.5"),
         (["generate", "--model", "{model}", "--prompt", "hi", "--chat"], "no chat template"),
         (["eval", "--model", "{tmp}/not-a-model.txt"], "not-a-model.txt: "),
+        (["generate", "--model", "{model}", "--prompt", "hi", "--switch-after", "3"], "needs --prefill-model"),
+        (["generate", "--model", "{model}", "--prompt", "hi", "--prefill-model", "{model}", "--int8-prefill"],
+         "pick one"),
+        (["generate", "--model", "{model}", "--prompt", "hi", "--prefill-model", "{tmp}/no-such-model"],
+         "no-such-model' does not exist"),
     ],
 )
 def test_user_errors_exit_2_with_one_message_and_write_nothing(tiny_model, sandbox, tmp_path, capsys, argv, match):

@@ -176,3 +176,50 @@ def test_int8_cache_generation_mostly_agrees_with_float_cache(params):
     tuple_layers = generate(model.unstack_layers(params), CFG, prompts, max_new_tokens=12, eos_token_ids=(),
                             cache_dtype=jnp.int8)
     assert tuple_layers == out
+
+
+def _greedy_in_phases(first, second, prompt, n, switch_after):
+    """Greedy decoding token by token through the cache: `first` runs the prompt and the first switch_after decoded
+    tokens, `second` the rest (the reference of progressive precision switching)."""
+    step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c))
+    cache = model.init_cache(CFG, 1, len(prompt) + n, jnp.float32)
+    logits, cache = step(first, jnp.asarray([prompt], jnp.int32), cache)
+    out = [int(jnp.argmax(logits[0, -1]))]
+    while len(out) < n:
+        p = first if len(out) <= switch_after else second
+        logits, cache = step(p, jnp.asarray([[out[-1]]], jnp.int32), cache)
+        out.append(int(jnp.argmax(logits[0, -1])))
+    return out
+
+
+@pytest.mark.parametrize("switch_after", [0, 3])
+def test_progressive_switching_hands_the_cache_from_one_model_to_the_other(params, switch_after):
+    other = jax.tree.map(lambda a: a * 1.1 if a.ndim > 1 and a.shape[-1] != 1 else a, params)
+    prompt = _prompts(11, [7])[0]
+    got = generate(params, CFG, [prompt], max_new_tokens=10, eos_token_ids=(), prefill_params=other,
+                   switch_after=switch_after)
+    assert got == [_greedy_in_phases(other, params, prompt, 10, switch_after)]
+    # the two models disagree on this prompt, so the test sees which one ran which token
+    plain = generate(params, CFG, [prompt], max_new_tokens=10, eos_token_ids=())
+    assert got != plain and got != generate(other, CFG, [prompt], max_new_tokens=10, eos_token_ids=())
+    # the same parameters on both sides is plain generation
+    assert generate(params, CFG, [prompt], max_new_tokens=10, eos_token_ids=(), prefill_params=params,
+                    switch_after=switch_after) == plain
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(switch_after=2), "needs prefill_params"),
+        (dict(switch_after=-1, prefill_params="same"), "switch_after=-1"),
+        (dict(prefill_params="unstacked"), "different forms"),
+        (dict(prefill_params="fewer layers"), "not the same model"),
+    ],
+)
+def test_bad_progressive_requests_are_refused(params, kwargs, match):
+    variants = {"same": params, "unstacked": model.unstack_layers(params),
+                "fewer layers": {**params, "layers": jax.tree.map(lambda a: a[:1], params["layers"])}}
+    if "prefill_params" in kwargs:
+        kwargs = {**kwargs, "prefill_params": variants[kwargs["prefill_params"]]}
+    with pytest.raises(ValueError, match=match):
+        generate(params, CFG, [[1, 2]], max_new_tokens=4, **kwargs)
