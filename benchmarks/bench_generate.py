@@ -94,7 +94,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from mixjax import model  # noqa: E402
 from mixjax.config import LlamaConfig, RopeScaling  # noqa: E402
-from mixjax.generate import SamplerState, SamplingConfig, _bucket, _decode_loop  # noqa: E402
+from mixjax.generate import SamplerState, SamplingConfig, _bucket, _decode_loop, _emit  # noqa: E402
 
 LLAMA3_8B = LlamaConfig(
     vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
@@ -335,8 +335,9 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     cache = dataclasses.replace(cache, length=jnp.full((batch,), args.prompt_len, jnp.int32))
     state = SamplerState(step=jnp.int32(0), last=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
                          tokens=jnp.zeros((batch, args.new_tokens), jnp.int32), cache=cache, key=jax.random.key(0))
-    loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, max_new_tokens=args.new_tokens, sampling=SamplingConfig(),
-                                     eos=(), implementation=args.implementation, on_token=None))
+    emit = functools.partial(_emit, sampling=SamplingConfig(), eos=(), on_token=None)
+    loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, max_new_tokens=args.new_tokens, emit=emit,
+                                     implementation=args.implementation))
 
     def run():
         out = loop(params, state)

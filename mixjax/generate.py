@@ -24,10 +24,12 @@ from typing import Callable, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
+from mixjax.parallel import DATA_AXIS, check_mesh, replicate
 
 PAD = -1  # placeholder in the output buffer for rows that have finished
 
@@ -63,7 +65,7 @@ class SamplerState:
     done:   bool [B], rows that have emitted an end-of-sequence token.
     tokens: int32 [B, max_new_tokens], generated tokens; PAD after a row is done.
     cache:  the KV cache (`mixjax.model.KVCache`), prompts plus generated tokens.
-    key:    PRNG key of the run; step s samples with `fold_in(key, s)`.
+    key:    PRNG key of the run; step s samples row b with `fold_in(fold_in(key, s), b)`.
     """
 
     step: jax.Array
@@ -90,6 +92,7 @@ def generate(
     cache_dtype=None,
     prefill_params=None,
     switch_after: int = 0,
+    mesh: Mesh | None = None,
 ) -> list[list[int]]:
     """Continues each prompt; returns the new tokens of each row (ending with its EOS token, if any).
 
@@ -103,23 +106,42 @@ def generate(
       W8A8 quantization beside W4.4A8 `params`) runs the prompt and the first `switch_after` decoded tokens;
       `params` runs the rest, reading the cache the first one wrote. Both are resident. In `mixjax ablate
       progressive` a W8A8 prompt kept 0.78× of W4.4A8's perplexity increase on the later tokens.
+    mesh: a one-axis "data" mesh (`mixjax.data_mesh()`): the prompts are split over its devices, each holding
+      the whole model and decoding its rows (`shard_map`); the same tokens as one device (sampled ones too:
+      each row draws from its own key). No streaming.
     Raises ValueError before any compilation for empty prompts, ids outside the vocabulary, or
     prompt + max_new_tokens beyond `cfg.max_position_embeddings`.
     """
     sampling = SamplingConfig(float(temperature), int(top_k), float(top_p))
     _check_phases(params, prefill_params, switch_after)
+    if prefill_params is not None and _stacked(params) != _stacked(prefill_params):
+        params, prefill_params = model.unstack_layers(params), model.unstack_layers(prefill_params)  # one cache form
     if sampling.top_k > cfg.vocab_size:
         raise ValueError(f"top_k={top_k} exceeds vocab_size={cfg.vocab_size}; use 0 to disable top-k")
     prompts, lengths = _pad_prompts(prompt_tokens, cfg, max_new_tokens)  # [B, P], [B]
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
     dtype = jnp.dtype(cache_dtype or params["norm"].dtype)
-    out, steps = _generate_jit(
-        params, prefill_params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
-        cfg=cfg, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
-        implementation=implementation, cache_dtype=dtype, on_token=on_token,
-        switch_after=int(switch_after) if prefill_params is not None else 0,
-    )
-    out = np.asarray(out)[:, : int(steps)]  # [B, steps]
+    check_mesh(mesh)
+    if mesh is not None and on_token is not None:
+        raise ValueError("streaming (on_token) needs one device: each device decodes its own rows; drop on_token "
+                         "or the mesh")
+    static = dict(cfg=cfg, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
+                  implementation=implementation, cache_dtype=dtype,
+                  switch_after=int(switch_after) if prefill_params is not None else 0)
+    n = len(prompts)
+    if mesh is None:
+        out, steps = _generate_jit(params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
+                                   prefill_params=prefill_params, on_token=on_token, **static)
+    else:  # rows split over the devices (padded with copies of row 0), the params replicated
+        pad = -n % mesh.size
+        prompts, lengths = np.concatenate([prompts, prompts[:1].repeat(pad, 0)]), np.concatenate(
+            [lengths, lengths[:1].repeat(pad, 0)])
+        rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+        params, prefill_params = replicate((params, prefill_params), mesh)
+        out, steps = _generate_split(mesh, tuple(sorted(static.items())))(
+            params, prefill_params, jax.device_put(prompts, rows), jax.device_put(lengths, rows),
+            jax.random.key(seed))
+    out = np.asarray(out)[:n, : int(steps)]  # [B, steps]
     return [[int(t) for t in row if t != PAD] for row in out]
 
 
@@ -154,6 +176,10 @@ def _bucket(n: int) -> int:
     return -(-n // 16) * 16
 
 
+def _stacked(params) -> bool:
+    return not isinstance(params["layers"], (tuple, list))
+
+
 def _check_phases(params, prefill_params, switch_after) -> None:
     """prefill_params must be a parameter set of the same model; switch_after a count of decoded tokens."""
     if not isinstance(switch_after, (int, np.integer)) or switch_after < 0:
@@ -168,12 +194,6 @@ def _check_phases(params, prefill_params, switch_after) -> None:
         n = len(layers) if isinstance(layers, (tuple, list)) else jax.tree.leaves(layers)[0].shape[0]
         return n, tuple(np.shape(p["norm"])), tuple(p["embed_tokens"].shape)
 
-    def stacked(p):
-        return not isinstance(p["layers"], (tuple, list))
-
-    if stacked(prefill_params) != stacked(params):
-        raise ValueError("prefill_params and params hold their layers in different forms (one stacked, one a tuple); "
-                         "pass both through model.unstack_layers (a quantized checkpoint loads unstacked)")
     if outline(prefill_params) != outline(params):
         raise ValueError(f"prefill_params (layers, norm, embedding shapes {outline(prefill_params)}) are not the "
                          f"same model as params ({outline(params)}): quantize one float model twice")
@@ -184,26 +204,47 @@ def _check_phases(params, prefill_params, switch_after) -> None:
     static_argnames=("cfg", "max_new_tokens", "sampling", "eos", "implementation", "cache_dtype", "on_token",
                      "switch_after"),
 )
-def _generate_jit(params, prefill_params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos,
-                  implementation, cache_dtype, on_token, switch_after):
+def _generate_jit(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos, implementation, cache_dtype,
+                  on_token, prefill_params=None, switch_after=0):
     """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken). With prefill_params,
     those run the prompt and the first `switch_after` decoded tokens, in a loop of their own."""
+    return _generate_body(params, prefill_params, prompts, lengths, key, 0, cfg=cfg, max_new_tokens=max_new_tokens,
+                          sampling=sampling, eos=eos, implementation=implementation, cache_dtype=cache_dtype,
+                          on_token=on_token, switch_after=switch_after)
+
+
+@functools.lru_cache(maxsize=16)
+def _generate_split(mesh: Mesh, static: tuple):
+    """`_generate_jit` with the rows split over the mesh: each device runs its rows' prefill and decode loop (its
+    own trip count); the steps taken are the most over the devices."""
+    def local(params, prefill_params, prompts, lengths, key):  # prompts [B / devices, P]
+        row0 = jax.lax.axis_index(DATA_AXIS) * prompts.shape[0]
+        tokens, steps = _generate_body(params, prefill_params, prompts, lengths, key, row0, on_token=None,
+                                       **dict(static))
+        return tokens, jax.lax.pmax(steps, DATA_AXIS)
+
+    rows, same = PartitionSpec(DATA_AXIS), PartitionSpec()
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(same, same, rows, rows, same), out_specs=(rows, same),
+                                 check_vma=False))
+
+
+def _generate_body(params, prefill_params, prompts, lengths, key, row0, *, cfg, max_new_tokens, sampling, eos,
+                   implementation, cache_dtype, on_token, switch_after):
     first = params if prefill_params is None else prefill_params
-    state = _prefill(first, prompts, lengths, key, cfg=cfg, max_new_tokens=max_new_tokens, sampling=sampling,
-                     eos=eos, implementation=implementation, cache_dtype=cache_dtype, on_token=on_token)
-    loop = functools.partial(_decode_loop, cfg=cfg, sampling=sampling, eos=eos, implementation=implementation,
-                             on_token=on_token)
+    emit = functools.partial(_emit, sampling=sampling, eos=eos, on_token=on_token, row0=row0)
+    state = _prefill(first, prompts, lengths, key, cfg=cfg, max_new_tokens=max_new_tokens, emit=emit,
+                     implementation=implementation, cache_dtype=cache_dtype)
+    loop = functools.partial(_decode_loop, cfg=cfg, emit=emit, implementation=implementation)
     if switch_after:  # step s feeds the token emitted at s - 1: steps 1 … switch_after feed the first decoded ones
         state = loop(first, state, max_new_tokens=min(max_new_tokens, switch_after + 1))
     state = loop(params, state, max_new_tokens=max_new_tokens)
     return state.tokens, state.step
 
 
-def _prefill(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos, implementation, cache_dtype,
-             on_token) -> SamplerState:
+def _prefill(params, prompts, lengths, key, *, cfg, max_new_tokens, emit, implementation, cache_dtype) -> SamplerState:
     """One forward_step over the padded prompts (LM head only at each row's last token), first token sampled."""
     B, P = prompts.shape
-    stacked = not isinstance(params["layers"], (tuple, list))  # the cache takes the layers' form
+    stacked = _stacked(params)  # the cache takes the layers' form
     cache = model.init_cache(cfg, B, P + max_new_tokens, cache_dtype, stacked=stacked)
     logits, cache = model.forward_step(params, prompts, cfg, cache, num_valid=lengths, logits_at="last",
                                        implementation=implementation)  # [B, 1, V]
@@ -211,11 +252,10 @@ def _prefill(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eo
         step=jnp.int32(0), last=jnp.zeros((B,), jnp.int32), done=jnp.zeros((B,), bool),
         tokens=jnp.full((B, max_new_tokens), PAD, jnp.int32), cache=cache, key=key,
     )
-    return _emit(state, logits[:, 0], sampling, eos, on_token)
+    return emit(state, logits[:, 0])
 
 
-def _decode_loop(params, state: SamplerState, *, cfg, max_new_tokens, sampling, eos, implementation,
-                 on_token) -> SamplerState:
+def _decode_loop(params, state: SamplerState, *, cfg, max_new_tokens, emit, implementation) -> SamplerState:
     """The `lax.while_loop` of one-token decode steps until max_new_tokens or every row is done."""
 
     def cond(s: SamplerState):
@@ -224,14 +264,18 @@ def _decode_loop(params, state: SamplerState, *, cfg, max_new_tokens, sampling, 
     def body(s: SamplerState):
         logits, cache = model.forward_step(params, s.last[:, None], cfg, s.cache,
                                            implementation=implementation)  # [B, 1, V]
-        return _emit(dataclasses.replace(s, cache=cache), logits[:, 0], sampling, eos, on_token)
+        return emit(dataclasses.replace(s, cache=cache), logits[:, 0])
 
     return jax.lax.while_loop(cond, body, state)
 
 
-def _emit(s: SamplerState, logits, sampling: SamplingConfig, eos: tuple[int, ...], on_token) -> SamplerState:
-    """Samples one token per row from logits [B, V] and records it (PAD for finished rows)."""
-    token = sample(logits, jax.random.fold_in(s.key, s.step), sampling)  # [B]
+def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, ...], on_token, row0=0) -> SamplerState:
+    """Samples one token per row from logits [B, V] and records it (PAD for finished rows). Row b of the batch
+    (global row row0 + b) draws with key fold_in(fold_in(key, step), row0 + b)."""
+    step_key = jax.random.fold_in(s.key, s.step)
+    rows = row0 + jnp.arange(logits.shape[0])
+    keys = step_key if sampling.greedy else jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)  # [B]
+    token = sample(logits, keys, sampling)  # [B]
     token = jnp.where(s.done, PAD, token)
     if on_token is not None:
         jax.debug.callback(lambda t: on_token(np.asarray(t)), token, ordered=True)
@@ -246,7 +290,7 @@ def _emit(s: SamplerState, logits, sampling: SamplingConfig, eos: tuple[int, ...
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
-    """logits [B, V] → int32 [B] next tokens."""
+    """logits [B, V] → int32 [B] next tokens; key: one PRNG key, or one a row ([B])."""
     logits = logits.astype(jnp.float32)
     if sampling.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -257,6 +301,8 @@ def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.A
         logits = jnp.where(logits < kth, neg, logits)
     if sampling.top_p < 1:
         logits = _top_p_mask(logits, sampling.top_p, neg)
+    if key.ndim > (0 if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else 1):  # a key a row
+        return jax.vmap(lambda k, l: jax.random.categorical(k, l))(key, logits).astype(jnp.int32)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 

@@ -202,9 +202,11 @@ def test_progressive_switching_hands_the_cache_from_one_model_to_the_other(param
     # the two models disagree on this prompt, so the test sees which one ran which token
     plain = generate(params, CFG, [prompt], max_new_tokens=10, eos_token_ids=())
     assert got != plain and got != generate(other, CFG, [prompt], max_new_tokens=10, eos_token_ids=())
-    # the same parameters on both sides is plain generation
+    # the same parameters on both sides is plain generation, also with one of them unstacked
     assert generate(params, CFG, [prompt], max_new_tokens=10, eos_token_ids=(), prefill_params=params,
                     switch_after=switch_after) == plain
+    assert generate(params, CFG, [prompt], max_new_tokens=10, eos_token_ids=(),
+                    prefill_params=model.unstack_layers(other), switch_after=switch_after) == got
 
 
 @pytest.mark.parametrize(
@@ -212,13 +214,11 @@ def test_progressive_switching_hands_the_cache_from_one_model_to_the_other(param
     [
         (dict(switch_after=2), "needs prefill_params"),
         (dict(switch_after=-1, prefill_params="same"), "switch_after=-1"),
-        (dict(prefill_params="unstacked"), "different forms"),
         (dict(prefill_params="fewer layers"), "not the same model"),
     ],
 )
 def test_bad_progressive_requests_are_refused(params, kwargs, match):
-    variants = {"same": params, "unstacked": model.unstack_layers(params),
-                "fewer layers": {**params, "layers": jax.tree.map(lambda a: a[:1], params["layers"])}}
+    variants = {"same": params, "fewer layers": {**params, "layers": jax.tree.map(lambda a: a[:1], params["layers"])}}
     if "prefill_params" in kwargs:
         kwargs = {**kwargs, "prefill_params": variants[kwargs["prefill_params"]]}
     with pytest.raises(ValueError, match=match):

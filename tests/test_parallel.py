@@ -54,6 +54,17 @@ THREE_DEVICES = textwrap.dedent("""
     phases = [(params, 9), (one, 16)]
     out["phased"] = float(np.max(np.abs(phased_nll(phases, cfg, windows, prompt=5)
                                         - phased_nll(phases, cfg, windows, prompt=5, mesh=mesh))))
+    from mixjax.generate import generate
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5, 12, 7)]  # five rows, three devices
+    kw = dict(max_new_tokens=6, eos_token_ids=(7,))  # rows stop at different steps
+    out["generate"] = [
+        generate(params, cfg, prompts, **kw) == generate(params, cfg, prompts, mesh=mesh, **kw),
+        generate(params, cfg, prompts, temperature=1.3, seed=4, **kw)
+        == generate(params, cfg, prompts, temperature=1.3, seed=4, mesh=mesh, **kw),
+        generate(params, cfg, prompts, prefill_params=one, switch_after=2, **kw)
+        == generate(params, cfg, prompts, prefill_params=one, switch_after=2, mesh=mesh, **kw),
+    ]
     print("RESULT", json.dumps(out))
 """)
 
@@ -74,6 +85,8 @@ def test_three_devices_give_one_devices_salience_and_weights():
     for single, split in out["ppl"]:
         assert split == pytest.approx(single, rel=1e-5)
     assert out["phased"] < 1e-4  # per-position NLL through the KV cache, two models (`ablate progressive`)
+    # generation with the rows split: greedy, sampled (a key a row), and progressive, the same tokens
+    assert out["generate"] == [True, True, True]
 
 
 def test_one_device_mesh_is_the_plain_path():
