@@ -19,7 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import DATA_AXIS, check_mesh, mesh_or_none, replicate
+from mixjax.parallel import (DATA_AXIS, check_mesh, is_model_mesh, local_config, local_params, mesh_or_none,
+                             param_specs, replicate)
 
 
 def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
@@ -28,11 +29,12 @@ def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
 
     mesh: a one-axis "data" mesh (`mixjax.data_mesh()`): each batch (`batch_size` rounded up to a multiple of
     the device count) is split over its devices, the params replicated; every device runs the model as one
-    device does (`shard_map`, so the Pallas kernels too) and the NLL sums are added across them.
+    device does (`shard_map`, so the Pallas kernels too) and the NLL sums are added across them. Or a "model"
+    mesh (`mixjax.model_mesh()`) with params from `mixjax.shard_model` on it: tensor parallel.
     """
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
-    check_mesh(mesh)
+    check_mesh(mesh, tensor_parallel=True)
     n, T = windows.shape
     total = _sum_over_batches(_nll_sum, params, windows, batch_size, progress, mesh, cfg=cfg,
                               implementation=implementation)
@@ -46,6 +48,8 @@ def _sum_over_batches(body, params, windows, batch_size, progress, mesh, **stati
     kernels run as on one device) and the sums are psum'd."""
     if mesh is None:
         call = functools.partial(_jitted(body, tuple(static)), **static)
+    elif is_model_mesh(mesh):  # params from shard_model: every device runs every row on its slice of the model
+        call, mesh = _tensor_parallel(body, mesh, tuple(sorted(static.items()))), None
     else:
         batch_size = -(-batch_size // mesh.size) * mesh.size
         params, call = replicate(params, mesh), _split(body, mesh, tuple(sorted(static.items())))
@@ -61,6 +65,22 @@ def _sum_over_batches(body, params, windows, batch_size, progress, mesh, **stati
 @functools.cache
 def _jitted(body, static_names: tuple):
     return jax.jit(body, static_argnames=static_names)
+
+
+@functools.lru_cache(maxsize=16)
+def _tensor_parallel(body, mesh: Mesh, static: tuple):
+    static = dict(static)
+    static["cfg"] = local_config(static["cfg"], mesh.size)
+
+    def local(params, tokens, weight):
+        return body(local_params(params), tokens, weight, **static)
+
+    def call(params, tokens, weight):
+        same = PartitionSpec()
+        return jax.shard_map(local, mesh=mesh, in_specs=(param_specs(params), same, same), out_specs=same,
+                             check_vma=False)(params, tokens, weight)
+
+    return jax.jit(call)
 
 
 @functools.lru_cache(maxsize=16)
@@ -120,7 +140,7 @@ def phased_nll(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: in
     the token at position prompt + i (so a later range's perplexity is exp of a slice's mean)."""
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
-    check_mesh(mesh)
+    check_mesh(mesh, tensor_parallel=True)
     n, T = windows.shape
     ends = tuple(int(end) for _, end in phases)
     if not phases or any(b <= a for a, b in zip((0,) + ends, ends)) or ends[-1] != T:

@@ -29,7 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import DATA_AXIS, check_mesh, replicate
+from mixjax.parallel import (DATA_AXIS, check_mesh, is_model_mesh, local_config, local_params, param_specs,
+                             replicate)
 
 PAD = -1  # placeholder in the output buffer for rows that have finished
 
@@ -108,7 +109,8 @@ def generate(
       progressive` a W8A8 prompt kept 0.78× of W4.4A8's perplexity increase on the later tokens.
     mesh: a one-axis "data" mesh (`mixjax.data_mesh()`): the prompts are split over its devices, each holding
       the whole model and decoding its rows (`shard_map`); the same tokens as one device (sampled ones too:
-      each row draws from its own key). No streaming.
+      each row draws from its own key). No streaming. Or a "model" mesh (`mixjax.model_mesh()`) with params
+      (and prefill_params) from `mixjax.shard_model` on it: tensor parallel.
     Raises ValueError before any compilation for empty prompts, ids outside the vocabulary, or
     prompt + max_new_tokens beyond `cfg.max_position_embeddings`.
     """
@@ -121,7 +123,7 @@ def generate(
     prompts, lengths = _pad_prompts(prompt_tokens, cfg, max_new_tokens)  # [B, P], [B]
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
     dtype = jnp.dtype(cache_dtype or params["norm"].dtype)
-    check_mesh(mesh)
+    check_mesh(mesh, tensor_parallel=True)
     if mesh is not None and on_token is not None:
         raise ValueError("streaming (on_token) needs one device: each device decodes its own rows; drop on_token "
                          "or the mesh")
@@ -132,6 +134,9 @@ def generate(
     if mesh is None:
         out, steps = _generate_jit(params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
                                    prefill_params=prefill_params, on_token=on_token, **static)
+    elif is_model_mesh(mesh):  # params from shard_model: every device runs every row on its slice of the model
+        out, steps = _generate_tensor_parallel(mesh, tuple(sorted(static.items())))(
+            params, prefill_params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed))
     else:  # rows split over the devices (padded with copies of row 0), the params replicated
         pad = -n % mesh.size
         prompts, lengths = np.concatenate([prompts, prompts[:1].repeat(pad, 0)]), np.concatenate(
@@ -226,6 +231,26 @@ def _generate_split(mesh: Mesh, static: tuple):
     rows, same = PartitionSpec(DATA_AXIS), PartitionSpec()
     return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(same, same, rows, rows, same), out_specs=(rows, same),
                                  check_vma=False))
+
+
+@functools.lru_cache(maxsize=16)
+def _generate_tensor_parallel(mesh: Mesh, static: tuple):
+    """`_generate_jit` on `shard_model` params: each device runs its heads and MLP features of every row (the
+    o_proj and down_proj outputs psum'd, so every device samples the same tokens)."""
+    static = dict(static)
+    static["cfg"] = local_config(static["cfg"], mesh.size)
+
+    def local(params, prefill_params, prompts, lengths, key):
+        return _generate_body(local_params(params), local_params(prefill_params), prompts, lengths, key, 0,
+                              on_token=None, **static)
+
+    def call(params, prefill_params, prompts, lengths, key):
+        same = PartitionSpec()
+        return jax.shard_map(local, mesh=mesh, in_specs=(param_specs(params), param_specs(prefill_params), same,
+                                                         same, same),
+                             out_specs=(same, same), check_vma=False)(params, prefill_params, prompts, lengths, key)
+
+    return jax.jit(call)
 
 
 def _generate_body(params, prefill_params, prompts, lengths, key, row0, *, cfg, max_new_tokens, sampling, eos,

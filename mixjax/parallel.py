@@ -9,6 +9,8 @@ copies of its first sample, and `sample_mask` marks them, so that no pass counts
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Sequence
 
 import jax
@@ -55,14 +57,19 @@ def mesh_or_none(devices: int | None) -> Mesh | None:
     return mesh if mesh.size > 1 else None
 
 
-def check_mesh(mesh: Mesh | None) -> None:
+def check_mesh(mesh: Mesh | None, *, tensor_parallel: bool = False) -> None:
+    """mesh: None, a one-axis "data" mesh, or (where `tensor_parallel`) a one-axis "model" mesh."""
     if mesh is None:
         return
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh is {type(mesh).__name__}; pass a jax.sharding.Mesh (mixjax.data_mesh() makes one)")
-    if mesh.axis_names != (DATA_AXIS,):
-        raise ValueError(f"mesh has axes {mesh.axis_names}; the calibration passes split samples over one axis "
-                         f"named {DATA_AXIS!r} (mixjax.data_mesh(devices) makes one)")
+    allowed = ((DATA_AXIS,), ("model",)) if tensor_parallel else ((DATA_AXIS,),)
+    if mesh.axis_names not in allowed:
+        raise ValueError(f"mesh has axes {mesh.axis_names}; this pass takes a one-axis mesh named "
+                         + " or ".join(repr(a[0]) for a in allowed)
+                         + " (mixjax.data_mesh(devices) splits samples"
+                         + (", mixjax.model_mesh(devices) with shard_model splits the model)" if tensor_parallel
+                            else ")"))
 
 
 def replicate(tree: Any, mesh: Mesh | None) -> Any:
@@ -103,3 +110,142 @@ def shard_samples(tokens: np.ndarray, mesh: Mesh | None) -> tuple[jax.Array, jax
     mask = np.concatenate([np.ones(b, np.float32), np.zeros(pad, np.float32)])
     rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     return jax.device_put(np.asarray(tokens, np.int32), rows), jax.device_put(mask, rows), b
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tensor parallelism (inference): each device holds a slice of every decoder linear
+
+MODEL_AXIS = "model"
+
+
+def model_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh named "model" (tensor parallelism, `shard_model`): like `data_mesh` otherwise."""
+    return Mesh(data_mesh(devices).devices, (MODEL_AXIS,))
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class RowParallel:
+    """One device's slice of a linear split along its input features K (o_proj, down_proj under `shard_model`):
+    each device multiplies its slice of the input, and the partial outputs are summed over the "model" axis in
+    f32. Use inside `shard_map` over a `model_mesh` only."""
+
+    w: Any  # [N, K / devices]: a float array or a QuantizedLinear
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.w.shape)
+
+    def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
+        from mixjax.linear import QuantizedLinear
+        from pallas_kernels.format import MixedWeight
+
+        if isinstance(self.w, MixedWeight):
+            part = jnp.sum(self.w.matmul(x, implementation=implementation, partials=True), axis=0)  # f32 [..., N]
+        elif isinstance(self.w, QuantizedLinear):
+            part = self.w.matmul(x, implementation=implementation).astype(jnp.float32)
+        else:
+            part = jnp.einsum("...k,nk->...n", x, self.w.astype(x.dtype), preferred_element_type=jnp.float32)
+        return jax.lax.psum(part, MODEL_AXIS).astype(x.dtype)
+
+
+COLUMN_SPLIT = (("self_attn", "q_proj"), ("self_attn", "k_proj"), ("self_attn", "v_proj"), ("mlp", "gate_proj"),
+                ("mlp", "up_proj"))  # split along N: heads, and the MLP's hidden features
+ROW_SPLIT = (("self_attn", "o_proj"), ("mlp", "down_proj"))  # split along K, outputs psum'd
+
+
+def local_config(cfg, parts: int):
+    """The config one device runs under `shard_model`: its heads, KV heads and MLP features."""
+    return dataclasses.replace(cfg, num_attention_heads=cfg.num_attention_heads // parts,
+                               num_key_value_heads=cfg.num_key_value_heads // parts,
+                               intermediate_size=cfg.intermediate_size // parts)
+
+
+def check_tensor_parallel(cfg, parts: int) -> None:
+    """Raises ValueError naming the dimension `parts` devices cannot split."""
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
+        if getattr(cfg, name) % parts:
+            raise ValueError(f"{parts} devices cannot split {name}={getattr(cfg, name)} evenly: use a device count "
+                             f"that divides it (tensor parallelism splits heads, KV heads and MLP features)")
+
+
+def shard_model(params: dict, cfg, mesh: Mesh, *, fuse: bool = True) -> dict:
+    """Float or quantized params (q/k/v and gate/up unfused, as loaded) → tensor-parallel params on `mesh`.
+
+    q/k/v and gate/up are split along N by heads and MLP features, o_proj and down_proj along K (wrapped in
+    `RowParallel`, their outputs psum'd); every per-layer leaf gets a leading device axis split over the mesh.
+    A `MixedWeight` is cut by `pallas_kernels.shard` (equal 8-bit counts per device, exact). The embedding,
+    final norm and LM head are replicated. With `fuse`, each device's q/k/v and gate/up are then fused
+    (`model.fuse_projections`). Run the result through `generate`, `perplexity` or `forward_sharded` with the
+    same mesh: each device runs `local_config(cfg, devices)`.
+    """
+    from mixjax import model
+    from pallas_kernels.format import MixedWeight
+    from pallas_kernels.shard import split_channels, split_groups
+
+    if not isinstance(mesh, Mesh) or mesh.axis_names != (MODEL_AXIS,):
+        raise ValueError(f"shard_model needs a one-axis mesh named {MODEL_AXIS!r} (mixjax.model_mesh(devices))")
+    parts = mesh.size
+    check_tensor_parallel(cfg, parts)
+    params = model.unstack_layers(params)
+
+    def split(w, axis, path):
+        if isinstance(w, MixedWeight):
+            try:
+                return split_channels(w, parts) if axis == 0 else split_groups(w, parts)
+            except ValueError as e:
+                raise ValueError(f"{path}: {e}; a quantized model splits K only at groups of 128 "
+                                 f"(try fewer devices)") from None
+        if not hasattr(w, "dtype") or w.ndim != 2:
+            raise ValueError(f"{path} is a {type(w).__name__}; shard_model splits float arrays and MixedWeights")
+        return jnp.split(w, parts, axis=axis)
+
+    per_device = [[] for _ in range(parts)]
+    for i, layer in enumerate(params["layers"]):
+        for group, proj in COLUMN_SPLIT + ROW_SPLIT:
+            if proj not in layer[group]:
+                raise ValueError(f"layers.{i}.{group}.{proj} is missing: shard_model takes unfused params "
+                                 "(shard first, it fuses each device's projections itself)")
+        pieces = [{g: {p: dict(v) for p, v in sub.items()} if isinstance(sub, dict) else sub
+                   for g, sub in layer.items()} for _ in range(parts)]
+        for (group, proj), axis in [(gp, 0) for gp in COLUMN_SPLIT] + [(gp, 1) for gp in ROW_SPLIT]:
+            entry = layer[group][proj]
+            ws = split(entry["weight"], axis, f"layers.{i}.{group}.{proj}")
+            bias = entry.get("bias")
+            for d in range(parts):
+                piece = pieces[d][group][proj]
+                piece["weight"] = ws[d] if axis == 0 else RowParallel(ws[d])
+                if bias is not None and axis == 0:
+                    piece["bias"] = jnp.split(bias, parts)[d]
+        for d in range(parts):
+            per_device[d].append(pieces[d])
+    if fuse:
+        per_device = [list(model.fuse_projections({"layers": tuple(layers)})["layers"]) for layers in per_device]
+    split_spec = NamedSharding(mesh, PartitionSpec(MODEL_AXIS))
+    layers = tuple(jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *[per_device[d][i] for d in range(parts)]),
+                                  split_spec) for i in range(len(params["layers"])))
+    rest = replicate({k: v for k, v in params.items() if k != "layers"}, mesh)
+    return {**rest, "layers": layers}
+
+
+def is_model_mesh(mesh: Mesh | None) -> bool:
+    return mesh is not None and mesh.axis_names == (MODEL_AXIS,)
+
+
+def param_specs(params):
+    """shard_map in_specs for `shard_model`'s params (or a tuple of such, or None): layers split, the rest
+    replicated."""
+    if params is None:
+        return PartitionSpec()
+    if isinstance(params, tuple):
+        return tuple(param_specs(p) for p in params)
+    return {k: PartitionSpec(MODEL_AXIS) if k == "layers" else PartitionSpec() for k in params}
+
+
+def local_params(params):
+    """Inside shard_map: drop the leading device axis (size 1 there) of every layer leaf (tuples, None too)."""
+    if params is None:
+        return None
+    if isinstance(params, tuple):
+        return tuple(local_params(p) for p in params)
+    return {**params, "layers": jax.tree.map(lambda a: a[0], params["layers"])}
