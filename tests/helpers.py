@@ -14,10 +14,10 @@ def tenth(rng: np.random.Generator, n: int) -> np.ndarray:
     return mask
 
 
-def tiny_mixed_model(key: int, rng: np.random.Generator):
+def tiny_mixed_model(key: int, rng: np.random.Generator, *, fuse: bool = True):
     """(cfg, params): a 2-layer Llama (hidden 256, GQA 4/2 heads) with weights ×5 (so quantization shows),
     unstacked, every decoder linear a MixedWeight (a random tenth of its channels at 8 bits), q/k/v and
-    gate/up fused; the embeddings and LM head float."""
+    gate/up fused (unless `fuse` is False); the embeddings and LM head float."""
     import jax
     import jax.numpy as jnp
 
@@ -33,7 +33,7 @@ def tiny_mixed_model(key: int, rng: np.random.Generator):
         for group in ("self_attn", "mlp"):
             for p in layer[group].values():
                 p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), tenth(rng, p["weight"].shape[0]))
-    return cfg, model.fuse_projections(params)
+    return cfg, model.fuse_projections(params) if fuse else params
 
 
 def prefill_then_step(params, cfg, tokens, *, prompt: int, cache_len: int):

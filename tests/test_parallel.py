@@ -13,6 +13,7 @@ import sys
 import textwrap
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh
@@ -70,11 +71,7 @@ THREE_DEVICES = textwrap.dedent("""
 
 
 def test_three_devices_give_one_devices_salience_and_weights():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=3", "JAX_PLATFORMS": "cpu"}
-    run = subprocess.run([sys.executable, "-c", THREE_DEVICES], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.split("RESULT ", 1)[1])
+    out = _run_on_cpu_devices(THREE_DEVICES, 3)
     assert out["devices"] == 3
     # four samples over three devices: padded to six, split over all three, the two copies masked out
     assert out["shard"] == [3, [6, 16], [1, 1, 1, 1, 0, 0], 4]
@@ -87,6 +84,115 @@ def test_three_devices_give_one_devices_salience_and_weights():
     assert out["phased"] < 1e-4  # per-position NLL through the KV cache, two models (`ablate progressive`)
     # generation with the rows split: greedy, sampled (a key a row), and progressive, the same tokens
     assert out["generate"] == [True, True, True]
+
+
+TWO_DEVICES_TENSOR_PARALLEL = textwrap.dedent("""
+    import json
+    import jax, jax.numpy as jnp, numpy as np
+    from mixjax import model
+    from mixjax.config import LlamaConfig
+    from mixjax.evaluate import perplexity
+    from mixjax.generate import generate
+    from mixjax.parallel import model_mesh, shard_model
+    from mixjax.quant import quantize
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32))
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, cfg.vocab_size), np.int32)
+    quantized = quantize(params, [tokens], cfg)
+    mesh = model_mesh()
+    out = {"devices": mesh.size}
+    split = {"float": shard_model(params, cfg, mesh), "quantized": shard_model(quantized, cfg, mesh)}
+    qkv = split["quantized"]["layers"][0]["self_attn"]["qkv_proj"]["weight"]
+    down = split["quantized"]["layers"][0]["mlp"]["down_proj"]["weight"]
+    out["layout"] = [type(qkv).__name__, int(qkv.q8.shape[0]), len(qkv.q8.sharding.device_set), qkv.n,
+                     type(down).__name__, down.w.k]
+    windows = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (3, 16), 0, cfg.vocab_size), np.int32)
+    whole = {"float": params, "quantized": quantized}
+    out["ppl"] = {k: [perplexity(whole[k], cfg, windows), perplexity(split[k], cfg, windows, mesh=mesh)]
+                  for k in whole}
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5)]
+    kw = dict(max_new_tokens=6, eos_token_ids=(7,))
+    out["generate"] = [
+        generate(quantized, cfg, prompts, **kw) == generate(split["quantized"], cfg, prompts, mesh=mesh, **kw),
+        generate(quantized, cfg, prompts, temperature=1.2, seed=3, **kw)
+        == generate(split["quantized"], cfg, prompts, temperature=1.2, seed=3, mesh=mesh, **kw),
+        generate(quantized, cfg, prompts, prefill_params=params, switch_after=2, **kw)
+        == generate(split["quantized"], cfg, prompts, prefill_params=split["float"], switch_after=2, mesh=mesh, **kw),
+        generate(params, cfg, prompts, cache_dtype=jnp.int8, **kw)
+        == generate(split["float"], cfg, prompts, cache_dtype=jnp.int8, mesh=mesh, **kw),
+    ]
+    print("RESULT", json.dumps(out))
+""")
+
+
+def test_two_devices_tensor_parallel_give_one_devices_perplexity_and_tokens():
+    out = _run_on_cpu_devices(TWO_DEVICES_TENSOR_PARALLEL, 2)
+    assert out["devices"] == 2
+    # each device: its heads of q/k/v fused (8-bit rows padded to 128), the layer's leaves on both devices; and
+    # down_proj's half of the MLP features behind the psum
+    assert out["layout"][0] == "MixedWeight" and out["layout"][2] == 2 and out["layout"][3] == (4 + 2 + 2) * 64 // 2
+    assert out["layout"][4:] == ["RowParallel", 256]
+    for single, split in out["ppl"].values():
+        assert split == pytest.approx(single, rel=1e-5)
+    # greedy, sampled, progressive (float prompt, quantized decode) and an int8 cache: the same tokens
+    assert out["generate"] == [True, True, True, True]
+
+
+def _run_on_cpu_devices(script: str, devices: int) -> dict:
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.split("RESULT ", 1)[1])
+
+
+def test_split_mixed_weights_hold_the_same_values():
+    from pallas_kernels import pack_rtn
+    from pallas_kernels.format import pack_mixed
+    from pallas_kernels.shard import channel_codes, split_channels, split_groups
+
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(384, 512)).astype(np.float32)
+    qw = pack_rtn(w, rng.random(384) < 0.15)
+    back = pack_mixed(*channel_codes(qw), k=512)  # channel_codes inverts pack_mixed
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(qw), jax.tree.leaves(back)))
+    full = np.asarray(qw.dequantize())
+    rows = split_channels(qw, 3)
+    # equal 8-bit counts (4-bit channels re-stored as 8-bit rows where a part had fewer), the same values
+    assert len({(p.n8, p.q8.shape, p.q4.shape) for p in rows}) == 1 and rows[0].n8 >= qw.n8 / 3
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p.dequantize()) for p in rows]), full)
+    groups = split_groups(qw, 4)
+    np.testing.assert_array_equal(np.concatenate([np.asarray(p.dequantize()) for p in groups], axis=1), full)
+    x = jnp.asarray(rng.normal(size=(3, 512)).astype(np.float32))
+    parts = sum(p.matmul(x[:, 128 * d : 128 * (d + 1)], implementation="xla").astype(jnp.float32)
+                for d, p in enumerate(groups))
+    np.testing.assert_allclose(parts, qw.matmul(x, implementation="xla"), rtol=1e-5, atol=1e-4)
+    with pytest.raises(ValueError, match="do not divide"):
+        split_channels(qw, 5)
+    with pytest.raises(ValueError, match="whole groups"):
+        split_groups(qw, 3)
+    with pytest.raises(ValueError, match="whole groups"):
+        split_groups(pack_rtn(w[:, :500], np.zeros(384, bool)), 2)  # K padded to 512
+
+
+def test_shard_model_refuses_what_it_cannot_split():
+    from mixjax import model
+    from mixjax.config import LlamaConfig
+    from mixjax.parallel import model_mesh, shard_model
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=48, intermediate_size=80, num_hidden_layers=1,
+                      num_attention_heads=3, num_key_value_heads=1, head_dim=16, rope_theta=10000.0)
+    params = model.init_params(cfg, jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="one-axis mesh named 'model'"):
+        shard_model(params, cfg, data_mesh(1))
+    with pytest.raises(ValueError, match="unfused params"):
+        shard_model(model.fuse_projections(params), cfg, model_mesh(1))
+    from mixjax.parallel import check_tensor_parallel
+    with pytest.raises(ValueError, match="num_attention_heads=3"):
+        check_tensor_parallel(cfg, 2)
 
 
 def test_one_device_mesh_is_the_plain_path():
@@ -135,13 +241,24 @@ def test_clis_refuse_bad_device_counts(value, tmp_path, capsys):
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Pallas kernels under shard_map need an NVIDIA GPU")
 def test_pallas_kernels_run_under_shard_map_on_a_gpu():
     """The kernels' custom calls inside `shard_map` (what several GPUs run), on a one-GPU mesh: the same
-    perplexity as the plain jitted call. Shapes: prompt-sized and decode-sized rows both go through."""
+    perplexity as the plain jitted call, data parallel and tensor parallel (o_proj and down_proj behind
+    `RowParallel`'s psum, off the fused kernels' paths), and tensor-parallel generation the same tokens."""
     from helpers import tiny_mixed_model
 
+    from mixjax import model
     from mixjax.evaluate import perplexity
+    from mixjax.generate import generate
+    from mixjax.parallel import model_mesh, shard_model
 
-    cfg, params = tiny_mixed_model(11, np.random.default_rng(11))
+    cfg, params = tiny_mixed_model(11, np.random.default_rng(11), fuse=False)
+    fused = model.fuse_projections(params)
     windows = np.asarray(jax.random.randint(jax.random.PRNGKey(3), (3, 64), 0, cfg.vocab_size), np.int32)
-    plain = perplexity(params, cfg, windows, batch_size=2, implementation="pallas")
-    split = perplexity(params, cfg, windows, batch_size=2, implementation="pallas", mesh=data_mesh(1))
+    plain = perplexity(fused, cfg, windows, batch_size=2, implementation="pallas")
+    split = perplexity(fused, cfg, windows, batch_size=2, implementation="pallas", mesh=data_mesh(1))
     assert split == pytest.approx(plain, rel=1e-5)
+    mesh = model_mesh(1)
+    tp = shard_model(params, cfg, mesh)
+    assert perplexity(tp, cfg, windows, batch_size=2, implementation="pallas", mesh=mesh) == pytest.approx(plain, rel=2e-3)
+    prompts = [list(range(1, 9)), list(range(3, 40))]
+    assert generate(tp, cfg, prompts, max_new_tokens=8, eos_token_ids=(), mesh=mesh) == \
+        generate(fused, cfg, prompts, max_new_tokens=8, eos_token_ids=())
