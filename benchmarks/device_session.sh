@@ -664,6 +664,15 @@ case "$part" in
       --variants xla_bf16,mgpu,mgpu_decode,mgpu_decode_fold,mgpu_decode64 --out "$out/short" 2>&1 | grep -v "^ *$" \
       | tail -30 | tee "$out/short.log"
     ;;
+  s27a)  # session 27: the GPU-only failures of s24b / s26c with their messages, and the parallel tests in full
+    header
+    timeout 240 python3 -m pytest -q -p no:cacheprovider tests/test_parallel.py -k "shard_map or one_device" 2>&1 \
+      | tail -60 | tee "$out/parallel.log"
+    timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py -k token_activation_scales_lower 2>&1 \
+      | grep -v "^    " | tail -25 | tee "$out/token.log"
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu_decode.py -k short_prompt_takes_codes 2>&1 \
+      | grep -v "^    " | tail -25 | tee "$out/short.log"
+    ;;
   s24d)  # after s24c: the column-tiled kernel's tile width × stages × fold at M = 256 on the four linears
     header
     timeout 400 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \
