@@ -673,6 +673,12 @@ case "$part" in
     timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu_decode.py -k short_prompt_takes_codes 2>&1 \
       | grep -v "^    " | tail -25 | tee "$out/short.log"
     ;;
+  s27b)  # session 27: the three-CPU-device comparison on this many-core host, its numbers printed
+    header
+    script=$(python3 -c 'import sys; sys.path.insert(0, "tests"); import test_parallel; print(test_parallel.THREE_DEVICES)')
+    XLA_FLAGS=--xla_force_host_platform_device_count=3 JAX_PLATFORMS=cpu timeout 150 python3 -c "$script" 2>&1 \
+      | grep RESULT | tee "$out/three.log"
+    ;;
   s24d)  # after s24c: the column-tiled kernel's tile width × stages × fold at M = 256 on the four linears
     header
     timeout 400 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \

@@ -96,8 +96,9 @@ class DecodeConfig:
             raise ValueError(f"DecodeConfig: wgs={self.wgs} must be 1 or 2")
         if self.gps not in (1, 2, 4):
             raise ValueError(f"DecodeConfig: gps={self.gps} must be 1, 2 or 4")
-        if self.tile_cols % 32 or not 32 <= self.tile_cols <= MAX_TILE_COLS:
-            raise ValueError(f"DecodeConfig: tile_cols={self.tile_cols} must be a multiple of 32 up to {MAX_TILE_COLS}")
+        if self.tile_cols not in (32, 64, 128) or self.tile_cols > MAX_TILE_COLS:
+            # a power of two: the activation quantization's Triton blocks need one (96 failed on the H200)
+            raise ValueError(f"DecodeConfig: tile_cols={self.tile_cols} must be 32, 64 or 128 (≤ {MAX_TILE_COLS})")
 
 
 DEFAULT_DECODE_CONFIG = DecodeConfig()

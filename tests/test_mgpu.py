@@ -140,6 +140,8 @@ def test_token_activation_scales_match_reference(cfg):
         mgpu.w8a8_group_matmul(x_q, jnp.repeat(sa, 4, axis=0), w, sw, config=cfg, interpret=INTERPRET)
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU host the lowered module carries the Mosaic GPU "
+                    "kernel compiled, not as text (H200, session 27); CPU hosts check it")
 def test_token_activation_scales_lower_for_cuda():
     """Lowered for CUDA (no GPU needed): the row scales carried through the K loop to the epilogue, one group a
     step and two."""
@@ -151,6 +153,8 @@ def test_token_activation_scales_lower_for_cuda():
         assert "wgmma" in text and "load_sa" in text, cfg
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU host the lowered module carries the Mosaic GPU "
+                    "kernel compiled, not as text (H200, session 27); CPU hosts check it")
 def test_magic_conversion_lowers_without_int_to_float():
     """Lowered for CUDA (no GPU needed): the magic conversions leave no `arith.sitofp` in the kernel, the default
     has one (the rescale's conversion, the instruction Nsight Compute counted once per element and group)."""
@@ -163,6 +167,8 @@ def test_magic_conversion_lowers_without_int_to_float():
         assert "wgmma" in text and text.count("arith.sitofp") == count, convert
 
 
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU host the lowered module carries the Mosaic GPU "
+                    "kernel compiled, not as text (H200, session 27); CPU hosts check it")
 def test_three_warpgroups_lower_for_cuda():
     """`MgpuConfig(wgs=3)` (no GPU needed): the CTA covers 192 rows, the kernel lowers with its three compute
     warpgroups; configurations it cannot take are refused by name."""

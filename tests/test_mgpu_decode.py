@@ -168,7 +168,7 @@ def test_short_prompt_takes_codes():
     qw = _weight(rng, 130, 256, 0.1)
     x = jnp.asarray(rng.normal(size=(70, 256)), jnp.bfloat16)
     codes = QuantizedActivations(*quantize_activations_xla(x, block_m=64), (70,), 256, "bfloat16")  # 128 rows
-    config = md.DecodeConfig(tile_cols=96)  # 70 rows: one tile of 96, the codes' 128 rows taken as they are
+    config = md.DecodeConfig(tile_cols=64)  # 70 rows: two tiles of 64, the codes' 128 rows taken as they are
     y = md.mixed_matmul_mgpu_decode(codes, qw, config=config, interpret=INTERPRET)
     assert y.shape == (70, 130) and y.dtype == jnp.bfloat16
     assert np.array_equal(np.asarray(y, np.float32),
