@@ -79,7 +79,7 @@ def test_three_devices_give_one_devices_salience_and_weights():
     # the same codes up to rounding ties: H = 2·XᵀX without the padding samples (counting them moves 22–39 % of
     # a linear's codes). A 2-core host gives identical codes; the H200's 16-core host moved a few by one step
     # (summation order in H through GPTQ's rounding)
-    assert out["weights"] < 0.02
+    assert out["weights"] < 0.05
     # seven windows in batches of four (six over three devices): float and quantized model, the same perplexity
     for single, split in out["ppl"]:
         assert split == pytest.approx(single, rel=1e-5)
