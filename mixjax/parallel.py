@@ -1,10 +1,14 @@
-"""Data parallelism over several devices for the calibration passes (salience, GPTQ statistics).
+"""Several devices: data parallelism (calibration, evaluation, generation) and tensor parallelism (inference).
 
-The calibration batch is the parallel axis. A batch of token ids [B, T] is split along B over a one-axis
-`jax.sharding.Mesh` named "data"; the params are replicated on every device. The jitted passes are then the
-same programs as on one device: per-sample terms come back sharded along B, and sums over tokens (a layer's
-H = 2·XᵀX) are all-reduced by XLA. A batch whose size the device count does not divide is padded with
-copies of its first sample, and `sample_mask` marks them, so that no pass counts them.
+Data parallel (`data_mesh`, one axis named "data"): a batch of token ids [B, T] is split along B and the params
+are replicated. The jitted calibration passes are the same programs as on one device: per-sample terms come back
+sharded along B, and sums over tokens (a layer's H = 2·XᵀX) are all-reduced by XLA; GPTQ splits each linear's
+rows (`shard_rows`). Evaluation and generation run the model per device inside `shard_map`. A batch the device
+count does not divide is padded with copies of its first sample, which `shard_samples`' mask keeps out of every
+sum.
+
+Tensor parallel (`model_mesh`, one axis named "model"; `shard_model`): each device holds its heads and MLP
+features of every decoder layer, o_proj and down_proj split along K behind `RowParallel`'s psum.
 """
 
 from __future__ import annotations
