@@ -3,7 +3,7 @@
     mixjax demo                                   # embedded model: perplexity + a generated sample
     mixjax eval --model PATH [--data NAME|FILE] [--seq-len T] [--max-tokens N] [--batch-size B] [--devices N]
     mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
-                    [--prefill-model PATH --switch-after N]       # progressive precision
+                    [--prefill-model PATH --switch-after N] [--tensor-parallel N]
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
     mixjax ablate salience|activations [--model PATH] [--bits 4.4] [--out FILE.json]
 
@@ -150,18 +150,23 @@ def _register_generate(sub) -> None:
                         "prompt and the first --switch-after decoded tokens; --model runs the rest")
     p.add_argument("--switch-after", type=_nonnegative_int, default=0, metavar="N",
                    help="with --prefill-model: decoded tokens it runs before --model takes over (default 0)")
+    p.add_argument("--tensor-parallel", default="1", metavar="N|all",
+                   help="split the model over N local devices (heads and MLP features; default 1). With more than "
+                        "one, the text is printed at the end")
     p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args) -> None:
     from mixjax.generate import generate_text
+    from mixjax.parallel import parse_devices
 
     stream = _stdout_stream()
     generate_text(model_path=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream,
                   cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None, int8_prefill=args.int8_prefill,
-                  prefill_model_path=args.prefill_model, switch_after=args.switch_after)
+                  prefill_model_path=args.prefill_model, switch_after=args.switch_after,
+                  tensor_parallel=parse_devices(args.tensor_parallel, option="--tensor-parallel"))
     print(flush=True)
 
 

@@ -386,7 +386,7 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   dtype=jnp.float32, implementation: Implementation = "auto",
                   on_text: Callable[[str], None] | None = None, cache_dtype=None, int8_prefill: bool = False,
-                  prefill_model_path=None, switch_after: int = 0) -> str:
+                  prefill_model_path=None, switch_after: int = 0, tensor_parallel: int | None = 1) -> str:
     """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
 
     on_text: called with each new piece of text as it is generated (streaming).
@@ -396,11 +396,18 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
       first token. Raises ValueError for a float model or where the Hopper prefill GEMM does not run.
     prefill_model_path / switch_after: a second checkpoint of the same model (e.g. W8A8 beside W4.4A8) that runs
       the prompt and the first `switch_after` decoded tokens (`generate(prefill_params=...)`).
+    tensor_parallel: local devices the model is split over (`mixjax.shard_model`; None: all). With more than
+      one, the text arrives in one piece at the end (no streaming).
     """
     import convert
     from mixjax import assets
+    from mixjax.parallel import check_tensor_parallel, mesh_or_none, model_mesh, shard_model
 
     SamplingConfig(float(temperature), int(top_k), float(top_p))  # validates before any loading
+    mesh = mesh_or_none(tensor_parallel)
+    mesh = None if mesh is None else model_mesh(list(mesh.devices.flat))
+    if mesh is not None and int8_prefill:
+        raise ValueError("--int8-prefill is not built for a model split over several devices: drop one of them")
     if prefill_model_path is None and switch_after:
         raise ValueError(f"--switch-after {switch_after} needs --prefill-model, the model that runs those tokens")
     if prefill_model_path is not None and int8_prefill:
@@ -410,14 +417,18 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     tokenizer = convert.load_tokenizer(path)
     ids = encode_prompt(tokenizer, prompt, chat=chat)
     cfg, params = convert.load(path, dtype=dtype)
-    params = model.fuse_projections(params)  # q/k/v and gate/up as one matmul each: fewer decode launches
+    if mesh is not None:
+        check_tensor_parallel(cfg, mesh.size)
+    # q/k/v and gate/up as one matmul each: fewer decode launches (shard_model fuses each device's own)
+    place = model.fuse_projections if mesh is None else (lambda p: shard_model(p, cfg, mesh))
+    params = place(params)
     prefill_params = None
     if first_path is not None:
         first_cfg, prefill_params = convert.load(first_path, dtype=dtype)
         if first_cfg != cfg:
             raise ValueError(f"--prefill-model {first_path} is another model than --model {path} (their configs "
                              "differ): quantize the same float model twice, e.g. --bits 8 and --bits 4.4")
-        prefill_params = model.fuse_projections(prefill_params)
+        prefill_params = place(prefill_params)
     if int8_prefill:
         _check_int8_prefill(params, implementation)
         params = model.int8_prefill(params)
@@ -425,14 +436,17 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     eos = set(cfg.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(int(tokenizer.eos_token_id))
-    stream = TextStream(tokenizer, on_text) if on_text is not None else None
+    stream = TextStream(tokenizer, on_text) if on_text is not None and mesh is None else None
     (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                       top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
                       on_token=stream, cache_dtype=cache_dtype, prefill_params=prefill_params,
-                      switch_after=switch_after)
+                      switch_after=switch_after, mesh=mesh)
+    text = tokenizer.decode(new, skip_special_tokens=True)
     if stream is not None:
         stream.flush()
-    return tokenizer.decode(new, skip_special_tokens=True)
+    elif on_text is not None:
+        on_text(text)
+    return text
 
 
 def _check_int8_prefill(params, implementation: Implementation) -> None:

@@ -42,7 +42,7 @@ def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
     return Mesh(np.array(chosen), (DATA_AXIS,))
 
 
-def parse_devices(text: str) -> int | None:
+def parse_devices(text: str, *, option: str = "--devices") -> int | None:
     """A command line's --devices: "all" → None (every local device), else a positive integer."""
     if text == "all":
         return None
@@ -51,7 +51,7 @@ def parse_devices(text: str) -> int | None:
     except ValueError:
         n = 0
     if n < 1:
-        raise ValueError(f"--devices {text!r} must be 'all' or a positive integer (local devices to split over)")
+        raise ValueError(f"{option} {text!r} must be 'all' or a positive integer (local devices to split over)")
     return n
 
 

@@ -66,6 +66,9 @@ THREE_DEVICES = textwrap.dedent("""
         generate(params, cfg, prompts, prefill_params=one, switch_after=2, **kw)
         == generate(params, cfg, prompts, prefill_params=one, switch_after=2, mesh=mesh, **kw),
     ]
+    from mixjax.generate import generate_text  # the embedded SmolLM2: 9 heads and 3 KV heads, 3 a device
+    out["text"] = [generate_text(prompt="The capital of France is", max_new_tokens=6, tensor_parallel=n)
+                   for n in (1, 3)]
     print("RESULT", json.dumps(out))
 """)
 
@@ -86,6 +89,9 @@ def test_three_devices_give_one_devices_salience_and_weights():
     assert out["phased"] < 1e-4  # per-position NLL through the KV cache, two models (`ablate progressive`)
     # generation with the rows split: greedy, sampled (a key a row), and progressive, the same tokens
     assert out["generate"] == [True, True, True]
+    # `generate --tensor-parallel 3` on the embedded model: the same greedy text as one device
+    single, split = out["text"]
+    assert split == single and "Paris" in single
 
 
 TWO_DEVICES_TENSOR_PARALLEL = textwrap.dedent("""
@@ -238,6 +244,9 @@ def test_clis_refuse_bad_device_counts(value, tmp_path, capsys):
     assert cli.main(["eval", "--devices", value]) == 2
     err = capsys.readouterr().err
     assert "--devices" in err or "local device" in err
+    assert cli.main(["generate", "--prompt", "hi", "--tensor-parallel", value]) == 2
+    err = capsys.readouterr().err
+    assert "--tensor-parallel" in err or "local device" in err
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="the Pallas kernels under shard_map need an NVIDIA GPU")
