@@ -401,11 +401,10 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     """
     import convert
     from mixjax import assets
-    from mixjax.parallel import check_tensor_parallel, mesh_or_none, model_mesh, shard_model
+    from mixjax.parallel import MODEL_AXIS, check_tensor_parallel, mesh_or_none, shard_model
 
     SamplingConfig(float(temperature), int(top_k), float(top_p))  # validates before any loading
-    mesh = mesh_or_none(tensor_parallel)
-    mesh = None if mesh is None else model_mesh(list(mesh.devices.flat))
+    mesh = mesh_or_none(tensor_parallel, MODEL_AXIS)
     if mesh is not None and int8_prefill:
         raise ValueError("--int8-prefill is not built for a model split over several devices: drop one of them")
     if prefill_model_path is None and switch_after:

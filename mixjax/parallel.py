@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
+MODEL_AXIS = "model"
 
 
 def data_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
@@ -55,10 +56,11 @@ def parse_devices(text: str, *, option: str = "--devices") -> int | None:
     return n
 
 
-def mesh_or_none(devices: int | None) -> Mesh | None:
-    """`data_mesh(devices)`, or None where that is one device (the plain single-device path)."""
+def mesh_or_none(devices: int | None, axis: str = DATA_AXIS) -> Mesh | None:
+    """A one-axis mesh named `axis` over `devices` (see `data_mesh`), or None where that is one device (the plain
+    single-device path)."""
     mesh = data_mesh(devices)
-    return mesh if mesh.size > 1 else None
+    return Mesh(mesh.devices, (axis,)) if mesh.size > 1 else None
 
 
 def check_mesh(mesh: Mesh | None, *, tensor_parallel: bool = False) -> None:
@@ -67,7 +69,7 @@ def check_mesh(mesh: Mesh | None, *, tensor_parallel: bool = False) -> None:
         return
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh is {type(mesh).__name__}; pass a jax.sharding.Mesh (mixjax.data_mesh() makes one)")
-    allowed = ((DATA_AXIS,), ("model",)) if tensor_parallel else ((DATA_AXIS,),)
+    allowed = ((DATA_AXIS,), (MODEL_AXIS,)) if tensor_parallel else ((DATA_AXIS,),)
     if mesh.axis_names not in allowed:
         raise ValueError(f"mesh has axes {mesh.axis_names}; this pass takes a one-axis mesh named "
                          + " or ".join(repr(a[0]) for a in allowed)
@@ -118,8 +120,6 @@ def shard_samples(tokens: np.ndarray, mesh: Mesh | None) -> tuple[jax.Array, jax
 
 # ----------------------------------------------------------------------------------------------------
 # Tensor parallelism (inference): each device holds a slice of every decoder linear
-
-MODEL_AXIS = "model"
 
 
 def model_mesh(devices: int | Sequence[jax.Device] | None = None) -> Mesh:
