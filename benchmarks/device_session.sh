@@ -679,6 +679,17 @@ case "$part" in
     XLA_FLAGS=--xla_force_host_platform_device_count=3 JAX_PLATFORMS=cpu timeout 150 python3 -c "$script" 2>&1 \
       | grep RESULT | tee "$out/three.log"
     ;;
+  s28a)  # prepared in session 27: the per-token prefill (`mgpu.PREFILL_ACT_SCALE = "token"`, @ptok) end to end
+    header
+    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py -k "prefill_token or within_bf16" 2>&1 \
+      | tail -4 | tee "$out/tests.log"
+    timeout 250 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4 \
+      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 240 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4 \
+      --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 190 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
   s24d)  # after s24c: the column-tiled kernel's tile width × stages × fold at M = 256 on the four linears
     header
     timeout 400 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \

@@ -52,6 +52,11 @@ from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed
 
 _MAGIC_F = 1.5 * 2**23
 UNPACK = "pallas"  # the int4 → int8 unpack before the GEMM: `unpack.int8_weight_pallas`, or "xla" (its reference)
+PREFILL_ACT_SCALE = "group"  # "group" (MixLLM's, default): one activation scale a (row, group of 128); "token": one a
+# row for float inputs (`MgpuConfig.act_scale`), the GEMM 12 % faster at 2048 rows (H200, session 27). Decode's
+# kernels keep per-group scales, so this is a per-token prefill with a per-group decode: on the embedded model
+# 28.60 perplexity over the decoded tokens against MixLLM's 28.50 (results/accuracy.md). Opt-in, not measured in a
+# prefill yet (`device_session.sh s28a`). The model then hands these GEMMs float inputs, not producers' codes.
 QUANT_ROWS = 32  # rows a program of the activation quantization before the GEMM (None: the CTA's cta_m). H200
 # (session 21, bench_norm --prefill-quant): 32 rows 1.9 µs a launch at 256 rows against 3.8 for 128, the same
 # 7.0 µs at 2048 rows (at the copy rate); a 256-token W4.4A8 prefill −0.16 ms busy (96 launches)
@@ -471,6 +476,16 @@ def with_int8_prefill(qw: MixedWeight) -> MixedWeight:
     return dataclasses.replace(qw, prefill_w=w, prefill_s=s)
 
 
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [M, K] float → (x_q int8 [M, Kp], a_scale f32 [1, M]): one symmetric int8 scale a row (XLA ops; the
+    formula of `reference.quantize_groups` over the whole row), K zero-padded to Kp = G·128."""
+    from pallas_kernels.reference import pad_k, quantize_groups
+
+    m, k = x.shape
+    x_q, sa = quantize_groups(pad_k(x, _round_up(k, GROUP_SIZE)))  # [M, Kp], [M]
+    return x_q, sa[None, :]
+
+
 def _row_block(m: int, config: MgpuConfig) -> int:
     """The multiple the GEMM's M rows are padded to: for 192-row CTAs `M_ALIGN` once they fill one (the last row
     tile then overlaps the one before it, `w8a8_group_matmul`: 2048 rows are not padded to 2112), else whole CTAs
@@ -495,6 +510,8 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
     `pick_config` for this M and N."""
     from pallas_kernels.reference import quantize_activations_ref
 
+    if PREFILL_ACT_SCALE not in ("group", "token"):
+        raise ValueError(f"mgpu.PREFILL_ACT_SCALE = {PREFILL_ACT_SCALE!r}; expected 'group' or 'token'")
     if config is None:
         config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n,
                              three_wgs=THREE_WGS and not interpret)
@@ -507,6 +524,10 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
                              f"K = {qw.k_padded} (padded)")
         m, dtype = x.m, jnp.dtype(x.dtype)
         x_q, sa, _ = x.rows(_row_block(m, config))
+    elif PREFILL_ACT_SCALE == "token":  # codes from a producer (above) keep their per-group scales
+        m, dtype = x.shape[0], x.dtype
+        x_q, sa = quantize_rows(jnp.pad(x, [(0, _round_up(m, _row_block(m, config)) - m), (0, 0)]))
+        config = dataclasses.replace(config, act_scale="token")
     elif interpret:
         m, dtype = x.shape[0], x.dtype
         x_q, sa = quantize_activations_ref(jnp.pad(x, [(0, _round_up(m, _row_block(m, config)) - m), (0, 0)]))

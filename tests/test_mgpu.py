@@ -319,6 +319,32 @@ def test_mixed_matmul_mgpu_takes_codes():
         mgpu.mixed_matmul_mgpu(codes, _weight(rng, n, 384, 0.1), interpret=True)
 
 
+@isolated
+def test_prefill_token_scales_quantize_each_row_once(monkeypatch):
+    """`mgpu.PREFILL_ACT_SCALE = "token"`: a float input is quantized with one scale a row (`quantize_rows`) and
+    the GEMM takes `act_scale="token"`: f32 output equal to that per-row reference to f32 rounding, and far from
+    the per-group one on rows whose groups differ in size (the first group 30× the rest)."""
+    rng = _rng()
+    m, k, n = 130, 384, 96
+    qw = _weight(rng, n, k, 0.1)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[:, :128] *= 30.0
+    x = jnp.asarray(x)
+    monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "token")
+    mgpu.mixed_matmul_mgpu.clear_cache()  # read when the call is traced
+    y = mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
+    mgpu.mixed_matmul_mgpu.clear_cache()
+    x_q, sa = mgpu.quantize_rows(x)  # [M, Kp], [1, M]
+    token_ref = (x_q.astype(jnp.float32) * sa.T)[:, :k] @ qw.dequantize().T
+    assert y.shape == (m, n) and y.dtype == jnp.float32
+    assert _rel(y, token_ref) < 1e-5
+    assert _rel(y, ref.mixed_matmul_ref(x, qw)) > 1e-3  # per-group scales round the small groups finer
+    monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "tokens")
+    with pytest.raises(ValueError, match="PREFILL_ACT_SCALE = 'tokens'"):
+        mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
+    mgpu.mixed_matmul_mgpu.clear_cache()
+
+
 def test_bad_configs_and_shapes_are_named():
     with pytest.raises(ValueError, match="tile_m"):
         mgpu.MgpuConfig(tile_m=96)
