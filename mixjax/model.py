@@ -262,13 +262,14 @@ def _prefill_codes_on(x: jax.Array, implementation: Implementation, producer: st
         return PREFILL_CODES == "always"
     if PREFILL_CODES == "auto" and producer != "swiglu":
         return False
-    from pallas_kernels import mgpu
     from pallas_kernels.api import MGPU_MIN_M, has_wgmma
 
-    if mgpu.PREFILL_ACT_SCALE == "token":  # the GEMMs quantize their float inputs a row at a time
+    if not (resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M
+            and has_wgmma()):
         return False
-    return (resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M
-            and has_wgmma())
+    from pallas_kernels import mgpu
+
+    return mgpu.PREFILL_ACT_SCALE != "token"  # "token": the GEMMs quantize their float inputs a row at a time
 
 
 SWIGLU_QUANT = "auto"  # "auto" (default): at ≤ swiglu.MAX_ROWS tokens on the Pallas path, a fused gate/up and
