@@ -19,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import (DATA_AXIS, check_mesh, is_model_mesh, local_config, local_params, mesh_or_none,
-                             param_specs, replicate)
+from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_model_mesh, local_config,
+                             local_params, mesh_or_none, param_specs, replicate)
 
 
 def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
@@ -35,6 +35,7 @@ def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
     check_mesh(mesh, tensor_parallel=True)
+    check_params_for_mesh(params, mesh)
     n, T = windows.shape
     total = _sum_over_batches(_nll_sum, params, windows, batch_size, progress, mesh, cfg=cfg,
                               implementation=implementation)
@@ -141,6 +142,8 @@ def phased_nll(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: in
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
     check_mesh(mesh, tensor_parallel=True)
+    for params, _ in phases:
+        check_params_for_mesh(params, mesh)
     n, T = windows.shape
     ends = tuple(int(end) for _, end in phases)
     if not phases or any(b <= a for a, b in zip((0,) + ends, ends)) or ends[-1] != T:

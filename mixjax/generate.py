@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import (DATA_AXIS, check_mesh, is_model_mesh, local_config, local_params, param_specs,
-                             replicate)
+from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_model_mesh, local_config, local_params,
+                             param_specs, replicate)
 
 PAD = -1  # placeholder in the output buffer for rows that have finished
 
@@ -124,6 +124,8 @@ def generate(
     eos = tuple(cfg.eos_token_ids if eos_token_ids is None else (int(e) for e in eos_token_ids))
     dtype = jnp.dtype(cache_dtype or params["norm"].dtype)
     check_mesh(mesh, tensor_parallel=True)
+    check_params_for_mesh(params, mesh)
+    check_params_for_mesh(prefill_params, mesh, "prefill_params")
     if mesh is not None and on_token is not None:
         raise ValueError("streaming (on_token) needs one device: each device decodes its own rows; drop on_token "
                          "or the mesh")

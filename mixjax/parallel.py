@@ -236,6 +236,22 @@ def is_model_mesh(mesh: Mesh | None) -> bool:
     return mesh is not None and mesh.axis_names == (MODEL_AXIS,)
 
 
+def check_params_for_mesh(params, mesh: Mesh | None, what: str = "params") -> None:
+    """`shard_model`'s params go with the "model" mesh they were split over, and other params without one."""
+    if params is None:
+        return
+    layers = params["layers"]
+    first = layers[0] if isinstance(layers, (tuple, list)) and layers else None
+    split = first is not None and isinstance(first.get("self_attn", {}).get("o_proj", {}).get("weight"), RowParallel)
+    if is_model_mesh(mesh):
+        n = jax.tree.leaves(first)[0].shape[0] if split else None
+        if n != mesh.size:
+            raise ValueError(f"{what} are not split over this {mesh.size}-device 'model' mesh: pass "
+                             f"mixjax.shard_model({what}, cfg, mesh) with the same mesh")
+    elif split:
+        raise ValueError(f"{what} come from mixjax.shard_model: pass mesh= the 'model' mesh they were split over")
+
+
 def param_specs(params):
     """shard_map in_specs for `shard_model`'s params (or a tuple of such, or None): layers split, the rest
     replicated."""

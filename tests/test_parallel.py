@@ -201,6 +201,21 @@ def test_shard_model_refuses_what_it_cannot_split():
     from mixjax.parallel import check_tensor_parallel
     with pytest.raises(ValueError, match="num_attention_heads=3"):
         check_tensor_parallel(cfg, 2)
+    # split params and meshes go together: each without the other is named before any work
+    from mixjax.evaluate import perplexity
+    from mixjax.generate import generate
+
+    mesh = model_mesh(1)
+    sharded = shard_model(params, cfg, mesh)
+    windows = np.zeros((1, 8), np.int32)
+    with pytest.raises(ValueError, match="pass mesh= the 'model' mesh"):
+        generate(sharded, cfg, [[1, 2]], max_new_tokens=2)
+    with pytest.raises(ValueError, match="pass mesh= the 'model' mesh"):
+        perplexity(sharded, cfg, windows)
+    with pytest.raises(ValueError, match=r"not split over this 1-device 'model' mesh"):
+        perplexity(params, cfg, windows, mesh=mesh)
+    with pytest.raises(ValueError, match="prefill_params are not split"):
+        generate(sharded, cfg, [[1, 2]], max_new_tokens=2, mesh=mesh, prefill_params=params)
 
 
 def test_one_device_mesh_is_the_plain_path():
