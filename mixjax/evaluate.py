@@ -20,7 +20,7 @@ from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
 from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_model_mesh, local_config,
-                             local_params, mesh_or_none, param_specs, replicate)
+                             mesh_or_none, replicate, tensor_parallel_jit)
 
 
 def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
@@ -70,18 +70,8 @@ def _jitted(body, static_names: tuple):
 
 @functools.lru_cache(maxsize=16)
 def _tensor_parallel(body, mesh: Mesh, static: tuple):
-    static = dict(static)
-    static["cfg"] = local_config(static["cfg"], mesh.size)
-
-    def local(params, tokens, weight):
-        return body(local_params(params), tokens, weight, **static)
-
-    def call(params, tokens, weight):
-        same = PartitionSpec()
-        return jax.shard_map(local, mesh=mesh, in_specs=(param_specs(params), same, same), out_specs=same,
-                             check_vma=False)(params, tokens, weight)
-
-    return jax.jit(call)
+    static = {**dict(static), "cfg": local_config(dict(static)["cfg"], mesh.size)}
+    return tensor_parallel_jit(functools.partial(body, **static), mesh, 1)
 
 
 @functools.lru_cache(maxsize=16)

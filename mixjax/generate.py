@@ -29,8 +29,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_model_mesh, local_config, local_params,
-                             param_specs, replicate)
+from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_model_mesh, local_config, replicate,
+                             tensor_parallel_jit)
 
 PAD = -1  # placeholder in the output buffer for rows that have finished
 
@@ -239,20 +239,12 @@ def _generate_split(mesh: Mesh, static: tuple):
 def _generate_tensor_parallel(mesh: Mesh, static: tuple):
     """`_generate_jit` on `shard_model` params: each device runs its heads and MLP features of every row (the
     o_proj and down_proj outputs psum'd, so every device samples the same tokens)."""
-    static = dict(static)
-    static["cfg"] = local_config(static["cfg"], mesh.size)
+    static = {**dict(static), "cfg": local_config(dict(static)["cfg"], mesh.size)}
 
-    def local(params, prefill_params, prompts, lengths, key):
-        return _generate_body(local_params(params), local_params(prefill_params), prompts, lengths, key, 0,
-                              on_token=None, **static)
+    def body(params, prefill_params, prompts, lengths, key):
+        return _generate_body(params, prefill_params, prompts, lengths, key, 0, on_token=None, **static)
 
-    def call(params, prefill_params, prompts, lengths, key):
-        same = PartitionSpec()
-        return jax.shard_map(local, mesh=mesh, in_specs=(param_specs(params), param_specs(prefill_params), same,
-                                                         same, same),
-                             out_specs=(same, same), check_vma=False)(params, prefill_params, prompts, lengths, key)
-
-    return jax.jit(call)
+    return tensor_parallel_jit(body, mesh, 2)
 
 
 def _generate_body(params, prefill_params, prompts, lengths, key, row0, *, cfg, max_new_tokens, sampling, eos,

@@ -269,3 +269,16 @@ def local_params(params):
     if isinstance(params, tuple):
         return tuple(local_params(p) for p in params)
     return {**params, "layers": jax.tree.map(lambda a: a[0], params["layers"])}
+
+
+def tensor_parallel_jit(fn, mesh: Mesh, n_params: int):
+    """jit(shard_map(fn)) over a "model" mesh: the first `n_params` arguments are `shard_model` params (or None),
+    each device getting its slice (`local_params`); the rest, and every output, are the same on every device."""
+    def local(*args):
+        return fn(*(local_params(a) for a in args[:n_params]), *args[n_params:])
+
+    def call(*args):
+        specs = tuple(param_specs(a) for a in args[:n_params]) + (PartitionSpec(),) * (len(args) - n_params)
+        return jax.shard_map(local, mesh=mesh, in_specs=specs, out_specs=PartitionSpec(), check_vma=False)(*args)
+
+    return jax.jit(call)
