@@ -267,9 +267,17 @@ def _prefill_codes_on(x: jax.Array, implementation: Implementation, producer: st
     if not (resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M
             and has_wgmma()):
         return False
-    from pallas_kernels import mgpu
+    return True
 
-    return mgpu.PREFILL_ACT_SCALE != "token"  # "token": the GEMMs quantize their float inputs a row at a time
+
+def _row_scale_codes(x: jax.Array) -> bool:
+    """Whether a producer of these rows' codes gives one scale a row: prefill rows (past the decode kernels'
+    limit) with `mgpu.PREFILL_ACT_SCALE = "token"` (per-token prefill GEMMs; the norm then takes its
+    one-program-a-row form whatever `PREFILL_NORM_CHUNK_GROUPS` says: a chunk's program cannot see its row)."""
+    from pallas_kernels import mgpu
+    from pallas_kernels.norm import MAX_QUANT_ROWS
+
+    return mgpu.PREFILL_ACT_SCALE == "token" and math.prod(x.shape[:-1]) > MAX_QUANT_ROWS
 
 
 SWIGLU_QUANT = "auto"  # "auto" (default): at ≤ swiglu.MAX_ROWS tokens on the Pallas path, a fused gate/up and
@@ -356,11 +364,12 @@ def norm_quant(x, delta, w, eps: float, implementation: Implementation):
     if _norm_in_gemv(x, implementation):
         return norm.rms_norm_defer_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS,
                                           interpret=not pallas)
+    row_scale = _row_scale_codes(x)
     if pallas:
         prefill = math.prod(x.shape[:-1]) > norm.MAX_QUANT_ROWS  # `PREFILL_CODES = "all"` sends these here
-        return norm.rms_norm_quant_pallas(x, delta, w, eps, chunk_groups=PREFILL_NORM_CHUNK_GROUPS if prefill
-                                          else NORM_QUANT_CHUNK_GROUPS)
-    return norm.rms_norm_quant_ref(x, delta, w, eps)
+        chunk = None if row_scale else PREFILL_NORM_CHUNK_GROUPS if prefill else NORM_QUANT_CHUNK_GROUPS
+        return norm.rms_norm_quant_pallas(x, delta, w, eps, chunk_groups=chunk, row_scale=row_scale)
+    return norm.rms_norm_quant_ref(x, delta, w, eps, row_scale=row_scale)
 
 
 def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
@@ -692,7 +701,7 @@ def _decoder_layer(
         parts = gate_up["weight"].matmul(h, implementation=implementation, partials=decode_rows)  # [S, B, T, 2F] f32
         quant = swiglu.silu_mul_quant_pallas if resolve_implementation(implementation) == "pallas" else \
             swiglu.silu_mul_quant_ref
-        gated = quant(parts, x.dtype, partials=decode_rows, rms=rms)
+        gated = quant(parts, x.dtype, partials=decode_rows, rms=rms, row_scale=_row_scale_codes(x))
     else:
         gate, up = projs("mlp", h)
         gated = jax.nn.silu(gate) * up  # [B, T, F]

@@ -126,8 +126,8 @@ def mixed_matmul(
 
     On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel.
     `QuantizedActivations` (codes from the producer of x) go to the integer kernels without their
-    quantization step (the Mosaic GPU prefill GEMM too); the XLA path and "dequant_dot" take their
-    dequantized values (the same codes again: the largest code of a group is ±127).
+    quantization step (the Mosaic GPU prefill GEMM too); the XLA path takes the codes as they are, and
+    "dequant_dot" their dequantized values.
     `NormedActivations` (a norm's first launch only)
     go to the GEMV, which normalizes and quantizes its own groups; other paths make the codes first
     (`norm.normed_codes`, the reference on XLA). `partials=True` returns the split-K kernels'
@@ -152,7 +152,10 @@ def mixed_matmul(
         return y.astype(jax.numpy.float32)[None] if partials else y
 
     if impl == "xla":
-        return whole(reference.mixed_matmul_ref(x.dequantize().reshape(m, qw.k) if pre else x, qw))
+        if pre:  # the producer's codes as they are (re-quantizing their values per group would change codes
+            # with one scale a row, `QuantizedActivations.row_scale`)
+            return whole(reference.mixed_codes_matmul_ref(x.x_q[:m], x.a_scale[:, :m].T, qw).astype(dtype))
+        return whole(reference.mixed_matmul_ref(x, qw))
     path = select_gpu_path(m, dtype, dequant_dot_min_m=dequant_dot_min_m,
                            rows=qw.q8.shape[0] + qw.q4.shape[0], wgmma=not interpret and has_wgmma(),
                            short_m=MGPU_SHORT_M)

@@ -122,7 +122,12 @@ class QuantizedActivations:
     out: int8 codes per (row, group of 128), symmetric, with group-major scales and code sums. Made by a
     producer that quantizes while it writes (`pallas_kernels.rms_norm_quant`), so the linear's kernel
     skips its own quantization. Rows [0, M) hold the input's M = prod(lead) rows; rows ≥ M and columns
-    ≥ k are zero."""
+    ≥ k are zero.
+
+    `row_scale` True: one scale a row (the row's maximum over all its groups), stored repeated in each of the
+    row's G scales, so every consumer of per-group scales computes the right product; the prefill GEMM
+    (`mgpu.mixed_matmul_mgpu`) reads one of them and rescales with s_w alone (`MgpuConfig(act_scale="token")`,
+    `mgpu.PREFILL_ACT_SCALE`)."""
 
     x_q: jax.Array  # int8 [Mp, Kp]
     a_scale: jax.Array  # f32 [G, Mp]
@@ -130,6 +135,7 @@ class QuantizedActivations:
     lead: tuple[int, ...]  # the input's leading shape
     k: int  # in_features (unpadded)
     dtype: str  # the float dtype the input had: outputs come back in it
+    row_scale: bool = False  # each row's G scales are one value (see above)
 
     @property
     def m(self) -> int:
@@ -157,7 +163,7 @@ class QuantizedActivations:
 
 
 jax.tree_util.register_dataclass(
-    QuantizedActivations, data_fields=["x_q", "a_scale", "x_sum"], meta_fields=["lead", "k", "dtype"])
+    QuantizedActivations, data_fields=["x_q", "a_scale", "x_sum"], meta_fields=["lead", "k", "dtype", "row_scale"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -294,17 +294,22 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, block_rows: 
     )(x)
 
 
-def quantize_activations_xla(x: jax.Array, *, block_m: int = 64):
+def quantize_activations_xla(x: jax.Array, *, block_m: int = 64, row_scale: bool = False):
     """`quantize_activations_pallas` (without `zero_n`) in XLA ops: the same outputs, bit for bit —
     x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp], rows ≥ M and columns ≥ K zero. Inside a
-    jitted model XLA can fuse it into the producer of x, which a Pallas call cannot."""
+    jitted model XLA can fuse it into the producer of x, which a Pallas call cannot. row_scale: one scale a
+    row (its maximum over all groups), repeated in each group's place (`QuantizedActivations.row_scale`)."""
     from pallas_kernels.reference import quantize_groups
 
     m, k = x.shape
     g = -(-k // GROUP_SIZE)
     mp = -(-m // block_m) * block_m
     xp = jnp.pad(x, ((0, mp - m), (0, g * GROUP_SIZE - k)))
-    x_q, a_scale = quantize_groups(xp.reshape(mp, g, GROUP_SIZE))  # [Mp, G, 128], [Mp, G]
+    if row_scale:
+        x_q, sa = quantize_groups(xp)  # [Mp, Kp], [Mp]
+        x_q, a_scale = x_q.reshape(mp, g, GROUP_SIZE), jnp.broadcast_to(sa[:, None], (mp, g))
+    else:
+        x_q, a_scale = quantize_groups(xp.reshape(mp, g, GROUP_SIZE))  # [Mp, G, 128], [Mp, G]
     x_sum = jnp.sum(x_q.astype(jnp.int32), axis=-1)  # [Mp, G]
     return x_q.reshape(mp, g * GROUP_SIZE), a_scale.T, x_sum.T
 

@@ -53,10 +53,11 @@ from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed
 _MAGIC_F = 1.5 * 2**23
 UNPACK = "pallas"  # the int4 → int8 unpack before the GEMM: `unpack.int8_weight_pallas`, or "xla" (its reference)
 PREFILL_ACT_SCALE = "group"  # "group" (MixLLM's, default): one activation scale a (row, group of 128); "token": one a
-# row for float inputs (`MgpuConfig.act_scale`), the GEMM 12 % faster at 2048 rows (H200, session 27). Decode's
-# kernels keep per-group scales, so this is a per-token prefill with a per-group decode: on the embedded model
-# 28.60 perplexity over the decoded tokens against MixLLM's 28.50 (results/accuracy.md). Opt-in, not measured in a
-# prefill yet (`device_session.sh s28a`). The model then hands these GEMMs float inputs, not producers' codes.
+# row (`MgpuConfig.act_scale`), the GEMM 12 % faster at 2048 rows (H200, session 27). Decode's kernels keep
+# per-group scales, so this is a per-token prefill with a per-group decode: on the embedded model 28.60
+# perplexity over the decoded tokens against MixLLM's 28.50 (results/accuracy.md). Opt-in, not measured in a
+# prefill yet (`device_session.sh s28a`). The GEMM quantizes a float input a row at a time (`quantize_rows`), and
+# the model's producers (the norms, SwiGLU) hand it codes with one scale a row (`QuantizedActivations.row_scale`).
 QUANT_ROWS = 32  # rows a program of the activation quantization before the GEMM (None: the CTA's cta_m). H200
 # (session 21, bench_norm --prefill-quant): 32 rows 1.9 µs a launch at 256 rows against 3.8 for 128, the same
 # 7.0 µs at 2048 rows (at the copy rate); a 256-token W4.4A8 prefill −0.16 ms busy (96 launches)
@@ -486,6 +487,11 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x_q, sa[None, :]
 
 
+def _takes_token(config: MgpuConfig) -> bool:
+    """Whether `config` may rescale per token (`MgpuConfig` refuses it with seed, overlap or magic_fma)."""
+    return not (config.seed or config.overlap or config.convert == "magic_fma")
+
+
 def _row_block(m: int, config: MgpuConfig) -> int:
     """The multiple the GEMM's M rows are padded to: for 192-row CTAs `M_ALIGN` once they fill one (the last row
     tile then overlaps the one before it, `w8a8_group_matmul`: 2048 rows are not padded to 2112), else whole CTAs
@@ -506,8 +512,9 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
     """x [M, K] float → [M, N] x.dtype in channel order: quantize activations, unpack the weight to
     int8 (`int8_weight`), one Mosaic GPU int8 GEMM with per-group rescale. Pads M and N to the tile.
     x may also be `QuantizedActivations` from its producer (a norm or SwiGLU kernel): its codes and
-    scales go to the GEMM as they are (rows padded to the tile), no quantization step. config None:
-    `pick_config` for this M and N."""
+    scales go to the GEMM as they are (rows padded to the tile), no quantization step; codes with one scale a
+    row (`row_scale`) take the per-token rescale (`MgpuConfig(act_scale="token")`) where the config allows it.
+    config None: `pick_config` for this M and N."""
     from pallas_kernels.reference import quantize_activations_ref
 
     if PREFILL_ACT_SCALE not in ("group", "token"):
@@ -524,6 +531,8 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
                              f"K = {qw.k_padded} (padded)")
         m, dtype = x.m, jnp.dtype(x.dtype)
         x_q, sa, _ = x.rows(_row_block(m, config))
+        if x.row_scale and _takes_token(config):  # a row's G scales are one value: read it once
+            sa, config = sa[:1], dataclasses.replace(config, act_scale="token")
     elif PREFILL_ACT_SCALE == "token":  # codes from a producer (above) keep their per-group scales
         m, dtype = x.shape[0], x.dtype
         x_q, sa = quantize_rows(jnp.pad(x, [(0, _round_up(m, _row_block(m, config)) - m), (0, 0)]))

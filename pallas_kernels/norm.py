@@ -110,9 +110,10 @@ def quant_rows(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else -(-m // 64) * 64
 
 
-def rms_norm_quant_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float):
+def rms_norm_quant_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *, row_scale: bool = False):
     """(s, QuantizedActivations of h) with (s, h) = `add_rms_norm_ref(x, Σ_S delta, w)`: delta is None, an
-    x-shaped array or f32 partials [S, *x.shape] summed in f32 and rounded to x's dtype before the add."""
+    x-shaped array or f32 partials [S, *x.shape] summed in f32 and rounded to x's dtype before the add.
+    row_scale: one activation scale a row (`QuantizedActivations.row_scale`), for the per-token prefill GEMM."""
     from pallas_kernels.format import QuantizedActivations
     from pallas_kernels.kernels import quantize_activations_xla
 
@@ -121,15 +122,16 @@ def rms_norm_quant_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps:
     s, h = add_rms_norm_ref(x, delta, w, eps)
     lead, d = x.shape[:-1], x.shape[-1]
     rows = h.reshape(-1, d)
-    x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(rows.shape[0]))
-    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
+    x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(rows.shape[0]), row_scale=row_scale)
+    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name, row_scale)
 
 
-def store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, first: int, groups: int) -> None:
+def store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, first: int, groups: int, amax=None) -> None:
     """Quantizes h [n, 128] f32 (groups first … first + n − 1 of row r, at feature indices col) as
     `reference.quantize_groups` does and stores codes, scales and code sums where the groups exist
-    (< groups): the layout of `QuantizedActivations`."""
-    amax = jnp.max(jnp.abs(h), axis=1)  # [n]
+    (< groups): the layout of `QuantizedActivations`. amax: the row's maximum |h| (one scale a row,
+    `QuantizedActivations.row_scale`), or None: each group's own."""
+    amax = jnp.max(jnp.abs(h), axis=1) if amax is None else jnp.broadcast_to(amax, h.shape[:1])  # [n]
     inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
     q = jnp.clip(jnp.floor(h * inv[:, None] + 0.5), -127.0, 127.0)
     g1 = first + jnp.arange(h.shape[0])
@@ -139,7 +141,7 @@ def store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, first: int, groups: int
 
 
 def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: int, eps: float, dtype,
-                       pdl_on: bool = False):
+                       row_scale: bool = False, pdl_on: bool = False):
     if parts:
         x_ref, d_ref, w_ref, s_ref, q_ref, sc_ref, sum_ref = refs
     else:
@@ -161,8 +163,7 @@ def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: i
     mean = jnp.sum(sf * sf) / width
     y = (sf * lax.rsqrt(mean + eps)).astype(dtype)
     h = (plgpu.load(w_ref.at[col], mask=col < width, other=0.0).astype(dtype) * y).astype(jnp.float32)
-    store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, 0, groups)
-
+    store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, 0, groups, jnp.max(jnp.abs(h)) if row_scale else None)
 
 
 def chunk_cols(c, chunk: int):
@@ -314,8 +315,8 @@ def normed_codes_ref(x):
     return QuantizedActivations(x_q, a_scale, x_sum, x.lead, x.k, x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "interpret"))
-def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("eps", "num_warps", "row_scale", "interpret"))
+def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, row_scale: bool, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     lead, d = x.shape[:-1], x.shape[-1]
@@ -330,7 +331,8 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret
     out_shape = codes if delta is None else (jax.ShapeDtypeStruct(rows.shape, x.dtype), *codes)
     res = pl.pallas_call(
         functools.partial(_norm_quant_kernel, pdl_on=pdl.active(interpret),
-                          m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype),
+                          m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype,
+                          row_scale=row_scale),
         out_shape=out_shape,
         grid=(mp,),
         interpret=interpret,
@@ -339,11 +341,12 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, interpret
     )(*args, w)
     s = x if delta is None else res[0].reshape(x.shape)
     x_q, a_scale, x_sum = res[-3:]
-    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name)
+    return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name, row_scale)
 
 
 def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *,
-                          num_warps: int | None = None, chunk_groups: int | None = None, interpret: bool = False):
+                          num_warps: int | None = None, chunk_groups: int | None = None, row_scale: bool = False,
+                          interpret: bool = False):
     """`rms_norm_quant_ref` in one launch: x [..., D] (the residual stream), delta None, x-shaped, or f32
     split-K partials [S, *x.shape] of the previous linear; w [D] → (s = x + Σ delta, QuantizedActivations
     of RMSNorm(s)·w) for a mixed linear to consume. The norm's f32 sum runs in another order than XLA's,
@@ -352,15 +355,21 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
 
     chunk_groups: None — one program per row does everything (a decode row's 8–28 partials are then read
     by one program); an int — two launches over (row, chunk of that many groups of 128): the residual add
-    with each chunk's sum of squares, then the normalization and quantization of each chunk."""
+    with each chunk's sum of squares, then the normalization and quantization of each chunk.
+
+    row_scale: one activation scale a row (`QuantizedActivations.row_scale`; the per-token prefill GEMM,
+    `mgpu.PREFILL_ACT_SCALE = "token"`), the one-program-a-row form only (its program holds the whole row)."""
     if x.ndim < 1 or w.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm_quant: w must be [D] with D = x.shape[-1]; got x {x.shape}, w {w.shape}")
     if delta is not None and delta.shape not in (x.shape, (delta.shape[0], *x.shape)):
         raise ValueError(f"rms_norm_quant: delta must be x's shape {x.shape} or [S, *{x.shape}], got {delta.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"rms_norm_quant: x must be floating point, got {x.dtype}")
+    if row_scale and chunk_groups is not None:
+        raise ValueError(f"rms_norm_quant: row_scale needs the one-program-a-row form (chunk_groups=None), got "
+                         f"chunk_groups={chunk_groups}: a chunk's program does not see the rest of its row")
     if x.shape[-1] > MAX_WIDTH or x.size == 0:
-        return rms_norm_quant_ref(x, delta, w, eps)
+        return rms_norm_quant_ref(x, delta, w, eps, row_scale=row_scale)
     if delta is not None and delta.ndim == x.ndim:
         delta = delta[None]
     if chunk_groups is not None:
@@ -368,7 +377,8 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
             raise ValueError(f"rms_norm_quant: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
         return _rms_norm_quant_2l(x, delta, w, eps=float(eps), chunk=int(chunk_groups), num_warps=num_warps,
                                   interpret=interpret)
-    return _rms_norm_quant(x, delta, w, eps=float(eps), num_warps=num_warps, interpret=interpret)
+    return _rms_norm_quant(x, delta, w, eps=float(eps), num_warps=num_warps, row_scale=bool(row_scale),
+                           interpret=interpret)
 
 
 # ------------------------------------------------------------------ the norm's codes in one decode launch

@@ -84,14 +84,19 @@ def w4a8_ref(x_q, a_scale, w_packed, w_scale, w_zero) -> jax.Array:
 
 def mixed_matmul_ref(x: jax.Array, qw: MixedWeight) -> jax.Array:
     """x [M, K] float → [M, N] in x's dtype: quantize activations, the two sub-GEMMs, scatter to channel order."""
-    x_q, a_scale = quantize_activations_ref(x)
+    return mixed_codes_matmul_ref(*quantize_activations_ref(x), qw).astype(x.dtype)
+
+
+def mixed_codes_matmul_ref(x_q: jax.Array, a_scale: jax.Array, qw: MixedWeight) -> jax.Array:
+    """Activations already quantized (x_q int8 [M, Kp], a_scale f32 [M, G]: a producer's codes, whatever their
+    scales' grain) → f32 [M, N] in channel order: the two sub-GEMMs of `mixed_matmul_ref`."""
     parts = []
     if qw.q8.shape[0]:
         parts.append(w8a8_ref(x_q, a_scale, qw.q8, qw.scale8))
     if qw.q4.shape[0]:
         parts.append(w4a8_ref(x_q, a_scale, qw.q4, qw.scale4, qw.zero4))
     y = jnp.concatenate(parts, axis=1)  # [M, N8p + N4p] packed order
-    return y[:, qw.row_of_channel].astype(x.dtype)
+    return y[:, qw.row_of_channel]
 
 
 def dequant_matmul_ref(x: jax.Array, qw: MixedWeight) -> jax.Array:

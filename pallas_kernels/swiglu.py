@@ -13,6 +13,11 @@ blocked form gives one `BLOCK_ROWS` (16) rows × one group. At 2048 rows × F = 
 64 rows), against 95 µs per row and 72 µs for XLA's fusion plus the prefill GEMM's own quantization launch
 (NOTES-kernels.md items 66, 70).
 
+With one activation scale a row (`row_scale`, the per-token prefill GEMM of `mgpu.PREFILL_ACT_SCALE = "token"`)
+a program needs its whole row: the row form gives one program a row, which walks the row twice in chunks of
+`ROW_CHUNK` groups, first for the row's maximum, then for the codes. Its second walk reads what the first read
+≈ 57 KB before (F = 14336), so from L2 rather than memory; not yet measured on a GPU.
+
 Arithmetic as `mixjax.model`: gate and up are the linear's output rounded to the dtype (Σ partials in f32),
 h = silu(gate)·up in the dtype (silu(x) = x·sigmoid(x), computed in f32 and rounded once — XLA may keep
 more precision inside its fusion, so h can differ from the reference by a rounding of the dtype), then
@@ -26,6 +31,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
@@ -35,13 +41,15 @@ from pallas_kernels.norm import chunk_cols, load_inv_rms, quant_rows, store_grou
 
 MAX_ROWS = 64  # tokens up to which the model takes this kernel at decode (one program per row and chunk)
 BLOCK_ROWS = 16  # rows a program of the blocked form (prefill, `model.PREFILL_CODES`); NOTES-kernels.md item 70
+ROW_CHUNK = 8  # groups of 128 a step of the row form's two walks (`row_scale`)
 
 
-def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False, rms=None):
+def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False, rms=None, row_scale: bool = False):
     """gate_up [..., 2F] in the activations' dtype, or (partials=True) f32 split-K partials [S, ..., 2F]
     summed and rounded to `dtype` → QuantizedActivations of silu(gate)·up [..., F] (gate: the first F).
     rms (`format.RowRms`, one row per token): gate and up are first multiplied by its r in f32 (the linear ran
-    on the codes of `norm.rms_norm_codes_pallas`)."""
+    on the codes of `norm.rms_norm_codes_pallas`). row_scale: one activation scale a row
+    (`QuantizedActivations.row_scale`)."""
     from pallas_kernels.format import QuantizedActivations
     from pallas_kernels.kernels import quantize_activations_xla
 
@@ -54,8 +62,39 @@ def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False
     h = jax.nn.silu(y[..., :f]) * y[..., f:]
     lead = h.shape[:-1]
     rows = h.reshape(-1, f)
-    x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(rows.shape[0]))
-    return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, dtype.name)
+    x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(rows.shape[0]), row_scale=row_scale)
+    return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, dtype.name, row_scale)
+
+
+def _gated(gate, up, dtype):
+    """silu(gate)·up in the dtype, returned in f32: gate f32 and up in the dtype (`_kernel`'s arithmetic)."""
+    silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
+    return (silu * up).astype(dtype).astype(jnp.float32)
+
+
+def _row_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, groups: int, chunk: int, dtype,
+                pdl_on: bool = False):
+    """One program a row of the codes (rows ≥ M are their zero padding): a first walk over the row in chunks
+    of `chunk` groups finds max |h|, a second quantizes every group with that one scale (`row_scale`)."""
+    (r,) = pdl.program_ids(1, pdl_on, trigger=True)
+    live_row = r < m
+    src = jnp.minimum(r, m - 1)
+
+    def gated(c):
+        _, col = chunk_cols(c, chunk)
+        valid = (col < f) & live_row
+        gate = plgpu.load(x_ref.at[src, col], mask=valid, other=0.0).astype(jnp.float32)
+        return _gated(gate, plgpu.load(x_ref.at[src, col + f], mask=valid, other=0.0), dtype), col
+
+    chunks = -(-groups // chunk)
+    amax = lax.fori_loop(0, chunks, lambda c, a: jnp.maximum(a, jnp.max(jnp.abs(gated(c)[0]))), jnp.float32(0.0))
+
+    def store(c, carry):
+        h, col = gated(c)
+        store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups, amax)
+        return carry
+
+    lax.fori_loop(0, chunks, store, 0)
 
 
 def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, rms: tuple | None = None,
@@ -80,9 +119,7 @@ def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, r
             total = total.astype(jnp.float32) * inv
         return total.astype(dtype)
 
-    gate, up = load(col).astype(jnp.float32), load(col + f)
-    silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
-    h = (silu * up).astype(dtype).astype(jnp.float32)
+    h = _gated(load(col).astype(jnp.float32), load(col + f), dtype)
     store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
 
 
@@ -113,14 +150,14 @@ def _block_kernel(x_ref, *refs, m: int, f: int, block: int, parts: int, dtype, r
                 total = total.astype(jnp.float32) * inv
             return total.astype(dtype)
 
-        gate, up = load(cols).astype(jnp.float32), load(cols + f)
-        silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
-        halves.append((silu * up).astype(dtype).astype(jnp.float32))
+        halves.append(_gated(load(cols).astype(jnp.float32), load(cols + f), dtype))
     store_quantized_halves(q_ref, sc_ref, sum_ref, r * block, g, block, *halves)
 
 
-@functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "blocked", "interpret"))
-def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: int, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "blocked", "row_scale",
+                                             "interpret"))
+def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: int, row_scale: bool,
+                    interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     parts = gate_up.shape[0] if partials else 0
@@ -130,7 +167,11 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
     x = gate_up.reshape(parts, m, 2 * f) if parts else gate_up.reshape(m, 2 * f)
     mp, groups = quant_rows(m), -(-f // GROUP_SIZE)
     static_rms = None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps)
-    if blocked:
+    if row_scale:
+        kernel = functools.partial(_row_kernel, pdl_on=pdl.active(interpret), m=m, f=f, groups=groups,
+                                   chunk=ROW_CHUNK, dtype=dtype)
+        grid = (mp,)
+    elif blocked:
         block = min(blocked, mp)  # mp is a multiple of it (`quant_rows`)
         kernel = functools.partial(_block_kernel, pdl_on=pdl.active(interpret), m=m, f=f, block=block,
                                    parts=parts, dtype=dtype, rms=static_rms)
@@ -148,15 +189,18 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
         name="silu_mul_quant",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
     )(x, *(() if rms is None else (rms.ssq,)))
-    return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, jnp.dtype(dtype).name)
+    return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, jnp.dtype(dtype).name, row_scale)
 
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
-                          num_warps: int = 4, blocked: bool | int | None = None, rms=None, interpret: bool = False):
+                          num_warps: int = 4, blocked: bool | int | None = None, rms=None, row_scale: bool = False,
+                          interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
     `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (8, 16, 32 or 64).
     None: blocked past `MAX_ROWS` rows (prefill). rms: a `format.RowRms` with one row per token (see the
-    reference)."""
+    reference). row_scale: one activation scale a row, by the row form (one program a row, `ROW_CHUNK`
+    groups a step; `chunk_groups` and `blocked` do not apply), on a linear's plain output (no partials, no
+    rms: the prefill GEMM's)."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"silu_mul_quant: the activations' dtype must be floating point, got {dtype}")
@@ -170,8 +214,11 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
     if rms is not None and (rms.ssq.ndim != 2 or rms.ssq.shape[0] != rows):
         raise ValueError(f"silu_mul_quant: rms must hold one row of sums of squares per token, [{rows}, C]; got "
                          f"{rms.ssq.shape}")
+    if row_scale and (partials or rms is not None):
+        raise ValueError("silu_mul_quant: row_scale takes the linear's output in the activations' dtype, not "
+                         "split-K partials or a RowRms (the per-token prefill GEMM's output, `mgpu.PREFILL_ACT_SCALE`)")
     if gate_up.size == 0:
-        return silu_mul_quant_ref(gate_up, dtype, partials=partials, rms=rms)
+        return silu_mul_quant_ref(gate_up, dtype, partials=partials, rms=rms, row_scale=row_scale)
     if blocked is None:
         blocked = rows > MAX_ROWS
     if blocked is True:
@@ -179,4 +226,5 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
     if blocked not in (False, 8, 16, 32, 64):
         raise ValueError(f"silu_mul_quant: blocked must be a bool, None or 8, 16, 32, 64 rows, got {blocked!r}")
     return _silu_mul_quant(gate_up, rms, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
-                           num_warps=int(num_warps), blocked=int(blocked), interpret=interpret)
+                           num_warps=int(num_warps), blocked=int(blocked), row_scale=bool(row_scale),
+                           interpret=interpret)

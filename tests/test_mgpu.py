@@ -345,6 +345,33 @@ def test_prefill_token_scales_quantize_each_row_once(monkeypatch):
     mgpu.mixed_matmul_mgpu.clear_cache()
 
 
+@isolated
+def test_codes_with_one_scale_a_row_take_the_token_rescale(monkeypatch):
+    """Codes whose producer gave one scale a row (`QuantizedActivations.row_scale`, the norms' and SwiGLU's codes
+    with `PREFILL_ACT_SCALE = "token"`) go through the per-token rescale whatever `PREFILL_ACT_SCALE` says: the
+    same bits as the float input quantized a row at a time (the per-group rescale of the repeated scales rounds
+    differently), and the per-row reference to f32 rounding."""
+    from pallas_kernels.format import QuantizedActivations
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    rng = _rng()
+    m, k, n = 130, 384, 96
+    qw = _weight(rng, n, k, 0.1)
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[:, :128] *= 30.0
+    x = jnp.asarray(x)
+    codes = QuantizedActivations(*quantize_activations_xla(x, block_m=64, row_scale=True), (m,), k, "float32",
+                                 row_scale=True)
+    y = mgpu.mixed_matmul_mgpu(codes, qw, interpret=INTERPRET)  # PREFILL_ACT_SCALE "group"
+    monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "token")
+    mgpu.mixed_matmul_mgpu.clear_cache()  # read when the call is traced
+    y_float = mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
+    mgpu.mixed_matmul_mgpu.clear_cache()
+    assert np.array_equal(np.asarray(y), np.asarray(y_float))
+    x_q, sa = mgpu.quantize_rows(x)
+    assert _rel(y, (x_q.astype(jnp.float32) * sa.T)[:, :k] @ qw.dequantize().T) < 1e-5
+
+
 def test_bad_configs_and_shapes_are_named():
     with pytest.raises(ValueError, match="tile_m"):
         mgpu.MgpuConfig(tile_m=96)

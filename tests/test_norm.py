@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from mixjax import model
-from pallas_kernels import norm
+from pallas_kernels import norm, swiglu
 from helpers import prefill_then_step, tenth, tiny_mixed_model
 
 INTERPRET = jax.default_backend() != "gpu"
@@ -85,10 +85,28 @@ def test_rms_norm_quant_in_two_launches(shape, dtype, delta_kind, chunk_groups):
     _check_norm_quant(shape, dtype, delta_kind, chunk_groups=chunk_groups)
 
 
-def _check_norm_quant(shape, dtype, delta_kind, **kw):
-    x, delta, w = _norm_quant_case(shape, dtype, delta_kind, np.random.default_rng())
-    s, qa = norm.rms_norm_quant_pallas(x, delta, w, 1e-5, interpret=INTERPRET, **kw)
-    s_ref, qa_ref = norm.rms_norm_quant_ref(x, delta, w, 1e-5)
+@pytest.mark.parametrize("shape, dtype, delta_kind", [
+    ((70, 640), jnp.bfloat16, "same"), ((2, 9, 200), jnp.float32, "parts"), ((1, 4096), jnp.bfloat16, "none")])
+def test_rms_norm_quant_one_scale_a_row(shape, dtype, delta_kind):
+    """`row_scale` (the per-token prefill GEMM's codes): one scale a row, from the row's maximum over all its
+    groups, stored in each group's place; the same checks against the reference, on rows whose norm weights
+    make groups differ by 30×. The two-launch form refuses it, naming the one that takes it."""
+    _check_norm_quant(shape, dtype, delta_kind, row_scale=True)
+    with pytest.raises(ValueError, match="row_scale needs the one-program-a-row form"):
+        norm.rms_norm_quant_pallas(jnp.zeros(shape, dtype), None, jnp.ones(shape[-1]), 1e-5, row_scale=True,
+                                   chunk_groups=2, interpret=True)
+
+
+def _check_norm_quant(shape, dtype, delta_kind, row_scale: bool = False, **kw):
+    rng = np.random.default_rng()
+    x, delta, w = _norm_quant_case(shape, dtype, delta_kind, rng)
+    if row_scale:
+        w = w * jnp.asarray(np.repeat(rng.choice([0.2, 6.0], size=-(-shape[-1] // 128)), 128)[: shape[-1]])
+    s, qa = norm.rms_norm_quant_pallas(x, delta, w, 1e-5, interpret=INTERPRET, row_scale=row_scale, **kw)
+    s_ref, qa_ref = norm.rms_norm_quant_ref(x, delta, w, 1e-5, row_scale=row_scale)
+    assert qa.row_scale == qa_ref.row_scale == row_scale
+    spread = np.ptp(np.asarray(qa.a_scale)[:, : qa.m], axis=0)  # a row's scales: one value, or its groups' own
+    assert np.all(spread == 0) if row_scale else (shape[-1] <= 128 or np.all(spread > 0))
     m, d = int(np.prod(shape[:-1])), shape[-1]
     mp, g = norm.quant_rows(m), -(-d // 128)
     assert (qa.x_q.shape, qa.a_scale.shape, qa.x_sum.shape) == ((mp, g * 128), (g, mp), (g, mp))
@@ -263,6 +281,65 @@ def test_model_prefill_codes(monkeypatch):
     monkeypatch.setattr(model, "PREFILL_CODES", "sometimes")
     with pytest.raises(ValueError, match="PREFILL_CODES = 'sometimes'"):
         model.forward_step(params, tokens, cfg, model.init_cache(cfg, 2, 48, jnp.float32), implementation="xla")
+
+
+def test_prefill_codes_with_one_scale_a_row(monkeypatch):
+    """`mgpu.PREFILL_ACT_SCALE = "token"`: the prefill's norms and SwiGLU hand codes with one scale a row
+    (`row_scale`), the decode step's keep one a group. With every prefill GEMM per token (the reference's
+    quantization swapped while the prefill is traced), the logits equal those of the model whose linears
+    quantize their own float inputs, and differ from the per-group prefill's: per-token scales round this tiny
+    model's activations differently enough to move its logits by tens of %."""
+    import functools
+
+    from pallas_kernels import mgpu
+    from pallas_kernels import reference
+
+    rng = np.random.default_rng(6)
+    cfg, params = tiny_mixed_model(6, rng)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 41)), jnp.int32)  # a prefill of 80 rows, a step
+    seen = []
+    norm_quant, silu_mul_quant, per_group = norm.rms_norm_quant_ref, swiglu.silu_mul_quant_ref, \
+        reference.quantize_activations_ref
+
+    def spy(fn, name):
+        def run(*args, **kw):
+            out = fn(*args, **kw)
+            codes = out[-1] if isinstance(out, tuple) else out
+            seen.append((name, codes.m, codes.row_scale))
+            return out
+        return run
+
+    def per_token(x):  # one scale a row, repeated per group: the layout the reference's GEMMs read
+        x_q, sa = reference.quantize_groups(reference.pad_k(x, -(-x.shape[1] // 128) * 128))
+        return x_q, jnp.broadcast_to(sa[:, None], (x.shape[0], x_q.shape[1] // 128))
+
+    def prefill_then_step_per_token(codes: str):  # `prefill_then_step`, per-token GEMMs while tracing the prefill
+        for flag in ("NORM_QUANT", "SWIGLU_QUANT", "PREFILL_CODES"):
+            monkeypatch.setattr(model, flag, codes)
+        cache = model.init_cache(cfg, 2, 48, jnp.float32)
+        forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
+        monkeypatch.setattr(reference, "quantize_activations_ref", per_token)
+        first, cache = forward(params, tokens[:, :40], cache=cache)
+        monkeypatch.setattr(reference, "quantize_activations_ref", per_group)
+        return np.asarray(first), np.asarray(forward(params, tokens[:, 40:], cache=cache)[0])
+
+    monkeypatch.setattr(norm, "rms_norm_quant_ref", spy(norm_quant, "norm"))
+    monkeypatch.setattr(swiglu, "silu_mul_quant_ref", spy(silu_mul_quant, "swiglu"))
+    for flag in ("NORM_QUANT", "SWIGLU_QUANT", "PREFILL_CODES"):
+        monkeypatch.setattr(model, flag, "always")
+    group = prefill_then_step(params, cfg, tokens, prompt=40, cache_len=48)
+    assert {row for *_, row in seen} == {False}
+    seen.clear()
+    monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "token")
+    got = prefill_then_step_per_token("always")  # (o_proj's float input quantized per token too)
+    # two layers: input norm, post-attention norm, SwiGLU each; the float head's final norm is plain
+    assert seen == [(n, 80, True) for n in ("norm", "norm", "swiglu")] * 2 + \
+        [(n, 2, False) for n in ("norm", "norm", "swiglu")] * 2
+    want = prefill_then_step_per_token("never")
+    for g, w, old in zip(got, want, group):
+        scale = np.abs(w).max()
+        assert np.abs(g - w).max() < 1e-5 * scale
+        assert np.abs(old - w).max() > 0.05 * scale
 
 
 def test_prefill_codes_modes(monkeypatch):

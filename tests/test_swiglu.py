@@ -17,17 +17,24 @@ from helpers import prefill_then_step, tiny_mixed_model
 INTERPRET = jax.default_backend() != "gpu"
 
 
+ROW = "row"  # `blocked` column: the row form, one activation scale a row (`row_scale`)
+
+
 @pytest.mark.parametrize("lead, f, parts, dtype, chunk, blocked, rms", [
     ((1,), 4096, 8, jnp.bfloat16, 2, None, True), ((3,), 576, 0, jnp.bfloat16, 1, None, False),
     ((2, 9), 200, 3, jnp.float32, 4, None, True), ((17,), 640, 2, jnp.bfloat16, 2, None, False),
     ((70,), 328, 0, jnp.bfloat16, 2, None, True),  # past MAX_ROWS: the blocked (prefill) form, a ragged last block
     ((5,), 256, 2, jnp.float32, 2, True, False), ((2, 20), 136, 0, jnp.bfloat16, 2, 32, False),
-    ((40,), 200, 0, jnp.float32, 2, 16, True), ((24,), 136, 2, jnp.bfloat16, 2, 8, False)])
+    ((40,), 200, 0, jnp.float32, 2, 16, True), ((24,), 136, 2, jnp.bfloat16, 2, 8, False),
+    # the row form: more groups than one step of ROW_CHUNK with a ragged last step, or fewer; padded rows
+    ((70,), 1160, 0, jnp.bfloat16, 2, ROW, False), ((2, 3), 200, 0, jnp.float32, 2, ROW, False),
+    ((1,), 2048, 0, jnp.bfloat16, 2, ROW, False)])
 def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked, rms):
     """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32, 64), split-K
     partials or the linear's output, per row or in blocks of rows: the codes, scales and sums of the reference
     (to a rounding of the dtype in h), zero padding, and codes that reproduce silu(gate)·up within half a step.
-    `rms`: gate and up are first multiplied by each row's r (the norm before the linear deferred it)."""
+    `rms`: gate and up are first multiplied by each row's r (the norm before the linear deferred it).
+    `ROW`: one scale a row, stored in each of its groups' places."""
     from pallas_kernels.format import RowRms
 
     rng = np.random.default_rng()
@@ -35,9 +42,13 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked,
     x = jnp.asarray(rng.normal(size=shape) * rng.uniform(0.5, 4), jnp.float32 if parts else dtype)
     m = int(np.prod(lead))
     rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(m, 3)), jnp.float32), 384, 1e-5) if rms else None
-    got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk, blocked=blocked,
-                                       rms=rms, interpret=INTERPRET)
-    ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts), rms=rms)
+    row_scale = blocked == ROW
+    if row_scale:  # rows whose groups differ by 30×: per-group scales would differ from the row's
+        x = x * jnp.asarray(np.repeat(rng.choice([0.2, 6.0], size=(-(-2 * f // 128))), 128)[: 2 * f], x.dtype)
+    got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk,
+                                       blocked=None if row_scale else blocked, rms=rms, row_scale=row_scale,
+                                       interpret=INTERPRET)
+    ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts), rms=rms, row_scale=row_scale)
     g = -(-f // 128)
     mp = quant_rows(m)
     assert (got.x_q.shape, got.a_scale.shape, got.x_sum.shape) == ((mp, g * 128), (g, mp), (g, mp))
@@ -50,6 +61,9 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked,
     assert np.abs(codes - codes_ref).max() <= 2 and np.mean(codes != codes_ref) < 0.1
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(np.asarray(got.a_scale), np.asarray(ref.a_scale), rtol=(3 if dtype == jnp.bfloat16 else 4) * eps)
+    assert got.row_scale == ref.row_scale == row_scale
+    spread = np.ptp(np.asarray(got.a_scale)[:, :m], axis=0)  # a row's scales: one value, or the groups' own
+    assert np.all(spread == 0) if row_scale else np.any(spread > 0)
     y = jnp.sum(x.astype(jnp.float32), 0) if parts else x
     if rms is not None:
         y = y.astype(jnp.float32) * rms.inv().reshape(*lead, 1)
@@ -73,6 +87,8 @@ def test_bad_inputs_are_named():
         swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256)), blocked=12, interpret=True)
     with pytest.raises(ValueError, match="chunk_groups"):
         swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256)), chunk_groups=3, interpret=True)
+    with pytest.raises(ValueError, match="row_scale takes the linear's output"):
+        swiglu.silu_mul_quant_pallas(jnp.zeros((2, 1, 256)), jnp.bfloat16, partials=True, row_scale=True)
     with pytest.raises(TypeError, match="floating point"):
         swiglu.silu_mul_quant_pallas(jnp.zeros((1, 256), jnp.int32))
 
