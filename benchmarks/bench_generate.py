@@ -51,7 +51,8 @@ session 23; since then a Pallas kernel, `pallas_kernels/unpack.py`); `@scatterkv
 into the cache by XLA's scatter in the tokens' order (before session 23) or by the scatter in the store's order
 (the default since; `model.CACHE_WRITE` = "scatter", "scatter_t"), any variant; `@wg3`: the prefill GEMM takes
 `mgpu.THREE_WG_CONFIG`'s 192-row CTAs where `pick_config`'s estimate prefers them (`mgpu.THREE_WGS = True`);
-`@ptok`: one activation scale a row in the prefill GEMMs (`mgpu.PREFILL_ACT_SCALE = "token"`; decode per group);
+`@ptok`: one activation scale a row in the prefill GEMMs (`mgpu.PREFILL_ACT_SCALE = "token"`; decode per group;
+the norms and SwiGLU hand those GEMMs codes with one scale a row since session 28, `@ptok@nopcodes` leaves them out);
 `@short`: linears of 65–512 rows take the swapped-operand kernel in column tiles (`api.MGPU_SHORT_M = (65, 512)`,
 the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out, `@short64` in
 column tiles of 64 rows instead of 128);

@@ -18,9 +18,14 @@ Then SwiGLU before down_proj, on the gate/up linear's output (P = 0) or its 8 sp
 quantization as XLA ops), `xla_silu_qpallas` (+ `quantize_activations_pallas`: the prefill default, where the
 Mosaic GPU GEMM quantizes its input in a launch of its own), `swiglu_cN` (`silu_mul_quant_pallas`, N groups
 a program), `swiglu_bRwW` (its blocked form, the model's at prefill: R rows × one group a program, W warps).
+One activation scale a row (`--row-scale`; the per-token prefill, `mgpu.PREFILL_ACT_SCALE = "token"`):
+`pallas_row` (the norm's one-program-a-row kernel with `row_scale`), `xla_silu_qrows` (XLA's SiLU·mul and
+`mgpu.quantize_rows`: what the GEMM does with a float input), `swiglu_rowCwW` (the row form: one program a
+row, C groups a step of its two walks, W warps); their codes are checked against the per-row reference.
 
     python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --swiglu-only   # prefill shapes
     python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --prefill-quant 128,64,32,16   # the GEMM's input
+    python benchmarks/bench_norm.py --ms 256,2048 --parts -1 --warps 8 --chunks "" --row-scale   # per-token
 Every variant is checked against the reference first, then timed as `--calls` calls on distinct inputs in
 one jit (device-timer busy/span µs and kernels per call, benchmarks/devtime.py).
 """
@@ -57,6 +62,7 @@ def main(argv=None) -> int:
     p.add_argument("--calls", type=int, default=32)
     p.add_argument("--small", action="store_true")
     p.add_argument("--swiglu-only", action="store_true", help="time SwiGLU only (not the norms)")
+    p.add_argument("--row-scale", action="store_true", help="also the producers with one activation scale a row")
     p.add_argument("--prefill-quant", default=None,
                    help="rows a program to sweep, e.g. 128,64,32,16: the norm as XLA's fusion, then "
                         "`quantize_activations_pallas(block_m=128, block_rows=R)` as the prefill GEMM's input "
@@ -64,7 +70,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
-    ms, partses, warps, chunks = ([int(v) for v in a.split(",")] for a in (args.ms, args.parts, args.warps, args.chunks))
+    ms, partses, warps, chunks = ([int(v) for v in a.split(",") if v] for a in (args.ms, args.parts, args.warps,
+                                                                                args.chunks))
     if args.small:
         ms, partses, warps, chunks, args.calls = [1, 3], [0, 2], [4], [2], 2
     dev = jax.devices()[0]
@@ -94,6 +101,13 @@ def main(argv=None) -> int:
     for nw in warps:
         variants[f"pallas_w{nw}"] = lambda x, d, w, nw=nw: norm.rms_norm_quant_pallas(x, d, w, EPS, num_warps=nw,
                                                                                      interpret=interpret)
+    if args.row_scale:  # one scale a row ("row" in the name: checked against the per-row reference)
+        from pallas_kernels import mgpu
+
+        variants["xla_qrows"] = lambda x, d, w: (lambda s, h: (s, mgpu.quantize_rows(h)))(*xla_norm(x, d, w))
+        for nw in warps:
+            variants[f"pallas_row_w{nw}"] = lambda x, d, w, nw=nw: norm.rms_norm_quant_pallas(
+                x, d, w, EPS, num_warps=nw, row_scale=True, interpret=interpret)
     for cg in chunks:
         variants[f"pallas_2l_c{cg}"] = lambda x, d, w, cg=cg: norm.rms_norm_quant_pallas(x, d, w, EPS, chunk_groups=cg,
                                                                                         interpret=interpret)
@@ -106,10 +120,10 @@ def main(argv=None) -> int:
             xs = [jnp.asarray(rng.normal(size=(m, D)), jnp.bfloat16) for _ in range(args.calls)]
             ds = [None if not parts else jnp.asarray(rng.normal(size=(m, D)), jnp.bfloat16) if parts < 0 else
                   jnp.asarray(rng.normal(size=(parts, m, D)) / parts, jnp.float32) for _ in range(args.calls)]
-            _, ref = norm.rms_norm_quant_ref(xs[0], ds[0], w, EPS)
+            refs = [norm.rms_norm_quant_ref(xs[0], ds[0], w, EPS, row_scale=r)[1] for r in (False, True)]
             base = None
             for name, fn in variants.items():
-                out = fn(xs[0], ds[0], w)[1]
+                out, ref = fn(xs[0], ds[0], w)[1], refs["row" in name]
                 same = "-" if name == "xla_norm" else \
                     f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0])[:m] == np.asarray(ref.x_q)[:m])):.4f}"
                 many = jax.jit(lambda xs, ds, fn=fn: [fn(x, d, w) for x, d in zip(xs, ds)])
@@ -144,16 +158,26 @@ def main(argv=None) -> int:
     for block, nw in [(64, 4), (32, 4), (16, 4), (16, 2), (8, 4), (8, 2)][:1 if args.small else None]:
         sw[f"swiglu_b{block}w{nw}"] = lambda x, parts, block=block, nw=nw: swiglu.silu_mul_quant_pallas(
             x, jnp.bfloat16, partials=bool(parts), blocked=block, num_warps=nw, interpret=interpret)
+    if args.row_scale:  # the linear's output only: the row form takes no partials
+        from pallas_kernels import mgpu
+
+        sw["xla_silu_qrows"] = lambda x, parts: mgpu.quantize_rows(xla_silu(x, parts))
+        for rc, nw in [(8, 4), (4, 4), (16, 4), (16, 8), (32, 8)][:1 if args.small else None]:
+            sw[f"swiglu_row{rc}w{nw}"] = lambda x, parts, rc=rc, nw=nw: swiglu.silu_mul_quant_pallas(
+                x, jnp.bfloat16, row_scale=True, row_chunk=rc, num_warps=nw, interpret=interpret)
     rows += ["", "| M | partials | SwiGLU variant | codes = reference | busy µs | span µs | kernels | vs xla_silu (span) |",
              "|---|---|---|---|---|---|---|---|"]
     for m in ms:
         for parts in sorted({0, min(8, max(partses))}):
             shape = (parts, m, 2 * f) if parts else (m, 2 * f)
             xs = [jnp.asarray(rng.normal(size=shape), jnp.float32 if parts else jnp.bfloat16) for _ in range(args.calls)]
-            ref = swiglu.silu_mul_quant_ref(xs[0], jnp.bfloat16, partials=bool(parts))
+            refs = [swiglu.silu_mul_quant_ref(xs[0], jnp.bfloat16, partials=bool(parts), row_scale=r)
+                    for r in (False, True)]
             base = None
             for name, fn in sw.items():
-                out = fn(xs[0], parts)
+                if parts and "row" in name:
+                    continue
+                out, ref = fn(xs[0], parts), refs["row" in name]
                 same = "-" if name == "xla_silu" else \
                     f"{float(np.mean(np.asarray(out.x_q if hasattr(out, 'x_q') else out[0])[:m] == np.asarray(ref.x_q)[:m])):.4f}"
                 many = jax.jit(lambda xs, fn=fn, parts=parts: [fn(x, parts) for x in xs])

@@ -679,13 +679,21 @@ case "$part" in
     XLA_FLAGS=--xla_force_host_platform_device_count=3 JAX_PLATFORMS=cpu timeout 150 python3 -c "$script" 2>&1 \
       | grep RESULT | tee "$out/three.log"
     ;;
-  s28a)  # prepared in session 27: the per-token prefill (`mgpu.PREFILL_ACT_SCALE = "token"`, @ptok) end to end
+  s28a)  # prepared in sessions 27-28: the per-token prefill (`mgpu.PREFILL_ACT_SCALE = "token"`, @ptok) end to end,
+    # with the producers' per-row codes (session 28) and without them (@nopcodes: the GEMMs quantize float inputs)
     header
-    timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py -k "prefill_token or within_bf16" 2>&1 \
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py tests/test_swiglu.py tests/test_norm.py \
+      -k "prefill_token or within_bf16 or one_scale_a_row or row_take or matches_reference" 2>&1 \
       | tail -4 | tee "$out/tests.log"
-    timeout 250 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4 \
-      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 240 \
+    timeout 60 python3 benchmarks/bench_norm.py --ms 2048 --parts -1 --warps 8 --chunks "" --row-scale \
+      --out "$out/producers.md" 2>&1 | grep "xla_\|row\|pallas_w\|swiglu_b16" | tee "$out/producers.log"
+    timeout 330 python3 benchmarks/bench_generate.py \
+      --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@ptok@nopcodes+h4 \
+      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 320 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    ;;
+  s28b)  # after s28a: the 256-token prefill with per-token scales
+    header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4 \
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 190 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
@@ -708,7 +716,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b" >&2
     exit 2
     ;;
 esac

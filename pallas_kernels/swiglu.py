@@ -169,7 +169,7 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
     static_rms = None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps)
     if row_scale:
         kernel = functools.partial(_row_kernel, pdl_on=pdl.active(interpret), m=m, f=f, groups=groups,
-                                   chunk=ROW_CHUNK, dtype=dtype)
+                                   chunk=chunk, dtype=dtype)
         grid = (mp,)
     elif blocked:
         block = min(blocked, mp)  # mp is a multiple of it (`quant_rows`)
@@ -194,13 +194,13 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
                           num_warps: int = 4, blocked: bool | int | None = None, rms=None, row_scale: bool = False,
-                          interpret: bool = False):
+                          row_chunk: int | None = None, interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
     `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (8, 16, 32 or 64).
     None: blocked past `MAX_ROWS` rows (prefill). rms: a `format.RowRms` with one row per token (see the
-    reference). row_scale: one activation scale a row, by the row form (one program a row, `ROW_CHUNK`
-    groups a step; `chunk_groups` and `blocked` do not apply), on a linear's plain output (no partials, no
-    rms: the prefill GEMM's)."""
+    reference). row_scale: one activation scale a row, by the row form (one program a row, `row_chunk` groups
+    a step, None: `ROW_CHUNK`; `chunk_groups` and `blocked` do not apply), on a linear's plain output (no
+    partials, no rms: the prefill GEMM's)."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"silu_mul_quant: the activations' dtype must be floating point, got {dtype}")
@@ -210,6 +210,9 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
         raise ValueError(f"silu_mul_quant: gate_up must be [..., 2F] (gate, then up); got {gate_up.shape}")
     if chunk_groups < 1 or chunk_groups & (chunk_groups - 1):
         raise ValueError(f"silu_mul_quant: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
+    row_chunk = ROW_CHUNK if row_chunk is None else row_chunk
+    if row_chunk < 1 or row_chunk & (row_chunk - 1):
+        raise ValueError(f"silu_mul_quant: row_chunk must be a power of two ≥ 1, got {row_chunk}")
     rows = math.prod(gate_up.shape[1:-1] if partials else gate_up.shape[:-1])
     if rms is not None and (rms.ssq.ndim != 2 or rms.ssq.shape[0] != rows):
         raise ValueError(f"silu_mul_quant: rms must hold one row of sums of squares per token, [{rows}, C]; got "
@@ -225,6 +228,7 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
         blocked = BLOCK_ROWS
     if blocked not in (False, 8, 16, 32, 64):
         raise ValueError(f"silu_mul_quant: blocked must be a bool, None or 8, 16, 32, 64 rows, got {blocked!r}")
-    return _silu_mul_quant(gate_up, rms, dtype=dtype, partials=bool(partials), chunk=int(chunk_groups),
+    return _silu_mul_quant(gate_up, rms, dtype=dtype, partials=bool(partials),
+                           chunk=int(row_chunk if row_scale else chunk_groups),
                            num_warps=int(num_warps), blocked=int(blocked), row_scale=bool(row_scale),
                            interpret=interpret)
