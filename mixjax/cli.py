@@ -5,7 +5,7 @@
     mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
                     [--prefill-model PATH --switch-after N] [--tensor-parallel N]
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
-    mixjax ablate salience|activations [--model PATH] [--bits 4.4] [--out FILE.json]
+    mixjax ablate salience|activations|progressive|dequant [--model PATH] [--bits 4.4] [--out FILE.json]
 
 `--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
 values, unusable data or checkpoints) print one message on stderr and exit with status 2.

@@ -16,7 +16,8 @@ blocked form gives one `BLOCK_ROWS` (16) rows × one group. At 2048 rows × F = 
 With one activation scale a row (`row_scale`, the per-token prefill GEMM of `mgpu.PREFILL_ACT_SCALE = "token"`)
 a program needs its whole row: the row form gives one program a row, which walks the row twice in chunks of
 `ROW_CHUNK` groups, first for the row's maximum, then for the codes. Its second walk reads what the first read
-≈ 57 KB before (F = 14336), so from L2 rather than memory; not yet measured on a GPU.
+≈ 57 KB before (F = 14336), so from L2 rather than memory. A chunk as wide as the row (128 groups) walks once,
+with the row in registers. Not yet measured on a GPU (`bench_norm.py --row-scale`).
 
 Arithmetic as `mixjax.model`: gate and up are the linear's output rounded to the dtype (Σ partials in f32),
 h = silu(gate)·up in the dtype (silu(x) = x·sigmoid(x), computed in f32 and rounded once — XLA may keep
@@ -75,7 +76,8 @@ def _gated(gate, up, dtype):
 def _row_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, groups: int, chunk: int, dtype,
                 pdl_on: bool = False):
     """One program a row of the codes (rows ≥ M are their zero padding): a first walk over the row in chunks
-    of `chunk` groups finds max |h|, a second quantizes every group with that one scale (`row_scale`)."""
+    of `chunk` groups finds max |h|, a second quantizes every group with that one scale (`row_scale`); a chunk
+    that covers the row takes one walk."""
     (r,) = pdl.program_ids(1, pdl_on, trigger=True)
     live_row = r < m
     src = jnp.minimum(r, m - 1)
@@ -87,6 +89,10 @@ def _row_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, groups: int, c
         return _gated(gate, plgpu.load(x_ref.at[src, col + f], mask=valid, other=0.0), dtype), col
 
     chunks = -(-groups // chunk)
+    if chunks == 1:  # the whole row in one step: one walk
+        h, col = gated(0)
+        store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, 0, groups, jnp.max(jnp.abs(h)))
+        return
     amax = lax.fori_loop(0, chunks, lambda c, a: jnp.maximum(a, jnp.max(jnp.abs(gated(c)[0]))), jnp.float32(0.0))
 
     def store(c, carry):

@@ -319,6 +319,21 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     assert result["fp"] == pytest.approx(phased_perplexity([(params, 32)], cfg, windows, prompt=8), rel=1e-6)
     assert len({round(r["perplexity"], 6) for r in result["rows"]}) == 4
 
+    # dequant: one quantization (the one above) through the kernels' two-step path (their XLA reference here),
+    # with it off (bf16 dequantized W and x, one bf16 dot), and simulated (the other studies' rows)
+    from mixjax.quant.fakequant import as_one_step
+
+    deq = tmp_path / "dequant.json"
+    assert cli.main(["ablate", "dequant", *opts, "--out", str(deq)]) == 0
+    assert "| evaluation (s) |" in capsys.readouterr().out
+    two, one, sim = json.loads(deq.read_text())["rows"]
+    assert two["perplexity"] == pytest.approx(perplexity(qp, cfg, windows, batch_size=2), rel=1e-6)
+    assert one["perplexity"] == pytest.approx(perplexity(as_one_step(qp), cfg, windows, batch_size=2), rel=1e-6)
+    assert sim["perplexity"] == pytest.approx(global_["perplexity"], rel=1e-6)
+    # the integer product and the f32 simulation differ by f32 summation order only; bf16 rounds more
+    assert two["perplexity"] == pytest.approx(sim["perplexity"], rel=1e-4)
+    assert 1e-6 < abs(one["perplexity"] / two["perplexity"] - 1) < 0.1  # (this random model: ≈ 3 %)
+
     quantized = tmp_path / "q"
     assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "2",
                      "--seq-len", "32", "--quiet"]) == 0

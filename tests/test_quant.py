@@ -301,6 +301,31 @@ def test_quantize_kernel_format_matches_simulation(tiny_params, tiny_tokens):
     assert "8-bit share" in report.to_markdown()
 
 
+def test_one_step_weight_is_the_bf16_dequantized_product():
+    """`OneStepWeight` (`ablate dequant`'s two-step dequantization off): on fresh random weights and inputs of an
+    awkward width (K = 200, a [2, 3] lead), the activations quantized as the kernels do, then W and x in bf16 and
+    one dot: within the bf16 bound of the exact integer product, yet not equal to it; `as_one_step` wraps every
+    MixedWeight and nothing else."""
+    import pallas_kernels as pk
+    from mixjax.quant.fakequant import OneStepWeight, as_one_step
+    from pallas_kernels import MixedWeight, reference
+
+    rng = np.random.default_rng()
+    n, k = 96, 200
+    qw = pk.pack_rtn(rng.normal(size=(n, k)).astype(np.float32), rng.random(n) < 0.2)
+    x = jnp.asarray(rng.normal(size=(2, 3, k)), jnp.float32)
+    y = OneStepWeight(qw).matmul(x)
+    exact = reference.mixed_matmul_ref(x.reshape(6, k), qw).reshape(2, 3, n)
+    assert y.shape == (2, 3, n) and y.dtype == jnp.float32 and OneStepWeight(qw).shape == (n, k)
+    rel = float(jnp.linalg.norm(y - exact) / jnp.linalg.norm(exact))
+    assert 1e-5 < rel < 5e-3
+    params = {"a": qw, "b": jnp.ones(3), "c": [qw]}
+    wrapped = as_one_step(params)
+    assert isinstance(wrapped["a"], OneStepWeight) and isinstance(wrapped["c"][0], OneStepWeight)
+    assert wrapped["b"] is params["b"] and not any(isinstance(leaf, MixedWeight) for leaf in jax.tree.leaves(
+        wrapped, is_leaf=lambda v: isinstance(v, (MixedWeight, OneStepWeight))))
+
+
 def test_quantize_ablation_configs_give_fake_quant(tiny_params, tiny_tokens):
     fp = model.forward(tiny_params, jnp.asarray(tiny_tokens), TINY)
     errs = {}

@@ -28,7 +28,7 @@ ROW = "row"  # `blocked` column: the row form, one activation scale a row (`row_
     ((40,), 200, 0, jnp.float32, 2, 16, True), ((24,), 136, 2, jnp.bfloat16, 2, 8, False),
     # the row form (`chunk`: its groups a step): steps with a ragged last one, or one step; padded rows
     ((70,), 1160, 0, jnp.bfloat16, 4, ROW, False), ((2, 3), 200, 0, jnp.float32, 8, ROW, False),
-    ((1,), 2048, 0, jnp.bfloat16, 1, ROW, False)])
+    ((1,), 2048, 0, jnp.bfloat16, 1, ROW, False), ((3,), 900, 0, jnp.bfloat16, 8, ROW, False)])
 def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked, rms):
     """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32, 64), split-K
     partials or the linear's output, per row or in blocks of rows: the codes, scales and sums of the reference
@@ -57,8 +57,10 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked,
     assert not codes[m:].any() and not codes[:, f:].any() and not np.asarray(got.a_scale)[:, m:].any()
     np.testing.assert_array_equal(np.asarray(got.x_sum).T, codes.reshape(mp, g, 128).sum(-1))
     # h may round differently once (XLA's fusion may keep f32 inside silu): codes move by one at a rounding
-    # boundary, two where the group's amax moved too; a scale by about an ulp of h
-    assert np.abs(codes - codes_ref).max() <= 2 and np.mean(codes != codes_ref) < 0.1
+    # boundary, more where the group's amax moved too: a scale by up to two ulps of h (with `rms`, r itself is
+    # summed in another order), which moves a code near ±127 by 127·2⁻⁷ ≈ 1 step more, so three in all (3 of
+    # 300 seeded cases of (70,) × 328 with rms; one in 150 runs failed the earlier bound of two)
+    assert np.abs(codes - codes_ref).max() <= 3 and np.mean(codes != codes_ref) < 0.1
     eps = float(jnp.finfo(dtype).eps)
     np.testing.assert_allclose(np.asarray(got.a_scale), np.asarray(ref.a_scale), rtol=(3 if dtype == jnp.bfloat16 else 4) * eps)
     assert got.row_scale == ref.row_scale == row_scale

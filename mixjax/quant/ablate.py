@@ -12,7 +12,13 @@ by the tokens "decoded" after it (teacher-forced). The prompt and the first n de
 precision model, and the rest on the low precision one, through one KV cache (`evaluate.phased_nll`).
 Perplexity counts only the decoded tokens: all of them, and (`late_perplexity`) those after the latest switch
 point, which every switching row decodes at low precision: what a high-precision start leaves behind in the
-cache. Only accuracy is measured: generation with two parameter sets is not built (DESIGN.md, roadmap).
+cache. Only accuracy is measured here; `mixjax generate --prefill-model PATH --switch-after N` generates so.
+
+`dequant` runs one quantization three ways (`Study.forms`): through the kernels' two-step dequantization (the
+Pallas kernels on a GPU, their exact integer XLA reference elsewhere), with it turned off (`OneStepWeight`: the
+weight and activations dequantized to bf16, one bf16 dot), and simulated as the other studies are
+(`as_fake_quant`). Its evaluation times include compiling, and on a CPU they time XLA references: speed is
+`benchmarks/bench_matmul.py`'s (`mixed` against `dequant_dot`) on a GPU.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class Study:
     rows: tuple[tuple[str, dict], ...]  # (name, QuantConfig overrides); the first row is MixLLM's choice
     needs_mixed: bool  # only meaningful with 8-bit channels to choose: 4 < bits < 8
     progressive: bool = False  # rows built from the switch points instead (`ablate`'s high_bits, prompt, switch_after)
+    forms: tuple[tuple[str, str], ...] = ()  # or rows that run one quantization (MixLLM's config) in these forms:
+    # (name, "kernels" | "one_step" | "fake_quant"), the first MixLLM's
 
 
 STUDIES: dict[str, Study] = {
@@ -47,6 +55,12 @@ STUDIES: dict[str, Study] = {
     "progressive": Study(
         "progressive precision switching during decoding: the prompt and the first decoded tokens at higher "
         "precision, the rest at MixLLM's", (), needs_mixed=False, progressive=True),
+    "dequant": Study(
+        "two-step dequantization on or off: the integer product of each group first and its scales after, or the "
+        "weight and activations dequantized to bf16 and one bf16 dot", (), needs_mixed=False,
+        forms=(("two-step (MixLLM): (W_q − z)·x_q in integers a group, then × s_w·s_a", "kernels"),
+               ("one-step: W and x dequantized to bf16, one bf16 dot (f32 accumulation)", "one_step"),
+               ("simulated: dequantized W in f32, fake-quantized x (the other studies' form)", "fake_quant"))),
 }
 
 
@@ -118,6 +132,10 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
                                           prompt=prompt, switch_after=switch_after, fp=fp, fp_late=fp_late,
                                           batch_size=batch_size, eval_batch_size=eval_batch_size, progress=progress,
                                           log=log, mesh=mesh)}
+    if spec.forms:
+        return {**result, "timed": "evaluation", "rows": _form_rows(params, cfg, calib_batches, windows, scores, spec.forms, bits=bits,
+                                             fp=fp, batch_size=batch_size, eval_batch_size=eval_batch_size,
+                                             progress=progress, log=log, mesh=mesh)}
     rows = []
     for name, overrides in spec.rows:
         config = QuantConfig(bits=bits, batch_size=batch_size, **overrides)
@@ -131,6 +149,31 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
                      "int8_share": report.num_int8_channels / max(report.num_channels, 1), "seconds": seconds})
         log(f"{name}: perplexity {ppl:.3f} ({seconds:.0f} s)")
     return {**result, "rows": rows}
+
+
+def _form_rows(params, cfg, calib_batches, windows, scores, forms, *, bits, fp, batch_size, eval_batch_size, progress,
+               log, mesh) -> list[dict]:
+    """One quantization with MixLLM's config, its perplexity in each form (`Study.forms`)."""
+    from mixjax.evaluate import perplexity
+    from mixjax.quant.api import quantize
+    from mixjax.quant.fakequant import as_fake_quant, as_one_step
+
+    config = QuantConfig(bits=bits, batch_size=batch_size)
+    t = time.perf_counter()
+    qparams, report = quantize(params, calib_batches, cfg, config=config, scores=scores, return_report=True,
+                               progress=progress, mesh=mesh)
+    log(f"W{bits:g}A8 quantized in {time.perf_counter() - t:.0f} s")
+    as_form = {"kernels": lambda p: p, "one_step": as_one_step, "fake_quant": as_fake_quant}
+    rows = []
+    for name, form in forms:
+        t = time.perf_counter()
+        ppl = perplexity(as_form[form](qparams), cfg, windows, batch_size=eval_batch_size, progress=progress,
+                         mesh=mesh)
+        rows.append({"name": name, "config": f"{describe(config)}; {form.replace('_', ' ')}", "perplexity": ppl,
+                     "delta": ppl - fp, "int8_share": report.num_int8_channels / max(report.num_channels, 1),
+                     "seconds": time.perf_counter() - t})
+        log(f"{name}: perplexity {ppl:.3f} ({rows[-1]['seconds']:.0f} s)")
+    return rows
 
 
 def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high_bits, prompt, switch_after, fp,
@@ -184,7 +227,7 @@ def to_markdown(result: dict) -> str:
         return _progressive_markdown(result)
     lines = [f"{result['title']} (W{result['bits']:g}); float model perplexity {result['fp']:.3f}", "",
              "| row | configuration | perplexity | increase over float | × MixLLM's increase | 8-bit channels | "
-             "quantization (s) |",
+             f"{result.get('timed', 'quantization')} (s) |",
              "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {r['delta']:+.3f} | "
               f"{_ratio(r['delta'], base):.2f} | {100 * r['int8_share']:.1f} % | {r['seconds']:.0f} |"

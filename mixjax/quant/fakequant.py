@@ -3,18 +3,26 @@
 Holds the dequantized weight (float [N, K], the exact values (q − z)·s of the quantized codes) and the
 activation format; `matmul` fake-quantizes the input activations, then runs a float matmul. It is a
 `QuantizedLinear`, so `mixjax.model.forward`, evaluation and generation run it unchanged.
+
+`OneStepWeight`: MixLLM's two-step dequantization turned off (`mixjax ablate dequant`). The packed weight and the
+int8 activations are both dequantized to bf16 and multiplied in one bf16 dot with f32 accumulation
+(`pallas_kernels.dequant_dot`), instead of the integer product of a group first and its scales after.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
 from mixjax.linear import Implementation
 from mixjax.quant.activations import ActFormat, fake_quant_act
+
+if TYPE_CHECKING:
+    from pallas_kernels import MixedWeight
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "a_absmax"], meta_fields=["act"])
@@ -38,6 +46,40 @@ class FakeQuantWeight:
         xq = fake_quant_act(x, self.act, self.a_absmax)
         y = jnp.einsum("...k,nk->...n", xq, self.w.astype(x.dtype), preferred_element_type=jnp.float32)
         return y.astype(x.dtype)
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["qw"], meta_fields=[])
+@dataclasses.dataclass(frozen=True)
+class OneStepWeight:
+    """A `MixedWeight` multiplied without the two-step dequantization: x quantized to int8 per (token, group of
+    128) as the kernels do, then x̂ = bf16(x_q·s_a) and ŵ = bf16((q − z)·s), one bf16 dot with f32 accumulation
+    (`pallas_kernels.dequant_dot.dequant_dot_matmul`, XLA ops on every backend). Each scaled value is rounded to
+    bf16 once (relative 2⁻⁹), where the two-step product is exact in integers before its f32 scaling."""
+
+    qw: MixedWeight
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.qw.n, self.qw.k)
+
+    def dequantize(self) -> jax.Array:
+        return self.qw.dequantize()
+
+    def matmul(self, x: jax.Array, *, implementation: Implementation = "auto") -> jax.Array:
+        """x [..., K] → [..., N] in x's dtype (`implementation` unused: the path is XLA's)."""
+        from pallas_kernels.dequant_dot import dequant_dot_matmul
+
+        lead = x.shape[:-1]
+        return dequant_dot_matmul(x.reshape(-1, x.shape[-1]), self.qw).reshape(*lead, self.qw.n)
+
+
+def as_one_step(qparams):
+    """Replaces every `MixedWeight` leaf by `OneStepWeight(leaf)`: the same codes and activation rounding, the
+    products formed in bf16 after dequantizing (the two-step dequantization off)."""
+    from pallas_kernels import MixedWeight
+
+    return jax.tree.map(lambda leaf: OneStepWeight(leaf) if isinstance(leaf, MixedWeight) else leaf, qparams,
+                        is_leaf=lambda x: isinstance(x, MixedWeight))
 
 
 def as_fake_quant(qparams, act: ActFormat = ActFormat()):
