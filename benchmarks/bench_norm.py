@@ -21,7 +21,9 @@ a program), `swiglu_bRwW` (its blocked form, the model's at prefill: R rows × o
 One activation scale a row (`--row-scale`; the per-token prefill, `mgpu.PREFILL_ACT_SCALE = "token"`):
 `pallas_row` (the norm's one-program-a-row kernel with `row_scale`), `xla_silu_qrows` (XLA's SiLU·mul and
 `mgpu.quantize_rows`: what the GEMM does with a float input), `swiglu_rowCwW` (the row form: one program a
-row, C groups a step of its two walks, W warps); their codes are checked against the per-row reference.
+row, C groups a step of its two walks, W warps); their codes are checked against the per-row reference. And
+o_proj's float input quantized a row at a time: XLA's passes (`mgpu.quantize_rows`) against one Pallas pass
+(`kernels.quantize_rows_pallas`, `mgpu.ROW_QUANT`).
 
     python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --swiglu-only   # prefill shapes
     python benchmarks/bench_norm.py --ms 256,2048 --parts 0 --prefill-quant 128,64,32,16   # the GEMM's input
@@ -137,6 +139,28 @@ def main(argv=None) -> int:
                     busy, span, kern = (dt.get(k, float("nan")) / args.calls for k in ("busy_us", "span_us", "kernels"))
                 base = span if name == "xla_norm" else base
                 rows.append(f"| {m} | {parts} | {name} | {same} | {busy:.2f} | {span:.2f} | {kern:.1f} | {base / span:.2f}× |")
+                print(rows[-1], flush=True)
+    if args.row_scale:  # o_proj's float input at a per-token prefill: XLA's two passes or one Pallas pass
+        from pallas_kernels import mgpu
+        from pallas_kernels.kernels import quantize_rows_pallas
+
+        rows += ["", "| M | row quantization of a float input | codes = XLA's | busy µs | span µs | kernels |",
+                 "|---|---|---|---|---|---|"]
+        for m in ms:
+            xs = [jnp.asarray(rng.normal(size=(m, D)), jnp.bfloat16) for _ in range(args.calls)]
+            want = np.asarray(mgpu.quantize_rows(xs[0])[0])
+            for name, fn in (("xla (mgpu.quantize_rows)", mgpu.quantize_rows),
+                             ("pallas (quantize_rows_pallas)", lambda x: quantize_rows_pallas(x, interpret=interpret))):
+                same = float(np.mean(np.asarray(fn(xs[0])[0])[:m] == want[:m]))
+                many = jax.jit(lambda xs, fn=fn: [fn(x) for x in xs])
+                jax.block_until_ready(many(xs))
+                busy = span = kern = float("nan")
+                if not interpret:
+                    import devtime
+
+                    dt = devtime.device_times(lambda: many(xs), runs=3)
+                    busy, span, kern = (dt.get(k, float("nan")) / args.calls for k in ("busy_us", "span_us", "kernels"))
+                rows.append(f"| {m} | {name} | {same:.4f} | {busy:.2f} | {span:.2f} | {kern:.1f} |")
                 print(rows[-1], flush=True)
     if args.prefill_quant:
         ms = []  # no SwiGLU rows

@@ -294,6 +294,37 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, block_rows: 
     )(x)
 
 
+def _row_quant_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, k: int, groups: int, gp: int, pdl_on: bool = False):
+    """One program a row of the codes (rows ≥ M: their zero padding): the row's maximum, one scale for its groups."""
+    from pallas_kernels.norm import store_group_codes
+
+    (r,) = pdl.program_ids(1, pdl_on, trigger=True)
+    gi = lax.broadcasted_iota(jnp.int32, (gp, GROUP_SIZE), 0)
+    col = gi * GROUP_SIZE + lax.broadcasted_iota(jnp.int32, (gp, GROUP_SIZE), 1)  # [gp, 128] feature index
+    h = plgpu.load(x_ref.at[jnp.minimum(r, m - 1), col], mask=(col < k) & (r < m), other=0.0).astype(jnp.float32)
+    store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, 0, groups, jnp.max(jnp.abs(h)))
+
+
+@functools.partial(jax.jit, static_argnames=("block_m", "interpret"))
+def quantize_rows_pallas(x: jax.Array, *, block_m: int = 64, interpret: bool = False):
+    """`quantize_activations_xla(x, block_m=..., row_scale=True)` in one launch, one program a row: x [M, K] float
+    (K ≤ 65536) → (x_q int8 [Mp, Kp], a_scale f32 [G, Mp] with each row's one scale in its G places, x_sum int32
+    [G, Mp]); the per-token prefill GEMM's input (`mgpu.PREFILL_ACT_SCALE = "token"`, o_proj's)."""
+    m, k = x.shape
+    g = -(-k // GROUP_SIZE)
+    mp = -(-m // block_m) * block_m
+    gp = pl.next_power_of_2(g)
+    if gp * GROUP_SIZE > 65536:
+        raise ValueError(f"quantize_rows_pallas: rows of {k} values: one program holds at most 65536")
+    return pl.pallas_call(
+        functools.partial(_row_quant_kernel, m=m, k=k, groups=g, gp=gp, pdl_on=pdl.active(interpret)),
+        out_shape=(jax.ShapeDtypeStruct((mp, g * GROUP_SIZE), jnp.int8), jax.ShapeDtypeStruct((g, mp), jnp.float32),
+                   jax.ShapeDtypeStruct((g, mp), jnp.int32)),
+        grid=(mp,), interpret=interpret, name="quantize_rows",
+        compiler_params=plgpu.CompilerParams(num_warps=4 if gp * GROUP_SIZE <= 4096 else 8, num_stages=1),
+    )(x)
+
+
 def quantize_activations_xla(x: jax.Array, *, block_m: int = 64, row_scale: bool = False):
     """`quantize_activations_pallas` (without `zero_n`) in XLA ops: the same outputs, bit for bit —
     x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp], rows ≥ M and columns ≥ K zero. Inside a

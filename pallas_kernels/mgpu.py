@@ -58,6 +58,9 @@ PREFILL_ACT_SCALE = "group"  # "group" (MixLLM's, default): one activation scale
 # perplexity over the decoded tokens against MixLLM's 28.50 (results/accuracy.md). Opt-in, not measured in a
 # prefill yet (`device_session.sh s28a`). The GEMM quantizes a float input a row at a time (`quantize_rows`), and
 # the model's producers (the norms, SwiGLU) hand it codes with one scale a row (`QuantizedActivations.row_scale`).
+ROW_QUANT = "pallas"  # with PREFILL_ACT_SCALE = "token", how a float input (o_proj's) is quantized a row at a time:
+# "pallas" (`kernels.quantize_rows_pallas`, one program a row, one pass) or "xla" (`quantize_rows`: XLA's row
+# reduction and the quantizing pass); the interpreter takes "xla". Not measured yet (`bench_norm.py --row-scale`)
 QUANT_ROWS = 32  # rows a program of the activation quantization before the GEMM (None: the CTA's cta_m). H200
 # (session 21, bench_norm --prefill-quant): 32 rows 1.9 µs a launch at 256 rows against 3.8 for 128, the same
 # 7.0 µs at 2048 rows (at the copy rate); a 256-token W4.4A8 prefill −0.16 ms busy (96 launches)
@@ -533,9 +536,17 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
         x_q, sa, _ = x.rows(_row_block(m, config))
         if x.row_scale and _takes_token(config):  # a row's G scales are one value: read it once
             sa, config = sa[:1], dataclasses.replace(config, act_scale="token")
-    elif PREFILL_ACT_SCALE == "token":  # codes from a producer (above) keep their per-group scales
+    elif PREFILL_ACT_SCALE == "token":  # a float input, quantized a row at a time
         m, dtype = x.shape[0], x.dtype
-        x_q, sa = quantize_rows(jnp.pad(x, [(0, _round_up(m, _row_block(m, config)) - m), (0, 0)]))
+        if ROW_QUANT not in ("pallas", "xla"):
+            raise ValueError(f"mgpu.ROW_QUANT = {ROW_QUANT!r}; expected 'pallas' or 'xla'")
+        if ROW_QUANT == "pallas" and not interpret:
+            from pallas_kernels.kernels import quantize_rows_pallas
+
+            x_q, sa, _ = quantize_rows_pallas(x, block_m=_row_block(m, config))
+            sa = sa[:1]
+        else:
+            x_q, sa = quantize_rows(jnp.pad(x, [(0, _round_up(m, _row_block(m, config)) - m), (0, 0)]))
         config = dataclasses.replace(config, act_scale="token")
     elif interpret:
         m, dtype = x.shape[0], x.dtype

@@ -348,6 +348,29 @@ def test_xla_activation_quant_equals_the_kernel(m, k, block_m):
     assert not np.asarray(got[1])[:, m // 2].any()
 
 
+@pytest.mark.parametrize("m, k, block_m, dtype", [(70, 576, 64, jnp.bfloat16), (1, 128, 16, jnp.float32),
+                                                  (130, 1000, 128, jnp.bfloat16)])
+def test_row_quant_kernel_equals_xla(m, k, block_m, dtype):
+    """`quantize_rows_pallas` (one scale a row, the per-token prefill GEMM's o_proj input) returns
+    `quantize_activations_xla(row_scale=True)`: each row's one scale in all its G places, codes from the row's
+    maximum, padded rows and columns zero; an all-zero row has scale 0."""
+    rng = _rng()
+    x = jnp.asarray(rng.normal(size=(m, k)) * rng.uniform(0.1, 30, size=(m, 1)), dtype)
+    x = x.at[m // 2].set(0)
+    got = kernels.quantize_rows_pallas(x, block_m=block_m, interpret=INTERPRET)
+    want = kernels.quantize_activations_xla(x, block_m=block_m, row_scale=True)
+    for a, b in zip(got, want):
+        assert a.shape == b.shape and a.dtype == b.dtype
+    diff = np.abs(np.asarray(got[0], np.int32) - np.asarray(want[0], np.int32))
+    assert diff.max() <= (0 if INTERPRET else 1)  # Triton's approximate division may move a rare code by one
+    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=0 if INTERPRET else 1e-6)
+    assert np.all(np.ptp(np.asarray(got[1]), axis=0) == 0)  # one scale a row
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(got[0], np.int32).reshape(
+        got[0].shape[0], -1, 128).sum(-1).T)
+    assert not np.asarray(got[0])[m:].any() and not np.asarray(got[0])[:, k:].any()
+    assert not np.asarray(got[1])[:, m // 2].any()
+
+
 @pytest.mark.parametrize("block_rows", [8, 32])
 def test_activation_quant_rows_a_program_change_nothing(block_rows):
     """Fewer rows a program (the prefill GEMM's `mgpu.QUANT_ROWS`): the same outputs in the same layout, the
