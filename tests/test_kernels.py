@@ -336,7 +336,12 @@ def test_xla_activation_quant_equals_the_kernel(m, k, block_m):
     x = jnp.asarray(_rng().normal(size=(m, k)) * 3, jnp.bfloat16)
     x = x.at[m // 2].set(0)
     got = kernels.quantize_activations_xla(x, block_m=block_m)
-    want = kernels.quantize_activations_pallas(x, block_m=block_m, interpret=INTERPRET)
+    _check_same_codes(got, kernels.quantize_activations_pallas(x, block_m=block_m, interpret=INTERPRET), m)
+
+
+def _check_same_codes(got, want, m: int) -> None:
+    """Two (x_q, a_scale, x_sum) of the same rows: equal to a rare one-step code move and its scale's ulp on a GPU,
+    sums the codes' own, padding rows zero, and row m // 2 (set to zero) with scale 0."""
     for a, b in zip(got, want):
         assert a.shape == b.shape and a.dtype == b.dtype
     diff = np.abs(np.asarray(got[0], np.int32) - np.asarray(want[0], np.int32))
@@ -358,17 +363,8 @@ def test_row_quant_kernel_equals_xla(m, k, block_m, dtype):
     x = jnp.asarray(rng.normal(size=(m, k)) * rng.uniform(0.1, 30, size=(m, 1)), dtype)
     x = x.at[m // 2].set(0)
     got = kernels.quantize_rows_pallas(x, block_m=block_m, interpret=INTERPRET)
-    want = kernels.quantize_activations_xla(x, block_m=block_m, row_scale=True)
-    for a, b in zip(got, want):
-        assert a.shape == b.shape and a.dtype == b.dtype
-    diff = np.abs(np.asarray(got[0], np.int32) - np.asarray(want[0], np.int32))
-    assert diff.max() <= (0 if INTERPRET else 1)  # Triton's approximate division may move a rare code by one
-    np.testing.assert_allclose(np.asarray(got[1]), np.asarray(want[1]), rtol=0 if INTERPRET else 1e-6)
-    assert np.all(np.ptp(np.asarray(got[1]), axis=0) == 0)  # one scale a row
-    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(got[0], np.int32).reshape(
-        got[0].shape[0], -1, 128).sum(-1).T)
-    assert not np.asarray(got[0])[m:].any() and not np.asarray(got[0])[:, k:].any()
-    assert not np.asarray(got[1])[:, m // 2].any()
+    _check_same_codes(got, kernels.quantize_activations_xla(x, block_m=block_m, row_scale=True), m)
+    assert np.all(np.ptp(np.asarray(got[1]), axis=0) == 0) and not np.asarray(got[0])[:, k:].any()  # one scale a row
 
 
 @pytest.mark.parametrize("block_rows", [8, 32])

@@ -95,7 +95,7 @@ def test_group_matmul_matches_reference(cfg):
     x_q, sa, w, sw = _operands(rng, m, 384 * cfg.gps, n)
     y = mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
     want = ref.w8a8_ref(x_q, sa.T, w, sw)
-    assert y.shape == (m, n) and y.dtype == jnp.float32
+    assert y.shape == (m, qw.n) and y.dtype == jnp.float32
     # exact integer partials; the seeded rescales add one f32 rounding of 1.5·2^23·s_w per group
     assert _rel(y, want) < (1e-4 if cfg.seed or cfg.convert == "magic_fma" else 1e-6)
     if cfg.convert == "magic":  # the same f32 partials as the conversion's, so the same bits
@@ -319,17 +319,21 @@ def test_mixed_matmul_mgpu_takes_codes():
         mgpu.mixed_matmul_mgpu(codes, _weight(rng, n, 384, 0.1), interpret=True)
 
 
+def _uneven_groups_case():
+    """(m, k, qw, x): 130 rows of K = 384 whose first group of 128 is 30× the others, a weight of 96 rows."""
+    rng = _rng()
+    m, k, n = 130, 384, 96
+    x = rng.normal(size=(m, k)).astype(np.float32)
+    x[:, :128] *= 30.0
+    return m, k, _weight(rng, n, k, 0.1), jnp.asarray(x)
+
+
 @isolated
 def test_prefill_token_scales_quantize_each_row_once(monkeypatch):
     """`mgpu.PREFILL_ACT_SCALE = "token"`: a float input is quantized with one scale a row (`quantize_rows`) and
     the GEMM takes `act_scale="token"`: f32 output equal to that per-row reference to f32 rounding, and far from
     the per-group one on rows whose groups differ in size (the first group 30× the rest)."""
-    rng = _rng()
-    m, k, n = 130, 384, 96
-    qw = _weight(rng, n, k, 0.1)
-    x = rng.normal(size=(m, k)).astype(np.float32)
-    x[:, :128] *= 30.0
-    x = jnp.asarray(x)
+    m, k, qw, x = _uneven_groups_case()
     monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "token")
     monkeypatch.setattr(mgpu, "ROW_QUANT", "xla")
     mgpu.mixed_matmul_mgpu.clear_cache()  # read when the call is traced
@@ -337,7 +341,7 @@ def test_prefill_token_scales_quantize_each_row_once(monkeypatch):
     mgpu.mixed_matmul_mgpu.clear_cache()
     x_q, sa = mgpu.quantize_rows(x)  # [M, Kp], [1, M]
     token_ref = (x_q.astype(jnp.float32) * sa.T)[:, :k] @ qw.dequantize().T
-    assert y.shape == (m, n) and y.dtype == jnp.float32
+    assert y.shape == (m, qw.n) and y.dtype == jnp.float32
     assert _rel(y, token_ref) < 1e-5
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) > 1e-3  # per-group scales round the small groups finer
     # the one-pass Pallas row quantization (the default on a GPU; the interpreter keeps XLA's): a rare code
@@ -362,12 +366,7 @@ def test_codes_with_one_scale_a_row_take_the_token_rescale(monkeypatch):
     from pallas_kernels.format import QuantizedActivations
     from pallas_kernels.kernels import quantize_activations_xla
 
-    rng = _rng()
-    m, k, n = 130, 384, 96
-    qw = _weight(rng, n, k, 0.1)
-    x = rng.normal(size=(m, k)).astype(np.float32)
-    x[:, :128] *= 30.0
-    x = jnp.asarray(x)
+    m, k, qw, x = _uneven_groups_case()
     codes = QuantizedActivations(*quantize_activations_xla(x, block_m=64, row_scale=True), (m,), k, "float32",
                                  row_scale=True)
     y = mgpu.mixed_matmul_mgpu(codes, qw, interpret=INTERPRET)  # PREFILL_ACT_SCALE "group"
