@@ -1,9 +1,11 @@
-"""Checkpoints into mixjax: Hugging Face directories, GGUF files and mixjax's own Orbax checkpoints.
+"""Checkpoints into mixjax: Hugging Face directories, GGUF files and mixjax's own Orbax checkpoints; and out of
+it as Hugging Face directories.
 
     cfg, params = convert.load(path, dtype=jnp.float32)
     tokenizer = convert.load_tokenizer(path)
     convert.save_checkpoint(directory, params, cfg)
     cfg, params = convert.restore_checkpoint(directory)
+    convert.save_hf(directory, params, cfg, tokenizer=tokenizer)   # transformers' from_pretrained reads it
 """
 
 from __future__ import annotations
@@ -58,6 +60,15 @@ def load_tokenizer(path: str | os.PathLike):
     from convert.tokenizer import load_tokenizer as _load
 
     return _load(_existing(path))
+
+
+def save_hf(directory, params, cfg, *, dtype=None, tokenizer=None, max_shard_bytes=None, force=False) -> Path:
+    """Float params as a Hugging Face model directory (config.json, safetensors shards, the tokenizer's files);
+    see `convert.hf.save_hf`."""
+    from convert.hf import SHARD_BYTES, save_hf as _save
+
+    return _save(directory, params, cfg, dtype=dtype, tokenizer=tokenizer, max_shard_bytes=max_shard_bytes or SHARD_BYTES,
+                 force=force)
 
 
 def save_checkpoint(directory, params, cfg, *, extra_metadata=None, files=None, force=False) -> Path:

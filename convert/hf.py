@@ -1,19 +1,29 @@
-"""Hugging Face checkpoint directories → (LlamaConfig, params).
+"""Hugging Face checkpoint directories ⇄ (LlamaConfig, params).
 
 A directory holds config.json and weights as one or several `*.safetensors` files (sharded ones listed in
 `model.safetensors.index.json`) or `pytorch_model*.bin` files. Tensors stream one at a time into a
 `ParamBuffer`; the checkpoint is never held twice.
+
+`save_hf` writes the other way: float params as config.json (`LlamaConfig.to_hf`) and safetensors shards of at
+most `max_shard_bytes`, with an index when there are several, names from the same `NAME_TABLE`; a layer's tensor
+is converted to numpy only while its shard is written. Like every writer here it fills a temporary directory
+beside the target and renames it into place.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from convert.layout import HF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuffer
+from convert.layout import HF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuffer, flat_shapes
 from mixjax.config import LlamaConfig
 
 
@@ -111,3 +121,112 @@ def _put(buffer: ParamBuffer, name: str, value: np.ndarray, file: Path) -> None:
             "(e.g. a bias while attention_bias is false); the weights do not match the config"
         )
     buffer.put(name, path, layer, value)
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+SHARD_BYTES = 5 * 2**30  # the largest safetensors file `save_hf` writes (Hugging Face's default shard size)
+
+
+def save_hf(directory: str | os.PathLike, params, cfg: LlamaConfig, *, dtype=None, tokenizer=None,
+            max_shard_bytes: int = SHARD_BYTES, force: bool = False) -> Path:
+    """Writes float params (stacked layers or a tuple of per-layer dicts, as `convert.load` and `unstack_layers`
+    give them) as a Hugging Face model directory that `transformers.AutoModelForCausalLM.from_pretrained` and
+    `convert.load` read: config.json, the weights in safetensors shards of ≤ `max_shard_bytes`, and `tokenizer`'s
+    files when one is given. dtype: None keeps the params' own; else the weights are cast to it. An existing
+    directory is replaced only with force=True; every check runs before the first write."""
+    target = Path(directory).expanduser().absolute()
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
+    config = cfg.to_hf()  # a config no Hugging Face class runs: refused here, before any write
+    tensors = _export_tensors(params, cfg)
+    np_dtype = np.dtype(jnp.dtype(dtype or tensors[0][2]))
+    if np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
+        raise ConvertError(f"dtype={np_dtype} is not a float dtype Hugging Face models load; use float32, bfloat16 "
+                           "or float16")
+    config["torch_dtype"] = np_dtype.name
+    shards = _plan_shards([int(np.prod(shape)) * np_dtype.itemsize for _, shape, _, _ in tensors], max_shard_bytes)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        _write_shards(tmp, tensors, shards, np_dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        from convert.orbax_io import _replace
+
+        _replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return target
+
+
+def _export_tensors(params, cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...], str, object]]:
+    """(Hugging Face name, shape, dtype name, a function giving the numpy array) for every tensor the config
+    implies, checked against params: float arrays of the right shape, unfused and unquantized."""
+    from mixjax.linear import QuantizedLinear
+
+    if any(isinstance(leaf, QuantizedLinear)
+           for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedLinear))):
+        raise ConvertError("these params hold quantized linears; a Hugging Face model holds float weights. Export "
+                           "`mixjax.quant.dequantize_params(params)` (`mixjax export --dequantize`): the quantized "
+                           "weights' values, without the int8 activation rounding the kernels add")
+    layers = params.get("layers")
+    stacked = isinstance(layers, dict)
+    fused = [name for layer in ([layers] if stacked else list(layers or ())) for group in ("self_attn", "mlp")
+             for name in layer.get(group, {}) if name.endswith(("qkv_proj", "gate_up_proj"))]
+    if fused:
+        raise ConvertError(f"these params hold fused projections ({fused[0]}): export them as loaded, before "
+                           "`model.fuse_projections`")
+    if not stacked and len(layers) != cfg.num_hidden_layers:
+        raise ConvertError(f"{len(layers)} layers for a config of num_hidden_layers={cfg.num_hidden_layers}")
+    out = []
+    for path, shape in flat_shapes(cfg).items():
+        per_layer = path.startswith("layers.")
+        for layer in range(cfg.num_hidden_layers) if per_layer else (None,):
+            name = HF_NAMES.source_name(path, layer)
+            keys = path.split(".")[1:] if per_layer else path.split(".")
+            node = (layers if stacked else layers[layer]) if per_layer else params
+            try:
+                for key in keys:
+                    node = node[key]
+            except (KeyError, TypeError):
+                raise ConvertError(f"params have no {path!r} ({name}); the params do not match the config") from None
+            leaf, index = node, layer if stacked and per_layer else None
+            want = shape[1:] if per_layer and not stacked else shape
+            if tuple(leaf.shape) != tuple(want) or not jnp.issubdtype(leaf.dtype, jnp.floating):
+                raise ConvertError(f"{path} ({name}) is {leaf.dtype} {tuple(leaf.shape)}, but the config implies a "
+                                   f"float {tuple(want)}; the params do not match the config")
+            get = (lambda leaf=leaf, index=index: leaf[index]) if index is not None else (lambda leaf=leaf: leaf)
+            out.append((name, tuple(shape[1:] if per_layer else shape), jnp.dtype(leaf.dtype).name, get))
+    return out
+
+
+def _plan_shards(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """Consecutive tensor indices grouped into shards of at most max_bytes (a larger tensor alone in one)."""
+    shards, current, total = [], [], 0
+    for i, size in enumerate(sizes):
+        if current and total + size > max_bytes:
+            shards.append(current)
+            current, total = [], 0
+        current.append(i)
+        total += size
+    return shards + [current]
+
+
+def _write_shards(tmp: Path, tensors, shards: list[list[int]], np_dtype) -> None:
+    from safetensors.numpy import save_file
+
+    n = len(shards)
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards, 1):
+        file = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
+        arrays = {tensors[i][0]: np.asarray(jnp.asarray(tensors[i][3](), np_dtype)) for i in shard}
+        save_file(arrays, str(tmp / file), metadata={"format": "pt"})
+        total += sum(a.nbytes for a in arrays.values())
+        weight_map.update(dict.fromkeys(arrays, file))
+        del arrays
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

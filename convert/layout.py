@@ -88,7 +88,7 @@ HF_NAMES = NameMap(1)
 GGUF_NAMES = NameMap(2)
 
 
-def _flat_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
+def flat_shapes(cfg: LlamaConfig) -> dict[str, tuple[int, ...]]:
     is_shape = lambda x: isinstance(x, tuple) and all(isinstance(i, int) for i in x)  # noqa: E731
     flat = jax.tree_util.tree_flatten_with_path(param_shapes(cfg), is_leaf=is_shape)[0]
     return {".".join(k.key for k in path): shape for path, shape in flat}
@@ -113,7 +113,7 @@ class ParamBuffer:
         self.np_dtype = np.dtype(jnp.dtype(dtype))
         if self.np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
             raise ConvertError(f"dtype={self.np_dtype} is not supported; use jnp.float32 or jnp.bfloat16")
-        self.shapes = _flat_shapes(cfg)
+        self.shapes = flat_shapes(cfg)
         self.arrays = {p: np.empty(s, self.np_dtype) for p, s in self.shapes.items()}
         self.filled = {p: np.zeros(s[0] if p.startswith("layers.") else 1, bool) for p, s in self.shapes.items()}
 

@@ -6,6 +6,7 @@
                     [--prefill-model PATH --switch-after N] [--tensor-parallel N]
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
     mixjax ablate salience|activations|progressive|dequant [--model PATH] [--bits 4.4] [--out FILE.json]
+    mixjax export SRC OUT [--dtype float32|bfloat16|float16] [--dequantize] [--force]
 
 `--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
 values, unusable data or checkpoints) print one message on stderr and exit with status 2.
@@ -20,7 +21,7 @@ from typing import Callable
 
 from mixjax.assets import AssetError
 
-USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError, AssetError)
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, AssetError)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -92,7 +93,7 @@ def _nonnegative_int(text: str) -> int:
 def _jnp_dtype(name: str):
     import jax.numpy as jnp
 
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}[name]
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16, "int8": jnp.int8}[name]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -266,6 +267,58 @@ def _register_ablate(sub) -> None:
     register_ablate(sub)
 
 
+# ------------------------------------------------------------------------------------------------
+# export
+
+
+def _register_export(sub) -> None:
+    p = sub.add_parser("export", help="write a model as a Hugging Face directory (config.json + safetensors)",
+                       description="Reads SRC (Hugging Face directory, .gguf file or mixjax checkpoint) and writes "
+                                   "OUT, which transformers' from_pretrained and mixjax load.")
+    p.add_argument("src", metavar="SRC", help="Hugging Face directory, .gguf file or mixjax checkpoint")
+    p.add_argument("out", metavar="OUT", help="the Hugging Face model directory to write")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
+                   help="dtype of the written weights (default float32: every source loads through it exactly)")
+    p.add_argument("--dequantize", action="store_true",
+                   help="SRC is a quantized mixjax checkpoint: write its dequantized weights (the weight "
+                        "quantization only: a float model has no int8 activations)")
+    p.add_argument("--force", action="store_true", help="replace an existing OUT")
+    p.add_argument("--quiet", action="store_true", help="print nothing on success")
+    p.set_defaults(run=_run_export)
+
+
+def _run_export(args) -> None:
+    import jax
+    import jax.numpy as jnp
+
+    import convert
+    from mixjax.linear import QuantizedLinear
+    from mixjax.quant.fakequant import dequantize_params
+
+    out = Path(args.out).expanduser()
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} already exists; pass --force to replace it or choose another OUT")
+    cfg, params = convert.load(args.src, dtype=jnp.float32)
+    quantized = any(isinstance(leaf, QuantizedLinear)
+                    for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedLinear)))
+    if quantized != args.dequantize:
+        raise ValueError(f"{args.src} is a quantized mixjax checkpoint: pass --dequantize to write its dequantized "
+                         "weights (its int8 activation rounding is not part of a float model)" if quantized else
+                         f"--dequantize: {args.src} holds float weights already; drop --dequantize")
+    if quantized:
+        params = dequantize_params(params)
+    try:
+        tokenizer = convert.load_tokenizer(args.src)
+    except ValueError as e:  # the weights are still worth writing; say what is missing
+        tokenizer = None
+        print(f"mixjax export: no tokenizer written ({e})", file=sys.stderr)
+    written = convert.save_hf(out, params, cfg, dtype=_jnp_dtype(args.dtype), tokenizer=tokenizer, force=args.force)
+    if not args.quiet:
+        files = sorted(f.name for f in written.glob("*.safetensors"))
+        print(f"wrote {written}: {cfg.to_hf()['architectures'][0]}, {args.dtype} weights in {len(files)} "
+              f"safetensors file{'s' if len(files) > 1 else ''}{', tokenizer' if tokenizer is not None else ''}")
+
+
 # Subcommands, in help order. Later commands (quantize, convert) add their register function here, one line each.
 COMMANDS: tuple[Callable, ...] = (
     _register_demo,
@@ -274,6 +327,7 @@ COMMANDS: tuple[Callable, ...] = (
     _register_quantize,
     _register_convert,
     _register_ablate,
+    _register_export,
 )
 
 

@@ -146,6 +146,36 @@ class LlamaConfig:
             sliding_window=int(window) if window else None,
         )
 
+    def to_hf(self) -> dict[str, Any]:
+        """The Hugging Face config.json dict of this config, for `LlamaForCausalLM`, `MistralForCausalLM` or
+        `Qwen2ForCausalLM` (`from_hf` reads it back to an equal config; a SmolLM2 read from GGUF is a Llama).
+        Raises ConfigError for a combination none of them runs."""
+        model_type = self.model_type if self.model_type in ("mistral", "qwen2") else "llama"
+        if self.attention_bias and model_type != "qwen2":
+            raise ConfigError(f"attention_bias (q/k/v biases without an o_proj bias) is Qwen2's layout; a "
+                              f"{model_type} config.json cannot hold it")
+        if self.sliding_window and model_type != "mistral":
+            raise ConfigError(f"sliding_window={self.sliding_window} is Mistral's; a {model_type} config.json "
+                              "cannot hold it")
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+        eos = list(self.eos_token_ids)
+        d: dict[str, Any] = dict(
+            architectures=[arch], model_type=model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size, num_hidden_layers=self.num_hidden_layers,
+            num_attention_heads=self.num_attention_heads, num_key_value_heads=self.num_key_value_heads,
+            head_dim=self.head_dim, hidden_act="silu", rms_norm_eps=self.rms_norm_eps, rope_theta=self.rope_theta,
+            max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos or None)
+        if self.rope_scaling is not None:
+            d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
+        if model_type == "llama":
+            d.update(attention_bias=False, mlp_bias=False)
+        elif model_type == "mistral":
+            d["sliding_window"] = self.sliding_window
+        else:
+            d.update(use_sliding_window=False, sliding_window=None)
+        return d
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 

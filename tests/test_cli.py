@@ -359,3 +359,52 @@ def test_ablate_refuses_bad_input_before_any_work(argv, match, sandbox, tmp_path
     err = capsys.readouterr().err
     assert err.startswith("mixjax ablate: error: ") and match in err and err.count("\n") == 1
     assert sandbox() == before
+
+
+def test_export_writes_a_directory_transformers_loads(tiny_model, tmp_path, capsys):
+    """`mixjax export SRC OUT`: a float model as a Hugging Face directory with its tokenizer, whose transformers
+    logits are the source's; `--dequantize` writes a quantized checkpoint's weights (transformers then computes
+    what mixjax computes on `dequantize_params`); the wrong flag for the source, or an existing OUT without
+    --force, is refused and leaves OUT as it was."""
+    import jax
+    import jax.numpy as jnp
+    import torch
+    import transformers
+
+    import convert
+    from mixjax.model import forward
+    from mixjax.quant import dequantize_params
+
+    directory, model, _ = tiny_model
+    out = tmp_path / "hf"
+    assert cli.main(["export", str(directory), str(out)]) == 0
+    assert f"wrote {out}: LlamaForCausalLM, float32 weights in 1 safetensors file, tokenizer" in capsys.readouterr().out
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = torch.from_numpy(np.random.default_rng(0).integers(0, VOCAB, (2, 9)))
+    with torch.no_grad():
+        assert torch.equal(exported(tokens).logits, model(tokens).logits)
+    assert transformers.AutoTokenizer.from_pretrained(out).encode("the river") == \
+        transformers.AutoTokenizer.from_pretrained(directory).encode("the river")
+
+    corpus = _text(tmp_path, n_words=3000)
+    quantized = tmp_path / "q"
+    assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "2",
+                     "--seq-len", "32", "--quiet"]) == 0
+    deq = tmp_path / "deq"
+    assert cli.main(["export", str(quantized), str(deq), "--quiet"]) == 2
+    assert "pass --dequantize" in capsys.readouterr().err and not deq.exists()
+    assert cli.main(["export", str(quantized), str(deq), "--dequantize", "--dtype", "bfloat16", "--quiet"]) == 0
+    cfg, qparams = convert.load(quantized)
+    want = forward(jax.tree.map(lambda a: a.astype(jnp.bfloat16).astype(jnp.float32), dequantize_params(qparams)),
+                   tokens.numpy(), cfg, implementation="xla")
+    got = transformers.AutoModelForCausalLM.from_pretrained(deq, dtype=torch.float32).eval()
+    with torch.no_grad():
+        np.testing.assert_allclose(got(tokens).logits.numpy(), np.asarray(want), rtol=0,
+                                   atol=1e-4 * float(np.abs(np.asarray(want)).max()))
+
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir())
+    assert cli.main(["export", str(directory), str(out), "--quiet"]) == 2
+    assert "--force" in capsys.readouterr().err
+    assert cli.main(["export", str(directory), str(tmp_path / "x"), "--dequantize", "--quiet"]) == 2
+    assert "drop --dequantize" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before

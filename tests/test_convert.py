@@ -508,3 +508,89 @@ def test_gguf_tokenizer_is_built_without_torch_and_matches_transformers(embedded
         chat, add_generation_prompt=True)
     ids = ours.encode("<|im_start|>user\nhi<|im_end|>")
     assert ids[0] == ours.convert_tokens_to_ids("<|im_start|>") and ours.decode(ids, skip_special_tokens=True) == "user\nhi"
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untied heads, Llama-3 RoPE, biases, a window
+    "llama3_rope_untied_sharded": ("llama", dict(rope_parameters=LLAMA3_ROPE), None, 20_000),
+    "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), None, None),
+    "mistral_window_bf16": ("mistral", dict(sliding_window=4), jnp.bfloat16, None),
+}
+
+
+@pytest.mark.parametrize("case", list(EXPORT_CASES))
+def test_hf_export_round_trip(case, make_tiny_hf, tmp_path):
+    """`convert.save_hf`: transformers loads the written directory and computes the original model's logits (the
+    same float32 weights: exactly; bf16: within its rounding), and `convert.load` reads back the same config and
+    weights (bf16: the originals rounded once); small shards come with their index."""
+    import transformers
+
+    arch, overrides, dtype, shard = EXPORT_CASES[case]
+    directory, model = make_tiny_hf(arch, **overrides)
+    cfg, params = convert.load(directory)
+    out = convert.save_hf(tmp_path / "out", params, cfg, dtype=dtype, max_shard_bytes=shard,
+                          tokenizer=None)
+    files = sorted(p.name for p in out.glob("*.safetensors"))
+    assert (len(files) > 1) == (shard is not None) and (out / "model.safetensors.index.json").exists() == (shard is not None)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = _tokens(np.random.default_rng(2), cfg.vocab_size)
+    err = _rel_err(_hf_logits(exported, tokens), _hf_logits(model, tokens))
+    assert err == 0.0 if dtype is None else 1e-4 < err < 0.05
+    cfg2, params2 = convert.load(out)
+    assert cfg2 == cfg
+    rounded = params if dtype is None else jax.tree.map(lambda a: a.astype(dtype).astype(jnp.float32), params)
+    assert _same_tree(params2, rounded)
+
+
+def test_gguf_exports_in_hugging_face_layout(make_tiny_hf, tmp_path):
+    """A llama GGUF (q/k rows permuted by llama.cpp, tied head) exported: transformers runs the written directory
+    with the original model's logits (the rows are back in Hugging Face's order)."""
+    import transformers
+
+    _, model = make_tiny_hf("llama", tie_word_embeddings=True)
+    cfg, params = convert.load(write_tiny_gguf(tmp_path / "tiny.gguf", model, "llama"))
+    out = convert.save_hf(tmp_path / "out", params, cfg)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    tokens = _tokens(np.random.default_rng(3), cfg.vocab_size)
+    assert _rel_err(_hf_logits(exported, tokens), _hf_logits(model, tokens)) < HF_RTOL
+
+
+def test_hf_export_refuses_bad_params_before_writing(tiny_params, make_tiny_hf, tmp_path, monkeypatch):
+    """Quantized or fused linears, params that do not match the config, a config no Hugging Face class holds and
+    an existing target each stop the export with the fix named, before a file is written; a write that fails
+    midway leaves neither the target nor its temporary directory."""
+    import pallas_kernels as pk
+    from convert import orbax_io
+    from mixjax import model as mx
+
+    directory, _ = make_tiny_hf("llama")
+    cfg, params = convert.load(directory)
+    layers = mx.unstack_layers(params)
+    w = np.asarray(layers["layers"][0]["mlp"]["down_proj"]["weight"])
+    layers["layers"][0]["mlp"]["down_proj"]["weight"] = pk.pack_rtn(w, np.zeros(w.shape[0], bool))
+    cases = [
+        (layers, cfg, "quantized linears.*dequantize_params"),
+        (mx.fuse_projections(mx.unstack_layers(params)), cfg, "fused projections.*before `model.fuse_projections`"),
+        ({**params, "norm": jnp.ones(3)}, cfg, r"norm \(model.norm.weight\) is float32 \(3,\)"),
+        (params, tiny_params[0], "attention_bias.*Qwen2's layout"),
+    ]
+    for bad, bad_cfg, match in cases:
+        with pytest.raises(ValueError, match=match):
+            convert.save_hf(tmp_path / "out", bad, bad_cfg)
+    with pytest.raises(ValueError, match="float dtype"):
+        convert.save_hf(tmp_path / "out", params, cfg, dtype=jnp.int8)
+    assert list(tmp_path.iterdir()) == []
+    target = convert.save_hf(tmp_path / "out", params, cfg)
+    before = sorted((p.name, p.stat().st_mtime_ns) for p in target.iterdir())
+    with pytest.raises(FileExistsError, match="force=True"):
+        convert.save_hf(target, params, cfg)
+
+    def interrupted(tmp, target):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orbax_io, "_replace", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.save_hf(tmp_path / "other", params, cfg)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    assert sorted((p.name, p.stat().st_mtime_ns) for p in target.iterdir()) == before

@@ -82,6 +82,17 @@ def as_one_step(qparams):
                         is_leaf=lambda x: isinstance(x, MixedWeight))
 
 
+def dequantize_params(qparams):
+    """Float params holding every quantized linear's dequantized weight ((q − z)·s, in the dtype of the final norm):
+    the weight quantization's values as a float model (`mixjax export --dequantize`). The int8 activation rounding
+    the kernels add is not part of them."""
+    from mixjax.linear import QuantizedLinear
+
+    dtype = qparams["norm"].dtype
+    return jax.tree.map(lambda leaf: leaf.dequantize().astype(dtype) if isinstance(leaf, QuantizedLinear) else leaf,
+                        qparams, is_leaf=lambda x: isinstance(x, QuantizedLinear))
+
+
 def as_fake_quant(qparams, act: ActFormat = ActFormat()):
     """Replaces every `MixedWeight` leaf by the equivalent `FakeQuantWeight` (same codes, same int8
     per-(token, group 128) activation rounding; only the float summation order differs). Useful where
