@@ -230,6 +230,23 @@ def test_embedded_smollm2_matches_transformers(embedded_mixjax, embedded_hf_mode
     assert np.array_equal(np.argmax(ours, -1), np.argmax(ref, -1))
 
 
+def test_embedded_smollm2_exports_to_hugging_face(embedded_mixjax, embedded_hf_model, tmp_path):
+    """The real model, GGUF → mixjax → `convert.save_hf` (bf16, its tokenizer): transformers runs the written
+    directory with the logits of transformers' own GGUF load (bf16 weights: within their rounding, the same
+    greedy tokens), and the written tokenizer encodes as the GGUF's does."""
+    import transformers
+
+    cfg, params, tokenizer = embedded_mixjax
+    out = convert.save_hf(tmp_path / "smollm2", params, cfg, dtype=jnp.bfloat16, tokenizer=tokenizer)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    text = "The capital of France is Paris, and the capital of Italy is"
+    tokens = np.asarray(tokenizer(text)["input_ids"], np.int64)[None]
+    got, want = _hf_logits(exported, tokens), _hf_logits(embedded_hf_model, tokens)
+    assert _rel_err(got, want) < 0.05 and np.array_equal(np.argmax(got, -1), np.argmax(want, -1))
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokenizer(text)["input_ids"]
+
+
 # ----------------------------------------------------------------------------------------------------
 # Orbax checkpoints
 
