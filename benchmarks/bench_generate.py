@@ -72,6 +72,10 @@ Every program is compiled and run once before timing (compile time printed); the
 is reported (of at least 7 for prefill, whose blocked wall time varied by up to 15 % over two runs in session
 20; prefill also reports the time a call when calls queue back to back, and the params' dispatch cost). Decode also reports % of the weight-read floor: batch · copy bandwidth / params bytes
 tokens/s (every step reads every weight once; KV cache ignored). The device and jax version head the table.
+
+`--tensor-parallel N` splits every variant's model over N local devices (`mixjax.shard_model`: heads and MLP
+features, o_proj and down_proj outputs psum'd); decode and prefill then run under `shard_map` with each device's
+share of the cache, and the floor divides the weight bytes by N (each device reads its share).
 """
 
 from __future__ import annotations
@@ -105,8 +109,8 @@ LLAMA3_8B = LlamaConfig(
                              original_max_position_embeddings=8192),
     max_position_embeddings=8192, tie_word_embeddings=False,
 )
-SMALL = LlamaConfig(
-    vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+SMALL = LlamaConfig(  # K = 256 for every linear: two groups of 128 each, so a quantized model splits over 2 devices
+    vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
 )
 VARIANTS = ("bf16", "w4.4a8", "w8a8", "bf16-stacked")
@@ -207,7 +211,8 @@ def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
         from mixjax.quant.api import quantize_head
 
         params = {**params, **quantize_head(params, cfg, bits=head_bits)}
-    if args.fuse:  # layer by layer, so the unfused copy of only one layer is alive at a time
+    if args.fuse and args.tensor_parallel == 1:  # layer by layer, so the unfused copy of only one layer is alive
+        # at a time (tensor parallel: `shard_model` fuses each device's share)
         stacked = not isinstance(params["layers"], (tuple, list))
         if stacked:
             return model.fuse_projections(params)
@@ -293,12 +298,23 @@ def prefill_step(params, cfg: LlamaConfig, args) -> tuple[Callable, jax.Array]:
     stacked = not isinstance(params["layers"], (tuple, list))
     n = args.prefill_len
 
-    @jax.jit
-    def step(p, t):
-        cache = model.init_cache(cfg, 1, n, args.cache_dtype, stacked=stacked)
-        return model.forward_step(p, t, cfg, cache, logits_at="last", implementation=args.implementation)
+    def body(p, local_cfg, t):
+        cache = model.init_cache(local_cfg, 1, n, args.cache_dtype, stacked=stacked)
+        return model.forward_step(p, t, local_cfg, cache, logits_at="last", implementation=args.implementation)
 
-    return step, jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)), jnp.int32)
+    return _compiled(body, cfg, args), jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, n)),
+                                                   jnp.int32)
+
+
+def _compiled(body: Callable, cfg: LlamaConfig, args) -> Callable:
+    """jit(body(params, cfg, *rest)) on one device, or under `shard_map` on `args.mesh` (tensor parallel: each
+    device runs its `local_config` on its slice of the params)."""
+    if args.mesh is None:
+        return jax.jit(lambda p, *rest: body(p, cfg, *rest))
+    from mixjax.parallel import local_config, tensor_parallel_jit
+
+    local = local_config(cfg, args.mesh.size)
+    return tensor_parallel_jit(lambda p, *rest: body(p, local, *rest), args.mesh, 1)
 
 
 def prefill(params, cfg: LlamaConfig, args) -> dict:
@@ -333,20 +349,25 @@ def _profile(run: Callable, steps: int, shown: int) -> dict:
 def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict:
     stacked = not isinstance(params["layers"], (tuple, list))
     max_len = _bucket(args.prompt_len) + args.new_tokens  # the cache generate builds
-    cache = model.init_cache(cfg, batch, max_len, args.cache_dtype, stacked=stacked)
-    cache = dataclasses.replace(cache, length=jnp.full((batch,), args.prompt_len, jnp.int32))
-    state = SamplerState(step=jnp.int32(0), last=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
-                         tokens=jnp.zeros((batch, args.new_tokens), jnp.int32), cache=cache, key=jax.random.key(0))
     emit = functools.partial(_emit, sampling=SamplingConfig(), eos=(), on_token=None)
-    loop = jax.jit(functools.partial(_decode_loop, cfg=cfg, max_new_tokens=args.new_tokens, emit=emit,
-                                     implementation=args.implementation))
+
+    def body(p, local_cfg):  # each device's cache under tensor parallelism: built inside the program
+        cache = model.init_cache(local_cfg, batch, max_len, args.cache_dtype, stacked=stacked)
+        cache = dataclasses.replace(cache, length=jnp.full((batch,), args.prompt_len, jnp.int32))
+        state = SamplerState(step=jnp.int32(0), last=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+                             tokens=jnp.zeros((batch, args.new_tokens), jnp.int32), cache=cache,
+                             key=jax.random.key(0))
+        return _decode_loop(p, state, cfg=local_cfg, max_new_tokens=args.new_tokens, emit=emit,
+                            implementation=args.implementation).tokens
+
+    loop = _compiled(body, cfg, args)
 
     def run():
-        out = loop(params, state)
-        return out.tokens
+        return loop(params)
 
     t, first = timed(run, args.repeats)
     floor_s = (tree_bytes(params) - tree_bytes(params["embed_tokens"])) / bandwidth  # a step reads every weight
+    floor_s /= args.tensor_parallel  # (each device its share, at once)
     row = dict(kind="decode", batch=batch, tokens=batch * args.new_tokens, seconds=t, compile_s=first - t,
                tok_s=batch * args.new_tokens / t, ms_per_step=1e3 * t / args.new_tokens,
                floor=100 * floor_s * args.new_tokens / t)
@@ -469,9 +490,16 @@ def run_variant(name: str, args) -> int:
     for strategy in (split_variant(name)[1] or "").split("@"):
         if strategy:
             _apply_strategy(strategy)
-    log(dict(kind="device", device=f"{dev.device_kind} ({dev.platform})", jax=jax.__version__))
+    log(dict(kind="device", device=f"{dev.device_kind} ({dev.platform})"
+             + (f" × {args.tensor_parallel}, tensor parallel" if args.tensor_parallel > 1 else ""), jax=jax.__version__))
     start = time.perf_counter()
     params = build_variant(name, cfg, args, log)
+    args.mesh = None
+    if args.tensor_parallel > 1:
+        from mixjax.parallel import model_mesh, shard_model
+
+        args.mesh = model_mesh(args.tensor_parallel)
+        params = shard_model(params, cfg, args.mesh)  # each device's q/k/v and gate/up fused
     jax.block_until_ready(params)
     log(dict(kind="weights", total_bytes=tree_bytes(params), linear_bytes=linear_bytes(params),
              build_s=time.perf_counter() - start))
@@ -669,6 +697,8 @@ def parse_args(argv=None):
     p.add_argument("--profile", action="store_true",
                    help="device busy/span ms and kernels per decode step and per prefill")
     p.add_argument("--profile-top", type=int, default=4, help="--profile: list this many kernels by time per step")
+    p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
+                   help="split each model over N local devices (mixjax.shard_model; default 1)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)  # internal: run one variant
     args = p.parse_args(argv)
     try:
@@ -690,6 +720,10 @@ def parse_args(argv=None):
         args.calib_samples, args.calib_len = min(args.calib_samples, 2), min(args.calib_len, 64)
         args.repeats = min(args.repeats, 2)
     args.cache_dtype = jnp.int8 if args.kv_int8 else jnp.bfloat16
+    if args.tensor_parallel < 1:
+        p.error(f"--tensor-parallel {args.tensor_parallel} must be ≥ 1")
+    if args.tensor_parallel > 1 and any("pint8" in (split_variant(v)[1] or "").split("@") for v in args.variants):
+        p.error("@pint8 is not built for a model split over several devices (mixjax.generate refuses it too)")
     if args.out and os.path.dirname(args.out) and not os.path.isdir(os.path.dirname(args.out)):
         p.error(f"--out {args.out}: directory {os.path.dirname(args.out)} does not exist")
     return args

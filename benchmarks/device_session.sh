@@ -698,6 +698,16 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 190 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;
+  s28tp)  # prepared in session 28, for a two-GPU machine (kind nvidia-h100-x2 or nvidia-h200-x2): tensor-parallel
+    # decode and prefill against one GPU of the same host, bf16 and W4.4A8 (NCCL all-reduces of o/down outputs)
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_parallel.py 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,8 --repeats 3 \
+      --prefill-len 2048 --budget-s 190 --out "$out/one.md" 2>&1 | grep "decode\|prefill" | tee "$out/one.log"
+    timeout 240 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,8 --repeats 3 \
+      --prefill-len 2048 --budget-s 230 --tensor-parallel 2 --out "$out/tp2.md" 2>&1 | grep "decode\|prefill" \
+      | tee "$out/tp2.log"
+    ;;
   s24d)  # after s24c: the column-tiled kernel's tile width × stages × fold at M = 256 on the four linears
     header
     timeout 400 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x4096 --ms 256 \
@@ -716,7 +726,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp" >&2
     exit 2
     ;;
 esac
