@@ -682,14 +682,14 @@ case "$part" in
   s28a)  # prepared in sessions 27-28: the per-token prefill (`mgpu.PREFILL_ACT_SCALE = "token"`, @ptok) end to end,
     # with the producers' per-row codes (session 28) and without them (@nopcodes: the GEMMs quantize float inputs)
     header
-    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py tests/test_swiglu.py tests/test_norm.py \
-      -k "prefill_token or within_bf16 or one_scale_a_row or row_take or matches_reference" 2>&1 \
-      | tail -4 | tee "$out/tests.log"
-    timeout 60 python3 benchmarks/bench_norm.py --ms 2048 --parts -1 --warps 8 --chunks "" --row-scale \
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py tests/test_swiglu.py tests/test_norm.py \
+      tests/test_kernels.py -k "prefill_token or within_bf16 or one_scale_a_row or row_take or matches_reference \
+      or row_quant_kernel" 2>&1 | tail -4 | tee "$out/tests.log"
+    timeout 120 python3 benchmarks/bench_norm.py --ms 2048 --parts -1 --warps 8 --chunks "" --row-scale --calls 8 \
       --out "$out/producers.md" 2>&1 | grep "xla_\|row\|pallas_w\|swiglu_b16" | tee "$out/producers.log"
-    timeout 330 python3 benchmarks/bench_generate.py \
+    timeout 310 python3 benchmarks/bench_generate.py \
       --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@ptok@nopcodes+h4 \
-      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 320 \
+      --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 300 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales
