@@ -264,10 +264,7 @@ def _prefill_codes_on(x: jax.Array, implementation: Implementation, producer: st
         return False
     from pallas_kernels.api import MGPU_MIN_M, has_wgmma
 
-    if not (resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M
-            and has_wgmma()):
-        return False
-    return True
+    return resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M and has_wgmma()
 
 
 def _row_scale_codes(x: jax.Array) -> bool:

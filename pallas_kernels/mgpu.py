@@ -56,8 +56,8 @@ PREFILL_ACT_SCALE = "group"  # "group" (MixLLM's, default): one activation scale
 # row (`MgpuConfig.act_scale`), the GEMM 12 % faster at 2048 rows (H200, session 27). Decode's kernels keep
 # per-group scales, so this is a per-token prefill with a per-group decode: on the embedded model 28.60
 # perplexity over the decoded tokens against MixLLM's 28.50 (results/accuracy.md). Opt-in, not measured in a
-# prefill yet (`device_session.sh s28a`). The GEMM quantizes a float input a row at a time (`quantize_rows`), and
-# the model's producers (the norms, SwiGLU) hand it codes with one scale a row (`QuantizedActivations.row_scale`).
+# prefill yet (`device_session.sh s28a`). The GEMM quantizes a float input a row at a time (`ROW_QUANT`), and the
+# model's producers (the norms, SwiGLU) hand it codes with one scale a row (`QuantizedActivations.row_scale`).
 ROW_QUANT = "pallas"  # with PREFILL_ACT_SCALE = "token", how a float input (o_proj's) is quantized a row at a time:
 # "pallas" (`kernels.quantize_rows_pallas`, one program a row, one pass) or "xla" (`quantize_rows`: XLA's row
 # reduction and the quantizing pass); the interpreter takes "xla". Not measured yet (`bench_norm.py --row-scale`)
