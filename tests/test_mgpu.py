@@ -95,7 +95,7 @@ def test_group_matmul_matches_reference(cfg):
     x_q, sa, w, sw = _operands(rng, m, 384 * cfg.gps, n)
     y = mgpu.w8a8_group_matmul(x_q, sa, w, sw, out_dtype=jnp.float32, config=cfg, interpret=INTERPRET)
     want = ref.w8a8_ref(x_q, sa.T, w, sw)
-    assert y.shape == (m, qw.n) and y.dtype == jnp.float32
+    assert y.shape == (m, n) and y.dtype == jnp.float32
     # exact integer partials; the seeded rescales add one f32 rounding of 1.5·2^23·s_w per group
     assert _rel(y, want) < (1e-4 if cfg.seed or cfg.convert == "magic_fma" else 1e-6)
     if cfg.convert == "magic":  # the same f32 partials as the conversion's, so the same bits
