@@ -134,7 +134,9 @@ def save_hf(directory: str | os.PathLike, params, cfg: LlamaConfig, *, dtype=Non
     give them) as a Hugging Face model directory that `transformers.AutoModelForCausalLM.from_pretrained` and
     `convert.load` read: config.json, the weights in safetensors shards of ≤ `max_shard_bytes`, and `tokenizer`'s
     files when one is given. dtype: None keeps the params' own; else the weights are cast to it. An existing
-    directory is replaced only with force=True; every check runs before the first write."""
+    directory is replaced only with force=True; the checks of params and config run before the first write, and
+    a tensor found non-finite while writing (NaN in the model, or beyond float16's range) stops the export with
+    nothing written."""
     target = Path(directory).expanduser().absolute()
     if target.exists() and not force:
         raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
@@ -222,7 +224,16 @@ def _write_shards(tmp: Path, tensors, shards: list[list[int]], np_dtype) -> None
     weight_map, total = {}, 0
     for k, shard in enumerate(shards, 1):
         file = "model.safetensors" if n == 1 else f"model-{k:05d}-of-{n:05d}.safetensors"
-        arrays = {tensors[i][0]: np.asarray(jnp.asarray(tensors[i][3](), np_dtype)) for i in shard}
+        arrays = {}
+        for i in shard:
+            name, _, _, get = tensors[i]
+            value = get()
+            arrays[name] = np.asarray(jnp.asarray(value, np_dtype))
+            if not np.all(np.isfinite(arrays[name].astype(np.float32))):
+                raise ConvertError(
+                    f"{name} holds NaN or Inf: fix the model before exporting it" if not bool(jnp.all(jnp.isfinite(value)))
+                    else f"{name} overflows {np_dtype.name} (|w| up to {float(jnp.max(jnp.abs(value))):.3g}): export "
+                         "it as bfloat16 or float32")
         save_file(arrays, str(tmp / file), metadata={"format": "pt"})
         total += sum(a.nbytes for a in arrays.values())
         weight_map.update(dict.fromkeys(arrays, file))

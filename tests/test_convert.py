@@ -575,8 +575,9 @@ def test_gguf_exports_in_hugging_face_layout(make_tiny_hf, tmp_path):
 
 def test_hf_export_refuses_bad_params_before_writing(tiny_params, make_tiny_hf, tmp_path, monkeypatch):
     """Quantized or fused linears, params that do not match the config, a config no Hugging Face class holds and
-    an existing target each stop the export with the fix named, before a file is written; a write that fails
-    midway leaves neither the target nor its temporary directory."""
+    an existing target each stop the export with the fix named, before a file is written; so do a NaN and a
+    weight beyond float16's range, found while writing; a write that fails midway leaves neither the target nor
+    its temporary directory."""
     import pallas_kernels as pk
     from convert import orbax_io
     from mixjax import model as mx
@@ -597,6 +598,11 @@ def test_hf_export_refuses_bad_params_before_writing(tiny_params, make_tiny_hf, 
             convert.save_hf(tmp_path / "out", bad, bad_cfg)
     with pytest.raises(ValueError, match="float dtype"):
         convert.save_hf(tmp_path / "out", params, cfg, dtype=jnp.int8)
+    big, nan = ({**params, "norm": params["norm"].at[0].set(v)} for v in (1e6, jnp.nan))
+    with pytest.raises(ValueError, match=r"model.norm.weight overflows float16 \(\|w\| up to 1e\+06\).*bfloat16"):
+        convert.save_hf(tmp_path / "out", big, cfg, dtype=jnp.float16)
+    with pytest.raises(ValueError, match="model.norm.weight holds NaN or Inf: fix the model"):
+        convert.save_hf(tmp_path / "out", nan, cfg)
     assert list(tmp_path.iterdir()) == []
     target = convert.save_hf(tmp_path / "out", params, cfg)
     before = sorted((p.name, p.stat().st_mtime_ns) for p in target.iterdir())
