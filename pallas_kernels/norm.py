@@ -336,7 +336,7 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, row_scale
         out_shape=out_shape,
         grid=(mp,),
         interpret=interpret,
-        name="rms_norm_quant",
+        name="rms_norm_quant_rows" if row_scale else "rms_norm_quant",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or (4 if gp * GROUP_SIZE <= 4096 else 8), num_stages=1),
     )(*args, w)
     s = x if delta is None else res[0].reshape(x.shape)

@@ -192,7 +192,7 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
                    jax.ShapeDtypeStruct((groups, mp), jnp.float32), jax.ShapeDtypeStruct((groups, mp), jnp.int32)),
         grid=grid,
         interpret=interpret,
-        name="silu_mul_quant",
+        name="silu_mul_quant_rows" if row_scale else "silu_mul_quant",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
     )(x, *(() if rms is None else (rms.ssq,)))
     return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, jnp.dtype(dtype).name, row_scale)

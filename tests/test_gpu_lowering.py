@@ -93,3 +93,30 @@ def test_pdl_instructions_reach_every_decode_kernel(monkeypatch, weights_first):
     assert {"attend_new_tokens", "silu_mul_quant", "rms_norm_codes"} <= triggered
     assert "mixed_gemv" not in triggered  # its dependents (the small kernels) have nothing to start on
     jax.clear_caches()
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU host the lowered module carries the Mosaic GPU "
+                    "kernels compiled, not as text; CPU hosts check it")
+@pytest.mark.parametrize("act_scale", ["group", "token"])
+def test_quantized_prefill_lowers_for_cuda(monkeypatch, act_scale):
+    """A Hopper prefill (as if wgmma were there: 256 prompt tokens, the Mosaic GPU GEMMs) lowers for CUDA with
+    the producers' codes: the norms' one-program-a-row kernel and SwiGLU in its blocked form (`PREFILL_ACT_SCALE`
+    "group") or its row form with the one-pass row quantization of o_proj's input ("token", whose Triton kernels
+    are built here before any GPU compiles them), every linear a wgmma GEMM."""
+    from pallas_kernels import mgpu
+
+    params = _quantized_params()
+    monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
+    monkeypatch.setattr(api, "has_wgmma", lambda: True)
+    monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", act_scale)
+    jax.clear_caches()  # the module flags are read while tracing
+    cache = model.init_cache(CFG, 1, api.MGPU_MIN_M, jnp.bfloat16)
+    step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c, logits_at="last", implementation="pallas"))
+    text = step.trace(params, jnp.zeros((1, api.MGPU_MIN_M), jnp.int32), cache).lower(
+        lowering_platforms=("cuda",)).as_text()
+    kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
+    rows = "_rows" if act_scale == "token" else ""  # the producers' kernels with one scale a row
+    assert kernels[f"rms_norm_quant{rows}"] and kernels[f"silu_mul_quant{rows}"] and "wgmma" in text
+    assert bool(kernels["quantize_rows"]) == (act_scale == "token")  # o_proj's input, one pass a row
+    assert bool(kernels["quantize_activations"]) == (act_scale == "group")  # o_proj's input, per group
+    jax.clear_caches()
