@@ -9,6 +9,9 @@ MixLLM's 28.50 (results/accuracy.md), without saying whether 0.10 is more than t
 schemes run on the same quantization and the same windows, one window at a time. So each window gives a paired
 difference of mean NLL over its decoded tokens, and the spread of those differences gives the standard error.
 
+`--by-linear` adds one scheme per linear kind: per-token scales for the prompt in that kind's GEMMs only (q/k/v,
+o_proj, gate/up, down_proj), per group everywhere else, to see where the cost comes from.
+
 Setting as session 27's: MixLLM W4.4A8 (16 × 512 OpenWebText tokens), 32 Wikipedia windows of 512 tokens, a
 128-token prompt, 384 teacher-forced decoded tokens through one KV cache (`evaluate.phased_nll`), the kernels'
 activation rounding simulated (`as_fake_quant`).
@@ -39,6 +42,7 @@ def main(argv=None) -> int:
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--prompt", type=int, default=128)
+    p.add_argument("--by-linear", action="store_true", help="also per-token prompt scales in one linear kind at a time")
     args = p.parse_args(argv)
 
     path = assets.embedded_model_path()
@@ -55,6 +59,12 @@ def main(argv=None) -> int:
     schemes = {"float model": [(params, T)],
                "per (token, group of 128) throughout (MixLLM)": [(group, T)],
                "per token for the prompt, per group for decoding": [(token, args.prompt), (group, T)]}
+    if args.by_linear:
+        for kind, names in (("q/k/v", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+                            ("o_proj", ("self_attn.o_proj",)), ("gate/up", ("mlp.gate_proj", "mlp.up_proj")),
+                            ("down_proj", ("mlp.down_proj",))):
+            schemes[f"per token for the prompt in {kind} only"] = [(_mixed(group, token, names), args.prompt),
+                                                                  (group, T)]
     nll = {}  # scheme → [windows, decoded positions]
     for name, phases in schemes.items():
         t = time.perf_counter()
@@ -62,9 +72,7 @@ def main(argv=None) -> int:
                               for i in range(n)])
         print(f"{name}: perplexity {math.exp(nll[name].mean()):.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
 
-    fp, base, mixed = (nll[k] for k in schemes)
-    d = mixed.mean(axis=1) - base.mean(axis=1)  # paired, a window each
-    se = d.std(ddof=1) / math.sqrt(n)
+    fp, base = (nll[k] for k in list(schemes)[:2])
     rise = math.exp(base.mean()) - math.exp(fp.mean())
     ppl = math.exp(base.mean())
     dev = jax.devices()[0]
@@ -75,10 +83,23 @@ def main(argv=None) -> int:
     for name, v in nll.items():
         ratio = "—" if v is fp else f"{(math.exp(v.mean()) - math.exp(fp.mean())) / rise:.2f}"
         print(f"| {name} | {math.exp(v.mean()):.3f} | {ratio} |")
-    print(f"\nPaired over windows, per-token prompt minus MixLLM: mean NLL {d.mean():+.5f} ± {se:.5f} (standard error), "
-          f"≈ {ppl * d.mean():+.3f} ± {ppl * se:.3f} perplexity, {d.mean() / se:+.1f} standard errors; "
-          f"{int((d > 0).sum())} of {n} windows worse")
+    print("\nPaired over windows, against MixLLM (mean NLL ± standard error; ≈ perplexity):")
+    for name in list(schemes)[2:]:
+        d = nll[name].mean(axis=1) - base.mean(axis=1)  # a window each
+        se = d.std(ddof=1) / math.sqrt(n)
+        print(f"- {name}: {d.mean():+.5f} ± {se:.5f}, ≈ {ppl * d.mean():+.3f} ± {ppl * se:.3f} perplexity, "
+              f"{d.mean() / se:+.1f} standard errors; {int((d > 0).sum())} of {n} windows worse")
     return 0
+
+
+def _mixed(group, token, names: tuple[str, ...]):
+    """`group`'s params with the linears `names` of every layer taken from `token` (the same weights, per-token
+    activation scales)."""
+    from mixjax.quant.salience import linear_weight, with_weights
+
+    layers = tuple(with_weights(g, {n: linear_weight(t, n) for n in names}) for g, t in zip(group["layers"],
+                                                                                          token["layers"]))
+    return {**group, "layers": layers}
 
 
 if __name__ == "__main__":

@@ -195,13 +195,12 @@ def _export_tensors(params, cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]
                     node = node[key]
             except (KeyError, TypeError):
                 raise ConvertError(f"params have no {path!r} ({name}); the params do not match the config") from None
-            leaf, index = node, layer if stacked and per_layer else None
-            want = shape[1:] if per_layer and not stacked else shape
-            if tuple(leaf.shape) != tuple(want) or not jnp.issubdtype(leaf.dtype, jnp.floating):
-                raise ConvertError(f"{path} ({name}) is {leaf.dtype} {tuple(leaf.shape)}, but the config implies a "
+            want = shape[1:] if per_layer and not stacked else shape  # a stacked leaf holds every layer
+            if tuple(node.shape) != tuple(want) or not jnp.issubdtype(node.dtype, jnp.floating):
+                raise ConvertError(f"{path} ({name}) is {node.dtype} {tuple(node.shape)}, but the config implies a "
                                    f"float {tuple(want)}; the params do not match the config")
-            get = (lambda leaf=leaf, index=index: leaf[index]) if index is not None else (lambda leaf=leaf: leaf)
-            out.append((name, tuple(shape[1:] if per_layer else shape), jnp.dtype(leaf.dtype).name, get))
+            get = (lambda a=node, i=layer: a[i]) if stacked and per_layer else (lambda a=node: a)
+            out.append((name, tuple(shape[1:] if per_layer else shape), jnp.dtype(node.dtype).name, get))
     return out
 
 
