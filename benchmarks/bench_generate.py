@@ -53,6 +53,7 @@ into the cache by XLA's scatter in the tokens' order (before session 23) or by t
 `mgpu.THREE_WG_CONFIG`'s 192-row CTAs where `pick_config`'s estimate prefers them (`mgpu.THREE_WGS = True`);
 `@ptok`: one activation scale a row in the prefill GEMMs (`mgpu.PREFILL_ACT_SCALE = "token"`; decode per group;
 the norms and SwiGLU hand those GEMMs codes with one scale a row since session 28, `@ptok@nopcodes` leaves them out);
+`@psel`: one activation scale a row in o_proj's and gate/up's prefill GEMMs only (`PREFILL_ACT_SCALE = "selective"`);
 `@short`: linears of 65–512 rows take the swapped-operand kernel in column tiles (`api.MGPU_SHORT_M = (65, 512)`,
 the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out, `@short64` in
 column tiles of 64 rows instead of 128);
@@ -379,7 +380,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
-              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "short", "shortf", "short64")
+              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -460,10 +461,11 @@ def _apply_strategy(strategy: str) -> None:
         if strategy != "short":
             config = mgpu_decode.DecodeConfig(fold=strategy == "shortf", tile_cols=64 if strategy == "short64" else 128)
             mgpu_decode.mixed_matmul_mgpu_decode = functools.partial(mgpu_decode.mixed_matmul_mgpu_decode, config=config)
-    elif strategy == "ptok":  # one activation scale a row in the prefill GEMMs, decode per group (session 27)
+    elif strategy in ("ptok", "psel"):  # one activation scale a row in the prefill GEMMs (all, or o_proj and
+        # gate/up), decode per group (sessions 27–28)
         from pallas_kernels import mgpu
 
-        mgpu.PREFILL_ACT_SCALE = "token"
+        mgpu.PREFILL_ACT_SCALE = "token" if strategy == "ptok" else "selective"
     elif strategy == "wg3":  # three compute warpgroups where pick_config's estimate prefers them (session 24)
         from pallas_kernels import mgpu
 

@@ -680,7 +680,7 @@ case "$part" in
       | grep RESULT | tee "$out/three.log"
     ;;
   s28a)  # prepared in sessions 27-28: the per-token prefill (`mgpu.PREFILL_ACT_SCALE = "token"`, @ptok) end to end,
-    # with the producers' per-row codes (session 28) and without them (@nopcodes: the GEMMs quantize float inputs)
+    # with the producers' per-row codes (session 28), and per token in o_proj and gate/up only (@psel, "selective")
     header
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py tests/test_swiglu.py tests/test_norm.py \
       tests/test_kernels.py -k "prefill_token or within_bf16 or one_scale_a_row or row_take or matches_reference \
@@ -688,13 +688,13 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_norm.py --ms 2048 --parts -1 --warps 8 --chunks "" --row-scale --calls 8 \
       --out "$out/producers.md" 2>&1 | grep "xla_\|row\|pallas_w\|swiglu_b16" | tee "$out/producers.log"
     timeout 310 python3 benchmarks/bench_generate.py \
-      --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@ptok@nopcodes+h4 \
+      --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
       --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 300 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales
     header
-    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4 \
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 190 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
     ;;

@@ -62,7 +62,9 @@ def main(argv=None) -> int:
     if args.by_linear:
         for kind, names in (("q/k/v", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
                             ("o_proj", ("self_attn.o_proj",)), ("gate/up", ("mlp.gate_proj", "mlp.up_proj")),
-                            ("down_proj", ("mlp.down_proj",))):
+                            ("down_proj", ("mlp.down_proj",)),
+                            ("o_proj and gate/up (`PREFILL_ACT_SCALE = \"selective\"`)",
+                             ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))):
             schemes[f"per token for the prompt in {kind} only"] = [(_mixed(group, token, names), args.prompt),
                                                                   (group, T)]
     nll = {}  # scheme → [windows, decoded positions]

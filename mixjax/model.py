@@ -267,14 +267,39 @@ def _prefill_codes_on(x: jax.Array, implementation: Implementation, producer: st
     return resolve_implementation(implementation) == "pallas" and math.prod(x.shape[:-1]) >= MGPU_MIN_M and has_wgmma()
 
 
-def _row_scale_codes(x: jax.Array) -> bool:
-    """Whether a producer of these rows' codes gives one scale a row: prefill rows (past the decode kernels'
-    limit) with `mgpu.PREFILL_ACT_SCALE = "token"` (per-token prefill GEMMs; the norm then takes its
-    one-program-a-row form whatever `PREFILL_NORM_CHUNK_GROUPS` says: a chunk's program cannot see its row)."""
+def _row_scale_codes(x: jax.Array, consumer: str) -> bool:
+    """Whether the codes of these rows for `consumer` ("qkv", "o", "gate_up", "down" or "head") get one scale a
+    row: prefill rows (past the decode kernels' limit) with `mgpu.PREFILL_ACT_SCALE` "token" (every consumer) or
+    "selective" (o_proj and gate/up only: per token there, the per-token prompt cost no accuracy on the embedded
+    model, results/accuracy.md). The norm then takes its one-program-a-row form whatever
+    `PREFILL_NORM_CHUNK_GROUPS` says (a chunk's program cannot see its row)."""
     from pallas_kernels import mgpu
     from pallas_kernels.norm import MAX_QUANT_ROWS
 
-    return mgpu.PREFILL_ACT_SCALE == "token" and math.prod(x.shape[:-1]) > MAX_QUANT_ROWS
+    mode = mgpu.check_prefill_act_scale()
+    if mode == "group" or math.prod(x.shape[:-1]) <= MAX_QUANT_ROWS:
+        return False
+    return mode == "token" or consumer in mgpu.SELECTIVE_CONSUMERS
+
+
+def _o_proj_input(attn: jax.Array, implementation: Implementation):
+    """o_proj's input at prefill: the attention output as it is, or in "selective" mode (where the producers' codes
+    run, `_prefill_codes_on`) its codes with one scale a row, which the Mosaic GPU GEMM rescales per token ("token"
+    mode quantizes the float input per row inside the GEMM call, `mgpu.ROW_QUANT`)."""
+    from pallas_kernels import mgpu
+
+    if mgpu.check_prefill_act_scale() != "selective" or not _row_scale_codes(attn, "o") or \
+            not _prefill_codes_on(attn, implementation, "norm"):
+        return attn
+    from pallas_kernels.format import QuantizedActivations
+    from pallas_kernels.kernels import quantize_activations_xla, quantize_rows_pallas
+
+    rows = attn.reshape(-1, attn.shape[-1])
+    if resolve_implementation(implementation) == "pallas":
+        codes = quantize_rows_pallas(rows, block_m=mgpu.M_ALIGN)
+    else:
+        codes = quantize_activations_xla(rows, block_m=mgpu.M_ALIGN, row_scale=True)
+    return QuantizedActivations(*codes, tuple(attn.shape[:-1]), attn.shape[-1], jnp.dtype(attn.dtype).name, True)
 
 
 SWIGLU_QUANT = "auto"  # "auto" (default): at ≤ swiglu.MAX_ROWS tokens on the Pallas path, a fused gate/up and
@@ -351,7 +376,7 @@ def norm_codes(x, delta, w, eps: float, implementation: Implementation):
     return norm.rms_norm_codes_ref(x, delta, w, eps, chunk_groups=chunk)
 
 
-def norm_quant(x, delta, w, eps: float, implementation: Implementation):
+def norm_quant(x, delta, w, eps: float, implementation: Implementation, consumer: str = "qkv"):
     """(x + Σ delta, QuantizedActivations of rms_norm(x + Σ delta, w)): delta None, x-shaped, or a mixed
     linear's f32 split-K partials [S, *x.shape] (`MixedWeight.matmul(..., partials=True)`). With
     `NORM_IN_GEMV` on, `NormedActivations` instead (the linears' GEMV normalizes its own groups)."""
@@ -361,7 +386,7 @@ def norm_quant(x, delta, w, eps: float, implementation: Implementation):
     if _norm_in_gemv(x, implementation):
         return norm.rms_norm_defer_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS,
                                           interpret=not pallas)
-    row_scale = _row_scale_codes(x)
+    row_scale = _row_scale_codes(x, consumer)
     if pallas:
         prefill = math.prod(x.shape[:-1]) > norm.MAX_QUANT_ROWS  # `PREFILL_CODES = "all"` sends these here
         chunk = None if row_scale else PREFILL_NORM_CHUNK_GROUPS if prefill else NORM_QUANT_CHUNK_GROUPS
@@ -675,6 +700,7 @@ def _decoder_layer(
             attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
     attn = attn.reshape(B, T, H * Dh)
     o_proj = layer["self_attn"]["o_proj"]
+    o_in = _o_proj_input(attn, implementation) if isinstance(o_proj["weight"], MixedWeight) else attn
     decode_rows = B * T <= MAX_QUANT_ROWS  # more rows (prefill codes): outputs in x's dtype, not f32 partials
     gate_up = layer["mlp"].get(_FUSED["mlp"][1])
     swiglu_codes = gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation)
@@ -683,13 +709,13 @@ def _decoder_layer(
         if decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials
             delta = o_proj["weight"].matmul(attn, implementation=implementation, partials=True)  # [S, B, T, D]
         else:
-            delta = proj("self_attn.o_proj", attn)
+            delta = proj("self_attn.o_proj", o_in)
         if swiglu_codes and _defer_rms(x, implementation):
             x, h, rms = norm_codes(x, delta, layer["post_attention_layernorm"], eps, implementation)
         else:
-            x, h = norm_quant(x, delta, layer["post_attention_layernorm"], eps, implementation)
+            x, h = norm_quant(x, delta, layer["post_attention_layernorm"], eps, implementation, "gate_up")
     else:
-        x = x + proj("self_attn.o_proj", attn)
+        x = x + proj("self_attn.o_proj", o_in)
         h = rms_norm(x, layer["post_attention_layernorm"], eps)
     if swiglu_codes:
         # the gate/up partials → SiLU(gate)·up → int8 codes for down_proj, one launch
@@ -698,7 +724,7 @@ def _decoder_layer(
         parts = gate_up["weight"].matmul(h, implementation=implementation, partials=decode_rows)  # [S, B, T, 2F] f32
         quant = swiglu.silu_mul_quant_pallas if resolve_implementation(implementation) == "pallas" else \
             swiglu.silu_mul_quant_ref
-        gated = quant(parts, x.dtype, partials=decode_rows, rms=rms, row_scale=_row_scale_codes(x))
+        gated = quant(parts, x.dtype, partials=decode_rows, rms=rms, row_scale=_row_scale_codes(x, "down"))
     else:
         gate, up = projs("mlp", h)
         gated = jax.nn.silu(gate) * up  # [B, T, F]
@@ -819,7 +845,7 @@ def final_logits(params, x, cfg, implementation):
     embedding when tied): it then runs through `linear` like a decoder linear (int8 activations)."""
     head = params["embed_tokens"] if cfg.tie_word_embeddings else params["lm_head"]
     if _norm_quant_on([head], x, implementation):
-        _, x = norm_quant(x, None, params["norm"], cfg.rms_norm_eps, implementation)
+        _, x = norm_quant(x, None, params["norm"], cfg.rms_norm_eps, implementation, "head")
     else:
         x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
     return linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]

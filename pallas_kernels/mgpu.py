@@ -53,11 +53,16 @@ from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed
 _MAGIC_F = 1.5 * 2**23
 UNPACK = "pallas"  # the int4 → int8 unpack before the GEMM: `unpack.int8_weight_pallas`, or "xla" (its reference)
 PREFILL_ACT_SCALE = "group"  # "group" (MixLLM's, default): one activation scale a (row, group of 128); "token": one a
-# row (`MgpuConfig.act_scale`), the GEMM 12 % faster at 2048 rows (H200, session 27). Decode's kernels keep
-# per-group scales, so this is a per-token prefill with a per-group decode: on the embedded model 28.60
-# perplexity over the decoded tokens against MixLLM's 28.50 (results/accuracy.md). Opt-in, not measured in a
-# prefill yet (`device_session.sh s28a`). The GEMM quantizes a float input a row at a time (`ROW_QUANT`), and the
-# model's producers (the norms, SwiGLU) hand it codes with one scale a row (`QuantizedActivations.row_scale`).
+# row (`MgpuConfig.act_scale`) in every prefill GEMM, the GEMM 12 % faster at 2048 rows (H200, session 27);
+# "selective": one a row in o_proj and gate/up only (the model's codes, `mixjax.model._row_scale_codes`), the
+# GEMMs where a per-token prompt cost nothing measurable on the embedded model, while q/k/v (their keys and values
+# stay in the cache) and down_proj cost +0.12 and +0.08 perplexity (results/accuracy.md, session 28). Decode's
+# kernels keep per-group scales in every mode. Opt-in; "token" costs +0.14 ± 0.07 perplexity over the decoded
+# tokens. Neither is measured in a prefill yet (`device_session.sh s28a`). With "token" the GEMM quantizes a float
+# input a row at a time (`ROW_QUANT`); in both modes the model's producers (the norms, SwiGLU) hand it codes with
+# one scale a row (`QuantizedActivations.row_scale`).
+PREFILL_ACT_SCALES = ("group", "token", "selective")
+SELECTIVE_CONSUMERS = ("o", "gate_up")  # the GEMMs "selective" gives one activation scale a row
 ROW_QUANT = "pallas"  # with PREFILL_ACT_SCALE = "token", how a float input (o_proj's) is quantized a row at a time:
 # "pallas" (`kernels.quantize_rows_pallas`, one program a row, one pass) or "xla" (`quantize_rows`: XLA's row
 # reduction and the quantizing pass); the interpreter takes "xla". Not measured yet (`bench_norm.py --row-scale`)
@@ -490,6 +495,13 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     return x_q, sa[None, :]
 
 
+def check_prefill_act_scale() -> str:
+    """`PREFILL_ACT_SCALE`, or a ValueError naming the choices."""
+    if PREFILL_ACT_SCALE not in PREFILL_ACT_SCALES:
+        raise ValueError(f"mgpu.PREFILL_ACT_SCALE = {PREFILL_ACT_SCALE!r}; expected one of {PREFILL_ACT_SCALES}")
+    return PREFILL_ACT_SCALE
+
+
 def _takes_token(config: MgpuConfig) -> bool:
     """Whether `config` may rescale per token (`MgpuConfig` refuses it with seed, overlap or magic_fma)."""
     return not (config.seed or config.overlap or config.convert == "magic_fma")
@@ -520,8 +532,7 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
     config None: `pick_config` for this M and N."""
     from pallas_kernels.reference import quantize_activations_ref
 
-    if PREFILL_ACT_SCALE not in ("group", "token"):
-        raise ValueError(f"mgpu.PREFILL_ACT_SCALE = {PREFILL_ACT_SCALE!r}; expected 'group' or 'token'")
+    check_prefill_act_scale()
     if config is None:
         config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n,
                              three_wgs=THREE_WGS and not interpret)

@@ -97,12 +97,13 @@ def test_pdl_instructions_reach_every_decode_kernel(monkeypatch, weights_first):
 
 @pytest.mark.skipif(jax.default_backend() == "gpu", reason="on a GPU host the lowered module carries the Mosaic GPU "
                     "kernels compiled, not as text; CPU hosts check it")
-@pytest.mark.parametrize("act_scale", ["group", "token"])
+@pytest.mark.parametrize("act_scale", ["group", "token", "selective"])
 def test_quantized_prefill_lowers_for_cuda(monkeypatch, act_scale):
     """A Hopper prefill (as if wgmma were there: 256 prompt tokens, the Mosaic GPU GEMMs) lowers for CUDA with
     the producers' codes: the norms' one-program-a-row kernel and SwiGLU in its blocked form (`PREFILL_ACT_SCALE`
-    "group") or its row form with the one-pass row quantization of o_proj's input ("token", whose Triton kernels
-    are built here before any GPU compiles them), every linear a wgmma GEMM."""
+    "group"), or their row forms with the one-pass row quantization of o_proj's input ("token", whose Triton
+    kernels are built here before any GPU compiles them), or for gate/up and o_proj only ("selective"), every
+    linear a wgmma GEMM."""
     from pallas_kernels import mgpu
 
     params = _quantized_params()
@@ -115,8 +116,9 @@ def test_quantized_prefill_lowers_for_cuda(monkeypatch, act_scale):
     text = step.trace(params, jnp.zeros((1, api.MGPU_MIN_M), jnp.int32), cache).lower(
         lowering_platforms=("cuda",)).as_text()
     kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
-    rows = "_rows" if act_scale == "token" else ""  # the producers' kernels with one scale a row
-    assert kernels[f"rms_norm_quant{rows}"] and kernels[f"silu_mul_quant{rows}"] and "wgmma" in text
-    assert bool(kernels["quantize_rows"]) == (act_scale == "token")  # o_proj's input, one pass a row
-    assert bool(kernels["quantize_activations"]) == (act_scale == "group")  # o_proj's input, per group
+    token, per_row = act_scale == "token", act_scale != "group"  # every producer per row / some
+    assert bool(kernels["rms_norm_quant"]) == (not token) and bool(kernels["rms_norm_quant_rows"]) == per_row
+    assert bool(kernels["silu_mul_quant"]) == (not token) and bool(kernels["silu_mul_quant_rows"]) == token
+    assert bool(kernels["quantize_rows"]) == per_row and bool(kernels["quantize_activations"]) == (not per_row)
+    assert "wgmma" in text
     jax.clear_caches()

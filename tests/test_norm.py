@@ -342,6 +342,72 @@ def test_prefill_codes_with_one_scale_a_row(monkeypatch):
         assert np.abs(old - w).max() > 0.05 * scale
 
 
+def test_selective_prefill_scales_are_per_token_in_o_proj_and_gate_up_only(monkeypatch):
+    """`mgpu.PREFILL_ACT_SCALE = "selective"`: at prefill the post-attention norm (gate/up's codes) and o_proj's
+    input get one scale a row, the input norm (q/k/v) and SwiGLU (down_proj) one a group; the decode step keeps
+    per-group codes. The logits equal those of the model whose o_proj and gate/up quantize their own float
+    inputs a row at a time at prefill (the same integer arithmetic), and differ from the all-per-group model's."""
+    from pallas_kernels import mgpu, reference
+    from pallas_kernels.format import QuantizedActivations
+
+    rng = np.random.default_rng(6)
+    cfg, params = tiny_mixed_model(6, rng)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 41)), jnp.int32)  # a prefill of 80 rows, a step
+    seen = []
+    norm_quant, silu_mul_quant = norm.rms_norm_quant_ref, swiglu.silu_mul_quant_ref
+
+    def spy(fn, name):
+        def run(*args, **kw):
+            out = fn(*args, **kw)
+            codes = out[-1] if isinstance(out, tuple) else out
+            seen.append((name, codes.m, codes.row_scale))
+            return out
+        return run
+
+    class RowsAtPrefill:  # a MixedWeight whose float input is quantized a row at a time past the decode rows
+        def __init__(self, qw):
+            self.qw, self.shape = qw, qw.shape
+
+        def matmul(self, x, *, implementation="auto"):
+            rows = x.reshape(-1, x.shape[-1])
+            if rows.shape[0] <= norm.MAX_QUANT_ROWS:
+                return self.qw.matmul(x, implementation=implementation)
+            x_q, sa = mgpu.quantize_rows(rows)
+            y = reference.mixed_codes_matmul_ref(x_q, jnp.broadcast_to(sa.T, (rows.shape[0], x_q.shape[1] // 128)),
+                                                 self.qw)
+            return y.astype(x.dtype).reshape(*x.shape[:-1], self.qw.n)
+
+    jax.tree_util.register_pytree_node(RowsAtPrefill, lambda w: ((w.qw,), None), lambda _, c: RowsAtPrefill(c[0]))
+    for flag in ("NORM_QUANT", "SWIGLU_QUANT", "PREFILL_CODES"):
+        monkeypatch.setattr(model, flag, "always")
+    group = prefill_then_step(params, cfg, tokens, prompt=40, cache_len=48)
+    monkeypatch.setattr(norm, "rms_norm_quant_ref", spy(norm_quant, "norm"))
+    monkeypatch.setattr(swiglu, "silu_mul_quant_ref", spy(silu_mul_quant, "swiglu"))
+    monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "selective")
+    o_inputs = []
+    matmul = type(params["layers"][0]["self_attn"]["o_proj"]["weight"]).matmul
+    monkeypatch.setattr(type(params["layers"][0]["self_attn"]["o_proj"]["weight"]), "matmul",
+                        lambda self, x, **kw: (o_inputs.append(getattr(x, "row_scale", None)), matmul(self, x, **kw))[1])
+    got = prefill_then_step(params, cfg, tokens, prompt=40, cache_len=48)
+    # input norm (q/k/v) per group, post-attention norm (gate/up) per row, SwiGLU (down) per group; the step: groups
+    assert seen == [("norm", 80, False), ("norm", 80, True), ("swiglu", 80, False)] * 2 + \
+        [(n, 2, False) for n in ("norm", "norm", "swiglu")] * 2
+    assert True in o_inputs  # o_proj's prefill input: codes with one scale a row
+    monkeypatch.setattr(type(params["layers"][0]["self_attn"]["o_proj"]["weight"]), "matmul", matmul)
+    monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "group")
+    for flag in ("NORM_QUANT", "SWIGLU_QUANT", "PREFILL_CODES"):
+        monkeypatch.setattr(model, flag, "never")
+    wrapped = {**params, "layers": tuple(
+        {**layer, "self_attn": {**layer["self_attn"], "o_proj": {"weight": RowsAtPrefill(layer["self_attn"]["o_proj"]["weight"])}},
+         "mlp": {**layer["mlp"], "gate_up_proj": {"weight": RowsAtPrefill(layer["mlp"]["gate_up_proj"]["weight"])}}}
+        for layer in params["layers"])}
+    want = prefill_then_step(wrapped, cfg, tokens, prompt=40, cache_len=48)
+    for g, w, old in zip(got, want, group):
+        scale = np.abs(w).max()
+        assert np.abs(g - w).max() < 1e-5 * scale
+        assert np.abs(old - w).max() > 1e-3 * scale
+
+
 def test_prefill_codes_modes(monkeypatch):
     """Which producers hand codes at prefill, per `model.PREFILL_CODES`: "auto" only SwiGLU (its blocked
     form; the norms measured slower than XLA's fusion plus the GEMM's quantization), "all" the norms too —
