@@ -10,7 +10,9 @@ schemes run on the same quantization and the same windows, one window at a time.
 difference of mean NLL over its decoded tokens, and the spread of those differences gives the standard error.
 
 `--by-linear` adds one scheme per linear kind: per-token scales for the prompt in that kind's GEMMs only (q/k/v,
-o_proj, gate/up, down_proj), per group everywhere else, to see where the cost comes from.
+o_proj, gate/up, down_proj), per group everywhere else, to see where the cost comes from, and the "selective" scheme
+(o_proj and gate/up); `--selective` adds that one alone. `--eval-tokens 32768 --skip-windows 32` evaluates on the
+32 windows after the default ones (held out from the choice of the selective scheme).
 
 Setting as session 27's: MixLLM W4.4A8 (16 × 512 OpenWebText tokens), 32 Wikipedia windows of 512 tokens, a
 128-token prompt, 384 teacher-forced decoded tokens through one KV cache (`evaluate.phased_nll`), the kernels'
@@ -43,6 +45,9 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, default=16384)
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--by-linear", action="store_true", help="also per-token prompt scales in one linear kind at a time")
+    p.add_argument("--selective", action="store_true", help="also the selective scheme alone (o_proj and gate/up)")
+    p.add_argument("--skip-windows", type=int, default=0,
+                   help="leave out the first N evaluation windows (with --eval-tokens raised: held-out windows)")
     args = p.parse_args(argv)
 
     path = assets.embedded_model_path()
@@ -50,7 +55,7 @@ def main(argv=None) -> int:
     cfg, params = convert.load(path, dtype=jnp.float32)
     calib = data.calibration_batches(tokenizer, "owt", n_samples=args.samples, seq_len=args.seq_len, seed=0,
                                      batch_size=4)
-    windows = data.eval_windows(tokenizer, "wikipedia", args.eval_seq_len, args.eval_tokens)
+    windows = data.eval_windows(tokenizer, "wikipedia", args.eval_seq_len, args.eval_tokens)[args.skip_windows:]
     n, T = windows.shape
     t = time.perf_counter()
     qp = quantize(params, calib, cfg, config=QuantConfig(bits=4.4, batch_size=4))
@@ -59,12 +64,13 @@ def main(argv=None) -> int:
     schemes = {"float model": [(params, T)],
                "per (token, group of 128) throughout (MixLLM)": [(group, T)],
                "per token for the prompt, per group for decoding": [(token, args.prompt), (group, T)]}
-    if args.by_linear:
-        for kind, names in (("q/k/v", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-                            ("o_proj", ("self_attn.o_proj",)), ("gate/up", ("mlp.gate_proj", "mlp.up_proj")),
-                            ("down_proj", ("mlp.down_proj",)),
-                            ("o_proj and gate/up (`PREFILL_ACT_SCALE = \"selective\"`)",
-                             ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj"))):
+    kinds = [("q/k/v", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+             ("o_proj", ("self_attn.o_proj",)), ("gate/up", ("mlp.gate_proj", "mlp.up_proj")),
+             ("down_proj", ("mlp.down_proj",))] if args.by_linear else []
+    if args.by_linear or args.selective:
+        kinds.append(("o_proj and gate/up (`PREFILL_ACT_SCALE = \"selective\"`)",
+                      ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")))
+        for kind, names in kinds:
             schemes[f"per token for the prompt in {kind} only"] = [(_mixed(group, token, names), args.prompt),
                                                                   (group, T)]
     nll = {}  # scheme → [windows, decoded positions]
