@@ -684,7 +684,7 @@ case "$part" in
     header
     timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_mgpu.py tests/test_swiglu.py tests/test_norm.py \
       tests/test_kernels.py -k "prefill_token or within_bf16 or one_scale_a_row or row_take or matches_reference \
-      or row_quant_kernel" 2>&1 | tail -4 | tee "$out/tests.log"
+      or row_quant_kernel or selective" 2>&1 | tail -4 | tee "$out/tests.log"
     timeout 120 python3 benchmarks/bench_norm.py --ms 2048 --parts -1 --warps 8 --chunks "" --row-scale --calls 8 \
       --out "$out/producers.md" 2>&1 | grep "xla_\|row\|pallas_w\|swiglu_b16" | tee "$out/producers.log"
     timeout 310 python3 benchmarks/bench_generate.py \
