@@ -283,6 +283,23 @@ def test_model_prefill_codes(monkeypatch):
         model.forward_step(params, tokens, cfg, model.init_cache(cfg, 2, 48, jnp.float32), implementation="xla")
 
 
+def _spy_producers(monkeypatch) -> list:
+    """Records (producer, rows, row_scale) of every code the norm and SwiGLU references make from now on."""
+    seen = []
+
+    def spy(fn, name):
+        def run(*args, **kw):
+            out = fn(*args, **kw)
+            codes = out[-1] if isinstance(out, tuple) else out
+            seen.append((name, codes.m, codes.row_scale))
+            return out
+        return run
+
+    monkeypatch.setattr(norm, "rms_norm_quant_ref", spy(norm.rms_norm_quant_ref, "norm"))
+    monkeypatch.setattr(swiglu, "silu_mul_quant_ref", spy(swiglu.silu_mul_quant_ref, "swiglu"))
+    return seen
+
+
 def test_prefill_codes_with_one_scale_a_row(monkeypatch):
     """`mgpu.PREFILL_ACT_SCALE = "token"`: the prefill's norms and SwiGLU hand codes with one scale a row
     (`row_scale`), the decode step's keep one a group. With every prefill GEMM per token (the reference's
@@ -297,17 +314,7 @@ def test_prefill_codes_with_one_scale_a_row(monkeypatch):
     rng = np.random.default_rng(6)
     cfg, params = tiny_mixed_model(6, rng)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 41)), jnp.int32)  # a prefill of 80 rows, a step
-    seen = []
-    norm_quant, silu_mul_quant, per_group = norm.rms_norm_quant_ref, swiglu.silu_mul_quant_ref, \
-        reference.quantize_activations_ref
-
-    def spy(fn, name):
-        def run(*args, **kw):
-            out = fn(*args, **kw)
-            codes = out[-1] if isinstance(out, tuple) else out
-            seen.append((name, codes.m, codes.row_scale))
-            return out
-        return run
+    per_group = reference.quantize_activations_ref
 
     def per_token(x):  # one scale a row, repeated per group: the layout the reference's GEMMs read
         x_q, sa = reference.quantize_groups(reference.pad_k(x, -(-x.shape[1] // 128) * 128))
@@ -323,8 +330,7 @@ def test_prefill_codes_with_one_scale_a_row(monkeypatch):
         monkeypatch.setattr(reference, "quantize_activations_ref", per_group)
         return np.asarray(first), np.asarray(forward(params, tokens[:, 40:], cache=cache)[0])
 
-    monkeypatch.setattr(norm, "rms_norm_quant_ref", spy(norm_quant, "norm"))
-    monkeypatch.setattr(swiglu, "silu_mul_quant_ref", spy(silu_mul_quant, "swiglu"))
+    seen = _spy_producers(monkeypatch)
     for flag in ("NORM_QUANT", "SWIGLU_QUANT", "PREFILL_CODES"):
         monkeypatch.setattr(model, flag, "always")
     group = prefill_then_step(params, cfg, tokens, prompt=40, cache_len=48)
@@ -353,17 +359,6 @@ def test_selective_prefill_scales_are_per_token_in_o_proj_and_gate_up_only(monke
     rng = np.random.default_rng(6)
     cfg, params = tiny_mixed_model(6, rng)
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 41)), jnp.int32)  # a prefill of 80 rows, a step
-    seen = []
-    norm_quant, silu_mul_quant = norm.rms_norm_quant_ref, swiglu.silu_mul_quant_ref
-
-    def spy(fn, name):
-        def run(*args, **kw):
-            out = fn(*args, **kw)
-            codes = out[-1] if isinstance(out, tuple) else out
-            seen.append((name, codes.m, codes.row_scale))
-            return out
-        return run
-
     class RowsAtPrefill:  # a MixedWeight whose float input is quantized a row at a time past the decode rows
         def __init__(self, qw):
             self.qw, self.shape = qw, qw.shape
@@ -381,8 +376,7 @@ def test_selective_prefill_scales_are_per_token_in_o_proj_and_gate_up_only(monke
     for flag in ("NORM_QUANT", "SWIGLU_QUANT", "PREFILL_CODES"):
         monkeypatch.setattr(model, flag, "always")
     group = prefill_then_step(params, cfg, tokens, prompt=40, cache_len=48)
-    monkeypatch.setattr(norm, "rms_norm_quant_ref", spy(norm_quant, "norm"))
-    monkeypatch.setattr(swiglu, "silu_mul_quant_ref", spy(silu_mul_quant, "swiglu"))
+    seen = _spy_producers(monkeypatch)
     monkeypatch.setattr(mgpu, "PREFILL_ACT_SCALE", "selective")
     o_inputs = []
     matmul = type(params["layers"][0]["self_attn"]["o_proj"]["weight"]).matmul
