@@ -692,11 +692,14 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 300 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;
-  s28b)  # after s28a: the 256-token prefill with per-token scales
+  s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
       --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 3 --budget-s 190 \
       --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8@pint8+h4,w4.4a8@psel@pint8+h4 \
+      --batches "" --repeats 7 --prefill-len 2048 --budget-s 190 \
+      --out "$out/prefill2048_int8.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048_int8.log"
     ;;
   s28tp)  # prepared in session 28, for a two-GPU machine (kind nvidia-h100-x2 or nvidia-h200-x2): tensor-parallel
     # decode and prefill against one GPU of the same host, bf16 and W4.4A8 (NCCL all-reduces of o/down outputs)
