@@ -1,11 +1,12 @@
 """Checkpoints into mixjax: Hugging Face directories, GGUF files and mixjax's own Orbax checkpoints; and out of
-it as Hugging Face directories.
+it as Hugging Face directories and GGUF files.
 
     cfg, params = convert.load(path, dtype=jnp.float32)
     tokenizer = convert.load_tokenizer(path)
     convert.save_checkpoint(directory, params, cfg)
     cfg, params = convert.restore_checkpoint(directory)
     convert.save_hf(directory, params, cfg, tokenizer=tokenizer)   # transformers' from_pretrained reads it
+    convert.save_gguf("model.gguf", params, cfg, tokenizer=tokenizer, dtype="q8_0")   # llama.cpp reads it
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def save_hf(directory, params, cfg, *, dtype=None, tokenizer=None, max_shard_byt
                  force=force)
 
 
+def save_gguf(path, params, cfg, *, dtype="float32", tokenizer=None, name=None, force=False) -> Path:
+    """Float params as one GGUF file in llama.cpp's layout, with a byte-level BPE tokenizer's vocabulary; see
+    `convert.gguf_export.save_gguf`."""
+    from convert.gguf_export import save_gguf as _save
+
+    return _save(path, params, cfg, dtype=dtype, tokenizer=tokenizer, name=name, force=force)
+
+
+def gguf_arch(cfg: LlamaConfig) -> str:
+    """llama.cpp's architecture name for cfg (`llama` or `qwen2`)."""
+    from convert.gguf_export import gguf_arch as _arch
+
+    return _arch(cfg)
+
+
 def save_checkpoint(directory, params, cfg, *, extra_metadata=None, files=None, force=False) -> Path:
     """Writes params + config (Orbax) atomically; see `convert.orbax_io.save_checkpoint`."""
     from convert import orbax_io
@@ -85,4 +101,5 @@ def restore_checkpoint(directory, *, abstract_params=None, dtype=None):
     return orbax_io.restore_checkpoint(_existing(directory), abstract_params=abstract_params, dtype=dtype)
 
 
-__all__ = ["NAME_TABLE", "ConvertError", "load", "load_tokenizer", "restore_checkpoint", "save_checkpoint"]
+__all__ = ["NAME_TABLE", "ConvertError", "gguf_arch", "load", "load_tokenizer", "restore_checkpoint", "save_checkpoint",
+           "save_gguf", "save_hf"]

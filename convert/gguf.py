@@ -67,6 +67,7 @@ def read_config(reader, path: Path) -> LlamaConfig:
     if vocab is None:
         raise ConfigError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
+    window = _field(reader, f"{arch}.attention.sliding_window")  # mixjax's export records Mistral's window here
     cfg = LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -75,12 +76,13 @@ def read_config(reader, path: Path) -> LlamaConfig:
         num_attention_heads=heads,
         num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
-        rms_norm_eps=float(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
+        rms_norm_eps=_decimal(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=_decimal(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        model_type=arch,
+        model_type="mistral" if window and arch == "llama" else arch,  # Mistral: llama.cpp's llama with a window
+        sliding_window=int(window) if window else None,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=() if eos is None else (int(eos),),
     )
@@ -88,6 +90,12 @@ def read_config(reader, path: Path) -> LlamaConfig:
     if rope_freqs is not None:
         cfg = dataclasses.replace(cfg, rope_scaling=_llama3_scaling(reader, arch, cfg, _dequantize(rope_freqs), path))
     return cfg
+
+
+def _decimal(value) -> float:
+    """A GGUF float32 as the shortest decimal it rounds from (1e-05, not 9.999999747378752e-06): the value the
+    model's config held before llama.cpp stored it in 32 bits."""
+    return float(str(np.float32(value)))
 
 
 def _llama3_scaling(reader, arch: str, cfg: LlamaConfig, rope_freqs: np.ndarray, path: Path) -> RopeScaling:
@@ -130,7 +138,7 @@ def load_gguf(path: Path, dtype) -> tuple[LlamaConfig, dict]:
     reader = _open(path)
     cfg = read_config(reader, path)
     buffer = ParamBuffer(cfg, dtype, GGUF_NAMES, source=str(path))
-    permute = cfg.model_type == "llama"
+    permute = _field(reader, "general.architecture") == "llama"  # Mistral and SmolLM2 files too
     for tensor in reader.tensors:
         if tensor.name.endswith(IGNORED_SUFFIXES):
             continue

@@ -31,7 +31,7 @@ PRE_TOKENIZERS = {
     "llama-bpe": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
 }
-CONTROL = 3
+CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
 
 
 def can_build(fields: dict) -> bool:
@@ -48,9 +48,9 @@ def build_tokenizer(fields: dict, *, source: Path):
     from transformers import PreTrainedTokenizerFast
 
     tokens = fields.get("tokenizer.ggml.tokens")
-    merges = fields.get("tokenizer.ggml.merges")
-    if not tokens or merges is None:
-        raise ConvertError(f"{source}: the GGUF has no tokenizer.ggml.tokens/merges; pass a tokenizer directory")
+    merges = fields.get("tokenizer.ggml.merges") or []  # none: a vocabulary of single bytes (gguf writes no empty array)
+    if not tokens:
+        raise ConvertError(f"{source}: the GGUF has no tokenizer.ggml.tokens; pass a tokenizer directory")
     split, digits = PRE_TOKENIZERS[fields.get("tokenizer.ggml.pre", "default")]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
@@ -77,8 +77,12 @@ def build_tokenizer(fields: dict, *, source: Path):
     named = {bos, special("eos"), special("unknown"), special("padding")}
     types = fields.get("tokenizer.ggml.token_type") or []
     specials = [tokens[i] for i, t in enumerate(types) if t == CONTROL and tokens[i] not in named]
-    return PreTrainedTokenizerFast(
+    tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=bos, eos_token=special("eos"), unk_token=special("unknown"),
         pad_token=special("padding"), additional_special_tokens=specials,
         chat_template=fields.get("tokenizer.chat_template"),
     )
+    user = [tokens[i] for i, t in enumerate(types) if t == USER_DEFINED]
+    if user:  # added tokens that are not special: matched whole before BPE, kept when decoding
+        tokenizer.add_tokens(user)
+    return tokenizer

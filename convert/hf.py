@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.layout import HF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuffer, flat_shapes
+from convert.layout import HF_NAMES, IGNORED_SUFFIXES, ConvertError, NameMap, ParamBuffer, flat_shapes
 from mixjax.config import LlamaConfig
 
 
@@ -141,22 +140,21 @@ def save_hf(directory: str | os.PathLike, params, cfg: LlamaConfig, *, dtype=Non
     if target.exists() and not force:
         raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
     config = cfg.to_hf()  # a config no Hugging Face class runs: refused here, before any write
-    tensors = _export_tensors(params, cfg)
+    tensors = export_tensors(params, cfg, HF_NAMES)
     np_dtype = np.dtype(jnp.dtype(dtype or tensors[0][2]))
     if np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
         raise ConvertError(f"dtype={np_dtype} is not a float dtype Hugging Face models load; use float32, bfloat16 "
                            "or float16")
     config["torch_dtype"] = np_dtype.name
     shards = _plan_shards([int(np.prod(shape)) * np_dtype.itemsize for _, shape, _, _ in tensors], max_shard_bytes)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    from convert.orbax_io import _replace, temp_dir_beside
+
+    tmp = temp_dir_beside(target)
     try:
         _write_shards(tmp, tensors, shards, np_dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        from convert.orbax_io import _replace
-
         _replace(tmp, target)
     finally:
         if tmp.exists():
@@ -164,14 +162,14 @@ def save_hf(directory: str | os.PathLike, params, cfg: LlamaConfig, *, dtype=Non
     return target
 
 
-def _export_tensors(params, cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...], str, object]]:
-    """(Hugging Face name, shape, dtype name, a function giving the numpy array) for every tensor the config
-    implies, checked against params: float arrays of the right shape, unfused and unquantized."""
+def export_tensors(params, cfg: LlamaConfig, names: NameMap) -> list[tuple[str, tuple[int, ...], str, object]]:
+    """(checkpoint name in `names`' column, shape, dtype name, a function giving the array) for every tensor the
+    config implies, checked against params: float arrays of the right shape, unfused and unquantized."""
     from mixjax.linear import QuantizedLinear
 
     if any(isinstance(leaf, QuantizedLinear)
            for leaf in jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, QuantizedLinear))):
-        raise ConvertError("these params hold quantized linears; a Hugging Face model holds float weights. Export "
+        raise ConvertError("these params hold quantized linears; an exported model holds float weights. Export "
                            "`mixjax.quant.dequantize_params(params)` (`mixjax export --dequantize`): the quantized "
                            "weights' values, without the int8 activation rounding the kernels add")
     layers = params.get("layers")
@@ -187,7 +185,7 @@ def _export_tensors(params, cfg: LlamaConfig) -> list[tuple[str, tuple[int, ...]
     for path, shape in flat_shapes(cfg).items():
         per_layer = path.startswith("layers.")
         for layer in range(cfg.num_hidden_layers) if per_layer else (None,):
-            name = HF_NAMES.source_name(path, layer)
+            name = names.source_name(path, layer)
             keys = path.split(".")[1:] if per_layer else path.split(".")
             node = (layers if stacked else layers[layer]) if per_layer else params
             try:

@@ -129,8 +129,7 @@ def save_checkpoint(
     if missing:
         raise FileNotFoundError(f"files to store in the checkpoint do not exist: {missing}")
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    tmp = temp_dir_beside(target)
     try:
         _write(tmp, params, meta_text, sources)
         _replace(tmp, target)
@@ -154,6 +153,17 @@ def _write(tmp: Path, params, meta_text: str, sources: Mapping[str, Path]) -> No
         else:
             shutil.copy2(src, dst)
     (tmp / METADATA_FILE).write_text(meta_text)  # last: its presence marks a complete checkpoint
+
+
+def temp_dir_beside(target: Path) -> Path:
+    """A new hidden directory next to `target` for a write that `_replace` moves into place. It gets the
+    permissions any new directory gets (mkdtemp's are owner-only, which would follow the checkpoint)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)
+    return tmp
 
 
 def _replace(tmp: Path, target: Path) -> None:

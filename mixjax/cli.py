@@ -6,7 +6,7 @@
                     [--prefill-model PATH --switch-after N] [--tensor-parallel N]
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
     mixjax ablate salience|activations|progressive|dequant [--model PATH] [--bits 4.4] [--out FILE.json]
-    mixjax export SRC OUT [--dtype float32|bfloat16|float16] [--dequantize] [--force]
+    mixjax export SRC OUT|OUT.gguf [--dtype float32|bfloat16|float16|q8_0] [--dequantize] [--force]
 
 `--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
 values, unusable data or checkpoints) print one message on stderr and exit with status 2.
@@ -272,13 +272,16 @@ def _register_ablate(sub) -> None:
 
 
 def _register_export(sub) -> None:
-    p = sub.add_parser("export", help="write a model as a Hugging Face directory (config.json + safetensors)",
+    p = sub.add_parser("export", help="write a model as a Hugging Face directory or a GGUF file",
                        description="Reads SRC (Hugging Face directory, .gguf file or mixjax checkpoint) and writes "
-                                   "OUT, which transformers' from_pretrained and mixjax load.")
+                                   "OUT: a Hugging Face directory (config.json + safetensors) that transformers' "
+                                   "from_pretrained reads, or, when OUT ends in .gguf, a GGUF file that llama.cpp "
+                                   "reads. mixjax loads both.")
     p.add_argument("src", metavar="SRC", help="Hugging Face directory, .gguf file or mixjax checkpoint")
-    p.add_argument("out", metavar="OUT", help="the Hugging Face model directory to write")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",
-                   help="dtype of the written weights (default float32: every source loads through it exactly)")
+    p.add_argument("out", metavar="OUT", help="the Hugging Face model directory, or the .gguf file, to write")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "q8_0"), default="float32",
+                   help="type of the written weights (default float32: every source loads through it exactly); "
+                        "q8_0 (llama.cpp's 8-bit blocks of 32) for a .gguf OUT only")
     p.add_argument("--dequantize", action="store_true",
                    help="SRC is a quantized mixjax checkpoint: write its dequantized weights (the weight "
                         "quantization only: a float model has no int8 activations)")
@@ -296,6 +299,9 @@ def _run_export(args) -> None:
     from mixjax.quant.fakequant import dequantize_params
 
     out = Path(args.out).expanduser()
+    to_gguf = out.suffix == ".gguf"
+    if args.dtype == "q8_0" and not to_gguf:
+        raise ValueError("--dtype q8_0 is a GGUF type: name OUT *.gguf, or pick float32, bfloat16 or float16")
     if out.exists() and not args.force:
         raise FileExistsError(f"{out} already exists; pass --force to replace it or choose another OUT")
     cfg, params = convert.load(args.src, dtype=jnp.float32)
@@ -312,11 +318,17 @@ def _run_export(args) -> None:
     except ValueError as e:  # the weights are still worth writing; say what is missing
         tokenizer = None
         print(f"mixjax export: no tokenizer written ({e})", file=sys.stderr)
-    written = convert.save_hf(out, params, cfg, dtype=_jnp_dtype(args.dtype), tokenizer=tokenizer, force=args.force)
-    if not args.quiet:
+    if to_gguf:
+        written = convert.save_gguf(out, params, cfg, dtype=args.dtype, tokenizer=tokenizer, force=args.force)
+        what = f"GGUF ({convert.gguf_arch(cfg)}), {args.dtype} weights, {written.stat().st_size / 1e6:.1f} MB"
+    else:
+        written = convert.save_hf(out, params, cfg, dtype=_jnp_dtype(args.dtype), tokenizer=tokenizer,
+                                  force=args.force)
         files = sorted(f.name for f in written.glob("*.safetensors"))
-        print(f"wrote {written}: {cfg.to_hf()['architectures'][0]}, {args.dtype} weights in {len(files)} "
-              f"safetensors file{'s' if len(files) > 1 else ''}{', tokenizer' if tokenizer is not None else ''}")
+        what = (f"{cfg.to_hf()['architectures'][0]}, {args.dtype} weights in {len(files)} safetensors "
+                f"file{'s' if len(files) > 1 else ''}")
+    if not args.quiet:
+        print(f"wrote {written}: {what}{', tokenizer' if tokenizer is not None else ''}")
 
 
 # Subcommands, in help order. Later commands (quantize, convert) add their register function here, one line each.

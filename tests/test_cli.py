@@ -408,3 +408,33 @@ def test_export_writes_a_directory_transformers_loads(tiny_model, tmp_path, caps
     assert cli.main(["export", str(directory), str(tmp_path / "x"), "--dequantize", "--quiet"]) == 2
     assert "drop --dequantize" in capsys.readouterr().err and not (tmp_path / "x").exists()
     assert sorted((p.name, p.stat().st_mtime_ns) for p in out.iterdir()) == before
+
+
+def test_export_to_gguf_and_back(tiny_model, tmp_path, capsys):
+    """`mixjax export SRC OUT.gguf --dtype q8_0`: a GGUF with the tokenizer's vocabulary, on which transformers' GGUF
+    loader computes mixjax's logits (and the source's greedy tokens) and from which mixjax builds a tokenizer that encodes
+    alike; that file exports back to a Hugging Face directory; q8_0 for a directory is refused before any write."""
+    import torch
+    import transformers
+
+    import convert
+    from mixjax.model import forward
+
+    directory, model, tokenizer = tiny_model
+    out = tmp_path / "tiny.gguf"
+    assert cli.main(["export", str(directory), str(out), "--dtype", "q8_0"]) == 0
+    assert f"wrote {out}: GGUF (llama), q8_0 weights" in capsys.readouterr().out
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32).eval()
+    tokens = torch.from_numpy(np.random.default_rng(1).integers(0, VOCAB, (2, 9)))
+    with torch.no_grad():
+        got, source = loaded(tokens).logits.numpy(), model(tokens).logits.numpy()
+    cfg, params = convert.load(out)
+    ours = np.asarray(forward(params, tokens.numpy().astype(np.int32), cfg, implementation="xla"))
+    assert np.abs(got - ours).max() < 1e-4 * np.abs(ours).max()  # the same Q8_0 weights, read by each side
+    assert 0 < np.abs(got - source).max() and np.array_equal(got.argmax(-1), source.argmax(-1))
+    assert convert.load_tokenizer(out).encode("the river, 42") == tokenizer.encode("the river, 42")
+    back = tmp_path / "back"
+    assert cli.main(["export", str(out), str(back), "--quiet"]) == 0
+    assert convert.load(back)[0] == convert.load(out)[0]
+    assert cli.main(["export", str(directory), str(tmp_path / "d"), "--dtype", "q8_0", "--quiet"]) == 2
+    assert "q8_0 is a GGUF type" in capsys.readouterr().err and not (tmp_path / "d").exists()

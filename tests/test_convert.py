@@ -617,3 +617,184 @@ def test_hf_export_refuses_bad_params_before_writing(tiny_params, make_tiny_hf, 
         convert.save_hf(tmp_path / "other", params, cfg)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
     assert sorted((p.name, p.stat().st_mtime_ns) for p in target.iterdir()) == before
+
+
+# ------------------------------------------------------------------------------------------------ GGUF export
+
+GGUF_EXPORT_CASES = {  # (arch, config overrides, weight type, does transformers' GGUF loader hold this model?)
+    "llama_untied_f32": ("llama", dict(num_key_value_heads=1), "float32", True),
+    "qwen2_bias_tied_f32": ("qwen2", dict(tie_word_embeddings=True), "float32", True),
+    "llama_tied_f16": ("llama", dict(tie_word_embeddings=True), "float16", True),
+    "llama_q8_0": ("llama", {}, "q8_0", True),
+    # transformers' GGUF loader ignores rope_freqs and has no window: mixjax's reader is the check here
+    "llama3_rope_bf16": ("llama", dict(rope_parameters=LLAMA3_ROPE), "bfloat16", False),
+    "mistral_window_f32": ("mistral", dict(sliding_window=4), "float32", False),
+}
+
+
+def _gguf_stored(w: np.ndarray, weight_type: str) -> np.ndarray:
+    """A 2-D weight as a GGUF of `weight_type` stores it, read back with gguf's own dequantization."""
+    import gguf
+
+    qtype = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}[weight_type]
+    qtype = gguf.GGMLQuantizationType[qtype]
+    return gguf.quants.dequantize(gguf.quants.quantize(w.astype(np.float32), qtype), qtype).reshape(w.shape)
+
+
+@pytest.mark.parametrize("case", list(GGUF_EXPORT_CASES))
+def test_gguf_export_round_trip(case, make_tiny_hf, tmp_path):
+    """`convert.save_gguf`: `convert.load` reads back the same config (Mistral's window and Llama-3 scaling
+    included) and each tensor as gguf stores its type (norms and biases F32, exactly; Q8_0 blocks along K, so the
+    q/k row interleave commutes with them); transformers' own GGUF loader (independent of mixjax's reader: its q/k
+    un-permutation, its tied-head rule) computes the original model's logits, exactly in float32; and the
+    rope_freqs tensor equals llama.cpp's rule for Llama-3 scaling."""
+    import gguf
+    import transformers
+
+    arch, overrides, weight_type, transformers_reads = GGUF_EXPORT_CASES[case]
+    directory, model = make_tiny_hf(arch, **overrides)
+    cfg, params = convert.load(directory)
+    out = convert.save_gguf(tmp_path / "m.gguf", params, cfg, dtype=weight_type)
+    cfg2, params2 = convert.load(out)
+    assert cfg2 == cfg
+    stored = jax.tree.map(lambda a: np.stack([_gguf_stored(np.asarray(w), weight_type) for w in a])
+                          if a.ndim == 3 else np.asarray(a), params)
+    stored["embed_tokens"] = _gguf_stored(np.asarray(params["embed_tokens"]), weight_type)
+    if "lm_head" in params:
+        stored["lm_head"] = _gguf_stored(np.asarray(params["lm_head"]), weight_type)
+    assert _same_tree(params2, jax.tree.map(jnp.asarray, stored))
+    tokens = _tokens(np.random.default_rng(4), cfg.vocab_size)
+    ours = forward(params2, tokens, cfg2, implementation="xla")
+    if weight_type == "float32":
+        assert _rel_err(ours, _hf_logits(model, tokens)) < HF_RTOL
+    if transformers_reads:
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name,
+                                                                  dtype=torch.float32).eval()
+        err = _rel_err(_hf_logits(loaded, tokens), _hf_logits(model, tokens))
+        assert err == 0.0 if weight_type == "float32" else err < 0.05
+    reader = gguf.GGUFReader(str(out))
+    freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
+    assert bool(freqs) == (cfg.rope_scaling is not None)
+    if freqs:
+        np.testing.assert_allclose(np.asarray(freqs[0].data), _llama_cpp_rope_factors(model.config), rtol=1e-6)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    want = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "q8_0": "Q8_0"}[weight_type]
+    assert types["blk.1.ffn_down.weight"] == want and types["blk.1.attn_norm.weight"] == "F32"
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_exports_to_gguf(embedded_mixjax, embedded_model_path, tmp_path):
+    """The real model, GGUF → mixjax → `convert.save_gguf` (float32) → mixjax: the same config and weights, and
+    every tokenizer field of the shipped file (tokens, types, merges, `pre`, special ids, chat template) written
+    back unchanged from the Hugging Face tokenizer mixjax built out of it."""
+    from convert import gguf as gguf_reader
+    from convert.gguf_tokenizer import read_tokenizer_fields
+
+    cfg, params, tokenizer = embedded_mixjax
+    out = convert.save_gguf(tmp_path / "smollm2.gguf", params, cfg, tokenizer=tokenizer)
+    cfg2, params2 = convert.load(out)
+    assert cfg2 == cfg and _same_tree(params2, params)
+    assert read_tokenizer_fields(gguf_reader._open(out)) == read_tokenizer_fields(gguf_reader._open(embedded_model_path))
+    text = "<|im_start|>user\nIn 1906, naïve “quotes”<|im_end|>"
+    assert convert.load_tokenizer(out).encode(text) == tokenizer.encode(text)
+
+
+def _tokenizer_from(pre: str, extra_tokens=()):
+    """A byte-level BPE tokenizer with `pre` (a `tokenizer.ggml.pre` name), built as mixjax builds GGUF ones."""
+    from tokenizers import pre_tokenizers
+
+    from convert.gguf_tokenizer import build_tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    tokens = alphabet + ["Ġt", "Ġth", "<s>", *extra_tokens]
+    return build_tokenizer({"tokenizer.ggml.tokens": tokens, "tokenizer.ggml.merges": ["Ġ t", "Ġt h"],
+                            "tokenizer.ggml.pre": pre, "tokenizer.ggml.bos_token_id": len(alphabet) + 2,
+                            "tokenizer.ggml.add_bos_token": True,
+                            "tokenizer.ggml.token_type": [1] * (len(alphabet) + 2) + [3] + [4] * len(extra_tokens)},
+                           source="test")
+
+
+@pytest.mark.parametrize("pre", ["gpt2", "smollm", "llama-bpe", "qwen2"])
+def test_gguf_export_names_the_pre_tokenizer_and_pads_the_vocabulary(pre, tmp_path):
+    """Each byte-level split mixjax builds is written under llama.cpp's name for it; a vocabulary shorter than the
+    model's is padded with unused `[PAD<id>]` tokens; a bos the tokenizer prepends is recorded; user-defined
+    (added, not special) tokens stay user-defined. Reading the file back gives a tokenizer that encodes alike."""
+    from convert import gguf as gguf_reader
+    from convert.gguf_tokenizer import read_tokenizer_fields
+    from mixjax.model import init_params
+
+    tokenizer = _tokenizer_from(pre, extra_tokens=["<tool>"])
+    n = len(tokenizer)
+    cfg = LlamaConfig(vocab_size=n + 3, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    out = convert.save_gguf(tmp_path / "t.gguf", init_params(cfg, jax.random.key(0), jnp.float32), cfg,
+                            tokenizer=tokenizer)
+    fields = read_tokenizer_fields(gguf_reader._open(out))
+    assert fields["tokenizer.ggml.pre"] == pre and fields["tokenizer.ggml.model"] == "gpt2"
+    assert fields["tokenizer.ggml.tokens"][n:] == [f"[PAD{i}]" for i in range(n, n + 3)]
+    assert fields["tokenizer.ggml.token_type"][n - 2:] == [3, 4, 5, 5, 5]
+    assert fields["tokenizer.ggml.add_bos_token"] is True and fields["tokenizer.ggml.bos_token_id"] == n - 2
+    back = convert.load_tokenizer(out)
+    text = "the 2024 path<tool> thistle  \n x"
+    assert back.encode(text) == tokenizer.encode(text) and back.encode(text)[0] == n - 2
+    assert tokenizer.convert_tokens_to_ids("<tool>") in back.encode(text)
+
+
+def test_gguf_export_refuses_before_writing(make_tiny_hf, tmp_path, monkeypatch):
+    """A tokenizer llama.cpp's gpt2 vocabulary cannot hold, a tokenizer with ids beyond the model's vocabulary,
+    quantized params, a name without .gguf, an unknown weight type and an existing file without force are refused
+    with the fix named and nothing written; a NaN, a weight beyond float16's range (Q8_0's scales are float16
+    too), or an interruption found while writing leave no file either; the written file has the permissions any
+    new file gets."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    import pallas_kernels as pk
+    from convert import gguf_export
+    from mixjax import model as mx
+
+    directory, _ = make_tiny_hf("llama")
+    cfg, params = convert.load(directory)
+    backend = Tokenizer(models.BPE(vocab={"a": 0, "<0x00>": 1}, merges=[], byte_fallback=True))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    sentencepiece_like = PreTrainedTokenizerFast(tokenizer_object=backend)
+    layers = mx.unstack_layers(params)
+    w = np.asarray(layers["layers"][0]["mlp"]["up_proj"]["weight"])
+    layers["layers"][0]["mlp"]["up_proj"]["weight"] = pk.pack_rtn(w, np.zeros(w.shape[0], bool))
+    target = tmp_path / "m.gguf"
+    cases = [
+        (dict(tokenizer=sentencepiece_like), "not a byte-level BPE.*convert_hf_to_gguf"),
+        (dict(tokenizer=_tokenizer_from("gpt2", extra_tokens=[f"x{i}" for i in range(cfg.vocab_size)])),
+         "beyond the model's vocab_size"),
+        (dict(params=layers), "quantized linears.*dequantize_params"),
+        (dict(path=tmp_path / "m.bin"), r"ends in \.gguf"),
+        (dict(dtype="q4_0"), "not a GGUF weight type.*q8_0"),
+        (dict(params={**params, "norm": params["norm"].at[1].set(jnp.nan)}), "output_norm.weight holds NaN"),
+        (dict(params={**params, "embed_tokens": params["embed_tokens"].at[0, 0].set(1e6)}, dtype="float16"),
+         r"token_embd.weight overflows float16.*bfloat16 or float32"),
+    ]
+    for kwargs, match in cases:
+        args = dict(path=target, params=params, dtype="float32") | kwargs
+        with pytest.raises(ValueError, match=match):
+            convert.save_gguf(args.pop("path"), args.pop("params"), cfg, **args)
+        assert list(tmp_path.iterdir()) == []
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(gguf_export, "_encode", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        convert.save_gguf(target, params, cfg)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    convert.save_gguf(target, params, cfg, dtype="q8_0")
+    before = target.stat()
+    with pytest.raises(FileExistsError, match="force=True"):
+        convert.save_gguf(target, params, cfg)
+    assert target.stat().st_mtime_ns == before.st_mtime_ns
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    assert before.st_mode & 0o777 == 0o666 & ~umask
+    assert convert.save_gguf(target, params, cfg, force=True).stat().st_size > before.st_size  # f32 over q8_0

@@ -1,0 +1,273 @@
+"""(LlamaConfig, float params) → a GGUF file that llama.cpp and `convert.load` read: the inverse of convert/gguf.py.
+
+The layout is llama.cpp's own (its convert_hf_to_gguf.py): `llama` for Llama, Mistral and SmolLM2 (q/k rows
+interleaved per head for GGML's adjacent-pair RoPE), `qwen2` for Qwen2 (rows as they are, q/k/v biases), GGUF
+tensor names from the one `NAME_TABLE`, Llama-3 RoPE scaling as the `rope_freqs` divisors, no `output.weight`
+when the head is tied. 1-D tensors (norms, biases) are F32, as llama.cpp writes them; the 2-D weights take the
+chosen type: F32, F16, BF16 or Q8_0 (llama.cpp's blocks of 32 int8 with an f16 scale; a weight whose rows 32
+does not divide falls back to F16, as llama.cpp's converter does).
+
+A Hugging Face byte-level BPE tokenizer (Llama 3, Qwen2, SmolLM2, GPT-2) is written as the `gpt2` vocabulary
+llama.cpp expects: every id's token (ids without one become `[PAD<id>]`, unused), token types (special added
+tokens are control tokens, other added tokens user-defined), the merges, the bos/eos/unk/pad ids, whether a bos
+is prepended, the chat template, and `tokenizer.ggml.pre`, the name llama.cpp gives the pre-tokenizer's split.
+Other tokenizers are refused with the alternatives named.
+
+The file is written tensor by tensor with `gguf.GGUFWriter` (the tensor table first, then each tensor's data),
+so the export holds one tensor in numpy besides the params. It goes to a temporary file beside the target and
+is renamed into place at the end: an interrupted or refused export leaves nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+import numpy as np
+
+from convert.layout import GGUF_NAMES, ConvertError
+from mixjax.config import LlamaConfig
+
+# `--dtype` names → GGML types of the 2-D weights
+WEIGHT_TYPES = ("float32", "float16", "bfloat16", "q8_0")
+_Q8_0_BLOCK = 32
+_F16_MAX = float(np.finfo(np.float16).max)
+
+# Byte-level BPE pre-tokenizers, as tokenizers' JSON describes them → llama.cpp's `tokenizer.ggml.pre` names
+# (the same table convert/gguf_tokenizer.py builds tokenizers from, read the other way).
+_GPT2_PRE = {"type": "ByteLevel", "use_regex": True}
+_DIGITS_PRE = {"type": "Digits", "individual_digits": True}
+
+
+def gguf_arch(cfg: LlamaConfig) -> str:
+    """llama.cpp's architecture for cfg: `qwen2`, or `llama` (Llama, Mistral, SmolLM2)."""
+    return "qwen2" if cfg.model_type == "qwen2" else "llama"
+
+
+def _ggml_type(dtype: str):
+    from gguf import GGMLQuantizationType as T
+
+    if dtype not in WEIGHT_TYPES:
+        raise ConvertError(f"dtype={dtype!r} is not a GGUF weight type mixjax writes; use one of {', '.join(WEIGHT_TYPES)}")
+    return {"float32": T.F32, "float16": T.F16, "bfloat16": T.BF16, "q8_0": T.Q8_0}[dtype]
+
+
+def _file_type(qtype) -> int:
+    from gguf import GGMLQuantizationType as T, LlamaFileType as F
+
+    return {T.F32: F.ALL_F32, T.F16: F.MOSTLY_F16, T.BF16: F.MOSTLY_BF16, T.Q8_0: F.MOSTLY_Q8_0}[qtype]
+
+
+def _permute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
+    """Rotate-half rows (i, i + Dh/2) → GGML's adjacent pairs per head; `convert.gguf._unpermute_rows` undoes it."""
+    half = w.shape[0] // n_heads // 2
+    return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _rope_freqs(cfg: LlamaConfig) -> np.ndarray:
+    """Llama-3 RoPE scaling as llama.cpp stores it: per frequency, the divisor of the unscaled inverse frequency."""
+    import dataclasses
+
+    from mixjax.model import rope_inv_freq
+
+    s = cfg.rope_scaling
+    if (s.low_freq_factor, s.high_freq_factor) != (1.0, 4.0):
+        raise ConvertError(
+            f"rope_scaling has low_freq_factor={s.low_freq_factor}, high_freq_factor={s.high_freq_factor}; a GGUF file "
+            "keeps Llama-3 scaling as per-frequency divisors, which mixjax reads back only for Llama 3.1/3.2's 1 and 4. "
+            "Export this model as a Hugging Face directory instead")
+    unscaled = rope_inv_freq(dataclasses.replace(cfg, rope_scaling=None)).astype(np.float64)
+    return (unscaled / rope_inv_freq(cfg).astype(np.float64)).astype(np.float32)
+
+
+def _pre_name(pre_tokenizer: dict | None) -> str | None:
+    """llama.cpp's `tokenizer.ggml.pre` for a byte-level BPE pre-tokenizer (tokenizers' JSON), None if unknown."""
+    from convert.gguf_tokenizer import PRE_TOKENIZERS
+
+    steps = (pre_tokenizer or {}).get("pretokenizers", [pre_tokenizer] if pre_tokenizer else [])
+    if steps and all(step.get(k) == v for step in steps[-1:] for k, v in _GPT2_PRE.items()):
+        head = steps[:-1]
+        if not head:
+            return "gpt2"
+        if len(head) == 1 and all(head[0].get(k) == v for k, v in _DIGITS_PRE.items()):
+            return "smollm"
+    if (len(steps) == 2 and steps[0].get("type") == "Split" and steps[1].get("type") == "ByteLevel"
+            and not steps[1].get("use_regex", True)):
+        pattern = (steps[0].get("pattern") or {}).get("Regex")
+        return {PRE_TOKENIZERS["llama-bpe"][0]: "llama-bpe", PRE_TOKENIZERS["qwen2"][0]: "qwen2"}.get(pattern)
+    return None
+
+
+def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
+    """(GGUFWriter method, value) pairs that write `tokenizer` as llama.cpp's `gpt2` vocabulary of cfg.vocab_size
+    ids; ConvertError (with the alternatives) for a tokenizer that is not byte-level BPE. (gguf writes no empty
+    array: a tokenizer without merges gets no merges key, which mixjax reads as none and llama.cpp refuses.)"""
+    from gguf import TokenType
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise ConvertError(f"{type(tokenizer).__name__} is not a fast (tokenizers) tokenizer; a GGUF vocabulary is "
+                           "written from a tokenizer.json. Export without a tokenizer, or to a Hugging Face directory")
+    spec = json.loads(backend.to_str())
+    model = spec.get("model") or {}
+    pre = _pre_name(spec.get("pre_tokenizer"))
+    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+        raise ConvertError(
+            f"the tokenizer ({model.get('type')} model, pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:120]}) is "
+            "not a byte-level BPE that mixjax names for llama.cpp (GPT-2's, Llama 3's, Qwen2's or SmolLM2's split). "
+            "Export without a tokenizer, export to a Hugging Face directory, or use llama.cpp's convert_hf_to_gguf.py")
+    vocab = tokenizer.get_vocab()
+    if max(vocab.values()) >= cfg.vocab_size:
+        raise ConvertError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size="
+                           f"{cfg.vocab_size}: the tokenizer does not belong to this model")
+    added = tokenizer.added_tokens_decoder  # {id: AddedToken}
+    tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
+    types = [int(TokenType.UNUSED)] * cfg.vocab_size
+    for text, i in vocab.items():
+        tokens[i] = text
+        types[i] = int(TokenType.NORMAL if i not in added else
+                       TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None and cfg.eos_token_ids:
+        eos = cfg.eos_token_ids[0]
+    probe = tokenizer.encode("a")
+    fields = [("add_tokenizer_model", "gpt2"), ("add_tokenizer_pre", pre), ("add_token_list", tokens),
+              ("add_token_types", types), ("add_token_merges", merges),
+              ("add_add_bos_token", bos is not None and probe[:1] == [bos]), ("add_add_space_prefix", False)]
+    for method, i in (("add_bos_token_id", bos if bos is not None else cfg.bos_token_id), ("add_eos_token_id", eos),
+                      ("add_unk_token_id", tokenizer.unk_token_id), ("add_pad_token_id", tokenizer.pad_token_id)):
+        if i is not None:
+            fields.append((method, int(i)))
+    template = tokenizer.chat_template
+    if isinstance(template, dict):  # several named templates: llama.cpp keeps the default one
+        template = template.get("default")
+    if template:
+        fields.append(("add_chat_template", template))
+    return fields
+
+
+def _tensors(params, cfg: LlamaConfig, qtype):
+    """(GGUF name, numpy getter, GGML type) of every tensor, rows permuted for `llama`, plus rope_freqs."""
+    from gguf import GGMLQuantizationType as T
+
+    from convert.hf import export_tensors
+
+    permute = gguf_arch(cfg) == "llama"
+    out = []
+    for name, shape, _, get in export_tensors(params, cfg, GGUF_NAMES):
+        heads = (cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads if ".attn_k." in name
+                 else None)
+        if permute and heads:
+            get = (lambda g=get, h=heads: _permute_rows(np.asarray(g(), np.float32), h))
+        kind = T.F32 if len(shape) == 1 else qtype
+        if kind == T.Q8_0 and shape[-1] % _Q8_0_BLOCK:
+            kind = T.F16  # llama.cpp's fallback for rows Q8_0's blocks do not tile
+        out.append((name, tuple(shape), get, kind))
+    if cfg.rope_scaling is not None:
+        freqs = _rope_freqs(cfg)
+        out.append(("rope_freqs.weight", freqs.shape, lambda f=freqs: f, T.F32))
+    return out
+
+
+def _encode(name: str, value, kind) -> np.ndarray:
+    """One tensor as the bytes GGUF stores for `kind`, after the NaN and float16-range checks."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    w = np.asarray(value, np.float32)
+    if not np.all(np.isfinite(w)):
+        raise ConvertError(f"{name} holds NaN or Inf: fix the model before exporting it")
+    peak = float(np.max(np.abs(w))) if w.size else 0.0
+    if kind in (T.F16, T.Q8_0) and peak > _F16_MAX * (127 if kind == T.Q8_0 else 1):
+        raise ConvertError(f"{name} overflows float16 (|w| up to {peak:.3g}): export it as bfloat16 or float32")
+    if kind == T.F32:
+        return w
+    if kind == T.F16:
+        return w.astype(np.float16)
+    return gguf.quants.quantize(w, kind)  # uint8 rows of blocks: BF16 and Q8_0
+
+
+def _nbytes(shape, kind) -> int:
+    from gguf.quants import quant_shape_to_byte_shape
+
+    return int(np.prod(quant_shape_to_byte_shape(shape, kind)))
+
+
+def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str = "float32", tokenizer=None,
+              name: str | None = None, force: bool = False) -> Path:
+    """Writes float params (stacked layers or a tuple of per-layer dicts) and cfg as one GGUF file that llama.cpp,
+    transformers (`gguf_file=`) and `convert.load` read; with `tokenizer` (a Hugging Face byte-level BPE tokenizer)
+    its vocabulary too. dtype: the 2-D weights' type, one of WEIGHT_TYPES. An existing file is replaced only with
+    force=True. The params, config and tokenizer are checked before the first write; a tensor found non-finite
+    or beyond float16's range while writing stops the export with nothing written."""
+    import gguf
+    from gguf import GGMLQuantizationType as T
+
+    target = Path(path).expanduser().absolute()
+    if target.suffix != ".gguf":
+        raise ConvertError(f"{target}: a GGUF file's name ends in .gguf")
+    if target.is_dir():
+        raise ConvertError(f"{target} is a directory; pass the path of the .gguf file to write")
+    if target.exists() and not force:
+        raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
+    qtype = _ggml_type(dtype)
+    arch = gguf_arch(cfg)
+    if cfg.attention_bias and arch != "qwen2":
+        raise ConvertError("attention_bias (q/k/v biases) is Qwen2's layout; llama.cpp's llama architecture has none")
+    fields = tokenizer_fields(tokenizer, cfg) if tokenizer is not None else [
+        (method, i) for method, i in (("add_bos_token_id", cfg.bos_token_id),
+                                      ("add_eos_token_id", cfg.eos_token_ids[0] if cfg.eos_token_ids else None))
+        if i is not None]
+    tensors = _tensors(params, cfg, qtype)
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")  # created by the writer, as any new file
+    try:
+        writer = gguf.GGUFWriter(tmp, arch)
+        writer.add_type(gguf.GGUFType.MODEL)
+        writer.add_name(name or target.stem)
+        writer.add_context_length(cfg.max_position_embeddings)
+        writer.add_embedding_length(cfg.hidden_size)
+        writer.add_block_count(cfg.num_hidden_layers)
+        writer.add_feed_forward_length(cfg.intermediate_size)
+        writer.add_head_count(cfg.num_attention_heads)
+        writer.add_head_count_kv(cfg.num_key_value_heads)
+        writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
+        writer.add_rope_freq_base(cfg.rope_theta)
+        writer.add_rope_dimension_count(cfg.head_dim)
+        if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
+            writer.add_key_length(cfg.head_dim)
+            writer.add_value_length(cfg.head_dim)
+        if cfg.rope_scaling is not None:
+            writer.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_position_embeddings)
+        if cfg.sliding_window:
+            writer.add_sliding_window(cfg.sliding_window)
+        writer.add_vocab_size(cfg.vocab_size)
+        writer.add_file_type(_file_type(qtype))
+        if qtype == T.Q8_0:
+            writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+        for method, value in fields:
+            getattr(writer, method)(value)
+        for tensor_name, shape, _, kind in tensors:
+            if kind in (T.F32, T.F16):
+                writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32 if kind == T.F32 else np.float16),
+                                       _nbytes(shape, kind))
+            else:
+                from gguf.quants import quant_shape_to_byte_shape
+
+                writer.add_tensor_info(tensor_name, quant_shape_to_byte_shape(shape, kind), np.dtype(np.uint8),
+                                       _nbytes(shape, kind), raw_dtype=kind)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_ti_data_to_file()
+        for tensor_name, _, get, kind in tensors:
+            writer.write_tensor_data(_encode(tensor_name, get(), kind))
+        writer.close()
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return target
