@@ -49,6 +49,8 @@ ROWS = [
     ("main", "MixLLM W4.8A8 global", QuantConfig(bits=4.8)),
     ("main", "MixLLM W4.4A8 local", QuantConfig(bits=4.4, local=True)),
     ("main", "MixLLM W4.4A8, static activation scales", QuantConfig(bits=4.4, act=ActFormat(static=True))),
+    ("main", "MixLLM W4.4A8, static activation scales, MSE-clipped",
+     QuantConfig(bits=4.4, act=ActFormat(static=True, static_calib="mse"))),
     ("main", "MixLLM W4.4A8, per-token activation scales", QuantConfig(bits=4.4, act=A8_TOKEN)),
     ("main", "W8A8 (GPTQ + clip)", QuantConfig(bits=8)),
     ("ladder", "1. W4A4 per-channel sym / per-token RTN",
@@ -74,7 +76,8 @@ def describe(c: QuantConfig) -> str:
     w = "per-channel" if c.weight.group_size is None else f"g{c.weight.group_size}"
     w = f"int8 {w} sym (all channels)" if c.bits >= 8 else f"int4 {w}" + (" sym" if c.weight.symmetric4 else " asym")
     a = "A16" if c.act.bits is None else (f"A{c.act.bits} " + ("per-token" if c.act.granularity == "token" else "g128")
-                                          + (" static" if c.act.static else ""))
+                                          + (" static" if c.act.static else "")
+                                          + (" MSE-clipped" if c.act.static and c.act.static_calib == "mse" else ""))
     q = "GPTQ" + ("" if c.group_reorder else " (no reorder)") if c.gptq else "RTN"
     q += " + clip" if c.clip else ""
     sel = f", {c.salience} {'local' if c.local else 'global'}" if needs_salience(c) else ""

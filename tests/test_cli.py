@@ -295,7 +295,8 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     acts = tmp_path / "activations.json"
     assert cli.main(["ablate", "activations", *opts, "--out", str(acts)]) == 0
     rows = json.loads(acts.read_text())["rows"]
-    assert [r["config"].split(", ")[1] for r in rows] == ["A8 g128", "A8 per token", "A8 g128 static"]
+    assert [r["config"].split(", ")[1] for r in rows] == ["A8 g128", "A8 per token", "A8 g128 static",
+                                                          "A8 g128 static MSE-clipped"]
     assert rows[0]["perplexity"] == pytest.approx(global_["perplexity"], rel=1e-6)
     # K ≤ 128 in this model: one group a row, so per token is per group; static scales differ
     assert rows[1]["perplexity"] == pytest.approx(rows[0]["perplexity"], rel=1e-6)

@@ -168,6 +168,56 @@ def test_activation_fake_quant_per_token_group():
     assert float(jnp.abs(static).max()) <= 1.0 + 1e-6  # clipped to the calibrated range
 
 
+def test_static_scales_clipped_for_least_squared_error():
+    """`static_clip_errors` is Σ (x − fake_quant(x))² per (ratio, group), summed directly here; on inputs where one
+    token sets a group's maximum 60× above every other token's, the least-error ratio clips that token and
+    more than halves the group's total error, while a group without an outlier keeps most of its maximum;
+    `ActFormat` names the two calibrations it takes."""
+    from mixjax.quant.activations import STATIC_RATIOS, group_absmax, static_clip_errors
+
+    rng = np.random.default_rng(int(jax.random.randint(_key(12), (), 0, 2**31 - 1)))
+    x = rng.standard_normal((2048, 200)).astype(np.float32)
+    x[7, 3] = 300.0  # the outlier token, in group 0 only
+    fmt = ActFormat(static=True)
+    absmax = group_absmax(jnp.asarray(x), fmt)
+    errors = np.asarray(static_clip_errors(jnp.asarray(x), absmax, fmt))
+    assert errors.shape == (len(STATIC_RATIOS), 2)
+    for r in (0, 5, 12):
+        xq = np.asarray(fake_quant_act(jnp.asarray(x), fmt, STATIC_RATIOS[r] * absmax))
+        direct = np.square(xq - x)
+        np.testing.assert_allclose(errors[r], [direct[:, :128].sum(), direct[:, 128:].sum()], rtol=1e-5)
+    best = errors.argmin(0)
+    assert STATIC_RATIOS[best[0]] < 0.5 and errors[best[0], 0] < errors[0, 0] / 2
+    assert STATIC_RATIOS[best[1]] >= 0.35
+    with pytest.raises(ValueError, match="static_calib='p99'.*'max' or 'mse'"):
+        ActFormat(static=True, static_calib="p99")
+
+
+def test_static_mse_calibration_reaches_the_simulated_weights():
+    """quantize(..., act=ActFormat(static=True, static_calib="mse")): each linear's static maxima are the plain
+    calibration's maxima times one of STATIC_RATIOS per group, and the weights the same codes. One calibration
+    token whose embedding is a single feature sets q/k/v's maximum alone (√D after the norm, the other tokens'
+    features ≈ N(0, 1)); that maximum is clipped."""
+    from mixjax.quant.activations import STATIC_RATIOS
+
+    params = model.init_params(TINY, _key(13), jnp.float32)
+    params["embed_tokens"] = params["embed_tokens"].at[3].set(jnp.zeros(TINY.hidden_size).at[0].set(1.0))
+    calib = [jax.random.randint(_key(14), (8, 128), 4, TINY.vocab_size).at[0, 5].set(3)]
+    got = {}
+    for kind in ("max", "mse"):
+        config = QuantConfig(bits=4, act=ActFormat(static=True, static_calib=kind), gptq=False, clip=False)
+        got[kind] = quantize(params, calib, TINY, config=config)
+    ratios = {}
+    for name in model.LINEAR_NAMES:
+        plain, clipped = (sal.linear_weight(got[k]["layers"][0], name) for k in ("max", "mse"))
+        np.testing.assert_array_equal(np.asarray(plain.w), np.asarray(clipped.w))
+        ratios[name] = np.asarray(clipped.a_absmax) / np.asarray(plain.a_absmax)
+        assert np.all(np.isclose(ratios[name][:, None], np.asarray(STATIC_RATIOS)[None], rtol=1e-6).any(1))
+    assert float(np.asarray(sal.linear_weight(got["max"]["layers"][0], "self_attn.q_proj").a_absmax)[0]) == \
+        pytest.approx(TINY.hidden_size ** 0.5, rel=1e-3)
+    assert ratios["self_attn.q_proj"][0] < 1.0
+
+
 # --------------------------------------------------------------------------------------------------
 # Allocation
 

@@ -47,10 +47,13 @@ STUDIES: dict[str, Study] = {
         (("global (MixLLM)", {}), ("local: the bit budget met within each (layer, linear)", {"local": True})),
         needs_mixed=True),
     "activations": Study(
-        "activation quantization: int8, dynamic per (token, group of 128), per token, or static per group",
+        "activation quantization: int8, dynamic per (token, group of 128), per token, or static per group (the "
+        "calibration maximum, or that maximum clipped for the least squared error)",
         (("dynamic, per token and group of 128 (MixLLM)", {}),
          ("dynamic, per token", {"act": ActFormat(granularity="token")}),
-         ("static, per group of 128 (calibrated maximum)", {"act": ActFormat(static=True)})),
+         ("static, per group of 128 (calibrated maximum)", {"act": ActFormat(static=True)}),
+         ("static, per group of 128 (calibrated maximum clipped for the least squared error)",
+          {"act": ActFormat(static=True, static_calib="mse")})),
         needs_mixed=False),
     "progressive": Study(
         "progressive precision switching during decoding: the prompt and the first decoded tokens at higher "
@@ -213,7 +216,8 @@ def _progressive_rows(params, cfg, calib_batches, windows, scores, *, bits, high
 def describe(c: QuantConfig) -> str:
     a = c.act
     scales = "per token" if a.granularity == "token" else f"g{a.group_size}"
-    acts = "A16" if a.bits is None else f"A{a.bits} {scales}{' static' if a.static else ''}"
+    static = (" static MSE-clipped" if a.static_calib == "mse" else " static") if a.static else ""
+    acts = "A16" if a.bits is None else f"A{a.bits} {scales}{static}"
     weights = "GPTQ + clip" if c.gptq and c.clip else "GPTQ" if c.gptq else "clip" if c.clip else "RTN"
     chosen = f", {c.salience} {'local' if c.local else 'global'}" if 4.0 < c.bits < 8.0 else ""
     return f"W{c.bits:g} ({weights}), {acts}{chosen}"

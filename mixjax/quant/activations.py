@@ -3,7 +3,8 @@
 The default (MixLLM's choice and what `pallas_kernels.mixed_matmul` runs) is int8 symmetric with one
 scale per (token, group of 128 input features), computed on the fly: s = max|x_group| / 127. Options
 for ablations: one scale per token (`granularity="token"`), 4 bits, and static scales calibrated on
-the calibration set (one scale per group, shared by all tokens: the max over calibration tokens).
+the calibration set (one scale per group, shared by all tokens: the max over calibration tokens, or that max
+clipped to the ratio with the least squared error over them, `static_calib="mse"`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,9 @@ class ActFormat:
     granularity: Literal["group", "token"] = "group"
     group_size: int = 128
     static: bool = False  # calibrated per-group scales instead of dynamic per-token ones
+    # how static scales are calibrated: the largest |x| seen, or that maximum clipped to the ratio (of
+    # STATIC_RATIOS) with the least squared quantization error over the calibration inputs, per group
+    static_calib: Literal["max", "mse"] = "max"
 
     def __post_init__(self):
         if self.bits is not None and self.bits not in (4, 8):
@@ -31,6 +35,8 @@ class ActFormat:
             raise ValueError(f"activation granularity={self.granularity!r}; expected 'group' or 'token'")
         if self.group_size <= 0:
             raise ValueError(f"activation group_size={self.group_size} must be positive")
+        if self.static_calib not in ("max", "mse"):
+            raise ValueError(f"activation static_calib={self.static_calib!r}; expected 'max' or 'mse'")
 
     @property
     def qmax(self) -> int:
@@ -52,6 +58,25 @@ def group_absmax(x: jax.Array, fmt: ActFormat) -> jax.Array:
     """max |x| per group over all tokens: x [..., K] → [G] f32 (for static calibration)."""
     xg = _grouped(jnp.abs(x.astype(jnp.float32)), fmt.group(x.shape[-1]))  # [..., G, g]
     return jnp.max(xg.reshape(-1, *xg.shape[-2:]), axis=(0, 2))
+
+
+# Clipping ratios of the calibrated maximum tried by static_calib="mse": 1 down to 1/64 in steps of √2 (one
+# outlier token can set a group's maximum 100× above the other tokens').
+STATIC_RATIOS = tuple(2.0 ** (-i / 2) for i in range(13))
+
+
+def static_clip_errors(x: jax.Array, absmax: jax.Array, fmt: ActFormat) -> jax.Array:
+    """Σ (x − fake_quant(x))² over all tokens and each group's features, with the static scale ratio·absmax:
+    x [..., K], absmax [G] → [len(STATIC_RATIOS), G] f32."""
+    xg = _grouped(x.astype(jnp.float32), fmt.group(x.shape[-1]))
+    xg = xg.reshape(-1, *xg.shape[-2:])  # [M, G, g]
+
+    def error(ratio):
+        fmt_max = dataclasses.replace(fmt, static_calib="max")
+        xq = fake_quant_act(xg.reshape(xg.shape[0], -1), fmt_max, ratio * absmax).reshape(xg.shape)
+        return jnp.sum(jnp.square(xq - xg), axis=(0, 2))
+
+    return jnp.stack([error(r) for r in STATIC_RATIOS])
 
 
 def fake_quant_act(x: jax.Array, fmt: ActFormat, static_absmax: jax.Array | None = None) -> jax.Array:

@@ -34,7 +34,7 @@ from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
 from mixjax.parallel import check_mesh, replicate, shard_rows, shard_samples
-from mixjax.quant.activations import ActFormat, group_absmax
+from mixjax.quant.activations import STATIC_RATIOS, ActFormat, group_absmax, static_clip_errors
 from mixjax.quant.allocate import Budget, allocate, average_bits
 from mixjax.quant.clip import clip_grid
 from mixjax.quant.fakequant import FakeQuantWeight
@@ -329,27 +329,45 @@ class _Tap:
         return jnp.einsum("...k,nk->...n", x, self.w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "act"))
-def _layer_stats(layer, x, mask, *, cfg: LlamaConfig, act: ActFormat):
-    """H = 2·XᵀX [K, K] f32 and per-group max |X| [G] of each linear's input X over x [B, T, D].
+def _linear_inputs(layer, x, mask, cfg: LlamaConfig) -> dict[str, jax.Array]:
+    """Each linear's input over x [B, T, D] as f32 [B·T, K], one array for linears sharing an input (traced).
 
-    mask: None, or f32 [B] with 0 on padding samples, whose rows are left out of both.
+    mask: None, or f32 [B] with 0 on padding samples, whose rows become zeros.
     """
     sink: dict[str, jax.Array] = {}
     tapped = with_weights(layer, {n: _Tap(linear_weight(layer, n), n, sink) for n in model.LINEAR_NAMES})
     model.decoder_layer(tapped, x, cfg, implementation="xla")
-    hess, absmax, seen = {}, {}, {}
+    inputs, by_source = {}, {}
     for name in model.LINEAR_NAMES:
-        xin = sink[name]
-        key = id(xin)
-        if key not in seen:
-            if mask is not None:
-                xin = xin.astype(jnp.float32) * mask[:, None, None]
-            xf = xin.reshape(-1, xin.shape[-1]).astype(jnp.float32)  # [B·T, K]
+        src = sink[name]
+        if id(src) not in by_source:
+            xin = src if mask is None else src.astype(jnp.float32) * mask[:, None, None]
+            by_source[id(src)] = xin.reshape(-1, xin.shape[-1]).astype(jnp.float32)
+        inputs[name] = by_source[id(src)]
+    return inputs
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "act"))
+def _layer_stats(layer, x, mask, *, cfg: LlamaConfig, act: ActFormat):
+    """H = 2·XᵀX [K, K] f32 and per-group max |X| [G] of each linear's input X over x [B, T, D]."""
+    hess, absmax, done = {}, {}, {}
+    for name, xf in _linear_inputs(layer, x, mask, cfg).items():
+        if id(xf) not in done:
             amax = group_absmax(xf, act) if act.bits is not None else jnp.zeros((1,), jnp.float32)
-            seen[key] = (2.0 * xf.T @ xf, amax)
-        hess[name], absmax[name] = seen[key]
+            done[id(xf)] = (2.0 * xf.T @ xf, amax)
+        hess[name], absmax[name] = done[id(xf)]
     return hess, absmax
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "act"))
+def _layer_clip_errors(layer, x, mask, absmax, *, cfg: LlamaConfig, act: ActFormat):
+    """Per linear, the squared error of static scales clipped to each of STATIC_RATIOS: [R, G] f32."""
+    errors, done = {}, {}
+    for name, xf in _linear_inputs(layer, x, mask, cfg).items():
+        if id(xf) not in done:
+            done[id(xf)] = static_clip_errors(xf, absmax[name], act)
+        errors[name] = done[id(xf)]
+    return errors
 
 
 def _accumulate_stats(layer, hidden, masks, cfg, act):
@@ -358,6 +376,13 @@ def _accumulate_stats(layer, hidden, masks, cfg, act):
         hb, ab = _layer_stats(layer, h, m, cfg=cfg, act=act)
         hess = hb if hess is None else jax.tree.map(jnp.add, hess, hb)
         absmax = ab if absmax is None else jax.tree.map(jnp.maximum, absmax, ab)
+    if act.bits is not None and act.static and act.static_calib == "mse":  # a second pass, with the maxima known
+        errors = None
+        for h, m in zip(hidden, masks):
+            eb = _layer_clip_errors(layer, h, m, absmax, cfg=cfg, act=act)
+            errors = eb if errors is None else jax.tree.map(jnp.add, errors, eb)
+        ratios = jnp.asarray(STATIC_RATIOS, jnp.float32)
+        absmax = {name: ratios[jnp.argmin(errors[name], axis=0)] * absmax[name] for name in absmax}
     return hess, absmax
 
 
