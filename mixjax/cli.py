@@ -7,6 +7,7 @@
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
     mixjax ablate salience|activations|progressive|dequant [--model PATH] [--bits 4.4] [--out FILE.json]
     mixjax export SRC OUT|OUT.gguf [--dtype float32|bfloat16|float16|q8_0] [--dequantize] [--force]
+    mixjax info PATH [--json]                     # format, config, storage, quantization, tokenizer
 
 `--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
 values, unusable data or checkpoints) print one message on stderr and exit with status 2.
@@ -331,6 +332,28 @@ def _run_export(args) -> None:
         print(f"wrote {written}: {what}{', tokenizer' if tokenizer is not None else ''}")
 
 
+# ------------------------------------------------------------------------------------------------
+# info
+
+
+def _register_info(sub) -> None:
+    p = sub.add_parser("info", help="what a model path holds (format, config, storage, quantization, tokenizer)",
+                       description="Describes a Hugging Face directory, .gguf file or mixjax checkpoint from its "
+                                   "metadata, without loading the weights.")
+    p.add_argument("path", metavar="PATH", help="Hugging Face directory, .gguf file or mixjax checkpoint")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    p.set_defaults(run=_run_info)
+
+
+def _run_info(args) -> None:
+    import json
+
+    from mixjax.info import model_info, to_text
+
+    info = model_info(args.path)
+    print(json.dumps(info.to_dict(), indent=2) if args.json else to_text(info))
+
+
 # Subcommands, in help order. Later commands (quantize, convert) add their register function here, one line each.
 COMMANDS: tuple[Callable, ...] = (
     _register_demo,
@@ -340,6 +363,7 @@ COMMANDS: tuple[Callable, ...] = (
     _register_convert,
     _register_ablate,
     _register_export,
+    _register_info,
 )
 
 

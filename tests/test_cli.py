@@ -439,3 +439,44 @@ def test_export_to_gguf_and_back(tiny_model, tmp_path, capsys):
     assert convert.load(back)[0] == convert.load(out)[0]
     assert cli.main(["export", str(directory), str(tmp_path / "d"), "--dtype", "q8_0", "--quiet"]) == 2
     assert "q8_0 is a GGUF type" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_info_describes_each_source_without_loading_it(tiny_model, tmp_path, capsys):
+    """`mixjax info PATH`: a Hugging Face directory, the GGUF exported from it and a quantized checkpoint of it, each
+    with the model's parameter count (transformers' own), how its tensors are stored, and the tokenizer; for the
+    quantized checkpoint the bits its 8-bit channels reach and the bytes its arrays take, equal to what loading it
+    gives; a path that is no model is a user error."""
+    import jax
+
+    import convert
+    from mixjax.config import LlamaConfig
+
+    directory, model, tokenizer = tiny_model
+    n_params = sum(p.numel() for p in model.parameters())
+    assert cli.main(["info", str(directory)]) == 0
+    text = capsys.readouterr().out
+    assert f"{directory}: Hugging Face directory" in text and "stored as: safetensors F32 × 21" in text
+    assert f"parameters: {n_params / 1e3:.1f} k" in text and f"tokenizer: {len(tokenizer)} tokens" in text
+
+    gguf_file = tmp_path / "m.gguf"
+    assert cli.main(["export", str(directory), str(gguf_file), "--dtype", "q8_0", "--quiet"]) == 0
+    assert cli.main(["info", str(gguf_file), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "GGUF file" and info["parameters"] == n_params
+    assert info["storage"] == {"GGML Q8_0": 16, "GGML F32": 5} and info["tokenizer"]["tokens"] == VOCAB
+
+    quantized = tmp_path / "q"
+    assert cli.main(["convert", str(directory), str(quantized), "--data", str(_text(tmp_path, n_words=3000)),
+                     "--samples", "2", "--seq-len", "32", "--quiet"]) == 0
+    assert cli.main(["info", str(quantized), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    q = info["quantization"]
+    assert info["format"] == "quantized mixjax checkpoint"
+    assert LlamaConfig.from_dict(info["config"]) == convert.load(directory)[0]
+    assert q["average_bits"] == pytest.approx(4.4, abs=0.05) and q["kernel_format"]
+    assert set(q["int8_share"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                                    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
+    _, qparams = convert.load(quantized)
+    assert q["weight_bytes"] == sum(leaf.nbytes for leaf in jax.tree.leaves(qparams))
+    assert cli.main(["info", str(tmp_path / "nothing")]) == 2
+    assert "no such file or directory" in capsys.readouterr().err
