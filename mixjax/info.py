@@ -110,7 +110,14 @@ def _checkpoint_info(p: Path) -> ModelInfo:
     meta = orbax_io.read_metadata(p)
     cfg = LlamaConfig.from_dict(meta["config"])
     q = meta.get("extra", {}).get("quantization")
-    storage = {f"orbax {meta.get('dtype')}, layers {meta.get('layers')}": 1} if q is None else {}
+    storage = {}
+    if q is None:
+        from convert.layout import flat_shapes
+
+        paths = flat_shapes(cfg)
+        per_layer = sum(p.startswith("layers.") for p in paths)
+        n = len(paths) if meta.get("layers") == "stacked" else len(paths) - per_layer + per_layer * cfg.num_hidden_layers
+        storage = {f"orbax {meta.get('dtype')} arrays ({meta.get('layers')} layers)": n}
     quantization = None if q is None else _quantization(cfg, q)
     if quantization is not None:
         storage = quantization.pop("storage")
