@@ -692,6 +692,14 @@ case "$part" in
       --batches "" --repeats 7 --prefill-len 2048 --profile --profile-top 3 --budget-s 300 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;
+  s29a)  # s28a's decisive part alone, for a budget that no longer holds s28a: the 2048-token prefill, bf16 beside
+    # W4.4A8 per group (MixLLM), per token (@ptok) and selective (@psel)
+    header
+    timeout 330 python3 benchmarks/bench_generate.py \
+      --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
+      --batches "" --repeats 5 --prefill-len 2048 --profile --profile-top 3 --budget-s 320 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
