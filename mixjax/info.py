@@ -28,6 +28,7 @@ class ModelInfo:
     storage: dict[str, int]  # how the tensors are stored → tensor count
     tokenizer: dict[str, Any] | None  # {"tokens": int, "chat_template": bool}, None when absent
     quantization: dict[str, Any] | None = None  # quantized mixjax checkpoints only
+    provenance: dict[str, Any] | None = None  # mixjax checkpoints: what they were made from (source, calibration)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -121,8 +122,9 @@ def _checkpoint_info(p: Path) -> ModelInfo:
     quantization = None if q is None else _quantization(cfg, q)
     if quantization is not None:
         storage = quantization.pop("storage")
+    provenance = {k: v for k, v in meta.get("extra", {}).items() if k != "quantization"} or None
     return ModelInfo(str(p), "mixjax checkpoint" if q is None else "quantized mixjax checkpoint", cfg, _parameters(cfg),
-                     _disk_bytes(p), storage, _tokenizer(p), quantization)
+                     _disk_bytes(p), storage, _tokenizer(p), quantization, provenance)
 
 
 def _quantization(cfg: LlamaConfig, q: dict) -> dict[str, Any]:
@@ -188,6 +190,11 @@ def to_text(info: ModelInfo) -> str:
         if 4 < q["average_bits"] < 8:
             lines.append("  8-bit channels: " + ", ".join(f"{name.split('.')[-1]} {share:.0%}"
                                                           for name, share in q["int8_share"].items()))
+    made = info.provenance or {}
+    if "source" in made:
+        c = made.get("calibration")
+        lines.append(f"  made from: {made['source']}" + ("" if not isinstance(c, dict) else
+                     f"; calibration {c.get('samples')} × {c.get('seq_len')} tokens of {c.get('data')}, seed {c.get('seed')}"))
     t = info.tokenizer
     lines.append("  tokenizer: none found" if t is None else
                  f"  tokenizer: {t['tokens']} tokens" + (", chat template" if t["chat_template"] else ""))

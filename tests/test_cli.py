@@ -474,6 +474,7 @@ def test_info_describes_each_source_without_loading_it(tiny_model, tmp_path, cap
     assert info["format"] == "quantized mixjax checkpoint"
     assert LlamaConfig.from_dict(info["config"]) == convert.load(directory)[0]
     assert q["average_bits"] == pytest.approx(4.4, abs=0.05) and q["kernel_format"]
+    assert info["provenance"]["source"] == str(directory) and info["provenance"]["calibration"]["samples"] == 2
     assert set(q["int8_share"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     _, qparams = convert.load(quantized)
