@@ -195,6 +195,10 @@ def to_text(info: ModelInfo) -> str:
         c = made.get("calibration")
         lines.append(f"  made from: {made['source']}" + ("" if not isinstance(c, dict) else
                      f"; calibration {c.get('samples')} × {c.get('seq_len')} tokens of {c.get('data')}, seed {c.get('seed')}"))
+    e = made.get("evaluation")
+    if isinstance(e, dict):
+        lines.append(f"  perplexity on {e['windows']}×{e['seq_len']} tokens of {e['data']}: float {e['float']:.3f}, "
+                     f"quantized {e['quantized']:.3f} ({e['quantized'] - e['float']:+.3f})")
     t = info.tokenizer
     lines.append("  tokenizer: none found" if t is None else
                  f"  tokenizer: {t['tokens']} tokens" + (", chat template" if t["chat_template"] else ""))

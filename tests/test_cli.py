@@ -444,12 +444,15 @@ def test_export_to_gguf_and_back(tiny_model, tmp_path, capsys):
 def test_info_describes_each_source_without_loading_it(tiny_model, tmp_path, capsys):
     """`mixjax info PATH`: a Hugging Face directory, the GGUF exported from it and a quantized checkpoint of it, each
     with the model's parameter count (transformers' own), how its tensors are stored, and the tokenizer; for the
-    quantized checkpoint the bits its 8-bit channels reach and the bytes its arrays take, equal to what loading it
-    gives; a path that is no model is a user error."""
+    quantized checkpoint the bits its 8-bit channels reach, the bytes its arrays take (equal to what loading it gives)
+    and the perplexities `convert --eval-tokens` recorded (equal to an independent evaluation); a path that is no
+    model is a user error."""
     import jax
 
     import convert
+    from mixjax import data
     from mixjax.config import LlamaConfig
+    from mixjax.evaluate import perplexity
 
     directory, model, tokenizer = tiny_model
     n_params = sum(p.numel() for p in model.parameters())
@@ -465,19 +468,28 @@ def test_info_describes_each_source_without_loading_it(tiny_model, tmp_path, cap
     assert info["format"] == "GGUF file" and info["parameters"] == n_params
     assert info["storage"] == {"GGML Q8_0": 16, "GGML F32": 5} and info["tokenizer"]["tokens"] == VOCAB
 
-    quantized = tmp_path / "q"
-    assert cli.main(["convert", str(directory), str(quantized), "--data", str(_text(tmp_path, n_words=3000)),
-                     "--samples", "2", "--seq-len", "32", "--quiet"]) == 0
+    quantized, corpus = tmp_path / "q", _text(tmp_path, n_words=3000)
+    assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "2",
+                     "--seq-len", "32", "--eval-tokens", "200", "--eval-data", str(corpus)]) == 0
+    assert "perplexity on 2×96 tokens of" in capsys.readouterr().out  # the context (96) caps the windows
+    assert cli.main(["info", str(quantized)]) == 0
+    assert "perplexity on 2×96 tokens of" in capsys.readouterr().out
     assert cli.main(["info", str(quantized), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     q = info["quantization"]
     assert info["format"] == "quantized mixjax checkpoint"
-    assert LlamaConfig.from_dict(info["config"]) == convert.load(directory)[0]
+    info_cfg = LlamaConfig.from_dict(info["config"])
+    assert info_cfg == convert.load(directory)[0]
     assert q["average_bits"] == pytest.approx(4.4, abs=0.05) and q["kernel_format"]
     assert info["provenance"]["source"] == str(directory) and info["provenance"]["calibration"]["samples"] == 2
     assert set(q["int8_share"]) == {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}
     _, qparams = convert.load(quantized)
     assert q["weight_bytes"] == sum(leaf.nbytes for leaf in jax.tree.leaves(qparams))
+    windows = data.eval_windows(tokenizer, corpus, seq_len=96, max_tokens=200)
+    evaluation = info["provenance"]["evaluation"]
+    assert evaluation["float"] == pytest.approx(perplexity(convert.load(directory)[1], info_cfg, windows), rel=1e-5)
+    assert evaluation["quantized"] == pytest.approx(perplexity(qparams, info_cfg, windows), rel=1e-5)
+    assert evaluation["quantized"] != pytest.approx(evaluation["float"], rel=1e-4)
     assert cli.main(["info", str(tmp_path / "nothing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err

@@ -47,6 +47,11 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--devices", default="all", metavar="N|all",
                    help="local devices the calibration samples are split over (default all; the params are "
                         "replicated on each, so each needs the memory one device would)")
+    p.add_argument("--eval-tokens", type=int, default=0, metavar="N",
+                   help="also measure the float and the quantized perplexity on N tokens of --eval-data and record "
+                        "them in the checkpoint (`mixjax info` shows them; default 0: skip)")
+    p.add_argument("--eval-data", default="wikipedia", metavar="NAME|FILE",
+                   help="text of --eval-tokens: wikipedia (default), owt, wikitext2, c4 (online), or a file")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out directory")
     p.add_argument("--quiet", action="store_true", help="no progress bars, no report")
 
@@ -67,6 +72,8 @@ def run(args) -> None:
     from mixjax.quant.pipeline import quantize_model
 
     _check_counts(args, ("samples", "seq_len", "batch_size"), windows=("seq_len",))
+    if args.eval_tokens and args.eval_tokens < 2:
+        raise ValueError(f"--eval-tokens must be 0 (skip) or at least 2, got {args.eval_tokens}")
     devices = parse_devices(args.devices)
     local = args.salience == "local"
     config = QuantConfig(bits=args.bits, budget=args.budget, salience="fisher" if local else args.salience,
@@ -74,7 +81,8 @@ def run(args) -> None:
                          head_bits=args.head_bits)
     quantize_model(model_path=args.model, out=args.out, config=config, data=args.data, samples=args.samples,
                    seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
-                   log=(lambda *_: None) if args.quiet else print, devices=devices)
+                   log=(lambda *_: None) if args.quiet else print, devices=devices, eval_tokens=args.eval_tokens,
+                   eval_data=args.eval_data)
 
 
 

@@ -13,11 +13,14 @@ from mixjax.quant.report import QuantReport
 def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLike, config: QuantConfig = QuantConfig(),
                    data: str = "owt", samples: int = 128, seq_len: int = 2048, seed: int = 0,
                    force: bool = False, progress: bool = True, log=print,
-                   devices: int | None = None) -> QuantReport:
+                   devices: int | None = None, eval_tokens: int = 0, eval_data: str = "wikipedia") -> QuantReport:
     """Quantizes a model (Hugging Face dir, .gguf, mixjax checkpoint; None = the embedded model) and saves it.
 
     Checks the output path before any work: an existing `out` needs `force=True`.
     devices: local devices the calibration samples are split over (None: all; `mixjax.parallel`).
+    eval_tokens: > 0 also measures the float and the quantized model's perplexity on that many tokens of
+      `eval_data` (windows of up to 2048 tokens), logs both and records them in the checkpoint
+      (`extra["evaluation"]`, which `mixjax info` shows).
     """
     import jax.numpy as jnp
 
@@ -45,12 +48,31 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
         log(f"calibration samples split over {n} devices"
             + (f" (each batch of {config.batch_size} padded to {-(-config.batch_size // n) * n}: "
                f"--batch-size {n} or a multiple of it wastes nothing)" if config.batch_size % n else ""))
+    windows = None
+    if eval_tokens:  # read before the work, so a bad source fails first
+        eval_len = min(2048, cfg.max_position_embeddings, eval_tokens)
+        windows = data_mod.eval_windows(tokenizer, eval_data, seq_len=eval_len, max_tokens=eval_tokens)
+        if len(windows) == 0:
+            raise ValueError(f"--eval-tokens {eval_tokens}: {eval_data} holds fewer than {eval_len} tokens")
     qparams, report = quantize(params, calib, cfg, config=config, return_report=True, progress=progress, mesh=mesh)
+    extra = {"source": str(path), "calibration": {"data": str(data), "samples": samples, "seq_len": seq_len,
+                                                  "seed": seed}}
+    if windows is not None:
+        extra["evaluation"] = _evaluate(params, qparams, cfg, windows, str(eval_data), mesh, log)
     with tempfile.TemporaryDirectory() as tmp:
         tokenizer.save_pretrained(tmp)
-        save_quantized(target, qparams, cfg, config=config, files={"tokenizer": tmp}, force=force,
-                       extra={"source": str(path), "calibration": {"data": str(data), "samples": samples,
-                                                                   "seq_len": seq_len, "seed": seed}})
+        save_quantized(target, qparams, cfg, config=config, files={"tokenizer": tmp}, force=force, extra=extra)
     log(str(report))
     log(f"saved to {target}")
     return report
+
+
+def _evaluate(params, qparams, cfg, windows, data: str, mesh, log) -> dict:
+    """Float and quantized perplexity on the same windows, as `extra["evaluation"]` records them."""
+    from mixjax.evaluate import perplexity
+
+    fp = perplexity(params, cfg, windows, mesh=mesh)
+    quantized = perplexity(qparams, cfg, windows, mesh=mesh)
+    n, t = windows.shape
+    log(f"perplexity on {n}×{t} tokens of {data}: float {fp:.3f}, quantized {quantized:.3f} ({quantized - fp:+.3f})")
+    return {"data": data, "windows": int(n), "seq_len": int(t), "float": fp, "quantized": quantized}
