@@ -700,6 +700,12 @@ case "$part" in
       --batches "" --repeats 5 --prefill-len 2048 --profile --profile-top 3 --budget-s 320 \
       --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
     ;;
+  s29b)  # the smallest form of s29a, for what a few refused starts leave: bf16, MixLLM and selective at 2048 tokens
+    header
+    timeout 230 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@psel+h4 \
+      --batches "" --repeats 3 --prefill-len 2048 --budget-s 220 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
