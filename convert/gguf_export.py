@@ -183,17 +183,9 @@ def _encode(name: str, value, kind) -> np.ndarray:
     peak = float(np.max(np.abs(w))) if w.size else 0.0
     if kind in (T.F16, T.Q8_0) and peak > _F16_MAX * (127 if kind == T.Q8_0 else 1):
         raise ConvertError(f"{name} overflows float16 (|w| up to {peak:.3g}): export it as bfloat16 or float32")
-    if kind == T.F32:
-        return w
-    if kind == T.F16:
-        return w.astype(np.float16)
+    if kind in (T.F32, T.F16):
+        return w.astype(np.float16 if kind == T.F16 else np.float32).view(np.uint8)
     return gguf.quants.quantize(w, kind)  # uint8 rows of blocks: BF16 and Q8_0
-
-
-def _nbytes(shape, kind) -> int:
-    from gguf.quants import quant_shape_to_byte_shape
-
-    return int(np.prod(quant_shape_to_byte_shape(shape, kind)))
 
 
 def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str = "float32", tokenizer=None,
@@ -205,6 +197,7 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
     or beyond float16's range while writing stops the export with nothing written."""
     import gguf
     from gguf import GGMLQuantizationType as T
+    from gguf.quants import quant_shape_to_byte_shape
 
     target = Path(path).expanduser().absolute()
     if target.suffix != ".gguf":
@@ -251,15 +244,10 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
             writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
         for method, value in fields:
             getattr(writer, method)(value)
-        for tensor_name, shape, _, kind in tensors:
-            if kind in (T.F32, T.F16):
-                writer.add_tensor_info(tensor_name, shape, np.dtype(np.float32 if kind == T.F32 else np.float16),
-                                       _nbytes(shape, kind))
-            else:
-                from gguf.quants import quant_shape_to_byte_shape
-
-                writer.add_tensor_info(tensor_name, quant_shape_to_byte_shape(shape, kind), np.dtype(np.uint8),
-                                       _nbytes(shape, kind), raw_dtype=kind)
+        for tensor_name, shape, _, kind in tensors:  # every type as its bytes: [..., row bytes] uint8
+            byte_shape = quant_shape_to_byte_shape(shape, kind)
+            writer.add_tensor_info(tensor_name, byte_shape, np.dtype(np.uint8), int(np.prod(byte_shape)),
+                                   raw_dtype=kind)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
