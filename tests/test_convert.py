@@ -798,3 +798,18 @@ def test_gguf_export_refuses_before_writing(make_tiny_hf, tmp_path, monkeypatch)
     os.umask(umask)
     assert before.st_mode & 0o777 == 0o666 & ~umask
     assert convert.save_gguf(target, params, cfg, force=True).stat().st_size > before.st_size  # f32 over q8_0
+
+
+def test_written_checkpoints_get_the_usual_permissions(tiny_params, make_tiny_hf, tmp_path):
+    """A checkpoint and a Hugging Face export are filled in a temporary directory and renamed into place; they end
+    with a new directory's usual permissions, not the temporary directory's owner-only ones."""
+    import os
+
+    umask = os.umask(0)
+    os.umask(umask)
+    cfg, params = tiny_params
+    written = [convert.save_checkpoint(tmp_path / "ckpt", params, cfg)]
+    directory, _ = make_tiny_hf("llama")
+    written.append(convert.save_hf(tmp_path / "hf", *reversed(convert.load(directory))))
+    for path in written:
+        assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path
