@@ -150,7 +150,7 @@ def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
 
 
 def _tensors(params, cfg: LlamaConfig, qtype):
-    """(GGUF name, numpy getter, GGML type) of every tensor, rows permuted for `llama`, plus rope_freqs."""
+    """(GGUF name, shape, numpy getter, GGML type) of every tensor, q/k rows permuted for `llama`, plus rope_freqs."""
     from gguf import GGMLQuantizationType as T
 
     from convert.hf import export_tensors
@@ -218,8 +218,8 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
 
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:8]}")  # created by the writer, as any new file
+    writer = gguf.GGUFWriter(tmp, arch)
     try:
-        writer = gguf.GGUFWriter(tmp, arch)
         writer.add_type(gguf.GGUFType.MODEL)
         writer.add_name(name or target.stem)
         writer.add_context_length(cfg.max_position_embeddings)
@@ -256,6 +256,7 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
         writer.close()
         os.replace(tmp, target)
     finally:
+        writer.close()  # a no-op once closed
         if tmp.exists():
             tmp.unlink()
     return target
