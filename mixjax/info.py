@@ -111,25 +111,21 @@ def _checkpoint_info(p: Path) -> ModelInfo:
     meta = orbax_io.read_metadata(p)
     cfg = LlamaConfig.from_dict(meta["config"])
     q = meta.get("extra", {}).get("quantization")
-    storage = {}
     if q is None:
-        from convert.layout import flat_shapes
+        import jax
 
-        paths = flat_shapes(cfg)
-        per_layer = sum(p.startswith("layers.") for p in paths)
-        n = len(paths) if meta.get("layers") == "stacked" else len(paths) - per_layer + per_layer * cfg.num_hidden_layers
-        storage = {f"orbax {meta.get('dtype')} arrays ({meta.get('layers')} layers)": n}
-    quantization = None if q is None else _quantization(cfg, q)
-    if quantization is not None:
-        storage = quantization.pop("storage")
+        n = len(jax.tree.leaves(orbax_io.abstract_float_params(cfg, meta["dtype"], meta["layers"])))
+        quantization, storage = None, {f"orbax {meta['dtype']} arrays ({meta['layers']} layers)": n}
+    else:
+        quantization, storage = _quantization(cfg, q)
     provenance = {k: v for k, v in meta.get("extra", {}).items() if k != "quantization"} or None
     return ModelInfo(str(p), "mixjax checkpoint" if q is None else "quantized mixjax checkpoint", cfg, _parameters(cfg),
                      _disk_bytes(p), storage, _tokenizer(p), quantization, provenance)
 
 
-def _quantization(cfg: LlamaConfig, q: dict) -> dict[str, Any]:
-    """The quantization a checkpoint's metadata records: its config, the 8-bit share of each linear type, the
-    average bits of the decoder linears' weights (scales and zeros not counted), the stored bytes by kind."""
+def _quantization(cfg: LlamaConfig, q: dict) -> tuple[dict[str, Any], dict[str, int]]:
+    """The quantization a checkpoint's metadata records (its config, the 8-bit share of each linear type, the
+    average bits of the decoder linears' weights, scales and zeros not counted), and its arrays by dtype."""
     import jax
     import numpy as np
 
@@ -151,9 +147,8 @@ def _quantization(cfg: LlamaConfig, q: dict) -> dict[str, Any]:
     for leaf in jax.tree.leaves(abstract):
         storage[f"{np.dtype(leaf.dtype).name} arrays"] += 1
     weight_bytes = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(abstract))
-    return {"config": q["config"], "config_dtype": q["dtype"], "label": describe(config), "kernel_format": config.kernel_compatible,
-            "int8_share": share, "average_bits": bits / elements, "weight_bytes": weight_bytes,
-            "storage": dict(storage)}
+    return {"config": q["config"], "config_dtype": q["dtype"], "label": describe(config),
+            "kernel_format": config.kernel_compatible, "int8_share": share, "average_bits": bits / elements, "weight_bytes": weight_bytes}, dict(storage)
 
 
 def _size(n: float, unit: str = "B") -> str:
