@@ -54,6 +54,8 @@ into the cache by XLA's scatter in the tokens' order (before session 23) or by t
 `@ptok`: one activation scale a row in the prefill GEMMs (`mgpu.PREFILL_ACT_SCALE = "token"`; decode per group;
 the norms and SwiGLU hand those GEMMs codes with one scale a row since session 28, `@ptok@nopcodes` leaves them out);
 `@psel`: one activation scale a row in o_proj's and gate/up's prefill GEMMs only (`PREFILL_ACT_SCALE = "selective"`);
+`@static`: static activation scales, one per input group calibrated ahead (`pallas_kernels.static`: codes by XLA ops,
+at prefill the scales folded into the weight's and the GEMM's per-token rescale; the static-vs-dynamic ablation's speed);
 `@short`: linears of 65–512 rows take the swapped-operand kernel in column tiles (`api.MGPU_SHORT_M = (65, 512)`,
 the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out, `@short64` in
 column tiles of 64 rows instead of 128);
@@ -212,6 +214,8 @@ def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
         from mixjax.quant.api import quantize_head
 
         params = {**params, **quantize_head(params, cfg, bits=head_bits)}
+    if "static" in (split_variant(name)[1] or "").split("@"):
+        params = with_static_scales(params)
     if args.fuse and args.tensor_parallel == 1:  # layer by layer, so the unfused copy of only one layer is alive
         # at a time (tensor parallel: `shard_model` fuses each device's share)
         stacked = not isinstance(params["layers"], (tuple, list))
@@ -224,6 +228,18 @@ def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
     if "pint8" in (split_variant(name)[1] or "").split("@"):  # after fusing, as `generate_text` does
         params = model.int8_prefill(params)
     return params
+
+
+def with_static_scales(params: dict) -> dict:
+    """`@static`: every decoder `MixedWeight` behind static activation scales (`pallas_kernels.static_weight`), one
+    maximum per input group shared by the linears of one input (so q/k/v and gate/up still fuse). The value (4.0)
+    does not change the work: only speed is measured."""
+    from pallas_kernels import MixedWeight, static_weight
+
+    def wrap(w):
+        return static_weight(w, jnp.full((w.num_groups,), 4.0, jnp.float32)) if isinstance(w, MixedWeight) else w
+
+    return {**params, "layers": jax.tree.map(wrap, params["layers"], is_leaf=lambda x: isinstance(x, MixedWeight))}
 
 
 def _build_base(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
@@ -380,7 +396,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
-              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64")
+              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -477,6 +493,8 @@ def _apply_strategy(strategy: str) -> None:
         mgpu.mixed_matmul_mgpu = functools.partial(mgpu.mixed_matmul_mgpu, config=cfg)
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
+    elif strategy == "static":  # the params themselves change (`build_variant`: `with_static_scales`)
+        pass
     else:
         raise ValueError(f"unknown strategy @{strategy}")
 

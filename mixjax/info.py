@@ -131,11 +131,12 @@ def _quantization(cfg: LlamaConfig, q: dict) -> tuple[dict[str, Any], dict[str, 
 
     from mixjax import model
     from mixjax.quant.ablate import describe
-    from mixjax.quant.checkpoint import abstract_quantized_params, config_from_dict
+    from mixjax.quant.checkpoint import abstract_quantized_params, config_from_dict, stored_linear_form
     from mixjax.quant.salience import linear_weight
 
     config = config_from_dict(q["config"])
-    abstract = abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"], q.get("head_n8"))
+    form = stored_linear_form(q)
+    abstract = abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"], q.get("head_n8"), form=form)
     share, elements, bits = {}, 0, 0.0
     for name in model.LINEAR_NAMES:
         n, k = linear_weight(abstract["layers"][0], name).shape
@@ -148,7 +149,7 @@ def _quantization(cfg: LlamaConfig, q: dict) -> tuple[dict[str, Any], dict[str, 
         storage[f"{np.dtype(leaf.dtype).name} arrays"] += 1
     weight_bytes = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(abstract))
     return {"config": q["config"], "config_dtype": q["dtype"], "label": describe(config),
-            "kernel_format": config.kernel_compatible, "int8_share": share, "average_bits": bits / elements, "weight_bytes": weight_bytes}, dict(storage)
+            "kernel_format": form != "fake_quant", "int8_share": share, "average_bits": bits / elements, "weight_bytes": weight_bytes}, dict(storage)
 
 
 def _size(n: float, unit: str = "B") -> str:

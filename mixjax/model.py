@@ -162,10 +162,11 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
     Same outputs, fewer and larger matmuls: each fused linear quantizes its input once and runs as one
     kernel launch, which is what decode time is made of (benchmarks/results/generation.md). Float weights
     (stacked or per layer) are concatenated along N; `MixedWeight`s through `pallas_kernels.concat_mixed`
-    (exact). Groups mixing weight kinds (e.g. fake-quant simulation) stay unfused. Do it once after
+    (exact), `StaticMixedWeight`s too when their calibrated input maxima are equal (as `quantize` makes them).
+    Groups mixing weight kinds (e.g. fake-quant simulation) stay unfused. Do it once after
     loading, for inference; checkpoints, salience and quantization use the unfused names. Idempotent.
     """
-    from pallas_kernels import MixedWeight
+    from pallas_kernels import MixedWeight, StaticMixedWeight
     from pallas_kernels.fuse import concat_mixed
 
     stacked = not isinstance(params["layers"], (tuple, list))
@@ -174,6 +175,8 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
         ws = [entries[name]["weight"] for name in members]
         if all(isinstance(w, MixedWeight) for w in ws):
             fused = {"weight": concat_mixed(ws)}
+        elif all(isinstance(w, StaticMixedWeight) for w in ws) and _same_maxima(ws):
+            fused = {"weight": StaticMixedWeight(concat_mixed([w.qw for w in ws]), ws[0].a_absmax)}
         elif all(hasattr(w, "dtype") and not isinstance(w, QuantizedLinear) for w in ws):
             fused = {"weight": jnp.concatenate(ws, axis=1 if stacked else 0)}
         else:
@@ -196,6 +199,15 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
 
     layers = fuse_layer(params["layers"]) if stacked else tuple(fuse_layer(layer) for layer in params["layers"])
     return {**params, "layers": layers}
+
+
+def _same_maxima(ws) -> bool:
+    """Whether static-scale weights share their calibrated input maxima (linears of one input do: `quantize` takes
+    them from that input), so one quantization of the input serves their fused weight. False under tracing."""
+    arrays = [w.a_absmax for w in ws]
+    if any(isinstance(a, jax.core.Tracer) for a in arrays):
+        return False
+    return all(a.shape == arrays[0].shape and bool(jnp.array_equal(a, arrays[0])) for a in arrays[1:])
 
 
 def get_path(tree: dict, dotted: str):

@@ -143,8 +143,9 @@ class RowParallel:
     def matmul(self, x: jax.Array, *, implementation: str = "auto") -> jax.Array:
         from mixjax.linear import QuantizedLinear
         from pallas_kernels.format import MixedWeight
+        from pallas_kernels.static import StaticMixedWeight
 
-        if isinstance(self.w, MixedWeight):
+        if isinstance(self.w, (MixedWeight, StaticMixedWeight)):
             part = jnp.sum(self.w.matmul(x, implementation=implementation, partials=True), axis=0)  # f32 [..., N]
         elif isinstance(self.w, QuantizedLinear):
             part = self.w.matmul(x, implementation=implementation).astype(jnp.float32)
@@ -186,6 +187,7 @@ def shard_model(params: dict, cfg, mesh: Mesh, *, fuse: bool = True) -> dict:
     from mixjax import model
     from pallas_kernels.format import MixedWeight
     from pallas_kernels.shard import split_channels, split_groups
+    from pallas_kernels.static import StaticMixedWeight
 
     if not isinstance(mesh, Mesh) or mesh.axis_names != (MODEL_AXIS,):
         raise ValueError(f"shard_model needs a one-axis mesh named {MODEL_AXIS!r} (mixjax.model_mesh(devices))")
@@ -194,6 +196,10 @@ def shard_model(params: dict, cfg, mesh: Mesh, *, fuse: bool = True) -> dict:
     params = model.unstack_layers(params)
 
     def split(w, axis, path):
+        if isinstance(w, StaticMixedWeight):  # the calibrated maxima follow the input features
+            parts_q, g = split(w.qw, axis, path), w.a_absmax.shape[0] // parts
+            return [StaticMixedWeight(q, w.a_absmax if axis == 0 else w.a_absmax[d * g:(d + 1) * g])
+                    for d, q in enumerate(parts_q)]
         if isinstance(w, MixedWeight):
             try:
                 return split_channels(w, parts) if axis == 0 else split_groups(w, parts)
@@ -201,7 +207,8 @@ def shard_model(params: dict, cfg, mesh: Mesh, *, fuse: bool = True) -> dict:
                 raise ValueError(f"{path}: {e}; a quantized model splits K only at groups of 128 "
                                  f"(try fewer devices)") from None
         if not hasattr(w, "dtype") or w.ndim != 2:
-            raise ValueError(f"{path} is a {type(w).__name__}; shard_model splits float arrays and MixedWeights")
+            raise ValueError(f"{path} is a {type(w).__name__}; shard_model splits float arrays, MixedWeights and "
+                             "StaticMixedWeights")
         return jnp.split(w, parts, axis=axis)
 
     per_device = [[] for _ in range(parts)]

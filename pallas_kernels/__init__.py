@@ -9,15 +9,18 @@ decode kernel (`pallas_kernels.mgpu_decode`, TMA-streamed packed weight) is an e
 yet dispatched (measured slower than the GEMV at M = 1). Entry points and GPU dispatch: `pallas_kernels.api`.
 Beside the linears: `pallas_kernels.norm` (residual add + RMSNorm, optionally emitting int8 codes) and
 `pallas_kernels.attention` (grouped-query attention over a KV cache; the decode step in one launch).
+Static activation scales (the static-vs-dynamic ablation on the kernels): `pallas_kernels.static`.
 """
 
 from pallas_kernels.api import mixed_matmul, quantize_activations
 from pallas_kernels.attention import attend_ref, decode_attention_pallas, decode_attention_ref
 from pallas_kernels.format import MixedWeight, dequantize, pack_mixed, pack_rtn, quantize_rtn, take_rows
 from pallas_kernels.reference import dequant_matmul_ref, mixed_matmul_ref, quantize_activations_ref
+from pallas_kernels.static import StaticMixedWeight, static_weight
 
 __all__ = [
     "MixedWeight",
+    "StaticMixedWeight",
     "attend_ref",
     "decode_attention_pallas",
     "decode_attention_ref",
@@ -30,5 +33,6 @@ __all__ = [
     "quantize_activations",
     "quantize_activations_ref",
     "quantize_rtn",
+    "static_weight",
     "take_rows",
 ]

@@ -126,8 +126,8 @@ def mixed_matmul(
 
     On GPU the path is picked by `select_gpu_path`; `interpret=True` always emulates the Pallas kernel.
     `QuantizedActivations` (codes from the producer of x) go to the integer kernels without their
-    quantization step (the Mosaic GPU prefill GEMM too); the XLA path takes the codes as they are, and
-    "dequant_dot" their dequantized values.
+    quantization step (the Mosaic GPU prefill GEMM too); the XLA path and "dequant_dot" take the codes as
+    they are.
     `NormedActivations` (a norm's first launch only)
     go to the GEMV, which normalizes and quantizes its own groups; other paths make the codes first
     (`norm.normed_codes`, the reference on XLA). `partials=True` returns the split-K kernels'
@@ -163,8 +163,6 @@ def mixed_matmul(
         from pallas_kernels import gemv
 
         return gemv.mixed_gemv_pallas(x, qw, interpret=interpret, partials=partials)
-    if pre and path == "dequant_dot":
-        x = x.dequantize().reshape(m, qw.k)
     if path == "mgpu":
         from pallas_kernels.mgpu import mixed_matmul_mgpu
 

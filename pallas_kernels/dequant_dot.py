@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, MixedWeight, QuantizedActivations
 from pallas_kernels.reference import quantize_activations_ref
 
 DEQUANT_DOT_MIN_M = 512  # tokens from which the api prefers this path (crossover of the H100 tables)
@@ -44,12 +44,19 @@ def dequantize_bf16(qw: MixedWeight) -> jax.Array:  # bf16 [N, Kp], channel orde
 
 
 @jax.jit
-def dequant_dot_matmul(x: jax.Array, qw: MixedWeight) -> jax.Array:
-    """x [M, K] float → [M, N] x.dtype: int8-fake-quantized activations × bf16-dequantized weight (XLA dot)."""
-    x_q, a_scale = quantize_activations_ref(x)  # [M, Kp] int8, [M, G]
+def dequant_dot_matmul(x, qw: MixedWeight) -> jax.Array:
+    """x [M, K] float → [M, N] x.dtype: int8-fake-quantized activations × bf16-dequantized weight (XLA dot).
+    x may be `QuantizedActivations` (a producer's codes, static or one-a-row scales): their codes and scales as they
+    are, x̂ = bf16(x_q · s_a), where dequantizing and quantizing them again would move codes whose group
+    maximum is not 127."""
+    if isinstance(x, QuantizedActivations):
+        m, dtype = x.m, jnp.dtype(x.dtype)
+        x_q, a_scale = x.x_q[:m], x.a_scale[:, :m].T
+    else:
+        (x_q, a_scale), dtype = quantize_activations_ref(x), x.dtype  # [M, Kp] int8, [M, G]
     m, kp = x_q.shape
     x_hat = (x_q.reshape(m, -1, GROUP_SIZE).astype(jnp.float32) * a_scale[..., None]).reshape(m, kp)
     y = lax.dot_general(x_hat.astype(jnp.bfloat16), dequantize_bf16(qw), (((1,), (1,)), ((), ())),
                         preferred_element_type=jnp.float32)  # [M, N]
-    return y.astype(x.dtype)
+    return y.astype(dtype)
 

@@ -335,10 +335,19 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     assert two["perplexity"] == pytest.approx(sim["perplexity"], rel=1e-4)
     assert 1e-6 < abs(one["perplexity"] / two["perplexity"] - 1) < 0.1  # (this random model: ≈ 3 %)
 
+    # static MSE-clipped scales on the kernels: `convert --act-scales static-mse` with the study's calibration gives
+    # the activations study's last row (simulated) to f32 summation order
+    from mixjax.quant.checkpoint import load_quantized
+    from pallas_kernels import StaticMixedWeight
+
     quantized = tmp_path / "q"
-    assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "2",
-                     "--seq-len", "32", "--quiet"]) == 0
+    assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "4",
+                     "--seq-len", "32", "--batch-size", "2", "--act-scales", "static-mse", "--quiet"]) == 0
     capsys.readouterr()
+    _, static_qp, static_config = load_quantized(quantized)
+    assert static_config.act.static and static_config.act.static_calib == "mse"
+    assert isinstance(static_qp["layers"][0]["mlp"]["down_proj"]["weight"], StaticMixedWeight)
+    assert perplexity(static_qp, cfg, windows, batch_size=2) == pytest.approx(rows[3]["perplexity"], rel=1e-4)
     assert cli.main(["ablate", "salience", *opts, "--model", str(quantized)]) == 2
     assert "is a quantized mixjax checkpoint" in capsys.readouterr().err
 

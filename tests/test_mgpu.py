@@ -379,6 +379,23 @@ def test_codes_with_one_scale_a_row_take_the_token_rescale(monkeypatch):
     assert _rel(y, (x_q.astype(jnp.float32) * sa.T)[:, :k] @ qw.dequantize().T) < 1e-5
 
 
+@isolated
+def test_static_scales_folded_into_the_weight_take_the_token_rescale():
+    """Static activation scales at prefill (`pallas_kernels.static`): codes whose scale is 1 a row and the weight's
+    scales multiplied by each group's static scale go through the per-token rescale, and give the per-(row, group)
+    reference of the same codes to f32 rounding."""
+    from pallas_kernels import static
+
+    m, k, qw, x = _uneven_groups_case()
+    a = jnp.max(jnp.abs(x), axis=0).reshape(-1, 128).max(axis=1) * 0.8  # some values clip
+    codes = static.static_codes(x, a)
+    want = ref.mixed_codes_matmul_ref(codes.x_q, codes.a_scale.T, qw)
+    y = mgpu.mixed_matmul_mgpu(static.static_codes(x, a, unit_scale=True), static.fold_scales(qw, a),
+                               interpret=INTERPRET)
+    assert y.shape == (m, qw.n) and y.dtype == jnp.float32
+    assert _rel(y, want) < 1e-5
+
+
 def test_bad_configs_and_shapes_are_named():
     with pytest.raises(ValueError, match="tile_m"):
         mgpu.MgpuConfig(tile_m=96)

@@ -118,6 +118,11 @@ TWO_DEVICES_TENSOR_PARALLEL = textwrap.dedent("""
                      type(down).__name__, down.w.k]
     windows = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (3, 16), 0, cfg.vocab_size), np.int32)
     whole = {"float": params, "quantized": quantized}
+    from mixjax.quant import QuantConfig
+    from mixjax.quant.activations import ActFormat
+    whole["static"] = quantize(params, [tokens], cfg, config=QuantConfig(act=ActFormat(static=True), gptq=False))
+    split["static"] = shard_model(whole["static"], cfg, mesh)
+    out["static_down"] = type(split["static"]["layers"][0]["mlp"]["down_proj"]["weight"].w).__name__
     out["ppl"] = {k: [perplexity(whole[k], cfg, windows), perplexity(split[k], cfg, windows, mesh=mesh)]
                   for k in whole}
     rng = np.random.default_rng(0)
@@ -143,6 +148,8 @@ def test_two_devices_tensor_parallel_give_one_devices_perplexity_and_tokens():
     # down_proj's half of the MLP features behind the psum
     assert out["layout"][0] == "MixedWeight" and out["layout"][2] == 2 and out["layout"][3] == (4 + 2 + 2) * 64 // 2
     assert out["layout"][4:] == ["RowParallel", 256]
+    assert out["static_down"] == "StaticMixedWeight"  # static scales: each device its groups' maxima
+    assert set(out["ppl"]) == {"float", "quantized", "static"}
     for single, split in out["ppl"].values():
         assert split == pytest.approx(single, rel=1e-5)
     # greedy, sampled, progressive (float prompt, quantized decode) and an int8 cache: the same tokens

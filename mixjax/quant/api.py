@@ -8,9 +8,10 @@ Pipeline (`quantize`):
    calibration batches (memory: one [K, K] per linear of one layer, never all inputs), quantize the
    layer's linears (GPTQ and/or clipping search, or RTN), then run the quantized layer to produce the
    next layer's inputs;
-4. pack: kernel-compatible configurations (int4 asym / int8 sym groups of 128, int8 dynamic activations
-   per (token, group of 128)) give `pallas_kernels.MixedWeight`s; every other configuration gives
-   `FakeQuantWeight`s (dequantized float weight + activation fake-quant). Both are `QuantizedLinear`s.
+4. pack: kernel-compatible configurations (int4 asym / int8 sym groups of 128, int8 activations per group of
+   128: dynamic per (token, group), or static per group) give `pallas_kernels.MixedWeight`s
+   (`pallas_kernels.StaticMixedWeight`s holding the calibrated maxima when static); every other configuration
+   gives `FakeQuantWeight`s (dequantized float weight + activation fake-quant). All are `QuantizedLinear`s.
 
 The returned params keep the float norms and biases; `"layers"` is a tuple of per-layer dicts (DESIGN.md's
 quantized layout). The token embedding table and the LM head stay float unless `QuantConfig.head_bits` is
@@ -98,8 +99,10 @@ class QuantConfig:
 
     @property
     def kernel_compatible(self) -> bool:
-        """True when `pallas_kernels.MixedWeight` + `mixed_matmul` compute exactly this configuration."""
-        return self.weight == WeightFormat(128, False) and self.act == ActFormat(8, "group", 128, False)
+        """True when `pallas_kernels.MixedWeight` + `mixed_matmul` compute exactly this configuration (with static
+        activation scales through `pallas_kernels.StaticMixedWeight`)."""
+        act = dataclasses.replace(self.act, static=False, static_calib="max")
+        return self.weight == WeightFormat(128, False) and act == ActFormat(8, "group", 128)
 
     @property
     def needs_calibration_inputs(self) -> bool:
@@ -284,7 +287,14 @@ def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8, mesh=N
         _check_finite_codes(qr, f"layers.{i}.{name}")
         a = absmax[name] if absmax is not None and config.act.static else None
         sim[name] = FakeQuantWeight(w=_dequantize(qr, fmt=config.weight).astype(w.dtype), a_absmax=a, act=config.act)
-        final[name] = _pack(qr) if config.kernel_compatible else sim[name]
+        if not config.kernel_compatible:
+            final[name] = sim[name]
+        elif a is None:
+            final[name] = _pack(qr)
+        else:
+            from pallas_kernels.static import static_weight
+
+            final[name] = static_weight(_pack(qr), a)
     return with_weights(layer, final), with_weights(layer, sim)
 
 

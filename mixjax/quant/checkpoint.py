@@ -5,12 +5,16 @@ A quantized checkpoint is an ordinary mixjax checkpoint (Orbax params + mixjax.j
 
     {"config": QuantConfig as a dict, "dtype": float dtype of the unquantized leaves,
      "n8": {linear name: [8-bit channel count of each layer]}, "a_groups": {linear name: G or 0},
+     "linear_form": "mixed" | "static_mixed" | "fake_quant",
      "head_n8": {"embed_tokens": 0 or V, "lm_head": 0 or V}}   # head_n8 only when config.head_bits is set
 
 `MixedWeight` array shapes follow from (N, K, n8) and the format's alignment. A `MixedWeight` is stored as its
 seven arrays (`_StoredMixedWeight`), whatever runtime-only fields it holds (the int8 prefill matrix is never
-written), so the stored tree is the same for checkpoints of every version; `FakeQuantWeight`s hold
-a float [N, K] weight and, for static activation scales, a [G] calibrated max. A quantized embedding table /
+written), so the stored tree is the same for checkpoints of every version; a `StaticMixedWeight` (static
+activation scales on the kernels) holds one and its [G] calibrated maxima; `FakeQuantWeight`s hold
+a float [N, K] weight and, for static activation scales, a [G] calibrated max. "linear_form" names which of the
+three the decoder linears are; checkpoints written before it existed (session 30) hold `FakeQuantWeight`s for
+every static or non-kernel configuration and `MixedWeight`s otherwise. A quantized embedding table /
 LM head is one more `MixedWeight` of shape (V, D) ("lm_head" absent when tied). Checkpoints written before
 head_bits existed have no such key in their config and load with float heads (head_bits=None).
 """
@@ -54,10 +58,32 @@ def quantization_metadata(qparams, config: QuantConfig) -> dict:
         absmax = getattr(ws[0], "a_absmax", None)
         a_groups[name] = 0 if absmax is None else int(absmax.shape[0])
     meta = {"config": config_to_dict(config), "dtype": str(jnp.dtype(qparams["norm"].dtype)),
-            "n8": n8, "a_groups": a_groups}
+            "n8": n8, "a_groups": a_groups, "linear_form": _linear_form(linear_weight(layers[0], model.LINEAR_NAMES[0]))}
     if config.head_bits is not None:
         meta["head_n8"] = {name: int(qparams[name].n8) for name in HEAD_NAMES if name in qparams}
     return meta
+
+
+def _linear_form(w) -> str:
+    from pallas_kernels import MixedWeight, StaticMixedWeight
+
+    for form, kind in (("mixed", MixedWeight), ("static_mixed", StaticMixedWeight), ("fake_quant", FakeQuantWeight)):
+        if isinstance(w, kind):
+            return form
+    raise TypeError(f"save_quantized: a decoder linear is a {type(w).__name__}; expected MixedWeight, "
+                    "StaticMixedWeight or FakeQuantWeight (the output of mixjax.quantize)")
+
+
+def stored_linear_form(q: dict) -> str:
+    """The decoder linears' form a checkpoint's `extra["quantization"]` records (see the module docstring)."""
+    form = q.get("linear_form")
+    if form is None:  # written before session 30: static scales were simulated
+        config = config_from_dict(q["config"])
+        return "mixed" if config.kernel_compatible and not config.act.static else "fake_quant"
+    if form not in ("mixed", "static_mixed", "fake_quant"):
+        raise ValueError(f"quantized checkpoint: unknown linear_form {form!r}; it was written by a newer mixjax "
+                         "(upgrade mixjax)")
+    return form
 
 
 def save_quantized(directory: str | os.PathLike, qparams, cfg: LlamaConfig, *, config: QuantConfig,
@@ -130,7 +156,8 @@ def load_quantized(directory: str | os.PathLike) -> tuple[LlamaConfig, dict, Qua
         raise ValueError(f"{directory}: not a quantized mixjax checkpoint (no extra.quantization in mixjax.json)")
     cfg = LlamaConfig.from_dict(meta["config"])
     config = config_from_dict(q["config"])
-    abstract = _to_stored(abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"], q.get("head_n8")))
+    abstract = _to_stored(abstract_quantized_params(cfg, config, q["dtype"], q["n8"], q["a_groups"], q.get("head_n8"),
+                                                    form=stored_linear_form(q)))
     stored = jax.tree.map(lambda s: None if s.size == 0 else s, abstract)
     _, qparams = convert.restore_checkpoint(directory, abstract_params=stored)
     return cfg, _from_stored(_refill_empty(qparams, abstract)), config
@@ -148,9 +175,14 @@ def _refill_empty(tree, abstract):
 
 
 def abstract_quantized_params(cfg: LlamaConfig, config: QuantConfig, dtype: str, n8: dict, a_groups: dict,
-                              head_n8: dict | None = None):
-    """The tree of ShapeDtypeStructs (MixedWeight/FakeQuantWeight leaves included) of quantized params."""
+                              head_n8: dict | None = None, *, form: str | None = None):
+    """The tree of ShapeDtypeStructs (MixedWeight/StaticMixedWeight/FakeQuantWeight leaves included) of quantized
+    params; form: the decoder linears' (`stored_linear_form`; None: what `quantize` makes of `config` today)."""
     from convert.orbax_io import abstract_float_params
+    from pallas_kernels import StaticMixedWeight
+
+    if form is None:
+        form = "fake_quant" if not config.kernel_compatible else "static_mixed" if config.act.static else "mixed"
 
     tree = abstract_float_params(cfg, dtype, "tuple")
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -160,8 +192,11 @@ def abstract_quantized_params(cfg: LlamaConfig, config: QuantConfig, dtype: str,
         new = {}
         for name in model.LINEAR_NAMES:
             n, k = linear_weight(layer, name).shape
-            if config.kernel_compatible:
+            if form == "mixed":
                 new[name] = _abstract_mixed(n, k, n8[name][i], sds)
+            elif form == "static_mixed":
+                new[name] = StaticMixedWeight(_abstract_mixed(n, k, n8[name][i], sds),
+                                              sds((a_groups[name],), "float32"))
             else:
                 g = a_groups.get(name, 0)
                 new[name] = FakeQuantWeight(w=sds((n, k), dtype), a_absmax=sds((g,), "float32") if g else None,

@@ -5,6 +5,16 @@ from __future__ import annotations
 import argparse
 
 SALIENCE_CHOICES = ("fisher", "diag", "first-order-off", "hvp", "local")
+ACT_SCALES = ("dynamic", "static", "static-mse")  # --act-scales → ActFormat
+
+
+def act_format(scales: str):
+    """--act-scales → the `ActFormat` of int8 activations per group of 128."""
+    from mixjax.quant.activations import ActFormat
+
+    if scales not in ACT_SCALES:
+        raise ValueError(f"--act-scales {scales!r}; expected one of {ACT_SCALES}")
+    return ActFormat(static=scales != "dynamic", static_calib="mse" if scales == "static-mse" else "max")
 
 
 def register(sub) -> None:
@@ -43,6 +53,10 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--head-bits", type=int, choices=(4, 8), default=None,
                    help="also quantize the token embedding table and the LM head: 8 (int8 g128) or 4 (int4 asym "
                         "g128); the head then takes int8 activations like every linear (default: keep them float)")
+    p.add_argument("--act-scales", choices=ACT_SCALES, default="dynamic",
+                   help="int8 activation scales: dynamic, one per token and group of 128 (MixLLM, default); static, "
+                        "one per group of 128 calibrated to the largest input seen, or static-mse, that maximum "
+                        "clipped for the least squared error (the static-vs-dynamic ablation, on the kernels)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--devices", default="all", metavar="N|all",
                    help="local devices the calibration samples are split over (default all; the params are "
@@ -78,7 +92,7 @@ def run(args) -> None:
     local = args.salience == "local"
     config = QuantConfig(bits=args.bits, budget=args.budget, salience="fisher" if local else args.salience,
                          local=local, gptq=args.gptq, clip=args.clip, batch_size=args.batch_size,
-                         head_bits=args.head_bits)
+                         head_bits=args.head_bits, act=act_format(getattr(args, "act_scales", "dynamic")))
     quantize_model(model_path=args.model, out=args.out, config=config, data=args.data, samples=args.samples,
                    seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
                    log=(lambda *_: None) if args.quiet else print, devices=devices, eval_tokens=args.eval_tokens,

@@ -76,10 +76,16 @@ class OneStepWeight:
 def as_one_step(qparams):
     """Replaces every `MixedWeight` leaf by `OneStepWeight(leaf)`: the same codes and activation rounding, the
     products formed in bf16 after dequantizing (the two-step dequantization off)."""
-    from pallas_kernels import MixedWeight
+    from pallas_kernels import MixedWeight, StaticMixedWeight
 
-    return jax.tree.map(lambda leaf: OneStepWeight(leaf) if isinstance(leaf, MixedWeight) else leaf, qparams,
-                        is_leaf=lambda x: isinstance(x, MixedWeight))
+    def convert(leaf):
+        if isinstance(leaf, StaticMixedWeight):
+            raise ValueError("as_one_step: this model quantizes its activations with static scales; the two-step "
+                             "dequantization ablation compares forms of MixLLM's dynamic scales (quantize with "
+                             "ActFormat(static=False))")
+        return OneStepWeight(leaf) if isinstance(leaf, MixedWeight) else leaf
+
+    return jax.tree.map(convert, qparams, is_leaf=lambda x: isinstance(x, (MixedWeight, StaticMixedWeight)))
 
 
 def dequantize_params(qparams):
@@ -95,13 +101,17 @@ def dequantize_params(qparams):
 
 def as_fake_quant(qparams, act: ActFormat = ActFormat()):
     """Replaces every `MixedWeight` leaf by the equivalent `FakeQuantWeight` (same codes, same int8
-    per-(token, group 128) activation rounding; only the float summation order differs). Useful where
+    per-(token, group 128) activation rounding; only the float summation order differs), and every
+    `StaticMixedWeight` by one with its calibrated maxima (`act` with static=True). Useful where
     the kernels' XLA reference is slow (CPU perplexity sweeps)."""
-    from pallas_kernels import MixedWeight
+    from pallas_kernels import MixedWeight, StaticMixedWeight
 
     def convert(leaf):
+        if isinstance(leaf, StaticMixedWeight):
+            return FakeQuantWeight(w=leaf.dequantize(), a_absmax=leaf.a_absmax,
+                                   act=dataclasses.replace(act, static=True))
         if isinstance(leaf, MixedWeight):
             return FakeQuantWeight(w=leaf.dequantize(), act=act)
         return leaf
 
-    return jax.tree.map(convert, qparams, is_leaf=lambda x: isinstance(x, MixedWeight))
+    return jax.tree.map(convert, qparams, is_leaf=lambda x: isinstance(x, (MixedWeight, StaticMixedWeight)))
