@@ -79,12 +79,12 @@ def test_matmul_equals_the_simulated_linear(m):
 
 @pytest.mark.parametrize("m, fold", [(1, False), (5, False), (5, True)])
 def test_kernels_take_static_codes(m, fold):
-    """The Pallas GEMV (M = 1) and MMA kernel (interpret mode) on static codes, per-(row, group) or folded
+    """The Pallas GEMV (M = 1) and MMA kernel (interpret mode on a CPU) on static codes, per-(row, group) or folded
     (scale 1 a row, the weight's scales multiplied): the reference's result to f32 rounding."""
     x, qw, a = _case(np.random.default_rng(), m, 200, 96)
     want = ref.mixed_codes_matmul_ref(static.static_codes(x, a).x_q, static.static_codes(x, a).a_scale.T, qw)
     codes, w = static.static_codes(x, a, unit_scale=fold), static.fold_scales(qw, a) if fold else qw
-    y = pk.mixed_matmul(codes, w, interpret=True)
+    y = pk.mixed_matmul(codes, w, interpret=jax.default_backend() != "gpu")  # the real kernels on a GPU
     assert y.shape == (m, 96) and y.dtype == jnp.float32
     assert _rel(y, want) < 1e-5
 
