@@ -17,7 +17,7 @@ With one activation scale a row (`row_scale`, the per-token prefill GEMM of `mgp
 a program needs its whole row: the row form gives one program a row, which walks the row twice in chunks of
 `ROW_CHUNK` groups, first for the row's maximum, then for the codes. Its second walk reads what the first read
 ≈ 57 KB before (F = 14336), so from L2 rather than memory. A chunk as wide as the row (128 groups) walks once,
-with the row in registers. Not yet measured on a GPU (`bench_norm.py --row-scale`).
+with the row in registers: the default (`ROW_CHUNK`, `ROW_WARPS`), the fastest row form measured on the H200.
 
 Arithmetic as `mixjax.model`: gate and up are the linear's output rounded to the dtype (Σ partials in f32),
 h = silu(gate)·up in the dtype (silu(x) = x·sigmoid(x), computed in f32 and rounded once — XLA may keep
@@ -42,7 +42,9 @@ from pallas_kernels.norm import chunk_cols, load_inv_rms, quant_rows, store_grou
 
 MAX_ROWS = 64  # tokens up to which the model takes this kernel at decode (one program per row and chunk)
 BLOCK_ROWS = 16  # rows a program of the blocked form (prefill, `model.PREFILL_CODES`); NOTES-kernels.md item 70
-ROW_CHUNK = 8  # groups of 128 a step of the row form's two walks (`row_scale`)
+ROW_CHUNK = 128  # groups of 128 a step of the row form (`row_scale`): 128 walks a row of up to 16384 features once,
+ROW_WARPS = 16  # with this many warps. H200, session 30 (`bench_norm.py --row-scale`, M = 2048, F = 14336): 59.3 µs
+# against 85.7 for 8 groups × 4 warps (the first default) and 49.1 for the per-group blocked form; NOTES item 100
 
 
 def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False, rms=None, row_scale: bool = False):
@@ -199,13 +201,14 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
 
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
-                          num_warps: int = 4, blocked: bool | int | None = None, rms=None, row_scale: bool = False,
+                          num_warps: int | None = None, blocked: bool | int | None = None, rms=None, row_scale: bool = False,
                           row_chunk: int | None = None, interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
     `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (8, 16, 32 or 64).
     None: blocked past `MAX_ROWS` rows (prefill). rms: a `format.RowRms` with one row per token (see the
-    reference). row_scale: one activation scale a row, by the row form (one program a row, `row_chunk` groups
-    a step, None: `ROW_CHUNK`; `chunk_groups` and `blocked` do not apply), on a linear's plain output (no
+    reference). num_warps None: 4, or `ROW_WARPS` in the row form. row_scale: one activation scale a row, by the
+    row form (one program a row, `row_chunk` groups a step, None: `ROW_CHUNK`; `chunk_groups` and `blocked` do
+    not apply), on a linear's plain output (no
     partials, no rms: the prefill GEMM's)."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
     if not jnp.issubdtype(dtype, jnp.floating):
@@ -217,6 +220,9 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
     if chunk_groups < 1 or chunk_groups & (chunk_groups - 1):
         raise ValueError(f"silu_mul_quant: chunk_groups must be a power of two ≥ 1, got {chunk_groups}")
     row_chunk = ROW_CHUNK if row_chunk is None else row_chunk
+    if row_scale and num_warps is None:
+        num_warps = ROW_WARPS
+    num_warps = 4 if num_warps is None else num_warps
     if row_chunk < 1 or row_chunk & (row_chunk - 1):
         raise ValueError(f"silu_mul_quant: row_chunk must be a power of two ≥ 1, got {row_chunk}")
     rows = math.prod(gate_up.shape[1:-1] if partials else gate_up.shape[:-1])

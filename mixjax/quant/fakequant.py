@@ -44,7 +44,10 @@ class FakeQuantWeight:
     def matmul(self, x: jax.Array, *, implementation: Implementation = "auto") -> jax.Array:
         """x [..., K] → [..., N] in x's dtype (activations fake-quantized first; `implementation` unused)."""
         xq = fake_quant_act(x, self.act, self.a_absmax)
-        y = jnp.einsum("...k,nk->...n", xq, self.w.astype(x.dtype), preferred_element_type=jnp.float32)
+        # HIGHEST: an f32 simulation stays f32 on a GPU too, where the default rounds the operands to TF32 (≈ 3e-4
+        # relative, session 30), as the kernels' integer reference does (bf16 operands are unaffected)
+        y = jnp.einsum("...k,nk->...n", xq, self.w.astype(x.dtype), preferred_element_type=jnp.float32,
+                       precision=jax.lax.Precision.HIGHEST)
         return y.astype(x.dtype)
 
 
