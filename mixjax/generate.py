@@ -17,6 +17,8 @@ Streaming: `on_token(tokens)` is called on the host, in order, with the int32 [B
 
 from __future__ import annotations
 
+import contextlib
+
 import dataclasses
 import functools
 from typing import Callable, Sequence
@@ -380,7 +382,8 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
                   temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
                   dtype=jnp.float32, implementation: Implementation = "auto",
                   on_text: Callable[[str], None] | None = None, cache_dtype=None, int8_prefill: bool = False,
-                  prefill_model_path=None, switch_after: int = 0, tensor_parallel: int | None = 1) -> str:
+                  prefill_model_path=None, switch_after: int = 0, tensor_parallel: int | None = 1,
+                  prefill_scales: str | None = None) -> str:
     """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
 
     on_text: called with each new piece of text as it is generated (streaming).
@@ -392,12 +395,21 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
       the prompt and the first `switch_after` decoded tokens (`generate(prefill_params=...)`).
     tensor_parallel: local devices the model is split over (`mixjax.shard_model`; None: all). With more than
       one, the text arrives in one piece at the end (no streaming).
+    prefill_scales: the prompt's int8 activation scales in a quantized model's prefill GEMMs
+      (`pallas_kernels.mgpu.PREFILL_ACT_SCALE`, the CLI's `--prefill-scales`): "group" (MixLLM's), "token" or
+      "selective" (one scale a row in o_proj and gate/up); None keeps the module's setting. Decoding keeps
+      per-group scales. Programs are compiled anew for the call (`mgpu.prefill_act_scale`).
     """
     import convert
     from mixjax import assets
     from mixjax.parallel import MODEL_AXIS, check_tensor_parallel, mesh_or_none, shard_model
 
     SamplingConfig(float(temperature), int(top_k), float(top_p))  # validates before any loading
+    if prefill_scales is not None:
+        from pallas_kernels import mgpu
+
+        if prefill_scales not in mgpu.PREFILL_ACT_SCALES:
+            raise ValueError(f"--prefill-scales {prefill_scales!r}; expected one of {mgpu.PREFILL_ACT_SCALES}")
     mesh = mesh_or_none(tensor_parallel, MODEL_AXIS)
     if mesh is not None and int8_prefill:
         raise ValueError("--int8-prefill is not built for a model split over several devices: drop one of them")
@@ -425,15 +437,22 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     if int8_prefill:
         _check_int8_prefill(params, implementation)
         params = model.int8_prefill(params)
+    scales = contextlib.nullcontext()
+    if prefill_scales is not None:
+        from pallas_kernels import mgpu
+
+        _check_quantized(params, "prefill_scales (--prefill-scales)")
+        scales = mgpu.prefill_act_scale(prefill_scales)
     _pad_prompts([ids], cfg, max_new_tokens)  # context check before compiling
     eos = set(cfg.eos_token_ids)
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(int(tokenizer.eos_token_id))
     stream = TextStream(tokenizer, on_text) if on_text is not None and mesh is None else None
-    (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-                      top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
-                      on_token=stream, cache_dtype=cache_dtype, prefill_params=prefill_params,
-                      switch_after=switch_after, mesh=mesh)
+    with scales:
+        (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                          top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
+                          on_token=stream, cache_dtype=cache_dtype, prefill_params=prefill_params,
+                          switch_after=switch_after, mesh=mesh)
     text = tokenizer.decode(new, skip_special_tokens=True)
     if stream is not None:
         stream.flush()
@@ -442,15 +461,21 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     return text
 
 
-def _check_int8_prefill(params, implementation: Implementation) -> None:
-    """The int8 prefill matrices help only a quantized model whose prompts run the Hopper wgmma GEMM."""
+def _check_quantized(params, what: str) -> None:
+    """A ValueError unless some decoder linear is a `MixedWeight` (the kernels' format)."""
     from pallas_kernels import MixedWeight
-    from pallas_kernels.api import has_wgmma
 
     if not any(isinstance(leaf, MixedWeight) for leaf in
                jax.tree.leaves(params["layers"], is_leaf=lambda x: isinstance(x, MixedWeight))):
-        raise ValueError("int8_prefill (--int8-prefill) needs a quantized model (`mixjax convert SRC OUT --bits "
-                         "4.4`); this one has float linears")
+        raise ValueError(f"{what} needs a quantized model (`mixjax convert SRC OUT --bits 4.4`); this one has "
+                         "float linears")
+
+
+def _check_int8_prefill(params, implementation: Implementation) -> None:
+    """The int8 prefill matrices help only a quantized model whose prompts run the Hopper wgmma GEMM."""
+    from pallas_kernels.api import has_wgmma
+
+    _check_quantized(params, "int8_prefill (--int8-prefill)")
     if implementation == "xla" or not has_wgmma():
         where = "implementation='xla'" if implementation == "xla" else f"a {jax.devices()[0].platform} device"
         raise ValueError(f"int8_prefill (--int8-prefill) speeds up the prefill GEMM of a Hopper GPU (sm_90); with "

@@ -36,6 +36,7 @@ mode (`interpret=True`), which the tests use.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -57,15 +58,18 @@ PREFILL_ACT_SCALE = "group"  # "group" (MixLLM's, default): one activation scale
 # "selective": one a row in o_proj and gate/up only (the model's codes, `mixjax.model._row_scale_codes`), the
 # GEMMs where a per-token prompt cost nothing measurable on the embedded model, while q/k/v (their keys and values
 # stay in the cache) and down_proj cost +0.12 and +0.08 perplexity (results/accuracy.md, session 28). Decode's
-# kernels keep per-group scales in every mode. Opt-in; "token" costs +0.14 ± 0.07 perplexity over the decoded
-# tokens. Neither is measured in a prefill yet (`device_session.sh s28a`). With "token" the GEMM quantizes a float
-# input a row at a time (`ROW_QUANT`); in both modes the model's producers (the norms, SwiGLU) hand it codes with
-# one scale a row (`QuantizedActivations.row_scale`).
+# kernels keep per-group scales in every mode. Opt-in (`prefill_act_scale`, `mixjax generate --prefill-scales`);
+# "token" costs +0.14 ± 0.07 perplexity over the decoded tokens. H200, session 30, Llama-3-8B shape, 2048-token
+# prefill against bf16 queued: "group" 1.21×, "token" 1.26×, "selective" 1.27×; with the int8 prefill matrices
+# 1.27×, 1.35×, 1.35× (NOTES-kernels.md item 99). With "token" the GEMM quantizes a float input a row at a time
+# (`ROW_QUANT`); in both modes the model's producers (the norms, SwiGLU) hand it codes with one scale a row
+# (`QuantizedActivations.row_scale`).
 PREFILL_ACT_SCALES = ("group", "token", "selective")
 SELECTIVE_CONSUMERS = ("o", "gate_up")  # the GEMMs "selective" gives one activation scale a row
 ROW_QUANT = "pallas"  # with PREFILL_ACT_SCALE = "token", how a float input (o_proj's) is quantized a row at a time:
 # "pallas" (`kernels.quantize_rows_pallas`, one program a row, one pass) or "xla" (`quantize_rows`: XLA's row
-# reduction and the quantizing pass); the interpreter takes "xla". Not measured yet (`bench_norm.py --row-scale`)
+# reduction and the quantizing pass); the interpreter takes "xla". H200 (session 30, `bench_norm.py --row-scale`,
+# 2048 × 4096): 10.6 µs against 19.0
 QUANT_ROWS = 32  # rows a program of the activation quantization before the GEMM (None: the CTA's cta_m). H200
 # (session 21, bench_norm --prefill-quant): 32 rows 1.9 µs a launch at 256 rows against 3.8 for 128, the same
 # 7.0 µs at 2048 rows (at the copy rate); a 256-token W4.4A8 prefill −0.16 ms busy (96 launches)
@@ -493,6 +497,27 @@ def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
     m, k = x.shape
     x_q, sa = quantize_groups(pad_k(x, _round_up(k, GROUP_SIZE)))  # [M, Kp], [M]
     return x_q, sa[None, :]
+
+
+@contextlib.contextmanager
+def prefill_act_scale(mode: str):
+    """Runs the block with `PREFILL_ACT_SCALE = mode`, then restores it. The constant is read when a program is
+    traced, so jax's caches are cleared on the way in and out: no program traced under the other mode is reused
+    (the next calls compile again)."""
+    global PREFILL_ACT_SCALE
+    if mode not in PREFILL_ACT_SCALES:
+        raise ValueError(f"prefill activation scales {mode!r}; expected one of {PREFILL_ACT_SCALES}")
+    old = PREFILL_ACT_SCALE
+    if mode == old:
+        yield
+        return
+    PREFILL_ACT_SCALE = mode
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        PREFILL_ACT_SCALE = old
+        jax.clear_caches()
 
 
 def check_prefill_act_scale() -> str:

@@ -224,6 +224,29 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
     assert cli.main(["generate", "--model", str(directory), "--prompt", "the river", "--int8-prefill",
                      "--quiet"]) == 2
     assert "needs a quantized model" in capsys.readouterr().err
+    # --prefill-scales: the mode holds while the generation is traced, then the module's setting is back; a float
+    # model is refused by name
+    import importlib
+
+    from pallas_kernels import mgpu
+
+    generate_module = importlib.import_module("mixjax.generate")  # (mixjax.generate is also the function)
+
+    seen = []
+    real = generate_module.generate
+
+    def spy(*args, **kwargs):
+        seen.append(mgpu.PREFILL_ACT_SCALE)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "generate", spy)
+    assert cli.main(["generate", "--model", str(a), "--prompt", "the river", "--max-new-tokens", "2",
+                     "--prefill-scales", "selective", "--quiet"]) == 0
+    assert seen == ["selective"] and mgpu.PREFILL_ACT_SCALE == "group"
+    assert cli.main(["generate", "--model", str(directory), "--prompt", "the river", "--prefill-scales", "token",
+                     "--quiet"]) == 2
+    assert "prefill_scales (--prefill-scales) needs a quantized model" in capsys.readouterr().err
+    assert mgpu.PREFILL_ACT_SCALE == "group"
 
     assert cli.main(["convert", str(directory), str(a), *opts]) == 2
     assert "--force" in capsys.readouterr().err and _tree_bytes(a) == files_a
