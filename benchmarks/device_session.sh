@@ -715,6 +715,15 @@ case "$part" in
       --batches 1 --repeats 5 --prefill-len 2048 --budget-s 320 \
       --out "$out/static.md" 2>&1 | grep "decode\|prefill\|tok/s |" | tee "$out/static.log"
     ;;
+  s30b)  # after session 30: the per-token prefill with SwiGLU's one-walk row form (NOTES item 100), with and without
+    # the int8 matrices, and the GPU tests of session 30's fixes (f32 references at HIGHEST)
+    header
+    timeout 80 python3 -m pytest -q -p no:cacheprovider tests/test_static.py tests/test_mgpu.py \
+      -k "static or prefill_token or one_scale_a_row" 2>&1 | tail -3 | tee "$out/tests.log"
+    timeout 170 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8@ptok+h4,w4.4a8@ptok@pint8+h4 \
+      --batches "" --repeats 5 --prefill-len 2048 --budget-s 160 \
+      --out "$out/ptok.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/ptok.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
@@ -752,7 +761,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b" >&2
     exit 2
     ;;
 esac
