@@ -149,7 +149,8 @@ def _quantization(cfg: LlamaConfig, q: dict) -> tuple[dict[str, Any], dict[str, 
         storage[f"{np.dtype(leaf.dtype).name} arrays"] += 1
     weight_bytes = sum(int(np.prod(leaf.shape)) * np.dtype(leaf.dtype).itemsize for leaf in jax.tree.leaves(abstract))
     return {"config": q["config"], "config_dtype": q["dtype"], "label": describe(config),
-            "kernel_format": form != "fake_quant", "int8_share": share, "average_bits": bits / elements, "weight_bytes": weight_bytes}, dict(storage)
+            "kernel_format": form != "fake_quant", "int8_share": share, "average_bits": bits / elements,
+            "weight_bytes": weight_bytes}, dict(storage)
 
 
 def _size(n: float, unit: str = "B") -> str:

@@ -201,8 +201,8 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
 
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
-                          num_warps: int | None = None, blocked: bool | int | None = None, rms=None, row_scale: bool = False,
-                          row_chunk: int | None = None, interpret: bool = False):
+                          num_warps: int | None = None, blocked: bool | int | None = None, rms=None,
+                          row_scale: bool = False, row_chunk: int | None = None, interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
     `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (8, 16, 32 or 64).
     None: blocked past `MAX_ROWS` rows (prefill). rms: a `format.RowRms` with one row per token (see the

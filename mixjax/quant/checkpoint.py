@@ -57,8 +57,8 @@ def quantization_metadata(qparams, config: QuantConfig) -> dict:
         n8[name] = [int(getattr(w, "n8", 0)) for w in ws]
         absmax = getattr(ws[0], "a_absmax", None)
         a_groups[name] = 0 if absmax is None else int(absmax.shape[0])
-    meta = {"config": config_to_dict(config), "dtype": str(jnp.dtype(qparams["norm"].dtype)),
-            "n8": n8, "a_groups": a_groups, "linear_form": _linear_form(linear_weight(layers[0], model.LINEAR_NAMES[0]))}
+    meta = {"config": config_to_dict(config), "dtype": str(jnp.dtype(qparams["norm"].dtype)), "n8": n8,
+            "a_groups": a_groups, "linear_form": _linear_form(linear_weight(layers[0], model.LINEAR_NAMES[0]))}
     if config.head_bits is not None:
         meta["head_n8"] = {name: int(qparams[name].n8) for name in HEAD_NAMES if name in qparams}
     return meta
