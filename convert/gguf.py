@@ -84,12 +84,19 @@ def read_config(reader, path: Path) -> LlamaConfig:
         model_type="mistral" if window and arch == "llama" else arch,  # Mistral: llama.cpp's llama with a window
         sliding_window=int(window) if window else None,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_ids=() if eos is None else (int(eos),),
+        eos_token_ids=_end_ids(reader, eos),
     )
     rope_freqs = next((t for t in reader.tensors if t.name == "rope_freqs.weight"), None)
     if rope_freqs is not None:
         cfg = dataclasses.replace(cfg, rope_scaling=_llama3_scaling(reader, arch, cfg, _dequantize(rope_freqs), path))
     return cfg
+
+
+def _end_ids(reader, eos) -> tuple[int, ...]:
+    """The ids generation stops at: eos, then llama.cpp's end-of-turn and end-of-message tokens if present (llama.cpp
+    stops at all three; Llama 3 Instruct ends its turns with eot)."""
+    ids = [eos, _field(reader, "tokenizer.ggml.eot_token_id"), _field(reader, "tokenizer.ggml.eom_token_id")]
+    return tuple(dict.fromkeys(int(i) for i in ids if i is not None))
 
 
 def _decimal(value) -> float:

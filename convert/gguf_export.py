@@ -9,8 +9,9 @@ does not divide falls back to F16, as llama.cpp's converter does).
 
 A Hugging Face byte-level BPE tokenizer (Llama 3, Qwen2, SmolLM2, GPT-2) is written as the `gpt2` vocabulary
 llama.cpp expects: every id's token (ids without one become `[PAD<id>]`, unused), token types (special added
-tokens are control tokens, other added tokens user-defined), the merges, the bos/eos/unk/pad ids, whether a bos
-is prepended, the chat template, and `tokenizer.ggml.pre`, the name llama.cpp gives the pre-tokenizer's split.
+tokens are control tokens, other added tokens user-defined), the merges, the bos/eos/unk/pad ids (the config's
+other end-of-generation ids as eot/eom), whether a bos is prepended, the chat template, and `tokenizer.ggml.pre`,
+the name llama.cpp gives the pre-tokenizer's split.
 Other tokenizers are refused with the alternatives named.
 
 The file is written tensor by tensor with `gguf.GGUFWriter` (the tensor table first, then each tensor's data),
@@ -100,6 +101,17 @@ def _pre_name(pre_tokenizer: dict | None) -> str | None:
     return None
 
 
+def _other_end_ids(cfg: LlamaConfig, eos, tokens: list[str] | None = None) -> list[tuple[str, int]]:
+    """The model's end-of-generation ids beside `eos` as llama.cpp's two other keys: `<|eom_id|>` as eom, the first
+    other as eot (Llama 3's `<|eot_id|>`, Qwen2's `<|im_end|>`). llama.cpp stops at all three; GGUF has no key for
+    a fourth."""
+    others = [int(i) for i in cfg.eos_token_ids if eos is None or int(i) != int(eos)]
+    text = (lambda i: tokens[i] if tokens is not None and 0 <= i < len(tokens) else "")  # noqa: E731
+    eom = next((i for i in others if text(i) == "<|eom_id|>"), None)
+    eot = next((i for i in others if i != eom), None)
+    return [(method, i) for method, i in (("add_eot_token_id", eot), ("add_eom_token_id", eom)) if i is not None]
+
+
 def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
     """(GGUFWriter method, value) pairs that write `tokenizer` as llama.cpp's `gpt2` vocabulary of cfg.vocab_size
     ids; ConvertError (with the alternatives) for a tokenizer that is not byte-level BPE. (gguf writes no empty
@@ -141,6 +153,7 @@ def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
                       ("add_unk_token_id", tokenizer.unk_token_id), ("add_pad_token_id", tokenizer.pad_token_id)):
         if i is not None:
             fields.append((method, int(i)))
+    fields += _other_end_ids(cfg, eos, tokens)
     template = tokenizer.chat_template
     if isinstance(template, dict):  # several named templates: llama.cpp keeps the default one
         template = template.get("default")
@@ -210,10 +223,10 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
     arch = gguf_arch(cfg)
     if cfg.attention_bias and arch != "qwen2":
         raise ConvertError("attention_bias (q/k/v biases) is Qwen2's layout; llama.cpp's llama architecture has none")
+    eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     fields = tokenizer_fields(tokenizer, cfg) if tokenizer is not None else [
-        (method, i) for method, i in (("add_bos_token_id", cfg.bos_token_id),
-                                      ("add_eos_token_id", cfg.eos_token_ids[0] if cfg.eos_token_ids else None))
-        if i is not None]
+        (method, i) for method, i in (("add_bos_token_id", cfg.bos_token_id), ("add_eos_token_id", eos))
+        if i is not None] + _other_end_ids(cfg, eos)
     tensors = _tensors(params, cfg, qtype)
 
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -813,3 +814,26 @@ def test_written_checkpoints_get_the_usual_permissions(tiny_params, make_tiny_hf
     written.append(convert.save_hf(tmp_path / "hf", *reversed(convert.load(directory))))
     for path in written:
         assert path.stat().st_mode & 0o777 == 0o777 & ~umask, path
+
+
+def test_gguf_export_keeps_every_end_of_generation_id(tmp_path):
+    """A config that stops at several ids (Llama 3.1 Instruct: end of text, `<|eom_id|>`, `<|eot_id|>`) keeps them
+    through GGUF: eos as eos, `<|eom_id|>` as llama.cpp's eom, the other as eot, and the reader stops at all three
+    (as llama.cpp does). Without a tokenizer the second id becomes eot."""
+    from convert import gguf as gguf_reader
+    from convert.gguf_tokenizer import read_tokenizer_fields
+    from mixjax.model import init_params
+
+    tokenizer = _tokenizer_from("llama-bpe", extra_tokens=["<|eom_id|>", "<|eot_id|>"])
+    n = len(tokenizer)
+    eos, eom, eot = n - 3, n - 2, n - 1  # "<s>" stands in for end of text
+    cfg = LlamaConfig(vocab_size=n, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, head_dim=16, eos_token_ids=(eos, eom, eot))
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    out = convert.save_gguf(tmp_path / "t.gguf", params, cfg, tokenizer=tokenizer)
+    fields = read_tokenizer_fields(gguf_reader._open(out))
+    assert (fields["tokenizer.ggml.eos_token_id"], fields["tokenizer.ggml.eom_token_id"],
+            fields["tokenizer.ggml.eot_token_id"]) == (eos, eom, eot)
+    assert convert.load(out)[0].eos_token_ids == (eos, eot, eom)
+    bare = convert.save_gguf(tmp_path / "bare.gguf", params, dataclasses.replace(cfg, eos_token_ids=(eos, eot)))
+    assert convert.load(bare)[0].eos_token_ids == (eos, eot)
