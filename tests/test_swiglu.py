@@ -28,7 +28,9 @@ ROW = "row"  # `blocked` column: the row form, one activation scale a row (`row_
     ((40,), 200, 0, jnp.float32, 2, 16, True), ((24,), 136, 2, jnp.bfloat16, 2, 8, False),
     # the row form (`chunk`: its groups a step): steps with a ragged last one, or one step; padded rows
     ((70,), 1160, 0, jnp.bfloat16, 4, ROW, False), ((2, 3), 200, 0, jnp.float32, 8, ROW, False),
-    ((1,), 2048, 0, jnp.bfloat16, 1, ROW, False), ((3,), 900, 0, jnp.bfloat16, 8, ROW, False)])
+    ((1,), 2048, 0, jnp.bfloat16, 1, ROW, False), ((3,), 900, 0, jnp.bfloat16, 8, ROW, False),
+    # the default row form (`ROW_CHUNK` = 128 groups, the row in one step, wider than the row here)
+    ((5,), 1160, 0, jnp.bfloat16, None, ROW, False)])
 def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked, rms):
     """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32, 64), split-K
     partials or the linear's output, per row or in blocks of rows: the codes, scales and sums of the reference
@@ -45,7 +47,7 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked,
     row_scale = blocked == ROW
     if row_scale:  # rows whose groups differ by 30×: per-group scales would differ from the row's
         x = x * jnp.asarray(np.repeat(rng.choice([0.2, 6.0], size=(-(-2 * f // 128))), 128)[: 2 * f], x.dtype)
-    got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk,
+    got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk or 2,
                                        blocked=None if row_scale else blocked, rms=rms, row_scale=row_scale,
                                        row_chunk=chunk if row_scale else None, interpret=INTERPRET)
     ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts), rms=rms, row_scale=row_scale)
