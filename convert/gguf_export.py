@@ -11,7 +11,10 @@ A Hugging Face byte-level BPE tokenizer (Llama 3, Qwen2, SmolLM2, GPT-2) is writ
 llama.cpp expects: every id's token (ids without one become `[PAD<id>]`, unused), token types (special added
 tokens are control tokens, other added tokens user-defined), the merges, the bos/eos/unk/pad ids (the config's
 other end-of-generation ids as eot/eom), whether a bos is prepended, the chat template, and `tokenizer.ggml.pre`,
-the name llama.cpp gives the pre-tokenizer's split.
+the name llama.cpp gives the pre-tokenizer's split. A sentencepiece-style BPE tokenizer (Llama 2, Mistral: "▁" for
+spaces, byte fallback) is written as llama.cpp's `llama` vocabulary: tokens with scores that rank each token by its
+first merge (what convert/gguf_tokenizer.py turns back into merges), `<0xXX>` byte tokens typed as bytes, the unknown
+token as unknown, and whether a space is prepended (`add_space_prefix`).
 Other tokenizers are refused with the alternatives named.
 
 The file is written tensor by tensor with `gguf.GGUFWriter` (the tensor table first, then each tensor's data),
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 
@@ -39,6 +43,7 @@ _F16_MAX = float(np.finfo(np.float16).max)
 # Byte-level BPE pre-tokenizers, as tokenizers' JSON describes them → llama.cpp's `tokenizer.ggml.pre` names
 # (the same table convert/gguf_tokenizer.py builds tokenizers from, read the other way).
 _GPT2_PRE = {"type": "ByteLevel", "use_regex": True}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a sentencepiece byte-fallback token
 _DIGITS_PRE = {"type": "Digits", "individual_digits": True}
 
 
@@ -112,6 +117,36 @@ def _other_end_ids(cfg: LlamaConfig, eos, tokens: list[str] | None = None) -> li
     return [(method, i) for method, i in (("add_eot_token_id", eot), ("add_eom_token_id", eom)) if i is not None]
 
 
+def _space_prefix(spec: dict) -> bool | None:
+    """For a sentencepiece-style tokenizer (tokenizers' JSON: spaces replaced by "▁" in the normalizer, or a Metaspace
+    pre-tokenizer that does not split), whether a "▁" is prepended; None for any other tokenizer."""
+    from convert.gguf_tokenizer import SPACE
+
+    norm, pre = spec.get("normalizer"), spec.get("pre_tokenizer")
+    if norm and not pre:
+        steps = norm.get("normalizers", [norm])
+        prepend = [{"type": "Prepend", "prepend": SPACE}]
+        replace = [{"type": "Replace", "pattern": {"String": " "}, "content": SPACE}]
+        return True if steps == prepend + replace else False if steps == replace else None
+    if pre and not norm and pre.get("type") == "Metaspace" and pre.get("replacement") == SPACE and not pre.get("split"):
+        scheme = pre.get("prepend_scheme", "first" if pre.get("add_prefix_space", True) else "never")
+        return scheme != "never"
+    return None
+
+
+def _sentencepiece_scores(vocab: dict[str, int], merges: list[str], n: int) -> list[float]:
+    """A score per id for llama.cpp's `llama` vocabulary: −(rank of the first merge that makes the token), the tokens
+    no merge makes below every merged one (single characters, bytes, specials: their scores join no merge)."""
+    first: dict[str, int] = {}
+    for rank, merge in enumerate(merges):
+        first.setdefault(merge.replace(" ", "", 1), rank)
+    scores = [-float(len(merges) + i) for i in range(n)]
+    for text, i in vocab.items():
+        if text in first:
+            scores[i] = -float(first[text])
+    return scores
+
+
 def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
     """(GGUFWriter method, value) pairs that write `tokenizer` as llama.cpp's `gpt2` vocabulary of cfg.vocab_size
     ids; ConvertError (with the alternatives) for a tokenizer that is not byte-level BPE. (gguf writes no empty
@@ -124,12 +159,16 @@ def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
                            "written from a tokenizer.json. Export without a tokenizer, or to a Hugging Face directory")
     spec = json.loads(backend.to_str())
     model = spec.get("model") or {}
-    pre = _pre_name(spec.get("pre_tokenizer"))
-    if model.get("type") != "BPE" or model.get("byte_fallback") or pre is None:
+    bpe = model.get("type") == "BPE"
+    prefix = _space_prefix(spec) if bpe and model.get("byte_fallback") else None  # None: not sentencepiece-style
+    pre = _pre_name(spec.get("pre_tokenizer")) if prefix is None and not model.get("byte_fallback") else None
+    if not bpe or (prefix is None and pre is None):
         raise ConvertError(
-            f"the tokenizer ({model.get('type')} model, pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:120]}) is "
-            "not a byte-level BPE that mixjax names for llama.cpp (GPT-2's, Llama 3's, Qwen2's or SmolLM2's split). "
-            "Export without a tokenizer, export to a Hugging Face directory, or use llama.cpp's convert_hf_to_gguf.py")
+            f"the tokenizer ({model.get('type')} model, normalizer {json.dumps(spec.get('normalizer'))[:80]}, "
+            f"pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:120]}) is neither a byte-level BPE that mixjax names "
+            "for llama.cpp (GPT-2's, Llama 3's, Qwen2's or SmolLM2's split) nor a sentencepiece-style BPE (\"▁\" for "
+            "spaces, byte fallback). Export without a tokenizer, export to a Hugging Face directory, or use llama.cpp's "
+            "convert_hf_to_gguf.py")
     vocab = tokenizer.get_vocab()
     if max(vocab.values()) >= cfg.vocab_size:
         raise ConvertError(f"the tokenizer has ids up to {max(vocab.values())}, beyond the model's vocab_size="
@@ -139,16 +178,23 @@ def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
     types = [int(TokenType.UNUSED)] * cfg.vocab_size
     for text, i in vocab.items():
         tokens[i] = text
-        types[i] = int(TokenType.NORMAL if i not in added else
-                       TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED)
+        spm_kind = (TokenType.UNKNOWN if i == tokenizer.unk_token_id else TokenType.BYTE if _BYTE_TOKEN.fullmatch(text)
+                    else None) if prefix is not None else None
+        types[i] = int(spm_kind or (TokenType.NORMAL if i not in added else
+                                    TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None and cfg.eos_token_ids:
         eos = cfg.eos_token_ids[0]
     probe = tokenizer.encode("a")
-    fields = [("add_tokenizer_model", "gpt2"), ("add_tokenizer_pre", pre), ("add_token_list", tokens),
-              ("add_token_types", types), ("add_token_merges", merges),
-              ("add_add_bos_token", bos is not None and probe[:1] == [bos]), ("add_add_space_prefix", False)]
+    if prefix is None:
+        fields = [("add_tokenizer_model", "gpt2"), ("add_tokenizer_pre", pre), ("add_token_list", tokens),
+                  ("add_token_types", types), ("add_token_merges", merges), ("add_add_space_prefix", False)]
+    else:
+        fields = [("add_tokenizer_model", "llama"), ("add_token_list", tokens),
+                  ("add_token_scores", _sentencepiece_scores(vocab, merges, cfg.vocab_size)),
+                  ("add_token_types", types), ("add_add_space_prefix", prefix)]
+    fields.append(("add_add_bos_token", bos is not None and probe[:1] == [bos]))
     for method, i in (("add_bos_token_id", bos if bos is not None else cfg.bos_token_id), ("add_eos_token_id", eos),
                       ("add_unk_token_id", tokenizer.unk_token_id), ("add_pad_token_id", tokenizer.pad_token_id)):
         if i is not None:

@@ -1,10 +1,19 @@
 """A Hugging Face fast tokenizer built from a GGUF file's vocabulary, without torch.
 
-transformers' own GGUF tokenizer path imports torch, which mixjax does not need. GGUF files of byte-level
-BPE models (`tokenizer.ggml.model == "gpt2"`: Llama 3, Qwen2, SmolLM2) carry everything a `tokenizers`
-BPE model needs: the tokens, the merges, the token types (3 = control → special token), the bos/eos/pad
-ids, the chat template, and `tokenizer.ggml.pre`, the name of the pre-tokenizer split. Other GGUF
-vocabularies (sentencepiece `llama`) fall back to transformers, which then needs torch.
+transformers' own GGUF tokenizer path imports torch, which mixjax does not need. Two vocabularies are built
+here:
+
+- byte-level BPE (`tokenizer.ggml.model == "gpt2"`: Llama 3, Qwen2, SmolLM2): the tokens, the merges, the
+  token types (3 = control → special token), the bos/eos/pad ids, the chat template, and
+  `tokenizer.ggml.pre`, the name of the pre-tokenizer split;
+- sentencepiece BPE (`"llama"`: Llama 2, Mistral, TinyLlama): tokens with scores and no merges. llama.cpp's
+  tokenizer joins the adjacent pair whose concatenation is the best-scoring token, which is a BPE whose
+  merges are every two-piece split of every normal token, best score first (transformers' `generate_merges`);
+  spaces become "▁", one is prepended unless `add_space_prefix` is false, and characters outside the
+  vocabulary fall back to their `<0xXX>` byte tokens. Special tokens written in the text are matched, as
+  Hugging Face tokenizers do (sentencepiece itself reads them as text).
+
+Other GGUF vocabularies fall back to transformers, which then needs torch.
 """
 
 from __future__ import annotations
@@ -31,28 +40,27 @@ PRE_TOKENIZERS = {
     "llama-bpe": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
 }
-CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
+SPACE = "\u2581"  # sentencepiece's visible space
 
 
 def can_build(fields: dict) -> bool:
-    return fields.get("tokenizer.ggml.model") == "gpt2" and fields.get("tokenizer.ggml.pre", "default") in PRE_TOKENIZERS
+    model = fields.get("tokenizer.ggml.model")
+    if model == "llama":
+        return fields.get("tokenizer.ggml.scores") is not None
+    return model == "gpt2" and fields.get("tokenizer.ggml.pre", "default") in PRE_TOKENIZERS
 
 
 def read_tokenizer_fields(reader) -> dict:
     return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
 
 
-def build_tokenizer(fields: dict, *, source: Path):
-    """A `PreTrainedTokenizerFast` equal to the GGUF's byte-level BPE tokenizer."""
+def _byte_level(fields: dict, vocab: dict[str, int]):
+    """The byte-level BPE backend (its merges and pre-tokenizer from the GGUF) and its post-processing steps."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
 
-    tokens = fields.get("tokenizer.ggml.tokens")
     merges = fields.get("tokenizer.ggml.merges") or []  # none: a vocabulary of single bytes (gguf writes no empty array)
-    if not tokens:
-        raise ConvertError(f"{source}: the GGUF has no tokenizer.ggml.tokens; pass a tokenizer directory")
     split, digits = PRE_TOKENIZERS[fields.get("tokenizer.ggml.pre", "default")]
-    vocab = {tok: i for i, tok in enumerate(tokens)}
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[tuple(m.split(" ", 1)) for m in merges],
                                    fuse_unk=False, byte_fallback=False))
     steps = [pre_tokenizers.Digits(individual_digits=True)] if digits else []
@@ -63,22 +71,67 @@ def build_tokenizer(fields: dict, *, source: Path):
                   pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
     backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
     backend.decoder = decoders.ByteLevel()
+    return backend, [processors.ByteLevel(trim_offsets=False)]
+
+
+def _sentencepiece(fields: dict, tokens: list[str], vocab: dict[str, int], *, source):
+    """The sentencepiece BPE backend: merges recovered from the scores, spaces as "▁", byte fallback."""
+    from tokenizers import Tokenizer, decoders, models, normalizers
+
+    try:
+        from transformers.tokenization_utils_base import generate_merges
+    except ImportError:
+        raise ConvertError(f"{source}: building its sentencepiece vocabulary needs transformers>=5 "
+                           "(generate_merges); pip install -U transformers, or pass a tokenizer directory") from None
+    scores = fields["tokenizer.ggml.scores"]
+    types = fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    if len(scores) != len(tokens) or len(types) != len(tokens):
+        raise ConvertError(f"{source}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types; "
+                           "the GGUF's vocabulary is damaged: pass a tokenizer directory")
+    normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
+    merges = generate_merges(normal, {t: scores[i] for t, i in normal.items()})
+    unk = fields.get("tokenizer.ggml.unknown_token_id")
+    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
+                                   unk_token=tokens[unk] if unk is not None and 0 <= unk < len(tokens) else None))
+    prefix = fields.get("tokenizer.ggml.add_space_prefix", True)  # llama.cpp's default for this vocabulary
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend(SPACE)] * bool(prefix)
+                                              + [normalizers.Replace(" ", SPACE)])
+    backend.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+                                        + [decoders.Strip(" ", 1, 0)] * bool(prefix))
+    return backend, []
+
+
+def build_tokenizer(fields: dict, *, source: Path):
+    """A `PreTrainedTokenizerFast` equal to the GGUF's byte-level or sentencepiece BPE tokenizer."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = fields.get("tokenizer.ggml.tokens")
+    if not tokens:
+        raise ConvertError(f"{source}: the GGUF has no tokenizer.ggml.tokens; pass a tokenizer directory")
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    spm = fields.get("tokenizer.ggml.model") == "llama"
+    backend, post = _sentencepiece(fields, tokens, vocab, source=source) if spm else _byte_level(fields, vocab)
 
     def special(key):
         i = fields.get(f"tokenizer.ggml.{key}_token_id")
         return tokens[i] if i is not None and 0 <= i < len(tokens) else None
 
-    bos = special("bos")
-    post = [processors.ByteLevel(trim_offsets=False)]
-    if fields.get("tokenizer.ggml.add_bos_token") and bos is not None:
-        post.append(processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
-                                                  special_tokens=[(bos, vocab[bos])]))
-    backend.post_processor = processors.Sequence(post)
-    named = {bos, special("eos"), special("unknown"), special("padding")}
+    eos = special("eos")
+    bos = special("bos") if fields.get("tokenizer.ggml.add_bos_token", spm) else None  # llama.cpp's defaults
+    eos_end = eos if fields.get("tokenizer.ggml.add_eos_token") else None
+    if bos is not None or eos_end is not None:
+        head, tail = [t for t in (bos,) if t is not None], [t for t in (eos_end,) if t is not None]
+        post.append(processors.TemplateProcessing(
+            single=" ".join(head + ["$A"] + tail), pair=" ".join(head + ["$A"] + tail + head + ["$B"] + tail),
+            special_tokens=[(t, vocab[t]) for t in dict.fromkeys(head + tail)]))
+    if post:
+        backend.post_processor = processors.Sequence(post)
+    named = {special("bos"), eos, special("unknown"), special("padding")}
     types = fields.get("tokenizer.ggml.token_type") or []
     specials = [tokens[i] for i, t in enumerate(types) if t == CONTROL and tokens[i] not in named]
     tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=backend, bos_token=bos, eos_token=special("eos"), unk_token=special("unknown"),
+        tokenizer_object=backend, bos_token=special("bos"), eos_token=eos, unk_token=special("unknown"),
         pad_token=special("padding"), additional_special_tokens=specials,
         chat_template=fields.get("tokenizer.chat_template"),
     )

@@ -54,7 +54,8 @@ def load_tokenizer(path: Path):
 
 
 def _gguf_tokenizer(path: Path):
-    """Byte-level BPE vocabularies are built here (no torch); others go through transformers (needs torch)."""
+    """Byte-level and sentencepiece BPE vocabularies are built here (no torch); others go through transformers
+    (needs torch)."""
     from transformers import AutoTokenizer
 
     from convert import gguf, gguf_tokenizer

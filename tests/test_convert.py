@@ -715,6 +715,111 @@ def _tokenizer_from(pre: str, extra_tokens=()):
                            source="test")
 
 
+def _wikipedia_texts(n: int) -> list[str]:
+    from mixjax import assets
+
+    with open(assets.evals_data_file("wikipedia_5.jsonl")) as f:
+        return [json.loads(line)["0"] for _, line in zip(range(n), f)]
+
+
+# Text a sentencepiece vocabulary meets badly: leading, doubled and trailing spaces, newlines and tabs, digits, and
+# characters outside a 500-token vocabulary (byte fallback: accents, a snowman, an emoji, CJK).
+AWKWARD_TEXTS = [" leading space", "two  spaces and\nnewlines\n\n", "\ttab\t", "trailing ", "   ", "", "a",
+                 "naïve café — “quotes” ☃ 😀 東京 1906"]
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["space_prefix", "no_space_prefix"])
+def sentencepiece_gguf(request, tmp_path_factory):
+    """(sentencepiece processor, path of a vocabulary-only GGUF written from it as llama.cpp's converter writes a
+    Llama-2 vocabulary: tokens, scores, token types, bos/eos/unk ids; `add_space_prefix` left out (llama.cpp's default,
+    true) or false). A 500-piece BPE with byte fallback, trained on Wikipedia passages like Llama 2's: identity
+    normalization, digits split, whitespace kept."""
+    import gguf
+    import sentencepiece as spm
+
+    prefix = request.param
+    folder = tmp_path_factory.mktemp("spm")
+    (folder / "corpus.txt").write_text("\n".join(_wikipedia_texts(300)))
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "m"), vocab_size=500, model_type="bpe",
+        byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False, split_digits=True,
+        add_dummy_prefix=prefix, character_coverage=0.995, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "m.model"))
+    ids = range(sp.get_piece_size())
+    kinds = [2 if sp.is_unknown(i) else 3 if sp.is_control(i) else 6 if sp.is_byte(i) else 1 for i in ids]
+    writer = gguf.GGUFWriter(str(folder / "vocab.gguf"), "llama")
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list([sp.id_to_piece(i) for i in ids])
+    writer.add_token_scores([sp.get_score(i) for i in ids])
+    writer.add_token_types(kinds)
+    writer.add_bos_token_id(1), writer.add_eos_token_id(2), writer.add_unk_token_id(0)
+    if not prefix:
+        writer.add_add_space_prefix(False)
+    writer.write_header_to_file(), writer.write_kv_data_to_file(), writer.write_tensors_to_file()
+    writer.close()
+    return sp, folder / "vocab.gguf"
+
+
+def _assert_encodes_as_sentencepiece(tokenizer, sp, texts):
+    """Every text: the ids sentencepiece gives after the bos, and back to sentencepiece's decoding."""
+    for text in texts:
+        ids = tokenizer.encode(text)
+        assert ids == [1, *sp.encode(text)], text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == sp.decode(ids[1:]), text
+
+
+def test_gguf_sentencepiece_tokenizer_is_built_without_torch(sentencepiece_gguf, monkeypatch):
+    """A GGUF's sentencepiece (`llama`) vocabulary, tokens with scores and no merges, is built into a tokenizer
+    without torch that encodes and decodes as sentencepiece does: 200 Wikipedia passages and awkward text."""
+    from convert import gguf as gguf_reader
+    from convert.gguf_tokenizer import build_tokenizer, read_tokenizer_fields
+
+    sp, path = sentencepiece_gguf
+    monkeypatch.setitem(__import__("sys").modules, "torch", None)  # transformers' GGUF path would import it
+    ours = convert.load_tokenizer(path)
+    assert (ours.bos_token, ours.eos_token, ours.unk_token) == ("<s>", "</s>", "<unk>")
+    _assert_encodes_as_sentencepiece(ours, sp, _wikipedia_texts(200) + AWKWARD_TEXTS)
+    fields = read_tokenizer_fields(gguf_reader._open(path))
+    fields["tokenizer.ggml.scores"] = fields["tokenizer.ggml.scores"][:-1]
+    with pytest.raises(ValueError, match="500 tokens but 499 scores.*damaged"):
+        build_tokenizer(fields, source=path)
+
+
+def test_gguf_export_writes_a_sentencepiece_vocabulary(sentencepiece_gguf, tmp_path):
+    """A sentencepiece-style Hugging Face tokenizer is exported as llama.cpp's `llama` vocabulary: the original file's
+    token types (unknown, control, byte, normal), its bos/eos/unk ids and space prefix, scores that order the merges
+    as the original's did, the vocabulary padded to the model's; read back, it encodes as sentencepiece. transformers'
+    own form of the same tokenizer (a Metaspace pre-tokenizer instead of the normalizer) is written alike."""
+    from tokenizers import normalizers, pre_tokenizers
+
+    from convert import gguf as gguf_reader
+    from convert.gguf_tokenizer import read_tokenizer_fields
+    from mixjax.model import init_params
+
+    sp, path = sentencepiece_gguf
+    tokenizer = convert.load_tokenizer(path)
+    n = len(tokenizer)
+    cfg = LlamaConfig(vocab_size=n + 2, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=16)
+    params = init_params(cfg, jax.random.key(0), jnp.float32)
+    original = read_tokenizer_fields(gguf_reader._open(path))
+    metaspace = convert.load_tokenizer(path)
+    prefix = original.get("tokenizer.ggml.add_space_prefix", True)
+    metaspace.backend_tokenizer.normalizer = None if prefix else normalizers.Replace(" ", "\u2581")
+    if prefix:
+        metaspace.backend_tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first", split=False)
+    for name, tok in [("normalizer", tokenizer), ("metaspace", metaspace)]:
+        out = convert.save_gguf(tmp_path / f"{name}.gguf", params, cfg, tokenizer=tok)
+        fields = read_tokenizer_fields(gguf_reader._open(out))
+        assert fields["tokenizer.ggml.model"] == "llama" and "tokenizer.ggml.merges" not in fields
+        assert fields["tokenizer.ggml.tokens"] == original["tokenizer.ggml.tokens"] + ["[PAD500]", "[PAD501]"]
+        assert fields["tokenizer.ggml.token_type"] == original["tokenizer.ggml.token_type"] + [5, 5]
+        assert fields["tokenizer.ggml.add_space_prefix"] is prefix and fields["tokenizer.ggml.add_bos_token"] is True
+        assert [fields[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "unknown")] == [1, 2, 0]
+        back = convert.load_tokenizer(out)
+        _assert_encodes_as_sentencepiece(back, sp, _wikipedia_texts(50) + AWKWARD_TEXTS)
+
+
 @pytest.mark.parametrize("pre", ["gpt2", "smollm", "llama-bpe", "qwen2"])
 def test_gguf_export_names_the_pre_tokenizer_and_pads_the_vocabulary(pre, tmp_path):
     """Each byte-level split mixjax builds is written under llama.cpp's name for it; a vocabulary shorter than the
@@ -764,7 +869,7 @@ def test_gguf_export_refuses_before_writing(make_tiny_hf, tmp_path, monkeypatch)
     layers["layers"][0]["mlp"]["up_proj"]["weight"] = pk.pack_rtn(w, np.zeros(w.shape[0], bool))
     target = tmp_path / "m.gguf"
     cases = [
-        (dict(tokenizer=sentencepiece_like), "not a byte-level BPE.*convert_hf_to_gguf"),
+        (dict(tokenizer=sentencepiece_like), "neither a byte-level BPE.*nor a sentencepiece-style BPE.*convert_hf_to_gguf"),
         (dict(tokenizer=_tokenizer_from("gpt2", extra_tokens=[f"x{i}" for i in range(cfg.vocab_size)])),
          "beyond the model's vocab_size"),
         (dict(params=layers), "quantized linears.*dequantize_params"),
