@@ -724,6 +724,16 @@ case "$part" in
       --batches "" --repeats 5 --prefill-len 2048 --budget-s 160 \
       --out "$out/ptok.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/ptok.log"
     ;;
+  s31a)  # session 31: decode with an int8 KV cache (issue 6, item 3; `--kv-int8`) at batch 1 and 32 beside the bf16
+    # cache, bf16 (XLA, bf16 cache) in the first run; profiled (the b32 step's attention took 497 µs in session 22)
+    header
+    timeout 210 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,32 --repeats 3 \
+      --prefill-len 256 --profile --profile-top 4 --budget-s 200 --out "$out/kv16.md" 2>&1 \
+      | grep "decode\|tok/s |\|attention" | tee "$out/kv16.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 1,32 --repeats 3 \
+      --prefill-len 256 --profile --profile-top 4 --budget-s 140 --out "$out/kv8.md" 2>&1 \
+      | grep "decode\|tok/s |\|attention" | tee "$out/kv8.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
@@ -761,7 +771,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31a" >&2
     exit 2
     ;;
 esac
