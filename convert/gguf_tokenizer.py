@@ -46,8 +46,9 @@ SPACE = "\u2581"  # sentencepiece's visible space
 
 def can_build(fields: dict) -> bool:
     model = fields.get("tokenizer.ggml.model")
-    if model == "llama":
-        return fields.get("tokenizer.ggml.scores") is not None
+    if model == "llama":  # not built here: a normalization this module does not apply (a charsmap, collapsed spaces)
+        return (fields.get("tokenizer.ggml.scores") is not None and not fields.get("tokenizer.ggml.precompiled_charsmap")
+                and not fields.get("tokenizer.ggml.remove_extra_whitespaces"))
     return model == "gpt2" and fields.get("tokenizer.ggml.pre", "default") in PRE_TOKENIZERS
 
 

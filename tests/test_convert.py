@@ -772,7 +772,7 @@ def test_gguf_sentencepiece_tokenizer_is_built_without_torch(sentencepiece_gguf,
     """A GGUF's sentencepiece (`llama`) vocabulary, tokens with scores and no merges, is built into a tokenizer
     without torch that encodes and decodes as sentencepiece does: 200 Wikipedia passages and awkward text."""
     from convert import gguf as gguf_reader
-    from convert.gguf_tokenizer import build_tokenizer, read_tokenizer_fields
+    from convert.gguf_tokenizer import build_tokenizer, can_build, read_tokenizer_fields
 
     sp, path = sentencepiece_gguf
     monkeypatch.setitem(__import__("sys").modules, "torch", None)  # transformers' GGUF path would import it
@@ -780,6 +780,7 @@ def test_gguf_sentencepiece_tokenizer_is_built_without_torch(sentencepiece_gguf,
     assert (ours.bos_token, ours.eos_token, ours.unk_token) == ("<s>", "</s>", "<unk>")
     _assert_encodes_as_sentencepiece(ours, sp, _wikipedia_texts(200) + AWKWARD_TEXTS)
     fields = read_tokenizer_fields(gguf_reader._open(path))
+    assert can_build(fields) and not can_build({**fields, "tokenizer.ggml.remove_extra_whitespaces": True})
     fields["tokenizer.ggml.scores"] = fields["tokenizer.ggml.scores"][:-1]
     with pytest.raises(ValueError, match="500 tokens but 499 scores.*damaged"):
         build_tokenizer(fields, source=path)
