@@ -752,6 +752,17 @@ case "$part" in
       bash "$0" s31a | grep -v "^jax\|^NVIDIA"
     fi
     ;;
+  s32k)  # prepared in session 31, for an H100 (kind nvidia-h100-x1): issue 5's kernel table on the GPU it names (the
+    # last H100 kernel table is session 6's): the API's dispatch against XLA bf16 at M = 1 and 16, and against XLA bf16
+    # and int8 at M = 4096, on the four Llama-3-8B linears (device timers, weights rotated past L2)
+    header
+    shapes=4096x6144,4096x4096,4096x28672,14336x4096  # qkv, o, gate+up, down
+    timeout 240 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 1,16 \
+      --variants xla_bf16,api --out "$out/m1_16" 2>&1 | tail -24 | tee "$out/m1_16.log"
+    timeout 240 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 4096 \
+      --variants xla_bf16,api --large-m-variants xla_bf16,xla_int8,api --out "$out/m4096" 2>&1 | tail -16 \
+      | tee "$out/m4096.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
@@ -789,7 +800,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31h" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31h|s32k" >&2
     exit 2
     ;;
 esac
