@@ -81,6 +81,8 @@ def main(argv=None) -> int:
     p.add_argument("--step-only", action="store_true", help="only the whole step (skip attention alone)")
     p.add_argument("--parts", default="0,8", help="the step's input: 0 = bf16 output, N = N f32 split-K partials")
     p.add_argument("--fused-splits", default="", help="extra fused variants fused_sK with K splits, e.g. 2,3,8")
+    p.add_argument("--fused-stages", default="", help="extra fused variants fused_stN with N blocks in flight (default "
+                   "2), and fused_b64_stN with 64-position blocks, e.g. 1,3")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
@@ -109,12 +111,12 @@ def main(argv=None) -> int:
                                                                           splits=4, interpret=interpret),
     }
 
-    def step(fused, block_s=None, splits=None):
+    def step(fused, block_s=None, splits=None, stages=2):
         def fn(x, c, pos, rope):
             kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, k_scale_store=c[2], v_scale_store=c[3])
             if fused:
                 out = attention.attend_new_tokens_pallas(x, pos, *rope, c[0], c[1], block_s=block_s, splits=splits,
-                                                         interpret=interpret, **kw)
+                                                         num_stages=stages, interpret=interpret, **kw)
             else:
                 out = attention.attend_new_tokens_ref(x, pos, *rope, c[0], c[1], **kw)
             return out[0], tuple(out[1:])
@@ -165,10 +167,13 @@ def main(argv=None) -> int:
                           for _ in range(args.calls)]
                     ref = np.asarray(step(False)(xs[0], caches[0], pos, rope)[0], np.float32)
                     base = None
-                    extra = [(f"fused_s{k}", True, None, int(k)) for k in args.fused_splits.split(",") if k]
-                    for name, fused, block_s, splits in (("xla_step", False, None, None), ("fused", True, None, None),
-                                                         ("fused_b64", True, 64, None), *extra):
-                        fn = step(fused, block_s, splits)
+                    extra = [(f"fused_s{k}", True, None, int(k), 2) for k in args.fused_splits.split(",") if k]
+                    extra += [(f"fused{b}_st{n}", True, block, None, int(n)) for n in args.fused_stages.split(",") if n
+                              for b, block in (("", None), ("_b64", 64))]
+                    for name, fused, block_s, splits, stages in (("xla_step", False, None, None, 2),
+                                                                 ("fused", True, None, None, 2),
+                                                                 ("fused_b64", True, 64, None, 2), *extra):
+                        fn = step(fused, block_s, splits, stages)
                         err = float(np.abs(np.asarray(fn(xs[0], caches[0], pos, rope)[0], np.float32) - ref).max()
                                     / np.abs(ref).max())
                         def calls(xs, pos, rope, cs, fn=fn):  # → (outputs, the updated caches, fed back)
