@@ -49,8 +49,24 @@ def load_tokenizer(path: Path):
                 f"{path}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}); save the tokenizer next to "
                 "the weights or pass a .gguf file"
             )
+        if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
+            return _sentencepiece_only(path)
         return AutoTokenizer.from_pretrained(str(path))
     raise ConvertError(f"{path}: cannot find a tokenizer; pass a model directory or a .gguf file")
+
+
+def _sentencepiece_only(path: Path):
+    """A directory with a sentencepiece `tokenizer.model` and no `tokenizer.json`: transformers converts it, which
+    needs the sentencepiece and protobuf packages; without them its error names another library (tiktoken)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (ImportError, ValueError, OSError) as e:
+        raise ConvertError(
+            f"{path}: its tokenizer is a sentencepiece tokenizer.model without a tokenizer.json, and transformers could "
+            f"not convert it ({type(e).__name__}: {str(e)[:160]}); pip install sentencepiece protobuf, or save the "
+            "tokenizer with a tokenizer.json (tokenizer.save_pretrained on a machine that has them)") from None
 
 
 def _gguf_tokenizer(path: Path):

@@ -786,6 +786,26 @@ def test_gguf_sentencepiece_tokenizer_is_built_without_torch(sentencepiece_gguf,
         build_tokenizer(fields, source=path)
 
 
+def test_sentencepiece_model_directory(sentencepiece_gguf, tmp_path, monkeypatch):
+    """A directory with a sentencepiece tokenizer.model and no tokenizer.json loads through transformers' conversion;
+    where that cannot run (no sentencepiece or protobuf package: transformers' own error then names tiktoken) the
+    error names the fix."""
+    import shutil
+    import sys
+
+    sp, path = sentencepiece_gguf
+    shutil.copy(path.parent / "m.model", tmp_path / "tokenizer.model")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer"}))
+    assert convert.load_tokenizer(tmp_path).convert_tokens_to_ids(sp.id_to_piece(300)) == 300
+    for module in [m for m in sys.modules if m.startswith(("sentencepiece", "google.protobuf", "transformers"))]:
+        monkeypatch.delitem(sys.modules, module)  # imported afresh, without the two packages
+    for module in ("sentencepiece", "google.protobuf"):
+        monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(convert.ConvertError, match="tokenizer.model without a tokenizer.json.*pip install sentencepiece "
+                                                   "protobuf"):
+        convert.load_tokenizer(tmp_path)
+
+
 def test_gguf_export_writes_a_sentencepiece_vocabulary(sentencepiece_gguf, tmp_path):
     """A sentencepiece-style Hugging Face tokenizer is exported as llama.cpp's `llama` vocabulary: the original file's
     token types (unknown, control, byte, normal), its bos/eos/unk ids and space prefix, scores that order the merges
