@@ -69,6 +69,26 @@ def _sentencepiece_only(path: Path):
             "tokenizer with a tokenizer.json (tokenizer.save_pretrained on a machine that has them)") from None
 
 
+def tokenizer_kind(tokenizer) -> str:
+    """What a loaded tokenizer is, for `mixjax info`: "byte-level BPE", "sentencepiece BPE" (byte fallback, "▁" for
+    spaces), or the name of its `tokenizers` model (Unigram, WordPiece, ...)."""
+    import json
+
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return type(tokenizer).__name__
+    spec = backend.to_str()
+    model = (json.loads(spec).get("model") or {})
+    if model.get("type") == "BPE" and model.get("byte_fallback"):
+        return "sentencepiece BPE"
+    if model.get("type") == "BPE" and '"ByteLevel"' in spec:
+        return "byte-level BPE"
+    return str(model.get("type") or "unknown")
+
+
+GGUF_KINDS = {"gpt2": "byte-level BPE", "llama": "sentencepiece BPE"}  # `tokenizer.ggml.model` → tokenizer_kind's names
+
+
 def _gguf_tokenizer(path: Path):
     """Byte-level and sentencepiece BPE vocabularies are built here (no torch); others go through transformers
     (needs torch)."""

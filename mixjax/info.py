@@ -26,7 +26,7 @@ class ModelInfo:
     parameters: int  # the float model's (embedding and head counted once when tied)
     disk_bytes: int
     storage: dict[str, int]  # how the tensors are stored → tensor count
-    tokenizer: dict[str, Any] | None  # {"tokens": int, "chat_template": bool}, None when absent
+    tokenizer: dict[str, Any] | None  # {"tokens": int, "kind": str, "chat_template": bool}, None when absent
     quantization: dict[str, Any] | None = None  # quantized mixjax checkpoints only
     provenance: dict[str, Any] | None = None  # mixjax checkpoints: what they were made from (source, calibration)
 
@@ -68,12 +68,13 @@ def _disk_bytes(p: Path) -> int:
 
 def _tokenizer(p: Path) -> dict[str, Any] | None:
     import convert
+    from convert.tokenizer import tokenizer_kind
 
     try:
         tokenizer = convert.load_tokenizer(p)
     except (ValueError, ImportError):
         return None
-    return {"tokens": len(tokenizer), "chat_template": bool(tokenizer.chat_template)}
+    return {"tokens": len(tokenizer), "kind": tokenizer_kind(tokenizer), "chat_template": bool(tokenizer.chat_template)}
 
 
 def _hf_info(p: Path) -> ModelInfo:
@@ -95,12 +96,16 @@ def _hf_info(p: Path) -> ModelInfo:
 
 def _gguf_info(p: Path) -> ModelInfo:
     from convert import gguf
+    from convert.tokenizer import GGUF_KINDS
 
     reader = gguf._open(p)
     cfg = gguf.read_config(reader, p)
     storage = collections.Counter(f"GGML {t.tensor_type.name}" for t in reader.tensors)
     tokens = reader.fields.get("tokenizer.ggml.tokens")  # read, not built: a 100k-token BPE takes seconds to build
+    model = reader.fields.get("tokenizer.ggml.model")
+    model = None if model is None else str(model.contents())
     tokenizer = None if tokens is None else {"tokens": len(tokens.data),
+                                             "kind": GGUF_KINDS.get(model, f"GGUF {model!r} vocabulary"),
                                              "chat_template": "tokenizer.chat_template" in reader.fields}
     return ModelInfo(str(p), "GGUF file", cfg, _parameters(cfg), _disk_bytes(p), dict(storage), tokenizer)
 
@@ -198,5 +203,5 @@ def to_text(info: ModelInfo) -> str:
                      f"quantized {e['quantized']:.3f} ({e['quantized'] - e['float']:+.3f})")
     t = info.tokenizer
     lines.append("  tokenizer: none found" if t is None else
-                 f"  tokenizer: {t['tokens']} tokens" + (", chat template" if t["chat_template"] else ""))
+                 f"  tokenizer: {t['tokens']} tokens ({t['kind']})" + (", chat template" if t["chat_template"] else ""))
     return "\n".join(lines)

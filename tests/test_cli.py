@@ -491,7 +491,7 @@ def test_info_describes_each_source_without_loading_it(tiny_model, tmp_path, cap
     assert cli.main(["info", str(directory)]) == 0
     text = capsys.readouterr().out
     assert f"{directory}: Hugging Face directory" in text and "stored as: safetensors F32 × 21" in text
-    assert f"parameters: {n_params / 1e3:.1f} k" in text and f"tokenizer: {len(tokenizer)} tokens" in text
+    assert f"parameters: {n_params / 1e3:.1f} k" in text and f"tokenizer: {len(tokenizer)} tokens (byte-level BPE)" in text
 
     gguf_file = tmp_path / "m.gguf"
     assert cli.main(["export", str(directory), str(gguf_file), "--dtype", "q8_0", "--quiet"]) == 0
@@ -499,6 +499,7 @@ def test_info_describes_each_source_without_loading_it(tiny_model, tmp_path, cap
     info = json.loads(capsys.readouterr().out)
     assert info["format"] == "GGUF file" and info["parameters"] == n_params
     assert info["storage"] == {"GGML Q8_0": 16, "GGML F32": 5} and info["tokenizer"]["tokens"] == VOCAB
+    assert info["tokenizer"]["kind"] == "byte-level BPE"
 
     quantized, corpus = tmp_path / "q", _text(tmp_path, n_words=3000)
     assert cli.main(["convert", str(directory), str(quantized), "--data", str(corpus), "--samples", "2",

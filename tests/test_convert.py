@@ -815,6 +815,7 @@ def test_gguf_export_writes_a_sentencepiece_vocabulary(sentencepiece_gguf, tmp_p
 
     from convert import gguf as gguf_reader
     from convert.gguf_tokenizer import read_tokenizer_fields
+    from convert.tokenizer import tokenizer_kind
     from mixjax.model import init_params
 
     sp, path = sentencepiece_gguf
@@ -838,6 +839,7 @@ def test_gguf_export_writes_a_sentencepiece_vocabulary(sentencepiece_gguf, tmp_p
         assert fields["tokenizer.ggml.add_space_prefix"] is prefix and fields["tokenizer.ggml.add_bos_token"] is True
         assert [fields[f"tokenizer.ggml.{k}_token_id"] for k in ("bos", "eos", "unknown")] == [1, 2, 0]
         back = convert.load_tokenizer(out)
+        assert tokenizer_kind(back) == "sentencepiece BPE"
         _assert_encodes_as_sentencepiece(back, sp, _wikipedia_texts(50) + AWKWARD_TEXTS)
 
 
