@@ -765,8 +765,8 @@ case "$part" in
     ;;
   s32a)  # prepared in session 31: the fused attention step's blocks in flight at b8 / b32 (`num_stages` 1, 2, 3, with
     # 128- and 64-position blocks), bf16 and int8 caches. At b32 the step took 624 µs of a 4.22 ms H100 decode step with
-    # the bf16 cache, 485 with int8 (NOTES item 107): 2 stages of 128 bf16 positions hold 128 KB of shared memory, one
-    # program an SM
+    # the bf16 cache, 485 with int8 (NOTES item 107); offline (ptx_stats.py) a program takes 40 / 72 / 136 KB of
+    # shared memory at 1 / 2 / 3 stages of 128 bf16 positions
     header
     timeout 300 python3 benchmarks/bench_attention.py --batches 8,32 --lengths 384 --int8 --step-only --parts 0 \
       --fused-stages 1,3 --out "$out/attention_stages.md" 2>&1 | tail -40 | tee "$out/attention_stages.log"

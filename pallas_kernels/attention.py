@@ -325,7 +325,8 @@ def _merge(o, m, l):
 
 def choose_block(dh: int, itemsize: int) -> int:
     """Cache positions a loop iteration: 128 where a block of keys fits 32 KB (bf16 and int8 caches at head dim
-    128; keys and values, two stages: 128 KB of shared memory), else the largest power of two that does (f32
+    128; keys and values, two stages: at most 128 KB of shared memory, 72 KB as Triton 3.9 compiles the fused step
+    offline), else the largest power of two that does (f32
     caches: 64). Measured (H200, 2026-12-03, `bench_attention.py`): 128 beats 64 by 1.1–1.3× at b1 and b32 on
     a 384-position cache and ties at 4096."""
     block = 128
@@ -522,7 +523,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              num_stages: int = 2, rms: RowRms | None = None, interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
-    the key/value blocks in flight (2: 128 KB of shared memory a program at 128 bf16 positions of head dim 128)."""
+    the key/value blocks in flight. Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
+    Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3."""
     if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
         raise ValueError(f"attend_new_tokens: qkv must be [B, T, W] or f32 partials [P, B, T, W]; got {qkv.shape} "
                          f"{qkv.dtype}")
