@@ -326,8 +326,7 @@ def _merge(o, m, l):
 def choose_block(dh: int, itemsize: int) -> int:
     """Cache positions a loop iteration: 128 where a block of keys fits 32 KB (bf16 and int8 caches at head dim
     128; keys and values, two stages: at most 128 KB of shared memory, 72 KB as Triton 3.9 compiles the fused step
-    offline), else the largest power of two that does (f32
-    caches: 64). Measured (H200, 2026-12-03, `bench_attention.py`): 128 beats 64 by 1.1–1.3× at b1 and b32 on
+    offline), else the largest power of two that does (f32 caches: 64). Measured (H200, 2026-12-03, `bench_attention.py`): 128 beats 64 by 1.1–1.3× at b1 and b32 on
     a 384-position cache and ties at 4096."""
     block = 128
     while block > 16 and block * dh * itemsize > 32768:
