@@ -60,7 +60,13 @@ path = path[:-5] + ".opt.ttir"
 open(path, "w").write(str(mod))
 c = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 open(path[:-9] + ".ptx", "w").write(c.asm["ptx"])
-print(c.metadata.shared)
+open(path[:-9] + ".cubin", "wb").write(c.asm["cubin"])
+# registers a thread, from the cubin (cuobjdump ships with Triton's NVIDIA backend)
+import os, re, subprocess
+tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+usage = subprocess.run([tool, "--dump-resource-usage", path[:-9] + ".cubin"], capture_output=True, text=True).stdout
+regs = re.search(r"REG:(\d+)", usage)
+print(c.metadata.shared, regs.group(1) if regs else "?")
 """
 
 _OPCODE = re.compile(r"^\s+(?:@!?%p\d+\s+)?([a-z][a-z0-9._]*)", re.M)
@@ -151,7 +157,8 @@ def _report(modules, args, warps: int, stages) -> None:
             raise SystemExit(f"compiling {path} with {args.triton_python} failed (is `triton` installed there?):\n"
                              + "\n".join(tail))
         ptx = open(path[:-5] + ".ptx").read()
-        print(f"\n{name}: shared memory {res.stdout.strip()} B, PTX {path[:-5]}.ptx")
+        shared, regs = res.stdout.split()
+        print(f"\n{name}: shared memory {shared} B, {regs} registers a thread, PTX {path[:-5]}.ptx")
         for label, n, ops in block_stats(ptx):
             print(f"  {label:>12} {n:4d} instructions: " + ", ".join(f"{k} {v}" for k, v in ops.most_common(12)))
 
