@@ -151,7 +151,8 @@ def _register_generate(sub) -> None:
                    help="quantized model: the prompt's int8 activation scales, one per token and group of 128 "
                         "(group, MixLLM's, the default), one per token (token), or one per token in o_proj and "
                         "gate/up only (selective: the prompt's GEMMs faster at no measured accuracy cost; with "
-                        "--int8-prefill 1.35x bf16 on an H200). Decoding keeps per-group scales")
+                        "--int8-prefill 1.36x bf16 on an H100). Decoding keeps per-group scales. Hopper GPUs "
+                        "only: elsewhere prompts keep per-group scales and token / selective are refused")
     p.add_argument("--prefill-model", default=None, metavar="PATH",
                    help="progressive precision: another quantization of the same model (e.g. W8A8) that runs the "
                         "prompt and the first --switch-after decoded tokens; --model runs the rest")

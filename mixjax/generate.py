@@ -441,7 +441,7 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     if prefill_scales is not None:
         from pallas_kernels import mgpu
 
-        _check_quantized(params, "prefill_scales (--prefill-scales)")
+        _check_prefill_scales(params, implementation, prefill_scales)
         scales = mgpu.prefill_act_scale(prefill_scales)
     _pad_prompts([ids], cfg, max_new_tokens)  # context check before compiling
     eos = set(cfg.eos_token_ids)
@@ -469,6 +469,20 @@ def _check_quantized(params, what: str) -> None:
                jax.tree.leaves(params["layers"], is_leaf=lambda x: isinstance(x, MixedWeight))):
         raise ValueError(f"{what} needs a quantized model (`mixjax convert SRC OUT --bits 4.4`); this one has "
                          "float linears")
+
+
+def _check_prefill_scales(params, implementation: Implementation, mode: str) -> None:
+    """Per-token prompt scales are an option of the Hopper prefill GEMM: elsewhere every prompt keeps MixLLM's
+    per-group scales, so "token" or "selective" would change nothing, and is refused rather than ignored."""
+    from pallas_kernels.api import has_wgmma
+
+    _check_quantized(params, "prefill_scales (--prefill-scales)")
+    if mode != "group" and (implementation == "xla" or not has_wgmma()):
+        where = "implementation='xla'" if implementation == "xla" else f"a {jax.devices()[0].platform} device"
+        raise ValueError(f"prefill_scales={mode!r} (--prefill-scales) sets the activation scales of a Hopper GPU's (sm_90) "
+                         f"prefill GEMM; with {where} prompts keep MixLLM's per-group scales and the option would "
+                         "change nothing: drop it (the accuracy of per-token prompt scales on any device: "
+                         "benchmarks/prefill_scales.py)")
 
 
 def _check_int8_prefill(params, implementation: Implementation) -> None:

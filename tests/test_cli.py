@@ -224,11 +224,20 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
     assert cli.main(["generate", "--model", str(directory), "--prompt", "the river", "--int8-prefill",
                      "--quiet"]) == 2
     assert "needs a quantized model" in capsys.readouterr().err
-    # --prefill-scales: the mode holds while the generation is traced, then the module's setting is back; a float
-    # model is refused by name
+    # --prefill-scales: on this CPU the prompt keeps per-group scales, so token / selective are refused by name (group
+    # passes); where the Hopper GEMM runs (has_wgmma faked) the mode holds while the generation is traced, then the
+    # module's setting is back; a float model is refused by name
     import importlib
 
-    from pallas_kernels import mgpu
+    from pallas_kernels import api, mgpu
+
+    assert cli.main(["generate", "--model", str(a), "--prompt", "the river", "--max-new-tokens", "2",
+                     "--prefill-scales", "token", "--quiet"]) == 2
+    assert "keep MixLLM's per-group scales" in capsys.readouterr().err and mgpu.PREFILL_ACT_SCALE == "group"
+    assert cli.main(["generate", "--model", str(a), "--prompt", "the river", "--max-new-tokens", "2",
+                     "--prefill-scales", "group", "--quiet"]) == 0
+    capsys.readouterr()
+    monkeypatch.setattr(api, "has_wgmma", lambda device=None: True)
 
     generate_module = importlib.import_module("mixjax.generate")  # (mixjax.generate is also the function)
 
