@@ -148,9 +148,10 @@ def _sentencepiece_scores(vocab: dict[str, int], merges: list[str], n: int) -> l
 
 
 def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
-    """(GGUFWriter method, value) pairs that write `tokenizer` as llama.cpp's `gpt2` vocabulary of cfg.vocab_size
-    ids; ConvertError (with the alternatives) for a tokenizer that is not byte-level BPE. (gguf writes no empty
-    array: a tokenizer without merges gets no merges key, which mixjax reads as none and llama.cpp refuses.)"""
+    """(GGUFWriter method, value) pairs that write `tokenizer` as llama.cpp's `gpt2` (byte-level BPE) or `llama`
+    (sentencepiece-style BPE) vocabulary of cfg.vocab_size ids; ConvertError (with the alternatives) for any other.
+    (gguf writes no empty array: a byte-level tokenizer without merges gets no merges key, which mixjax reads as none
+    and llama.cpp refuses.)"""
     from gguf import TokenType
 
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -176,12 +177,17 @@ def tokenizer_fields(tokenizer, cfg: LlamaConfig) -> list[tuple[str, object]]:
     added = tokenizer.added_tokens_decoder  # {id: AddedToken}
     tokens = [f"[PAD{i}]" for i in range(cfg.vocab_size)]
     types = [int(TokenType.UNUSED)] * cfg.vocab_size
+    def kind(text: str, i: int) -> TokenType:
+        if prefix is not None and i == tokenizer.unk_token_id:
+            return TokenType.UNKNOWN
+        if prefix is not None and _BYTE_TOKEN.fullmatch(text):
+            return TokenType.BYTE
+        if i not in added:
+            return TokenType.NORMAL
+        return TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED
+
     for text, i in vocab.items():
-        tokens[i] = text
-        spm_kind = (TokenType.UNKNOWN if i == tokenizer.unk_token_id else TokenType.BYTE if _BYTE_TOKEN.fullmatch(text)
-                    else None) if prefix is not None else None
-        types[i] = int(spm_kind or (TokenType.NORMAL if i not in added else
-                                    TokenType.CONTROL if added[i].special else TokenType.USER_DEFINED))
+        tokens[i], types[i] = text, int(kind(text, i))
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None and cfg.eos_token_ids:

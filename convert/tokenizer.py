@@ -78,7 +78,7 @@ def tokenizer_kind(tokenizer) -> str:
     if backend is None:
         return type(tokenizer).__name__
     spec = backend.to_str()
-    model = (json.loads(spec).get("model") or {})
+    model = json.loads(spec).get("model") or {}
     if model.get("type") == "BPE" and model.get("byte_fallback"):
         return "sentencepiece BPE"
     if model.get("type") == "BPE" and '"ByteLevel"' in spec:
