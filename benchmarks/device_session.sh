@@ -763,6 +763,18 @@ case "$part" in
       --variants xla_bf16,api --large-m-variants xla_bf16,xla_int8,api --out "$out/m4096" 2>&1 | tail -16 \
       | tee "$out/m4096.log"
     ;;
+  s31b)  # session 31, calls 3-5 on the warm H100 as they ran: the prompt's activation scales at 2048 tokens beside bf16,
+    # 256-token prompts, W8A8's standing row (its ratios against the bf16 rows of s31h / this call), per-token scales
+    header
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8@psel+h4,w4.4a8@psel@pint8+h4 \
+      --batches "" --repeats 5 --prefill-len 2048 --budget-s 190 --out "$out/psel2048.md" 2>&1 | grep "prefill batch"
+    timeout 110 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches "" --repeats 5 \
+      --prefill-len 256 --budget-s 100 --out "$out/prefill256.md" 2>&1 | grep "prefill batch"
+    timeout 250 python3 benchmarks/bench_generate.py --variants w8a8+h8 --batches 1,8,32 --repeats 2 --prefill-len 2048 \
+      --profile --profile-top 3 --budget-s 240 --out "$out/w8a8.md" 2>&1 | grep "batch"
+    timeout 200 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@ptok@pint8+h4 \
+      --batches "" --repeats 5 --prefill-len 2048 --budget-s 190 --out "$out/ptok.md" 2>&1 | grep "prefill batch"
+    ;;
   s32a)  # prepared in session 31: the fused attention step's blocks in flight at b8 / b32 (`num_stages` 1, 2, 3, with
     # 128- and 64-position blocks), bf16 and int8 caches. At b32 the step took 624 µs of a 4.22 ms H100 decode step with
     # the bf16 cache, 485 with int8 (NOTES item 107); offline (ptx_stats.py) a program takes 40 / 72 / 136 KB of
@@ -808,7 +820,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31h|s32a|s32k" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32k" >&2
     exit 2
     ;;
 esac
