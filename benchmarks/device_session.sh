@@ -765,6 +765,7 @@ case "$part" in
     ;;
   s31b)  # session 31, calls 3-5 on the warm H100 as they ran: the prompt's activation scales at 2048 tokens beside bf16,
     # 256-token prompts, W8A8's standing row (its ratios against the bf16 rows of s31h / this call), per-token scales
+    # (≈ 300 s of work on the H100; the timeouts are upper bounds)
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8@psel+h4,w4.4a8@psel@pint8+h4 \
       --batches "" --repeats 5 --prefill-len 2048 --budget-s 190 --out "$out/psel2048.md" 2>&1 | grep "prefill batch"
