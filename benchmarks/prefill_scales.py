@@ -1,5 +1,6 @@
 """Per-token activation scales for the prompt only: their accuracy cost against MixLLM's per-group scales, with a
-paired standard error over the evaluation windows (CPU, embedded model).
+paired standard error over the evaluation windows (CPU, embedded model). `mixjax ablate prompt-scales` runs the
+token and selective rows for any model; this script also prices each linear kind alone (`--by-linear`).
 
     MIXJAX_CACHE=... PYTHONPATH=. python benchmarks/prefill_scales.py          # ≈ 10 min on 2 cores
 
@@ -35,6 +36,7 @@ import convert
 from mixjax import assets, data
 from mixjax.evaluate import phased_nll
 from mixjax.quant import ActFormat, QuantConfig, as_fake_quant, quantize
+from mixjax.quant.ablate import with_token_scales
 
 
 def main(argv=None) -> int:
@@ -71,8 +73,8 @@ def main(argv=None) -> int:
         kinds.append(("o_proj and gate/up (`PREFILL_ACT_SCALE = \"selective\"`)",
                       ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")))
         for kind, names in kinds:
-            schemes[f"per token for the prompt in {kind} only"] = [(_mixed(group, token, names), args.prompt),
-                                                                  (group, T)]
+            prompt_params = with_token_scales(group, token, names)
+            schemes[f"per token for the prompt in {kind} only"] = [(prompt_params, args.prompt), (group, T)]
     nll = {}  # scheme → [windows, decoded positions]
     for name, phases in schemes.items():
         t = time.perf_counter()
@@ -98,16 +100,6 @@ def main(argv=None) -> int:
         print(f"- {name}: {d.mean():+.5f} ± {se:.5f}, ≈ {ppl * d.mean():+.3f} ± {ppl * se:.3f} perplexity, "
               f"{d.mean() / se:+.1f} standard errors; {int((d > 0).sum())} of {n} windows worse")
     return 0
-
-
-def _mixed(group, token, names: tuple[str, ...]):
-    """`group`'s params with the linears `names` of every layer taken from `token` (the same weights, per-token
-    activation scales)."""
-    from mixjax.quant.salience import linear_weight, with_weights
-
-    layers = tuple(with_weights(g, {n: linear_weight(t, n) for n in names}) for g, t in zip(group["layers"],
-                                                                                          token["layers"]))
-    return {**group, "layers": layers}
 
 
 if __name__ == "__main__":

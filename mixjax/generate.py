@@ -481,8 +481,7 @@ def _check_prefill_scales(params, implementation: Implementation, mode: str) -> 
         where = "implementation='xla'" if implementation == "xla" else f"a {jax.devices()[0].platform} device"
         raise ValueError(f"prefill_scales={mode!r} (--prefill-scales) sets the activation scales of a Hopper GPU's (sm_90) "
                          f"prefill GEMM; with {where} prompts keep MixLLM's per-group scales and the option would "
-                         "change nothing: drop it (the accuracy of per-token prompt scales on any device: "
-                         "benchmarks/prefill_scales.py)")
+                         "change nothing: drop it (their accuracy on any device: `mixjax ablate prompt-scales`)")
 
 
 def _check_int8_prefill(params, implementation: Implementation) -> None:

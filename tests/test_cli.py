@@ -352,6 +352,17 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     assert result["fp"] == pytest.approx(phased_perplexity([(params, 32)], cfg, windows, prompt=8), rel=1e-6)
     assert len({round(r["perplexity"], 6) for r in result["rows"]}) == 4
 
+    # prompt-scales: with K ≤ 128 a row is one group, so per-token prompt scales are MixLLM's and every row (and
+    # its paired difference) equals the first; the first is the W4.4A8 model above on the tokens after the prompt
+    scales = tmp_path / "prompt-scales.json"
+    assert cli.main(["ablate", "prompt-scales", *opts, "--prompt-len", "8", "--out", str(scales)]) == 0
+    assert "| paired difference |" in capsys.readouterr().out
+    first, token, selective = json.loads(scales.read_text())["rows"]
+    assert first["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-6) and "paired" not in first
+    for row in (token, selective):
+        assert row["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
+        assert abs(row["paired"]["delta"]) < 1e-6 * first["perplexity"] and row["paired"]["windows"] == len(windows)
+
     # dequant: one quantization (the one above) through the kernels' two-step path (their XLA reference here),
     # with it off (bf16 dequantized W and x, one bf16 dot), and simulated (the other studies' rows)
     from mixjax.quant.fakequant import as_one_step
@@ -394,6 +405,7 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
     (["ablate", "progressive", "--prompt-len", "512"], "--prompt-len 512 must lie in [1, --eval-seq-len 512)"),
     (["ablate", "progressive", "--switch-after", "32,400"], "a switch point must fall inside"),
     (["ablate", "progressive", "--switch-after", "a,b"], "comma-separated integers"),
+    (["ablate", "prompt-scales", "--prompt-len", "0"], "--prompt-len 0 must lie in [1, --eval-seq-len 512)"),
 ])
 def test_ablate_refuses_bad_input_before_any_work(argv, match, sandbox, tmp_path, capsys):
     before = sandbox()

@@ -497,3 +497,34 @@ def test_checkpoints_in_the_seven_array_layout_still_load(tiny_params, tiny_toke
     assert jax.tree.structure(restored) == jax.tree.structure(qp)
     for a, b in zip(jax.tree.leaves(restored), jax.tree.leaves(qp)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_prompt_scales_study_prices_per_token_prompts():
+    """`ablate(study="prompt-scales")` on a model with K = 256 (two groups a row, so one scale a token is not one
+    a group): MixLLM's row is the quantized model through `phased_nll`; the per-token and selective rows run only the
+    prompt on other activation codes and differ from it and from each other; each paired difference is, with equal
+    windows, the rows' mean-NLL gap in perplexity units, with a positive standard error."""
+    import math
+
+    from mixjax.evaluate import phased_nll
+    from mixjax.quant import as_fake_quant
+    from mixjax.quant.ablate import ablate
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, _key(5), jnp.float32))
+    calib = [np.asarray(jax.random.randint(_key(6), (4, 16), 0, cfg.vocab_size), np.int32)]
+    windows = np.asarray(jax.random.randint(_key(7), (3, 24), 0, cfg.vocab_size), np.int32)
+    result = ablate(params, cfg, calib, windows, study="prompt-scales", bits=4.4, batch_size=4, eval_batch_size=3,
+                    prompt=8, log=lambda *a: None)
+    first, token, selective = result["rows"]
+    qp = quantize(params, calib, cfg, config=QuantConfig(bits=4.4, batch_size=4))
+    nll = phased_nll([(as_fake_quant(qp), 24)], cfg, windows, prompt=8, batch_size=3)
+    # the study runs one window at a time (for the pairs), here three at once: a code can flip at a rounding boundary
+    assert first["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=2e-4) and "paired" not in first
+    ppls = [first["perplexity"], token["perplexity"], selective["perplexity"]]
+    assert len({round(p, 6) for p in ppls}) == 3
+    for row in (token, selective):
+        gap = first["perplexity"] * (math.log(row["perplexity"]) - math.log(first["perplexity"]))
+        assert row["paired"]["delta"] == pytest.approx(gap, rel=1e-6, abs=1e-9)
+        assert row["paired"]["stderr"] > 0 and row["paired"]["windows"] == 3

@@ -14,6 +14,11 @@ Perplexity counts only the decoded tokens: all of them, and (`late_perplexity`) 
 point, which every switching row decodes at low precision: what a high-precision start leaves behind in the
 cache. Only accuracy is measured here; `mixjax generate --prefill-model PATH --switch-after N` generates so.
 
+`prompt-scales` prices `mixjax generate --prefill-scales`: one quantization whose prompt runs with one activation
+scale a token (in every linear, or in o_proj and gate/up only: "selective") while the decoded tokens keep MixLLM's
+per-group scales, through one KV cache as in `progressive`. The differences are small, so each row also gives its
+difference from MixLLM's row paired window by window, with its standard error.
+
 `dequant` runs one quantization three ways (`Study.forms`): through the kernels' two-step dequantization (the
 Pallas kernels on a GPU, their exact integer XLA reference elsewhere), with it turned off (`OneStepWeight`: the
 weight and activations dequantized to bf16, one bf16 dot), and simulated as the other studies are
@@ -27,6 +32,7 @@ import dataclasses
 import math
 import time
 
+from mixjax.model import LINEAR_NAMES
 from mixjax.quant.activations import ActFormat
 from mixjax.quant.api import QuantConfig
 
@@ -39,6 +45,8 @@ class Study:
     progressive: bool = False  # rows built from the switch points instead (`ablate`'s high_bits, prompt, switch_after)
     forms: tuple[tuple[str, str], ...] = ()  # or rows that run one quantization (MixLLM's config) in these forms:
     # (name, "kernels" | "one_step" | "fake_quant"), the first MixLLM's
+    prompt_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()  # or rows of one quantization whose prompt takes
+    # per-token activation scales in these linears: (name, linear names), the first MixLLM's (none)
 
 
 STUDIES: dict[str, Study] = {
@@ -58,6 +66,13 @@ STUDIES: dict[str, Study] = {
     "progressive": Study(
         "progressive precision switching during decoding: the prompt and the first decoded tokens at higher "
         "precision, the rest at MixLLM's", (), needs_mixed=False, progressive=True),
+    "prompt-scales": Study(
+        "the prompt's activation scales (`generate --prefill-scales`): one a token in the prompt's GEMMs, MixLLM's "
+        "one a (token, group of 128) for the decoded tokens", (), needs_mixed=False,
+        prompt_linears=(("per (token, group of 128) throughout (MixLLM; --prefill-scales group)", ()),
+                        ("per token for the prompt (--prefill-scales token)", LINEAR_NAMES),
+                        ("per token for the prompt in o_proj and gate/up (--prefill-scales selective)",
+                         ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")))),
     "dequant": Study(
         "two-step dequantization on or off: the integer product of each group first and its scales after, or the "
         "weight and activations dequantized to bf16 and one bf16 dot", (), needs_mixed=False,
@@ -79,6 +94,9 @@ def check_study(study: str, bits: float, *, high_bits: float = 8.0, prompt: int 
     if spec.needs_mixed and not 4.0 < bits < 8.0:
         raise ValueError(f"the {study} study compares ways of choosing the 8-bit channels, and --bits {bits:g} leaves "
                          "none to choose (all 4-bit or all 8-bit): use --bits between 4 and 8, e.g. 4.4")
+    if spec.prompt_linears and seq_len is not None and not 1 <= prompt < seq_len:
+        raise ValueError(f"--prompt-len {prompt} must lie in [1, --eval-seq-len {seq_len}): the prompt is part of each "
+                         "evaluation window, and the tokens after it are scored")
     if spec.progressive:
         if not bits < high_bits <= 8.0:
             raise ValueError(f"--high-bits {high_bits:g} must lie in (--bits {bits:g}, 8]: the model decoding "
@@ -118,6 +136,10 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
         fp, fp_late = math.exp(nll.mean()), math.exp(nll[late:].mean())
         log(f"float model: perplexity {fp:.3f} on the {T - prompt} tokens after each {prompt}-token prompt, "
             f"{fp_late:.3f} on the last {T - prompt - late}")
+    elif spec.prompt_linears:
+        fp = math.exp(phased_nll([(params, T)], cfg, windows, prompt=prompt, batch_size=eval_batch_size,
+                                 progress=progress, mesh=mesh).mean())
+        log(f"float model: perplexity {fp:.3f} on the {T - prompt} tokens after each {prompt}-token prompt")
     else:
         fp = perplexity(params, cfg, windows, batch_size=eval_batch_size, progress=progress, mesh=mesh)
         log(f"float model: perplexity {fp:.3f}")
@@ -135,6 +157,10 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
                                           prompt=prompt, switch_after=switch_after, fp=fp, fp_late=fp_late,
                                           batch_size=batch_size, eval_batch_size=eval_batch_size, progress=progress,
                                           log=log, mesh=mesh)}
+    if spec.prompt_linears:
+        return {**result, "prompt": prompt, "rows": _prompt_scale_rows(
+            params, cfg, calib_batches, windows, scores, spec.prompt_linears, bits=bits, prompt=prompt, fp=fp,
+            batch_size=batch_size, progress=progress, log=log, mesh=mesh)}
     if spec.forms:
         return {**result, "timed": "evaluation", "rows": _form_rows(params, cfg, calib_batches, windows, scores, spec.forms, bits=bits,
                                              fp=fp, batch_size=batch_size, eval_batch_size=eval_batch_size,
@@ -175,6 +201,55 @@ def _form_rows(params, cfg, calib_batches, windows, scores, forms, *, bits, fp, 
         rows.append({"name": name, "config": f"{describe(config)}; {form.replace('_', ' ')}", "perplexity": ppl,
                      "delta": ppl - fp, "int8_share": report.num_int8_channels / max(report.num_channels, 1),
                      "seconds": time.perf_counter() - t})
+        log(f"{name}: perplexity {ppl:.3f} ({rows[-1]['seconds']:.0f} s)")
+    return rows
+
+
+def with_token_scales(group: dict, token: dict, names: tuple[str, ...]) -> dict:
+    """`group`'s params (fake-quantized, per-group activation scales) with the linears `names` of every layer taken
+    from `token` (the same weights, per-token activation scales)."""
+    from mixjax.quant.salience import linear_weight, with_weights
+
+    layers = tuple(with_weights(g, {n: linear_weight(t, n) for n in names})
+                   for g, t in zip(group["layers"], token["layers"]))
+    return {**group, "layers": layers}
+
+
+def _prompt_scale_rows(params, cfg, calib_batches, windows, scores, prompt_linears, *, bits, prompt, fp, batch_size,
+                       progress, log, mesh) -> list[dict]:
+    """One quantization (MixLLM's config); per row, the prompt with per-token activation scales in the named linears
+    and every decoded token per group, one window at a time (for the paired differences)."""
+    import numpy as np
+
+    from mixjax.evaluate import phased_nll
+    from mixjax.quant.activations import ActFormat
+    from mixjax.quant.api import quantize
+    from mixjax.quant.fakequant import as_fake_quant
+
+    config = QuantConfig(bits=bits, batch_size=batch_size)
+    t = time.perf_counter()
+    qparams = quantize(params, calib_batches, cfg, config=config, scores=scores, progress=progress, mesh=mesh)
+    log(f"W{bits:g}A8 quantized in {time.perf_counter() - t:.0f} s")
+    group, token = as_fake_quant(qparams), as_fake_quant(qparams, act=ActFormat(granularity="token"))
+    T = int(windows.shape[1])
+    rows, base = [], None
+    for name, names in prompt_linears:
+        t = time.perf_counter()
+        phases = [(with_token_scales(group, token, names), prompt), (group, T)] if names else [(group, T)]
+        per_window = np.array([phased_nll(phases, cfg, windows[i:i + 1], prompt=prompt, batch_size=1,
+                                          mesh=mesh).mean() for i in range(len(windows))])  # each window's mean NLL
+        ppl = math.exp(per_window.mean())
+        where = f"prompt per token in {len(names)} of {len(LINEAR_NAMES)} linears"
+        row = {"name": name, "config": f"{describe(config)}; {where}",
+               "perplexity": ppl, "delta": ppl - fp, "int8_share": None, "seconds": time.perf_counter() - t}
+        if base is None:
+            base = per_window
+        elif len(windows) > 1:  # the difference from MixLLM's row, window by window, in perplexity units
+            d = per_window - base
+            scale = math.exp(base.mean())
+            row["paired"] = {"delta": scale * d.mean(), "stderr": scale * d.std(ddof=1) / math.sqrt(len(d)),
+                             "worse": int((d > 0).sum()), "windows": len(d)}
+        rows.append(row)
         log(f"{name}: perplexity {ppl:.3f} ({rows[-1]['seconds']:.0f} s)")
     return rows
 
@@ -227,8 +302,10 @@ def to_markdown(result: dict) -> str:
     """The study as a table: each row's perplexity, its increase over float and that increase against the first
     (MixLLM's) row's."""
     base = result["rows"][0]["delta"]
-    if "prompt" in result:
+    if "late_from" in result:
         return _progressive_markdown(result)
+    if "prompt" in result:
+        return _prompt_scales_markdown(result)
     lines = [f"{result['title']} (W{result['bits']:g}); float model perplexity {result['fp']:.3f}", "",
              "| row | configuration | perplexity | increase over float | × MixLLM's increase | 8-bit channels | "
              f"{result.get('timed', 'quantization')} (s) |",
@@ -248,6 +325,23 @@ def _with_salience_time(lines: list[str], result: dict) -> str:
     if result["salience_seconds"]:
         lines += ["", f"Salience computed once in {result['salience_seconds']:.0f} s and shared by the rows."]
     return "\n".join(lines)
+
+
+def _prompt_scales_markdown(result: dict) -> str:
+    rows, base = result["rows"], result["rows"][0]["delta"]
+    lines = [f"{result['title']} (W{result['bits']:g}). Perplexity of the tokens after each {result['prompt']}-token "
+             f"prompt (float model {result['fp']:.3f}); the paired column is each row's difference from MixLLM's, "
+             "window by window, ± its standard error.", "",
+             "| row | configuration | perplexity, decoded tokens | × MixLLM's increase | paired difference | "
+             "windows worse | evaluation (s) |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        pair = r.get("paired")
+        diff = "—" if pair is None else f"{pair['delta']:+.3f} ± {pair['stderr']:.3f}"
+        worse = "—" if pair is None else f"{pair['worse']} of {pair['windows']}"
+        lines.append(f"| {r['name']} | {r['config']} | {r['perplexity']:.3f} | {_ratio(r['delta'], base):.2f} | "
+                     f"{diff} | {worse} | {r['seconds']:.0f} |")
+    return _with_salience_time(lines, result)
 
 
 def _progressive_markdown(result: dict) -> str:

@@ -123,7 +123,8 @@ def register_ablate(sub) -> None:
     p.add_argument("--high-bits", type=float, default=8.0,
                    help="progressive: the precision decoding starts at (default 8: W8A8)")
     p.add_argument("--prompt-len", type=int, default=128,
-                   help="progressive: tokens of each evaluation window taken as the prompt (default 128)")
+                   help="progressive, prompt-scales: tokens of each evaluation window taken as the prompt "
+                        "(default 128)")
     p.add_argument("--switch-after", default="32,128", metavar="N,N",
                    help="progressive: decoded tokens before the switch to --bits, one row each (default 32,128)")
     p.add_argument("--devices", default="all", metavar="N|all",
