@@ -222,7 +222,6 @@ def _prompt_scale_rows(params, cfg, calib_batches, windows, scores, prompt_linea
     import numpy as np
 
     from mixjax.evaluate import phased_nll
-    from mixjax.quant.activations import ActFormat
     from mixjax.quant.api import quantize
     from mixjax.quant.fakequant import as_fake_quant
 
