@@ -43,8 +43,8 @@ _F16_MAX = float(np.finfo(np.float16).max)
 # Byte-level BPE pre-tokenizers, as tokenizers' JSON describes them → llama.cpp's `tokenizer.ggml.pre` names
 # (the same table convert/gguf_tokenizer.py builds tokenizers from, read the other way).
 _GPT2_PRE = {"type": "ByteLevel", "use_regex": True}
-_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a sentencepiece byte-fallback token
 _DIGITS_PRE = {"type": "Digits", "individual_digits": True}
+_BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a sentencepiece byte-fallback token
 
 
 def gguf_arch(cfg: LlamaConfig) -> str:

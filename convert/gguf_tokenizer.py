@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from gguf import TokenType  # llama.cpp's token types
+
 from convert.layout import ConvertError
 
 # The pre-tokenizer split of each `tokenizer.ggml.pre` value we build (llama.cpp's names); None = GPT-2's.
@@ -40,7 +42,6 @@ PRE_TOKENIZERS = {
     "llama-bpe": (_LLAMA3_SPLIT, False),
     "qwen2": (_QWEN2_SPLIT, False),
 }
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6  # llama.cpp's token types
 SPACE = "\u2581"  # sentencepiece's visible space
 
 
@@ -85,11 +86,11 @@ def _sentencepiece(fields: dict, tokens: list[str], vocab: dict[str, int], *, so
         raise ConvertError(f"{source}: building its sentencepiece vocabulary needs transformers>=5 "
                            "(generate_merges); pip install -U transformers, or pass a tokenizer directory") from None
     scores = fields["tokenizer.ggml.scores"]
-    types = fields.get("tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
+    types = fields.get("tokenizer.ggml.token_type") or [TokenType.NORMAL] * len(tokens)
     if len(scores) != len(tokens) or len(types) != len(tokens):
         raise ConvertError(f"{source}: {len(tokens)} tokens but {len(scores)} scores and {len(types)} token types; "
                            "the GGUF's vocabulary is damaged: pass a tokenizer directory")
-    normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == NORMAL}
+    normal = {t: i for i, (t, kind) in enumerate(zip(tokens, types)) if kind == TokenType.NORMAL}
     merges = generate_merges(normal, {t: scores[i] for t, i in normal.items()})
     unk = fields.get("tokenizer.ggml.unknown_token_id")
     backend = Tokenizer(models.BPE(vocab=vocab, merges=merges, byte_fallback=True, fuse_unk=True,
@@ -130,13 +131,13 @@ def build_tokenizer(fields: dict, *, source: Path):
         backend.post_processor = processors.Sequence(post)
     named = {special("bos"), eos, special("unknown"), special("padding")}
     types = fields.get("tokenizer.ggml.token_type") or []
-    specials = [tokens[i] for i, t in enumerate(types) if t == CONTROL and tokens[i] not in named]
+    specials = [tokens[i] for i, t in enumerate(types) if t == TokenType.CONTROL and tokens[i] not in named]
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend, bos_token=special("bos"), eos_token=eos, unk_token=special("unknown"),
         pad_token=special("padding"), additional_special_tokens=specials,
         chat_template=fields.get("tokenizer.chat_template"),
     )
-    user = [tokens[i] for i, t in enumerate(types) if t == USER_DEFINED]
+    user = [tokens[i] for i, t in enumerate(types) if t == TokenType.USER_DEFINED]
     if user:  # added tokens that are not special: matched whole before BPE, kept when decoding
         tokenizer.add_tokens(user)
     return tokenizer
