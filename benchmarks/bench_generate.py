@@ -59,6 +59,9 @@ at prefill the scales folded into the weight's and the GEMM's per-token rescale;
 `@short`: linears of 65–512 rows take the swapped-operand kernel in column tiles (`api.MGPU_SHORT_M = (65, 512)`,
 the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out, `@short64` in
 column tiles of 64 rows instead of 128);
+`@swab`: the decode tiles (M ≤ `kernels.DECODE_MAX_M`) transposed, y.T = W·x.T (`GemmConfig.swap_ab`: wgmma on Hopper,
+the unpacked 4-bit tile its register operand); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -396,7 +399,8 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
-              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static")
+              "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
+              "swab", "att64", "att64s3", "att128s3")
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -491,6 +495,21 @@ def _apply_strategy(strategy: str) -> None:
 
         cfg = dataclasses.replace(mgpu.DEFAULT_CONFIG, convert="magic" if strategy == "magic" else "magic_fma")
         mgpu.mixed_matmul_mgpu = functools.partial(mgpu.mixed_matmul_mgpu, config=cfg)
+    elif strategy == "swab":  # the decode tiles transposed (`GemmConfig.swap_ab`, session 32: wgmma on Hopper)
+        choose = kernels.choose_config
+
+        def transposed(m, *a, **k):
+            cfg = choose(m, *a, **k)
+            decode = k.get("mode", "int") == "int" and m <= k.get("decode_max_m", kernels.DECODE_MAX_M)
+            return dataclasses.replace(cfg, swap_ab=True) if decode else cfg
+
+        kernels.choose_config = transposed
+    elif strategy in ("att64", "att64s3", "att128s3"):  # the fused decode attention's cache block and stages
+        from pallas_kernels import attention
+
+        block, stages = {"att64": (64, 2), "att64s3": (64, 3), "att128s3": (None, 3)}[strategy]
+        model_module.attend_new_tokens_pallas = functools.partial(attention.attend_new_tokens_pallas,
+                                                                  block_s=block, num_stages=stages)
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
     elif strategy == "static":  # the params themselves change (`build_variant`: `with_static_scales`)

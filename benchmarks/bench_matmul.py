@@ -92,6 +92,10 @@ MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choos
     "mixed_mm": dict(meta_mma=True),
     "mixed_zs": dict(zero_in_scale=True),
     "mixed_mmz": dict(meta_mma=True, zero_in_scale=True),
+    # session 32: the tile transposed (y.T = W·x.T: weight rows on the MMA's M side, wgmma on Hopper with the
+    # unpacked 4-bit tile as its register A operand), and with 64 activation rows a tile
+    "mixed_sw": dict(swap_ab=True),
+    "mixed_sw64": dict(swap_ab=True, block_m=64),
 }
 SHARE.update({v: 0.1 for v in (*GEMV_OVERRIDES, *MIXED_OVERRIDES)})
 

@@ -784,6 +784,25 @@ case "$part" in
     timeout 300 python3 benchmarks/bench_attention.py --batches 8,32 --lengths 384 --int8 --step-only --parts 0 \
       --fused-stages 1,3 --out "$out/attention_stages.md" 2>&1 | tail -40 | tee "$out/attention_stages.log"
     ;;
+  s32s)  # session 32: the transposed decode tiles (`GemmConfig.swap_ab`, y.T = W·x.T: weight rows on the MMA's M side,
+    # wgmma m64nBk32 with the unpacked 4-bit tile as its register A operand; offline 383 instructions a thread a group
+    # and 108 registers against the mma.sync tile's 318 and 94), GPU tests first, then M = 16–128 per GEMM
+    header
+    timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs or decode_strategies" 2>&1 | tail -3 \
+      | tee "$out/tests.log"
+    shapes=4096x6144,4096x4096,4096x28672,14336x4096
+    timeout 200 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 16,32 \
+      --variants xla_bf16,api,mixed_sw --out "$out/sw16_32" 2>&1 | tail -16 | tee "$out/sw16_32.log"
+    timeout 220 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 64,128 \
+      --variants xla_bf16,api,mixed_sw,mixed_sw64 --out "$out/sw64_128" 2>&1 | tail -16 | tee "$out/sw64_128.log"
+    ;;
+  s32e)  # session 32: decode b1 / b8 / b32 end to end, bf16 (XLA) beside W4.4A8 + int4 head, with the transposed decode
+    # tiles (@swab) and with the fused attention's 64-position blocks, 3 in flight (@att64s3: s32a's fastest at b8)
+    header
+    timeout 570 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@swab+h4,w4.4a8@att64s3+h4 \
+      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 3 --budget-s 555 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
@@ -821,7 +840,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32k" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32s" >&2
     exit 2
     ;;
 esac

@@ -111,6 +111,10 @@ class GemmConfig:
     zero_in_scale: bool = False  # experiment (session 11): the 4-bit scales carry the zero point in their
     # low 4 mantissa bits (`embed_zero_in_scale`; z4 is not read): one 4-byte load per channel and group,
     # which the pipeliner can take (cp.async moves ≥ 4 bytes; the int8 zeros stay plain loads)
+    swap_ab: bool = False  # experiment (session 32), int mode: the MMAs compute the tile transposed, y.T = W·x.T,
+    # weight rows on the MMA's M side (block_n = 64: one wgmma warpgroup on Hopper, where block_m rows of
+    # activations take the N side from 8 on) instead of activation rows padded to mma.sync's 16; the unpacked
+    # 4-bit tile is the A operand, which Triton may keep in registers instead of staging it in shared memory
 
     @property
     def atomic(self) -> bool:
@@ -133,6 +137,9 @@ class GemmConfig:
         if self.meta_mma and (self.preload or self.prefetch_meta or self.fuse_quant):
             raise ValueError("meta_mma pipelines the in-loop loads of the small operands: it excludes preload, "
                              "prefetch_meta and fuse_quant")
+        if self.swap_ab and (self.meta_mma or self.preload or self.warm_meta):
+            raise ValueError("swap_ab computes the rescale factors transposed in the loop: it excludes meta_mma, "
+                             "preload and warm_meta")
         if self.preload and num_groups // self.split_k > _MAX_PRELOAD:
             raise ValueError(f"preload holds at most {_MAX_PRELOAD} groups per split, got "
                              f"{num_groups // self.split_k}: raise split_k or set preload=False")
@@ -359,12 +366,16 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
 _MAGIC = 0x4B400000  # the bits of 12582912.0 = 1.5·2^23: float ulp 1 for |offset| < 2^22
 
 
-def _seeded_mma(xa, wa, xb, wb) -> jax.Array:
-    """Σ of two int8 K=64 dots, int32 [bm, bn], seeded with the bits of 1.5·2^23 (MixLLM's trick).
+def _seeded_mma(xa, wa, xb, wb, swap: bool = False) -> jax.Array:
+    """Σ of two int8 K=64 dots, int32 [bm, bn] ([bn, bm] with `swap`), seeded with the bits of 1.5·2^23
+    (MixLLM's trick).
 
     seed + P read as f32 is exactly 1.5·2^23 + P while |P| < 2^22 (a group of 128 int8×int8 products
     stays ≤ 2.1e6), so `_unseed` recovers P with one subtract instead of an int→float conversion (a
     quarter-rate instruction). Triton folds `dot + seed` into the MMA's accumulator input."""
+    if swap:
+        seed = jnp.full((wa.shape[0], xa.shape[0]), _MAGIC, jnp.int32)
+        return _dot_nt(wb, xb) + (_dot_nt(wa, xa) + seed)
     seed = jnp.full((xa.shape[0], wa.shape[0]), _MAGIC, jnp.int32)
     acc = _dot_nt(xa, wa) + seed
     return _dot_nt(xb, wb) + acc
@@ -386,12 +397,12 @@ def _w8_load(g, n0, q8_ref, *, block_n, evict):
     return wa, wb
 
 
-def _w8_mma(xh, w, *, mode):
+def _w8_mma(xh, w, *, mode, swap=False):
     """Phase 1 of one K group of the 8-bit branch: the MMAs (int32 seeded, or f32 in float mode)."""
     wa, wb = w
     if mode == "float":
         return wa, wb  # dequantized in phase 2 (needs the scales)
-    return _seeded_mma(xh[0], wa, xh[1], wb)
+    return _seeded_mma(xh[0], wa, xh[1], wb, swap)
 
 
 def _w8_meta(g, n0, s8_ref, *, block_n, mask=None):
@@ -399,8 +410,10 @@ def _w8_meta(g, n0, s8_ref, *, block_n, mask=None):
     return (_load(s8_ref.at[g, pl.ds(n0, block_n)], mask, 0.0),)  # f32 scales
 
 
-def _w8_factors(a_meta, w_meta):
-    """Int mode: the group's [bm, bn] rescale factor s_a·s_w."""
+def _w8_factors(a_meta, w_meta, swap=False):
+    """Int mode: the group's [bm, bn] rescale factor s_a·s_w ([bn, bm] with `swap`)."""
+    if swap:
+        return (w_meta[0][:, None] * a_meta[0][None, :],)
     return (a_meta[0][:, None] * w_meta[0][None, :],)
 
 
@@ -433,13 +446,13 @@ def _shift_nibbles(packed: jax.Array, *, word_ops: bool) -> jax.Array:
         pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int8)])[0]
 
 
-def _w4_mma(xh, packed, *, mode, word_ops=False):
+def _w4_mma(xh, packed, *, mode, word_ops=False, swap=False):
     """Phase 1 of one K group of the 4-bit branch: unpack with two bit ops, then the MMAs."""
     lo = _shift_nibbles(packed, word_ops=word_ops)  # 16·(u − 8) for k in [0, 64)
     hi = packed & jnp.int8(-16)  # 16·(u − 8) for k in [64, 128)
     if mode == "float":
         return lo, hi
-    return _seeded_mma(xh[0], lo, xh[1], hi)  # 16·Σ x_q·(u − 8)
+    return _seeded_mma(xh[0], lo, xh[1], hi, swap)  # 16·Σ x_q·(u − 8)
 
 
 def embed_zero_in_scale(qw: MixedWeight) -> MixedWeight:
@@ -522,13 +535,17 @@ def _pick_row(tile: jax.Array, i) -> jax.Array:
     return jnp.sum(jnp.where(hit, wide, jnp.zeros_like(wide)), axis=0).astype(tile.dtype)
 
 
-def _w4_factors(a_meta, w_meta):
-    """Int mode: the group's rescale factor s_a·s_w/16 and zero-point term 16·Σx_q·(8 − z), [bm, bn] each.
+def _w4_factors(a_meta, w_meta, swap=False):
+    """Int mode: the group's rescale factor s_a·s_w/16 and zero-point term 16·Σx_q·(8 − z), [bm, bn] each
+    ([bn, bm] with `swap`).
 
     The zero point goes in the integer domain: 16·Σ x_q·(u − 8) + 16·Σx_q·(8 − z) = 16·Σ x_q·(u − z), one
     integer multiply-add per element on the seeded partial; exact (|16·Σ x_q·(u − z)| ≤ 16·127·15·128 <
     2^22, the seed's range), then one rounding instead of two f32 terms."""
     (a_scale, x_sum), (w_scale, zero) = a_meta, w_meta
+    if swap:
+        shift = (8 - zero.astype(jnp.int32))[:, None] * (16 * x_sum.astype(jnp.int32))[None, :]
+        return (w_scale * (1.0 / 16.0))[:, None] * a_scale[None, :], shift
     shift = (16 * x_sum.astype(jnp.int32))[:, None] * (8 - zero.astype(jnp.int32))[None, :]
     return a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :], shift
 
@@ -574,7 +591,7 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
         return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
 
-    def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, n0):
+    def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, swap_factors_fn, n0):
         unroll = cfg.groups_per_iter
         iters = groups_per_split // unroll
         with_a_meta = not cfg.fuse_quant and mode != "float"
@@ -621,6 +638,9 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             factors = [None] * unroll
             if cfg.meta_mma and with_a_meta:  # the small operands feed MMAs: Triton pipelines their loads
                 factors = [factors_fn(a, w) for a, w in zip(a_metas, w_metas)]
+            elif cfg.swap_ab:  # transposed [bn, bm]
+                factors = [swap_factors_fn(a if a_in is None else a_in, w, swap=True)
+                           for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
             partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
             for partial, (xh, a_in), a_meta, w_meta, f in zip(partials, xs, a_metas, w_metas, factors):
                 acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta, factors=f)
@@ -638,7 +658,7 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             ahead = load_meta(nxt)  # issued first
             return step(i, acc, metas), ahead
 
-        zero = jnp.zeros((bm, bn), jnp.float32)
+        zero = jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32)
         warm = meta_tiles(min(groups_per_split, _MAX_PRELOAD)) if cfg.warm_meta and not cfg.preload else None
         if warm is not None and cfg.warm_meta == 1:
             zero = zero + warm_zero(*warm)
@@ -651,6 +671,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])
+        if cfg.swap_ab:  # acc is [bn, bm]: the same elements, indexed transposed
+            mask, idx = mask.T, (out_rows[None, :], cols[:, None])
         if cfg.atomic:
             plgpu.atomic_add(o_ref, idx, acc, mask=None if interpret else mask)
         else:
@@ -661,8 +683,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         def _():
             load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
-            run(load, functools.partial(_w8_mma, mode=mode), meta, functools.partial(_w8_scale, mode=mode),
-                _w8_factors_mma, tile * bn)
+            run(load, functools.partial(_w8_mma, mode=mode, swap=cfg.swap_ab), meta,
+                functools.partial(_w8_scale, mode=mode), _w8_factors_mma, _w8_factors, tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
@@ -670,8 +692,9 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
             meta = (functools.partial(_w4_meta_embedded, s4_ref=s4_ref, block_n=bn) if cfg.zero_in_scale else
                     functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn))
-            mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret)
-            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), _w4_factors_mma, (tile - n8_tiles) * bn)
+            mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret, swap=cfg.swap_ab)
+            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), _w4_factors_mma, _w4_factors,
+                (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):
@@ -686,6 +709,8 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     m = x.m if pre else x.shape[0]
     g = qw.num_groups
     cfg.check(m, g)
+    if cfg.swap_ab and mode != "int":
+        raise ValueError("swap_ab is an int-mode configuration (the float-dequantization ablation keeps [bm, bn])")
     n8_tiles = qw.q8.shape[0] // cfg.block_n
     n4_tiles = qw.q4.shape[0] // cfg.block_n
     atomic = cfg.atomic

@@ -229,6 +229,9 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, xla_quant=True),  # XLA codes
         kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, meta_mma=True),  # scales as MMA outer products
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, meta_mma=True, groups_per_iter=1),
+        kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, swap_ab=True),  # y.T = W·x.T
+        kernels.GemmConfig(16, 64, 5, 4, 3, fuse_quant=True, swap_ab=True, groups_per_iter=1),  # atomics, fused
+        kernels.GemmConfig(32, 32, 1, 4, 3, fuse_quant=False, swap_ab=True, groups_per_iter=5),
     ],
 )
 def test_mixed_kernel_other_configs(cfg):
