@@ -803,6 +803,24 @@ case "$part" in
       --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 3 --budget-s 555 \
       --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
     ;;
+  s32m)  # session 32: the embedded model's W4.4A8 checkpoint on the GPU (issue 6 item 4: its perplexity equals the CPU
+    # value). The device reaches no hub and takes at most 64 MiB of carried files a call, so the checkpoint travels in
+    # parts on one warm machine. Here: `mixjax convert SmolLM2-135M-Instruct.Q4_1.gguf /tmp/ck44 --samples 8 --seq-len
+    # 256 --head-bits 4`, `tar cf ck44.tar -C /tmp ck44 && split -b 40M ck44.tar .cache/ck44.tar.part_`, and the evals
+    # wheel's wikipedia_5.jsonl copied to .cache/gpuck/. Call 1 (carry .cache/ck44.tar.part_aa): `mkdir -p /tmp/mj && cp
+    # .cache/ck44.tar.part_aa /tmp/mj/`; call 2 (carry .cache/ck44.tar.part_ab and .cache/gpuck): this entry
+    header
+    r=$PWD
+    (cd /tmp/mj && cat ck44.tar.part_aa "$r/.cache/ck44.tar.part_ab" | tar x) || exit 1
+    export MIXJAX_CACHE=/tmp/mjc PYTHONPATH="$r"
+    cli() { python3 -c 'import sys; from mixjax.cli import main; sys.exit(main())' "$@"; }
+    for impl in pallas xla; do
+      cli eval --model /tmp/mj/ck44 --data .cache/gpuck/wikipedia_5.jsonl --seq-len 256 --max-tokens 8192 \
+        --implementation "$impl" 2>&1 | tail -1 | tee -a "$out/real_model.log"
+      cli generate --model /tmp/mj/ck44 --prompt "What is the capital of France? Answer in one sentence." \
+        --max-new-tokens 40 --implementation "$impl" 2>&1 | tee -a "$out/real_model.log"
+    done
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
@@ -840,7 +858,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32s" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s" >&2
     exit 2
     ;;
 esac
