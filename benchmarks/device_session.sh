@@ -821,6 +821,14 @@ case "$part" in
         --max-new-tokens 40 --implementation "$impl" 2>&1 | tee -a "$out/real_model.log"
     done
     ;;
+  s32t)  # session 32: the GPU-only tests and the kernel files that hold them (CI skips 38 cases without a GPU): the
+    # whole model's decode path compiled, the CUDA lowerings, the Mosaic GPU prefill and decode GEMMs, static scales,
+    # attention; stops at the limit and says how far it got
+    header
+    timeout 560 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py tests/test_gpu_lowering.py \
+      tests/test_mgpu.py tests/test_static.py tests/test_attention.py tests/test_mgpu_decode.py 2>&1 | tail -25 \
+      | tee "$out/gputests.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
@@ -858,7 +866,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t" >&2
     exit 2
     ;;
 esac
