@@ -176,6 +176,15 @@ def _replace(tmp: Path, target: Path) -> None:
     shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _root_cause(e: BaseException) -> str:
+    """The first line of the innermost exception behind `e` (orbax wraps TensorStore's error, which names the
+    array and the byte range, in one that prints the whole TensorStore spec)."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__
+    line = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {line if len(line) <= 300 else line[:300] + ' …'}"
+
+
 def abstract_float_params(cfg: LlamaConfig, dtype, layers: str = "stacked"):
     """A tree of ShapeDtypeStructs (on the default device) for float params of `cfg`."""
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -214,8 +223,9 @@ def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dt
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_dir, abstract_params)
-    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
-        raise ConvertError(f"{params_dir}: cannot restore params ({type(e).__name__}: {e})") from None
+    except Exception as e:  # noqa: BLE001 - orbax raises a bare Exception for a short or failed read of a data file
+        raise ConvertError(f"{params_dir}: cannot restore params ({_root_cause(e)}); the checkpoint is damaged, "
+                           "incomplete or not of this model: re-create it") from None
     expected = meta.get("params_sha256")
     if expected is not None and params_digest(params) != expected:
         raise ConvertError(

@@ -332,6 +332,24 @@ def test_orbax_refuses_overwrite_and_bad_params(tiny_params, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
 
+@pytest.mark.parametrize("damage", ["truncate", "flip"])
+def test_orbax_damaged_data_file_is_named(tiny_params, tmp_path, damage):
+    """A data file of the params store cut short or with a byte changed: one ConvertError naming the params folder
+    and the fix (orbax raises a bare Exception for a short read; a changed byte fails the read or the digest)."""
+    cfg, params = tiny_params
+    target = convert.save_checkpoint(tmp_path / "ckpt", params, cfg)
+    data = max((p for p in (target / "params").rglob("*") if p.is_file() and p.parent.name == "d"),
+               key=lambda p: p.stat().st_size)
+    raw = bytearray(data.read_bytes())
+    if damage == "truncate":
+        data.write_bytes(raw[: len(raw) // 2])
+    else:
+        raw[len(raw) // 2] ^= 0xFF
+        data.write_bytes(raw)
+    with pytest.raises(convert.ConvertError, match=r"params.*(cannot restore|do not match).*re-create"):
+        convert.restore_checkpoint(target)
+
+
 def test_orbax_rejects_foreign_format_version(tiny_params, tmp_path):
     cfg, params = tiny_params
     target = convert.save_checkpoint(tmp_path / "ckpt", params, cfg)
