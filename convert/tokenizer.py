@@ -40,8 +40,9 @@ def load_tokenizer(path: Path):
         path = path / TOKENIZER_DIR
         if not path.is_dir():
             raise ConvertError(
-                f"{path.parent}: this mixjax checkpoint holds no tokenizer; pass the original model path "
-                "as the tokenizer"
+                f"{path.parent}: this mixjax checkpoint holds no tokenizer (saved without one); store the original "
+                f"model's in it: convert.load_tokenizer(ORIGINAL).save_pretrained({str(path)!r}), ORIGINAL being the "
+                "Hugging Face directory or .gguf file it was made from"
             )
     if path.is_dir():
         if not any((path / f).is_file() for f in _TOKENIZER_FILES):

@@ -492,6 +492,26 @@ def test_load_tokenizer_errors(tiny_llama_dir):
         convert.load_tokenizer(tiny_llama_dir)
 
 
+def test_checkpoint_without_tokenizer_names_the_fix_and_the_fix_works(make_tiny_hf, tmp_path):
+    """A checkpoint saved without a tokenizer: the error gives the call that stores the original's in it, and
+    after that call the checkpoint's tokenizer encodes like the original."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    directory, _ = make_tiny_hf("llama", num_hidden_layers=1)
+    backend = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet()))},
+                                   merges=[]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    transformers.PreTrainedTokenizerFast(tokenizer_object=backend).save_pretrained(str(directory))
+    cfg, params = convert.load(directory)
+    target = convert.save_checkpoint(tmp_path / "ckpt", params, cfg)
+    with pytest.raises(convert.ConvertError, match=r"holds no tokenizer.*load_tokenizer\(ORIGINAL\)\.save_pretrained"):
+        convert.load_tokenizer(target)
+    original = convert.load_tokenizer(directory)
+    original.save_pretrained(str(target / "tokenizer"))
+    assert convert.load_tokenizer(target)("the river bank").input_ids == original("the river bank").input_ids
+
+
 def test_no_torch_advice_is_dropped_and_other_transformers_messages_pass():
     """transformers logs "PyTorch was not found..." at import on machines without torch (the demo's); mixjax
     needs no torch for tokenizers, so `load_tokenizer` drops that one record and nothing else."""
