@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Mapping
@@ -176,6 +177,23 @@ def _replace(tmp: Path, target: Path) -> None:
     shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _quiet_orbax_stragglers() -> None:
+    """After a failed restore, orbax's other reads still finish on TensorStore's threads and hand their results to
+    the event loop orbax has already closed: each reaches `sys.unraisablehook` as RuntimeError("Event loop is
+    closed"), hundreds of tracebacks printed after the one error that matters. Drops exactly those, from then on."""
+    previous = sys.unraisablehook
+    if getattr(previous, "mixjax_quiet", False):
+        return
+
+    def hook(unraisable):
+        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+            return
+        previous(unraisable)
+
+    hook.mixjax_quiet = True
+    sys.unraisablehook = hook
+
+
 def _root_cause(e: BaseException) -> str:
     """The first line of the innermost exception behind `e` (orbax wraps TensorStore's error, which names the
     array and the byte range, in one that prints the whole TensorStore spec)."""
@@ -224,6 +242,7 @@ def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dt
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_dir, abstract_params)
     except Exception as e:  # noqa: BLE001 - orbax raises a bare Exception for a short or failed read of a data file
+        _quiet_orbax_stragglers()
         raise ConvertError(f"{params_dir}: cannot restore params ({_root_cause(e)}); the checkpoint is damaged, "
                            "incomplete or not of this model: re-create it") from None
     expected = meta.get("params_sha256")
