@@ -259,6 +259,11 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
 
     assert cli.main(["convert", str(directory), str(a), *opts]) == 2
     assert "--force" in capsys.readouterr().err and _tree_bytes(a) == files_a
+    # a quantized checkpoint as the source: refused before loading, naming the float model it was made from
+    assert cli.main(["convert", str(a), str(tmp_path / "again"), *opts]) == 2
+    err = capsys.readouterr().err
+    assert "already a quantized mixjax checkpoint" in err and str(directory) in err
+    assert not (tmp_path / "again").exists()
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt

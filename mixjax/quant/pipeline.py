@@ -10,6 +10,20 @@ from mixjax.quant.api import QuantConfig, quantize
 from mixjax.quant.report import QuantReport
 
 
+def _refuse_quantized_source(path: Path) -> None:
+    """A quantized mixjax checkpoint as the source: refused before any loading, naming the float model it was made
+    from where its metadata records one."""
+    from convert import orbax_io
+
+    if not orbax_io.is_checkpoint(path):
+        return
+    extra = orbax_io.read_metadata(path).get("extra", {})
+    if "quantization" in extra:
+        source = extra.get("source")
+        raise ValueError(f"{path} is already a quantized mixjax checkpoint; quantize the float model it was made from"
+                         + (f" ({source})" if isinstance(source, str) else "") + " instead")
+
+
 def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLike, config: QuantConfig = QuantConfig(),
                    data: str = "owt", samples: int = 128, seq_len: int = 2048, seed: int = 0,
                    force: bool = False, progress: bool = True, log=print,
@@ -36,6 +50,7 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
         raise ValueError(f"{target} already exists; pass --force to overwrite it or choose another --out")
     mesh = mesh_or_none(devices)
     path = assets.resolve_model_path(model_path)
+    _refuse_quantized_source(path)
     tokenizer = convert.load_tokenizer(path)
     calib = data_mod.calibration_batches(tokenizer, data, n_samples=samples, seq_len=seq_len, seed=seed,
                                          batch_size=config.batch_size)
