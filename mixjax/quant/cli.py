@@ -140,14 +140,13 @@ def run_ablate(args) -> dict:
     import os
     from pathlib import Path
 
-    import jax
     import jax.numpy as jnp
 
     import convert
     from mixjax import assets, data
     from mixjax.parallel import mesh_or_none, parse_devices
     from mixjax.quant.ablate import ablate, check_study, to_markdown
-    from pallas_kernels import MixedWeight
+    from mixjax.quant.pipeline import refuse_quantized_source
 
     _check_counts(args, ("samples", "seq_len", "eval_seq_len", "eval_tokens", "batch_size"),
                   windows=("seq_len", "eval_seq_len"))
@@ -167,15 +166,12 @@ def run_ablate(args) -> dict:
             raise ValueError(f"--out {out}: the directory {out.parent} does not exist")
     log = (lambda *_: None) if args.quiet else (lambda s: print(s, flush=True))
     path = assets.resolve_model_path(args.model)
+    refuse_quantized_source(path)  # ablate quantizes the float model itself
     tokenizer = convert.load_tokenizer(path)
     calib = data.calibration_batches(tokenizer, args.data, n_samples=args.samples, seq_len=args.seq_len,
                                      seed=args.seed, batch_size=args.batch_size)
     windows = data.eval_windows(tokenizer, args.eval_data, args.eval_seq_len, args.eval_tokens)
     cfg, params = convert.load(path, dtype=jnp.float32)
-    if any(isinstance(leaf, MixedWeight)
-           for leaf in jax.tree_util.tree_leaves(params, is_leaf=lambda x: isinstance(x, MixedWeight))):
-        raise ValueError(f"{path} is a quantized mixjax checkpoint; ablate quantizes a float model itself: pass its "
-                         "Hugging Face directory or .gguf file")
     for what, n in (("--seq-len", args.seq_len), ("--eval-seq-len", args.eval_seq_len)):
         if n > cfg.max_position_embeddings:
             raise ValueError(f"{what} {n} exceeds the model context {cfg.max_position_embeddings}")

@@ -10,7 +10,7 @@ from mixjax.quant.api import QuantConfig, quantize
 from mixjax.quant.report import QuantReport
 
 
-def _refuse_quantized_source(path: Path) -> None:
+def refuse_quantized_source(path: Path) -> None:
     """A quantized mixjax checkpoint as the source: refused before any loading, naming the float model it was made
     from where its metadata records one."""
     from convert import orbax_io
@@ -50,7 +50,7 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
         raise ValueError(f"{target} already exists; pass --force to overwrite it or choose another --out")
     mesh = mesh_or_none(devices)
     path = assets.resolve_model_path(model_path)
-    _refuse_quantized_source(path)
+    refuse_quantized_source(path)
     tokenizer = convert.load_tokenizer(path)
     calib = data_mod.calibration_batches(tokenizer, data, n_samples=samples, seq_len=seq_len, seed=seed,
                                          batch_size=config.batch_size)
