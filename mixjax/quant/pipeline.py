@@ -14,12 +14,10 @@ def refuse_quantized_source(path: Path) -> None:
     """A quantized mixjax checkpoint as the source: refused before any loading, naming the float model it was made
     from where its metadata records one."""
     from convert import orbax_io
+    from mixjax.quant.checkpoint import is_quantized_checkpoint
 
-    if not orbax_io.is_checkpoint(path):
-        return
-    extra = orbax_io.read_metadata(path).get("extra", {})
-    if "quantization" in extra:
-        source = extra.get("source")
+    if is_quantized_checkpoint(path):
+        source = orbax_io.read_metadata(path).get("extra", {}).get("source")
         raise ValueError(f"{path} is already a quantized mixjax checkpoint; quantize the float model it was made from"
                          + (f" ({source})" if isinstance(source, str) else "") + " instead")
 
