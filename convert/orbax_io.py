@@ -229,8 +229,10 @@ def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dt
     if abstract_params is None:
         if meta.get("dtype") is None:
             raise ConvertError(
-                f"{directory}: params are not plain float arrays (a quantized checkpoint?); restore it "
-                "with the loader that wrote it (abstract_params=...)"
+                f"{directory}: params are not plain float arrays, and {METADATA_FILE} holds no record of what they "
+                "are (a quantized checkpoint keeps it in extra.quantization: missing or edited out?); re-create the "
+                "checkpoint (`mixjax convert`), or restore it in Python with the loader that wrote it "
+                "(abstract_params=...)"
             )
         abstract_params = abstract_float_params(cfg, meta["dtype"], meta.get("layers", "stacked"))
     import orbax.checkpoint as ocp

@@ -277,6 +277,11 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
     (a / "mixjax.json").write_text(json.dumps({**meta, "params_sha256": "0" * 64}))
     with pytest.raises(ValueError, match="digest"):
         convert.load(a)
+    # the quantization record edited out of the metadata: named, with the fix, from the CLI too
+    extra = {k: v for k, v in meta["extra"].items() if k != "quantization"}
+    (a / "mixjax.json").write_text(json.dumps({**meta, "extra": extra}))
+    assert cli.main(["generate", "--model", str(a), "--prompt", "the river", "--quiet"]) == 2
+    assert "extra.quantization: missing or edited out?); re-create the checkpoint" in capsys.readouterr().err
 
 
 def test_demo_quantizes_saves_and_generates_from_the_checkpoint(tiny_model, tmp_path, capsys):
