@@ -245,9 +245,10 @@ def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dt
             params = checkpointer.restore(params_dir, abstract_params)
     except Exception as e:  # noqa: BLE001 - orbax raises a bare Exception for a short or failed read of a data file
         _quiet_orbax_stragglers()
-        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in _root_cause(e):
+        cause = _root_cause(e)
+        if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in cause:
             raise  # the device or host is out of memory: nothing is wrong with the checkpoint
-        raise ConvertError(f"{params_dir}: cannot restore params ({_root_cause(e)}); the checkpoint is damaged, "
+        raise ConvertError(f"{params_dir}: cannot restore params ({cause}); the checkpoint is damaged, "
                            "incomplete or not of this model: re-create it") from None
     expected = meta.get("params_sha256")
     if expected is not None and params_digest(params) != expected:

@@ -592,7 +592,7 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
         return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
 
-    def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, swap_factors_fn, n0):
+    def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, n0):
         unroll = cfg.groups_per_iter
         iters = groups_per_split // unroll
         with_a_meta = not cfg.fuse_quant and mode != "float"
@@ -636,12 +636,10 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             groups = [g0 + i * unroll + j for j in range(unroll)]
             xs = [load_x(g) for g in groups]
             ws = [load_fn(g, n0) for g in groups]
-            factors = [None] * unroll
-            if cfg.meta_mma and with_a_meta:  # the small operands feed MMAs: Triton pipelines their loads
-                factors = [factors_fn(a, w) for a, w in zip(a_metas, w_metas)]
-            elif cfg.swap_ab:  # transposed [bn, bm]
-                factors = [swap_factors_fn(a if a_in is None else a_in, w, swap=True)
-                           for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
+            factors = [None] * unroll  # None: `scale_fn` forms them itself
+            if factors_fn is not None and mode == "int":  # meta_mma: on the tensor cores (Triton then pipelines the
+                # small operands' loads); swap_ab: transposed [bn, bm]
+                factors = [factors_fn(a if a_in is None else a_in, w) for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
             partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
             for partial, (xh, a_in), a_meta, w_meta, f in zip(partials, xs, a_metas, w_metas, factors):
                 acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta, factors=f)
@@ -684,8 +682,10 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         def _():
             load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
+            factors = _w8_factors_mma if cfg.meta_mma else functools.partial(_w8_factors, swap=True) if cfg.swap_ab \
+                else None
             run(load, functools.partial(_w8_mma, mode=mode, swap=cfg.swap_ab), meta,
-                functools.partial(_w8_scale, mode=mode), _w8_factors_mma, _w8_factors, tile * bn)
+                functools.partial(_w8_scale, mode=mode), factors, tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
@@ -694,8 +694,9 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             meta = (functools.partial(_w4_meta_embedded, s4_ref=s4_ref, block_n=bn) if cfg.zero_in_scale else
                     functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn))
             mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret, swap=cfg.swap_ab)
-            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), _w4_factors_mma, _w4_factors,
-                (tile - n8_tiles) * bn)
+            factors = _w4_factors_mma if cfg.meta_mma else functools.partial(_w4_factors, swap=True) if cfg.swap_ab \
+                else None
+            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), factors, (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):
