@@ -60,7 +60,8 @@ at prefill the scales folded into the weight's and the GEMM's per-token rescale;
 the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out, `@short64` in
 column tiles of 64 rows instead of 128);
 `@swab`: the decode tiles (M ≤ `kernels.DECODE_MAX_M`) transposed, y.T = W·x.T (`GemmConfig.swap_ab`: wgmma on Hopper,
-the unpacked 4-bit tile its register operand); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+the unpacked 4-bit tile its register operand); `@pf3` / `@pf3s2` / `@pf3s4`: the decode tiles' small per-group operands
+loaded two iterations ahead (`GemmConfig.prefetch_meta=3`), with the default 3, or 2 or 4 pipeline stages; `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -400,7 +401,15 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "swab", "att64", "att64s3", "att128s3")
+              "swab", "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4")
+
+
+_DECODE_TILE_FIELDS = {
+    "swab": dict(swap_ab=True),  # the decode tiles transposed (session 32: wgmma on Hopper)
+    "pf3": dict(prefetch_meta=3),  # the small operands two iterations ahead (session 33)
+    "pf3s2": dict(prefetch_meta=3, num_stages=2),
+    "pf3s4": dict(prefetch_meta=3, num_stages=4),
+}
 
 
 def _apply_strategy(strategy: str) -> None:
@@ -495,15 +504,15 @@ def _apply_strategy(strategy: str) -> None:
 
         cfg = dataclasses.replace(mgpu.DEFAULT_CONFIG, convert="magic" if strategy == "magic" else "magic_fma")
         mgpu.mixed_matmul_mgpu = functools.partial(mgpu.mixed_matmul_mgpu, config=cfg)
-    elif strategy == "swab":  # the decode tiles transposed (`GemmConfig.swap_ab`, session 32: wgmma on Hopper)
-        choose = kernels.choose_config
+    elif strategy in _DECODE_TILE_FIELDS:  # fields of the decode tiles' GemmConfig (M ≤ `kernels.DECODE_MAX_M`)
+        choose, fields = kernels.choose_config, _DECODE_TILE_FIELDS[strategy]
 
-        def transposed(m, *a, **k):
+        def changed(m, *a, **k):
             cfg = choose(m, *a, **k)
             decode = k.get("mode", "int") == "int" and m <= k.get("decode_max_m", kernels.DECODE_MAX_M)
-            return dataclasses.replace(cfg, swap_ab=True) if decode else cfg
+            return dataclasses.replace(cfg, **fields) if decode else cfg
 
-        kernels.choose_config = transposed
+        kernels.choose_config = changed
     elif strategy in ("att64", "att64s3", "att128s3"):  # the fused decode attention's cache block and stages
         from pallas_kernels import attention
 

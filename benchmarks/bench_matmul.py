@@ -96,6 +96,11 @@ MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choos
     # unpacked 4-bit tile as its register A operand), and with 64 activation rows a tile
     "mixed_sw": dict(swap_ab=True),
     "mixed_sw64": dict(swap_ab=True, block_m=64),
+    # session 33: the small operands two iterations ahead (a loop body of two iterations, each set loaded after its
+    # last use); 2 and 4 stages (a stage holds one iteration's tiles)
+    "mixed_pf3": dict(prefetch_meta=3),
+    "mixed_pf3s2": dict(prefetch_meta=3, num_stages=2),
+    "mixed_pf3s4": dict(prefetch_meta=3, num_stages=4),
 }
 SHARE.update({v: 0.1 for v in (*GEMV_OVERRIDES, *MIXED_OVERRIDES)})
 

@@ -834,6 +834,23 @@ case "$part" in
     timeout 560 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_mgpu_decode.py 2>&1 \
       | tail -25 | tee "$out/gputests2.log"
     ;;
+  s33k)  # session 33: the decode tiles' small per-group operands two iterations ahead (`GemmConfig.prefetch_meta=3`; item
+    # 40's ncu: at distance one their first use still waited a whole iteration). GPU tests of the new loop first, then
+    # M = 16, 32 on the four layer shapes against the default (api), the distance-one form (pf2) and XLA bf16
+    header
+    timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "two_iterations_ahead or other_configs" 2>&1 | tail -3 \
+      | tee "$out/tests.log"
+    shapes=4096x6144,4096x4096,4096x28672,14336x4096
+    timeout 300 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 16,32 \
+      --variants xla_bf16,api,mixed_pf2,mixed_pf3,mixed_pf3s2,mixed_pf3s4 --out "$out/pf3" 2>&1 | tail -16 \
+      | tee "$out/pf3.log"
+    ;;
+  s33e)  # after s33k: decode b8 / b32 end to end with the best prefetch_meta=3 form, bf16 (XLA) as the base
+    header
+    timeout 500 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@${PF3:-pf3}+h4 \
+      --batches 8,32 --repeats 2 --prefill-len 256 --profile --profile-top 3 --budget-s 480 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
   s28b)  # after s28a: the 256-token prefill with per-token scales; at 2048 tokens selective with the int8 matrices
     header
     timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@ptok+h4,w4.4a8@psel+h4 \
@@ -871,7 +888,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33e" >&2
     exit 2
     ;;
 esac

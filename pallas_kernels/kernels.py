@@ -91,7 +91,10 @@ class GemmConfig:
     # its start (ncu, session 10: ptxas then moves them into the carried registers at the back edge, and
     # that move waits on the loads within the iteration), 2 at its end, after the rescale (no move; the
     # first use still waits an iteration later: these loads outlast an iteration). Neither measured
-    # faster than 0 on the H200 (results/kernels.md, sessions 9–10)
+    # faster than 0 on the H200 (results/kernels.md, sessions 9–10). 3: two iterations ahead (session 33): the loop
+    # body runs two iterations, each set of small operands loaded after its last use (as 2, no move at the back
+    # edge) and used a whole body later (an odd last iteration runs after the loop); item 40's ncu saw the loads
+    # at distance one outlast an iteration
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
     xla_quant: bool = False  # quantize the activations with XLA ops (`quantize_activations_xla`) instead of
     # the Pallas quantization kernel: same codes, and inside a jitted model XLA may fuse them into the
@@ -131,8 +134,8 @@ class GemmConfig:
                              f"{num_groups // self.split_k}")
         if self.block_m % 16:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
-        if int(self.prefetch_meta) not in (0, 1, 2):
-            raise ValueError(f"prefetch_meta={self.prefetch_meta} must be 0 (off), 1 or 2")
+        if int(self.prefetch_meta) not in (0, 1, 2, 3):
+            raise ValueError(f"prefetch_meta={self.prefetch_meta} must be 0 (off), 1, 2 or 3")
         if self.warm_meta not in (0, 1, 2):
             raise ValueError(f"warm_meta={self.warm_meta} must be 0 (off), 1 or 2")
         if self.meta_mma and (self.preload or self.prefetch_meta or self.fuse_quant):
@@ -657,11 +660,22 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             ahead = load_meta(nxt)  # issued first
             return step(i, acc, metas), ahead
 
+        def paired(j, state):  # prefetch_meta=3: two iterations a body, each set loaded after its last use
+            acc, ma, mb = state
+            acc = step(2 * j, acc, ma)
+            ma = load_meta(jnp.minimum(2 * j + 2, iters - 1))
+            acc = step(2 * j + 1, acc, mb)
+            return acc, ma, load_meta(jnp.minimum(2 * j + 3, iters - 1))
+
         zero = jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32)
         warm = meta_tiles(min(groups_per_split, _MAX_PRELOAD)) if cfg.warm_meta and not cfg.preload else None
         if warm is not None and cfg.warm_meta == 1:
             zero = zero + warm_zero(*warm)
-        if cfg.prefetch_meta and not cfg.preload:
+        if cfg.prefetch_meta == 3 and not cfg.preload:
+            acc, ma, _ = lax.fori_loop(0, iters // 2, paired, (zero, load_meta(0), load_meta(min(1, iters - 1))))
+            if iters % 2:
+                acc = step(iters - 1, acc, ma)
+        elif cfg.prefetch_meta and not cfg.preload:
             acc, _ = lax.fori_loop(0, iters, carried, (zero, load_meta(0)))
         else:
             acc = lax.fori_loop(0, iters, body, zero)

@@ -226,6 +226,8 @@ def test_mixed_kernel_matches_reference(m, k, n, share8):
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, warm_meta=2),  # 1 group a split
         kernels.GemmConfig(16, 64, 1, 4, 3, fuse_quant=True, warm_meta=2),  # no activation meta to warm
         kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, warm_meta=1, prefetch_meta=2),
+        kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, prefetch_meta=3),  # 2 ahead: two pairs + the odd 5th
+        kernels.GemmConfig(32, 64, 5, 4, 2, fuse_quant=True, prefetch_meta=3, split_partials=True),  # no pair, one step
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, xla_quant=True),  # XLA codes
         kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, meta_mma=True),  # scales as MMA outer products
         kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True, meta_mma=True, groups_per_iter=1),
@@ -238,6 +240,19 @@ def test_mixed_kernel_other_configs(cfg):
     x, qw = _case(20, 576, 96, 0.1, jnp.float32)
     y = kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
     assert _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
+
+
+@pytest.mark.parametrize("split, stages", [(1, 3), (2, 2), (4, 4)])
+def test_small_operands_two_iterations_ahead(split, stages):
+    """`prefetch_meta=3` on 8 groups: 4, 2 or 1 loop bodies of two iterations, the small operands carried two
+    iterations ahead; the default loop's numbers up to f32 rounding (only the loads move, but the compiler may
+    contract the rescale's multiply-add differently in the longer body)."""
+    x, qw = _case(19, 1024, 160, 0.2, jnp.float32)
+    base = kernels.GemmConfig(32, 32, split, 4, stages, fuse_quant=False, split_partials=split > 1)
+    want = kernels.mixed_matmul_pallas(x, qw, config=base, interpret=INTERPRET)
+    got = kernels.mixed_matmul_pallas(x, qw, config=dataclasses.replace(base, prefetch_meta=3), interpret=INTERPRET)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+    assert _rel(got, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
 def test_meta_mma_matches_the_f32_rescale():
