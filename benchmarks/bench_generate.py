@@ -61,7 +61,8 @@ the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-p
 column tiles of 64 rows instead of 128);
 `@swab`: the decode tiles (M ≤ `kernels.DECODE_MAX_M`) transposed, y.T = W·x.T (`GemmConfig.swap_ab`: wgmma on Hopper,
 the unpacked 4-bit tile its register operand); `@pf3` / `@pf3s2` / `@pf3s4`: the decode tiles' small per-group operands
-loaded two iterations ahead (`GemmConfig.prefetch_meta=3`), with the default 3, or 2 or 4 pipeline stages; `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+loaded two iterations ahead (`GemmConfig.prefetch_meta=3`), with the default 3, or 2 or 4 pipeline stages (`@pf3l`:
+only where a program loops over 8 groups or more); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -401,7 +402,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "swab", "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4")
+              "swab", "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l")
 
 
 _DECODE_TILE_FIELDS = {
@@ -409,6 +410,7 @@ _DECODE_TILE_FIELDS = {
     "pf3": dict(prefetch_meta=3),  # the small operands two iterations ahead (session 33)
     "pf3s2": dict(prefetch_meta=3, num_stages=2),
     "pf3s4": dict(prefetch_meta=3, num_stages=4),
+    "pf3l": dict(prefetch_meta=3),  # only where a program loops over 8 groups or more (s33k: gate/up at M = 32)
 }
 
 
@@ -507,9 +509,11 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in _DECODE_TILE_FIELDS:  # fields of the decode tiles' GemmConfig (M ≤ `kernels.DECODE_MAX_M`)
         choose, fields = kernels.choose_config, _DECODE_TILE_FIELDS[strategy]
 
-        def changed(m, *a, **k):
-            cfg = choose(m, *a, **k)
+        def changed(m, num_groups, *a, **k):
+            cfg = choose(m, num_groups, *a, **k)
             decode = k.get("mode", "int") == "int" and m <= k.get("decode_max_m", kernels.DECODE_MAX_M)
+            if strategy == "pf3l" and num_groups // cfg.split_k < 8:  # only loops of 8 groups or more
+                decode = False
             return dataclasses.replace(cfg, **fields) if decode else cfg
 
         kernels.choose_config = changed

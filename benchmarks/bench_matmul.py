@@ -346,6 +346,10 @@ DECODE_SWEEP_TALL = {"block_m": (32, 64), "block_n": (64,), "stages": (3,), "war
 DECODE_SWEEP_PRELOAD = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
                         "preload": (False, True)}  # session 3: the split's small operands loaded before the loop
 
+DECODE_SWEEP_PF3 = {"block_n": (64,), "stages": (2, 3), "warps": (4,), "programs": (256, 512, 1024),
+                    "prefetch_meta": (0, 3)}  # session 33: the small operands two iterations ahead pay off on long
+# loops (gate/up at M = 32: 16 groups a program); fewer programs make every loop longer
+
 
 def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     """--sweep-decode: the quantize_partials decode kernel over tile width, pipeline depth, warps and the
@@ -484,6 +488,7 @@ def parse(argv):
     p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
     p.add_argument("--sweep-decode-words", action="store_true", help="the grid DECODE_SWEEP_WORDS")
     p.add_argument("--sweep-decode-tall", action="store_true", help="the grid DECODE_SWEEP_TALL (block_m 32 / 64)")
+    p.add_argument("--sweep-decode-pf3", action="store_true", help="the grid DECODE_SWEEP_PF3 (prefetch_meta 0 / 3)")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-gemv-grouped", action="store_true", help="GEMV, groups per iteration (gemv_grouped_sweep)")
     p.add_argument("--sweep-gemv-one-launch", action="store_true",
@@ -528,8 +533,9 @@ def emit(row, log):
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages} gpi{groups_per_iter}{q}".format(
             q=" qf" if cfg.get("quantize_first") else "", **cfg)
     else:
-        cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{p}{f}".format(
-            f=" fused" if cfg["fuse_quant"] else "", p=" preload" if cfg.get("preload") else "", **cfg)
+        cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{p}{f}{pf}".format(
+            f=" fused" if cfg["fuse_quant"] else "", p=" preload" if cfg.get("preload") else "",
+            pf=f" pf{int(cfg['prefetch_meta'])}" if cfg.get("prefetch_meta") else "", **cfg)
     err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
     dev = row.get("device")
     if dev:
@@ -603,13 +609,15 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
-                or args.sweep_decode_words or args.sweep_decode_tall \
+                or args.sweep_decode_words or args.sweep_decode_tall or args.sweep_decode_pf3 \
                 or args.sweep_gemv_grouped or args.sweep_gemv_one_launch \
                 or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
-            if args.sweep_decode_small or args.sweep_decode_preload or args.sweep_decode_words or args.sweep_decode_tall:
+            if args.sweep_decode_small or args.sweep_decode_preload or args.sweep_decode_words or args.sweep_decode_tall \
+                    or args.sweep_decode_pf3:
                 grid = (DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_WORDS if args.sweep_decode_words
-                        else DECODE_SWEEP_TALL if args.sweep_decode_tall else DECODE_SWEEP_PRELOAD)
+                        else DECODE_SWEEP_TALL if args.sweep_decode_tall else DECODE_SWEEP_PF3 if args.sweep_decode_pf3
+                        else DECODE_SWEEP_PRELOAD)
                 sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep
