@@ -101,6 +101,7 @@ MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choos
     "mixed_pf3": dict(prefetch_meta=3),
     "mixed_pf3s2": dict(prefetch_meta=3, num_stages=2),
     "mixed_pf3s4": dict(prefetch_meta=3, num_stages=4),
+    "mixed_wave": dict(split_rule="wave"),  # split-K from one wave of resident programs (`kernels._wave_split`)
 }
 SHARE.update({v: 0.1 for v in (*GEMV_OVERRIDES, *MIXED_OVERRIDES)})
 
@@ -182,11 +183,13 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         ref = (lambda x, w: reference.mixed_matmul_ref(x.dequantize(), w)) if codes else reference.mixed_matmul_ref
         return fn, build, ref, 5e-3
     if name in MIXED_OVERRIDES:  # the kernel's default config with some fields changed
-        over = MIXED_OVERRIDES[name]
+        over = dict(MIXED_OVERRIDES[name])
+        rule = over.pop("split_rule", None)  # an argument of choose_config, not a GemmConfig field
         if over.get("zero_in_scale"):
             build = lambda rng, n, k: kernels.embed_zero_in_scale(random_packed(rng, n, k, share))
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
-            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w)), **over), interpret=interpret)
+            cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w), split_rule=rule), **over),
+            interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
     if name == "gemv":  # the CUDA-core dp4a decode kernel (pallas_kernels/gemv.py), one launch
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg, interpret=interpret)

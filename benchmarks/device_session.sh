@@ -854,6 +854,16 @@ case "$part" in
       --batches 8,32 --repeats 2 --prefill-len 256 --budget-s 320 \
       --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
     ;;
+  s33w)  # after s33s: split-K from one wave of resident decode tiles (`kernels.DECODE_SPLIT_RULE = "wave"`) against the
+    # default (≈ 1024 programs) at M = 8, 16, 32 on the four layer shapes, then decode b8 / b32 end to end
+    header
+    shapes=4096x6144,4096x4096,4096x28672,14336x4096
+    timeout 220 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 8,16,32 \
+      --variants xla_bf16,api,mixed_wave --out "$out/wave" > "$out/wave.log" 2>&1; tail -14 "$out/wave.log"
+    timeout 330 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@wave+h4 \
+      --batches 8,32 --repeats 2 --prefill-len 256 --profile --profile-top 4 --budget-s 320 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
   s33e)  # after s33k: decode b8 / b32 end to end with the best prefetch_meta=3 form, bf16 (XLA) as the base
     header
     timeout 500 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@${PF3:-pf3}+h4 \
@@ -897,7 +907,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33e" >&2
     exit 2
     ;;
 esac

@@ -161,12 +161,29 @@ def _decode_split(num_groups: int, tiles: int, programs: int = 1024) -> int:
     return _largest_split(num_groups, min(max(1, -(-programs // tiles)), max(1, num_groups // 4)))
 
 
+DECODE_SPLIT_RULE = "programs"  # how the decode tiles pick split-K: "programs", about 1024 programs (sessions 3–8, before
+# the 4-bit unpack on words); "wave": the largest split whose programs still fit one wave (`_wave_split`). At M = 32 the
+# default's 1.5 waves cost most (H100, session 33, s33s: gate/up 52.2 → 40.6 µs span with split 1, q/k/v 19.5 → 15.7
+# with split 4)
+_SMS = 132  # streaming multiprocessors of an H100 SXM / H200
+_PROGRAMS_PER_SM = {16: 6, 32: 5}  # decode tiles resident an SM by registers (75 and 94 a thread at 4 warps,
+# `benchmarks/ptx_stats.py`)
+
+
+def _wave_split(num_groups: int, tiles: int, block_m: int) -> int:
+    """Split-K for `tiles` output tiles: the largest whose programs fit one wave of resident decode tiles, each
+    program with at least 4 K groups."""
+    cap = max(1, _SMS * _PROGRAMS_PER_SM[block_m] // tiles)
+    return _largest_split(num_groups, min(cap, max(1, num_groups // 4)))
+
+
 DecodeStrategy = Literal["quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single"]
 DECODE_STRATEGIES = ("quantize_first", "quantize_partials", "fused_atomic", "fused_partials", "fused_single")
 DEFAULT_DECODE: DecodeStrategy = "quantize_partials"  # fastest at M = 1, 16, 32 on the H100 (device call 8)
 
 
-def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -> GemmConfig:
+def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy,
+                   split_rule: str | None = None) -> GemmConfig:
     """M ≤ 32. Launches per call: quantize_first = quantization + zero fill + GEMM (split-K atomics);
     quantize_partials = quantization + GEMM storing per-split partials (XLA sums them); fused_atomic = zero fill + GEMM quantizing its own activation tiles; fused_partials = one GEMM
     storing per-split partials (XLA sums them into the consumer); fused_single = one GEMM, no split
@@ -177,7 +194,11 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy) -
     if decode == "fused_single":
         block_n = next((bn for bn in (64, 32) if rows // bn >= 2 * 132), 16)  # ≥ 2 programs per SM
         return GemmConfig(block_m, block_n, 1, 4, 4, fuse_quant=True)
-    split = _decode_split(num_groups, -(-m // block_m) * (rows // 64))
+    rule = split_rule or DECODE_SPLIT_RULE
+    if rule not in ("programs", "wave"):
+        raise ValueError(f"split_rule={rule!r}; expected 'programs' or 'wave'")
+    tiles = -(-m // block_m) * (rows // 64)
+    split = _wave_split(num_groups, tiles, block_m) if rule == "wave" else _decode_split(num_groups, tiles)
     # 3 stages: more blocks per SM (call 11: 5–18 % faster than 4 stages at M = 1 and 16)
     return GemmConfig(block_m, 64, split, 4, 3, fuse_quant=decode.startswith("fused"),
                       split_partials=decode.endswith("partials"))
@@ -190,7 +211,8 @@ DECODE_MAX_M = 128  # rows up to which `choose_config` takes the 32-row split-K 
 
 
 def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
-                  decode: DecodeStrategy = DEFAULT_DECODE, decode_max_m: int = DECODE_MAX_M) -> GemmConfig:
+                  decode: DecodeStrategy = DEFAULT_DECODE, decode_max_m: int = DECODE_MAX_M,
+                  split_rule: str | None = None) -> GemmConfig:
     """Decode (M ≤ `decode_max_m`), medium and prefill (M ≥ 256) configurations from M, K (groups) and
     N (rows).
 
@@ -200,7 +222,7 @@ def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
     Beyond 32 rows the decode tiles run several 32-row tiles over the same weight tiles with split-K
     partials (`DECODE_MAX_M`, measured on the H200)."""
     if m <= decode_max_m and mode == "int":
-        return _decode_config(m, num_groups, rows, decode)
+        return _decode_config(m, num_groups, rows, decode, split_rule)
     if m <= 32:
         split = _decode_split(num_groups, -(-m // 16) * (rows // 64))
         return GemmConfig(16, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
