@@ -353,6 +353,9 @@ DECODE_SWEEP_PF3 = {"block_n": (64,), "stages": (2, 3), "warps": (4,), "programs
                     "prefetch_meta": (0, 3)}  # session 33: the small operands two iterations ahead pay off on long
 # loops (gate/up at M = 32: 16 groups a program); fewer programs make every loop longer
 
+DECODE_SWEEP_WAVE = {"block_n": (64, 128), "stages": (3, 4), "warps": (4, 8), "programs": (256, 512),
+                     "prefetch_meta": (0, 3)}  # session 33: around one wave of programs, wider tiles and 8 warps
+
 
 def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     """--sweep-decode: the quantize_partials decode kernel over tile width, pipeline depth, warps and the
@@ -492,6 +495,7 @@ def parse(argv):
     p.add_argument("--sweep-decode-words", action="store_true", help="the grid DECODE_SWEEP_WORDS")
     p.add_argument("--sweep-decode-tall", action="store_true", help="the grid DECODE_SWEEP_TALL (block_m 32 / 64)")
     p.add_argument("--sweep-decode-pf3", action="store_true", help="the grid DECODE_SWEEP_PF3 (prefetch_meta 0 / 3)")
+    p.add_argument("--sweep-decode-wave", action="store_true", help="the grid DECODE_SWEEP_WAVE")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-gemv-grouped", action="store_true", help="GEMV, groups per iteration (gemv_grouped_sweep)")
     p.add_argument("--sweep-gemv-one-launch", action="store_true",
@@ -612,15 +616,15 @@ def main(argv=None):
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
         if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
-                or args.sweep_decode_words or args.sweep_decode_tall or args.sweep_decode_pf3 \
+                or args.sweep_decode_words or args.sweep_decode_tall or args.sweep_decode_pf3 or args.sweep_decode_wave \
                 or args.sweep_gemv_grouped or args.sweep_gemv_one_launch \
                 or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
             if args.sweep_decode_small or args.sweep_decode_preload or args.sweep_decode_words or args.sweep_decode_tall \
-                    or args.sweep_decode_pf3:
+                    or args.sweep_decode_pf3 or args.sweep_decode_wave:
                 grid = (DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_WORDS if args.sweep_decode_words
                         else DECODE_SWEEP_TALL if args.sweep_decode_tall else DECODE_SWEEP_PF3 if args.sweep_decode_pf3
-                        else DECODE_SWEEP_PRELOAD)
+                        else DECODE_SWEEP_WAVE if args.sweep_decode_wave else DECODE_SWEEP_PRELOAD)
                 sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep

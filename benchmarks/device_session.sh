@@ -864,6 +864,12 @@ case "$part" in
       --batches 8,32 --repeats 2 --prefill-len 256 --profile --profile-top 4 --budget-s 320 \
       --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
     ;;
+  s33v)  # after s33w: around one wave at M = 32 on gate/up and down: 64/128-row tiles, 4/8 warps, 3/4 stages, pf 0/3
+    header
+    timeout 280 python3 benchmarks/bench_matmul.py --device-timers --repeats 3 --shapes 4096x28672 --ms 32 \
+      --variants api --sweep-decode-wave --sweep-shapes 4096x28672,14336x4096 --sweep-ms 32 \
+      --out "$out/sweep" > "$out/sweep.log" 2>&1; grep "mixed\|api" "$out/sweep.log" | sed 's/ *err.*device busy/ busy/' | tail -70
+    ;;
   s33e)  # after s33k: decode b8 / b32 end to end with the best prefetch_meta=3 form, bf16 (XLA) as the base
     header
     timeout 500 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@${PF3:-pf3}+h4 \
@@ -907,7 +913,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33v|s33e" >&2
     exit 2
     ;;
 esac
