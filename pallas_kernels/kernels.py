@@ -161,10 +161,11 @@ def _decode_split(num_groups: int, tiles: int, programs: int = 1024) -> int:
     return _largest_split(num_groups, min(max(1, -(-programs // tiles)), max(1, num_groups // 4)))
 
 
-DECODE_SPLIT_RULE = "programs"  # how the decode tiles pick split-K: "programs", about 1024 programs (sessions 3–8, before
-# the 4-bit unpack on words); "wave": the largest split whose programs still fit one wave (`_wave_split`). At M = 32 the
-# default's 1.5 waves cost most (H100, session 33, s33s: gate/up 52.2 → 40.6 µs span with split 1, q/k/v 19.5 → 15.7
-# with split 4)
+DECODE_SPLIT_RULE = "wave"  # how the decode tiles pick split-K: "wave" (default since session 33), the largest split
+# whose programs still fit one wave of resident tiles (`_wave_split`); "programs", about 1024 programs (sessions 3–32,
+# picked before the 4-bit unpack on words), which at M = 32 ran 1.5 waves. H100 (session 33, results/kernels.md):
+# M = 32 gate/up 53.1 → 40.7 µs span (split 2 → 1), q/k/v 19.5 → 15.7 (8 → 4), down 29.9 → 28.1 (16 → 8); M = 8–16
+# the same or faster; decode b32 7 612 → 8 281 tok/s, b8 unchanged
 _SMS = 132  # streaming multiprocessors of an H100 SXM / H200
 _PROGRAMS_PER_SM = {16: 6, 32: 5}  # decode tiles resident an SM by registers (75 and 94 a thread at 4 warps,
 # `benchmarks/ptx_stats.py`)

@@ -467,7 +467,7 @@ def test_choose_config_decode_and_prefill():
     assert kernels.choose_config(32, 112, 4224).block_m == 32  # one M tile: the weight is read once
     wide = kernels.choose_config(128, 112, 4224)  # up to DECODE_MAX_M = 128: four 32-row decode tiles
     assert kernels.DECODE_MAX_M == 128 and (wide.block_m, wide.split_partials) == (32, True)
-    assert wide.split_k == kernels._decode_split(112, 4 * 4224 // 64)  # the M tiles count toward the programs
+    assert wide.split_k == kernels._wave_split(112, 4 * 4224 // 64, 32)  # the M tiles count toward the programs
     assert kernels.choose_config(129, 112, 4224).block_m == 64  # beyond: 64×64 tiles, no split
     assert kernels.choose_config(64, 112, 4224, decode_max_m=32).block_m == 64  # the session-6 dispatch
     with pytest.raises(ValueError, match="decode="):
@@ -492,9 +492,10 @@ def test_wave_split_fills_one_wave_at_most(m, k, n):
 
 
 def test_wave_split_on_llama_layers():
-    """The splits session 33 measured fastest at M = 32 on the H100 (gate/up 1, q/k/v 4, down 8), and the
-    rule's name checked."""
-    wave = lambda groups, rows: kernels.choose_config(32, groups, rows, split_rule="wave").split_k  # noqa: E731
+    """The splits session 33 measured fastest at M = 32 on the H100 (gate/up 1, q/k/v 4, down 8), the default
+    rule since, and the rule's name checked."""
+    assert kernels.DECODE_SPLIT_RULE == "wave"
+    wave = lambda groups, rows: kernels.choose_config(32, groups, rows).split_k  # noqa: E731
     assert (wave(32, 28672 + 256), wave(32, 6144 + 256), wave(112, 4096 + 256)) == (1, 4, 8)
     assert kernels.choose_config(32, 32, 28672 + 256, split_rule="programs").split_k == 2  # ≈ 1024 programs
     with pytest.raises(ValueError, match="split_rule="):
