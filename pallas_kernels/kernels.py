@@ -180,8 +180,8 @@ def _decode_split(num_groups: int, tiles: int, programs: int = 1024) -> int:
 DECODE_SPLIT_RULE = "wave"  # how the decode tiles pick split-K: "wave" (default since session 33), the largest split
 # whose programs still fit one wave of resident tiles (`_wave_split`); "programs", about 1024 programs (sessions 3–32,
 # picked before the 4-bit unpack on words), which at M = 32 ran 1.5 waves. H100 (session 33, results/kernels.md):
-# M = 32 gate/up 53.1 → 40.7 µs span (split 2 → 1), q/k/v 19.5 → 15.7 (8 → 4), down 29.9 → 28.1 (16 → 8); M = 8–16
-# the same or faster; decode b32 7 612 → 8 281 tok/s, b8 unchanged
+# M = 32 gate/up 53.1 → 40.7 µs span (split 2 → 1), q/k/v 19.5 → 15.7 (8 → 4), down 29.9 → 28.1 (16 → 8);
+# M = 8–16 the same or faster; decode b32 7 612 → 8 281 tok/s, b8 unchanged
 _SMS = 132  # streaming multiprocessors of an H100 SXM / H200
 _PROGRAMS_PER_SM = {16: 6, 32: 5}  # decode tiles resident an SM by registers (75 and 94 a thread at 4 warps,
 # `benchmarks/ptx_stats.py`)
@@ -658,7 +658,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
                 a_t = ()
                 if with_a_meta:
                     mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
-                    a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0) for r in (as_ref, ax_ref))
+                    a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0)
+                                for r in (as_ref, ax_ref))
                 return a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
 
             tiles = meta_tiles(groups_per_split) if cfg.preload else None  # loaded once, a row picked per group
@@ -687,7 +688,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
                 factors = [None] * unroll  # None: `scale_fn` forms them itself
                 if factors_fn is not None and mode == "int":  # meta_mma: on the tensor cores (Triton then pipelines the
                     # small operands' loads); swap_ab: transposed [bn, bm]
-                    factors = [factors_fn(a if a_in is None else a_in, w) for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
+                    factors = [factors_fn(a if a_in is None else a_in, w)
+                               for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
                 partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
                 for partial, (xh, a_in), a_meta, w_meta, f in zip(partials, xs, a_metas, w_metas, factors):
                     acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta, factors=f)
@@ -743,8 +745,8 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             def _():
                 load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
                 meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
-                factors = _w8_factors_mma if cfg.meta_mma else functools.partial(_w8_factors, swap=True) if cfg.swap_ab \
-                    else None
+                factors = (_w8_factors_mma if cfg.meta_mma else
+                           functools.partial(_w8_factors, swap=True) if cfg.swap_ab else None)
                 run(load, functools.partial(_w8_mma, mode=mode, swap=cfg.swap_ab), meta,
                     functools.partial(_w8_scale, mode=mode), factors, tile * bn)
 
@@ -754,18 +756,18 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
                 load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
                 meta = (functools.partial(_w4_meta_embedded, s4_ref=s4_ref, block_n=bn) if cfg.zero_in_scale else
                         functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn))
-                mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret, swap=cfg.swap_ab)
-                factors = _w4_factors_mma if cfg.meta_mma else functools.partial(_w4_factors, swap=True) if cfg.swap_ab \
-                    else None
+                mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret,
+                                        swap=cfg.swap_ab)
+                factors = (_w4_factors_mma if cfg.meta_mma else
+                           functools.partial(_w4_factors, swap=True) if cfg.swap_ab else None)
                 run(load, mma, meta, functools.partial(_w4_scale, mode=mode), factors, (tile - n8_tiles) * bn)
-
 
     if not cfg.stream_k:
         m_tile, tile, split = ids
         work(m_tile, tile, split, split * groups_per_split)
         return
     # stream_k: program p takes the units [p·W/P, (p+1)·W/P) of the W = tiles × groups (tile-major) and adds each
-    # tile's share into the zero-filled f32 output; a share crosses at most `segments` tiles
+    # tile's share into the zero-filled f32 output; a share crosses at most `_stream_segments` tiles
     programs, n_tiles = cfg.stream_k, n8_tiles + n4_tiles
     num_groups = groups_per_split  # split_k is 1 with stream_k
     total = -(-m // bm) * n_tiles * num_groups
