@@ -879,6 +879,13 @@ case "$part" in
       --variants api,mixed_sk396,mixed_sk528,mixed_sk660,mixed_sk792 --out "$out/sk" > "$out/sk.log" 2>&1
     tail -12 "$out/sk.log"
     ;;
+  s34a)  # next: the standing decode rows with session 33's wave splits (b1 should not move; b8 2.03×, b32 1.77× in
+    # s33w), beside down_proj with the small operands two iterations ahead at M = 32 (@pf3down, −7 % on that GEMM)
+    header
+    timeout 560 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@pf3down+h4 \
+      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 4 --budget-s 545 \
+      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
+    ;;
   s33e)  # after s33k: decode b8 / b32 end to end with the best prefetch_meta=3 form, bf16 (XLA) as the base
     header
     timeout 500 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@${PF3:-pf3}+h4 \
@@ -922,7 +929,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33v|s33x|s33e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33v|s33x|s34a|s33e" >&2
     exit 2
     ;;
 esac
