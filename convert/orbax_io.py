@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -177,21 +178,63 @@ def _replace(tmp: Path, target: Path) -> None:
     shutil.rmtree(old) if old.is_dir() else old.unlink()
 
 
+def _is_straggler(exc: BaseException | None, tb=None, obj=None) -> bool:
+    """An error of orbax's reads that outlived a failed restore: a TensorStore callback scheduling onto the event loop
+    orbax has closed (RuntimeError("Event loop is closed") from asyncio's `call_soon_threadsafe`), or one of its read
+    coroutines closed unfinished, whose handler re-raises the read error ("Encountered error while reading array
+    index", printing the whole TensorStore spec)."""
+    if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+        tb = tb or exc.__traceback__
+        while tb is not None:  # only asyncio's refusal to schedule a callback, not a program's own closed loop
+            if tb.tb_frame.f_code.co_name == "call_soon_threadsafe":
+                return True
+            tb = tb.tb_next
+        return False
+    code = getattr(obj, "cr_code", None)
+    return code is not None and "orbax" in code.co_filename and str(exc).startswith("Encountered error while reading")
+
+
+class _StragglerLogFilter(logging.Filter):
+    """Drops asyncio's report of an orbax read (a task or a TensorStore future) whose error nobody retrieved after a
+    failed restore (`_quiet_orbax_stragglers`)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = str(record.msg)
+        if " exception was never retrieved" not in message.split("\n", 1)[0]:  # Task, Future, _GatheringFuture …
+            return True
+        exc = record.exc_info[1] if record.exc_info else None
+        orbax_read = str(exc).startswith("Encountered error while reading")  # orbax's wrapper of a failed read
+        tensorstore_read = isinstance(exc, ValueError) and "Error reading" in str(exc) and "OCDBT" in str(exc)
+        return not (orbax_read or tensorstore_read)
+
+
 def _quiet_orbax_stragglers() -> None:
-    """After a failed restore, orbax's other reads still finish on TensorStore's threads and hand their results to
-    the event loop orbax has already closed: each reaches `sys.unraisablehook` as RuntimeError("Event loop is
-    closed"), hundreds of tracebacks printed after the one error that matters. Drops exactly those, from then on."""
-    previous = sys.unraisablehook
-    if getattr(previous, "mixjax_quiet", False):
-        return
+    """After a failed restore, orbax's other reads still finish on TensorStore's threads: their callbacks schedule
+    onto the event loop orbax has already closed (printed through `sys.excepthook` by the binding, or through
+    `sys.unraisablehook`), and its unfinished read coroutines, closed when collected, re-raise their read errors:
+    tens to hundreds of tracebacks after the one error that matters. Drops exactly those, from then on; installed
+    before a restore, since the first may come while orbax is still raising."""
+    if not getattr(sys.unraisablehook, "mixjax_quiet", False):
+        previous_unraisable = sys.unraisablehook
 
-    def hook(unraisable):
-        if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-            return
-        previous(unraisable)
+        def unraisable_hook(unraisable):
+            if not _is_straggler(unraisable.exc_value, obj=unraisable.object):
+                previous_unraisable(unraisable)
 
-    hook.mixjax_quiet = True
-    sys.unraisablehook = hook
+        unraisable_hook.mixjax_quiet = True
+        sys.unraisablehook = unraisable_hook
+    asyncio_log = logging.getLogger("asyncio")  # a read task collected with its error: "Task exception was never
+    if not any(isinstance(f, _StragglerLogFilter) for f in asyncio_log.filters):  # retrieved", logged by asyncio
+        asyncio_log.addFilter(_StragglerLogFilter())
+    if not getattr(sys.excepthook, "mixjax_quiet", False):
+        previous_except = sys.excepthook
+
+        def except_hook(kind, value, tb):
+            if not _is_straggler(value, tb):
+                previous_except(kind, value, tb)
+
+        except_hook.mixjax_quiet = True
+        sys.excepthook = except_hook
 
 
 def _root_cause(e: BaseException) -> str:
@@ -240,11 +283,11 @@ def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dt
     params_dir = directory / PARAMS_DIR
     if not params_dir.is_dir():
         raise ConvertError(f"{directory}: the {PARAMS_DIR}/ folder is missing; the checkpoint is incomplete")
+    _quiet_orbax_stragglers()
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             params = checkpointer.restore(params_dir, abstract_params)
     except Exception as e:  # noqa: BLE001 - orbax raises a bare Exception for a short or failed read of a data file
-        _quiet_orbax_stragglers()
         cause = _root_cause(e)
         if isinstance(e, MemoryError) or "RESOURCE_EXHAUSTED" in cause:
             raise  # the device or host is out of memory: nothing is wrong with the checkpoint
