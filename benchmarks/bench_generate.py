@@ -62,9 +62,8 @@ column tiles of 64 rows instead of 128);
 `@swab`: the decode tiles (M ≤ `kernels.DECODE_MAX_M`) transposed, y.T = W·x.T (`GemmConfig.swap_ab`: wgmma on Hopper,
 the unpacked 4-bit tile its register operand); `@pf3` / `@pf3s2` / `@pf3s4`: the decode tiles' small per-group operands
 loaded two iterations ahead (`GemmConfig.prefetch_meta=3`), with the default 3, or 2 or 4 pipeline stages (`@pf3l`:
-only where a program loops over 8 groups or more); `@wave` / `@programs` / `@stream`: the decode tiles' split-K from one wave of resident
-programs (the default since session 33), from about 1024 programs (before), or equal shares of the (tile, group) units
-a program (`GemmConfig.stream_k`; `kernels.DECODE_SPLIT_RULE`); `@pf3down`: at M = 17–32 the linears of ≥ 64 K groups
+only where a program loops over 8 groups or more); `@wave` / `@programs`: the decode tiles' split-K from one wave of resident
+programs (the default since session 33) or from about 1024 programs (before; `kernels.DECODE_SPLIT_RULE`); `@pf3down`: at M = 17–32 the linears of ≥ 64 K groups
 (down_proj) with `prefetch_meta=3` and the split that fits its 3 programs an SM (session 33: −7 % on that GEMM); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
@@ -405,7 +404,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "swab", "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "stream", "pf3down")
+              "swab", "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down")
 
 
 _DECODE_TILE_FIELDS = {
@@ -509,7 +508,7 @@ def _apply_strategy(strategy: str) -> None:
 
         cfg = dataclasses.replace(mgpu.DEFAULT_CONFIG, convert="magic" if strategy == "magic" else "magic_fma")
         mgpu.mixed_matmul_mgpu = functools.partial(mgpu.mixed_matmul_mgpu, config=cfg)
-    elif strategy in ("wave", "programs", "stream"):  # how the decode tiles pick split-K (`kernels.DECODE_SPLIT_RULE`): one
+    elif strategy in ("wave", "programs"):  # how the decode tiles pick split-K (`kernels.DECODE_SPLIT_RULE`): one
         # wave of resident programs (the default since session 33), or about 1024 programs (before)
         kernels.DECODE_SPLIT_RULE = strategy
     elif strategy == "pf3down":  # session 33's best down projection at M = 32: the small operands two iterations

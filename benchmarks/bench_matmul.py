@@ -102,9 +102,6 @@ MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choos
     "mixed_pf3s2": dict(prefetch_meta=3, num_stages=2),
     "mixed_pf3s4": dict(prefetch_meta=3, num_stages=4),
     "mixed_wave": dict(split_rule="wave"),  # split-K from one wave of resident programs (`kernels._wave_split`)
-    # session 33: equal shares of the (tile, group) units over P programs, atomics into a zero-filled output
-    "mixed_stream": dict(split_rule="stream"),  # P from `kernels._STREAM_PROGRAMS_PER_SM`
-    **{f"mixed_sk{p}": dict(stream_k=p, split_k=1, split_partials=False) for p in (396, 528, 660, 792)},
 }
 SHARE.update({v: 0.1 for v in (*GEMV_OVERRIDES, *MIXED_OVERRIDES)})
 

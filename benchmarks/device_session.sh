@@ -870,15 +870,6 @@ case "$part" in
       --variants api --sweep-decode-wave --sweep-shapes 4096x28672,14336x4096 --sweep-ms 32 \
       --out "$out/sweep" > "$out/sweep.log" 2>&1; grep "mixed\|api" "$out/sweep.log" | sed 's/ *err.*device busy/ busy/' | tail -70
     ;;
-  s33x)  # after s33w: stream-K decode tiles (`GemmConfig.stream_k`: equal shares of the (tile, group) units, atomics into a
-    # zero-filled output) against the wave splits, P = 396–792 programs, M = 16 and 32 on the four layer shapes
-    header
-    timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "stream_k" 2>&1 | tail -2 | tee "$out/tests.log"
-    shapes=4096x6144,4096x4096,4096x28672,14336x4096
-    timeout 200 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 16,32 \
-      --variants api,mixed_sk396,mixed_sk528,mixed_sk660,mixed_sk792 --out "$out/sk" > "$out/sk.log" 2>&1
-    tail -12 "$out/sk.log"
-    ;;
   s34a)  # next: the standing decode rows with session 33's wave splits (b1 should not move; b8 2.03×, b32 1.77× in
     # s33w), beside down_proj with the small operands two iterations ahead at M = 32 (@pf3down, −7 % on that GEMM)
     header
@@ -929,7 +920,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33v|s33x|s34a|s33e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33v|s34a|s33e" >&2
     exit 2
     ;;
 esac

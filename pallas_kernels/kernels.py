@@ -120,14 +120,9 @@ class GemmConfig:
     # 4-bit tile is the A operand, which Triton keeps in registers (ldmatrix from the stages). Measured on the H100
     # (session 32, results/kernels.md): 5–30 % slower at M = 16, 1.4–2.1× at M = 32, 1.5–2.5× from M = 64
 
-    stream_k: int = 0  # experiment (session 33): a grid of this many programs, each taking an equal share of the
-    # (output tile, K group) units in tile-major order and adding each tile's part into a zero-filled f32 output
-    # (atomics): every SM gets the same work, where split-K's whole tiles leave some SMs a program more (at M = 32,
-    # q/k/v's 400 programs on 132 SMs: 3 or 4 each). 0: off (the grid is M tiles × N tiles × split_k)
-
     @property
     def atomic(self) -> bool:
-        return (self.split_k > 1 or self.stream_k > 0) and not self.split_partials
+        return self.split_k > 1 and not self.split_partials
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -149,10 +144,6 @@ class GemmConfig:
         if self.swap_ab and (self.meta_mma or self.preload or self.warm_meta):
             raise ValueError("swap_ab computes the rescale factors transposed in the loop: it excludes meta_mma, "
                              "preload and warm_meta")
-        if self.stream_k and (self.split_k != 1 or self.split_partials or self.groups_per_iter != 1 or self.preload
-                              or self.warm_meta or self.prefetch_meta or self.swap_ab or self.meta_mma):
-            raise ValueError("stream_k shares the K groups out itself: it needs split_k=1, no split_partials, "
-                             "groups_per_iter=1, and no preload, warm_meta, prefetch_meta, swap_ab or meta_mma")
         if self.preload and num_groups // self.split_k > _MAX_PRELOAD:
             raise ValueError(f"preload holds at most {_MAX_PRELOAD} groups per split, got "
                              f"{num_groups // self.split_k}: raise split_k or set preload=False")
@@ -165,13 +156,6 @@ def _largest_split(num_groups: int, target: int) -> int:
     return max(d for d in range(1, min(num_groups, target) + 1) if num_groups % d == 0)
 
 
-def _stream_segments(total: int, programs: int, num_groups: int) -> int:
-    """The most output tiles one stream_k program's share of `total` units can touch (shares ≤ ⌈total/programs⌉
-    units, tiles of `num_groups`)."""
-    share = -(-total // programs)
-    return (num_groups - 1 + share + num_groups - 1) // num_groups
-
-
 def _decode_split(num_groups: int, tiles: int, programs: int = 1024) -> int:
     """Split-K for `tiles` output tiles: about `programs` programs, each with at least 4 K groups."""
     return _largest_split(num_groups, min(max(1, -(-programs // tiles)), max(1, num_groups // 4)))
@@ -180,12 +164,11 @@ def _decode_split(num_groups: int, tiles: int, programs: int = 1024) -> int:
 DECODE_SPLIT_RULE = "wave"  # how the decode tiles pick split-K: "wave" (default since session 33), the largest split
 # whose programs still fit one wave of resident tiles (`_wave_split`); "programs", about 1024 programs (sessions 3–32,
 # picked before the 4-bit unpack on words), which at M = 32 ran 1.5 waves. H100 (session 33, results/kernels.md):
-# M = 32 gate/up 53.1 → 40.7 µs span (split 2 → 1), q/k/v 19.5 → 15.7 (8 → 4), down 29.9 → 28.1 (16 → 8);
-# M = 8–16 the same or faster; decode b32 7 612 → 8 281 tok/s, b8 unchanged
+# M = 32 gate/up 53.1 → 40.7 µs span (split 2 → 1), q/k/v 19.5 → 15.7 (8 → 4), down 29.9 → 28.1 (16 → 8); M = 8–16
+# the same or faster; decode b32 7 612 → 8 281 tok/s, b8 unchanged
 _SMS = 132  # streaming multiprocessors of an H100 SXM / H200
 _PROGRAMS_PER_SM = {16: 6, 32: 5}  # decode tiles resident an SM by registers (75 and 94 a thread at 4 warps,
 # `benchmarks/ptx_stats.py`)
-_STREAM_PROGRAMS_PER_SM = {16: 6, 32: 4}  # the same with `stream_k` (80 and 114 registers)
 
 
 def _wave_split(num_groups: int, tiles: int, block_m: int) -> int:
@@ -213,12 +196,9 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy,
         block_n = next((bn for bn in (64, 32) if rows // bn >= 2 * 132), 16)  # ≥ 2 programs per SM
         return GemmConfig(block_m, block_n, 1, 4, 4, fuse_quant=True)
     rule = split_rule or DECODE_SPLIT_RULE
-    if rule not in ("programs", "wave", "stream"):
-        raise ValueError(f"split_rule={rule!r}; expected 'programs', 'wave' or 'stream'")
+    if rule not in ("programs", "wave"):
+        raise ValueError(f"split_rule={rule!r}; expected 'programs' or 'wave'")
     tiles = -(-m // block_m) * (rows // 64)
-    if rule == "stream":  # one wave of equal shares (`GemmConfig.stream_k`), at least 4 groups a share
-        programs = max(1, min(_SMS * _STREAM_PROGRAMS_PER_SM[block_m], tiles * num_groups // 4))
-        return GemmConfig(block_m, 64, 1, 4, 3, fuse_quant=decode.startswith("fused"), stream_k=programs)
     split = _wave_split(num_groups, tiles, block_m) if rule == "wave" else _decode_split(num_groups, tiles)
     # 3 stages: more blocks per SM (call 11: 5–18 % faster than 4 stages at M = 1 and 16)
     return GemmConfig(block_m, 64, split, 4, 3, fuse_quant=decode.startswith("fused"),
@@ -622,163 +602,138 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         xq_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
     o_ref = o_refs[-1]
     bm, bn = cfg.block_m, cfg.block_n
+    m0, tile, split = pdl.program_ids(3, pdl_on)
+    m0 = m0 * bm
+    g0 = split * groups_per_split
     evict = "evict_first"
-    ids = pdl.program_ids(3, pdl_on)
 
-    def work(m_tile, tile, split, g0, seg_groups=None):
-        """One output tile's K groups [g0, g0 + groups_per_split) (`seg_groups`: a traced count instead, stream_k)."""
-        m0 = m_tile * bm
+    def load_x(g):  # → (operand halves, activation meta): meta = (a_scale [bm], Σx_q [bm]) or ()
+        if mode == "float":
+            xa, xb = _load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k)
+            return (xa.astype(jnp.bfloat16), xb.astype(jnp.bfloat16)), ()
+        if cfg.fuse_quant:
+            qa, qb, a_scale, x_sum = _quantize_halves(*_load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k))
+            return (qa, qb), (a_scale, x_sum)
+        xa = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE, HALF_GROUP)]  # [bm, 64] int8
+        xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
+        return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
 
-        def load_x(g):  # → (operand halves, activation meta): meta = (a_scale [bm], Σx_q [bm]) or ()
-            if mode == "float":
-                xa, xb = _load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k)
-                return (xa.astype(jnp.bfloat16), xb.astype(jnp.bfloat16)), ()
-            if cfg.fuse_quant:
-                qa, qb, a_scale, x_sum = _quantize_halves(*_load_x_halves(x_ref, m0, g, block_m=bm, m=m, k=k))
-                return (qa, qb), (a_scale, x_sum)
-            xa = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE, HALF_GROUP)]  # [bm, 64] int8
-            xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
-            return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
+    def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, n0):
+        unroll = cfg.groups_per_iter
+        iters = groups_per_split // unroll
+        with_a_meta = not cfg.fuse_quant and mode != "float"
+        rows = m0 + jnp.arange(bm)  # [bm]
+        cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows (read first)
 
-        def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, n0):
-            unroll = cfg.groups_per_iter
-            iters = (groups_per_split if seg_groups is None else seg_groups) // unroll
-            with_a_meta = not cfg.fuse_quant and mode != "float"
-            rows = m0 + jnp.arange(bm)  # [bm]
-            cols = chan_ref[pl.ds(tile * bn, bn)]  # [bn] output channels, ≥ n_out on padding rows (read first)
+        def load_meta(i):  # small operands of iteration i's groups
+            gs = [g0 + i * unroll + j for j in range(unroll)]
+            a = [(as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]) if with_a_meta else () for g in gs]
+            return tuple(a), tuple(meta_fn(g, n0) for g in gs)
 
-            def load_meta(i):  # small operands of iteration i's groups
-                gs = [g0 + i * unroll + j for j in range(unroll)]
-                a = [(as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]) if with_a_meta else () for g in gs]
-                return tuple(a), tuple(meta_fn(g, n0) for g in gs)
+        def meta_tiles(q):  # (activation, weight) small operands of the split's first q groups as [P, ·] tiles
+            p = pl.next_power_of_2(q)  # a power of two ≥ q; rows ≥ q masked
+            live = lax.broadcasted_iota(jnp.int32, (p, 1), 0) < q
+            a_t = ()
+            if with_a_meta:
+                mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
+                a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0) for r in (as_ref, ax_ref))
+            return a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
 
-            def meta_tiles(q):  # (activation, weight) small operands of the split's first q groups as [P, ·] tiles
-                p = pl.next_power_of_2(q)  # a power of two ≥ q; rows ≥ q masked
-                live = lax.broadcasted_iota(jnp.int32, (p, 1), 0) < q
-                a_t = ()
-                if with_a_meta:
-                    mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
-                    a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0)
-                                for r in (as_ref, ax_ref))
-                return a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
+        tiles = meta_tiles(groups_per_split) if cfg.preload else None  # loaded once, a row picked per group
 
-            tiles = meta_tiles(groups_per_split) if cfg.preload else None  # loaded once, a row picked per group
+        def warm_zero(a_t, w_t):  # f32 zeros [1, bn] that depend on every element of the tiles
+            # times zeros at run time (channel indices < 2^30) that no compiler can prove zero: the loads stay
+            nil = cols >> 30  # [bn]
+            total = jnp.zeros((bn,), jnp.int32)
+            for t in w_t:
+                total = total + jnp.sum(_bits(t) * nil[None, :], axis=0)
+            for t in a_t:
+                total = total + jnp.sum(_bits(t)) * nil
+            return total.astype(jnp.float32)[None, :]  # [1, bn]
 
-            def warm_zero(a_t, w_t):  # f32 zeros [1, bn] that depend on every element of the tiles
-                # times zeros at run time (channel indices < 2^30) that no compiler can prove zero: the loads stay
-                nil = cols >> 30  # [bn]
-                total = jnp.zeros((bn,), jnp.int32)
-                for t in w_t:
-                    total = total + jnp.sum(_bits(t) * nil[None, :], axis=0)
-                for t in a_t:
-                    total = total + jnp.sum(_bits(t)) * nil
-                return total.astype(jnp.float32)[None, :]  # [1, bn]
+        def pick_meta(i):
+            a_t, w_t = tiles
+            js = [i * unroll + j for j in range(unroll)]
+            return (tuple(tuple(_pick_row(t, j) for t in a_t) for j in js),
+                    tuple(tuple(_pick_row(t, j) for t in w_t) for j in js))
 
-            def pick_meta(i):
-                a_t, w_t = tiles
-                js = [i * unroll + j for j in range(unroll)]
-                return (tuple(tuple(_pick_row(t, j) for t in a_t) for j in js),
-                        tuple(tuple(_pick_row(t, j) for t in w_t) for j in js))
+        def step(i, acc, metas):  # all loads of the iteration's groups are issued before any MMA
+            a_metas, w_metas = metas
+            groups = [g0 + i * unroll + j for j in range(unroll)]
+            xs = [load_x(g) for g in groups]
+            ws = [load_fn(g, n0) for g in groups]
+            factors = [None] * unroll  # None: `scale_fn` forms them itself
+            if factors_fn is not None and mode == "int":  # meta_mma: on the tensor cores (Triton then pipelines the
+                # small operands' loads); swap_ab: transposed [bn, bm]
+                factors = [factors_fn(a if a_in is None else a_in, w) for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
+            partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
+            for partial, (xh, a_in), a_meta, w_meta, f in zip(partials, xs, a_metas, w_metas, factors):
+                acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta, factors=f)
+            return acc
 
-            def step(i, acc, metas):  # all loads of the iteration's groups are issued before any MMA
-                a_metas, w_metas = metas
-                groups = [g0 + i * unroll + j for j in range(unroll)]
-                xs = [load_x(g) for g in groups]
-                ws = [load_fn(g, n0) for g in groups]
-                factors = [None] * unroll  # None: `scale_fn` forms them itself
-                if factors_fn is not None and mode == "int":  # meta_mma: on the tensor cores (Triton then pipelines the
-                    # small operands' loads); swap_ab: transposed [bn, bm]
-                    factors = [factors_fn(a if a_in is None else a_in, w)
-                               for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
-                partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
-                for partial, (xh, a_in), a_meta, w_meta, f in zip(partials, xs, a_metas, w_metas, factors):
-                    acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta, factors=f)
-                return acc
+        def body(i, acc):
+            return step(i, acc, pick_meta(i) if cfg.preload else load_meta(i))
 
-            def body(i, acc):
-                return step(i, acc, pick_meta(i) if cfg.preload else load_meta(i))
+        def carried(i, state):  # prefetch_meta: the next iteration's small operands, carried
+            acc, metas = state
+            nxt = jnp.minimum(i + 1, iters - 1)
+            if cfg.prefetch_meta == 2:  # issued after this iteration's last use of the carried ones
+                acc = step(i, acc, metas)
+                return acc, load_meta(nxt)
+            ahead = load_meta(nxt)  # issued first
+            return step(i, acc, metas), ahead
 
-            def carried(i, state):  # prefetch_meta: the next iteration's small operands, carried
-                acc, metas = state
-                nxt = jnp.minimum(i + 1, iters - 1)
-                if cfg.prefetch_meta == 2:  # issued after this iteration's last use of the carried ones
-                    acc = step(i, acc, metas)
-                    return acc, load_meta(nxt)
-                ahead = load_meta(nxt)  # issued first
-                return step(i, acc, metas), ahead
+        def paired(j, state):  # prefetch_meta=3: two iterations a body, each set loaded after its last use
+            acc, ma, mb = state
+            acc = step(2 * j, acc, ma)
+            ma = load_meta(jnp.minimum(2 * j + 2, iters - 1))
+            acc = step(2 * j + 1, acc, mb)
+            return acc, ma, load_meta(jnp.minimum(2 * j + 3, iters - 1))
 
-            def paired(j, state):  # prefetch_meta=3: two iterations a body, each set loaded after its last use
-                acc, ma, mb = state
-                acc = step(2 * j, acc, ma)
-                ma = load_meta(jnp.minimum(2 * j + 2, iters - 1))
-                acc = step(2 * j + 1, acc, mb)
-                return acc, ma, load_meta(jnp.minimum(2 * j + 3, iters - 1))
+        zero = jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32)
+        warm = meta_tiles(min(groups_per_split, _MAX_PRELOAD)) if cfg.warm_meta and not cfg.preload else None
+        if warm is not None and cfg.warm_meta == 1:
+            zero = zero + warm_zero(*warm)
+        if cfg.prefetch_meta == 3 and not cfg.preload:
+            acc, ma, _ = lax.fori_loop(0, iters // 2, paired, (zero, load_meta(0), load_meta(min(1, iters - 1))))
+            if iters % 2:
+                acc = step(iters - 1, acc, ma)
+        elif cfg.prefetch_meta and not cfg.preload:
+            acc, _ = lax.fori_loop(0, iters, carried, (zero, load_meta(0)))
+        else:
+            acc = lax.fori_loop(0, iters, body, zero)
+        if warm is not None and cfg.warm_meta == 2:
+            acc = acc + warm_zero(*warm)
+        mask = (rows < m)[:, None] & (cols < n_out)[None, :]
+        out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
+        idx = (out_rows[:, None], cols[None, :])
+        if cfg.swap_ab:  # acc is [bn, bm]: the same elements, indexed transposed
+            mask, idx = mask.T, (out_rows[None, :], cols[:, None])
+        if cfg.atomic:
+            plgpu.atomic_add(o_ref, idx, acc, mask=None if interpret else mask)
+        else:
+            plgpu.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=mask)
 
-            zero = jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32)
-            warm = meta_tiles(min(groups_per_split, _MAX_PRELOAD)) if cfg.warm_meta and not cfg.preload else None
-            if warm is not None and cfg.warm_meta == 1:
-                zero = zero + warm_zero(*warm)
-            if cfg.prefetch_meta == 3 and not cfg.preload:
-                acc, ma, _ = lax.fori_loop(0, iters // 2, paired, (zero, load_meta(0), load_meta(min(1, iters - 1))))
-                if iters % 2:
-                    acc = step(iters - 1, acc, ma)
-            elif cfg.prefetch_meta and not cfg.preload:
-                acc, _ = lax.fori_loop(0, iters, carried, (zero, load_meta(0)))
-            else:
-                acc = lax.fori_loop(0, iters, body, zero)
-            if warm is not None and cfg.warm_meta == 2:
-                acc = acc + warm_zero(*warm)
-            mask = (rows < m)[:, None] & (cols < n_out)[None, :]
-            if seg_groups is not None:  # stream_k: an empty segment adds nothing
-                mask = mask & (seg_groups > 0)
-            out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
-            idx = (out_rows[:, None], cols[None, :])
-            if cfg.swap_ab:  # acc is [bn, bm]: the same elements, indexed transposed
-                mask, idx = mask.T, (out_rows[None, :], cols[:, None])
-            if cfg.atomic:
-                plgpu.atomic_add(o_ref, idx, acc, mask=None if interpret else mask)
-            else:
-                plgpu.store(o_ref.at[idx], acc.astype(o_ref.dtype), mask=mask)
+    if n8_tiles:
+        @pl.when(tile < n8_tiles)
+        def _():
+            load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
+            meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
+            factors = _w8_factors_mma if cfg.meta_mma else functools.partial(_w8_factors, swap=True) if cfg.swap_ab \
+                else None
+            run(load, functools.partial(_w8_mma, mode=mode, swap=cfg.swap_ab), meta,
+                functools.partial(_w8_scale, mode=mode), factors, tile * bn)
 
-        if n8_tiles:
-            @pl.when(tile < n8_tiles)
-            def _():
-                load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
-                meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
-                factors = (_w8_factors_mma if cfg.meta_mma else
-                           functools.partial(_w8_factors, swap=True) if cfg.swap_ab else None)
-                run(load, functools.partial(_w8_mma, mode=mode, swap=cfg.swap_ab), meta,
-                    functools.partial(_w8_scale, mode=mode), factors, tile * bn)
-
-        if n4_tiles:
-            @pl.when(tile >= n8_tiles)
-            def _():
-                load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
-                meta = (functools.partial(_w4_meta_embedded, s4_ref=s4_ref, block_n=bn) if cfg.zero_in_scale else
-                        functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn))
-                mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret,
-                                        swap=cfg.swap_ab)
-                factors = (_w4_factors_mma if cfg.meta_mma else
-                           functools.partial(_w4_factors, swap=True) if cfg.swap_ab else None)
-                run(load, mma, meta, functools.partial(_w4_scale, mode=mode), factors, (tile - n8_tiles) * bn)
-
-    if not cfg.stream_k:
-        m_tile, tile, split = ids
-        work(m_tile, tile, split, split * groups_per_split)
-        return
-    # stream_k: program p takes the units [p·W/P, (p+1)·W/P) of the W = tiles × groups (tile-major) and adds each
-    # tile's share into the zero-filled f32 output; a share crosses at most `_stream_segments` tiles
-    programs, n_tiles = cfg.stream_k, n8_tiles + n4_tiles
-    num_groups = groups_per_split  # split_k is 1 with stream_k
-    total = -(-m // bm) * n_tiles * num_groups
-    p = ids[2]
-    cur, stop = p * total // programs, (p + 1) * total // programs
-    for _ in range(_stream_segments(total, programs, num_groups)):
-        t = jnp.minimum(cur // num_groups, total // num_groups - 1)  # an empty segment past the end: the last tile
-        g0 = cur % num_groups
-        count = jnp.maximum(jnp.minimum(num_groups - g0, stop - cur), 0)
-        work(t // n_tiles, t % n_tiles, 0, g0, count)
-        cur = cur + count
+    if n4_tiles:
+        @pl.when(tile >= n8_tiles)
+        def _():
+            load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
+            meta = (functools.partial(_w4_meta_embedded, s4_ref=s4_ref, block_n=bn) if cfg.zero_in_scale else
+                    functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn))
+            mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret, swap=cfg.swap_ab)
+            factors = _w4_factors_mma if cfg.meta_mma else functools.partial(_w4_factors, swap=True) if cfg.swap_ab \
+                else None
+            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), factors, (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):
@@ -813,7 +768,7 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
                                                                       interpret=interpret)
         args = (x_q, a_scale, x_sum, *weights)
     out_dtype = out_dtype or jnp.dtype(x.dtype)
-    acc_dtype = jnp.float32 if cfg.split_k > 1 or atomic or partials else out_dtype
+    acc_dtype = jnp.float32 if cfg.split_k > 1 or partials else out_dtype
     out_rows = m * cfg.split_k if cfg.split_partials else m
     aliases = {}
     if atomic:
@@ -827,7 +782,7 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((out_rows, qw.n), acc_dtype),
-        grid=(1, 1, cfg.stream_k) if cfg.stream_k else (-(-m // cfg.block_m), n8_tiles + n4_tiles, cfg.split_k),
+        grid=(-(-m // cfg.block_m), n8_tiles + n4_tiles, cfg.split_k),
         input_output_aliases=aliases,
         interpret=interpret,
         name=f"mixed_gemm_{mode}",

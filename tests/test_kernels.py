@@ -255,38 +255,6 @@ def test_small_operands_two_iterations_ahead(split, stages):
     assert _rel(got, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
-@pytest.mark.parametrize("m, k, n, share8, programs", [
-    (19, 1024, 160, 0.2, 1),  # one program walks every unit: 2 M tiles × 5 N tiles × 8 groups
-    (19, 1024, 160, 0.2, 7),  # shares of 11–12 units: every share crosses tiles
-    (5, 576, 96, 0.1, 13),  # 5 groups a tile, shares of 2–3 units
-    (33, 640, 96, 0.0, 4),  # no 8-bit channel
-    (16, 640, 64, 1.0, 40),  # every channel 8-bit; more programs than units: empty shares add nothing
-])
-def test_stream_k_matches_reference(m, k, n, share8, programs):
-    """`stream_k`: equal shares of the (tile, K group) units a program, each tile's part added into a zero-filled
-    f32 output; the same numbers as the reference up to the order of the f32 adds."""
-    x, qw = _case(m, k, n, share8, jnp.float32)
-    cfg = kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, stream_k=programs)
-    y = kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
-    assert y.shape == (m, n) and _rel(y, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
-
-
-def test_stream_k_segments_cover_every_share():
-    """A share of ⌈W/P⌉ units touches at most `_stream_segments` tiles, wherever it starts."""
-    for total, programs, groups in [(14464, 528, 32), (100, 7, 8), (5, 40, 5), (6800, 528, 112)]:
-        share, segs = -(-total // programs), kernels._stream_segments(total, programs, groups)
-        worst = max(-(-(start % groups + share) // groups) for start in range(groups))
-        assert segs >= worst and segs <= worst + 1
-
-
-def test_stream_k_rejects_what_it_replaces():
-    x, qw = _case(8, 256, 64, 0.1, jnp.float32)
-    for bad in (dict(split_k=2), dict(split_partials=True), dict(prefetch_meta=2), dict(groups_per_iter=2)):
-        cfg = dataclasses.replace(kernels.GemmConfig(16, 32, 1, 4, 3, fuse_quant=False, stream_k=8), **bad)
-        with pytest.raises(ValueError, match="stream_k"):
-            kernels.mixed_matmul_pallas(x, qw, config=cfg, interpret=INTERPRET)
-
-
 def test_meta_mma_matches_the_f32_rescale():
     """`meta_mma` forms s_a·s_w/16 from bf16 parts on the tensor cores and the zero-point term as an
     exact f32 product: the result is the default kernel's up to a few f32 roundings, on scales spanning
