@@ -217,11 +217,11 @@ def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
     """Decode (M ≤ `decode_max_m`), medium and prefill (M ≥ 256) configurations from M, K (groups) and
     N (rows).
 
-    Picked from the sweep on the H100 (benchmarks/NOTES-kernels.md): decode wants ~1000 programs
-    (split-K) of 64-wide tiles (`_decode_config` for the launch strategies); from M = 64 on, no
-    split (atomics of large tiles cost more than the idle SMs) unless the grid would not fill the chip.
-    Beyond 32 rows the decode tiles run several 32-row tiles over the same weight tiles with split-K
-    partials (`DECODE_MAX_M`, measured on the H200)."""
+    Picked from sweeps on the H100 (benchmarks/NOTES-kernels.md): decode wants 64-wide tiles split along K
+    into as many programs as one wave of resident tiles holds (`split_rule`, `DECODE_SPLIT_RULE`;
+    `_decode_config` for the launch strategies). Beyond 32 rows the decode tiles run several 32-row tiles
+    over the same weight tiles with split-K partials (`DECODE_MAX_M`, measured on the H200); the medium
+    tiles (float mode, M < 256) take no split unless the grid would not fill the chip."""
     if m <= decode_max_m and mode == "int":
         return _decode_config(m, num_groups, rows, decode, split_rule)
     if m <= 32:
