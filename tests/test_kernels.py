@@ -286,6 +286,21 @@ def test_4bit_unpack_on_words_in_the_cuda_lowering(word_unpack):
     assert ("shl.b32 t, $1, 4" in gemm[0] and "packed_element = 4" in gemm[0]) == word_unpack
 
 
+def test_sass_loops_are_read_from_backward_branches():
+    """`ptx_stats.sass_loops` on cuobjdump's layout: a loop is a backward branch's target up to the branch,
+    predicated instructions count by their opcode, a forward branch is not a loop."""
+    sass = "\n".join([
+        "        /*0100*/                   MOV R1, c[0x0][0x28] ;         /* 0x00000a0000017a02 */",
+        "        /*0110*/              @!P0 BRA 0x0150 ;                    /* 0x0000000000088947 */",
+        "        /*0120*/                   IMMA.16832.S8.S8 R4, R8, R12, R4 ; /* 0x000000000c04723c */",
+        "        /*0130*/               @P1 FFMA R2, R3, R4, R2 ;           /* 0x0000000403021223 */",
+        "        /*0140*/               @P0 BRA 0x120 ;                     /* 0xfffffff000c40947 */",
+        "        /*0150*/                   EXIT ;                          /* 0x000000000000794d */",
+    ])
+    (start, end, ops), = ptx_stats.sass_loops(sass)
+    assert (start, end) == (0x120, 0x140) and ops == {"IMMA": 1, "FFMA": 1, "BRA": 1}
+
+
 @pytest.mark.parametrize("decode", kernels.DECODE_STRATEGIES)
 @pytest.mark.parametrize("m", [1, 17])
 def test_decode_strategies_match_reference(decode, m):
