@@ -407,12 +407,25 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "swab", "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down")
 
 
-_DECODE_TILE_FIELDS = {
-    "swab": dict(swap_ab=True),  # the decode tiles transposed (session 32: wgmma on Hopper)
-    "pf3": dict(prefetch_meta=3),  # the small operands two iterations ahead (session 33)
-    "pf3s2": dict(prefetch_meta=3, num_stages=2),
-    "pf3s4": dict(prefetch_meta=3, num_stages=4),
-    "pf3l": dict(prefetch_meta=3),  # only where a program loops over 8 groups or more (s33k: gate/up at M = 32)
+def _down_pf3(cfg, m, num_groups, rows):
+    """Session 33's best down projection at M = 17–32: the small operands two iterations ahead (`prefetch_meta=3`,
+    130 registers: 3 programs an SM) with the split that fits that wave; other linears unchanged."""
+    from pallas_kernels import kernels
+
+    if cfg.block_m != 32 or m > 32 or num_groups < 64:
+        return cfg
+    split = kernels._largest_split(num_groups, min(max(1, 3 * kernels._SMS // (rows // cfg.block_n)), num_groups // 4))
+    return dataclasses.replace(cfg, split_k=split, split_partials=split > 1, prefetch_meta=3)
+
+
+_DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
+    "swab": lambda cfg, *_: dataclasses.replace(cfg, swap_ab=True),  # transposed tiles (session 32: wgmma on Hopper)
+    "pf3": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3),  # small operands two iterations ahead
+    "pf3s2": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3, num_stages=2),
+    "pf3s4": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3, num_stages=4),
+    # only where a program loops over 8 groups or more (s33k: gate/up at M = 32)
+    "pf3l": lambda cfg, m, g, rows: dataclasses.replace(cfg, prefetch_meta=3) if g // cfg.split_k >= 8 else cfg,
+    "pf3down": _down_pf3,
 }
 
 
@@ -511,28 +524,13 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("wave", "programs"):  # how the decode tiles pick split-K (`kernels.DECODE_SPLIT_RULE`): one
         # wave of resident programs (the default since session 33), or about 1024 programs (before)
         kernels.DECODE_SPLIT_RULE = strategy
-    elif strategy == "pf3down":  # session 33's best down projection at M = 32: the small operands two iterations
-        # ahead (`prefetch_meta=3`, 130 registers: 3 programs an SM) with the split that fits that wave
-        choose = kernels.choose_config
+    elif strategy in _DECODE_TILE_CHANGES:  # the decode tiles' GemmConfig (int mode, M ≤ `kernels.DECODE_MAX_M`)
+        choose, change = kernels.choose_config, _DECODE_TILE_CHANGES[strategy]
 
-        def down_pf3(m, num_groups, rows, **k):
+        def changed(m, num_groups, rows, **k):
             cfg = choose(m, num_groups, rows, **k)
-            if k.get("mode", "int") != "int" or cfg.block_m != 32 or m > 32 or num_groups < 64:
-                return cfg
-            tiles = rows // cfg.block_n
-            split = kernels._largest_split(num_groups, min(max(1, 3 * kernels._SMS // tiles), num_groups // 4))
-            return dataclasses.replace(cfg, split_k=split, split_partials=split > 1, prefetch_meta=3)
-
-        kernels.choose_config = down_pf3
-    elif strategy in _DECODE_TILE_FIELDS:  # fields of the decode tiles' GemmConfig (M ≤ `kernels.DECODE_MAX_M`)
-        choose, fields = kernels.choose_config, _DECODE_TILE_FIELDS[strategy]
-
-        def changed(m, num_groups, *a, **k):
-            cfg = choose(m, num_groups, *a, **k)
             decode = k.get("mode", "int") == "int" and m <= k.get("decode_max_m", kernels.DECODE_MAX_M)
-            if strategy == "pf3l" and num_groups // cfg.split_k < 8:  # only loops of 8 groups or more
-                decode = False
-            return dataclasses.replace(cfg, **fields) if decode else cfg
+            return change(cfg, m, num_groups, rows) if decode else cfg
 
         kernels.choose_config = changed
     elif strategy in ("att64", "att64s3", "att128s3"):  # the fused decode attention's cache block and stages

@@ -356,6 +356,12 @@ DECODE_SWEEP_PF3 = {"block_n": (64,), "stages": (2, 3), "warps": (4,), "programs
 DECODE_SWEEP_WAVE = {"block_n": (64, 128), "stages": (3, 4), "warps": (4, 8), "programs": (256, 512),
                      "prefetch_meta": (0, 3)}  # session 33: around one wave of programs, wider tiles and 8 warps
 
+DECODE_GRIDS = {  # --sweep-decode-NAME: (grid, help text)
+    "small": (DECODE_SWEEP_SMALL, " (shallow pipelines)"), "preload": (DECODE_SWEEP_PRELOAD, ""),
+    "words": (DECODE_SWEEP_WORDS, ""), "tall": (DECODE_SWEEP_TALL, " (block_m 32 / 64)"),
+    "pf3": (DECODE_SWEEP_PF3, " (prefetch_meta 0 / 3)"), "wave": (DECODE_SWEEP_WAVE, ""),
+}
+
 
 def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     """--sweep-decode: the quantize_partials decode kernel over tile width, pipeline depth, warps and the
@@ -490,12 +496,8 @@ def parse(argv):
     p.add_argument("--min-calls", type=int, default=32, help="calls per timed program for M <= 256")
     p.add_argument("--sweep", action="store_true", help="also time alternative configs of 'mixed'")
     p.add_argument("--sweep-decode", action="store_true", help="sweep the decode kernel's tiles (decode_sweep)")
-    p.add_argument("--sweep-decode-small", action="store_true", help="the shallow-pipeline grid DECODE_SWEEP_SMALL")
-    p.add_argument("--sweep-decode-preload", action="store_true", help="the grid DECODE_SWEEP_PRELOAD")
-    p.add_argument("--sweep-decode-words", action="store_true", help="the grid DECODE_SWEEP_WORDS")
-    p.add_argument("--sweep-decode-tall", action="store_true", help="the grid DECODE_SWEEP_TALL (block_m 32 / 64)")
-    p.add_argument("--sweep-decode-pf3", action="store_true", help="the grid DECODE_SWEEP_PF3 (prefetch_meta 0 / 3)")
-    p.add_argument("--sweep-decode-wave", action="store_true", help="the grid DECODE_SWEEP_WAVE")
+    for name, (_, about) in DECODE_GRIDS.items():
+        p.add_argument(f"--sweep-decode-{name}", action="store_true", help=f"the grid DECODE_SWEEP_{name.upper()}{about}")
     p.add_argument("--sweep-gemv", action="store_true", help="sweep the GEMV kernel (gemv_sweep)")
     p.add_argument("--sweep-gemv-grouped", action="store_true", help="GEMV, groups per iteration (gemv_grouped_sweep)")
     p.add_argument("--sweep-gemv-one-launch", action="store_true",
@@ -615,17 +617,14 @@ def main(argv=None):
             for m in ms:
                 for v in (large_variants if m >= 256 else variants):
                     rows.append(run_row(v, k, n, m, args, bandwidth, log))
-        if args.sweep or args.sweep_decode or args.sweep_decode_small or args.sweep_decode_preload or args.sweep_gemv \
-                or args.sweep_decode_words or args.sweep_decode_tall or args.sweep_decode_pf3 or args.sweep_decode_wave \
+        decode_grid = next((grid for name, (grid, _) in DECODE_GRIDS.items() if getattr(args, f"sweep_decode_{name}")),
+                           None)
+        if args.sweep or args.sweep_decode or decode_grid or args.sweep_gemv \
                 or args.sweep_gemv_grouped or args.sweep_gemv_one_launch \
                 or args.sweep_decode_unrolled or args.sweep_mgpu or args.sweep_mgpu_decode:
             sweep = decode_sweep if args.sweep_decode else default_sweep
-            if args.sweep_decode_small or args.sweep_decode_preload or args.sweep_decode_words or args.sweep_decode_tall \
-                    or args.sweep_decode_pf3 or args.sweep_decode_wave:
-                grid = (DECODE_SWEEP_SMALL if args.sweep_decode_small else DECODE_SWEEP_WORDS if args.sweep_decode_words
-                        else DECODE_SWEEP_TALL if args.sweep_decode_tall else DECODE_SWEEP_PF3 if args.sweep_decode_pf3
-                        else DECODE_SWEEP_WAVE if args.sweep_decode_wave else DECODE_SWEEP_PRELOAD)
-                sweep = lambda m, g, rows: decode_sweep(m, g, rows, grid)  # noqa: E731
+            if decode_grid:
+                sweep = lambda m, g, rows: decode_sweep(m, g, rows, decode_grid)  # noqa: E731
             if args.sweep_decode_unrolled:
                 sweep = unrolled_sweep
             if args.sweep_mgpu:

@@ -214,27 +214,21 @@ def _quiet_orbax_stragglers() -> None:
     `sys.unraisablehook`), and its unfinished read coroutines, closed when collected, re-raise their read errors:
     tens to hundreds of tracebacks after the one error that matters. Drops exactly those, from then on; installed
     before a restore, since the first may come while orbax is still raising."""
+    def quiet(hook, straggler):  # `hook` for everything but the stragglers
+        def filtered(*args):
+            if not straggler(*args):
+                hook(*args)
+
+        filtered.mixjax_quiet = True
+        return filtered
+
     if not getattr(sys.unraisablehook, "mixjax_quiet", False):
-        previous_unraisable = sys.unraisablehook
-
-        def unraisable_hook(unraisable):
-            if not _is_straggler(unraisable.exc_value, obj=unraisable.object):
-                previous_unraisable(unraisable)
-
-        unraisable_hook.mixjax_quiet = True
-        sys.unraisablehook = unraisable_hook
+        sys.unraisablehook = quiet(sys.unraisablehook, lambda u: _is_straggler(u.exc_value, obj=u.object))
+    if not getattr(sys.excepthook, "mixjax_quiet", False):
+        sys.excepthook = quiet(sys.excepthook, lambda kind, value, tb: _is_straggler(value, tb))
     asyncio_log = logging.getLogger("asyncio")  # a read task collected with its error: "Task exception was never
     if not any(isinstance(f, _StragglerLogFilter) for f in asyncio_log.filters):  # retrieved", logged by asyncio
         asyncio_log.addFilter(_StragglerLogFilter())
-    if not getattr(sys.excepthook, "mixjax_quiet", False):
-        previous_except = sys.excepthook
-
-        def except_hook(kind, value, tb):
-            if not _is_straggler(value, tb):
-                previous_except(kind, value, tb)
-
-        except_hook.mixjax_quiet = True
-        sys.excepthook = except_hook
 
 
 def _root_cause(e: BaseException) -> str:
