@@ -6,6 +6,12 @@
   host callbacks, and on a 2-core machine a run deadlocks now and then (the full decode path: about one
   call in four, jax 0.10.2, session 8: no CPU progress, for ever) — a hang the test itself cannot time out. A
   failing assertion fails at once (no retry); only a run that never finishes is retried.
+  The cause (session 34, from a faulthandler dump of a hung run): XLA:CPU runs the simulated threads' programs
+  and their host callbacks on its client thread pool, sized by the core count; two callbacks blocked in the
+  interpreter's barrier waits take both threads of a 2-core machine and the programs that would release them
+  never start. The child therefore gets `PJRT_NPROC` (XLA's override of that size) of at least 8: on this
+  2-core machine `test_short_prompt_in_column_tiles_within_bound` hung in 5 of 22 runs without it and in none
+  of 30 with it (16 of them two at a time). The retry stays as a net.
 
 - `embedded_model_path` (session): path of the embedded SmolLM2-135M-Instruct GGUF.
 - `make_tiny_hf` (function): builds a tiny random Hugging Face causal LM, saves it with
@@ -21,8 +27,16 @@ import sys
 import pytest
 
 ISOLATED_TIMEOUT_S = 90  # an isolated test takes ≤ 20 s on 2 cores, jax's import included
-ISOLATED_ATTEMPTS = 6  # a run hangs ≈ 1 time in 4 (session 8): 6 hangs in a row ≈ 2e-4
+ISOLATED_ATTEMPTS = 6  # without `PJRT_NPROC` a run hung ≈ 1 time in 4 (sessions 8, 34): 6 in a row ≈ 2e-4
 _CHILD = "MIXJAX_ISOLATED_CHILD"
+
+
+def _child_env() -> dict:
+    """The isolated child's environment: the marker, and XLA:CPU's client thread pool no smaller than 8 (the
+    interpreter's blocked callbacks must not take every thread; a larger value set by the user stays)."""
+    given = os.environ.get("PJRT_NPROC", "")
+    nproc = max(8, os.cpu_count() or 1, int(given) if given.isdigit() else 0)
+    return {**os.environ, _CHILD: "1", "PJRT_NPROC": str(nproc)}
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -33,7 +47,7 @@ def pytest_pyfunc_call(pyfuncitem):
     hung = []
     for attempt in range(1, ISOLATED_ATTEMPTS + 1):
         try:
-            run = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env={**os.environ, _CHILD: "1"},
+            run = subprocess.run(cmd, cwd=pyfuncitem.config.rootpath, env=_child_env(),
                                  capture_output=True, text=True, timeout=ISOLATED_TIMEOUT_S)
         except subprocess.TimeoutExpired:
             hung.append(attempt)
