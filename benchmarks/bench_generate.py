@@ -59,8 +59,7 @@ at prefill the scales folded into the weight's and the GEMM's per-token rescale;
 `@short`: linears of 65–512 rows take the swapped-operand kernel in column tiles (`api.MGPU_SHORT_M = (65, 512)`,
 the packed weight unpacked in registers, no int8 copy; `@shortf` with its zero-point terms folded out, `@short64` in
 column tiles of 64 rows instead of 128);
-`@swab`: the decode tiles (M ≤ `kernels.DECODE_MAX_M`) transposed, y.T = W·x.T (`GemmConfig.swap_ab`: wgmma on Hopper,
-the unpacked 4-bit tile its register operand); `@pf3` / `@pf3s2` / `@pf3s4`: the decode tiles' small per-group operands
+`@pf3` / `@pf3s2` / `@pf3s4`: the decode tiles' small per-group operands
 loaded two iterations ahead (`GemmConfig.prefetch_meta=3`), with the default 3, or 2 or 4 pipeline stages (`@pf3l`:
 only where a program loops over 8 groups or more); `@wave` / `@programs`: the decode tiles' split-K from one wave of resident
 programs (the default since session 33) or from about 1024 programs (before; `kernels.DECODE_SPLIT_RULE`); `@pf3down`: at M = 17–32 the linears of ≥ 64 K groups
@@ -404,7 +403,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "swab", "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down")
+              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down")
 
 
 def _down_pf3(cfg, m, num_groups, rows):
@@ -419,7 +418,6 @@ def _down_pf3(cfg, m, num_groups, rows):
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
-    "swab": lambda cfg, *_: dataclasses.replace(cfg, swap_ab=True),  # transposed tiles (session 32: wgmma on Hopper)
     "pf3": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3),  # small operands two iterations ahead
     "pf3s2": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3, num_stages=2),
     "pf3s4": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3, num_stages=4),

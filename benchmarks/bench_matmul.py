@@ -9,8 +9,8 @@
 Variants: xla_bf16 / xla_int8 / xla_int4 (plain XLA dots; xla_int4: a native int4 weight, no group scales), gemv
 (the M = 1 GEMV, its default), w8a8 / w4a8 / mixed (the Pallas integer kernel at 100% / 0% / 10% 8-bit
 channels), the GEMV's and the kernel's default configurations with some fields changed (`GEMV_OVERRIDES`,
-`MIXED_OVERRIDES`: gemv_qf, gemv_1l, gemv_xq, mixed_b8, mixed_pf, mixed_pf2, mixed_wm1/2, mixed_wpf1/2,
-mixed_xq, mixed_fused_zero, mixed_mm, mixed_zs, mixed_mmz), mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
+`MIXED_OVERRIDES`: gemv_qf, gemv_1l, gemv_xq, mixed_b8, mixed_xq, mixed_pf3, mixed_pf3s2/s4, mixed_wave),
+mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
 mixed_v4 (the kernel as configured at call 4), mixed_f32out (the kernel returning its f32 accumulator, no
 convert launch), api (`pallas_kernels.mixed_matmul`, implementation="pallas": the dispatched GPU path),
 dequant_dot (fake-quant activations × bf16-dequantized weight, XLA dot), xla_dequant (bf16 x ×
@@ -79,23 +79,9 @@ GEMV_OVERRIDES = {  # variant → GemvConfig fields changed from `gemv.choose_ge
 }
 MIXED_OVERRIDES = {  # variant → GemmConfig fields changed from `kernels.choose_config`'s default
     "mixed_b8": dict(word_unpack=False),  # the 4-bit unpack as Triton's 8-bit shift (before session 9)
-    "mixed_pf": dict(prefetch_meta=1),  # small per-group operands loaded an iteration ahead, at its start
-    "mixed_pf2": dict(prefetch_meta=2),  # … at its end, after the rescale
-    "mixed_wm1": dict(warm_meta=1),  # the split's small operands loaded into the caches before the K loop
-    "mixed_wm2": dict(warm_meta=2),
-    "mixed_wpf1": dict(warm_meta=1, prefetch_meta=2),  # both
-    "mixed_wpf2": dict(warm_meta=2, prefetch_meta=2),
     "mixed_xq": dict(xla_quant=True),  # on codes from XLA ops (unfused here: x is an input)
-    "mixed_fused_zero": dict(zero_in_quant=True),  # split-K zero fill by the quantization kernel
-    # session 11: the small operands through Triton's pipeliner (outer products on the tensor cores), the
-    # 4-bit zero point carried in the scale's low mantissa bits (one 4-byte load), and both
-    "mixed_mm": dict(meta_mma=True),
-    "mixed_zs": dict(zero_in_scale=True),
-    "mixed_mmz": dict(meta_mma=True, zero_in_scale=True),
-    # session 32: the tile transposed (y.T = W·x.T: weight rows on the MMA's M side, wgmma on Hopper with the
-    # unpacked 4-bit tile as its register A operand), and with 64 activation rows a tile
-    "mixed_sw": dict(swap_ab=True),
-    "mixed_sw64": dict(swap_ab=True, block_m=64),
+    # (the variants of the forms removed in session 34 — mixed_pf/pf2/wm*/wpf*/fused_zero/mm/zs/mmz/sw* — are in
+    # commit 302f4a7 with the kernel options they set)
     # session 33: the small operands two iterations ahead (a loop body of two iterations, each set loaded after its
     # last use); 2 and 4 stages (a stage holds one iteration's tiles)
     "mixed_pf3": dict(prefetch_meta=3),
@@ -128,9 +114,9 @@ def _rows(w: fmt.MixedWeight) -> int:
 def v4_config(m: int, w: fmt.MixedWeight) -> kernels.GemmConfig:
     """`kernels.choose_config` as of device call 4 (64×64 tiles from M = 17, zero fill as its own launch)."""
     if m <= 16 or m >= 256:
-        return dataclasses.replace(kernels.choose_config(m, w.num_groups, _rows(w)), zero_in_quant=False)
+        return kernels.choose_config(m, w.num_groups, _rows(w))
     split = 1 if -(-m // 64) * (_rows(w) // 64) >= 132 else kernels._largest_split(w.num_groups, 2)
-    return kernels.GemmConfig(64, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
+    return kernels.GemmConfig(64, 64, split, 4, 4, fuse_quant=False)
 
 
 def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bool = False):
@@ -185,8 +171,6 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
     if name in MIXED_OVERRIDES:  # the kernel's default config with some fields changed
         over = dict(MIXED_OVERRIDES[name])
         rule = over.pop("split_rule", None)  # an argument of choose_config, not a GemmConfig field
-        if over.get("zero_in_scale"):
-            build = lambda rng, n, k: kernels.embed_zero_in_scale(random_packed(rng, n, k, share))
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=dataclasses.replace(
             cfg or kernels.choose_config(x.shape[0], w.num_groups, _rows(w), split_rule=rule), **over),
             interpret=interpret)
@@ -290,8 +274,7 @@ _WEIGHTS: dict = {}
 def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     rng = np.random.default_rng(m * 7 + n)
     fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
-    embedded = MIXED_OVERRIDES.get(name, {}).get("zero_in_scale", False)  # a weight of its own
-    key = (SHARE.get(name.split("@")[0], name), n, k, embedded)
+    key = (SHARE.get(name.split("@")[0], name), n, k)
     if key not in _WEIGHTS:  # packing 58M codes takes seconds: reuse across M and configs
         if any(kk[1:3] != (n, k) for kk in _WEIGHTS):
             _WEIGHTS.clear()
@@ -340,15 +323,11 @@ def default_sweep(m: int, g: int, rows: int):
 
 DECODE_SWEEP = {"block_n": (64, 128), "stages": (4, 6), "warps": (4, 8), "programs": (512, 1024, 2048)}  # call 8
 DECODE_SWEEP_SMALL = {"block_n": (64,), "stages": (2, 3, 4), "warps": (2, 4), "programs": (1024, 2048)}  # call 11
-DECODE_SWEEP_WORDS = {"block_n": (32, 64), "stages": (3, 4), "warps": (4,), "programs": (1024, 4096),
-                      "prefetch_meta": (False, True)}  # session 9: tiles again once the 4-bit unpack runs on
-# 32-bit words (fewer instructions per group), with and without the small operands an iteration ahead
+DECODE_SWEEP_WORDS = {"block_n": (32, 64), "stages": (3, 4), "warps": (4,), "programs": (1024, 4096)}
+# session 9: tiles again once the 4-bit unpack runs on 32-bit words (fewer instructions per group)
 DECODE_SWEEP_TALL = {"block_m": (32, 64), "block_n": (64,), "stages": (3,), "warps": (4, 8), "programs": (512, 1024)}
 # session 10 (not yet run): at M = 64–128 the 32-row tiles read each weight tile once per 32 rows; 64-row
 # tiles with split-K read it once (offline: 128 registers with 4 warps, 108 with 8; Triton takes wgmma there)
-DECODE_SWEEP_PRELOAD = {"block_n": (64,), "stages": (3, 4), "warps": (4,), "programs": (512, 1024, 2048),
-                        "preload": (False, True)}  # session 3: the split's small operands loaded before the loop
-
 DECODE_SWEEP_PF3 = {"block_n": (64,), "stages": (2, 3), "warps": (4,), "programs": (256, 512, 1024),
                     "prefetch_meta": (0, 3)}  # session 33: the small operands two iterations ahead pay off on long
 # loops (gate/up at M = 32: 16 groups a program); fewer programs make every loop longer
@@ -357,7 +336,7 @@ DECODE_SWEEP_WAVE = {"block_n": (64, 128), "stages": (3, 4), "warps": (4, 8), "p
                      "prefetch_meta": (0, 3)}  # session 33: around one wave of programs, wider tiles and 8 warps
 
 DECODE_GRIDS = {  # --sweep-decode-NAME: (grid, help text)
-    "small": (DECODE_SWEEP_SMALL, " (shallow pipelines)"), "preload": (DECODE_SWEEP_PRELOAD, ""),
+    "small": (DECODE_SWEEP_SMALL, " (shallow pipelines)"),
     "words": (DECODE_SWEEP_WORDS, ""), "tall": (DECODE_SWEEP_TALL, " (block_m 32 / 64)"),
     "pf3": (DECODE_SWEEP_PF3, " (prefetch_meta 0 / 3)"), "wave": (DECODE_SWEEP_WAVE, ""),
 }
@@ -368,14 +347,12 @@ def decode_sweep(m: int, g: int, rows: int, grid=DECODE_SWEEP):
     number of programs that split-K aims for."""
     C = kernels.GemmConfig
     cands = []
-    for block_m, block_n, stages, warps, programs, preload, prefetch in itertools.product(
+    for block_m, block_n, stages, warps, programs, prefetch in itertools.product(
             grid.get("block_m", (16 if m <= 16 else 32,)), grid["block_n"], grid["stages"], grid["warps"],
-            grid["programs"], grid.get("preload", (False,)), grid.get("prefetch_meta", (False,))):
+            grid["programs"], grid.get("prefetch_meta", (0,))):
         split = kernels._decode_split(g, -(-m // block_m) * (rows // block_n), programs)
-        if preload and g // split > kernels._MAX_PRELOAD:
-            continue
         cands.append(C(block_m, block_n, split, warps, stages, fuse_quant=False,
-                       split_partials=split > 1, preload=preload, prefetch_meta=prefetch))
+                       split_partials=split > 1, prefetch_meta=prefetch))
     return list(dict.fromkeys(cands))
 
 
@@ -542,8 +519,8 @@ def emit(row, log):
         cfg_s = "gemv {block_n} s{split_k} w{num_warps} st{num_stages} gpi{groups_per_iter}{q}".format(
             q=" qf" if cfg.get("quantize_first") else "", **cfg)
     else:
-        cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{p}{f}{pf}".format(
-            f=" fused" if cfg["fuse_quant"] else "", p=" preload" if cfg.get("preload") else "",
+        cfg_s = "{block_m}x{block_n} s{split_k} w{num_warps} st{num_stages} u{groups_per_iter}{f}{pf}".format(
+            f=" fused" if cfg["fuse_quant"] else "",
             pf=f" pf{int(cfg['prefetch_meta'])}" if cfg.get("prefetch_meta") else "", **cfg)
     err = f"err {row['rel_err']:.1e}{'' if row['ok'] else ' FAIL'}" if "rel_err" in row else ""
     dev = row.get("device")
@@ -565,7 +542,7 @@ def run_row(name, k, n, m, args, bandwidth, log, cfg=None):
     return row
 
 
-SUMMARY_COLS = ("xla_bf16", "xla_int8", "xla_dequant", "mixed_v4", "mixed", "mixed_fused_zero", "mixed_f32out", "dequant_dot", "api", "mgpu", "mgpu_core")
+SUMMARY_COLS = ("xla_bf16", "xla_int8", "xla_dequant", "mixed_v4", "mixed", "mixed_f32out", "dequant_dot", "api", "mgpu", "mgpu_core")
 
 
 def summary(rows):

@@ -11,9 +11,6 @@
 #   bash benchmarks/device_session.sh words     # session 9: the 4-bit unpack on 32-bit words (mixed) against the
 #                                               # 8-bit shift (mixed_b8), M = 2..256, plus the GPU kernel tests
 #   bash benchmarks/device_session.sh words_sweep  # decode tiles again at M = 16, 32 (DECODE_SWEEP_WORDS), M = 128–256 paths
-#   bash benchmarks/device_session.sh warm      # session 10: the small operands warmed into the caches before
-#                                               # the K loop (warm_meta 1, 2) against the default, M = 4..128
-#                                               # (MS=..., VARIANTS=... override; mixed_wpf1/2 add prefetch_meta=2)
 #   bash benchmarks/device_session.sh xq        # session 10 (not yet run): end to end with the activations
 #                                               # quantized by XLA ops (w4.4a8@xq+h4) against the Pallas launch
 #   bash benchmarks/device_session.sh nq        # session 11: norms emitting int8 codes (rms_norm_quant,
@@ -71,8 +68,7 @@
 #   bash benchmarks/device_session.sh s24a      # prepared: three compute warpgroups in the prefill GEMM (tests, sweep)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
-#   bash benchmarks/device_session.sh prefetch  # session 10: small operands loaded at the end of the iteration
-#                                               # before their use (prefetch_meta=2) against the default
+#   (the parts of the kernel forms removed in session 34 — warm, prefetch, s32s, s32e — are in commit 302f4a7)
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
 #                                               # (sets kernels.DECODE_MAX_M; 64, 128 and 256 are measured)
 #
@@ -124,8 +120,8 @@ case "$part" in
     timeout 150 python3 -m pytest -q -x tests/test_kernels.py tests/test_gemv.py 2>&1 | tail -5 | tee "$out/tests.log"
     shapes=4096x6144,4096x4096,4096x28672,14336x4096
     b="python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes $shapes"
-    timeout 230 $b --ms 2,4,8 --variants xla_bf16,mixed,mixed_b8,mixed_pf,gemv_qf --out "$out/w2_8" 2>&1 | tee -a "$out/words.log"
-    timeout 200 $b --ms 16,32,64 --variants xla_bf16,mixed,mixed_b8,mixed_pf --out "$out/w16_64" 2>&1 | tee -a "$out/words.log"
+    timeout 230 $b --ms 2,4,8 --variants xla_bf16,mixed,mixed_b8,gemv_qf --out "$out/w2_8" 2>&1 | tee -a "$out/words.log"
+    timeout 200 $b --ms 16,32,64 --variants xla_bf16,mixed,mixed_b8 --out "$out/w16_64" 2>&1 | tee -a "$out/words.log"
     ;;
   words_sweep)
     header
@@ -134,14 +130,6 @@ case "$part" in
       --out "$out/wsweep" 2>&1 | tee "$out/wsweep.log"
     timeout 150 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes 4096x6144,4096x4096,4096x28672,14336x4096 \
       --ms 128,256 --variants xla_bf16,mixed,mixed_dt,api --out "$out/w128" 2>&1 | tee "$out/w128.log"
-    ;;
-  warm|prefetch)  # decode-tile variants side by side; prefetch: the session-10 prefetch_meta=2 comparison
-    header
-    [ "$part" = prefetch ] && default=xla_bf16,mixed,mixed_pf2 || default=xla_bf16,mixed,mixed_wm1,mixed_wm2
-    timeout 100 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs or mixed_kernel" 2>&1 | tail -3 | tee "$out/tests.log"
-    timeout 420 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 \
-      --shapes 4096x6144,4096x4096,4096x28672,14336x4096 --ms "${MS:-4,16,32,64,128}" \
-      --variants "${VARIANTS:-$default}" --out "$out/$part" 2>&1 | tee "$out/$part.log"
     ;;
   xq)
     header
@@ -784,25 +772,6 @@ case "$part" in
     timeout 300 python3 benchmarks/bench_attention.py --batches 8,32 --lengths 384 --int8 --step-only --parts 0 \
       --fused-stages 1,3 --out "$out/attention_stages.md" 2>&1 | tail -40 | tee "$out/attention_stages.log"
     ;;
-  s32s)  # session 32: the transposed decode tiles (`GemmConfig.swap_ab`, y.T = W·x.T: weight rows on the MMA's M side,
-    # wgmma m64nBk32 with the unpacked 4-bit tile as its register A operand; offline 383 instructions a thread a group
-    # and 108 registers against the mma.sync tile's 318 and 94), GPU tests first, then M = 16–128 per GEMM
-    header
-    timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "other_configs or decode_strategies" 2>&1 | tail -3 \
-      | tee "$out/tests.log"
-    shapes=4096x6144,4096x4096,4096x28672,14336x4096
-    timeout 200 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 16,32 \
-      --variants xla_bf16,api,mixed_sw --out "$out/sw16_32" 2>&1 | tail -16 | tee "$out/sw16_32.log"
-    timeout 220 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 64,128 \
-      --variants xla_bf16,api,mixed_sw,mixed_sw64 --out "$out/sw64_128" 2>&1 | tail -16 | tee "$out/sw64_128.log"
-    ;;
-  s32e)  # session 32: decode b1 / b8 / b32 end to end, bf16 (XLA) beside W4.4A8 + int4 head, with the transposed decode
-    # tiles (@swab) and with the fused attention's 64-position blocks, 3 in flight (@att64s3: s32a's fastest at b8)
-    header
-    timeout 570 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@swab+h4,w4.4a8@att64s3+h4 \
-      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 3 --budget-s 555 \
-      --out "$out/generation.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/e2e.log"
-    ;;
   s32m)  # session 32: the embedded model's W4.4A8 checkpoint on the GPU (issue 6 item 4: its perplexity equals the CPU
     # value). The device reaches no hub and takes at most 64 MiB of carried files a call, so the checkpoint travels in
     # parts on one warm machine. Here: `mixjax convert SmolLM2-135M-Instruct.Q4_1.gguf /tmp/ck44 --samples 8 --seq-len
@@ -836,13 +805,14 @@ case "$part" in
     ;;
   s33k)  # session 33: the decode tiles' small per-group operands two iterations ahead (`GemmConfig.prefetch_meta=3`; item
     # 40's ncu: at distance one their first use still waited a whole iteration). GPU tests of the new loop first, then
-    # M = 16, 32 on the four layer shapes against the default (api), the distance-one form (pf2) and XLA bf16
+    # M = 16, 32 on the four layer shapes against the default (api) and XLA bf16 (as run, also the distance-one form
+    # mixed_pf2, removed since)
     header
     timeout 150 python3 -m pytest -q -x tests/test_kernels.py -k "two_iterations_ahead or other_configs" 2>&1 | tail -3 \
       | tee "$out/tests.log"
     shapes=4096x6144,4096x4096,4096x28672,14336x4096
     timeout 300 python3 benchmarks/bench_matmul.py --device-timers --repeats 5 --shapes "$shapes" --ms 16,32 \
-      --variants xla_bf16,api,mixed_pf2,mixed_pf3,mixed_pf3s2,mixed_pf3s4 --out "$out/pf3" 2>&1 | tail -16 \
+      --variants xla_bf16,api,mixed_pf3,mixed_pf3s2,mixed_pf3s4 --out "$out/pf3" 2>&1 | tail -16 \
       | tee "$out/pf3.log"
     ;;
   s33s)  # after s33k: prefetch_meta 0 / 3 over 2–3 stages and 256–1024 programs (longer loops) at M = 32, then end to end
@@ -920,7 +890,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|warm|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|prefetch|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32e|s32k|s32m|s32s|s32t|s32u|s33k|s33s|s33w|s33v|s34a|s33e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32k|s32m|s32t|s32u|s33k|s33s|s33w|s33v|s34a|s33e" >&2
     exit 2
     ;;
 esac

@@ -37,7 +37,7 @@ def main(argv=None):
                    help="mixed_gemm, mixed_gemv, the Mosaic GPU prefill GEMM on int8 operands, or the Mosaic "
                         "GPU decode path (two kernels a call: 8-bit rows, then 4-bit rows)")
     p.add_argument("--set", default="", help="GemmConfig / GemvConfig overrides for --kernel mma / gemv, "
-                                             "e.g. prefetch_meta=2")
+                                             "e.g. prefetch_meta=3")
     p.add_argument("--mgpu", default="", help="MgpuConfig overrides for --kernel mgpu, e.g. seed=0,overlap=1")
     args = p.parse_args(argv)
     if args.kernel == "mgpu":

@@ -2,7 +2,7 @@
 # Nsight Compute on the Triton mixed GEMM (decode tiles), one report per "M K N" given: the details page
 # (speed of light, occupancy, warp states, scheduler, instruction stats) and the per-SASS-instruction page
 # (executed counts and stall samples) as CSV under $OUT; an optional 4th field overrides GemmConfig fields.
-#   bash benchmarks/ncu_mma.sh "16 4096 28672" "64 4096 28672" "16 4096 28672 prefetch_meta=1"
+#   bash benchmarks/ncu_mma.sh "16 4096 28672" "64 4096 28672" "16 4096 28672 prefetch_meta=3"
 #   KERNEL=gemv bash benchmarks/ncu_mma.sh "1 4096 28672"     # the GEMV (mixed_gemv) instead
 set -u
 NCU=${NCU:-/usr/local/cuda/bin/ncu}

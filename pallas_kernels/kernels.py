@@ -30,21 +30,25 @@ N and are masked), so the output comes out in channel order from the one call. W
 programs of one tile `atomic_add` their f32 partials into a zeroed output (decode: many programs for a
 small M); with `split_k == 1` they store x's dtype directly.
 
-Configurations (`choose_config`, from the H100 sweep in benchmarks/NOTES-kernels.md): activations are
+Configurations (`choose_config`, from the H100 sweeps in benchmarks/NOTES-kernels.md): activations are
 quantized first by `quantize_activations_pallas` (int8 codes, group-major scales and Σx_q); decode
-(M ≤ 32) uses 16×64 tiles and split-K for ~1000 programs; M < 256 64×64 tiles, split only when the grid
-would not fill the chip; prefill 128×64 tiles, 4 warps (wgmma needs block_m % 64 == 0 and
-num_warps % 4 == 0). `fuse_quant=True` quantizes inside the GEMM instead (one launch fewer; measured
-no faster at N = 14336), and `groups_per_iter > 1` issues several groups' MMAs before their rescale
-(measured slower: more registers, fewer programs in flight). `zero_in_quant=True` lets the
-activation-quantization kernel zero the split-K output instead of XLA's fill (one launch fewer;
-measured no faster, call 5). `xla_quant=True` quantizes with XLA ops instead (`quantize_activations_xla`,
-the same codes), which XLA can fuse into the producer of x inside a jitted model (not yet measured).
-`preload=True` loads the small per-group operands of a whole split before the loop (Triton leaves them
-as plain loads that every group waits on; measured slower, session 3); `warm_meta` loads them only to
-warm the caches, `prefetch_meta` an iteration ahead (both measured no faster, session 10). On
-GPU, `api.mixed_matmul` sends 16-bit prefill (M ≥ 512) to `dequant_dot` and one-row decode on layers up to
-16384 rows to `gemv` instead of this kernel: faster there (benchmarks/results/kernels.md).
+(M ≤ `DECODE_MAX_M`) uses 16- or 32-row × 64 tiles, split along K so that the programs fit one wave of
+resident tiles (`_wave_split`); M < 256 otherwise 64×64 tiles, split only when the grid would not fill the
+chip; prefill 128×64 tiles, 4 warps (wgmma needs block_m % 64 == 0 and num_warps % 4 == 0).
+`fuse_quant=True` quantizes inside the GEMM instead (one launch fewer; measured no faster at N = 14336),
+`groups_per_iter > 1` issues several groups' MMAs before their rescale (measured slower: more registers,
+fewer programs in flight), `xla_quant=True` quantizes with XLA ops (`quantize_activations_xla`, the same
+codes; measured slower end to end, XLA does not fuse them into the norms) and `prefetch_meta=3` loads the
+small per-group operands two iterations ahead (faster only on down_proj at M = 32, session 33).
+
+Every other way to hide the small per-group operands' latency that sessions 3–32 built measured slower
+(NOTES items 14, 42, 45, 47, 111): loaded before the loop (`preload`), warmed into the caches
+(`warm_meta`), one iteration ahead (`prefetch_meta` 1 and 2), through the tensor cores (`meta_mma`), the
+zero point in the scale's low bits (`zero_in_scale`), the tile transposed for wgmma (`swap_ab`), and the
+zero fill inside the quantization kernel (`zero_in_quant`). They were removed in session 34; commit
+302f4a7 holds them with their tests. On GPU, `api.mixed_matmul` sends 16-bit prefill (M ≥ 512) to
+`dequant_dot` and one-row decode on layers up to 16384 rows to `gemv` instead of this kernel: faster there
+(benchmarks/results/kernels.md).
 
 The float-dequantization ablation (`mode="float"`) keeps the same tiling but dequantizes each weight
 tile to bf16 and runs a bf16 MMA against unquantized bf16 activations (`reference.dequant_matmul_ref`).
@@ -79,46 +83,18 @@ class GemmConfig:
     num_stages: int
     fuse_quant: bool  # quantize activations inside the GEMM (decode)
     groups_per_iter: int = 1  # K groups per loop iteration (their MMAs are in flight together)
-    zero_in_quant: bool = False  # split-K: the quantization kernel also zeroes the f32 output (−1 launch;
-    # measured no faster on the H100, call 5: XLA's zero fill is a cheap memset, the fused stores are not)
     split_partials: bool = False  # split-K: each split stores its own f32 partial [S·M, N] and XLA sums
     # them (the sum fuses into the consumer) instead of atomics into a zero-filled output
-    preload: bool = False  # load the small operands (weight scales and zeros, activation scales and sums)
-    # of all the split's groups before the K loop as [P, ·] tiles and pick row i per group: Triton does
-    # not pipeline these loads, so otherwise every group waits on one (ncu, session 3: 54 % of stall
-    # samples on the zeros)
-    prefetch_meta: int = 0  # load the next iteration's small operands in this one, carried in registers: 1 at
-    # its start (ncu, session 10: ptxas then moves them into the carried registers at the back edge, and
-    # that move waits on the loads within the iteration), 2 at its end, after the rescale (no move; the
-    # first use still waits an iteration later: these loads outlast an iteration). Neither measured
-    # faster than 0 on the H200 (results/kernels.md, sessions 9–10). 3: two iterations ahead (session 33): the loop
-    # body runs two iterations, each set of small operands loaded after its last use (as 2, no move at the back
-    # edge) and used a whole body later (an odd last iteration runs after the loop); item 40's ncu saw the loads
-    # at distance one outlast an iteration
+    prefetch_meta: int = 0  # 3: the small per-group operands (weight scales and zeros, activation scales and
+    # sums; Triton pipelines only a dot's operands, so each group waits on these plain loads) two iterations
+    # ahead (session 33): the loop body runs two iterations, each set loaded after its last use and used a
+    # whole body later (an odd last iteration runs after the loop). 130 registers at M = 32 (3 programs an SM
+    # against 5): faster only on down_proj at M = 32 (NOTES item 114). 0: off. (1 and 2, one iteration ahead,
+    # were removed in session 34 with the other measured-slower forms; the numbering stays.)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
     xla_quant: bool = False  # quantize the activations with XLA ops (`quantize_activations_xla`) instead of
     # the Pallas quantization kernel: same codes, and inside a jitted model XLA may fuse them into the
     # producer of x (the norm, SiLU·mul), one launch fewer per linear
-    warm_meta: int = 0  # 1, 2: before the loop, load the split's small operands as [P, ·] tiles only to
-    # bring them into the caches (their values feed a zero the compiler cannot prove), so the per-group
-    # loads that Triton leaves unpipelined hit L1 instead of DRAM: one latency per program instead of one
-    # per group. 1 folds the tiles into the accumulator's initial zeros (waits before the loop), 2 into
-    # the result after the loop (the tiles stay in registers through it). Alone 0–25 % slower on the H200
-    # (session 10); with prefetch_meta=2 not faster either (session 11, benchmarks/NOTES-kernels.md, item 42)
-    meta_mma: bool = False  # int mode: the rescale factors s_a·s_w/16 and the zero-point term 16·Σx_q·(8 − z)
-    # as [bm, bn] outer products on the tensor cores (bf16 parts, exact; `_outer`). Triton's pipeliner
-    # only follows loads that feed a dot's A or B operand, so the small operands' loads then travel
-    # `num_stages` − 1 iterations ahead through shared memory with the weight tiles, instead of being
-    # plain loads each group waits on (ncu, sessions 3 and 10). Offline (session 11): tying them into the
-    # codes with a zero instead made Triton load each twice (a rematerialized plain load for the rescale)
-    zero_in_scale: bool = False  # experiment (session 11): the 4-bit scales carry the zero point in their
-    # low 4 mantissa bits (`embed_zero_in_scale`; z4 is not read): one 4-byte load per channel and group,
-    # which the pipeliner can take (cp.async moves ≥ 4 bytes; the int8 zeros stay plain loads)
-    swap_ab: bool = False  # experiment (session 32), int mode: the MMAs compute the tile transposed, y.T = W·x.T,
-    # weight rows on the MMA's M side (block_n = 64: one wgmma warpgroup on Hopper, where block_m rows of
-    # activations take the N side from 8 on) instead of activation rows padded to mma.sync's 16; the unpacked
-    # 4-bit tile is the A operand, which Triton keeps in registers (ldmatrix from the stages). Measured on the H100
-    # (session 32, results/kernels.md): 5–30 % slower at M = 16, 1.4–2.1× at M = 32, 1.5–2.5× from M = 64
 
     @property
     def atomic(self) -> bool:
@@ -134,22 +110,9 @@ class GemmConfig:
                              f"{num_groups // self.split_k}")
         if self.block_m % 16:
             raise ValueError(f"block_m={self.block_m} must be a multiple of 16 (MMA tile)")
-        if int(self.prefetch_meta) not in (0, 1, 2, 3):
-            raise ValueError(f"prefetch_meta={self.prefetch_meta} must be 0 (off), 1, 2 or 3")
-        if self.warm_meta not in (0, 1, 2):
-            raise ValueError(f"warm_meta={self.warm_meta} must be 0 (off), 1 or 2")
-        if self.meta_mma and (self.preload or self.prefetch_meta or self.fuse_quant):
-            raise ValueError("meta_mma pipelines the in-loop loads of the small operands: it excludes preload, "
-                             "prefetch_meta and fuse_quant")
-        if self.swap_ab and (self.meta_mma or self.preload or self.warm_meta):
-            raise ValueError("swap_ab computes the rescale factors transposed in the loop: it excludes meta_mma, "
-                             "preload and warm_meta")
-        if self.preload and num_groups // self.split_k > _MAX_PRELOAD:
-            raise ValueError(f"preload holds at most {_MAX_PRELOAD} groups per split, got "
-                             f"{num_groups // self.split_k}: raise split_k or set preload=False")
-
-
-_MAX_PRELOAD = 32  # groups per split whose small operands `preload` keeps in registers
+        if self.prefetch_meta not in (0, 3):
+            raise ValueError(f"prefetch_meta={self.prefetch_meta} must be 0 (off) or 3 (two iterations ahead; 1 and "
+                             "2 were removed in session 34)")
 
 
 def _largest_split(num_groups: int, target: int) -> int:
@@ -226,11 +189,11 @@ def choose_config(m: int, num_groups: int, rows: int, *, mode: Mode = "int",
         return _decode_config(m, num_groups, rows, decode, split_rule)
     if m <= 32:
         split = _decode_split(num_groups, -(-m // 16) * (rows // 64))
-        return GemmConfig(16, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
+        return GemmConfig(16, 64, split, 4, 4, fuse_quant=False)
     if m < 256:
         tiles = -(-m // 64) * (rows // 64)
         split = 1 if tiles >= 132 else _largest_split(num_groups, 2)
-        return GemmConfig(64, 64, split, 4, 4, fuse_quant=False, zero_in_quant=False)
+        return GemmConfig(64, 64, split, 4, 4, fuse_quant=False)
     if mode == "float":  # bf16 MMA: the wider tile measured faster (call 3: 1997 vs 3343 µs at M=4096)
         return GemmConfig(128, 128, 1, 8, 3, fuse_quant=False)
     return GemmConfig(128, 64, 1, 4, 4, fuse_quant=False)
@@ -264,19 +227,6 @@ def _load_x_halves(x_ref, m0, g, *, block_m, m, k):
     return halves
 
 
-_ZERO_COLS = 128  # columns per masked store of the fused output zero fill
-
-
-def _zero_fill(o_ref, m0, g, *, block_m, m, n, pieces):
-    """Zeroes rows [m0, m0 + block_m) × columns [g·pieces·128, (g + 1)·pieces·128) of o_ref (masked to [m, n])."""
-    rows = m0 + jnp.arange(block_m)  # [bm]
-    for j in range(pieces):
-        cols = (g * pieces + j) * _ZERO_COLS + jnp.arange(_ZERO_COLS)  # [128]
-        mask = (rows < m)[:, None] & (cols < n)[None, :]
-        plgpu.store(o_ref.at[rows[:, None], cols[None, :]], jnp.zeros((block_m, _ZERO_COLS), o_ref.dtype),
-                    mask=mask)
-
-
 def store_quantized_halves(xq_ref, scale_ref, sum_ref, m0, g, block_m, xa, xb) -> None:
     """Quantizes group g of rows [m0, m0 + block_m) from its two halves [block_m, 64] f32 (`_quantize_halves`)
     and stores codes, scale and code sum as `quantize_activations_pallas` lays them out."""
@@ -287,24 +237,20 @@ def store_quantized_halves(xq_ref, scale_ref, sum_ref, m0, g, block_m, xa, xb) -
     sum_ref[g, pl.ds(m0, block_m)] = x_sum
 
 
-def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *o_refs, block_m, m, k, n_zero, pieces, pdl_on=False):
+def _quant_kernel(x_ref, xq_ref, scale_ref, sum_ref, *, block_m, m, k, pdl_on=False):
     m0, g = pdl.program_ids(2, pdl_on)
     m0 = m0 * block_m
     xa, xb = _load_x_halves(x_ref, m0, g, block_m=block_m, m=m, k=k)
     store_quantized_halves(xq_ref, scale_ref, sum_ref, m0, g, block_m, xa, xb)
-    if n_zero:
-        _zero_fill(o_refs[0], m0, g, block_m=block_m, m=m, n=n_zero, pieces=pieces)
 
 
-@functools.partial(jax.jit, static_argnames=("block_m", "block_rows", "zero_n", "interpret"))
-def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, block_rows: int | None = None, zero_n: int = 0,
+@functools.partial(jax.jit, static_argnames=("block_m", "block_rows", "interpret"))
+def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, block_rows: int | None = None,
                                 interpret: bool = False):
     """x [M, K] float → (x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp]), Mp = ⌈M/block_m⌉·block_m.
 
     Scales and sums are group-major (the GEMM reads one row of them per K step). A program quantizes one
-    group of `block_rows` rows (None: block_m; it must divide block_m). With `zero_n > 0` a fourth output,
-    f32 zeros [M, zero_n], is written by the same launch (the split-K GEMM's accumulator: the G programs of
-    each row block zero one column slice each, so no separate fill kernel runs)."""
+    group of `block_rows` rows (None: block_m; it must divide block_m)."""
     m, k = x.shape
     g = -(-k // GROUP_SIZE)
     mp = -(-m // block_m) * block_m
@@ -312,18 +258,14 @@ def quantize_activations_pallas(x: jax.Array, *, block_m: int = 64, block_rows: 
     if block_m % rows or rows % 8:
         raise ValueError(f"quantize_activations_pallas: block_rows={block_rows} must be a multiple of 8 dividing "
                          f"block_m={block_m}")
-    out_shape = [
+    out_shape = (
         jax.ShapeDtypeStruct((mp, g * GROUP_SIZE), jnp.int8),
         jax.ShapeDtypeStruct((g, mp), jnp.float32),
         jax.ShapeDtypeStruct((g, mp), jnp.int32),
-    ]
-    if zero_n:
-        out_shape.append(jax.ShapeDtypeStruct((m, zero_n), jnp.float32))
-    pieces = -(-zero_n // (g * _ZERO_COLS))  # 128-column stores per program
-    kernel = functools.partial(_quant_kernel, pdl_on=pdl.active(interpret),
-                               block_m=rows, m=m, k=k, n_zero=zero_n, pieces=pieces)
+    )
+    kernel = functools.partial(_quant_kernel, pdl_on=pdl.active(interpret), block_m=rows, m=m, k=k)
     return pl.pallas_call(
-        kernel, out_shape=tuple(out_shape), grid=(mp // rows, g), interpret=interpret,
+        kernel, out_shape=out_shape, grid=(mp // rows, g), interpret=interpret,
         name="quantize_activations", compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=1),
     )(x)
 
@@ -360,7 +302,7 @@ def quantize_rows_pallas(x: jax.Array, *, block_m: int = 64, interpret: bool = F
 
 
 def quantize_activations_xla(x: jax.Array, *, block_m: int = 64, row_scale: bool = False):
-    """`quantize_activations_pallas` (without `zero_n`) in XLA ops: the same outputs, bit for bit —
+    """`quantize_activations_pallas` in XLA ops: the same outputs, bit for bit —
     x_q int8 [Mp, Kp], a_scale f32 [G, Mp], x_sum int32 [G, Mp], rows ≥ M and columns ≥ K zero. Inside a
     jitted model XLA can fuse it into the producer of x, which a Pallas call cannot. row_scale: one scale a
     row (its maximum over all groups), repeated in each group's place (`QuantizedActivations.row_scale`)."""
@@ -393,23 +335,15 @@ def _dot_nt(a: jax.Array, b: jax.Array) -> jax.Array:
 _MAGIC = 0x4B400000  # the bits of 12582912.0 = 1.5·2^23: float ulp 1 for |offset| < 2^22
 
 
-def _seeded_mma(xa, wa, xb, wb, swap: bool = False) -> jax.Array:
-    """Σ of two int8 K=64 dots, int32 [bm, bn] ([bn, bm] with `swap`), seeded with the bits of 1.5·2^23
-    (MixLLM's trick).
+def _seeded_mma(xa, wa, xb, wb) -> jax.Array:
+    """Σ of two int8 K=64 dots, int32 [bm, bn], seeded with the bits of 1.5·2^23 (MixLLM's trick).
 
     seed + P read as f32 is exactly 1.5·2^23 + P while |P| < 2^22 (a group of 128 int8×int8 products
     stays ≤ 2.1e6), so `_unseed` recovers P with one subtract instead of an int→float conversion (a
     quarter-rate instruction). Triton folds `dot + seed` into the MMA's accumulator input."""
-    if swap:
-        seed = jnp.full((wa.shape[0], xa.shape[0]), _MAGIC, jnp.int32)
-        return _dot_nt(wb, xb) + (_dot_nt(wa, xa) + seed)
     seed = jnp.full((xa.shape[0], wa.shape[0]), _MAGIC, jnp.int32)
     acc = _dot_nt(xa, wa) + seed
     return _dot_nt(xb, wb) + acc
-
-
-def _bits(v: jax.Array) -> jax.Array:  # int32 view of a small operand (values or f32 bits)
-    return v.astype(jnp.int32) if jnp.issubdtype(v.dtype, jnp.integer) else lax.bitcast_convert_type(v, jnp.int32)
 
 
 def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact integer
@@ -424,34 +358,27 @@ def _w8_load(g, n0, q8_ref, *, block_n, evict):
     return wa, wb
 
 
-def _w8_mma(xh, w, *, mode, swap=False):
+def _w8_mma(xh, w, *, mode):
     """Phase 1 of one K group of the 8-bit branch: the MMAs (int32 seeded, or f32 in float mode)."""
     wa, wb = w
     if mode == "float":
         return wa, wb  # dequantized in phase 2 (needs the scales)
-    return _seeded_mma(xh[0], wa, xh[1], wb, swap)
+    return _seeded_mma(xh[0], wa, xh[1], wb)
 
 
-def _w8_meta(g, n0, s8_ref, *, block_n, mask=None):
-    """The group's small weight operands [bn] (g an index), or [P, bn] tiles (g a pl.ds, rows masked)."""
-    return (_load(s8_ref.at[g, pl.ds(n0, block_n)], mask, 0.0),)  # f32 scales
+def _w8_meta(g, n0, s8_ref, *, block_n):
+    """The group's small weight operands: f32 scales [bn]."""
+    return (plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)]),)
 
 
-def _w8_factors(a_meta, w_meta, swap=False):
-    """Int mode: the group's [bm, bn] rescale factor s_a·s_w ([bn, bm] with `swap`)."""
-    if swap:
-        return (w_meta[0][:, None] * a_meta[0][None, :],)
-    return (a_meta[0][:, None] * w_meta[0][None, :],)
-
-
-def _w8_scale(partial, xh, a_meta, w_meta, *, mode, factors=None):
-    """Phase 2: f32 [bm, bn] contribution of the group (factors: `_w8_factors`, when computed earlier)."""
+def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
+    """Phase 2: f32 [bm, bn] contribution of the group."""
+    (w_scale,) = w_meta
     if mode == "float":
-        (w_scale,) = w_meta
         wa, wb = ((w.astype(jnp.float32) * w_scale[:, None]).astype(jnp.bfloat16) for w in partial)
         return _dot_nt(xh[0], wa) + _dot_nt(xh[1], wb)
-    (f,) = factors or _w8_factors(a_meta, w_meta)
-    return _unseed(partial) * f
+    factor = a_meta[0][:, None] * w_scale[None, :]  # s_a·s_w [bm, bn]
+    return _unseed(partial) * factor
 
 
 def _w4_load(g, n0, q4_ref, *, block_n, evict):
@@ -473,114 +400,30 @@ def _shift_nibbles(packed: jax.Array, *, word_ops: bool) -> jax.Array:
         pack=4, result_shape_dtypes=[jax.ShapeDtypeStruct(packed.shape, jnp.int8)])[0]
 
 
-def _w4_mma(xh, packed, *, mode, word_ops=False, swap=False):
+def _w4_mma(xh, packed, *, mode, word_ops=False):
     """Phase 1 of one K group of the 4-bit branch: unpack with two bit ops, then the MMAs."""
     lo = _shift_nibbles(packed, word_ops=word_ops)  # 16·(u − 8) for k in [0, 64)
     hi = packed & jnp.int8(-16)  # 16·(u − 8) for k in [64, 128)
     if mode == "float":
         return lo, hi
-    return _seeded_mma(xh[0], lo, xh[1], hi, swap)  # 16·Σ x_q·(u − 8)
+    return _seeded_mma(xh[0], lo, xh[1], hi)  # 16·Σ x_q·(u − 8)
 
 
-def embed_zero_in_scale(qw: MixedWeight) -> MixedWeight:
-    """`zero_in_scale`: scale4 with its low 4 mantissa bits replaced by the zero point (relative change
-    of the scale < 2^-19)."""
-    bits = lax.bitcast_convert_type(qw.scale4, jnp.int32)
-    bits = (bits & ~15) | qw.zero4.astype(jnp.int32)
-    return dataclasses.replace(qw, scale4=lax.bitcast_convert_type(bits, jnp.float32))
-
-
-def _w4_meta_embedded(g, n0, s4_ref, *, block_n, mask=None):
-    """`_w4_meta` for `zero_in_scale`: scale and zero point from one f32 load."""
-    bits = _bits(_load(s4_ref.at[g, pl.ds(n0, block_n)], mask, 0.0))
-    return lax.bitcast_convert_type(bits & ~15, jnp.float32), bits & 15
-
-
-def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n, mask=None):
-    """The group's scales f32 and zero points int8, [bn] or [P, bn] (as `_w8_meta`)."""
+def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n):
+    """The group's scales f32 and zero points int8, [bn] each."""
     rows = pl.ds(n0, block_n)
-    return _load(s4_ref.at[g, rows], mask, 0.0), _load(z4_ref.at[g, rows], mask, 0)
+    return plgpu.load(s4_ref.at[g, rows]), plgpu.load(z4_ref.at[g, rows])
 
 
-def _load(ref, mask, other):  # jax 0.11 rejects `other` without a mask
-    return plgpu.load(ref) if mask is None else plgpu.load(ref, mask=mask, other=other)
+def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
+    """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q.
 
-
-# `meta_mma`: a [rows] f32 vector v as three bf16 parts (v = v1 + v2 + v3 exactly for normal values), and
-# the columns of the K = 16 operands that multiply them: Σ_j A[m, j]·B[n, j] = Σ of v_i·w_j for
-# i + j ≤ 4, the product up to ≈ 2^-24 relative (the three dropped terms).
-_PARTS_A = (0, 0, 1, 0, 1, 2)
-_PARTS_B = (0, 1, 0, 2, 1, 0)
-
-
-def _bf16_parts(v: jax.Array):
-    p1 = v.astype(jnp.bfloat16)
-    r = v - p1.astype(jnp.float32)
-    p2 = r.astype(jnp.bfloat16)
-    return p1, p2, (r - p2.astype(jnp.float32)).astype(jnp.bfloat16)
-
-
-def _columns(parts, picks) -> jax.Array:
-    """[rows, 16] bf16 operand whose column j is parts[picks[j]] (zero past len(picks))."""
-    rows = parts[0].shape[0]
-    col = lax.broadcasted_iota(jnp.int32, (1, 16), 1)
-    pick = jnp.full((1, 16), -1, jnp.int32)
-    for j, p in enumerate(picks):
-        pick = jnp.where(col == j, p, pick)  # the part each column takes (loop-invariant)
-    out = jnp.zeros((rows, 16), jnp.bfloat16)
-    for i, part in enumerate(parts):  # one select per part and element
-        out = jnp.where(pick == i, part[:, None], out)
-    return out
-
-
-def _outer(u: jax.Array, v: jax.Array) -> jax.Array:
-    """u ⊗ v, f32 [len(u), len(v)], as one bf16 MMA with K = 16 (`meta_mma`)."""
-    return _dot_nt(_columns(_bf16_parts(u), _PARTS_A), _columns(_bf16_parts(v), _PARTS_B))
-
-
-def _w8_factors_mma(a_meta, w_meta):
-    return (_outer(a_meta[0], w_meta[0]),)
-
-
-def _w4_factors_mma(a_meta, w_meta):
-    """As `_w4_factors`, on the tensor cores; the zero-point term exact in f32: 16·Σx_q·(8 − z) =
-    h·2048·(8 − z) + l·16·(8 − z) with Σx_q = 128·h + l, every factor a bf16 integer, every product and
-    the sum below 2^24."""
-    (a_scale, x_sum), (w_scale, zero) = a_meta, w_meta
-    f = _outer(a_scale, w_scale * (1.0 / 16.0))
-    xs = x_sum.astype(jnp.int32)
-    z8 = (8 - zero.astype(jnp.int32)).astype(jnp.float32)
-    a = _columns(((xs >> 7).astype(jnp.bfloat16), (xs & 127).astype(jnp.bfloat16)), (0, 1))
-    b = _columns(((z8 * 2048.0).astype(jnp.bfloat16), (z8 * 16.0).astype(jnp.bfloat16)), (0, 1))
-    return f, _dot_nt(a, b)
-
-
-def _pick_row(tile: jax.Array, i) -> jax.Array:
-    """Row i (traced) of a register tile [P, C] → [C], by a masked sum over P (no dynamic indexing)."""
-    hit = lax.broadcasted_iota(jnp.int32, tile.shape, 0) == i
-    wide = tile.astype(jnp.int32) if jnp.issubdtype(tile.dtype, jnp.integer) else tile
-    return jnp.sum(jnp.where(hit, wide, jnp.zeros_like(wide)), axis=0).astype(tile.dtype)
-
-
-def _w4_factors(a_meta, w_meta, swap=False):
-    """Int mode: the group's rescale factor s_a·s_w/16 and zero-point term 16·Σx_q·(8 − z), [bm, bn] each
-    ([bn, bm] with `swap`).
-
-    The zero point goes in the integer domain: 16·Σ x_q·(u − 8) + 16·Σx_q·(8 − z) = 16·Σ x_q·(u − z), one
-    integer multiply-add per element on the seeded partial; exact (|16·Σ x_q·(u − z)| ≤ 16·127·15·128 <
-    2^22, the seed's range), then one rounding instead of two f32 terms."""
-    (a_scale, x_sum), (w_scale, zero) = a_meta, w_meta
-    if swap:
-        shift = (8 - zero.astype(jnp.int32))[:, None] * (16 * x_sum.astype(jnp.int32))[None, :]
-        return (w_scale * (1.0 / 16.0))[:, None] * a_scale[None, :], shift
-    shift = (16 * x_sum.astype(jnp.int32))[:, None] * (8 - zero.astype(jnp.int32))[None, :]
-    return a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :], shift
-
-
-def _w4_scale(partial, xh, a_meta, w_meta, *, mode, factors=None):
-    """Phase 2: f32 [bm, bn] contribution, zero point restored through Σx_q (factors: `_w4_factors`)."""
+    Int mode: the zero point goes in the integer domain: 16·Σ x_q·(u − 8) + 16·Σx_q·(8 − z) =
+    16·Σ x_q·(u − z), one integer multiply-add per element on the seeded partial; exact (|16·Σ x_q·(u − z)| ≤
+    16·127·15·128 < 2^22, the seed's range), then one rounding instead of two f32 terms, and one multiply by
+    s_a·s_w/16."""
+    w_scale, zero = w_meta
     if mode == "float":
-        w_scale, zero = w_meta
         zero_off = 8.0 - zero.astype(jnp.float32)  # [bn] 8 − z
         scale16, shift = w_scale * (1.0 / 16.0), zero_off * w_scale
 
@@ -588,10 +431,10 @@ def _w4_scale(partial, xh, a_meta, w_meta, *, mode, factors=None):
             return (w16.astype(jnp.float32) * scale16[:, None] + shift[:, None]).astype(jnp.bfloat16)
 
         return _dot_nt(xh[0], deq(partial[0])) + _dot_nt(xh[1], deq(partial[1]))
-    f, shift = factors or _w4_factors(a_meta, w_meta)
-    if shift.dtype == jnp.float32:  # `_w4_factors_mma`: exact, so the same value as the integer add
-        return (_unseed(partial) + shift) * f
-    return _unseed(partial + shift) * f
+    a_scale, x_sum = a_meta
+    shift = (16 * x_sum.astype(jnp.int32))[:, None] * (8 - zero.astype(jnp.int32))[None, :]  # int32 [bm, bn]
+    factor = a_scale[:, None] * (w_scale * (1.0 / 16.0))[None, :]  # s_a·s_w/16
+    return _unseed(partial + shift) * factor
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
@@ -618,7 +461,7 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         xb = xq_ref[pl.ds(m0, bm), pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)]
         return (xa, xb), None  # meta loaded by load_meta (possibly ahead)
 
-    def run(load_fn, mma_fn, meta_fn, scale_fn, factors_fn, n0):
+    def run(load_fn, mma_fn, meta_fn, scale_fn, n0):
         unroll = cfg.groups_per_iter
         iters = groups_per_split // unroll
         with_a_meta = not cfg.fuse_quant and mode != "float"
@@ -630,58 +473,15 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             a = [(as_ref[g, pl.ds(m0, bm)], ax_ref[g, pl.ds(m0, bm)]) if with_a_meta else () for g in gs]
             return tuple(a), tuple(meta_fn(g, n0) for g in gs)
 
-        def meta_tiles(q):  # (activation, weight) small operands of the split's first q groups as [P, ·] tiles
-            p = pl.next_power_of_2(q)  # a power of two ≥ q; rows ≥ q masked
-            live = lax.broadcasted_iota(jnp.int32, (p, 1), 0) < q
-            a_t = ()
-            if with_a_meta:
-                mask = live & (lax.broadcasted_iota(jnp.int32, (1, bm), 1) >= 0)
-                a_t = tuple(plgpu.load(r.at[pl.ds(g0, p), pl.ds(m0, bm)], mask=mask, other=0) for r in (as_ref, ax_ref))
-            return a_t, meta_fn(pl.ds(g0, p), n0, mask=live & (lax.broadcasted_iota(jnp.int32, (1, bn), 1) >= 0))
-
-        tiles = meta_tiles(groups_per_split) if cfg.preload else None  # loaded once, a row picked per group
-
-        def warm_zero(a_t, w_t):  # f32 zeros [1, bn] that depend on every element of the tiles
-            # times zeros at run time (channel indices < 2^30) that no compiler can prove zero: the loads stay
-            nil = cols >> 30  # [bn]
-            total = jnp.zeros((bn,), jnp.int32)
-            for t in w_t:
-                total = total + jnp.sum(_bits(t) * nil[None, :], axis=0)
-            for t in a_t:
-                total = total + jnp.sum(_bits(t)) * nil
-            return total.astype(jnp.float32)[None, :]  # [1, bn]
-
-        def pick_meta(i):
-            a_t, w_t = tiles
-            js = [i * unroll + j for j in range(unroll)]
-            return (tuple(tuple(_pick_row(t, j) for t in a_t) for j in js),
-                    tuple(tuple(_pick_row(t, j) for t in w_t) for j in js))
-
         def step(i, acc, metas):  # all loads of the iteration's groups are issued before any MMA
             a_metas, w_metas = metas
             groups = [g0 + i * unroll + j for j in range(unroll)]
             xs = [load_x(g) for g in groups]
             ws = [load_fn(g, n0) for g in groups]
-            factors = [None] * unroll  # None: `scale_fn` forms them itself
-            if factors_fn is not None and mode == "int":  # meta_mma: on the tensor cores (Triton then pipelines the
-                # small operands' loads); swap_ab: transposed [bn, bm]
-                factors = [factors_fn(a if a_in is None else a_in, w) for (_, a_in), a, w in zip(xs, a_metas, w_metas)]
             partials = [mma_fn(xh, w) for (xh, _), w in zip(xs, ws)]
-            for partial, (xh, a_in), a_meta, w_meta, f in zip(partials, xs, a_metas, w_metas, factors):
-                acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta, factors=f)
+            for partial, (xh, a_in), a_meta, w_meta in zip(partials, xs, a_metas, w_metas):
+                acc = acc + scale_fn(partial, xh, a_meta if a_in is None else a_in, w_meta)
             return acc
-
-        def body(i, acc):
-            return step(i, acc, pick_meta(i) if cfg.preload else load_meta(i))
-
-        def carried(i, state):  # prefetch_meta: the next iteration's small operands, carried
-            acc, metas = state
-            nxt = jnp.minimum(i + 1, iters - 1)
-            if cfg.prefetch_meta == 2:  # issued after this iteration's last use of the carried ones
-                acc = step(i, acc, metas)
-                return acc, load_meta(nxt)
-            ahead = load_meta(nxt)  # issued first
-            return step(i, acc, metas), ahead
 
         def paired(j, state):  # prefetch_meta=3: two iterations a body, each set loaded after its last use
             acc, ma, mb = state
@@ -690,25 +490,16 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
             acc = step(2 * j + 1, acc, mb)
             return acc, ma, load_meta(jnp.minimum(2 * j + 3, iters - 1))
 
-        zero = jnp.zeros((bn, bm) if cfg.swap_ab else (bm, bn), jnp.float32)
-        warm = meta_tiles(min(groups_per_split, _MAX_PRELOAD)) if cfg.warm_meta and not cfg.preload else None
-        if warm is not None and cfg.warm_meta == 1:
-            zero = zero + warm_zero(*warm)
-        if cfg.prefetch_meta == 3 and not cfg.preload:
+        zero = jnp.zeros((bm, bn), jnp.float32)
+        if cfg.prefetch_meta == 3:
             acc, ma, _ = lax.fori_loop(0, iters // 2, paired, (zero, load_meta(0), load_meta(min(1, iters - 1))))
             if iters % 2:
                 acc = step(iters - 1, acc, ma)
-        elif cfg.prefetch_meta and not cfg.preload:
-            acc, _ = lax.fori_loop(0, iters, carried, (zero, load_meta(0)))
         else:
-            acc = lax.fori_loop(0, iters, body, zero)
-        if warm is not None and cfg.warm_meta == 2:
-            acc = acc + warm_zero(*warm)
+            acc = lax.fori_loop(0, iters, lambda i, acc: step(i, acc, load_meta(i)), zero)
         mask = (rows < m)[:, None] & (cols < n_out)[None, :]
         out_rows = rows + split * m if cfg.split_partials else rows  # split s: rows [s·M, (s+1)·M)
         idx = (out_rows[:, None], cols[None, :])
-        if cfg.swap_ab:  # acc is [bn, bm]: the same elements, indexed transposed
-            mask, idx = mask.T, (out_rows[None, :], cols[:, None])
         if cfg.atomic:
             plgpu.atomic_add(o_ref, idx, acc, mask=None if interpret else mask)
         else:
@@ -719,21 +510,15 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
         def _():
             load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict)
             meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
-            factors = _w8_factors_mma if cfg.meta_mma else functools.partial(_w8_factors, swap=True) if cfg.swap_ab \
-                else None
-            run(load, functools.partial(_w8_mma, mode=mode, swap=cfg.swap_ab), meta,
-                functools.partial(_w8_scale, mode=mode), factors, tile * bn)
+            run(load, functools.partial(_w8_mma, mode=mode), meta, functools.partial(_w8_scale, mode=mode), tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
         def _():
             load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict)
-            meta = (functools.partial(_w4_meta_embedded, s4_ref=s4_ref, block_n=bn) if cfg.zero_in_scale else
-                    functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn))
-            mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret, swap=cfg.swap_ab)
-            factors = _w4_factors_mma if cfg.meta_mma else functools.partial(_w4_factors, swap=True) if cfg.swap_ab \
-                else None
-            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), factors, (tile - n8_tiles) * bn)
+            meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn)
+            mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret)
+            run(load, mma, meta, functools.partial(_w4_scale, mode=mode), (tile - n8_tiles) * bn)
 
 
 def _nonempty(*arrays):
@@ -748,13 +533,10 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     m = x.m if pre else x.shape[0]
     g = qw.num_groups
     cfg.check(m, g)
-    if cfg.swap_ab and mode != "int":
-        raise ValueError("swap_ab is an int-mode configuration (the float-dequantization ablation keeps [bm, bn])")
     n8_tiles = qw.q8.shape[0] // cfg.block_n
     n4_tiles = qw.q4.shape[0] // cfg.block_n
     atomic = cfg.atomic
     weights = (*_nonempty(qw.q8, qw.scale8), *_nonempty(qw.q4, qw.scale4, qw.zero4), qw.channel)
-    zeros = []  # the split-K accumulator, [M, N] f32 zeros
     if cfg.fuse_quant or mode == "float":
         args = (x, *weights)
     else:
@@ -763,16 +545,14 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
         elif cfg.xla_quant:
             x_q, a_scale, x_sum = quantize_activations_xla(x, block_m=cfg.block_m)
         else:
-            zero_n = qw.n if atomic and cfg.zero_in_quant else 0
-            x_q, a_scale, x_sum, *zeros = quantize_activations_pallas(x, block_m=cfg.block_m, zero_n=zero_n,
-                                                                      interpret=interpret)
+            x_q, a_scale, x_sum = quantize_activations_pallas(x, block_m=cfg.block_m, interpret=interpret)
         args = (x_q, a_scale, x_sum, *weights)
     out_dtype = out_dtype or jnp.dtype(x.dtype)
     acc_dtype = jnp.float32 if cfg.split_k > 1 or partials else out_dtype
     out_rows = m * cfg.split_k if cfg.split_partials else m
     aliases = {}
     if atomic:
-        args = (*args, zeros[0] if zeros else jnp.zeros((m, qw.n), jnp.float32))
+        args = (*args, jnp.zeros((m, qw.n), jnp.float32))  # the split-K accumulator
         aliases = {len(args) - 1: 0}
     kernel = functools.partial(
         _mixed_kernel, pdl_on=pdl.active(interpret),
@@ -808,7 +588,7 @@ def mixed_matmul_pallas(x, qw: MixedWeight, *, config: GemmConfig | None = None,
     cfg = config or choose_config(m, qw.num_groups, qw.q8.shape[0] + qw.q4.shape[0], decode=decode,
                                   decode_max_m=decode_max_m)
     if pre:  # the codes exist: no in-kernel or XLA quantization, no zero fill by the quantizer
-        cfg = dataclasses.replace(cfg, fuse_quant=False, xla_quant=False, zero_in_quant=False)
+        cfg = dataclasses.replace(cfg, fuse_quant=False, xla_quant=False)
     return _mixed_gemm(x, qw, cfg=cfg, mode="int", interpret=interpret,
                        out_dtype=None if out_dtype is None else jnp.dtype(out_dtype), partials=partials)
 
