@@ -24,7 +24,6 @@
 #                                               # fused attention step with more splits (b1, b32)
 #   bash benchmarks/device_session.sh gputests14  # session 14: the GEMV, attention, SwiGLU and norm tests on the
 #                                               # GPU with the session-14 defaults, then a b1 step's 45 kernels
-#   bash benchmarks/device_session.sh persist   # session 16: GEMV chains in one persistent launch (probe_persist.py)
 #   bash benchmarks/device_session.sh e2e14     # session 14: end to end, no tests first (VARIANTS, BATCHES)
 #   bash benchmarks/device_session.sh pdl       # session 14 (not yet run): XLA's programmatic dependent launch
 #                                               # (--xla_gpu_enable_pdl) off / on: does it reach the Pallas
@@ -68,7 +67,8 @@
 #   bash benchmarks/device_session.sh s24a      # prepared: three compute warpgroups in the prefill GEMM (tests, sweep)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
-#   (the parts of the kernel forms removed in session 34 — warm, prefetch, s32s, s32e — are in commit 302f4a7)
+#   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
+#   commit 302f4a7)
 #   bash benchmarks/device_session.sh crossover # M = 96..192: the 32-row decode tiles vs the 64×64 tiles
 #                                               # (sets kernels.DECODE_MAX_M; 64, 128 and 256 are measured)
 #
@@ -225,12 +225,6 @@ case "$part" in
     header
     timeout 500 python3 benchmarks/check_decode_parity.py 2>&1 | tee "$out/parity.log"
     ;;
-  l2)  # session 15: the decode GEMVs with their weight in L2 (hot), prefetched by l2_prefetch first, or cold;
-      # then the GPU tests of the new pieces
-    header
-    timeout 330 python3 benchmarks/probe_l2.py 2>&1 | tee "$out/l2.log"
-    timeout 200 python3 -m pytest -q tests/test_l2.py tests/test_gpu_model.py 2>&1 | tail -15 | tee "$out/tests.log"
-    ;;
   pdl15)  # session 15: our kernels with griddepcontrol (pallas_kernels/pdl.py) under XLA's PDL flag: the whole
           # decode path against the XLA reference with it on (a missing wait would show as a race), then b1
           # end to end: flag off (today's default), flag on alone, on + our waits/triggers, + weights first
@@ -250,13 +244,6 @@ case "$part" in
     XLA_FLAGS=--xla_gpu_enable_pdl=true timeout 95 python3 benchmarks/bench_generate.py --variants w4.4a8@pdl+h4 \
       --batches 8,32 --repeats 2 --prefill-len 256 --budget-s 90 --out "$out/generation_on.md" 2>&1 \
       | grep "decode batch" | tee "$out/e2e_on.log"
-    ;;
-  persist)  # session 16: a chain of dependent M = 1 GEMVs in one persistent launch with grid barriers
-            # (pallas_kernels/persistent.py) against one launch a GEMV and XLA bf16; its tests on the GPU first
-    header
-    timeout 100 python3 -m pytest -q tests/test_persistent.py 2>&1 | tail -6 | tee "$out/tests.log"
-    timeout 420 python3 benchmarks/probe_persist.py --chains ${CHAINS:-square} --programs ${PROGRAMS:-264,528} \
-      --warps ${WARPS:-4,8} 2>&1 | tee "$out/persist.log"
     ;;
   gps)  # session 17: the Mosaic GPU prefill GEMM with two groups a pipeline step (MgpuConfig.gps), M = 2048 and
         # 4096, against XLA bf16 / int8 and the default; its tests on the GPU first
@@ -890,7 +877,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|crossover|persist|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32k|s32m|s32t|s32u|s33k|s33s|s33w|s33v|s34a|s33e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|crossover|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32k|s32m|s32t|s32u|s33k|s33s|s33w|s33v|s34a|s33e" >&2
     exit 2
     ;;
 esac
