@@ -827,6 +827,12 @@ case "$part" in
       --variants api --sweep-decode-wave --sweep-shapes 4096x28672,14336x4096 --sweep-ms 32 \
       --out "$out/sweep" > "$out/sweep.log" 2>&1; grep "mixed\|api" "$out/sweep.log" | sed 's/ *err.*device busy/ busy/' | tail -70
     ;;
+  s34t)  # session 34 (no device that session): the Triton kernel's tests compiled on the GPU after the measured-slower
+    # forms were removed (NOTES item 119; the default configurations' Triton IR is byte-identical, the test list is new)
+    header
+    timeout 400 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_gemv.py 2>&1 \
+      | tail -12 | tee "$out/gputests.log"
+    ;;
   s34a)  # next: the standing decode rows with session 33's wave splits (b1 should not move; b8 2.03×, b32 1.77× in
     # s33w), beside down_proj with the small operands two iterations ahead at M = 32 (@pf3down, −7 % on that GEMM)
     header
@@ -877,7 +883,7 @@ case "$part" in
       --ms 96,128,192 --variants xla_bf16,api,mixed_dt --out "$out/crossover" 2>&1 | tee "$out/crossover.log"
     ;;
   *)
-    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|crossover|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32k|s32m|s32t|s32u|s33k|s33s|s33w|s33v|s34a|s33e" >&2
+    echo "usage: bash benchmarks/device_session.sh tests|kernels|e2e|profile|words|words_sweep|xq|nq|micro|e2e12|gputests|prefill|gemv14|gputests14|e2e14|pdl|tall|crossover|gps|prefill17|s17c|s17d|s18a|s18b|s18c|s18d|s19a|s19b|s19c|s20a|s20b|s20c|s20d|s20e|s21a|s21b|s21c|s21d|s21e|s21f|s22a|s22b|s22c|s22d|s22e|s22f|s22g|s23a|s23b|s23c|s23d|s23e|s23f|s24a|s24b|s24c|s24d|s26c|s27a|s27b|s28a|s28b|s28tp|s29a|s29b|s30a|s30b|s31|s31a|s31b|s31h|s32a|s32k|s32m|s32t|s32u|s33k|s33s|s33w|s33v|s34t|s34a|s33e" >&2
     exit 2
     ;;
 esac
