@@ -44,9 +44,9 @@ small per-group operands two iterations ahead (faster only on down_proj at M = 3
 Every other way to hide the small per-group operands' latency that sessions 3–32 built measured slower
 (NOTES items 14, 42, 45, 47, 111): loaded before the loop (`preload`), warmed into the caches
 (`warm_meta`), one iteration ahead (`prefetch_meta` 1 and 2), through the tensor cores (`meta_mma`), the
-zero point in the scale's low bits (`zero_in_scale`), the tile transposed for wgmma (`swap_ab`), and the
-zero fill inside the quantization kernel (`zero_in_quant`). They were removed in session 34; commit
-302f4a7 holds them with their tests. On GPU, `api.mixed_matmul` sends 16-bit prefill (M ≥ 512) to
+zero point in the scale's low bits (`zero_in_scale`) and the tile transposed for wgmma (`swap_ab`); so did
+the split-K zero fill inside the quantization kernel (`zero_in_quant`). They were removed in session 34;
+commit 302f4a7 holds them with their tests. On GPU, `api.mixed_matmul` sends 16-bit prefill (M ≥ 512) to
 `dequant_dot` and one-row decode on layers up to 16384 rows to `gemv` instead of this kernel: faster there
 (benchmarks/results/kernels.md).
 
@@ -93,8 +93,8 @@ class GemmConfig:
     # were removed in session 34 with the other measured-slower forms; the numbering stays.)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
     xla_quant: bool = False  # quantize the activations with XLA ops (`quantize_activations_xla`) instead of
-    # the Pallas quantization kernel: same codes, and inside a jitted model XLA may fuse them into the
-    # producer of x (the norm, SiLU·mul), one launch fewer per linear
+    # the Pallas quantization kernel: same codes; the hope was that XLA fuses them into the producer of x (the
+    # norm, SiLU·mul), but it splits them into reductions of their own (NOTES item 46: decode 7–19 % slower end to end)
 
     @property
     def atomic(self) -> bool:
