@@ -836,6 +836,18 @@ case "$part" in
       --prefill-len 256 --profile --profile-top 24 --budget-s 210 --out "$out/b32profile.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/b32profile.log"
     ;;
+  s35b)  # session 35, after s35a: the prefill end to end with the unpack in chunks (`@chunkN`, N = CHUNK MB), 2048 and
+    # 256 tokens, beside bf16 and today's default, and with the selective prompt scales
+    header
+    c="${CHUNK:-16}"
+    timeout 250 python3 benchmarks/bench_generate.py \
+      --variants bf16@plain,w4.4a8+h4,w4.4a8@chunk$c+h4,w4.4a8@psel+h4,w4.4a8@psel@chunk$c+h4 \
+      --batches "" --repeats 5 --prefill-len 2048 --profile --profile-top 6 --budget-s 240 \
+      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
+    timeout 160 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@chunk$c+h4 \
+      --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 6 --budget-s 150 \
+      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    ;;
   s34t)  # session 34 (no device that session): the Triton kernel's tests compiled on the GPU after the measured-slower
     # forms were removed (NOTES item 119; the default configurations' Triton IR is byte-identical, the test list is new)
     header
