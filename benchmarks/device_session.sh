@@ -828,10 +828,13 @@ case "$part" in
       --out "$out/sweep" > "$out/sweep.log" 2>&1; grep "mixed\|api" "$out/sweep.log" | sed 's/ *err.*device busy/ busy/' | tail -70
     ;;
   s35a)  # session 35: the prefill's unpack in L2-sized chunks of output channels, each consumed by its GEMM at once
-    # (probe_chunked_unpack.py, NOTES item 121), then the b32 decode step's kernels by time beyond the top four
+    # (probe_chunked_unpack.py, NOTES item 121)
     header
-    timeout 330 python3 benchmarks/probe_chunked_unpack.py --out "$out/chunked.md" 2>&1 | grep -v "^$" \
+    timeout 400 python3 benchmarks/probe_chunked_unpack.py --out "$out/chunked.md" 2>&1 | grep -v "^$" \
       | tail -40 | tee "$out/chunked.log"
+    ;;
+  s35c)  # session 35: the b32 decode step's kernels by time beyond the top four
+    header
     timeout 220 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 32 --repeats 2 \
       --prefill-len 256 --profile --profile-top 24 --budget-s 210 --out "$out/b32profile.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/b32profile.log"
