@@ -77,8 +77,10 @@ def _check_rows(qw: MixedWeight, rows: int | None, channels: tuple[int, int] | N
             raise ValueError(f"int8_weight: channels={channels} must be a range 0 ≤ c0 < c1 ≤ N={qw.n}")
         n = c1 - c0
     np_ = n if rows is None else int(rows)
+    if np_ < n and channels is None:
+        raise ValueError(f"int8_weight: rows={rows} < N={n}; pass rows ≥ N (or None for N)")
     if np_ < n:
-        raise ValueError(f"int8_weight: rows={rows} < {n} channels; pass rows ≥ the channels (or None for them)")
+        raise ValueError(f"int8_weight: rows={rows} < {n} channels {channels}; pass rows ≥ {n} (or None for {n})")
     return np_
 
 
