@@ -41,7 +41,7 @@ from devtime import trace_events  # noqa: E402
 from pallas_kernels import mgpu, unpack  # noqa: E402
 from pallas_kernels.format import GROUP_SIZE, _round_up  # noqa: E402
 
-SHAPES = {"q/k/v": (4096, 6144), "o": (4096, 4096), "gate+up": (4096, 28672), "down": (14336, 4096)}  # K, N
+SHAPES = {"gate+up": (4096, 28672), "q/k/v": (4096, 6144), "down": (14336, 4096), "o": (4096, 4096)}  # K, N
 CHUNK_MB = (8, 16, 32)  # int8 bytes a chunk, in MB (rows = bytes / K, a multiple of 256)
 
 
