@@ -65,7 +65,8 @@ column tiles of 64 rows instead of 128);
 loaded two iterations ahead (`GemmConfig.prefetch_meta=3`), with the default 3, or 2 or 4 pipeline stages (`@pf3l`:
 only where a program loops over 8 groups or more); `@wave` / `@programs`: the decode tiles' split-K from one wave of resident
 programs (the default since session 33) or from about 1024 programs (before; `kernels.DECODE_SPLIT_RULE`); `@pf3down`: at M = 17–32 the linears of ≥ 64 K groups
-(down_proj) with `prefetch_meta=3` and the split that fits its 3 programs an SM (session 33: −7 % on that GEMM); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+(down_proj) with `prefetch_meta=3` and the split that fits its 3 programs an SM (session 33: −7 % on that GEMM; the
+default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and `@nopf3` turns it off); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -405,7 +406,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "chunk8",
+              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "chunk8",
               "chunk16", "chunk32")
 
 
@@ -508,6 +509,9 @@ def _apply_strategy(strategy: str) -> None:
         if strategy != "short":
             config = mgpu_decode.DecodeConfig(fold=strategy == "shortf", tile_cols=64 if strategy == "short64" else 128)
             mgpu_decode.mixed_matmul_mgpu_decode = functools.partial(mgpu_decode.mixed_matmul_mgpu_decode, config=config)
+    elif strategy == "nopf3":  # the 32-row decode tiles without session 35's default small operands two iterations
+        # ahead on long K loops (down_proj at M = 17–32)
+        kernels.PF3_MIN_GROUPS = None
     elif strategy.startswith("chunk"):  # the prefill's unpack in chunks of output channels of this many MB, each
         # consumed by its GEMM before the next (`mgpu.UNPACK_CHUNK_MB`, NOTES-kernels.md item 121)
         from pallas_kernels import mgpu

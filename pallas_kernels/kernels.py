@@ -134,10 +134,17 @@ _PROGRAMS_PER_SM = {16: 6, 32: 5}  # decode tiles resident an SM by registers (7
 # `benchmarks/ptx_stats.py`)
 
 
-def _wave_split(num_groups: int, tiles: int, block_m: int) -> int:
-    """Split-K for `tiles` output tiles: the largest whose programs fit one wave of resident decode tiles, each
-    program with at least 4 K groups."""
-    cap = max(1, _SMS * _PROGRAMS_PER_SM[block_m] // tiles)
+_PF3_PROGRAMS_PER_SM = 3  # 32-row decode tiles with `prefetch_meta=3` resident an SM (130 registers a thread)
+PF3_MIN_GROUPS = 64  # K groups from which the 32-row decode tiles carry their small operands two iterations ahead
+# (`prefetch_meta=3`) at the split that fits their wave: a long K loop (Llama-3-8B's down_proj, K = 14336: 112 groups)
+# pays for the lower residency. H100: down_proj at M = 32 26.0–26.9 against 28.1 µs (session 33, results/kernels.md);
+# decode b32 +1.3 % end to end (session 34, `@pf3down`, then opt-in; 8 413 against 8 308 tok/s). None: off
+
+
+def _wave_split(num_groups: int, tiles: int, block_m: int, per_sm: int | None = None) -> int:
+    """Split-K for `tiles` output tiles: the largest whose programs fit one wave of resident decode tiles (`per_sm`
+    an SM; None: `_PROGRAMS_PER_SM`), each program with at least 4 K groups."""
+    cap = max(1, _SMS * (per_sm or _PROGRAMS_PER_SM[block_m]) // tiles)
     return _largest_split(num_groups, min(cap, max(1, num_groups // 4)))
 
 
@@ -162,10 +169,14 @@ def _decode_config(m: int, num_groups: int, rows: int, decode: DecodeStrategy,
     if rule not in ("programs", "wave"):
         raise ValueError(f"split_rule={rule!r}; expected 'programs' or 'wave'")
     tiles = -(-m // block_m) * (rows // 64)
-    split = _wave_split(num_groups, tiles, block_m) if rule == "wave" else _decode_split(num_groups, tiles)
+    pf3 = rule == "wave" and PF3_MIN_GROUPS is not None and block_m == 32 and m <= 32 and num_groups >= PF3_MIN_GROUPS
+    if rule == "wave":
+        split = _wave_split(num_groups, tiles, block_m, _PF3_PROGRAMS_PER_SM if pf3 else None)
+    else:
+        split = _decode_split(num_groups, tiles)
     # 3 stages: more blocks per SM (call 11: 5–18 % faster than 4 stages at M = 1 and 16)
     return GemmConfig(block_m, 64, split, 4, 3, fuse_quant=decode.startswith("fused"),
-                      split_partials=decode.endswith("partials"))
+                      split_partials=decode.endswith("partials"), prefetch_meta=3 if pf3 else 0)
 
 
 DECODE_MAX_M = 128  # rows up to which `choose_config` takes the 32-row split-K decode tiles. H200 (session 8,

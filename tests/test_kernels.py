@@ -459,7 +459,8 @@ def test_wave_split_fills_one_wave_at_most(m, k, n):
     fit the resident decode tiles of one wave; one split where even that does not fit."""
     groups, rows = -(-k // 128), n + 256
     cfg = kernels.choose_config(m, groups, rows, split_rule="wave")
-    slots = kernels._SMS * kernels._PROGRAMS_PER_SM[cfg.block_m]
+    per_sm = kernels._PF3_PROGRAMS_PER_SM if cfg.prefetch_meta == 3 else kernels._PROGRAMS_PER_SM[cfg.block_m]
+    slots = kernels._SMS * per_sm
     tiles = -(-m // cfg.block_m) * (rows // cfg.block_n)
     assert groups % cfg.split_k == 0 and (cfg.split_k == 1 or groups // cfg.split_k >= 4)
     assert cfg.split_k == 1 or tiles * cfg.split_k <= slots
@@ -467,12 +468,18 @@ def test_wave_split_fills_one_wave_at_most(m, k, n):
     assert all(tiles * d > slots for d in larger)
 
 
-def test_wave_split_on_llama_layers():
-    """The splits session 33 measured fastest at M = 32 on the H100 (gate/up 1, q/k/v 4, down 8), the default
-    rule since, and the rule's name checked."""
+def test_wave_split_on_llama_layers(monkeypatch):
+    """The splits session 33 measured fastest at M = 32 on the H100 (gate/up 1, q/k/v 4; down 8, or 4 with its
+    small operands two iterations ahead, the default since session 35 for 17–32 rows and K ≥ 64 groups), the
+    default rule since, and the rule's name checked."""
     assert kernels.DECODE_SPLIT_RULE == "wave"
-    wave = lambda groups, rows: kernels.choose_config(32, groups, rows).split_k  # noqa: E731
-    assert (wave(32, 28672 + 256), wave(32, 6144 + 256), wave(112, 4096 + 256)) == (1, 4, 8)
+    wave = lambda groups, rows, m=32: kernels.choose_config(m, groups, rows)  # noqa: E731
+    assert [wave(g, r).split_k for g, r in ((32, 28672 + 256), (32, 6144 + 256), (112, 4096 + 256))] == [1, 4, 4]
+    assert [wave(g, r, m).prefetch_meta for g, r, m in ((112, 4352, 32), (112, 4352, 17), (112, 4352, 16),
+                                                        (112, 4352, 64), (32, 28928, 32), (63, 4352, 32))] == \
+        [3, 3, 0, 0, 0, 0]
+    monkeypatch.setattr(kernels, "PF3_MIN_GROUPS", None)
+    assert (wave(112, 4352).split_k, wave(112, 4352).prefetch_meta) == (8, 0)
     assert kernels.choose_config(32, 32, 28672 + 256, split_rule="programs").split_k == 2  # ≈ 1024 programs
     with pytest.raises(ValueError, match="split_rule="):
         kernels.choose_config(32, 32, 4224, split_rule="waves")
