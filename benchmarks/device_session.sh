@@ -830,7 +830,7 @@ case "$part" in
   s35a)  # session 35: the prefill's unpack in L2-sized chunks of output channels, each consumed by its GEMM at once
     # (probe_chunked_unpack.py, NOTES item 121)
     header
-    timeout 300 python3 benchmarks/probe_chunked_unpack.py --out "$out/chunked.md" 2>&1 | grep -v "^$" \
+    timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" --out "$out/chunked.md" 2>&1 | grep -v "^$" \
       | tail -40 | tee "$out/chunked.log"
     ;;
   s35c)  # session 35: the b32 decode step's kernels by time beyond the top four
