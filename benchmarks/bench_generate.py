@@ -54,8 +54,6 @@ into the cache by XLA's scatter in the tokens' order (before session 23) or by t
 `@ptok`: one activation scale a row in the prefill GEMMs (`mgpu.PREFILL_ACT_SCALE = "token"`; decode per group;
 the norms and SwiGLU hand those GEMMs codes with one scale a row since session 28, `@ptok@nopcodes` leaves them out);
 `@psel`: one activation scale a row in o_proj's and gate/up's prefill GEMMs only (`PREFILL_ACT_SCALE = "selective"`);
-`@chunk8` / `@chunk16` / `@chunk32`: the prefill's int4 → int8 unpack in chunks of output channels of that many MB,
-each consumed by its GEMM before the next chunk is unpacked (`mgpu.UNPACK_CHUNK_MB`);
 `@static`: static activation scales, one per input group calibrated ahead (`pallas_kernels.static`: codes by XLA ops,
 at prefill the scales folded into the weight's and the GEMM's per-token rescale; the static-vs-dynamic ablation's speed);
 `@short`: linears of 65–512 rows take the swapped-operand kernel in column tiles (`api.MGPU_SHORT_M = (65, 512)`,
@@ -406,8 +404,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "chunk8",
-              "chunk16", "chunk32")
+              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3")
 
 
 def _down_pf3(cfg, m, num_groups, rows):
@@ -512,11 +509,6 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy == "nopf3":  # the 32-row decode tiles without session 35's default small operands two iterations
         # ahead on long K loops (down_proj at M = 17–32)
         kernels.PF3_MIN_GROUPS = None
-    elif strategy.startswith("chunk"):  # the prefill's unpack in chunks of output channels of this many MB, each
-        # consumed by its GEMM before the next (`mgpu.UNPACK_CHUNK_MB`, NOTES-kernels.md item 121)
-        from pallas_kernels import mgpu
-
-        mgpu.UNPACK_CHUNK_MB = float(strategy[len("chunk"):])
     elif strategy in ("ptok", "psel"):  # one activation scale a row in the prefill GEMMs (all, or o_proj and
         # gate/up), decode per group (sessions 27–28)
         from pallas_kernels import mgpu

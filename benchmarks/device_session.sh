@@ -828,28 +828,22 @@ case "$part" in
       --out "$out/sweep" > "$out/sweep.log" 2>&1; grep "mixed\|api" "$out/sweep.log" | sed 's/ *err.*device busy/ busy/' | tail -70
     ;;
   s35a)  # session 35: the prefill's unpack in L2-sized chunks of output channels, each consumed by its GEMM at once
-    # (probe_chunked_unpack.py, NOTES item 121)
+    # (probe_chunked_unpack.py, NOTES item 121; ran with LAYERS=gate+up,q/k/v PROBE_S=240: every chunking slower)
     header
-    timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" --out "$out/chunked.md" 2>&1 | grep -v "^$" \
-      | tail -40 | tee "$out/chunked.log"
+    timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
+      --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
-  s35c)  # session 35: the b32 decode step's kernels by time beyond the top four
+  s35c)  # session 35: the b32 decode step's kernels by time beyond the top four (with down_proj's new default)
     header
     timeout 220 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 32 --repeats 2 \
       --prefill-len 256 --profile --profile-top 24 --budget-s 210 --out "$out/b32profile.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/b32profile.log"
     ;;
-  s35b)  # session 35, after s35a: the prefill end to end with the unpack in chunks (`@chunkN`, N = CHUNK MB), 2048 and
-    # 256 tokens, beside bf16 and today's default, and with the selective prompt scales
+  s35d)  # session 35: down_proj's prefetch_meta=3 default against the old tiles (`@nopf3`) at b32, bf16 beside
     header
-    c="${CHUNK:-16}"
-    timeout 250 python3 benchmarks/bench_generate.py \
-      --variants bf16@plain,w4.4a8+h4,w4.4a8@chunk$c+h4,w4.4a8@psel+h4,w4.4a8@psel@chunk$c+h4 \
-      --batches "" --repeats 5 --prefill-len 2048 --profile --profile-top 6 --budget-s 240 \
-      --out "$out/prefill2048.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill2048.log"
-    timeout 160 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@chunk$c+h4 \
-      --batches "" --repeats 7 --prefill-len 256 --profile --profile-top 6 --budget-s 150 \
-      --out "$out/prefill256.md" 2>&1 | grep "prefill batch\|tok/s |" | tee "$out/prefill256.log"
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@nopf3+h4 --batches 32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 190 --out "$out/pf3default.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/pf3default.log"
     ;;
   s34t)  # session 34 (no device that session): the Triton kernel's tests compiled on the GPU after the measured-slower
     # forms were removed (NOTES item 119; the default configurations' Triton IR is byte-identical, the test list is new)

@@ -11,6 +11,10 @@ GEMM reads them back. Session 34's 256-token prefill spent ≈ 3.7 ms of 11.3 in
 ≤ ≈ 16 MB, one chunk's int8 rows could live in L2 from its unpack to its GEMM, and the next chunk's unpack
 overwrite the same lines before they are written back, so the pass would cost its reads only.
 
+Outcome (H100, 2026-12-06, results/kernels.md Session 35): no. The chunks' unpacks took as long as the whole
+matrix's (gate/up 68–88 µs against 67 a linear), the concatenation cost 16–290 µs more, and small chunks' GEMMs lost
+whole waves: every chunked variant was 1.07–2.00× slower. The library option it was built to decide was removed.
+
 Variants, each in one jit over `--calls` weight copies (distinct bytes, beyond the L2): `full` (today's unpack +
 GEMM), `chunkR` (chunks of R output channels: unpack rows [c, c + R) through the same kernel on a slice of
 `row_of_channel`, its GEMM, the next chunk's unpack ordered after that GEMM by an optimization barrier, outputs

@@ -53,12 +53,6 @@ from pallas_kernels.kernels import _MAGIC  # bits of 1.5·2^23: as a float, seed
 
 _MAGIC_F = 1.5 * 2**23
 UNPACK = "pallas"  # the int4 → int8 unpack before the GEMM: `unpack.int8_weight_pallas`, or "xla" (its reference)
-UNPACK_CHUNK_MB: float | None = None  # None (default): one int8 matrix a linear, written whole before its GEMM. A
-# number: the matrix built in chunks of output channels of about this many MB, each consumed by its own GEMM before
-# the next chunk is unpacked (an optimization barrier orders them), outputs concatenated along N. The hope (NOTES-
-# kernels.md item 121): a chunk that fits the L2 is read by its GEMM from there and overwritten by the next chunk
-# before it is written back, so the pass costs its reads only (gate/up's 117 MB int8 matrix goes to HBM today).
-# Measured by `benchmarks/probe_chunked_unpack.py` and bench_generate's `@chunkN`.
 PREFILL_ACT_SCALE = "group"  # "group" (MixLLM's, default): one activation scale a (row, group of 128); "token": one a
 # row (`MgpuConfig.act_scale`) in every prefill GEMM, the GEMM 12 % faster at 2048 rows (H200, session 27);
 # "selective": one a row in o_proj and gate/up only (the model's codes, `mixjax.model._row_scale_codes`), the
@@ -564,11 +558,12 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
     from pallas_kernels.reference import quantize_activations_ref
 
     check_prefill_act_scale()
-    picked = config is None
     if config is None:
         config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n,
                              three_wgs=THREE_WGS and not interpret)
-    config = _fit_groups(config, qw)
+
+    if qw.num_groups % config.gps:  # an odd number of groups: one group a step, as many groups in flight
+        config = dataclasses.replace(config, gps=1, stages=config.stages * config.gps)
     if isinstance(x, QuantizedActivations):
         if x.x_q.shape[1] != qw.k_padded:
             raise ValueError(f"mixed_matmul_mgpu: codes of {x.x_q.shape[1]} columns for a weight of "
@@ -606,49 +601,6 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
         # Tie the unpack to this call's activations: without it XLA may hoist the (activation-independent)
         # unpacks of every layer of a model to the program's start and hold all their int8 copies at once.
         x_q, qw = lax.optimization_barrier((x_q, qw))
-        rows = _chunk_rows(qw, config)
-        if rows < qw.n:
-            return _chunked_matmul(x_q, sa, qw, rows, m=m, dtype=dtype, config=config, picked=picked,
-                                   interpret=interpret)
         w, sw = int8_weight(qw, rows=_round_up(qw.n, config.cta_n), implementation="xla" if interpret else UNPACK)
     y = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=dtype, config=config, interpret=interpret)
     return y[:m, : qw.n]
-
-
-def _fit_groups(config: MgpuConfig, qw: MixedWeight) -> MgpuConfig:
-    """An odd number of groups: one group a step, as many groups in flight."""
-    if qw.num_groups % config.gps:
-        return dataclasses.replace(config, gps=1, stages=config.stages * config.gps)
-    return config
-
-
-def _chunk_rows(qw: MixedWeight, config: MgpuConfig) -> int:
-    """Output channels a chunk of the unpacked matrix (`UNPACK_CHUNK_MB`; N when off): the most whole CTA columns
-    whose int8 rows fit the size, at least one CTA column."""
-    if UNPACK_CHUNK_MB is None:
-        return qw.n
-    if UNPACK_CHUNK_MB <= 0:
-        raise ValueError(f"mgpu.UNPACK_CHUNK_MB = {UNPACK_CHUNK_MB!r}; expected None (off) or a size in MB > 0")
-    rows = int(UNPACK_CHUNK_MB * 2**20) // qw.k_padded // config.cta_n * config.cta_n
-    return max(config.cta_n, rows)
-
-
-def _chunked_matmul(x_q, sa, qw: MixedWeight, rows: int, *, m: int, dtype, config: MgpuConfig, picked: bool,
-                    interpret: bool):
-    """`mixed_matmul_mgpu`'s unpack and GEMM, chunk by chunk of `rows` output channels: each chunk's unpack after
-    the previous chunk's GEMM (so one chunk's int8 rows are live at a time), the chunks' outputs concatenated.
-    A picked config is picked again for each chunk's width (narrow CTAs where a chunk's CTAs fit one wave); a
-    given one is kept."""
-    ys, done = [], None
-    for c0 in range(0, qw.n, rows):
-        c1 = min(qw.n, c0 + rows)
-        cfg = config
-        if picked:
-            cfg = _fit_groups(dataclasses.replace(pick_config(m, c1 - c0, three_wgs=THREE_WGS and not interpret),
-                                                  act_scale=config.act_scale), qw)
-        part = qw if done is None else lax.optimization_barrier((qw, done))[0]
-        w, sw = int8_weight(part, rows=_round_up(c1 - c0, cfg.cta_n), channels=(c0, c1),
-                            implementation="xla" if interpret else UNPACK)
-        done = w8a8_group_matmul(x_q, sa, w, sw, out_dtype=dtype, config=cfg, interpret=interpret)
-        ys.append(done[:m, : c1 - c0])
-    return jnp.concatenate(ys, axis=1)

@@ -24,7 +24,6 @@ coalesced — and writes the output rows and their scales. Each byte is read onc
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import jax
@@ -67,42 +66,22 @@ def _unpack_words(packed: jax.Array, zero: jax.Array) -> tuple[jax.Array, jax.Ar
     return lo, hi
 
 
-def _check_rows(qw: MixedWeight, rows: int | None, channels: tuple[int, int] | None = None) -> int:
+def _check_rows(qw: MixedWeight, rows: int | None) -> int:
     if not isinstance(qw, MixedWeight):
         raise TypeError(f"int8_weight: expected a MixedWeight, got {type(qw).__name__}")
-    n = qw.n
-    if channels is not None:
-        c0, c1 = channels
-        if not 0 <= c0 < c1 <= qw.n:
-            raise ValueError(f"int8_weight: channels={channels} must be a range 0 ≤ c0 < c1 ≤ N={qw.n}")
-        n = c1 - c0
-    np_ = n if rows is None else int(rows)
-    if np_ < n and channels is None:
-        raise ValueError(f"int8_weight: rows={rows} < N={n}; pass rows ≥ N (or None for N)")
-    if np_ < n:
-        raise ValueError(f"int8_weight: rows={rows} < {n} channels {channels}; pass rows ≥ {n} (or None for {n})")
+    np_ = qw.n if rows is None else int(rows)
+    if np_ < qw.n:
+        raise ValueError(f"int8_weight: rows={rows} < N={qw.n}; pass rows ≥ N (or None for N)")
     return np_
 
 
-def _channel_slice(qw: MixedWeight, channels: tuple[int, int] | None) -> MixedWeight:
-    """qw restricted, for the unpack only, to output channels [c0, c1): the same packed arrays and a slice of the
-    channel → packed-row map, so the matrix built holds those channels' rows (the prefill's chunks, `mgpu`)."""
-    if channels is None:
-        return qw
-    c0, c1 = channels
-    return dataclasses.replace(qw, row_of_channel=qw.row_of_channel[c0:c1], n=c1 - c0)
-
-
-def int8_weight_ref(qw: MixedWeight, *, rows: int | None = None,
-                    channels: tuple[int, int] | None = None) -> tuple[jax.Array, jax.Array]:
+def int8_weight_ref(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Array, jax.Array]:
     """The packed weight as one int8 matrix in channel order: (w int8 [Np, Kp], scale f32 [G, Np]).
 
     8-bit channels keep q; 4-bit channels become u − z ∈ [-15, 15], so w[n]·s[g, n] is the same
     dequantized weight as `qw.dequantize()`. Np = `rows` (≥ N; padding rows are zero with zero scale).
-    channels (c0, c1): only output channels [c0, c1), row r holding channel c0 + r (Np ≥ c1 − c0).
     One XLA gather-and-unpack pass on 32-bit words."""
-    np_ = _check_rows(qw, rows, channels)
-    qw = _channel_slice(qw, channels)
+    np_ = _check_rows(qw, rows)
     g, kp = qw.num_groups, qw.k_padded
     n8p = qw.q8.shape[0]
     src = jnp.concatenate([qw.row_of_channel, jnp.zeros((np_ - qw.n,), jnp.int32)])  # packed row per output row
@@ -188,14 +167,12 @@ def _int8_weight_pallas(qw: MixedWeight, *, rows: int, block_rows: int, block_gr
 
 
 def int8_weight_pallas(qw: MixedWeight, *, rows: int | None = None, block_rows: int = BLOCK_ROWS,
-                       block_groups: int = BLOCK_GROUPS, num_warps: int = 4, interpret: bool = False,
-                       channels: tuple[int, int] | None = None):
+                       block_groups: int = BLOCK_GROUPS, num_warps: int = 4, interpret: bool = False):
     """`int8_weight_ref` in one launch over (block of `block_rows` rows, block of `block_groups` groups).
-    rows (≥ N, or ≥ c1 − c0 with `channels`; None: that many) must be a multiple of block_rows and the weight's G
-    of block_groups (both powers of two): the callers pad rows to a GEMM tile (128 or 256); block_groups falls
-    back to the largest power of two dividing G."""
-    np_ = _check_rows(qw, rows, channels)
-    qw = _channel_slice(qw, channels)
+    rows (≥ N; None: N) must be a multiple of block_rows and the weight's G of block_groups (both powers of
+    two): the callers pad rows to a GEMM tile (128 or 256); block_groups falls back to the largest power of
+    two dividing G."""
+    np_ = _check_rows(qw, rows)
     for name, v in (("block_rows", block_rows), ("block_groups", block_groups), ("num_warps", num_warps)):
         if v < 1 or v & (v - 1):
             raise ValueError(f"int8_weight: {name} must be a power of two ≥ 1, got {v}")
@@ -209,14 +186,13 @@ def int8_weight_pallas(qw: MixedWeight, *, rows: int | None = None, block_rows: 
 
 
 def int8_weight(qw: MixedWeight, *, rows: int | None = None, implementation: str = "xla",
-                interpret: bool = False, channels: tuple[int, int] | None = None) -> tuple[jax.Array, jax.Array]:
+                interpret: bool = False) -> tuple[jax.Array, jax.Array]:
     """(w int8 [Np, Kp], scale f32 [G, Np]) in channel order: `int8_weight_ref` ("xla") or the kernel
-    ("pallas", `BLOCK_ROWS` rows a program or the largest power of two dividing the rows); `channels` (c0, c1):
-    only those output channels' rows."""
+    ("pallas", `BLOCK_ROWS` rows a program or the largest power of two dividing the rows)."""
     if implementation == "xla":
-        return int8_weight_ref(qw, rows=rows, channels=channels)
+        return int8_weight_ref(qw, rows=rows)
     if implementation == "pallas":
-        np_ = _check_rows(qw, rows, channels)
+        np_ = _check_rows(qw, rows)
         block_rows = min(BLOCK_ROWS, np_ & -np_)  # the largest power of two dividing the rows, up to BLOCK_ROWS
-        return int8_weight_pallas(qw, rows=np_, block_rows=block_rows, interpret=interpret, channels=channels)
+        return int8_weight_pallas(qw, rows=np_, block_rows=block_rows, interpret=interpret)
     raise ValueError(f'int8_weight: implementation must be "xla" or "pallas", got {implementation!r}')

@@ -230,48 +230,6 @@ def test_all_8bit_weight_skips_the_unpack():
     assert not mgpu._rows_in_channel_order(_weight(rng, 100, k, 1.0), 256)  # 128 padded rows: not whole CTAs
 
 
-@pytest.mark.parametrize("channels, rows", [((0, 128), None), ((100, 300), 256), ((290, 300), 64)])
-def test_int8_weight_of_a_channel_range_is_those_rows(channels, rows):
-    """`channels=(c0, c1)` (the prefill's chunks, `mgpu.UNPACK_CHUNK_MB`): the matrix of channels [c0, c1) is the
-    whole matrix's rows c0 … c1 − 1 and their scales, padding rows zero; the XLA pass and the kernel alike; a range
-    outside the weight or rows fewer than its channels are named."""
-    from pallas_kernels import unpack
-
-    qw = _weight(_rng(), 300, 384, 0.1)
-    w, s = mgpu.int8_weight(qw, rows=384)
-    c0, c1 = channels
-    for impl in ("xla", "pallas"):
-        wc, sc = unpack.int8_weight(qw, rows=rows, channels=channels, implementation=impl, interpret=True)
-        np_ = rows or c1 - c0
-        assert wc.shape == (np_, qw.k_padded) and sc.shape == (qw.num_groups, np_)
-        assert np.array_equal(wc[: c1 - c0], w[c0:c1]) and np.array_equal(sc[:, : c1 - c0], s[:, c0:c1])
-        assert not np.any(np.asarray(wc[c1 - c0:])) and not np.any(np.asarray(sc[:, c1 - c0:]))
-    with pytest.raises(ValueError, match="channels=.*0 ≤ c0 < c1 ≤ N=300"):
-        unpack.int8_weight(qw, channels=(200, 301))
-    with pytest.raises(ValueError, match="rows=64 < 100 channels"):
-        unpack.int8_weight(qw, rows=64, channels=(0, 100))
-
-
-@isolated
-def test_unpack_in_chunks_gives_the_same_bits(monkeypatch):
-    """`mgpu.UNPACK_CHUNK_MB`: the int8 matrix built and consumed in chunks of output channels (128, 128 and a short
-    44 here, each GEMM on its chunk) gives the one-matrix call's bits; a size ≤ 0 is named."""
-    rng = _rng()
-    m, k, n = 128, 128, 300
-    qw = _weight(rng, n, k, 0.1)
-    x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-    whole = mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
-    monkeypatch.setattr(mgpu, "UNPACK_CHUNK_MB", 128 * k / 2**20)  # 128 channels of 128 bytes
-    mgpu.mixed_matmul_mgpu.clear_cache()  # read when the call is traced
-    assert mgpu._chunk_rows(qw, mgpu.pick_config(m, n)) == 128
-    chunked = mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
-    assert chunked.shape == (m, n) and np.array_equal(np.asarray(chunked, np.float32), np.asarray(whole, np.float32))
-    monkeypatch.setattr(mgpu, "UNPACK_CHUNK_MB", 0)
-    mgpu.mixed_matmul_mgpu.clear_cache()
-    with pytest.raises(ValueError, match="UNPACK_CHUNK_MB = 0"):
-        mgpu.mixed_matmul_mgpu(x, qw, interpret=INTERPRET)
-    mgpu.mixed_matmul_mgpu.clear_cache()
-
 @isolated
 def test_all_8bit_weight_within_bf16_bound():
     from pallas_kernels.fuse import concat_mixed
