@@ -138,7 +138,8 @@ _PF3_PROGRAMS_PER_SM = 3  # 32-row decode tiles with `prefetch_meta=3` resident 
 PF3_MIN_GROUPS = 64  # K groups from which the 32-row decode tiles carry their small operands two iterations ahead
 # (`prefetch_meta=3`) at the split that fits their wave: a long K loop (Llama-3-8B's down_proj, K = 14336: 112 groups)
 # pays for the lower residency. H100: down_proj at M = 32 26.0–26.9 against 28.1 µs (session 33, results/kernels.md);
-# decode b32 +1.3 % end to end (session 34, `@pf3down`, then opt-in; 8 413 against 8 308 tok/s). None: off
+# decode b32 +1.3 % end to end (session 34, `@pf3down`, then opt-in; 8 413 against 8 308 tok/s) and +1.2 % as the
+# default (session 35: 8 386 against 8 289 tok/s, 1.79× bf16; NOTES item 122). None: off
 
 
 def _wave_split(num_groups: int, tiles: int, block_m: int, per_sm: int | None = None) -> int:
