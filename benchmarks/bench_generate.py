@@ -407,24 +407,14 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3")
 
 
-def _down_pf3(cfg, m, num_groups, rows):
-    """Session 33's best down projection at M = 17–32: the small operands two iterations ahead (`prefetch_meta=3`,
-    130 registers: 3 programs an SM) with the split that fits that wave; other linears unchanged."""
-    from pallas_kernels import kernels
-
-    if cfg.block_m != 32 or m > 32 or num_groups < 64:
-        return cfg
-    split = kernels._largest_split(num_groups, min(max(1, 3 * kernels._SMS // (rows // cfg.block_n)), num_groups // 4))
-    return dataclasses.replace(cfg, split_k=split, split_partials=split > 1, prefetch_meta=3)
-
-
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
     "pf3": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3),  # small operands two iterations ahead
     "pf3s2": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3, num_stages=2),
     "pf3s4": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3, num_stages=4),
     # only where a program loops over 8 groups or more (s33k: gate/up at M = 32)
     "pf3l": lambda cfg, m, g, rows: dataclasses.replace(cfg, prefetch_meta=3) if g // cfg.split_k >= 8 else cfg,
-    "pf3down": _down_pf3,
+    # session 33's down_proj form, `kernels._decode_config`'s default since session 35 (`PF3_MIN_GROUPS`): unchanged
+    "pf3down": lambda cfg, *_: cfg,
 }
 
 
