@@ -455,6 +455,10 @@ ATTENTION = "auto"  # "auto" (default): cached steps of ≤ attention.MAX_ROWS q
 ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per-layer cache take
 # `attend_new_tokens_pallas` (RoPE, the cache write and attention in one launch on the projection's split-K
 # partials); False, or a stacked cache or separate q/k/v: `decode_attention_pallas` after XLA's RoPE and write
+ATTENTION_CODES = True  # with the fused step on, a mixed o_proj without bias on the decode tiles (3 …
+# norm.MAX_QUANT_ROWS tokens; the GEMV quantizes its own input) and one split of 128-wide heads
+# (`attention.codes_in_kernel`: b ≥ 16 with Llama-3-8B's 8 KV heads): the attention kernel hands o_proj its int8
+# codes, so o_proj's quantization launch goes; False: o_proj quantizes the attention's bf16 output itself
 
 
 PREFILL_ATTENTION = "auto"  # attention of chunks the decode kernel does not take (prefill): "auto" (default)
@@ -670,6 +674,8 @@ def _decoder_layer(
     kernel = cache_kv is not None and _attention_kernel_on(T, cfg, implementation)
     qkv = layer["self_attn"].get(_FUSED["self_attn"][1])
     fused_attention = kernel and ATTENTION_FUSED and qkv is not None and cache_kv[4] is None
+    o_proj = layer["self_attn"]["o_proj"]
+    attn_codes = fused_attention and _attention_codes_on(o_proj, B * T, cache_kv[0])
     rms = None  # with NORM_DEFER_RMS: the input norm's r, applied by the attention kernel
     if _norm_quant_on(consumers("self_attn"), x, implementation):  # int8 codes for q/k/v
         if fused_attention and _defer_rms(x, implementation):
@@ -688,7 +694,7 @@ def _decoder_layer(
         attn, *new_cache = attend_new_tokens_pallas(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
             k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, rms=rms,
-            interpret=interpret)
+            codes=attn_codes, interpret=interpret)
         new_cache = tuple(new_cache)
     else:
         q, k, v = projs("self_attn", h)
@@ -710,16 +716,19 @@ def _decoder_layer(
             attn = prefill_attention(q, keys, values, mask, positions, cfg.sliding_window)
         else:
             attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
-    attn = attn.reshape(B, T, H * Dh)
-    o_proj = layer["self_attn"]["o_proj"]
-    o_in = _o_proj_input(attn, implementation) if isinstance(o_proj["weight"], MixedWeight) else attn
+    if attn_codes:  # o_proj's codes, from the attention kernel's epilogue
+        o_in = attn
+    else:
+        attn = attn.reshape(B, T, H * Dh)
+        o_in = _o_proj_input(attn, implementation) if isinstance(o_proj["weight"], MixedWeight) else attn
     decode_rows = B * T <= MAX_QUANT_ROWS  # more rows (prefill codes): outputs in x's dtype, not f32 partials
     gate_up = layer["mlp"].get(_FUSED["mlp"][1])
     swiglu_codes = gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation)
     rms = None  # with NORM_DEFER_RMS: the post-attention norm's r, applied by the SwiGLU kernel
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
         if decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials
-            delta = o_proj["weight"].matmul(attn, implementation=implementation, partials=True)  # [S, B, T, D]
+            delta = o_proj["weight"].matmul(o_in if attn_codes else attn, implementation=implementation,
+                                            partials=True)  # [S, B, T, D]
         else:
             delta = proj("self_attn.o_proj", o_in)
         if swiglu_codes and _defer_rms(x, implementation):
@@ -745,6 +754,19 @@ def _decoder_layer(
         return x, new_cache, down["weight"].matmul(gated, implementation=implementation, partials=True)
     x = x + proj("mlp.down_proj", gated)
     return x, new_cache, None
+
+
+def _attention_codes_on(o_proj: dict, rows: int, k_store: jax.Array) -> bool:
+    """`ATTENTION_CODES`' condition, for a decode step of `rows` tokens that takes the fused attention kernel."""
+    from pallas_kernels.api import GEMV_MAX_M
+    from pallas_kernels.attention import codes_in_kernel
+    from pallas_kernels.format import MixedWeight
+    from pallas_kernels.norm import MAX_QUANT_ROWS
+
+    if not ATTENTION_CODES or not isinstance(o_proj["weight"], MixedWeight) or o_proj.get("bias") is not None:
+        return False
+    B, KVH, S, Dh = k_store.shape
+    return GEMV_MAX_M < rows <= MAX_QUANT_ROWS and codes_in_kernel(B, KVH, S, Dh, k_store.dtype.itemsize)
 
 
 def add_partials(x: jax.Array, partials: jax.Array) -> jax.Array:

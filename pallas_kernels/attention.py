@@ -31,8 +31,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import pdl
-from pallas_kernels.format import RowRms
-from pallas_kernels.norm import load_inv_rms
+from pallas_kernels.format import GROUP_SIZE, QuantizedActivations, RowRms
+from pallas_kernels.norm import load_inv_rms, quant_rows
 
 MAX_ROWS = 64  # query rows (T new tokens × G heads per KV head) one program holds: decode, not prefill
 _NEG = float(jnp.finfo(jnp.float32).min)
@@ -145,12 +145,15 @@ def _quantize_vec(x, scale_dtype):
 
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
-            parts: int = 0, has_bias: bool = False, rms: tuple | None = None, pdl_on: bool = False):
+            parts: int = 0, has_bias: bool = False, rms: tuple | None = None, codes: int = 0, batch: int = 0,
+            pdl_on: bool = False):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
     [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
     outputs: the attention [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores
-    (aliased to k, v, scales)."""
+    (aliased to k, v, scales). `codes` > 0 (splits = 1, Dh = 128): the attention as o_proj's int8 codes instead,
+    `QuantizedActivations`' three arrays with `codes` rows (≥ B·T = `batch`·T; the rows past it zero), one group
+    a head."""
     refs = list(refs)
 
     def take(n):
@@ -305,7 +308,10 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
             pv = e.astype(dtype).astype(jnp.float32)[:, None] * v_t.astype(dtype).astype(jnp.float32)[None, :]
             carry = (m_new, l, acc * alpha[:, None] + pv)
     m, l, acc = carry
-    if splits == 1:  # normalized, in q's dtype; a row that sees no position (only past the cache) gives 0
+    if splits == 1 and codes:  # normalized, rounded to q's dtype, then quantized per head (one K group of o_proj)
+        y = (acc / jnp.where(l > 0, l, 1.0)[:, None]).astype(dtype).astype(jnp.float32)
+        _store_head_codes(y, *outs[:3], b * t + ti, head, d, b=b, h=h, last=batch - 1, t=t, g=g, codes=codes)
+    elif splits == 1:  # normalized, in q's dtype; a row that sees no position (only past the cache) gives 0
         out = acc / jnp.where(l > 0, l, 1.0)[:, None]
         plgpu.store(outs[0].at[b, q_off], out.astype(dtype))
     else:  # this split's unnormalized sum with its max and sum, merged by `_merge`
@@ -313,6 +319,31 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         plgpu.store(o_ref.at[p, b, h, r[:, None] * dh + d[None, :]], acc)
         plgpu.store(m_ref.at[p, b, h, r], m)
         plgpu.store(l_ref.at[p, b, h, r], l)
+
+
+def _store_head_codes(y, q_ref, sc_ref, sum_ref, row, head, d, *, b, h, last: int, t: int, g: int, codes: int):
+    """y [rows, Dh = 128] f32, query row i → code row row[i], head head[i] (repeated rows store the same values
+    again): int8 codes, scale and code sum per (row, head) as `reference.quantize_groups` and
+    `kernels.quantize_activations_xla` make them (scales and sums group-major, [H, codes]). The last batch
+    row's programs also zero their heads' groups in the padding rows B·T … codes − 1."""
+    amax = jnp.max(jnp.abs(y), axis=1)  # [rows]
+    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+    qv = jnp.clip(jnp.floor(y * inv[:, None] + 0.5), -127.0, 127.0)
+    dh = y.shape[1]
+    plgpu.store(q_ref.at[row[:, None], head[:, None] * dh + d[None, :]], qv.astype(jnp.int8))
+    plgpu.store(sc_ref.at[head, row], amax / 127.0)
+    plgpu.store(sum_ref.at[head, row], jnp.sum(qv, axis=1).astype(jnp.int32))
+    pad = codes - (last + 1) * t
+    if pad:  # static: the rows past the live ones × this KV head's g groups, one flat index (masked to real counts)
+        gp = pl.next_power_of_2(g)
+        i = jnp.arange(pl.next_power_of_2(pad) * gp)
+        pr, gi = (last + 1) * t + i // gp, i % gp
+        on = (b == last) & (pr < codes) & (gi < g)
+        grp = h * g + gi
+        plgpu.store(q_ref.at[pr[:, None], grp[:, None] * dh + d[None, :]],
+                    jnp.zeros((i.shape[0], dh), jnp.int8), mask=on[:, None] & (d < dh)[None, :])
+        plgpu.store(sc_ref.at[grp, pr], jnp.zeros(i.shape, jnp.float32), mask=on)
+        plgpu.store(sum_ref.at[grp, pr], jnp.zeros(i.shape, jnp.int32), mask=on)
 
 
 def _merge(o, m, l):
@@ -439,14 +470,14 @@ def _split_qkv(y, heads: int, kv_heads: int):
 def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin: jax.Array, k_store: jax.Array,
                           v_store: jax.Array, *, heads: int, kv_heads: int, dtype=None, bias: jax.Array | None = None,
                           k_scale_store: jax.Array | None = None, v_scale_store: jax.Array | None = None,
-                          sliding_window: int | None = None, rms: RowRms | None = None):
+                          sliding_window: int | None = None, rms: RowRms | None = None, codes: bool = False):
     """What mixjax's decoder layer does between the q/k/v projection and o_proj, for one layer's cache:
     qkv [B, T, (H + 2·KVH)·Dh] in the activations' dtype, or f32 split-K partials [P, B, T, ...] summed and
     rounded to `dtype` (first multiplied per token by `rms`'s r when given: the projection ran on the codes of
     `norm.rms_norm_codes_pallas`); + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k,
     v written at q_pos [B, T] into k_store/v_store [B, KVH, S, Dh] (int8 with scale stores [B, KVH, S]: quantized
     first); `attend_ref` over the cache. Returns (out [B, T, H, Dh], k_store, v_store, k_scale_store,
-    v_scale_store)."""
+    v_scale_store); `codes`: out as o_proj's input codes instead (`head_codes_ref`)."""
     from mixjax import model
 
     dtype = jnp.dtype(dtype or qkv.dtype)
@@ -461,13 +492,35 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
     k_store, k_scale_store, _, k_scale = model._write_cache(k_store, k_scale_store, None, k, q_pos)
     v_store, v_scale_store, _, v_scale = model._write_cache(v_store, v_scale_store, None, v, q_pos)
     out = attend_ref(q, k_store, v_store, cache_mask(q_pos, k_store.shape[2], sliding_window), k_scale, v_scale)
-    return out, k_store, v_store, k_scale_store, v_scale_store
+    return head_codes_ref(out) if codes else out, k_store, v_store, k_scale_store, v_scale_store
+
+
+def head_codes_ref(out: jax.Array) -> QuantizedActivations:
+    """The attention out [B, T, H, Dh] in its float dtype → o_proj's input codes, `QuantizedActivations` of
+    out.reshape(B, T, H·Dh) with `norm.quant_rows` rows (the decode tiles' row count), per group of 128: what
+    o_proj's own quantization makes of that input, and what `attend_new_tokens_pallas(codes=True)` stores."""
+    from pallas_kernels.kernels import quantize_activations_xla
+
+    B, T, H, Dh = out.shape
+    rows = out.reshape(B * T, H * Dh)
+    x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(B * T))
+    return QuantizedActivations(x_q, a_scale, x_sum, (B, T), H * Dh, jnp.dtype(out.dtype).name)
+
+
+def codes_in_kernel(batch: int, kv_heads: int, positions: int, dh: int, itemsize: int, *, block_s: int | None = None,
+                    splits: int | None = None) -> bool:
+    """Whether `attend_new_tokens_pallas(codes=True)` quantizes in its own programs (one split, so each program
+    holds its heads' whole outputs, and one K group a head: Dh = 128); otherwise the codes come from XLA ops
+    after the splits' merge."""
+    block_s = block_s or choose_block(dh, itemsize)
+    splits = choose_splits(batch, kv_heads, positions, block_s) if splits is None else splits
+    return dh == GROUP_SIZE and max(1, min(int(splits), -(-positions // block_s))) == 1
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
-                                             "num_warps", "num_stages", "interpret"))
+                                             "num_warps", "num_stages", "codes", "interpret"))
 def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, *, heads, kv_heads,
-                       dtype, sliding_window, block_s, splits, num_warps, num_stages, interpret):
+                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -482,7 +535,12 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     args += [k_store.reshape(B, KVH, S * Dh), v_store.reshape(B, KVH, S * Dh)]
     if scaled:
         args += [ks_store, vs_store]
-    if splits == 1:
+    in_kernel = codes and splits == 1 and Dh == GROUP_SIZE  # else the codes of the merged output, below
+    mp = quant_rows(B * T)
+    if in_kernel:  # o_proj's input codes: QuantizedActivations' x_q, a_scale, x_sum (one group a head)
+        o_shape = [jax.ShapeDtypeStruct((mp, heads * Dh), jnp.int8), jax.ShapeDtypeStruct((heads, mp), jnp.float32),
+                   jax.ShapeDtypeStruct((heads, mp), jnp.int32)]
+    elif splits == 1:
         o_shape = [jax.ShapeDtypeStruct((B, T * heads * Dh), dtype)]
     else:
         o_shape = [jax.ShapeDtypeStruct((splits, B, KVH, rows * Dh), jnp.float32),
@@ -495,7 +553,8 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
                           t=T, g=g, heads=heads, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None,
-                          rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps)),
+                          rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps),
+                          codes=mp if in_kernel else 0, batch=B),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -506,11 +565,15 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     res = list(res)
     k_new, v_new = res[len(o_shape)].reshape(k_store.shape), res[len(o_shape) + 1].reshape(v_store.shape)
     ks_new, vs_new = (res[len(o_shape) + 2], res[len(o_shape) + 3]) if scaled else (None, None)
-    if splits == 1:
+    if in_kernel:
+        out = QuantizedActivations(*res[:3], (B, T), heads * Dh, jnp.dtype(dtype).name)
+    elif splits == 1:
         out = res[0].reshape(B, T, heads, Dh)
     else:
         out = _merge(res[0].reshape(splits, B, KVH, rows, Dh), res[1], res[2])[:, :, : T * g]
         out = out.reshape(B, KVH, T, g, Dh).transpose(0, 2, 1, 3, 4).reshape(B, T, heads, Dh).astype(dtype)
+    if codes and not in_kernel:
+        out = head_codes_ref(out)
     return out, k_new, v_new, ks_new, vs_new
 
 
@@ -519,11 +582,15 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              bias: jax.Array | None = None, k_scale_store: jax.Array | None = None,
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
-                             num_stages: int = 2, rms: RowRms | None = None, interpret: bool = False):
+                             num_stages: int = 2, rms: RowRms | None = None, codes: bool = False,
+                             interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
     the key/value blocks in flight. Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
-    Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3."""
+    Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3.
+    `codes`: the attention comes back as o_proj's input codes (`head_codes_ref`: `QuantizedActivations`, per group
+    of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
+    Dh = 128: o_proj's quantization launch saved), else by XLA ops after the splits' merge."""
     if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
         raise ValueError(f"attend_new_tokens: qkv must be [B, T, W] or f32 partials [P, B, T, W]; got {qkv.shape} "
                          f"{qkv.dtype}")
@@ -556,7 +623,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError(f"attend_new_tokens: block_s ({block_s}) and the head dim ({dh}) must be powers of two ≥ 16")
     dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))
     kw = dict(heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias, k_scale_store=k_scale_store,
-              v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms)
+              v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms, codes=codes)
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     if splits is None:
@@ -564,4 +631,5 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     splits = max(1, min(int(splits), -(-k_store.shape[2] // block_s)))
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
-                              splits=splits, num_warps=num_warps, num_stages=num_stages, interpret=interpret)
+                              splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
+                              interpret=interpret)

@@ -153,7 +153,7 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
 # XLA's CPU compiler may keep bf16 intermediates in f32 ("excess precision"), so in interpret mode the kernel's
 # queries could be an ulp off the rounding it states (and Triton keeps); random q and k give peaked softmaxes
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
-@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window"),
+@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes"),
                    compiler_options={"xla_allow_excess_precision": False})
 def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
@@ -455,3 +455,92 @@ def test_splits_fill_about_128_programs_with_a_block_each():
     for b, kvh, s, blk in [(1, 1, 5000, 64), (2, 4, 700, 128), (3, 2, 129, 16)]:
         splits = attention.choose_splits(b, kvh, s, blk)
         assert 1 <= splits <= -(-s // blk) and b * kvh * splits <= 127 + b * kvh
+
+
+# B, T, H, KVH, S, parts, int8, splits: padding rows (5 and 3·2 tokens of 16 code rows), none (16), split-K
+# partials, an int8 cache, MQA; splits 2 and head dim 64: the codes from XLA after the merge instead
+CODES_CASES = [
+    (5, 1, 8, 2, 64, 3, False, 1),
+    (3, 2, 4, 2, 40, 0, True, 1),
+    (16, 1, 4, 1, 32, 2, False, 1),
+    (4, 1, 8, 2, 200, 2, False, 2),
+]
+
+
+@pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits", CODES_CASES)
+@pytest.mark.parametrize("dh", [128, 64])
+def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts, int8, splits, dh):
+    """`codes=True`: the attention comes back as o_proj's input codes — exactly what quantizing the kernel's own
+    bf16 output per group of 128 gives (`head_codes_ref`: codes, scales and sums; the padding rows past B·T
+    zero), with the same cache writes; in the programs where `codes_in_kernel` says so (one split, Dh = 128),
+    from XLA after the merge otherwise."""
+    rng = np.random.default_rng()
+    W = (H + 2 * KVH) * dh
+    qkv = jnp.asarray(rng.normal(size=(parts, B, T, W) if parts else (B, T, W)), jnp.float32 if parts else jnp.bfloat16)
+    _, k, v, ks, vs = _case(rng, B, 1, H, KVH, S, dh, jnp.bfloat16, int8)
+    pos = _positions(rng, B, T, S)
+    cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, dh, 2) / dh)).astype(np.float32))
+    kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, splits=splits)
+    plain = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, ks, vs, **kw)
+    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, ks, vs, codes=True, **kw)
+    want = attention.head_codes_ref(plain[0])
+    assert attention.codes_in_kernel(B, KVH, S, dh, k.dtype.itemsize, splits=splits) == (dh == 128 and splits == 1)
+    assert got[0].lead == (B, T) and got[0].k == H * dh and got[0].x_q.shape == (16, H * dh)
+    for name in ("x_q", "a_scale", "x_sum"):
+        np.testing.assert_array_equal(np.asarray(getattr(got[0], name)), np.asarray(getattr(want, name)), err_msg=name)
+    assert not np.any(np.asarray(got[0].x_q)[B * T:]) and np.all(np.asarray(got[0].a_scale)[:, : B * T] > 0)
+    for a, b in zip(got[1:], plain[1:]):
+        assert (a is None) == (b is None)
+        if a is not None:
+            np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    ref = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, k_scale_store=ks, v_scale_store=vs, codes=True,
+                                          **{n: kw[n] for n in ("heads", "kv_heads", "dtype")})
+    assert isinstance(ref[0], type(want)) and ref[0].x_q.shape == want.x_q.shape
+
+
+def test_codes_in_kernel_where_one_split_holds_whole_heads():
+    """Llama-3-8B's 8 KV heads at a 384-position cache: one split (codes in the programs) from 16 rows on, 2 at
+    b8 and 3 at b1 (XLA quantizes the merged output); head dim 64 never (a group of 128 spans two heads)."""
+    assert attention.codes_in_kernel(16, 8, 384, 128, 2) and attention.codes_in_kernel(32, 8, 384, 128, 1)
+    assert not attention.codes_in_kernel(8, 8, 384, 128, 2) and not attention.codes_in_kernel(1, 8, 384, 128, 2)
+    assert not attention.codes_in_kernel(32, 8, 384, 64, 2) and attention.codes_in_kernel(1, 8, 384, 128, 2, splits=1)
+
+
+def test_model_hands_o_proj_the_attention_codes(monkeypatch):
+    """Mixed weights, 128-wide heads, 4 rows a decode step (past the GEMV's 2): with `ATTENTION_CODES` the fused
+    attention kernel returns o_proj's codes and o_proj runs on them; the logits equal those of o_proj quantizing
+    the kernel's bf16 output itself (the same codes, so the same sums), step after step."""
+    import pallas_kernels as pk
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=128, rope_theta=10000.0)
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(3), jnp.bfloat16))
+    rng = np.random.default_rng()
+    for layer in params["layers"]:
+        for group in ("self_attn", "mlp"):
+            for p in layer[group].values():
+                p["weight"] = pk.pack_rtn(np.asarray(p["weight"], np.float32), tenth(rng, p["weight"].shape[0]))
+    params = model.fuse_projections(params)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (4, 7)), jnp.int32)
+    monkeypatch.setattr(model, "ATTENTION", "always")
+    calls = []
+    real = attention.attend_new_tokens_pallas
+    monkeypatch.setattr(model, "attend_new_tokens_pallas", lambda *a, **k: calls.append(k["codes"]) or real(*a, **k))
+
+    def run(on):
+        monkeypatch.setattr(model, "ATTENTION_CODES", on)
+        cache = model.init_cache(cfg, 4, 16, jnp.bfloat16)
+        forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"),
+                          compiler_options={"xla_allow_excess_precision": False})
+        out = []
+        for chunk in (tokens[:, :5], tokens[:, 5:6], tokens[:, 6:]):  # 5 × 2 rows a KV head: the kernel throughout
+            logits, cache = forward(params, chunk, cache=cache)
+            out.append(np.asarray(logits, np.float32))
+        return out
+
+    got = run(True)
+    assert calls == [True] * 4, calls  # 2 layers × 2 traces (20 and 4 rows: one split, 1 KV head of 16 positions)
+    want = run(False)
+    assert calls == [True] * 4 + [False] * 4, calls
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
