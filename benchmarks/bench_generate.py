@@ -64,7 +64,9 @@ loaded two iterations ahead (`GemmConfig.prefetch_meta=3`), with the default 3, 
 only where a program loops over 8 groups or more); `@wave` / `@programs`: the decode tiles' split-K from one wave of resident
 programs (the default since session 33) or from about 1024 programs (before; `kernels.DECODE_SPLIT_RULE`); `@pf3down`: at M = 17–32 the linears of ≥ 64 K groups
 (down_proj) with `prefetch_meta=3` and the split that fits its 3 programs an SM (session 33: −7 % on that GEMM; the
-default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and `@nopf3` turns it off); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and `@nopf3` turns it off); `@noattcodes`:
+o_proj quantizes the attention's output itself (the default since session 36 at one split: the attention kernel's
+epilogue hands it the codes, `model.ATTENTION_CODES`); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -404,7 +406,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3")
+              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -496,6 +498,9 @@ def _apply_strategy(strategy: str) -> None:
         if strategy != "short":
             config = mgpu_decode.DecodeConfig(fold=strategy == "shortf", tile_cols=64 if strategy == "short64" else 128)
             mgpu_decode.mixed_matmul_mgpu_decode = functools.partial(mgpu_decode.mixed_matmul_mgpu_decode, config=config)
+    elif strategy == "noattcodes":  # o_proj quantizes the attention's bf16 output itself (before session 36: the
+        # fused attention kernel hands it the codes at one split of 128-wide heads, `model.ATTENTION_CODES`)
+        model_module.ATTENTION_CODES = False
     elif strategy == "nopf3":  # the 32-row decode tiles without session 35's default small operands two iterations
         # ahead on long K loops (down_proj at M = 17–32)
         kernels.PF3_MIN_GROUPS = None
