@@ -66,7 +66,8 @@ programs (the default since session 33) or from about 1024 programs (before; `ke
 (down_proj) with `prefetch_meta=3` and the split that fits its 3 programs an SM (session 33: −7 % on that GEMM; the
 default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and `@nopf3` turns it off); `@noattcodes`:
 o_proj quantizes the attention's output itself (the default since session 36 at one split: the attention kernel's
-epilogue hands it the codes, `model.ATTENTION_CODES`); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode attention in one split at every batch (so
+b8 gets the codes too, without the splits' merge); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -406,7 +407,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes")
+              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -498,6 +499,11 @@ def _apply_strategy(strategy: str) -> None:
         if strategy != "short":
             config = mgpu_decode.DecodeConfig(fold=strategy == "shortf", tile_cols=64 if strategy == "short64" else 128)
             mgpu_decode.mixed_matmul_mgpu_decode = functools.partial(mgpu_decode.mixed_matmul_mgpu_decode, config=config)
+    elif strategy == "att1":  # the decode attention in one split whatever the batch (b1 and b8 split the positions
+        # by default): b8 then takes o_proj's codes from the programs too, and no merge launch
+        from pallas_kernels import attention
+
+        attention.choose_splits = lambda *args, **kwargs: 1
     elif strategy == "noattcodes":  # o_proj quantizes the attention's bf16 output itself (before session 36: the
         # fused attention kernel hands it the codes at one split of 128-wide heads, `model.ATTENTION_CODES`)
         model_module.ATTENTION_CODES = False

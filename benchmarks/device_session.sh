@@ -835,10 +835,11 @@ case "$part" in
     ;;
   s36a)  # session 36: the attention kernel hands o_proj its codes (default) against o_proj quantizing (@noattcodes)
     # at b16 / b32 (one split of the 8 KV heads: the codes come from the programs; b1 and b8 split the positions and
-    # do not ask for them), bf16 in the same call; then the codes tests compiled on the GPU
+    # do not ask for them; `@att1` one split everywhere, so b8 too), bf16 in the same call; then the codes tests
+    # compiled on the GPU
     header
-    timeout 330 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@noattcodes+h4 \
-      --batches 16,32 --repeats 2 --prefill-len 256 --profile --profile-top 8 --budget-s 320 --out "$out/attcodes.md" 2>&1 \
+    timeout 330 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@noattcodes+h4,w4.4a8@att1+h4 \
+      --batches 8,16,32 --repeats 2 --prefill-len 256 --profile --profile-top 8 --budget-s 320 --out "$out/attcodes.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/attcodes.log"
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py -k "codes" 2>&1 | tail -4 \
       | tee "$out/attcodes_tests.log"
