@@ -66,8 +66,8 @@ programs (the default since session 33) or from about 1024 programs (before; `ke
 (down_proj) with `prefetch_meta=3` and the split that fits its 3 programs an SM (session 33: −7 % on that GEMM; the
 default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and `@nopf3` turns it off); `@noattcodes`:
 o_proj quantizes the attention's output itself (the default since session 36 at one split: the attention kernel's
-epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode attention in one split at every batch (so
-b8 gets the codes too, without the splits' merge); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode attention in one split at every batch and cache length
+(session 36 measured it at b8, which now takes one split on caches of ≤ 512 positions); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -499,8 +499,8 @@ def _apply_strategy(strategy: str) -> None:
         if strategy != "short":
             config = mgpu_decode.DecodeConfig(fold=strategy == "shortf", tile_cols=64 if strategy == "short64" else 128)
             mgpu_decode.mixed_matmul_mgpu_decode = functools.partial(mgpu_decode.mixed_matmul_mgpu_decode, config=config)
-    elif strategy == "att1":  # the decode attention in one split whatever the batch (b1 and b8 split the positions
-        # by default): b8 then takes o_proj's codes from the programs too, and no merge launch
+    elif strategy == "att1":  # the decode attention in one split whatever the batch and cache (b1, and b8 on caches
+        # past 512 positions, split the positions by default; before session 36's `attention.CODES_ONE_SPLIT` b8 did)
         from pallas_kernels import attention
 
         attention.choose_splits = lambda *args, **kwargs: 1

@@ -365,13 +365,22 @@ def choose_block(dh: int, itemsize: int) -> int:
     return block
 
 
-def choose_splits(batch: int, kv_heads: int, positions: int, block_s: int) -> int:
+CODES_ONE_SPLIT = (64, 4)  # (programs, blocks): with o_proj's codes asked for, caches of at most that many blocks
+# take one split from that many (row, KV head) programs on, so the codes come from the programs and neither the
+# merge nor the quantization is a launch. H100, 2026-12-06 (`device_session.sh s36a`, b8 × 8 KV heads, 3 blocks of
+# 128 positions, 256 steps): 2 712 against 2 643 tok/s (+2.6 %; attention 289 → 319 µs a step, 64 launches fewer)
+
+
+def choose_splits(batch: int, kv_heads: int, positions: int, block_s: int, codes: bool = False) -> int:
     """Programs per (row, KV head): enough for ≈ 128 programs, each at least one block. Measured (H200,
     2026-12-03, `bench_attention.py --fused-splits`, the fused step on 8 split-K partials, Llama-3-8B heads,
     128-position blocks): at b1 a 384-position cache takes 5.3 µs with 3 splits against 7.0 with one, 4096
     positions 13.5 µs with 16 against 15.2 with 8 (the earlier rule, ≥ 4 blocks a split); at b32 (256
-    programs already) splits only cost: 24.1 µs with 3 against 17.8 with one."""
+    programs already) splits only cost: 24.1 µs with 3 against 17.8 with one. `codes`: the step hands o_proj
+    its codes (`attend_new_tokens_pallas(codes=True)`), which one split makes in the programs: `CODES_ONE_SPLIT`."""
     blocks = -(-positions // block_s)
+    if codes and batch * kv_heads >= CODES_ONE_SPLIT[0] and blocks <= CODES_ONE_SPLIT[1]:
+        return 1
     return max(1, min(-(-128 // (batch * kv_heads)), blocks))
 
 
@@ -513,7 +522,7 @@ def codes_in_kernel(batch: int, kv_heads: int, positions: int, dh: int, itemsize
     holds its heads' whole outputs, and one K group a head: Dh = 128); otherwise the codes come from XLA ops
     after the splits' merge."""
     block_s = block_s or choose_block(dh, itemsize)
-    splits = choose_splits(batch, kv_heads, positions, block_s) if splits is None else splits
+    splits = choose_splits(batch, kv_heads, positions, block_s, codes=True) if splits is None else splits
     return dh == GROUP_SIZE and max(1, min(int(splits), -(-positions // block_s))) == 1
 
 
@@ -627,7 +636,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     if splits is None:
-        splits = choose_splits(B, kv_heads, k_store.shape[2], block_s)
+        splits = choose_splits(B, kv_heads, k_store.shape[2], block_s, codes=codes and dh == GROUP_SIZE)
     splits = max(1, min(int(splits), -(-k_store.shape[2] // block_s)))
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
