@@ -67,7 +67,8 @@ programs (the default since session 33) or from about 1024 programs (before; `ke
 default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and `@nopf3` turns it off); `@noattcodes`:
 o_proj quantizes the attention's output itself (the default since session 36 at one split: the attention kernel's
 epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode attention in one split at every batch and cache length
-(session 36 measured it at b8, which now takes one split on caches of ≤ 512 positions); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+(session 36 measured it at b8, which now takes one split on caches of ≤ 512 positions); `@attlive`: the codes
+epilogue on the live rows only (`attention.CODES_LIVE_ROWS`); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -407,7 +408,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1")
+              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -504,6 +505,10 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import attention
 
         attention.choose_splits = lambda *args, **kwargs: 1
+    elif strategy == "attlive":  # the attention's codes epilogue on the live rows only (out of the MMA's repeats)
+        from pallas_kernels import attention
+
+        attention.CODES_LIVE_ROWS = True
     elif strategy == "noattcodes":  # o_proj quantizes the attention's bf16 output itself (before session 36: the
         # fused attention kernel hands it the codes at one split of 128-wide heads, `model.ATTENTION_CODES`)
         model_module.ATTENTION_CODES = False

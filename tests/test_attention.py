@@ -471,13 +471,16 @@ CODES_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits", CODES_CASES)
-@pytest.mark.parametrize("dh", [128, 64])
-def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts, int8, splits, dh):
+@pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits, dh, live",
+                         [(*c, dh, False) for c in CODES_CASES for dh in (128, 64)] + [(*c, 128, True) for c in CODES_CASES[:3]])
+def test_attend_new_tokens_codes_are_o_projs_quantization(monkeypatch, B, T, H, KVH, S, parts, int8, splits, dh, live):
     """`codes=True`: the attention comes back as o_proj's input codes — exactly what quantizing the kernel's own
     bf16 output per group of 128 gives (`head_codes_ref`: codes, scales and sums; the padding rows past B·T
     zero), with the same cache writes; in the programs where `codes_in_kernel` says so (one split, Dh = 128),
-    from XLA after the merge otherwise."""
+    from XLA after the merge otherwise. `live`: the epilogue on the live rows taken out of the MMA's repeats
+    (`attention.CODES_LIVE_ROWS`)."""
+    monkeypatch.setattr(attention, "CODES_LIVE_ROWS", live)
+    jax.clear_caches()  # the flag is read while tracing
     rng = np.random.default_rng()
     W = (H + 2 * KVH) * dh
     qkv = jnp.asarray(rng.normal(size=(parts, B, T, W) if parts else (B, T, W)), jnp.float32 if parts else jnp.bfloat16)
