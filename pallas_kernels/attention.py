@@ -531,8 +531,13 @@ def codes_in_kernel(batch: int, kv_heads: int, positions: int, dh: int, itemsize
     holds its heads' whole outputs, and one K group a head: Dh = 128); otherwise the codes come from XLA ops
     after the splits' merge."""
     block_s = block_s or choose_block(dh, itemsize)
-    splits = choose_splits(batch, kv_heads, positions, block_s, codes=True) if splits is None else splits
-    return dh == GROUP_SIZE and max(1, min(int(splits), -(-positions // block_s))) == 1
+    return dh == GROUP_SIZE and _fused_splits(splits, batch, kv_heads, positions, block_s, codes=True) == 1
+
+
+def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int, block_s: int, codes: bool) -> int:
+    """The splits `attend_new_tokens_pallas` runs: `splits` (None: `choose_splits`), at most one a block."""
+    splits = choose_splits(batch, kv_heads, positions, block_s, codes) if splits is None else splits
+    return max(1, min(int(splits), -(-positions // block_s)))
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
@@ -644,9 +649,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
               v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms, codes=codes)
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
-    if splits is None:
-        splits = choose_splits(B, kv_heads, k_store.shape[2], block_s, codes=codes and dh == GROUP_SIZE)
-    splits = max(1, min(int(splits), -(-k_store.shape[2] // block_s)))
+    splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and dh == GROUP_SIZE)
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
