@@ -729,8 +729,7 @@ def _decoder_layer(
     rms = None  # with NORM_DEFER_RMS: the post-attention norm's r, applied by the SwiGLU kernel
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
         if decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials
-            delta = o_proj["weight"].matmul(o_in if attn_codes else attn, implementation=implementation,
-                                            partials=True)  # [S, B, T, D]
+            delta = o_proj["weight"].matmul(o_in, implementation=implementation, partials=True)  # [S, B, T, D]
         else:
             delta = proj("self_attn.o_proj", o_in)
         if swiglu_codes and _defer_rms(x, implementation):
