@@ -833,13 +833,12 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
-  s36b)  # session 36, after s36a: the standing rows b1 / b8 / b32 with the codes default and b8's one split
-    # (`attention.CODES_ONE_SPLIT`), `@noattcodes` beside (o_proj quantizing, b8 back to 2 splits), `@attlive` (the
-    # epilogue on the 4 live rows of the MMA's 16), bf16 in the same call; then b32 with the int8 KV cache (the best
-    # b32 setting of session 34, now with the codes)
+  s36b)  # session 36, after s36a: b8 / b32 with the codes default and b8's one split (`attention.CODES_ONE_SPLIT`;
+    # s36a measured it as @att1), `@attlive` (the epilogue on the 4 live rows of the MMA's 16), bf16 in the same call;
+    # then b32 with the int8 KV cache (the best b32 setting of session 34, now with the codes)
     header
-    timeout 340 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@noattcodes+h4,w4.4a8@attlive+h4 \
-      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 330 \
+    timeout 260 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@attlive+h4 \
+      --batches 8,32 --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 250 \
       --out "$out/standing.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/standing.log"
     timeout 150 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 32 --repeats 2 \
       --prefill-len 256 --profile --profile-top 6 --budget-s 140 --out "$out/kvint8.md" 2>&1 \
