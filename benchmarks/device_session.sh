@@ -837,11 +837,11 @@ case "$part" in
     # s36a measured it as @att1), `@attlive` (the epilogue on the 4 live rows of the MMA's 16), bf16 in the same call;
     # then b32 with the int8 KV cache (the best b32 setting of session 34, now with the codes)
     header
-    timeout 260 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@attlive+h4 \
-      --batches 8,32 --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 250 \
+    timeout 250 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@attlive+h4 \
+      --batches 8,32 --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 240 \
       --out "$out/standing.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/standing.log"
-    timeout 150 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 32 --repeats 2 \
-      --prefill-len 256 --profile --profile-top 6 --budget-s 140 --out "$out/kvint8.md" 2>&1 \
+    timeout 110 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 32 --repeats 2 \
+      --prefill-len 256 --profile --profile-top 6 --budget-s 100 --out "$out/kvint8.md" 2>      --prefill-len 256 --profile --profile-top 6 --budget-s 140 --out "$out/kvint8.md" 2>&1 \1 \
       | grep "batch\|tok/s |" | tee "$out/kvint8.log"
     ;;
   s36a)  # session 36: the attention kernel hands o_proj its codes (default) against o_proj quantizing (@noattcodes)
