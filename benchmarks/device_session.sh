@@ -841,7 +841,7 @@ case "$part" in
       --batches 8,32 --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 240 \
       --out "$out/standing.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/standing.log"
     timeout 110 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 32 --repeats 2 \
-      --prefill-len 256 --profile --profile-top 6 --budget-s 100 --out "$out/kvint8.md" 2>      --prefill-len 256 --profile --profile-top 6 --budget-s 140 --out "$out/kvint8.md" 2>&1 \1 \
+      --prefill-len 256 --profile --profile-top 6 --budget-s 100 --out "$out/kvint8.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/kvint8.log"
     ;;
   s36a)  # session 36: the attention kernel hands o_proj its codes (default) against o_proj quantizing (@noattcodes)
