@@ -68,7 +68,7 @@ default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and
 o_proj quantizes the attention's output itself (the default since session 36 at one split: the attention kernel's
 epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode attention in one split at every batch and cache length
 (session 36 measured it at b8, which now takes one split on caches of ≤ 512 positions); `@attlive`: the codes
-epilogue on the live rows only (`attention.CODES_LIVE_ROWS`); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
+epilogue on the live rows only (measured in session 36, the default since, so it repeats the default); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
@@ -505,10 +505,9 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import attention
 
         attention.choose_splits = lambda *args, **kwargs: 1
-    elif strategy == "attlive":  # the attention's codes epilogue on the live rows only (out of the MMA's repeats)
-        from pallas_kernels import attention
-
-        attention.CODES_LIVE_ROWS = True
+    elif strategy == "attlive":  # session 36's codes epilogue on the live rows only (out of the MMA's repeats): the
+        # default since that session (`attention._store_head_codes`), so unchanged
+        pass
     elif strategy == "noattcodes":  # o_proj quantizes the attention's bf16 output itself (before session 36: the
         # fused attention kernel hands it the codes at one split of 128-wide heads, `model.ATTENTION_CODES`)
         model_module.ATTENTION_CODES = False

@@ -462,26 +462,24 @@ def test_splits_fill_about_128_programs_with_a_block_each():
 
 
 # B, T, H, KVH, S, parts, int8, splits: padding rows (5 and 3·2 tokens of 16 code rows), none (16), split-K
-# partials, an int8 cache, MQA; splits 2 (and head dim 64, with the first case): the codes from XLA after the merge
+# partials, an int8 cache, MQA, 3 × 2 live rows (not a power of two: the epilogue on all 16 MMA rows, repeats and
+# all); splits 2 (and head dim 64, with the first case): the codes from XLA after the merge
 CODES_CASES = [
     (5, 1, 8, 2, 64, 3, False, 1),
     (3, 2, 4, 2, 40, 0, True, 1),
     (16, 1, 4, 1, 32, 2, False, 1),
+    (3, 3, 4, 2, 40, 2, False, 1),
     (4, 1, 8, 2, 200, 2, False, 2),
 ]
 
 
-@pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits, dh, live",
-                         [(*c, 128, False) for c in CODES_CASES] + [(*CODES_CASES[0], 64, False)]
-                         + [(*c, 128, True) for c in CODES_CASES[:2]])
-def test_attend_new_tokens_codes_are_o_projs_quantization(monkeypatch, B, T, H, KVH, S, parts, int8, splits, dh, live):
+@pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits, dh",
+                         [(*c, 128) for c in CODES_CASES] + [(*CODES_CASES[0], 64)])
+def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts, int8, splits, dh):
     """`codes=True`: the attention comes back as o_proj's input codes — exactly what quantizing the kernel's own
     bf16 output per group of 128 gives (`head_codes_ref`: codes, scales and sums; the padding rows past B·T
     zero), with the same cache writes; in the programs where `codes_in_kernel` says so (one split, Dh = 128),
-    from XLA after the merge otherwise. `live`: the epilogue on the live rows taken out of the MMA's repeats
-    (`attention.CODES_LIVE_ROWS`)."""
-    monkeypatch.setattr(attention, "CODES_LIVE_ROWS", live)
-    jax.clear_caches()  # the flag is read while tracing
+    from XLA after the merge otherwise."""
     rng = np.random.default_rng()
     W = (H + 2 * KVH) * dh
     qkv = jnp.asarray(rng.normal(size=(parts, B, T, W) if parts else (B, T, W)), jnp.float32 if parts else jnp.bfloat16)
