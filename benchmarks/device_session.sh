@@ -833,6 +833,15 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s37a)  # next session (prepared in session 36): the attention codes tests compiled on the GPU with the live-row
+    # epilogue (the default after s36b; s36a ran them on the all-rows form), then the standing rows beside bf16
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py -k "codes" 2>&1 | tail -4 \
+      | tee "$out/attcodes_tests.log"
+    timeout 330 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 --repeats 2 \
+      --prefill-len 256 --profile --profile-top 6 --budget-s 320 --out "$out/standing.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/standing.log"
+    ;;
   s36b)  # session 36, after s36a: b8 / b32 with the codes default and b8's one split (`attention.CODES_ONE_SPLIT`;
     # s36a measured it as @att1), `@attlive` (the epilogue on the 4 live rows of the MMA's 16), bf16 in the same call;
     # then b32 with the int8 KV cache (the best b32 setting of session 34, now with the codes)
