@@ -561,7 +561,6 @@ def mixed_matmul_mgpu(x: jax.Array | QuantizedActivations, qw: MixedWeight, *, c
     if config is None:
         config = pick_config(x.m if isinstance(x, QuantizedActivations) else x.shape[0], qw.n,
                              three_wgs=THREE_WGS and not interpret)
-
     if qw.num_groups % config.gps:  # an odd number of groups: one group a step, as many groups in flight
         config = dataclasses.replace(config, gps=1, stages=config.stages * config.gps)
     if isinstance(x, QuantizedActivations):
