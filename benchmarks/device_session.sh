@@ -833,11 +833,17 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
-  s37a)  # next session (prepared in session 36): the attention codes tests compiled on the GPU with the live-row
-    # epilogue (the default after s36b; s36a ran them on the all-rows form), then the standing rows beside bf16
+  s37a)  # session 37: the attention codes tests compiled on the GPU with the live-row epilogue (the default after
+    # s36b; s36a ran them on the all-rows form), then the tile-major probe (NOTES item 125: the decode tiles with
+    # their codes, and scales and zeros, in (tile, group) blocks against row-major, bit for bit, M = 16 / 32)
     header
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py -k "codes" 2>&1 | tail -4 \
       | tee "$out/attcodes_tests.log"
+    timeout 300 python3 benchmarks/probe_tile_major.py --ms 8,16,32 --out "$out/tile_major.md" 2>&1 \
+      | grep -v "^|---" | tail -20
+    ;;
+  s37b)  # session 37: the standing rows beside bf16 (b1 / b8 / b32 and the 256-token prefill)
+    header
     timeout 330 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 --repeats 2 \
       --prefill-len 256 --profile --profile-top 6 --budget-s 320 --out "$out/standing.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/standing.log"

@@ -154,6 +154,8 @@ def main(argv=None):
     cfg = config_overrides(cfg, args.set)
     print("config", cfg)
     if args.kernel == "mma":
+        if cfg.tile_major:  # the codes (and metadata) in the order that config reads
+            w = kernels.tile_major_weight(w, cfg.tile_major, cfg.block_n)
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg)  # noqa: E731
     else:
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg)  # noqa: E731

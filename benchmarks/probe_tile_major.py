@@ -1,0 +1,115 @@
+"""Are the decode tiles slowed by where their per-group reads land in DRAM? Row-major against tile-major codes.
+
+    python benchmarks/probe_tile_major.py --out /tmp/tile_major.md    # Hopper GPU, ≈ 2 min
+    python benchmarks/probe_tile_major.py --small                     # CPU smoke run (interpret mode)
+
+Why (NOTES-kernels.md item 125): at 16–32 activation rows the decode tiles (`kernels._decode_config`) move
+0.9–1.8 TB/s where the GEMV at one row moves ≈ 2.5 (gate/up at 84 % of its floor), and twice the programs over
+the same weights (M = 64) take twice the time: a per-(tile, group) cost, which sessions 9–33 read as the latency
+of the per-group small loads. Each iteration of a program reads its group's 4-bit codes as 64 rows × 64 bytes
+2 KB apart (row-major [N, K/2]), its scales as 256 bytes and zeros as 64 bytes at another address, so every
+iteration of every one of ≈ 450–660 programs opens new DRAM pages for 64-byte pieces. The GEMV reads 256
+contiguous bytes of a row an iteration (`gemv.GemvConfig.groups_per_iter = 4`, 6–18 % faster when it came in).
+Tile-major codes (`kernels.tile_major_weight`, `GemmConfig.tile_major`) make a (64-row tile, group) block 4 KB
+contiguous, and consecutive groups of a tile adjacent; level 2 does the same for the scales and zeros. The
+arithmetic is untouched, so every variant's output is checked bit for bit against the row-major one.
+
+Variants, each in one jit over weight copies rotated past the 50 MB L2 (the same codes XOR-ed with the copy's
+index): `row` (today's decode tiles, `kernels.choose_config`), `tm1` (tile-major codes), `tm2` (codes, scales
+and zeros tile-major), and XLA's bf16 dot for the ratio. Device busy µs a call of the GEMM kernel alone (the
+activation quantization launch is the same for all three and is left out), from a profiler trace.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import pathlib
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_matmul import packed_bytes, random_packed  # noqa: E402
+from devtime import trace_events  # noqa: E402
+from pallas_kernels import kernels  # noqa: E402
+
+SHAPES = {"gate+up": (4096, 28672), "q/k/v": (4096, 6144), "down": (14336, 4096), "o": (4096, 4096)}  # K, N
+ROTATE_BYTES = 120e6  # weight bytes a timed program walks through (the H100's L2 is 50 MB)
+
+
+def _busy(events, runs: int, calls: int, key: str) -> float:
+    """µs a call of the kernels whose name contains `key` (all kernels for key "")."""
+    return sum(d for (_, name), d in events.items() if key in name) / 1e3 / runs / calls
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default="16,32", help="activation rows")
+    p.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--small", action="store_true", help="a tiny shape in interpret mode (CPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    shapes, ms = {k: SHAPES[k] for k in args.layers.split(",")}, [int(m) for m in args.ms.split(",")]
+    if args.small:
+        shapes, args.runs = {"tiny": (640, 320)}, 1
+    dev = jax.devices()[0]
+    head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
+    print(head, flush=True)
+    rng = np.random.default_rng(0)
+    table = ["| layer | K → N | M | config | copies | XLA bf16 µs | row µs | tm1 µs | tm2 µs | = row | tm1 / row | "
+             "tm2 / row | row × bf16 | best × bf16 |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, (k, n) in shapes.items():
+        base = random_packed(rng, n, k, 0.1)
+        calls = 1 if interpret else max(2, int(-(-ROTATE_BYTES // packed_bytes(base))))
+        ws = [base] + [dataclasses.replace(base, q4=base.q4 ^ jnp.int8(i), q8=base.q8 ^ jnp.int8(i))
+                       for i in range(1, calls)]
+        forms = {"row": ws, "tm1": [kernels.tile_major_weight(w, 1) for w in ws],
+                 "tm2": [kernels.tile_major_weight(w, 2) for w in ws]}
+        dense = [jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
+                 for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
+        for m in ms:
+            x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+            cfg = kernels.choose_config(m, base.num_groups, base.q8.shape[0] + base.q4.shape[0])
+            cfgs = {"row": cfg, "tm1": dataclasses.replace(cfg, tile_major=1), "tm2": dataclasses.replace(cfg, tile_major=2)}
+            outs, busy = {}, {}
+            for v, c in cfgs.items():
+                jitted = jax.jit(lambda x, ws, c=c: [kernels.mixed_matmul_pallas(x, w, config=c, interpret=interpret)
+                                                     for w in ws])
+                outs[v] = jax.block_until_ready(jitted(x, forms[v]))
+                if not interpret:
+                    traced = trace_events(lambda: jitted(x, forms[v]), args.runs)
+                    busy[v] = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, calls, "mixed_gemm")
+            same = all(bool(jnp.array_equal(a, b)) for v in ("tm1", "tm2") for a, b in zip(outs[v], outs["row"]))
+            if interpret:
+                table.append(f"| {name} | {k} → {n} | {m} | split {cfg.split_k}, pf{cfg.prefetch_meta} | {calls} | | | "
+                             f"| | {'yes' if same else 'NO'} | | | | |")
+                continue
+            bf = jax.jit(lambda x, ws: [jnp.dot(x, w.T) for w in ws])
+            traced = trace_events(lambda: bf(x, dense), args.runs)
+            xla = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, len(dense), "")
+            best = min(busy.values())
+            row = (f"| {name} | {k} → {n} | {m} | split {cfg.split_k}, pf{cfg.prefetch_meta} | {calls} | {xla:.1f} | "
+                   f"{busy['row']:.1f} | {busy['tm1']:.1f} | {busy['tm2']:.1f} | {'yes' if same else 'NO'} | "
+                   f"{busy['tm1'] / busy['row']:.3f} | {busy['tm2'] / busy['row']:.3f} | {xla / busy['row']:.2f} | "
+                   f"{xla / best:.2f} |")
+            print(row, flush=True)
+            table.append(row)
+    text = head + "\n\n" + "\n".join(table) + "\n"
+    print(text)
+    if args.out:
+        pathlib.Path(args.out).write_text(text)
+    return 0 if all("NO" not in r for r in table) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
