@@ -240,6 +240,24 @@ def test_small_operands_two_iterations_ahead(split, stages):
     assert _rel(got, ref.mixed_matmul_ref(x, qw)) < KERNEL_RTOL
 
 
+
+@pytest.mark.parametrize("share8", [0.0, 0.15, 1.0])
+@pytest.mark.parametrize("level", [1, 2])
+def test_tile_major_layout_changes_only_the_addresses(level, share8):
+    """`GemmConfig.tile_major` on `kernels.tile_major_weight`'s arrays (codes, and at level 2 the scales and
+    zeros, in (64-row tile, group) blocks) gives the row-major kernel's output bit for bit: split-K partials, the
+    small operands two iterations ahead with an odd last group, an empty channel set."""
+    x, qw = _case(23, 640, 200, share8, jnp.float32)
+    for base in (kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True),
+                 kernels.GemmConfig(32, 64, 1, 4, 3, fuse_quant=False, prefetch_meta=3)):
+        want = kernels.mixed_matmul_pallas(x, qw, config=base, interpret=INTERPRET)
+        tm = kernels.tile_major_weight(qw, level)
+        assert tm.q4.shape[1:] == (5, 64, 64) and tm.q8.shape[1:] == (5, 64, 128)
+        assert (tm.scale4.ndim == 3) == (level == 2)
+        got = kernels.mixed_matmul_pallas(x, tm, config=dataclasses.replace(base, tile_major=level),
+                                          interpret=INTERPRET)
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
 @pytest.mark.parametrize("word_unpack", [True, False])
 def test_4bit_unpack_on_words_in_the_cuda_lowering(word_unpack):
     """The kernel lowered for CUDA (no GPU needed; Triton IR captured by `benchmarks/ptx_stats.py`) unpacks
