@@ -10,14 +10,16 @@ of the per-group small loads. Each iteration of a program reads its group's 4-bi
 2 KB apart (row-major [N, K/2]), its scales as 256 bytes and zeros as 64 bytes at another address, so every
 iteration of every one of ≈ 450–660 programs opens new DRAM pages for 64-byte pieces. The GEMV reads 256
 contiguous bytes of a row an iteration (`gemv.GemvConfig.groups_per_iter = 4`, 6–18 % faster when it came in).
-Tile-major codes (`kernels.tile_major_weight`, `GemmConfig.tile_major`) make a (64-row tile, group) block 4 KB
-contiguous, and consecutive groups of a tile adjacent; level 2 does the same for the scales and zeros. The
-arithmetic is untouched, so every variant's output is checked bit for bit against the row-major one.
+Tiled codes (`format.tile_codes`, `MixedWeight.tiled`) make a (64-row tile, group) block 4 KB contiguous, and
+consecutive groups of a tile adjacent. The arithmetic is untouched, so every output is checked bit for bit against
+the row-major one.
 
 Variants, each in one jit over weight copies rotated past the 50 MB L2 (the same codes XOR-ed with the copy's
-index): `row` (today's decode tiles, `kernels.choose_config`), `tm1` (tile-major codes), `tm2` (codes, scales
-and zeros tile-major), and XLA's bf16 dot for the ratio. Device busy µs a call of the GEMM kernel alone (the
-activation quantization launch is the same for all three and is left out), from a profiler trace.
+index): `row` (the stored row-major codes) and `tiled` (`format.tile_codes`), through the dispatch the model uses
+(`pallas_kernels.mixed_matmul(implementation="pallas")`: the GEMV at M ≤ 2, the decode tiles to M = 128), and the
+prefill's int4 → int8 unpack (`unpack.int8_weight`, M = "unpack"); XLA's bf16 dot for the ratio. Device busy µs a
+call of every kernel of it, from a profiler trace. Session 37's first call measured a third form, the scales and
+zeros tile-major too ([tiles, G, 64]): slower than the codes alone on 9 of 12 rows (results/kernels.md), not kept.
 """
 
 from __future__ import annotations
@@ -38,7 +40,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import packed_bytes, random_packed  # noqa: E402
 from devtime import trace_events  # noqa: E402
-from pallas_kernels import kernels  # noqa: E402
+from pallas_kernels import mixed_matmul, unpack  # noqa: E402
+from pallas_kernels.format import tile_codes  # noqa: E402
 
 SHAPES = {"gate+up": (4096, 28672), "q/k/v": (4096, 6144), "down": (14336, 4096), "o": (4096, 4096)}  # K, N
 ROTATE_BYTES = 120e6  # weight bytes a timed program walks through (the H100's L2 is 50 MB)
@@ -51,7 +54,7 @@ def _busy(events, runs: int, calls: int, key: str) -> float:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ms", default="16,32", help="activation rows")
+    p.add_argument("--ms", default="1,2,16,32,0", help="activation rows (0: the prefill's int4 → int8 unpack)")
     p.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--small", action="store_true", help="a tiny shape in interpret mode (CPU)")
@@ -60,48 +63,51 @@ def main(argv=None) -> int:
     interpret = jax.default_backend() != "gpu"
     shapes, ms = {k: SHAPES[k] for k in args.layers.split(",")}, [int(m) for m in args.ms.split(",")]
     if args.small:
-        shapes, args.runs = {"tiny": (640, 320)}, 1
+        shapes, args.runs, ms = {"tiny": (640, 320)}, 1, [1, 2, 16, 0]
     dev = jax.devices()[0]
     head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
     print(head, flush=True)
     rng = np.random.default_rng(0)
-    table = ["| layer | K → N | M | config | copies | XLA bf16 µs | row µs | tm1 µs | tm2 µs | = row | tm1 / row | "
-             "tm2 / row | row × bf16 | best × bf16 |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| layer | K → N | M | copies | XLA bf16 µs | row µs | tiled µs | = row | tiled / row | row × bf16 | "
+             "tiled × bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    impl = "xla" if interpret else "pallas"
     for name, (k, n) in shapes.items():
         base = random_packed(rng, n, k, 0.1)
         calls = 1 if interpret else max(2, int(-(-ROTATE_BYTES // packed_bytes(base))))
         ws = [base] + [dataclasses.replace(base, q4=base.q4 ^ jnp.int8(i), q8=base.q8 ^ jnp.int8(i))
                        for i in range(1, calls)]
-        forms = {"row": ws, "tm1": [kernels.tile_major_weight(w, 1) for w in ws],
-                 "tm2": [kernels.tile_major_weight(w, 2) for w in ws]}
+        forms = {"row": ws, "tiled": [tile_codes(w) for w in ws]}
         dense = [jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
                  for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
         for m in ms:
-            x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-            cfg = kernels.choose_config(m, base.num_groups, base.q8.shape[0] + base.q4.shape[0])
-            cfgs = {"row": cfg, "tm1": dataclasses.replace(cfg, tile_major=1), "tm2": dataclasses.replace(cfg, tile_major=2)}
+            x = jnp.asarray(rng.normal(size=(max(m, 1), k)), jnp.bfloat16)
+            if m == 0:  # the prefill's unpack
+                def fn(x, w):
+                    return unpack.int8_weight(w, rows=-(-n // 256) * 256, implementation=impl, interpret=interpret)
+            else:
+                def fn(x, w):
+                    return mixed_matmul(x, w, implementation="pallas", interpret=interpret)
             outs, busy = {}, {}
-            for v, c in cfgs.items():
-                jitted = jax.jit(lambda x, ws, c=c: [kernels.mixed_matmul_pallas(x, w, config=c, interpret=interpret)
-                                                     for w in ws])
-                outs[v] = jax.block_until_ready(jitted(x, forms[v]))
+            for v, wv in forms.items():
+                jitted = jax.jit(lambda x, ws, fn=fn: [fn(x, w) for w in ws])
+                outs[v] = jax.block_until_ready(jitted(x, wv))
                 if not interpret:
-                    traced = trace_events(lambda: jitted(x, forms[v]), args.runs)
-                    busy[v] = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, calls, "mixed_gemm")
-            same = all(bool(jnp.array_equal(a, b)) for v in ("tm1", "tm2") for a, b in zip(outs[v], outs["row"]))
+                    traced = trace_events(lambda: jitted(x, wv), args.runs)
+                    busy[v] = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, calls, "")
+            same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(outs["tiled"]),
+                                                                    jax.tree.leaves(outs["row"])))
+            label = "unpack" if m == 0 else m
             if interpret:
-                table.append(f"| {name} | {k} → {n} | {m} | split {cfg.split_k}, pf{cfg.prefetch_meta} | {calls} | | | "
-                             f"| | {'yes' if same else 'NO'} | | | | |")
+                table.append(f"| {name} | {k} → {n} | {label} | {calls} | | | | {'yes' if same else 'NO'} | | | |")
                 continue
-            bf = jax.jit(lambda x, ws: [jnp.dot(x, w.T) for w in ws])
-            traced = trace_events(lambda: bf(x, dense), args.runs)
-            xla = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, len(dense), "")
-            best = min(busy.values())
-            row = (f"| {name} | {k} → {n} | {m} | split {cfg.split_k}, pf{cfg.prefetch_meta} | {calls} | {xla:.1f} | "
-                   f"{busy['row']:.1f} | {busy['tm1']:.1f} | {busy['tm2']:.1f} | {'yes' if same else 'NO'} | "
-                   f"{busy['tm1'] / busy['row']:.3f} | {busy['tm2'] / busy['row']:.3f} | {xla / busy['row']:.2f} | "
-                   f"{xla / best:.2f} |")
+            xla = float("nan")
+            if m:
+                bf = jax.jit(lambda x, ws: [jnp.dot(x, w.T) for w in ws])
+                traced = trace_events(lambda: bf(x, dense), args.runs)
+                xla = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, len(dense), "")
+            row = (f"| {name} | {k} → {n} | {label} | {calls} | {xla:.1f} | {busy['row']:.1f} | {busy['tiled']:.1f} | "
+                   f"{'yes' if same else 'NO'} | {busy['tiled'] / busy['row']:.3f} | {xla / busy['row']:.2f} | "
+                   f"{xla / busy['tiled']:.2f} |")
             print(row, flush=True)
             table.append(row)
     text = head + "\n\n" + "\n".join(table) + "\n"

@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import random_packed  # noqa: E402
 from pallas_kernels import gemv, kernels, triton_ir  # noqa: E402
+from pallas_kernels.format import tile_codes  # noqa: E402
 
 _COMPILE = r"""
 import sys, triton
@@ -138,6 +139,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=28672)
     p.add_argument("--share8", type=float, default=0.1, help="8-bit share of the rows (0: only the 4-bit branch)")
     p.add_argument("--set", default="", help="config overrides, e.g. block_n=32,word_unpack=False")
+    p.add_argument("--tiled", action="store_true", help="the weight's codes in (tile, group) order (format.tile_codes)")
     p.add_argument("--triton-python", default=sys.executable, help="a python with the `triton` package")
     p.add_argument("--out", default=None, help="folder for the .ttir / .ptx files (default: a temp folder)")
     args = p.parse_args(argv)
@@ -153,9 +155,9 @@ def main(argv=None):
         cfg = gemv.choose_gemv_config(w.num_groups, rows, m=args.m)
     cfg = config_overrides(cfg, args.set)
     print("config", cfg)
+    if args.tiled:  # the codes in (64-row tile, group) order (`MixedWeight.tiled`)
+        w = tile_codes(w)
     if args.kernel == "mma":
-        if cfg.tile_major:  # the codes (and metadata) in the order that config reads
-            w = kernels.tile_major_weight(w, cfg.tile_major, cfg.block_n)
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg)  # noqa: E731
     else:
         fn = lambda x, w: gemv.mixed_gemv_pallas(x, w, config=cfg)  # noqa: E731

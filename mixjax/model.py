@@ -156,7 +156,35 @@ def int8_prefill(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": layers}
 
 
-def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
+TILED_CODES = True  # `fuse_projections` on the Pallas path also puts the decoder layers' codes in (64-row tile, K
+# group) order (`tile_codes`). H100 (session 37, benchmarks/probe_tile_major.py): the decode tiles' GEMM 4–21 % faster
+# (gate/up at M = 16 37.1 → 28.9 µs), the same bytes; False keeps the stored row-major order (bench `@rowmajor`)
+
+
+def tile_codes(params: dict[str, Any]) -> dict[str, Any]:
+    """Every decoder-layer `MixedWeight` with its codes in (64-row tile, K group) order (`format.tile_codes`, a
+    runtime layout: the Pallas decode tiles read a group of a tile as one 4 KB block instead of 64 rows' 64-byte
+    pieces 2 KB apart). Same numbers from every path; the XLA reference and the other readers restore the
+    row-major order first (a copy a call), so use it where the Pallas kernels run. `save_quantized` writes the
+    stored order. Other leaves are returned as they are."""
+    from pallas_kernels import MixedWeight, StaticMixedWeight
+    from pallas_kernels.format import tile_codes as tile
+
+    def convert(leaf):
+        if isinstance(leaf, StaticMixedWeight):
+            return dataclasses.replace(leaf, qw=tile(leaf.qw))
+        return tile(leaf) if isinstance(leaf, MixedWeight) else leaf
+
+    layers = jax.tree.map(convert, params["layers"], is_leaf=lambda x: isinstance(x, (MixedWeight, StaticMixedWeight)))
+    return {**params, "layers": layers}
+
+
+def tiles_for(implementation: Implementation) -> bool:
+    """Whether `fuse_projections` tiles the codes for this implementation: on the Pallas path, with `TILED_CODES`."""
+    return TILED_CODES and resolve_implementation(implementation) == "pallas"
+
+
+def fuse_projections(params: dict[str, Any], *, tile: bool | None = None) -> dict[str, Any]:
     """q/k/v → one `self_attn.qkv_proj`, gate/up → one `mlp.gate_up_proj` (weights concatenated along N).
 
     Same outputs, fewer and larger matmuls: each fused linear quantizes its input once and runs as one
@@ -165,6 +193,10 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
     (exact), `StaticMixedWeight`s too when their calibrated input maxima are equal (as `quantize` makes them).
     Groups mixing weight kinds (e.g. fake-quant simulation) stay unfused. Do it once after
     loading, for inference; checkpoints, salience and quantization use the unfused names. Idempotent.
+
+    tile: then `tile_codes` (the codes in the order the Pallas kernels read fastest); None: where the Pallas
+    kernels run by default (a GPU) and `TILED_CODES`. Pass `tile=tiles_for(implementation)` when the implementation
+    is chosen explicitly.
     """
     from pallas_kernels import MixedWeight, StaticMixedWeight
     from pallas_kernels.fuse import concat_mixed
@@ -198,7 +230,9 @@ def fuse_projections(params: dict[str, Any]) -> dict[str, Any]:
         return layer
 
     layers = fuse_layer(params["layers"]) if stacked else tuple(fuse_layer(layer) for layer in params["layers"])
-    return {**params, "layers": layers}
+    if tile is None:
+        tile = tiles_for("auto")
+    return tile_codes({**params, "layers": layers}) if tile else {**params, "layers": layers}
 
 
 def _same_maxima(ws) -> bool:

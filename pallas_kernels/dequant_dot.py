@@ -29,6 +29,7 @@ DEQUANT_DOT_MIN_M = 512  # tokens from which the api prefers this path (crossove
 
 def dequantize_bf16(qw: MixedWeight) -> jax.Array:  # bf16 [N, Kp], channel order
     """Packed weight → bf16 in channel order, written as one elementwise pass (XLA fuses the gather)."""
+    qw = qw.untiled()
     g = qw.num_groups
     rows = []
     if qw.q8.shape[0]:

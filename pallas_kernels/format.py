@@ -67,6 +67,12 @@ class MixedWeight:
     # one more byte a weight held (`mgpu.with_int8_prefill`, `mixjax.model.int8_prefill`).
     prefill_w: jax.Array | None = None
     prefill_s: jax.Array | None = None
+    # Runtime only (never saved): the codes of `q8` and `q4` in (64-row tile, K group) blocks instead of row-major
+    # (`tile_codes`; shapes unchanged). The Pallas decode tiles, the GEMV and the prefill unpack read this order
+    # directly (a group's block of a tile is 4 or 8 KB contiguous instead of 64 rows' pieces 2 KB apart: the
+    # decode tiles 4–21 % faster, benchmarks/NOTES-kernels.md item 125); every other reader first restores the
+    # row-major codes (`untiled`).
+    tiled: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,6 +92,9 @@ class MixedWeight:
 
     def dequantize(self) -> jax.Array:  # f32 [N, k]
         return dequantize(self)
+
+    def untiled(self) -> "MixedWeight":
+        return untiled(self)
 
     def without_int8_prefill(self) -> "MixedWeight":
         """The stored form: this weight without the runtime-only int8 prefill matrix (`prefill_w`, `prefill_s`)."""
@@ -112,7 +121,7 @@ class MixedWeight:
 jax.tree_util.register_dataclass(
     MixedWeight,
     data_fields=["q8", "scale8", "q4", "scale4", "zero4", "channel", "row_of_channel", "prefill_w", "prefill_s"],
-    meta_fields=["n", "k", "n8"],
+    meta_fields=["n", "k", "n8", "tiled"],
 )
 
 
@@ -339,14 +348,58 @@ def pack_rtn(w, is_int8, *, group_size: int = GROUP_SIZE) -> MixedWeight:
     return pack_mixed(q, scale, zero, np.asarray(is_int8, bool), k=w.shape[1], group_size=group_size)
 
 
+TILE_ROWS = 64  # rows of a code block in the tiled order (`tile_codes`): the decode tiles' block_n
+
+
+def _permute_codes(q: jax.Array, groups: int, to_tiles: bool) -> jax.Array:
+    """Codes [..., R, C] (C = groups · bytes a group) between row-major and (tile of 64 rows, group) blocks."""
+    *lead, r, c = q.shape
+    if not q.size:
+        return q
+    if r % TILE_ROWS:
+        raise ValueError(f"tile_codes: {r} packed rows are not a multiple of {TILE_ROWS}")
+    split = (r // TILE_ROWS, TILE_ROWS, groups, c // groups) if to_tiles else (r // TILE_ROWS, groups, TILE_ROWS,
+                                                                                c // groups)
+    return q.reshape(*lead, *split).swapaxes(-3, -2).reshape(*lead, r, c)
+
+
+def tile_codes(qw: MixedWeight) -> MixedWeight:
+    """`qw` with its codes in (64-row tile, K group) order (`MixedWeight.tiled`): within the same arrays, row-major
+    [tiles, G, 64, bytes a group]. A runtime layout for the Pallas kernels on a GPU; `untiled` is its inverse.
+    Works on stacked weights (leading layer axes). A weight whose channels are all 8-bit stays row-major: the
+    Hopper prefill GEMM reads its `q8` as it is stored (`mgpu.mixed_matmul_mgpu`)."""
+    if qw.tiled or qw.n8 == qw.n:
+        return qw
+    g = -(-qw.k // GROUP_SIZE)
+    return dataclasses.replace(qw, q8=_permute_codes(qw.q8, g, True), q4=_permute_codes(qw.q4, g, True), tiled=True)
+
+
+def untiled(qw: MixedWeight) -> MixedWeight:
+    """`qw` with row-major codes (the stored format): the inverse of `tile_codes` (itself when not tiled)."""
+    if not qw.tiled:
+        return qw
+    g = -(-qw.k // GROUP_SIZE)
+    return dataclasses.replace(qw, q8=_permute_codes(qw.q8, g, False), q4=_permute_codes(qw.q4, g, False),
+                               tiled=False)
+
+
 def dequantize(qw: MixedWeight) -> jax.Array:  # f32 [N, k]
     """Reference dequantization into channel order."""
+    qw = untiled(qw)
     g = qw.num_groups
     w8 = qw.q8.astype(jnp.float32).reshape(-1, g, GROUP_SIZE) * qw.scale8.T[..., None]  # [N8p, G, 128]
     u4 = unpack_nibbles(qw.q4).reshape(-1, g, GROUP_SIZE)  # [N4p, G, 128]
     w4 = (u4 - qw.zero4.T[..., None].astype(jnp.int32)).astype(jnp.float32) * qw.scale4.T[..., None]
     w = jnp.concatenate([w8, w4]).reshape(-1, g * GROUP_SIZE)  # [N8p + N4p, Kp]
     return w[qw.row_of_channel, : qw.k]
+
+
+def _code_rows(qw: MixedWeight, q: jax.Array, rows: jax.Array, groups: int) -> jax.Array:
+    """Packed rows `rows` (any shape) of codes q [R, C] in row-major order, whichever order `qw` stores."""
+    if not qw.tiled:
+        return q[rows]
+    blocks = q.reshape(q.shape[0] // TILE_ROWS, groups, TILE_ROWS, q.shape[1] // groups)
+    return blocks[rows // TILE_ROWS, :, rows % TILE_ROWS].reshape(*rows.shape, q.shape[1])  # [..., G, ·] → [..., C]
 
 
 def take_rows(qw: MixedWeight, ids: jax.Array) -> jax.Array:  # f32 [*ids.shape, k]
@@ -357,18 +410,18 @@ def take_rows(qw: MixedWeight, ids: jax.Array) -> jax.Array:  # f32 [*ids.shape,
     branches gather with clipped row indices (a few wasted rows) and `jnp.where` picks per id.
     """
     ids = jnp.asarray(ids)
-    g, kp = qw.num_groups, qw.k_padded
+    g, kp = -(-qw.k // GROUP_SIZE), qw.k_padded
     n8p, n4p = qw.q8.shape[0], qw.q4.shape[0]
     row = qw.row_of_channel[ids]  # [...] int32
     parts = []
     if n8p:
         r8 = jnp.clip(row, 0, n8p - 1)
         s8 = jnp.moveaxis(jnp.take(qw.scale8, r8, axis=1), 0, -1)  # [..., G]
-        q8 = qw.q8[r8].astype(jnp.float32).reshape(*ids.shape, g, GROUP_SIZE)  # [..., G, 128]
+        q8 = _code_rows(qw, qw.q8, r8, g).astype(jnp.float32).reshape(*ids.shape, g, GROUP_SIZE)  # [..., G, 128]
         parts.append(q8 * s8[..., None])
     if n4p:
         r4 = jnp.clip(row - n8p, 0, n4p - 1)
-        u4 = unpack_nibbles(qw.q4[r4].reshape(-1, kp // 2)).reshape(*ids.shape, g, GROUP_SIZE)  # [..., G, 128]
+        u4 = unpack_nibbles(_code_rows(qw, qw.q4, r4, g).reshape(-1, kp // 2)).reshape(*ids.shape, g, GROUP_SIZE)
         z4 = jnp.moveaxis(jnp.take(qw.zero4, r4, axis=1), 0, -1).astype(jnp.int32)  # [..., G]
         s4 = jnp.moveaxis(jnp.take(qw.scale4, r4, axis=1), 0, -1)  # [..., G]
         parts.append((u4 - z4[..., None]).astype(jnp.float32) * s4[..., None])

@@ -34,6 +34,7 @@ def concat_mixed(weights: list[MixedWeight] | tuple[MixedWeight, ...]) -> MixedW
         if (w.k, w.k_padded) != (k, kp):
             raise ValueError(f"concat_mixed: parts must share in_features; got K={w.k} (padded {w.k_padded}) "
                              f"and K={k} (padded {kp})")
+    weights = [w.untiled() for w in weights]  # the result is row-major: tile it again after (`tile_codes`)
     n_total = sum(w.n for w in weights)
     if all(w.n8 == w.n for w in weights):
         return _concat_all_8bit(weights, n_total, k, kp)

@@ -50,7 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import pdl
-from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, MixedWeight, NormedActivations, QuantizedActivations
+from pallas_kernels.format import GROUP_SIZE, ROW_ALIGN, TILE_ROWS, MixedWeight, NormedActivations, QuantizedActivations
 
 _WORDS = GROUP_SIZE // 8  # 16 words of 4 bytes per half group of activations / per 4-bit group row
 
@@ -172,7 +172,7 @@ def _by_channel_set(tile, bn: int, n8_tiles: int, n4_tiles: int, run8, run4) -> 
 
 def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
                  n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int, interpret: bool,
-                 pdl_on: bool = False):
+                 pdl_on: bool = False, tiled: bool = False):
     if cfg.quantize_first:
         xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
         load_x = functools.partial(_load_words, xw_ref, as_ref, ax_ref)
@@ -210,6 +210,11 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
                 for lo, hi, _, _ in xs]
 
     def w8_partial(g, n0, xs):
+        if tiled:  # [tiles, G, 64, 32] words
+            t, rows = n0 // TILE_ROWS, pl.ds(n0 % TILE_ROWS, bn)
+            wa = plgpu.load(q8_ref.at[t, g, rows, pl.ds(0, _WORDS)], eviction_policy="evict_first")
+            wb = plgpu.load(q8_ref.at[t, g, rows, pl.ds(_WORDS, _WORDS)], eviction_policy="evict_first")
+            return group_dots(wa, wb, xs)
         rows = pl.ds(n0, bn)
         wa = plgpu.load(q8_ref.at[rows, pl.ds(g * 2 * _WORDS, _WORDS)], eviction_policy="evict_first")  # [bn, 16]
         wb = plgpu.load(q8_ref.at[rows, pl.ds(g * 2 * _WORDS + _WORDS, _WORDS)], eviction_policy="evict_first")
@@ -219,7 +224,10 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
         return plgpu.load(s8_ref.at[g, pl.ds(n0, bn)]), None
 
     def w4_partial(g, n0, xs):
-        w = plgpu.load(q4_ref.at[pl.ds(n0, bn), pl.ds(g * _WORDS, _WORDS)], eviction_policy="evict_first")
+        if tiled:  # [tiles, G, 64, 16] words
+            w = plgpu.load(q4_ref.at[n0 // TILE_ROWS, g, pl.ds(n0 % TILE_ROWS, bn), :], eviction_policy="evict_first")
+        else:
+            w = plgpu.load(q4_ref.at[pl.ds(n0, bn), pl.ds(g * _WORDS, _WORDS)], eviction_policy="evict_first")
         mask = jnp.int32(-252645136)  # 0xF0F0F0F0
         return group_dots((w << 4) & mask, w & mask, xs)  # four int8 16·(u − 8) in each word
 
@@ -240,7 +248,8 @@ def _quantize_group_words(x_ref, row, gs):
 
 
 def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int, groups_per_split: int,
-                    n_out: int, interpret: bool, normed: tuple | None = None, pdl_on: bool = False):
+                    n_out: int, interpret: bool, normed: tuple | None = None, pdl_on: bool = False,
+                    tiled: bool = False):
     """`groups_per_iter` groups a loop iteration. Activation refs: with `quantize_first`, xw int32
     [Mp, G, 2, 16] (words, lo / hi half of each group) and as / ax [G, Mp] (scales, Σ codes); without,
     x [M, G, 2, 16, 4] float, quantized group by group in every program (one launch in all). Weight refs:
@@ -283,8 +292,13 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     g0_waited = None if pdl.WEIGHTS_FIRST else pdl.wait_then(g0, pdl_on)
     cols = chan_ref[pl.ds(tile * bn, bn)]
     dp4a = functools.partial(_dp4a, interpret=interpret)
-    zero = jnp.zeros((bn, gpi, _WORDS), jnp.int32)
+    # tiled codes: every per-iteration block is group-major ([gpi, bn, 16] words, [gpi, bn] meta) — the order the
+    # (tile, group) blocks and the group-major scales are stored in, so nothing is transposed in registers
+    zero = jnp.zeros((gpi, bn, _WORDS) if tiled else (bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
+    if tiled and cfg.word_rescale:
+        raise ValueError("word_rescale=True is not built for tiled codes (MixedWeight.tiled): use the row-major "
+                         "weight (MixedWeight.untiled()) or word_rescale=False")
 
     def run(load_w, load_meta, prep, n0):
         rows = pl.ds(n0, bn)
@@ -301,9 +315,17 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
         def compute(data, accs):
             (w_lo, w_hi), (w_scale, zero_off) = prep(data[0], data[1])  # words [bn, gpi, 16]; meta [bn, gpi]
-            out = []  # (zero_off None: 8-bit rows)
+            out = []  # (zero_off None: 8-bit rows)   (tiled: [gpi, bn, 16] and [gpi, bn])
             for acc, (lo, hi, a_scale, x_sum) in zip(accs, data[2]):
                 x_sum = x_sum.astype(jnp.float32)
+                if tiled:
+                    d = dp4a(w_hi, jnp.broadcast_to(hi[:, None], w_hi.shape),
+                             dp4a(w_lo, jnp.broadcast_to(lo[:, None], w_lo.shape), zero))  # [gpi, bn, 16]
+                    y = jnp.sum(d, axis=2).astype(jnp.float32) * (w_scale * a_scale[:, None])  # [gpi, bn]
+                    if zero_off is not None:
+                        y = y + zero_off * (a_scale * x_sum)[:, None]
+                    out.append(acc + jnp.sum(y, axis=0))
+                    continue
                 d = dp4a(w_hi, jnp.broadcast_to(hi[None], w_hi.shape),
                          dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), zero))  # [bn, gpi, 16]
                 if cfg.word_rescale:  # f32 per word, one reduction of the tile
@@ -344,7 +366,14 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
             plgpu.store(o_ref.at[split * m + r, cols], acc, mask=cols < n_out)
 
     # Loads (raw, so a prefetched load is not waited on where it is issued) and what compute derives from them.
+    def tile_rows(rows):  # the rows' tile and their slice within it (tiled codes)
+        return rows.start // TILE_ROWS, pl.ds(rows.start % TILE_ROWS, bn)
+
     def w8(gs, rows):
+        if tiled:  # [tiles, G, 64, 2, 16] words → [gpi, bn, 16] per half
+            t, r = tile_rows(rows)
+            half = lambda h: plgpu.load(q8_ref.at[t, gs, r, pl.ds(h, 1), :], **first).reshape(gpi, bn, _WORDS)  # noqa: E731
+            return half(0), half(1)
         half = lambda h: plgpu.load(q8_ref.at[rows, gs, pl.ds(h, 1), :], **first).reshape(-1, gpi, _WORDS)  # noqa: E731
         return half(0), half(1)
 
@@ -352,9 +381,12 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
         return plgpu.load(s8_ref.at[gs, rows]), None
 
     def w8_prep(words, meta):
-        return words, (meta[0].T, None)
+        return words, (meta[0] if tiled else meta[0].T, None)
 
     def w4(gs, rows):
+        if tiled:  # [tiles, G, 64, 16] words → [gpi, bn, 16]
+            t, r = tile_rows(rows)
+            return plgpu.load(q4_ref.at[t, gs, r, :], **first)
         return plgpu.load(q4_ref.at[rows, gs, :], **first)
 
     def w4_meta(gs, rows):
@@ -362,8 +394,9 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
     def w4_prep(w, meta):
         mask = jnp.int32(-252645136)  # 0xF0F0F0F0: four int8 16·(u − 8) in each word
-        w_scale = meta[0].T  # [bn, gpi]
-        zero_off = (8.0 - meta[1].astype(jnp.float32)).T * w_scale
+        w_scale = meta[0] if tiled else meta[0].T  # [bn, gpi] (tiled: [gpi, bn])
+        zero_off = (8.0 - meta[1].astype(jnp.float32)) * meta[0]
+        zero_off = zero_off if tiled else zero_off.T
         return ((w << 4) & mask, w & mask), (w_scale * (1.0 / 16.0), zero_off)
 
     _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8, w8_meta, w8_prep, n0),
@@ -408,8 +441,17 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
 
     q8, q4 = (_words(q) if q.size else jnp.zeros((1, 1), jnp.int32) for q in (qw.q8, qw.q4))
     s8, s4, z4 = _nonempty(qw.scale8, qw.scale4, qw.zero4)
-    if cfg.groups_per_iter > 1:  # free reshapes: group-major views of the words (or of x)
+    if qw.tiled and TILE_ROWS % cfg.block_n:
+        raise ValueError(f"block_n={cfg.block_n}: tiled codes (MixedWeight.tiled) need a block_n dividing "
+                         f"{TILE_ROWS}, or the row-major weight (MixedWeight.untiled())")
+    gpi_view = cfg.groups_per_iter > 1
+    if qw.tiled:  # free reshapes: (tile, group) blocks of the words
+        q8 = q8.reshape(-1, g, TILE_ROWS, *((2, _WORDS) if gpi_view else (2 * _WORDS,))) if qw.q8.size else \
+            jnp.zeros((1, 1, 1, *((2, _WORDS) if gpi_view else (2 * _WORDS,))), jnp.int32)
+        q4 = q4.reshape(-1, g, TILE_ROWS, _WORDS) if qw.q4.size else jnp.zeros((1, 1, 1, _WORDS), jnp.int32)
+    if gpi_view:  # free reshapes: group-major views of the words (or of x)
         x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS, *x_in[0].shape[2:]), *x_in[1:])
+    if gpi_view and not qw.tiled:
         q8 = q8.reshape(q8.shape[0], g, 2, _WORDS) if qw.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)
         q4 = q4.reshape(q4.shape[0], g, _WORDS) if qw.q4.size else jnp.zeros((1, 1, _WORDS), jnp.int32)
     body = _grouped_kernel if cfg.groups_per_iter > 1 else _gemv_kernel
@@ -419,7 +461,7 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
         extra = dict(normed=normed)
     kernel = functools.partial(body, pdl_on=pdl.active(interpret),
                                cfg=cfg, m=m, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k,
-                               n_out=qw.n, interpret=interpret, **extra)
+                               n_out=qw.n, interpret=interpret, tiled=qw.tiled, **extra)
     y = pl.pallas_call(
         kernel,
         out_shape=jax.ShapeDtypeStruct((cfg.split_k * m, qw.n), jnp.float32),

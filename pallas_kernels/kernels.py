@@ -67,7 +67,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import pdl
-from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, MixedWeight, QuantizedActivations
+from pallas_kernels.format import GROUP_SIZE, HALF_GROUP, ROW_ALIGN, TILE_ROWS, MixedWeight, QuantizedActivations
 
 Mode = Literal["int", "float"]
 
@@ -92,10 +92,6 @@ class GemmConfig:
     # against 5): faster only on down_proj at M = 32 (NOTES item 114). 0: off. (1 and 2, one iteration ahead,
     # were removed in session 34 with the other measured-slower forms; the numbering stays.)
     word_unpack: bool = True  # 4-bit unpack on 32-bit words (`_shift_nibbles`); False: Triton's 8-bit shift
-    tile_major: int = 0  # 1: the weight codes in tile-major order (`tile_major_weight`: each (64-row tile, K group)
-    # block 4 KB contiguous, where row-major [N, K/2] gives 64 runs of 64 bytes 2 KB apart); 2: the scales and
-    # zeros too ([tiles, G, 64]). A probe of whether the decode tiles' per-group reads are slowed by their
-    # scatter over DRAM pages (session 37, `benchmarks/probe_tile_major.py`); 0: row-major (the stored format)
     xla_quant: bool = False  # quantize the activations with XLA ops (`quantize_activations_xla`) instead of
     # the Pallas quantization kernel: same codes; the hope was that XLA fuses them into the producer of x (the
     # norm, SiLU·mul), but it splits them into reductions of their own (NOTES item 46: decode 7–19 % slower end to end)
@@ -366,9 +362,10 @@ def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact 
     return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
 
 
-def _w8_load(g, n0, q8_ref, *, block_n, evict, tm=False):
-    """The group's 8-bit weight tile as two K halves [bn, 64] int8."""
-    if tm:  # [tiles, G, bn, 128]
+def _w8_load(g, n0, q8_ref, *, block_n, evict, tiled=False):
+    """The group's 8-bit weight tile as two K halves [bn, 64] int8 (tiled: from the [tiles, G, 64, 128] view of
+    `MixedWeight.tiled` codes, one 8 KB block)."""
+    if tiled:
         t = n0 // block_n
         return (plgpu.load(q8_ref.at[t, g, :, pl.ds(0, HALF_GROUP)], eviction_policy=evict),
                 plgpu.load(q8_ref.at[t, g, :, pl.ds(HALF_GROUP, HALF_GROUP)], eviction_policy=evict))
@@ -386,10 +383,8 @@ def _w8_mma(xh, w, *, mode):
     return _seeded_mma(xh[0], wa, xh[1], wb)
 
 
-def _w8_meta(g, n0, s8_ref, *, block_n, tm=False):
+def _w8_meta(g, n0, s8_ref, *, block_n):
     """The group's small weight operands: f32 scales [bn]."""
-    if tm:  # [tiles, G, bn]
-        return (plgpu.load(s8_ref.at[n0 // block_n, g]),)
     return (plgpu.load(s8_ref.at[g, pl.ds(n0, block_n)]),)
 
 
@@ -403,9 +398,10 @@ def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
     return _unseed(partial) * factor
 
 
-def _w4_load(g, n0, q4_ref, *, block_n, evict, tm=False):
-    """The group's packed 4-bit tile [bn, 64] int8 (two codes per byte)."""
-    if tm:  # [tiles, G, bn, 64]
+def _w4_load(g, n0, q4_ref, *, block_n, evict, tiled=False):
+    """The group's packed 4-bit tile [bn, 64] int8 (two codes per byte; tiled: from the [tiles, G, 64, 64] view,
+    one 4 KB block)."""
+    if tiled:
         return plgpu.load(q4_ref.at[n0 // block_n, g], eviction_policy=evict)
     return plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
 
@@ -433,11 +429,8 @@ def _w4_mma(xh, packed, *, mode, word_ops=False):
     return _seeded_mma(xh[0], lo, xh[1], hi)  # 16·Σ x_q·(u − 8)
 
 
-def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n, tm=False):
+def _w4_meta(g, n0, s4_ref, z4_ref, *, block_n):
     """The group's scales f32 and zero points int8, [bn] each."""
-    if tm:  # [tiles, G, bn]
-        t = n0 // block_n
-        return plgpu.load(s4_ref.at[t, g]), plgpu.load(z4_ref.at[t, g])
     rows = pl.ds(n0, block_n)
     return plgpu.load(s4_ref.at[g, rows]), plgpu.load(z4_ref.at[g, rows])
 
@@ -465,7 +458,7 @@ def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
-                  m: int, k: int, n_out: int, interpret: bool, pdl_on: bool = False):
+                  m: int, k: int, n_out: int, interpret: bool, pdl_on: bool = False, tiled: bool = False):
     if cfg.fuse_quant or mode == "float":
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
     else:
@@ -535,15 +528,15 @@ def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: i
     if n8_tiles:
         @pl.when(tile < n8_tiles)
         def _():
-            load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict, tm=cfg.tile_major >= 1)
-            meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn, tm=cfg.tile_major >= 2)
+            load = functools.partial(_w8_load, q8_ref=q8_ref, block_n=bn, evict=evict, tiled=tiled)
+            meta = functools.partial(_w8_meta, s8_ref=s8_ref, block_n=bn)
             run(load, functools.partial(_w8_mma, mode=mode), meta, functools.partial(_w8_scale, mode=mode), tile * bn)
 
     if n4_tiles:
         @pl.when(tile >= n8_tiles)
         def _():
-            load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict, tm=cfg.tile_major >= 1)
-            meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn, tm=cfg.tile_major >= 2)
+            load = functools.partial(_w4_load, q4_ref=q4_ref, block_n=bn, evict=evict, tiled=tiled)
+            meta = functools.partial(_w4_meta, s4_ref=s4_ref, z4_ref=z4_ref, block_n=bn)
             mma = functools.partial(_w4_mma, mode=mode, word_ops=cfg.word_unpack and not interpret)
             run(load, mma, meta, functools.partial(_w4_scale, mode=mode), (tile - n8_tiles) * bn)
 
@@ -558,13 +551,19 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
                 partials: bool = False):
     pre = isinstance(x, QuantizedActivations)  # codes from the producer of x (int mode, quantize-first configs)
     m = x.m if pre else x.shape[0]
-    g = -(-qw.k // GROUP_SIZE) if cfg.tile_major else qw.num_groups
+    g = qw.num_groups
     cfg.check(m, g)
-    per_tile = 1 if cfg.tile_major else cfg.block_n  # tile-major codes: [tiles, G, bn, ·]
-    n8_tiles = qw.q8.shape[0] // per_tile
-    n4_tiles = qw.q4.shape[0] // per_tile
+    n8_tiles = qw.q8.shape[0] // cfg.block_n
+    n4_tiles = qw.q4.shape[0] // cfg.block_n
     atomic = cfg.atomic
-    weights = (*_nonempty(qw.q8, qw.scale8), *_nonempty(qw.q4, qw.scale4, qw.zero4), qw.channel)
+    q8, q4 = qw.q8, qw.q4
+    if qw.tiled:  # (tile, group) blocks: free 4-D views
+        if cfg.block_n != TILE_ROWS:
+            raise ValueError(f"block_n={cfg.block_n}: tiled codes (MixedWeight.tiled) are read by {TILE_ROWS}-row tiles; "
+                             "pass block_n=64 or the row-major weight (MixedWeight.untiled())")
+        q8 = q8.reshape(n8_tiles, g, TILE_ROWS, GROUP_SIZE) if q8.size else q8
+        q4 = q4.reshape(n4_tiles, g, TILE_ROWS, HALF_GROUP) if q4.size else q4
+    weights = (*_nonempty(q8, qw.scale8), *_nonempty(q4, qw.scale4, qw.zero4), qw.channel)
     if cfg.fuse_quant or mode == "float":
         args = (x, *weights)
     else:
@@ -585,7 +584,7 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     kernel = functools.partial(
         _mixed_kernel, pdl_on=pdl.active(interpret),
         cfg=cfg, mode=mode, n8_tiles=n8_tiles, n4_tiles=n4_tiles, groups_per_split=g // cfg.split_k, m=m,
-        k=qw.k, n_out=qw.n, interpret=interpret,
+        k=qw.k, n_out=qw.n, interpret=interpret, tiled=qw.tiled,
     )
     y = pl.pallas_call(
         kernel,
@@ -601,24 +600,6 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     if cfg.split_partials:
         y = y.reshape(cfg.split_k, m, qw.n).sum(0)  # fused by XLA into the consumer of y
     return y.astype(out_dtype)  # split-K: f32 → x.dtype, fused into the consumer when inside a jitted model
-
-
-def tile_major_weight(qw: MixedWeight, level: int = 1, block_n: int = 64) -> MixedWeight:
-    """`qw` with its codes (level 1) and also its scales and zeros (level 2) in tile-major order for
-    `GemmConfig(tile_major=level, block_n=block_n)`: q4 [T4, G, bn, Kp/2 per group = 64], q8 [T8, G, bn, 128],
-    scales and zeros [T, G, bn]. Only that kernel reads the result (its `num_groups` no longer describes it)."""
-    g = qw.num_groups
-
-    def codes(q, width):  # [T·bn, G·width] → [T, G, bn, width]
-        return q.reshape(q.shape[0] // block_n, block_n, g, width).transpose(0, 2, 1, 3)
-
-    def meta(a):  # [G, T·bn] → [T, G, bn]
-        return a.reshape(g, a.shape[1] // block_n, block_n).transpose(1, 0, 2)
-
-    out = dataclasses.replace(qw, q8=codes(qw.q8, GROUP_SIZE), q4=codes(qw.q4, HALF_GROUP))
-    if level >= 2:
-        out = dataclasses.replace(out, scale8=meta(qw.scale8), scale4=meta(qw.scale4), zero4=meta(qw.zero4))
-    return out
 
 
 def mixed_matmul_pallas(x, qw: MixedWeight, *, config: GemmConfig | None = None,

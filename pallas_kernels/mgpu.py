@@ -543,7 +543,7 @@ def _rows_in_channel_order(qw: MixedWeight, cta_n: int) -> bool:
     """True when `qw.q8` with `qw.scale8` already is `int8_weight`'s matrix for a CTA width of cta_n: every
     channel 8-bit (rows in channel order, `MixedWeight`'s invariant; zero padding rows at the end) and the
     padded rows a whole number of CTA tiles. The GEMM then reads the stored codes and no copy is made."""
-    return qw.n8 == qw.n and qw.q8.shape[0] % cta_n == 0
+    return qw.n8 == qw.n and qw.q8.shape[0] % cta_n == 0 and not qw.tiled
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))

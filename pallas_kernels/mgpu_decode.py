@@ -393,6 +393,7 @@ def mixed_matmul_mgpu_decode(x: jax.Array | QuantizedActivations, qw: MixedWeigh
         # column tiles: `mgpu.QUANT_ROWS` rows a program, as before the prefill GEMM (item 77: at 256 rows half the
         # time of 128-row programs); one decode tile (≤ 64 rows) stays one program a group
         x_q, sa, x_sum = quantize_activations_pallas(x, block_m=rows, block_rows=QUANT_ROWS if col_tiles > 1 else None)
+    qw = qw.untiled()  # (a row-major read: tiled codes are restored first, a copy)
     g = qw.num_groups
     ctas = config.ctas or _num_sms()
     parts = []

@@ -90,6 +90,7 @@ def mixed_matmul_ref(x: jax.Array, qw: MixedWeight) -> jax.Array:
 def mixed_codes_matmul_ref(x_q: jax.Array, a_scale: jax.Array, qw: MixedWeight) -> jax.Array:
     """Activations already quantized (x_q int8 [M, Kp], a_scale f32 [M, G]: a producer's codes, whatever their
     scales' grain) → f32 [M, N] in channel order: the two sub-GEMMs of `mixed_matmul_ref`."""
+    qw = qw.untiled()
     parts = []
     if qw.q8.shape[0]:
         parts.append(w8a8_ref(x_q, a_scale, qw.q8, qw.scale8))

@@ -21,6 +21,7 @@ from pallas_kernels.format import GROUP_SIZE, MixedWeight, pack_mixed, unpack_ni
 
 def channel_codes(qw: MixedWeight) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The inverse of `pack_mixed`: (q int32 [N, Kp], scale f32 [N, G], zero int32 [N, G], is_int8 bool [N])."""
+    qw = qw.untiled()
     n8p = qw.q8.shape[0]
     q8, q4 = np.asarray(qw.q8, np.int32), np.asarray(unpack_nibbles(qw.q4))  # [N8p, Kp], [N4p, Kp]
     scales = np.concatenate([np.asarray(qw.scale8).T, np.asarray(qw.scale4).T])  # [N8p + N4p, G]
@@ -53,6 +54,7 @@ def split_channels(qw: MixedWeight, parts: int) -> list[MixedWeight]:
 
 def split_groups(qw: MixedWeight, parts: int) -> list[MixedWeight]:
     """qw's input features in `parts` equal slices of whole groups of 128 (K / parts a multiple of 128)."""
+    qw = qw.untiled()
     if qw.k != qw.k_padded or qw.num_groups % parts:
         raise ValueError(f"in_features {qw.k} must split into {parts} parts of whole groups of {GROUP_SIZE}")
     g = qw.num_groups // parts

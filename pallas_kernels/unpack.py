@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.format import HALF_GROUP, MixedWeight
+from pallas_kernels.format import HALF_GROUP, TILE_ROWS, MixedWeight
 
 _WORDS = HALF_GROUP // 4  # 16 words: one group's packed 4-bit bytes, or one half of its int8 row
 BLOCK_ROWS = 16  # rows a program. H200 (session 23, benchmarks/bench_unpack.py): 16 rows × 4 groups × 4 warps
@@ -82,6 +82,7 @@ def int8_weight_ref(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Ar
     dequantized weight as `qw.dequantize()`. Np = `rows` (≥ N; padding rows are zero with zero scale).
     One XLA gather-and-unpack pass on 32-bit words."""
     np_ = _check_rows(qw, rows)
+    qw = qw.untiled()
     g, kp = qw.num_groups, qw.k_padded
     n8p = qw.q8.shape[0]
     src = jnp.concatenate([qw.row_of_channel, jnp.zeros((np_ - qw.n,), jnp.int32)])  # packed row per output row
@@ -103,7 +104,7 @@ def int8_weight_ref(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Ar
 
 
 def _kernel(src_ref, q4_ref, z4_ref, s4_ref, q8_ref, s8_ref, w_ref, sc_ref, *, n: int, n8p: int, n4p: int,
-            block_rows: int, block_groups: int):
+            block_rows: int, block_groups: int, tiled: bool = False):
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * block_rows + jnp.arange(block_rows)  # [bn] output rows (channels)
     groups = j * block_groups + jnp.arange(block_groups)  # [bg]
@@ -117,8 +118,9 @@ def _kernel(src_ref, q4_ref, z4_ref, s4_ref, q8_ref, s8_ref, w_ref, sc_ref, *, n
     scale = jnp.zeros((block_groups, block_rows), jnp.float32)
     if n4p:
         m4 = jnp.broadcast_to(is4[:, None, None], lo.shape)
-        packed = plgpu.load(q4_ref.at[r4[:, None, None], gg, ww], mask=m4, other=0,
-                            eviction_policy="evict_first")  # [bn, bg, 16]
+        at = (r4[:, None, None] // TILE_ROWS, gg, r4[:, None, None] % TILE_ROWS, ww) if tiled else \
+            (r4[:, None, None], gg, ww)  # tiled: the [tiles, G, 64, 16] view
+        packed = plgpu.load(q4_ref.at[at], mask=m4, other=0, eviction_policy="evict_first")  # [bn, bg, 16]
         zero = plgpu.load(z4_ref.at[gg, r4[:, None, None]], other=0,
                           mask=jnp.broadcast_to(is4[:, None, None], (block_rows, block_groups, 1)))  # [bn, bg, 1]
         lo4, hi4 = _unpack_words(packed, zero.astype(jnp.int32))
@@ -128,9 +130,12 @@ def _kernel(src_ref, q4_ref, z4_ref, s4_ref, q8_ref, s8_ref, w_ref, sc_ref, *, n
     if n8p:
         m8 = jnp.broadcast_to(is8[:, None, None], lo.shape)
         r, s8_mask = r8[:, None, None], jnp.broadcast_to(is8[None, :], scale.shape)
-        lo = jnp.where(m8, plgpu.load(q8_ref.at[r, 2 * gg, ww], mask=m8, other=0, eviction_policy="evict_first"), lo)
-        hi = jnp.where(m8, plgpu.load(q8_ref.at[r, 2 * gg + 1, ww], mask=m8, other=0,
-                                      eviction_policy="evict_first"), hi)
+        if tiled:  # the [tiles, 2G, 64, 16] view: (tile, group) blocks of 32 words a row, halves 16 words each
+            at_lo, at_hi = ((r // TILE_ROWS, gg, r % TILE_ROWS, h * _WORDS + ww) for h in (0, 1))
+        else:
+            at_lo, at_hi = (r, 2 * gg, ww), (r, 2 * gg + 1, ww)
+        lo = jnp.where(m8, plgpu.load(q8_ref.at[at_lo], mask=m8, other=0, eviction_policy="evict_first"), lo)
+        hi = jnp.where(m8, plgpu.load(q8_ref.at[at_hi], mask=m8, other=0, eviction_policy="evict_first"), hi)
         scale = jnp.where(s8_mask, plgpu.load(s8_ref.at[groups[:, None], r8[None, :]], mask=s8_mask, other=0.0), scale)
     plgpu.store(w_ref.at[rr, 2 * gg, ww], lo)
     plgpu.store(w_ref.at[rr, 2 * gg + 1, ww], hi)
@@ -143,16 +148,18 @@ def _int8_weight_pallas(qw: MixedWeight, *, rows: int, block_rows: int, block_gr
     g, kp = qw.num_groups, qw.k_padded
     n8p, n4p = qw.q8.shape[0], qw.q4.shape[0]
 
-    def words(a, per_row):  # int8 [R, C] → int32 [R, per_row, 16]; a dummy word for an empty channel set
+    def words(a, per_row):  # int8 [R, C] → int32 [R, per_row, 16] (tiled: [R/64, G, 64, 16·per_row/G]); a dummy
+        tail = (g, TILE_ROWS, _WORDS * per_row // g) if qw.tiled else (per_row, _WORDS)  # word for an empty set
         if not a.shape[0]:
-            return jnp.zeros((1, per_row, _WORDS), jnp.int32)
-        return _words(a, jnp.int32).reshape(a.shape[0], per_row, _WORDS)
+            return jnp.zeros((1, *tail), jnp.int32)
+        return _words(a, jnp.int32).reshape(-1, *tail)
 
     def group_major(a, dtype):
         return a if a.shape[1] else jnp.zeros((g, 1), dtype)
 
     src = jnp.concatenate([qw.row_of_channel, jnp.zeros((rows - qw.n,), jnp.int32)])
-    kernel = functools.partial(_kernel, n=qw.n, n8p=n8p, n4p=n4p, block_rows=block_rows, block_groups=block_groups)
+    kernel = functools.partial(_kernel, n=qw.n, n8p=n8p, n4p=n4p, block_rows=block_rows, block_groups=block_groups,
+                               tiled=qw.tiled)
     w, scale = pl.pallas_call(
         kernel,
         out_shape=(jax.ShapeDtypeStruct((rows, 2 * g, _WORDS), jnp.int32),

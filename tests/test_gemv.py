@@ -153,6 +153,28 @@ def test_default_gemv_config_groups():
         gemv.GemvConfig(32, 1, groups_per_iter=3).check(1, 6)
 
 
+@pytest.mark.parametrize("m, k, n, share8, cfg", [
+    (1, 1024, 256, 0.1, None),  # the decode default: 4 groups an iteration, prefetched, quantized in the programs
+    (2, 1536, 200, 0.3, None),  # codes first, 4 groups an iteration (3 iterations: a pair and an odd one)
+    (1, 640, 130, 0.0, gemv.GemvConfig(32, 1, groups_per_iter=1)),  # one group an iteration
+    (2, 512, 96, 0.5, gemv.GemvConfig(64, 2, groups_per_iter=2)),  # 64-row blocks, split-K
+])
+def test_gemv_reads_tiled_codes(m, k, n, share8, cfg):
+    """Codes in (64-row tile, group) order (`format.tile_codes`): the GEMV reads each iteration's block group-major
+    and gives the row-major GEMV's output (bit for bit in interpret mode); a block that does not divide a tile
+    is refused by name."""
+    from pallas_kernels.format import tile_codes
+
+    x, qw = _case(m, k, n, share8)
+    want = gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET)
+    got = gemv.mixed_gemv_pallas(x, tile_codes(qw), config=cfg, interpret=INTERPRET)
+    if INTERPRET:
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    assert _rel(got, want) < RTOL
+    with pytest.raises(ValueError, match="block_n=128: tiled codes"):
+        gemv.mixed_gemv_pallas(x, tile_codes(qw), config=gemv.GemvConfig(128, 1), interpret=INTERPRET)
+
+
 @pytest.mark.parametrize("m, k, n, share8, parts, chunk, cfg", [
     (1, 1024, 256, 0.1, 8, 2, None),  # the decode default, o_proj's partials pending
     (2, 1024, 200, 0.3, 0, 4, None),

@@ -242,21 +242,54 @@ def test_small_operands_two_iterations_ahead(split, stages):
 
 
 @pytest.mark.parametrize("share8", [0.0, 0.15, 1.0])
-@pytest.mark.parametrize("level", [1, 2])
-def test_tile_major_layout_changes_only_the_addresses(level, share8):
-    """`GemmConfig.tile_major` on `kernels.tile_major_weight`'s arrays (codes, and at level 2 the scales and
-    zeros, in (64-row tile, group) blocks) gives the row-major kernel's output bit for bit: split-K partials, the
-    small operands two iterations ahead with an odd last group, an empty channel set."""
+def test_tiled_codes_change_only_the_addresses(share8):
+    """`format.tile_codes` ((64-row tile, group) blocks, `MixedWeight.tiled`): `untiled` inverts it; dequantize and
+    take_rows read it; the decode tiles give the row-major kernel's output bit for bit (split-K partials, the small
+    operands two iterations ahead with an odd last group, float mode, an empty channel set); the XLA reference
+    too. A tile width the order does not hold is refused by name. An all-8-bit weight stays row-major."""
     x, qw = _case(23, 640, 200, share8, jnp.float32)
+    tw = fmt.tile_codes(qw)
+    if share8 == 1.0:  # the Hopper prefill GEMM reads an all-8-bit q8 as stored
+        assert tw is qw and not tw.tiled
+        return
+    assert tw.tiled and tw.q4.shape == qw.q4.shape and tw.q8.shape == qw.q8.shape
+    assert not bool(jnp.array_equal(tw.q4, qw.q4))
+    back = tw.untiled()
+    assert not back.tiled and all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(qw)))
+    np.testing.assert_array_equal(np.asarray(tw.dequantize()), np.asarray(qw.dequantize()))
+    ids = jnp.asarray(_rng().integers(0, 200, (4, 3)))
+    np.testing.assert_array_equal(np.asarray(fmt.take_rows(tw, ids)), np.asarray(fmt.take_rows(qw, ids)))
+    np.testing.assert_array_equal(np.asarray(ref.mixed_matmul_ref(x, tw)), np.asarray(ref.mixed_matmul_ref(x, qw)))
     for base in (kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True),
-                 kernels.GemmConfig(32, 64, 1, 4, 3, fuse_quant=False, prefetch_meta=3)):
+                 kernels.GemmConfig(32, 64, 1, 4, 3, fuse_quant=False, prefetch_meta=3),
+                 kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True)):
         want = kernels.mixed_matmul_pallas(x, qw, config=base, interpret=INTERPRET)
-        tm = kernels.tile_major_weight(qw, level)
-        assert tm.q4.shape[1:] == (5, 64, 64) and tm.q8.shape[1:] == (5, 64, 128)
-        assert (tm.scale4.ndim == 3) == (level == 2)
-        got = kernels.mixed_matmul_pallas(x, tm, config=dataclasses.replace(base, tile_major=level),
-                                          interpret=INTERPRET)
+        got = kernels.mixed_matmul_pallas(x, tw, config=base, interpret=INTERPRET)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+    want = kernels.dequant_matmul_pallas(x, qw, interpret=INTERPRET)
+    np.testing.assert_array_equal(np.asarray(kernels.dequant_matmul_pallas(x, tw, interpret=INTERPRET)), np.asarray(want))
+    with pytest.raises(ValueError, match="block_n=32: tiled codes"):
+        kernels.mixed_matmul_pallas(x, tw, config=kernels.GemmConfig(16, 32, 1, 4, 2, fuse_quant=False),
+                                    interpret=INTERPRET)
+
+
+def test_tiled_codes_of_stacked_layers_and_checkpoint_order():
+    """Stacked weights (a leading layer axis) tile per layer; the stored form is row-major whatever the runtime
+    order (`mixjax.quant.checkpoint._to_stored`)."""
+    from mixjax.quant.checkpoint import _to_stored
+
+    _, a = _case(1, 256, 130, 0.2)
+    _, b = _case(1, 256, 130, 0.2)
+    b = dataclasses.replace(b, channel=a.channel, row_of_channel=a.row_of_channel, n8=a.n8)  # same shapes
+    b = dataclasses.replace(b, q8=b.q8[: a.q8.shape[0]], scale8=b.scale8[:, : a.q8.shape[0]], q4=b.q4[: a.q4.shape[0]],
+                            scale4=b.scale4[:, : a.q4.shape[0]], zero4=b.zero4[:, : a.q4.shape[0]])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), a, b)
+    tiled = fmt.tile_codes(stacked)
+    for i, w in enumerate((a, b)):
+        np.testing.assert_array_equal(np.asarray(tiled.q4[i]), np.asarray(fmt.tile_codes(w).q4))
+    stored = _to_stored({"w": tiled})["w"]
+    np.testing.assert_array_equal(np.asarray(stored.q4), np.asarray(stacked.q4))
+
 
 @pytest.mark.parametrize("word_unpack", [True, False])
 def test_4bit_unpack_on_words_in_the_cuda_lowering(word_unpack):

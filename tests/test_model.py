@@ -349,3 +349,29 @@ def test_cache_write_in_store_order_equals_the_scatter(monkeypatch, positions, s
         kept = np.setdiff1d(np.arange(S), p)
         assert np.array_equal(after[b][:, kept], before[b][:, kept])  # only the chunk's positions changed
         assert not np.array_equal(after[b][:, p[p < S]], before[b][:, p[p < S]])
+
+
+def test_tiled_codes_keep_the_logits():
+    """`fuse_projections(tile=True)` (what a GPU run gets, `model.TILED_CODES`) puts every decoder-layer mixed
+    weight's codes in (tile, group) order and nothing else; the logits are those of the row-major weights
+    exactly (the XLA reference restores the order), and `tiles_for` picks it only for the Pallas path."""
+    import pallas_kernels as pk
+    from helpers import tenth
+    from mixjax import model
+
+    cfg = dataclasses.replace(CFG, hidden_size=128, intermediate_size=256, head_dim=16, num_hidden_layers=2)
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.float32))
+    rng = np.random.default_rng()
+    for layer in params["layers"]:
+        for group in ("self_attn", "mlp"):
+            for p in layer[group].values():
+                p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), tenth(rng, p["weight"].shape[0]))
+    row = model.fuse_projections(params, tile=False)
+    tiled = model.fuse_projections(params, tile=True)
+    weights = [w for w in jax.tree.leaves(tiled["layers"], is_leaf=lambda a: isinstance(a, pk.MixedWeight))
+               if isinstance(w, pk.MixedWeight)]
+    assert len(weights) == 4 * cfg.num_hidden_layers and all(w.tiled for w in weights)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
+    want = forward(row, tokens, cfg, implementation="xla")
+    np.testing.assert_array_equal(np.asarray(forward(tiled, tokens, cfg, implementation="xla")), np.asarray(want))
+    assert not model.tiles_for("xla") and model.tiles_for("pallas") == model.TILED_CODES

@@ -121,7 +121,11 @@ jax.tree_util.register_dataclass(_StoredMixedWeight, data_fields=_STORED_ARRAYS,
 def _recast(tree, src: type, dst: type):
     """Every `src` node of tree (MixedWeight or _StoredMixedWeight) as a `dst` with the same seven arrays."""
     def convert(x):
-        return dst(*(getattr(x, f) for f in _STORED_ARRAYS), n=x.n, k=x.k, n8=x.n8) if isinstance(x, src) else x
+        if not isinstance(x, src):
+            return x
+        if getattr(x, "tiled", False):  # runtime (tile, group) order of the codes → the stored row-major one
+            x = x.untiled()
+        return dst(*(getattr(x, f) for f in _STORED_ARRAYS), n=x.n, k=x.k, n8=x.n8)
 
     return jax.tree.map(convert, tree, is_leaf=lambda x: isinstance(x, src))
 
