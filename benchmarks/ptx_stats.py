@@ -62,6 +62,7 @@ path = path[:-5] + ".opt.ttir"
 open(path, "w").write(str(mod))
 c = triton.compile(path, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
 open(path[:-9] + ".ptx", "w").write(c.asm["ptx"])
+open(path[:-9] + ".ttgir", "w").write(c.asm["ttgir"])
 open(path[:-9] + ".cubin", "wb").write(c.asm["cubin"])
 # registers a thread, from the cubin (cuobjdump ships with Triton's NVIDIA backend)
 import os, re, subprocess
