@@ -71,7 +71,7 @@ epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode atten
 epilogue on the live rows only (measured in session 36, the default since, so it repeats the default); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
 `@rowmajor`: the decoder layers' codes in the stored row-major order (before session 37; the default since puts them
-in (64-row tile, group) blocks, `model.TILED_CODES`);
+in blocks of 64 rows × 4 groups, `model.TILED_CODES`, `format.TILE_GROUPS`); `@tiled1`: blocks of 64 rows × 1 group;
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -411,7 +411,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "rowmajor")
+              "rowmajor", "tiled1")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -474,6 +474,11 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy == "rowmajor":  # the decoder layers' codes in the stored row-major order (before session 37), not
         # in (64-row tile, group) blocks (`model.TILED_CODES`, `format.tile_codes`)
         model_module.TILED_CODES = False
+    elif strategy == "tiled1":  # tiled codes with one group a block row (`format.TILE_GROUPS = 1`): a decode tile's
+        # group one 4 KB block; the GEMV reads its 4 groups an iteration group-major
+        from pallas_kernels import format as fmt
+
+        fmt.TILE_GROUPS = 1
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

@@ -842,20 +842,31 @@ case "$part" in
     timeout 300 python3 benchmarks/probe_tile_major.py --ms 8,16,32 --out "$out/tile_major.md" 2>&1 \
       | grep -v "^|---" | tail -20
     ;;
-  s37b)  # session 37: the tiled codes (format.tile_codes, the default now) on the GPU: their tests compiled (decode
-    # tiles, GEMV, unpack, and the whole decode path of test_gpu_model.py, which now runs tiled), then the probe with
-    # the model's dispatch (GEMV at M = 1 / 2, decode tiles at 16 / 32, the prefill's unpack), row-major against tiled
+  s37b)  # session 37: the tiled codes (format.tile_codes, one group a block row then) on the GPU: their tests compiled
+    # (decode tiles, GEMV, unpack, and the whole decode path of test_gpu_model.py, which runs tiled), then the probe
+    # with the model's dispatch (GEMV at M = 1 / 2, decode tiles at 16 / 32, the prefill's unpack), row-major against
+    # tiled (run at commit 6483eb1, before the probe took its Q = 1 / Q = 4 columns)
     header
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_gemv.py tests/test_unpack.py \
       tests/test_gpu_model.py -k "tiled or decode_path" 2>&1 | tail -4 | tee "$out/tiled_tests.log"
     timeout 300 python3 benchmarks/probe_tile_major.py --out "$out/tiled.md" 2>&1 | grep -v "^|---" | tail -18
     ;;
-  s37c)  # session 37: end to end, tiled codes (default) against row-major (`@rowmajor`), bf16 beside: decode b1 / b8 /
-    # b32 and the 256-token prefill
+  s37c)  # session 37: end to end, tiled codes (one group a block row then) against row-major (`@rowmajor`), bf16
+    # beside: decode b1 / b8 / b32 and the 256-token prefill
     header
     timeout 560 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@rowmajor+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 540 --out "$out/tiled_e2e.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/tiled_e2e.log"
+    ;;
+  s37d)  # session 37: blocks of 64 rows × 4 groups (the default now: the GEMV's row order inside a block) — their
+    # tests compiled, the probe (row-major, Q = 1, Q = 4), then end to end beside @tiled1, @rowmajor and bf16
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_kernels.py tests/test_gemv.py tests/test_unpack.py \
+      tests/test_gpu_model.py -k "tiled or decode_path" 2>&1 | tail -4 | tee "$out/tiled_tests.log"
+    timeout 150 python3 benchmarks/probe_tile_major.py --out "$out/tiled.md" 2>&1 | grep -v "^|---" | tail -18
+    timeout 280 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@tiled1+h4,w4.4a8@rowmajor+h4 \
+      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 270 \
+      --out "$out/tiled_e2e.md" 2>&1 | grep "tok/s |\|^| w4\|^| bf16" | tee "$out/tiled_e2e.log"
     ;;
   s36b)  # session 36, after s36a: b8 / b32 with the codes default and b8's one split (`attention.CODES_ONE_SPLIT`;
     # s36a measured it as @att1), `@attlive` (the epilogue on the 4 live rows of the MMA's 16), bf16 in the same call;

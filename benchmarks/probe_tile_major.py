@@ -15,7 +15,9 @@ consecutive groups of a tile adjacent. The arithmetic is untouched, so every out
 the row-major one.
 
 Variants, each in one jit over weight copies rotated past the 50 MB L2 (the same codes XOR-ed with the copy's
-index): `row` (the stored row-major codes) and `tiled` (`format.tile_codes`), through the dispatch the model uses
+index): `row` (the stored row-major codes), `Q=1` (`format.tile_codes(groups=1)`: blocks of 64 rows × 1 group, 4 KB
+contiguous a decode tile's group) and `Q=4` (64 rows × 4 groups a block row: a GEMV row's 4 groups contiguous, a
+decode tile's group 64 pieces of 64 bytes 256 bytes apart in one 16 KB block), through the dispatch the model uses
 (`pallas_kernels.mixed_matmul(implementation="pallas")`: the GEMV at M ≤ 2, the decode tiles to M = 128), and the
 prefill's int4 → int8 unpack (`unpack.int8_weight`, M = "unpack"); XLA's bf16 dot for the ratio. Device busy µs a
 call of every kernel of it, from a profiler trace. Session 37's first call measured a third form, the scales and
@@ -68,15 +70,15 @@ def main(argv=None) -> int:
     head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
     print(head, flush=True)
     rng = np.random.default_rng(0)
-    table = ["| layer | K → N | M | copies | XLA bf16 µs | row µs | tiled µs | = row | tiled / row | row × bf16 | "
-             "tiled × bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table = ["| layer | K → N | M | copies | XLA bf16 µs | row µs | Q=1 µs | Q=4 µs | = row | Q=1 / row | Q=4 / row | "
+             "row × bf16 | Q=4 × bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     impl = "xla" if interpret else "pallas"
     for name, (k, n) in shapes.items():
         base = random_packed(rng, n, k, 0.1)
         calls = 1 if interpret else max(2, int(-(-ROTATE_BYTES // packed_bytes(base))))
         ws = [base] + [dataclasses.replace(base, q4=base.q4 ^ jnp.int8(i), q8=base.q8 ^ jnp.int8(i))
                        for i in range(1, calls)]
-        forms = {"row": ws, "tiled": [tile_codes(w) for w in ws]}
+        forms = {"row": ws, "t1": [tile_codes(w, groups=1) for w in ws], "t4": [tile_codes(w, groups=4) for w in ws]}
         dense = [jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
                  for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
         for m in ms:
@@ -94,20 +96,20 @@ def main(argv=None) -> int:
                 if not interpret:
                     traced = trace_events(lambda: jitted(x, wv), args.runs)
                     busy[v] = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, calls, "")
-            same = all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(outs["tiled"]),
-                                                                    jax.tree.leaves(outs["row"])))
+            same = all(bool(jnp.array_equal(a, b)) for v in ("t1", "t4")
+                       for a, b in zip(jax.tree.leaves(outs[v]), jax.tree.leaves(outs["row"])))
             label = "unpack" if m == 0 else m
             if interpret:
-                table.append(f"| {name} | {k} → {n} | {label} | {calls} | | | | {'yes' if same else 'NO'} | | | |")
+                table.append(f"| {name} | {k} → {n} | {label} | {calls} | | | | | {'yes' if same else 'NO'} | | | | |")
                 continue
             xla = float("nan")
             if m:
                 bf = jax.jit(lambda x, ws: [jnp.dot(x, w.T) for w in ws])
                 traced = trace_events(lambda: bf(x, dense), args.runs)
                 xla = float("nan") if isinstance(traced, str) else _busy(traced[0], args.runs, len(dense), "")
-            row = (f"| {name} | {k} → {n} | {label} | {calls} | {xla:.1f} | {busy['row']:.1f} | {busy['tiled']:.1f} | "
-                   f"{'yes' if same else 'NO'} | {busy['tiled'] / busy['row']:.3f} | {xla / busy['row']:.2f} | "
-                   f"{xla / busy['tiled']:.2f} |")
+            row = (f"| {name} | {k} → {n} | {label} | {calls} | {xla:.1f} | {busy['row']:.1f} | {busy['t1']:.1f} | "
+                   f"{busy['t4']:.1f} | {'yes' if same else 'NO'} | {busy['t1'] / busy['row']:.3f} | "
+                   f"{busy['t4'] / busy['row']:.3f} | {xla / busy['row']:.2f} | {xla / busy['t4']:.2f} |")
             print(row, flush=True)
             table.append(row)
     text = head + "\n\n" + "\n".join(table) + "\n"

@@ -67,12 +67,11 @@ class MixedWeight:
     # one more byte a weight held (`mgpu.with_int8_prefill`, `mixjax.model.int8_prefill`).
     prefill_w: jax.Array | None = None
     prefill_s: jax.Array | None = None
-    # Runtime only (never saved): the codes of `q8` and `q4` in (64-row tile, K group) blocks instead of row-major
-    # (`tile_codes`; shapes unchanged). The Pallas decode tiles, the GEMV and the prefill unpack read this order
-    # directly (a group's block of a tile is 4 or 8 KB contiguous instead of 64 rows' pieces 2 KB apart: the
-    # decode tiles 4–21 % faster, benchmarks/NOTES-kernels.md item 125); every other reader first restores the
-    # row-major codes (`untiled`).
-    tiled: bool = False
+    # Runtime only (never saved): the codes of `q8` and `q4` in blocks of 64 rows × `tiled` K groups instead of
+    # row-major (`tile_codes`; shapes unchanged; 0: row-major). The Pallas decode tiles, the GEMV and the prefill
+    # unpack read this order directly (a tile's group within one block instead of 64 rows' pieces 2 KB apart:
+    # benchmarks/NOTES-kernels.md item 125); every other reader first restores the row-major codes (`untiled`).
+    tiled: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -349,29 +348,43 @@ def pack_rtn(w, is_int8, *, group_size: int = GROUP_SIZE) -> MixedWeight:
 
 
 TILE_ROWS = 64  # rows of a code block in the tiled order (`tile_codes`): the decode tiles' block_n
+TILE_GROUPS = 4  # K groups side by side in a block row (`tile_codes(groups=)`): the GEMV's groups an iteration
 
 
-def _permute_codes(q: jax.Array, groups: int, to_tiles: bool) -> jax.Array:
-    """Codes [..., R, C] (C = groups · bytes a group) between row-major and (tile of 64 rows, group) blocks."""
+def block_groups(num_groups: int, groups: int = TILE_GROUPS) -> int:
+    """The groups a block row holds for a weight of `num_groups` K groups: the largest of groups, groups/2, … 1
+    that divides them."""
+    while num_groups % groups:
+        groups //= 2
+    return groups
+
+
+def _permute_codes(q: jax.Array, groups: int, quad: int, to_tiles: bool) -> jax.Array:
+    """Codes [..., R, C] (C = groups · bytes a group) between row-major ([R/64, 64, G/Q, Q, ·]) and the tiled order
+    ([R/64, G/Q, 64, Q, ·]: Q = `quad` groups side by side)."""
     *lead, r, c = q.shape
     if not q.size:
         return q
     if r % TILE_ROWS:
         raise ValueError(f"tile_codes: {r} packed rows are not a multiple of {TILE_ROWS}")
-    split = (r // TILE_ROWS, TILE_ROWS, groups, c // groups) if to_tiles else (r // TILE_ROWS, groups, TILE_ROWS,
-                                                                                c // groups)
-    return q.reshape(*lead, *split).swapaxes(-3, -2).reshape(*lead, r, c)
+    t, w = r // TILE_ROWS, c // groups
+    split = (t, TILE_ROWS, groups // quad, quad, w) if to_tiles else (t, groups // quad, TILE_ROWS, quad, w)
+    return q.reshape(*lead, *split).swapaxes(-4, -3).reshape(*lead, r, c)
 
 
-def tile_codes(qw: MixedWeight) -> MixedWeight:
-    """`qw` with its codes in (64-row tile, K group) order (`MixedWeight.tiled`): within the same arrays, row-major
-    [tiles, G, 64, bytes a group]. A runtime layout for the Pallas kernels on a GPU; `untiled` is its inverse.
-    Works on stacked weights (leading layer axes). A weight whose channels are all 8-bit stays row-major: the
-    Hopper prefill GEMM reads its `q8` as it is stored (`mgpu.mixed_matmul_mgpu`)."""
+def tile_codes(qw: MixedWeight, groups: int | None = None) -> MixedWeight:
+    """`qw` with its codes in blocks of 64 rows × Q K groups (`MixedWeight.tiled` = Q, the largest of `groups`,
+    `groups`/2, … dividing G): within the same arrays, row-major [tiles, G/Q, 64, Q, bytes a group], so a block is
+    64 rows' Q groups (16 KB of 4-bit codes at Q = 4; `groups` None: `TILE_GROUPS`). A runtime layout for the Pallas kernels on a GPU: a decode
+    tile reads a group's 64 rows within one block, the GEMV a row's Q groups as they are stored row-major.
+    `untiled` is its inverse. Works on stacked weights (leading layer axes). A weight whose channels are all 8-bit
+    stays row-major: the Hopper prefill GEMM reads its `q8` as it is stored (`mgpu.mixed_matmul_mgpu`)."""
     if qw.tiled or qw.n8 == qw.n:
         return qw
     g = -(-qw.k // GROUP_SIZE)
-    return dataclasses.replace(qw, q8=_permute_codes(qw.q8, g, True), q4=_permute_codes(qw.q4, g, True), tiled=True)
+    quad = block_groups(g, groups or TILE_GROUPS)
+    return dataclasses.replace(qw, q8=_permute_codes(qw.q8, g, quad, True), q4=_permute_codes(qw.q4, g, quad, True),
+                               tiled=quad)
 
 
 def untiled(qw: MixedWeight) -> MixedWeight:
@@ -379,8 +392,8 @@ def untiled(qw: MixedWeight) -> MixedWeight:
     if not qw.tiled:
         return qw
     g = -(-qw.k // GROUP_SIZE)
-    return dataclasses.replace(qw, q8=_permute_codes(qw.q8, g, False), q4=_permute_codes(qw.q4, g, False),
-                               tiled=False)
+    return dataclasses.replace(qw, q8=_permute_codes(qw.q8, g, qw.tiled, False),
+                               q4=_permute_codes(qw.q4, g, qw.tiled, False), tiled=0)
 
 
 def dequantize(qw: MixedWeight) -> jax.Array:  # f32 [N, k]
@@ -398,8 +411,9 @@ def _code_rows(qw: MixedWeight, q: jax.Array, rows: jax.Array, groups: int) -> j
     """Packed rows `rows` (any shape) of codes q [R, C] in row-major order, whichever order `qw` stores."""
     if not qw.tiled:
         return q[rows]
-    blocks = q.reshape(q.shape[0] // TILE_ROWS, groups, TILE_ROWS, q.shape[1] // groups)
-    return blocks[rows // TILE_ROWS, :, rows % TILE_ROWS].reshape(*rows.shape, q.shape[1])  # [..., G, ·] → [..., C]
+    quad = qw.tiled
+    blocks = q.reshape(q.shape[0] // TILE_ROWS, groups // quad, TILE_ROWS, quad, q.shape[1] // groups)
+    return blocks[rows // TILE_ROWS, :, rows % TILE_ROWS].reshape(*rows.shape, q.shape[1])  # [..., G/Q, Q, ·] → [..., C]
 
 
 def take_rows(qw: MixedWeight, ids: jax.Array) -> jax.Array:  # f32 [*ids.shape, k]

@@ -172,7 +172,7 @@ def _by_channel_set(tile, bn: int, n8_tiles: int, n4_tiles: int, run8, run4) -> 
 
 def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
                  n8_tiles: int, n4_tiles: int, groups_per_split: int, n_out: int, interpret: bool,
-                 pdl_on: bool = False, tiled: bool = False):
+                 pdl_on: bool = False, tiled: int = 0):
     if cfg.quantize_first:
         xw_ref, as_ref, ax_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, o_ref = refs
         load_x = functools.partial(_load_words, xw_ref, as_ref, ax_ref)
@@ -210,10 +210,10 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
                 for lo, hi, _, _ in xs]
 
     def w8_partial(g, n0, xs):
-        if tiled:  # [tiles, G, 64, 32] words
-            t, rows = n0 // TILE_ROWS, pl.ds(n0 % TILE_ROWS, bn)
-            wa = plgpu.load(q8_ref.at[t, g, rows, pl.ds(0, _WORDS)], eviction_policy="evict_first")
-            wb = plgpu.load(q8_ref.at[t, g, rows, pl.ds(_WORDS, _WORDS)], eviction_policy="evict_first")
+        if tiled:  # [tiles, G/Q, 64, Q, 32] words
+            at = (n0 // TILE_ROWS, g // tiled, pl.ds(n0 % TILE_ROWS, bn), g % tiled)
+            wa = plgpu.load(q8_ref.at[(*at, pl.ds(0, _WORDS))], eviction_policy="evict_first")
+            wb = plgpu.load(q8_ref.at[(*at, pl.ds(_WORDS, _WORDS))], eviction_policy="evict_first")
             return group_dots(wa, wb, xs)
         rows = pl.ds(n0, bn)
         wa = plgpu.load(q8_ref.at[rows, pl.ds(g * 2 * _WORDS, _WORDS)], eviction_policy="evict_first")  # [bn, 16]
@@ -224,8 +224,9 @@ def _gemv_kernel(*refs, cfg: GemvConfig, m: int,
         return plgpu.load(s8_ref.at[g, pl.ds(n0, bn)]), None
 
     def w4_partial(g, n0, xs):
-        if tiled:  # [tiles, G, 64, 16] words
-            w = plgpu.load(q4_ref.at[n0 // TILE_ROWS, g, pl.ds(n0 % TILE_ROWS, bn), :], eviction_policy="evict_first")
+        if tiled:  # [tiles, G/Q, 64, Q, 16] words
+            w = plgpu.load(q4_ref.at[n0 // TILE_ROWS, g // tiled, pl.ds(n0 % TILE_ROWS, bn), g % tiled, :],
+                           eviction_policy="evict_first")
         else:
             w = plgpu.load(q4_ref.at[pl.ds(n0, bn), pl.ds(g * _WORDS, _WORDS)], eviction_policy="evict_first")
         mask = jnp.int32(-252645136)  # 0xF0F0F0F0
@@ -249,7 +250,7 @@ def _quantize_group_words(x_ref, row, gs):
 
 def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int, groups_per_split: int,
                     n_out: int, interpret: bool, normed: tuple | None = None, pdl_on: bool = False,
-                    tiled: bool = False):
+                    tiled: int = 0):
     """`groups_per_iter` groups a loop iteration. Activation refs: with `quantize_first`, xw int32
     [Mp, G, 2, 16] (words, lo / hi half of each group) and as / ax [G, Mp] (scales, Σ codes); without,
     x [M, G, 2, 16, 4] float, quantized group by group in every program (one launch in all). Weight refs:
@@ -292,11 +293,16 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     g0_waited = None if pdl.WEIGHTS_FIRST else pdl.wait_then(g0, pdl_on)
     cols = chan_ref[pl.ds(tile * bn, bn)]
     dp4a = functools.partial(_dp4a, interpret=interpret)
-    # tiled codes: every per-iteration block is group-major ([gpi, bn, 16] words, [gpi, bn] meta) — the order the
-    # (tile, group) blocks and the group-major scales are stored in, so nothing is transposed in registers
-    zero = jnp.zeros((gpi, bn, _WORDS) if tiled else (bn, gpi, _WORDS), jnp.int32)
+    # tiled codes with Q ≥ gpi groups a block row (`format.tile_codes`): a row's gpi groups are contiguous, the
+    # blocks read as row-major ones. Q = 1 < gpi: every per-iteration block is group-major ([gpi, bn, 16] words,
+    # [gpi, bn] meta, the order the blocks and the group-major scales are stored in; nothing transposed in registers,
+    # but each thread then holds gpi groups of activations: +25–100 registers, measured 2–9 % slower, session 37)
+    quad = tiled
+    gmajor = bool(quad) and quad < gpi
+    tiled = gmajor  # the compute's orientation below
+    zero = jnp.zeros((gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
-    if tiled and cfg.word_rescale:
+    if gmajor and cfg.word_rescale:
         raise ValueError("word_rescale=True is not built for tiled codes (MixedWeight.tiled): use the row-major "
                          "weight (MixedWeight.untiled()) or word_rescale=False")
 
@@ -366,13 +372,17 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
             plgpu.store(o_ref.at[split * m + r, cols], acc, mask=cols < n_out)
 
     # Loads (raw, so a prefetched load is not waited on where it is issued) and what compute derives from them.
-    def tile_rows(rows):  # the rows' tile and their slice within it (tiled codes)
-        return rows.start // TILE_ROWS, pl.ds(rows.start % TILE_ROWS, bn)
+    def tile_at(gs, rows):  # the block's index: tile, block row (Q groups), rows in the tile, groups in the row
+        t, r = rows.start // TILE_ROWS, pl.ds(rows.start % TILE_ROWS, bn)
+        if gmajor:  # Q = 1: gpi blocks
+            return t, gs, r, pl.ds(0, 1)
+        return t, gs.start // quad, r, pl.ds(gs.start % quad, gpi)
 
     def w8(gs, rows):
-        if tiled:  # [tiles, G, 64, 2, 16] words → [gpi, bn, 16] per half
-            t, r = tile_rows(rows)
-            half = lambda h: plgpu.load(q8_ref.at[t, gs, r, pl.ds(h, 1), :], **first).reshape(gpi, bn, _WORDS)  # noqa: E731
+        if quad:  # [tiles, G/Q, 64, Q, 2, 16] words → [bn, gpi, 16] per half ([gpi, bn, 16] when group-major)
+            shape = (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS)
+            half = lambda h: plgpu.load(q8_ref.at[(*tile_at(gs, rows), pl.ds(h, 1), slice(None))],  # noqa: E731
+                                        **first).reshape(shape)
             return half(0), half(1)
         half = lambda h: plgpu.load(q8_ref.at[rows, gs, pl.ds(h, 1), :], **first).reshape(-1, gpi, _WORDS)  # noqa: E731
         return half(0), half(1)
@@ -384,9 +394,9 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
         return words, (meta[0] if tiled else meta[0].T, None)
 
     def w4(gs, rows):
-        if tiled:  # [tiles, G, 64, 16] words → [gpi, bn, 16]
-            t, r = tile_rows(rows)
-            return plgpu.load(q4_ref.at[t, gs, r, :], **first)
+        if quad:  # [tiles, G/Q, 64, Q, 16] words → [bn, gpi, 16] ([gpi, bn, 16] when group-major)
+            return plgpu.load(q4_ref.at[(*tile_at(gs, rows), slice(None))], **first).reshape(
+                (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS))
         return plgpu.load(q4_ref.at[rows, gs, :], **first)
 
     def w4_meta(gs, rows):
@@ -441,14 +451,20 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
 
     q8, q4 = (_words(q) if q.size else jnp.zeros((1, 1), jnp.int32) for q in (qw.q8, qw.q4))
     s8, s4, z4 = _nonempty(qw.scale8, qw.scale4, qw.zero4)
-    if qw.tiled and TILE_ROWS % cfg.block_n:
+    quad, gpi = qw.tiled, cfg.groups_per_iter
+    if quad and TILE_ROWS % cfg.block_n:
         raise ValueError(f"block_n={cfg.block_n}: tiled codes (MixedWeight.tiled) need a block_n dividing "
                          f"{TILE_ROWS}, or the row-major weight (MixedWeight.untiled())")
-    gpi_view = cfg.groups_per_iter > 1
-    if qw.tiled:  # free reshapes: (tile, group) blocks of the words
-        q8 = q8.reshape(-1, g, TILE_ROWS, *((2, _WORDS) if gpi_view else (2 * _WORDS,))) if qw.q8.size else \
-            jnp.zeros((1, 1, 1, *((2, _WORDS) if gpi_view else (2 * _WORDS,))), jnp.int32)
-        q4 = q4.reshape(-1, g, TILE_ROWS, _WORDS) if qw.q4.size else jnp.zeros((1, 1, 1, _WORDS), jnp.int32)
+    if 1 < quad < gpi or (gpi <= quad and quad % gpi):
+        raise ValueError(f"groups_per_iter={gpi} with codes tiled {quad} groups a block row: pick groups_per_iter "
+                         f"dividing {quad} (or 1 < it with 1 group a block row), or the row-major weight")
+    gpi_view = gpi > 1
+    if quad:  # free reshapes: blocks [tiles, G/Q, 64 rows, Q groups, words]
+        q8_tail = (2, _WORDS) if gpi_view else (2 * _WORDS,)
+        q8 = q8.reshape(-1, g // quad, TILE_ROWS, quad, *q8_tail) if qw.q8.size else \
+            jnp.zeros((1, 1, 1, 1, *q8_tail), jnp.int32)
+        q4 = q4.reshape(-1, g // quad, TILE_ROWS, quad, _WORDS) if qw.q4.size else \
+            jnp.zeros((1, 1, 1, 1, _WORDS), jnp.int32)
     if gpi_view:  # free reshapes: group-major views of the words (or of x)
         x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS, *x_in[0].shape[2:]), *x_in[1:])
     if gpi_view and not qw.tiled:

@@ -362,13 +362,13 @@ def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact 
     return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
 
 
-def _w8_load(g, n0, q8_ref, *, block_n, evict, tiled=False):
-    """The group's 8-bit weight tile as two K halves [bn, 64] int8 (tiled: from the [tiles, G, 64, 128] view of
-    `MixedWeight.tiled` codes, one 8 KB block)."""
+def _w8_load(g, n0, q8_ref, *, block_n, evict, tiled=0):
+    """The group's 8-bit weight tile as two K halves [bn, 64] int8 (tiled: from the [tiles, G/Q, 64, Q, 128] view
+    of `MixedWeight.tiled` codes, Q = tiled: the 64 rows of one block)."""
     if tiled:
-        t = n0 // block_n
-        return (plgpu.load(q8_ref.at[t, g, :, pl.ds(0, HALF_GROUP)], eviction_policy=evict),
-                plgpu.load(q8_ref.at[t, g, :, pl.ds(HALF_GROUP, HALF_GROUP)], eviction_policy=evict))
+        at = (n0 // block_n, g // tiled, slice(None), g % tiled)
+        return (plgpu.load(q8_ref.at[(*at, pl.ds(0, HALF_GROUP))], eviction_policy=evict),
+                plgpu.load(q8_ref.at[(*at, pl.ds(HALF_GROUP, HALF_GROUP))], eviction_policy=evict))
     rows = pl.ds(n0, block_n)
     wa = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
     wb = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
@@ -398,11 +398,11 @@ def _w8_scale(partial, xh, a_meta, w_meta, *, mode):
     return _unseed(partial) * factor
 
 
-def _w4_load(g, n0, q4_ref, *, block_n, evict, tiled=False):
-    """The group's packed 4-bit tile [bn, 64] int8 (two codes per byte; tiled: from the [tiles, G, 64, 64] view,
-    one 4 KB block)."""
+def _w4_load(g, n0, q4_ref, *, block_n, evict, tiled=0):
+    """The group's packed 4-bit tile [bn, 64] int8 (two codes per byte; tiled: from the [tiles, G/Q, 64, Q, 64]
+    view, Q = tiled)."""
     if tiled:
-        return plgpu.load(q4_ref.at[n0 // block_n, g], eviction_policy=evict)
+        return plgpu.load(q4_ref.at[n0 // block_n, g // tiled, :, g % tiled, :], eviction_policy=evict)
     return plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
 
 
@@ -458,7 +458,7 @@ def _w4_scale(partial, xh, a_meta, w_meta, *, mode):
 
 
 def _mixed_kernel(*refs, cfg: GemmConfig, mode: Mode, n8_tiles: int, n4_tiles: int, groups_per_split: int,
-                  m: int, k: int, n_out: int, interpret: bool, pdl_on: bool = False, tiled: bool = False):
+                  m: int, k: int, n_out: int, interpret: bool, pdl_on: bool = False, tiled: int = 0):
     if cfg.fuse_quant or mode == "float":
         x_ref, q8_ref, s8_ref, q4_ref, s4_ref, z4_ref, chan_ref, *o_refs = refs
     else:
@@ -561,8 +561,9 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
         if cfg.block_n != TILE_ROWS:
             raise ValueError(f"block_n={cfg.block_n}: tiled codes (MixedWeight.tiled) are read by {TILE_ROWS}-row tiles; "
                              "pass block_n=64 or the row-major weight (MixedWeight.untiled())")
-        q8 = q8.reshape(n8_tiles, g, TILE_ROWS, GROUP_SIZE) if q8.size else q8
-        q4 = q4.reshape(n4_tiles, g, TILE_ROWS, HALF_GROUP) if q4.size else q4
+        quad = qw.tiled
+        q8 = q8.reshape(n8_tiles, g // quad, TILE_ROWS, quad, GROUP_SIZE) if q8.size else q8
+        q4 = q4.reshape(n4_tiles, g // quad, TILE_ROWS, quad, HALF_GROUP) if q4.size else q4
     weights = (*_nonempty(q8, qw.scale8), *_nonempty(q4, qw.scale4, qw.zero4), qw.channel)
     if cfg.fuse_quant or mode == "float":
         args = (x, *weights)

@@ -104,7 +104,7 @@ def int8_weight_ref(qw: MixedWeight, *, rows: int | None = None) -> tuple[jax.Ar
 
 
 def _kernel(src_ref, q4_ref, z4_ref, s4_ref, q8_ref, s8_ref, w_ref, sc_ref, *, n: int, n8p: int, n4p: int,
-            block_rows: int, block_groups: int, tiled: bool = False):
+            block_rows: int, block_groups: int, tiled: int = 0):
     i, j = pl.program_id(0), pl.program_id(1)
     rows = i * block_rows + jnp.arange(block_rows)  # [bn] output rows (channels)
     groups = j * block_groups + jnp.arange(block_groups)  # [bg]
@@ -118,8 +118,8 @@ def _kernel(src_ref, q4_ref, z4_ref, s4_ref, q8_ref, s8_ref, w_ref, sc_ref, *, n
     scale = jnp.zeros((block_groups, block_rows), jnp.float32)
     if n4p:
         m4 = jnp.broadcast_to(is4[:, None, None], lo.shape)
-        at = (r4[:, None, None] // TILE_ROWS, gg, r4[:, None, None] % TILE_ROWS, ww) if tiled else \
-            (r4[:, None, None], gg, ww)  # tiled: the [tiles, G, 64, 16] view
+        at = (r4[:, None, None] // TILE_ROWS, gg // tiled, r4[:, None, None] % TILE_ROWS, gg % tiled, ww) if tiled \
+            else (r4[:, None, None], gg, ww)  # tiled: the [tiles, G/Q, 64, Q, 16] view
         packed = plgpu.load(q4_ref.at[at], mask=m4, other=0, eviction_policy="evict_first")  # [bn, bg, 16]
         zero = plgpu.load(z4_ref.at[gg, r4[:, None, None]], other=0,
                           mask=jnp.broadcast_to(is4[:, None, None], (block_rows, block_groups, 1)))  # [bn, bg, 1]
@@ -130,8 +130,8 @@ def _kernel(src_ref, q4_ref, z4_ref, s4_ref, q8_ref, s8_ref, w_ref, sc_ref, *, n
     if n8p:
         m8 = jnp.broadcast_to(is8[:, None, None], lo.shape)
         r, s8_mask = r8[:, None, None], jnp.broadcast_to(is8[None, :], scale.shape)
-        if tiled:  # the [tiles, 2G, 64, 16] view: (tile, group) blocks of 32 words a row, halves 16 words each
-            at_lo, at_hi = ((r // TILE_ROWS, gg, r % TILE_ROWS, h * _WORDS + ww) for h in (0, 1))
+        if tiled:  # the [tiles, G/Q, 64, Q, 32] view: 32 words a row and group, halves 16 words each
+            at_lo, at_hi = ((r // TILE_ROWS, gg // tiled, r % TILE_ROWS, gg % tiled, h * _WORDS + ww) for h in (0, 1))
         else:
             at_lo, at_hi = (r, 2 * gg, ww), (r, 2 * gg + 1, ww)
         lo = jnp.where(m8, plgpu.load(q8_ref.at[at_lo], mask=m8, other=0, eviction_policy="evict_first"), lo)
@@ -148,8 +148,9 @@ def _int8_weight_pallas(qw: MixedWeight, *, rows: int, block_rows: int, block_gr
     g, kp = qw.num_groups, qw.k_padded
     n8p, n4p = qw.q8.shape[0], qw.q4.shape[0]
 
-    def words(a, per_row):  # int8 [R, C] → int32 [R, per_row, 16] (tiled: [R/64, G, 64, 16·per_row/G]); a dummy
-        tail = (g, TILE_ROWS, _WORDS * per_row // g) if qw.tiled else (per_row, _WORDS)  # word for an empty set
+    def words(a, per_row):  # int8 [R, C] → int32 [R, per_row, 16] (tiled: [R/64, G/Q, 64, Q, 16·per_row/G]); a
+        q = qw.tiled  # dummy word for an empty channel set
+        tail = (g // q, TILE_ROWS, q, _WORDS * per_row // g) if q else (per_row, _WORDS)
         if not a.shape[0]:
             return jnp.zeros((1, *tail), jnp.int32)
         return _words(a, jnp.int32).reshape(-1, *tail)

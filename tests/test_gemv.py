@@ -153,26 +153,32 @@ def test_default_gemv_config_groups():
         gemv.GemvConfig(32, 1, groups_per_iter=3).check(1, 6)
 
 
-@pytest.mark.parametrize("m, k, n, share8, cfg", [
-    (1, 1024, 256, 0.1, None),  # the decode default: 4 groups an iteration, prefetched, quantized in the programs
-    (2, 1536, 200, 0.3, None),  # codes first, 4 groups an iteration (3 iterations: a pair and an odd one)
-    (1, 640, 130, 0.0, gemv.GemvConfig(32, 1, groups_per_iter=1)),  # one group an iteration
-    (2, 512, 96, 0.5, gemv.GemvConfig(64, 2, groups_per_iter=2)),  # 64-row blocks, split-K
+@pytest.mark.parametrize("m, k, n, share8, quad, cfg", [
+    (1, 1024, 256, 0.1, 4, None),  # the decode default: 4 groups an iteration, prefetched, quantized in the programs
+    (2, 1536, 200, 0.3, 4, None),  # codes first, 4 groups an iteration (3 iterations: a pair and an odd one)
+    (1, 640, 130, 0.0, 4, gemv.GemvConfig(32, 1, groups_per_iter=1)),  # G = 5: one group a block row and iteration
+    (2, 512, 96, 0.5, 4, gemv.GemvConfig(64, 2, groups_per_iter=2)),  # 64-row blocks, split-K, half a block row
+    (1, 1024, 160, 0.2, 1, None),  # one group a block row, 4 an iteration: the group-major reading
 ])
-def test_gemv_reads_tiled_codes(m, k, n, share8, cfg):
-    """Codes in (64-row tile, group) order (`format.tile_codes`): the GEMV reads each iteration's block group-major
-    and gives the row-major GEMV's output (bit for bit in interpret mode); a block that does not divide a tile
-    is refused by name."""
+def test_gemv_reads_tiled_codes(m, k, n, share8, quad, cfg):
+    """Codes in blocks of 64 rows × Q groups (`format.tile_codes`): the GEMV reads a row's groups where they sit
+    (group-major when Q = 1) and gives the row-major GEMV's output (bit for bit in interpret mode); a block that
+    does not divide a tile, or groups an iteration that do not fit a block row, are refused by name."""
     from pallas_kernels.format import tile_codes
 
     x, qw = _case(m, k, n, share8)
     want = gemv.mixed_gemv_pallas(x, qw, config=cfg, interpret=INTERPRET)
-    got = gemv.mixed_gemv_pallas(x, tile_codes(qw), config=cfg, interpret=INTERPRET)
+    tw = tile_codes(qw, groups=quad)
+    assert tw.tiled == (quad if k != 640 else 1)
+    got = gemv.mixed_gemv_pallas(x, tw, config=cfg, interpret=INTERPRET)
     if INTERPRET:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     assert _rel(got, want) < RTOL
     with pytest.raises(ValueError, match="block_n=128: tiled codes"):
-        gemv.mixed_gemv_pallas(x, tile_codes(qw), config=gemv.GemvConfig(128, 1), interpret=INTERPRET)
+        gemv.mixed_gemv_pallas(x, tw, config=gemv.GemvConfig(128, 1), interpret=INTERPRET)
+    if k == 1024 and quad == 4:
+        with pytest.raises(ValueError, match="groups_per_iter=8 with codes tiled 4"):
+            gemv.mixed_gemv_pallas(x, tw, config=gemv.GemvConfig(32, 1, groups_per_iter=8), interpret=INTERPRET)
 
 
 @pytest.mark.parametrize("m, k, n, share8, parts, chunk, cfg", [

@@ -241,18 +241,18 @@ def test_small_operands_two_iterations_ahead(split, stages):
 
 
 
-@pytest.mark.parametrize("share8", [0.0, 0.15, 1.0])
-def test_tiled_codes_change_only_the_addresses(share8):
+@pytest.mark.parametrize("share8, quad", [(0.0, 4), (0.15, 4), (0.15, 1), (0.3, 2), (1.0, 4)])
+def test_tiled_codes_change_only_the_addresses(share8, quad):
     """`format.tile_codes` ((64-row tile, group) blocks, `MixedWeight.tiled`): `untiled` inverts it; dequantize and
     take_rows read it; the decode tiles give the row-major kernel's output bit for bit (split-K partials, the small
     operands two iterations ahead with an odd last group, float mode, an empty channel set); the XLA reference
     too. A tile width the order does not hold is refused by name. An all-8-bit weight stays row-major."""
-    x, qw = _case(23, 640, 200, share8, jnp.float32)
-    tw = fmt.tile_codes(qw)
+    x, qw = _case(23, 1280, 200, share8, jnp.float32)  # 10 groups: a block row holds 2 at most
+    tw = fmt.tile_codes(qw, groups=quad)
     if share8 == 1.0:  # the Hopper prefill GEMM reads an all-8-bit q8 as stored
         assert tw is qw and not tw.tiled
         return
-    assert tw.tiled and tw.q4.shape == qw.q4.shape and tw.q8.shape == qw.q8.shape
+    assert tw.tiled == min(quad, 2) and tw.q4.shape == qw.q4.shape and tw.q8.shape == qw.q8.shape
     assert not bool(jnp.array_equal(tw.q4, qw.q4))
     back = tw.untiled()
     assert not back.tiled and all(bool(jnp.array_equal(a, b)) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(qw)))
@@ -260,7 +260,7 @@ def test_tiled_codes_change_only_the_addresses(share8):
     ids = jnp.asarray(_rng().integers(0, 200, (4, 3)))
     np.testing.assert_array_equal(np.asarray(fmt.take_rows(tw, ids)), np.asarray(fmt.take_rows(qw, ids)))
     np.testing.assert_array_equal(np.asarray(ref.mixed_matmul_ref(x, tw)), np.asarray(ref.mixed_matmul_ref(x, qw)))
-    for base in (kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True),
+    for base in (kernels.GemmConfig(32, 64, 5, 4, 3, fuse_quant=False, split_partials=True),  # 2 groups a split
                  kernels.GemmConfig(32, 64, 1, 4, 3, fuse_quant=False, prefetch_meta=3),
                  kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True)):
         want = kernels.mixed_matmul_pallas(x, qw, config=base, interpret=INTERPRET)

@@ -42,7 +42,8 @@ def test_kernel_matches_reference_bit_for_bit(n, k, share8, rows, block_rows, bl
         assert np.abs(np.asarray(w[:n])[four]).max() <= 15 and np.any(np.asarray(w[:n])[four])
 
 
-@pytest.mark.parametrize("n, k, share8, rows, block_rows", [(300, 576, 0.1, 384, 32), (200, 1024, 0.0, 256, 16)])
+@pytest.mark.parametrize("n, k, share8, rows, block_rows", [(300, 576, 0.1, 384, 32), (200, 1024, 0.0, 256, 16),
+                                                           (130, 1024, 0.3, 256, 32)])
 def test_kernel_reads_tiled_codes(n, k, share8, rows, block_rows):
     """Codes in (64-row tile, group) order (`format.tile_codes`, the runtime order on the GPU) unpack to the same
     matrix as the stored row-major ones, bit for bit, through the kernel and the reference."""
