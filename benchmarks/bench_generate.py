@@ -70,8 +70,8 @@ epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode atten
 (session 36 measured it at b8, which now takes one split on caches of ≤ 512 positions); `@attlive`: the codes
 epilogue on the live rows only (measured in session 36, the default since, so it repeats the default); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
-`@rowmajor`: the decoder layers' codes in the stored row-major order (before session 37; the default since puts them
-in blocks of 64 rows × 4 groups, `model.TILED_CODES`, `format.TILE_GROUPS`); `@tiled1`: blocks of 64 rows × 1 group;
+`@tiled` / `@tiled4`: the decoder layers' codes in blocks of 64 rows × 1 / × 4 K groups (`fuse_projections(tile=True)`,
+`model.TILED_CODES`, `format.TILE_GROUPS`; session 37: `@tiled` is for batched decoding, −5 % at b1);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -411,7 +411,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "rowmajor", "tiled1")
+              "tiled", "tiled4")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -471,14 +471,11 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("scatterkv", "kvt"):  # how a chunk's keys and values go into the cache (model.CACHE_WRITE):
         # XLA's scatter in the tokens' order, or the scatter in the store's order (the default); bf16 too
         model_module.CACHE_WRITE = {"scatterkv": "scatter", "kvt": "scatter_t"}[strategy]
-    elif strategy == "rowmajor":  # the decoder layers' codes in the stored row-major order (before session 37), not
-        # in (64-row tile, group) blocks (`model.TILED_CODES`, `format.tile_codes`)
-        model_module.TILED_CODES = False
-    elif strategy == "tiled1":  # tiled codes with one group a block row (`format.TILE_GROUPS = 1`): a decode tile's
-        # group one 4 KB block; the GEMV reads its 4 groups an iteration group-major
+    elif strategy in ("tiled", "tiled4"):  # the decoder layers' codes in blocks of 64 rows × 1 (× 4) groups
+        # (`fuse_projections(tile=True)`, `format.TILE_GROUPS`), not in the stored row-major order
         from pallas_kernels import format as fmt
 
-        fmt.TILE_GROUPS = 1
+        model_module.TILED_CODES, fmt.TILE_GROUPS = True, 4 if strategy == "tiled4" else 1
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

@@ -858,6 +858,10 @@ case "$part" in
       --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 540 --out "$out/tiled_e2e.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/tiled_e2e.log"
     ;;
+  s37e)  # session 37: the whole decode path on the GPU with tiled codes (opt-in since s37d; test_gpu_model.py)
+    header
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py 2>&1 | tail -4 | tee "$out/gpu_model.log"
+    ;;
   s37d)  # session 37: blocks of 64 rows × 4 groups (the default now: the GEMV's row order inside a block) — their
     # tests compiled, the probe (row-major, Q = 1, Q = 4), then end to end beside @tiled1, @rowmajor and bf16
     header

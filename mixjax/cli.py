@@ -250,9 +250,9 @@ def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt:
     eos = sorted(set(cfg.eos_token_ids) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()))
     write = _stdout_stream() if not quiet else (lambda s: None)
     stream = TextStream(tokenizer, write)
-    from mixjax.model import fuse_projections, tiles_for
+    from mixjax.model import fuse_projections
 
-    new = generate(fuse_projections(params, tile=tiles_for(implementation)), cfg, [ids], max_new_tokens=max_new_tokens, eos_token_ids=eos,
+    new = generate(fuse_projections(params), cfg, [ids], max_new_tokens=max_new_tokens, eos_token_ids=eos,
                    implementation=implementation, on_token=stream)[0]
     stream.flush()
     log("")

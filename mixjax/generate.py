@@ -425,8 +425,7 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     if mesh is not None:
         check_tensor_parallel(cfg, mesh.size)
     # q/k/v and gate/up as one matmul each: fewer decode launches (shard_model fuses each device's own)
-    place = (functools.partial(model.fuse_projections, tile=model.tiles_for(implementation)) if mesh is None
-             else (lambda p: shard_model(p, cfg, mesh)))
+    place = model.fuse_projections if mesh is None else (lambda p: shard_model(p, cfg, mesh))
     params = place(params)
     prefill_params = None
     if first_path is not None:

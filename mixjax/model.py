@@ -156,17 +156,19 @@ def int8_prefill(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": layers}
 
 
-TILED_CODES = True  # `fuse_projections` on the Pallas path also puts the decoder layers' codes in (64-row tile, K
-# group) order (`tile_codes`). H100 (session 37, benchmarks/probe_tile_major.py): the decode tiles' GEMM 4–21 % faster
-# (gate/up at M = 16 37.1 → 28.9 µs), the same bytes; False keeps the stored row-major order (bench `@rowmajor`)
-
+TILED_CODES = False  # what `fuse_projections(tile=None)` does: put the decoder layers' codes in blocks of 64 rows × 1
+# K group (`tile_codes`, `format.TILE_GROUPS`) for the Pallas decode tiles. H100 (session 37, results/generation.md):
+# decode b8 +10 %, b32 +6 % tokens/s, but b1 −5 % (the GEMV reads a row's 4 groups from 4 blocks), so it is for
+# batched decoding (≥ 3 sequences) and off by default; the single-prompt paths (`generate_text`, the CLI) keep the
+# stored row-major order
 
 def tile_codes(params: dict[str, Any]) -> dict[str, Any]:
     """Every decoder-layer `MixedWeight` with its codes in (64-row tile, K group) order (`format.tile_codes`, a
     runtime layout: the Pallas decode tiles read a group of a tile as one 4 KB block instead of 64 rows' 64-byte
     pieces 2 KB apart). Same numbers from every path; the XLA reference and the other readers restore the
-    row-major order first (a copy a call), so use it where the Pallas kernels run. `save_quantized` writes the
-    stored order. Other leaves are returned as they are."""
+    row-major order first (a copy a call), so use it where the Pallas kernels decode batches (≥ 3 sequences: the
+    one-row GEMV is 4–9 % slower on it). `save_quantized` writes the stored order. Other leaves are returned as
+    they are."""
     from pallas_kernels import MixedWeight, StaticMixedWeight
     from pallas_kernels.format import tile_codes as tile
 
@@ -179,11 +181,6 @@ def tile_codes(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": layers}
 
 
-def tiles_for(implementation: Implementation) -> bool:
-    """Whether `fuse_projections` tiles the codes for this implementation: on the Pallas path, with `TILED_CODES`."""
-    return TILED_CODES and resolve_implementation(implementation) == "pallas"
-
-
 def fuse_projections(params: dict[str, Any], *, tile: bool | None = None) -> dict[str, Any]:
     """q/k/v → one `self_attn.qkv_proj`, gate/up → one `mlp.gate_up_proj` (weights concatenated along N).
 
@@ -194,9 +191,8 @@ def fuse_projections(params: dict[str, Any], *, tile: bool | None = None) -> dic
     Groups mixing weight kinds (e.g. fake-quant simulation) stay unfused. Do it once after
     loading, for inference; checkpoints, salience and quantization use the unfused names. Idempotent.
 
-    tile: then `tile_codes` (the codes in the order the Pallas kernels read fastest); None: where the Pallas
-    kernels run by default (a GPU) and `TILED_CODES`. Pass `tile=tiles_for(implementation)` when the implementation
-    is chosen explicitly.
+    tile: then `tile_codes`, the codes in the order the Pallas decode tiles read fastest (batched decoding on a GPU:
+    +6–10 % tokens/s at 8–32 sequences on an H100, −5 % at one); None: `TILED_CODES` (off).
     """
     from pallas_kernels import MixedWeight, StaticMixedWeight
     from pallas_kernels.fuse import concat_mixed
@@ -231,7 +227,7 @@ def fuse_projections(params: dict[str, Any], *, tile: bool | None = None) -> dic
 
     layers = fuse_layer(params["layers"]) if stacked else tuple(fuse_layer(layer) for layer in params["layers"])
     if tile is None:
-        tile = tiles_for("auto")
+        tile = TILED_CODES
     return tile_codes({**params, "layers": layers}) if tile else {**params, "layers": layers}
 
 

@@ -352,9 +352,9 @@ def test_cache_write_in_store_order_equals_the_scatter(monkeypatch, positions, s
 
 
 def test_tiled_codes_keep_the_logits():
-    """`fuse_projections(tile=True)` (what a GPU run gets, `model.TILED_CODES`) puts every decoder-layer mixed
-    weight's codes in (tile, group) order and nothing else; the logits are those of the row-major weights
-    exactly (the XLA reference restores the order), and `tiles_for` picks it only for the Pallas path."""
+    """`fuse_projections(tile=True)` (batched decoding on a GPU) puts every decoder-layer mixed weight's codes in
+    (tile, group) order and nothing else; the logits are those of the row-major weights exactly (the XLA reference
+    restores the order); the default (`model.TILED_CODES`) keeps the stored order."""
     import pallas_kernels as pk
     from helpers import tenth
     from mixjax import model
@@ -374,4 +374,6 @@ def test_tiled_codes_keep_the_logits():
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
     want = forward(row, tokens, cfg, implementation="xla")
     np.testing.assert_array_equal(np.asarray(forward(tiled, tokens, cfg, implementation="xla")), np.asarray(want))
-    assert not model.tiles_for("xla") and model.tiles_for("pallas") == model.TILED_CODES
+    default = model.fuse_projections(params)
+    assert not model.TILED_CODES and not any(w.tiled for w in jax.tree.leaves(
+        default["layers"], is_leaf=lambda a: isinstance(a, pk.MixedWeight)) if isinstance(w, pk.MixedWeight))
