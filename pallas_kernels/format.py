@@ -351,8 +351,8 @@ TILE_ROWS = 64  # rows of a code block in the tiled order (`tile_codes`): the de
 TILE_GROUPS = 1  # K groups side by side in a block row (`tile_codes(groups=)`). H100 (session 37,
 # benchmarks/probe_tile_major.py): 1 — a decode tile's group one 4 KB block — takes 4–21 % off the decode tiles and
 # adds 4–9 % to the GEMV (which then reads a row's 4 groups an iteration group-major); 4 — the GEMV's 4 groups a row
-# contiguous — leaves the GEMV 2–5 % faster and the decode tiles within 3 % of row-major (their group is then 64
-# pieces 256 bytes apart): the page-sized contiguous block is what the decode tiles need
+# contiguous — leaves the GEMV within −6 / +3 % of row-major and takes only 0–10 % off the decode tiles (their group
+# is then 64 pieces 256 bytes apart): the page-sized contiguous block is what the decode tiles need
 
 
 def block_groups(num_groups: int, groups: int = TILE_GROUPS) -> int:
