@@ -858,9 +858,12 @@ case "$part" in
       --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 540 --out "$out/tiled_e2e.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/tiled_e2e.log"
     ;;
-  s37e)  # session 37: the whole decode path on the GPU with tiled codes (opt-in since s37d; test_gpu_model.py)
+  s37e)  # session 37: the GEMV on one-group blocks read as separate blocks (not one group-major block), M = 1 / 2,
+    # against row-major and 4 groups a block; then the whole decode path with tiled codes (test_gpu_model.py)
     header
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py 2>&1 | tail -4 | tee "$out/gpu_model.log"
+    timeout 120 python3 benchmarks/probe_tile_major.py --ms 1,2 --out "$out/gemv_tiled.md" 2>&1 | grep -v "^|---" | tail -10
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py tests/test_gemv.py -k "decode_path or tiled" \
+      2>&1 | tail -4 | tee "$out/gpu_model.log"
     ;;
   s37d)  # session 37: blocks of 64 rows × 4 groups (the default now: the GEMV's row order inside a block) — their
     # tests compiled, the probe (row-major, Q = 1, Q = 4), then end to end beside @tiled1, @rowmajor and bf16
