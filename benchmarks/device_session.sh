@@ -858,8 +858,9 @@ case "$part" in
       --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 540 --out "$out/tiled_e2e.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/tiled_e2e.log"
     ;;
-  s37e)  # session 37: the GEMV on one-group blocks read as separate blocks (not one group-major block), M = 1 / 2,
-    # against row-major and 4 groups a block; then the whole decode path with tiled codes (test_gpu_model.py)
+  s37e)  # session 37, at commit 8a80464: the GEMV on one-group blocks read as separate blocks (not one group-major
+    # block), M = 1 / 2, against row-major and 4 groups a block (1.2–2.3× slower: reverted after the call); then the
+    # whole decode path with tiled codes (test_gpu_model.py) and the GEMV's tiled tests
     header
     timeout 120 python3 benchmarks/probe_tile_major.py --ms 1,2 --out "$out/gemv_tiled.md" 2>&1 | grep -v "^|---" | tail -10
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py tests/test_gemv.py -k "decode_path or tiled" \

@@ -293,43 +293,46 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     g0_waited = None if pdl.WEIGHTS_FIRST else pdl.wait_then(g0, pdl_on)
     cols = chan_ref[pl.ds(tile * bn, bn)]
     dp4a = functools.partial(_dp4a, interpret=interpret)
-    # tiled codes (`format.tile_codes`, Q = `tiled` groups a block row): with Q ≥ gpi a row's gpi groups are
-    # contiguous and the blocks read as row-major ones; with Q = 1 < gpi an iteration reads its gpi groups as gpi
-    # one-group blocks [bn, 1, 16] (each 2 KB contiguous), loaded together and computed one after the other (offline,
-    # Triton 3.9: 128 registers at M = 1 against row-major's 96, 47 at M = 2 against 66). Read as one group-major block
-    # [gpi, bn, 16] instead, each thread held gpi groups of activations (124 at M = 1): 4–9 % slower on the H100
-    # (session 37, benchmarks/results/kernels.md)
+    # tiled codes with Q ≥ gpi groups a block row (`format.tile_codes`): a row's gpi groups are contiguous, the
+    # blocks read as row-major ones. Q = 1 < gpi: every per-iteration block is group-major ([gpi, bn, 16] words,
+    # [gpi, bn] meta, the order the blocks and the group-major scales are stored in; nothing transposed in registers,
+    # but each thread then holds gpi groups of activations: +25–100 registers, measured 4–9 % slower than row-major on
+    # the H100, session 37; read as gpi separate one-group blocks instead, 1.2–2.3× slower, `s37e`)
     quad = tiled
-    sub, gw = (gpi, 1) if quad and quad < gpi else (1, gpi)  # blocks an iteration, groups a block
-    zero = jnp.zeros((bn, gw, _WORDS), jnp.int32)
+    gmajor = bool(quad) and quad < gpi
+    tiled = gmajor  # the compute's orientation below
+    zero = jnp.zeros((gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
+    if gmajor and cfg.word_rescale:
+        raise ValueError("word_rescale=True is not built for tiled codes (MixedWeight.tiled): use the row-major "
+                         "weight (MixedWeight.untiled()) or word_rescale=False")
 
     def run(load_w, load_meta, prep, n0):
         rows = pl.ds(n0, bn)
         iters = groups_per_split // gpi
         waited = [g0_waited]
 
-        def fetch(i):  # everything iteration i reads: `sub` blocks of `gw` groups
-            parts = []
-            for j in range(sub):
-                gs = pl.ds(g0 + i * gpi + j * gw, gw)
-                w, meta = load_w(gs, rows), load_meta(gs, rows)
-                if waited[0] is None:  # WEIGHTS_FIRST: after this first fetch's weight loads
-                    waited[0] = pdl.wait_then(g0, pdl_on)
-                g0x = waited[0]
-                parts.append((w, meta, acts(pl.ds(g0x + i * gpi + j * gw, gw), g0x - g0)))  # (g0x - g0: 0)
-            return parts
+        def fetch(i):  # everything iteration i reads
+            gs = pl.ds(g0 + i * gpi, gpi)
+            w, meta = load_w(gs, rows), load_meta(gs, rows)
+            if waited[0] is None:  # WEIGHTS_FIRST: after this first fetch's weight loads
+                waited[0] = pdl.wait_then(g0, pdl_on)
+            g0x = waited[0]
+            return w, meta, acts(pl.ds(g0x + i * gpi, gpi), g0x - g0)  # (g0x - g0: 0, not foldable)
 
-        def compute(parts, accs):
-            for data in parts:
-                accs = compute_block(data, accs)
-            return accs
-
-        def compute_block(data, accs):
-            (w_lo, w_hi), (w_scale, zero_off) = prep(data[0], data[1])  # words [bn, gw, 16]; meta [bn, gw]
-            out = []  # (zero_off None: 8-bit rows)
+        def compute(data, accs):
+            (w_lo, w_hi), (w_scale, zero_off) = prep(data[0], data[1])  # words [bn, gpi, 16]; meta [bn, gpi]
+            out = []  # (zero_off None: 8-bit rows)   (tiled: [gpi, bn, 16] and [gpi, bn])
             for acc, (lo, hi, a_scale, x_sum) in zip(accs, data[2]):
                 x_sum = x_sum.astype(jnp.float32)
+                if tiled:
+                    d = dp4a(w_hi, jnp.broadcast_to(hi[:, None], w_hi.shape),
+                             dp4a(w_lo, jnp.broadcast_to(lo[:, None], w_lo.shape), zero))  # [gpi, bn, 16]
+                    y = jnp.sum(d, axis=2).astype(jnp.float32) * (w_scale * a_scale[:, None])  # [gpi, bn]
+                    if zero_off is not None:
+                        y = y + zero_off * (a_scale * x_sum)[:, None]
+                    out.append(acc + jnp.sum(y, axis=0))
+                    continue
                 d = dp4a(w_hi, jnp.broadcast_to(hi[None], w_hi.shape),
                          dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), zero))  # [bn, gpi, 16]
                 if cfg.word_rescale:  # f32 per word, one reduction of the tile
@@ -372,25 +375,29 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     # Loads (raw, so a prefetched load is not waited on where it is issued) and what compute derives from them.
     def tile_at(gs, rows):  # the block's index: tile, block row (Q groups), rows in the tile, groups in the row
         t, r = rows.start // TILE_ROWS, pl.ds(rows.start % TILE_ROWS, bn)
-        return t, gs.start // quad, r, pl.ds(gs.start % quad, gw)
+        if gmajor:  # Q = 1: gpi blocks
+            return t, gs, r, pl.ds(0, 1)
+        return t, gs.start // quad, r, pl.ds(gs.start % quad, gpi)
 
     def w8(gs, rows):
-        if quad:  # [tiles, G/Q, 64, Q, 2, 16] words → [bn, gw, 16] per half
+        if quad:  # [tiles, G/Q, 64, Q, 2, 16] words → [bn, gpi, 16] per half ([gpi, bn, 16] when group-major)
+            shape = (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS)
             half = lambda h: plgpu.load(q8_ref.at[(*tile_at(gs, rows), pl.ds(h, 1), slice(None))],  # noqa: E731
-                                        **first).reshape(bn, gw, _WORDS)
+                                        **first).reshape(shape)
             return half(0), half(1)
-        half = lambda h: plgpu.load(q8_ref.at[rows, gs, pl.ds(h, 1), :], **first).reshape(-1, gw, _WORDS)  # noqa: E731
+        half = lambda h: plgpu.load(q8_ref.at[rows, gs, pl.ds(h, 1), :], **first).reshape(-1, gpi, _WORDS)  # noqa: E731
         return half(0), half(1)
 
     def w8_meta(gs, rows):
         return plgpu.load(s8_ref.at[gs, rows]), None
 
     def w8_prep(words, meta):
-        return words, (meta[0].T, None)
+        return words, (meta[0] if tiled else meta[0].T, None)
 
     def w4(gs, rows):
-        if quad:  # [tiles, G/Q, 64, Q, 16] words → [bn, gw, 16]
-            return plgpu.load(q4_ref.at[(*tile_at(gs, rows), slice(None))], **first).reshape(bn, gw, _WORDS)
+        if quad:  # [tiles, G/Q, 64, Q, 16] words → [bn, gpi, 16] ([gpi, bn, 16] when group-major)
+            return plgpu.load(q4_ref.at[(*tile_at(gs, rows), slice(None))], **first).reshape(
+                (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS))
         return plgpu.load(q4_ref.at[rows, gs, :], **first)
 
     def w4_meta(gs, rows):
@@ -398,8 +405,9 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
     def w4_prep(w, meta):
         mask = jnp.int32(-252645136)  # 0xF0F0F0F0: four int8 16·(u − 8) in each word
-        w_scale = meta[0].T  # [bn, gw]
-        zero_off = (8.0 - meta[1].astype(jnp.float32)).T * w_scale
+        w_scale = meta[0] if tiled else meta[0].T  # [bn, gpi] (tiled: [gpi, bn])
+        zero_off = (8.0 - meta[1].astype(jnp.float32)) * meta[0]
+        zero_off = zero_off if tiled else zero_off.T
         return ((w << 4) & mask, w & mask), (w_scale * (1.0 / 16.0), zero_off)
 
     _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8, w8_meta, w8_prep, n0),
