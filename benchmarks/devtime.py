@@ -80,3 +80,13 @@ def device_times(fn: Callable[[], object], runs: int = 3, *, top: int = 8) -> di
         "top": [(name[:80], dur / 1e3 / runs) for name, dur in by_name.most_common(top)],
         "top_calls": [calls[name] / runs for name, _ in by_name.most_common(top)],  # launches per run, as "top"
     }
+
+
+def write_table(head: str, rows: list[str], out: str | None) -> str:
+    """A probe's markdown: its header line, a blank line, the table rows; printed, and written to `out` if given."""
+    text = head + "\n\n" + "\n".join(rows) + "\n"
+    print(text)
+    if out:
+        with open(out, "w") as f:
+            f.write(text)
+    return text

@@ -29,7 +29,6 @@ import dataclasses
 import datetime
 import functools
 import os
-import pathlib
 import sys
 
 import jax
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import random_packed  # noqa: E402
-from devtime import trace_events  # noqa: E402
+from devtime import trace_events, write_table  # noqa: E402
 from pallas_kernels import mgpu, unpack  # noqa: E402
 from pallas_kernels.format import GROUP_SIZE, _round_up  # noqa: E402
 
@@ -141,10 +140,7 @@ def main(argv=None) -> int:
                        f"{parts['gemm']:.1f} | {parts['other']:.1f} | {ratio} |")
                 print(row, flush=True)
                 table.append(row)
-    text = head + "\n\n" + "\n".join(table) + "\n"
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).write_text(text)
+    write_table(head, table, args.out)
     return 0
 
 

@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import datetime
 import os
-import pathlib
 import sys
 
 import jax
@@ -41,7 +40,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import packed_bytes, random_packed  # noqa: E402
-from devtime import trace_events  # noqa: E402
+from devtime import trace_events, write_table  # noqa: E402
 from pallas_kernels import mixed_matmul, unpack  # noqa: E402
 from pallas_kernels.format import tile_codes  # noqa: E402
 
@@ -112,10 +111,7 @@ def main(argv=None) -> int:
                    f"{busy['t4'] / busy['row']:.3f} | {xla / busy['row']:.2f} | {xla / busy['t4']:.2f} |")
             print(row, flush=True)
             table.append(row)
-    text = head + "\n\n" + "\n".join(table) + "\n"
-    print(text)
-    if args.out:
-        pathlib.Path(args.out).write_text(text)
+    write_table(head, table, args.out)
     return 0 if all("NO" not in r for r in table) else 1
 
 
