@@ -162,6 +162,7 @@ TILED_CODES = False  # what `fuse_projections(tile=None)` does: put the decoder 
 # batched decoding (≥ 3 sequences) and off by default; the single-prompt paths (`generate_text`, the CLI) keep the
 # stored row-major order
 
+
 def tile_codes(params: dict[str, Any]) -> dict[str, Any]:
     """Every decoder-layer `MixedWeight` with its codes in (64-row tile, K group) order (`format.tile_codes`, a
     runtime layout: the Pallas decode tiles read a group of a tile as one 4 KB block instead of 64 rows' 64-byte

@@ -300,7 +300,6 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     # the H100, session 37; read as gpi separate one-group blocks instead, 1.2–2.3× slower, `s37e`)
     quad = tiled
     gmajor = bool(quad) and quad < gpi
-    tiled = gmajor  # the compute's orientation below
     zero = jnp.zeros((gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
     if gmajor and cfg.word_rescale:
@@ -322,10 +321,10 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
         def compute(data, accs):
             (w_lo, w_hi), (w_scale, zero_off) = prep(data[0], data[1])  # words [bn, gpi, 16]; meta [bn, gpi]
-            out = []  # (zero_off None: 8-bit rows)   (tiled: [gpi, bn, 16] and [gpi, bn])
+            out = []  # (zero_off None: 8-bit rows)   (gmajor: [gpi, bn, 16] and [gpi, bn])
             for acc, (lo, hi, a_scale, x_sum) in zip(accs, data[2]):
                 x_sum = x_sum.astype(jnp.float32)
-                if tiled:
+                if gmajor:
                     d = dp4a(w_hi, jnp.broadcast_to(hi[:, None], w_hi.shape),
                              dp4a(w_lo, jnp.broadcast_to(lo[:, None], w_lo.shape), zero))  # [gpi, bn, 16]
                     y = jnp.sum(d, axis=2).astype(jnp.float32) * (w_scale * a_scale[:, None])  # [gpi, bn]
@@ -392,7 +391,7 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
         return plgpu.load(s8_ref.at[gs, rows]), None
 
     def w8_prep(words, meta):
-        return words, (meta[0] if tiled else meta[0].T, None)
+        return words, (meta[0] if gmajor else meta[0].T, None)
 
     def w4(gs, rows):
         if quad:  # [tiles, G/Q, 64, Q, 16] words → [bn, gpi, 16] ([gpi, bn, 16] when group-major)
@@ -405,9 +404,9 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
     def w4_prep(w, meta):
         mask = jnp.int32(-252645136)  # 0xF0F0F0F0: four int8 16·(u − 8) in each word
-        w_scale = meta[0] if tiled else meta[0].T  # [bn, gpi] (tiled: [gpi, bn])
+        w_scale = meta[0] if gmajor else meta[0].T  # [bn, gpi] (gmajor: [gpi, bn])
         zero_off = (8.0 - meta[1].astype(jnp.float32)) * meta[0]
-        zero_off = zero_off if tiled else zero_off.T
+        zero_off = zero_off if gmajor else zero_off.T
         return ((w << 4) & mask, w & mask), (w_scale * (1.0 / 16.0), zero_off)
 
     _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8, w8_meta, w8_prep, n0),
