@@ -355,7 +355,7 @@ TILE_GROUPS = 1  # K groups side by side in a block row (`tile_codes(groups=)`).
 # is then 64 pieces 256 bytes apart): the page-sized contiguous block is what the decode tiles need
 
 
-def block_groups(num_groups: int, groups: int = TILE_GROUPS) -> int:
+def block_groups(num_groups: int, groups: int) -> int:
     """The groups a block row holds for a weight of `num_groups` K groups: the largest of groups, groups/2, … 1
     that divides them."""
     while num_groups % groups:
@@ -428,7 +428,7 @@ def take_rows(qw: MixedWeight, ids: jax.Array) -> jax.Array:  # f32 [*ids.shape,
     branches gather with clipped row indices (a few wasted rows) and `jnp.where` picks per id.
     """
     ids = jnp.asarray(ids)
-    g, kp = -(-qw.k // GROUP_SIZE), qw.k_padded
+    g, kp = qw.num_groups, qw.k_padded
     n8p, n4p = qw.q8.shape[0], qw.q4.shape[0]
     row = qw.row_of_channel[ids]  # [...] int32
     parts = []
