@@ -73,6 +73,10 @@ class GemvConfig:
     # trips), for 4× the conversions and FMAs
     prefetch: bool = False  # (groups_per_iter > 1) load iteration i + 1's words and small operands before
     # computing iteration i (carried in registers): programs of several iterations keep loads in flight
+    tiled_read: str = "gather"  # codes tiled one group a block row (`MixedWeight.tiled` = 1) with groups_per_iter
+    # > 1: "gather" loads an iteration's [bn, gpi, 16] words through offsets computed in the kernel on the flat
+    # codes, so Triton lays the block out as a row-major one (a thread: one group's words); "gmajor" loads the
+    # [gpi, bn, 16] view of the blocks (a thread: all gpi groups' words and activations, +25–100 registers)
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -85,6 +89,8 @@ class GemvConfig:
                              f"K groups of a split (split_k={self.split_k})")
         if not 1 <= m <= 16:
             raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
+        if self.tiled_read not in ("gather", "gmajor"):
+            raise ValueError(f"tiled_read={self.tiled_read!r}; expected 'gather' or 'gmajor'")
         if self.xla_quant and not self.quantize_first:
             raise ValueError("xla_quant=True quantizes x before the GEMV: set quantize_first=True as well")
 
@@ -294,12 +300,18 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     cols = chan_ref[pl.ds(tile * bn, bn)]
     dp4a = functools.partial(_dp4a, interpret=interpret)
     # tiled codes with Q ≥ gpi groups a block row (`format.tile_codes`): a row's gpi groups are contiguous, the
-    # blocks read as row-major ones. Q = 1 < gpi: every per-iteration block is group-major ([gpi, bn, 16] words,
-    # [gpi, bn] meta, the order the blocks and the group-major scales are stored in; nothing transposed in registers,
-    # but each thread then holds gpi groups of activations: +25–100 registers, measured 4–9 % slower than row-major on
-    # the H100, session 37; read as gpi separate one-group blocks instead, 1.2–2.3× slower, `s37e`)
+    # blocks read as row-major ones. Q = 1 < gpi, `tiled_read="gather"` (default): the iteration's words are indexed
+    # [bn, gpi, 16] with offsets computed here on the flat codes, so Triton's coalescing (threads along the words,
+    # then along the next dimension of the index) gives each thread one group's words, as in row-major — the same
+    # loads (16-byte vectors, 4 groups × 2 rows × 64 B a warp) and registers as row-major in the offline PTX
+    # (session 38). "gmajor": the [gpi, bn, 16] view of the blocks, threads along rows, so each thread holds gpi
+    # groups of activations: +25–100 registers, measured 4–9 % slower than row-major on the H100 (session 37; read
+    # as gpi separate one-group blocks instead, 1.2–2.3× slower, `s37e`).
     quad = tiled
-    gmajor = bool(quad) and quad < gpi
+    gload = bool(quad) and quad < gpi  # the blocks load group-major
+    gmajor = gload and cfg.tiled_read == "gmajor"  # [gpi, bn, 16] blocks, computed on so
+    gather = gload and cfg.tiled_read == "gather"  # flat codes, [bn, gpi, 16] word offsets computed here
+    num_groups = groups_per_split * cfg.split_k
     zero = jnp.zeros((gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
     if gmajor and cfg.word_rescale:
@@ -372,13 +384,20 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
             plgpu.store(o_ref.at[split * m + r, cols], acc, mask=cols < n_out)
 
     # Loads (raw, so a prefetched load is not waited on where it is issued) and what compute derives from them.
+    def flat_at(gs, rows, halves=1, h=0):  # [bn, gpi, 16] word offsets into the flat [tiles, G, 64, halves, 16] codes
+        t, r0 = rows.start // TILE_ROWS, rows.start % TILE_ROWS
+        ri, gi, wi = (lax.broadcasted_iota(jnp.int32, (bn, gpi, _WORDS), d) for d in range(3))
+        return (((t * num_groups + gs.start + gi) * TILE_ROWS + r0 + ri) * halves + h) * _WORDS + wi
+
     def tile_at(gs, rows):  # the block's index: tile, block row (Q groups), rows in the tile, groups in the row
         t, r = rows.start // TILE_ROWS, pl.ds(rows.start % TILE_ROWS, bn)
-        if gmajor:  # Q = 1: gpi blocks
+        if gload:  # Q = 1: gpi blocks
             return t, gs, r, pl.ds(0, 1)
         return t, gs.start // quad, r, pl.ds(gs.start % quad, gpi)
 
     def w8(gs, rows):
+        if gather:
+            return tuple(plgpu.load(q8_ref.at[flat_at(gs, rows, 2, h)], **first) for h in (0, 1))
         if quad:  # [tiles, G/Q, 64, Q, 2, 16] words → [bn, gpi, 16] per half ([gpi, bn, 16] when group-major)
             shape = (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS)
             half = lambda h: plgpu.load(q8_ref.at[(*tile_at(gs, rows), pl.ds(h, 1), slice(None))],  # noqa: E731
@@ -394,6 +413,8 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
         return words, (meta[0] if gmajor else meta[0].T, None)
 
     def w4(gs, rows):
+        if gather:
+            return plgpu.load(q4_ref.at[flat_at(gs, rows)], **first)
         if quad:  # [tiles, G/Q, 64, Q, 16] words → [bn, gpi, 16] ([gpi, bn, 16] when group-major)
             return plgpu.load(q4_ref.at[(*tile_at(gs, rows), slice(None))], **first).reshape(
                 (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS))
@@ -467,6 +488,8 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
             jnp.zeros((1, 1, 1, 1, _WORDS), jnp.int32)
     if gpi_view:  # free reshapes: group-major views of the words (or of x)
         x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS, *x_in[0].shape[2:]), *x_in[1:])
+    if quad and quad < gpi and cfg.tiled_read == "gather":  # flat: the kernel computes the offsets
+        q8, q4 = q8.reshape(-1), q4.reshape(-1)
     if gpi_view and not qw.tiled:
         q8 = q8.reshape(q8.shape[0], g, 2, _WORDS) if qw.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)
         q4 = q4.reshape(q4.shape[0], g, _WORDS) if qw.q4.size else jnp.zeros((1, 1, _WORDS), jnp.int32)

@@ -151,6 +151,8 @@ def test_default_gemv_config_groups():
         gemv.GemvConfig(32, 4, quantize_first=True, groups_per_iter=4).check(1, 8)
     with pytest.raises(ValueError, match="groups_per_iter=3"):
         gemv.GemvConfig(32, 1, groups_per_iter=3).check(1, 6)
+    with pytest.raises(ValueError, match="tiled_read='rows'"):
+        gemv.GemvConfig(32, 1, tiled_read="rows").check(1, 6)
 
 
 @pytest.mark.parametrize("m, k, n, share8, quad, cfg", [
@@ -158,7 +160,11 @@ def test_default_gemv_config_groups():
     (2, 1536, 200, 0.3, 4, None),  # codes first, 4 groups an iteration (3 iterations: a pair and an odd one)
     (1, 640, 130, 0.0, 4, gemv.GemvConfig(32, 1, groups_per_iter=1)),  # G = 5: one group a block row and iteration
     (2, 512, 96, 0.5, 4, gemv.GemvConfig(64, 2, groups_per_iter=2)),  # 64-row blocks, split-K, half a block row
-    (1, 1024, 160, 0.2, 1, None),  # one group a block row, 4 an iteration: the group-major reading
+    (1, 1024, 160, 0.2, 1, None),  # one group a block row, 4 an iteration: offsets computed in the kernel
+    (2, 1536, 330, 0.1, 1, None),  # the same on codes (3 iterations), rows in both halves of a 64-row tile
+    (1, 1024, 200, 0.3, 1, gemv.GemvConfig(64, 1, groups_per_iter=2, prefetch=True)),  # 64-row blocks, 4 iterations
+    (1, 1024, 160, 0.2, 1, gemv.GemvConfig(32, 1, groups_per_iter=4, prefetch=True, tiled_read="gmajor")),
+    (2, 1024, 96, 0.5, 1, gemv.GemvConfig(32, 2, groups_per_iter=4, tiled_read="gmajor")),  # the group-major reading
 ])
 def test_gemv_reads_tiled_codes(m, k, n, share8, quad, cfg):
     """Codes in blocks of 64 rows × Q groups (`format.tile_codes`): the GEMV reads a row's groups where they sit
@@ -190,10 +196,12 @@ def test_gemv_reads_tiled_codes(m, k, n, share8, quad, cfg):
 def test_gemv_normalizes_its_own_groups(m, k, n, share8, parts, chunk, cfg):
     """`NormedActivations` (the two-launch norm without its second launch): every GEMV program normalizes
     and quantizes its groups with the norm kernel's arithmetic, so the product equals the GEMV on the norm
-    kernel's codes (bit for bit in interpret mode) and the reference norm + product; `api.mixed_matmul`
-    gives the same on the GPU path (GEMV) and on XLA (codes through the reference)."""
+    kernel's codes (bit for bit in interpret mode) and the reference norm + product, on row-major and tiled
+    codes alike; `api.mixed_matmul` gives the same on the GPU path (GEMV) and on XLA (codes through the
+    reference)."""
     from pallas_kernels import norm
     from pallas_kernels.api import mixed_matmul
+    from pallas_kernels.format import tile_codes
 
     rng = np.random.default_rng()
     x = jnp.asarray(rng.normal(size=(m, k)) * 3, jnp.bfloat16)
@@ -206,9 +214,11 @@ def test_gemv_normalizes_its_own_groups(m, k, n, share8, parts, chunk, cfg):
     got = gemv.mixed_gemv_pallas(normed, qw, config=cfg, interpret=INTERPRET, out_dtype=jnp.float32)
     on_codes = gemv.mixed_gemv_pallas(codes, qw, config=cfg and dataclasses.replace(cfg, quantize_first=True),
                                       interpret=INTERPRET, out_dtype=jnp.float32)
+    tiled = gemv.mixed_gemv_pallas(normed, tile_codes(qw), config=cfg, interpret=INTERPRET, out_dtype=jnp.float32)
     if INTERPRET:
         np.testing.assert_array_equal(np.asarray(got), np.asarray(on_codes))
-    assert _rel(got, on_codes) < RTOL
+        np.testing.assert_array_equal(np.asarray(tiled), np.asarray(got))  # codes in (tile, group) blocks
+    assert _rel(got, on_codes) < RTOL and _rel(tiled, got) < RTOL
     _, ref_codes = norm.rms_norm_quant_ref(x, delta, w, 1e-5)
     want = ref.mixed_matmul_ref(ref_codes.dequantize(), qw).astype(jnp.float32)
     assert _rel(got, want) < 1e-2  # a code may move by one where the norm's f32 sum differs from XLA's
