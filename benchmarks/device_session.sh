@@ -833,6 +833,18 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s38a)  # session 38: the GEMV on one-group blocks through computed offsets (GemvConfig.tiled_read="gather", a thread
+    # one group as in row-major) — its tests compiled, the probe at M = 1 / 2 (row-major, Q = 1, Q = 4), end to end
+    # tiled (@tiled) against row-major and bf16, then the decode tiles' configs swept on tiled codes (M = 16 / 32)
+    header
+    timeout 90 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gemv.py -k "tiled or normalizes" 2>&1 | tail -3 \
+      | tee "$out/gather_tests.log"
+    timeout 80 python3 benchmarks/probe_tile_major.py --ms 1,2 --out "$out/gemv_gather.md" 2>&1 | grep -v "^|---" | tail -10
+    timeout 230 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@tiled+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 220 --out "$out/gather_e2e.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/gather_e2e.log"
+    timeout 180 python3 benchmarks/probe_tiled_configs.py --out "$out/tiled_configs.md" 2>&1 | grep -v "^|---" | tail -70
+    ;;
   s37a)  # session 37: the attention codes tests compiled on the GPU with the live-row epilogue (the default after
     # s36b; s36a ran them on the all-rows form), then the tile-major probe (NOTES item 125: the decode tiles with
     # their codes, and scales and zeros, in (tile, group) blocks against row-major, bit for bit, M = 16 / 32)

@@ -1,0 +1,127 @@
+"""Do the 16–32-row decode tiles want other tilings once their codes are tiled? A config sweep on tiled codes.
+
+    python benchmarks/probe_tiled_configs.py --out /tmp/tiled_configs.md    # Hopper GPU, ≈ 2–3 min
+    python benchmarks/probe_tiled_configs.py --small                        # CPU smoke run (interpret mode)
+
+Why (NOTES-kernels.md items 113–116, 125): the decode tiles' split-K, stages and warps were picked (sessions 11–35)
+on row-major codes, where every iteration of a program opened new DRAM pages for 64-byte pieces. With the codes in
+(64-row tile, group) blocks (`format.tile_codes`, one group a block row) a program's K range is one contiguous run,
+so the trade-offs that set the split (a wave of resident programs) and the stages may have moved. Each variant runs
+the model's form (int8 codes from the producer, split-K partials unsummed, `kernels.mixed_matmul_pallas(...,
+partials=True)`) in one jit over weight copies rotated past the 50 MB L2; device busy µs a call from a profiler
+trace; XLA's bf16 dot for the ratio. Outputs (the partials summed) are checked against the row-major default's to
+f32 rounding (the splits change the summation order).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from bench_matmul import packed_bytes, random_packed  # noqa: E402
+from devtime import trace_events, write_table  # noqa: E402
+from pallas_kernels import kernels  # noqa: E402
+from pallas_kernels.format import QuantizedActivations, tile_codes  # noqa: E402
+
+SHAPES = {"gate+up": (4096, 28672), "q/k/v": (4096, 6144), "down": (14336, 4096), "o": (4096, 4096)}  # K, N
+ROTATE_BYTES = 120e6
+
+
+def variants(cfg: kernels.GemmConfig, groups: int) -> dict[str, kernels.GemmConfig]:
+    """The tiled default and its neighbours (those the kernel can take)."""
+    out = {"default": cfg}
+    s = cfg.split_k
+    if groups % (2 * s) == 0:
+        out["split×2"] = dataclasses.replace(cfg, split_k=2 * s)
+    if s % 2 == 0:
+        out["split÷2"] = dataclasses.replace(cfg, split_k=s // 2)
+    out["stages 2"] = dataclasses.replace(cfg, num_stages=2)
+    out["stages 4"] = dataclasses.replace(cfg, num_stages=4)
+    out["warps 8"] = dataclasses.replace(cfg, num_warps=8)
+    if cfg.block_m == 32:
+        out["block_m 16"] = dataclasses.replace(cfg, block_m=16)
+        out["pf3 " + ("off" if cfg.prefetch_meta else "on")] = dataclasses.replace(cfg, prefetch_meta=0 if cfg.prefetch_meta else 3)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ms", default="16,32")
+    p.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
+    p.add_argument("--runs", type=int, default=3)
+    p.add_argument("--small", action="store_true", help="a tiny shape in interpret mode (CPU)")
+    p.add_argument("--out", default=None)
+    args = p.parse_args(argv)
+    interpret = jax.default_backend() != "gpu"
+    shapes, ms = {k: SHAPES[k] for k in args.layers.split(",")}, [int(m) for m in args.ms.split(",")]
+    if args.small:
+        shapes, args.runs = {"tiny": (1024, 320)}, 1
+    dev = jax.devices()[0]
+    head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
+    print(head, flush=True)
+    rng = np.random.default_rng(0)
+    table = ["| layer | K → N | M | variant | config (block_m, split, warps, stages, pf) | XLA bf16 µs | row default µs | "
+             "tiled µs | tiled / row | × bf16 | max rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    ok = True
+    for name, (k, n) in shapes.items():
+        base = random_packed(rng, n, k, 0.1)
+        calls = 1 if interpret else max(2, int(-(-ROTATE_BYTES // packed_bytes(base))))
+        rows = base.q8.shape[0] + base.q4.shape[0]
+        ws = [base] + [dataclasses.replace(base, q4=base.q4 ^ jnp.int8(i), q8=base.q8 ^ jnp.int8(i))
+                       for i in range(1, calls)]
+        tw = [tile_codes(w, groups=1) for w in ws]
+        dense = [jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
+                 for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
+        for m in ms:
+            x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
+            codes = QuantizedActivations(*kernels.quantize_activations_xla(x, block_m=64), (m,), k, "bfloat16")
+
+            def timed(wlist, cfg):
+                jitted = jax.jit(lambda c, ws: [kernels.mixed_matmul_pallas(c, w, config=cfg, partials=True,
+                                                                            interpret=interpret) for w in ws])
+                out = jax.block_until_ready(jitted(codes, wlist))
+                if interpret:
+                    return out, float("nan")
+                traced = trace_events(lambda: jitted(codes, wlist), args.runs)
+                busy = float("nan") if isinstance(traced, str) else \
+                    sum(traced[0].values()) / 1e3 / args.runs / len(wlist)
+                return out, busy
+
+            cfg0 = kernels.choose_config(m, base.num_groups, rows)
+            want, row_us = timed(ws, cfg0)
+            want = [np.asarray(jnp.sum(o, axis=0)) for o in want]
+            xla = float("nan")
+            if not interpret:
+                bf = jax.jit(lambda x, ws: [jnp.dot(x, w.T) for w in ws])
+                traced = trace_events(lambda: bf(x, dense), args.runs)
+                xla = float("nan") if isinstance(traced, str) else sum(traced[0].values()) / 1e3 / args.runs / len(dense)
+            for label, cfg in variants(cfg0, base.num_groups).items():
+                try:
+                    got, us = timed(tw, cfg)
+                except Exception as e:  # a config the kernel refuses or cannot compile: say so, go on
+                    table.append(f"| {name} | {k} → {n} | {m} | {label} | — | | | failed: {type(e).__name__} | | | |")
+                    print(table[-1], str(e)[:200], flush=True)
+                    continue
+                diff = max(float(np.max(np.abs(np.asarray(jnp.sum(g, axis=0)) - w)) / (np.max(np.abs(w)) + 1e-30))
+                           for g, w in zip(got, want))
+                ok &= diff < 1e-5
+                desc = f"{cfg.block_m}, {cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, {cfg.prefetch_meta}"
+                table.append(f"| {name} | {k} → {n} | {m} | {label} | {desc} | {xla:.1f} | {row_us:.1f} | {us:.1f} | "
+                             f"{us / row_us:.3f} | {xla / us:.2f} | {diff:.1e} |")
+                print(table[-1], flush=True)
+    write_table(head, table, args.out)
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
