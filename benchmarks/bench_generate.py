@@ -70,8 +70,9 @@ epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode atten
 (session 36 measured it at b8, which now takes one split on caches of ≤ 512 positions); `@attlive`: the codes
 epilogue on the live rows only (measured in session 36, the default since, so it repeats the default); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
 64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
-`@tiled` / `@tiled4`: the decoder layers' codes in blocks of 64 rows × 1 / × 4 K groups (`fuse_projections(tile=True)`,
-`model.TILED_CODES`, `format.TILE_GROUPS`; session 37: `@tiled` is for batched decoding, −5 % at b1);
+`@tiled` / `@tiled4` / `@rowmajor`: the decoder layers' and the head's codes in blocks of 64 rows × 1 / × 4 K groups
+(`fuse_projections(tile=True)`, `model.TILED_CODES`, `format.TILE_GROUPS`) or in the stored row-major order (session
+38: tiled one group a block is the GPU default, so `@tiled` repeats it);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -238,6 +239,8 @@ def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
         for i in range(len(layers)):
             layers[i] = model.fuse_projections({"layers": (layers[i],)})["layers"][0]
         params["layers"] = tuple(layers)
+        if "lm_head" in params:  # the head as `fuse_projections(params)` leaves it (codes tiled on a GPU)
+            params["lm_head"] = model.fuse_projections({"layers": (), "lm_head": params["lm_head"]})["lm_head"]
     if "pint8" in (split_variant(name)[1] or "").split("@"):  # after fusing, as `generate_text` does
         params = model.int8_prefill(params)
     return params
@@ -411,7 +414,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "tiled", "tiled4")
+              "tiled", "tiled4", "rowmajor")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -476,6 +479,8 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import format as fmt
 
         model_module.TILED_CODES, fmt.TILE_GROUPS = True, 4 if strategy == "tiled4" else 1
+    elif strategy == "rowmajor":  # the stored row-major codes (the default before session 38)
+        model_module.TILED_CODES = False
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

@@ -833,6 +833,20 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s38b)  # session 38: tiled codes the GPU default (model.TILED_CODES None), the quantized head tiled too: the whole
+    # decode path on the GPU (test_gpu_model.py), end to end beside @rowmajor and bf16, b32 with the int8 KV cache,
+    # then the GEMV's configs on tiled codes at M = 1 / 2 (64-row blocks, programs, warps, the group-major reading)
+    header
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py -k "decode_path" 2>&1 | tail -3 \
+      | tee "$out/gpu_model.log"
+    timeout 200 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@rowmajor+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 6 --budget-s 190 --out "$out/tiled_default.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/tiled_default.log"
+    timeout 80 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 32 --repeats 2 \
+      --prefill-len 256 --profile --profile-top 6 --budget-s 70 --out "$out/kvint8.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/kvint8.log"
+    timeout 150 python3 benchmarks/probe_tiled_configs.py --ms 1,2 --out "$out/gemv_configs.md" 2>&1 | grep -v "^|---" | tail -60
+    ;;
   s38a)  # session 38: the GEMV on one-group blocks through computed offsets (GemvConfig.tiled_read="gather", a thread
     # one group as in row-major) — its tests compiled, the probe at M = 1 / 2 (row-major, Q = 1, Q = 4), end to end
     # tiled (@tiled) against row-major and bf16, then the decode tiles' configs swept on tiled codes (M = 16 / 32)

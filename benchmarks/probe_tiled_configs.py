@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from bench_matmul import packed_bytes, random_packed  # noqa: E402
 from devtime import trace_events, write_table  # noqa: E402
-from pallas_kernels import kernels  # noqa: E402
+from pallas_kernels import gemv, kernels  # noqa: E402
 from pallas_kernels.format import QuantizedActivations, tile_codes  # noqa: E402
 
 SHAPES = {"gate+up": (4096, 28672), "q/k/v": (4096, 6144), "down": (14336, 4096), "o": (4096, 4096)}  # K, N
@@ -54,9 +54,24 @@ def variants(cfg: kernels.GemmConfig, groups: int) -> dict[str, kernels.GemmConf
     return out
 
 
+def gemv_variants(groups: int, rows: int, m: int) -> dict[str, gemv.GemvConfig]:
+    """The GEMV's default on tiled codes (`tiled_read="gather"`) and its neighbours: 64-row blocks (a program reads
+    whole 4 KB blocks), 2 groups an iteration, half / twice the programs, 8 warps, the group-major reading."""
+    base = gemv.choose_gemv_config(groups, rows, m=m)
+    out = {"default": base}
+    for label, kw in {"block_n 64": dict(block_n=64), "programs ÷2": dict(programs=2048),
+                      "programs ×2": dict(programs=8192)}.items():
+        out[label] = gemv.choose_gemv_config(groups, rows, m=m, **kw)
+    b64 = gemv.choose_gemv_config(groups, rows, m=m, block_n=64, programs=8192)
+    out["block_n 64, programs ×2"] = b64
+    out["warps 8"] = dataclasses.replace(base, num_warps=8)
+    out["gmajor"] = dataclasses.replace(base, tiled_read="gmajor")
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ms", default="16,32")
+    p.add_argument("--ms", default="16,32", help="activation rows; M ≤ 2: the GEMV (x float, the api's form)")
     p.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--runs", type=int, default=3)
     p.add_argument("--small", action="store_true", help="a tiny shape in interpret mode (CPU)")
@@ -70,7 +85,7 @@ def main(argv=None) -> int:
     head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
     print(head, flush=True)
     rng = np.random.default_rng(0)
-    table = ["| layer | K → N | M | variant | config (block_m, split, warps, stages, pf) | XLA bf16 µs | row default µs | "
+    table = ["| layer | K → N | M | variant | config (block_m or GEMV rows, split, warps, stages, pf or gpi) | XLA bf16 µs | row default µs | "
              "tiled µs | tiled / row | × bf16 | max rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = True
     for name, (k, n) in shapes.items():
@@ -84,20 +99,28 @@ def main(argv=None) -> int:
                  for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
         for m in ms:
             x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
-            codes = QuantizedActivations(*kernels.quantize_activations_xla(x, block_m=64), (m,), k, "bfloat16")
+            codes = None if m <= 2 else QuantizedActivations(*kernels.quantize_activations_xla(x, block_m=64), (m,), k, "bfloat16")
+
+            arg = x if m <= 2 else codes
 
             def timed(wlist, cfg):
-                jitted = jax.jit(lambda c, ws: [kernels.mixed_matmul_pallas(c, w, config=cfg, partials=True,
-                                                                            interpret=interpret) for w in ws])
-                out = jax.block_until_ready(jitted(codes, wlist))
+                if m <= 2:
+                    fn = lambda a, w: gemv.mixed_gemv_pallas(a, w, config=cfg, partials=True,  # noqa: E731
+                                                             interpret=interpret)
+                else:
+                    fn = lambda a, w: kernels.mixed_matmul_pallas(a, w, config=cfg, partials=True,  # noqa: E731
+                                                                  interpret=interpret)
+                jitted = jax.jit(lambda a, ws: [fn(a, w) for w in ws])
+                out = jax.block_until_ready(jitted(arg, wlist))
                 if interpret:
                     return out, float("nan")
-                traced = trace_events(lambda: jitted(codes, wlist), args.runs)
+                traced = trace_events(lambda: jitted(arg, wlist), args.runs)
                 busy = float("nan") if isinstance(traced, str) else \
                     sum(traced[0].values()) / 1e3 / args.runs / len(wlist)
                 return out, busy
 
-            cfg0 = kernels.choose_config(m, base.num_groups, rows)
+            cfg0 = gemv.choose_gemv_config(base.num_groups, rows, m=m) if m <= 2 else \
+                kernels.choose_config(m, base.num_groups, rows)
             want, row_us = timed(ws, cfg0)
             want = [np.asarray(jnp.sum(o, axis=0)) for o in want]
             xla = float("nan")
@@ -105,7 +128,8 @@ def main(argv=None) -> int:
                 bf = jax.jit(lambda x, ws: [jnp.dot(x, w.T) for w in ws])
                 traced = trace_events(lambda: bf(x, dense), args.runs)
                 xla = float("nan") if isinstance(traced, str) else sum(traced[0].values()) / 1e3 / args.runs / len(dense)
-            for label, cfg in variants(cfg0, base.num_groups).items():
+            sweep = gemv_variants(base.num_groups, rows, m) if m <= 2 else variants(cfg0, base.num_groups)
+            for label, cfg in sweep.items():
                 try:
                     got, us = timed(tw, cfg)
                 except Exception as e:  # a config the kernel refuses or cannot compile: say so, go on
@@ -115,7 +139,8 @@ def main(argv=None) -> int:
                 diff = max(float(np.max(np.abs(np.asarray(jnp.sum(g, axis=0)) - w)) / (np.max(np.abs(w)) + 1e-30))
                            for g, w in zip(got, want))
                 ok &= diff < 1e-5
-                desc = f"{cfg.block_m}, {cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, {cfg.prefetch_meta}"
+                desc = (f"{cfg.block_n} rows, {cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, gpi {cfg.groups_per_iter}"
+                        if m <= 2 else f"{cfg.block_m}, {cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, {cfg.prefetch_meta}")
                 table.append(f"| {name} | {k} → {n} | {m} | {label} | {desc} | {xla:.1f} | {row_us:.1f} | {us:.1f} | "
                              f"{us / row_us:.3f} | {xla / us:.2f} | {diff:.1e} |")
                 print(table[-1], flush=True)

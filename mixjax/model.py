@@ -156,20 +156,20 @@ def int8_prefill(params: dict[str, Any]) -> dict[str, Any]:
     return {**params, "layers": layers}
 
 
-TILED_CODES = False  # what `fuse_projections(tile=None)` does: put the decoder layers' codes in blocks of 64 rows × 1
-# K group (`tile_codes`, `format.TILE_GROUPS`) for the Pallas decode tiles. H100 (session 37, results/generation.md):
-# decode b8 +10 %, b32 +6 % tokens/s, but b1 −5 % (the GEMV reads a row's 4 groups from 4 blocks), so it is for
-# batched decoding (≥ 3 sequences) and off by default; the single-prompt paths (`generate_text`, the CLI) keep the
-# stored row-major order
+TILED_CODES: bool | None = None  # what `fuse_projections(tile=None)` does: put the decoder layers' and the LM head's
+# codes in blocks of 64 rows × 1 K group (`tile_codes`, `format.TILE_GROUPS`), the order the Pallas decode tiles read
+# fastest; None: on a GPU backend (where the Pallas kernels run), not on CPU (the XLA reference would restore the
+# stored order every call). H100 (session 38, results/generation.md): decode b8 +12 %, b32 +6 % tokens/s, b1 −2.5 %
+# (the one-row GEMV reads a row's 4 groups from 4 blocks; −5 % before it read them through computed offsets)
 
 
 def tile_codes(params: dict[str, Any]) -> dict[str, Any]:
-    """Every decoder-layer `MixedWeight` with its codes in (64-row tile, K group) order (`format.tile_codes`, a
-    runtime layout: the Pallas decode tiles read a group of a tile as one 4 KB block instead of 64 rows' 64-byte
-    pieces 2 KB apart). Same numbers from every path; the XLA reference and the other readers restore the
-    row-major order first (a copy a call), so use it where the Pallas kernels decode batches (≥ 3 sequences: the
-    one-row GEMV is 4–9 % slower on it). `save_quantized` writes the stored order. Other leaves are returned as
-    they are."""
+    """Every decoder-layer `MixedWeight` and a quantized LM head (and embedding table) with their codes in (64-row
+    tile, K group) order (`format.tile_codes`, a runtime layout: the Pallas decode tiles read a group of a tile as
+    one 4 KB block instead of 64 rows' 64-byte pieces 2 KB apart). Same numbers from every path; the XLA reference
+    and the other readers restore the row-major order first (a copy a call), so it is for the Pallas kernels on a
+    GPU (the one-row GEMV is 1–6 % slower on it, the batched decode tiles up to 21 % faster). `save_quantized`
+    writes the stored order. Other leaves are returned as they are."""
     from pallas_kernels import MixedWeight, StaticMixedWeight
     from pallas_kernels.format import tile_codes as tile
 
@@ -179,7 +179,9 @@ def tile_codes(params: dict[str, Any]) -> dict[str, Any]:
         return tile(leaf) if isinstance(leaf, MixedWeight) else leaf
 
     layers = jax.tree.map(convert, params["layers"], is_leaf=lambda x: isinstance(x, (MixedWeight, StaticMixedWeight)))
-    return {**params, "layers": layers}
+    heads = {name: convert(params[name]) for name in ("embed_tokens", "lm_head") if name in params}  # quantized
+    # tables (`quantize_head`): the embedding's row gather reads either order; a tied table is the head too
+    return {**params, "layers": layers, **heads}
 
 
 def fuse_projections(params: dict[str, Any], *, tile: bool | None = None) -> dict[str, Any]:
@@ -192,8 +194,8 @@ def fuse_projections(params: dict[str, Any], *, tile: bool | None = None) -> dic
     Groups mixing weight kinds (e.g. fake-quant simulation) stay unfused. Do it once after
     loading, for inference; checkpoints, salience and quantization use the unfused names. Idempotent.
 
-    tile: then `tile_codes`, the codes in the order the Pallas decode tiles read fastest (batched decoding on a GPU:
-    +6–10 % tokens/s at 8–32 sequences on an H100, −5 % at one); None: `TILED_CODES` (off).
+    tile: then `tile_codes`, the codes in the order the Pallas decode tiles read fastest (H100: +6–12 % tokens/s at
+    8–32 sequences, −2.5 % at one); None: `TILED_CODES` (None: on a GPU backend).
     """
     from pallas_kernels import MixedWeight, StaticMixedWeight
     from pallas_kernels.fuse import concat_mixed
@@ -228,7 +230,7 @@ def fuse_projections(params: dict[str, Any], *, tile: bool | None = None) -> dic
 
     layers = fuse_layer(params["layers"]) if stacked else tuple(fuse_layer(layer) for layer in params["layers"])
     if tile is None:
-        tile = TILED_CODES
+        tile = jax.default_backend() == "gpu" if TILED_CODES is None else TILED_CODES
     return tile_codes({**params, "layers": layers}) if tile else {**params, "layers": layers}
 
 

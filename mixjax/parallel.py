@@ -231,7 +231,9 @@ def shard_model(params: dict, cfg, mesh: Mesh, *, fuse: bool = True) -> dict:
         for d in range(parts):
             per_device[d].append(pieces[d])
     if fuse:
-        per_device = [list(model.fuse_projections({"layers": tuple(layers)})["layers"]) for layers in per_device]
+        # (row-major codes: the tiled order, `model.TILED_CODES`, is measured on one device only)
+        per_device = [list(model.fuse_projections({"layers": tuple(layers)}, tile=False)["layers"])
+                      for layers in per_device]
     split_spec = NamedSharding(mesh, PartitionSpec(MODEL_AXIS))
     layers = tuple(jax.device_put(jax.tree.map(lambda *xs: jnp.stack(xs), *[per_device[d][i] for d in range(parts)]),
                                   split_spec) for i in range(len(params["layers"])))

@@ -352,12 +352,14 @@ def test_cache_write_in_store_order_equals_the_scatter(monkeypatch, positions, s
 
 
 def test_tiled_codes_keep_the_logits():
-    """`fuse_projections(tile=True)` (batched decoding on a GPU) puts every decoder-layer mixed weight's codes in
-    (tile, group) order and nothing else; the logits are those of the row-major weights exactly (the XLA reference
-    restores the order); the default (`model.TILED_CODES`) keeps the stored order."""
+    """`fuse_projections(tile=True)` (the default on a GPU) puts every decoder-layer mixed weight's and the quantized
+    head's and embedding's codes in (tile, group) order and nothing else; the logits are those of the row-major
+    weights exactly (the XLA reference and the embedding's row gather restore the order); the default on CPU
+    (`model.TILED_CODES` None) keeps the stored order."""
     import pallas_kernels as pk
     from helpers import tenth
     from mixjax import model
+    from mixjax.quant.api import quantize_head
 
     cfg = dataclasses.replace(CFG, hidden_size=128, intermediate_size=256, head_dim=16, num_hidden_layers=2)
     params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.float32))
@@ -366,14 +368,16 @@ def test_tiled_codes_keep_the_logits():
         for group in ("self_attn", "mlp"):
             for p in layer[group].values():
                 p["weight"] = pk.pack_rtn(np.asarray(p["weight"]), tenth(rng, p["weight"].shape[0]))
+    params = {**params, **quantize_head(params, cfg, bits=4)}  # untied: an int4 embedding table and head
     row = model.fuse_projections(params, tile=False)
     tiled = model.fuse_projections(params, tile=True)
     weights = [w for w in jax.tree.leaves(tiled["layers"], is_leaf=lambda a: isinstance(a, pk.MixedWeight))
                if isinstance(w, pk.MixedWeight)]
     assert len(weights) == 4 * cfg.num_hidden_layers and all(w.tiled for w in weights)
+    assert tiled["lm_head"].tiled and tiled["embed_tokens"].tiled and not row["lm_head"].tiled
     tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 7)), jnp.int32)
     want = forward(row, tokens, cfg, implementation="xla")
     np.testing.assert_array_equal(np.asarray(forward(tiled, tokens, cfg, implementation="xla")), np.asarray(want))
     default = model.fuse_projections(params)
-    assert not model.TILED_CODES and not any(w.tiled for w in jax.tree.leaves(
-        default["layers"], is_leaf=lambda a: isinstance(a, pk.MixedWeight)) if isinstance(w, pk.MixedWeight))
+    assert model.TILED_CODES is None and jax.default_backend() == "cpu" and not any(w.tiled for w in jax.tree.leaves(
+        default, is_leaf=lambda a: isinstance(a, pk.MixedWeight)) if isinstance(w, pk.MixedWeight))
