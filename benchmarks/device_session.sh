@@ -833,6 +833,19 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s38c)  # session 38: the standing rows with tiled codes the GPU default (b1 / b8 / b32, prefill 2048) beside bf16, the
+    # whole decode path on the GPU (test_gpu_model.py; s38b's 100 s cut it), then b32 with the int8 KV cache at the
+    # attention's 128-position blocks (default) against 64 (3 programs an SM by registers, offline) and 64 × 3 stages
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py -k "decode_path" 2>&1 | tail -3 \
+      | tee "$out/gpu_model.log"
+    timeout 255 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --profile --profile-top 8 --budget-s 245 --out "$out/standing.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/standing.log"
+    timeout 170 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@att64+h4,w4.4a8@att64s3+h4 --kv-int8 \
+      --batches 32 --repeats 2 --prefill-len 256 --profile --profile-top 4 --budget-s 160 --out "$out/kvint8.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/kvint8.log"
+    ;;
   s38b)  # session 38: tiled codes the GPU default (model.TILED_CODES None), the quantized head tiled too: the whole
     # decode path on the GPU (test_gpu_model.py), end to end beside @rowmajor and bf16, b32 with the int8 KV cache,
     # then the GEMV's configs on tiled codes at M = 1 / 2 (64-row blocks, programs, warps, the group-major reading)

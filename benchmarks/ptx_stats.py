@@ -193,7 +193,7 @@ def _report(modules, args, warps: int, stages) -> None:
 def _attention_stats(args) -> None:
     from pallas_kernels import attention
 
-    over = dict(block_s=64, splits=1, parts=0, int8=0, stages=2)
+    over = dict(block_s=64, splits=1, parts=0, int8=0, stages=2, warps=4)
     for kv in filter(None, args.set.split(",")):
         key, value = kv.split("=")
         if key not in over:
@@ -204,8 +204,8 @@ def _attention_stats(args) -> None:
     scales = jnp.zeros((B, KVH, S), jnp.float32) if over["int8"] else None
     pos = jnp.zeros((B, 1), jnp.int32)
     kw = dict(k_scale=scales, v_scale=scales, block_s=over["block_s"], splits=over["splits"])
-    stages = over.pop("stages")
-    print("config", over)
+    stages, warps = over.pop("stages"), over.pop("warps")
+    print("config", over, "stages", stages, "warps", warps)
     if args.kernel == "attention":
         q = jnp.zeros((B, 1, H, Dh), jnp.bfloat16)
         modules = capture_ttir(lambda q, c, pos: attention.decode_attention_pallas(q, c, c, pos, **kw), q, cache, pos)
@@ -215,8 +215,8 @@ def _attention_stats(args) -> None:
         rope = jnp.zeros((B, 1, 1, Dh), jnp.float32)
         modules = capture_ttir(lambda x, c, pos, r: attention.attend_new_tokens_pallas(
             x, pos, r, r, c, c, heads=H, kv_heads=KVH, dtype=jnp.bfloat16, k_scale_store=kw.pop("k_scale"),
-            v_scale_store=kw.pop("v_scale"), num_stages=stages, **kw), x, cache, pos, rope)
-    _report(modules, args, 4, lambda name: stages)
+            v_scale_store=kw.pop("v_scale"), num_stages=stages, num_warps=warps, **kw), x, cache, pos, rope)
+    _report(modules, args, warps, lambda name: stages)
 
 
 if __name__ == "__main__":
