@@ -73,10 +73,6 @@ class GemvConfig:
     # trips), for 4× the conversions and FMAs
     prefetch: bool = False  # (groups_per_iter > 1) load iteration i + 1's words and small operands before
     # computing iteration i (carried in registers): programs of several iterations keep loads in flight
-    tiled_read: str = "gather"  # codes tiled one group a block row (`MixedWeight.tiled` = 1) with groups_per_iter
-    # > 1: "gather" loads an iteration's [bn, gpi, 16] words through offsets computed in the kernel on the flat
-    # codes, so Triton lays the block out as a row-major one (a thread: one group's words); "gmajor" loads the
-    # [gpi, bn, 16] view of the blocks (a thread: all gpi groups' words and activations, +25–100 registers)
 
     def check(self, m: int, num_groups: int) -> None:
         if ROW_ALIGN % self.block_n:
@@ -89,8 +85,6 @@ class GemvConfig:
                              f"K groups of a split (split_k={self.split_k})")
         if not 1 <= m <= 16:
             raise ValueError(f"the GEMV kernel takes 1–16 activation rows, got M={m}: use kernels.mixed_matmul_pallas")
-        if self.tiled_read not in ("gather", "gmajor"):
-            raise ValueError(f"tiled_read={self.tiled_read!r}; expected 'gather' or 'gmajor'")
         if self.xla_quant and not self.quantize_first:
             raise ValueError("xla_quant=True quantizes x before the GEMV: set quantize_first=True as well")
 
@@ -300,23 +294,18 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
     cols = chan_ref[pl.ds(tile * bn, bn)]
     dp4a = functools.partial(_dp4a, interpret=interpret)
     # tiled codes with Q ≥ gpi groups a block row (`format.tile_codes`): a row's gpi groups are contiguous, the
-    # blocks read as row-major ones. Q = 1 < gpi, `tiled_read="gather"` (default): the iteration's words are indexed
-    # [bn, gpi, 16] with offsets computed here on the flat codes, so Triton's coalescing (threads along the words,
-    # then along the next dimension of the index) gives each thread one group's words, as in row-major — the same
-    # loads (16-byte vectors, 4 groups × 2 rows × 64 B a warp) and registers as row-major in the offline PTX
-    # (session 38). "gmajor": the [gpi, bn, 16] view of the blocks, threads along rows, so each thread holds gpi
-    # groups of activations: +25–100 registers, measured 4–9 % slower than row-major on the H100 (session 37; read
-    # as gpi separate one-group blocks instead, 1.2–2.3× slower, `s37e`).
+    # blocks read as row-major ones. Q = 1 < gpi (`gather`): the iteration's words are indexed [bn, gpi, 16] with
+    # offsets computed here on the flat codes, so Triton's coalescing (threads along the words, then along the next
+    # dimension of the index) gives each thread one group's words and activations, as in row-major — the same loads
+    # (16-byte vectors, 4 groups × 2 rows × 64 B a warp) and registers in the offline PTX. Measured (H100, session
+    # 38): 0.99–1.06× row-major's time at M = 1, 0.94–0.96× at M = 2. Loaded through the [gpi, bn, 16] view of the
+    # blocks instead, threads went along rows and each held gpi groups of activations (+25–100 registers, 1.03–1.11×;
+    # sessions 37–38, removed after `s38b`); as gpi separate one-group blocks, 1.2–2.3× (`s37e`).
     quad = tiled
-    gload = bool(quad) and quad < gpi  # the blocks load group-major
-    gmajor = gload and cfg.tiled_read == "gmajor"  # [gpi, bn, 16] blocks, computed on so
-    gather = gload and cfg.tiled_read == "gather"  # flat codes, [bn, gpi, 16] word offsets computed here
+    gather = bool(quad) and quad < gpi
     num_groups = groups_per_split * cfg.split_k
-    zero = jnp.zeros((gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS), jnp.int32)
+    zero = jnp.zeros((bn, gpi, _WORDS), jnp.int32)
     first = dict(eviction_policy="evict_first")
-    if gmajor and cfg.word_rescale:
-        raise ValueError("word_rescale=True is not built for tiled codes (MixedWeight.tiled): use the row-major "
-                         "weight (MixedWeight.untiled()) or word_rescale=False")
 
     def run(load_w, load_meta, prep, n0):
         rows = pl.ds(n0, bn)
@@ -333,17 +322,9 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
         def compute(data, accs):
             (w_lo, w_hi), (w_scale, zero_off) = prep(data[0], data[1])  # words [bn, gpi, 16]; meta [bn, gpi]
-            out = []  # (zero_off None: 8-bit rows)   (gmajor: [gpi, bn, 16] and [gpi, bn])
+            out = []  # (zero_off None: 8-bit rows)
             for acc, (lo, hi, a_scale, x_sum) in zip(accs, data[2]):
                 x_sum = x_sum.astype(jnp.float32)
-                if gmajor:
-                    d = dp4a(w_hi, jnp.broadcast_to(hi[:, None], w_hi.shape),
-                             dp4a(w_lo, jnp.broadcast_to(lo[:, None], w_lo.shape), zero))  # [gpi, bn, 16]
-                    y = jnp.sum(d, axis=2).astype(jnp.float32) * (w_scale * a_scale[:, None])  # [gpi, bn]
-                    if zero_off is not None:
-                        y = y + zero_off * (a_scale * x_sum)[:, None]
-                    out.append(acc + jnp.sum(y, axis=0))
-                    continue
                 d = dp4a(w_hi, jnp.broadcast_to(hi[None], w_hi.shape),
                          dp4a(w_lo, jnp.broadcast_to(lo[None], w_lo.shape), zero))  # [bn, gpi, 16]
                 if cfg.word_rescale:  # f32 per word, one reduction of the tile
@@ -389,19 +370,16 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
         ri, gi, wi = (lax.broadcasted_iota(jnp.int32, (bn, gpi, _WORDS), d) for d in range(3))
         return (((t * num_groups + gs.start + gi) * TILE_ROWS + r0 + ri) * halves + h) * _WORDS + wi
 
-    def tile_at(gs, rows):  # the block's index: tile, block row (Q groups), rows in the tile, groups in the row
+    def tile_at(gs, rows):  # the block's index (Q ≥ gpi): tile, block row (Q groups), rows in the tile, groups in it
         t, r = rows.start // TILE_ROWS, pl.ds(rows.start % TILE_ROWS, bn)
-        if gload:  # Q = 1: gpi blocks
-            return t, gs, r, pl.ds(0, 1)
         return t, gs.start // quad, r, pl.ds(gs.start % quad, gpi)
 
     def w8(gs, rows):
         if gather:
             return tuple(plgpu.load(q8_ref.at[flat_at(gs, rows, 2, h)], **first) for h in (0, 1))
-        if quad:  # [tiles, G/Q, 64, Q, 2, 16] words → [bn, gpi, 16] per half ([gpi, bn, 16] when group-major)
-            shape = (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS)
+        if quad:  # [tiles, G/Q, 64, Q, 2, 16] words → [bn, gpi, 16] per half
             half = lambda h: plgpu.load(q8_ref.at[(*tile_at(gs, rows), pl.ds(h, 1), slice(None))],  # noqa: E731
-                                        **first).reshape(shape)
+                                        **first).reshape(bn, gpi, _WORDS)
             return half(0), half(1)
         half = lambda h: plgpu.load(q8_ref.at[rows, gs, pl.ds(h, 1), :], **first).reshape(-1, gpi, _WORDS)  # noqa: E731
         return half(0), half(1)
@@ -410,14 +388,13 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
         return plgpu.load(s8_ref.at[gs, rows]), None
 
     def w8_prep(words, meta):
-        return words, (meta[0] if gmajor else meta[0].T, None)
+        return words, (meta[0].T, None)
 
     def w4(gs, rows):
         if gather:
             return plgpu.load(q4_ref.at[flat_at(gs, rows)], **first)
-        if quad:  # [tiles, G/Q, 64, Q, 16] words → [bn, gpi, 16] ([gpi, bn, 16] when group-major)
-            return plgpu.load(q4_ref.at[(*tile_at(gs, rows), slice(None))], **first).reshape(
-                (gpi, bn, _WORDS) if gmajor else (bn, gpi, _WORDS))
+        if quad:  # [tiles, G/Q, 64, Q, 16] words → [bn, gpi, 16]
+            return plgpu.load(q4_ref.at[(*tile_at(gs, rows), slice(None))], **first).reshape(bn, gpi, _WORDS)
         return plgpu.load(q4_ref.at[rows, gs, :], **first)
 
     def w4_meta(gs, rows):
@@ -425,9 +402,8 @@ def _grouped_kernel(*refs, cfg: GemvConfig, m: int, n8_tiles: int, n4_tiles: int
 
     def w4_prep(w, meta):
         mask = jnp.int32(-252645136)  # 0xF0F0F0F0: four int8 16·(u − 8) in each word
-        w_scale = meta[0] if gmajor else meta[0].T  # [bn, gpi] (gmajor: [gpi, bn])
-        zero_off = (8.0 - meta[1].astype(jnp.float32)) * meta[0]
-        zero_off = zero_off if gmajor else zero_off.T
+        w_scale = meta[0].T  # [bn, gpi]
+        zero_off = ((8.0 - meta[1].astype(jnp.float32)) * meta[0]).T
         return ((w << 4) & mask, w & mask), (w_scale * (1.0 / 16.0), zero_off)
 
     _by_channel_set(tile, bn, n8_tiles, n4_tiles, lambda n0: run(w8, w8_meta, w8_prep, n0),
@@ -488,7 +464,7 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
             jnp.zeros((1, 1, 1, 1, _WORDS), jnp.int32)
     if gpi_view:  # free reshapes: group-major views of the words (or of x)
         x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS, *x_in[0].shape[2:]), *x_in[1:])
-    if quad and quad < gpi and cfg.tiled_read == "gather":  # flat: the kernel computes the offsets
+    if quad and quad < gpi:  # flat: the kernel computes the offsets
         q8, q4 = q8.reshape(-1), q4.reshape(-1)
     if gpi_view and not qw.tiled:
         q8 = q8.reshape(q8.shape[0], g, 2, _WORDS) if qw.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)

@@ -151,8 +151,6 @@ def test_default_gemv_config_groups():
         gemv.GemvConfig(32, 4, quantize_first=True, groups_per_iter=4).check(1, 8)
     with pytest.raises(ValueError, match="groups_per_iter=3"):
         gemv.GemvConfig(32, 1, groups_per_iter=3).check(1, 6)
-    with pytest.raises(ValueError, match="tiled_read='rows'"):
-        gemv.GemvConfig(32, 1, tiled_read="rows").check(1, 6)
 
 
 @pytest.mark.parametrize("m, k, n, share8, quad, cfg", [
@@ -163,8 +161,7 @@ def test_default_gemv_config_groups():
     (1, 1024, 160, 0.2, 1, None),  # one group a block row, 4 an iteration: offsets computed in the kernel
     (2, 1536, 330, 0.1, 1, None),  # the same on codes (3 iterations), rows in both halves of a 64-row tile
     (1, 1024, 200, 0.3, 1, gemv.GemvConfig(64, 1, groups_per_iter=2, prefetch=True)),  # 64-row blocks, 4 iterations
-    (1, 1024, 160, 0.2, 1, gemv.GemvConfig(32, 1, groups_per_iter=4, prefetch=True, tiled_read="gmajor")),
-    (2, 1024, 96, 0.5, 1, gemv.GemvConfig(32, 2, groups_per_iter=4, tiled_read="gmajor")),  # the group-major reading
+    (2, 1024, 96, 0.5, 1, gemv.GemvConfig(32, 2, groups_per_iter=4)),  # 1 iteration a split, codes
 ])
 def test_gemv_reads_tiled_codes(m, k, n, share8, quad, cfg):
     """Codes in blocks of 64 rows × Q groups (`format.tile_codes`): the GEMV reads a row's groups where they sit
