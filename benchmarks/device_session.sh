@@ -833,6 +833,13 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s38d)  # session 38: the int8 KV cache's attention at 64-position blocks and 3 stages (@att64s3: b32 +1 %, attention
+    # 482 → 451 µs a step in s38c) against the default 128 × 2 at b1 / b8 / b32, before making it the int8 default
+    header
+    timeout 230 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@att64s3+h4 --kv-int8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 220 --out "$out/kvint8_blocks.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/kvint8_blocks.log"
+    ;;
   s38c)  # session 38: the standing rows with tiled codes the GPU default (b1 / b8 / b32, prefill 2048) beside bf16, the
     # whole decode path on the GPU (test_gpu_model.py; s38b's 100 s cut it), then b32 with the int8 KV cache at the
     # attention's 128-position blocks (default) against 64 (3 programs an SM by registers, offline) and 64 × 3 stages
