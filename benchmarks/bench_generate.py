@@ -68,8 +68,9 @@ default since session 35, `kernels.PF3_MIN_GROUPS`, so `@pf3down` repeats it and
 o_proj quantizes the attention's output itself (the default since session 36 at one split: the attention kernel's
 epilogue hands it the codes, `model.ATTENTION_CODES`); `@att1`: the decode attention in one split at every batch and cache length
 (session 36 measured it at b8, which now takes one split on caches of ≤ 512 positions); `@attlive`: the codes
-epilogue on the live rows only (measured in session 36, the default since, so it repeats the default); `@att64` / `@att64s3` / `@att128s3`: the fused decode attention with
-64-position blocks and/or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128, 2);
+epilogue on the live rows only (measured in session 36, the default since, so it repeats the default); `@att64` / `@att64s3` / `@att128s3` / `@att128`: the fused decode attention with
+64- or 128-position blocks and 2 or 3 blocks in flight (`attend_new_tokens_pallas(block_s=, num_stages=)`; default 128 × 2
+on a float cache, 64 × 3 on an int8 one since session 38, `attention.fused_block_stages`);
 `@tiled` / `@tiled4` / `@rowmajor`: the decoder layers' and the head's codes in blocks of 64 rows × 1 / × 4 K groups
 (`fuse_projections(tile=True)`, `model.TILED_CODES`, `format.TILE_GROUPS`) or in the stored row-major order (session
 38: tiled one group a block is the GPU default, so `@tiled` repeats it);
@@ -413,7 +414,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "att64", "att64s3", "att128s3", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
+              "att64", "att64s3", "att128s3", "att128", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
               "tiled", "tiled4", "rowmajor")
 
 
@@ -553,10 +554,10 @@ def _apply_strategy(strategy: str) -> None:
             return change(cfg, m, num_groups, rows) if decode else cfg
 
         kernels.choose_config = changed
-    elif strategy in ("att64", "att64s3", "att128s3"):  # the fused decode attention's cache block and stages
+    elif strategy in ("att64", "att64s3", "att128s3", "att128"):  # the fused decode attention's cache block and stages
         from pallas_kernels import attention
 
-        block, stages = {"att64": (64, 2), "att64s3": (64, 3), "att128s3": (None, 3)}[strategy]
+        block, stages = {"att64": (64, 2), "att64s3": (64, 3), "att128s3": (128, 3), "att128": (128, 2)}[strategy]
         model_module.attend_new_tokens_pallas = functools.partial(attention.attend_new_tokens_pallas,
                                                                   block_s=block, num_stages=stages)
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear

@@ -833,6 +833,16 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s38e)  # session 38: the int8 cache's fused step at 64 positions × 3 stages by default (attention.INT8_BLOCK_STAGES,
+    # CODES_ONE_SPLIT in positions so b8 keeps one split and the codes): its fused-step tests compiled, then end to
+    # end against the old 128 × 2 (@att128) at b1 / b8 / b32
+    header
+    timeout 45 python3 -m pytest -q -p no:cacheprovider -x tests/test_attention.py -k "attend_new_tokens_matches or codes_are" \
+      2>&1 | tail -2 | tee "$out/att_tests.log"
+    timeout 140 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@att128+h4 --kv-int8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 130 --out "$out/kvint8_default.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/kvint8_default.log"
+    ;;
   s38d)  # session 38: the int8 KV cache's attention at 64-position blocks and 3 stages (@att64s3: b32 +1 %, attention
     # 482 → 451 µs a step in s38c) against the default 128 × 2 at b1 / b8 / b32, before making it the int8 default
     header

@@ -372,8 +372,22 @@ def choose_block(dh: int, itemsize: int) -> int:
     return block
 
 
-CODES_ONE_SPLIT = (64, 4)  # (programs, blocks): with o_proj's codes asked for, caches of at most that many blocks
-# take one split from that many (row, KV head) programs on, so the codes come from the programs and neither the
+INT8_BLOCK_STAGES = (64, 3)  # the fused decode step's (positions a block, blocks in flight) on an int8 cache. H100,
+# 2026-12-06 (`device_session.sh s38c`, `s38d`; 74 KB of shared memory, 167 registers a thread against 243 at 128 × 2
+# offline): attention 489 → 454 µs a b32 step (+1 % tok/s), 201 → 163 µs at b1; float caches keep `choose_block` × 2
+
+
+def fused_block_stages(dh: int, itemsize: int) -> tuple[int, int]:
+    """`attend_new_tokens_pallas`' default block and stages: `INT8_BLOCK_STAGES` for an int8 cache, else
+    (`choose_block`, 2)."""
+    if itemsize == 1:
+        return min(INT8_BLOCK_STAGES[0], choose_block(dh, itemsize)), INT8_BLOCK_STAGES[1]
+    return choose_block(dh, itemsize), 2
+
+
+CODES_ONE_SPLIT = (64, 512)  # (programs, positions): with o_proj's codes asked for, caches of at most that many
+# positions (4 blocks of 128; session 38 counts positions, so 64-position blocks keep it) take one split from that
+# many (row, KV head) programs on, so the codes come from the programs and neither the
 # merge nor the quantization is a launch. H100, 2026-12-06 (`device_session.sh s36a`, b8 × 8 KV heads, 3 blocks of
 # 128 positions, 256 steps): 2 712 against 2 643 tok/s (+2.6 %; attention 289 → 319 µs a step, 64 launches fewer)
 
@@ -386,7 +400,7 @@ def choose_splits(batch: int, kv_heads: int, positions: int, block_s: int, codes
     programs already) splits only cost: 24.1 µs with 3 against 17.8 with one. `codes`: the step hands o_proj
     its codes (`attend_new_tokens_pallas(codes=True)`), which one split makes in the programs: `CODES_ONE_SPLIT`."""
     blocks = -(-positions // block_s)
-    if codes and batch * kv_heads >= CODES_ONE_SPLIT[0] and blocks <= CODES_ONE_SPLIT[1]:
+    if codes and batch * kv_heads >= CODES_ONE_SPLIT[0] and positions <= CODES_ONE_SPLIT[1]:
         return 1
     return max(1, min(-(-128 // (batch * kv_heads)), blocks))
 
@@ -528,7 +542,7 @@ def codes_in_kernel(batch: int, kv_heads: int, positions: int, dh: int, itemsize
     """Whether `attend_new_tokens_pallas(codes=True)` quantizes in its own programs (one split, so each program
     holds its heads' whole outputs, and one K group a head: Dh = 128); otherwise the codes come from XLA ops
     after the splits' merge."""
-    block_s = block_s or choose_block(dh, itemsize)
+    block_s = block_s or fused_block_stages(dh, itemsize)[0]
     return dh == GROUP_SIZE and _fused_splits(splits, batch, kv_heads, positions, block_s, codes=True) == 1
 
 
@@ -603,11 +617,11 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              bias: jax.Array | None = None, k_scale_store: jax.Array | None = None,
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
-                             num_stages: int = 2, rms: RowRms | None = None, codes: bool = False,
+                             num_stages: int | None = None, rms: RowRms | None = None, codes: bool = False,
                              interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
-    the key/value blocks in flight. Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
+    the key/value blocks in flight (None, and block_s None: `fused_block_stages`). Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
     Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3.
     `codes`: the attention comes back as o_proj's input codes (`head_codes_ref`: `QuantizedActivations`, per group
     of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
@@ -638,8 +652,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     if T * (heads // kv_heads) > MAX_ROWS:
         raise ValueError(f"attend_new_tokens: {T} tokens × {heads // kv_heads} heads per KV head > {MAX_ROWS} query rows; "
                          "use attend_new_tokens_ref (XLA) for prefill-sized chunks")
-    if block_s is None:
-        block_s = choose_block(dh, k_store.dtype.itemsize)
+    default_block, default_stages = fused_block_stages(dh, k_store.dtype.itemsize)
+    block_s, num_stages = block_s or default_block, num_stages or default_stages
     if block_s < 16 or block_s & (block_s - 1) or dh < 16 or dh & (dh - 1):
         raise ValueError(f"attend_new_tokens: block_s ({block_s}) and the head dim ({dh}) must be powers of two ≥ 16")
     dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))

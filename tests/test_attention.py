@@ -505,15 +505,21 @@ def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts
 
 
 def test_codes_in_kernel_where_one_split_holds_whole_heads():
-    """Llama-3-8B's 8 KV heads: one split (codes in the programs) from 16 rows on, and at b8 on caches of up to 4
-    blocks (`CODES_ONE_SPLIT`, measured at 3); b8 on longer caches, b4 and b1 split the positions (XLA quantizes the
-    merged output); head dim 64 never (a group of 128 spans two heads). Without codes b8 keeps 2 splits."""
+    """Llama-3-8B's 8 KV heads: one split (codes in the programs) from 16 rows on, and at b8 on caches of up to 512
+    positions (`CODES_ONE_SPLIT`, measured at 384; 8 of an int8 cache's 64-position blocks); b8 on longer caches, b4
+    and b1 split the positions (XLA quantizes the merged output); head dim 64 never (a group of 128 spans two
+    heads). Without codes b8 keeps 2 splits."""
     assert attention.codes_in_kernel(16, 8, 4096, 128, 2) and attention.codes_in_kernel(32, 8, 384, 128, 1)
     assert attention.codes_in_kernel(8, 8, 384, 128, 2) and attention.codes_in_kernel(8, 8, 512, 128, 2)
     assert not attention.codes_in_kernel(8, 8, 640, 128, 2) and not attention.codes_in_kernel(4, 8, 384, 128, 2)
     assert not attention.codes_in_kernel(1, 8, 384, 128, 2) and not attention.codes_in_kernel(32, 8, 384, 64, 2)
     assert attention.codes_in_kernel(1, 8, 384, 128, 2, splits=1)
     assert attention.choose_splits(8, 8, 384, 128) == 2 and attention.choose_splits(8, 8, 384, 128, codes=True) == 1
+    assert attention.codes_in_kernel(8, 8, 384, 128, 1) and attention.choose_splits(8, 8, 384, 64, codes=True) == 1
+    assert not attention.codes_in_kernel(8, 8, 576, 128, 1)
+    # the fused step's defaults: 64 positions × 3 stages on an int8 cache, `choose_block` × 2 on a float one
+    assert attention.fused_block_stages(128, 1) == (64, 3) and attention.fused_block_stages(128, 2) == (128, 2)
+    assert attention.fused_block_stages(64, 4) == (128, 2)
 
 
 def test_model_hands_o_proj_the_attention_codes(monkeypatch):
