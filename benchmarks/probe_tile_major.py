@@ -53,33 +53,50 @@ def _busy(events, runs: int, calls: int, key: str) -> float:
     return sum(d for (_, name), d in events.items() if key in name) / 1e3 / runs / calls
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ms", default="1,2,16,32,0", help="activation rows (0: the prefill's int4 → int8 unpack)")
+def probe_setup(argv, doc: str, ms: str, ms_help: str, runs: int, small: tuple):
+    """The probes' common command line (--ms, --layers, --runs, --small, --out) → (args, interpret, {layer: (K, N)},
+    [M], header line); `small` = (shapes, ms) of the CPU smoke run."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--ms", default=ms, help=ms_help)
     p.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
-    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--runs", type=int, default=runs)
     p.add_argument("--small", action="store_true", help="a tiny shape in interpret mode (CPU)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     interpret = jax.default_backend() != "gpu"
-    shapes, ms = {k: SHAPES[k] for k in args.layers.split(",")}, [int(m) for m in args.ms.split(",")]
-    if args.small:
-        shapes, args.runs, ms = {"tiny": (640, 320)}, 1, [1, 2, 16, 0]
+    shapes, m_list = {k: SHAPES[k] for k in args.layers.split(",")}, [int(m) for m in args.ms.split(",")]
+    if args.small:  # (small's M list None: --ms as given)
+        shapes, m_list, args.runs = small[0], small[1] or m_list, 1
     dev = jax.devices()[0]
     head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
     print(head, flush=True)
+    return args, interpret, shapes, m_list, head
+
+
+def weight_copies(rng, n: int, k: int, interpret: bool):
+    """A random W4.4A8 weight [N, K] and copies of it (codes XOR-ed with the copy's index) walking past the L2, and
+    bf16 copies for XLA's dot: (base, packed copies, dense copies); one of each in interpret mode."""
+    base = random_packed(rng, n, k, 0.1)
+    calls = 1 if interpret else max(2, int(-(-ROTATE_BYTES // packed_bytes(base))))
+    ws = [base] + [dataclasses.replace(base, q4=base.q4 ^ jnp.int8(i), q8=base.q8 ^ jnp.int8(i))
+                   for i in range(1, calls)]
+    dense = [jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
+             for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
+    return base, ws, dense
+
+
+def main(argv=None) -> int:
+    args, interpret, shapes, ms, head = probe_setup(
+        argv, __doc__, "1,2,16,32,0", "activation rows (0: the prefill's int4 → int8 unpack)", 5,
+        ({"tiny": (640, 320)}, [1, 2, 16, 0]))
     rng = np.random.default_rng(0)
     table = ["| layer | K → N | M | copies | XLA bf16 µs | row µs | Q=1 µs | Q=4 µs | = row | Q=1 / row | Q=4 / row | "
              "row × bf16 | Q=4 × bf16 |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     impl = "xla" if interpret else "pallas"
     for name, (k, n) in shapes.items():
-        base = random_packed(rng, n, k, 0.1)
-        calls = 1 if interpret else max(2, int(-(-ROTATE_BYTES // packed_bytes(base))))
-        ws = [base] + [dataclasses.replace(base, q4=base.q4 ^ jnp.int8(i), q8=base.q8 ^ jnp.int8(i))
-                       for i in range(1, calls)]
+        base, ws, dense = weight_copies(rng, n, k, interpret)
+        calls = len(ws)
         forms = {"row": ws, "t1": [tile_codes(w, groups=1) for w in ws], "t4": [tile_codes(w, groups=4) for w in ws]}
-        dense = [jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
-                 for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
         for m in ms:
             x = jnp.asarray(rng.normal(size=(max(m, 1), k)), jnp.bfloat16)
             if m == 0:  # the prefill's unpack

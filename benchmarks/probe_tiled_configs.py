@@ -15,9 +15,7 @@ f32 rounding (the splits change the summation order).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import datetime
 import os
 import sys
 
@@ -28,13 +26,10 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_matmul import packed_bytes, random_packed  # noqa: E402
 from devtime import trace_events, write_table  # noqa: E402
 from pallas_kernels import gemv, kernels  # noqa: E402
 from pallas_kernels.format import QuantizedActivations, tile_codes  # noqa: E402
-
-SHAPES = {"gate+up": (4096, 28672), "q/k/v": (4096, 6144), "down": (14336, 4096), "o": (4096, 4096)}  # K, N
-ROTATE_BYTES = 120e6
+from probe_tile_major import probe_setup, weight_copies  # noqa: E402
 
 
 def variants(cfg: kernels.GemmConfig, groups: int) -> dict[str, kernels.GemmConfig]:
@@ -69,33 +64,17 @@ def gemv_variants(groups: int, rows: int, m: int) -> dict[str, gemv.GemvConfig]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--ms", default="16,32", help="activation rows; M ≤ 2: the GEMV (x float, the api's form)")
-    p.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
-    p.add_argument("--runs", type=int, default=3)
-    p.add_argument("--small", action="store_true", help="a tiny shape in interpret mode (CPU)")
-    p.add_argument("--out", default=None)
-    args = p.parse_args(argv)
-    interpret = jax.default_backend() != "gpu"
-    shapes, ms = {k: SHAPES[k] for k in args.layers.split(",")}, [int(m) for m in args.ms.split(",")]
-    if args.small:
-        shapes, args.runs = {"tiny": (1024, 320)}, 1
-    dev = jax.devices()[0]
-    head = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {datetime.date.today()}"
-    print(head, flush=True)
+    args, interpret, shapes, ms, head = probe_setup(
+        argv, __doc__, "16,32", "activation rows; M ≤ 2: the GEMV (x float, the api's form)", 3,
+        ({"tiny": (1024, 320)}, None))
     rng = np.random.default_rng(0)
     table = ["| layer | K → N | M | variant | config (block_m or GEMV rows, split, warps, stages, pf or gpi) | XLA bf16 µs | row default µs | "
              "tiled µs | tiled / row | × bf16 | max rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = True
     for name, (k, n) in shapes.items():
-        base = random_packed(rng, n, k, 0.1)
-        calls = 1 if interpret else max(2, int(-(-ROTATE_BYTES // packed_bytes(base))))
+        base, ws, dense = weight_copies(rng, n, k, interpret)
         rows = base.q8.shape[0] + base.q4.shape[0]
-        ws = [base] + [dataclasses.replace(base, q4=base.q4 ^ jnp.int8(i), q8=base.q8 ^ jnp.int8(i))
-                       for i in range(1, calls)]
         tw = [tile_codes(w, groups=1) for w in ws]
-        dense = [jnp.asarray(rng.normal(size=(n, k)) * 0.02, jnp.bfloat16)
-                 for _ in range(1 if interpret else max(2, int(-(-ROTATE_BYTES // (2 * n * k)))))]
         for m in ms:
             x = jnp.asarray(rng.normal(size=(m, k)), jnp.bfloat16)
             codes = None if m <= 2 else QuantizedActivations(*kernels.quantize_activations_xla(x, block_m=64), (m,), k, "bfloat16")

@@ -30,7 +30,6 @@ import subprocess
 import sys
 import tempfile
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
