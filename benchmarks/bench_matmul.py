@@ -12,7 +12,8 @@ channels), the GEMV's and the kernel's default configurations with some fields c
 `MIXED_OVERRIDES`: gemv_qf, gemv_1l, gemv_xq, mixed_b8, mixed_xq, mixed_pf3, mixed_pf3s2/s4, mixed_wave),
 mixed_dt (the kernel's 32-row decode tiles with split-K up to M = 256),
 mixed_v4 (the kernel as configured at call 4), mixed_f32out (the kernel returning its f32 accumulator, no
-convert launch), api (`pallas_kernels.mixed_matmul`, implementation="pallas": the dispatched GPU path),
+convert launch), api (`pallas_kernels.mixed_matmul`, implementation="pallas": the dispatched GPU path; api_tiled: the
+same on tiled codes, `format.tile_codes`, the model's order on a GPU since session 38),
 dequant_dot (fake-quant activations × bf16-dequantized weight, XLA dot), xla_dequant (bf16 x ×
 `reference.dequant_matmul_ref`), float_dequant (Pallas ablation), mgpu / mgpu_decode / mgpu_decode_fold (Mosaic GPU;
 _fold: `DecodeConfig(fold=True)`).
@@ -48,9 +49,10 @@ from pallas_kernels import api, dequant_dot, gemv, kernels, mgpu, mgpu_decode, r
 
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (K, N) of Llama-3-8B linears
 MS = (1, 16, 64, 256, 1024, 4096)
-VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api")
+VARIANTS = ("xla_bf16", "xla_int8", "xla_dequant", "w8a8", "w4a8", "mixed", "float_dequant", "api", "api_tiled")
 SHARE = {"w8a8": 1.0, "w4a8": 0.0, "mixed": 0.1, "float_dequant": 0.1, "xla_ref": 0.1, "xla_dequant": 0.1,
-         "mixed_v4": 0.1, "gemv": 0.1, "mixed_dt": 0.1, "mixed_f32out": 0.1, "api": 0.1, "dequant_dot": 0.1,
+         "mixed_v4": 0.1, "gemv": 0.1, "mixed_dt": 0.1, "mixed_f32out": 0.1, "api": 0.1, "api_tiled": 0.1,
+         "dequant_dot": 0.1,
          "mgpu": 0.1, "mgpu_decode": 0.1, "mgpu_decode_fold": 0.1, "mgpu_decode64": 0.1}
 ROTATE_BYTES = 100e6
 GEMV_OVERRIDES = {  # variant → GemvConfig fields changed from `gemv.choose_gemv_config`'s default
@@ -194,9 +196,11 @@ def make_variant(name: str, cfg: kernels.GemmConfig | None = None, interpret: bo
         return fn, build, reference.dequant_matmul_ref, 1e-2
     if name == "dequant_dot":
         return dequant_dot.dequant_dot_matmul, build, reference.mixed_matmul_ref, 5e-3
-    if name == "api":
+    if name in ("api", "api_tiled"):  # api_tiled: on codes in (64-row tile, group) blocks, the order the model
+        # keeps on a GPU since session 38 (`model.TILED_CODES`, `format.tile_codes`)
         fn = lambda x, w: api.mixed_matmul(x, w, implementation="pallas", interpret=interpret)
-        return fn, build, reference.mixed_matmul_ref, 5e-3
+        tiled = lambda rng, n, k: fmt.tile_codes(build(rng, n, k))  # noqa: E731
+        return fn, tiled if name == "api_tiled" else build, reference.mixed_matmul_ref, 5e-3
     if name == "mixed_dt":  # the decode tiles (32 rows, split-K partials) up to M = 256 (`decode_max_m`)
         fn = lambda x, w: kernels.mixed_matmul_pallas(x, w, config=cfg, decode_max_m=256, interpret=interpret)
         return fn, build, reference.mixed_matmul_ref, 5e-3
@@ -274,9 +278,9 @@ _WEIGHTS: dict = {}
 def bench_one(name, k, n, m, args, bandwidth, cfg=None):
     rng = np.random.default_rng(m * 7 + n)
     fn, build, ref_fn, tol = make_variant(name, cfg, args.interpret)
-    key = (SHARE.get(name.split("@")[0], name), n, k)
+    key = (SHARE.get(name.split("@")[0], name), name == "api_tiled", n, k)
     if key not in _WEIGHTS:  # packing 58M codes takes seconds: reuse across M and configs
-        if any(kk[1:3] != (n, k) for kk in _WEIGHTS):
+        if any(kk[2:4] != (n, k) for kk in _WEIGHTS):
             _WEIGHTS.clear()
         _WEIGHTS[key] = build(rng, n, k)
     w0 = _WEIGHTS[key]
