@@ -73,7 +73,8 @@ epilogue on the live rows only (measured in session 36, the default since, so it
 on a float cache, 64 × 3 on an int8 one since session 38, `attention.fused_block_stages`);
 `@tiled` / `@tiled4` / `@rowmajor`: the decoder layers' and the head's codes in blocks of 64 rows × 1 / × 4 K groups
 (`fuse_projections(tile=True)`, `model.TILED_CODES`, `format.TILE_GROUPS`) or in the stored row-major order (session
-38: tiled one group a block is the GPU default, so `@tiled` repeats it);
+38: tiled one group a block is the GPU default, so `@tiled` repeats it); `@qk8`: with `--kv-int8`, the fused attention's q·k
+on the int8 tensor cores (`attention.QK_INT8`, q as two int8 terms; prepared in session 38, not measured);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -415,7 +416,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "att128", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "tiled", "tiled4", "rowmajor")
+              "tiled", "tiled4", "rowmajor", "qk8")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -482,6 +483,11 @@ def _apply_strategy(strategy: str) -> None:
         model_module.TILED_CODES, fmt.TILE_GROUPS = True, 4 if strategy == "tiled4" else 1
     elif strategy == "rowmajor":  # the stored row-major codes (the default before session 38)
         model_module.TILED_CODES = False
+    elif strategy == "qk8":  # an int8 cache's q·k on the int8 tensor cores, q as two int8 terms (session 38,
+        # prepared: `attention.QK_INT8`; offline 939 → 817 SASS instructions a 64-position block)
+        from pallas_kernels import attention
+
+        attention.QK_INT8 = True
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

@@ -833,6 +833,18 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s39a)  # prepared in session 38, not run: an int8 cache's q·k on the int8 tensor cores (attention.QK_INT8, q as two
+    # int8 terms; offline 939 → 817 SASS instructions a 64-position block) — its tests compiled on the GPU, then end
+    # to end against the default at b1 / b8 / b32 with --kv-int8 (bf16 beside for the ratios)
+    header
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k "int8_tensor or split_q or attend_new_tokens_matches" \
+      2>&1 | tail -2 | tee "$out/qk8_tests.log"
+    timeout 300 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@qk8+h4 --kv-int8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 290 --out "$out/qk8.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/qk8.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,8,32 --repeats 2 --prefill-len 256 \
+      --budget-s 140 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
+    ;;
   s38e)  # session 38: the int8 cache's fused step at 64 positions × 3 stages by default (attention.INT8_BLOCK_STAGES,
     # CODES_ONE_SPLIT in positions so b8 keeps one split and the codes): its fused-step tests compiled, then end to
     # end against the old 128 × 2 (@att128) at b1 / b8 / b32
