@@ -687,7 +687,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError(f"attend_new_tokens: {T} tokens × {heads // kv_heads} heads per KV head > {MAX_ROWS} query rows; "
                          "use attend_new_tokens_ref (XLA) for prefill-sized chunks")
     default_block, default_stages = fused_block_stages(dh, k_store.dtype.itemsize)
-    block_s, num_stages = block_s or default_block, num_stages or default_stages
+    num_stages = num_stages or (default_stages if block_s is None else 2)  # (a block of the caller's: 2, as before)
+    block_s = block_s or default_block
     if block_s < 16 or block_s & (block_s - 1) or dh < 16 or dh & (dh - 1):
         raise ValueError(f"attend_new_tokens: block_s ({block_s}) and the head dim ({dh}) must be powers of two ≥ 16")
     dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))

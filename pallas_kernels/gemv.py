@@ -456,7 +456,9 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
         raise ValueError(f"groups_per_iter={gpi} with codes tiled {quad} groups a block row: pick groups_per_iter "
                          f"dividing {quad} (or 1 < it with 1 group a block row), or the row-major weight")
     gpi_view = gpi > 1
-    if quad:  # free reshapes: blocks [tiles, G/Q, 64 rows, Q groups, words]
+    if quad and quad < gpi:  # flat codes: the kernel computes the offsets of its [bn, gpi, 16] blocks
+        q8, q4 = q8.reshape(-1), q4.reshape(-1)
+    elif quad:  # free reshapes: blocks [tiles, G/Q, 64 rows, Q groups, words]
         q8_tail = (2, _WORDS) if gpi_view else (2 * _WORDS,)
         q8 = q8.reshape(-1, g // quad, TILE_ROWS, quad, *q8_tail) if qw.q8.size else \
             jnp.zeros((1, 1, 1, 1, *q8_tail), jnp.int32)
@@ -464,8 +466,6 @@ def _gemv(x, qw: MixedWeight, *, cfg: GemvConfig, interpret: bool, out_dtype, pa
             jnp.zeros((1, 1, 1, 1, _WORDS), jnp.int32)
     if gpi_view:  # free reshapes: group-major views of the words (or of x)
         x_in = (x_in[0].reshape(x_in[0].shape[0], g, 2, _WORDS, *x_in[0].shape[2:]), *x_in[1:])
-    if quad and quad < gpi:  # flat: the kernel computes the offsets
-        q8, q4 = q8.reshape(-1), q4.reshape(-1)
     if gpi_view and not qw.tiled:
         q8 = q8.reshape(q8.shape[0], g, 2, _WORDS) if qw.q8.size else jnp.zeros((1, 1, 2, _WORDS), jnp.int32)
         q4 = q4.reshape(q4.shape[0], g, _WORDS) if qw.q4.size else jnp.zeros((1, 1, _WORDS), jnp.int32)
