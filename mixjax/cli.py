@@ -252,7 +252,8 @@ def demo(*, model_path=None, seq_len: int = 512, max_tokens: int = 4096, prompt:
     stream = TextStream(tokenizer, write)
     from mixjax.model import fuse_projections
 
-    new = generate(fuse_projections(params), cfg, [ids], max_new_tokens=max_new_tokens, eos_token_ids=eos,
+    # one sequence: the stored row-major codes (its one-row GEMV reads them faster than the tiled order)
+    new = generate(fuse_projections(params, tile=False), cfg, [ids], max_new_tokens=max_new_tokens, eos_token_ids=eos,
                    implementation=implementation, on_token=stream)[0]
     stream.flush()
     log("")

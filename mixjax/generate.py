@@ -427,8 +427,11 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     cfg, params = convert.load(path, dtype=dtype)
     if mesh is not None:
         check_tensor_parallel(cfg, mesh.size)
-    # q/k/v and gate/up as one matmul each: fewer decode launches (shard_model fuses each device's own)
-    place = model.fuse_projections if mesh is None else (lambda p: shard_model(p, cfg, mesh))
+    # q/k/v and gate/up as one matmul each: fewer decode launches (shard_model fuses each device's own); one
+    # sequence keeps the stored row-major codes, which its one-row GEMV reads 2.5 % faster than the tiled order
+    # batched decoding wants (`model.TILED_CODES`; H100, session 38)
+    place = functools.partial(model.fuse_projections, tile=False) if mesh is None else \
+        (lambda p: shard_model(p, cfg, mesh))
     params = place(params)
     prefill_params = None
     if first_path is not None:

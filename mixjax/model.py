@@ -160,7 +160,8 @@ TILED_CODES: bool | None = None  # what `fuse_projections(tile=None)` does: put 
 # codes in blocks of 64 rows × 1 K group (`tile_codes`, `format.TILE_GROUPS`), the order the Pallas decode tiles read
 # fastest; None: on a GPU backend (where the Pallas kernels run), not on CPU (the XLA reference would restore the
 # stored order every call). H100 (session 38, results/generation.md): decode b8 +12 %, b32 +6 % tokens/s, b1 −2.5 %
-# (the one-row GEMV reads a row's 4 groups from 4 blocks; −5 % before it read them through computed offsets)
+# (the one-row GEMV reads a row's 4 groups from 4 blocks; −5 % before it read them through computed offsets), so
+# mixjax's one-sequence paths (`generate_text`, the CLI's demo) and `perplexity`'s loader pass tile=False
 
 
 def tile_codes(params: dict[str, Any]) -> dict[str, Any]:
