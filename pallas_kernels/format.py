@@ -348,11 +348,11 @@ def pack_rtn(w, is_int8, *, group_size: int = GROUP_SIZE) -> MixedWeight:
 
 
 TILE_ROWS = 64  # rows of a code block in the tiled order (`tile_codes`): the decode tiles' block_n
-TILE_GROUPS = 1  # K groups side by side in a block row (`tile_codes(groups=)`). H100 (session 37,
-# benchmarks/probe_tile_major.py): 1 — a decode tile's group one 4 KB block — takes 4–21 % off the decode tiles and
-# adds 4–9 % to the GEMV (which then reads a row's 4 groups an iteration group-major); 4 — the GEMV's 4 groups a row
-# contiguous — leaves the GEMV within −6 / +3 % of row-major and takes only 0–10 % off the decode tiles (their group
-# is then 64 pieces 256 bytes apart): the page-sized contiguous block is what the decode tiles need
+TILE_GROUPS = 1  # K groups side by side in a block row (`tile_codes(groups=)`). H100 (sessions 37–38,
+# benchmarks/probe_tile_major.py): 1 — a decode tile's group one 4 KB block — takes 4–21 % off the decode tiles; the
+# GEMV reads a row's 4 groups from 4 blocks through computed offsets (`gemv._grouped_kernel`), within −6 / +6 % of
+# row-major; 4 — the GEMV's 4 groups a row contiguous — takes only 0–10 % off the decode tiles (their group is then
+# 64 pieces 256 bytes apart): the page-sized contiguous block is what the decode tiles need
 
 
 def block_groups(num_groups: int, groups: int) -> int:
@@ -379,8 +379,9 @@ def _permute_codes(q: jax.Array, groups: int, quad: int, to_tiles: bool) -> jax.
 def tile_codes(qw: MixedWeight, groups: int | None = None) -> MixedWeight:
     """`qw` with its codes in blocks of 64 rows × Q K groups (`MixedWeight.tiled` = Q, the largest of `groups`,
     `groups`/2, … dividing G): within the same arrays, row-major [tiles, G/Q, 64, Q, bytes a group], so a block is
-    64 rows' Q groups (16 KB of 4-bit codes at Q = 4; `groups` None: `TILE_GROUPS`). A runtime layout for the Pallas kernels on a GPU: a decode
-    tile reads a group's 64 rows within one block, the GEMV a row's Q groups as they are stored row-major.
+    64 rows' Q groups (16 KB of 4-bit codes at Q = 4; `groups` None: `TILE_GROUPS`). A runtime layout for the
+    Pallas kernels on a GPU (`mixjax.model.fuse_projections` applies it there): a decode tile reads a group's 64 rows
+    within one block, the GEMV a row's groups from their blocks.
     `untiled` is its inverse. Works on stacked weights (leading layer axes). A weight whose channels are all 8-bit
     stays row-major: the Hopper prefill GEMM reads its `q8` as it is stored (`mgpu.mixed_matmul_mgpu`)."""
     if qw.tiled or qw.n8 == qw.n:
