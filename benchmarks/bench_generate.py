@@ -75,6 +75,8 @@ on a float cache, 64 × 3 on an int8 one since session 38, `attention.fused_bloc
 (`fuse_projections(tile=True)`, `model.TILED_CODES`, `format.TILE_GROUPS`) or in the stored row-major order (session
 38: tiled one group a block is the GPU default, so `@tiled` repeats it); `@qk8`: with `--kv-int8`, the fused attention's q·k
 on the int8 tensor cores (`attention.QK_INT8`, q as two int8 terms; prepared in session 38, not measured);
+`@n128w{4,8}x{1,2}m{16,32}`: the decode tiles (M = 3–32) at 128 weight rows a program, 4 or 8 warps, split-K ×1 or
+×2 the default's, on every decode tile (m16) or the 32-row ones only (m32; session 39);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -105,6 +107,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -551,6 +554,21 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("wave", "programs"):  # how the decode tiles pick split-K (`kernels.DECODE_SPLIT_RULE`): one
         # wave of resident programs (the default since session 33), or about 1024 programs (before)
         kernels.DECODE_SPLIT_RULE = strategy
+    elif re.fullmatch(r"n128w[48]x[12]m(16|32)", strategy):  # the decode tiles at 128 weight rows a program (session
+        # 39: two 64-row blocks of tiled codes a group, half the activation codes re-read per weight byte): warps,
+        # split ×1 or ×2 the default's, on the tiles of block_m ≥ m (16: every decode tile, 32: M = 17–32 only)
+        warps, mult, min_bm = (int(v) for v in re.fullmatch(r"n128w(\d)x(\d)m(\d+)", strategy).groups())
+        choose = kernels.choose_config
+
+        def wide_tiles(m, num_groups, rows, **k):
+            cfg = choose(m, num_groups, rows, **k)
+            decode = k.get("mode", "int") == "int" and 3 <= m <= min(32, k.get("decode_max_m", kernels.DECODE_MAX_M))
+            if not decode or cfg.block_m < min_bm or rows % 128:
+                return cfg
+            split = cfg.split_k * mult if num_groups % (cfg.split_k * mult) == 0 else cfg.split_k
+            return dataclasses.replace(cfg, block_n=128, num_warps=warps, split_k=split)
+
+        kernels.choose_config = wide_tiles
     elif strategy in _DECODE_TILE_CHANGES:  # the decode tiles' GemmConfig (int mode, M ≤ `kernels.DECODE_MAX_M`)
         choose, change = kernels.choose_config, _DECODE_TILE_CHANGES[strategy]
 
@@ -807,7 +825,8 @@ def parse_args(argv=None):
     from pallas_kernels.kernels import DECODE_STRATEGIES
 
     known = STRATEGIES + DECODE_STRATEGIES
-    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@") if st and st not in known]
+    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@")
+           if st and st not in known and not re.fullmatch(r"n128w[48]x[12]m(16|32)", st)]
     if bad:
         p.error(f"unknown strategies {bad}; known: {', '.join(known)}")
     if args.small:

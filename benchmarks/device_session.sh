@@ -833,6 +833,14 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s39b)  # session 39: the decode tiles at 128 weight rows a program on tiled codes (two 64-row blocks a group; half the
+    # activation codes re-read per weight byte) at M = 16 / 32, 4 or 8 warps, split ×1 / ×2; then s39a's tests
+    header
+    timeout 240 python3 benchmarks/probe_tiled_configs.py --ms 16,32 --only "block_n 128" --out "$out/wide_tiles.md" 2>&1 \
+      | grep "^|\|rror" | tee "$out/wide_tiles.log"
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k "int8_tensor or split_q or attend_new_tokens_matches" \
+      2>&1 | tail -2 | tee "$out/qk8_tests.log"
+    ;;
   s39a)  # prepared in session 38, not run: an int8 cache's q·k on the int8 tensor cores (attention.QK_INT8, q as two
     # int8 terms; offline 939 → 817 SASS instructions a 64-position block) — its tests compiled on the GPU, then end
     # to end against the default at b1 / b8 / b32 with --kv-int8 (bf16 beside for the ratios)

@@ -53,10 +53,12 @@ def _busy(events, runs: int, calls: int, key: str) -> float:
     return sum(d for (_, name), d in events.items() if key in name) / 1e3 / runs / calls
 
 
-def probe_setup(argv, doc: str, ms: str, ms_help: str, runs: int, small: tuple):
-    """The probes' common command line (--ms, --layers, --runs, --small, --out) → (args, interpret, {layer: (K, N)},
-    [M], header line); `small` = (shapes, ms) of the CPU smoke run."""
+def probe_setup(argv, doc: str, ms: str, ms_help: str, runs: int, small: tuple, extra=None):
+    """The probes' common command line (--ms, --layers, --runs, --small, --out, and what `extra(parser)` adds) →
+    (args, interpret, {layer: (K, N)}, [M], header line); `small` = (shapes, ms) of the CPU smoke run."""
     p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    if extra:
+        extra(p)
     p.add_argument("--ms", default=ms, help=ms_help)
     p.add_argument("--layers", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     p.add_argument("--runs", type=int, default=runs)

@@ -46,6 +46,14 @@ def variants(cfg: kernels.GemmConfig, groups: int) -> dict[str, kernels.GemmConf
     if cfg.block_m == 32:
         out["block_m 16"] = dataclasses.replace(cfg, block_m=16)
         out["pf3 " + ("off" if cfg.prefetch_meta else "on")] = dataclasses.replace(cfg, prefetch_meta=0 if cfg.prefetch_meta else 3)
+    # 128-row tiles, two 64-row blocks a group (session 39): a program re-reads the activation codes of its K range
+    # once per weight tile, bm·128 bytes a group against the 64-row tile's 4 KB of 4-bit codes (as many at M = 32),
+    # so twice the rows halve the activation traffic per weight byte; split ×2 keeps the number of programs
+    for warps in (4, 8):
+        for mult in (1, 2):
+            if groups % (mult * s) == 0 and groups // (mult * s) >= 2:
+                out[f"block_n 128, warps {warps}, split×{mult}"] = dataclasses.replace(
+                    cfg, block_n=128, num_warps=warps, split_k=mult * s)
     return out
 
 
@@ -66,9 +74,11 @@ def gemv_variants(groups: int, rows: int, m: int) -> dict[str, gemv.GemvConfig]:
 def main(argv=None) -> int:
     args, interpret, shapes, ms, head = probe_setup(
         argv, __doc__, "16,32", "activation rows; M ≤ 2: the GEMV (x float, the api's form)", 3,
-        ({"tiny": (1024, 320)}, None))
+        ({"tiny": (1024, 320)}, None),
+        lambda p: p.add_argument("--only", default=None, help="comma-separated substrings: the variants whose label "
+                                 "holds one of them (the default always runs)"))
     rng = np.random.default_rng(0)
-    table = ["| layer | K → N | M | variant | config (block_m or GEMV rows, split, warps, stages, pf or gpi) | XLA bf16 µs | row default µs | "
+    table = ["| layer | K → N | M | variant | config (block_m×block_n or GEMV rows, split, warps, stages, pf or gpi) | XLA bf16 µs | row default µs | "
              "tiled µs | tiled / row | × bf16 | max rel. diff |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ok = True
     for name, (k, n) in shapes.items():
@@ -107,6 +117,9 @@ def main(argv=None) -> int:
                 traced = trace_events(lambda: bf(x, dense), args.runs)
                 xla = float("nan") if isinstance(traced, str) else sum(traced[0].values()) / 1e3 / args.runs / len(dense)
             sweep = gemv_variants(base.num_groups, rows, m) if m <= 2 else variants(cfg0, base.num_groups)
+            if args.only:
+                sweep = {label: c for label, c in sweep.items()
+                         if label == "default" or any(o in label for o in args.only.split(","))}
             for label, cfg in sweep.items():
                 try:
                     got, us = timed(tw, cfg)
@@ -118,7 +131,7 @@ def main(argv=None) -> int:
                            for g, w in zip(got, want))
                 ok &= diff < 1e-5
                 desc = (f"{cfg.block_n} rows, {cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, gpi {cfg.groups_per_iter}"
-                        if m <= 2 else f"{cfg.block_m}, {cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, {cfg.prefetch_meta}")
+                        if m <= 2 else f"{cfg.block_m}×{cfg.block_n}, {cfg.split_k}, {cfg.num_warps}, {cfg.num_stages}, {cfg.prefetch_meta}")
                 table.append(f"| {name} | {k} → {n} | {m} | {label} | {desc} | {xla:.1f} | {row_us:.1f} | {us:.1f} | "
                              f"{us / row_us:.3f} | {xla / us:.2f} | {diff:.1e} |")
                 print(table[-1], flush=True)

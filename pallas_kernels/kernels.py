@@ -362,13 +362,23 @@ def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact 
     return lax.bitcast_convert_type(acc, jnp.float32) - 12582912.0
 
 
+def _tiled_load(ref, g, n0, cols, *, block_n, tiled, evict):
+    """Group g's [block_n, ·] codes from the [tiles, G/Q, 64, Q, ·] view of tiled codes: one 64-row block, or
+    block_n / 64 of them (each its own contiguous run) loaded as [blocks, 64, ·] and merged along rows."""
+    blocks = block_n // TILE_ROWS
+    at = (g // tiled, slice(None), g % tiled, cols)
+    if blocks == 1:
+        return plgpu.load(ref.at[(n0 // TILE_ROWS, *at)], eviction_policy=evict)
+    w = plgpu.load(ref.at[(pl.ds(n0 // TILE_ROWS, blocks), *at)], eviction_policy=evict)
+    return w.reshape(block_n, w.shape[-1])
+
+
 def _w8_load(g, n0, q8_ref, *, block_n, evict, tiled=0):
     """The group's 8-bit weight tile as two K halves [bn, 64] int8 (tiled: from the [tiles, G/Q, 64, Q, 128] view
     of `MixedWeight.tiled` codes, Q = tiled: the 64 rows of one block)."""
     if tiled:
-        at = (n0 // block_n, g // tiled, slice(None), g % tiled)
-        return (plgpu.load(q8_ref.at[(*at, pl.ds(0, HALF_GROUP))], eviction_policy=evict),
-                plgpu.load(q8_ref.at[(*at, pl.ds(HALF_GROUP, HALF_GROUP))], eviction_policy=evict))
+        return tuple(_tiled_load(q8_ref, g, n0, pl.ds(h * HALF_GROUP, HALF_GROUP), block_n=block_n, tiled=tiled,
+                                 evict=evict) for h in (0, 1))
     rows = pl.ds(n0, block_n)
     wa = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE, HALF_GROUP)], eviction_policy=evict)  # [bn, 64]
     wb = plgpu.load(q8_ref.at[rows, pl.ds(g * GROUP_SIZE + HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
@@ -402,7 +412,7 @@ def _w4_load(g, n0, q4_ref, *, block_n, evict, tiled=0):
     """The group's packed 4-bit tile [bn, 64] int8 (two codes per byte; tiled: from the [tiles, G/Q, 64, Q, 64]
     view, Q = tiled)."""
     if tiled:
-        return plgpu.load(q4_ref.at[n0 // block_n, g // tiled, :, g % tiled, :], eviction_policy=evict)
+        return _tiled_load(q4_ref, g, n0, slice(None), block_n=block_n, tiled=tiled, evict=evict)
     return plgpu.load(q4_ref.at[pl.ds(n0, block_n), pl.ds(g * HALF_GROUP, HALF_GROUP)], eviction_policy=evict)
 
 
@@ -557,13 +567,13 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     n4_tiles = qw.q4.shape[0] // cfg.block_n
     atomic = cfg.atomic
     q8, q4 = qw.q8, qw.q4
-    if qw.tiled:  # (tile, group) blocks: free 4-D views
-        if cfg.block_n != TILE_ROWS:
-            raise ValueError(f"block_n={cfg.block_n}: tiled codes (MixedWeight.tiled) are read by {TILE_ROWS}-row tiles; "
-                             "pass block_n=64 or the row-major weight (MixedWeight.untiled())")
+    if qw.tiled:  # (tile, group) blocks: free 5-D views
+        if cfg.block_n % TILE_ROWS:
+            raise ValueError(f"block_n={cfg.block_n}: tiled codes (MixedWeight.tiled) are read in {TILE_ROWS}-row "
+                             f"blocks; pass a multiple of {TILE_ROWS} or the row-major weight (MixedWeight.untiled())")
         quad = qw.tiled
-        q8 = q8.reshape(n8_tiles, g // quad, TILE_ROWS, quad, GROUP_SIZE) if q8.size else q8
-        q4 = q4.reshape(n4_tiles, g // quad, TILE_ROWS, quad, HALF_GROUP) if q4.size else q4
+        q8 = q8.reshape(q8.shape[0] // TILE_ROWS, g // quad, TILE_ROWS, quad, GROUP_SIZE) if q8.size else q8
+        q4 = q4.reshape(q4.shape[0] // TILE_ROWS, g // quad, TILE_ROWS, quad, HALF_GROUP) if q4.size else q4
     weights = (*_nonempty(q8, qw.scale8), *_nonempty(q4, qw.scale4, qw.zero4), qw.channel)
     if cfg.fuse_quant or mode == "float":
         args = (x, *weights)
