@@ -73,10 +73,7 @@ epilogue on the live rows only (measured in session 36, the default since, so it
 on a float cache, 64 × 3 on an int8 one since session 38, `attention.fused_block_stages`);
 `@tiled` / `@tiled4` / `@rowmajor`: the decoder layers' and the head's codes in blocks of 64 rows × 1 / × 4 K groups
 (`fuse_projections(tile=True)`, `model.TILED_CODES`, `format.TILE_GROUPS`) or in the stored row-major order (session
-38: tiled one group a block is the GPU default, so `@tiled` repeats it); `@qk8`: with `--kv-int8`, the fused attention's q·k
-on the int8 tensor cores (`attention.QK_INT8`, q as two int8 terms; prepared in session 38, not measured);
-`@n128w{4,8}x{1,2}m{16,32}`: the decode tiles (M = 3–32) at 128 weight rows a program, 4 or 8 warps, split-K ×1 or
-×2 the default's, on every decode tile (m16) or the 32-row ones only (m32; session 39);
+38: tiled one group a block is the GPU default, so `@tiled` repeats it);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -107,7 +104,6 @@ import datetime
 import functools
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -419,7 +415,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "att128", "pf3", "pf3s2", "pf3s4", "pf3l", "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "tiled", "tiled4", "rowmajor", "qk8")
+              "tiled", "tiled4", "rowmajor")
 
 
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
@@ -486,11 +482,6 @@ def _apply_strategy(strategy: str) -> None:
         model_module.TILED_CODES, fmt.TILE_GROUPS = True, 4 if strategy == "tiled4" else 1
     elif strategy == "rowmajor":  # the stored row-major codes (the default before session 38)
         model_module.TILED_CODES = False
-    elif strategy == "qk8":  # an int8 cache's q·k on the int8 tensor cores, q as two int8 terms (session 38,
-        # prepared: `attention.QK_INT8`; offline 939 → 817 SASS instructions a 64-position block)
-        from pallas_kernels import attention
-
-        attention.QK_INT8 = True
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False
@@ -554,21 +545,6 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("wave", "programs"):  # how the decode tiles pick split-K (`kernels.DECODE_SPLIT_RULE`): one
         # wave of resident programs (the default since session 33), or about 1024 programs (before)
         kernels.DECODE_SPLIT_RULE = strategy
-    elif re.fullmatch(r"n128w[48]x[12]m(16|32)", strategy):  # the decode tiles at 128 weight rows a program (session
-        # 39: two 64-row blocks of tiled codes a group, half the activation codes re-read per weight byte): warps,
-        # split ×1 or ×2 the default's, on the tiles of block_m ≥ m (16: every decode tile, 32: M = 17–32 only)
-        warps, mult, min_bm = (int(v) for v in re.fullmatch(r"n128w(\d)x(\d)m(\d+)", strategy).groups())
-        choose = kernels.choose_config
-
-        def wide_tiles(m, num_groups, rows, **k):
-            cfg = choose(m, num_groups, rows, **k)
-            decode = k.get("mode", "int") == "int" and 3 <= m <= min(32, k.get("decode_max_m", kernels.DECODE_MAX_M))
-            if not decode or cfg.block_m < min_bm or rows % 128:
-                return cfg
-            split = cfg.split_k * mult if num_groups % (cfg.split_k * mult) == 0 else cfg.split_k
-            return dataclasses.replace(cfg, block_n=128, num_warps=warps, split_k=split)
-
-        kernels.choose_config = wide_tiles
     elif strategy in _DECODE_TILE_CHANGES:  # the decode tiles' GemmConfig (int mode, M ≤ `kernels.DECODE_MAX_M`)
         choose, change = kernels.choose_config, _DECODE_TILE_CHANGES[strategy]
 
@@ -825,8 +801,7 @@ def parse_args(argv=None):
     from pallas_kernels.kernels import DECODE_STRATEGIES
 
     known = STRATEGIES + DECODE_STRATEGIES
-    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@")
-           if st and st not in known and not re.fullmatch(r"n128w[48]x[12]m(16|32)", st)]
+    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@") if st and st not in known]
     if bad:
         p.error(f"unknown strategies {bad}; known: {', '.join(known)}")
     if args.small:

@@ -841,7 +841,8 @@ case "$part" in
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k "int8_tensor or split_q or attend_new_tokens_matches" \
       2>&1 | tail -2 | tee "$out/qk8_tests.log"
     ;;
-  s39a)  # prepared in session 38, not run: an int8 cache's q·k on the int8 tensor cores (attention.QK_INT8, q as two
+  s39a)  # (run in session 39; @qk8 and attention.QK_INT8 were removed after it, measured slower: commit e54ba84 has them)
+    # prepared in session 38: an int8 cache's q·k on the int8 tensor cores (attention.QK_INT8, q as two
     # int8 terms; offline 939 → 817 SASS instructions a 64-position block) — its tests compiled on the GPU, then end
     # to end against the default at b1 / b8 / b32 with --kv-int8 (bf16 beside for the ratios)
     header

@@ -126,25 +126,6 @@ def _dot_nn(a, b):  # a [m, s] · b [s, d] in f32
     return lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def _idot_nt(a, b):  # int8 a [m, d] · int8 b [n, d]ᵀ in int32 (exact)
-    return lax.dot_general(a, b, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-
-
-def _split_q(q):
-    """q [rows, Dh] (any float) → (q1, q2 int8 [rows, Dh], s_q f32 [rows]) with q ≈ s_q·(q1 + q2/254): q1 the
-    symmetric int8 codes of the row (s_q = max|q|/127), q2 the codes of what they leave (|·| ≤ ½ a step, × 254).
-    The two terms hold q to max|q|/64 516, finer than q's bf16 mantissa (2^-9 of each value) wherever a value is
-    above 1/126 of its row's maximum, so q·k on the int8 tensor cores (two int32 dots) stays at the bf16 dot's
-    accuracy without converting the keys."""
-    qf = q.astype(jnp.float32)
-    amax = jnp.max(jnp.abs(qf), axis=1)
-    s_q = jnp.where(amax > 0, amax / 127.0, 1.0)
-    y = qf / s_q[:, None]
-    q1 = jnp.clip(_rint(y), -127.0, 127.0)
-    q2 = jnp.clip(_rint((y - q1) * 254.0), -127.0, 127.0)
-    return q1.astype(jnp.int8), q2.astype(jnp.int8), s_q
-
-
 def _rint(y):
     """Round half to even, as jnp.round (which has no Triton lowering). Not (y + 1.5·2^23) − 1.5·2^23: XLA's
     CPU compiler folds that back to y, so interpret mode would not round at all."""
@@ -165,7 +146,6 @@ def _quantize_vec(x, scale_dtype):
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
             parts: int = 0, has_bias: bool = False, rms: tuple | None = None, codes: int = 0, batch: int = 0,
-            qk8: bool = False,
             pdl_on: bool = False):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
@@ -277,8 +257,6 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         start = jnp.maximum(start, jnp.maximum(jnp.min(qpos) - window + 1, 0) // block_s)
     scale = 1.0 / math.sqrt(dh)
     kd = jnp.arange(block_s)
-    if qk8:  # q as s_q·(q1 + q2/254), two int8 terms a row: q·k on the int8 tensor cores against the int8 keys
-        q_terms = _split_q(q)
 
     def seen_by(kpos):  # [rows, n]: causal and inside the window
         seen = kpos[None, :] <= qpos[:, None]
@@ -302,12 +280,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         inb = kp < hi
         off = kp[:, None] * dh + d[None, :]
         keys = plgpu.load(k_ref.at[b, h, off], mask=inb[:, None], other=0)
-        if qk8:
-            q1, q2, s_q = q_terms
-            s = (_idot_nt(q1, keys).astype(jnp.float32) + _idot_nt(q2, keys).astype(jnp.float32) * (1.0 / 254.0)) \
-                * s_q[:, None]
-        else:
-            s = _dot_nt(q, keys.astype(dtype))  # [rows, block_s] f32
+        s = _dot_nt(q, keys.astype(dtype))  # [rows, block_s] f32
         if scaled:
             s = s * plgpu.load(ks_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32)[None, :]
         vs = plgpu.load(vs_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32) if scaled else None
@@ -410,11 +383,6 @@ def fused_block_stages(dh: int, itemsize: int) -> tuple[int, int]:
     if itemsize == 1:
         return min(INT8_BLOCK_STAGES[0], choose_block(dh, itemsize)), INT8_BLOCK_STAGES[1]
     return choose_block(dh, itemsize), 2
-
-
-QK_INT8 = False  # the fused step's q·k on an int8 cache: on the int8 tensor cores with q split into two int8 terms
-# (`_split_q`; the keys' int8 → bf16 conversion is a quarter of that loop's 1 709 SASS instructions, `ptx_stats.py`),
-# or (False) the keys converted to q's dtype. Prepared in session 38, not measured on a GPU yet: bench `@qk8`.
 
 
 CODES_ONE_SPLIT = (64, 512)  # (programs, positions): with o_proj's codes asked for, caches of at most that many
@@ -585,9 +553,9 @@ def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int,
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
-                                             "num_warps", "num_stages", "codes", "qk8", "interpret"))
+                                             "num_warps", "num_stages", "codes", "interpret"))
 def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, *, heads, kv_heads,
-                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, interpret, qk8=False):
+                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -621,7 +589,7 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None,
                           rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps),
-                          codes=mp if in_kernel else 0, batch=B, qk8=qk8),
+                          codes=mp if in_kernel else 0, batch=B),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -650,12 +618,10 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
                              num_stages: int | None = None, rms: RowRms | None = None, codes: bool = False,
-                             qk_int8: bool | None = None, interpret: bool = False):
+                             interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
-    the key/value blocks in flight (None, and block_s None: `fused_block_stages`). `qk_int8` (int8 caches; None:
-    `QK_INT8`): q·k on the int8 tensor cores, q as two int8 terms (`_split_q`), instead of the keys converted to
-    q's dtype. Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
+    the key/value blocks in flight (None, and block_s None: `fused_block_stages`). Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
     Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3.
     `codes`: the attention comes back as o_proj's input codes (`head_codes_ref`: `QuantizedActivations`, per group
     of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
@@ -697,8 +663,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and dh == GROUP_SIZE)
-    qk8 = bool(QK_INT8 if qk_int8 is None else qk_int8) and k_scale_store is not None
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
-                              splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes, qk8=qk8,
+                              splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
                               interpret=interpret)

@@ -153,8 +153,8 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
 # XLA's CPU compiler may keep bf16 intermediates in f32 ("excess precision"), so in interpret mode the kernel's
 # queries could be an ulp off the rounding it states (and Triton keeps); random q and k give peaked softmaxes
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
-@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes",
-                                             "qk_int8"), compiler_options={"xla_allow_excess_precision": False})
+@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes"),
+                   compiler_options={"xla_allow_excess_precision": False})
 def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
                                               v_scale_store=vs, rms=rms, interpret=INTERPRET, **kw)
@@ -169,33 +169,6 @@ def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, 
     wrote, with the queries rounded as the kernel states (so a code one step off is not counted twice).
     `rms`: the projection ran on the codes of `norm.rms_norm_codes_pallas`, and its output is first multiplied
     by each token's r (sums of squares over 3 chunks)."""
-    _check_attend_new_tokens(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms, qk_int8=False)
-
-
-@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms",
-                         [case for case in FUSED_CASES if case[7] is not None])
-def test_attend_new_tokens_qk_on_the_int8_tensor_cores(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype,
-                                                       rms):
-    """`qk_int8` (an int8 cache): q·k as two int8 dots of q's two int8 terms (`attention._split_q`) against the
-    key codes passes the same check as the keys converted to q's dtype: the attention within the bf16 rounding
-    bound of `attend_ref`, the cache written alike."""
-    _check_attend_new_tokens(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms, qk_int8=True)
-
-
-def test_split_q_holds_q_finer_than_bf16():
-    """q ≈ s_q·(q1 + q2/254) within max|q|/64 516 a value, q1 and q2 int8."""
-    rng = np.random.default_rng()
-    q = jnp.asarray(rng.normal(size=(16, 128)) * rng.uniform(0.01, 50, size=(16, 1)), jnp.bfloat16)
-    q1, q2, s_q = attention._split_q(q)
-    assert q1.dtype == q2.dtype == jnp.int8
-    back = (np.asarray(q1, np.float32) + np.asarray(q2, np.float32) / 254.0) * np.asarray(s_q)[:, None]
-    amax = np.max(np.abs(np.asarray(q, np.float32)), axis=1, keepdims=True)
-    assert np.all(np.abs(back - np.asarray(q, np.float32)) <= amax / 64516 * 1.001)
-    z1, z2, zs = attention._split_q(jnp.zeros((16, 128), jnp.bfloat16))  # an all-zero row: zero codes, no NaN
-    assert not np.any(np.asarray(z1)) and not np.any(np.asarray(z2)) and np.all(np.isfinite(np.asarray(zs)))
-
-
-def _check_attend_new_tokens(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms, *, qk_int8):
     from mixjax import model
     from pallas_kernels.format import RowRms
 
@@ -208,7 +181,7 @@ def _check_attend_new_tokens(B, T, H, KVH, S, Dh, window, int8, parts, bias, spl
     cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
     kw = dict(heads=H, kv_heads=KVH, dtype=dtype, sliding_window=window)
     rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(B * T, 3)), jnp.float32), 384, 1e-5) if rms else None
-    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, qk_int8=qk_int8, **kw)
+    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, **kw)
     want = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, bias=b, k_scale_store=ks, v_scale_store=vs,
                                            rms=rms, **kw)
     assert got[0].shape == (B, T, H, Dh) and got[0].dtype == dtype
