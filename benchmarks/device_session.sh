@@ -833,6 +833,13 @@ case "$part" in
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
     ;;
+  s39c)  # session 39: the files whose kernels sessions 37–39 changed, compiled on the GPU with today's defaults (tiled
+    # codes on a GPU, the GEMV's computed offsets, the int8 cache's 64 × 3 step, the tiled loads of 128-row tiles):
+    # the whole decode path first, then the Triton GEMM, the GEMV, the unpack and the projection fusion
+    header
+    timeout 570 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py tests/test_kernels.py tests/test_gemv.py \
+      tests/test_unpack.py tests/test_fuse.py 2>&1 | tail -30 | tee "$out/gputests.log"
+    ;;
   s39b)  # session 39: the decode tiles at 128 weight rows a program on tiled codes (two 64-row blocks a group; half the
     # activation codes re-read per weight byte) at M = 16 / 32, 4 or 8 warps, split ×1 / ×2; then s39a's tests
     header
