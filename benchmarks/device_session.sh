@@ -840,6 +840,12 @@ case "$part" in
     timeout 570 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py tests/test_kernels.py tests/test_gemv.py \
       tests/test_unpack.py tests/test_fuse.py 2>&1 | tail -30 | tee "$out/gputests.log"
     ;;
+  s39d)  # session 39, after s39c on the warm machine (run as this command): the attention, norm and SwiGLU kernels'
+    # files whole (s38e's 45 s cut ran 6 of them)
+    header
+    timeout 420 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_norm.py tests/test_swiglu.py \
+      2>&1 | tail -15 | tee "$out/gputests2.log"
+    ;;
   s39b)  # session 39: the decode tiles at 128 weight rows a program on tiled codes (two 64-row blocks a group; half the
     # activation codes re-read per weight byte) at M = 16 / 32, 4 or 8 warps, split ×1 / ×2; then s39a's tests
     header
