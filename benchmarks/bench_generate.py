@@ -73,7 +73,9 @@ epilogue on the live rows only (measured in session 36, the default since, so it
 on a float cache, 64 × 3 on an int8 one since session 38, `attention.fused_block_stages`);
 `@tiled` / `@tiled4` / `@rowmajor`: the decoder layers' and the head's codes in blocks of 64 rows × 1 / × 4 K groups
 (`fuse_projections(tile=True)`, `model.TILED_CODES`, `format.TILE_GROUPS`) or in the stored row-major order (session
-38: tiled one group a block is the GPU default, so `@tiled` repeats it);
+38: tiled one group a block is the GPU default, so `@tiled` repeats it); `@n{32,128}w{2,4,8}x{1,2,h}m{16,32}`: the
+decode tiles (M = 3–32) at 32 or 128 weight rows a program, with 2–8 warps and split-K ×1 / ×2 / ÷2 the default's, on
+every decode tile (m16) or the 32-row ones only (m32; session 39);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -104,6 +106,7 @@ import datetime
 import functools
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -429,6 +432,10 @@ _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → 
 }
 
 
+_WIDTH_STRATEGY = re.compile(r"n(32|128)w([248])x([12h])m(16|32)")  # `@n32w4x1m32`: rows a program, warps, split-K
+# ×1 / ×2 / ÷2 the default's, on the decode tiles of block_m ≥ 16 (all) or 32 (M = 17–32)
+
+
 def _apply_strategy(strategy: str) -> None:
     """Sets one `@STRATEGY` of a variant name for this (child) process; several may be chained (`@attn@normq2`)."""
     from mixjax import model as model_module
@@ -545,6 +552,20 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("wave", "programs"):  # how the decode tiles pick split-K (`kernels.DECODE_SPLIT_RULE`): one
         # wave of resident programs (the default since session 33), or about 1024 programs (before)
         kernels.DECODE_SPLIT_RULE = strategy
+    elif _WIDTH_STRATEGY.fullmatch(strategy):  # the decode tiles' rows a program (session 39)
+        rows_n, warps, split, min_bm = _WIDTH_STRATEGY.fullmatch(strategy).groups()
+        choose = kernels.choose_config
+
+        def other_width(m, num_groups, rows, **k):
+            cfg = choose(m, num_groups, rows, **k)
+            decode = k.get("mode", "int") == "int" and 3 <= m <= min(32, k.get("decode_max_m", kernels.DECODE_MAX_M))
+            if not decode or cfg.block_m < int(min_bm):
+                return cfg
+            s = {"1": cfg.split_k, "2": 2 * cfg.split_k, "h": max(1, cfg.split_k // 2)}[split]
+            s = s if num_groups % s == 0 else cfg.split_k
+            return dataclasses.replace(cfg, block_n=int(rows_n), num_warps=int(warps), split_k=s)
+
+        kernels.choose_config = other_width
     elif strategy in _DECODE_TILE_CHANGES:  # the decode tiles' GemmConfig (int mode, M ≤ `kernels.DECODE_MAX_M`)
         choose, change = kernels.choose_config, _DECODE_TILE_CHANGES[strategy]
 
@@ -801,7 +822,8 @@ def parse_args(argv=None):
     from pallas_kernels.kernels import DECODE_STRATEGIES
 
     known = STRATEGIES + DECODE_STRATEGIES
-    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@") if st and st not in known]
+    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@")
+           if st and st not in known and not _WIDTH_STRATEGY.fullmatch(st)]
     if bad:
         p.error(f"unknown strategies {bad}; known: {', '.join(known)}")
     if args.small:

@@ -840,6 +840,12 @@ case "$part" in
     timeout 570 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py tests/test_kernels.py tests/test_gemv.py \
       tests/test_unpack.py tests/test_fuse.py 2>&1 | tail -30 | tee "$out/gputests.log"
     ;;
+  s39e)  # session 39: the decode tiles at 32 weight rows a program (half a tiled block, contiguous in it) at M = 16 / 32,
+    # 2 or 4 warps, the default split or half of it (offline: 94–96 registers, 239 SASS instructions a loop at 2 warps)
+    header
+    timeout 200 python3 benchmarks/probe_tiled_configs.py --ms 16,32 --only "block_n 32" --out "$out/narrow_tiles.md" 2>&1 \
+      | grep "^|\|rror" | tee "$out/narrow_tiles.log"
+    ;;
   s39d)  # session 39, after s39c on the warm machine (run as this command): the attention, norm and SwiGLU kernels'
     # files whole (s38e's 45 s cut ran 6 of them)
     header

@@ -54,6 +54,12 @@ def variants(cfg: kernels.GemmConfig, groups: int) -> dict[str, kernels.GemmConf
             if groups % (mult * s) == 0 and groups // (mult * s) >= 2:
                 out[f"block_n 128, warps {warps}, split×{mult}"] = dataclasses.replace(
                     cfg, block_n=128, num_warps=warps, split_k=mult * s)
+    # 32-row tiles, half a 64-row block, contiguous in it (session 39): twice the programs (more loads in flight an
+    # SM where registers let more programs stay, a finer balance over the SMs); split ÷2 keeps the number of programs
+    for warps in (2, 4):
+        out[f"block_n 32, warps {warps}"] = dataclasses.replace(cfg, block_n=32, num_warps=warps)
+        if s % 2 == 0:
+            out[f"block_n 32, warps {warps}, split÷2"] = dataclasses.replace(cfg, block_n=32, num_warps=warps, split_k=s // 2)
     return out
 
 

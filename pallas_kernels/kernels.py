@@ -363,13 +363,14 @@ def _unseed(acc: jax.Array) -> jax.Array:  # int32 seeded partial → f32 exact 
 
 
 def _tiled_load(ref, g, n0, cols, *, block_n, tiled, evict):
-    """Group g's [block_n, ·] codes from the [tiles, G/Q, 64, Q, ·] view of tiled codes: one 64-row block, or
-    block_n / 64 of them (each its own contiguous run) loaded as [blocks, 64, ·] and merged along rows."""
+    """Group g's [block_n, ·] codes from the [tiles, G/Q, 64, Q, ·] view of tiled codes: one 64-row block, a part of
+    one (block_n < 64: its rows are contiguous in the block), or block_n / 64 blocks (each its own contiguous run)
+    loaded as [blocks, 64, ·] and merged along rows."""
     blocks = block_n // TILE_ROWS
-    at = (g // tiled, slice(None), g % tiled, cols)
-    if blocks == 1:
-        return plgpu.load(ref.at[(n0 // TILE_ROWS, *at)], eviction_policy=evict)
-    w = plgpu.load(ref.at[(pl.ds(n0 // TILE_ROWS, blocks), *at)], eviction_policy=evict)
+    if blocks <= 1:
+        rows = slice(None) if blocks else pl.ds(n0 % TILE_ROWS, block_n)
+        return plgpu.load(ref.at[n0 // TILE_ROWS, g // tiled, rows, g % tiled, cols], eviction_policy=evict)
+    w = plgpu.load(ref.at[pl.ds(n0 // TILE_ROWS, blocks), g // tiled, :, g % tiled, cols], eviction_policy=evict)
     return w.reshape(block_n, w.shape[-1])
 
 
@@ -568,9 +569,7 @@ def _mixed_gemm(x, qw: MixedWeight, *, cfg: GemmConfig, mode: Mode, interpret: b
     atomic = cfg.atomic
     q8, q4 = qw.q8, qw.q4
     if qw.tiled:  # (tile, group) blocks: free 5-D views
-        if cfg.block_n % TILE_ROWS:
-            raise ValueError(f"block_n={cfg.block_n}: tiled codes (MixedWeight.tiled) are read in {TILE_ROWS}-row "
-                             f"blocks; pass a multiple of {TILE_ROWS} or the row-major weight (MixedWeight.untiled())")
+        # (block_n divides ROW_ALIGN = 2·TILE_ROWS, `GemmConfig.check`: a part of a block, one, or two)
         quad = qw.tiled
         q8 = q8.reshape(q8.shape[0] // TILE_ROWS, g // quad, TILE_ROWS, quad, GROUP_SIZE) if q8.size else q8
         q4 = q4.reshape(q4.shape[0] // TILE_ROWS, g // quad, TILE_ROWS, quad, HALF_GROUP) if q4.size else q4

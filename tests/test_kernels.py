@@ -245,9 +245,8 @@ def test_small_operands_two_iterations_ahead(split, stages):
 def test_tiled_codes_change_only_the_addresses(share8, quad):
     """`format.tile_codes` ((64-row tile, group) blocks, `MixedWeight.tiled`): `untiled` inverts it; dequantize and
     take_rows read it; the decode tiles give the row-major kernel's output bit for bit (split-K partials, the small
-    operands two iterations ahead with an odd last group, 128-row tiles over two blocks, float mode, an empty channel
-    set); the XLA reference
-    too. A tile width the order does not hold is refused by name. An all-8-bit weight stays row-major."""
+    operands two iterations ahead with an odd last group, 128-row tiles over two blocks, 32- and 16-row tiles inside
+    one, float mode, an empty channel set); the XLA reference too. An all-8-bit weight stays row-major."""
     x, qw = _case(23, 1280, 200, share8, jnp.float32)  # 10 groups: a block row holds 2 at most
     tw = fmt.tile_codes(qw, groups=quad)
     if share8 == 1.0:  # the Hopper prefill GEMM reads an all-8-bit q8 as stored
@@ -265,15 +264,14 @@ def test_tiled_codes_change_only_the_addresses(share8, quad):
                  kernels.GemmConfig(32, 64, 1, 4, 3, fuse_quant=False, prefetch_meta=3),
                  kernels.GemmConfig(16, 64, 1, 4, 2, fuse_quant=True),
                  kernels.GemmConfig(32, 128, 2, 8, 3, fuse_quant=False, split_partials=True),  # two blocks a tile
-                 kernels.GemmConfig(16, 128, 1, 4, 3, fuse_quant=False, prefetch_meta=3)):
+                 kernels.GemmConfig(16, 128, 1, 4, 3, fuse_quant=False, prefetch_meta=3),
+                 kernels.GemmConfig(32, 32, 2, 4, 3, fuse_quant=False, split_partials=True),  # half a block a tile
+                 kernels.GemmConfig(16, 16, 1, 2, 2, fuse_quant=False)):
         want = kernels.mixed_matmul_pallas(x, qw, config=base, interpret=INTERPRET)
         got = kernels.mixed_matmul_pallas(x, tw, config=base, interpret=INTERPRET)
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
     want = kernels.dequant_matmul_pallas(x, qw, interpret=INTERPRET)
     np.testing.assert_array_equal(np.asarray(kernels.dequant_matmul_pallas(x, tw, interpret=INTERPRET)), np.asarray(want))
-    with pytest.raises(ValueError, match="block_n=32: tiled codes"):
-        kernels.mixed_matmul_pallas(x, tw, config=kernels.GemmConfig(16, 32, 1, 4, 2, fuse_quant=False),
-                                    interpret=INTERPRET)
 
 
 def test_tiled_codes_of_stacked_layers_and_checkpoint_order():
