@@ -840,6 +840,14 @@ case "$part" in
     timeout 570 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py tests/test_kernels.py tests/test_gemv.py \
       tests/test_unpack.py tests/test_fuse.py 2>&1 | tail -30 | tee "$out/gputests.log"
     ;;
+  s39f)  # session 39: the fused decode attention over a bf16 cache at 64 positions × 3 stages and 128 × 3 against the
+    # default 128 × 2 (the int8 cache gained 6 % of its attention at 64 × 3 in session 38; bf16's block was picked
+    # at 2 stages in session 13), b8 and b32, one process each
+    header
+    timeout 330 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@att64s3+h4,w4.4a8@att128s3+h4 --batches 8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 320 --out "$out/att_bf16.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/att_bf16.log"
+    ;;
   s39e)  # session 39: the decode tiles at 32 weight rows a program (half a tiled block, contiguous in it) at M = 16 / 32,
     # 2 or 4 warps, the default split or half of it (offline: 94–96 registers, 239 SASS instructions a loop at 2 warps)
     header
