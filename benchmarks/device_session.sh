@@ -848,6 +848,13 @@ case "$part" in
       --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 320 --out "$out/att_bf16.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/att_bf16.log"
     ;;
+  s39g)  # session 39, after s39f on the warm machine (run as this command): b1 and b32 with the bf16 cache, the default
+    # 128 × 2 attention against 64 × 3
+    header
+    timeout 200 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@att64s3+h4 --batches 1,32 --repeats 2 \
+      --prefill-len 256 --profile --profile-top 6 --budget-s 190 --out "$out/att_bf16_b1.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/att_bf16_b1.log"
+    ;;
   s39e)  # session 39: the decode tiles at 32 weight rows a program (half a tiled block, contiguous in it) at M = 16 / 32,
     # 2 or 4 warps, the default split or half of it (offline: 94–96 registers, 239 SASS instructions a loop at 2 warps)
     header
