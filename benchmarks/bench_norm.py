@@ -141,7 +141,6 @@ def main(argv=None) -> int:
                 rows.append(f"| {m} | {parts} | {name} | {same} | {busy:.2f} | {span:.2f} | {kern:.1f} | {base / span:.2f}× |")
                 print(rows[-1], flush=True)
     if args.row_scale:  # o_proj's float input at a per-token prefill: XLA's two passes or one Pallas pass
-        from pallas_kernels import mgpu
         from pallas_kernels.kernels import quantize_rows_pallas
 
         rows += ["", "| M | row quantization of a float input | codes = XLA's | busy µs | span µs | kernels |",

@@ -354,7 +354,6 @@ def test_selective_prefill_scales_are_per_token_in_o_proj_and_gate_up_only(monke
     per-group codes. The logits equal those of the model whose o_proj and gate/up quantize their own float
     inputs a row at a time at prefill (the same integer arithmetic), and differ from the all-per-group model's."""
     from pallas_kernels import mgpu, reference
-    from pallas_kernels.format import QuantizedActivations
 
     rng = np.random.default_rng(6)
     cfg, params = tiny_mixed_model(6, rng)
