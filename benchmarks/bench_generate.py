@@ -436,6 +436,20 @@ _WIDTH_STRATEGY = re.compile(r"n(32|128)w([248])x([12h])m(16|32)")  # `@n32w4x1m
 # ×1 / ×2 / ÷2 the default's, on the decode tiles of block_m ≥ 16 (all) or 32 (M = 17–32)
 
 
+def _width_change(strategy: str):
+    """The `_DECODE_TILE_CHANGES` entry of a `_WIDTH_STRATEGY` name (session 39): M = 3–32 only."""
+    rows_n, warps, split, min_bm = _WIDTH_STRATEGY.fullmatch(strategy).groups()
+
+    def change(cfg, m, num_groups, rows):
+        if not 3 <= m <= 32 or cfg.block_m < int(min_bm):
+            return cfg
+        s = {"1": cfg.split_k, "2": 2 * cfg.split_k, "h": max(1, cfg.split_k // 2)}[split]
+        s = s if num_groups % s == 0 else cfg.split_k
+        return dataclasses.replace(cfg, block_n=int(rows_n), num_warps=int(warps), split_k=s)
+
+    return change
+
+
 def _apply_strategy(strategy: str) -> None:
     """Sets one `@STRATEGY` of a variant name for this (child) process; several may be chained (`@attn@normq2`)."""
     from mixjax import model as model_module
@@ -552,22 +566,10 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("wave", "programs"):  # how the decode tiles pick split-K (`kernels.DECODE_SPLIT_RULE`): one
         # wave of resident programs (the default since session 33), or about 1024 programs (before)
         kernels.DECODE_SPLIT_RULE = strategy
-    elif _WIDTH_STRATEGY.fullmatch(strategy):  # the decode tiles' rows a program (session 39)
-        rows_n, warps, split, min_bm = _WIDTH_STRATEGY.fullmatch(strategy).groups()
+    elif strategy in _DECODE_TILE_CHANGES or _WIDTH_STRATEGY.fullmatch(strategy):  # the decode tiles' GemmConfig
+        # (int mode, M ≤ `kernels.DECODE_MAX_M`)
         choose = kernels.choose_config
-
-        def other_width(m, num_groups, rows, **k):
-            cfg = choose(m, num_groups, rows, **k)
-            decode = k.get("mode", "int") == "int" and 3 <= m <= min(32, k.get("decode_max_m", kernels.DECODE_MAX_M))
-            if not decode or cfg.block_m < int(min_bm):
-                return cfg
-            s = {"1": cfg.split_k, "2": 2 * cfg.split_k, "h": max(1, cfg.split_k // 2)}[split]
-            s = s if num_groups % s == 0 else cfg.split_k
-            return dataclasses.replace(cfg, block_n=int(rows_n), num_warps=int(warps), split_k=s)
-
-        kernels.choose_config = other_width
-    elif strategy in _DECODE_TILE_CHANGES:  # the decode tiles' GemmConfig (int mode, M ≤ `kernels.DECODE_MAX_M`)
-        choose, change = kernels.choose_config, _DECODE_TILE_CHANGES[strategy]
+        change = _DECODE_TILE_CHANGES.get(strategy) or _width_change(strategy)
 
         def changed(m, num_groups, rows, **k):
             cfg = choose(m, num_groups, rows, **k)
