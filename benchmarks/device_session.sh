@@ -65,6 +65,8 @@
 #   bash benchmarks/device_session.sh s23e      # session 23: GPU tests of the session's defaults
 #   bash benchmarks/device_session.sh s23f      # prepared: the int8-cache GPU test, prefill rows with session 23's defaults
 #   bash benchmarks/device_session.sh s24a      # prepared: three compute warpgroups in the prefill GEMM (tests, sweep)
+#   bash benchmarks/device_session.sh s40a      # session 40: the fused decode attention at 8 / 16 warps, int8 KV cache
+#   bash benchmarks/device_session.sh s40b      # session 40: the same on the bf16 cache (after s40a, warm)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -832,6 +834,25 @@ case "$part" in
     header
     timeout "${PROBE_S:-300}" python3 benchmarks/probe_chunked_unpack.py --layers "${LAYERS:-gate+up,q/k/v,down,o}" \
       --out "$out/chunked.md" 2>&1 | grep -v "^$" | tail -40 | tee "$out/chunked.log"
+    ;;
+  s40a)  # session 40: the fused decode attention at 8 and 16 warps a program (offline: a block's loop 941 → 568 / 455
+    # SASS instructions a thread on the int8 cache) — its GPU tests at 2 / 8 / 16 warps, then b1 / b32 with the int8 KV
+    # cache against the default 4 warps, bf16 beside for the ratios
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k "any_warps" 2>&1 | tail -3 \
+      | tee "$out/warps_tests.log"
+    timeout 300 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@attw8+h4,w4.4a8@attw16+h4 --kv-int8 \
+      --batches 1,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 290 --out "$out/warps_int8.md" \
+      2>&1 | grep "batch\|tok/s |" | tee "$out/warps_int8.log"
+    timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
+      --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
+    ;;
+  s40b)  # session 40, after s40a on the warm machine: the same warps on the bf16 cache (128 × 2; offline 750 → 433 / 298
+    # SASS instructions a block), b1 / b8 / b32
+    header
+    timeout 400 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@attw8+h4,w4.4a8@attw16+h4 \
+      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 390 --out "$out/warps_bf16.md" \
+      2>&1 | grep "batch\|tok/s |" | tee "$out/warps_bf16.log"
     ;;
   s39c)  # session 39: the files whose kernels sessions 37–39 changed, compiled on the GPU with today's defaults (tiled
     # codes on a GPU, the GEMV's computed offsets, the int8 cache's 64 × 3 step, the tiled loads of 128-row tiles):

@@ -153,7 +153,7 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
 # XLA's CPU compiler may keep bf16 intermediates in f32 ("excess precision"), so in interpret mode the kernel's
 # queries could be an ulp off the rounding it states (and Triton keeps); random q and k give peaked softmaxes
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
-@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes"),
+@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes", "num_warps"),
                    compiler_options={"xla_allow_excess_precision": False})
 def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
@@ -161,7 +161,8 @@ def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=Non
 
 
 @pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms", FUSED_CASES)
-def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms):
+def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms,
+                                            num_warps=None):
     """Projection output (or split-K partials) + bias → RoPE → cache write → attention in one launch: the new
     positions written as the decoder layer writes them (`attend_new_tokens_ref`; a float cache to within an
     ulp: RoPE's products may round differently; an int8 cache's codes to within one step), every other
@@ -181,7 +182,7 @@ def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, 
     cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
     kw = dict(heads=H, kv_heads=KVH, dtype=dtype, sliding_window=window)
     rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(B * T, 3)), jnp.float32), 384, 1e-5) if rms else None
-    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, **kw)
+    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, num_warps=num_warps, **kw)
     want = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, bias=b, k_scale_store=ks, v_scale_store=vs,
                                            rms=rms, **kw)
     assert got[0].shape == (B, T, H, Dh) and got[0].dtype == dtype
@@ -475,7 +476,7 @@ CODES_CASES = [
 
 @pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits, dh",
                          [(*c, 128) for c in CODES_CASES] + [(*CODES_CASES[0], 64)])
-def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts, int8, splits, dh):
+def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts, int8, splits, dh, num_warps=None):
     """`codes=True`: the attention comes back as o_proj's input codes — exactly what quantizing the kernel's own
     bf16 output per group of 128 gives (`head_codes_ref`: codes, scales and sums; the padding rows past B·T
     zero), with the same cache writes; in the programs where `codes_in_kernel` says so (one split, Dh = 128),
@@ -486,7 +487,7 @@ def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts
     _, k, v, ks, vs = _case(rng, B, 1, H, KVH, S, dh, jnp.bfloat16, int8)
     pos = _positions(rng, B, T, S)
     cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, dh, 2) / dh)).astype(np.float32))
-    kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, splits=splits)
+    kw = dict(heads=H, kv_heads=KVH, dtype=jnp.bfloat16, splits=splits, num_warps=num_warps)
     plain = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, ks, vs, **kw)
     got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, ks, vs, codes=True, **kw)
     want = attention.head_codes_ref(plain[0])
@@ -502,6 +503,18 @@ def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts
     ref = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, k_scale_store=ks, v_scale_store=vs, codes=True,
                                           **{n: kw[n] for n in ("heads", "kv_heads", "dtype")})
     assert isinstance(ref[0], type(want)) and ref[0].x_q.shape == want.x_q.shape
+
+
+@pytest.mark.skipif(INTERPRET, reason="warps are a compile setting of the GPU kernel: the interpreter runs a program whole")
+@pytest.mark.parametrize("num_warps", [2, 8, 16])
+def test_attend_new_tokens_any_warps(num_warps):
+    """The fused step compiled for 2, 8 or 16 warps a program (`FUSED_WARPS`, default 4): the same checks as at 4 on a
+    bf16 cache (split-K partials, the norm's deferred rsqrt), an int8 cache, and o_proj's codes from the programs'
+    epilogue on each cache."""
+    test_attend_new_tokens_matches_reference(*FUSED_CASES[0], num_warps=num_warps)
+    test_attend_new_tokens_matches_reference(*FUSED_CASES[3], num_warps=num_warps)
+    for int8 in (False, True):
+        test_attend_new_tokens_codes_are_o_projs_quantization(16, 1, 32, 8, 384, 3, int8, 1, 128, num_warps=num_warps)
 
 
 def test_codes_in_kernel_where_one_split_holds_whole_heads():
