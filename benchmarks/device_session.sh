@@ -67,6 +67,7 @@
 #   bash benchmarks/device_session.sh s24a      # prepared: three compute warpgroups in the prefill GEMM (tests, sweep)
 #   bash benchmarks/device_session.sh s40a      # session 40: the fused decode attention at 8 / 16 warps, int8 KV cache
 #   bash benchmarks/device_session.sh s40b      # session 40: the same on the bf16 cache (after s40a, warm)
+#   bash benchmarks/device_session.sh s40c      # session 40: ncu on the fused decode attention at b32 (int8, bf16 caches)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -853,6 +854,21 @@ case "$part" in
     timeout 400 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@attw8+h4,w4.4a8@attw16+h4 \
       --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 390 --out "$out/warps_bf16.md" \
       2>&1 | grep "batch\|tok/s |" | tee "$out/warps_bf16.log"
+    ;;
+  s40c)  # session 40: Nsight Compute on the fused decode attention at b32 (a 384-position cache, the token at 256, four
+    # q/k/v partials in, o_proj's codes out), int8 and bf16 caches with their default blocks: where its programs wait
+    header
+    NCU=${NCU:-/usr/local/cuda/bin/ncu}
+    for cache in int8 bf16; do
+      flag=""; [ "$cache" = int8 ] && flag="--int8"
+      timeout 200 $NCU --clock-control none --kernel-name regex:attend_new --launch-skip 2 --launch-count 1 --set full \
+        --import-source no --export "$out/att_$cache" -f python3 benchmarks/ncu_attention.py $flag > "$out/ncu_$cache.log" 2>&1
+      $NCU --import "$out/att_$cache.ncu-rep" --page details --csv > "$out/details_$cache.csv" 2>&1
+      $NCU --import "$out/att_$cache.ncu-rep" --page source --csv --print-source sass > "$out/sass_$cache.csv" 2>&1
+      rm -f "$out/att_$cache.ncu-rep"
+      tail -n 2 "$out/ncu_$cache.log"
+      python3 benchmarks/ncu_summary.py "$out/details_$cache.csv" "$out/sass_$cache.csv" --top 25 | tee "$out/summary_$cache.txt"
+    done
     ;;
   s39c)  # session 39: the files whose kernels sessions 37–39 changed, compiled on the GPU with today's defaults (tiled
     # codes on a GPU, the GEMV's computed offsets, the int8 cache's 64 × 3 step, the tiled loads of 128-row tiles):

@@ -388,7 +388,9 @@ def fused_block_stages(dh: int, itemsize: int) -> tuple[int, int]:
 FUSED_WARPS = 4  # warps a program of the fused decode step (`attend_new_tokens_pallas(num_warps=None)`). Offline
 # (Triton 3.9, sm_90, b32, 384 positions): a block's SASS loop is 941 instructions a thread at 4 warps, 568 at 8 and 455
 # at 16 on the int8 cache (64 × 3); 750 / 433 / 298 on the bf16 cache (128 × 2): more warps shorten each warp's
-# chain through a block for ≈ 15–20 % more instructions a program in all
+# chain through a block for ≈ 15–20 % more instructions a program in all. Measured slower (H200, 2026-12-06,
+# `device_session.sh s40a`; attention µs a b32 step): int8 cache 430 at 4 warps, 638 at 8, 821 at 16, 499 at 2; bf16
+# cache 487 at 4, 581 at 2. So a warp's chain is not what holds the step
 
 
 CODES_ONE_SPLIT = (64, 512)  # (programs, positions): with o_proj's codes asked for, caches of at most that many
