@@ -68,6 +68,8 @@
 #   bash benchmarks/device_session.sh s40a      # session 40: the fused decode attention at 8 / 16 warps, int8 KV cache
 #   bash benchmarks/device_session.sh s40b      # session 40: the same on the bf16 cache (after s40a, warm)
 #   bash benchmarks/device_session.sh s40c      # session 40: ncu on the fused decode attention at b32 (int8, bf16 caches)
+#   bash benchmarks/device_session.sh s40d      # session 40: the attention's first block loaded ahead (@peel), int8 cache
+#   bash benchmarks/device_session.sh s40e      # session 40: the same on the bf16 cache (after s40d, warm)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -854,6 +856,25 @@ case "$part" in
     timeout 400 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@attw8+h4,w4.4a8@attw16+h4 \
       --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 390 --out "$out/warps_bf16.md" \
       2>&1 | grep "batch\|tok/s |" | tee "$out/warps_bf16.log"
+    ;;
+  s40d)  # session 40: the fused decode attention's first cache block loaded before the new token's work (`@peel`;
+    # s40c's ncu: 42 % of the int8 step's stall samples outside its loop, the loop's first wait the largest stall) —
+    # its tests compiled on the GPU, then b1 / b8 / b32 with the int8 KV cache against the default, bf16 beside
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k "peel or any_warps" 2>&1 | tail -3 \
+      | tee "$out/peel_tests.log"
+    timeout 270 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@peel+h4 --kv-int8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 260 --out "$out/peel_int8.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/peel_int8.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,8,32 --repeats 2 --prefill-len 256 \
+      --budget-s 140 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
+    ;;
+  s40e)  # session 40, after s40d (warm): the peel on the bf16 cache, at its default 128 × 2 (250 registers offline) and
+    # at 64 × 3 (168), b1 / b32
+    header
+    timeout 330 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@peel+h4,w4.4a8@att64s3@peel+h4 \
+      --batches 1,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 320 --out "$out/peel_bf16.md" \
+      2>&1 | grep "batch\|tok/s |" | tee "$out/peel_bf16.log"
     ;;
   s40c)  # session 40: Nsight Compute on the fused decode attention at b32 (a 384-position cache, the token at 256, four
     # q/k/v partials in, o_proj's codes out), int8 and bf16 caches with their default blocks: where its programs wait

@@ -24,10 +24,12 @@ def _number(text: str) -> float:
         return 0.0
 
 
-def _rows(path: str) -> list[dict]:
+def _rows(path: str, first: str = '"') -> list[dict]:
+    """The CSV from its header line on: the first line that starts with `first` (ncu's own log lines, and on the
+    source page a "Kernel Name" line, come before it)."""
     with open(path, newline="") as f:
         lines = f.read().splitlines()
-    start = next((i for i, line in enumerate(lines) if line.startswith('"')), 0)  # ncu's own log lines come first
+    start = next((i for i, line in enumerate(lines) if line.startswith(first)), 0)
     return list(csv.DictReader(lines[start:]))
 
 
@@ -41,13 +43,13 @@ def details(path: str) -> None:
 
 
 def sass(path: str, top: int) -> None:
-    rows = _rows(path)
+    rows = _rows(path, '"Address"')
     if not rows:
         print("  (no SASS rows)")
         return
     cols = list(rows[0])
     total_col = next((c for c in cols if c.startswith("Warp Stall Sampling (All")), None)
-    reasons = [c for c in cols if c != total_col and re.search(r"stall", c, re.I) and "Not-issued" not in c
+    reasons = [c for c in cols if c != total_col and re.search(r"stall", c, re.I) and "Not Issued" not in c
                and "Warp Stall Sampling" not in c]
     if total_col is None:
         print("  no stall-sampling column; columns:", ", ".join(cols))
