@@ -417,7 +417,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "ngemv", "pdl", "pdlw", "magic", "magicfma",
               "pcodes", "pswiglu", "nopcodes", "wide", "swb8", "swb16", "swb32", "swb64", "pint8", "qr8", "qr16", "qr32", "qr64", "qr128",
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
-              "att64", "att64s3", "att128s3", "att128", "attw2", "attw8", "attw16", "peel", "nopeel", "pf3", "pf3s2", "pf3s4", "pf3l",
+              "att64", "att64s3", "att128s3", "att128", "attw2", "attw8", "attw16", "pf3", "pf3s2", "pf3s4", "pf3l",
               "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
               "tiled", "tiled4", "rowmajor")
 
@@ -588,10 +588,6 @@ def _apply_strategy(strategy: str) -> None:
         from pallas_kernels import attention
 
         attention.FUSED_WARPS = int(strategy[4:])
-    elif strategy in ("peel", "nopeel"):  # the fused decode attention's first block loaded ahead, on every cache / none
-        from pallas_kernels import attention
-
-        attention.FUSED_PEEL = "all" if strategy == "peel" else "none"
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
     elif strategy == "static":  # the params themselves change (`build_variant`: `with_static_scales`)

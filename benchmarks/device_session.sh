@@ -857,7 +857,8 @@ case "$part" in
       --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 390 --out "$out/warps_bf16.md" \
       2>&1 | grep "batch\|tok/s |" | tee "$out/warps_bf16.log"
     ;;
-  s40d)  # session 40: the fused decode attention's first cache block loaded before the new token's work (`@peel`;
+  s40d)  # (run in session 40; `@peel` and attention.FUSED_PEEL were removed after s40d/s40e, measured slower: commit
+    # 37dfd16 has them) the fused decode attention's first cache block loaded before the new token's work (`@peel`;
     # s40c's ncu: 42 % of the int8 step's stall samples outside its loop, the loop's first wait the largest stall) —
     # its tests compiled on the GPU, then b1 / b8 / b32 with the int8 KV cache against the default, bf16 beside
     header
@@ -869,7 +870,7 @@ case "$part" in
     timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,8,32 --repeats 2 --prefill-len 256 \
       --budget-s 140 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
-  s40e)  # session 40, after s40d (warm): the peel on the bf16 cache, at its default 128 × 2 (250 registers offline) and
+  s40e)  # (run in session 40; removed since, as s40d) after s40d (warm): the peel on the bf16 cache, at its default 128 × 2 (250 registers offline) and
     # at 64 × 3 (168), b1 / b32
     header
     timeout 330 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@peel+h4,w4.4a8@att64s3@peel+h4 \

@@ -133,7 +133,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "attention", "attend_new"),
                    help="attention / attend_new (pallas_kernels/attention.py): --m is the batch, --k the cache "
-                        "positions, Llama-3-8B heads; --set takes block_s, splits, parts (split-K partials), int8, stages, warps, peel, codes")
+                        "positions, Llama-3-8B heads; --set takes block_s, splits, parts (split-K partials), int8, stages, warps, codes")
     p.add_argument("--m", type=int, default=32)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=28672)
@@ -192,7 +192,7 @@ def _report(modules, args, warps: int, stages) -> None:
 def _attention_stats(args) -> None:
     from pallas_kernels import attention
 
-    over = dict(block_s=64, splits=1, parts=0, int8=0, stages=2, warps=4, peel=0, codes=0)
+    over = dict(block_s=64, splits=1, parts=0, int8=0, stages=2, warps=4, codes=0)
     for kv in filter(None, args.set.split(",")):
         key, value = kv.split("=")
         if key not in over:
@@ -203,7 +203,7 @@ def _attention_stats(args) -> None:
     scales = jnp.zeros((B, KVH, S), jnp.float32) if over["int8"] else None
     pos = jnp.zeros((B, 1), jnp.int32)
     kw = dict(k_scale=scales, v_scale=scales, block_s=over["block_s"], splits=over["splits"])
-    stages, warps, peel, codes = over.pop("stages"), over.pop("warps"), over.pop("peel"), over.pop("codes")
+    stages, warps, codes = over.pop("stages"), over.pop("warps"), over.pop("codes")
     print("config", over, "stages", stages, "warps", warps)
     if args.kernel == "attention":
         q = jnp.zeros((B, 1, H, Dh), jnp.bfloat16)
@@ -214,7 +214,7 @@ def _attention_stats(args) -> None:
         rope = jnp.zeros((B, 1, 1, Dh), jnp.float32)
         modules = capture_ttir(lambda x, c, pos, r: attention.attend_new_tokens_pallas(
             x, pos, r, r, c, c, heads=H, kv_heads=KVH, dtype=jnp.bfloat16, k_scale_store=kw.pop("k_scale"),
-            v_scale_store=kw.pop("v_scale"), num_stages=stages, num_warps=warps, peel=bool(peel), codes=bool(codes),
+            v_scale_store=kw.pop("v_scale"), num_stages=stages, num_warps=warps, codes=bool(codes),
             **kw), x, cache, pos, rope)
     _report(modules, args, warps, lambda name: stages)
 

@@ -146,16 +146,14 @@ def _quantize_vec(x, scale_dtype):
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
             parts: int = 0, has_bias: bool = False, rms: tuple | None = None, codes: int = 0, batch: int = 0,
-            peel: bool = False, pdl_on: bool = False):
+            pdl_on: bool = False):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
     [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
     outputs: the attention [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores
     (aliased to k, v, scales). `codes` > 0 (splits = 1, Dh = 128): the attention as o_proj's int8 codes instead,
     `QuantizedActivations`' three arrays with `codes` rows (≥ B·T = `batch`·T; the rows past it zero), one group
-    a head. `peel` (fused, no window): the split's first cache block is loaded into registers before the new tokens'
-    projection, RoPE and cache write, so its memory latency overlaps them, and enters the softmax before the loop
-    over the others."""
+    a head."""
     refs = list(refs)
 
     def take(n):
@@ -179,14 +177,6 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         pos_ref, cos_ref, sin_ref, k_ref, v_ref = take(5)
         if scaled:
             ks_ref, vs_ref = take(2)
-        if peel:  # issued first: nothing below waits for them until the first block's softmax
-            kp0 = p * per_split * block_s + jnp.arange(block_s)
-            in_cache = kp0 < s_len
-            off0 = kp0[:, None] * dh + d[None, :]
-            first = [plgpu.load(k_ref.at[b, h, off0], mask=in_cache[:, None], other=0),
-                     plgpu.load(v_ref.at[b, h, off0], mask=in_cache[:, None], other=0)]
-            if scaled:
-                first += [plgpu.load(ref.at[b, h, kp0], mask=in_cache, other=0.0) for ref in (ks_ref, vs_ref)]
         outs = refs
         k_out, v_out = outs[len(outs) - (4 if scaled else 2):][:2]
         width = (heads + 2 * kv_heads) * dh
@@ -285,35 +275,20 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
             e = e * v_scale[None, :]
         return m_new, l, acc * alpha[:, None] + _dot_nn(e.astype(dtype), vals.astype(dtype))
 
-    def block(carry, kp, inb, keys, vals, ks, vs):  # one block of cached keys (positions kp, in bounds inb)
-        s = _dot_nt(q, keys.astype(dtype))  # [rows, block_s] f32
-        if scaled:
-            s = s * ks.astype(jnp.float32)[None, :]
-            vs = vs.astype(jnp.float32)
-        return update(carry, s * scale, seen_by(kp) & inb[None, :], vals, vs)
-
     def body(j, carry):
         kp = j * block_s + kd  # [block_s] cache positions
         inb = kp < hi
         off = kp[:, None] * dh + d[None, :]
         keys = plgpu.load(k_ref.at[b, h, off], mask=inb[:, None], other=0)
-        ks = plgpu.load(ks_ref.at[b, h, kp], mask=inb, other=0.0) if scaled else None
-        vs = plgpu.load(vs_ref.at[b, h, kp], mask=inb, other=0.0) if scaled else None
+        s = _dot_nt(q, keys.astype(dtype))  # [rows, block_s] f32
+        if scaled:
+            s = s * plgpu.load(ks_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32)[None, :]
+        vs = plgpu.load(vs_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32) if scaled else None
         vals = plgpu.load(v_ref.at[b, h, off], mask=inb[:, None], other=0)
-        return block(carry, kp, inb, keys, vals, ks, vs)
+        return update(carry, s * scale, seen_by(kp) & inb[None, :], vals, vs)
 
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dh), jnp.float32))
-    if peel:  # block `start` from the registers loaded first; past the positions seen (or with no block: start ≥
-        # stop, so kp0 ≥ hi) it is masked whole, and its values are zeroed as the loop's masked loads zero them
-        inb0 = kp0 < hi
-        keys0, vals0, *scales0 = first
-        keys0 = jnp.where(inb0[:, None], keys0, jnp.zeros_like(keys0))
-        vals0 = jnp.where(inb0[:, None], vals0, jnp.zeros_like(vals0))
-        scales0 = [jnp.where(inb0, a, jnp.zeros_like(a)) for a in scales0] or [None, None]
-        carry = block(init, kp0, inb0, keys0, vals0, *scales0)
-        carry = lax.fori_loop(start + 1, jnp.maximum(stop, start + 1), body, carry)
-    else:
-        carry = lax.fori_loop(start, jnp.maximum(stop, start), body, init)
+    carry = lax.fori_loop(start, jnp.maximum(stop, start), body, init)
     if fused:  # the new tokens' keys and values, straight from registers (split 0 only), one at a time
         for pos_t, write, k_t, v_t, k_sc, v_sc in new:
             m, l, acc = carry
@@ -416,20 +391,6 @@ FUSED_WARPS = 4  # warps a program of the fused decode step (`attend_new_tokens_
 # chain through a block for ≈ 15–20 % more instructions a program in all. Measured slower (H200, 2026-12-06,
 # `device_session.sh s40a`; attention µs a b32 step): int8 cache 430 at 4 warps, 638 at 8, 821 at 16, 499 at 2; bf16
 # cache 487 at 4, 581 at 2. So a warp's chain is not what holds the step
-
-
-FUSED_PEEL = "none"  # which caches' fused steps load their first block ahead (`attend_new_tokens_pallas(peel=)`):
-# "none", "int8" or "all". Why (H100, 2026-12-06, `device_session.sh s40c`, ncu at b32, 384-position cache): 42 % of the
-# int8 step's stall samples (27 % of the bf16 step's) fall before and after the loop over the cache, and the loop's
-# first wait for its blocks is the largest single stall (12 % int8, 49 % bf16): the blocks' loads are issued only
-# after the new tokens' projection sums, RoPE and cache write
-
-
-def _peels(cache_dtype) -> bool:
-    """`FUSED_PEEL`'s answer for a cache of this dtype."""
-    if FUSED_PEEL not in ("none", "int8", "all"):
-        raise ValueError(f"attention.FUSED_PEEL must be 'none', 'int8' or 'all'; got {FUSED_PEEL!r}")
-    return FUSED_PEEL == "all" or (FUSED_PEEL == "int8" and jnp.dtype(cache_dtype) == jnp.int8)
 
 
 CODES_ONE_SPLIT = (64, 512)  # (programs, positions): with o_proj's codes asked for, caches of at most that many
@@ -600,9 +561,9 @@ def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int,
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
-                                             "num_warps", "num_stages", "codes", "peel", "interpret"))
+                                             "num_warps", "num_stages", "codes", "interpret"))
 def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, *, heads, kv_heads,
-                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, peel, interpret):
+                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -636,7 +597,7 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None,
                           rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps),
-                          codes=mp if in_kernel else 0, batch=B, peel=peel and sliding_window is None),
+                          codes=mp if in_kernel else 0, batch=B),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -665,12 +626,11 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int | None = None,
                              num_stages: int | None = None, rms: RowRms | None = None, codes: bool = False,
-                             peel: bool | None = None, interpret: bool = False):
+                             interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
     the key/value blocks in flight (None, and block_s None: `fused_block_stages`); `num_warps`: a program's warps
-    (None: `FUSED_WARPS`); `peel`: each split's first cache block is loaded before the new tokens' work and taken
-    from registers (None: `FUSED_PEEL`; never with a sliding window). Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
+    (None: `FUSED_WARPS`). Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
     Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3.
     `codes`: the attention comes back as o_proj's input codes (`head_codes_ref`: `QuantizedActivations`, per group
     of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
@@ -715,5 +675,4 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps or FUSED_WARPS, num_stages=num_stages, codes=codes,
-                              peel=_peels(k_store.dtype) if peel is None else bool(peel),
                               interpret=interpret)

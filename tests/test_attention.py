@@ -153,8 +153,7 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
 # XLA's CPU compiler may keep bf16 intermediates in f32 ("excess precision"), so in interpret mode the kernel's
 # queries could be an ulp off the rounding it states (and Triton keeps); random q and k give peaked softmaxes
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
-@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes", "num_warps",
-                                             "peel"),
+@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes", "num_warps"),
                    compiler_options={"xla_allow_excess_precision": False})
 def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
@@ -163,7 +162,7 @@ def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=Non
 
 @pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms", FUSED_CASES)
 def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms,
-                                            num_warps=None, peel=None):
+                                            num_warps=None):
     """Projection output (or split-K partials) + bias → RoPE → cache write → attention in one launch: the new
     positions written as the decoder layer writes them (`attend_new_tokens_ref`; a float cache to within an
     ulp: RoPE's products may round differently; an int8 cache's codes to within one step), every other
@@ -183,8 +182,7 @@ def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, 
     cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
     kw = dict(heads=H, kv_heads=KVH, dtype=dtype, sliding_window=window)
     rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(B * T, 3)), jnp.float32), 384, 1e-5) if rms else None
-    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, num_warps=num_warps,
-                                       peel=peel, **kw)
+    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, num_warps=num_warps, **kw)
     want = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, bias=b, k_scale_store=ks, v_scale_store=vs,
                                            rms=rms, **kw)
     assert got[0].shape == (B, T, H, Dh) and got[0].dtype == dtype
@@ -505,25 +503,6 @@ def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts
     ref = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, k_scale_store=ks, v_scale_store=vs, codes=True,
                                           **{n: kw[n] for n in ("heads", "kv_heads", "dtype")})
     assert isinstance(ref[0], type(want)) and ref[0].x_q.shape == want.x_q.shape
-
-
-@pytest.mark.parametrize("case", [c for c in FUSED_CASES if c[6] is None])
-def test_attend_new_tokens_peeled_first_block(case):
-    """`peel=True`: each split's first cache block loaded before the new tokens' work and taken from registers gives
-    what the loop over every block gives (the same checks), on float and int8 caches, one split and several; the
-    cached position the new token overwrites is read before the write and must stay masked."""
-    test_attend_new_tokens_matches_reference(*case, peel=True)
-
-
-def test_fused_peel_setting_is_checked(monkeypatch):
-    """`FUSED_PEEL` picks the caches whose steps peel; a misspelt value is an error naming the choices."""
-    monkeypatch.setattr(attention, "FUSED_PEEL", "int8")
-    assert attention._peels(jnp.int8) and not attention._peels(jnp.bfloat16)
-    monkeypatch.setattr(attention, "FUSED_PEEL", "all")
-    assert attention._peels(jnp.bfloat16)
-    monkeypatch.setattr(attention, "FUSED_PEEL", "yes")
-    with pytest.raises(ValueError, match="'none', 'int8' or 'all'"):
-        attention._peels(jnp.int8)
 
 
 @pytest.mark.skipif(INTERPRET, reason="warps are a compile setting of the GPU kernel: the interpreter runs a program whole")
