@@ -66,8 +66,8 @@ def sass(path: str, top: int) -> None:
         why = sorted(((_number(r[c]), c) for c in reasons), reverse=True)[:3]
         why = ", ".join(f"{c.replace('stall_', '')} {int(v)}" for v, c in why if v)
         ex = f" ×{r[executed]}" if executed else ""
-        print(f"    {100 * _number(r[total_col]) / total:5.1f} %  {r.get('Address', ''):>6}  {r.get('Source', '')[:60]:60}"
-              f"{ex}  ({why})")
+        share = 100 * _number(r[total_col]) / total
+        print(f"    {share:5.1f} %  {r.get('Address', ''):>6}  {r.get('Source', '')[:60]:60}{ex}  ({why})")
 
 
 def main(argv=None):

@@ -133,7 +133,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "attention", "attend_new"),
                    help="attention / attend_new (pallas_kernels/attention.py): --m is the batch, --k the cache "
-                        "positions, Llama-3-8B heads; --set takes block_s, splits, parts (split-K partials), int8, stages, warps, codes")
+                        "positions, Llama-3-8B heads; --set takes block_s, splits, parts (split-K partials), int8, "
+                        "stages, warps, codes")
     p.add_argument("--m", type=int, default=32)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=28672)

@@ -153,7 +153,8 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
 # XLA's CPU compiler may keep bf16 intermediates in f32 ("excess precision"), so in interpret mode the kernel's
 # queries could be an ulp off the rounding it states (and Triton keeps); random q and k give peaked softmaxes
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
-@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes", "num_warps"),
+@functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes",
+                                             "num_warps"),
                    compiler_options={"xla_allow_excess_precision": False})
 def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
@@ -182,7 +183,8 @@ def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, 
     cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
     kw = dict(heads=H, kv_heads=KVH, dtype=dtype, sliding_window=window)
     rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(B * T, 3)), jnp.float32), 384, 1e-5) if rms else None
-    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, num_warps=num_warps, **kw)
+    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, num_warps=num_warps,
+                                       **kw)
     want = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, bias=b, k_scale_store=ks, v_scale_store=vs,
                                            rms=rms, **kw)
     assert got[0].shape == (B, T, H, Dh) and got[0].dtype == dtype
@@ -505,7 +507,8 @@ def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts
     assert isinstance(ref[0], type(want)) and ref[0].x_q.shape == want.x_q.shape
 
 
-@pytest.mark.skipif(INTERPRET, reason="warps are a compile setting of the GPU kernel: the interpreter runs a program whole")
+@pytest.mark.skipif(INTERPRET, reason="warps are a compile setting of the GPU kernel: the interpreter runs a "
+                                       "program whole")
 @pytest.mark.parametrize("num_warps", [2, 8, 16])
 def test_attend_new_tokens_any_warps(num_warps):
     """The fused step compiled for 2, 8 or 16 warps a program (`FUSED_WARPS`, default 4): the same checks as at 4 on a
