@@ -66,7 +66,6 @@
 #   bash benchmarks/device_session.sh s23f      # prepared: the int8-cache GPU test, prefill rows with session 23's defaults
 #   bash benchmarks/device_session.sh s24a      # prepared: three compute warpgroups in the prefill GEMM (tests, sweep)
 #   bash benchmarks/device_session.sh s40a      # session 40: the fused decode attention at 8 / 16 warps, int8 KV cache
-#   bash benchmarks/device_session.sh s40b      # session 40: the same on the bf16 cache (after s40a, warm)
 #   bash benchmarks/device_session.sh s40c      # session 40: ncu on the fused decode attention at b32 (int8, bf16 caches)
 #   bash benchmarks/device_session.sh s40d      # session 40: the attention's first block loaded ahead (@peel), int8 cache
 #   bash benchmarks/device_session.sh s40e      # session 40: the same on the bf16 cache (after s40d, warm)
@@ -849,13 +848,6 @@ case "$part" in
       2>&1 | grep "batch\|tok/s |" | tee "$out/warps_int8.log"
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
-    ;;
-  s40b)  # session 40, after s40a on the warm machine: the same warps on the bf16 cache (128 × 2; offline 750 → 433 / 298
-    # SASS instructions a block), b1 / b8 / b32
-    header
-    timeout 400 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@attw8+h4,w4.4a8@attw16+h4 \
-      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 390 --out "$out/warps_bf16.md" \
-      2>&1 | grep "batch\|tok/s |" | tee "$out/warps_bf16.log"
     ;;
   s40d)  # (run in session 40; `@peel` and attention.FUSED_PEEL were removed after s40d/s40e, measured slower: commit
     # 37dfd16 has them) the fused decode attention's first cache block loaded before the new token's work (`@peel`;
