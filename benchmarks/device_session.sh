@@ -862,8 +862,8 @@ case "$part" in
     timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,8,32 --repeats 2 --prefill-len 256 \
       --budget-s 140 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
-  s40e)  # (run in session 40; removed since, as s40d) after s40d (warm): the peel on the bf16 cache, at its default 128 × 2 (250 registers offline) and
-    # at 64 × 3 (168), b1 / b32
+  s40e)  # (run in session 40; removed since, as s40d) after s40d (warm): the peel on the bf16 cache, at its default
+    # 128 × 2 (250 registers offline) and at 64 × 3 (168), b1 / b32
     header
     timeout 330 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@peel+h4,w4.4a8@att64s3@peel+h4 \
       --batches 1,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 320 --out "$out/peel_bf16.md" \
