@@ -321,6 +321,27 @@ def test_sass_loops_are_read_from_backward_branches():
     assert (start, end) == (0x120, 0x140) and ops == {"IMMA": 1, "FFMA": 1, "BRA": 1}
 
 
+def test_ncu_summary_reads_the_source_page(tmp_path, capsys):
+    """`ncu_summary.sass` on ncu's source-page CSV: the header comes after a "Kernel Name" line; samples are totalled
+    by reason (the "(Not Issued)" copies left out) and the instructions ranked by their samples."""
+    import ncu_summary
+
+    cols = ["Address", "Source", "Warp Stall Sampling (All Samples)", "Instructions Executed", "stall_long_sb",
+            "stall_wait", "stall_long_sb (Not Issued)"]
+    rows = [["0x10", "LDG.E R2, [R4]", "3", "1,024", "1", "2", "9"],
+            ["0x20", "BAR.SYNC 0x0", "6", "4,096", "6", "0", "9"],
+            ["0x30", "FADD R1, R2, R3", "1", "4,096", "0", "1", "9"]]
+    path = tmp_path / "sass.csv"
+    path.write_text('"Kernel Name","k",\n' + "\n".join(",".join(f'"{v}"' for v in r) for r in [cols, *rows]) + "\n")
+    ncu_summary.sass(str(path), top=2)
+    out = capsys.readouterr().out
+    assert "10 stall samples over 3 instructions" in out
+    assert "70.0 %  stall_long_sb" in out and "30.0 %  stall_wait" in out and "Not Issued" not in out
+    ranked = [line for line in out.splitlines() if line.strip().endswith(")") and "0x" in line]
+    assert len(ranked) == 2 and "BAR.SYNC" in ranked[0] and "×4,096" in ranked[0] and "long_sb 6" in ranked[0]
+    assert "LDG.E" in ranked[1] and "wait 2, long_sb 1" in ranked[1]
+
+
 @pytest.mark.parametrize("decode", kernels.DECODE_STRATEGIES)
 @pytest.mark.parametrize("m", [1, 17])
 def test_decode_strategies_match_reference(decode, m):
