@@ -422,6 +422,13 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "tiled", "tiled4", "rowmajor")
 
 
+_FUSED_ATTENTION = {  # strategy → `attend_new_tokens_pallas` keywords
+    "att64": dict(block_s=64, num_stages=2), "att64s3": dict(block_s=64, num_stages=3),
+    "att128s3": dict(block_s=128, num_stages=3), "att128": dict(block_s=128, num_stages=2),
+    "attw2": dict(num_warps=2), "attw8": dict(num_warps=8), "attw16": dict(num_warps=16),
+}
+
+
 _DECODE_TILE_CHANGES = {  # strategy → (decode config, M, K groups, rows) → the config to run
     "pf3": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3),  # small operands two iterations ahead
     "pf3s2": lambda cfg, *_: dataclasses.replace(cfg, prefetch_meta=3, num_stages=2),
@@ -578,16 +585,10 @@ def _apply_strategy(strategy: str) -> None:
             return change(cfg, m, num_groups, rows) if decode else cfg
 
         kernels.choose_config = changed
-    elif strategy in ("att64", "att64s3", "att128s3", "att128"):  # the fused decode attention's cache block and stages
-        from pallas_kernels import attention
-
-        block, stages = {"att64": (64, 2), "att64s3": (64, 3), "att128s3": (128, 3), "att128": (128, 2)}[strategy]
-        model_module.attend_new_tokens_pallas = functools.partial(attention.attend_new_tokens_pallas,
-                                                                  block_s=block, num_stages=stages)
-    elif strategy in ("attw2", "attw8", "attw16"):  # the fused decode attention's warps a program (default 4)
-        from pallas_kernels import attention
-
-        attention.FUSED_WARPS = int(strategy[4:])
+    elif strategy in _FUSED_ATTENTION:  # the fused decode attention's cache block and stages, or warps a program
+        # (on top of what an earlier strategy of the variant set)
+        model_module.attend_new_tokens_pallas = functools.partial(model_module.attend_new_tokens_pallas,
+                                                                  **_FUSED_ATTENTION[strategy])
     elif strategy in kernels.DECODE_STRATEGIES:  # the M ≤ 32 launch strategy, for every quantized linear
         kernels.mixed_matmul_pallas = functools.partial(kernels.mixed_matmul_pallas, decode=strategy)
     elif strategy == "static":  # the params themselves change (`build_variant`: `with_static_scales`)

@@ -385,14 +385,6 @@ def fused_block_stages(dh: int, itemsize: int) -> tuple[int, int]:
     return choose_block(dh, itemsize), 2
 
 
-FUSED_WARPS = 4  # warps a program of the fused decode step (`attend_new_tokens_pallas(num_warps=None)`). Offline
-# (Triton 3.9, sm_90, b32, 384 positions): a block's SASS loop is 941 instructions a thread at 4 warps, 568 at 8 and 455
-# at 16 on the int8 cache (64 × 3); 750 / 433 / 298 on the bf16 cache (128 × 2): more warps shorten each warp's
-# chain through a block for ≈ 15–20 % more instructions a program in all. Measured slower (H200, 2026-12-06,
-# `device_session.sh s40a`; attention µs a b32 step): int8 cache 430 at 4 warps, 638 at 8, 821 at 16, 499 at 2; bf16
-# cache 487 at 4, 581 at 2. So a warp's chain is not what holds the step
-
-
 CODES_ONE_SPLIT = (64, 512)  # (programs, positions): with o_proj's codes asked for, caches of at most that many
 # positions (4 blocks of 128; session 38 counts positions, so 64-position blocks keep it) take one split from that
 # many (row, KV head) programs on, so the codes come from the programs and neither the
@@ -624,13 +616,13 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              v_store: jax.Array, *, heads: int, kv_heads: int, dtype=None,
                              bias: jax.Array | None = None, k_scale_store: jax.Array | None = None,
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
-                             block_s: int | None = None, splits: int | None = None, num_warps: int | None = None,
+                             block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
                              num_stages: int | None = None, rms: RowRms | None = None, codes: bool = False,
                              interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
     the key/value blocks in flight (None, and block_s None: `fused_block_stages`); `num_warps`: a program's warps
-    (None: `FUSED_WARPS`). Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
+    (2, 8 and 16 measured slower than 4: NOTES-kernels.md item 134). Shared memory a program at b32, 128 positions of head dim 128, compiled offline by
     Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3.
     `codes`: the attention comes back as o_proj's input codes (`head_codes_ref`: `QuantizedActivations`, per group
     of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
@@ -674,5 +666,5 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and dh == GROUP_SIZE)
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
-                              splits=splits, num_warps=num_warps or FUSED_WARPS, num_stages=num_stages, codes=codes,
+                              splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
                               interpret=interpret)

@@ -511,7 +511,7 @@ def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts
                                        "program whole")
 @pytest.mark.parametrize("num_warps", [2, 8, 16])
 def test_attend_new_tokens_any_warps(num_warps):
-    """The fused step compiled for 2, 8 or 16 warps a program (`FUSED_WARPS`, default 4): the same checks as at 4 on a
+    """The fused step compiled for 2, 8 or 16 warps a program (`num_warps`, default 4): the same checks as at 4 on a
     bf16 cache (split-K partials, the norm's deferred rsqrt), an int8 cache, and o_proj's codes from the programs'
     epilogue on each cache."""
     test_attend_new_tokens_matches_reference(*FUSED_CASES[0], num_warps=num_warps)
