@@ -16,10 +16,11 @@
 - CPU-only machines compile the tests' programs at LLVM's lowest optimization level
   (`--xla_backend_optimization_level=0` added to `XLA_FLAGS`, which subprocesses inherit): the suite is mostly
   XLA compiling small programs, and this cut a run by ≈ 25–30 % (session 41, 2 cores: three kernel files 276 →
-  198 s, `test_quant.py` 138 → 103 s; the execution-bound `test_quant_embedded.py` 54 → 58 s). The HLO passes are the
-  same; the machine code may differ from -O3's in the last bits (one test compared a two-window batch with one-window
-  programs and saw an activation code flip), so a test that needs bit equality compares programs of the same shapes. A machine with an
-  NVIDIA driver keeps XLA's default, as does an `XLA_FLAGS` that already sets the level.
+  198 s, `test_quant.py` 138 → 103 s; the execution-bound `test_quant_embedded.py` 54 → 58 s). The HLO passes
+  are the same; the machine code may differ from -O3's in the last bits (one test compared a two-window batch
+  with one-window programs and saw an activation code flip), so a test that needs bit equality compares
+  programs of the same shapes. A machine with an NVIDIA driver keeps XLA's default, as does an `XLA_FLAGS` that
+  already sets the level.
 
 - `embedded_model_path` (session): path of the embedded SmolLM2-135M-Instruct GGUF.
 - `make_tiny_hf` (function): builds a tiny random Hugging Face causal LM, saves it with
