@@ -75,7 +75,8 @@ on a float cache, 64 × 3 on an int8 one since session 38, `attention.fused_bloc
 (`fuse_projections(tile=True)`, `model.TILED_CODES`, `format.TILE_GROUPS`) or in the stored row-major order (session
 38: tiled one group a block is the GPU default, so `@tiled` repeats it); `@n{32,128}w{2,4,8}x{1,2,h}m{16,32}`: the
 decode tiles (M = 3–32) at 32 or 128 weight rows a program, with 2–8 warps and split-K ×1 / ×2 / ÷2 the default's, on
-every decode tile (m16) or the 32-row ones only (m32; session 39);
+every decode tile (m16) or the 32-row ones only (m32; session 39); `@vrow`: an int8 cache's values position-major
+(`model.INT8_V_BLOCK = False`, the order before session 42; since then in blocks of 64 positions, `KVCache.v_block`);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
 
@@ -385,7 +386,9 @@ def _profile(run: Callable, steps: int, shown: int) -> dict:
 
 def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict:
     stacked = not isinstance(params["layers"], (tuple, list))
-    max_len = _bucket(args.prompt_len) + args.new_tokens  # the cache generate builds
+    max_len = _bucket(args.prompt_len) + args.new_tokens  # the cache generate builds (int8: whole value blocks)
+    if jnp.dtype(args.cache_dtype) == jnp.int8:
+        max_len = -(-max_len // model.V_BLOCK) * model.V_BLOCK
     emit = functools.partial(_emit, sampling=SamplingConfig(), eos=(), on_token=None)
 
     def body(p, local_cfg):  # each device's cache under tensor parallelism: built inside the program
@@ -419,7 +422,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "att128", "attw2", "attw8", "attw16", "pf3", "pf3s2", "pf3s4", "pf3l",
               "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "tiled", "tiled4", "rowmajor")
+              "tiled", "tiled4", "rowmajor", "vrow")
 
 
 _FUSED_ATTENTION = {  # strategy → `attend_new_tokens_pallas` keywords
@@ -511,6 +514,8 @@ def _apply_strategy(strategy: str) -> None:
         model_module.TILED_CODES, fmt.TILE_GROUPS = True, 4 if strategy == "tiled4" else 1
     elif strategy == "rowmajor":  # the stored row-major codes (the default before session 38)
         model_module.TILED_CODES = False
+    elif strategy == "vrow":  # an int8 cache's values position-major (the order before session 42)
+        model_module.INT8_V_BLOCK = False
     elif strategy == "nodefer":  # down_proj's partials summed into x by XLA (before session 14), not by the
         # next layer's input norm kernel
         model_module.DEFER_DOWN = False

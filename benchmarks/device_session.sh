@@ -849,6 +849,19 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
+  s42a)  # session 42: an int8 cache's values in blocks of 64 positions stored [Dh, 64] (`KVCache.v_block`; offline the
+    # fused step's loop 941 → 765 SASS instructions and 168 → 120 registers at b32: no byte loads from shared memory for
+    # P·V) — its tests compiled on the GPU, then b1 / b8 / b32 with --kv-int8 against the position-major order
+    # (@vrow), bf16 beside
+    header
+    timeout 170 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k "blocked or BLOCKED or 320 or 512 or through_the_kernel or fused_step or bad_inputs" \
+      2>&1 | tail -3 | tee "$out/vblock_tests.log"
+    timeout 300 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@vrow+h4 --kv-int8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 290 --out "$out/vblock.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/vblock.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,8,32 --repeats 2 --prefill-len 256 \
+      --budget-s 140 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
+    ;;
   s40d)  # (run in session 40; `@peel` and attention.FUSED_PEEL were removed after s40d/s40e, measured slower: commit
     # 37dfd16 has them) the fused decode attention's first cache block loaded before the new token's work (`@peel`;
     # s40c's ncu: 42 % of the int8 step's stall samples outside its loop, the loop's first wait the largest stall) —

@@ -134,7 +134,7 @@ def main(argv=None):
     p.add_argument("--kernel", default="mma", choices=("mma", "gemv", "attention", "attend_new"),
                    help="attention / attend_new (pallas_kernels/attention.py): --m is the batch, --k the cache "
                         "positions, Llama-3-8B heads; --set takes block_s, splits, parts (split-K partials), int8, "
-                        "stages, warps, codes")
+                        "stages, warps, codes, v_block (an int8 cache's values in blocks of that many positions)")
     p.add_argument("--m", type=int, default=32)
     p.add_argument("--k", type=int, default=4096)
     p.add_argument("--n", type=int, default=28672)
@@ -193,7 +193,7 @@ def _report(modules, args, warps: int, stages) -> None:
 def _attention_stats(args) -> None:
     from pallas_kernels import attention
 
-    over = dict(block_s=64, splits=1, parts=0, int8=0, stages=2, warps=4, codes=0)
+    over = dict(block_s=64, splits=1, parts=0, int8=0, stages=2, warps=4, codes=0, v_block=0)
     for kv in filter(None, args.set.split(",")):
         key, value = kv.split("=")
         if key not in over:
@@ -203,7 +203,7 @@ def _attention_stats(args) -> None:
     cache = jnp.zeros((B, KVH, S, Dh), jnp.int8 if over["int8"] else jnp.bfloat16)
     scales = jnp.zeros((B, KVH, S), jnp.float32) if over["int8"] else None
     pos = jnp.zeros((B, 1), jnp.int32)
-    kw = dict(k_scale=scales, v_scale=scales, block_s=over["block_s"], splits=over["splits"])
+    kw = dict(k_scale=scales, v_scale=scales, block_s=over["block_s"], splits=over["splits"], v_block=over["v_block"])
     stages, warps, codes = over.pop("stages"), over.pop("warps"), over.pop("codes")
     print("config", over, "stages", stages, "warps", warps)
     if args.kernel == "attention":

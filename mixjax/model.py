@@ -27,8 +27,8 @@ import numpy as np
 
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
-from pallas_kernels.attention import (attend_new_tokens_pallas, attend_ref, cudnn_attention_available,
-                                      decode_attention_pallas, prefill_attention)
+from pallas_kernels.attention import (V_BLOCK, attend_new_tokens_pallas, attend_ref, cudnn_attention_available,
+                                      decode_attention_pallas, prefill_attention, unblock_values)
 
 LINEAR_NAMES = (
     "self_attn.q_proj",
@@ -552,6 +552,9 @@ class KVCache:
     Table 8 KV8), per layer [B, KVH, S] symmetric scales, one per (row, head, position), in the form of
     k/v: keys and values are quantized as they are written (w ≈ q·s, q ∈ [-127, 127], s = max |x| / 127
     over the head dim) and dequantized inside attention.
+    v_block: 0, or (an int8 cache whose length is a multiple of it) v in blocks of that many positions, each
+    block stored [Dh, v_block] in the same [B, KVH, S, Dh] array (`pallas_kernels.attention.block_values`;
+    `values(layer)` gives the position-major values). Static: part of the pytree's structure.
     """
 
     k: jax.Array | tuple[jax.Array, ...]
@@ -559,6 +562,7 @@ class KVCache:
     length: jax.Array
     k_scale: jax.Array | tuple[jax.Array, ...] | None = None
     v_scale: jax.Array | tuple[jax.Array, ...] | None = None
+    v_block: int = dataclasses.field(default=0, metadata=dict(static=True))
 
     @property
     def stacked(self) -> bool:
@@ -575,13 +579,22 @@ class KVCache:
     def batch(self) -> int:
         return self._first().shape[-4]
 
+    def values(self, layer: int) -> jax.Array:
+        """Layer `layer`'s values [B, KVH, S, Dh], position-major whatever `v_block` is."""
+        return unblock_values(self.v[layer], self.v_block)
+
+
+INT8_V_BLOCK = True  # int8 caches whose length is a multiple of `attention.V_BLOCK` store v in its blocks
+
 
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *, stacked: bool = False,
                scale_dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` positions (per-layer tuple by default).
 
     dtype: a float dtype, or jnp.int8 for an int8 cache with per-(row, head, position) scales in
-    `scale_dtype` (f32 or bf16; half the cache memory of bf16 plus 4/Dh or 2/Dh for the scales).
+    `scale_dtype` (f32 or bf16; half the cache memory of bf16 plus 4/Dh or 2/Dh for the scales). An int8
+    cache whose max_len is a multiple of 64 (`attention.V_BLOCK`) stores its values in blocks of 64 positions
+    (`KVCache.v_block`), which the decode kernel reads faster (`generate` rounds its int8 caches up to one).
     """
     dtype, scale_dtype = jnp.dtype(dtype), jnp.dtype(scale_dtype)
     quantized = dtype == jnp.int8
@@ -597,8 +610,9 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *
         return tuple(jnp.zeros(shape, dtype) for _ in range(cfg.num_hidden_layers))
 
     scales = (lambda: zeros(shape[:3], scale_dtype)) if quantized else (lambda: None)  # noqa: E731
+    v_block = V_BLOCK if quantized and INT8_V_BLOCK and max_len % V_BLOCK == 0 else 0
     return KVCache(k=zeros(shape, dtype), v=zeros(shape, dtype), length=jnp.zeros((batch,), jnp.int32),
-                   k_scale=scales(), v_scale=scales())
+                   k_scale=scales(), v_scale=scales(), v_block=v_block)
 
 
 def _cache_as(cache: KVCache, stacked: bool) -> KVCache:
@@ -631,14 +645,15 @@ CACHE_WRITE = "scatter_t"  # how a chunk of T > 1 tokens' keys and values go int
 
 
 def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Array | None, new: jax.Array,
-                 positions: jax.Array):
+                 positions: jax.Array, v_block: int = 0):
     """Writes new [B, T, KVH, Dh] at positions [B, T] into one layer of the cache.
 
     store: that layer's [B, KVH, S, Dh] (index None) or the stacked [L, B, KVH, S, Dh] (index = layer);
     scale_store: None for a float cache, else the matching [B, KVH, S] / [L, B, KVH, S] scales (the new
     keys/values are quantized to int8 first). Only the T new positions are written, in place on a carried
     or donated buffer; positions past S are dropped. Returns (store, scale_store, the layer's
-    [B, KVH, S, Dh] view, the layer's [B, KVH, S] scales or None).
+    [B, KVH, S, Dh] view, the layer's [B, KVH, S] scales or None). v_block > 0: a value store in
+    `attention.block_values`' order, written so (the view too keeps that order).
     """
     rows = jnp.arange(new.shape[0])[:, None]  # [B, 1]
     scale = None
@@ -646,6 +661,8 @@ def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Arr
         new = new.astype(store.dtype)
     else:
         new, scale = _quantize_kv(new, scale_store.dtype)  # [B, T, KVH, Dh], [B, T, KVH]
+    if v_block:  # the blocked order: a position's Dh values v_block apart, as a [B, KVH, S/v_block, Dh, v_block] view
+        return _write_blocked(store, scale_store, index, new, scale, positions, v_block)
     if CACHE_WRITE == "scatter_t" and new.shape[1] > 1:  # in the store's order: [B, KVH, T, Dh] windows of Dh
         heads = jnp.arange(new.shape[2])[None, :, None]  # [1, KVH, 1]
         at = (rows[:, :, None], heads, positions[:, None, :])  # → [B, KVH, T]
@@ -663,6 +680,27 @@ def _write_cache(store: jax.Array, scale_store: jax.Array | None, index: jax.Arr
     return store, scale_store, store[index], None if scale_store is None else scale_store[index]
 
 
+def _write_blocked(store, scale_store, index, new, scale, positions, v_block: int):
+    """`_write_cache` for a value store in blocks of v_block positions (int8: `scale` holds the new scales)."""
+    B, T, KVH, Dh = new.shape
+    S = store.shape[-2]
+    view = store.reshape(*store.shape[:-2], S // v_block, Dh, v_block)
+    rows, heads = jnp.arange(B)[:, None, None], jnp.arange(KVH)[None, None, :]  # → [B, T, KVH] with positions
+    pos = positions[:, :, None]
+    # positions past S are dropped: pointed past the blocks (the block index alone can be out of range)
+    blk = jnp.where(pos < S, pos // v_block, S // v_block)
+    at = (rows, heads, blk, slice(None), pos % v_block)  # advanced indices [B, T, KVH], then the Dh window
+    at = at if index is None else (index, *at)
+    view = view.at[at].set(new, mode="drop")
+    store = view.reshape(store.shape)
+    scale_at = (jnp.arange(B)[:, None], slice(None), positions)
+    scale_at = scale_at if index is None else (index, *scale_at)
+    scale_store = scale_store.at[scale_at].set(scale, mode="drop")
+    if index is None:
+        return store, scale_store, store, scale_store
+    return store, scale_store, store[index], scale_store[index]
+
+
 # ----------------------------------------------------------------------------------------------------
 # The decoder
 
@@ -678,6 +716,7 @@ def _decoder_layer(
     implementation: Implementation,
     pending: jax.Array | None = None,
     defer: bool = False,
+    v_block: int = 0,  # the cache's `KVCache.v_block`
 ):
     """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None,
     deferred): `pending`, the previous layer's deferred down_proj partials f32 [S, B, T, D], is added to x
@@ -730,7 +769,7 @@ def _decoder_layer(
         attn, *new_cache = attend_new_tokens_pallas(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
             k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, rms=rms,
-            codes=attn_codes, interpret=interpret)
+            codes=attn_codes, v_block=v_block, interpret=interpret)
         new_cache = tuple(new_cache)
     else:
         q, k, v = projs("self_attn", h)
@@ -743,15 +782,15 @@ def _decoder_layer(
         else:
             k_store, v_store, ks_store, vs_store, index = cache_kv
             k_store, ks_store, keys, k_scale = _write_cache(k_store, ks_store, index, k, positions)  # [B, KVH, S, Dh]
-            v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions)
+            v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions, v_block)
             new_cache = (k_store, v_store, ks_store, vs_store)
         if kernel:
             attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window,
-                                           k_scale=k_scale, v_scale=v_scale, interpret=interpret)
+                                           k_scale=k_scale, v_scale=v_scale, v_block=v_block, interpret=interpret)
         elif _cudnn_attention_on(q, KVH, k_scale, implementation):
             attn = prefill_attention(q, keys, values, mask, positions, cfg.sliding_window)
-        else:
-            attn = attend_ref(q, keys, values, mask, k_scale, v_scale)
+        else:  # (XLA reads the values position-major)
+            attn = attend_ref(q, keys, unblock_values(values, v_block), mask, k_scale, v_scale)
     if attn_codes:  # o_proj's codes, from the attention kernel's epilogue
         o_in = attn
     else:
@@ -854,7 +893,8 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
 
     def body(x, layer, kv, pending=None, defer=False):
-        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending, defer)
+        v_block = 0 if cache is None else cache.v_block
+        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending, defer, v_block)
 
     if isinstance(layers, (tuple, list)):
         defer = _defer_down(layers, x, implementation)

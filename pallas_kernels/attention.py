@@ -36,6 +36,36 @@ from pallas_kernels.norm import load_inv_rms, quant_rows
 
 MAX_ROWS = 64  # query rows (T new tokens × G heads per KV head) one program holds: decode, not prefill
 _NEG = float(jnp.finfo(jnp.float32).min)
+V_BLOCK = 64  # an int8 cache's values in blocks of this many positions, each stored [Dh, V_BLOCK] (`block_values`)
+
+
+def block_values(v: jax.Array, v_block: int) -> jax.Array:
+    """A value store [..., S, Dh] in blocks of `v_block` positions, each block stored transposed ([Dh, v_block]:
+    positions contiguous), in an array of the same shape; `v_block` 0: v as it is. S must be a multiple of
+    `v_block`. Why: P·V reads the values along positions (the MMA's K), and an int8 cache stored position-major
+    gives the kernel one-byte shared-memory loads there (NOTES-kernels.md item 139)."""
+    if not v_block:
+        return v
+    *lead, S, Dh = v.shape
+    return v.reshape(*lead, S // v_block, v_block, Dh).swapaxes(-1, -2).reshape(v.shape)
+
+
+def unblock_values(v: jax.Array, v_block: int) -> jax.Array:
+    """The inverse of `block_values`: the position-major [..., S, Dh] values."""
+    if not v_block:
+        return v
+    *lead, S, Dh = v.shape
+    return v.reshape(*lead, S // v_block, Dh, v_block).swapaxes(-1, -2).reshape(v.shape)
+
+
+def value_offsets(pos, d, dh: int, v_block: int):
+    """Flat offsets into one (row, KV head)'s [S·Dh] value store of positions `pos` and features `d`
+    (broadcast against each other), in `block_values`' order for `v_block` > 0."""
+    if not v_block:
+        return pos * dh + d
+    # truncating division (positions are ≥ 0): jnp's floor forms add sign fix-ups that hide from Triton that
+    # a block's positions are contiguous, and the loads would go byte by byte
+    return lax.div(pos, v_block) * (v_block * dh) + d * v_block + lax.rem(pos, v_block)
 
 
 def attend_ref(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
@@ -146,14 +176,14 @@ def _quantize_vec(x, scale_dtype):
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
             parts: int = 0, has_bias: bool = False, rms: tuple | None = None, codes: int = 0, batch: int = 0,
-            pdl_on: bool = False):
+            pdl_on: bool = False, v_block: int = 0):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
     [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
     outputs: the attention [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores
     (aliased to k, v, scales). `codes` > 0 (splits = 1, Dh = 128): the attention as o_proj's int8 codes instead,
     `QuantizedActivations`' three arrays with `codes` rows (≥ B·T = `batch`·T; the rows past it zero), one group
-    a head."""
+    a head. `v_block` > 0: the value store in `block_values`' order."""
     refs = list(refs)
 
     def take(n):
@@ -238,7 +268,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
             else:
                 k_t, v_t, k_sc, v_sc = k_t.astype(k_out.dtype), v_t.astype(v_out.dtype), None, None
             plgpu.store(k_out.at[b, h, pos_t * dh + d], k_t, mask=(d < dh) & write)
-            plgpu.store(v_out.at[b, h, pos_t * dh + d], v_t, mask=(d < dh) & write)
+            plgpu.store(v_out.at[b, h, value_offsets(pos_t, d, dh, v_block)], v_t, mask=(d < dh) & write)
             new.append((pos_t, write, k_t, v_t, k_sc, v_sc))
         old_end = new[0][0]  # the cache holds the positions before the new tokens; those come from registers
     else:
@@ -284,7 +314,14 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         if scaled:
             s = s * plgpu.load(ks_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32)[None, :]
         vs = plgpu.load(vs_ref.at[b, h, kp], mask=inb, other=0.0).astype(jnp.float32) if scaled else None
-        vals = plgpu.load(v_ref.at[b, h, off], mask=inb[:, None], other=0)
+        if v_block:  # [Dh, block_s], positions contiguous; P·V takes it transposed
+            v_off = value_offsets(kp[None, :], d[:, None], dh, v_block)
+            # unmasked where every block lies inside the store (a mask along the positions would split the
+            # loads into bytes); the positions past `hi` hold finite codes, and their probabilities are 0
+            vals = (plgpu.load(v_ref.at[b, h, v_off]) if s_len % block_s == 0 else
+                    plgpu.load(v_ref.at[b, h, v_off], mask=inb[None, :], other=0)).T
+        else:
+            vals = plgpu.load(v_ref.at[b, h, off], mask=inb[:, None], other=0)
         return update(carry, s * scale, seen_by(kp) & inb[None, :], vals, vs)
 
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dh), jnp.float32))
@@ -405,8 +442,9 @@ def choose_splits(batch: int, kv_heads: int, positions: int, block_s: int, codes
     return max(1, min(-(-128 // (batch * kv_heads)), blocks))
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "block_s", "splits", "num_warps", "interpret"))
-def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block_s, splits, num_warps, interpret):
+@functools.partial(jax.jit, static_argnames=("sliding_window", "block_s", "splits", "num_warps", "v_block", "interpret"))
+def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block_s, splits, num_warps, v_block,
+                      interpret):
     B, T, H, Dh = q.shape
     KVH, S = k.shape[1], k.shape[2]
     g = H // KVH
@@ -426,7 +464,8 @@ def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block
     res = pl.pallas_call(
         functools.partial(_kernel, pdl_on=pdl.active(interpret),
                           t=T, g=g, heads=H, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
-                          per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=q.dtype),
+                          per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=q.dtype,
+                          v_block=v_block),
         out_shape=out_shape,
         grid=(B, KVH, splits),
         interpret=interpret,
@@ -442,14 +481,15 @@ def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block
 def decode_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, *,
                             sliding_window: int | None = None, k_scale: jax.Array | None = None,
                             v_scale: jax.Array | None = None, block_s: int | None = None, splits: int | None = None,
-                            num_warps: int = 4, interpret: bool = False) -> jax.Array:
+                            num_warps: int = 4, v_block: int = 0, interpret: bool = False) -> jax.Array:
     """`decode_attention_ref` in one launch (two with splits > 1): q [B, T, H, Dh] the new tokens' queries at
     positions q_pos [B, T]; k/v [B, KVH, S, Dh] the cache (float, or int8 codes with k_scale/v_scale
     [B, KVH, S]) already holding the new tokens → [B, T, H, Dh] in q's dtype.
 
     T·H/KVH ≤ MAX_ROWS (decode and short chunks; prefill takes `attend_ref`). splits: programs per (row, KV
     head) over the positions (None: `choose_splits`). A row whose every position is masked (only positions
-    past the cache) gives zeros where the reference averages the whole cache."""
+    past the cache) gives zeros where the reference averages the whole cache. `v_block`: an int8 cache's
+    values in `block_values`' order (the order of an int8 `KVCache` with `v_block` set)."""
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"decode_attention: q must be [B, T, H, Dh] and k, v the same [B, KVH, S, Dh]; "
                          f"got q {q.shape}, k {k.shape}, v {v.shape}")
@@ -464,6 +504,7 @@ def decode_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax
     if k_scale is not None and (k_scale.shape != k.shape[:3] or v_scale.shape != k.shape[:3]):
         raise ValueError(f"decode_attention: k_scale/v_scale must be [B, KVH, S] = {k.shape[:3]}; "
                          f"got {k_scale.shape}, {v_scale.shape}")
+    _check_v_block("decode_attention", v_block, v)
     g = H // k.shape[1]
     if T * g > MAX_ROWS:
         raise ValueError(f"decode_attention: {T} tokens × {g} heads per KV head = {T * g} query rows > {MAX_ROWS}; "
@@ -473,12 +514,19 @@ def decode_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax
     if block_s < 16 or block_s & (block_s - 1) or Dh < 16 or Dh & (Dh - 1):
         raise ValueError(f"decode_attention: block_s ({block_s}) and the head dim ({Dh}) must be powers of two ≥ 16")
     if q.size == 0 or k.shape[2] == 0:
-        return decode_attention_ref(q, k, v, q_pos, sliding_window=sliding_window, k_scale=k_scale, v_scale=v_scale)
+        return decode_attention_ref(q, k, unblock_values(v, v_block), q_pos, sliding_window=sliding_window,
+                                    k_scale=k_scale, v_scale=v_scale)
     if splits is None:
         splits = choose_splits(B, k.shape[1], k.shape[2], block_s)
     splits = max(1, min(int(splits), -(-k.shape[2] // block_s)))
     return _decode_attention(q, k, v, q_pos, k_scale, v_scale, sliding_window=sliding_window, block_s=block_s,
-                             splits=splits, num_warps=num_warps, interpret=interpret)
+                             splits=splits, num_warps=num_warps, v_block=v_block, interpret=interpret)
+
+
+def _check_v_block(name: str, v_block: int, v: jax.Array) -> None:
+    if v_block and (v.dtype != jnp.int8 or v_block < 16 or v_block & (v_block - 1) or v.shape[-2] % v_block):
+        raise ValueError(f"{name}: v_block={v_block} needs an int8 value store whose positions ({v.shape[-2]}) are a "
+                         "multiple of it, a power of two ≥ 16 (init_cache sets it only where they are)")
 
 
 # ------------------------------------------------------------------ projection → RoPE → cache write → attention
@@ -500,14 +548,16 @@ def _split_qkv(y, heads: int, kv_heads: int):
 def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin: jax.Array, k_store: jax.Array,
                           v_store: jax.Array, *, heads: int, kv_heads: int, dtype=None, bias: jax.Array | None = None,
                           k_scale_store: jax.Array | None = None, v_scale_store: jax.Array | None = None,
-                          sliding_window: int | None = None, rms: RowRms | None = None, codes: bool = False):
+                          sliding_window: int | None = None, rms: RowRms | None = None, codes: bool = False,
+                          v_block: int = 0):
     """What mixjax's decoder layer does between the q/k/v projection and o_proj, for one layer's cache:
     qkv [B, T, (H + 2·KVH)·Dh] in the activations' dtype, or f32 split-K partials [P, B, T, ...] summed and
     rounded to `dtype` (first multiplied per token by `rms`'s r when given: the projection ran on the codes of
     `norm.rms_norm_codes_pallas`); + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k,
     v written at q_pos [B, T] into k_store/v_store [B, KVH, S, Dh] (int8 with scale stores [B, KVH, S]: quantized
     first); `attend_ref` over the cache. Returns (out [B, T, H, Dh], k_store, v_store, k_scale_store,
-    v_scale_store); `codes`: out as o_proj's input codes instead (`head_codes_ref`)."""
+    v_scale_store); `codes`: out as o_proj's input codes instead (`head_codes_ref`); `v_block`: v_store in
+    `block_values`' order."""
     from mixjax import model
 
     dtype = jnp.dtype(dtype or qkv.dtype)
@@ -520,8 +570,9 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
     q, k, v = _split_qkv(y, heads, kv_heads)
     q, k = model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin)
     k_store, k_scale_store, _, k_scale = model._write_cache(k_store, k_scale_store, None, k, q_pos)
-    v_store, v_scale_store, _, v_scale = model._write_cache(v_store, v_scale_store, None, v, q_pos)
-    out = attend_ref(q, k_store, v_store, cache_mask(q_pos, k_store.shape[2], sliding_window), k_scale, v_scale)
+    v_store, v_scale_store, _, v_scale = model._write_cache(v_store, v_scale_store, None, v, q_pos, v_block)
+    out = attend_ref(q, k_store, unblock_values(v_store, v_block), cache_mask(q_pos, k_store.shape[2], sliding_window),
+                     k_scale, v_scale)
     return head_codes_ref(out) if codes else out, k_store, v_store, k_scale_store, v_scale_store
 
 
@@ -553,9 +604,9 @@ def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int,
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
-                                             "num_warps", "num_stages", "codes", "interpret"))
+                                             "num_warps", "num_stages", "codes", "v_block", "interpret"))
 def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, *, heads, kv_heads,
-                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, interpret):
+                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, v_block, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -589,7 +640,7 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None,
                           rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps),
-                          codes=mp if in_kernel else 0, batch=B),
+                          codes=mp if in_kernel else 0, batch=B, v_block=v_block),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -618,7 +669,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
                              num_stages: int | None = None, rms: RowRms | None = None, codes: bool = False,
-                             interpret: bool = False):
+                             v_block: int = 0, interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
     the key/value blocks in flight (None, and block_s None: `fused_block_stages`); `num_warps`: a program's warps
@@ -626,7 +677,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     Triton 3.9 (`benchmarks/ptx_stats.py`): bf16 cache 40 / 72 / 136 KB at 1 / 2 / 3 stages, int8 41 / 74 KB at 2 / 3.
     `codes`: the attention comes back as o_proj's input codes (`head_codes_ref`: `QuantizedActivations`, per group
     of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
-    Dh = 128: o_proj's quantization launch saved), else by XLA ops after the splits' merge."""
+    Dh = 128: o_proj's quantization launch saved), else by XLA ops after the splits' merge. `v_block`: an int8
+    cache's value store in `block_values`' order (read and written so)."""
     if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
         raise ValueError(f"attend_new_tokens: qkv must be [B, T, W] or f32 partials [P, B, T, W]; got {qkv.shape} "
                          f"{qkv.dtype}")
@@ -650,6 +702,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     if rms is not None and (rms.ssq.ndim != 2 or rms.ssq.shape[0] != B * T):
         raise ValueError(f"attend_new_tokens: rms must hold one row of sums of squares per token, [B·T, C] = "
                          f"[{B * T}, C]; got {rms.ssq.shape}")
+    _check_v_block("attend_new_tokens", v_block, v_store)
     if T * (heads // kv_heads) > MAX_ROWS:
         raise ValueError(f"attend_new_tokens: {T} tokens × {heads // kv_heads} heads per KV head > {MAX_ROWS} query rows; "
                          "use attend_new_tokens_ref (XLA) for prefill-sized chunks")
@@ -660,11 +713,11 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError(f"attend_new_tokens: block_s ({block_s}) and the head dim ({dh}) must be powers of two ≥ 16")
     dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))
     kw = dict(heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias, k_scale_store=k_scale_store,
-              v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms, codes=codes)
+              v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms, codes=codes, v_block=v_block)
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and dh == GROUP_SIZE)
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
-                              interpret=interpret)
+                              v_block=v_block, interpret=interpret)

@@ -82,6 +82,31 @@ def test_decode_attention_matches_reference(B, T, H, KVH, S, Dh, window, int8, s
         assert np.all(np.abs(got - ref) <= rel * size + 1e-6), np.abs(got - ref).max()
 
 
+@pytest.mark.parametrize("S, v_block, block_s, splits", [(256, 64, None, 2), (192, 64, 128, 1), (64, 16, 32, 1)])
+def test_decode_attention_reads_blocked_values(S, v_block, block_s, splits):
+    """An int8 cache's values in `block_values`' order give what the position-major store gives (interpret
+    mode: the same numbers in the same order, so equal; a GPU: the reference's bound), including blocks that
+    run past the store (128 positions over 192: masked loads)."""
+    rng = np.random.default_rng()
+    B, T, H, KVH, Dh = 2, 1, 8, 2, 64
+    pos = _positions(rng, B, T, S)
+    q, k, v, ks, vs = _case(rng, B, T, H, KVH, S, Dh, jnp.bfloat16, True)
+    blocked = attention.block_values(v, v_block)
+    assert not np.array_equal(np.asarray(blocked), np.asarray(v))
+    np.testing.assert_array_equal(attention.unblock_values(blocked, v_block), v)
+    # block j of the store holds positions j·v_block … as [Dh, v_block]
+    np.testing.assert_array_equal(np.asarray(blocked)[1, 0].reshape(S // v_block, Dh, v_block)[1, 5, 3],
+                                  np.asarray(v)[1, 0, v_block + 3, 5])
+    kw = dict(k_scale=ks, v_scale=vs, splits=splits, block_s=block_s, interpret=INTERPRET)
+    got = np.asarray(attention.decode_attention_pallas(q, k, blocked, pos, v_block=v_block, **kw), np.float32)
+    rows = np.asarray(attention.decode_attention_pallas(q, k, v, pos, **kw), np.float32)
+    ref = np.asarray(attention.decode_attention_ref(q, k, v, pos, k_scale=ks, v_scale=vs), np.float32)
+    if INTERPRET:
+        np.testing.assert_array_equal(got, rows)
+    size = np.abs(ref).max(axis=-1, keepdims=True)
+    assert np.all(np.abs(got - ref) <= 2 ** -6 * size + 1e-6), np.abs(got - ref).max()
+
+
 def test_masked_positions_are_never_seen():
     """A key that matches the query strongly right after the token's position (a future token), and one just
     outside the sliding window, carry values of 1000: if either leaked into the softmax, the output would
@@ -154,23 +179,36 @@ def _queries_as_rounded(qkv, bias, cos, sin, heads, dh, dtype, rms=None):
 # queries could be an ulp off the rounding it states (and Triton keeps); random q and k give peaked softmaxes
 # that turn such an ulp into output errors of several (a CI failure, 2026-12-04)
 @functools.partial(jax.jit, static_argnames=("splits", "heads", "kv_heads", "dtype", "sliding_window", "codes",
-                                             "num_warps"),
+                                             "num_warps", "v_block", "block_s"),
                    compiler_options={"xla_allow_excess_precision": False})
 def _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, bias, ks, vs, rms=None, **kw):
     return attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, bias=bias, k_scale_store=ks,
                                               v_scale_store=vs, rms=rms, interpret=INTERPRET, **kw)
 
 
-@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms", FUSED_CASES)
+# int8 caches with their values in blocks (`attention.block_values`): (v_block, block_s) of the kernel — whole
+# blocks (unmasked value loads), several splits, and 128-position blocks over a 320-position cache (the last one
+# past the store: masked loads)
+BLOCKED_CASES = [
+    (2, 1, 8, 2, 320, 64, None, jnp.float32, 2, False, 1, jnp.bfloat16, False, (64, None)),
+    (3, 2, 8, 8, 512, 32, 100, jnp.bfloat16, 0, True, 3, jnp.bfloat16, True, (64, None)),
+    (2, 1, 8, 2, 320, 64, 50, jnp.float32, 0, False, 2, jnp.bfloat16, False, (64, 128)),
+    (1, 3, 4, 2, 96, 16, None, jnp.float32, 3, False, None, jnp.bfloat16, False, (32, 16)),
+]
+
+
+@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms, blocked",
+                         [(*c, None) for c in FUSED_CASES] + BLOCKED_CASES)
 def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, parts, bias, splits, dtype, rms,
-                                            num_warps=None):
+                                            blocked, num_warps=None):
     """Projection output (or split-K partials) + bias → RoPE → cache write → attention in one launch: the new
     positions written as the decoder layer writes them (`attend_new_tokens_ref`; a float cache to within an
     ulp: RoPE's products may round differently; an int8 cache's codes to within one step), every other
     position of the cache untouched, and the attention output that of `attend_ref` over the cache the kernel
     wrote, with the queries rounded as the kernel states (so a code one step off is not counted twice).
     `rms`: the projection ran on the codes of `norm.rms_norm_codes_pallas`, and its output is first multiplied
-    by each token's r (sums of squares over 3 chunks)."""
+    by each token's r (sums of squares over 3 chunks). `blocked` (v_block, block_s): the value store in
+    `block_values`' order, read and written so by both; compared position-major."""
     from mixjax import model
     from pallas_kernels.format import RowRms
 
@@ -183,10 +221,13 @@ def test_attend_new_tokens_matches_reference(B, T, H, KVH, S, Dh, window, int8, 
     cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
     kw = dict(heads=H, kv_heads=KVH, dtype=dtype, sliding_window=window)
     rms = RowRms(jnp.asarray(rng.uniform(50, 400, size=(B * T, 3)), jnp.float32), 384, 1e-5) if rms else None
-    got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, b, ks, vs, rms, splits=splits, num_warps=num_warps,
-                                       **kw)
-    want = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, bias=b, k_scale_store=ks, v_scale_store=vs,
-                                           rms=rms, **kw)
+    v_block, block_s = blocked or (0, None)
+    v_in = attention.block_values(v, v_block)
+    got = list(_attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v_in, b, ks, vs, rms, splits=splits,
+                                            num_warps=num_warps, v_block=v_block, block_s=block_s, **kw))
+    want = list(attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v_in, bias=b, k_scale_store=ks,
+                                                v_scale_store=vs, rms=rms, v_block=v_block, **kw))
+    got[2], want[2] = attention.unblock_values(got[2], v_block), attention.unblock_values(want[2], v_block)
     assert got[0].shape == (B, T, H, Dh) and got[0].dtype == dtype
     q = _queries_as_rounded(qkv, b, cos, sin, H, Dh, dtype, rms)
     mask = attention.cache_mask(pos, S, window)
@@ -241,6 +282,11 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="powers of two"):
         attention.decode_attention_pallas(jnp.zeros((1, 1, 8, 48)), jnp.zeros((1, 2, 32, 48)),
                                           jnp.zeros((1, 2, 32, 48)), pos)
+    with pytest.raises(ValueError, match="v_block=64 needs an int8 value store"):  # float, then 32 positions
+        attention.decode_attention_pallas(q, k, k, pos, v_block=64)
+    k8, s8 = k.astype(jnp.int8), jnp.ones((1, 2, 32))
+    with pytest.raises(ValueError, match="positions \\(32\\) are a multiple"):
+        attention.decode_attention_pallas(q, k8, k8, pos, k_scale=s8, v_scale=s8, v_block=64)
     cos = jnp.zeros((1, 1, 1, 64))
     with pytest.raises(ValueError, match="fused in that order"):
         attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 700)), pos, cos, cos, k, k, heads=8, kv_heads=2)
@@ -253,6 +299,9 @@ def test_bad_inputs_are_named():
     with pytest.raises(ValueError, match="scale stores"):
         attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k.astype(jnp.int8),
                                            k.astype(jnp.int8), heads=8, kv_heads=2)
+    with pytest.raises(ValueError, match="v_block=24 needs"):
+        attention.attend_new_tokens_pallas(jnp.zeros((1, 1, 768)), pos, cos, cos, k8, k8, heads=8, kv_heads=2,
+                                           k_scale_store=s8, v_scale_store=s8, v_block=24)
     from pallas_kernels.format import RowRms
 
     with pytest.raises(ValueError, match="one row of sums of squares per token"):
@@ -260,11 +309,11 @@ def test_bad_inputs_are_named():
                                            rms=RowRms(jnp.ones((2, 4)), 512, 1e-5))
 
 
-@pytest.mark.parametrize("cache_dtype", [jnp.float32, jnp.int8])
-def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
+@pytest.mark.parametrize("cache_dtype, max_len", [(jnp.float32, 80), (jnp.int8, 80), (jnp.int8, 128)])
+def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype, max_len):
     """`model.ATTENTION = "always"`: the cached steps that fit the kernel (here 2 and 1 new tokens; the 25-token
     prefill, 75 query rows per KV head, stays on XLA) give the logits of the XLA attention, float and int8
-    caches alike."""
+    caches alike (128 positions: the int8 values in blocks of 64, `KVCache.v_block`)."""
     cfg = LlamaConfig(vocab_size=97, hidden_size=192, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=6, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
     params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(1), jnp.float32))
@@ -275,7 +324,8 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
 
     def run(mode):
         monkeypatch.setattr(model, "ATTENTION", mode)
-        cache = model.init_cache(cfg, 2, 80, cache_dtype)
+        cache = model.init_cache(cfg, 2, max_len, cache_dtype)
+        assert cache.v_block == (64 if max_len == 128 else 0)
         out = []
         forward = _fresh_jit(cfg)
         with jax.default_matmul_precision("float32"):  # f32 dots on a GPU: IEEE in both paths, not TF32
@@ -297,8 +347,9 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype):
         np.testing.assert_allclose(g, w, rtol=0, atol=(3e-2 if flipped else 1e-4) * float(np.abs(w).max()))
 
 
-@pytest.mark.parametrize("weights, cache_dtype", [("float", jnp.int8), ("mixed", jnp.float32)])
-def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
+@pytest.mark.parametrize("weights, cache_dtype, max_len", [("float", jnp.int8, 40), ("float", jnp.int8, 64),
+                                                             ("mixed", jnp.float32, 40)])
+def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype, max_len):
     """Per-layer params with q/k/v fused (as `generate` runs a quantized model on a GPU) and q/k/v biases: the
     decode steps take `attend_new_tokens_pallas`, on the projection's split-K partials for mixed weights,
     and give the XLA path's logits and cache."""
@@ -327,7 +378,8 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype):
 
     def run(mode):
         monkeypatch.setattr(model, "ATTENTION", mode)
-        cache = model.init_cache(cfg, 2, 40, cache_dtype)
+        cache = model.init_cache(cfg, 2, max_len, cache_dtype)
+        assert cache.v_block == (64 if max_len == 64 else 0)
         out = []
         forward = _fresh_jit(cfg)
         with jax.default_matmul_precision("float32"):  # f32 dots on a GPU: IEEE in both paths, not TF32
@@ -514,8 +566,8 @@ def test_attend_new_tokens_any_warps(num_warps):
     """The fused step compiled for 2, 8 or 16 warps a program (`num_warps`, default 4): the same checks as at 4 on a
     bf16 cache (split-K partials, the norm's deferred rsqrt), an int8 cache, and o_proj's codes from the programs'
     epilogue on each cache."""
-    test_attend_new_tokens_matches_reference(*FUSED_CASES[0], num_warps=num_warps)
-    test_attend_new_tokens_matches_reference(*FUSED_CASES[3], num_warps=num_warps)
+    test_attend_new_tokens_matches_reference(*FUSED_CASES[0], None, num_warps=num_warps)
+    test_attend_new_tokens_matches_reference(*FUSED_CASES[3], None, num_warps=num_warps)
     for int8 in (False, True):
         test_attend_new_tokens_codes_are_o_projs_quantization(16, 1, 32, 8, 384, 3, int8, 1, 128, num_warps=num_warps)
 

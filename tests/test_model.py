@@ -271,6 +271,38 @@ def test_int8_cache_tracks_float_cache(params, layers, stacked_cache):
     assert not np.array_equal(np.asarray(out[jnp.int8]), np.asarray(out[jnp.float32]))  # really quantized
 
 
+@pytest.mark.parametrize("layers,stacked_cache", [("stacked", True), ("tuple", False), ("tuple", True)])
+def test_int8_values_in_blocks_change_nothing_but_the_order(params, layers, stacked_cache, monkeypatch):
+    """An int8 cache whose length is a multiple of 64 stores its values in blocks of 64 positions
+    (`KVCache.v_block`, the decode kernel's order): on the XLA path the logits and the keys and scales are those
+    of the position-major cache exactly, and `values(layer)` gives its values back; the stored order differs."""
+    import mixjax.model as model_module
+
+    p = _scale_up(params if layers == "stacked" else unstack_layers(params))
+    tokens = _tokens(15, (2, 9))
+    runs = {}
+    for blocked in (True, False):
+        monkeypatch.setattr(model_module, "INT8_V_BLOCK", blocked)
+        cache = init_cache(CFG, batch=2, max_len=64, dtype=jnp.int8, stacked=stacked_cache)
+        assert cache.v_block == (64 if blocked else 0)
+        step = jax.jit(forward_step, static_argnames=("cfg", "implementation", "logits_at"))
+        logits, cache = step(p, tokens[:, :6], CFG, cache, num_valid=jnp.array([6, 4]))
+        pieces = [logits]
+        for t in range(6, 9):
+            logits, cache = step(p, tokens[:, t : t + 1], CFG, cache)
+            pieces.append(logits)
+        assert cache.v_block == (64 if blocked else 0)  # kept through the steps (and the stacked/tuple conversion)
+        runs[blocked] = (np.asarray(jnp.concatenate(pieces, axis=1)), cache)
+    np.testing.assert_array_equal(runs[True][0], runs[False][0])
+    got, want = runs[True][1], runs[False][1]
+    for a, b in zip((got.k, got.k_scale, got.v_scale), (want.k, want.k_scale, want.v_scale)):
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            np.testing.assert_array_equal(x, y)
+    for i in range(CFG.num_hidden_layers):
+        np.testing.assert_array_equal(got.values(i), want.v[i])
+    assert not np.array_equal(np.asarray(jax.tree.leaves(got.v)[0]), np.asarray(jax.tree.leaves(want.v)[0]))
+
+
 def test_int8_cache_codes_reconstruct_the_float_keys(params):
     """Layer 0's stored codes times their scales equal the float cache within half a quantization step
     (later layers see attention over the quantized cache, so their inputs differ)."""

@@ -519,9 +519,10 @@ def test_prompt_scales_study_prices_per_token_prompts():
                     prompt=8, log=lambda *a: None)
     first, token, selective = result["rows"]
     qp = quantize(params, calib, cfg, config=QuantConfig(bits=4.4, batch_size=4))
-    nll = phased_nll([(as_fake_quant(qp), 24)], cfg, windows, prompt=8, batch_size=3)
-    # the study runs one window at a time (for the pairs), here three at once: a code can flip at a rounding boundary
-    assert first["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=2e-4) and "paired" not in first
+    # one window at a time, as the study runs them (for the pairs): a batch of three is another program, whose
+    # last-bit differences can flip an activation code (3e-4 in perplexity at XLA's -O0, 2026-12-06)
+    nll = phased_nll([(as_fake_quant(qp), 24)], cfg, windows, prompt=8, batch_size=1)
+    assert first["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-6) and "paired" not in first
     ppls = [first["perplexity"], token["perplexity"], selective["perplexity"]]
     assert len({round(p, 6) for p in ppls}) == 3
     for row in (token, selective):
