@@ -685,13 +685,12 @@ def _write_blocked(store, scale_store, index, new, scale, positions, v_block: in
     B, T, KVH, Dh = new.shape
     S = store.shape[-2]
     view = store.reshape(*store.shape[:-2], S // v_block, Dh, v_block)
-    rows, heads = jnp.arange(B)[:, None, None], jnp.arange(KVH)[None, None, :]  # → [B, T, KVH] with positions
-    pos = positions[:, :, None]
-    # positions past S are dropped: pointed past the blocks (the block index alone can be out of range)
-    blk = jnp.where(pos < S, pos // v_block, S // v_block)
-    at = (rows, heads, blk, slice(None), pos % v_block)  # advanced indices [B, T, KVH], then the Dh window
+    # in the store's order, as CACHE_WRITE's "scatter_t": indices [B, KVH, T] (sorted, unique), windows of Dh
+    rows, heads, pos = jnp.arange(B)[:, None, None], jnp.arange(KVH)[None, :, None], positions[:, None, :]
+    # (a position past S has a block index past the blocks, S being a multiple of v_block: dropped)
+    at = (rows, heads, pos // v_block, slice(None), pos % v_block)  # advanced indices [B, KVH, T], then Dh
     at = at if index is None else (index, *at)
-    view = view.at[at].set(new, mode="drop")
+    view = view.at[at].set(new.transpose(0, 2, 1, 3), mode="drop", unique_indices=True, indices_are_sorted=True)
     store = view.reshape(store.shape)
     scale_at = (jnp.arange(B)[:, None], slice(None), positions)
     scale_at = scale_at if index is None else (index, *scale_at)

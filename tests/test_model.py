@@ -303,6 +303,30 @@ def test_int8_values_in_blocks_change_nothing_but_the_order(params, layers, stac
     assert not np.array_equal(np.asarray(jax.tree.leaves(got.v)[0]), np.asarray(jax.tree.leaves(want.v)[0]))
 
 
+@pytest.mark.parametrize("T, start", [(1, [5, 127]), (70, [0, 100]), (9, [60, 124])])
+def test_blocked_value_writes_equal_position_major_ones(T, start):
+    """`_write_cache` into a value store in blocks (one token, a chunk spanning blocks, positions past the end
+    dropped) holds what the position-major write holds, per layer and in a stacked store."""
+    from mixjax.model import _write_cache
+    from pallas_kernels.attention import block_values, unblock_values
+
+    rng = np.random.default_rng()
+    B, KVH, S, Dh = 2, 3, 128, 16
+    new = jnp.asarray(rng.normal(size=(B, T, KVH, Dh)), jnp.float32)
+    positions = jnp.asarray(np.asarray(start)[:, None] + np.arange(T)[None, :], jnp.int32)
+    store = jnp.asarray(rng.integers(-127, 128, (B, KVH, S, Dh)), jnp.int8)
+    scales = jnp.asarray(rng.uniform(0.1, 1, (B, KVH, S)), jnp.float32)
+    want = _write_cache(store, scales, None, new, positions)
+    got = _write_cache(block_values(store, 64), scales, None, new, positions, v_block=64)
+    np.testing.assert_array_equal(unblock_values(got[0], 64), want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    stacked = jnp.stack([store, store[::-1]])
+    want = _write_cache(stacked, jnp.stack([scales, scales]), jnp.int32(1), new, positions)
+    got = _write_cache(block_values(stacked, 64), jnp.stack([scales, scales]), jnp.int32(1), new, positions, v_block=64)
+    np.testing.assert_array_equal(unblock_values(got[0], 64), want[0])
+    np.testing.assert_array_equal(unblock_values(got[2], 64), want[2])
+
+
 def test_int8_cache_codes_reconstruct_the_float_keys(params):
     """Layer 0's stored codes times their scales equal the float cache within half a quantization step
     (later layers see attention over the quantized cache, so their inputs differ)."""
