@@ -407,8 +407,14 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype, max_len
             assert err.max() <= 3e-2 and err.mean() <= 1e-2
     for a, b in zip(jax.tree.leaves(got_cache), jax.tree.leaves(want_cache)):
         a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-        tol = 1.0 if cache_dtype == jnp.int8 and a.ndim == 4 else 1e-5 * float(np.abs(b).max())  # a code may move by one
-        assert np.abs(a - b).max() <= tol
+        if cache_dtype == jnp.int8 and a.ndim == 4:  # a code may move by one
+            assert np.abs(a - b).max() <= 1.0
+        elif weights == "mixed":  # the keys and values after an activation code's flip (above) move like the logits
+            # (seen: 0.17 against a largest |value| of 29, 1 run in 25); a wrong position or head moves them by ≈ 100 %
+            err = np.abs(a - b) / float(np.abs(b).max())
+            assert err.max() <= 3e-2 and err.mean() <= 1e-2
+        else:
+            assert np.abs(a - b).max() <= 1e-5 * float(np.abs(b).max())
 
 
 @pytest.mark.parametrize("flag, value, tokens, match", [
