@@ -849,6 +849,20 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
+  s42b)  # session 42: s42a on an H100 (the issues' card; s42a ran on an H200): b1 / b8 / b32 with --kv-int8, the value
+    # blocks (default) against @vrow, bf16 beside; first the fused step's f32 case that failed once in s42a's whole-file
+    # run on the H200, six times with its error
+    header
+    for i in 1 2 3 4 5 6; do
+      timeout 60 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py -k "matches_reference and 100-32" 2>&1 \
+        | grep -E "^E  |passed|failed" | head -6
+    done | tee "$out/f32_case.log"
+    timeout 300 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@vrow+h4 --kv-int8 --batches 1,8,32 \
+      --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 290 --out "$out/vblock.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/vblock.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,8,32 --repeats 2 --prefill-len 256 \
+      --budget-s 140 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
+    ;;
   s42a)  # session 42: an int8 cache's values in blocks of 64 positions stored [Dh, 64] (`KVCache.v_block`; offline the
     # fused step's loop 941 → 765 SASS instructions and 168 → 120 registers at b32: no byte loads from shared memory for
     # P·V) — its tests compiled on the GPU, then b1 / b8 / b32 with --kv-int8 against the position-major order
