@@ -849,6 +849,16 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
+  s42c)  # session 42: with the value blocks the int8 step's 128-position blocks take 159 registers (246 before) and 658 SASS
+    # instructions a 64 positions (765 at 64 × 3): b1 / b8 / b32 with --kv-int8, the default 64 × 3 against @att128
+    # (128 × 2) and @att128s3 (128 × 3), then bf16 at b32 for the ratio
+    header
+    timeout 260 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@att128+h4,w4.4a8@att128s3+h4 --kv-int8 \
+      --batches 1,8,32 --repeats 2 --prefill-len 256 --profile --profile-top 5 --budget-s 250 --out "$out/att128.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/att128.log"
+    timeout 70 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 32 --repeats 2 --prefill-len 256 \
+      --budget-s 60 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
+    ;;
   s42b)  # session 42: s42a on an H100 (the issues' card; s42a ran on an H200): b1 / b8 / b32 with --kv-int8, the value
     # blocks (default) against @vrow, bf16 beside; first the fused step's f32 case that failed once in s42a's whole-file
     # run on the H200, six times with its error
