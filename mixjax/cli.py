@@ -5,7 +5,7 @@
     mixjax generate --model PATH --prompt "..." [--chat] [--max-new-tokens N] [--temperature ...]
                     [--prefill-model PATH --switch-after N] [--tensor-parallel N]
     mixjax quantize --out DIR [--model PATH] [--bits 4.4] [--samples N] [--seq-len T] [--salience ...]
-    mixjax ablate salience|activations|progressive|dequant [--model PATH] [--bits 4.4] [--out FILE.json]
+    mixjax ablate salience|activations|progressive|prompt-scales|kv-cache|dequant [--model PATH] [--bits 4.4] [--out FILE.json]
     mixjax export SRC OUT|OUT.gguf [--dtype float32|bfloat16|float16|q8_0] [--dequantize] [--force]
     mixjax info PATH [--json]                     # format, config, storage, quantization, tokenizer
 

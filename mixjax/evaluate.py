@@ -126,9 +126,11 @@ def phased_perplexity(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_s
 
 def phased_nll(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: int = 4,
                implementation: Implementation = "auto", progress: bool = False,
-               mesh: Mesh | None = None) -> np.ndarray:
+               mesh: Mesh | None = None, cache_dtype=jnp.float32) -> np.ndarray:
     """`phased_perplexity`'s NLL per position: float64 [T − prompt], entry i the mean over windows of the NLL of
-    the token at position prompt + i (so a later range's perplexity is exp of a slice's mean)."""
+    the token at position prompt + i (so a later range's perplexity is exp of a slice's mean). cache_dtype: the
+    KV cache's (`model.init_cache`; jnp.int8: every key and value quantized as `generate --kv-int8` stores them,
+    before any attention reads them)."""
     windows = np.asarray(windows)
     _check_windows(windows, cfg, batch_size)
     check_mesh(mesh, tensor_parallel=True)
@@ -141,14 +143,15 @@ def phased_nll(phases, cfg: LlamaConfig, windows, *, prompt: int, batch_size: in
     if not 1 <= prompt < T:
         raise ValueError(f"prompt={prompt} must lie in [1, T={T}): at least one token to condition on and one to score")
     total = _sum_over_batches(_phased_nll_sum, tuple(p for p, _ in phases), windows, batch_size, progress, mesh,
-                              cfg=cfg, ends=ends, prompt=prompt, implementation=implementation)
+                              cfg=cfg, ends=ends, prompt=prompt, implementation=implementation,
+                              cache_dtype=jnp.dtype(cache_dtype))
     return total / n
 
 
-def _phased_nll_sum(phase_params, tokens, weight, *, cfg, ends, prompt, implementation):
+def _phased_nll_sum(phase_params, tokens, weight, *, cfg, ends, prompt, implementation, cache_dtype=jnp.float32):
     """NLL of tokens [B, T] at positions prompt … T-1 summed over the weighted rows → f32 [T − prompt]; phase i's
-    params run positions [ends[i-1], ends[i])."""
-    cache = model.init_cache(cfg, tokens.shape[0], tokens.shape[1], jnp.float32)
+    params run positions [ends[i-1], ends[i]) through a KV cache of `cache_dtype`."""
+    cache = model.init_cache(cfg, tokens.shape[0], tokens.shape[1], cache_dtype)
     logits, begin = [], 0
     for params, end in zip(phase_params, ends):
         out, cache = model.forward_step(params, tokens[:, begin:end], cfg, cache, implementation=implementation)

@@ -377,6 +377,18 @@ def test_ablate_prints_the_study_and_writes_json(tiny_model, tmp_path, capsys):
         assert row["perplexity"] == pytest.approx(first["perplexity"], rel=1e-6)
         assert abs(row["paired"]["delta"]) < 1e-6 * first["perplexity"] and row["paired"]["windows"] == len(windows)
 
+    # kv-cache: the W4.4A8 model above through a float KV cache (every position after the first, as `perplexity`
+    # scores), then through an int8 one (paired with it), and the float model through an int8 one
+    kv = tmp_path / "kv-cache.json"
+    assert cli.main(["ablate", "kv-cache", *opts, "--out", str(kv)]) == 0
+    assert "float-cache run of the same weights" in capsys.readouterr().out
+    study = json.loads(kv.read_text())
+    first, int8, float_int8 = study["rows"]
+    assert study["fp"] == pytest.approx(perplexity(params, cfg, windows, batch_size=2), rel=1e-5)
+    assert first["perplexity"] == pytest.approx(global_["perplexity"], rel=1e-5) and "paired" not in first
+    assert int8["perplexity"] != first["perplexity"] and float_int8["perplexity"] != study["fp"]
+    assert int8["paired"]["windows"] == float_int8["paired"]["windows"] == len(windows)
+
     # dequant: one quantization (the one above) through the kernels' two-step path (their XLA reference here),
     # with it off (bf16 dequantized W and x, one bf16 dot), and simulated (the other studies' rows)
     from mixjax.quant.fakequant import as_one_step

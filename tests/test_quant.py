@@ -499,6 +499,42 @@ def test_checkpoints_in_the_seven_array_layout_still_load(tiny_params, tiny_toke
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_kv_cache_study_prices_the_int8_cache():
+    """`ablate(study="kv-cache")`: one quantization and the float model through float and int8 KV caches. The first
+    row is the quantized model through a float cache (what `perplexity` scores: every position after the first);
+    the int8 rows differ from the float-cache runs of their weights, and their paired differences are those rows'
+    mean-NLL gaps in perplexity units; the float model's int8 row is that model's alone."""
+    import math
+
+    from mixjax.evaluate import perplexity, phased_nll
+    from mixjax.quant import as_fake_quant
+    from mixjax.quant.ablate import ablate, to_markdown
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=64, rope_theta=10000.0)
+    params = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, _key(8), jnp.float32))
+    calib = [np.asarray(jax.random.randint(_key(9), (4, 16), 0, cfg.vocab_size), np.int32)]
+    windows = np.asarray(jax.random.randint(_key(10), (3, 64), 0, cfg.vocab_size), np.int32)  # 64: value blocks
+    result = ablate(params, cfg, calib, windows, study="kv-cache", bits=4.4, batch_size=4, eval_batch_size=3,
+                    log=lambda *a: None)
+    first, int8, float_int8 = result["rows"]
+    assert result["fp"] == pytest.approx(perplexity(params, cfg, windows, batch_size=1), rel=1e-5)
+    qp = as_fake_quant(quantize(params, calib, cfg, config=QuantConfig(bits=4.4, batch_size=4)))
+    assert first["perplexity"] == pytest.approx(perplexity(qp, cfg, windows, batch_size=1), rel=1e-5)
+    assert "paired" not in first
+    want = np.mean([phased_nll([(qp, 64)], cfg, windows[i:i + 1], prompt=1, batch_size=1,
+                               cache_dtype=jnp.int8).mean() for i in range(3)])
+    assert int8["perplexity"] == pytest.approx(math.exp(want), rel=1e-6)
+    assert len({round(r["perplexity"], 6) for r in (first, int8, float_int8)}) == 3
+    assert round(float_int8["perplexity"], 6) != round(result["fp"], 6)
+    for row, base in ((int8, first["perplexity"]), (float_int8, result["fp"])):
+        gap = base * (math.log(row["perplexity"]) - math.log(base))
+        assert row["paired"]["delta"] == pytest.approx(gap, rel=1e-6, abs=1e-9)
+        assert row["paired"]["stderr"] > 0 and row["paired"]["windows"] == 3
+    table = to_markdown(result)
+    assert "int8 KV cache (--kv-int8)" in table and "float-cache run of the same weights" in table
+
+
 def test_prompt_scales_study_prices_per_token_prompts():
     """`ablate(study="prompt-scales")` on a model with K = 256 (two groups a row, so one scale a token is not one
     a group): MixLLM's row is the quantized model through `phased_nll`; the per-token and selective rows run only the

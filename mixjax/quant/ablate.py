@@ -19,6 +19,11 @@ scale a token (in every linear, or in o_proj and gate/up only: "selective") whil
 per-group scales, through one KV cache as in `progressive`. The differences are small, so each row also gives its
 difference from MixLLM's row paired window by window, with its standard error.
 
+`kv-cache` prices `generate --kv-int8` (MixLLM's Table 8, KV8): one quantization and the float model, each run
+through a float and an int8 KV cache (every key and value quantized before attention reads it, as `generate`
+stores them), every window in one phase (`evaluate.phased_nll`, one window at a time), so each int8 row gives its
+difference from the float-cache row of the same weights, paired window by window.
+
 `dequant` runs one quantization three ways (`Study.forms`): through the kernels' two-step dequantization (the
 Pallas kernels on a GPU, their exact integer XLA reference elsewhere), with it turned off (`OneStepWeight`: the
 weight and activations dequantized to bf16, one bf16 dot), and simulated as the other studies are
@@ -47,6 +52,8 @@ class Study:
     # (name, "kernels" | "one_step" | "fake_quant"), the first MixLLM's
     prompt_linears: tuple[tuple[str, tuple[str, ...]], ...] = ()  # or rows of one quantization whose prompt takes
     # per-token activation scales in these linears: (name, linear names), the first MixLLM's (none)
+    kv_caches: tuple[tuple[str, bool, str], ...] = ()  # or rows (name, quantized weights?, KV cache dtype), the
+    # first MixLLM's: one quantization and the float model through KV caches of these dtypes
 
 
 STUDIES: dict[str, Study] = {
@@ -73,6 +80,12 @@ STUDIES: dict[str, Study] = {
                         ("per token for the prompt (--prefill-scales token)", LINEAR_NAMES),
                         ("per token for the prompt in o_proj and gate/up (--prefill-scales selective)",
                          ("self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj")))),
+    "kv-cache": Study(
+        "the KV cache in int8 (`generate --kv-int8`, MixLLM's KV8): keys and values quantized per (token, head) "
+        "as they are stored, before attention reads them", (), needs_mixed=False,
+        kv_caches=(("float KV cache (MixLLM's evaluation)", True, "float32"),
+                   ("int8 KV cache (--kv-int8)", True, "int8"),
+                   ("float weights, int8 KV cache", False, "int8"))),
     "dequant": Study(
         "two-step dequantization on or off: the integer product of each group first and its scales after, or the "
         "weight and activations dequantized to bf16 and one bf16 dot", (), needs_mixed=False,
@@ -136,6 +149,10 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
         fp, fp_late = math.exp(nll.mean()), math.exp(nll[late:].mean())
         log(f"float model: perplexity {fp:.3f} on the {T - prompt} tokens after each {prompt}-token prompt, "
             f"{fp_late:.3f} on the last {T - prompt - late}")
+    elif spec.kv_caches:
+        fp_windows = _window_nll([(params, T)], cfg, windows, prompt=1, cache_dtype="float32", mesh=mesh)
+        fp = math.exp(fp_windows.mean())
+        log(f"float model: perplexity {fp:.3f} (through a float KV cache)")
     elif spec.prompt_linears:
         fp = math.exp(phased_nll([(params, T)], cfg, windows, prompt=prompt, batch_size=eval_batch_size,
                                  progress=progress, mesh=mesh).mean())
@@ -160,6 +177,10 @@ def ablate(params, cfg, calib_batches, windows, *, study: str, bits: float = 4.4
     if spec.prompt_linears:
         return {**result, "prompt": prompt, "rows": _prompt_scale_rows(
             params, cfg, calib_batches, windows, scores, spec.prompt_linears, bits=bits, prompt=prompt, fp=fp,
+            batch_size=batch_size, progress=progress, log=log, mesh=mesh)}
+    if spec.kv_caches:
+        return {**result, "paired": "kv", "rows": _kv_rows(
+            params, cfg, calib_batches, windows, scores, spec.kv_caches, fp_windows, bits=bits, fp=fp,
             batch_size=batch_size, progress=progress, log=log, mesh=mesh)}
     if spec.forms:
         return {**result, "timed": "evaluation", "rows": _form_rows(params, cfg, calib_batches, windows, scores, spec.forms, bits=bits,
@@ -219,9 +240,6 @@ def _prompt_scale_rows(params, cfg, calib_batches, windows, scores, prompt_linea
                        progress, log, mesh) -> list[dict]:
     """One quantization (MixLLM's config); per row, the prompt with per-token activation scales in the named linears
     and every decoded token per group, one window at a time (for the paired differences)."""
-    import numpy as np
-
-    from mixjax.evaluate import phased_nll
     from mixjax.quant.api import quantize
     from mixjax.quant.fakequant import as_fake_quant
 
@@ -235,19 +253,65 @@ def _prompt_scale_rows(params, cfg, calib_batches, windows, scores, prompt_linea
     for name, names in prompt_linears:
         t = time.perf_counter()
         phases = [(with_token_scales(group, token, names), prompt), (group, T)] if names else [(group, T)]
-        per_window = np.array([phased_nll(phases, cfg, windows[i:i + 1], prompt=prompt, batch_size=1,
-                                          mesh=mesh).mean() for i in range(len(windows))])  # each window's mean NLL
+        per_window = _window_nll(phases, cfg, windows, prompt=prompt, mesh=mesh)
         ppl = math.exp(per_window.mean())
         where = f"prompt per token in {len(names)} of {len(LINEAR_NAMES)} linears"
         row = {"name": name, "config": f"{describe(config)}; {where}",
                "perplexity": ppl, "delta": ppl - fp, "int8_share": None, "seconds": time.perf_counter() - t}
         if base is None:
             base = per_window
-        elif len(windows) > 1:  # the difference from MixLLM's row, window by window, in perplexity units
-            d = per_window - base
-            scale = math.exp(base.mean())
-            row["paired"] = {"delta": scale * d.mean(), "stderr": scale * d.std(ddof=1) / math.sqrt(len(d)),
-                             "worse": int((d > 0).sum()), "windows": len(d)}
+        elif len(windows) > 1:
+            row["paired"] = _paired(per_window, base)
+        rows.append(row)
+        log(f"{name}: perplexity {ppl:.3f} ({rows[-1]['seconds']:.0f} s)")
+    return rows
+
+
+def _window_nll(phases, cfg, windows, *, prompt, mesh, cache_dtype="float32"):
+    """Each window's mean NLL after `prompt`, one window at a time (for paired differences): float64 [windows]."""
+    import numpy as np
+
+    from mixjax.evaluate import phased_nll
+
+    return np.array([phased_nll(phases, cfg, windows[i:i + 1], prompt=prompt, batch_size=1, mesh=mesh,
+                                cache_dtype=cache_dtype).mean() for i in range(len(windows))])
+
+
+def _paired(per_window, base) -> dict:
+    """A row's difference from the `base` row, window by window, in perplexity units (± its standard error)."""
+    d = per_window - base
+    scale = math.exp(base.mean())
+    return {"delta": scale * d.mean(), "stderr": scale * d.std(ddof=1) / math.sqrt(len(d)),
+            "worse": int((d > 0).sum()), "windows": len(d)}
+
+
+def _kv_rows(params, cfg, calib_batches, windows, scores, kv_caches, fp_windows, *, bits, fp, batch_size, progress,
+             log, mesh) -> list[dict]:
+    """One quantization (MixLLM's config) and the float model through the KV caches of `kv_caches`, every
+    window in one phase and alone; an int8 row's pair is the float-cache run of the same weights."""
+    from mixjax.quant.api import quantize
+    from mixjax.quant.fakequant import as_fake_quant
+
+    config = QuantConfig(bits=bits, batch_size=batch_size)
+    t = time.perf_counter()
+    qparams = as_fake_quant(quantize(params, calib_batches, cfg, config=config, scores=scores, progress=progress,
+                                     mesh=mesh))
+    log(f"W{bits:g}A8 quantized in {time.perf_counter() - t:.0f} s")
+    T = int(windows.shape[1])
+    runs = {(False, "float32"): fp_windows}  # (quantized weights?, cache dtype) → each window's mean NLL
+    rows = []
+    for name, quantized, cache in kv_caches:
+        t = time.perf_counter()
+        if (quantized, cache) not in runs:
+            runs[quantized, cache] = _window_nll([(qparams if quantized else params, T)], cfg, windows, prompt=1,
+                                                 cache_dtype=cache, mesh=mesh)
+        ppl = math.exp(runs[quantized, cache].mean())
+        weights = describe(config) if quantized else "float weights"
+        row = {"name": name, "config": f"{weights}; {cache} KV cache", "perplexity": ppl, "delta": ppl - fp,
+               "int8_share": None, "seconds": time.perf_counter() - t}
+        base = runs.get((quantized, "float32"))
+        if cache != "float32" and base is not None and len(windows) > 1:
+            row["paired"] = _paired(runs[quantized, cache], base)
         rows.append(row)
         log(f"{name}: perplexity {ppl:.3f} ({rows[-1]['seconds']:.0f} s)")
     return rows
@@ -303,8 +367,8 @@ def to_markdown(result: dict) -> str:
     base = result["rows"][0]["delta"]
     if "late_from" in result:
         return _progressive_markdown(result)
-    if "prompt" in result:
-        return _prompt_scales_markdown(result)
+    if "prompt" in result or result.get("paired") == "kv":
+        return _paired_markdown(result)
     lines = [f"{result['title']} (W{result['bits']:g}); float model perplexity {result['fp']:.3f}", "",
              "| row | configuration | perplexity | increase over float | × MixLLM's increase | 8-bit channels | "
              f"{result.get('timed', 'quantization')} (s) |",
@@ -326,13 +390,19 @@ def _with_salience_time(lines: list[str], result: dict) -> str:
     return "\n".join(lines)
 
 
-def _prompt_scales_markdown(result: dict) -> str:
+def _paired_markdown(result: dict) -> str:
     rows, base = result["rows"], result["rows"][0]["delta"]
-    lines = [f"{result['title']} (W{result['bits']:g}). Perplexity of the tokens after each {result['prompt']}-token "
-             f"prompt (float model {result['fp']:.3f}); the paired column is each row's difference from MixLLM's, "
-             "window by window, ± its standard error.", "",
-             "| row | configuration | perplexity, decoded tokens | × MixLLM's increase | paired difference | "
-             "windows worse | evaluation (s) |",
+    if "prompt" in result:
+        what = (f"Perplexity of the tokens after each {result['prompt']}-token prompt (float model {result['fp']:.3f}); "
+                "the paired column is each row's difference from MixLLM's")
+        scored = "perplexity, decoded tokens"
+    else:
+        what = (f"Perplexity (float model {result['fp']:.3f}, float KV cache); the paired column is each int8 row's "
+                "difference from the float-cache run of the same weights")
+        scored = "perplexity"
+    lines = [f"{result['title']} (W{result['bits']:g}). {what}, window by window, ± its standard error.", "",
+             f"| row | configuration | {scored} | × MixLLM's increase | paired difference | windows worse | "
+             "evaluation (s) |",
              "|---|---|---|---|---|---|---|"]
     for r in rows:
         pair = r.get("paired")
