@@ -849,6 +849,13 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
+  s42d)  # prepared in session 42, not run: the whole attention and GPU-model test files compiled on the GPU with the
+    # int8 value blocks and the fused step's f32 bound derived from its TF32 logits (call 3 of session 42 ran out of
+    # time inside them: they take > 200 s)
+    header
+    timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_gpu_model.py 2>&1 | tail -6 \
+      | tee "$out/attention_gpu_model.log"
+    ;;
   s42c)  # session 42: with the value blocks the int8 step's 128-position blocks take 159 registers (246 before) and 658 SASS
     # instructions a 64 positions (765 at 64 × 3): b1 / b8 / b32 with --kv-int8, the default 64 × 3 against @att128
     # (128 × 2) and @att128s3 (128 × 3), then bf16 at b32 for the ratio
