@@ -178,6 +178,24 @@ def test_int8_cache_generation_mostly_agrees_with_float_cache(params):
     assert tuple_layers == out
 
 
+def test_int8_cache_takes_whole_value_blocks(params, monkeypatch):
+    """`generate` rounds an int8 cache up to whole 64-position value blocks (the order the decode kernel reads
+    fastest, `KVCache.v_block`) and a float cache not at all; the tokens are those of the position-major int8
+    cache."""
+    caches = []
+    real = model.init_cache
+    monkeypatch.setattr(model, "init_cache", lambda *a, **k: caches.append(real(*a, **k)) or caches[-1])
+    prompts = _prompts(10, [5, 12])
+    out = generate(params, CFG, prompts, max_new_tokens=12, eos_token_ids=(), cache_dtype=jnp.int8)
+    generate(params, CFG, prompts, max_new_tokens=12, eos_token_ids=())
+    assert [(c.max_len, c.v_block) for c in caches] == [(64, 64), (28, 0)]  # the prompts padded to 16, + 12
+    monkeypatch.setattr(model, "INT8_V_BLOCK", False)
+    jax.clear_caches()  # the switch is read while tracing: trace anew
+    assert generate(params, CFG, prompts, max_new_tokens=12, eos_token_ids=(), cache_dtype=jnp.int8) == out
+    assert (caches[-1].max_len, caches[-1].v_block) == (64, 0)
+    jax.clear_caches()  # (no later test in this process reuses the position-major program)
+
+
 def _greedy_in_phases(first, second, prompt, n, switch_after):
     """Greedy decoding token by token through the cache: `first` runs the prompt and the first switch_after decoded
     tokens, `second` the rest (the reference of progressive precision switching)."""
