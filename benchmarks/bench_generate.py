@@ -386,9 +386,7 @@ def _profile(run: Callable, steps: int, shown: int) -> dict:
 
 def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict:
     stacked = not isinstance(params["layers"], (tuple, list))
-    max_len = _bucket(args.prompt_len) + args.new_tokens  # the cache generate builds (int8: whole value blocks)
-    if jnp.dtype(args.cache_dtype) == jnp.int8:
-        max_len = -(-max_len // model.V_BLOCK) * model.V_BLOCK
+    max_len = model.cache_length(_bucket(args.prompt_len) + args.new_tokens, args.cache_dtype)  # as generate builds
     emit = functools.partial(_emit, sampling=SamplingConfig(), eos=(), on_token=None)
 
     def body(p, local_cfg):  # each device's cache under tensor parallelism: built inside the program

@@ -269,10 +269,7 @@ def _prefill(params, prompts, lengths, key, *, cfg, max_new_tokens, emit, implem
     """One forward_step over the padded prompts (LM head only at each row's last token), first token sampled."""
     B, P = prompts.shape
     stacked = _stacked(params)  # the cache takes the layers' form
-    length = P + max_new_tokens
-    if jnp.dtype(cache_dtype) == jnp.int8:  # a whole number of value blocks: the order the decode kernel reads fastest
-        length = -(-length // model.V_BLOCK) * model.V_BLOCK
-    cache = model.init_cache(cfg, B, length, cache_dtype, stacked=stacked)
+    cache = model.init_cache(cfg, B, model.cache_length(P + max_new_tokens, cache_dtype), cache_dtype, stacked=stacked)
     logits, cache = model.forward_step(params, prompts, cfg, cache, num_valid=lengths, logits_at="last",
                                        implementation=implementation)  # [B, 1, V]
     state = SamplerState(

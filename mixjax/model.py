@@ -587,6 +587,14 @@ class KVCache:
 INT8_V_BLOCK = True  # int8 caches whose length is a multiple of `attention.V_BLOCK` store v in its blocks
 
 
+def cache_length(positions: int, dtype) -> int:
+    """The cache length `generate` builds for `positions`: an int8 cache rounded up to whole value blocks (the
+    order the decode kernel reads fastest), a float one as it is."""
+    if jnp.dtype(dtype) == jnp.int8:
+        return -(-positions // V_BLOCK) * V_BLOCK
+    return positions
+
+
 def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.bfloat16, *, stacked: bool = False,
                scale_dtype=jnp.float32) -> KVCache:
     """An empty cache for `batch` sequences of up to `max_len` positions (per-layer tuple by default).
