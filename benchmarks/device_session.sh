@@ -849,6 +849,20 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
+  s43b)  # prepared in session 43, not run: the salience pass's memory at the Llama-3-8B shape (the one step of
+    # `mixjax quantize` that holds the whole model: weights + every layer's Δ, or Δ computed inside each layer,
+    # salience.HOLD_DELTAS); XLA's compiled memory analysis of both forms in f32 and bf16, then one f32 batch of 2048
+    # tokens run in each form, each in its own process (an OOM there is a finding, not a failure of the part)
+    header
+    timeout 150 python3 benchmarks/salience_memory.py --layers 32 --dtype float32 --batch 1 --seq-len 2048 2>&1 \
+      | grep -v "^W\|^I" | tail -6 | tee "$out/salience_f32.log"
+    timeout 120 python3 benchmarks/salience_memory.py --layers 32 --dtype bfloat16 --batch 4 --seq-len 2048 2>&1 \
+      | grep -v "^W\|^I" | tail -6 | tee "$out/salience_bf16.log"
+    for form in held inlayer; do
+      timeout 150 python3 benchmarks/salience_memory.py --layers 32 --dtype float32 --batch 1 --seq-len 2048 \
+        --run $form 2>&1 | grep "ran \|Error\|RESOURCE" | tail -3 | tee "$out/salience_run_$form.log"
+    done
+    ;;
   s42e)  # prepared in session 42, run in session 43: programmatic dependent launch on today's b8 / b32 steps with the
     # int8 KV cache (session 15 measured b32 +0.5 % on that day's kernels; the steps are 1.5× shorter now, so the
     # launches' share is larger; NOTES item 140): the default with the flag off, then the flag on with our kernels'

@@ -102,18 +102,26 @@ def _normal(key, shape, dtype):
     return (jax.random.normal(key, shape, jnp.float32) * 0.02).astype(dtype)
 
 
-def unstack_layers(params: dict[str, Any]) -> dict[str, Any]:
+def unstack_layers(params: dict[str, Any], *, consume: bool = False) -> dict[str, Any]:
     """Stacked float layers ([L, ...] leaves) → a tuple of L per-layer dicts (the quantized layout).
 
-    The per-layer arrays are copies: drop the stacked params afterwards. On GPU the tuple layout also
+    The per-layer arrays are copies: drop the stacked params afterwards. consume=True deletes each stacked
+    array once it is sliced, so the two copies never coexist beyond one leaf (for a caller that owns `params`:
+    its stacked arrays are unusable afterwards). On GPU the tuple layout also
     decodes faster, because XLA copies each layer's weight slice out of a stacked array (H100, Llama-3-8B
     shape, bf16, 2048-position cache: 9.3 ms per decode step at batch 1 unstacked against 17.3 ms stacked).
     """
     layers = params["layers"]
     if isinstance(layers, (tuple, list)):
         return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    return {**params, "layers": tuple(jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n))}
+    leaves, treedef = jax.tree.flatten(layers)
+    n = leaves[0].shape[0]
+    slices = []
+    for a in leaves:
+        slices.append([a[i] for i in range(n)])
+        if consume and isinstance(a, jax.Array):
+            a.delete()
+    return {**params, "layers": tuple(jax.tree.unflatten(treedef, [s[i] for s in slices]) for i in range(n))}
 
 
 def stack_layers(params: dict[str, Any]) -> dict[str, Any]:

@@ -100,6 +100,18 @@ def test_tuple_layers_equal_scanned_layers(params):
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(p)))
 
 
+def test_unstack_layers_consuming_frees_the_stacked_copy(params):
+    """consume=True (the quantizer's load path): the same per-layer arrays, and every stacked array deleted."""
+    p = jax.tree.map(jnp.copy, params)  # the fixture's arrays stay alive for the other tests
+    stacked = jax.tree.leaves(p["layers"])
+    kept = unstack_layers(params)
+    consumed = unstack_layers(p, consume=True)
+    assert all(a.is_deleted() for a in stacked)
+    assert not any(a.is_deleted() for a in jax.tree.leaves(params["layers"]))
+    assert jax.tree.structure(consumed) == jax.tree.structure(kept)
+    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(consumed), jax.tree.leaves(kept)))
+
+
 def test_stack_layers_refuses_quantized_layers(params):
     from pallas_kernels import pack_rtn
 

@@ -290,7 +290,10 @@ def test_probe_gradient_and_hvp_match_autodiff(tiny_params, tiny_tokens):
     rest, layers = _split(params)
     deltas = sal.rtn4_deltas(layers)
     tokens = jnp.asarray(tiny_tokens[:2, :6])
-    u, v = sal.probe_terms(rest, layers, deltas, tokens, cfg=cfg, hvp=True)
+    u, v = sal.probe_terms(rest, layers, tokens, cfg=cfg, hvp=True)  # each layer's Δ computed where it runs
+    held = sal.probe_terms(rest, layers, tokens, cfg=cfg, hvp=True, deltas=deltas)  # every Δ held, as before
+    for got, want in zip(jax.tree.leaves((u, v)), jax.tree.leaves(held)):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-9)
 
     names = model.LINEAR_NAMES
     shapes = [sal.linear_weight(layers[0], n).shape for n in names]

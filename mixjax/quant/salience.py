@@ -19,6 +19,12 @@ How g_dᵀΔ_c is computed without per-sample weight gradients: every decoder li
 all layers in one backward pass. The HVP is `jax.jvp` of that gradient with tangent α = 1. Each decoder
 layer is rematerialised (`jax.checkpoint`), so activation memory is one layer's worth plus the layer
 inputs: long sequences stay bounded. Scores are float64 on the host, `dict[linear name → [L, N]]`.
+
+Memory: the pass holds the weights and every layer's Δ (`HOLD_DELTAS`), 2× the decoder's weights (Llama-3-8B
+in f32: ≈ 60 GB). `HOLD_DELTAS = False` computes each layer's Δ inside its rematerialised block instead. XLA's
+CPU scheduler hoists those computations (its compiled memory analysis, 4 Llama-3-8B layers in f32, 1 × 128
+tokens: 7.2 GiB of arguments + 6.5 temporary against 10.4 + 0.4 held), so held stays the default until a GPU's
+compile shows which form is smaller there (`benchmarks/salience_memory.py`).
 """
 
 from __future__ import annotations
@@ -40,15 +46,17 @@ from mixjax.quant.rtn import rtn4_delta
 
 SalienceKind = Literal["fisher", "diag", "first-order-off", "hvp"]
 SALIENCE_KINDS = ("fisher", "diag", "first-order-off", "hvp")
+HOLD_DELTAS = True  # the probe pass holds every layer's Δ (True), or computes each where its layer runs (False)
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "delta", "alpha"], meta_fields=[])
 @dataclasses.dataclass(frozen=True)
 class ProbeWeight:
-    """w [N, K] float, delta [N, K] = RTN4(w) − w, alpha [B, N]: y = x Wᵀ + α ⊙ (x Δᵀ)."""
+    """w [N, K] float, delta [N, K] = RTN4(w) − w (None: computed from w where the matmul runs), alpha [B, N]:
+    y = x Wᵀ + α ⊙ (x Δᵀ)."""
 
     w: jax.Array
-    delta: jax.Array
+    delta: jax.Array | None
     alpha: jax.Array
 
     @property
@@ -57,8 +65,12 @@ class ProbeWeight:
 
     def matmul(self, x: jax.Array, *, implementation: Implementation = "auto") -> jax.Array:
         """x [B, T, K] → [B, T, N]."""
+        delta = self.delta
+        if delta is None:  # tied to x, so that XLA computes it where this layer runs (HOLD_DELTAS = False)
+            w, _ = jax.lax.optimization_barrier((self.w, x))
+            delta = rtn4_delta(w).astype(w.dtype)
         y = jnp.einsum("btk,nk->btn", x, self.w.astype(x.dtype), preferred_element_type=jnp.float32)
-        yd = jnp.einsum("btk,nk->btn", x, self.delta.astype(x.dtype), preferred_element_type=jnp.float32)
+        yd = jnp.einsum("btk,nk->btn", x, delta.astype(x.dtype), preferred_element_type=jnp.float32)
         return (y + self.alpha[:, None, :] * yd).astype(x.dtype)
 
 
@@ -98,6 +110,8 @@ def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
 
 
 def _probe_layers(layers, deltas, alphas):
+    if deltas is None:
+        deltas = tuple({n: None for n in model.LINEAR_NAMES} for _ in layers)
     return tuple(
         with_weights(layer, {n: ProbeWeight(linear_weight(layer, n), d[n], a[n]) for n in model.LINEAR_NAMES})
         for layer, d, a in zip(layers, deltas, alphas)
@@ -105,10 +119,14 @@ def _probe_layers(layers, deltas, alphas):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hvp"))
-def probe_terms(params, layers, deltas, tokens, *, cfg: LlamaConfig, hvp: bool = False):
-    """Per sample and channel: u = g_bᵀΔ_c, and (hvp) v = Δ_cᵀ(H_b Δ)_c. Each a tuple of dicts of [B, N]."""
+def probe_terms(params, layers, tokens, *, cfg: LlamaConfig, hvp: bool = False, deltas=None):
+    """Per sample and channel: u = g_bᵀΔ_c, and (hvp) v = Δ_cᵀ(H_b Δ)_c. Each a tuple of dicts of [B, N].
+
+    deltas: a tuple of dicts of Δ (`rtn4_deltas`, held for the whole model), or None: each layer's Δ computed
+    inside its rematerialised block (the same values; the tests compare the two)."""
     B = tokens.shape[0]
-    alphas = tuple({n: jnp.zeros((B, d[n].shape[0]), jnp.float32) for n in model.LINEAR_NAMES} for d in deltas)
+    alphas = tuple({n: jnp.zeros((B, linear_weight(layer, n).shape[0]), jnp.float32) for n in model.LINEAR_NAMES}
+                   for layer in layers)
 
     def loss(alphas):
         return per_sample_loss(params, _probe_layers(layers, deltas, alphas), tokens, cfg)
@@ -173,7 +191,7 @@ def compute_salience(
     params = replicate(model.unstack_layers(params), mesh)
     layers = params["layers"]
     rest = {k: v for k, v in params.items() if k != "layers"}
-    deltas = rtn4_deltas(layers)
+    deltas = rtn4_deltas(layers) if kind == "diag" or HOLD_DELTAS else None
     totals = [{n: 0.0 for n in model.LINEAR_NAMES} for _ in layers]
     count = 0
     for batch in _progress(batches, progress, "salience"):
@@ -186,7 +204,7 @@ def compute_salience(
                 _accumulate(totals, terms, lambda t: t)
         else:
             tokens, _, n = shard_samples(batch, mesh)
-            u, v = jax.device_get(probe_terms(rest, layers, deltas, tokens, cfg=cfg, hvp=kind == "hvp"))
+            u, v = jax.device_get(probe_terms(rest, layers, tokens, cfg=cfg, hvp=kind == "hvp", deltas=deltas))
             u, v = jax.tree.map(lambda t: t[:n], (u, v))  # drop the padding samples
             _check_finite(u, "loss gradient (g·Δ)")
             if v is not None:
