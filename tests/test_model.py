@@ -17,6 +17,7 @@ from mixjax.model import (
     forward_step,
     init_cache,
     init_params,
+    layer_views,
     param_shapes,
     stack_layers,
     unstack_layers,
@@ -100,16 +101,17 @@ def test_tuple_layers_equal_scanned_layers(params):
     assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(restacked), jax.tree.leaves(p)))
 
 
-def test_unstack_layers_consuming_frees_the_stacked_copy(params):
-    """consume=True (the quantizer's load path): the same per-layer arrays, and every stacked array deleted."""
-    p = jax.tree.map(jnp.copy, params)  # the fixture's arrays stay alive for the other tests
-    stacked = jax.tree.leaves(p["layers"])
-    kept = unstack_layers(params)
-    consumed = unstack_layers(p, consume=True)
-    assert all(a.is_deleted() for a in stacked)
-    assert not any(a.is_deleted() for a in jax.tree.leaves(params["layers"]))
-    assert jax.tree.structure(consumed) == jax.tree.structure(kept)
-    assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(consumed), jax.tree.leaves(kept)))
+def test_layer_views_read_stacked_layers_one_at_a_time(params):
+    """`layer_views`: the per-layer dicts `unstack_layers` gives, sliced on demand (the quantizer's reads)."""
+    views = layer_views(params["layers"])
+    unstacked = unstack_layers(params)["layers"]
+    assert len(views) == CFG.num_hidden_layers
+    for got, want in zip([*views, views[-1], *views[0:2]], [*unstacked, unstacked[-1], *unstacked[0:2]]):
+        assert jax.tree.structure(got) == jax.tree.structure(want)
+        assert all(jnp.array_equal(a, b) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)))
+    with pytest.raises(IndexError):
+        views[CFG.num_hidden_layers]
+    assert layer_views(unstacked) is unstacked
 
 
 def test_stack_layers_refuses_quantized_layers(params):

@@ -117,7 +117,6 @@ def salience(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     """
     check_mesh(mesh)
     batches = check_calibration(calib_batches, cfg)
-    params = model.unstack_layers(params)
     check_weights(params, cfg)
     return compute_salience(params, _rebatch(batches, config.batch_size), cfg, kind=config.salience,
                             progress=progress, mesh=mesh)
@@ -137,21 +136,24 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     check_mesh(mesh)
     t_start = time.perf_counter()
     batches = check_calibration(calib_batches, cfg)
-    params = model.unstack_layers(params)
     check_weights(params, cfg)
+    stacked = params  # salience runs stacked params as they are (one copy, `compute_salience`)
+    # the layer-by-layer passes read stacked layers one at a time (`model.layer_views`), never a whole unstacked copy
+    params = {**params, "layers": model.layer_views(params["layers"])}
     if config.head_bits is not None:
         check_head_weights(params, cfg)
     batches = _rebatch(batches, config.batch_size)
-    in_features = {n: linear_weight(params["layers"][0], n).shape[1] for n in model.LINEAR_NAMES}
+    first = params["layers"][0]
+    in_features = {n: linear_weight(first, n).shape[1] for n in model.LINEAR_NAMES}
     n_layers = len(params["layers"])
     if scores is not None:
         _check_scores(scores, params)
     if 4.0 < config.bits < 8.0:
         if scores is None:
-            scores = compute_salience(params, batches, cfg, kind=config.salience, progress=progress, mesh=mesh)
+            scores = compute_salience(stacked, batches, cfg, kind=config.salience, progress=progress, mesh=mesh)
         is_int8 = allocate(scores, in_features, config.bits, budget=config.budget, local=config.local)
     else:
-        n_out = {n: linear_weight(params["layers"][0], n).shape[0] for n in model.LINEAR_NAMES}
+        n_out = {n: linear_weight(first, n).shape[0] for n in model.LINEAR_NAMES}
         is_int8 = {n: np.full((n_layers, n_out[n]), config.bits >= 8.0) for n in model.LINEAR_NAMES}
     t_salience = time.perf_counter()
     layers = quantize_layers(params, batches, cfg, config, is_int8, progress=progress, mesh=mesh)
@@ -445,7 +447,7 @@ def _rebatch(batches: list[np.ndarray], batch_size: int) -> list[np.ndarray]:
 def check_weights(params, cfg: LlamaConfig) -> None:
     """Every decoder linear has the shape cfg implies and only finite values; errors name the layer."""
     expected = model.param_shapes(cfg)["layers"]
-    layers = params["layers"]
+    layers = model.layer_views(params["layers"])
     if len(layers) != cfg.num_hidden_layers:
         raise ValueError(f"params hold {len(layers)} layers but cfg.num_hidden_layers={cfg.num_hidden_layers}")
     for i, layer in enumerate(layers):

@@ -143,7 +143,7 @@ def run_ablate(args) -> dict:
     import jax.numpy as jnp
 
     import convert
-    from mixjax import assets, data, model
+    from mixjax import assets, data
     from mixjax.parallel import mesh_or_none, parse_devices
     from mixjax.quant.ablate import ablate, check_study, to_markdown
     from mixjax.quant.pipeline import refuse_quantized_source
@@ -172,7 +172,6 @@ def run_ablate(args) -> dict:
                                      seed=args.seed, batch_size=args.batch_size)
     windows = data.eval_windows(tokenizer, args.eval_data, args.eval_seq_len, args.eval_tokens)
     cfg, params = convert.load(path, dtype=jnp.float32)
-    params = model.unstack_layers(params, consume=True)  # the layout quantize works in, without a second copy
     for what, n in (("--seq-len", args.seq_len), ("--eval-seq-len", args.eval_seq_len)):
         if n > cfg.max_position_embeddings:
             raise ValueError(f"{what} {n} exceeds the model context {cfg.max_position_embeddings}")

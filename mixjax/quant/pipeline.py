@@ -36,7 +36,6 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
     """
     import jax.numpy as jnp
 
-    from mixjax import model
     from mixjax.parallel import mesh_or_none
 
     import convert
@@ -54,7 +53,6 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
     calib = data_mod.calibration_batches(tokenizer, data, n_samples=samples, seq_len=seq_len, seed=seed,
                                          batch_size=config.batch_size)
     cfg, params = convert.load(path, dtype=jnp.float32)
-    params = model.unstack_layers(params, consume=True)  # the layout quantize works in, without a second copy
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} exceeds the model context {cfg.max_position_embeddings}")
     log(f"quantizing {path} to W{config.bits:g}A{config.act.bits or 16}: {samples}×{seq_len} tokens of {data}")

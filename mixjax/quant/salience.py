@@ -20,11 +20,12 @@ all layers in one backward pass. The HVP is `jax.jvp` of that gradient with tang
 layer is rematerialised (`jax.checkpoint`), so activation memory is one layer's worth plus the layer
 inputs: long sequences stay bounded. Scores are float64 on the host, `dict[linear name → [L, N]]`.
 
-Memory: the pass holds the weights and every layer's Δ (`HOLD_DELTAS`), 2× the decoder's weights (Llama-3-8B
-in f32: ≈ 60 GB). `HOLD_DELTAS = False` computes each layer's Δ inside its rematerialised block instead. XLA's
-CPU scheduler hoists those computations (its compiled memory analysis, 4 Llama-3-8B layers in f32, 1 × 128
-tokens: 7.2 GiB of arguments + 6.5 temporary against 10.4 + 0.4 held), so held stays the default until a GPU's
-compile shows which form is smaller there (`benchmarks/salience_memory.py`).
+Memory: stacked params (as `convert.load` gives them) run under `lax.scan`, each layer's Δ computed inside
+its iteration (redone in the backward), so the pass holds the weights once and one layer's work at a time. A
+tuple of layers runs as a Python loop holding every layer's Δ (`HOLD_DELTAS`), 2× the decoder's weights;
+`HOLD_DELTAS = False` computes them in the loop's layers instead, which XLA's CPU scheduler hoists out of them.
+XLA's CPU compile, 4 / 8 Llama-3-8B layers in f32 at 4 × 2048 tokens: stacked 7.2 / 10.4 GiB of arguments and
+13.6 / 14.1 of temporaries; the tuple with Δ held 10.4 / 16.9 and 45.6 / 83.1 (`benchmarks/salience_memory.py`).
 """
 
 from __future__ import annotations
@@ -95,14 +96,20 @@ def rtn4_deltas(layers: tuple) -> tuple[dict[str, jax.Array], ...]:
 
 
 def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
-    """Σ_b mean_t CE(b, t) with labels = inputs; each decoder layer rematerialised. tokens [B, T]."""
+    """Σ_b mean_t CE(b, t) with labels = inputs; each decoder layer rematerialised. tokens [B, T].
+
+    layers: a tuple of per-layer dicts (a Python loop), or one dict of stacked [L, ...] leaves (`lax.scan`: the
+    loop's iterations run one after another, so what a layer computes lives only while it runs)."""
     @jax.checkpoint
     def run_layer(x, layer):
         return model.decoder_layer(layer, x, cfg, implementation="xla")
 
     x = model.embed(params, tokens)  # [B, T, D]
-    for layer in layers:
-        x = run_layer(x, layer)
+    if isinstance(layers, dict):
+        x, _ = jax.lax.scan(lambda h, layer: (run_layer(h, layer), None), x, layers)
+    else:
+        for layer in layers:
+            x = run_layer(x, layer)
     logits = model.final_logits(params, x, cfg, "xla")[:, :-1]  # [B, T-1, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
@@ -110,6 +117,9 @@ def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
 
 
 def _probe_layers(layers, deltas, alphas):
+    if isinstance(layers, dict):  # stacked: one ProbeWeight of [L, ...] leaves a linear, sliced by the scan
+        return with_weights(layers, {n: ProbeWeight(linear_weight(layers, n), None, alphas[n])
+                                     for n in model.LINEAR_NAMES})
     if deltas is None:
         deltas = tuple({n: None for n in model.LINEAR_NAMES} for _ in layers)
     return tuple(
@@ -120,13 +130,21 @@ def _probe_layers(layers, deltas, alphas):
 
 @functools.partial(jax.jit, static_argnames=("cfg", "hvp"))
 def probe_terms(params, layers, tokens, *, cfg: LlamaConfig, hvp: bool = False, deltas=None):
-    """Per sample and channel: u = g_bᵀΔ_c, and (hvp) v = Δ_cᵀ(H_b Δ)_c. Each a tuple of dicts of [B, N].
+    """Per sample and channel: u = g_bᵀΔ_c, and (hvp) v = Δ_cᵀ(H_b Δ)_c. Each a tuple of dicts of [B, N], or for
+    stacked layers (one dict of [L, ...] leaves, run by `lax.scan`) one dict of [L, B, N].
 
     deltas: a tuple of dicts of Δ (`rtn4_deltas`, held for the whole model), or None: each layer's Δ computed
-    inside its rematerialised block (the same values; the tests compare the two)."""
+    inside its rematerialised block (the same values; the tests compare the two). Stacked layers always take
+    None: inside the scan, one layer's Δ exists at a time."""
     B = tokens.shape[0]
-    alphas = tuple({n: jnp.zeros((B, linear_weight(layer, n).shape[0]), jnp.float32) for n in model.LINEAR_NAMES}
-                   for layer in layers)
+    if isinstance(layers, dict):
+        if deltas is not None:
+            raise ValueError("probe_terms: stacked layers compute each layer's Δ in the scan; pass deltas=None")
+        alphas = {n: jnp.zeros((w.shape[0], B, w.shape[1]), jnp.float32)
+                  for n, w in ((n, linear_weight(layers, n)) for n in model.LINEAR_NAMES)}
+    else:
+        alphas = tuple({n: jnp.zeros((B, linear_weight(layer, n).shape[0]), jnp.float32)
+                        for n in model.LINEAR_NAMES} for layer in layers)
 
     def loss(alphas):
         return per_sample_loss(params, _probe_layers(layers, deltas, alphas), tokens, cfg)
@@ -178,7 +196,8 @@ def compute_salience(
 ) -> dict[str, np.ndarray]:
     """Salience of every output channel of every decoder linear: {linear name: float64 [L, N]}.
 
-    `params` are float params (stacked or a tuple of layers); `batches` yields int [B, T] token arrays.
+    `params` are float params (stacked or a tuple of layers); `batches` yields int [B, T] token arrays. Stacked
+    params take the least memory: the weights once, each layer's Δ only while its scan iteration runs.
     mesh: a one-axis "data" mesh (`mixjax.data_mesh`) splits each batch's samples over its devices, the
     params replicated (see `mixjax.parallel`); "diag", one sample at a time, runs on one device.
     Checks every gradient term for NaN/Inf and names the layer.
@@ -188,11 +207,15 @@ def compute_salience(
     check_mesh(mesh)
     if kind == "diag":
         mesh = None
-    params = replicate(model.unstack_layers(params), mesh)
+    # stacked params run as they are, by `lax.scan` with each layer's Δ computed in its iteration: the weights once,
+    # no copy and no Δ for the whole model; a tuple of layers by the Python loop, Δ held (HOLD_DELTAS)
+    stacked = kind != "diag" and not isinstance(params["layers"], (tuple, list))
+    params = replicate(params if stacked else model.unstack_layers(params), mesh)
     layers = params["layers"]
+    n_layers = jax.tree.leaves(layers)[0].shape[0] if stacked else len(layers)
     rest = {k: v for k, v in params.items() if k != "layers"}
-    deltas = rtn4_deltas(layers) if kind == "diag" or HOLD_DELTAS else None
-    totals = [{n: 0.0 for n in model.LINEAR_NAMES} for _ in layers]
+    deltas = None if stacked else rtn4_deltas(layers) if kind == "diag" or HOLD_DELTAS else None
+    totals = [{n: 0.0 for n in model.LINEAR_NAMES} for _ in range(n_layers)]
     count = 0
     for batch in _progress(batches, progress, "salience"):
         batch = np.asarray(batch)
@@ -205,6 +228,8 @@ def compute_salience(
         else:
             tokens, _, n = shard_samples(batch, mesh)
             u, v = jax.device_get(probe_terms(rest, layers, tokens, cfg=cfg, hvp=kind == "hvp", deltas=deltas))
+            if stacked:  # {name: [L, B, N]} → per layer {name: [B, N]}
+                u, v = (None if t is None else tuple({k: t[k][i] for k in t} for i in range(n_layers)) for t in (u, v))
             u, v = jax.tree.map(lambda t: t[:n], (u, v))  # drop the padding samples
             _check_finite(u, "loss gradient (g·Δ)")
             if v is not None:
