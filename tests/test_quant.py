@@ -319,6 +319,17 @@ def test_probe_gradient_and_hvp_match_autodiff(tiny_params, tiny_tokens):
                                        rtol=2e-3, atol=1e-7)
 
 
+@pytest.mark.parametrize("kind", ["fisher", "hvp"])
+def test_salience_on_stacked_layers_equals_the_layer_loop(tiny_params, tiny_tokens, kind):
+    """Stacked params run under lax.scan with each layer's Δ computed in its iteration (quantize's form); a tuple
+    of layers runs the Python loop with every Δ held. The same scores up to f32 summation order."""
+    assert not isinstance(tiny_params["layers"], tuple)
+    stacked = salience(tiny_params, [tiny_tokens], TINY, config=QuantConfig(salience=kind))
+    looped = salience(model.unstack_layers(tiny_params), [tiny_tokens], TINY, config=QuantConfig(salience=kind))
+    for name in model.LINEAR_NAMES:
+        np.testing.assert_allclose(stacked[name], looped[name], rtol=1e-5, atol=1e-6 * np.max(looped[name]))
+
+
 def test_salience_variants(tiny_params, tiny_tokens):
     out = {}
     for kind in ("fisher", "first-order-off", "diag", "hvp"):
