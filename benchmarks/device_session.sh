@@ -852,15 +852,18 @@ case "$part" in
   s43b)  # prepared in session 43, not run: the salience pass's memory at the Llama-3-8B shape (the one step of
     # `mixjax quantize` that holds the whole model): stacked layers under lax.scan with each layer's Δ in its
     # iteration (quantize's form now), a tuple of layers with every Δ held or computed in each layer; XLA's compiled
-    # memory analysis of the three in f32 and bf16, then one f32 batch of 2048 tokens run in each form, each in its
-    # own process (an OOM there is a finding, not a failure of the part)
+    # memory analysis of the three in f32 and bf16 (compile only, nothing allocated)
     header
-    timeout 150 python3 benchmarks/salience_memory.py --layers 32 --dtype float32 --batch 1 --seq-len 2048 2>&1 \
+    timeout 280 python3 benchmarks/salience_memory.py --layers 32 --dtype float32 --batch 1 --seq-len 2048 2>&1 \
       | grep -v "^W\|^I" | tail -7 | tee "$out/salience_f32.log"
-    timeout 120 python3 benchmarks/salience_memory.py --layers 32 --dtype bfloat16 --batch 4 --seq-len 2048 2>&1 \
+    timeout 280 python3 benchmarks/salience_memory.py --layers 32 --dtype bfloat16 --batch 4 --seq-len 2048 2>&1 \
       | grep -v "^W\|^I" | tail -7 | tee "$out/salience_bf16.log"
+    ;;
+  s43c)  # prepared in session 43, not run: s43b's three forms each run on one f32 batch of 2048 tokens (random
+    # weights and tokens), each in its own process, with the device's peak bytes in use (an OOM is a finding)
+    header
     for form in stacked held inlayer; do
-      timeout 150 python3 benchmarks/salience_memory.py --layers 32 --dtype float32 --batch 1 --seq-len 2048 \
+      timeout 180 python3 benchmarks/salience_memory.py --layers 32 --dtype float32 --batch 1 --seq-len 2048 \
         --run $form 2>&1 | grep "ran \|Error\|RESOURCE" | tail -3 | tee "$out/salience_run_$form.log"
     done
     ;;
