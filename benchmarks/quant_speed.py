@@ -36,15 +36,22 @@ def main(argv=None) -> None:
     p.add_argument("--seq-len", type=int, default=2048)
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--bits", type=float, default=4.4)
+    p.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                   help="the weights' dtype (the CLIs load float32)")
+    p.add_argument("--layers-form", choices=("stacked", "tuple"), default="stacked",
+                   help="stacked (as convert.load gives them; since 2026-12-06 the salience pass scans them, each "
+                        "layer's delta in its iteration) or a tuple of layers (every delta held; the 2026-11-23 table)")
     args = p.parse_args(argv)
     cfg = SHAPES[args.shape]
     dev = jax.devices()[0]
     print(f"jax {jax.__version__}, {dev.device_kind}; shape {args.shape}; "
           f"calibration {args.samples}×{args.seq_len}, batch {args.batch_size}", flush=True)
     t = time.perf_counter()
-    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    params = model.init_params(cfg, jax.random.key(0), jnp.dtype(args.dtype))
+    if args.layers_form == "tuple":
+        params = model.unstack_layers(params)
     jax.block_until_ready(params)
-    print(f"random bf16 params in {time.perf_counter() - t:.0f} s", flush=True)
+    print(f"random {args.dtype} params ({args.layers_form} layers) in {time.perf_counter() - t:.0f} s", flush=True)
     rng = np.random.default_rng(0)
     calib = [rng.integers(0, cfg.vocab_size, (args.batch_size, args.seq_len), dtype=np.int32)
              for _ in range(args.samples // args.batch_size)]
