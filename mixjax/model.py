@@ -129,9 +129,7 @@ class LayerViews(Sequence):
     def __len__(self) -> int:
         return self._n
 
-    def __getitem__(self, i):
-        if isinstance(i, slice):
-            return [self[j] for j in range(*i.indices(self._n))]
+    def __getitem__(self, i: int):
         if not -self._n <= i < self._n:
             raise IndexError(f"layer {i} of {self._n}")
         return jax.tree.map(lambda a: a[i], self.stacked)

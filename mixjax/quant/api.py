@@ -137,7 +137,7 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     t_start = time.perf_counter()
     batches = check_calibration(calib_batches, cfg)
     check_weights(params, cfg)
-    stacked = params  # salience runs stacked params as they are (one copy, `compute_salience`)
+    given = params  # salience runs the params as given: stacked ones under lax.scan, no copy (`compute_salience`)
     # the layer-by-layer passes read stacked layers one at a time (`model.layer_views`), never a whole unstacked copy
     params = {**params, "layers": model.layer_views(params["layers"])}
     if config.head_bits is not None:
@@ -150,7 +150,7 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
         _check_scores(scores, params)
     if 4.0 < config.bits < 8.0:
         if scores is None:
-            scores = compute_salience(stacked, batches, cfg, kind=config.salience, progress=progress, mesh=mesh)
+            scores = compute_salience(given, batches, cfg, kind=config.salience, progress=progress, mesh=mesh)
         is_int8 = allocate(scores, in_features, config.bits, budget=config.budget, local=config.local)
     else:
         n_out = {n: linear_weight(first, n).shape[0] for n in model.LINEAR_NAMES}

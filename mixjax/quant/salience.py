@@ -214,7 +214,8 @@ def compute_salience(
     layers = params["layers"]
     n_layers = jax.tree.leaves(layers)[0].shape[0] if stacked else len(layers)
     rest = {k: v for k, v in params.items() if k != "layers"}
-    deltas = None if stacked else rtn4_deltas(layers) if kind == "diag" or HOLD_DELTAS else None
+    held = not stacked and (kind == "diag" or HOLD_DELTAS)
+    deltas = rtn4_deltas(layers) if held else None
     totals = [{n: 0.0 for n in model.LINEAR_NAMES} for _ in range(n_layers)]
     count = 0
     for batch in _progress(batches, progress, "salience"):
