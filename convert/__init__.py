@@ -27,10 +27,18 @@ def _existing(path: str | os.PathLike) -> Path:
     return p
 
 
-def load(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[LlamaConfig, dict]:
+def load(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None) -> tuple[LlamaConfig, dict]:
     """Loads a model as (cfg, float params with stacked layers) from a Hugging Face directory, a .gguf
-    file, or a float checkpoint written by `save_checkpoint`."""
+    file, or a float checkpoint written by `save_checkpoint`.
+
+    mesh: a one-axis "data" mesh (`mixjax.data_mesh`): the weights go from the host straight to their slices
+    on its devices (`mixjax.parallel.shard_weights`, FSDP-style), never whole on one device; for quantizing a
+    model one device cannot hold in float (`mixjax quantize --shard-weights`)."""
     p = _existing(path)
+    if mesh is not None:
+        from mixjax.parallel import check_mesh
+
+        check_mesh(mesh)
     if p.is_dir():
         from convert import orbax_io
 
@@ -38,16 +46,19 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32) -> tuple[LlamaConfig, di
             from mixjax.quant.checkpoint import is_quantized_checkpoint, load_quantized
 
             if is_quantized_checkpoint(p):  # quantized params: the quantizer rebuilds their tree
+                if mesh is not None:
+                    raise ConvertError(f"{p} is a quantized checkpoint: mesh= splits float weights only; load it "
+                                       "without one (mixjax.shard_model splits quantized params for inference)")
                 cfg, qparams, _ = load_quantized(p)
                 return cfg, qparams
-            return orbax_io.restore_checkpoint(p, dtype=dtype)
+            return orbax_io.restore_checkpoint(p, dtype=dtype, mesh=mesh)
         from convert.hf import load_hf
 
-        return load_hf(p, dtype)
+        return load_hf(p, dtype, mesh)
     if p.suffix == ".gguf":
         from convert.gguf import load_gguf
 
-        return load_gguf(p, dtype)
+        return load_gguf(p, dtype, mesh)
     if p.suffix in (".safetensors", ".bin", ".json"):
         raise ConvertError(f"{p}: pass the model directory that holds it and config.json ({p.parent}), not one file")
     raise ConvertError(

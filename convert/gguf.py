@@ -141,7 +141,7 @@ def _dequantize(tensor) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
 
 
-def load_gguf(path: Path, dtype) -> tuple[LlamaConfig, dict]:
+def load_gguf(path: Path, dtype, mesh=None) -> tuple[LlamaConfig, dict]:
     reader = _open(path)
     cfg = read_config(reader, path)
     buffer = ParamBuffer(cfg, dtype, GGUF_NAMES, source=str(path))
@@ -163,4 +163,4 @@ def load_gguf(path: Path, dtype) -> tuple[LlamaConfig, dict]:
         elif permute and target[0].startswith("layers.self_attn.k_proj"):
             value = _unpermute_rows(value, cfg.num_key_value_heads)
         buffer.put(tensor.name, *target, value)
-    return cfg, buffer.finish()
+    return cfg, buffer.finish(mesh)

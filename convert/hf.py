@@ -92,14 +92,14 @@ def _tensors(path: Path) -> Iterator[tuple[str, np.ndarray]]:
     return _safetensors_tensors(path) if path.suffix == ".safetensors" else _torch_bin_tensors(path)
 
 
-def load_hf(directory: Path, dtype) -> tuple[LlamaConfig, dict]:
+def load_hf(directory: Path, dtype, mesh=None) -> tuple[LlamaConfig, dict]:
     cfg = read_config(directory)
     files = weight_files(directory)
     buffer = ParamBuffer(cfg, dtype, HF_NAMES, source=str(directory))
     for file in files:
         for name, value in _tensors(file):
             _put(buffer, name, value, file)
-    return cfg, buffer.finish()
+    return cfg, buffer.finish(mesh)
 
 
 def _put(buffer: ParamBuffer, name: str, value: np.ndarray, file: Path) -> None:

@@ -144,8 +144,9 @@ class ParamBuffer:
             self.arrays[path][...] = value
             self.filled[path][0] = True
 
-    def finish(self) -> dict[str, Any]:
-        """Checks every tensor arrived, then moves the arrays to jax one leaf at a time."""
+    def finish(self, mesh=None) -> dict[str, Any]:
+        """Checks every tensor arrived, then moves the arrays to jax one leaf at a time: to the default device,
+        or with a "data" mesh split over its devices as `mixjax.parallel.shard_weights` places them."""
         missing = [
             self.names.source_name(p, int(i) if p.startswith("layers.") else None)
             for p, done in self.filled.items()
@@ -154,7 +155,11 @@ class ParamBuffer:
         if missing:
             shown = ", ".join(repr(m) for m in missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
             raise ConvertError(f"{self.source}: missing tensors {shown}; the checkpoint is incomplete")
+        from mixjax.parallel import weight_sharding
+
         flat = {}
         for path in list(self.arrays):
-            flat[path] = jnp.asarray(self.arrays.pop(path))
+            array = self.arrays.pop(path)
+            flat[path] = jnp.asarray(array) if mesh is None else jax.device_put(
+                array, weight_sharding(array.shape, mesh, layer_axis=path.startswith("layers.")))
         return _unflatten(flat)

@@ -254,11 +254,13 @@ def abstract_float_params(cfg: LlamaConfig, dtype, layers: str = "stacked"):
     return tree
 
 
-def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dtype=None):
+def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dtype=None, mesh=None):
     """Reads a checkpoint → (cfg, params).
 
     abstract_params: the target tree of ShapeDtypeStructs; required for checkpoints whose params are not
     plain float arrays (e.g. quantized ones). dtype: cast float params after reading (default: as saved).
+    mesh: a "data" mesh: float params are read straight into their slices on its devices
+    (`mixjax.parallel.shard_weights`).
     """
     directory = Path(directory).expanduser().absolute()
     meta = read_metadata(directory)
@@ -272,6 +274,11 @@ def restore_checkpoint(directory: str | os.PathLike, *, abstract_params=None, dt
                 "(abstract_params=...)"
             )
         abstract_params = abstract_float_params(cfg, meta["dtype"], meta.get("layers", "stacked"))
+        if mesh is not None:
+            from mixjax.parallel import weight_shardings
+
+            abstract_params = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                                           abstract_params, weight_shardings(abstract_params, mesh))
     import orbax.checkpoint as ocp
 
     params_dir = directory / PARAMS_DIR

@@ -8,7 +8,7 @@ from mixjax.quant.api import salience
 from mixjax.assets import embedded_model_path
 from mixjax.data import calibration_batches, eval_windows
 from mixjax.evaluate import evaluate_model, perplexity
-from mixjax.parallel import data_mesh, model_mesh, shard_model
+from mixjax.parallel import data_mesh, model_mesh, shard_model, shard_weights
 from mixjax.generate import SamplingConfig, generate, generate_text  # `mixjax.generate` is the function
 from pallas_kernels import MixedWeight, mixed_matmul, pack_mixed, pack_rtn
 
@@ -17,7 +17,7 @@ __all__ = [
     "LINEAR_NAMES", "KVCache", "forward", "forward_step", "init_cache", "init_params",
     "FakeQuantWeight", "QuantConfig", "QuantReport", "quantize", "salience",
     "embedded_model_path", "calibration_batches", "eval_windows", "evaluate_model", "perplexity",
-    "data_mesh", "model_mesh", "shard_model",
+    "data_mesh", "model_mesh", "shard_model", "shard_weights",
     "SamplingConfig", "generate", "generate_text",
     "MixedWeight", "mixed_matmul", "pack_mixed", "pack_rtn",
 ]

@@ -19,8 +19,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_model_mesh, local_config,
-                             mesh_or_none, replicate, tensor_parallel_jit)
+from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, has_split_weights, is_model_mesh,
+                             local_config, mesh_or_none, replicate, tensor_parallel_jit)
 
 
 def perplexity(params, cfg: LlamaConfig, windows, *, batch_size: int = 4,
@@ -46,14 +46,18 @@ def _sum_over_batches(body, params, windows, batch_size, progress, mesh, **stati
     """Σ over batches of body(params, tokens [B, T], weight [B], **static) (a weighted sum over the rows), in
     float64 on the host. With a mesh, each batch (its size rounded up to a multiple of the device count) is split
     over the devices and the params replicated; each device runs `body` on its rows (`shard_map`, so the Pallas
-    kernels run as on one device) and the sums are psum'd."""
+    kernels run as on one device) and the sums are psum'd. Float params split by `shard_weights` stay split: XLA
+    partitions the jitted body itself, gathering each layer's weights as it runs."""
     if mesh is None:
         call = functools.partial(_jitted(body, tuple(static)), **static)
     elif is_model_mesh(mesh):  # params from shard_model: every device runs every row on its slice of the model
         call, mesh = _tensor_parallel(body, mesh, tuple(sorted(static.items()))), None
     else:
         batch_size = -(-batch_size // mesh.size) * mesh.size
-        params, call = replicate(params, mesh), _split(body, mesh, tuple(sorted(static.items())))
+        if has_split_weights(params, mesh):  # FSDP float weights: XLA partitions the program, no shard_map
+            call = functools.partial(_jitted(body, tuple(static)), **static)
+        else:
+            params, call = replicate(params, mesh), _split(body, mesh, tuple(sorted(static.items())))
         rows = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
     total = 0.0
     for chunk, weight in _padded_batches(windows, batch_size, progress):

@@ -85,6 +85,77 @@ def replicate(tree: Any, mesh: Mesh | None) -> Any:
     return jax.device_put(tree, NamedSharding(mesh, PartitionSpec()))
 
 
+def weight_sharding(shape: Sequence[int], mesh: Mesh, *, layer_axis: bool) -> NamedSharding:
+    """Where `shard_weights` puts one float leaf: a matrix split over the "data" axis along its last dimension
+    (a stacked decoder matrix [L, N, K]) or its first (the embedding and LM head [V, D]: their rows), or the
+    other matrix dimension where the device count does not divide that one; vectors (norms), and matrices
+    neither of whose dimensions it divides, replicated. `layer_axis`: the leading dimension counts layers."""
+    lead = 1 if layer_axis else 0
+    dims = list(range(lead, len(shape)))
+    spec = [None] * len(shape)
+    if len(dims) >= 2:
+        order = dims[::-1] if layer_axis else dims
+        axis = next((d for d in order if shape[d] % mesh.size == 0), None)
+        if axis is not None:
+            spec[axis] = DATA_AXIS
+    return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def shard_weights(params: dict, mesh: Mesh | None) -> dict:
+    """Float params with their weights split over a "data" mesh, FSDP-style: each device holds 1/N of every
+    decoder matrix (and of the embedding and LM head), and XLA gathers one layer at a time inside the salience
+    pass's `lax.scan`, so no device ever holds the whole model. For models one device cannot hold in float:
+    `quantize(params, ..., mesh=mesh)` and `salience(...)` keep this placement (the calibration samples are split
+    over the same devices), and the layer-by-layer passes gather one layer at a time. Slower than replicated
+    params (each batch gathers every layer's weights again); `convert.load(path, mesh=mesh)` places them so
+    from the host, never whole on one device. Unchanged for mesh=None."""
+    if mesh is None:
+        return params
+    return jax.device_put(params, weight_shardings(params, mesh))
+
+
+def weight_shardings(params: Any, mesh: Mesh) -> Any:
+    """`shard_weights`' placement of every leaf of float params (arrays or `jax.ShapeDtypeStruct`s: a checkpoint
+    can be restored straight into it), as a tree of `NamedSharding`s."""
+    if mesh is None:
+        raise ValueError("weight_shardings needs a mesh (mixjax.data_mesh(devices))")
+    check_mesh(mesh)
+    if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in jax.tree.leaves(params)):
+        raise ValueError("shard_weights takes float params (as convert.load gives them); quantized params are "
+                         "small enough to replicate, or split them for inference with mixjax.shard_model")
+
+    def place(tree, layer_axis):
+        return jax.tree.map(lambda a: weight_sharding(a.shape, mesh, layer_axis=layer_axis), tree)
+
+    layers = params["layers"]
+    layers = tuple(place(layer, False) for layer in layers) if isinstance(layers, (tuple, list)) else place(layers, True)
+    return {**place({k: v for k, v in params.items() if k != "layers"}, False), "layers": layers}
+
+
+def has_split_weights(params: Any, mesh: Mesh | None) -> bool:
+    """Whether `params` are float params with some leaf split over `mesh` (placed by `shard_weights`) rather than
+    replicated. Quantized params (integer codes among their leaves) never count: their kernels run per device."""
+    leaves = jax.tree.leaves(params)
+    if mesh is None or not all(jnp.issubdtype(a.dtype, jnp.floating) for a in leaves):
+        return False
+    return any(isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == mesh
+               and not a.sharding.is_fully_replicated for a in leaves)
+
+
+def keep_or_replicate(tree: Any, mesh: Mesh | None) -> Any:
+    """Leaves already placed on `mesh` (by `shard_weights`, or replicated) stay where they are; the others are
+    replicated on it. Unchanged for mesh=None."""
+    if mesh is None:
+        return tree
+    replicated = NamedSharding(mesh, PartitionSpec())
+
+    def place(a):
+        on_mesh = isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == mesh
+        return a if on_mesh else jax.device_put(a, replicated)
+
+    return jax.tree.map(place, tree)
+
+
 def shard_rows(x: jax.Array, mesh: Mesh | None) -> tuple[jax.Array, int]:
     """(x with its leading axis, a weight's output channels, split over the mesh, that axis's length).
 

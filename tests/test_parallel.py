@@ -55,6 +55,36 @@ THREE_DEVICES = textwrap.dedent("""
     phases = [(params, 9), (one, 16)]
     out["phased"] = float(np.max(np.abs(phased_nll(phases, cfg, windows, prompt=5)
                                         - phased_nll(phases, cfg, windows, prompt=5, mesh=mesh))))
+    # FSDP: the float weights split over the devices too (`shard_weights`), loaded straight into their slices
+    import tempfile, convert
+    from mixjax.parallel import has_split_weights, replicate, shard_weights
+    from mixjax.quant.salience import probe_terms
+    split = shard_weights(params, mesh)
+    specs = lambda p: [str(tuple(a.sharding.spec)) for a in (p["layers"]["mlp"]["gate_proj"]["weight"],
+                       p["layers"]["mlp"]["down_proj"]["weight"], p["layers"]["input_layernorm"],
+                       p["embed_tokens"])]
+    out["split_specs"] = specs(split)
+    fisher = salience(params, [tokens], cfg)
+    out["split_fisher"] = max(float(np.max(np.abs(fisher[k] - v) / np.max(fisher[k])))
+                              for k, v in salience(split, [tokens], cfg, mesh=mesh).items())
+    q_split = quantize(split, [tokens], cfg, mesh=mesh)
+    out["split_weights"] = max(
+        float(np.mean(np.asarray(linear_weight(a, k).dequantize()) != np.asarray(linear_weight(b, k).dequantize())))
+        for a, b in zip(one["layers"], q_split["layers"]) for k in model.LINEAR_NAMES)
+    out["split_rest"] = [has_split_weights(split, mesh), has_split_weights(q_split, mesh),
+                         q_split["embed_tokens"].sharding.is_fully_replicated]
+    out["split_ppl"] = [perplexity(params, cfg, windows), perplexity(split, cfg, windows, mesh=mesh)]
+    tok = shard_samples(tokens, mesh)[0]
+    arg_bytes = lambda p: probe_terms.lower({k: v for k, v in p.items() if k != "layers"}, p["layers"], tok,
+                                            cfg=cfg).compile().memory_analysis().argument_size_in_bytes
+    out["arg_bytes"] = [arg_bytes(replicate(params, mesh)), arg_bytes(split)]
+    with tempfile.TemporaryDirectory() as d:
+        convert.save_hf(d + "/hf", params, cfg)
+        convert.save_checkpoint(d + "/ckpt", params, cfg)
+        loaded = [convert.load(d + "/hf", mesh=mesh)[1], convert.load(d + "/ckpt", mesh=mesh)[1]]
+    out["load"] = [[specs(p) == out["split_specs"],
+                    max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
+                        zip(jax.tree.leaves(p), jax.tree.leaves(params)))] for p in loaded]
     from mixjax.generate import generate
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5, 12, 7)]  # five rows, three devices
@@ -87,6 +117,17 @@ def test_three_devices_give_one_devices_salience_and_weights():
     for single, split in out["ppl"]:
         assert split == pytest.approx(single, rel=1e-5)
     assert out["phased"] < 1e-4  # per-position NLL through the KV cache, two models (`ablate progressive`)
+    # FSDP: decoder matrices split along K (gate [L, 80, 48]) or, where 3 does not divide K, along N (down
+    # [L, 48, 80]); norms replicated; the embedding along D (61 rows). The same salience, codes and perplexity,
+    # and each device holds about a third of the weights in the salience pass
+    assert out["split_specs"] == ["(None, None, 'data')", "(None, 'data', None)", "(None, None)", "(None, 'data')"]
+    assert out["split_fisher"] < 1e-5 and out["split_weights"] < 0.05
+    assert out["split_rest"] == [True, False, True]  # the quantized model's embedding gathered, its codes per device
+    assert out["split_ppl"][1] == pytest.approx(out["split_ppl"][0], rel=1e-5)
+    replicated, split = out["arg_bytes"]
+    assert split < 0.45 * replicated, out["arg_bytes"]
+    # a Hugging Face directory and a float checkpoint, each read straight into the same slices
+    assert [ok for ok, _ in out["load"]] == [True, True] and max(err for _, err in out["load"]) == 0.0
     # generation with the rows split: greedy, sampled (a key a row), and progressive, the same tokens
     assert out["generate"] == [True, True, True]
     # `generate --tensor-parallel 3` on the embedded model: the same greedy text as one device

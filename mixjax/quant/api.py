@@ -34,7 +34,7 @@ from jax.sharding import Mesh
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import check_mesh, replicate, shard_rows, shard_samples
+from mixjax.parallel import check_mesh, has_split_weights, replicate, shard_rows, shard_samples
 from mixjax.quant.activations import STATIC_RATIOS, ActFormat, group_absmax, static_clip_errors
 from mixjax.quant.allocate import Budget, allocate, average_bits
 from mixjax.quant.clip import clip_grid
@@ -131,7 +131,8 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
     scores: salience from `mixjax.salience` (same params), to reuse across budgets; computed if None.
     With `return_report=True` returns (qparams, QuantReport).
     mesh: a one-axis "data" mesh (`mixjax.data_mesh()`) splits the calibration samples of the salience pass
-    and of the layer statistics over its devices, the params replicated (`mixjax.parallel`).
+    and of the layer statistics over its devices, the params replicated (`mixjax.parallel`), or split too
+    where `mixjax.shard_weights` placed them (FSDP: the layer passes then gather one layer at a time).
     """
     check_mesh(mesh)
     t_start = time.perf_counter()
@@ -157,7 +158,10 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
         is_int8 = {n: np.full((n_layers, n_out[n]), config.bits >= 8.0) for n in model.LINEAR_NAMES}
     t_salience = time.perf_counter()
     layers = quantize_layers(params, batches, cfg, config, is_int8, progress=progress, mesh=mesh)
-    qparams = {**params, "layers": layers}
+    rest = {k: v for k, v in params.items() if k != "layers"}
+    if has_split_weights(rest, mesh):  # FSDP float weights: the quantized model's embedding, norm, head replicated
+        rest = replicate(rest, mesh)
+    qparams = {**rest, "layers": layers}
     if config.head_bits is not None:
         qparams.update(quantize_head(params, cfg, bits=config.head_bits))
     t_end = time.perf_counter()

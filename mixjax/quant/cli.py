@@ -60,7 +60,11 @@ def _quant_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--devices", default="all", metavar="N|all",
                    help="local devices the calibration samples are split over (default all; the params are "
-                        "replicated on each, so each needs the memory one device would)")
+                        "replicated on each, so each needs the memory one device would, unless --shard-weights)")
+    p.add_argument("--shard-weights", action="store_true",
+                   help="also split the float weights over those devices (FSDP: each holds 1/N of them and gathers "
+                        "one layer at a time), loading them straight into their slices: for a model one device "
+                        "cannot hold in float; slower than replicated weights where they fit")
     p.add_argument("--eval-tokens", type=int, default=0, metavar="N",
                    help="also measure the float and the quantized perplexity on N tokens of --eval-data and record "
                         "them in the checkpoint (`mixjax info` shows them; default 0: skip)")
@@ -95,7 +99,8 @@ def run(args) -> None:
                          head_bits=args.head_bits, act=act_format(getattr(args, "act_scales", "dynamic")))
     quantize_model(model_path=args.model, out=args.out, config=config, data=args.data, samples=args.samples,
                    seq_len=args.seq_len, seed=args.seed, force=args.force, progress=not args.quiet,
-                   log=(lambda *_: None) if args.quiet else print, devices=devices, eval_tokens=args.eval_tokens,
+                   log=(lambda *_: None) if args.quiet else print, devices=devices,
+                   shard_weights=args.shard_weights, eval_tokens=args.eval_tokens,
                    eval_data=args.eval_data)
 
 

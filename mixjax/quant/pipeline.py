@@ -25,11 +25,14 @@ def refuse_quantized_source(path: Path) -> None:
 def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLike, config: QuantConfig = QuantConfig(),
                    data: str = "owt", samples: int = 128, seq_len: int = 2048, seed: int = 0,
                    force: bool = False, progress: bool = True, log=print,
-                   devices: int | None = None, eval_tokens: int = 0, eval_data: str = "wikipedia") -> QuantReport:
+                   devices: int | None = None, shard_weights: bool = False, eval_tokens: int = 0,
+                   eval_data: str = "wikipedia") -> QuantReport:
     """Quantizes a model (Hugging Face dir, .gguf, mixjax checkpoint; None = the embedded model) and saves it.
 
     Checks the output path before any work: an existing `out` needs `force=True`.
     devices: local devices the calibration samples are split over (None: all; `mixjax.parallel`).
+    shard_weights: the float weights are split over those devices too (FSDP, `mixjax.shard_weights`), loaded
+      straight into their slices: for a model one device cannot hold in float; slower otherwise.
     eval_tokens: > 0 also measures the float and the quantized model's perplexity on that many tokens of
       `eval_data` (windows of up to 2048 tokens), logs both and records them in the checkpoint
       (`extra["evaluation"]`, which `mixjax info` shows).
@@ -52,13 +55,14 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
     tokenizer = convert.load_tokenizer(path)
     calib = data_mod.calibration_batches(tokenizer, data, n_samples=samples, seq_len=seq_len, seed=seed,
                                          batch_size=config.batch_size)
-    cfg, params = convert.load(path, dtype=jnp.float32)
+    cfg, params = convert.load(path, dtype=jnp.float32, mesh=mesh if shard_weights else None)
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} exceeds the model context {cfg.max_position_embeddings}")
     log(f"quantizing {path} to W{config.bits:g}A{config.act.bits or 16}: {samples}×{seq_len} tokens of {data}")
     if mesh is not None:
         n = mesh.size
         log(f"calibration samples split over {n} devices"
+            + (f", the float weights too (FSDP: each device holds 1/{n} of them)" if shard_weights else "")
             + (f" (each batch of {config.batch_size} padded to {-(-config.batch_size // n) * n}: "
                f"--batch-size {n} or a multiple of it wastes nothing)" if config.batch_size % n else ""))
     windows = None

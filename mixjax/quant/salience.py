@@ -42,7 +42,7 @@ from jax.sharding import Mesh
 from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation
-from mixjax.parallel import check_mesh, replicate, shard_samples
+from mixjax.parallel import check_mesh, keep_or_replicate, shard_samples
 from mixjax.quant.rtn import rtn4_delta
 
 SalienceKind = Literal["fisher", "diag", "first-order-off", "hvp"]
@@ -199,7 +199,8 @@ def compute_salience(
     `params` are float params (stacked or a tuple of layers); `batches` yields int [B, T] token arrays. Stacked
     params take the least memory: the weights once, each layer's Δ only while its scan iteration runs.
     mesh: a one-axis "data" mesh (`mixjax.data_mesh`) splits each batch's samples over its devices, the
-    params replicated (see `mixjax.parallel`); "diag", one sample at a time, runs on one device.
+    params replicated, or split too where `mixjax.shard_weights` placed them (see `mixjax.parallel`); "diag",
+    one sample at a time, runs on one device.
     Checks every gradient term for NaN/Inf and names the layer.
     """
     if kind not in SALIENCE_KINDS:
@@ -210,7 +211,8 @@ def compute_salience(
     # stacked params run as they are, by `lax.scan` with each layer's Δ computed in its iteration: the weights once,
     # no copy and no Δ for the whole model; a tuple of layers by the Python loop, Δ held (HOLD_DELTAS)
     stacked = kind != "diag" and not isinstance(params["layers"], (tuple, list))
-    params = replicate(params if stacked else model.unstack_layers(params), mesh)
+    # params from `shard_weights` stay split over the mesh (FSDP: XLA gathers each layer in its iteration)
+    params = keep_or_replicate(params if stacked else model.unstack_layers(params), mesh)
     layers = params["layers"]
     n_layers = jax.tree.leaves(layers)[0].shape[0] if stacked else len(layers)
     rest = {k: v for k, v in params.items() if k != "layers"}
