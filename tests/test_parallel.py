@@ -296,6 +296,14 @@ def test_bad_meshes_and_device_counts_are_refused():
         salience({}, [np.zeros((1, 4), np.int32)], None, mesh=wrong_axis)
     with pytest.raises(TypeError, match="jax.sharding.Mesh"):
         salience({}, [np.zeros((1, 4), np.int32)], None, mesh="gpu:0,1")
+    from mixjax.parallel import shard_weights
+
+    params = {"embed_tokens": jnp.zeros((8, 4)), "layers": {"w": jnp.zeros((2, 4, 4))}}
+    with pytest.raises(ValueError, match="named 'data'"):
+        shard_weights(params, wrong_axis)
+    with pytest.raises(ValueError, match="float params"):  # quantized codes: shard_model is their split
+        shard_weights({**params, "layers": {"q": jnp.zeros((2, 4, 4), jnp.int8)}}, data_mesh(1))
+    assert shard_weights(params, None) is params
 
 
 @pytest.mark.parametrize("value", ["0", "two", str(len(jax.local_devices()) + 1)])
