@@ -849,6 +849,15 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
+  s44a)  # session 44: the salience pass's memory as `mixjax quantize` runs it (stacked f32 Llama-3-8B, Δ in the
+    # scan), short of s43b/s43c: the GPU compile's analysis at 1 × 2048 and 4 × 2048 tokens, then one 4 × 2048 batch
+    # run on random weights with the device's peak bytes (the estimate: ≈ 30 GiB of weights + ≈ 14 of temporaries)
+    header
+    timeout 200 python3 benchmarks/salience_memory.py --forms stacked --dtype float32 --batch 1 --seq-len 2048 2>&1 \
+      | grep -v "^W\|^I" | tail -3 | tee "$out/salience_stacked_b1.log"
+    timeout 300 python3 benchmarks/salience_memory.py --forms stacked --dtype float32 --batch 4 --seq-len 2048 \
+      --run stacked 2>&1 | grep -v "^W\|^I" | tail -4 | tee "$out/salience_stacked_b4.log"
+    ;;
   s43b)  # prepared in session 43, not run: the salience pass's memory at the Llama-3-8B shape (the one step of
     # `mixjax quantize` that holds the whole model): stacked layers under lax.scan with each layer's Δ in its
     # iteration (quantize's form now), a tuple of layers with every Δ held or computed in each layer; XLA's compiled

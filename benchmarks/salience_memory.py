@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--seq-len", type=int, default=2048)
     ap.add_argument("--run", choices=FORMS, default=None, help="also run one batch in this form")
+    ap.add_argument("--forms", default=",".join(FORMS), help="forms to analyse, comma-separated (default all three)")
     ap.add_argument("--shape", choices=("8b", "70b"), default="8b", help="Llama-3-8B's or Llama-3-70B's dimensions")
     ap.add_argument("--devices", type=int, default=1, help="> 1: replicated against FSDP params over this many")
     ap.add_argument("--cpu-devices", type=int, default=None, help="simulate this many CPU devices")
@@ -76,6 +77,8 @@ def main() -> None:
     for form, layers, deltas in (("stacked", shapes["layers"], None),
                                  ("held", tuple_layers, jax.eval_shape(salience.rtn4_deltas, tuple_layers)),
                                  ("inlayer", tuple_layers, None)):
+        if form not in args.forms.split(","):
+            continue
         t = time.perf_counter()
         m = salience.probe_terms.lower(rest, layers, tokens, cfg=cfg, deltas=deltas).compile().memory_analysis()
         a, tmp = m.argument_size_in_bytes / GIB, m.temp_size_in_bytes / GIB
