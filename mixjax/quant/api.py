@@ -292,9 +292,10 @@ def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8, mesh=N
             qr = dataclasses.replace(qr, q=qr.q[:n], scale=qr.scale[:n], zero=qr.zero[:n], is_int8=qr.is_int8[:n])
         _check_finite_codes(qr, f"layers.{i}.{name}")
         a = absmax[name] if absmax is not None and config.act.static else None
-        sim[name] = FakeQuantWeight(w=_dequantize(qr, fmt=config.weight).astype(w.dtype), a_absmax=a, act=config.act)
+        sim[name] = FakeQuantWeight(w=_dequantize(qr, fmt=config.weight).astype(w.dtype), a_absmax=a, act=config.act,
+                                    exact=False)  # carries the calibration inputs: TF32 on a GPU is enough there
         if not config.kernel_compatible:
-            final[name] = sim[name]
+            final[name] = dataclasses.replace(sim[name], exact=True)
         elif a is None:
             final[name] = _pack(qr)
         else:

@@ -25,14 +25,19 @@ if TYPE_CHECKING:
     from pallas_kernels import MixedWeight
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "a_absmax"], meta_fields=["act"])
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["w", "a_absmax"], meta_fields=["act", "exact"])
 @dataclasses.dataclass(frozen=True)
 class FakeQuantWeight:
-    """w: dequantized weight [N, K] (float); a_absmax: calibrated per-group |x| max [G] (static only)."""
+    """w: dequantized weight [N, K] (float); a_absmax: calibrated per-group |x| max [G] (static only).
+
+    exact: f32 products at full precision on every backend (the simulation's contract). False: the backend's
+    default (TF32 operands on a GPU, ≈ 3e-4 relative; the same on a CPU), which the quantizer's calibration pass
+    takes to carry the inputs from one layer to the next, where int4 noise dwarfs that rounding."""
 
     w: jax.Array
     a_absmax: jax.Array | None = None
     act: ActFormat = ActFormat()
+    exact: bool = True
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -47,7 +52,7 @@ class FakeQuantWeight:
         # HIGHEST: an f32 simulation stays f32 on a GPU too, where the default rounds the operands to TF32 (≈ 3e-4
         # relative, session 30), as the kernels' integer reference does (bf16 operands are unaffected)
         y = jnp.einsum("...k,nk->...n", xq, self.w.astype(x.dtype), preferred_element_type=jnp.float32,
-                       precision=jax.lax.Precision.HIGHEST)
+                       precision=jax.lax.Precision.HIGHEST if self.exact else None)
         return y.astype(x.dtype)
 
 
