@@ -111,6 +111,9 @@ def _register_eval(sub) -> None:
     p.add_argument("--batch-size", type=_positive_int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--devices", default="all", metavar="N|all",
                    help="local devices each batch is split over, the model replicated on each (default all)")
+    p.add_argument("--shard-weights", action="store_true",
+                   help="split a float model's weights over those devices too (FSDP: each holds 1/N of them), "
+                        "loading them straight into their slices: for a model one device cannot hold")
     p.set_defaults(run=_run_eval)
 
 
@@ -121,7 +124,7 @@ def _run_eval(args) -> None:
     result = evaluate_model(model_path=args.model, data=args.data, seq_len=args.seq_len,
                             max_tokens=args.max_tokens, batch_size=args.batch_size, dtype=_jnp_dtype(args.dtype),
                             implementation=args.implementation, progress=not args.quiet,
-                            devices=parse_devices(args.devices))
+                            devices=parse_devices(args.devices), shard_weights=args.shard_weights)
     if args.quiet:
         print(f"{result['perplexity']:.4f}")
     else:

@@ -190,14 +190,17 @@ def _check_windows(windows: np.ndarray, cfg: LlamaConfig, batch_size: int) -> No
 def evaluate_model(*, model_path=None, data: str = "wikipedia", seq_len: int = 2048,
                    max_tokens: int | None = None, batch_size: int = 4, dtype=jnp.float32,
                    implementation: Implementation = "auto", progress: bool = False,
-                   devices: int | None = None) -> dict:
+                   devices: int | None = None, shard_weights: bool = False) -> dict:
     """Loads a model (default: the embedded one) and measures its perplexity on `data`.
 
     devices: local devices each batch is split over (None: all; `perplexity(mesh=...)`).
+    shard_weights: a float model's weights split over those devices too, loaded straight into their slices
+      (`mixjax.shard_weights`): for a model one device cannot hold.
     Returns {"perplexity", "windows", "seq_len", "data", "model", "devices"}.
     """
     import convert
     from mixjax import assets, data as data_lib
+    from mixjax.quant.checkpoint import is_quantized_checkpoint
 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
@@ -205,7 +208,10 @@ def evaluate_model(*, model_path=None, data: str = "wikipedia", seq_len: int = 2
     path = assets.resolve_model_path(model_path)
     tokenizer = convert.load_tokenizer(path)
     windows = data_lib.eval_windows(tokenizer, data, seq_len, max_tokens)  # [N, T]
-    cfg, params = convert.load(path, dtype=dtype)
+    if shard_weights and is_quantized_checkpoint(path):
+        raise ValueError(f"{path} is a quantized checkpoint: --shard-weights splits float weights; a quantized model "
+                         "is replicated on each device (drop --shard-weights)")
+    cfg, params = convert.load(path, dtype=dtype, mesh=mesh if shard_weights else None)
     # same outputs, fewer launches; the stored row-major codes, which the prompt-shaped GEMMs' unpack reads 1–2 %
     # faster than the tiled order batched decoding wants (`model.TILED_CODES`)
     params = model.fuse_projections(params, tile=False)

@@ -215,6 +215,13 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
                          "--max-tokens", "256", "--quiet"]) == 0
         ppl[name] = float(capsys.readouterr().out.split()[-1])
     assert abs(math.log(ppl["quantized"] / ppl["fp"])) < 0.2  # measured 0.035 (this random model's fp ppl is huge)
+    # --shard-weights splits float weights only: a quantized checkpoint is refused by name; a float model on one
+    # device runs the plain path (the split itself: tests/test_parallel.py)
+    assert cli.main(["eval", "--model", str(a), "--shard-weights", "--quiet"]) == 2
+    assert "drop --shard-weights" in capsys.readouterr().err
+    assert cli.main(["eval", "--model", str(directory), "--data", str(corpus), "--seq-len", "32", "--max-tokens", "256",
+                     "--shard-weights", "--quiet"]) == 0
+    assert float(capsys.readouterr().out.split()[-1]) == pytest.approx(ppl["fp"], rel=1e-6)
     assert cli.main(["generate", "--model", str(a), "--prompt", "the river", "--max-new-tokens", "4",
                      "--kv-int8", "--quiet"]) == 0
     capsys.readouterr()

@@ -85,6 +85,9 @@ THREE_DEVICES = textwrap.dedent("""
     out["load"] = [[specs(p) == out["split_specs"],
                     max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in
                         zip(jax.tree.leaves(p), jax.tree.leaves(params)))] for p in loaded]
+    from mixjax.evaluate import evaluate_model  # the embedded model, its float weights split over the devices
+    out["eval_split"] = [evaluate_model(seq_len=64, max_tokens=256, devices=d, shard_weights=d > 1)["perplexity"]
+                         for d in (1, 3)]
     from mixjax.generate import generate
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5, 12, 7)]  # five rows, three devices
@@ -126,6 +129,7 @@ def test_three_devices_give_one_devices_salience_and_weights():
     assert out["split_ppl"][1] == pytest.approx(out["split_ppl"][0], rel=1e-5)
     replicated, split = out["arg_bytes"]
     assert split < 0.45 * replicated, out["arg_bytes"]
+    assert out["eval_split"][1] == pytest.approx(out["eval_split"][0], rel=1e-5)  # `mixjax eval --shard-weights`
     # a Hugging Face directory and a float checkpoint, each read straight into the same slices
     assert [ok for ok, _ in out["load"]] == [True, True] and max(err for _, err in out["load"]) == 0.0
     # generation with the rows split: greedy, sampled (a key a row), and progressive, the same tokens
