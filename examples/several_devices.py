@@ -1,5 +1,5 @@
-"""Several devices: quantize with the calibration samples split over them, evaluate the same way, then generate
-with the model itself split over them (tensor parallel).
+"""Several devices: quantize with the calibration samples and the float weights split over them, evaluate the
+quantized model with the samples split, then generate with the model itself split over them (tensor parallel).
 
     python examples/several_devices.py                  # every local device (GPUs, or one CPU)
     python examples/several_devices.py --cpu-devices 3  # three simulated CPU devices (the embedded model's 9
@@ -23,12 +23,14 @@ def main(cpu_devices: int | None = None) -> None:
     import mixjax
 
     path = mixjax.embedded_model_path()
-    cfg, params = convert.load(path, dtype=jnp.float32)
+    data = mixjax.data_mesh()
+    # The float weights split over the devices (FSDP): each holds 1/N of them, read straight into its slice. For
+    # a model one device cannot hold; drop mesh= to replicate them (faster where they fit, the same result).
+    cfg, params = convert.load(path, dtype=jnp.float32, mesh=data)
     tokenizer = convert.load_tokenizer(path)
     print(f"{len(jax.local_devices())} devices: {jax.local_devices()}")
 
-    # Data parallel: each batch of calibration samples split over the devices, the model replicated on each.
-    data = mixjax.data_mesh()
+    # Data parallel: each batch of calibration samples split over the devices.
     calib = mixjax.calibration_batches(tokenizer, n_samples=6, seq_len=256, batch_size=len(data.devices.flat))
     qparams = mixjax.quantize(params, calib, cfg, config=mixjax.QuantConfig(bits=4.4), mesh=data)
     windows = mixjax.eval_windows(tokenizer, "wikipedia", 256, 2048)

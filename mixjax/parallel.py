@@ -264,7 +264,7 @@ def shard_model(params: dict, cfg, mesh: Mesh, *, fuse: bool = True) -> dict:
         raise ValueError(f"shard_model needs a one-axis mesh named {MODEL_AXIS!r} (mixjax.model_mesh(devices))")
     parts = mesh.size
     check_tensor_parallel(cfg, parts)
-    params = model.unstack_layers(params)
+    params = model.unstack_layers(_assembled_on_host(params))
 
     def split(w, axis, path):
         if isinstance(w, StaticMixedWeight):  # the calibrated maxima follow the input features
@@ -310,6 +310,16 @@ def shard_model(params: dict, cfg, mesh: Mesh, *, fuse: bool = True) -> dict:
                                   split_spec) for i in range(len(params["layers"])))
     rest = replicate({k: v for k, v in params.items() if k != "layers"}, mesh)
     return {**rest, "layers": layers}
+
+
+def _assembled_on_host(tree: Any) -> Any:
+    """Leaves split over several devices (`shard_weights`' FSDP slices, `quantize(mesh=)`'s rows) as host arrays,
+    each assembled from its shards without a collective; the rest unchanged. `shard_model` cuts whole arrays."""
+    def gather(a):
+        split = isinstance(a, jax.Array) and len(a.sharding.device_set) > 1 and not a.sharding.is_fully_replicated
+        return np.asarray(a) if split else a
+
+    return jax.tree.map(gather, tree)
 
 
 def is_model_mesh(mesh: Mesh | None) -> bool:

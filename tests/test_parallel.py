@@ -88,6 +88,12 @@ THREE_DEVICES = textwrap.dedent("""
     from mixjax.evaluate import evaluate_model  # the embedded model, its float weights split over the devices
     out["eval_split"] = [evaluate_model(seq_len=64, max_tokens=256, devices=d, shard_weights=d > 1)["perplexity"]
                          for d in (1, 3)]
+    from mixjax import assets, data as data_lib  # and those split weights cut again by heads (tensor parallel)
+    from mixjax.parallel import model_mesh, shard_model
+    path = assets.resolve_model_path(None)
+    ecfg, eparams = convert.load(path, mesh=mesh)
+    ewindows = data_lib.eval_windows(convert.load_tokenizer(path), "wikipedia", 64, 256)
+    out["tp_from_fsdp"] = perplexity(shard_model(eparams, ecfg, model_mesh()), ecfg, ewindows, mesh=model_mesh())
     from mixjax.generate import generate
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5, 12, 7)]  # five rows, three devices
@@ -130,6 +136,7 @@ def test_three_devices_give_one_devices_salience_and_weights():
     replicated, split = out["arg_bytes"]
     assert split < 0.45 * replicated, out["arg_bytes"]
     assert out["eval_split"][1] == pytest.approx(out["eval_split"][0], rel=1e-5)  # `mixjax eval --shard-weights`
+    assert out["tp_from_fsdp"] == pytest.approx(out["eval_split"][0], rel=1e-5)
     # a Hugging Face directory and a float checkpoint, each read straight into the same slices
     assert [ok for ok, _ in out["load"]] == [True, True] and max(err for _, err in out["load"]) == 0.0
     # generation with the rows split: greedy, sampled (a key a row), and progressive, the same tokens
@@ -170,6 +177,9 @@ TWO_DEVICES_TENSOR_PARALLEL = textwrap.dedent("""
     out["static_down"] = type(split["static"]["layers"][0]["mlp"]["down_proj"]["weight"].w).__name__
     out["ppl"] = {k: [perplexity(whole[k], cfg, windows), perplexity(split[k], cfg, windows, mesh=mesh)]
                   for k in whole}
+    from mixjax.parallel import data_mesh, shard_weights  # FSDP-split float weights, cut again by heads
+    out["ppl_from_fsdp"] = perplexity(shard_model(shard_weights(params, data_mesh()), cfg, mesh), cfg, windows,
+                                      mesh=mesh)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5)]
     kw = dict(max_new_tokens=6, eos_token_ids=(7,))
@@ -197,6 +207,7 @@ def test_two_devices_tensor_parallel_give_one_devices_perplexity_and_tokens():
     assert set(out["ppl"]) == {"float", "quantized", "static"}
     for single, split in out["ppl"].values():
         assert split == pytest.approx(single, rel=1e-5)
+    assert out["ppl_from_fsdp"] == pytest.approx(out["ppl"]["float"][0], rel=1e-5)
     # greedy, sampled, progressive (float prompt, quantized decode) and an int8 cache: the same tokens
     assert out["generate"] == [True, True, True, True]
 
