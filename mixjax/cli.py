@@ -10,7 +10,8 @@
     mixjax info PATH [--json]                     # format, config, storage, quantization, tokenizer
 
 `--model` defaults to the embedded SmolLM2-135M-Instruct everywhere. User errors (bad paths, bad
-values, unusable data or checkpoints) print one message on stderr and exit with status 2.
+values, unusable data or checkpoints) print one message on stderr and exit with status 2; a device out of
+memory prints one line naming the options that lower the need and exits with status 1.
 """
 
 from __future__ import annotations
@@ -38,7 +39,26 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mixjax {args.command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # jax.errors.JaxRuntimeError; only a device out of memory is answered here
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        first = str(e).strip().splitlines()[0]
+        print(f"mixjax {args.command}: error: the device ran out of memory ({first}); "
+              f"{OOM_HINTS.get(args.command, 'use a smaller batch or model')}", file=sys.stderr)
+        return 1
     return 0
+
+
+OOM_HINTS = {  # the fix a command's options offer; a checkpoint is written atomically, so none was left half-written
+    "quantize": "lower --batch-size (calibration samples per forward/backward), or with several devices split the "
+                "float weights over them with --shard-weights; no checkpoint was written",
+    "eval": "lower --batch-size or --seq-len, or with several devices split a float model with --shard-weights",
+    "generate": "use a shorter --max-new-tokens, store the KV cache in int8 with --kv-int8, or split the model over "
+                "several devices with --tensor-parallel N",
+    "ablate": "lower --batch-size, --seq-len or --eval-seq-len",
+    "demo": "run it on the CPU (JAX_PLATFORMS=cpu)",
+}
+OOM_HINTS["convert"] = OOM_HINTS["quantize"]
 
 
 def _check_implementation(implementation: str) -> None:

@@ -279,6 +279,25 @@ def test_convert_writes_a_reproducible_quantized_checkpoint(tiny_model, tmp_path
     c = tmp_path / "c"
     assert cli.main(["convert", str(directory), str(c), *opts]) == 130
     assert not c.exists() and not list(tmp_path.glob(".c.tmp-*"))
+    # the device out of memory mid-run: one line naming it and the options that lower the need, nothing written;
+    # any other runtime error keeps its traceback
+    import jax
+
+    from mixjax.quant import pipeline
+
+    def out_of_memory(*args, **kwargs):
+        raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 "
+                                         "bytes.\nBufferAssignment OOM Debugging.")
+
+    monkeypatch.setattr(pipeline, "quantize", out_of_memory)
+    assert cli.main(["convert", str(directory), str(c), *opts]) == 1
+    err = capsys.readouterr().err
+    assert "ran out of memory (RESOURCE_EXHAUSTED: Out of memory while trying to allocate 68719476736 bytes.)" in err
+    assert "--batch-size" in err and "--shard-weights" in err and "Debugging" not in err
+    assert not c.exists() and not list(tmp_path.glob(".c.tmp-*"))
+    monkeypatch.setattr(pipeline, "quantize", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError, match="a bug"):
+        cli.main(["convert", str(directory), str(c), *opts])
 
     meta = json.loads((a / "mixjax.json").read_text())
     (a / "mixjax.json").write_text(json.dumps({**meta, "params_sha256": "0" * 64}))
