@@ -163,7 +163,7 @@ def quantize(params, calib_batches: Iterable, cfg: LlamaConfig, *, config: Quant
         rest = replicate(rest, mesh)
     qparams = {**rest, "layers": layers}
     if config.head_bits is not None:
-        qparams.update(quantize_head(params, cfg, bits=config.head_bits))
+        qparams.update(quantize_head(qparams, cfg, bits=config.head_bits))  # the float embedding / head of `rest`
     t_end = time.perf_counter()
     if not return_report:
         return qparams
