@@ -138,8 +138,11 @@ def has_split_weights(params: Any, mesh: Mesh | None) -> bool:
     leaves = jax.tree.leaves(params)
     if mesh is None or not all(jnp.issubdtype(a.dtype, jnp.floating) for a in leaves):
         return False
-    return any(isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == mesh
-               and not a.sharding.is_fully_replicated for a in leaves)
+    return any(_on_mesh(a, mesh) and not a.sharding.is_fully_replicated for a in leaves)
+
+
+def _on_mesh(a, mesh: Mesh) -> bool:
+    return isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == mesh
 
 
 def keep_or_replicate(tree: Any, mesh: Mesh | None) -> Any:
@@ -149,11 +152,7 @@ def keep_or_replicate(tree: Any, mesh: Mesh | None) -> Any:
         return tree
     replicated = NamedSharding(mesh, PartitionSpec())
 
-    def place(a):
-        on_mesh = isinstance(getattr(a, "sharding", None), NamedSharding) and a.sharding.mesh == mesh
-        return a if on_mesh else jax.device_put(a, replicated)
-
-    return jax.tree.map(place, tree)
+    return jax.tree.map(lambda a: a if _on_mesh(a, mesh) else jax.device_put(a, replicated), tree)
 
 
 def shard_rows(x: jax.Array, mesh: Mesh | None) -> tuple[jax.Array, int]:
