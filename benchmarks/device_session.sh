@@ -849,6 +849,21 @@ case "$part" in
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
     ;;
+  s44b)  # session 44, prepared for a machine with several GPUs (kind nvidia-h100-x8, -x4 or -x2): quantization with
+    # the float weights split over the GPUs (FSDP, `--shard-weights`, NOTES item 142), never run on GPUs. Llama-3-8B
+    # in f32, 32 × 2048, one sample a GPU a batch: replicated weights against FSDP (time, the most any GPU held),
+    # then 8 of Llama-3-70B's 80 layers FSDP (per-layer time; per-GPU memory against the CPU analysis's 32.9 GiB
+    # of weights + 20.4 for all 80 layers over 8); each in its own process (≤ 560 s in all)
+    header
+    n=$(nvidia-smi -L | wc -l)
+    for opt in "" "--shard-weights"; do
+      PYTHONPATH=. timeout 170 python3 benchmarks/quant_speed.py --dtype float32 --samples 32 --batch-size "$n" \
+        --devices "$n" $opt 2>&1 | grep "^jax\|wall\|peak\|Error" | tee -a "$out/quant_fsdp_8b.log"
+    done
+    PYTHONPATH=. timeout 220 python3 benchmarks/quant_speed.py --shape llama3-70b --layers 8 --dtype float32 \
+      --samples "$n" --batch-size "$n" --devices "$n" --shard-weights 2>&1 | grep "^jax\|wall\|peak\|Error" \
+      | tee "$out/quant_fsdp_70b8.log"
+    ;;
   s44a)  # session 44: the salience pass's memory as `mixjax quantize` runs it (stacked f32 Llama-3-8B, Δ in the
     # scan), short of s43b/s43c: the GPU compile's analysis at 1 × 2048 and 4 × 2048 tokens, then one 4 × 2048 batch
     # run on random weights with the device's peak bytes (the estimate: ≈ 30 GiB of weights + ≈ 14 of temporaries)

@@ -70,11 +70,13 @@ def weight_bytes(params) -> int:
 
 
 def peak_memory() -> tuple[int, str]:
-    """Peak accelerator memory in bytes if the backend reports it, else the process's peak RSS."""
-    dev = jax.devices()[0]
-    stats = dev.memory_stats() if hasattr(dev, "memory_stats") else None
-    if stats and "peak_bytes_in_use" in stats:
-        return int(stats["peak_bytes_in_use"]), f"{dev.platform} device"
+    """Peak accelerator memory in bytes if the backend reports it (the most any local device reached), else the
+    process's peak RSS."""
+    devices = jax.local_devices()
+    stats = [d.memory_stats() if hasattr(d, "memory_stats") else None for d in devices]
+    peaks = [int(st["peak_bytes_in_use"]) for st in stats if st and "peak_bytes_in_use" in st]
+    if peaks:
+        return max(peaks), f"{devices[0].platform} device" + (f", the most of {len(peaks)}" if len(peaks) > 1 else "")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024), "host RSS"
 
