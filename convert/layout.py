@@ -105,17 +105,34 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
     return tree
 
 
+HALF_DTYPES = (np.dtype(jnp.bfloat16), np.dtype(np.float16))  # exact in f32
+
+
 class ParamBuffer:
-    """Preallocated numpy params of `cfg`, filled tensor by tensor; `finish()` returns jax params."""
+    """Numpy params of `cfg`, filled tensor by tensor; `finish()` returns jax params.
+
+    Each leaf's host array is allocated at its first tensor: in the checkpoint's own dtype where that is bf16 or f16
+    and the target f32 (exact either way, cast on the device: half the host memory for the common bf16 checkpoint
+    loaded in f32), else in the target dtype. A later tensor of another dtype widens the leaf to the target."""
 
     def __init__(self, cfg: LlamaConfig, dtype, names: NameMap, source: str):
         self.cfg, self.names, self.source = cfg, names, source
         self.np_dtype = np.dtype(jnp.dtype(dtype))
-        if self.np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
+        if self.np_dtype not in (np.dtype(np.float32), *HALF_DTYPES):
             raise ConvertError(f"dtype={self.np_dtype} is not supported; use jnp.float32 or jnp.bfloat16")
         self.shapes = flat_shapes(cfg)
-        self.arrays = {p: np.empty(s, self.np_dtype) for p, s in self.shapes.items()}
+        self.arrays: dict[str, np.ndarray] = {}
         self.filled = {p: np.zeros(s[0] if p.startswith("layers.") else 1, bool) for p, s in self.shapes.items()}
+
+    def _slot(self, path: str, dtype: np.dtype) -> np.ndarray:
+        """The host array of `path` for a tensor of `dtype`, allocated or widened to the target as needed."""
+        array = self.arrays.get(path)
+        if array is None:
+            narrow = self.np_dtype == np.float32 and dtype in HALF_DTYPES
+            array = self.arrays[path] = np.empty(self.shapes[path], dtype if narrow else self.np_dtype)
+        elif array.dtype != self.np_dtype and dtype != array.dtype:  # a half leaf meets another dtype
+            array = self.arrays[path] = array.astype(self.np_dtype)
+        return array
 
     def expected_shape(self, path: str) -> tuple[int, ...]:
         shape = self.shapes[path]
@@ -137,11 +154,12 @@ class ParamBuffer:
                 f"{self.source}: tensor {name!r} has shape {tuple(value.shape)}, but the config implies "
                 f"{expected}; the weights do not match the config"
             )
+        slot = self._slot(path, np.dtype(value.dtype))
         if path.startswith("layers."):
-            self.arrays[path][layer] = value
+            slot[layer] = value
             self.filled[path][layer] = True
         else:
-            self.arrays[path][...] = value
+            slot[...] = value
             self.filled[path][0] = True
 
     def finish(self, mesh=None) -> dict[str, Any]:
@@ -160,6 +178,7 @@ class ParamBuffer:
         flat = {}
         for path in list(self.arrays):
             array = self.arrays.pop(path)
-            flat[path] = jnp.asarray(array) if mesh is None else jax.device_put(
+            leaf = jnp.asarray(array) if mesh is None else jax.device_put(
                 array, weight_sharding(array.shape, mesh, layer_axis=path.startswith("layers.")))
+            flat[path] = leaf.astype(self.np_dtype)  # a half leaf widened on the device(s), where it lies
         return _unflatten(flat)

@@ -1057,3 +1057,35 @@ def test_gguf_export_keeps_every_end_of_generation_id(tmp_path):
     assert convert.load(out)[0].eos_token_ids == (eos, eot, eom)
     bare = convert.save_gguf(tmp_path / "bare.gguf", params, dataclasses.replace(cfg, eos_token_ids=(eos, eot)))
     assert convert.load(bare)[0].eos_token_ids == (eos, eot)
+
+
+def test_param_buffer_holds_half_checkpoints_in_half_and_widens_exactly():
+    """A bf16 checkpoint loaded in f32 stays bf16 on the host (half the memory) and is widened on the device,
+    exactly; a leaf whose layers come in different dtypes is widened to the target before it could round one."""
+    from convert.layout import HF_NAMES, ParamBuffer
+    from mixjax.config import LlamaConfig
+
+    cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=True)
+    rng = np.random.default_rng(0)
+    buffer = ParamBuffer(cfg, jnp.float32, HF_NAMES, source="test")
+    sent = {}
+    for path, shape in buffer.shapes.items():
+        for layer in range(shape[0]) if path.startswith("layers.") else [None]:
+            value = rng.normal(size=buffer.expected_shape(path)).astype(jnp.bfloat16)
+            if path == "layers.mlp.down_proj.weight" and layer == 1:
+                value = value.astype(np.float32) + np.float32(1e-3)  # not a bf16 number: must survive whole
+            buffer.put("t", path, layer, value)
+            sent[(path, layer)] = np.asarray(value, np.float32)
+    host = {p: a.dtype for p, a in buffer.arrays.items()}
+    assert host["layers.self_attn.q_proj.weight"] == jnp.bfloat16 and host["embed_tokens"] == jnp.bfloat16
+    assert host["layers.mlp.down_proj.weight"] == np.float32  # widened when layer 1's f32 tensor came
+    params = buffer.finish()
+    leaves = {"layers.mlp.down_proj.weight": params["layers"]["mlp"]["down_proj"]["weight"],
+              "layers.self_attn.q_proj.weight": params["layers"]["self_attn"]["q_proj"]["weight"],
+              "embed_tokens": params["embed_tokens"]}
+    for path, leaf in leaves.items():
+        assert leaf.dtype == jnp.float32
+        for layer in range(leaf.shape[0]) if path.startswith("layers.") else [None]:
+            got = np.asarray(leaf[layer] if layer is not None else leaf)
+            np.testing.assert_array_equal(got, sent[(path, layer)])
