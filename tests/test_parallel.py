@@ -64,6 +64,8 @@ THREE_DEVICES = textwrap.dedent("""
                        p["layers"]["mlp"]["down_proj"]["weight"], p["layers"]["input_layernorm"],
                        p["embed_tokens"])]
     out["split_specs"] = specs(split)
+    from mixjax.parallel import weight_sharding  # neither matrix dimension divisible by 3: replicated
+    out["indivisible_spec"] = str(tuple(weight_sharding((2, 5, 7), mesh, layer_axis=True).spec))
     fisher = salience(params, [tokens], cfg)
     out["split_fisher"] = max(float(np.max(np.abs(fisher[k] - v) / np.max(fisher[k])))
                               for k, v in salience(split, [tokens], cfg, mesh=mesh).items())
@@ -130,6 +132,7 @@ def test_three_devices_give_one_devices_salience_and_weights():
     # [L, 48, 80]); norms replicated; the embedding along D (61 rows). The same salience, codes and perplexity,
     # and each device holds about a third of the weights in the salience pass
     assert out["split_specs"] == ["(None, None, 'data')", "(None, 'data', None)", "(None, None)", "(None, 'data')"]
+    assert out["indivisible_spec"] == "(None, None, None)"  # neither matrix dimension divisible: replicated
     assert out["split_fisher"] < 1e-5 and out["split_weights"] < 0.05
     assert out["split_rest"] == [True, False, True]  # the quantized model's embedding gathered, its codes per device
     assert out["split_ppl"][1] == pytest.approx(out["split_ppl"][0], rel=1e-5)
