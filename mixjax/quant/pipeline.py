@@ -59,6 +59,8 @@ def quantize_model(*, model_path: str | os.PathLike | None, out: str | os.PathLi
     if seq_len > cfg.max_position_embeddings:
         raise ValueError(f"--seq-len {seq_len} exceeds the model context {cfg.max_position_embeddings}")
     log(f"quantizing {path} to W{config.bits:g}A{config.act.bits or 16}: {samples}×{seq_len} tokens of {data}")
+    if shard_weights and mesh is None:
+        log("--shard-weights: one device, so the weights stay whole on it")
     if mesh is not None:
         n = mesh.size
         log(f"calibration samples split over {n} devices"
