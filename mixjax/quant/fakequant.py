@@ -31,8 +31,9 @@ class FakeQuantWeight:
     """w: dequantized weight [N, K] (float); a_absmax: calibrated per-group |x| max [G] (static only).
 
     exact: f32 products at full precision on every backend (the simulation's contract). False: the backend's
-    default (TF32 operands on a GPU, ≈ 3e-4 relative; the same on a CPU), which the quantizer's calibration pass
-    takes to carry the inputs from one layer to the next, where int4 noise dwarfs that rounding."""
+    default (TF32 operands on a GPU, ≈ 3e-4 relative; a CPU's f32 products are exact either way), which the
+    quantizer's calibration pass takes to carry the inputs from one layer to the next, where int4 noise dwarfs that
+    rounding."""
 
     w: jax.Array
     a_absmax: jax.Array | None = None
