@@ -305,6 +305,32 @@ def _quantize_layer(layer, i, hess, absmax, config: QuantConfig, is_int8, mesh=N
     return with_weights(layer, final), with_weights(layer, sim)
 
 
+def quantize_weight(w, h, is_int8, config: QuantConfig = QuantConfig(), *, path: str = "weight"):
+    """One float linear weight w [N, K] → its quantized weight: a `MixedWeight` where the kernels compute `config`
+    (`QuantConfig.kernel_compatible`), else a `FakeQuantWeight` in w's dtype.
+
+    h: [K, K] f32 = 2·XᵀX summed over the calibration inputs X [tokens, K] (GPTQ and the clipping search); None
+    with `gptq=False, clip=False` (RTN). is_int8: bool [N], the channels at 8 bits. path names the weight in errors.
+    The layer-by-layer `quantize` and `mixjax.nn.quantize_linears` both end here."""
+    if config.act.bits is not None and config.act.static:
+        raise ValueError(f"{path}: static activation scales need each linear's calibrated input maxima; quantize "
+                         "with mixjax.quantize, or use dynamic scales (ActFormat(static=False))")
+    if h is None and (config.gptq or config.clip):
+        raise ValueError(f"{path}: GPTQ and the clipping search need h = 2·XᵀX of the calibration inputs; pass h, or "
+                         "QuantConfig(gptq=False, clip=False) for RTN")
+    n, k = w.shape
+    if h is not None and tuple(h.shape) != (k, k):
+        raise ValueError(f"{path}: h has shape {tuple(h.shape)}; expected ({k}, {k}) = 2·XᵀX over the weight's K inputs")
+    mask = jnp.asarray(is_int8, bool)
+    if mask.shape != (n,):
+        raise ValueError(f"{path}: is_int8 has shape {mask.shape}; expected ({n},), one flag an output channel")
+    qr = _quantize_linear(jnp.asarray(w, jnp.float32), h, mask, config)
+    _check_finite_codes(qr, path)
+    if config.kernel_compatible:
+        return _pack(qr)
+    return FakeQuantWeight(w=_dequantize(qr, fmt=config.weight).astype(w.dtype), act=config.act)
+
+
 def _quantize_linear(w, h, is_int8, config: QuantConfig) -> QuantizedRows:
     if config.gptq:
         return gptq_quantize(w, h, is_int8, fmt=config.weight, damp=config.damp, reorder=config.group_reorder,
