@@ -73,3 +73,15 @@ def test_quantize_and_generate_example(tiny_directory, tmp_path, capsys):
     cfg, params = convert.load(out_dir)
     assert isinstance(params["layers"][0]["mlp"]["down_proj"]["weight"], MixedWeight)
     assert len(convert.load_tokenizer(out_dir)) == cfg.vocab_size
+
+
+def test_flax_nnx_example(tiny_directory, capsys):
+    """examples/flax_nnx.py: float and W4.4A8 perplexities of the NNX Llama, every decoder linear quantized with the
+    codes outside nnx.Param, and a continuation through mixjax.generate."""
+    _example("flax_nnx").main(str(tiny_directory))
+    out = capsys.readouterr().out
+    fp = float(out.split("float perplexity: ")[1].split()[0])
+    q = float(out.split("W4.4A8 perplexity: ")[1].split()[0])
+    assert np.isfinite(fp) and np.isfinite(q) and q > 1 and abs(q - fp) < 0.5 * fp
+    assert "14 linears quantized" in out  # 2 layers × 7
+    assert out.count(" → ") == 1
