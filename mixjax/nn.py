@@ -10,7 +10,8 @@
   search take H = 2·XᵀX of each linear's input on the calibration batches. Unlike `mixjax.quantize`, which runs a
   Llama layer by layer on the quantized layers' outputs, every H here comes from the float model in one pass
   (each linear's own inputs, any architecture), and the pass holds every selected linear's H at once
-  (Σ K² · 4 bytes).
+  (Σ K² · 4 bytes). The salience pass holds `batch_size` samples' gradients of every selected kernel: sized for
+  models of a few hundred million parameters; a Llama checkpoint of billions goes through `mixjax.quantize`.
 - `Llama`: the Llama-family model of `mixjax.model` as NNX modules (`nnx.Linear` projections), built from mixjax
   params or a checkpoint path, with `to_params()` back to the functional params that `mixjax.generate`,
   `mixjax.perplexity` and `mixjax.quant.checkpoint` take — the quantized linears included.
@@ -316,6 +317,11 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
     (reused across budgets). Every check and every weight is done before the first linear is replaced: on an
     error the module is unchanged.
     """
+    if config.act.bits is not None and config.act.static:
+        raise ValueError("quantize_linears takes dynamic activation scales only; static ones need mixjax.quantize")
+    if config.head_bits is not None:
+        raise ValueError("QuantConfig.head_bits is mixjax.quantize's embedding / LM head switch; here, select the "
+                         "head's nnx.Linear like any other")
     targets = find_linears(module, select)
     _check_targets(targets, module)
     names = [_name(path) for path, _ in targets]

@@ -223,6 +223,11 @@ def test_quantize_linears_refuses_and_leaves_the_model(tiny_params, calib):
     with pytest.raises(ValueError, match=r"scores\['layers.0.mlp.down_proj'\] has shape"):
         mnn.quantize_linears(llama, calib, lm_loss, select=mnn.Llama.decoder_linears,
                              scores={p: np.zeros(3) for p in _by_path(mixjax.salience(tiny_params, calib, TINY), 2)})
+    with pytest.raises(ValueError, match="dynamic activation scales only"):
+        mnn.quantize_linears(llama, calib, lm_loss, config=mixjax.QuantConfig(
+            act=dataclasses.replace(mixjax.QuantConfig().act, static=True)))
+    with pytest.raises(ValueError, match="head_bits"):
+        mnn.quantize_linears(llama, calib, lm_loss, config=mixjax.QuantConfig(head_bits=8))
     with pytest.raises(ValueError, match="leading sample axis"):
         mnn.quantize_linears(llama, [(calib[0], calib[0][:2])], lm_loss, select=mnn.Llama.decoder_linears)
     _linears_unchanged(llama, before)
