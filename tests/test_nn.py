@@ -259,8 +259,8 @@ def test_quantize_linears_refuses_and_leaves_the_model(tiny_params, calib):
 @pytest.mark.slow
 def test_embedded_model_through_nnx(embedded_mixjax):
     """SmolLM2-135M as NNX modules: the functional model's logits; then global-salience W4.4A8 (RTN, 4 × 128
-    calibration tokens) on its linears lowers the perplexity that 4-bit RTN reaches, and the quantized NNX model's
-    params generate through `mixjax.generate`."""
+    calibration tokens) on its linears lowers the perplexity that 4-bit RTN reaches (generation from `to_params()`:
+    test_examples, and on the kernels below)."""
     cfg, params, tokenizer = embedded_mixjax
     llama = mnn.Llama(cfg, params)
     tokens = np.asarray([tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
@@ -278,9 +278,6 @@ def test_embedded_model_through_nnx(embedded_mixjax):
     fp = mixjax.perplexity(params, cfg, windows, implementation="xla")
     assert fp < ppl["w4.4"] < ppl["w4"], (fp, ppl)
     assert ppl["w4.4"] < 1.5 * fp, (fp, ppl)
-    new = mixjax.generate(model.to_params(), cfg, [tokenizer.encode("The capital of France is")], max_new_tokens=4,
-                          implementation="xla")
-    assert len(new[0]) == 4
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled Pallas kernels: needs a GPU")
