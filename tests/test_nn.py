@@ -38,7 +38,17 @@ def _by_path(scores: dict, n_layers: int) -> dict[str, np.ndarray]:
 
 
 def _same_weights(a: MixedWeight, b: MixedWeight) -> bool:
-    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    """Identical on a CPU. On a GPU the two paths' H (XLA fusions of their own, TF32 products) differ in the last
+    bits, which GPTQ may carry across a rounding boundary: there ≤ 0.2 % of the codes may differ, scales ≤ 1e-3."""
+    if jax.default_backend() == "cpu":
+        return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    if not (np.array_equal(a.channel, b.channel) and a.n8 == b.n8):
+        return False
+    codes = [np.mean(np.asarray(getattr(a, f)) != np.asarray(getattr(b, f))) for f in ("q8", "q4", "zero4") if
+             getattr(a, f).size]
+    scales = [np.max(np.abs(np.asarray(getattr(a, f)) - np.asarray(getattr(b, f))) / np.max(np.abs(getattr(b, f))))
+              for f in ("scale8", "scale4") if getattr(a, f).size]
+    return max(codes) <= 2e-3 and max(scales, default=0.0) <= 1e-3
 
 
 @pytest.fixture(scope="module")
