@@ -137,6 +137,23 @@ def test_llama_logits_equal_the_functional_model(variant):
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)))
 
 
+def test_llama_from_quantized_params(tiny_params, calib):
+    """mixjax.quantize's params (a tuple of layers of MixedWeights) become MixedLinears and run as the functional
+    model runs them; to_params gives them back as they were."""
+    qparams = mixjax.quantize(tiny_params, calib, TINY, config=mixjax.QuantConfig(gptq=False, clip=False))
+    llama = mnn.Llama(TINY, qparams)
+    assert isinstance(llama.layers[1].mlp.down_proj, mnn.MixedLinear)
+    tokens = _tokens(4, (2, 16))
+    np.testing.assert_allclose(np.asarray(llama(tokens)),
+                               np.asarray(mixjax.forward(qparams, tokens, TINY, implementation="xla")), rtol=1e-5, atol=1e-5)
+    back = llama.to_params()
+    assert jax.tree.structure(back) == jax.tree.structure(qparams)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(qparams)))
+    with pytest.raises(ValueError, match="head_bits"):
+        mnn.Llama(TINY, mixjax.quantize(tiny_params, calib, TINY, config=mixjax.QuantConfig(
+            bits=4.0, gptq=False, clip=False, head_bits=8)))
+
+
 # ----------------------------------------------------------------------------------------------------
 # Salience and quantization against the functional quantizer
 
