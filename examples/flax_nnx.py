@@ -4,7 +4,7 @@
 
 `mixjax.nn.quantize_linears` takes any NNX model and a loss of your own; the Llama here is only the example model.
 Each selected `nnx.Linear` becomes a `mixjax.nn.MixedLinear` (int4 / int8 codes, int8 activations, the Pallas
-kernels on a GPU). 2 CPU cores: about 3 minutes.
+kernels on a GPU). 2 CPU cores: about 2 minutes and 6 GB (2026-12-06: 132 s, W4.4A8 perplexity 32.37 against 29.67).
 """
 
 import sys
