@@ -204,6 +204,10 @@ def linear_salience(module: nnx.Module, batches: Iterable, loss_fn: LossFn, *, s
         raise ValueError(f"kind={kind!r}; expected one of {NN_SALIENCE_KINDS} (hvp needs mixjax.salience)")
     targets = find_linears(module, select)
     _check_targets(targets, module)
+    return _salience(module, targets, batches, loss_fn, kind, batch_size)
+
+
+def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int) -> dict[str, np.ndarray]:
     batches = _chunks(list(batches), batch_size)
     if not batches:
         raise ValueError("no calibration batches: salience needs at least one sample")
@@ -278,6 +282,10 @@ def linear_hessians(module: nnx.Module, batches: Iterable, loss_fn: LossFn, *,
     `loss_fn(module, batch)`, whose value is unused), {dotted path: H}. The module is left as it was."""
     targets = find_linears(module, select)
     _check_targets(targets, module)
+    return _hessians(module, targets, batches, loss_fn)
+
+
+def _hessians(module, targets, batches, loss_fn) -> dict[str, jax.Array]:
     recorders = [_Recorder(lin) for _, lin in targets]
     _swapped(module, targets, recorders)
     try:
@@ -334,8 +342,10 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
                          "loss_fn; pass them, or QuantConfig(bits=4 or 8, gptq=False, clip=False) for RTN")
     if mixed:
         if scores is None:
-            scores = linear_salience(module, batches, loss_fn, select=select, kind=config.salience,
-                                     batch_size=config.batch_size)
+            if config.salience not in NN_SALIENCE_KINDS:
+                raise ValueError(f"QuantConfig.salience={config.salience!r}; quantize_linears computes "
+                                 f"{NN_SALIENCE_KINDS} (hvp needs mixjax.quantize)")
+            scores = _salience(module, targets, batches, loss_fn, config.salience, config.batch_size)
         for name in names:
             want = (kernels[name].shape[1],)
             if np.shape(scores.get(name)) != want:
@@ -347,7 +357,7 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
         is_int8 = {n: chosen[n][0] for n in names}
     else:
         is_int8 = {n: np.full(kernels[n].shape[1], config.bits >= 8.0) for n in names}
-    hess = linear_hessians(module, batches, loss_fn, select=select) if config.gptq or config.clip else {}
+    hess = _hessians(module, targets, batches, loss_fn) if config.gptq or config.clip else {}
     news = []
     for (path, lin), name in zip(targets, names):
         weight = quantize_weight(kernels[name].T, hess.get(name), is_int8[name], config, path=name)
