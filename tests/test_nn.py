@@ -171,7 +171,7 @@ def test_linear_salience_equals_mixjax_salience(tiny_params, calib, kind):
                                    err_msg=name)
 
 
-def test_quantize_linears_equals_quantize(tiny_params, calib):
+def test_quantize_linears_equals_quantize(tiny_params, calib, tmp_path):
     """With mixjax.salience's scores: RTN gives mixjax.quantize's weights in every layer; GPTQ + clipping in the
     first layer, whose calibration inputs both take from the float embedding (later layers: the float model's
     inputs here, the quantized layers' outputs in mixjax.quantize)."""
@@ -189,6 +189,14 @@ def test_quantize_linears_equals_quantize(tiny_params, calib):
                 assert _same_weights(got["layers"][i][group][proj]["weight"],
                                      want["layers"][i][group][proj]["weight"]), (config, i, name)
         assert abs(report.bits - 4.4) < 0.05
+        if config.gptq:  # the quantized NNX Llama as a mixjax checkpoint: saved, loaded, rebuilt, the same logits
+            import convert
+            from mixjax.quant.checkpoint import save_quantized
+
+            save_quantized(tmp_path / "nnx-w4.4a8", got, TINY, config=config)
+            cfg, loaded = convert.load(tmp_path / "nnx-w4.4a8")
+            tokens = _tokens(8, (1, 16))
+            np.testing.assert_array_equal(np.asarray(mnn.Llama(cfg, loaded)(tokens)), np.asarray(llama(tokens)))
         tokens = _tokens(7, (2, 32))
         np.testing.assert_allclose(np.asarray(llama(tokens)),
                                    np.asarray(mixjax.forward(got, tokens, TINY, implementation="xla")),
