@@ -33,7 +33,7 @@ def main(path=None):
 
     calib = list(mixjax.calibration_batches(tokenizer, n_samples=8, seq_len=256, batch_size=4))
     report = mnn.quantize_linears(llama, calib, lm_loss, config=mixjax.QuantConfig(bits=4.4),
-                                  select=mnn.Llama.decoder_linears)  # global salience, GPTQ, clipping
+                                  select=mnn.Llama.decoder_linears, progress=True)  # salience, GPTQ, clipping
     print(f"{len(report.int8_share)} linears quantized, {report.bits:.2f} weight bits on average")
     print(f"W4.4A8 perplexity: {jnp.exp(nnx.jit(lm_loss)(llama, jnp.asarray(windows))):.3f}")
     print(f"8-bit codes stay out of nnx.Param: {len(jax.tree.leaves(nnx.state(llama, nnx.Param)))} float leaves, "

@@ -182,6 +182,14 @@ def _batch_size(batch) -> int:
     return sizes.pop()
 
 
+def _progress(items, enabled: bool, desc: str, unit: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit=unit)
+
+
 def _chunks(batches: list, size: int) -> list:
     """The samples of `batches` regrouped into pytrees of `size` samples (the last one shorter)."""
     out = []
@@ -207,7 +215,8 @@ def linear_salience(module: nnx.Module, batches: Iterable, loss_fn: LossFn, *, s
     return _salience(module, targets, batches, loss_fn, kind, batch_size)
 
 
-def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int) -> dict[str, np.ndarray]:
+def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int,
+              progress: bool = False) -> dict[str, np.ndarray]:
     batches = _chunks(list(batches), batch_size)
     if not batches:
         raise ValueError("no calibration batches: salience needs at least one sample")
@@ -217,7 +226,7 @@ def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int) -> 
     deltas = jax.tree.map(lambda k: rtn4_delta(k.T.astype(jnp.float32)).T, kstate)  # [K, N] like the kernels
     terms = _salience_terms(graphdef, rest, loss_fn, kind)
     total, count = None, 0
-    for chunk in batches:
+    for chunk in _progress(batches, progress, "salience", "batch"):
         s = terms(kstate, deltas, chunk)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
         count += _batch_size(chunk)
@@ -285,12 +294,12 @@ def linear_hessians(module: nnx.Module, batches: Iterable, loss_fn: LossFn, *,
     return _hessians(module, targets, batches, loss_fn)
 
 
-def _hessians(module, targets, batches, loss_fn) -> dict[str, jax.Array]:
+def _hessians(module, targets, batches, loss_fn, progress: bool = False) -> dict[str, jax.Array]:
     recorders = [_Recorder(lin) for _, lin in targets]
     _swapped(module, targets, recorders)
     try:
         run = nnx.jit(lambda m, b: loss_fn(m, b))
-        for batch in batches:
+        for batch in _progress(batches, progress, "calibration inputs", "batch"):
             _batch_size(batch)
             run(module, batch)
         return {_name(path): _get(rec.h) for (path, _), rec in zip(targets, recorders)}
@@ -314,16 +323,17 @@ class LinearsReport:
 
 def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: LossFn | None, *,
                      config: QuantConfig = QuantConfig(), select: Select | None = None,
-                     scores: dict[str, np.ndarray] | None = None,
-                     implementation: Implementation = "auto") -> LinearsReport:
+                     scores: dict[str, np.ndarray] | None = None, implementation: Implementation = "auto",
+                     progress: bool = False) -> LinearsReport:
     """MixLLM on the selected `nnx.Linear`s of `module`, in place: each becomes a `MixedLinear`.
 
     The 8-bit channels are the most salient over all selected linears at once (`linear_salience`; `config.local`
     ranks inside each linear), `config.bits` counted in weight elements as in `mixjax.quantize`; then GPTQ and the
     clipping search on H from `linear_hessians` (or RTN with `QuantConfig(gptq=False, clip=False)`). batches /
     loss_fn as for `linear_salience`; neither is needed for RTN at 4 or 8 bits. scores: salience computed before
-    (reused across budgets). Every check and every weight is done before the first linear is replaced: on an
-    error the module is unchanged.
+    (reused across budgets). progress: tqdm bars for the salience batches, the calibration forwards and the linears.
+    Every check and every weight is done before the first linear is replaced: on an error the module is
+    unchanged.
     """
     if config.act.bits is not None and config.act.static:
         raise ValueError("quantize_linears takes dynamic activation scales only; static ones need mixjax.quantize")
@@ -345,7 +355,7 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
             if config.salience not in NN_SALIENCE_KINDS:
                 raise ValueError(f"QuantConfig.salience={config.salience!r}; quantize_linears computes "
                                  f"{NN_SALIENCE_KINDS} (hvp needs mixjax.quantize)")
-            scores = _salience(module, targets, batches, loss_fn, config.salience, config.batch_size)
+            scores = _salience(module, targets, batches, loss_fn, config.salience, config.batch_size, progress)
         for name in names:
             want = (kernels[name].shape[1],)
             if np.shape(scores.get(name)) != want:
@@ -357,9 +367,9 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
         is_int8 = {n: chosen[n][0] for n in names}
     else:
         is_int8 = {n: np.full(kernels[n].shape[1], config.bits >= 8.0) for n in names}
-    hess = _hessians(module, targets, batches, loss_fn) if config.gptq or config.clip else {}
+    hess = _hessians(module, targets, batches, loss_fn, progress) if config.gptq or config.clip else {}
     news = []
-    for (path, lin), name in zip(targets, names):
+    for (path, lin), name in _progress(list(zip(targets, names)), progress, "quantize linears", "linear"):
         weight = quantize_weight(kernels[name].T, hess.get(name), is_int8[name], config, path=name)
         bias = None if lin.bias is None else _get(lin.bias)
         news.append(MixedLinear(weight, bias, implementation=implementation))

@@ -234,7 +234,8 @@ def test_quantize_linears_on_any_model():
     for label, config in (("rtn4", mixjax.QuantConfig(bits=4.0, gptq=False, clip=False)),
                           ("w4.4", mixjax.QuantConfig(bits=4.4, batch_size=64)), ("w8", mixjax.QuantConfig(bits=8.0))):
         student = _Regressor(nnx.Rngs(0))
-        report = mnn.quantize_linears(student, batches, loss_fn, config=config, implementation="xla")
+        report = mnn.quantize_linears(student, batches, loss_fn, config=config, implementation="xla",
+                                      progress=label == "w4.4")  # the bars' path once
         assert all(isinstance(getattr(student, n), mnn.MixedLinear) for n in ("inp", "hidden", "out"))
         errors[label] = float(jnp.mean((nnx.jit(lambda m, x: m(x))(student, held) - teacher) ** 2))
         assert report.bits == pytest.approx({"rtn4": 4.0, "w4.4": 4.4, "w8": 8.0}[label], abs=0.05)
