@@ -37,6 +37,7 @@ from mixjax.linear import Implementation, QuantizedLinear, linear
 from mixjax.quant.allocate import allocate, average_bits
 from mixjax.quant.api import QuantConfig, quantize_weight
 from mixjax.quant.rtn import rtn4_delta
+from pallas_kernels.attention import attend_ref
 
 Select = Callable[[str, nnx.Linear], bool]  # (dotted path, module) → quantize it?
 LossFn = Callable[[nnx.Module, Any], jax.Array]  # (model, batch) → scalar loss, or one a sample [B]
@@ -345,6 +346,7 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
     names = [_name(path) for path, _ in targets]
     kernels = {_name(path): _get(lin.kernel) for path, lin in targets}  # [K, N]
     batches = None if batches is None else list(batches)
+    in_features = {name: kernels[name].shape[0] for name in names}
     mixed = 4.0 < config.bits < 8.0
     needs_data = (mixed and scores is None) or config.gptq or config.clip
     if needs_data and (not batches or loss_fn is None):
@@ -361,7 +363,6 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
             if np.shape(scores.get(name)) != want:
                 raise ValueError(f"scores[{name!r}] has shape {np.shape(scores.get(name))}; expected {want} "
                                  "(from linear_salience on the same model and select=)")
-        in_features = {name: kernels[name].shape[0] for name in names}
         chosen = allocate({n: np.asarray(scores[n])[None] for n in names}, in_features, config.bits,
                           budget=config.budget, local=config.local)
         is_int8 = {n: chosen[n][0] for n in names}
@@ -374,7 +375,6 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
         bias = None if lin.bias is None else _get(lin.bias)
         news.append(MixedLinear(weight, bias, implementation=implementation))
     _swapped(module, targets, news)
-    in_features = {n: kernels[n].shape[0] for n in names}
     return LinearsReport(bits=average_bits({n: is_int8[n][None] for n in names}, in_features),
                          int8_share={n: float(np.mean(is_int8[n])) for n in names})
 
@@ -426,8 +426,6 @@ class Attention(nnx.Module):
         q = model.apply_rope(self.q_proj(x).reshape(B, T, H, Dh), *rope)
         k = model.apply_rope(self.k_proj(x).reshape(B, T, KVH, Dh), *rope)
         v = self.v_proj(x).reshape(B, T, KVH, Dh)
-        from pallas_kernels.attention import attend_ref
-
         out = attend_ref(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)  # [B, T, H, Dh]
         return self.o_proj(out.reshape(B, T, H * Dh))
 

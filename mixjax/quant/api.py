@@ -311,7 +311,8 @@ def quantize_weight(w, h, is_int8, config: QuantConfig = QuantConfig(), *, path:
 
     h: [K, K] f32 = 2·XᵀX summed over the calibration inputs X [tokens, K] (GPTQ and the clipping search); None
     with `gptq=False, clip=False` (RTN). is_int8: bool [N], the channels at 8 bits. path names the weight in errors.
-    The layer-by-layer `quantize` and `mixjax.nn.quantize_linears` both end here."""
+    The steps of one linear in `quantize`'s layer pass (`_quantize_layer`, which also keeps the dequantized copy that
+    carries the inputs on, static scales and rows split over devices), for `mixjax.nn.quantize_linears`."""
     if config.act.bits is not None and config.act.static:
         raise ValueError(f"{path}: static activation scales need each linear's calibrated input maxima; quantize "
                          "with mixjax.quantize, or use dynamic scales (ActFormat(static=False))")
