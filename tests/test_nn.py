@@ -149,9 +149,9 @@ def test_llama_from_quantized_params(tiny_params, calib):
     back = llama.to_params()
     assert jax.tree.structure(back) == jax.tree.structure(qparams)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(qparams)))
+    table = tiny_params["embed_tokens"]  # an int8 embedding table, as QuantConfig(head_bits=8) makes it
     with pytest.raises(ValueError, match="head_bits"):
-        mnn.Llama(TINY, mixjax.quantize(tiny_params, calib, TINY, config=mixjax.QuantConfig(
-            bits=4.0, gptq=False, clip=False, head_bits=8)))
+        mnn.Llama(TINY, {**qparams, "embed_tokens": pack_rtn(table, jnp.ones(table.shape[0], bool))})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -296,26 +296,33 @@ def test_quantize_linears_refuses_and_leaves_the_model(tiny_params, calib):
 
 @pytest.mark.slow
 def test_embedded_model_through_nnx(embedded_mixjax):
-    """SmolLM2-135M as NNX modules: the functional model's logits; then global-salience W4.4A8 (RTN, 4 × 128
-    calibration tokens) on its linears lowers the perplexity that 4-bit RTN reaches (generation from `to_params()`:
-    test_examples, and on the kernels below)."""
+    """SmolLM2-135M as NNX modules: the functional model's logits; then global-salience W4.4A8 (RTN, 2 × 128
+    calibration tokens) on its linears lowers the perplexity that 4-bit RTN reaches. The perplexities run the codes
+    as `FakeQuantWeight`s in one scanned stack (`as_fake_quant`: the same codes and activation rounding; a tuple of
+    30 MixedWeight layers costs ≈ 10 s more to compile each)."""
+    from mixjax.quant import as_fake_quant
+
     cfg, params, tokenizer = embedded_mixjax
     llama = mnn.Llama(cfg, params)
     tokens = np.asarray([tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
     want = mixjax.forward(params, tokens, cfg, implementation="xla")
     np.testing.assert_allclose(np.asarray(llama(tokens)), np.asarray(want), atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
-    calib = list(mixjax.calibration_batches(tokenizer, n_samples=4, seq_len=128, batch_size=4))
-    windows = mixjax.eval_windows(tokenizer, "wikipedia", seq_len=256, max_tokens=4 * 256)
+    def scanned(qparams):
+        q = as_fake_quant(qparams)
+        return {**q, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *q["layers"])}
+
+    calib = list(mixjax.calibration_batches(tokenizer, n_samples=2, seq_len=128, batch_size=2))
+    windows = mixjax.eval_windows(tokenizer, "wikipedia", seq_len=256, max_tokens=2 * 256)
     ppl = {}
     for label, bits in (("w4", 4.0), ("w4.4", 4.4)):
         model = mnn.Llama(cfg, params)
         mnn.quantize_linears(model, calib, lm_loss, config=mixjax.QuantConfig(bits=bits, gptq=False, clip=False),
                              select=mnn.Llama.decoder_linears, implementation="xla")
-        ppl[label] = mixjax.perplexity(model.to_params(), cfg, windows, implementation="xla")
+        ppl[label] = mixjax.perplexity(scanned(model.to_params()), cfg, windows, implementation="xla")
     fp = mixjax.perplexity(params, cfg, windows, implementation="xla")
     assert fp < ppl["w4.4"] < ppl["w4"], (fp, ppl)
-    assert ppl["w4.4"] < 1.5 * fp, (fp, ppl)
+    assert ppl["w4.4"] - fp < 0.6 * (ppl["w4"] - fp), (fp, ppl)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled Pallas kernels: needs a GPU")
