@@ -296,33 +296,23 @@ def test_quantize_linears_refuses_and_leaves_the_model(tiny_params, calib):
 
 @pytest.mark.slow
 def test_embedded_model_through_nnx(embedded_mixjax):
-    """SmolLM2-135M as NNX modules: the functional model's logits; then global-salience W4.4A8 (RTN, 2 × 128
-    calibration tokens) on its linears lowers the perplexity that 4-bit RTN reaches. The perplexities run the codes
-    as `FakeQuantWeight`s in one scanned stack (`as_fake_quant`: the same codes and activation rounding; a tuple of
-    30 MixedWeight layers costs ≈ 10 s more to compile each)."""
-    from mixjax.quant import as_fake_quant
-
+    """SmolLM2-135M as NNX modules: the functional model's logits; then global-salience W4.4 (RTN, 2 × 128
+    calibration tokens) over its 210 linears puts the most 8-bit channels in v_proj, as `mixjax.quantize` does on
+    this model (results/accuracy.md: v_proj 72.5 %, next down_proj 20.9 %). The perplexity that follows from those
+    channels is `mixjax.quantize`'s (test_quant_embedded), which the tiny-model tests above tie this path to."""
     cfg, params, tokenizer = embedded_mixjax
     llama = mnn.Llama(cfg, params)
     tokens = np.asarray([tokenizer.encode("The capital of France is Paris, and the capital of Italy is")])
     want = mixjax.forward(params, tokens, cfg, implementation="xla")
     np.testing.assert_allclose(np.asarray(llama(tokens)), np.asarray(want), atol=1e-4 * float(jnp.max(jnp.abs(want))))
 
-    def scanned(qparams):
-        q = as_fake_quant(qparams)
-        return {**q, "layers": jax.tree.map(lambda *xs: jnp.stack(xs), *q["layers"])}
-
     calib = list(mixjax.calibration_batches(tokenizer, n_samples=2, seq_len=128, batch_size=2))
-    windows = mixjax.eval_windows(tokenizer, "wikipedia", seq_len=256, max_tokens=2 * 256)
-    ppl = {}
-    for label, bits in (("w4", 4.0), ("w4.4", 4.4)):
-        model = mnn.Llama(cfg, params)
-        mnn.quantize_linears(model, calib, lm_loss, config=mixjax.QuantConfig(bits=bits, gptq=False, clip=False),
-                             select=mnn.Llama.decoder_linears, implementation="xla")
-        ppl[label] = mixjax.perplexity(scanned(model.to_params()), cfg, windows, implementation="xla")
-    fp = mixjax.perplexity(params, cfg, windows, implementation="xla")
-    assert fp < ppl["w4.4"] < ppl["w4"], (fp, ppl)
-    assert ppl["w4.4"] - fp < 0.6 * (ppl["w4"] - fp), (fp, ppl)
+    report = mnn.quantize_linears(llama, calib, lm_loss, config=mixjax.QuantConfig(gptq=False, clip=False),
+                                  select=mnn.Llama.decoder_linears, implementation="xla")
+    assert len(report.int8_share) == 7 * cfg.num_hidden_layers and abs(report.bits - 4.4) < 0.01
+    share = {name: np.mean([v for k, v in report.int8_share.items() if k.endswith(name)]) for name in mixjax.LINEAR_NAMES}
+    assert max(share, key=share.get) == "self_attn.v_proj" and share["self_attn.v_proj"] > 0.4, share
+    assert isinstance(llama.layers[0].self_attn.v_proj.weight.get_value(), MixedWeight)
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the compiled Pallas kernels: needs a GPU")
