@@ -118,14 +118,16 @@ def find_linears(module: nnx.Module, select: Select | None = None) -> list[tuple
     return found
 
 
+def _is_attribute(obj, key) -> bool:  # a module's attribute, or an item of an nnx.List / dict
+    return isinstance(key, str) and not isinstance(obj, Mapping) and hasattr(obj, key)
+
+
 def _child(obj, key):
-    if isinstance(key, str) and not isinstance(obj, Mapping) and hasattr(obj, key):
-        return getattr(obj, key)
-    return obj[key]
+    return getattr(obj, key) if _is_attribute(obj, key) else obj[key]
 
 
 def _set_child(obj, key, value) -> None:
-    if isinstance(key, str) and not isinstance(obj, Mapping) and hasattr(obj, key):
+    if _is_attribute(obj, key):
         setattr(obj, key, value)
     else:
         obj[key] = value
@@ -223,7 +225,7 @@ def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int,
         raise ValueError("no calibration batches: salience needs at least one sample")
     kernels = {id(lin.kernel): _name(path) for path, lin in targets}
     graphdef, kstate, rest = nnx.split(module, lambda path, v: id(v) in kernels, ...)
-    names = [kernels[id(v)] for _, v in _flat(kstate)]
+    names = [kernels[id(v)] for _, v in kstate.flat_state()]
     deltas = jax.tree.map(lambda k: rtn4_delta(k.T.astype(jnp.float32)).T, kstate)  # [K, N] like the kernels
     terms = _salience_terms(graphdef, rest, loss_fn, kind)
     total, count = None, 0
@@ -231,11 +233,7 @@ def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int,
         s = terms(kstate, deltas, chunk)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
         count += _batch_size(chunk)
-    return {name: np.asarray(_get(v), np.float64) / count for name, (_, v) in zip(names, _flat(total))}
-
-
-def _flat(state) -> list:
-    return list(state.flat_state()) if hasattr(state, "flat_state") else list(nnx.to_flat_state(state))
+    return {name: np.asarray(_get(v), np.float64) / count for name, (_, v) in zip(names, total.flat_state())}
 
 
 def _salience_terms(graphdef, rest, loss_fn, kind: str):
