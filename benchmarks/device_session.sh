@@ -69,6 +69,8 @@
 #   bash benchmarks/device_session.sh s40c      # session 40: ncu on the fused decode attention at b32 (int8, bf16 caches)
 #   bash benchmarks/device_session.sh s40d      # session 40: the attention's first block loaded ahead (@peel), int8 cache
 #   bash benchmarks/device_session.sh s40e      # session 40: the same on the bf16 cache (after s40d, warm)
+#   bash benchmarks/device_session.sh s46a      # session 46: Qwen3's head norms in the fused attention (GPU tests), a
+#                                               # Qwen3-8B shape end to end: bf16 beside W4.4A8 + int4 head
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -848,6 +850,16 @@ case "$part" in
       2>&1 | grep "batch\|tok/s |" | tee "$out/warps_int8.log"
     timeout 120 python3 benchmarks/bench_generate.py --variants bf16@plain --batches 1,32 --repeats 2 --prefill-len 256 \
       --budget-s 110 --out "$out/bf16.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/bf16.log"
+    ;;
+  s46a)  # session 46: Qwen3 (query/key head norms, in the fused decode attention kernel): the kernel against XLA in the
+    # model and the quantize → save → generate test on the GPU, then a Qwen3-8B-shaped model end to end, bf16 beside
+    # W4.4A8 + int4 head (b1 / b8 / b32, prefill 2048)
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_attention.py tests/test_e2e.py \
+      -k "fused_step_matches_xla or qwen3" 2>&1 | tail -3 | tee "$out/qwen3_tests.log"
+    timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
     ;;
   s44b)  # session 44, prepared for a machine with several GPUs (kind nvidia-h100-x8, -x4 or -x2): quantization with
     # the float weights split over the GPUs (FSDP, `--shard-weights`, NOTES item 142), never run on GPUs. Llama-3-8B

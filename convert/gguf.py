@@ -4,7 +4,7 @@ Read with `gguf.GGUFReader` (memory-mapped), each tensor dequantized to f32 with
 `gguf.quants.dequantize` as it is copied into the `ParamBuffer`. GGML stores a [N, K] weight with its
 dimensions listed as (K, N); the numpy view is already [N, K]. llama.cpp's converter interleaves the
 rows of q_proj / k_proj of `llama` models for GGML's adjacent-pair RoPE; `_unpermute_rows` restores
-Hugging Face's rotate-half order. `qwen2` files are stored unpermuted (GGML runs them with NeoX RoPE).
+Hugging Face's rotate-half order. `qwen2` and `qwen3` files are stored unpermuted (GGML runs them with NeoX RoPE).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from convert.layout import GGUF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuff
 from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.model import rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
 
 
 def _open(path: Path):
@@ -83,6 +83,7 @@ def read_config(reader, path: Path) -> LlamaConfig:
         attention_bias="blk.0.attn_q.bias" in names,
         model_type="mistral" if window and arch == "llama" else arch,  # Mistral: llama.cpp's llama with a window
         sliding_window=int(window) if window else None,
+        qk_norm=arch == "qwen3",
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_end_ids(reader, eos),
     )

@@ -1,7 +1,8 @@
 """(LlamaConfig, float params) → a GGUF file that llama.cpp and `convert.load` read: the inverse of convert/gguf.py.
 
 The layout is llama.cpp's own (its convert_hf_to_gguf.py): `llama` for Llama, Mistral and SmolLM2 (q/k rows
-interleaved per head for GGML's adjacent-pair RoPE), `qwen2` for Qwen2 (rows as they are, q/k/v biases), GGUF
+interleaved per head for GGML's adjacent-pair RoPE), `qwen2` for Qwen2 (rows as they are, q/k/v biases) and `qwen3`
+for Qwen3 (rows as they are, the query/key head norms as `attn_q_norm` / `attn_k_norm`), GGUF
 tensor names from the one `NAME_TABLE`, Llama-3 RoPE scaling as the `rope_freqs` divisors, no `output.weight`
 when the head is tied. 1-D tensors (norms, biases) are F32, as llama.cpp writes them; the 2-D weights take the
 chosen type: F32, F16, BF16 or Q8_0 (llama.cpp's blocks of 32 int8 with an f16 scale; a weight whose rows 32
@@ -48,8 +49,8 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a sentencepiece byte-fallback to
 
 
 def gguf_arch(cfg: LlamaConfig) -> str:
-    """llama.cpp's architecture for cfg: `qwen2`, or `llama` (Llama, Mistral, SmolLM2)."""
-    return "qwen2" if cfg.model_type == "qwen2" else "llama"
+    """llama.cpp's architecture for cfg: `qwen2`, `qwen3`, or `llama` (Llama, Mistral, SmolLM2)."""
+    return cfg.model_type if cfg.model_type in ("qwen2", "qwen3") else "llama"
 
 
 def _ggml_type(dtype: str):

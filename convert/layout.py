@@ -30,6 +30,8 @@ NAME_TABLE: tuple[tuple[str, str, str], ...] = (
     ("lm_head", "lm_head.weight", "output.weight"),
     ("layers.input_layernorm", "model.layers.{i}.input_layernorm.weight", "blk.{i}.attn_norm.weight"),
     ("layers.post_attention_layernorm", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
+    ("layers.q_norm", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),  # Qwen3
+    ("layers.k_norm", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
     ("layers.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
     ("layers.self_attn.q_proj.bias", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
     ("layers.self_attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),

@@ -1,4 +1,4 @@
-"""Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, SmolLM2).
+"""Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2).
 
 `LlamaConfig` is a frozen, hashable dataclass: pass it as a static argument to jitted functions.
 `LlamaConfig.from_hf(d)` reads a Hugging Face `config.json` dict and refuses architectures the
@@ -12,10 +12,11 @@ import json
 import os
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "smollm2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2")
 _UNSUPPORTED_HINTS = {
     "mixtral": "mixture-of-experts models are not supported",
     "qwen2_moe": "mixture-of-experts models are not supported",
+    "qwen3_moe": "mixture-of-experts models are not supported",
     "deepseek_v2": "mixture-of-experts models are not supported",
     "gemma": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",
     "gemma2": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",
@@ -63,6 +64,7 @@ class LlamaConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # Mistral: keys older than this many positions are masked
+    qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head (weights [Dh]) before RoPE
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -144,20 +146,25 @@ class LlamaConfig:
             bos_token_id=d.get("bos_token_id"),
             eos_token_ids=eos_ids,
             sliding_window=int(window) if window else None,
+            qk_norm=model_type == "qwen3",
         )
 
     def to_hf(self) -> dict[str, Any]:
-        """The Hugging Face config.json dict of this config, for `LlamaForCausalLM`, `MistralForCausalLM` or
-        `Qwen2ForCausalLM` (`from_hf` reads it back to an equal config; a SmolLM2 read from GGUF is a Llama).
-        Raises ConfigError for a combination none of them runs."""
-        model_type = self.model_type if self.model_type in ("mistral", "qwen2") else "llama"
-        if self.attention_bias and model_type != "qwen2":
+        """The Hugging Face config.json dict of this config, for `LlamaForCausalLM`, `MistralForCausalLM`,
+        `Qwen2ForCausalLM` or `Qwen3ForCausalLM` (`from_hf` reads it back to an equal config; a SmolLM2 read from
+        GGUF is a Llama). Raises ConfigError for a combination none of them runs."""
+        model_type = self.model_type if self.model_type in ("mistral", "qwen2", "qwen3") else "llama"
+        if self.qk_norm != (model_type == "qwen3"):
+            raise ConfigError(f"qk_norm={self.qk_norm} with model_type={self.model_type!r}: the query/key head norms "
+                              "are Qwen3's layout and Qwen3's only")
+        if self.attention_bias and model_type not in ("qwen2", "qwen3"):
             raise ConfigError(f"attention_bias (q/k/v biases without an o_proj bias) is Qwen2's layout; a "
                               f"{model_type} config.json cannot hold it")
         if self.sliding_window and model_type != "mistral":
             raise ConfigError(f"sliding_window={self.sliding_window} is Mistral's; a {model_type} config.json "
                               "cannot hold it")
-        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM"}[model_type]
+        arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
+                "qwen3": "Qwen3ForCausalLM"}[model_type]
         eos = list(self.eos_token_ids)
         d: dict[str, Any] = dict(
             architectures=[arch], model_type=model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -174,6 +181,8 @@ class LlamaConfig:
             d["sliding_window"] = self.sliding_window
         else:
             d.update(use_sliding_window=False, sliding_window=None)
+            if model_type == "qwen3":
+                d["attention_bias"] = self.attention_bias
         return d
 
     def to_dict(self) -> dict[str, Any]:

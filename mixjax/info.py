@@ -173,6 +173,8 @@ def to_text(info: ModelInfo) -> str:
               f"rope θ {c.rope_theta:g}" + (f", llama3 scaling × {c.rope_scaling.factor:g}" if c.rope_scaling else "")]
     if c.attention_bias:
         extras.append("q/k/v biases")
+    if c.qk_norm:
+        extras.append("q/k head norms")
     if c.sliding_window:
         extras.append(f"sliding window {c.sliding_window}")
     lines = [

@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, SmolLM2) as pure functions over a params pytree.
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, SmolLM2) as pure functions over a params pytree.
 
 Dimension legend: B batch, T new tokens, S key positions (cache length), D hidden size, H query heads,
 KVH key/value heads, G = H // KVH query heads per key/value head, Dh head dim, F feed-forward size,
@@ -62,6 +62,8 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, Any]:
         "mlp.down_proj": (D, F),
     }
     layers: dict[str, Any] = {"input_layernorm": (L, D), "post_attention_layernorm": (L, D)}
+    if cfg.qk_norm:  # Qwen3: one RMSNorm weight over Dh, shared by the heads
+        layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
     for name in LINEAR_NAMES:
         group, proj = name.split(".")
         n, k = linear_nk[name]
@@ -800,12 +802,15 @@ def _decoder_layer(
         attn, *new_cache = attend_new_tokens_pallas(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
             k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, rms=rms,
-            codes=attn_codes, v_block=v_block, interpret=interpret)
+            codes=attn_codes, v_block=v_block, interpret=interpret, norm_eps=eps,
+            qk_norm=(layer["q_norm"], layer["k_norm"]) if cfg.qk_norm else None)
         new_cache = tuple(new_cache)
     else:
         q, k, v = projs("self_attn", h)
-        q = apply_rope(q.reshape(B, T, H, Dh), *rope)
-        k = apply_rope(k.reshape(B, T, KVH, Dh), *rope)
+        q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
+        if cfg.qk_norm:
+            q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
+        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         v = v.reshape(B, T, KVH, Dh)
         if cache_kv is None:
             keys, values = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KVH, T, Dh]

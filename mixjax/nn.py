@@ -416,13 +416,18 @@ class Attention(nnx.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, _linear_of(attn[name]["weight"], attn[name].get("bias"), rngs))
         self.cfg = cfg
+        # Qwen3: RMSNorm over each query and key head before RoPE
+        self.q_norm = RMSNorm(layer["q_norm"], cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(layer["k_norm"], cfg.rms_norm_eps) if cfg.qk_norm else None
 
     def __call__(self, x, rope, mask):  # x [B, T, D]
         B, T, _ = x.shape
         cfg = self.cfg
         H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        q = model.apply_rope(self.q_proj(x).reshape(B, T, H, Dh), *rope)
-        k = model.apply_rope(self.k_proj(x).reshape(B, T, KVH, Dh), *rope)
+        q, k = self.q_proj(x).reshape(B, T, H, Dh), self.k_proj(x).reshape(B, T, KVH, Dh)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = model.apply_rope(q, *rope), model.apply_rope(k, *rope)
         v = self.v_proj(x).reshape(B, T, KVH, Dh)
         out = attend_ref(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)  # [B, T, H, Dh]
         return self.o_proj(out.reshape(B, T, H * Dh))
@@ -451,7 +456,7 @@ class DecoderLayer(nnx.Module):
 
 
 class Llama(nnx.Module):
-    """A Llama-family causal LM (Llama 2/3, Mistral, Qwen2, SmolLM2) as NNX modules: `model(tokens) → logits`.
+    """A Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) as NNX modules: `model(tokens) → logits`.
 
     The projections are `nnx.Linear`s (or `MixedLinear`s), so `quantize_linears(llama, ..., select=
     Llama.decoder_linears)` quantizes it with MixLLM; `to_params()` gives the functional params back for
@@ -513,6 +518,8 @@ class Llama(nnx.Module):
             layers.append({"input_layernorm": _get(layer.input_layernorm.weight),
                            "post_attention_layernorm": _get(layer.post_attention_layernorm.weight),
                            "self_attn": attn, "mlp": mlp})
+            if layer.self_attn.q_norm is not None:
+                layers[-1].update(q_norm=_get(layer.self_attn.q_norm.weight), k_norm=_get(layer.self_attn.k_norm.weight))
         params = {"embed_tokens": _get(self.embed_tokens), "norm": _get(self.norm.weight)}
         if self.lm_head is not None:
             params["lm_head"] = _get(self.lm_head)

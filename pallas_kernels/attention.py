@@ -176,10 +176,11 @@ def _quantize_vec(x, scale_dtype):
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
             parts: int = 0, has_bias: bool = False, rms: tuple | None = None, codes: int = 0, batch: int = 0,
-            pdl_on: bool = False, v_block: int = 0):
+            pdl_on: bool = False, v_block: int = 0, qk_eps: float | None = None):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
-    [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
+    [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), (with `qk_eps`: the query and key head norms' weights
+    [2, Dh]), q_pos, cos, sin [B, T·Dh], k, v, (scales); then the
     outputs: the attention [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores
     (aliased to k, v, scales). `codes` > 0 (splits = 1, Dh = 128): the attention as o_proj's int8 codes instead,
     `QuantizedActivations`' three arrays with `codes` rows (≥ B·T = `batch`·T; the rows past it zero), one group
@@ -204,6 +205,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         (x_ref,) = take(1)
         bias_ref = take(1)[0] if has_bias else None
         ssq_ref = take(1)[0] if rms else None
+        qkn_ref = take(1)[0] if qk_eps is not None else None
         pos_ref, cos_ref, sin_ref, k_ref, v_ref = take(5)
         if scaled:
             ks_ref, vs_ref = take(2)
@@ -234,9 +236,17 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
                 val = (val + plgpu.load(bias_ref.at[col]).astype(dtype)).astype(dtype)
             return val
 
-        def rotated(tok, first):  # the head whose features start at column `first`, RoPE'd (rotate-half)
+        def rotated(tok, first, which):  # the head whose features start at column `first`, RoPE'd (rotate-half);
+            # with `qk_eps`, first RMS-normalized over its Dh features and scaled by norm `which` (0 query, 1 key)
+            other = (d + dh // 2) % dh
             x = columns(tok, first + d)
-            partner = columns(tok, first + (d + dh // 2) % dh)
+            partner = columns(tok, first + other)
+            if qk_eps is not None:  # as `model.rms_norm`: in f32, cast back, then × the weight in the dtype
+                xf = x.astype(jnp.float32)
+                inv = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + qk_eps)
+                x = (plgpu.load(qkn_ref.at[which, d]).astype(dtype) * (xf * inv).astype(dtype)).astype(dtype)
+                partner = (plgpu.load(qkn_ref.at[which, other]).astype(dtype) *
+                           (partner.astype(jnp.float32) * inv).astype(dtype)).astype(dtype)
             rot = jnp.where(d < dh // 2, -partner, partner)
             tab = tok * dh + d
             cos = plgpu.load(cos_ref.at[b, tab]).astype(dtype)
@@ -246,9 +256,9 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         if 2 * t * g <= rows:  # mostly padding (decode: T·G = 4 of 16 rows): each live row once, then repeated
             q = jnp.zeros((rows, dh), dtype)
             for i in range(t * g):
-                q = jnp.where((src == i)[:, None], rotated(i // g, (h * g + i % g) * dh)[None, :], q)
+                q = jnp.where((src == i)[:, None], rotated(i // g, (h * g + i % g) * dh, 0)[None, :], q)
         else:
-            q = rotated(ti[:, None], head[:, None] * dh)  # [rows, Dh]
+            q = rotated(ti[:, None], head[:, None] * dh, 0)  # [rows, Dh]
         # the new tokens' keys and values of this KV head, one [Dh] vector each (T is small: decode)
         new = []
         tp = pl.next_power_of_2(t)
@@ -257,7 +267,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
         one = jnp.arange(1)  # scalar stores as one-element vectors
         for tt in range(t):
             pos_t = jnp.sum(jnp.where(ts == tt, tpos, 0))
-            k_t = rotated(tt, (heads + h) * dh)
+            k_t = rotated(tt, (heads + h) * dh, 1)
             v_t = columns(tt, (heads + kv_heads + h) * dh + d)
             write = (pos_t < s_len) & (p == 0)  # positions past the cache are dropped, as `_write_cache` does
             if scaled:
@@ -549,11 +559,13 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
                           v_store: jax.Array, *, heads: int, kv_heads: int, dtype=None, bias: jax.Array | None = None,
                           k_scale_store: jax.Array | None = None, v_scale_store: jax.Array | None = None,
                           sliding_window: int | None = None, rms: RowRms | None = None, codes: bool = False,
-                          v_block: int = 0):
+                          v_block: int = 0, qk_norm: tuple[jax.Array, jax.Array] | None = None,
+                          norm_eps: float = 1e-6):
     """What mixjax's decoder layer does between the q/k/v projection and o_proj, for one layer's cache:
     qkv [B, T, (H + 2·KVH)·Dh] in the activations' dtype, or f32 split-K partials [P, B, T, ...] summed and
     rounded to `dtype` (first multiplied per token by `rms`'s r when given: the projection ran on the codes of
-    `norm.rms_norm_codes_pallas`); + bias; RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k,
+    `norm.rms_norm_codes_pallas`); + bias; with `qk_norm` (Qwen3's query and key norm weights, [Dh] each) an RMSNorm
+    of every q and k head (epsilon `norm_eps`); RoPE (cos/sin [B, T, 1, Dh] of `model.rope_tables`) on q and k; k,
     v written at q_pos [B, T] into k_store/v_store [B, KVH, S, Dh] (int8 with scale stores [B, KVH, S]: quantized
     first); `attend_ref` over the cache. Returns (out [B, T, H, Dh], k_store, v_store, k_scale_store,
     v_scale_store); `codes`: out as o_proj's input codes instead (`head_codes_ref`); `v_block`: v_store in
@@ -568,6 +580,8 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
     if bias is not None:
         y = y + bias.astype(dtype)
     q, k, v = _split_qkv(y, heads, kv_heads)
+    if qk_norm is not None:
+        q, k = model.rms_norm(q, qk_norm[0], norm_eps), model.rms_norm(k, qk_norm[1], norm_eps)
     q, k = model.apply_rope(q, cos, sin), model.apply_rope(k, cos, sin)
     k_store, k_scale_store, _, k_scale = model._write_cache(k_store, k_scale_store, None, k, q_pos)
     v_store, v_scale_store, _, v_scale = model._write_cache(v_store, v_scale_store, None, v, q_pos, v_block)
@@ -604,9 +618,11 @@ def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int,
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
-                                             "num_warps", "num_stages", "codes", "v_block", "interpret"))
-def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, *, heads, kv_heads,
-                       dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, v_block, interpret):
+                                             "num_warps", "num_stages", "codes", "v_block", "norm_eps",
+                                             "interpret"))
+def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, qk_norm, *, heads,
+                       kv_heads, dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, v_block,
+                       norm_eps, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -616,6 +632,7 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     scaled = ks_store is not None
     x = qkv.reshape(parts, B, T * width) if parts else qkv.reshape(B, T * width)
     args = [x] + ([bias] if bias is not None else []) + ([rms.ssq] if rms is not None else [])
+    args += [jnp.stack([jnp.asarray(w) for w in qk_norm])] if qk_norm is not None else []
     args += [q_pos.astype(jnp.int32), cos.reshape(B, T * Dh), sin.reshape(B, T * Dh)]
     first_store = len(args)
     args += [k_store.reshape(B, KVH, S * Dh), v_store.reshape(B, KVH, S * Dh)]
@@ -640,7 +657,8 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=dtype,
                           fused=True, parts=parts, has_bias=bias is not None,
                           rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps),
-                          codes=mp if in_kernel else 0, batch=B, v_block=v_block),
+                          codes=mp if in_kernel else 0, batch=B, v_block=v_block,
+                          qk_eps=None if qk_norm is None else norm_eps),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -669,7 +687,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              v_scale_store: jax.Array | None = None, sliding_window: int | None = None,
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
                              num_stages: int | None = None, rms: RowRms | None = None, codes: bool = False,
-                             v_block: int = 0, interpret: bool = False):
+                             v_block: int = 0, qk_norm: tuple[jax.Array, jax.Array] | None = None,
+                             norm_eps: float = 1e-6, interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
     the key/value blocks in flight (None, and block_s None: `fused_block_stages`); `num_warps`: a program's warps
@@ -678,7 +697,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     `codes`: the attention comes back as o_proj's input codes (`head_codes_ref`: `QuantizedActivations`, per group
     of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
     Dh = 128: o_proj's quantization launch saved), else by XLA ops after the splits' merge. `v_block`: an int8
-    cache's value store in `block_values`' order (read and written so)."""
+    cache's value store in `block_values`' order (read and written so). `qk_norm`: Qwen3's query and key head
+    norm weights ([Dh] each), applied before RoPE with epsilon `norm_eps`."""
     if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
         raise ValueError(f"attend_new_tokens: qkv must be [B, T, W] or f32 partials [P, B, T, W]; got {qkv.shape} "
                          f"{qkv.dtype}")
@@ -703,6 +723,9 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError(f"attend_new_tokens: rms must hold one row of sums of squares per token, [B·T, C] = "
                          f"[{B * T}, C]; got {rms.ssq.shape}")
     _check_v_block("attend_new_tokens", v_block, v_store)
+    if qk_norm is not None and (len(qk_norm) != 2 or any(jnp.shape(w) != (dh,) for w in qk_norm)):
+        raise ValueError(f"attend_new_tokens: qk_norm must be the (query, key) norm weights, [Dh] = [{dh}] each; got "
+                         f"{[jnp.shape(w) for w in qk_norm]}")
     if T * (heads // kv_heads) > MAX_ROWS:
         raise ValueError(f"attend_new_tokens: {T} tokens × {heads // kv_heads} heads per KV head > {MAX_ROWS} query rows; "
                          "use attend_new_tokens_ref (XLA) for prefill-sized chunks")
@@ -713,11 +736,13 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
         raise ValueError(f"attend_new_tokens: block_s ({block_s}) and the head dim ({dh}) must be powers of two ≥ 16")
     dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))
     kw = dict(heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias, k_scale_store=k_scale_store,
-              v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms, codes=codes, v_block=v_block)
+              v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms, codes=codes, v_block=v_block,
+              qk_norm=qk_norm, norm_eps=norm_eps)
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and dh == GROUP_SIZE)
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
+                              None if qk_norm is None else tuple(qk_norm),
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
-                              v_block=v_block, interpret=interpret)
+                              v_block=v_block, norm_eps=float(norm_eps), interpret=interpret)

@@ -132,7 +132,7 @@ TINY = dict(
 
 @pytest.fixture
 def make_tiny_hf(tmp_path_factory):
-    """make_tiny_hf(arch="llama"|"qwen2"|"mistral", save_kwargs=None, **config_overrides) -> (dir, model).
+    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"mistral", save_kwargs=None, **config_overrides) -> (dir, model).
 
     save_kwargs go to `save_pretrained`, except `bin=True`: weights written as pytorch_model.bin with
     torch.save instead (transformers 5 always writes safetensors). Every parameter (norms and biases included) is perturbed randomly so parity tests see them all.
@@ -144,6 +144,7 @@ def make_tiny_hf(tmp_path_factory):
         "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
         "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
+        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
     }
 
     def make(arch="llama", save_kwargs=None, seed=0, **overrides):

@@ -43,6 +43,7 @@ HF_CASES = {
     "llama_gqa_untied": ("llama", {}, {}),
     "llama3_rope_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), {}),
+    "qwen3_head_dim_tied": ("qwen3", dict(tie_word_embeddings=True, head_dim=32), {}),  # q/k head norms; H·Dh > D
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
 }
@@ -126,6 +127,10 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
     writer.add_vocab_size(c.vocab_size)
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    if head_dim * c.num_attention_heads != c.hidden_size:  # as llama.cpp's converter records it
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
     if c.rope_parameters.get("rope_type") == "llama3":
         writer.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
         writer.add_tensor("rope_freqs.weight", _llama_cpp_rope_factors(c))
@@ -153,18 +158,19 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "llama3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama3"])
 def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
-    """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation, qwen2's biases, and
-    Llama-3 RoPE scaling recovered from llama.cpp's rope_freqs."""
-    extra = dict(rope_parameters=LLAMA3_ROPE) if arch == "llama3" else {}
+    """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation, qwen2's biases, qwen3's head norms
+    and key length, and Llama-3 RoPE scaling recovered from llama.cpp's rope_freqs."""
+    extra = dict(rope_parameters=LLAMA3_ROPE) if arch == "llama3" else dict(head_dim=32) if arch == "qwen3" else {}
     arch = arch.replace("llama3", "llama")
     _, model = make_tiny_hf(arch, tie_word_embeddings=(arch == "llama"), **extra)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", model, arch)
     cfg, params = convert.load(path)
     assert cfg.model_type == arch and cfg.tie_word_embeddings == (arch == "llama")
-    assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (arch == "qwen2")
-    assert (cfg.rope_scaling is not None) == bool(extra)
+    assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (arch != "llama")
+    assert cfg.qk_norm == (arch == "qwen3") and cfg.head_dim == (32 if arch == "qwen3" else 16)
+    assert (cfg.rope_scaling is not None) == ("rope_parameters" in extra)
     tokens = _tokens(np.random.default_rng(1), cfg.vocab_size)
     ours = forward(params, tokens, cfg, implementation="xla")
     assert _rel_err(ours, _hf_logits(model, tokens)) < HF_RTOL
@@ -626,6 +632,7 @@ EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untie
     "llama3_rope_untied_sharded": ("llama", dict(rope_parameters=LLAMA3_ROPE), None, 20_000),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), None, None),
     "mistral_window_bf16": ("mistral", dict(sliding_window=4), jnp.bfloat16, None),
+    "qwen3_head_dim": ("qwen3", dict(head_dim=32), None, None),
 }
 
 
@@ -717,6 +724,8 @@ def test_hf_export_refuses_bad_params_before_writing(tiny_params, make_tiny_hf, 
 GGUF_EXPORT_CASES = {  # (arch, config overrides, weight type, does transformers' GGUF loader hold this model?)
     "llama_untied_f32": ("llama", dict(num_key_value_heads=1), "float32", True),
     "qwen2_bias_tied_f32": ("qwen2", dict(tie_word_embeddings=True), "float32", True),
+    # (transformers' GGUF loader takes Qwen3's head_dim as 128 whatever the file's key_length says; real ones are 128)
+    "qwen3_head_dim_f32": ("qwen3", dict(head_dim=128), "float32", True),
     "llama_tied_f16": ("llama", dict(tie_word_embeddings=True), "float16", True),
     "llama_q8_0": ("llama", {}, "q8_0", True),
     # transformers' GGUF loader ignores rope_freqs and has no window: mixjax's reader is the check here

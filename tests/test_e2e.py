@@ -128,3 +128,39 @@ def test_pallas_interpret_mode_through_the_model_equals_xla(qparams):
     ref = _forward(qparams, tokens, CFG, implementation="xla")
     err = _rel_err_per_position(got, ref)
     assert np.mean(err <= PALLAS_RTOL) >= MIN_EXACT_FRACTION, np.round(err, 6)
+
+
+def test_qwen3_head_norms_quantize_save_and_generate(tmp_path):
+    """A Qwen3-style model (query/key head norms, H·Dh ≠ D): `quantize` keeps the norms as they were and quantizes
+    the seven linears; the quantized logits track the fake-quant simulation (so the norms run in both); the saved
+    checkpoint reloads to the same logits; jitted generation's first token is the forward's argmax."""
+    import dataclasses
+
+    from mixjax.quant.checkpoint import load_quantized, save_quantized
+
+    cfg = dataclasses.replace(CFG, model_type="qwen3", qk_norm=True, head_dim=32, rms_norm_eps=1e-6)
+    p = model.init_params(cfg, jax.random.key(5), jnp.float32)
+    p = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, p)
+    rng = np.random.default_rng(5)
+    for name in ("q_norm", "k_norm"):
+        p["layers"][name] = jnp.asarray(rng.uniform(0.5, 2.0, p["layers"][name].shape), jnp.float32)
+    calib = [np.asarray(jax.random.randint(jax.random.key(6), (4, 16), 0, cfg.vocab_size), np.int32)]
+    q = quantize(p, calib, cfg, config=QuantConfig())
+    for i, layer in enumerate(q["layers"]):
+        for name in ("q_norm", "k_norm"):
+            np.testing.assert_array_equal(np.asarray(layer[name]), np.asarray(p["layers"][name][i]))
+    tokens = _tokens(12, (2, 12))
+    got = _forward(q, tokens, cfg, implementation="xla")
+    ref = _forward(as_fake_quant(q), tokens, cfg)
+    fp = _forward(p, tokens, cfg)
+    quant_err = float(jnp.mean(jnp.abs(ref - fp)))
+    assert quant_err > 1e-3 and float(jnp.mean(jnp.abs(got - ref))) <= MAX_MEAN_DIFF * quant_err
+    unnormed = {**p, "layers": {**p["layers"], "q_norm": jnp.ones_like(p["layers"]["q_norm"])}}
+    # a path that dropped the query norm would be off by far more than the tolerance above
+    assert float(jnp.mean(jnp.abs(_forward(unnormed, tokens, cfg) - fp))) > 5 * MAX_MEAN_DIFF * quant_err
+    out = save_quantized(tmp_path / "q", q, cfg, config=QuantConfig())
+    cfg2, q2, _ = load_quantized(out)
+    assert cfg2 == cfg
+    np.testing.assert_array_equal(np.asarray(_forward(q2, tokens, cfg2, implementation="xla")), np.asarray(got))
+    first = generate(q2, cfg2, [tokens[0].tolist()], max_new_tokens=3, eos_token_ids=(), implementation="xla")[0][0]
+    assert first == int(jnp.argmax(got[0, -1]))

@@ -116,12 +116,17 @@ def test_mixed_linear_refuses_bad_input():
 # Llama as NNX modules
 
 
-@pytest.mark.parametrize("variant", ["plain", "qwen2_tied_window"])
+@pytest.mark.parametrize("variant", ["plain", "qwen2_tied_window", "qwen3"])
 def test_llama_logits_equal_the_functional_model(variant):
     cfg = TINY
-    if variant != "plain":  # q/k/v biases, tied embeddings, a sliding window shorter than the sequence
+    if variant == "qwen2_tied_window":  # q/k/v biases, tied embeddings, a sliding window shorter than the sequence
         cfg = dataclasses.replace(TINY, attention_bias=True, tie_word_embeddings=True, sliding_window=8)
+    elif variant == "qwen3":  # query/key head norms, heads wider than hidden / heads
+        cfg = dataclasses.replace(TINY, model_type="qwen3", qk_norm=True, head_dim=96)
     params = mixjax.init_params(cfg, jax.random.key(1), dtype=jnp.float32)
+    if cfg.qk_norm:  # norm weights away from 1, so that a dropped norm fails
+        for name in ("q_norm", "k_norm"):
+            params["layers"][name] = 1 + 0.5 * jax.random.normal(jax.random.key(5), params["layers"][name].shape)
     if cfg.attention_bias:  # non-zero biases, so that a dropped bias fails
         attn = params["layers"]["self_attn"]
         for name in ("q_proj", "k_proj", "v_proj"):
