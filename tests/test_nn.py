@@ -37,18 +37,24 @@ def _by_path(scores: dict, n_layers: int) -> dict[str, np.ndarray]:
     return {f"layers.{i}.{name}": np.asarray(s[i]) for name, s in scores.items() for i in range(n_layers)}
 
 
-def _same_weights(a: MixedWeight, b: MixedWeight) -> bool:
-    """Identical on a CPU. On a GPU the two paths' H (XLA fusions of their own, TF32 products) differ in the last
-    bits, which GPTQ may carry across a rounding boundary: there ≤ 0.2 % of the codes may differ, scales ≤ 1e-3."""
+def _weight_difference(a: MixedWeight, b: MixedWeight) -> str | None:
+    """None where the weights agree, else what differs. Identical on a CPU. On a GPU the two paths' H (f32 at the
+    highest precision, but XLA fusions of their own, so other summation orders) differ in the last bits, which GPTQ's
+    error feedback may carry across rounding boundaries, into a group's maximum or its clipping choice: there ≤ 1 %
+    of the codes and ≤ 1 % of the scales may differ (by more than 1e-4 relative), wherever the scales are close
+    (an H200 measured up to 0.26 % of a linear's codes, and one up_proj group scale 1.3 % apart, a clipping step;
+    a wrong H or channel order moves tens of % of them)."""
     if jax.default_backend() == "cpu":
-        return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        same = all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+        return None if same else "not identical"
     if not (np.array_equal(a.channel, b.channel) and a.n8 == b.n8):
-        return False
-    codes = [np.mean(np.asarray(getattr(a, f)) != np.asarray(getattr(b, f))) for f in ("q8", "q4", "zero4") if
-             getattr(a, f).size]
-    scales = [np.max(np.abs(np.asarray(getattr(a, f)) - np.asarray(getattr(b, f))) / np.max(np.abs(getattr(b, f))))
-              for f in ("scale8", "scale4") if getattr(a, f).size]
-    return max(codes) <= 2e-3 and max(scales, default=0.0) <= 1e-3
+        return f"8-bit channels differ ({a.n8} against {b.n8})"
+    codes = {f: float(np.mean(np.asarray(getattr(a, f)) != np.asarray(getattr(b, f)))) for f in ("q8", "q4", "zero4")
+             if getattr(a, f).size}
+    scales = {f: float(np.mean(np.abs(np.asarray(getattr(a, f)) - np.asarray(getattr(b, f))) >
+                               1e-4 * np.abs(np.asarray(getattr(b, f))))) for f in ("scale8", "scale4") if getattr(a, f).size}
+    ok = max(codes.values()) <= 1e-2 and max(scales.values(), default=0.0) <= 1e-2
+    return None if ok else f"codes differing {codes}, scales differing {scales}"
 
 
 @pytest.fixture(scope="module")
@@ -182,17 +188,19 @@ def test_quantize_linears_equals_quantize(tiny_params, calib, tmp_path):
     inputs here, the quantized layers' outputs in mixjax.quantize)."""
     scores = mixjax.salience(tiny_params, calib, TINY)
     for config, layers in ((mixjax.QuantConfig(gptq=False, clip=False), (0, 1)), (mixjax.QuantConfig(), (0,))):
-        want = mixjax.quantize(tiny_params, calib, TINY, config=config, scores=scores)
         llama = mnn.Llama(TINY, tiny_params)
-        report = mnn.quantize_linears(llama, calib, lm_loss, config=config, select=mnn.Llama.decoder_linears,
-                                      scores=_by_path(scores, 2), implementation="xla")
+        with jax.default_matmul_precision("highest"):  # H in f32 on a GPU too (its default is TF32)
+            want = mixjax.quantize(tiny_params, calib, TINY, config=config, scores=scores)
+            report = mnn.quantize_linears(llama, calib, lm_loss, config=config, select=mnn.Llama.decoder_linears,
+                                          scores=_by_path(scores, 2), implementation="xla")
         got = llama.to_params()
         assert isinstance(got["layers"], tuple)
         for i in layers:
             for name in mixjax.LINEAR_NAMES:
                 group, proj = name.split(".")
-                assert _same_weights(got["layers"][i][group][proj]["weight"],
-                                     want["layers"][i][group][proj]["weight"]), (config, i, name)
+                difference = _weight_difference(got["layers"][i][group][proj]["weight"],
+                                                want["layers"][i][group][proj]["weight"])
+                assert difference is None, (config.gptq, i, name, difference)
         assert abs(report.bits - 4.4) < 0.05
         if config.gptq:  # the quantized NNX Llama as a mixjax checkpoint: saved, loaded, rebuilt, the same logits
             import convert
