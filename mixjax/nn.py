@@ -461,7 +461,8 @@ class Llama(nnx.Module):
     The projections are `nnx.Linear`s (or `MixedLinear`s), so `quantize_linears(llama, ..., select=
     Llama.decoder_linears)` quantizes it with MixLLM; `to_params()` gives the functional params back for
     `mixjax.generate` (KV cache, the decode kernels) and `mixjax.perplexity`. The embedding table and the LM head
-    stay float arrays (`QuantConfig.head_bits` in `mixjax.quantize` quantizes those)."""
+    stay float arrays (`QuantConfig.head_bits` in `mixjax.quantize` quantizes those). `generate(prompts, ...)`
+    decodes through `mixjax.generate`."""
 
     def __init__(self, cfg: LlamaConfig, params: dict, *, rngs: nnx.Rngs | None = None):
         rngs = rngs or nnx.Rngs(0)
@@ -503,6 +504,15 @@ class Llama(nnx.Module):
         x = self.norm(x)
         head = table if self.lm_head is None else _get(self.lm_head)
         return linear(x, head).astype(jnp.float32)
+
+    def generate(self, prompt_tokens, **kwargs) -> list[list[int]]:
+        """Continues each prompt (token id lists): `mixjax.generate` on `to_params()`, so the KV cache, the decode
+        kernels on a GPU and every keyword of `mixjax.generate` (max_new_tokens, temperature, cache_dtype, mesh,
+        ...). Each call converts the modules again; for many calls keep `params = model.to_params()` and call
+        `mixjax.generate(params, model.cfg, ...)`."""
+        from mixjax.generate import generate
+
+        return generate(self.to_params(), self.cfg, prompt_tokens, **kwargs)
 
     def to_params(self) -> dict:
         """The functional params (`mixjax.model`'s layout): float layers stacked; a tuple of layers once any linear

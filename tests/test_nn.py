@@ -160,6 +160,9 @@ def test_llama_from_quantized_params(tiny_params, calib):
     back = llama.to_params()
     assert jax.tree.structure(back) == jax.tree.structure(qparams)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(qparams)))
+    prompts = [[5, 9, 2], [7, 1, 3, 3, 8]]  # decoding through the KV cache: mixjax.generate's tokens
+    kw = dict(max_new_tokens=4, eos_token_ids=(), implementation="xla")
+    assert llama.generate(prompts, **kw) == mixjax.generate(qparams, TINY, prompts, **kw)
     table = tiny_params["embed_tokens"]  # an int8 embedding table, as QuantConfig(head_bits=8) makes it
     with pytest.raises(ValueError, match="head_bits"):
         mnn.Llama(TINY, {**qparams, "embed_tokens": pack_rtn(table, jnp.ones(table.shape[0], bool))})
