@@ -218,11 +218,36 @@ def linear_salience(module: nnx.Module, batches: Iterable, loss_fn: LossFn, *, s
     return _salience(module, targets, batches, loss_fn, kind, batch_size)
 
 
+class _Alpha(nnx.Variable):
+    pass
+
+
+class _Delta(nnx.Variable):
+    pass
+
+
+class _Probe(nnx.Module):
+    """Runs `layer` plus (x·Δ)⊙α at α = 0, which changes nothing: ∂loss/∂α_c = g_cᵀΔ_c, the salience's directional
+    derivative, from a gradient of N numbers instead of the kernel's K·N (`mixjax.salience`'s α probe)."""
+
+    def __init__(self, layer: nnx.Linear):
+        self.layer = layer
+        kernel = _get(layer.kernel)  # [K, N]
+        self.delta = _Delta(rtn4_delta(kernel.T.astype(jnp.float32)).T)
+        self.alpha = _Alpha(jnp.zeros((kernel.shape[1],), jnp.float32))
+
+    def __call__(self, x):
+        y = self.layer(x)
+        return y + (jnp.dot(x.astype(jnp.float32), _get(self.delta)) * _get(self.alpha)).astype(y.dtype)
+
+
 def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int,
               progress: bool = False) -> dict[str, np.ndarray]:
     batches = _chunks(list(batches), batch_size)
     if not batches:
         raise ValueError("no calibration batches: salience needs at least one sample")
+    if kind != "diag":  # a scalar a channel and sample: the α probe
+        return _probe_salience(module, targets, batches, loss_fn, kind, progress)
     kernels = {id(lin.kernel): _name(path) for path, lin in targets}
     graphdef, kstate, rest = nnx.split(module, lambda path, v: id(v) in kernels, ...)
     names = [kernels[id(v)] for _, v in kstate.flat_state()]
@@ -236,7 +261,30 @@ def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int,
     return {name: np.asarray(_get(v), np.float64) / count for name, (_, v) in zip(names, total.flat_state())}
 
 
-def _salience_terms(graphdef, rest, loss_fn, kind: str):
+def _probe_salience(module, targets, batches, loss_fn, kind: str, progress: bool) -> dict[str, np.ndarray]:
+    """fisher / first-order-off through `_Probe`s swapped in for the targets (and back out): per-sample gradients of
+    the α's only, [samples, N] a linear, where the kernels' would be [samples, K, N]."""
+    probes = [_Probe(lin) for _, lin in targets]
+    _swapped(module, targets, probes)
+    try:
+        alphas = {id(probe.alpha): _name(path) for (path, _), probe in zip(targets, probes)}
+        graphdef, astate, rest = nnx.split(module, lambda path, v: id(v) in alphas, ...)
+        names = [alphas[id(v)] for _, v in astate.flat_state()]
+        terms = _salience_terms(graphdef, rest, loss_fn, kind, probe=True)
+        total, count = None, 0
+        for chunk in _progress(batches, progress, "salience", "batch"):
+            s = terms(astate, None, chunk)
+            total = s if total is None else jax.tree.map(jnp.add, total, s)
+            count += _batch_size(chunk)
+        return {name: np.asarray(_get(v), np.float64) / count for name, (_, v) in zip(names, total.flat_state())}
+    finally:
+        for path, lin in targets:
+            _swap(module, path, lin)
+
+
+def _salience_terms(graphdef, rest, loss_fn, kind: str, probe: bool = False):
+    """jitted (state, deltas, chunk) → per channel Σ over the chunk's samples. state: the kernels (deltas [K, N]
+    beside them), or with `probe` the `_Probe` α's, whose gradients are g_dᵀΔ_c themselves (deltas None)."""
     def sample_loss(kstate, sample):
         one = jax.tree.map(lambda a: a[None], sample)  # a batch of one sample
         loss = jnp.asarray(loss_fn(nnx.merge(graphdef, kstate, rest), one), jnp.float32)
@@ -247,7 +295,13 @@ def _salience_terms(graphdef, rest, loss_fn, kind: str):
 
     @jax.jit
     def terms(kstate, deltas, chunk):  # → per channel Σ over the chunk's samples, [N] a linear
-        grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0))(kstate, chunk)  # [S, K, N] a linear
+        grads = jax.vmap(jax.grad(sample_loss), in_axes=(None, 0))(kstate, chunk)  # [S, K, N] a linear (α: [S, N])
+        if probe:
+            def from_alpha(t):
+                t = t.astype(jnp.float32)
+                return jnp.sum(0.5 * t * t if kind == "first-order-off" else jnp.abs(t + 0.5 * t * t), axis=0)
+
+            return jax.tree.map(from_alpha, grads)
 
         def score(g, d):
             g = g.astype(jnp.float32)
