@@ -377,14 +377,17 @@ class LinearsReport:
 def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: LossFn | None, *,
                      config: QuantConfig = QuantConfig(), select: Select | None = None,
                      scores: dict[str, np.ndarray] | None = None, implementation: Implementation = "auto",
-                     progress: bool = False) -> LinearsReport:
+                     linears_per_pass: int | None = None, progress: bool = False) -> LinearsReport:
     """MixLLM on the selected `nnx.Linear`s of `module`, in place: each becomes a `MixedLinear`.
 
     The 8-bit channels are the most salient over all selected linears at once (`linear_salience`; `config.local`
     ranks inside each linear), `config.bits` counted in weight elements as in `mixjax.quantize`; then GPTQ and the
     clipping search on H from `linear_hessians` (or RTN with `QuantConfig(gptq=False, clip=False)`). batches /
     loss_fn as for `linear_salience`; neither is needed for RTN at 4 or 8 bits. scores: salience computed before
-    (reused across budgets). progress: tqdm bars for the salience batches, the calibration forwards and the linears.
+    (reused across budgets). linears_per_pass: how many linears' H (K² × 4 bytes each) are recorded in one forward
+    pass over the batches and held at once (default: all, one pass); fewer bound that memory at one pass over the
+    batches per group of linears, in `select` order, with the same weights. progress: tqdm bars for the salience
+    batches, the calibration forwards and the linears.
     Every check and every weight is done before the first linear is replaced: on an error the module is
     unchanged.
     """
@@ -393,6 +396,8 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
     if config.head_bits is not None:
         raise ValueError("QuantConfig.head_bits is mixjax.quantize's embedding / LM head switch; here, select the "
                          "head's nnx.Linear like any other")
+    if linears_per_pass is not None and (not isinstance(linears_per_pass, int) or linears_per_pass < 1):
+        raise ValueError(f"linears_per_pass={linears_per_pass!r}; expected a positive int or None (all in one pass)")
     targets = find_linears(module, select)
     _check_targets(targets, module)
     names = [_name(path) for path, _ in targets]
@@ -420,12 +425,21 @@ def quantize_linears(module: nnx.Module, batches: Iterable | None, loss_fn: Loss
         is_int8 = {n: chosen[n][0] for n in names}
     else:
         is_int8 = {n: np.full(kernels[n].shape[1], config.bits >= 8.0) for n in names}
-    hess = _hessians(module, targets, batches, loss_fn, progress) if config.gptq or config.clip else {}
+    per_pass = linears_per_pass or len(targets)
     news = []
-    for (path, lin), name in _progress(list(zip(targets, names)), progress, "quantize linears", "linear"):
-        weight = quantize_weight(kernels[name].T, hess.get(name), is_int8[name], config, path=name)
-        bias = None if lin.bias is None else _get(lin.bias)
-        news.append(MixedLinear(weight, bias, implementation=implementation))
+    bar = _progress(range(len(targets)), progress, "quantize linears", "linear")
+    for first in range(0, len(targets), per_pass):
+        group = targets[first:first + per_pass]  # H of these only, from the float model (nothing swapped in yet)
+        hess = _hessians(module, group, batches, loss_fn, progress) if config.gptq or config.clip else {}
+        for path, lin in group:
+            name = _name(path)
+            weight = quantize_weight(kernels[name].T, hess.pop(name, None), is_int8[name], config, path=name)
+            bias = None if lin.bias is None else _get(lin.bias)
+            news.append(MixedLinear(weight, bias, implementation=implementation))
+            if progress:
+                bar.update(1)
+    if progress:
+        bar.close()
     _swapped(module, targets, news)
     return LinearsReport(bits=average_bits({n: is_int8[n][None] for n in names}, in_features),
                          int8_share={n: float(np.mean(is_int8[n])) for n in names})

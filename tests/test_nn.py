@@ -255,7 +255,17 @@ def test_quantize_linears_on_any_model():
         assert all(isinstance(getattr(student, n), mnn.MixedLinear) for n in ("inp", "hidden", "out"))
         errors[label] = float(jnp.mean((nnx.jit(lambda m, x: m(x))(student, held) - teacher) ** 2))
         assert report.bits == pytest.approx({"rtn4": 4.0, "w4.4": 4.4, "w8": 8.0}[label], abs=0.05)
+        if label == "w4.4":  # H recorded for two linears a pass (three passes' worth of groups: 2 + 1): the same weights
+            again = _Regressor(nnx.Rngs(0))
+            mnn.quantize_linears(again, batches, loss_fn, config=config, implementation="xla", linears_per_pass=2)
+            for n in ("inp", "hidden", "out"):
+                assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(_get_weight(again, n)),
+                                                                jax.tree.leaves(_get_weight(student, n))))
     assert errors["w8"] < errors["w4.4"] < errors["rtn4"], errors
+
+
+def _get_weight(module, name):
+    return mnn._get(getattr(module, name).weight)
 
 
 def _linears_unchanged(llama, before):
@@ -284,6 +294,8 @@ def test_quantize_linears_refuses_and_leaves_the_model(tiny_params, calib):
         mnn.quantize_linears(llama, calib, lm_loss, config=mixjax.QuantConfig(head_bits=8))
     with pytest.raises(ValueError, match="leading sample axis"):
         mnn.quantize_linears(llama, [(calib[0], calib[0][:2])], lm_loss, select=mnn.Llama.decoder_linears)
+    with pytest.raises(ValueError, match="linears_per_pass=0; expected a positive int"):
+        mnn.quantize_linears(llama, calib, lm_loss, linears_per_pass=0)
     _linears_unchanged(llama, before)
 
     bad = jax.tree.map(lambda a: a, tiny_params)
