@@ -20,39 +20,43 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu", reason="runs the
 CFG = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_hidden_layers=3,
                   num_attention_heads=8, num_key_value_heads=2, head_dim=64, rope_theta=10000.0,
                   max_position_embeddings=256)
+QWEN3 = LlamaConfig(**{**CFG.to_dict(), "model_type": "qwen3", "qk_norm": True, "head_dim": 128})  # H·Dh = 2·D
 # This random model (weights ×4) is sensitive: bf16 rounding alone moves its logits by 5 % of their max
 # (XLA reference in bf16 vs f32; H200, 2026-12-03). The Pallas path departs from the bf16 reference by
 # half that (mean 2.5 %, most of it the attention kernel's bf16 probabilities), so its departure must stay
 # within what bf16 rounding does; a wiring or kernel bug moves logits by far more.
 
 
-def params_for(seed: int, dtype=jnp.bfloat16):
+def params_for(seed: int, dtype=jnp.bfloat16, cfg: LlamaConfig = CFG):
     """The test's W4.4A8 model: RTN mixed weights (10 % int8 rows), int4 head, fused, unstacked; norms and
-    residual stream in `dtype`."""
+    residual stream in `dtype`. Qwen3's head norms (cfg.qk_norm) get weights in [0.5, 2]."""
     import pallas_kernels as pk
     from mixjax.quant.api import quantize_head
 
     rng = np.random.default_rng(seed)
-    params = model.init_params(CFG, jax.random.key(seed), jnp.float32)
+    params = model.init_params(cfg, jax.random.key(seed), jnp.float32)
     params = jax.tree.map(lambda a: a * 4.0 if a.ndim == 3 else a, params)  # input-dependent logits
     params = model.unstack_layers(params)
     for layer in params["layers"]:
+        if cfg.qk_norm:
+            layer["q_norm"], layer["k_norm"] = (jnp.asarray(np.random.default_rng(seed + i).uniform(0.5, 2.0, cfg.head_dim),
+                                                            jnp.float32) for i in (100, 200))
         for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                              ("mlp", ("gate_proj", "up_proj", "down_proj"))):
             for name in names:  # this order: the masks the bound was measured with (H200, 2026-12-03)
                 w = np.asarray(layer[group][name]["weight"])
                 layer[group][name] = {"weight": pk.pack_rtn(w, tenth(rng, w.shape[0]))}
-    params = model.fuse_projections({**params, **quantize_head(params, CFG, bits=4)})
+    params = model.fuse_projections({**params, **quantize_head(params, cfg, bits=4)})
     return jax.tree.map(lambda a: a if isinstance(a, pk.MixedWeight) else a.astype(dtype), params,
                         is_leaf=lambda a: isinstance(a, pk.MixedWeight))
 
 
-def run_steps(params, tokens, feed, implementation: str):
+def run_steps(params, tokens, feed, implementation: str, cfg: LlamaConfig = CFG):
     """Logits of the prefill's last position, then of one cached step per token of `feed` ([B, 1] each;
     the same inputs for both implementations)."""
     B = tokens.shape[0]
-    cache = model.init_cache(CFG, B, 128, params["norm"].dtype)
-    step = jax.jit(lambda p, t, c: model.forward_step(p, t, CFG, c, implementation=implementation))
+    cache = model.init_cache(cfg, B, 128, params["norm"].dtype)
+    step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation=implementation))
     logits, cache = step(params, tokens, cache)
     out = [np.asarray(logits[:, -1])]
     for t in feed:
@@ -88,3 +92,18 @@ def test_pallas_decode_path_equals_xla_reference(batch, monkeypatch):
 def _err(got, want):
     """max |Δlogit| / max |logit of want| per (row, position)."""
     return np.max(np.abs(got - want), -1) / np.max(np.abs(want))
+
+
+def test_qwen3_decode_path_equals_xla_reference():
+    """Qwen3's query/key head norms (in the fused attention kernel, after the deferred input-norm r and before RoPE)
+    on the same path, against the XLA reference with the same bound."""
+    params = params_for(3, cfg=QWEN3)
+    rng = np.random.default_rng(13)
+    prompt = jnp.asarray(rng.integers(0, QWEN3.vocab_size, (2, 37)), jnp.int32)
+    feed = [jnp.asarray(rng.integers(0, QWEN3.vocab_size, (2, 1)), jnp.int32) for _ in range(6)]
+    want = run_steps(params, prompt, feed, "xla", QWEN3)
+    got = run_steps(params, prompt, feed, "pallas", QWEN3)
+    yardstick = _err(run_steps(params_for(3, jnp.float32, QWEN3), prompt, feed, "xla", QWEN3), want)
+    err = _err(got, want)
+    assert err.mean() <= yardstick.mean() and err.max() <= 1.5 * yardstick.max(), (err, yardstick)
+    assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.7
