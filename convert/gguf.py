@@ -3,7 +3,7 @@
 Read with `gguf.GGUFReader` (memory-mapped), each tensor dequantized to f32 with
 `gguf.quants.dequantize` as it is copied into the `ParamBuffer`. GGML stores a [N, K] weight with its
 dimensions listed as (K, N); the numpy view is already [N, K]. llama.cpp's converter interleaves the
-rows of q_proj / k_proj of `llama` models for GGML's adjacent-pair RoPE; `_unpermute_rows` restores
+rows of q_proj / k_proj of `llama` (and `smollm3`) models for GGML's adjacent-pair RoPE; `_unpermute_rows` restores
 Hugging Face's rotate-half order. `qwen2` and `qwen3` files are stored unpermuted (GGML runs them with NeoX RoPE).
 """
 
@@ -18,7 +18,8 @@ from convert.layout import GGUF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuff
 from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.model import rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3")
+SMOLLM3_NOPE_STEP = 4  # llama.cpp's SmolLM3: every 4th layer without RoPE, fixed (no GGUF key holds it)
 
 
 def _open(path: Path):
@@ -84,6 +85,8 @@ def read_config(reader, path: Path) -> LlamaConfig:
         model_type="mistral" if window and arch == "llama" else arch,  # Mistral: llama.cpp's llama with a window
         sliding_window=int(window) if window else None,
         qk_norm=arch == "qwen3",
+        nope_layers=tuple(i for i in range(int(need("block_count"))) if (i + 1) % SMOLLM3_NOPE_STEP == 0)
+        if arch == "smollm3" else (),
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_end_ids(reader, eos),
     )
@@ -146,7 +149,7 @@ def load_gguf(path: Path, dtype, mesh=None) -> tuple[LlamaConfig, dict]:
     reader = _open(path)
     cfg = read_config(reader, path)
     buffer = ParamBuffer(cfg, dtype, GGUF_NAMES, source=str(path))
-    permute = _field(reader, "general.architecture") == "llama"  # Mistral and SmolLM2 files too
+    permute = _field(reader, "general.architecture") in ("llama", "smollm3")  # Mistral and SmolLM2 files too
     for tensor in reader.tensors:
         if tensor.name.endswith(IGNORED_SUFFIXES):
             continue

@@ -1,7 +1,8 @@
 """(LlamaConfig, float params) → a GGUF file that llama.cpp and `convert.load` read: the inverse of convert/gguf.py.
 
 The layout is llama.cpp's own (its convert_hf_to_gguf.py): `llama` for Llama, Mistral and SmolLM2 (q/k rows
-interleaved per head for GGML's adjacent-pair RoPE), `qwen2` for Qwen2 (rows as they are, q/k/v biases) and `qwen3`
+interleaved per head for GGML's adjacent-pair RoPE; `smollm3` likewise, its NoPE layers llama.cpp's fixed every
+fourth), `qwen2` for Qwen2 (rows as they are, q/k/v biases) and `qwen3`
 for Qwen3 (rows as they are, the query/key head norms as `attn_q_norm` / `attn_k_norm`), GGUF
 tensor names from the one `NAME_TABLE`, Llama-3 RoPE scaling as the `rope_freqs` divisors, no `output.weight`
 when the head is tied. 1-D tensors (norms, biases) are F32, as llama.cpp writes them; the 2-D weights take the
@@ -49,8 +50,8 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a sentencepiece byte-fallback to
 
 
 def gguf_arch(cfg: LlamaConfig) -> str:
-    """llama.cpp's architecture for cfg: `qwen2`, `qwen3`, or `llama` (Llama, Mistral, SmolLM2)."""
-    return cfg.model_type if cfg.model_type in ("qwen2", "qwen3") else "llama"
+    """llama.cpp's architecture for cfg: `qwen2`, `qwen3`, `smollm3`, or `llama` (Llama, Mistral, SmolLM2)."""
+    return cfg.model_type if cfg.model_type in ("qwen2", "qwen3", "smollm3") else "llama"
 
 
 def _ggml_type(dtype: str):
@@ -221,7 +222,7 @@ def _tensors(params, cfg: LlamaConfig, qtype):
 
     from convert.hf import export_tensors
 
-    permute = gguf_arch(cfg) == "llama"
+    permute = gguf_arch(cfg) in ("llama", "smollm3")
     out = []
     for name, shape, _, get in export_tensors(params, cfg, GGUF_NAMES):
         heads = (cfg.num_attention_heads if ".attn_q." in name else cfg.num_key_value_heads if ".attn_k." in name
@@ -276,6 +277,13 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
     arch = gguf_arch(cfg)
     if cfg.attention_bias and arch != "qwen2":
         raise ConvertError("attention_bias (q/k/v biases) is Qwen2's layout; llama.cpp's llama architecture has none")
+    from convert.gguf import SMOLLM3_NOPE_STEP
+
+    every_fourth = tuple(i for i in range(cfg.num_hidden_layers) if (i + 1) % SMOLLM3_NOPE_STEP == 0)
+    if cfg.nope_layers and (arch != "smollm3" or cfg.nope_layers != every_fourth):
+        raise ConvertError(f"nope_layers={cfg.nope_layers}: llama.cpp runs RoPE in every layer but SmolLM3's every "
+                           f"{SMOLLM3_NOPE_STEP}th, and no GGUF key says otherwise; export this model as a Hugging Face "
+                           "directory instead")
     eos = cfg.eos_token_ids[0] if cfg.eos_token_ids else None
     fields = tokenizer_fields(tokenizer, cfg) if tokenizer is not None else [
         (method, i) for method, i in (("add_bos_token_id", cfg.bos_token_id), ("add_eos_token_id", eos))

@@ -1,4 +1,4 @@
-"""Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2).
+"""Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3).
 
 `LlamaConfig` is a frozen, hashable dataclass: pass it as a static argument to jitted functions.
 `LlamaConfig.from_hf(d)` reads a Hugging Face `config.json` dict and refuses architectures the
@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3")
 _UNSUPPORTED_HINTS = {
     "mixtral": "mixture-of-experts models are not supported",
     "qwen2_moe": "mixture-of-experts models are not supported",
@@ -26,6 +26,18 @@ _UNSUPPORTED_HINTS = {
 
 class ConfigError(ValueError):
     """A model configuration that mixjax cannot run; the message names the field and the fix."""
+
+
+def _nope_layers(d: dict[str, Any], layers: int, source: str) -> tuple[int, ...]:
+    """SmolLM3's layers without RoPE from config.json: `no_rope_layers` (1 where a layer uses RoPE), else every
+    `no_rope_layer_interval`-th layer (transformers' default: 4, the layers 3, 7, 11, ...)."""
+    flags = d.get("no_rope_layers")
+    if flags is None:
+        step = int(d.get("no_rope_layer_interval", 4))
+        return tuple(i for i in range(layers) if (i + 1) % step == 0)
+    if len(flags) != layers:
+        raise ConfigError(f"{source}: no_rope_layers has {len(flags)} entries for num_hidden_layers={layers}")
+    return tuple(i for i, use in enumerate(flags) if not use)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +77,7 @@ class LlamaConfig:
     eos_token_ids: tuple[int, ...] = ()
     sliding_window: int | None = None  # Mistral: keys older than this many positions are masked
     qk_norm: bool = False  # Qwen3: an RMSNorm over each query and key head (weights [Dh]) before RoPE
+    nope_layers: tuple[int, ...] = ()  # SmolLM3: the layers whose attention has no RoPE (NoPE), in increasing order
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -75,6 +88,9 @@ class LlamaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}={getattr(self, name)} must be positive")
+        nope = self.nope_layers
+        if list(nope) != sorted(set(nope)) or any(not 0 <= i < self.num_hidden_layers for i in nope):
+            raise ConfigError(f"nope_layers={nope} must be increasing layer indices in [0, {self.num_hidden_layers})")
 
     @property
     def q_per_kv(self) -> int:
@@ -147,13 +163,17 @@ class LlamaConfig:
             eos_token_ids=eos_ids,
             sliding_window=int(window) if window else None,
             qk_norm=model_type == "qwen3",
+            nope_layers=_nope_layers(d, int(d["num_hidden_layers"]), source) if model_type == "smollm3" else (),
         )
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face config.json dict of this config, for `LlamaForCausalLM`, `MistralForCausalLM`,
-        `Qwen2ForCausalLM` or `Qwen3ForCausalLM` (`from_hf` reads it back to an equal config; a SmolLM2 read from
-        GGUF is a Llama). Raises ConfigError for a combination none of them runs."""
-        model_type = self.model_type if self.model_type in ("mistral", "qwen2", "qwen3") else "llama"
+        `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or `SmolLM3ForCausalLM` (`from_hf` reads it back to an equal config; a
+        SmolLM2 read from GGUF is a Llama). Raises ConfigError for a combination none of them runs."""
+        model_type = self.model_type if self.model_type in ("mistral", "qwen2", "qwen3", "smollm3") else "llama"
+        if self.nope_layers and model_type != "smollm3":
+            raise ConfigError(f"nope_layers={self.nope_layers} (layers without RoPE) is SmolLM3's layout; a "
+                              f"{model_type} config.json cannot hold it")
         if self.qk_norm != (model_type == "qwen3"):
             raise ConfigError(f"qk_norm={self.qk_norm} with model_type={self.model_type!r}: the query/key head norms "
                               "are Qwen3's layout and Qwen3's only")
@@ -164,7 +184,7 @@ class LlamaConfig:
             raise ConfigError(f"sliding_window={self.sliding_window} is Mistral's; a {model_type} config.json "
                               "cannot hold it")
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM"}[model_type]
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}[model_type]
         eos = list(self.eos_token_ids)
         d: dict[str, Any] = dict(
             architectures=[arch], model_type=model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -175,8 +195,12 @@ class LlamaConfig:
             bos_token_id=self.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos or None)
         if self.rope_scaling is not None:
             d["rope_scaling"] = dataclasses.asdict(self.rope_scaling)
-        if model_type == "llama":
+        if model_type in ("llama", "smollm3"):
             d.update(attention_bias=False, mlp_bias=False)
+            if model_type == "smollm3":  # HF's list: 1 where a layer uses RoPE; no pad token (mixjax keeps none,
+                # and SmolLM3Config's default, 128004, lies outside smaller vocabularies)
+                d.update(no_rope_layers=[int(i not in self.nope_layers) for i in range(self.num_hidden_layers)],
+                         use_sliding_window=False, sliding_window=None, pad_token_id=None)
         elif model_type == "mistral":
             d["sliding_window"] = self.sliding_window
         else:
@@ -194,6 +218,7 @@ class LlamaConfig:
         if d.get("rope_scaling") is not None:
             d["rope_scaling"] = RopeScaling(**d["rope_scaling"])
         d["eos_token_ids"] = tuple(d.get("eos_token_ids") or ())
+        d["nope_layers"] = tuple(d.get("nope_layers") or ())  # JSON gives lists; a config is hashed (jit's static)
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - known
         if unknown:

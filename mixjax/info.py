@@ -175,6 +175,8 @@ def to_text(info: ModelInfo) -> str:
         extras.append("q/k/v biases")
     if c.qk_norm:
         extras.append("q/k head norms")
+    if c.nope_layers:
+        extras.append(f"{len(c.nope_layers)} layers without RoPE")
     if c.sliding_window:
         extras.append(f"sliding window {c.sliding_window}")
     lines = [

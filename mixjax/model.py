@@ -1,4 +1,4 @@
-"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, SmolLM2) as pure functions over a params pytree.
+"""The Llama-family decoder (Llama 2/3/3.x, Mistral, Qwen2, Qwen3, SmolLM2/3) as pure functions over a params pytree.
 
 Dimension legend: B batch, T new tokens, S key positions (cache length), D hidden size, H query heads,
 KVH key/value heads, G = H // KVH query heads per key/value head, Dh head dim, F feed-forward size,
@@ -750,6 +750,7 @@ def _decoder_layer(
     pending: jax.Array | None = None,
     defer: bool = False,
     v_block: int = 0,  # the cache's `KVCache.v_block`
+    use_rope: bool | jax.Array = True,  # False (or a traced False) for SmolLM3's NoPE layers
 ):
     """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None,
     deferred): `pending`, the previous layer's deferred down_proj partials f32 [S, B, T, D], is added to x
@@ -757,6 +758,7 @@ def _decoder_layer(
     partials come back as `deferred` instead of being added (None when they were added)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+    rope = _rope_for(rope, use_rope)
 
     def proj(name, h):
         p = get_path(layer, name)
@@ -899,18 +901,40 @@ def _defer_down(layers, x, implementation) -> bool:
     return _norm_quant_on([layers[1]["mlp"]["down_proj"]["weight"]], x, implementation)
 
 
-def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *,
+def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *, layer_index=None,
                   implementation: Implementation = "auto") -> jax.Array:
     """One decoder layer on full causal sequences at positions 0..T-1, no cache: x [B, T, D] → [B, T, D].
 
     The layer-by-layer entry point for tools that run the model one block at a time (quantization
-    calibration, salience with per-layer rematerialisation).
+    calibration, salience with per-layer rematerialisation). layer_index (an int or a traced int32): which layer
+    this is, needed where some layers have no RoPE (`cfg.nope_layers`, SmolLM3).
     """
     B, T, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
     rope = rope_tables(positions, rope_inv_freq(cfg))
     mask = _attention_mask(positions, positions, cfg.sliding_window)  # [B, T, T]
-    return _decoder_layer(layer, x, positions, rope, mask, None, cfg, implementation)[0]
+    return _decoder_layer(layer, x, positions, rope, mask, None, cfg, implementation,
+                          use_rope=layer_uses_rope(cfg, layer_index))[0]
+
+
+def layer_uses_rope(cfg: LlamaConfig, layer_index) -> bool | jax.Array:
+    """Whether layer `layer_index` (an int, or a traced int32 under a scan) applies RoPE: every layer but
+    `cfg.nope_layers`. Raises if the config has NoPE layers and no index is given."""
+    if not cfg.nope_layers:
+        return True
+    if layer_index is None:
+        raise ValueError(f"this {cfg.model_type} model has layers without RoPE ({cfg.nope_layers}): pass layer_index")
+    if isinstance(layer_index, (int, np.integer)):
+        return int(layer_index) not in cfg.nope_layers
+    return jnp.logical_not(jnp.isin(layer_index, jnp.asarray(cfg.nope_layers, jnp.int32)))
+
+
+def _rope_for(rope: tuple[jax.Array, jax.Array], use_rope) -> tuple[jax.Array, jax.Array]:
+    """RoPE's tables, or for a NoPE layer the identity (cos 1, sin 0: x·1 + rot·0 is x exactly, in every kernel)."""
+    if isinstance(use_rope, (bool, np.bool_)) and use_rope:
+        return rope
+    cos, sin = rope
+    return (jnp.where(use_rope, cos, jnp.ones_like(cos)), jnp.where(use_rope, sin, jnp.zeros_like(sin)))
 
 
 def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation):
@@ -928,9 +952,10 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
     mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
 
-    def body(x, layer, kv, pending=None, defer=False):
+    def body(x, layer, kv, pending=None, defer=False, index=None):
         v_block = 0 if cache is None else cache.v_block
-        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending, defer, v_block)
+        return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending, defer, v_block,
+                              layer_uses_rope(cfg, index))
 
     if isinstance(layers, (tuple, list)):
         defer = _defer_down(layers, x, implementation)
@@ -940,7 +965,7 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         pending = None
         for i, layer in enumerate(layers):
             kv = None if cache is None else (*(s[i] for s in stores), None)
-            x, new, pending = body(x, layer, kv, pending, defer and i + 1 < n)
+            x, new, pending = body(x, layer, kv, pending, defer and i + 1 < n, i)
             if cache is not None:
                 for s, a in zip(stores, new):
                     s[i] = a
@@ -951,17 +976,18 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         return x, tuple(None if a is None else tuple(s) for a, s in
                         zip((cache.k, cache.v, cache.k_scale, cache.v_scale), stores))
 
+    n_layers = jax.tree.leaves(layers)[0].shape[0]
     if cache is None:
-        x, _ = jax.lax.scan(lambda x, layer: (body(x, layer, None)[0], None), x, layers)
+        x, _ = jax.lax.scan(lambda x, xs: (body(x, xs[0], None, index=xs[1])[0], None), x,
+                            (layers, jnp.arange(n_layers, dtype=jnp.int32)))
         return x, None
 
     def cached_body(carry, xs):
         x, stores = carry
         layer, index = xs
-        x, stores, _ = body(x, layer, (*stores, index))
+        x, stores, _ = body(x, layer, (*stores, index), index=index)
         return (x, stores), None
 
-    n_layers = jax.tree.leaves(layers)[0].shape[0]
     stores = (cache.k, cache.v, cache.k_scale, cache.v_scale)
     (x, stores), _ = jax.lax.scan(cached_body, (x, stores), (layers, jnp.arange(n_layers)))
     return x, stores

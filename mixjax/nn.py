@@ -512,19 +512,20 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, layer: dict, cfg: LlamaConfig, rngs: nnx.Rngs):
+    def __init__(self, layer: dict, cfg: LlamaConfig, rngs: nnx.Rngs, use_rope: bool = True):
+        self.use_rope = use_rope  # False: a NoPE layer (SmolLM3)
         self.input_layernorm = RMSNorm(layer["input_layernorm"], cfg.rms_norm_eps)
         self.self_attn = Attention(layer, cfg, rngs)
         self.post_attention_layernorm = RMSNorm(layer["post_attention_layernorm"], cfg.rms_norm_eps)
         self.mlp = MLP(layer, rngs)
 
     def __call__(self, x, rope, mask):
-        x = x + self.self_attn(self.input_layernorm(x), rope, mask)
+        x = x + self.self_attn(self.input_layernorm(x), rope if self.use_rope else model._rope_for(rope, False), mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
 class Llama(nnx.Module):
-    """A Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2) as NNX modules: `model(tokens) → logits`.
+    """A Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3) as NNX modules: `model(tokens) → logits`.
 
     The projections are `nnx.Linear`s (or `MixedLinear`s), so `quantize_linears(llama, ..., select=
     Llama.decoder_linears)` quantizes it with MixLLM; `to_params()` gives the functional params back for
@@ -541,7 +542,8 @@ class Llama(nnx.Module):
             raise ValueError("Llama takes float embedding / LM head arrays; these params quantized them "
                              "(QuantConfig.head_bits): use mixjax.forward / mixjax.generate on them instead")
         self.embed_tokens = nnx.Param(jnp.asarray(params["embed_tokens"]))  # [V, D]
-        self.layers = nnx.List([DecoderLayer(layer, cfg, rngs) for layer in model.layer_views(params["layers"])])
+        self.layers = nnx.List([DecoderLayer(layer, cfg, rngs, i not in cfg.nope_layers)
+                                for i, layer in enumerate(model.layer_views(params["layers"]))])
         self.norm = RMSNorm(params["norm"], cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(jnp.asarray(params["lm_head"]))  # [V, D]
 

@@ -366,12 +366,14 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype, max_len):
 def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype, max_len, qk_norm):
     """Per-layer params with q/k/v fused (as `generate` runs a quantized model on a GPU) and q/k/v biases: the
     decode steps take `attend_new_tokens_pallas`, on the projection's split-K partials for mixed weights,
-    and give the XLA path's logits and cache. `qk_norm`: Qwen3's query and key head norms, in the kernel."""
+    and give the XLA path's logits and cache. `qk_norm`: Qwen3's query and key head norms, in the kernel, and
+    a layer without RoPE (SmolLM3's NoPE: the kernel's RoPE on identity tables)."""
     import pallas_kernels as pk
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
-                      attention_bias=True, sliding_window=20, qk_norm=qk_norm, rms_norm_eps=1e-6)
+                      attention_bias=True, sliding_window=20, qk_norm=qk_norm, rms_norm_eps=1e-6,
+                      nope_layers=(1,) if qk_norm else ())
     params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(2), jnp.float32))
     params = model.unstack_layers(params)
     rng = np.random.default_rng()

@@ -44,6 +44,7 @@ HF_CASES = {
     "llama3_rope_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), {}),
     "qwen3_head_dim_tied": ("qwen3", dict(tie_word_embeddings=True, head_dim=32), {}),  # q/k head norms; H·Dh > D
+    "smollm3_nope_tied": ("smollm3", dict(num_hidden_layers=4), {}),  # layer 3 without RoPE
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
 }
@@ -141,9 +142,9 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
         if gguf_name in drop:
             continue
         w = tensor.float().numpy()
-        if arch == "llama" and ".attn_q." in gguf_name:
+        if arch in ("llama", "smollm3") and ".attn_q." in gguf_name:
             w = _permute_like_llama_cpp(w, c.num_attention_heads)
-        elif arch == "llama" and ".attn_k." in gguf_name:
+        elif arch in ("llama", "smollm3") and ".attn_k." in gguf_name:
             w = _permute_like_llama_cpp(w, c.num_key_value_heads)
         if linear_type != "F32" and w.ndim == 2 and gguf_name.startswith("blk."):
             qtype = gguf.GGMLQuantizationType[linear_type]
@@ -158,18 +159,22 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "llama3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "llama3"])
 def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
     """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation, qwen2's biases, qwen3's head norms
-    and key length, and Llama-3 RoPE scaling recovered from llama.cpp's rope_freqs."""
-    extra = dict(rope_parameters=LLAMA3_ROPE) if arch == "llama3" else dict(head_dim=32) if arch == "qwen3" else {}
+    and key length, smollm3's NoPE layers (llama.cpp's every fourth), and Llama-3 RoPE scaling recovered from
+    llama.cpp's rope_freqs."""
+    extra = {"llama3": dict(rope_parameters=LLAMA3_ROPE), "qwen3": dict(head_dim=32),
+             "smollm3": dict(num_hidden_layers=8)}.get(arch, {})
     arch = arch.replace("llama3", "llama")
-    _, model = make_tiny_hf(arch, tie_word_embeddings=(arch == "llama"), **extra)
+    tied = arch in ("llama", "smollm3")
+    _, model = make_tiny_hf(arch, tie_word_embeddings=tied, **extra)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", model, arch)
     cfg, params = convert.load(path)
-    assert cfg.model_type == arch and cfg.tie_word_embeddings == (arch == "llama")
-    assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (arch != "llama")
+    assert cfg.model_type == arch and cfg.tie_word_embeddings == tied
+    assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (not tied)
     assert cfg.qk_norm == (arch == "qwen3") and cfg.head_dim == (32 if arch == "qwen3" else 16)
+    assert cfg.nope_layers == ((3, 7) if arch == "smollm3" else ())
     assert (cfg.rope_scaling is not None) == ("rope_parameters" in extra)
     tokens = _tokens(np.random.default_rng(1), cfg.vocab_size)
     ours = forward(params, tokens, cfg, implementation="xla")
@@ -633,6 +638,7 @@ EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untie
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), None, None),
     "mistral_window_bf16": ("mistral", dict(sliding_window=4), jnp.bfloat16, None),
     "qwen3_head_dim": ("qwen3", dict(head_dim=32), None, None),
+    "smollm3_nope": ("smollm3", dict(num_hidden_layers=4), None, None),
 }
 
 
@@ -731,6 +737,7 @@ GGUF_EXPORT_CASES = {  # (arch, config overrides, weight type, does transformers
     # transformers' GGUF loader ignores rope_freqs and has no window: mixjax's reader is the check here
     "llama3_rope_bf16": ("llama", dict(rope_parameters=LLAMA3_ROPE), "bfloat16", False),
     "mistral_window_f32": ("mistral", dict(sliding_window=4), "float32", False),
+    "smollm3_nope_f32": ("smollm3", dict(num_hidden_layers=8), "float32", False),  # no SmolLM3 in its GGUF loader
 }
 
 

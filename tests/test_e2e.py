@@ -13,6 +13,7 @@ from mixjax import model
 from mixjax.config import LlamaConfig
 from mixjax.generate import generate
 from mixjax.quant import QuantConfig, as_fake_quant, quantize
+from mixjax.quant.api import salience
 
 CFG = LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, rope_theta=10000.0,
@@ -130,14 +131,19 @@ def test_pallas_interpret_mode_through_the_model_equals_xla(qparams):
     assert np.mean(err <= PALLAS_RTOL) >= MIN_EXACT_FRACTION, np.round(err, 6)
 
 
-def test_qwen3_head_norms_quantize_save_and_generate(tmp_path):
-    """A Qwen3-style model (query/key head norms, H·Dh ≠ D): `quantize` keeps the norms as they were and quantizes
-    the seven linears; the quantized logits track the fake-quant simulation (so the norms run in both); the saved
-    checkpoint reloads to the same logits; jitted generation's first token is the forward's argmax."""
+@pytest.mark.parametrize("arch", ["qwen3", "smollm3"])
+def test_other_architectures_quantize_save_and_generate(tmp_path, arch):
+    """Qwen3 (query/key head norms, H·Dh ≠ D) and SmolLM3 (its second layer without RoPE): `quantize` keeps the
+    norms as they were and quantizes the seven linears; the quantized logits track the fake-quant simulation (so the
+    norms and the NoPE layer run in both, the quantizer's layer pass included); the saved checkpoint reloads to the
+    same logits; jitted generation's first token is the forward's argmax."""
     import dataclasses
 
     from mixjax.quant.checkpoint import load_quantized, save_quantized
 
+    if arch == "smollm3":
+        _check_smollm3(tmp_path)
+        return
     cfg = dataclasses.replace(CFG, model_type="qwen3", qk_norm=True, head_dim=32, rms_norm_eps=1e-6)
     p = model.init_params(cfg, jax.random.key(5), jnp.float32)
     p = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, p)
@@ -158,6 +164,39 @@ def test_qwen3_head_norms_quantize_save_and_generate(tmp_path):
     unnormed = {**p, "layers": {**p["layers"], "q_norm": jnp.ones_like(p["layers"]["q_norm"])}}
     # a path that dropped the query norm would be off by far more than the tolerance above
     assert float(jnp.mean(jnp.abs(_forward(unnormed, tokens, cfg) - fp))) > 5 * MAX_MEAN_DIFF * quant_err
+    out = save_quantized(tmp_path / "q", q, cfg, config=QuantConfig())
+    cfg2, q2, _ = load_quantized(out)
+    assert cfg2 == cfg
+    np.testing.assert_array_equal(np.asarray(_forward(q2, tokens, cfg2, implementation="xla")), np.asarray(got))
+    first = generate(q2, cfg2, [tokens[0].tolist()], max_new_tokens=3, eos_token_ids=(), implementation="xla")[0][0]
+    assert first == int(jnp.argmax(got[0, -1]))
+
+
+def _check_smollm3(tmp_path):
+    import dataclasses
+
+    from mixjax.quant.checkpoint import load_quantized, save_quantized
+
+    cfg = dataclasses.replace(CFG, model_type="smollm3", nope_layers=(1,), tie_word_embeddings=True)
+    p = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, jax.random.key(7), jnp.float32))
+    calib = [np.asarray(jax.random.randint(jax.random.key(8), (4, 16), 0, cfg.vocab_size), np.int32)]
+    scores = salience(p, calib, cfg)
+    q = quantize(p, calib, cfg, config=QuantConfig(), scores=scores)
+    tokens = _tokens(13, (2, 12))
+    got = _forward(q, tokens, cfg, implementation="xla")
+    ref = _forward(as_fake_quant(q), tokens, cfg)
+    fp = _forward(p, tokens, cfg)
+    quant_err = float(jnp.mean(jnp.abs(ref - fp)))
+    assert quant_err > 1e-3 and float(jnp.mean(jnp.abs(got - ref))) <= MAX_MEAN_DIFF * quant_err
+    roped = dataclasses.replace(cfg, nope_layers=())  # the NoPE layer matters far beyond that tolerance
+    assert float(jnp.mean(jnp.abs(_forward(p, tokens, roped) - fp))) > 5 * MAX_MEAN_DIFF * quant_err
+    # the layer pass ran layer 1 without RoPE: with the same 8-bit channels, quantizing under the RoPE config gives
+    # layer 0 (the same inputs) the same weights and layer 1 (o_proj's and the MLP's inputs moved) others
+    other = quantize(p, calib, roped, config=QuantConfig(), scores=scores)
+    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(q["layers"][1]), jax.tree.leaves(other["layers"][1])))
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+               zip(jax.tree.leaves(q["layers"][0]), jax.tree.leaves(other["layers"][0])))
     out = save_quantized(tmp_path / "q", q, cfg, config=QuantConfig())
     cfg2, q2, _ = load_quantized(out)
     assert cfg2 == cfg

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from mixjax import model
 from mixjax.config import LlamaConfig, RopeScaling
 from mixjax.model import (
     LINEAR_NAMES,
@@ -163,6 +164,31 @@ def test_ragged_prefill_with_num_valid(params):
     for b, n in enumerate(lengths):
         ref = forward(p, seqs[b][None], CFG)[0, n - 1 :]  # [4, V]
         assert_close(jnp.stack(got[b]), ref)
+
+
+def test_nope_layers_run_without_rope(params):
+    """SmolLM3's NoPE layers (`cfg.nope_layers`): the scan over stacked layers, the loop over a tuple of layers,
+    `decoder_layer` one layer at a time and the cached steps give the same logits, which differ from every layer
+    using RoPE; `decoder_layer` refuses a call without the layer's index."""
+    p = _scale_up(params)
+    cfg = dataclasses.replace(CFG, model_type="smollm3", nope_layers=(1,))
+    tokens = _tokens(21, (2, 9))
+    full = forward(p, tokens, cfg)
+    assert_close(forward(unstack_layers(p), tokens, cfg), full)
+    x = model.embed(p, tokens)
+    for i, layer in enumerate(unstack_layers(p)["layers"]):
+        x = model.decoder_layer(layer, x, cfg, layer_index=i)
+    assert_close(model.final_logits(p, x, cfg, "xla"), full)
+    assert np.max(np.abs(np.asarray(forward(p, tokens, CFG) - full))) > 0.1 * np.max(np.abs(np.asarray(full)))
+    cache = init_cache(cfg, batch=2, max_len=12, dtype=jnp.float32, stacked=True)
+    logits, cache = forward_step(p, tokens[:, :5], cfg, cache)
+    pieces = [logits]
+    for t in range(5, 9):
+        logits, cache = forward_step(p, tokens[:, t : t + 1], cfg, cache)
+        pieces.append(logits)
+    assert_close(jnp.concatenate(pieces, axis=1), full)
+    with pytest.raises(ValueError, match=r"layers without RoPE \(\(1,\)\): pass layer_index"):
+        model.decoder_layer(unstack_layers(p)["layers"][0], model.embed(p, tokens), cfg)
 
 
 def test_sliding_window_masks_old_keys(params):

@@ -122,13 +122,15 @@ def test_mixed_linear_refuses_bad_input():
 # Llama as NNX modules
 
 
-@pytest.mark.parametrize("variant", ["plain", "qwen2_tied_window", "qwen3"])
+@pytest.mark.parametrize("variant", ["plain", "qwen2_tied_window", "qwen3", "smollm3"])
 def test_llama_logits_equal_the_functional_model(variant):
     cfg = TINY
     if variant == "qwen2_tied_window":  # q/k/v biases, tied embeddings, a sliding window shorter than the sequence
         cfg = dataclasses.replace(TINY, attention_bias=True, tie_word_embeddings=True, sliding_window=8)
     elif variant == "qwen3":  # query/key head norms, heads wider than hidden / heads
         cfg = dataclasses.replace(TINY, model_type="qwen3", qk_norm=True, head_dim=96)
+    elif variant == "smollm3":  # layer 1 without RoPE
+        cfg = dataclasses.replace(TINY, model_type="smollm3", nope_layers=(1,), tie_word_embeddings=True)
     params = mixjax.init_params(cfg, jax.random.key(1), dtype=jnp.float32)
     if cfg.qk_norm:  # norm weights away from 1, so that a dropped norm fails
         for name in ("q_norm", "k_norm"):

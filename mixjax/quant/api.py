@@ -268,11 +268,12 @@ def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str
     out = []
     for i in steps:
         layer = replicate(layers[i], mesh)
-        hess, absmax = _accumulate_stats(layer, hidden, masks, cfg, config.act)
+        index = jnp.asarray(i, jnp.int32)  # traced in the jitted steps: one compile for all layers
+        hess, absmax = _accumulate_stats(layer, hidden, masks, cfg, config.act, index)
         qlayer, sim = _quantize_layer(layer, i, hess, absmax, config, is_int8, mesh)
         out.append(qlayer)
         if i + 1 < len(layers):
-            hidden = [_run_layer(sim, h, cfg=cfg) for h in hidden]
+            hidden = [_run_layer(sim, h, index, cfg=cfg) for h in hidden]
     return tuple(out)
 
 
@@ -373,14 +374,14 @@ class _Tap:
         return jnp.einsum("...k,nk->...n", x, self.w.astype(x.dtype), preferred_element_type=jnp.float32).astype(x.dtype)
 
 
-def _linear_inputs(layer, x, mask, cfg: LlamaConfig) -> dict[str, jax.Array]:
+def _linear_inputs(layer, x, mask, cfg: LlamaConfig, index=None) -> dict[str, jax.Array]:
     """Each linear's input over x [B, T, D] as f32 [B·T, K], one array for linears sharing an input (traced).
 
     mask: None, or f32 [B] with 0 on padding samples, whose rows become zeros.
     """
     sink: dict[str, jax.Array] = {}
     tapped = with_weights(layer, {n: _Tap(linear_weight(layer, n), n, sink) for n in model.LINEAR_NAMES})
-    model.decoder_layer(tapped, x, cfg, implementation="xla")
+    model.decoder_layer(tapped, x, cfg, layer_index=index, implementation="xla")
     inputs, by_source = {}, {}
     for name in model.LINEAR_NAMES:
         src = sink[name]
@@ -392,10 +393,10 @@ def _linear_inputs(layer, x, mask, cfg: LlamaConfig) -> dict[str, jax.Array]:
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "act"))
-def _layer_stats(layer, x, mask, *, cfg: LlamaConfig, act: ActFormat):
+def _layer_stats(layer, x, mask, index, *, cfg: LlamaConfig, act: ActFormat):
     """H = 2·XᵀX [K, K] f32 and per-group max |X| [G] of each linear's input X over x [B, T, D]."""
     hess, absmax, done = {}, {}, {}
-    for name, xf in _linear_inputs(layer, x, mask, cfg).items():
+    for name, xf in _linear_inputs(layer, x, mask, cfg, index).items():
         if id(xf) not in done:
             amax = group_absmax(xf, act) if act.bits is not None else jnp.zeros((1,), jnp.float32)
             done[id(xf)] = (2.0 * xf.T @ xf, amax)
@@ -404,26 +405,26 @@ def _layer_stats(layer, x, mask, *, cfg: LlamaConfig, act: ActFormat):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "act"))
-def _layer_clip_errors(layer, x, mask, absmax, *, cfg: LlamaConfig, act: ActFormat):
+def _layer_clip_errors(layer, x, mask, absmax, index, *, cfg: LlamaConfig, act: ActFormat):
     """Per linear, the squared error of static scales clipped to each of STATIC_RATIOS: [R, G] f32."""
     errors, done = {}, {}
-    for name, xf in _linear_inputs(layer, x, mask, cfg).items():
+    for name, xf in _linear_inputs(layer, x, mask, cfg, index).items():
         if id(xf) not in done:
             done[id(xf)] = static_clip_errors(xf, absmax[name], act)
         errors[name] = done[id(xf)]
     return errors
 
 
-def _accumulate_stats(layer, hidden, masks, cfg, act):
+def _accumulate_stats(layer, hidden, masks, cfg, act, index):
     hess, absmax = None, None
     for h, m in zip(hidden, masks):
-        hb, ab = _layer_stats(layer, h, m, cfg=cfg, act=act)
+        hb, ab = _layer_stats(layer, h, m, index, cfg=cfg, act=act)
         hess = hb if hess is None else jax.tree.map(jnp.add, hess, hb)
         absmax = ab if absmax is None else jax.tree.map(jnp.maximum, absmax, ab)
     if act.bits is not None and act.static and act.static_calib == "mse":  # a second pass, with the maxima known
         errors = None
         for h, m in zip(hidden, masks):
-            eb = _layer_clip_errors(layer, h, m, absmax, cfg=cfg, act=act)
+            eb = _layer_clip_errors(layer, h, m, absmax, index, cfg=cfg, act=act)
             errors = eb if errors is None else jax.tree.map(jnp.add, errors, eb)
         ratios = jnp.asarray(STATIC_RATIOS, jnp.float32)
         absmax = {name: ratios[jnp.argmin(errors[name], axis=0)] * absmax[name] for name in absmax}
@@ -431,8 +432,8 @@ def _accumulate_stats(layer, hidden, masks, cfg, act):
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
-def _run_layer(layer, x, *, cfg: LlamaConfig):
-    return model.decoder_layer(layer, x, cfg, implementation="xla")
+def _run_layer(layer, x, index, *, cfg: LlamaConfig):
+    return model.decoder_layer(layer, x, cfg, layer_index=index, implementation="xla")
 
 
 # ----------------------------------------------------------------------------------------------------

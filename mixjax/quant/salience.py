@@ -101,15 +101,16 @@ def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
     layers: a tuple of per-layer dicts (a Python loop), or one dict of stacked [L, ...] leaves (`lax.scan`: the
     loop's iterations run one after another, so what a layer computes lives only while it runs)."""
     @jax.checkpoint
-    def run_layer(x, layer):
-        return model.decoder_layer(layer, x, cfg, implementation="xla")
+    def run_layer(x, layer, index):
+        return model.decoder_layer(layer, x, cfg, layer_index=index, implementation="xla")
 
     x = model.embed(params, tokens)  # [B, T, D]
     if isinstance(layers, dict):
-        x, _ = jax.lax.scan(lambda h, layer: (run_layer(h, layer), None), x, layers)
+        n = jax.tree.leaves(layers)[0].shape[0]
+        x, _ = jax.lax.scan(lambda h, xs: (run_layer(h, *xs), None), x, (layers, jnp.arange(n, dtype=jnp.int32)))
     else:
-        for layer in layers:
-            x = run_layer(x, layer)
+        for i, layer in enumerate(layers):
+            x = run_layer(x, layer, i)
     logits = model.final_logits(params, x, cfg, "xla")[:, :-1]  # [B, T-1, V]
     lse = jax.nn.logsumexp(logits, axis=-1)
     picked = jnp.take_along_axis(logits, tokens[:, 1:, None], axis=-1)[..., 0]
