@@ -4,6 +4,7 @@
     python benchmarks/bench_generate.py --full-quant --budget-s 1500 --out ...        # + mixjax.quantize timing
     python benchmarks/bench_generate.py --small --out /tmp/generate_small.md          # CPU smoke run
     python benchmarks/bench_generate.py --shape qwen3-8b ...                          # Qwen3-8B's shape instead
+    python benchmarks/bench_generate.py --shape smollm3-3b ...                        # or SmolLM3-3B's
 
 Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layers, the fast form on GPU):
 - bf16: random bf16 weights (std 0.02), built layer by layer.
@@ -137,7 +138,13 @@ QWEN3_8B = LlamaConfig(  # Qwen3-8B's config.json: query/key head norms, no q/k/
     num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1000000.0,
     max_position_embeddings=40960, tie_word_embeddings=False, model_type="qwen3", qk_norm=True,
 )
-SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-8b": QWEN3_8B}
+SMOLLM3_3B = LlamaConfig(  # SmolLM3-3B's config.json: every fourth layer without RoPE, tied embeddings
+    vocab_size=128256, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+    num_attention_heads=16, num_key_value_heads=4, head_dim=128, rms_norm_eps=1e-6, rope_theta=5000000.0,
+    max_position_embeddings=65536, tie_word_embeddings=True, model_type="smollm3",
+    nope_layers=tuple(range(3, 36, 4)),
+)
+SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-8b": QWEN3_8B, "smollm3-3b": SMOLLM3_3B}
 SMALL = LlamaConfig(  # K = 256 for every linear: two groups of 128 each, so a quantized model splits over 2 devices
     vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
@@ -618,7 +625,8 @@ def run_variant(name: str, args) -> int:
     dev = jax.devices()[0]
     cfg = SHAPES[args.shape]
     if args.small:  # the small model, with the shape's query/key head norms
-        cfg = dataclasses.replace(SMALL, model_type=cfg.model_type, qk_norm=cfg.qk_norm)
+        cfg = dataclasses.replace(SMALL, model_type=cfg.model_type, qk_norm=cfg.qk_norm,
+                                  nope_layers=(1,) if cfg.nope_layers else ())
     for strategy in (split_variant(name)[1] or "").split("@"):
         if strategy:
             _apply_strategy(strategy)
@@ -757,7 +765,8 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
     first_bf16 = next((v for v in by if v.startswith("bf16")), "bf16")
     base_name = next((v for v in ("bf16@plain", "bf16") if v in by), first_bf16)
     base = by.get(base_name, {})
-    cfg_name = "small test model" if args.small else {"llama3-8b": "Llama-3-8B", "qwen3-8b": "Qwen3-8B"}[args.shape] + " shape"
+    cfg_name = "small test model" if args.small else {"llama3-8b": "Llama-3-8B", "qwen3-8b": "Qwen3-8B",
+                                                       "smollm3-3b": "SmolLM3-3B"}[args.shape] + " shape"
     lines = [
         f"# Generation speed, {cfg_name}, random weights ({datetime.date.today().isoformat()})",
         "",
@@ -813,7 +822,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default="bf16,w4.4a8,w8a8", help=f"comma-separated, of {', '.join(VARIANTS)}")
     p.add_argument("--small", action="store_true", help="a tiny model and short runs (CPU smoke test)")
     p.add_argument("--shape", default="llama3-8b", choices=tuple(SHAPES),
-                   help="the model's shape (random weights): Llama-3-8B (default) or Qwen3-8B (query/key head norms)")
+                   help="the model's shape (random weights): Llama-3-8B (default), Qwen3-8B (query/key head norms) "
+                        "or SmolLM3-3B (every fourth layer without RoPE)")
     p.add_argument("--full-quant", action="store_true", help="quantize with the full mixjax.quantize pipeline")
     p.add_argument("--calib-samples", type=int, default=16, help="--full-quant: random calibration sequences")
     p.add_argument("--calib-len", type=int, default=2048, help="--full-quant: tokens per calibration sequence")
