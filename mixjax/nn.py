@@ -252,10 +252,14 @@ def _salience(module, targets, batches, loss_fn, kind: str, batch_size: int,
     graphdef, kstate, rest = nnx.split(module, lambda path, v: id(v) in kernels, ...)
     names = [kernels[id(v)] for _, v in kstate.flat_state()]
     deltas = jax.tree.map(lambda k: rtn4_delta(k.T.astype(jnp.float32)).T, kstate)  # [K, N] like the kernels
-    terms = _salience_terms(graphdef, rest, loss_fn, kind)
+    return _mean_terms(_salience_terms(graphdef, rest, loss_fn, kind), kstate, deltas, batches, names, progress)
+
+
+def _mean_terms(terms, state, deltas, batches, names, progress: bool) -> dict[str, np.ndarray]:
+    """{name: S_c averaged over every sample}: `terms`' per-chunk sums, added up over the chunks."""
     total, count = None, 0
     for chunk in _progress(batches, progress, "salience", "batch"):
-        s = terms(kstate, deltas, chunk)
+        s = terms(state, deltas, chunk)
         total = s if total is None else jax.tree.map(jnp.add, total, s)
         count += _batch_size(chunk)
     return {name: np.asarray(_get(v), np.float64) / count for name, (_, v) in zip(names, total.flat_state())}
@@ -271,12 +275,7 @@ def _probe_salience(module, targets, batches, loss_fn, kind: str, progress: bool
         graphdef, astate, rest = nnx.split(module, lambda path, v: id(v) in alphas, ...)
         names = [alphas[id(v)] for _, v in astate.flat_state()]
         terms = _salience_terms(graphdef, rest, loss_fn, kind, probe=True)
-        total, count = None, 0
-        for chunk in _progress(batches, progress, "salience", "batch"):
-            s = terms(astate, None, chunk)
-            total = s if total is None else jax.tree.map(jnp.add, total, s)
-            count += _batch_size(chunk)
-        return {name: np.asarray(_get(v), np.float64) / count for name, (_, v) in zip(names, total.flat_state())}
+        return _mean_terms(terms, astate, None, batches, names, progress)
     finally:
         for path, lin in targets:
             _swap(module, path, lin)

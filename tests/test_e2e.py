@@ -133,72 +133,48 @@ def test_pallas_interpret_mode_through_the_model_equals_xla(qparams):
 
 @pytest.mark.parametrize("arch", ["qwen3", "smollm3"])
 def test_other_architectures_quantize_save_and_generate(tmp_path, arch):
-    """Qwen3 (query/key head norms, H·Dh ≠ D) and SmolLM3 (its second layer without RoPE): `quantize` keeps the
-    norms as they were and quantizes the seven linears; the quantized logits track the fake-quant simulation (so the
-    norms and the NoPE layer run in both, the quantizer's layer pass included); the saved checkpoint reloads to the
-    same logits; jitted generation's first token is the forward's argmax."""
+    """Qwen3 (query/key head norms, H·Dh ≠ D) and SmolLM3 (its second layer without RoPE): the quantized logits track
+    the fake-quant simulation, so the norms and the NoPE layer run in both (the quantizer's layer pass included), and
+    a path without them would be off by far more than that tolerance; Qwen3's norms come through `quantize` as they
+    were; SmolLM3's NoPE layer got its own weights in the layer pass; the saved checkpoint reloads to the same logits;
+    jitted generation's first token is the forward's argmax."""
     import dataclasses
 
     from mixjax.quant.checkpoint import load_quantized, save_quantized
 
-    if arch == "smollm3":
-        _check_smollm3(tmp_path)
-        return
-    cfg = dataclasses.replace(CFG, model_type="qwen3", qk_norm=True, head_dim=32, rms_norm_eps=1e-6)
-    p = model.init_params(cfg, jax.random.key(5), jnp.float32)
-    p = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, p)
-    rng = np.random.default_rng(5)
-    for name in ("q_norm", "k_norm"):
-        p["layers"][name] = jnp.asarray(rng.uniform(0.5, 2.0, p["layers"][name].shape), jnp.float32)
-    calib = [np.asarray(jax.random.randint(jax.random.key(6), (4, 16), 0, cfg.vocab_size), np.int32)]
-    q = quantize(p, calib, cfg, config=QuantConfig())
-    for i, layer in enumerate(q["layers"]):
+    if arch == "qwen3":
+        cfg = dataclasses.replace(CFG, model_type="qwen3", qk_norm=True, head_dim=32, rms_norm_eps=1e-6)
+    else:
+        cfg = dataclasses.replace(CFG, model_type="smollm3", nope_layers=(1,), tie_word_embeddings=True)
+    p = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, jax.random.key(5), jnp.float32))
+    if cfg.qk_norm:
+        rng = np.random.default_rng(5)
         for name in ("q_norm", "k_norm"):
-            np.testing.assert_array_equal(np.asarray(layer[name]), np.asarray(p["layers"][name][i]))
+            p["layers"][name] = jnp.asarray(rng.uniform(0.5, 2.0, p["layers"][name].shape), jnp.float32)
+        bare_p, bare_cfg = {**p, "layers": {**p["layers"], "q_norm": jnp.ones_like(p["layers"]["q_norm"])}}, cfg
+    else:
+        bare_p, bare_cfg = p, dataclasses.replace(cfg, nope_layers=())
+    calib = [np.asarray(jax.random.randint(jax.random.key(6), (4, 16), 0, cfg.vocab_size), np.int32)]
+    scores = salience(p, calib, cfg)
+    q = quantize(p, calib, cfg, config=QuantConfig(), scores=scores)
     tokens = _tokens(12, (2, 12))
     got = _forward(q, tokens, cfg, implementation="xla")
     ref = _forward(as_fake_quant(q), tokens, cfg)
     fp = _forward(p, tokens, cfg)
     quant_err = float(jnp.mean(jnp.abs(ref - fp)))
     assert quant_err > 1e-3 and float(jnp.mean(jnp.abs(got - ref))) <= MAX_MEAN_DIFF * quant_err
-    unnormed = {**p, "layers": {**p["layers"], "q_norm": jnp.ones_like(p["layers"]["q_norm"])}}
-    # a path that dropped the query norm would be off by far more than the tolerance above
-    assert float(jnp.mean(jnp.abs(_forward(unnormed, tokens, cfg) - fp))) > 5 * MAX_MEAN_DIFF * quant_err
-    out = save_quantized(tmp_path / "q", q, cfg, config=QuantConfig())
-    cfg2, q2, _ = load_quantized(out)
-    assert cfg2 == cfg
-    np.testing.assert_array_equal(np.asarray(_forward(q2, tokens, cfg2, implementation="xla")), np.asarray(got))
-    first = generate(q2, cfg2, [tokens[0].tolist()], max_new_tokens=3, eos_token_ids=(), implementation="xla")[0][0]
-    assert first == int(jnp.argmax(got[0, -1]))
-
-
-def _check_smollm3(tmp_path):
-    import dataclasses
-
-    from mixjax.quant.checkpoint import load_quantized, save_quantized
-
-    cfg = dataclasses.replace(CFG, model_type="smollm3", nope_layers=(1,), tie_word_embeddings=True)
-    p = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, jax.random.key(7), jnp.float32))
-    calib = [np.asarray(jax.random.randint(jax.random.key(8), (4, 16), 0, cfg.vocab_size), np.int32)]
-    scores = salience(p, calib, cfg)
-    q = quantize(p, calib, cfg, config=QuantConfig(), scores=scores)
-    tokens = _tokens(13, (2, 12))
-    got = _forward(q, tokens, cfg, implementation="xla")
-    ref = _forward(as_fake_quant(q), tokens, cfg)
-    fp = _forward(p, tokens, cfg)
-    quant_err = float(jnp.mean(jnp.abs(ref - fp)))
-    assert quant_err > 1e-3 and float(jnp.mean(jnp.abs(got - ref))) <= MAX_MEAN_DIFF * quant_err
-    roped = dataclasses.replace(cfg, nope_layers=())  # the NoPE layer matters far beyond that tolerance
-    assert float(jnp.mean(jnp.abs(_forward(p, tokens, roped) - fp))) > 5 * MAX_MEAN_DIFF * quant_err
-    # the layer pass ran layer 1 without RoPE: with the same 8-bit channels, quantizing under the RoPE config gives
-    # layer 0 (the same inputs) the same weights and layer 1 (o_proj's and the MLP's inputs moved) others
-    other = quantize(p, calib, roped, config=QuantConfig(), scores=scores)
-    assert any(not np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-               zip(jax.tree.leaves(q["layers"][1]), jax.tree.leaves(other["layers"][1])))
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-               zip(jax.tree.leaves(q["layers"][0]), jax.tree.leaves(other["layers"][0])))
-    out = save_quantized(tmp_path / "q", q, cfg, config=QuantConfig())
-    cfg2, q2, _ = load_quantized(out)
+    assert float(jnp.mean(jnp.abs(_forward(bare_p, tokens, bare_cfg) - fp))) > 5 * MAX_MEAN_DIFF * quant_err
+    if cfg.qk_norm:
+        for i, layer in enumerate(q["layers"]):
+            for name in ("q_norm", "k_norm"):
+                np.testing.assert_array_equal(np.asarray(layer[name]), np.asarray(p["layers"][name][i]))
+    else:  # with the same 8-bit channels, quantizing under RoPE everywhere gives layer 0 (the same inputs) the same
+        # weights and layer 1 (o_proj's and the MLP's inputs moved) others
+        other = quantize(p, calib, bare_cfg, config=QuantConfig(), scores=scores)
+        same = [all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+                    zip(jax.tree.leaves(q["layers"][i]), jax.tree.leaves(other["layers"][i]))) for i in (0, 1)]
+        assert same == [True, False]
+    cfg2, q2, _ = load_quantized(save_quantized(tmp_path / "q", q, cfg, config=QuantConfig()))
     assert cfg2 == cfg
     np.testing.assert_array_equal(np.asarray(_forward(q2, tokens, cfg2, implementation="xla")), np.asarray(got))
     first = generate(q2, cfg2, [tokens[0].tolist()], max_new_tokens=3, eos_token_ids=(), implementation="xla")[0][0]

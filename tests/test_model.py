@@ -134,14 +134,20 @@ def test_prefill_then_decode_equals_forward(params, layers, stacked_cache):
     tokens = _tokens(3, (2, 10))
     full = forward(p, tokens, CFG)
     cache = init_cache(CFG, batch=2, max_len=16, dtype=jnp.float32, stacked=stacked_cache)
-    step = jax.jit(forward_step, static_argnames=("cfg", "implementation"))
-    logits, cache = step(p, tokens[:, :6], CFG, cache)
-    pieces = [logits]
-    for t in range(6, 10):
-        logits, cache = step(p, tokens[:, t : t + 1], CFG, cache)
-        pieces.append(logits)
-    assert_close(jnp.concatenate(pieces, axis=1), full)
+    logits, cache = _prompt_then_steps(p, tokens, CFG, cache, prompt=6)
+    assert_close(logits, full)
     assert cache.length.tolist() == [10, 10] and cache.stacked == (layers == "stacked")
+
+
+def _prompt_then_steps(p, tokens, cfg, cache, prompt: int):
+    """The first `prompt` tokens in one cached call, then one call a token: (all logits [B, T, V], the cache)."""
+    step = jax.jit(forward_step, static_argnames=("cfg", "implementation"))
+    logits, cache = step(p, tokens[:, :prompt], cfg, cache)
+    pieces = [logits]
+    for t in range(prompt, tokens.shape[1]):
+        logits, cache = step(p, tokens[:, t : t + 1], cfg, cache)
+        pieces.append(logits)
+    return jnp.concatenate(pieces, axis=1), cache
 
 
 def test_ragged_prefill_with_num_valid(params):
@@ -181,12 +187,7 @@ def test_nope_layers_run_without_rope(params):
     assert_close(model.final_logits(p, x, cfg, "xla"), full)
     assert np.max(np.abs(np.asarray(forward(p, tokens, CFG) - full))) > 0.1 * np.max(np.abs(np.asarray(full)))
     cache = init_cache(cfg, batch=2, max_len=12, dtype=jnp.float32, stacked=True)
-    logits, cache = forward_step(p, tokens[:, :5], cfg, cache)
-    pieces = [logits]
-    for t in range(5, 9):
-        logits, cache = forward_step(p, tokens[:, t : t + 1], cfg, cache)
-        pieces.append(logits)
-    assert_close(jnp.concatenate(pieces, axis=1), full)
+    assert_close(_prompt_then_steps(p, tokens, cfg, cache, prompt=5)[0], full)
     with pytest.raises(ValueError, match=r"layers without RoPE \(\(1,\)\): pass layer_index"):
         model.decoder_layer(unstack_layers(p)["layers"][0], model.embed(p, tokens), cfg)
 
