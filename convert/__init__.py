@@ -92,7 +92,7 @@ def save_gguf(path, params, cfg, *, dtype="float32", tokenizer=None, name=None, 
 
 
 def gguf_arch(cfg: LlamaConfig) -> str:
-    """llama.cpp's architecture name for cfg (`llama`, `qwen2` or `qwen3`)."""
+    """llama.cpp's architecture name for cfg (`llama`, `qwen2`, `qwen3` or `smollm3`)."""
     from convert.gguf_export import gguf_arch as _arch
 
     return _arch(cfg)
