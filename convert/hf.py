@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from convert.layout import HF_NAMES, IGNORED_SUFFIXES, ConvertError, NameMap, ParamBuffer, flat_shapes
+from convert.layout import (HF_NAMES, IGNORED_SUFFIXES, ConvertError, NameMap, ParamBuffer, flat_shapes, fuse_for_hf,
+                            split_fused)
 from mixjax.config import LlamaConfig
 
 
@@ -105,6 +106,11 @@ def load_hf(directory: Path, dtype, mesh=None) -> tuple[LlamaConfig, dict]:
 def _put(buffer: ParamBuffer, name: str, value: np.ndarray, file: Path) -> None:
     if name.endswith(IGNORED_SUFFIXES):
         return
+    pieces = split_fused(name, value, buffer.cfg, str(file))  # Phi-3's fused q/k/v and gate/up
+    if pieces is not None:
+        for piece_name, piece in pieces:
+            _put(buffer, piece_name, piece, file)
+        return
     target = HF_NAMES.resolve(name)
     if target is None:
         raise ConvertError(
@@ -141,6 +147,8 @@ def save_hf(directory: str | os.PathLike, params, cfg: LlamaConfig, *, dtype=Non
         raise FileExistsError(f"{target} already exists; pass force=True (--force) to overwrite it")
     config = cfg.to_hf()  # a config no Hugging Face class runs: refused here, before any write
     tensors = export_tensors(params, cfg, HF_NAMES)
+    if cfg.model_type == "phi3":  # Phi3ForCausalLM holds q/k/v and gate/up fused
+        tensors = fuse_for_hf(tensors, cfg)
     np_dtype = np.dtype(jnp.dtype(dtype or tensors[0][2]))
     if np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
         raise ConvertError(f"dtype={np_dtype} is not a float dtype Hugging Face models load; use float32, bfloat16 "

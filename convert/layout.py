@@ -9,6 +9,7 @@ tensor at a time, so a converter holds the checkpoint once (plus the tensor bein
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -43,6 +44,47 @@ NAME_TABLE: tuple[tuple[str, str, str], ...] = (
     ("layers.mlp.up_proj.weight", "model.layers.{i}.mlp.up_proj.weight", "blk.{i}.ffn_up.weight"),
     ("layers.mlp.down_proj.weight", "model.layers.{i}.mlp.down_proj.weight", "blk.{i}.ffn_down.weight"),
 )
+
+# Hugging Face checkpoints that store a layer's projections fused (Phi-3, Phi-4): the fused linear under the layer's
+# group → its members, stacked along the output rows in this order (q, k, v; gate, up).
+HF_FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_proj": ("gate_proj", "up_proj")}
+_HF_FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight")
+
+
+def split_fused(name: str, value: np.ndarray, cfg: LlamaConfig, source: str) -> list[tuple[str, np.ndarray]] | None:
+    """A fused q/k/v or gate/up tensor as its members' (Hugging Face name, rows), or None for any other tensor."""
+    from mixjax.model import _out_features
+
+    match = _HF_FUSED_NAME.fullmatch(name)
+    if match is None:
+        return None
+    layer, key = match.groups()
+    group, members = key.split(".")[0], HF_FUSED[key]
+    sizes = [_out_features(m, cfg) for m in members]
+    if value.ndim != 2 or value.shape[0] != sum(sizes):
+        raise ConvertError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, but the config implies "
+                           f"({sum(sizes)}, K): {' + '.join(map(str, sizes))} rows of {', '.join(members)}")
+    pieces = np.split(value, np.cumsum(sizes)[:-1], axis=0)
+    return [(f"model.layers.{layer}.{group}.{m}.weight", piece) for m, piece in zip(members, pieces)]
+
+
+def fuse_for_hf(tensors: list, cfg: LlamaConfig) -> list:
+    """`export_tensors`' entries with each layer's q/k/v and gate/up joined as Phi-3 stores them (in the place of
+    the first member; the array is concatenated only when the shard is written)."""
+    import jax.numpy as jnp
+
+    by_name = {entry[0]: entry for entry in tensors}
+    joined, dropped = {}, set()
+    for i in range(cfg.num_hidden_layers):
+        for key, members in HF_FUSED.items():
+            group = key.split(".")[0]
+            parts = [by_name[f"model.layers.{i}.{group}.{m}.weight"] for m in members]
+            rows, k = sum(p[1][0] for p in parts), parts[0][1][1]
+            joined[parts[0][0]] = (f"model.layers.{i}.{key}.weight", (rows, k), parts[0][2],
+                                   lambda gets=tuple(p[3] for p in parts): jnp.concatenate([g() for g in gets]))
+            dropped.update(p[0] for p in parts[1:])
+    return [joined.get(entry[0], entry) for entry in tensors if entry[0] not in dropped]
+
 
 # Checkpoint entries that are not parameters (recomputed buffers) and are skipped.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "rope_freqs.weight")

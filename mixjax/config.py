@@ -1,4 +1,4 @@
-"""Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3).
+"""Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3, Phi-3/Phi-4).
 
 `LlamaConfig` is a frozen, hashable dataclass: pass it as a static argument to jitted functions.
 `LlamaConfig.from_hf(d)` reads a Hugging Face `config.json` dict and refuses architectures the
@@ -12,7 +12,7 @@ import json
 import os
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "phi3")
 _UNSUPPORTED_HINTS = {
     "mixtral": "mixture-of-experts models are not supported",
     "qwen2_moe": "mixture-of-experts models are not supported",
@@ -20,7 +20,6 @@ _UNSUPPORTED_HINTS = {
     "deepseek_v2": "mixture-of-experts models are not supported",
     "gemma": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",
     "gemma2": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",
-    "phi3": "Phi-3 fuses qkv projections; convert it to Llama layout first",
 }
 
 
@@ -129,6 +128,10 @@ class LlamaConfig:
         except KeyError as e:
             raise ConfigError(f"{source}: required field {e.args[0]!r} is missing") from None
         scaling = d.get("rope_scaling") or (d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None)
+        partial = d.get("partial_rotary_factor", (scaling or {}).get("partial_rotary_factor", 1.0))
+        if partial is not None and float(partial) != 1.0:
+            raise ConfigError(f"{source}: partial_rotary_factor={partial} (RoPE on part of each head, e.g. Phi-4-mini) is "
+                              "not supported; mixjax rotates whole heads")
         rope_theta = d.get("rope_theta")
         if rope_theta is None and isinstance(d.get("rope_parameters"), dict):
             rope_theta = d["rope_parameters"].get("rope_theta")
@@ -149,7 +152,7 @@ class LlamaConfig:
                 )
         eos = d.get("eos_token_id")
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
-        window = d.get("sliding_window") if d.get("use_sliding_window", model_type == "mistral") else None
+        window = d.get("sliding_window") if d.get("use_sliding_window", model_type in ("mistral", "phi3")) else None
         return cls(
             **cfg,
             rms_norm_eps=float(d.get("rms_norm_eps", 1e-5)),
@@ -170,7 +173,7 @@ class LlamaConfig:
         """The Hugging Face config.json dict of this config, for `LlamaForCausalLM`, `MistralForCausalLM`,
         `Qwen2ForCausalLM`, `Qwen3ForCausalLM` or `SmolLM3ForCausalLM` (`from_hf` reads it back to an equal config; a
         SmolLM2 read from GGUF is a Llama). Raises ConfigError for a combination none of them runs."""
-        model_type = self.model_type if self.model_type in ("mistral", "qwen2", "qwen3", "smollm3") else "llama"
+        model_type = self.model_type if self.model_type in ("mistral", "qwen2", "qwen3", "smollm3", "phi3") else "llama"
         if self.nope_layers and model_type != "smollm3":
             raise ConfigError(f"nope_layers={self.nope_layers} (layers without RoPE) is SmolLM3's layout; a "
                               f"{model_type} config.json cannot hold it")
@@ -180,11 +183,11 @@ class LlamaConfig:
         if self.attention_bias and model_type not in ("qwen2", "qwen3"):
             raise ConfigError(f"attention_bias (q/k/v biases without an o_proj bias) is Qwen2's layout; a "
                               f"{model_type} config.json cannot hold it")
-        if self.sliding_window and model_type != "mistral":
+        if self.sliding_window and model_type not in ("mistral", "phi3"):
             raise ConfigError(f"sliding_window={self.sliding_window} is Mistral's; a {model_type} config.json "
                               "cannot hold it")
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
-                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM"}[model_type]
+                "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM"}[model_type]
         eos = list(self.eos_token_ids)
         d: dict[str, Any] = dict(
             architectures=[arch], model_type=model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -201,8 +204,10 @@ class LlamaConfig:
                 # and SmolLM3Config's default, 128004, lies outside smaller vocabularies)
                 d.update(no_rope_layers=[int(i not in self.nope_layers) for i in range(self.num_hidden_layers)],
                          use_sliding_window=False, sliding_window=None, pad_token_id=None)
-        elif model_type == "mistral":
+        elif model_type in ("mistral", "phi3"):
             d["sliding_window"] = self.sliding_window
+            if model_type == "phi3":  # (its q/k/v and gate/up are stored fused: `convert.save_hf` fuses them)
+                d.update(attention_bias=False, pad_token_id=None)
         else:
             d.update(use_sliding_window=False, sliding_window=None)
             if model_type == "qwen3":

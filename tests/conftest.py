@@ -132,7 +132,7 @@ TINY = dict(
 
 @pytest.fixture
 def make_tiny_hf(tmp_path_factory):
-    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"mistral", save_kwargs=None, **config_overrides) -> (dir, model).
+    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"phi3"|"mistral", save_kwargs=None, **config_overrides) -> (dir, model).
 
     save_kwargs go to `save_pretrained`, except `bin=True`: weights written as pytorch_model.bin with
     torch.save instead (transformers 5 always writes safetensors). Every parameter (norms and biases included) is perturbed randomly so parity tests see them all.
@@ -146,11 +146,12 @@ def make_tiny_hf(tmp_path_factory):
         "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM),
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
+        "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
     }
 
     def make(arch="llama", save_kwargs=None, seed=0, **overrides):
         config_cls, model_cls = classes[arch]
-        if arch == "smollm3":  # its defaults are Llama 3's special-token ids, past the tiny vocabulary
+        if arch in ("smollm3", "phi3"):  # their default special-token ids lie past the tiny vocabulary
             overrides = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None, **overrides}
         torch.manual_seed(seed)
         model = model_cls(config_cls(**{**TINY, **overrides}))

@@ -45,6 +45,7 @@ HF_CASES = {
     "qwen2_bias_tied": ("qwen2", dict(tie_word_embeddings=True), {}),
     "qwen3_head_dim_tied": ("qwen3", dict(tie_word_embeddings=True, head_dim=32), {}),  # q/k head norms; H·Dh > D
     "smollm3_nope_tied": ("smollm3", dict(num_hidden_layers=4), {}),  # layer 3 without RoPE
+    "phi3_fused_window": ("phi3", dict(sliding_window=4), {}),  # q/k/v and gate/up stored fused
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
 }
@@ -520,6 +521,29 @@ def test_unexpected_tensor_named(tiny_llama_dir):
         convert.load(tiny_llama_dir)
 
 
+def test_phi3_checkpoints_that_do_not_fit_are_named(make_tiny_hf):
+    """A fused q/k/v whose rows are not the config's q + k + v, Phi-4-mini's partial RoPE and Phi-3.5's long RoPE
+    are refused with the tensor or field named."""
+    from safetensors.numpy import load_file, save_file
+
+    directory, _ = make_tiny_hf("phi3")
+    weights = directory / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.layers.1.self_attn.qkv_proj.weight"] = tensors["model.layers.1.self_attn.qkv_proj.weight"][:-16]
+    save_file(tensors, weights)
+    with pytest.raises(convert.ConvertError, match=r"'model.layers.1.self_attn.qkv_proj.weight' has shape \(112, 64\), "
+                                                   r"but the config implies \(128, K\): 64 \+ 32 \+ 32 rows"):
+        convert.load(directory)
+    config = json.loads((directory / "config.json").read_text())
+    rope = config.get("rope_parameters") or {}
+    _edit_config(directory, rope_parameters={**rope, "partial_rotary_factor": 0.75})
+    with pytest.raises(ConfigError, match="partial_rotary_factor=0.75"):
+        convert.load(directory)
+    _edit_config(directory, rope_parameters={**rope, "rope_type": "longrope"})
+    with pytest.raises(ConfigError, match="rope_scaling type 'longrope' is not supported"):
+        convert.load(directory)
+
+
 @pytest.mark.parametrize("model_type", ["gemma", "mixtral", "bert"])
 def test_unsupported_hf_architecture(tiny_llama_dir, model_type):
     _edit_config(tiny_llama_dir, model_type=model_type)
@@ -639,6 +663,7 @@ EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untie
     "mistral_window_bf16": ("mistral", dict(sliding_window=4), jnp.bfloat16, None),
     "qwen3_head_dim": ("qwen3", dict(head_dim=32), None, None),
     "smollm3_nope": ("smollm3", dict(num_hidden_layers=4), None, None),
+    "phi3_fused_window": ("phi3", dict(sliding_window=4), None, None),
 }
 
 
