@@ -4,7 +4,8 @@ Read with `gguf.GGUFReader` (memory-mapped), each tensor dequantized to f32 with
 `gguf.quants.dequantize` as it is copied into the `ParamBuffer`. GGML stores a [N, K] weight with its
 dimensions listed as (K, N); the numpy view is already [N, K]. llama.cpp's converter interleaves the
 rows of q_proj / k_proj of `llama` (and `smollm3`) models for GGML's adjacent-pair RoPE; `_unpermute_rows` restores
-Hugging Face's rotate-half order. `qwen2` and `qwen3` files are stored unpermuted (GGML runs them with NeoX RoPE).
+Hugging Face's rotate-half order. `qwen2`, `qwen3` and `phi3` files are stored unpermuted (GGML runs them with NeoX
+RoPE); `phi3` keeps q/k/v in one `attn_qkv` and gate/up in one `ffn_up`, split here (`layout.split_fused_gguf`).
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 
-from convert.layout import GGUF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuffer
+from convert.layout import GGUF_FUSED_NAME, GGUF_NAMES, IGNORED_SUFFIXES, ConvertError, ParamBuffer, split_fused_gguf
 from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.model import rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi3")
 SMOLLM3_NOPE_STEP = 4  # llama.cpp's SmolLM3: every 4th layer without RoPE, fixed (no GGUF key holds it)
 
 
@@ -61,6 +62,11 @@ def read_config(reader, path: Path) -> LlamaConfig:
         return value
 
     hidden, heads = int(need("embedding_length")), int(need("attention.head_count"))
+    head_dim = int(_field(reader, f"{arch}.attention.key_length", hidden // heads))
+    rotated = _field(reader, f"{arch}.rope.dimension_count")
+    if rotated is not None and int(rotated) != head_dim:
+        raise ConfigError(f"{path}: {arch}.rope.dimension_count={rotated} rotates part of each {head_dim}-wide head "
+                          "(partial RoPE, e.g. Phi-4-mini), which mixjax does not implement")
     vocab = _field(reader, f"{arch}.vocab_size")
     if vocab is None:
         tokens = reader.fields.get("tokenizer.ggml.tokens")
@@ -76,7 +82,7 @@ def read_config(reader, path: Path) -> LlamaConfig:
         num_hidden_layers=int(need("block_count")),
         num_attention_heads=heads,
         num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
-        head_dim=int(_field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        head_dim=head_dim,
         rms_norm_eps=_decimal(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=_decimal(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
@@ -145,23 +151,33 @@ def _dequantize(tensor) -> np.ndarray:
     return dequantize(tensor.data, tensor.tensor_type).reshape(shape)
 
 
+def _dequantize_named(tensor, path: Path) -> np.ndarray:
+    try:
+        return _dequantize(tensor)
+    except (ValueError, NotImplementedError) as e:
+        raise ConvertError(f"{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be dequantized: {e}") from None
+
+
 def load_gguf(path: Path, dtype, mesh=None) -> tuple[LlamaConfig, dict]:
     reader = _open(path)
     cfg = read_config(reader, path)
     buffer = ParamBuffer(cfg, dtype, GGUF_NAMES, source=str(path))
-    permute = _field(reader, "general.architecture") in ("llama", "smollm3")  # Mistral and SmolLM2 files too
+    arch = _field(reader, "general.architecture")
+    permute = arch in ("llama", "smollm3")  # Mistral and SmolLM2 files too
     for tensor in reader.tensors:
         if tensor.name.endswith(IGNORED_SUFFIXES):
+            continue
+        if tensor.name.startswith("rope_factors_"):
+            raise ConfigError(f"{path}: {tensor.name} holds long-context RoPE factors (Phi-3.5, Phi-3-128k), which "
+                              "mixjax does not implement")
+        if arch == "phi3" and GGUF_FUSED_NAME.fullmatch(tensor.name):
+            for name, piece in split_fused_gguf(tensor.name, _dequantize_named(tensor, path), cfg, str(path)):
+                buffer.put(name, *GGUF_NAMES.resolve(name), piece)
             continue
         target = GGUF_NAMES.resolve(tensor.name)
         if target is None or not buffer.wants(target[0]):
             raise ConvertError(f"{path}: unexpected tensor {tensor.name!r} for a {cfg.model_type} model")
-        try:
-            value = _dequantize(tensor)
-        except (ValueError, NotImplementedError) as e:
-            raise ConvertError(
-                f"{path}: tensor {tensor.name!r} ({tensor.tensor_type.name}) cannot be dequantized: {e}"
-            ) from None
+        value = _dequantize_named(tensor, path)
         if permute and target[0].startswith("layers.self_attn.q_proj"):
             value = _unpermute_rows(value, cfg.num_attention_heads)
         elif permute and target[0].startswith("layers.self_attn.k_proj"):

@@ -51,8 +51,10 @@ HF_FUSED = {"self_attn.qkv_proj": ("q_proj", "k_proj", "v_proj"), "mlp.gate_up_p
 _HF_FUSED_NAME = re.compile(r"model\.layers\.(\d+)\.(self_attn\.qkv_proj|mlp\.gate_up_proj)\.weight")
 
 
-def split_fused(name: str, value: np.ndarray, cfg: LlamaConfig, source: str) -> list[tuple[str, np.ndarray]] | None:
-    """A fused q/k/v or gate/up tensor as its members' (Hugging Face name, rows), or None for any other tensor."""
+def split_fused(name: str, value: np.ndarray, cfg: LlamaConfig, source: str,
+                shown: str | None = None) -> list[tuple[str, np.ndarray]] | None:
+    """A fused q/k/v or gate/up tensor as its members' (Hugging Face name, rows), or None for any other tensor.
+    shown: the tensor's name in the checkpoint, for the error (default `name`)."""
     from mixjax.model import _out_features
 
     match = _HF_FUSED_NAME.fullmatch(name)
@@ -62,10 +64,25 @@ def split_fused(name: str, value: np.ndarray, cfg: LlamaConfig, source: str) -> 
     group, members = key.split(".")[0], HF_FUSED[key]
     sizes = [_out_features(m, cfg) for m in members]
     if value.ndim != 2 or value.shape[0] != sum(sizes):
-        raise ConvertError(f"{source}: tensor {name!r} has shape {tuple(value.shape)}, but the config implies "
+        raise ConvertError(f"{source}: tensor {shown or name!r} has shape {tuple(value.shape)}, but the config implies "
                            f"({sum(sizes)}, K): {' + '.join(map(str, sizes))} rows of {', '.join(members)}")
     pieces = np.split(value, np.cumsum(sizes)[:-1], axis=0)
     return [(f"model.layers.{layer}.{group}.{m}.weight", piece) for m, piece in zip(members, pieces)]
+
+
+GGUF_FUSED_NAME = re.compile(r"blk\.(\d+)\.(attn_qkv|ffn_up)\.weight")  # (in `phi3` files only)
+
+
+def split_fused_gguf(name: str, value: np.ndarray, cfg: LlamaConfig, source: str) -> list[tuple[str, np.ndarray]] | None:
+    """llama.cpp's `phi3` tensors: `attn_qkv` (q, k, v rows) and `ffn_up` holding gate and up (SwiGLU's halves) →
+    their members' (GGUF name, rows) as `NAME_TABLE` knows them; None for any other tensor."""
+    match = GGUF_FUSED_NAME.fullmatch(name)
+    if match is None:
+        return None
+    layer, kind = match.groups()
+    key = "self_attn.qkv_proj" if kind == "attn_qkv" else "mlp.gate_up_proj"
+    pieces = split_fused(f"model.layers.{layer}.{key}.weight", value, cfg, source, shown=name)
+    return [(GGUF_NAMES.source_name(HF_NAMES.resolve(hf)[0], int(layer)), piece) for hf, piece in pieces]
 
 
 def fuse_for_hf(tensors: list, cfg: LlamaConfig) -> list:

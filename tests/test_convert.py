@@ -119,6 +119,9 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     for _, hf_name, gguf_name in NAME_TABLE:
         for i in range(c.num_hidden_layers) if "{i}" in hf_name else [None]:
             hf_to_gguf[hf_name.format(i=i)] = gguf_name.format(i=i)
+    for i in range(c.num_hidden_layers):  # llama.cpp's phi3: q/k/v in attn_qkv, gate and up in ffn_up
+        hf_to_gguf[f"model.layers.{i}.self_attn.qkv_proj.weight"] = f"blk.{i}.attn_qkv.weight"
+        hf_to_gguf[f"model.layers.{i}.mlp.gate_up_proj.weight"] = f"blk.{i}.ffn_up.weight"
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(c.num_hidden_layers)
     writer.add_context_length(c.max_position_embeddings)
@@ -133,6 +136,8 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     if head_dim * c.num_attention_heads != c.hidden_size:  # as llama.cpp's converter records it
         writer.add_key_length(head_dim)
         writer.add_value_length(head_dim)
+    if getattr(c, "sliding_window", None):
+        writer.add_sliding_window(c.sliding_window)
     if c.rope_parameters.get("rope_type") == "llama3":
         writer.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
         writer.add_tensor("rope_freqs.weight", _llama_cpp_rope_factors(c))
@@ -160,13 +165,13 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "llama3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "llama3"])
 def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
     """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation, qwen2's biases, qwen3's head norms
     and key length, smollm3's NoPE layers (llama.cpp's every fourth), and Llama-3 RoPE scaling recovered from
     llama.cpp's rope_freqs."""
     extra = {"llama3": dict(rope_parameters=LLAMA3_ROPE), "qwen3": dict(head_dim=32),
-             "smollm3": dict(num_hidden_layers=8)}.get(arch, {})
+             "smollm3": dict(num_hidden_layers=8), "phi3": dict(sliding_window=4)}.get(arch, {})
     arch = arch.replace("llama3", "llama")
     tied = arch in ("llama", "smollm3")
     _, model = make_tiny_hf(arch, tie_word_embeddings=tied, **extra)
@@ -176,6 +181,7 @@ def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
     assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (not tied)
     assert cfg.qk_norm == (arch == "qwen3") and cfg.head_dim == (32 if arch == "qwen3" else 16)
     assert cfg.nope_layers == ((3, 7) if arch == "smollm3" else ())
+    assert cfg.sliding_window == (4 if arch == "phi3" else None)  # phi3: its q/k/v and gate/up split on the way in
     assert (cfg.rope_scaling is not None) == ("rope_parameters" in extra)
     tokens = _tokens(np.random.default_rng(1), cfg.vocab_size)
     ours = forward(params, tokens, cfg, implementation="xla")
