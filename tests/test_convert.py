@@ -107,9 +107,10 @@ def _llama_cpp_rope_factors(c) -> np.ndarray:
     return np.asarray(factors, np.float32)
 
 
-def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
+def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", rope_dims=None, extra_tensors=()):
     """Writes a tiny HF model as a GGUF file the way llama.cpp lays it out; decoder linears stored as
-    `linear_type` (a GGMLQuantizationType name), everything else F32."""
+    `linear_type` (a GGMLQuantizationType name), everything else F32. rope_dims: a `rope.dimension_count` to record;
+    extra_tensors: (name, array) pairs written too."""
     import gguf
 
     from convert.layout import NAME_TABLE
@@ -138,6 +139,10 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32"):
         writer.add_value_length(head_dim)
     if getattr(c, "sliding_window", None):
         writer.add_sliding_window(c.sliding_window)
+    if rope_dims is not None:
+        writer.add_rope_dimension_count(rope_dims)
+    for name, array in extra_tensors:
+        writer.add_tensor(name, array)
     if c.rope_parameters.get("rope_type") == "llama3":
         writer.add_rope_scaling_orig_ctx_len(c.rope_parameters["original_max_position_embeddings"])
         writer.add_tensor("rope_freqs.weight", _llama_cpp_rope_factors(c))
@@ -575,6 +580,13 @@ def test_bad_gguf_files(make_tiny_hf, tmp_path):
     missing = write_tiny_gguf(tmp_path / "missing.gguf", model, drop=("blk.0.ffn_up.weight",))
     with pytest.raises(convert.ConvertError, match="missing tensors 'blk.0.ffn_up.weight'"):
         convert.load(missing)
+    partial = write_tiny_gguf(tmp_path / "partial.gguf", model, rope_dims=12)  # heads of 16: Phi-4-mini's kind
+    with pytest.raises(ConfigError, match=r"llama.rope.dimension_count=12 rotates part of each 16-wide head"):
+        convert.load(partial)
+    long_rope = write_tiny_gguf(tmp_path / "long.gguf", model, extra_tensors=[("rope_factors_long.weight",
+                                                                               np.ones(8, np.float32))])
+    with pytest.raises(ConfigError, match="rope_factors_long.weight holds long-context RoPE factors"):
+        convert.load(long_rope)
 
 
 def test_bad_dtype(tiny_llama_dir):
