@@ -100,7 +100,39 @@ def load_hf(directory: Path, dtype, mesh=None) -> tuple[LlamaConfig, dict]:
     for file in files:
         for name, value in _tensors(file):
             _put(buffer, name, value, file)
-    return cfg, buffer.finish(mesh)
+    params = buffer.finish(mesh)
+    if cfg.model_type == "granite":
+        return fold_granite(json.loads((directory / "config.json").read_text()), cfg, params)
+    return cfg, params
+
+
+GRANITE_MULTIPLIERS = ("embedding_multiplier", "logits_scaling", "residual_multiplier", "attention_multiplier")
+
+
+def fold_granite(d: dict, cfg: LlamaConfig, params: dict) -> tuple[LlamaConfig, dict]:
+    """IBM Granite's four scalars folded into the weights, which makes the model a Llama (its config says so): the
+    embeddings × embedding_multiplier; q_proj × attention_multiplier·√Dh (the attention's own 1/√Dh then leaves
+    Granite's scale, and RoPE is linear); o_proj and down_proj × residual_multiplier (each residual branch ends in
+    them, without bias); the LM head ÷ logits_scaling, a table of its own when tied embeddings must differ. Computed
+    in f32, stored in the params' dtype; exported, the result is a Llama checkpoint."""
+    import dataclasses
+    import math
+
+    emb, logits, resid, attn = (float(d.get(k, 1.0)) for k in GRANITE_MULTIPLIERS)
+    scale = lambda a, s: (a.astype(jnp.float32) * s).astype(a.dtype)  # noqa: E731
+    layers = params["layers"]
+    sa, mlp = dict(layers["self_attn"]), dict(layers["mlp"])
+    q = attn * math.sqrt(cfg.head_dim)
+    sa["q_proj"] = {k: scale(v, q) for k, v in sa["q_proj"].items()}
+    sa["o_proj"] = {"weight": scale(sa["o_proj"]["weight"], resid)}
+    mlp["down_proj"] = {"weight": scale(mlp["down_proj"]["weight"], resid)}
+    out = {**params, "layers": {**layers, "self_attn": sa, "mlp": mlp}}
+    table = params["embed_tokens"]
+    untie = cfg.tie_word_embeddings and (emb != 1.0 or logits != 1.0)
+    out["embed_tokens"] = scale(table, emb)
+    if not cfg.tie_word_embeddings or untie:
+        out["lm_head"] = scale(params.get("lm_head", table), 1.0 / logits)
+    return dataclasses.replace(cfg, model_type="llama", tie_word_embeddings=cfg.tie_word_embeddings and not untie), out
 
 
 def _put(buffer: ParamBuffer, name: str, value: np.ndarray, file: Path) -> None:

@@ -12,11 +12,12 @@ import json
 import os
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "phi3")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "phi3", "granite")
 _UNSUPPORTED_HINTS = {
     "mixtral": "mixture-of-experts models are not supported",
     "qwen2_moe": "mixture-of-experts models are not supported",
     "qwen3_moe": "mixture-of-experts models are not supported",
+    "granitemoe": "mixture-of-experts models are not supported",
     "deepseek_v2": "mixture-of-experts models are not supported",
     "gemma": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",
     "gemma2": "Gemma uses GeGLU and scaled embeddings; it is not a Llama-family model",

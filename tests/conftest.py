@@ -132,7 +132,7 @@ TINY = dict(
 
 @pytest.fixture
 def make_tiny_hf(tmp_path_factory):
-    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"phi3"|"mistral", save_kwargs=None, **config_overrides) -> (dir, model).
+    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"phi3"|"granite"|"mistral", save_kwargs=None, **config_overrides) -> (dir, model).
 
     save_kwargs go to `save_pretrained`, except `bin=True`: weights written as pytorch_model.bin with
     torch.save instead (transformers 5 always writes safetensors). Every parameter (norms and biases included) is perturbed randomly so parity tests see them all.
@@ -147,6 +147,7 @@ def make_tiny_hf(tmp_path_factory):
         "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
+        "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
     }
 
     def make(arch="llama", save_kwargs=None, seed=0, **overrides):

@@ -39,6 +39,9 @@ LLAMA3_ROPE = dict(
     original_max_position_embeddings=8,
 )
 
+GRANITE = dict(tie_word_embeddings=True, embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.4,
+               attention_multiplier=0.1)
+
 HF_CASES = {
     "llama_gqa_untied": ("llama", {}, {}),
     "llama3_rope_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
@@ -46,6 +49,7 @@ HF_CASES = {
     "qwen3_head_dim_tied": ("qwen3", dict(tie_word_embeddings=True, head_dim=32), {}),  # q/k head norms; H·Dh > D
     "smollm3_nope_tied": ("smollm3", dict(num_hidden_layers=4), {}),  # layer 3 without RoPE
     "phi3_fused_window": ("phi3", dict(sliding_window=4), {}),  # q/k/v and gate/up stored fused
+    "granite_multipliers_tied": ("granite", GRANITE, {}),  # its four scalars folded into the weights
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
 }
@@ -682,6 +686,7 @@ EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untie
     "qwen3_head_dim": ("qwen3", dict(head_dim=32), None, None),
     "smollm3_nope": ("smollm3", dict(num_hidden_layers=4), None, None),
     "phi3_fused_window": ("phi3", dict(sliding_window=4), None, None),
+    "granite_as_llama": ("granite", GRANITE, None, None),  # written as the Llama its folded weights make
 }
 
 
@@ -702,7 +707,10 @@ def test_hf_export_round_trip(case, make_tiny_hf, tmp_path):
     exported = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = _tokens(np.random.default_rng(2), cfg.vocab_size)
     err = _rel_err(_hf_logits(exported, tokens), _hf_logits(model, tokens))
-    assert err == 0.0 if dtype is None else 1e-4 < err < 0.05
+    if arch == "granite":  # exported as a Llama: the multipliers folded in round differently from Granite's own
+        assert err < 1e-5, err
+    else:
+        assert err == 0.0 if dtype is None else 1e-4 < err < 0.05
     cfg2, params2 = convert.load(out)
     assert cfg2 == cfg
     rounded = params if dtype is None else jax.tree.map(lambda a: a.astype(dtype).astype(jnp.float32), params)
