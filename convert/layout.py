@@ -88,8 +88,6 @@ def split_fused_gguf(name: str, value: np.ndarray, cfg: LlamaConfig, source: str
 def fuse_for_hf(tensors: list, cfg: LlamaConfig) -> list:
     """`export_tensors`' entries with each layer's q/k/v and gate/up joined as Phi-3 stores them (in the place of
     the first member; the array is concatenated only when the shard is written)."""
-    import jax.numpy as jnp
-
     by_name = {entry[0]: entry for entry in tensors}
     joined, dropped = {}, set()
     for i in range(cfg.num_hidden_layers):
