@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from mixjax.config import LlamaConfig
-from mixjax.model import param_shapes
+from mixjax.model import _out_features, param_shapes
 
 
 class ConvertError(ValueError):
@@ -55,8 +55,6 @@ def split_fused(name: str, value: np.ndarray, cfg: LlamaConfig, source: str,
                 shown: str | None = None) -> list[tuple[str, np.ndarray]] | None:
     """A fused q/k/v or gate/up tensor as its members' (Hugging Face name, rows), or None for any other tensor.
     shown: the tensor's name in the checkpoint, for the error (default `name`)."""
-    from mixjax.model import _out_features
-
     match = _HF_FUSED_NAME.fullmatch(name)
     if match is None:
         return None
