@@ -519,7 +519,7 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(layer, rngs)
 
     def __call__(self, x, rope, mask):
-        x = x + self.self_attn(self.input_layernorm(x), rope if self.use_rope else model._rope_for(rope, False), mask)
+        x = x + self.self_attn(self.input_layernorm(x), model._rope_for(rope, self.use_rope), mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
