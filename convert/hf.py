@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.layout import (HF_NAMES, IGNORED_SUFFIXES, ConvertError, NameMap, ParamBuffer, flat_shapes, fuse_for_hf,
-                            split_fused)
-from mixjax.config import LlamaConfig
+                            gemma3_hf_name, is_norm_name, split_fused)
+from mixjax.config import GEMMA_TYPES, LlamaConfig
 
 
 def read_config(directory: Path) -> LlamaConfig:
@@ -143,6 +143,10 @@ def _put(buffer: ParamBuffer, name: str, value: np.ndarray, file: Path) -> None:
         for piece_name, piece in pieces:
             _put(buffer, piece_name, piece, file)
         return
+    if buffer.cfg.model_type in GEMMA_TYPES and is_norm_name(name):  # Gemma's RMSNorms scale by 1 + w: folded
+        value = value.astype(np.float32) + 1.0  # (in f32, before the params' dtype)
+    if buffer.cfg.sandwich_norms:
+        name = gemma3_hf_name(name)
     target = HF_NAMES.resolve(name)
     if target is None:
         raise ConvertError(
@@ -181,6 +185,10 @@ def save_hf(directory: str | os.PathLike, params, cfg: LlamaConfig, *, dtype=Non
     tensors = export_tensors(params, cfg, HF_NAMES)
     if cfg.model_type == "phi3":  # Phi3ForCausalLM holds q/k/v and gate/up fused
         tensors = fuse_for_hf(tensors, cfg)
+    if cfg.model_type in GEMMA_TYPES:  # Gemma stores its norms as w where they scale by 1 + w
+        tensors = [(gemma3_hf_name(name, to_hf=True) if cfg.sandwich_norms else name, shape, dtype,
+                    (lambda g=get: g().astype(jnp.float32) - 1.0) if is_norm_name(name) else get)
+                   for name, shape, dtype, get in tensors]
     np_dtype = np.dtype(jnp.dtype(dtype or tensors[0][2]))
     if np_dtype not in (np.dtype(np.float32), np.dtype(jnp.bfloat16), np.dtype(np.float16)):
         raise ConvertError(f"dtype={np_dtype} is not a float dtype Hugging Face models load; use float32, bfloat16 "

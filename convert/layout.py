@@ -33,6 +33,10 @@ NAME_TABLE: tuple[tuple[str, str, str], ...] = (
     ("layers.post_attention_layernorm", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
     ("layers.q_norm", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),  # Qwen3
     ("layers.k_norm", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
+    # Gemma 3's norms on the attention and MLP outputs (Hugging Face calls them post_attention_layernorm and
+    # post_feedforward_layernorm, and its pre-MLP norm pre_feedforward_layernorm: `gemma3_hf_name` renames)
+    ("layers.attn_output_norm", "model.layers.{i}.attn_output_norm.weight", "blk.{i}.post_attention_norm.weight"),
+    ("layers.mlp_output_norm", "model.layers.{i}.mlp_output_norm.weight", "blk.{i}.post_ffw_norm.weight"),
     ("layers.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
     ("layers.self_attn.q_proj.bias", "model.layers.{i}.self_attn.q_proj.bias", "blk.{i}.attn_q.bias"),
     ("layers.self_attn.k_proj.weight", "model.layers.{i}.self_attn.k_proj.weight", "blk.{i}.attn_k.weight"),
@@ -97,6 +101,27 @@ def fuse_for_hf(tensors: list, cfg: LlamaConfig) -> list:
                                    lambda gets=tuple(p[3] for p in parts): jnp.concatenate([g() for g in gets]))
             dropped.update(p[0] for p in parts[1:])
     return [joined.get(entry[0], entry) for entry in tensors if entry[0] not in dropped]
+
+
+_GEMMA3_NORMS = {"post_attention_layernorm": "attn_output_norm", "pre_feedforward_layernorm": "post_attention_layernorm",
+                 "post_feedforward_layernorm": "mlp_output_norm"}  # Hugging Face's Gemma 3 names → NAME_TABLE's
+_GEMMA3_NORMS_BACK = {v: k for k, v in _GEMMA3_NORMS.items()}
+_LAYER_NORM_NAME = re.compile(r"(model\.layers\.\d+\.)(\w+)(\.weight)")
+
+
+def gemma3_hf_name(name: str, *, to_hf: bool = False) -> str:
+    """A Gemma 3 checkpoint's layer norm name as `NAME_TABLE` has it (to_hf: back). The same Hugging Face name means
+    another norm in a Llama (post_attention_layernorm: the MLP's input norm there, the attention output's here)."""
+    match = _LAYER_NORM_NAME.fullmatch(name)
+    if match is None:
+        return name
+    head, norm, tail = match.groups()
+    return head + (_GEMMA3_NORMS_BACK if to_hf else _GEMMA3_NORMS).get(norm, norm) + tail
+
+
+def is_norm_name(name: str) -> bool:
+    """Whether a Hugging Face tensor is an RMSNorm weight (Gemma stores those as w, applied as 1 + w)."""
+    return name.endswith("norm.weight")
 
 
 # Checkpoint entries that are not parameters (recomputed buffers) and are skipped.

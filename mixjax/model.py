@@ -62,8 +62,10 @@ def param_shapes(cfg: LlamaConfig) -> dict[str, Any]:
         "mlp.down_proj": (D, F),
     }
     layers: dict[str, Any] = {"input_layernorm": (L, D), "post_attention_layernorm": (L, D)}
-    if cfg.qk_norm:  # Qwen3: one RMSNorm weight over Dh, shared by the heads
+    if cfg.qk_norm:  # Qwen3, Gemma 3: one RMSNorm weight over Dh, shared by the heads
         layers.update(q_norm=(L, cfg.head_dim), k_norm=(L, cfg.head_dim))
+    if cfg.sandwich_norms:  # Gemma 3: the attention's and the MLP's outputs normalized before the residual adds
+        layers.update(attn_output_norm=(L, D), mlp_output_norm=(L, D))
     for name in LINEAR_NAMES:
         group, proj = name.split(".")
         n, k = linear_nk[name]
@@ -466,13 +468,18 @@ def norm_quant(x, delta, w, eps: float, implementation: Implementation, consumer
     return norm.rms_norm_quant_ref(x, delta, w, eps, row_scale=row_scale)
 
 
-def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
-    """[Dh/2] f32 inverse frequencies, with Llama-3 scaling applied when `cfg.rope_scaling` is set."""
+def rope_inv_freq(cfg: LlamaConfig, *, local: bool = False) -> np.ndarray:
+    """[Dh/2] f32 inverse frequencies, with `cfg.rope_scaling` applied (Llama 3's, or linear). local: those of the
+    sliding-window layers where they have their own base (`cfg.rope_local_theta`, Gemma 3; never scaled)."""
     dh = cfg.head_dim
+    if local and cfg.rope_local_theta is not None:
+        cfg = dataclasses.replace(cfg, rope_theta=cfg.rope_local_theta, rope_scaling=None)
     inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, dh, 2, dtype=np.float64) / dh))
     s = cfg.rope_scaling
     if s is None:
         return inv_freq.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv_freq / s.factor).astype(np.float32)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -497,6 +504,50 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)  # [B, T, N, Dh]
     return x * cos.astype(x.dtype) + rotated * sin.astype(x.dtype)
+
+
+PER_LAYER_WINDOW = "per-layer"  # a layer's window under a traced layer index where layers differ (Gemma 3's scans):
+# only its mask knows it, so the attention kernels, which take the window as a number, step aside
+
+
+def layer_is_local(cfg: LlamaConfig, layer_index) -> bool | jax.Array:
+    """Whether layer `layer_index` (an int, or a traced int32 under a scan) attends through `cfg.sliding_window`:
+    every layer of a Mistral-style config, all but `cfg.global_layers` in a Gemma 3 one."""
+    if not cfg.sliding_window:
+        return False
+    if not cfg.global_layers:
+        return True
+    if layer_index is None:
+        raise ValueError(f"this {cfg.model_type} model has global and sliding-window layers: pass layer_index")
+    if isinstance(layer_index, (int, np.integer)):
+        return int(layer_index) not in cfg.global_layers
+    return jnp.logical_not(jnp.isin(layer_index, jnp.asarray(cfg.global_layers, jnp.int32)))
+
+
+def _positional(cfg: LlamaConfig, positions: jax.Array, k_pos: jax.Array):
+    """What the layers' attention shares: (RoPE tables, mask [B, T, S]) of the global layers and, where the
+    sliding-window layers differ (Gemma 3), theirs; else (tables, mask, None, None) for every layer."""
+    local = cfg.sliding_window is not None and cfg.rope_local_theta is not None
+    rope = rope_tables(positions, rope_inv_freq(cfg, local=local and not cfg.global_layers))
+    if not cfg.global_layers:
+        return rope, _attention_mask(positions, k_pos, cfg.sliding_window), None, None
+    local_rope = rope_tables(positions, rope_inv_freq(cfg, local=True)) if local else rope
+    return rope, _attention_mask(positions, k_pos, None), local_rope, _attention_mask(positions, k_pos, cfg.sliding_window)
+
+
+def _layer_attention(cfg: LlamaConfig, index, shared):
+    """Layer `index`'s (RoPE tables, mask, window) from `_positional`'s shared arrays: its kind's (chosen with
+    jnp.where under a traced index; the window is then PER_LAYER_WINDOW), and the identity tables for a NoPE layer."""
+    rope, mask, local_rope, local_mask = shared
+    window = cfg.sliding_window
+    if local_mask is not None:
+        local = layer_is_local(cfg, index)
+        if isinstance(local, (bool, np.bool_)):
+            rope, mask, window = (local_rope, local_mask, window) if local else (rope, mask, None)
+        else:
+            rope = tuple(jnp.where(local, a, b) for a, b in zip(local_rope, rope))
+            mask, window = jnp.where(local, local_mask, mask), PER_LAYER_WINDOW
+    return _rope_for(rope, layer_uses_rope(cfg, index)), mask, window
 
 
 def _attention_mask(q_pos: jax.Array, k_pos: jax.Array, sliding_window: int | None) -> jax.Array:
@@ -742,15 +793,15 @@ def _decoder_layer(
     layer: dict[str, Any],
     x: jax.Array,  # [B, T, D]
     positions: jax.Array,  # [B, T] int32
-    rope: tuple[jax.Array, jax.Array],  # cos, sin [B, T, 1, Dh]
-    mask: jax.Array,  # [B, T, S] bool, S = T without a cache
+    rope: tuple[jax.Array, jax.Array],  # this layer's cos, sin [B, T, 1, Dh] (`_layer_attention`)
+    mask: jax.Array,  # [B, T, S] bool, S = T without a cache: this layer's
     cache_kv: tuple | None,  # (k store, v store, k scales, v scales, index), see _write_cache
     cfg: LlamaConfig,
     implementation: Implementation,
     pending: jax.Array | None = None,
     defer: bool = False,
     v_block: int = 0,  # the cache's `KVCache.v_block`
-    use_rope: bool | jax.Array = True,  # False (or a traced False) for SmolLM3's NoPE layers
+    window: int | str | None = None,  # this layer's sliding window (None: global), or PER_LAYER_WINDOW
 ):
     """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None,
     deferred): `pending`, the previous layer's deferred down_proj partials f32 [S, B, T, D], is added to x
@@ -758,7 +809,7 @@ def _decoder_layer(
     partials come back as `deferred` instead of being added (None when they were added)."""
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-    rope = _rope_for(rope, use_rope)
+    static_window = not isinstance(window, str)  # else only the mask knows it: no attention kernel
 
     def proj(name, h):
         p = get_path(layer, name)
@@ -781,7 +832,7 @@ def _decoder_layer(
 
     eps = cfg.rms_norm_eps
     interpret = resolve_implementation(implementation) != "pallas"
-    kernel = cache_kv is not None and _attention_kernel_on(T, cfg, implementation)
+    kernel = cache_kv is not None and static_window and _attention_kernel_on(T, cfg, implementation)
     qkv = layer["self_attn"].get(_FUSED["self_attn"][1])
     fused_attention = kernel and ATTENTION_FUSED and qkv is not None and cache_kv[4] is None
     o_proj = layer["self_attn"]["o_proj"]
@@ -803,7 +854,7 @@ def _decoder_layer(
             linear(h, w, implementation=implementation)  # [S, B, T, W] f32 or [B, T, W]
         attn, *new_cache = attend_new_tokens_pallas(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
-            k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=cfg.sliding_window, rms=rms,
+            k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=window, rms=rms,
             codes=attn_codes, v_block=v_block, interpret=interpret, norm_eps=eps,
             qk_norm=(layer["q_norm"], layer["k_norm"]) if cfg.qk_norm else None)
         new_cache = tuple(new_cache)
@@ -823,10 +874,10 @@ def _decoder_layer(
             v_store, vs_store, values, v_scale = _write_cache(v_store, vs_store, index, v, positions, v_block)
             new_cache = (k_store, v_store, ks_store, vs_store)
         if kernel:
-            attn = decode_attention_pallas(q, keys, values, positions, sliding_window=cfg.sliding_window,
+            attn = decode_attention_pallas(q, keys, values, positions, sliding_window=window,
                                            k_scale=k_scale, v_scale=v_scale, v_block=v_block, interpret=interpret)
-        elif _cudnn_attention_on(q, KVH, k_scale, implementation):
-            attn = prefill_attention(q, keys, values, mask, positions, cfg.sliding_window)
+        elif static_window and _cudnn_attention_on(q, KVH, k_scale, implementation):
+            attn = prefill_attention(q, keys, values, mask, positions, window)
         else:  # (XLA reads the values position-major)
             attn = attend_ref(q, keys, unblock_values(values, v_block), mask, k_scale, v_scale)
     if attn_codes:  # o_proj's codes, from the attention kernel's epilogue
@@ -836,10 +887,14 @@ def _decoder_layer(
         o_in = _o_proj_input(attn, implementation) if isinstance(o_proj["weight"], MixedWeight) else attn
     decode_rows = B * T <= MAX_QUANT_ROWS  # more rows (prefill codes): outputs in x's dtype, not f32 partials
     gate_up = layer["mlp"].get(_FUSED["mlp"][1])
-    swiglu_codes = gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation)
+    swiglu_codes = (cfg.mlp_act == "silu" and gate_up is not None
+                    and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation))
     rms = None  # with NORM_DEFER_RMS: the post-attention norm's r, applied by the SwiGLU kernel
+    sandwich = cfg.sandwich_norms  # Gemma 3: each branch's output normalized before its residual add
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
-        if decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials
+        if sandwich:
+            delta = rms_norm(proj("self_attn.o_proj", o_in), layer["attn_output_norm"], eps)
+        elif decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials
             delta = o_proj["weight"].matmul(o_in, implementation=implementation, partials=True)  # [S, B, T, D]
         else:
             delta = proj("self_attn.o_proj", o_in)
@@ -848,7 +903,8 @@ def _decoder_layer(
         else:
             x, h = norm_quant(x, delta, layer["post_attention_layernorm"], eps, implementation, "gate_up")
     else:
-        x = x + proj("self_attn.o_proj", o_in)
+        out = proj("self_attn.o_proj", o_in)
+        x = x + (rms_norm(out, layer["attn_output_norm"], eps) if sandwich else out)
         h = rms_norm(x, layer["post_attention_layernorm"], eps)
     if swiglu_codes:
         # the gate/up partials → SiLU(gate)·up → int8 codes for down_proj, one launch
@@ -860,12 +916,19 @@ def _decoder_layer(
         gated = quant(parts, x.dtype, partials=decode_rows, rms=rms, row_scale=_row_scale_codes(x, "down"))
     else:
         gate, up = projs("mlp", h)
-        gated = jax.nn.silu(gate) * up  # [B, T, F]
+        gated = mlp_activation(cfg.mlp_act)(gate) * up  # [B, T, F]
     down = layer["mlp"]["down_proj"]
     if defer and isinstance(down["weight"], MixedWeight) and down.get("bias") is None:
         return x, new_cache, down["weight"].matmul(gated, implementation=implementation, partials=True)
-    x = x + proj("mlp.down_proj", gated)
+    out = proj("mlp.down_proj", gated)
+    x = x + (rms_norm(out, layer["mlp_output_norm"], eps) if sandwich else out)
     return x, new_cache, None
+
+
+def mlp_activation(kind: str):
+    """`LlamaConfig.mlp_act`'s function: SiLU (SwiGLU), or GELU's tanh form (Gemma's GeGLU, transformers'
+    gelu_pytorch_tanh)."""
+    return jax.nn.silu if kind == "silu" else functools.partial(jax.nn.gelu, approximate=True)
 
 
 def _attention_codes_on(o_proj: dict, rows: int, k_store: jax.Array) -> bool:
@@ -893,10 +956,11 @@ DEFER_DOWN = True  # decode on the Pallas path (norms emitting codes, ≤ norm.M
 # 400 → 369 launches a step, 485.9 → 490.5 tok/s
 
 
-def _defer_down(layers, x, implementation) -> bool:
+def _defer_down(layers, x, cfg: LlamaConfig, implementation) -> bool:
     from pallas_kernels.norm import MAX_QUANT_ROWS
 
-    if not DEFER_DOWN or NORM_QUANT == "never" or len(layers) < 2 or math.prod(x.shape[:-1]) > MAX_QUANT_ROWS:
+    if (not DEFER_DOWN or NORM_QUANT == "never" or cfg.sandwich_norms or len(layers) < 2
+            or math.prod(x.shape[:-1]) > MAX_QUANT_ROWS):  # (a sandwich norm must see down_proj's whole output)
         return False  # (at prefill the next norm takes down_proj's output in the activations' dtype instead)
     return _norm_quant_on([layers[1]["mlp"]["down_proj"]["weight"]], x, implementation)
 
@@ -907,14 +971,13 @@ def decoder_layer(layer: dict[str, Any], x: jax.Array, cfg: LlamaConfig, *, laye
 
     The layer-by-layer entry point for tools that run the model one block at a time (quantization
     calibration, salience with per-layer rematerialisation). layer_index (an int or a traced int32): which layer
-    this is, needed where some layers have no RoPE (`cfg.nope_layers`, SmolLM3).
+    this is, needed where layers differ (`cfg.nope_layers`, SmolLM3's layers without RoPE; `cfg.global_layers`,
+    Gemma 3's global and sliding-window layers).
     """
     B, T, _ = x.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    rope = rope_tables(positions, rope_inv_freq(cfg))
-    mask = _attention_mask(positions, positions, cfg.sliding_window)  # [B, T, T]
-    return _decoder_layer(layer, x, positions, rope, mask, None, cfg, implementation,
-                          use_rope=layer_uses_rope(cfg, layer_index))[0]
+    rope, mask, window = _layer_attention(cfg, layer_index, _positional(cfg, positions, positions))
+    return _decoder_layer(layer, x, positions, rope, mask, None, cfg, implementation, window=window)[0]
 
 
 def layer_uses_rope(cfg: LlamaConfig, layer_index) -> bool | jax.Array:
@@ -944,21 +1007,21 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     stacked arrays carried through the scan. Returns (x, (k, v, k_scale, v_scale) or None).
     """
     layers = params["layers"]
-    rope = rope_tables(positions, rope_inv_freq(cfg))
     if cache is None:
         k_pos = positions  # [B, T]
     else:
         B, S = positions.shape[0], cache.max_len
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
-    mask = _attention_mask(positions, k_pos, cfg.sliding_window)  # [B, T, S]
+    shared = _positional(cfg, positions, k_pos)  # RoPE tables and masks [B, T, S]
 
     def body(x, layer, kv, pending=None, defer=False, index=None):
         v_block = 0 if cache is None else cache.v_block
+        rope, mask, window = _layer_attention(cfg, index, shared)
         return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending, defer, v_block,
-                              layer_uses_rope(cfg, index))
+                              window)
 
     if isinstance(layers, (tuple, list)):
-        defer = _defer_down(layers, x, implementation)
+        defer = _defer_down(layers, x, cfg, implementation)
         n = len(layers)
         stores = None if cache is None else [list(a) if a is not None else [None] * n
                                              for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
@@ -993,8 +1056,8 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
     return x, stores
 
 
-def embed(params, tokens):
-    """tokens [B, T] → embeddings [B, T, D].
+def embed(params, tokens, cfg: LlamaConfig):
+    """tokens [B, T] → embeddings [B, T, D], × `cfg.embed_scale` (Gemma) in their dtype.
 
     A quantized table (`MixedWeight`, from `QuantConfig.head_bits`) dequantizes only the looked-up rows
     (`pallas_kernels.take_rows`); any other `QuantizedLinear` table (e.g. its `FakeQuantWeight`) its
@@ -1002,11 +1065,14 @@ def embed(params, tokens):
     """
     table = params["embed_tokens"]
     if not isinstance(table, QuantizedLinear):
-        return jnp.take(table, tokens, axis=0)  # [B, T, D]
-    from pallas_kernels.format import MixedWeight, take_rows
+        rows = jnp.take(table, tokens, axis=0)  # [B, T, D]
+    else:
+        from pallas_kernels.format import MixedWeight, take_rows
 
-    rows = take_rows(table, tokens) if isinstance(table, MixedWeight) else jnp.take(table.dequantize(), tokens, axis=0)
-    return rows.astype(params["norm"].dtype)  # [B, T, D]
+        rows = take_rows(table, tokens) if isinstance(table, MixedWeight) else \
+            jnp.take(table.dequantize(), tokens, axis=0)
+        rows = rows.astype(params["norm"].dtype)  # [B, T, D]
+    return rows if cfg.embed_scale is None else rows * jnp.asarray(cfg.embed_scale, rows.dtype)
 
 
 def final_logits(params, x, cfg, implementation):
@@ -1019,7 +1085,9 @@ def final_logits(params, x, cfg, implementation):
         _, x = norm_quant(x, None, params["norm"], cfg.rms_norm_eps, implementation, "head")
     else:
         x = rms_norm(x, params["norm"], cfg.rms_norm_eps)
-    return linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]
+    logits = linear(x, head, implementation=implementation).astype(jnp.float32)  # [B, T, V]
+    cap = cfg.final_logit_softcap
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 LOGITS_AT = ("all", "last")
@@ -1045,7 +1113,7 @@ def forward(params, tokens: jax.Array, cfg: LlamaConfig, *, implementation: Impl
     _check_tokens(tokens, cfg)
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    x, _ = _run_layers(params, embed(params, tokens), positions, None, cfg, implementation)
+    x, _ = _run_layers(params, embed(params, tokens, cfg), positions, None, cfg, implementation)
     return final_logits(params, x, cfg, implementation)
 
 
@@ -1083,7 +1151,7 @@ def forward_step(
     _check_fits(cache, num_valid, T)
     positions = cache.length[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]  # [B, T]
     cache = _cache_as(cache, stacked=not isinstance(params["layers"], (tuple, list)))
-    x, (k, v, k_scale, v_scale) = _run_layers(params, embed(params, tokens), positions, cache, cfg, implementation)
+    x, (k, v, k_scale, v_scale) = _run_layers(params, embed(params, tokens, cfg), positions, cache, cfg, implementation)
     if logits_at == "last":
         last = jnp.maximum(num_valid - 1, 0)[:, None, None]  # [B, 1, 1]
         x = jnp.take_along_axis(x, last, axis=1)  # [B, 1, D]

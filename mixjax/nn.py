@@ -483,7 +483,7 @@ class Attention(nnx.Module):
         for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
             setattr(self, name, _linear_of(attn[name]["weight"], attn[name].get("bias"), rngs))
         self.cfg = cfg
-        # Qwen3: RMSNorm over each query and key head before RoPE
+        # Qwen3, Gemma 3: RMSNorm over each query and key head before RoPE
         self.q_norm = RMSNorm(layer["q_norm"], cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(layer["k_norm"], cfg.rms_norm_eps) if cfg.qk_norm else None
 
@@ -501,30 +501,37 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    def __init__(self, layer: dict, rngs: nnx.Rngs):
+    def __init__(self, layer: dict, cfg: LlamaConfig, rngs: nnx.Rngs):
         mlp = layer["mlp"]
         for name in ("gate_proj", "up_proj", "down_proj"):
             setattr(self, name, _linear_of(mlp[name]["weight"], mlp[name].get("bias"), rngs))
+        self.act = cfg.mlp_act  # "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU)
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(model.mlp_activation(self.act)(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    def __init__(self, layer: dict, cfg: LlamaConfig, rngs: nnx.Rngs, use_rope: bool = True):
-        self.use_rope = use_rope  # False: a NoPE layer (SmolLM3)
-        self.input_layernorm = RMSNorm(layer["input_layernorm"], cfg.rms_norm_eps)
+    def __init__(self, layer: dict, cfg: LlamaConfig, rngs: nnx.Rngs):
+        eps = cfg.rms_norm_eps
+        self.input_layernorm = RMSNorm(layer["input_layernorm"], eps)
         self.self_attn = Attention(layer, cfg, rngs)
-        self.post_attention_layernorm = RMSNorm(layer["post_attention_layernorm"], cfg.rms_norm_eps)
-        self.mlp = MLP(layer, rngs)
+        self.post_attention_layernorm = RMSNorm(layer["post_attention_layernorm"], eps)
+        self.mlp = MLP(layer, cfg, rngs)
+        # Gemma 3: each branch's output normalized before its residual add
+        self.attn_output_norm = RMSNorm(layer["attn_output_norm"], eps) if cfg.sandwich_norms else None
+        self.mlp_output_norm = RMSNorm(layer["mlp_output_norm"], eps) if cfg.sandwich_norms else None
 
-    def __call__(self, x, rope, mask):
-        x = x + self.self_attn(self.input_layernorm(x), model._rope_for(rope, self.use_rope), mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x, rope, mask):  # rope, mask: this layer's (`mixjax.model._layer_attention`)
+        out = self.self_attn(self.input_layernorm(x), rope, mask)
+        x = x + (out if self.attn_output_norm is None else self.attn_output_norm(out))
+        out = self.mlp(self.post_attention_layernorm(x))
+        return x + (out if self.mlp_output_norm is None else self.mlp_output_norm(out))
 
 
 class Llama(nnx.Module):
-    """A Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3) as NNX modules: `model(tokens) → logits`.
+    """A Llama-family causal LM (Llama 2/3, Mistral, Qwen2, Qwen3, SmolLM2/3, Phi-3, Gemma 1/3) as NNX modules:
+    `model(tokens) → logits`.
 
     The projections are `nnx.Linear`s (or `MixedLinear`s), so `quantize_linears(llama, ..., select=
     Llama.decoder_linears)` quantizes it with MixLLM; `to_params()` gives the functional params back for
@@ -541,8 +548,7 @@ class Llama(nnx.Module):
             raise ValueError("Llama takes float embedding / LM head arrays; these params quantized them "
                              "(QuantConfig.head_bits): use mixjax.forward / mixjax.generate on them instead")
         self.embed_tokens = nnx.Param(jnp.asarray(params["embed_tokens"]))  # [V, D]
-        self.layers = nnx.List([DecoderLayer(layer, cfg, rngs, i not in cfg.nope_layers)
-                                for i, layer in enumerate(model.layer_views(params["layers"]))])
+        self.layers = nnx.List([DecoderLayer(layer, cfg, rngs) for layer in model.layer_views(params["layers"])])
         self.norm = RMSNorm(params["norm"], cfg.rms_norm_eps)
         self.lm_head = None if cfg.tie_word_embeddings else nnx.Param(jnp.asarray(params["lm_head"]))  # [V, D]
 
@@ -564,15 +570,17 @@ class Llama(nnx.Module):
         model._check_tokens(tokens, self.cfg)
         B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-        rope = model.rope_tables(positions, model.rope_inv_freq(self.cfg))
-        mask = model._attention_mask(positions, positions, self.cfg.sliding_window)  # [B, T, T]
+        shared = model._positional(self.cfg, positions, positions)  # RoPE tables and masks [B, T, T]
         table = _get(self.embed_tokens)
-        x = jnp.take(table, tokens, axis=0)
-        for layer in self.layers:
+        x = model.embed({"embed_tokens": table}, tokens, self.cfg)
+        for i, layer in enumerate(self.layers):
+            rope, mask, _ = model._layer_attention(self.cfg, i, shared)  # (NoPE, sliding-window layers)
             x = layer(x, rope, mask)
         x = self.norm(x)
         head = table if self.lm_head is None else _get(self.lm_head)
-        return linear(x, head).astype(jnp.float32)
+        logits = linear(x, head).astype(jnp.float32)
+        cap = self.cfg.final_logit_softcap
+        return logits if cap is None else cap * jnp.tanh(logits / cap)
 
     def generate(self, prompt_tokens, **kwargs) -> list[list[int]]:
         """Continues each prompt (token id lists): `mixjax.generate` on `to_params()`, so the KV cache, the decode
@@ -599,6 +607,9 @@ class Llama(nnx.Module):
                            "self_attn": attn, "mlp": mlp})
             if layer.self_attn.q_norm is not None:
                 layers[-1].update(q_norm=_get(layer.self_attn.q_norm.weight), k_norm=_get(layer.self_attn.k_norm.weight))
+            if layer.attn_output_norm is not None:
+                layers[-1].update(attn_output_norm=_get(layer.attn_output_norm.weight),
+                                  mlp_output_norm=_get(layer.mlp_output_norm.weight))
         params = {"embed_tokens": _get(self.embed_tokens), "norm": _get(self.norm.weight)}
         if self.lm_head is not None:
             params["lm_head"] = _get(self.lm_head)

@@ -132,7 +132,8 @@ TINY = dict(
 
 @pytest.fixture
 def make_tiny_hf(tmp_path_factory):
-    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"phi3"|"granite"|"mistral", save_kwargs=None, **config_overrides) -> (dir, model).
+    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"phi3"|"granite"|"mistral"|"gemma"|"gemma3_text", save_kwargs=None,
+    **config_overrides) -> (dir, model).
 
     save_kwargs go to `save_pretrained`, except `bin=True`: weights written as pytorch_model.bin with
     torch.save instead (transformers 5 always writes safetensors). Every parameter (norms and biases included) is perturbed randomly so parity tests see them all.
@@ -148,11 +149,13 @@ def make_tiny_hf(tmp_path_factory):
         "smollm3": (transformers.SmolLM3Config, transformers.SmolLM3ForCausalLM),
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
+        "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }
 
     def make(arch="llama", save_kwargs=None, seed=0, **overrides):
         config_cls, model_cls = classes[arch]
-        if arch in ("smollm3", "phi3"):  # their default special-token ids lie past the tiny vocabulary
+        if arch in ("smollm3", "phi3", "gemma", "gemma3_text"):  # default special-token ids past the tiny vocabulary
             overrides = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None, **overrides}
         torch.manual_seed(seed)
         model = model_cls(config_cls(**{**TINY, **overrides}))

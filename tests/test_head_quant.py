@@ -101,7 +101,7 @@ def test_quantized_head_matches_fake_quant_simulation(quantized, tied, bits):
     head = qp["embed_tokens"] if tied else qp["lm_head"]
     sim = {**qp, "embed_tokens": dequantize(qp["embed_tokens"]), "lm_head": FakeQuantWeight(dequantize(head))}
     tokens = jnp.asarray(_tokens(cfg))
-    np.testing.assert_array_equal(np.asarray(model.embed(qp, tokens)), np.asarray(model.embed(sim, tokens)))
+    np.testing.assert_array_equal(np.asarray(model.embed(qp, tokens, cfg)), np.asarray(model.embed(sim, tokens, cfg)))
     got = forward(qp, tokens, cfg, implementation="xla")
     want = forward(sim, tokens, sim_cfg, implementation="xla")
     assert got.dtype == jnp.float32 and got.shape == (*tokens.shape, cfg.vocab_size)
@@ -123,11 +123,11 @@ def test_head_error_shrinks_with_bits(quantized, tied):
 def test_quantized_table_in_bf16_params_embeds_in_bf16(quantized):
     cfg, _, qp = quantized[True, 4]
     bf16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16) if a.dtype == jnp.float32 and a.ndim == 1 else a, qp)
-    x = model.embed(bf16, jnp.asarray(_tokens(cfg)))
+    x = model.embed(bf16, jnp.asarray(_tokens(cfg)), cfg)
     assert x.dtype == jnp.bfloat16
     fq = {**qp, "embed_tokens": FakeQuantWeight(dequantize(qp["embed_tokens"]))}  # as_fake_quant's form
-    np.testing.assert_array_equal(np.asarray(model.embed(fq, jnp.asarray(_tokens(cfg)))),
-                                  np.asarray(model.embed(qp, jnp.asarray(_tokens(cfg)))))
+    np.testing.assert_array_equal(np.asarray(model.embed(fq, jnp.asarray(_tokens(cfg)), cfg)),
+                                  np.asarray(model.embed(qp, jnp.asarray(_tokens(cfg)), cfg)))
 
 
 def test_bad_head_bits():

@@ -181,7 +181,7 @@ def test_nope_layers_run_without_rope(params):
     tokens = _tokens(21, (2, 9))
     full = forward(p, tokens, cfg)
     assert_close(forward(unstack_layers(p), tokens, cfg), full)
-    x = model.embed(p, tokens)
+    x = model.embed(p, tokens, cfg)
     for i, layer in enumerate(unstack_layers(p)["layers"]):
         x = model.decoder_layer(layer, x, cfg, layer_index=i)
     assert_close(model.final_logits(p, x, cfg, "xla"), full)
@@ -189,7 +189,7 @@ def test_nope_layers_run_without_rope(params):
     cache = init_cache(cfg, batch=2, max_len=12, dtype=jnp.float32, stacked=True)
     assert_close(_prompt_then_steps(p, tokens, cfg, cache, prompt=5)[0], full)
     with pytest.raises(ValueError, match=r"layers without RoPE \(\(1,\)\): pass layer_index"):
-        model.decoder_layer(unstack_layers(p)["layers"][0], model.embed(p, tokens), cfg)
+        model.decoder_layer(unstack_layers(p)["layers"][0], model.embed(p, tokens, cfg), cfg)
 
 
 def test_sliding_window_masks_old_keys(params):

@@ -264,7 +264,7 @@ def quantize_layers(params, batches, cfg, config: QuantConfig, is_int8: dict[str
     sharded = [shard_samples(b, mesh)[:2] for b in batches]
     masks = [m for _, m in sharded]  # None, or f32 [Bp]: 0 on the padding samples
     embed = replicate({k: params[k] for k in ("embed_tokens", "norm")}, mesh)
-    hidden = [model.embed(embed, t) for t, _ in sharded]  # [Bp, T, D] each
+    hidden = [model.embed(embed, t, cfg) for t, _ in sharded]  # [Bp, T, D] each
     out = []
     for i in steps:
         layer = replicate(layers[i], mesh)

@@ -104,7 +104,7 @@ def per_sample_loss(params, layers, tokens, cfg: LlamaConfig) -> jax.Array:
     def run_layer(x, layer, index):
         return model.decoder_layer(layer, x, cfg, layer_index=index, implementation="xla")
 
-    x = model.embed(params, tokens)  # [B, T, D]
+    x = model.embed(params, tokens, cfg)  # [B, T, D]
     if isinstance(layers, dict):
         n = jax.tree.leaves(layers)[0].shape[0]
         x, _ = jax.lax.scan(lambda h, xs: (run_layer(h, *xs), None), x, (layers, jnp.arange(n, dtype=jnp.int32)))
