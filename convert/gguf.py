@@ -6,6 +6,9 @@ dimensions listed as (K, N); the numpy view is already [N, K]. llama.cpp's conve
 rows of q_proj / k_proj of `llama` (and `smollm3`) models for GGML's adjacent-pair RoPE; `_unpermute_rows` restores
 Hugging Face's rotate-half order. `qwen2`, `qwen3` and `phi3` files are stored unpermuted (GGML runs them with NeoX
 RoPE); `phi3` keeps q/k/v in one `attn_qkv` and gate/up in one `ffn_up`, split here (`layout.split_fused_gguf`).
+`gemma3` files are unpermuted too, store each RMSNorm weight as 1 + w (what mixjax folds in from Hugging Face's w)
+and leave the embeddings' √D scale, the sliding-window layers' pattern (every sixth layer global) and their RoPE base
+(10 000) to the architecture, as llama.cpp does.
 """
 
 from __future__ import annotations
@@ -19,8 +22,10 @@ from convert.layout import GGUF_FUSED_NAME, GGUF_NAMES, IGNORED_SUFFIXES, Conver
 from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.model import rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi3", "gemma3")
 SMOLLM3_NOPE_STEP = 4  # llama.cpp's SmolLM3: every 4th layer without RoPE, fixed (no GGUF key holds it)
+GEMMA3_GLOBAL_STEP = 6  # llama.cpp's Gemma 3: every 6th layer global, the others with the sliding window
+GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's Gemma 3: the sliding-window layers' RoPE base
 
 
 def _open(path: Path):
@@ -49,10 +54,13 @@ def read_config(reader, path: Path) -> LlamaConfig:
         )
     names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type")
-    if scaling not in (None, "none"):
+    linear = None
+    if arch == "gemma3" and scaling == "linear":  # Gemma 3's global layers (4B and larger)
+        linear = RopeScaling(factor=float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)), rope_type="linear")
+    elif scaling not in (None, "none"):
         raise ConfigError(
-            f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported; mixjax implements default RoPE "
-            "and Llama-3 scaling (stored as rope_freqs)"
+            f"{path}: {arch}.rope.scaling.type={scaling!r} is not supported; mixjax implements default RoPE, "
+            "Llama-3 scaling (stored as rope_freqs) and Gemma 3's linear scaling"
         )
 
     def need(key):
@@ -75,6 +83,8 @@ def read_config(reader, path: Path) -> LlamaConfig:
         raise ConfigError(f"{path}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is present")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     window = _field(reader, f"{arch}.attention.sliding_window")  # mixjax's export records Mistral's window here
+    layers = int(need("block_count"))
+    gemma = arch == "gemma3"
     cfg = LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -83,16 +93,21 @@ def read_config(reader, path: Path) -> LlamaConfig:
         num_attention_heads=heads,
         num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv", heads)),
         head_dim=head_dim,
-        rms_norm_eps=_decimal(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-5)),
+        rms_norm_eps=_decimal(_field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6 if gemma else 1e-5)),
         rope_theta=_decimal(_field(reader, f"{arch}.rope.freq_base", 10000.0)),
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        model_type="mistral" if window and arch == "llama" else arch,  # Mistral: llama.cpp's llama with a window
-        sliding_window=int(window) if window else None,
-        qk_norm=arch == "qwen3",
-        nope_layers=tuple(i for i in range(int(need("block_count"))) if (i + 1) % SMOLLM3_NOPE_STEP == 0)
-        if arch == "smollm3" else (),
+        model_type="mistral" if window and arch == "llama" else "gemma3_text" if gemma else arch,  # Mistral:
+        sliding_window=int(window) if window else None,  # llama.cpp's llama with a window
+        qk_norm=arch in ("qwen3", "gemma3"),
+        nope_layers=tuple(i for i in range(layers) if (i + 1) % SMOLLM3_NOPE_STEP == 0) if arch == "smollm3" else (),
+        rope_scaling=linear,
+        mlp_act="gelu_tanh" if gemma else "silu",
+        embed_scale=hidden ** 0.5 if gemma else None,
+        sandwich_norms=gemma,
+        global_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_GLOBAL_STEP == 0) if gemma and window else (),
+        rope_local_theta=GEMMA3_LOCAL_THETA if gemma else None,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_end_ids(reader, eos),
     )

@@ -117,9 +117,11 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     extra_tensors: (name, array) pairs written too."""
     import gguf
 
-    from convert.layout import NAME_TABLE
+    from convert.layout import NAME_TABLE, gemma3_hf_name, is_norm_name
 
     c = model.config
+    gemma = arch == "gemma3"  # norms stored as 1 + w, Hugging Face's Gemma 3 norm names, RoPE of the global layers
+    rope = c.rope_parameters["full_attention"] if gemma else c.rope_parameters
     hf_to_gguf = {}
     for _, hf_name, gguf_name in NAME_TABLE:
         for i in range(c.num_hidden_layers) if "{i}" in hf_name else [None]:
@@ -135,7 +137,10 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     writer.add_head_count(c.num_attention_heads)
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_rope_freq_base(c.rope_parameters["rope_theta"])
+    writer.add_rope_freq_base(rope["rope_theta"])
+    if gemma and rope.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(rope["factor"])
     writer.add_vocab_size(c.vocab_size)
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     if head_dim * c.num_attention_heads != c.hidden_size:  # as llama.cpp's converter records it
@@ -153,10 +158,10 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        gguf_name = hf_to_gguf[name]
+        gguf_name = hf_to_gguf[gemma3_hf_name(name) if gemma else name]
         if gguf_name in drop:
             continue
-        w = tensor.float().numpy()
+        w = tensor.float().numpy() + (1.0 if gemma and is_norm_name(name) else 0.0)
         if arch in ("llama", "smollm3") and ".attn_q." in gguf_name:
             w = _permute_like_llama_cpp(w, c.num_attention_heads)
         elif arch in ("llama", "smollm3") and ".attn_k." in gguf_name:
