@@ -42,6 +42,12 @@ LLAMA3_ROPE = dict(
 GRANITE = dict(tie_word_embeddings=True, embedding_multiplier=3.0, logits_scaling=2.5, residual_multiplier=0.4,
                attention_multiplier=0.1)
 
+# Gemma 3: layer 1 global (no window, RoPE base 1e6 with linear scaling), layers 0, 2, 3 a window of 4 with base 1e4;
+# sandwich norms, q/k head norms, GeGLU, embeddings × √D, tied head; soft-capped logits
+GEMMA3 = dict(head_dim=32, query_pre_attn_scalar=32, num_hidden_layers=4, sliding_window=4,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
+              rope_scaling={"rope_type": "linear", "factor": 4.0}, final_logit_softcapping=3.0)
+
 HF_CASES = {
     "llama_gqa_untied": ("llama", {}, {}),
     "llama3_rope_tied": ("llama", dict(tie_word_embeddings=True, rope_parameters=LLAMA3_ROPE), {}),
@@ -50,6 +56,8 @@ HF_CASES = {
     "smollm3_nope_tied": ("smollm3", dict(num_hidden_layers=4), {}),  # layer 3 without RoPE
     "phi3_fused_window": ("phi3", dict(sliding_window=4), {}),  # q/k/v and gate/up stored fused
     "granite_multipliers_tied": ("granite", GRANITE, {}),  # its four scalars folded into the weights
+    "gemma_geglu_tied": ("gemma", dict(head_dim=32), {}),  # (1 + w) norms folded on load, embeddings × √D, GeGLU
+    "gemma3_windows_sandwich": ("gemma3_text", GEMMA3, {}),
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
 }
@@ -179,27 +187,37 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "llama3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "llama3", "gemma3"])
 def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
     """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation, qwen2's biases, qwen3's head norms
     and key length, smollm3's NoPE layers (llama.cpp's every fourth), and Llama-3 RoPE scaling recovered from
-    llama.cpp's rope_freqs."""
+    llama.cpp's rope_freqs; gemma3's norms stored as 1 + w, its sliding window and every sixth layer global (the
+    file written here in that layout: transformers' own GGUF loader computes the model's logits from it, at the
+    head width where its default attention scale is the model's)."""
     extra = {"llama3": dict(rope_parameters=LLAMA3_ROPE), "qwen3": dict(head_dim=32),
-             "smollm3": dict(num_hidden_layers=8), "phi3": dict(sliding_window=4)}.get(arch, {})
+             "smollm3": dict(num_hidden_layers=8), "phi3": dict(sliding_window=4),
+             "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=7, sliding_window=4)}.get(arch, {})
     arch = arch.replace("llama3", "llama")
-    tied = arch in ("llama", "smollm3")
-    _, model = make_tiny_hf(arch, tie_word_embeddings=tied, **extra)
+    tied = arch in ("llama", "smollm3", "gemma3")
+    _, model = make_tiny_hf(arch.replace("gemma3", "gemma3_text"), tie_word_embeddings=tied, **extra)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", model, arch)
     cfg, params = convert.load(path)
-    assert cfg.model_type == arch and cfg.tie_word_embeddings == tied
+    assert cfg.model_type == arch.replace("gemma3", "gemma3_text") and cfg.tie_word_embeddings == tied
     assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (not tied)
-    assert cfg.qk_norm == (arch == "qwen3") and cfg.head_dim == (32 if arch == "qwen3" else 16)
+    assert cfg.qk_norm == (arch in ("qwen3", "gemma3")) and cfg.head_dim == extra.get("head_dim", 16)
     assert cfg.nope_layers == ((3, 7) if arch == "smollm3" else ())
-    assert cfg.sliding_window == (4 if arch == "phi3" else None)  # phi3: its q/k/v and gate/up split on the way in
+    assert cfg.sliding_window == (4 if arch in ("phi3", "gemma3") else None)  # phi3: q/k/v, gate/up split on the way in
+    assert cfg.global_layers == ((5,) if arch == "gemma3" else ())
     assert (cfg.rope_scaling is not None) == ("rope_parameters" in extra)
     tokens = _tokens(np.random.default_rng(1), cfg.vocab_size)
     ours = forward(params, tokens, cfg, implementation="xla")
-    assert _rel_err(ours, _hf_logits(model, tokens)) < HF_RTOL
+    want = _hf_logits(model, tokens)
+    assert _rel_err(ours, want) < HF_RTOL
+    if arch == "gemma3":
+        import transformers
+
+        theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
+        assert _rel_err(_hf_logits(theirs.eval(), tokens), want) < HF_RTOL
 
 
 def test_gguf_q8_0_dequantized(make_tiny_hf, tmp_path):
@@ -564,7 +582,21 @@ def test_phi3_checkpoints_that_do_not_fit_are_named(make_tiny_hf):
         convert.load(directory)
 
 
-@pytest.mark.parametrize("model_type", ["gemma", "mixtral", "bert"])
+@pytest.mark.parametrize("field, value, match", [
+    ("query_pre_attn_scalar", 48, r"query_pre_attn_scalar=48 differs from head_dim=32"),
+    ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 .*not implemented"),
+    ("use_bidirectional_attention", True, "use_bidirectional_attention=true"),
+    ("layer_types", ["full_attention", "chunked_attention", "full_attention", "full_attention"],
+     "layer_types must name 'full_attention' or 'sliding_attention' for each of the 4 layers"),
+    ("hidden_activation", "relu", "hidden_activation='relu' is not supported")])
+def test_gemma_variants_mixjax_lacks_are_refused(make_tiny_hf, field, value, match):
+    directory, _ = make_tiny_hf("gemma3_text", **GEMMA3)
+    _edit_config(directory, **{field: value})
+    with pytest.raises(ConfigError, match=match):
+        convert.load(directory)
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "gemma3", "mixtral", "bert"])
 def test_unsupported_hf_architecture(tiny_llama_dir, model_type):
     _edit_config(tiny_llama_dir, model_type=model_type)
     with pytest.raises(ConfigError, match=f"model_type='{model_type}' is not supported"):
@@ -692,6 +724,8 @@ EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untie
     "smollm3_nope": ("smollm3", dict(num_hidden_layers=4), None, None),
     "phi3_fused_window": ("phi3", dict(sliding_window=4), None, None),
     "granite_as_llama": ("granite", GRANITE, None, None),  # written as the Llama its folded weights make
+    "gemma_bf16": ("gemma", dict(head_dim=32), jnp.bfloat16, None),  # norms written back as w (1 + w folded on load)
+    "gemma3_windows_sandwich": ("gemma3_text", GEMMA3, None, None),
 }
 
 
@@ -714,11 +748,23 @@ def test_hf_export_round_trip(case, make_tiny_hf, tmp_path):
     err = _rel_err(_hf_logits(exported, tokens), _hf_logits(model, tokens))
     if arch == "granite":  # exported as a Llama: the multipliers folded in round differently from Granite's own
         assert err < 1e-5, err
+    elif arch == "gemma3_text":  # (1 + w) − 1 in f32 gives back w to within an ulp of 1
+        assert err < 1e-6, err
     else:
         assert err == 0.0 if dtype is None else 1e-4 < err < 0.05
     cfg2, params2 = convert.load(out)
     assert cfg2 == cfg
     rounded = params if dtype is None else jax.tree.map(lambda a: a.astype(dtype).astype(jnp.float32), params)
+    if arch in ("gemma", "gemma3_text"):  # norms (1 + w) written as w and folded again: within an ulp of 1 (of bf16's
+        # w's rounding), the rest as for the others
+        is_norm = lambda path, _: "norm" in jax.tree_util.keystr(path)  # noqa: E731
+        for (path, a), b, c in zip(jax.tree_util.tree_leaves_with_path(params2), jax.tree.leaves(rounded),
+                                   jax.tree.leaves(params)):
+            if is_norm(path, a):
+                np.testing.assert_allclose(np.asarray(a), np.asarray(c), rtol=0, atol=2e-7 if dtype is None else 4e-3)
+            else:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        return
     assert _same_tree(params2, rounded)
 
 
