@@ -360,26 +360,33 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype, max_len):
         np.testing.assert_allclose(g, w, rtol=0, atol=(3e-2 if flipped else 1e-4) * float(np.abs(w).max()))
 
 
-@pytest.mark.parametrize("weights, cache_dtype, max_len, qk_norm", [
-    ("float", jnp.int8, 40, False), ("float", jnp.int8, 64, False), ("mixed", jnp.float32, 40, False),
-    ("float", jnp.float32, 40, True)])
-def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype, max_len, qk_norm):
+@pytest.mark.parametrize("weights, cache_dtype, max_len, variant", [
+    ("float", jnp.int8, 40, "llama"), ("float", jnp.int8, 64, "llama"), ("mixed", jnp.float32, 40, "llama"),
+    ("float", jnp.float32, 40, "qwen3"), ("mixed", jnp.float32, 40, "gemma3")])
+def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype, max_len, variant):
     """Per-layer params with q/k/v fused (as `generate` runs a quantized model on a GPU) and q/k/v biases: the
     decode steps take `attend_new_tokens_pallas`, on the projection's split-K partials for mixed weights,
-    and give the XLA path's logits and cache. `qk_norm`: Qwen3's query and key head norms, in the kernel, and
-    a layer without RoPE (SmolLM3's NoPE: the kernel's RoPE on identity tables)."""
+    and give the XLA path's logits and cache. "qwen3": Qwen3's query and key head norms, in the kernel, and
+    a layer without RoPE (SmolLM3's NoPE: the kernel's RoPE on identity tables). "gemma3": a layer with a window of 8
+    and RoPE of its own beside a global one (each kernel launch gets its layer's window and tables), the head norms,
+    sandwich norms and GeGLU around it."""
     import pallas_kernels as pk
 
-    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
-                      attention_bias=True, sliding_window=20, qk_norm=qk_norm, rms_norm_eps=1e-6,
-                      nope_layers=(1,) if qk_norm else ())
+    qk_norm = variant != "llama"
+    gemma = dict(model_type="gemma3_text", mlp_act="gelu_tanh", embed_scale=16.0, sandwich_norms=True,
+                 sliding_window=8, global_layers=(1,), rope_local_theta=100.0) if variant == "gemma3" else {}
+    cfg = LlamaConfig(**{**dict(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
+                                num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
+                                attention_bias=True, sliding_window=20, qk_norm=qk_norm, rms_norm_eps=1e-6,
+                                nope_layers=(1,) if variant == "qwen3" else ()), **gemma})
     params = jax.tree.map(lambda a: a * 5.0 if a.ndim >= 2 else a, model.init_params(cfg, jax.random.key(2), jnp.float32))
     params = model.unstack_layers(params)
     rng = np.random.default_rng()
     for layer in params["layers"]:
         if qk_norm:  # weights away from 1 and different for q and k, so a dropped or swapped norm fails
             layer["q_norm"], layer["k_norm"] = (jnp.asarray(rng.uniform(0.5, 2.0, 32), jnp.float32) for _ in "qk")
+        for name in ("attn_output_norm", "mlp_output_norm") if cfg.sandwich_norms else ():
+            layer[name] = jnp.asarray(rng.uniform(0.5, 2.0, 256), jnp.float32)
         layer["self_attn"] = {name: {**p, "bias": jnp.asarray(rng.normal(size=p["weight"].shape[0]), jnp.float32)}
                               if name != "o_proj" else p for name, p in layer["self_attn"].items()}
         if weights == "mixed":

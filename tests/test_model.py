@@ -192,6 +192,43 @@ def test_nope_layers_run_without_rope(params):
         model.decoder_layer(unstack_layers(p)["layers"][0], model.embed(p, tokens, cfg), cfg)
 
 
+GEMMA3 = dataclasses.replace(CFG, model_type="gemma3_text", attention_bias=False, qk_norm=True, mlp_act="gelu_tanh",
+                             embed_scale=48 ** 0.5, sandwich_norms=True, sliding_window=3, global_layers=(1,),
+                             rope_theta=1e6, rope_local_theta=1e4, rope_scaling=RopeScaling(4.0, rope_type="linear"),
+                             final_logit_softcap=4.0, rms_norm_eps=1e-6)
+
+
+def test_gemma3_layers_in_every_form():
+    """Gemma 3 (sliding-window layers 0 and 2 with their own RoPE base, layer 1 global with linear scaling; sandwich
+    norms, q/k head norms, GeGLU, scaled embeddings, soft-capped logits): the scan over stacked layers (window and
+    tables chosen under a traced index), the loop over a tuple, `decoder_layer` one layer at a time and the cached
+    steps (stacked and per-layer caches) give the same logits; each of the sandwich norms, the global layer's
+    exemption and the local RoPE base changes them; `decoder_layer` refuses a call without the layer's index."""
+    cfg = GEMMA3
+    rng = np.random.default_rng(7)
+    p = _scale_up(init_params(cfg, jax.random.key(3), jnp.float32))
+    p["layers"] = {k: jnp.asarray(rng.uniform(0.3, 2.0, v.shape), jnp.float32) if "norm" in k else v
+                   for k, v in p["layers"].items()}  # every norm away from 1, so a dropped one shows
+    tokens = _tokens(22, (2, 9))
+    full = forward(p, tokens, cfg)
+    assert np.all(np.abs(np.asarray(full)) <= 4.0)  # the soft cap
+    tup = unstack_layers(p)
+    assert_close(forward(tup, tokens, cfg), full)
+    x = model.embed(p, tokens, cfg)
+    for i, layer in enumerate(tup["layers"]):
+        x = model.decoder_layer(layer, x, cfg, layer_index=i)
+    assert_close(model.final_logits(p, x, cfg, "xla"), full)
+    for stacked, params in ((True, p), (False, tup)):
+        cache = init_cache(cfg, batch=2, max_len=12, dtype=jnp.float32, stacked=stacked)
+        assert_close(_prompt_then_steps(params, tokens, cfg, cache, prompt=5)[0], full)
+    ones = {**p, "layers": {**p["layers"], "attn_output_norm": jnp.ones_like(p["layers"]["attn_output_norm"])}}
+    for other_p, other_cfg in ((ones, cfg), (p, dataclasses.replace(cfg, global_layers=())),
+                               (p, dataclasses.replace(cfg, rope_local_theta=1e6))):
+        assert np.max(np.abs(np.asarray(forward(other_p, tokens, other_cfg) - full))) > 1e-2 * np.max(np.abs(full))
+    with pytest.raises(ValueError, match="global and sliding-window layers: pass layer_index"):
+        model.decoder_layer(tup["layers"][0], model.embed(p, tokens, cfg), cfg)
+
+
 def test_sliding_window_masks_old_keys(params):
     p = _scale_up(params)
     windowed = dataclasses.replace(CFG, sliding_window=3)
