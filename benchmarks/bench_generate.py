@@ -5,6 +5,7 @@
     python benchmarks/bench_generate.py --small --out /tmp/generate_small.md          # CPU smoke run
     python benchmarks/bench_generate.py --shape qwen3-8b ...                          # Qwen3-8B's shape instead
     python benchmarks/bench_generate.py --shape smollm3-3b ...                        # or SmolLM3-3B's
+    python benchmarks/bench_generate.py --shape gemma3-4b ...                         # or Gemma-3-4B's
 
 Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layers, the fast form on GPU):
 - bf16: random bf16 weights (std 0.02), built layer by layer.
@@ -144,7 +145,15 @@ SMOLLM3_3B = LlamaConfig(  # SmolLM3-3B's config.json: every fourth layer withou
     max_position_embeddings=65536, tie_word_embeddings=True, model_type="smollm3",
     nope_layers=tuple(range(3, 36, 4)),
 )
-SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-8b": QWEN3_8B, "smollm3-3b": SMOLLM3_3B}
+GEMMA3_4B = LlamaConfig(  # gemma-3-4b's text model: heads of 256, a window of 1024 on five layers of six (RoPE base
+    # 1e4 there, 1e6 × linear 8 on the global ones), sandwich norms, GeGLU, scaled embeddings, a tied 262k vocabulary
+    vocab_size=262208, hidden_size=2560, intermediate_size=10240, num_hidden_layers=34,
+    num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, rope_theta=1000000.0,
+    rope_scaling=RopeScaling(8.0, rope_type="linear"), max_position_embeddings=131072, tie_word_embeddings=True,
+    model_type="gemma3_text", qk_norm=True, mlp_act="gelu_tanh", embed_scale=2560 ** 0.5, sandwich_norms=True,
+    sliding_window=1024, global_layers=tuple(range(5, 34, 6)), rope_local_theta=10000.0,
+)
+SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-8b": QWEN3_8B, "smollm3-3b": SMOLLM3_3B, "gemma3-4b": GEMMA3_4B}
 SMALL = LlamaConfig(  # K = 256 for every linear: two groups of 128 each, so a quantized model splits over 2 devices
     vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
@@ -766,7 +775,8 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
     base_name = next((v for v in ("bf16@plain", "bf16") if v in by), first_bf16)
     base = by.get(base_name, {})
     cfg_name = "small test model" if args.small else {"llama3-8b": "Llama-3-8B", "qwen3-8b": "Qwen3-8B",
-                                                       "smollm3-3b": "SmolLM3-3B"}[args.shape] + " shape"
+                                                       "smollm3-3b": "SmolLM3-3B", "gemma3-4b": "Gemma-3-4B"}[args.shape] \
+        + " shape"
     lines = [
         f"# Generation speed, {cfg_name}, random weights ({datetime.date.today().isoformat()})",
         "",

@@ -72,6 +72,7 @@
 #   bash benchmarks/device_session.sh s46a      # session 46: Qwen3's head norms in the fused attention (GPU tests), a
 #                                               # Qwen3-8B shape end to end: bf16 beside W4.4A8 + int4 head
 #   bash benchmarks/device_session.sh s46b      # prepared: test_gpu_model.py (Qwen3 case added), Qwen3-8B on an H100
+#   bash benchmarks/device_session.sh s47a      # prepared: test_gpu_model.py (Qwen3 and Gemma 3 cases), Gemma-3-4B beside bf16
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -861,6 +862,16 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s47a)  # session 47: the whole decode path on the GPU with Gemma 3 (heads of 256 in the fused attention, a window
+    # on two layers of three, sandwich norms feeding the norm kernels, GeGLU) and Qwen3, then Gemma-3-4B's shape
+    # beside bf16 (its stacked bf16 layers attend through XLA: the window differs by layer under the scan)
+    header
+    timeout 220 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py 2>&1 | tail -3 \
+      | tee "$out/gpu_model.log"
+    timeout 300 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --budget-s 290 --out "$out/gemma3_4b.md" 2>&1 | grep "batch\|tok/s |\|Error" \
+      | tee "$out/gemma3_4b.log"
     ;;
   s46b)  # prepared in session 46, not run: the whole decode path on the GPU with Qwen3's head norms (mixed weights,
     # norms deferring r into the fused attention, which then normalizes each q/k head: test_gpu_model.py's qwen3

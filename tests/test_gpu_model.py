@@ -22,6 +22,12 @@ CFG = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1408, num_
                   max_position_embeddings=256)
 # Qwen3's head norms (H·Dh = 2·D) with a SmolLM3-style layer without RoPE: the two departures from Llama in one model
 QWEN3 = LlamaConfig(**{**CFG.to_dict(), "model_type": "qwen3", "qk_norm": True, "head_dim": 128, "nope_layers": (1,)})
+# Gemma 3: heads of 256 (the real models'), a window of 16 on layers 0 and 2 (the prompt is longer) with RoPE of their
+# own, layer 1 global; sandwich norms (the norm kernels take the attention's normalized output as an x-shaped delta),
+# GeGLU (the fused SwiGLU kernel steps aside), scaled embeddings
+GEMMA3 = LlamaConfig(**{**CFG.to_dict(), "model_type": "gemma3_text", "qk_norm": True, "head_dim": 256,
+                        "mlp_act": "gelu_tanh", "embed_scale": 512 ** 0.5, "sandwich_norms": True, "sliding_window": 16,
+                        "global_layers": (1,), "rope_local_theta": 10000.0, "rope_theta": 1e6})
 # This random model (weights ×4) is sensitive: bf16 rounding alone moves its logits by 5 % of their max
 # (XLA reference in bf16 vs f32; H200, 2026-12-03). The Pallas path departs from the bf16 reference by
 # half that (mean 2.5 %, most of it the attention kernel's bf16 probabilities), so its departure must stay
@@ -42,6 +48,8 @@ def params_for(seed: int, dtype=jnp.bfloat16, cfg: LlamaConfig = CFG):
         if cfg.qk_norm:
             layer["q_norm"], layer["k_norm"] = (jnp.asarray(np.random.default_rng(seed + i).uniform(0.5, 2.0, cfg.head_dim),
                                                             jnp.float32) for i in (100, 200))
+        for i, name in enumerate(("attn_output_norm", "mlp_output_norm") if cfg.sandwich_norms else ()):
+            layer[name] = jnp.asarray(np.random.default_rng(seed + 300 + i).uniform(0.5, 2.0, cfg.hidden_size), jnp.float32)
         for group, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")),
                              ("mlp", ("gate_proj", "up_proj", "down_proj"))):
             for name in names:  # this order: the masks the bound was measured with (H200, 2026-12-03)
@@ -95,16 +103,18 @@ def _err(got, want):
     return np.max(np.abs(got - want), -1) / np.max(np.abs(want))
 
 
-def test_qwen3_decode_path_equals_xla_reference():
+@pytest.mark.parametrize("cfg", [QWEN3, GEMMA3], ids=["qwen3", "gemma3"])
+def test_other_architectures_decode_path_equals_xla_reference(cfg):
     """Qwen3's query/key head norms (in the fused attention kernel, after the deferred input-norm r and before RoPE)
-    and a layer on identity RoPE tables on the same path, against the XLA reference with the same bound."""
-    params = params_for(3, cfg=QWEN3)
+    and a layer on identity RoPE tables; Gemma 3's layers with and without a window, its sandwich norms and GeGLU:
+    on the same path, against the XLA reference with the same bound."""
+    params = params_for(3, cfg=cfg)
     rng = np.random.default_rng(13)
-    prompt = jnp.asarray(rng.integers(0, QWEN3.vocab_size, (2, 37)), jnp.int32)
-    feed = [jnp.asarray(rng.integers(0, QWEN3.vocab_size, (2, 1)), jnp.int32) for _ in range(6)]
-    want = run_steps(params, prompt, feed, "xla", QWEN3)
-    got = run_steps(params, prompt, feed, "pallas", QWEN3)
-    yardstick = _err(run_steps(params_for(3, jnp.float32, QWEN3), prompt, feed, "xla", QWEN3), want)
+    prompt = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 37)), jnp.int32)
+    feed = [jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 1)), jnp.int32) for _ in range(6)]
+    want = run_steps(params, prompt, feed, "xla", cfg)
+    got = run_steps(params, prompt, feed, "pallas", cfg)
+    yardstick = _err(run_steps(params_for(3, jnp.float32, cfg), prompt, feed, "xla", cfg), want)
     err = _err(got, want)
     assert err.mean() <= yardstick.mean() and err.max() <= 1.5 * yardstick.max(), (err, yardstick)
     assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.7
