@@ -170,7 +170,8 @@ def to_text(info: ModelInfo) -> str:
     c = info.config
     heads = f"{c.num_attention_heads} heads ({c.num_key_value_heads} kv) × {c.head_dim}"
     extras = [("tied" if c.tie_word_embeddings else "untied") + " embeddings", f"context {c.max_position_embeddings}",
-              f"rope θ {c.rope_theta:g}" + (f", llama3 scaling × {c.rope_scaling.factor:g}" if c.rope_scaling else "")]
+              f"rope θ {c.rope_theta:g}" + (f", {c.rope_scaling.rope_type} scaling × {c.rope_scaling.factor:g}"
+                                            if c.rope_scaling else "")]
     if c.attention_bias:
         extras.append("q/k/v biases")
     if c.qk_norm:
@@ -178,7 +179,17 @@ def to_text(info: ModelInfo) -> str:
     if c.nope_layers:
         extras.append(f"{len(c.nope_layers)} layers without RoPE")
     if c.sliding_window:
-        extras.append(f"sliding window {c.sliding_window}")
+        extras.append(f"sliding window {c.sliding_window}" + (
+            f" on {c.num_hidden_layers - len(c.global_layers)} layers" if c.global_layers else "")
+            + (f" (rope θ {c.rope_local_theta:g} there)" if c.rope_local_theta is not None else ""))
+    if c.mlp_act != "silu":
+        extras.append({"gelu_tanh": "GeGLU"}.get(c.mlp_act, c.mlp_act))
+    if c.embed_scale is not None:
+        extras.append(f"embeddings × {c.embed_scale:.4g}")
+    if c.sandwich_norms:
+        extras.append("norms on the attention and MLP outputs")
+    if c.final_logit_softcap is not None:
+        extras.append(f"logits soft-capped at {c.final_logit_softcap:g}")
     lines = [
         f"{info.path}: {info.format}",
         f"  model: {c.model_type}, {c.num_hidden_layers} layers, hidden {c.hidden_size}, {heads}, ffn "

@@ -215,6 +215,47 @@ def test_two_devices_tensor_parallel_give_one_devices_perplexity_and_tokens():
     assert out["generate"] == [True, True, True, True]
 
 
+GEMMA3_TENSOR_PARALLEL = textwrap.dedent("""
+    import json, jax, jax.numpy as jnp, numpy as np
+    from mixjax import model
+    from mixjax.config import LlamaConfig
+    from mixjax.evaluate import perplexity
+    from mixjax.generate import generate
+    from mixjax.parallel import model_mesh, shard_model
+    from mixjax.quant import quantize
+
+    cfg = LlamaConfig(vocab_size=61, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, head_dim=64, rope_theta=1e6, model_type="gemma3_text", qk_norm=True,
+                      mlp_act="gelu_tanh", embed_scale=16.0, sandwich_norms=True, sliding_window=5, global_layers=(1,),
+                      rope_local_theta=1e4, tie_word_embeddings=True, final_logit_softcap=5.0)
+    params = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, jax.random.PRNGKey(0), jnp.float32))
+    rng = np.random.default_rng(0)
+    params["layers"] = {k: jnp.asarray(rng.uniform(0.5, 2, v.shape), jnp.float32) if "norm" in k else v
+                        for k, v in params["layers"].items()}
+    tokens = np.asarray(jax.random.randint(jax.random.PRNGKey(1), (4, 16), 0, cfg.vocab_size), np.int32)
+    quantized = quantize(params, [tokens], cfg)
+    mesh = model_mesh()
+    windows = np.asarray(jax.random.randint(jax.random.PRNGKey(2), (3, 16), 0, cfg.vocab_size), np.int32)
+    out = {name: [perplexity(p, cfg, windows), perplexity(shard_model(p, cfg, mesh), cfg, windows, mesh=mesh)]
+           for name, p in (("float", params), ("quantized", quantized))}
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5)]
+    kw = dict(max_new_tokens=8, eos_token_ids=())
+    out["generate"] = generate(quantized, cfg, prompts, **kw) == generate(shard_model(quantized, cfg, mesh), cfg,
+                                                                         prompts, mesh=mesh, **kw)
+    print("RESULT", json.dumps(out))
+""")
+
+
+def test_two_devices_tensor_parallel_run_gemma3():
+    """Gemma 3 split by heads over two devices (the sandwich norms after o_proj's and down_proj's psum, a window on
+    layer 0): the float and quantized perplexities and the greedy tokens of one device."""
+    out = _run_on_cpu_devices(GEMMA3_TENSOR_PARALLEL, 2)
+    for name in ("float", "quantized"):
+        single, split = out[name]
+        assert split == pytest.approx(single, rel=1e-5)
+    assert out["generate"] is True
+
+
 def _run_on_cpu_devices(script: str, devices: int) -> dict:
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}".strip()
     env = {**os.environ, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}
