@@ -50,8 +50,30 @@ _BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # a sentencepiece byte-fallback to
 
 
 def gguf_arch(cfg: LlamaConfig) -> str:
-    """llama.cpp's architecture for cfg: `qwen2`, `qwen3`, `smollm3`, or `llama` (Llama, Mistral, SmolLM2)."""
+    """llama.cpp's architecture for cfg: `qwen2`, `qwen3`, `smollm3`, `gemma3`, or `llama` (Llama, Mistral,
+    SmolLM2)."""
+    if cfg.model_type == "gemma3_text":
+        return "gemma3"
     return cfg.model_type if cfg.model_type in ("qwen2", "qwen3", "smollm3") else "llama"
+
+
+def _check_gemma(cfg: LlamaConfig) -> None:
+    """llama.cpp's gemma3 fixes what a Hugging Face config states (module docstring of convert/gguf.py): refuses a
+    config that differs there, and Gemma 1 (whose GGUF files mixjax does not read)."""
+    from convert.gguf import GEMMA3_GLOBAL_STEP, GEMMA3_LOCAL_THETA
+
+    if cfg.model_type == "gemma":
+        raise ConvertError("writing Gemma 1 as GGUF is not implemented; export it as a Hugging Face directory")
+    if cfg.model_type != "gemma3_text":
+        return
+    step = tuple(i for i in range(cfg.num_hidden_layers) if (i + 1) % GEMMA3_GLOBAL_STEP == 0)
+    fixed = {"global_layers": (cfg.global_layers, step if cfg.sliding_window else ()),
+             "rope_local_theta": (cfg.rope_local_theta, GEMMA3_LOCAL_THETA),
+             "final_logit_softcap": (cfg.final_logit_softcap, None)}
+    for field, (have, want) in fixed.items():
+        if have != want:
+            raise ConvertError(f"{field}={have}: llama.cpp's gemma3 runs {want} and no GGUF key says otherwise; export "
+                               "this model as a Hugging Face directory instead")
 
 
 def _ggml_type(dtype: str):
@@ -233,7 +255,7 @@ def _tensors(params, cfg: LlamaConfig, qtype):
         if kind == T.Q8_0 and shape[-1] % _Q8_0_BLOCK:
             kind = T.F16  # llama.cpp's fallback for rows Q8_0's blocks do not tile
         out.append((name, tuple(shape), get, kind))
-    if cfg.rope_scaling is not None:
+    if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3":
         freqs = _rope_freqs(cfg)
         out.append(("rope_freqs.weight", freqs.shape, lambda f=freqs: f, T.F32))
     return out
@@ -277,6 +299,7 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
     arch = gguf_arch(cfg)
     if cfg.attention_bias and arch != "qwen2":
         raise ConvertError("attention_bias (q/k/v biases) is Qwen2's layout; llama.cpp's llama architecture has none")
+    _check_gemma(cfg)  # (its norms are stored as 1 + w, as mixjax holds them)
     from convert.gguf import SMOLLM3_NOPE_STEP
 
     every_fourth = tuple(i for i in range(cfg.num_hidden_layers) if (i + 1) % SMOLLM3_NOPE_STEP == 0)
@@ -308,7 +331,10 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
         if cfg.head_dim * cfg.num_attention_heads != cfg.hidden_size:
             writer.add_key_length(cfg.head_dim)
             writer.add_value_length(cfg.head_dim)
-        if cfg.rope_scaling is not None:
+        if cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(cfg.rope_scaling.factor)
+        elif cfg.rope_scaling is not None:
             writer.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_position_embeddings)
         if cfg.sliding_window:
             writer.add_sliding_window(cfg.sliding_window)

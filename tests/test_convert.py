@@ -840,6 +840,12 @@ GGUF_EXPORT_CASES = {  # (arch, config overrides, weight type, does transformers
     "llama3_rope_bf16": ("llama", dict(rope_parameters=LLAMA3_ROPE), "bfloat16", False),
     "mistral_window_f32": ("mistral", dict(sliding_window=4), "float32", False),
     "smollm3_nope_f32": ("smollm3", dict(num_hidden_layers=8), "float32", False),  # no SmolLM3 in its GGUF loader
+    # (its loader scales attention by 256^-1/2 whatever the heads: heads of 256 here, as in the real models)
+    "gemma3_window_f32": ("gemma3_text", dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=7,
+                                              sliding_window=4), "float32", True),
+    "gemma3_linear_rope_f32": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=32, num_hidden_layers=6,
+                                                   sliding_window=4, rope_scaling={"rope_type": "linear",
+                                                                                   "factor": 8.0}), "float32", False),
 }
 
 
@@ -885,7 +891,8 @@ def test_gguf_export_round_trip(case, make_tiny_hf, tmp_path):
         assert err == 0.0 if weight_type == "float32" else err < 0.05
     reader = gguf.GGUFReader(str(out))
     freqs = [t for t in reader.tensors if t.name == "rope_freqs.weight"]
-    assert bool(freqs) == (cfg.rope_scaling is not None)
+    assert bool(freqs) == (cfg.rope_scaling is not None and cfg.rope_scaling.rope_type == "llama3")  # (linear: two
+    # keys, which the config's round trip above checks)
     if freqs:
         np.testing.assert_allclose(np.asarray(freqs[0].data), _llama_cpp_rope_factors(model.config), rtol=1e-6)
     types = {t.name: t.tensor_type.name for t in reader.tensors}
@@ -1077,6 +1084,19 @@ def test_gguf_export_names_the_pre_tokenizer_and_pads_the_vocabulary(pre, tmp_pa
     text = "the 2024 path<tool> thistle  \n x"
     assert back.encode(text) == tokenizer.encode(text) and back.encode(text)[0] == n - 2
     assert tokenizer.convert_tokens_to_ids("<tool>") in back.encode(text)
+
+
+def test_gguf_export_refuses_gemma_layouts_llama_cpp_fixes_otherwise(make_tiny_hf, tmp_path):
+    """llama.cpp's gemma3 fixes every sixth layer global and the windowed layers' RoPE base; a Gemma 3 that differs,
+    and Gemma 1, are refused before any write."""
+    directory, _ = make_tiny_hf("gemma3_text", **GEMMA3)  # layer 1 global: not llama.cpp's pattern
+    cfg, params = convert.load(directory)
+    with pytest.raises(convert.ConvertError, match=r"global_layers=\(1,\): llama.cpp's gemma3 runs \(\)"):
+        convert.save_gguf(tmp_path / "g3.gguf", params, cfg)
+    directory, _ = make_tiny_hf("gemma", head_dim=32)
+    with pytest.raises(convert.ConvertError, match="writing Gemma 1 as GGUF is not implemented"):
+        convert.save_gguf(tmp_path / "g1.gguf", *reversed(convert.load(directory)))
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_gguf_export_refuses_before_writing(make_tiny_hf, tmp_path, monkeypatch):
