@@ -38,7 +38,39 @@ def read_config(directory: Path) -> LlamaConfig:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise ConvertError(f"{path}: not valid JSON ({e}); re-download or re-save the model") from None
-    return LlamaConfig.from_hf(d, source=str(path))
+    return LlamaConfig.from_hf(_text_config(d), source=str(path))
+
+
+def _text_config(d: dict) -> dict:
+    """A Gemma 3 config.json as a complete text-model dict: transformers' `Gemma3TextConfig` fills in the fields a
+    file leaves at their defaults (an image-text checkpoint's `text_config` lists few), and an image-text checkpoint
+    (gemma-3-4b/12b, `Gemma3ForConditionalGeneration`) gives its language model's."""
+    multimodal = d.get("model_type") == "gemma3" and isinstance(d.get("text_config"), dict)
+    if d.get("model_type") != "gemma3_text" and not multimodal:
+        return d
+    import transformers
+
+    text = dict(d["text_config"]) if multimodal else dict(d)
+    if multimodal:
+        for key in ("bos_token_id", "eos_token_id", "tie_word_embeddings"):  # the outer config's, where it has them
+            if key in d and key not in text:
+                text[key] = d[key]
+    text.pop("model_type", None)
+    return {**transformers.Gemma3TextConfig(**text).to_dict(), "model_type": "gemma3_text"}
+
+
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.", "model.multi_modal_projector.")
+
+
+def _language_model_name(name: str) -> str | None:
+    """An image-text Gemma 3 checkpoint's tensor as its language model's (None: a vision tower or projector tensor)."""
+    if name.startswith(_VISION_PREFIXES):
+        return None
+    if name.startswith("language_model."):  # the layout Hugging Face's Gemma 3 checkpoints are saved in
+        return name[len("language_model."):]
+    if name.startswith("model.language_model."):  # transformers' in-memory names
+        return "model." + name[len("model.language_model."):]
+    return name
 
 
 def weight_files(directory: Path) -> list[Path]:
@@ -97,9 +129,12 @@ def load_hf(directory: Path, dtype, mesh=None) -> tuple[LlamaConfig, dict]:
     cfg = read_config(directory)
     files = weight_files(directory)
     buffer = ParamBuffer(cfg, dtype, HF_NAMES, source=str(directory))
+    multimodal = json.loads((directory / "config.json").read_text()).get("model_type") == "gemma3"
     for file in files:
         for name, value in _tensors(file):
-            _put(buffer, name, value, file)
+            name = _language_model_name(name) if multimodal else name
+            if name is not None:  # (an image-text model's vision tower: not loaded)
+                _put(buffer, name, value, file)
     params = buffer.finish(mesh)
     if cfg.model_type == "granite":
         return fold_granite(json.loads((directory / "config.json").read_text()), cfg, params)

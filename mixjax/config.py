@@ -23,8 +23,8 @@ _UNSUPPORTED_HINTS = {
     "granitemoe": "mixture-of-experts models are not supported",
     "deepseek_v2": "mixture-of-experts models are not supported",
     "gemma2": "Gemma 2's attention logit soft-capping is not implemented; Gemma 1 and Gemma 3 are",
-    "gemma3": "a Gemma 3 image-text checkpoint (Gemma3ForConditionalGeneration); mixjax runs the text-only "
-              "Gemma3ForCausalLM checkpoints (model_type 'gemma3_text', e.g. gemma-3-1b)",
+    "gemma3": "a Gemma 3 image-text config without a text_config; mixjax reads Gemma3ForCausalLM checkpoints and "
+              "the language model of Gemma3ForConditionalGeneration ones",
 }
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
 

@@ -78,6 +78,31 @@ def test_hf_logits_match_transformers(case, make_tiny_hf):
     assert _rel_err(ours, _hf_logits(model, tokens)) < HF_RTOL
 
 
+def test_gemma3_image_text_checkpoint_loads_its_language_model(tmp_path):
+    """gemma-3-4b/12b ship as Gemma3ForConditionalGeneration: the language model's config sits in `text_config` (the
+    fields left at transformers' defaults filled in) and its tensors under `language_model.`; the vision tower and
+    projector are skipped. Text-only logits equal transformers' image-text model's."""
+    import transformers
+
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=32, sliding_window=4, sliding_window_pattern=2,
+                rope_scaling={"rope_type": "linear", "factor": 4.0})
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=28,
+                  patch_size=14)
+    config = transformers.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                                       image_token_index=127, boi_token_index=125, eoi_token_index=126)
+    torch.manual_seed(0)
+    model = transformers.Gemma3ForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path)
+    cfg, params = convert.load(tmp_path)
+    assert cfg.model_type == "gemma3_text" and cfg.global_layers == (1,) and cfg.max_position_embeddings == 131072
+    tokens = _tokens(np.random.default_rng(5), 120)  # (below the image tokens' ids)
+    assert _rel_err(forward(params, tokens, cfg, implementation="xla"), _hf_logits(model, tokens)) < HF_RTOL
+
+
 def test_hf_load_bf16(make_tiny_hf):
     """dtype=bf16 rounds each f32 weight to the nearest bf16."""
     directory, model = make_tiny_hf("llama")
