@@ -26,6 +26,13 @@ SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi3", "gemma3
 SMOLLM3_NOPE_STEP = 4  # llama.cpp's SmolLM3: every 4th layer without RoPE, fixed (no GGUF key holds it)
 GEMMA3_GLOBAL_STEP = 6  # llama.cpp's Gemma 3: every 6th layer global, the others with the sliding window
 GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's Gemma 3: the sliding-window layers' RoPE base
+GEMMA3_27B_LAYERS = 62  # llama.cpp's Gemma 3 of this depth (27B) scales attention by (hidden / heads)^-1/2
+
+
+def gemma3_query_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> float | None:
+    """llama.cpp's Gemma 3 attention scale as `LlamaConfig.query_pre_attn_scalar` (None: head_dim's)."""
+    qpas = hidden / heads if layers == GEMMA3_27B_LAYERS else head_dim
+    return None if qpas == head_dim else float(qpas)
 
 
 def _open(path: Path):
@@ -108,6 +115,7 @@ def read_config(reader, path: Path) -> LlamaConfig:
         sandwich_norms=gemma,
         global_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_GLOBAL_STEP == 0) if gemma and window else (),
         rope_local_theta=GEMMA3_LOCAL_THETA if gemma else None,
+        query_pre_attn_scalar=gemma3_query_scalar(layers, hidden, heads, head_dim) if gemma else None,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_end_ids(reader, eos),
     )

@@ -60,7 +60,7 @@ def gguf_arch(cfg: LlamaConfig) -> str:
 def _check_gemma(cfg: LlamaConfig) -> None:
     """llama.cpp's gemma3 fixes what a Hugging Face config states (module docstring of convert/gguf.py): refuses a
     config that differs there, and Gemma 1 (whose GGUF files mixjax does not read)."""
-    from convert.gguf import GEMMA3_GLOBAL_STEP, GEMMA3_LOCAL_THETA
+    from convert.gguf import GEMMA3_GLOBAL_STEP, GEMMA3_LOCAL_THETA, gemma3_query_scalar
 
     if cfg.model_type == "gemma":
         raise ConvertError("writing Gemma 1 as GGUF is not implemented; export it as a Hugging Face directory")
@@ -69,7 +69,9 @@ def _check_gemma(cfg: LlamaConfig) -> None:
     step = tuple(i for i in range(cfg.num_hidden_layers) if (i + 1) % GEMMA3_GLOBAL_STEP == 0)
     fixed = {"global_layers": (cfg.global_layers, step if cfg.sliding_window else ()),
              "rope_local_theta": (cfg.rope_local_theta, GEMMA3_LOCAL_THETA),
-             "final_logit_softcap": (cfg.final_logit_softcap, None)}
+             "final_logit_softcap": (cfg.final_logit_softcap, None),
+             "query_pre_attn_scalar": (cfg.query_pre_attn_scalar, gemma3_query_scalar(
+                 cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim))}
     for field, (have, want) in fixed.items():
         if have != want:
             raise ConvertError(f"{field}={have}: llama.cpp's gemma3 runs {want} and no GGUF key says otherwise; export "

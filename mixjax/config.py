@@ -103,6 +103,8 @@ class LlamaConfig:
     # empty: every layer has the window (Mistral)
     rope_local_theta: float | None = None  # Gemma 3: the RoPE base of the sliding-window layers (no scaling there)
     final_logit_softcap: float | None = None  # logits → cap·tanh(logits / cap)
+    query_pre_attn_scalar: float | None = None  # Gemma 3: attention scores × this^-1/2 instead of head_dim^-1/2
+    # (gemma-3-27b: 168 against heads of 128), applied as √(head_dim / this) on the query head norm's weight
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -121,6 +123,9 @@ class LlamaConfig:
             raise ConfigError(f"global_layers={self.global_layers} without a sliding_window: every layer is global")
         if self.mlp_act not in MLP_ACTIVATIONS:
             raise ConfigError(f"mlp_act={self.mlp_act!r}: mixjax implements {', '.join(MLP_ACTIVATIONS)}")
+        if self.query_pre_attn_scalar is not None and not (self.qk_norm and self.query_pre_attn_scalar > 0):
+            raise ConfigError(f"query_pre_attn_scalar={self.query_pre_attn_scalar} needs the query head norms "
+                              "(qk_norm, Gemma 3) and a positive value")
         if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
             raise ConfigError(f"final_logit_softcap={self.final_logit_softcap} must be positive (or None)")
 
@@ -176,12 +181,11 @@ class LlamaConfig:
             )
         except KeyError as e:
             raise ConfigError(f"{source}: required field {e.args[0]!r} is missing") from None
-        if gemma:
-            qpas = d.get("query_pre_attn_scalar")
-            if qpas is not None and float(qpas) != cfg["head_dim"]:
-                raise ConfigError(f"{source}: query_pre_attn_scalar={qpas} differs from head_dim={cfg['head_dim']} "
-                                  "(attention scores scaled by another 1/√d, e.g. gemma-3-27b); mixjax scales by "
-                                  "1/√head_dim")
+        qpas = d.get("query_pre_attn_scalar") if gemma else None
+        qpas = None if qpas is None or float(qpas) == cfg["head_dim"] else float(qpas)
+        if qpas is not None and model_type != "gemma3_text":
+            raise ConfigError(f"{source}: query_pre_attn_scalar={qpas} differs from head_dim={cfg['head_dim']}; mixjax "
+                              "scales attention scores by another 1/√d only in Gemma 3 (through its query head norm)")
         rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None
         local_rope = None
         if model_type == "gemma3_text":  # global and sliding-window layers have RoPE of their own
@@ -257,6 +261,7 @@ class LlamaConfig:
             global_layers=global_layers,
             rope_local_theta=float(local_rope.get("rope_theta", 10000.0)) if local_rope is not None else None,
             final_logit_softcap=float(d["final_logit_softcapping"]) if d.get("final_logit_softcapping") else None,
+            query_pre_attn_scalar=qpas,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -308,7 +313,9 @@ class LlamaConfig:
         if self.rope_scaling is not None:
             d["rope_scaling"] = {k: v for k, v in dataclasses.asdict(self.rope_scaling).items() if v is not None}
         if gemma:
-            d.update(attention_bias=False, query_pre_attn_scalar=self.head_dim, pad_token_id=None,
+            qpas = self.query_pre_attn_scalar or self.head_dim
+            d.update(attention_bias=False, query_pre_attn_scalar=int(qpas) if float(qpas).is_integer() else qpas,
+                     pad_token_id=None,
                      final_logit_softcapping=self.final_logit_softcap)
             if model_type == "gemma3_text":
                 d.update(hidden_activation="gelu_pytorch_tanh", sliding_window=self.sliding_window,

@@ -856,13 +856,13 @@ def _decoder_layer(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
             k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=window, rms=rms,
             codes=attn_codes, v_block=v_block, interpret=interpret, norm_eps=eps,
-            qk_norm=(layer["q_norm"], layer["k_norm"]) if cfg.qk_norm else None)
+            qk_norm=(query_norm_weight(layer, cfg), layer["k_norm"]) if cfg.qk_norm else None)
         new_cache = tuple(new_cache)
     else:
         q, k, v = projs("self_attn", h)
         q, k = q.reshape(B, T, H, Dh), k.reshape(B, T, KVH, Dh)
         if cfg.qk_norm:
-            q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
+            q, k = rms_norm(q, query_norm_weight(layer, cfg), eps), rms_norm(k, layer["k_norm"], eps)
         q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         v = v.reshape(B, T, KVH, Dh)
         if cache_kv is None:
@@ -923,6 +923,15 @@ def _decoder_layer(
     out = proj("mlp.down_proj", gated)
     x = x + (rms_norm(out, layer["mlp_output_norm"], eps) if sandwich else out)
     return x, new_cache, None
+
+
+def query_norm_weight(layer: dict, cfg: LlamaConfig) -> jax.Array:
+    """The query head norm's weight, × √(head_dim / query_pre_attn_scalar) where the config scales attention scores by
+    that scalar (gemma-3-27b): every attention path then applies its usual 1/√head_dim (RoPE is linear)."""
+    w = layer["q_norm"]
+    if cfg.query_pre_attn_scalar is None:
+        return w
+    return (w.astype(jnp.float32) * math.sqrt(cfg.head_dim / cfg.query_pre_attn_scalar)).astype(w.dtype)
 
 
 def mlp_activation(kind: str):

@@ -493,7 +493,8 @@ class Attention(nnx.Module):
         H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q, k = self.q_proj(x).reshape(B, T, H, Dh), self.k_proj(x).reshape(B, T, KVH, Dh)
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = model.rms_norm(q, model.query_norm_weight({"q_norm": _get(self.q_norm.weight)}, cfg), cfg.rms_norm_eps)
+            k = self.k_norm(k)
         q, k = model.apply_rope(q, *rope), model.apply_rope(k, *rope)
         v = self.v_proj(x).reshape(B, T, KVH, Dh)
         out = attend_ref(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)  # [B, T, H, Dh]

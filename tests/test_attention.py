@@ -368,13 +368,14 @@ def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype, max_len
     decode steps take `attend_new_tokens_pallas`, on the projection's split-K partials for mixed weights,
     and give the XLA path's logits and cache. "qwen3": Qwen3's query and key head norms, in the kernel, and
     a layer without RoPE (SmolLM3's NoPE: the kernel's RoPE on identity tables). "gemma3": a layer with a window of 8
-    and RoPE of its own beside a global one (each kernel launch gets its layer's window and tables), the head norms,
-    sandwich norms and GeGLU around it."""
+    and RoPE of its own beside a global one (each kernel launch gets its layer's window and tables), the head norms
+    (the query's carrying another attention scale), sandwich norms and GeGLU around it."""
     import pallas_kernels as pk
 
     qk_norm = variant != "llama"
     gemma = dict(model_type="gemma3_text", mlp_act="gelu_tanh", embed_scale=16.0, sandwich_norms=True,
-                 sliding_window=8, global_layers=(1,), rope_local_theta=100.0) if variant == "gemma3" else {}
+                 sliding_window=8, global_layers=(1,), rope_local_theta=100.0, query_pre_attn_scalar=20.0) \
+        if variant == "gemma3" else {}
     cfg = LlamaConfig(**{**dict(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
                                 attention_bias=True, sliding_window=20, qk_norm=qk_norm, rms_norm_eps=1e-6,

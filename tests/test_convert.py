@@ -58,6 +58,7 @@ HF_CASES = {
     "granite_multipliers_tied": ("granite", GRANITE, {}),  # its four scalars folded into the weights
     "gemma_geglu_tied": ("gemma", dict(head_dim=32), {}),  # (1 + w) norms folded on load, embeddings × √D, GeGLU
     "gemma3_windows_sandwich": ("gemma3_text", GEMMA3, {}),
+    "gemma3_query_scalar": ("gemma3_text", {**GEMMA3, "query_pre_attn_scalar": 48}, {}),  # (gemma-3-27b's kind)
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
 }
@@ -608,7 +609,6 @@ def test_phi3_checkpoints_that_do_not_fit_are_named(make_tiny_hf):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("query_pre_attn_scalar", 48, r"query_pre_attn_scalar=48 differs from head_dim=32"),
     ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 .*not implemented"),
     ("use_bidirectional_attention", True, "use_bidirectional_attention=true"),
     ("layer_types", ["full_attention", "chunked_attention", "full_attention", "full_attention"],
@@ -751,6 +751,7 @@ EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untie
     "granite_as_llama": ("granite", GRANITE, None, None),  # written as the Llama its folded weights make
     "gemma_bf16": ("gemma", dict(head_dim=32), jnp.bfloat16, None),  # norms written back as w (1 + w folded on load)
     "gemma3_windows_sandwich": ("gemma3_text", GEMMA3, None, None),
+    "gemma3_query_scalar": ("gemma3_text", {**GEMMA3, "query_pre_attn_scalar": 48}, None, None),
 }
 
 
