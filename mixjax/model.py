@@ -887,8 +887,7 @@ def _decoder_layer(
         o_in = _o_proj_input(attn, implementation) if isinstance(o_proj["weight"], MixedWeight) else attn
     decode_rows = B * T <= MAX_QUANT_ROWS  # more rows (prefill codes): outputs in x's dtype, not f32 partials
     gate_up = layer["mlp"].get(_FUSED["mlp"][1])
-    swiglu_codes = (cfg.mlp_act == "silu" and gate_up is not None
-                    and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation))
+    swiglu_codes = gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation)
     rms = None  # with NORM_DEFER_RMS: the post-attention norm's r, applied by the SwiGLU kernel
     sandwich = cfg.sandwich_norms  # Gemma 3: each branch's output normalized before its residual add
     if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
@@ -913,7 +912,8 @@ def _decoder_layer(
         parts = gate_up["weight"].matmul(h, implementation=implementation, partials=decode_rows)  # [S, B, T, 2F] f32
         quant = swiglu.silu_mul_quant_pallas if resolve_implementation(implementation) == "pallas" else \
             swiglu.silu_mul_quant_ref
-        gated = quant(parts, x.dtype, partials=decode_rows, rms=rms, row_scale=_row_scale_codes(x, "down"))
+        gated = quant(parts, x.dtype, partials=decode_rows, rms=rms, row_scale=_row_scale_codes(x, "down"),
+                      act=cfg.mlp_act)
     else:
         gate, up = projs("mlp", h)
         gated = mlp_activation(cfg.mlp_act)(gate) * up  # [B, T, F]

@@ -22,7 +22,7 @@ with the row in registers: the default (`ROW_CHUNK`, `ROW_WARPS`), the fastest r
 Arithmetic as `mixjax.model`: gate and up are the linear's output rounded to the dtype (Σ partials in f32),
 h = silu(gate)·up in the dtype (silu(x) = x·sigmoid(x), computed in f32 and rounded once — XLA may keep
 more precision inside its fusion, so h can differ from the reference by a rounding of the dtype), then
-`reference.quantize_groups`.
+`reference.quantize_groups`. `act="gelu_tanh"`: GeGLU (Gemma), GELU's tanh form in place of SiLU, the same way.
 """
 
 from __future__ import annotations
@@ -43,16 +43,18 @@ from pallas_kernels.norm import chunk_cols, load_inv_rms, quant_rows, store_grou
 MAX_ROWS = 64  # tokens up to which the model takes this kernel at decode (one program per row and chunk)
 BLOCK_ROWS = 16  # rows a program of the blocked form (prefill, `model.PREFILL_CODES`); NOTES-kernels.md item 70
 ROW_CHUNK = 128  # groups of 128 a step of the row form (`row_scale`): 128 walks a row of up to 16384 features once,
+ACTIVATIONS = ("silu", "gelu_tanh")  # the gate's activation (`LlamaConfig.mlp_act`)
 ROW_WARPS = 16  # with this many warps. H200, session 30 (`bench_norm.py --row-scale`, M = 2048, F = 14336): 59.3 µs
 # against 85.7 for 8 groups × 4 warps (the first default) and 49.1 for the per-group blocked form; NOTES item 100
 
 
-def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False, rms=None, row_scale: bool = False):
+def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False, rms=None, row_scale: bool = False,
+                       act: str = "silu"):
     """gate_up [..., 2F] in the activations' dtype, or (partials=True) f32 split-K partials [S, ..., 2F]
     summed and rounded to `dtype` → QuantizedActivations of silu(gate)·up [..., F] (gate: the first F).
     rms (`format.RowRms`, one row per token): gate and up are first multiplied by its r in f32 (the linear ran
     on the codes of `norm.rms_norm_codes_pallas`). row_scale: one activation scale a row
-    (`QuantizedActivations.row_scale`)."""
+    (`QuantizedActivations.row_scale`). act: "silu" (SwiGLU) or "gelu_tanh" (GeGLU: GELU's tanh approximation)."""
     from pallas_kernels.format import QuantizedActivations
     from pallas_kernels.kernels import quantize_activations_xla
 
@@ -62,21 +64,25 @@ def silu_mul_quant_ref(gate_up: jax.Array, dtype=None, *, partials: bool = False
         y = y.astype(jnp.float32) * rms.inv().reshape(y.shape[:-1])[..., None]
     y = y.astype(dtype)
     f = y.shape[-1] // 2
-    h = jax.nn.silu(y[..., :f]) * y[..., f:]
+    gate = y[..., :f]
+    h = (jax.nn.silu(gate) if act == "silu" else jax.nn.gelu(gate, approximate=True)) * y[..., f:]
     lead = h.shape[:-1]
     rows = h.reshape(-1, f)
     x_q, a_scale, x_sum = quantize_activations_xla(rows, block_m=quant_rows(rows.shape[0]), row_scale=row_scale)
     return QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), f, dtype.name, row_scale)
 
 
-def _gated(gate, up, dtype):
-    """silu(gate)·up in the dtype, returned in f32: gate f32 and up in the dtype (`_kernel`'s arithmetic)."""
-    silu = (gate / (1.0 + jnp.exp(-gate))).astype(dtype)
-    return (silu * up).astype(dtype).astype(jnp.float32)
+def _gated(gate, up, dtype, act: str = "silu"):
+    """act(gate)·up in the dtype, returned in f32: gate f32 and up in the dtype (`_kernel`'s arithmetic)."""
+    if act == "silu":
+        a = gate / (1.0 + jnp.exp(-gate))
+    else:  # GELU, tanh form: 0.5·g·(1 + tanh(√(2/π)·(g + 0.044715·g³)))
+        a = 0.5 * gate * (1.0 + jnp.tanh(math.sqrt(2.0 / math.pi) * (gate + 0.044715 * gate * gate * gate)))
+    return (a.astype(dtype) * up).astype(dtype).astype(jnp.float32)
 
 
 def _row_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, groups: int, chunk: int, dtype,
-                pdl_on: bool = False):
+                pdl_on: bool = False, act: str = "silu"):
     """One program a row of the codes (rows ≥ M are their zero padding): a first walk over the row in chunks
     of `chunk` groups finds max |h|, a second quantizes every group with that one scale (`row_scale`); a chunk
     that covers the row takes one walk."""
@@ -88,7 +94,7 @@ def _row_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, groups: int, c
         _, col = chunk_cols(c, chunk)
         valid = (col < f) & live_row
         gate = plgpu.load(x_ref.at[src, col], mask=valid, other=0.0).astype(jnp.float32)
-        return _gated(gate, plgpu.load(x_ref.at[src, col + f], mask=valid, other=0.0), dtype), col
+        return _gated(gate, plgpu.load(x_ref.at[src, col + f], mask=valid, other=0.0), dtype, act), col
 
     chunks = -(-groups // chunk)
     if chunks == 1:  # the whole row in one step: one walk
@@ -106,7 +112,7 @@ def _row_kernel(x_ref, q_ref, sc_ref, sum_ref, *, m: int, f: int, groups: int, c
 
 
 def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, rms: tuple | None = None,
-            pdl_on: bool = False):
+            pdl_on: bool = False, act: str = "silu"):
     x_ref, *ssq_ref, q_ref, sc_ref, sum_ref = refs
     r, c = pdl.program_ids(2, pdl_on, trigger=True)
     live_row = r < m
@@ -127,12 +133,12 @@ def _kernel(*refs, m: int, f: int, groups: int, chunk: int, parts: int, dtype, r
             total = total.astype(jnp.float32) * inv
         return total.astype(dtype)
 
-    h = _gated(load(col).astype(jnp.float32), load(col + f), dtype)
+    h = _gated(load(col).astype(jnp.float32), load(col + f), dtype, act)
     store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, c * chunk, groups)
 
 
 def _block_kernel(x_ref, *refs, m: int, f: int, block: int, parts: int, dtype, rms: tuple | None = None,
-                  pdl_on: bool = False):
+                  pdl_on: bool = False, act: str = "silu"):
     """One program per (block of rows, group): `_kernel`'s arithmetic on [block, 64] halves, stored as
     `kernels.quantize_activations_pallas` stores its codes (prefill: thousands of rows)."""
     from pallas_kernels.kernels import store_quantized_halves
@@ -158,14 +164,14 @@ def _block_kernel(x_ref, *refs, m: int, f: int, block: int, parts: int, dtype, r
                 total = total.astype(jnp.float32) * inv
             return total.astype(dtype)
 
-        halves.append(_gated(load(cols).astype(jnp.float32), load(cols + f), dtype))
+        halves.append(_gated(load(cols).astype(jnp.float32), load(cols + f), dtype, act))
     store_quantized_halves(q_ref, sc_ref, sum_ref, r * block, g, block, *halves)
 
 
 @functools.partial(jax.jit, static_argnames=("dtype", "partials", "chunk", "num_warps", "blocked", "row_scale",
-                                             "interpret"))
+                                             "act", "interpret"))
 def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warps: int, blocked: int, row_scale: bool,
-                    interpret: bool):
+                    act: str, interpret: bool):
     from pallas_kernels.format import QuantizedActivations
 
     parts = gate_up.shape[0] if partials else 0
@@ -177,16 +183,16 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
     static_rms = None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps)
     if row_scale:
         kernel = functools.partial(_row_kernel, pdl_on=pdl.active(interpret), m=m, f=f, groups=groups,
-                                   chunk=chunk, dtype=dtype)
+                                   chunk=chunk, dtype=dtype, act=act)
         grid = (mp,)
     elif blocked:
         block = min(blocked, mp)  # mp is a multiple of it (`quant_rows`)
         kernel = functools.partial(_block_kernel, pdl_on=pdl.active(interpret), m=m, f=f, block=block,
-                                   parts=parts, dtype=dtype, rms=static_rms)
+                                   parts=parts, dtype=dtype, rms=static_rms, act=act)
         grid = (mp // block, groups)
     else:
-        kernel = functools.partial(_kernel, pdl_on=pdl.active(interpret),
-                                   m=m, f=f, groups=groups, chunk=chunk, parts=parts, dtype=dtype, rms=static_rms)
+        kernel = functools.partial(_kernel, pdl_on=pdl.active(interpret), m=m, f=f, groups=groups, chunk=chunk,
+                                   parts=parts, dtype=dtype, rms=static_rms, act=act)
         grid = (mp, -(-groups // chunk))
     x_q, a_scale, x_sum = pl.pallas_call(
         kernel,
@@ -202,15 +208,18 @@ def _silu_mul_quant(gate_up, rms, *, dtype, partials: bool, chunk: int, num_warp
 
 def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = False, chunk_groups: int = 2,
                           num_warps: int | None = None, blocked: bool | int | None = None, rms=None,
-                          row_scale: bool = False, row_chunk: int | None = None, interpret: bool = False):
+                          row_scale: bool = False, row_chunk: int | None = None, act: str = "silu",
+                          interpret: bool = False):
     """`silu_mul_quant_ref` in one launch over (row, chunk of `chunk_groups` groups of 128), or with
     `blocked` over (block of rows, group): True — `BLOCK_ROWS` rows, an int — that many (8, 16, 32 or 64).
     None: blocked past `MAX_ROWS` rows (prefill). rms: a `format.RowRms` with one row per token (see the
     reference). num_warps None: 4, or `ROW_WARPS` in the row form. row_scale: one activation scale a row, by the
     row form (one program a row, `row_chunk` groups a step, None: `ROW_CHUNK`; `chunk_groups` and `blocked` do
     not apply), on a linear's plain output (no
-    partials, no rms: the prefill GEMM's)."""
+    partials, no rms: the prefill GEMM's). act: the gate's activation, one of `ACTIVATIONS`."""
     dtype = jnp.dtype(dtype or gate_up.dtype)
+    if act not in ACTIVATIONS:
+        raise ValueError(f"silu_mul_quant: act={act!r}; expected one of {', '.join(ACTIVATIONS)}")
     if not jnp.issubdtype(dtype, jnp.floating):
         raise TypeError(f"silu_mul_quant: the activations' dtype must be floating point, got {dtype}")
     if partials and (gate_up.dtype != jnp.float32 or gate_up.ndim < 2):
@@ -233,7 +242,7 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
         raise ValueError("silu_mul_quant: row_scale takes the linear's output in the activations' dtype, not "
                          "split-K partials or a RowRms (the per-token prefill GEMM's output, `mgpu.PREFILL_ACT_SCALE`)")
     if gate_up.size == 0:
-        return silu_mul_quant_ref(gate_up, dtype, partials=partials, rms=rms, row_scale=row_scale)
+        return silu_mul_quant_ref(gate_up, dtype, partials=partials, rms=rms, row_scale=row_scale, act=act)
     if blocked is None:
         blocked = rows > MAX_ROWS
     if blocked is True:
@@ -243,4 +252,4 @@ def silu_mul_quant_pallas(gate_up: jax.Array, dtype=None, *, partials: bool = Fa
     return _silu_mul_quant(gate_up, rms, dtype=dtype, partials=bool(partials),
                            chunk=int(row_chunk if row_scale else chunk_groups),
                            num_warps=int(num_warps), blocked=int(blocked), row_scale=bool(row_scale),
-                           interpret=interpret)
+                           act=act, interpret=interpret)

@@ -20,7 +20,7 @@ INTERPRET = jax.default_backend() != "gpu"
 ROW = "row"  # `blocked` column: the row form, one activation scale a row (`row_scale`)
 
 
-@pytest.mark.parametrize("lead, f, parts, dtype, chunk, blocked, rms", [
+SILU_CASES = [
     ((1,), 4096, 8, jnp.bfloat16, 2, None, True), ((3,), 576, 0, jnp.bfloat16, 1, None, False),
     ((2, 9), 200, 3, jnp.float32, 4, None, True), ((17,), 640, 2, jnp.bfloat16, 2, None, False),
     ((70,), 328, 0, jnp.bfloat16, 2, None, True),  # past MAX_ROWS: the blocked (prefill) form, a ragged last block
@@ -30,13 +30,20 @@ ROW = "row"  # `blocked` column: the row form, one activation scale a row (`row_
     ((70,), 1160, 0, jnp.bfloat16, 4, ROW, False), ((2, 3), 200, 0, jnp.float32, 8, ROW, False),
     ((1,), 2048, 0, jnp.bfloat16, 1, ROW, False), ((3,), 900, 0, jnp.bfloat16, 8, ROW, False),
     # the default row form (`ROW_CHUNK` = 128 groups, the row in one step, wider than the row here)
-    ((5,), 1160, 0, jnp.bfloat16, None, ROW, False)])
-def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked, rms):
+    ((5,), 1160, 0, jnp.bfloat16, None, ROW, False)]
+# GeGLU (Gemma): the per-row form on partials with rms, the blocked form, the row form
+GELU_CASES = [((3,), 576, 4, jnp.bfloat16, 2, None, True), ((70,), 328, 0, jnp.bfloat16, 2, None, False),
+              ((2, 3), 200, 0, jnp.float32, 8, ROW, False)]
+
+
+@pytest.mark.parametrize("lead, f, parts, dtype, chunk, blocked, rms, act",
+                         [(*c, "silu") for c in SILU_CASES] + [(*c, "gelu_tanh") for c in GELU_CASES])
+def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked, rms, act):
     """Widths that are not a multiple of 128 (or of the chunk), rows that need padding (16, 32, 64), split-K
     partials or the linear's output, per row or in blocks of rows: the codes, scales and sums of the reference
     (to a rounding of the dtype in h), zero padding, and codes that reproduce silu(gate)·up within half a step.
     `rms`: gate and up are first multiplied by each row's r (the norm before the linear deferred it).
-    `ROW`: one scale a row, stored in each of its groups' places."""
+    `ROW`: one scale a row, stored in each of its groups' places. act "gelu_tanh": GeGLU's GELU (tanh form)."""
     from pallas_kernels.format import RowRms
 
     rng = np.random.default_rng()
@@ -49,8 +56,8 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked,
         x = x * jnp.asarray(np.repeat(rng.choice([0.2, 6.0], size=(-(-2 * f // 128))), 128)[: 2 * f], x.dtype)
     got = swiglu.silu_mul_quant_pallas(x, dtype, partials=bool(parts), chunk_groups=chunk or 2,
                                        blocked=None if row_scale else blocked, rms=rms, row_scale=row_scale,
-                                       row_chunk=chunk if row_scale else None, interpret=INTERPRET)
-    ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts), rms=rms, row_scale=row_scale)
+                                       row_chunk=chunk if row_scale else None, act=act, interpret=INTERPRET)
+    ref = swiglu.silu_mul_quant_ref(x, dtype, partials=bool(parts), rms=rms, row_scale=row_scale, act=act)
     g = -(-f // 128)
     mp = quant_rows(m)
     assert (got.x_q.shape, got.a_scale.shape, got.x_sum.shape) == ((mp, g * 128), (g, mp), (g, mp))
@@ -72,7 +79,11 @@ def test_silu_mul_quant_matches_reference(lead, f, parts, dtype, chunk, blocked,
     if rms is not None:
         y = y.astype(jnp.float32) * rms.inv().reshape(*lead, 1)
     y = np.asarray(y.astype(dtype), np.float64).reshape(m, 2 * f)
-    h = y[:, :f] / (1 + np.exp(-y[:, :f])) * y[:, f:]
+    gate = y[:, :f]
+    if act == "silu":
+        h = gate / (1 + np.exp(-gate)) * y[:, f:]
+    else:
+        h = 0.5 * gate * (1 + np.tanh(np.sqrt(2 / np.pi) * (gate + 0.044715 * gate ** 3))) * y[:, f:]
     step = np.repeat(np.asarray(got.a_scale)[:, :m].T, 128, axis=1)[:, :f]
     err = np.abs(np.asarray(got.dequantize(), np.float64).reshape(m, f) - h)
     assert np.all(err <= 0.5 * step + 3 * eps * np.abs(h) + 1e-30)
