@@ -188,6 +188,8 @@ def to_text(info: ModelInfo) -> str:
         extras.append(f"embeddings × {c.embed_scale:.4g}")
     if c.sandwich_norms:
         extras.append("norms on the attention and MLP outputs")
+    if c.query_pre_attn_scalar is not None:
+        extras.append(f"attention scores × {c.query_pre_attn_scalar:g}^-1/2")
     if c.final_logit_softcap is not None:
         extras.append(f"logits soft-capped at {c.final_logit_softcap:g}")
     lines = [

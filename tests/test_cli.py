@@ -600,3 +600,16 @@ def test_info_describes_each_source_without_loading_it(tiny_model, tmp_path, cap
     assert evaluation["quantized"] != pytest.approx(evaluation["float"], rel=1e-4)
     assert cli.main(["info", str(tmp_path / "nothing")]) == 2
     assert "no such file or directory" in capsys.readouterr().err
+
+
+def test_info_names_gemma3_features(make_tiny_hf, capsys):
+    """`mixjax info` on a Gemma 3 directory: transformers' parameter count (its sandwich and head norms included) and
+    each of Gemma's departures from a Llama."""
+    directory, model = make_tiny_hf("gemma3_text", head_dim=32, num_hidden_layers=7, sliding_window=4,
+                                    query_pre_attn_scalar=48)
+    assert cli.main(["info", str(directory)]) == 0
+    text = capsys.readouterr().out
+    assert f"parameters: {sum(p.numel() for p in model.parameters()) / 1e3:.1f} k" in text
+    for feature in ("gemma3_text, 7 layers", "q/k head norms", "sliding window 4 on 6 layers (rope θ 10000 there)",
+                    "GeGLU", "embeddings × 8", "norms on the attention and MLP outputs", "attention scores × 48^-1/2"):
+        assert feature in text, (feature, text)
