@@ -427,6 +427,25 @@ NORM_DEFER_RMS = "auto"  # "auto" (default): at decode (≤ norm.MAX_QUANT_ROWS 
 # int4 head): b1 492.8 → 509.0 tok/s (2.03 → 1.96 ms a step, 369 → 305 launches), b8 +1.1 %, b32 +1.9 %
 
 
+SANDWICH_FUSED = "auto"  # "auto" (default): at decode (≤ norm.MAX_QUANT_ROWS tokens) on the Pallas path, a Gemma 3
+# layer's mixed o_proj (no bias) hands its split-K partials to the post-attention norm kernel, which normalizes their
+# sum with `attn_output_norm` before the residual add (`rms_norm_quant_pallas(delta_w=...)`, one program a row);
+# "always": also on the XLA path, through the reference (tests); "never": XLA sums and normalizes o_proj's output
+# and the norm kernel takes it as an x-shaped delta. Not measured on a GPU yet (NOTES-kernels.md item 148)
+
+
+def _sandwich_fused(o_proj: dict, x, implementation: Implementation) -> bool:
+    from pallas_kernels.format import MixedWeight
+    from pallas_kernels.norm import MAX_QUANT_ROWS
+
+    if SANDWICH_FUSED not in ("never", "auto", "always"):
+        raise ValueError(f"mixjax.model.SANDWICH_FUSED = {SANDWICH_FUSED!r}; expected 'never', 'auto' or 'always'")
+    if (SANDWICH_FUSED == "never" or not isinstance(o_proj["weight"], MixedWeight) or o_proj.get("bias") is not None
+            or math.prod(x.shape[:-1]) > MAX_QUANT_ROWS or _norm_in_gemv(x, implementation)):
+        return False
+    return SANDWICH_FUSED == "always" or resolve_implementation(implementation) == "pallas"
+
+
 def _defer_rms(x, implementation: Implementation) -> bool:
     from pallas_kernels.norm import MAX_QUANT_ROWS
 
@@ -450,13 +469,18 @@ def norm_codes(x, delta, w, eps: float, implementation: Implementation):
     return norm.rms_norm_codes_ref(x, delta, w, eps, chunk_groups=chunk)
 
 
-def norm_quant(x, delta, w, eps: float, implementation: Implementation, consumer: str = "qkv"):
+def norm_quant(x, delta, w, eps: float, implementation: Implementation, consumer: str = "qkv", delta_w=None):
     """(x + Σ delta, QuantizedActivations of rms_norm(x + Σ delta, w)): delta None, x-shaped, or a mixed
     linear's f32 split-K partials [S, *x.shape] (`MixedWeight.matmul(..., partials=True)`). With
-    `NORM_IN_GEMV` on, `NormedActivations` instead (the linears' GEMV normalizes its own groups)."""
+    `NORM_IN_GEMV` on, `NormedActivations` instead (the linears' GEMV normalizes its own groups). delta_w: Σ delta
+    is rms_norm'ed with it before the add (Gemma 3's sandwich norm, `SANDWICH_FUSED`), in one program a row."""
     from pallas_kernels import norm
 
     pallas = resolve_implementation(implementation) == "pallas"
+    if delta_w is not None:
+        if pallas:
+            return norm.rms_norm_quant_pallas(x, delta, w, eps, delta_w=delta_w)
+        return norm.rms_norm_quant_ref(x, delta, w, eps, delta_w=delta_w)
     if _norm_in_gemv(x, implementation):
         return norm.rms_norm_defer_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS,
                                           interpret=not pallas)
@@ -890,7 +914,12 @@ def _decoder_layer(
     swiglu_codes = gate_up is not None and _swiglu_quant_on(gate_up, layer["mlp"]["down_proj"], x, implementation)
     rms = None  # with NORM_DEFER_RMS: the post-attention norm's r, applied by the SwiGLU kernel
     sandwich = cfg.sandwich_norms  # Gemma 3: each branch's output normalized before its residual add
-    if _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
+    if _norm_quant_on(consumers("mlp"), x, implementation) and sandwich and _sandwich_fused(o_proj, x, implementation):
+        # o_proj's partials → their sum normalized (attn_output_norm) → residual add, norm and codes: one launch
+        delta = o_proj["weight"].matmul(o_in, implementation=implementation, partials=True)  # [S, B, T, D]
+        x, h = norm_quant(x, delta, layer["post_attention_layernorm"], eps, implementation, "gate_up",
+                          delta_w=layer["attn_output_norm"])
+    elif _norm_quant_on(consumers("mlp"), x, implementation):  # residual add, norm and quantization: one launch
         if sandwich:
             delta = rms_norm(proj("self_attn.o_proj", o_in), layer["attn_output_norm"], eps)
         elif decode_rows and isinstance(o_proj["weight"], MixedWeight) and o_proj.get("bias") is None:  # partials

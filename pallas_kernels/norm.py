@@ -110,15 +110,20 @@ def quant_rows(m: int) -> int:
     return 16 if m <= 16 else 32 if m <= 32 else -(-m // 64) * 64
 
 
-def rms_norm_quant_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *, row_scale: bool = False):
+def rms_norm_quant_ref(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *, row_scale: bool = False,
+                       delta_w: jax.Array | None = None):
     """(s, QuantizedActivations of h) with (s, h) = `add_rms_norm_ref(x, Σ_S delta, w)`: delta is None, an
     x-shaped array or f32 partials [S, *x.shape] summed in f32 and rounded to x's dtype before the add.
-    row_scale: one activation scale a row (`QuantizedActivations.row_scale`), for the per-token prefill GEMM."""
+    row_scale: one activation scale a row (`QuantizedActivations.row_scale`), for the per-token prefill GEMM.
+    delta_w [D]: Σ delta is itself RMS-normalized and × delta_w before the add (Gemma 3's sandwich norm on a
+    branch's output), as `add_rms_norm_ref`'s h."""
     from pallas_kernels.format import QuantizedActivations
     from pallas_kernels.kernels import quantize_activations_xla
 
     if delta is not None and delta.ndim == x.ndim + 1:
         delta = jnp.sum(delta.astype(jnp.float32), axis=0).astype(x.dtype)
+    if delta_w is not None:
+        delta = add_rms_norm_ref(delta.astype(x.dtype), None, delta_w, eps)[1]
     s, h = add_rms_norm_ref(x, delta, w, eps)
     lead, d = x.shape[:-1], x.shape[-1]
     rows = h.reshape(-1, d)
@@ -141,8 +146,10 @@ def store_group_codes(h, q_ref, sc_ref, sum_ref, r, col, first: int, groups: int
 
 
 def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: int, eps: float, dtype,
-                       row_scale: bool = False, pdl_on: bool = False):
-    if parts:
+                       row_scale: bool = False, delta_norm: bool = False, pdl_on: bool = False):
+    if parts and delta_norm:
+        x_ref, d_ref, w_ref, dw_ref, s_ref, q_ref, sc_ref, sum_ref = refs
+    elif parts:
         x_ref, d_ref, w_ref, s_ref, q_ref, sc_ref, sum_ref = refs
     else:
         x_ref, w_ref, q_ref, sc_ref, sum_ref = refs
@@ -157,7 +164,12 @@ def _norm_quant_kernel(*refs, m: int, width: int, groups: int, gp: int, parts: i
         total = jnp.zeros((gp, GROUP_SIZE), jnp.float32)
         for j in range(parts):  # the previous linear's split-K partials, summed here
             total = total + plgpu.load(d_ref.at[j, src, col], mask=valid, other=0.0).astype(jnp.float32)
-        s = (s + total.astype(dtype)).astype(dtype)
+        total = total.astype(dtype)
+        if delta_norm:  # the branch's output normalized first (Gemma 3), as the norm below
+            tf = total.astype(jnp.float32)
+            t = (tf * lax.rsqrt(jnp.sum(tf * tf) / width + eps)).astype(dtype)
+            total = (plgpu.load(dw_ref.at[col], mask=col < width, other=0.0).astype(dtype) * t).astype(dtype)
+        s = (s + total).astype(dtype)
         plgpu.store(s_ref.at[src, col], s, mask=valid)
     sf = s.astype(jnp.float32)
     mean = jnp.sum(sf * sf) / width
@@ -316,7 +328,8 @@ def normed_codes_ref(x):
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "num_warps", "row_scale", "interpret"))
-def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, row_scale: bool, interpret: bool):
+def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, row_scale: bool, interpret: bool,
+                    delta_w=None):
     from pallas_kernels.format import QuantizedActivations
 
     lead, d = x.shape[:-1], x.shape[-1]
@@ -332,13 +345,13 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, row_scale
     res = pl.pallas_call(
         functools.partial(_norm_quant_kernel, pdl_on=pdl.active(interpret),
                           m=m, width=d, groups=groups, gp=gp, parts=parts, eps=eps, dtype=x.dtype,
-                          row_scale=row_scale),
+                          row_scale=row_scale, delta_norm=delta_w is not None),
         out_shape=out_shape,
         grid=(mp,),
         interpret=interpret,
         name="rms_norm_quant_rows" if row_scale else "rms_norm_quant",
         compiler_params=plgpu.CompilerParams(num_warps=num_warps or (4 if gp * GROUP_SIZE <= 4096 else 8), num_stages=1),
-    )(*args, w)
+    )(*args, w, *(() if delta_w is None else (delta_w,)))
     s = x if delta is None else res[0].reshape(x.shape)
     x_q, a_scale, x_sum = res[-3:]
     return s, QuantizedActivations(x_q, a_scale, x_sum, tuple(lead), d, jnp.dtype(x.dtype).name, row_scale)
@@ -346,7 +359,7 @@ def _rms_norm_quant(x, delta, w, *, eps: float, num_warps: int | None, row_scale
 
 def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, eps: float, *,
                           num_warps: int | None = None, chunk_groups: int | None = None, row_scale: bool = False,
-                          interpret: bool = False):
+                          delta_w: jax.Array | None = None, interpret: bool = False):
     """`rms_norm_quant_ref` in one launch: x [..., D] (the residual stream), delta None, x-shaped, or f32
     split-K partials [S, *x.shape] of the previous linear; w [D] → (s = x + Σ delta, QuantizedActivations
     of RMSNorm(s)·w) for a mixed linear to consume. The norm's f32 sum runs in another order than XLA's,
@@ -358,9 +371,16 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
     with each chunk's sum of squares, then the normalization and quantization of each chunk.
 
     row_scale: one activation scale a row (`QuantizedActivations.row_scale`; the per-token prefill GEMM,
-    `mgpu.PREFILL_ACT_SCALE = "token"`), the one-program-a-row form only (its program holds the whole row)."""
+    `mgpu.PREFILL_ACT_SCALE = "token"`), the one-program-a-row form only (its program holds the whole row).
+
+    delta_w [D]: Σ delta is RMS-normalized and × delta_w before the add (Gemma 3's norm on o_proj's output, so its
+    split-K partials need no launch of their own), the one-program-a-row form only: a row's sum of squares first."""
     if x.ndim < 1 or w.shape != (x.shape[-1],):
         raise ValueError(f"rms_norm_quant: w must be [D] with D = x.shape[-1]; got x {x.shape}, w {w.shape}")
+    if delta_w is not None and (delta is None or delta_w.shape != w.shape or chunk_groups is not None):
+        raise ValueError(f"rms_norm_quant: delta_w normalizes a delta before the add, in the one-program-a-row form: "
+                         f"it needs a delta, the shape of w ({w.shape}, got {delta_w.shape}) and chunk_groups=None "
+                         f"(got {chunk_groups})")
     if delta is not None and delta.shape not in (x.shape, (delta.shape[0], *x.shape)):
         raise ValueError(f"rms_norm_quant: delta must be x's shape {x.shape} or [S, *{x.shape}], got {delta.shape}")
     if not jnp.issubdtype(x.dtype, jnp.floating):
@@ -369,7 +389,7 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
         raise ValueError(f"rms_norm_quant: row_scale needs the one-program-a-row form (chunk_groups=None), got "
                          f"chunk_groups={chunk_groups}: a chunk's program does not see the rest of its row")
     if x.shape[-1] > MAX_WIDTH or x.size == 0:
-        return rms_norm_quant_ref(x, delta, w, eps, row_scale=row_scale)
+        return rms_norm_quant_ref(x, delta, w, eps, row_scale=row_scale, delta_w=delta_w)
     if delta is not None and delta.ndim == x.ndim:
         delta = delta[None]
     if chunk_groups is not None:
@@ -378,7 +398,7 @@ def rms_norm_quant_pallas(x: jax.Array, delta: jax.Array | None, w: jax.Array, e
         return _rms_norm_quant_2l(x, delta, w, eps=float(eps), chunk=int(chunk_groups), num_warps=num_warps,
                                   interpret=interpret)
     return _rms_norm_quant(x, delta, w, eps=float(eps), num_warps=num_warps, row_scale=bool(row_scale),
-                           interpret=interpret)
+                           interpret=interpret, delta_w=delta_w)
 
 
 # ------------------------------------------------------------------ the norm's codes in one decode launch

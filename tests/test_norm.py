@@ -513,3 +513,70 @@ def test_model_norms_defer_their_rms(monkeypatch):
     monkeypatch.setattr(model, "NORM_DEFER_RMS", "later")
     with pytest.raises(ValueError, match="NORM_DEFER_RMS = 'later'"):
         run("later")
+
+
+@pytest.mark.parametrize("shape, dtype, delta_kind", [((1, 2560), jnp.bfloat16, "parts"), ((5, 640), jnp.bfloat16, "same"),
+                                                      ((2, 3, 200), jnp.float32, "parts")])
+def test_rms_norm_quant_normalizes_the_delta_first(shape, dtype, delta_kind):
+    """`delta_w` (Gemma 3's sandwich norm on o_proj's output): the partials' sum is itself RMS-normalized and × delta_w
+    before the residual add, then the usual norm and codes; against the reference, to a rounding of the dtype (two f32
+    sums in another order now), and far from the add without that norm."""
+    rng = np.random.default_rng()
+    x, delta, w = _norm_quant_case(shape, dtype, delta_kind, rng)
+    delta_w = jnp.asarray(rng.uniform(0.2, 3.0, shape[-1]), jnp.float32)
+    s, qa = norm.rms_norm_quant_pallas(x, delta, w, 1e-6, delta_w=delta_w, interpret=INTERPRET)
+    s_ref, qa_ref = norm.rms_norm_quant_ref(x, delta, w, 1e-6, delta_w=delta_w)
+    eps = float(jnp.finfo(dtype).eps)
+    s, s_ref = np.asarray(s, np.float32), np.asarray(s_ref, np.float32)
+    np.testing.assert_allclose(s, s_ref, rtol=0, atol=2 * eps * np.abs(s_ref).max())
+    codes, codes_ref = np.asarray(qa.x_q, np.int32), np.asarray(qa_ref.x_q, np.int32)
+    assert np.abs(codes - codes_ref).max() <= 2 and np.mean(codes != codes_ref) < 0.1
+    m, g = int(np.prod(shape[:-1])), -(-shape[-1] // 128)
+    np.testing.assert_array_equal(np.asarray(qa.x_sum).T, codes.reshape(-1, g, 128).sum(-1))
+    plain = np.asarray(norm.rms_norm_quant_ref(x, delta, w, 1e-6)[0], np.float32)
+    assert np.abs(plain - s_ref).max() > 0.1 * np.abs(s_ref).max()  # the delta's norm changes the sum
+    with pytest.raises(ValueError, match="delta_w normalizes a delta"):
+        norm.rms_norm_quant_pallas(x, delta, w, 1e-6, delta_w=delta_w, chunk_groups=2, interpret=INTERPRET)
+    assert qa.a_scale.shape == (g, norm.quant_rows(m))
+
+
+def test_model_sandwich_norm_takes_o_proj_partials(monkeypatch):
+    """`model.SANDWICH_FUSED` (here "always", through the references): a Gemma 3 layer's post-attention norm takes
+    o_proj's split-K partials with `attn_output_norm` (its sum normalized before the residual add) at decode, and the
+    logits equal those of XLA normalizing o_proj's output first; prefill rows keep XLA's way."""
+    import dataclasses
+    import functools
+
+    from helpers import tiny_mixed_model
+
+    rng = np.random.default_rng()
+    cfg, params = tiny_mixed_model(6, rng)
+    cfg = dataclasses.replace(cfg, model_type="gemma3_text", sandwich_norms=True, mlp_act="gelu_tanh",
+                              embed_scale=16.0, qk_norm=True, sliding_window=4, global_layers=(1,), rope_local_theta=1e3)
+    for layer in params["layers"]:
+        for name, size in (("attn_output_norm", 256), ("mlp_output_norm", 256), ("q_norm", 64), ("k_norm", 64)):
+            layer[name] = jnp.asarray(rng.uniform(0.3, 2.0, size), jnp.float32)
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (2, 5)), jnp.int32)
+    calls = []
+    real = norm.rms_norm_quant_ref
+    monkeypatch.setattr(norm, "rms_norm_quant_ref",
+                        lambda *a, **k: calls.append(k.get("delta_w") is not None and a[1].ndim == 4) or real(*a, **k))
+    monkeypatch.setattr(model, "NORM_QUANT", "always")
+
+    def run(mode):
+        monkeypatch.setattr(model, "SANDWICH_FUSED", mode)
+        cache = model.init_cache(cfg, 2, 8, jnp.float32)
+        forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
+        first, cache = forward(params, tokens, cache=cache)
+        step, _ = forward(params, tokens[:, :1], cache=cache)
+        return np.asarray(first), np.asarray(step)
+
+    want = run("never")
+    assert not any(calls)
+    calls.clear()
+    got = run("always")
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
+    # per forward: each layer's input norm, then its post-attention norm (the head is float: its norm is XLA's);
+    # partials with delta_w in the post-attention norms only, in both forwards (10 prompt rows are decode rows here)
+    assert calls == [False, True] * 2 * 2
