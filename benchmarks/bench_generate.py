@@ -183,6 +183,8 @@ def _layer(cfg: LlamaConfig, weights: dict) -> dict:
     layer = {"input_layernorm": jnp.ones((D,), jnp.bfloat16), "post_attention_layernorm": jnp.ones((D,), jnp.bfloat16)}
     if cfg.qk_norm:
         layer.update(q_norm=jnp.ones((cfg.head_dim,), jnp.bfloat16), k_norm=jnp.ones((cfg.head_dim,), jnp.bfloat16))
+    if cfg.sandwich_norms:  # Gemma 3
+        layer.update(attn_output_norm=jnp.ones((D,), jnp.bfloat16), mlp_output_norm=jnp.ones((D,), jnp.bfloat16))
     for name, w in weights.items():
         group, proj = name.split(".")
         entry = {"weight": w}
@@ -635,9 +637,11 @@ def run_variant(name: str, args) -> int:
 
     dev = jax.devices()[0]
     cfg = SHAPES[args.shape]
-    if args.small:  # the small model, with the shape's query/key head norms
+    if args.small:  # the small model, with the shape's departures from a Llama (one layer of each kind)
+        gemma = dict(mlp_act=cfg.mlp_act, embed_scale=SMALL.hidden_size ** 0.5, sandwich_norms=True, sliding_window=64,
+                     global_layers=(1,), rope_local_theta=cfg.rope_local_theta) if cfg.sandwich_norms else {}
         cfg = dataclasses.replace(SMALL, model_type=cfg.model_type, qk_norm=cfg.qk_norm,
-                                  nope_layers=(1,) if cfg.nope_layers else ())
+                                  nope_layers=(1,) if cfg.nope_layers else (), **gemma)
     for strategy in (split_variant(name)[1] or "").split("@"):
         if strategy:
             _apply_strategy(strategy)

@@ -869,7 +869,7 @@ case "$part" in
     header
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py -k other_architectures 2>&1 \
       | tail -3 | tee "$out/gpu_model.log"
-    timeout 250 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4,w4.4a8+h4@xsandwich --batches 1,8,32 \
+    timeout 250 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4,w4.4a8@xsandwich+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --budget-s 230 --out "$out/gemma3_4b.md" 2>&1 | grep "batch\|tok/s |\|Error" \
       | tee "$out/gemma3_4b.log"
     ;;
