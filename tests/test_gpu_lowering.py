@@ -122,3 +122,32 @@ def test_quantized_prefill_lowers_for_cuda(monkeypatch, act_scale):
     assert bool(kernels["quantize_rows"]) == per_row and bool(kernels["quantize_activations"]) == (not per_row)
     assert "wgmma" in text
     jax.clear_caches()
+
+
+def test_gemma3_decode_step_lowers_for_cuda(monkeypatch):
+    """Gemma 3 on the GPU path: heads of 256 in the fused attention (a window on layer 0, none on layer 1), GeGLU's
+    tanh in the SwiGLU kernel, and the post-attention norm taking o_proj's partials with the sandwich norm's weight
+    (one program a row) — every kernel's Triton IR builds."""
+    import dataclasses
+
+    cfg = dataclasses.replace(CFG, model_type="gemma3_text", head_dim=256, qk_norm=True, mlp_act="gelu_tanh",
+                              embed_scale=16.0, sandwich_norms=True, sliding_window=16, global_layers=(1,),
+                              rope_local_theta=1e4, query_pre_attn_scalar=168.0)
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
+    rng = np.random.default_rng(0)
+    for layer in params["layers"]:
+        for group in ("self_attn", "mlp"):
+            for p in layer[group].values():
+                p["weight"] = pk.pack_rtn(np.asarray(p["weight"], np.float32), rng.random(p["weight"].shape[0]) < 0.1)
+    params = model.fuse_projections(params)
+    monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
+    windows = []
+    real = model.attend_new_tokens_pallas
+    monkeypatch.setattr(model, "attend_new_tokens_pallas",
+                        lambda *a, **k: windows.append(k["sliding_window"]) or real(*a, **k))
+    cache = model.init_cache(cfg, 2, 64, jnp.bfloat16)
+    step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation="pallas"))
+    text = step.trace(params, jnp.zeros((2, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
+    assert kernels["attend_new_tokens"] and kernels["silu_mul_quant"] and kernels["rms_norm_quant"]
+    assert windows == [16, None]
