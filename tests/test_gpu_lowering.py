@@ -23,9 +23,9 @@ CFG = LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hi
                   num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0)
 
 
-def _quantized_params():
+def _quantized_params(cfg: LlamaConfig = CFG):
     """A small W4.4A8 model (10 % 8-bit rows, RTN), per-layer and fused: the decode step's inference form."""
-    params = model.unstack_layers(model.init_params(CFG, jax.random.key(0), jnp.bfloat16))
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
     rng = np.random.default_rng(0)
     for layer in params["layers"]:
         for group in ("self_attn", "mlp"):
@@ -133,13 +133,7 @@ def test_gemma3_decode_step_lowers_for_cuda(monkeypatch):
     cfg = dataclasses.replace(CFG, model_type="gemma3_text", head_dim=256, qk_norm=True, mlp_act="gelu_tanh",
                               embed_scale=16.0, sandwich_norms=True, sliding_window=16, global_layers=(1,),
                               rope_local_theta=1e4, query_pre_attn_scalar=168.0)
-    params = model.unstack_layers(model.init_params(cfg, jax.random.key(0), jnp.bfloat16))
-    rng = np.random.default_rng(0)
-    for layer in params["layers"]:
-        for group in ("self_attn", "mlp"):
-            for p in layer[group].values():
-                p["weight"] = pk.pack_rtn(np.asarray(p["weight"], np.float32), rng.random(p["weight"].shape[0]) < 0.1)
-    params = model.fuse_projections(params)
+    params = _quantized_params(cfg)
     monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
     windows = []
     real = model.attend_new_tokens_pallas

@@ -210,12 +210,7 @@ def test_model_norms_hand_codes_to_mixed_linears(monkeypatch):
     def run(mode, in_gemv="never"):
         monkeypatch.setattr(model, "NORM_QUANT", mode)
         monkeypatch.setattr(model, "NORM_IN_GEMV", in_gemv)
-        cache = model.init_cache(cfg, 2, 8, jnp.float32)
-        # a fresh jit per run: the module flags are read while tracing (one compilation beats op-by-op)
-        forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
-        first, cache = forward(params, tokens, cache=cache)
-        step, _ = forward(params, tokens[:, :1], cache=cache)
-        return np.asarray(first), np.asarray(step)
+        return _prompt_and_step(params, cfg, tokens)
 
     want = run("never")
     assert not handed
@@ -540,12 +535,21 @@ def test_rms_norm_quant_normalizes_the_delta_first(shape, dtype, delta_kind):
     assert qa.a_scale.shape == (g, norm.quant_rows(m))
 
 
+def _prompt_and_step(params, cfg, tokens):
+    """(logits of the prompt `tokens` [2, T], then of one cached step) on the XLA path, jitted afresh: the module flags
+    a test sets are read while tracing (one compilation beats running op by op)."""
+    cache = model.init_cache(cfg, 2, 8, jnp.float32)
+    forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
+    first, cache = forward(params, tokens, cache=cache)
+    step, _ = forward(params, tokens[:, :1], cache=cache)
+    return np.asarray(first), np.asarray(step)
+
+
 def test_model_sandwich_norm_takes_o_proj_partials(monkeypatch):
     """`model.SANDWICH_FUSED` (here "always", through the references): a Gemma 3 layer's post-attention norm takes
     o_proj's split-K partials with `attn_output_norm` (its sum normalized before the residual add) at decode, and the
     logits equal those of XLA normalizing o_proj's output first; prefill rows keep XLA's way."""
     import dataclasses
-    import functools
 
     from helpers import tiny_mixed_model
 
@@ -565,11 +569,7 @@ def test_model_sandwich_norm_takes_o_proj_partials(monkeypatch):
 
     def run(mode):
         monkeypatch.setattr(model, "SANDWICH_FUSED", mode)
-        cache = model.init_cache(cfg, 2, 8, jnp.float32)
-        forward = jax.jit(functools.partial(model.forward_step, cfg=cfg, implementation="xla"))
-        first, cache = forward(params, tokens, cache=cache)
-        step, _ = forward(params, tokens[:, :1], cache=cache)
-        return np.asarray(first), np.asarray(step)
+        return _prompt_and_step(params, cfg, tokens)
 
     want = run("never")
     assert not any(calls)
