@@ -1,5 +1,5 @@
 """Model configuration for the Llama family (Llama 2/3/3.1/3.2, Mistral, Qwen2, Qwen3, SmolLM2, SmolLM3, Phi-3/Phi-4)
-and the Gemma decoders built like it (Gemma 1, Gemma 3 text).
+and the Gemma decoders built like it (Gemma 1, Gemma 2, Gemma 3 text).
 
 `LlamaConfig` is a frozen, hashable dataclass: pass it as a static argument to jitted functions.
 `LlamaConfig.from_hf(d)` reads a Hugging Face `config.json` dict and refuses architectures the
@@ -14,15 +14,15 @@ import os
 from typing import Any, Literal
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "smollm2", "smollm3", "phi3", "granite", "gemma",
-                         "gemma3_text")
-GEMMA_TYPES = ("gemma", "gemma3_text")  # norms that scale by (1 + w), folded into w as a checkpoint loads
+                         "gemma2", "gemma3_text")
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")  # norms that scale by (1 + w), folded into w as a checkpoint loads
+SANDWICH_TYPES = ("gemma2", "gemma3_text")  # norms on the attention's and the MLP's outputs too
 _UNSUPPORTED_HINTS = {
     "mixtral": "mixture-of-experts models are not supported",
     "qwen2_moe": "mixture-of-experts models are not supported",
     "qwen3_moe": "mixture-of-experts models are not supported",
     "granitemoe": "mixture-of-experts models are not supported",
     "deepseek_v2": "mixture-of-experts models are not supported",
-    "gemma2": "Gemma 2's attention logit soft-capping is not implemented; Gemma 1 and Gemma 3 are",
     "gemma3": "a Gemma 3 image-text config without a text_config; mixjax reads Gemma3ForCausalLM checkpoints and "
               "the language model of Gemma3ForConditionalGeneration ones",
 }
@@ -103,8 +103,11 @@ class LlamaConfig:
     # empty: every layer has the window (Mistral)
     rope_local_theta: float | None = None  # Gemma 3: the RoPE base of the sliding-window layers (no scaling there)
     final_logit_softcap: float | None = None  # logits → cap·tanh(logits / cap)
-    query_pre_attn_scalar: float | None = None  # Gemma 3: attention scores × this^-1/2 instead of head_dim^-1/2
-    # (gemma-3-27b: 168 against heads of 128), applied as √(head_dim / this) on the query head norm's weight
+    attn_logit_softcap: float | None = None  # Gemma 2: attention scores → cap·tanh(scores / cap) before the softmax
+    # (XLA's attention: the attention kernels step aside)
+    query_pre_attn_scalar: float | None = None  # Gemma 2/3: attention scores × this^-1/2 instead of head_dim^-1/2
+    # (gemma-3-27b: 168 against heads of 128): √(head_dim / this) on the query head norm's weight where there is one
+    # (Gemma 3), else the scale of XLA's attention (Gemma 2)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
@@ -123,11 +126,10 @@ class LlamaConfig:
             raise ConfigError(f"global_layers={self.global_layers} without a sliding_window: every layer is global")
         if self.mlp_act not in MLP_ACTIVATIONS:
             raise ConfigError(f"mlp_act={self.mlp_act!r}: mixjax implements {', '.join(MLP_ACTIVATIONS)}")
-        if self.query_pre_attn_scalar is not None and not (self.qk_norm and self.query_pre_attn_scalar > 0):
-            raise ConfigError(f"query_pre_attn_scalar={self.query_pre_attn_scalar} needs the query head norms "
-                              "(qk_norm, Gemma 3) and a positive value")
-        if self.final_logit_softcap is not None and not self.final_logit_softcap > 0:
-            raise ConfigError(f"final_logit_softcap={self.final_logit_softcap} must be positive (or None)")
+        for name in ("query_pre_attn_scalar", "final_logit_softcap", "attn_logit_softcap"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ConfigError(f"{name}={value} must be positive (or None)")
 
     def layer_window(self, i: int) -> int | None:
         """Layer i's sliding window (None: it attends to every earlier position)."""
@@ -159,9 +161,9 @@ class LlamaConfig:
         if mlp_act is None:
             raise ConfigError(f"{source}: {act_field}={act!r} is not supported; mixjax runs 'silu' (SwiGLU) and "
                               "'gelu_pytorch_tanh' (Gemma's GeGLU)")
-        if d.get("attn_logit_softcapping"):
+        if d.get("attn_logit_softcapping") and model_type != "gemma2":
             raise ConfigError(f"{source}: attn_logit_softcapping={d['attn_logit_softcapping']} (attention scores "
-                              "soft-capped, Gemma 2) is not implemented in mixjax's attention")
+                              f"soft-capped) is Gemma 2's; mixjax does not run it in a {model_type} model")
         if d.get("use_bidirectional_attention"):
             raise ConfigError(f"{source}: use_bidirectional_attention=true (an encoder-style Gemma) is not supported; "
                               "mixjax runs causal decoders")
@@ -183,9 +185,6 @@ class LlamaConfig:
             raise ConfigError(f"{source}: required field {e.args[0]!r} is missing") from None
         qpas = d.get("query_pre_attn_scalar") if gemma else None
         qpas = None if qpas is None or float(qpas) == cfg["head_dim"] else float(qpas)
-        if qpas is not None and model_type != "gemma3_text":
-            raise ConfigError(f"{source}: query_pre_attn_scalar={qpas} differs from head_dim={cfg['head_dim']}; mixjax "
-                              "scales attention scores by another 1/√d only in Gemma 3 (through its query head norm)")
         rope_params = d.get("rope_parameters") if isinstance(d.get("rope_parameters"), dict) else None
         local_rope = None
         if model_type == "gemma3_text":  # global and sliding-window layers have RoPE of their own
@@ -227,13 +226,14 @@ class LlamaConfig:
         eos = d.get("eos_token_id")
         eos_ids = tuple(int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []))
         window = d.get("sliding_window") if d.get("use_sliding_window", model_type in ("mistral", "phi3",
-                                                                                    "gemma3_text")) else None
+                                                                                    *SANDWICH_TYPES)) else None
         layers = int(d["num_hidden_layers"])
         global_layers: tuple[int, ...] = ()
-        if model_type == "gemma3_text":
+        if model_type in SANDWICH_TYPES:
             kinds = d.get("layer_types")
-            if kinds is None:  # older config.json files: every `sliding_window_pattern`-th layer is global
-                step = int(d.get("sliding_window_pattern") or 6)
+            if kinds is None:  # older config.json files: every `sliding_window_pattern`-th layer is global (Gemma 2:
+                # every other)
+                step = int(d.get("sliding_window_pattern") or (6 if model_type == "gemma3_text" else 2))
                 kinds = ["full_attention" if (i + 1) % step == 0 else "sliding_attention" for i in range(layers)]
             if len(kinds) != layers or set(kinds) - {"full_attention", "sliding_attention"}:
                 raise ConfigError(f"{source}: layer_types must name 'full_attention' or 'sliding_attention' for each "
@@ -257,16 +257,17 @@ class LlamaConfig:
             nope_layers=_nope_layers(d, layers, source) if model_type == "smollm3" else (),
             mlp_act=mlp_act,
             embed_scale=hidden ** 0.5 if gemma else None,
-            sandwich_norms=model_type == "gemma3_text",
+            sandwich_norms=model_type in SANDWICH_TYPES,
             global_layers=global_layers,
             rope_local_theta=float(local_rope.get("rope_theta", 10000.0)) if local_rope is not None else None,
             final_logit_softcap=float(d["final_logit_softcapping"]) if d.get("final_logit_softcapping") else None,
+            attn_logit_softcap=float(d["attn_logit_softcapping"]) if d.get("attn_logit_softcapping") else None,
             query_pre_attn_scalar=qpas,
         )
 
     def to_hf(self) -> dict[str, Any]:
         """The Hugging Face config.json dict of this config, for `LlamaForCausalLM`, `MistralForCausalLM`,
-        `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `GemmaForCausalLM` or
+        `Qwen2ForCausalLM`, `Qwen3ForCausalLM`, `SmolLM3ForCausalLM`, `Phi3ForCausalLM`, `GemmaForCausalLM`, `Gemma2ForCausalLM` or
         `Gemma3ForCausalLM` (`from_hf` reads it back to an equal config; a SmolLM2 read from GGUF is a Llama). Raises
         ConfigError for a combination none of them runs."""
         model_type = self.model_type if self.model_type in ("mistral", "qwen2", "qwen3", "smollm3", "phi3",
@@ -280,19 +281,24 @@ class LlamaConfig:
         if self.attention_bias and model_type not in ("qwen2", "qwen3"):
             raise ConfigError(f"attention_bias (q/k/v biases without an o_proj bias) is Qwen2's layout; a "
                               f"{model_type} config.json cannot hold it")
-        if self.sliding_window and model_type not in ("mistral", "phi3", "gemma3_text"):
+        if self.sliding_window and model_type not in ("mistral", "phi3", *SANDWICH_TYPES):
             raise ConfigError(f"sliding_window={self.sliding_window} is Mistral's; a {model_type} config.json "
                               "cannot hold it")
         gemma = model_type in GEMMA_TYPES
         layout = (self.mlp_act == "gelu_tanh", self.embed_scale == self.hidden_size ** 0.5,
-                  self.sandwich_norms == (model_type == "gemma3_text"))
+                  self.sandwich_norms == (model_type in SANDWICH_TYPES))
         if gemma != all(layout) or (not gemma and any(layout[:2])) or self.sandwich_norms and not gemma:
             raise ConfigError(f"mlp_act={self.mlp_act!r}, embed_scale={self.embed_scale}, sandwich_norms="
                               f"{self.sandwich_norms} with model_type={self.model_type!r}: no Hugging Face class runs "
-                              "that combination (Gemma: GeGLU, embeddings × √D; Gemma 3 also the sandwich norms)")
-        if (self.global_layers or self.rope_local_theta is not None) and model_type != "gemma3_text":
-            raise ConfigError(f"global_layers / rope_local_theta are Gemma 3's layout; a {model_type} config.json "
-                              "cannot hold them")
+                              "that combination (Gemma: GeGLU, embeddings × √D; Gemma 2 and 3 also the sandwich norms)")
+        if self.global_layers and model_type not in SANDWICH_TYPES:
+            raise ConfigError(f"global_layers is Gemma 2's and 3's layout; a {model_type} config.json cannot hold it")
+        if self.rope_local_theta is not None and model_type != "gemma3_text":
+            raise ConfigError(f"rope_local_theta is Gemma 3's layout; a {model_type} config.json cannot hold it")
+        if self.attn_logit_softcap is not None and model_type != "gemma2":
+            raise ConfigError(f"attn_logit_softcap is Gemma 2's; a {model_type} config.json cannot hold it")
+        if self.query_pre_attn_scalar is not None and model_type not in SANDWICH_TYPES:
+            raise ConfigError(f"query_pre_attn_scalar is Gemma 2's and 3's; a {model_type} config.json cannot hold it")
         if self.rope_scaling is not None and self.rope_scaling.rope_type == "linear" and model_type != "gemma3_text":
             raise ConfigError(f"linear RoPE scaling is written for Gemma 3 only; a {model_type} config.json from "
                               "mixjax cannot hold it")
@@ -300,7 +306,8 @@ class LlamaConfig:
             raise ConfigError(f"final_logit_softcap is Gemma's; a {model_type} config.json cannot hold it")
         arch = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM", "qwen2": "Qwen2ForCausalLM",
                 "qwen3": "Qwen3ForCausalLM", "smollm3": "SmolLM3ForCausalLM", "phi3": "Phi3ForCausalLM",
-                "gemma": "GemmaForCausalLM", "gemma3_text": "Gemma3ForCausalLM"}[model_type]
+                "gemma": "GemmaForCausalLM", "gemma2": "Gemma2ForCausalLM",
+                "gemma3_text": "Gemma3ForCausalLM"}[model_type]
         eos = list(self.eos_token_ids)
         d: dict[str, Any] = dict(
             architectures=[arch], model_type=model_type, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
@@ -317,12 +324,13 @@ class LlamaConfig:
             d.update(attention_bias=False, query_pre_attn_scalar=int(qpas) if float(qpas).is_integer() else qpas,
                      pad_token_id=None,
                      final_logit_softcapping=self.final_logit_softcap)
-            if model_type == "gemma3_text":
+            if model_type in SANDWICH_TYPES:
                 d.update(hidden_activation="gelu_pytorch_tanh", sliding_window=self.sliding_window,
-                         rope_local_base_freq=self.rope_local_theta if self.rope_local_theta is not None else
-                         self.rope_theta, attn_logit_softcapping=None,
+                         attn_logit_softcapping=self.attn_logit_softcap,
                          layer_types=["full_attention" if self.layer_window(i) is None else "sliding_attention"
                                       for i in range(self.num_hidden_layers)])
+            if model_type == "gemma3_text":
+                d["rope_local_base_freq"] = self.rope_local_theta if self.rope_local_theta is not None else self.rope_theta
         elif model_type in ("llama", "smollm3"):
             d.update(attention_bias=False, mlp_bias=False)
             if model_type == "smollm3":  # HF's list: 1 where a layer uses RoPE; no pad token (mixjax keeps none,

@@ -497,7 +497,8 @@ class Attention(nnx.Module):
             k = self.k_norm(k)
         q, k = model.apply_rope(q, *rope), model.apply_rope(k, *rope)
         v = self.v_proj(x).reshape(B, T, KVH, Dh)
-        out = attend_ref(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)  # [B, T, H, Dh]
+        out = attend_ref(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask,
+                         **model.attention_scores(cfg))  # [B, T, H, Dh]
         return self.o_proj(out.reshape(B, T, H * Dh))
 
 

@@ -69,12 +69,14 @@ def value_offsets(pos, d, dh: int, v_block: int):
 
 
 def attend_ref(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
-               k_scale: jax.Array | None = None, v_scale: jax.Array | None = None) -> jax.Array:
+               k_scale: jax.Array | None = None, v_scale: jax.Array | None = None, *, scale: float | None = None,
+               softcap: float | None = None) -> jax.Array:
     """Grouped-query attention. q [B, T, H, Dh], k/v [B, KVH, S, Dh], mask [B, T, S] → [B, T, H, Dh].
 
     With an int8 cache, k/v hold codes and k_scale/v_scale [B, KVH, S] their per-position scales: the
     key scale multiplies the f32 scores and the value scale the probabilities, so the dequantized
-    cache is never materialised.
+    cache is never materialised. scale: the scores' factor (None: 1/√Dh); softcap: scores → cap·tanh(scores / cap)
+    before the mask (Gemma 2).
     """
     B, T, H, Dh = q.shape
     KVH = k.shape[1]
@@ -82,7 +84,9 @@ def attend_ref(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(q.dtype), preferred_element_type=jnp.float32)
     if k_scale is not None:
         scores = scores * k_scale.astype(jnp.float32)[:, :, None, None, :]
-    scores = scores / math.sqrt(Dh)  # [B, KVH, G, T, S]
+    scores = scores / math.sqrt(Dh) if scale is None else scores * scale  # [B, KVH, G, T, S]
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     scores = jnp.where(mask[:, None, None], scores, _NEG)
     probs = jax.nn.softmax(scores, axis=-1)
     if v_scale is not None:

@@ -132,7 +132,8 @@ TINY = dict(
 
 @pytest.fixture
 def make_tiny_hf(tmp_path_factory):
-    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"phi3"|"granite"|"mistral"|"gemma"|"gemma3_text", save_kwargs=None,
+    """make_tiny_hf(arch="llama"|"qwen2"|"qwen3"|"smollm3"|"phi3"|"granite"|"mistral"|"gemma"|"gemma2"|"gemma3_text",
+    save_kwargs=None,
     **config_overrides) -> (dir, model).
 
     save_kwargs go to `save_pretrained`, except `bin=True`: weights written as pytorch_model.bin with
@@ -150,12 +151,13 @@ def make_tiny_hf(tmp_path_factory):
         "phi3": (transformers.Phi3Config, transformers.Phi3ForCausalLM),
         "granite": (transformers.GraniteConfig, transformers.GraniteForCausalLM),
         "gemma": (transformers.GemmaConfig, transformers.GemmaForCausalLM),
+        "gemma2": (transformers.Gemma2Config, transformers.Gemma2ForCausalLM),
         "gemma3_text": (transformers.Gemma3TextConfig, transformers.Gemma3ForCausalLM),
     }
 
     def make(arch="llama", save_kwargs=None, seed=0, **overrides):
         config_cls, model_cls = classes[arch]
-        if arch in ("smollm3", "phi3", "gemma", "gemma3_text"):  # default special-token ids past the tiny vocabulary
+        if arch in ("smollm3", "phi3", "gemma", "gemma2", "gemma3_text"):  # special-token ids past the tiny vocabulary
             overrides = {"pad_token_id": None, "bos_token_id": None, "eos_token_id": None, **overrides}
         torch.manual_seed(seed)
         model = model_cls(config_cls(**{**TINY, **overrides}))

@@ -47,6 +47,10 @@ GRANITE = dict(tie_word_embeddings=True, embedding_multiplier=3.0, logits_scalin
 GEMMA3 = dict(head_dim=32, query_pre_attn_scalar=32, num_hidden_layers=4, sliding_window=4,
               layer_types=["sliding_attention", "full_attention", "sliding_attention", "sliding_attention"],
               rope_scaling={"rope_type": "linear", "factor": 4.0}, final_logit_softcapping=3.0)
+# Gemma 2: windows on every other layer, soft-capped attention scores (a cap low enough to bite) and logits, an
+# attention scale of its own (gemma-2-27b's kind), no head norms
+GEMMA2 = dict(head_dim=32, query_pre_attn_scalar=24, num_hidden_layers=4, sliding_window=4, attn_logit_softcapping=2.0,
+              final_logit_softcapping=3.0)
 
 HF_CASES = {
     "llama_gqa_untied": ("llama", {}, {}),
@@ -58,6 +62,7 @@ HF_CASES = {
     "granite_multipliers_tied": ("granite", GRANITE, {}),  # its four scalars folded into the weights
     "gemma_geglu_tied": ("gemma", dict(head_dim=32), {}),  # (1 + w) norms folded on load, embeddings × √D, GeGLU
     "gemma3_windows_sandwich": ("gemma3_text", GEMMA3, {}),
+    "gemma2_softcaps": ("gemma2", GEMMA2, {}),
     "gemma3_query_scalar": ("gemma3_text", {**GEMMA3, "query_pre_attn_scalar": 48}, {}),  # (gemma-3-27b's kind)
     "mistral_window_sharded": ("mistral", dict(sliding_window=4), dict(max_shard_size="40KB")),
     "llama_bin": ("llama", dict(num_key_value_heads=1), dict(bin=True)),
@@ -609,7 +614,7 @@ def test_phi3_checkpoints_that_do_not_fit_are_named(make_tiny_hf):
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 .*not implemented"),
+    ("attn_logit_softcapping", 50.0, "attn_logit_softcapping=50.0 .*Gemma 2's; mixjax does not run it in a gemma3_text"),
     ("use_bidirectional_attention", True, "use_bidirectional_attention=true"),
     ("layer_types", ["full_attention", "chunked_attention", "full_attention", "full_attention"],
      "layer_types must name 'full_attention' or 'sliding_attention' for each of the 4 layers"),
@@ -621,7 +626,7 @@ def test_gemma_variants_mixjax_lacks_are_refused(make_tiny_hf, field, value, mat
         convert.load(directory)
 
 
-@pytest.mark.parametrize("model_type", ["gemma2", "gemma3", "mixtral", "bert"])
+@pytest.mark.parametrize("model_type", ["gemma3", "mixtral", "bert"])
 def test_unsupported_hf_architecture(tiny_llama_dir, model_type):
     _edit_config(tiny_llama_dir, model_type=model_type)
     with pytest.raises(ConfigError, match=f"model_type='{model_type}' is not supported"):
@@ -751,6 +756,7 @@ EXPORT_CASES = {  # (arch, config overrides, dtype, shard bytes): tied and untie
     "granite_as_llama": ("granite", GRANITE, None, None),  # written as the Llama its folded weights make
     "gemma_bf16": ("gemma", dict(head_dim=32), jnp.bfloat16, None),  # norms written back as w (1 + w folded on load)
     "gemma3_windows_sandwich": ("gemma3_text", GEMMA3, None, None),
+    "gemma2_softcaps": ("gemma2", GEMMA2, None, None),
     "gemma3_query_scalar": ("gemma3_text", {**GEMMA3, "query_pre_attn_scalar": 48}, None, None),
 }
 
@@ -774,7 +780,7 @@ def test_hf_export_round_trip(case, make_tiny_hf, tmp_path):
     err = _rel_err(_hf_logits(exported, tokens), _hf_logits(model, tokens))
     if arch == "granite":  # exported as a Llama: the multipliers folded in round differently from Granite's own
         assert err < 1e-5, err
-    elif arch == "gemma3_text":  # (1 + w) − 1 in f32 gives back w to within an ulp of 1
+    elif arch in ("gemma2", "gemma3_text"):  # (1 + w) − 1 in f32 gives back w to within an ulp of 1
         assert err < 1e-6, err
     else:
         assert err == 0.0 if dtype is None else 1e-4 < err < 0.05

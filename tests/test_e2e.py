@@ -131,10 +131,11 @@ def test_pallas_interpret_mode_through_the_model_equals_xla(qparams):
     assert np.mean(err <= PALLAS_RTOL) >= MIN_EXACT_FRACTION, np.round(err, 6)
 
 
-@pytest.mark.parametrize("arch", ["qwen3", "smollm3", "gemma3"])
+@pytest.mark.parametrize("arch", ["qwen3", "smollm3", "gemma3", "gemma2"])
 def test_other_architectures_quantize_save_and_generate(tmp_path, arch):
     """Qwen3 (query/key head norms, H·Dh ≠ D), SmolLM3 (its second layer without RoPE) and Gemma 3 (head norms,
-    sandwich norms, GeGLU, a sliding-window layer and a global one): the quantized logits track the fake-quant
+    sandwich norms, GeGLU, a sliding-window layer and a global one; Gemma 2 the same with soft-capped attention scores
+    and another attention scale instead of head norms): the quantized logits track the fake-quant
     simulation, so the norms and the NoPE layer run in both (the quantizer's layer pass included), and a path without
     them would be off by far more than that tolerance; the norms come through `quantize` as they were; SmolLM3's NoPE
     layer got its own weights in the layer pass; the saved checkpoint reloads to the same logits; jitted generation's
@@ -149,15 +150,22 @@ def test_other_architectures_quantize_save_and_generate(tmp_path, arch):
         cfg = dataclasses.replace(CFG, model_type="gemma3_text", qk_norm=True, head_dim=32, rms_norm_eps=1e-6,
                                   mlp_act="gelu_tanh", embed_scale=8.0, sandwich_norms=True, sliding_window=4,
                                   global_layers=(1,), rope_local_theta=1e4, tie_word_embeddings=True)
+    elif arch == "gemma2":
+        cfg = dataclasses.replace(CFG, model_type="gemma2", head_dim=32, rms_norm_eps=1e-6, mlp_act="gelu_tanh",
+                                  embed_scale=8.0, sandwich_norms=True, sliding_window=4, global_layers=(1,),
+                                  attn_logit_softcap=3.0, final_logit_softcap=5.0, query_pre_attn_scalar=24.0,
+                                  tie_word_embeddings=True)
     else:
         cfg = dataclasses.replace(CFG, model_type="smollm3", nope_layers=(1,), tie_word_embeddings=True)
     p = jax.tree.map(lambda a: a * 6.0 if a.ndim == 3 else a, model.init_params(cfg, jax.random.key(5), jnp.float32))
-    if cfg.qk_norm:
+    if cfg.qk_norm or cfg.sandwich_norms:
         rng = np.random.default_rng(5)
-        norms = ("q_norm", "k_norm", "attn_output_norm", "mlp_output_norm") if cfg.sandwich_norms else ("q_norm", "k_norm")
+        norms = (("q_norm", "k_norm") if cfg.qk_norm else ()) + (
+            ("attn_output_norm", "mlp_output_norm") if cfg.sandwich_norms else ())
         for name in norms:
             p["layers"][name] = jnp.asarray(rng.uniform(0.5, 2.0, p["layers"][name].shape), jnp.float32)
-        bare_p, bare_cfg = {**p, "layers": {**p["layers"], "q_norm": jnp.ones_like(p["layers"]["q_norm"])}}, cfg
+        first = norms[0]  # a path without this norm (its weights at 1) would be far off
+        bare_p, bare_cfg = {**p, "layers": {**p["layers"], first: jnp.ones_like(p["layers"][first])}}, cfg
     else:
         bare_p, bare_cfg = p, dataclasses.replace(cfg, nope_layers=())
     calib = [np.asarray(jax.random.randint(jax.random.key(6), (4, 16), 0, cfg.vocab_size), np.int32)]
@@ -170,7 +178,7 @@ def test_other_architectures_quantize_save_and_generate(tmp_path, arch):
     quant_err = float(jnp.mean(jnp.abs(ref - fp)))
     assert quant_err > 1e-3 and float(jnp.mean(jnp.abs(got - ref))) <= MAX_MEAN_DIFF * quant_err
     assert float(jnp.mean(jnp.abs(_forward(bare_p, tokens, bare_cfg) - fp))) > 5 * MAX_MEAN_DIFF * quant_err
-    if cfg.qk_norm:
+    if cfg.qk_norm or cfg.sandwich_norms:
         for i, layer in enumerate(q["layers"]):
             for name in norms:
                 np.testing.assert_array_equal(np.asarray(layer[name]), np.asarray(p["layers"][name][i]))

@@ -122,7 +122,7 @@ def test_mixed_linear_refuses_bad_input():
 # Llama as NNX modules
 
 
-@pytest.mark.parametrize("variant", ["plain", "qwen2_tied_window", "qwen3", "smollm3", "gemma3"])
+@pytest.mark.parametrize("variant", ["plain", "qwen2_tied_window", "qwen3", "smollm3", "gemma3", "gemma2"])
 def test_llama_logits_equal_the_functional_model(variant):
     cfg = TINY
     if variant == "qwen2_tied_window":  # q/k/v biases, tied embeddings, a sliding window shorter than the sequence
@@ -135,9 +135,14 @@ def test_llama_logits_equal_the_functional_model(variant):
         cfg = dataclasses.replace(TINY, model_type="gemma3_text", qk_norm=True, mlp_act="gelu_tanh", embed_scale=3.0,
                                   sandwich_norms=True, sliding_window=8, global_layers=(1,), rope_local_theta=100.0,
                                   tie_word_embeddings=True, final_logit_softcap=2.0)
+    elif variant == "gemma2":  # soft-capped attention scores, another attention scale, no head norms
+        cfg = dataclasses.replace(TINY, model_type="gemma2", mlp_act="gelu_tanh", embed_scale=3.0, sandwich_norms=True,
+                                  sliding_window=8, global_layers=(1,), attn_logit_softcap=1.5, query_pre_attn_scalar=20.0)
     params = mixjax.init_params(cfg, jax.random.key(1), dtype=jnp.float32)
-    if cfg.qk_norm:  # norm weights away from 1, so that a dropped norm fails
-        for name in ("q_norm", "k_norm", *(("attn_output_norm", "mlp_output_norm") if cfg.sandwich_norms else ())):
+    norms = (("q_norm", "k_norm") if cfg.qk_norm else ()) + (("attn_output_norm", "mlp_output_norm")
+                                                             if cfg.sandwich_norms else ())
+    if norms:  # norm weights away from 1, so that a dropped norm fails
+        for name in norms:
             params["layers"][name] = 1 + 0.5 * jax.random.normal(jax.random.key(5), params["layers"][name].shape)
     if cfg.attention_bias:  # non-zero biases, so that a dropped bias fails
         attn = params["layers"]["self_attn"]
