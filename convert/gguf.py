@@ -6,9 +6,11 @@ dimensions listed as (K, N); the numpy view is already [N, K]. llama.cpp's conve
 rows of q_proj / k_proj of `llama` (and `smollm3`) models for GGML's adjacent-pair RoPE; `_unpermute_rows` restores
 Hugging Face's rotate-half order. `qwen2`, `qwen3` and `phi3` files are stored unpermuted (GGML runs them with NeoX
 RoPE); `phi3` keeps q/k/v in one `attn_qkv` and gate/up in one `ffn_up`, split here (`layout.split_fused_gguf`).
-`gemma3` files are unpermuted too, store each RMSNorm weight as 1 + w (what mixjax folds in from Hugging Face's w)
-and leave the embeddings' √D scale, the sliding-window layers' pattern (every sixth layer global) and their RoPE base
-(10 000) to the architecture, as llama.cpp does.
+`gemma2` and `gemma3` files are unpermuted too, store each RMSNorm weight as 1 + w (what mixjax folds in from Hugging
+Face's w) and leave to the architecture, as llama.cpp does, the embeddings' √D scale, the sliding-window layers'
+pattern (Gemma 2: every other layer global; Gemma 3: every sixth) unless `attention.sliding_window_pattern` says
+otherwise, Gemma 3's windowed layers' RoPE base (10 000, or `rope.freq_base_swa`) and the 27B models' attention
+scale ((hidden / heads)^-1/2).
 """
 
 from __future__ import annotations
@@ -22,17 +24,35 @@ from convert.layout import GGUF_FUSED_NAME, GGUF_NAMES, IGNORED_SUFFIXES, Conver
 from mixjax.config import ConfigError, LlamaConfig, RopeScaling
 from mixjax.model import rope_inv_freq
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi3", "gemma3")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "smollm3", "phi3", "gemma2", "gemma3")
 SMOLLM3_NOPE_STEP = 4  # llama.cpp's SmolLM3: every 4th layer without RoPE, fixed (no GGUF key holds it)
-GEMMA3_GLOBAL_STEP = 6  # llama.cpp's Gemma 3: every 6th layer global, the others with the sliding window
+GEMMA_GLOBAL_STEP = {"gemma2": 2, "gemma3": 6}  # llama.cpp: every n-th layer global, the others with the window
 GEMMA3_LOCAL_THETA = 10000.0  # llama.cpp's Gemma 3: the sliding-window layers' RoPE base
-GEMMA3_27B_LAYERS = 62  # llama.cpp's Gemma 3 of this depth (27B) scales attention by (hidden / heads)^-1/2
+GEMMA_27B_LAYERS = {"gemma2": 46, "gemma3": 62}  # llama.cpp's 27B models (by depth) scale attention by
+# (hidden / heads)^-1/2
 
 
-def gemma3_query_scalar(layers: int, hidden: int, heads: int, head_dim: int) -> float | None:
-    """llama.cpp's Gemma 3 attention scale as `LlamaConfig.query_pre_attn_scalar` (None: head_dim's)."""
-    qpas = hidden / heads if layers == GEMMA3_27B_LAYERS else head_dim
+def gemma_global_layers(arch: str, layers: int) -> tuple[int, ...]:
+    """llama.cpp's global (window-less) layers of a `gemma2` / `gemma3` file without a pattern key."""
+    return tuple(i for i in range(layers) if (i + 1) % GEMMA_GLOBAL_STEP[arch] == 0)
+
+
+def gemma_query_scalar(arch: str, layers: int, hidden: int, heads: int, head_dim: int) -> float | None:
+    """llama.cpp's Gemma 2 / 3 attention scale as `LlamaConfig.query_pre_attn_scalar` (None: head_dim's)."""
+    qpas = hidden / heads if layers == GEMMA_27B_LAYERS[arch] else head_dim
     return None if qpas == head_dim else float(qpas)
+
+
+def _gemma_global_layers(reader, arch: str, layers: int, path: Path) -> tuple[int, ...]:
+    pattern = _field(reader, f"{arch}.attention.sliding_window_pattern")
+    if pattern is None:
+        return gemma_global_layers(arch, layers)
+    if isinstance(pattern, (list, tuple)):  # a flag a layer: true where it has the window
+        if len(pattern) != layers:
+            raise ConfigError(f"{path}: {arch}.attention.sliding_window_pattern has {len(pattern)} entries for "
+                              f"{layers} layers")
+        return tuple(i for i, windowed in enumerate(pattern) if not windowed)
+    return tuple(i for i in range(layers) if (i + 1) % int(pattern) == 0)
 
 
 def _open(path: Path):
@@ -62,7 +82,7 @@ def read_config(reader, path: Path) -> LlamaConfig:
     names = {t.name for t in reader.tensors}
     scaling = _field(reader, f"{arch}.rope.scaling.type")
     linear = None
-    if arch == "gemma3" and scaling == "linear":  # Gemma 3's global layers (4B and larger)
+    if arch in ("gemma2", "gemma3") and scaling == "linear":  # Gemma 3's global layers (4B and larger)
         linear = RopeScaling(factor=float(_field(reader, f"{arch}.rope.scaling.factor", 1.0)), rope_type="linear")
     elif scaling not in (None, "none"):
         raise ConfigError(
@@ -91,7 +111,8 @@ def read_config(reader, path: Path) -> LlamaConfig:
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
     window = _field(reader, f"{arch}.attention.sliding_window")  # mixjax's export records Mistral's window here
     layers = int(need("block_count"))
-    gemma = arch == "gemma3"
+    gemma = arch in ("gemma2", "gemma3")
+    softcap = {k: _field(reader, f"{arch}.{k}_logit_softcapping") for k in ("attn", "final")}
     cfg = LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
@@ -105,17 +126,20 @@ def read_config(reader, path: Path) -> LlamaConfig:
         max_position_embeddings=int(_field(reader, f"{arch}.context_length", 2048)),
         tie_word_embeddings="output.weight" not in names,
         attention_bias="blk.0.attn_q.bias" in names,
-        model_type="mistral" if window and arch == "llama" else "gemma3_text" if gemma else arch,  # Mistral:
-        sliding_window=int(window) if window else None,  # llama.cpp's llama with a window
+        model_type="mistral" if window and arch == "llama" else "gemma3_text" if arch == "gemma3" else arch,  # (Mistral:
+        sliding_window=int(window) if window else None,  # llama.cpp's llama with a window)
         qk_norm=arch in ("qwen3", "gemma3"),
         nope_layers=tuple(i for i in range(layers) if (i + 1) % SMOLLM3_NOPE_STEP == 0) if arch == "smollm3" else (),
         rope_scaling=linear,
         mlp_act="gelu_tanh" if gemma else "silu",
         embed_scale=hidden ** 0.5 if gemma else None,
         sandwich_norms=gemma,
-        global_layers=tuple(i for i in range(layers) if (i + 1) % GEMMA3_GLOBAL_STEP == 0) if gemma and window else (),
-        rope_local_theta=GEMMA3_LOCAL_THETA if gemma else None,
-        query_pre_attn_scalar=gemma3_query_scalar(layers, hidden, heads, head_dim) if gemma else None,
+        global_layers=_gemma_global_layers(reader, arch, layers, path) if gemma and window else (),
+        rope_local_theta=_decimal(_field(reader, f"{arch}.rope.freq_base_swa", GEMMA3_LOCAL_THETA))
+        if arch == "gemma3" else None,
+        query_pre_attn_scalar=gemma_query_scalar(arch, layers, hidden, heads, head_dim) if gemma else None,
+        attn_logit_softcap=_decimal(softcap["attn"]) if gemma and softcap["attn"] else None,
+        final_logit_softcap=_decimal(softcap["final"]) if gemma and softcap["final"] else None,
         bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
         eos_token_ids=_end_ids(reader, eos),
     )

@@ -54,24 +54,26 @@ def gguf_arch(cfg: LlamaConfig) -> str:
     SmolLM2)."""
     if cfg.model_type == "gemma3_text":
         return "gemma3"
-    return cfg.model_type if cfg.model_type in ("qwen2", "qwen3", "smollm3") else "llama"
+    return cfg.model_type if cfg.model_type in ("qwen2", "qwen3", "smollm3", "gemma2") else "llama"
 
 
 def _check_gemma(cfg: LlamaConfig) -> None:
-    """llama.cpp's gemma3 fixes what a Hugging Face config states (module docstring of convert/gguf.py): refuses a
-    config that differs there, and Gemma 1 (whose GGUF files mixjax does not read)."""
-    from convert.gguf import GEMMA3_GLOBAL_STEP, GEMMA3_LOCAL_THETA, gemma3_query_scalar
+    """llama.cpp's gemma2 / gemma3 fix what a Hugging Face config states (module docstring of convert/gguf.py): refuses
+    a config that differs there, and Gemma 1 (whose GGUF files mixjax does not read)."""
+    from convert.gguf import GEMMA3_LOCAL_THETA, gemma_global_layers, gemma_query_scalar
 
     if cfg.model_type == "gemma":
         raise ConvertError("writing Gemma 1 as GGUF is not implemented; export it as a Hugging Face directory")
-    if cfg.model_type != "gemma3_text":
+    arch = gguf_arch(cfg)
+    if arch not in ("gemma2", "gemma3"):
         return
-    step = tuple(i for i in range(cfg.num_hidden_layers) if (i + 1) % GEMMA3_GLOBAL_STEP == 0)
-    fixed = {"global_layers": (cfg.global_layers, step if cfg.sliding_window else ()),
-             "rope_local_theta": (cfg.rope_local_theta, GEMMA3_LOCAL_THETA),
-             "final_logit_softcap": (cfg.final_logit_softcap, None),
-             "query_pre_attn_scalar": (cfg.query_pre_attn_scalar, gemma3_query_scalar(
-                 cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim))}
+    layers = cfg.num_hidden_layers
+    fixed = {"global_layers": (cfg.global_layers, gemma_global_layers(arch, layers) if cfg.sliding_window else ()),
+             "query_pre_attn_scalar": (cfg.query_pre_attn_scalar, gemma_query_scalar(
+                 arch, layers, cfg.hidden_size, cfg.num_attention_heads, cfg.head_dim))}
+    if arch == "gemma3":  # (and no final soft cap: llama.cpp's gemma3 has none)
+        fixed.update(rope_local_theta=(cfg.rope_local_theta, GEMMA3_LOCAL_THETA),
+                     final_logit_softcap=(cfg.final_logit_softcap, None))
     for field, (have, want) in fixed.items():
         if have != want:
             raise ConvertError(f"{field}={have}: llama.cpp's gemma3 runs {want} and no GGUF key says otherwise; export "
@@ -340,6 +342,10 @@ def save_gguf(path: str | os.PathLike, params, cfg: LlamaConfig, *, dtype: str =
             writer.add_rope_scaling_orig_ctx_len(cfg.rope_scaling.original_max_position_embeddings)
         if cfg.sliding_window:
             writer.add_sliding_window(cfg.sliding_window)
+        if cfg.attn_logit_softcap is not None:
+            writer.add_attn_logit_softcapping(cfg.attn_logit_softcap)
+        if cfg.final_logit_softcap is not None:
+            writer.add_final_logit_softcapping(cfg.final_logit_softcap)
         writer.add_vocab_size(cfg.vocab_size)
         writer.add_file_type(_file_type(qtype))
         if qtype == T.Q8_0:

@@ -159,8 +159,8 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     from convert.layout import NAME_TABLE, gemma3_hf_name, is_norm_name
 
     c = model.config
-    gemma = arch == "gemma3"  # norms stored as 1 + w, Hugging Face's Gemma 3 norm names, RoPE of the global layers
-    rope = c.rope_parameters["full_attention"] if gemma else c.rope_parameters
+    gemma = arch in ("gemma2", "gemma3")  # norms stored as 1 + w, Hugging Face's Gemma 2/3 norm names
+    rope = c.rope_parameters["full_attention"] if arch == "gemma3" else c.rope_parameters  # (the global layers')
     hf_to_gguf = {}
     for _, hf_name, gguf_name in NAME_TABLE:
         for i in range(c.num_hidden_layers) if "{i}" in hf_name else [None]:
@@ -177,6 +177,9 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     writer.add_head_count_kv(c.num_key_value_heads)
     writer.add_layer_norm_rms_eps(c.rms_norm_eps)
     writer.add_rope_freq_base(rope["rope_theta"])
+    if arch == "gemma2":
+        writer.add_attn_logit_softcapping(c.attn_logit_softcapping)
+        writer.add_final_logit_softcapping(c.final_logit_softcapping)
     if gemma and rope.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(rope["factor"])
@@ -218,7 +221,7 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     return path
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "llama3", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "smollm3", "phi3", "llama3", "gemma3", "gemma2"])
 def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
     """GGUF name mapping, tied-embedding detection, llama's q/k un-permutation, qwen2's biases, qwen3's head norms
     and key length, smollm3's NoPE layers (llama.cpp's every fourth), and Llama-3 RoPE scaling recovered from
@@ -227,24 +230,27 @@ def test_gguf_logits_match_transformers(arch, make_tiny_hf, tmp_path):
     head width where its default attention scale is the model's)."""
     extra = {"llama3": dict(rope_parameters=LLAMA3_ROPE), "qwen3": dict(head_dim=32),
              "smollm3": dict(num_hidden_layers=8), "phi3": dict(sliding_window=4),
-             "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=7, sliding_window=4)}.get(arch, {})
+             "gemma3": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=7, sliding_window=4),
+             # (transformers' GGUF loader holds Gemma 2's default soft caps, 50 and 30)
+             "gemma2": dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=3, sliding_window=4)}.get(arch, {})
     arch = arch.replace("llama3", "llama")
-    tied = arch in ("llama", "smollm3", "gemma3")
+    tied = arch in ("llama", "smollm3", "gemma3", "gemma2")
     _, model = make_tiny_hf(arch.replace("gemma3", "gemma3_text"), tie_word_embeddings=tied, **extra)
     path = write_tiny_gguf(tmp_path / "tiny.gguf", model, arch)
     cfg, params = convert.load(path)
     assert cfg.model_type == arch.replace("gemma3", "gemma3_text") and cfg.tie_word_embeddings == tied
     assert cfg.attention_bias == (arch == "qwen2") and ("lm_head" in params) == (not tied)
     assert cfg.qk_norm == (arch in ("qwen3", "gemma3")) and cfg.head_dim == extra.get("head_dim", 16)
+    assert cfg.attn_logit_softcap == (50.0 if arch == "gemma2" else None)
     assert cfg.nope_layers == ((3, 7) if arch == "smollm3" else ())
-    assert cfg.sliding_window == (4 if arch in ("phi3", "gemma3") else None)  # phi3: q/k/v, gate/up split on the way in
-    assert cfg.global_layers == ((5,) if arch == "gemma3" else ())
+    assert cfg.sliding_window == (4 if arch in ("phi3", "gemma3", "gemma2") else None)  # phi3: q/k/v, gate/up split
+    assert cfg.global_layers == {"gemma3": (5,), "gemma2": (1,)}.get(arch, ())
     assert (cfg.rope_scaling is not None) == ("rope_parameters" in extra)
     tokens = _tokens(np.random.default_rng(1), cfg.vocab_size)
     ours = forward(params, tokens, cfg, implementation="xla")
     want = _hf_logits(model, tokens)
     assert _rel_err(ours, want) < HF_RTOL
-    if arch == "gemma3":
+    if arch in ("gemma3", "gemma2"):
         import transformers
 
         theirs = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file="tiny.gguf", dtype=torch.float32)
@@ -875,6 +881,8 @@ GGUF_EXPORT_CASES = {  # (arch, config overrides, weight type, does transformers
     # (its loader scales attention by 256^-1/2 whatever the heads: heads of 256 here, as in the real models)
     "gemma3_window_f32": ("gemma3_text", dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=7,
                                               sliding_window=4), "float32", True),
+    "gemma2_softcaps_f32": ("gemma2", dict(head_dim=256, query_pre_attn_scalar=256, num_hidden_layers=3,
+                                           sliding_window=4), "float32", True),
     "gemma3_linear_rope_f32": ("gemma3_text", dict(head_dim=32, query_pre_attn_scalar=32, num_hidden_layers=6,
                                                    sliding_window=4, rope_scaling={"rope_type": "linear",
                                                                                    "factor": 8.0}), "float32", False),
