@@ -834,7 +834,7 @@ def _decoder_layer(
     B, T, _ = x.shape
     H, KVH, Dh = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
     static_window = not isinstance(window, str)  # else only the mask knows it: no attention kernel
-    xla_scores = xla_attention_only(cfg)  # Gemma 2's soft-capped scores: XLA's attention
+    scores = attention_scores(cfg)  # Gemma 2: the scores' factor and soft cap, for every attention path but cuDNN's
 
     def proj(name, h):
         p = get_path(layer, name)
@@ -857,7 +857,7 @@ def _decoder_layer(
 
     eps = cfg.rms_norm_eps
     interpret = resolve_implementation(implementation) != "pallas"
-    kernel = cache_kv is not None and static_window and not xla_scores and _attention_kernel_on(T, cfg, implementation)
+    kernel = cache_kv is not None and static_window and _attention_kernel_on(T, cfg, implementation)
     qkv = layer["self_attn"].get(_FUSED["self_attn"][1])
     fused_attention = kernel and ATTENTION_FUSED and qkv is not None and cache_kv[4] is None
     o_proj = layer["self_attn"]["o_proj"]
@@ -881,7 +881,7 @@ def _decoder_layer(
             src, positions, *rope, k_store, v_store, heads=H, kv_heads=KVH, dtype=x.dtype, bias=qkv.get("bias"),
             k_scale_store=ks_store, v_scale_store=vs_store, sliding_window=window, rms=rms,
             codes=attn_codes, v_block=v_block, interpret=interpret, norm_eps=eps,
-            qk_norm=(query_norm_weight(layer, cfg), layer["k_norm"]) if cfg.qk_norm else None)
+            qk_norm=(query_norm_weight(layer, cfg), layer["k_norm"]) if cfg.qk_norm else None, **scores)
         new_cache = tuple(new_cache)
     else:
         q, k, v = projs("self_attn", h)
@@ -900,11 +900,12 @@ def _decoder_layer(
             new_cache = (k_store, v_store, ks_store, vs_store)
         if kernel:
             attn = decode_attention_pallas(q, keys, values, positions, sliding_window=window,
-                                           k_scale=k_scale, v_scale=v_scale, v_block=v_block, interpret=interpret)
-        elif static_window and not xla_scores and _cudnn_attention_on(q, KVH, k_scale, implementation):
+                                           k_scale=k_scale, v_scale=v_scale, v_block=v_block, interpret=interpret,
+                                           **scores)
+        elif static_window and not scores and _cudnn_attention_on(q, KVH, k_scale, implementation):
             attn = prefill_attention(q, keys, values, mask, positions, window)
         else:  # (XLA reads the values position-major)
-            attn = attend_ref(q, keys, unblock_values(values, v_block), mask, k_scale, v_scale, **attention_scores(cfg))
+            attn = attend_ref(q, keys, unblock_values(values, v_block), mask, k_scale, v_scale, **scores)
     if attn_codes:  # o_proj's codes, from the attention kernel's epilogue
         o_in = attn
     else:
@@ -955,14 +956,9 @@ def _decoder_layer(
     return x, new_cache, None
 
 
-def xla_attention_only(cfg: LlamaConfig) -> bool:
-    """Whether the config's attention scores need what only `attend_ref` does: Gemma 2's soft cap, or another scale
-    without a query head norm to carry it."""
-    return cfg.attn_logit_softcap is not None or (cfg.query_pre_attn_scalar is not None and not cfg.qk_norm)
-
-
 def attention_scores(cfg: LlamaConfig) -> dict:
-    """`attend_ref`'s scale and softcap keywords for the config (empty for a Llama)."""
+    """The attention paths' `scale` and `softcap` keywords for the config (`attend_ref`, the decode kernels; empty for
+    a Llama, whose scores cuDNN's prefill attention also computes)."""
     out = {}
     if cfg.query_pre_attn_scalar is not None and not cfg.qk_norm:  # (with head norms: `query_norm_weight`)
         out["scale"] = cfg.query_pre_attn_scalar ** -0.5

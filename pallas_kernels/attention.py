@@ -146,10 +146,12 @@ def cache_mask(q_pos: jax.Array, num_positions: int, sliding_window: int | None)
 
 def decode_attention_ref(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, *,
                          sliding_window: int | None = None, k_scale: jax.Array | None = None,
-                         v_scale: jax.Array | None = None) -> jax.Array:
+                         v_scale: jax.Array | None = None, scale: float | None = None,
+                         softcap: float | None = None) -> jax.Array:
     """`attend_ref` with the causal (and sliding-window) mask of the tokens at q_pos [B, T] over a cache of S
     positions: what `decode_attention_pallas` computes."""
-    return attend_ref(q, k, v, cache_mask(q_pos, k.shape[2], sliding_window), k_scale, v_scale)
+    return attend_ref(q, k, v, cache_mask(q_pos, k.shape[2], sliding_window), k_scale, v_scale, scale=scale,
+                      softcap=softcap)
 
 
 def _dot_nt(a, b):  # a [m, d] · b [n, d]ᵀ in f32 (`pl.dot` is gone in jax 0.11)
@@ -180,7 +182,8 @@ def _quantize_vec(x, scale_dtype):
 def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int, s_len: int, block_s: int,
             per_split: int, window: int | None, scaled: bool, splits: int, dtype, fused: bool = False,
             parts: int = 0, has_bias: bool = False, rms: tuple | None = None, codes: int = 0, batch: int = 0,
-            pdl_on: bool = False, v_block: int = 0, qk_eps: float | None = None):
+            pdl_on: bool = False, v_block: int = 0, qk_eps: float | None = None, score_scale: float | None = None,
+            softcap: float | None = None):
     """One program per (batch row b, KV head h, split p). Refs, in order: unfused — q [B, T·H·Dh], k, v
     [B, KVH, S·Dh], q_pos [B, T], (k, v scales [B, KVH, S]); fused — the projection [B, T·W] or partials
     [P, B, T·W], (bias [W]), (the RowRms's ssq [B·T, C]), (with `qk_eps`: the query and key head norms' weights
@@ -188,7 +191,8 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
     outputs: the attention [B, T·H·Dh] (splits = 1) or this split's o/m/l, and for fused the cache stores
     (aliased to k, v, scales). `codes` > 0 (splits = 1, Dh = 128): the attention as o_proj's int8 codes instead,
     `QuantizedActivations`' three arrays with `codes` rows (≥ B·T = `batch`·T; the rows past it zero), one group
-    a head. `v_block` > 0: the value store in `block_values`' order."""
+    a head. `v_block` > 0: the value store in `block_values`' order. `score_scale` (None: 1/√Dh) and `softcap`
+    (scores → cap·tanh(scores / cap) before the mask, Gemma 2): `attend_ref`'s."""
     refs = list(refs)
 
     def take(n):
@@ -299,8 +303,12 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
     start = p * per_split
     if window is not None:
         start = jnp.maximum(start, jnp.maximum(jnp.min(qpos) - window + 1, 0) // block_s)
-    scale = 1.0 / math.sqrt(dh)
+    scale = 1.0 / math.sqrt(dh) if score_scale is None else score_scale
     kd = jnp.arange(block_s)
+
+    def scored(s):  # q·k → the scores the softmax takes (before the mask)
+        s = s * scale
+        return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
     def seen_by(kpos):  # [rows, n]: causal and inside the window
         seen = kpos[None, :] <= qpos[:, None]
@@ -336,7 +344,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
                     plgpu.load(v_ref.at[b, h, v_off], mask=inb[None, :], other=0)).T
         else:
             vals = plgpu.load(v_ref.at[b, h, off], mask=inb[:, None], other=0)
-        return update(carry, s * scale, seen_by(kp) & inb[None, :], vals, vs)
+        return update(carry, scored(s), seen_by(kp) & inb[None, :], vals, vs)
 
     init = (jnp.full((rows,), _NEG, jnp.float32), jnp.zeros((rows,), jnp.float32), jnp.zeros((rows, dh), jnp.float32))
     carry = lax.fori_loop(start, jnp.maximum(stop, start), body, init)
@@ -349,7 +357,7 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
             seen = (pos_t <= qpos) & write
             if window is not None:
                 seen &= qpos - pos_t < window
-            s_t = jnp.where(seen, s_t * scale, _NEG)
+            s_t = jnp.where(seen, scored(s_t), _NEG)
             m_new = jnp.maximum(m, s_t)
             alpha = jnp.exp(m - m_new)
             e = jnp.where(seen, jnp.exp(s_t - m_new), 0.0)
@@ -456,9 +464,10 @@ def choose_splits(batch: int, kv_heads: int, positions: int, block_s: int, codes
     return max(1, min(-(-128 // (batch * kv_heads)), blocks))
 
 
-@functools.partial(jax.jit, static_argnames=("sliding_window", "block_s", "splits", "num_warps", "v_block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("sliding_window", "block_s", "splits", "num_warps", "v_block", "scale",
+                                             "softcap", "interpret"))
 def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block_s, splits, num_warps, v_block,
-                      interpret):
+                      scale, softcap, interpret):
     B, T, H, Dh = q.shape
     KVH, S = k.shape[1], k.shape[2]
     g = H // KVH
@@ -479,7 +488,7 @@ def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block
         functools.partial(_kernel, pdl_on=pdl.active(interpret),
                           t=T, g=g, heads=H, kv_heads=KVH, rows=rows, dh=Dh, s_len=S, block_s=block_s,
                           per_split=per_split, window=sliding_window, scaled=scaled, splits=splits, dtype=q.dtype,
-                          v_block=v_block),
+                          v_block=v_block, score_scale=scale, softcap=softcap),
         out_shape=out_shape,
         grid=(B, KVH, splits),
         interpret=interpret,
@@ -495,7 +504,8 @@ def _decode_attention(q, k, v, q_pos, k_scale, v_scale, *, sliding_window, block
 def decode_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax.Array, *,
                             sliding_window: int | None = None, k_scale: jax.Array | None = None,
                             v_scale: jax.Array | None = None, block_s: int | None = None, splits: int | None = None,
-                            num_warps: int = 4, v_block: int = 0, interpret: bool = False) -> jax.Array:
+                            num_warps: int = 4, v_block: int = 0, scale: float | None = None,
+                            softcap: float | None = None, interpret: bool = False) -> jax.Array:
     """`decode_attention_ref` in one launch (two with splits > 1): q [B, T, H, Dh] the new tokens' queries at
     positions q_pos [B, T]; k/v [B, KVH, S, Dh] the cache (float, or int8 codes with k_scale/v_scale
     [B, KVH, S]) already holding the new tokens → [B, T, H, Dh] in q's dtype.
@@ -529,12 +539,14 @@ def decode_attention_pallas(q: jax.Array, k: jax.Array, v: jax.Array, q_pos: jax
         raise ValueError(f"decode_attention: block_s ({block_s}) and the head dim ({Dh}) must be powers of two ≥ 16")
     if q.size == 0 or k.shape[2] == 0:
         return decode_attention_ref(q, k, unblock_values(v, v_block), q_pos, sliding_window=sliding_window,
-                                    k_scale=k_scale, v_scale=v_scale)
+                                    k_scale=k_scale, v_scale=v_scale, scale=scale, softcap=softcap)
     if splits is None:
         splits = choose_splits(B, k.shape[1], k.shape[2], block_s)
     splits = max(1, min(int(splits), -(-k.shape[2] // block_s)))
     return _decode_attention(q, k, v, q_pos, k_scale, v_scale, sliding_window=sliding_window, block_s=block_s,
-                             splits=splits, num_warps=num_warps, v_block=v_block, interpret=interpret)
+                             splits=splits, num_warps=num_warps, v_block=v_block,
+                             scale=None if scale is None else float(scale),
+                             softcap=None if softcap is None else float(softcap), interpret=interpret)
 
 
 def _check_v_block(name: str, v_block: int, v: jax.Array) -> None:
@@ -564,7 +576,7 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
                           k_scale_store: jax.Array | None = None, v_scale_store: jax.Array | None = None,
                           sliding_window: int | None = None, rms: RowRms | None = None, codes: bool = False,
                           v_block: int = 0, qk_norm: tuple[jax.Array, jax.Array] | None = None,
-                          norm_eps: float = 1e-6):
+                          norm_eps: float = 1e-6, scale: float | None = None, softcap: float | None = None):
     """What mixjax's decoder layer does between the q/k/v projection and o_proj, for one layer's cache:
     qkv [B, T, (H + 2·KVH)·Dh] in the activations' dtype, or f32 split-K partials [P, B, T, ...] summed and
     rounded to `dtype` (first multiplied per token by `rms`'s r when given: the projection ran on the codes of
@@ -590,7 +602,7 @@ def attend_new_tokens_ref(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, sin:
     k_store, k_scale_store, _, k_scale = model._write_cache(k_store, k_scale_store, None, k, q_pos)
     v_store, v_scale_store, _, v_scale = model._write_cache(v_store, v_scale_store, None, v, q_pos, v_block)
     out = attend_ref(q, k_store, unblock_values(v_store, v_block), cache_mask(q_pos, k_store.shape[2], sliding_window),
-                     k_scale, v_scale)
+                     k_scale, v_scale, scale=scale, softcap=softcap)
     return head_codes_ref(out) if codes else out, k_store, v_store, k_scale_store, v_scale_store
 
 
@@ -622,11 +634,11 @@ def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int,
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
-                                             "num_warps", "num_stages", "codes", "v_block", "norm_eps",
-                                             "interpret"))
+                                             "num_warps", "num_stages", "codes", "v_block", "norm_eps", "scale",
+                                             "softcap", "interpret"))
 def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, qk_norm, *, heads,
                        kv_heads, dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, v_block,
-                       norm_eps, interpret):
+                       norm_eps, scale, softcap, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
     KVH, S, Dh = kv_heads, k_store.shape[2], k_store.shape[3]
@@ -662,7 +674,7 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
                           fused=True, parts=parts, has_bias=bias is not None,
                           rms=None if rms is None else (rms.ssq.shape[1], rms.width, rms.eps),
                           codes=mp if in_kernel else 0, batch=B, v_block=v_block,
-                          qk_eps=None if qk_norm is None else norm_eps),
+                          qk_eps=None if qk_norm is None else norm_eps, score_scale=scale, softcap=softcap),
         out_shape=(*o_shape, *stores),
         grid=(B, KVH, splits),
         input_output_aliases=aliases,
@@ -692,7 +704,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                              block_s: int | None = None, splits: int | None = None, num_warps: int = 4,
                              num_stages: int | None = None, rms: RowRms | None = None, codes: bool = False,
                              v_block: int = 0, qk_norm: tuple[jax.Array, jax.Array] | None = None,
-                             norm_eps: float = 1e-6, interpret: bool = False):
+                             norm_eps: float = 1e-6, scale: float | None = None, softcap: float | None = None,
+                             interpret: bool = False):
     """`attend_new_tokens_ref` in one launch (two with splits > 1); the cache stores are updated in place
     (`input_output_aliases`: a donated or loop-carried cache is not copied). T·H/KVH ≤ MAX_ROWS. `num_stages`:
     the key/value blocks in flight (None, and block_s None: `fused_block_stages`); `num_warps`: a program's warps
@@ -702,7 +715,8 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     of 128, `norm.quant_rows` rows) — quantized in the programs' epilogue where `codes_in_kernel` says so (one split,
     Dh = 128: o_proj's quantization launch saved), else by XLA ops after the splits' merge. `v_block`: an int8
     cache's value store in `block_values`' order (read and written so). `qk_norm`: Qwen3's query and key head
-    norm weights ([Dh] each), applied before RoPE with epsilon `norm_eps`."""
+    norm weights ([Dh] each), applied before RoPE with epsilon `norm_eps`. `scale` (None: 1/√Dh) and `softcap`: the
+    scores' factor and Gemma 2's cap, as `attend_ref` takes them."""
     if qkv.ndim not in (3, 4) or (qkv.ndim == 4 and qkv.dtype != jnp.float32):
         raise ValueError(f"attend_new_tokens: qkv must be [B, T, W] or f32 partials [P, B, T, W]; got {qkv.shape} "
                          f"{qkv.dtype}")
@@ -741,7 +755,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     dtype = jnp.dtype(dtype or (qkv.dtype if qkv.ndim == 3 else jnp.bfloat16))
     kw = dict(heads=heads, kv_heads=kv_heads, dtype=dtype, bias=bias, k_scale_store=k_scale_store,
               v_scale_store=v_scale_store, sliding_window=sliding_window, rms=rms, codes=codes, v_block=v_block,
-              qk_norm=qk_norm, norm_eps=norm_eps)
+              qk_norm=qk_norm, norm_eps=norm_eps, scale=scale, softcap=softcap)
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
     splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and dh == GROUP_SIZE)
@@ -749,4 +763,5 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
                               None if qk_norm is None else tuple(qk_norm),
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
                               splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
-                              v_block=v_block, norm_eps=float(norm_eps), interpret=interpret)
+                              v_block=v_block, norm_eps=float(norm_eps), scale=None if scale is None else float(scale),
+                              softcap=None if softcap is None else float(softcap), interpret=interpret)

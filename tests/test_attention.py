@@ -362,20 +362,23 @@ def test_model_decodes_through_the_kernel(monkeypatch, cache_dtype, max_len):
 
 @pytest.mark.parametrize("weights, cache_dtype, max_len, variant", [
     ("float", jnp.int8, 40, "llama"), ("float", jnp.int8, 64, "llama"), ("mixed", jnp.float32, 40, "llama"),
-    ("float", jnp.float32, 40, "qwen3"), ("mixed", jnp.float32, 40, "gemma3")])
+    ("float", jnp.float32, 40, "qwen3"), ("mixed", jnp.float32, 40, "gemma3"), ("float", jnp.int8, 40, "gemma2")])
 def test_model_fused_step_matches_xla(monkeypatch, weights, cache_dtype, max_len, variant):
     """Per-layer params with q/k/v fused (as `generate` runs a quantized model on a GPU) and q/k/v biases: the
     decode steps take `attend_new_tokens_pallas`, on the projection's split-K partials for mixed weights,
     and give the XLA path's logits and cache. "qwen3": Qwen3's query and key head norms, in the kernel, and
     a layer without RoPE (SmolLM3's NoPE: the kernel's RoPE on identity tables). "gemma3": a layer with a window of 8
     and RoPE of its own beside a global one (each kernel launch gets its layer's window and tables), the head norms
-    (the query's carrying another attention scale), sandwich norms and GeGLU around it."""
+    (the query's carrying another attention scale), sandwich norms and GeGLU around it. "gemma2": soft-capped scores
+    and another scale without head norms, inside the kernel."""
     import pallas_kernels as pk
 
-    qk_norm = variant != "llama"
+    qk_norm = variant in ("qwen3", "gemma3")
     gemma = dict(model_type="gemma3_text", mlp_act="gelu_tanh", embed_scale=16.0, sandwich_norms=True,
                  sliding_window=8, global_layers=(1,), rope_local_theta=100.0, query_pre_attn_scalar=20.0) \
-        if variant == "gemma3" else {}
+        if variant == "gemma3" else dict(
+            model_type="gemma2", mlp_act="gelu_tanh", embed_scale=16.0, sandwich_norms=True, sliding_window=8,
+            global_layers=(1,), query_pre_attn_scalar=20.0, attn_logit_softcap=1.0) if variant == "gemma2" else {}
     cfg = LlamaConfig(**{**dict(vocab_size=97, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
                                 num_attention_heads=8, num_key_value_heads=2, head_dim=32, rope_theta=10000.0,
                                 attention_bias=True, sliding_window=20, qk_norm=qk_norm, rms_norm_eps=1e-6,
@@ -660,3 +663,35 @@ def test_model_hands_o_proj_the_attention_codes(monkeypatch):
     assert calls == [True] * 4 + [False] * 4, calls
     for g, w in zip(got, want):
         np.testing.assert_array_equal(g, w)
+
+
+@pytest.mark.parametrize("splits, int8", [(1, False), (2, True)])
+def test_decode_kernels_take_a_scale_and_a_softcap(splits, int8):
+    """Gemma 2's scores (`scale`, then cap·tanh(s / cap) before the mask) in both decode kernels: each equals its
+    reference given the same keywords, and a cap that bites moves the output far from the uncapped one."""
+    from mixjax import model
+
+    rng = np.random.default_rng()
+    B, T, H, KVH, S, Dh, dtype = 2, 1, 8, 2, 96, 32, jnp.float32
+    pos = _positions(rng, B, T, S)
+    scores = dict(scale=0.4, softcap=0.8)
+    q, k, v, ks, vs = _case(rng, B, T, H, KVH, S, Dh, dtype, int8, jnp.float32)
+    q = q * 4.0  # scores of several units: the cap of 0.8 bites
+    kw = dict(sliding_window=40, k_scale=ks, v_scale=vs)
+    got = np.asarray(attention.decode_attention_pallas(q, k, v, pos, splits=splits, interpret=INTERPRET, **kw, **scores))
+    ref = np.asarray(attention.decode_attention_ref(q, k, v, pos, **kw, **scores))
+    plain = np.asarray(attention.decode_attention_ref(q, k, v, pos, **kw))
+    size = np.abs(ref).max()
+    tol = 1e-5 if INTERPRET else 2e-3
+    assert np.abs(got - ref).max() <= tol * size and np.abs(plain - ref).max() > 0.05 * size
+    qkv = jnp.asarray(rng.normal(size=(B, T, (H + 2 * KVH) * Dh)) * 4.0, dtype)
+    cos, sin = model.rope_tables(pos, (1.0 / 10000 ** (np.arange(0, Dh, 2) / Dh)).astype(np.float32))
+    kw = dict(heads=H, kv_heads=KVH, dtype=dtype, k_scale_store=ks, v_scale_store=vs, sliding_window=40)
+    got = attention.attend_new_tokens_pallas(qkv, pos, cos, sin, k, v, splits=splits, interpret=INTERPRET, **kw,
+                                             **scores)[0]
+    ref = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, **kw, **scores)[0]
+    plain = attention.attend_new_tokens_ref(qkv, pos, cos, sin, k, v, **kw)[0]
+    got, ref, plain = (np.asarray(a) for a in (got, ref, plain))
+    size = np.abs(ref).max()
+    # an int8 cache: a new key's code may sit one step from the reference's (its RoPE rounds in another order)
+    assert np.abs(got - ref).max() <= (2e-2 if int8 else tol) * size and np.abs(plain - ref).max() > 0.05 * size

@@ -124,15 +124,19 @@ def test_quantized_prefill_lowers_for_cuda(monkeypatch, act_scale):
     jax.clear_caches()
 
 
-def test_gemma3_decode_step_lowers_for_cuda(monkeypatch):
+@pytest.mark.parametrize("arch", ["gemma3", "gemma2"])
+def test_gemma_decode_step_lowers_for_cuda(monkeypatch, arch):
     """Gemma 3 on the GPU path: heads of 256 in the fused attention (a window on layer 0, none on layer 1), GeGLU's
     tanh in the SwiGLU kernel, and the post-attention norm taking o_proj's partials with the sandwich norm's weight
-    (one program a row) — every kernel's Triton IR builds."""
+    (one program a row); Gemma 2: the same with soft-capped scores and another scale in the attention kernel — every
+    kernel's Triton IR builds."""
     import dataclasses
 
-    cfg = dataclasses.replace(CFG, model_type="gemma3_text", head_dim=256, qk_norm=True, mlp_act="gelu_tanh",
-                              embed_scale=16.0, sandwich_norms=True, sliding_window=16, global_layers=(1,),
-                              rope_local_theta=1e4, query_pre_attn_scalar=168.0)
+    gemma = dict(mlp_act="gelu_tanh", embed_scale=16.0, sandwich_norms=True, sliding_window=16, global_layers=(1,),
+                 head_dim=256)
+    cfg = dataclasses.replace(CFG, model_type="gemma3_text", qk_norm=True, rope_local_theta=1e4,
+                              query_pre_attn_scalar=168.0, **gemma) if arch == "gemma3" else \
+        dataclasses.replace(CFG, model_type="gemma2", attn_logit_softcap=50.0, query_pre_attn_scalar=144.0, **gemma)
     params = _quantized_params(cfg)
     monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
     windows = []
