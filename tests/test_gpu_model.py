@@ -28,6 +28,10 @@ QWEN3 = LlamaConfig(**{**CFG.to_dict(), "model_type": "qwen3", "qk_norm": True, 
 GEMMA3 = LlamaConfig(**{**CFG.to_dict(), "model_type": "gemma3_text", "qk_norm": True, "head_dim": 256,
                         "mlp_act": "gelu_tanh", "embed_scale": 512 ** 0.5, "sandwich_norms": True, "sliding_window": 16,
                         "global_layers": (1,), "rope_local_theta": 10000.0, "rope_theta": 1e6})
+# Gemma 2: the same without head norms or a second RoPE base, with soft-capped scores (a cap that bites on this model)
+# and gemma-2-27b's kind of attention scale inside the compiled attention kernels
+GEMMA2 = LlamaConfig(**{**GEMMA3.to_dict(), "model_type": "gemma2", "qk_norm": False, "rope_local_theta": None,
+                        "rope_theta": 10000.0, "attn_logit_softcap": 5.0, "query_pre_attn_scalar": 144.0})
 # This random model (weights ×4) is sensitive: bf16 rounding alone moves its logits by 5 % of their max
 # (XLA reference in bf16 vs f32; H200, 2026-12-03). The Pallas path departs from the bf16 reference by
 # half that (mean 2.5 %, most of it the attention kernel's bf16 probabilities), so its departure must stay
@@ -103,7 +107,7 @@ def _err(got, want):
     return np.max(np.abs(got - want), -1) / np.max(np.abs(want))
 
 
-@pytest.mark.parametrize("cfg", [QWEN3, GEMMA3], ids=["qwen3", "gemma3"])
+@pytest.mark.parametrize("cfg", [QWEN3, GEMMA3, GEMMA2], ids=["qwen3", "gemma3", "gemma2"])
 def test_other_architectures_decode_path_equals_xla_reference(cfg):
     """Qwen3's query/key head norms (in the fused attention kernel, after the deferred input-norm r and before RoPE)
     and a layer on identity RoPE tables; Gemma 3's layers with and without a window, its sandwich norms and GeGLU:
