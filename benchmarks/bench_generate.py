@@ -6,6 +6,7 @@
     python benchmarks/bench_generate.py --shape qwen3-8b ...                          # Qwen3-8B's shape instead
     python benchmarks/bench_generate.py --shape smollm3-3b ...                        # or SmolLM3-3B's
     python benchmarks/bench_generate.py --shape gemma3-4b ...                         # or Gemma-3-4B's
+    python benchmarks/bench_generate.py --shape gemma2-9b ...                         # or Gemma-2-9B's
 
 Variants (`--variants`, default bf16,w4.4a8,w8a8; every one with unstacked layers, the fast form on GPU):
 - bf16: random bf16 weights (std 0.02), built layer by layer.
@@ -153,7 +154,16 @@ GEMMA3_4B = LlamaConfig(  # gemma-3-4b's text model: heads of 256, a window of 1
     model_type="gemma3_text", qk_norm=True, mlp_act="gelu_tanh", embed_scale=2560 ** 0.5, sandwich_norms=True,
     sliding_window=1024, global_layers=tuple(range(5, 34, 6)), rope_local_theta=10000.0,
 )
-SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-8b": QWEN3_8B, "smollm3-3b": SMOLLM3_3B, "gemma3-4b": GEMMA3_4B}
+GEMMA2_9B = LlamaConfig(  # gemma-2-9b: heads of 256, a window of 4096 on every other layer, soft-capped attention
+    # scores (50) and logits (30), sandwich norms, GeGLU, scaled embeddings, a tied 256k vocabulary
+    vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+    num_attention_heads=16, num_key_value_heads=8, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+    max_position_embeddings=8192, tie_word_embeddings=True, model_type="gemma2", mlp_act="gelu_tanh",
+    embed_scale=3584 ** 0.5, sandwich_norms=True, sliding_window=4096, global_layers=tuple(range(1, 42, 2)),
+    attn_logit_softcap=50.0, final_logit_softcap=30.0,
+)
+SHAPES = {"llama3-8b": LLAMA3_8B, "qwen3-8b": QWEN3_8B, "smollm3-3b": SMOLLM3_3B, "gemma3-4b": GEMMA3_4B,
+          "gemma2-9b": GEMMA2_9B}
 SMALL = LlamaConfig(  # K = 256 for every linear: two groups of 128 each, so a quantized model splits over 2 devices
     vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=8,
     num_key_value_heads=2, head_dim=32, max_position_embeddings=4096,
@@ -639,7 +649,8 @@ def run_variant(name: str, args) -> int:
     cfg = SHAPES[args.shape]
     if args.small:  # the small model, with the shape's departures from a Llama (one layer of each kind)
         gemma = dict(mlp_act=cfg.mlp_act, embed_scale=SMALL.hidden_size ** 0.5, sandwich_norms=True, sliding_window=64,
-                     global_layers=(1,), rope_local_theta=cfg.rope_local_theta) if cfg.sandwich_norms else {}
+                     global_layers=(1,), rope_local_theta=cfg.rope_local_theta, attn_logit_softcap=cfg.attn_logit_softcap,
+                     final_logit_softcap=cfg.final_logit_softcap) if cfg.sandwich_norms else {}
         cfg = dataclasses.replace(SMALL, model_type=cfg.model_type, qk_norm=cfg.qk_norm,
                                   nope_layers=(1,) if cfg.nope_layers else (), **gemma)
     for strategy in (split_variant(name)[1] or "").split("@"):
@@ -781,7 +792,8 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
     base_name = next((v for v in ("bf16@plain", "bf16") if v in by), first_bf16)
     base = by.get(base_name, {})
     cfg_name = "small test model" if args.small else {"llama3-8b": "Llama-3-8B", "qwen3-8b": "Qwen3-8B",
-                                                       "smollm3-3b": "SmolLM3-3B", "gemma3-4b": "Gemma-3-4B"}[args.shape] \
+                                                       "smollm3-3b": "SmolLM3-3B", "gemma3-4b": "Gemma-3-4B",
+                                                       "gemma2-9b": "Gemma-2-9B"}[args.shape] \
         + " shape"
     lines = [
         f"# Generation speed, {cfg_name}, random weights ({datetime.date.today().isoformat()})",

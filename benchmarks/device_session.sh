@@ -72,7 +72,8 @@
 #   bash benchmarks/device_session.sh s46a      # session 46: Qwen3's head norms in the fused attention (GPU tests), a
 #                                               # Qwen3-8B shape end to end: bf16 beside W4.4A8 + int4 head
 #   bash benchmarks/device_session.sh s46b      # prepared: test_gpu_model.py (Qwen3 case added), Qwen3-8B on an H100
-#   bash benchmarks/device_session.sh s47a      # prepared: test_gpu_model.py (Qwen3 and Gemma 3 cases), Gemma-3-4B beside bf16
+#   bash benchmarks/device_session.sh s47a      # session 47: test_gpu_model.py (Qwen3 and Gemma 3 cases), Gemma-3-4B beside bf16
+#   bash benchmarks/device_session.sh s47b      # prepared: test_gpu_model.py's Gemma 2 case, Gemma-2-9B beside bf16
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -862,6 +863,16 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s47b)  # prepared in session 47, not run: Gemma 2's decode path on the GPU (soft-capped scores and gemma-2-27b's kind
+    # of scale inside the compiled attention kernels; test_gpu_model.py's gemma2 case), then Gemma-2-9B's shape beside
+    # bf16 (its prompts attend through XLA: cuDNN has no soft cap)
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py -k other_architectures 2>&1 \
+      | tail -3 | tee "$out/gpu_model.log"
+    timeout 330 python3 benchmarks/bench_generate.py --shape gemma2-9b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --budget-s 310 --out "$out/gemma2_9b.md" 2>&1 | grep "batch\|tok/s |\|Error" \
+      | tee "$out/gemma2_9b.log"
     ;;
   s47a)  # session 47: the whole decode path on the GPU with Gemma 3 (heads of 256 in the fused attention, a window
     # on two layers of three, sandwich norms feeding the norm kernels, GeGLU) and Qwen3, then Gemma-3-4B's shape
