@@ -541,11 +541,17 @@ def layer_is_local(cfg: LlamaConfig, layer_index) -> bool | jax.Array:
         return False
     if not cfg.global_layers:
         return True
+    return _layer_not_in(cfg, layer_index, cfg.global_layers, "global and sliding-window layers")
+
+
+def _layer_not_in(cfg: LlamaConfig, layer_index, ids: tuple[int, ...], kind: str) -> bool | jax.Array:
+    """layer_index ∉ ids, for an int or a traced int32; without an index, a ValueError naming what the layers differ
+    in (`kind`)."""
     if layer_index is None:
-        raise ValueError(f"this {cfg.model_type} model has global and sliding-window layers: pass layer_index")
+        raise ValueError(f"this {cfg.model_type} model has {kind}: pass layer_index")
     if isinstance(layer_index, (int, np.integer)):
-        return int(layer_index) not in cfg.global_layers
-    return jnp.logical_not(jnp.isin(layer_index, jnp.asarray(cfg.global_layers, jnp.int32)))
+        return int(layer_index) not in ids
+    return jnp.logical_not(jnp.isin(layer_index, jnp.asarray(ids, jnp.int32)))
 
 
 def _positional(cfg: LlamaConfig, positions: jax.Array, k_pos: jax.Array):
@@ -1036,11 +1042,7 @@ def layer_uses_rope(cfg: LlamaConfig, layer_index) -> bool | jax.Array:
     `cfg.nope_layers`. Raises if the config has NoPE layers and no index is given."""
     if not cfg.nope_layers:
         return True
-    if layer_index is None:
-        raise ValueError(f"this {cfg.model_type} model has layers without RoPE ({cfg.nope_layers}): pass layer_index")
-    if isinstance(layer_index, (int, np.integer)):
-        return int(layer_index) not in cfg.nope_layers
-    return jnp.logical_not(jnp.isin(layer_index, jnp.asarray(cfg.nope_layers, jnp.int32)))
+    return _layer_not_in(cfg, layer_index, cfg.nope_layers, f"layers without RoPE ({cfg.nope_layers})")
 
 
 def _rope_for(rope: tuple[jax.Array, jax.Array], use_rope) -> tuple[jax.Array, jax.Array]:
