@@ -97,17 +97,17 @@ class LlamaConfig:
     # Gemma (norm weights are stored as 1 + w: the (1 + w) scaling is folded in as a checkpoint loads)
     mlp_act: str = "silu"  # the gate's activation: "silu" (SwiGLU) or "gelu_tanh" (Gemma's GeGLU, tanh GELU)
     embed_scale: float | None = None  # Gemma: looked-up embeddings × this (√D), rounded to the params' dtype
-    sandwich_norms: bool = False  # Gemma 3: RMSNorms on the attention and MLP outputs before each residual add
+    sandwich_norms: bool = False  # Gemma 2, 3: RMSNorms on the attention and MLP outputs before each residual add
     # (params `layers.attn_output_norm`, `layers.mlp_output_norm`)
-    global_layers: tuple[int, ...] = ()  # with sliding_window: the layers that attend to every position (Gemma 3);
+    global_layers: tuple[int, ...] = ()  # with sliding_window: the layers that attend to every position (Gemma 2, 3);
     # empty: every layer has the window (Mistral)
     rope_local_theta: float | None = None  # Gemma 3: the RoPE base of the sliding-window layers (no scaling there)
     final_logit_softcap: float | None = None  # logits → cap·tanh(logits / cap)
     attn_logit_softcap: float | None = None  # Gemma 2: attention scores → cap·tanh(scores / cap) before the softmax
-    # (XLA's attention: the attention kernels step aside)
+    # (in the decode attention kernels and XLA's; cuDNN's prefill attention steps aside)
     query_pre_attn_scalar: float | None = None  # Gemma 2/3: attention scores × this^-1/2 instead of head_dim^-1/2
     # (gemma-3-27b: 168 against heads of 128): √(head_dim / this) on the query head norm's weight where there is one
-    # (Gemma 3), else the scale of XLA's attention (Gemma 2)
+    # (Gemma 3), else the attention's score factor (Gemma 2)
 
     def __post_init__(self):
         if self.num_attention_heads % self.num_key_value_heads:
