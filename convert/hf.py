@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from convert.layout import (HF_NAMES, IGNORED_SUFFIXES, ConvertError, NameMap, ParamBuffer, flat_shapes, fuse_for_hf,
-                            gemma3_hf_name, is_norm_name, split_fused)
+                            gemma_hf_name, is_norm_name, split_fused)
 from mixjax.config import GEMMA_TYPES, LlamaConfig
 
 
@@ -181,7 +181,7 @@ def _put(buffer: ParamBuffer, name: str, value: np.ndarray, file: Path) -> None:
     if buffer.cfg.model_type in GEMMA_TYPES and is_norm_name(name):  # Gemma's RMSNorms scale by 1 + w: folded
         value = value.astype(np.float32) + 1.0  # (in f32, before the params' dtype)
     if buffer.cfg.sandwich_norms:
-        name = gemma3_hf_name(name)
+        name = gemma_hf_name(name)
     target = HF_NAMES.resolve(name)
     if target is None:
         raise ConvertError(
@@ -221,7 +221,7 @@ def save_hf(directory: str | os.PathLike, params, cfg: LlamaConfig, *, dtype=Non
     if cfg.model_type == "phi3":  # Phi3ForCausalLM holds q/k/v and gate/up fused
         tensors = fuse_for_hf(tensors, cfg)
     if cfg.model_type in GEMMA_TYPES:  # Gemma stores its norms as w where they scale by 1 + w
-        tensors = [(gemma3_hf_name(name, to_hf=True) if cfg.sandwich_norms else name, shape, dtype,
+        tensors = [(gemma_hf_name(name, to_hf=True) if cfg.sandwich_norms else name, shape, dtype,
                     (lambda g=get: g().astype(jnp.float32) - 1.0) if is_norm_name(name) else get)
                    for name, shape, dtype, get in tensors]
     np_dtype = np.dtype(jnp.dtype(dtype or tensors[0][2]))

@@ -33,8 +33,8 @@ NAME_TABLE: tuple[tuple[str, str, str], ...] = (
     ("layers.post_attention_layernorm", "model.layers.{i}.post_attention_layernorm.weight", "blk.{i}.ffn_norm.weight"),
     ("layers.q_norm", "model.layers.{i}.self_attn.q_norm.weight", "blk.{i}.attn_q_norm.weight"),  # Qwen3
     ("layers.k_norm", "model.layers.{i}.self_attn.k_norm.weight", "blk.{i}.attn_k_norm.weight"),
-    # Gemma 3's norms on the attention and MLP outputs (Hugging Face calls them post_attention_layernorm and
-    # post_feedforward_layernorm, and its pre-MLP norm pre_feedforward_layernorm: `gemma3_hf_name` renames)
+    # Gemma 2's and 3's norms on the attention and MLP outputs (Hugging Face calls them post_attention_layernorm and
+    # post_feedforward_layernorm, and its pre-MLP norm pre_feedforward_layernorm: `gemma_hf_name` renames)
     ("layers.attn_output_norm", "model.layers.{i}.attn_output_norm.weight", "blk.{i}.post_attention_norm.weight"),
     ("layers.mlp_output_norm", "model.layers.{i}.mlp_output_norm.weight", "blk.{i}.post_ffw_norm.weight"),
     ("layers.self_attn.q_proj.weight", "model.layers.{i}.self_attn.q_proj.weight", "blk.{i}.attn_q.weight"),
@@ -103,20 +103,20 @@ def fuse_for_hf(tensors: list, cfg: LlamaConfig) -> list:
     return [joined.get(entry[0], entry) for entry in tensors if entry[0] not in dropped]
 
 
-_GEMMA3_NORMS = {"post_attention_layernorm": "attn_output_norm", "pre_feedforward_layernorm": "post_attention_layernorm",
-                 "post_feedforward_layernorm": "mlp_output_norm"}  # Hugging Face's Gemma 3 names → NAME_TABLE's
-_GEMMA3_NORMS_BACK = {v: k for k, v in _GEMMA3_NORMS.items()}
+_GEMMA_NORMS = {"post_attention_layernorm": "attn_output_norm", "pre_feedforward_layernorm": "post_attention_layernorm",
+                "post_feedforward_layernorm": "mlp_output_norm"}  # Hugging Face's Gemma 2/3 names → NAME_TABLE's
+_GEMMA_NORMS_BACK = {v: k for k, v in _GEMMA_NORMS.items()}
 _LAYER_NORM_NAME = re.compile(r"(model\.layers\.\d+\.)(\w+)(\.weight)")
 
 
-def gemma3_hf_name(name: str, *, to_hf: bool = False) -> str:
-    """A Gemma 3 checkpoint's layer norm name as `NAME_TABLE` has it (to_hf: back). The same Hugging Face name means
-    another norm in a Llama (post_attention_layernorm: the MLP's input norm there, the attention output's here)."""
+def gemma_hf_name(name: str, *, to_hf: bool = False) -> str:
+    """A Gemma 2 / 3 checkpoint's layer norm name as `NAME_TABLE` has it (to_hf: back). The same Hugging Face name
+    means another norm in a Llama (post_attention_layernorm: the MLP's input norm there, the attention output's here)."""
     match = _LAYER_NORM_NAME.fullmatch(name)
     if match is None:
         return name
     head, norm, tail = match.groups()
-    return head + (_GEMMA3_NORMS_BACK if to_hf else _GEMMA3_NORMS).get(norm, norm) + tail
+    return head + (_GEMMA_NORMS_BACK if to_hf else _GEMMA_NORMS).get(norm, norm) + tail
 
 
 def is_norm_name(name: str) -> bool:

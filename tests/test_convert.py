@@ -156,7 +156,7 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     extra_tensors: (name, array) pairs written too."""
     import gguf
 
-    from convert.layout import NAME_TABLE, gemma3_hf_name, is_norm_name
+    from convert.layout import NAME_TABLE, gemma_hf_name, is_norm_name
 
     c = model.config
     gemma = arch in ("gemma2", "gemma3")  # norms stored as 1 + w, Hugging Face's Gemma 2/3 norm names
@@ -200,7 +200,7 @@ def write_tiny_gguf(path, model, arch="llama", *, drop=(), linear_type="F32", ro
     for name, tensor in model.state_dict().items():
         if name == "lm_head.weight" and c.tie_word_embeddings:
             continue
-        gguf_name = hf_to_gguf[gemma3_hf_name(name) if gemma else name]
+        gguf_name = hf_to_gguf[gemma_hf_name(name) if gemma else name]
         if gguf_name in drop:
             continue
         w = tensor.float().numpy() + (1.0 if gemma and is_norm_name(name) else 0.0)
