@@ -73,7 +73,8 @@
 #                                               # Qwen3-8B shape end to end: bf16 beside W4.4A8 + int4 head
 #   bash benchmarks/device_session.sh s46b      # prepared: test_gpu_model.py (Qwen3 case added), Qwen3-8B on an H100
 #   bash benchmarks/device_session.sh s47a      # session 47: test_gpu_model.py (Qwen3 and Gemma 3 cases), Gemma-3-4B beside bf16
-#   bash benchmarks/device_session.sh s47b      # prepared: test_gpu_model.py's Gemma 2 case, Gemma-2-9B beside bf16
+#   bash benchmarks/device_session.sh s47b      # prepared: test_gpu_model.py's Gemma 2 case, Gemma-2-9B beside bf16 (and
+#                                               # with `@sdefer`, model.SANDWICH_DEFER)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -870,7 +871,7 @@ case "$part" in
     header
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py -k other_architectures 2>&1 \
       | tail -3 | tee "$out/gpu_model.log"
-    timeout 330 python3 benchmarks/bench_generate.py --shape gemma2-9b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
+    timeout 330 python3 benchmarks/bench_generate.py --shape gemma2-9b --variants bf16@plain,w4.4a8+h4,w4.4a8@sdefer+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --budget-s 310 --out "$out/gemma2_9b.md" 2>&1 | grep "batch\|tok/s |\|Error" \
       | tee "$out/gemma2_9b.log"
     ;;
