@@ -457,7 +457,8 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "att128", "attw2", "attw8", "attw16", "pf3", "pf3s2", "pf3s4", "pf3l",
               "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "tiled", "tiled4", "rowmajor", "vrow", "xsandwich", "sdefer")
+              "tiled", "tiled4", "rowmajor", "vrow", "xsandwich", "sdefer",
+              "xprefill")
 
 
 _FUSED_ATTENTION = {  # strategy → `attend_new_tokens_pallas` keywords
@@ -519,6 +520,8 @@ def _apply_strategy(strategy: str) -> None:
         model_module.SANDWICH_FUSED = "never"
     elif strategy == "sdefer":  # Gemma: down_proj's partials into the next layer's norm with mlp_output_norm
         model_module.SANDWICH_DEFER = "auto"
+    elif strategy == "xprefill":  # prompts attend through XLA (the scores materialised), not cuDNN's flash attention
+        model_module.PREFILL_ATTENTION = "xla"
     elif strategy == "plain":  # none of the decode kernels beside the linears (the session-11 default): the
         # pure-XLA step for bf16, the ratio base when run
         model_module.ATTENTION, model_module.NORM_QUANT, model_module.SWIGLU_QUANT = "xla", "never", "never"

@@ -865,6 +865,16 @@ case "$part" in
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
     ;;
+  s48a)  # session 48: cuDNN's flash attention for heads of 256 (Hopper) and with a scale: the prefill tests on the
+    # GPU (Gemma 3 / Gemma 2-scale models against XLA's attention), Gemma 2's decode path (s47b's test), then
+    # Gemma-3-4B's 2048-token prefill with and without cuDNN (@xprefill: XLA's attention, the scores materialised)
+    header
+    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpu_model.py \
+      -k "cudnn or prefill_attention or other_architectures" 2>&1 | tail -4 | tee "$out/gpu_tests.log"
+    timeout 300 python3 benchmarks/bench_generate.py --shape gemma3-4b --batches "" --repeats 5 --prefill-len 2048 \
+      --variants bf16@plain@xprefill,bf16@plain,w4.4a8@xprefill+h4,w4.4a8+h4 --budget-s 280 \
+      --out "$out/gemma3_4b_prefill.md" 2>&1 | grep "prefill\|Error" | tee "$out/gemma3_4b_prefill.log"
+    ;;
   s47b)  # prepared in session 47, not run: Gemma 2's decode path on the GPU (soft-capped scores and gemma-2-27b's kind
     # of scale inside the compiled attention kernels; test_gpu_model.py's gemma2 case), then Gemma-2-9B's shape beside
     # bf16 (its prompts attend through XLA: cuDNN has no soft cap)

@@ -28,7 +28,7 @@ import numpy as np
 
 from mixjax.config import LlamaConfig
 from mixjax.linear import Implementation, QuantizedLinear, linear, resolve_implementation
-from pallas_kernels.attention import (V_BLOCK, attend_new_tokens_pallas, attend_ref, cudnn_attention_available,
+from pallas_kernels.attention import (V_BLOCK, attend_new_tokens_pallas, attend_ref, cudnn_head_dim_limit,
                                       decode_attention_pallas, prefill_attention, unblock_values)
 
 LINEAR_NAMES = (
@@ -621,8 +621,8 @@ def _cudnn_attention_on(q: jax.Array, kv_heads: int, k_scale, implementation: Im
         raise ValueError(f"mixjax.model.PREFILL_ATTENTION = {PREFILL_ATTENTION!r}; expected 'auto' or 'xla'")
     rows = q.shape[1] * (q.shape[2] // kv_heads)
     return (PREFILL_ATTENTION == "auto" and rows > MAX_ROWS and k_scale is None
-            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0 and q.shape[-1] <= 128
-            and cudnn_attention_available() and resolve_implementation(implementation) == "pallas")
+            and q.dtype in (jnp.bfloat16, jnp.float16) and q.shape[-1] % 8 == 0
+            and q.shape[-1] <= cudnn_head_dim_limit() and resolve_implementation(implementation) == "pallas")
 
 
 def _attention_kernel_on(T: int, cfg: LlamaConfig, implementation: Implementation) -> bool:
@@ -911,8 +911,8 @@ def _decoder_layer(
             attn = decode_attention_pallas(q, keys, values, positions, sliding_window=window,
                                            k_scale=k_scale, v_scale=v_scale, v_block=v_block, interpret=interpret,
                                            **scores)
-        elif static_window and not scores and _cudnn_attention_on(q, KVH, k_scale, implementation):
-            attn = prefill_attention(q, keys, values, mask, positions, window)
+        elif static_window and "softcap" not in scores and _cudnn_attention_on(q, KVH, k_scale, implementation):
+            attn = prefill_attention(q, keys, values, mask, positions, window, scores.get("scale"))
         else:  # (XLA reads the values position-major)
             attn = attend_ref(q, keys, unblock_values(values, v_block), mask, k_scale, v_scale, **scores)
     if attn_codes:  # o_proj's codes, from the attention kernel's epilogue
@@ -967,7 +967,7 @@ def _decoder_layer(
 
 def attention_scores(cfg: LlamaConfig) -> dict:
     """The attention paths' `scale` and `softcap` keywords for the config (`attend_ref`, the decode kernels; empty for
-    a Llama, whose scores cuDNN's prefill attention also computes)."""
+    a Llama). cuDNN's prefill attention takes the scale, not the cap (Gemma 2's prompts attend through XLA)."""
     out = {}
     if cfg.query_pre_attn_scalar is not None and not cfg.qk_norm:  # (with head norms: `query_norm_weight`)
         out["scale"] = cfg.query_pre_attn_scalar ** -0.5

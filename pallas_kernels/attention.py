@@ -105,11 +105,21 @@ def cudnn_attention_available(device=None) -> bool:
         return False
 
 
+def cudnn_head_dim_limit(device=None) -> int:
+    """The widest head cuDNN's fused attention takes for inference (jax's own rule): 256 on Hopper and later,
+    128 on Ampere and Ada, 0 where `cudnn_attention_available` says no."""
+    device = device or jax.devices()[0]
+    if not cudnn_attention_available(device):
+        return 0
+    return 256 if float(device.compute_capability) >= 9.0 else 128
+
+
 def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, q_pos: jax.Array | None = None,
-                      sliding_window: int | None = None) -> jax.Array:
+                      sliding_window: int | None = None, scale: float | None = None) -> jax.Array:
     """`attend_ref` for a float cache through cuDNN's fused flash attention (`jax.nn.dot_product_attention`,
-    implementation "cudnn": NVIDIA GPUs, bf16/f16, head dim ≤ 128): q [B, T, H, Dh], k/v [B, KVH, S, Dh],
-    mask [B, T, S] → [B, T, H, Dh] in q's dtype; the scores are never written to memory.
+    implementation "cudnn": NVIDIA GPUs, bf16/f16, head dim a multiple of 8 up to `cudnn_head_dim_limit`):
+    q [B, T, H, Dh], k/v [B, KVH, S, Dh], mask [B, T, S] → [B, T, H, Dh] in q's dtype; the scores (× `scale`,
+    default Dh^-1/2) are never written to memory.
 
     The general case hands cuDNN the whole mask (added as a bias), so causality, sliding windows and
     ragged rows are exactly `attend_ref`'s. Given q_pos [B, T] (and the mask's sliding_window), a chunk
@@ -120,14 +130,14 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array,
     keys, values = (a.astype(q.dtype).transpose(0, 2, 1, 3) for a in (k, v))  # [B, S, KVH, Dh]
 
     def masked():
-        return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], implementation="cudnn")
+        return jax.nn.dot_product_attention(q, keys, values, mask=mask[:, None], scale=scale, implementation="cudnn")
 
     if q_pos is None:
         return masked()
 
     def causal():
         window = None if sliding_window is None else (sliding_window - 1, 0)
-        return jax.nn.dot_product_attention(q, keys, values, is_causal=True, local_window_size=window,
+        return jax.nn.dot_product_attention(q, keys, values, scale=scale, is_causal=True, local_window_size=window,
                                             implementation="cudnn")
 
     fresh = jnp.all(q_pos == jnp.arange(q.shape[1], dtype=q_pos.dtype)[None])

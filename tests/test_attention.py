@@ -472,26 +472,37 @@ def test_cudnn_attention_needs_an_nvidia_gpu_of_ampere_or_later():
     assert not attention.cudnn_attention_available(_Device("gpu", "7.5"))  # Turing: no fused attention
     assert not attention.cudnn_attention_available(_Device("gpu"))  # ROCm: no compute capability
     assert not attention.cudnn_attention_available(_Device("cpu"))
+    # heads up to 256 on Hopper and later (Gemma's), 128 before (jax's own rule)
+    assert attention.cudnn_head_dim_limit(_Device("gpu", "9.0")) == 256
+    assert attention.cudnn_head_dim_limit(_Device("gpu", "10.0")) == 256
+    assert attention.cudnn_head_dim_limit(_Device("gpu", "8.9")) == 128
+    assert attention.cudnn_head_dim_limit(_Device("gpu", "7.5")) == 0
+    assert attention.cudnn_head_dim_limit(_Device("cpu")) == 0
 
 
 @pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
-@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, start", [
-    (2, 37, 8, 2, 64, 64, None, (0, 5)),  # GQA, ragged starts: the whole mask
-    (1, 200, 4, 4, 256, 128, 48, (0,)),  # a fresh prompt (cuDNN's causal mask), sliding window, partial block
-    (2, 130, 8, 2, 160, 128, None, (0, 0)),  # fresh prompts, no window
-    (3, 16, 6, 3, 40, 32, None, (0, 10, 24)),
+@pytest.mark.parametrize("B, T, H, KVH, S, Dh, window, start, scale", [
+    (2, 37, 8, 2, 64, 64, None, (0, 5), None),  # GQA, ragged starts: the whole mask
+    (1, 200, 4, 4, 256, 128, 48, (0,), None),  # a fresh prompt (cuDNN's causal mask), sliding window, partial block
+    (2, 130, 8, 2, 160, 128, None, (0, 0), None),  # fresh prompts, no window
+    (3, 16, 6, 3, 40, 32, None, (0, 10, 24), None),
+    (1, 300, 8, 4, 320, 256, 100, (0,), None),  # Gemma's heads of 256 (Hopper), a window
+    (2, 90, 4, 2, 96, 256, None, (0, 3), 0.1),  # and Gemma 2's scale, the whole mask
+    (1, 70, 4, 1, 80, 64, None, (0,), 24 ** -0.5),
 ])
-def test_prefill_attention_matches_reference(B, T, H, KVH, S, Dh, window, start):
+def test_prefill_attention_matches_reference(B, T, H, KVH, S, Dh, window, start, scale):
     """cuDNN's fused attention on the whole mask gives `attend_ref`'s result to bf16 rounding."""
+    if Dh > attention.cudnn_head_dim_limit():
+        pytest.skip(f"cuDNN takes heads of {Dh} from Hopper on")
     rng = np.random.default_rng()
     q = jnp.asarray(rng.normal(size=(B, T, H, Dh)), jnp.bfloat16)
     k, v = (jnp.asarray(rng.normal(size=(B, KVH, S, Dh)), jnp.bfloat16) for _ in range(2))
     q_pos = jnp.asarray(np.array(start)[:, None] + np.arange(T)[None], jnp.int32)
     mask = attention.cache_mask(q_pos, S, window)
-    want = np.asarray(attention.attend_ref(q.astype(jnp.float32), k, v, mask), np.float32)
-    masked = jax.jit(attention.prefill_attention)(q, k, v, mask)
+    want = np.asarray(attention.attend_ref(q.astype(jnp.float32), k, v, mask, scale=scale), np.float32)
+    masked = jax.jit(functools.partial(attention.prefill_attention, scale=scale))(q, k, v, mask)
     # given the positions: cuDNN's causal mask where every row starts at 0, the whole mask elsewhere
-    chosen = jax.jit(attention.prefill_attention, static_argnums=5)(q, k, v, mask, q_pos, window)
+    chosen = jax.jit(attention.prefill_attention, static_argnums=(5, 6))(q, k, v, mask, q_pos, window, scale)
     for got in (masked, chosen):
         got = np.asarray(got, np.float32)
         assert got.shape == (B, T, H, Dh)
@@ -499,31 +510,51 @@ def test_prefill_attention_matches_reference(B, T, H, KVH, S, Dh, window, start)
 
 
 @pytest.mark.skipif(INTERPRET, reason="cuDNN's flash attention needs an NVIDIA GPU")
-def test_model_prefills_through_cudnn_attention(monkeypatch):
-    """A bf16 prefill with PREFILL_ATTENTION 'auto' (cuDNN) gives the logits of 'xla' (`attend_ref`)."""
-    cfg = LlamaConfig(vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=64)
-    params = model.init_params(cfg, jax.random.key(1), jnp.bfloat16)
+@pytest.mark.parametrize("variant", ["llama", "gemma3", "gemma2_scale"])
+def test_model_prefills_through_cudnn_attention(monkeypatch, variant):
+    """A bf16 prefill with PREFILL_ATTENTION 'auto' (cuDNN) gives the logits of 'xla' (`attend_ref`). "gemma3": heads
+    of 256 (Hopper), a window on every layer but one, the query norm carrying another scale; "gemma2_scale": Gemma 2's
+    scale without head norms (its soft cap left out: capped scores attend through XLA)."""
+    extra = {}
+    if variant != "llama":
+        if (cudnn_limit := attention.cudnn_head_dim_limit()) < 256:
+            pytest.skip(f"cuDNN takes heads of 256 from Hopper on (this GPU: ≤ {cudnn_limit})")
+        extra = dict(model_type="gemma3_text" if variant == "gemma3" else "gemma2", head_dim=256, mlp_act="gelu_tanh",
+                     embed_scale=16.0, sandwich_norms=True, sliding_window=40, global_layers=(1,),
+                     query_pre_attn_scalar=96.0, qk_norm=variant == "gemma3",
+                     rope_local_theta=100.0 if variant == "gemma3" else None)
+    cfg = LlamaConfig(**{**dict(vocab_size=97, hidden_size=256, intermediate_size=384, num_hidden_layers=2,
+                                num_attention_heads=4, num_key_value_heads=2, head_dim=64), **extra})
+    # unstacked: each layer's window is a number (under a scan it is traced, and such layers attend through XLA)
+    params = model.unstack_layers(model.init_params(cfg, jax.random.key(1), jnp.bfloat16))
     tokens = jnp.asarray(np.random.default_rng().integers(0, 97, (2, 150)), jnp.int32)
+    calls = []
+    monkeypatch.setattr(model, "prefill_attention", lambda *a: calls.append(a[5:]) or attention.prefill_attention(*a))
     out = {}
     for mode in ("xla", "auto"):
         monkeypatch.setattr(model, "PREFILL_ATTENTION", mode)
         logits, _ = model.forward_step(params, tokens, cfg, model.init_cache(cfg, 2, 160, jnp.bfloat16))
         out[mode] = np.asarray(logits, np.float32)
+    # every layer through cuDNN in 'auto', with its own window and the config's scale
+    scale = 96.0 ** -0.5 if variant == "gemma2_scale" else None
+    assert calls == ([(None, None)] * 2 if variant == "llama" else [(40, scale), (None, scale)])
     assert np.abs(out["auto"] - out["xla"]).max() <= 5e-2 * np.abs(out["xla"]).max()
 
 
 def test_cudnn_attention_takes_prompts_not_decode_steps(monkeypatch):
     """On a GPU that has it, cuDNN takes chunks with more query rows a KV head than the decode kernel holds;
     a decode step on XLA's path stays on `attend_ref` (cuDNN there slowed bf16 decode by 10–16 %)."""
-    monkeypatch.setattr(model, "cudnn_attention_available", lambda *a: True)
+    monkeypatch.setattr(model, "cudnn_head_dim_limit", lambda *a: 128)
     monkeypatch.setattr(model, "resolve_implementation", lambda impl: "pallas")
     limit = attention.MAX_ROWS
-    on = lambda t, h, kvh, dtype=jnp.bfloat16: model._cudnn_attention_on(  # noqa: E731
-        jax.ShapeDtypeStruct((2, t, h, 128), dtype), kvh, None, "auto")
+    on = lambda t, h, kvh, dtype=jnp.bfloat16, dh=128: model._cudnn_attention_on(  # noqa: E731
+        jax.ShapeDtypeStruct((2, t, h, dh), dtype), kvh, None, "auto")
     assert not on(1, 32, 8) and not on(limit // 4, 32, 8) and on(limit // 4 + 1, 32, 8)  # 4 query heads a KV head
     assert not on(limit, 8, 8) and on(limit + 1, 8, 8) and on(2048, 32, 8)
     assert not on(2048, 32, 8, jnp.float32)  # cuDNN's fused attention: half precision only
+    assert not on(2048, 8, 4, dh=256) and not on(2048, 8, 4, dh=100)  # heads wider than the GPU's limit, odd heads
+    monkeypatch.setattr(model, "cudnn_head_dim_limit", lambda *a: 256)  # Hopper: Gemma's heads of 256 too
+    assert on(2048, 8, 4, dh=256) and not on(2048, 8, 4, dh=260)
     monkeypatch.setattr(model, "PREFILL_ATTENTION", "xla")
     assert not on(2048, 32, 8)
 
