@@ -865,6 +865,15 @@ case "$part" in
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
     ;;
+  s48b)  # session 48: Gemma-3-4B's decode with the sandwich norm's program in 8 or 16 warps (@sw8, @sw16: at b1 one
+    # program reads all of o_proj's partials) and down_proj's partials deferred into the next layer's norm (@sdefer,
+    # NOTES item 151), beside bf16
+    header
+    timeout 500 python3 benchmarks/bench_generate.py --shape gemma3-4b --batches 1,32 --repeats 2 --prefill-len 256 \
+      --variants bf16@plain,w4.4a8+h4,w4.4a8@sw8+h4,w4.4a8@sw16+h4,w4.4a8@sdefer+h4,w4.4a8@sdefer@sw8+h4 \
+      --budget-s 480 --out "$out/gemma3_4b_sandwich.md" 2>&1 | grep "batch\|tok/s |\|Error" \
+      | tee "$out/gemma3_4b_sandwich.log"
+    ;;
   s48a)  # session 48: cuDNN's flash attention for heads of 256 (Hopper) and with a scale: the prefill tests on the
     # GPU (Gemma 3 / Gemma 2-scale models against XLA's attention), Gemma 2's decode path (s47b's test), then
     # Gemma-3-4B's 2048-token prefill with and without cuDNN (@xprefill: XLA's attention, the scores materialised)

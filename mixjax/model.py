@@ -431,7 +431,9 @@ SANDWICH_FUSED = "auto"  # "auto" (default): at decode (≤ norm.MAX_QUANT_ROWS 
 # layer's mixed o_proj (no bias) hands its split-K partials to the post-attention norm kernel, which normalizes their
 # sum with `attn_output_norm` before the residual add (`rms_norm_quant_pallas(delta_w=...)`, one program a row);
 # "always": also on the XLA path, through the reference (tests); "never": XLA sums and normalizes o_proj's output
-# and the norm kernel takes it as an x-shaped delta. Not measured on a GPU yet (NOTES-kernels.md item 148)
+# and the norm kernel takes it as an x-shaped delta. Measured +0.7–1.5 % on an H100 (NOTES-kernels.md item 149)
+SANDWICH_NORM_WARPS = None  # warps of that one-program-a-row norm (None: the kernel's choice, 4 up to 4096 features);
+# at b1 one program reads every partial of the row, so more warps may shorten it (bench `@sw8`, `@sw16`)
 
 
 def _sandwich_fused(o_proj: dict, x, implementation: Implementation) -> bool:
@@ -479,7 +481,7 @@ def norm_quant(x, delta, w, eps: float, implementation: Implementation, consumer
     pallas = resolve_implementation(implementation) == "pallas"
     if delta_w is not None:
         if pallas:
-            return norm.rms_norm_quant_pallas(x, delta, w, eps, delta_w=delta_w)
+            return norm.rms_norm_quant_pallas(x, delta, w, eps, delta_w=delta_w, num_warps=SANDWICH_NORM_WARPS)
         return norm.rms_norm_quant_ref(x, delta, w, eps, delta_w=delta_w)
     if _norm_in_gemv(x, implementation):
         return norm.rms_norm_defer_pallas(x, delta, w, eps, chunk_groups=NORM_QUANT_CHUNK_GROUPS,
