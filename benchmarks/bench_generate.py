@@ -457,8 +457,8 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "norm2l", "xunpack", "scatterkv", "kvt", "wg3", "ptok", "psel", "short", "shortf", "short64", "static",
               "att64", "att64s3", "att128s3", "att128", "attw2", "attw8", "attw16", "pf3", "pf3s2", "pf3s4", "pf3l",
               "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
-              "tiled", "tiled4", "rowmajor", "vrow", "xsandwich", "sdefer",
-              "xprefill", "sw8", "sw16")
+              "tiled", "tiled4", "rowmajor", "vrow", "xsandwich", "xprefill",
+              "sw4", "sw8", "sw16")
 
 
 _FUSED_ATTENTION = {  # strategy → `attend_new_tokens_pallas` keywords
@@ -518,9 +518,7 @@ def _apply_strategy(strategy: str) -> None:
         model_module.SWIGLU_QUANT = "never"
     elif strategy == "xsandwich":  # Gemma 3: XLA sums and normalizes o_proj's output (model.SANDWICH_FUSED never)
         model_module.SANDWICH_FUSED = "never"
-    elif strategy == "sdefer":  # Gemma: down_proj's partials into the next layer's norm with mlp_output_norm
-        model_module.SANDWICH_DEFER = "auto"
-    elif strategy in ("sw8", "sw16"):  # Gemma: warps of the one-program-a-row sandwich norm (model.SANDWICH_NORM_WARPS)
+    elif strategy in ("sw4", "sw8", "sw16"):  # Gemma: warps of the one-program-a-row sandwich norm (model.SANDWICH_NORM_WARPS)
         model_module.SANDWICH_NORM_WARPS = int(strategy[2:])
     elif strategy == "xprefill":  # prompts attend through XLA (the scores materialised), not cuDNN's flash attention
         model_module.PREFILL_ATTENTION = "xla"

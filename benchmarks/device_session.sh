@@ -73,8 +73,11 @@
 #                                               # Qwen3-8B shape end to end: bf16 beside W4.4A8 + int4 head
 #   bash benchmarks/device_session.sh s46b      # prepared: test_gpu_model.py (Qwen3 case added), Qwen3-8B on an H100
 #   bash benchmarks/device_session.sh s47a      # session 47: test_gpu_model.py (Qwen3 and Gemma 3 cases), Gemma-3-4B beside bf16
-#   bash benchmarks/device_session.sh s47b      # prepared: test_gpu_model.py's Gemma 2 case, Gemma-2-9B beside bf16 (and
-#                                               # with `@sdefer`, model.SANDWICH_DEFER)
+#   bash benchmarks/device_session.sh s48a      # session 48: cuDNN prefill tests (heads of 256, a scale) and the Gemma 2
+#                                               # decode path on the GPU; Gemma-3-4B's prefill with and without cuDNN
+#   bash benchmarks/device_session.sh s48b      # session 48: Gemma-3-4B with the sandwich norm in 8 / 16 warps, @sdefer
+#                                               # (down_proj into the next norm: slower, removed; it is in commit 2c63103)
+#   bash benchmarks/device_session.sh s48c      # session 48: Gemma-2-9B beside bf16, with and without @sw16
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -865,9 +868,17 @@ case "$part" in
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
     ;;
+  s48c)  # session 48: Gemma-2-9B's shape beside bf16 (soft-capped scores: its prompts attend through XLA on both
+    # sides), with the sandwich norm in 16 warps (@sw16, s48b's best)
+    header
+    timeout 420 python3 benchmarks/bench_generate.py --shape gemma2-9b --batches 1,32 --repeats 2 --prefill-len 2048 \
+      --variants bf16@plain,w4.4a8+h4,w4.4a8@sw16+h4 --budget-s 400 --out "$out/gemma2_9b.md" 2>&1 \
+      | grep "batch\|tok/s |\|Error" | tee "$out/gemma2_9b.log"
+    ;;
   s48b)  # session 48: Gemma-3-4B's decode with the sandwich norm's program in 8 or 16 warps (@sw8, @sw16: at b1 one
     # program reads all of o_proj's partials) and down_proj's partials deferred into the next layer's norm (@sdefer,
-    # NOTES item 151), beside bf16
+    # NOTES item 151), beside bf16. As run in session 48: since then 16 warps are the default (the plain variant is
+    # `@sw4`'s today) and @sdefer is removed (commit 2c63103 has it)
     header
     timeout 500 python3 benchmarks/bench_generate.py --shape gemma3-4b --batches 1,32 --repeats 2 --prefill-len 256 \
       --variants bf16@plain,w4.4a8+h4,w4.4a8@sw8+h4,w4.4a8@sw16+h4,w4.4a8@sdefer+h4,w4.4a8@sdefer@sw8+h4 \
@@ -875,7 +886,7 @@ case "$part" in
       | tee "$out/gemma3_4b_sandwich.log"
     ;;
   s48a)  # session 48: cuDNN's flash attention for heads of 256 (Hopper) and with a scale: the prefill tests on the
-    # GPU (Gemma 3 / Gemma 2-scale models against XLA's attention), Gemma 2's decode path (s47b's test), then
+    # GPU (Gemma 3 / Gemma 2-scale models against XLA's attention), Gemma 2's decode path (test_gpu_model.py), then
     # Gemma-3-4B's 2048-token prefill with and without cuDNN (@xprefill: XLA's attention, the scores materialised)
     header
     timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpu_model.py \
@@ -883,16 +894,6 @@ case "$part" in
     timeout 300 python3 benchmarks/bench_generate.py --shape gemma3-4b --batches "" --repeats 5 --prefill-len 2048 \
       --variants bf16@plain@xprefill,bf16@plain,w4.4a8@xprefill+h4,w4.4a8+h4 --budget-s 280 \
       --out "$out/gemma3_4b_prefill.md" 2>&1 | grep "prefill\|Error" | tee "$out/gemma3_4b_prefill.log"
-    ;;
-  s47b)  # prepared in session 47, not run: Gemma 2's decode path on the GPU (soft-capped scores and gemma-2-27b's kind
-    # of scale inside the compiled attention kernels; test_gpu_model.py's gemma2 case), then Gemma-2-9B's shape beside
-    # bf16 (its prompts attend through XLA: cuDNN has no soft cap)
-    header
-    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu_model.py -k other_architectures 2>&1 \
-      | tail -3 | tee "$out/gpu_model.log"
-    timeout 330 python3 benchmarks/bench_generate.py --shape gemma2-9b --variants bf16@plain,w4.4a8+h4,w4.4a8@sdefer+h4 --batches 1,8,32 \
-      --repeats 2 --prefill-len 2048 --budget-s 310 --out "$out/gemma2_9b.md" 2>&1 | grep "batch\|tok/s |\|Error" \
-      | tee "$out/gemma2_9b.log"
     ;;
   s47a)  # session 47: the whole decode path on the GPU with Gemma 3 (heads of 256 in the fused attention, a window
     # on two layers of three, sandwich norms feeding the norm kernels, GeGLU) and Qwen3, then Gemma-3-4B's shape

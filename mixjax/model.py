@@ -432,8 +432,9 @@ SANDWICH_FUSED = "auto"  # "auto" (default): at decode (≤ norm.MAX_QUANT_ROWS 
 # sum with `attn_output_norm` before the residual add (`rms_norm_quant_pallas(delta_w=...)`, one program a row);
 # "always": also on the XLA path, through the reference (tests); "never": XLA sums and normalizes o_proj's output
 # and the norm kernel takes it as an x-shaped delta. Measured +0.7–1.5 % on an H100 (NOTES-kernels.md item 149)
-SANDWICH_NORM_WARPS = None  # warps of that one-program-a-row norm (None: the kernel's choice, 4 up to 4096 features);
-# at b1 one program reads every partial of the row, so more warps may shorten it (bench `@sw8`, `@sw16`)
+SANDWICH_NORM_WARPS = 16  # warps of that one-program-a-row norm (None: the kernel's choice, 4 up to 4096 features): at
+# b1 one program reads every partial of the row. H100, against 4 (bench `@sw4`): Gemma-3-4B b1 +1.8 %, b32 +1.0 %;
+# Gemma-2-9B b1 +2.4 %, b32 +1.7 %; 8 warps in between (NOTES-kernels.md item 153)
 
 
 def _sandwich_fused(o_proj: dict, x, implementation: Implementation) -> bool:
@@ -834,7 +835,6 @@ def _decoder_layer(
     defer: bool = False,
     v_block: int = 0,  # the cache's `KVCache.v_block`
     window: int | str | None = None,  # this layer's sliding window (None: global), or PER_LAYER_WINDOW
-    pending_w: jax.Array | None = None,  # with `pending` of a Gemma layer: the previous layer's mlp_output_norm
 ):
     """One pre-norm decoder layer. Returns (x [B, T, D], updated (k, v, k scales, v scales) stores or None,
     deferred): `pending`, the previous layer's deferred down_proj partials f32 [S, B, T, D], is added to x
@@ -873,14 +873,12 @@ def _decoder_layer(
     attn_codes = fused_attention and _attention_codes_on(o_proj, B * T, cache_kv[0])
     rms = None  # with NORM_DEFER_RMS: the input norm's r, applied by the attention kernel
     if _norm_quant_on(consumers("self_attn"), x, implementation):  # int8 codes for q/k/v
-        if pending_w is not None:  # the previous layer's down_proj partials, normalized first (`SANDWICH_DEFER`)
-            x, h = norm_quant(x, pending, layer["input_layernorm"], eps, implementation, delta_w=pending_w)
-        elif fused_attention and _defer_rms(x, implementation):
+        if fused_attention and _defer_rms(x, implementation):
             x, h, rms = norm_codes(x, pending, layer["input_layernorm"], eps, implementation)
         else:
             x, h = norm_quant(x, pending, layer["input_layernorm"], eps, implementation)
     else:
-        x = x if pending is None else add_partials(x, pending, pending_w, eps)
+        x = x if pending is None else add_partials(x, pending)
         h = rms_norm(x, layer["input_layernorm"], eps)
     if fused_attention:
         # projection → RoPE → cache write → attention in one launch, on the projection's split-K partials
@@ -1006,11 +1004,10 @@ def _attention_codes_on(o_proj: dict, rows: int, k_store: jax.Array) -> bool:
     return GEMV_MAX_M < rows <= MAX_QUANT_ROWS and codes_in_kernel(B, KVH, S, Dh, k_store.dtype.itemsize)
 
 
-def add_partials(x: jax.Array, partials: jax.Array, w: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
+def add_partials(x: jax.Array, partials: jax.Array) -> jax.Array:
     """x + Σ_S partials (f32 [S, *x.shape] summed in f32, rounded to x's dtype before the add: what the
-    norm kernels do with them); with w, the sum is first `rms_norm`ed with it (a Gemma layer's mlp_output_norm)."""
-    total = jnp.sum(partials, axis=0).astype(x.dtype)
-    return x + (total if w is None else rms_norm(total, w, eps))
+    norm kernels do with them)."""
+    return x + jnp.sum(partials, axis=0).astype(x.dtype)
 
 
 DEFER_DOWN = True  # decode on the Pallas path (norms emitting codes, ≤ norm.MAX_QUANT_ROWS tokens, unstacked
@@ -1019,23 +1016,11 @@ DEFER_DOWN = True  # decode on the Pallas path (norms emitting codes, ≤ norm.M
 # 400 → 369 launches a step, 485.9 → 490.5 tok/s
 
 
-SANDWICH_DEFER = "never"  # a Gemma layer's down_proj partials (their sum normalized by its mlp_output_norm before the
-# residual add): "never" (default) — XLA sums and normalizes them in the layer; "auto": with DEFER_DOWN's conditions
-# on the Pallas path, they go to the next layer's input norm kernel with that weight (`rms_norm_quant_pallas(delta_w=)`,
-# one program a row, no r deferred into the attention); "always": also on the XLA path, through the reference (tests).
-# Prepared in session 47, not measured (NOTES-kernels.md item 151)
-
-
 def _defer_down(layers, x, cfg: LlamaConfig, implementation) -> bool:
     from pallas_kernels.norm import MAX_QUANT_ROWS
 
-    if SANDWICH_DEFER not in ("never", "auto", "always"):
-        raise ValueError(f"mixjax.model.SANDWICH_DEFER = {SANDWICH_DEFER!r}; expected 'never', 'auto' or 'always'")
-    if cfg.sandwich_norms and (SANDWICH_DEFER == "never" or _norm_in_gemv(x, implementation) or (
-            SANDWICH_DEFER == "auto" and resolve_implementation(implementation) != "pallas")):
-        return False  # (the sandwich norm needs down_proj's whole output: in the layer, or in the next layer's norm)
-    if (not DEFER_DOWN or NORM_QUANT == "never" or len(layers) < 2
-            or math.prod(x.shape[:-1]) > MAX_QUANT_ROWS):
+    if (not DEFER_DOWN or NORM_QUANT == "never" or cfg.sandwich_norms or len(layers) < 2
+            or math.prod(x.shape[:-1]) > MAX_QUANT_ROWS):  # (a sandwich norm must see down_proj's whole output)
         return False  # (at prefill the next norm takes down_proj's output in the activations' dtype instead)
     return _norm_quant_on([layers[1]["mlp"]["down_proj"]["weight"]], x, implementation)
 
@@ -1085,11 +1070,11 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         k_pos = jnp.broadcast_to(jnp.arange(S, dtype=jnp.int32), (B, S))  # [B, S]
     shared = _positional(cfg, positions, k_pos)  # RoPE tables and masks [B, T, S]
 
-    def body(x, layer, kv, pending=None, defer=False, index=None, pending_w=None):
+    def body(x, layer, kv, pending=None, defer=False, index=None):
         v_block = 0 if cache is None else cache.v_block
         rope, mask, window = _layer_attention(cfg, index, shared)
         return _decoder_layer(layer, x, positions, rope, mask, kv, cfg, implementation, pending, defer, v_block,
-                              window, pending_w)
+                              window)
 
     if isinstance(layers, (tuple, list)):
         defer = _defer_down(layers, x, cfg, implementation)
@@ -1097,16 +1082,14 @@ def _run_layers(params, x, positions, cache: KVCache | None, cfg, implementation
         stores = None if cache is None else [list(a) if a is not None else [None] * n
                                              for a in (cache.k, cache.v, cache.k_scale, cache.v_scale)]
         pending = None
-        out_norm = (lambda i: layers[i]["mlp_output_norm"]) if cfg.sandwich_norms else (lambda i: None)
         for i, layer in enumerate(layers):
             kv = None if cache is None else (*(s[i] for s in stores), None)
-            x, new, pending = body(x, layer, kv, pending, defer and i + 1 < n, i,
-                                   None if pending is None else out_norm(i - 1))
+            x, new, pending = body(x, layer, kv, pending, defer and i + 1 < n, i)
             if cache is not None:
                 for s, a in zip(stores, new):
                     s[i] = a
         if pending is not None:
-            x = add_partials(x, pending, out_norm(n - 1), cfg.rms_norm_eps)
+            x = add_partials(x, pending)
         if cache is None:
             return x, None
         return x, tuple(None if a is None else tuple(s) for a, s in

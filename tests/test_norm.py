@@ -580,13 +580,3 @@ def test_model_sandwich_norm_takes_o_proj_partials(monkeypatch):
     # per forward: each layer's input norm, then its post-attention norm (the head is float: its norm is XLA's);
     # partials with delta_w in the post-attention norms only, in both forwards (10 prompt rows are decode rows here)
     assert calls == [False, True] * 2 * 2
-    # `SANDWICH_DEFER`: layer 0's down_proj partials go to layer 1's input norm with layer 0's mlp_output_norm (the
-    # last layer's are added with its own weight after the loop)
-    calls.clear()
-    monkeypatch.setattr(model, "SANDWICH_DEFER", "always")
-    for g, w in zip(run("always"), want):
-        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(np.abs(w).max()))
-    assert calls == [False, True, True, True] * 2
-    monkeypatch.setattr(model, "SANDWICH_DEFER", "sometimes")
-    with pytest.raises(ValueError, match="SANDWICH_DEFER = 'sometimes'"):
-        run("always")
