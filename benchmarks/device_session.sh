@@ -78,6 +78,7 @@
 #   bash benchmarks/device_session.sh s48b      # session 48: Gemma-3-4B with the sandwich norm in 8 / 16 warps, @sdefer
 #                                               # (down_proj into the next norm: slower, removed; it is in commit 2c63103)
 #   bash benchmarks/device_session.sh s48c      # session 48: Gemma-2-9B beside bf16, with and without @sw16
+#   bash benchmarks/device_session.sh s48d      # session 48: Gemma-3-4B's b32 step profiled, bf16 and W4.4A8
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -867,6 +868,13 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s48d)  # session 48: where Gemma-3-4B's b32 step goes (1.61× bf16 against Qwen3-8B's 1.89×): both steps profiled,
+    # the 30 kernels by time a step
+    header
+    timeout 300 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4 --batches 32 \
+      --profile --profile-top 30 --new-tokens 128 --repeats 2 --prefill-len 256 --budget-s 280 \
+      --out "$out/gemma3_4b_profile.md" 2>&1 | tee "$out/gemma3_4b_profile.log" | grep -v "^ *$" | tail -80
     ;;
   s48c)  # session 48: Gemma-2-9B's shape beside bf16 (soft-capped scores: its prompts attend through XLA on both
     # sides), with the sandwich norm in 16 warps (@sw16, s48b's best)
