@@ -79,6 +79,7 @@
 #                                               # (down_proj into the next norm: slower, removed; it is in commit 2c63103)
 #   bash benchmarks/device_session.sh s48c      # session 48: Gemma-2-9B beside bf16, with and without @sw16
 #   bash benchmarks/device_session.sh s48d      # session 48: Gemma-3-4B's b32 step profiled, bf16 and W4.4A8
+#   bash benchmarks/device_session.sh s48e      # session 48: Gemma-3-4B with the int8 KV cache beside bf16
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -868,6 +869,16 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s48e)  # session 48: s48d found Gemma-3-4B's b32 attention reading its bf16 cache near the copy rate (≈ 22 % of the
+    # step): the same step with the int8 KV cache, beside bf16 (bf16 cache) in the same call
+    header
+    timeout 120 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4 --batches 1,32 \
+      --repeats 2 --prefill-len 256 --budget-s 110 --out "$out/gemma3_4b_bf16kv.md" 2>&1 | grep "decode" \
+      | tee "$out/gemma3_4b_bf16kv.log"
+    timeout 90 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants w4.4a8+h4 --batches 1,32 --kv-int8 \
+      --repeats 2 --prefill-len 256 --budget-s 80 --out "$out/gemma3_4b_int8kv.md" 2>&1 | grep "decode" \
+      | tee "$out/gemma3_4b_int8kv.log"
     ;;
   s48d)  # session 48: where Gemma-3-4B's b32 step goes (1.61× bf16 against Qwen3-8B's 1.89×): both steps profiled,
     # the 30 kernels by time a step
