@@ -391,9 +391,10 @@ def _kernel(*refs, t: int, g: int, heads: int, kv_heads: int, rows: int, dh: int
 
 
 def _store_head_codes(y, q_ref, sc_ref, sum_ref, row, head, d, *, b, h, last: int, t: int, g: int, codes: int):
-    """y [rows, Dh = 128] f32, query row i → code row row[i], head head[i] (repeated rows store the same values
-    again): int8 codes, scale and code sum per (row, head) as `reference.quantize_groups` and
-    `kernels.quantize_activations_xla` make them (scales and sums group-major, [H, codes]). The last batch
+    """y [rows, Dh] f32 (Dh = 128, or a multiple with `WIDE_HEAD_CODES`: Dh / 128 groups a head), query row i → code
+    row row[i], head head[i] (repeated rows store the same values again): int8 codes, scale and code sum per (row,
+    group) as `reference.quantize_groups` and `kernels.quantize_activations_xla` make them (scales and sums
+    group-major, [H·Dh/128, codes]). The last batch
     row's programs also zero their heads' groups in the padding rows B·T … codes − 1. Where the T·G live rows tile
     the MMA's rows (a power of two), they are taken out of the repeats first: H200, 2026-12-06 (`s36b`, `@attlive`),
     the attention 504 → 487 µs a b32 step (b32 +0.8 %, b8 +0.3 %) against quantizing all 16 rows."""
@@ -402,24 +403,33 @@ def _store_head_codes(y, q_ref, sc_ref, sum_ref, row, head, d, *, b, h, last: in
         y = jnp.max(y.reshape(y.shape[0] // live, live, y.shape[1]), axis=0)  # the repeats are equal: the live rows
         i = jnp.arange(live)
         row, head = b * t + i // g, h * g + i % g
-    amax = jnp.max(jnp.abs(y), axis=1)  # [rows]
-    inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
-    qv = jnp.clip(jnp.floor(y * inv[:, None] + 0.5), -127.0, 127.0)
     dh = y.shape[1]
+    ng = dh // GROUP_SIZE  # o_proj's K groups a head
+    ay = jnp.abs(y)
+    qv = None
+    for k in range(ng):  # each group of 128 along the head its own scale (one group: no masks)
+        in_k = (d // GROUP_SIZE == k)[None, :] if ng > 1 else None
+        amax = jnp.max(ay if ng == 1 else jnp.where(in_k, ay, 0.0), axis=1)  # [rows]
+        inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
+        q_k = jnp.clip(jnp.floor(y * inv[:, None] + 0.5), -127.0, 127.0)
+        if ng > 1:
+            q_k = jnp.where(in_k, q_k, 0.0)
+        plgpu.store(sc_ref.at[head * ng + k, row], amax / 127.0)
+        plgpu.store(sum_ref.at[head * ng + k, row], jnp.sum(q_k, axis=1).astype(jnp.int32))
+        qv = q_k if qv is None else qv + q_k
     plgpu.store(q_ref.at[row[:, None], head[:, None] * dh + d[None, :]], qv.astype(jnp.int8))
-    plgpu.store(sc_ref.at[head, row], amax / 127.0)
-    plgpu.store(sum_ref.at[head, row], jnp.sum(qv, axis=1).astype(jnp.int32))
     pad = codes - (last + 1) * t
-    if pad:  # static: the rows past the live ones × this KV head's g groups, one flat index (masked to real counts)
+    if pad:  # static: the rows past the live ones × this KV head's g heads, one flat index (masked to real counts)
         gp = pl.next_power_of_2(g)
         i = jnp.arange(pl.next_power_of_2(pad) * gp)
         pr, gi = (last + 1) * t + i // gp, i % gp
         on = (b == last) & (pr < codes) & (gi < g)
-        grp = h * g + gi
-        plgpu.store(q_ref.at[pr[:, None], grp[:, None] * dh + d[None, :]],
+        hd = h * g + gi
+        plgpu.store(q_ref.at[pr[:, None], hd[:, None] * dh + d[None, :]],
                     jnp.zeros((i.shape[0], dh), jnp.int8), mask=on[:, None] & (d < dh)[None, :])
-        plgpu.store(sc_ref.at[grp, pr], jnp.zeros(i.shape, jnp.float32), mask=on)
-        plgpu.store(sum_ref.at[grp, pr], jnp.zeros(i.shape, jnp.int32), mask=on)
+        for k in range(ng):
+            plgpu.store(sc_ref.at[hd * ng + k, pr], jnp.zeros(i.shape, jnp.float32), mask=on)
+            plgpu.store(sum_ref.at[hd * ng + k, pr], jnp.zeros(i.shape, jnp.int32), mask=on)
 
 
 def _merge(o, m, l):
@@ -628,13 +638,24 @@ def head_codes_ref(out: jax.Array) -> QuantizedActivations:
     return QuantizedActivations(x_q, a_scale, x_sum, (B, T), H * Dh, jnp.dtype(out.dtype).name)
 
 
+WIDE_HEAD_CODES = False  # True: heads of 256 (Gemma's; any multiple of 128) quantize o_proj's input in the fused
+# attention's epilogue too, a scale per group of 128 along the head (`_store_head_codes`); False (default until
+# measured on a GPU, bench `@wcodes`): only heads of 128, wider ones through XLA after the kernel (NOTES item 155)
+
+
+def head_codes_fit(dh: int) -> bool:
+    """Whether heads of dh map onto o_proj's K groups of 128 in the attention's epilogue: one group a head, or
+    (`WIDE_HEAD_CODES`) several."""
+    return dh == GROUP_SIZE or (WIDE_HEAD_CODES and dh % GROUP_SIZE == 0)
+
+
 def codes_in_kernel(batch: int, kv_heads: int, positions: int, dh: int, itemsize: int, *, block_s: int | None = None,
                     splits: int | None = None) -> bool:
     """Whether `attend_new_tokens_pallas(codes=True)` quantizes in its own programs (one split, so each program
-    holds its heads' whole outputs, and one K group a head: Dh = 128); otherwise the codes come from XLA ops
+    holds its heads' whole outputs, and heads that `head_codes_fit`); otherwise the codes come from XLA ops
     after the splits' merge."""
     block_s = block_s or fused_block_stages(dh, itemsize)[0]
-    return dh == GROUP_SIZE and _fused_splits(splits, batch, kv_heads, positions, block_s, codes=True) == 1
+    return head_codes_fit(dh) and _fused_splits(splits, batch, kv_heads, positions, block_s, codes=True) == 1
 
 
 def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int, block_s: int, codes: bool) -> int:
@@ -644,10 +665,10 @@ def _fused_splits(splits: int | None, batch: int, kv_heads: int, positions: int,
 
 
 @functools.partial(jax.jit, static_argnames=("heads", "kv_heads", "dtype", "sliding_window", "block_s", "splits",
-                                             "num_warps", "num_stages", "codes", "v_block", "norm_eps", "scale",
-                                             "softcap", "interpret"))
+                                             "num_warps", "num_stages", "codes", "codes_fit", "v_block", "norm_eps",
+                                             "scale", "softcap", "interpret"))
 def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, vs_store, rms, qk_norm, *, heads,
-                       kv_heads, dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, v_block,
+                       kv_heads, dtype, sliding_window, block_s, splits, num_warps, num_stages, codes, codes_fit, v_block,
                        norm_eps, scale, softcap, interpret):
     parts = qkv.shape[0] if qkv.ndim == 4 else 0
     B, T, width = qkv.shape[-3:]
@@ -664,11 +685,12 @@ def _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, ks_store, v
     args += [k_store.reshape(B, KVH, S * Dh), v_store.reshape(B, KVH, S * Dh)]
     if scaled:
         args += [ks_store, vs_store]
-    in_kernel = codes and splits == 1 and Dh == GROUP_SIZE  # else the codes of the merged output, below
+    in_kernel = codes and splits == 1 and codes_fit  # (`head_codes_fit`) else the codes of the merged output, below
     mp = quant_rows(B * T)
-    if in_kernel:  # o_proj's input codes: QuantizedActivations' x_q, a_scale, x_sum (one group a head)
-        o_shape = [jax.ShapeDtypeStruct((mp, heads * Dh), jnp.int8), jax.ShapeDtypeStruct((heads, mp), jnp.float32),
-                   jax.ShapeDtypeStruct((heads, mp), jnp.int32)]
+    if in_kernel:  # o_proj's input codes: QuantizedActivations' x_q, a_scale, x_sum (Dh / 128 groups a head)
+        groups = heads * Dh // GROUP_SIZE
+        o_shape = [jax.ShapeDtypeStruct((mp, heads * Dh), jnp.int8), jax.ShapeDtypeStruct((groups, mp), jnp.float32),
+                   jax.ShapeDtypeStruct((groups, mp), jnp.int32)]
     elif splits == 1:
         o_shape = [jax.ShapeDtypeStruct((B, T * heads * Dh), dtype)]
     else:
@@ -768,10 +790,11 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
               qk_norm=qk_norm, norm_eps=norm_eps, scale=scale, softcap=softcap)
     if qkv.size == 0 or k_store.shape[2] == 0:
         return attend_new_tokens_ref(qkv, q_pos, cos, sin, k_store, v_store, **kw)
-    splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and dh == GROUP_SIZE)
+    codes_fit = head_codes_fit(dh)
+    splits = _fused_splits(splits, B, kv_heads, k_store.shape[2], block_s, codes and codes_fit)
     return _attend_new_tokens(qkv, q_pos, cos, sin, k_store, v_store, bias, k_scale_store, v_scale_store, rms,
                               None if qk_norm is None else tuple(qk_norm),
                               heads=heads, kv_heads=kv_heads, dtype=dtype, sliding_window=sliding_window, block_s=block_s,
-                              splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes,
+                              splits=splits, num_warps=num_warps, num_stages=num_stages, codes=codes, codes_fit=codes_fit,
                               v_block=v_block, norm_eps=float(norm_eps), scale=None if scale is None else float(scale),
                               softcap=None if softcap is None else float(softcap), interpret=interpret)

@@ -594,13 +594,27 @@ CODES_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits, dh",
-                         [(*c, 128) for c in CODES_CASES] + [(*CODES_CASES[0], 64)])
-def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts, int8, splits, dh, num_warps=None):
+@pytest.mark.parametrize("B, T, H, KVH, S, parts, int8, splits, dh, wide",
+                         [(*c, 128, False) for c in CODES_CASES] + [(*CODES_CASES[0], 64, False)]
+                         # heads of 256, two groups each: in the programs with WIDE_HEAD_CODES, from XLA without
+                         + [(*CODES_CASES[i], 256, True) for i in (0, 1, 4)] + [(*CODES_CASES[0], 256, False)])
+def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts, int8, splits, dh, wide,
+                                                          num_warps=None):
     """`codes=True`: the attention comes back as o_proj's input codes — exactly what quantizing the kernel's own
     bf16 output per group of 128 gives (`head_codes_ref`: codes, scales and sums; the padding rows past B·T
-    zero), with the same cache writes; in the programs where `codes_in_kernel` says so (one split, Dh = 128),
-    from XLA after the merge otherwise."""
+    zero), with the same cache writes; in the programs where `codes_in_kernel` says so (one split, Dh = 128, or
+    a multiple with `WIDE_HEAD_CODES`: a scale per group of 128 along the head), from XLA after the merge
+    otherwise."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(attention, "WIDE_HEAD_CODES", wide)
+        _attend_new_tokens_as_stated.clear_cache()  # (its traces read the flag: none from the other setting)
+        try:
+            _check_attention_codes(B, T, H, KVH, S, parts, int8, splits, dh, wide, num_warps)
+        finally:
+            _attend_new_tokens_as_stated.clear_cache()
+
+
+def _check_attention_codes(B, T, H, KVH, S, parts, int8, splits, dh, wide, num_warps):
     rng = np.random.default_rng()
     W = (H + 2 * KVH) * dh
     qkv = jnp.asarray(rng.normal(size=(parts, B, T, W) if parts else (B, T, W)), jnp.float32 if parts else jnp.bfloat16)
@@ -611,7 +625,8 @@ def test_attend_new_tokens_codes_are_o_projs_quantization(B, T, H, KVH, S, parts
     plain = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, ks, vs, **kw)
     got = _attend_new_tokens_as_stated(qkv, pos, cos, sin, k, v, None, ks, vs, codes=True, **kw)
     want = attention.head_codes_ref(plain[0])
-    assert attention.codes_in_kernel(B, KVH, S, dh, k.dtype.itemsize, splits=splits) == (dh == 128 and splits == 1)
+    assert attention.codes_in_kernel(B, KVH, S, dh, k.dtype.itemsize, splits=splits) == (
+        (dh == 128 or (wide and dh % 128 == 0)) and splits == 1)
     assert got[0].lead == (B, T) and got[0].k == H * dh and got[0].x_q.shape == (16, H * dh)
     for name in ("x_q", "a_scale", "x_sum"):
         np.testing.assert_array_equal(np.asarray(getattr(got[0], name)), np.asarray(getattr(want, name)), err_msg=name)
@@ -635,7 +650,10 @@ def test_attend_new_tokens_any_warps(num_warps):
     test_attend_new_tokens_matches_reference(*FUSED_CASES[0], None, num_warps=num_warps)
     test_attend_new_tokens_matches_reference(*FUSED_CASES[3], None, num_warps=num_warps)
     for int8 in (False, True):
-        test_attend_new_tokens_codes_are_o_projs_quantization(16, 1, 32, 8, 384, 3, int8, 1, 128, num_warps=num_warps)
+        test_attend_new_tokens_codes_are_o_projs_quantization(16, 1, 32, 8, 384, 3, int8, 1, 128, False,
+                                                              num_warps=num_warps)
+        test_attend_new_tokens_codes_are_o_projs_quantization(32, 1, 8, 4, 384, 3, int8, 1, 256, True,
+                                                              num_warps=num_warps)  # Gemma-3-4B's b32 step
 
 
 def test_codes_in_kernel_where_one_split_holds_whole_heads():
@@ -656,14 +674,17 @@ def test_codes_in_kernel_where_one_split_holds_whole_heads():
     assert attention.fused_block_stages(64, 4) == (128, 2)
 
 
-def test_model_hands_o_proj_the_attention_codes(monkeypatch):
+@pytest.mark.parametrize("head_dim", [128, 256])
+def test_model_hands_o_proj_the_attention_codes(monkeypatch, head_dim):
     """Mixed weights, 128-wide heads, 4 rows a decode step (past the GEMV's 2): with `ATTENTION_CODES` the fused
     attention kernel returns o_proj's codes and o_proj runs on them; the logits equal those of o_proj quantizing
-    the kernel's bf16 output itself (the same codes, so the same sums), step after step."""
+    the kernel's bf16 output itself (the same codes, so the same sums), step after step. Heads of 256 (Gemma's)
+    the same with `attention.WIDE_HEAD_CODES` (two groups a head)."""
     import pallas_kernels as pk
 
+    monkeypatch.setattr(attention, "WIDE_HEAD_CODES", head_dim > 128)
     cfg = LlamaConfig(vocab_size=61, hidden_size=256, intermediate_size=256, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=128, rope_theta=10000.0)
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=head_dim, rope_theta=10000.0)
     params = model.unstack_layers(model.init_params(cfg, jax.random.key(3), jnp.bfloat16))
     rng = np.random.default_rng()
     for layer in params["layers"]:

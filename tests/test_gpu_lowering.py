@@ -149,3 +149,30 @@ def test_gemma_decode_step_lowers_for_cuda(monkeypatch, arch):
     kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
     assert kernels["attend_new_tokens"] and kernels["silu_mul_quant"] and kernels["rms_norm_quant"]
     assert windows == [16, None]
+
+
+@pytest.mark.parametrize("wide", [False, True])
+def test_gemma_attention_codes_lower_for_cuda(monkeypatch, wide):
+    """Gemma 3's b32 step (heads of 256, one split): with `attention.WIDE_HEAD_CODES` the fused attention's epilogue
+    quantizes o_proj's input in two groups a head and no `quantize_activations` launch is left for o_proj; without
+    it XLA's merge path is kept and o_proj quantizes its own input. Every kernel's Triton IR builds either way."""
+    import dataclasses
+
+    from pallas_kernels import attention
+
+    monkeypatch.setattr(attention, "WIDE_HEAD_CODES", wide)
+    cfg = dataclasses.replace(CFG, model_type="gemma3_text", qk_norm=True, rope_local_theta=1e4, mlp_act="gelu_tanh",
+                              embed_scale=16.0, sandwich_norms=True, sliding_window=16, global_layers=(1,),
+                              head_dim=256)
+    params = _quantized_params(cfg)
+    monkeypatch.setattr(api, "_check_backend", lambda *a, **k: None)  # lowering only: nothing runs
+    codes = []
+    real = model.attend_new_tokens_pallas
+    monkeypatch.setattr(model, "attend_new_tokens_pallas", lambda *a, **k: codes.append(k["codes"]) or real(*a, **k))
+    batch = 32  # × 2 KV heads: the 64 programs of one split (`attention.CODES_ONE_SPLIT`)
+    cache = model.init_cache(cfg, batch, 64, jnp.bfloat16)
+    step = jax.jit(lambda p, t, c: model.forward_step(p, t, cfg, c, implementation="pallas"))
+    text = step.trace(params, jnp.zeros((batch, 1), jnp.int32), cache).lower(lowering_platforms=("cuda",)).as_text()
+    kernels = collections.Counter(re.findall(r'name = "([a-z_0-9]+)"', text))
+    assert codes == [wide] * 2 and kernels["attend_new_tokens"] == 2
+    assert bool(kernels["quantize_activations"]) == (not wide)
