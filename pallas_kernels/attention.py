@@ -406,18 +406,19 @@ def _store_head_codes(y, q_ref, sc_ref, sum_ref, row, head, d, *, b, h, last: in
     dh = y.shape[1]
     ng = dh // GROUP_SIZE  # o_proj's K groups a head
     ay = jnp.abs(y)
-    qv = None
-    for k in range(ng):  # each group of 128 along the head its own scale (one group: no masks)
+    amaxes, q_groups = [], []
+    for k in range(ng):  # each group of 128 along the head its own scale (one group: no masks, as before)
         in_k = (d // GROUP_SIZE == k)[None, :] if ng > 1 else None
         amax = jnp.max(ay if ng == 1 else jnp.where(in_k, ay, 0.0), axis=1)  # [rows]
         inv = jnp.where(amax > 0, 127.0 / jnp.where(amax > 0, amax, 1.0), 0.0)
         q_k = jnp.clip(jnp.floor(y * inv[:, None] + 0.5), -127.0, 127.0)
-        if ng > 1:
-            q_k = jnp.where(in_k, q_k, 0.0)
-        plgpu.store(sc_ref.at[head * ng + k, row], amax / 127.0)
-        plgpu.store(sum_ref.at[head * ng + k, row], jnp.sum(q_k, axis=1).astype(jnp.int32))
-        qv = q_k if qv is None else qv + q_k
+        amaxes.append(amax)
+        q_groups.append(q_k if ng == 1 else jnp.where(in_k, q_k, 0.0))
+    qv = functools.reduce(jnp.add, q_groups)  # (the groups' codes are disjoint along the head)
     plgpu.store(q_ref.at[row[:, None], head[:, None] * dh + d[None, :]], qv.astype(jnp.int8))
+    for k in range(ng):
+        plgpu.store(sc_ref.at[head * ng + k, row], amaxes[k] / 127.0)
+        plgpu.store(sum_ref.at[head * ng + k, row], jnp.sum(q_groups[k], axis=1).astype(jnp.int32))
     pad = codes - (last + 1) * t
     if pad:  # static: the rows past the live ones × this KV head's g heads, one flat index (masked to real counts)
         gp = pl.next_power_of_2(g)
