@@ -518,7 +518,8 @@ def _apply_strategy(strategy: str) -> None:
         model_module.SWIGLU_QUANT = "never"
     elif strategy == "xsandwich":  # Gemma 3: XLA sums and normalizes o_proj's output (model.SANDWICH_FUSED never)
         model_module.SANDWICH_FUSED = "never"
-    elif strategy in ("sw4", "sw8", "sw16"):  # Gemma: warps of the one-program-a-row sandwich norm (model.SANDWICH_NORM_WARPS)
+    elif strategy in ("sw4", "sw8", "sw16"):  # Gemma: the one-program-a-row sandwich norm's warps
+        # (model.SANDWICH_NORM_WARPS)
         model_module.SANDWICH_NORM_WARPS = int(strategy[2:])
     elif strategy == "wcodes":  # heads of 256: o_proj's codes from the fused attention's epilogue (two groups a head)
         from pallas_kernels import attention
