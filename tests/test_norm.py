@@ -113,9 +113,12 @@ def _check_norm_quant(shape, dtype, delta_kind, row_scale: bool = False, **kw):
     assert (qa.lead, qa.k, qa.dtype) == (shape[:-1], d, jnp.dtype(dtype).name) == (qa_ref.lead, qa_ref.k, qa_ref.dtype)
     np.testing.assert_array_equal(np.asarray(s, np.float32), np.asarray(s_ref, np.float32))  # the same add
     codes, codes_ref = np.asarray(qa.x_q, np.int32), np.asarray(qa_ref.x_q, np.int32)
-    # padding rows and the columns past D are zero; the sums are the codes' own
+    # padding rows and the columns past D are zero; the sums are the codes' own. In interpret mode XLA's CPU
+    # compiler may recompute the codes for the sum in a second fusion that rounds h·127/amax differently, so one
+    # code at a rounding boundary can differ between the two (seen once in CI); a wrong sum differs far more
     assert not codes[m:].any() and not codes[:, d:].any() and not np.asarray(qa.a_scale)[:, m:].any()
-    np.testing.assert_array_equal(np.asarray(qa.x_sum).T, codes.reshape(mp, g, 128).sum(-1))
+    sum_gap = np.asarray(qa.x_sum).T - codes.reshape(mp, g, 128).sum(-1)
+    assert np.abs(sum_gap).max() <= (1 if INTERPRET else 0) and np.count_nonzero(sum_gap) <= 2
     # h may round differently (the f32 sum's order, see above): a bf16 ulp moves h·127/amax by up to 0.5, so
     # codes may flip by one at rounding boundaries (two where the group's amax moved an ulp too). A group's
     # scale follows its amax: y = x·r moves an ulp and w·y rounds again, so up to about two ulps of h (2 eps);
