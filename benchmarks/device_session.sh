@@ -80,6 +80,7 @@
 #   bash benchmarks/device_session.sh s48c      # session 48: Gemma-2-9B beside bf16, with and without @sw16
 #   bash benchmarks/device_session.sh s48d      # session 48: Gemma-3-4B's b32 step profiled, bf16 and W4.4A8
 #   bash benchmarks/device_session.sh s48e      # prepared: Gemma-3-4B with the int8 KV cache and @wcodes beside bf16
+#   bash benchmarks/device_session.sh s49a      # s48e cut to ≈ 380 s (b1 / b32, the int8 cache at b32 only)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -869,6 +870,18 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s49a)  # session 49: s48e cut to fit what a session with refused starts has left (≈ 380 s): @wcodes against the
+    # default beside bf16 at b1 / b32 (bf16 cache), the int8 cache at b32, then the codes tests compiled
+    header
+    timeout 180 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4,w4.4a8@wcodes+h4 \
+      --batches 1,32 --repeats 2 --prefill-len 256 --budget-s 170 --out "$out/gemma3_4b_bf16kv.md" 2>&1 \
+      | grep "decode" | tee "$out/gemma3_4b_bf16kv.log"
+    timeout 110 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants w4.4a8+h4,w4.4a8@wcodes+h4 --kv-int8 \
+      --batches 32 --repeats 2 --prefill-len 256 --budget-s 100 --out "$out/gemma3_4b_int8kv.md" 2>&1 \
+      | grep "decode" | tee "$out/gemma3_4b_int8kv.log"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py -k "codes" 2>&1 | tail -3 \
+      | tee "$out/codes_tests.log"
     ;;
   s48e)  # prepared in session 48, not run: s48d found Gemma-3-4B's b32 attention reading its bf16 cache at ≈ 60 % of the
     # copy rate (a fifth of the step): the same steps with the int8 KV cache, and with o_proj's codes from the
