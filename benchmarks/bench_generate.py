@@ -458,7 +458,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "att64", "att64s3", "att128s3", "att128", "attw2", "attw8", "attw16", "pf3", "pf3s2", "pf3s4", "pf3l",
               "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
               "tiled", "tiled4", "rowmajor", "vrow", "xsandwich", "xprefill",
-              "sw4", "sw8", "sw16", "wcodes")
+              "sw4", "sw8", "sw16", "wcodes", "nwcodes")
 
 
 _FUSED_ATTENTION = {  # strategy → `attend_new_tokens_pallas` keywords
@@ -521,10 +521,11 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("sw4", "sw8", "sw16"):  # Gemma: the one-program-a-row sandwich norm's warps
         # (model.SANDWICH_NORM_WARPS)
         model_module.SANDWICH_NORM_WARPS = int(strategy[2:])
-    elif strategy == "wcodes":  # heads of 256: o_proj's codes from the fused attention's epilogue (two groups a head)
+    elif strategy in ("wcodes", "nwcodes"):  # heads of 256: o_proj's codes from the fused attention's epilogue (two
+        # groups a head; the default since session 49), or (`@nwcodes`) from XLA after the kernel
         from pallas_kernels import attention
 
-        attention.WIDE_HEAD_CODES = True
+        attention.WIDE_HEAD_CODES = strategy == "wcodes"
     elif strategy == "xprefill":  # prompts attend through XLA (the scores materialised), not cuDNN's flash attention
         model_module.PREFILL_ATTENTION = "xla"
     elif strategy == "plain":  # none of the decode kernels beside the linears (the session-11 default): the

@@ -600,8 +600,8 @@ ATTENTION_FUSED = True  # with the kernel on: a fused q/k/v projection and a per
 # `attend_new_tokens_pallas` (RoPE, the cache write and attention in one launch on the projection's split-K
 # partials); False, or a stacked cache or separate q/k/v: `decode_attention_pallas` after XLA's RoPE and write
 ATTENTION_CODES = True  # with the fused step on, a mixed o_proj without bias on the decode tiles (3 …
-# norm.MAX_QUANT_ROWS tokens; the GEMV quantizes its own input) and one split of 128-wide heads, wider ones too with
-# `attention.WIDE_HEAD_CODES` (`attention.codes_in_kernel`: with Llama-3-8B's 8 KV heads b ≥ 16, and b8 on caches
+# norm.MAX_QUANT_ROWS tokens; the GEMV quantizes its own input) and one split of 128-wide heads, or multiples of 128
+# with `attention.WIDE_HEAD_CODES` (`attention.codes_in_kernel`: with Llama-3-8B's 8 KV heads b ≥ 16, and b8 on caches
 # of ≤ 512 positions): the attention kernel hands o_proj its int8 codes, so o_proj's quantization launch goes (and
 # at b8 the splits' merge). H100, 2026-12-06: b32 +0.9 %, b16 +0.7 %, b8 +2.6 % (NOTES-kernels.md item 124); False:
 # o_proj quantizes the attention's bf16 output itself

@@ -639,9 +639,10 @@ def head_codes_ref(out: jax.Array) -> QuantizedActivations:
     return QuantizedActivations(x_q, a_scale, x_sum, (B, T), H * Dh, jnp.dtype(out.dtype).name)
 
 
-WIDE_HEAD_CODES = False  # True: heads of 256 (Gemma's; any multiple of 128) quantize o_proj's input in the fused
-# attention's epilogue too, a scale per group of 128 along the head (`_store_head_codes`); False (default until
-# measured on a GPU, bench `@wcodes`): only heads of 128, wider ones through XLA after the kernel (NOTES item 155)
+WIDE_HEAD_CODES = True  # heads of 256 (Gemma's; any multiple of 128) quantize o_proj's input in the fused
+# attention's epilogue too, a scale per group of 128 along the head (`_store_head_codes`). H100, 2026-12-07,
+# Gemma-3-4B: b32 +0.8 % (bf16 cache) and +1.3 % (int8 cache), b1 unchanged (NOTES items 155–156). False (bench
+# `@nwcodes`): only heads of 128 take the epilogue, wider ones are quantized by XLA after the kernel
 
 
 def head_codes_fit(dh: int) -> bool:
