@@ -79,8 +79,9 @@
 #                                               # (down_proj into the next norm: slower, removed; it is in commit 2c63103)
 #   bash benchmarks/device_session.sh s48c      # session 48: Gemma-2-9B beside bf16, with and without @sw16
 #   bash benchmarks/device_session.sh s48d      # session 48: Gemma-3-4B's b32 step profiled, bf16 and W4.4A8
-#   bash benchmarks/device_session.sh s48e      # prepared: Gemma-3-4B with the int8 KV cache and @wcodes beside bf16
-#   bash benchmarks/device_session.sh s49a      # s48e cut to ≈ 380 s (b1 / b32, the int8 cache at b32 only)
+#   bash benchmarks/device_session.sh s48e      # Gemma-3-4B with the int8 KV cache and @wcodes beside bf16 (not run
+#                                               # whole: session 49 ran its cut, s49a)
+#   bash benchmarks/device_session.sh s49a      # session 49: s48e cut to ≈ 380 s (b1 / b32, the int8 cache at b32)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -883,7 +884,7 @@ case "$part" in
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py -k "codes" 2>&1 | tail -3 \
       | tee "$out/codes_tests.log"
     ;;
-  s48e)  # prepared in session 48, not run: s48d found Gemma-3-4B's b32 attention reading its bf16 cache at ≈ 60 % of the
+  s48e)  # prepared in session 48 (session 49 ran its cut, s49a): s48d found Gemma-3-4B's b32 attention reading its bf16 cache at ≈ 60 % of the
     # copy rate (a fifth of the step): the same steps with the int8 KV cache, and with o_proj's codes from the
     # attention's epilogue (@wcodes, attention.WIDE_HEAD_CODES), beside bf16 (bf16 cache) in the same call; then the
     # fused-attention tests with the wide codes compiled (test_attention.py's codes cases, 16 warps included)
