@@ -82,6 +82,7 @@
 #   bash benchmarks/device_session.sh s48e      # Gemma-3-4B with the int8 KV cache and @wcodes beside bf16 (not run
 #                                               # whole: session 49 ran its cut, s49a)
 #   bash benchmarks/device_session.sh s49a      # session 49: s48e cut to ≈ 380 s (b1 / b32, the int8 cache at b32)
+#   bash benchmarks/device_session.sh s50a      # prepared: the wide-codes model test compiled, Llama-3-8B's standing rows
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -871,6 +872,18 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s50a)  # prepared in session 49: the model-level codes case with heads of 256 compiled (s49a's limit cut it) and the
+    # GPU decode paths with WIDE_HEAD_CODES on (its default since session 49); then Llama-3-8B's standing rows with
+    # everything since session 42 (the README's rows come from s38c / s42b), bf16 beside, and b32 on the int8 cache
+    header
+    timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpu_model.py \
+      -k "hands_o_proj or decode_path" 2>&1 | tail -3 | tee "$out/codes_tests.log"
+    timeout 240 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
+      --repeats 2 --prefill-len 2048 --budget-s 230 --out "$out/standing.md" 2>&1 \
+      | grep "batch\|tok/s |" | tee "$out/standing.log"
+    timeout 100 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 32 --repeats 2 \
+      --prefill-len 256 --budget-s 90 --out "$out/kvint8.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/kvint8.log"
     ;;
   s49a)  # session 49: s48e cut to fit what a session with refused starts has left (≈ 380 s): @wcodes against the
     # default beside bf16 at b1 / b32 (bf16 cache), the int8 cache at b32, then the codes tests compiled
