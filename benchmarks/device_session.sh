@@ -79,9 +79,8 @@
 #                                               # (down_proj into the next norm: slower, removed; it is in commit 2c63103)
 #   bash benchmarks/device_session.sh s48c      # session 48: Gemma-2-9B beside bf16, with and without @sw16
 #   bash benchmarks/device_session.sh s48d      # session 48: Gemma-3-4B's b32 step profiled, bf16 and W4.4A8
-#   bash benchmarks/device_session.sh s48e      # Gemma-3-4B with the int8 KV cache and @wcodes beside bf16 (not run
-#                                               # whole: session 49 ran its cut, s49a)
-#   bash benchmarks/device_session.sh s49a      # session 49: s48e cut to ≈ 380 s (b1 / b32, the int8 cache at b32)
+#   bash benchmarks/device_session.sh s49a      # session 49: Gemma-3-4B with the int8 KV cache and @wcodes beside
+#                                               # bf16 (session 48's s48e, never run whole, cut to ≈ 380 s; s48e removed)
 #   bash benchmarks/device_session.sh s50a      # prepared: the wide-codes model test compiled, Llama-3-8B's standing rows
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
@@ -885,30 +884,17 @@ case "$part" in
     timeout 100 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches 32 --repeats 2 \
       --prefill-len 256 --budget-s 90 --out "$out/kvint8.md" 2>&1 | grep "batch\|tok/s |" | tee "$out/kvint8.log"
     ;;
-  s49a)  # session 49: s48e cut to fit what a session with refused starts has left (≈ 380 s): @wcodes against the
-    # default beside bf16 at b1 / b32 (bf16 cache), the int8 cache at b32, then the codes tests compiled
+  s49a)  # session 49: session 48's s48e cut to fit what refused starts left (≈ 380 s): @wcodes against the
+    # default beside bf16 at b1 / b32 (bf16 cache), the int8 cache at b32, then the codes tests compiled (run as
+    # w4.4a8+h4 and w4.4a8@wcodes+h4; @wcodes is the default since, so the old default is @nwcodes here)
     header
-    timeout 180 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4,w4.4a8@wcodes+h4 \
+    timeout 180 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8@nwcodes+h4,w4.4a8+h4 \
       --batches 1,32 --repeats 2 --prefill-len 256 --budget-s 170 --out "$out/gemma3_4b_bf16kv.md" 2>&1 \
       | grep "decode" | tee "$out/gemma3_4b_bf16kv.log"
-    timeout 110 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants w4.4a8+h4,w4.4a8@wcodes+h4 --kv-int8 \
+    timeout 110 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants w4.4a8@nwcodes+h4,w4.4a8+h4 --kv-int8 \
       --batches 32 --repeats 2 --prefill-len 256 --budget-s 100 --out "$out/gemma3_4b_int8kv.md" 2>&1 \
       | grep "decode" | tee "$out/gemma3_4b_int8kv.log"
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py -k "codes" 2>&1 | tail -3 \
-      | tee "$out/codes_tests.log"
-    ;;
-  s48e)  # prepared in session 48 (session 49 ran its cut, s49a): s48d found Gemma-3-4B's b32 attention reading its bf16 cache at ≈ 60 % of the
-    # copy rate (a fifth of the step): the same steps with the int8 KV cache, and with o_proj's codes from the
-    # attention's epilogue (@wcodes, attention.WIDE_HEAD_CODES), beside bf16 (bf16 cache) in the same call; then the
-    # fused-attention tests with the wide codes compiled (test_attention.py's codes cases, 16 warps included)
-    header
-    timeout 200 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants bf16@plain,w4.4a8+h4,w4.4a8@wcodes+h4 \
-      --batches 1,8,32 --repeats 2 --prefill-len 256 --budget-s 190 --out "$out/gemma3_4b_bf16kv.md" 2>&1 \
-      | grep "decode" | tee "$out/gemma3_4b_bf16kv.log"
-    timeout 150 python3 benchmarks/bench_generate.py --shape gemma3-4b --variants w4.4a8+h4,w4.4a8@wcodes+h4 --kv-int8 \
-      --batches 1,8,32 --repeats 2 --prefill-len 256 --budget-s 140 --out "$out/gemma3_4b_int8kv.md" 2>&1 \
-      | grep "decode" | tee "$out/gemma3_4b_int8kv.log"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py -k "codes" 2>&1 | tail -3 \
       | tee "$out/codes_tests.log"
     ;;
   s48d)  # session 48: where Gemma-3-4B's b32 step goes (1.61× bf16 against Qwen3-8B's 1.89×): both steps profiled,
