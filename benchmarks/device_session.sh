@@ -81,7 +81,8 @@
 #   bash benchmarks/device_session.sh s48d      # session 48: Gemma-3-4B's b32 step profiled, bf16 and W4.4A8
 #   bash benchmarks/device_session.sh s49a      # session 49: Gemma-3-4B with the int8 KV cache and @wcodes beside
 #                                               # bf16 (session 48's s48e, never run whole, cut to ≈ 380 s; s48e removed)
-#   bash benchmarks/device_session.sh s50a      # prepared: the wide-codes model test compiled, Llama-3-8B's standing rows
+#   bash benchmarks/device_session.sh s50a      # session 50: the wide-codes model test compiled, Llama-3-8B's standing
+#                                               # rows beside bf16 (all within 1 % of the README's)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -872,7 +873,7 @@ case "$part" in
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
     ;;
-  s50a)  # prepared in session 49: the model-level codes case with heads of 256 compiled (s49a's limit cut it) and the
+  s50a)  # session 50 (prepared in session 49): the model-level codes case with heads of 256 compiled (s49a's limit cut it) and the
     # GPU decode paths with WIDE_HEAD_CODES on (its default since session 49); then Llama-3-8B's standing rows with
     # everything since session 42 (the README's rows come from s38c / s42b), bf16 beside, and b32 on the int8 cache
     header
