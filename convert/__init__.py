@@ -16,7 +16,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from convert.layout import NAME_TABLE, ConvertError
+from convert.layout import NAME_TABLE, ConvertError, not_a_model
 from mixjax.config import LlamaConfig
 
 
@@ -59,12 +59,7 @@ def load(path: str | os.PathLike, *, dtype=jnp.float32, mesh=None) -> tuple[Llam
         from convert.gguf import load_gguf
 
         return load_gguf(p, dtype, mesh)
-    if p.suffix in (".safetensors", ".bin", ".json"):
-        raise ConvertError(f"{p}: pass the model directory that holds it and config.json ({p.parent}), not one file")
-    raise ConvertError(
-        f"{p}: not a model; pass a Hugging Face directory (config.json + weights), a .gguf file, "
-        "or a mixjax checkpoint directory"
-    )
+    raise not_a_model(p)
 
 
 def load_tokenizer(path: str | os.PathLike):

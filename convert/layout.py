@@ -24,6 +24,20 @@ class ConvertError(ValueError):
     """A checkpoint that cannot be converted; the message names the file or tensor and the fix."""
 
 
+def not_a_model(path) -> ConvertError:
+    """The error for a file that is not a model by itself (one weight file, or any other file), the same whether the
+    weights or the tokenizer are read first."""
+    from pathlib import Path
+
+    p = Path(path)
+    if p.suffix in (".safetensors", ".bin", ".json"):
+        return ConvertError(f"{p}: pass the model directory that holds it and config.json ({p.parent}), not one file")
+    return ConvertError(
+        f"{p}: not a model; pass a Hugging Face directory (config.json + weights), a .gguf file, "
+        "or a mixjax checkpoint directory"
+    )
+
+
 # (params path, Hugging Face name, GGUF name)
 NAME_TABLE: tuple[tuple[str, str, str], ...] = (
     ("embed_tokens", "model.embed_tokens.weight", "token_embd.weight"),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from convert.layout import ConvertError
+from convert.layout import ConvertError, not_a_model
 
 TOKENIZER_DIR = "tokenizer"  # inside a mixjax checkpoint: the files saved by `tokenizer.save_pretrained`
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "vocab.json")
@@ -53,7 +53,7 @@ def load_tokenizer(path: Path):
         if (path / "tokenizer.model").is_file() and not (path / "tokenizer.json").is_file():
             return _sentencepiece_only(path)
         return AutoTokenizer.from_pretrained(str(path))
-    raise ConvertError(f"{path}: cannot find a tokenizer; pass a model directory or a .gguf file")
+    raise not_a_model(path)
 
 
 def _sentencepiece_only(path: Path):

@@ -512,18 +512,21 @@ def tiny_llama_dir(make_tiny_hf):
     return directory
 
 
-def test_missing_path_and_non_model_file(tmp_path):
+@pytest.mark.parametrize("read", [convert.load, convert.load_tokenizer])
+def test_missing_path_and_non_model_file(tmp_path, read):
     with pytest.raises(FileNotFoundError, match="nowhere"):
-        convert.load(tmp_path / "nowhere")
+        read(tmp_path / "nowhere")
     text = tmp_path / "notes.txt"
     text.write_text("hi")
     with pytest.raises(convert.ConvertError, match="notes.txt: not a model"):
-        convert.load(text)
+        read(text)
 
 
-def test_single_weight_file_points_to_its_directory(tiny_llama_dir):
+@pytest.mark.parametrize("read", [convert.load, convert.load_tokenizer])
+def test_single_weight_file_points_to_its_directory(tiny_llama_dir, read):
+    """The CLI reads the tokenizer first: both readers point from one weight file to its directory."""
     with pytest.raises(convert.ConvertError, match="pass the model directory that holds it"):
-        convert.load(tiny_llama_dir / "model.safetensors")
+        read(tiny_llama_dir / "model.safetensors")
 
 
 def test_directory_without_config_or_weights(tiny_llama_dir, tmp_path):
