@@ -83,6 +83,8 @@
 #                                               # bf16 (session 48's s48e, never run whole, cut to ≈ 380 s; s48e removed)
 #   bash benchmarks/device_session.sh s50a      # session 50: the wide-codes model test compiled, Llama-3-8B's standing
 #                                               # rows beside bf16 (all within 1 % of the README's)
+#   bash benchmarks/device_session.sh s50b      # session 50: test_norm, test_swiglu, test_attention, test_gpu_model
+#                                               # whole and compiled
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -872,6 +874,12 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s50b)  # session 50: the kernel test files sessions 43–49 changed, whole and compiled (last run whole in sessions
+    # 39 and 43): norms, SwiGLU, attention (head norms, scales, soft caps, heads of 256, wide codes), the GPU model
+    header
+    timeout 530 python3 -m pytest -q -p no:cacheprovider -rfE --durations=8 tests/test_norm.py tests/test_swiglu.py \
+      tests/test_attention.py tests/test_gpu_model.py 2>&1 | tail -30 | tee "$out/tests.log"
     ;;
   s50a)  # session 50 (prepared in session 49): the model-level codes case with heads of 256 compiled (s49a's limit cut it) and the
     # GPU decode paths with WIDE_HEAD_CODES on (its default since session 49); then Llama-3-8B's standing rows with
