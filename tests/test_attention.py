@@ -627,7 +627,9 @@ def _check_attention_codes(B, T, H, KVH, S, parts, int8, splits, dh, wide, num_w
     want = attention.head_codes_ref(plain[0])
     assert attention.codes_in_kernel(B, KVH, S, dh, k.dtype.itemsize, splits=splits) == (
         (dh == 128 or (wide and dh % 128 == 0)) and splits == 1)
-    assert got[0].lead == (B, T) and got[0].k == H * dh and got[0].x_q.shape == (16, H * dh)
+    m = B * T  # the code rows: B·T padded to the decode GEMM's row tile (`norm.quant_rows`: 16, 32, then 64s)
+    rows = 16 if m <= 16 else 32 if m <= 32 else -(-m // 64) * 64
+    assert got[0].lead == (B, T) and got[0].k == H * dh and got[0].x_q.shape == (rows, H * dh)
     for name in ("x_q", "a_scale", "x_sum"):
         np.testing.assert_array_equal(np.asarray(getattr(got[0], name)), np.asarray(getattr(want, name)), err_msg=name)
     assert not np.any(np.asarray(got[0].x_q)[B * T:]) and np.all(np.asarray(got[0].a_scale)[:, : B * T] > 0)
