@@ -85,6 +85,7 @@
 #                                               # rows beside bf16 (all within 1 % of the README's)
 #   bash benchmarks/device_session.sh s50b      # session 50: test_norm, test_swiglu, test_attention, test_gpu_model
 #                                               # whole and compiled
+#   bash benchmarks/device_session.sh s51a      # prepared: the other kernel test files whole and compiled
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -874,6 +875,16 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s51a)  # prepared in session 50: the other kernel test files whole and compiled (s50b ran norm, SwiGLU, attention
+    # and the GPU model): GEMV, decode tiles, unpack, fusion, Mosaic GPU prefill and decode, static scales, the CUDA
+    # lowerings, NNX and shard_map on the kernels (last run whole in sessions 39 and 43)
+    header
+    timeout 430 python3 -m pytest -q -p no:cacheprovider -rfE --durations=8 tests/test_gemv.py tests/test_kernels.py \
+      tests/test_unpack.py tests/test_fuse.py tests/test_mgpu.py tests/test_mgpu_decode.py tests/test_static.py \
+      tests/test_gpu_lowering.py 2>&1 | tail -30 | tee "$out/tests.log"
+    timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nn.py tests/test_parallel.py \
+      -k "on_the_kernels or on_a_gpu" 2>&1 | tail -8 | tee "$out/tests_nn_parallel.log"
     ;;
   s50b)  # session 50: the kernel test files sessions 43–49 changed, whole and compiled (last run whole in sessions
     # 39 and 43): norms, SwiGLU, attention (head norms, scales, soft caps, heads of 256, wide codes), the GPU model
