@@ -876,12 +876,12 @@ case "$part" in
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
     ;;
-  s51a)  # prepared in session 50: the other kernel test files whole and compiled (s50b ran norm, SwiGLU, attention
-    # and the GPU model): GEMV, decode tiles, unpack, fusion, Mosaic GPU prefill and decode, static scales, the CUDA
-    # lowerings, NNX and shard_map on the kernels (last run whole in sessions 39 and 43)
+  s51a)  # prepared in session 50: the other kernel test files whole and compiled (session 50 ran norm, SwiGLU,
+    # attention, the GPU model and test_mgpu.py): GEMV, decode tiles, unpack, fusion, Mosaic GPU decode, static
+    # scales, the CUDA lowerings, NNX and shard_map on the kernels (last run whole in sessions 39 and 43)
     header
     timeout 430 python3 -m pytest -q -p no:cacheprovider -rfE --durations=8 tests/test_gemv.py tests/test_kernels.py \
-      tests/test_unpack.py tests/test_fuse.py tests/test_mgpu.py tests/test_mgpu_decode.py tests/test_static.py \
+      tests/test_unpack.py tests/test_fuse.py tests/test_mgpu_decode.py tests/test_static.py \
       tests/test_gpu_lowering.py 2>&1 | tail -30 | tee "$out/tests.log"
     timeout 100 python3 -m pytest -q -p no:cacheprovider -rfE tests/test_nn.py tests/test_parallel.py \
       -k "on_the_kernels or on_a_gpu" 2>&1 | tail -8 | tee "$out/tests_nn_parallel.log"
