@@ -10,6 +10,7 @@ tensor at a time, so a converter holds the checkpoint once (plus the tensor bein
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -27,8 +28,6 @@ class ConvertError(ValueError):
 def not_a_model(path) -> ConvertError:
     """The error for a file that is not a model by itself (one weight file, or any other file), the same whether the
     weights or the tokenizer are read first."""
-    from pathlib import Path
-
     p = Path(path)
     if p.suffix in (".safetensors", ".bin", ".json"):
         return ConvertError(f"{p}: pass the model directory that holds it and config.json ({p.parent}), not one file")
