@@ -894,7 +894,8 @@ case "$part" in
     ;;
   s50a)  # session 50 (prepared in session 49): the model-level codes case with heads of 256 compiled (s49a's
     # limit cut it) and the GPU decode paths with WIDE_HEAD_CODES on (its default since session 49); then
-    # Llama-3-8B's standing rows with everything since session 42 (the README's rows come from s38c / s42b), bf16 beside, and b32 on the int8 cache
+    # Llama-3-8B's standing rows with everything since session 42 (the README's rows come from s38c / s42b), bf16
+    # beside, and b32 on the int8 cache
     header
     timeout 150 python3 -m pytest -q -p no:cacheprovider -rs tests/test_attention.py tests/test_gpu_model.py \
       -k "hands_o_proj or decode_path" 2>&1 | tail -3 | tee "$out/codes_tests.log"
