@@ -85,7 +85,8 @@
 #                                               # rows beside bf16 (all within 1 % of the README's)
 #   bash benchmarks/device_session.sh s50b      # session 50: test_norm, test_swiglu, test_attention, test_gpu_model
 #                                               # whole and compiled
-#   bash benchmarks/device_session.sh s51a      # prepared: the other kernel test files whole and compiled
+#   bash benchmarks/device_session.sh s51a      # session 51: the other kernel test files whole and compiled (cut at 204)
+#   bash benchmarks/device_session.sh s51b      # session 51: the files s51a's limit cut
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -875,6 +876,12 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s51b)  # session 51: the files s51a's limit cut (it passed 204 tests of GEMV, decode tiles, unpack, fusion and
+    # the first 8 of Mosaic GPU decode): the rest of Mosaic GPU decode, static scales, the CUDA lowerings
+    header
+    timeout 330 python3 -m pytest -q -p no:cacheprovider -rfEs --durations=8 tests/test_mgpu_decode.py \
+      tests/test_static.py tests/test_gpu_lowering.py 2>&1 | tail -30 | tee "$out/tests.log"
     ;;
   s51a)  # prepared in session 50: the other kernel test files whole and compiled (session 50 ran norm, SwiGLU,
     # attention, the GPU model and test_mgpu.py): GEMV, decode tiles, unpack, fusion, Mosaic GPU decode, static
