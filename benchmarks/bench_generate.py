@@ -83,6 +83,9 @@ every decode tile (m16) or the 32-row ones only (m32; session 39); `@vrow`: an i
 (`model.INT8_V_BLOCK = False`, the order before session 42; since then in blocks of 64 positions, `KVCache.v_block`);
 `NAME+h4` / `+h8`: the
   embedding table and LM head quantized too (`w4.4a8@gemv_2l+h4`).
+- `A<B` (quote it in a shell): progressive precision, `mixjax.generate(A's params, prefill_params=B's)`: variant B
+  runs the prompt (and the first `--switch-after` decoded tokens), A the rest, both resident; only `--request` is
+  measured for it (its prefill and decode rows are B's and A's). Strategies of both names apply.
 
 Each variant runs in its own subprocess, one after the other: the device's peak-memory counter then
 belongs to that variant, an out-of-memory or a kernel failure costs only that variant (reported, then
@@ -92,7 +95,10 @@ finished before a deadline are kept). Inside a variant, in this order:
   stop) for `--new-tokens` steps from a cache already holding a `--prompt-len` prompt (the cache contents do
   not change the work), batch 1, 32, then 8 → tokens/s = batch · new tokens / time;
 - prefill: one `forward_step` of batch 1 × `--prefill-len` tokens into an empty cache, LM head at the last
-  token only (as `generate` prefills) → tokens/s and TFLOP/s (2 · multiplied weights · tokens).
+  token only (as `generate` prefills) → tokens/s and TFLOP/s (2 · multiplied weights · tokens);
+- request (`--request P:N`): one whole `mixjax.generate` call as a user makes it (random P-token prompt, batch 1,
+  greedy, N new tokens, no EOS stop): prefill, first token and the decode loop in one jit, the params handed over
+  once → seconds a request and new tokens per second of it.
 Every program is compiled and run once before timing (compile time printed); the median of `--repeats` runs
 is reported (of at least 7 for prefill, whose blocked wall time varied by up to 15 % over two runs in session
 20; prefill also reports the time a call when calls queue back to back, and the params' dispatch cost). Decode also reports % of the weight-read floor: batch · copy bandwidth / params bytes
@@ -261,6 +267,13 @@ def split_variant(name: str) -> tuple[str, str | None, int | None]:
     base, head = (name.split("+h") + [None])[:2]
     base, *strategies = base.split("@")
     return base, "@".join(strategies) or None, None if head is None else int(head)
+
+
+def variant_parts(name: str) -> tuple[str, str | None]:
+    """"w4.4a8+h4<w8a8+h8" → ("w4.4a8+h4", "w8a8+h8"): the decoding variant and the one that runs the prompt
+    (None: the same)."""
+    decode_name, _, prompt_name = name.partition("<")
+    return decode_name, prompt_name or None
 
 
 def build_variant(name: str, cfg: LlamaConfig, args, log: Callable) -> dict:
@@ -449,6 +462,27 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     if args.profile:  # device busy / span per step and kernels per step
         row["profile"] = _profile(run, args.new_tokens, args.profile_top)
     return row
+
+
+def request(params, cfg: LlamaConfig, args, prefill_params=None) -> dict:
+    """One `mixjax.generate` call as a user makes it: a random `--request` P-token prompt, batch 1, greedy, N new
+    tokens (no EOS stop), with `prefill_params` running the prompt and the first `--switch-after` tokens."""
+    from mixjax.generate import generate
+
+    n_prompt, n_new = args.request
+    prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, n_prompt).tolist()
+    switch = args.switch_after if prefill_params is not None else 0
+
+    def run():
+        out = generate(params, cfg, [prompt], max_new_tokens=n_new, eos_token_ids=(), cache_dtype=args.cache_dtype,
+                       implementation=args.implementation, prefill_params=prefill_params, switch_after=switch)
+        if len(out[0]) != n_new:
+            raise RuntimeError(f"generate returned {len(out[0])} tokens, expected {n_new}")
+        return out
+
+    t, first = timed(run, args.repeats)
+    return dict(kind="request", batch=1, prompt=n_prompt, tokens=n_new, seconds=t, compile_s=first - t,
+                tok_s=n_new / t, switch_after=switch)
 
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
@@ -664,28 +698,38 @@ def run_variant(name: str, args) -> int:
                      final_logit_softcap=cfg.final_logit_softcap) if cfg.sandwich_norms else {}
         cfg = dataclasses.replace(SMALL, model_type=cfg.model_type, qk_norm=cfg.qk_norm,
                                   nope_layers=(1,) if cfg.nope_layers else (), **gemma)
-    for strategy in (split_variant(name)[1] or "").split("@"):
-        if strategy:
-            _apply_strategy(strategy)
+    decode_name, prompt_name = variant_parts(name)
+    for part in filter(None, (decode_name, prompt_name)):
+        for strategy in (split_variant(part)[1] or "").split("@"):
+            if strategy:
+                _apply_strategy(strategy)
     log(dict(kind="device", device=f"{dev.device_kind} ({dev.platform})"
              + (f" × {args.tensor_parallel}, tensor parallel" if args.tensor_parallel > 1 else ""), jax=jax.__version__))
     start = time.perf_counter()
-    params = build_variant(name, cfg, args, log)
+    params = build_variant(decode_name, cfg, args, log)
+    prompt_params = None if prompt_name is None else build_variant(prompt_name, cfg, args, log)
     args.mesh = None
     if args.tensor_parallel > 1:
         from mixjax.parallel import model_mesh, shard_model
 
         args.mesh = model_mesh(args.tensor_parallel)
         params = shard_model(params, cfg, args.mesh)  # each device's q/k/v and gate/up fused
-    jax.block_until_ready(params)
-    log(dict(kind="weights", total_bytes=tree_bytes(params), linear_bytes=linear_bytes(params),
-             build_s=time.perf_counter() - start))
+        if prompt_params is not None:
+            prompt_params = shard_model(prompt_params, cfg, args.mesh)
+    jax.block_until_ready((params, prompt_params))
+    both = (params, prompt_params) if prompt_params is not None else params  # both resident
+    log(dict(kind="weights", total_bytes=tree_bytes(both), linear_bytes=linear_bytes(params)
+             + (linear_bytes(prompt_params) if prompt_params is not None else 0), build_s=time.perf_counter() - start))
     bandwidth = copy_bandwidth(16 << 20 if args.small else 1 << 30, args.repeats)
     log(dict(kind="bandwidth", bytes_s=bandwidth))
     order = sorted(args.batches, key=lambda b: (b != min(args.batches), -b))  # 1, 32, then 8
     jobs = [(f"decode batch {b}", functools.partial(decode, params, cfg, b, args, bandwidth)) for b in order[:2]]
     jobs += [(f"prefill {args.prefill_len}", functools.partial(prefill, params, cfg, args))]
     jobs += [(f"decode batch {b}", functools.partial(decode, params, cfg, b, args, bandwidth)) for b in order[2:]]
+    if prompt_params is not None:  # its prefill and decode rows are its two parts' rows
+        jobs = []
+    if args.request:
+        jobs += [("request", functools.partial(request, params, cfg, args, prompt_params))]
     failed = 0
     for what, job in jobs:
         try:
@@ -777,6 +821,9 @@ def _describe(r: dict) -> str:
                                     if "busy_ms" in prof else f"; profile: {prof['error']}")
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
                 f"peak {_gb(r.get('peak_bytes')) or '?'} GB){host}{prof}")
+    if r["kind"] == "request":
+        return (f"{r['variant']} request: {r['prompt']}-token prompt + {r['tokens']} new tokens in {r['seconds']:.3f} s, "
+                f"{r['tok_s']:.1f} new tok/s (compile {r['compile_s']:.1f} s, peak {_gb(r.get('peak_bytes')) or '?'} GB)")
     if r["kind"] == "error":
         return f"{r['variant']} {r['what']} FAILED: {r['error']}"
     return f"{r['variant']} {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant", "kind"))
@@ -793,7 +840,7 @@ def _ratio(a, b) -> str:
 def markdown(rows: list[dict], failures: list[str], args) -> str:
     by = {}  # variant → {"weights": row, ("decode", b): row, ...}
     for r in rows:
-        key = (r["kind"], r["batch"]) if r["kind"] in ("prefill", "decode") else r["kind"]
+        key = (r["kind"], r["batch"]) if r["kind"] in ("prefill", "decode", "request") else r["kind"]
         by.setdefault(r["variant"], {})[key] = r
         if r.get("peak_bytes") is not None:
             by[r["variant"]]["peak"] = r["peak_bytes"]
@@ -839,6 +886,16 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
             lines.append(f"| {r['variant']} | {r['kind']} | {r['batch']} | {r['seconds']:.4f} | {r['tok_s']:.1f} | "
                          f"{r.get('ms_per_step', float('nan')):.2f} | {r.get('tflops', float('nan')):.1f} | "
                          f"{r.get('floor', float('nan')):.0f} | {r['compile_s']:.1f} |".replace("nan", ""))
+    asked = [r for r in rows if r["kind"] == "request"]
+    if asked:
+        base_s = base.get(("request", 1), {}).get("seconds")
+        lines += ["", f"Whole requests (`--request`): one `mixjax.generate` call, batch 1, a random {asked[0]['prompt']}-token "
+                  f"prompt, {asked[0]['tokens']} greedy new tokens; `A<B`: B runs the prompt"
+                  + (f" and the first {args.switch_after} new tokens" if args.switch_after else "") + ", A the rest.", "",
+                  "| variant | weight GB resident | seconds a request | new tok/s | × bf16 |", "|---|---|---|---|---|"]
+        for r in asked:
+            w = by[r["variant"]].get("weights", {}).get("total_bytes")
+            lines.append(f"| {r['variant']} | {_gb(w)} | {r['seconds']:.3f} | {r['tok_s']:.1f} | {_ratio(base_s, r['seconds'])} |")
     extra = [r for r in rows if r["kind"] in ("weights", "quantize", "bandwidth")]
     if extra:
         lines += [""]
@@ -873,6 +930,10 @@ def parse_args(argv=None):
     p.add_argument("--prompt-len", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--batches", default="1,8,32")
+    p.add_argument("--request", default=None, metavar="P:N",
+                   help="also time one whole mixjax.generate call: a P-token prompt and N new tokens, batch 1")
+    p.add_argument("--switch-after", type=int, default=0, metavar="N",
+                   help="`A<B` variants: B also decodes the first N new tokens (generate's switch_after)")
     p.add_argument("--implementation", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of all variants together")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
@@ -888,14 +949,26 @@ def parse_args(argv=None):
         args.batches = [int(b) for b in args.batches.split(",") if b.strip()]  # "" = prefill only
     except ValueError:
         p.error(f"--batches {args.batches!r}: expected comma-separated integers such as 1,8,32")
+    if args.request is not None:
+        try:
+            args.request = tuple(int(x) for x in args.request.split(":"))
+            assert len(args.request) == 2 and min(args.request) >= 1
+        except (ValueError, AssertionError):
+            p.error(f"--request {args.request!r}: expected PROMPT:NEW, two positive token counts such as 2048:256")
     args.variants = args.variants.split(",")
-    unknown = [v for v in args.variants if split_variant(v)[0] not in VARIANTS]
+    progressive = [v for v in args.variants if variant_parts(v)[1] is not None]
+    if progressive and not args.request:
+        p.error(f"{progressive}: an `A<B` variant is measured by --request only; add --request P:N")
+    if args.switch_after < 0:
+        p.error(f"--switch-after {args.switch_after} must be ≥ 0")
+    parts = [part for v in args.variants for part in variant_parts(v) if part]
+    unknown = [v for v in parts if split_variant(v)[0] not in VARIANTS]
     if unknown:
         p.error(f"unknown variants {unknown}; known: {', '.join(VARIANTS)}")
     from pallas_kernels.kernels import DECODE_STRATEGIES
 
     known = STRATEGIES + DECODE_STRATEGIES
-    bad = [st for v in args.variants for st in (split_variant(v)[1] or "").split("@")
+    bad = [st for v in parts for st in (split_variant(v)[1] or "").split("@")
            if st and st not in known and not _WIDTH_STRATEGY.fullmatch(st)]
     if bad:
         p.error(f"unknown strategies {bad}; known: {', '.join(known)}")
@@ -903,10 +976,11 @@ def parse_args(argv=None):
         args.prefill_len, args.prompt_len, args.new_tokens = min(args.prefill_len, 256), min(args.prompt_len, 32), min(args.new_tokens, 16)
         args.calib_samples, args.calib_len = min(args.calib_samples, 2), min(args.calib_len, 64)
         args.repeats = min(args.repeats, 2)
+        args.request = args.request and (min(args.request[0], 64), min(args.request[1], 16))
     args.cache_dtype = jnp.int8 if args.kv_int8 else jnp.bfloat16
     if args.tensor_parallel < 1:
         p.error(f"--tensor-parallel {args.tensor_parallel} must be ≥ 1")
-    if args.tensor_parallel > 1 and any("pint8" in (split_variant(v)[1] or "").split("@") for v in args.variants):
+    if args.tensor_parallel > 1 and any("pint8" in (split_variant(v)[1] or "").split("@") for v in parts):
         p.error("@pint8 is not built for a model split over several devices (mixjax.generate refuses it too)")
     if args.out and os.path.dirname(args.out) and not os.path.isdir(os.path.dirname(args.out)):
         p.error(f"--out {args.out}: directory {os.path.dirname(args.out)} does not exist")

@@ -87,6 +87,7 @@
 #                                               # whole and compiled
 #   bash benchmarks/device_session.sh s51a      # session 51: the other kernel test files whole and compiled (cut at 204)
 #   bash benchmarks/device_session.sh s51b      # session 51: the files s51a's limit cut
+#   bash benchmarks/device_session.sh s51c      # session 51: whole generate requests, progressive among them
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -876,6 +877,14 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s51c)  # session 51: whole requests as a user makes them (one `mixjax.generate` call, 2048-token prompt, 256 new
+    # tokens, batch 1) in bf16, W4.4A8, W8A8, and progressive (a W8A8 prompt, W4.4A8 decode; both resident), bf16
+    # beside; each variant's prefill row too (its time to first token); DESIGN's "still to come"
+    header
+    timeout 420 python3 benchmarks/bench_generate.py --variants 'bf16@plain,w4.4a8+h4,w8a8+h8,w4.4a8+h4<w8a8+h8' \
+      --batches "" --request 2048:256 --repeats 3 --prefill-len 2048 --budget-s 410 --out "$out/request.md" 2>&1 \
+      | grep "request\|tok/s |\|FAILED\|==" | tee "$out/request.log"
     ;;
   s51b)  # session 51: the files s51a's limit cut (it passed 204 tests of GEMV, decode tiles, unpack, fusion and
     # the first 8 of Mosaic GPU decode): the rest of Mosaic GPU decode, static scales, the CUDA lowerings
