@@ -884,7 +884,7 @@ case "$part" in
     header
     timeout 420 python3 benchmarks/bench_generate.py --variants 'bf16@plain,w4.4a8+h4,w8a8+h8,w4.4a8+h4<w8a8+h8' \
       --batches "" --request 2048:256 --repeats 3 --prefill-len 2048 --budget-s 410 --out "$out/request.md" 2>&1 \
-      | grep "request\|tok/s |\|FAILED\|==" | tee "$out/request.log"
+      | grep "batch\|request\|tok/s |\|FAILED\|==" | tee "$out/request.log"
     ;;
   s51b)  # session 51: the files s51a's limit cut (it passed 204 tests of GEMV, decode tiles, unpack, fusion and
     # the first 8 of Mosaic GPU decode): the rest of Mosaic GPU decode, static scales, the CUDA lowerings
