@@ -88,6 +88,7 @@
 #   bash benchmarks/device_session.sh s51a      # session 51: the other kernel test files whole and compiled (cut at 204)
 #   bash benchmarks/device_session.sh s51b      # session 51: the files s51a's limit cut
 #   bash benchmarks/device_session.sh s51c      # session 51: whole generate requests, progressive among them
+#   bash benchmarks/device_session.sh s51d      # session 51: whole requests on the int8 cache, and from 128 tokens
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -877,6 +878,19 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s51d)  # session 51: whole requests on the int8 KV cache (a 2048-token prompt: the decode reads 2.1-2.3k positions),
+    # bf16 and W4.4A8 on the bf16 cache beside; then a 128-token prompt (the decode rows' form) as one request
+    header
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches "" \
+      --request 2048:256 --repeats 3 --prefill-len 256 --budget-s 140 --out "$out/request.md" 2>&1 \
+      | grep "batch\|request\|FAILED\|==" | tee "$out/request.log"
+    timeout 90 python3 benchmarks/bench_generate.py --variants w4.4a8+h4 --kv-int8 --batches "" \
+      --request 2048:256 --repeats 3 --prefill-len 256 --budget-s 80 --out "$out/request_kv8.md" 2>&1 \
+      | grep "batch\|request\|FAILED\|==" | tee "$out/request_kv8.log"
+    timeout 150 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches 1 \
+      --request 128:256 --repeats 3 --prefill-len 128 --budget-s 140 --out "$out/request128.md" 2>&1 \
+      | grep "batch\|request\|FAILED\|==" | tee "$out/request128.log"
     ;;
   s51c)  # session 51: whole requests as a user makes them (one `mixjax.generate` call, 2048-token prompt, 256 new
     # tokens, batch 1) in bf16, W4.4A8, W8A8, and progressive (a W8A8 prompt, W4.4A8 decode; both resident), bf16
