@@ -89,6 +89,7 @@
 #   bash benchmarks/device_session.sh s51b      # session 51: the files s51a's limit cut
 #   bash benchmarks/device_session.sh s51c      # session 51: whole generate requests, progressive among them
 #   bash benchmarks/device_session.sh s51d      # session 51: whole requests on the int8 cache, and from 128 tokens
+#   bash benchmarks/device_session.sh s51e      # session 51: the b1 decode attention step over long caches
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -878,6 +879,13 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s51e)  # session 51: the b1 decode attention step over long caches (s51d: 2.1-2.3k positions cost W4.4A8's step
+    # +0.20 ms against XLA bf16's +0.13): XLA's step against the fused kernel at its splits (16 at b1), 8 and 32,
+    # 64-position blocks and 3 stages, bf16 and int8 caches
+    header
+    timeout 230 python3 benchmarks/bench_attention.py --batches 1 --lengths 384,2304,4096 --step-only --parts 0,8 \
+      --fused-splits 8,32 --fused-stages 3 --int8 --out "$out/attention_b1.md" 2>&1 | tail -40 | tee "$out/attention_b1.log"
     ;;
   s51d)  # session 51: whole requests on the int8 KV cache (a 2048-token prompt: the decode reads 2.1-2.3k positions),
     # bf16 and W4.4A8 on the bf16 cache beside; then a 128-token prompt (the decode rows' form) as one request
