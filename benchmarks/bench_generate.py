@@ -437,7 +437,7 @@ def _profile(run: Callable, steps: int, shown: int) -> dict:
 def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict:
     stacked = not isinstance(params["layers"], (tuple, list))
     max_len = model.cache_length(_bucket(args.prompt_len) + args.new_tokens, args.cache_dtype)  # as generate builds
-    emit = functools.partial(_emit, sampling=SamplingConfig(), eos=(), on_token=None)
+    emit = functools.partial(_emit, sampling=SamplingConfig(), eos=(), stream=None)
 
     def body(p, local_cfg):  # each device's cache under tensor parallelism: built inside the program
         cache = model.init_cache(local_cfg, batch, max_len, args.cache_dtype, stacked=stacked)

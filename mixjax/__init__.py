@@ -9,7 +9,7 @@ from mixjax.assets import embedded_model_path
 from mixjax.data import calibration_batches, eval_windows
 from mixjax.evaluate import evaluate_model, perplexity
 from mixjax.parallel import data_mesh, model_mesh, shard_model, shard_weights
-from mixjax.generate import SamplingConfig, generate, generate_text  # `mixjax.generate` is the function
+from mixjax.generate import GenerationStats, SamplingConfig, generate, generate_text  # `mixjax.generate` is the function
 from pallas_kernels import MixedWeight, mixed_matmul, pack_mixed, pack_rtn
 
 __all__ = [
@@ -18,6 +18,6 @@ __all__ = [
     "FakeQuantWeight", "QuantConfig", "QuantReport", "quantize", "salience",
     "embedded_model_path", "calibration_batches", "eval_windows", "evaluate_model", "perplexity",
     "data_mesh", "model_mesh", "shard_model", "shard_weights",
-    "SamplingConfig", "generate", "generate_text",
+    "GenerationStats", "SamplingConfig", "generate", "generate_text",
     "MixedWeight", "mixed_matmul", "pack_mixed", "pack_rtn",
 ]

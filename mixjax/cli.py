@@ -186,6 +186,8 @@ def _register_generate(sub) -> None:
     p.add_argument("--tensor-parallel", default="1", metavar="N|all",
                    help="split the model over N local devices (heads and MLP features; default 1). With more than "
                         "one, the text is printed at the end")
+    p.add_argument("--stats", action="store_true",
+                   help="print on stderr how long generating took: compiling, the first token, decode tokens/s")
     p.set_defaults(run=_run_generate)
 
 
@@ -194,14 +196,18 @@ def _run_generate(args) -> None:
     from mixjax.parallel import parse_devices
 
     stream = _stdout_stream()
+    stats = []  # the call's GenerationStats, with --stats
     generate_text(model_path=args.model, prompt=args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                   temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
                   dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream,
                   cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None, int8_prefill=args.int8_prefill,
                   prefill_model_path=args.prefill_model, switch_after=args.switch_after,
                   prefill_scales=args.prefill_scales,
-                  tensor_parallel=parse_devices(args.tensor_parallel, option="--tensor-parallel"))
+                  tensor_parallel=parse_devices(args.tensor_parallel, option="--tensor-parallel"),
+                  on_stats=stats.append if args.stats else None)
     print(flush=True)
+    for line in stats:
+        print(line.summary(), file=sys.stderr, flush=True)
 
 
 def _stdout_stream() -> Callable[[str], None]:

@@ -12,7 +12,8 @@ the `top_k` most likely tokens and to the smallest set whose probability reaches
 categorical draw with a key derived from `seed` and the step number (deterministic per seed).
 
 Streaming: `on_token(tokens)` is called on the host, in order, with the int32 [B] tokens of each step
-(-1 for rows that have already finished), through an ordered `jax.debug.callback`.
+(-1 for rows that have already finished), through an ordered `jax.debug.callback`. The program carries a stream id
+rather than the callback itself, so calls with other callbacks (each `generate_text` makes its own) reuse it.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ import contextlib
 
 import dataclasses
 import functools
+import itertools
+import time
 from typing import Callable, Sequence
 
 import jax
@@ -35,6 +38,8 @@ from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_mo
                              tensor_parallel_jit)
 
 PAD = -1  # placeholder in the output buffer for rows that have finished
+_STREAMS: dict[int, Callable[[np.ndarray], None]] = {}  # stream id → the on_token of a `generate` call in flight
+_STREAM_IDS = itertools.count()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,8 +144,17 @@ def generate(
                   switch_after=int(switch_after) if prefill_params is not None else 0)
     n = len(prompts)
     if mesh is None:
-        out, steps = _generate_jit(params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
-                                   prefill_params=prefill_params, on_token=on_token, **static)
+        stream = None if on_token is None else next(_STREAM_IDS)
+        if stream is not None:
+            _STREAMS[stream] = on_token
+        try:
+            out, steps = jax.device_get(_generate_jit(
+                params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
+                None if stream is None else jnp.int32(stream), prefill_params=prefill_params, **static))
+        finally:
+            if stream is not None:
+                jax.effects_barrier()  # every step's callback has run
+                del _STREAMS[stream]
     elif is_model_mesh(mesh):  # params from shard_model: every device runs every row on its slice of the model
         out, steps = _generate_tensor_parallel(mesh, tuple(sorted(static.items())))(
             params, prefill_params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed))
@@ -213,16 +227,16 @@ def _check_phases(params, prefill_params, switch_after) -> None:
 
 @functools.partial(
     jax.jit,
-    static_argnames=("cfg", "max_new_tokens", "sampling", "eos", "implementation", "cache_dtype", "on_token",
-                     "switch_after"),
+    static_argnames=("cfg", "max_new_tokens", "sampling", "eos", "implementation", "cache_dtype", "switch_after"),
 )
-def _generate_jit(params, prompts, lengths, key, *, cfg, max_new_tokens, sampling, eos, implementation, cache_dtype,
-                  on_token, prefill_params=None, switch_after=0):
+def _generate_jit(params, prompts, lengths, key, stream=None, *, cfg, max_new_tokens, sampling, eos, implementation,
+                  cache_dtype, prefill_params=None, switch_after=0):
     """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken). With prefill_params,
-    those run the prompt and the first `switch_after` decoded tokens, in a loop of their own."""
+    those run the prompt and the first `switch_after` decoded tokens, in a loop of their own. stream: None, or an
+    int32 id in `_STREAMS` whose callback gets each step's tokens."""
     return _generate_body(params, prefill_params, prompts, lengths, key, 0, cfg=cfg, max_new_tokens=max_new_tokens,
                           sampling=sampling, eos=eos, implementation=implementation, cache_dtype=cache_dtype,
-                          on_token=on_token, switch_after=switch_after)
+                          stream=stream, switch_after=switch_after)
 
 
 @functools.lru_cache(maxsize=16)
@@ -231,7 +245,7 @@ def _generate_split(mesh: Mesh, static: tuple):
     own trip count); the steps taken are the most over the devices."""
     def local(params, prefill_params, prompts, lengths, key):  # prompts [B / devices, P]
         row0 = jax.lax.axis_index(DATA_AXIS) * prompts.shape[0]
-        tokens, steps = _generate_body(params, prefill_params, prompts, lengths, key, row0, on_token=None,
+        tokens, steps = _generate_body(params, prefill_params, prompts, lengths, key, row0, stream=None,
                                        **dict(static))
         return tokens, jax.lax.pmax(steps, DATA_AXIS)
 
@@ -247,15 +261,15 @@ def _generate_tensor_parallel(mesh: Mesh, static: tuple):
     static = {**dict(static), "cfg": local_config(dict(static)["cfg"], mesh.size)}
 
     def body(params, prefill_params, prompts, lengths, key):
-        return _generate_body(params, prefill_params, prompts, lengths, key, 0, on_token=None, **static)
+        return _generate_body(params, prefill_params, prompts, lengths, key, 0, stream=None, **static)
 
     return tensor_parallel_jit(body, mesh, 2)
 
 
 def _generate_body(params, prefill_params, prompts, lengths, key, row0, *, cfg, max_new_tokens, sampling, eos,
-                   implementation, cache_dtype, on_token, switch_after):
+                   implementation, cache_dtype, stream, switch_after):
     first = params if prefill_params is None else prefill_params
-    emit = functools.partial(_emit, sampling=sampling, eos=eos, on_token=on_token, row0=row0)
+    emit = functools.partial(_emit, sampling=sampling, eos=eos, stream=stream, row0=row0)
     state = _prefill(first, prompts, lengths, key, cfg=cfg, max_new_tokens=max_new_tokens, emit=emit,
                      implementation=implementation, cache_dtype=cache_dtype)
     loop = functools.partial(_decode_loop, cfg=cfg, emit=emit, implementation=implementation)
@@ -293,16 +307,17 @@ def _decode_loop(params, state: SamplerState, *, cfg, max_new_tokens, emit, impl
     return jax.lax.while_loop(cond, body, state)
 
 
-def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, ...], on_token, row0=0) -> SamplerState:
+def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, ...], stream, row0=0) -> SamplerState:
     """Samples one token per row from logits [B, V] and records it (PAD for finished rows). Row b of the batch
-    (global row row0 + b) draws with key fold_in(fold_in(key, step), row0 + b)."""
+    (global row row0 + b) draws with key fold_in(fold_in(key, step), row0 + b). stream: None, or the traced id of
+    the `_STREAMS` callback that gets the tokens."""
     step_key = jax.random.fold_in(s.key, s.step)
     rows = row0 + jnp.arange(logits.shape[0])
     keys = step_key if sampling.greedy else jax.vmap(lambda r: jax.random.fold_in(step_key, r))(rows)  # [B]
     token = sample(logits, keys, sampling)  # [B]
     token = jnp.where(s.done, PAD, token)
-    if on_token is not None:
-        jax.debug.callback(lambda t: on_token(np.asarray(t)), token, ordered=True)
+    if stream is not None:
+        jax.debug.callback(_deliver, stream, token, ordered=True)
     done = s.done | jnp.isin(token, jnp.asarray(eos, jnp.int32)) if eos else s.done
     return dataclasses.replace(
         s,
@@ -311,6 +326,11 @@ def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, 
         done=done,
         tokens=s.tokens.at[:, s.step].set(token),
     )
+
+
+def _deliver(stream, tokens) -> None:
+    """The host side of the streaming callback: hands a step's tokens to the on_token of call `stream`."""
+    _STREAMS[int(stream)](np.asarray(tokens))
 
 
 def sample(logits: jax.Array, key: jax.Array, sampling: SamplingConfig) -> jax.Array:
@@ -354,6 +374,75 @@ def encode_prompt(tokenizer, prompt: str, *, chat: bool = False) -> list[int]:
     return list(tokenizer.encode(prompt))
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationStats:
+    """How long one `generate_text` call took (its `on_stats`, the CLI's `generate --stats`). Loading the model is
+    not included; the clock runs from the `generate` call to its return.
+
+    compile_seconds: tracing, lowering and compiling inside the call (jax.monitoring's compile events), 0 when every
+      program came from jax's cache (a second call with the same shapes and settings).
+    first_token_seconds: from the call to the first new token reaching the host, less compile_seconds: the prompt's
+      prefill and the first sample. None where tokens are not streamed (a model split over several devices)."""
+
+    prompt_tokens: int
+    new_tokens: int
+    seconds: float
+    compile_seconds: float
+    first_token_seconds: float | None
+    device: str
+
+    @property
+    def decode_tokens_per_second(self) -> float | None:
+        """The new tokens after the first, per second after the first one arrived (None: fewer than two, or not
+        streamed)."""
+        if self.first_token_seconds is None or self.new_tokens < 2:
+            return None
+        rest = self.seconds - self.compile_seconds - self.first_token_seconds
+        return (self.new_tokens - 1) / rest if rest > 0 else None
+
+    def summary(self) -> str:
+        head = (f"{self.prompt_tokens} prompt tokens, {self.new_tokens} new tokens in {self.seconds:.3f} s on "
+                f"{self.device}: compiling {self.compile_seconds:.3f} s")
+        if self.first_token_seconds is None:
+            return head + " (tokens not streamed: no time to the first token)"
+        rate = self.decode_tokens_per_second
+        return (head + f", first token {self.first_token_seconds:.3f} s"
+                + ("" if rate is None else f", then {self.new_tokens - 1} tokens at {rate:.1f} tokens/s"))
+
+
+class _Stopwatch:
+    """Times one `generate` call for `GenerationStats`: the compile events inside it and when the first token
+    arrives (wrapping the call's `on_token`)."""
+
+    def __init__(self, on_token: Callable[[np.ndarray], None] | None):
+        self.inner, self.first, self.compile_s = on_token, None, 0.0
+
+    def __call__(self, tokens: np.ndarray) -> None:
+        if self.first is None:
+            self.first = time.perf_counter()
+        if self.inner is not None:
+            self.inner(tokens)
+
+    def _compiled(self, event: str, duration: float, **_) -> None:
+        if event.startswith("/jax/core/compile/"):  # tracing, lowering to MLIR, the backend's compile
+            self.compile_s += duration
+
+    def __enter__(self) -> "_Stopwatch":
+        jax.monitoring.register_event_duration_secs_listener(self._compiled)
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.end = time.perf_counter()
+        jax.monitoring.unregister_event_duration_listener(self._compiled)
+
+    def stats(self, prompt_tokens: int, new_tokens: int, streamed: bool) -> GenerationStats:
+        first = None if not streamed or self.first is None else max(0.0, self.first - self.start - self.compile_s)
+        dev = jax.devices()[0]
+        return GenerationStats(prompt_tokens, new_tokens, self.end - self.start, self.compile_s, first,
+                               f"{dev.device_kind} ({dev.platform})")
+
+
 class TextStream:
     """Turns the token stream of row 0 into text pieces: `on_token` for `generate`, `on_text` for output."""
 
@@ -386,10 +475,12 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
                   dtype=jnp.float32, implementation: Implementation = "auto",
                   on_text: Callable[[str], None] | None = None, cache_dtype=None, int8_prefill: bool = False,
                   prefill_model_path=None, switch_after: int = 0, tensor_parallel: int | None = 1,
-                  prefill_scales: str | None = None) -> str:
+                  prefill_scales: str | None = None, on_stats: Callable[[GenerationStats], None] | None = None) -> str:
     """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
 
     on_text: called with each new piece of text as it is generated (streaming).
+    on_stats: called once at the end with the call's `GenerationStats` (compile time, time to the first token,
+      decode tokens/s; the CLI's `--stats`). It streams the tokens to time the first one, as `on_text` does.
     cache_dtype: see `generate` (jnp.int8: int8 KV cache, the CLI's `--kv-int8`).
     int8_prefill: a quantized model on a Hopper GPU also holds its weights as int8 for the prompt's GEMMs
       (`model.int8_prefill`, the CLI's `--int8-prefill`): one more byte a weight for a shorter time to the
@@ -454,16 +545,20 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     if getattr(tokenizer, "eos_token_id", None) is not None:
         eos.add(int(tokenizer.eos_token_id))
     stream = TextStream(tokenizer, on_text) if on_text is not None and mesh is None else None
-    with scales:
+    watch = _Stopwatch(stream)
+    on_token = watch if on_stats is not None and mesh is None else stream
+    with scales, watch:
         (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
-                          on_token=stream, cache_dtype=cache_dtype, prefill_params=prefill_params,
+                          on_token=on_token, cache_dtype=cache_dtype, prefill_params=prefill_params,
                           switch_after=switch_after, mesh=mesh)
     text = tokenizer.decode(new, skip_special_tokens=True)
     if stream is not None:
         stream.flush()
     elif on_text is not None:
         on_text(text)
+    if on_stats is not None:
+        on_stats(watch.stats(len(ids), len(new), streamed=on_token is watch))
     return text
 
 

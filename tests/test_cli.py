@@ -103,6 +103,37 @@ def test_generate_streams_transformers_greedy_text(tiny_model, capsys):
     assert capsys.readouterr().out == out
 
 
+def test_generate_stats_time_the_call_and_a_cached_call_compiles_nothing(tiny_model, capsys):
+    import convert
+    import mixjax
+    from mixjax.generate import generate_text
+
+    directory, _, tokenizer = tiny_model
+    prompt = "the stone over"
+    assert cli.main(["generate", "--model", str(directory), "--prompt", prompt, "--max-new-tokens", "9"]) == 0
+    plain = capsys.readouterr()
+    assert cli.main(["generate", "--model", str(directory), "--prompt", prompt, "--max-new-tokens", "9",
+                     "--stats"]) == 0
+    timed = capsys.readouterr()
+    assert timed.out == plain.out and plain.err == ""  # the text unchanged, the line on stderr
+    n_prompt = len(tokenizer(prompt)["input_ids"])
+    assert timed.err.startswith(f"{n_prompt} prompt tokens, ")
+    assert "compiling 0.000 s" in timed.err  # the first call compiled the program; streaming reuses it
+    got = []
+    text = generate_text(model_path=str(directory), prompt=prompt, max_new_tokens=9, on_stats=got.append,
+                         on_text=lambda piece: None)
+    (stats,) = got
+    assert text == plain.out[:-1]
+    cfg, params = convert.load(directory)
+    (new,) = mixjax.generate(params, cfg, [tokenizer(prompt)["input_ids"]], max_new_tokens=9)
+    assert stats.prompt_tokens == n_prompt and stats.new_tokens == len(new)
+    assert stats.compile_seconds == 0.0 and 0 <= stats.first_token_seconds < stats.seconds
+    assert stats.decode_tokens_per_second > 0
+    got.clear()  # another length of the output buffer: a new program, whose compiling is counted apart
+    generate_text(model_path=str(directory), prompt=prompt, max_new_tokens=7, on_stats=got.append)
+    assert got[0].compile_seconds > 0 and got[0].first_token_seconds < got[0].seconds - got[0].compile_seconds
+
+
 @pytest.mark.parametrize(
     "argv, match",
     [

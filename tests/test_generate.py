@@ -82,7 +82,7 @@ def test_decode_is_one_compiled_while_loop(params):
     prompts = jnp.zeros((2, 16), jnp.int32)
     jaxpr = jax.make_jaxpr(
         lambda p, t, n, k: _generate_jit(p, t, n, k, cfg=CFG, max_new_tokens=20, sampling=SamplingConfig(), eos=(2,),
-                                         implementation="xla", cache_dtype=jnp.float32, on_token=None)
+                                         implementation="xla", cache_dtype=jnp.float32)
     )(params, prompts, jnp.array([3, 16], jnp.int32), jax.random.key(0))
     text = str(jaxpr)
     assert "while[" in text
@@ -96,6 +96,23 @@ def test_streaming_callback_sees_every_step_in_order(params):
     seen = np.stack(seen)  # [steps, B]
     assert seen.shape == (7, 2)
     assert seen.T.tolist() == out
+
+
+def test_streaming_with_another_callback_reuses_the_compiled_program(params):
+    prompts = _prompts(3, [4, 6])
+    first, second, compiled = [], [], []
+    out = generate(params, CFG, prompts, max_new_tokens=5, eos_token_ids=(), on_token=first.append)
+
+    def on_compile(event, duration, **_):
+        compiled.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(on_compile)
+    try:
+        again = generate(params, CFG, prompts, max_new_tokens=5, eos_token_ids=(), on_token=second.append)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(on_compile)
+    assert again == out and np.array_equal(np.stack(first), np.stack(second))
+    assert not [e for e in compiled if e.startswith("/jax/core/compile/")]
 
 
 def test_sampling_is_deterministic_per_seed_and_top_k_1_is_greedy(params):
