@@ -98,7 +98,8 @@ finished before a deadline are kept). Inside a variant, in this order:
   token only (as `generate` prefills) → tokens/s and TFLOP/s (2 · multiplied weights · tokens);
 - request (`--request P:N`): one whole `mixjax.generate` call as a user makes it (random P-token prompt, batch 1,
   greedy, N new tokens, no EOS stop): prefill, first token and the decode loop in one jit, the params handed over
-  once → seconds a request and new tokens per second of it.
+  once → seconds a request and new tokens per second of it (`--stream`: each step's tokens to the host, as
+  `mixjax generate` streams them).
 Every program is compiled and run once before timing (compile time printed); the median of `--repeats` runs
 is reported (of at least 7 for prefill, whose blocked wall time varied by up to 15 % over two runs in session
 20; prefill also reports the time a call when calls queue back to back, and the params' dispatch cost). Decode also reports % of the weight-read floor: batch · copy bandwidth / params bytes
@@ -475,14 +476,15 @@ def request(params, cfg: LlamaConfig, args, prefill_params=None) -> dict:
 
     def run():
         out = generate(params, cfg, [prompt], max_new_tokens=n_new, eos_token_ids=(), cache_dtype=args.cache_dtype,
-                       implementation=args.implementation, prefill_params=prefill_params, switch_after=switch)
+                       implementation=args.implementation, prefill_params=prefill_params, switch_after=switch,
+                       on_token=(lambda tokens: None) if args.stream else None)
         if len(out[0]) != n_new:
             raise RuntimeError(f"generate returned {len(out[0])} tokens, expected {n_new}")
         return out
 
     t, first = timed(run, args.repeats)
     return dict(kind="request", batch=1, prompt=n_prompt, tokens=n_new, seconds=t, compile_s=first - t,
-                tok_s=n_new / t, switch_after=switch)
+                tok_s=n_new / t, switch_after=switch, streamed=args.stream)
 
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
@@ -890,7 +892,8 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
     if asked:
         base_s = base.get(("request", 1), {}).get("seconds")
         lines += ["", f"Whole requests (`--request`): one `mixjax.generate` call, batch 1, a random {asked[0]['prompt']}-token "
-                  f"prompt, {asked[0]['tokens']} greedy new tokens; `A<B`: B runs the prompt"
+                  f"prompt, {asked[0]['tokens']} greedy new tokens" + (", streamed (on_token)" if args.stream else "")
+                  + "; `A<B`: B runs the prompt"
                   + (f" and the first {args.switch_after} new tokens" if args.switch_after else "") + ", A the rest.", "",
                   "| variant | weight GB resident | seconds a request | new tok/s | × bf16 |", "|---|---|---|---|---|"]
         for r in asked:
@@ -934,6 +937,8 @@ def parse_args(argv=None):
                    help="also time one whole mixjax.generate call: a P-token prompt and N new tokens, batch 1")
     p.add_argument("--switch-after", type=int, default=0, metavar="N",
                    help="`A<B` variants: B also decodes the first N new tokens (generate's switch_after)")
+    p.add_argument("--stream", action="store_true",
+                   help="--request: stream every step's tokens to the host (generate's on_token, as the CLI does)")
     p.add_argument("--implementation", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of all variants together")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",

@@ -90,6 +90,7 @@
 #   bash benchmarks/device_session.sh s51c      # session 51: whole generate requests, progressive among them
 #   bash benchmarks/device_session.sh s51d      # session 51: whole requests on the int8 cache, and from 128 tokens
 #   bash benchmarks/device_session.sh s51e      # session 51: the b1 decode attention step over long caches
+#   bash benchmarks/device_session.sh s52a      # prepared: what streaming costs a request; s51e's bf16 rows
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -879,6 +880,17 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s52a)  # prepared in session 51: what streaming costs a request (generate's on_token, one host callback a step,
+    # as `mixjax generate` streams), bf16 and W4.4A8 with and without it; then s51e's bf16 rows (its limit cut them)
+    header
+    for stream in "" "--stream"; do
+      timeout 130 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4 --batches "" $stream \
+        --request 2048:256 --repeats 3 --prefill-len 256 --budget-s 120 --out "$out/request${stream}.md" 2>&1 \
+        | grep "request\|FAILED\|==" | tee -a "$out/request.log"
+    done
+    timeout 150 python3 benchmarks/bench_attention.py --batches 1 --lengths 384,2304,4096 --step-only --parts 0 \
+      --fused-splits 8,32 --fused-stages 3 --out "$out/attention_b1.md" 2>&1 | tail -24 | tee "$out/attention_b1.log"
     ;;
   s51e)  # session 51: the b1 decode attention step over long caches (s51d: 2.1-2.3k positions cost W4.4A8's step
     # +0.20 ms against XLA bf16's +0.13): XLA's step against the fused kernel at its splits (16 at b1), 8 and 32,
