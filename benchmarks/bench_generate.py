@@ -719,9 +719,9 @@ def run_variant(name: str, args) -> int:
         if prompt_params is not None:
             prompt_params = shard_model(prompt_params, cfg, args.mesh)
     jax.block_until_ready((params, prompt_params))
-    both = (params, prompt_params) if prompt_params is not None else params  # both resident
-    log(dict(kind="weights", total_bytes=tree_bytes(both), linear_bytes=linear_bytes(params)
-             + (linear_bytes(prompt_params) if prompt_params is not None else 0), build_s=time.perf_counter() - start))
+    log(dict(kind="weights", total_bytes=tree_bytes((params, prompt_params)),  # both resident (None: no leaves)
+             linear_bytes=sum(linear_bytes(p) for p in (params, prompt_params) if p is not None),
+             build_s=time.perf_counter() - start))
     bandwidth = copy_bandwidth(16 << 20 if args.small else 1 << 30, args.repeats)
     log(dict(kind="bandwidth", bytes_s=bandwidth))
     order = sorted(args.batches, key=lambda b: (b != min(args.batches), -b))  # 1, 32, then 8

@@ -206,8 +206,8 @@ def _run_generate(args) -> None:
                   tensor_parallel=parse_devices(args.tensor_parallel, option="--tensor-parallel"),
                   on_stats=stats.append if args.stats else None)
     print(flush=True)
-    for line in stats:
-        print(line.summary(), file=sys.stderr, flush=True)
+    for record in stats:
+        print(record.summary(), file=sys.stderr, flush=True)
 
 
 def _stdout_stream() -> Callable[[str], None]:
