@@ -108,8 +108,10 @@ THREE_DEVICES = textwrap.dedent("""
         == generate(params, cfg, prompts, prefill_params=one, switch_after=2, mesh=mesh, **kw),
     ]
     from mixjax.generate import generate_text  # the embedded SmolLM2: 9 heads and 3 KV heads, 3 a device
-    out["text"] = [generate_text(prompt="The capital of France is", max_new_tokens=6, tensor_parallel=n)
-                   for n in (1, 3)]
+    stats = []  # with `--stats`: one device streams (a time to the first token), three do not
+    out["text"] = [generate_text(prompt="The capital of France is", max_new_tokens=6, tensor_parallel=n,
+                                 on_stats=stats.append) for n in (1, 3)]
+    out["first_token_timed"] = [[s.first_token_seconds is not None, s.new_tokens] for s in stats]
     print("RESULT", json.dumps(out))
 """)
 
@@ -147,6 +149,8 @@ def test_three_devices_give_one_devices_salience_and_weights():
     # `generate --tensor-parallel 3` on the embedded model: the same greedy text as one device
     single, split = out["text"]
     assert split == single and "Paris" in single
+    (one, one_new), (three, three_new) = out["first_token_timed"]
+    assert one and not three and one_new == three_new > 0
 
 
 TWO_DEVICES_TENSOR_PARALLEL = textwrap.dedent("""
