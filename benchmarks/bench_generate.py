@@ -824,8 +824,9 @@ def _describe(r: dict) -> str:
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
                 f"peak {_gb(r.get('peak_bytes')) or '?'} GB){host}{prof}")
     if r["kind"] == "request":
-        return (f"{r['variant']} request: {r['prompt']}-token prompt + {r['tokens']} new tokens in {r['seconds']:.3f} s, "
-                f"{r['tok_s']:.1f} new tok/s (compile {r['compile_s']:.1f} s, peak {_gb(r.get('peak_bytes')) or '?'} GB)")
+        return (f"{r['variant']} request: {r['prompt']}-token prompt + {r['tokens']} new tokens in "
+                f"{r['seconds']:.3f} s, {r['tok_s']:.1f} new tok/s (compile {r['compile_s']:.1f} s, peak "
+                f"{_gb(r.get('peak_bytes')) or '?'} GB)")
     if r["kind"] == "error":
         return f"{r['variant']} {r['what']} FAILED: {r['error']}"
     return f"{r['variant']} {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant", "kind"))
@@ -891,14 +892,15 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
     asked = [r for r in rows if r["kind"] == "request"]
     if asked:
         base_s = base.get(("request", 1), {}).get("seconds")
-        lines += ["", f"Whole requests (`--request`): one `mixjax.generate` call, batch 1, a random {asked[0]['prompt']}-token "
-                  f"prompt, {asked[0]['tokens']} greedy new tokens" + (", streamed (on_token)" if args.stream else "")
-                  + "; `A<B`: B runs the prompt"
-                  + (f" and the first {args.switch_after} new tokens" if args.switch_after else "") + ", A the rest.", "",
-                  "| variant | weight GB resident | seconds a request | new tok/s | × bf16 |", "|---|---|---|---|---|"]
+        switch = f" and the first {args.switch_after} new tokens" if args.switch_after else ""
+        lines += ["", f"Whole requests (`--request`): one `mixjax.generate` call, batch 1, a random "
+                  f"{asked[0]['prompt']}-token prompt, {asked[0]['tokens']} greedy new tokens"
+                  + (", streamed (on_token)" if args.stream else "") + f"; `A<B`: B runs the prompt{switch}, A the rest.",
+                  "", "| variant | weight GB resident | seconds a request | new tok/s | × bf16 |", "|---|---|---|---|---|"]
         for r in asked:
             w = by[r["variant"]].get("weights", {}).get("total_bytes")
-            lines.append(f"| {r['variant']} | {_gb(w)} | {r['seconds']:.3f} | {r['tok_s']:.1f} | {_ratio(base_s, r['seconds'])} |")
+            lines.append(f"| {r['variant']} | {_gb(w)} | {r['seconds']:.3f} | {r['tok_s']:.1f} | "
+                         f"{_ratio(base_s, r['seconds'])} |")
     extra = [r for r in rows if r["kind"] in ("weights", "quantize", "bandwidth")]
     if extra:
         lines += [""]

@@ -85,7 +85,7 @@
 #                                               # rows beside bf16 (all within 1 % of the README's)
 #   bash benchmarks/device_session.sh s50b      # session 50: test_norm, test_swiglu, test_attention, test_gpu_model
 #                                               # whole and compiled
-#   bash benchmarks/device_session.sh s51a      # session 51: the other kernel test files whole and compiled (cut at 204)
+#   bash benchmarks/device_session.sh s51a      # session 51: the other kernel test files, compiled (cut at 204)
 #   bash benchmarks/device_session.sh s51b      # session 51: the files s51a's limit cut
 #   bash benchmarks/device_session.sh s51c      # session 51: whole generate requests, progressive among them
 #   bash benchmarks/device_session.sh s51d      # session 51: whole requests on the int8 cache, and from 128 tokens
@@ -897,7 +897,8 @@ case "$part" in
     # 64-position blocks and 3 stages, bf16 and int8 caches
     header
     timeout 230 python3 benchmarks/bench_attention.py --batches 1 --lengths 384,2304,4096 --step-only --parts 0,8 \
-      --fused-splits 8,32 --fused-stages 3 --int8 --out "$out/attention_b1.md" 2>&1 | tail -40 | tee "$out/attention_b1.log"
+      --fused-splits 8,32 --fused-stages 3 --int8 --out "$out/attention_b1.md" 2>&1 | tail -40 \
+      | tee "$out/attention_b1.log"
     ;;
   s51d)  # session 51: whole requests on the int8 KV cache (a 2048-token prompt: the decode reads 2.1-2.3k positions),
     # bf16 and W4.4A8 on the bf16 cache beside; then a 128-token prompt (the decode rows' form) as one request

@@ -9,7 +9,8 @@ from mixjax.assets import embedded_model_path
 from mixjax.data import calibration_batches, eval_windows
 from mixjax.evaluate import evaluate_model, perplexity
 from mixjax.parallel import data_mesh, model_mesh, shard_model, shard_weights
-from mixjax.generate import GenerationStats, SamplingConfig, generate, generate_text  # `mixjax.generate` is the function
+# `mixjax.generate` is the function
+from mixjax.generate import GenerationStats, SamplingConfig, generate, generate_text
 from pallas_kernels import MixedWeight, mixed_matmul, pack_mixed, pack_rtn
 
 __all__ = [
