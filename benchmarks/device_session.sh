@@ -90,7 +90,9 @@
 #   bash benchmarks/device_session.sh s51c      # session 51: whole generate requests, progressive among them
 #   bash benchmarks/device_session.sh s51d      # session 51: whole requests on the int8 cache, and from 128 tokens
 #   bash benchmarks/device_session.sh s51e      # session 51: the b1 decode attention step over long caches
-#   bash benchmarks/device_session.sh s52a      # prepared: what streaming costs a request; s51e's bf16 rows
+#   bash benchmarks/device_session.sh s52a      # session 52: what streaming costs a request; s51e's bf16 rows
+#   bash benchmarks/device_session.sh s52b      # session 52: streaming in chunks; 64-position attention blocks on
+#                                               # a long request; b32 over long bf16 caches
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -880,6 +882,17 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s52b)  # session 52: streaming in chunks (generate's stream_every; s52a: one callback a step cost W4.4A8's
+    # 2048+256 request +10 %), 0 = unstreamed, 1 and 8 steps a callback, all in each variant's one process; and the
+    # fused attention's 64-position blocks, 3 in flight (@att64s3; s52a: 11.2 against 12.7 µs a layer at 2304
+    # positions on a bf16 cache) priced on the same long request; then b32 over long bf16 caches (does it hold there?)
+    header
+    timeout 330 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@att64s3+h4 --batches "" \
+      --request 2048:256 --stream 0,1,8 --repeats 3 --prefill-len 256 --budget-s 320 --out "$out/request.md" 2>&1 \
+      | grep "request\|FAILED\|==" | tee "$out/request.log"
+    timeout 150 python3 benchmarks/bench_attention.py --batches 32 --lengths 2304,4096 --step-only --parts 0 \
+      --fused-splits 8 --fused-stages 3 --out "$out/attention_b32.md" 2>&1 | tail -16 | tee "$out/attention_b32.log"
     ;;
   s52a)  # prepared in session 51: what streaming costs a request (generate's on_token, one host callback a step,
     # as `mixjax generate` streams), bf16 and W4.4A8 with and without it; then s51e's bf16 rows (its limit cut them)

@@ -3,6 +3,8 @@ and greedy parity with transformers on the embedded real model."""
 
 from __future__ import annotations
 
+import importlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -96,6 +98,36 @@ def test_streaming_callback_sees_every_step_in_order(params):
     seen = np.stack(seen)  # [steps, B]
     assert seen.shape == (7, 2)
     assert seen.T.tolist() == out
+
+
+@pytest.mark.parametrize("every", [3, 16])
+def test_streaming_in_chunks_hands_over_every_step_in_order(params, monkeypatch, every):
+    gen = importlib.import_module("mixjax.generate")  # the module (the package exports the function by its name)
+    prompts = _prompts(3, [4, 6])
+    free = generate(params, CFG, prompts, max_new_tokens=11, eos_token_ids=())
+    eos = free[0][5]  # row 0 stops at step 5 or before, inside a chunk
+    cut = free[0].index(eos)
+    row1 = free[1].index(eos) + 1 if eos in free[1] else 11
+    steps = max(cut + 1, row1)
+    calls = []
+    deliver = gen._deliver
+    monkeypatch.setattr(gen, "_deliver", lambda *a: (calls.append(int(a[3]) - int(a[2])), deliver(*a)))
+    for switch_after, prefill_params in [(0, None), (2, params)]:  # progressive: two loops, chunks in each
+        seen, calls[:] = [], []
+        out = generate(params, CFG, prompts, max_new_tokens=11, eos_token_ids=[eos], on_token=seen.append,
+                       stream_every=every, prefill_params=prefill_params, switch_after=switch_after)
+        assert out == [free[0][: cut + 1], free[1][:row1]]
+        assert np.stack(seen).shape == (steps, 2)
+        assert [[int(t) for t in col if t != gen.PAD] for col in np.stack(seen).T] == out
+        assert sum(calls) == steps and calls[0] == 1  # the first token at once, then chunks of at most `every`
+        assert max(calls) <= every and len(calls) <= 1 + switch_after + -(-(steps - 1) // every)
+        if every == 3 and not switch_after:
+            assert calls[:2] == [1, 3]
+
+
+def test_stream_every_must_be_a_positive_integer(params):
+    with pytest.raises(ValueError, match="stream_every=0 must be a positive integer"):
+        generate(params, CFG, _prompts(3, [4]), max_new_tokens=3, on_token=print, stream_every=0)
 
 
 def test_streaming_with_another_callback_reuses_the_compiled_program(params):
