@@ -98,9 +98,11 @@ finished before a deadline are kept). Inside a variant, in this order:
   token only (as `generate` prefills) → tokens/s and TFLOP/s (2 · multiplied weights · tokens);
 - request (`--request P:N`): one whole `mixjax.generate` call as a user makes it (random P-token prompt, batch 1,
   greedy, N new tokens, no EOS stop): prefill, first token and the decode loop in one jit, the params handed over
-  once → seconds a request and new tokens per second of it. `--stream 0,1,8`: one request each unstreamed (0) and
-  streamed to the host as `mixjax generate` streams (on_token), handing the tokens over every step (1) or every
-  8 steps (`stream_every`; 8 is the default on a GPU), all in the variant's one process.
+  once → seconds a request and new tokens per second of it. `--request-as fixed1,eos8,stream8`: one request each,
+  all in the variant's one process: `fixed` with no EOS id (XLA knows the loop's trip count), `eos` with an EOS id
+  the request never emits (the loop's end depends on the data, as a user's request does), `stream` the same
+  streamed to the host as `mixjax generate` streams (on_token); the number is `sync_every`, the decode steps
+  between host round trips (8 is the default on a GPU).
 Every program is compiled and run once before timing (compile time printed); the median of `--repeats` runs
 is reported (of at least 7 for prefill, whose blocked wall time varied by up to 15 % over two runs in session
 20; prefill also reports the time a call when calls queue back to back, and the params' dispatch cost). Decode also reports % of the weight-read floor: batch · copy bandwidth / params bytes
@@ -466,27 +468,33 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
     return row
 
 
-def request(params, cfg: LlamaConfig, args, prefill_params=None, every: int = 0) -> dict:
+def request(params, cfg: LlamaConfig, args, prefill_params=None, mode: str = "fixed1") -> dict:
     """One `mixjax.generate` call as a user makes it: a random `--request` P-token prompt, batch 1, greedy, N new
-    tokens (no EOS stop), with `prefill_params` running the prompt and the first `--switch-after` tokens; every > 0:
-    streamed, the tokens handed to the host `every` steps at a time."""
+    tokens (no EOS stop), with `prefill_params` running the prompt and the first `--switch-after` tokens; mode: see
+    `--request-as`."""
     from mixjax.generate import generate
 
     n_prompt, n_new = args.request
     prompt = np.random.default_rng(1).integers(0, cfg.vocab_size, n_prompt).tolist()
     switch = args.switch_after if prefill_params is not None else 0
+    how, every = re.fullmatch(r"(fixed|eos|stream)(\d+)", mode).groups()
+    kw = dict(max_new_tokens=n_new, cache_dtype=args.cache_dtype, implementation=args.implementation,
+              prefill_params=prefill_params, switch_after=switch, sync_every=int(every))
+    eos = ()
+    if how != "fixed":  # an id the request never emits: it runs to n_new tokens, the loop's end unknown to XLA
+        free = set(generate(params, cfg, [prompt], eos_token_ids=(), **kw)[0])
+        eos = (next(i for i in range(cfg.vocab_size) if i not in free),)
 
     def run():
-        out = generate(params, cfg, [prompt], max_new_tokens=n_new, eos_token_ids=(), cache_dtype=args.cache_dtype,
-                       implementation=args.implementation, prefill_params=prefill_params, switch_after=switch,
-                       on_token=(lambda tokens: None) if every else None, stream_every=every or None)
+        out = generate(params, cfg, [prompt], eos_token_ids=eos, on_token=(lambda t: None) if how == "stream" else None,
+                       **kw)
         if len(out[0]) != n_new:
             raise RuntimeError(f"generate returned {len(out[0])} tokens, expected {n_new}")
         return out
 
     t, first = timed(run, args.repeats)
     return dict(kind="request", batch=1, prompt=n_prompt, tokens=n_new, seconds=t, compile_s=first - t,
-                tok_s=n_new / t, switch_after=switch, stream_every=every)
+                tok_s=n_new / t, switch_after=switch, mode=mode)
 
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
@@ -733,8 +741,8 @@ def run_variant(name: str, args) -> int:
     if prompt_params is not None:  # its prefill and decode rows are its two parts' rows
         jobs = []
     if args.request:
-        jobs += [(f"request (stream every {every})" if every else "request",
-                  functools.partial(request, params, cfg, args, prompt_params, every)) for every in args.stream]
+        jobs += [(f"request ({mode})", functools.partial(request, params, cfg, args, prompt_params, mode))
+                 for mode in args.request_as]
     failed = 0
     for what, job in jobs:
         try:
@@ -827,8 +835,7 @@ def _describe(r: dict) -> str:
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
                 f"peak {_gb(r.get('peak_bytes')) or '?'} GB){host}{prof}")
     if r["kind"] == "request":
-        how = f" (streamed every {r['stream_every']})" if r.get("stream_every") else ""
-        return (f"{r['variant']} request{how}: {r['prompt']}-token prompt + {r['tokens']} new tokens in "
+        return (f"{r['variant']} request ({r['mode']}): {r['prompt']}-token prompt + {r['tokens']} new tokens in "
                 f"{r['seconds']:.3f} s, {r['tok_s']:.1f} new tok/s (compile {r['compile_s']:.1f} s, peak "
                 f"{_gb(r.get('peak_bytes')) or '?'} GB)")
     if r["kind"] == "error":
@@ -849,7 +856,7 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
     for r in rows:
         key = (r["kind"], r["batch"]) if r["kind"] in ("prefill", "decode") else r["kind"]
         if r["kind"] == "request":
-            key = ("request", r.get("stream_every", 0))
+            key = ("request", r["mode"])
         by.setdefault(r["variant"], {})[key] = r
         if r.get("peak_bytes") is not None:
             by[r["variant"]]["peak"] = r["peak_bytes"]
@@ -897,20 +904,18 @@ def markdown(rows: list[dict], failures: list[str], args) -> str:
                          f"{r.get('floor', float('nan')):.0f} | {r['compile_s']:.1f} |".replace("nan", ""))
     asked = [r for r in rows if r["kind"] == "request"]
     if asked:
-        streamed = any(r.get("stream_every") for r in asked)
         switch = f" and the first {args.switch_after} new tokens" if args.switch_after else ""
         lines += ["", f"Whole requests (`--request`): one `mixjax.generate` call, batch 1, a random "
                   f"{asked[0]['prompt']}-token prompt, {asked[0]['tokens']} greedy new tokens"
                   + f"; `A<B`: B runs the prompt{switch}, A the rest."
-                  + (" Streamed every K: on_token, the tokens handed to the host K steps at a time (`stream_every`);"
-                     " × bf16 against bf16 streamed alike." if streamed else ""),
-                  "", "| variant | streamed every | weight GB resident | seconds a request | new tok/s | × bf16 |",
+                  + " Request as: fixedK no EOS id, eosK an EOS id it never emits, streamK that and on_token; K: "
+                  "decode steps between host round trips (`sync_every`). × bf16 against bf16's request of that form.",
+                  "", "| variant | request as | weight GB resident | seconds a request | new tok/s | × bf16 |",
                   "|---|---|---|---|---|---|"]
         for r in asked:
             w = by[r["variant"]].get("weights", {}).get("total_bytes")
-            every = r.get("stream_every", 0)
-            base_s = base.get(("request", every), {}).get("seconds")
-            lines.append(f"| {r['variant']} | {every or 'not streamed'} | {_gb(w)} | {r['seconds']:.3f} | "
+            base_s = base.get(("request", r["mode"]), {}).get("seconds")
+            lines.append(f"| {r['variant']} | {r['mode']} | {_gb(w)} | {r['seconds']:.3f} | "
                          f"{r['tok_s']:.1f} | {_ratio(base_s, r['seconds'])} |")
     extra = [r for r in rows if r["kind"] in ("weights", "quantize", "bandwidth")]
     if extra:
@@ -950,9 +955,9 @@ def parse_args(argv=None):
                    help="also time one whole mixjax.generate call: a P-token prompt and N new tokens, batch 1")
     p.add_argument("--switch-after", type=int, default=0, metavar="N",
                    help="`A<B` variants: B also decodes the first N new tokens (generate's switch_after)")
-    p.add_argument("--stream", default="0", metavar="K,...",
-                   help="--request: one request per K, 0 unstreamed, K > 0 streamed to the host (generate's on_token, "
-                        "as the CLI does) K steps at a time (stream_every)")
+    p.add_argument("--request-as", default="fixed1", metavar="MODE,...",
+                   help="--request: one request per mode: fixedK (no EOS id), eosK (an EOS id never emitted), streamK "
+                        "(that, streamed to the host as the CLI does); K: sync_every (default fixed1)")
     p.add_argument("--implementation", default="auto", choices=("auto", "xla", "pallas"))
     p.add_argument("--budget-s", type=float, default=450.0, help="wall-clock budget of all variants together")
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
@@ -968,11 +973,10 @@ def parse_args(argv=None):
         args.batches = [int(b) for b in args.batches.split(",") if b.strip()]  # "" = prefill only
     except ValueError:
         p.error(f"--batches {args.batches!r}: expected comma-separated integers such as 1,8,32")
-    try:
-        args.stream = [int(k) for k in args.stream.split(",")]
-        assert min(args.stream) >= 0
-    except (ValueError, AssertionError):
-        p.error(f"--stream {args.stream!r}: expected comma-separated steps ≥ 0 such as 0,1,8 (0: not streamed)")
+    args.request_as = args.request_as.split(",")
+    bad = [m for m in args.request_as if not re.fullmatch(r"(fixed|eos|stream)[1-9]\d*", m)]
+    if bad:
+        p.error(f"--request-as {bad}: expected fixedK, eosK or streamK with K ≥ 1, such as fixed1,eos8,stream8")
     if args.request is not None:
         try:
             args.request = tuple(int(x) for x in args.request.split(":"))

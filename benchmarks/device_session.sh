@@ -93,6 +93,8 @@
 #   bash benchmarks/device_session.sh s52a      # session 52: what streaming costs a request; s51e's bf16 rows
 #   bash benchmarks/device_session.sh s52b      # session 52: streaming in chunks; 64-position attention blocks on
 #                                               # a long request; b32 over long bf16 caches
+#   bash benchmarks/device_session.sh s52c      # session 52: decoding in chunks of known trip count (sync_every)
+#                                               # against EOS ids and streaming; long bf16 caches' 64 × 3 blocks
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -882,6 +884,17 @@ case "$part" in
     timeout 330 python3 benchmarks/bench_generate.py --shape qwen3-8b --variants bf16@plain,w4.4a8+h4 --batches 1,8,32 \
       --repeats 2 --prefill-len 2048 --profile --profile-top 6 --budget-s 320 --out "$out/qwen3_8b.md" 2>&1 \
       | grep "batch\|tok/s |" | tee "$out/qwen3_8b.log"
+    ;;
+  s52c)  # session 52: host round trips. s52b: streaming in chunks still cost +11 % (W4.4A8) where the loop's end
+    # depends on the data: the XLA GPU while loop reads its predicate on the host every step unless it knows the trip
+    # count, which it does only without EOS ids (the benchmark's case). generate now decodes chunks of sync_every
+    # steps, each a loop of known trip count, and checks EOS and streams once a chunk. fixedK: no EOS id, eosK: an
+    # EOS id never emitted, streamK: that and on_token; K = sync_every. Then 64 × 3 attention blocks on bf16 caches
+    # of 2048+ positions (the new default) against 128 × 2 (@att128) on the same request.
+    header
+    timeout 430 python3 benchmarks/bench_generate.py --variants bf16@plain,w4.4a8+h4,w4.4a8@att128+h4 --batches "" \
+      --request 2048:256 --request-as fixed1,fixed8,eos1,eos8,stream8 --repeats 3 --prefill-len 256 \
+      --budget-s 420 --out "$out/request.md" 2>&1 | grep "request\|FAILED\|==" | tee "$out/request.log"
     ;;
   s52b)  # session 52: streaming in chunks (generate's stream_every; s52a: one callback a step cost W4.4A8's
     # 2048+256 request +10 %), 0 = unstreamed, 1 and 8 steps a callback, all in each variant's one process; and the

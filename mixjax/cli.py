@@ -186,9 +186,9 @@ def _register_generate(sub) -> None:
     p.add_argument("--tensor-parallel", default="1", metavar="N|all",
                    help="split the model over N local devices (heads and MLP features; default 1). With more than "
                         "one, the text is printed at the end")
-    p.add_argument("--stream-every", type=_positive_int, default=None, metavar="K",
-                   help="hand the text over K tokens at a time (the first at once); default 8 on a GPU, where each "
-                        "handover stalls it (one a token: W4.4A8 10%% slower on an H100), 1 on the CPU")
+    p.add_argument("--sync-every", type=_positive_int, default=None, metavar="K",
+                   help="decode K tokens between looks from the host (to stop at EOS and print the text; the first "
+                        "token at once): default 8 on a GPU, where each look stalls it, 1 on the CPU")
     p.add_argument("--stats", action="store_true",
                    help="print on stderr how long generating took: compiling, the first token, decode tokens/s")
     p.set_defaults(run=_run_generate)
@@ -205,7 +205,7 @@ def _run_generate(args) -> None:
                   dtype=_jnp_dtype(args.dtype), implementation=args.implementation, on_text=stream,
                   cache_dtype=_jnp_dtype("int8") if args.kv_int8 else None, int8_prefill=args.int8_prefill,
                   prefill_model_path=args.prefill_model, switch_after=args.switch_after,
-                  prefill_scales=args.prefill_scales, stream_every=args.stream_every,
+                  prefill_scales=args.prefill_scales, sync_every=args.sync_every,
                   tensor_parallel=parse_devices(args.tensor_parallel, option="--tensor-parallel"),
                   on_stats=stats.append if args.stats else None)
     print(flush=True)

@@ -11,12 +11,17 @@ Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, opti
 the `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`, then a
 categorical draw with a key derived from `seed` and the step number (deterministic per seed).
 
+Host round trips: every iteration of a `lax.while_loop` whose end depends on the data (an end-of-sequence token)
+makes the device hand its predicate to the host and wait for the next iteration's launches, and every streaming
+callback stalls it while the host runs the callback. On an accelerator the decode loop therefore runs in chunks
+of `sync_every` steps (8 by default), each a loop of known trip count, and looks at the host once a chunk: to stop
+when every row is done, and to stream the chunk's tokens. Steps run after every row is done cost time, never
+output (up to `sync_every` - 1 of them); the last steps before `max_new_tokens` that do not fill a chunk run one at a
+time, so no step runs past it.
+
 Streaming: `on_token(tokens)` is called on the host, in order, with the int32 [B] tokens of each step
-(-1 for rows that have already finished), fed by an ordered `jax.debug.callback`. Each callback stalls the device
-while the host runs it (H100, Llama-3-8B shape, W4.4A8: one a step made a 2048 + 256-token request 10 % slower), so
-on an accelerator the program hands the tokens over `stream_every` steps at a time (8 by default): the decode loop
-runs in chunks of that many steps, one callback after each, and the first token goes out at once after the prompt.
-The program carries a stream id rather than the callback itself, so calls with other callbacks (each
+(-1 for rows that have already finished), fed by an ordered `jax.debug.callback`, the first token at once after
+the prompt. The program carries a stream id rather than the callback itself, so calls with other callbacks (each
 `generate_text` makes its own) reuse it.
 """
 
@@ -44,7 +49,7 @@ from mixjax.parallel import (DATA_AXIS, check_mesh, check_params_for_mesh, is_mo
 PAD = -1  # placeholder in the output buffer for rows that have finished
 _STREAMS: dict[int, Callable[[np.ndarray], None]] = {}  # stream id → the on_token of a `generate` call in flight
 _STREAM_IDS = itertools.count()
-STREAM_EVERY_GPU = 8  # decode steps a streaming callback covers on an accelerator (1 on the CPU)
+SYNC_EVERY_GPU = 8  # decode steps between host round trips on an accelerator (1 on the CPU)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,7 +107,7 @@ def generate(
     seed: int = 0,
     implementation: Implementation = "auto",
     on_token: Callable[[np.ndarray], None] | None = None,
-    stream_every: int | None = None,
+    sync_every: int | None = None,
     cache_dtype=None,
     prefill_params=None,
     switch_after: int = 0,
@@ -114,9 +119,9 @@ def generate(
     temperature / top_k / top_p: see `SamplingConfig`; seed: the PRNG seed of sampling.
     eos_token_ids: defaults to `cfg.eos_token_ids`; pass () to never stop early.
     on_token: called on the host, in order, with each step's int32 [B] tokens (PAD = -1 for finished rows).
-    stream_every: with on_token, how many decode steps the device runs between handing tokens to the host (the
-      first token always goes at once); None → `STREAM_EVERY_GPU` (8) on an accelerator, 1 on the CPU. 8 steps of
-      Llama-3-8B W4.4A8 on an H100 take about 22 ms, too short to see; every callback stalls the device.
+    sync_every: decode steps the device runs between looking at the host, to stop at EOS and to stream (the first
+      token always goes at once); None → `SYNC_EVERY_GPU` (8) on an accelerator, 1 on the CPU. 8 steps of
+      Llama-3-8B W4.4A8 on an H100 take about 22 ms, too short to see.
     cache_dtype: defaults to the dtype of the embedding table; jnp.int8 stores keys/values as int8 with a
       scale per (row, head, position) (half the cache memory of bf16; see `mixjax.model.KVCache`).
     prefill_params / switch_after: progressive precision. A second parameter set of the same model (e.g. its
@@ -148,10 +153,10 @@ def generate(
     if mesh is not None and on_token is not None:
         raise ValueError("streaming (on_token) needs one device: each device decodes its own rows; drop on_token "
                          "or the mesh")
-    every = _stream_every(stream_every) if on_token is not None and mesh is None else 0  # 0: not streamed
+    every = _sync_every(sync_every)
     static = dict(cfg=cfg, max_new_tokens=int(max_new_tokens), sampling=sampling, eos=eos,
                   implementation=implementation, cache_dtype=dtype,
-                  switch_after=int(switch_after) if prefill_params is not None else 0)
+                  switch_after=int(switch_after) if prefill_params is not None else 0, sync_every=every)
     n = len(prompts)
     if mesh is None:
         stream = None if on_token is None else next(_STREAM_IDS)
@@ -160,11 +165,10 @@ def generate(
         try:
             out, steps = jax.device_get(_generate_jit(
                 params, jnp.asarray(prompts), jnp.asarray(lengths), jax.random.key(seed),
-                None if stream is None else jnp.int32(stream), prefill_params=prefill_params, stream_every=every,
-                **static))
+                None if stream is None else jnp.int32(stream), prefill_params=prefill_params, **static))
         finally:
             if stream is not None:
-                jax.effects_barrier()  # every step's callback has run
+                jax.effects_barrier()  # every chunk's callback has run
                 del _STREAMS[stream]
     elif is_model_mesh(mesh):  # params from shard_model: every device runs every row on its slice of the model
         out, steps = _generate_tensor_parallel(mesh, tuple(sorted(static.items())))(
@@ -182,14 +186,14 @@ def generate(
     return [[int(t) for t in row if t != PAD] for row in out]
 
 
-def _stream_every(stream_every) -> int:
-    """The decode steps a streaming callback covers: stream_every, or its default for this machine."""
-    if stream_every is None:
-        return 1 if jax.default_backend() == "cpu" else STREAM_EVERY_GPU
-    if isinstance(stream_every, bool) or not isinstance(stream_every, (int, np.integer)) or stream_every < 1:
-        raise ValueError(f"stream_every={stream_every!r} must be a positive integer (decode steps a streaming "
-                         "callback covers; 1 hands over every token as it is made)")
-    return int(stream_every)
+def _sync_every(sync_every) -> int:
+    """The decode steps between host round trips: sync_every, or its default for this machine."""
+    if sync_every is None:
+        return 1 if jax.default_backend() == "cpu" else SYNC_EVERY_GPU
+    if isinstance(sync_every, bool) or not isinstance(sync_every, (int, np.integer)) or sync_every < 1:
+        raise ValueError(f"sync_every={sync_every!r} must be a positive integer (decode steps between host round "
+                         "trips; 1 checks for EOS and streams after every token)")
+    return int(sync_every)
 
 
 def _pad_prompts(prompt_tokens, cfg: LlamaConfig, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -249,16 +253,16 @@ def _check_phases(params, prefill_params, switch_after) -> None:
 @functools.partial(
     jax.jit,
     static_argnames=("cfg", "max_new_tokens", "sampling", "eos", "implementation", "cache_dtype", "switch_after",
-                     "stream_every"),
+                     "sync_every"),
 )
 def _generate_jit(params, prompts, lengths, key, stream=None, *, cfg, max_new_tokens, sampling, eos, implementation,
-                  cache_dtype, prefill_params=None, switch_after=0, stream_every=0):
+                  cache_dtype, prefill_params=None, switch_after=0, sync_every=1):
     """prompts [B, P] right-padded, lengths [B] → (tokens [B, max_new_tokens], steps taken). With prefill_params,
     those run the prompt and the first `switch_after` decoded tokens, in a loop of their own. stream: None, or an
-    int32 id in `_STREAMS` whose callback gets the tokens, `stream_every` steps at a time."""
+    int32 id in `_STREAMS` whose callback gets the tokens; sync_every: decode steps between host round trips."""
     return _generate_body(params, prefill_params, prompts, lengths, key, 0, cfg=cfg, max_new_tokens=max_new_tokens,
                           sampling=sampling, eos=eos, implementation=implementation, cache_dtype=cache_dtype,
-                          stream=stream, switch_after=switch_after, stream_every=stream_every)
+                          stream=stream, switch_after=switch_after, sync_every=sync_every)
 
 
 @functools.lru_cache(maxsize=16)
@@ -289,7 +293,7 @@ def _generate_tensor_parallel(mesh: Mesh, static: tuple):
 
 
 def _generate_body(params, prefill_params, prompts, lengths, key, row0, *, cfg, max_new_tokens, sampling, eos,
-                   implementation, cache_dtype, stream, switch_after, stream_every=0):
+                   implementation, cache_dtype, stream, switch_after, sync_every=1):
     first = params if prefill_params is None else prefill_params
     emit = functools.partial(_emit, sampling=sampling, eos=eos, row0=row0)
     state = _prefill(first, prompts, lengths, key, cfg=cfg, max_new_tokens=max_new_tokens, emit=emit,
@@ -297,7 +301,7 @@ def _generate_body(params, prefill_params, prompts, lengths, key, row0, *, cfg, 
     if stream is not None:
         _send(stream, state, 0, 1)  # the first token at once
     loop = functools.partial(_decode_loop, cfg=cfg, emit=emit, implementation=implementation, stream=stream,
-                             every=stream_every)
+                             every=sync_every)
     if switch_after:  # step s feeds the token emitted at s - 1: steps 1 … switch_after feed the first decoded ones
         state = loop(first, state, max_new_tokens=min(max_new_tokens, switch_after + 1))
     state = loop(params, state, max_new_tokens=max_new_tokens)
@@ -319,29 +323,33 @@ def _prefill(params, prompts, lengths, key, *, cfg, max_new_tokens, emit, implem
 
 
 def _decode_loop(params, state: SamplerState, *, cfg, max_new_tokens, emit, implementation, stream=None,
-                 every=0) -> SamplerState:
-    """The `lax.while_loop` of one-token decode steps until max_new_tokens or every row is done. Streamed (stream
-    not None), a loop of chunks: `every` steps, then one callback with their tokens."""
+                 every=1) -> SamplerState:
+    """One-token decode steps until max_new_tokens or every row is done: chunks of `every` steps (a loop of known trip
+    count each), the host asked whether to go on (and, streamed, handed the tokens) after each, then the steps that
+    do not fill a chunk one at a time. every 1: one `lax.while_loop` of single steps."""
 
-    def cond(s: SamplerState):
-        return (s.step < max_new_tokens) & ~jnp.all(s.done)
-
-    def body(s: SamplerState):
+    def step(s: SamplerState):
         logits, cache = model.forward_step(params, s.last[:, None], cfg, s.cache,
                                            implementation=implementation)  # [B, 1, V]
         return emit(dataclasses.replace(s, cache=cache), logits[:, 0])
 
-    if stream is None:
-        return jax.lax.while_loop(cond, body, state)
+    def sent(run, width):  # run, then stream the steps it took
+        def body(s: SamplerState):
+            start = s.step
+            s = run(s)
+            if stream is not None:
+                _send(stream, s, start, width)
+            return s
+        return body
 
-    def chunk(s: SamplerState):
-        start = s.step
-        end = jnp.minimum(start + every, max_new_tokens)
-        s = jax.lax.while_loop(lambda s: (s.step < end) & ~jnp.all(s.done), body, s)
-        _send(stream, s, start, every)
-        return s
-
-    return jax.lax.while_loop(cond, chunk, state)
+    live = lambda s: ~jnp.all(s.done)  # noqa: E731
+    if every > 1:
+        chunk = lambda s: jax.lax.fori_loop(0, every, lambda _, s: step(s), s)  # noqa: E731
+        state = jax.lax.while_loop(lambda s: (s.step + every <= max_new_tokens) & live(s), sent(chunk, every), state)
+    rest = lambda s: (s.step < max_new_tokens) & live(s)  # noqa: E731
+    if every == 1:
+        return jax.lax.while_loop(rest, sent(step, 1), state)
+    return sent(lambda s: jax.lax.while_loop(rest, step, s), every - 1)(state)  # fewer than `every` steps are left
 
 
 def _send(stream, s: SamplerState, start, width: int) -> None:
@@ -372,9 +380,11 @@ def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, 
 
 def _deliver(stream, cols, begin, end) -> None:
     """The host side of the streaming callback: hands columns [begin, end) of cols [B, width], one step's tokens
-    each, in order to the on_token of call `stream`."""
+    each, in order to the on_token of call `stream`, up to the first step with no row left (run past the end)."""
     on_token, cols = _STREAMS[int(stream)], np.asarray(cols)
     for j in range(int(begin), int(end)):
+        if (cols[:, j] == PAD).all():
+            return
         on_token(cols[:, j])
 
 
@@ -521,13 +531,13 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
                   on_text: Callable[[str], None] | None = None, cache_dtype=None, int8_prefill: bool = False,
                   prefill_model_path=None, switch_after: int = 0, tensor_parallel: int | None = 1,
                   prefill_scales: str | None = None, on_stats: Callable[[GenerationStats], None] | None = None,
-                  stream_every: int | None = None) -> str:
+                  sync_every: int | None = None) -> str:
     """Loads a model (default: the embedded one) and continues `prompt`; returns the new text.
 
     on_text: called with each new piece of text as it is generated (streaming).
     on_stats: called once at the end with the call's `GenerationStats` (compile time, time to the first token,
       decode tokens/s; the CLI's `--stats`). It streams the tokens to time the first one, as `on_text` does.
-    stream_every: see `generate` (the CLI's `--stream-every`): on_text gets the text of that many tokens at a time.
+    sync_every: see `generate` (the CLI's `--sync-every`): on_text gets the text of that many tokens at a time.
     cache_dtype: see `generate` (jnp.int8: int8 KV cache, the CLI's `--kv-int8`).
     int8_prefill: a quantized model on a Hopper GPU also holds its weights as int8 for the prompt's GEMMs
       (`model.int8_prefill`, the CLI's `--int8-prefill`): one more byte a weight for a shorter time to the
@@ -546,7 +556,7 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     from mixjax.parallel import MODEL_AXIS, check_tensor_parallel, mesh_or_none, shard_model
 
     SamplingConfig(float(temperature), int(top_k), float(top_p))  # validates before any loading
-    _stream_every(stream_every)
+    _sync_every(sync_every)
     if prefill_scales is not None:
         from pallas_kernels import mgpu
 
@@ -598,7 +608,7 @@ def generate_text(*, model_path=None, prompt: str, chat: bool = False, max_new_t
     with scales, watch:
         (new,) = generate(params, cfg, [ids], max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                           top_p=top_p, eos_token_ids=sorted(eos), seed=seed, implementation=implementation,
-                          on_token=on_token, stream_every=stream_every, cache_dtype=cache_dtype,
+                          on_token=on_token, sync_every=sync_every, cache_dtype=cache_dtype,
                           prefill_params=prefill_params, switch_after=switch_after, mesh=mesh)
     text = tokenizer.decode(new, skip_special_tokens=True)
     if stream is not None:

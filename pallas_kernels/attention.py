@@ -457,11 +457,21 @@ INT8_BLOCK_STAGES = (64, 3)  # the fused decode step's (positions a block, block
 # offline): attention 489 → 454 µs a b32 step (+1 % tok/s), 201 → 163 µs at b1; float caches keep `choose_block` × 2
 
 
-def fused_block_stages(dh: int, itemsize: int) -> tuple[int, int]:
-    """`attend_new_tokens_pallas`' default block and stages: `INT8_BLOCK_STAGES` for an int8 cache, else
-    (`choose_block`, 2)."""
+LONG_CACHE_BLOCK_STAGES = (2048, 64, 3)  # (cache positions from which, block, stages) of a bf16 cache whose
+# 64-position blocks take 16 KB: the b1 step of Llama-3-8B heads, H100, 2026-12-07 (`device_session.sh s52a`, µs a
+# layer): 11.2 against 12.7 at 2304 positions, 13.4 against 14.6 at 4096, but 5.9 against 5.1 at 384; b32 (`s52b`)
+# ties (100.4 against 100.6 at 2304, 173.3 against 173.9 at 4096); a 2048 + 256-token W4.4A8 request 0.676 against
+# 0.688 s
+
+
+def fused_block_stages(dh: int, itemsize: int, positions: int = 0) -> tuple[int, int]:
+    """`attend_new_tokens_pallas`' default block and stages: `INT8_BLOCK_STAGES` for an int8 cache,
+    `LONG_CACHE_BLOCK_STAGES` for a long bf16 one, else (`choose_block`, 2). positions: the cache's length."""
     if itemsize == 1:
         return min(INT8_BLOCK_STAGES[0], choose_block(dh, itemsize)), INT8_BLOCK_STAGES[1]
+    least, block, stages = LONG_CACHE_BLOCK_STAGES
+    if itemsize == 2 and positions >= least and block * dh * itemsize <= 16384:
+        return block, stages
     return choose_block(dh, itemsize), 2
 
 
@@ -656,7 +666,7 @@ def codes_in_kernel(batch: int, kv_heads: int, positions: int, dh: int, itemsize
     """Whether `attend_new_tokens_pallas(codes=True)` quantizes in its own programs (one split, so each program
     holds its heads' whole outputs, and heads that `head_codes_fit`); otherwise the codes come from XLA ops
     after the splits' merge."""
-    block_s = block_s or fused_block_stages(dh, itemsize)[0]
+    block_s = block_s or fused_block_stages(dh, itemsize, positions)[0]
     return head_codes_fit(dh) and _fused_splits(splits, batch, kv_heads, positions, block_s, codes=True) == 1
 
 
@@ -781,7 +791,7 @@ def attend_new_tokens_pallas(qkv: jax.Array, q_pos: jax.Array, cos: jax.Array, s
     if T * (heads // kv_heads) > MAX_ROWS:
         raise ValueError(f"attend_new_tokens: {T} tokens × {heads // kv_heads} heads per KV head > {MAX_ROWS} query rows; "
                          "use attend_new_tokens_ref (XLA) for prefill-sized chunks")
-    default_block, default_stages = fused_block_stages(dh, k_store.dtype.itemsize)
+    default_block, default_stages = fused_block_stages(dh, k_store.dtype.itemsize, k_store.shape[2])
     num_stages = num_stages or (default_stages if block_s is None else 2)  # (a block of the caller's: 2, as before)
     block_s = block_s or default_block
     if block_s < 16 or block_s & (block_s - 1) or dh < 16 or dh & (dh - 1):

@@ -671,9 +671,12 @@ def test_codes_in_kernel_where_one_split_holds_whole_heads():
     assert attention.choose_splits(8, 8, 384, 128) == 2 and attention.choose_splits(8, 8, 384, 128, codes=True) == 1
     assert attention.codes_in_kernel(8, 8, 384, 128, 1) and attention.choose_splits(8, 8, 384, 64, codes=True) == 1
     assert not attention.codes_in_kernel(8, 8, 576, 128, 1)
-    # the fused step's defaults: 64 positions × 3 stages on an int8 cache, `choose_block` × 2 on a float one
+    # the fused step's defaults: 64 positions × 3 stages on an int8 cache and on a bf16 one of 2048 positions or
+    # more (where 64 of them take 16 KB), `choose_block` × 2 on other float ones
     assert attention.fused_block_stages(128, 1) == (64, 3) and attention.fused_block_stages(128, 2) == (128, 2)
-    assert attention.fused_block_stages(64, 4) == (128, 2)
+    assert attention.fused_block_stages(64, 4) == (128, 2) and attention.fused_block_stages(128, 2, 2047) == (128, 2)
+    assert attention.fused_block_stages(128, 2, 2048) == (64, 3) and attention.fused_block_stages(256, 2, 4096) == (64, 2)
+    assert attention.fused_block_stages(128, 4, 4096) == (64, 2)
 
 
 @pytest.mark.parametrize("head_dim", [128, 256])

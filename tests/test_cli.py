@@ -121,7 +121,7 @@ def test_generate_stats_time_the_call_and_a_cached_call_compiles_nothing(tiny_mo
     assert "compiling 0.000 s" in timed.err  # the first call compiled the program; streaming reuses it
     pieces = []  # the tokens handed to the host 4 at a time: the same text, all of it streamed
     assert generate_text(model_path=str(directory), prompt=prompt, max_new_tokens=9, on_text=pieces.append,
-                         stream_every=4) == plain.out[:-1]
+                         sync_every=4) == plain.out[:-1]
     assert "".join(pieces) == plain.out[:-1]
     got = []
     text = generate_text(model_path=str(directory), prompt=prompt, max_new_tokens=9, on_stats=got.append,

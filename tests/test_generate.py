@@ -101,33 +101,44 @@ def test_streaming_callback_sees_every_step_in_order(params):
 
 
 @pytest.mark.parametrize("every", [3, 16])
-def test_streaming_in_chunks_hands_over_every_step_in_order(params, monkeypatch, every):
+def test_decoding_in_chunks_stops_and_streams_as_step_by_step(params, monkeypatch, every):
     gen = importlib.import_module("mixjax.generate")  # the module (the package exports the function by its name)
     prompts = _prompts(3, [4, 6])
     free = generate(params, CFG, prompts, max_new_tokens=11, eos_token_ids=())
-    eos = free[0][5]  # row 0 stops at step 5 or before, inside a chunk
-    cut = free[0].index(eos)
-    row1 = free[1].index(eos) + 1 if eos in free[1] else 11
-    steps = max(cut + 1, row1)
+    assert generate(params, CFG, prompts, max_new_tokens=11, eos_token_ids=(), sync_every=every) == free
+    eos = [free[0][5], free[1][3]]  # row 0 stops at step 5 or before, row 1 at 3 or before: inside a chunk
+    out = [row[: min(row.index(e) for e in eos if e in row) + 1] for row in free]
+    steps = max(map(len, out))
+    expected = [1]  # on_token calls a host callback makes: the first token at once,
+    step = 1
+    while step + every <= 11 and step < steps:  # a chunk while one fits and some row is left,
+        expected.append(min(every, steps - step))
+        step += every
+    expected.append(max(0, steps - step))  # then the rest, one step at a time, in one callback
     calls = []
     deliver = gen._deliver
-    monkeypatch.setattr(gen, "_deliver", lambda *a: (calls.append(int(a[3]) - int(a[2])), deliver(*a)))
+
+    def counted(*args):
+        seen_before = len(seen)
+        deliver(*args)
+        calls.append(len(seen) - seen_before)
+
+    monkeypatch.setattr(gen, "_deliver", counted)
     for switch_after, prefill_params in [(0, None), (2, params)]:  # progressive: two loops, chunks in each
         seen, calls[:] = [], []
-        out = generate(params, CFG, prompts, max_new_tokens=11, eos_token_ids=[eos], on_token=seen.append,
-                       stream_every=every, prefill_params=prefill_params, switch_after=switch_after)
-        assert out == [free[0][: cut + 1], free[1][:row1]]
-        assert np.stack(seen).shape == (steps, 2)
+        got = generate(params, CFG, prompts, max_new_tokens=11, eos_token_ids=eos, on_token=seen.append,
+                       sync_every=every, prefill_params=prefill_params, switch_after=switch_after)
+        assert got == out and steps < 11
+        assert np.stack(seen).shape == (steps, 2)  # no step after the last row's EOS reaches on_token
         assert [[int(t) for t in col if t != gen.PAD] for col in np.stack(seen).T] == out
-        assert sum(calls) == steps and calls[0] == 1  # the first token at once, then chunks of at most `every`
-        assert max(calls) <= every and len(calls) <= 1 + switch_after + -(-(steps - 1) // every)
-        if every == 3 and not switch_after:
-            assert calls[:2] == [1, 3]
+        if not switch_after:
+            assert calls == expected
+        assert calls[0] == 1 and max(calls) <= every and sum(calls) == steps
 
 
-def test_stream_every_must_be_a_positive_integer(params):
-    with pytest.raises(ValueError, match="stream_every=0 must be a positive integer"):
-        generate(params, CFG, _prompts(3, [4]), max_new_tokens=3, on_token=print, stream_every=0)
+def test_sync_every_must_be_a_positive_integer(params):
+    with pytest.raises(ValueError, match="sync_every=0 must be a positive integer"):
+        generate(params, CFG, _prompts(3, [4]), max_new_tokens=3, on_token=print, sync_every=0)
 
 
 def test_streaming_with_another_callback_reuses_the_compiled_program(params):
