@@ -504,7 +504,7 @@ STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq
               "att64", "att64s3", "att128s3", "att128", "attw2", "attw8", "attw16", "pf3", "pf3s2", "pf3s4", "pf3l",
               "wave", "programs", "pf3down", "nopf3", "noattcodes", "att1", "attlive",
               "tiled", "tiled4", "rowmajor", "vrow", "xsandwich", "xprefill",
-              "sw4", "sw8", "sw16", "wcodes", "nwcodes")
+              "sw4", "sw8", "sw16", "wcodes", "nwcodes", "sunord")
 
 
 _FUSED_ATTENTION = {  # strategy → `attend_new_tokens_pallas` keywords
@@ -567,6 +567,9 @@ def _apply_strategy(strategy: str) -> None:
     elif strategy in ("sw4", "sw8", "sw16"):  # Gemma: the one-program-a-row sandwich norm's warps
         # (model.SANDWICH_NORM_WARPS)
         model_module.SANDWICH_NORM_WARPS = int(strategy[2:])
+    elif strategy == "sunord":  # --request-as streamK: the streaming callback unordered (generate.STREAM_ORDERED)
+        from mixjax import generate as _  # noqa: F401  (the module, not the function the package exports)
+        sys.modules["mixjax.generate"].STREAM_ORDERED = False
     elif strategy in ("wcodes", "nwcodes"):  # heads of 256: o_proj's codes from the fused attention's epilogue (two
         # groups a head; the default since session 49), or (`@nwcodes`) from XLA after the kernel
         from pallas_kernels import attention

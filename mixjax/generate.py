@@ -50,6 +50,7 @@ PAD = -1  # placeholder in the output buffer for rows that have finished
 _STREAMS: dict[int, Callable[[np.ndarray], None]] = {}  # stream id → the on_token of a `generate` call in flight
 _STREAM_IDS = itertools.count()
 SYNC_EVERY_GPU = 8  # decode steps between host round trips on an accelerator (1 on the CPU)
+STREAM_ORDERED = True  # the streaming callback as an ordered effect (its token threads the program)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -357,7 +358,7 @@ def _send(stream, s: SamplerState, start, width: int) -> None:
     width = min(width, s.tokens.shape[1])
     first = jnp.clip(start, 0, s.tokens.shape[1] - width)  # the slice may not run past the buffer's end
     cols = jax.lax.dynamic_slice_in_dim(s.tokens, first, width, axis=1)  # [B, width]
-    jax.debug.callback(_deliver, stream, cols, start - first, s.step - first, ordered=True)
+    jax.debug.callback(_deliver, stream, cols, start - first, s.step - first, ordered=STREAM_ORDERED)
 
 
 def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, ...], row0=0) -> SamplerState:
