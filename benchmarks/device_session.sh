@@ -95,6 +95,8 @@
 #                                               # a long request; b32 over long bf16 caches
 #   bash benchmarks/device_session.sh s52c      # session 52: decoding in chunks of known trip count (sync_every)
 #                                               # against EOS ids and streaming; long bf16 caches' 64 × 3 blocks
+#   bash benchmarks/device_session.sh s52d      # prepared (≈ 250 s): streaming 8 / 16 / 32 steps a callback, and
+#                                               # the callback unordered (@sunord)
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
