@@ -106,6 +106,7 @@ THREE_DEVICES = textwrap.dedent("""
         == generate(params, cfg, prompts, temperature=1.3, seed=4, mesh=mesh, **kw),
         generate(params, cfg, prompts, prefill_params=one, switch_after=2, **kw)
         == generate(params, cfg, prompts, prefill_params=one, switch_after=2, mesh=mesh, **kw),
+        generate(params, cfg, prompts, **kw) == generate(params, cfg, prompts, mesh=mesh, sync_every=4, **kw),  # chunks
     ]
     from mixjax.generate import generate_text  # the embedded SmolLM2: 9 heads and 3 KV heads, 3 a device
     stats = []  # with `--stats`: one device streams (a time to the first token), three do not
@@ -145,7 +146,7 @@ def test_three_devices_give_one_devices_salience_and_weights():
     # a Hugging Face directory and a float checkpoint, each read straight into the same slices
     assert [ok for ok, _ in out["load"]] == [True, True] and max(err for _, err in out["load"]) == 0.0
     # generation with the rows split: greedy, sampled (a key a row), and progressive, the same tokens
-    assert out["generate"] == [True, True, True]
+    assert out["generate"] == [True, True, True, True]
     # `generate --tensor-parallel 3` on the embedded model: the same greedy text as one device
     single, split = out["text"]
     assert split == single and "Paris" in single
@@ -198,6 +199,8 @@ TWO_DEVICES_TENSOR_PARALLEL = textwrap.dedent("""
         == generate(split["quantized"], cfg, prompts, prefill_params=split["float"], switch_after=2, mesh=mesh, **kw),
         generate(params, cfg, prompts, cache_dtype=jnp.int8, **kw)
         == generate(split["float"], cfg, prompts, cache_dtype=jnp.int8, mesh=mesh, **kw),
+        generate(quantized, cfg, prompts, **kw) == generate(split["quantized"], cfg, prompts, mesh=mesh, sync_every=4,
+                                                            **kw),  # decoding in chunks of 4 steps
     ]
     print("RESULT", json.dumps(out))
 """)
@@ -216,7 +219,7 @@ def test_two_devices_tensor_parallel_give_one_devices_perplexity_and_tokens():
         assert split == pytest.approx(single, rel=1e-5)
     assert out["ppl_from_fsdp"] == pytest.approx(out["ppl"]["float"][0], rel=1e-5)
     # greedy, sampled, progressive (float prompt, quantized decode) and an int8 cache: the same tokens
-    assert out["generate"] == [True, True, True, True]
+    assert out["generate"] == [True, True, True, True, True]
 
 
 GEMMA3_TENSOR_PARALLEL = textwrap.dedent("""
@@ -245,7 +248,7 @@ GEMMA3_TENSOR_PARALLEL = textwrap.dedent("""
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 5)]
     kw = dict(max_new_tokens=8, eos_token_ids=())
     out["generate"] = generate(quantized, cfg, prompts, **kw) == generate(shard_model(quantized, cfg, mesh), cfg,
-                                                                         prompts, mesh=mesh, **kw)
+                                                                         prompts, mesh=mesh, sync_every=3, **kw)
     print("RESULT", json.dumps(out))
 """)
 
