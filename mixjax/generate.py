@@ -11,13 +11,12 @@ Sampling: temperature 0 is greedy (argmax); otherwise logits / temperature, opti
 the `top_k` most likely tokens and to the smallest set whose probability reaches `top_p`, then a
 categorical draw with a key derived from `seed` and the step number (deterministic per seed).
 
-Host round trips: every iteration of a `lax.while_loop` whose end depends on the data (an end-of-sequence token)
-makes the device hand its predicate to the host and wait for the next iteration's launches, and every streaming
-callback stalls it while the host runs the callback. On an accelerator the decode loop therefore runs in chunks
-of `sync_every` steps (8 by default), each a loop of known trip count, and looks at the host once a chunk: to stop
-when every row is done, and to stream the chunk's tokens. Steps run after every row is done cost time, never
-output (up to `sync_every` - 1 of them); the last steps before `max_new_tokens` that do not fill a chunk run one at a
-time, so no step runs past it.
+Host round trips: a streaming callback stalls the device while the host runs it, and one a step cost a W4.4A8
+request on an H100 10 % (session 52). On an accelerator the decode loop therefore runs in chunks of `sync_every`
+steps (8 by default), each a loop of known trip count, and looks at the host once a chunk: to stop when every row is
+done, and to stream the chunk's tokens (streaming then costs 4 %; unstreamed, chunks cost nothing). Steps run after
+every row is done cost time, never output (up to `sync_every` - 1 of them); the last steps before `max_new_tokens`
+that do not fill a chunk run one at a time, so no step runs past it.
 
 Streaming: `on_token(tokens)` is called on the host, in order, with the int32 [B] tokens of each step
 (-1 for rows that have already finished), fed by an ordered `jax.debug.callback`, the first token at once after

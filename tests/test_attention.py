@@ -675,7 +675,8 @@ def test_codes_in_kernel_where_one_split_holds_whole_heads():
     # more (where 64 of them take 16 KB), `choose_block` × 2 on other float ones
     assert attention.fused_block_stages(128, 1) == (64, 3) and attention.fused_block_stages(128, 2) == (128, 2)
     assert attention.fused_block_stages(64, 4) == (128, 2) and attention.fused_block_stages(128, 2, 2047) == (128, 2)
-    assert attention.fused_block_stages(128, 2, 2048) == (64, 3) and attention.fused_block_stages(256, 2, 4096) == (64, 2)
+    assert attention.fused_block_stages(128, 2, 2048) == (64, 3)
+    assert attention.fused_block_stages(256, 2, 4096) == (64, 2)
     assert attention.fused_block_stages(128, 4, 4096) == (64, 2)
 
 
