@@ -95,8 +95,8 @@
 #                                               # a long request; b32 over long bf16 caches
 #   bash benchmarks/device_session.sh s52c      # session 52: decoding in chunks of known trip count (sync_every)
 #                                               # against EOS ids and streaming; long bf16 caches' 64 × 3 blocks
-#   bash benchmarks/device_session.sh s52d      # prepared (≈ 250 s): streaming 8 / 16 / 32 steps a callback, and
-#                                               # the callback unordered (@sunord)
+#   bash benchmarks/device_session.sh s52d      # prepared (≈ 350 s): streaming 8 / 16 / 32 steps a callback, and
+#                                               # the callback unordered (@sunord); chunked decoding's GPU tests
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
 #   (the parts of the kernel forms and probes removed in session 34 — warm, prefetch, s32s, s32e, l2, persist — are in
@@ -894,6 +894,8 @@ case "$part" in
     timeout 250 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@sunord+h4 --batches "" \
       --request 2048:256 --request-as fixed8,stream8,stream16,stream32 --repeats 3 --prefill-len 256 \
       --budget-s 240 --out "$out/request.md" 2>&1 | grep "request\|FAILED\|==" | tee "$out/request.log"
+    timeout 200 python3 -m pytest -q tests/test_generate.py tests/test_gpu_model.py -k "chunk or stream or eos" 2>&1 \
+      | tail -5 | tee "$out/tests.log"  # decoding in chunks (the GPU's default) on the compiled kernels
     ;;
   s52c)  # session 52: host round trips. s52b: streaming in chunks still cost +11 % (W4.4A8) where the loop's end
     # depends on the data: the XLA GPU while loop reads its predicate on the host every step unless it knows the trip

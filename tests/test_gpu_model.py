@@ -122,3 +122,22 @@ def test_other_architectures_decode_path_equals_xla_reference(cfg):
     err = _err(got, want)
     assert err.mean() <= yardstick.mean() and err.max() <= 1.5 * yardstick.max(), (err, yardstick)
     assert np.mean(np.argmax(got, -1) == np.argmax(want, -1)) >= 0.7
+
+
+def test_decoding_in_chunks_on_the_kernels():
+    """`generate` on a GPU decodes in chunks of `SYNC_EVERY_GPU` steps (a `fori_loop` each) by default: on the compiled
+    kernels, the same tokens as one step at a time (the same step in either loop), stopping at an EOS inside a chunk
+    and streaming every step once, in order."""
+    from mixjax.generate import PAD, SYNC_EVERY_GPU, generate
+
+    params = params_for(2)
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (37, 20, 29)]
+    free = generate(params, CFG, prompts, max_new_tokens=21, eos_token_ids=(), sync_every=1)
+    assert generate(params, CFG, prompts, max_new_tokens=21, eos_token_ids=()) == free  # chunks of 8, then 4 steps
+    eos = [free[0][10], free[1][12], free[2][11]]  # every row stops by step 12, inside the second chunk
+    out = [row[: min(row.index(e) for e in eos if e in row) + 1] for row in free]
+    seen = []
+    assert SYNC_EVERY_GPU == 8 and max(map(len, out)) <= 13
+    assert generate(params, CFG, prompts, max_new_tokens=21, eos_token_ids=eos, on_token=seen.append) == out
+    assert [[int(t) for t in col if t != PAD] for col in np.stack(seen).T] == out
