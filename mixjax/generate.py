@@ -357,7 +357,9 @@ def _send(stream, s: SamplerState, start, width: int) -> None:
     width = min(width, s.tokens.shape[1])
     first = jnp.clip(start, 0, s.tokens.shape[1] - width)  # the slice may not run past the buffer's end
     cols = jax.lax.dynamic_slice_in_dim(s.tokens, first, width, axis=1)  # [B, width]
-    jax.debug.callback(_deliver, stream, cols, start - first, s.step - first, ordered=STREAM_ORDERED)
+    head = jnp.stack([stream, start - first, s.step - first, cols.shape[0]]).astype(jnp.int32)
+    # one operand: each costs the host an array of its own (on the CPU ≈ 25 µs, against ≈ 40 for the callback)
+    jax.debug.callback(_deliver, jnp.concatenate([head, cols.reshape(-1)]), ordered=STREAM_ORDERED)
 
 
 def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, ...], row0=0) -> SamplerState:
@@ -378,11 +380,14 @@ def _emit(s: SamplerState, logits, *, sampling: SamplingConfig, eos: tuple[int, 
     )
 
 
-def _deliver(stream, cols, begin, end) -> None:
-    """The host side of the streaming callback: hands columns [begin, end) of cols [B, width], one step's tokens
-    each, in order to the on_token of call `stream`, up to the first step with no row left (run past the end)."""
-    on_token, cols = _STREAMS[int(stream)], np.asarray(cols)
-    for j in range(int(begin), int(end)):
+def _deliver(packed) -> None:
+    """The host side of the streaming callback. packed: int32 [stream id, begin, end, B, then cols [B, width]
+    row-major]. Hands columns [begin, end) of cols, one step's tokens each, in order to the on_token of call `stream`,
+    up to the first step with no row left (run past the end)."""
+    packed = np.asarray(packed)
+    stream, begin, end, rows = (int(v) for v in packed[:4])
+    on_token, cols = _STREAMS[stream], packed[4:].reshape(rows, -1)
+    for j in range(begin, end):
         if (cols[:, j] == PAD).all():
             return
         on_token(cols[:, j])
