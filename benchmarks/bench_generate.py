@@ -119,6 +119,7 @@ import argparse
 import dataclasses
 import datetime
 import functools
+import importlib
 import json
 import os
 import re
@@ -470,7 +471,7 @@ def decode(params, cfg: LlamaConfig, batch: int, args, bandwidth: float) -> dict
 
 def request(params, cfg: LlamaConfig, args, prefill_params=None, mode: str = "fixed1") -> dict:
     """One `mixjax.generate` call as a user makes it: a random `--request` P-token prompt, batch 1, greedy, N new
-    tokens (no EOS stop), with `prefill_params` running the prompt and the first `--switch-after` tokens; mode: see
+    tokens (never stopping early), with `prefill_params` running the prompt and the first `--switch-after` tokens; mode: see
     `--request-as`."""
     from mixjax.generate import generate
 
@@ -568,8 +569,7 @@ def _apply_strategy(strategy: str) -> None:
         # (model.SANDWICH_NORM_WARPS)
         model_module.SANDWICH_NORM_WARPS = int(strategy[2:])
     elif strategy == "sunord":  # --request-as streamK: the streaming callback unordered (generate.STREAM_ORDERED)
-        from mixjax import generate as _  # noqa: F401  (the module, not the function the package exports)
-        sys.modules["mixjax.generate"].STREAM_ORDERED = False
+        importlib.import_module("mixjax.generate").STREAM_ORDERED = False  # the module (the package exports the function)
     elif strategy in ("wcodes", "nwcodes"):  # heads of 256: o_proj's codes from the fused attention's epilogue (two
         # groups a head; the default since session 49), or (`@nwcodes`) from XLA after the kernel
         from pallas_kernels import attention
@@ -857,9 +857,8 @@ def _ratio(a, b) -> str:
 def markdown(rows: list[dict], failures: list[str], args) -> str:
     by = {}  # variant → {"weights": row, ("decode", b): row, ...}
     for r in rows:
-        key = (r["kind"], r["batch"]) if r["kind"] in ("prefill", "decode") else r["kind"]
-        if r["kind"] == "request":
-            key = ("request", r["mode"])
+        key = {"prefill": ("prefill", r.get("batch")), "decode": ("decode", r.get("batch")),
+               "request": ("request", r.get("mode"))}.get(r["kind"], r["kind"])
         by.setdefault(r["variant"], {})[key] = r
         if r.get("peak_bytes") is not None:
             by[r["variant"]]["peak"] = r["peak_bytes"]
