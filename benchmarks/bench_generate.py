@@ -494,8 +494,11 @@ def request(params, cfg: LlamaConfig, args, prefill_params=None, mode: str = "fi
         return out
 
     t, first = timed(run, args.repeats)
-    return dict(kind="request", batch=1, prompt=n_prompt, tokens=n_new, seconds=t, compile_s=first - t,
-                tok_s=n_new / t, switch_after=switch, mode=mode)
+    row = dict(kind="request", batch=1, prompt=n_prompt, tokens=n_new, seconds=t, compile_s=first - t,
+               tok_s=n_new / t, switch_after=switch, mode=mode)
+    if args.profile:  # device busy / span per new token: span − busy is the device's idle time (host stalls)
+        row["profile"] = _profile(run, n_new, args.profile_top)
+    return row
 
 
 STRATEGIES = ("gemv_2l", "nq", "normq", "normq2", "attn", "attnu", "xattn", "swq", "xswiglu", "plain", "xq", "s13", "nodefer",
@@ -825,22 +828,22 @@ def _lines_until(proc, deadline: float):
 
 
 def _describe(r: dict) -> str:
+    prof = r.get("profile")
+    per = {"decode": "per step", "prefill": "per prefill", "request": "per new token"}.get(r["kind"])
+    prof = "" if not prof else (f"; device {prof['busy_ms']:.2f} busy / {prof['span_ms']:.2f} span ms, "
+                                f"{prof['kernels']:.0f} kernels {per}; top (µs, launches): "
+                                + ", ".join(f"{n} {us:.1f} µs ×{c:g}" for n, us, c in prof["top"][:prof["shown"]])
+                                if "busy_ms" in prof else f"; profile: {prof['error']}")
     if r["kind"] in ("prefill", "decode"):
-        prof = r.get("profile")
-        per = "per step" if r["kind"] == "decode" else "per prefill"
         host = "" if "pipelined_s" not in r else (
             f"; {1e3 * r['seconds']:.2f} ms wall, {1e3 * r['pipelined_s']:.2f} pipelined, dispatch of its "
             f"{r['leaves']} param leaves {1e3 * r['dispatch_s']:.2f} ms")
-        prof = "" if not prof else (f"; device {prof['busy_ms']:.2f} busy / {prof['span_ms']:.2f} span ms, "
-                                    f"{prof['kernels']:.0f} kernels {per}; top (µs, launches): "
-                                    + ", ".join(f"{n} {us:.1f} µs ×{c:g}" for n, us, c in prof["top"][:prof["shown"]])
-                                    if "busy_ms" in prof else f"; profile: {prof['error']}")
         return (f"{r['variant']} {r['kind']} batch {r['batch']}: {r['tok_s']:.1f} tok/s (compile {r['compile_s']:.1f} s, "
                 f"peak {_gb(r.get('peak_bytes')) or '?'} GB){host}{prof}")
     if r["kind"] == "request":
         return (f"{r['variant']} request ({r['mode']}): {r['prompt']}-token prompt + {r['tokens']} new tokens in "
                 f"{r['seconds']:.3f} s, {r['tok_s']:.1f} new tok/s (compile {r['compile_s']:.1f} s, peak "
-                f"{_gb(r.get('peak_bytes')) or '?'} GB)")
+                f"{_gb(r.get('peak_bytes')) or '?'} GB){prof}")
     if r["kind"] == "error":
         return f"{r['variant']} {r['what']} FAILED: {r['error']}"
     return f"{r['variant']} {r['kind']}: " + ", ".join(f"{k}={v}" for k, v in r.items() if k not in ("variant", "kind"))
@@ -965,7 +968,7 @@ def parse_args(argv=None):
     p.add_argument("--no-fuse", dest="fuse", action="store_false",
                    help="keep q/k/v and gate/up as separate linears (default: model.fuse_projections)")
     p.add_argument("--profile", action="store_true",
-                   help="device busy/span ms and kernels per decode step and per prefill")
+                   help="device busy/span ms and kernels per decode step, per prefill and per request's new token")
     p.add_argument("--profile-top", type=int, default=4, help="--profile: list this many kernels by time per step")
     p.add_argument("--tensor-parallel", type=int, default=1, metavar="N",
                    help="split each model over N local devices (mixjax.shard_model; default 1)")

@@ -95,7 +95,7 @@
 #                                               # a long request; b32 over long bf16 caches
 #   bash benchmarks/device_session.sh s52c      # session 52: decoding in chunks of known trip count (sync_every)
 #                                               # against EOS ids and streaming; long bf16 caches' 64 × 3 blocks
-#   bash benchmarks/device_session.sh s52d      # prepared (≈ 350 s): streaming 8 / 16 / 32 steps a callback, and
+#   bash benchmarks/device_session.sh s52d      # prepared (≈ 400 s): streaming 8 / 16 / 32 steps a callback, and
 #                                               # the callback unordered (@sunord); chunked decoding's GPU tests
 #   bash benchmarks/device_session.sh tall      # session 10 (not yet run): 64-row decode tiles with split-K
 #                                               # against the 32-row ones at M = 64, 128 (DECODE_SWEEP_TALL)
@@ -889,11 +889,12 @@ case "$part" in
     ;;
   s52d)  # session 52: s52c: a W4.4A8 request streamed 8 steps a callback +4 % (33 callbacks, ≈ 0.85 ms each),
     # unstreamed chunks (fixed8, eos8) cost nothing. Streamed 16 and 32 steps a callback, and the callback unordered
-    # (@sunord: no effect token through the program)
+    # (@sunord: no effect token through the program); --profile: device busy against span a new token (the idle
+    # time a chunk's callback leaves)
     header
-    timeout 250 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@sunord+h4 --batches "" \
-      --request 2048:256 --request-as fixed8,stream8,stream16,stream32 --repeats 3 --prefill-len 256 \
-      --budget-s 240 --out "$out/request.md" 2>&1 | grep "request\|FAILED\|==" | tee "$out/request.log"
+    timeout 300 python3 benchmarks/bench_generate.py --variants w4.4a8+h4,w4.4a8@sunord+h4 --batches "" \
+      --request 2048:256 --request-as fixed8,stream8,stream16,stream32 --repeats 3 --prefill-len 256 --profile \
+      --budget-s 290 --out "$out/request.md" 2>&1 | grep "request\|FAILED\|==" | tee "$out/request.log"
     timeout 200 python3 -m pytest -q tests/test_generate.py tests/test_gpu_model.py -k "chunk or stream or eos" 2>&1 \
       | tail -5 | tee "$out/tests.log"  # decoding in chunks (the GPU's default) on the compiled kernels
     ;;
