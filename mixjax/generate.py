@@ -342,14 +342,18 @@ def _decode_loop(params, state: SamplerState, *, cfg, max_new_tokens, emit, impl
             return s
         return body
 
-    live = lambda s: ~jnp.all(s.done)  # noqa: E731
+    def left(s: SamplerState, steps: int):  # `steps` more fit before max_new_tokens, and some row is not done
+        return (s.step + steps <= max_new_tokens) & ~jnp.all(s.done)
+
     if every > 1:
-        chunk = lambda s: jax.lax.fori_loop(0, every, lambda _, s: step(s), s)  # noqa: E731
-        state = jax.lax.while_loop(lambda s: (s.step + every <= max_new_tokens) & live(s), sent(chunk, every), state)
-    rest = lambda s: (s.step < max_new_tokens) & live(s)  # noqa: E731
+        def chunk(s: SamplerState):
+            return jax.lax.fori_loop(0, every, lambda _, s: step(s), s)
+
+        state = jax.lax.while_loop(lambda s: left(s, every), sent(chunk, every), state)
     if every == 1:
-        return jax.lax.while_loop(rest, sent(step, 1), state)
-    return sent(lambda s: jax.lax.while_loop(rest, step, s), every - 1)(state)  # fewer than `every` steps are left
+        return jax.lax.while_loop(lambda s: left(s, 1), sent(step, 1), state)
+    rest = functools.partial(jax.lax.while_loop, lambda s: left(s, 1), step)  # fewer than `every` steps are left
+    return sent(rest, every - 1)(state)
 
 
 def _send(stream, s: SamplerState, start, width: int) -> None:
